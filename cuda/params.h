@@ -1,0 +1,147 @@
+// Parameter structs of every kernel in cuda/. Each kernel takes exactly one of these by value.
+//
+// This header is the single contract between the CUDA side and the Rust side: bindgen turns it
+// into src/cuda/params.rs (committed; `tests/bindgen_params.rs` regenerates it and fails on any
+// difference). Keep it plain C: fixed-width integers, floats and untyped device pointers
+// (bf16 data is `void*`; kernels cast to __nv_bfloat16). Sizes are int64 where a product of
+// dimensions can pass 2^31.
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---------------------------------------------------------------- LayerNorm (cuda/layernorm.cu)
+// y[r, :] = (x[r, :] - mean_r) * rstd_r * weight + bias, eps given; x, y bf16 [rows, cols];
+// weight, bias f32 [cols]; mean, rstd f32 [rows] (saved for backward).
+typedef struct MapetLayerNormFwd {
+    const void* x;
+    void* y;
+    const float* weight;
+    const float* bias;
+    float* mean;
+    float* rstd;
+    int64_t rows;
+    int32_t cols;
+    float eps;
+} MapetLayerNormFwd;
+
+// Backward of the above: dx bf16 [rows, cols] (written, or added to when accumulate != 0);
+// dweight, dbias f32 [cols] accumulated (+=) through a two-pass reduction over `partial`,
+// a f32 scratch of [grid_rows, 2 * cols].
+typedef struct MapetLayerNormBwd {
+    const void* x;
+    const void* dy;
+    const float* weight;
+    const float* mean;
+    const float* rstd;
+    void* dx;
+    float* dweight;
+    float* dbias;
+    float* partial;
+    int64_t rows;
+    int32_t cols;
+    int32_t accumulate;
+} MapetLayerNormBwd;
+
+// Fused residual add + LayerNorm: h = residual + x (bf16, written to `h`), y = LN(h).
+typedef struct MapetResidualLayerNormFwd {
+    const void* residual;
+    const void* x;
+    void* h;
+    void* y;
+    const float* weight;
+    const float* bias;
+    float* mean;
+    float* rstd;
+    int64_t rows;
+    int32_t cols;
+    float eps;
+} MapetResidualLayerNormFwd;
+
+// ---------------------------------------------------------------- GELU, erf form (cuda/gelu.cu)
+// y = x * 0.5 * (1 + erf(x / sqrt(2))); backward dx = dy * gelu'(x). bf16 in and out.
+typedef struct MapetGelu {
+    const void* x;
+    const void* dy;  // backward only
+    void* out;       // y (forward) or dx (backward)
+    int64_t n;
+} MapetGelu;
+
+// ---------------------------------------------------------------- AdamW (cuda/adamw.cu)
+// One step over a flat f32 parameter buffer. decay_mask (uint8 [n], 1 = decayed) selects which
+// elements get weight decay. Writes the bf16 copy of the updated parameters when param_bf16 is
+// not null. grad_scale multiplies every gradient first (gradient clipping, loss scaling).
+typedef struct MapetAdamW {
+    float* param;
+    const float* grad;
+    float* m;
+    float* v;
+    const uint8_t* decay_mask;
+    void* param_bf16;
+    int64_t n;
+    float lr;
+    float beta1;
+    float beta2;
+    float eps;
+    float weight_decay;
+    float bias_correction1;  // 1 - beta1^t
+    float bias_correction2;  // 1 - beta2^t
+    float grad_scale;
+} MapetAdamW;
+
+// ---------------------------------------------------------------- global L2 norm (cuda/gradnorm.cu)
+// Sum of squares of x f32 [n] in two passes: each block writes partial[block]; the last kernel
+// (grid of 1) reduces partial[0..num_partials] into out[0] = sqrt(sum).
+typedef struct MapetSquareSum {
+    const float* x;
+    float* partial;
+    float* out;
+    int64_t n;
+    int32_t num_partials;
+} MapetSquareSum;
+
+// ---------------------------------------------------------------- two-stream attention (cuda/attention.cu)
+// Rank-ordered layout of one sample (N tokens, C context tokens, P = N - C predicted):
+//   query rows  [0, N)        content stream, rank = row
+//               [N, N+P)      mask tokens in the content stream, rank = C + (row - N)
+//               [N+P, N+2P)   query stream, rank = C + (row - N - P)
+//   key rows    [0, N+P)      the first N+P query rows' tokens (the content stream h)
+// Visibility per row: keys [0, a) and [m, N+P), with (r = the row's rank)
+//   content row: a = max(C, r+1), m = N - C + max(C, r+1)
+//   mask row:    a = C,           m = N
+//   query row:   a = r,           m = N - C + r
+// Element (b, row, head h, d) of q is at q[b*q_batch_stride + row*q_row_stride + h*head_dim + d];
+// the same for k, v, o, d_o, dq, dk, dv with their own strides. lse and delta are f32
+// [batch, heads, N+2P] contiguous. lse is the natural-log logsumexp of the scaled scores.
+typedef struct MapetAttention {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    float* lse;
+    const void* d_o;  // backward only
+    void* dq;         // backward only
+    void* dk;         // backward only
+    void* dv;         // backward only
+    float* delta;     // backward scratch: rowsum(dO * O), [batch, heads, N+2P]
+    int64_t q_batch_stride, q_row_stride;
+    int64_t k_batch_stride, k_row_stride;
+    int64_t v_batch_stride, v_row_stride;
+    int64_t o_batch_stride, o_row_stride;
+    int64_t do_batch_stride, do_row_stride;
+    int64_t dq_batch_stride, dq_row_stride;
+    int64_t dk_batch_stride, dk_row_stride;
+    int64_t dv_batch_stride, dv_row_stride;
+    int32_t batch;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t n_tokens;   // N
+    int32_t n_context;  // C
+    float scale;        // softmax scale, 1/sqrt(head_dim)
+} MapetAttention;
+
+#ifdef __cplusplus
+}
+#endif

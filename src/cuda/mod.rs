@@ -1,0 +1,345 @@
+//! The CUDA runtime: device discovery, the embedded kernel modules, typed device buffers, kernel
+//! launches, timing events, and the ptxas reports of every kernel.
+//!
+//! Everything goes through cudarc with dynamic loading: libcuda is opened at run time, so this
+//! module compiles and its discovery functions return errors (never panic) on machines with no
+//! driver. One [`Gpu`] owns one context and one stream; all work of a `Gpu` is ordered on that
+//! stream, so cudarc's cross-stream event tracking is switched off.
+
+pub mod gemm;
+#[rustfmt::skip]
+pub mod params;
+pub mod report;
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+
+use crate::error::{Error, Result};
+
+/// Fatbins and ptxas reports compiled by build.rs.
+pub mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Why a GPU cannot be used here, or `None` when one can. Never panics: checks that kernels were
+/// built, that libcuda can be loaded, and that a device exists.
+pub fn unavailable_reason() -> Option<String> {
+    if let Some(reason) = kernels::MISSING_REASON {
+        return Some(format!("kernels not built: {reason}"));
+    }
+    // SAFETY: only tries to dlopen libcuda; no driver call is made.
+    if !unsafe { sys::is_culib_present() } {
+        return Some("libcuda (the CUDA driver library) is not present".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("the CUDA driver reports no device".into()),
+        Err(e) => Some(format!("the CUDA driver failed to initialise: {e}")),
+    }
+}
+
+/// One device: its context, the stream every operation runs on, and the loaded kernel modules.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    name: String,
+    sm_count: u32,
+    max_smem_optin: u32,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("name", &self.name).field("sm_count", &self.sm_count).finish()
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads every embedded kernel module.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if let Some(reason) = kernels::MISSING_REASON {
+            return Err(Error::KernelsNotBuilt(reason));
+        }
+        if let Some(reason) = unavailable_reason() {
+            return Err(Error::NoDevice(reason));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| ctx_err(e, format!(" opening device {ordinal}")))?;
+        // SAFETY: a Gpu runs everything on its one stream, so no cross-stream tracking is needed,
+        // and buffers are only freed after the stream's work on them was enqueued (stream order).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let mut modules = HashMap::new();
+        for (name, fatbin) in kernels::FATBINS {
+            let module = ctx
+                .load_module(Ptx::from_binary(fatbin.to_vec()))
+                .map_err(|e| ctx_err(e, format!(" loading module `{name}`")))?;
+            modules.insert(*name, module);
+        }
+        let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
+        let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let max_smem_optin =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
+        Ok(Gpu { ctx, stream, modules, functions: Mutex::new(HashMap::new()), name, sm_count, max_smem_optin })
+    }
+
+    /// Device 0, or why there is none.
+    pub fn first() -> Result<Self> {
+        Self::new(0)
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// Largest dynamic shared memory one block may opt in to, in bytes.
+    pub fn max_shared_memory_per_block(&self) -> u32 {
+        self.max_smem_optin
+    }
+
+    /// The stream all work of this `Gpu` runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for all work queued on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Kernel `function` of module `module` (the stem of its `cuda/*.cu` file), cached.
+    pub fn function(&self, module: &'static str, function: &'static str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(&(module, function)) {
+            return Ok(f.clone());
+        }
+        let m = self.modules.get(module).ok_or_else(|| Error::Unsupported {
+            what: "kernel module",
+            detail: format!("`{module}` is not among the compiled modules"),
+        })?;
+        let f = m.load_function(function).map_err(|e| ctx_err(e, format!(" loading kernel `{module}::{function}`")))?;
+        cache.insert((module, function), f.clone());
+        Ok(f)
+    }
+
+    /// Launches `function` of `module` with one parameter struct passed by value.
+    ///
+    /// # Safety
+    /// Every device pointer in `params` must point to memory of this context that is large enough
+    /// for what the kernel reads and writes under `params` and `cfg`; the caller checks the shapes.
+    pub unsafe fn launch<P: KernelParams>(
+        &self,
+        module: &'static str,
+        function: &'static str,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.function(module, function)?;
+        if cfg.shared_mem_bytes > 48 * 1024 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_mem_bytes as i32,
+            )
+            .map_err(|e| ctx_err(e, format!(" raising shared memory of `{module}::{function}`")))?;
+        }
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(params);
+        // SAFETY: forwarded from the caller's contract above.
+        unsafe { b.launch(cfg) }.map_err(|e| ctx_err(e, format!(" launching `{module}::{function}`")))?;
+        Ok(())
+    }
+
+    /// Allocates `len` elements without initialising them (poison them before a test reads them).
+    pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        // SAFETY: the memory is uninitialised device memory; it is only ever read by kernels after
+        // being written, or copied to the host as plain bits of `T` (bf16/f32/i32/u8: any bits valid).
+        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }?;
+        Ok(DeviceBuffer { slice, len, stream: self.stream.clone() })
+    }
+
+    /// Allocates `len` zeroed elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        let slice = self.stream.alloc_zeros::<T>(len.max(1))?;
+        Ok(DeviceBuffer { slice, len, stream: self.stream.clone() })
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: DeviceRepr + Copy>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
+        let mut buf = self.alloc::<T>(host.len())?;
+        if !host.is_empty() {
+            self.stream.memcpy_htod(host, &mut buf.slice.slice_mut(0..host.len()))?;
+        }
+        Ok(buf)
+    }
+
+    /// Uploads f32 values rounded to bf16.
+    pub fn upload_bf16(&self, host: &[f32]) -> Result<DeviceBuffer<bf16>> {
+        let v: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+        self.upload(&v)
+    }
+
+    /// A timing event (created with timing enabled; `new_event(None)` cannot be timed).
+    pub fn timing_event(&self) -> Result<CudaEvent> {
+        Ok(self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?)
+    }
+
+    /// Runs `f` `warmup` times, then `reps` times each between two events; returns the sorted
+    /// per-run times in milliseconds (take the median).
+    pub fn time_ms(&self, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f32>> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        self.synchronize()?;
+        let start = self.timing_event()?;
+        let stop = self.timing_event()?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            start.record(&self.stream)?;
+            f()?;
+            stop.record(&self.stream)?;
+            times.push(start.elapsed_ms(&stop)?);
+        }
+        times.sort_by(f32::total_cmp);
+        Ok(times)
+    }
+
+    /// Bytes of device memory (free, total).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+}
+
+fn ctx_err(source: cudarc::driver::DriverError, context: String) -> Error {
+    Error::Driver { context, source }
+}
+
+/// A parameter struct from `cuda/params.h`, passed to a kernel by value.
+///
+/// # Safety
+/// The type must be `#[repr(C)]` and laid out exactly as the kernel's C struct (bindgen makes it so).
+pub unsafe trait KernelParams: DeviceRepr {}
+
+// SAFETY: bindgen generates these from cuda/params.h with #[repr(C)] and checks their layout.
+macro_rules! kernel_params {
+    ($($t:ident),* $(,)?) => {
+        $(
+            unsafe impl DeviceRepr for params::$t {}
+            unsafe impl KernelParams for params::$t {}
+        )*
+    };
+}
+kernel_params!(
+    MapetLayerNormFwd,
+    MapetLayerNormBwd,
+    MapetResidualLayerNormFwd,
+    MapetGelu,
+    MapetAdamW,
+    MapetSquareSum,
+    MapetAttention,
+);
+
+/// A typed device allocation of `len` elements, owned, freed on drop (in stream order).
+pub struct DeviceBuffer<T> {
+    slice: CudaSlice<T>,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl<T: DeviceRepr> DeviceBuffer<T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Raw device address for a parameter struct (read access).
+    pub fn ptr(&self) -> *const c_void {
+        let (p, _sync) = self.slice.device_ptr(&self.stream);
+        p as usize as *const c_void
+    }
+
+    /// Raw device address for a parameter struct (write access).
+    pub fn ptr_mut(&mut self) -> *mut c_void {
+        self.ptr() as *mut c_void
+    }
+
+    /// Raw device address typed as f32, for the f32 fields of parameter structs.
+    pub fn f32_ptr(&self) -> *mut f32 {
+        self.ptr() as *mut f32
+    }
+
+    /// Copies the buffer back to the host (waits for the stream).
+    pub fn to_host(&self) -> Result<Vec<T>>
+    where
+        T: Default + Clone,
+    {
+        let mut v = vec![T::default(); self.slice.len()];
+        self.stream.memcpy_dtoh(&self.slice, &mut v)?;
+        v.truncate(self.len);
+        Ok(v)
+    }
+
+    /// Fills the buffer with the byte `0xFF` (NaN for f32 and bf16, -1 for integers), so that a
+    /// test can tell which elements a kernel wrote.
+    pub fn poison(&mut self) -> Result<()> {
+        let (p, _sync) = self.slice.device_ptr(&self.stream);
+        let bytes = self.slice.len() * std::mem::size_of::<T>();
+        // SAFETY: writes exactly the bytes of this allocation, on the stream that owns it.
+        unsafe { cudarc::driver::result::memset_d8_async(p, 0xFF, bytes, self.stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    /// Copies `host` into the buffer (same length).
+    pub fn copy_from_host(&mut self, host: &[T]) -> Result<()> {
+        crate::error::check_len("host source", host.len(), self.len)?;
+        if !host.is_empty() {
+            self.stream.memcpy_htod(host, &mut self.slice.slice_mut(0..host.len()))?;
+        }
+        Ok(())
+    }
+
+    /// The underlying cudarc slice.
+    pub fn slice(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+impl DeviceBuffer<bf16> {
+    /// Copies back and widens to f32.
+    pub fn to_host_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.to_host()?.into_iter().map(f32::from).collect())
+    }
+}
+
+/// Grid size for `n` items, `per_block` at a time, as a launch dimension; refuses sizes a grid
+/// cannot hold.
+pub fn blocks_for(what: &'static str, n: u64, per_block: u64) -> Result<u32> {
+    let blocks = n.div_ceil(per_block).max(1);
+    u32::try_from(blocks).ok().filter(|&b| b < (1 << 31)).ok_or_else(|| Error::Unsupported {
+        what,
+        detail: format!("{n} items need {blocks} blocks, too many for one grid"),
+    })
+}

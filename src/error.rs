@@ -1,0 +1,68 @@
+//! The crate's error type. Every fallible call returns `Result<T>`; nothing in the library panics
+//! on bad input: shapes, sizes and alignment are checked on the host before any launch.
+
+use thiserror::Error;
+
+/// Errors of the mapet crate.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A tensor's size does not match what the operation needs.
+    #[error("shape mismatch for `{tensor}`: expected {expected}, got {got}")]
+    Shape { tensor: &'static str, expected: String, got: String },
+
+    /// A size, stride or option the kernel (or the operation itself) does not support.
+    #[error("unsupported {what}: {detail}")]
+    Unsupported { what: &'static str, detail: String },
+
+    /// A device pointer or stride that breaks the alignment a kernel needs.
+    #[error("misaligned `{tensor}`: {detail}")]
+    Alignment { tensor: &'static str, detail: String },
+
+    /// The crate was built without nvcc, so there are no kernels to run.
+    #[error("CUDA kernels were not built into this binary: {0}")]
+    KernelsNotBuilt(&'static str),
+
+    /// No usable CUDA driver or device on this machine.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+
+    /// An error reported by the CUDA driver.
+    #[error("CUDA driver error{context}: {source}")]
+    Driver {
+        context: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+
+    /// An error reported by cuBLASLt.
+    #[error("cuBLASLt error{context}: {source}")]
+    Cublas {
+        context: String,
+        #[source]
+        source: cudarc::cublaslt::result::CublasError,
+    },
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(source: cudarc::driver::DriverError) -> Self {
+        Error::Driver { context: String::new(), source }
+    }
+}
+
+impl From<cudarc::cublaslt::result::CublasError> for Error {
+    fn from(source: cudarc::cublaslt::result::CublasError) -> Self {
+        Error::Cublas { context: String::new(), source }
+    }
+}
+
+/// Checks that `got == expected` elements, naming the tensor otherwise.
+pub fn check_len(tensor: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Error::Shape { tensor, expected: format!("{expected} elements"), got: format!("{got} elements") })
+    }
+}

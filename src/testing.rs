@@ -1,0 +1,110 @@
+//! Helpers for the tests and benches of every op: GPU discovery that skips with a reason (or
+//! fails under `MAPET_REQUIRE_GPU=1`), random inputs, and the comparison rule of DESIGN.md.
+//!
+//! The rule, after FlashAttention's tests: compute an f64 truth on the CPU, a same-precision CPU
+//! baseline (inputs rounded as the kernel sees them, f32 arithmetic, outputs rounded as the kernel
+//! writes them), and the kernel's output; require
+//! `err(kernel, truth) <= factor * err(baseline, truth) + floor`, with `factor` 2 for forward
+//! values and 3 for gradients. Errors are norm-wise relative (`‖a - b‖ / ‖b‖`); max and mean
+//! absolute differences are printed too.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::cuda::Gpu;
+
+/// `Some(gpu)` when a GPU is usable; otherwise prints why the test is skipped and returns `None`,
+/// or panics when `MAPET_REQUIRE_GPU=1` (the GPU host runs every GPU test that way).
+pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
+    let require = std::env::var("MAPET_REQUIRE_GPU").as_deref() == Ok("1");
+    match Gpu::first() {
+        Ok(gpu) => Some(gpu),
+        Err(e) if require => panic!("{test}: MAPET_REQUIRE_GPU=1 but no GPU: {e}"),
+        Err(e) => {
+            eprintln!("SKIP {test}: {e}");
+            None
+        }
+    }
+}
+
+/// A fresh random seed (printed by [`rng`] so that a failure can be replayed with `MAPET_SEED`).
+pub fn fresh_seed() -> u64 {
+    std::env::var("MAPET_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
+}
+
+/// A seeded generator; prints the seed.
+pub fn rng(test: &str) -> ChaCha8Rng {
+    let seed = fresh_seed();
+    eprintln!("{test}: seed {seed} (MAPET_SEED={seed} replays it)");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in [-scale, scale).
+pub fn uniform(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// `n` values uniform in [-scale, scale), rounded to bf16 (what a bf16 kernel input holds).
+pub fn uniform_bf16(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
+    let mut v = uniform(rng, n, scale);
+    crate::cpu::round_bf16(&mut v);
+    v
+}
+
+/// Norm-wise relative error ‖got - want‖ / ‖want‖ (absolute when `want` is all zeros).
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "rel_err: lengths differ");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w).powi(2);
+        den += w * w;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Max and mean absolute difference.
+pub fn abs_diffs(got: &[f32], want: &[f64]) -> (f64, f64) {
+    let mut max = 0.0f64;
+    let mut sum = 0.0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        let d = (g as f64 - w).abs();
+        max = max.max(d);
+        sum += d;
+    }
+    (max, sum / got.len().max(1) as f64)
+}
+
+/// Panics unless every value is finite: a NaN left from [`crate::cuda::DeviceBuffer::poison`]
+/// means the kernel did not write that element.
+pub fn assert_all_written(what: &str, got: &[f32]) {
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        let count = got.iter().filter(|v| !v.is_finite()).count();
+        panic!("{what}: {count} of {} elements not written or not finite (first at index {i})", got.len());
+    }
+}
+
+/// The DESIGN.md rule: `err(kernel) <= factor * err(baseline) + floor`, both against `truth`.
+/// Prints the numbers either way.
+pub fn assert_within_baseline(what: &str, kernel: &[f32], baseline: &[f32], truth: &[f64], factor: f64, floor: f64) {
+    assert_all_written(what, kernel);
+    let ek = rel_err(kernel, truth);
+    let eb = rel_err(baseline, truth);
+    let (max_k, mean_k) = abs_diffs(kernel, truth);
+    let (max_b, mean_b) = abs_diffs(baseline, truth);
+    eprintln!(
+        "{what}: kernel rel {ek:.3e} (max {max_k:.3e}, mean {mean_k:.3e}); baseline rel {eb:.3e} (max {max_b:.3e}, mean {mean_b:.3e})"
+    );
+    assert!(
+        ek <= factor * eb + floor,
+        "{what}: kernel error {ek:.3e} exceeds {factor} x baseline {eb:.3e} + {floor:.1e}"
+    );
+}
+
+/// Widens to f64.
+pub fn to_f64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
