@@ -108,3 +108,9 @@ pub fn assert_within_baseline(what: &str, kernel: &[f32], baseline: &[f32], trut
 pub fn to_f64(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
 }
+
+/// The project root: `$MAPET_ROOT` when set (the GPU bundle runs test binaries away from the
+/// machine that built them), else the crate's manifest folder.
+pub fn project_root() -> std::path::PathBuf {
+    std::env::var_os("MAPET_ROOT").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds everything a GPU host needs to check and time the project, with no Rust toolchain and
+# no network there: release test binaries, criterion benches and the `mapet` binary, with kernels,
+# copied with one run.sh into gpu-bundle/ (ignored by git). Copy that folder (or the repository
+# with it) to the GPU host and run `bash gpu-bundle/run.sh` from the repository root.
+#
+# run.sh runs every test binary with MAPET_REQUIRE_GPU=1 (a GPU test fails instead of skipping),
+# then short criterion runs of every bench, then the PyTorch peers if gpu-bundle/peers exists and
+# MAPET_PEERS=1. Full logs go to $MAPET_RESULTS (default gpu-bundle/results); a summary table is
+# printed last.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+out="$root/gpu-bundle"
+export MAPET_REQUIRE_KERNELS=1
+# Smaller binaries: the bundle must stay well under the 64 MiB a transfer allows.
+export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
+export CARGO_PROFILE_BENCH_DEBUG=0 CARGO_PROFILE_BENCH_STRIP=symbols
+
+rm -rf "$out"
+mkdir -p "$out/tests" "$out/benches" "$out/bin"
+
+list_executables() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        kinds = m["target"]["kind"]
+        print(m["target"]["name"], ",".join(kinds), m["executable"])
+'
+}
+
+echo "building release tests" >&2
+cargo test --workspace --release --no-run --message-format=json 2>/dev/null | list_executables |
+  while read -r name kinds exe; do
+    case "$kinds" in
+      bin) continue ;;
+      lib) cp "$exe" "$out/tests/lib-$name" ;;
+      *) cp "$exe" "$out/tests/$name" ;;
+    esac
+  done
+echo "building benches" >&2
+cargo bench --workspace --no-run --message-format=json 2>/dev/null | list_executables |
+  while read -r name kinds exe; do
+    [ "$kinds" = "bench" ] && cp "$exe" "$out/benches/$name"
+  done
+echo "building the mapet binary" >&2
+cargo build --release -p mapet-trainer
+cp target/release/mapet "$out/bin/mapet"
+if [ -d "$root/../shared/peers" ]; then
+  cp -r "$root/../shared/peers" "$out/peers"
+fi
+cp scripts/gpu-run.sh "$out/run.sh"
+du -sh "$out" >&2
+ls -la "$out/tests" "$out/benches" >&2

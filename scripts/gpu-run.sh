@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs on the GPU host from the repository root: `bash gpu-bundle/run.sh`. Copied into the bundle
+# by scripts/gpu-bundle.sh. Environment:
+#   MAPET_RESULTS   folder for full logs (default gpu-bundle/results)
+#   MAPET_TESTS     space-separated test binary names to run (default: all)
+#   MAPET_BENCHES   space-separated bench names to run (default: all; "none" skips)
+#   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
+#   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+res="${MAPET_RESULTS:-$here/results}"
+mkdir -p "$res"
+export MAPET_REQUIRE_GPU=1 MAPET_ROOT="${MAPET_ROOT:-$PWD}" CRITERION_HOME="$res/criterion"
+summary=()
+row() { summary+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")"); }
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+} | tee "$res/device.txt"
+
+tests="${MAPET_TESTS:-$(ls "$here/tests")}"
+for t in $tests; do
+  log="$res/test-$t.log"
+  start=$(date +%s.%N)
+  timeout 300 "$here/tests/$t" --test-threads=1 >"$log" 2>&1
+  rc=$?
+  secs=$(python3 -c "print(f'{$(date +%s.%N)-$start:.1f}s')" 2>/dev/null || echo "?")
+  counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
+  if [ $rc -eq 0 ]; then row "test $t" ok "$counts $secs"; else row "test $t" FAIL "rc=$rc $counts (see $log)"; fi
+done
+
+benches="${MAPET_BENCHES:-$(ls "$here/benches")}"
+if [ "$benches" != "none" ]; then
+  for b in $benches; do
+    log="$res/bench-$b.log"
+    timeout 300 "$here/benches/$b" --bench --warm-up-time 1 --measurement-time 2 ${MAPET_BENCH_FILTER:-} >"$log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then row "bench $b" ok "$(grep -cE '^[^ ].*time:' "$log") results"; else row "bench $b" FAIL "rc=$rc (see $log)"; fi
+  done
+fi
+
+if [ "${MAPET_PEERS:-0}" = "1" ] && [ -d "$here/peers" ]; then
+  for p in "bench_anchor.py --parts attn --variants dense,sdpa --out $res/peers" "bench_anchor2.py $res/peers"; do
+    mkdir -p "$res/peers"
+    (cd "$here/peers" && PYTHONUNBUFFERED=1 timeout 240 python3 $p) >"$res/peer-${p%% *}.log" 2>&1
+    row "peer ${p%% *}" "rc=$?" "$res/peers"
+  done
+fi
+
+echo
+echo "== bench lines"
+grep -hE 'time:|thrpt:|TFLOP|GB/s' "$res"/bench-*.log 2>/dev/null | head -n 80
+echo
+echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null))"
+printf '%s\n' "${summary[@]}"
