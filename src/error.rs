@@ -18,6 +18,10 @@ pub enum Error {
     #[error("misaligned `{tensor}`: {detail}")]
     Alignment { tensor: &'static str, detail: String },
 
+    /// A file that cannot be read or written, or whose content is not what was expected.
+    #[error("{}: {detail}", path.display())]
+    File { path: std::path::PathBuf, detail: String },
+
     /// The crate was built without nvcc, so there are no kernels to run.
     #[error("CUDA kernels were not built into this binary: {0}")]
     KernelsNotBuilt(&'static str),

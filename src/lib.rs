@@ -17,6 +17,8 @@
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod io;
+pub mod model;
 pub mod ops;
 pub mod testing;
 

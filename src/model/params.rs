@@ -1,0 +1,344 @@
+//! The model's configuration and its parameters: one flat f32 buffer with named views that carry
+//! the authors' state-dict names and shapes (SPEC.md, "Parameter names"), the weight-decay mask,
+//! the authors' initialisation, and safetensors I/O under those names.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::error::{Error, Result};
+
+/// Sizes of one MaPeT model (SPEC.md, "Sizes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// Square image side in pixels.
+    pub image: usize,
+    /// Square patch side in pixels.
+    pub patch: usize,
+    /// Embedding width D.
+    pub dim: usize,
+    /// Number of blocks.
+    pub depth: usize,
+    /// Attention heads; head dim = dim / heads.
+    pub heads: usize,
+    /// Codebook size.
+    pub vocab: usize,
+    /// Context tokens C (CLS included), 0 < C < N.
+    pub context: usize,
+}
+
+impl ModelConfig {
+    /// ViT-T/16 MaPeT.
+    pub const VIT_T: ModelConfig =
+        ModelConfig { image: 224, patch: 16, dim: 192, depth: 12, heads: 3, vocab: 8192, context: 50 };
+    /// ViT-S/16 MaPeT.
+    pub const VIT_S: ModelConfig =
+        ModelConfig { image: 224, patch: 16, dim: 384, depth: 12, heads: 6, vocab: 8192, context: 50 };
+    /// ViT-B/16 MaPeT.
+    pub const VIT_B: ModelConfig =
+        ModelConfig { image: 224, patch: 16, dim: 768, depth: 12, heads: 12, vocab: 8192, context: 50 };
+
+    /// A named preset: "vit-t", "vit-s" or "vit-b".
+    pub fn preset(name: &str) -> Option<ModelConfig> {
+        match name {
+            "vit-t" | "vit_t" | "tiny" => Some(Self::VIT_T),
+            "vit-s" | "vit_s" | "small" => Some(Self::VIT_S),
+            "vit-b" | "vit_b" | "base" => Some(Self::VIT_B),
+            _ => None,
+        }
+    }
+
+    /// Tokens per sample: CLS + patches.
+    pub fn n_tokens(&self) -> usize {
+        1 + (self.image / self.patch).pow(2)
+    }
+
+    /// Predicted tokens per sample.
+    pub fn n_pred(&self) -> usize {
+        self.n_tokens() - self.context
+    }
+
+    /// Rows per sample through the blocks: N content + P mask (content stream) + P query stream.
+    pub fn rows_per_sample(&self) -> usize {
+        self.n_tokens() + 2 * self.n_pred()
+    }
+
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+
+    /// Checks every constraint of SPEC.md; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &'static str, detail: String| Err(Error::Unsupported { what, detail });
+        if self.patch == 0 || self.image == 0 || self.image % self.patch != 0 {
+            return bad(
+                "image/patch",
+                format!("image {} must be a positive multiple of patch {}", self.image, self.patch),
+            );
+        }
+        if self.dim == 0 || self.heads == 0 || self.dim % self.heads != 0 {
+            return bad("dim/heads", format!("dim {} must be a positive multiple of heads {}", self.dim, self.heads));
+        }
+        if self.depth == 0 || self.vocab == 0 {
+            return bad("depth/vocab", format!("depth {} and vocab {} must be positive", self.depth, self.vocab));
+        }
+        let n = self.n_tokens();
+        if self.context == 0 || self.context >= n {
+            return bad("context", format!("context {} must satisfy 0 < C < N = {n}", self.context));
+        }
+        Ok(())
+    }
+}
+
+/// How a parameter is initialised (the authors' scheme).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Normal with the given std truncated to [-2, 2] in absolute units, as timm's
+    /// `trunc_normal_(std=...)` does (at std 0.02 the cut is 100 std away and never binds).
+    TruncNormal(f32),
+    /// Normal with the given std.
+    Normal(f32),
+    /// A constant.
+    Const(f32),
+    /// PyTorch Conv2d's default: kaiming_uniform(a = sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    UniformFanIn(usize),
+}
+
+/// One named parameter: where it lives in the flat buffer, its shape, and how it is treated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    /// The authors' state-dict name.
+    pub name: String,
+    /// The authors' shape.
+    pub shape: Vec<usize>,
+    /// Offset in the flat buffer, in elements (a multiple of 8, so every view is 32-byte aligned).
+    pub offset: usize,
+    /// Whether AdamW decays it (SPEC.md: not 1-D params, pos_embed, cls_token; the mask token is).
+    pub decay: bool,
+    /// Its initialisation.
+    pub init: Init,
+}
+
+impl ParamSpec {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a zero-sized parameter.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element range in the flat buffer.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// The layout of every parameter of a config in one flat buffer, in the authors' order.
+#[derive(Clone, Debug)]
+pub struct ParamLayout {
+    /// The config it was built for.
+    pub config: ModelConfig,
+    /// Every parameter, in state-dict order.
+    pub specs: Vec<ParamSpec>,
+    /// Total elements of the flat buffer (with alignment padding).
+    pub total: usize,
+    index: HashMap<String, usize>,
+}
+
+impl ParamLayout {
+    /// Builds the layout of `config` (validated first).
+    pub fn new(config: ModelConfig) -> Result<Self> {
+        config.validate()?;
+        let (d, n, p, v) = (config.dim, config.n_tokens(), config.patch, config.vocab);
+        let mut list: Vec<(String, Vec<usize>, bool, Init)> = vec![
+            ("cls_token".into(), vec![1, 1, d], false, Init::Normal(1e-6)),
+            ("pos_embed".into(), vec![1, n, d], false, Init::TruncNormal(0.02)),
+            ("mask_positional_token".into(), vec![1, 1, d], true, Init::TruncNormal(0.02)),
+            ("patch_embed.proj.weight".into(), vec![d, 3, p, p], true, Init::UniformFanIn(3 * p * p)),
+            ("patch_embed.proj.bias".into(), vec![d], false, Init::UniformFanIn(3 * p * p)),
+        ];
+        for i in 0..config.depth {
+            let b = |s: &str| format!("blocks.{i}.{s}");
+            let linear = |list: &mut Vec<_>, name: &str, out: usize, inp: usize| {
+                list.push((b(&format!("{name}.weight")), vec![out, inp], true, Init::TruncNormal(0.02)));
+                list.push((b(&format!("{name}.bias")), vec![out], false, Init::Const(0.0)));
+            };
+            list.push((b("norm1.weight"), vec![d], false, Init::Const(1.0)));
+            list.push((b("norm1.bias"), vec![d], false, Init::Const(0.0)));
+            list.push((b("norm2.weight"), vec![d], false, Init::Const(1.0)));
+            list.push((b("norm2.bias"), vec![d], false, Init::Const(0.0)));
+            linear(&mut list, "attn.kv", 2 * d, d);
+            linear(&mut list, "attn.q", d, d);
+            linear(&mut list, "attn.proj", d, d);
+            list.push((b("ls1.gamma"), vec![d], false, Init::Const(0.1)));
+            linear(&mut list, "mlp.fc1", 4 * d, d);
+            linear(&mut list, "mlp.fc2", d, 4 * d);
+            list.push((b("ls2.gamma"), vec![d], false, Init::Const(0.1)));
+        }
+        list.push(("norm.weight".into(), vec![d], false, Init::Const(1.0)));
+        list.push(("norm.bias".into(), vec![d], false, Init::Const(0.0)));
+        list.push(("decoder.weight".into(), vec![v, d], true, Init::TruncNormal(0.02)));
+        list.push(("decoder.bias".into(), vec![v], false, Init::Const(0.0)));
+
+        let mut specs = Vec::with_capacity(list.len());
+        let mut offset = 0usize;
+        for (name, shape, decay, init) in list {
+            let spec = ParamSpec { name, shape, offset, decay, init };
+            offset = (offset + spec.len()).div_ceil(8) * 8;
+            specs.push(spec);
+        }
+        let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        Ok(ParamLayout { config, specs, total: offset, index })
+    }
+
+    /// The spec of a parameter by its official name.
+    pub fn get(&self, name: &str) -> Result<&ParamSpec> {
+        self.index.get(name).map(|&i| &self.specs[i]).ok_or_else(|| Error::Unsupported {
+            what: "parameter name",
+            detail: format!("`{name}` is not a parameter of this config"),
+        })
+    }
+
+    /// Number of real (unpadded) parameters.
+    pub fn num_params(&self) -> usize {
+        self.specs.iter().map(ParamSpec::len).sum()
+    }
+
+    /// 1 where AdamW decays the element, 0 elsewhere (padding included).
+    pub fn decay_mask(&self) -> Vec<u8> {
+        let mut m = vec![0u8; self.total];
+        for s in self.specs.iter().filter(|s| s.decay) {
+            m[s.range()].fill(1);
+        }
+        m
+    }
+
+    /// A flat buffer initialised as the authors do, from `rng`.
+    pub fn init(&self, rng: &mut impl Rng) -> Vec<f32> {
+        let mut flat = vec![0.0f32; self.total];
+        for s in &self.specs {
+            let dst = &mut flat[s.range()];
+            match s.init {
+                Init::Const(c) => dst.fill(c),
+                Init::Normal(std) => {
+                    let n = Normal::new(0.0f32, std).expect("std is positive");
+                    dst.iter_mut().for_each(|x| *x = n.sample(rng));
+                }
+                Init::TruncNormal(std) => {
+                    let n = Normal::new(0.0f32, std).expect("std is positive");
+                    for x in dst.iter_mut() {
+                        *x = loop {
+                            let v = n.sample(rng);
+                            if v.abs() <= 2.0 {
+                                break v;
+                            }
+                        };
+                    }
+                }
+                Init::UniformFanIn(fan_in) => {
+                    let bound = 1.0 / (fan_in as f32).sqrt();
+                    dst.iter_mut().for_each(|x| *x = rng.random_range(-bound..bound));
+                }
+            }
+        }
+        flat
+    }
+
+    /// Writes `flat` as safetensors under the official names and shapes (f32), with `metadata`.
+    pub fn save_safetensors(&self, flat: &[f32], path: &Path, metadata: HashMap<String, String>) -> Result<()> {
+        crate::error::check_len("parameters", flat.len(), self.total)?;
+        let tensors: Vec<(String, Vec<usize>, &[f32])> =
+            self.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), &flat[s.range()])).collect();
+        crate::io::write_f32_safetensors(path, &tensors, metadata)
+    }
+
+    /// Reads a flat buffer from a safetensors file holding every parameter under
+    /// `prefix + official name` with its exact shape (f32 or f64). Names or shapes that do not
+    /// match are errors naming the file and the tensor.
+    pub fn load_safetensors(&self, path: &Path, prefix: &str) -> Result<Vec<f32>> {
+        let file = crate::io::SafeTensorsFile::open(path)?;
+        let mut flat = vec![0.0f32; self.total];
+        for s in &self.specs {
+            let name = format!("{prefix}{}", s.name);
+            let (shape, values) = file.f32_tensor(&name)?;
+            if shape != s.shape {
+                return Err(Error::Shape {
+                    tensor: "checkpoint tensor",
+                    expected: format!("`{name}` with shape {:?} in {}", s.shape, path.display()),
+                    got: format!("shape {shape:?}"),
+                });
+            }
+            flat[s.range()].copy_from_slice(&values);
+        }
+        Ok(flat)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn vit_b_layout_matches_the_official_keys() {
+        let layout = ParamLayout::new(ModelConfig::VIT_B).unwrap();
+        let tsv = include_str!("../../tests/data/official_keys_vit_base.tsv");
+        let official: Vec<(String, Vec<usize>)> = tsv
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let (name, shape) = l.split_once('\t').unwrap();
+                let dims = shape.trim_matches(['[', ']']).split(',').map(|d| d.trim().parse().unwrap()).collect();
+                (name.to_string(), dims)
+            })
+            .collect();
+        let ours: Vec<(String, Vec<usize>)> = layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+        assert_eq!(ours, official);
+        assert_eq!(layout.specs.iter().filter(|s| s.offset % 8 != 0).count(), 0);
+    }
+
+    #[test]
+    fn decay_mask_follows_the_recipe() {
+        let layout = ParamLayout::new(ModelConfig::VIT_T).unwrap();
+        let mask = layout.decay_mask();
+        for s in &layout.specs {
+            let decayed = mask[s.range()].iter().all(|&m| m == 1);
+            let want = s.shape.iter().filter(|&&d| d > 1).count() > 1 && s.name != "pos_embed" && s.name != "cls_token"
+                || s.name == "mask_positional_token";
+            assert_eq!(decayed, want, "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn init_statistics() {
+        let layout = ParamLayout::new(ModelConfig::VIT_T).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::random());
+        let flat = layout.init(&mut rng);
+        let w = &flat[layout.get("blocks.3.mlp.fc1.weight").unwrap().range()];
+        let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+        assert!((std - 0.02).abs() < 0.001, "trunc_normal(std 0.02) has std 0.02, got {std}");
+        assert!(flat[layout.get("blocks.0.ls1.gamma").unwrap().range()].iter().all(|&x| x == 0.1));
+        assert!(flat[layout.get("norm.weight").unwrap().range()].iter().all(|&x| x == 1.0));
+        let cls = &flat[layout.get("cls_token").unwrap().range()];
+        assert!(cls.iter().all(|x| x.abs() < 1e-5) && cls.iter().any(|&x| x != 0.0));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_naming_the_field() {
+        let mut c = ModelConfig::VIT_T;
+        c.context = c.n_tokens();
+        assert!(ParamLayout::new(c).unwrap_err().to_string().contains("context"));
+        let mut c = ModelConfig::VIT_T;
+        c.image = 225;
+        assert!(ParamLayout::new(c).unwrap_err().to_string().contains("image"));
+        let mut c = ModelConfig::VIT_T;
+        c.heads = 5;
+        assert!(ParamLayout::new(c).unwrap_err().to_string().contains("heads"));
+    }
+}
