@@ -28,7 +28,7 @@ fn generate() -> Result<String, String> {
 
 fn libclang_present() -> bool {
     // bindgen panics when it cannot load libclang; probe without panicking the test.
-    std::panic::catch_unwind(|| clang_version_probe()).unwrap_or(false)
+    std::panic::catch_unwind(clang_version_probe).unwrap_or(false)
 }
 
 fn clang_version_probe() -> bool {

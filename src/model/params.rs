@@ -73,13 +73,13 @@ impl ModelConfig {
     /// Checks every constraint of SPEC.md; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &'static str, detail: String| Err(Error::Unsupported { what, detail });
-        if self.patch == 0 || self.image == 0 || self.image % self.patch != 0 {
+        if self.patch == 0 || self.image == 0 || !self.image.is_multiple_of(self.patch) {
             return bad(
                 "image/patch",
                 format!("image {} must be a positive multiple of patch {}", self.image, self.patch),
             );
         }
-        if self.dim == 0 || self.heads == 0 || self.dim % self.heads != 0 {
+        if self.dim == 0 || self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
             return bad("dim/heads", format!("dim {} must be a positive multiple of heads {}", self.dim, self.heads));
         }
         if self.depth == 0 || self.vocab == 0 {
