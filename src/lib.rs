@@ -18,6 +18,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod ops;
+pub mod perm;
 pub mod testing;
 
 pub use error::{Error, Result};
