@@ -512,7 +512,8 @@ fn bad_shapes_are_errors() {
     assert_unsupported(shape(2, 0, 4, 6, 2).validate(), "heads");
     assert_unsupported(shape(2, 2, 0, 6, 2).validate(), "head_dim");
     assert_unsupported(shape(2, 2, 4, 0, 0).validate(), "n_tokens");
-    assert_unsupported(shape(usize::MAX / 2, 2, 4, 6, 2).validate(), "batch");
+    assert_unsupported(shape(usize::MAX / 2, 2, 4, 6, 2).validate(), "shape");
+    assert_unsupported(shape(1, 1, 4, usize::MAX, 1).validate(), "shape");
 
     let s = good;
     let (ql, kl, ll) = (s.q_len(), s.k_len(), s.lse_len());

@@ -122,13 +122,15 @@ impl AttentionShape {
             });
         }
         let fits = self
-            .batch
-            .checked_mul(self.n_tokens + 2 * self.n_pred())
+            .n_pred()
+            .checked_mul(2)
+            .and_then(|x| x.checked_add(self.n_tokens))
+            .and_then(|x| x.checked_mul(self.batch))
             .and_then(|x| x.checked_mul(self.heads))
             .and_then(|x| x.checked_mul(self.head_dim))
             .is_some();
         if !fits {
-            return Err(Error::Unsupported { what: "batch", detail: format!("{self:?}: buffer sizes overflow usize") });
+            return Err(Error::Unsupported { what: "shape", detail: format!("{self:?}: buffer sizes overflow usize") });
         }
         Ok(())
     }
