@@ -20,6 +20,7 @@ pub mod error;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod perm;
 pub mod testing;
 
 pub use error::{Error, Result};

@@ -1,0 +1,399 @@
+//! Two-stream permutation attention of MaPeT, in rank order: the CPU reference (f32, and f64 as
+//! the truth for GPU tests).
+//!
+//! # Layout
+//! Per sample, N tokens, C context tokens, P = N - C predicted ones. Rows are in rank order
+//! (see [`crate::perm`] and `cuda/params.h`, `MapetAttention`):
+//!
+//! ```text
+//! query rows  [0, N)        content stream h, the token of rank = row
+//!             [N, N+P)      mask tokens of h, rank C + (row - N)
+//!             [N+P, N+2P)   query stream g, rank C + (row - N - P)
+//! key rows    [0, N+P)      the first N+P query rows' tokens (keys and values come from h only)
+//! ```
+//!
+//! Tensors are contiguous: `q`, `o` (and `d_o`, `dq`) are `[B, N+2P, heads*head_dim]`; `k`, `v`
+//! (and `dk`, `dv`) are `[B, N+P, heads*head_dim]`, head h of a row at columns
+//! `h*head_dim..(h+1)*head_dim`; `lse` is `[B, heads, N+2P]`.
+//!
+//! # Math
+//! Per sample and head, for query row i with visible keys V(i) = [0, a) ∪ [m, N+P) given by
+//! [`visible_bounds`] (exactly N keys, never empty; this is SPEC.md's table in rank order):
+//!
+//! ```text
+//! s_ij  = scale * q_i . k_j                     (j in V(i), scale = 1/sqrt(head_dim))
+//! lse_i = ln sum_{j in V(i)} exp(s_ij)          (natural log, saved for backward)
+//! o_i   = sum_{j in V(i)} exp(s_ij - lse_i) v_j
+//! ```
+//!
+//! Backward, from dO (the standard softmax backward with P_ij = exp(s_ij - lse_i)):
+//!
+//! ```text
+//! delta_i = dO_i . o_i
+//! dv_j    = sum_i P_ij dO_i
+//! dS_ij   = P_ij (dO_i . v_j - delta_i)
+//! dq_i    = scale * sum_j dS_ij k_j
+//! dk_j    = scale * sum_i dS_ij q_i               (i over both streams: dK, dV collect all N+2P rows)
+//! ```
+//!
+//! The CPU reference works one (sample, head) pair per rayon task on a contiguous copy of that
+//! head's rows, then writes the results into the interleaved outputs.
+
+use std::ops::{Add, AddAssign, Div, Mul, Sub};
+
+use rayon::prelude::*;
+
+use crate::error::{check_len, Error, Result};
+use crate::perm::visible_bounds;
+
+/// Sizes of one attention call. Valid when every field is positive and `0 < n_context < n_tokens`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// N: CLS + patches.
+    pub n_tokens: usize,
+    /// C: context tokens (rank < C), CLS included.
+    pub n_context: usize,
+}
+
+impl AttentionShape {
+    /// P = N - C, the predicted tokens.
+    pub fn n_pred(&self) -> usize {
+        self.n_tokens.saturating_sub(self.n_context)
+    }
+
+    /// N + 2P: content rows, mask rows of h, query-stream rows.
+    pub fn q_rows(&self) -> usize {
+        self.n_tokens.saturating_add(self.n_pred().saturating_mul(2))
+    }
+
+    /// N + P: the rows of h, which give the keys and values.
+    pub fn k_rows(&self) -> usize {
+        self.n_tokens.saturating_add(self.n_pred())
+    }
+
+    /// heads * head_dim, the width of a row of q, k, v, o.
+    pub fn model_dim(&self) -> usize {
+        self.heads.saturating_mul(self.head_dim)
+    }
+
+    /// The softmax scale 1/sqrt(head_dim), correctly rounded to f32.
+    pub fn scale(&self) -> f32 {
+        (1.0 / (self.head_dim as f64).sqrt()) as f32
+    }
+
+    /// Elements of q and o (and d_o, dq): B * (N+2P) * heads * head_dim.
+    pub fn q_len(&self) -> usize {
+        self.batch.saturating_mul(self.q_rows()).saturating_mul(self.model_dim())
+    }
+
+    /// Elements of k and v (and dk, dv): B * (N+P) * heads * head_dim.
+    pub fn k_len(&self) -> usize {
+        self.batch.saturating_mul(self.k_rows()).saturating_mul(self.model_dim())
+    }
+
+    /// Elements of lse: B * heads * (N+2P).
+    pub fn lse_len(&self) -> usize {
+        self.batch.saturating_mul(self.heads).saturating_mul(self.q_rows())
+    }
+
+    /// Every field positive, `0 < n_context < n_tokens`, and every buffer size fits in usize.
+    pub fn validate(&self) -> Result<()> {
+        for (what, value) in [
+            ("batch", self.batch),
+            ("heads", self.heads),
+            ("head_dim", self.head_dim),
+            ("n_tokens", self.n_tokens),
+            ("n_context", self.n_context),
+        ] {
+            if value == 0 {
+                return Err(Error::Unsupported { what, detail: "must be positive, got 0".into() });
+            }
+        }
+        if self.n_context >= self.n_tokens {
+            return Err(Error::Unsupported {
+                what: "n_context",
+                detail: format!(
+                    "need 0 < n_context < n_tokens, got n_context = {}, n_tokens = {}",
+                    self.n_context, self.n_tokens
+                ),
+            });
+        }
+        let fits = self
+            .n_pred()
+            .checked_mul(2)
+            .and_then(|x| x.checked_add(self.n_tokens))
+            .and_then(|x| x.checked_mul(self.batch))
+            .and_then(|x| x.checked_mul(self.heads))
+            .and_then(|x| x.checked_mul(self.head_dim))
+            .is_some();
+        if !fits {
+            return Err(Error::Unsupported { what: "shape", detail: format!("{self:?}: buffer sizes overflow usize") });
+        }
+        Ok(())
+    }
+
+    /// Validates the shape and the lengths (in elements) of q, k, v, o and lse.
+    pub fn check_buffers(&self, q_len: usize, k_len: usize, v_len: usize, o_len: usize, lse_len: usize) -> Result<()> {
+        self.validate()?;
+        check_len("q", q_len, self.q_len())?;
+        check_len("k", k_len, self.k_len())?;
+        check_len("v", v_len, self.k_len())?;
+        check_len("o", o_len, self.q_len())?;
+        check_len("lse", lse_len, self.lse_len())
+    }
+
+    /// Backward's extra buffers: d_o, dq, dk, dv.
+    fn check_grad_buffers(&self, do_len: usize, dq_len: usize, dk_len: usize, dv_len: usize) -> Result<()> {
+        check_len("d_o", do_len, self.q_len())?;
+        check_len("dq", dq_len, self.q_len())?;
+        check_len("dk", dk_len, self.k_len())?;
+        check_len("dv", dv_len, self.k_len())
+    }
+}
+
+/// f32 forward: writes `o` [B, N+2P, heads*head_dim] and `lse` [B, heads, N+2P].
+pub fn cpu_forward(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    forward(shape, shape.scale(), q, k, v, o, lse)
+}
+
+/// f64 forward, the truth GPU and f32 results are compared against (scale 1/sqrt(head_dim) in f64).
+pub fn f64_forward(
+    shape: &AttentionShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    o: &mut [f64],
+    lse: &mut [f64],
+) -> Result<()> {
+    forward(shape, 1.0 / (shape.head_dim as f64).sqrt(), q, k, v, o, lse)
+}
+
+/// f32 backward: given the forward's `o` and `lse` and the upstream `d_o`, writes (does not
+/// accumulate) `dq`, `dk`, `dv`; dk and dv collect the rows of both streams.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_backward(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> Result<()> {
+    backward(shape, shape.scale(), q, k, v, o, lse, d_o, dq, dk, dv)
+}
+
+/// f64 backward, the truth for gradients (see [`cpu_backward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn f64_backward(
+    shape: &AttentionShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    o: &[f64],
+    lse: &[f64],
+    d_o: &[f64],
+    dq: &mut [f64],
+    dk: &mut [f64],
+    dv: &mut [f64],
+) -> Result<()> {
+    backward(shape, 1.0 / (shape.head_dim as f64).sqrt(), q, k, v, o, lse, d_o, dq, dk, dv)
+}
+
+/// The arithmetic the reference needs, for f32 (the baseline) and f64 (the truth).
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::ZERO, |acc, (&x, &y)| acc + x * y)
+}
+
+/// y += alpha * x
+fn axpy<T: Real>(y: &mut [T], alpha: T, x: &[T]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+/// The rows of head `head` of sample `b` of a [B, rows, heads*head_dim] tensor, contiguous
+/// [rows, head_dim].
+fn head_rows<T: Real>(x: &[T], b: usize, head: usize, rows: usize, shape: &AttentionShape) -> Vec<T> {
+    let (hd, dm) = (shape.head_dim, shape.model_dim());
+    let sample = &x[b * rows * dm..(b + 1) * rows * dm];
+    sample.chunks_exact(dm).flat_map(|row| &row[head * hd..(head + 1) * hd]).copied().collect()
+}
+
+/// Writes per-(sample, head) results [rows, head_dim] (index b*heads + h) into a
+/// [B, rows, heads*head_dim] tensor.
+fn write_heads<T: Real>(dst: &mut [T], per_head: &[Vec<T>], rows: usize, shape: &AttentionShape) {
+    let (hd, dm) = (shape.head_dim, shape.model_dim());
+    dst.par_chunks_mut(rows * dm).enumerate().for_each(|(b, sample)| {
+        for (head, src) in per_head[b * shape.heads..(b + 1) * shape.heads].iter().enumerate() {
+            for (row, src_row) in sample.chunks_exact_mut(dm).zip(src.chunks_exact(hd)) {
+                row[head * hd..(head + 1) * hd].copy_from_slice(src_row);
+            }
+        }
+    });
+}
+
+fn forward<T: Real>(
+    shape: &AttentionShape,
+    scale: T,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &mut [T],
+    lse: &mut [T],
+) -> Result<()> {
+    shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    let (n, c, hd) = (shape.n_tokens, shape.n_context, shape.head_dim);
+    let (q_rows, k_rows) = (shape.q_rows(), shape.k_rows());
+
+    // One task per (sample, head): its lse rows are contiguous, its o rows are returned.
+    let o_heads: Vec<Vec<T>> = lse
+        .par_chunks_mut(q_rows)
+        .enumerate()
+        .map(|(bh, lse_bh)| {
+            let (b, head) = (bh / shape.heads, bh % shape.heads);
+            let qh = head_rows(q, b, head, q_rows, shape);
+            let kh = head_rows(k, b, head, k_rows, shape);
+            let vh = head_rows(v, b, head, k_rows, shape);
+            let mut oh = vec![T::ZERO; q_rows * hd];
+            let mut p = Vec::with_capacity(n);
+            for (i, (qi, oi)) in qh.chunks_exact(hd).zip(oh.chunks_exact_mut(hd)).enumerate() {
+                let (a, m) = visible_bounds(n, c, i);
+                let keys = (0..a).chain(m..k_rows);
+                p.clear();
+                p.extend(keys.clone().map(|j| scale * dot(qi, &kh[j * hd..(j + 1) * hd])));
+                let max = p.iter().fold(T::NEG_INFINITY, |mx, &s| if s > mx { s } else { mx });
+                let mut sum = T::ZERO;
+                for s in p.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (&pj, j) in p.iter().zip(keys) {
+                    axpy(oi, pj, &vh[j * hd..(j + 1) * hd]);
+                }
+                let inv = T::ONE / sum;
+                for x in oi.iter_mut() {
+                    *x = *x * inv;
+                }
+                lse_bh[i] = max + sum.ln();
+            }
+            oh
+        })
+        .collect();
+    write_heads(o, &o_heads, q_rows, shape);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Real>(
+    shape: &AttentionShape,
+    scale: T,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    lse: &[T],
+    d_o: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) -> Result<()> {
+    shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    shape.check_grad_buffers(d_o.len(), dq.len(), dk.len(), dv.len())?;
+    let (n, c, hd) = (shape.n_tokens, shape.n_context, shape.head_dim);
+    let (q_rows, k_rows) = (shape.q_rows(), shape.k_rows());
+
+    // One task per (sample, head), returning (dq, dk, dv) of that head.
+    let grads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = lse
+        .par_chunks(q_rows)
+        .enumerate()
+        .map(|(bh, lse_bh)| {
+            let (b, head) = (bh / shape.heads, bh % shape.heads);
+            let qh = head_rows(q, b, head, q_rows, shape);
+            let kh = head_rows(k, b, head, k_rows, shape);
+            let vh = head_rows(v, b, head, k_rows, shape);
+            let oh = head_rows(o, b, head, q_rows, shape);
+            let doh = head_rows(d_o, b, head, q_rows, shape);
+            let mut dqh = vec![T::ZERO; q_rows * hd];
+            let mut dkh = vec![T::ZERO; k_rows * hd];
+            let mut dvh = vec![T::ZERO; k_rows * hd];
+            for (i, &lse_i) in lse_bh.iter().enumerate() {
+                let row = i * hd..(i + 1) * hd;
+                let (qi, doi) = (&qh[row.clone()], &doh[row.clone()]);
+                let delta = dot(doi, &oh[row.clone()]);
+                let dqi = &mut dqh[row];
+                let (a, m) = visible_bounds(n, c, i);
+                for j in (0..a).chain(m..k_rows) {
+                    let col = j * hd..(j + 1) * hd;
+                    let p = (scale * dot(qi, &kh[col.clone()]) - lse_i).exp();
+                    axpy(&mut dvh[col.clone()], p, doi);
+                    let ds = scale * p * (dot(doi, &vh[col.clone()]) - delta);
+                    axpy(dqi, ds, &kh[col.clone()]);
+                    axpy(&mut dkh[col], ds, qi);
+                }
+            }
+            (dqh, dkh, dvh)
+        })
+        .collect();
+    let (dq_heads, (dk_heads, dv_heads)): (Vec<_>, (Vec<_>, Vec<_>)) =
+        grads.into_iter().map(|(a, b, c)| (a, (b, c))).unzip();
+    write_heads(dq, &dq_heads, q_rows, shape);
+    write_heads(dk, &dk_heads, k_rows, shape);
+    write_heads(dv, &dv_heads, k_rows, shape);
+    Ok(())
+}
