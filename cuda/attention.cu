@@ -34,25 +34,42 @@
 //   mapet_attention_bwd_dkdv  grid (ceil(Lk/64), H, B), 128 threads. CTA = 64 keys (16 per warp), keys
 //                             as the M dimension of every product; loops over query tiles of 64.
 //                             Must run after bwd_dq (it reads delta).
-// All three use 36,864 B of static shared memory (+512 B of lse/delta in bwd_dkdv), no dynamic shared
-// memory: two stages x two [64 x 72] bf16 tiles. The operand loaded once per CTA (Q, or Q+dO, or K+V)
-// is first staged in the second stage's slot and moved into registers before that slot is first
-// refilled, so it costs no extra shared memory; that keeps 6 CTAs (24 warps) per H100 SM.
-// Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row addresses of one ldmatrix phase
-// then fall 36 words apart and cover all 32 banks once (no conflicts), and cp.async stores of one
-// 128-byte row per 8 threads are conflict-free too.
+// Shared memory is static, no dynamic part: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd,
+// bwd_dq), + 2 KiB of per-row lse, delta and hidden window in bwd_dkdv (38,912 B). The operand loaded
+// once per CTA (Q, Q + dO, or K + V) is first staged in the second stage's slots and moved into
+// registers before they are first refilled, so it costs no shared memory of its own. Registers bound
+// the occupancy: fwd and bwd_dq fit 128 (4 CTAs = 16 warps per SM), bwd_dkdv needs 168 (3 CTAs; at 128
+// it spills). Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row addresses of one
+// ldmatrix phase then fall 36 words apart and cover all 32 banks once, and the cp.async stores (8
+// threads per 128-byte row) are conflict-free too.
+// Inside a tile, each warp works in halves of 32 keys (fwd, bwd_dq) or 32 query rows (bwd_dkdv): the
+// backward kernels hold S and dP of one half only (32 registers, not 64: what gets bwd_dq to 128
+// registers), and a half that the warp's rows cannot see is skipped (about 1.24x the visible pairs are
+// computed for ViT-B, against 1.49x at whole-tile granularity).
 //
 // Tile classification. For a set of rows with first-hidden extrema amin, amax and a key range
 // [k0, k1) (k1 may pass Lk; keys >= Lk do not exist):
 //   EMPTY    k0 >= amax and min(k1, Lk) <= amin + P: every key is inside every row's hidden window
-//            (or k0 >= Lk). Not loaded (CTA level) / not computed (warp level).
+//            (or k0 >= Lk). Not loaded (CTA level) / not computed (warp level, per half).
 //   FULL     (k1 <= amin or k0 >= amax + P), k1 <= Lk (and, for dK/dV, all rows < Lq): every pair is
 //            visible, no per-element mask.
-//   PARTIAL  otherwise: per-element test  key < a || (a + P <= key < Lk)  (and row < Lq for dK/dV).
+//   PARTIAL  otherwise: per-element mask.
 // The extrema are exact and cheap: a is monotone on each segment, so they sit at the ends of the <= 3
 // segment pieces the row range covers (`hidden_extrema`). The CTA decides loads with the extrema of
-// all its rows (keys); each warp decides its own math with the extrema of its 16 rows (keys), so a
-// warp whose rows see nothing of a loaded tile skips it (warp-uniform branch, no divergence).
+// all its rows (keys); each warp decides its own math with the extrema of its rows (keys), with
+// warp-uniform branches. Checked exhaustively against SPEC's visibility table for every 0 < C < N < 40
+// and N in {65, 100, 130, 197}: no EMPTY block holds a visible pair, no FULL block a hidden one, and
+// every block without a visible pair is EMPTY.
+//
+// Per-element mask: a key is hidden iff (unsigned)(key - a) < P (below a, the difference wraps to a
+// large unsigned value), one add, one compare and one select per score, no branch; the tile that
+// reaches past Lk adds a second compare (a separate instantiation, so other tiles do not pay it).
+// bwd_dkdv keeps, per stage, a window {a, w} per query row in shared memory; rows past Lq get a window
+// holding every key, so the same compare removes them. Hidden scores are set to -inf before the
+// exponential, so their probability is exactly 0 (no multiply by a mask, which 0 * inf would break).
+// Out-of-range rows and keys are zero-filled by cp.async (src-size 0), so they never bring NaN/Inf
+// into a product. In bwd_dkdv, keys past Lk are not masked: a row of the A operand only reaches the
+// same row of the product, and those dK, dV rows are never stored.
 //
 // Tensor cores: mma.sync m16n8k16 bf16 -> f32 (sm_80 and sm_90a alike), operands from shared memory
 // with ldmatrix (.trans where the reduction runs along the stored rows). Fragment layouts, from the
@@ -78,14 +95,18 @@
 // about 40% more tensor-core work than an atomic dQ, in exchange for bitwise-reproducible gradients,
 // no f32 dQ scratch and no extra conversion pass.
 //
-// Masked entries: out-of-range keys (>= Lk) and rows (>= Lq) are zero-filled by cp.async (src-size 0),
-// so they never inject NaN/Inf into a product (0 * garbage could); probabilities of hidden pairs are
-// set to exactly 0 with a select, never by multiplying.
+// Where the time goes (H200, ViT-B attention at batch 64, 12 heads: 491 x 344 per head): fwd 154 us,
+// bwd_dq 176 us, bwd_dkdv 250 us. For head_dim 64, one exp2 (MUFU, 16 per clock per SM) goes with only
+// 256 tensor FLOPs per pair, so the exponentials and the instruction issue, not the tensor cores,
+// bound the forward. Next steps if attention matters: 4 CTAs per SM for bwd_dkdv (re-read the K, V
+// fragments from shared memory instead of holding them: 55 KB of dynamic shared memory), a deeper
+// cp.async pipeline, or wgmma on sm_90a.
 //
-// The launcher must enforce: head_dim == 64, scale as given (1/8 for MaPeT; any value works),
-// 0 < C < N, base pointers 16-byte aligned, all strides multiples of 8 elements (16-byte cp.async and
-// vector stores), B <= 65535 (grid.z), H <= 65535 (grid.y), and the launch order fwd;
-// bwd_dq then bwd_dkdv on one stream.
+// The launcher must enforce: head_dim == 64; 0 < C < N (and N < 2^28); base pointers 16-byte aligned;
+// all strides multiples of 8 elements (16-byte cp.async and vector accesses); row strides < 2^31 (the
+// loads take them as 32-bit); B <= 65535 (grid.z), H <= 65535 (grid.y); lse and delta hold B*H*Lq
+// floats; launch order fwd, then bwd_dq, then bwd_dkdv, on one stream. scale is used as given (1/8 for
+// MaPeT); any positive value works.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -107,12 +128,13 @@ constexpr int kD = MAPET_ATTN_HEAD_DIM;
 constexpr int kThreads = MAPET_ATTN_THREADS;
 constexpr int kBM = MAPET_ATTN_BLOCK_M;
 constexpr int kBN = MAPET_ATTN_BLOCK_N;
-constexpr int kHalf = 32;                     // backward inner sub-tile: keys (dQ) / query rows (dK dV)
+constexpr int kHalf = 32;                     // warp sub-tile: 32 keys (fwd, bwd_dq) / 32 query rows (bwd_dkdv)
 constexpr int kLds = kD + 8;                  // padded shared row, bf16 elements (144 B)
 constexpr int kTileElems = 64 * kLds;         // one [64 x 72] bf16 tile
 constexpr uint32_t kTileBytes = kTileElems * 2;
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kBM == 64 && kBN == 64 && kThreads == 128, "the index maths below assumes 4 warps x 16 rows, 64-wide tiles");
+static_assert(kBM == 64 && kBN == 64 && kThreads == 128,
+              "the index maths below assumes 4 warps x 16 rows, 64-wide tiles");
 
 // ---------------------------------------------------------------------------------- PTX helpers
 
@@ -176,28 +198,26 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 // ---------------------------------------------------------------------------------- fragment addressing
-// Shared byte offsets of the lane's ldmatrix row address inside a [64 x 72] tile.
+// ldmatrix row addresses = tile base + lane part (computed once per kernel) + tile_off(r0, c0) of the
+// 16x16 block (a compile-time constant, folded into the instruction's immediate offset).
 
-// A operand, rows [r0, r0+16) x columns [c0, c0+16) of a row-major tile: matrix i = (rows +8*(i&1),
-// columns +8*(i>>1)), so register i is A reg i (see the layout table above).
-__device__ __forceinline__ uint32_t a_frag_offset(int r0, int c0, int lane) {
-    return static_cast<uint32_t>(((r0 + (lane & 15)) * kLds + c0 + (lane >> 4) * 8) * 2);
-}
+// Byte offset of element (r, c) of a padded [64 x 72] tile.
+__host__ __device__ constexpr uint32_t tile_off(int r, int c) { return static_cast<uint32_t>((r * kLds + c) * 2); }
 
-// B operand of X * T^T where T is a row-major tile whose rows are the n index (keys, or query rows):
-// rows [n0, n0+16) x reduction columns [c0, c0+16). Matrix 0 = (n0..+7, c0..+7) -> b0 of n-tile n0,
-// matrix 1 = (n0..+7, c0+8..) -> b1 of n-tile n0, matrices 2, 3 the same for n-tile n0+8. No
-// transpose: lane l gets T[n0 + l/4][c0 + 2(l%4)..], i.e. B(k = 2t.., n = g).
-__device__ __forceinline__ uint32_t bt_frag_offset(int n0, int c0, int lane) {
-    return static_cast<uint32_t>(((n0 + (lane & 7) + (lane >> 4) * 8) * kLds + c0 + ((lane >> 3) & 1) * 8) * 2);
-}
+// A operand from a row-major tile (rows = M, columns = K), no transpose: lanes 8i..8i+7 address matrix
+// i = (rows + 8 (i & 1), columns + 8 (i >> 1)), so register i is A reg i: (g, 2t..), (g+8, 2t..),
+// (g, 2t+8..), (g+8, 2t+8..).
+// The same addresses serve the B operand of X * T with T row-major (rows = K, columns = N) read with
+// .trans: matrix i is then (K rows + 8 (i & 1), N columns + 8 (i >> 1)), lane l receives
+// T[2(l%4)..+1 + 8 (i & 1)][l/4 + 8 (i >> 1)] = B(k = 2t.. (+8), n = g) of n-tile i >> 1: registers
+// {0, 1} = {b0, b1} of the first n-tile, {2, 3} of the second.
+__device__ __forceinline__ uint32_t lane_off_a(int lane) { return tile_off(lane & 15, (lane >> 4) * 8); }
 
-// B operand of X * T where T is a row-major tile whose rows are the reduction index: reduction rows
-// [k0, k0+16) x output columns [c0, c0+16). Matrix 0 = (k0..+7, c0..+7) -> b0 of n-tile c0, matrix 1 =
-// (k0+8.., c0..) -> b1 of n-tile c0, matrices 2, 3 the same for n-tile c0+8. With .trans, lane l gets
-// T[k0 + 2(l%4)..+1][c0 + l/4], i.e. B(k = 2t.., n = g).
-__device__ __forceinline__ uint32_t b_frag_offset(int k0, int c0, int lane) {
-    return static_cast<uint32_t>(((k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLds + c0 + (lane >> 4) * 8) * 2);
+// B operand of X * T^T with T row-major (rows = N, columns = K), no transpose: matrix i = (N rows +
+// 8 (i >> 1), K columns + 8 (i & 1)); lane l receives T[l/4][2(l%4)..+1] of it = B(k = 2t.., n = g).
+// Registers {0, 1} = {b0, b1} of n-tile rows [0, 8), {2, 3} of n-tile rows [8, 16).
+__device__ __forceinline__ uint32_t lane_off_bt(int lane) {
+    return tile_off((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
 }
 
 // ---------------------------------------------------------------------------------- visibility
@@ -255,27 +275,58 @@ __device__ __forceinline__ int classify(int amin, int amax, int k0, int k1, bool
     return kPartial;
 }
 
-// Does `row` (< Lq) see `key` (any key index; keys >= Lk are never seen)?
-__device__ __forceinline__ bool visible(int key, int a, const Geometry& G) {
-    return key < a || (key >= a + G.p && key < G.lk);
+// Is key `key` inside the hidden window [a, a + w)? One subtraction and one unsigned compare, no
+// branch: below a, the difference wraps to a large unsigned value.
+__device__ __forceinline__ bool in_window(int key, int a, int w) {
+    return static_cast<unsigned>(key - a) < static_cast<unsigned>(w);
+}
+
+// Sets the hidden scores of one 32-key half of a warp's S fragment to -inf. s[j][e] is the score of
+// row g (e < 2) or g+8 and key kb + x0 + 8j + (e & 1), kb = k0 + 2t the lane's first key in the tile;
+// rel_lo/rel_hi = a(row) - kb for the two rows, lk_rel = Lk - kb. The offsets x are compile-time, so an
+// element costs one add, one compare and one select. kTail: the half may reach Lk (the last tile),
+// whose missing keys are hidden too.
+template <bool kTail>
+__device__ __forceinline__ void mask_half(float (&s)[4][4], int x0, int rel_lo, int rel_hi, int lk_rel, int p) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int x = x0 + 8 * j + (e & 1);
+            bool hid = in_window(x, e < 2 ? rel_lo : rel_hi, p);
+            if (kTail) hid |= x >= lk_rel;
+            s[j][e] = hid ? -INFINITY : s[j][e];
+        }
+    }
+}
+
+// Applies a half's class to its scores (warp-uniform branches): PARTIAL -> per-element mask, FULL ->
+// nothing. EMPTY halves are never computed.
+__device__ __forceinline__ void mask_scores(float (&s)[4][4], int kind, bool tail, int x0, int rel_lo, int rel_hi,
+                                            int lk_rel, int p) {
+    if (kind != kPartial) return;
+    if (tail)
+        mask_half<true>(s, x0, rel_lo, rel_hi, lk_rel, p);
+    else
+        mask_half<false>(s, x0, rel_lo, rel_hi, lk_rel, p);
 }
 
 // ---------------------------------------------------------------------------------- tile movement
 
 // Starts copying rows [row0, row0 + 64) x 64 columns of a bf16 matrix (row r at src + r * stride) into
-// a padded shared tile at dst. Rows >= row_end are zero-filled. Thread tid moves four 16-byte chunks;
-// 8 consecutive threads cover one 128-byte row (coalesced reads, conflict-free shared writes).
-__device__ __forceinline__ void load_tile(uint32_t dst, const bf16* src, int64_t stride, int row0, int row_end,
-                                          int tid) {
+// a padded shared tile at dst. Rows >= row_end (>= 1) are zero-filled. Thread tid moves the 16-byte
+// chunk tid % 8 of rows tid / 8 + 16i: 8 consecutive threads cover one 128-byte row (coalesced reads,
+// conflict-free shared writes). The stride is 32-bit (the launcher checks) so that each address is one
+// widening multiply-add.
+__device__ __forceinline__ void load_tile(uint32_t dst, const bf16* src, int stride, int row0, int row_end, int tid) {
+    const int r = tid >> 3, ch = (tid & 7) * 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const int idx = tid + i * kThreads;
-        const int r = idx >> 3;
-        const int ch = idx & 7;
-        const bool ok = row0 + r < row_end;
-        // A skipped copy still needs a valid-looking address operand; the matrix base is one.
-        const bf16* g = ok ? src + (row0 + r) * stride + ch * 8 : src;
-        cp_async16(dst + static_cast<uint32_t>((r * kLds + ch * 8) * 2), g, ok);
+        const int row = row0 + r + 16 * i;
+        // A row past the end is clamped to a real one: the address stays valid, and src-size 0 reads
+        // nothing from it.
+        const bf16* gp = src + static_cast<int64_t>(min(row, row_end - 1)) * stride + ch;
+        cp_async16(dst + tile_off(r + 16 * i, ch), gp, row < row_end);
     }
 }
 
@@ -289,7 +340,8 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[8][4], float 
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        *reinterpret_cast<uint32_t*>(stage + g * kLds + 8 * j + 2 * t) = pack_bf16(acc[j][0] * mul_lo, acc[j][1] * mul_lo);
+        *reinterpret_cast<uint32_t*>(stage + g * kLds + 8 * j + 2 * t) =
+            pack_bf16(acc[j][0] * mul_lo, acc[j][1] * mul_lo);
         *reinterpret_cast<uint32_t*>(stage + (g + 8) * kLds + 8 * j + 2 * t) =
             pack_bf16(acc[j][2] * mul_hi, acc[j][3] * mul_hi);
     }
@@ -352,9 +404,8 @@ __device__ __forceinline__ int next_query_tile(int qt, int nqt, int k0, const Ge
 }
 
 }  // namespace
-
 // ================================================================================================ forward
-// o, lse from q, k, v. Shared: stage s holds K tile at smem[2s], V tile at smem[2s+1]; Q is first
+// o, lse from q, k, v. Shared: stage st holds the K tile at sK(st) and the V tile at sV(st); Q is first
 // staged in stage 1's K slot, O in stage 0's K slot at the end.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attention_fwd(const MapetAttention prm) {
     __shared__ __align__(128) bf16 smem[4 * kTileElems];
@@ -370,13 +421,14 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
     const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
 
-    // Stage st: K tile at sK(st), V tile at sK(st) + kTileBytes. Computed, not an array indexed by a
-    // run-time stage (that would live in local memory).
+    // Stage st: K tile at sK(st), V tile at sV(st). Computed, not an array indexed by a run-time stage
+    // (that would live in local memory).
     const uint32_t s0 = smem_addr(smem);
     auto sK = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
     auto sV = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
+    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
 
-    // Which key tiles the CTA needs (its rows, clipped to Lq), and which its warp computes.
+    // Which key tiles the CTA needs (its rows, clipped to Lq), and which halves its warp computes.
     int cta_amin, cta_amax;
     hidden_extrema(q0, min(q0 + kBM, G.lq), G, cta_amin, cta_amax);
     const int wr0 = q0 + warp * 16;
@@ -388,12 +440,12 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     const int a_hi = first_hidden(min(wr0 + g + 8, G.lq - 1), G);
 
     const int nkt = (G.lk + kBN - 1) / kBN;
-    load_tile(sK(1), qg, prm.q_row_stride, q0, G.lq, tid);
+    load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
     cp_async_commit();
     int kt = next_key_tile(0, nkt, cta_amin, cta_amax, G);
     if (kt < nkt) {
-        load_tile(sK(0), kg, prm.k_row_stride, kt * kBN, G.lk, tid);
-        load_tile(sV(0), vg, prm.v_row_stride, kt * kBN, G.lk, tid);
+        load_tile(sK(0), kg, static_cast<int>(prm.k_row_stride), kt * kBN, G.lk, tid);
+        load_tile(sV(0), vg, static_cast<int>(prm.v_row_stride), kt * kBN, G.lk, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
@@ -402,7 +454,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     // Q fragments of the warp's 16 rows, all 64 columns: qf[c] = A fragment of columns [16c, 16c+16).
     uint32_t qf[4][4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) ldmatrix_x4(qf[c], sK(1) + a_frag_offset(warp * 16, c * 16, lane));
+    for (int c = 0; c < 4; ++c) ldmatrix_x4(qf[c], sK(1) + lane_a + tile_off(warp * 16, c * 16));
     __syncthreads();  // stage 1 (holding Q) is refilled by the first prefetch below
 
     float acc[8][4];  // O accumulator: acc[j] = C fragment of output columns [8j, 8j+8)
@@ -415,53 +467,62 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     while (kt < nkt) {
         const int kn = next_key_tile(kt + 1, nkt, cta_amin, cta_amax, G);
         if (kn < nkt) {
-            load_tile(sK(stage ^ 1), kg, prm.k_row_stride, kn * kBN, G.lk, tid);
-            load_tile(sV(stage ^ 1), vg, prm.v_row_stride, kn * kBN, G.lk, tid);
+            load_tile(sK(stage ^ 1), kg, static_cast<int>(prm.k_row_stride), kn * kBN, G.lk, tid);
+            load_tile(sV(stage ^ 1), vg, static_cast<int>(prm.v_row_stride), kn * kBN, G.lk, tid);
         }
-        cp_async_commit();   // possibly empty: keeps "all but the newest group" = tile kt
+        cp_async_commit();  // possibly empty: keeps "all but the newest group" = tile kt
         cp_async_wait<1>();
-        __syncthreads();     // tile kt is visible to every warp
+        __syncthreads();    // tile kt is visible to every warp
 
         const int k0 = kt * kBN;
         // Classified per 32-key half for the warp's rows: a half the rows cannot see costs no mma
-        // (its scores are set to -inf, so it adds nothing to the softmax either).
+        // (its scores stay -inf, so it adds nothing to the softmax either).
         int kind[2];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-            kind[hf] = warp_live ? classify(w_amin, w_amax, k0 + hf * kHalf, k0 + hf * kHalf + kHalf, true, G) : kEmpty;
+        for (int h = 0; h < 2; ++h)
+            kind[h] = warp_live ? classify(w_amin, w_amax, k0 + h * kHalf, k0 + h * kHalf + kHalf, true, G) : kEmpty;
         if (kind[0] != kEmpty || kind[1] != kEmpty) {
-            // S = Q K^T for the warp's 16 rows x 64 keys: s[j] = C fragment of keys [8j, 8j+8), in half j / 4.
-            float s[8][4];
+            const uint32_t ks = sK(stage) + lane_bt;  // K as the B operand of Q K^T (keys = n)
+            const uint32_t vs = sV(stage) + lane_a;   // V as the B operand of P V (keys = k), .trans
+            // S = Q K^T for the warp's 16 rows x 64 keys: s[h][j] = C fragment of keys
+            // k0 + 32h + [8j, 8j+8). Lane holds s[h][j][0..1] = (row g, keys k0 + 32h + 8j + 2t + {0,1}),
+            // s[h][j][2..3] = the same keys for row g+8.
+            float s[2][4][4];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+            for (int h = 0; h < 2; ++h) {
+                if (kind[h] == kEmpty) {
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
+                    for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = -INFINITY;
+                    continue;
+                }
 #pragma unroll
-                for (int jp = 0; jp < 4; ++jp) {
-                    if (kind[jp >> 1] == kEmpty) continue;
-                    uint32_t kb[4];  // b0, b1 of key n-tiles 2jp and 2jp+1, head columns [16c, 16c+16)
-                    ldmatrix_x4(kb, sK(stage) + bt_frag_offset(jp * 16, c * 16, lane));
-                    mma_bf16(s[2 * jp], qf[c], kb[0], kb[1]);
-                    mma_bf16(s[2 * jp + 1], qf[c], kb[2], kb[3]);
+                for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = 0.f;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+#pragma unroll
+                    for (int jp = 0; jp < 2; ++jp) {
+                        uint32_t kb[4];  // b0, b1 of key n-tiles 2jp, 2jp+1 of the half, head columns [16c, 16c+16)
+                        ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
+                        mma_bf16(s[h][2 * jp], qf[c], kb[0], kb[1]);
+                        mma_bf16(s[h][2 * jp + 1], qf[c], kb[2], kb[3]);
+                    }
                 }
             }
-            // Lane holds s[j][0..1] = (row g, keys k0 + 8j + 2t + {0,1}), s[j][2..3] = row g+8.
+            const int kb0 = k0 + 2 * t;          // the lane's first key in the tile
+            const bool tail = k0 + kBN > G.lk;  // the tile reaches past the last key
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int kj = kind[j >> 2];
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + 8 * j + 2 * t + (e & 1);
-                    if (kj == kEmpty || (kj == kPartial && !visible(key, e < 2 ? a_lo : a_hi, G))) s[j][e] = -INFINITY;
-                }
-            }
+            for (int h = 0; h < 2; ++h)
+                mask_scores(s[h], kind[h], tail, h * kHalf, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
+
             // Online softmax, rows g (i = 0: elements 0, 1) and g+8 (i = 1: elements 2, 3). The four
             // lanes of a quad hold one row between them, so max and sum are quad reductions.
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 float tmax = -INFINITY;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) tmax = fmaxf(tmax, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) tmax = fmaxf(tmax, fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]));
                 tmax = quad_max(tmax);
                 const float mnew = fmaxf(mx[i], tmax);
                 // Row still without a visible key: subtract 0 so that exp2(-inf - base) = 0, not NaN.
@@ -470,31 +531,41 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
                 mx[i] = mnew;
                 float rs = 0.f;
 #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        s[h][j][2 * i] = fast_exp2(fmaf(s[h][j][2 * i], sl2, -base));
+                        s[h][j][2 * i + 1] = fast_exp2(fmaf(s[h][j][2 * i + 1], sl2, -base));
+                        rs += s[h][j][2 * i] + s[h][j][2 * i + 1];
+                    }
+                }
+#pragma unroll
                 for (int j = 0; j < 8; ++j) {
-                    s[j][2 * i] = fast_exp2(fmaf(s[j][2 * i], sl2, -base));
-                    s[j][2 * i + 1] = fast_exp2(fmaf(s[j][2 * i + 1], sl2, -base));
-                    rs += s[j][2 * i] + s[j][2 * i + 1];
                     acc[j][2 * i] *= corr;
                     acc[j][2 * i + 1] *= corr;
                 }
                 l[i] = l[i] * corr + rs;
             }
-            // O += P V. The P C-fragments of key n-tiles 2c, 2c+1 repack into the A fragment of key
-            // chunk c: {(g, 16c+2t..), (g+8, 16c+2t..), (g, 16c+8+2t..), (g+8, 16c+8+2t..)}.
+            // O += P V. The P C-fragments of n-tiles 2c, 2c+1 of a half repack into the A fragment of the
+            // half's key chunk c (keys k0 + 32h + [16c, 16c+16)):
+            // {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}.
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                if (kind[c >> 1] == kEmpty) continue;  // P = 0 there
-                uint32_t pa[4];
-                pa[0] = pack_bf16(s[2 * c][0], s[2 * c][1]);
-                pa[1] = pack_bf16(s[2 * c][2], s[2 * c][3]);
-                pa[2] = pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]);
-                pa[3] = pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3]);
+            for (int h = 0; h < 2; ++h) {
+                if (kind[h] == kEmpty) continue;  // P = 0 there
 #pragma unroll
-                for (int dp = 0; dp < 4; ++dp) {
-                    uint32_t vb[4];  // b0, b1 of output n-tiles 2dp, 2dp+1 over keys [16c, 16c+16), V[key][d]
-                    ldmatrix_x4_trans(vb, sV(stage) + b_frag_offset(c * 16, dp * 16, lane));
-                    mma_bf16(acc[2 * dp], pa, vb[0], vb[1]);
-                    mma_bf16(acc[2 * dp + 1], pa, vb[2], vb[3]);
+                for (int c = 0; c < 2; ++c) {
+                    uint32_t pa[4];
+                    pa[0] = pack_bf16(s[h][2 * c][0], s[h][2 * c][1]);
+                    pa[1] = pack_bf16(s[h][2 * c][2], s[h][2 * c][3]);
+                    pa[2] = pack_bf16(s[h][2 * c + 1][0], s[h][2 * c + 1][1]);
+                    pa[3] = pack_bf16(s[h][2 * c + 1][2], s[h][2 * c + 1][3]);
+#pragma unroll
+                    for (int dp = 0; dp < 4; ++dp) {
+                        uint32_t vb[4];  // b0, b1 of output n-tiles 2dp, 2dp+1 over the chunk's 16 keys
+                        ldmatrix_x4_trans(vb, vs + tile_off(h * kHalf + c * 16, dp * 16));
+                        mma_bf16(acc[2 * dp], pa, vb[0], vb[1]);
+                        mma_bf16(acc[2 * dp + 1], pa, vb[2], vb[3]);
+                    }
                 }
             }
         }
@@ -541,11 +612,11 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
     const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;  // lse/delta row 0
 
-    // Stage st: K tile at sK(st), V tile at sK(st) + kTileBytes. Computed, not an array indexed by a
-    // run-time stage (that would live in local memory).
+    // Stage st: K tile at sK(st), V tile at sV(st) (computed, see forward).
     const uint32_t s0 = smem_addr(smem);
     auto sK = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
     auto sV = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
+    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
 
     int cta_amin, cta_amax;
     hidden_extrema(q0, min(q0 + kBM, G.lq), G, cta_amin, cta_amax);
@@ -559,13 +630,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     const int a_hi = first_hidden(min(row_hi, G.lq - 1), G);
 
     const int nkt = (G.lk + kBN - 1) / kBN;
-    load_tile(sK(1), qg, prm.q_row_stride, q0, G.lq, tid);
-    load_tile(sV(1), dog, prm.do_row_stride, q0, G.lq, tid);
+    load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
+    load_tile(sV(1), dog, static_cast<int>(prm.do_row_stride), q0, G.lq, tid);
     cp_async_commit();
     int kt = next_key_tile(0, nkt, cta_amin, cta_amax, G);
     if (kt < nkt) {
-        load_tile(sK(0), kg, prm.k_row_stride, kt * kBN, G.lk, tid);
-        load_tile(sV(0), vg, prm.v_row_stride, kt * kBN, G.lk, tid);
+        load_tile(sK(0), kg, static_cast<int>(prm.k_row_stride), kt * kBN, G.lk, tid);
+        load_tile(sV(0), vg, static_cast<int>(prm.v_row_stride), kt * kBN, G.lk, tid);
     }
     cp_async_commit();
 
@@ -591,10 +662,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     uint32_t qf[4][4], df[4][4];  // A fragments of the warp's Q and dO rows, columns [16c, 16c+16)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-        ldmatrix_x4(qf[c], sK(1) + a_frag_offset(warp * 16, c * 16, lane));
-        ldmatrix_x4(df[c], sV(1) + a_frag_offset(warp * 16, c * 16, lane));
+        ldmatrix_x4(qf[c], sK(1) + lane_a + tile_off(warp * 16, c * 16));
+        ldmatrix_x4(df[c], sV(1) + lane_a + tile_off(warp * 16, c * 16));
     }
-    // delta = rowsum(dO * O): dO from the staged tile (16-byte reads, 8 lanes of one phase hit
+    // delta = rowsum(dO * O): dO from the staged tile (16-byte reads; the 8 lanes of one phase hit
     // rows g, g+1 at words 36g + 8t: all 32 banks once), rows past Lq are zeros.
     float delta_lo, delta_hi;
     {
@@ -621,23 +692,29 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     while (kt < nkt) {
         const int kn = next_key_tile(kt + 1, nkt, cta_amin, cta_amax, G);
         if (kn < nkt) {
-            load_tile(sK(stage ^ 1), kg, prm.k_row_stride, kn * kBN, G.lk, tid);
-            load_tile(sV(stage ^ 1), vg, prm.v_row_stride, kn * kBN, G.lk, tid);
+            load_tile(sK(stage ^ 1), kg, static_cast<int>(prm.k_row_stride), kn * kBN, G.lk, tid);
+            load_tile(sV(stage ^ 1), vg, static_cast<int>(prm.v_row_stride), kn * kBN, G.lk, tid);
         }
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
 
         const int k0 = kt * kBN;
+        const int kb0 = k0 + 2 * t;
+        const bool tail = k0 + kBN > G.lk;
+        const uint32_t ks = sK(stage) + lane_bt;   // K as the B operand of Q K^T (keys = n)
+        const uint32_t vs = sV(stage) + lane_bt;   // V as the B operand of dO V^T (keys = n)
+        const uint32_t kts = sK(stage) + lane_a;   // K as the B operand of dS K (keys = k), .trans
         // The 64 keys go in two halves of 32 (kHalf): S and dP of one half are 32 registers instead of
         // 64, which keeps the kernel at <= 128 registers (4 CTAs per SM instead of 3), and a half that
         // the warp's rows cannot see is skipped.
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            const int kh0 = k0 + hf * kHalf;  // first key of the half
+        for (int h = 0; h < 2; ++h) {
+            const int kh0 = k0 + h * kHalf;  // first key of the half
             const int kind = warp_live ? classify(w_amin, w_amax, kh0, kh0 + kHalf, true, G) : kEmpty;
             if (kind == kEmpty) continue;
-            // S = Q K^T and dP = dO V^T, both 16 rows x 32 keys; [j] = C fragment of keys kh0 + [8j, 8j+8).
+            // S = Q K^T and dP = dO V^T, 16 rows x 32 keys; [j] = C fragment of keys k0 + 32h + [8j, 8j+8).
+            // Element e: row g (e < 2) or g+8, key k0 + 32h + 8j + 2t + (e & 1).
             float s[4][4], dp[4][4];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -648,29 +725,28 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
             for (int c = 0; c < 4; ++c) {
 #pragma unroll
                 for (int jp = 0; jp < 2; ++jp) {
-                    // key n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
-                    uint32_t kb[4], vb[4];
-                    ldmatrix_x4(kb, sK(stage) + bt_frag_offset(hf * kHalf + jp * 16, c * 16, lane));
-                    ldmatrix_x4(vb, sV(stage) + bt_frag_offset(hf * kHalf + jp * 16, c * 16, lane));
+                    uint32_t kb[4], vb[4];  // key n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
+                    ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
+                    ldmatrix_x4(vb, vs + tile_off(h * kHalf + jp * 16, c * 16));
                     mma_bf16(s[2 * jp], qf[c], kb[0], kb[1]);
                     mma_bf16(s[2 * jp + 1], qf[c], kb[2], kb[3]);
                     mma_bf16(dp[2 * jp], df[c], vb[0], vb[1]);
                     mma_bf16(dp[2 * jp + 1], df[c], vb[2], vb[3]);
                 }
             }
-            // P = exp(S * scale - lse) (hidden -> exactly 0), dS = P (dP - delta), kept in s.
-            // Element e of [j]: row g (e < 2) or g+8, key kh0 + 8j + 2t + (e & 1).
+            // Hidden scores -> -inf, so that P = exp2(-inf) = 0 exactly.
+            mask_scores(s, kind, tail, h * kHalf, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
+            // P = exp(S * scale - lse), dS = P (dP - delta), kept in s.
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    float pv = fast_exp2(fmaf(s[j][e], sl2, -(e < 2 ? lse2_lo : lse2_hi)));
-                    if (kind == kPartial && !visible(kh0 + 8 * j + 2 * t + (e & 1), e < 2 ? a_lo : a_hi, G)) pv = 0.f;
+                    const float pv = fast_exp2(fmaf(s[j][e], sl2, -(e < 2 ? lse2_lo : lse2_hi)));
                     s[j][e] = pv * (dp[j][e] - (e < 2 ? delta_lo : delta_hi));
                 }
             }
-            // dQ += dS K: dS C-fragments of key n-tiles 2c, 2c+1 -> A fragment of the half's key chunk c
-            // (keys kh0 + [16c, 16c+16)); B from K[key][d] with .trans (reduction over the stored rows).
+            // dQ += dS K: dS C-fragments of n-tiles 2c, 2c+1 -> A fragment of the half's key chunk c
+            // (keys k0 + 32h + [16c, 16c+16)); B from K[key][d] with .trans (reduction over the stored rows).
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 uint32_t da[4];
@@ -681,7 +757,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 #pragma unroll
                 for (int dn = 0; dn < 4; ++dn) {
                     uint32_t kb[4];  // b0, b1 of head n-tiles 2dn, 2dn+1 over the chunk's 16 keys
-                    ldmatrix_x4_trans(kb, sK(stage) + b_frag_offset(hf * kHalf + c * 16, dn * 16, lane));
+                    ldmatrix_x4_trans(kb, kts + tile_off(h * kHalf + c * 16, dn * 16));
                     mma_bf16(dq[2 * dn], da, kb[0], kb[1]);
                     mma_bf16(dq[2 * dn + 1], da, kb[2], kb[3]);
                 }
@@ -697,13 +773,16 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 }
 
 // ================================================================================================ backward dK dV
-// dk, dv from q, k, v, lse, delta (written by bwd_dq), d_o. CTA = 64 keys; stage s holds the Q tile at
-// smem[2s] and the dO tile at smem[2s+1] (+ lse, delta of those rows); K and V are first staged in
-// stage 1, dK and dV in stage 0 at the end.
+// dk, dv from q, k, v, lse, delta (written by bwd_dq), d_o. CTA = 64 keys; stage st holds the Q tile at
+// sQ(st), the dO tile at sdO(st), and lse, delta and the hidden window of those rows; K and V are first
+// staged in stage 1, dK and dV in stage 0 at the end.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attention_bwd_dkdv(const MapetAttention prm) {
     __shared__ __align__(128) bf16 smem[4 * kTileElems];
     __shared__ __align__(16) float s_lse[2][kBM];    // lse of the stage's query rows (0 past Lq)
     __shared__ __align__(16) float s_delta[2][kBM];  // delta of the stage's query rows (0 past Lq)
+    // Hidden key window {a, w} of the stage's query rows: key hidden iff in_window(key, a, w). Rows
+    // past Lq get a window that holds every key (a = -2^29, w = 2^31 - 1), so they add nothing.
+    __shared__ __align__(16) int2 s_win[2][kBM];
 
     const Geometry G = geometry_of(prm);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -718,29 +797,32 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
     const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
 
-    // Stage st: Q tile at sQ(st), dO tile at sQ(st) + kTileBytes (computed, see forward).
+    // Stage st: Q tile at sQ(st), dO tile at sdO(st) (computed, see forward).
     const uint32_t s0 = smem_addr(smem);
     auto sQ = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
     auto sdO = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
+    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
 
-    // Thread tid < 64 copies lse of query row q0 + tid, the others delta of row q0 + tid - 64.
+    // Starts the loads of query tile qt into stage st. Threads tid < 64 copy lse of row r0 + tid and
+    // write its hidden window; the others copy delta of row r0 + tid - 64.
     auto load_query_tile = [&](int qt, int st) {
         const int r0 = qt * kBM;
-        load_tile(sQ(st), qg, prm.q_row_stride, r0, G.lq, tid);
-        load_tile(sdO(st), dog, prm.do_row_stride, r0, G.lq, tid);
+        load_tile(sQ(st), qg, static_cast<int>(prm.q_row_stride), r0, G.lq, tid);
+        load_tile(sdO(st), dog, static_cast<int>(prm.do_row_stride), r0, G.lq, tid);
         const int r = tid & (kBM - 1);
         const bool ok = r0 + r < G.lq;
         const float* src = (tid < kBM ? prm.lse : prm.delta) + stat0 + (ok ? r0 + r : 0);
         float* dst = tid < kBM ? &s_lse[st][r] : &s_delta[st][r];
         cp_async4(smem_addr(dst), src, ok);
+        if (tid < kBM) s_win[st][r] = ok ? make_int2(first_hidden(r0 + r, G), G.p) : make_int2(-(1 << 29), 0x7fffffff);
     };
 
-    const int kw0 = k0 + warp * 16;  // the warp's 16 keys
+    const int kw0 = k0 + warp * 16;                    // the warp's 16 keys
     const int key_lo = kw0 + g, key_hi = kw0 + g + 8;  // the lane's two keys (rows of every C fragment)
 
     const int nqt = (G.lq + kBM - 1) / kBM;
-    load_tile(sQ(1), kg, prm.k_row_stride, k0, G.lk, tid);   // K, staged in stage 1's Q slot
-    load_tile(sdO(1), vg, prm.v_row_stride, k0, G.lk, tid);  // V, staged in stage 1's dO slot
+    load_tile(sQ(1), kg, static_cast<int>(prm.k_row_stride), k0, G.lk, tid);   // K, staged in stage 1's Q slot
+    load_tile(sdO(1), vg, static_cast<int>(prm.v_row_stride), k0, G.lk, tid);  // V, staged in stage 1's dO slot
     cp_async_commit();
     int qt = next_query_tile(0, nqt, k0, G);
     if (qt < nqt) load_query_tile(qt, 0);
@@ -751,8 +833,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
     uint32_t kf[4][4], vf[4][4];  // A fragments of the warp's K and V rows (keys), columns [16c, 16c+16)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-        ldmatrix_x4(kf[c], sQ(1) + a_frag_offset(warp * 16, c * 16, lane));
-        ldmatrix_x4(vf[c], sdO(1) + a_frag_offset(warp * 16, c * 16, lane));
+        ldmatrix_x4(kf[c], sQ(1) + lane_a + tile_off(warp * 16, c * 16));
+        ldmatrix_x4(vf[c], sdO(1) + lane_a + tile_off(warp * 16, c * 16));
     }
     __syncthreads();  // stage 1 is refilled by the first prefetch below
 
@@ -769,13 +851,17 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
         if (qn < nqt) load_query_tile(qn, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
-        __syncthreads();
+        __syncthreads();  // also publishes s_win of this stage, written by plain stores
 
+        const uint32_t qs = sQ(stage) + lane_bt;    // Q as the B operand of K Q^T (rows = n)
+        const uint32_t ds = sdO(stage) + lane_bt;   // dO as the B operand of V dO^T (rows = n)
+        const uint32_t qts = sQ(stage) + lane_a;    // Q as the B operand of dS^T Q (rows = k), .trans
+        const uint32_t dts = sdO(stage) + lane_a;   // dO as the B operand of P^T dO (rows = k), .trans
         // The 64 query rows go in two halves of 32 (as in bwd_dq): half the S^T / dP^T registers, and
         // a half whose rows cannot see the warp's keys (or lie past Lq) is skipped.
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            const int qh0 = qt * kBM + hf * kHalf;  // first query row of the half
+        for (int h = 0; h < 2; ++h) {
+            const int qh0 = qt * kBM + h * kHalf;  // first query row of the half
             if (qh0 >= G.lq) continue;
             int amin, amax;
             hidden_extrema(qh0, min(qh0 + kHalf, G.lq), G, amin, amax);
@@ -793,45 +879,42 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
             for (int c = 0; c < 4; ++c) {
 #pragma unroll
                 for (int jp = 0; jp < 2; ++jp) {
-                    // query n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
-                    uint32_t qb[4], db[4];
-                    ldmatrix_x4(qb, sQ(stage) + bt_frag_offset(hf * kHalf + jp * 16, c * 16, lane));
-                    ldmatrix_x4(db, sdO(stage) + bt_frag_offset(hf * kHalf + jp * 16, c * 16, lane));
+                    uint32_t qb[4], db[4];  // query n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
+                    ldmatrix_x4(qb, qs + tile_off(h * kHalf + jp * 16, c * 16));
+                    ldmatrix_x4(db, ds + tile_off(h * kHalf + jp * 16, c * 16));
                     mma_bf16(st[2 * jp], kf[c], qb[0], qb[1]);
                     mma_bf16(st[2 * jp + 1], kf[c], qb[2], qb[3]);
                     mma_bf16(dpt[2 * jp], vf[c], db[0], db[1]);
                     mma_bf16(dpt[2 * jp + 1], vf[c], db[2], db[3]);
                 }
             }
-            // P^T = exp(S^T * scale - lse_col) (hidden -> 0), dS^T = P^T (dP^T - delta_col). The lane's
-            // columns 8j + 2t, +1 are adjacent: one 8-byte shared read each for lse and delta (the 8
-            // lanes with the same t read the same word: broadcast).
+            // P^T = exp(S^T * scale - lse_col) (hidden -> -inf -> 0), dS^T = P^T (dP^T - delta_col). The
+            // lane's columns 8j + 2t, +1 are adjacent: one 8-byte shared read each for lse and delta, one
+            // 16-byte read for the two windows (the 8 lanes with the same t read the same words: broadcast).
+            // Keys past Lk are not masked: their K, V rows are zero and their dK, dV rows are never
+            // stored, and a row of A only reaches the same row of the product.
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const int col = hf * kHalf + 8 * j + 2 * t;  // row within the stage's tile
+                const int col = h * kHalf + 8 * j + 2 * t;  // row within the stage's tile
                 const float2 ls = *reinterpret_cast<const float2*>(&s_lse[stage][col]);
                 const float2 dl = *reinterpret_cast<const float2*>(&s_delta[stage][col]);
-                int a_col[2] = {0, 0};
-                bool ok_col[2] = {true, true};
                 if (kind == kPartial) {
-#pragma unroll
-                    for (int cc = 0; cc < 2; ++cc) {
-                        const int row = qt * kBM + col + cc;
-                        ok_col[cc] = row < G.lq;
-                        a_col[cc] = first_hidden(min(row, G.lq - 1), G);
-                    }
+                    const int4 w = *reinterpret_cast<const int4*>(&s_win[stage][col]);  // {a0, w0, a1, w1}
+                    if (in_window(key_lo, w.x, w.y)) st[j][0] = -INFINITY;
+                    if (in_window(key_lo, w.z, w.w)) st[j][1] = -INFINITY;
+                    if (in_window(key_hi, w.x, w.y)) st[j][2] = -INFINITY;
+                    if (in_window(key_hi, w.z, w.w)) st[j][3] = -INFINITY;
                 }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int cc = e & 1;
-                    float pv = fast_exp2(fmaf(st[j][e], sl2, -(cc ? ls.y : ls.x) * kLog2e));
-                    if (kind == kPartial && !(ok_col[cc] && visible(e < 2 ? key_lo : key_hi, a_col[cc], G))) pv = 0.f;
+                    const float pv = fast_exp2(fmaf(st[j][e], sl2, -(cc ? ls.y : ls.x) * kLog2e));
                     st[j][e] = pv;
                     dpt[j][e] = pv * (dpt[j][e] - (cc ? dl.y : dl.x));
                 }
             }
-            // dV += P^T dO and dK += dS^T Q: the C fragments of query n-tiles 2c, 2c+1 repack into the
-            // A fragment of the half's query chunk c (rows qh0 + [16c, 16c+16)); B from dO[row][d] and
+            // dV += P^T dO and dK += dS^T Q: the C fragments of n-tiles 2c, 2c+1 repack into the A
+            // fragment of the half's query chunk c (rows qh0 + [16c, 16c+16)); B from dO[row][d] and
             // Q[row][d] with .trans (reduction over the stored rows).
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
@@ -847,8 +930,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 #pragma unroll
                 for (int dn = 0; dn < 4; ++dn) {
                     uint32_t db[4], qb[4];  // b0, b1 of head n-tiles 2dn, 2dn+1 over the chunk's 16 rows
-                    ldmatrix_x4_trans(db, sdO(stage) + b_frag_offset(hf * kHalf + c * 16, dn * 16, lane));
-                    ldmatrix_x4_trans(qb, sQ(stage) + b_frag_offset(hf * kHalf + c * 16, dn * 16, lane));
+                    ldmatrix_x4_trans(db, dts + tile_off(h * kHalf + c * 16, dn * 16));
+                    ldmatrix_x4_trans(qb, qts + tile_off(h * kHalf + c * 16, dn * 16));
                     mma_bf16(dv[2 * dn], pa, db[0], db[1]);
                     mma_bf16(dv[2 * dn + 1], pa, db[2], db[3]);
                     mma_bf16(dk[2 * dn], da, qb[0], qb[1]);
