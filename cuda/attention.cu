@@ -1,0 +1,953 @@
+// Two-stream permutation attention (MaPeT), forward and backward. bf16 in and out, f32 accumulation,
+// head_dim 64 only (the launcher refuses any other size).
+//
+// ---------------------------------------------------------------------------------------------- math
+// Per (sample b, head h), with Q [Lq, 64], K, V [Lk, 64], scale s = 1/sqrt(64):
+//   S = Q K^T,  P = softmax_row(s * S over the visible keys),  O = P V,  lse_i = log sum_j exp(s * S_ij)
+// Backward, with dO given:
+//   delta_i = sum_d dO_id O_id                     (= sum_j P_ij dP_ij)
+//   dP = dO V^T,  dS = P o (dP - delta),  dQ = s * dS K,  dK = s * dS^T Q,  dV = P^T dO
+//
+// ---------------------------------------------------------------------------------------------- layout
+// One sample's query rows in rank order (params.h, MapetAttention): [0, N) content, [N, N+P) mask tokens
+// of the content stream, [N+P, N+2P) query stream; Lq = N + 2P. Keys/values are the first Lk = N + P
+// rows (the content stream h). Row `row` sees keys [0, a) and [m, Lk), and in all three segments
+// m = a + P (content: m = N - C + max(C, r+1); mask: a = C, m = N; query: m = N - C + r). So each row
+// hides exactly one window [a, a + P) of P keys and sees Lk - P = N keys, never zero. The kernels only
+// need the first hidden key a(row) (`first_hidden`):
+//   content row:          a = max(C, row + 1)
+//   mask row:             a = C
+//   query row:            a = C + (row - N - P)
+// a is non-decreasing inside each segment and lies in [C, N]. Element (b, row, h, d) of q is at
+// q[b*q_batch_stride + row*q_row_stride + h*64 + d] (likewise k, v, o, d_o, dq, dk, dv with their own
+// strides); lse and delta are f32 [B, H, Lq] contiguous. lse is in natural-log units of scaled scores.
+//
+// ---------------------------------------------------------------------------------------------- tiling
+// Both streams go through one launch: every K/V tile is loaded once per 64 query rows, whichever
+// segments those rows belong to (for ViT-B, 491 rows against 344 keys).
+//
+//   mapet_attention_fwd       grid (ceil(Lq/64), H, B), 128 threads. CTA = 64 contiguous query rows
+//                             (16 per warp; a CTA may straddle segment boundaries). Loops over key
+//                             tiles of 64, double-buffered with cp.async.
+//   mapet_attention_bwd_dq    same grid and tiling. Computes delta for its rows (written to
+//                             params.delta: the dK/dV kernel reads it), then dQ.
+//   mapet_attention_bwd_dkdv  grid (ceil(Lk/64), H, B), 128 threads. CTA = 64 keys (16 per warp), keys
+//                             as the M dimension of every product; loops over query tiles of 64.
+//                             Must run after bwd_dq (it reads delta).
+// Shared memory is static, no dynamic part: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd,
+// bwd_dq), + 2 KiB of per-row lse, delta and hidden window in bwd_dkdv (38,912 B). The operand loaded
+// once per CTA (Q, Q + dO, or K + V) is first staged in the second stage's slots and moved into
+// registers before they are first refilled, so it costs no shared memory of its own. Registers bound
+// the occupancy: fwd and bwd_dq fit 128 (4 CTAs = 16 warps per SM), bwd_dkdv needs 168 (3 CTAs; at 128
+// it spills). Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row addresses of one
+// ldmatrix phase then fall 36 words apart and cover all 32 banks once, and the cp.async stores (8
+// threads per 128-byte row) are conflict-free too.
+// Inside a tile, each warp works in halves of 32 keys (fwd, bwd_dq) or 32 query rows (bwd_dkdv): the
+// backward kernels hold S and dP of one half only (32 registers, not 64: what gets bwd_dq to 128
+// registers), and a half that the warp's rows cannot see is skipped (about 1.24x the visible pairs are
+// computed for ViT-B, against 1.49x at whole-tile granularity).
+//
+// Tile classification. For a set of rows with first-hidden extrema amin, amax and a key range
+// [k0, k1) (k1 may pass Lk; keys >= Lk do not exist):
+//   EMPTY    k0 >= amax and min(k1, Lk) <= amin + P: every key is inside every row's hidden window
+//            (or k0 >= Lk). Not loaded (CTA level) / not computed (warp level, per half).
+//   FULL     (k1 <= amin or k0 >= amax + P), k1 <= Lk (and, for dK/dV, all rows < Lq): every pair is
+//            visible, no per-element mask.
+//   PARTIAL  otherwise: per-element mask.
+// The extrema are exact and cheap: a is monotone on each segment, so they sit at the ends of the <= 3
+// segment pieces the row range covers (`hidden_extrema`). The CTA decides loads with the extrema of
+// all its rows (keys); each warp decides its own math with the extrema of its rows (keys), with
+// warp-uniform branches. Checked exhaustively against SPEC's visibility table for every 0 < C < N < 40
+// and N in {65, 100, 130, 197}: no EMPTY block holds a visible pair, no FULL block a hidden one, and
+// every block without a visible pair is EMPTY.
+//
+// Per-element mask: a key is hidden iff (unsigned)(key - a) < P (below a, the difference wraps to a
+// large unsigned value), one add, one compare and one select per score, no branch; the tile that
+// reaches past Lk adds a second compare (a separate instantiation, so other tiles do not pay it).
+// bwd_dkdv keeps, per stage, a window {a, w} per query row in shared memory; rows past Lq get a window
+// holding every key, so the same compare removes them. Hidden scores are set to -inf before the
+// exponential, so their probability is exactly 0 (no multiply by a mask, which 0 * inf would break).
+// Out-of-range rows and keys are zero-filled by cp.async (src-size 0), so they never bring NaN/Inf
+// into a product. In bwd_dkdv, keys past Lk are not masked: a row of the A operand only reaches the
+// same row of the product, and those dK, dV rows are never stored.
+//
+// Tensor cores: mma.sync m16n8k16 bf16 -> f32 (sm_80 and sm_90a alike), operands from shared memory
+// with ldmatrix (.trans where the reduction runs along the stored rows). Fragment layouts, from the
+// PTX ISA, with g = lane / 4 and t = lane % 4:
+//   A (16x16, row): reg0 = (g, 2t..2t+1), reg1 = (g+8, 2t..), reg2 = (g, 2t+8..), reg3 = (g+8, 2t+8..)
+//   B (16x8, col):  reg0 = (k = 2t..2t+1, n = g), reg1 = (k = 2t+8..2t+9, n = g)
+//   C (16x8, f32):  c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..2t+1)
+//   ldmatrix x4: lanes 8i..8i+7 give the row addresses of matrix i; register i of lane l receives
+//   row l/4, columns 2(l%4)..+1 of matrix i (.trans: rows 2(l%4)..+1 of column l/4).
+// A C fragment pair of n-tiles (2c, 2c+1) is exactly the A fragment of k-chunk c once packed to bf16:
+// {C[2c].c01, C[2c].c23, C[2c+1].c01, C[2c+1].c23} (used for P V, dS K, P^T dO, dS^T Q).
+//
+// Online softmax (forward): scores stay in raw units; the running row max mx is raw, and
+// p = 2^(S * s*log2(e) - mx * s*log2(e)) with the scale folded into one FFMA. A row may see no key of a
+// given tile (and, before its first visible tile, have mx = -inf): the subtracted max is then taken
+// as 0, so exp2(-inf - 0) = 0 instead of NaN, and the correction factor exp2(-inf) = 0 clears nothing
+// that was not already 0. Every row sees N >= 1 keys overall, so its final l > 0.
+//   O = acc / l,  lse = mx * s + ln(l).
+//
+// Backward is deterministic: no float atomics. dQ (row-owned) and dK/dV (key-owned) come from two
+// kernels, each owning its outputs and accumulating them in a fixed order in registers. The cost is
+// recomputing S = Q K^T and dP = dO V^T in both kernels: 7 GEMMs of the (row, key) size instead of 5,
+// about 40% more tensor-core work than an atomic dQ, in exchange for bitwise-reproducible gradients,
+// no f32 dQ scratch and no extra conversion pass.
+//
+// Where the time goes (H200, ViT-B attention at batch 64, 12 heads: 491 x 344 per head): fwd 154 us,
+// bwd_dq 176 us, bwd_dkdv 250 us. For head_dim 64, one exp2 (MUFU, 16 per clock per SM) goes with only
+// 256 tensor FLOPs per pair, so the exponentials and the instruction issue, not the tensor cores,
+// bound the forward. Next steps if attention matters: 4 CTAs per SM for bwd_dkdv (re-read the K, V
+// fragments from shared memory instead of holding them: 55 KB of dynamic shared memory), a deeper
+// cp.async pipeline, or wgmma on sm_90a.
+//
+// The launcher must enforce: head_dim == 64; 0 < C < N (and N < 2^28); base pointers 16-byte aligned;
+// all strides multiples of 8 elements (16-byte cp.async and vector accesses); row strides < 2^31 (the
+// loads take them as 32-bit); B <= 65535 (grid.z), H <= 65535 (grid.y); lse and delta hold B*H*Lq
+// floats; launch order fwd, then bwd_dq, then bwd_dkdv, on one stream. scale is used as given (1/8 for
+// MaPeT); any positive value works.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "params.h"
+
+// Launch constants, restated by the launcher.
+#define MAPET_ATTN_HEAD_DIM 64      // the only head size the kernels support
+#define MAPET_ATTN_THREADS 128      // block size of all three kernels (4 warps)
+#define MAPET_ATTN_BLOCK_M 64       // query rows per CTA (fwd, bwd_dq) = per inner tile (bwd_dkdv)
+#define MAPET_ATTN_BLOCK_N 64       // keys per inner tile (fwd, bwd_dq) = per CTA (bwd_dkdv)
+#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of every kernel (all shared memory is static)
+
+namespace {
+
+typedef __nv_bfloat16 bf16;
+
+constexpr int kD = MAPET_ATTN_HEAD_DIM;
+constexpr int kThreads = MAPET_ATTN_THREADS;
+constexpr int kBM = MAPET_ATTN_BLOCK_M;
+constexpr int kBN = MAPET_ATTN_BLOCK_N;
+constexpr int kHalf = 32;                     // warp sub-tile: 32 keys (fwd, bwd_dq) / 32 query rows (bwd_dkdv)
+constexpr int kLds = kD + 8;                  // padded shared row, bf16 elements (144 B)
+constexpr int kTileElems = 64 * kLds;         // one [64 x 72] bf16 tile
+constexpr uint32_t kTileBytes = kTileElems * 2;
+constexpr float kLog2e = 1.4426950408889634f;
+static_assert(kBM == 64 && kBN == 64 && kThreads == 128,
+              "the index maths below assumes 4 warps x 16 rows, 64-wide tiles");
+
+// ---------------------------------------------------------------------------------- PTX helpers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; with pred false nothing is read and the 16 bytes are zero-filled.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+    const int n = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+
+// 4-byte variant (lse/delta rows, which need not be 16-byte aligned); zero-fills when pred is false.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pred) {
+    const int n = pred ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// d += a * b for one 16x8x16 tile (A row-major 16x16 bf16, B column-major 16x8 bf16, f32 accumulate).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x with the hardware approximation (2 ulp, flushes denormals; 2^-inf = +0, which masking relies on).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Two floats -> packed bf16x2, `lo` in the low half (the lower column of an mma fragment pair).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---------------------------------------------------------------------------------- fragment addressing
+// ldmatrix row addresses = tile base + lane part (computed once per kernel) + tile_off(r0, c0) of the
+// 16x16 block (a compile-time constant, folded into the instruction's immediate offset).
+
+// Byte offset of element (r, c) of a padded [64 x 72] tile.
+__host__ __device__ constexpr uint32_t tile_off(int r, int c) { return static_cast<uint32_t>((r * kLds + c) * 2); }
+
+// A operand from a row-major tile (rows = M, columns = K), no transpose: lanes 8i..8i+7 address matrix
+// i = (rows + 8 (i & 1), columns + 8 (i >> 1)), so register i is A reg i: (g, 2t..), (g+8, 2t..),
+// (g, 2t+8..), (g+8, 2t+8..).
+// The same addresses serve the B operand of X * T with T row-major (rows = K, columns = N) read with
+// .trans: matrix i is then (K rows + 8 (i & 1), N columns + 8 (i >> 1)), lane l receives
+// T[2(l%4)..+1 + 8 (i & 1)][l/4 + 8 (i >> 1)] = B(k = 2t.. (+8), n = g) of n-tile i >> 1: registers
+// {0, 1} = {b0, b1} of the first n-tile, {2, 3} of the second.
+__device__ __forceinline__ uint32_t lane_off_a(int lane) { return tile_off(lane & 15, (lane >> 4) * 8); }
+
+// B operand of X * T^T with T row-major (rows = N, columns = K), no transpose: matrix i = (N rows +
+// 8 (i >> 1), K columns + 8 (i & 1)); lane l receives T[l/4][2(l%4)..+1] of it = B(k = 2t.., n = g).
+// Registers {0, 1} = {b0, b1} of n-tile rows [0, 8), {2, 3} of n-tile rows [8, 16).
+__device__ __forceinline__ uint32_t lane_off_bt(int lane) {
+    return tile_off((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+}
+
+// ---------------------------------------------------------------------------------- visibility
+
+struct Geometry {
+    int n;   // N tokens
+    int c;   // C context tokens
+    int p;   // P = N - C predicted tokens = length of every row's hidden key window
+    int lq;  // N + 2P query rows
+    int lk;  // N + P keys
+};
+
+__device__ __forceinline__ Geometry geometry_of(const MapetAttention& prm) {
+    Geometry g;
+    g.n = prm.n_tokens;
+    g.c = prm.n_context;
+    g.p = prm.n_tokens - prm.n_context;
+    g.lq = g.n + 2 * g.p;
+    g.lk = g.n + g.p;
+    return g;
+}
+
+// First hidden key a of query row `row` (0 <= row < Lq): the row sees keys [0, a) and [a + P, Lk).
+__device__ __forceinline__ int first_hidden(int row, const Geometry& G) {
+    if (row < G.n) return max(G.c, row + 1);  // content: context keys and content keys of rank <= r
+    if (row < G.n + G.p) return G.c;          // mask token in h: context content keys, all mask keys
+    return row - G.n - G.p + G.c;             // query stream: rank r = C + (row - N - P), sees ranks < r
+}
+
+// Extrema of first_hidden over rows [r0, r1), r0 < r1 <= Lq. first_hidden is non-decreasing on each
+// segment, so the minimum is at the start and the maximum at the end of one of the <= 3 pieces.
+__device__ __forceinline__ void hidden_extrema(int r0, int r1, const Geometry& G, int& amin, int& amax) {
+    amin = 0x7fffffff;
+    amax = -0x7fffffff;
+    const int lo[3] = {r0, max(r0, G.n), max(r0, G.n + G.p)};
+    const int hi[3] = {min(r1, G.n), min(r1, G.n + G.p), r1};
+#pragma unroll
+    for (int s = 0; s < 3; ++s) {
+        if (lo[s] < hi[s]) {
+            amin = min(amin, first_hidden(lo[s], G));
+            amax = max(amax, first_hidden(hi[s] - 1, G));
+        }
+    }
+}
+
+enum TileKind { kEmpty = 0, kFull = 1, kPartial = 2 };
+
+// Class of the (rows, keys [k0, k1)) block for rows with first-hidden extrema amin, amax (see the
+// opening comment). rows_complete: no row of the block is >= Lq (only the dK/dV kernel cares, since
+// there a phantom row would add to real keys' gradients).
+__device__ __forceinline__ int classify(int amin, int amax, int k0, int k1, bool rows_complete, const Geometry& G) {
+    if (k0 >= G.lk) return kEmpty;
+    if (k0 >= amax && min(k1, G.lk) <= amin + G.p) return kEmpty;
+    if ((k1 <= amin || k0 >= amax + G.p) && k1 <= G.lk && rows_complete) return kFull;
+    return kPartial;
+}
+
+// Is key `key` inside the hidden window [a, a + w)? One subtraction and one unsigned compare, no
+// branch: below a, the difference wraps to a large unsigned value.
+__device__ __forceinline__ bool in_window(int key, int a, int w) {
+    return static_cast<unsigned>(key - a) < static_cast<unsigned>(w);
+}
+
+// Sets the hidden scores of one 32-key half of a warp's S fragment to -inf. s[j][e] is the score of
+// row g (e < 2) or g+8 and key kb + x0 + 8j + (e & 1), kb = k0 + 2t the lane's first key in the tile;
+// rel_lo/rel_hi = a(row) - kb for the two rows, lk_rel = Lk - kb. The offsets x are compile-time, so an
+// element costs one add, one compare and one select. kTail: the half may reach Lk (the last tile),
+// whose missing keys are hidden too.
+template <bool kTail>
+__device__ __forceinline__ void mask_half(float (&s)[4][4], int x0, int rel_lo, int rel_hi, int lk_rel, int p) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int x = x0 + 8 * j + (e & 1);
+            bool hid = in_window(x, e < 2 ? rel_lo : rel_hi, p);
+            if (kTail) hid |= x >= lk_rel;
+            s[j][e] = hid ? -INFINITY : s[j][e];
+        }
+    }
+}
+
+// Applies a half's class to its scores (warp-uniform branches): PARTIAL -> per-element mask, FULL ->
+// nothing. EMPTY halves are never computed.
+__device__ __forceinline__ void mask_scores(float (&s)[4][4], int kind, bool tail, int x0, int rel_lo, int rel_hi,
+                                            int lk_rel, int p) {
+    if (kind != kPartial) return;
+    if (tail)
+        mask_half<true>(s, x0, rel_lo, rel_hi, lk_rel, p);
+    else
+        mask_half<false>(s, x0, rel_lo, rel_hi, lk_rel, p);
+}
+
+// ---------------------------------------------------------------------------------- tile movement
+
+// Starts copying rows [row0, row0 + 64) x 64 columns of a bf16 matrix (row r at src + r * stride) into
+// a padded shared tile at dst. Rows >= row_end (>= 1) are zero-filled. Thread tid moves the 16-byte
+// chunk tid % 8 of rows tid / 8 + 16i: 8 consecutive threads cover one 128-byte row (coalesced reads,
+// conflict-free shared writes). The stride is 32-bit (the launcher checks) so that each address is one
+// widening multiply-add.
+__device__ __forceinline__ void load_tile(uint32_t dst, const bf16* src, int stride, int row0, int row_end, int tid) {
+    const int r = tid >> 3, ch = (tid & 7) * 8;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = row0 + r + 16 * i;
+        // A row past the end is clamped to a real one: the address stays valid, and src-size 0 reads
+        // nothing from it.
+        const bf16* gp = src + static_cast<int64_t>(min(row, row_end - 1)) * stride + ch;
+        cp_async16(dst + tile_off(r + 16 * i, ch), gp, row < row_end);
+    }
+}
+
+// Writes one warp's 16 x 64 f32 accumulator (C fragments acc[n-tile][4]) as bf16 rows
+// [row0, row0 + 16) of a global matrix (row r at dst + r * stride), rows >= row_end skipped.
+// Row g is multiplied by mul_lo, row g+8 by mul_hi. Goes through the warp's own 16 rows of a padded
+// shared tile `stage` so that global stores are 16-byte and coalesced; the fragment writes (4 bytes,
+// word 36*row + 4j + t) hit 32 distinct banks.
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[8][4], float mul_lo, float mul_hi, bf16* stage,
+                                                bf16* dst, int64_t stride, int row0, int row_end, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        *reinterpret_cast<uint32_t*>(stage + g * kLds + 8 * j + 2 * t) =
+            pack_bf16(acc[j][0] * mul_lo, acc[j][1] * mul_lo);
+        *reinterpret_cast<uint32_t*>(stage + (g + 8) * kLds + 8 * j + 2 * t) =
+            pack_bf16(acc[j][2] * mul_hi, acc[j][3] * mul_hi);
+    }
+    __syncwarp();  // the rows were written by other lanes of this warp
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int idx = lane + 32 * i;
+        const int r = idx >> 3, ch = idx & 7;
+        if (row0 + r < row_end) {
+            *reinterpret_cast<uint4*>(dst + (row0 + r) * stride + ch * 8) =
+                *reinterpret_cast<const uint4*>(stage + r * kLds + ch * 8);
+        }
+    }
+}
+
+// Dot product of 16 bf16 pairs held as two uint4 each (delta = rowsum(dO * O), f32 from bf16 values).
+__device__ __forceinline__ float dot16_bf16(const uint4 (&x)[2], const uint4 (&y)[2]) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const __nv_bfloat162* a = reinterpret_cast<const __nv_bfloat162*>(&x[i]);
+        const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&y[i]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float2 fa = __bfloat1622float2(a[k]);
+            const float2 fb = __bfloat1622float2(b[k]);
+            s = fmaf(fa.x, fb.x, s);
+            s = fmaf(fa.y, fb.y, s);
+        }
+    }
+    return s;
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    return v;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+    return v;
+}
+
+// Next key tile at or after kt that is not EMPTY for query rows with extrema amin, amax (CTA level).
+__device__ __forceinline__ int next_key_tile(int kt, int nkt, int amin, int amax, const Geometry& G) {
+    while (kt < nkt && classify(amin, amax, kt * kBN, kt * kBN + kBN, true, G) == kEmpty) ++kt;
+    return kt;
+}
+
+// Next query tile at or after qt that has a visible pair with keys [k0, k0 + 64) (CTA level).
+__device__ __forceinline__ int next_query_tile(int qt, int nqt, int k0, const Geometry& G) {
+    for (; qt < nqt; ++qt) {
+        int amin, amax;
+        hidden_extrema(qt * kBM, min(qt * kBM + kBM, G.lq), G, amin, amax);
+        if (classify(amin, amax, k0, k0 + kBN, true, G) != kEmpty) break;
+    }
+    return qt;
+}
+
+}  // namespace
+// ================================================================================================ forward
+// o, lse from q, k, v. Shared: stage st holds the K tile at sK(st) and the V tile at sV(st); Q is first
+// staged in stage 1's K slot, O in stage 0's K slot at the end.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attention_fwd(const MapetAttention prm) {
+    __shared__ __align__(128) bf16 smem[4 * kTileElems];
+
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * kBM;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
+
+    // Stage st: K tile at sK(st), V tile at sV(st). Computed, not an array indexed by a run-time stage
+    // (that would live in local memory).
+    const uint32_t s0 = smem_addr(smem);
+    auto sK = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
+    auto sV = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
+    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
+
+    // Which key tiles the CTA needs (its rows, clipped to Lq), and which halves its warp computes.
+    int cta_amin, cta_amax;
+    hidden_extrema(q0, min(q0 + kBM, G.lq), G, cta_amin, cta_amax);
+    const int wr0 = q0 + warp * 16;
+    const bool warp_live = wr0 < G.lq;  // a warp entirely past Lq computes nothing
+    int w_amin = 0, w_amax = 0;
+    if (warp_live) hidden_extrema(wr0, min(wr0 + 16, G.lq), G, w_amin, w_amax);
+    // First hidden key of the lane's two rows g and g+8 (rows past Lq borrow row Lq-1's: never written).
+    const int a_lo = first_hidden(min(wr0 + g, G.lq - 1), G);
+    const int a_hi = first_hidden(min(wr0 + g + 8, G.lq - 1), G);
+
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
+    cp_async_commit();
+    int kt = next_key_tile(0, nkt, cta_amin, cta_amax, G);
+    if (kt < nkt) {
+        load_tile(sK(0), kg, static_cast<int>(prm.k_row_stride), kt * kBN, G.lk, tid);
+        load_tile(sV(0), vg, static_cast<int>(prm.v_row_stride), kt * kBN, G.lk, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
+    __syncthreads();
+
+    // Q fragments of the warp's 16 rows, all 64 columns: qf[c] = A fragment of columns [16c, 16c+16).
+    uint32_t qf[4][4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) ldmatrix_x4(qf[c], sK(1) + lane_a + tile_off(warp * 16, c * 16));
+    __syncthreads();  // stage 1 (holding Q) is refilled by the first prefetch below
+
+    float acc[8][4];  // O accumulator: acc[j] = C fragment of output columns [8j, 8j+8)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    float mx[2] = {-INFINITY, -INFINITY};  // running raw-score max of rows g, g+8
+    float l[2] = {0.f, 0.f};                // running sum of this lane's exp terms (quad-reduced at the end)
+
+    int stage = 0;
+    while (kt < nkt) {
+        const int kn = next_key_tile(kt + 1, nkt, cta_amin, cta_amax, G);
+        if (kn < nkt) {
+            load_tile(sK(stage ^ 1), kg, static_cast<int>(prm.k_row_stride), kn * kBN, G.lk, tid);
+            load_tile(sV(stage ^ 1), vg, static_cast<int>(prm.v_row_stride), kn * kBN, G.lk, tid);
+        }
+        cp_async_commit();  // possibly empty: keeps "all but the newest group" = tile kt
+        cp_async_wait<1>();
+        __syncthreads();    // tile kt is visible to every warp
+
+        const int k0 = kt * kBN;
+        // Classified per 32-key half for the warp's rows: a half the rows cannot see costs no mma
+        // (its scores stay -inf, so it adds nothing to the softmax either).
+        int kind[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            kind[h] = warp_live ? classify(w_amin, w_amax, k0 + h * kHalf, k0 + h * kHalf + kHalf, true, G) : kEmpty;
+        if (kind[0] != kEmpty || kind[1] != kEmpty) {
+            const uint32_t ks = sK(stage) + lane_bt;  // K as the B operand of Q K^T (keys = n)
+            const uint32_t vs = sV(stage) + lane_a;   // V as the B operand of P V (keys = k), .trans
+            // S = Q K^T for the warp's 16 rows x 64 keys: s[h][j] = C fragment of keys
+            // k0 + 32h + [8j, 8j+8). Lane holds s[h][j][0..1] = (row g, keys k0 + 32h + 8j + 2t + {0,1}),
+            // s[h][j][2..3] = the same keys for row g+8.
+            float s[2][4][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                if (kind[h] == kEmpty) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = -INFINITY;
+                    continue;
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = 0.f;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+#pragma unroll
+                    for (int jp = 0; jp < 2; ++jp) {
+                        uint32_t kb[4];  // b0, b1 of key n-tiles 2jp, 2jp+1 of the half, head columns [16c, 16c+16)
+                        ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
+                        mma_bf16(s[h][2 * jp], qf[c], kb[0], kb[1]);
+                        mma_bf16(s[h][2 * jp + 1], qf[c], kb[2], kb[3]);
+                    }
+                }
+            }
+            const int kb0 = k0 + 2 * t;          // the lane's first key in the tile
+            const bool tail = k0 + kBN > G.lk;  // the tile reaches past the last key
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                mask_scores(s[h], kind[h], tail, h * kHalf, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
+
+            // Online softmax, rows g (i = 0: elements 0, 1) and g+8 (i = 1: elements 2, 3). The four
+            // lanes of a quad hold one row between them, so max and sum are quad reductions.
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                float tmax = -INFINITY;
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) tmax = fmaxf(tmax, fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]));
+                tmax = quad_max(tmax);
+                const float mnew = fmaxf(mx[i], tmax);
+                // Row still without a visible key: subtract 0 so that exp2(-inf - base) = 0, not NaN.
+                const float base = mnew == -INFINITY ? 0.f : mnew * sl2;
+                const float corr = fast_exp2(mx[i] * sl2 - base);  // mx = -inf -> 0 (acc, l are 0 anyway)
+                mx[i] = mnew;
+                float rs = 0.f;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        s[h][j][2 * i] = fast_exp2(fmaf(s[h][j][2 * i], sl2, -base));
+                        s[h][j][2 * i + 1] = fast_exp2(fmaf(s[h][j][2 * i + 1], sl2, -base));
+                        rs += s[h][j][2 * i] + s[h][j][2 * i + 1];
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    acc[j][2 * i] *= corr;
+                    acc[j][2 * i + 1] *= corr;
+                }
+                l[i] = l[i] * corr + rs;
+            }
+            // O += P V. The P C-fragments of n-tiles 2c, 2c+1 of a half repack into the A fragment of the
+            // half's key chunk c (keys k0 + 32h + [16c, 16c+16)):
+            // {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}.
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                if (kind[h] == kEmpty) continue;  // P = 0 there
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    uint32_t pa[4];
+                    pa[0] = pack_bf16(s[h][2 * c][0], s[h][2 * c][1]);
+                    pa[1] = pack_bf16(s[h][2 * c][2], s[h][2 * c][3]);
+                    pa[2] = pack_bf16(s[h][2 * c + 1][0], s[h][2 * c + 1][1]);
+                    pa[3] = pack_bf16(s[h][2 * c + 1][2], s[h][2 * c + 1][3]);
+#pragma unroll
+                    for (int dp = 0; dp < 4; ++dp) {
+                        uint32_t vb[4];  // b0, b1 of output n-tiles 2dp, 2dp+1 over the chunk's 16 keys
+                        ldmatrix_x4_trans(vb, vs + tile_off(h * kHalf + c * 16, dp * 16));
+                        mma_bf16(acc[2 * dp], pa, vb[0], vb[1]);
+                        mma_bf16(acc[2 * dp + 1], pa, vb[2], vb[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before the next prefetch refills it
+        stage ^= 1;
+        kt = kn;
+    }
+
+    // Finish: l over the whole row, O = acc / l, lse = mx * scale + ln l. Rows past Lq (l may be 0 for
+    // rows of a dead warp) are computed but never stored.
+    float inv[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] = quad_sum(l[i]);
+        inv[i] = 1.f / l[i];
+    }
+    bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+    // All cp.async groups are complete and the loop ended on a barrier: stage 0's K slot is free.
+    store_warp_rows(acc, inv[0], inv[1], smem + warp * 16 * kLds, og, prm.o_row_stride, wr0, G.lq, lane);
+    if (t == 0) {
+        float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+        if (wr0 + g < G.lq) lse[wr0 + g] = mx[0] * prm.scale + logf(l[0]);
+        if (wr0 + g + 8 < G.lq) lse[wr0 + g + 8] = mx[1] * prm.scale + logf(l[1]);
+    }
+}
+
+// ================================================================================================ backward dQ
+// delta and dq from q, k, v, o, lse, d_o. Same grid and stages as forward; Q and dO are first staged
+// in stage 1 (K slot, V slot), dQ in stage 0's K slot at the end.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attention_bwd_dq(const MapetAttention prm) {
+    __shared__ __align__(128) bf16 smem[4 * kTileElems];
+
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * kBM;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
+    const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+    const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+    const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;  // lse/delta row 0
+
+    // Stage st: K tile at sK(st), V tile at sV(st) (computed, see forward).
+    const uint32_t s0 = smem_addr(smem);
+    auto sK = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
+    auto sV = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
+    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
+
+    int cta_amin, cta_amax;
+    hidden_extrema(q0, min(q0 + kBM, G.lq), G, cta_amin, cta_amax);
+    const int wr0 = q0 + warp * 16;
+    const bool warp_live = wr0 < G.lq;
+    int w_amin = 0, w_amax = 0;
+    if (warp_live) hidden_extrema(wr0, min(wr0 + 16, G.lq), G, w_amin, w_amax);
+    const int row_lo = wr0 + g, row_hi = wr0 + g + 8;  // the lane's two rows
+    const bool ok_lo = row_lo < G.lq, ok_hi = row_hi < G.lq;
+    const int a_lo = first_hidden(min(row_lo, G.lq - 1), G);
+    const int a_hi = first_hidden(min(row_hi, G.lq - 1), G);
+
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
+    load_tile(sV(1), dog, static_cast<int>(prm.do_row_stride), q0, G.lq, tid);
+    cp_async_commit();
+    int kt = next_key_tile(0, nkt, cta_amin, cta_amax, G);
+    if (kt < nkt) {
+        load_tile(sK(0), kg, static_cast<int>(prm.k_row_stride), kt * kBN, G.lk, tid);
+        load_tile(sV(0), vg, static_cast<int>(prm.v_row_stride), kt * kBN, G.lk, tid);
+    }
+    cp_async_commit();
+
+    // O for delta, straight from global while the copies fly: columns [16t, 16t+16) of rows g, g+8
+    // (a quad covers a whole row; the quad sum below finishes the dot product).
+    uint4 o_lo[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)}, o_hi[2] = {o_lo[0], o_lo[0]};
+    if (ok_lo) {
+        const uint4* src = reinterpret_cast<const uint4*>(og + row_lo * prm.o_row_stride + 16 * t);
+        o_lo[0] = __ldg(src);
+        o_lo[1] = __ldg(src + 1);
+    }
+    if (ok_hi) {
+        const uint4* src = reinterpret_cast<const uint4*>(og + row_hi * prm.o_row_stride + 16 * t);
+        o_hi[0] = __ldg(src);
+        o_hi[1] = __ldg(src + 1);
+    }
+    const float lse2_lo = ok_lo ? prm.lse[stat0 + row_lo] * kLog2e : 0.f;  // lse in log2 units
+    const float lse2_hi = ok_hi ? prm.lse[stat0 + row_hi] * kLog2e : 0.f;
+
+    cp_async_wait<1>();  // Q and dO have landed
+    __syncthreads();
+
+    uint32_t qf[4][4], df[4][4];  // A fragments of the warp's Q and dO rows, columns [16c, 16c+16)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        ldmatrix_x4(qf[c], sK(1) + lane_a + tile_off(warp * 16, c * 16));
+        ldmatrix_x4(df[c], sV(1) + lane_a + tile_off(warp * 16, c * 16));
+    }
+    // delta = rowsum(dO * O): dO from the staged tile (16-byte reads; the 8 lanes of one phase hit
+    // rows g, g+1 at words 36g + 8t: all 32 banks once), rows past Lq are zeros.
+    float delta_lo, delta_hi;
+    {
+        const bf16* dst = smem + 3 * kTileElems + (warp * 16) * kLds;  // stage 1 V slot = dO
+        uint4 d_lo[2], d_hi[2];
+        d_lo[0] = *reinterpret_cast<const uint4*>(dst + g * kLds + 16 * t);
+        d_lo[1] = *reinterpret_cast<const uint4*>(dst + g * kLds + 16 * t + 8);
+        d_hi[0] = *reinterpret_cast<const uint4*>(dst + (g + 8) * kLds + 16 * t);
+        d_hi[1] = *reinterpret_cast<const uint4*>(dst + (g + 8) * kLds + 16 * t + 8);
+        delta_lo = quad_sum(dot16_bf16(d_lo, o_lo));
+        delta_hi = quad_sum(dot16_bf16(d_hi, o_hi));
+    }
+    if (t == 0) {
+        if (ok_lo) prm.delta[stat0 + row_lo] = delta_lo;
+        if (ok_hi) prm.delta[stat0 + row_hi] = delta_hi;
+    }
+    __syncthreads();  // stage 1 (holding Q, dO) is refilled by the first prefetch below
+
+    float dq[8][4];  // dQ accumulator: dq[j] = C fragment of head columns [8j, 8j+8)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+
+    int stage = 0;
+    while (kt < nkt) {
+        const int kn = next_key_tile(kt + 1, nkt, cta_amin, cta_amax, G);
+        if (kn < nkt) {
+            load_tile(sK(stage ^ 1), kg, static_cast<int>(prm.k_row_stride), kn * kBN, G.lk, tid);
+            load_tile(sV(stage ^ 1), vg, static_cast<int>(prm.v_row_stride), kn * kBN, G.lk, tid);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        const int k0 = kt * kBN;
+        const int kb0 = k0 + 2 * t;
+        const bool tail = k0 + kBN > G.lk;
+        const uint32_t ks = sK(stage) + lane_bt;   // K as the B operand of Q K^T (keys = n)
+        const uint32_t vs = sV(stage) + lane_bt;   // V as the B operand of dO V^T (keys = n)
+        const uint32_t kts = sK(stage) + lane_a;   // K as the B operand of dS K (keys = k), .trans
+        // The 64 keys go in two halves of 32 (kHalf): S and dP of one half are 32 registers instead of
+        // 64, which keeps the kernel at <= 128 registers (4 CTAs per SM instead of 3), and a half that
+        // the warp's rows cannot see is skipped.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int kh0 = k0 + h * kHalf;  // first key of the half
+            const int kind = warp_live ? classify(w_amin, w_amax, kh0, kh0 + kHalf, true, G) : kEmpty;
+            if (kind == kEmpty) continue;
+            // S = Q K^T and dP = dO V^T, 16 rows x 32 keys; [j] = C fragment of keys k0 + 32h + [8j, 8j+8).
+            // Element e: row g (e < 2) or g+8, key k0 + 32h + 8j + 2t + (e & 1).
+            float s[4][4], dp[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+                dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+            }
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+#pragma unroll
+                for (int jp = 0; jp < 2; ++jp) {
+                    uint32_t kb[4], vb[4];  // key n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
+                    ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
+                    ldmatrix_x4(vb, vs + tile_off(h * kHalf + jp * 16, c * 16));
+                    mma_bf16(s[2 * jp], qf[c], kb[0], kb[1]);
+                    mma_bf16(s[2 * jp + 1], qf[c], kb[2], kb[3]);
+                    mma_bf16(dp[2 * jp], df[c], vb[0], vb[1]);
+                    mma_bf16(dp[2 * jp + 1], df[c], vb[2], vb[3]);
+                }
+            }
+            // Hidden scores -> -inf, so that P = exp2(-inf) = 0 exactly.
+            mask_scores(s, kind, tail, h * kHalf, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
+            // P = exp(S * scale - lse), dS = P (dP - delta), kept in s.
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float pv = fast_exp2(fmaf(s[j][e], sl2, -(e < 2 ? lse2_lo : lse2_hi)));
+                    s[j][e] = pv * (dp[j][e] - (e < 2 ? delta_lo : delta_hi));
+                }
+            }
+            // dQ += dS K: dS C-fragments of n-tiles 2c, 2c+1 -> A fragment of the half's key chunk c
+            // (keys k0 + 32h + [16c, 16c+16)); B from K[key][d] with .trans (reduction over the stored rows).
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                uint32_t da[4];
+                da[0] = pack_bf16(s[2 * c][0], s[2 * c][1]);
+                da[1] = pack_bf16(s[2 * c][2], s[2 * c][3]);
+                da[2] = pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]);
+                da[3] = pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3]);
+#pragma unroll
+                for (int dn = 0; dn < 4; ++dn) {
+                    uint32_t kb[4];  // b0, b1 of head n-tiles 2dn, 2dn+1 over the chunk's 16 keys
+                    ldmatrix_x4_trans(kb, kts + tile_off(h * kHalf + c * 16, dn * 16));
+                    mma_bf16(dq[2 * dn], da, kb[0], kb[1]);
+                    mma_bf16(dq[2 * dn + 1], da, kb[2], kb[3]);
+                }
+            }
+        }
+        __syncthreads();
+        stage ^= 1;
+        kt = kn;
+    }
+
+    bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
+    store_warp_rows(dq, prm.scale, prm.scale, smem + warp * 16 * kLds, dqg, prm.dq_row_stride, wr0, G.lq, lane);
+}
+
+// ================================================================================================ backward dK dV
+// dk, dv from q, k, v, lse, delta (written by bwd_dq), d_o. CTA = 64 keys; stage st holds the Q tile at
+// sQ(st), the dO tile at sdO(st), and lse, delta and the hidden window of those rows; K and V are first
+// staged in stage 1, dK and dV in stage 0 at the end.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attention_bwd_dkdv(const MapetAttention prm) {
+    __shared__ __align__(128) bf16 smem[4 * kTileElems];
+    __shared__ __align__(16) float s_lse[2][kBM];    // lse of the stage's query rows (0 past Lq)
+    __shared__ __align__(16) float s_delta[2][kBM];  // delta of the stage's query rows (0 past Lq)
+    // Hidden key window {a, w} of the stage's query rows: key hidden iff in_window(key, a, w). Rows
+    // past Lq get a window that holds every key (a = -2^29, w = 2^31 - 1), so they add nothing.
+    __shared__ __align__(16) int2 s_win[2][kBM];
+
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int k0 = blockIdx.x * kBN;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
+    const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+    const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+
+    // Stage st: Q tile at sQ(st), dO tile at sdO(st) (computed, see forward).
+    const uint32_t s0 = smem_addr(smem);
+    auto sQ = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
+    auto sdO = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
+    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
+
+    // Starts the loads of query tile qt into stage st. Threads tid < 64 copy lse of row r0 + tid and
+    // write its hidden window; the others copy delta of row r0 + tid - 64.
+    auto load_query_tile = [&](int qt, int st) {
+        const int r0 = qt * kBM;
+        load_tile(sQ(st), qg, static_cast<int>(prm.q_row_stride), r0, G.lq, tid);
+        load_tile(sdO(st), dog, static_cast<int>(prm.do_row_stride), r0, G.lq, tid);
+        const int r = tid & (kBM - 1);
+        const bool ok = r0 + r < G.lq;
+        const float* src = (tid < kBM ? prm.lse : prm.delta) + stat0 + (ok ? r0 + r : 0);
+        float* dst = tid < kBM ? &s_lse[st][r] : &s_delta[st][r];
+        cp_async4(smem_addr(dst), src, ok);
+        if (tid < kBM) s_win[st][r] = ok ? make_int2(first_hidden(r0 + r, G), G.p) : make_int2(-(1 << 29), 0x7fffffff);
+    };
+
+    const int kw0 = k0 + warp * 16;                    // the warp's 16 keys
+    const int key_lo = kw0 + g, key_hi = kw0 + g + 8;  // the lane's two keys (rows of every C fragment)
+
+    const int nqt = (G.lq + kBM - 1) / kBM;
+    load_tile(sQ(1), kg, static_cast<int>(prm.k_row_stride), k0, G.lk, tid);   // K, staged in stage 1's Q slot
+    load_tile(sdO(1), vg, static_cast<int>(prm.v_row_stride), k0, G.lk, tid);  // V, staged in stage 1's dO slot
+    cp_async_commit();
+    int qt = next_query_tile(0, nqt, k0, G);
+    if (qt < nqt) load_query_tile(qt, 0);
+    cp_async_commit();
+    cp_async_wait<1>();  // K, V have landed
+    __syncthreads();
+
+    uint32_t kf[4][4], vf[4][4];  // A fragments of the warp's K and V rows (keys), columns [16c, 16c+16)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        ldmatrix_x4(kf[c], sQ(1) + lane_a + tile_off(warp * 16, c * 16));
+        ldmatrix_x4(vf[c], sdO(1) + lane_a + tile_off(warp * 16, c * 16));
+    }
+    __syncthreads();  // stage 1 is refilled by the first prefetch below
+
+    float dk[8][4], dv[8][4];  // accumulators: [j] = C fragment of head columns [8j, 8j+8)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.f;
+        dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.f;
+    }
+
+    int stage = 0;
+    while (qt < nqt) {
+        const int qn = next_query_tile(qt + 1, nqt, k0, G);
+        if (qn < nqt) load_query_tile(qn, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // also publishes s_win of this stage, written by plain stores
+
+        const uint32_t qs = sQ(stage) + lane_bt;    // Q as the B operand of K Q^T (rows = n)
+        const uint32_t ds = sdO(stage) + lane_bt;   // dO as the B operand of V dO^T (rows = n)
+        const uint32_t qts = sQ(stage) + lane_a;    // Q as the B operand of dS^T Q (rows = k), .trans
+        const uint32_t dts = sdO(stage) + lane_a;   // dO as the B operand of P^T dO (rows = k), .trans
+        // The 64 query rows go in two halves of 32 (as in bwd_dq): half the S^T / dP^T registers, and
+        // a half whose rows cannot see the warp's keys (or lie past Lq) is skipped.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int qh0 = qt * kBM + h * kHalf;  // first query row of the half
+            if (qh0 >= G.lq) continue;
+            int amin, amax;
+            hidden_extrema(qh0, min(qh0 + kHalf, G.lq), G, amin, amax);
+            const int kind = classify(amin, amax, kw0, kw0 + 16, qh0 + kHalf <= G.lq, G);
+            if (kind == kEmpty) continue;
+            // S^T = K Q^T and dP^T = V dO^T, 16 keys x 32 query rows; [j] = C fragment of query rows
+            // qh0 + [8j, 8j+8). Element e: key g (e < 2) or g+8, query row qh0 + 8j + 2t + (e & 1).
+            float st[4][4], dpt[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
+                dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
+            }
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+#pragma unroll
+                for (int jp = 0; jp < 2; ++jp) {
+                    uint32_t qb[4], db[4];  // query n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
+                    ldmatrix_x4(qb, qs + tile_off(h * kHalf + jp * 16, c * 16));
+                    ldmatrix_x4(db, ds + tile_off(h * kHalf + jp * 16, c * 16));
+                    mma_bf16(st[2 * jp], kf[c], qb[0], qb[1]);
+                    mma_bf16(st[2 * jp + 1], kf[c], qb[2], qb[3]);
+                    mma_bf16(dpt[2 * jp], vf[c], db[0], db[1]);
+                    mma_bf16(dpt[2 * jp + 1], vf[c], db[2], db[3]);
+                }
+            }
+            // P^T = exp(S^T * scale - lse_col) (hidden -> -inf -> 0), dS^T = P^T (dP^T - delta_col). The
+            // lane's columns 8j + 2t, +1 are adjacent: one 8-byte shared read each for lse and delta, one
+            // 16-byte read for the two windows (the 8 lanes with the same t read the same words: broadcast).
+            // Keys past Lk are not masked: their K, V rows are zero and their dK, dV rows are never
+            // stored, and a row of A only reaches the same row of the product.
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int col = h * kHalf + 8 * j + 2 * t;  // row within the stage's tile
+                const float2 ls = *reinterpret_cast<const float2*>(&s_lse[stage][col]);
+                const float2 dl = *reinterpret_cast<const float2*>(&s_delta[stage][col]);
+                if (kind == kPartial) {
+                    const int4 w = *reinterpret_cast<const int4*>(&s_win[stage][col]);  // {a0, w0, a1, w1}
+                    if (in_window(key_lo, w.x, w.y)) st[j][0] = -INFINITY;
+                    if (in_window(key_lo, w.z, w.w)) st[j][1] = -INFINITY;
+                    if (in_window(key_hi, w.x, w.y)) st[j][2] = -INFINITY;
+                    if (in_window(key_hi, w.z, w.w)) st[j][3] = -INFINITY;
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int cc = e & 1;
+                    const float pv = fast_exp2(fmaf(st[j][e], sl2, -(cc ? ls.y : ls.x) * kLog2e));
+                    st[j][e] = pv;
+                    dpt[j][e] = pv * (dpt[j][e] - (cc ? dl.y : dl.x));
+                }
+            }
+            // dV += P^T dO and dK += dS^T Q: the C fragments of n-tiles 2c, 2c+1 repack into the A
+            // fragment of the half's query chunk c (rows qh0 + [16c, 16c+16)); B from dO[row][d] and
+            // Q[row][d] with .trans (reduction over the stored rows).
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                uint32_t pa[4], da[4];
+                pa[0] = pack_bf16(st[2 * c][0], st[2 * c][1]);
+                pa[1] = pack_bf16(st[2 * c][2], st[2 * c][3]);
+                pa[2] = pack_bf16(st[2 * c + 1][0], st[2 * c + 1][1]);
+                pa[3] = pack_bf16(st[2 * c + 1][2], st[2 * c + 1][3]);
+                da[0] = pack_bf16(dpt[2 * c][0], dpt[2 * c][1]);
+                da[1] = pack_bf16(dpt[2 * c][2], dpt[2 * c][3]);
+                da[2] = pack_bf16(dpt[2 * c + 1][0], dpt[2 * c + 1][1]);
+                da[3] = pack_bf16(dpt[2 * c + 1][2], dpt[2 * c + 1][3]);
+#pragma unroll
+                for (int dn = 0; dn < 4; ++dn) {
+                    uint32_t db[4], qb[4];  // b0, b1 of head n-tiles 2dn, 2dn+1 over the chunk's 16 rows
+                    ldmatrix_x4_trans(db, dts + tile_off(h * kHalf + c * 16, dn * 16));
+                    ldmatrix_x4_trans(qb, qts + tile_off(h * kHalf + c * 16, dn * 16));
+                    mma_bf16(dv[2 * dn], pa, db[0], db[1]);
+                    mma_bf16(dv[2 * dn + 1], pa, db[2], db[3]);
+                    mma_bf16(dk[2 * dn], da, qb[0], qb[1]);
+                    mma_bf16(dk[2 * dn + 1], da, qb[2], qb[3]);
+                }
+            }
+        }
+        __syncthreads();
+        stage ^= 1;
+        qt = qn;
+    }
+
+    // Stage 0 is free (loop ended on a barrier, no copies in flight): dK through its Q slot, dV through
+    // its dO slot, each warp its own 16 rows.
+    bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
+    bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
+    store_warp_rows(dk, prm.scale, prm.scale, smem + warp * 16 * kLds, dkg, prm.dk_row_stride, kw0, G.lk, lane);
+    store_warp_rows(dv, 1.f, 1.f, smem + kTileElems + warp * 16 * kLds, dvg, prm.dv_row_stride, kw0, G.lk, lane);
+}
