@@ -46,7 +46,7 @@ cargo test --workspace --release --no-run --message-format=json 2>/dev/null | li
 echo "building benches" >&2
 cargo bench --workspace --no-run --message-format=json 2>/dev/null | list_executables |
   while read -r name kinds exe; do
-    [ "$kinds" = "bench" ] && cp "$exe" "$out/benches/$name"
+    if [ "$kinds" = "bench" ]; then cp "$exe" "$out/benches/$name"; fi
   done
 echo "building the mapet binary" >&2
 cargo build --release -p mapet-trainer

@@ -41,8 +41,12 @@
 
 use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
+use cudarc::driver::LaunchConfig;
+use half::bf16;
 use rayon::prelude::*;
 
+use crate::cuda::params::MapetAttention;
+use crate::cuda::{DeviceBuffer, Gpu};
 use crate::error::{check_len, Error, Result};
 use crate::perm::visible_bounds;
 
@@ -396,4 +400,158 @@ fn backward<T: Real>(
     write_heads(dk, &dk_heads, k_rows, shape);
     write_heads(dv, &dv_heads, k_rows, shape);
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// CUDA launcher (cuda/attention.cu)
+
+/// The only head size the CUDA kernels support (ViT-T/S/B all use 64).
+pub const CUDA_HEAD_DIM: usize = 64;
+/// Threads per block of every attention kernel (`MAPET_ATTN_THREADS`).
+const CUDA_THREADS: u32 = 128;
+/// Query rows per block of the forward and dQ kernels (`MAPET_ATTN_BLOCK_M`).
+const CUDA_BLOCK_M: usize = 64;
+/// Keys per block of the dK/dV kernel (`MAPET_ATTN_BLOCK_N`).
+const CUDA_BLOCK_N: usize = 64;
+
+/// Checks that the CUDA kernels support `shape` (on top of [`AttentionShape::validate`]): head_dim
+/// 64, grid dimensions and 32-bit row counts within range.
+pub fn check_cuda_shape(shape: &AttentionShape) -> Result<()> {
+    shape.validate()?;
+    if shape.head_dim != CUDA_HEAD_DIM {
+        return Err(Error::Unsupported {
+            what: "head_dim",
+            detail: format!(
+                "the CUDA attention kernels support head_dim {CUDA_HEAD_DIM} only (ViT-T/S/B), got {}; \
+                 use the CPU backend for other sizes",
+                shape.head_dim
+            ),
+        });
+    }
+    if shape.batch > 65_535 || shape.heads > 65_535 {
+        return Err(Error::Unsupported {
+            what: "batch/heads",
+            detail: format!("batch {} and heads {} must each be at most 65535 (grid limits)", shape.batch, shape.heads),
+        });
+    }
+    if shape.n_tokens >= 1 << 28 {
+        return Err(Error::Unsupported {
+            what: "n_tokens",
+            detail: format!(
+                "{} tokens: the CUDA kernels index rows with 32-bit integers (at most 2^28)",
+                shape.n_tokens
+            ),
+        });
+    }
+    if shape.model_dim() >= 1 << 31 {
+        return Err(Error::Unsupported {
+            what: "heads",
+            detail: format!("row width {} must stay below 2^31 elements", shape.model_dim()),
+        });
+    }
+    Ok(())
+}
+
+/// The parameter struct for contiguous tensors laid out as [`cpu_forward`] documents.
+fn contiguous_params(shape: &AttentionShape) -> MapetAttention {
+    let d = shape.model_dim() as i64;
+    let (lq, lk) = (shape.q_rows() as i64, shape.k_rows() as i64);
+    MapetAttention {
+        q: std::ptr::null(),
+        k: std::ptr::null(),
+        v: std::ptr::null(),
+        o: std::ptr::null_mut(),
+        lse: std::ptr::null_mut(),
+        d_o: std::ptr::null(),
+        dq: std::ptr::null_mut(),
+        dk: std::ptr::null_mut(),
+        dv: std::ptr::null_mut(),
+        delta: std::ptr::null_mut(),
+        q_batch_stride: lq * d,
+        q_row_stride: d,
+        k_batch_stride: lk * d,
+        k_row_stride: d,
+        v_batch_stride: lk * d,
+        v_row_stride: d,
+        o_batch_stride: lq * d,
+        o_row_stride: d,
+        do_batch_stride: lq * d,
+        do_row_stride: d,
+        dq_batch_stride: lq * d,
+        dq_row_stride: d,
+        dk_batch_stride: lk * d,
+        dk_row_stride: d,
+        dv_batch_stride: lk * d,
+        dv_row_stride: d,
+        batch: shape.batch as i32,
+        heads: shape.heads as i32,
+        head_dim: shape.head_dim as i32,
+        n_tokens: shape.n_tokens as i32,
+        n_context: shape.n_context as i32,
+        scale: shape.scale(),
+    }
+}
+
+fn grid(rows: usize, per_block: usize, shape: &AttentionShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(per_block) as u32, shape.heads as u32, shape.batch as u32),
+        block_dim: (CUDA_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Forward on the GPU: `o` (bf16) and `lse` (f32) from bf16 `q`, `k`, `v`, all contiguous as
+/// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]).
+pub fn cuda_forward(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    v: &DeviceBuffer<bf16>,
+    o: &mut DeviceBuffer<bf16>,
+    lse: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    check_cuda_shape(shape)?;
+    shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    let mut p = contiguous_params(shape);
+    (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
+    // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
+    // touches by the buffer lengths; device buffers are 256-byte aligned and every stride is a
+    // multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies need.
+    unsafe { gpu.launch("attention", "mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p) }
+}
+
+/// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
+/// inputs, its `o` and `lse`, and `d_o`. Deterministic: no float atomics (two kernels, dQ then
+/// dK/dV, each owning its outputs). Allocates a [B, H, N+2P] f32 scratch for rowsum(dO * O).
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_backward(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    v: &DeviceBuffer<bf16>,
+    o: &DeviceBuffer<bf16>,
+    lse: &DeviceBuffer<f32>,
+    d_o: &DeviceBuffer<bf16>,
+    dq: &mut DeviceBuffer<bf16>,
+    dk: &mut DeviceBuffer<bf16>,
+    dv: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    check_cuda_shape(shape)?;
+    shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    check_len("d_o", d_o.len(), shape.q_len())?;
+    check_len("dq", dq.len(), shape.q_len())?;
+    check_len("dk", dk.len(), shape.k_len())?;
+    check_len("dv", dv.len(), shape.k_len())?;
+    let delta = gpu.alloc::<f32>(shape.lse_len())?;
+    let mut p = contiguous_params(shape);
+    (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
+    (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
+    // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
+    // has [B, H, N+2P] elements, all of which this kernel writes.
+    unsafe { gpu.launch("attention", "mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p)? };
+    // SAFETY: as above, with dk and dv of the keys' size; bwd_dq wrote delta before this reads it,
+    // since both run in order on this Gpu's one stream.
+    unsafe { gpu.launch("attention", "mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape), &p) }
 }

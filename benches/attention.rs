@@ -1,0 +1,102 @@
+//! Two-stream attention throughput at the ViT-T/S/B MaPeT shapes: B = 128, head dim 64, N = 197,
+//! C = 50 (491 query rows against 344 keys). FLOPs are counted over visible (row, key) pairs only:
+//! every row sees exactly N keys, so forward = 4 * B * H * 491 * 197 * 64 and backward 2.5x that.
+//! Without a GPU this times the CPU reference on a small shape instead.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mapet::cuda::{DeviceBuffer, Gpu};
+use mapet::ops::attention::{self, AttentionShape};
+use mapet::testing;
+
+fn visible_flops(s: &AttentionShape) -> u64 {
+    4 * (s.batch * s.heads * s.q_rows() * s.n_tokens * s.head_dim) as u64
+}
+
+fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
+    let mut rng = testing::rng("bench attention");
+    for (name, heads) in [("vit-b", 12), ("vit-s", 6), ("vit-t", 3)] {
+        let s = AttentionShape { batch: 128, heads, head_dim: 64, n_tokens: 197, n_context: 50 };
+        let d = s.model_dim();
+        let (lq, lk) = (s.batch * s.q_rows() * d, s.batch * s.k_rows() * d);
+        let q = gpu.upload_bf16(&testing::uniform(&mut rng, lq, 1.5)).unwrap();
+        let k = gpu.upload_bf16(&testing::uniform(&mut rng, lk, 1.5)).unwrap();
+        let v = gpu.upload_bf16(&testing::uniform(&mut rng, lk, 1.0)).unwrap();
+        let d_o = gpu.upload_bf16(&testing::uniform(&mut rng, lq, 1.0)).unwrap();
+        let mut o: DeviceBuffer<half::bf16> = gpu.alloc(lq).unwrap();
+        let mut lse: DeviceBuffer<f32> = gpu.alloc(s.batch * s.heads * s.q_rows()).unwrap();
+        let (mut dq, mut dk, mut dv) = (gpu.alloc(lq).unwrap(), gpu.alloc(lk).unwrap(), gpu.alloc(lk).unwrap());
+        let flops = visible_flops(&s);
+
+        let mut g = c.benchmark_group(format!("attention/{name}"));
+        g.sample_size(20);
+        g.throughput(Throughput::Elements(flops));
+        g.bench_function("forward", |b| {
+            b.iter_custom(|iters| {
+                let t = gpu
+                    .time_ms(2, iters as usize, || attention::cuda_forward(gpu, &s, &q, &k, &v, &mut o, &mut lse))
+                    .unwrap();
+                std::time::Duration::from_secs_f64(t.iter().map(|&x| x as f64).sum::<f64>() / 1e3)
+            })
+        });
+        g.throughput(Throughput::Elements(flops * 7 / 2));
+        g.bench_function("forward+backward", |b| {
+            b.iter_custom(|iters| {
+                let t = gpu
+                    .time_ms(2, iters as usize, || {
+                        attention::cuda_forward(gpu, &s, &q, &k, &v, &mut o, &mut lse)?;
+                        attention::cuda_backward(gpu, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)
+                    })
+                    .unwrap();
+                std::time::Duration::from_secs_f64(t.iter().map(|&x| x as f64).sum::<f64>() / 1e3)
+            })
+        });
+        g.finish();
+        // A plain line with the median and TFLOP/s (criterion reports elements/s).
+        for (what, fl, bwd) in [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)] {
+            let t = gpu
+                .time_ms(5, 50, || {
+                    attention::cuda_forward(gpu, &s, &q, &k, &v, &mut o, &mut lse)?;
+                    if bwd {
+                        attention::cuda_backward(gpu, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            let med = t[t.len() / 2] as f64;
+            println!(
+                "RESULT attention {name} {what}: median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
+                fl as f64 / med / 1e9,
+                gpu.name()
+            );
+        }
+    }
+}
+
+fn cpu_bench(c: &mut Criterion) {
+    let s = AttentionShape { batch: 2, heads: 2, head_dim: 64, n_tokens: 50, n_context: 13 };
+    let mut rng = testing::rng("bench attention cpu");
+    let d = s.model_dim();
+    let q = testing::uniform(&mut rng, s.batch * s.q_rows() * d, 1.0);
+    let k = testing::uniform(&mut rng, s.batch * s.k_rows() * d, 1.0);
+    let v = testing::uniform(&mut rng, s.batch * s.k_rows() * d, 1.0);
+    let mut o = vec![0.0; q.len()];
+    let mut lse = vec![0.0; s.batch * s.heads * s.q_rows()];
+    let mut g = c.benchmark_group("attention/cpu-reference");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(visible_flops(&s)));
+    g.bench_function("forward B=2 H=2 N=50", |b| {
+        b.iter(|| attention::cpu_forward(&s, &q, &k, &v, &mut o, &mut lse).unwrap())
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    match Gpu::first() {
+        Ok(gpu) => gpu_benches(c, &gpu),
+        Err(e) => println!("attention GPU benches skipped: {e}"),
+    }
+    cpu_bench(c);
+}
+
+criterion_group!(group, benches);
+criterion_main!(group);
