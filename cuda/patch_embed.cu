@@ -139,7 +139,8 @@ struct Pixels {
     __device__ __forceinline__ float normalise(uint32_t u, int c) const {
         const float s = c == 0 ? s0 : (c == 1 ? s1 : s2);
         const float h = c == 0 ? h0 : (c == 1 ? h1 : h2);
-        return fmaf(static_cast<float>(u), s, h);
+        // u < 2^8: the float with bits 0x4B000000 | u is 2^23 + u exactly; one FADD, no I2F.
+        return fmaf(__uint_as_float(0x4B000000u | u) - 8388608.f, s, h);
     }
 
     // Offset of the top-left pixel (channel 0) of patch row m (0 <= m < B*(N-1)).
@@ -464,7 +465,23 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 
     uint32_t raw[2][8];
     int tag[2];
+    // Ranks of this thread's two rows for the next stage, loaded one step ahead so that their
+    // latency hides behind a step of MMAs (-1: no row).
+    int rank_next[2];
+    auto fetch_ranks = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int m = m_begin + s * kBwdC + (tid >> 4) + 16 * i;
+            rank_next[i] = -1;
+            if (m < m_end && n_col < g.D) {
+                const int b = m / g.np;
+                rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
+            }
+        }
+    };
 
+    // Stages step s into buffer buf (d_out rows by cp.async, pixels into registers), then
+    // fetches the ranks of step s + 1.
     auto stage = [&](int s, int buf) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -472,20 +489,14 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
             const int m = m_begin + s * kBwdC + row;
             const bool in = m < m_end;
             // d_out row of patch m, gathered by rank.
-            bool ok = false;
+            const int r = rank_next[i];
+            const bool ok = r >= 1 && r < g.n_tokens;
             const __nv_bfloat16* src = d_out;
-            if (in && n_col < g.D) {
-                const int b = m / g.np;
-                const int t = m - b * g.np + 1;
-                const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + t);
-                if (r >= 1 && r < g.n_tokens) {
-                    ok = true;
-                    src = d_out + (static_cast<int64_t>(b) * g.rows + r) * g.D + n_col;
-                }
-            }
+            if (ok) src = d_out + (static_cast<int64_t>(m / g.np) * g.rows + r) * g.D + n_col;
             cp_async16(&g_tile[buf][row][col8], src, ok);
             px.load(in ? px.patch_base(m, g.G, g.np) : -1, k_col, raw[i], tag[i]);
         }
+        fetch_ranks(s + 1);
     };
     auto commit = [&](int buf) {
 #pragma unroll
@@ -495,6 +506,7 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     };
 
     if (steps > 0) {
+        fetch_ranks(0);
         stage(0, 0);
         commit(0);
     }
@@ -620,21 +632,32 @@ extern "C" __global__ void mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd
     if (d >= p.dim) return;
     const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(p.d_out);
     float c0 = 0.f, c1 = 0.f, m0 = 0.f, m1 = 0.f;
-    for (int b = 0; b < p.batch; ++b) {
-        const int r = __ldg(p.ranks + static_cast<int64_t>(b) * n_tokens + t);
-        if (r < 0 || r >= n_tokens) continue;
-        const int64_t row = static_cast<int64_t>(b) * rows;
-        const float2 v = __bfloat1622float2(
-            *reinterpret_cast<const __nv_bfloat162*>(d_out + (row + r) * p.dim + d));
-        c0 += v.x;
-        c1 += v.y;
-        if (t > 0 && r >= p.n_context) {
-            const int64_t j = row + n_tokens + (r - p.n_context);
-            const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + j * p.dim + d));
-            const float2 e =
-                __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + (j + n_pred) * p.dim + d));
-            m0 += a.x + e.x;
-            m1 += a.y + e.y;
+    // Four samples at a time: all loads first (absent rows read as zeros), then the sums in
+    // sample order, so the result does not depend on the unrolling.
+    for (int b0 = 0; b0 < p.batch; b0 += 4) {
+        int r[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            r[j] = b0 + j < p.batch ? __ldg(p.ranks + static_cast<int64_t>(b0 + j) * n_tokens + t) : -1;
+        float2 v[4], a[4], e[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int64_t row = static_cast<int64_t>(b0 + j) * rows;
+            v[j] = a[j] = e[j] = make_float2(0.f, 0.f);
+            if (r[j] >= 0 && r[j] < n_tokens)
+                v[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + (row + r[j]) * p.dim + d));
+            if (t > 0 && r[j] >= p.n_context && r[j] < n_tokens) {
+                const int64_t h = row + n_tokens + (r[j] - p.n_context);
+                a[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + h * p.dim + d));
+                e[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + (h + n_pred) * p.dim + d));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            c0 += v[j].x;
+            c1 += v[j].y;
+            m0 += a[j].x + e[j].x;
+            m1 += a[j].y + e[j].y;
         }
     }
     const int64_t i = static_cast<int64_t>(t) * p.dim + d;
