@@ -142,6 +142,59 @@ typedef struct MapetAttention {
     float scale;        // softmax scale, 1/sqrt(head_dim)
 } MapetAttention;
 
+// ---------------------------------------------------------------- patch embedding (cuda/patch_embed.cu)
+// Pixels -> the rank-ordered first rows of both streams (layout as MapetAttention above).
+// B = batch, S = image (square), p = patch, G = S / p, N = 1 + G*G, C = n_context, P = N - C,
+// K = 3*p*p, R = N + 2P rows per sample. pixels: uint8 [B, S, S, 3] (HWC; x = u8 * scale[c] +
+// shift[c], i.e. scale = 1 / (255 std), shift = -mean / std) or f32 [B, 3, S, S] (normalized);
+// ranks int32 [B, N]; weight bf16 [D, K] (= [D, 3, p, p]); bias, cls_token, mask_token f32 [D];
+// pos_embed f32 [N, D]; out bf16 [B, R, D]. The GEMM kernels write the content rows of patch
+// tokens; the rows kernel writes row 0 (CLS) and the 2P mask-token rows.
+typedef struct MapetPatchEmbedFwd {
+    const void* pixels;
+    const int32_t* ranks;
+    const void* weight;
+    const float* bias;
+    const float* pos_embed;
+    const float* cls_token;
+    const float* mask_token;
+    void* out;
+    float scale[3];
+    float shift[3];
+    int32_t batch;
+    int32_t image;
+    int32_t patch;
+    int32_t dim;
+    int32_t n_context;
+} MapetPatchEmbedFwd;
+
+// Backward, given d_out bf16 [B, R, D]; every gradient is f32 and accumulated (+=):
+// dweight [D, K], dbias [D], dpos_embed [N, D], dcls_token [D], dmask_token [D].
+// dweight: each (D tile, K tile, split) block contracts rows [split * split_rows, ...) of the
+// B*(N-1) patch rows into partial [splits, D, K]; a second kernel sums the splits in order.
+// token_sums f32 [2, N, D] is scratch for the other gradients (content and mask-row sums per token).
+typedef struct MapetPatchEmbedBwd {
+    const void* pixels;
+    const int32_t* ranks;
+    const void* d_out;
+    float* dweight;
+    float* dbias;
+    float* dpos_embed;
+    float* dcls_token;
+    float* dmask_token;
+    float* partial;
+    float* token_sums;
+    float scale[3];
+    float shift[3];
+    int32_t batch;
+    int32_t image;
+    int32_t patch;
+    int32_t dim;
+    int32_t n_context;
+    int32_t splits;
+    int32_t split_rows;
+} MapetPatchEmbedBwd;
+
 #ifdef __cplusplus
 }
 #endif

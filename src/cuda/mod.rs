@@ -255,6 +255,8 @@ kernel_params!(
     MapetAdamW,
     MapetSquareSum,
     MapetAttention,
+    MapetPatchEmbedFwd,
+    MapetPatchEmbedBwd,
 );
 
 /// A typed device allocation of `len` elements, owned, freed on drop (in stream order).

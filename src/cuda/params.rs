@@ -264,3 +264,99 @@ const _: () = {
     ["Offset of field: MapetAttention::n_context"][::core::mem::offset_of!(MapetAttention, n_context) - 224usize];
     ["Offset of field: MapetAttention::scale"][::core::mem::offset_of!(MapetAttention, scale) - 228usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetPatchEmbedFwd {
+    pub pixels: *const ::core::ffi::c_void,
+    pub ranks: *const i32,
+    pub weight: *const ::core::ffi::c_void,
+    pub bias: *const f32,
+    pub pos_embed: *const f32,
+    pub cls_token: *const f32,
+    pub mask_token: *const f32,
+    pub out: *mut ::core::ffi::c_void,
+    pub scale: [f32; 3usize],
+    pub shift: [f32; 3usize],
+    pub batch: i32,
+    pub image: i32,
+    pub patch: i32,
+    pub dim: i32,
+    pub n_context: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetPatchEmbedFwd"][::core::mem::size_of::<MapetPatchEmbedFwd>() - 112usize];
+    ["Alignment of MapetPatchEmbedFwd"][::core::mem::align_of::<MapetPatchEmbedFwd>() - 8usize];
+    ["Offset of field: MapetPatchEmbedFwd::pixels"][::core::mem::offset_of!(MapetPatchEmbedFwd, pixels) - 0usize];
+    ["Offset of field: MapetPatchEmbedFwd::ranks"][::core::mem::offset_of!(MapetPatchEmbedFwd, ranks) - 8usize];
+    ["Offset of field: MapetPatchEmbedFwd::weight"][::core::mem::offset_of!(MapetPatchEmbedFwd, weight) - 16usize];
+    ["Offset of field: MapetPatchEmbedFwd::bias"][::core::mem::offset_of!(MapetPatchEmbedFwd, bias) - 24usize];
+    ["Offset of field: MapetPatchEmbedFwd::pos_embed"]
+        [::core::mem::offset_of!(MapetPatchEmbedFwd, pos_embed) - 32usize];
+    ["Offset of field: MapetPatchEmbedFwd::cls_token"]
+        [::core::mem::offset_of!(MapetPatchEmbedFwd, cls_token) - 40usize];
+    ["Offset of field: MapetPatchEmbedFwd::mask_token"]
+        [::core::mem::offset_of!(MapetPatchEmbedFwd, mask_token) - 48usize];
+    ["Offset of field: MapetPatchEmbedFwd::out"][::core::mem::offset_of!(MapetPatchEmbedFwd, out) - 56usize];
+    ["Offset of field: MapetPatchEmbedFwd::scale"][::core::mem::offset_of!(MapetPatchEmbedFwd, scale) - 64usize];
+    ["Offset of field: MapetPatchEmbedFwd::shift"][::core::mem::offset_of!(MapetPatchEmbedFwd, shift) - 76usize];
+    ["Offset of field: MapetPatchEmbedFwd::batch"][::core::mem::offset_of!(MapetPatchEmbedFwd, batch) - 88usize];
+    ["Offset of field: MapetPatchEmbedFwd::image"][::core::mem::offset_of!(MapetPatchEmbedFwd, image) - 92usize];
+    ["Offset of field: MapetPatchEmbedFwd::patch"][::core::mem::offset_of!(MapetPatchEmbedFwd, patch) - 96usize];
+    ["Offset of field: MapetPatchEmbedFwd::dim"][::core::mem::offset_of!(MapetPatchEmbedFwd, dim) - 100usize];
+    ["Offset of field: MapetPatchEmbedFwd::n_context"]
+        [::core::mem::offset_of!(MapetPatchEmbedFwd, n_context) - 104usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetPatchEmbedBwd {
+    pub pixels: *const ::core::ffi::c_void,
+    pub ranks: *const i32,
+    pub d_out: *const ::core::ffi::c_void,
+    pub dweight: *mut f32,
+    pub dbias: *mut f32,
+    pub dpos_embed: *mut f32,
+    pub dcls_token: *mut f32,
+    pub dmask_token: *mut f32,
+    pub partial: *mut f32,
+    pub token_sums: *mut f32,
+    pub scale: [f32; 3usize],
+    pub shift: [f32; 3usize],
+    pub batch: i32,
+    pub image: i32,
+    pub patch: i32,
+    pub dim: i32,
+    pub n_context: i32,
+    pub splits: i32,
+    pub split_rows: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetPatchEmbedBwd"][::core::mem::size_of::<MapetPatchEmbedBwd>() - 136usize];
+    ["Alignment of MapetPatchEmbedBwd"][::core::mem::align_of::<MapetPatchEmbedBwd>() - 8usize];
+    ["Offset of field: MapetPatchEmbedBwd::pixels"][::core::mem::offset_of!(MapetPatchEmbedBwd, pixels) - 0usize];
+    ["Offset of field: MapetPatchEmbedBwd::ranks"][::core::mem::offset_of!(MapetPatchEmbedBwd, ranks) - 8usize];
+    ["Offset of field: MapetPatchEmbedBwd::d_out"][::core::mem::offset_of!(MapetPatchEmbedBwd, d_out) - 16usize];
+    ["Offset of field: MapetPatchEmbedBwd::dweight"][::core::mem::offset_of!(MapetPatchEmbedBwd, dweight) - 24usize];
+    ["Offset of field: MapetPatchEmbedBwd::dbias"][::core::mem::offset_of!(MapetPatchEmbedBwd, dbias) - 32usize];
+    ["Offset of field: MapetPatchEmbedBwd::dpos_embed"]
+        [::core::mem::offset_of!(MapetPatchEmbedBwd, dpos_embed) - 40usize];
+    ["Offset of field: MapetPatchEmbedBwd::dcls_token"]
+        [::core::mem::offset_of!(MapetPatchEmbedBwd, dcls_token) - 48usize];
+    ["Offset of field: MapetPatchEmbedBwd::dmask_token"]
+        [::core::mem::offset_of!(MapetPatchEmbedBwd, dmask_token) - 56usize];
+    ["Offset of field: MapetPatchEmbedBwd::partial"][::core::mem::offset_of!(MapetPatchEmbedBwd, partial) - 64usize];
+    ["Offset of field: MapetPatchEmbedBwd::token_sums"]
+        [::core::mem::offset_of!(MapetPatchEmbedBwd, token_sums) - 72usize];
+    ["Offset of field: MapetPatchEmbedBwd::scale"][::core::mem::offset_of!(MapetPatchEmbedBwd, scale) - 80usize];
+    ["Offset of field: MapetPatchEmbedBwd::shift"][::core::mem::offset_of!(MapetPatchEmbedBwd, shift) - 92usize];
+    ["Offset of field: MapetPatchEmbedBwd::batch"][::core::mem::offset_of!(MapetPatchEmbedBwd, batch) - 104usize];
+    ["Offset of field: MapetPatchEmbedBwd::image"][::core::mem::offset_of!(MapetPatchEmbedBwd, image) - 108usize];
+    ["Offset of field: MapetPatchEmbedBwd::patch"][::core::mem::offset_of!(MapetPatchEmbedBwd, patch) - 112usize];
+    ["Offset of field: MapetPatchEmbedBwd::dim"][::core::mem::offset_of!(MapetPatchEmbedBwd, dim) - 116usize];
+    ["Offset of field: MapetPatchEmbedBwd::n_context"]
+        [::core::mem::offset_of!(MapetPatchEmbedBwd, n_context) - 120usize];
+    ["Offset of field: MapetPatchEmbedBwd::splits"][::core::mem::offset_of!(MapetPatchEmbedBwd, splits) - 124usize];
+    ["Offset of field: MapetPatchEmbedBwd::split_rows"]
+        [::core::mem::offset_of!(MapetPatchEmbedBwd, split_rows) - 128usize];
+};

@@ -1,3 +1,5 @@
 //! Every operation of the model, one module each: the CPU reference (`cpu_*`) and the CUDA
 //! launcher (`cuda_*`) side by side, with the host-side checks they share.
+
 pub mod attention;
+pub mod patch_embed;

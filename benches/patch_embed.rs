@@ -1,0 +1,185 @@
+//! Patch embedding benches. GPU: ViT-B/16 at B = 128 (224x224, p = 16, D = 768, C = 50), forward
+//! from uint8 and from f32 pixels, and forward + backward; the median of event-timed runs (ten
+//! back-to-back calls each) is printed in ms per call beside criterion's numbers. Without a GPU
+//! the GPU benches print one SKIP line. CPU: the f32 reference at a small size.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use half::bf16;
+use mapet::cuda::{DeviceBuffer, Gpu};
+use mapet::ops::patch_embed::{
+    cpu_backward, cpu_forward_f32, cuda_backward, cuda_forward_f32, cuda_forward_u8, DevicePixels, Normalize,
+    PatchEmbedShape, Pixels,
+};
+use mapet::testing::{rng, uniform};
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+fn random_ranks(rng: &mut impl Rng, s: &PatchEmbedShape) -> Vec<i32> {
+    let n = s.n_tokens();
+    let mut ranks = Vec::with_capacity(s.ranks_len());
+    for _ in 0..s.batch {
+        let mut order: Vec<i32> = (1..n as i32).collect();
+        order.shuffle(rng);
+        ranks.push(0);
+        ranks.extend(order);
+    }
+    ranks
+}
+
+struct Inputs {
+    hwc: DeviceBuffer<u8>,
+    chw: DeviceBuffer<f32>,
+    ranks: DeviceBuffer<i32>,
+    weight: DeviceBuffer<bf16>,
+    bias: DeviceBuffer<f32>,
+    pos: DeviceBuffer<f32>,
+    cls: DeviceBuffer<f32>,
+    mask: DeviceBuffer<f32>,
+    out: DeviceBuffer<bf16>,
+    d_out: DeviceBuffer<bf16>,
+    grads: [DeviceBuffer<f32>; 5],
+}
+
+fn gpu_inputs(gpu: &Gpu, s: &PatchEmbedShape) -> mapet::Result<Inputs> {
+    let mut r = rng("bench patch_embed");
+    let hwc: Vec<u8> = (0..s.pixels_len()).map(|_| r.random()).collect();
+    Ok(Inputs {
+        hwc: gpu.upload(&hwc)?,
+        chw: gpu.upload(&uniform(&mut r, s.pixels_len(), 2.0))?,
+        ranks: gpu.upload(&random_ranks(&mut r, s))?,
+        weight: gpu.upload_bf16(&uniform(&mut r, s.weight_len(), 0.03))?,
+        bias: gpu.upload(&uniform(&mut r, s.dim, 0.1))?,
+        pos: gpu.upload(&uniform(&mut r, s.pos_len(), 0.1))?,
+        cls: gpu.upload(&uniform(&mut r, s.dim, 0.1))?,
+        mask: gpu.upload(&uniform(&mut r, s.dim, 0.1))?,
+        out: gpu.alloc(s.out_len())?,
+        d_out: gpu.upload_bf16(&uniform(&mut r, s.out_len(), 1.0))?,
+        grads: [
+            gpu.zeros(s.weight_len())?,
+            gpu.zeros(s.dim)?,
+            gpu.zeros(s.pos_len())?,
+            gpu.zeros(s.dim)?,
+            gpu.zeros(s.dim)?,
+        ],
+    })
+}
+
+fn forward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, u8_pixels: bool) -> mapet::Result<()> {
+    if u8_pixels {
+        cuda_forward_u8(
+            gpu,
+            s,
+            &x.hwc,
+            &Normalize::IMAGENET,
+            &x.ranks,
+            &x.weight,
+            &x.bias,
+            &x.pos,
+            &x.cls,
+            &x.mask,
+            &mut x.out,
+        )
+    } else {
+        cuda_forward_f32(gpu, s, &x.chw, &x.ranks, &x.weight, &x.bias, &x.pos, &x.cls, &x.mask, &mut x.out)
+    }
+}
+
+fn backward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, u8_pixels: bool) -> mapet::Result<()> {
+    let pixels = if u8_pixels {
+        DevicePixels::U8 { hwc: &x.hwc, norm: Normalize::IMAGENET }
+    } else {
+        DevicePixels::F32 { chw: &x.chw }
+    };
+    let [w, b, pos, cls, mask] = &mut x.grads;
+    cuda_backward(gpu, s, pixels, &x.ranks, &x.d_out, w, b, pos, cls, mask)
+}
+
+/// Calls per timed sample of the printed medians.
+const INNER: usize = 10;
+
+fn bench_gpu(c: &mut Criterion) {
+    let gpu = match Gpu::first() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("SKIP patch_embed GPU benches: {e}");
+            return;
+        }
+    };
+    let s = PatchEmbedShape { batch: 128, image: 224, patch: 16, dim: 768, n_context: 50 };
+    let mut x = gpu_inputs(&gpu, &s).expect("inputs");
+    let flops = 2.0 * (s.batch * s.n_patches() * s.patch_len() * s.dim) as f64;
+    type Step = fn(&Gpu, &PatchEmbedShape, &mut Inputs, bool) -> mapet::Result<()>;
+    let fwd_bwd: Step = |g, s, x, u| {
+        forward(g, s, x, u)?;
+        backward(g, s, x, u)
+    };
+    let cases: [(&str, Step, bool, f64); 5] = [
+        ("forward u8", forward, true, flops),
+        ("forward f32", forward, false, flops),
+        ("backward u8", backward, true, flops),
+        ("forward+backward u8", fwd_bwd, true, 2.0 * flops),
+        ("forward+backward f32", fwd_bwd, false, 2.0 * flops),
+    ];
+    let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");
+    for (name, step, u8_pixels, work) in cases {
+        // Ten calls between each pair of events, as a training step queues them: timing single
+        // calls would add the host's launch latency to every sample.
+        let times =
+            gpu.time_ms(3, 30, || (0..INNER).try_for_each(|_| step(&gpu, &s, &mut x, u8_pixels))).expect("timing");
+        let median = times[times.len() / 2] / INNER as f32;
+        println!(
+            "patch_embed {name} (B=128, 224/16, D=768) on {}: {median:.4} ms median, {:.1} TFLOP/s of GEMM",
+            gpu.name(),
+            work / (median as f64 * 1e-3) / 1e12
+        );
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let t = gpu.time_ms(0, 1, || (0..iters).try_for_each(|_| step(&gpu, &s, &mut x, u8_pixels)));
+                Duration::from_secs_f64(t.expect("timing")[0] as f64 * 1e-3)
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_cpu(c: &mut Criterion) {
+    let s = PatchEmbedShape { batch: 4, image: 64, patch: 16, dim: 96, n_context: 5 };
+    let mut r = rng("bench patch_embed cpu");
+    let chw = uniform(&mut r, s.pixels_len(), 2.0);
+    let ranks = random_ranks(&mut r, &s);
+    let weight = uniform(&mut r, s.weight_len(), 0.05);
+    let bias = uniform(&mut r, s.dim, 0.1);
+    let pos = uniform(&mut r, s.pos_len(), 0.1);
+    let cls = uniform(&mut r, s.dim, 0.1);
+    let mask = uniform(&mut r, s.dim, 0.1);
+    let d_out = uniform(&mut r, s.out_len(), 1.0);
+    let mut out = vec![0.0f32; s.out_len()];
+    let (mut dw, mut db, mut dpos, mut dcls, mut dmask) =
+        (vec![0.0; s.weight_len()], vec![0.0; s.dim], vec![0.0; s.pos_len()], vec![0.0; s.dim], vec![0.0; s.dim]);
+    let mut group = c.benchmark_group("patch_embed_cpu_b4_64_p16_d96");
+    group.bench_function("forward f32", |b| {
+        b.iter(|| cpu_forward_f32(&s, &chw, &ranks, &weight, &bias, &pos, &cls, &mask, &mut out).unwrap())
+    });
+    group.bench_function("backward f32", |b| {
+        b.iter(|| {
+            cpu_backward(
+                &s,
+                Pixels::F32 { chw: &chw },
+                &ranks,
+                &d_out,
+                &mut dw,
+                &mut db,
+                &mut dpos,
+                &mut dcls,
+                &mut dmask,
+            )
+            .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_gpu, bench_cpu);
+criterion_main!(benches);

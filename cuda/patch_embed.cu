@@ -1,0 +1,686 @@
+// Patch embedding, from pixels to the rank-ordered first rows of both streams, forward and backward.
+//
+// Math (SPEC.md, "Inputs to the blocks"; DESIGN.md, "Rank order inside the model"). Per sample b,
+// with S = image, p = patch, G = S / p, N = 1 + G*G tokens, C context tokens, P = N - C predicted,
+// K = 3*p*p and R = N + 2P output rows:
+//   out[b, rank(t)]     = (t == 0 ? cls_token : conv(image_b)[t-1] + bias) + pos_embed[t]
+//   out[b, N + j]       = out[b, N + P + j] = mask_token + pos_embed[token of rank C + j]
+// where conv(image)[i][d] = sum_k A[i][k] W[d][k] over the patch i = py*G + px (raster order) and
+// k = (c*p + ky)*p + kx: A[i][k] = x[c, py*p + ky, px*p + kx], W = weight [D, 3, p, p] = [D, K].
+// Backward (d_out given, all gradients f32 and added to):
+//   dweight[d][k] = sum_{b, t >= 1} d_out[b, rank(t), d] * A_b[t-1][k]
+//   dbias[d]      = sum_{b, t >= 1} d_out[b, rank(t), d];      dcls[d] = sum_b d_out[b, 0, d]
+//   dpos[t][d]    = sum_b d_out[b, rank(t), d] + [rank(t) >= C] (d_out[b, N + j] + d_out[b, N + P + j])
+//   dmask[d]      = sum_b sum_j (d_out[b, N + j, d] + d_out[b, N + P + j, d])      (j = rank - C)
+//
+// Layouts: pixels uint8 [B, S, S, 3] (HWC as decoded; normalised in registers as u8*scale[c] +
+// shift[c]) or f32 [B, 3, S, S] (already normalised); ranks int32 [B, N]; weight bf16 [D, K];
+// bias, cls, mask f32 [D]; pos f32 [N, D]; out and d_out bf16 [B, R, D]. D % 8 == 0 (16-byte rows).
+//
+// Why the kernels look like this:
+// - The forward is one GEMM [B*(N-1), K] x [K, D] whose A operand is never stored: each block builds
+//   its A tile from the pixels while the previous tile is multiplied (global -> registers ->
+//   bf16 in shared memory), so the image is read as it is (1 byte a pixel for uint8) and there is no
+//   im2col copy. When p % 8 == 0 (ViT /8, /16, /32) eight consecutive k of one row of A are eight
+//   neighbouring pixels of one channel: two float4 loads (f32) or three 8-byte loads holding
+//   8 pixels x 3 channels (uint8, HWC). Other p go through a scalar path with zero-filled tails.
+// - Tensor cores through mma.sync m16n8k16 (bf16 in, f32 accumulate) and ldmatrix, which exist on
+//   sm_80 and sm_90a alike; the block tile is 128 x 128 x 32 with 8 warps of 64 x 32. The weight
+//   tile comes in by cp.async. Shared rows are padded by 16 bytes so that the 8 row addresses of
+//   each ldmatrix phase fall in distinct banks.
+// - The epilogue adds bias + pos_embed and scatters each patch row straight to its rank row, so the
+//   permutation costs nothing; a small kernel writes the CLS row and the 2P mask-token rows.
+// - dweight is the GEMM d_out^T [D, B*(N-1)] x A [B*(N-1), K], again with A built from pixels and
+//   d_out rows gathered by rank; both operands sit in shared memory with the contraction index as
+//   row, so ldmatrix.trans gives the fragments. The contraction (25088 rows for ViT-B at B = 128)
+//   is split over blocks for parallelism; each split writes its own f32 partial and a second
+//   kernel sums the splits in a fixed order: deterministic, no atomics.
+// - dpos (and from it dbias, dcls, dmask) is a reduction over the batch: one thread per (token,
+//   channel pair) loops over b in order, then one thread per channel sums over tokens.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "params.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+// Forward GEMM tile: 128 patch rows x 128 channels x 32 of K.
+constexpr int kFwdM = 128;
+constexpr int kFwdN = 128;
+constexpr int kFwdK = 32;
+constexpr int kFwdLd = kFwdK + 8;  // padded row, 80 bytes
+// dweight GEMM tile: 128 channels x 128 of K, contracting 32 patch rows a step.
+constexpr int kBwdN = 128;
+constexpr int kBwdK = 128;
+constexpr int kBwdC = 32;
+constexpr int kBwdLd = 128 + 8;  // padded row, 272 bytes
+
+// ------------------------------------------------------------------ PTX helpers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j, register j receives
+// matrix j with lane l holding row l/4, columns 2(l%4) and 2(l%4)+1.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+// As above, transposed: lane l holds (row 2(l%4), column l/4) and (row 2(l%4)+1, column l/4).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+// D += A B for a 16x16 (row) A, 16x8 (col) B, bf16 in, f32 accumulate. With g = lane/4, q = lane%4:
+// a0 = A[g][2q..], a1 = A[g+8][2q..], a2 = A[g][2q+8..], a3 = A[g+8][2q+8..];
+// b0 = B[2q..][g], b1 = B[2q+8..][g]; d0,d1 = D[g][2q, 2q+1], d2,d3 = D[g+8][2q, 2q+1].
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 fills the 16 bytes with zeros (nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    const uint32_t n = valid ? 16u : 0u;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ------------------------------------------------------------------ geometry and pixel reads
+
+struct Geometry {
+    int S, p, G, np, n_tokens, n_context, n_pred, rows, K, D, M;
+};
+
+__device__ __forceinline__ Geometry geometry(int batch, int image, int patch, int dim, int n_context) {
+    Geometry g;
+    g.S = image;
+    g.p = patch;
+    g.G = image / patch;
+    g.np = g.G * g.G;
+    g.n_tokens = g.np + 1;
+    g.n_context = n_context;
+    g.n_pred = g.n_tokens - n_context;
+    g.rows = g.n_tokens + 2 * g.n_pred;
+    g.K = 3 * patch * patch;
+    g.D = dim;
+    g.M = batch * g.np;
+    return g;
+}
+
+// Reads pixels of one image type; U8 = HWC uint8 normalised here, else CHW f32.
+template <bool U8>
+struct Pixels {
+    const void* data;
+    float s0, s1, s2, h0, h1, h2;  // scale and shift per channel (uint8 only)
+    int S, p, pp, K;
+    bool fast;  // p % 8 == 0: eight consecutive k are eight neighbouring pixels of one channel
+
+    __device__ __forceinline__ float normalise(uint32_t u, int c) const {
+        const float s = c == 0 ? s0 : (c == 1 ? s1 : s2);
+        const float h = c == 0 ? h0 : (c == 1 ? h1 : h2);
+        // u < 2^8: the float with bits 0x4B000000 | u is 2^23 + u exactly; one FADD, no I2F.
+        return fmaf(__uint_as_float(0x4B000000u | u) - 8388608.f, s, h);
+    }
+
+    // Offset of the top-left pixel (channel 0) of patch row m (0 <= m < B*(N-1)).
+    __device__ __forceinline__ int patch_base(int m, int G, int np) const {
+        const int b = m / np;
+        const int i = m - b * np;
+        const int py = i / G;
+        const int px = i - py * G;
+        if (U8) return ((b * S + py * p) * S + px * p) * 3;
+        return (b * 3 * S + py * p) * S + px * p;
+    }
+
+    // Offset of element k of a patch row relative to its patch base, and its channel.
+    __device__ __forceinline__ int k_offset(int k, int& c) const {
+        c = k / pp;
+        const int rem = k - c * pp;
+        const int ky = rem / p;
+        const int kx = rem - ky * p;
+        if (U8) return (ky * S + kx) * 3 + c;
+        return (c * S + ky) * S + kx;
+    }
+
+    // Starts loading elements k0..k0+7 of the patch row at `base` (-1: a row past the end; zeros).
+    // Fast path: raw loads into w (f32 bits, or 24 bytes of 8 HWC pixels), tag = channel. Other
+    // cases: w[0..3] = the 8 values already normalised and packed as bf16 pairs, tag = -1.
+    __device__ __forceinline__ void load(int base, int k0, uint32_t (&w)[8], int& tag) const {
+        if (fast) {
+            if (base >= 0 && k0 < K) {
+                int c;
+                const int off = base + k_offset(k0, c);
+                if (U8) {
+                    // 8 pixels x 3 channels = 24 bytes, 8-byte aligned: off - c is a multiple of 24.
+                    const uint2* src = reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(data) + (off - c));
+#pragma unroll
+                    for (int j = 0; j < 3; ++j) {
+                        const uint2 v = __ldg(src + j);
+                        w[2 * j] = v.x;
+                        w[2 * j + 1] = v.y;
+                    }
+                } else {
+                    const float4* src = reinterpret_cast<const float4*>(static_cast<const float*>(data) + off);
+                    const float4 a = __ldg(src);
+                    const float4 b = __ldg(src + 1);
+                    w[0] = __float_as_uint(a.x);
+                    w[1] = __float_as_uint(a.y);
+                    w[2] = __float_as_uint(a.z);
+                    w[3] = __float_as_uint(a.w);
+                    w[4] = __float_as_uint(b.x);
+                    w[5] = __float_as_uint(b.y);
+                    w[6] = __float_as_uint(b.z);
+                    w[7] = __float_as_uint(b.w);
+                }
+                tag = c;
+                return;
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) w[j] = 0u;
+            tag = -1;
+            return;
+        }
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            v[j] = 0.f;
+            const int k = k0 + j;
+            if (base >= 0 && k < K) {
+                int c;
+                const int off = base + k_offset(k, c);
+                if (U8) {
+                    v[j] = normalise(__ldg(static_cast<const uint8_t*>(data) + off), c);
+                } else {
+                    v[j] = __ldg(static_cast<const float*>(data) + off);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = pack_bf16(v[2 * j], v[2 * j + 1]);
+        tag = -1;
+    }
+
+    template <int C>
+    __device__ __forceinline__ uint4 unpack_u8(const uint32_t (&w)[8]) const {
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int q = 3 * j + C;  // byte of pixel j, channel C
+            v[j] = normalise((w[q >> 2] >> ((q & 3) * 8)) & 0xffu, C);
+        }
+        return make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+    }
+
+    // The 8 bf16 values of a group started by load().
+    __device__ __forceinline__ uint4 finish(const uint32_t (&w)[8], int tag) const {
+        if (tag < 0) return make_uint4(w[0], w[1], w[2], w[3]);
+        if (U8) {
+            if (tag == 0) return unpack_u8<0>(w);
+            if (tag == 1) return unpack_u8<1>(w);
+            return unpack_u8<2>(w);
+        }
+        return make_uint4(pack_bf16(__uint_as_float(w[0]), __uint_as_float(w[1])),
+                          pack_bf16(__uint_as_float(w[2]), __uint_as_float(w[3])),
+                          pack_bf16(__uint_as_float(w[4]), __uint_as_float(w[5])),
+                          pack_bf16(__uint_as_float(w[6]), __uint_as_float(w[7])));
+    }
+};
+
+template <bool U8, typename Params>
+__device__ __forceinline__ Pixels<U8> make_pixels(const Params& P) {
+    Pixels<U8> px;
+    px.data = P.pixels;
+    px.s0 = P.scale[0];
+    px.s1 = P.scale[1];
+    px.s2 = P.scale[2];
+    px.h0 = P.shift[0];
+    px.h1 = P.shift[1];
+    px.h2 = P.shift[2];
+    px.S = P.image;
+    px.p = P.patch;
+    px.pp = P.patch * P.patch;
+    px.K = 3 * px.pp;
+    px.fast = (P.patch % 8) == 0;
+    return px;
+}
+
+// ------------------------------------------------------------------ forward: patch rows
+
+// Weight tile rows n0..n0+127, k0..k0+31 into shared memory. K % 8 == 0: cp.async with zero fill;
+// otherwise a synchronous scalar copy with zero-filled tails.
+__device__ __forceinline__ void load_weight_tile(__nv_bfloat16 (*dst)[kFwdLd], const __nv_bfloat16* weight, int n0,
+                                                 int k0, int D, int K) {
+    const int tid = threadIdx.x;
+    if ((K & 7) == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = (tid >> 2) + 64 * i;
+            const int kc = (tid & 3) * 8;
+            const int n = n0 + r;
+            const int k = k0 + kc;
+            const bool ok = n < D && k < K;
+            cp_async16(&dst[r][kc], ok ? weight + static_cast<int64_t>(n) * K + k : weight, ok);
+        }
+    } else {
+        const unsigned short* w = reinterpret_cast<const unsigned short*>(weight);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = (tid >> 2) + 64 * i;
+            const int kc = (tid & 3) * 8;
+            const int n = n0 + r;
+            uint32_t v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int k = k0 + kc + 2 * j;
+                const uint32_t lo = (n < D && k < K) ? w[static_cast<int64_t>(n) * K + k] : 0u;
+                const uint32_t hi = (n < D && k + 1 < K) ? w[static_cast<int64_t>(n) * K + k + 1] : 0u;
+                v[j] = lo | (hi << 16);
+            }
+            *reinterpret_cast<uint4*>(&dst[r][kc]) = make_uint4(v[0], v[1], v[2], v[3]);
+        }
+    }
+}
+
+template <bool U8>
+__device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
+    __shared__ __align__(16) __nv_bfloat16 a_tile[2][kFwdM][kFwdLd];
+    __shared__ __align__(16) __nv_bfloat16 w_tile[2][kFwdN][kFwdLd];
+    __shared__ int row_dst[kFwdM];  // b*R + rank of each patch row, -1 when none
+    __shared__ int row_tok[kFwdM];
+
+    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
+    const Pixels<U8> px = make_pixels<U8>(P);
+    const __nv_bfloat16* weight = static_cast<const __nv_bfloat16*>(P.weight);
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wm = warp >> 2;  // 64 rows each
+    const int wn = warp & 3;   // 32 channels each
+    const int n0 = blockIdx.x * kFwdN;
+    const int m0 = blockIdx.y * kFwdM;
+
+    if (tid < kFwdM) {
+        const int m = m0 + tid;
+        int dst = -1, tok = 0;
+        if (m < g.M) {
+            const int b = m / g.np;
+            tok = m - b * g.np + 1;
+            const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok);
+            if (r >= 1 && r < g.n_tokens) dst = b * g.rows + r;
+        }
+        row_dst[tid] = dst;
+        row_tok[tid] = tok;
+    }
+
+    // This thread builds 8 consecutive k of rows (tid/4) and (tid/4 + 64) of every A tile.
+    int base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int m = m0 + (tid >> 2) + 64 * i;
+        base[i] = m < g.M ? px.patch_base(m, g.G, g.np) : -1;
+    }
+    const int kgrp = (tid & 3) * 8;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+    uint32_t raw[2][8];
+    int tag[2];
+    const int steps = (g.K + kFwdK - 1) / kFwdK;
+
+    // Prologue: tile 0.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) px.load(base[i], kgrp, raw[i], tag[i]);
+    load_weight_tile(w_tile[0], weight, n0, 0, g.D, g.K);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+        *reinterpret_cast<uint4*>(&a_tile[0][(tid >> 2) + 64 * i][kgrp]) = px.finish(raw[i], tag[i]);
+    cp_async_wait_all();
+    __syncthreads();
+
+    for (int s = 0; s < steps; ++s) {
+        const int buf = s & 1;
+        const bool more = s + 1 < steps;
+        if (more) {
+            const int k0 = (s + 1) * kFwdK;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) px.load(base[i], k0 + kgrp, raw[i], tag[i]);
+            if ((g.K & 7) == 0) load_weight_tile(w_tile[buf ^ 1], weight, n0, k0, g.D, g.K);
+        }
+#pragma unroll
+        for (int kk = 0; kk < kFwdK; kk += 16) {
+            uint32_t bfrag[2][4];
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj)
+                ldmatrix_x4(bfrag[nj], &w_tile[buf][wn * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8]
+                                              [kk + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                uint32_t afrag[4];
+                ldmatrix_x4(afrag, &a_tile[buf][wm * 64 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni)
+                    mma_bf16(acc[mi][ni], afrag, bfrag[ni >> 1][(ni & 1) * 2], bfrag[ni >> 1][(ni & 1) * 2 + 1]);
+            }
+        }
+        if (more) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                *reinterpret_cast<uint4*>(&a_tile[buf ^ 1][(tid >> 2) + 64 * i][kgrp]) = px.finish(raw[i], tag[i]);
+            if ((g.K & 7) != 0) load_weight_tile(w_tile[buf ^ 1], weight, n0, (s + 1) * kFwdK, g.D, g.K);
+            cp_async_wait_all();
+        }
+        __syncthreads();
+    }
+
+    // Epilogue: + bias + pos_embed[token], rounded to bf16, written to the token's rank row.
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(P.out);
+    const int gq = lane >> 2;
+    const int q = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = wm * 64 + mi * 16 + gq + 8 * h;
+            const int dst = row_dst[row];
+            if (dst < 0) continue;
+            const float* pos = P.pos_embed + static_cast<int64_t>(row_tok[row]) * g.D;
+            __nv_bfloat16* o = out + static_cast<int64_t>(dst) * g.D;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int col = n0 + wn * 32 + ni * 8 + 2 * q;
+                if (col < g.D) {
+                    const float2 bb = __ldg(reinterpret_cast<const float2*>(P.bias + col));
+                    const float2 pe = __ldg(reinterpret_cast<const float2*>(pos + col));
+                    const float v0 = acc[mi][ni][2 * h] + bb.x + pe.x;
+                    const float v1 = acc[mi][ni][2 * h + 1] + bb.y + pe.y;
+                    *reinterpret_cast<__nv_bfloat162*>(o + col) = __floats2bfloat162_rn(v0, v1);
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ backward: dweight partials
+
+template <bool U8>
+__device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
+    __shared__ __align__(16) __nv_bfloat16 g_tile[2][kBwdC][kBwdLd];  // [patch row][channel]
+    __shared__ __align__(16) __nv_bfloat16 p_tile[2][kBwdC][kBwdLd];  // [patch row][k]
+
+    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
+    const Pixels<U8> px = make_pixels<U8>(P);
+    const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(P.d_out);
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wn = warp >> 2;  // 64 channels each
+    const int wk = warp & 3;   // 32 of K each
+    const int k0 = blockIdx.x * kBwdK;
+    const int n0 = blockIdx.y * kBwdN;
+    const int split = blockIdx.z;
+    const int m_begin = split * P.split_rows;
+    const int m_end = min(g.M, m_begin + P.split_rows);
+    const int steps = m_end > m_begin ? (m_end - m_begin + kBwdC - 1) / kBwdC : 0;
+
+    // This thread stages rows (tid/16) and (tid/16 + 16) of each step: 8 channels of d_out at
+    // n0 + 8*(tid%16), and 8 pixels at k0 + 8*(tid%16).
+    const int col8 = (tid & 15) * 8;
+    const int n_col = n0 + col8;
+    const int k_col = k0 + col8;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+    uint32_t raw[2][8];
+    int tag[2];
+    // Ranks of this thread's two rows for the next stage, loaded one step ahead so that their
+    // latency hides behind a step of MMAs (-1: no row).
+    int rank_next[2];
+    auto fetch_ranks = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int m = m_begin + s * kBwdC + (tid >> 4) + 16 * i;
+            rank_next[i] = -1;
+            if (m < m_end && n_col < g.D) {
+                const int b = m / g.np;
+                rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
+            }
+        }
+    };
+
+    // Stages step s into buffer buf (d_out rows by cp.async, pixels into registers), then
+    // fetches the ranks of step s + 1.
+    auto stage = [&](int s, int buf) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int row = (tid >> 4) + 16 * i;
+            const int m = m_begin + s * kBwdC + row;
+            const bool in = m < m_end;
+            // d_out row of patch m, gathered by rank.
+            const int r = rank_next[i];
+            const bool ok = r >= 1 && r < g.n_tokens;
+            const __nv_bfloat16* src = d_out;
+            if (ok) src = d_out + (static_cast<int64_t>(m / g.np) * g.rows + r) * g.D + n_col;
+            cp_async16(&g_tile[buf][row][col8], src, ok);
+            px.load(in ? px.patch_base(m, g.G, g.np) : -1, k_col, raw[i], tag[i]);
+        }
+        fetch_ranks(s + 1);
+    };
+    auto commit = [&](int buf) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            *reinterpret_cast<uint4*>(&p_tile[buf][(tid >> 4) + 16 * i][col8]) = px.finish(raw[i], tag[i]);
+        cp_async_wait_all();
+    };
+
+    if (steps > 0) {
+        fetch_ranks(0);
+        stage(0, 0);
+        commit(0);
+    }
+    __syncthreads();
+
+    for (int s = 0; s < steps; ++s) {
+        const int buf = s & 1;
+        const bool more = s + 1 < steps;
+        if (more) stage(s + 1, buf ^ 1);
+#pragma unroll
+        for (int kk = 0; kk < kBwdC; kk += 16) {
+            uint32_t bfrag[2][4];
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj)
+                ldmatrix_x4_trans(bfrag[nj], &p_tile[buf][kk + (lane & 7) + ((lane >> 3) & 1) * 8]
+                                                    [wk * 32 + nj * 16 + (lane >> 4) * 8]);
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                uint32_t afrag[4];
+                ldmatrix_x4_trans(afrag, &g_tile[buf][kk + (lane & 7) + (lane >> 4) * 8]
+                                               [wn * 64 + mi * 16 + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni)
+                    mma_bf16(acc[mi][ni], afrag, bfrag[ni >> 1][(ni & 1) * 2], bfrag[ni >> 1][(ni & 1) * 2 + 1]);
+            }
+        }
+        if (more) commit(buf ^ 1);
+        __syncthreads();
+    }
+
+    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
+    const int gq = lane >> 2;
+    const int q = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int n = n0 + wn * 64 + mi * 16 + gq + 8 * (r >> 1);
+                const int k = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
+                if (n < g.D && k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
+            }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ kernels
+
+// Content rows of the patch tokens. Grid (ceil(D/128), ceil(B*(N-1)/128)), 256 threads.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8(const MapetPatchEmbedFwd p) {
+    forward_patches<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_f32(const MapetPatchEmbedFwd p) {
+    forward_patches<false>(p);
+}
+
+// Row 0 (CLS) and the 2P mask-token rows. Grid (N, B), any block size; each thread writes 8
+// channels at a time.
+extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p) {
+    const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
+    const int n_pred = n_tokens - p.n_context;
+    const int rows = n_tokens + 2 * n_pred;
+    const int t = blockIdx.x;
+    const int b = blockIdx.y;
+    const int r = __ldg(p.ranks + static_cast<int64_t>(b) * n_tokens + t);
+    const float* vec;
+    int64_t row0, row1;
+    if (t == 0) {
+        vec = p.cls_token;
+        row0 = row1 = static_cast<int64_t>(b) * rows;
+    } else if (r >= p.n_context && r < n_tokens) {
+        vec = p.mask_token;
+        row0 = static_cast<int64_t>(b) * rows + n_tokens + (r - p.n_context);
+        row1 = row0 + n_pred;
+    } else {
+        return;
+    }
+    const float* pos = p.pos_embed + static_cast<int64_t>(t) * p.dim;
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+    for (int d = threadIdx.x * 8; d < p.dim; d += blockDim.x * 8) {
+        const float4 v0 = __ldg(reinterpret_cast<const float4*>(vec + d));
+        const float4 v1 = __ldg(reinterpret_cast<const float4*>(vec + d + 4));
+        const float4 e0 = __ldg(reinterpret_cast<const float4*>(pos + d));
+        const float4 e1 = __ldg(reinterpret_cast<const float4*>(pos + d + 4));
+        const uint4 o = make_uint4(pack_bf16(v0.x + e0.x, v0.y + e0.y), pack_bf16(v0.z + e0.z, v0.w + e0.w),
+                                   pack_bf16(v1.x + e1.x, v1.y + e1.y), pack_bf16(v1.z + e1.z, v1.w + e1.w));
+        *reinterpret_cast<uint4*>(out + row0 * p.dim + d) = o;
+        if (row1 != row0) *reinterpret_cast<uint4*>(out + row1 * p.dim + d) = o;
+    }
+}
+
+// dweight partials. Grid (ceil(K/128), ceil(D/128), splits), 256 threads.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_u8(const MapetPatchEmbedBwd p) {
+    backward_weight<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_f32(const MapetPatchEmbedBwd p) {
+    backward_weight<false>(p);
+}
+
+// dweight[i] += sum over splits of partial[split][i], splits in order. Grid-stride over D*K.
+extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce(const MapetPatchEmbedBwd p) {
+    const int64_t total = static_cast<int64_t>(p.dim) * 3 * p.patch * p.patch;
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        float s = 0.f;
+        for (int j = 0; j < p.splits; ++j) s += p.partial[j * total + i];
+        p.dweight[i] += s;
+    }
+}
+
+// Per token t and channel pair: sums over the batch (in order) of its content row and of its two
+// mask rows; dpos += both, and both are kept in token_sums [2, N, D] for the next kernel.
+// Grid (ceil(D/2 / blockDim), N).
+extern "C" __global__ void mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
+    const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
+    const int n_pred = n_tokens - p.n_context;
+    const int rows = n_tokens + 2 * n_pred;
+    const int d = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+    const int t = blockIdx.y;
+    if (d >= p.dim) return;
+    const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(p.d_out);
+    float c0 = 0.f, c1 = 0.f, m0 = 0.f, m1 = 0.f;
+    // Four samples at a time: all loads first (absent rows read as zeros), then the sums in
+    // sample order, so the result does not depend on the unrolling.
+    for (int b0 = 0; b0 < p.batch; b0 += 4) {
+        int r[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            r[j] = b0 + j < p.batch ? __ldg(p.ranks + static_cast<int64_t>(b0 + j) * n_tokens + t) : -1;
+        float2 v[4], a[4], e[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int64_t row = static_cast<int64_t>(b0 + j) * rows;
+            v[j] = a[j] = e[j] = make_float2(0.f, 0.f);
+            if (r[j] >= 0 && r[j] < n_tokens)
+                v[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + (row + r[j]) * p.dim + d));
+            if (t > 0 && r[j] >= p.n_context && r[j] < n_tokens) {
+                const int64_t h = row + n_tokens + (r[j] - p.n_context);
+                a[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + h * p.dim + d));
+                e[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + (h + n_pred) * p.dim + d));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            c0 += v[j].x;
+            c1 += v[j].y;
+            m0 += a[j].x + e[j].x;
+            m1 += a[j].y + e[j].y;
+        }
+    }
+    const int64_t i = static_cast<int64_t>(t) * p.dim + d;
+    p.dpos_embed[i] += c0 + m0;
+    p.dpos_embed[i + 1] += c1 + m1;
+    const int64_t plane = static_cast<int64_t>(n_tokens) * p.dim;
+    p.token_sums[i] = c0;
+    p.token_sums[i + 1] = c1;
+    p.token_sums[plane + i] = m0;
+    p.token_sums[plane + i + 1] = m1;
+}
+
+// dcls += content sum of token 0; dbias += content sums of tokens 1..N-1; dmask += all mask sums.
+// One thread per channel, tokens in order.
+extern "C" __global__ void mapet_patch_embed_bwd_vectors(const MapetPatchEmbedBwd p) {
+    const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
+    const int d = blockIdx.x * blockDim.x + threadIdx.x;
+    if (d >= p.dim) return;
+    const int64_t plane = static_cast<int64_t>(n_tokens) * p.dim;
+    float bias = 0.f, mask = 0.f;
+    for (int t = 1; t < n_tokens; ++t) bias += p.token_sums[static_cast<int64_t>(t) * p.dim + d];
+    for (int t = 0; t < n_tokens; ++t) mask += p.token_sums[plane + static_cast<int64_t>(t) * p.dim + d];
+    p.dcls_token[d] += p.token_sums[d];
+    p.dbias[d] += bias;
+    p.dmask_token[d] += mask;
+}

@@ -1,0 +1,685 @@
+//! Patch embedding: pixels to the rank-ordered first rows of both streams, forward and backward.
+//!
+//! With S = `image`, p = `patch`, G = S / p, N = 1 + G², C = `n_context`, P = N - C and K = 3p²,
+//! each sample's output has R = N + 2P rows of `dim` channels, in rank order (DESIGN.md, "Rank
+//! order inside the model"; `cuda/params.h`, `MapetAttention`):
+//!
+//! - row `rank[t]` for token t: `(t == 0 ? cls_token : conv(image)[t-1] + bias) + pos_embed[t]`,
+//!   where conv is `Conv2d(3, dim, p, stride p)` and patch i = py·G + px is token i + 1;
+//! - rows N + j and N + P + j (j < P): `mask_token + pos_embed[token of rank C + j]` (the mask
+//!   tokens of the content stream h, then the query stream g).
+//!
+//! Images come as uint8 `[B, S, S, 3]` (HWC as decoded) with a per-channel [`Normalize`]
+//! (x = (u/255 - mean[c]) / std[c]), or as already normalised f32 `[B, 3, S, S]`. Ranks are i32
+//! `[B, N]`: a permutation with `rank[0] = 0`. The weight is `[dim, 3, p, p]` (f32 on the CPU, a
+//! bf16 copy on the GPU); bias, cls and mask tokens `[dim]` and pos_embed `[N, dim]` are f32.
+//!
+//! The backward gives f32 gradients of weight, bias, pos_embed, cls_token and mask_token, all
+//! **accumulated** (+=); there is no gradient to the pixels. The CUDA backward is deterministic:
+//! the weight gradient's contraction is split over blocks with one partial per split, summed in a
+//! fixed order, and the other gradients loop over the batch in order (no float atomics). For a
+//! given shape the split count depends only on the device's SM count, so two runs on the same
+//! card model give bit-identical gradients.
+//!
+//! The CPU functions are the f32 reference (im2col + [`crate::cpu::sgemm`]); the CUDA functions
+//! launch `cuda/patch_embed.cu` (see its header for the kernel design).
+
+use cudarc::driver::LaunchConfig;
+use half::bf16;
+
+use crate::cpu::sgemm;
+use crate::cuda::params::{MapetPatchEmbedBwd, MapetPatchEmbedFwd};
+use crate::cuda::{blocks_for, DeviceBuffer, Gpu};
+use crate::error::{check_len, Error, Result};
+
+const MODULE: &str = "patch_embed";
+/// Block size of the GEMM kernels and their tile sizes (cuda/patch_embed.cu).
+const GEMM_THREADS: u32 = 256;
+const FWD_TILE_M: usize = 128;
+const FWD_TILE_N: usize = 128;
+const BWD_TILE: usize = 128;
+const BWD_STEP: usize = 32;
+
+/// Sizes of one patch-embedding call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchEmbedShape {
+    /// Images in the batch (B).
+    pub batch: usize,
+    /// Side of the square image in pixels (S).
+    pub image: usize,
+    /// Side of a square patch in pixels (p); `image % patch == 0`.
+    pub patch: usize,
+    /// Embedding dimension (D).
+    pub dim: usize,
+    /// Context tokens C (CLS included), `0 < C < N`.
+    pub n_context: usize,
+}
+
+impl PatchEmbedShape {
+    /// Patches per side, S / p.
+    pub fn grid(&self) -> usize {
+        self.image / self.patch
+    }
+
+    /// Tokens per sample N = 1 + (S/p)².
+    pub fn n_tokens(&self) -> usize {
+        1 + self.grid() * self.grid()
+    }
+
+    /// Patches per sample, N - 1.
+    pub fn n_patches(&self) -> usize {
+        self.grid() * self.grid()
+    }
+
+    /// Predicted tokens per sample P = N - C.
+    pub fn n_predicted(&self) -> usize {
+        self.n_tokens() - self.n_context
+    }
+
+    /// Output rows per sample, N + 2P.
+    pub fn out_rows(&self) -> usize {
+        self.n_tokens() + 2 * self.n_predicted()
+    }
+
+    /// Elements of one flattened patch, K = 3p².
+    pub fn patch_len(&self) -> usize {
+        3 * self.patch * self.patch
+    }
+
+    /// Elements of the image batch, B·3·S² (either layout).
+    pub fn pixels_len(&self) -> usize {
+        self.batch * 3 * self.image * self.image
+    }
+
+    /// Elements of `ranks`, B·N.
+    pub fn ranks_len(&self) -> usize {
+        self.batch * self.n_tokens()
+    }
+
+    /// Elements of the weight, D·3·p².
+    pub fn weight_len(&self) -> usize {
+        self.dim * self.patch_len()
+    }
+
+    /// Elements of `pos_embed`, N·D.
+    pub fn pos_len(&self) -> usize {
+        self.n_tokens() * self.dim
+    }
+
+    /// Elements of the output (and of `d_out`), B·(N + 2P)·D.
+    pub fn out_len(&self) -> usize {
+        self.batch * self.out_rows() * self.dim
+    }
+
+    /// Checks the sizes every implementation needs: positive sizes, a patch dividing the image,
+    /// and `0 < n_context < N`.
+    pub fn validate(&self) -> Result<()> {
+        let unsupported = |detail: String| Err(Error::Unsupported { what: "patch embedding shape", detail });
+        if self.batch == 0 || self.image == 0 || self.patch == 0 || self.dim == 0 {
+            return unsupported(format!("every size must be positive, got {self:?}"));
+        }
+        if !self.image.is_multiple_of(self.patch) {
+            return unsupported(format!("image {} is not a multiple of patch {}", self.image, self.patch));
+        }
+        let n = self.n_tokens();
+        if self.n_context == 0 || self.n_context >= n {
+            return unsupported(format!("n_context must satisfy 0 < C < N = {n}, got C = {}", self.n_context));
+        }
+        Ok(())
+    }
+
+    /// [`Self::validate`] plus what the CUDA kernels need: `dim % 8 == 0` (16-byte rows) and
+    /// sizes whose element counts and grids fit the kernels' 32-bit indices.
+    pub fn validate_cuda(&self) -> Result<()> {
+        self.validate()?;
+        if !self.dim.is_multiple_of(8) {
+            return Err(Error::Unsupported {
+                what: "patch embedding dim",
+                detail: format!("the CUDA path needs dim % 8 == 0, got dim = {}", self.dim),
+            });
+        }
+        let limit = i32::MAX as usize;
+        let checks = [
+            ("pixels", self.pixels_len()),
+            ("output rows", self.batch * self.out_rows()),
+            ("patch rows", self.batch * self.n_patches()),
+            ("weight", self.weight_len()),
+        ];
+        for (what, n) in checks {
+            if n > limit {
+                return Err(Error::Unsupported {
+                    what: "patch embedding size",
+                    detail: format!("{what}: {n} elements exceed the kernels' 32-bit indexing"),
+                });
+            }
+        }
+        let m_tiles = (self.batch * self.n_patches()).div_ceil(FWD_TILE_M);
+        if m_tiles > 65_535 || self.batch > 65_535 || self.n_tokens() > 65_535 {
+            return Err(Error::Unsupported {
+                what: "patch embedding size",
+                detail: format!("batch {} x {} tokens is too large for one grid", self.batch, self.n_tokens()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Per-channel normalisation of uint8 pixels: x = (u / 255 - mean[c]) / std[c].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalize {
+    /// Mean per channel (R, G, B), in [0, 1] units.
+    pub mean: [f32; 3],
+    /// Standard deviation per channel, in [0, 1] units.
+    pub std: [f32; 3],
+}
+
+impl Normalize {
+    /// The ImageNet mean and standard deviation.
+    pub const IMAGENET: Normalize = Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+
+    /// Refuses non-finite values and a zero standard deviation.
+    pub fn validate(&self) -> Result<()> {
+        let ok = self.mean.iter().all(|m| m.is_finite()) && self.std.iter().all(|s| s.is_finite() && *s != 0.0);
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                what: "pixel normalisation",
+                detail: format!("mean and std must be finite and std non-zero, got {self:?}"),
+            })
+        }
+    }
+
+    /// The normalised value of byte `u` in channel `c` (the CPU reference's formula).
+    pub fn apply(&self, u: u8, c: usize) -> f32 {
+        (u as f32 / 255.0 - self.mean[c]) / self.std[c]
+    }
+
+    /// (scale, shift) with x = u·scale + shift, as the kernels evaluate it.
+    fn affine(&self) -> ([f32; 3], [f32; 3]) {
+        let scale = [0, 1, 2].map(|c| 1.0 / (255.0 * self.std[c]));
+        let shift = [0, 1, 2].map(|c| -self.mean[c] / self.std[c]);
+        (scale, shift)
+    }
+}
+
+/// Host images for [`cpu_backward`].
+#[derive(Debug, Clone, Copy)]
+pub enum Pixels<'a> {
+    /// uint8 `[B, S, S, 3]` with its normalisation.
+    U8 { hwc: &'a [u8], norm: Normalize },
+    /// Normalised f32 `[B, 3, S, S]`.
+    F32 { chw: &'a [f32] },
+}
+
+/// Device images for [`cuda_backward`].
+#[derive(Clone, Copy)]
+pub enum DevicePixels<'a> {
+    /// uint8 `[B, S, S, 3]` with its normalisation.
+    U8 { hwc: &'a DeviceBuffer<u8>, norm: Normalize },
+    /// Normalised f32 `[B, 3, S, S]`.
+    F32 { chw: &'a DeviceBuffer<f32> },
+}
+
+/// Normalises uint8 HWC images into f32 CHW, the layout of [`cpu_forward_f32`]; this is exactly
+/// what [`cpu_forward_u8`] does first.
+pub fn normalize_u8(shape: &PatchEmbedShape, hwc: &[u8], norm: &Normalize) -> Result<Vec<f32>> {
+    shape.validate()?;
+    norm.validate()?;
+    check_len("pixels (uint8 [B, S, S, 3])", hwc.len(), shape.pixels_len())?;
+    let s = shape.image;
+    let mut chw = vec![0.0f32; shape.pixels_len()];
+    for b in 0..shape.batch {
+        for y in 0..s {
+            for x in 0..s {
+                for c in 0..3 {
+                    let u = hwc[((b * s + y) * s + x) * 3 + c];
+                    chw[((b * 3 + c) * s + y) * s + x] = norm.apply(u, c);
+                }
+            }
+        }
+    }
+    Ok(chw)
+}
+
+/// Checks that every sample's ranks are a permutation of 0..N with rank[0] = 0.
+fn check_ranks(shape: &PatchEmbedShape, ranks: &[i32]) -> Result<()> {
+    check_len("ranks", ranks.len(), shape.ranks_len())?;
+    let n = shape.n_tokens();
+    let mut seen = vec![false; n];
+    for (b, sample) in ranks.chunks_exact(n).enumerate() {
+        seen.fill(false);
+        let bad = |got: String| {
+            Err(Error::Shape {
+                tensor: "ranks",
+                expected: format!("each row a permutation of 0..{n} with rank[0] = 0"),
+                got,
+            })
+        };
+        if sample[0] != 0 {
+            return bad(format!("sample {b}: rank[0] = {}", sample[0]));
+        }
+        for (t, &r) in sample.iter().enumerate() {
+            if r < 0 || r as usize >= n {
+                return bad(format!("sample {b}: rank[{t}] = {r}"));
+            }
+            if std::mem::replace(&mut seen[r as usize], true) {
+                return bad(format!("sample {b}: rank {r} appears twice"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_forward_lens(
+    shape: &PatchEmbedShape,
+    weight: usize,
+    bias: usize,
+    pos_embed: usize,
+    cls_token: usize,
+    mask_token: usize,
+    out: usize,
+) -> Result<()> {
+    check_len("weight", weight, shape.weight_len())?;
+    check_len("bias", bias, shape.dim)?;
+    check_len("pos_embed", pos_embed, shape.pos_len())?;
+    check_len("cls_token", cls_token, shape.dim)?;
+    check_len("mask_positional_token", mask_token, shape.dim)?;
+    check_len("out", out, shape.out_len())
+}
+
+fn check_backward_lens(
+    shape: &PatchEmbedShape,
+    d_out: usize,
+    dweight: usize,
+    dbias: usize,
+    dpos: usize,
+    dcls: usize,
+    dmask: usize,
+) -> Result<()> {
+    check_len("d_out", d_out, shape.out_len())?;
+    check_len("dweight", dweight, shape.weight_len())?;
+    check_len("dbias", dbias, shape.dim)?;
+    check_len("dpos_embed", dpos, shape.pos_len())?;
+    check_len("dcls_token", dcls, shape.dim)?;
+    check_len("dmask_token", dmask, shape.dim)
+}
+
+/// The patches as rows: A[b·(N-1) + i][k] with k = (c·p + ky)·p + kx, from f32 CHW images.
+fn im2col(shape: &PatchEmbedShape, chw: &[f32]) -> Vec<f32> {
+    let (s, p, g, k_len) = (shape.image, shape.patch, shape.grid(), shape.patch_len());
+    let mut a = vec![0.0f32; shape.batch * shape.n_patches() * k_len];
+    for (row, dst) in a.chunks_exact_mut(k_len).enumerate() {
+        let b = row / shape.n_patches();
+        let i = row % shape.n_patches();
+        let (py, px) = (i / g, i % g);
+        for c in 0..3 {
+            for ky in 0..p {
+                let src = ((b * 3 + c) * s + py * p + ky) * s + px * p;
+                dst[(c * p + ky) * p..(c * p + ky + 1) * p].copy_from_slice(&chw[src..src + p]);
+            }
+        }
+    }
+    a
+}
+
+/// CPU reference forward from uint8 HWC images: [`normalize_u8`], then [`cpu_forward_f32`].
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_forward_u8(
+    shape: &PatchEmbedShape,
+    hwc: &[u8],
+    norm: &Normalize,
+    ranks: &[i32],
+    weight: &[f32],
+    bias: &[f32],
+    pos_embed: &[f32],
+    cls_token: &[f32],
+    mask_token: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let chw = normalize_u8(shape, hwc, norm)?;
+    cpu_forward_f32(shape, &chw, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
+}
+
+/// CPU reference forward from normalised f32 CHW images; writes every element of `out`
+/// `[B, N + 2P, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_forward_f32(
+    shape: &PatchEmbedShape,
+    chw: &[f32],
+    ranks: &[i32],
+    weight: &[f32],
+    bias: &[f32],
+    pos_embed: &[f32],
+    cls_token: &[f32],
+    mask_token: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    shape.validate()?;
+    check_len("pixels (f32 [B, 3, S, S])", chw.len(), shape.pixels_len())?;
+    check_ranks(shape, ranks)?;
+    check_forward_lens(shape, weight.len(), bias.len(), pos_embed.len(), cls_token.len(), mask_token.len(), out.len())?;
+    let (d, n, c, np, rows) = (shape.dim, shape.n_tokens(), shape.n_context, shape.n_predicted(), shape.out_rows());
+    let m = shape.batch * shape.n_patches();
+    let a = im2col(shape, chw);
+    let mut conv = vec![0.0f32; m * d];
+    sgemm(m, d, shape.patch_len(), 1.0, &a, weight, true, 0.0, &mut conv);
+    for (b, sample) in out.chunks_exact_mut(rows * d).enumerate() {
+        let rank = &ranks[b * n..(b + 1) * n];
+        for t in 0..n {
+            let r = rank[t] as usize;
+            let pos = &pos_embed[t * d..(t + 1) * d];
+            let row = &mut sample[r * d..(r + 1) * d];
+            if t == 0 {
+                for ((o, &v), &e) in row.iter_mut().zip(cls_token).zip(pos) {
+                    *o = v + e;
+                }
+            } else {
+                let x = &conv[(b * (n - 1) + t - 1) * d..][..d];
+                for (((o, &v), &bb), &e) in row.iter_mut().zip(x).zip(bias).zip(pos) {
+                    *o = (v + bb) + e;
+                }
+            }
+            if r >= c {
+                let j = r - c;
+                for row_index in [n + j, n + np + j] {
+                    let row = &mut sample[row_index * d..(row_index + 1) * d];
+                    for ((o, &v), &e) in row.iter_mut().zip(mask_token).zip(pos) {
+                        *o = v + e;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CPU reference backward: adds the gradients of weight `[D, 3, p, p]`, bias, pos_embed,
+/// cls_token and mask_token given `d_out` `[B, N + 2P, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_backward(
+    shape: &PatchEmbedShape,
+    pixels: Pixels<'_>,
+    ranks: &[i32],
+    d_out: &[f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dpos_embed: &mut [f32],
+    dcls_token: &mut [f32],
+    dmask_token: &mut [f32],
+) -> Result<()> {
+    shape.validate()?;
+    let normalized;
+    let chw = match pixels {
+        Pixels::U8 { hwc, norm } => {
+            normalized = normalize_u8(shape, hwc, &norm)?;
+            &normalized[..]
+        }
+        Pixels::F32 { chw } => {
+            check_len("pixels (f32 [B, 3, S, S])", chw.len(), shape.pixels_len())?;
+            chw
+        }
+    };
+    check_ranks(shape, ranks)?;
+    check_backward_lens(
+        shape,
+        d_out.len(),
+        dweight.len(),
+        dbias.len(),
+        dpos_embed.len(),
+        dcls_token.len(),
+        dmask_token.len(),
+    )?;
+    let (d, n, c, np, rows) = (shape.dim, shape.n_tokens(), shape.n_context, shape.n_predicted(), shape.out_rows());
+    let m = shape.batch * shape.n_patches();
+    // G^T [D, M]: column b·(N-1) + t-1 is d_out's row of token t of sample b.
+    let mut g_t = vec![0.0f32; d * m];
+    for b in 0..shape.batch {
+        let sample = &d_out[b * rows * d..(b + 1) * rows * d];
+        let rank = &ranks[b * n..(b + 1) * n];
+        for t in 0..n {
+            let r = rank[t] as usize;
+            let content = &sample[r * d..(r + 1) * d];
+            let dpos = &mut dpos_embed[t * d..(t + 1) * d];
+            for (o, &v) in dpos.iter_mut().zip(content) {
+                *o += v;
+            }
+            if t == 0 {
+                for (o, &v) in dcls_token.iter_mut().zip(content) {
+                    *o += v;
+                }
+            } else {
+                let col = b * (n - 1) + t - 1;
+                for (i, (o, &v)) in dbias.iter_mut().zip(content).enumerate() {
+                    *o += v;
+                    g_t[i * m + col] = v;
+                }
+            }
+            if r >= c {
+                let j = r - c;
+                let h = &sample[(n + j) * d..(n + j + 1) * d];
+                let q = &sample[(n + np + j) * d..(n + np + j + 1) * d];
+                for i in 0..d {
+                    let s = h[i] + q[i];
+                    dpos[i] += s;
+                    dmask_token[i] += s;
+                }
+            }
+        }
+    }
+    let a = im2col(shape, chw);
+    sgemm(d, shape.patch_len(), m, 1.0, &g_t, &a, false, 1.0, dweight);
+    Ok(())
+}
+
+fn launch_cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn no_norm() -> ([f32; 3], [f32; 3]) {
+    ([0.0; 3], [0.0; 3])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cuda_forward(
+    gpu: &Gpu,
+    shape: &PatchEmbedShape,
+    pixels: DevicePixels<'_>,
+    ranks: &DeviceBuffer<i32>,
+    weight: &DeviceBuffer<bf16>,
+    bias: &DeviceBuffer<f32>,
+    pos_embed: &DeviceBuffer<f32>,
+    cls_token: &DeviceBuffer<f32>,
+    mask_token: &DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    shape.validate_cuda()?;
+    let (pixel_ptr, (scale, shift), kernel) = match pixels {
+        DevicePixels::U8 { hwc, norm } => {
+            norm.validate()?;
+            check_len("pixels (uint8 [B, S, S, 3])", hwc.len(), shape.pixels_len())?;
+            (hwc.ptr(), norm.affine(), "mapet_patch_embed_fwd_u8")
+        }
+        DevicePixels::F32 { chw } => {
+            check_len("pixels (f32 [B, 3, S, S])", chw.len(), shape.pixels_len())?;
+            (chw.ptr(), no_norm(), "mapet_patch_embed_fwd_f32")
+        }
+    };
+    check_len("ranks", ranks.len(), shape.ranks_len())?;
+    check_forward_lens(shape, weight.len(), bias.len(), pos_embed.len(), cls_token.len(), mask_token.len(), out.len())?;
+    let params = MapetPatchEmbedFwd {
+        pixels: pixel_ptr,
+        ranks: ranks.ptr() as *const i32,
+        weight: weight.ptr(),
+        bias: bias.f32_ptr(),
+        pos_embed: pos_embed.f32_ptr(),
+        cls_token: cls_token.f32_ptr(),
+        mask_token: mask_token.f32_ptr(),
+        out: out.ptr_mut(),
+        scale,
+        shift,
+        batch: shape.batch as i32,
+        image: shape.image as i32,
+        patch: shape.patch as i32,
+        dim: shape.dim as i32,
+        n_context: shape.n_context as i32,
+    };
+    let m = (shape.batch * shape.n_patches()) as u64;
+    let gemm_grid = (
+        blocks_for("patch embedding channels", shape.dim as u64, FWD_TILE_N as u64)?,
+        blocks_for("patch embedding rows", m, FWD_TILE_M as u64)?,
+        1,
+    );
+    let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
+    // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
+    // weight, bias, pos_embed and out were checked above against the shape in `params`; patch
+    // rows whose rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds.
+    // D % 8 == 0 and whole allocations keep the vector accesses aligned.
+    unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
+    // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
+    // block per token, and ranks outside [C, N) write no mask row.
+    unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
+    Ok(())
+}
+
+/// CUDA forward from uint8 HWC images (normalised in registers); `out` bf16 `[B, N + 2P, D]`.
+/// Every element is written when `ranks` holds valid permutations; the kernel cannot check that
+/// (ranks outside [0, N) are skipped, leaving rows unwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_forward_u8(
+    gpu: &Gpu,
+    shape: &PatchEmbedShape,
+    hwc: &DeviceBuffer<u8>,
+    norm: &Normalize,
+    ranks: &DeviceBuffer<i32>,
+    weight: &DeviceBuffer<bf16>,
+    bias: &DeviceBuffer<f32>,
+    pos_embed: &DeviceBuffer<f32>,
+    cls_token: &DeviceBuffer<f32>,
+    mask_token: &DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    let pixels = DevicePixels::U8 { hwc, norm: *norm };
+    cuda_forward(gpu, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
+}
+
+/// CUDA forward from normalised f32 CHW images; `out` bf16 `[B, N + 2P, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_forward_f32(
+    gpu: &Gpu,
+    shape: &PatchEmbedShape,
+    chw: &DeviceBuffer<f32>,
+    ranks: &DeviceBuffer<i32>,
+    weight: &DeviceBuffer<bf16>,
+    bias: &DeviceBuffer<f32>,
+    pos_embed: &DeviceBuffer<f32>,
+    cls_token: &DeviceBuffer<f32>,
+    mask_token: &DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    let pixels = DevicePixels::F32 { chw };
+    cuda_forward(gpu, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
+}
+
+/// How the weight gradient's contraction over the B·(N-1) patch rows is split: (splits, rows per
+/// split). About two blocks per SM in all, each split a multiple of the 32-row step and at least
+/// 8 steps long.
+pub fn weight_grad_splits(shape: &PatchEmbedShape, sm_count: u32) -> (usize, usize) {
+    let m = shape.batch * shape.n_patches();
+    let tiles = shape.dim.div_ceil(BWD_TILE) * shape.patch_len().div_ceil(BWD_TILE);
+    let max_splits = m.div_ceil(8 * BWD_STEP).max(1);
+    let want = (2 * sm_count as usize / tiles).clamp(1, max_splits);
+    let split_rows = m.div_ceil(want).div_ceil(BWD_STEP) * BWD_STEP;
+    (m.div_ceil(split_rows), split_rows)
+}
+
+/// CUDA backward: adds (+=) the f32 gradients of weight `[D, 3, p, p]`, bias, pos_embed,
+/// cls_token and mask_token given bf16 `d_out` `[B, N + 2P, D]`. Deterministic. Allocates its
+/// f32 scratch (splits·D·K + 2·N·D) on the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_backward(
+    gpu: &Gpu,
+    shape: &PatchEmbedShape,
+    pixels: DevicePixels<'_>,
+    ranks: &DeviceBuffer<i32>,
+    d_out: &DeviceBuffer<bf16>,
+    dweight: &mut DeviceBuffer<f32>,
+    dbias: &mut DeviceBuffer<f32>,
+    dpos_embed: &mut DeviceBuffer<f32>,
+    dcls_token: &mut DeviceBuffer<f32>,
+    dmask_token: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    shape.validate_cuda()?;
+    let (pixel_ptr, (scale, shift), kernel) = match pixels {
+        DevicePixels::U8 { hwc, norm } => {
+            norm.validate()?;
+            check_len("pixels (uint8 [B, S, S, 3])", hwc.len(), shape.pixels_len())?;
+            (hwc.ptr(), norm.affine(), "mapet_patch_embed_bwd_weight_u8")
+        }
+        DevicePixels::F32 { chw } => {
+            check_len("pixels (f32 [B, 3, S, S])", chw.len(), shape.pixels_len())?;
+            (chw.ptr(), no_norm(), "mapet_patch_embed_bwd_weight_f32")
+        }
+    };
+    check_len("ranks", ranks.len(), shape.ranks_len())?;
+    check_backward_lens(
+        shape,
+        d_out.len(),
+        dweight.len(),
+        dbias.len(),
+        dpos_embed.len(),
+        dcls_token.len(),
+        dmask_token.len(),
+    )?;
+    let (splits, split_rows) = weight_grad_splits(shape, gpu.sm_count());
+    let partial_len = splits * shape.weight_len();
+    if partial_len > i64::MAX as usize / 4 || split_rows > i32::MAX as usize {
+        return Err(Error::Unsupported { what: "patch embedding size", detail: format!("{splits} splits") });
+    }
+    let partial = gpu.alloc::<f32>(partial_len)?;
+    let token_sums = gpu.alloc::<f32>(2 * shape.pos_len())?;
+    let params = MapetPatchEmbedBwd {
+        pixels: pixel_ptr,
+        ranks: ranks.ptr() as *const i32,
+        d_out: d_out.ptr(),
+        dweight: dweight.f32_ptr(),
+        dbias: dbias.f32_ptr(),
+        dpos_embed: dpos_embed.f32_ptr(),
+        dcls_token: dcls_token.f32_ptr(),
+        dmask_token: dmask_token.f32_ptr(),
+        partial: partial.f32_ptr(),
+        token_sums: token_sums.f32_ptr(),
+        scale,
+        shift,
+        batch: shape.batch as i32,
+        image: shape.image as i32,
+        patch: shape.patch as i32,
+        dim: shape.dim as i32,
+        n_context: shape.n_context as i32,
+        splits: splits as i32,
+        split_rows: split_rows as i32,
+    };
+    let weight_grid = (
+        blocks_for("patch embedding K", shape.patch_len() as u64, BWD_TILE as u64)?,
+        blocks_for("patch embedding channels", shape.dim as u64, BWD_TILE as u64)?,
+        splits as u32,
+    );
+    let reduce_blocks = blocks_for("patch embedding weight", shape.weight_len() as u64, 256)?.min(4096);
+    let token_grid = (blocks_for("patch embedding channels", (shape.dim / 2) as u64, 128)?, shape.n_tokens() as u32, 1);
+    let vector_blocks = blocks_for("patch embedding channels", shape.dim as u64, 128)?;
+    // SAFETY: validate_cuda bounds every index the kernel forms; pixels, ranks and d_out were
+    // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
+    // has `splits` layers; rows whose rank is outside [1, N) are read as zeros.
+    unsafe { gpu.launch(MODULE, kernel, launch_cfg(weight_grid, GEMM_THREADS), &params)? };
+    // SAFETY: reads splits·D·K floats of `partial` and adds to dweight (D·K, checked above).
+    unsafe {
+        gpu.launch(MODULE, "mapet_patch_embed_bwd_weight_reduce", launch_cfg((reduce_blocks, 1, 1), 256), &params)?
+    };
+    // SAFETY: grid (D/2/128, N): reads ranks and d_out (checked above), skipping ranks outside
+    // [0, N); writes dpos_embed (N·D, checked) and token_sums (2·N·D, allocated above).
+    unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, 128), &params)? };
+    // SAFETY: one thread per channel d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
+    unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_vectors", launch_cfg((vector_blocks, 1, 1), 128), &params)? };
+    Ok(())
+}

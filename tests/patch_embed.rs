@@ -1,0 +1,728 @@
+//! Patch embedding: the CPU reference against a naive direct convolution (raster order, then
+//! gathered by rank) in f64, its gradients against the naive backward and finite differences, the
+//! uint8 entry against the f32 entry, the CUDA kernels against the CPU (DESIGN.md's rule), their
+//! determinism, and the errors on bad input. GPU tests skip cleanly without a GPU.
+
+use half::bf16;
+use mapet::cpu::round_bf16;
+use mapet::cuda::{DeviceBuffer, Gpu};
+use mapet::ops::patch_embed::{
+    cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward, cuda_forward_f32, cuda_forward_u8, normalize_u8,
+    DevicePixels, Normalize, PatchEmbedShape, Pixels,
+};
+use mapet::testing::{assert_within_baseline, gpu_or_skip, rel_err, rng, to_f64, uniform, uniform_bf16};
+use mapet::Error;
+use proptest::prelude::*;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn shape(batch: usize, image: usize, patch: usize, dim: usize, n_context: usize) -> PatchEmbedShape {
+    PatchEmbedShape { batch, image, patch, dim, n_context }
+}
+
+/// A shape with a random context size 0 < C < N.
+fn shape_with_random_c(rng: &mut impl Rng, batch: usize, image: usize, patch: usize, dim: usize) -> PatchEmbedShape {
+    let n = 1 + (image / patch) * (image / patch);
+    shape(batch, image, patch, dim, rng.random_range(1..n))
+}
+
+/// Per sample: rank[0] = 0 and the patches in a uniformly random order.
+fn random_ranks(rng: &mut impl Rng, s: &PatchEmbedShape) -> Vec<i32> {
+    let n = s.n_tokens();
+    let mut ranks = Vec::with_capacity(s.ranks_len());
+    for _ in 0..s.batch {
+        let mut order: Vec<i32> = (1..n as i32).collect();
+        order.shuffle(rng);
+        ranks.push(0);
+        ranks.extend(order);
+    }
+    ranks
+}
+
+/// Inputs of one call.
+struct Case {
+    s: PatchEmbedShape,
+    hwc: Vec<u8>,
+    norm: Normalize,
+    chw: Vec<f32>,
+    ranks: Vec<i32>,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    pos: Vec<f32>,
+    cls: Vec<f32>,
+    mask: Vec<f32>,
+}
+
+fn make_case(rng: &mut impl Rng, s: PatchEmbedShape) -> Case {
+    let hwc: Vec<u8> = (0..s.pixels_len()).map(|_| rng.random()).collect();
+    let norm = Normalize {
+        mean: [0, 1, 2].map(|_| rng.random_range(0.3..0.6)),
+        std: [0, 1, 2].map(|_| rng.random_range(0.15..0.35)),
+    };
+    let fan_in = s.patch_len() as f32;
+    Case {
+        hwc,
+        norm,
+        chw: uniform(rng, s.pixels_len(), 2.0),
+        ranks: random_ranks(rng, &s),
+        weight: uniform(rng, s.weight_len(), 1.0 / fan_in.sqrt()),
+        bias: uniform(rng, s.dim, 0.5),
+        pos: uniform(rng, s.pos_len(), 0.5),
+        cls: uniform(rng, s.dim, 0.5),
+        mask: uniform(rng, s.dim, 0.5),
+        s,
+    }
+}
+
+/// The u8 images normalised in f64, CHW.
+fn normalized_f64(s: &PatchEmbedShape, hwc: &[u8], norm: &Normalize) -> Vec<f64> {
+    let n = s.image;
+    let mut x = vec![0.0f64; s.pixels_len()];
+    for b in 0..s.batch {
+        for y in 0..n {
+            for xx in 0..n {
+                for c in 0..3 {
+                    let u = hwc[((b * n + y) * n + xx) * 3 + c] as f64;
+                    x[((b * 3 + c) * n + y) * n + xx] = (u / 255.0 - norm.mean[c] as f64) / norm.std[c] as f64;
+                }
+            }
+        }
+    }
+    x
+}
+
+/// Naive f64 forward: direct convolution of each patch in raster order (token t = patch t-1),
+/// then every token's row placed at its rank, then the mask rows.
+#[allow(clippy::too_many_arguments)]
+fn naive_forward(
+    s: &PatchEmbedShape,
+    x: &[f64],
+    ranks: &[i32],
+    weight: &[f32],
+    bias: &[f32],
+    pos: &[f32],
+    cls: &[f32],
+    mask: &[f32],
+) -> Vec<f64> {
+    let (d, n, c, np, rows, p, img, g) =
+        (s.dim, s.n_tokens(), s.n_context, s.n_predicted(), s.out_rows(), s.patch, s.image, s.grid());
+    let mut out = vec![f64::NAN; s.out_len()];
+    for b in 0..s.batch {
+        // Raster-order tokens first.
+        let mut tokens = vec![0.0f64; n * d];
+        for ch in 0..d {
+            tokens[ch] = cls[ch] as f64 + pos[ch] as f64;
+        }
+        for py in 0..g {
+            for px in 0..g {
+                let t = 1 + py * g + px;
+                for ch in 0..d {
+                    let mut acc = 0.0f64;
+                    for cc in 0..3 {
+                        for ky in 0..p {
+                            for kx in 0..p {
+                                let w = weight[((ch * 3 + cc) * p + ky) * p + kx] as f64;
+                                acc += w * x[((b * 3 + cc) * img + py * p + ky) * img + px * p + kx];
+                            }
+                        }
+                    }
+                    tokens[t * d + ch] = acc + bias[ch] as f64 + pos[t * d + ch] as f64;
+                }
+            }
+        }
+        // Gather by rank.
+        for t in 0..n {
+            let r = ranks[b * n + t] as usize;
+            for ch in 0..d {
+                out[(b * rows + r) * d + ch] = tokens[t * d + ch];
+            }
+            if r >= c {
+                for row in [n + r - c, n + np + r - c] {
+                    for ch in 0..d {
+                        out[(b * rows + row) * d + ch] = mask[ch] as f64 + pos[t * d + ch] as f64;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Gradients in f64: weight, bias, pos_embed, cls, mask.
+struct Grads64 {
+    w: Vec<f64>,
+    b: Vec<f64>,
+    pos: Vec<f64>,
+    cls: Vec<f64>,
+    mask: Vec<f64>,
+}
+
+/// Naive f64 backward of [`naive_forward`], added onto `init` (the same initial values for all).
+fn naive_backward(s: &PatchEmbedShape, x: &[f64], ranks: &[i32], d_out: &[f32], init: &Grads32) -> Grads64 {
+    let (d, n, c, np, rows, p, img, g) =
+        (s.dim, s.n_tokens(), s.n_context, s.n_predicted(), s.out_rows(), s.patch, s.image, s.grid());
+    let mut gr = Grads64 {
+        w: to_f64(&init.w),
+        b: to_f64(&init.b),
+        pos: to_f64(&init.pos),
+        cls: to_f64(&init.cls),
+        mask: to_f64(&init.mask),
+    };
+    let dy = |b: usize, row: usize, ch: usize| d_out[(b * rows + row) * d + ch] as f64;
+    for b in 0..s.batch {
+        for t in 0..n {
+            let r = ranks[b * n + t] as usize;
+            for ch in 0..d {
+                let v = dy(b, r, ch);
+                gr.pos[t * d + ch] += v;
+                if t == 0 {
+                    gr.cls[ch] += v;
+                } else {
+                    gr.b[ch] += v;
+                    let (py, px) = ((t - 1) / g, (t - 1) % g);
+                    for cc in 0..3 {
+                        for ky in 0..p {
+                            for kx in 0..p {
+                                gr.w[((ch * 3 + cc) * p + ky) * p + kx] +=
+                                    v * x[((b * 3 + cc) * img + py * p + ky) * img + px * p + kx];
+                            }
+                        }
+                    }
+                }
+                if r >= c {
+                    let m = dy(b, n + r - c, ch) + dy(b, n + np + r - c, ch);
+                    gr.pos[t * d + ch] += m;
+                    gr.mask[ch] += m;
+                }
+            }
+        }
+    }
+    gr
+}
+
+/// f32 gradients (host).
+#[derive(Clone, PartialEq)]
+struct Grads32 {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    pos: Vec<f32>,
+    cls: Vec<f32>,
+    mask: Vec<f32>,
+}
+
+impl Grads32 {
+    fn random(rng: &mut impl Rng, s: &PatchEmbedShape, scale: f32) -> Self {
+        Grads32 {
+            w: uniform(rng, s.weight_len(), scale),
+            b: uniform(rng, s.dim, scale),
+            pos: uniform(rng, s.pos_len(), scale),
+            cls: uniform(rng, s.dim, scale),
+            mask: uniform(rng, s.dim, scale),
+        }
+    }
+
+    fn cpu_backward(&mut self, s: &PatchEmbedShape, pixels: Pixels<'_>, ranks: &[i32], d_out: &[f32]) {
+        cpu_backward(s, pixels, ranks, d_out, &mut self.w, &mut self.b, &mut self.pos, &mut self.cls, &mut self.mask)
+            .unwrap();
+    }
+
+    fn named(&self) -> [(&'static str, &[f32]); 5] {
+        [
+            ("dweight", &self.w),
+            ("dbias", &self.b),
+            ("dpos_embed", &self.pos),
+            ("dcls", &self.cls),
+            ("dmask", &self.mask),
+        ]
+    }
+}
+
+impl Grads64 {
+    fn named(&self) -> [&[f64]; 5] {
+        [&self.w, &self.b, &self.pos, &self.cls, &self.mask]
+    }
+}
+
+fn cpu_forward(case: &Case) -> Vec<f32> {
+    let s = &case.s;
+    let mut out = vec![f32::NAN; s.out_len()];
+    cpu_forward_f32(s, &case.chw, &case.ranks, &case.weight, &case.bias, &case.pos, &case.cls, &case.mask, &mut out)
+        .unwrap();
+    out
+}
+
+const CPU_SHAPES: &[(usize, usize, usize, usize)] = &[
+    // (batch, image, patch, dim)
+    (2, 32, 8, 16),
+    (3, 12, 4, 5),
+    (2, 15, 3, 7),
+    (1, 28, 7, 9),
+    (2, 16, 16, 24),
+    (2, 20, 5, 3),
+];
+
+#[test]
+fn cpu_forward_matches_naive_convolution() {
+    let mut rng = rng("cpu_forward_matches_naive_convolution");
+    for &(b, img, p, d) in CPU_SHAPES {
+        let s = shape_with_random_c(&mut rng, b, img, p, d);
+        let case = make_case(&mut rng, s);
+        let out = cpu_forward(&case);
+        let want = naive_forward(
+            &s,
+            &to_f64(&case.chw),
+            &case.ranks,
+            &case.weight,
+            &case.bias,
+            &case.pos,
+            &case.cls,
+            &case.mask,
+        );
+        mapet::testing::assert_all_written("cpu forward", &out);
+        let e = rel_err(&out, &want);
+        eprintln!("{s:?}: rel err {e:.3e}");
+        assert!(e < 1e-5, "{s:?}: CPU forward differs from the naive convolution: {e:.3e}");
+    }
+}
+
+#[test]
+fn cpu_forward_u8_equals_f32_entry_on_normalized_image() {
+    let mut rng = rng("cpu_forward_u8_equals_f32_entry_on_normalized_image");
+    for &(b, img, p, d) in CPU_SHAPES {
+        let s = shape_with_random_c(&mut rng, b, img, p, d);
+        let mut case = make_case(&mut rng, s);
+        let mut out_u8 = vec![f32::NAN; s.out_len()];
+        cpu_forward_u8(
+            &s,
+            &case.hwc,
+            &case.norm,
+            &case.ranks,
+            &case.weight,
+            &case.bias,
+            &case.pos,
+            &case.cls,
+            &case.mask,
+            &mut out_u8,
+        )
+        .unwrap();
+        case.chw = normalize_u8(&s, &case.hwc, &case.norm).unwrap();
+        let out_f32 = cpu_forward(&case);
+        assert!(
+            out_u8.iter().zip(&out_f32).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{s:?}: u8 entry differs from the f32 entry on the normalised image"
+        );
+        let x = normalized_f64(&s, &case.hwc, &case.norm);
+        let want = naive_forward(&s, &x, &case.ranks, &case.weight, &case.bias, &case.pos, &case.cls, &case.mask);
+        let e = rel_err(&out_u8, &want);
+        assert!(e < 1e-5, "{s:?}: u8 CPU forward differs from the naive convolution: {e:.3e}");
+    }
+}
+
+#[test]
+fn cpu_backward_matches_naive_and_accumulates() {
+    let mut rng = rng("cpu_backward_matches_naive_and_accumulates");
+    for &(b, img, p, d) in CPU_SHAPES {
+        let s = shape_with_random_c(&mut rng, b, img, p, d);
+        let case = make_case(&mut rng, s);
+        let d_out = uniform(&mut rng, s.out_len(), 1.0);
+        let init = Grads32::random(&mut rng, &s, 0.5);
+        let mut got = init.clone();
+        got.cpu_backward(&s, Pixels::F32 { chw: &case.chw }, &case.ranks, &d_out);
+        let want = naive_backward(&s, &to_f64(&case.chw), &case.ranks, &d_out, &init);
+        for ((name, g), w) in got.named().into_iter().zip(want.named()) {
+            let e = rel_err(g, w);
+            assert!(e < 1e-5, "{s:?}: {name} differs from the naive backward: {e:.3e}");
+        }
+        // The u8 entry equals the f32 entry on the normalised image.
+        let mut got_u8 = init.clone();
+        got_u8.cpu_backward(&s, Pixels::U8 { hwc: &case.hwc, norm: case.norm }, &case.ranks, &d_out);
+        let chw = normalize_u8(&s, &case.hwc, &case.norm).unwrap();
+        let mut got_norm = init.clone();
+        got_norm.cpu_backward(&s, Pixels::F32 { chw: &chw }, &case.ranks, &d_out);
+        assert!(got_u8 == got_norm, "{s:?}: u8 backward differs from the f32 backward on the normalised image");
+    }
+}
+
+/// Loss = sum(out * dy) in f64 over the f32 forward.
+fn loss(case: &Case, dy: &[f32]) -> f64 {
+    cpu_forward(case).iter().zip(dy).map(|(&o, &g)| o as f64 * g as f64).sum()
+}
+
+/// Parameter `which` (weight, bias, pos_embed, cls, mask), element i.
+fn param_mut(c: &mut Case, which: usize, i: usize) -> &mut f32 {
+    match which {
+        0 => &mut c.weight[i],
+        1 => &mut c.bias[i],
+        2 => &mut c.pos[i],
+        3 => &mut c.cls[i],
+        _ => &mut c.mask[i],
+    }
+}
+
+#[test]
+fn cpu_backward_matches_finite_differences() {
+    let mut rng = rng("cpu_backward_matches_finite_differences");
+    for &(b, img, p, d) in &[(2usize, 12usize, 4usize, 6usize), (2, 15, 5, 4)] {
+        let s = shape_with_random_c(&mut rng, b, img, p, d);
+        let mut case = make_case(&mut rng, s);
+        let dy = uniform(&mut rng, s.out_len(), 1.0);
+        let zero = Grads32 {
+            w: vec![0.0; s.weight_len()],
+            b: vec![0.0; s.dim],
+            pos: vec![0.0; s.pos_len()],
+            cls: vec![0.0; s.dim],
+            mask: vec![0.0; s.dim],
+        };
+        let mut grads = zero.clone();
+        grads.cpu_backward(&s, Pixels::F32 { chw: &case.chw }, &case.ranks, &dy);
+        // The forward is affine in every parameter, so a large step has no truncation error.
+        let eps = 0.25f32;
+        let mut checked = 0;
+        for which in 0..5 {
+            let len = [s.weight_len(), s.dim, s.pos_len(), s.dim, s.dim][which];
+            for _ in 0..12 {
+                let i = rng.random_range(0..len);
+                let orig = *param_mut(&mut case, which, i);
+                *param_mut(&mut case, which, i) = orig + eps;
+                let up = loss(&case, &dy);
+                *param_mut(&mut case, which, i) = orig - eps;
+                let down = loss(&case, &dy);
+                *param_mut(&mut case, which, i) = orig;
+                let fd = (up - down) / (2.0 * eps as f64);
+                let (name, g) = grads.named()[which];
+                let an = g[i] as f64;
+                assert!(
+                    (fd - an).abs() <= 2e-3 * an.abs().max(1.0),
+                    "{s:?}: {name}[{i}]: finite difference {fd:.6} vs backward {an:.6}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 60);
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused() {
+    let mut rng = rng("bad_inputs_are_refused");
+    let s = shape(2, 16, 4, 8, 5);
+    let case = make_case(&mut rng, s);
+    let mut out = vec![0.0f32; s.out_len()];
+    let fwd = |case: &Case, ranks: &[i32], out: &mut Vec<f32>| {
+        cpu_forward_f32(&case.s, &case.chw, ranks, &case.weight, &case.bias, &case.pos, &case.cls, &case.mask, out)
+    };
+    assert!(fwd(&case, &case.ranks, &mut out).is_ok());
+
+    // Shapes.
+    for bad in [
+        shape(2, 18, 4, 8, 5),  // image not a multiple of patch
+        shape(2, 16, 4, 8, 0),  // C = 0
+        shape(2, 16, 4, 8, 17), // C = N
+        shape(0, 16, 4, 8, 5),
+        shape(2, 16, 0, 8, 5),
+        shape(2, 16, 4, 0, 5),
+    ] {
+        let e = bad.validate().unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{bad:?}: {e}");
+        let e = cpu_forward_f32(
+            &bad,
+            &case.chw,
+            &case.ranks,
+            &case.weight,
+            &case.bias,
+            &case.pos,
+            &case.cls,
+            &case.mask,
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{bad:?}: {e}");
+    }
+    // The CUDA path also refuses dim % 8 != 0; the CPU path takes it.
+    let odd = shape(2, 16, 4, 12, 5);
+    assert!(odd.validate().is_ok());
+    let e = odd.validate_cuda().unwrap_err();
+    assert!(matches!(e, Error::Unsupported { what: "patch embedding dim", .. }), "{e}");
+    assert!(s.validate_cuda().is_ok());
+
+    // Ranks.
+    let n = s.n_tokens();
+    let mut bad = case.ranks.clone();
+    bad[n] = 3; // sample 1: rank[0] != 0
+    let e = fwd(&case, &bad, &mut out).unwrap_err();
+    assert!(matches!(e, Error::Shape { tensor: "ranks", .. }), "{e}");
+    let mut bad = case.ranks.clone();
+    bad[2] = bad[1]; // duplicate
+    assert!(matches!(fwd(&case, &bad, &mut out).unwrap_err(), Error::Shape { tensor: "ranks", .. }));
+    let mut bad = case.ranks.clone();
+    bad[3] = n as i32; // out of range
+    assert!(matches!(fwd(&case, &bad, &mut out).unwrap_err(), Error::Shape { tensor: "ranks", .. }));
+    assert!(matches!(fwd(&case, &case.ranks[1..], &mut out).unwrap_err(), Error::Shape { tensor: "ranks", .. }));
+
+    // Lengths, each tensor named.
+    let short = |v: &[f32]| v[..v.len() - 1].to_vec();
+    let c = &case;
+    let checks: Vec<(&str, Result<(), Error>)> = vec![
+        ("pixels (f32 [B, 3, S, S])", {
+            cpu_forward_f32(&s, &short(&c.chw), &c.ranks, &c.weight, &c.bias, &c.pos, &c.cls, &c.mask, &mut out)
+        }),
+        (
+            "weight",
+            cpu_forward_f32(&s, &c.chw, &c.ranks, &short(&c.weight), &c.bias, &c.pos, &c.cls, &c.mask, &mut out),
+        ),
+        ("bias", cpu_forward_f32(&s, &c.chw, &c.ranks, &c.weight, &short(&c.bias), &c.pos, &c.cls, &c.mask, &mut out)),
+        (
+            "pos_embed",
+            cpu_forward_f32(&s, &c.chw, &c.ranks, &c.weight, &c.bias, &short(&c.pos), &c.cls, &c.mask, &mut out),
+        ),
+        (
+            "cls_token",
+            cpu_forward_f32(&s, &c.chw, &c.ranks, &c.weight, &c.bias, &c.pos, &short(&c.cls), &c.mask, &mut out),
+        ),
+        (
+            "mask_positional_token",
+            cpu_forward_f32(&s, &c.chw, &c.ranks, &c.weight, &c.bias, &c.pos, &c.cls, &short(&c.mask), &mut out),
+        ),
+        ("out", cpu_forward_f32(&s, &c.chw, &c.ranks, &c.weight, &c.bias, &c.pos, &c.cls, &c.mask, &mut short(&out))),
+        ("pixels (uint8 [B, S, S, 3])", {
+            cpu_forward_u8(&s, &c.hwc[1..], &c.norm, &c.ranks, &c.weight, &c.bias, &c.pos, &c.cls, &c.mask, &mut out)
+        }),
+    ];
+    for (name, r) in checks {
+        match r {
+            Err(Error::Shape { tensor, .. }) => assert_eq!(tensor, name),
+            other => panic!("{name}: expected a shape error, got {other:?}"),
+        }
+    }
+    let bad_norm = Normalize { mean: [0.5; 3], std: [0.2, 0.0, 0.2] };
+    let e = cpu_forward_u8(&s, &c.hwc, &bad_norm, &c.ranks, &c.weight, &c.bias, &c.pos, &c.cls, &c.mask, &mut out)
+        .unwrap_err();
+    assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
+
+    // Backward lengths.
+    let d_out = uniform(&mut rng, s.out_len(), 1.0);
+    let mut g = Grads32::random(&mut rng, &s, 0.1);
+    let px = Pixels::F32 { chw: &c.chw };
+    let e = cpu_backward(&s, px, &c.ranks, &d_out[1..], &mut g.w, &mut g.b, &mut g.pos, &mut g.cls, &mut g.mask);
+    assert!(matches!(e, Err(Error::Shape { tensor: "d_out", .. })));
+    let mut w = short(&g.w);
+    let e = cpu_backward(&s, px, &c.ranks, &d_out, &mut w, &mut g.b, &mut g.pos, &mut g.cls, &mut g.mask);
+    assert!(matches!(e, Err(Error::Shape { tensor: "dweight", .. })));
+    let mut pos = short(&g.pos);
+    let e = cpu_backward(&s, px, &c.ranks, &d_out, &mut g.w, &mut g.b, &mut pos, &mut g.cls, &mut g.mask);
+    assert!(matches!(e, Err(Error::Shape { tensor: "dpos_embed", .. })));
+    let mut m = short(&g.mask);
+    let e = cpu_backward(&s, px, &c.ranks, &d_out, &mut g.w, &mut g.b, &mut g.pos, &mut g.cls, &mut m);
+    assert!(matches!(e, Err(Error::Shape { tensor: "dmask_token", .. })));
+}
+
+// ------------------------------------------------------------------------------------------ GPU
+
+/// Device copies of a case's inputs.
+struct DeviceCase {
+    hwc: DeviceBuffer<u8>,
+    chw: DeviceBuffer<f32>,
+    ranks: DeviceBuffer<i32>,
+    weight: DeviceBuffer<bf16>,
+    bias: DeviceBuffer<f32>,
+    pos: DeviceBuffer<f32>,
+    cls: DeviceBuffer<f32>,
+    mask: DeviceBuffer<f32>,
+}
+
+fn upload(gpu: &Gpu, c: &Case) -> DeviceCase {
+    DeviceCase {
+        hwc: gpu.upload(&c.hwc).unwrap(),
+        chw: gpu.upload(&c.chw).unwrap(),
+        ranks: gpu.upload(&c.ranks).unwrap(),
+        weight: gpu.upload_bf16(&c.weight).unwrap(),
+        bias: gpu.upload(&c.bias).unwrap(),
+        pos: gpu.upload(&c.pos).unwrap(),
+        cls: gpu.upload(&c.cls).unwrap(),
+        mask: gpu.upload(&c.mask).unwrap(),
+    }
+}
+
+fn gpu_forward(gpu: &Gpu, c: &Case, dc: &DeviceCase, u8_pixels: bool) -> mapet::Result<Vec<f32>> {
+    let mut out = gpu.alloc::<bf16>(c.s.out_len())?;
+    out.poison()?;
+    if u8_pixels {
+        cuda_forward_u8(
+            gpu, &c.s, &dc.hwc, &c.norm, &dc.ranks, &dc.weight, &dc.bias, &dc.pos, &dc.cls, &dc.mask, &mut out,
+        )?;
+    } else {
+        cuda_forward_f32(gpu, &c.s, &dc.chw, &dc.ranks, &dc.weight, &dc.bias, &dc.pos, &dc.cls, &dc.mask, &mut out)?;
+    }
+    out.to_host_f32()
+}
+
+fn gpu_backward(
+    gpu: &Gpu,
+    c: &Case,
+    dc: &DeviceCase,
+    u8_pixels: bool,
+    d_out: &DeviceBuffer<bf16>,
+    init: &Grads32,
+) -> mapet::Result<Grads32> {
+    let mut w = gpu.upload(&init.w)?;
+    let mut b = gpu.upload(&init.b)?;
+    let mut pos = gpu.upload(&init.pos)?;
+    let mut cls = gpu.upload(&init.cls)?;
+    let mut mask = gpu.upload(&init.mask)?;
+    let pixels =
+        if u8_pixels { DevicePixels::U8 { hwc: &dc.hwc, norm: c.norm } } else { DevicePixels::F32 { chw: &dc.chw } };
+    cuda_backward(gpu, &c.s, pixels, &dc.ranks, d_out, &mut w, &mut b, &mut pos, &mut cls, &mut mask)?;
+    Ok(Grads32 { w: w.to_host()?, b: b.to_host()?, pos: pos.to_host()?, cls: cls.to_host()?, mask: mask.to_host()? })
+}
+
+/// The kernel against the CPU baseline (pixels and weight rounded to bf16, f32 arithmetic, output
+/// rounded to bf16) and the f64 truth, forward and backward, for both pixel types.
+fn check_against_cpu(gpu: &Gpu, rng: &mut impl Rng, s: PatchEmbedShape) {
+    let case = make_case(rng, s);
+    let dc = upload(gpu, &case);
+    let d_out_host = uniform_bf16(rng, s.out_len(), 1.0);
+    let d_out = gpu.upload_bf16(&d_out_host).unwrap();
+    let init = Grads32::random(rng, &s, 0.5);
+    let mut weight_bf16 = case.weight.clone();
+    round_bf16(&mut weight_bf16);
+    for u8_pixels in [false, true] {
+        let what = if u8_pixels { "u8" } else { "f32" };
+        eprintln!("{s:?}, {what} pixels");
+        let (x_true, mut x_kernel) = if u8_pixels {
+            (normalized_f64(&s, &case.hwc, &case.norm), normalize_u8(&s, &case.hwc, &case.norm).unwrap())
+        } else {
+            (to_f64(&case.chw), case.chw.clone())
+        };
+        round_bf16(&mut x_kernel);
+
+        // Forward.
+        let truth = naive_forward(&s, &x_true, &case.ranks, &case.weight, &case.bias, &case.pos, &case.cls, &case.mask);
+        let mut baseline = vec![f32::NAN; s.out_len()];
+        cpu_forward_f32(
+            &s,
+            &x_kernel,
+            &case.ranks,
+            &weight_bf16,
+            &case.bias,
+            &case.pos,
+            &case.cls,
+            &case.mask,
+            &mut baseline,
+        )
+        .unwrap();
+        round_bf16(&mut baseline);
+        let kernel = gpu_forward(gpu, &case, &dc, u8_pixels).unwrap();
+        assert_within_baseline(&format!("forward ({what} pixels)"), &kernel, &baseline, &truth, 2.0, 1e-5);
+
+        // Backward, accumulated onto `init`.
+        let truth = naive_backward(&s, &x_true, &case.ranks, &d_out_host, &init);
+        let mut baseline = init.clone();
+        baseline.cpu_backward(&s, Pixels::F32 { chw: &x_kernel }, &case.ranks, &d_out_host);
+        let kernel = gpu_backward(gpu, &case, &dc, u8_pixels, &d_out, &init).unwrap();
+        for (((name, k), (_, b)), t) in kernel.named().into_iter().zip(baseline.named()).zip(truth.named()) {
+            assert_within_baseline(&format!("{name} ({what} pixels)"), k, b, t, 3.0, 1e-5);
+        }
+    }
+}
+
+/// (image, patch) pairs: the fast paths (p % 8 == 0) and the scalar path with K tails.
+const GPU_GEOMETRIES: &[(usize, usize)] = &[(32, 8), (64, 16), (224, 16), (28, 7), (12, 4), (15, 3), (48, 24)];
+const GPU_DIMS: &[usize] = &[8, 24, 136, 192, 768];
+
+#[test]
+fn gpu_matches_cpu_on_fixed_shapes() {
+    let Some(gpu) = gpu_or_skip("gpu_matches_cpu_on_fixed_shapes") else { return };
+    let mut rng = rng("gpu_matches_cpu_on_fixed_shapes");
+    // The ViT-B/16 geometry with its context size, and a small one.
+    check_against_cpu(&gpu, &mut rng, shape(2, 224, 16, 768, 50));
+    check_against_cpu(&gpu, &mut rng, shape(3, 32, 8, 24, 1));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, max_shrink_iters: 4, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gpu_matches_cpu_proptest(
+        geometry in proptest::sample::select(GPU_GEOMETRIES),
+        dim in proptest::sample::select(GPU_DIMS),
+        batch in 1usize..=3,
+        seed in any::<u64>(),
+    ) {
+        let Some(gpu) = gpu_or_skip("gpu_matches_cpu_proptest") else { return Ok(()) };
+        let seed = seed ^ mapet::testing::fresh_seed();
+        eprintln!("gpu_matches_cpu_proptest: case seed {seed}");
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (image, patch) = geometry;
+        let batch = if image >= 128 { batch.min(2) } else { batch };
+        let s = shape_with_random_c(&mut rng, batch, image, patch, dim);
+        check_against_cpu(&gpu, &mut rng, s);
+    }
+}
+
+#[test]
+fn gpu_refuses_unsupported_and_bad_lengths() {
+    let Some(gpu) = gpu_or_skip("gpu_refuses_unsupported_and_bad_lengths") else { return };
+    let mut rng = rng("gpu_refuses_unsupported_and_bad_lengths");
+    // Odd dim: the CPU takes it, the GPU refuses it.
+    for dim in [7, 12, 100] {
+        let s = shape_with_random_c(&mut rng, 2, 16, 8, dim);
+        let case = make_case(&mut rng, s);
+        let dc = upload(&gpu, &case);
+        for u8_pixels in [false, true] {
+            let e = gpu_forward(&gpu, &case, &dc, u8_pixels).unwrap_err();
+            assert!(matches!(e, Error::Unsupported { what: "patch embedding dim", .. }), "{e}");
+        }
+        let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
+        let init = Grads32::random(&mut rng, &s, 0.1);
+        let e = gpu_backward(&gpu, &case, &dc, false, &d_out, &init).err().unwrap();
+        assert!(matches!(e, Error::Unsupported { what: "patch embedding dim", .. }), "{e}");
+    }
+    // Wrong lengths are named.
+    let s = shape_with_random_c(&mut rng, 2, 16, 8, 16);
+    let case = make_case(&mut rng, s);
+    let mut dc = upload(&gpu, &case);
+    dc.ranks = gpu.upload(&case.ranks[1..]).unwrap();
+    assert!(matches!(gpu_forward(&gpu, &case, &dc, false).unwrap_err(), Error::Shape { tensor: "ranks", .. }));
+    let mut dc = upload(&gpu, &case);
+    dc.pos = gpu.upload(&case.pos[1..]).unwrap();
+    assert!(matches!(gpu_forward(&gpu, &case, &dc, true).unwrap_err(), Error::Shape { tensor: "pos_embed", .. }));
+    let dc = upload(&gpu, &case);
+    let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len() - 1, 1.0)).unwrap();
+    let init = Grads32::random(&mut rng, &s, 0.1);
+    let e = gpu_backward(&gpu, &case, &dc, true, &d_out, &init).err().unwrap();
+    assert!(matches!(e, Error::Shape { tensor: "d_out", .. }), "{e}");
+    let bad_norm = Normalize { mean: [0.5; 3], std: [0.2, f32::NAN, 0.2] };
+    let mut bad_case = make_case(&mut rng, s);
+    bad_case.norm = bad_norm;
+    let dc = upload(&gpu, &bad_case);
+    let e = gpu_forward(&gpu, &bad_case, &dc, true).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
+}
+
+#[test]
+fn gpu_is_deterministic() {
+    let Some(gpu) = gpu_or_skip("gpu_is_deterministic") else { return };
+    let mut rng = rng("gpu_is_deterministic");
+    for s in [shape(8, 224, 16, 768, 50), shape(3, 28, 7, 24, 9)] {
+        let case = make_case(&mut rng, s);
+        let dc = upload(&gpu, &case);
+        let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
+        let init = Grads32::random(&mut rng, &s, 0.1);
+        for u8_pixels in [false, true] {
+            let f1 = gpu_forward(&gpu, &case, &dc, u8_pixels).unwrap();
+            let f2 = gpu_forward(&gpu, &case, &dc, u8_pixels).unwrap();
+            mapet::testing::assert_all_written("forward", &f1);
+            assert!(f1.iter().zip(&f2).all(|(a, b)| a.to_bits() == b.to_bits()), "{s:?}: forward not bit-identical");
+            let g1 = gpu_backward(&gpu, &case, &dc, u8_pixels, &d_out, &init).unwrap();
+            let g2 = gpu_backward(&gpu, &case, &dc, u8_pixels, &d_out, &init).unwrap();
+            for (((name, a), (_, b)), (_, i)) in g1.named().into_iter().zip(g2.named()).zip(init.named()) {
+                assert!(a != i, "{s:?}: {name} unchanged by the backward");
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{s:?}: {name} differs between two identical runs"
+                );
+            }
+        }
+    }
+}
