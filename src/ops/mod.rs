@@ -1,2 +1,7 @@
 //! Every operation of the model, one module each: the CPU reference (`cpu_*`) and the CUDA
 //! launcher (`cuda_*`) side by side, with the host-side checks they share.
+
+pub mod adamw;
+pub mod gelu;
+pub mod gradnorm;
+pub mod layernorm;
