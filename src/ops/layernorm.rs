@@ -112,7 +112,12 @@ pub fn cpu_residual_forward(
     let n = check_dims(rows, cols)?;
     check_len("residual", residual.len(), n)?;
     check_len("x", x.len(), n)?;
+    check_len("weight", weight.len(), cols)?;
+    check_len("bias", bias.len(), cols)?;
     check_len("h", h.len(), n)?;
+    check_len("y", y.len(), n)?;
+    check_len("mean", mean.len(), rows)?;
+    check_len("rstd", rstd.len(), rows)?;
     h.par_iter_mut().zip(residual.par_iter().zip(x.par_iter())).with_min_len(4096).for_each(|(h, (&r, &x))| {
         *h = r + x;
     });
