@@ -1,0 +1,79 @@
+//! GELU forward and backward. On a GPU at the model's MLP size (62848 x 3072), timed with CUDA
+//! events; on the CPU at a small size. Throughput counts the bytes each op must move.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mapet::cuda::Gpu;
+use mapet::ops::gelu;
+
+/// Deterministic, cheap filler in [-4, 4).
+fn filler(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            4.0 * ((s >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+/// GPU time of `iters` runs of `f`, between two events.
+fn gpu_time(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> Duration {
+    let start = gpu.timing_event().unwrap();
+    let stop = gpu.timing_event().unwrap();
+    f();
+    start.record(gpu.stream()).unwrap();
+    for _ in 0..iters {
+        f();
+    }
+    stop.record(gpu.stream()).unwrap();
+    Duration::from_secs_f64(start.elapsed_ms(&stop).unwrap() as f64 * 1e-3)
+}
+
+fn gpu_benches(c: &mut Criterion) {
+    let gpu = match Gpu::first() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("skipping GPU GELU benches: {e}");
+            return;
+        }
+    };
+    let n = 62848usize * 3072;
+    let x = gpu.upload_bf16(&filler(n, 1)).unwrap();
+    let dy = gpu.upload_bf16(&filler(n, 2)).unwrap();
+    let mut out = gpu.alloc(n).unwrap();
+    let mut g = c.benchmark_group(format!("gelu_gpu/{}", gpu.name()));
+    g.throughput(Throughput::Bytes(n as u64 * 4));
+    g.bench_function("forward_62848x3072", |b| {
+        b.iter_custom(|iters| gpu_time(&gpu, iters, || gelu::cuda_forward(&gpu, &x, &mut out).unwrap()))
+    });
+    g.throughput(Throughput::Bytes(n as u64 * 6));
+    g.bench_function("backward_62848x3072", |b| {
+        b.iter_custom(|iters| gpu_time(&gpu, iters, || gelu::cuda_backward(&gpu, &x, &dy, &mut out).unwrap()))
+    });
+    g.finish();
+}
+
+fn cpu_benches(c: &mut Criterion) {
+    let n = 1 << 16;
+    let x = filler(n, 1);
+    let dy = filler(n, 2);
+    let mut out = vec![0.0f32; n];
+    let mut g = c.benchmark_group("gelu_cpu");
+    g.throughput(Throughput::Bytes(n as u64 * 8));
+    g.bench_function("forward_65536", |b| b.iter(|| gelu::cpu_forward(&x, &mut out).unwrap()));
+    g.throughput(Throughput::Bytes(n as u64 * 12));
+    g.bench_function("backward_65536", |b| b.iter(|| gelu::cpu_backward(&x, &dy, &mut out).unwrap()));
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+}
+
+criterion_group! { name = benches; config = config(); targets = gpu_benches, cpu_benches }
+criterion_main!(benches);
