@@ -255,6 +255,7 @@ kernel_params!(
     MapetAdamW,
     MapetSquareSum,
     MapetAttention,
+    MapetCrossEntropy,
 );
 
 /// A typed device allocation of `len` elements, owned, freed on drop (in stream order).
