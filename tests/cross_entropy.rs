@@ -492,7 +492,7 @@ fn gpu_small_odd_shapes() {
     let test = "gpu_small_odd_shapes";
     let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
     let mut rng = rng(test);
-    for (rows, dim, vocab, chunk) in [(7, 16, 37, None), (7, 16, 37, Some(1)), (33, 24, 8, Some(5)), (5, 8, 1, None)] {
+    for (rows, dim, vocab, chunk) in [(7, 16, 37, None), (7, 16, 37, Some(1)), (33, 24, 8, Some(5)), (5, 8, 3, None)] {
         let c = Case::random(&mut rng, rows, dim, vocab, chunk, 1.0, 0.2);
         check_case(test, &gpu, &gemm, &c);
     }

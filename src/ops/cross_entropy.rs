@@ -275,8 +275,8 @@ fn check_rows_out(rows: usize, loss: usize, lse: usize, argmax: usize) -> Result
 }
 
 fn check_grads(shape: &CrossEntropyShape, dx: usize, dw: usize, db: usize) -> Result<()> {
-    check_len("dx", dx, shape.rows * shape.dim)?;
-    check_len("dw", dw, shape.vocab * shape.dim)?;
+    check_len("dx", dx, shape.rows.saturating_mul(shape.dim))?;
+    check_len("dw", dw, shape.vocab.saturating_mul(shape.dim))?;
     check_len("db", db, shape.vocab)
 }
 
