@@ -31,11 +31,12 @@
 //                                block read it moments ago) and overwrites it with dlogits.
 //                                A row of V = 8192 bf16 is 16 KiB: a block per row gives 2048
 //                                independent blocks per 32 MiB chunk, enough to fill the chip.
-//   cross_entropy_colsum_partial db += column sums of dlogits, without float atomics: block
-//                                (x, g) sums rows [g*per, (g+1)*per) of its columns into
-//                                partial[g, :]; in the vector path a thread owns 8 adjacent
-//                                columns and a warp reads 512 contiguous bytes per row.
-//   cross_entropy_colsum_finish  dbias[c] += sum_g partial[g, c], g in increasing order.
+//   cross_entropy_colsum_partial db += column sums of dlogits, without float atomics, where the
+//                                weight-gradient GEMM's bias-gradient epilogue does not give
+//                                them (vocab not a multiple of 8): block (x, g) sums rows
+//                                [g*per, (g+1)*per) of its columns into partial[g, :].
+//   cross_entropy_colsum_finish  dbias[c] += sum_g partial[g, c], g in increasing order (with
+//                                one group when partial holds the epilogue's column sums).
 //   cross_entropy_reduce         one block: mean loss over the rows with t >= 0 (f64
 //                                accumulation, fixed tree order) and the count of rows whose
 //                                argmax equals the target; written to result[0] (f32 bits) and
@@ -284,43 +285,25 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
     }
 }
 
-// Grid: (ceil(columns / blockDim.x), groups), columns = vocab / 8 (vector path) or vocab. Each
-// thread sums its group's rows, in increasing order, into partial[group, its columns].
+// Grid: (ceil(vocab / blockDim.x), groups). Each thread sums one column over its group's rows,
+// in increasing order, into partial[group, column]. Used where the weight-gradient GEMM's
+// bias-gradient epilogue is not (vocab not a multiple of 8), so loads are scalar; a warp still
+// reads 64 contiguous bytes per row.
 extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
+    const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c >= p.vocab) {
+        return;
+    }
     const int64_t per = (p.rows + p.groups - 1) / p.groups;
     const int64_t r0 = static_cast<int64_t>(blockIdx.y) * per;
     const int64_t r1 = min(p.rows, r0 + per);
     const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(p.logits);
-    float* out = p.partial + static_cast<int64_t>(blockIdx.y) * p.vocab;
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (vector_path(p)) {
-        if (c >= p.vocab / 8) {
-            return;
-        }
-        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    float acc = 0.0f;
 #pragma unroll 4
-        for (int64_t r = r0; r < r1; ++r) {
-            float v[8];
-            unpack8(reinterpret_cast<const uint4*>(base + r * p.ld)[c], v);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                acc[e] += v[e];
-            }
-        }
-        float4* out4 = reinterpret_cast<float4*>(out + 8 * c);
-        out4[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-        out4[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-    } else {
-        if (c >= p.vocab) {
-            return;
-        }
-        float acc = 0.0f;
-#pragma unroll 4
-        for (int64_t r = r0; r < r1; ++r) {
-            acc += __bfloat162float(base[r * p.ld + c]);
-        }
-        out[c] = acc;
+    for (int64_t r = r0; r < r1; ++r) {
+        acc += __bfloat162float(base[r * p.ld + c]);
     }
+    p.partial[static_cast<int64_t>(blockIdx.y) * p.vocab + c] = acc;
 }
 
 // Grid: ceil(vocab / blockDim.x). dbias[c] += sum over groups of partial[g, c], in group order.

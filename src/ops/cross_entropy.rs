@@ -31,10 +31,12 @@
 //!    is used as is and the logits are rounded once, not twice;
 //! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), copied into `dx`;
 //! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1), and `db +=` the column sums of
-//!    dlogits through two small kernels (per-group partial sums, then a fixed-order sum over
-//!    groups): deterministic, no float atomics. cuBLASLt's bias-gradient epilogue would write,
-//!    not accumulate, the sums (so it would need the same scratch and add pass) and narrows the
-//!    algorithms available to the weight-gradient GEMM.
+//!    dlogits. When `V` is a multiple of 8 (the model's 8192) the column sums come from the same
+//!    GEMM's bias-gradient epilogue ([`Epilogue::BiasGradFromA`], cuBLASLt `BGRADB`, f32), which
+//!    writes them into a `[V]` scratch, and `cross_entropy_colsum_finish` adds the scratch to
+//!    `db`. Other `V` (odd leading dimensions, where that epilogue has not been seen to work) use
+//!    two small kernels instead: per-group partial sums, then a fixed-order sum over the groups.
+//!    Both are deterministic, with no float atomics.
 //!
 //! After the last chunk one single-block kernel reduces the per-row losses (f64 accumulation, a
 //! fixed tree) and the correct count, and the host reads those 8 bytes back: one synchronisation
@@ -51,7 +53,7 @@
 //! | chunk logits / dlogits (bf16) | `Rc * V * 2` (<= 32 MiB) | 32 MiB |
 //! | `x_c` staging (bf16) | `Rc * D * 2` | 3 MiB |
 //! | `dx_c` staging (bf16, backward) | `Rc * D * 2` | 3 MiB |
-//! | column-sum partials (f32, backward) | `groups * V * 4`, `groups = clamp(ceil(Rc / 16), 1, 64)` | 2 MiB |
+//! | column sums (f32, backward) | `groups * V * 4`: `groups = 1` when `V % 8 == 0`, else `clamp(ceil(Rc / 16), 1, 64)` | 32 KiB |
 //! | targets (i32) | `R * 4` | 74 KiB |
 //! | result | 8 | 8 B |
 //!
@@ -72,7 +74,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::{round_bf16, sgemm};
-use crate::cuda::gemm::{Epilogue, Gemm};
+use crate::cuda::gemm::{Epilogue, Gemm, VectorMut};
 use crate::cuda::params::MapetCrossEntropy;
 use crate::cuda::{blocks_for, DeviceBuffer, Gpu};
 use crate::error::{check_len, Error, Result};
@@ -136,15 +138,25 @@ impl CrossEntropyShape {
         let rc = self.gpu_chunk_rows();
         let mut bytes = rc * self.vocab * 2 + rc * self.dim * 2 + self.rows.max(1) * 4 + 2 * 4;
         if backward {
-            bytes += rc * self.dim * 2 + colsum_groups(rc) * self.vocab * 4;
+            bytes += rc * self.dim * 2 + colsum_groups(rc, self.vocab) * self.vocab * 4;
         }
         bytes
     }
 }
 
 /// Groups of rows of one chunk whose column sums are formed separately (then summed in order).
-fn colsum_groups(chunk_rows: usize) -> usize {
-    chunk_rows.div_ceil(16).clamp(1, 64)
+/// One group when the weight-gradient GEMM's epilogue gives the sums (`vocab % 8 == 0`).
+fn colsum_groups(chunk_rows: usize, vocab: usize) -> usize {
+    if bias_grad_epilogue(vocab) {
+        1
+    } else {
+        chunk_rows.div_ceil(16).clamp(1, 64)
+    }
+}
+
+/// Whether db comes from cuBLASLt's bias-gradient epilogue (module docs, step 4).
+fn bias_grad_epilogue(vocab: usize) -> bool {
+    vocab.is_multiple_of(8)
 }
 
 /// What a call reads back: the mean loss and the argmax hits.
@@ -663,29 +675,35 @@ impl Call<'_> {
         // dx_c[n, D] = dlogits_c W.
         self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, cdx, 1.0, 0.0, Epilogue::None)?;
         copy_elements(gpu, g.dx, start * dim, cdx, 0, n * dim)?;
-        // dW[V, D] += dlogits_c^T x_c.
-        self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, Epilogue::None)?;
-
-        // db += column sums of dlogits_c.
+        // dW[V, D] += dlogits_c^T x_c, and the column sums of dlogits_c into `partial`: by the
+        // GEMM's bias-gradient epilogue ([V], written) or by the partial-sum kernel ([groups, V]).
         let partial = self.partial.as_mut().ok_or_else(|| Error::Unsupported {
             what: "column-sum scratch",
             detail: "the backward needs the partial-sum buffer".into(),
         })?;
+        if bias_grad_epilogue(vocab) {
+            let epilogue = Epilogue::BiasGradFromA { bias_grad: VectorMut::F32(partial) };
+            self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, epilogue)?;
+        } else {
+            self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, Epilogue::None)?;
+        }
         p.partial = partial.f32_ptr();
         p.dbias = g.db.f32_ptr();
-        let columns = if vocab.is_multiple_of(8) { vocab / 8 } else { vocab };
-        let cfg = LaunchConfig {
-            grid_dim: (
-                blocks_for("cross-entropy column sums", columns as u64, COLSUM_THREADS as u64)?,
-                self.groups as u32,
-                1,
-            ),
-            block_dim: (COLSUM_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: reads the n * vocab dlogits of the chunk; writes groups * vocab floats of
-        // partial, which holds exactly that many.
-        unsafe { gpu.launch(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
+        if !bias_grad_epilogue(vocab) {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    blocks_for("cross-entropy column sums", vocab as u64, COLSUM_THREADS as u64)?,
+                    self.groups as u32,
+                    1,
+                ),
+                block_dim: (COLSUM_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reads the n * vocab dlogits of the chunk; writes groups * vocab floats of
+            // partial, which holds exactly that many.
+            unsafe { gpu.launch(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
+        }
+        // db += the sum over groups of partial.
         let cfg = LaunchConfig {
             grid_dim: (blocks_for("cross-entropy bias gradient", vocab as u64, FINISH_THREADS as u64)?, 1, 1),
             block_dim: (FINISH_THREADS, 1, 1),
@@ -717,7 +735,7 @@ fn cuda_run(
         return Ok(CrossEntropyStats { loss: 0.0, correct: 0, counted: 0 });
     }
     let rc = shape.gpu_chunk_rows();
-    let groups = colsum_groups(rc);
+    let groups = colsum_groups(rc, vocab);
     let backward = grads.is_some();
     let d_targets = gpu.upload(targets)?;
     let mut result = gpu.alloc::<i32>(2)?;
