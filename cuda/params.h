@@ -195,6 +195,34 @@ typedef struct MapetPatchEmbedBwd {
     int32_t split_rows;
 } MapetPatchEmbedBwd;
 
+// ---------------------------------------------------------------- codebook cross-entropy (cuda/cross_entropy.cu)
+// Per-row softmax cross-entropy over one chunk of decoder logits: l = logits (bf16 [rows, ld],
+// row-major, the GEMM output x W^T) + bias (f32 [vocab], added in the kernel). Per row: lse, loss
+// (0 for targets < 0), argmax (lowest index on ties); with write_grad != 0 the logits are
+// overwritten in place by dlogits = grad_scale * (softmax - onehot) (0 for ignored rows). The
+// column-sum kernels add the column sums of dlogits to dbias through partial (f32 [groups, vocab]);
+// the reduce kernel (one block, `rows` = all rows of the call, pointers not offset) writes
+// result[0] = bits of the f32 mean loss over the `counted` rows with target >= 0 and
+// result[1] = the number of those rows whose argmax equals the target.
+typedef struct MapetCrossEntropy {
+    void* logits;
+    const float* bias;
+    const int32_t* targets;
+    float* row_loss;
+    float* row_lse;
+    int32_t* row_argmax;
+    float* partial;
+    float* dbias;
+    int32_t* result;
+    int64_t rows;
+    int64_t ld;
+    int64_t counted;
+    int32_t vocab;
+    int32_t write_grad;
+    int32_t groups;
+    float grad_scale;
+} MapetCrossEntropy;
+
 #ifdef __cplusplus
 }
 #endif

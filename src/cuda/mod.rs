@@ -257,6 +257,7 @@ kernel_params!(
     MapetAttention,
     MapetPatchEmbedFwd,
     MapetPatchEmbedBwd,
+    MapetCrossEntropy,
 );
 
 /// A typed device allocation of `len` elements, owned, freed on drop (in stream order).

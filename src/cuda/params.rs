@@ -360,3 +360,47 @@ const _: () = {
     ["Offset of field: MapetPatchEmbedBwd::split_rows"]
         [::core::mem::offset_of!(MapetPatchEmbedBwd, split_rows) - 128usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetCrossEntropy {
+    pub logits: *mut ::core::ffi::c_void,
+    pub bias: *const f32,
+    pub targets: *const i32,
+    pub row_loss: *mut f32,
+    pub row_lse: *mut f32,
+    pub row_argmax: *mut i32,
+    pub partial: *mut f32,
+    pub dbias: *mut f32,
+    pub result: *mut i32,
+    pub rows: i64,
+    pub ld: i64,
+    pub counted: i64,
+    pub vocab: i32,
+    pub write_grad: i32,
+    pub groups: i32,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetCrossEntropy"][::core::mem::size_of::<MapetCrossEntropy>() - 112usize];
+    ["Alignment of MapetCrossEntropy"][::core::mem::align_of::<MapetCrossEntropy>() - 8usize];
+    ["Offset of field: MapetCrossEntropy::logits"][::core::mem::offset_of!(MapetCrossEntropy, logits) - 0usize];
+    ["Offset of field: MapetCrossEntropy::bias"][::core::mem::offset_of!(MapetCrossEntropy, bias) - 8usize];
+    ["Offset of field: MapetCrossEntropy::targets"][::core::mem::offset_of!(MapetCrossEntropy, targets) - 16usize];
+    ["Offset of field: MapetCrossEntropy::row_loss"][::core::mem::offset_of!(MapetCrossEntropy, row_loss) - 24usize];
+    ["Offset of field: MapetCrossEntropy::row_lse"][::core::mem::offset_of!(MapetCrossEntropy, row_lse) - 32usize];
+    ["Offset of field: MapetCrossEntropy::row_argmax"]
+        [::core::mem::offset_of!(MapetCrossEntropy, row_argmax) - 40usize];
+    ["Offset of field: MapetCrossEntropy::partial"][::core::mem::offset_of!(MapetCrossEntropy, partial) - 48usize];
+    ["Offset of field: MapetCrossEntropy::dbias"][::core::mem::offset_of!(MapetCrossEntropy, dbias) - 56usize];
+    ["Offset of field: MapetCrossEntropy::result"][::core::mem::offset_of!(MapetCrossEntropy, result) - 64usize];
+    ["Offset of field: MapetCrossEntropy::rows"][::core::mem::offset_of!(MapetCrossEntropy, rows) - 72usize];
+    ["Offset of field: MapetCrossEntropy::ld"][::core::mem::offset_of!(MapetCrossEntropy, ld) - 80usize];
+    ["Offset of field: MapetCrossEntropy::counted"][::core::mem::offset_of!(MapetCrossEntropy, counted) - 88usize];
+    ["Offset of field: MapetCrossEntropy::vocab"][::core::mem::offset_of!(MapetCrossEntropy, vocab) - 96usize];
+    ["Offset of field: MapetCrossEntropy::write_grad"]
+        [::core::mem::offset_of!(MapetCrossEntropy, write_grad) - 100usize];
+    ["Offset of field: MapetCrossEntropy::groups"][::core::mem::offset_of!(MapetCrossEntropy, groups) - 104usize];
+    ["Offset of field: MapetCrossEntropy::grad_scale"]
+        [::core::mem::offset_of!(MapetCrossEntropy, grad_scale) - 108usize];
+};

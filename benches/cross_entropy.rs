@@ -1,0 +1,93 @@
+//! Criterion benches of the codebook cross-entropy (decoder head + loss).
+//!
+//! - CPU reference at a small size (runs anywhere): forward, forward + backward.
+//! - GPU at the ViT-B pre-training size, R = 18816 rows (128 images x 147 predicted tokens),
+//!   D = 768, V = 8192: forward and forward + backward. Prints the median time from timing
+//!   events, the GEMM throughput it implies, and the extra device memory of each variant.
+//!   Skipped (with the reason printed) where no GPU is usable.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use half::bf16;
+use mapet::cuda::gemm::Gemm;
+use mapet::ops::cross_entropy::{
+    cpu_backward, cpu_forward, cuda_forward, cuda_forward_backward, CpuRowOutputs, CrossEntropyShape, CudaRowOutputs,
+};
+use mapet::testing::{gpu_or_skip, rng, uniform, uniform_bf16};
+use rand::Rng;
+
+fn targets(rng: &mut impl Rng, rows: usize, vocab: usize) -> Vec<i32> {
+    (0..rows).map(|_| rng.random_range(0..vocab as i32)).collect()
+}
+
+fn cpu(c: &mut Criterion) {
+    let (rows, dim, vocab) = (256, 64, 512);
+    let shape = CrossEntropyShape::new(rows, dim, vocab);
+    let mut rng = rng("bench cross_entropy cpu");
+    let x = uniform(&mut rng, rows * dim, 1.0);
+    let w = uniform(&mut rng, vocab * dim, 0.1);
+    let b = uniform(&mut rng, vocab, 0.1);
+    let t = targets(&mut rng, rows, vocab);
+    let mut out = CpuRowOutputs::new(rows);
+    let (mut dx, mut dw, mut db) = (vec![0.0; rows * dim], vec![0.0; vocab * dim], vec![0.0; vocab]);
+    let mut group = c.benchmark_group(format!("cross_entropy_cpu_r{rows}_d{dim}_v{vocab}"));
+    group.sample_size(10);
+    group.bench_function("forward", |bench| bench.iter(|| cpu_forward(&shape, &x, &w, &b, &t, &mut out).unwrap()));
+    group.bench_function("forward_backward", |bench| {
+        bench.iter(|| cpu_backward(&shape, &x, &w, &b, &t, 1.0, &mut dx, &mut dw, &mut db).unwrap())
+    });
+    group.finish();
+}
+
+fn gpu(c: &mut Criterion) {
+    let Some(gpu) = gpu_or_skip("bench cross_entropy gpu") else { return };
+    let gemm = Gemm::new(&gpu).expect("cuBLASLt");
+    let (rows, dim, vocab) = (18816, 768, 8192);
+    let shape = CrossEntropyShape::new(rows, dim, vocab);
+    let mut rng = rng("bench cross_entropy gpu");
+    let x = gpu.upload_bf16(&uniform_bf16(&mut rng, rows * dim, 1.0)).unwrap();
+    let w = gpu.upload_bf16(&uniform_bf16(&mut rng, vocab * dim, 0.05)).unwrap();
+    let b = gpu.upload(&uniform(&mut rng, vocab, 0.1)).unwrap();
+    let t = targets(&mut rng, rows, vocab);
+    let mut out = CudaRowOutputs::new(&gpu, rows).unwrap();
+    let mut dx = gpu.alloc::<bf16>(rows * dim).unwrap();
+    let mut dw = gpu.zeros::<f32>(vocab * dim).unwrap();
+    let mut db = gpu.zeros::<f32>(vocab).unwrap();
+
+    let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
+    let flops = 2.0 * rows as f64 * dim as f64 * vocab as f64;
+    let fwd = gpu.time_ms(3, 20, || cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &t, &mut out).map(|_| ())).unwrap();
+    let both = gpu
+        .time_ms(3, 20, || {
+            cuda_forward_backward(&gpu, &gemm, &shape, &x, &w, &b, &t, 1.0, &mut out, &mut dx, &mut dw, &mut db)
+                .map(|_| ())
+        })
+        .unwrap();
+    let (f, fb) = (fwd[fwd.len() / 2], both[both.len() / 2]);
+    println!(
+        "cross_entropy on {} (R {rows}, D {dim}, V {vocab}, {} rows per chunk):\n  \
+         forward          {f:.3} ms median ({:.0} TFLOP/s in its GEMM), extra device memory {:.1} MiB\n  \
+         forward+backward {fb:.3} ms median ({:.0} TFLOP/s in its 3 GEMMs), extra device memory {:.1} MiB",
+        gpu.name(),
+        shape.gpu_chunk_rows(),
+        flops / (f as f64 * 1e-3) / 1e12,
+        mib(shape.gpu_extra_device_bytes(false)),
+        3.0 * flops / (fb as f64 * 1e-3) / 1e12,
+        mib(shape.gpu_extra_device_bytes(true)),
+    );
+
+    let mut group = c.benchmark_group(format!("cross_entropy_gpu_r{rows}_d{dim}_v{vocab}"));
+    group.sample_size(10);
+    group.bench_function("forward", |bench| {
+        bench.iter(|| cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &t, &mut out).unwrap())
+    });
+    group.bench_function("forward_backward", |bench| {
+        bench.iter(|| {
+            cuda_forward_backward(&gpu, &gemm, &shape, &x, &w, &b, &t, 1.0, &mut out, &mut dx, &mut dw, &mut db)
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, cpu, gpu);
+criterion_main!(benches);

@@ -1,0 +1,350 @@
+// Codebook cross-entropy: the per-row part of the fused decoder head + loss, and the small
+// deterministic reductions around it. The GEMMs (acc = x W^T, dx = dlogits W, dW += dlogits^T x)
+// run in cuBLASLt; src/ops/cross_entropy.rs drives them chunk by chunk so that no [R, V] tensor
+// ever exists in device memory, only one chunk of bf16 logits.
+//
+// Math, for one row r of a chunk (V = vocab, t = targets[r]):
+//   l_j    = acc[r, j] + bias[j]       acc is the bf16 GEMM output; the f32 bias is added here,
+//                                      in f32, so it is never rounded to bf16 (cuBLASLt's bias
+//                                      epilogue takes the bias in the output type, bf16)
+//   m      = max_j l_j
+//   lse_r  = m + log(sum_j exp(l_j - m))                      (f32)
+//   loss_r = lse_r - l_t,  0 when t < 0 (ignored row)
+//   argmax_r = the LOWEST j with l_j == m (ties resolve to the lowest index, as on the CPU)
+//   training variant, in place:  acc[r, j] <- grad_scale * (exp(l_j - lse_r) - [j == t])  as bf16,
+//                                all 0 for an ignored row; grad_scale = dloss / n_valid, where
+//                                n_valid counts the rows of the whole call with t >= 0.
+//
+// Layouts: logits bf16 [rows, ld] row-major (ld >= vocab; the host passes ld = vocab, packed, as
+// the GEMM wrapper writes it). When vocab and ld are multiples of 8 (V = 8192), every row starts
+// 16-byte aligned and is read and written 8 values (one uint4) at a time, the bias 8 floats (two
+// float4) at a time; otherwise a scalar path runs (any V, e.g. 37 or 8191). bias f32 [vocab];
+// targets i32 [rows]; row_loss, row_lse f32 [rows]; row_argmax i32 [rows]; partial f32
+// [groups, vocab]; dbias f32 [vocab]; result i32 [2].
+//
+// Kernels:
+//   cross_entropy_rows           one block of 256 threads per row. One pass over the row keeps,
+//                                per thread, an online (max, sum-exp, argmax) triple; the block
+//                                merges them (warp shuffles, then one warp over the warp
+//                                results) in a fixed order, so the result is deterministic. The
+//                                training variant then re-reads the row (it is in L1/L2: the
+//                                block read it moments ago) and overwrites it with dlogits.
+//                                A row of V = 8192 bf16 is 16 KiB: a block per row gives 2048
+//                                independent blocks per 32 MiB chunk, enough to fill the chip.
+//   cross_entropy_colsum_partial db += column sums of dlogits, without float atomics, where the
+//                                weight-gradient GEMM's bias-gradient epilogue does not give
+//                                them (vocab not a multiple of 8): block (x, g) sums rows
+//                                [g*per, (g+1)*per) of its columns into partial[g, :].
+//   cross_entropy_colsum_finish  dbias[c] += sum_g partial[g, c], g in increasing order (with
+//                                one group when partial holds the epilogue's column sums).
+//   cross_entropy_reduce         one block: mean loss over the rows with t >= 0 (f64
+//                                accumulation, fixed tree order) and the count of rows whose
+//                                argmax equals the target; written to result[0] (f32 bits) and
+//                                result[1], so the host reads back 8 bytes once per call.
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "params.h"
+
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int kRowWarps = kRowThreads / 32;
+constexpr int kReduceThreads = 1024;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kNoIndex = 0x7fffffff;
+
+// Online softmax statistics of a set of logits: m = max, s = sum exp(l - m), idx = lowest index
+// of the max. The empty set is (-inf, 0, kNoIndex).
+struct Stat {
+    float m;
+    float s;
+    int idx;
+};
+
+// a <- a merged with b. The max and its lowest index are exact and order-free; s depends on the
+// order through rounding only, and the callers fix the order.
+__device__ __forceinline__ void merge(Stat& a, const Stat& b) {
+    if (b.m > a.m || (b.m == a.m && b.idx < a.idx)) {
+        a.idx = b.idx;
+    }
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) {
+        return;  // both empty: s stays 0
+    }
+    a.s = a.s * expf(a.m - m) + b.s * expf(b.m - m);
+    a.m = m;
+}
+
+__device__ __forceinline__ Stat warp_merge(Stat v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        Stat o;
+        o.m = __shfl_xor_sync(kFullMask, v.m, off);
+        o.s = __shfl_xor_sync(kFullMask, v.s, off);
+        o.idx = __shfl_xor_sync(kFullMask, v.idx, off);
+        merge(v, o);
+    }
+    return v;
+}
+
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8]) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        __nv_bfloat162 pair;
+        memcpy(&pair, &w[i], sizeof(pair));
+        const float2 f = __bfloat1622float2(pair);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const __nv_bfloat162 pair = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        memcpy(&w[i], &pair, sizeof(pair));
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Logits j = 8c .. 8c+8 of a row (vector path): bf16 GEMM output plus the f32 bias.
+__device__ __forceinline__ void load_logits8(const __nv_bfloat16* rowp, const float* bias, int c, float (&v)[8]) {
+    unpack8(reinterpret_cast<const uint4*>(rowp)[c], v);
+    const float4 b0 = reinterpret_cast<const float4*>(bias)[2 * c];
+    const float4 b1 = reinterpret_cast<const float4*>(bias)[2 * c + 1];
+    v[0] += b0.x;
+    v[1] += b0.y;
+    v[2] += b0.z;
+    v[3] += b0.w;
+    v[4] += b1.x;
+    v[5] += b1.y;
+    v[6] += b1.z;
+    v[7] += b1.w;
+}
+
+// Per-thread statistics over the thread's elements of a row. A thread visits its elements in
+// increasing index order, so a strict '>' keeps the lowest index of the thread's max.
+template <bool kVec>
+__device__ __forceinline__ Stat thread_stats(const __nv_bfloat16* rowp, const float* bias, int vocab) {
+    Stat st{-INFINITY, 0.0f, kNoIndex};
+    if (kVec) {
+        const int n8 = vocab / 8;
+        for (int c = threadIdx.x; c < n8; c += kRowThreads) {
+            float v[8];
+            load_logits8(rowp, bias, c, v);
+            float lm = v[0];
+            int li = 0;
+#pragma unroll
+            for (int e = 1; e < 8; ++e) {
+                if (v[e] > lm) {
+                    lm = v[e];
+                    li = e;
+                }
+            }
+            if (lm == -INFINITY) {
+                continue;  // only -inf here (not produced by finite inputs): adds nothing
+            }
+            if (lm > st.m) {
+                st.s *= expf(st.m - lm);
+                st.m = lm;
+                st.idx = 8 * c + li;
+            }
+            float add = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                add += expf(v[e] - st.m);
+            }
+            st.s += add;
+        }
+    } else {
+        for (int j = threadIdx.x; j < vocab; j += kRowThreads) {
+            const float v = __bfloat162float(rowp[j]) + bias[j];
+            if (v > st.m) {
+                st.s = st.s * expf(st.m - v) + 1.0f;
+                st.m = v;
+                st.idx = j;
+            } else if (v != -INFINITY) {
+                st.s += expf(v - st.m);
+            }
+        }
+    }
+    return st;
+}
+
+// Training variant: the row becomes dlogits = scale * (softmax - onehot(target)), in place.
+template <bool kVec>
+__device__ __forceinline__ void write_dlogits(__nv_bfloat16* rowp, const float* bias, int vocab, int target, float lse,
+                                              float scale) {
+    if (kVec) {
+        const int n8 = vocab / 8;
+        uint4* row8 = reinterpret_cast<uint4*>(rowp);
+        for (int c = threadIdx.x; c < n8; c += kRowThreads) {
+            float v[8];
+            load_logits8(rowp, bias, c, v);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                v[e] = scale * (expf(v[e] - lse) - (8 * c + e == target ? 1.0f : 0.0f));
+            }
+            row8[c] = pack8(v);
+        }
+    } else {
+        for (int j = threadIdx.x; j < vocab; j += kRowThreads) {
+            const float v = __bfloat162float(rowp[j]) + bias[j];
+            rowp[j] = __float2bfloat16_rn(scale * (expf(v - lse) - (j == target ? 1.0f : 0.0f)));
+        }
+    }
+}
+
+// Ignored row: dlogits are all 0.
+template <bool kVec>
+__device__ __forceinline__ void write_zeros(__nv_bfloat16* rowp, int vocab) {
+    if (kVec) {
+        uint4* row8 = reinterpret_cast<uint4*>(rowp);
+        for (int c = threadIdx.x; c < vocab / 8; c += kRowThreads) {
+            row8[c] = make_uint4(0u, 0u, 0u, 0u);
+        }
+    } else {
+        for (int j = threadIdx.x; j < vocab; j += kRowThreads) {
+            rowp[j] = __float2bfloat16_rn(0.0f);
+        }
+    }
+}
+
+template <bool kVec>
+__device__ __forceinline__ void rows_body(const MapetCrossEntropy& p) {
+    __shared__ float s_m[kRowWarps];
+    __shared__ float s_s[kRowWarps];
+    __shared__ int s_idx[kRowWarps];
+    __shared__ float s_lse;
+
+    const int64_t row = blockIdx.x;
+    const int vocab = p.vocab;
+    __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + row * p.ld;
+    const int target = p.targets[row];
+
+    Stat st = thread_stats<kVec>(rowp, p.bias, vocab);
+
+    // Block merge in a fixed order: lanes by xor butterfly, then warp 0 over the warp results.
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    st = warp_merge(st);
+    if (lane == 0) {
+        s_m[warp] = st.m;
+        s_s[warp] = st.s;
+        s_idx[warp] = st.idx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        Stat w{-INFINITY, 0.0f, kNoIndex};
+        if (lane < kRowWarps) {
+            w = Stat{s_m[lane], s_s[lane], s_idx[lane]};
+        }
+        w = warp_merge(w);
+        if (lane == 0) {
+            const float lse = w.m + logf(w.s);
+            float loss = 0.0f;
+            if (target >= 0) {
+                // Every thread has finished reading the row (the barrier above) and none writes
+                // it before the barrier below, so this reads the logit, not a gradient.
+                loss = lse - (__bfloat162float(rowp[target]) + p.bias[target]);
+            }
+            p.row_loss[row] = loss;
+            p.row_lse[row] = lse;
+            p.row_argmax[row] = w.idx;
+            s_lse = lse;
+        }
+    }
+    if (!p.write_grad) {
+        return;  // uniform over the block
+    }
+    __syncthreads();
+    if (target < 0) {
+        write_zeros<kVec>(rowp, vocab);
+    } else {
+        write_dlogits<kVec>(rowp, p.bias, vocab, target, s_lse, p.grad_scale);
+    }
+}
+
+__device__ __forceinline__ bool vector_path(const MapetCrossEntropy& p) {
+    return p.vocab % 8 == 0 && p.ld % 8 == 0;
+}
+
+}  // namespace
+
+// Grid: (rows of the chunk), block: kRowThreads. logits, targets, row_loss, row_lse and row_argmax
+// are offset to the chunk's first row by the host.
+extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(MapetCrossEntropy p) {
+    if (vector_path(p)) {
+        rows_body<true>(p);
+    } else {
+        rows_body<false>(p);
+    }
+}
+
+// Grid: (ceil(vocab / blockDim.x), groups). Each thread sums one column over its group's rows,
+// in increasing order, into partial[group, column]. Used where the weight-gradient GEMM's
+// bias-gradient epilogue is not (vocab not a multiple of 8), so loads are scalar; a warp still
+// reads 64 contiguous bytes per row.
+extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
+    const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c >= p.vocab) {
+        return;
+    }
+    const int64_t per = (p.rows + p.groups - 1) / p.groups;
+    const int64_t r0 = static_cast<int64_t>(blockIdx.y) * per;
+    const int64_t r1 = min(p.rows, r0 + per);
+    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(p.logits);
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int64_t r = r0; r < r1; ++r) {
+        acc += __bfloat162float(base[r * p.ld + c]);
+    }
+    p.partial[static_cast<int64_t>(blockIdx.y) * p.vocab + c] = acc;
+}
+
+// Grid: ceil(vocab / blockDim.x). dbias[c] += sum over groups of partial[g, c], in group order.
+extern "C" __global__ void cross_entropy_colsum_finish(MapetCrossEntropy p) {
+    const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c >= p.vocab) {
+        return;
+    }
+    float s = 0.0f;
+    for (int g = 0; g < p.groups; ++g) {
+        s += p.partial[static_cast<int64_t>(g) * p.vocab + c];
+    }
+    p.dbias[c] += s;
+}
+
+// Grid: 1 block of kReduceThreads. Reads the per-row values of all rows of the call.
+extern "C" __global__ void __launch_bounds__(kReduceThreads) cross_entropy_reduce(MapetCrossEntropy p) {
+    __shared__ double s_sum[kReduceThreads];
+    __shared__ int s_correct[kReduceThreads];
+    double sum = 0.0;
+    int correct = 0;
+    for (int64_t r = threadIdx.x; r < p.rows; r += kReduceThreads) {
+        const int t = p.targets[r];
+        if (t >= 0) {
+            sum += static_cast<double>(p.row_loss[r]);
+            correct += p.row_argmax[r] == t ? 1 : 0;
+        }
+    }
+    s_sum[threadIdx.x] = sum;
+    s_correct[threadIdx.x] = correct;
+    __syncthreads();
+    for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) {
+            s_sum[threadIdx.x] += s_sum[threadIdx.x + half];
+            s_correct[threadIdx.x] += s_correct[threadIdx.x + half];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        const float mean = p.counted > 0 ? static_cast<float>(s_sum[0] / static_cast<double>(p.counted)) : 0.0f;
+        p.result[0] = __float_as_int(mean);
+        p.result[1] = s_correct[0];
+    }
+}

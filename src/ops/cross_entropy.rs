@@ -1,0 +1,800 @@
+//! Codebook cross-entropy: the decoder head and the loss as one op (SPEC.md, "Head and loss"),
+//! with no `[rows, vocab]` tensor of floats anywhere.
+//!
+//! # Math
+//!
+//! For `R` rows of features `x [R, D]`, the decoder weight `W [V, D]` (a Linear `[out, in]`),
+//! its bias `b [V]` and targets `t [R]` (`t < 0`: the row is ignored, excluded from the mean):
+//!
+//! ```text
+//! l[r, j]   = x[r, :] . W[j, :] + b[j]
+//! lse[r]    = log sum_j exp(l[r, j])
+//! loss[r]   = lse[r] - l[r, t[r]]             (0 for an ignored row)
+//! argmax[r] = lowest j with l[r, j] = max_j l[r, j]
+//! loss      = sum_{r counted} loss[r] / n     (n = rows with t >= 0; 0 when n = 0)
+//! correct   = #{counted r : argmax[r] = t[r]}
+//! dlogits   = dloss / n * (softmax(l[r, :]) - onehot(t[r]))   (0 rows for ignored rows)
+//! dx = dlogits W,   dW += dlogits^T x,   db += column sums of dlogits
+//! ```
+//!
+//! # How it runs
+//!
+//! Rows are processed in chunks (the CPU reference too, so it never holds `R x V` floats either).
+//! On the GPU, per chunk of `Rc` rows:
+//!
+//! 1. the chunk's rows of `x` are copied into a staging buffer (the GEMM wrapper takes whole,
+//!    packed buffers) and `acc = x_c W^T` runs in cuBLASLt, bf16 out, f32 accumulation;
+//! 2. `cuda/cross_entropy.cu::cross_entropy_rows` adds the f32 bias, and in one pass per row
+//!    computes max, sum-exp, logsumexp, loss and argmax; the training variant then overwrites the
+//!    chunk in place with bf16 dlogits. The bias is added there, in f32, rather than by cuBLASLt's
+//!    bias epilogue, which takes the bias in the output type (bf16): this way the f32 master bias
+//!    is used as is and the logits are rounded once, not twice;
+//! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), copied into `dx`;
+//! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1), and `db +=` the column sums of
+//!    dlogits. When `V` is a multiple of 8 (the model's 8192) the column sums come from the same
+//!    GEMM's bias-gradient epilogue ([`Epilogue::BiasGradFromA`], cuBLASLt `BGRADB`, f32), which
+//!    writes them into a `[V]` scratch, and `cross_entropy_colsum_finish` adds the scratch to
+//!    `db`. Other `V` (odd leading dimensions, where that epilogue has not been seen to work) use
+//!    two small kernels instead: per-group partial sums, then a fixed-order sum over the groups.
+//!    Both are deterministic, with no float atomics.
+//!
+//! After the last chunk one single-block kernel reduces the per-row losses (f64 accumulation, a
+//! fixed tree) and the correct count, and the host reads those 8 bytes back: one synchronisation
+//! per call. Everything is deterministic run to run.
+//!
+//! # Extra device memory
+//!
+//! [`CrossEntropyShape::gpu_extra_device_bytes`] gives the exact figure. `Rc` is the largest
+//! number of rows whose bf16 logits fit in 32 MiB and whose two bf16 feature staging buffers
+//! (`x_c`, `dx_c`) fit in 16 MiB (`Rc = 2048` at `V = 8192`, `D <= 2048`):
+//!
+//! | buffer | bytes | V = 8192, D = 768, R = 18816 |
+//! |---|---|---|
+//! | chunk logits / dlogits (bf16) | `Rc * V * 2` (<= 32 MiB) | 32 MiB |
+//! | `x_c` staging (bf16) | `Rc * D * 2` | 3 MiB |
+//! | `dx_c` staging (bf16, backward) | `Rc * D * 2` | 3 MiB |
+//! | column sums (f32, backward) | `groups * V * 4`: `groups = 1` when `V % 8 == 0`, else `clamp(ceil(Rc / 16), 1, 64)` | 32 KiB |
+//! | targets (i32) | `R * 4` | 74 KiB |
+//! | result | 8 | 8 B |
+//!
+//! With `V, D <= 2^20` (checked) that is at most 56 MiB plus 4 bytes per row. A last chunk of
+//! fewer rows gets buffers of its own size after the full-size ones are freed (stream-ordered),
+//! so the peak stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
+//!
+//! # Precision
+//!
+//! CPU ([`CpuPrecision::F32`]): f32 throughout. GPU: `x`, `W` bf16; the logits are
+//! `bf16(x W^T)` (f32 accumulation) plus the f32 bias in f32; softmax, loss and lse in f32;
+//! dlogits rounded to bf16 (the GEMM inputs of the backward); `dx` bf16; `dW`, `db` f32.
+//! [`CpuPrecision::GpuRounding`] reproduces those roundings on the CPU: it is the same-precision
+//! baseline of the tests (DESIGN.md, "Conventions").
+
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::cpu::{round_bf16, sgemm};
+use crate::cuda::gemm::{Epilogue, Gemm, VectorMut};
+use crate::cuda::params::MapetCrossEntropy;
+use crate::cuda::{blocks_for, DeviceBuffer, Gpu};
+use crate::error::{check_len, Error, Result};
+
+/// Most bytes of bf16 logits one chunk may hold on the GPU.
+pub const CHUNK_LOGITS_BYTES: usize = 32 << 20;
+/// Most bytes the two bf16 feature staging buffers of a chunk (`x_c`, `dx_c`) may hold together.
+pub const CHUNK_FEATURE_BYTES: usize = 16 << 20;
+/// Rows per chunk of the CPU reference when the shape does not say.
+pub const CPU_CHUNK_ROWS: usize = 64;
+/// Largest vocabulary and feature dimension accepted (bounds the extra device memory).
+pub const MAX_VOCAB: usize = 1 << 20;
+/// See [`MAX_VOCAB`].
+pub const MAX_DIM: usize = 1 << 20;
+
+const MODULE: &str = "cross_entropy";
+const ROW_THREADS: u32 = 256;
+const COLSUM_THREADS: u32 = 128;
+const FINISH_THREADS: u32 = 256;
+const REDUCE_THREADS: u32 = 1024;
+
+/// Sizes of one call: `rows` feature rows of width `dim`, a vocabulary of `vocab` codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrossEntropyShape {
+    pub rows: usize,
+    pub dim: usize,
+    pub vocab: usize,
+    /// Rows per chunk. `None` takes the default: on the GPU the memory rule of the module docs,
+    /// on the CPU [`CPU_CHUNK_ROWS`]. On the GPU a larger value is capped by the memory rule; the
+    /// tests use small values to run many chunks.
+    pub chunk_rows: Option<usize>,
+}
+
+impl CrossEntropyShape {
+    /// A shape with the default chunking.
+    pub fn new(rows: usize, dim: usize, vocab: usize) -> Self {
+        CrossEntropyShape { rows, dim, vocab, chunk_rows: None }
+    }
+
+    /// The same shape with `chunk_rows` rows per chunk.
+    pub fn with_chunk_rows(self, chunk_rows: usize) -> Self {
+        CrossEntropyShape { chunk_rows: Some(chunk_rows), ..self }
+    }
+
+    /// Rows per chunk on the GPU (at least 1, at most `rows`).
+    pub fn gpu_chunk_rows(&self) -> usize {
+        let by_logits = CHUNK_LOGITS_BYTES / (2 * self.vocab.max(1));
+        let by_features = CHUNK_FEATURE_BYTES / (4 * self.dim.max(1));
+        let limit = by_logits.min(by_features).max(1);
+        self.chunk_rows.map_or(limit, |n| n.min(limit)).clamp(1, self.rows.max(1))
+    }
+
+    /// Rows per chunk of the CPU reference.
+    pub fn cpu_chunk_rows(&self) -> usize {
+        self.chunk_rows.unwrap_or(CPU_CHUNK_ROWS).clamp(1, self.rows.max(1))
+    }
+
+    /// Bytes of device memory a GPU call allocates besides its arguments (module docs), for the
+    /// forward alone or the forward and backward.
+    pub fn gpu_extra_device_bytes(&self, backward: bool) -> usize {
+        let rc = self.gpu_chunk_rows();
+        let mut bytes = rc * self.vocab * 2 + rc * self.dim * 2 + self.rows.max(1) * 4 + 2 * 4;
+        if backward {
+            bytes += rc * self.dim * 2 + colsum_groups(rc, self.vocab) * self.vocab * 4;
+        }
+        bytes
+    }
+}
+
+/// Groups of rows of one chunk whose column sums are formed separately (then summed in order).
+/// One group when the weight-gradient GEMM's epilogue gives the sums (`vocab % 8 == 0`).
+fn colsum_groups(chunk_rows: usize, vocab: usize) -> usize {
+    if bias_grad_epilogue(vocab) {
+        1
+    } else {
+        chunk_rows.div_ceil(16).clamp(1, 64)
+    }
+}
+
+/// Whether db comes from cuBLASLt's bias-gradient epilogue (module docs, step 4).
+fn bias_grad_epilogue(vocab: usize) -> bool {
+    vocab.is_multiple_of(8)
+}
+
+/// What a call reads back: the mean loss and the argmax hits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrossEntropyStats {
+    /// Mean loss over the counted rows (0 when there are none).
+    pub loss: f32,
+    /// Counted rows whose argmax equals the target.
+    pub correct: usize,
+    /// Rows with a target >= 0.
+    pub counted: usize,
+}
+
+impl CrossEntropyStats {
+    /// `correct / counted` (0 when nothing was counted).
+    pub fn accuracy(&self) -> f64 {
+        if self.counted == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.counted as f64
+        }
+    }
+}
+
+/// Per-row results: loss (0 for ignored rows), logsumexp, argmax (lowest index on ties).
+#[derive(Debug)]
+pub struct RowOutputs<F, I> {
+    pub loss: F,
+    pub lse: F,
+    pub argmax: I,
+}
+
+/// Per-row results on the host.
+pub type CpuRowOutputs = RowOutputs<Vec<f32>, Vec<i32>>;
+/// Per-row results on the device.
+pub type CudaRowOutputs = RowOutputs<DeviceBuffer<f32>, DeviceBuffer<i32>>;
+
+impl RowOutputs<Vec<f32>, Vec<i32>> {
+    /// Zeroed outputs for `rows` rows.
+    pub fn new(rows: usize) -> Self {
+        RowOutputs { loss: vec![0.0; rows], lse: vec![0.0; rows], argmax: vec![0; rows] }
+    }
+}
+
+impl RowOutputs<DeviceBuffer<f32>, DeviceBuffer<i32>> {
+    /// Uninitialised device outputs for `rows` rows.
+    pub fn new(gpu: &Gpu, rows: usize) -> Result<Self> {
+        Ok(RowOutputs { loss: gpu.alloc(rows)?, lse: gpu.alloc(rows)?, argmax: gpu.alloc(rows)? })
+    }
+
+    /// Fills all three with `0xFF` bytes (NaN, NaN, -1), so a test sees what was not written.
+    pub fn poison(&mut self) -> Result<()> {
+        self.loss.poison()?;
+        self.lse.poison()?;
+        self.argmax.poison()
+    }
+
+    /// Copies the three back to the host.
+    pub fn to_host(&self) -> Result<CpuRowOutputs> {
+        Ok(RowOutputs { loss: self.loss.to_host()?, lse: self.lse.to_host()?, argmax: self.argmax.to_host()? })
+    }
+}
+
+/// Which roundings the CPU implementation applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuPrecision {
+    /// f32 throughout: the reference and the CPU backend.
+    #[default]
+    F32,
+    /// The GPU path's roundings (module docs, "Precision"): `x W^T` rounded to bf16 before the
+    /// bias is added, dlogits and `dx` rounded to bf16. Inputs are used as given: round `x` and
+    /// `W` to bf16 first to mirror bf16 inputs. The tests' same-precision baseline.
+    GpuRounding,
+}
+
+// ------------------------------------------------------------------------------------------ checks
+
+/// Checks every target against the vocabulary (`t < vocab`, or `t < 0` for an ignored row) and
+/// returns how many rows are counted. The error names the first bad row.
+pub fn check_targets(targets: &[i32], vocab: usize) -> Result<usize> {
+    let mut counted = 0;
+    for (row, &t) in targets.iter().enumerate() {
+        if t >= 0 {
+            if t as usize >= vocab {
+                return Err(Error::Unsupported {
+                    what: "target id",
+                    detail: format!(
+                        "row {row} has target {t}, not below the vocabulary size {vocab} (negative ids mark ignored rows)"
+                    ),
+                });
+            }
+            counted += 1;
+        }
+    }
+    Ok(counted)
+}
+
+fn elements(a: usize, b: usize, what: &'static str) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| Error::Unsupported { what, detail: format!("{a} x {b} elements overflow") })
+}
+
+/// The checks both backends share: sizes, lengths, targets. Returns the counted rows.
+fn check_common(shape: &CrossEntropyShape, x_len: usize, w_len: usize, b_len: usize, targets: &[i32]) -> Result<usize> {
+    let CrossEntropyShape { rows, dim, vocab, .. } = *shape;
+    if dim == 0 || vocab == 0 {
+        return Err(Error::Unsupported {
+            what: "cross-entropy shape",
+            detail: format!("dim = {dim}, vocab = {vocab}: both must be at least 1"),
+        });
+    }
+    if vocab > MAX_VOCAB || dim > MAX_DIM {
+        return Err(Error::Unsupported {
+            what: "cross-entropy shape",
+            detail: format!("dim = {dim}, vocab = {vocab}: each must be at most {MAX_VOCAB}"),
+        });
+    }
+    check_len("x", x_len, elements(rows, dim, "x")?)?;
+    check_len("w", w_len, elements(vocab, dim, "w")?)?;
+    check_len("b", b_len, vocab)?;
+    check_len("targets", targets.len(), rows)?;
+    check_targets(targets, vocab)
+}
+
+fn check_rows_out(rows: usize, loss: usize, lse: usize, argmax: usize) -> Result<()> {
+    check_len("row loss", loss, rows)?;
+    check_len("row lse", lse, rows)?;
+    check_len("row argmax", argmax, rows)
+}
+
+fn check_grads(shape: &CrossEntropyShape, dx: usize, dw: usize, db: usize) -> Result<()> {
+    check_len("dx", dx, shape.rows.saturating_mul(shape.dim))?;
+    check_len("dw", dw, shape.vocab.saturating_mul(shape.dim))?;
+    check_len("db", db, shape.vocab)
+}
+
+/// `dloss / counted`, the factor of every dlogit (0 when nothing is counted).
+fn grad_scale(dloss: f32, counted: usize) -> f32 {
+    if counted == 0 {
+        0.0
+    } else {
+        (dloss as f64 / counted as f64) as f32
+    }
+}
+
+// --------------------------------------------------------------------------------------------- CPU
+
+/// Forward on the CPU in f32: per-row loss, lse and argmax into `rows_out`, and the mean loss and
+/// correct count.
+pub fn cpu_forward(
+    shape: &CrossEntropyShape,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    targets: &[i32],
+    rows_out: &mut CpuRowOutputs,
+) -> Result<CrossEntropyStats> {
+    cpu_forward_with(CpuPrecision::F32, shape, x, w, b, targets, rows_out)
+}
+
+/// [`cpu_forward`] with a choice of roundings.
+pub fn cpu_forward_with(
+    precision: CpuPrecision,
+    shape: &CrossEntropyShape,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    targets: &[i32],
+    rows_out: &mut CpuRowOutputs,
+) -> Result<CrossEntropyStats> {
+    check_rows_out(shape.rows, rows_out.loss.len(), rows_out.lse.len(), rows_out.argmax.len())?;
+    cpu_run(precision, shape, x, w, b, targets, Some(rows_out), None)
+}
+
+/// Backward on the CPU in f32, for an upstream gradient `dloss` of the mean loss: `dx` is
+/// written, `dw` and `db` are added to. Recomputes the logits chunk by chunk; returns the same
+/// statistics as [`cpu_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_backward(
+    shape: &CrossEntropyShape,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    targets: &[i32],
+    dloss: f32,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> Result<CrossEntropyStats> {
+    cpu_backward_with(CpuPrecision::F32, shape, x, w, b, targets, dloss, dx, dw, db)
+}
+
+/// [`cpu_backward`] with a choice of roundings.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_backward_with(
+    precision: CpuPrecision,
+    shape: &CrossEntropyShape,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    targets: &[i32],
+    dloss: f32,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> Result<CrossEntropyStats> {
+    check_grads(shape, dx.len(), dw.len(), db.len())?;
+    cpu_run(precision, shape, x, w, b, targets, None, Some(CpuGrads { dloss, dx, dw, db }))
+}
+
+struct CpuGrads<'a> {
+    dloss: f32,
+    dx: &'a mut [f32],
+    dw: &'a mut [f32],
+    db: &'a mut [f32],
+}
+
+/// (lse, lowest index of the max) of one row of logits.
+fn row_stats(l: &[f32]) -> (f32, usize) {
+    let mut m = f32::NEG_INFINITY;
+    let mut arg = 0;
+    for (j, &v) in l.iter().enumerate() {
+        if v > m {
+            m = v;
+            arg = j;
+        }
+    }
+    let s: f32 = l.iter().map(|&v| (v - m).exp()).sum();
+    (m + s.ln(), arg)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_run(
+    precision: CpuPrecision,
+    shape: &CrossEntropyShape,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    targets: &[i32],
+    mut rows_out: Option<&mut CpuRowOutputs>,
+    mut grads: Option<CpuGrads<'_>>,
+) -> Result<CrossEntropyStats> {
+    let counted = check_common(shape, x.len(), w.len(), b.len(), targets)?;
+    let CrossEntropyShape { rows, dim, vocab, .. } = *shape;
+    let gpu_rounding = precision == CpuPrecision::GpuRounding;
+    let scale = grads.as_ref().map_or(0.0, |g| grad_scale(g.dloss, counted));
+    let want_grad = grads.is_some();
+    let rc = shape.cpu_chunk_rows();
+    let mut logits = vec![0.0f32; rc.min(rows) * vocab];
+    let mut transposed = if want_grad { vec![0.0f32; rc.min(rows) * vocab] } else { Vec::new() };
+    let mut colsum = if want_grad { vec![0.0f32; vocab] } else { Vec::new() };
+    let mut sum = 0.0f64;
+    let mut correct = 0usize;
+
+    let mut start = 0;
+    while start < rows {
+        let n = rc.min(rows - start);
+        let xc = &x[start * dim..(start + n) * dim];
+        let tc = &targets[start..start + n];
+        let lg = &mut logits[..n * vocab];
+        sgemm(n, vocab, dim, 1.0, xc, w, true, 0.0, lg);
+        let per_row: Vec<(f32, f32, i32)> = lg
+            .par_chunks_mut(vocab)
+            .zip(tc.par_iter())
+            .map(|(l, &t)| {
+                for (v, &bj) in l.iter_mut().zip(b) {
+                    if gpu_rounding {
+                        *v = bf16::from_f32(*v).to_f32();
+                    }
+                    *v += bj;
+                }
+                let (lse, arg) = row_stats(l);
+                let loss = if t >= 0 { lse - l[t as usize] } else { 0.0 };
+                if want_grad {
+                    if t < 0 {
+                        l.fill(0.0);
+                    } else {
+                        for (j, v) in l.iter_mut().enumerate() {
+                            let onehot = if j == t as usize { 1.0 } else { 0.0 };
+                            *v = scale * ((*v - lse).exp() - onehot);
+                        }
+                        if gpu_rounding {
+                            round_bf16(l);
+                        }
+                    }
+                }
+                (loss, lse, arg as i32)
+            })
+            .collect();
+        for (i, &(loss, lse, arg)) in per_row.iter().enumerate() {
+            if let Some(out) = rows_out.as_deref_mut() {
+                out.loss[start + i] = loss;
+                out.lse[start + i] = lse;
+                out.argmax[start + i] = arg;
+            }
+            if tc[i] >= 0 {
+                sum += loss as f64;
+                correct += usize::from(arg == tc[i]);
+            }
+        }
+        if let Some(g) = grads.as_mut() {
+            let dxc = &mut g.dx[start * dim..(start + n) * dim];
+            sgemm(n, dim, vocab, 1.0, lg, w, false, 0.0, dxc);
+            if gpu_rounding {
+                round_bf16(dxc);
+            }
+            // dW += dlogits^T x_c: sgemm takes op(A) = A, so transpose the chunk explicitly.
+            let tr = &mut transposed[..vocab * n];
+            for (i, row) in lg.chunks_exact(vocab).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    tr[j * n + i] = v;
+                }
+            }
+            sgemm(vocab, dim, n, 1.0, tr, xc, false, 1.0, g.dw);
+            colsum.fill(0.0);
+            for row in lg.chunks_exact(vocab) {
+                for (s, &v) in colsum.iter_mut().zip(row) {
+                    *s += v;
+                }
+            }
+            for (d, &s) in g.db.iter_mut().zip(&colsum) {
+                *d += s;
+            }
+        }
+        start += n;
+    }
+    let loss = if counted > 0 { (sum / counted as f64) as f32 } else { 0.0 };
+    Ok(CrossEntropyStats { loss, correct, counted })
+}
+
+// -------------------------------------------------------------------------------------------- CUDA
+
+/// Forward on the GPU: per-row loss, lse and argmax into `rows_out`, and the mean loss and
+/// correct count (read back: one synchronisation). `x` is bf16 `[rows, dim]`, `w` the bf16 copy
+/// of the decoder weight `[vocab, dim]`, `b` the f32 bias; `targets` stay on the host, where they
+/// are checked, and are uploaded. `gemm` must belong to `gpu`. `dim` must be a multiple of 8.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_forward(
+    gpu: &Gpu,
+    gemm: &Gemm,
+    shape: &CrossEntropyShape,
+    x: &DeviceBuffer<bf16>,
+    w: &DeviceBuffer<bf16>,
+    b: &DeviceBuffer<f32>,
+    targets: &[i32],
+    rows_out: &mut CudaRowOutputs,
+) -> Result<CrossEntropyStats> {
+    cuda_run(gpu, gemm, shape, x, w, b, targets, rows_out, None)
+}
+
+/// Forward and backward on the GPU in one pass over the chunks, for an upstream gradient `dloss`
+/// of the mean loss (1 for plain training): as [`cuda_forward`], and `dx` (bf16 `[rows, dim]`)
+/// is written, `dw` (f32 `[vocab, dim]`) and `db` (f32 `[vocab]`) are added to.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_forward_backward(
+    gpu: &Gpu,
+    gemm: &Gemm,
+    shape: &CrossEntropyShape,
+    x: &DeviceBuffer<bf16>,
+    w: &DeviceBuffer<bf16>,
+    b: &DeviceBuffer<f32>,
+    targets: &[i32],
+    dloss: f32,
+    rows_out: &mut CudaRowOutputs,
+    dx: &mut DeviceBuffer<bf16>,
+    dw: &mut DeviceBuffer<f32>,
+    db: &mut DeviceBuffer<f32>,
+) -> Result<CrossEntropyStats> {
+    check_grads(shape, dx.len(), dw.len(), db.len())?;
+    cuda_run(gpu, gemm, shape, x, w, b, targets, rows_out, Some(CudaGrads { dloss, dx, dw, db }))
+}
+
+struct CudaGrads<'a> {
+    dloss: f32,
+    dx: &'a mut DeviceBuffer<bf16>,
+    dw: &'a mut DeviceBuffer<f32>,
+    db: &'a mut DeviceBuffer<f32>,
+}
+
+/// The GPU-only checks: the feature rows must be 16-byte multiples.
+fn check_gpu(shape: &CrossEntropyShape) -> Result<()> {
+    if !shape.dim.is_multiple_of(8) {
+        return Err(Error::Unsupported {
+            what: "feature dimension",
+            detail: format!("dim = {} must be a multiple of 8 on the GPU (16-byte bf16 rows)", shape.dim),
+        });
+    }
+    Ok(())
+}
+
+/// The buffers of one chunk size; all exactly sized, as the GEMM wrapper wants them.
+struct ChunkBuffers {
+    rows: usize,
+    x: DeviceBuffer<bf16>,
+    logits: DeviceBuffer<bf16>,
+    dx: Option<DeviceBuffer<bf16>>,
+}
+
+impl ChunkBuffers {
+    fn new(gpu: &Gpu, rows: usize, dim: usize, vocab: usize, backward: bool) -> Result<Self> {
+        Ok(ChunkBuffers {
+            rows,
+            x: gpu.alloc(rows * dim)?,
+            logits: gpu.alloc(rows * vocab)?,
+            dx: if backward { Some(gpu.alloc(rows * dim)?) } else { None },
+        })
+    }
+}
+
+/// Copies elements `[src_at, src_at + count)` of `src` to `[dst_at, dst_at + count)` of `dst`, in
+/// stream order.
+fn copy_elements<T: DeviceRepr>(
+    gpu: &Gpu,
+    dst: &mut DeviceBuffer<T>,
+    dst_at: usize,
+    src: &DeviceBuffer<T>,
+    src_at: usize,
+    count: usize,
+) -> Result<()> {
+    if src_at + count > src.len() || dst_at + count > dst.len() {
+        return Err(Error::Shape {
+            tensor: "chunk copy",
+            expected: format!("ranges inside {} and {} elements", src.len(), dst.len()),
+            got: format!("{count} elements from {src_at} to {dst_at}"),
+        });
+    }
+    let size = std::mem::size_of::<T>();
+    let dst_ptr = dst.ptr_mut() as usize + dst_at * size;
+    let src_ptr = src.ptr() as usize + src_at * size;
+    // SAFETY: both ranges lie inside live allocations of this context (checked above), the two
+    // buffers are distinct (one is borrowed mutably), and the copy is ordered on the stream that
+    // all work on them uses.
+    unsafe {
+        cudarc::driver::result::memcpy_dtod_async(
+            dst_ptr as u64,
+            src_ptr as u64,
+            count * size,
+            gpu.stream().cu_stream(),
+        )
+    }?;
+    Ok(())
+}
+
+/// Everything one GPU call works on.
+struct Call<'a> {
+    gpu: &'a Gpu,
+    gemm: &'a Gemm,
+    dim: usize,
+    vocab: usize,
+    x: &'a DeviceBuffer<bf16>,
+    w: &'a DeviceBuffer<bf16>,
+    b: &'a DeviceBuffer<f32>,
+    targets: &'a DeviceBuffer<i32>,
+    rows_out: &'a mut CudaRowOutputs,
+    grads: Option<CudaGrads<'a>>,
+    partial: Option<DeviceBuffer<f32>>,
+    groups: usize,
+    grad_scale: f32,
+}
+
+impl Call<'_> {
+    /// Parameters with every pointer null and every size 0.
+    fn params(&self) -> MapetCrossEntropy {
+        MapetCrossEntropy {
+            logits: std::ptr::null_mut(),
+            bias: self.b.f32_ptr(),
+            targets: std::ptr::null(),
+            row_loss: std::ptr::null_mut(),
+            row_lse: std::ptr::null_mut(),
+            row_argmax: std::ptr::null_mut(),
+            partial: std::ptr::null_mut(),
+            dbias: std::ptr::null_mut(),
+            result: std::ptr::null_mut(),
+            rows: 0,
+            ld: self.vocab as i64,
+            counted: 0,
+            vocab: self.vocab as i32,
+            write_grad: 0,
+            groups: self.groups as i32,
+            grad_scale: self.grad_scale,
+        }
+    }
+
+    /// Rows `[start, start + cb.rows)`: logits, row statistics, and (backward) dx, dW, db.
+    fn chunk(&mut self, cb: &mut ChunkBuffers, start: usize) -> Result<()> {
+        let (gpu, dim, vocab, n) = (self.gpu, self.dim, self.vocab, cb.rows);
+        copy_elements(gpu, &mut cb.x, 0, self.x, start * dim, n * dim)?;
+        // acc[n, V] = x_c W^T (the bias is added by the row kernel, in f32).
+        self.gemm.matmul(n, vocab, dim, &cb.x, false, self.w, true, &mut cb.logits, 1.0, 0.0, Epilogue::None)?;
+
+        let mut p = self.params();
+        p.logits = cb.logits.ptr_mut();
+        p.targets = (self.targets.ptr() as *const i32).wrapping_add(start);
+        p.row_loss = self.rows_out.loss.f32_ptr().wrapping_add(start);
+        p.row_lse = self.rows_out.lse.f32_ptr().wrapping_add(start);
+        p.row_argmax = (self.rows_out.argmax.ptr_mut() as *mut i32).wrapping_add(start);
+        p.rows = n as i64;
+        p.write_grad = i32::from(self.grads.is_some());
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for("cross-entropy rows", n as u64, 1)?, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: logits holds n * vocab bf16 (ld = vocab), the bias vocab f32; targets and the
+        // three row outputs hold `rows` elements each, of which [start, start + n) are addressed
+        // (start + n <= rows); every target is below vocab (checked on the host), so the target
+        // logit read stays inside its row.
+        unsafe { gpu.launch(MODULE, "cross_entropy_rows", cfg, &p) }?;
+
+        let Some(g) = self.grads.as_mut() else {
+            return Ok(());
+        };
+        let cdx = cb.dx.as_mut().ok_or_else(|| Error::Unsupported {
+            what: "chunk buffers",
+            detail: "the backward needs a dx staging buffer".into(),
+        })?;
+        // dx_c[n, D] = dlogits_c W.
+        self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, cdx, 1.0, 0.0, Epilogue::None)?;
+        copy_elements(gpu, g.dx, start * dim, cdx, 0, n * dim)?;
+        // dW[V, D] += dlogits_c^T x_c, and the column sums of dlogits_c into `partial`: by the
+        // GEMM's bias-gradient epilogue ([V], written) or by the partial-sum kernel ([groups, V]).
+        let partial = self.partial.as_mut().ok_or_else(|| Error::Unsupported {
+            what: "column-sum scratch",
+            detail: "the backward needs the partial-sum buffer".into(),
+        })?;
+        if bias_grad_epilogue(vocab) {
+            let epilogue = Epilogue::BiasGradFromA { bias_grad: VectorMut::F32(partial) };
+            self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, epilogue)?;
+        } else {
+            self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, Epilogue::None)?;
+        }
+        p.partial = partial.f32_ptr();
+        p.dbias = g.db.f32_ptr();
+        if !bias_grad_epilogue(vocab) {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    blocks_for("cross-entropy column sums", vocab as u64, COLSUM_THREADS as u64)?,
+                    self.groups as u32,
+                    1,
+                ),
+                block_dim: (COLSUM_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reads the n * vocab dlogits of the chunk; writes groups * vocab floats of
+            // partial, which holds exactly that many.
+            unsafe { gpu.launch(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
+        }
+        // db += the sum over groups of partial.
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for("cross-entropy bias gradient", vocab as u64, FINISH_THREADS as u64)?, 1, 1),
+            block_dim: (FINISH_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads groups * vocab floats of partial, adds to the vocab floats of db.
+        unsafe { gpu.launch(MODULE, "cross_entropy_colsum_finish", cfg, &p) }?;
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cuda_run(
+    gpu: &Gpu,
+    gemm: &Gemm,
+    shape: &CrossEntropyShape,
+    x: &DeviceBuffer<bf16>,
+    w: &DeviceBuffer<bf16>,
+    b: &DeviceBuffer<f32>,
+    targets: &[i32],
+    rows_out: &mut CudaRowOutputs,
+    grads: Option<CudaGrads<'_>>,
+) -> Result<CrossEntropyStats> {
+    let counted = check_common(shape, x.len(), w.len(), b.len(), targets)?;
+    check_gpu(shape)?;
+    check_rows_out(shape.rows, rows_out.loss.len(), rows_out.lse.len(), rows_out.argmax.len())?;
+    let CrossEntropyShape { rows, dim, vocab, .. } = *shape;
+    if rows == 0 {
+        return Ok(CrossEntropyStats { loss: 0.0, correct: 0, counted: 0 });
+    }
+    let rc = shape.gpu_chunk_rows();
+    let groups = colsum_groups(rc, vocab);
+    let backward = grads.is_some();
+    let d_targets = gpu.upload(targets)?;
+    let mut result = gpu.alloc::<i32>(2)?;
+    let partial = if backward { Some(gpu.alloc::<f32>(groups * vocab)?) } else { None };
+    let grad_scale = grads.as_ref().map_or(0.0, |g| grad_scale(g.dloss, counted));
+    let mut call =
+        Call { gpu, gemm, dim, vocab, x, w, b, targets: &d_targets, rows_out, grads, partial, groups, grad_scale };
+
+    let (full, tail) = (rows / rc, rows % rc);
+    if full > 0 {
+        let mut cb = ChunkBuffers::new(gpu, rc, dim, vocab, backward)?;
+        for i in 0..full {
+            call.chunk(&mut cb, i * rc)?;
+        }
+    } // the full-size buffers are freed (in stream order) before the tail's are allocated
+    if tail > 0 {
+        let mut cb = ChunkBuffers::new(gpu, tail, dim, vocab, backward)?;
+        call.chunk(&mut cb, full * rc)?;
+    }
+
+    let mut p = call.params();
+    p.targets = d_targets.ptr() as *const i32;
+    p.row_loss = call.rows_out.loss.f32_ptr();
+    p.row_argmax = call.rows_out.argmax.ptr_mut() as *mut i32;
+    p.result = result.ptr_mut() as *mut i32;
+    p.rows = rows as i64;
+    p.counted = counted as i64;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (REDUCE_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: reads `rows` elements of targets, row loss and row argmax (each holds `rows`),
+    // writes the 2 elements of result.
+    unsafe { gpu.launch(MODULE, "cross_entropy_reduce", cfg, &p) }?;
+    let host = result.to_host()?;
+    let (loss_bits, correct) = (host[0], host[1]);
+    Ok(CrossEntropyStats { loss: f32::from_bits(loss_bits as u32), correct: correct.max(0) as usize, counted })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_rows_follow_the_memory_rule() {
+        let s = CrossEntropyShape::new(18816, 768, 8192);
+        assert_eq!(s.gpu_chunk_rows(), 2048);
+        assert!(s.gpu_extra_device_bytes(true) <= 64 << 20);
+        assert_eq!(CrossEntropyShape::new(5, 8, 37).gpu_chunk_rows(), 5);
+        assert_eq!(CrossEntropyShape::new(100, 8, 37).with_chunk_rows(7).gpu_chunk_rows(), 7);
+        // An explicit chunk never exceeds the memory rule.
+        assert_eq!(CrossEntropyShape::new(18816, 768, 8192).with_chunk_rows(1 << 20).gpu_chunk_rows(), 2048);
+        for (rows, dim, vocab) in [(1 << 20, MAX_DIM, MAX_VOCAB), (1 << 20, 8, MAX_VOCAB), (1 << 20, MAX_DIM, 8)] {
+            let s = CrossEntropyShape::new(rows, dim, vocab);
+            assert!(s.gpu_extra_device_bytes(true) <= (56 << 20) + rows * 4 + 8, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn targets_are_checked_naming_the_row() {
+        assert_eq!(check_targets(&[0, -1, 36, -5], 37).unwrap(), 2);
+        let err = check_targets(&[0, 3, 37], 37).unwrap_err().to_string();
+        assert!(err.contains("row 2") && err.contains("37"), "{err}");
+    }
+}

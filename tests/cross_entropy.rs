@@ -1,0 +1,663 @@
+//! Codebook cross-entropy (decoder head + loss): the CPU reference against a naive f64 softmax
+//! cross-entropy (proptest over rows, dim, vocab, chunking), its gradients against finite
+//! differences, and the GPU path against the CPU under DESIGN.md's tolerance rule (skipped
+//! without a GPU; `MAPET_REQUIRE_GPU=1` makes a missing GPU a failure).
+
+#![allow(clippy::needless_range_loop)] // index loops read closest to the formulas here
+
+use half::bf16;
+use mapet::cuda::gemm::Gemm;
+use mapet::cuda::Gpu;
+use mapet::ops::cross_entropy::{
+    cpu_backward, cpu_backward_with, cpu_forward, cpu_forward_with, cuda_forward, cuda_forward_backward, CpuPrecision,
+    CpuRowOutputs, CrossEntropyShape, CudaRowOutputs,
+};
+use mapet::testing::{assert_all_written, assert_within_baseline, gpu_or_skip, rng, uniform, uniform_bf16};
+use mapet::Error;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+// ----------------------------------------------------------------------------------- f64 truth
+
+/// The naive softmax cross-entropy in f64, one full row of logits at a time.
+struct Truth {
+    logits: Vec<f64>,
+    loss: Vec<f64>,
+    lse: Vec<f64>,
+    mean: f64,
+    counted: usize,
+    dx: Vec<f64>,
+    dw: Vec<f64>,
+    db: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn truth(
+    shape: &CrossEntropyShape,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    targets: &[i32],
+    dloss: f64,
+    dw0: &[f32],
+    db0: &[f32],
+) -> Truth {
+    let CrossEntropyShape { rows, dim, vocab, .. } = *shape;
+    let mut logits = vec![0.0f64; rows * vocab];
+    for r in 0..rows {
+        for j in 0..vocab {
+            let mut s = b[j] as f64;
+            for d in 0..dim {
+                s += x[r * dim + d] as f64 * w[j * dim + d] as f64;
+            }
+            logits[r * vocab + j] = s;
+        }
+    }
+    let counted = targets.iter().filter(|&&t| t >= 0).count();
+    let mut loss = vec![0.0; rows];
+    let mut lse = vec![0.0; rows];
+    let mut dlogits = vec![0.0f64; rows * vocab];
+    for r in 0..rows {
+        let l = &logits[r * vocab..(r + 1) * vocab];
+        let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z = m + l.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+        lse[r] = z;
+        let t = targets[r];
+        if t >= 0 {
+            loss[r] = z - l[t as usize];
+            for j in 0..vocab {
+                let p = (l[j] - z).exp();
+                let onehot = if j == t as usize { 1.0 } else { 0.0 };
+                dlogits[r * vocab + j] = dloss / counted as f64 * (p - onehot);
+            }
+        }
+    }
+    let mean = if counted > 0 { loss.iter().sum::<f64>() / counted as f64 } else { 0.0 };
+    let mut dx = vec![0.0f64; rows * dim];
+    // Accumulated into dw0, db0 (empty: from zero).
+    let mut dw: Vec<f64> =
+        if dw0.is_empty() { vec![0.0; vocab * dim] } else { dw0.iter().map(|&v| v as f64).collect() };
+    let mut db: Vec<f64> = if db0.is_empty() { vec![0.0; vocab] } else { db0.iter().map(|&v| v as f64).collect() };
+    for r in 0..rows {
+        for j in 0..vocab {
+            let g = dlogits[r * vocab + j];
+            if g == 0.0 {
+                continue;
+            }
+            db[j] += g;
+            for d in 0..dim {
+                dx[r * dim + d] += g * w[j * dim + d] as f64;
+                dw[j * dim + d] += g * x[r * dim + d] as f64;
+            }
+        }
+    }
+    Truth { logits, loss, lse, mean, counted, dx, dw, db }
+}
+
+/// Targets: about a fifth ignored (-1), a third the true argmax (so that `correct` is exercised),
+/// the rest uniform.
+fn targets_for(rng: &mut impl Rng, rows: usize, vocab: usize, logits: Option<&[f64]>, ignored: f64) -> Vec<i32> {
+    (0..rows)
+        .map(|r| {
+            if rng.random_bool(ignored) {
+                -1
+            } else if let (Some(l), true) = (logits, rng.random_bool(0.33)) {
+                let row = &l[r * vocab..(r + 1) * vocab];
+                let mut best = 0;
+                for (j, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = j;
+                    }
+                }
+                best as i32
+            } else {
+                rng.random_range(0..vocab as i32)
+            }
+        })
+        .collect()
+}
+
+fn close(got: f32, want: f64, tol: f64) -> bool {
+    (got as f64 - want).abs() <= tol * (1.0 + want.abs())
+}
+
+// ------------------------------------------------------------------------------------------ CPU
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Forward and backward of the CPU reference against the f64 truth, over shapes, chunk sizes
+    /// and ignored rows; dW and db must be accumulated into, dx overwritten.
+    #[test]
+    fn cpu_reference_matches_naive_f64(
+        rows in 1usize..12,
+        dim in 1usize..20,
+        vocab in 1usize..40,
+        chunk in 1usize..14,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let shape = CrossEntropyShape::new(rows, dim, vocab).with_chunk_rows(chunk);
+        let x = uniform(&mut rng, rows * dim, 1.0);
+        let w = uniform(&mut rng, vocab * dim, 1.0);
+        let b = uniform(&mut rng, vocab, 0.5);
+        let dw0 = uniform(&mut rng, vocab * dim, 0.5);
+        let db0 = uniform(&mut rng, vocab, 0.5);
+        let dloss = rng.random_range(0.5f32..2.0);
+        let pre = truth(&shape, &x, &w, &b, &vec![-1; rows], 1.0, &dw0, &db0);
+        let targets = targets_for(&mut rng, rows, vocab, Some(&pre.logits), 0.2);
+        let t = truth(&shape, &x, &w, &b, &targets, dloss as f64, &dw0, &db0);
+
+        let mut out = CpuRowOutputs::new(rows);
+        out.loss.fill(f32::NAN);
+        out.lse.fill(f32::NAN);
+        out.argmax.fill(-7);
+        let stats = cpu_forward(&shape, &x, &w, &b, &targets, &mut out).unwrap();
+        prop_assert_eq!(stats.counted, t.counted);
+        prop_assert!(close(stats.loss, t.mean, 1e-5), "mean loss {} vs {}", stats.loss, t.mean);
+        let mut correct = 0;
+        for r in 0..rows {
+            prop_assert!(close(out.loss[r], t.loss[r], 1e-5), "row {} loss {} vs {}", r, out.loss[r], t.loss[r]);
+            prop_assert!(close(out.lse[r], t.lse[r], 1e-5), "row {} lse {} vs {}", r, out.lse[r], t.lse[r]);
+            let l = &t.logits[r * vocab..(r + 1) * vocab];
+            let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let a = out.argmax[r];
+            prop_assert!(a >= 0 && (a as usize) < vocab, "row {} argmax {}", r, a);
+            prop_assert!(l[a as usize] >= max - 1e-5, "row {}: argmax {} is not a maximum", r, a);
+            // The lowest index among the (near-)maxima.
+            let lowest = l.iter().position(|&v| v >= max - 1e-5).unwrap();
+            if l.iter().filter(|&&v| v >= max - 1e-5).count() == 1 {
+                prop_assert_eq!(a as usize, lowest);
+            }
+            if targets[r] >= 0 && a == targets[r] {
+                correct += 1;
+            }
+        }
+        prop_assert_eq!(stats.correct, correct);
+
+        let mut dx = vec![f32::NAN; rows * dim];
+        let (mut dw, mut db) = (dw0.clone(), db0.clone());
+        let stats_b = cpu_backward(&shape, &x, &w, &b, &targets, dloss, &mut dx, &mut dw, &mut db).unwrap();
+        prop_assert_eq!(stats_b, stats);
+        for (name, got, want) in [("dx", &dx, &t.dx), ("dw", &dw, &t.dw), ("db", &db, &t.db)] {
+            for (i, (&g, &v)) in got.iter().zip(want.iter()).enumerate() {
+                prop_assert!((g as f64 - v).abs() <= 2e-5 * (1.0 + v.abs()), "{} [{}]: {} vs {}", name, i, g, v);
+            }
+        }
+    }
+}
+
+/// Central differences of `dloss * mean loss` (through `cpu_forward`, f32) against
+/// `cpu_backward`, for every element of x, W and b.
+#[test]
+fn cpu_gradients_match_finite_differences() {
+    let mut rng = rng("cpu_gradients_match_finite_differences");
+    let (rows, dim, vocab) = (5, 4, 7);
+    let shape = CrossEntropyShape::new(rows, dim, vocab).with_chunk_rows(2);
+    let x = uniform(&mut rng, rows * dim, 1.0);
+    let w = uniform(&mut rng, vocab * dim, 1.0);
+    let b = uniform(&mut rng, vocab, 0.5);
+    let mut targets: Vec<i32> = (0..rows).map(|_| rng.random_range(0..vocab as i32)).collect();
+    targets[rng.random_range(0..rows)] = -1;
+    let dloss = 1.7f32;
+
+    let mut dx = vec![f32::NAN; rows * dim];
+    let (mut dw, mut db) = (vec![0.0f32; vocab * dim], vec![0.0f32; vocab]);
+    cpu_backward(&shape, &x, &w, &b, &targets, dloss, &mut dx, &mut dw, &mut db).unwrap();
+
+    let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
+        let mut out = CpuRowOutputs::new(rows);
+        dloss as f64 * cpu_forward(&shape, x, w, b, &targets, &mut out).unwrap().loss as f64
+    };
+    let h = 1e-2f32;
+    let mut worst = 0.0f64;
+    let mut check = |name: &str, i: usize, fd: f64, g: f32| {
+        let err = (fd - g as f64).abs();
+        worst = worst.max(err);
+        assert!(err <= 2e-4 + 2e-3 * fd.abs(), "{name}[{i}]: finite difference {fd:.6} vs gradient {g:.6}");
+    };
+    for i in 0..x.len() {
+        let (mut xp, mut xm) = (x.clone(), x.clone());
+        xp[i] += h;
+        xm[i] -= h;
+        let fd = (loss(&xp, &w, &b) - loss(&xm, &w, &b)) / (xp[i] - xm[i]) as f64;
+        check("dx", i, fd, dx[i]);
+    }
+    for i in 0..w.len() {
+        let (mut wp, mut wm) = (w.clone(), w.clone());
+        wp[i] += h;
+        wm[i] -= h;
+        let fd = (loss(&x, &wp, &b) - loss(&x, &wm, &b)) / (wp[i] - wm[i]) as f64;
+        check("dw", i, fd, dw[i]);
+    }
+    for i in 0..b.len() {
+        let (mut bp, mut bm) = (b.clone(), b.clone());
+        bp[i] += h;
+        bm[i] -= h;
+        let fd = (loss(&x, &w, &bp) - loss(&x, &w, &bm)) / (bp[i] - bm[i]) as f64;
+        check("db", i, fd, db[i]);
+    }
+    eprintln!("largest |finite difference - gradient|: {worst:.2e}");
+    // The ignored row gets no gradient at all.
+    let ignored = targets.iter().position(|&t| t < 0).unwrap();
+    assert!(dx[ignored * dim..(ignored + 1) * dim].iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn cpu_checks_shapes_and_targets() {
+    let shape = CrossEntropyShape::new(3, 4, 5);
+    let (x, w, b) = (vec![0.5f32; 12], vec![0.25f32; 20], vec![0.1f32; 5]);
+    let mut out = CpuRowOutputs::new(3);
+    let err = cpu_forward(&shape, &x, &w, &b, &[0, 5, 1], &mut out).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { what: "target id", .. }), "{err}");
+    assert!(err.to_string().contains("row 1"), "{err}");
+    let err = cpu_forward(&shape, &x[..11], &w, &b, &[0, 1, 2], &mut out).unwrap_err();
+    assert!(matches!(err, Error::Shape { tensor: "x", .. }), "{err}");
+    let err = cpu_forward(&shape, &x, &w, &b[..4], &[0, 1, 2], &mut out).unwrap_err();
+    assert!(matches!(err, Error::Shape { tensor: "b", .. }), "{err}");
+    let err = cpu_forward(&shape, &x, &w, &b, &[0, 1], &mut out).unwrap_err();
+    assert!(matches!(err, Error::Shape { tensor: "targets", .. }), "{err}");
+    let mut short = CpuRowOutputs::new(2);
+    let err = cpu_forward(&shape, &x, &w, &b, &[0, 1, 2], &mut short).unwrap_err();
+    assert!(matches!(err, Error::Shape { tensor: "row loss", .. }), "{err}");
+    let (mut dx, mut dw, mut db) = (vec![0.0; 12], vec![0.0; 19], vec![0.0; 5]);
+    let err = cpu_backward(&shape, &x, &w, &b, &[0, 1, 2], 1.0, &mut dx, &mut dw, &mut db).unwrap_err();
+    assert!(matches!(err, Error::Shape { tensor: "dw", .. }), "{err}");
+    let err = cpu_forward(&CrossEntropyShape::new(3, 0, 5), &[], &[], &b, &[0, 1, 2], &mut out).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    // All rows ignored: loss 0, nothing counted, no gradient.
+    let stats = cpu_forward(&shape, &x, &w, &b, &[-1, -1, -1], &mut out).unwrap();
+    assert_eq!((stats.loss, stats.correct, stats.counted), (0.0, 0, 0));
+}
+
+// ------------------------------------------------------------------------------------------ GPU
+
+fn gpu_and_gemm(test: &str) -> Option<(Gpu, Gemm)> {
+    let gpu = gpu_or_skip(test)?;
+    let gemm = Gemm::new(&gpu).expect("cuBLASLt handle");
+    Some((gpu, gemm))
+}
+
+/// Inputs of one GPU case, as f32 values (x and W already bf16-representable).
+struct Case {
+    shape: CrossEntropyShape,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    targets: Vec<i32>,
+    dw0: Vec<f32>,
+    db0: Vec<f32>,
+    dloss: f32,
+}
+
+impl Case {
+    #[allow(clippy::too_many_arguments)]
+    fn random(
+        rng: &mut impl Rng,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        chunk: Option<usize>,
+        scale: f32,
+        ignored: f64,
+    ) -> Case {
+        let mut shape = CrossEntropyShape::new(rows, dim, vocab);
+        shape.chunk_rows = chunk;
+        let x = uniform_bf16(rng, rows * dim, scale);
+        let w = uniform_bf16(rng, vocab * dim, scale);
+        let b = uniform(rng, vocab, 1.0);
+        let dw0 = uniform(rng, vocab * dim, 0.01);
+        let db0 = uniform(rng, vocab, 0.01);
+        let pre = truth(&shape, &x, &w, &b, &vec![-1; rows], 1.0, &[], &[]);
+        let targets = targets_for(rng, rows, vocab, Some(&pre.logits), ignored);
+        let dloss = rng.random_range(0.5f32..2.0);
+        Case { shape, x, w, b, targets, dw0, db0, dloss }
+    }
+}
+
+struct GpuOut {
+    stats: mapet::ops::cross_entropy::CrossEntropyStats,
+    rows: CpuRowOutputs,
+    fwd_stats: mapet::ops::cross_entropy::CrossEntropyStats,
+    fwd_rows: CpuRowOutputs,
+    dx: Vec<f32>,
+    dw: Vec<f32>,
+    db: Vec<f32>,
+}
+
+/// Runs forward alone and forward + backward on the GPU, every output poisoned first (dW and db
+/// start from `dw0`, `db0`: they are accumulated into).
+fn run_gpu(gpu: &Gpu, gemm: &Gemm, c: &Case) -> GpuOut {
+    let CrossEntropyShape { rows, dim, vocab, .. } = c.shape;
+    let x = gpu.upload_bf16(&c.x).unwrap();
+    let w = gpu.upload_bf16(&c.w).unwrap();
+    let b = gpu.upload(&c.b).unwrap();
+
+    let mut fwd = CudaRowOutputs::new(gpu, rows).unwrap();
+    fwd.poison().unwrap();
+    let fwd_stats = cuda_forward(gpu, gemm, &c.shape, &x, &w, &b, &c.targets, &mut fwd).unwrap();
+
+    let mut out = CudaRowOutputs::new(gpu, rows).unwrap();
+    out.poison().unwrap();
+    let mut dx = gpu.alloc::<bf16>(rows * dim).unwrap();
+    dx.poison().unwrap();
+    let mut dw = gpu.upload(&c.dw0).unwrap();
+    let mut db = gpu.upload(&c.db0).unwrap();
+    let stats = cuda_forward_backward(
+        gpu, gemm, &c.shape, &x, &w, &b, &c.targets, c.dloss, &mut out, &mut dx, &mut dw, &mut db,
+    )
+    .unwrap();
+    let o = GpuOut {
+        stats,
+        rows: out.to_host().unwrap(),
+        fwd_stats,
+        fwd_rows: fwd.to_host().unwrap(),
+        dx: dx.to_host_f32().unwrap(),
+        dw: dw.to_host().unwrap(),
+        db: db.to_host().unwrap(),
+    };
+    assert_eq!(o.dw.len(), vocab * dim);
+    o
+}
+
+fn assert_rows_written(what: &str, rows: &CpuRowOutputs, vocab: usize) {
+    assert_all_written(&format!("{what} row loss"), &rows.loss);
+    assert_all_written(&format!("{what} row lse"), &rows.lse);
+    if let Some(r) = rows.argmax.iter().position(|&a| a < 0 || a as usize >= vocab) {
+        panic!("{what}: row {r} argmax {} not written or out of range", rows.argmax[r]);
+    }
+}
+
+/// The full comparison of one case: GPU against the same-precision CPU baseline and the f64 truth.
+fn check_case(test: &str, gpu: &Gpu, gemm: &Gemm, c: &Case) {
+    let CrossEntropyShape { rows, dim, vocab, .. } = c.shape;
+    eprintln!("{test}: rows {rows}, dim {dim}, vocab {vocab}, chunk {:?}", c.shape.chunk_rows);
+    let t = truth(&c.shape, &c.x, &c.w, &c.b, &c.targets, c.dloss as f64, &c.dw0, &c.db0);
+    let mut base = CpuRowOutputs::new(rows);
+    let base_stats =
+        cpu_forward_with(CpuPrecision::GpuRounding, &c.shape, &c.x, &c.w, &c.b, &c.targets, &mut base).unwrap();
+    let mut bdx = vec![0.0f32; rows * dim];
+    let (mut bdw, mut bdb) = (c.dw0.clone(), c.db0.clone());
+    cpu_backward_with(
+        CpuPrecision::GpuRounding,
+        &c.shape,
+        &c.x,
+        &c.w,
+        &c.b,
+        &c.targets,
+        c.dloss,
+        &mut bdx,
+        &mut bdw,
+        &mut bdb,
+    )
+    .unwrap();
+
+    let g = run_gpu(gpu, gemm, c);
+    assert_rows_written("forward", &g.fwd_rows, vocab);
+    assert_rows_written("forward+backward", &g.rows, vocab);
+
+    // The forward alone and the training variant compute the same statistics, bit for bit.
+    assert_eq!(g.fwd_stats, g.stats, "forward-only and forward+backward statistics differ");
+    for r in 0..rows {
+        assert!(
+            g.fwd_rows.loss[r].to_bits() == g.rows.loss[r].to_bits()
+                && g.fwd_rows.lse[r].to_bits() == g.rows.lse[r].to_bits()
+                && g.fwd_rows.argmax[r] == g.rows.argmax[r],
+            "row {r}: forward-only and forward+backward differ"
+        );
+    }
+
+    assert_within_baseline(&format!("{test} row loss"), &g.rows.loss, &base.loss, &t.loss, 2.0, 1e-5);
+    assert_within_baseline(&format!("{test} row lse"), &g.rows.lse, &base.lse, &t.lse, 2.0, 1e-5);
+    assert_within_baseline(&format!("{test} mean loss"), &[g.stats.loss], &[base_stats.loss], &[t.mean], 2.0, 1e-5);
+
+    // The mean is the mean of the kernel's own row losses; correct counts the kernel's argmax.
+    assert_eq!(g.stats.counted, t.counted);
+    let mut sum = 0.0f64;
+    let mut correct = 0;
+    for r in 0..rows {
+        if c.targets[r] >= 0 {
+            sum += g.rows.loss[r] as f64;
+            correct += usize::from(g.rows.argmax[r] == c.targets[r]);
+        }
+    }
+    let own_mean = if t.counted > 0 { sum / t.counted as f64 } else { 0.0 };
+    assert!(close(g.stats.loss, own_mean, 1e-6), "mean loss {} vs the mean of the row losses {own_mean}", g.stats.loss);
+    assert_eq!(g.stats.correct, correct, "correct count vs the rows' argmax");
+
+    // Argmax: where the GPU and the baseline disagree, the two logits must be a rounding apart.
+    let mut disagree = 0;
+    for r in 0..rows {
+        let (ka, ba) = (g.rows.argmax[r] as usize, base.argmax[r] as usize);
+        if ka == ba {
+            continue;
+        }
+        disagree += 1;
+        let l = &t.logits[r * vocab..(r + 1) * vocab];
+        let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let scale = (0..vocab).map(|j| (l[j] - c.b[j] as f64).abs()).fold(0.0, f64::max);
+        let tol = scale / 128.0 + 1e-5;
+        assert!(
+            max - l[ka] <= tol,
+            "row {r}: GPU argmax {ka} (logit {}) is not within a bf16 rounding of the max {max} (baseline {ba})",
+            l[ka]
+        );
+    }
+    eprintln!("{test}: argmax differs from the baseline on {disagree} of {rows} rows (near ties)");
+
+    assert_within_baseline(&format!("{test} dx"), &g.dx, &bdx, &t.dx, 3.0, 1e-5);
+    assert_within_baseline(&format!("{test} dw"), &g.dw, &bdw, &t.dw, 3.0, 1e-5);
+    assert_within_baseline(&format!("{test} db"), &g.db, &bdb, &t.db, 3.0, 1e-5);
+    for r in 0..rows {
+        if c.targets[r] < 0 {
+            assert!(g.dx[r * dim..(r + 1) * dim].iter().all(|&v| v == 0.0), "row {r} is ignored but has a dx");
+        }
+    }
+}
+
+#[test]
+fn gpu_one_row_vocab_37() {
+    let test = "gpu_one_row_vocab_37";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let mut c = Case::random(&mut rng, 1, 8, 37, None, 1.0, 0.0);
+    c.targets[0] = rng.random_range(0..37);
+    check_case(test, &gpu, &gemm, &c);
+}
+
+/// V = 8191 (scalar path), several chunks and a shorter last one, ignored rows.
+#[test]
+fn gpu_vocab_8191_chunked() {
+    let test = "gpu_vocab_8191_chunked";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let c = Case::random(&mut rng, 300, 64, 8191, Some(128), 0.5, 0.2);
+    check_case(test, &gpu, &gemm, &c);
+}
+
+/// V = 8192 (vector path), several chunks and a shorter last one, a quarter of the rows ignored.
+#[test]
+fn gpu_vocab_8192_chunked() {
+    let test = "gpu_vocab_8192_chunked";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let c = Case::random(&mut rng, 517, 128, 8192, Some(200), 0.5, 0.25);
+    check_case(test, &gpu, &gemm, &c);
+}
+
+/// Small odd sizes in one chunk and in chunks of one row.
+#[test]
+fn gpu_small_odd_shapes() {
+    let test = "gpu_small_odd_shapes";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for (rows, dim, vocab, chunk) in [(7, 16, 37, None), (7, 16, 37, Some(1)), (33, 24, 8, Some(5)), (5, 8, 3, None)] {
+        let c = Case::random(&mut rng, rows, dim, vocab, chunk, 1.0, 0.2);
+        check_case(test, &gpu, &gemm, &c);
+    }
+}
+
+/// Logits of magnitude ~100 (|x|, |w| < 6, D = 64): no overflow, no NaN, same accuracy rule.
+#[test]
+fn gpu_large_logits() {
+    let test = "gpu_large_logits";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for vocab in [1000, 1001] {
+        let c = Case::random(&mut rng, 64, 64, vocab, Some(24), 6.0, 0.1);
+        let t = truth(&c.shape, &c.x, &c.w, &c.b, &c.targets, 1.0, &c.dw0, &c.db0);
+        let big = t.logits.iter().fold(0.0f64, |m, &v| m.max(v.abs()));
+        eprintln!("{test}: largest |logit| {big:.1}");
+        assert!(big > 100.0, "the case should have logits beyond 100, largest {big}");
+        check_case(test, &gpu, &gemm, &c);
+    }
+}
+
+/// Exact integer logits with many ties: both backends must pick the lowest index of the max.
+#[test]
+fn gpu_ties_resolve_to_the_lowest_index() {
+    let test = "gpu_ties_resolve_to_the_lowest_index";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for vocab in [37, 64] {
+        let (rows, dim) = (96, 16);
+        // Entries in {-1, 0, 1}: every dot product is a small integer, exact in f32 and bf16.
+        let tern = |rng: &mut ChaCha8Rng, n: usize| -> Vec<f32> {
+            (0..n).map(|_| rng.random_range(-1i32..=1) as f32).collect()
+        };
+        let x = tern(&mut rng, rows * dim);
+        let mut w = tern(&mut rng, vocab * dim);
+        let mut b: Vec<f32> = (0..vocab).map(|_| rng.random_range(-1i32..=1) as f32).collect();
+        // Duplicate some rows of W (and their bias) so that ties are certain.
+        for _ in 0..vocab / 3 {
+            let (src, dst) = (rng.random_range(0..vocab), rng.random_range(0..vocab));
+            let row: Vec<f32> = w[src * dim..(src + 1) * dim].to_vec();
+            w[dst * dim..(dst + 1) * dim].copy_from_slice(&row);
+            b[dst] = b[src];
+        }
+        let shape = CrossEntropyShape::new(rows, dim, vocab).with_chunk_rows(40);
+        let t = truth(&shape, &x, &w, &b, &vec![-1; rows], 1.0, &[], &[]);
+        // Targets: the highest index among the tied maxima on some rows (must not count as
+        // correct), the lowest on others.
+        let mut ties = 0;
+        let targets: Vec<i32> = (0..rows)
+            .map(|r| {
+                let l = &t.logits[r * vocab..(r + 1) * vocab];
+                let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lowest = l.iter().position(|&v| v == max).unwrap();
+                let highest = l.iter().rposition(|&v| v == max).unwrap();
+                ties += usize::from(lowest != highest);
+                if r % 2 == 0 {
+                    highest as i32
+                } else {
+                    lowest as i32
+                }
+            })
+            .collect();
+        eprintln!("{test}: vocab {vocab}: {ties} of {rows} rows have a tied maximum");
+        assert!(ties > 0, "the case should contain ties");
+        let mut base = CpuRowOutputs::new(rows);
+        let base_stats = cpu_forward(&shape, &x, &w, &b, &targets, &mut base).unwrap();
+        let c = Case {
+            shape,
+            x: x.clone(),
+            w: w.clone(),
+            b: b.clone(),
+            targets: targets.clone(),
+            dw0: uniform(&mut rng, vocab * dim, 0.01),
+            db0: uniform(&mut rng, vocab, 0.01),
+            dloss: 1.0,
+        };
+        let g = run_gpu(&gpu, &gemm, &c);
+        for r in 0..rows {
+            let l = &t.logits[r * vocab..(r + 1) * vocab];
+            let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lowest = l.iter().position(|&v| v == max).unwrap() as i32;
+            assert_eq!(base.argmax[r], lowest, "CPU row {r}");
+            assert_eq!(g.rows.argmax[r], lowest, "GPU row {r}");
+        }
+        assert_eq!(g.stats.correct, base_stats.correct);
+        assert_eq!(g.stats.counted, base_stats.counted);
+        check_case(test, &gpu, &gemm, &c);
+    }
+}
+
+/// Every row ignored: loss 0, nothing counted, dx all zero, dW and db unchanged.
+#[test]
+fn gpu_all_rows_ignored() {
+    let test = "gpu_all_rows_ignored";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let mut c = Case::random(&mut rng, 20, 16, 40, Some(8), 1.0, 0.0);
+    c.targets.fill(-1);
+    let g = run_gpu(&gpu, &gemm, &c);
+    assert_rows_written(test, &g.rows, 40);
+    assert_eq!((g.stats.loss, g.stats.correct, g.stats.counted), (0.0, 0, 0));
+    assert!(g.rows.loss.iter().all(|&v| v == 0.0));
+    assert!(g.dx.iter().all(|&v| v == 0.0), "dx must be written as zeros");
+    assert_eq!(g.dw, c.dw0, "dW must be unchanged");
+    assert_eq!(g.db, c.db0, "db must be unchanged");
+}
+
+/// Two identical calls give bit-identical results (no atomics, fixed reduction orders).
+#[test]
+fn gpu_is_deterministic() {
+    let test = "gpu_is_deterministic";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let c = Case::random(&mut rng, 450, 64, 1024, Some(100), 0.5, 0.1);
+    let a = run_gpu(&gpu, &gemm, &c);
+    let b = run_gpu(&gpu, &gemm, &c);
+    assert_eq!(a.stats, b.stats);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.rows.loss), bits(&b.rows.loss));
+    assert_eq!(bits(&a.rows.lse), bits(&b.rows.lse));
+    assert_eq!(a.rows.argmax, b.rows.argmax);
+    assert_eq!(bits(&a.dx), bits(&b.dx));
+    assert_eq!(bits(&a.dw), bits(&b.dw));
+    assert_eq!(bits(&a.db), bits(&b.db));
+}
+
+/// Host checks refuse bad input before anything runs.
+#[test]
+fn gpu_rejects_bad_input() {
+    let test = "gpu_rejects_bad_input";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let (rows, vocab) = (4, 37);
+    for dim in [12, 8] {
+        let shape = CrossEntropyShape::new(rows, dim, vocab);
+        let x = gpu.upload_bf16(&uniform(&mut rng, rows * dim, 1.0)).unwrap();
+        let w = gpu.upload_bf16(&uniform(&mut rng, vocab * dim, 1.0)).unwrap();
+        let b = gpu.upload(&uniform(&mut rng, vocab, 1.0)).unwrap();
+        let mut out = CudaRowOutputs::new(&gpu, rows).unwrap();
+        if dim % 8 != 0 {
+            let err = cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &[0, 1, 2, 3], &mut out).unwrap_err();
+            assert!(matches!(err, Error::Unsupported { what: "feature dimension", .. }), "{err}");
+        } else {
+            let err = cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &[0, 1, 37, 3], &mut out).unwrap_err();
+            assert!(err.to_string().contains("row 2"), "{err}");
+            let err = cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &[0, 1, 2], &mut out).unwrap_err();
+            assert!(matches!(err, Error::Shape { tensor: "targets", .. }), "{err}");
+            let (mut dx, mut dw, mut db) =
+                (gpu.alloc::<bf16>(rows * dim).unwrap(), gpu.alloc::<f32>(vocab * dim).unwrap(), gpu.alloc(1).unwrap());
+            let err = cuda_forward_backward(
+                &gpu,
+                &gemm,
+                &shape,
+                &x,
+                &w,
+                &b,
+                &[0, 1, 2, 3],
+                1.0,
+                &mut out,
+                &mut dx,
+                &mut dw,
+                &mut db,
+            )
+            .unwrap_err();
+            assert!(matches!(err, Error::Shape { tensor: "db", .. }), "{err}");
+        }
+    }
+}
