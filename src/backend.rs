@@ -325,7 +325,12 @@ impl Backend for CudaBackend {
         gelu::cuda_forward(&self.gpu, x, y)
     }
 
-    fn gelu_backward(&self, x: &DeviceBuffer<bf16>, dy: &DeviceBuffer<bf16>, dx: &mut DeviceBuffer<bf16>) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        x: &DeviceBuffer<bf16>,
+        dy: &DeviceBuffer<bf16>,
+        dx: &mut DeviceBuffer<bf16>,
+    ) -> Result<()> {
         gelu::cuda_backward(&self.gpu, x, dy, dx)
     }
 

@@ -43,6 +43,35 @@ pub fn sgemm(
     }
 }
 
+/// C[m, n] = alpha * A^T B + beta * C with A stored [k, m] and B stored [k, n], all row-major:
+/// the weight gradient of a Linear layer (dW[out, in] = dY^T X with dY [rows, out], X [rows, in]).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_tn(m: usize, n: usize, k: usize, alpha: f32, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "sgemm_tn: buffers too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above bound every index the strides reach.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            1,
+            m as isize,
+            b.as_ptr(),
+            n as isize,
+            1,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
 /// Rounds every value to the nearest bf16 and back: the CPU image of what a bf16 tensor holds.
 pub fn round_bf16(x: &mut [f32]) {
     for v in x {
@@ -74,6 +103,22 @@ mod tests {
                     let want = 2.0 * s + 0.5;
                     assert!((c[i * n + j] as f64 - want).abs() < 1e-5, "({i},{j}) bt={bt}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn sgemm_tn_matches_naive() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::random());
+        let (m, n, k) = (6, 4, 11);
+        let a: Vec<f32> = (0..k * m).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut c = vec![0.25f32; m * n];
+        sgemm_tn(m, n, k, 1.5, &a, &b, 1.0, &mut c);
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|l| a[l * m + i] as f64 * b[l * n + j] as f64).sum();
+                assert!((c[i * n + j] as f64 - (1.5 * s + 0.25)).abs() < 1e-5, "({i},{j})");
             }
         }
     }

@@ -13,7 +13,7 @@
 //! The [`Backend`] trait gathers both so that the model is written once.
 //! See `cuda/params.h` for the parameter struct of every kernel.
 
-// pub mod backend; (enabled once every op it forwards to exists)
+pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
@@ -23,4 +23,5 @@ pub mod ops;
 pub mod perm;
 pub mod testing;
 
+pub use backend::{Backend, CpuBackend, CudaBackend};
 pub use error::{Error, Result};

@@ -1,6 +1,8 @@
 //! The MaPeT model: configuration, parameters (one flat buffer, official names), and the
 //! two-stream forward and backward over a [`crate::Backend`].
 
+pub mod cpu;
+pub mod golden;
 pub mod params;
 
 pub use params::{ModelConfig, ParamLayout, ParamSpec};

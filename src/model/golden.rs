@@ -1,0 +1,114 @@
+//! Cases in the golden format (`weights.*`, `batch.*`, header metadata; see
+//! `tests/data/golden/README.md`): reading one, running one forward and backward with drop path
+//! off, and writing the results under the same names (`out.loss`, `out.logits`,
+//! `out.predicted_index`, `grads.<official name>`). This is what `mapet check-step` does, and how
+//! anyone checks this implementation against the authors' PyTorch model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::io::{write_f32_safetensors, SafeTensorsFile};
+use crate::model::cpu::{Batch, CpuModel};
+use crate::model::params::{ModelConfig, ParamLayout};
+use crate::perm;
+
+/// A case read from disk.
+pub struct Case {
+    /// The model's sizes, from the header metadata.
+    pub config: ModelConfig,
+    /// The flat parameter buffer.
+    pub params: Vec<f32>,
+    /// The batch.
+    pub batch: Batch,
+}
+
+fn ints_to_i32(path: &Path, name: &str, v: Vec<i64>) -> Result<Vec<i32>> {
+    v.into_iter()
+        .map(|x| {
+            i32::try_from(x).map_err(|_| Error::File {
+                path: path.to_path_buf(),
+                detail: format!("tensor `{name}` holds {x}, out of the i32 range"),
+            })
+        })
+        .collect()
+}
+
+impl Case {
+    /// Reads a case; every missing key or tensor is an error naming the file and the key.
+    pub fn load(path: &Path) -> Result<Case> {
+        let file = SafeTensorsFile::open(path)?;
+        let g = |k: &str| file.metadata_usize(k);
+        let config = ModelConfig {
+            image: g("img_size")?,
+            patch: g("patch_size")?,
+            dim: g("embed_dim")?,
+            depth: g("depth")?,
+            heads: g("num_heads")?,
+            vocab: g("vocab_size")?,
+            context: g("context_tokens")?,
+        };
+        let layout = ParamLayout::new(config)?;
+        let params = layout.load_safetensors(path, "weights.")?;
+        let (ishape, images) = file.f32_tensor("batch.images")?;
+        let batch = ishape.first().copied().unwrap_or(0);
+        let tokens = ints_to_i32(path, "batch.tokens", file.i64_tensor("batch.tokens")?.1)?;
+        let ranks = ints_to_i32(path, "batch.ranks", file.i64_tensor("batch.ranks")?.1)?;
+        let batch = Batch { batch, images, tokens, ranks };
+        batch.validate(&config).map_err(|e| Error::File { path: path.to_path_buf(), detail: e.to_string() })?;
+        Ok(Case { config, params, batch })
+    }
+}
+
+/// Results of one step, under the golden names, as (name, shape, values).
+pub struct StepOutput {
+    /// Every output tensor.
+    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl StepOutput {
+    /// A tensor by name.
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        self.tensors.iter().find(|(n, _, _)| n == name).map(|(_, _, v)| &v[..])
+    }
+
+    /// Writes every tensor as f32 safetensors (atomically).
+    pub fn save(&self, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
+        let views: Vec<(String, Vec<usize>, &[f32])> =
+            self.tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), &v[..])).collect();
+        write_f32_safetensors(path, &views, metadata)
+    }
+}
+
+/// One forward and backward of `case` on the CPU, drop path off.
+pub fn run_cpu(case: &Case) -> Result<StepOutput> {
+    let model = CpuModel::new(case.config)?;
+    let layout = &model.layout;
+    let mut grads = vec![0.0f32; layout.total];
+    let out = model.step(&case.params, &case.batch, None, Some(&mut grads), true)?;
+    let cfg = case.config;
+    let (n, c, p, v) = (cfg.n_tokens(), cfg.context, cfg.n_pred(), cfg.vocab);
+    let b = case.batch.batch;
+
+    // Logits come in rank order; the golden format lists predicted tokens by ascending index.
+    let logits_rank = out.logits.expect("requested");
+    let mut logits = Vec::with_capacity(b * p * v);
+    let mut predicted = Vec::with_capacity(b * p);
+    for s in 0..b {
+        let ranks: Vec<u32> = case.batch.ranks[s * n..(s + 1) * n].iter().map(|&r| r as u32).collect();
+        for t in perm::predicted_index(&ranks, c) {
+            let row = s * p + ranks[t as usize] as usize - c;
+            logits.extend_from_slice(&logits_rank[row * v..(row + 1) * v]);
+            predicted.push(t as f32);
+        }
+    }
+    let mut tensors = vec![
+        ("out.loss".to_string(), vec![1], vec![out.loss]),
+        ("out.logits".to_string(), vec![b, p, v], logits),
+        ("out.predicted_index".to_string(), vec![b, p], predicted),
+    ];
+    for spec in &layout.specs {
+        tensors.push((format!("grads.{}", spec.name), spec.shape.clone(), grads[spec.range()].to_vec()));
+    }
+    Ok(StepOutput { tensors })
+}
