@@ -22,6 +22,10 @@ pub enum Error {
     #[error("{}: {detail}", path.display())]
     File { path: std::path::PathBuf, detail: String },
 
+    /// A loss or gradient norm that is NaN or infinite; the training state was left unchanged.
+    #[error("non-finite {what} at training step {step}: the update was skipped and the state is unchanged")]
+    NonFinite { step: u64, what: &'static str },
+
     /// The crate was built without nvcc, so there are no kernels to run.
     #[error("CUDA kernels were not built into this binary: {0}")]
     KernelsNotBuilt(&'static str),

@@ -1,0 +1,322 @@
+//! Training checkpoints: one folder holding
+//!
+//! - `model.safetensors`: the f32 parameters under the authors' state-dict names and shapes
+//!   (loads into their model with `load_state_dict` as is);
+//! - `optimizer.safetensors`: AdamW's moments, `exp_avg.<name>` and `exp_avg_sq.<name>` for every
+//!   parameter `<name>`, same shapes;
+//! - `meta.json`: format version, model config, recipe, step, epoch, and the generator's exact
+//!   position (ChaCha8 seed, stream, word position), so that a resumed run repeats an
+//!   uninterrupted one bit for bit.
+//!
+//! Saving never leaves the checkpoint half-written: everything goes into the sibling folder
+//! `DIR.tmp` (each file synced, then the folder), the previous `DIR` is renamed to `DIR.old`,
+//! `DIR.tmp` to `DIR`, and only then is `DIR.old` removed. A crash at any point leaves either
+//! `DIR` or `DIR.old` complete; [`load`] falls back to `DIR.old` when `DIR` is missing. Saving
+//! refuses to replace a `DIR` (or `DIR.old`) that is neither empty nor a checkpoint, so it never
+//! deletes unrelated files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::io::SafeTensorsFile;
+use crate::model::params::{ModelConfig, ParamLayout};
+use crate::model::train::{Recipe, RngState, TrainState};
+
+/// Version of the checkpoint layout written by [`save`].
+pub const FORMAT_VERSION: u32 = 1;
+/// The parameters' file.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The optimizer moments' file.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The metadata file.
+pub const META_FILE: &str = "meta.json";
+/// Name prefix of the first moments in [`OPTIMIZER_FILE`].
+pub const EXP_AVG: &str = "exp_avg.";
+/// Name prefix of the second moments in [`OPTIMIZER_FILE`].
+pub const EXP_AVG_SQ: &str = "exp_avg_sq.";
+
+const FORMAT_NAME: &str = "mapet-checkpoint";
+
+fn file_err(path: &Path, detail: impl std::fmt::Display) -> Error {
+    Error::File { path: path.to_path_buf(), detail: detail.to_string() }
+}
+
+/// The model config as `meta.json` stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct ConfigJson {
+    image: usize,
+    patch: usize,
+    dim: usize,
+    depth: usize,
+    heads: usize,
+    vocab: usize,
+    context: usize,
+}
+
+impl ConfigJson {
+    fn of(c: &ModelConfig) -> Self {
+        ConfigJson {
+            image: c.image,
+            patch: c.patch,
+            dim: c.dim,
+            depth: c.depth,
+            heads: c.heads,
+            vocab: c.vocab,
+            context: c.context,
+        }
+    }
+
+    fn fields(&self) -> [(&'static str, usize); 7] {
+        [
+            ("image", self.image),
+            ("patch", self.patch),
+            ("dim", self.dim),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("vocab", self.vocab),
+            ("context", self.context),
+        ]
+    }
+}
+
+/// The generator's position; the seed in hex and the word position as a decimal string (a u128).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct RngJson {
+    algorithm: String,
+    seed: String,
+    stream: u64,
+    word_pos: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Meta {
+    format: String,
+    format_version: u32,
+    config: ConfigJson,
+    recipe: Recipe,
+    step: u64,
+    epoch: u64,
+    rng: RngJson,
+    num_params: usize,
+}
+
+/// A loaded checkpoint.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// Parameters, moments, counters and generator, ready for [`crate::model::train::train_step`].
+    pub state: TrainState,
+    /// The recipe the checkpoint was trained with.
+    pub recipe: Recipe,
+    /// The folder it was read from (`DIR`, or `DIR.old` after a save interrupted between renames).
+    pub dir: PathBuf,
+}
+
+/// `DIR.tmp` and `DIR.old` next to `dir`.
+fn siblings(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let name =
+        dir.file_name().ok_or_else(|| file_err(dir, "a checkpoint path must end in a folder name"))?.to_os_string();
+    let with = |suffix: &str| {
+        let mut n = name.clone();
+        n.push(suffix);
+        dir.with_file_name(n)
+    };
+    Ok((with(".tmp"), with(".old")))
+}
+
+/// Errors unless `path` is absent, an empty folder, or a folder holding a `meta.json`.
+fn check_replaceable(path: &Path) -> Result<()> {
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(file_err(path, format!("cannot inspect: {e}"))),
+    };
+    if !md.is_dir() {
+        return Err(file_err(path, "exists and is not a folder; refusing to replace it with a checkpoint"));
+    }
+    let empty = std::fs::read_dir(path).map_err(|e| file_err(path, format!("cannot list: {e}")))?.next().is_none();
+    if empty || path.join(META_FILE).is_file() {
+        Ok(())
+    } else {
+        Err(file_err(path, format!("is neither empty nor a checkpoint (no {META_FILE}); refusing to replace it")))
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_err(path, format!("cannot sync: {e}")))
+}
+
+fn remove_dir(path: &Path) -> Result<()> {
+    std::fs::remove_dir_all(path).map_err(|e| file_err(path, format!("cannot remove: {e}")))
+}
+
+fn write_files(dir: &Path, layout: &ParamLayout, recipe: &Recipe, state: &TrainState) -> Result<()> {
+    let pt = || HashMap::from([("format".to_string(), "pt".to_string())]);
+    layout.save_safetensors(&state.params, &dir.join(MODEL_FILE), pt())?;
+
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::with_capacity(2 * layout.specs.len());
+    for (prefix, buf) in [(EXP_AVG, &state.m), (EXP_AVG_SQ, &state.v)] {
+        for s in &layout.specs {
+            tensors.push((format!("{prefix}{}", s.name), s.shape.clone(), &buf[s.range()]));
+        }
+    }
+    let mut meta = pt();
+    meta.insert("step".into(), state.step.to_string());
+    crate::io::write_f32_safetensors(&dir.join(OPTIMIZER_FILE), &tensors, meta)?;
+
+    let rng = RngState::of(&state.rng);
+    let meta = Meta {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        config: ConfigJson::of(&layout.config),
+        recipe: recipe.clone(),
+        step: state.step,
+        epoch: state.epoch,
+        rng: RngJson {
+            algorithm: "ChaCha8".into(),
+            seed: rng.seed.iter().map(|b| format!("{b:02x}")).collect(),
+            stream: rng.stream,
+            word_pos: rng.word_pos.to_string(),
+        },
+        num_params: layout.num_params(),
+    };
+    let path = dir.join(META_FILE);
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| file_err(&path, format!("cannot encode: {e}")))?;
+    crate::io::write_atomically(&path, &json)
+}
+
+/// Saves `state` (trained with `recipe`, of `layout`'s config) as the checkpoint folder `dir`,
+/// replacing a previous checkpoint there only once the new one is complete (see the module
+/// notes). On error, whatever checkpoint `dir` held before is still there and loadable.
+pub fn save(dir: &Path, layout: &ParamLayout, recipe: &Recipe, state: &TrainState) -> Result<()> {
+    state.check(layout)?;
+    let (tmp, old) = siblings(dir)?;
+    check_replaceable(dir)?;
+    check_replaceable(&old)?;
+    // A leftover DIR.tmp is an interrupted save: never a complete checkpoint anyone reads.
+    if let Ok(md) = std::fs::symlink_metadata(&tmp) {
+        if !md.is_dir() {
+            return Err(file_err(&tmp, "exists and is not a folder; refusing to replace it"));
+        }
+        remove_dir(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, format!("cannot create: {e}")))?;
+    if let Err(e) = write_files(&tmp, layout, recipe, state).and_then(|()| sync_dir(&tmp)) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+
+    let had_dir = dir.exists();
+    if had_dir {
+        if old.exists() {
+            // DIR is complete, so a DIR.old beside it is a leftover of an earlier save.
+            remove_dir(&old)?;
+        }
+        std::fs::rename(dir, &old)
+            .map_err(|e| file_err(dir, format!("cannot move aside to {}: {e}", old.display())))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if had_dir {
+            let _ = std::fs::rename(&old, dir);
+        }
+        return Err(file_err(dir, format!("cannot move {} into place: {e}", tmp.display())));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    sync_dir(&parent)?;
+    if old.exists() {
+        // The new checkpoint is complete and in place; a failure here only leaves a stale copy,
+        // which the next save removes.
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+/// Reads every parameter of `layout` under `prefix + name` from `file`, checking names and shapes.
+fn read_flat(file: &SafeTensorsFile, path: &Path, layout: &ParamLayout, prefix: &str) -> Result<Vec<f32>> {
+    let mut flat = vec![0.0f32; layout.total];
+    for s in &layout.specs {
+        let name = format!("{prefix}{}", s.name);
+        let (shape, values) = file.f32_tensor(&name)?;
+        if shape != s.shape {
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` has shape {shape:?}, this config needs {:?}", s.shape),
+            ));
+        }
+        flat[s.range()].copy_from_slice(&values);
+    }
+    Ok(flat)
+}
+
+fn read_meta(path: &Path) -> Result<Meta> {
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let meta: Meta =
+        serde_json::from_slice(&bytes).map_err(|e| file_err(path, format!("not a valid checkpoint meta file: {e}")))?;
+    if meta.format != FORMAT_NAME || meta.format_version != FORMAT_VERSION {
+        return Err(file_err(
+            path,
+            format!(
+                "format {:?} version {}, this build reads {FORMAT_NAME:?} version {FORMAT_VERSION}",
+                meta.format, meta.format_version
+            ),
+        ));
+    }
+    Ok(meta)
+}
+
+fn parse_rng(path: &Path, r: &RngJson) -> Result<RngState> {
+    let bad = |what: &str| file_err(path, format!("rng.{what} is malformed"));
+    if r.algorithm != "ChaCha8" {
+        return Err(file_err(path, format!("rng.algorithm is {:?}, expected \"ChaCha8\"", r.algorithm)));
+    }
+    if r.seed.len() != 64 || !r.seed.is_ascii() {
+        return Err(bad("seed (64 hex digits)"));
+    }
+    let mut seed = [0u8; 32];
+    for (i, b) in seed.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&r.seed[2 * i..2 * i + 2], 16).map_err(|_| bad("seed (64 hex digits)"))?;
+    }
+    let word_pos = r.word_pos.parse::<u128>().map_err(|_| bad("word_pos"))?;
+    Ok(RngState { seed, stream: r.stream, word_pos })
+}
+
+/// Loads the checkpoint folder `dir` (or `DIR.old` when `dir` is missing, see the module notes)
+/// for a model of `expected`. Errors name the file, and the tensor or field: a missing or
+/// truncated file, a tensor missing or of the wrong shape, a checkpoint of another config (the
+/// first differing field), an unknown format version.
+pub fn load(dir: &Path, expected: &ModelConfig) -> Result<Checkpoint> {
+    let layout = ParamLayout::new(*expected)?;
+    let (_, old) = siblings(dir)?;
+    let dir = if !dir.exists() && old.join(META_FILE).is_file() { old } else { dir.to_path_buf() };
+    if !dir.is_dir() {
+        return Err(file_err(&dir, "no checkpoint folder here"));
+    }
+
+    let meta_path = dir.join(META_FILE);
+    let meta = read_meta(&meta_path)?;
+    let want = ConfigJson::of(expected);
+    for ((field, got), (_, want)) in meta.config.fields().into_iter().zip(want.fields()) {
+        if got != want {
+            return Err(file_err(
+                &meta_path,
+                format!("checkpoint of another model: config field `{field}` is {got}, expected {want}"),
+            ));
+        }
+    }
+    let rng = parse_rng(&meta_path, &meta.rng)?;
+
+    let model_path = dir.join(MODEL_FILE);
+    let params = read_flat(&SafeTensorsFile::open(&model_path)?, &model_path, &layout, "")?;
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let opt = SafeTensorsFile::open(&opt_path)?;
+    let m = read_flat(&opt, &opt_path, &layout, EXP_AVG)?;
+    let v = read_flat(&opt, &opt_path, &layout, EXP_AVG_SQ)?;
+
+    let state = TrainState { params, m, v, step: meta.step, epoch: meta.epoch, rng: rng.restore() };
+    Ok(Checkpoint { state, recipe: meta.recipe, dir })
+}
