@@ -1,0 +1,3 @@
+//! The `mapet` command's library: training-curve plots and, beside them, the data pipeline.
+
+pub mod plot;
