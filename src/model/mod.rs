@@ -2,6 +2,7 @@
 //! two-stream forward and backward over a [`crate::Backend`].
 
 pub mod cpu;
+pub mod cuda;
 pub mod golden;
 pub mod params;
 
