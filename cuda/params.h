@@ -223,6 +223,56 @@ typedef struct MapetCrossEntropy {
     float grad_scale;
 } MapetCrossEntropy;
 
+// ---------------------------------------------------------------- residual helpers (cuda/residual.cu)
+// Layer-scale residual with per-sample drop path, rows r in [0, rows), sample(r) = r / rows_per_sample:
+//   forward:  out[r, c] = x[r, c] + scale[sample(r)] * gamma[c] * y[r, c]
+//   backward: dy[r, c] = dout[r, c] * scale[sample(r)] * gamma[c]      (written to `out`)
+//             dgamma[c] += sum_r dout[r, c] * scale[sample(r)] * y[r, c]
+// x, y, dout, out bf16 [rows, cols] (cols % 8 == 0, 16-byte aligned); gamma, dgamma f32 [cols];
+// scale f32 [rows / rows_per_sample]. The backward's first kernel writes per-chunk column sums
+// (chunk g = rows [g * chunk_rows, (g + 1) * chunk_rows)) into partial f32 [chunks, cols]; the
+// second adds their sum over g, in order, to dgamma.
+typedef struct MapetLayerScale {
+    const void* x;     // forward only
+    const void* y;
+    const void* dout;  // backward only
+    void* out;         // forward: the new residual stream; backward: dy
+    const float* gamma;
+    const float* scale;
+    float* dgamma;     // backward only
+    float* partial;    // backward only
+    int64_t rows;
+    int32_t cols;
+    int32_t rows_per_sample;
+    int32_t chunk_rows;
+    int32_t chunks;
+} MapetLayerScale;
+
+// Row copy between per-sample row ranges of two bf16 [batch, *, cols] tensors:
+//   dst[b, dst_row0 + i, :] (+)= src[b, src_row0 + i, :]   for b < batch, i < count
+// (accumulate != 0: added in f32 and rounded once). src_rows / dst_rows are the rows per sample
+// of each tensor. cols % 8 == 0, both pointers 16-byte aligned.
+typedef struct MapetRowCopy {
+    const void* src;
+    void* dst;
+    int64_t batch;
+    int32_t src_rows;
+    int32_t dst_rows;
+    int32_t src_row0;
+    int32_t dst_row0;
+    int32_t count;
+    int32_t cols;
+    int32_t accumulate;
+} MapetRowCopy;
+
+// Elementwise over n f32 values x: mapet_add_f32 does y[i] += x[i] (y f32);
+// mapet_f32_to_bf16 writes y[i] = bf16(x[i]) (y bf16).
+typedef struct MapetF32Vector {
+    const float* x;
+    void* y;
+    int64_t n;
+} MapetF32Vector;
+
 #ifdef __cplusplus
 }
 #endif

@@ -92,7 +92,8 @@
 //! (16 bytes) get the fast tensor-core paths, others (e.g. `a_transposed` with an odd `m`) get
 //! slower ones. What is refused: a GELU auxiliary matrix whose row length `n` is not a multiple of
 //! 8 (cuBLASLt requires `EPILOGUE_AUX_LD % 8 == 0`), and bias / aux pointers not 16-byte aligned
-//! (never the case for whole [`DeviceBuffer`]s, which are at least 256-byte aligned).
+//! (never the case for whole [`DeviceBuffer`]s, which are at least 256-byte aligned; a view is as
+//! aligned as its offset makes it).
 //!
 //! # Algorithm cache
 //!
@@ -110,23 +111,24 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaContext, CudaStream};
 use half::bf16;
 
-use crate::cuda::{DeviceBuffer, Gpu};
+use crate::cuda::{DeviceBuffer, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{Error, Result};
 
 /// Size of the cuBLASLt workspace (NVIDIA's recommendation for Hopper; more than enough elsewhere).
 pub const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// A bias vector, bf16 or f32 (see the module docs on types).
+/// A bias vector, bf16 or f32 (see the module docs on types): a whole [`DeviceBuffer`] or a
+/// view of one (`Vector::Bf16(&buffer)` and `Vector::Bf16(&view)` both work).
 #[derive(Clone, Copy)]
 pub enum Vector<'a> {
-    Bf16(&'a DeviceBuffer<bf16>),
-    F32(&'a DeviceBuffer<f32>),
+    Bf16(&'a dyn DeviceRead<bf16>),
+    F32(&'a dyn DeviceRead<f32>),
 }
 
-/// A bias-gradient output vector, bf16 or f32.
+/// A bias-gradient output vector, bf16 or f32: a whole [`DeviceBuffer`] or a view of one.
 pub enum VectorMut<'a> {
-    Bf16(&'a mut DeviceBuffer<bf16>),
-    F32(&'a mut DeviceBuffer<f32>),
+    Bf16(&'a mut dyn DeviceWrite<bf16>),
+    F32(&'a mut dyn DeviceWrite<f32>),
 }
 
 impl<'a> From<&'a DeviceBuffer<bf16>> for Vector<'a> {
@@ -651,11 +653,11 @@ impl Gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: &DeviceBuffer<bf16>,
+        a: &dyn DeviceRead<bf16>,
         a_transposed: bool,
-        b: &DeviceBuffer<bf16>,
+        b: &dyn DeviceRead<bf16>,
         b_transposed: bool,
-        c: &mut DeviceBuffer<bf16>,
+        c: &mut dyn DeviceWrite<bf16>,
         alpha: f32,
         beta: f32,
         epilogue: Epilogue<'_>,
@@ -701,11 +703,11 @@ impl Gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: &DeviceBuffer<bf16>,
+        a: &dyn DeviceRead<bf16>,
         a_transposed: bool,
-        b: &DeviceBuffer<bf16>,
+        b: &dyn DeviceRead<bf16>,
         b_transposed: bool,
-        c: &mut DeviceBuffer<f32>,
+        c: &mut dyn DeviceWrite<f32>,
         alpha: f32,
         beta: f32,
         epilogue: Epilogue<'_>,
@@ -750,11 +752,11 @@ impl Gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: &DeviceBuffer<bf16>,
+        a: &dyn DeviceRead<bf16>,
         a_transposed: bool,
-        b: &DeviceBuffer<bf16>,
+        b: &dyn DeviceRead<bf16>,
         b_transposed: bool,
-        c: &mut DeviceBuffer<bf16>,
+        c: &mut dyn DeviceWrite<bf16>,
         alpha: f32,
         beta: f32,
     ) -> Result<()> {

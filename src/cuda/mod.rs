@@ -13,6 +13,8 @@ pub mod report;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -258,7 +260,268 @@ kernel_params!(
     MapetPatchEmbedFwd,
     MapetPatchEmbedBwd,
     MapetCrossEntropy,
+    MapetLayerScale,
+    MapetRowCopy,
+    MapetF32Vector,
 );
+
+/// Device memory a kernel reads: a whole [`DeviceBuffer`], or a [`DeviceView`] /
+/// [`DeviceViewMut`] of a range of one.
+///
+/// Launchers take `&dyn DeviceRead<T>` (and `&mut dyn DeviceWrite<T>` for outputs), so callers
+/// pass `&buffer` as before or `&view` for a slice of a larger allocation (a parameter inside the
+/// flat parameter buffer, the first rows of an activation buffer sized for a larger batch). The
+/// launcher checks [`DeviceRead::len`] against the shape, exactly as for a whole buffer, and puts
+/// [`DeviceRead::ptr`] in the parameter struct. A view's start is only as aligned as its offset
+/// makes it: launchers whose kernels use vector accesses check the alignment of the pointers they
+/// get (a whole buffer is always 256-byte aligned).
+///
+/// Soundness rests on the borrow: a view borrows its buffer (shared or exclusive) for as long as
+/// it lives, so the memory stays allocated, and every kernel of a [`Gpu`] runs in order on its
+/// one stream.
+pub trait DeviceRead<T> {
+    /// Raw device address of the first element.
+    fn ptr(&self) -> *const c_void;
+
+    /// Number of elements.
+    fn len(&self) -> usize;
+
+    /// True when it holds no elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device address typed as f32, for the f32 fields of parameter structs.
+    fn f32_ptr(&self) -> *mut f32 {
+        self.ptr() as *mut f32
+    }
+}
+
+/// Device memory a kernel writes: a whole [`DeviceBuffer`] or a [`DeviceViewMut`] (see
+/// [`DeviceRead`]).
+pub trait DeviceWrite<T>: DeviceRead<T> {
+    /// Raw device address of the first element, for writing.
+    fn ptr_mut(&mut self) -> *mut c_void;
+}
+
+/// A shared, non-owning view of `len` elements of a device allocation (from
+/// [`DeviceBuffer::view`]). Copy, like `&[T]`.
+pub struct DeviceView<'a, T> {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    stream: &'a Arc<CudaStream>,
+    _borrow: PhantomData<&'a [T]>,
+}
+
+impl<T> Clone for DeviceView<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for DeviceView<'_, T> {}
+
+/// An exclusive, non-owning view of `len` elements of a device allocation (from
+/// [`DeviceBuffer::view_mut`] or [`DeviceBuffer::views_mut`]), like `&mut [T]`.
+pub struct DeviceViewMut<'a, T> {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    stream: &'a Arc<CudaStream>,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+/// Checks that `range` lies inside `len` elements.
+fn check_range(range: &Range<usize>, len: usize) -> Result<()> {
+    if range.start <= range.end && range.end <= len {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            tensor: "device view",
+            expected: format!("a range inside 0..{len}"),
+            got: format!("{}..{}", range.start, range.end),
+        })
+    }
+}
+
+/// Address of element `i` of an allocation of `T` starting at `base`.
+fn offset_ptr<T>(base: sys::CUdeviceptr, i: usize) -> sys::CUdeviceptr {
+    base + (i * std::mem::size_of::<T>()) as u64
+}
+
+/// Copies `len` elements at `ptr` back to the host (waits for the stream).
+fn copy_to_host<T: DeviceRepr + Default + Clone>(
+    stream: &Arc<CudaStream>,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+) -> Result<Vec<T>> {
+    let mut v = vec![T::default(); len];
+    if len > 0 {
+        // SAFETY: `ptr` addresses `len` live elements of T on this stream's context (the caller
+        // holds a borrow of the allocation); `v` has room for exactly `len` elements; the stream
+        // is synchronised before `v` is read or dropped.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v[..], ptr, stream.cu_stream()) }?;
+    }
+    stream.synchronize()?;
+    Ok(v)
+}
+
+impl<'a, T: DeviceRepr> DeviceView<'a, T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Raw device address of the first element.
+    pub fn ptr(&self) -> *const c_void {
+        self.ptr as usize as *const c_void
+    }
+
+    /// Elements `range` of this view, with the same lifetime.
+    pub fn view(&self, range: Range<usize>) -> Result<DeviceView<'a, T>> {
+        check_range(&range, self.len)?;
+        Ok(DeviceView {
+            ptr: offset_ptr::<T>(self.ptr, range.start),
+            len: range.len(),
+            stream: self.stream,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// Copies the viewed elements back to the host (waits for the stream).
+    pub fn to_host(&self) -> Result<Vec<T>>
+    where
+        T: Default + Clone,
+    {
+        copy_to_host(self.stream, self.ptr, self.len)
+    }
+}
+
+impl<T: DeviceRepr> DeviceViewMut<'_, T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Raw device address of the first element.
+    pub fn ptr(&self) -> *const c_void {
+        self.ptr as usize as *const c_void
+    }
+
+    /// Raw device address of the first element, for writing.
+    pub fn ptr_mut(&mut self) -> *mut c_void {
+        self.ptr as usize as *mut c_void
+    }
+
+    /// A shared view of the same elements, borrowing this one.
+    pub fn as_view(&self) -> DeviceView<'_, T> {
+        DeviceView { ptr: self.ptr, len: self.len, stream: self.stream, _borrow: PhantomData }
+    }
+
+    /// A shared view of elements `range`, borrowing this one.
+    pub fn view(&self, range: Range<usize>) -> Result<DeviceView<'_, T>> {
+        self.as_view().view(range)
+    }
+
+    /// An exclusive view of elements `range`, borrowing this one.
+    pub fn view_mut(&mut self, range: Range<usize>) -> Result<DeviceViewMut<'_, T>> {
+        check_range(&range, self.len)?;
+        Ok(DeviceViewMut {
+            ptr: offset_ptr::<T>(self.ptr, range.start),
+            len: range.len(),
+            stream: self.stream,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// Copies `host` into the viewed elements (same length), in stream order.
+    pub fn copy_from_host(&mut self, host: &[T]) -> Result<()> {
+        crate::error::check_len("host source", host.len(), self.len)?;
+        if !host.is_empty() {
+            // SAFETY: the view addresses `len` live elements of T, exclusively borrowed; the copy
+            // is enqueued on the stream that orders all work on them. For pageable host memory
+            // the driver has read `host` into its staging buffer before returning.
+            unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr, host, self.stream.cu_stream()) }?;
+        }
+        Ok(())
+    }
+
+    /// Sets every viewed byte to `byte`, in stream order.
+    fn memset(&mut self, byte: u8) -> Result<()> {
+        let bytes = self.len * std::mem::size_of::<T>();
+        if bytes > 0 {
+            // SAFETY: writes exactly the bytes of this exclusive view, on the stream that owns them.
+            unsafe { cudarc::driver::result::memset_d8_async(self.ptr, byte, bytes, self.stream.cu_stream()) }?;
+        }
+        Ok(())
+    }
+
+    /// Sets every viewed element to zero bits (0.0 for f32 and bf16), in stream order.
+    pub fn fill_zero(&mut self) -> Result<()> {
+        self.memset(0)
+    }
+
+    /// Fills the viewed elements with `0xFF` bytes (see [`DeviceBuffer::poison`]).
+    pub fn poison(&mut self) -> Result<()> {
+        self.memset(0xFF)
+    }
+
+    /// Copies the viewed elements back to the host (waits for the stream).
+    pub fn to_host(&self) -> Result<Vec<T>>
+    where
+        T: Default + Clone,
+    {
+        copy_to_host(self.stream, self.ptr, self.len)
+    }
+}
+
+impl<T: DeviceRepr> DeviceRead<T> for DeviceView<'_, T> {
+    fn ptr(&self) -> *const c_void {
+        DeviceView::ptr(self)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T: DeviceRepr> DeviceRead<T> for DeviceViewMut<'_, T> {
+    fn ptr(&self) -> *const c_void {
+        DeviceViewMut::ptr(self)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T: DeviceRepr> DeviceWrite<T> for DeviceViewMut<'_, T> {
+    fn ptr_mut(&mut self) -> *mut c_void {
+        DeviceViewMut::ptr_mut(self)
+    }
+}
+
+impl<T: DeviceRepr> DeviceRead<T> for DeviceBuffer<T> {
+    fn ptr(&self) -> *const c_void {
+        DeviceBuffer::ptr(self)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T: DeviceRepr> DeviceWrite<T> for DeviceBuffer<T> {
+    fn ptr_mut(&mut self) -> *mut c_void {
+        DeviceBuffer::ptr_mut(self)
+    }
+}
 
 /// A typed device allocation of `len` elements, owned, freed on drop (in stream order).
 pub struct DeviceBuffer<T> {
@@ -328,12 +591,81 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
     pub fn slice(&self) -> &CudaSlice<T> {
         &self.slice
     }
+
+    fn base(&self) -> sys::CUdeviceptr {
+        let (p, _sync) = self.slice.device_ptr(&self.stream);
+        p
+    }
+
+    /// A shared view of the whole buffer.
+    pub fn as_view(&self) -> DeviceView<'_, T> {
+        DeviceView { ptr: self.base(), len: self.len, stream: &self.stream, _borrow: PhantomData }
+    }
+
+    /// A shared view of elements `range`; an error when the range is not inside the buffer.
+    pub fn view(&self, range: Range<usize>) -> Result<DeviceView<'_, T>> {
+        self.as_view().view(range)
+    }
+
+    /// An exclusive view of elements `range`; an error when the range is not inside the buffer.
+    pub fn view_mut(&mut self, range: Range<usize>) -> Result<DeviceViewMut<'_, T>> {
+        check_range(&range, self.len)?;
+        Ok(DeviceViewMut {
+            ptr: offset_ptr::<T>(self.base(), range.start),
+            len: range.len(),
+            stream: &self.stream,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// `K` exclusive views of pairwise disjoint ranges at once (like `<[T]>::get_disjoint_mut`):
+    /// e.g. the weight and bias gradients of one layer inside the flat gradient buffer. An error
+    /// when a range is outside the buffer or two non-empty ranges overlap.
+    pub fn views_mut<const K: usize>(&mut self, ranges: [Range<usize>; K]) -> Result<[DeviceViewMut<'_, T>; K]> {
+        for (i, r) in ranges.iter().enumerate() {
+            check_range(r, self.len)?;
+            for s in &ranges[..i] {
+                if !r.is_empty() && !s.is_empty() && r.start < s.end && s.start < r.end {
+                    return Err(Error::Shape {
+                        tensor: "device views",
+                        expected: "pairwise disjoint ranges".into(),
+                        got: format!("{}..{} overlaps {}..{}", r.start, r.end, s.start, s.end),
+                    });
+                }
+            }
+        }
+        let base = self.base();
+        let stream = &self.stream;
+        Ok(ranges.map(|r| DeviceViewMut {
+            ptr: offset_ptr::<T>(base, r.start),
+            len: r.len(),
+            stream,
+            _borrow: PhantomData,
+        }))
+    }
+
+    /// Sets every element to zero bits (0.0 for f32 and bf16), in stream order.
+    pub fn fill_zero(&mut self) -> Result<()> {
+        let len = self.len;
+        self.view_mut(0..len)?.fill_zero()
+    }
 }
 
 impl DeviceBuffer<bf16> {
     /// Copies back and widens to f32.
     pub fn to_host_f32(&self) -> Result<Vec<f32>> {
         Ok(self.to_host()?.into_iter().map(f32::from).collect())
+    }
+}
+
+/// Checks that a device address is a multiple of `bytes` (a power of two), as a kernel's vector
+/// accesses need; the error names the tensor. Whole buffers are 256-byte aligned, views are as
+/// aligned as their offset makes them.
+pub fn check_aligned(tensor: &'static str, ptr: *const c_void, bytes: usize) -> Result<()> {
+    if (ptr as usize).is_multiple_of(bytes) {
+        Ok(())
+    } else {
+        Err(Error::Alignment { tensor, detail: format!("address {ptr:p} is not {bytes}-byte aligned") })
     }
 }
 

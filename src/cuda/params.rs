@@ -404,3 +404,83 @@ const _: () = {
     ["Offset of field: MapetCrossEntropy::grad_scale"]
         [::core::mem::offset_of!(MapetCrossEntropy, grad_scale) - 108usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetLayerScale {
+    pub x: *const ::core::ffi::c_void,
+    pub y: *const ::core::ffi::c_void,
+    pub dout: *const ::core::ffi::c_void,
+    pub out: *mut ::core::ffi::c_void,
+    pub gamma: *const f32,
+    pub scale: *const f32,
+    pub dgamma: *mut f32,
+    pub partial: *mut f32,
+    pub rows: i64,
+    pub cols: i32,
+    pub rows_per_sample: i32,
+    pub chunk_rows: i32,
+    pub chunks: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetLayerScale"][::core::mem::size_of::<MapetLayerScale>() - 88usize];
+    ["Alignment of MapetLayerScale"][::core::mem::align_of::<MapetLayerScale>() - 8usize];
+    ["Offset of field: MapetLayerScale::x"][::core::mem::offset_of!(MapetLayerScale, x) - 0usize];
+    ["Offset of field: MapetLayerScale::y"][::core::mem::offset_of!(MapetLayerScale, y) - 8usize];
+    ["Offset of field: MapetLayerScale::dout"][::core::mem::offset_of!(MapetLayerScale, dout) - 16usize];
+    ["Offset of field: MapetLayerScale::out"][::core::mem::offset_of!(MapetLayerScale, out) - 24usize];
+    ["Offset of field: MapetLayerScale::gamma"][::core::mem::offset_of!(MapetLayerScale, gamma) - 32usize];
+    ["Offset of field: MapetLayerScale::scale"][::core::mem::offset_of!(MapetLayerScale, scale) - 40usize];
+    ["Offset of field: MapetLayerScale::dgamma"][::core::mem::offset_of!(MapetLayerScale, dgamma) - 48usize];
+    ["Offset of field: MapetLayerScale::partial"][::core::mem::offset_of!(MapetLayerScale, partial) - 56usize];
+    ["Offset of field: MapetLayerScale::rows"][::core::mem::offset_of!(MapetLayerScale, rows) - 64usize];
+    ["Offset of field: MapetLayerScale::cols"][::core::mem::offset_of!(MapetLayerScale, cols) - 72usize];
+    ["Offset of field: MapetLayerScale::rows_per_sample"]
+        [::core::mem::offset_of!(MapetLayerScale, rows_per_sample) - 76usize];
+    ["Offset of field: MapetLayerScale::chunk_rows"][::core::mem::offset_of!(MapetLayerScale, chunk_rows) - 80usize];
+    ["Offset of field: MapetLayerScale::chunks"][::core::mem::offset_of!(MapetLayerScale, chunks) - 84usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetRowCopy {
+    pub src: *const ::core::ffi::c_void,
+    pub dst: *mut ::core::ffi::c_void,
+    pub batch: i64,
+    pub src_rows: i32,
+    pub dst_rows: i32,
+    pub src_row0: i32,
+    pub dst_row0: i32,
+    pub count: i32,
+    pub cols: i32,
+    pub accumulate: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetRowCopy"][::core::mem::size_of::<MapetRowCopy>() - 56usize];
+    ["Alignment of MapetRowCopy"][::core::mem::align_of::<MapetRowCopy>() - 8usize];
+    ["Offset of field: MapetRowCopy::src"][::core::mem::offset_of!(MapetRowCopy, src) - 0usize];
+    ["Offset of field: MapetRowCopy::dst"][::core::mem::offset_of!(MapetRowCopy, dst) - 8usize];
+    ["Offset of field: MapetRowCopy::batch"][::core::mem::offset_of!(MapetRowCopy, batch) - 16usize];
+    ["Offset of field: MapetRowCopy::src_rows"][::core::mem::offset_of!(MapetRowCopy, src_rows) - 24usize];
+    ["Offset of field: MapetRowCopy::dst_rows"][::core::mem::offset_of!(MapetRowCopy, dst_rows) - 28usize];
+    ["Offset of field: MapetRowCopy::src_row0"][::core::mem::offset_of!(MapetRowCopy, src_row0) - 32usize];
+    ["Offset of field: MapetRowCopy::dst_row0"][::core::mem::offset_of!(MapetRowCopy, dst_row0) - 36usize];
+    ["Offset of field: MapetRowCopy::count"][::core::mem::offset_of!(MapetRowCopy, count) - 40usize];
+    ["Offset of field: MapetRowCopy::cols"][::core::mem::offset_of!(MapetRowCopy, cols) - 44usize];
+    ["Offset of field: MapetRowCopy::accumulate"][::core::mem::offset_of!(MapetRowCopy, accumulate) - 48usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetF32Vector {
+    pub x: *const f32,
+    pub y: *mut ::core::ffi::c_void,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetF32Vector"][::core::mem::size_of::<MapetF32Vector>() - 24usize];
+    ["Alignment of MapetF32Vector"][::core::mem::align_of::<MapetF32Vector>() - 8usize];
+    ["Offset of field: MapetF32Vector::x"][::core::mem::offset_of!(MapetF32Vector, x) - 0usize];
+    ["Offset of field: MapetF32Vector::y"][::core::mem::offset_of!(MapetF32Vector, y) - 8usize];
+    ["Offset of field: MapetF32Vector::n"][::core::mem::offset_of!(MapetF32Vector, n) - 16usize];
+};

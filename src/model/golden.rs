@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::io::{write_f32_safetensors, SafeTensorsFile};
-use crate::model::cpu::{Batch, CpuModel};
+use crate::model::cpu::{Batch, CpuModel, ForwardOutput};
 use crate::model::params::{ModelConfig, ParamLayout};
 use crate::perm;
 
@@ -86,12 +86,30 @@ pub fn run_cpu(case: &Case) -> Result<StepOutput> {
     let layout = &model.layout;
     let mut grads = vec![0.0f32; layout.total];
     let out = model.step(&case.params, &case.batch, None, Some(&mut grads), true)?;
+    step_output(case, layout, out, &grads)
+}
+
+/// One forward and backward of `case` on GPU 0 ([`crate::model::cuda::CudaModel`]: bf16
+/// activations, f32 weights and gradients), drop path off. Needs head dim 64 and `dim % 8 == 0`.
+pub fn run_cuda(case: &Case) -> Result<StepOutput> {
+    let gpu = std::sync::Arc::new(crate::cuda::Gpu::first()?);
+    let mut model = crate::model::cuda::CudaModel::new(gpu, case.config, case.batch.batch)?;
+    model.upload_params(&case.params)?;
+    let out = model.step(&case.batch, None, true, true)?;
+    let grads = model.download_grads()?;
+    step_output(case, &model.layout, out, &grads)
+}
+
+/// The golden-format tensors of one step's results.
+fn step_output(case: &Case, layout: &ParamLayout, out: ForwardOutput, grads: &[f32]) -> Result<StepOutput> {
     let cfg = case.config;
     let (n, c, p, v) = (cfg.n_tokens(), cfg.context, cfg.n_pred(), cfg.vocab);
     let b = case.batch.batch;
 
     // Logits come in rank order; the golden format lists predicted tokens by ascending index.
-    let logits_rank = out.logits.expect("requested");
+    let logits_rank = out
+        .logits
+        .ok_or_else(|| Error::Unsupported { what: "step output", detail: "the step was run without logits".into() })?;
     let mut logits = Vec::with_capacity(b * p * v);
     let mut predicted = Vec::with_capacity(b * p);
     for s in 0..b {

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod golden;
 pub mod optim;
 pub mod params;

@@ -46,7 +46,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cuda::params::MapetAttention;
-use crate::cuda::{DeviceBuffer, Gpu};
+use crate::cuda::{check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 use crate::perm::visible_bounds;
 
@@ -505,19 +505,22 @@ fn grid(rows: usize, per_block: usize, shape: &AttentionShape) -> LaunchConfig {
 pub fn cuda_forward(
     gpu: &Gpu,
     shape: &AttentionShape,
-    q: &DeviceBuffer<bf16>,
-    k: &DeviceBuffer<bf16>,
-    v: &DeviceBuffer<bf16>,
-    o: &mut DeviceBuffer<bf16>,
-    lse: &mut DeviceBuffer<f32>,
+    q: &dyn DeviceRead<bf16>,
+    k: &dyn DeviceRead<bf16>,
+    v: &dyn DeviceRead<bf16>,
+    o: &mut dyn DeviceWrite<bf16>,
+    lse: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     check_cuda_shape(shape)?;
     shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    for (tensor, ptr) in [("q", q.ptr()), ("k", k.ptr()), ("v", v.ptr()), ("o", o.ptr())] {
+        check_aligned(tensor, ptr, 16)?;
+    }
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
-    // touches by the buffer lengths; device buffers are 256-byte aligned and every stride is a
-    // multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies need.
+    // touches by the buffer lengths; every bf16 pointer is 16-byte aligned (checked above) and
+    // every stride is a multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies need.
     unsafe { gpu.launch("attention", "mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p) }
 }
 
@@ -528,15 +531,15 @@ pub fn cuda_forward(
 pub fn cuda_backward(
     gpu: &Gpu,
     shape: &AttentionShape,
-    q: &DeviceBuffer<bf16>,
-    k: &DeviceBuffer<bf16>,
-    v: &DeviceBuffer<bf16>,
-    o: &DeviceBuffer<bf16>,
-    lse: &DeviceBuffer<f32>,
-    d_o: &DeviceBuffer<bf16>,
-    dq: &mut DeviceBuffer<bf16>,
-    dk: &mut DeviceBuffer<bf16>,
-    dv: &mut DeviceBuffer<bf16>,
+    q: &dyn DeviceRead<bf16>,
+    k: &dyn DeviceRead<bf16>,
+    v: &dyn DeviceRead<bf16>,
+    o: &dyn DeviceRead<bf16>,
+    lse: &dyn DeviceRead<f32>,
+    d_o: &dyn DeviceRead<bf16>,
+    dq: &mut dyn DeviceWrite<bf16>,
+    dk: &mut dyn DeviceWrite<bf16>,
+    dv: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     check_cuda_shape(shape)?;
     shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
@@ -544,6 +547,11 @@ pub fn cuda_backward(
     check_len("dq", dq.len(), shape.q_len())?;
     check_len("dk", dk.len(), shape.k_len())?;
     check_len("dv", dv.len(), shape.k_len())?;
+    let ptrs = [("q", q.ptr()), ("k", k.ptr()), ("v", v.ptr()), ("o", o.ptr()), ("d_o", d_o.ptr())];
+    let outs = [("dq", dq.ptr()), ("dk", dk.ptr()), ("dv", dv.ptr())];
+    for (tensor, ptr) in ptrs.into_iter().chain(outs) {
+        check_aligned(tensor, ptr, 16)?;
+    }
     let delta = gpu.alloc::<f32>(shape.lse_len())?;
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());

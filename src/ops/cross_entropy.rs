@@ -76,7 +76,7 @@ use rayon::prelude::*;
 use crate::cpu::{round_bf16, sgemm};
 use crate::cuda::gemm::{Epilogue, Gemm, VectorMut};
 use crate::cuda::params::MapetCrossEntropy;
-use crate::cuda::{blocks_for, DeviceBuffer, Gpu};
+use crate::cuda::{blocks_for, check_aligned, DeviceBuffer, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 
 /// Most bytes of bf16 logits one chunk may hold on the GPU.
@@ -497,9 +497,9 @@ pub fn cuda_forward(
     gpu: &Gpu,
     gemm: &Gemm,
     shape: &CrossEntropyShape,
-    x: &DeviceBuffer<bf16>,
-    w: &DeviceBuffer<bf16>,
-    b: &DeviceBuffer<f32>,
+    x: &dyn DeviceRead<bf16>,
+    w: &dyn DeviceRead<bf16>,
+    b: &dyn DeviceRead<f32>,
     targets: &[i32],
     rows_out: &mut CudaRowOutputs,
 ) -> Result<CrossEntropyStats> {
@@ -514,15 +514,15 @@ pub fn cuda_forward_backward(
     gpu: &Gpu,
     gemm: &Gemm,
     shape: &CrossEntropyShape,
-    x: &DeviceBuffer<bf16>,
-    w: &DeviceBuffer<bf16>,
-    b: &DeviceBuffer<f32>,
+    x: &dyn DeviceRead<bf16>,
+    w: &dyn DeviceRead<bf16>,
+    b: &dyn DeviceRead<f32>,
     targets: &[i32],
     dloss: f32,
     rows_out: &mut CudaRowOutputs,
-    dx: &mut DeviceBuffer<bf16>,
-    dw: &mut DeviceBuffer<f32>,
-    db: &mut DeviceBuffer<f32>,
+    dx: &mut dyn DeviceWrite<bf16>,
+    dw: &mut dyn DeviceWrite<f32>,
+    db: &mut dyn DeviceWrite<f32>,
 ) -> Result<CrossEntropyStats> {
     check_grads(shape, dx.len(), dw.len(), db.len())?;
     cuda_run(gpu, gemm, shape, x, w, b, targets, rows_out, Some(CudaGrads { dloss, dx, dw, db }))
@@ -530,9 +530,9 @@ pub fn cuda_forward_backward(
 
 struct CudaGrads<'a> {
     dloss: f32,
-    dx: &'a mut DeviceBuffer<bf16>,
-    dw: &'a mut DeviceBuffer<f32>,
-    db: &'a mut DeviceBuffer<f32>,
+    dx: &'a mut dyn DeviceWrite<bf16>,
+    dw: &'a mut dyn DeviceWrite<f32>,
+    db: &'a mut dyn DeviceWrite<f32>,
 }
 
 /// The GPU-only checks: the feature rows must be 16-byte multiples.
@@ -569,9 +569,9 @@ impl ChunkBuffers {
 /// stream order.
 fn copy_elements<T: DeviceRepr>(
     gpu: &Gpu,
-    dst: &mut DeviceBuffer<T>,
+    dst: &mut dyn DeviceWrite<T>,
     dst_at: usize,
-    src: &DeviceBuffer<T>,
+    src: &dyn DeviceRead<T>,
     src_at: usize,
     count: usize,
 ) -> Result<()> {
@@ -599,24 +599,25 @@ fn copy_elements<T: DeviceRepr>(
     Ok(())
 }
 
-/// Everything one GPU call works on.
-struct Call<'a> {
+/// Everything one GPU call works on (`'g`: the gradient outputs, kept apart because mutable
+/// trait-object borrows are invariant).
+struct Call<'a, 'g> {
     gpu: &'a Gpu,
     gemm: &'a Gemm,
     dim: usize,
     vocab: usize,
-    x: &'a DeviceBuffer<bf16>,
-    w: &'a DeviceBuffer<bf16>,
-    b: &'a DeviceBuffer<f32>,
-    targets: &'a DeviceBuffer<i32>,
+    x: &'a dyn DeviceRead<bf16>,
+    w: &'a dyn DeviceRead<bf16>,
+    b: &'a dyn DeviceRead<f32>,
+    targets: &'a dyn DeviceRead<i32>,
     rows_out: &'a mut CudaRowOutputs,
-    grads: Option<CudaGrads<'a>>,
+    grads: Option<CudaGrads<'g>>,
     partial: Option<DeviceBuffer<f32>>,
     groups: usize,
     grad_scale: f32,
 }
 
-impl Call<'_> {
+impl Call<'_, '_> {
     /// Parameters with every pointer null and every size 0.
     fn params(&self) -> MapetCrossEntropy {
         MapetCrossEntropy {
@@ -720,15 +721,17 @@ fn cuda_run(
     gpu: &Gpu,
     gemm: &Gemm,
     shape: &CrossEntropyShape,
-    x: &DeviceBuffer<bf16>,
-    w: &DeviceBuffer<bf16>,
-    b: &DeviceBuffer<f32>,
+    x: &dyn DeviceRead<bf16>,
+    w: &dyn DeviceRead<bf16>,
+    b: &dyn DeviceRead<f32>,
     targets: &[i32],
     rows_out: &mut CudaRowOutputs,
     grads: Option<CudaGrads<'_>>,
 ) -> Result<CrossEntropyStats> {
     let counted = check_common(shape, x.len(), w.len(), b.len(), targets)?;
     check_gpu(shape)?;
+    // The row kernel reads the bias as float4 vectors when vocab % 8 == 0.
+    check_aligned("b", b.ptr(), 16)?;
     check_rows_out(shape.rows, rows_out.loss.len(), rows_out.lse.len(), rows_out.argmax.len())?;
     let CrossEntropyShape { rows, dim, vocab, .. } = *shape;
     if rows == 0 {

@@ -10,7 +10,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cuda::params::MapetGelu;
-use crate::cuda::{blocks_for, DeviceBuffer, Gpu};
+use crate::cuda::{blocks_for, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 
 const MODULE: &str = "gelu";
@@ -78,7 +78,7 @@ pub fn cpu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-fn check_aligned(tensor: &'static str, buf: &DeviceBuffer<bf16>) -> Result<()> {
+fn check_aligned(tensor: &'static str, buf: &dyn DeviceRead<bf16>) -> Result<()> {
     if (buf.ptr() as usize) & 15 == 0 {
         Ok(())
     } else {
@@ -97,7 +97,7 @@ fn launch_config(n: usize) -> Result<LaunchConfig> {
 }
 
 /// y = GELU(x) on the GPU, bf16 in and out.
-pub fn cuda_forward(gpu: &Gpu, x: &DeviceBuffer<bf16>, y: &mut DeviceBuffer<bf16>) -> Result<()> {
+pub fn cuda_forward(gpu: &Gpu, x: &dyn DeviceRead<bf16>, y: &mut dyn DeviceWrite<bf16>) -> Result<()> {
     check_len("y", y.len(), x.len())?;
     check_aligned("x", x)?;
     check_aligned("y", y)?;
@@ -115,9 +115,9 @@ pub fn cuda_forward(gpu: &Gpu, x: &DeviceBuffer<bf16>, y: &mut DeviceBuffer<bf16
 /// dx = dy * GELU'(x) on the GPU, bf16 in and out.
 pub fn cuda_backward(
     gpu: &Gpu,
-    x: &DeviceBuffer<bf16>,
-    dy: &DeviceBuffer<bf16>,
-    dx: &mut DeviceBuffer<bf16>,
+    x: &dyn DeviceRead<bf16>,
+    dy: &dyn DeviceRead<bf16>,
+    dx: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     check_len("dy", dy.len(), x.len())?;
     check_len("dx", dx.len(), x.len())?;

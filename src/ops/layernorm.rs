@@ -18,7 +18,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cuda::params::{MapetLayerNormBwd, MapetLayerNormFwd, MapetResidualLayerNormFwd};
-use crate::cuda::{blocks_for, DeviceBuffer, Gpu};
+use crate::cuda::{blocks_for, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 
 const MODULE: &str = "layernorm";
@@ -218,15 +218,15 @@ fn row_launch(rows: usize) -> Result<LaunchConfig> {
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_forward(
     gpu: &Gpu,
-    x: &DeviceBuffer<bf16>,
-    weight: &DeviceBuffer<f32>,
-    bias: &DeviceBuffer<f32>,
+    x: &dyn DeviceRead<bf16>,
+    weight: &dyn DeviceRead<f32>,
+    bias: &dyn DeviceRead<f32>,
     eps: f32,
     rows: usize,
     cols: usize,
-    y: &mut DeviceBuffer<bf16>,
-    mean: &mut DeviceBuffer<f32>,
-    rstd: &mut DeviceBuffer<f32>,
+    y: &mut dyn DeviceWrite<bf16>,
+    mean: &mut dyn DeviceWrite<f32>,
+    rstd: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     let n = check_dims(rows, cols)?;
     check_len("x", x.len(), n)?;
@@ -264,17 +264,17 @@ pub fn cuda_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_residual_forward(
     gpu: &Gpu,
-    residual: &DeviceBuffer<bf16>,
-    x: &DeviceBuffer<bf16>,
-    weight: &DeviceBuffer<f32>,
-    bias: &DeviceBuffer<f32>,
+    residual: &dyn DeviceRead<bf16>,
+    x: &dyn DeviceRead<bf16>,
+    weight: &dyn DeviceRead<f32>,
+    bias: &dyn DeviceRead<f32>,
     eps: f32,
     rows: usize,
     cols: usize,
-    h: &mut DeviceBuffer<bf16>,
-    y: &mut DeviceBuffer<bf16>,
-    mean: &mut DeviceBuffer<f32>,
-    rstd: &mut DeviceBuffer<f32>,
+    h: &mut dyn DeviceWrite<bf16>,
+    y: &mut dyn DeviceWrite<bf16>,
+    mean: &mut dyn DeviceWrite<f32>,
+    rstd: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     let n = check_dims(rows, cols)?;
     check_len("residual", residual.len(), n)?;
@@ -318,17 +318,17 @@ pub fn cuda_residual_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
-    x: &DeviceBuffer<bf16>,
-    dy: &DeviceBuffer<bf16>,
-    weight: &DeviceBuffer<f32>,
-    mean: &DeviceBuffer<f32>,
-    rstd: &DeviceBuffer<f32>,
+    x: &dyn DeviceRead<bf16>,
+    dy: &dyn DeviceRead<bf16>,
+    weight: &dyn DeviceRead<f32>,
+    mean: &dyn DeviceRead<f32>,
+    rstd: &dyn DeviceRead<f32>,
     rows: usize,
     cols: usize,
-    dx: &mut DeviceBuffer<bf16>,
+    dx: &mut dyn DeviceWrite<bf16>,
     accumulate_dx: bool,
-    dweight: &mut DeviceBuffer<f32>,
-    dbias: &mut DeviceBuffer<f32>,
+    dweight: &mut dyn DeviceWrite<f32>,
+    dbias: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     let n = check_dims(rows, cols)?;
     check_len("x", x.len(), n)?;

@@ -8,3 +8,4 @@ pub mod gelu;
 pub mod gradnorm;
 pub mod layernorm;
 pub mod patch_embed;
+pub mod residual;

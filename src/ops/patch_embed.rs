@@ -29,7 +29,7 @@ use half::bf16;
 
 use crate::cpu::sgemm;
 use crate::cuda::params::{MapetPatchEmbedBwd, MapetPatchEmbedFwd};
-use crate::cuda::{blocks_for, DeviceBuffer, Gpu};
+use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 
 const MODULE: &str = "patch_embed";
@@ -216,9 +216,9 @@ pub enum Pixels<'a> {
 #[derive(Clone, Copy)]
 pub enum DevicePixels<'a> {
     /// uint8 `[B, S, S, 3]` with its normalisation.
-    U8 { hwc: &'a DeviceBuffer<u8>, norm: Normalize },
+    U8 { hwc: &'a dyn DeviceRead<u8>, norm: Normalize },
     /// Normalised f32 `[B, 3, S, S]`.
-    F32 { chw: &'a DeviceBuffer<f32> },
+    F32 { chw: &'a dyn DeviceRead<f32> },
 }
 
 /// Normalises uint8 HWC images into f32 CHW, the layout of [`cpu_forward_f32`]; this is exactly
@@ -486,13 +486,13 @@ fn cuda_forward(
     gpu: &Gpu,
     shape: &PatchEmbedShape,
     pixels: DevicePixels<'_>,
-    ranks: &DeviceBuffer<i32>,
-    weight: &DeviceBuffer<bf16>,
-    bias: &DeviceBuffer<f32>,
-    pos_embed: &DeviceBuffer<f32>,
-    cls_token: &DeviceBuffer<f32>,
-    mask_token: &DeviceBuffer<f32>,
-    out: &mut DeviceBuffer<bf16>,
+    ranks: &dyn DeviceRead<i32>,
+    weight: &dyn DeviceRead<bf16>,
+    bias: &dyn DeviceRead<f32>,
+    pos_embed: &dyn DeviceRead<f32>,
+    cls_token: &dyn DeviceRead<f32>,
+    mask_token: &dyn DeviceRead<f32>,
+    out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     shape.validate_cuda()?;
     let (pixel_ptr, (scale, shift), kernel) = match pixels {
@@ -508,6 +508,18 @@ fn cuda_forward(
     };
     check_len("ranks", ranks.len(), shape.ranks_len())?;
     check_forward_lens(shape, weight.len(), bias.len(), pos_embed.len(), cls_token.len(), mask_token.len(), out.len())?;
+    // The kernels read and write 8- and 16-byte vectors of every tensor.
+    for (tensor, ptr) in [
+        ("pixels", pixel_ptr),
+        ("weight", weight.ptr()),
+        ("bias", bias.ptr()),
+        ("pos_embed", pos_embed.ptr()),
+        ("cls_token", cls_token.ptr()),
+        ("mask_token", mask_token.ptr()),
+        ("out", out.ptr()),
+    ] {
+        check_aligned(tensor, ptr, 16)?;
+    }
     let params = MapetPatchEmbedFwd {
         pixels: pixel_ptr,
         ranks: ranks.ptr() as *const i32,
@@ -535,7 +547,7 @@ fn cuda_forward(
     // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
     // weight, bias, pos_embed and out were checked above against the shape in `params`; patch
     // rows whose rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds.
-    // D % 8 == 0 and whole allocations keep the vector accesses aligned.
+    // D % 8 == 0 and 16-byte aligned pointers (checked above) keep the vector accesses aligned.
     unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
     // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
     // block per token, and ranks outside [C, N) write no mask row.
@@ -550,15 +562,15 @@ fn cuda_forward(
 pub fn cuda_forward_u8(
     gpu: &Gpu,
     shape: &PatchEmbedShape,
-    hwc: &DeviceBuffer<u8>,
+    hwc: &dyn DeviceRead<u8>,
     norm: &Normalize,
-    ranks: &DeviceBuffer<i32>,
-    weight: &DeviceBuffer<bf16>,
-    bias: &DeviceBuffer<f32>,
-    pos_embed: &DeviceBuffer<f32>,
-    cls_token: &DeviceBuffer<f32>,
-    mask_token: &DeviceBuffer<f32>,
-    out: &mut DeviceBuffer<bf16>,
+    ranks: &dyn DeviceRead<i32>,
+    weight: &dyn DeviceRead<bf16>,
+    bias: &dyn DeviceRead<f32>,
+    pos_embed: &dyn DeviceRead<f32>,
+    cls_token: &dyn DeviceRead<f32>,
+    mask_token: &dyn DeviceRead<f32>,
+    out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     let pixels = DevicePixels::U8 { hwc, norm: *norm };
     cuda_forward(gpu, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
@@ -569,14 +581,14 @@ pub fn cuda_forward_u8(
 pub fn cuda_forward_f32(
     gpu: &Gpu,
     shape: &PatchEmbedShape,
-    chw: &DeviceBuffer<f32>,
-    ranks: &DeviceBuffer<i32>,
-    weight: &DeviceBuffer<bf16>,
-    bias: &DeviceBuffer<f32>,
-    pos_embed: &DeviceBuffer<f32>,
-    cls_token: &DeviceBuffer<f32>,
-    mask_token: &DeviceBuffer<f32>,
-    out: &mut DeviceBuffer<bf16>,
+    chw: &dyn DeviceRead<f32>,
+    ranks: &dyn DeviceRead<i32>,
+    weight: &dyn DeviceRead<bf16>,
+    bias: &dyn DeviceRead<f32>,
+    pos_embed: &dyn DeviceRead<f32>,
+    cls_token: &dyn DeviceRead<f32>,
+    mask_token: &dyn DeviceRead<f32>,
+    out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     let pixels = DevicePixels::F32 { chw };
     cuda_forward(gpu, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
@@ -602,13 +614,13 @@ pub fn cuda_backward(
     gpu: &Gpu,
     shape: &PatchEmbedShape,
     pixels: DevicePixels<'_>,
-    ranks: &DeviceBuffer<i32>,
-    d_out: &DeviceBuffer<bf16>,
-    dweight: &mut DeviceBuffer<f32>,
-    dbias: &mut DeviceBuffer<f32>,
-    dpos_embed: &mut DeviceBuffer<f32>,
-    dcls_token: &mut DeviceBuffer<f32>,
-    dmask_token: &mut DeviceBuffer<f32>,
+    ranks: &dyn DeviceRead<i32>,
+    d_out: &dyn DeviceRead<bf16>,
+    dweight: &mut dyn DeviceWrite<f32>,
+    dbias: &mut dyn DeviceWrite<f32>,
+    dpos_embed: &mut dyn DeviceWrite<f32>,
+    dcls_token: &mut dyn DeviceWrite<f32>,
+    dmask_token: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     shape.validate_cuda()?;
     let (pixel_ptr, (scale, shift), kernel) = match pixels {
@@ -632,6 +644,8 @@ pub fn cuda_backward(
         dcls_token.len(),
         dmask_token.len(),
     )?;
+    check_aligned("pixels", pixel_ptr, 16)?;
+    check_aligned("d_out", d_out.ptr(), 16)?;
     let (splits, split_rows) = weight_grad_splits(shape, gpu.sm_count());
     let partial_len = splits * shape.weight_len();
     if partial_len > i64::MAX as usize / 4 || split_rows > i32::MAX as usize {
