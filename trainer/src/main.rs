@@ -64,13 +64,14 @@ fn check_step(args: &[String]) -> Result<(), String> {
         return Err(format!("check-step takes one case file\n{USAGE}"));
     };
     let out = PathBuf::from(flags.get("out").ok_or("check-step needs `--out OUT.safetensors`")?);
-    match flags.get("device").map(String::as_str).unwrap_or("cpu") {
-        "cpu" => {}
-        "cuda" => return Err("`--device cuda`: the CUDA model is not implemented yet; use `--device cpu`".into()),
+    let device = flags.get("device").map(String::as_str).unwrap_or("cpu");
+    let case = mapet::model::golden::Case::load(case.as_ref()).map_err(|e| e.to_string())?;
+    let result = match device {
+        "cpu" => mapet::model::golden::run_cpu(&case),
+        "cuda" => mapet::model::golden::run_cuda(&case),
         other => return Err(format!("`--device {other}`: expected cpu or cuda")),
     }
-    let case = mapet::model::golden::Case::load(case.as_ref()).map_err(|e| e.to_string())?;
-    let result = mapet::model::golden::run_cpu(&case).map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?;
     let loss = result.get("out.loss").map(|l| l[0]).unwrap_or(f32::NAN);
     let meta =
         HashMap::from([("device".to_string(), "cpu".to_string()), ("source".to_string(), case_name(case_path(&pos)))]);
