@@ -1,0 +1,10 @@
+//! # mapet-trainer: MaPeT pre-training over the `mapet` kernel crate
+//!
+//! The `mapet` binary (`src/main.rs`) is the command line; this library holds the parts it is built
+//! from, so that tests and benches can reach them:
+//!
+//! - [`data`]: the image pipeline. An image index (a folder or a manifest), decoding, center crop,
+//!   bicubic resize and color jitter on worker threads, token files (`.npy`), and a loader that
+//!   yields reproducible batches of uint8 pixels, target token ids and permutation ranks.
+
+pub mod data;
