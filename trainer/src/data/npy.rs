@@ -170,7 +170,7 @@ impl NpyHeader {
 
 /// Reads and checks the header of an open `.npy` file, leaving `r` at the start of the data.
 /// The error is the reason, without the path.
-pub fn read_header(r: &mut impl Read) -> Result2<NpyHeader> {
+pub fn read_header(r: &mut impl Read) -> std::result::Result<NpyHeader, String> {
     let mut pre = [0u8; 8];
     read_prefix(r, &mut pre, "the magic string and version")?;
     if &pre[..6] != MAGIC {
