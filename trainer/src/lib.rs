@@ -1,4 +1,16 @@
-//! The `mapet` command's library: training-curve plots and, beside them, the data pipeline.
+//! # mapet-trainer: MaPeT pre-training over the `mapet` kernel crate
+//!
+//! The `mapet` binary (`src/main.rs`) is the command line; this library holds the parts it is built
+//! from, so that tests and benches can reach them:
+//!
+//! - [`data`]: the image pipeline. An image index (a folder or a manifest), decoding, center crop,
+//!   bicubic resize and color jitter on worker threads, token files (`.npy`), and a loader that
+//!   yields reproducible batches of uint8 pixels, target token ids and permutation ranks.
+//! - [`config`]: `mapet pretrain`'s TOML configuration and its overrides.
+//! - [`pretrain`]: the training loop.
+//! - [`plot`]: PNG training curves.
 
 pub mod config;
+pub mod data;
 pub mod plot;
+

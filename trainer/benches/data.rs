@@ -1,0 +1,72 @@
+//! Data pipeline throughput on synthetic ImageNet-like JPEGs (500x375 and 375x500, quality 90):
+//! time per stage (decode, crop + resize to 224, jitter) on one thread, then the loader's
+//! images/s per thread count. `cargo bench -p mapet-trainer --bench data [-- IMAGES]`.
+
+use std::time::Instant;
+
+use image::{ImageFormat, RgbImage};
+use mapet_trainer::data::pixels::JITTER_STRENGTH;
+use mapet_trainer::data::{bench_data, color_jitter, decode, resize_center_crop, ImageIndex, Jitter};
+use rand::{Rng, SeedableRng};
+
+fn photo_like(rng: &mut impl Rng, w: u32, h: u32) -> RgbImage {
+    let f: [f32; 6] = std::array::from_fn(|_| rng.random_range(0.01..0.08));
+    let base: [f32; 3] = std::array::from_fn(|_| rng.random_range(60.0..190.0));
+    RgbImage::from_fn(w, h, |x, y| {
+        let (x, y) = (x as f32, y as f32);
+        image::Rgb(std::array::from_fn(|c| {
+            let v = base[c] + 50.0 * (f[c] * x).sin() * (f[c + 3] * y).cos() + rng.random_range(-20.0..20.0);
+            v.clamp(0.0, 255.0) as u8
+        }))
+    })
+}
+
+fn main() {
+    let images: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(200);
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut total_bytes = 0;
+    for i in 0..images {
+        let (w, h) = if i % 3 == 0 { (375, 500) } else { (500, 375) };
+        let path = dir.path().join(format!("{:02}/{i:05}.jpg", i % 10));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut out = std::io::Cursor::new(Vec::new());
+        let img = photo_like(&mut rng, w, h);
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
+        total_bytes += out.get_ref().len();
+        std::fs::write(&path, out.into_inner()).unwrap();
+    }
+    let _ = ImageFormat::Jpeg;
+    let index = ImageIndex::from_folder(dir.path()).unwrap();
+    println!("{images} JPEGs, mean {} KiB", total_bytes / images / 1024);
+
+    let files: Vec<Vec<u8>> = (0..index.len()).map(|p| std::fs::read(index.full_path(p)).unwrap()).collect();
+    let (mut t_dec, mut t_rs, mut t_jit) = (0.0, 0.0, 0.0);
+    for bytes in &files {
+        let t = Instant::now();
+        let img = decode(bytes).unwrap();
+        t_dec += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut px = resize_center_crop(&img, 224).into_raw();
+        t_rs += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        color_jitter(&mut px, &Jitter::sample(&mut rng, JITTER_STRENGTH));
+        t_jit += t.elapsed().as_secs_f64();
+    }
+    let ms = |s: f64| 1e3 * s / files.len() as f64;
+    println!(
+        "one thread, per image: decode {:.2} ms, crop+resize {:.2} ms, jitter {:.2} ms",
+        ms(t_dec),
+        ms(t_rs),
+        ms(t_jit)
+    );
+
+    let max = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let threads: Vec<usize> = [1, 2, 4, 8, 16, 32].into_iter().filter(|&t| t <= max).collect();
+    for r in bench_data(&index, 224, &threads, images).unwrap() {
+        println!(
+            "threads {:>3}: {:>8.1} images/s ({} images in {:.2} s)",
+            r.threads, r.images_per_s, r.images, r.seconds
+        );
+    }
+}
