@@ -258,6 +258,10 @@ kernel_params!(
     MapetPatchEmbedFwd,
     MapetPatchEmbedBwd,
     MapetCrossEntropy,
+    MapetKMeansRowNorms,
+    MapetKMeansAssign,
+    MapetKMeansUpdate,
+    MapetKMeansGather,
 );
 
 /// A typed device allocation of `len` elements, owned, freed on drop (in stream order).
