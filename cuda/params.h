@@ -273,6 +273,68 @@ typedef struct MapetF32Vector {
     int64_t n;
 } MapetF32Vector;
 
+// ---------------------------------------------------------------- k-means (cuda/kmeans.cu)
+// Squared L2 norm of every row of a bf16 matrix x [rows, dim]: out f32 [rows].
+typedef struct MapetKMeansRowNorms {
+    const void* x;
+    float* out;
+    int64_t rows;
+    int32_t dim;
+} MapetKMeansRowNorms;
+
+// Nearest centroid of each of `rows` points, given scores = x c^T (f32 [rows, k], the GEMM
+// output) and c_norms = |c_j|^2 (f32 [k]): d_j = c_norms[j] - 2 scores[r, j]; ids[r] = the lowest
+// j with the smallest d_j; sq_dists[r] = max(0, |x_r|^2 + d_{ids[r]}). x bf16 [rows, dim].
+typedef struct MapetKMeansAssign {
+    const float* scores;
+    const float* c_norms;
+    const void* x;
+    uint32_t* ids;
+    float* sq_dists;
+    int64_t rows;
+    int32_t k;
+    int32_t dim;
+} MapetKMeansAssign;
+
+// Centroid update (the mean of each cluster), deterministic, no float atomics. x bf16 [n, dim];
+// ids [n] (ids >= k are counted in column k and otherwise ignored). Scratch: tile_counts
+// int32 [tiles, k + 1] (per scatter tile of `tile` points: counts, then start positions);
+// counts int32 [k + 1]; offsets int32 [k + 1] (exclusive scan of counts[0..k], offsets[k] = the
+// number of valid ids); order int32 [n] (point indices sorted by id, stable); slots f32
+// [pieces, 2, dim] (sums of the clusters cut by the boundaries of the `piece`-position pieces of
+// `order`). Output: centroids f32 [k, dim] and its bf16 copy centroids_bf16, rows of non-empty
+// clusters only.
+typedef struct MapetKMeansUpdate {
+    const void* x;
+    const uint32_t* ids;
+    int32_t* tile_counts;
+    int32_t* counts;
+    int32_t* offsets;
+    int32_t* order;
+    float* slots;
+    float* centroids;
+    void* centroids_bf16;
+    int64_t n;
+    int32_t k;
+    int32_t dim;
+    int32_t tile;
+    int32_t tiles;
+    int32_t piece;
+    int32_t pieces;
+} MapetKMeansUpdate;
+
+// Row gather: for r < rows, row dst_rows[r] (or r when dst_rows is null) of dst_bf16 (and of
+// dst_f32 when not null, widened) = row src_rows[r] of src. src, dst_bf16 bf16 [*, dim].
+typedef struct MapetKMeansGather {
+    const void* src;
+    const uint32_t* src_rows;
+    const uint32_t* dst_rows;
+    void* dst_bf16;
+    float* dst_f32;
+    int64_t rows;
+    int32_t dim;
+} MapetKMeansGather;
+
 #ifdef __cplusplus
 }
 #endif

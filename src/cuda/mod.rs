@@ -263,6 +263,10 @@ kernel_params!(
     MapetLayerScale,
     MapetRowCopy,
     MapetF32Vector,
+    MapetKMeansRowNorms,
+    MapetKMeansAssign,
+    MapetKMeansUpdate,
+    MapetKMeansGather,
 );
 
 /// Device memory a kernel reads: a whole [`DeviceBuffer`], or a [`DeviceView`] /

@@ -484,3 +484,111 @@ const _: () = {
     ["Offset of field: MapetF32Vector::y"][::core::mem::offset_of!(MapetF32Vector, y) - 8usize];
     ["Offset of field: MapetF32Vector::n"][::core::mem::offset_of!(MapetF32Vector, n) - 16usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetKMeansRowNorms {
+    pub x: *const ::core::ffi::c_void,
+    pub out: *mut f32,
+    pub rows: i64,
+    pub dim: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetKMeansRowNorms"][::core::mem::size_of::<MapetKMeansRowNorms>() - 32usize];
+    ["Alignment of MapetKMeansRowNorms"][::core::mem::align_of::<MapetKMeansRowNorms>() - 8usize];
+    ["Offset of field: MapetKMeansRowNorms::x"][::core::mem::offset_of!(MapetKMeansRowNorms, x) - 0usize];
+    ["Offset of field: MapetKMeansRowNorms::out"][::core::mem::offset_of!(MapetKMeansRowNorms, out) - 8usize];
+    ["Offset of field: MapetKMeansRowNorms::rows"][::core::mem::offset_of!(MapetKMeansRowNorms, rows) - 16usize];
+    ["Offset of field: MapetKMeansRowNorms::dim"][::core::mem::offset_of!(MapetKMeansRowNorms, dim) - 24usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetKMeansAssign {
+    pub scores: *const f32,
+    pub c_norms: *const f32,
+    pub x: *const ::core::ffi::c_void,
+    pub ids: *mut u32,
+    pub sq_dists: *mut f32,
+    pub rows: i64,
+    pub k: i32,
+    pub dim: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetKMeansAssign"][::core::mem::size_of::<MapetKMeansAssign>() - 56usize];
+    ["Alignment of MapetKMeansAssign"][::core::mem::align_of::<MapetKMeansAssign>() - 8usize];
+    ["Offset of field: MapetKMeansAssign::scores"][::core::mem::offset_of!(MapetKMeansAssign, scores) - 0usize];
+    ["Offset of field: MapetKMeansAssign::c_norms"][::core::mem::offset_of!(MapetKMeansAssign, c_norms) - 8usize];
+    ["Offset of field: MapetKMeansAssign::x"][::core::mem::offset_of!(MapetKMeansAssign, x) - 16usize];
+    ["Offset of field: MapetKMeansAssign::ids"][::core::mem::offset_of!(MapetKMeansAssign, ids) - 24usize];
+    ["Offset of field: MapetKMeansAssign::sq_dists"][::core::mem::offset_of!(MapetKMeansAssign, sq_dists) - 32usize];
+    ["Offset of field: MapetKMeansAssign::rows"][::core::mem::offset_of!(MapetKMeansAssign, rows) - 40usize];
+    ["Offset of field: MapetKMeansAssign::k"][::core::mem::offset_of!(MapetKMeansAssign, k) - 48usize];
+    ["Offset of field: MapetKMeansAssign::dim"][::core::mem::offset_of!(MapetKMeansAssign, dim) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetKMeansUpdate {
+    pub x: *const ::core::ffi::c_void,
+    pub ids: *const u32,
+    pub tile_counts: *mut i32,
+    pub counts: *mut i32,
+    pub offsets: *mut i32,
+    pub order: *mut i32,
+    pub slots: *mut f32,
+    pub centroids: *mut f32,
+    pub centroids_bf16: *mut ::core::ffi::c_void,
+    pub n: i64,
+    pub k: i32,
+    pub dim: i32,
+    pub tile: i32,
+    pub tiles: i32,
+    pub piece: i32,
+    pub pieces: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetKMeansUpdate"][::core::mem::size_of::<MapetKMeansUpdate>() - 104usize];
+    ["Alignment of MapetKMeansUpdate"][::core::mem::align_of::<MapetKMeansUpdate>() - 8usize];
+    ["Offset of field: MapetKMeansUpdate::x"][::core::mem::offset_of!(MapetKMeansUpdate, x) - 0usize];
+    ["Offset of field: MapetKMeansUpdate::ids"][::core::mem::offset_of!(MapetKMeansUpdate, ids) - 8usize];
+    ["Offset of field: MapetKMeansUpdate::tile_counts"]
+        [::core::mem::offset_of!(MapetKMeansUpdate, tile_counts) - 16usize];
+    ["Offset of field: MapetKMeansUpdate::counts"][::core::mem::offset_of!(MapetKMeansUpdate, counts) - 24usize];
+    ["Offset of field: MapetKMeansUpdate::offsets"][::core::mem::offset_of!(MapetKMeansUpdate, offsets) - 32usize];
+    ["Offset of field: MapetKMeansUpdate::order"][::core::mem::offset_of!(MapetKMeansUpdate, order) - 40usize];
+    ["Offset of field: MapetKMeansUpdate::slots"][::core::mem::offset_of!(MapetKMeansUpdate, slots) - 48usize];
+    ["Offset of field: MapetKMeansUpdate::centroids"][::core::mem::offset_of!(MapetKMeansUpdate, centroids) - 56usize];
+    ["Offset of field: MapetKMeansUpdate::centroids_bf16"]
+        [::core::mem::offset_of!(MapetKMeansUpdate, centroids_bf16) - 64usize];
+    ["Offset of field: MapetKMeansUpdate::n"][::core::mem::offset_of!(MapetKMeansUpdate, n) - 72usize];
+    ["Offset of field: MapetKMeansUpdate::k"][::core::mem::offset_of!(MapetKMeansUpdate, k) - 80usize];
+    ["Offset of field: MapetKMeansUpdate::dim"][::core::mem::offset_of!(MapetKMeansUpdate, dim) - 84usize];
+    ["Offset of field: MapetKMeansUpdate::tile"][::core::mem::offset_of!(MapetKMeansUpdate, tile) - 88usize];
+    ["Offset of field: MapetKMeansUpdate::tiles"][::core::mem::offset_of!(MapetKMeansUpdate, tiles) - 92usize];
+    ["Offset of field: MapetKMeansUpdate::piece"][::core::mem::offset_of!(MapetKMeansUpdate, piece) - 96usize];
+    ["Offset of field: MapetKMeansUpdate::pieces"][::core::mem::offset_of!(MapetKMeansUpdate, pieces) - 100usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetKMeansGather {
+    pub src: *const ::core::ffi::c_void,
+    pub src_rows: *const u32,
+    pub dst_rows: *const u32,
+    pub dst_bf16: *mut ::core::ffi::c_void,
+    pub dst_f32: *mut f32,
+    pub rows: i64,
+    pub dim: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetKMeansGather"][::core::mem::size_of::<MapetKMeansGather>() - 56usize];
+    ["Alignment of MapetKMeansGather"][::core::mem::align_of::<MapetKMeansGather>() - 8usize];
+    ["Offset of field: MapetKMeansGather::src"][::core::mem::offset_of!(MapetKMeansGather, src) - 0usize];
+    ["Offset of field: MapetKMeansGather::src_rows"][::core::mem::offset_of!(MapetKMeansGather, src_rows) - 8usize];
+    ["Offset of field: MapetKMeansGather::dst_rows"][::core::mem::offset_of!(MapetKMeansGather, dst_rows) - 16usize];
+    ["Offset of field: MapetKMeansGather::dst_bf16"][::core::mem::offset_of!(MapetKMeansGather, dst_bf16) - 24usize];
+    ["Offset of field: MapetKMeansGather::dst_f32"][::core::mem::offset_of!(MapetKMeansGather, dst_f32) - 32usize];
+    ["Offset of field: MapetKMeansGather::rows"][::core::mem::offset_of!(MapetKMeansGather, rows) - 40usize];
+    ["Offset of field: MapetKMeansGather::dim"][::core::mem::offset_of!(MapetKMeansGather, dim) - 48usize];
+};

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod gelu;
 pub mod gradnorm;
+pub mod kmeans;
 pub mod layernorm;
 pub mod patch_embed;
 pub mod residual;

@@ -1,0 +1,98 @@
+//! k-means. On a GPU at k-CLIP's codebook size (k = 8192, timed with CUDA events): the
+//! assignment of 65536 points of dimension 1024 (throughput counts the GEMM's flops) and the
+//! centroid update (bytes of points read). On the CPU: the exact assignment and one Lloyd run of a
+//! small codebook.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mapet::cuda::gemm::{flops, Gemm};
+use mapet::cuda::Gpu;
+use mapet::ops::kmeans;
+
+/// Deterministic, cheap filler in [-1, 1).
+fn filler(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// GPU time of `iters` runs of `f`, between two events.
+fn gpu_time(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> Duration {
+    let start = gpu.timing_event().unwrap();
+    let stop = gpu.timing_event().unwrap();
+    f();
+    start.record(gpu.stream()).unwrap();
+    for _ in 0..iters {
+        f();
+    }
+    stop.record(gpu.stream()).unwrap();
+    Duration::from_secs_f64(start.elapsed_ms(&stop).unwrap() as f64 * 1e-3)
+}
+
+fn gpu_benches(c: &mut Criterion) {
+    let gpu = match Gpu::first() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("skipping GPU k-means benches: {e}");
+            return;
+        }
+    };
+    let gemm = Gemm::new(&gpu).unwrap();
+    let (n, k, dim) = (65536usize, 8192usize, 1024usize);
+    let points = gpu.upload_bf16(&filler(n * dim, 1)).unwrap();
+    let centroids = gpu.upload_bf16(&filler(k * dim, 2)).unwrap();
+    let mut ids = gpu.alloc::<u32>(n).unwrap();
+    let mut sq = gpu.alloc::<f32>(n).unwrap();
+    kmeans::cuda_assign(&gpu, &gemm, &points, dim, &centroids, &mut ids, &mut sq).unwrap();
+    let mut c32 = gpu.alloc::<f32>(k * dim).unwrap();
+    let mut c16 = gpu.alloc::<half::bf16>(k * dim).unwrap();
+
+    let mut g = c.benchmark_group(format!("kmeans_gpu/{}", gpu.name()));
+    g.throughput(Throughput::Elements(flops(n, k, dim)));
+    g.bench_function("assign_65536x8192x1024", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(&gpu, iters, || {
+                kmeans::cuda_assign(&gpu, &gemm, &points, dim, &centroids, &mut ids, &mut sq).unwrap();
+            })
+        })
+    });
+    g.throughput(Throughput::Bytes((n * dim * 2) as u64));
+    g.bench_function("update_65536x8192x1024", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(&gpu, iters, || {
+                std::hint::black_box(kmeans::cuda_update(&gpu, &points, dim, &ids, &mut c32, &mut c16).unwrap());
+            })
+        })
+    });
+    g.finish();
+}
+
+fn cpu_benches(c: &mut Criterion) {
+    let (n, k, dim) = (8192usize, 512usize, 128usize);
+    let points = filler(n * dim, 1);
+    let centroids = filler(k * dim, 2);
+    let mut g = c.benchmark_group("kmeans_cpu");
+    g.throughput(Throughput::Elements(flops(n, k, dim)));
+    g.bench_function("assign_8192x512x128", |b| {
+        b.iter(|| std::hint::black_box(kmeans::assign(&points, dim, &centroids).unwrap()))
+    });
+    g.bench_function("lloyd_5_iterations_8192x512x128", |b| {
+        b.iter(|| std::hint::black_box(kmeans::lloyd(&points, dim, &centroids, 5).unwrap()))
+    });
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+}
+
+criterion_group! { name = benches; config = config(); targets = gpu_benches, cpu_benches }
+criterion_main!(benches);
