@@ -14,3 +14,6 @@ pub mod config;
 pub mod data;
 pub mod plot;
 
+pub mod demo;
+pub mod pretrain;
+pub mod tokenize;

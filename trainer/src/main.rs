@@ -1,15 +1,22 @@
 //! `mapet`: the MaPeT pre-training command.
 //!
 //! ```text
-//! mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu]
+//! mapet pretrain [--config FILE.toml] [--data DIR --tokens FILE.npy] [--out DIR] [--resume DIR] ...
+//! mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
 //! mapet info
 //! ```
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 const USAGE: &str = "usage:
+  mapet pretrain [--config FILE.toml] [--data DIR|MANIFEST --tokens FILE.npy] [--out DIR]
+                 [--resume DIR] [--device auto|cpu|cuda] [--batch N] [--epochs E] [--seed S]
+                 [--set section.key=value ...]
+      pre-training; with no --data, the embedded demo (eleven photographs, pixel k-means tokens)
   mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
       one forward and backward (drop path off) of a case in the golden format; writes out.loss,
       out.logits, out.predicted_index and grads.<name> for every parameter, as f32
@@ -19,6 +26,7 @@ const USAGE: &str = "usage:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("pretrain") => pretrain(&args[1..]),
         Some("check-step") => check_step(&args[1..]),
         Some("info") => info(),
         Some("-h" | "--help" | "help") | None => {
@@ -36,10 +44,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Splits `--flag value` pairs from positional arguments; refuses unknown flags.
+/// Splits `--flag value` pairs from positional arguments; refuses unknown flags. A repeated flag
+/// keeps its last value in the map; `all` keeps every (flag, value) in order.
 fn parse_flags(args: &[String], known: &[&str]) -> Result<(Vec<String>, HashMap<String, String>), String> {
+    parse_flags_all(args, known).map(|(p, all)| (p, all.into_iter().collect()))
+}
+
+/// Positional arguments and every (flag, value) in order.
+type Parsed = (Vec<String>, Vec<(String, String)>);
+
+fn parse_flags_all(args: &[String], known: &[&str]) -> Result<Parsed, String> {
     let mut positional = Vec::new();
-    let mut flags = HashMap::new();
+    let mut flags = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if let Some(name) = a.strip_prefix("--") {
@@ -50,7 +66,7 @@ fn parse_flags(args: &[String], known: &[&str]) -> Result<(Vec<String>, HashMap<
                 ));
             }
             let value = it.next().ok_or_else(|| format!("flag `--{name}` needs a value"))?;
-            flags.insert(name.to_string(), value.clone());
+            flags.push((name.to_string(), value.clone()));
         } else {
             positional.push(a.clone());
         }
@@ -77,6 +93,91 @@ fn check_step(args: &[String]) -> Result<(), String> {
         HashMap::from([("device".to_string(), "cpu".to_string()), ("source".to_string(), case_name(case_path(&pos)))]);
     result.save(&out, meta).map_err(|e| e.to_string())?;
     println!("loss {loss:.6}; wrote {} tensors to {}", result.tensors.len(), out.display());
+    Ok(())
+}
+
+fn pretrain(args: &[String]) -> Result<(), String> {
+    use mapet_trainer::config::PretrainConfig;
+    let known = ["config", "data", "tokens", "out", "resume", "device", "batch", "epochs", "seed", "set"];
+    let (pos, flags) = parse_flags_all(args, &known)?;
+    if let Some(p) = pos.first() {
+        return Err(format!("pretrain takes no positional argument (got `{p}`); use --data DIR\n{USAGE}"));
+    }
+    let get = |k: &str| flags.iter().rev().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+    let demo = get("config").is_none() && get("data").is_none();
+    let out = PathBuf::from(get("out").unwrap_or_else(|| if demo { "runs/demo".into() } else { "runs/mapet".into() }));
+    let mut cfg = match get("config") {
+        Some(path) => PretrainConfig::from_file(path.as_ref())?,
+        None if demo => mapet_trainer::demo::config(&out),
+        None => PretrainConfig::default(),
+    };
+    if get("out").is_some() || demo {
+        cfg.output.dir = out;
+    }
+    if let Some(d) = get("data") {
+        cfg.data.train = Some(d.into());
+    }
+    if let Some(t) = get("tokens") {
+        cfg.data.tokens = Some(t.into());
+    }
+    for (flag, key) in
+        [("device", "train.device"), ("batch", "train.batch"), ("epochs", "train.epochs"), ("seed", "train.seed")]
+    {
+        if let Some(v) = get(flag) {
+            let v = if flag == "device" { format!("{v:?}") } else { v };
+            cfg.set(&format!("{key}={v}")).map_err(|e| format!("--{flag}: {e}"))?;
+        }
+    }
+    for (_, assignment) in flags.iter().filter(|(f, _)| f == "set") {
+        cfg.set(assignment)?;
+    }
+    cfg.validate()?;
+    match cfg.train.device.as_str() {
+        "cuda" => return Err(
+            "train.device = \"cuda\": the GPU training loop is not wired into pretrain yet; use \"cpu\" or \"auto\""
+                .into(),
+        ),
+        "auto" => match mapet::cuda::unavailable_reason() {
+            None => println!("a GPU is present, but pretrain runs on the CPU backend until the GPU loop lands"),
+            Some(why) => println!("no GPU ({why}): using the CPU backend"),
+        },
+        _ => {}
+    }
+    let data = match (&cfg.data.train, &cfg.data.tokens) {
+        (Some(train), Some(tokens)) => {
+            let model = cfg.model_config()?;
+            let index = if train.is_dir() {
+                mapet_trainer::data::ImageIndex::from_folder(train)
+            } else {
+                let root = train.parent().unwrap_or(std::path::Path::new("."));
+                mapet_trainer::data::ImageIndex::from_manifest(train, root)
+            }
+            .map_err(|e| e.to_string())?;
+            let tokens = mapet_trainer::data::Tokens::load_for(tokens, &index, &model).map_err(|e| e.to_string())?;
+            mapet_trainer::pretrain::DataSource { index, tokens }
+        }
+        _ => mapet_trainer::demo::prepare(&cfg)?,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to exit now)");
+    })
+    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    let resume = get("resume").map(PathBuf::from);
+    let summary = mapet_trainer::pretrain::run(&cfg, data, resume.as_deref(), stop)?;
+    println!(
+        "{} after {} steps: loss {:.4} (first step {:.4}); metrics.csv, curves.png and checkpoint/ in {}",
+        if summary.interrupted { "stopped" } else { "done" },
+        summary.steps,
+        summary.last_loss,
+        summary.first_loss,
+        summary.out_dir.display()
+    );
     Ok(())
 }
 

@@ -118,6 +118,8 @@ fn glyph(c: char) -> [u8; 7] {
 fn fmt_num(v: f64) -> String {
     if v == 0.0 {
         "0".into()
+    } else if v.fract() == 0.0 && v.abs() < 1e7 {
+        format!("{v:.0}")
     } else if v.abs() >= 1000.0 || v.abs() < 0.01 {
         format!("{v:.2e}")
     } else {
@@ -170,7 +172,7 @@ fn panel(cv: &mut Canvas, (x0, y0, x1, y1): (i64, i64, i64, i64), title: &str, s
             }
             prev = Some(q);
         }
-        cv.text(x0 + 12 + i as i64 * 200, y0 + 6, s.label, s.color);
+        cv.text(x0 + 160 + i as i64 * 160, y0 - 22, s.label, s.color);
     }
 }
 

@@ -1,0 +1,355 @@
+//! `mapet pretrain`: the training loop. Data from the loader (decoded, cropped, resized and
+//! jittered on worker threads, permutations fixed by (seed, epoch, image)), one optimizer step per
+//! `micro_batches` loader batches, a progress line, metrics per step to `metrics.csv`, a curve plot
+//! and a checkpoint every `checkpoint_every` steps and at the end, and on Ctrl-C a checkpoint
+//! before a clean exit. A NaN or Inf loss stops the run naming the step; the last checkpoint is
+//! kept as it was.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mapet::model::checkpoint;
+use mapet::model::cpu::CpuModel;
+use mapet::model::optim::LrSchedule;
+use mapet::model::train::{train_step, Recipe, TrainState};
+use mapet::model::{ModelConfig, ParamLayout};
+use mapet::ops::patch_embed::Normalize;
+
+use crate::config::PretrainConfig;
+use crate::data::{ImageIndex, Loader, LoaderConfig, Tokens};
+use crate::plot::{write_curves, Series};
+
+/// One row of `metrics.csv`.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRecord {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f32,
+    pub accuracy: f64,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub images_per_s: f64,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub first_loss: f32,
+    pub last_loss: f32,
+    pub interrupted: bool,
+    pub out_dir: PathBuf,
+    pub skipped_images: usize,
+}
+
+/// The training data of a run: its index and token file.
+pub struct DataSource {
+    pub index: ImageIndex,
+    pub tokens: Tokens,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// The recipe of `cfg` for `steps_per_epoch` updates per epoch.
+pub fn recipe_for(cfg: &PretrainConfig, steps_per_epoch: u64) -> Recipe {
+    let t = &cfg.train;
+    let total = ((t.epochs * steps_per_epoch as f64).ceil() as u64).max(1);
+    let warmup = ((t.warmup_epochs * steps_per_epoch as f64).round() as u64).min(total);
+    Recipe {
+        schedule: LrSchedule {
+            peak_lr: cfg.peak_lr(),
+            warmup_steps: warmup,
+            total_steps: total,
+            warmup_start_lr: t.warmup_start_lr,
+            final_lr: t.final_lr,
+        },
+        weight_decay: t.weight_decay,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        clip_norm: t.clip,
+        drop_path: t.drop_path,
+        micro_batches: t.micro_batches,
+        // The loader fixes each image's permutation from (seed, epoch, image), so that a resumed
+        // run sees the same permutations as an uninterrupted one.
+        resample_ranks: false,
+        seed: t.seed,
+    }
+}
+
+/// A fresh training state with the config's layer-scale initial value.
+fn fresh_state(layout: &ParamLayout, cfg: &PretrainConfig) -> TrainState {
+    let mut state = TrainState::new(layout, cfg.train.seed);
+    for spec in layout.specs.iter().filter(|s| s.name.ends_with(".gamma")) {
+        state.params[spec.range()].fill(cfg.train.layer_scale);
+    }
+    state
+}
+
+/// Runs pre-training on the CPU backend. `stop` is raised by Ctrl-C.
+pub fn run(
+    cfg: &PretrainConfig,
+    data: DataSource,
+    resume: Option<&Path>,
+    stop: Arc<AtomicBool>,
+) -> Result<RunSummary, String> {
+    cfg.validate()?;
+    let model_cfg: ModelConfig = cfg.model_config()?;
+    let model = CpuModel::new(model_cfg).map_err(err)?;
+    let micro = cfg.train.batch / cfg.train.micro_batches;
+    let mut lcfg = LoaderConfig::new(model_cfg.image, micro);
+    lcfg.seed = cfg.train.seed;
+    lcfg.jitter = cfg.data.jitter;
+    lcfg.prefetch = cfg.data.prefetch.max(1);
+    lcfg.max_skip_fraction = cfg.data.max_skipped_fraction;
+    if cfg.data.threads > 0 {
+        lcfg.threads = cfg.data.threads;
+    }
+    let loader = Loader::new(data.index, data.tokens, lcfg).map_err(err)?;
+    let batches_per_epoch = loader.batches_per_epoch();
+    let steps_per_epoch = (batches_per_epoch / cfg.train.micro_batches) as u64;
+    if steps_per_epoch == 0 {
+        return Err(format!(
+            "{} images give no full step of batch {} (drop-last): use a smaller train.batch",
+            loader.len(),
+            cfg.train.batch
+        ));
+    }
+    let recipe = recipe_for(cfg, steps_per_epoch);
+    let out = cfg.output.dir.clone();
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
+    let ckpt_dir = out.join("checkpoint");
+
+    let mut state = match resume {
+        Some(dir) => {
+            let ck = checkpoint::load(dir, &model_cfg).map_err(err)?;
+            println!("resuming from {} at step {} (epoch {})", ck.dir.display(), ck.state.step, ck.state.epoch);
+            ck.state
+        }
+        None => fresh_state(&model.layout, cfg),
+    };
+    let metrics_path = out.join("metrics.csv");
+    let mut history = read_history(&metrics_path, state.step);
+    let mut metrics = open_metrics(&metrics_path, state.step).map_err(err)?;
+
+    let total = recipe.schedule.total_steps;
+    let norm = Normalize::IMAGENET;
+    println!(
+        "pretrain on the cpu backend: {} images, {} steps/epoch, {} steps, batch {} ({} micro-batches), model dim {} depth {} heads {} vocab {}, {} parameters",
+        loader.len(),
+        steps_per_epoch,
+        total,
+        cfg.train.batch,
+        cfg.train.micro_batches,
+        model_cfg.dim,
+        model_cfg.depth,
+        model_cfg.heads,
+        model_cfg.vocab,
+        model.layout.num_params()
+    );
+    let started = Instant::now();
+    let start_step = state.step;
+    let mut first_loss = f32::NAN;
+    let mut last_loss = f32::NAN;
+    let mut interrupted = false;
+    let mut last_ckpt_step = state.step;
+
+    'epochs: while state.step < total {
+        let epoch = state.epoch;
+        let done_in_epoch = state.step.saturating_sub(epoch * steps_per_epoch);
+        let position = done_in_epoch as usize * cfg.train.batch;
+        let mut batches = loader.epoch_from(epoch, position).map_err(err)?;
+        let mut steps_this_epoch = done_in_epoch;
+        while steps_this_epoch < steps_per_epoch && state.step < total {
+            if stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break 'epochs;
+            }
+            let t0 = Instant::now();
+            let mut micro_batches = Vec::with_capacity(cfg.train.micro_batches);
+            for _ in 0..cfg.train.micro_batches {
+                match batches.next() {
+                    Some(Ok(b)) => micro_batches.push(b.to_cpu_batch(&norm)),
+                    Some(Err(e)) => return Err(format!("epoch {epoch}: {e}")),
+                    None => break,
+                }
+            }
+            if micro_batches.len() < cfg.train.micro_batches {
+                break;
+            }
+            let stats = match train_step(&model, &mut state, &recipe, &mut micro_batches) {
+                Ok(s) => s,
+                Err(e @ mapet::Error::NonFinite { .. }) => {
+                    return Err(format!(
+                        "{e}; stopping. The last checkpoint ({}) is as it was at step {last_ckpt_step}.",
+                        ckpt_dir.display()
+                    ))
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            steps_this_epoch += 1;
+            let ips = cfg.train.batch as f64 / t0.elapsed().as_secs_f64();
+            if first_loss.is_nan() {
+                first_loss = stats.loss;
+            }
+            last_loss = stats.loss;
+            let rec = StepRecord {
+                step: state.step,
+                epoch,
+                loss: stats.loss,
+                accuracy: stats.accuracy,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                images_per_s: ips,
+            };
+            writeln!(
+                metrics,
+                "{},{},{:.6},{:.6},{:.6e},{:.4},{:.2}",
+                rec.step, rec.epoch, rec.loss, rec.accuracy, rec.lr, rec.grad_norm, rec.images_per_s
+            )
+            .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+            history.push(rec);
+            progress(&rec, total, start_step, &started);
+            if cfg.output.checkpoint_every > 0 && state.step % cfg.output.checkpoint_every == 0 && state.step < total {
+                save(&ckpt_dir, &model.layout, &recipe, &state, &out, &history)?;
+                last_ckpt_step = state.step;
+            }
+        }
+        drop(batches);
+        if steps_this_epoch >= steps_per_epoch {
+            state.epoch += 1;
+            let skipped = loader.skipped().into_iter().filter(|s| s.epoch == epoch).count();
+            if skipped > 0 {
+                println!("\nepoch {epoch}: {skipped} unreadable images skipped (see the log above for their names)");
+            }
+        }
+    }
+    println!();
+    save(&ckpt_dir, &model.layout, &recipe, &state, &out, &history)?;
+    if interrupted {
+        println!("interrupted: checkpoint written at step {} in {}", state.step, ckpt_dir.display());
+    }
+    let skipped = loader.skipped_count();
+    if skipped > 0 {
+        println!("{skipped} unreadable images were skipped in total:");
+        for s in loader.skipped().iter().take(20) {
+            println!("  epoch {}: {:?}", s.epoch, s);
+        }
+    }
+    Ok(RunSummary { steps: state.step, first_loss, last_loss, interrupted, out_dir: out, skipped_images: skipped })
+}
+
+fn progress(rec: &StepRecord, total: u64, start_step: u64, started: &Instant) {
+    let done = rec.step - start_step;
+    let left = total.saturating_sub(rec.step);
+    let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
+    let eta = per_step * left as f64;
+    let width = 24usize;
+    let filled = (width as f64 * rec.step as f64 / total.max(1) as f64) as usize;
+    print!(
+        "\r[{}{}] step {}/{} epoch {} loss {:.4} acc {:.3} lr {:.2e} {:.1} img/s ETA {}   ",
+        "#".repeat(filled.min(width)),
+        ".".repeat(width - filled.min(width)),
+        rec.step,
+        total,
+        rec.epoch,
+        rec.loss,
+        rec.accuracy,
+        rec.lr,
+        rec.images_per_s,
+        fmt_duration(eta)
+    );
+    let _ = std::io::stdout().flush();
+}
+
+fn fmt_duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+fn save(
+    dir: &Path,
+    layout: &ParamLayout,
+    recipe: &Recipe,
+    state: &TrainState,
+    out: &Path,
+    history: &[StepRecord],
+) -> Result<(), String> {
+    checkpoint::save(dir, layout, recipe, state).map_err(|e| format!("writing the checkpoint: {e}"))?;
+    write_plot(&out.join("curves.png"), history)
+}
+
+/// The loss and accuracy curves of `history`, with a running mean over 20 steps.
+pub fn write_plot(path: &Path, history: &[StepRecord]) -> Result<(), String> {
+    let loss: Vec<(f64, f64)> = history.iter().map(|r| (r.step as f64, r.loss as f64)).collect();
+    let acc: Vec<(f64, f64)> = history.iter().map(|r| (r.step as f64, r.accuracy)).collect();
+    let smooth = |v: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        (0..v.len())
+            .map(|i| {
+                let lo = i.saturating_sub(19);
+                let w = &v[lo..=i];
+                (v[i].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
+            })
+            .collect()
+    };
+    let (ls, as_) = (smooth(&loss), smooth(&acc));
+    write_curves(
+        path,
+        &[
+            Series { label: "loss", color: [235, 170, 170], points: &loss },
+            Series { label: "mean 20", color: [200, 30, 30], points: &ls },
+        ],
+        &[
+            Series { label: "accuracy", color: [170, 170, 235], points: &acc },
+            Series { label: "mean 20", color: [30, 30, 200], points: &as_ },
+        ],
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The metrics file, truncated to the rows up to `step` (a resumed run rewrites what follows).
+fn open_metrics(path: &Path, step: u64) -> std::io::Result<std::fs::File> {
+    let kept: Vec<String> = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| l.split(',').next().and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s <= step))
+        .map(String::from)
+        .collect();
+    let mut f = std::fs::File::create(path)?;
+    writeln!(f, "step,epoch,loss,accuracy,lr,grad_norm,images_per_s")?;
+    for l in kept {
+        writeln!(f, "{l}")?;
+    }
+    Ok(f)
+}
+
+fn read_history(path: &Path, step: u64) -> Vec<StepRecord> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let v: Vec<&str> = l.split(',').collect();
+            let rec = StepRecord {
+                step: v.first()?.parse().ok()?,
+                epoch: v.get(1)?.parse().ok()?,
+                loss: v.get(2)?.parse().ok()?,
+                accuracy: v.get(3)?.parse().ok()?,
+                lr: v.get(4)?.parse().ok()?,
+                grad_norm: v.get(5)?.parse().ok()?,
+                images_per_s: v.get(6)?.parse().ok()?,
+            };
+            (rec.step <= step).then_some(rec)
+        })
+        .collect()
+}
