@@ -10,6 +10,7 @@
 //! - [`pretrain`]: the training loop.
 //! - [`plot`]: PNG training curves.
 
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod plot;

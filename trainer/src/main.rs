@@ -12,6 +12,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use mapet_trainer::cli;
+
 const USAGE: &str = "usage:
   mapet pretrain [--config FILE.toml] [--data DIR|MANIFEST --tokens FILE.npy] [--out DIR]
                  [--resume DIR] [--device auto|cpu|cuda] [--batch N] [--epochs E] [--seed S]
@@ -44,38 +46,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Splits `--flag value` pairs from positional arguments; refuses unknown flags. A repeated flag
-/// keeps its last value in the map; `all` keeps every (flag, value) in order.
-fn parse_flags(args: &[String], known: &[&str]) -> Result<(Vec<String>, HashMap<String, String>), String> {
-    parse_flags_all(args, known).map(|(p, all)| (p, all.into_iter().collect()))
-}
-
-/// Positional arguments and every (flag, value) in order.
-type Parsed = (Vec<String>, Vec<(String, String)>);
-
-fn parse_flags_all(args: &[String], known: &[&str]) -> Result<Parsed, String> {
-    let mut positional = Vec::new();
-    let mut flags = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if let Some(name) = a.strip_prefix("--") {
-            if !known.contains(&name) {
-                return Err(format!(
-                    "unknown flag `--{name}` (known: {})",
-                    known.iter().map(|k| format!("--{k}")).collect::<Vec<_>>().join(", ")
-                ));
-            }
-            let value = it.next().ok_or_else(|| format!("flag `--{name}` needs a value"))?;
-            flags.push((name.to_string(), value.clone()));
-        } else {
-            positional.push(a.clone());
-        }
-    }
-    Ok((positional, flags))
-}
-
 fn check_step(args: &[String]) -> Result<(), String> {
-    let (pos, flags) = parse_flags(args, &["out", "device"])?;
+    let (pos, flags) = cli::parse_flags(args, &["out", "device"])?;
     let [case] = pos.as_slice() else {
         return Err(format!("check-step takes one case file\n{USAGE}"));
     };
@@ -99,7 +71,7 @@ fn check_step(args: &[String]) -> Result<(), String> {
 fn pretrain(args: &[String]) -> Result<(), String> {
     use mapet_trainer::config::PretrainConfig;
     let known = ["config", "data", "tokens", "out", "resume", "device", "batch", "epochs", "seed", "set"];
-    let (pos, flags) = parse_flags_all(args, &known)?;
+    let (pos, flags) = cli::parse_flags_all(args, &known)?;
     if let Some(p) = pos.first() {
         return Err(format!("pretrain takes no positional argument (got `{p}`); use --data DIR\n{USAGE}"));
     }
