@@ -7,6 +7,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::Gpu;
 use mapet::ops::adamw::{self, AdamWStep};
+use mapet::testing::gpu_time;
 
 /// Bytes per parameter: 4 x 4 read + 1 mask + 3 x 4 written + 2 (bf16 copy).
 const BYTES_PER_PARAM: u64 = 31;
@@ -20,19 +21,6 @@ fn filler(n: usize, seed: u32, scale: f32) -> Vec<f32> {
             scale * ((s >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
         })
         .collect()
-}
-
-/// GPU time of `iters` runs of `f`, between two events.
-fn gpu_time(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> Duration {
-    let start = gpu.timing_event().unwrap();
-    let stop = gpu.timing_event().unwrap();
-    f();
-    start.record(gpu.stream()).unwrap();
-    for _ in 0..iters {
-        f();
-    }
-    stop.record(gpu.stream()).unwrap();
-    Duration::from_secs_f64(start.elapsed_ms(&stop).unwrap() as f64 * 1e-3)
 }
 
 fn gpu_benches(c: &mut Criterion) {

@@ -7,30 +7,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::Gpu;
 use mapet::ops::gradnorm;
-
-/// Deterministic, cheap filler in [-1, 1).
-fn filler(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-/// GPU time of `iters` runs of `f`, between two events.
-fn gpu_time(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> Duration {
-    let start = gpu.timing_event().unwrap();
-    let stop = gpu.timing_event().unwrap();
-    f();
-    start.record(gpu.stream()).unwrap();
-    for _ in 0..iters {
-        f();
-    }
-    stop.record(gpu.stream()).unwrap();
-    Duration::from_secs_f64(start.elapsed_ms(&stop).unwrap() as f64 * 1e-3)
-}
+use mapet::testing::{filler, gpu_time};
 
 fn gpu_benches(c: &mut Criterion) {
     let gpu = match Gpu::first() {

@@ -114,3 +114,29 @@ pub fn to_f64(x: &[f32]) -> Vec<f64> {
 pub fn project_root() -> std::path::PathBuf {
     std::env::var_os("MAPET_ROOT").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
+
+/// `n` deterministic, cheap values in [-1, 1) from `seed` (a linear congruential generator):
+/// for benches, which need realistic non-zero data but not fresh randomness.
+pub fn filler(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// GPU time of `iters` runs of `f` between two timing events, after one untimed run; for
+/// criterion's `iter_custom`.
+pub fn gpu_time(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> std::time::Duration {
+    let start = gpu.timing_event().expect("timing event");
+    let stop = gpu.timing_event().expect("timing event");
+    f();
+    start.record(gpu.stream()).expect("record");
+    for _ in 0..iters {
+        f();
+    }
+    stop.record(gpu.stream()).expect("record");
+    std::time::Duration::from_secs_f64(start.elapsed_ms(&stop).expect("elapsed") as f64 * 1e-3)
+}
