@@ -11,6 +11,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 res="${MAPET_RESULTS:-$here/results}"
 mkdir -p "$res"
 export MAPET_REQUIRE_GPU=1 MAPET_ROOT="${MAPET_ROOT:-$PWD}" CRITERION_HOME="$res/criterion"
+# cuBLASLt is loaded at run time; make sure the loader finds it where CUDA installs it.
+if ! ldconfig -p 2>/dev/null | grep -q libcublasLt.so; then
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -e "$d/libcublasLt.so.13" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  done
+fi
 summary=()
 row() { summary+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")"); }
 
