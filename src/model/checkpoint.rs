@@ -285,6 +285,30 @@ fn parse_rng(path: &Path, r: &RngJson) -> Result<RngState> {
     Ok(RngState { seed, stream: r.stream, word_pos })
 }
 
+/// The model config stored in the `meta.json` of the checkpoint folder `dir` (or of `DIR.old`
+/// when `dir` is missing, as [`load`] falls back), checked with [`ModelConfig::validate`]. Errors
+/// name the folder (missing) or the meta file (unreadable, another format, an invalid config).
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let (_, old) = siblings(dir)?;
+    let dir = if !dir.exists() && old.join(META_FILE).is_file() { old } else { dir.to_path_buf() };
+    if !dir.is_dir() {
+        return Err(file_err(&dir, "no checkpoint folder here"));
+    }
+    let path = dir.join(META_FILE);
+    let c = read_meta(&path)?.config;
+    let config = ModelConfig {
+        image: c.image,
+        patch: c.patch,
+        dim: c.dim,
+        depth: c.depth,
+        heads: c.heads,
+        vocab: c.vocab,
+        context: c.context,
+    };
+    config.validate().map_err(|e| file_err(&path, format!("invalid model config: {e}")))?;
+    Ok(config)
+}
+
 /// Loads the checkpoint folder `dir` (or `DIR.old` when `dir` is missing, see the module notes)
 /// for a model of `expected`. Errors name the file, and the tensor or field: a missing or
 /// truncated file, a tensor missing or of the wrong shape, a checkpoint of another config (the

@@ -9,8 +9,10 @@
 //! - [`config`]: `mapet pretrain`'s TOML configuration and its overrides.
 //! - [`pretrain`]: the training loop.
 //! - [`plot`]: PNG training curves.
+//! - [`cmd`]: the other subcommands (`eval`, `export`, `tokenize`, `bench-data`).
 
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod data;
 pub mod plot;

@@ -3,6 +3,10 @@
 //! ```text
 //! mapet pretrain [--config FILE.toml] [--data DIR --tokens FILE.npy] [--out DIR] [--resume DIR] ...
 //! mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
+//! mapet eval --checkpoint DIR --data DIR --tokens FILE.npy [--batch N] [--seed S] [--json]
+//! mapet export --checkpoint DIR --timm OUT.safetensors
+//! mapet tokenize --data DIR --out tokens.npy [--k 8192] [--features pixels|FILE.npy] ...
+//! mapet bench-data --data DIR [--image 224] [--threads 1,2,4,8,16] [--images N] [--json]
 //! mapet info
 //! ```
 
@@ -22,8 +26,20 @@ const USAGE: &str = "usage:
   mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
       one forward and backward (drop path off) of a case in the golden format; writes out.loss,
       out.logits, out.predicted_index and grads.<name> for every parameter, as f32
+  mapet eval --checkpoint DIR --data DIR|MANIFEST --tokens FILE.npy [--batch N] [--seed S]
+             [--threads T] [--json]
+      loss and predicted-token accuracy of a checkpoint over a whole image set (fixed permutations)
+  mapet export --checkpoint DIR --timm OUT.safetensors
+      a checkpoint's backbone under timm's ViT names (fused qkv; no mask token, no decoder)
+  mapet tokenize --data DIR|MANIFEST --out tokens.npy [--k 8192] [--features pixels|FILE.npy]
+                 [--image 224] [--patch 16] [--centroids FILE] ...
+      k-means visual tokens, rows in index order; centroids and a report beside them
+  mapet bench-data --data DIR [--image 224] [--threads 1,2,4,8,16] [--images N] [--json]
+      data pipeline throughput (images/s) per thread count and per core
   mapet info
-      which backend this machine can use, and the resources of every compiled kernel";
+      which backend this machine can use, and the resources of every compiled kernel
+  mapet COMMAND --help
+      the flags of one command";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,6 +47,10 @@ fn main() -> ExitCode {
         Some("pretrain") => pretrain(&args[1..]),
         Some("check-step") => check_step(&args[1..]),
         Some("info") => info(),
+        Some("eval") => mapet_trainer::cmd::eval::run(&args[1..]),
+        Some("export") => mapet_trainer::cmd::export::run(&args[1..]),
+        Some("tokenize") => mapet_trainer::cmd::tokenize::run(&args[1..]),
+        Some("bench-data") => mapet_trainer::cmd::bench_data::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())

@@ -456,3 +456,60 @@ impl Parser<'_> {
         Ok(n)
     }
 }
+
+/// Reads a whole `.npy` file of floats as f32: `<f4` as is, `<f8` rounded to f32 (external
+/// features, e.g. an encoder's patch embeddings). Returns (shape, values in C order). Errors name
+/// the file: another dtype, Fortran order, a truncated or oversized file.
+pub fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bad = |detail: String| file_err(path, detail);
+    let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+    let file_len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut pre = [0u8; 8];
+    read_prefix(&mut r, &mut pre, "the magic string and version").map_err(bad)?;
+    if &pre[..6] != MAGIC {
+        return Err(bad("not a .npy file (no \\x93NUMPY magic string)".into()));
+    }
+    let len_bytes = match pre[6] {
+        1 => 2,
+        2 | 3 => 4,
+        major => return Err(bad(format!(".npy format version {major}.{} is not supported", pre[7]))),
+    };
+    let mut len = [0u8; 4];
+    read_prefix(&mut r, &mut len[..len_bytes], "the header length").map_err(bad)?;
+    let header_len = u32::from_le_bytes(len) as usize;
+    let mut header = vec![0u8; header_len];
+    read_prefix(&mut r, &mut header, &format!("the {header_len}-byte header")).map_err(bad)?;
+    let text: String = header.iter().map(|&b| b as char).collect();
+    let (descr, fortran, shape) = parse_header_dict(&text).map_err(|e| bad(format!("bad header {text:?}: {e}")))?;
+    if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
+        return Err(
+            bad("array is in Fortran order; only C order is supported (save with np.ascontiguousarray)".into()),
+        );
+    }
+    let size = match descr.as_str() {
+        "<f4" => 4,
+        "<f8" => 8,
+        other => {
+            return Err(bad(format!(
+                "dtype `{other}` is not supported for features; expected float32 or float64 (little-endian: <f4, <f8)"
+            )))
+        }
+    };
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let bytes = count.and_then(|n| n.checked_mul(size)).ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+    let have = file_len.saturating_sub((8 + len_bytes + header_len) as u64);
+    if have != bytes as u64 {
+        return Err(bad(format!(
+            "shape {shape:?} of {descr} needs {bytes} bytes after the header, the file has {have}"
+        )));
+    }
+    let mut raw = vec![0u8; bytes];
+    r.read_exact(&mut raw).map_err(|e| bad(format!("cannot read data: {e}")))?;
+    let values = if size == 4 {
+        raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    } else {
+        raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
+    };
+    Ok((shape, values))
+}

@@ -1,0 +1,170 @@
+//! `mapet eval`: the loss and predicted-token accuracy of a checkpoint over a whole image set.
+//!
+//! Every image is used once, in index order (no shuffle, no jitter, the last short batch kept),
+//! with the permutation the loader draws for it in epoch 0 under `--seed`: keyed by
+//! `(seed, 0, image id)`, so two checkpoints evaluated with the same seed see the same
+//! permutations. Forward only, in eval mode (no drop path). The loss is the mean cross-entropy over
+//! all predicted tokens of the set (every batch weighted by its token count), the accuracy the
+//! fraction of them whose argmax is the target. An unreadable image is an error: an evaluation
+//! covers the whole set or nothing.
+
+use std::path::PathBuf;
+
+use mapet::model::checkpoint;
+use mapet::model::cpu::CpuModel;
+use mapet::model::ModelConfig;
+use mapet::ops::patch_embed::Normalize;
+
+use super::{json_f64, json_str, open_index, parse, Parsed};
+use crate::data::{Loader, LoaderConfig, Tokens};
+
+/// The command's usage.
+pub const USAGE: &str = "usage: mapet eval --checkpoint DIR --data DIR|MANIFEST --tokens FILE.npy
+                  [--batch 32] [--seed 0] [--threads T] [--json]
+  Loss and predicted-token accuracy of a checkpoint over every image of a set, forward only.
+  --checkpoint DIR   a checkpoint folder (model.safetensors, meta.json); the model's sizes come from it
+  --data DIR|FILE    an image folder (sorted walk) or a manifest of paths relative to its folder
+  --tokens FILE.npy  target ids [images, N-1] of the index the images come from
+  --batch N          images per forward pass (default 32); the last batch may be short
+  --seed S           permutations: image i gets the loader's epoch-0 draw keyed by (S, 0, i) (default 0)
+  --threads T        decoder threads (default: the machine's cores)
+  --json             print one JSON object instead of the summary line";
+
+/// What an evaluation measures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalSummary {
+    /// The checkpoint folder.
+    pub checkpoint: PathBuf,
+    /// The checkpoint's training step.
+    pub step: u64,
+    /// Images evaluated.
+    pub images: usize,
+    /// Predicted tokens counted: images x (N - C).
+    pub tokens: usize,
+    /// Mean cross-entropy over those tokens.
+    pub loss: f64,
+    /// Tokens whose argmax is the target.
+    pub correct: usize,
+    /// `correct / tokens`.
+    pub accuracy: f64,
+}
+
+/// The settings of one evaluation (the command's flags).
+#[derive(Clone, Debug)]
+pub struct EvalArgs {
+    pub checkpoint: PathBuf,
+    pub data: PathBuf,
+    pub tokens: PathBuf,
+    pub batch: usize,
+    pub seed: u64,
+    pub threads: usize,
+    pub json: bool,
+}
+
+/// Parses the command's arguments; `None` when help was asked for.
+pub fn parse_args(args: &[String]) -> Result<Option<EvalArgs>, String> {
+    let a = match parse("eval", args, &["checkpoint", "data", "tokens", "batch", "seed", "threads"], &["json"])? {
+        Parsed::Help => return Ok(None),
+        Parsed::Args(a) => a,
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
+    Ok(Some(EvalArgs {
+        checkpoint: a.required("eval", "checkpoint", "DIR")?.into(),
+        data: a.required("eval", "data", "DIR|MANIFEST")?.into(),
+        tokens: a.required("eval", "tokens", "FILE.npy")?.into(),
+        batch: a.positive("batch", 32)?,
+        seed: a.number("seed", 0u64)?,
+        threads: a.positive("threads", cores)?,
+        json: a.switch("json"),
+    }))
+}
+
+/// Runs `mapet eval` (see [`USAGE`]).
+pub fn run(args: &[String]) -> Result<(), String> {
+    let Some(opts) = parse_args(args)? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let s = evaluate(&opts)?;
+    if opts.json {
+        println!(
+            "{{\"checkpoint\": {}, \"step\": {}, \"images\": {}, \"tokens\": {}, \"loss\": {}, \"correct\": {}, \"accuracy\": {}, \"seed\": {}}}",
+            json_str(&s.checkpoint.display().to_string()),
+            s.step,
+            s.images,
+            s.tokens,
+            json_f64(s.loss),
+            s.correct,
+            json_f64(s.accuracy),
+            opts.seed
+        );
+    } else {
+        println!(
+            "{} (step {}): {} images, {} predicted tokens: loss {:.4}, accuracy {:.4}",
+            s.checkpoint.display(),
+            s.step,
+            s.images,
+            s.tokens,
+            s.loss,
+            s.accuracy
+        );
+    }
+    Ok(())
+}
+
+/// Loads the checkpoint and its config, checks the data against it and evaluates.
+pub fn evaluate(opts: &EvalArgs) -> Result<EvalSummary, String> {
+    let config = checkpoint::read_config(&opts.checkpoint).map_err(|e| format!("--checkpoint: {e}"))?;
+    let ck = checkpoint::load(&opts.checkpoint, &config).map_err(|e| format!("--checkpoint: {e}"))?;
+    let index = open_index(&opts.data)?;
+    let tokens = Tokens::load_for(&opts.tokens, &index, &config).map_err(|e| {
+        format!(
+            "--tokens: {e} (the checkpoint {} is of a model with image {}, patch {}: {} patches per image, \
+             codebook {})",
+            opts.checkpoint.display(),
+            config.image,
+            config.patch,
+            config.n_tokens() - 1,
+            config.vocab
+        )
+    })?;
+    let cfg = LoaderConfig {
+        threads: opts.threads,
+        jitter: false,
+        seed: opts.seed,
+        drop_last: false,
+        shuffle: false,
+        max_skip_fraction: 0.0,
+        ..LoaderConfig::new(config.image, opts.batch)
+    };
+    let loader = Loader::new(index, tokens, cfg).map_err(|e| e.to_string())?;
+    let (loss_sum, correct, counted, images) = forward_all(&config, &ck.state.params, &loader)?;
+    if counted == 0 {
+        return Err(format!("--data {}: no image was evaluated", opts.data.display()));
+    }
+    Ok(EvalSummary {
+        checkpoint: ck.dir,
+        step: ck.state.step,
+        images,
+        tokens: counted,
+        loss: loss_sum / counted as f64,
+        correct,
+        accuracy: correct as f64 / counted as f64,
+    })
+}
+
+/// Sum of the per-token losses, correct tokens, counted tokens and images over one epoch.
+fn forward_all(config: &ModelConfig, params: &[f32], loader: &Loader) -> Result<(f64, usize, usize, usize), String> {
+    let model = CpuModel::new(*config).map_err(|e| e.to_string())?;
+    let norm = Normalize::IMAGENET;
+    let (mut loss_sum, mut correct, mut counted, mut images) = (0.0f64, 0usize, 0usize, 0usize);
+    for batch in loader.epoch(0) {
+        let batch = batch.map_err(|e| format!("--data: {e}"))?;
+        images += batch.len();
+        let out = model.step(params, &batch.to_cpu_batch(&norm), None, None, false).map_err(|e| e.to_string())?;
+        loss_sum += out.stats.loss as f64 * out.stats.counted as f64;
+        correct += out.stats.correct;
+        counted += out.stats.counted;
+    }
+    Ok((loss_sum, correct, counted, images))
+}
