@@ -8,9 +8,11 @@
 //!   yields reproducible batches of uint8 pixels, target token ids and permutation ranks.
 //! - [`config`]: `mapet pretrain`'s TOML configuration and its overrides.
 //! - [`pretrain`]: the training loop.
+//! - [`cmd_bench`]: `mapet bench`, training-step throughput on synthetic data.
 //! - [`plot`]: PNG training curves.
 
 pub mod cli;
+pub mod cmd_bench;
 pub mod config;
 pub mod data;
 pub mod plot;

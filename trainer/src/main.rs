@@ -3,6 +3,7 @@
 //! ```text
 //! mapet pretrain [--config FILE.toml] [--data DIR --tokens FILE.npy] [--out DIR] [--resume DIR] ...
 //! mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
+//! mapet bench [--model vit-b] [--batch N] [--steps N] [--device auto|cpu|cuda] [--json]
 //! mapet info
 //! ```
 
@@ -22,6 +23,10 @@ const USAGE: &str = "usage:
   mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
       one forward and backward (drop path off) of a case in the golden format; writes out.loss,
       out.logits, out.predicted_index and grads.<name> for every parameter, as f32
+  mapet bench [--model vit-t|vit-s|vit-b] [--set model.key=value ...] [--batch N] [--steps N]
+              [--warmup N] [--device auto|cpu|cuda] [--peak-tflops T] [--json]
+      training-step throughput on synthetic data: images/s, step time, forward / backward /
+      optimizer split, model TFLOP/s and MFU, peak memory
   mapet info
       which backend this machine can use, and the resources of every compiled kernel";
 
@@ -30,6 +35,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("pretrain") => pretrain(&args[1..]),
         Some("check-step") => check_step(&args[1..]),
+        Some("bench") => mapet_trainer::cmd_bench::run(&args[1..]),
         Some("info") => info(),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
@@ -104,16 +110,10 @@ fn pretrain(args: &[String]) -> Result<(), String> {
         cfg.set(assignment)?;
     }
     cfg.validate()?;
-    match cfg.train.device.as_str() {
-        "cuda" => return Err(
-            "train.device = \"cuda\": the GPU training loop is not wired into pretrain yet; use \"cpu\" or \"auto\""
-                .into(),
-        ),
-        "auto" => match mapet::cuda::unavailable_reason() {
-            None => println!("a GPU is present, but pretrain runs on the CPU backend until the GPU loop lands"),
-            Some(why) => println!("no GPU ({why}): using the CPU backend"),
-        },
-        _ => {}
+    if cfg.train.device == "cuda" {
+        if let Some(why) = mapet::cuda::unavailable_reason() {
+            return Err(format!("train.device = \"cuda\", but no GPU is usable here: {why}"));
+        }
     }
     let data = match (&cfg.data.train, &cfg.data.tokens) {
         (Some(train), Some(tokens)) => {
