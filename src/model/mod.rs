@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_train;
 pub mod golden;
 pub mod optim;
 pub mod params;

@@ -8,11 +8,13 @@
 //!   yields reproducible batches of uint8 pixels, target token ids and permutation ranks.
 //! - [`config`]: `mapet pretrain`'s TOML configuration and its overrides.
 //! - [`pretrain`]: the training loop.
+//! - [`cmd_bench`]: `mapet bench`, training-step throughput on synthetic data.
 //! - [`plot`]: PNG training curves.
 //! - [`cmd`]: the other subcommands (`eval`, `export`, `tokenize`, `bench-data`).
 
 pub mod cli;
 pub mod cmd;
+pub mod cmd_bench;
 pub mod config;
 pub mod data;
 pub mod plot;

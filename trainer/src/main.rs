@@ -7,6 +7,7 @@
 //! mapet export --checkpoint DIR --timm OUT.safetensors
 //! mapet tokenize --data DIR --out tokens.npy [--k 8192] [--features pixels|FILE.npy] ...
 //! mapet bench-data --data DIR [--image 224] [--threads 1,2,4,8,16] [--images N] [--json]
+//! mapet bench [--model vit-b] [--batch N] [--steps N] [--device auto|cpu|cuda] [--json]
 //! mapet info
 //! ```
 
@@ -36,6 +37,10 @@ const USAGE: &str = "usage:
       k-means visual tokens, rows in index order; centroids and a report beside them
   mapet bench-data --data DIR [--image 224] [--threads 1,2,4,8,16] [--images N] [--json]
       data pipeline throughput (images/s) per thread count and per core
+  mapet bench [--model vit-t|vit-s|vit-b] [--set model.key=value ...] [--batch N] [--steps N]
+              [--warmup N] [--device auto|cpu|cuda] [--peak-tflops T] [--json]
+      training-step throughput on synthetic data: images/s, step time, forward / backward /
+      optimizer split, model TFLOP/s and MFU, peak memory
   mapet info
       which backend this machine can use, and the resources of every compiled kernel
   mapet COMMAND --help
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("pretrain") => pretrain(&args[1..]),
         Some("check-step") => check_step(&args[1..]),
+        Some("bench") => mapet_trainer::cmd_bench::run(&args[1..]),
         Some("info") => info(),
         Some("eval") => mapet_trainer::cmd::eval::run(&args[1..]),
         Some("export") => mapet_trainer::cmd::export::run(&args[1..]),
@@ -124,16 +130,10 @@ fn pretrain(args: &[String]) -> Result<(), String> {
         cfg.set(assignment)?;
     }
     cfg.validate()?;
-    match cfg.train.device.as_str() {
-        "cuda" => return Err(
-            "train.device = \"cuda\": the GPU training loop is not wired into pretrain yet; use \"cpu\" or \"auto\""
-                .into(),
-        ),
-        "auto" => match mapet::cuda::unavailable_reason() {
-            None => println!("a GPU is present, but pretrain runs on the CPU backend until the GPU loop lands"),
-            Some(why) => println!("no GPU ({why}): using the CPU backend"),
-        },
-        _ => {}
+    if cfg.train.device == "cuda" {
+        if let Some(why) = mapet::cuda::unavailable_reason() {
+            return Err(format!("train.device = \"cuda\", but no GPU is usable here: {why}"));
+        }
     }
     let data = match (&cfg.data.train, &cfg.data.tokens) {
         (Some(train), Some(tokens)) => {

@@ -4,17 +4,27 @@
 //! and a checkpoint every `checkpoint_every` steps and at the end, and on Ctrl-C a checkpoint
 //! before a clean exit. A NaN or Inf loss stops the run naming the step; the last checkpoint is
 //! kept as it was.
+//!
+//! `train.device` picks the backend: `"cpu"` the CPU model ([`train_step`]), `"cuda"` the GPU
+//! model ([`train_step_cuda`]; an error when no GPU is usable), `"auto"` the GPU when one is
+//! usable and the GPU model runs the config (head dim 64), else the CPU. Both run the same loop;
+//! on the GPU the state lives on the device and is downloaded for each checkpoint, in the same
+//! format.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use mapet::cuda::Gpu;
 use mapet::model::checkpoint;
-use mapet::model::cpu::CpuModel;
+use mapet::model::cpu::{Batch, CpuModel};
+use mapet::model::cuda::CudaModel;
+use mapet::model::cuda_train::{train_step_cuda, CudaTrainState};
 use mapet::model::optim::LrSchedule;
-use mapet::model::train::{train_step, Recipe, TrainState};
+use mapet::model::train::{train_step, Recipe, StepStats, TrainState};
 use mapet::model::{ModelConfig, ParamLayout};
 use mapet::ops::patch_embed::Normalize;
 
@@ -91,7 +101,108 @@ fn fresh_state(layout: &ParamLayout, cfg: &PretrainConfig) -> TrainState {
     state
 }
 
-/// Runs pre-training on the CPU backend. `stop` is raised by Ctrl-C.
+/// The model and training state of a run, on the backend it trains on.
+enum Engine {
+    Cpu { model: CpuModel, state: TrainState },
+    Cuda { model: Box<CudaModel>, state: CudaTrainState },
+}
+
+impl Engine {
+    /// The engine `cfg.train.device` selects for batches of `micro` images, holding `state`; and
+    /// the backend's description for the log. "auto" falls back to the CPU (saying why) when no
+    /// GPU is usable or the GPU model does not support the config.
+    fn new(
+        cfg: &PretrainConfig,
+        model_cfg: ModelConfig,
+        micro: usize,
+        state: TrainState,
+    ) -> Result<(Self, String), String> {
+        let cpu = |state: TrainState| -> Result<(Engine, String), String> {
+            Ok((Engine::Cpu { model: CpuModel::new(model_cfg).map_err(err)?, state }, "cpu".into()))
+        };
+        match cfg.train.device.as_str() {
+            "cuda" => Self::cuda(model_cfg, micro, &state).map_err(|e| format!("train.device = \"cuda\": {e}")),
+            "auto" => {
+                match mapet::cuda::unavailable_reason() {
+                    Some(why) => {
+                        println!("no GPU ({why}): using the CPU backend");
+                        cpu(state)
+                    }
+                    None => match Self::cuda(model_cfg, micro, &state) {
+                        Ok(engine) => Ok(engine),
+                        Err(e @ mapet::Error::Unsupported { .. }) => {
+                            println!("a GPU is present, but the GPU model cannot run this config ({e}): using the CPU backend");
+                            cpu(state)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                }
+            }
+            _ => cpu(state),
+        }
+    }
+
+    fn cuda(model_cfg: ModelConfig, micro: usize, state: &TrainState) -> mapet::Result<(Self, String)> {
+        let gpu = Arc::new(Gpu::first()?);
+        let mut model = CudaModel::new(gpu.clone(), model_cfg, micro)?;
+        let state = CudaTrainState::upload(&gpu, &mut model, state)?;
+        let name = format!("cuda ({})", gpu.name());
+        Ok((Engine::Cuda { model: Box::new(model), state }, name))
+    }
+
+    fn layout(&self) -> &ParamLayout {
+        match self {
+            Engine::Cpu { model, .. } => &model.layout,
+            Engine::Cuda { model, .. } => &model.layout,
+        }
+    }
+
+    fn step(&self) -> u64 {
+        match self {
+            Engine::Cpu { state, .. } => state.step,
+            Engine::Cuda { state, .. } => state.step,
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        match self {
+            Engine::Cpu { state, .. } => state.epoch,
+            Engine::Cuda { state, .. } => state.epoch,
+        }
+    }
+
+    fn finish_epoch(&mut self) {
+        match self {
+            Engine::Cpu { state, .. } => state.epoch += 1,
+            Engine::Cuda { state, .. } => state.epoch += 1,
+        }
+    }
+
+    fn train(&mut self, recipe: &Recipe, micro_batches: &mut [Batch]) -> mapet::Result<StepStats> {
+        match self {
+            Engine::Cpu { model, state } => train_step(model, state, recipe, micro_batches),
+            Engine::Cuda { model, state } => train_step_cuda(model, state, recipe, micro_batches),
+        }
+    }
+
+    /// The state on the host (downloaded from the GPU), for a checkpoint.
+    fn host_state(&self) -> Result<Cow<'_, TrainState>, String> {
+        match self {
+            Engine::Cpu { state, .. } => Ok(Cow::Borrowed(state)),
+            Engine::Cuda { model, state } => {
+                state.download(model).map(Cow::Owned).map_err(|e| format!("reading the state from the GPU: {e}"))
+            }
+        }
+    }
+
+    /// Writes the checkpoint and the plot.
+    fn save(&self, dir: &Path, recipe: &Recipe, out: &Path, history: &[StepRecord]) -> Result<(), String> {
+        let state = self.host_state()?;
+        save(dir, self.layout(), recipe, &state, out, history)
+    }
+}
+
+/// Runs pre-training on the backend `cfg.train.device` selects. `stop` is raised by Ctrl-C.
 pub fn run(
     cfg: &PretrainConfig,
     data: DataSource,
@@ -100,7 +211,7 @@ pub fn run(
 ) -> Result<RunSummary, String> {
     cfg.validate()?;
     let model_cfg: ModelConfig = cfg.model_config()?;
-    let model = CpuModel::new(model_cfg).map_err(err)?;
+    let layout = ParamLayout::new(model_cfg).map_err(err)?;
     let micro = cfg.train.batch / cfg.train.micro_batches;
     let mut lcfg = LoaderConfig::new(model_cfg.image, micro);
     lcfg.seed = cfg.train.seed;
@@ -125,22 +236,24 @@ pub fn run(
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
     let ckpt_dir = out.join("checkpoint");
 
-    let mut state = match resume {
+    let state = match resume {
         Some(dir) => {
             let ck = checkpoint::load(dir, &model_cfg).map_err(err)?;
             println!("resuming from {} at step {} (epoch {})", ck.dir.display(), ck.state.step, ck.state.epoch);
             ck.state
         }
-        None => fresh_state(&model.layout, cfg),
+        None => fresh_state(&layout, cfg),
     };
+    let (mut engine, backend) = Engine::new(cfg, model_cfg, micro, state)?;
     let metrics_path = out.join("metrics.csv");
-    let mut history = read_history(&metrics_path, state.step);
-    let mut metrics = open_metrics(&metrics_path, state.step).map_err(err)?;
+    let mut history = read_history(&metrics_path, engine.step());
+    let mut metrics = open_metrics(&metrics_path, engine.step()).map_err(err)?;
 
     let total = recipe.schedule.total_steps;
     let norm = Normalize::IMAGENET;
     println!(
-        "pretrain on the cpu backend: {} images, {} steps/epoch, {} steps, batch {} ({} micro-batches), model dim {} depth {} heads {} vocab {}, {} parameters",
+        "pretrain on the {} backend: {} images, {} steps/epoch, {} steps, batch {} ({} micro-batches), model dim {} depth {} heads {} vocab {}, {} parameters",
+        backend,
         loader.len(),
         steps_per_epoch,
         total,
@@ -150,22 +263,22 @@ pub fn run(
         model_cfg.depth,
         model_cfg.heads,
         model_cfg.vocab,
-        model.layout.num_params()
+        layout.num_params()
     );
     let started = Instant::now();
-    let start_step = state.step;
+    let start_step = engine.step();
     let mut first_loss = f32::NAN;
     let mut last_loss = f32::NAN;
     let mut interrupted = false;
-    let mut last_ckpt_step = state.step;
+    let mut last_ckpt_step = engine.step();
 
-    'epochs: while state.step < total {
-        let epoch = state.epoch;
-        let done_in_epoch = state.step.saturating_sub(epoch * steps_per_epoch);
+    'epochs: while engine.step() < total {
+        let epoch = engine.epoch();
+        let done_in_epoch = engine.step().saturating_sub(epoch * steps_per_epoch);
         let position = done_in_epoch as usize * cfg.train.batch;
         let mut batches = loader.epoch_from(epoch, position).map_err(err)?;
         let mut steps_this_epoch = done_in_epoch;
-        while steps_this_epoch < steps_per_epoch && state.step < total {
+        while steps_this_epoch < steps_per_epoch && engine.step() < total {
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
                 break 'epochs;
@@ -182,7 +295,7 @@ pub fn run(
             if micro_batches.len() < cfg.train.micro_batches {
                 break;
             }
-            let stats = match train_step(&model, &mut state, &recipe, &mut micro_batches) {
+            let stats = match engine.train(&recipe, &mut micro_batches) {
                 Ok(s) => s,
                 Err(e @ mapet::Error::NonFinite { .. }) => {
                     return Err(format!(
@@ -199,7 +312,7 @@ pub fn run(
             }
             last_loss = stats.loss;
             let rec = StepRecord {
-                step: state.step,
+                step: engine.step(),
                 epoch,
                 loss: stats.loss,
                 accuracy: stats.accuracy,
@@ -215,14 +328,15 @@ pub fn run(
             .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
             history.push(rec);
             progress(&rec, total, start_step, &started);
-            if cfg.output.checkpoint_every > 0 && state.step % cfg.output.checkpoint_every == 0 && state.step < total {
-                save(&ckpt_dir, &model.layout, &recipe, &state, &out, &history)?;
-                last_ckpt_step = state.step;
+            let step = engine.step();
+            if cfg.output.checkpoint_every > 0 && step % cfg.output.checkpoint_every == 0 && step < total {
+                engine.save(&ckpt_dir, &recipe, &out, &history)?;
+                last_ckpt_step = step;
             }
         }
         drop(batches);
         if steps_this_epoch >= steps_per_epoch {
-            state.epoch += 1;
+            engine.finish_epoch();
             let skipped = loader.skipped().into_iter().filter(|s| s.epoch == epoch).count();
             if skipped > 0 {
                 println!("\nepoch {epoch}: {skipped} unreadable images skipped (see the log above for their names)");
@@ -230,9 +344,9 @@ pub fn run(
         }
     }
     println!();
-    save(&ckpt_dir, &model.layout, &recipe, &state, &out, &history)?;
+    engine.save(&ckpt_dir, &recipe, &out, &history)?;
     if interrupted {
-        println!("interrupted: checkpoint written at step {} in {}", state.step, ckpt_dir.display());
+        println!("interrupted: checkpoint written at step {} in {}", engine.step(), ckpt_dir.display());
     }
     let skipped = loader.skipped_count();
     if skipped > 0 {
@@ -241,7 +355,7 @@ pub fn run(
             println!("  epoch {}: {:?}", s.epoch, s);
         }
     }
-    Ok(RunSummary { steps: state.step, first_loss, last_loss, interrupted, out_dir: out, skipped_images: skipped })
+    Ok(RunSummary { steps: engine.step(), first_loss, last_loss, interrupted, out_dir: out, skipped_images: skipped })
 }
 
 fn progress(rec: &StepRecord, total: u64, start_step: u64, started: &Instant) {
