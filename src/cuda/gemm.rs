@@ -662,35 +662,8 @@ impl Gemm {
         beta: f32,
         epilogue: Epilogue<'_>,
     ) -> Result<()> {
-        let desc = GemmDesc {
-            m,
-            n,
-            k,
-            batch: 1,
-            a_transposed,
-            b_transposed,
-            beta,
-            output: DType::Bf16,
-            epilogue: epilogue.kind(),
-        };
-        let lens =
-            OperandLens { a: a.len(), b: b.len(), c: c.len(), vector: epilogue.vector_info(), aux: epilogue.aux_len() };
-        check_matmul(&desc, &lens)?;
-        self.run(
-            m,
-            n,
-            k,
-            1,
-            a_transposed,
-            b_transposed,
-            DType::Bf16,
-            alpha,
-            beta,
-            epilogue,
-            a.ptr(),
-            b.ptr(),
-            c.ptr_mut(),
-        )
+        let (c_len, c_ptr) = (c.len(), c.ptr_mut());
+        self.single(m, n, k, (a, a_transposed), (b, b_transposed), (c_len, c_ptr), DType::Bf16, alpha, beta, epilogue)
     }
 
     /// As [`Gemm::matmul`] with an f32 output `C` (bf16 inputs, f32 compute): the weight-gradient
@@ -712,35 +685,30 @@ impl Gemm {
         beta: f32,
         epilogue: Epilogue<'_>,
     ) -> Result<()> {
-        let desc = GemmDesc {
-            m,
-            n,
-            k,
-            batch: 1,
-            a_transposed,
-            b_transposed,
-            beta,
-            output: DType::F32,
-            epilogue: epilogue.kind(),
-        };
+        let (c_len, c_ptr) = (c.len(), c.ptr_mut());
+        self.single(m, n, k, (a, a_transposed), (b, b_transposed), (c_len, c_ptr), DType::F32, alpha, beta, epilogue)
+    }
+
+    /// One GEMM of either output type: the host checks, then the launch. `c` is (elements, pointer).
+    #[allow(clippy::too_many_arguments)]
+    fn single(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        (a, a_transposed): (&dyn DeviceRead<bf16>, bool),
+        (b, b_transposed): (&dyn DeviceRead<bf16>, bool),
+        (c_len, c_ptr): (usize, *mut std::ffi::c_void),
+        output: DType,
+        alpha: f32,
+        beta: f32,
+        epilogue: Epilogue<'_>,
+    ) -> Result<()> {
+        let desc = GemmDesc { m, n, k, batch: 1, a_transposed, b_transposed, beta, output, epilogue: epilogue.kind() };
         let lens =
-            OperandLens { a: a.len(), b: b.len(), c: c.len(), vector: epilogue.vector_info(), aux: epilogue.aux_len() };
+            OperandLens { a: a.len(), b: b.len(), c: c_len, vector: epilogue.vector_info(), aux: epilogue.aux_len() };
         check_matmul(&desc, &lens)?;
-        self.run(
-            m,
-            n,
-            k,
-            1,
-            a_transposed,
-            b_transposed,
-            DType::F32,
-            alpha,
-            beta,
-            epilogue,
-            a.ptr(),
-            b.ptr(),
-            c.ptr_mut(),
-        )
+        self.run(m, n, k, 1, a_transposed, b_transposed, output, alpha, beta, epilogue, a.ptr(), b.ptr(), c_ptr)
     }
 
     /// `batch` independent row-major GEMMs over packed consecutive matrices: matrix `i` of `a`
