@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Builds everything a GPU host needs to check and time the project, with no Rust toolchain and
 # no network there: release test binaries, criterion benches and the `mapet` binary, with kernels,
-# copied with one run.sh into gpu-bundle/ (ignored by git). Copy that folder (or the repository
+# packed with one run.sh into gpu-bundle/ (ignored by git). Copy that folder (or the repository
 # with it) to the GPU host and run `bash gpu-bundle/run.sh` from the repository root.
+#
+# The binaries are packed as one payload.tar.xz: each of them embeds the same fatbins and much of
+# the same code, which xz's large window stores once (about 200 MiB unpacked, ~20 MiB packed),
+# so the folder fits a 64 MiB transfer. run.sh unpacks it into a temporary folder.
 #
 # run.sh runs every test binary with MAPET_REQUIRE_GPU=1 (a GPU test fails instead of skipping),
 # then short criterion runs of every bench, then the PyTorch peers if gpu-bundle/peers exists and
@@ -18,6 +22,8 @@ export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
 export CARGO_PROFILE_BENCH_DEBUG=0 CARGO_PROFILE_BENCH_STRIP=symbols
 
 rm -rf "$out"
+final="$out"
+out="$out/payload"
 mkdir -p "$out/tests" "$out/benches" "$out/bin"
 
 list_executables() {
@@ -54,6 +60,9 @@ cp target/release/mapet "$out/bin/mapet"
 if [ -d "$root/../shared/peers" ]; then
   cp -r "$root/../shared/peers" "$out/peers"
 fi
-cp scripts/gpu-run.sh "$out/run.sh"
-du -sh "$out" >&2
 ls -la "$out/tests" "$out/benches" >&2
+echo "packing" >&2
+tar -C "$out" -cf - . | xz -T0 -9 >"$final/payload.tar.xz"
+rm -rf "$out"
+cp scripts/gpu-run.sh "$final/run.sh"
+du -sh "$final" >&2

@@ -7,8 +7,16 @@
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
 set -uo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-res="${MAPET_RESULTS:-$here/results}"
+bundle="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+res="${MAPET_RESULTS:-$bundle/results}"
+# The binaries travel packed (scripts/gpu-bundle.sh); unpack them once per host.
+here="${TMPDIR:-/tmp}/mapet-bundle"
+if [ ! -d "$here/tests" ] || [ "$bundle/payload.tar.xz" -nt "$here/tests" ]; then
+  rm -rf "$here" && mkdir -p "$here" && xz -dc "$bundle/payload.tar.xz" | tar -C "$here" -xf - || {
+    echo "cannot unpack $bundle/payload.tar.xz" >&2
+    exit 1
+  }
+fi
 mkdir -p "$res"
 export MAPET_REQUIRE_GPU=1 MAPET_ROOT="${MAPET_ROOT:-$PWD}" CRITERION_HOME="$res/criterion"
 # cuBLASLt is loaded at run time; make sure the loader finds it where CUDA installs it.
