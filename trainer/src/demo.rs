@@ -92,5 +92,5 @@ pub fn prepare(cfg: &PretrainConfig) -> Result<DataSource, String> {
             .map_err(|e| e.to_string())?;
     }
     let tokens = Tokens::load_for(&tokens_path, &index, &model).map_err(|e| e.to_string())?;
-    Ok(DataSource { index, tokens })
+    Ok(DataSource { index, tokens, eval: None })
 }

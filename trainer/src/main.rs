@@ -138,18 +138,14 @@ fn pretrain(args: &[String]) -> Result<(), String> {
     let data = match (&cfg.data.train, &cfg.data.tokens) {
         (Some(train), Some(tokens)) => {
             let model = cfg.model_config()?;
-            let index = if train.is_dir() {
-                mapet_trainer::data::ImageIndex::from_folder(train)
-            } else {
-                let root = train.parent().unwrap_or(std::path::Path::new("."));
-                mapet_trainer::data::ImageIndex::from_manifest(train, root)
-            }
-            .map_err(|e| e.to_string())?;
-            let tokens = mapet_trainer::data::Tokens::load_for(tokens, &index, &model).map_err(|e| e.to_string())?;
-            mapet_trainer::pretrain::DataSource { index, tokens }
+            let index = mapet_trainer::cmd::open_index(train).map_err(|e| format!("--data: {e}"))?;
+            let tokens =
+                mapet_trainer::data::Tokens::load_for(tokens, &index, &model).map_err(|e| format!("--tokens: {e}"))?;
+            mapet_trainer::pretrain::DataSource { index, tokens, eval: None }
         }
         _ => mapet_trainer::demo::prepare(&cfg)?,
     };
+    let data = mapet_trainer::pretrain::with_eval_split(&cfg, data)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {

@@ -59,6 +59,47 @@ pub struct RunSummary {
 pub struct DataSource {
     pub index: ImageIndex,
     pub tokens: Tokens,
+    /// A held-out split, evaluated at every checkpoint (loss and accuracy with fixed
+    /// permutations, forward only on the CPU model: keep it small, or evaluate checkpoints
+    /// afterwards with `mapet eval`).
+    pub eval: Option<(ImageIndex, Tokens)>,
+}
+
+/// One evaluation of the held-out split.
+#[derive(Clone, Copy, Debug)]
+pub struct EvalRecord {
+    pub step: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// Adds the evaluation split the config asks for: `data.eval` + `data.eval_tokens` (a second
+/// set), or `data.eval_fraction` of the training images held out by index (seeded), or none.
+pub fn with_eval_split(cfg: &PretrainConfig, mut data: DataSource) -> Result<DataSource, String> {
+    let model = cfg.model_config()?;
+    match (&cfg.data.eval, &cfg.data.eval_tokens) {
+        (Some(dir), Some(tokens)) => {
+            let index = crate::cmd::open_index(dir).map_err(|e| format!("data.eval: {e}"))?;
+            let tokens = Tokens::load_for(tokens, &index, &model).map_err(|e| format!("data.eval_tokens: {e}"))?;
+            data.eval = Some((index, tokens));
+        }
+        (None, None) if cfg.data.eval_fraction > 0.0 => {
+            let (train, held) = crate::data::split_holdout(&data.index, cfg.data.eval_fraction, cfg.train.seed)
+                .map_err(|e| format!("data.eval_fraction: {e}"))?;
+            if held.is_empty() {
+                return Err(format!(
+                    "data.eval_fraction = {} of {} images holds out none",
+                    cfg.data.eval_fraction,
+                    data.index.len()
+                ));
+            }
+            data.eval = Some((held, data.tokens.clone()));
+            data.index = train;
+        }
+        (None, None) => {}
+        _ => return Err("data.eval and data.eval_tokens go together".into()),
+    }
+    Ok(data)
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -196,10 +237,54 @@ impl Engine {
     }
 
     /// Writes the checkpoint and the plot.
-    fn save(&self, dir: &Path, recipe: &Recipe, out: &Path, history: &[StepRecord]) -> Result<(), String> {
+    fn save(
+        &self,
+        dir: &Path,
+        recipe: &Recipe,
+        out: &Path,
+        history: &[StepRecord],
+        evals: &[EvalRecord],
+    ) -> Result<(), String> {
         let state = self.host_state()?;
-        save(dir, self.layout(), recipe, &state, out, history)
+        save(dir, self.layout(), recipe, &state, out, history, evals)
     }
+}
+
+/// Evaluates the held-out split (if any) with the current parameters; appends a row to
+/// `eval.csv` and to `evals`, and prints it.
+fn evaluate(
+    engine: &Engine,
+    loader: Option<&Loader>,
+    model_cfg: &ModelConfig,
+    out: &Path,
+    evals: &mut Vec<EvalRecord>,
+) -> Result<(), String> {
+    let Some(loader) = loader else { return Ok(()) };
+    let state = engine.host_state()?;
+    let (loss_sum, correct, counted, images) = crate::cmd::eval::forward_all(model_cfg, &state.params, loader)?;
+    if counted == 0 {
+        return Err("evaluation split: no image was evaluated".into());
+    }
+    let rec =
+        EvalRecord { step: state.step, loss: loss_sum / counted as f64, accuracy: correct as f64 / counted as f64 };
+    println!(
+        "
+eval at step {}: loss {:.4}, accuracy {:.4} over {images} images",
+        rec.step, rec.loss, rec.accuracy
+    );
+    let path = out.join("eval.csv");
+    let new = !path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if new {
+        writeln!(f, "step,loss,accuracy").map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    writeln!(f, "{},{:.6},{:.6}", rec.step, rec.loss, rec.accuracy).map_err(|e| format!("{}: {e}", path.display()))?;
+    evals.push(rec);
+    Ok(())
 }
 
 /// Runs pre-training on the backend `cfg.train.device` selects. `stop` is raised by Ctrl-C.
@@ -221,6 +306,19 @@ pub fn run(
     if cfg.data.threads > 0 {
         lcfg.threads = cfg.data.threads;
     }
+    let eval_loader = match data.eval {
+        Some((index, tokens)) => {
+            let ecfg = LoaderConfig {
+                jitter: false,
+                shuffle: false,
+                drop_last: false,
+                max_skip_fraction: 0.0,
+                ..lcfg.clone()
+            };
+            Some(Loader::new(index, tokens, ecfg).map_err(|e| format!("evaluation split: {e}"))?)
+        }
+        None => None,
+    };
     let loader = Loader::new(data.index, data.tokens, lcfg).map_err(err)?;
     let batches_per_epoch = loader.batches_per_epoch();
     let steps_per_epoch = (batches_per_epoch / cfg.train.micro_batches) as u64;
@@ -248,6 +346,7 @@ pub fn run(
     let metrics_path = out.join("metrics.csv");
     let mut history = read_history(&metrics_path, engine.step());
     let mut metrics = open_metrics(&metrics_path, engine.step()).map_err(err)?;
+    let mut evals = read_evals(&out.join("eval.csv"), engine.step()).map_err(err)?;
 
     let total = recipe.schedule.total_steps;
     let norm = Normalize::IMAGENET;
@@ -330,7 +429,8 @@ pub fn run(
             progress(&rec, total, start_step, &started);
             let step = engine.step();
             if cfg.output.checkpoint_every > 0 && step % cfg.output.checkpoint_every == 0 && step < total {
-                engine.save(&ckpt_dir, &recipe, &out, &history)?;
+                evaluate(&engine, eval_loader.as_ref(), &model_cfg, &out, &mut evals)?;
+                engine.save(&ckpt_dir, &recipe, &out, &history, &evals)?;
                 last_ckpt_step = step;
             }
         }
@@ -344,7 +444,8 @@ pub fn run(
         }
     }
     println!();
-    engine.save(&ckpt_dir, &recipe, &out, &history)?;
+    evaluate(&engine, eval_loader.as_ref(), &model_cfg, &out, &mut evals)?;
+    engine.save(&ckpt_dir, &recipe, &out, &history, &evals)?;
     if interrupted {
         println!("interrupted: checkpoint written at step {} in {}", engine.step(), ckpt_dir.display());
     }
@@ -397,13 +498,15 @@ fn save(
     state: &TrainState,
     out: &Path,
     history: &[StepRecord],
+    evals: &[EvalRecord],
 ) -> Result<(), String> {
     checkpoint::save(dir, layout, recipe, state).map_err(|e| format!("writing the checkpoint: {e}"))?;
-    write_plot(&out.join("curves.png"), history)
+    write_plot(&out.join("curves.png"), history, evals)
 }
 
-/// The loss and accuracy curves of `history`, with a running mean over 20 steps.
-pub fn write_plot(path: &Path, history: &[StepRecord]) -> Result<(), String> {
+/// The loss and accuracy curves of `history`, with a running mean over 20 steps, and the
+/// held-out evaluations.
+pub fn write_plot(path: &Path, history: &[StepRecord], evals: &[EvalRecord]) -> Result<(), String> {
     let loss: Vec<(f64, f64)> = history.iter().map(|r| (r.step as f64, r.loss as f64)).collect();
     let acc: Vec<(f64, f64)> = history.iter().map(|r| (r.step as f64, r.accuracy)).collect();
     let smooth = |v: &[(f64, f64)]| -> Vec<(f64, f64)> {
@@ -416,18 +519,46 @@ pub fn write_plot(path: &Path, history: &[StepRecord]) -> Result<(), String> {
             .collect()
     };
     let (ls, as_) = (smooth(&loss), smooth(&acc));
-    write_curves(
-        path,
-        &[
-            Series { label: "loss", color: [235, 170, 170], points: &loss },
-            Series { label: "mean 20", color: [200, 30, 30], points: &ls },
-        ],
-        &[
-            Series { label: "accuracy", color: [170, 170, 235], points: &acc },
-            Series { label: "mean 20", color: [30, 30, 200], points: &as_ },
-        ],
-    )
-    .map_err(|e| format!("{}: {e}", path.display()))
+    let eval_loss: Vec<(f64, f64)> = evals.iter().map(|e| (e.step as f64, e.loss)).collect();
+    let eval_acc: Vec<(f64, f64)> = evals.iter().map(|e| (e.step as f64, e.accuracy)).collect();
+    let mut loss_series = vec![
+        Series { label: "loss", color: [235, 170, 170], points: &loss },
+        Series { label: "mean 20", color: [200, 30, 30], points: &ls },
+    ];
+    let mut acc_series = vec![
+        Series { label: "accuracy", color: [170, 170, 235], points: &acc },
+        Series { label: "mean 20", color: [30, 30, 200], points: &as_ },
+    ];
+    if !evals.is_empty() {
+        loss_series.push(Series { label: "eval", color: [20, 140, 40], points: &eval_loss });
+        acc_series.push(Series { label: "eval", color: [20, 140, 40], points: &eval_acc });
+    }
+    write_curves(path, &loss_series, &acc_series).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The evaluations up to `step` from `eval.csv`, which is rewritten without later rows (a resumed
+/// run evaluates those steps again).
+fn read_evals(path: &Path, step: u64) -> std::io::Result<Vec<EvalRecord>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
+    let evals: Vec<EvalRecord> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let v: Vec<&str> = l.split(',').collect();
+            let rec = EvalRecord {
+                step: v.first()?.parse().ok()?,
+                loss: v.get(1)?.parse().ok()?,
+                accuracy: v.get(2)?.parse().ok()?,
+            };
+            (rec.step <= step).then_some(rec)
+        })
+        .collect();
+    let mut f = std::fs::File::create(path)?;
+    writeln!(f, "step,loss,accuracy")?;
+    for e in &evals {
+        writeln!(f, "{},{:.6},{:.6}", e.step, e.loss, e.accuracy)?;
+    }
+    Ok(evals)
 }
 
 /// The metrics file, truncated to the rows up to `step` (a resumed run rewrites what follows).

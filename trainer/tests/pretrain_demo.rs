@@ -100,3 +100,34 @@ fn resumed_run_repeats_the_uninterrupted_losses() {
         assert_eq!(l1.to_bits(), l2.to_bits(), "loss at step {s1} differs after resuming: {l1} vs {l2}");
     }
 }
+
+#[test]
+fn held_out_split_is_evaluated_at_each_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = short_config(dir.path(), 6.0);
+    cfg.data.eval_fraction = 0.25;
+    cfg.output.checkpoint_every = 3;
+    let data = pretrain::with_eval_split(&cfg, demo::prepare(&cfg).unwrap()).unwrap();
+    let (held, _) = data.eval.as_ref().unwrap();
+    assert!(!held.is_empty() && held.len() + data.index.len() == demo::IMAGES.len());
+    pretrain::run(&cfg, data, None, Arc::new(AtomicBool::new(false))).unwrap();
+    let rows: Vec<(u64, f64, f64)> = std::fs::read_to_string(dir.path().join("eval.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let v: Vec<&str> = l.split(',').collect();
+            (v[0].parse().unwrap(), v[1].parse().unwrap(), v[2].parse().unwrap())
+        })
+        .collect();
+    // At the step-3 checkpoint and at the end (step 6).
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3, 6]);
+    for (step, loss, acc) in rows {
+        assert!(loss.is_finite() && loss > 0.0 && (0.0..=1.0).contains(&acc), "step {step}: {loss} {acc}");
+    }
+    // Both the eval folder and a fraction: refused, naming the keys.
+    let mut bad = cfg.clone();
+    bad.data.eval = Some(dir.path().join("images"));
+    let err = pretrain::with_eval_split(&bad, demo::prepare(&cfg).unwrap()).err().unwrap();
+    assert!(err.contains("eval_tokens"), "{err}");
+}

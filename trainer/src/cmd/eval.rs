@@ -153,8 +153,13 @@ pub fn evaluate(opts: &EvalArgs) -> Result<EvalSummary, String> {
     })
 }
 
-/// Sum of the per-token losses, correct tokens, counted tokens and images over one epoch.
-fn forward_all(config: &ModelConfig, params: &[f32], loader: &Loader) -> Result<(f64, usize, usize, usize), String> {
+/// Sum of the per-token losses, correct tokens, counted tokens and images over one epoch of
+/// `loader`, forward only on the CPU model with `params`.
+pub fn forward_all(
+    config: &ModelConfig,
+    params: &[f32],
+    loader: &Loader,
+) -> Result<(f64, usize, usize, usize), String> {
     let model = CpuModel::new(*config).map_err(|e| e.to_string())?;
     let norm = Normalize::IMAGENET;
     let (mut loss_sum, mut correct, mut counted, mut images) = (0.0f64, 0usize, 0usize, 0usize);
