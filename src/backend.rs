@@ -1,5 +1,6 @@
-//! The two backends behind one trait, so that the model is written once (DESIGN.md, "Two
-//! backends, one model").
+//! The two backends of every op behind one trait (DESIGN.md, "Two backends, one model"): code
+//! that composes ops can be written once over `Backend`. The model's forward and backward are the
+//! exception, kept as two implementations in lock step (see `crate::model`).
 //!
 //! - [`CpuBackend`]: f32 everywhere, `Vec` storage. The reference.
 //! - [`CudaBackend`]: bf16 activations and f32 statistics/parameters in device buffers.

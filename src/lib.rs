@@ -10,7 +10,9 @@
 //! - a CUDA implementation ([`ops`], `cuda` functions) over hand-written kernels in `cuda/*.cu`,
 //!   compiled by `build.rs` and launched through [`cuda::Gpu`], and cuBLASLt GEMMs ([`cuda::gemm`]).
 //!
-//! The [`Backend`] trait gathers both so that the model is written once.
+//! The [`Backend`] trait puts the two implementations of each op behind one signature; the
+//! model itself ([`model`]) has a CPU and a CUDA implementation that follow the same sequence of
+//! ops step for step (see [`model`] for why they are two files).
 //! See `cuda/params.h` for the parameter struct of every kernel.
 
 pub mod backend;
