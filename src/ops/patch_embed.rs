@@ -481,6 +481,24 @@ fn no_norm() -> ([f32; 3], [f32; 3]) {
     ([0.0; 3], [0.0; 3])
 }
 
+/// Device pointer, normalization (scale, shift) and kernel name of one pixel entry.
+type PixelArgs = (*const std::ffi::c_void, ([f32; 3], [f32; 3]), &'static str);
+
+/// Checks the device pixels of either entry; `kernels` names the uint8 and the f32 variant.
+fn device_pixels(shape: &PatchEmbedShape, pixels: DevicePixels<'_>, kernels: [&'static str; 2]) -> Result<PixelArgs> {
+    Ok(match pixels {
+        DevicePixels::U8 { hwc, norm } => {
+            norm.validate()?;
+            check_len("pixels (uint8 [B, S, S, 3])", hwc.len(), shape.pixels_len())?;
+            (hwc.ptr(), norm.affine(), kernels[0])
+        }
+        DevicePixels::F32 { chw } => {
+            check_len("pixels (f32 [B, 3, S, S])", chw.len(), shape.pixels_len())?;
+            (chw.ptr(), no_norm(), kernels[1])
+        }
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn cuda_forward(
     gpu: &Gpu,
@@ -495,17 +513,8 @@ fn cuda_forward(
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let (pixel_ptr, (scale, shift), kernel) = match pixels {
-        DevicePixels::U8 { hwc, norm } => {
-            norm.validate()?;
-            check_len("pixels (uint8 [B, S, S, 3])", hwc.len(), shape.pixels_len())?;
-            (hwc.ptr(), norm.affine(), "mapet_patch_embed_fwd_u8")
-        }
-        DevicePixels::F32 { chw } => {
-            check_len("pixels (f32 [B, 3, S, S])", chw.len(), shape.pixels_len())?;
-            (chw.ptr(), no_norm(), "mapet_patch_embed_fwd_f32")
-        }
-    };
+    let (pixel_ptr, (scale, shift), kernel) =
+        device_pixels(shape, pixels, ["mapet_patch_embed_fwd_u8", "mapet_patch_embed_fwd_f32"])?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
     check_forward_lens(shape, weight.len(), bias.len(), pos_embed.len(), cls_token.len(), mask_token.len(), out.len())?;
     // The kernels read and write 8- and 16-byte vectors of every tensor.
@@ -623,17 +632,8 @@ pub fn cuda_backward(
     dmask_token: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let (pixel_ptr, (scale, shift), kernel) = match pixels {
-        DevicePixels::U8 { hwc, norm } => {
-            norm.validate()?;
-            check_len("pixels (uint8 [B, S, S, 3])", hwc.len(), shape.pixels_len())?;
-            (hwc.ptr(), norm.affine(), "mapet_patch_embed_bwd_weight_u8")
-        }
-        DevicePixels::F32 { chw } => {
-            check_len("pixels (f32 [B, 3, S, S])", chw.len(), shape.pixels_len())?;
-            (chw.ptr(), no_norm(), "mapet_patch_embed_bwd_weight_f32")
-        }
-    };
+    let (pixel_ptr, (scale, shift), kernel) =
+        device_pixels(shape, pixels, ["mapet_patch_embed_bwd_weight_u8", "mapet_patch_embed_bwd_weight_f32"])?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
     check_backward_lens(
         shape,
