@@ -84,7 +84,7 @@ impl CudaTrainState {
         Ok(CudaTrainState {
             m: gpu.upload(&state.m)?,
             v: gpu.upload(&state.v)?,
-            decay_mask: gpu.upload(&model.layout.decay_mask())?,
+            decay_mask: gpu.upload(model.layout.decay_mask())?,
             step: state.step,
             epoch: state.epoch,
             rng: state.rng.clone(),

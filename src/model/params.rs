@@ -149,6 +149,7 @@ pub struct ParamLayout {
     /// Total elements of the flat buffer (with alignment padding).
     pub total: usize,
     index: HashMap<String, usize>,
+    decay: Vec<u8>,
 }
 
 impl ParamLayout {
@@ -194,7 +195,11 @@ impl ParamLayout {
             specs.push(spec);
         }
         let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        Ok(ParamLayout { config, specs, total: offset, index })
+        let mut decay = vec![0u8; offset];
+        for s in specs.iter().filter(|s| s.decay) {
+            decay[s.range()].fill(1);
+        }
+        Ok(ParamLayout { config, specs, total: offset, index, decay })
     }
 
     /// The spec of a parameter by its official name.
@@ -210,13 +215,10 @@ impl ParamLayout {
         self.specs.iter().map(ParamSpec::len).sum()
     }
 
-    /// 1 where AdamW decays the element, 0 elsewhere (padding included).
-    pub fn decay_mask(&self) -> Vec<u8> {
-        let mut m = vec![0u8; self.total];
-        for s in self.specs.iter().filter(|s| s.decay) {
-            m[s.range()].fill(1);
-        }
-        m
+    /// 1 where AdamW decays the element, 0 elsewhere (padding included); built once with the
+    /// layout, since every optimizer step reads it.
+    pub fn decay_mask(&self) -> &[u8] {
+        &self.decay
     }
 
     /// A flat buffer initialised as the authors do, from `rng`.

@@ -281,7 +281,7 @@ pub fn train_step(
         step: next,
         grad_scale: clip,
     };
-    adamw::cpu_step(&mut state.params, &grads, &mut state.m, &mut state.v, &layout.decay_mask(), &hp, None)?;
+    adamw::cpu_step(&mut state.params, &grads, &mut state.m, &mut state.v, layout.decay_mask(), &hp, None)?;
     state.step = next;
     state.rng = rng;
     let accuracy = if counted == 0 { 0.0 } else { correct as f64 / counted as f64 };

@@ -394,7 +394,7 @@ fn run_cpu(
             step: i as u64 + 1,
             grad_scale: clip_scale(norm, recipe.clip_norm),
         };
-        adamw::cpu_step(&mut p, &grads, &mut m, &mut v, &mask, &hp, None).map_err(err)?;
+        adamw::cpu_step(&mut p, &grads, &mut m, &mut v, mask, &hp, None).map_err(err)?;
         let optimizer = ms(t);
 
         if i >= opts.warmup {
