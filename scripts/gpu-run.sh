@@ -6,6 +6,10 @@
 #   MAPET_BENCHES   space-separated bench names to run (default: all; "none" skips)
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
+#   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer
+#                   (memcheck), when it is installed and can see the device
+#   MAPET_NCU=1     profile the attention kernels of the ViT-B bench with Nsight Compute (ncu,
+#                   clocks left alone): speed of light, occupancy, warp stalls, into $MAPET_RESULTS
 set -uo pipefail
 bundle="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 res="${MAPET_RESULTS:-$bundle/results}"
@@ -43,6 +47,31 @@ for t in $tests; do
   counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
   if [ $rc -eq 0 ]; then row "test $t" ok "$counts $secs"; else row "test $t" FAIL "rc=$rc $counts (see $log)"; fi
 done
+
+for t in ${MAPET_SANITIZE:-}; do
+  log="$res/sanitize-$t.log"
+  if ! command -v compute-sanitizer >/dev/null; then row "sanitize $t" skip "no compute-sanitizer"; continue; fi
+  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/$t" --test-threads=1 >"$log" 2>&1
+  rc=$?
+  errs=$(grep -m1 -E 'ERROR SUMMARY' "$log" || echo "no summary")
+  if [ $rc -eq 0 ]; then row "sanitize $t" ok "$errs"; else row "sanitize $t" FAIL "rc=$rc $errs (see $log)"; fi
+done
+
+if [ "${MAPET_NCU:-0}" = "1" ]; then
+  log="$res/ncu-attention.log"
+  if command -v ncu >/dev/null; then
+    # Three launches of each attention kernel at the ViT-B shape, after the bench's first warm-up
+    # launches; the clocks are left as they are (no locking to base clocks).
+    timeout 300 ncu --clock-control none --kernel-name regex:mapet_attention --launch-skip 6 --launch-count 9 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      "$here/benches/attention" --bench --warm-up-time 0.2 --measurement-time 0.5 attention/vit-b >"$log" 2>&1
+    rc=$?
+    row "ncu attention" "rc=$rc" "$log"
+  else
+    row "ncu attention" skip "no ncu"
+  fi
+fi
 
 benches="${MAPET_BENCHES:-$(ls "$here/benches")}"
 if [ "$benches" != "none" ]; then

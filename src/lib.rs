@@ -10,9 +10,8 @@
 //! - a CUDA implementation ([`ops`], `cuda` functions) over hand-written kernels in `cuda/*.cu`,
 //!   compiled by `build.rs` and launched through [`cuda::Gpu`], and cuBLASLt GEMMs ([`cuda::gemm`]).
 //!
-//! The [`Backend`] trait puts the two implementations of each op behind one signature; the
-//! model itself ([`model`]) has a CPU and a CUDA implementation that follow the same sequence of
-//! ops step for step (see [`model`] for why they are two files).
+//! The [`Backend`] trait puts the two implementations of each op behind one signature, and the
+//! model's forward and backward ([`model::net`]) are written once over it.
 //! See `cuda/params.h` for the parameter struct of every kernel.
 
 pub mod backend;

@@ -347,6 +347,23 @@ fn check_range(range: &Range<usize>, len: usize) -> Result<()> {
     }
 }
 
+/// Checks that every range lies inside `len` elements and no two non-empty ranges overlap.
+fn check_disjoint(ranges: &[Range<usize>], len: usize) -> Result<()> {
+    for (i, r) in ranges.iter().enumerate() {
+        check_range(r, len)?;
+        for s in &ranges[..i] {
+            if !r.is_empty() && !s.is_empty() && r.start < s.end && s.start < r.end {
+                return Err(Error::Shape {
+                    tensor: "device views",
+                    expected: "pairwise disjoint ranges".into(),
+                    got: format!("{}..{} overlaps {}..{}", r.start, r.end, s.start, s.end),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Address of element `i` of an allocation of `T` starting at `base`.
 fn offset_ptr<T>(base: sys::CUdeviceptr, i: usize) -> sys::CUdeviceptr {
     base + (i * std::mem::size_of::<T>()) as u64
@@ -405,7 +422,7 @@ impl<'a, T: DeviceRepr> DeviceView<'a, T> {
     }
 }
 
-impl<T: DeviceRepr> DeviceViewMut<'_, T> {
+impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.len
@@ -445,6 +462,18 @@ impl<T: DeviceRepr> DeviceViewMut<'_, T> {
             stream: self.stream,
             _borrow: PhantomData,
         })
+    }
+
+    /// Splits this view into `K` exclusive views of pairwise disjoint ranges of it (like
+    /// `<[T]>::get_disjoint_mut`), each with this view's lifetime.
+    pub fn split<const K: usize>(self, ranges: [Range<usize>; K]) -> Result<[DeviceViewMut<'a, T>; K]> {
+        check_disjoint(&ranges, self.len)?;
+        Ok(ranges.map(|r| DeviceViewMut {
+            ptr: offset_ptr::<T>(self.ptr, r.start),
+            len: r.len(),
+            stream: self.stream,
+            _borrow: PhantomData,
+        }))
     }
 
     /// Copies `host` into the viewed elements (same length), in stream order.
@@ -626,18 +655,7 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
     /// e.g. the weight and bias gradients of one layer inside the flat gradient buffer. An error
     /// when a range is outside the buffer or two non-empty ranges overlap.
     pub fn views_mut<const K: usize>(&mut self, ranges: [Range<usize>; K]) -> Result<[DeviceViewMut<'_, T>; K]> {
-        for (i, r) in ranges.iter().enumerate() {
-            check_range(r, self.len)?;
-            for s in &ranges[..i] {
-                if !r.is_empty() && !s.is_empty() && r.start < s.end && s.start < r.end {
-                    return Err(Error::Shape {
-                        tensor: "device views",
-                        expected: "pairwise disjoint ranges".into(),
-                        got: format!("{}..{} overlaps {}..{}", r.start, r.end, s.start, s.end),
-                    });
-                }
-            }
-        }
+        check_disjoint(&ranges, self.len)?;
         let base = self.base();
         let stream = &self.stream;
         Ok(ranges.map(|r| DeviceViewMut {

@@ -9,7 +9,7 @@
 //! ```text
 //! zero the gradients
 //! for each micro-batch:  ranks <- fresh permutations   (when recipe.resample_ranks)
-//!                        dp    <- drop-path scales       (CpuModel::draw_drop_path, same rng)
+//!                        dp    <- drop-path scales       (net::draw_drop_path, same rng)
 //!                        forward + backward, gradients accumulated (+=) on the device
 //! loss      = mean over micro-batches of their mean loss               (NaN/Inf: error, nothing changed)
 //! grad_norm = ||sum of micro-batch gradients|| / k                       (NaN/Inf: error, nothing changed)
@@ -33,8 +33,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::cuda::{DeviceBuffer, Gpu};
 use crate::error::{check_len, Error, Result};
-use crate::model::cpu::{Batch, CpuModel};
 use crate::model::cuda::CudaModel;
+use crate::model::net::{self, Batch};
 use crate::model::optim::clip_scale;
 use crate::model::params::ParamLayout;
 use crate::model::train::{Recipe, StepStats, TrainState};
@@ -139,7 +139,6 @@ fn same_gpu(gpu: &Arc<Gpu>, model: &CudaModel) -> Result<()> {
 /// Loss sum, correct, counted over the micro-batches; gradients summed on the device.
 fn accumulate(
     model: &mut CudaModel,
-    drop_path: &CpuModel,
     recipe: &Recipe,
     micro_batches: &mut [Batch],
     rng: &mut ChaCha8Rng,
@@ -151,7 +150,7 @@ fn accumulate(
         if recipe.resample_ranks {
             mb.resample_ranks(&cfg, rng);
         }
-        let dp = drop_path.draw_drop_path(mb.batch, recipe.drop_path, rng);
+        let dp = net::draw_drop_path(cfg.depth, mb.batch, recipe.drop_path, rng);
         let out = model.step(mb, Some(&dp), true, false)?;
         loss += out.loss as f64;
         correct += out.stats.correct;
@@ -196,8 +195,6 @@ pub fn train_step_cuda_observed(
             got: format!("{}", micro_batches.len()),
         });
     }
-    // Only its drop-path draw is used: the same function, hence the same draws, as the CPU step.
-    let drop_path = CpuModel::new(model.layout.config)?;
     let next = state.step + 1;
     let k = recipe.micro_batches;
     let mut rng = state.rng.clone();
@@ -205,19 +202,18 @@ pub fn train_step_cuda_observed(
         if recipe.resample_ranks { micro_batches.iter().map(|b| b.ranks.clone()).collect() } else { Vec::new() };
 
     observe(StepPoint::Start);
-    let checked =
-        accumulate(model, &drop_path, recipe, micro_batches, &mut rng).and_then(|(loss_sum, correct, counted)| {
-            observe(StepPoint::GradientsQueued);
-            let loss = (loss_sum / k as f64) as f32;
-            if !loss.is_finite() {
-                return Err(Error::NonFinite { step: next, what: "loss" });
-            }
-            let grad_norm = gradnorm::cuda_l2_norm(model.gpu(), model.grads())? / k as f32;
-            if !grad_norm.is_finite() {
-                return Err(Error::NonFinite { step: next, what: "gradient norm" });
-            }
-            Ok((loss, correct, counted, grad_norm))
-        });
+    let checked = accumulate(model, recipe, micro_batches, &mut rng).and_then(|(loss_sum, correct, counted)| {
+        observe(StepPoint::GradientsQueued);
+        let loss = (loss_sum / k as f64) as f32;
+        if !loss.is_finite() {
+            return Err(Error::NonFinite { step: next, what: "loss" });
+        }
+        let grad_norm = gradnorm::cuda_l2_norm(model.gpu(), model.grads())? / k as f32;
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite { step: next, what: "gradient norm" });
+        }
+        Ok((loss, correct, counted, grad_norm))
+    });
     let restore = |micro_batches: &mut [Batch], saved: Vec<Vec<i32>>| {
         for (b, ranks) in micro_batches.iter_mut().zip(saved) {
             b.ranks = ranks;

@@ -1,17 +1,18 @@
 //! The MaPeT model: configuration, parameters (one flat buffer, official names), the two-stream
-//! forward and backward on the CPU ([`cpu::CpuModel`], f32, the reference) and on the GPU
-//! ([`cuda::CudaModel`], bf16 activations, f32 master weights), training state and checkpoints.
+//! forward and backward written once over [`crate::Backend`] ([`net`]), its two owners
+//! ([`cpu::CpuModel`], f32, the reference; [`cuda::CudaModel`], bf16 activations and f32 master
+//! weights on one GPU), training state, the optimizer step and checkpoints.
 //!
-//! The two models follow the same sequence of ops, step for step; they are two files rather than
-//! one generic over [`crate::Backend`] because the GPU path fuses and reuses buffers differently
-//! (views into flat device buffers, GEMM epilogues). Keeping them in lock step is what
-//! `tests/model_gpu.rs` checks.
+//! The optimizer step exists twice ([`train::train_step`], [`cuda_train::train_step_cuda`]), in
+//! the same order and drawing from the generator in the same order: the CPU state owns its
+//! parameters on the host, the GPU model owns them on the device next to their bf16 copy.
 
 pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
 pub mod cuda_train;
 pub mod golden;
+pub mod net;
 pub mod optim;
 pub mod params;
 pub mod train;
