@@ -254,7 +254,9 @@ __device__ __forceinline__ void rows_body(const MapetCrossEntropy& p) {
             }
             p.row_loss[row] = loss;
             p.row_lse[row] = lse;
-            p.row_argmax[row] = w.idx;
+            // No element was ever kept (every logit -inf or NaN, only from non-finite inputs):
+            // index 0, as on the CPU, rather than the out-of-range kNoIndex.
+            p.row_argmax[row] = w.idx == kNoIndex ? 0 : w.idx;
             s_lse = lse;
         }
     }

@@ -492,10 +492,142 @@ fn gpu_small_odd_shapes() {
     let test = "gpu_small_odd_shapes";
     let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
     let mut rng = rng(test);
-    for (rows, dim, vocab, chunk) in [(7, 16, 37, None), (7, 16, 37, Some(1)), (33, 24, 8, Some(5)), (5, 8, 3, None)] {
+    // R = 1 on both row-kernel paths, and on the bias-gradient epilogue with k = 1 (V % 8 == 0).
+    for (rows, dim, vocab, chunk) in [
+        (7, 16, 37, None),
+        (7, 16, 37, Some(1)),
+        (33, 24, 8, Some(5)),
+        (5, 8, 3, None),
+        (1, 8, 64, None),
+        (1, 16, 8192, None),
+        (3, 8, 8191, Some(2)),
+    ] {
         let c = Case::random(&mut rng, rows, dim, vocab, chunk, 1.0, 0.2);
         check_case(test, &gpu, &gemm, &c);
     }
+}
+
+/// The model's shape, R = 18816, D = 768, V = 8192, with the default chunking (9 chunks of 2048
+/// rows and a last one of 384). Only a sample of rows has a target (the others are ignored), so
+/// that dW and db, sums over all rows, equal those of the sampled rows alone and the CPU checks
+/// them on that sub-batch; the sample includes the first and last rows and both sides of every
+/// chunk boundary. Per-row outputs are checked on the sampled rows and on some ignored rows.
+#[test]
+fn gpu_model_shape_sparse_targets() {
+    let test = "gpu_model_shape_sparse_targets";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let (rows, dim, vocab) = (18816, 768, 8192);
+    let shape = CrossEntropyShape::new(rows, dim, vocab);
+    let rc = shape.gpu_chunk_rows();
+    assert_eq!((rc, rows % rc), (2048, 384), "the chunking this test is meant to cover");
+    let x = uniform_bf16(&mut rng, rows * dim, 0.5);
+    let w = uniform_bf16(&mut rng, vocab * dim, 0.5);
+    let b = uniform(&mut rng, vocab, 1.0);
+    let dw0 = uniform(&mut rng, vocab * dim, 0.01);
+    let db0 = uniform(&mut rng, vocab, 0.01);
+    let dloss = rng.random_range(0.5f32..2.0);
+
+    // Sampled rows (with targets) and some ignored rows whose lse and argmax are checked too.
+    let mut sampled: Vec<usize> = vec![0, rows - 1];
+    for c in 1..rows.div_ceil(rc) {
+        sampled.extend([c * rc - 1, c * rc]);
+    }
+    while sampled.len() < 40 {
+        let r = rng.random_range(0..rows);
+        if !sampled.contains(&r) {
+            sampled.push(r);
+        }
+    }
+    let mut ignored_checked = Vec::new();
+    while ignored_checked.len() < 12 {
+        let r = rng.random_range(0..rows);
+        if !sampled.contains(&r) && !ignored_checked.contains(&r) {
+            ignored_checked.push(r);
+        }
+    }
+    let mut targets = vec![-1i32; rows];
+    for &r in &sampled {
+        targets[r] = rng.random_range(0..vocab as i32);
+    }
+    let mut subset: Vec<usize> = sampled.iter().chain(&ignored_checked).copied().collect();
+    subset.sort_unstable();
+
+    // GPU, whole shape.
+    let d_x = gpu.upload_bf16(&x).unwrap();
+    let d_w = gpu.upload_bf16(&w).unwrap();
+    let d_b = gpu.upload(&b).unwrap();
+    let mut out = CudaRowOutputs::new(&gpu, rows).unwrap();
+    out.poison().unwrap();
+    let mut d_dx = gpu.alloc::<bf16>(rows * dim).unwrap();
+    d_dx.poison().unwrap();
+    let mut d_dw = gpu.upload(&dw0).unwrap();
+    let mut d_db = gpu.upload(&db0).unwrap();
+    let stats = cuda_forward_backward(
+        &gpu, &gemm, &shape, &d_x, &d_w, &d_b, &targets, dloss, &mut out, &mut d_dx, &mut d_dw, &mut d_db,
+    )
+    .unwrap();
+    let g_rows = out.to_host().unwrap();
+    let g_dx = d_dx.to_host_f32().unwrap();
+    let g_dw = d_dw.to_host().unwrap();
+    let g_db = d_db.to_host().unwrap();
+    assert_rows_written(test, &g_rows, vocab);
+    assert_eq!(stats.counted, sampled.len());
+
+    // CPU baseline and f64 truth on the sub-batch: the same counted rows, so the same gradient
+    // scale, and dW, db get exactly the same contributions.
+    let n = subset.len();
+    let sub_shape = CrossEntropyShape::new(n, dim, vocab);
+    let sub_x: Vec<f32> = subset.iter().flat_map(|&r| x[r * dim..(r + 1) * dim].iter().copied()).collect();
+    let sub_t: Vec<i32> = subset.iter().map(|&r| targets[r]).collect();
+    let t = truth(&sub_shape, &sub_x, &w, &b, &sub_t, dloss as f64, &dw0, &db0);
+    let mut base = CpuRowOutputs::new(n);
+    let base_stats =
+        cpu_forward_with(CpuPrecision::GpuRounding, &sub_shape, &sub_x, &w, &b, &sub_t, &mut base).unwrap();
+    let mut bdx = vec![0.0f32; n * dim];
+    let (mut bdw, mut bdb) = (dw0.clone(), db0.clone());
+    cpu_backward_with(
+        CpuPrecision::GpuRounding,
+        &sub_shape,
+        &sub_x,
+        &w,
+        &b,
+        &sub_t,
+        dloss,
+        &mut bdx,
+        &mut bdw,
+        &mut bdb,
+    )
+    .unwrap();
+
+    let pick = |v: &[f32]| -> Vec<f32> { subset.iter().map(|&r| v[r]).collect() };
+    assert_within_baseline(&format!("{test} row loss"), &pick(&g_rows.loss), &base.loss, &t.loss, 2.0, 1e-5);
+    assert_within_baseline(&format!("{test} row lse"), &pick(&g_rows.lse), &base.lse, &t.lse, 2.0, 1e-5);
+    assert_within_baseline(&format!("{test} mean loss"), &[stats.loss], &[base_stats.loss], &[t.mean], 2.0, 1e-5);
+    let mut correct = 0;
+    for (i, &r) in subset.iter().enumerate() {
+        let (ka, ba) = (g_rows.argmax[r] as usize, base.argmax[i] as usize);
+        if targets[r] >= 0 {
+            correct += usize::from(ka == targets[r] as usize);
+        }
+        if ka != ba {
+            let l = &t.logits[i * vocab..(i + 1) * vocab];
+            let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let scale = (0..vocab).map(|j| (l[j] - b[j] as f64).abs()).fold(0.0, f64::max);
+            assert!(max - l[ka] <= scale / 128.0 + 1e-5, "row {r}: GPU argmax {ka} is not a near-tie of the max");
+        }
+    }
+    assert_eq!(stats.correct, correct, "correct count vs the rows' argmax");
+
+    let sub_dx: Vec<f32> = subset.iter().flat_map(|&r| g_dx[r * dim..(r + 1) * dim].iter().copied()).collect();
+    assert_within_baseline(&format!("{test} dx"), &sub_dx, &bdx, &t.dx, 3.0, 1e-5);
+    for r in 0..rows {
+        if targets[r] < 0 && g_dx[r * dim..(r + 1) * dim].iter().any(|&v| v != 0.0) {
+            panic!("row {r} is ignored but has a nonzero dx");
+        }
+    }
+    assert_within_baseline(&format!("{test} dw"), &g_dw, &bdw, &t.dw, 3.0, 1e-5);
+    assert_within_baseline(&format!("{test} db"), &g_db, &bdb, &t.db, 3.0, 1e-5);
 }
 
 /// Logits of magnitude ~100 (|x|, |w| < 6, D = 64): no overflow, no NaN, same accuracy rule.
@@ -598,6 +730,40 @@ fn gpu_all_rows_ignored() {
     assert!(g.dx.iter().all(|&v| v == 0.0), "dx must be written as zeros");
     assert_eq!(g.dw, c.dw0, "dW must be unchanged");
     assert_eq!(g.db, c.db0, "db must be unchanged");
+}
+
+/// A row whose features are NaN (a diverged model) has only NaN logits: its loss and lse are NaN,
+/// so is the mean, and its argmax is 0 as on the CPU (not an out-of-range index), on both row
+/// kernel paths; the other rows are unaffected.
+#[test]
+fn gpu_nan_row_keeps_argmax_in_range() {
+    let test = "gpu_nan_row_keeps_argmax_in_range";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for vocab in [37, 64] {
+        let (rows, dim) = (4, 8);
+        let shape = CrossEntropyShape::new(rows, dim, vocab);
+        let mut x = uniform_bf16(&mut rng, rows * dim, 1.0);
+        x[dim..2 * dim].fill(f32::NAN);
+        let w = uniform_bf16(&mut rng, vocab * dim, 1.0);
+        let b = uniform(&mut rng, vocab, 1.0);
+        let targets: Vec<i32> = (0..rows).map(|_| rng.random_range(0..vocab as i32)).collect();
+        let mut cpu = CpuRowOutputs::new(rows);
+        cpu_forward(&shape, &x, &w, &b, &targets, &mut cpu).unwrap();
+        assert_eq!(cpu.argmax[1], 0, "CPU argmax of the NaN row");
+        let (d_x, d_w, d_b) = (gpu.upload_bf16(&x).unwrap(), gpu.upload_bf16(&w).unwrap(), gpu.upload(&b).unwrap());
+        let mut out = CudaRowOutputs::new(&gpu, rows).unwrap();
+        out.poison().unwrap();
+        let stats = cuda_forward(&gpu, &gemm, &shape, &d_x, &d_w, &d_b, &targets, &mut out).unwrap();
+        let g = out.to_host().unwrap();
+        assert_eq!(g.argmax[1], 0, "vocab {vocab}: GPU argmax of the NaN row");
+        assert!(g.loss[1].is_nan() && g.lse[1].is_nan(), "vocab {vocab}: the NaN row must give NaN");
+        assert!(stats.loss.is_nan(), "vocab {vocab}: the mean loss must be NaN");
+        for r in [0, 2, 3] {
+            assert!(g.loss[r].is_finite() && g.lse[r].is_finite(), "vocab {vocab}: row {r} not finite");
+            assert!((0..vocab as i32).contains(&g.argmax[r]), "vocab {vocab}: row {r} argmax {}", g.argmax[r]);
+        }
+    }
 }
 
 /// Two identical calls give bit-identical results (no atomics, fixed reduction orders).

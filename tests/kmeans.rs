@@ -664,3 +664,107 @@ fn gpu_fit_matches_cpu_fit() {
     }
     assert!(rel < 0.05, "final inertia differs by {rel:.2e}");
 }
+
+/// The paper's scale: 2^20 points of dim 768 and k = 8192 (512 chunks of scores, 512 count
+/// tiles, 1024 pieces). Sampled points (the first and last, both sides of some chunk boundaries)
+/// are checked against the CPU assignment; the update's counts against the GPU ids, and the means
+/// of a sample of clusters against sums over all points; every non-empty cluster must be written
+/// and no empty one.
+#[test]
+fn gpu_assign_and_update_at_scale() {
+    let test = "kmeans gpu_assign_and_update_at_scale";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let (n, k, dim) = (1usize << 20, 8192usize, 768usize);
+    let points = uniform_bf16(&mut rng, n * dim, 1.0);
+    let centroids = uniform_bf16(&mut rng, k * dim, 1.0);
+    let dp = gpu.upload_bf16(&points).unwrap();
+    let dc = gpu.upload_bf16(&centroids).unwrap();
+    let mut d_ids = gpu.alloc::<u32>(n).unwrap();
+    let mut d_sq = gpu.alloc::<f32>(n).unwrap();
+    d_ids.poison().unwrap();
+    d_sq.poison().unwrap();
+    kmeans::cuda_assign(&gpu, &gemm, &dp, dim, &dc, &mut d_ids, &mut d_sq).unwrap();
+    let ids = d_ids.to_host().unwrap();
+    let sq = d_sq.to_host().unwrap();
+    assert_all_written("sq_dists", &sq);
+    assert!(ids.iter().all(|&i| (i as usize) < k), "an id was not written or is out of range");
+
+    // Assignment of sampled points against the CPU (same tolerance as the small cases).
+    let chunk = kmeans::GPU_SCORE_BYTES / (4 * k);
+    let mut sample: Vec<usize> = vec![0, n - 1, chunk - 1, chunk, 100 * chunk - 1, 100 * chunk];
+    while sample.len() < 96 {
+        sample.push(rng.random_range(0..n));
+    }
+    let sub: Vec<f32> = sample.iter().flat_map(|&i| points[i * dim..(i + 1) * dim].iter().copied()).collect();
+    let (want_ids, want_sq) = kmeans::assign(&sub, dim, &centroids).unwrap();
+    let u = (-24f64).exp2();
+    let gamma = dim as f64 * u / (1.0 - dim as f64 * u);
+    let c_max = centroids.chunks(dim).map(norm).fold(0.0, f64::max);
+    for (s, &i) in sample.iter().enumerate() {
+        let x = &points[i * dim..(i + 1) * dim];
+        let xn = norm(x);
+        let tol =
+            2.0 * (2.0 * gamma * xn * c_max + gamma * c_max * c_max + u * (c_max * c_max + 2.0 * xn * c_max)) + 1e-30;
+        if ids[i] != want_ids[s] {
+            let j = ids[i] as usize;
+            let gap = direct(x, &centroids[j * dim..(j + 1) * dim]) - want_sq[s] as f64;
+            assert!(gap <= tol * 1.01 + 1e-6 * want_sq[s] as f64, "point {i}: gpu id {j} is {gap:.3e} farther");
+        }
+        let tol_sq = tol + 2.0 * gamma * xn * xn + u * (xn * xn + want_sq[s] as f64) + 1e-6;
+        assert!((sq[i] as f64 - want_sq[s] as f64).abs() <= tol_sq, "point {i}: sq dist {} vs {}", sq[i], want_sq[s]);
+    }
+
+    // Update with the GPU's ids.
+    let mut c = gpu.alloc::<f32>(k * dim).unwrap();
+    let mut cb = gpu.alloc::<half::bf16>(k * dim).unwrap();
+    c.poison().unwrap();
+    cb.poison().unwrap();
+    let counts = kmeans::cuda_update(&gpu, &dp, dim, &d_ids, &mut c, &mut cb).unwrap();
+    let got = c.to_host().unwrap();
+    let mut want_counts = vec![0u32; k];
+    for &id in &ids {
+        want_counts[id as usize] += 1;
+    }
+    assert_eq!(counts, want_counts, "counts");
+    for j in 0..k {
+        let row = &got[j * dim..(j + 1) * dim];
+        if counts[j] == 0 {
+            assert!(row.iter().all(|v| v.is_nan()), "empty cluster {j} was written");
+        } else {
+            assert_all_written(&format!("centroid {j}"), row);
+        }
+    }
+    let mut chosen: Vec<usize> = (0..k).filter(|&j| counts[j] > 0).collect();
+    chosen.shuffle(&mut rng);
+    chosen.truncate(24);
+    let biggest = (0..k).max_by_key(|&j| counts[j]).unwrap();
+    if !chosen.contains(&biggest) {
+        chosen.push(biggest);
+    }
+    let mut slot = vec![usize::MAX; k];
+    for (s, &j) in chosen.iter().enumerate() {
+        slot[j] = s;
+    }
+    let mut truth = vec![0.0f64; chosen.len() * dim];
+    let mut base = vec![0.0f32; chosen.len() * dim];
+    for (x, &id) in points.chunks(dim).zip(&ids) {
+        let s = slot[id as usize];
+        if s != usize::MAX {
+            for d in 0..dim {
+                truth[s * dim + d] += x[d] as f64;
+                base[s * dim + d] += x[d];
+            }
+        }
+    }
+    let (mut g, mut b, mut t) = (Vec::new(), Vec::new(), Vec::new());
+    for (s, &j) in chosen.iter().enumerate() {
+        let cnt = counts[j] as f64;
+        for d in 0..dim {
+            g.push(got[j * dim + d]);
+            b.push((base[s * dim + d] as f64 / cnt) as f32);
+            t.push(truth[s * dim + d] / cnt);
+        }
+    }
+    assert_within_baseline(&format!("{test}: means"), &g, &b, &t, 2.0, 1e-6);
+}

@@ -212,6 +212,9 @@ fn gpu_layer_scale_matches_cpu() {
         LayerScaleShape { samples: 5, rows_per_sample: 101, cols: 776 },
         LayerScaleShape { samples: 1, rows_per_sample: 1, cols: 16 },
         LayerScaleShape { samples: 8, rows_per_sample: 491, cols: 768 },
+        // More rows than LAYER_SCALE_CHUNK_ROWS * MAX_CHUNKS: chunks of 74 rows (not 64), 4055
+        // chunks, the last one partial.
+        LayerScaleShape { samples: 600, rows_per_sample: 500, cols: 8 },
     ] {
         layer_scale_case(&gpu, &mut rng, shape);
     }
