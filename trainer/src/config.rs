@@ -29,6 +29,7 @@
 //! eval_fraction = 0.0
 //! jitter = true
 //! threads = 0            # 0: all cores
+//! max_skipped_fraction = 0.01   # unreadable images tolerated per epoch (skipped, counted)
 //!
 //! [output]
 //! dir = "runs/mapet"
@@ -36,7 +37,8 @@
 //! ```
 //!
 //! Flags: `--set section.key=value` overrides any key; `--data`, `--tokens`, `--out`, `--device`,
-//! `--batch`, `--epochs`, `--seed` and `--resume` are shortcuts.
+//! `--batch`, `--epochs`, `--seed` and `--resume` are shortcuts. A value out of range is blamed on
+//! the flag that gave it, else on the config file ([`PretrainConfig::blame`]).
 
 use std::path::{Path, PathBuf};
 
@@ -180,13 +182,18 @@ impl PretrainConfig {
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Applies `section.key=value` (the value in TOML syntax; bare strings are accepted).
+    /// Applies `section.key=value` (the value in TOML syntax; bare strings are accepted). Errors
+    /// quote the assignment.
     pub fn set(&mut self, assignment: &str) -> Result<(), String> {
         let (key, value) =
             assignment.split_once('=').ok_or_else(|| format!("`--set {assignment}`: expected section.key=value"))?;
-        let (section, field) =
-            key.trim().split_once('.').ok_or_else(|| format!("`--set {assignment}`: expected section.key=value"))?;
-        let value = value.trim();
+        self.set_key(key.trim(), value.trim()).map_err(|e| format!("`--set {assignment}`: {e}"))
+    }
+
+    /// Sets `section.key` to `value` (TOML syntax; a bare string is accepted). An unknown
+    /// section or key, or a value of the wrong type, is an error naming it.
+    pub fn set_key(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let (section, field) = key.split_once('.').ok_or_else(|| format!("`{key}`: expected section.key"))?;
         let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
             .map(|mut t| t.remove("v").expect("present"))
             .unwrap_or_else(|_| toml::Value::String(value.to_string()));
@@ -194,9 +201,9 @@ impl PretrainConfig {
         let sec = doc
             .get_mut(section)
             .and_then(|s| s.as_table_mut())
-            .ok_or_else(|| format!("`--set {assignment}`: no section `[{section}]` (model, train, data, output)"))?;
+            .ok_or_else(|| format!("no section `[{section}]` (model, train, data, output)"))?;
         sec.insert(field.to_string(), parsed);
-        *self = doc.try_into().map_err(|e: toml::de::Error| format!("`--set {assignment}`: {}", e.message()))?;
+        *self = doc.try_into().map_err(|e: toml::de::Error| format!("{key}: {}", e.message()))?;
         Ok(())
     }
 
@@ -269,6 +276,22 @@ impl PretrainConfig {
             return Err("data.train and data.tokens go together: give both, or neither for the demo".into());
         }
         Ok(())
+    }
+
+    /// [`Self::validate`]'s error, prefixed with where the value at fault came from: the last of
+    /// `sources` (config key, the flag that set it) whose key the error names, else `file` (the
+    /// config file) when there is one.
+    pub fn blame(error: &str, sources: &[(String, String)], file: Option<&Path>) -> String {
+        let names = |key: &str| {
+            error.starts_with(&format!("{key}:"))
+                || error.starts_with(&format!("{key} "))
+                || (key.starts_with("model.") && error.starts_with("[model]"))
+        };
+        match (sources.iter().rev().find(|(key, _)| names(key)), file) {
+            (Some((_, flag)), _) => format!("{flag}: {error}"),
+            (None, Some(file)) => format!("{}: {error}", file.display()),
+            (None, None) => error.to_string(),
+        }
     }
 
     /// Peak learning rate: given, or base_lr scaled linearly from batch 2048.

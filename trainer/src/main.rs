@@ -104,43 +104,59 @@ fn pretrain(args: &[String]) -> Result<(), String> {
     let get = |k: &str| flags.iter().rev().find(|(f, _)| f == k).map(|(_, v)| v.clone());
     let demo = get("config").is_none() && get("data").is_none();
     let out = PathBuf::from(get("out").unwrap_or_else(|| if demo { "runs/demo".into() } else { "runs/mapet".into() }));
-    let mut cfg = match get("config") {
-        Some(path) => PretrainConfig::from_file(path.as_ref())?,
+    let config_file = get("config").map(PathBuf::from);
+    let mut cfg = match &config_file {
+        Some(path) => PretrainConfig::from_file(path)?,
         None if demo => mapet_trainer::demo::config(&out),
         None => PretrainConfig::default(),
     };
+    // Which flag set which key, so that a value out of range is blamed on the flag (or else on
+    // the config file) that gave it.
+    let mut sources: Vec<(String, String)> = Vec::new();
     if get("out").is_some() || demo {
         cfg.output.dir = out;
+        sources.push(("output.dir".into(), "--out".into()));
     }
     if let Some(d) = get("data") {
         cfg.data.train = Some(d.into());
+        sources.push(("data.train".into(), "--data".into()));
     }
     if let Some(t) = get("tokens") {
         cfg.data.tokens = Some(t.into());
+        sources.push(("data.tokens".into(), "--tokens".into()));
     }
     for (flag, key) in
         [("device", "train.device"), ("batch", "train.batch"), ("epochs", "train.epochs"), ("seed", "train.seed")]
     {
         if let Some(v) = get(flag) {
-            let v = if flag == "device" { format!("{v:?}") } else { v };
-            cfg.set(&format!("{key}={v}")).map_err(|e| format!("--{flag}: {e}"))?;
+            let value = if flag == "device" { format!("{v:?}") } else { v.clone() };
+            cfg.set_key(key, &value).map_err(|e| format!("--{flag} {v}: {e}"))?;
+            sources.push((key.into(), format!("--{flag} {v}")));
         }
     }
     for (_, assignment) in flags.iter().filter(|(f, _)| f == "set") {
         cfg.set(assignment)?;
+        let key = assignment.split_once('=').map(|(k, _)| k.trim()).unwrap_or_default();
+        sources.push((key.into(), format!("--set {assignment}")));
     }
-    cfg.validate()?;
+    cfg.validate().map_err(|e| PretrainConfig::blame(&e, &sources, config_file.as_deref()))?;
     if cfg.train.device == "cuda" {
         if let Some(why) = mapet::cuda::unavailable_reason() {
             return Err(format!("train.device = \"cuda\", but no GPU is usable here: {why}"));
         }
     }
+    // Where the data paths came from, for the errors about them.
+    let origin = |key: &str| match (sources.iter().rev().find(|(k, _)| k == key), &config_file) {
+        (Some((_, flag)), _) => flag.clone(),
+        (None, Some(file)) => format!("{key} in {}", file.display()),
+        (None, None) => key.to_string(),
+    };
     let data = match (&cfg.data.train, &cfg.data.tokens) {
         (Some(train), Some(tokens)) => {
             let model = cfg.model_config()?;
-            let index = mapet_trainer::cmd::open_index(train).map_err(|e| format!("--data: {e}"))?;
-            let tokens =
-                mapet_trainer::data::Tokens::load_for(tokens, &index, &model).map_err(|e| format!("--tokens: {e}"))?;
+            let index = mapet_trainer::cmd::open_index_as(train, &origin("data.train"))?;
+            let tokens = mapet_trainer::data::Tokens::load_for(tokens, &index, &model)
+                .map_err(|e| format!("{}: {e}", origin("data.tokens")))?;
             mapet_trainer::pretrain::DataSource { index, tokens, eval: None }
         }
         _ => mapet_trainer::demo::prepare(&cfg)?,

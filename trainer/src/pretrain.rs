@@ -3,7 +3,10 @@
 //! `micro_batches` loader batches, a progress line, metrics per step to `metrics.csv`, a curve plot
 //! and a checkpoint every `checkpoint_every` steps and at the end, and on Ctrl-C a checkpoint
 //! before a clean exit. A NaN or Inf loss stops the run naming the step; the last checkpoint is
-//! kept as it was.
+//! kept as it was. Unreadable images are skipped and counted (the count and names are printed
+//! at the end of each epoch, whose last steps they may cost); past `data.max_skipped_fraction`
+//! of an epoch the run stops, after a checkpoint of the steps trained so far. A checkpoint that
+//! cannot be written (a full disk) stops the run with the previous checkpoint intact.
 //!
 //! `train.device` picks the backend: `"cpu"` the CPU model ([`train_step`]), `"cuda"` the GPU
 //! model ([`train_step_cuda`]; an error when no GPU is usable), `"auto"` the GPU when one is
@@ -79,7 +82,7 @@ pub fn with_eval_split(cfg: &PretrainConfig, mut data: DataSource) -> Result<Dat
     let model = cfg.model_config()?;
     match (&cfg.data.eval, &cfg.data.eval_tokens) {
         (Some(dir), Some(tokens)) => {
-            let index = crate::cmd::open_index(dir).map_err(|e| format!("data.eval: {e}"))?;
+            let index = crate::cmd::open_index_as(dir, "data.eval")?;
             let tokens = Tokens::load_for(tokens, &index, &model).map_err(|e| format!("data.eval_tokens: {e}"))?;
             data.eval = Some((index, tokens));
         }
@@ -336,7 +339,7 @@ pub fn run(
 
     let state = match resume {
         Some(dir) => {
-            let ck = checkpoint::load(dir, &model_cfg).map_err(err)?;
+            let ck = checkpoint::load(dir, &model_cfg).map_err(|e| format!("--resume: {e}"))?;
             println!("resuming from {} at step {} (epoch {})", ck.dir.display(), ck.state.step, ck.state.epoch);
             ck.state
         }
@@ -371,12 +374,26 @@ pub fn run(
     let mut interrupted = false;
     let mut last_ckpt_step = engine.step();
 
+    // What the checkpoint folder holds now, for the messages of a run that stops on an error.
+    let kept = |written: Option<u64>| -> String {
+        match written {
+            Some(step) => format!("the checkpoint {} (step {step}) is kept as it was", ckpt_dir.display()),
+            None if ckpt_dir.join(checkpoint::META_FILE).is_file() => {
+                format!("the checkpoint {} is kept as it was", ckpt_dir.display())
+            }
+            None => format!("no checkpoint was written to {}", ckpt_dir.display()),
+        }
+    };
+    let mut written: Option<u64> = None;
+
     'epochs: while engine.step() < total {
         let epoch = engine.epoch();
         let done_in_epoch = engine.step().saturating_sub(epoch * steps_per_epoch);
         let position = done_in_epoch as usize * cfg.train.batch;
         let mut batches = loader.epoch_from(epoch, position).map_err(err)?;
         let mut steps_this_epoch = done_in_epoch;
+        // Skipped images make an epoch end early (fewer full batches); it is then over all the same.
+        let mut exhausted = false;
         while steps_this_epoch < steps_per_epoch && engine.step() < total {
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
@@ -387,8 +404,26 @@ pub fn run(
             for _ in 0..cfg.train.micro_batches {
                 match batches.next() {
                     Some(Ok(b)) => micro_batches.push(b.to_cpu_batch(&norm)),
-                    Some(Err(e)) => return Err(format!("epoch {epoch}: {e}")),
-                    None => break,
+                    Some(Err(e)) => {
+                        // Keep the steps trained so far before giving up on the data.
+                        let saved = if engine.step() > last_ckpt_step {
+                            engine.save(&ckpt_dir, &recipe, &out, &history, &evals)?;
+                            format!("checkpoint written at step {} in {}", engine.step(), ckpt_dir.display())
+                        } else {
+                            kept(written)
+                        };
+                        let hint = match e {
+                            crate::data::DataError::TooManySkipped { .. } => {
+                                " (the limit is data.max_skipped_fraction)"
+                            }
+                            _ => "",
+                        };
+                        return Err(format!("training data: {e}{hint}; stopping, {saved}"));
+                    }
+                    None => {
+                        exhausted = true;
+                        break;
+                    }
                 }
             }
             if micro_batches.len() < cfg.train.micro_batches {
@@ -397,10 +432,7 @@ pub fn run(
             let stats = match engine.train(&recipe, &mut micro_batches) {
                 Ok(s) => s,
                 Err(e @ mapet::Error::NonFinite { .. }) => {
-                    return Err(format!(
-                        "{e}; stopping. The last checkpoint ({}) is as it was at step {last_ckpt_step}.",
-                        ckpt_dir.display()
-                    ))
+                    return Err(format!("{e}; stopping: {}", kept(written)));
                 }
                 Err(e) => return Err(e.to_string()),
             };
@@ -432,14 +464,27 @@ pub fn run(
                 evaluate(&engine, eval_loader.as_ref(), &model_cfg, &out, &mut evals)?;
                 engine.save(&ckpt_dir, &recipe, &out, &history, &evals)?;
                 last_ckpt_step = step;
+                written = Some(step);
             }
         }
         drop(batches);
-        if steps_this_epoch >= steps_per_epoch {
+        if steps_this_epoch >= steps_per_epoch || exhausted {
             engine.finish_epoch();
-            let skipped = loader.skipped().into_iter().filter(|s| s.epoch == epoch).count();
-            if skipped > 0 {
-                println!("\nepoch {epoch}: {skipped} unreadable images skipped (see the log above for their names)");
+            let skipped: Vec<_> = loader.skipped().into_iter().filter(|s| s.epoch == epoch).collect();
+            if !skipped.is_empty() {
+                println!(
+                    "\nepoch {epoch}: {} unreadable images skipped ({} steps instead of {steps_per_epoch}), limit \
+                     data.max_skipped_fraction = {}:",
+                    skipped.len(),
+                    steps_this_epoch,
+                    cfg.data.max_skipped_fraction
+                );
+                for s in skipped.iter().take(5) {
+                    println!("  {}: {}", s.path.display(), s.reason);
+                }
+                if skipped.len() > 5 {
+                    println!("  ... and {} more", skipped.len() - 5);
+                }
             }
         }
     }
@@ -453,7 +498,7 @@ pub fn run(
     if skipped > 0 {
         println!("{skipped} unreadable images were skipped in total:");
         for s in loader.skipped().iter().take(20) {
-            println!("  epoch {}: {:?}", s.epoch, s);
+            println!("  epoch {}: {}: {}", s.epoch, s.path.display(), s.reason);
         }
     }
     Ok(RunSummary { steps: engine.step(), first_loss, last_loss, interrupted, out_dir: out, skipped_images: skipped })
@@ -500,7 +545,13 @@ fn save(
     history: &[StepRecord],
     evals: &[EvalRecord],
 ) -> Result<(), String> {
-    checkpoint::save(dir, layout, recipe, state).map_err(|e| format!("writing the checkpoint: {e}"))?;
+    checkpoint::save(dir, layout, recipe, state).map_err(|e| {
+        let previous = match checkpoint::read_config(dir) {
+            Ok(_) => format!("the previous checkpoint in {} is unchanged", dir.display()),
+            Err(_) => "no previous checkpoint there".to_string(),
+        };
+        format!("writing the checkpoint of step {}: {e}; {previous}", state.step)
+    })?;
     write_plot(&out.join("curves.png"), history, evals)
 }
 

@@ -95,6 +95,11 @@ impl Args {
 /// The image index of `--data`: a folder (walked and sorted) or a manifest (paths relative to the
 /// manifest's folder), as `mapet pretrain` reads it. Errors name the flag and the path.
 pub fn open_index(data: &Path) -> Result<ImageIndex, String> {
+    open_index_as(data, "--data")
+}
+
+/// [`open_index`], its errors naming `origin` (the flag or config key that gave the path).
+pub fn open_index_as(data: &Path, origin: &str) -> Result<ImageIndex, String> {
     let index = if data.is_dir() {
         ImageIndex::from_folder(data)
     } else if data.is_file() {
@@ -104,9 +109,9 @@ pub fn open_index(data: &Path) -> Result<ImageIndex, String> {
         };
         ImageIndex::from_manifest(data, &root)
     } else {
-        return Err(format!("--data {}: no such folder or manifest file", data.display()));
+        return Err(format!("{origin} {}: no such folder or manifest file", data.display()));
     };
-    index.map_err(|e| format!("--data: {e}"))
+    index.map_err(|e| format!("{origin}: {e}"))
 }
 
 /// `path` with its extension replaced by `suffix` (`tokens.npy` + `.report.json` ->

@@ -1,0 +1,513 @@
+//! Bad inputs to the `mapet` command, run through the binary: each gives an error (or, for a few
+//! unreadable images, a report) naming the file, flag or config key at fault, and nothing already
+//! written is lost: checkpoints and metrics stay as they were, or gain the steps trained so far.
+//!
+//! The data is a tiny set of 16x16 PNGs with random tokens, the model a one-block ViT (4 patches
+//! of 8x8), so that every run takes well under a second of training.
+
+mod data_common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mapet::model::checkpoint;
+use mapet::model::train::{Recipe, TrainState};
+use mapet::model::{ModelConfig, ParamLayout};
+use mapet_trainer::data::{epoch_order, NpyDtype};
+use rand::Rng;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mapet");
+const MODEL: ModelConfig = ModelConfig { image: 16, patch: 8, dim: 32, depth: 1, heads: 2, vocab: 8, context: 2 };
+const BATCH: usize = 2;
+const SEED: u64 = 0;
+
+/// Runs `cmd`, failing the test (instead of hanging it) when it runs past two minutes.
+fn finish(mut cmd: Command) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    // The outputs are small (a few KiB), so the pipes cannot fill while we poll.
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("mapet ran past 2 minutes\nstdout:\n{}", String::from_utf8_lossy(&out.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    eprintln!("--- stdout\n{}--- stderr\n{}", text(&out.stdout), text(&out.stderr));
+    out
+}
+
+fn mapet(args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    finish(cmd)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The error of a run that must fail.
+fn fails(out: &Output) -> String {
+    assert!(!out.status.success(), "expected a failure");
+    text(&out.stderr)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A TOML string literal of a path.
+fn lit(p: &Path) -> String {
+    format!("'{}'", p.display())
+}
+
+/// What makes an image file unreadable.
+#[derive(Clone, Copy)]
+enum Bad {
+    Corrupt,
+    Truncated,
+    NotAnImage,
+}
+
+/// `n` 16x16 PNGs `000.png`... in `dir/images` (index order = name order), the ones in `bad`
+/// unreadable, and a token file `dir/tokens.npy` with a row of random ids per image.
+fn dataset(dir: &Path, n: usize, bad: &[(usize, Bad)], rng: &mut impl Rng) -> (PathBuf, PathBuf) {
+    let images = dir.join("images");
+    for i in 0..n {
+        let path = images.join(format!("{i:03}.png"));
+        let png = data_common::png_bytes(&data_common::smooth_rgb(rng, 16, 16));
+        match bad.iter().find(|b| b.0 == i).map(|b| b.1) {
+            None => data_common::write_bytes(&path, &png),
+            Some(Bad::Corrupt) => {
+                let noise: Vec<u8> = (0..300).map(|_| rng.random()).collect();
+                data_common::write_bytes(&path, &noise)
+            }
+            Some(Bad::Truncated) => data_common::write_bytes(&path, &png[..png.len() / 2]),
+            Some(Bad::NotAnImage) => data_common::write_bytes(&path, b"just some text, named like an image\n"),
+        }
+    }
+    let tokens = dir.join("tokens.npy");
+    write_tokens(&tokens, n, MODEL.vocab as i32, rng);
+    (images, tokens)
+}
+
+fn write_tokens(path: &Path, rows: usize, vocab: i32, rng: &mut impl Rng) {
+    let cols = MODEL.n_tokens() - 1;
+    let ids: Vec<i32> = (0..rows * cols).map(|_| rng.random_range(0..vocab)).collect();
+    mapet_trainer::data::tokens::write_tokens(path, NpyDtype::I16, cols, &ids).unwrap();
+}
+
+/// A config file `dir/NAME` for MODEL on `images`/`tokens`, one epoch, outputs in `out`;
+/// `train_extra` goes into `[train]`.
+fn config(dir: &Path, name: &str, images: &Path, tokens: &Path, out: &Path, train_extra: &str) -> PathBuf {
+    let m = MODEL;
+    let text = format!(
+        "[model]\npreset = \"vit-t\"\nimage = {}\npatch = {}\ndim = {}\ndepth = {}\nheads = {}\nvocab = {}\n\
+         context = {}\n\n[train]\nbatch = {BATCH}\nepochs = 1.0\nwarmup_epochs = 0.0\npeak_lr = 1e-3\n\
+         drop_path = 0.0\nseed = {SEED}\ndevice = \"cpu\"\n{train_extra}\n\n[data]\ntrain = {}\ntokens = {}\n\
+         threads = 2\njitter = false\n\n[output]\ndir = {}\ncheckpoint_every = 0\n",
+        m.image,
+        m.patch,
+        m.dim,
+        m.depth,
+        m.heads,
+        m.vocab,
+        m.context,
+        lit(images),
+        lit(tokens),
+        lit(out)
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The (step, loss) rows of `out/metrics.csv`.
+fn metrics(out: &Path) -> Vec<(u64, f32)> {
+    std::fs::read_to_string(out.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let v: Vec<&str> = l.split(',').collect();
+            (v[0].parse().unwrap(), v[2].parse().unwrap())
+        })
+        .collect()
+}
+
+fn load(dir: &Path) -> checkpoint::Checkpoint {
+    checkpoint::load(dir, &MODEL).unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A finished one-epoch run of 8 images (4 steps) in `dir/run`: (config, images, out).
+fn trained_run(dir: &Path, rng: &mut impl Rng) -> (PathBuf, PathBuf, PathBuf) {
+    let (images, tokens) = dataset(dir, 8, &[], rng);
+    let out = dir.join("run");
+    let cfg = config(dir, "run.toml", &images, &tokens, &out, "");
+    assert!(mapet(&["pretrain", "--config", s(&cfg)]).status.success());
+    assert_eq!(load(&out.join("checkpoint")).state.step, 4);
+    (cfg, images, out)
+}
+
+#[test]
+fn unreadable_images_are_skipped_counted_and_reported_each_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_skipped");
+    // 20 images, 3 unreadable (15%): 17 readable give 8 full batches an epoch instead of 10.
+    let bad = [(3, Bad::Corrupt), (11, Bad::Truncated), (16, Bad::NotAnImage)];
+    let (images, tokens) = dataset(dir.path(), 20, &bad, &mut rng);
+    let out = dir.path().join("out");
+    let cfg = config(dir.path(), "c.toml", &images, &tokens, &out, "");
+    let run = mapet(&["pretrain", "--config", s(&cfg), "--epochs", "2", "--set", "data.max_skipped_fraction=0.2"]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let stdout = text(&run.stdout);
+    for epoch in [0, 1] {
+        let line = format!("epoch {epoch}: 3 unreadable images skipped (8 steps instead of 10)");
+        assert!(stdout.contains(&line), "no `{line}` in\n{stdout}");
+    }
+    for name in ["003.png", "011.png", "016.png"] {
+        assert!(stdout.contains(name), "{name} not named in\n{stdout}");
+    }
+    // The schedule's 20 steps all ran (the third epoch supplies the last four), each once.
+    let steps: Vec<u64> = metrics(&out).iter().map(|r| r.0).collect();
+    assert_eq!(steps, (1..=20).collect::<Vec<_>>());
+    assert_eq!(load(&out.join("checkpoint")).state.step, 20);
+}
+
+#[test]
+fn too_many_unreadable_images_stop_the_run_keeping_the_steps_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_too_many");
+    // The last three images of epoch 0's order are unreadable: 8 full batches come first.
+    let order = epoch_order(20, SEED, 0, true);
+    let bad = [(order[17], Bad::Corrupt), (order[18], Bad::Truncated), (order[19], Bad::NotAnImage)];
+    let (images, tokens) = dataset(dir.path(), 20, &bad, &mut rng);
+    let out = dir.path().join("out");
+    let cfg = config(dir.path(), "c.toml", &images, &tokens, &out, "");
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--set", "data.max_skipped_fraction=0.1"]));
+    let first = format!("{:03}.png", order[17]);
+    assert!(e.contains("data.max_skipped_fraction") && e.contains(&first) && e.contains("epoch 0"), "{e}");
+    assert!(e.contains("3 of 20 images"), "{e}");
+    // The 8 steps trained before the data gave out are in the metrics and in a checkpoint.
+    let steps: Vec<u64> = metrics(&out).iter().map(|r| r.0).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    assert_eq!(load(&out.join("checkpoint")).state.step, 8);
+    assert!(e.contains("checkpoint written at step 8"), "{e}");
+}
+
+#[test]
+fn empty_or_missing_data_folders_name_the_flag_or_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_folders");
+    let (images, tokens) = dataset(dir.path(), 4, &[], &mut rng);
+    let out = dir.path().join("out");
+    let missing = dir.path().join("no-such-folder");
+    let empty = dir.path().join("empty");
+    data_common::write_bytes(&empty.join("notes.txt"), b"no images here");
+
+    let e = fails(&mapet(&["pretrain", "--data", s(&missing), "--tokens", s(&tokens), "--out", s(&out)]));
+    assert!(e.contains("--data") && e.contains(s(&missing)), "{e}");
+    assert!(!e.contains("--data: --data"), "{e}");
+    let e = fails(&mapet(&["pretrain", "--data", s(&empty), "--tokens", s(&tokens), "--out", s(&out)]));
+    assert!(e.contains("--data") && e.contains(s(&empty)) && e.contains("no images"), "{e}");
+    // The same folder given in the config file: the key and the file are named, not a flag.
+    let cfg = config(dir.path(), "c.toml", &empty, &tokens, &out, "");
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg)]));
+    assert!(e.contains("data.train in") && e.contains(s(&cfg)) && e.contains(s(&empty)), "{e}");
+    // A missing token file.
+    let e = fails(&mapet(&["pretrain", "--data", s(&images), "--tokens", s(&missing.join("t.npy")), "--out", s(&out)]));
+    assert!(e.contains("--tokens") && e.contains("t.npy"), "{e}");
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+}
+
+#[test]
+fn token_files_that_do_not_fit_name_the_file_and_the_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_tokens");
+    let (images, _) = dataset(dir.path(), 6, &[], &mut rng);
+    let out = dir.path().join("out");
+    let run =
+        |tokens: &Path| fails(&mapet(&["pretrain", "--data", s(&images), "--tokens", s(tokens), "--out", s(&out)]));
+    let cfg_run = |tokens: &Path| {
+        let cfg = config(dir.path(), "c.toml", &images, tokens, &out, "");
+        (fails(&mapet(&["pretrain", "--config", s(&cfg)])), cfg)
+    };
+    // Without --config the defaults (vit-b) apply; the error still names the flag and the file.
+    let rows = dir.path().join("rows.npy");
+    write_tokens(&rows, 7, 8, &mut rng);
+    let (e, cfg) = cfg_run(&rows);
+    assert!(e.contains("data.tokens in") && e.contains(s(&cfg)) && e.contains(s(&rows)), "{e}");
+    assert!(e.contains("7 rows") && e.contains("6 images"), "{e}");
+    let e = run(&rows);
+    assert!(e.contains("--tokens") && e.contains(s(&rows)), "{e}");
+
+    let range = dir.path().join("range.npy");
+    let cols = MODEL.n_tokens() - 1;
+    let mut ids: Vec<i32> = (0..6 * cols).map(|_| rng.random_range(0..8)).collect();
+    ids[5] = 8;
+    mapet_trainer::data::tokens::write_tokens(&range, NpyDtype::I16, cols, &ids).unwrap();
+    let (e, _) = cfg_run(&range);
+    assert!(e.contains(s(&range)) && e.contains("[0, 8)"), "{e}");
+
+    let floats = dir.path().join("floats.npy");
+    let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': (6, {cols}), }}");
+    let header = format!("{header:<117}\n"); // 10 + 118 bytes: the data starts 64-aligned
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend((0..6 * cols).flat_map(|i| (i as f32).to_le_bytes()));
+    std::fs::write(&floats, bytes).unwrap();
+    let (e, _) = cfg_run(&floats);
+    assert!(e.contains(s(&floats)) && e.contains("<f4"), "{e}");
+
+    let grid = dir.path().join("grid.npy");
+    let ids: Vec<i32> = (0..6 * 9).map(|_| rng.random_range(0..8)).collect();
+    mapet_trainer::data::tokens::write_tokens(&grid, NpyDtype::I16, 9, &ids).unwrap();
+    let (e, _) = cfg_run(&grid);
+    assert!(e.contains(s(&grid)) && e.contains("9 ids per image") && e.contains("4 patches"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_file_or_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_config");
+    let (images, tokens) = dataset(dir.path(), 4, &[], &mut rng);
+    let out = dir.path().join("out");
+
+    // In the file: an unknown key, a value out of range, a value of the wrong type.
+    let cfg = config(dir.path(), "unknown.toml", &images, &tokens, &out, "learning_rate = 0.1");
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg)]));
+    assert!(e.contains(s(&cfg)) && e.contains("learning_rate"), "{e}");
+    let cfg = config(dir.path(), "range.toml", &images, &tokens, &out, "clip = -1.0");
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg)]));
+    assert!(e.contains(s(&cfg)) && e.contains("train.clip"), "{e}");
+    let cfg = config(dir.path(), "type.toml", &images, &tokens, &out, "micro_batches = \"two\"");
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg)]));
+    assert!(e.contains(s(&cfg)) && e.contains("micro_batches"), "{e}");
+
+    // On the command line: the flag is named, with the key.
+    let good = config(dir.path(), "good.toml", &images, &tokens, &out, "");
+    let cases: [(&[&str], &[&str]); 9] = [
+        (&["--batch", "0"], &["--batch 0", "train.batch"]),
+        (&["--batch", "two"], &["--batch two", "train.batch"]),
+        (&["--epochs", "-1"], &["--epochs -1", "train.epochs"]),
+        (&["--device", "tpu"], &["--device tpu", "train.device"]),
+        (&["--set", "train.drop_path=1.5"], &["--set train.drop_path=1.5", "drop_path"]),
+        (&["--set", "train.nosuch=1"], &["train.nosuch", "nosuch"]),
+        (&["--set", "model.dim=15"], &["--set model.dim=15", "[model]"]),
+        (&["--set", "data.max_skipped_fraction=2"], &["--set data.max_skipped_fraction=2", "max_skipped_fraction"]),
+        (&["--bogus", "1"], &["--bogus"]),
+    ];
+    for (flags, needles) in cases {
+        let mut args = vec!["pretrain", "--config", s(&good)];
+        args.extend_from_slice(flags);
+        let e = fails(&mapet(&args));
+        for n in needles {
+            assert!(e.contains(n), "{flags:?}: `{n}` not in {e}");
+        }
+    }
+    // A flag that fixes the file's bad value wins: the file is not blamed for a value replaced.
+    let cfg = config(dir.path(), "fixed.toml", &images, &tokens, &out, "clip = -1.0");
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--set", "train.clip=1", "--batch", "0"]));
+    assert!(e.starts_with("mapet: --batch 0: train.batch"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn resuming_another_config_or_a_truncated_checkpoint_is_refused_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_resume");
+    let (cfg, _, out) = trained_run(dir.path(), &mut rng);
+    let ckpt = out.join("checkpoint");
+    let before = load(&ckpt);
+    let metrics_before = std::fs::read(out.join("metrics.csv")).unwrap();
+
+    // A model of another width.
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--set", "model.dim=48", "--resume", s(&ckpt)]));
+    assert!(e.contains("--resume") && e.contains("meta.json") && e.contains("`dim` is 32, expected 48"), "{e}");
+    assert_eq!(std::fs::read(out.join("metrics.csv")).unwrap(), metrics_before);
+    assert_eq!(bits(&load(&ckpt).state.params), bits(&before.state.params));
+
+    // A copy with its parameters cut short.
+    let cut = dir.path().join("cut");
+    std::fs::create_dir(&cut).unwrap();
+    for f in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE, checkpoint::META_FILE] {
+        std::fs::copy(ckpt.join(f), cut.join(f)).unwrap();
+    }
+    let model = cut.join(checkpoint::MODEL_FILE);
+    let len = std::fs::metadata(&model).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&model).unwrap().set_len(len - 100).unwrap();
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--epochs", "2", "--resume", s(&cut)]));
+    assert!(e.contains("--resume") && e.contains(s(&model)), "{e}");
+    assert_eq!(std::fs::read(out.join("metrics.csv")).unwrap(), metrics_before);
+    assert_eq!(load(&ckpt).state.step, 4);
+
+    // A missing one.
+    let nothing = dir.path().join("nothing");
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--resume", s(&nothing)]));
+    assert!(e.contains("--resume") && e.contains(s(&nothing)), "{e}");
+    assert_eq!(std::fs::read(out.join("metrics.csv")).unwrap(), metrics_before);
+}
+
+/// A disk that fills up during the checkpoint, made real with a file-size limit (`ulimit -f`):
+/// the kernel refuses the write past it, as it would on a full disk.
+#[test]
+fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_disk_full");
+    let (cfg, _, out) = trained_run(dir.path(), &mut rng);
+    let ckpt = out.join("checkpoint");
+    let before = load(&ckpt);
+    // The limit (16 blocks: 8 KiB in dash's 512-byte units, 16 KiB in bash's) is far above the
+    // metrics file and far below the checkpoint's files.
+    let size = std::fs::metadata(ckpt.join(checkpoint::MODEL_FILE)).unwrap().len();
+    assert!(size > 32 * 1024, "the model file ({size} bytes) must exceed the limit");
+
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "trap '' XFSZ; ulimit -f 16 && exec \"$0\" \"$@\"", BIN]);
+    cmd.args(["pretrain", "--config", s(&cfg), "--epochs", "2", "--resume", s(&ckpt)]);
+    let e = fails(&finish(cmd));
+    assert!(e.contains("writing the checkpoint of step 8") && e.contains(checkpoint::MODEL_FILE), "{e}");
+    assert!(e.contains("previous checkpoint") && e.contains("unchanged"), "{e}");
+    // The previous checkpoint loads, bit for bit; no partial folder is left beside it.
+    let after = load(&ckpt);
+    assert_eq!(after.state.step, 4);
+    assert_eq!(bits(&after.state.params), bits(&before.state.params));
+    assert_eq!(bits(&after.state.v), bits(&before.state.v));
+    assert!(!out.join("checkpoint.tmp").exists() && !out.join("checkpoint.old").exists());
+    // The steps trained are still in the metrics.
+    let steps: Vec<u64> = metrics(&out).iter().map(|r| r.0).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    // Without the limit, the same resume completes.
+    assert!(mapet(&["pretrain", "--config", s(&cfg), "--epochs", "2", "--resume", s(&ckpt)]).status.success());
+    assert_eq!(load(&ckpt).state.step, 8);
+}
+
+#[test]
+fn a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_nan");
+    let (images, tokens) = dataset(dir.path(), 16, &[], &mut rng);
+    let out = dir.path().join("out");
+    // A learning rate of 1e30 sends the weights to ~1e30 in one step: the next loss overflows.
+    let cfg = config(dir.path(), "c.toml", &images, &tokens, &out, "");
+    let run =
+        mapet(&["pretrain", "--config", s(&cfg), "--set", "train.peak_lr=1e30", "--set", "output.checkpoint_every=1"]);
+    let e = fails(&run);
+    let rows = metrics(&out);
+    let last = rows.last().expect("at least one step trained").0;
+    assert!(last < 8, "the run should not finish: {rows:?}");
+    assert!(rows.iter().all(|r| r.1.is_finite()), "{rows:?}");
+    let step_named = format!("non-finite loss at training step {}", last + 1);
+    let grad_named = format!("non-finite gradient norm at training step {}", last + 1);
+    assert!(e.contains(&step_named) || e.contains(&grad_named), "{e}");
+    let ckpt = out.join("checkpoint");
+    assert!(e.contains(&format!("the checkpoint {} (step {last}) is kept as it was", ckpt.display())), "{e}");
+    let c = load(&ckpt);
+    assert_eq!(c.state.step, last);
+    assert!(c.state.params.iter().all(|p| p.is_finite()));
+
+    // With no checkpoint written before it, the message says so.
+    let out2 = dir.path().join("out2");
+    let e = fails(&mapet(&[
+        "pretrain",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&out2),
+        "--set",
+        "train.peak_lr=1e30",
+        "--set",
+        "output.checkpoint_every=100",
+    ]));
+    assert!(e.contains("no checkpoint was written"), "{e}");
+    assert!(!out2.join("checkpoint").exists());
+}
+
+/// A checkpoint of MODEL with `dim` changed, random parameters.
+fn random_checkpoint(dir: &Path, dim: usize, rng: &mut impl Rng) {
+    let layout = ParamLayout::new(ModelConfig { dim, ..MODEL }).unwrap();
+    let mut state = TrainState::new(&layout, 0);
+    state.params = mapet::testing::uniform(rng, layout.total, 1.0);
+    state.step = 3;
+    checkpoint::save(dir, &layout, &Recipe::paper(8, 10), &state).unwrap();
+}
+
+#[test]
+fn eval_and_export_refuse_missing_mismatched_and_truncated_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_eval_export");
+    let (images, tokens) = dataset(dir.path(), 4, &[], &mut rng);
+    let good = dir.path().join("good");
+    random_checkpoint(&good, 32, &mut rng);
+    let wide = dir.path().join("wide");
+    random_checkpoint(&wide, 48, &mut rng);
+    // An existing export, which no failed export may touch.
+    let timm = dir.path().join("vit.safetensors");
+    assert!(mapet(&["export", "--checkpoint", s(&good), "--timm", s(&timm)]).status.success());
+    let exported = std::fs::read(&timm).unwrap();
+    let eval =
+        |ckpt: &Path| fails(&mapet(&["eval", "--checkpoint", s(ckpt), "--data", s(&images), "--tokens", s(&tokens)]));
+    let export = |ckpt: &Path| fails(&mapet(&["export", "--checkpoint", s(ckpt), "--timm", s(&timm)]));
+
+    // meta.json of one model, parameters of another.
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(good.join(checkpoint::META_FILE), mixed.join(checkpoint::META_FILE)).unwrap();
+    std::fs::copy(good.join(checkpoint::OPTIMIZER_FILE), mixed.join(checkpoint::OPTIMIZER_FILE)).unwrap();
+    std::fs::copy(wide.join(checkpoint::MODEL_FILE), mixed.join(checkpoint::MODEL_FILE)).unwrap();
+    let model = mixed.join(checkpoint::MODEL_FILE);
+    for e in [eval(&mixed), export(&mixed)] {
+        assert!(e.contains("--checkpoint") && e.contains(s(&model)) && e.contains("this config needs"), "{e}");
+    }
+    // Truncated.
+    let len = std::fs::metadata(&model).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&model).unwrap().set_len(len / 3).unwrap();
+    for e in [eval(&mixed), export(&mixed)] {
+        assert!(e.contains("--checkpoint") && e.contains(s(&model)) && e.contains("not a valid safetensors"), "{e}");
+    }
+    // Missing.
+    let nothing = dir.path().join("nothing");
+    for e in [eval(&nothing), export(&nothing)] {
+        assert!(e.contains("--checkpoint") && e.contains(s(&nothing)), "{e}");
+    }
+    // A checkpoint of another patch grid (32x32 images) is refused naming --tokens.
+    let other = dir.path().join("other-grid");
+    let layout = ParamLayout::new(ModelConfig { image: 32, ..MODEL }).unwrap();
+    checkpoint::save(&other, &layout, &Recipe::paper(8, 10), &TrainState::new(&layout, 0)).unwrap();
+    let e = eval(&other);
+    assert!(e.contains("--tokens") && e.contains(s(&tokens)), "{e}");
+    assert_eq!(std::fs::read(&timm).unwrap(), exported);
+}
+
+/// A full disk while `mapet export` writes: the write goes to `OUT.tmp`, here a link to
+/// `/dev/full`, which refuses every write with "no space left on device".
+#[cfg(target_os = "linux")]
+#[test]
+fn export_to_a_full_disk_keeps_the_previous_file() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!("SKIP: no /dev/full");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_export_full");
+    let ckpt = dir.path().join("ckpt");
+    random_checkpoint(&ckpt, 32, &mut rng);
+    let timm = dir.path().join("vit.safetensors");
+    std::fs::write(&timm, b"the previous export").unwrap();
+    let tmp = dir.path().join("vit.safetensors.tmp");
+    std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+    let e = fails(&mapet(&["export", "--checkpoint", s(&ckpt), "--timm", s(&timm)]));
+    assert!(e.contains("--timm") && e.contains(s(&timm)) && e.contains("No space left"), "{e}");
+    assert_eq!(std::fs::read(&timm).unwrap(), b"the previous export");
+    assert!(std::fs::symlink_metadata(&tmp).is_err(), "the temporary file was left behind");
+}
