@@ -592,6 +592,233 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     }
 }
 
+// ================================================================================================ forward, 128 rows
+// The same function as mapet_attention_fwd with 32 query rows per warp (two m-tiles of 16) and 128 per
+// CTA: grid (ceil(Lq/128), H, B), 128 threads. Every K and V fragment read from shared memory with
+// ldmatrix then feeds two mma instead of one. In mapet_attention_fwd one ldmatrix.x4 (512 B of shared
+// reads, 4 cycles of the 128 B/clock shared pipe) goes with two m16n8k16 mma, so the loads of a tile
+// cost about as much time as its tensor work; here they cost half. Price: twice the accumulators
+// (O 64, S 64, Q fragments 32 registers per thread), so 2 CTAs (8 warps) per SM instead of 4.
+// Shared memory is the same 36,864 B: Q's 128 rows are staged in stage 1 (K slot = rows 0..63, V slot
+// = rows 64..127) and O's 128 rows in stage 0 (K slot, then V slot: contiguous) at the end.
+// Visibility is classified per (m-tile, 32-key half), as in mapet_attention_fwd per warp; a key
+// fragment is loaded when either m-tile needs it.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 2) mapet_attention_fwd_m128(const MapetAttention prm) {
+    __shared__ __align__(128) bf16 smem[4 * kTileElems];
+    constexpr int kRowsCta = 2 * kBM;  // 128 query rows per CTA
+    constexpr int kMt = 2;             // m-tiles of 16 rows per warp
+
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * kRowsCta;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
+
+    const uint32_t s0 = smem_addr(smem);
+    auto sK = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
+    auto sV = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
+    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
+
+    int cta_amin, cta_amax;
+    hidden_extrema(q0, min(q0 + kRowsCta, G.lq), G, cta_amin, cta_amax);
+    const int wr0 = q0 + warp * 32;  // the warp's first row; m-tile m holds rows wr0 + 16m + [0, 16)
+    bool live[kMt];                  // an m-tile entirely past Lq computes nothing
+    int m_amin[kMt], m_amax[kMt], a_lo[kMt], a_hi[kMt];
+#pragma unroll
+    for (int m = 0; m < kMt; ++m) {
+        const int r0 = wr0 + 16 * m;
+        live[m] = r0 < G.lq;
+        m_amin[m] = m_amax[m] = 0;
+        if (live[m]) hidden_extrema(r0, min(r0 + 16, G.lq), G, m_amin[m], m_amax[m]);
+        // First hidden key of the lane's rows g and g+8 (rows past Lq borrow row Lq-1's: never written).
+        a_lo[m] = first_hidden(min(r0 + g, G.lq - 1), G);
+        a_hi[m] = first_hidden(min(r0 + g + 8, G.lq - 1), G);
+    }
+
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
+    load_tile(sV(1), qg, static_cast<int>(prm.q_row_stride), q0 + kBM, G.lq, tid);
+    cp_async_commit();
+    int kt = next_key_tile(0, nkt, cta_amin, cta_amax, G);
+    if (kt < nkt) {
+        load_tile(sK(0), kg, static_cast<int>(prm.k_row_stride), kt * kBN, G.lk, tid);
+        load_tile(sV(0), vg, static_cast<int>(prm.v_row_stride), kt * kBN, G.lk, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
+    __syncthreads();
+
+    // Q fragments: qf[m][c] = A fragment of the m-tile's 16 rows, head columns [16c, 16c+16). Warps 0, 1
+    // find their rows in stage 1's K slot, warps 2, 3 in its V slot.
+    uint32_t qf[kMt][4][4];
+    const uint32_t q_tile = (warp < 2 ? sK(1) : sV(1)) + lane_a;
+#pragma unroll
+    for (int m = 0; m < kMt; ++m)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) ldmatrix_x4(qf[m][c], q_tile + tile_off((warp & 1) * 32 + m * 16, c * 16));
+    __syncthreads();  // stage 1 (holding Q) is refilled by the first prefetch below
+
+    float acc[kMt][8][4];  // O accumulators: acc[m][j] = C fragment of output columns [8j, 8j+8)
+#pragma unroll
+    for (int m = 0; m < kMt; ++m)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
+    float mx[kMt][2], l[kMt][2];  // running raw max and exp sum of rows g, g+8 of each m-tile
+#pragma unroll
+    for (int m = 0; m < kMt; ++m) mx[m][0] = mx[m][1] = -INFINITY, l[m][0] = l[m][1] = 0.f;
+
+    int stage = 0;
+    while (kt < nkt) {
+        const int kn = next_key_tile(kt + 1, nkt, cta_amin, cta_amax, G);
+        if (kn < nkt) {
+            load_tile(sK(stage ^ 1), kg, static_cast<int>(prm.k_row_stride), kn * kBN, G.lk, tid);
+            load_tile(sV(stage ^ 1), vg, static_cast<int>(prm.v_row_stride), kn * kBN, G.lk, tid);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        const int k0 = kt * kBN;
+        int kind[kMt][2];
+        bool any = false;
+#pragma unroll
+        for (int m = 0; m < kMt; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                kind[m][h] = live[m] ? classify(m_amin[m], m_amax[m], k0 + h * kHalf, k0 + h * kHalf + kHalf, true, G)
+                                     : kEmpty;
+                any |= kind[m][h] != kEmpty;
+            }
+        if (any) {
+            const uint32_t ks = sK(stage) + lane_bt;
+            const uint32_t vs = sV(stage) + lane_a;
+            // S = Q K^T: s[m][h][j] = C fragment of m-tile m, keys k0 + 32h + [8j, 8j+8).
+            float s[kMt][2][4][4];
+#pragma unroll
+            for (int m = 0; m < kMt; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float init = kind[m][h] == kEmpty ? -INFINITY : 0.f;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) s[m][h][j][0] = s[m][h][j][1] = s[m][h][j][2] = s[m][h][j][3] = init;
+                }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                if (kind[0][h] == kEmpty && kind[1][h] == kEmpty) continue;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+#pragma unroll
+                    for (int jp = 0; jp < 2; ++jp) {
+                        uint32_t kb[4];
+                        ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
+#pragma unroll
+                        for (int m = 0; m < kMt; ++m) {
+                            if (kind[m][h] == kEmpty) continue;
+                            mma_bf16(s[m][h][2 * jp], qf[m][c], kb[0], kb[1]);
+                            mma_bf16(s[m][h][2 * jp + 1], qf[m][c], kb[2], kb[3]);
+                        }
+                    }
+                }
+            }
+            const int kb0 = k0 + 2 * t;
+            const bool tail = k0 + kBN > G.lk;
+#pragma unroll
+            for (int m = 0; m < kMt; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    mask_scores(s[m][h], kind[m][h], tail, h * kHalf, a_lo[m] - kb0, a_hi[m] - kb0, G.lk - kb0, G.p);
+
+            // Online softmax per m-tile and row (as in mapet_attention_fwd). An m-tile whose rows see no
+            // key of this tile has s = -inf throughout: its max is unchanged, corr = 1 (or 0 while mx is
+            // still -inf), and its p are 0.
+#pragma unroll
+            for (int m = 0; m < kMt; ++m) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    float tmax = -INFINITY;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int j = 0; j < 4; ++j)
+                            tmax = fmaxf(tmax, fmaxf(s[m][h][j][2 * i], s[m][h][j][2 * i + 1]));
+                    tmax = quad_max(tmax);
+                    const float mnew = fmaxf(mx[m][i], tmax);
+                    const float base = mnew == -INFINITY ? 0.f : mnew * sl2;
+                    const float corr = fast_exp2(mx[m][i] * sl2 - base);
+                    mx[m][i] = mnew;
+                    float rs = 0.f;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            s[m][h][j][2 * i] = fast_exp2(fmaf(s[m][h][j][2 * i], sl2, -base));
+                            s[m][h][j][2 * i + 1] = fast_exp2(fmaf(s[m][h][j][2 * i + 1], sl2, -base));
+                            rs += s[m][h][j][2 * i] + s[m][h][j][2 * i + 1];
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        acc[m][j][2 * i] *= corr;
+                        acc[m][j][2 * i + 1] *= corr;
+                    }
+                    l[m][i] = l[m][i] * corr + rs;
+                }
+            }
+            // O += P V, each V fragment shared by the two m-tiles.
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                if (kind[0][h] == kEmpty && kind[1][h] == kEmpty) continue;
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    uint32_t pa[kMt][4];
+#pragma unroll
+                    for (int m = 0; m < kMt; ++m) {
+                        pa[m][0] = pack_bf16(s[m][h][2 * c][0], s[m][h][2 * c][1]);
+                        pa[m][1] = pack_bf16(s[m][h][2 * c][2], s[m][h][2 * c][3]);
+                        pa[m][2] = pack_bf16(s[m][h][2 * c + 1][0], s[m][h][2 * c + 1][1]);
+                        pa[m][3] = pack_bf16(s[m][h][2 * c + 1][2], s[m][h][2 * c + 1][3]);
+                    }
+#pragma unroll
+                    for (int dp = 0; dp < 4; ++dp) {
+                        uint32_t vb[4];
+                        ldmatrix_x4_trans(vb, vs + tile_off(h * kHalf + c * 16, dp * 16));
+#pragma unroll
+                        for (int m = 0; m < kMt; ++m) {
+                            if (kind[m][h] == kEmpty) continue;  // P = 0 there
+                            mma_bf16(acc[m][2 * dp], pa[m], vb[0], vb[1]);
+                            mma_bf16(acc[m][2 * dp + 1], pa[m], vb[2], vb[3]);
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        stage ^= 1;
+        kt = kn;
+    }
+
+    // Finish as in mapet_attention_fwd. The warp's 32 staging rows start at row 32 * warp of stage 0
+    // (its K and V slots are adjacent, so rows 64..127 are the V slot's rows 0..63).
+    bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+    float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+#pragma unroll
+    for (int m = 0; m < kMt; ++m) {
+        const int r0 = wr0 + 16 * m;
+        const float l_lo = quad_sum(l[m][0]), l_hi = quad_sum(l[m][1]);
+        store_warp_rows(acc[m], 1.f / l_lo, 1.f / l_hi, smem + (warp * 32 + m * 16) * kLds, og, prm.o_row_stride, r0,
+                        G.lq, lane);
+        if (t == 0) {
+            if (r0 + g < G.lq) lse[r0 + g] = mx[m][0] * prm.scale + logf(l_lo);
+            if (r0 + g + 8 < G.lq) lse[r0 + g + 8] = mx[m][1] * prm.scale + logf(l_hi);
+        }
+    }
+}
+
 // ================================================================================================ backward dQ
 // delta and dq from q, k, v, o, lse, d_o. Same grid and stages as forward; Q and dO are first staged
 // in stage 1 (K slot, V slot), dQ in stage 0's K slot at the end.

@@ -4,7 +4,7 @@
 //! Skips with the reason where no GPU is present; fails instead under `MAPET_REQUIRE_GPU=1`.
 
 use mapet::cuda::{DeviceBuffer, Gpu};
-use mapet::ops::attention::{self, AttentionShape};
+use mapet::ops::attention::{self, AttentionShape, ForwardKernel};
 use mapet::testing::{self, assert_within_baseline};
 use proptest::prelude::*;
 use rand::Rng;
@@ -38,7 +38,7 @@ struct GpuOut {
     dv: Vec<f32>,
 }
 
-fn run_gpu(gpu: &Gpu, c: &Case) -> GpuOut {
+fn run_gpu(gpu: &Gpu, c: &Case, kernel: ForwardKernel) -> GpuOut {
     let s = &c.shape;
     let (q, k, v, d_o) = (
         gpu.upload_bf16(&c.q).unwrap(),
@@ -55,7 +55,7 @@ fn run_gpu(gpu: &Gpu, c: &Case) -> GpuOut {
         b.poison().unwrap();
     }
     lse.poison().unwrap();
-    attention::cuda_forward(gpu, s, &q, &k, &v, &mut o, &mut lse).unwrap();
+    attention::cuda_forward_with(gpu, kernel, s, &q, &k, &v, &mut o, &mut lse).unwrap();
     attention::cuda_backward(gpu, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
     GpuOut {
         o: o.to_host_f32().unwrap(),
@@ -66,9 +66,16 @@ fn run_gpu(gpu: &Gpu, c: &Case) -> GpuOut {
     }
 }
 
+/// Both forward kernels (each followed by the backward) against the truth and the baseline.
 fn check(gpu: &Gpu, c: &Case) {
+    for kernel in ForwardKernel::ALL {
+        check_with(gpu, c, kernel);
+    }
+}
+
+fn check_with(gpu: &Gpu, c: &Case, kernel: ForwardKernel) {
     let s = &c.shape;
-    let g = run_gpu(gpu, c);
+    let g = run_gpu(gpu, c, kernel);
     let f64v = |x: &[f32]| testing::to_f64(x);
     // Truth: f64 on the bf16 inputs. The backward truth uses the truth's own O and lse.
     let (mut o64, mut lse64) = (vec![0.0f64; c.q.len()], vec![0.0f64; g.lse.len()]);
@@ -97,7 +104,7 @@ fn check(gpu: &Gpu, c: &Case) {
     for x in [&mut dq32, &mut dk32, &mut dv32] {
         mapet::cpu::round_bf16(x);
     }
-    let tag = format!("B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
+    let tag = format!("B={} H={} N={} C={} fwd={}", s.batch, s.heads, s.n_tokens, s.n_context, kernel.name());
     assert_within_baseline(&format!("O [{tag}]"), &g.o, &o32, &o64, 2.0, 1e-4);
     assert_within_baseline(&format!("lse [{tag}]"), &g.lse, &lse32, &lse64, 2.0, 1e-5);
     assert_within_baseline(&format!("dQ [{tag}]"), &g.dq, &dq32, &dq64, 3.0, 1e-4);
@@ -120,8 +127,9 @@ fn vit_sized_sequence_matches_cpu() {
 fn edge_sizes_match_cpu() {
     let Some(gpu) = testing::gpu_or_skip("edge_sizes_match_cpu") else { return };
     let mut rng = testing::rng("edge_sizes_match_cpu");
-    // One CTA holding all three segments; C = 1 and C = N - 1; sizes around the 64-row tile.
-    for (n, c) in [(2, 1), (5, 1), (5, 4), (17, 16), (33, 1), (64, 10), (65, 32), (100, 99)] {
+    // One CTA holding all three segments; C = 1 and C = N - 1; sizes around the 64-row tile and
+    // the 128-row CTA (Lq = N + 2P: 128 for N = 64, C = 32; 129 for N = 65, C = 33).
+    for (n, c) in [(2, 1), (5, 1), (5, 4), (17, 16), (33, 1), (64, 10), (64, 32), (65, 32), (65, 33), (100, 99)] {
         check(&gpu, &draw(&mut rng, shape(2, 2, n, c)));
     }
 }
@@ -142,13 +150,25 @@ fn same_inputs_give_bit_identical_outputs() {
     let Some(gpu) = testing::gpu_or_skip("same_inputs_give_bit_identical_outputs") else { return };
     let mut rng = testing::rng("same_inputs_give_bit_identical_outputs");
     let c = draw(&mut rng, shape(4, 4, 197, 50));
-    let (a, b) = (run_gpu(&gpu, &c), run_gpu(&gpu, &c));
-    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&a.o), bits(&b.o), "O differs between two runs");
-    assert_eq!(bits(&a.lse), bits(&b.lse), "lse differs between two runs");
-    assert_eq!(bits(&a.dq), bits(&b.dq), "dQ differs between two runs");
-    assert_eq!(bits(&a.dk), bits(&b.dk), "dK differs between two runs");
-    assert_eq!(bits(&a.dv), bits(&b.dv), "dV differs between two runs");
+    for kernel in ForwardKernel::ALL {
+        let (a, b) = (run_gpu(&gpu, &c, kernel), run_gpu(&gpu, &c, kernel));
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let k = kernel.name();
+        assert_eq!(bits(&a.o), bits(&b.o), "O differs between two runs ({k})");
+        assert_eq!(bits(&a.lse), bits(&b.lse), "lse differs between two runs ({k})");
+        assert_eq!(bits(&a.dq), bits(&b.dq), "dQ differs between two runs ({k})");
+        assert_eq!(bits(&a.dk), bits(&b.dk), "dK differs between two runs ({k})");
+        assert_eq!(bits(&a.dv), bits(&b.dv), "dV differs between two runs ({k})");
+    }
+}
+
+#[test]
+fn forward_kernel_names_parse_and_unknown_ones_are_refused() {
+    for k in ForwardKernel::ALL {
+        assert_eq!(k.name().parse::<ForwardKernel>().unwrap(), k);
+    }
+    let err = "rows96".parse::<ForwardKernel>().unwrap_err();
+    assert!(err.contains("rows96") && err.contains("rows128"), "{err}");
 }
 
 #[test]

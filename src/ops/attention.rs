@@ -500,10 +500,83 @@ fn grid(rows: usize, per_block: usize, shape: &AttentionShape) -> LaunchConfig {
     }
 }
 
+/// The two forward kernels of cuda/attention.cu (same function, same results up to rounding
+/// order: both are checked against the CPU reference by tests/attention_gpu.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ForwardKernel {
+    /// `mapet_attention_fwd`: 64 query rows per CTA, 16 per warp, 4 CTAs per SM. The default.
+    #[default]
+    Rows64,
+    /// `mapet_attention_fwd_m128`: 128 query rows per CTA, 32 per warp (every K/V fragment read
+    /// from shared memory feeds two m-tiles), 2 CTAs per SM.
+    Rows128,
+}
+
+impl ForwardKernel {
+    /// Both kernels, for tests and benches.
+    pub const ALL: [ForwardKernel; 2] = [ForwardKernel::Rows64, ForwardKernel::Rows128];
+
+    /// The kernel [`cuda_forward`] runs: `MAPET_ATTENTION_FWD=rows64|rows128` when set (read
+    /// once per process), else [`ForwardKernel::default`]. An unknown value is an error naming
+    /// the variable.
+    pub fn selected() -> Result<Self> {
+        static SELECTED: std::sync::OnceLock<std::result::Result<ForwardKernel, String>> = std::sync::OnceLock::new();
+        SELECTED
+            .get_or_init(|| match std::env::var("MAPET_ATTENTION_FWD") {
+                Err(_) => Ok(ForwardKernel::default()),
+                Ok(v) => v.parse(),
+            })
+            .clone()
+            .map_err(|detail| Error::Unsupported { what: "MAPET_ATTENTION_FWD", detail })
+    }
+
+    /// Short name: "rows64" or "rows128".
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardKernel::Rows64 => "rows64",
+            ForwardKernel::Rows128 => "rows128",
+        }
+    }
+
+    fn launch(self) -> (&'static str, usize) {
+        match self {
+            ForwardKernel::Rows64 => ("mapet_attention_fwd", CUDA_BLOCK_M),
+            ForwardKernel::Rows128 => ("mapet_attention_fwd_m128", 2 * CUDA_BLOCK_M),
+        }
+    }
+}
+
+impl std::str::FromStr for ForwardKernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        ForwardKernel::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("{s:?} is not a forward kernel; use rows64 or rows128"))
+    }
+}
+
 /// Forward on the GPU: `o` (bf16) and `lse` (f32) from bf16 `q`, `k`, `v`, all contiguous as
-/// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]).
+/// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]). Runs the kernel
+/// [`ForwardKernel::selected`] names.
 pub fn cuda_forward(
     gpu: &Gpu,
+    shape: &AttentionShape,
+    q: &dyn DeviceRead<bf16>,
+    k: &dyn DeviceRead<bf16>,
+    v: &dyn DeviceRead<bf16>,
+    o: &mut dyn DeviceWrite<bf16>,
+    lse: &mut dyn DeviceWrite<f32>,
+) -> Result<()> {
+    cuda_forward_with(gpu, ForwardKernel::selected()?, shape, q, k, v, o, lse)
+}
+
+/// [`cuda_forward`] with an explicit choice of kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_forward_with(
+    gpu: &Gpu,
+    kernel: ForwardKernel,
     shape: &AttentionShape,
     q: &dyn DeviceRead<bf16>,
     k: &dyn DeviceRead<bf16>,
@@ -521,7 +594,9 @@ pub fn cuda_forward(
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
     // touches by the buffer lengths; every bf16 pointer is 16-byte aligned (checked above) and
     // every stride is a multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies need.
-    unsafe { gpu.launch("attention", "mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p) }
+    // Both kernels read rows [blockIdx.x * rows_per_block, +rows_per_block) clipped to Lq.
+    let (name, rows_per_block) = kernel.launch();
+    unsafe { gpu.launch("attention", name, grid(shape.q_rows(), rows_per_block, shape), &p) }
 }
 
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
