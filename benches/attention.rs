@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::{DeviceBuffer, Gpu};
-use mapet::ops::attention::{self, AttentionShape, ForwardKernel};
+use mapet::ops::attention::{self, AttentionShape, QueryBlock};
 use mapet::testing;
 
 fn visible_flops(s: &AttentionShape) -> u64 {
@@ -52,22 +52,24 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
         });
         g.finish();
         // A plain line with the median and TFLOP/s (criterion reports elements/s).
-        // Both forward kernels (attention::ForwardKernel), alone and followed by the backward.
-        for kernel in ForwardKernel::ALL {
+        // Both query block sizes (attention::QueryBlock): forward alone, and forward + backward.
+        for block in QueryBlock::ALL {
             for (what, fl, bwd) in [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)] {
                 let t = gpu
                     .time_ms(5, 50, || {
-                        attention::cuda_forward_with(gpu, kernel, &s, &q, &k, &v, &mut o, &mut lse)?;
+                        attention::cuda_forward_with(gpu, block, &s, &q, &k, &v, &mut o, &mut lse)?;
                         if bwd {
-                            attention::cuda_backward(gpu, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)?;
+                            attention::cuda_backward_with(
+                                gpu, block, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
+                            )?;
                         }
                         Ok(())
                     })
                     .unwrap();
                 let med = t[t.len() / 2] as f64;
                 println!(
-                    "RESULT attention {name} {what} (fwd {}): median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
-                    kernel.name(),
+                    "RESULT attention {name} {what} ({}): median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
+                    block.name(),
                     fl as f64 / med / 1e9,
                     gpu.name()
                 );

@@ -34,6 +34,10 @@
 //   mapet_attention_bwd_dkdv  grid (ceil(Lk/64), H, B), 128 threads. CTA = 64 keys (16 per warp), keys
 //                             as the M dimension of every product; loops over query tiles of 64.
 //                             Must run after bwd_dq (it reads delta).
+//   mapet_attention_fwd_m128, mapet_attention_bwd_dq_m128: the forward and dQ kernels with 128 query
+//                             rows per CTA (32 per warp, two m-tiles that share every K/V fragment
+//                             loaded from shared memory); the launcher picks one pair or the other
+//                             (attention::QueryBlock). See their own comments.
 // Shared memory is static, no dynamic part: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd,
 // bwd_dq), + 2 KiB of per-row lse, delta and hidden window in bwd_dkdv (38,912 B). The operand loaded
 // once per CTA (Q, Q + dO, or K + V) is first staged in the second stage's slots and moved into
@@ -118,7 +122,8 @@
 #define MAPET_ATTN_THREADS 128      // block size of all three kernels (4 warps)
 #define MAPET_ATTN_BLOCK_M 64       // query rows per CTA (fwd, bwd_dq) = per inner tile (bwd_dkdv)
 #define MAPET_ATTN_BLOCK_N 64       // keys per inner tile (fwd, bwd_dq) = per CTA (bwd_dkdv)
-#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of every kernel (all shared memory is static)
+#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of every kernel but bwd_dq_m128 (static shared memory)
+#define MAPET_ATTN_DQ128_DYNAMIC_SMEM (6 * 64 * 72 * 2)  // dynamic shared bytes of bwd_dq_m128: six padded tiles
 
 namespace {
 
@@ -133,6 +138,7 @@ constexpr int kLds = kD + 8;                  // padded shared row, bf16 element
 constexpr int kTileElems = 64 * kLds;         // one [64 x 72] bf16 tile
 constexpr uint32_t kTileBytes = kTileElems * 2;
 constexpr float kLog2e = 1.4426950408889634f;
+static_assert(MAPET_ATTN_DQ128_DYNAMIC_SMEM == 6 * static_cast<int>(kTileBytes), "bwd_dq_m128 stages six tiles");
 static_assert(kBM == 64 && kBN == 64 && kThreads == 128,
               "the index maths below assumes 4 warps x 16 rows, 64-wide tiles");
 
@@ -281,15 +287,15 @@ __device__ __forceinline__ bool in_window(int key, int a, int w) {
     return static_cast<unsigned>(key - a) < static_cast<unsigned>(w);
 }
 
-// Sets the hidden scores of one 32-key half of a warp's S fragment to -inf. s[j][e] is the score of
-// row g (e < 2) or g+8 and key kb + x0 + 8j + (e & 1), kb = k0 + 2t the lane's first key in the tile;
-// rel_lo/rel_hi = a(row) - kb for the two rows, lk_rel = Lk - kb. The offsets x are compile-time, so an
-// element costs one add, one compare and one select. kTail: the half may reach Lk (the last tile),
-// whose missing keys are hidden too.
-template <bool kTail>
-__device__ __forceinline__ void mask_half(float (&s)[4][4], int x0, int rel_lo, int rel_hi, int lk_rel, int p) {
+// Sets the hidden scores of a run of NJ 8-key n-tiles (NJ = 4: a 32-key half; 2: a 16-key quarter) of a
+// warp's S fragment to -inf. s[j][e] is the score of row g (e < 2) or g+8 and key kb + x0 + 8j + (e & 1),
+// kb = k0 + 2t the lane's first key in the tile; rel_lo/rel_hi = a(row) - kb for the two rows,
+// lk_rel = Lk - kb. The offsets x are compile-time, so an element costs one add, one compare and one
+// select. kTail: the run may reach Lk (the last tile), whose missing keys are hidden too.
+template <int NJ, bool kTail>
+__device__ __forceinline__ void mask_half(float (&s)[NJ][4], int x0, int rel_lo, int rel_hi, int lk_rel, int p) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NJ; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int x = x0 + 8 * j + (e & 1);
@@ -300,15 +306,16 @@ __device__ __forceinline__ void mask_half(float (&s)[4][4], int x0, int rel_lo, 
     }
 }
 
-// Applies a half's class to its scores (warp-uniform branches): PARTIAL -> per-element mask, FULL ->
-// nothing. EMPTY halves are never computed.
-__device__ __forceinline__ void mask_scores(float (&s)[4][4], int kind, bool tail, int x0, int rel_lo, int rel_hi,
+// Applies a run's class to its scores (warp-uniform branches): PARTIAL -> per-element mask, FULL ->
+// nothing. EMPTY runs are never computed.
+template <int NJ>
+__device__ __forceinline__ void mask_scores(float (&s)[NJ][4], int kind, bool tail, int x0, int rel_lo, int rel_hi,
                                             int lk_rel, int p) {
     if (kind != kPartial) return;
     if (tail)
-        mask_half<true>(s, x0, rel_lo, rel_hi, lk_rel, p);
+        mask_half<NJ, true>(s, x0, rel_lo, rel_hi, lk_rel, p);
     else
-        mask_half<false>(s, x0, rel_lo, rel_hi, lk_rel, p);
+        mask_half<NJ, false>(s, x0, rel_lo, rel_hi, lk_rel, p);
 }
 
 // ---------------------------------------------------------------------------------- tile movement
@@ -997,6 +1004,219 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 
     bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
     store_warp_rows(dq, prm.scale, prm.scale, smem + warp * 16 * kLds, dqg, prm.dq_row_stride, wr0, G.lq, lane);
+}
+
+// ================================================================================================ backward dQ, 128 rows
+// The same function as mapet_attention_bwd_dq with 32 query rows per warp (two m-tiles) and 128 per CTA:
+// grid (ceil(Lq/128), H, B), 128 threads, 55,296 B of dynamic shared memory (six [64 x 72] tiles, so
+// the launcher raises the kernel's limit): stage 0 (K, V) in tiles 0-1, Q's 128 rows staged in tiles
+// 2-3 (which become stage 1 once Q is in registers), dO's 128 rows in tiles 4-5, dQ's 128 rows staged
+// in tiles 0-1 at the end. Every K and V fragment read from shared memory feeds both m-tiles (see
+// mapet_attention_fwd_m128). To stay within 255 registers without spills, keys go in quarters of 16
+// (S and dP of a quarter are 16 registers each for both m-tiles), classified per (m-tile, quarter).
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 2) mapet_attention_bwd_dq_m128(const MapetAttention prm) {
+    extern __shared__ __align__(128) bf16 dyn_smem[];
+    constexpr int kRowsCta = 2 * kBM;
+    constexpr int kMt = 2;
+    constexpr int kQ = 16;  // keys per quarter
+
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * kRowsCta;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
+    const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+    const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+    const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+
+    const uint32_t s0 = smem_addr(dyn_smem);
+    auto sK = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
+    auto sV = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
+    const uint32_t sDO = s0 + 4 * kTileBytes;  // tiles 4-5: dO's 128 rows
+    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
+
+    int cta_amin, cta_amax;
+    hidden_extrema(q0, min(q0 + kRowsCta, G.lq), G, cta_amin, cta_amax);
+    const int wr0 = q0 + warp * 32;
+    bool live[kMt], ok_lo[kMt], ok_hi[kMt];
+    int m_amin[kMt], m_amax[kMt], a_lo[kMt], a_hi[kMt];
+#pragma unroll
+    for (int m = 0; m < kMt; ++m) {
+        const int r0 = wr0 + 16 * m;
+        live[m] = r0 < G.lq;
+        m_amin[m] = m_amax[m] = 0;
+        if (live[m]) hidden_extrema(r0, min(r0 + 16, G.lq), G, m_amin[m], m_amax[m]);
+        ok_lo[m] = r0 + g < G.lq;
+        ok_hi[m] = r0 + g + 8 < G.lq;
+        a_lo[m] = first_hidden(min(r0 + g, G.lq - 1), G);
+        a_hi[m] = first_hidden(min(r0 + g + 8, G.lq - 1), G);
+    }
+
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
+    load_tile(sV(1), qg, static_cast<int>(prm.q_row_stride), q0 + kBM, G.lq, tid);
+    load_tile(sDO, dog, static_cast<int>(prm.do_row_stride), q0, G.lq, tid);
+    load_tile(sDO + kTileBytes, dog, static_cast<int>(prm.do_row_stride), q0 + kBM, G.lq, tid);
+    cp_async_commit();
+    int kt = next_key_tile(0, nkt, cta_amin, cta_amax, G);
+    if (kt < nkt) {
+        load_tile(sK(0), kg, static_cast<int>(prm.k_row_stride), kt * kBN, G.lk, tid);
+        load_tile(sV(0), vg, static_cast<int>(prm.v_row_stride), kt * kBN, G.lk, tid);
+    }
+    cp_async_commit();
+
+    // lse of the lane's rows in log2 units (rows past Lq: 0, never used for a stored value).
+    float lse2_lo[kMt], lse2_hi[kMt];
+#pragma unroll
+    for (int m = 0; m < kMt; ++m) {
+        const int r0 = wr0 + 16 * m;
+        lse2_lo[m] = ok_lo[m] ? prm.lse[stat0 + r0 + g] * kLog2e : 0.f;
+        lse2_hi[m] = ok_hi[m] ? prm.lse[stat0 + r0 + g + 8] * kLog2e : 0.f;
+    }
+
+    cp_async_wait<1>();  // Q and dO have landed
+    __syncthreads();
+
+    uint32_t qf[kMt][4][4], df[kMt][4][4];  // A fragments of the m-tiles' Q and dO rows
+#pragma unroll
+    for (int m = 0; m < kMt; ++m)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            ldmatrix_x4(qf[m][c], sK(1) + lane_a + tile_off(warp * 32 + m * 16, c * 16));
+            ldmatrix_x4(df[m][c], sDO + lane_a + tile_off(warp * 32 + m * 16, c * 16));
+        }
+    // delta = rowsum(dO * O) per m-tile as in mapet_attention_bwd_dq: O from global (columns
+    // [16t, 16t+16) of rows g, g+8; a quad covers a row), dO from the staged tiles.
+    float delta_lo[kMt], delta_hi[kMt];
+#pragma unroll
+    for (int m = 0; m < kMt; ++m) {
+        const int r0 = wr0 + 16 * m;
+        uint4 o_lo[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)}, o_hi[2] = {o_lo[0], o_lo[0]};
+        if (ok_lo[m]) {
+            const uint4* src = reinterpret_cast<const uint4*>(og + (r0 + g) * prm.o_row_stride + 16 * t);
+            o_lo[0] = __ldg(src);
+            o_lo[1] = __ldg(src + 1);
+        }
+        if (ok_hi[m]) {
+            const uint4* src = reinterpret_cast<const uint4*>(og + (r0 + g + 8) * prm.o_row_stride + 16 * t);
+            o_hi[0] = __ldg(src);
+            o_hi[1] = __ldg(src + 1);
+        }
+        const bf16* dst = dyn_smem + 4 * kTileElems + (warp * 32 + m * 16) * kLds;
+        uint4 d_lo[2], d_hi[2];
+        d_lo[0] = *reinterpret_cast<const uint4*>(dst + g * kLds + 16 * t);
+        d_lo[1] = *reinterpret_cast<const uint4*>(dst + g * kLds + 16 * t + 8);
+        d_hi[0] = *reinterpret_cast<const uint4*>(dst + (g + 8) * kLds + 16 * t);
+        d_hi[1] = *reinterpret_cast<const uint4*>(dst + (g + 8) * kLds + 16 * t + 8);
+        delta_lo[m] = quad_sum(dot16_bf16(d_lo, o_lo));
+        delta_hi[m] = quad_sum(dot16_bf16(d_hi, o_hi));
+        if (t == 0) {
+            if (ok_lo[m]) prm.delta[stat0 + r0 + g] = delta_lo[m];
+            if (ok_hi[m]) prm.delta[stat0 + r0 + g + 8] = delta_hi[m];
+        }
+    }
+    __syncthreads();  // stage 1 (tiles 2-3, holding Q) is refilled by the first prefetch below
+
+    float dq[kMt][8][4];
+#pragma unroll
+    for (int m = 0; m < kMt; ++m)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dq[m][j][0] = dq[m][j][1] = dq[m][j][2] = dq[m][j][3] = 0.f;
+
+    int stage = 0;
+    while (kt < nkt) {
+        const int kn = next_key_tile(kt + 1, nkt, cta_amin, cta_amax, G);
+        if (kn < nkt) {
+            load_tile(sK(stage ^ 1), kg, static_cast<int>(prm.k_row_stride), kn * kBN, G.lk, tid);
+            load_tile(sV(stage ^ 1), vg, static_cast<int>(prm.v_row_stride), kn * kBN, G.lk, tid);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        const int k0 = kt * kBN;
+        const int kb0 = k0 + 2 * t;
+        const bool tail = k0 + kBN > G.lk;
+        const uint32_t ks = sK(stage) + lane_bt;
+        const uint32_t vs = sV(stage) + lane_bt;
+        const uint32_t kts = sK(stage) + lane_a;
+#pragma unroll
+        for (int qr = 0; qr < kBN / kQ; ++qr) {
+            const int kq0 = k0 + qr * kQ;
+            int kind[kMt];
+#pragma unroll
+            for (int m = 0; m < kMt; ++m)
+                kind[m] = live[m] ? classify(m_amin[m], m_amax[m], kq0, kq0 + kQ, true, G) : kEmpty;
+            if (kind[0] == kEmpty && kind[1] == kEmpty) continue;
+            // S = Q K^T and dP = dO V^T for 16 rows x 16 keys per m-tile; [n] = C fragment of keys
+            // kq0 + [8n, 8n+8).
+            float s[kMt][2][4], dp[kMt][2][4];
+#pragma unroll
+            for (int m = 0; m < kMt; ++m)
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[m][n][e] = dp[m][n][e] = 0.f;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                uint32_t kb[4], vb[4];  // key n-tiles 0, 1 of the quarter over head columns [16c, 16c+16)
+                ldmatrix_x4(kb, ks + tile_off(qr * kQ, c * 16));
+                ldmatrix_x4(vb, vs + tile_off(qr * kQ, c * 16));
+#pragma unroll
+                for (int m = 0; m < kMt; ++m) {
+                    if (kind[m] == kEmpty) continue;
+                    mma_bf16(s[m][0], qf[m][c], kb[0], kb[1]);
+                    mma_bf16(s[m][1], qf[m][c], kb[2], kb[3]);
+                    mma_bf16(dp[m][0], df[m][c], vb[0], vb[1]);
+                    mma_bf16(dp[m][1], df[m][c], vb[2], vb[3]);
+                }
+            }
+            // P = exp(S * scale - lse) with hidden scores at -inf (P = 0), dS = P (dP - delta); packed
+            // as the A fragment of the quarter's 16 keys: {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}.
+            uint32_t da[kMt][4];
+#pragma unroll
+            for (int m = 0; m < kMt; ++m) {
+                mask_scores(s[m], kind[m], tail, qr * kQ, a_lo[m] - kb0, a_hi[m] - kb0, G.lk - kb0, G.p);
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float pv = fast_exp2(fmaf(s[m][n][e], sl2, -(e < 2 ? lse2_lo[m] : lse2_hi[m])));
+                        s[m][n][e] = pv * (dp[m][n][e] - (e < 2 ? delta_lo[m] : delta_hi[m]));
+                    }
+                da[m][0] = pack_bf16(s[m][0][0], s[m][0][1]);
+                da[m][1] = pack_bf16(s[m][0][2], s[m][0][3]);
+                da[m][2] = pack_bf16(s[m][1][0], s[m][1][1]);
+                da[m][3] = pack_bf16(s[m][1][2], s[m][1][3]);
+            }
+            // dQ += dS K, B from K[key][d] with .trans; each K fragment serves both m-tiles.
+#pragma unroll
+            for (int dn = 0; dn < 4; ++dn) {
+                uint32_t kb[4];
+                ldmatrix_x4_trans(kb, kts + tile_off(qr * kQ, dn * 16));
+#pragma unroll
+                for (int m = 0; m < kMt; ++m) {
+                    if (kind[m] == kEmpty) continue;
+                    mma_bf16(dq[m][2 * dn], da[m], kb[0], kb[1]);
+                    mma_bf16(dq[m][2 * dn + 1], da[m], kb[2], kb[3]);
+                }
+            }
+        }
+        __syncthreads();
+        stage ^= 1;
+        kt = kn;
+    }
+
+    bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
+#pragma unroll
+    for (int m = 0; m < kMt; ++m)
+        store_warp_rows(dq[m], prm.scale, prm.scale, dyn_smem + (warp * 32 + m * 16) * kLds, dqg, prm.dq_row_stride,
+                        wr0 + 16 * m, G.lq, lane);
 }
 
 // ================================================================================================ backward dK dV

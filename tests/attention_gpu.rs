@@ -1,10 +1,11 @@
 //! Two-stream attention on the GPU against the CPU reference (DESIGN.md's tolerance rule): bf16
 //! inputs drawn fresh every run, outputs poisoned before each launch, an f64 truth, and an f32
-//! CPU baseline that sees the same bf16 inputs and rounds its outputs to bf16 as the kernel does.
+//! CPU baseline that sees the same bf16 inputs and rounds its outputs to bf16 as the kernels do. Both query block sizes
+//! (`attention::QueryBlock`) run every check.
 //! Skips with the reason where no GPU is present; fails instead under `MAPET_REQUIRE_GPU=1`.
 
 use mapet::cuda::{DeviceBuffer, Gpu};
-use mapet::ops::attention::{self, AttentionShape, ForwardKernel};
+use mapet::ops::attention::{self, AttentionShape, QueryBlock};
 use mapet::testing::{self, assert_within_baseline};
 use proptest::prelude::*;
 use rand::Rng;
@@ -38,7 +39,7 @@ struct GpuOut {
     dv: Vec<f32>,
 }
 
-fn run_gpu(gpu: &Gpu, c: &Case, kernel: ForwardKernel) -> GpuOut {
+fn run_gpu(gpu: &Gpu, c: &Case, block: QueryBlock) -> GpuOut {
     let s = &c.shape;
     let (q, k, v, d_o) = (
         gpu.upload_bf16(&c.q).unwrap(),
@@ -55,8 +56,8 @@ fn run_gpu(gpu: &Gpu, c: &Case, kernel: ForwardKernel) -> GpuOut {
         b.poison().unwrap();
     }
     lse.poison().unwrap();
-    attention::cuda_forward_with(gpu, kernel, s, &q, &k, &v, &mut o, &mut lse).unwrap();
-    attention::cuda_backward(gpu, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
+    attention::cuda_forward_with(gpu, block, s, &q, &k, &v, &mut o, &mut lse).unwrap();
+    attention::cuda_backward_with(gpu, block, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
     GpuOut {
         o: o.to_host_f32().unwrap(),
         lse: lse.to_host().unwrap(),
@@ -66,16 +67,16 @@ fn run_gpu(gpu: &Gpu, c: &Case, kernel: ForwardKernel) -> GpuOut {
     }
 }
 
-/// Both forward kernels (each followed by the backward) against the truth and the baseline.
+/// Both query block sizes (forward and backward) against the truth and the baseline.
 fn check(gpu: &Gpu, c: &Case) {
-    for kernel in ForwardKernel::ALL {
-        check_with(gpu, c, kernel);
+    for block in QueryBlock::ALL {
+        check_with(gpu, c, block);
     }
 }
 
-fn check_with(gpu: &Gpu, c: &Case, kernel: ForwardKernel) {
+fn check_with(gpu: &Gpu, c: &Case, block: QueryBlock) {
     let s = &c.shape;
-    let g = run_gpu(gpu, c, kernel);
+    let g = run_gpu(gpu, c, block);
     let f64v = |x: &[f32]| testing::to_f64(x);
     // Truth: f64 on the bf16 inputs. The backward truth uses the truth's own O and lse.
     let (mut o64, mut lse64) = (vec![0.0f64; c.q.len()], vec![0.0f64; g.lse.len()]);
@@ -94,8 +95,8 @@ fn check_with(gpu: &Gpu, c: &Case, kernel: ForwardKernel) {
         &mut dv64,
     )
     .unwrap();
-    // Baseline: f32 CPU on the same inputs, outputs rounded to bf16 where the kernel writes bf16;
-    // its backward consumes its own bf16-rounded O, as the kernel consumes its own.
+    // Baseline: f32 CPU on the same inputs, outputs rounded to bf16 where the kernels write bf16;
+    // its backward consumes its own bf16-rounded O, as the kernels consume their own.
     let (mut o32, mut lse32) = (vec![0.0f32; c.q.len()], vec![0.0f32; g.lse.len()]);
     attention::cpu_forward(s, &c.q, &c.k, &c.v, &mut o32, &mut lse32).unwrap();
     mapet::cpu::round_bf16(&mut o32);
@@ -104,7 +105,7 @@ fn check_with(gpu: &Gpu, c: &Case, kernel: ForwardKernel) {
     for x in [&mut dq32, &mut dk32, &mut dv32] {
         mapet::cpu::round_bf16(x);
     }
-    let tag = format!("B={} H={} N={} C={} fwd={}", s.batch, s.heads, s.n_tokens, s.n_context, kernel.name());
+    let tag = format!("B={} H={} N={} C={} block={}", s.batch, s.heads, s.n_tokens, s.n_context, block.name());
     assert_within_baseline(&format!("O [{tag}]"), &g.o, &o32, &o64, 2.0, 1e-4);
     assert_within_baseline(&format!("lse [{tag}]"), &g.lse, &lse32, &lse64, 2.0, 1e-5);
     assert_within_baseline(&format!("dQ [{tag}]"), &g.dq, &dq32, &dq64, 3.0, 1e-4);
@@ -150,10 +151,10 @@ fn same_inputs_give_bit_identical_outputs() {
     let Some(gpu) = testing::gpu_or_skip("same_inputs_give_bit_identical_outputs") else { return };
     let mut rng = testing::rng("same_inputs_give_bit_identical_outputs");
     let c = draw(&mut rng, shape(4, 4, 197, 50));
-    for kernel in ForwardKernel::ALL {
-        let (a, b) = (run_gpu(&gpu, &c, kernel), run_gpu(&gpu, &c, kernel));
+    for block in QueryBlock::ALL {
+        let (a, b) = (run_gpu(&gpu, &c, block), run_gpu(&gpu, &c, block));
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let k = kernel.name();
+        let k = block.name();
         assert_eq!(bits(&a.o), bits(&b.o), "O differs between two runs ({k})");
         assert_eq!(bits(&a.lse), bits(&b.lse), "lse differs between two runs ({k})");
         assert_eq!(bits(&a.dq), bits(&b.dq), "dQ differs between two runs ({k})");
@@ -163,11 +164,11 @@ fn same_inputs_give_bit_identical_outputs() {
 }
 
 #[test]
-fn forward_kernel_names_parse_and_unknown_ones_are_refused() {
-    for k in ForwardKernel::ALL {
-        assert_eq!(k.name().parse::<ForwardKernel>().unwrap(), k);
+fn query_block_names_parse_and_unknown_ones_are_refused() {
+    for k in QueryBlock::ALL {
+        assert_eq!(k.name().parse::<QueryBlock>().unwrap(), k);
     }
-    let err = "rows96".parse::<ForwardKernel>().unwrap_err();
+    let err = "rows96".parse::<QueryBlock>().unwrap_err();
     assert!(err.contains("rows96") && err.contains("rows128"), "{err}");
 }
 

@@ -500,66 +500,78 @@ fn grid(rows: usize, per_block: usize, shape: &AttentionShape) -> LaunchConfig {
     }
 }
 
-/// The two forward kernels of cuda/attention.cu (same function, same results up to rounding
-/// order: both are checked against the CPU reference by tests/attention_gpu.rs).
+/// How many query rows one CTA of the forward and dQ kernels owns (cuda/attention.cu). The two
+/// choices compute the same function (up to rounding order) and are both checked against the CPU
+/// reference by tests/attention_gpu.rs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum ForwardKernel {
-    /// `mapet_attention_fwd`: 64 query rows per CTA, 16 per warp, 4 CTAs per SM. The default.
+pub enum QueryBlock {
+    /// `mapet_attention_fwd`, `mapet_attention_bwd_dq`: 64 rows per CTA, 16 per warp, 4 CTAs per
+    /// SM. The default.
     #[default]
     Rows64,
-    /// `mapet_attention_fwd_m128`: 128 query rows per CTA, 32 per warp (every K/V fragment read
-    /// from shared memory feeds two m-tiles), 2 CTAs per SM.
+    /// `mapet_attention_fwd_m128`, `mapet_attention_bwd_dq_m128`: 128 rows per CTA, 32 per warp
+    /// (every K/V fragment read from shared memory feeds two m-tiles), 2 CTAs per SM.
     Rows128,
 }
 
-impl ForwardKernel {
-    /// Both kernels, for tests and benches.
-    pub const ALL: [ForwardKernel; 2] = [ForwardKernel::Rows64, ForwardKernel::Rows128];
+impl QueryBlock {
+    /// Both choices, for tests and benches.
+    pub const ALL: [QueryBlock; 2] = [QueryBlock::Rows64, QueryBlock::Rows128];
 
-    /// The kernel [`cuda_forward`] runs: `MAPET_ATTENTION_FWD=rows64|rows128` when set (read
-    /// once per process), else [`ForwardKernel::default`]. An unknown value is an error naming
-    /// the variable.
+    /// The choice [`cuda_forward`] and [`cuda_backward`] use: `MAPET_ATTENTION_ROWS=rows64|rows128`
+    /// when set (read once per process), else [`QueryBlock::default`]. An unknown value is an
+    /// error naming the variable.
     pub fn selected() -> Result<Self> {
-        static SELECTED: std::sync::OnceLock<std::result::Result<ForwardKernel, String>> = std::sync::OnceLock::new();
+        static SELECTED: std::sync::OnceLock<std::result::Result<QueryBlock, String>> = std::sync::OnceLock::new();
         SELECTED
-            .get_or_init(|| match std::env::var("MAPET_ATTENTION_FWD") {
-                Err(_) => Ok(ForwardKernel::default()),
+            .get_or_init(|| match std::env::var("MAPET_ATTENTION_ROWS") {
+                Err(_) => Ok(QueryBlock::default()),
                 Ok(v) => v.parse(),
             })
             .clone()
-            .map_err(|detail| Error::Unsupported { what: "MAPET_ATTENTION_FWD", detail })
+            .map_err(|detail| Error::Unsupported { what: "MAPET_ATTENTION_ROWS", detail })
     }
 
     /// Short name: "rows64" or "rows128".
     pub fn name(self) -> &'static str {
         match self {
-            ForwardKernel::Rows64 => "rows64",
-            ForwardKernel::Rows128 => "rows128",
+            QueryBlock::Rows64 => "rows64",
+            QueryBlock::Rows128 => "rows128",
         }
     }
 
-    fn launch(self) -> (&'static str, usize) {
+    /// Query rows per CTA.
+    pub fn rows(self) -> usize {
         match self {
-            ForwardKernel::Rows64 => ("mapet_attention_fwd", CUDA_BLOCK_M),
-            ForwardKernel::Rows128 => ("mapet_attention_fwd_m128", 2 * CUDA_BLOCK_M),
+            QueryBlock::Rows64 => CUDA_BLOCK_M,
+            QueryBlock::Rows128 => 2 * CUDA_BLOCK_M,
+        }
+    }
+
+    /// (forward kernel, dQ kernel, dynamic shared bytes of the dQ kernel).
+    fn kernels(self) -> (&'static str, &'static str, u32) {
+        match self {
+            QueryBlock::Rows64 => ("mapet_attention_fwd", "mapet_attention_bwd_dq", 0),
+            // Six padded [64 x 72] bf16 tiles (MAPET_ATTN_DQ128_DYNAMIC_SMEM).
+            QueryBlock::Rows128 => ("mapet_attention_fwd_m128", "mapet_attention_bwd_dq_m128", 6 * 64 * 72 * 2),
         }
     }
 }
 
-impl std::str::FromStr for ForwardKernel {
+impl std::str::FromStr for QueryBlock {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        ForwardKernel::ALL
+        QueryBlock::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("{s:?} is not a forward kernel; use rows64 or rows128"))
+            .ok_or_else(|| format!("{s:?} is not a query block size; use rows64 or rows128"))
     }
 }
 
 /// Forward on the GPU: `o` (bf16) and `lse` (f32) from bf16 `q`, `k`, `v`, all contiguous as
-/// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]). Runs the kernel
-/// [`ForwardKernel::selected`] names.
+/// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]). Runs the kernel of
+/// [`QueryBlock::selected`].
 pub fn cuda_forward(
     gpu: &Gpu,
     shape: &AttentionShape,
@@ -569,14 +581,14 @@ pub fn cuda_forward(
     o: &mut dyn DeviceWrite<bf16>,
     lse: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
-    cuda_forward_with(gpu, ForwardKernel::selected()?, shape, q, k, v, o, lse)
+    cuda_forward_with(gpu, QueryBlock::selected()?, shape, q, k, v, o, lse)
 }
 
 /// [`cuda_forward`] with an explicit choice of kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_forward_with(
     gpu: &Gpu,
-    kernel: ForwardKernel,
+    block: QueryBlock,
     shape: &AttentionShape,
     q: &dyn DeviceRead<bf16>,
     k: &dyn DeviceRead<bf16>,
@@ -594,17 +606,37 @@ pub fn cuda_forward_with(
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
     // touches by the buffer lengths; every bf16 pointer is 16-byte aligned (checked above) and
     // every stride is a multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies need.
-    // Both kernels read rows [blockIdx.x * rows_per_block, +rows_per_block) clipped to Lq.
-    let (name, rows_per_block) = kernel.launch();
-    unsafe { gpu.launch("attention", name, grid(shape.q_rows(), rows_per_block, shape), &p) }
+    // Both kernels handle rows [blockIdx.x * rows, +rows) clipped to Lq.
+    let (name, _, _) = block.kernels();
+    unsafe { gpu.launch("attention", name, grid(shape.q_rows(), block.rows(), shape), &p) }
 }
 
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
 /// inputs, its `o` and `lse`, and `d_o`. Deterministic: no float atomics (two kernels, dQ then
 /// dK/dV, each owning its outputs). Allocates a [B, H, N+2P] f32 scratch for rowsum(dO * O).
+/// Runs the dQ kernel of [`QueryBlock::selected`].
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
+    shape: &AttentionShape,
+    q: &dyn DeviceRead<bf16>,
+    k: &dyn DeviceRead<bf16>,
+    v: &dyn DeviceRead<bf16>,
+    o: &dyn DeviceRead<bf16>,
+    lse: &dyn DeviceRead<f32>,
+    d_o: &dyn DeviceRead<bf16>,
+    dq: &mut dyn DeviceWrite<bf16>,
+    dk: &mut dyn DeviceWrite<bf16>,
+    dv: &mut dyn DeviceWrite<bf16>,
+) -> Result<()> {
+    cuda_backward_with(gpu, QueryBlock::selected()?, shape, q, k, v, o, lse, d_o, dq, dk, dv)
+}
+
+/// [`cuda_backward`] with an explicit choice of dQ kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_backward_with(
+    gpu: &Gpu,
+    block: QueryBlock,
     shape: &AttentionShape,
     q: &dyn DeviceRead<bf16>,
     k: &dyn DeviceRead<bf16>,
@@ -633,7 +665,9 @@ pub fn cuda_backward(
     (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
     // has [B, H, N+2P] elements, all of which this kernel writes.
-    unsafe { gpu.launch("attention", "mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p)? };
+    let (_, dq_kernel, dq_smem) = block.kernels();
+    let dq_grid = LaunchConfig { shared_mem_bytes: dq_smem, ..grid(shape.q_rows(), block.rows(), shape) };
+    unsafe { gpu.launch("attention", dq_kernel, dq_grid, &p)? };
     // SAFETY: as above, with dk and dv of the keys' size; bwd_dq wrote delta before this reads it,
     // since both run in order on this Gpu's one stream.
     unsafe { gpu.launch("attention", "mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape), &p) }
