@@ -46,8 +46,30 @@ const USAGE: &str = "usage:
   mapet COMMAND --help
       the flags of one command";
 
+/// The part of [`USAGE`] about `command` (its usage lines and description), if it is a command.
+fn command_usage(command: &str) -> Option<String> {
+    let head = format!("  mapet {command}");
+    let mut lines = USAGE.lines().skip_while(|l| !(*l == head || l.starts_with(&format!("{head} "))));
+    let first = lines.next()?;
+    let rest = lines.take_while(|l| !l.starts_with("  mapet "));
+    Some(std::iter::once(first).chain(rest).collect::<Vec<_>>().join("\n"))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `mapet COMMAND --help` (or -h anywhere after the command) prints that command's usage.
+    if let Some(command) = args.first().filter(|_| args[1..].iter().any(|a| a == "--help" || a == "-h")) {
+        return match command_usage(command) {
+            Some(usage) => {
+                println!("usage:\n{usage}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("mapet: unknown command `{command}`\n{USAGE}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match args.first().map(String::as_str) {
         Some("pretrain") => pretrain(&args[1..]),
         Some("check-step") => check_step(&args[1..]),

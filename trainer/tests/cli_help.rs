@@ -1,0 +1,34 @@
+//! `mapet COMMAND --help` prints that command's usage and nothing else; an unknown command with
+//! `--help` is an error that lists the commands.
+
+use std::process::Command;
+
+fn mapet(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mapet")).args(args).output().expect("mapet runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn each_command_prints_its_own_usage() {
+    for (command, flag) in
+        [("pretrain", "--resume"), ("bench", "--peak-tflops"), ("bench-data", "--threads"), ("eval", "--checkpoint")]
+    {
+        let (ok, out, err) = mapet(&[command, "--help"]);
+        assert!(ok, "{command} --help failed: {err}");
+        assert!(out.contains(&format!("mapet {command} ")), "{command}: {out}");
+        assert!(out.contains(flag), "{command} --help does not list {flag}: {out}");
+        // Only this command: no other command's usage line.
+        let others = out.lines().filter(|l| l.trim_start().starts_with("mapet ")).count();
+        assert_eq!(others, 1, "{command} --help prints more than its own usage:\n{out}");
+    }
+    // `bench` is not `bench-data`.
+    let (_, out, _) = mapet(&["bench", "-h"]);
+    assert!(!out.contains("bench-data"), "{out}");
+}
+
+#[test]
+fn help_for_an_unknown_command_is_an_error() {
+    let (ok, _, err) = mapet(&["frobnicate", "--help"]);
+    assert!(!ok);
+    assert!(err.contains("unknown command `frobnicate`") && err.contains("mapet pretrain"), "{err}");
+}
