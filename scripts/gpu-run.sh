@@ -8,6 +8,8 @@
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
 #   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer
 #                   (memcheck), when it is installed and can see the device
+#   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per attention query
+#                   block size (MAPET_ATTENTION_ROWS), JSON lines into $MAPET_RESULTS
 #   MAPET_NCU=1     profile the attention kernels of the ViT-B bench with Nsight Compute (ncu,
 #                   clocks left alone): speed of light, occupancy, warp stalls, into $MAPET_RESULTS
 set -uo pipefail
@@ -56,6 +58,16 @@ for t in ${MAPET_SANITIZE:-}; do
   errs=$(grep -m1 -E 'ERROR SUMMARY' "$log" || echo "no summary")
   if [ $rc -eq 0 ]; then row "sanitize $t" ok "$errs"; else row "sanitize $t" FAIL "rc=$rc $errs (see $log)"; fi
 done
+
+if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
+  for rows in rows64 rows128; do
+    log="$res/mapet-bench-vit-b-$rows.log"
+    MAPET_ATTENTION_ROWS=$rows timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 \
+      --device cuda >"$log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then row "mapet bench vit-b $rows" ok "$(grep -m1 -i 'images/s' "$log")"; else row "mapet bench vit-b $rows" FAIL "rc=$rc (see $log)"; fi
+  done
+fi
 
 if [ "${MAPET_NCU:-0}" = "1" ]; then
   log="$res/ncu-attention.log"

@@ -1,6 +1,7 @@
 //! Data pipeline throughput on synthetic ImageNet-like JPEGs (500x375 and 375x500, quality 90):
 //! time per stage (decode, crop + resize to 224, jitter) on one thread, then the loader's
-//! images/s per thread count. `cargo bench -p mapet-trainer --bench data [-- IMAGES]`.
+//! images/s per thread count. `cargo bench -p mapet-trainer --bench data [-- --images N]` (default
+//! 512; other arguments, such as criterion's, are ignored).
 
 use std::time::Instant;
 
@@ -22,7 +23,12 @@ fn photo_like(rng: &mut impl Rng, w: u32, h: u32) -> RgbImage {
 }
 
 fn main() {
-    let images: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(200);
+    let args: Vec<String> = std::env::args().collect();
+    let images: usize = match args.iter().position(|a| a == "--images") {
+        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).expect("--images takes a positive count"),
+        None => 512,
+    };
+    assert!(images > 0, "--images takes a positive count");
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut total_bytes = 0;
