@@ -1,26 +1,14 @@
-//! Data pipeline throughput on synthetic ImageNet-like JPEGs (500x375 and 375x500, quality 90):
+//! Data pipeline throughput on synthetic ImageNet-like JPEGs (`mapet synth`'s, quality 90):
 //! time per stage (decode, crop + resize to 224, jitter) on one thread, then the loader's
 //! images/s per thread count. `cargo bench -p mapet-trainer --bench data [-- --images N]` (default
 //! 512; other arguments, such as criterion's, are ignored).
 
 use std::time::Instant;
 
-use image::{ImageFormat, RgbImage};
+use mapet_trainer::cmd::synth::jpeg_bytes;
 use mapet_trainer::data::pixels::JITTER_STRENGTH;
 use mapet_trainer::data::{bench_data, color_jitter, decode, resize_center_crop, ImageIndex, Jitter};
-use rand::{Rng, SeedableRng};
-
-fn photo_like(rng: &mut impl Rng, w: u32, h: u32) -> RgbImage {
-    let f: [f32; 6] = std::array::from_fn(|_| rng.random_range(0.01..0.08));
-    let base: [f32; 3] = std::array::from_fn(|_| rng.random_range(60.0..190.0));
-    RgbImage::from_fn(w, h, |x, y| {
-        let (x, y) = (x as f32, y as f32);
-        image::Rgb(std::array::from_fn(|c| {
-            let v = base[c] + 50.0 * (f[c] * x).sin() * (f[c + 3] * y).cos() + rng.random_range(-20.0..20.0);
-            v.clamp(0.0, 255.0) as u8
-        }))
-    })
-}
+use rand::SeedableRng;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -33,16 +21,12 @@ fn main() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut total_bytes = 0;
     for i in 0..images {
-        let (w, h) = if i % 3 == 0 { (375, 500) } else { (500, 375) };
         let path = dir.path().join(format!("{:02}/{i:05}.jpg", i % 10));
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let mut out = std::io::Cursor::new(Vec::new());
-        let img = photo_like(&mut rng, w, h);
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
-        total_bytes += out.get_ref().len();
-        std::fs::write(&path, out.into_inner()).unwrap();
+        let jpeg = jpeg_bytes(1, i);
+        total_bytes += jpeg.len();
+        std::fs::write(&path, jpeg).unwrap();
     }
-    let _ = ImageFormat::Jpeg;
     let index = ImageIndex::from_folder(dir.path()).unwrap();
     println!("{images} JPEGs, mean {} KiB", total_bytes / images / 1024);
 

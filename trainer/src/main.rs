@@ -7,6 +7,7 @@
 //! mapet export --checkpoint DIR --timm OUT.safetensors
 //! mapet tokenize --data DIR --out tokens.npy [--k 8192] [--features pixels|FILE.npy] ...
 //! mapet bench-data --data DIR [--image 224] [--threads 1,2,4,8,16] [--images N] [--json]
+//! mapet synth --out DIR [--images N] [--classes C] [--vocab V] [--grid G] [--seed S]
 //! mapet bench [--model vit-b] [--batch N] [--steps N] [--device auto|cpu|cuda] [--json]
 //! mapet info
 //! ```
@@ -37,6 +38,8 @@ const USAGE: &str = "usage:
       k-means visual tokens, rows in index order; centroids and a report beside them
   mapet bench-data --data DIR [--image 224] [--threads 1,2,4,8,16] [--images N] [--json]
       data pipeline throughput (images/s) per thread count and per core
+  mapet synth --out DIR [--images N] [--classes C] [--vocab V] [--grid G] [--seed S]
+      a synthetic ImageNet-like JPEG folder and token file, for benchmarks and smoke tests
   mapet bench [--model vit-t|vit-s|vit-b] [--set model.key=value ...] [--batch N] [--steps N]
               [--warmup N] [--device auto|cpu|cuda] [--peak-tflops T] [--json]
       training-step throughput on synthetic data: images/s, step time, forward / backward /
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Some("export") => mapet_trainer::cmd::export::run(&args[1..]),
         Some("tokenize") => mapet_trainer::cmd::tokenize::run(&args[1..]),
         Some("bench-data") => mapet_trainer::cmd::bench_data::run(&args[1..]),
+        Some("synth") => mapet_trainer::cmd::synth::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())

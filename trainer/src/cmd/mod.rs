@@ -4,13 +4,15 @@
 //! - [`eval`]: loss and predicted-token accuracy of a checkpoint over a whole image set;
 //! - [`export`]: a checkpoint's backbone under timm's ViT names, as safetensors;
 //! - [`tokenize`]: k-means visual tokens (pixel or external features) for an image set;
-//! - [`bench_data`]: decoding throughput of the data pipeline per thread count.
+//! - [`bench_data`]: decoding throughput of the data pipeline per thread count;
+//! - [`synth`]: a synthetic ImageNet-like image folder and token file for benchmarks.
 //!
 //! Every error names the flag or file at fault; `-h`/`--help` prints the command's usage.
 
 pub mod bench_data;
 pub mod eval;
 pub mod export;
+pub mod synth;
 pub mod tokenize;
 
 use std::collections::HashMap;
