@@ -196,6 +196,40 @@ fn files_hold_the_authors_names_and_the_moments() {
     assert_eq!(siblings, ["ckpt"]);
 }
 
+#[test]
+fn data_position_round_trips_and_older_checkpoints_load_without_it() {
+    let mut rng = testing::rng("data_position_round_trips_and_older_checkpoints_load_without_it");
+    let model = CpuModel::new(TINY).unwrap();
+    let state = trained_state(&model, &mut rng, 1);
+    let scratch = Scratch::new("data-position");
+    let dir = scratch.0.join("ckpt");
+    let position = checkpoint::DataPosition {
+        epoch_steps: rng.random_range(1..1000),
+        next_image: rng.random_range(1..1_000_000_000_000),
+    };
+    checkpoint::save_with_data(&dir, &model.layout, &recipe(), &state, Some(position)).unwrap();
+    let meta_path = dir.join(META_FILE);
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    assert_eq!(meta["data"]["epoch_steps"], position.epoch_steps);
+    assert_eq!(meta["data"]["next_image"], position.next_image);
+    let loaded = checkpoint::load(&dir, &TINY).unwrap();
+    assert_eq!(loaded.data, Some(position));
+    assert_eq!(bits(&loaded.state.params), bits(&state.params));
+
+    // A meta file of before the field (the same checkpoint, the field removed) still loads,
+    // without a position; so does a checkpoint saved without one.
+    let mut old: serde_json::Value = meta.clone();
+    old.as_object_mut().unwrap().remove("data");
+    std::fs::write(&meta_path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+    let loaded = checkpoint::load(&dir, &TINY).unwrap();
+    assert_eq!(loaded.data, None);
+    assert_eq!((loaded.state.step, loaded.state.epoch), (state.step, state.epoch));
+    checkpoint::save(&dir, &model.layout, &recipe(), &state).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    assert!(meta.get("data").is_none(), "{meta}");
+    assert_eq!(checkpoint::load(&dir, &TINY).unwrap().data, None);
+}
+
 fn expect_err(result: mapet::Result<checkpoint::Checkpoint>, needles: &[&str]) {
     let err = match result {
         Ok(_) => panic!("expected an error mentioning {needles:?}"),

@@ -4,9 +4,11 @@
 //!   (loads into their model with `load_state_dict` as is);
 //! - `optimizer.safetensors`: AdamW's moments, `exp_avg.<name>` and `exp_avg_sq.<name>` for every
 //!   parameter `<name>`, same shapes;
-//! - `meta.json`: format version, model config, recipe, step, epoch, and the generator's exact
-//!   position (ChaCha8 seed, stream, word position), so that a resumed run repeats an
-//!   uninterrupted one bit for bit.
+//! - `meta.json`: format version, model config, recipe, step, epoch, the generator's exact
+//!   position (ChaCha8 seed, stream, word position) and, when the trainer gives it, the data
+//!   loader's position in the epoch ([`DataPosition`]), so that a resumed run repeats an
+//!   uninterrupted one bit for bit. Checkpoints written without the loader's position (older
+//!   ones) load with [`Checkpoint::data`] `None`.
 //!
 //! Saving never leaves the checkpoint half-written: everything goes into the sibling folder
 //! `DIR.tmp` (each file synced, then the folder), the previous `DIR` is renamed to `DIR.old`,
@@ -91,6 +93,19 @@ struct RngJson {
     word_pos: String,
 }
 
+/// Where the training data stood when a checkpoint was written, within the epoch
+/// [`TrainState::epoch`]: what a resumed run needs to continue with the very next image, even
+/// when unreadable images were skipped earlier in the epoch or in earlier ones (so that the
+/// position is no multiple of the batch, and the epoch's steps no difference of step counts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    /// Optimizer steps trained in the epoch so far.
+    pub epoch_steps: u64,
+    /// The position in the epoch's image order of the next image to read (the images before it
+    /// were consumed or skipped).
+    pub next_image: u64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Meta {
     format: String,
@@ -101,6 +116,9 @@ struct Meta {
     epoch: u64,
     rng: RngJson,
     num_params: usize,
+    /// Absent in checkpoints written before it existed, or without a loader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<DataPosition>,
 }
 
 /// A loaded checkpoint.
@@ -112,6 +130,8 @@ pub struct Checkpoint {
     pub recipe: Recipe,
     /// The folder it was read from (`DIR`, or `DIR.old` after a save interrupted between renames).
     pub dir: PathBuf,
+    /// The data loader's position, when the checkpoint stores one ([`save_with_data`]).
+    pub data: Option<DataPosition>,
 }
 
 /// `DIR.tmp` and `DIR.old` next to `dir`.
@@ -152,7 +172,13 @@ fn remove_dir(path: &Path) -> Result<()> {
     std::fs::remove_dir_all(path).map_err(|e| file_err(path, format!("cannot remove: {e}")))
 }
 
-fn write_files(dir: &Path, layout: &ParamLayout, recipe: &Recipe, state: &TrainState) -> Result<()> {
+fn write_files(
+    dir: &Path,
+    layout: &ParamLayout,
+    recipe: &Recipe,
+    state: &TrainState,
+    data: Option<DataPosition>,
+) -> Result<()> {
     let pt = || HashMap::from([("format".to_string(), "pt".to_string())]);
     layout.save_safetensors(&state.params, &dir.join(MODEL_FILE), pt())?;
 
@@ -181,6 +207,7 @@ fn write_files(dir: &Path, layout: &ParamLayout, recipe: &Recipe, state: &TrainS
             word_pos: rng.word_pos.to_string(),
         },
         num_params: layout.num_params(),
+        data,
     };
     let path = dir.join(META_FILE);
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| file_err(&path, format!("cannot encode: {e}")))?;
@@ -189,8 +216,21 @@ fn write_files(dir: &Path, layout: &ParamLayout, recipe: &Recipe, state: &TrainS
 
 /// Saves `state` (trained with `recipe`, of `layout`'s config) as the checkpoint folder `dir`,
 /// replacing a previous checkpoint there only once the new one is complete (see the module
-/// notes). On error, whatever checkpoint `dir` held before is still there and loadable.
+/// notes). On error, whatever checkpoint `dir` held before is still there and loadable. The
+/// checkpoint stores no data loader position; see [`save_with_data`].
 pub fn save(dir: &Path, layout: &ParamLayout, recipe: &Recipe, state: &TrainState) -> Result<()> {
+    save_with_data(dir, layout, recipe, state, None)
+}
+
+/// [`save`], storing also the data loader's position `data` (in the epoch `state.epoch`), which
+/// [`load`] gives back in [`Checkpoint::data`].
+pub fn save_with_data(
+    dir: &Path,
+    layout: &ParamLayout,
+    recipe: &Recipe,
+    state: &TrainState,
+    data: Option<DataPosition>,
+) -> Result<()> {
     state.check(layout)?;
     let (tmp, old) = siblings(dir)?;
     check_replaceable(dir)?;
@@ -203,7 +243,7 @@ pub fn save(dir: &Path, layout: &ParamLayout, recipe: &Recipe, state: &TrainStat
         remove_dir(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, format!("cannot create: {e}")))?;
-    if let Err(e) = write_files(&tmp, layout, recipe, state).and_then(|()| sync_dir(&tmp)) {
+    if let Err(e) = write_files(&tmp, layout, recipe, state, data).and_then(|()| sync_dir(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -342,5 +382,5 @@ pub fn load(dir: &Path, expected: &ModelConfig) -> Result<Checkpoint> {
     let v = read_flat(&opt, &opt_path, &layout, EXP_AVG_SQ)?;
 
     let state = TrainState { params, m, v, step: meta.step, epoch: meta.epoch, rng: rng.restore() };
-    Ok(Checkpoint { state, recipe: meta.recipe, dir })
+    Ok(Checkpoint { state, recipe: meta.recipe, dir, data: meta.data })
 }

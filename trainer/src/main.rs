@@ -1,7 +1,7 @@
 //! `mapet`: the MaPeT pre-training command.
 //!
 //! ```text
-//! mapet pretrain [--config FILE.toml] [--data DIR --tokens FILE.npy] [--out DIR] [--resume DIR] ...
+//! mapet pretrain [--config FILE.toml] [--data DIR --tokens FILE.npy] [--out DIR] [--resume DIR | --overwrite] ...
 //! mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
 //! mapet eval --checkpoint DIR --data DIR --tokens FILE.npy [--batch N] [--seed S] [--json]
 //! mapet export --checkpoint DIR --timm OUT.safetensors
@@ -22,8 +22,8 @@ use mapet_trainer::cli;
 
 const USAGE: &str = "usage:
   mapet pretrain [--config FILE.toml] [--data DIR|MANIFEST --tokens FILE.npy] [--out DIR]
-                 [--resume DIR] [--device auto|cpu|cuda] [--batch N] [--epochs E] [--seed S]
-                 [--set section.key=value ...]
+                 [--resume DIR | --overwrite] [--device auto|cpu|cuda] [--batch N] [--epochs E]
+                 [--seed S] [--set section.key=value ...]
       pre-training; with no --data, the embedded demo (eleven photographs, pixel k-means tokens)
   mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
       one forward and backward (drop path off) of a case in the golden format; writes out.loss,
@@ -58,11 +58,35 @@ fn command_usage(command: &str) -> Option<String> {
     Some(std::iter::once(first).chain(rest).collect::<Vec<_>>().join("\n"))
 }
 
+const PRETRAIN_USAGE: &str = "usage: mapet pretrain [--config FILE.toml] [--data DIR|MANIFEST --tokens FILE.npy]
+                      [--out DIR] [--resume DIR | --overwrite] [--device auto|cpu|cuda]
+                      [--batch N] [--epochs E] [--seed S] [--set section.key=value ...]
+
+Pre-trains MaPeT; with no --config and no --data, on the embedded demo photographs (into
+runs/demo). Writes metrics.csv, eval.csv (with a held-out split), curves.png and checkpoint/ into
+the output folder.
+
+  --config FILE.toml   the recipe (every key documented in trainer/src/config.rs)
+  --data DIR|MANIFEST  training images (data.train); with --tokens FILE.npy (data.tokens)
+  --out DIR            the output folder (output.dir; default runs/mapet, runs/demo for the demo)
+  --resume DIR         continue the run whose checkpoint folder is DIR (usually OUT/checkpoint),
+                       at the very step and image where it stopped
+  --overwrite          start a new run in an output folder that holds an earlier run's checkpoint
+                       or metrics, writing over them (without it such a run is refused, and
+                       nothing there changes)
+  --device D           train.device: auto (the GPU when usable), cpu or cuda
+  --batch N, --epochs E, --seed S
+                       train.batch, train.epochs, train.seed
+  --set section.key=value
+                       any config key (repeatable)
+
+Ctrl-C finishes the step, writes a checkpoint and exits.";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `mapet COMMAND --help` (or -h anywhere after the command) prints that command's usage: here
-    // for the commands parsed in this file and `bench`; the `cmd` modules print their own, longer one.
-    let own_help = ["pretrain", "check-step", "bench", "info"];
+    // for `check-step`, `bench` and `info`; `pretrain` and the `cmd` modules print their own, longer one.
+    let own_help = ["check-step", "bench", "info"];
     let wants_help = args.len() > 1 && args[1..].iter().any(|a| a == "--help" || a == "-h");
     if let Some(command) = args.first().filter(|c| wants_help && own_help.contains(&c.as_str())) {
         return match command_usage(command) {
@@ -125,8 +149,24 @@ fn check_step(args: &[String]) -> Result<(), String> {
 
 fn pretrain(args: &[String]) -> Result<(), String> {
     use mapet_trainer::config::PretrainConfig;
-    let known = ["config", "data", "tokens", "out", "resume", "device", "batch", "epochs", "seed", "set"];
-    let (pos, flags) = cli::parse_flags_all(args, &known)?;
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{PRETRAIN_USAGE}");
+        return Ok(());
+    }
+    // `--overwrite` is a switch (no value); every other flag takes one.
+    let mut overwrite = false;
+    let mut rest = Vec::with_capacity(args.len());
+    let mut expect_value = false;
+    for a in args {
+        if !expect_value && a == "--overwrite" {
+            overwrite = true;
+            continue;
+        }
+        expect_value = !expect_value && a.starts_with("--");
+        rest.push(a.clone());
+    }
+    let known = ["config", "data", "tokens", "out", "resume", "device", "batch", "epochs", "seed", "set", "overwrite"];
+    let (pos, flags) = cli::parse_flags_all(&rest, &known)?;
     if let Some(p) = pos.first() {
         return Err(format!("pretrain takes no positional argument (got `{p}`); use --data DIR\n{USAGE}"));
     }
@@ -174,6 +214,13 @@ fn pretrain(args: &[String]) -> Result<(), String> {
             return Err(format!("train.device = \"cuda\", but no GPU is usable here: {why}"));
         }
     }
+    // A new run that would write over an earlier one is refused before any data is prepared (a
+    // resumed one once its checkpoint has loaded, so that a bad checkpoint is named first).
+    let resume = get("resume").map(PathBuf::from);
+    let opts = mapet_trainer::pretrain::RunOptions { resume: resume.as_deref(), overwrite, stop_after: None };
+    if resume.is_none() {
+        mapet_trainer::pretrain::check_output_folder(&cfg.output.dir, opts)?;
+    }
     // Where the data paths came from, for the errors about them.
     let origin = |key: &str| match (sources.iter().rev().find(|(k, _)| k == key), &config_file) {
         (Some((_, flag)), _) => flag.clone(),
@@ -201,8 +248,7 @@ fn pretrain(args: &[String]) -> Result<(), String> {
         eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to exit now)");
     })
     .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
-    let resume = get("resume").map(PathBuf::from);
-    let summary = mapet_trainer::pretrain::run(&cfg, data, resume.as_deref(), stop)?;
+    let summary = mapet_trainer::pretrain::run_with(&cfg, data, opts, stop)?;
     println!(
         "{} after {} steps: loss {:.4} (first step {:.4}); metrics.csv, curves.png and checkpoint/ in {}",
         if summary.interrupted { "stopped" } else { "done" },

@@ -13,6 +13,13 @@
 //! usable and the GPU model runs the config (head dim 64), else the CPU. Both run the same loop;
 //! on the GPU the state lives on the device and is downloaded for each checkpoint, in the same
 //! format.
+//!
+//! A run never writes over an earlier one by accident: a new run (no `--resume`) into an output
+//! folder that already holds a checkpoint, `metrics.csv` or `eval.csv` with rows is refused before
+//! anything there changes, as is a run resumed from another checkpoint into such a folder; the
+//! `--overwrite` flag ([`RunOptions::overwrite`]) starts over there anyway. Each checkpoint
+//! stores the loader's position in the epoch ([`checkpoint::DataPosition`]), so that a resumed
+//! run continues with the very next image even after epochs that skipped unreadable images.
 
 use std::borrow::Cow;
 use std::io::Write;
@@ -22,7 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mapet::cuda::Gpu;
-use mapet::model::checkpoint;
+use mapet::model::checkpoint::{self, DataPosition};
 use mapet::model::cpu::{Batch, CpuModel};
 use mapet::model::cuda::CudaModel;
 use mapet::model::cuda_train::{train_step_cuda, CudaTrainState};
@@ -56,6 +63,19 @@ pub struct RunSummary {
     pub interrupted: bool,
     pub out_dir: PathBuf,
     pub skipped_images: usize,
+}
+
+/// How [`run_with`] starts and ends a run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions<'a> {
+    /// Continue from this checkpoint folder (`--resume DIR`); `None` starts a new run.
+    pub resume: Option<&'a Path>,
+    /// Write over the checkpoint and metrics an earlier run left in the output folder
+    /// (`--overwrite`), instead of refusing to start.
+    pub overwrite: bool,
+    /// Stop after this training step, as Ctrl-C would: with a checkpoint (a run of a fixed
+    /// length, e.g. a time slot on a shared machine, that a later `--resume` continues).
+    pub stop_after: Option<u64>,
 }
 
 /// The training data of a run: its index and token file.
@@ -239,17 +259,18 @@ impl Engine {
         }
     }
 
-    /// Writes the checkpoint and the plot.
+    /// Writes the checkpoint (with the loader's position `data`) and the plot.
     fn save(
         &self,
         dir: &Path,
         recipe: &Recipe,
+        data: DataPosition,
         out: &Path,
         history: &[StepRecord],
         evals: &[EvalRecord],
     ) -> Result<(), String> {
         let state = self.host_state()?;
-        save(dir, self.layout(), recipe, &state, out, history, evals)
+        save(dir, self.layout(), recipe, &state, data, out, history, evals)
     }
 }
 
@@ -290,13 +311,99 @@ eval at step {}: loss {:.4}, accuracy {:.4} over {images} images",
     Ok(())
 }
 
-/// Runs pre-training on the backend `cfg.train.device` selects. `stop` is raised by Ctrl-C.
+/// Runs pre-training on the backend `cfg.train.device` selects, a new run or one resumed from
+/// the checkpoint folder `resume`; refuses to write over an earlier run (see [`run_with`]).
+/// `stop` is raised by Ctrl-C.
 pub fn run(
     cfg: &PretrainConfig,
     data: DataSource,
     resume: Option<&Path>,
     stop: Arc<AtomicBool>,
 ) -> Result<RunSummary, String> {
+    run_with(cfg, data, RunOptions { resume, ..RunOptions::default() }, stop)
+}
+
+/// Whether `a` and `b` name the same folder (either may not exist yet).
+fn same_folder(a: &Path, b: &Path) -> bool {
+    let resolve = |p: &Path| -> PathBuf {
+        if let Ok(c) = p.canonicalize() {
+            return c;
+        }
+        match (p.parent(), p.file_name()) {
+            (Some(parent), Some(name)) => {
+                let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+                parent.canonicalize().unwrap_or_else(|_| parent.to_path_buf()).join(name)
+            }
+            _ => p.to_path_buf(),
+        }
+    };
+    resolve(a) == resolve(b)
+}
+
+/// What an earlier run left in the output folder `out` that a new run would write over: its
+/// checkpoint (also one that an interrupted save left as `checkpoint.old`), or `metrics.csv` or
+/// `eval.csv` with rows.
+fn earlier_run(out: &Path, ckpt_dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let old = ckpt_dir.with_file_name("checkpoint.old");
+    for dir in [ckpt_dir, old.as_path()] {
+        if dir.join(checkpoint::META_FILE).is_file() {
+            found.push(format!("a checkpoint ({})", dir.display()));
+        }
+    }
+    for name in ["metrics.csv", "eval.csv"] {
+        let path = out.join(name);
+        let rows = std::fs::read_to_string(&path).map(|t| t.lines().skip(1).any(|l| !l.trim().is_empty()));
+        // A file there that cannot be read is not written over either.
+        if rows.unwrap_or_else(|_| path.exists()) {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+/// Errors, naming the folder and the ways on, when a run started as `opts` says would write over
+/// an earlier run in the output folder `out`: when `out` holds a checkpoint (`out/checkpoint`, or
+/// `out/checkpoint.old` left by an interrupted save), or `metrics.csv` or `eval.csv` with rows,
+/// unless `opts.resume` is that very checkpoint or `opts.overwrite` is set. [`run_with`] checks
+/// it before writing anything; a caller may check it earlier (before preparing data).
+pub fn check_output_folder(out: &Path, opts: RunOptions<'_>) -> Result<(), String> {
+    let ckpt_dir = out.join("checkpoint");
+    let own_checkpoint = opts
+        .resume
+        .is_some_and(|dir| same_folder(dir, &ckpt_dir) || same_folder(dir, &ckpt_dir.with_file_name("checkpoint.old")));
+    if opts.overwrite || own_checkpoint {
+        return Ok(());
+    }
+    let found = earlier_run(out, &ckpt_dir);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let what = match opts.resume {
+        None => "a new run".to_string(),
+        Some(dir) => format!("a run resumed from {}", dir.display()),
+    };
+    Err(format!(
+        "the output folder {} holds an earlier run ({}), which {what} would write over; to continue that run use \
+         `--resume {}`, to keep it start this one in another folder (`--out DIR` or output.dir), or give \
+         `--overwrite` to start over there",
+        out.display(),
+        found.join(", "),
+        ckpt_dir.display()
+    ))
+}
+
+/// Runs pre-training as [`run`] does, started as `opts` says. A new run into an output folder
+/// that holds an earlier run's checkpoint or metrics (see the module notes), or a run resumed
+/// from a checkpoint other than the folder's own, is refused before anything in the folder
+/// changes, unless `opts.overwrite`.
+pub fn run_with(
+    cfg: &PretrainConfig,
+    data: DataSource,
+    opts: RunOptions<'_>,
+    stop: Arc<AtomicBool>,
+) -> Result<RunSummary, String> {
+    let resume = opts.resume;
     cfg.validate()?;
     let model_cfg: ModelConfig = cfg.model_config()?;
     let layout = ParamLayout::new(model_cfg).map_err(err)?;
@@ -334,17 +441,35 @@ pub fn run(
     }
     let recipe = recipe_for(cfg, steps_per_epoch);
     let out = cfg.output.dir.clone();
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
     let ckpt_dir = out.join("checkpoint");
 
-    let state = match resume {
+    let (state, position) = match resume {
         Some(dir) => {
             let ck = checkpoint::load(dir, &model_cfg).map_err(|e| format!("--resume: {e}"))?;
             println!("resuming from {} at step {} (epoch {})", ck.dir.display(), ck.state.step, ck.state.epoch);
-            ck.state
+            // Checkpoints of before the loader's position was stored: the epoch's steps from the
+            // step count, as if no image had been skipped.
+            let position = ck.data.unwrap_or_else(|| {
+                let epoch_steps = ck.state.step.saturating_sub(ck.state.epoch * steps_per_epoch);
+                DataPosition { epoch_steps, next_image: epoch_steps * cfg.train.batch as u64 }
+            });
+            if position.next_image > loader.len() as u64 {
+                return Err(format!(
+                    "--resume: {}: the checkpoint's data position (image {} of epoch {}) is past the end of an epoch \
+                     of {} images: it was trained on other data",
+                    ck.dir.display(),
+                    position.next_image,
+                    ck.state.epoch,
+                    loader.len()
+                ));
+            }
+            (ck.state, position)
         }
-        None => fresh_state(&layout, cfg),
+        None => (fresh_state(&layout, cfg), DataPosition::default()),
     };
+    // Refuse to write over an earlier run, before anything in the output folder changes.
+    check_output_folder(&out, opts)?;
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
     let (mut engine, backend) = Engine::new(cfg, model_cfg, micro, state)?;
     let metrics_path = out.join("metrics.csv");
     let mut history = read_history(&metrics_path, engine.step());
@@ -385,29 +510,32 @@ pub fn run(
         }
     };
     let mut written: Option<u64> = None;
+    // The loader's position in the epoch `engine.epoch()`: steps trained in it and the next image.
+    let mut position = position;
 
     'epochs: while engine.step() < total {
         let epoch = engine.epoch();
-        let done_in_epoch = engine.step().saturating_sub(epoch * steps_per_epoch);
-        let position = done_in_epoch as usize * cfg.train.batch;
-        let mut batches = loader.epoch_from(epoch, position).map_err(err)?;
-        let mut steps_this_epoch = done_in_epoch;
+        let mut batches = loader.epoch_from(epoch, position.next_image as usize).map_err(err)?;
         // Skipped images make an epoch end early (fewer full batches); it is then over all the same.
         let mut exhausted = false;
-        while steps_this_epoch < steps_per_epoch && engine.step() < total {
-            if stop.load(Ordering::SeqCst) {
+        while position.epoch_steps < steps_per_epoch && engine.step() < total {
+            if stop.load(Ordering::SeqCst) || opts.stop_after.is_some_and(|s| engine.step() >= s) {
                 interrupted = true;
                 break 'epochs;
             }
             let t0 = Instant::now();
             let mut micro_batches = Vec::with_capacity(cfg.train.micro_batches);
+            let mut next_image = position.next_image;
             for _ in 0..cfg.train.micro_batches {
                 match batches.next() {
-                    Some(Ok(b)) => micro_batches.push(b.to_cpu_batch(&norm)),
+                    Some(Ok(b)) => {
+                        next_image = b.next_position as u64;
+                        micro_batches.push(b.to_cpu_batch(&norm));
+                    }
                     Some(Err(e)) => {
                         // Keep the steps trained so far before giving up on the data.
                         let saved = if engine.step() > last_ckpt_step {
-                            engine.save(&ckpt_dir, &recipe, &out, &history, &evals)?;
+                            engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
                             format!("checkpoint written at step {} in {}", engine.step(), ckpt_dir.display())
                         } else {
                             kept(written)
@@ -436,7 +564,7 @@ pub fn run(
                 }
                 Err(e) => return Err(e.to_string()),
             };
-            steps_this_epoch += 1;
+            position = DataPosition { epoch_steps: position.epoch_steps + 1, next_image };
             let ips = cfg.train.batch as f64 / t0.elapsed().as_secs_f64();
             if first_loss.is_nan() {
                 first_loss = stats.loss;
@@ -462,14 +590,16 @@ pub fn run(
             let step = engine.step();
             if cfg.output.checkpoint_every > 0 && step % cfg.output.checkpoint_every == 0 && step < total {
                 evaluate(&engine, eval_loader.as_ref(), &model_cfg, &out, &mut evals)?;
-                engine.save(&ckpt_dir, &recipe, &out, &history, &evals)?;
+                engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
                 last_ckpt_step = step;
                 written = Some(step);
             }
         }
         drop(batches);
-        if steps_this_epoch >= steps_per_epoch || exhausted {
+        if position.epoch_steps >= steps_per_epoch || exhausted {
+            let steps_this_epoch = position.epoch_steps;
             engine.finish_epoch();
+            position = DataPosition::default();
             let skipped: Vec<_> = loader.skipped().into_iter().filter(|s| s.epoch == epoch).collect();
             if !skipped.is_empty() {
                 println!(
@@ -490,7 +620,7 @@ pub fn run(
     }
     println!();
     evaluate(&engine, eval_loader.as_ref(), &model_cfg, &out, &mut evals)?;
-    engine.save(&ckpt_dir, &recipe, &out, &history, &evals)?;
+    engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
     if interrupted {
         println!("interrupted: checkpoint written at step {} in {}", engine.step(), ckpt_dir.display());
     }
@@ -536,16 +666,18 @@ fn fmt_duration(secs: f64) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn save(
     dir: &Path,
     layout: &ParamLayout,
     recipe: &Recipe,
     state: &TrainState,
+    data: DataPosition,
     out: &Path,
     history: &[StepRecord],
     evals: &[EvalRecord],
 ) -> Result<(), String> {
-    checkpoint::save(dir, layout, recipe, state).map_err(|e| {
+    checkpoint::save_with_data(dir, layout, recipe, state, Some(data)).map_err(|e| {
         let previous = match checkpoint::read_config(dir) {
             Ok(_) => format!("the previous checkpoint in {} is unchanged", dir.display()),
             Err(_) => "no previous checkpoint there".to_string(),

@@ -1,20 +1,27 @@
 //! Bad inputs to the `mapet` command, run through the binary: each gives an error (or, for a few
 //! unreadable images, a report) naming the file, flag or config key at fault, and nothing already
-//! written is lost: checkpoints and metrics stay as they were, or gain the steps trained so far.
+//! written is lost: checkpoints and metrics stay as they were, or gain the steps trained so far. A
+//! new run into a folder holding an earlier one is refused unless `--overwrite`, and a run resumed
+//! after epochs cut short by unreadable images repeats the uninterrupted one bit for bit.
 //!
 //! The data is a tiny set of 16x16 PNGs with random tokens, the model a one-block ViT (4 patches
 //! of 8x8), so that every run takes well under a second of training.
 
 mod data_common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mapet::model::checkpoint;
 use mapet::model::train::{Recipe, TrainState};
 use mapet::model::{ModelConfig, ParamLayout};
-use mapet_trainer::data::{epoch_order, NpyDtype};
+use mapet_trainer::config::PretrainConfig;
+use mapet_trainer::data::{epoch_order, NpyDtype, Tokens};
+use mapet_trainer::pretrain::{self, DataSource, RunOptions};
 use rand::Rng;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mapet");
@@ -510,4 +517,200 @@ fn export_to_a_full_disk_keeps_the_previous_file() {
     assert!(e.contains("--timm") && e.contains(s(&timm)) && e.contains("No space left"), "{e}");
     assert_eq!(std::fs::read(&timm).unwrap(), b"the previous export");
     assert!(std::fs::symlink_metadata(&tmp).is_err(), "the temporary file was left behind");
+}
+
+/// Every file under `dir` (relative path -> bytes).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, files: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, files);
+            } else {
+                files.insert(path.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut files = BTreeMap::new();
+    walk(dir, dir, &mut files);
+    files
+}
+
+#[test]
+fn a_new_run_into_a_folder_holding_an_earlier_run_is_refused_unless_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_overwrite");
+    let (cfg, _, out) = trained_run(dir.path(), &mut rng);
+    let ckpt = out.join("checkpoint");
+    let first = load(&ckpt);
+    let before = snapshot(&out);
+    assert!(before.contains_key(Path::new("metrics.csv")) && before.len() >= 4, "{:?}", before.keys());
+
+    // The same config again, with no --resume: refused, naming the folder and the ways on.
+    let refused = |args: &[&str]| {
+        let e = fails(&mapet(args));
+        for needle in [s(&out), "--resume", s(&ckpt), "--out", "--overwrite"] {
+            assert!(e.contains(needle), "`{needle}` not in: {e}");
+        }
+        assert!(snapshot(&out) == before, "the refused run changed {}", out.display());
+    };
+    refused(&["pretrain", "--config", s(&cfg)]);
+    // Also with the folder given by --out, and with the data given by flags.
+    let other_cfg = dir.path().join("other.toml");
+    std::fs::write(&other_cfg, std::fs::read_to_string(&cfg).unwrap().replace(s(&out), s(&dir.path().join("x"))))
+        .unwrap();
+    refused(&["pretrain", "--config", s(&other_cfg), "--out", s(&out)]);
+    // A run resumed from another checkpoint into it: refused too.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    for f in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE, checkpoint::META_FILE] {
+        std::fs::copy(ckpt.join(f), elsewhere.join(f)).unwrap();
+    }
+    refused(&["pretrain", "--config", s(&cfg), "--epochs", "2", "--resume", s(&elsewhere)]);
+    // Its checkpoint left as `checkpoint.old` by an interrupted save, or only its metrics.
+    let old = out.join("checkpoint.old");
+    std::fs::rename(&ckpt, &old).unwrap();
+    let before_old = snapshot(&out);
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg)]));
+    assert!(e.contains(s(&old)) && e.contains("--overwrite"), "{e}");
+    assert!(snapshot(&out) == before_old);
+    std::fs::remove_dir_all(&old).unwrap();
+    let metrics_only = snapshot(&out);
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg)]));
+    assert!(e.contains(s(&out.join("metrics.csv"))) && e.contains("--overwrite"), "{e}");
+    assert!(snapshot(&out) == metrics_only);
+
+    // --overwrite starts over: the same steps once each, the same checkpoint as the first run.
+    std::fs::rename(dir.path().join("elsewhere"), &ckpt).unwrap();
+    let run = mapet(&["pretrain", "--overwrite", "--config", s(&cfg)]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert_eq!(metrics(&out).iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    let again = load(&ckpt);
+    assert_eq!(again.state.step, 4);
+    assert_eq!(bits(&again.state.params), bits(&first.state.params));
+    // Resuming the folder's own checkpoint needs no flag.
+    assert!(mapet(&["pretrain", "--config", s(&cfg), "--epochs", "2", "--resume", s(&ckpt)]).status.success());
+    assert_eq!(load(&ckpt).state.step, 8);
+    // The flag is documented.
+    let help = mapet(&["pretrain", "--help"]);
+    assert!(help.status.success() && text(&help.stdout).contains("--overwrite"), "{}", text(&help.stdout));
+}
+
+/// The config of `cfg_file` with outputs in `out`, `epochs` epochs and up to 20% unreadable images.
+fn library_config(cfg_file: &Path, out: &Path, epochs: f64) -> PretrainConfig {
+    let mut cfg = PretrainConfig::from_file(cfg_file).unwrap();
+    cfg.output.dir = out.to_path_buf();
+    cfg.train.epochs = epochs;
+    cfg.data.max_skipped_fraction = 0.2;
+    cfg
+}
+
+fn data_source(images: &Path, tokens: &Path) -> DataSource {
+    let index = mapet_trainer::cmd::open_index(images).unwrap();
+    let tokens = Tokens::load_for(tokens, &index, &MODEL).unwrap();
+    DataSource { index, tokens, eval: None }
+}
+
+/// `metrics.csv` without its timing column: step, epoch, loss, accuracy, lr, grad_norm per row.
+fn metrics_rows(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .collect()
+}
+
+/// A run of `cfg` stopped after step `stop` (with its checkpoint), then resumed from that
+/// checkpoint (after `edit` of it) to the end, against the uninterrupted run in `straight`:
+/// the same metrics rows and the same final parameters and moments, bit for bit.
+fn resume_matches(
+    cfg: &PretrainConfig,
+    images: &Path,
+    tokens: &Path,
+    straight: &Path,
+    stop: u64,
+    edit: impl Fn(&Path),
+) -> checkpoint::Checkpoint {
+    let out = cfg.output.dir.clone();
+    let no_stop = || Arc::new(AtomicBool::new(false));
+    let opts = RunOptions { stop_after: Some(stop), ..RunOptions::default() };
+    let partial = pretrain::run_with(cfg, data_source(images, tokens), opts, no_stop()).unwrap();
+    assert!(partial.interrupted && partial.steps == stop, "stopped at step {} instead of {stop}", partial.steps);
+    let ckpt = out.join("checkpoint");
+    let at_stop = load(&ckpt);
+    edit(&ckpt);
+    let resumed = pretrain::run(cfg, data_source(images, tokens), Some(&ckpt), no_stop()).unwrap();
+    let want = load(&straight.join("checkpoint"));
+    assert_eq!(resumed.steps, want.state.step);
+    let (got_rows, want_rows) = (metrics_rows(&out), metrics_rows(straight));
+    for (got, want) in got_rows.iter().zip(&want_rows) {
+        assert_eq!(got, want, "stopped after step {stop}: metrics differ after resuming");
+    }
+    assert_eq!(got_rows.len(), want_rows.len(), "stopped after step {stop}");
+    let got = load(&ckpt);
+    assert_eq!((got.state.step, got.state.epoch), (want.state.step, want.state.epoch));
+    assert!(bits(&got.state.params) == bits(&want.state.params), "stopped after step {stop}: parameters differ");
+    assert!(bits(&got.state.m) == bits(&want.state.m) && bits(&got.state.v) == bits(&want.state.v));
+    at_stop
+}
+
+#[test]
+fn a_run_resumed_after_epochs_cut_short_by_unreadable_images_repeats_the_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_resume_short_epoch");
+    // 20 images, 3 of them (at random places) unreadable: 17 readable give 8 full batches of 2 an
+    // epoch instead of 10, so epochs 0 and 1 are steps 1-8 and 9-16, and epoch 2 gives 17-20.
+    let mut bad = Vec::new();
+    while bad.len() < 3 {
+        let i = rng.random_range(0..20);
+        if !bad.iter().any(|b: &(usize, Bad)| b.0 == i) {
+            bad.push((i, [Bad::Corrupt, Bad::Truncated, Bad::NotAnImage][bad.len()]));
+        }
+    }
+    let (images, tokens) = dataset(dir.path(), 20, &bad, &mut rng);
+    let cfg_file = config(dir.path(), "c.toml", &images, &tokens, &dir.path().join("unused"), "");
+    let straight = dir.path().join("straight");
+    let cfg = library_config(&cfg_file, &straight, 2.0);
+    let summary = pretrain::run(&cfg, data_source(&images, &tokens), None, Arc::new(AtomicBool::new(false))).unwrap();
+    assert!(summary.steps == 20 && summary.skipped_images >= 6, "{summary:?}");
+    let epochs: Vec<String> =
+        metrics_rows(&straight)[1..].iter().map(|r| r.split(',').nth(1).unwrap().into()).collect();
+    assert_eq!(epochs, [vec!["0"; 8], vec!["1"; 8], vec!["2"; 4]].concat());
+    // The library refuses a second new run there too, changing nothing.
+    let before = snapshot(&straight);
+    let e = pretrain::run(&cfg, data_source(&images, &tokens), None, Arc::new(AtomicBool::new(false))).unwrap_err();
+    assert!(e.contains(s(&straight)) && e.contains("--overwrite"), "{e}");
+    assert!(snapshot(&straight) == before);
+
+    // Stopped at the end of the short epoch 0, three steps into epoch 1 (where steps x batch
+    // points 4 images before the true position, or more with skips), and one step into epoch 2.
+    for (stop, epoch, epoch_steps) in [(8, 0, 8), (11, 1, 3), (17, 2, 1)] {
+        let cfg = library_config(&cfg_file, &dir.path().join(format!("stop{stop}")), 2.0);
+        let at_stop = resume_matches(&cfg, &images, &tokens, &straight, stop, |_| {});
+        assert_eq!(at_stop.state.epoch, epoch, "stopped after step {stop}");
+        let data = at_stop.data.expect("the checkpoint stores the loader's position");
+        assert_eq!(data.epoch_steps, epoch_steps, "stopped after step {stop}");
+        assert!(data.next_image >= 2 * epoch_steps && data.next_image <= 20, "{data:?}");
+    }
+}
+
+#[test]
+fn a_checkpoint_without_the_loader_position_resumes_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_resume_old_checkpoint");
+    // No unreadable image: steps x batch is then the exact position, as older checkpoints assume.
+    let (images, tokens) = dataset(dir.path(), 8, &[], &mut rng);
+    let cfg_file = config(dir.path(), "c.toml", &images, &tokens, &dir.path().join("unused"), "");
+    let straight = dir.path().join("straight");
+    let cfg = library_config(&cfg_file, &straight, 2.0);
+    pretrain::run(&cfg, data_source(&images, &tokens), None, Arc::new(AtomicBool::new(false))).unwrap();
+    let cfg = library_config(&cfg_file, &dir.path().join("split"), 2.0);
+    let strip = |ckpt: &Path| {
+        let path = ckpt.join(checkpoint::META_FILE);
+        let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(meta.as_object_mut().unwrap().remove("data").is_some());
+        std::fs::write(&path, serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+        assert_eq!(load(ckpt).data, None);
+    };
+    resume_matches(&cfg, &images, &tokens, &straight, 6, strip);
 }
