@@ -83,8 +83,8 @@ pub struct DataSource {
     pub index: ImageIndex,
     pub tokens: Tokens,
     /// A held-out split, evaluated at every checkpoint (loss and accuracy with fixed
-    /// permutations, forward only on the CPU model: keep it small, or evaluate checkpoints
-    /// afterwards with `mapet eval`).
+    /// permutations, forward only, on the model being trained: the GPU model when training runs
+    /// there, which evaluates from the device's parameters without copying them back).
     pub eval: Option<(ImageIndex, Tokens)>,
 }
 
@@ -277,20 +277,26 @@ impl Engine {
 /// Evaluates the held-out split (if any) with the current parameters; appends a row to
 /// `eval.csv` and to `evals`, and prints it.
 fn evaluate(
-    engine: &Engine,
+    engine: &mut Engine,
     loader: Option<&Loader>,
-    model_cfg: &ModelConfig,
     out: &Path,
     evals: &mut Vec<EvalRecord>,
 ) -> Result<(), String> {
     let Some(loader) = loader else { return Ok(()) };
-    let state = engine.host_state()?;
-    let (loss_sum, correct, counted, images) = crate::cmd::eval::forward_all(model_cfg, &state.params, loader)?;
+    let step = engine.step();
+    let (loss_sum, correct, counted, images) = match engine {
+        Engine::Cpu { model, state } => {
+            crate::cmd::eval::forward_all(loader, |b| model.step(&state.params, b, None, None, false).map_err(err))?
+        }
+        // Forward only on the device's current parameters: the gradients are not touched.
+        Engine::Cuda { model, .. } => {
+            crate::cmd::eval::forward_all(loader, |b| model.step(b, None, false, false).map_err(err))?
+        }
+    };
     if counted == 0 {
         return Err("evaluation split: no image was evaluated".into());
     }
-    let rec =
-        EvalRecord { step: state.step, loss: loss_sum / counted as f64, accuracy: correct as f64 / counted as f64 };
+    let rec = EvalRecord { step, loss: loss_sum / counted as f64, accuracy: correct as f64 / counted as f64 };
     println!(
         "
 eval at step {}: loss {:.4}, accuracy {:.4} over {images} images",
@@ -589,7 +595,7 @@ pub fn run_with(
             progress(&rec, total, start_step, &started);
             let step = engine.step();
             if cfg.output.checkpoint_every > 0 && step % cfg.output.checkpoint_every == 0 && step < total {
-                evaluate(&engine, eval_loader.as_ref(), &model_cfg, &out, &mut evals)?;
+                evaluate(&mut engine, eval_loader.as_ref(), &out, &mut evals)?;
                 engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
                 last_ckpt_step = step;
                 written = Some(step);
@@ -619,7 +625,7 @@ pub fn run_with(
         }
     }
     println!();
-    evaluate(&engine, eval_loader.as_ref(), &model_cfg, &out, &mut evals)?;
+    evaluate(&mut engine, eval_loader.as_ref(), &out, &mut evals)?;
     engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
     if interrupted {
         println!("interrupted: checkpoint written at step {} in {}", engine.step(), ckpt_dir.display());

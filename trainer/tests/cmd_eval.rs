@@ -34,6 +34,7 @@ fn args(images: &Path, tokens: &Path, ckpt: &Path, batch: usize, seed: u64) -> E
         batch,
         seed,
         threads: 2,
+        device: "cpu".into(),
         json: false,
     }
 }

@@ -6,12 +6,17 @@
 //! permutations. Forward only, in eval mode (no drop path). The loss is the mean cross-entropy over
 //! all predicted tokens of the set (every batch weighted by its token count), the accuracy the
 //! fraction of them whose argmax is the target. An unreadable image is an error: an evaluation
-//! covers the whole set or nothing.
+//! covers the whole set or nothing. `--device` picks the model: the GPU model (bf16 activations)
+//! when one is usable, else the CPU model (f32); the device used is reported.
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
+use mapet::cuda::Gpu;
 use mapet::model::checkpoint;
-use mapet::model::cpu::CpuModel;
+use mapet::model::cpu::{Batch, CpuModel, ForwardOutput};
+use mapet::model::cuda::CudaModel;
 use mapet::model::ModelConfig;
 use mapet::ops::patch_embed::Normalize;
 
@@ -20,7 +25,7 @@ use crate::data::{Loader, LoaderConfig, Tokens};
 
 /// The command's usage.
 pub const USAGE: &str = "usage: mapet eval --checkpoint DIR --data DIR|MANIFEST --tokens FILE.npy
-                  [--batch 32] [--seed 0] [--threads T] [--json]
+                  [--batch 32] [--seed 0] [--threads T] [--device auto|cpu|cuda] [--json]
   Loss and predicted-token accuracy of a checkpoint over every image of a set, forward only.
   --checkpoint DIR   a checkpoint folder (model.safetensors, meta.json); the model's sizes come from it
   --data DIR|FILE    an image folder (sorted walk) or a manifest of paths relative to its folder
@@ -28,6 +33,7 @@ pub const USAGE: &str = "usage: mapet eval --checkpoint DIR --data DIR|MANIFEST 
   --batch N          images per forward pass (default 32); the last batch may be short
   --seed S           permutations: image i gets the loader's epoch-0 draw keyed by (S, 0, i) (default 0)
   --threads T        decoder threads (default: the machine's cores)
+  --device D         auto (default: the GPU when usable and the model fits its kernels), cpu or cuda
   --json             print one JSON object instead of the summary line";
 
 /// What an evaluation measures.
@@ -47,6 +53,8 @@ pub struct EvalSummary {
     pub correct: usize,
     /// `correct / tokens`.
     pub accuracy: f64,
+    /// Where the forward passes ran ("cpu" or "cuda (NAME)").
+    pub device: String,
 }
 
 /// The settings of one evaluation (the command's flags).
@@ -58,12 +66,15 @@ pub struct EvalArgs {
     pub batch: usize,
     pub seed: u64,
     pub threads: usize,
+    /// "auto", "cpu" or "cuda".
+    pub device: String,
     pub json: bool,
 }
 
 /// Parses the command's arguments; `None` when help was asked for.
 pub fn parse_args(args: &[String]) -> Result<Option<EvalArgs>, String> {
-    let a = match parse("eval", args, &["checkpoint", "data", "tokens", "batch", "seed", "threads"], &["json"])? {
+    let valued = ["checkpoint", "data", "tokens", "batch", "seed", "threads", "device"];
+    let a = match parse("eval", args, &valued, &["json"])? {
         Parsed::Help => return Ok(None),
         Parsed::Args(a) => a,
     };
@@ -75,6 +86,10 @@ pub fn parse_args(args: &[String]) -> Result<Option<EvalArgs>, String> {
         batch: a.positive("batch", 32)?,
         seed: a.number("seed", 0u64)?,
         threads: a.positive("threads", cores)?,
+        device: match a.get("device").unwrap_or("auto") {
+            d @ ("auto" | "cpu" | "cuda") => d.to_string(),
+            other => return Err(format!("--device {other}: expected auto, cpu or cuda")),
+        },
         json: a.switch("json"),
     }))
 }
@@ -88,7 +103,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let s = evaluate(&opts)?;
     if opts.json {
         println!(
-            "{{\"checkpoint\": {}, \"step\": {}, \"images\": {}, \"tokens\": {}, \"loss\": {}, \"correct\": {}, \"accuracy\": {}, \"seed\": {}}}",
+            "{{\"checkpoint\": {}, \"step\": {}, \"images\": {}, \"tokens\": {}, \"loss\": {}, \"correct\": {}, \"accuracy\": {}, \"seed\": {}, \"device\": {}}}",
             json_str(&s.checkpoint.display().to_string()),
             s.step,
             s.images,
@@ -96,17 +111,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
             json_f64(s.loss),
             s.correct,
             json_f64(s.accuracy),
-            opts.seed
+            opts.seed,
+            json_str(&s.device)
         );
     } else {
         println!(
-            "{} (step {}): {} images, {} predicted tokens: loss {:.4}, accuracy {:.4}",
+            "{} (step {}): {} images, {} predicted tokens: loss {:.4}, accuracy {:.4} ({})",
             s.checkpoint.display(),
             s.step,
             s.images,
             s.tokens,
             s.loss,
-            s.accuracy
+            s.accuracy,
+            s.device
         );
     }
     Ok(())
@@ -138,7 +155,8 @@ pub fn evaluate(opts: &EvalArgs) -> Result<EvalSummary, String> {
         ..LoaderConfig::new(config.image, opts.batch)
     };
     let loader = Loader::new(index, tokens, cfg).map_err(|e| e.to_string())?;
-    let (loss_sum, correct, counted, images) = forward_all(&config, &ck.state.params, &loader)?;
+    let mut model = EvalModel::new(&opts.device, &config, &ck.state.params, opts.batch)?;
+    let (loss_sum, correct, counted, images) = forward_all(&loader, |b| model.forward(b))?;
     if counted == 0 {
         return Err(format!("--data {}: no image was evaluated", opts.data.display()));
     }
@@ -150,23 +168,75 @@ pub fn evaluate(opts: &EvalArgs) -> Result<EvalSummary, String> {
         loss: loss_sum / counted as f64,
         correct,
         accuracy: correct as f64 / counted as f64,
+        device: model.device(),
     })
 }
 
+/// The model an evaluation runs, with its parameters.
+enum EvalModel<'p> {
+    Cpu { model: CpuModel, params: &'p [f32] },
+    Cuda(Box<CudaModel>),
+}
+
+impl<'p> EvalModel<'p> {
+    /// The model `device` ("auto", "cpu", "cuda") selects for batches of at most `batch` images.
+    /// "auto" takes the GPU when one is usable and supports the model, and says so when it falls
+    /// back to the CPU for another reason than having no GPU.
+    fn new(device: &str, config: &ModelConfig, params: &'p [f32], batch: usize) -> Result<Self, String> {
+        let cpu = || -> Result<Self, String> {
+            Ok(EvalModel::Cpu { model: CpuModel::new(*config).map_err(|e| e.to_string())?, params })
+        };
+        let cuda = || -> mapet::Result<Self> {
+            let gpu = Arc::new(Gpu::first()?);
+            let mut model = CudaModel::new(gpu, *config, batch)?;
+            model.upload_params(params)?;
+            Ok(EvalModel::Cuda(Box::new(model)))
+        };
+        match device {
+            "cpu" => cpu(),
+            "cuda" => cuda().map_err(|e| format!("--device cuda: {e}")),
+            _ => match mapet::cuda::unavailable_reason() {
+                Some(_) => cpu(),
+                None => match cuda() {
+                    Ok(m) => Ok(m),
+                    Err(e @ mapet::Error::Unsupported { .. }) => {
+                        eprintln!("a GPU is present, but the GPU model cannot run this config ({e}): using the CPU");
+                        cpu()
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            },
+        }
+    }
+
+    fn forward(&mut self, batch: &Batch) -> Result<ForwardOutput, String> {
+        match self {
+            EvalModel::Cpu { model, params } => model.step(params, batch, None, None, false),
+            EvalModel::Cuda(model) => model.step(batch, None, false, false),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn device(&self) -> String {
+        match self {
+            EvalModel::Cpu { .. } => "cpu".into(),
+            EvalModel::Cuda(model) => format!("cuda ({})", model.gpu().name()),
+        }
+    }
+}
+
 /// Sum of the per-token losses, correct tokens, counted tokens and images over one epoch of
-/// `loader`, forward only on the CPU model with `params`.
+/// `loader`, with `forward` (a forward pass in eval mode: no drop path) on each batch.
 pub fn forward_all(
-    config: &ModelConfig,
-    params: &[f32],
     loader: &Loader,
+    mut forward: impl FnMut(&Batch) -> Result<ForwardOutput, String>,
 ) -> Result<(f64, usize, usize, usize), String> {
-    let model = CpuModel::new(*config).map_err(|e| e.to_string())?;
     let norm = Normalize::IMAGENET;
     let (mut loss_sum, mut correct, mut counted, mut images) = (0.0f64, 0usize, 0usize, 0usize);
     for batch in loader.epoch(0) {
         let batch = batch.map_err(|e| format!("--data: {e}"))?;
         images += batch.len();
-        let out = model.step(params, &batch.to_cpu_batch(&norm), None, None, false).map_err(|e| e.to_string())?;
+        let out = forward(&batch.to_cpu_batch(&norm))?;
         loss_sum += out.stats.loss as f64 * out.stats.counted as f64;
         correct += out.stats.correct;
         counted += out.stats.counted;
