@@ -1,7 +1,7 @@
 //! `mapet pretrain` on the GPU backend (skips without a GPU): the demo photographs with a
 //! head-dim-64 model; the first step's loss agrees with the CPU backend's from the same state and
 //! batches, the loss falls, checkpoints are written in the CPU's format and a run resumes from
-//! one.
+//! one; `mapet eval` of that checkpoint on the GPU agrees with the CPU.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -70,4 +70,39 @@ fn gpu_pretrain_learns_checkpoints_and_resumes() {
     let after = losses(gpu_dir.path());
     assert_eq!(after.len(), 64);
     assert!(after[60..].iter().all(|r| r.1.is_finite()));
+}
+
+#[test]
+fn gpu_eval_agrees_with_the_cpu_on_a_checkpoint() {
+    if mapet::testing::gpu_or_skip("gpu_eval_agrees_with_the_cpu_on_a_checkpoint").is_none() {
+        return;
+    }
+    use mapet_trainer::cmd::eval::{evaluate, EvalArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = gpu_config(dir.path(), 20.0, "cuda");
+    run(&cfg, None);
+    // demo::prepare wrote the photographs and their tokens into the run's folder.
+    let model = cfg.model_config().unwrap();
+    let images = dir.path().join("images");
+    let tokens = dir.path().join(format!("tokens-pixels-{}px-p{}-k{}.npy", model.image, model.patch, model.vocab));
+    let args = |device: &str| EvalArgs {
+        checkpoint: dir.path().join("checkpoint"),
+        data: images.clone(),
+        tokens: tokens.clone(),
+        batch: 4,
+        seed: 3,
+        threads: 2,
+        device: device.into(),
+        json: false,
+    };
+    let (cpu, gpu) = (evaluate(&args("cpu")).unwrap(), evaluate(&args("cuda")).unwrap());
+    eprintln!(
+        "eval: cpu loss {} acc {}; {} loss {} acc {}",
+        cpu.loss, cpu.accuracy, gpu.device, gpu.loss, gpu.accuracy
+    );
+    assert!(gpu.device.starts_with("cuda"), "{}", gpu.device);
+    assert_eq!((cpu.images, cpu.tokens), (gpu.images, gpu.tokens));
+    assert!(((gpu.loss - cpu.loss) / cpu.loss).abs() <= 2e-2, "loss: cpu {} gpu {}", cpu.loss, gpu.loss);
+    // bf16 logits may flip a near-tie; most predictions must agree.
+    assert!((gpu.accuracy - cpu.accuracy).abs() <= 0.05, "accuracy: cpu {} gpu {}", cpu.accuracy, gpu.accuracy);
 }
