@@ -10,6 +10,9 @@
 #                   (memcheck), when it is installed and can see the device
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per attention query
 #                   block size (MAPET_ATTENTION_ROWS), JSON lines into $MAPET_RESULTS
+#   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
+#                   3072 JPEGs), `mapet bench-data` on them, then one epoch of `mapet pretrain` of
+#                   ViT-B at batch 128 on the GPU; the median images/s of its steps after the third
 #   MAPET_NCU=1     profile the attention kernels of the ViT-B bench with Nsight Compute (ncu,
 #                   clocks left alone): speed of light, occupancy, warp stalls, into $MAPET_RESULTS
 set -uo pipefail
@@ -67,6 +70,25 @@ if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
     rc=$?
     if [ $rc -eq 0 ]; then row "mapet bench vit-b $rows" ok "$(grep -m1 -i 'images/s' "$log")"; else row "mapet bench vit-b $rows" FAIL "rc=$rc (see $log)"; fi
   done
+fi
+
+if [ "${MAPET_PRETRAIN_BENCH:-0}" = "1" ]; then
+  synth="${TMPDIR:-/tmp}/mapet-synth"
+  log="$res/pretrain-bench.log"
+  {
+    [ -f "$synth/tokens.npy" ] || "$here/bin/mapet" synth --out "$synth" --images "${MAPET_SYNTH_IMAGES:-3072}"
+    "$here/bin/mapet" bench-data --data "$synth/images" --threads 1,2,4,8,16 --images 1024
+    rm -rf "$res/pretrain-run"
+    timeout 400 "$here/bin/mapet" pretrain --data "$synth/images" --tokens "$synth/tokens.npy" \
+      --out "$res/pretrain-run" --device cuda --batch 128 --epochs 1 --set model.preset=vit-b \
+      --set output.checkpoint_every=0 --set data.eval_fraction=0 --set train.warmup_epochs=0.5
+  } >"$log" 2>&1
+  rc=$?
+  ips=$(python3 -c '
+import csv, statistics, sys
+r = [float(x["images_per_s"]) for x in csv.DictReader(open(sys.argv[1]))][3:]
+print(f"{statistics.median(r):.1f}" if r else "none")' "$res/pretrain-run/metrics.csv" 2>/dev/null || echo "?")
+  row "pretrain vit-b (synthetic)" "rc=$rc" "median $ips images/s; loader: see $log"
 fi
 
 if [ "${MAPET_NCU:-0}" = "1" ]; then

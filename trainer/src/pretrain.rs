@@ -485,13 +485,14 @@ pub fn run_with(
     let total = recipe.schedule.total_steps;
     let norm = Normalize::IMAGENET;
     println!(
-        "pretrain on the {} backend: {} images, {} steps/epoch, {} steps, batch {} ({} micro-batches), model dim {} depth {} heads {} vocab {}, {} parameters",
+        "pretrain on the {} backend: {} images, {} steps/epoch, {} steps, batch {} ({} micro-batch{}), model dim {} depth {} heads {} vocab {}, {} parameters",
         backend,
         loader.len(),
         steps_per_epoch,
         total,
         cfg.train.batch,
         cfg.train.micro_batches,
+        if cfg.train.micro_batches == 1 { "" } else { "es" },
         model_cfg.dim,
         model_cfg.depth,
         model_cfg.heads,
