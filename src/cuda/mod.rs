@@ -65,6 +65,28 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// Lets the device's default memory pool (which `cuMemAllocAsync`, hence every [`Gpu::alloc`],
+/// draws from) keep the memory of freed buffers across synchronisations. With the pool's default
+/// release threshold of 0, every stream synchronisation (a training step reads its loss back)
+/// hands freed memory back to the driver, and the next step's scratch buffers (cross-entropy
+/// chunks, backward partial sums) are mapped afresh; with no threshold they are reused from the
+/// pool, as a caching allocator would.
+fn keep_pool_memory(ctx: &CudaContext) -> std::result::Result<(), cudarc::driver::DriverError> {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to a cuuint64_t, which `threshold` is.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+}
+
 impl Gpu {
     /// Opens device `ordinal` and loads every embedded kernel module.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -79,6 +101,9 @@ impl Gpu {
         // and buffers are only freed after the stream's work on them was enqueued (stream order).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        if ctx.has_async_alloc() {
+            keep_pool_memory(&ctx).map_err(|e| ctx_err(e, " configuring the memory pool".into()))?;
+        }
         let mut modules = HashMap::new();
         for (name, fatbin) in kernels::FATBINS {
             let module = ctx
