@@ -8,9 +8,9 @@
 # the same code, which xz's large window stores once (about 200 MiB unpacked, ~20 MiB packed),
 # so the folder fits a 64 MiB transfer. run.sh unpacks it into a temporary folder.
 #
-# run.sh runs every test binary with MAPET_REQUIRE_GPU=1 (a GPU test fails instead of skipping),
-# then short criterion runs of every bench, then the PyTorch peers if gpu-bundle/peers exists and
-# MAPET_PEERS=1. Full logs go to $MAPET_RESULTS (default gpu-bundle/results); a summary table is
+# run.sh runs the test binaries that hold GPU tests with MAPET_REQUIRE_GPU=1 (a GPU test fails
+# instead of skipping), then short criterion runs of every bench, then the PyTorch peers if
+# gpu-bundle/peers exists and MAPET_PEERS=1. Full logs go to $MAPET_RESULTS (default gpu-bundle/results); a summary table is
 # printed last.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,6 +60,10 @@ cp target/release/mapet "$out/bin/mapet"
 if [ -d "$root/../shared/peers" ]; then
   cp -r "$root/../shared/peers" "$out/peers"
 fi
+# The test binaries that hold GPU tests (their source calls gpu_or_skip): run.sh's default list.
+grep -l "gpu_or_skip" tests/*.rs trainer/tests/*.rs | xargs -n1 basename | sed 's/\.rs$//' |
+  while read -r t; do [ -e "$out/tests/$t" ] && echo "$t"; done | tr '\n' ' ' >"$out/gpu-tests.txt"
+echo "GPU test binaries: $(cat "$out/gpu-tests.txt")" >&2
 ls -la "$out/tests" "$out/benches" >&2
 echo "packing" >&2
 tar -C "$out" -cf - . | xz -T0 -9 >"$final/payload.tar.xz"

@@ -2,7 +2,8 @@
 # Runs on the GPU host from the repository root: `bash gpu-bundle/run.sh`. Copied into the bundle
 # by scripts/gpu-bundle.sh. Environment:
 #   MAPET_RESULTS   folder for full logs (default gpu-bundle/results)
-#   MAPET_TESTS     space-separated test binary names to run (default: all)
+#   MAPET_TESTS     space-separated test binary names to run (default: those with GPU tests, as
+#                   listed by scripts/gpu-bundle.sh in gpu-tests.txt; "all" runs every binary)
 #   MAPET_BENCHES   space-separated bench names to run (default: all; "none" skips)
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
@@ -28,6 +29,8 @@ if [ ! -d "$here/tests" ] || [ "$bundle/payload.tar.xz" -nt "$here/tests" ]; the
 fi
 mkdir -p "$res"
 export MAPET_REQUIRE_GPU=1 MAPET_ROOT="${MAPET_ROOT:-$PWD}" CRITERION_HOME="$res/criterion"
+# Tests that run the `mapet` binary find it here rather than in the build's target folder.
+export MAPET_BIN="$here/bin/mapet"
 # cuBLASLt is loaded at run time; make sure the loader finds it where CUDA installs it.
 if ! ldconfig -p 2>/dev/null | grep -q libcublasLt.so; then
   for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -42,7 +45,8 @@ row() { summary+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")"); }
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
 } | tee "$res/device.txt"
 
-tests="${MAPET_TESTS:-$(ls "$here/tests")}"
+tests="${MAPET_TESTS:-$(cat "$here/gpu-tests.txt" 2>/dev/null || ls "$here/tests")}"
+[ "$tests" = "all" ] && tests="$(ls "$here/tests")"
 for t in $tests; do
   log="$res/test-$t.log"
   start=$(date +%s.%N)
