@@ -768,6 +768,11 @@ fn open_metrics(path: &Path, step: u64) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// The rows of a run's `metrics.csv` in `dir` (none when it is missing; malformed rows skipped).
+pub fn read_metrics(dir: &Path) -> Vec<StepRecord> {
+    read_history(&dir.join("metrics.csv"), u64::MAX)
+}
+
 fn read_history(path: &Path, step: u64) -> Vec<StepRecord> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

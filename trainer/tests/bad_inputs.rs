@@ -135,15 +135,7 @@ fn config(dir: &Path, name: &str, images: &Path, tokens: &Path, out: &Path, trai
 
 /// The (step, loss) rows of `out/metrics.csv`.
 fn metrics(out: &Path) -> Vec<(u64, f32)> {
-    std::fs::read_to_string(out.join("metrics.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let v: Vec<&str> = l.split(',').collect();
-            (v[0].parse().unwrap(), v[2].parse().unwrap())
-        })
-        .collect()
+    mapet_trainer::pretrain::read_metrics(out).iter().map(|r| (r.step, r.loss)).collect()
 }
 
 fn load(dir: &Path) -> checkpoint::Checkpoint {

@@ -21,15 +21,7 @@ fn gpu_config(dir: &std::path::Path, epochs: f64, device: &str) -> PretrainConfi
 }
 
 fn losses(dir: &std::path::Path) -> Vec<(u64, f32)> {
-    std::fs::read_to_string(dir.join("metrics.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let v: Vec<&str> = l.split(',').collect();
-            (v[0].parse().unwrap(), v[2].parse().unwrap())
-        })
-        .collect()
+    mapet_trainer::pretrain::read_metrics(dir).iter().map(|r| (r.step, r.loss)).collect()
 }
 
 fn run(cfg: &PretrainConfig, resume: Option<&std::path::Path>) -> pretrain::RunSummary {

@@ -18,15 +18,7 @@ fn short_config(dir: &std::path::Path, epochs: f64) -> mapet_trainer::config::Pr
 }
 
 fn metrics(dir: &std::path::Path) -> Vec<(u64, f32)> {
-    std::fs::read_to_string(dir.join("metrics.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let v: Vec<&str> = l.split(',').collect();
-            (v[0].parse().unwrap(), v[2].parse().unwrap())
-        })
-        .collect()
+    mapet_trainer::pretrain::read_metrics(dir).iter().map(|r| (r.step, r.loss)).collect()
 }
 
 #[test]
