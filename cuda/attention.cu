@@ -38,12 +38,12 @@
 //                             rows per CTA (32 per warp, two m-tiles that share every K/V fragment
 //                             loaded from shared memory); the launcher picks one pair or the other
 //                             (attention::QueryBlock). See their own comments.
-// Shared memory is static, no dynamic part: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd,
-// bwd_dq), + 2 KiB of per-row lse, delta and hidden window in bwd_dkdv (38,912 B). The operand loaded
-// once per CTA (Q, Q + dO, or K + V) is first staged in the second stage's slots and moved into
-// registers before they are first refilled, so it costs no shared memory of its own. Registers bound
-// the occupancy: fwd and bwd_dq fit 128 (4 CTAs = 16 warps per SM), bwd_dkdv needs 168 (3 CTAs; at 128
-// it spills). Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row addresses of one
+// Shared memory is static (but for bwd_dq_m128's 55,296 dynamic bytes): two stages x two [64 x 72]
+// bf16 tiles = 36,864 B (fwd, fwd_m128, bwd_dq), + 2 KiB of per-row lse, delta and hidden window in
+// bwd_dkdv (38,912 B). The operand loaded once per CTA (Q, Q + dO, or K + V) is first staged in the
+// second stage's slots and moved into registers before they are first refilled, so it costs no shared
+// memory of its own. Registers bound the occupancy: fwd and bwd_dq fit 128 (4 CTAs = 16 warps per
+// SM), bwd_dkdv needs 168 (3 CTAs; at 128 it spills), the m128 pair 218-224 (2 CTAs). Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row addresses of one
 // ldmatrix phase then fall 36 words apart and cover all 32 banks once, and the cp.async stores (8
 // threads per 128-byte row) are conflict-free too.
 // Inside a tile, each warp works in halves of 32 keys (fwd, bwd_dq) or 32 query rows (bwd_dkdv): the
@@ -119,7 +119,7 @@
 
 // Launch constants, restated by the launcher.
 #define MAPET_ATTN_HEAD_DIM 64      // the only head size the kernels support
-#define MAPET_ATTN_THREADS 128      // block size of all three kernels (4 warps)
+#define MAPET_ATTN_THREADS 128      // block size of every attention kernel (4 warps)
 #define MAPET_ATTN_BLOCK_M 64       // query rows per CTA (fwd, bwd_dq) = per inner tile (bwd_dkdv)
 #define MAPET_ATTN_BLOCK_N 64       // keys per inner tile (fwd, bwd_dq) = per CTA (bwd_dkdv)
 #define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of every kernel but bwd_dq_m128 (static shared memory)

@@ -129,8 +129,11 @@ fn edge_sizes_match_cpu() {
     let Some(gpu) = testing::gpu_or_skip("edge_sizes_match_cpu") else { return };
     let mut rng = testing::rng("edge_sizes_match_cpu");
     // One CTA holding all three segments; C = 1 and C = N - 1; sizes around the 64-row tile and
-    // the 128-row CTA (Lq = N + 2P: 128 for N = 64, C = 32; 129 for N = 65, C = 33).
-    for (n, c) in [(2, 1), (5, 1), (5, 4), (17, 16), (33, 1), (64, 10), (64, 32), (65, 32), (65, 33), (100, 99)] {
+    // the 128-row CTA (Lq = N + 2P: 128 for N = 64, C = 32; 129 for N = 65, C = 33), and Lk a
+    // multiple of 64 with Lq a multiple of 128 over two CTAs (N = 128, C = 64: Lq = 256, Lk = 192).
+    for (n, c) in
+        [(2, 1), (5, 1), (5, 4), (17, 16), (33, 1), (64, 10), (64, 32), (65, 32), (65, 33), (100, 99), (128, 64)]
+    {
         check(&gpu, &draw(&mut rng, shape(2, 2, n, c)));
     }
 }

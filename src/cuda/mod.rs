@@ -182,6 +182,9 @@ impl Gpu {
     ) -> Result<()> {
         let f = self.function(module, function)?;
         if cfg.shared_mem_bytes > 48 * 1024 {
+            // A raw driver call on this thread: make the context current first (a cached function
+            // may be launched from a thread that has made no other CUDA call yet).
+            self.ctx.bind_to_thread()?;
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 cfg.shared_mem_bytes as i32,
