@@ -14,8 +14,9 @@
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
 #                   3072 JPEGs), `mapet bench-data` on them, then one epoch of `mapet pretrain` of
 #                   ViT-B at batch 128 on the GPU; the median images/s of its steps after the third
-#   MAPET_NCU=1     profile the attention kernels of the ViT-B bench with Nsight Compute (ncu,
-#                   clocks left alone): speed of light, occupancy, warp stalls, into $MAPET_RESULTS
+#   MAPET_NCU=1     profile the attention (ViT-B) and patch-embedding (B = 128) kernels with Nsight
+#                   Compute (ncu, clocks left alone): speed of light, occupancy, warp stalls, into
+#                   $MAPET_RESULTS
 set -uo pipefail
 bundle="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 res="${MAPET_RESULTS:-$bundle/results}"
@@ -96,19 +97,21 @@ print(f"{statistics.median(r):.1f}" if r else "none")' "$res/pretrain-run/metric
 fi
 
 if [ "${MAPET_NCU:-0}" = "1" ]; then
-  log="$res/ncu-attention.log"
-  if command -v ncu >/dev/null; then
-    # Three launches of each attention kernel at the ViT-B shape, after the bench's first warm-up
-    # launches; the clocks are left as they are (no locking to base clocks).
-    timeout 300 ncu --clock-control none --kernel-name regex:mapet_attention --launch-skip 6 --launch-count 9 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-      "$here/benches/attention" --bench --warm-up-time 0.2 --measurement-time 0.5 attention/vit-b >"$log" 2>&1
-    rc=$?
-    row "ncu attention" "rc=$rc" "$log"
-  else
-    row "ncu attention" skip "no ncu"
-  fi
+  # A few launches of each kernel of the attention (ViT-B shape) and patch-embedding (B = 128)
+  # benches, after their first warm-up launches; the clocks are left as they are.
+  for spec in "attention mapet_attention attention/vit-b" "patch_embed mapet_patch_embed patch_embed_gpu_b128"; do
+    set -- $spec
+    log="$res/ncu-$1.log"
+    if command -v ncu >/dev/null; then
+      timeout 300 ncu --clock-control none --kernel-name "regex:$2" --launch-skip 6 --launch-count 12 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
+        "$here/benches/$1" --bench --warm-up-time 0.2 --measurement-time 0.5 "$3" >"$log" 2>&1
+      row "ncu $1" "rc=$?" "$log"
+    else
+      row "ncu $1" skip "no ncu"
+    fi
+  done
 fi
 
 benches="${MAPET_BENCHES:-$(ls "$here/benches")}"
