@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod emulate;
 pub mod error;
 pub mod io;
 pub mod model;

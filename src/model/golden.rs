@@ -89,6 +89,22 @@ pub fn run_cpu(case: &Case) -> Result<StepOutput> {
     step_output(case, layout, out, &grads)
 }
 
+/// One forward and backward of `case` on the CPU with the GPU backend's bf16 roundings
+/// ([`crate::emulate::Bf16Emulation`]), drop path off: what bf16 activations alone cost in
+/// accuracy, on any machine.
+pub fn run_bf16_emulation(case: &Case) -> Result<StepOutput> {
+    use crate::emulate::{rounded, Bf16Emulation};
+    use crate::model::net::{self, Activations, Weights};
+    let layout = ParamLayout::new(case.config)?;
+    let be = Bf16Emulation;
+    let mut acts = Activations::new(&be, &case.config, case.batch.batch.max(1))?;
+    let act = rounded(&case.params);
+    let weights = Weights::<Bf16Emulation> { master: &case.params, act: &act };
+    let mut grads = vec![0.0f32; layout.total];
+    let out = net::step(&be, &layout, &mut acts, weights, &case.batch, None, Some(&mut grads[..]), true)?;
+    step_output(case, &layout, out, &grads)
+}
+
 /// One forward and backward of `case` on GPU 0 ([`crate::model::cuda::CudaModel`]: bf16
 /// activations, f32 weights and gradients), drop path off. Needs head dim 64 and `dim % 8 == 0`.
 pub fn run_cuda(case: &Case) -> Result<StepOutput> {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! mapet pretrain [--config FILE.toml] [--data DIR --tokens FILE.npy] [--out DIR] [--resume DIR | --overwrite] ...
-//! mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
+//! mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cpu-bf16|cuda]
 //! mapet eval --checkpoint DIR --data DIR --tokens FILE.npy [--batch N] [--seed S] [--json]
 //! mapet export --checkpoint DIR --timm OUT.safetensors
 //! mapet tokenize --data DIR --out tokens.npy [--k 8192] [--features pixels|FILE.npy] ...
@@ -25,9 +25,10 @@ const USAGE: &str = "usage:
                  [--resume DIR | --overwrite] [--device auto|cpu|cuda] [--batch N] [--epochs E]
                  [--seed S] [--set section.key=value ...]
       pre-training; with no --data, the embedded demo (eleven photographs, pixel k-means tokens)
-  mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cuda]
+  mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cpu-bf16|cuda]
       one forward and backward (drop path off) of a case in the golden format; writes out.loss,
-      out.logits, out.predicted_index and grads.<name> for every parameter, as f32
+      out.logits, out.predicted_index and grads.<name> for every parameter, as f32; cpu-bf16 is
+      the CPU model with the GPU's bf16 roundings emulated
   mapet eval --checkpoint DIR --data DIR|MANIFEST --tokens FILE.npy [--batch N] [--seed S]
              [--threads T] [--json]
       loss and predicted-token accuracy of a checkpoint over a whole image set (fixed permutations)
@@ -135,13 +136,14 @@ fn check_step(args: &[String]) -> Result<(), String> {
     let case = mapet::model::golden::Case::load(case.as_ref()).map_err(|e| e.to_string())?;
     let result = match device {
         "cpu" => mapet::model::golden::run_cpu(&case),
+        "cpu-bf16" => mapet::model::golden::run_bf16_emulation(&case),
         "cuda" => mapet::model::golden::run_cuda(&case),
-        other => return Err(format!("`--device {other}`: expected cpu or cuda")),
+        other => return Err(format!("`--device {other}`: expected cpu, cpu-bf16 or cuda")),
     }
     .map_err(|e| e.to_string())?;
     let loss = result.get("out.loss").map(|l| l[0]).unwrap_or(f32::NAN);
     let meta =
-        HashMap::from([("device".to_string(), "cpu".to_string()), ("source".to_string(), case_name(case_path(&pos)))]);
+        HashMap::from([("device".to_string(), device.to_string()), ("source".to_string(), case_name(case_path(&pos)))]);
     result.save(&out, meta).map_err(|e| e.to_string())?;
     println!("loss {loss:.6}; wrote {} tensors to {}", result.tensors.len(), out.display());
     Ok(())
