@@ -171,9 +171,13 @@ fn non_finite_loss_names_the_step_and_leaves_the_state_unchanged() {
     let before = state.download(&model).unwrap();
     let copy_before = model.params_bf16().to_host().unwrap();
     let ranks_before: Vec<Vec<i32>> = batches.iter().map(|b| b.ranks.clone()).collect();
-    let pixel = rng.random_range(0..batches[1].images.len());
-    batches[1].images[pixel] = f32::NAN;
-    let err = train_step_cuda(&mut model, &mut state, &recipe, &mut batches).expect_err("a NaN pixel must fail");
+    // A whole image of NaN: every row of that sample (its context included) is NaN, so the loss
+    // is NaN whatever the kernels do with masked keys.
+    let per_image = batches[1].images.len() / batches[1].batch;
+    let image = rng.random_range(0..batches[1].batch);
+    let saved: Vec<f32> = batches[1].images[image * per_image..(image + 1) * per_image].to_vec();
+    batches[1].images[image * per_image..(image + 1) * per_image].fill(f32::NAN);
+    let err = train_step_cuda(&mut model, &mut state, &recipe, &mut batches).expect_err("a NaN image must fail");
     eprintln!("{err}");
     match &err {
         Error::NonFinite { step, what } => {
@@ -196,8 +200,8 @@ fn non_finite_loss_names_the_step_and_leaves_the_state_unchanged() {
         assert_eq!(&b.ranks, r, "the batches' ranks were not restored");
     }
 
-    // With the pixel repaired the same step goes through.
-    batches[1].images[pixel] = 0.5;
+    // With the image restored the same step goes through.
+    batches[1].images[image * per_image..(image + 1) * per_image].copy_from_slice(&saved);
     let stats = train_step_cuda(&mut model, &mut state, &recipe, &mut batches).unwrap();
     assert!(stats.loss.is_finite());
     assert_eq!(state.step, before.step + 1);

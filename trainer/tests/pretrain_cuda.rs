@@ -13,7 +13,8 @@ fn gpu_config(dir: &std::path::Path, epochs: f64, device: &str) -> PretrainConfi
     // Head dim 64, which the GPU attention kernels take.
     (cfg.model.dim, cfg.model.heads) = (Some(128), Some(2));
     cfg.train.epochs = epochs;
-    cfg.train.warmup_epochs = 2.0;
+    // Warmup may not outlast the run (the config refuses that): the one-epoch CPU run gets 1.
+    cfg.train.warmup_epochs = epochs.min(2.0);
     cfg.train.peak_lr = Some(3e-3);
     cfg.train.device = device.into();
     cfg.data.threads = 2;
