@@ -54,6 +54,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// The dynamic shared memory each kernel has been allowed so far (raised on first need).
+    smem_limits: Mutex<HashMap<(&'static str, &'static str), u32>>,
     name: String,
     sm_count: u32,
     max_smem_optin: u32,
@@ -115,7 +117,16 @@ impl Gpu {
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let max_smem_optin =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
-        Ok(Gpu { ctx, stream, modules, functions: Mutex::new(HashMap::new()), name, sm_count, max_smem_optin })
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            smem_limits: Mutex::new(HashMap::new()),
+            name,
+            sm_count,
+            max_smem_optin,
+        })
     }
 
     /// Device 0, or why there is none.
@@ -182,14 +193,20 @@ impl Gpu {
     ) -> Result<()> {
         let f = self.function(module, function)?;
         if cfg.shared_mem_bytes > 48 * 1024 {
-            // A raw driver call on this thread: make the context current first (a cached function
-            // may be launched from a thread that has made no other CUDA call yet).
-            self.ctx.bind_to_thread()?;
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                cfg.shared_mem_bytes as i32,
-            )
-            .map_err(|e| ctx_err(e, format!(" raising shared memory of `{module}::{function}`")))?;
+            // Raised once per kernel (and again only for a larger size), not on every launch.
+            let mut limits = self.smem_limits.lock().unwrap_or_else(|p| p.into_inner());
+            let allowed = limits.entry((module, function)).or_insert(48 * 1024);
+            if cfg.shared_mem_bytes > *allowed {
+                // A raw driver call on this thread: make the context current first (a cached
+                // function may be launched from a thread that has made no other CUDA call yet).
+                self.ctx.bind_to_thread()?;
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.shared_mem_bytes as i32,
+                )
+                .map_err(|e| ctx_err(e, format!(" raising shared memory of `{module}::{function}`")))?;
+                *allowed = cfg.shared_mem_bytes;
+            }
         }
         let mut b = self.stream.launch_builder(&f);
         b.arg(params);
