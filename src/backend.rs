@@ -22,8 +22,9 @@
 //! precisions: the f32 master copy (read by LayerNorm, layer scale, the patch embedding's bias and
 //! tokens, the decoder bias) and an `Act` copy the GEMMs read (on the CPU, the master itself).
 //!
-//! Each op method only forwards to the op's module in [`crate::ops`], where the CPU reference and
-//! the CUDA launcher sit side by side with the host checks they share. Shapes are given
+//! The op methods forward to the op's module in [`crate::ops`], where the CPU reference and the
+//! CUDA launcher sit side by side with the host checks they share; the Linear layers call the CPU
+//! GEMM ([`crate::cpu::sgemm`]) or cuBLASLt ([`crate::cuda::gemm`]) directly. Shapes are given
 //! explicitly; every implementation checks its buffers against them and returns
 //! [`crate::Error::Shape`] naming the tensor at fault.
 
