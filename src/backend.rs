@@ -39,7 +39,7 @@ use crate::cuda::gemm::{Epilogue, Gemm, Vector, VectorMut};
 use crate::cuda::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu};
 use crate::error::{check_len, Error, Result};
 use crate::ops::cross_entropy::{self, CrossEntropyShape, CrossEntropyStats, RowOutputs};
-use crate::ops::patch_embed::{self, DevicePixels, PatchEmbedShape, Pixels};
+use crate::ops::patch_embed::{self, DevicePixels, Normalize, PatchEmbedShape, Pixels};
 use crate::ops::residual::{self, LayerScaleShape, RowCopy};
 use crate::ops::{adamw, attention, gelu, gradnorm, layernorm};
 
@@ -52,6 +52,27 @@ impl Scalar for f32 {}
 impl Scalar for bf16 {}
 impl Scalar for i32 {}
 impl Scalar for u8 {}
+
+/// Pixels as the patch embedding reads them, in a backend's storage.
+pub enum PixelView<'a, B: Backend + ?Sized> {
+    /// Normalized f32 `[B, 3, S, S]`.
+    F32(B::Ref<'a, f32>),
+    /// uint8 `[B, S, S, 3]`, normalized with `norm` inside the op.
+    U8 {
+        /// The pixels.
+        hwc: B::Ref<'a, u8>,
+        /// Per-channel mean and standard deviation.
+        norm: Normalize,
+    },
+}
+
+impl<B: Backend + ?Sized> Clone for PixelView<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend + ?Sized> Copy for PixelView<'_, B> {}
 
 /// Per-row cross-entropy outputs in a backend's storage (loss, logsumexp, argmax).
 pub type CeRows<B> = RowOutputs<<B as Backend>::Buf<f32>, <B as Backend>::Buf<i32>>;
@@ -268,13 +289,13 @@ pub trait Backend {
         accumulate: bool,
     ) -> Result<()>;
 
-    /// Patch embedding of normalised f32 `[B, 3, S, S]` images into the rank-ordered rows of
-    /// both streams (see [`crate::ops::patch_embed`]); `weight` is the GEMM copy.
+    /// Patch embedding of the images into the rank-ordered rows of both streams (see
+    /// [`crate::ops::patch_embed`]); `weight` is the GEMM copy.
     #[allow(clippy::too_many_arguments)]
     fn patch_embed_forward(
         &self,
         shape: &PatchEmbedShape,
-        images: Self::Ref<'_, f32>,
+        images: PixelView<'_, Self>,
         ranks: Self::Ref<'_, i32>,
         weight: Self::Ref<'_, Self::Act>,
         bias: Self::Ref<'_, f32>,
@@ -289,7 +310,7 @@ pub trait Backend {
     fn patch_embed_backward(
         &self,
         shape: &PatchEmbedShape,
-        images: Self::Ref<'_, f32>,
+        images: PixelView<'_, Self>,
         ranks: Self::Ref<'_, i32>,
         d_out: Self::Ref<'_, Self::Act>,
         dweight: &mut Self::Mut<'_, f32>,
@@ -615,7 +636,7 @@ impl Backend for CpuBackend {
     fn patch_embed_forward(
         &self,
         shape: &PatchEmbedShape,
-        images: &[f32],
+        images: PixelView<'_, Self>,
         ranks: &[i32],
         weight: &[f32],
         bias: &[f32],
@@ -624,13 +645,19 @@ impl Backend for CpuBackend {
         mask_token: &[f32],
         out: &mut &mut [f32],
     ) -> Result<()> {
-        patch_embed::cpu_forward_f32(shape, images, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
+        let (w, b, pos, cls, mask) = (weight, bias, pos_embed, cls_token, mask_token);
+        match images {
+            PixelView::F32(chw) => patch_embed::cpu_forward_f32(shape, chw, ranks, w, b, pos, cls, mask, out),
+            PixelView::U8 { hwc, norm } => {
+                patch_embed::cpu_forward_u8(shape, hwc, &norm, ranks, w, b, pos, cls, mask, out)
+            }
+        }
     }
 
     fn patch_embed_backward(
         &self,
         shape: &PatchEmbedShape,
-        images: &[f32],
+        images: PixelView<'_, Self>,
         ranks: &[i32],
         d_out: &[f32],
         dweight: &mut &mut [f32],
@@ -639,7 +666,10 @@ impl Backend for CpuBackend {
         dcls_token: &mut &mut [f32],
         dmask_token: &mut &mut [f32],
     ) -> Result<()> {
-        let pixels = Pixels::F32 { chw: images };
+        let pixels = match images {
+            PixelView::F32(chw) => Pixels::F32 { chw },
+            PixelView::U8 { hwc, norm } => Pixels::U8 { hwc, norm },
+        };
         patch_embed::cpu_backward(shape, pixels, ranks, d_out, dweight, dbias, dpos_embed, dcls_token, dmask_token)
     }
 
@@ -966,7 +996,7 @@ impl Backend for CudaBackend {
     fn patch_embed_forward(
         &self,
         shape: &PatchEmbedShape,
-        images: DeviceView<'_, f32>,
+        images: PixelView<'_, Self>,
         ranks: DeviceView<'_, i32>,
         weight: DeviceView<'_, bf16>,
         bias: DeviceView<'_, f32>,
@@ -976,24 +1006,19 @@ impl Backend for CudaBackend {
         out: &mut DeviceViewMut<'_, bf16>,
     ) -> Result<()> {
         let gpu = &self.gpu;
-        patch_embed::cuda_forward_f32(
-            gpu,
-            shape,
-            &images,
-            &ranks,
-            &weight,
-            &bias,
-            &pos_embed,
-            &cls_token,
-            &mask_token,
-            out,
-        )
+        let (w, b, pos, cls, mask) = (&weight, &bias, &pos_embed, &cls_token, &mask_token);
+        match images {
+            PixelView::F32(chw) => patch_embed::cuda_forward_f32(gpu, shape, &chw, &ranks, w, b, pos, cls, mask, out),
+            PixelView::U8 { hwc, norm } => {
+                patch_embed::cuda_forward_u8(gpu, shape, &hwc, &norm, &ranks, w, b, pos, cls, mask, out)
+            }
+        }
     }
 
     fn patch_embed_backward(
         &self,
         shape: &PatchEmbedShape,
-        images: DeviceView<'_, f32>,
+        images: PixelView<'_, Self>,
         ranks: DeviceView<'_, i32>,
         d_out: DeviceView<'_, bf16>,
         dweight: &mut DeviceViewMut<'_, f32>,
@@ -1002,20 +1027,12 @@ impl Backend for CudaBackend {
         dcls_token: &mut DeviceViewMut<'_, f32>,
         dmask_token: &mut DeviceViewMut<'_, f32>,
     ) -> Result<()> {
-        let pixels = DevicePixels::F32 { chw: &images };
-        let gpu = &self.gpu;
-        patch_embed::cuda_backward(
-            gpu,
-            shape,
-            pixels,
-            &ranks,
-            &d_out,
-            dweight,
-            dbias,
-            dpos_embed,
-            dcls_token,
-            dmask_token,
-        )
+        let pixels = match &images {
+            PixelView::F32(chw) => DevicePixels::F32 { chw },
+            PixelView::U8 { hwc, norm } => DevicePixels::U8 { hwc, norm: *norm },
+        };
+        let (dw, db, dpos, dcls, dmask) = (dweight, dbias, dpos_embed, dcls_token, dmask_token);
+        patch_embed::cuda_backward(&self.gpu, shape, pixels, &ranks, &d_out, dw, db, dpos, dcls, dmask)
     }
 
     fn cross_entropy(

@@ -20,7 +20,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{AdamWStep, AttentionShape, Backend, CeGrads, CeRows, CpuBackend, Scalar};
+use crate::backend::{AdamWStep, AttentionShape, Backend, CeGrads, CeRows, CpuBackend, PixelView, Scalar};
 use crate::cpu::round_bf16;
 use crate::error::Result;
 use crate::ops::cross_entropy::{self, CpuPrecision, CrossEntropyShape, CrossEntropyStats};
@@ -30,6 +30,15 @@ use crate::ops::residual::{LayerScaleShape, RowCopy};
 /// The CPU backend with the CUDA backend's bf16 roundings (see the module docs).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Bf16Emulation;
+
+/// The normalized pixels as the GPU kernels hold them: f32 `[B, 3, S, S]` rounded to bf16 (their A
+/// tiles are bf16), from either form.
+fn bf16_pixels(shape: &PatchEmbedShape, images: PixelView<'_, Bf16Emulation>) -> Result<Vec<f32>> {
+    Ok(match images {
+        PixelView::F32(chw) => rounded(chw),
+        PixelView::U8 { hwc, norm } => rounded(&patch_embed::normalize_u8(shape, hwc, &norm)?),
+    })
+}
 
 /// A copy of `x` rounded to bf16.
 pub fn rounded(x: &[f32]) -> Vec<f32> {
@@ -283,7 +292,7 @@ impl Backend for Bf16Emulation {
     fn patch_embed_forward(
         &self,
         shape: &PatchEmbedShape,
-        images: &[f32],
+        images: PixelView<'_, Self>,
         ranks: &[i32],
         weight: &[f32],
         bias: &[f32],
@@ -292,7 +301,7 @@ impl Backend for Bf16Emulation {
         mask_token: &[f32],
         out: &mut &mut [f32],
     ) -> Result<()> {
-        let pixels = rounded(images);
+        let pixels = bf16_pixels(shape, images)?;
         patch_embed::cpu_forward_f32(shape, &pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)?;
         round_bf16(out);
         Ok(())
@@ -301,7 +310,7 @@ impl Backend for Bf16Emulation {
     fn patch_embed_backward(
         &self,
         shape: &PatchEmbedShape,
-        images: &[f32],
+        images: PixelView<'_, Self>,
         ranks: &[i32],
         d_out: &[f32],
         dweight: &mut &mut [f32],
@@ -310,7 +319,7 @@ impl Backend for Bf16Emulation {
         dcls_token: &mut &mut [f32],
         dmask_token: &mut &mut [f32],
     ) -> Result<()> {
-        let chw = rounded(images);
+        let chw = bf16_pixels(shape, images)?;
         let pixels = Pixels::F32 { chw: &chw };
         patch_embed::cpu_backward(shape, pixels, ranks, d_out, dweight, dbias, dpos_embed, dcls_token, dmask_token)
     }

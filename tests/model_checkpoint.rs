@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use mapet::io::{write_f32_safetensors, SafeTensorsFile};
 use mapet::model::checkpoint::{self, EXP_AVG, EXP_AVG_SQ, META_FILE, MODEL_FILE, OPTIMIZER_FILE};
-use mapet::model::cpu::{Batch, CpuModel};
+use mapet::model::cpu::{Batch, CpuModel, Images};
 use mapet::model::optim::LrSchedule;
 use mapet::model::params::{ModelConfig, ParamLayout};
 use mapet::model::train::{train_step, Recipe, RngState, TrainState};
@@ -38,7 +38,7 @@ fn random_batch(cfg: &ModelConfig, batch: usize, rng: &mut impl Rng) -> Batch {
     let n = cfg.n_tokens();
     let mut b = Batch {
         batch,
-        images: testing::uniform(rng, batch * 3 * cfg.image * cfg.image, 1.0),
+        images: Images::F32(testing::uniform(rng, batch * 3 * cfg.image * cfg.image, 1.0)),
         tokens: (0..batch * (n - 1)).map(|_| rng.random_range(0..cfg.vocab as i32)).collect(),
         ranks: Vec::new(),
     };

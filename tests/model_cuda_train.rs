@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use mapet::error::Error;
 use mapet::model::checkpoint;
-use mapet::model::cpu::{Batch, CpuModel};
+use mapet::model::cpu::{Batch, CpuModel, Images};
 use mapet::model::cuda::CudaModel;
 use mapet::model::cuda_train::{train_step_cuda, train_step_cuda_observed, CudaTrainState, StepPoint};
 use mapet::model::optim::LrSchedule;
@@ -47,7 +47,7 @@ fn random_batch(cfg: &ModelConfig, batch: usize, rng: &mut impl Rng) -> Batch {
     let n = cfg.n_tokens();
     let mut b = Batch {
         batch,
-        images: uniform(rng, batch * 3 * cfg.image * cfg.image, 2.0),
+        images: Images::F32(uniform(rng, batch * 3 * cfg.image * cfg.image, 2.0)),
         tokens: (0..batch * (n - 1)).map(|_| rng.random_range(0..cfg.vocab as i32)).collect(),
         ranks: Vec::new(),
     };
@@ -175,8 +175,9 @@ fn non_finite_loss_names_the_step_and_leaves_the_state_unchanged() {
     // is NaN whatever the kernels do with masked keys.
     let per_image = batches[1].images.len() / batches[1].batch;
     let image = rng.random_range(0..batches[1].batch);
-    let saved: Vec<f32> = batches[1].images[image * per_image..(image + 1) * per_image].to_vec();
-    batches[1].images[image * per_image..(image + 1) * per_image].fill(f32::NAN);
+    let pixels = batches[1].images.as_f32_mut().expect("f32 batches");
+    let saved: Vec<f32> = pixels[image * per_image..(image + 1) * per_image].to_vec();
+    pixels[image * per_image..(image + 1) * per_image].fill(f32::NAN);
     let err = train_step_cuda(&mut model, &mut state, &recipe, &mut batches).expect_err("a NaN image must fail");
     eprintln!("{err}");
     match &err {
@@ -201,7 +202,8 @@ fn non_finite_loss_names_the_step_and_leaves_the_state_unchanged() {
     }
 
     // With the image restored the same step goes through.
-    batches[1].images[image * per_image..(image + 1) * per_image].copy_from_slice(&saved);
+    batches[1].images.as_f32_mut().expect("f32 batches")[image * per_image..(image + 1) * per_image]
+        .copy_from_slice(&saved);
     let stats = train_step_cuda(&mut model, &mut state, &recipe, &mut batches).unwrap();
     assert!(stats.loss.is_finite());
     assert_eq!(state.step, before.step + 1);

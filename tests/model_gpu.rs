@@ -1,5 +1,6 @@
 //! The GPU model (`model::cuda::CudaModel`) against the golden cases with head dim 64 (float64
-//! truth from the authors' model), against the CPU model with drop path on, and against itself
+//! truth from the authors' model), against the CPU model with drop path on (f32 and uint8
+//! pixels), and against itself
 //! (bit-identical reruns, gradient accumulation). Tolerance: relative error (norm of the
 //! difference over the norm of the reference) at most 2e-2 for the loss, the logits and every
 //! parameter gradient, what tests/data/golden/README.md asks of bf16 GEMM inputs with f32
@@ -8,10 +9,11 @@
 use std::sync::Arc;
 
 use mapet::io::SafeTensorsFile;
-use mapet::model::cpu::{Batch, CpuModel};
+use mapet::model::cpu::{Batch, CpuModel, Images};
 use mapet::model::cuda::CudaModel;
 use mapet::model::golden::{run_bf16_emulation, run_cuda, Case};
 use mapet::model::params::{Init, ModelConfig};
+use mapet::ops::patch_embed::Normalize;
 use mapet::testing::{self, gpu_or_skip, rel_err, rng, to_f64, uniform};
 use rand::Rng;
 
@@ -90,7 +92,7 @@ fn random_batch(cfg: &ModelConfig, batch: usize, rng: &mut impl Rng) -> Batch {
     let n = cfg.n_tokens();
     let mut b = Batch {
         batch,
-        images: uniform(rng, batch * 3 * cfg.image * cfg.image, 2.0),
+        images: Images::F32(uniform(rng, batch * 3 * cfg.image * cfg.image, 2.0)),
         tokens: (0..batch * (n - 1)).map(|_| rng.random_range(0..cfg.vocab as i32)).collect(),
         ranks: Vec::new(),
     };
@@ -146,6 +148,30 @@ fn gpu_step_matches_cpu_with_drop_path() {
     check(&mut failures, "eval loss", &[got.loss], &[want.loss as f64]);
     assert_eq!(gpu.download_grads().unwrap(), gpu_grads, "a forward-only step changed the gradients");
     assert!(failures.is_empty(), "GPU vs CPU mismatches:\n{}", failures.join("\n"));
+
+    // uint8 HWC pixels, as training feeds them (normalized inside the patch-embedding kernel),
+    // against the CPU model on the same bytes.
+    let n = cfg.n_tokens();
+    let hwc: Vec<u8> = (0..batch_size * cfg.image * cfg.image * 3).map(|_| rng.random()).collect();
+    let mut batch_u8 = Batch {
+        batch: batch_size,
+        images: Images::U8 { hwc, norm: Normalize::IMAGENET },
+        tokens: (0..batch_size * (n - 1)).map(|_| rng.random_range(0..cfg.vocab as i32)).collect(),
+        ranks: Vec::new(),
+    };
+    batch_u8.resample_ranks(&cfg, &mut rng);
+    let mut cpu_grads = vec![0.0f32; layout.total];
+    let want = cpu.step(&params, &batch_u8, Some(&dp), Some(&mut cpu_grads), true).unwrap();
+    gpu.zero_grads().unwrap();
+    let got = gpu.step(&batch_u8, Some(&dp), true, true).unwrap();
+    let gpu_grads = gpu.download_grads().unwrap();
+    check(&mut failures, "u8 loss", &[got.loss], &[want.loss as f64]);
+    check(&mut failures, "u8 logits", got.logits.as_ref().unwrap(), &to_f64(want.logits.as_ref().unwrap()));
+    for s in &layout.specs {
+        let name = format!("u8 grads.{}", s.name);
+        check(&mut failures, &name, &gpu_grads[s.range()], &to_f64(&cpu_grads[s.range()]));
+    }
+    assert!(failures.is_empty(), "GPU vs CPU mismatches (uint8 pixels):\n{}", failures.join("\n"));
 }
 
 #[test]

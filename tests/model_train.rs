@@ -3,7 +3,7 @@
 //! non-finite loss.
 
 use mapet::error::Error;
-use mapet::model::cpu::{Batch, CpuModel};
+use mapet::model::cpu::{Batch, CpuModel, Images};
 use mapet::model::optim::{clip_scale, scaled_peak_lr, LrSchedule};
 use mapet::model::params::{Init, ModelConfig};
 use mapet::model::train::{train_step, Recipe, TrainState};
@@ -17,7 +17,7 @@ fn random_batch(cfg: &ModelConfig, batch: usize, rng: &mut impl Rng) -> Batch {
     let n = cfg.n_tokens();
     let mut b = Batch {
         batch,
-        images: testing::uniform(rng, batch * 3 * cfg.image * cfg.image, 1.0),
+        images: Images::F32(testing::uniform(rng, batch * 3 * cfg.image * cfg.image, 1.0)),
         tokens: (0..batch * (n - 1)).map(|_| rng.random_range(0..cfg.vocab as i32)).collect(),
         ranks: Vec::new(),
     };
@@ -202,7 +202,7 @@ fn split(b: &Batch, size: usize, cfg: &ModelConfig) -> Vec<Batch> {
     (0..b.batch / size)
         .map(|k| Batch {
             batch: size,
-            images: b.images[k * size * img..(k + 1) * size * img].to_vec(),
+            images: Images::F32(b.images.as_f32().expect("f32 batches")[k * size * img..(k + 1) * size * img].to_vec()),
             tokens: b.tokens[k * size * (n - 1)..(k + 1) * size * (n - 1)].to_vec(),
             ranks: b.ranks[k * size * n..(k + 1) * size * n].to_vec(),
         })
@@ -276,4 +276,45 @@ fn non_finite_loss_is_an_error_and_leaves_the_state_alone() {
     // A wrong number of micro-batches is refused before anything runs.
     let err = train_step(&model, &mut state, &recipe, &mut batches[..1]).unwrap_err();
     assert!(err.to_string().contains("micro_batches"), "{err}");
+}
+
+#[test]
+fn uint8_and_f32_pixels_give_the_same_step() {
+    // The uint8 form (normalized inside the patch embedding) and the f32 form made from the same
+    // bytes are the same batch: loss, logits and gradients agree bit for bit on the CPU.
+    let cfg = TINY;
+    let model = CpuModel::new(cfg).unwrap();
+    let mut rng = testing::rng("uint8_and_f32_pixels_give_the_same_step");
+    let params = model.layout.init(&mut rng);
+    let b = 3;
+    let hwc: Vec<u8> = (0..b * cfg.image * cfg.image * 3).map(|_| rng.random()).collect();
+    let norm = mapet::ops::patch_embed::Normalize { mean: [0.3, 0.5, 0.6], std: [0.2, 0.25, 0.3] };
+    let shape = mapet::ops::patch_embed::PatchEmbedShape {
+        batch: b,
+        image: cfg.image,
+        patch: cfg.patch,
+        dim: cfg.dim,
+        n_context: cfg.context,
+    };
+    let chw = mapet::ops::patch_embed::normalize_u8(&shape, &hwc, &norm).unwrap();
+    let mut u8_batch = random_batch(&cfg, b, &mut rng);
+    u8_batch.images = Images::U8 { hwc, norm };
+    let f32_batch = Batch { images: Images::F32(chw), ..u8_batch.clone() };
+    let dp = model.draw_drop_path(b, 0.3, &mut rng);
+    let (mut g8, mut g32) = (vec![0.0f32; model.layout.total], vec![0.0f32; model.layout.total]);
+    let o8 = model.step(&params, &u8_batch, Some(&dp), Some(&mut g8), true).unwrap();
+    let o32 = model.step(&params, &f32_batch, Some(&dp), Some(&mut g32), true).unwrap();
+    assert_eq!(o8.loss.to_bits(), o32.loss.to_bits());
+    assert_eq!(o8.logits, o32.logits);
+    assert!(g8.iter().zip(&g32).all(|(a, b)| a.to_bits() == b.to_bits()), "gradients differ");
+    // The patch-embedding weight gradient depends on the pixels: it is not zero.
+    let w = model.layout.get("patch_embed.proj.weight").unwrap().range();
+    assert!(g8[w].iter().any(|&g| g != 0.0));
+    // A different normalization is a different batch.
+    u8_batch.images = match u8_batch.images {
+        Images::U8 { hwc, .. } => Images::U8 { hwc, norm: mapet::ops::patch_embed::Normalize::IMAGENET },
+        other => other,
+    };
+    let other = model.step(&params, &u8_batch, Some(&dp), None, false).unwrap();
+    assert_ne!(other.loss.to_bits(), o8.loss.to_bits(), "the normalization was ignored");
 }

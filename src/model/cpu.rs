@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::model::net::{self, Activations, Weights};
 use crate::model::params::{ModelConfig, ParamLayout};
 
-pub use crate::model::net::{Batch, ForwardOutput, LN_EPS};
+pub use crate::model::net::{Batch, ForwardOutput, Images, LN_EPS};
 
 /// The model on the CPU: a parameter layout; parameters and gradients are flat buffers.
 pub struct CpuModel {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::io::{write_f32_safetensors, SafeTensorsFile};
-use crate::model::cpu::{Batch, CpuModel, ForwardOutput};
+use crate::model::cpu::{Batch, CpuModel, ForwardOutput, Images};
 use crate::model::params::{ModelConfig, ParamLayout};
 use crate::perm;
 
@@ -54,7 +54,7 @@ impl Case {
         let batch = ishape.first().copied().unwrap_or(0);
         let tokens = ints_to_i32(path, "batch.tokens", file.i64_tensor("batch.tokens")?.1)?;
         let ranks = ints_to_i32(path, "batch.ranks", file.i64_tensor("batch.ranks")?.1)?;
-        let batch = Batch { batch, images, tokens, ranks };
+        let batch = Batch { batch, images: Images::F32(images), tokens, ranks };
         batch.validate(&config).map_err(|e| Error::File { path: path.to_path_buf(), detail: e.to_string() })?;
         Ok(Case { config, params, batch })
     }

@@ -42,25 +42,72 @@
 
 use rand::Rng;
 
-use crate::backend::{Backend, CeGrads, CeRows, Scalar};
+use crate::backend::{Backend, CeGrads, CeRows, PixelView, Scalar};
 use crate::error::{check_len, Error, Result};
 use crate::model::params::{ModelConfig, ParamLayout};
 use crate::ops::attention::AttentionShape;
 use crate::ops::cross_entropy::{CrossEntropyShape, CrossEntropyStats};
-use crate::ops::patch_embed::PatchEmbedShape;
+use crate::ops::patch_embed::{Normalize, PatchEmbedShape};
 use crate::ops::residual::{LayerScaleShape, RowCopy};
 use crate::perm;
 
 /// LayerNorm epsilon of every norm in the model.
 pub const LN_EPS: f32 = 1e-6;
 
+/// The pixels of a batch, in one of the two forms the patch embedding reads.
+#[derive(Clone, Debug)]
+pub enum Images {
+    /// Normalized f32 `[B, 3, S, S]` (the golden cases and `check-step` use this form).
+    F32(Vec<f32>),
+    /// Decoded uint8 `[B, S, S, 3]` (HWC, as the data loader produces them), normalized with
+    /// `norm` inside the patch embedding: on the GPU in the kernel's registers, so that a step
+    /// moves a quarter of the f32 bytes and no float copy of the images exists.
+    U8 {
+        /// The pixels.
+        hwc: Vec<u8>,
+        /// Per-channel mean and standard deviation.
+        norm: Normalize,
+    },
+}
+
+impl Images {
+    /// Number of pixel values (B·3·S·S in both forms).
+    pub fn len(&self) -> usize {
+        match self {
+            Images::F32(v) => v.len(),
+            Images::U8 { hwc, .. } => hwc.len(),
+        }
+    }
+
+    /// True when there are no pixels.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The normalized f32 images, when that is the form.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            Images::F32(v) => Some(v),
+            Images::U8 { .. } => None,
+        }
+    }
+
+    /// The normalized f32 images, mutable, when that is the form.
+    pub fn as_f32_mut(&mut self) -> Option<&mut Vec<f32>> {
+        match self {
+            Images::F32(v) => Some(v),
+            Images::U8 { .. } => None,
+        }
+    }
+}
+
 /// One batch in the form the model consumes (host memory).
 #[derive(Clone, Debug)]
 pub struct Batch {
     /// Images in the batch.
     pub batch: usize,
-    /// Normalized pixels [B, 3, H, W].
-    pub images: Vec<f32>,
+    /// The pixels, f32 `[B, 3, S, S]` or uint8 `[B, S, S, 3]`.
+    pub images: Images,
     /// Codebook id of each patch [B, N-1], raster order.
     pub tokens: Vec<i32>,
     /// Rank of each token in its sample's permutation [B, N] (rank[.., 0] = 0).
@@ -72,6 +119,9 @@ impl Batch {
     pub fn validate(&self, config: &ModelConfig) -> Result<()> {
         let (n, s) = (config.n_tokens(), config.image);
         check_len("batch.images", self.images.len(), self.batch * 3 * s * s)?;
+        if let Images::U8 { norm, .. } = &self.images {
+            norm.validate()?;
+        }
         check_len("batch.tokens", self.tokens.len(), self.batch * (n - 1))?;
         check_len("batch.ranks", self.ranks.len(), self.batch * n)?;
         for (b, r) in self.ranks.chunks_exact(n).enumerate() {
@@ -245,7 +295,10 @@ pub struct Activations<B: Backend> {
     xs: Vec<B::Buf<B::Act>>,
     blocks: Vec<BlockActs<B>>,
     scratch: Scratch<B>,
-    images: B::Buf<f32>,
+    /// The batch's pixels in the form it came in (each allocated for the maximum batch on first
+    /// use): normalized f32 `[B, 3, S, S]` or uint8 `[B, S, S, 3]`.
+    images_f32: Option<B::Buf<f32>>,
+    images_u8: Option<B::Buf<u8>>,
     ranks: B::Buf<i32>,
     /// Drop-path scales [depth, 2, B].
     drop_scales: B::Buf<f32>,
@@ -323,11 +376,21 @@ impl<B: Backend> Activations<B> {
             da_h: al.buf(kv * d)?,
             bias_grad: al.buf(hd)?,
         };
-        let images = al.buf(max_batch * 3 * cfg.image * cfg.image)?;
         let ranks = al.buf(max_batch * n)?;
         let drop_scales = al.buf(cfg.depth * 2 * max_batch)?;
         let bytes = al.bytes;
-        Ok(Activations { max_batch, bytes, xs, blocks, scratch, images, ranks, drop_scales, rows_out: None })
+        Ok(Activations {
+            max_batch,
+            bytes,
+            xs,
+            blocks,
+            scratch,
+            images_f32: None,
+            images_u8: None,
+            ranks,
+            drop_scales,
+            rows_out: None,
+        })
     }
 
     /// The largest batch these buffers hold.
@@ -335,8 +398,9 @@ impl<B: Backend> Activations<B> {
         self.max_batch
     }
 
-    /// Bytes of the buffers allocated by [`Self::new`] (the per-row cross-entropy outputs,
-    /// allocated by the first step, are not counted).
+    /// Bytes of the buffers allocated so far: by [`Self::new`], and the pixel buffer of each form
+    /// a step has used (the per-row cross-entropy outputs, sized by the last step, are not
+    /// counted).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -402,11 +466,28 @@ pub fn step<B: Backend>(
     let ls = LayerScaleShape { samples: b, rows_per_sample: r, cols: d };
     let master = |name: &str| -> Result<B::Ref<'_, f32>> { B::sub(weights.master, layout.get(name)?.range()) };
     let act = |name: &str| -> Result<B::Ref<'_, B::Act>> { B::sub(weights.act, layout.get(name)?.range()) };
-    let Activations { xs, blocks, scratch: s, images, ranks, drop_scales, rows_out, .. } = acts;
-
-    // Inputs: pixels, ranks and the drop-path scales [depth][2][B].
+    // Inputs: pixels (in the form they came in), ranks and the drop-path scales [depth][2][B].
     let n_pixels = b * 3 * cfg.image * cfg.image;
-    be.copy_from_host(&batch.images, &mut B::view_mut(images, 0..n_pixels)?)?;
+    let max_pixels = acts.max_batch * 3 * cfg.image * cfg.image;
+    match &batch.images {
+        Images::F32(host) => {
+            if acts.images_f32.is_none() {
+                acts.images_f32 = Some(be.alloc(max_pixels)?);
+                acts.bytes += max_pixels * 4;
+            }
+            let buf = acts.images_f32.as_mut().expect("allocated just above");
+            be.copy_from_host(host, &mut B::view_mut(buf, 0..n_pixels)?)?;
+        }
+        Images::U8 { hwc, .. } => {
+            if acts.images_u8.is_none() {
+                acts.images_u8 = Some(be.alloc(max_pixels)?);
+                acts.bytes += max_pixels;
+            }
+            let buf = acts.images_u8.as_mut().expect("allocated just above");
+            be.copy_from_host(hwc, &mut B::view_mut(buf, 0..n_pixels)?)?;
+        }
+    }
+    let Activations { xs, blocks, scratch: s, images_f32, images_u8, ranks, drop_scales, rows_out, .. } = acts;
     be.copy_from_host(&batch.ranks, &mut B::view_mut(ranks, 0..b * n)?)?;
     let mut scales = Vec::with_capacity(depth * 2 * b);
     match drop_path {
@@ -424,7 +505,12 @@ pub fn step<B: Backend>(
     be.copy_from_host(&scales, &mut B::view_mut(drop_scales, 0..scales.len())?)?;
     let drop_scales = B::view(drop_scales, 0..scales.len())?;
     let dp = |i: usize, j: usize| B::sub(drop_scales, (2 * i + j) * b..(2 * i + j + 1) * b);
-    let img = B::view(images, 0..n_pixels)?;
+    let img = match &batch.images {
+        Images::F32(_) => PixelView::F32(B::view(images_f32.as_ref().expect("uploaded above"), 0..n_pixels)?),
+        Images::U8 { norm, .. } => {
+            PixelView::U8 { hwc: B::view(images_u8.as_ref().expect("uploaded above"), 0..n_pixels)?, norm: *norm }
+        }
+    };
     let rk = B::view(ranks, 0..b * n)?;
 
     // Patch embedding into rank order.

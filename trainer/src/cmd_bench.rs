@@ -16,7 +16,9 @@
 //! # Data
 //!
 //! One set of synthetic micro-batches, made once from a generator seeded with `train.seed`:
-//! random 8-bit pixels normalised with the ImageNet mean and std, random token ids; before every
+//! random uint8 HWC pixels, handed to the model as the data loader hands them (normalized with the
+//! ImageNet mean and std inside the patch embedding, on the GPU in the kernel), random token ids;
+//! before every
 //! step each sample gets a fresh random permutation from the same generator (the recipe's own
 //! resampling is off, so drawing them is not timed). Drop path is the config's (0.1 by default).
 //!
@@ -80,7 +82,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mapet::cuda::Gpu;
-use mapet::model::cpu::{Batch, CpuModel};
+use mapet::model::cpu::{Batch, CpuModel, Images};
 use mapet::model::cuda::CudaModel;
 use mapet::model::cuda_train::{train_step_cuda_observed, CudaTrainState, StepPoint};
 use mapet::model::optim::clip_scale;
@@ -321,14 +323,10 @@ fn synthetic_batches(cfg: &ModelConfig, micro: usize, count: usize, rng: &mut Ch
     let (s, n) = (cfg.image, cfg.n_tokens());
     (0..count)
         .map(|_| {
-            let mut images = Vec::with_capacity(micro * 3 * s * s);
-            for _ in 0..micro {
-                for c in 0..3 {
-                    images.extend((0..s * s).map(|_| (rng.random::<u8>() as f32 / 255.0 - norm.mean[c]) / norm.std[c]));
-                }
-            }
+            // uint8 HWC pixels, as the data loader hands them to the model.
+            let hwc = (0..micro * s * s * 3).map(|_| rng.random::<u8>()).collect();
             let tokens = (0..micro * (n - 1)).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
-            let mut b = Batch { batch: micro, images, tokens, ranks: Vec::new() };
+            let mut b = Batch { batch: micro, images: Images::U8 { hwc, norm }, tokens, ranks: Vec::new() };
             fresh_ranks(cfg, &mut b, rng);
             b
         })

@@ -537,7 +537,7 @@ pub fn run_with(
                 match batches.next() {
                     Some(Ok(b)) => {
                         next_image = b.next_position as u64;
-                        micro_batches.push(b.to_cpu_batch(&norm));
+                        micro_batches.push(b.into_model_batch(norm));
                     }
                     Some(Err(e)) => {
                         // Keep the steps trained so far before giving up on the data.

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use mapet::model::checkpoint;
-use mapet::model::cpu::{Batch, CpuModel};
+use mapet::model::cpu::{Batch, CpuModel, Images};
 use mapet::ops::patch_embed::Normalize;
 use mapet_trainer::cmd::eval::{self, EvalArgs};
 use mapet_trainer::data::{image_ranks, preprocess, ImageIndex, NpyDtype, Tokens};
@@ -52,7 +52,8 @@ fn recompute(images: &Path, tokens: &Path, ckpt: &Path, batch: usize, seed: u64)
     let (mut sum, mut correct, mut counted) = (0.0f64, 0, 0);
     let positions: Vec<usize> = (0..index.len()).collect();
     for chunk in positions.chunks(batch) {
-        let mut b = Batch { batch: chunk.len(), images: Vec::new(), tokens: Vec::new(), ranks: Vec::new() };
+        let mut b =
+            Batch { batch: chunk.len(), images: Images::F32(Vec::new()), tokens: Vec::new(), ranks: Vec::new() };
         for &p in chunk {
             let px = preprocess(&std::fs::read(index.full_path(p)).unwrap(), s as u32, None).unwrap();
             let mut chw = vec![0f32; 3 * s * s];
@@ -61,7 +62,7 @@ fn recompute(images: &Path, tokens: &Path, ckpt: &Path, batch: usize, seed: u64)
                     chw[c * s * s + i] = norm.apply(rgb[c], c);
                 }
             }
-            b.images.extend(chw);
+            b.images.as_f32_mut().expect("built as f32").extend(chw);
             b.tokens.extend(tokens.row(index.id(p)));
             b.ranks.extend(image_ranks(seed, 0, index.id(p), n));
         }

@@ -98,16 +98,25 @@ fn batch_contents_match_their_images() {
             }
         }
     }
-    // The CPU model takes the batch: normalised CHW pixels, the same tokens and ranks.
+    // The model takes the batch: the uint8 HWC pixels as they are (normalized in the patch
+    // embedding), or normalized f32 CHW pixels; the same tokens and ranks either way.
     let model = mapet::model::ModelConfig { image: S, patch: 4, dim: 8, depth: 1, heads: 1, vocab: VOCAB, context: 5 };
     let loader = Loader::new(f.index.clone(), f.tokens.clone(), config(4, 2, seed)).unwrap();
     let batch = loader.epoch(0).next().unwrap().unwrap();
     let norm = mapet::ops::patch_embed::Normalize::IMAGENET;
-    let cpu = batch.to_cpu_batch(&norm);
-    cpu.validate(&model).unwrap();
+    let mut f32_batch = batch.to_f32_batch(&norm);
+    f32_batch.validate(&model).unwrap();
     let (b, y, x, c) = (3, 5, 11, 2);
-    assert_eq!(cpu.images[((b * 3 + c) * S + y) * S + x], norm.apply(batch.pixels[((b * S + y) * S + x) * 3 + c], c));
-    assert_eq!((cpu.tokens, cpu.ranks), (batch.tokens.clone(), batch.ranks.clone()));
+    let chw = f32_batch.images.as_f32_mut().expect("the f32 form");
+    assert_eq!(chw[((b * 3 + c) * S + y) * S + x], norm.apply(batch.pixels[((b * S + y) * S + x) * 3 + c], c));
+    assert_eq!((&f32_batch.tokens, &f32_batch.ranks), (&batch.tokens, &batch.ranks));
+    let u8_batch = batch.clone().into_model_batch(norm);
+    u8_batch.validate(&model).unwrap();
+    match &u8_batch.images {
+        mapet::model::cpu::Images::U8 { hwc, norm: n } => assert!(hwc == &batch.pixels && *n == norm),
+        other => panic!("expected the uint8 form, got {other:?}"),
+    }
+    assert_eq!((u8_batch.tokens, u8_batch.ranks), (batch.tokens.clone(), batch.ranks.clone()));
 
     // Jitter changes pixels, and differently in each epoch.
     let on =

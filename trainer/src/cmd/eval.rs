@@ -236,7 +236,7 @@ pub fn forward_all(
     for batch in loader.epoch(0) {
         let batch = batch.map_err(|e| format!("--data: {e}"))?;
         images += batch.len();
-        let out = forward(&batch.to_cpu_batch(&norm))?;
+        let out = forward(&batch.into_model_batch(norm))?;
         loss_sum += out.stats.loss as f64 * out.stats.counted as f64;
         correct += out.stats.correct;
         counted += out.stats.counted;

@@ -108,8 +108,20 @@ impl Batch {
         self.indices.is_empty()
     }
 
-    /// The batch as the CPU model takes it: pixels normalised with `norm` to f32 `[B, 3, S, S]`.
-    pub fn to_cpu_batch(&self, norm: &mapet::ops::patch_embed::Normalize) -> mapet::model::cpu::Batch {
+    /// The batch as the model takes it: the uint8 HWC pixels as they are (moved, not copied),
+    /// normalized with `norm` inside the patch embedding (on the GPU, in the kernel).
+    pub fn into_model_batch(self, norm: mapet::ops::patch_embed::Normalize) -> mapet::model::cpu::Batch {
+        mapet::model::cpu::Batch {
+            batch: self.len(),
+            images: mapet::model::cpu::Images::U8 { hwc: self.pixels, norm },
+            tokens: self.tokens,
+            ranks: self.ranks,
+        }
+    }
+
+    /// The batch with its pixels normalized on the host with `norm` to f32 `[B, 3, S, S]` (the
+    /// form of the golden cases; [`Self::into_model_batch`] is what training uses).
+    pub fn to_f32_batch(&self, norm: &mapet::ops::patch_embed::Normalize) -> mapet::model::cpu::Batch {
         let s2 = self.image_size * self.image_size;
         let mut images = vec![0f32; self.len() * 3 * s2];
         for (b, img) in self.pixels.chunks_exact(3 * s2).enumerate() {
@@ -119,7 +131,12 @@ impl Batch {
                 }
             }
         }
-        mapet::model::cpu::Batch { batch: self.len(), images, tokens: self.tokens.clone(), ranks: self.ranks.clone() }
+        mapet::model::cpu::Batch {
+            batch: self.len(),
+            images: mapet::model::cpu::Images::F32(images),
+            tokens: self.tokens.clone(),
+            ranks: self.ranks.clone(),
+        }
     }
 }
 
