@@ -18,9 +18,8 @@
 //! One set of synthetic micro-batches, made once from a generator seeded with `train.seed`:
 //! random uint8 HWC pixels, handed to the model as the data loader hands them (normalized with the
 //! ImageNet mean and std inside the patch embedding, on the GPU in the kernel), random token ids;
-//! before every
-//! step each sample gets a fresh random permutation from the same generator (the recipe's own
-//! resampling is off, so drawing them is not timed). Drop path is the config's (0.1 by default).
+//! before every step each sample gets a fresh random permutation from the same generator (the
+//! recipe's own resampling is off, so drawing them is not timed). Drop path is the config's (0.1 by default).
 //!
 //! # What is timed
 //!
