@@ -6,6 +6,10 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
+use mapet::cuda::gemm::Gemm;
+use mapet::cuda::Gpu;
 use mapet::ops::kmeans::{self, KMeansConfig, KMeansReport};
 use mapet::ops::patch_embed::Normalize;
 
@@ -75,13 +79,98 @@ pub struct Tokenized {
     pub inertia: Vec<f64>,
 }
 
-/// Fits k-means on `features` [rows, dim] (the paper's sampling rule) and labels every row.
+/// Where k-means runs: the CPU (f32, exact nearest centroids) or a GPU (bf16 points and
+/// centroids, f32 distances through a cuBLASLt GEMM and a fused argmin: ids differ from the CPU's
+/// only at near-ties).
+pub enum KMeansDevice {
+    /// The CPU reference.
+    Cpu,
+    /// A GPU and its cuBLASLt handle.
+    Cuda(Arc<Gpu>, Gemm),
+}
+
+impl KMeansDevice {
+    /// The device `name` selects: "cpu", "cuda", or "auto" (the GPU when one is usable).
+    pub fn select(name: &str) -> Result<Self, String> {
+        let cuda = || -> mapet::Result<Self> {
+            let gpu = Arc::new(Gpu::first()?);
+            let gemm = Gemm::new(&gpu)?;
+            Ok(KMeansDevice::Cuda(gpu, gemm))
+        };
+        match name {
+            "cpu" => Ok(KMeansDevice::Cpu),
+            "cuda" => cuda().map_err(|e| format!("--device cuda: {e}")),
+            "auto" => match mapet::cuda::unavailable_reason() {
+                Some(_) => Ok(KMeansDevice::Cpu),
+                None => cuda().map_err(|e| format!("--device auto: a GPU is present but unusable: {e}")),
+            },
+            other => Err(format!("--device {other}: expected auto, cpu or cuda")),
+        }
+    }
+
+    /// "cpu" or "cuda (NAME)", for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            KMeansDevice::Cpu => "cpu".into(),
+            KMeansDevice::Cuda(gpu, _) => format!("cuda ({})", gpu.name()),
+        }
+    }
+
+    /// The nearest centroid of every row of `features` [rows, dim], and its squared distance.
+    pub fn assign(&self, features: &[f32], dim: usize, centroids: &[f32]) -> Result<(Vec<u32>, Vec<f32>), String> {
+        match self {
+            KMeansDevice::Cpu => kmeans::assign(features, dim, centroids).map_err(|e| e.to_string()),
+            KMeansDevice::Cuda(gpu, gemm) => {
+                let points = gpu.upload_bf16(features).map_err(|e| e.to_string())?;
+                cuda_assign_all(gpu, gemm, &points, dim, centroids).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Fits k-means on `features` [rows, dim] (the paper's sampling rule) and labels every row.
+    pub fn fit_and_assign(&self, features: &[f32], dim: usize, cfg: &KMeansConfig) -> Result<Tokenized, String> {
+        let (fit, ids, d2) = match self {
+            KMeansDevice::Cpu => {
+                let fit = kmeans::fit(features, dim, cfg).map_err(|e| e.to_string())?;
+                let (ids, d2) = kmeans::assign(features, dim, &fit.centroids).map_err(|e| e.to_string())?;
+                (fit, ids, d2)
+            }
+            KMeansDevice::Cuda(gpu, gemm) => {
+                let run = || -> mapet::Result<_> {
+                    let points = gpu.upload_bf16(features)?;
+                    let fit = kmeans::cuda_fit(gpu, gemm, &points, dim, cfg)?;
+                    let (ids, d2) = cuda_assign_all(gpu, gemm, &points, dim, &fit.centroids)?;
+                    Ok((fit, ids, d2))
+                };
+                run().map_err(|e| e.to_string())?
+            }
+        };
+        let report = kmeans::report(&ids, cfg.k, &d2).map_err(|e| e.to_string())?;
+        let inertia = fit.inertia_per_iteration.clone();
+        Ok(Tokenized { centroids: fit.centroids, ids: ids.into_iter().map(|i| i as i32).collect(), report, inertia })
+    }
+}
+
+/// Every row of `points` (bf16 on the device) labelled with its nearest of `centroids` (f32 on
+/// the host), read back.
+fn cuda_assign_all(
+    gpu: &Gpu,
+    gemm: &Gemm,
+    points: &mapet::cuda::DeviceBuffer<half::bf16>,
+    dim: usize,
+    centroids: &[f32],
+) -> mapet::Result<(Vec<u32>, Vec<f32>)> {
+    let n = points.len() / dim.max(1);
+    let c = gpu.upload_bf16(centroids)?;
+    let (mut ids, mut d2) = (gpu.alloc::<u32>(n)?, gpu.alloc::<f32>(n)?);
+    kmeans::cuda_assign(gpu, gemm, points, dim, &c, &mut ids, &mut d2)?;
+    Ok((ids.to_host()?, d2.to_host()?))
+}
+
+/// Fits k-means on `features` [rows, dim] on the CPU (the paper's sampling rule) and labels every
+/// row ([`KMeansDevice::fit_and_assign`] on [`KMeansDevice::Cpu`]).
 pub fn fit_and_assign(features: &[f32], dim: usize, cfg: &KMeansConfig) -> Result<Tokenized, String> {
-    let fit = kmeans::fit(features, dim, cfg).map_err(|e| e.to_string())?;
-    let (ids, d2) = kmeans::assign(features, dim, &fit.centroids).map_err(|e| e.to_string())?;
-    let report = kmeans::report(&ids, cfg.k, &d2).map_err(|e| e.to_string())?;
-    let inertia = fit.inertia_per_iteration.clone();
-    Ok(Tokenized { centroids: fit.centroids, ids: ids.into_iter().map(|i| i as i32).collect(), report, inertia })
+    KMeansDevice::Cpu.fit_and_assign(features, dim, cfg)
 }
 
 /// Writes the centroids as safetensors (`centroids` [k, dim]).

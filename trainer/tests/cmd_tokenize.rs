@@ -1,7 +1,7 @@
 //! `mapet tokenize` on a handful of small generated images: the token file's shape, dtype and
 //! range; ids that are the nearest centroid of each patch's pixels in index order; the same ids
 //! again when labelling with the saved centroids; external features; errors naming the flag or
-//! file.
+//! file; on a GPU, the same tokenization as the CPU's but for near-ties.
 
 mod data_common;
 
@@ -13,8 +13,14 @@ use mapet_trainer::data::{read_npy, ImageIndex, NpyData, NpyDtype};
 use mapet_trainer::tokenize::{load_centroids, pixel_features};
 use rand::Rng;
 
+/// `mapet tokenize ARGS` on the CPU (the exact reference these tests check against) unless ARGS
+/// name a device.
 fn run(args: &[&str]) -> Result<(), String> {
-    tokenize::run(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if !args.iter().any(|a| a == "--device") {
+        args.extend(["--device".to_string(), "cpu".to_string()]);
+    }
+    tokenize::run(&args)
 }
 
 fn s(p: &Path) -> &str {
@@ -229,4 +235,40 @@ fn token_dtype_is_int16_up_to_32767_centroids() {
     assert_eq!(tokenize::token_dtype(8192), NpyDtype::I16);
     assert_eq!(tokenize::token_dtype(32767), NpyDtype::I16);
     assert_eq!(tokenize::token_dtype(32768), NpyDtype::I32);
+}
+
+#[test]
+fn gpu_kmeans_tokens_agree_with_the_cpu() {
+    if mapet::testing::gpu_or_skip("gpu_kmeans_tokens_agree_with_the_cpu").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("gpu_kmeans_tokens_agree_with_the_cpu");
+    let train = dir.path().join("train");
+    images(&train, 12, &mut rng);
+    let common = ["--image", "32", "--patch", "8", "--k", "16", "--iterations", "5", "--restarts", "2", "--seed", "4"];
+    let (cpu_out, gpu_out) = (dir.path().join("cpu.npy"), dir.path().join("gpu.npy"));
+    let mut a = vec!["--data", s(&train), "--out", s(&cpu_out), "--device", "cpu"];
+    a.extend(common);
+    run(&a).unwrap();
+    // The GPU labels the patches with the CPU's centroids: ids agree but for near-ties.
+    let centroids = dir.path().join("cpu.centroids.safetensors");
+    let mut a = vec!["--data", s(&train), "--out", s(&gpu_out), "--device", "cuda", "--centroids", s(&centroids)];
+    a.extend(common);
+    run(&a).unwrap();
+    let (cpu_ids, gpu_ids) = (ids(&cpu_out).2, ids(&gpu_out).2);
+    let same = cpu_ids.iter().zip(&gpu_ids).filter(|(a, b)| a == b).count();
+    eprintln!("{same} of {} ids equal", cpu_ids.len());
+    assert!(same as f64 >= 0.97 * cpu_ids.len() as f64, "only {same} of {} ids agree", cpu_ids.len());
+    let report = std::fs::read_to_string(dir.path().join("gpu.report.json")).unwrap();
+    assert!(report.contains("\"device\": \"cuda"), "{report}");
+    // A whole fit on the GPU: every id in range, most centroids used.
+    let fit_out = dir.path().join("fit.npy");
+    let mut a = vec!["--data", s(&train), "--out", s(&fit_out), "--device", "cuda"];
+    a.extend(common);
+    run(&a).unwrap();
+    let fit_ids = ids(&fit_out).2;
+    assert!(fit_ids.iter().all(|&i| (0..16).contains(&i)));
+    let used = (0..16).filter(|c| fit_ids.contains(c)).count();
+    assert!(used >= 12, "only {used} of 16 centroids used");
 }
