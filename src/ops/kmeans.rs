@@ -287,7 +287,11 @@ fn stream_rng(seed: u64, stream: u64) -> ChaCha8Rng {
 }
 
 /// Indices (increasing) of the points the fit uses.
-fn sample_indices(n: usize, cfg: &KMeansConfig) -> Vec<u32> {
+/// The points [`fit`] and [`cuda_fit`] fit on, out of `n`: ascending indices, all of them when
+/// `n` is within [`KMeansConfig::sample_size`], else a seeded uniform sample. Fitting on exactly
+/// these points, in this order, gives the same result as fitting on all `n`: a caller that
+/// computes features on the fly can gather the sample first.
+pub fn sample_indices(n: usize, cfg: &KMeansConfig) -> Vec<u32> {
     let m = cfg.sample_size(n);
     if m == n {
         return (0..n as u32).collect();

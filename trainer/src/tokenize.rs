@@ -18,20 +18,33 @@ use crate::data::{preprocess, ImageIndex};
 /// Per-patch normalized pixels of every image, [num_images, (S/p)^2, 3·p·p], in index order.
 /// Unreadable images are errors naming the file (a tokenizer must label every row).
 pub fn pixel_features(index: &ImageIndex, image: usize, patch: usize) -> Result<Vec<f32>, String> {
+    pixel_features_of(index, 0..index.len(), image, patch)
+}
+
+/// [`pixel_features`] of the images at index positions `positions`, in that order, decoded on
+/// the machine's cores.
+pub fn pixel_features_of(
+    index: &ImageIndex,
+    positions: std::ops::Range<usize>,
+    image: usize,
+    patch: usize,
+) -> Result<Vec<f32>, String> {
     let g = image / patch;
     let f = 3 * patch * patch;
     let norm = Normalize::IMAGENET;
+    let count = positions.len();
+    let first = positions.start;
     let per_image: Vec<Result<Vec<f32>, String>> = std::thread::scope(|s| {
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(index.len().max(1));
-        let chunks: Vec<Vec<usize>> = (0..workers).map(|w| (w..index.len()).step_by(workers).collect()).collect();
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(count.max(1));
+        let chunks: Vec<Vec<usize>> = (0..workers).map(|w| (w..count).step_by(workers).collect()).collect();
         let handles: Vec<_> = chunks
             .into_iter()
-            .map(|positions| {
+            .map(|slots| {
                 s.spawn(move || {
-                    positions
+                    slots
                         .into_iter()
-                        .map(|pos| {
-                            let path = index.full_path(pos);
+                        .map(|slot| {
+                            let path = index.full_path(first + slot);
                             let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                             let px = preprocess(&bytes, image as u32, None)
                                 .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -47,28 +60,89 @@ pub fn pixel_features(index: &ImageIndex, image: usize, patch: usize) -> Result<
                                     }
                                 }
                             }
-                            Ok((pos, out))
+                            Ok((slot, out))
                         })
                         .collect::<Vec<Result<(usize, Vec<f32>), String>>>()
                 })
             })
             .collect();
-        let mut all: Vec<Option<Result<Vec<f32>, String>>> = (0..index.len()).map(|_| None).collect();
+        let mut all: Vec<Option<Result<Vec<f32>, String>>> = (0..count).map(|_| None).collect();
         for h in handles {
             for r in h.join().expect("feature worker panicked") {
                 match r {
-                    Ok((pos, v)) => all[pos] = Some(Ok(v)),
+                    Ok((slot, v)) => all[slot] = Some(Ok(v)),
                     Err(e) => return vec![Err(e)],
                 }
             }
         }
         all.into_iter().map(|o| o.expect("every position computed")).collect()
     });
-    let mut feats = Vec::with_capacity(index.len() * g * g * f);
+    let mut feats = Vec::with_capacity(count * g * g * f);
     for r in per_image {
         feats.extend(r?);
     }
     Ok(feats)
+}
+
+/// What the codebook of [`tokenize_pixels`] comes from.
+pub enum Codebook<'a> {
+    /// Fit one with this configuration.
+    Fit(&'a KMeansConfig),
+    /// Use these centroids `[k, 3·p·p]` (labelling an evaluation split).
+    Given { centroids: Vec<f32>, k: usize },
+}
+
+/// Pixel-feature tokenization of a whole index without holding its features: the fit's sample
+/// ([`kmeans::sample_indices`] over every patch of every image) is gathered `chunk_images`
+/// images at a time, the codebook fitted on it (the same result as fitting on all features),
+/// then every image labelled `chunk_images` at a time. Memory: the sample plus one chunk of
+/// features. Returns the codebook, the ids `[images · patches]` in index order, the report and
+/// the fit's inertia (empty for a given codebook).
+pub fn tokenize_pixels(
+    index: &ImageIndex,
+    image: usize,
+    patch: usize,
+    codebook: Codebook<'_>,
+    device: &KMeansDevice,
+    chunk_images: usize,
+) -> Result<Tokenized, String> {
+    let patches = (image / patch).pow(2);
+    let dim = 3 * patch * patch;
+    let chunk_images = chunk_images.max(1);
+    let chunks = || (0..index.len()).step_by(chunk_images).map(|a| a..(a + chunk_images).min(index.len()));
+    let (centroids, k, inertia) = match codebook {
+        Codebook::Given { centroids, k } => (centroids, k, Vec::new()),
+        Codebook::Fit(cfg) => {
+            let wanted = kmeans::sample_indices(index.len() * patches, cfg);
+            let mut sample = Vec::with_capacity(wanted.len() * dim);
+            let mut next = wanted.iter().peekable();
+            for range in chunks() {
+                let end_row = (range.end * patches) as u32;
+                if next.peek().is_none_or(|&&r| r >= end_row) {
+                    continue; // no sampled patch in these images: nothing to decode
+                }
+                let start_row = range.start * patches;
+                let feats = pixel_features_of(index, range, image, patch)?;
+                while let Some(&&r) = next.peek().filter(|&&&r| r < end_row) {
+                    let local = r as usize - start_row;
+                    sample.extend_from_slice(&feats[local * dim..(local + 1) * dim]);
+                    next.next();
+                }
+            }
+            let fitted = device.fit(&sample, dim, cfg)?;
+            (fitted.centroids, cfg.k, fitted.inertia_per_iteration)
+        }
+    };
+    let mut ids = Vec::with_capacity(index.len() * patches);
+    let mut d2 = Vec::with_capacity(index.len() * patches);
+    for range in chunks() {
+        let feats = pixel_features_of(index, range, image, patch)?;
+        let (i, d) = device.assign(&feats, dim, &centroids)?;
+        ids.extend(i);
+        d2.extend(d);
+    }
+    let report = kmeans::report(&ids, k, &d2).map_err(|e| e.to_string())?;
+    Ok(Tokenized { centroids, ids: ids.into_iter().map(|i| i as i32).collect(), report, inertia })
 }
 
 /// A fitted codebook and the labels of every patch.
@@ -123,6 +197,17 @@ impl KMeansDevice {
             KMeansDevice::Cuda(gpu, gemm) => {
                 let points = gpu.upload_bf16(features).map_err(|e| e.to_string())?;
                 cuda_assign_all(gpu, gemm, &points, dim, centroids).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Fits k-means on `features` [rows, dim] (the paper's sampling rule applies).
+    pub fn fit(&self, features: &[f32], dim: usize, cfg: &KMeansConfig) -> Result<kmeans::KMeansResult, String> {
+        match self {
+            KMeansDevice::Cpu => kmeans::fit(features, dim, cfg).map_err(|e| e.to_string()),
+            KMeansDevice::Cuda(gpu, gemm) => {
+                let points = gpu.upload_bf16(features).map_err(|e| e.to_string())?;
+                kmeans::cuda_fit(gpu, gemm, &points, dim, cfg).map_err(|e| e.to_string())
             }
         }
     }

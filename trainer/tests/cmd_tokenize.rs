@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use mapet_trainer::cmd::tokenize;
 use mapet_trainer::data::{read_npy, ImageIndex, NpyData, NpyDtype};
-use mapet_trainer::tokenize::{load_centroids, pixel_features};
+use mapet_trainer::tokenize::{
+    fit_and_assign, load_centroids, pixel_features, tokenize_pixels, Codebook, KMeansDevice,
+};
 use rand::Rng;
 
 /// `mapet tokenize ARGS` on the CPU (the exact reference these tests check against) unless ARGS
@@ -271,4 +273,31 @@ fn gpu_kmeans_tokens_agree_with_the_cpu() {
     assert!(fit_ids.iter().all(|&i| (0..16).contains(&i)));
     let used = (0..16).filter(|c| fit_ids.contains(c)).count();
     assert!(used >= 12, "only {used} of 16 centroids used");
+}
+
+#[test]
+fn streamed_pixel_tokenization_equals_the_whole_set_at_once() {
+    // The fit's sample gathered chunk by chunk and the labelling done chunk by chunk give exactly
+    // the codebook and ids of clustering the whole feature matrix at once, whatever the chunk.
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("streamed_pixel_tokenization");
+    images(dir.path(), 7, &mut rng);
+    let index = ImageIndex::from_folder(dir.path()).unwrap();
+    let feats = pixel_features(&index, 32, 8).unwrap();
+    let mut km = mapet::ops::kmeans::KMeansConfig::new(8);
+    (km.iterations, km.restarts, km.seed) = (5, 2, 9);
+    // 7 images x 16 patches = 112 points, a sample of 8 x 6 = 48 of them: the sampled path.
+    km.max_points_per_centroid = 6;
+    let whole = fit_and_assign(&feats, 192, &km).unwrap();
+    for chunk in [1, 2, 3, 7, 100] {
+        let t = tokenize_pixels(&index, 32, 8, Codebook::Fit(&km), &KMeansDevice::Cpu, chunk).unwrap();
+        assert_eq!(t.centroids, whole.centroids, "chunk {chunk}: centroids differ");
+        assert_eq!(t.ids, whole.ids, "chunk {chunk}: ids differ");
+        assert_eq!(t.inertia, whole.inertia, "chunk {chunk}: inertia differs");
+        assert_eq!(t.report.usage, whole.report.usage);
+    }
+    let given = Codebook::Given { centroids: whole.centroids.clone(), k: 8 };
+    let labelled = tokenize_pixels(&index, 32, 8, given, &KMeansDevice::Cpu, 3).unwrap();
+    assert_eq!(labelled.ids, whole.ids);
+    assert!(labelled.inertia.is_empty());
 }

@@ -1,7 +1,9 @@
 //! `mapet tokenize`: k-means visual tokens for an image set (SPEC.md, "Tokenizers").
 //!
 //! Features per patch: `pixels` (each patch's normalized pixels after the training crop and
-//! resize, 3·p·p values; [`crate::tokenize::pixel_features`]) or an external f32/f64 `.npy`
+//! resize, 3·p·p values; [`crate::tokenize::pixel_features`], computed `--chunk-images` images at
+//! a time by [`crate::tokenize::tokenize_pixels`], so that an ImageNet-sized set never holds all
+//! its features) or an external f32/f64 `.npy`
 //! `[num_images, N-1, F]` (an encoder's patch features, e.g. CLIP's for k-CLIP), one row per image
 //! of the index, in index order. A codebook of `--k` centroids is fitted on them
 //! ([`mapet::ops::kmeans::fit`]: sub-sampled to `k · max-points-per-centroid` points, best of
@@ -22,13 +24,13 @@ use super::{beside, json_f64, json_str, open_index, parse, Parsed};
 use crate::data::npy::read_npy_f32;
 use crate::data::tokens::write_tokens;
 use crate::data::NpyDtype;
-use crate::tokenize::{load_centroids, pixel_features, save_centroids, KMeansDevice};
+use crate::tokenize::{load_centroids, save_centroids, tokenize_pixels, Codebook, KMeansDevice, Tokenized};
 
 /// The command's usage.
 pub const USAGE: &str = "usage: mapet tokenize --data DIR|MANIFEST --out tokens.npy [--k 8192]
                       [--features pixels|FILE.npy] [--image 224] [--patch 16] [--iterations 20]
                       [--restarts 5] [--max-points-per-centroid 512] [--seed 0] [--centroids FILE]
-                      [--device auto|cpu|cuda]
+                      [--device auto|cpu|cuda] [--chunk-images 2048]
   k-means visual tokens: one id per patch of every image. Row i of the output is image i of the
   index (a folder's sorted walk, or the manifest's order), the row order training reads.
   --data DIR|FILE      an image folder or a manifest of paths relative to its folder
@@ -43,7 +45,9 @@ pub const USAGE: &str = "usage: mapet tokenize --data DIR|MANIFEST --out tokens.
                        instead of fitting one: for the evaluation split
   --device D           auto (default: the GPU when one is usable), cpu (f32, exact) or cuda (bf16
                        points, f32 distances: ids differ from the CPU's only at near-ties)
-  Every feature of the set is held in memory (f32): meant for sets that fit.";
+  --chunk-images N     pixel features are computed N images at a time (default 2048): the fit's
+                       sample is gathered chunk by chunk, then every chunk labelled, so memory holds
+                       the sample and one chunk. External features are read whole.";
 
 /// The token dtype for a codebook of `k` ids: int16 when every id fits, int32 otherwise.
 pub fn token_dtype(k: usize) -> NpyDtype {
@@ -93,6 +97,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "seed",
         "centroids",
         "device",
+        "chunk-images",
     ];
     let a = match parse("tokenize", args, &valued, &[])? {
         Parsed::Help => {
@@ -120,6 +125,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let centroids = a.get("centroids").map(PathBuf::from);
     let device = KMeansDevice::select(a.get("device").unwrap_or("auto"))?;
+    let chunk_images = a.positive("chunk-images", 2048)?;
 
     let given = match &centroids {
         Some(path) => Some(load_centroids(path).map_err(|e| format!("--centroids: {e}"))?),
@@ -127,50 +133,71 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let index = open_index(&data)?;
     let patches = (image / patch).pow(2);
-    let (feats, dim) = if features == "pixels" {
-        println!("pixel features of {} images ({image}px, {patch}x{patch} patches)", index.len());
-        (pixel_features(&index, image, patch)?, 3 * patch * patch)
-    } else {
-        read_features(Path::new(&features), index.len(), patches, image, patch)?
-    };
     let rows = index.len() * patches;
-
-    let (ids, codebook, k, report, inertia) = match (given, &centroids) {
-        (Some((c, k, cdim)), Some(path)) => {
-            if cdim != dim {
-                return Err(format!(
-                    "--centroids {}: centroids of dimension {cdim}, the features have {dim} per patch",
-                    path.display()
-                ));
-            }
-            if let Some(kf) = k_flag.filter(|&kf| kf != k) {
-                return Err(format!("--k {kf} differs from the {k} centroids of --centroids {}", path.display()));
-            }
-            let (ids, d2) = device.assign(&feats, dim, &c)?;
-            let report = kmeans::report(&ids, k, &d2).map_err(|e| e.to_string())?;
-            (ids.into_iter().map(|i| i as i32).collect::<Vec<i32>>(), c, k, report, Vec::new())
-        }
-        _ => {
-            if km.k > rows {
-                return Err(format!(
-                    "--k {} is more than the {rows} patches of the {} images to cluster",
-                    km.k,
-                    index.len()
-                ));
-            }
-            println!(
-                "k-means on {}: {} centroids over {rows} patches of dimension {dim} (fit on at most {}; {} \
-                 restarts, {} iterations)",
-                device.describe(),
-                km.k,
-                km.sample_size(rows),
-                km.restarts,
-                km.iterations
-            );
-            let t = device.fit_and_assign(&feats, dim, &km)?;
-            (t.ids, t.centroids, km.k, t.report, t.inertia)
-        }
+    let pixels = features == "pixels";
+    let dim = if pixels { 3 * patch * patch } else { 0 };
+    // The codebook: the given one (checked against the features), or a fit of `km`.
+    let fit_banner = |dim: usize| {
+        println!(
+            "k-means on {}: {} centroids over {rows} patches of dimension {dim} (fit on at most {}; {} restarts, {} \
+             iterations)",
+            device.describe(),
+            km.k,
+            km.sample_size(rows),
+            km.restarts,
+            km.iterations
+        )
     };
+    let check_given = |k: usize, cdim: usize, dim: usize, path: &Path| -> Result<(), String> {
+        if cdim != dim {
+            return Err(format!(
+                "--centroids {}: centroids of dimension {cdim}, the features have {dim} per patch",
+                path.display()
+            ));
+        }
+        if let Some(kf) = k_flag.filter(|&kf| kf != k) {
+            return Err(format!("--k {kf} differs from the {k} centroids of --centroids {}", path.display()));
+        }
+        Ok(())
+    };
+    if given.is_none() && km.k > rows {
+        return Err(format!("--k {} is more than the {rows} patches of the {} images to cluster", km.k, index.len()));
+    }
+    let (t, dim) = if pixels {
+        println!(
+            "pixel features of {} images ({image}px, {patch}x{patch} patches), {chunk_images} images at a time",
+            index.len()
+        );
+        let codebook = match (given, &centroids) {
+            (Some((c, k, cdim)), Some(path)) => {
+                check_given(k, cdim, dim, path)?;
+                Codebook::Given { centroids: c, k }
+            }
+            _ => {
+                fit_banner(dim);
+                Codebook::Fit(&km)
+            }
+        };
+        (tokenize_pixels(&index, image, patch, codebook, &device, chunk_images)?, dim)
+    } else {
+        let (feats, dim) = read_features(Path::new(&features), index.len(), patches, image, patch)?;
+        let t = match (given, &centroids) {
+            (Some((c, k, cdim)), Some(path)) => {
+                check_given(k, cdim, dim, path)?;
+                let (ids, d2) = device.assign(&feats, dim, &c)?;
+                let report = kmeans::report(&ids, k, &d2).map_err(|e| e.to_string())?;
+                let ids = ids.into_iter().map(|i| i as i32).collect();
+                Tokenized { centroids: c, ids, report, inertia: Vec::new() }
+            }
+            _ => {
+                fit_banner(dim);
+                device.fit_and_assign(&feats, dim, &km)?
+            }
+        };
+        (t, dim)
+    };
+    let k = t.centroids.len() / dim.max(1);
+    let Tokenized { centroids: codebook, ids, report, inertia } = t;
 
     write_tokens(&out, token_dtype(k), patches, &ids).map_err(|e| format!("--out: {e}"))?;
     let centroids_path = beside(&out, ".centroids.safetensors");
