@@ -436,11 +436,13 @@ impl Backend for CpuBackend {
         'a: 'a,
     {
         let len = view.len();
-        let shown = format!("{ranges:?}");
+        // The ranges are kept for the message (cheap: no formatting unless the split fails,
+        // since this runs for every parameter gradient of every step).
+        let kept = ranges.clone();
         view.get_disjoint_mut(ranges).map_err(|_| Error::Shape {
             tensor: "views",
             expected: format!("pairwise disjoint ranges inside 0..{len}"),
-            got: shown,
+            got: format!("{kept:?}"),
         })
     }
 
