@@ -1,5 +1,6 @@
 //! Patch embedding benches. GPU: ViT-B/16 at B = 128 (224x224, p = 16, D = 768, C = 50), forward
-//! from uint8 and from f32 pixels, and forward + backward; the median of event-timed runs (ten
+//! from uint8 (in both contraction orders, `PixelOrder`) and from f32 pixels, and forward +
+//! backward; the median of event-timed runs (ten
 //! back-to-back calls each) is printed in ms per call beside criterion's numbers. Without a GPU
 //! the GPU benches print one SKIP line. CPU: the f32 reference at a small size.
 
@@ -9,8 +10,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::ops::patch_embed::{
-    cpu_backward, cpu_forward_f32, cuda_backward, cuda_forward_f32, cuda_forward_u8, DevicePixels, Normalize,
-    PatchEmbedShape, Pixels,
+    cpu_backward, cpu_forward_f32, cuda_backward_with, cuda_forward_f32, cuda_forward_u8_with, DevicePixels, Normalize,
+    PatchEmbedShape, PixelOrder, Pixels,
 };
 use mapet::testing::{rng, uniform};
 use rand::seq::SliceRandom;
@@ -66,10 +67,14 @@ fn gpu_inputs(gpu: &Gpu, s: &PatchEmbedShape) -> mapet::Result<Inputs> {
     })
 }
 
-fn forward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, u8_pixels: bool) -> mapet::Result<()> {
-    if u8_pixels {
-        cuda_forward_u8(
+/// uint8 pixels in a contraction order, or f32 pixels (None).
+type Entry = Option<PixelOrder>;
+
+fn forward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, entry: Entry) -> mapet::Result<()> {
+    match entry {
+        Some(order) => cuda_forward_u8_with(
             gpu,
+            order,
             s,
             &x.hwc,
             &Normalize::IMAGENET,
@@ -80,20 +85,18 @@ fn forward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, u8_pixels: bool) -> m
             &x.cls,
             &x.mask,
             &mut x.out,
-        )
-    } else {
-        cuda_forward_f32(gpu, s, &x.chw, &x.ranks, &x.weight, &x.bias, &x.pos, &x.cls, &x.mask, &mut x.out)
+        ),
+        None => cuda_forward_f32(gpu, s, &x.chw, &x.ranks, &x.weight, &x.bias, &x.pos, &x.cls, &x.mask, &mut x.out),
     }
 }
 
-fn backward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, u8_pixels: bool) -> mapet::Result<()> {
-    let pixels = if u8_pixels {
-        DevicePixels::U8 { hwc: &x.hwc, norm: Normalize::IMAGENET }
-    } else {
-        DevicePixels::F32 { chw: &x.chw }
+fn backward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, entry: Entry) -> mapet::Result<()> {
+    let (pixels, order) = match entry {
+        Some(order) => (DevicePixels::U8 { hwc: &x.hwc, norm: Normalize::IMAGENET }, order),
+        None => (DevicePixels::F32 { chw: &x.chw }, PixelOrder::Chw),
     };
     let [w, b, pos, cls, mask] = &mut x.grads;
-    cuda_backward(gpu, s, pixels, &x.ranks, &x.d_out, w, b, pos, cls, mask)
+    cuda_backward_with(gpu, order, s, pixels, &x.ranks, &x.d_out, w, b, pos, cls, mask)
 }
 
 /// Calls per timed sample of the printed medians.
@@ -110,24 +113,27 @@ fn bench_gpu(c: &mut Criterion) {
     let s = PatchEmbedShape { batch: 128, image: 224, patch: 16, dim: 768, n_context: 50 };
     let mut x = gpu_inputs(&gpu, &s).expect("inputs");
     let flops = 2.0 * (s.batch * s.n_patches() * s.patch_len() * s.dim) as f64;
-    type Step = fn(&Gpu, &PatchEmbedShape, &mut Inputs, bool) -> mapet::Result<()>;
-    let fwd_bwd: Step = |g, s, x, u| {
-        forward(g, s, x, u)?;
-        backward(g, s, x, u)
+    type Step = fn(&Gpu, &PatchEmbedShape, &mut Inputs, Entry) -> mapet::Result<()>;
+    let fwd_bwd: Step = |g, s, x, e| {
+        forward(g, s, x, e)?;
+        backward(g, s, x, e)
     };
-    let cases: [(&str, Step, bool, f64); 5] = [
-        ("forward u8", forward, true, flops),
-        ("forward f32", forward, false, flops),
-        ("backward u8", backward, true, flops),
-        ("forward+backward u8", fwd_bwd, true, 2.0 * flops),
-        ("forward+backward f32", fwd_bwd, false, 2.0 * flops),
+    let (chw, hwc) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc));
+    let cases: [(&str, Step, Entry, f64); 8] = [
+        ("forward u8 chw", forward, chw, flops),
+        ("forward u8 hwc", forward, hwc, flops),
+        ("forward f32", forward, None, flops),
+        ("backward u8 chw", backward, chw, flops),
+        ("backward u8 hwc", backward, hwc, flops),
+        ("forward+backward u8 chw", fwd_bwd, chw, 2.0 * flops),
+        ("forward+backward u8 hwc", fwd_bwd, hwc, 2.0 * flops),
+        ("forward+backward f32", fwd_bwd, None, 2.0 * flops),
     ];
     let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");
-    for (name, step, u8_pixels, work) in cases {
+    for (name, step, entry, work) in cases {
         // Ten calls between each pair of events, as a training step queues them: timing single
         // calls would add the host's launch latency to every sample.
-        let times =
-            gpu.time_ms(3, 30, || (0..INNER).try_for_each(|_| step(&gpu, &s, &mut x, u8_pixels))).expect("timing");
+        let times = gpu.time_ms(3, 30, || (0..INNER).try_for_each(|_| step(&gpu, &s, &mut x, entry))).expect("timing");
         let median = times[times.len() / 2] / INNER as f32;
         println!(
             "patch_embed {name} (B=128, 224/16, D=768) on {}: {median:.4} ms median, {:.1} TFLOP/s of GEMM",
@@ -136,7 +142,7 @@ fn bench_gpu(c: &mut Criterion) {
         );
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                let t = gpu.time_ms(0, 1, || (0..iters).try_for_each(|_| step(&gpu, &s, &mut x, u8_pixels)));
+                let t = gpu.time_ms(0, 1, || (0..iters).try_for_each(|_| step(&gpu, &s, &mut x, entry)));
                 Duration::from_secs_f64(t.expect("timing")[0] as f64 * 1e-3)
             })
         });

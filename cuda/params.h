@@ -159,6 +159,7 @@ typedef struct MapetPatchEmbedFwd {
     const float* cls_token;
     const float* mask_token;
     void* out;
+    void* weight_hwc;  // bf16 [D, p, p, 3] scratch of the HWC-order kernels (unused otherwise)
     float scale[3];
     float shift[3];
     int32_t batch;

@@ -37,6 +37,20 @@
 //   kernel sums the splits in a fixed order: deterministic, no atomics.
 // - dpos (and from it dbias, dcls, dmask) is a reduction over the batch: one thread per (token,
 //   channel pair) loops over b in order, then one thread per channel sums over tokens.
+//
+// Contraction order (the `_hwc` kernels; host: `PixelOrder`). A GEMM may sum over its K index in
+// any order, as long as A and W agree. In the weight's order k = (c*p + ky)*p + kx, eight
+// consecutive k of a uint8 HWC image are eight pixels of one channel, 3 bytes apart: three 8-byte
+// loads and 24 byte extractions for 8 values, plus integer divisions to locate k. These kernels
+// instead contract in the image's own order k' = (ky*p + kx)*3 + c, where eight consecutive k'
+// (p % 8 == 0) are eight consecutive bytes: one 8-byte load, channels cycling c, c+1, c+2. Their
+// A-tile build costs about a third of the instructions. That matters if, as their SASS suggests
+// (the CHW kernels' main loops hold several non-MMA instructions per mma), those kernels are
+// bound by instruction issue rather than by the tensor cores. The smaller raw staging (2
+// registers a row) also lets the forward load pixels two steps ahead. The forward multiplies by a copy of the weight permuted to [D, p, p, 3]
+// (mapet_patch_embed_weight_hwc, D*K bf16 scratch); the weight-gradient kernel writes each
+// partial back at the weight's own index, so the reduction and every caller are unchanged. The
+// backward also walks its patch rows with a cursor instead of dividing by G and G*G per row.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -232,6 +246,38 @@ struct Pixels {
         return make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
     }
 
+    // ---- HWC contraction order (uint8 HWC pixels, p % 8 == 0; see "Contraction order" above).
+    // k' = (ky*p + kx)*3 + c, so the 8 values k'..k'+7 (k' % 8 == 0) are 8 consecutive bytes of
+    // one pixel row of the patch: one aligned 8-byte load, whose byte j has channel (k' + j) % 3.
+
+    // Starts loading the group at byte offset `off` from the patch base `base` (-1: a row past the
+    // end); `valid` false (a row past the end, or k' >= K) gives zeros in finish_hwc.
+    __device__ __forceinline__ uint2 load_hwc(int base, int off, bool valid) const {
+        if (!valid || base < 0) return make_uint2(0u, 0u);
+        return __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(data) + base + off));
+    }
+
+    // Byte j of w, normalised with (s, h): 0x4B0000uu is the float 2^23 + u (one PRMT, one FADD).
+    __device__ __forceinline__ static float byte_norm(uint32_t w, int j, float s, float h) {
+        return fmaf(__uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u + j)) - 8388608.f, s, h);
+    }
+
+    // The 8 bf16 values of a group from load_hwc; `c` = k' % 3, the channel of its first byte.
+    __device__ __forceinline__ uint4 finish_hwc(uint2 w, int c, bool valid) const {
+        if (!valid) return make_uint4(0u, 0u, 0u, 0u);
+        // Bytes 0, 3, 6 have channel c; bytes 1, 4, 7 channel c + 1; bytes 2, 5 channel c + 2 (mod 3).
+        const float sa = c == 0 ? s0 : (c == 1 ? s1 : s2);
+        const float sb = c == 0 ? s1 : (c == 1 ? s2 : s0);
+        const float sc = c == 0 ? s2 : (c == 1 ? s0 : s1);
+        const float ha = c == 0 ? h0 : (c == 1 ? h1 : h2);
+        const float hb = c == 0 ? h1 : (c == 1 ? h2 : h0);
+        const float hc = c == 0 ? h2 : (c == 1 ? h0 : h1);
+        return make_uint4(pack_bf16(byte_norm(w.x, 0, sa, ha), byte_norm(w.x, 1, sb, hb)),
+                          pack_bf16(byte_norm(w.x, 2, sc, hc), byte_norm(w.x, 3, sa, ha)),
+                          pack_bf16(byte_norm(w.y, 0, sb, hb), byte_norm(w.y, 1, sc, hc)),
+                          pack_bf16(byte_norm(w.y, 2, sa, ha), byte_norm(w.y, 3, sb, hb)));
+    }
+
     // The 8 bf16 values of a group started by load().
     __device__ __forceinline__ uint4 finish(const uint32_t (&w)[8], int tag) const {
         if (tag < 0) return make_uint4(w[0], w[1], w[2], w[3]);
@@ -269,10 +315,12 @@ __device__ __forceinline__ Pixels<U8> make_pixels(const Params& P) {
 
 // Weight tile rows n0..n0+127, k0..k0+31 into shared memory. K % 8 == 0: cp.async with zero fill;
 // otherwise a synchronous scalar copy with zero-filled tails.
+// KAligned: the caller knows K % 8 == 0 (the HWC kernels), so only the cp.async path is compiled.
+template <bool KAligned = false>
 __device__ __forceinline__ void load_weight_tile(__nv_bfloat16 (*dst)[kFwdLd], const __nv_bfloat16* weight, int n0,
                                                  int k0, int D, int K) {
     const int tid = threadIdx.x;
-    if ((K & 7) == 0) {
+    if (KAligned || (K & 7) == 0) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int r = (tid >> 2) + 64 * i;
@@ -302,8 +350,69 @@ __device__ __forceinline__ void load_weight_tile(__nv_bfloat16 (*dst)[kFwdLd], c
     }
 }
 
-template <bool U8>
+// Where the group of 8 contraction indices starting at k' sits in a patch, in HWC order, as k'
+// advances by whole steps: its byte offset from the patch's top-left pixel and its channel.
+struct HwcCursor {
+    int k;    // k'
+    int off;  // byte offset: (k' / 3p) image rows of 3S bytes, plus k' % 3p
+    int rem;  // k' % 3p, the offset within the pixel row
+    int c;    // k' % 3, the channel of its first byte
+    int row_len, row_stride;  // 3p and 3S
+
+    __device__ __forceinline__ HwcCursor(int k0, int patch, int image) {
+        row_len = 3 * patch;
+        row_stride = 3 * image;
+        k = k0;
+        rem = k0 % row_len;
+        off = (k0 / row_len) * row_stride + rem;
+        c = k0 % 3;
+    }
+
+    __device__ __forceinline__ void advance(int dk) {
+        k += dk;
+        rem += dk;
+        off += dk;
+        while (rem >= row_len) {  // at most twice: dk <= 32 and 3p >= 24
+            rem -= row_len;
+            off += row_stride - row_len;
+        }
+        c = rem % 3;  // 3p is a multiple of 3
+    }
+};
+
+// Patch row m = b*G*G + py*G + px of the batch as (b, py, px), stepped forward without integer
+// divisions (the backward walks its rows kBwdC at a time).
+struct PatchCursor {
+    int m, b, py, px;
+
+    PatchCursor() = default;
+    __device__ __forceinline__ PatchCursor(int m0, int G, int np) {
+        m = m0;
+        b = m0 / np;
+        const int i = m0 - b * np;
+        py = i / G;
+        px = i - py * G;
+    }
+
+    // Steps dm = dpy*G + dpx rows (0 <= dpx < G; the caller divides once).
+    __device__ __forceinline__ void advance(int dm, int dpy, int dpx, int G) {
+        m += dm;
+        px += dpx;
+        py += dpy;
+        if (px >= G) {
+            px -= G;
+            ++py;
+        }
+        while (py >= G) {  // once per image crossed: at most dm / (G*G) + 1 times
+            py -= G;
+            ++b;
+        }
+    }
+};
+
+template <bool U8, bool HWC>
 __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
+    static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
     __shared__ __align__(16) __nv_bfloat16 a_tile[2][kFwdM][kFwdLd];
     __shared__ __align__(16) __nv_bfloat16 w_tile[2][kFwdN][kFwdLd];
     __shared__ int row_dst[kFwdM];  // b*R + rank of each patch row, -1 when none
@@ -311,7 +420,8 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
 
     const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
     const Pixels<U8> px = make_pixels<U8>(P);
-    const __nv_bfloat16* weight = static_cast<const __nv_bfloat16*>(P.weight);
+    // The HWC order multiplies by the weight permuted the same way (mapet_patch_embed_weight_hwc).
+    const __nv_bfloat16* weight = static_cast<const __nv_bfloat16*>(HWC ? P.weight_hwc : P.weight);
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
@@ -350,29 +460,10 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
 
-    uint32_t raw[2][8];
-    int tag[2];
     const int steps = (g.K + kFwdK - 1) / kFwdK;
 
-    // Prologue: tile 0.
-#pragma unroll
-    for (int i = 0; i < 2; ++i) px.load(base[i], kgrp, raw[i], tag[i]);
-    load_weight_tile(w_tile[0], weight, n0, 0, g.D, g.K);
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-        *reinterpret_cast<uint4*>(&a_tile[0][(tid >> 2) + 64 * i][kgrp]) = px.finish(raw[i], tag[i]);
-    cp_async_wait_all();
-    __syncthreads();
-
-    for (int s = 0; s < steps; ++s) {
-        const int buf = s & 1;
-        const bool more = s + 1 < steps;
-        if (more) {
-            const int k0 = (s + 1) * kFwdK;
-#pragma unroll
-            for (int i = 0; i < 2; ++i) px.load(base[i], k0 + kgrp, raw[i], tag[i]);
-            if ((g.K & 7) == 0) load_weight_tile(w_tile[buf ^ 1], weight, n0, k0, g.D, g.K);
-        }
+    // One step of MMAs: this warp's 64 x 32 block of the tile += A tile x W tile (32 of K).
+    auto mma_step = [&](int buf) {
 #pragma unroll
         for (int kk = 0; kk < kFwdK; kk += 16) {
             uint32_t bfrag[2][4];
@@ -389,14 +480,89 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
                     mma_bf16(acc[mi][ni], afrag, bfrag[ni >> 1][(ni & 1) * 2], bfrag[ni >> 1][(ni & 1) * 2 + 1]);
             }
         }
-        if (more) {
+    };
+
+    if constexpr (HWC) {
+        // Pixel loads run two steps ahead (one 8-byte load per row a step, so two steps of raw
+        // bytes cost 4 registers); the weight tile, an L2 hit, one step ahead by cp.async.
+        struct Slot {
+            uint2 w[2];  // raw bytes of this thread's two rows
+            int c;       // channel of the group's first byte
+            bool ok;     // k' < K
+        };
+        HwcCursor cur(kgrp, g.p, g.S);
+        auto fetch = [&](Slot& slot) {
+            slot.ok = cur.k < g.K;
+            slot.c = cur.c;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) slot.w[i] = px.load_hwc(base[i], cur.off, slot.ok);
+            cur.advance(kFwdK);
+        };
+        auto store = [&](const Slot& slot, int buf) {
 #pragma unroll
             for (int i = 0; i < 2; ++i)
-                *reinterpret_cast<uint4*>(&a_tile[buf ^ 1][(tid >> 2) + 64 * i][kgrp]) = px.finish(raw[i], tag[i]);
-            if ((g.K & 7) != 0) load_weight_tile(w_tile[buf ^ 1], weight, n0, (s + 1) * kFwdK, g.D, g.K);
-            cp_async_wait_all();
-        }
+                *reinterpret_cast<uint4*>(&a_tile[buf][(tid >> 2) + 64 * i][kgrp]) =
+                    px.finish_hwc(slot.w[i], slot.c, slot.ok && base[i] >= 0);
+        };
+        Slot even, odd;  // steps 0, 2, 4, ... and 1, 3, 5, ...
+        fetch(even);
+        load_weight_tile<true>(w_tile[0], weight, n0, 0, g.D, g.K);
+        fetch(odd);
+        store(even, 0);
+        cp_async_wait_all();
         __syncthreads();
+        // Step s: fetch step s + 2 into the slot step s came from, multiply tile s, then store
+        // step s + 1 (fetched a step earlier) into the other buffer.
+        auto step = [&](int s, Slot& refill, const Slot& next) {
+            const int buf = s & 1;
+            const bool more = s + 1 < steps;
+            if (more) load_weight_tile<true>(w_tile[buf ^ 1], weight, n0, (s + 1) * kFwdK, g.D, g.K);
+            fetch(refill);
+            mma_step(buf);
+            if (more) {
+                store(next, buf ^ 1);
+                cp_async_wait_all();
+            }
+            __syncthreads();
+        };
+        for (int s = 0; s < steps; s += 2) {
+            step(s, even, odd);
+            if (s + 1 < steps) step(s + 1, odd, even);
+        }
+    } else {
+        uint32_t raw[2][8];
+        int tag[2];
+
+        // Prologue: tile 0.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) px.load(base[i], kgrp, raw[i], tag[i]);
+        load_weight_tile(w_tile[0], weight, n0, 0, g.D, g.K);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            *reinterpret_cast<uint4*>(&a_tile[0][(tid >> 2) + 64 * i][kgrp]) = px.finish(raw[i], tag[i]);
+        cp_async_wait_all();
+        __syncthreads();
+
+        for (int s = 0; s < steps; ++s) {
+            const int buf = s & 1;
+            const bool more = s + 1 < steps;
+            if (more) {
+                const int k0 = (s + 1) * kFwdK;
+#pragma unroll
+                for (int i = 0; i < 2; ++i) px.load(base[i], k0 + kgrp, raw[i], tag[i]);
+                if ((g.K & 7) == 0) load_weight_tile(w_tile[buf ^ 1], weight, n0, k0, g.D, g.K);
+            }
+            mma_step(buf);
+            if (more) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    *reinterpret_cast<uint4*>(&a_tile[buf ^ 1][(tid >> 2) + 64 * i][kgrp]) =
+                        px.finish(raw[i], tag[i]);
+                if ((g.K & 7) != 0) load_weight_tile(w_tile[buf ^ 1], weight, n0, (s + 1) * kFwdK, g.D, g.K);
+                cp_async_wait_all();
+            }
+            __syncthreads();
+        }
     }
 
     // Epilogue: + bias + pos_embed[token], rounded to bf16, written to the token's rank row.
@@ -429,8 +595,9 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
 
 // ------------------------------------------------------------------ backward: dweight partials
 
-template <bool U8>
+template <bool U8, bool HWC>
 __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
+    static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
     __shared__ __align__(16) __nv_bfloat16 g_tile[2][kBwdC][kBwdLd];  // [patch row][channel]
     __shared__ __align__(16) __nv_bfloat16 p_tile[2][kBwdC][kBwdLd];  // [patch row][k]
 
@@ -463,19 +630,46 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
 
-    uint32_t raw[2][8];
+    uint32_t raw[2][8];  // CHW order: the pixel groups of the two rows
     int tag[2];
+    // HWC order: this thread's 8 contraction indices k_col.. are fixed; only the patch changes.
+    const HwcCursor col(k_col, g.p, g.S);
+    const bool col_ok = k_col < g.K;
+    uint2 hraw[2];
+    bool hrow[2];
     // Ranks of this thread's two rows for the next stage, loaded one step ahead so that their
     // latency hides behind a step of MMAs (-1: no row).
     int rank_next[2];
+    // HWC kernels also keep, for the same rows, the sample and the patch base (-1: no row), found
+    // by a cursor that steps kBwdC rows at a time without integer divisions.
+    int sample_next[2], base_next[2];
+    PatchCursor rows[2];
+    const int step_py = kBwdC / g.G, step_px = kBwdC % g.G;
+    if constexpr (HWC) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) rows[i] = PatchCursor(m_begin + (tid >> 4) + 16 * i, g.G, g.np);
+    }
     auto fetch_ranks = [&](int s) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const int m = m_begin + s * kBwdC + (tid >> 4) + 16 * i;
             rank_next[i] = -1;
-            if (m < m_end && n_col < g.D) {
-                const int b = m / g.np;
-                rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
+            if constexpr (HWC) {
+                PatchCursor& c = rows[i];
+                base_next[i] = -1;
+                sample_next[i] = c.b;
+                if (c.m < m_end) {
+                    base_next[i] = ((c.b * g.S + c.py * g.p) * g.S + c.px * g.p) * 3;
+                    if (n_col < g.D)
+                        rank_next[i] =
+                            __ldg(P.ranks + static_cast<int64_t>(c.b) * g.n_tokens + (c.py * g.G + c.px + 1));
+                }
+                c.advance(kBwdC, step_py, step_px, g.G);
+            } else {
+                const int m = m_begin + s * kBwdC + (tid >> 4) + 16 * i;
+                if (m < m_end && n_col < g.D) {
+                    const int b = m / g.np;
+                    rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
+                }
             }
         }
     };
@@ -492,16 +686,29 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
             const int r = rank_next[i];
             const bool ok = r >= 1 && r < g.n_tokens;
             const __nv_bfloat16* src = d_out;
-            if (ok) src = d_out + (static_cast<int64_t>(m / g.np) * g.rows + r) * g.D + n_col;
+            if (ok) src = d_out + (static_cast<int64_t>(HWC ? sample_next[i] : m / g.np) * g.rows + r) * g.D + n_col;
             cp_async16(&g_tile[buf][row][col8], src, ok);
-            px.load(in ? px.patch_base(m, g.G, g.np) : -1, k_col, raw[i], tag[i]);
+            if constexpr (HWC) {
+                hraw[i] = px.load_hwc(base_next[i], col.off, col_ok);
+                hrow[i] = base_next[i] >= 0;
+            } else {
+                const int pbase = in ? px.patch_base(m, g.G, g.np) : -1;
+                px.load(pbase, k_col, raw[i], tag[i]);
+            }
         }
         fetch_ranks(s + 1);
     };
     auto commit = [&](int buf) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-            *reinterpret_cast<uint4*>(&p_tile[buf][(tid >> 4) + 16 * i][col8]) = px.finish(raw[i], tag[i]);
+        for (int i = 0; i < 2; ++i) {
+            uint4 v;
+            if constexpr (HWC) {
+                v = px.finish_hwc(hraw[i], col.c, col_ok && hrow[i]);
+            } else {
+                v = px.finish(raw[i], tag[i]);
+            }
+            *reinterpret_cast<uint4*>(&p_tile[buf][(tid >> 4) + 16 * i][col8]) = v;
+        }
         cp_async_wait_all();
     };
 
@@ -547,8 +754,10 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int n = n0 + wn * 64 + mi * 16 + gq + 8 * (r >> 1);
-                const int k = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
-                if (n < g.D && k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
+                const int kc = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
+                // In HWC order column kc is k' = 3*(ky*p + kx) + c: weight index c*p*p + ky*p + kx.
+                const int k = HWC ? (kc % 3) * (g.p * g.p) + kc / 3 : kc;
+                if (n < g.D && kc < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
             }
 }
 
@@ -558,11 +767,33 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 
 // Content rows of the patch tokens. Grid (ceil(D/128), ceil(B*(N-1)/128)), 256 threads.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8(const MapetPatchEmbedFwd p) {
-    forward_patches<true>(p);
+    forward_patches<true, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_f32(const MapetPatchEmbedFwd p) {
-    forward_patches<false>(p);
+    forward_patches<false, false>(p);
+}
+
+// As mapet_patch_embed_fwd_u8 in HWC contraction order (p % 8 == 0); reads weight_hwc, written
+// first by mapet_patch_embed_weight_hwc.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8_hwc(const MapetPatchEmbedFwd p) {
+    forward_patches<true, true>(p);
+}
+
+// weight_hwc[d][k'] = weight[d][k] for k' = 3*(ky*p + kx) + c and k = c*p*p + ky*p + kx: the bf16
+// weight [D, 3, p, p] as [D, p, p, 3]. Grid-stride over D*K, writes coalesced.
+extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd p) {
+    const int pp = p.patch * p.patch;
+    const int K = 3 * pp;
+    const int64_t total = static_cast<int64_t>(p.dim) * K;
+    const unsigned short* src = static_cast<const unsigned short*>(p.weight);
+    unsigned short* dst = static_cast<unsigned short*>(p.weight_hwc);
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t d = i / K;
+        const int kc = static_cast<int>(i - d * K);
+        dst[i] = src[d * K + (kc % 3) * pp + kc / 3];
+    }
 }
 
 // Row 0 (CLS) and the 2P mask-token rows. Grid (N, B), any block size; each thread writes 8
@@ -602,11 +833,18 @@ extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p
 
 // dweight partials. Grid (ceil(K/128), ceil(D/128), splits), 256 threads.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_u8(const MapetPatchEmbedBwd p) {
-    backward_weight<true>(p);
+    backward_weight<true, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_f32(const MapetPatchEmbedBwd p) {
-    backward_weight<false>(p);
+    backward_weight<false, false>(p);
+}
+
+// As mapet_patch_embed_bwd_weight_u8 in HWC contraction order (p % 8 == 0); the partials are
+// written in the weight's own [D, 3, p, p] order, so the reduction is the same.
+extern "C" __global__ void __launch_bounds__(kThreads, 2)
+    mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
+    backward_weight<true, true>(p);
 }
 
 // dweight[i] += sum over splits of partial[split][i], splits in order. Grid-stride over D*K.

@@ -9,8 +9,10 @@
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
 #   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer
 #                   (memcheck), when it is installed and can see the device
-#   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per attention query
-#                   block size (MAPET_ATTENTION_ROWS), JSON lines into $MAPET_RESULTS
+#   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per kernel choice in
+#                   MAPET_MODEL_BENCH_CONFIGS (default "rows64:chw rows128:chw rows64:hwc": the
+#                   attention query block, MAPET_ATTENTION_ROWS, and the patch embedding's pixel
+#                   order, MAPET_PATCH_EMBED_ORDER), logs into $MAPET_RESULTS
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
 #                   3072 JPEGs), `mapet bench-data` on them, then one epoch of `mapet pretrain` of
 #                   ViT-B at batch 128 on the GPU; the median images/s of its steps after the third
@@ -68,12 +70,15 @@ for t in ${MAPET_SANITIZE:-}; do
 done
 
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
-  for rows in rows64 rows128; do
-    log="$res/mapet-bench-vit-b-$rows.log"
-    MAPET_ATTENTION_ROWS=$rows timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 \
-      --device cuda >"$log" 2>&1
+  for config in ${MAPET_MODEL_BENCH_CONFIGS:-rows64:chw rows128:chw rows64:hwc}; do
+    rows=${config%%:*}
+    order=${config##*:}
+    log="$res/mapet-bench-vit-b-$rows-$order.log"
+    MAPET_ATTENTION_ROWS=$rows MAPET_PATCH_EMBED_ORDER=$order timeout 300 "$here/bin/mapet" bench --model vit-b \
+      --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
     rc=$?
-    if [ $rc -eq 0 ]; then row "mapet bench vit-b $rows" ok "$(grep -m1 -i 'images/s' "$log")"; else row "mapet bench vit-b $rows" FAIL "rc=$rc (see $log)"; fi
+    name="mapet bench vit-b $rows $order"
+    if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
   done
 fi
 

@@ -7,8 +7,8 @@ use half::bf16;
 use mapet::cpu::round_bf16;
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::ops::patch_embed::{
-    cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward, cuda_forward_f32, cuda_forward_u8, normalize_u8,
-    DevicePixels, Normalize, PatchEmbedShape, Pixels,
+    cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward_with, cuda_forward_f32, cuda_forward_u8_with,
+    normalize_u8, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels,
 };
 use mapet::testing::{assert_within_baseline, gpu_or_skip, rel_err, rng, to_f64, uniform, uniform_bf16};
 use mapet::Error;
@@ -517,6 +517,16 @@ fn bad_inputs_are_refused() {
     assert!(matches!(e, Err(Error::Shape { tensor: "dmask_token", .. })));
 }
 
+#[test]
+fn pixel_order_names_parse_and_bad_names_are_refused() {
+    for order in PixelOrder::ALL {
+        assert_eq!(order.name().parse::<PixelOrder>().unwrap(), order);
+    }
+    assert_eq!(PixelOrder::default(), PixelOrder::Chw);
+    let e = "HWC".parse::<PixelOrder>().unwrap_err();
+    assert!(e.contains("chw or hwc"), "{e}");
+}
+
 // ------------------------------------------------------------------------------------------ GPU
 
 /// Device copies of a case's inputs.
@@ -544,15 +554,34 @@ fn upload(gpu: &Gpu, c: &Case) -> DeviceCase {
     }
 }
 
-fn gpu_forward(gpu: &Gpu, c: &Case, dc: &DeviceCase, u8_pixels: bool) -> mapet::Result<Vec<f32>> {
+/// A GPU entry point: f32 CHW pixels, or uint8 HWC pixels contracted in one of the two orders.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Entry {
+    F32,
+    U8(PixelOrder),
+}
+
+impl Entry {
+    const ALL: [Entry; 3] = [Entry::F32, Entry::U8(PixelOrder::Chw), Entry::U8(PixelOrder::Hwc)];
+
+    fn name(self) -> String {
+        match self {
+            Entry::F32 => "f32".into(),
+            Entry::U8(order) => format!("u8, {} order", order.name()),
+        }
+    }
+}
+
+fn gpu_forward(gpu: &Gpu, c: &Case, dc: &DeviceCase, entry: Entry) -> mapet::Result<Vec<f32>> {
     let mut out = gpu.alloc::<bf16>(c.s.out_len())?;
     out.poison()?;
-    if u8_pixels {
-        cuda_forward_u8(
-            gpu, &c.s, &dc.hwc, &c.norm, &dc.ranks, &dc.weight, &dc.bias, &dc.pos, &dc.cls, &dc.mask, &mut out,
-        )?;
-    } else {
-        cuda_forward_f32(gpu, &c.s, &dc.chw, &dc.ranks, &dc.weight, &dc.bias, &dc.pos, &dc.cls, &dc.mask, &mut out)?;
+    match entry {
+        Entry::U8(order) => cuda_forward_u8_with(
+            gpu, order, &c.s, &dc.hwc, &c.norm, &dc.ranks, &dc.weight, &dc.bias, &dc.pos, &dc.cls, &dc.mask, &mut out,
+        )?,
+        Entry::F32 => {
+            cuda_forward_f32(gpu, &c.s, &dc.chw, &dc.ranks, &dc.weight, &dc.bias, &dc.pos, &dc.cls, &dc.mask, &mut out)?
+        }
     }
     out.to_host_f32()
 }
@@ -561,7 +590,7 @@ fn gpu_backward(
     gpu: &Gpu,
     c: &Case,
     dc: &DeviceCase,
-    u8_pixels: bool,
+    entry: Entry,
     d_out: &DeviceBuffer<bf16>,
     init: &Grads32,
 ) -> mapet::Result<Grads32> {
@@ -570,14 +599,16 @@ fn gpu_backward(
     let mut pos = gpu.upload(&init.pos)?;
     let mut cls = gpu.upload(&init.cls)?;
     let mut mask = gpu.upload(&init.mask)?;
-    let pixels =
-        if u8_pixels { DevicePixels::U8 { hwc: &dc.hwc, norm: c.norm } } else { DevicePixels::F32 { chw: &dc.chw } };
-    cuda_backward(gpu, &c.s, pixels, &dc.ranks, d_out, &mut w, &mut b, &mut pos, &mut cls, &mut mask)?;
+    let (pixels, order) = match entry {
+        Entry::U8(order) => (DevicePixels::U8 { hwc: &dc.hwc, norm: c.norm }, order),
+        Entry::F32 => (DevicePixels::F32 { chw: &dc.chw }, PixelOrder::Chw),
+    };
+    cuda_backward_with(gpu, order, &c.s, pixels, &dc.ranks, d_out, &mut w, &mut b, &mut pos, &mut cls, &mut mask)?;
     Ok(Grads32 { w: w.to_host()?, b: b.to_host()?, pos: pos.to_host()?, cls: cls.to_host()?, mask: mask.to_host()? })
 }
 
 /// The kernel against the CPU baseline (pixels and weight rounded to bf16, f32 arithmetic, output
-/// rounded to bf16) and the f64 truth, forward and backward, for both pixel types.
+/// rounded to bf16) and the f64 truth, forward and backward, for every entry.
 fn check_against_cpu(gpu: &Gpu, rng: &mut impl Rng, s: PatchEmbedShape) {
     let case = make_case(rng, s);
     let dc = upload(gpu, &case);
@@ -586,8 +617,9 @@ fn check_against_cpu(gpu: &Gpu, rng: &mut impl Rng, s: PatchEmbedShape) {
     let init = Grads32::random(rng, &s, 0.5);
     let mut weight_bf16 = case.weight.clone();
     round_bf16(&mut weight_bf16);
-    for u8_pixels in [false, true] {
-        let what = if u8_pixels { "u8" } else { "f32" };
+    for entry in Entry::ALL {
+        let u8_pixels = entry != Entry::F32;
+        let what = entry.name();
         eprintln!("{s:?}, {what} pixels");
         let (x_true, mut x_kernel) = if u8_pixels {
             (normalized_f64(&s, &case.hwc, &case.norm), normalize_u8(&s, &case.hwc, &case.norm).unwrap())
@@ -612,14 +644,14 @@ fn check_against_cpu(gpu: &Gpu, rng: &mut impl Rng, s: PatchEmbedShape) {
         )
         .unwrap();
         round_bf16(&mut baseline);
-        let kernel = gpu_forward(gpu, &case, &dc, u8_pixels).unwrap();
+        let kernel = gpu_forward(gpu, &case, &dc, entry).unwrap();
         assert_within_baseline(&format!("forward ({what} pixels)"), &kernel, &baseline, &truth, 2.0, 1e-5);
 
         // Backward, accumulated onto `init`.
         let truth = naive_backward(&s, &x_true, &case.ranks, &d_out_host, &init);
         let mut baseline = init.clone();
         baseline.cpu_backward(&s, Pixels::F32 { chw: &x_kernel }, &case.ranks, &d_out_host);
-        let kernel = gpu_backward(gpu, &case, &dc, u8_pixels, &d_out, &init).unwrap();
+        let kernel = gpu_backward(gpu, &case, &dc, entry, &d_out, &init).unwrap();
         for (((name, k), (_, b)), t) in kernel.named().into_iter().zip(baseline.named()).zip(truth.named()) {
             assert_within_baseline(&format!("{name} ({what} pixels)"), k, b, t, 3.0, 1e-5);
         }
@@ -669,13 +701,13 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
         let s = shape_with_random_c(&mut rng, 2, 16, 8, dim);
         let case = make_case(&mut rng, s);
         let dc = upload(&gpu, &case);
-        for u8_pixels in [false, true] {
-            let e = gpu_forward(&gpu, &case, &dc, u8_pixels).unwrap_err();
+        for entry in Entry::ALL {
+            let e = gpu_forward(&gpu, &case, &dc, entry).unwrap_err();
             assert!(matches!(e, Error::Unsupported { what: "patch embedding dim", .. }), "{e}");
         }
         let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
         let init = Grads32::random(&mut rng, &s, 0.1);
-        let e = gpu_backward(&gpu, &case, &dc, false, &d_out, &init).err().unwrap();
+        let e = gpu_backward(&gpu, &case, &dc, Entry::F32, &d_out, &init).err().unwrap();
         assert!(matches!(e, Error::Unsupported { what: "patch embedding dim", .. }), "{e}");
     }
     // Wrong lengths are named.
@@ -683,20 +715,21 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
     let case = make_case(&mut rng, s);
     let mut dc = upload(&gpu, &case);
     dc.ranks = gpu.upload(&case.ranks[1..]).unwrap();
-    assert!(matches!(gpu_forward(&gpu, &case, &dc, false).unwrap_err(), Error::Shape { tensor: "ranks", .. }));
+    assert!(matches!(gpu_forward(&gpu, &case, &dc, Entry::F32).unwrap_err(), Error::Shape { tensor: "ranks", .. }));
     let mut dc = upload(&gpu, &case);
     dc.pos = gpu.upload(&case.pos[1..]).unwrap();
-    assert!(matches!(gpu_forward(&gpu, &case, &dc, true).unwrap_err(), Error::Shape { tensor: "pos_embed", .. }));
+    let hwc = Entry::U8(PixelOrder::Hwc);
+    assert!(matches!(gpu_forward(&gpu, &case, &dc, hwc).unwrap_err(), Error::Shape { tensor: "pos_embed", .. }));
     let dc = upload(&gpu, &case);
     let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len() - 1, 1.0)).unwrap();
     let init = Grads32::random(&mut rng, &s, 0.1);
-    let e = gpu_backward(&gpu, &case, &dc, true, &d_out, &init).err().unwrap();
+    let e = gpu_backward(&gpu, &case, &dc, hwc, &d_out, &init).err().unwrap();
     assert!(matches!(e, Error::Shape { tensor: "d_out", .. }), "{e}");
     let bad_norm = Normalize { mean: [0.5; 3], std: [0.2, f32::NAN, 0.2] };
     let mut bad_case = make_case(&mut rng, s);
     bad_case.norm = bad_norm;
     let dc = upload(&gpu, &bad_case);
-    let e = gpu_forward(&gpu, &bad_case, &dc, true).unwrap_err();
+    let e = gpu_forward(&gpu, &bad_case, &dc, hwc).unwrap_err();
     assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
 }
 
@@ -709,13 +742,13 @@ fn gpu_is_deterministic() {
         let dc = upload(&gpu, &case);
         let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
         let init = Grads32::random(&mut rng, &s, 0.1);
-        for u8_pixels in [false, true] {
-            let f1 = gpu_forward(&gpu, &case, &dc, u8_pixels).unwrap();
-            let f2 = gpu_forward(&gpu, &case, &dc, u8_pixels).unwrap();
+        for entry in Entry::ALL {
+            let f1 = gpu_forward(&gpu, &case, &dc, entry).unwrap();
+            let f2 = gpu_forward(&gpu, &case, &dc, entry).unwrap();
             mapet::testing::assert_all_written("forward", &f1);
             assert!(f1.iter().zip(&f2).all(|(a, b)| a.to_bits() == b.to_bits()), "{s:?}: forward not bit-identical");
-            let g1 = gpu_backward(&gpu, &case, &dc, u8_pixels, &d_out, &init).unwrap();
-            let g2 = gpu_backward(&gpu, &case, &dc, u8_pixels, &d_out, &init).unwrap();
+            let g1 = gpu_backward(&gpu, &case, &dc, entry, &d_out, &init).unwrap();
+            let g2 = gpu_backward(&gpu, &case, &dc, entry, &d_out, &init).unwrap();
             for (((name, a), (_, b)), (_, i)) in g1.named().into_iter().zip(g2.named()).zip(init.named()) {
                 assert!(a != i, "{s:?}: {name} unchanged by the backward");
                 assert!(

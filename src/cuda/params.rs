@@ -275,6 +275,7 @@ pub struct MapetPatchEmbedFwd {
     pub cls_token: *const f32,
     pub mask_token: *const f32,
     pub out: *mut ::core::ffi::c_void,
+    pub weight_hwc: *mut ::core::ffi::c_void,
     pub scale: [f32; 3usize],
     pub shift: [f32; 3usize],
     pub batch: i32,
@@ -285,7 +286,7 @@ pub struct MapetPatchEmbedFwd {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetPatchEmbedFwd"][::core::mem::size_of::<MapetPatchEmbedFwd>() - 112usize];
+    ["Size of MapetPatchEmbedFwd"][::core::mem::size_of::<MapetPatchEmbedFwd>() - 120usize];
     ["Alignment of MapetPatchEmbedFwd"][::core::mem::align_of::<MapetPatchEmbedFwd>() - 8usize];
     ["Offset of field: MapetPatchEmbedFwd::pixels"][::core::mem::offset_of!(MapetPatchEmbedFwd, pixels) - 0usize];
     ["Offset of field: MapetPatchEmbedFwd::ranks"][::core::mem::offset_of!(MapetPatchEmbedFwd, ranks) - 8usize];
@@ -298,14 +299,16 @@ const _: () = {
     ["Offset of field: MapetPatchEmbedFwd::mask_token"]
         [::core::mem::offset_of!(MapetPatchEmbedFwd, mask_token) - 48usize];
     ["Offset of field: MapetPatchEmbedFwd::out"][::core::mem::offset_of!(MapetPatchEmbedFwd, out) - 56usize];
-    ["Offset of field: MapetPatchEmbedFwd::scale"][::core::mem::offset_of!(MapetPatchEmbedFwd, scale) - 64usize];
-    ["Offset of field: MapetPatchEmbedFwd::shift"][::core::mem::offset_of!(MapetPatchEmbedFwd, shift) - 76usize];
-    ["Offset of field: MapetPatchEmbedFwd::batch"][::core::mem::offset_of!(MapetPatchEmbedFwd, batch) - 88usize];
-    ["Offset of field: MapetPatchEmbedFwd::image"][::core::mem::offset_of!(MapetPatchEmbedFwd, image) - 92usize];
-    ["Offset of field: MapetPatchEmbedFwd::patch"][::core::mem::offset_of!(MapetPatchEmbedFwd, patch) - 96usize];
-    ["Offset of field: MapetPatchEmbedFwd::dim"][::core::mem::offset_of!(MapetPatchEmbedFwd, dim) - 100usize];
+    ["Offset of field: MapetPatchEmbedFwd::weight_hwc"]
+        [::core::mem::offset_of!(MapetPatchEmbedFwd, weight_hwc) - 64usize];
+    ["Offset of field: MapetPatchEmbedFwd::scale"][::core::mem::offset_of!(MapetPatchEmbedFwd, scale) - 72usize];
+    ["Offset of field: MapetPatchEmbedFwd::shift"][::core::mem::offset_of!(MapetPatchEmbedFwd, shift) - 84usize];
+    ["Offset of field: MapetPatchEmbedFwd::batch"][::core::mem::offset_of!(MapetPatchEmbedFwd, batch) - 96usize];
+    ["Offset of field: MapetPatchEmbedFwd::image"][::core::mem::offset_of!(MapetPatchEmbedFwd, image) - 100usize];
+    ["Offset of field: MapetPatchEmbedFwd::patch"][::core::mem::offset_of!(MapetPatchEmbedFwd, patch) - 104usize];
+    ["Offset of field: MapetPatchEmbedFwd::dim"][::core::mem::offset_of!(MapetPatchEmbedFwd, dim) - 108usize];
     ["Offset of field: MapetPatchEmbedFwd::n_context"]
-        [::core::mem::offset_of!(MapetPatchEmbedFwd, n_context) - 104usize];
+        [::core::mem::offset_of!(MapetPatchEmbedFwd, n_context) - 112usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -473,6 +473,65 @@ pub fn cpu_backward(
     Ok(())
 }
 
+/// The order in which the uint8 kernels contract the K = 3p² pixel values of a patch. Both give
+/// the same function (up to the f32 summation order); tests/patch_embed.rs checks both against
+/// the CPU reference. The f32 entry always contracts in the weight's own CHW order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PixelOrder {
+    /// The weight's order k = (c·p + ky)·p + kx: eight consecutive k are eight pixels of one
+    /// channel, three 8-byte loads of interleaved HWC bytes for 8 values. The default.
+    #[default]
+    Chw,
+    /// The pixels' own HWC order k' = (ky·p + kx)·3 + c (when p % 8 == 0; other patch sizes use
+    /// [`PixelOrder::Chw`]): eight consecutive k' are eight consecutive bytes, one 8-byte load,
+    /// and the loads run two steps ahead. The forward multiplies by a copy of the weight permuted
+    /// the same way (D·K bf16 of scratch); the weight gradient is written back in CHW order.
+    Hwc,
+}
+
+impl PixelOrder {
+    /// Both orders, for tests and benches.
+    pub const ALL: [PixelOrder; 2] = [PixelOrder::Chw, PixelOrder::Hwc];
+
+    /// The order [`cuda_forward_u8`] and [`cuda_backward`] use: `MAPET_PATCH_EMBED_ORDER=chw|hwc`
+    /// when set (read once per process), else [`PixelOrder::default`]. An unknown value is an
+    /// error naming the variable.
+    pub fn selected() -> Result<Self> {
+        static SELECTED: std::sync::OnceLock<std::result::Result<PixelOrder, String>> = std::sync::OnceLock::new();
+        SELECTED
+            .get_or_init(|| match std::env::var("MAPET_PATCH_EMBED_ORDER") {
+                Err(_) => Ok(PixelOrder::default()),
+                Ok(v) => v.parse(),
+            })
+            .clone()
+            .map_err(|detail| Error::Unsupported { what: "MAPET_PATCH_EMBED_ORDER", detail })
+    }
+
+    /// Short name: "chw" or "hwc".
+    pub fn name(self) -> &'static str {
+        match self {
+            PixelOrder::Chw => "chw",
+            PixelOrder::Hwc => "hwc",
+        }
+    }
+
+    /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
+    fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
+        self == PixelOrder::Hwc && shape.patch.is_multiple_of(8)
+    }
+}
+
+impl std::str::FromStr for PixelOrder {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        PixelOrder::ALL
+            .into_iter()
+            .find(|o| o.name() == s)
+            .ok_or_else(|| format!("{s:?} is not a pixel order; use chw or hwc"))
+    }
+}
+
 fn launch_cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
@@ -481,20 +540,28 @@ fn no_norm() -> ([f32; 3], [f32; 3]) {
     ([0.0; 3], [0.0; 3])
 }
 
-/// Device pointer, normalization (scale, shift) and kernel name of one pixel entry.
-type PixelArgs = (*const std::ffi::c_void, ([f32; 3], [f32; 3]), &'static str);
+/// Device pointer, normalization (scale, shift), kernel name of one pixel entry, and whether that
+/// kernel contracts in HWC order.
+type PixelArgs = (*const std::ffi::c_void, ([f32; 3], [f32; 3]), &'static str, bool);
 
-/// Checks the device pixels of either entry; `kernels` names the uint8 and the f32 variant.
-fn device_pixels(shape: &PatchEmbedShape, pixels: DevicePixels<'_>, kernels: [&'static str; 2]) -> Result<PixelArgs> {
+/// Checks the device pixels of either entry; `kernels` names the uint8 CHW-order, uint8 HWC-order
+/// and f32 variants, of which `order` and the shape pick one.
+fn device_pixels(
+    shape: &PatchEmbedShape,
+    pixels: DevicePixels<'_>,
+    order: PixelOrder,
+    kernels: [&'static str; 3],
+) -> Result<PixelArgs> {
     Ok(match pixels {
         DevicePixels::U8 { hwc, norm } => {
             norm.validate()?;
             check_len("pixels (uint8 [B, S, S, 3])", hwc.len(), shape.pixels_len())?;
-            (hwc.ptr(), norm.affine(), kernels[0])
+            let hwc_order = order.hwc_for(shape);
+            (hwc.ptr(), norm.affine(), kernels[if hwc_order { 1 } else { 0 }], hwc_order)
         }
         DevicePixels::F32 { chw } => {
             check_len("pixels (f32 [B, 3, S, S])", chw.len(), shape.pixels_len())?;
-            (chw.ptr(), no_norm(), kernels[1])
+            (chw.ptr(), no_norm(), kernels[2], false)
         }
     })
 }
@@ -502,6 +569,7 @@ fn device_pixels(shape: &PatchEmbedShape, pixels: DevicePixels<'_>, kernels: [&'
 #[allow(clippy::too_many_arguments)]
 fn cuda_forward(
     gpu: &Gpu,
+    order: PixelOrder,
     shape: &PatchEmbedShape,
     pixels: DevicePixels<'_>,
     ranks: &dyn DeviceRead<i32>,
@@ -513,8 +581,8 @@ fn cuda_forward(
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let (pixel_ptr, (scale, shift), kernel) =
-        device_pixels(shape, pixels, ["mapet_patch_embed_fwd_u8", "mapet_patch_embed_fwd_f32"])?;
+    let kernels = ["mapet_patch_embed_fwd_u8", "mapet_patch_embed_fwd_u8_hwc", "mapet_patch_embed_fwd_f32"];
+    let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
     check_forward_lens(shape, weight.len(), bias.len(), pos_embed.len(), cls_token.len(), mask_token.len(), out.len())?;
     // The kernels read and write 8- and 16-byte vectors of every tensor.
@@ -529,6 +597,11 @@ fn cuda_forward(
     ] {
         check_aligned(tensor, ptr, 16)?;
     }
+    // The HWC kernel multiplies by the weight permuted to [D, p, p, 3] (1.2 MB at ViT-B).
+    let mut weight_hwc = if hwc_order { Some(gpu.alloc::<bf16>(shape.weight_len())?) } else { None };
+    if let Some(w) = &weight_hwc {
+        check_aligned("weight_hwc (scratch)", w.ptr(), 16)?;
+    }
     let params = MapetPatchEmbedFwd {
         pixels: pixel_ptr,
         ranks: ranks.ptr() as *const i32,
@@ -538,6 +611,7 @@ fn cuda_forward(
         cls_token: cls_token.f32_ptr(),
         mask_token: mask_token.f32_ptr(),
         out: out.ptr_mut(),
+        weight_hwc: weight_hwc.as_mut().map_or(std::ptr::null_mut(), |w| w.ptr_mut()),
         scale,
         shift,
         batch: shape.batch as i32,
@@ -546,6 +620,12 @@ fn cuda_forward(
         dim: shape.dim as i32,
         n_context: shape.n_context as i32,
     };
+    if hwc_order {
+        let blocks = blocks_for("patch embedding weight", shape.weight_len() as u64, 256)?.min(1024);
+        // SAFETY: reads weight (D·K bf16, checked above) and writes weight_hwc (D·K, allocated
+        // above), grid-stride over D·K.
+        unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg((blocks, 1, 1), 256), &params)? };
+    }
     let m = (shape.batch * shape.n_patches()) as u64;
     let gemm_grid = (
         blocks_for("patch embedding channels", shape.dim as u64, FWD_TILE_N as u64)?,
@@ -554,9 +634,10 @@ fn cuda_forward(
     );
     let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
     // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
-    // weight, bias, pos_embed and out were checked above against the shape in `params`; patch
-    // rows whose rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds.
-    // D % 8 == 0 and 16-byte aligned pointers (checked above) keep the vector accesses aligned.
+    // weight, bias, pos_embed and out were checked above against the shape in `params`, and the
+    // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows whose
+    // rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds. D % 8 == 0 and
+    // 16-byte aligned pointers (checked above) keep the vector accesses aligned.
     unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
     // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
     // block per token, and ranks outside [C, N) write no mask row.
@@ -566,7 +647,8 @@ fn cuda_forward(
 
 /// CUDA forward from uint8 HWC images (normalised in registers); `out` bf16 `[B, N + 2P, D]`.
 /// Every element is written when `ranks` holds valid permutations; the kernel cannot check that
-/// (ranks outside [0, N) are skipped, leaving rows unwritten).
+/// (ranks outside [0, N) are skipped, leaving rows unwritten). Contracts in
+/// [`PixelOrder::selected`] order.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_forward_u8(
     gpu: &Gpu,
@@ -581,8 +663,28 @@ pub fn cuda_forward_u8(
     mask_token: &dyn DeviceRead<f32>,
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
+    let order = PixelOrder::selected()?;
+    cuda_forward_u8_with(gpu, order, shape, hwc, norm, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
+}
+
+/// [`cuda_forward_u8`] with an explicit contraction order.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_forward_u8_with(
+    gpu: &Gpu,
+    order: PixelOrder,
+    shape: &PatchEmbedShape,
+    hwc: &dyn DeviceRead<u8>,
+    norm: &Normalize,
+    ranks: &dyn DeviceRead<i32>,
+    weight: &dyn DeviceRead<bf16>,
+    bias: &dyn DeviceRead<f32>,
+    pos_embed: &dyn DeviceRead<f32>,
+    cls_token: &dyn DeviceRead<f32>,
+    mask_token: &dyn DeviceRead<f32>,
+    out: &mut dyn DeviceWrite<bf16>,
+) -> Result<()> {
     let pixels = DevicePixels::U8 { hwc, norm: *norm };
-    cuda_forward(gpu, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
+    cuda_forward(gpu, order, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
 }
 
 /// CUDA forward from normalised f32 CHW images; `out` bf16 `[B, N + 2P, D]`.
@@ -600,7 +702,7 @@ pub fn cuda_forward_f32(
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     let pixels = DevicePixels::F32 { chw };
-    cuda_forward(gpu, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
+    cuda_forward(gpu, PixelOrder::Chw, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
 }
 
 /// How the weight gradient's contraction over the B·(N-1) patch rows is split: (splits, rows per
@@ -617,7 +719,8 @@ pub fn weight_grad_splits(shape: &PatchEmbedShape, sm_count: u32) -> (usize, usi
 
 /// CUDA backward: adds (+=) the f32 gradients of weight `[D, 3, p, p]`, bias, pos_embed,
 /// cls_token and mask_token given bf16 `d_out` `[B, N + 2P, D]`. Deterministic. Allocates its
-/// f32 scratch (splits·D·K + 2·N·D) on the stream.
+/// f32 scratch (splits·D·K + 2·N·D) on the stream. uint8 pixels are contracted in
+/// [`PixelOrder::selected`] order.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
@@ -631,9 +734,29 @@ pub fn cuda_backward(
     dcls_token: &mut dyn DeviceWrite<f32>,
     dmask_token: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
+    let order = PixelOrder::selected()?;
+    cuda_backward_with(gpu, order, shape, pixels, ranks, d_out, dweight, dbias, dpos_embed, dcls_token, dmask_token)
+}
+
+/// [`cuda_backward`] with an explicit contraction order for uint8 pixels.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_backward_with(
+    gpu: &Gpu,
+    order: PixelOrder,
+    shape: &PatchEmbedShape,
+    pixels: DevicePixels<'_>,
+    ranks: &dyn DeviceRead<i32>,
+    d_out: &dyn DeviceRead<bf16>,
+    dweight: &mut dyn DeviceWrite<f32>,
+    dbias: &mut dyn DeviceWrite<f32>,
+    dpos_embed: &mut dyn DeviceWrite<f32>,
+    dcls_token: &mut dyn DeviceWrite<f32>,
+    dmask_token: &mut dyn DeviceWrite<f32>,
+) -> Result<()> {
     shape.validate_cuda()?;
-    let (pixel_ptr, (scale, shift), kernel) =
-        device_pixels(shape, pixels, ["mapet_patch_embed_bwd_weight_u8", "mapet_patch_embed_bwd_weight_f32"])?;
+    let kernels =
+        ["mapet_patch_embed_bwd_weight_u8", "mapet_patch_embed_bwd_weight_u8_hwc", "mapet_patch_embed_bwd_weight_f32"];
+    let (pixel_ptr, (scale, shift), kernel, _) = device_pixels(shape, pixels, order, kernels)?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
     check_backward_lens(
         shape,
