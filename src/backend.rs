@@ -36,6 +36,7 @@ use half::bf16;
 
 use crate::cpu::{sgemm, sgemm_tn};
 use crate::cuda::gemm::{Epilogue, Gemm, Vector, VectorMut};
+use crate::cuda::pinned::HostBytes;
 use crate::cuda::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu};
 use crate::error::{check_len, Error, Result};
 use crate::ops::cross_entropy::{self, CrossEntropyShape, CrossEntropyStats, RowOutputs};
@@ -128,6 +129,11 @@ pub trait Backend {
     fn len<T: Scalar>(view: Self::Ref<'_, T>) -> usize;
     /// Copies `host` into `dst` (same length), in stream order.
     fn copy_from_host<T: Scalar>(&self, host: &[T], dst: &mut Self::Mut<'_, T>) -> Result<()>;
+    /// Copies uint8 pixels into `dst` (same length), in stream order. The GPU backend uploads
+    /// page-locked pixels by DMA without a staging copy; the others read both kinds alike.
+    fn copy_pixels(&self, host: &HostBytes, dst: &mut Self::Mut<'_, u8>) -> Result<()> {
+        self.copy_from_host(host, dst)
+    }
     /// The viewed elements on the host (waits for the device).
     fn to_host<T: Scalar>(&self, src: Self::Ref<'_, T>) -> Result<Vec<T>>;
     /// The viewed activations on the host, widened to f32 (waits for the device).
@@ -820,6 +826,13 @@ impl Backend for CudaBackend {
 
     fn copy_from_host<T: Scalar>(&self, host: &[T], dst: &mut DeviceViewMut<'_, T>) -> Result<()> {
         dst.copy_from_host(host)
+    }
+
+    fn copy_pixels(&self, host: &HostBytes, dst: &mut DeviceViewMut<'_, u8>) -> Result<()> {
+        match host {
+            HostBytes::Pinned(p) => dst.copy_from_pinned(p),
+            HostBytes::Vec(v) => dst.copy_from_host(v),
+        }
     }
 
     fn to_host<T: Scalar>(&self, src: DeviceView<'_, T>) -> Result<Vec<T>> {

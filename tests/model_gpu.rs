@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use mapet::cuda::pinned::HostBytes;
 use mapet::io::SafeTensorsFile;
 use mapet::model::cpu::{Batch, CpuModel, Images};
 use mapet::model::cuda::CudaModel;
@@ -155,7 +156,7 @@ fn gpu_step_matches_cpu_with_drop_path() {
     let hwc: Vec<u8> = (0..batch_size * cfg.image * cfg.image * 3).map(|_| rng.random()).collect();
     let mut batch_u8 = Batch {
         batch: batch_size,
-        images: Images::U8 { hwc, norm: Normalize::IMAGENET },
+        images: Images::U8 { hwc: hwc.clone().into(), norm: Normalize::IMAGENET },
         tokens: (0..batch_size * (n - 1)).map(|_| rng.random_range(0..cfg.vocab as i32)).collect(),
         ranks: Vec::new(),
     };
@@ -172,6 +173,19 @@ fn gpu_step_matches_cpu_with_drop_path() {
         check(&mut failures, &name, &gpu_grads[s.range()], &to_f64(&cpu_grads[s.range()]));
     }
     assert!(failures.is_empty(), "GPU vs CPU mismatches (uint8 pixels):\n{}", failures.join("\n"));
+
+    // The same bytes from page-locked memory (as the loader assembles them on a GPU): the same
+    // step, bit for bit.
+    let pool = gpu.gpu().pinned_pool(batch_u8.images.len());
+    let mut pinned = pool.take().unwrap();
+    pinned.extend_from_slice(&hwc).unwrap();
+    let batch_pinned =
+        Batch { images: Images::U8 { hwc: HostBytes::Pinned(pinned), norm: Normalize::IMAGENET }, ..batch_u8 };
+    gpu.zero_grads().unwrap();
+    let again = gpu.step(&batch_pinned, Some(&dp), true, true).unwrap();
+    assert_eq!(again.loss.to_bits(), got.loss.to_bits(), "pinned pixels: another loss");
+    assert!(again.logits.unwrap().iter().zip(got.logits.as_ref().unwrap()).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(gpu.download_grads().unwrap() == gpu_grads, "pinned pixels: other gradients");
 }
 
 #[test]

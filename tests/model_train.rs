@@ -298,7 +298,7 @@ fn uint8_and_f32_pixels_give_the_same_step() {
     };
     let chw = mapet::ops::patch_embed::normalize_u8(&shape, &hwc, &norm).unwrap();
     let mut u8_batch = random_batch(&cfg, b, &mut rng);
-    u8_batch.images = Images::U8 { hwc, norm };
+    u8_batch.images = Images::U8 { hwc: hwc.into(), norm };
     let f32_batch = Batch { images: Images::F32(chw), ..u8_batch.clone() };
     let dp = model.draw_drop_path(b, 0.3, &mut rng);
     let (mut g8, mut g32) = (vec![0.0f32; model.layout.total], vec![0.0f32; model.layout.total]);

@@ -9,6 +9,7 @@
 pub mod gemm;
 #[rustfmt::skip]
 pub mod params;
+pub mod pinned;
 pub mod report;
 
 use std::collections::HashMap;
@@ -213,6 +214,12 @@ impl Gpu {
         // SAFETY: forwarded from the caller's contract above.
         unsafe { b.launch(cfg) }.map_err(|e| ctx_err(e, format!(" launching `{module}::{function}`")))?;
         Ok(())
+    }
+
+    /// A pool of page-locked host buffers of `capacity` bytes each, for uploads that the copy
+    /// engine reads directly ([`pinned`]).
+    pub fn pinned_pool(&self, capacity: usize) -> pinned::PinnedPool {
+        pinned::PinnedPool::new(self.ctx.clone(), capacity)
     }
 
     /// Allocates `len` elements without initialising them (poison them before a test reads them).
@@ -559,6 +566,24 @@ impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
         T: Default + Clone,
     {
         copy_to_host(self.stream, self.ptr, self.len)
+    }
+}
+
+impl DeviceViewMut<'_, u8> {
+    /// Copies page-locked `host` bytes into the viewed bytes (same length), in stream order. The
+    /// copy engine reads `host` after this returns; `host` records the copy's end, and waits for
+    /// it before the host writes or frees the bytes.
+    pub fn copy_from_pinned(&mut self, host: &pinned::PinnedBytes) -> Result<()> {
+        crate::error::check_len("host source", host.len(), self.len)?;
+        if !host.is_empty() {
+            // SAFETY: the view addresses `len` live bytes, exclusively borrowed; the copy is
+            // enqueued on the stream that orders all work on them. The source stays allocated
+            // and unwritten until the copy ends: record_upload below makes every host write and
+            // the final free of `host` wait for it.
+            unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr, &host[..], self.stream.cu_stream()) }?;
+            host.record_upload(self.stream)?;
+        }
+        Ok(())
     }
 }
 

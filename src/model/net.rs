@@ -43,6 +43,7 @@
 use rand::Rng;
 
 use crate::backend::{Backend, CeGrads, CeRows, PixelView, Scalar};
+use crate::cuda::pinned::HostBytes;
 use crate::error::{check_len, Error, Result};
 use crate::model::params::{ModelConfig, ParamLayout};
 use crate::ops::attention::AttentionShape;
@@ -63,8 +64,8 @@ pub enum Images {
     /// `norm` inside the patch embedding: on the GPU in the kernel's registers, so that a step
     /// moves a quarter of the f32 bytes and no float copy of the images exists.
     U8 {
-        /// The pixels.
-        hwc: Vec<u8>,
+        /// The pixels: a vector, or page-locked memory the GPU backend uploads by DMA.
+        hwc: HostBytes,
         /// Per-channel mean and standard deviation.
         norm: Normalize,
     },
@@ -484,7 +485,7 @@ pub fn step<B: Backend>(
                 acts.bytes += max_pixels;
             }
             let buf = acts.images_u8.as_mut().expect("allocated just above");
-            be.copy_from_host(hwc, &mut B::view_mut(buf, 0..n_pixels)?)?;
+            be.copy_pixels(hwc, &mut B::view_mut(buf, 0..n_pixels)?)?;
         }
     }
     let Activations { xs, blocks, scratch: s, images_f32, images_u8, ranks, drop_scales, rows_out, .. } = acts;

@@ -80,6 +80,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use mapet::cuda::pinned::HostBytes;
 use mapet::cuda::Gpu;
 use mapet::model::cpu::{Batch, CpuModel, Images};
 use mapet::model::cuda::CudaModel;
@@ -323,9 +324,9 @@ fn synthetic_batches(cfg: &ModelConfig, micro: usize, count: usize, rng: &mut Ch
     (0..count)
         .map(|_| {
             // uint8 HWC pixels, as the data loader hands them to the model.
-            let hwc = (0..micro * s * s * 3).map(|_| rng.random::<u8>()).collect();
+            let hwc: Vec<u8> = (0..micro * s * s * 3).map(|_| rng.random::<u8>()).collect();
             let tokens = (0..micro * (n - 1)).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
-            let mut b = Batch { batch: micro, images: Images::U8 { hwc, norm }, tokens, ranks: Vec::new() };
+            let mut b = Batch { batch: micro, images: Images::U8 { hwc: hwc.into(), norm }, tokens, ranks: Vec::new() };
             fresh_ranks(cfg, &mut b, rng);
             b
         })
@@ -466,6 +467,15 @@ fn run_cuda(
     let host = TrainState::new(&model.layout, opts.config.train.seed);
     let mut state = CudaTrainState::upload(&gpu, &mut model, &host).map_err(err)?;
     drop(host);
+    // The pixels in page-locked memory, as `mapet pretrain`'s loader assembles them on a GPU.
+    let pool = gpu.pinned_pool(batches.first().map_or(0, |b| b.images.len()));
+    for b in batches.iter_mut() {
+        if let Images::U8 { hwc, .. } = &mut b.images {
+            let mut pinned = pool.take().map_err(err)?;
+            pinned.extend_from_slice(hwc).map_err(err)?;
+            *hwc = HostBytes::Pinned(pinned);
+        }
+    }
     let mut peak_used = 0usize;
     let sample = |gpu: &Gpu, peak: &mut usize| {
         if let Ok((free, total)) = gpu.memory_info() {

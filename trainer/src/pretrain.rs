@@ -477,6 +477,14 @@ pub fn run_with(
     check_output_folder(&out, opts)?;
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
     let (mut engine, backend) = Engine::new(cfg, model_cfg, micro, state)?;
+    // On a GPU the loaders assemble batches in page-locked memory, which the copy engine reads
+    // without a staging copy on the training thread.
+    if let Engine::Cuda { model, .. } = &engine {
+        let bytes = micro * model_cfg.image * model_cfg.image * 3;
+        for l in std::iter::once(&loader).chain(eval_loader.as_ref()) {
+            l.use_pinned(model.gpu().pinned_pool(bytes)).map_err(err)?;
+        }
+    }
     let metrics_path = out.join("metrics.csv");
     let mut history = read_history(&metrics_path, engine.step());
     let mut metrics = open_metrics(&metrics_path, engine.step()).map_err(err)?;

@@ -337,3 +337,23 @@ fn bench_data_reports_every_thread_count() {
         assert!(r.images >= 10 && r.images_per_s > 0.0 && r.seconds > 0.0, "{r:?}");
     }
 }
+
+#[test]
+fn pinned_batches_equal_pageable_ones() {
+    let Some(gpu) = mapet::testing::gpu_or_skip("pinned_batches_equal_pageable_ones") else { return };
+    let f = fixture("pinned", 9);
+    let seed = mapet::testing::fresh_seed();
+    let cfg = LoaderConfig { drop_last: false, ..config(4, 2, seed) };
+    let plain = Loader::new(f.index.clone(), f.tokens.clone(), cfg.clone()).unwrap();
+    let pinned = Loader::new(f.index.clone(), f.tokens.clone(), cfg).unwrap();
+    // A pool too small for a batch is refused, naming the sizes.
+    let e = pinned.use_pinned(gpu.pinned_pool(4 * S * S * 3 - 1)).unwrap_err();
+    assert!(e.to_string().contains("cannot hold a batch of 4 images"), "{e}");
+    pinned.use_pinned(gpu.pinned_pool(4 * S * S * 3)).unwrap();
+    for epoch in [0, 1] {
+        let (a, b) = (collect(&plain, epoch), collect(&pinned, epoch));
+        assert_eq!(a.len(), 3, "9 images in batches of 4, the last one short");
+        assert!(b.iter().all(|x| x.pixels.is_pinned()) && a.iter().all(|x| !x.pixels.is_pinned()));
+        assert_eq!(a, b, "epoch {epoch}: pinned batches differ from pageable ones");
+    }
+}

@@ -156,6 +156,11 @@ pub fn evaluate(opts: &EvalArgs) -> Result<EvalSummary, String> {
     };
     let loader = Loader::new(index, tokens, cfg).map_err(|e| e.to_string())?;
     let mut model = EvalModel::new(&opts.device, &config, &ck.state.params, opts.batch)?;
+    if let EvalModel::Cuda(m) = &model {
+        // Page-locked batches: the copy engine reads them without a staging copy.
+        let bytes = opts.batch * config.image * config.image * 3;
+        loader.use_pinned(m.gpu().pinned_pool(bytes)).map_err(|e| e.to_string())?;
+    }
     let (loss_sum, correct, counted, images) = forward_all(&loader, |b| model.forward(b))?;
     if counted == 0 {
         return Err(format!("--data {}: no image was evaluated", opts.data.display()));

@@ -10,6 +10,11 @@
 //! images, fills batches with tokens and ranks ─> bounded channel (`prefetch` batches) ─> Epoch
 //! ```
 //!
+//! When training on a GPU, [`Loader::use_pinned`] makes the assembler write each batch's pixels
+//! straight into a page-locked buffer of a pool: the copy engine then reads them itself, and the
+//! training thread neither copies them into a staging buffer nor waits for the upload. A buffer
+//! returns to its pool when its batch is dropped and is refilled only after its last upload ends.
+//!
 //! Everything in a batch depends only on `(seed, epoch)` and the files: the order of the epoch,
 //! each image's pixels (its jitter is keyed by its id), its ranks (keyed by its id) and which
 //! images are skipped. The assembler consumes results strictly in epoch order, so the batches are
@@ -31,6 +36,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use mapet::cuda::pinned::{HostBytes, PinnedPool};
 
 use super::pixels::{preprocess, Jitter, JITTER_STRENGTH};
 use super::{epoch_order, file_err, image_ranks, stream_rng, DataError, ImageIndex, Result, Stream, Tokens};
@@ -83,8 +89,9 @@ pub struct Batch {
     pub epoch: u64,
     /// The id of each image (its row in the token file) `[B]`.
     pub indices: Vec<usize>,
-    /// uint8 RGB pixels, HWC per image `[B, S, S, 3]`.
-    pub pixels: Vec<u8>,
+    /// uint8 RGB pixels, HWC per image `[B, S, S, 3]`: page-locked when the loader was given a
+    /// pool ([`Loader::use_pinned`]), else an ordinary vector.
+    pub pixels: HostBytes,
     /// Target codebook ids of the patches, raster order `[B, N-1]`.
     pub tokens: Vec<i32>,
     /// Rank of each token in its image's permutation `[B, N]` (rank 0 for CLS).
@@ -161,6 +168,8 @@ struct Shared {
     tokens: Tokens,
     cfg: LoaderConfig,
     skipped: Mutex<SkipLog>,
+    /// Where batches' pixels are assembled: page-locked buffers of this pool, or vectors.
+    pinned: Mutex<Option<PinnedPool>>,
 }
 
 #[derive(Default)]
@@ -212,7 +221,27 @@ impl Loader {
                 cfg.batch
             ));
         }
-        Ok(Self { shared: Arc::new(Shared { index, tokens, cfg, skipped: Mutex::new(SkipLog::default()) }) })
+        let skipped = Mutex::new(SkipLog::default());
+        Ok(Self { shared: Arc::new(Shared { index, tokens, cfg, skipped, pinned: Mutex::new(None) }) })
+    }
+
+    /// Assembles the pixels of the batches of epochs started from now on in page-locked buffers
+    /// of `pool` (each batch holds one until it is dropped), so that a GPU uploads them by DMA
+    /// without a staging copy. The pool's buffers must hold a whole batch.
+    pub fn use_pinned(&self, pool: PinnedPool) -> Result<()> {
+        let cfg = &self.shared.cfg;
+        let need = cfg.batch * cfg.image_size * cfg.image_size * 3;
+        if pool.capacity() < need {
+            return Err(DataError::Config(format!(
+                "pinned buffers of {} bytes cannot hold a batch of {} images of {}x{} ({need} bytes)",
+                pool.capacity(),
+                cfg.batch,
+                cfg.image_size,
+                cfg.image_size
+            )));
+        }
+        *self.shared.pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(pool);
+        Ok(())
     }
 
     /// The batches of `epoch`, from its start.
@@ -396,17 +425,35 @@ fn assemble(
     let (s, b) = (cfg.image_size, cfg.batch);
     let n_tokens = shared.tokens.cols() + 1;
     let image_bytes = s * s * 3;
-    let new_batch = || Batch {
-        epoch,
-        indices: Vec::with_capacity(b),
-        pixels: Vec::with_capacity(b * image_bytes),
-        tokens: Vec::with_capacity(b * (n_tokens - 1)),
-        ranks: Vec::with_capacity(b * n_tokens),
-        image_size: s,
-        n_tokens,
-        next_position: start,
+    let pool = shared.pinned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let new_batch = || -> Result<Batch> {
+        let pixels = match &pool {
+            Some(pool) => HostBytes::Pinned(
+                pool.take().map_err(|e| DataError::Worker(format!("cannot allocate a batch's pixels: {e}")))?,
+            ),
+            None => HostBytes::Vec(Vec::with_capacity(b * image_bytes)),
+        };
+        Ok(Batch {
+            epoch,
+            indices: Vec::with_capacity(b),
+            pixels,
+            tokens: Vec::with_capacity(b * (n_tokens - 1)),
+            ranks: Vec::with_capacity(b * n_tokens),
+            image_size: s,
+            n_tokens,
+            next_position: start,
+        })
     };
-    let mut batch = new_batch();
+    // A failure to allocate ends the epoch with that error.
+    let fail = |e: DataError| {
+        let _ = out.send(Err(e));
+        flow.finished.store(true, Ordering::SeqCst);
+        flow.halt();
+    };
+    let mut batch = match new_batch() {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
     let mut pending: BTreeMap<usize, Decoded> = BTreeMap::new();
     let mut skipped = 0usize;
     let mut first_skip = String::new();
@@ -431,15 +478,23 @@ fn assemble(
         let id = shared.index.id(position);
         match decoded {
             Ok(pixels) => {
+                // The decoder gives exactly S*S*3 bytes and a batch holds at most B images, so
+                // this fits the pinned buffer; a driver failure while waiting ends the epoch.
+                if let Err(e) = batch.pixels.extend_from_slice(&pixels) {
+                    return fail(DataError::Worker(format!("cannot write a batch's pixels: {e}")));
+                }
                 batch.indices.push(id);
-                batch.pixels.extend_from_slice(&pixels);
                 let t0 = batch.tokens.len();
                 batch.tokens.resize(t0 + n_tokens - 1, 0);
                 shared.tokens.row_into(id, &mut batch.tokens[t0..]);
                 batch.ranks.extend(image_ranks(cfg.seed, epoch, id, n_tokens));
                 if batch.len() == b {
                     batch.next_position = p + 1;
-                    if out.send(Ok(std::mem::replace(&mut batch, new_batch()))).is_err() {
+                    let next = match new_batch() {
+                        Ok(next) => next,
+                        Err(e) => return fail(e),
+                    };
+                    if out.send(Ok(std::mem::replace(&mut batch, next))).is_err() {
                         return;
                     }
                 }
