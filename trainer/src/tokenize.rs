@@ -14,6 +14,7 @@ use mapet::ops::kmeans::{self, KMeansConfig, KMeansReport};
 use mapet::ops::patch_embed::Normalize;
 
 use crate::data::{preprocess, ImageIndex};
+use crate::device::{self, Device, Setting};
 
 /// Per-patch normalized pixels of every image, [num_images, (S/p)^2, 3·p·p], in index order.
 /// Unreadable images are errors naming the file (a tokenizer must label every row).
@@ -164,22 +165,22 @@ pub enum KMeansDevice {
 }
 
 impl KMeansDevice {
-    /// The device `name` selects: "cpu", "cuda", or "auto" (the GPU when one is usable).
-    pub fn select(name: &str) -> Result<Self, String> {
-        let cuda = || -> mapet::Result<Self> {
-            let gpu = Arc::new(Gpu::first()?);
-            let gemm = Gemm::new(&gpu)?;
-            Ok(KMeansDevice::Cuda(gpu, gemm))
-        };
-        match name {
-            "cpu" => Ok(KMeansDevice::Cpu),
-            "cuda" => cuda().map_err(|e| format!("--device cuda: {e}")),
-            "auto" => match mapet::cuda::unavailable_reason() {
-                Some(_) => Ok(KMeansDevice::Cpu),
-                None => cuda().map_err(|e| format!("--device auto: a GPU is present but unusable: {e}")),
+    /// The device `name` (the value of `--device`) selects: "cpu", "cuda", or "auto" (the GPU
+    /// when one is usable), by [`crate::device`]'s policy; with the note saying why "auto" fell
+    /// back to the CPU, for the caller to print.
+    pub fn select(name: &str) -> Result<(Self, Option<String>), String> {
+        let setting = Setting::Flag("--device");
+        device::select(
+            Device::parse(name, setting)?,
+            setting,
+            (),
+            |_| {
+                let gpu = Arc::new(Gpu::first()?);
+                let gemm = Gemm::new(&gpu)?;
+                Ok(KMeansDevice::Cuda(gpu, gemm))
             },
-            other => Err(format!("--device {other}: expected auto, cpu or cuda")),
-        }
+            |_| Ok(KMeansDevice::Cpu),
+        )
     }
 
     /// "cpu" or "cuda (NAME)", for reports.

@@ -124,7 +124,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         seed: a.number("seed", 0u64)?,
     };
     let centroids = a.get("centroids").map(PathBuf::from);
-    let device = KMeansDevice::select(a.get("device").unwrap_or("auto"))?;
+    let (device, note) = KMeansDevice::select(a.get("device").unwrap_or("auto"))?;
+    if let Some(note) = note {
+        println!("{note}");
+    }
     let chunk_images = a.positive("chunk-images", 2048)?;
 
     let given = match &centroids {
