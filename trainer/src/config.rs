@@ -45,6 +45,8 @@ use std::path::{Path, PathBuf};
 use mapet::model::ModelConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::device::{Device, Setting};
+
 /// Every setting of a pre-training run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -262,9 +264,7 @@ impl PretrainConfig {
         if t.layer_scale.is_nan() || t.layer_scale <= 0.0 {
             return bad("layer_scale", format!("{} must be positive", t.layer_scale));
         }
-        if !matches!(t.device.as_str(), "auto" | "cpu" | "cuda") {
-            return bad("device", format!("{:?}: expected auto, cpu or cuda", t.device));
-        }
+        Device::parse(&t.device, Setting::Key("train.device"))?;
         let d = &self.data;
         if !(0.0..1.0).contains(&d.eval_fraction) {
             return Err(format!("data.eval_fraction: {} must be in [0, 1)", d.eval_fraction));

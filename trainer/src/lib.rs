@@ -8,6 +8,7 @@
 //!   yields reproducible batches of uint8 pixels, target token ids and permutation ranks.
 //! - [`config`]: `mapet pretrain`'s TOML configuration and its overrides.
 //! - [`pretrain`]: the training loop.
+//! - [`device`]: the `auto | cpu | cuda` choice and its fallback policy, shared by the commands.
 //! - [`cmd_bench`]: `mapet bench`, training-step throughput on synthetic data.
 //! - [`plot`]: PNG training curves.
 //! - [`cmd`]: the other subcommands (`eval`, `export`, `tokenize`, `bench-data`).
@@ -20,5 +21,6 @@ pub mod data;
 pub mod plot;
 
 pub mod demo;
+pub mod device;
 pub mod pretrain;
 pub mod tokenize;

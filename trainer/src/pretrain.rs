@@ -40,6 +40,7 @@ use mapet::ops::patch_embed::Normalize;
 
 use crate::config::PretrainConfig;
 use crate::data::{ImageIndex, Loader, LoaderConfig, Tokens};
+use crate::device::{self, Device, Setting};
 use crate::plot::{write_curves, Series};
 
 /// One row of `metrics.csv`.
@@ -173,37 +174,28 @@ enum Engine {
 
 impl Engine {
     /// The engine `cfg.train.device` selects for batches of `micro` images, holding `state`; and
-    /// the backend's description for the log. "auto" falls back to the CPU (saying why) when no
-    /// GPU is usable or the GPU model does not support the config.
+    /// the backend's description for the log. The choice follows [`crate::device`]'s policy: "auto"
+    /// falls back to the CPU when no GPU is usable or the GPU model does not support the config,
+    /// printing why to the training log (stdout).
     fn new(
         cfg: &PretrainConfig,
         model_cfg: ModelConfig,
         micro: usize,
         state: TrainState,
     ) -> Result<(Self, String), String> {
-        let cpu = |state: TrainState| -> Result<(Engine, String), String> {
-            Ok((Engine::Cpu { model: CpuModel::new(model_cfg).map_err(err)?, state }, "cpu".into()))
-        };
-        match cfg.train.device.as_str() {
-            "cuda" => Self::cuda(model_cfg, micro, &state).map_err(|e| format!("train.device = \"cuda\": {e}")),
-            "auto" => {
-                match mapet::cuda::unavailable_reason() {
-                    Some(why) => {
-                        println!("no GPU ({why}): using the CPU backend");
-                        cpu(state)
-                    }
-                    None => match Self::cuda(model_cfg, micro, &state) {
-                        Ok(engine) => Ok(engine),
-                        Err(e @ mapet::Error::Unsupported { .. }) => {
-                            println!("a GPU is present, but the GPU model cannot run this config ({e}): using the CPU backend");
-                            cpu(state)
-                        }
-                        Err(e) => Err(e.to_string()),
-                    },
-                }
-            }
-            _ => cpu(state),
+        let setting = Setting::Key("train.device");
+        let device = Device::parse(&cfg.train.device, setting)?;
+        let (engine, note) = device::select(
+            device,
+            setting,
+            state,
+            |state| Self::cuda(model_cfg, micro, state),
+            |state| Ok((Engine::Cpu { model: CpuModel::new(model_cfg).map_err(err)?, state }, "cpu".into())),
+        )?;
+        if let Some(note) = note {
+            println!("{note}");
         }
+        Ok(engine)
     }
 
     fn cuda(model_cfg: ModelConfig, micro: usize, state: &TrainState) -> mapet::Result<(Self, String)> {

@@ -2,10 +2,12 @@
 //! sample of them, and every patch of every image labelled with its nearest centroid. The
 //! built-in feature is `pixels`: each patch's normalized pixels (the training crop and resize,
 //! without jitter), 3·p·p values in channel-major order. Features of an external encoder (CLIP for
-//! k-CLIP) come from a .npy file [num_images, N-1, F].
+//! k-CLIP) come from a .npy file [num_images, N-1, F]. Both are [`FeatureSource`]s, read a range
+//! of images at a time by one streaming loop ([`tokenize_stream`]): a set never holds all its
+//! features in memory.
 
+use std::ops::Range;
 use std::path::Path;
-
 use std::sync::Arc;
 
 use mapet::cuda::gemm::Gemm;
@@ -13,7 +15,8 @@ use mapet::cuda::Gpu;
 use mapet::ops::kmeans::{self, KMeansConfig, KMeansReport};
 use mapet::ops::patch_embed::Normalize;
 
-use crate::data::{preprocess, ImageIndex};
+use crate::data::{preprocess, ImageIndex, NpyF32Reader};
+use crate::device::{self, Device, Setting};
 
 /// Per-patch normalized pixels of every image, [num_images, (S/p)^2, 3·p·p], in index order.
 /// Unreadable images are errors naming the file (a tokenizer must label every row).
@@ -25,7 +28,7 @@ pub fn pixel_features(index: &ImageIndex, image: usize, patch: usize) -> Result<
 /// the machine's cores.
 pub fn pixel_features_of(
     index: &ImageIndex,
-    positions: std::ops::Range<usize>,
+    positions: Range<usize>,
     image: usize,
     patch: usize,
 ) -> Result<Vec<f32>, String> {
@@ -84,20 +87,263 @@ pub fn pixel_features_of(
     Ok(feats)
 }
 
-/// What the codebook of [`tokenize_pixels`] comes from.
+/// Per-patch features of a set of images, read a range of images at a time, so that a set whose
+/// features do not fit in memory can be tokenized ([`tokenize_stream`]).
+pub trait FeatureSource {
+    /// Number of images.
+    fn images(&self) -> usize;
+    /// Patches per image.
+    fn patches(&self) -> usize;
+    /// Values per patch.
+    fn dim(&self) -> usize;
+    /// The features of the images at positions `images` (within `0..self.images()`), in order:
+    /// `[images.len() · patches, dim]`.
+    fn read(&mut self, images: Range<usize>) -> Result<Vec<f32>, String>;
+
+    /// The feature rows `rows` (flat patch indices `image · patches + patch`, ascending), packed
+    /// `[rows.len(), dim]`. This default reads `chunk_images` images at a time, skipping the
+    /// chunks that hold no wanted row; a source that can read single rows does better.
+    fn gather(&mut self, rows: &[u32], chunk_images: usize) -> Result<Vec<f32>, String> {
+        let (patches, dim) = (self.patches(), self.dim());
+        let mut out = Vec::with_capacity(rows.len() * dim);
+        let mut next = rows.iter().map(|&r| r as usize).peekable();
+        for range in chunks(self.images(), chunk_images) {
+            let end_row = range.end * patches;
+            if next.peek().is_none_or(|&r| r >= end_row) {
+                continue; // no wanted row in these images: nothing to read
+            }
+            let start_row = range.start * patches;
+            let feats = self.read(range)?;
+            while let Some(r) = next.next_if(|&r| r < end_row) {
+                let local = r - start_row;
+                out.extend_from_slice(&feats[local * dim..(local + 1) * dim]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `0..images` in consecutive ranges of `chunk_images` (at least 1).
+fn chunks(images: usize, chunk_images: usize) -> impl Iterator<Item = Range<usize>> {
+    let chunk = chunk_images.max(1);
+    (0..images).step_by(chunk).map(move |a| a..(a + chunk).min(images))
+}
+
+/// The built-in feature: each patch's normalized pixels ([`pixel_features_of`]), `3·p·p` values,
+/// decoded from the index's image files.
+pub struct PixelFeatures<'a> {
+    index: &'a ImageIndex,
+    image: usize,
+    patch: usize,
+}
+
+impl<'a> PixelFeatures<'a> {
+    /// Pixel features of the images of `index`, resized to `image` pixels, in `patch`-pixel patches.
+    pub fn new(index: &'a ImageIndex, image: usize, patch: usize) -> Self {
+        PixelFeatures { index, image, patch }
+    }
+}
+
+impl FeatureSource for PixelFeatures<'_> {
+    fn images(&self) -> usize {
+        self.index.len()
+    }
+    fn patches(&self) -> usize {
+        (self.image / self.patch).pow(2)
+    }
+    fn dim(&self) -> usize {
+        3 * self.patch * self.patch
+    }
+    fn read(&mut self, images: Range<usize>) -> Result<Vec<f32>, String> {
+        pixel_features_of(self.index, images, self.image, self.patch)
+    }
+}
+
+/// External features (an encoder's, e.g. CLIP's for k-CLIP) from a float `.npy`
+/// `[images, patches, F]` (f32, or f64 rounded to f32) in index order, read by ranges of rows
+/// ([`NpyF32Reader`]): never the whole file. A non-finite value is an error naming the file, the
+/// image, the patch and the feature.
+pub struct NpyFeatures {
+    file: NpyF32Reader,
+    patches: usize,
+    dim: usize,
+}
+
+impl NpyFeatures {
+    /// Opens `path` and checks it (from its header and length only) against `images` images of
+    /// `image` pixels in `patch`-pixel patches. Errors start with the file's path.
+    pub fn open(path: &Path, images: usize, image: usize, patch: usize) -> Result<Self, String> {
+        let file = NpyF32Reader::open(path).map_err(|e| e.to_string())?;
+        let shape = file.shape().to_vec();
+        let patches = (image / patch.max(1)).pow(2);
+        let [n, p, f] = shape[..] else {
+            return Err(format!(
+                "{}: array of shape {shape:?}; expected 3-D [images, patches, features]",
+                path.display()
+            ));
+        };
+        if n != images {
+            return Err(format!(
+                "{}: {n} rows of features, but the index has {images} images (shape {shape:?})",
+                path.display()
+            ));
+        }
+        if p != patches {
+            return Err(format!(
+                "{}: {p} patches per image, but --image {image} --patch {patch} gives {patches} (shape {shape:?})",
+                path.display()
+            ));
+        }
+        if f == 0 {
+            return Err(format!("{}: zero features per patch", path.display()));
+        }
+        Ok(NpyFeatures { file, patches, dim: f })
+    }
+
+    /// The file's dtype: `float32` or `float64`.
+    pub fn dtype_name(&self) -> &'static str {
+        self.file.dtype_name()
+    }
+
+    /// `values`, the features of the flat patch rows from `first_row` on, checked finite.
+    fn check_finite(&self, values: &[f32], first_row: usize) -> Result<(), String> {
+        match values.iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(i) => {
+                let row = first_row + i / self.dim;
+                Err(format!(
+                    "{}: non-finite value at image {}, patch {}, feature {}",
+                    self.file.path().display(),
+                    row / self.patches,
+                    row % self.patches,
+                    i % self.dim
+                ))
+            }
+        }
+    }
+}
+
+impl FeatureSource for NpyFeatures {
+    fn images(&self) -> usize {
+        self.file.rows()
+    }
+    fn patches(&self) -> usize {
+        self.patches
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn read(&mut self, images: Range<usize>) -> Result<Vec<f32>, String> {
+        let first_row = images.start * self.patches;
+        let values = self.file.read_rows(images).map_err(|e| e.to_string())?;
+        self.check_finite(&values, first_row)?;
+        Ok(values)
+    }
+
+    /// Reads only the wanted rows (runs of consecutive rows at once).
+    fn gather(&mut self, rows: &[u32], _chunk_images: usize) -> Result<Vec<f32>, String> {
+        let dim = self.dim;
+        let mut out = Vec::with_capacity(rows.len() * dim);
+        let mut i = 0;
+        while i < rows.len() {
+            let first = rows[i] as usize;
+            let mut end = i + 1;
+            while end < rows.len() && rows[end] as usize == first + (end - i) {
+                end += 1;
+            }
+            let at = out.len();
+            let run = first..first + (end - i);
+            self.file.read_elements_into(run.start * dim..run.end * dim, &mut out).map_err(|e| e.to_string())?;
+            self.check_finite(&out[at..], first)?;
+            i = end;
+        }
+        Ok(out)
+    }
+}
+
+/// What the codebook of [`tokenize_stream`] comes from.
 pub enum Codebook<'a> {
     /// Fit one with this configuration.
     Fit(&'a KMeansConfig),
-    /// Use these centroids `[k, 3·p·p]` (labelling an evaluation split).
+    /// Use these centroids `[k, dim]` (labelling an evaluation split).
     Given { centroids: Vec<f32>, k: usize },
 }
 
-/// Pixel-feature tokenization of a whole index without holding its features: the fit's sample
-/// ([`kmeans::sample_indices`] over every patch of every image) is gathered `chunk_images`
-/// images at a time, the codebook fitted on it (the same result as fitting on all features),
-/// then every image labelled `chunk_images` at a time. Memory: the sample plus one chunk of
-/// features. Returns the codebook, the ids `[images · patches]` in index order, the report and
-/// the fit's inertia (empty for a given codebook).
+/// The codebook of a streamed tokenization and what labelling with it gave.
+pub struct Labelling {
+    /// The centroids `[k, dim]`.
+    pub centroids: Vec<f32>,
+    /// Usage, perplexity and mean squared distance over every patch.
+    pub report: KMeansReport,
+    /// The fit's inertia per iteration (empty for a given codebook).
+    pub inertia: Vec<f64>,
+}
+
+/// Tokenization of every patch of `source` without holding its features: the fit's sample
+/// ([`kmeans::sample_indices`] over every patch of every image) is gathered
+/// ([`FeatureSource::gather`]), the codebook fitted on it (the same result as fitting on all
+/// features), then every image labelled `chunk_images` at a time, the ids of each chunk (in image
+/// order, `patches` per image) handed to `ids_out` as soon as they are known. Memory: the sample
+/// plus one chunk of features and its ids; the report is accumulated on the way.
+pub fn tokenize_stream<S: FeatureSource + ?Sized>(
+    source: &mut S,
+    codebook: Codebook<'_>,
+    device: &KMeansDevice,
+    chunk_images: usize,
+    mut ids_out: impl FnMut(&[u32]) -> Result<(), String>,
+) -> Result<Labelling, String> {
+    let (images, patches, dim) = (source.images(), source.patches(), source.dim());
+    let (centroids, k, inertia) = match codebook {
+        Codebook::Given { centroids, k } => {
+            if k == 0 || centroids.len() != k * dim {
+                return Err(format!(
+                    "{} centroid values do not form {k} centroids of the features' dimension {dim}",
+                    centroids.len()
+                ));
+            }
+            (centroids, k, Vec::new())
+        }
+        Codebook::Fit(cfg) => {
+            let wanted = kmeans::sample_indices(images * patches, cfg);
+            let sample = source.gather(&wanted, chunk_images)?;
+            if sample.len() != wanted.len() * dim {
+                return Err(format!("{} sample values gathered, expected {}", sample.len(), wanted.len() * dim));
+            }
+            let fitted = device.fit(&sample, dim, cfg)?;
+            (fitted.centroids, cfg.k, fitted.inertia_per_iteration)
+        }
+    };
+    let mut report = ReportSums::new(k);
+    for range in chunks(images, chunk_images) {
+        let want = range.len() * patches * dim;
+        let feats = source.read(range.clone())?;
+        if feats.len() != want {
+            return Err(format!("images {range:?}: {} feature values read, expected {want}", feats.len()));
+        }
+        let (ids, d2) = device.assign(&feats, dim, &centroids)?;
+        report.add(&ids, &d2)?;
+        ids_out(&ids)?;
+    }
+    Ok(Labelling { centroids, report: report.finish()?, inertia })
+}
+
+/// [`tokenize_stream`] collecting the ids: [`Tokenized`].
+pub fn tokenize_features<S: FeatureSource + ?Sized>(
+    source: &mut S,
+    codebook: Codebook<'_>,
+    device: &KMeansDevice,
+    chunk_images: usize,
+) -> Result<Tokenized, String> {
+    let mut ids = Vec::with_capacity(source.images() * source.patches());
+    let l = tokenize_stream(source, codebook, device, chunk_images, |chunk| {
+        ids.extend(chunk.iter().map(|&i| i as i32));
+        Ok(())
+    })?;
+    Ok(Tokenized { centroids: l.centroids, ids, report: l.report, inertia: l.inertia })
+}
+
+/// Pixel-feature tokenization of a whole index ([`tokenize_features`] of [`PixelFeatures`]): the
+/// same result as fitting on and labelling all features at once, whatever `chunk_images`.
 pub fn tokenize_pixels(
     index: &ImageIndex,
     image: usize,
@@ -106,43 +352,55 @@ pub fn tokenize_pixels(
     device: &KMeansDevice,
     chunk_images: usize,
 ) -> Result<Tokenized, String> {
-    let patches = (image / patch).pow(2);
-    let dim = 3 * patch * patch;
-    let chunk_images = chunk_images.max(1);
-    let chunks = || (0..index.len()).step_by(chunk_images).map(|a| a..(a + chunk_images).min(index.len()));
-    let (centroids, k, inertia) = match codebook {
-        Codebook::Given { centroids, k } => (centroids, k, Vec::new()),
-        Codebook::Fit(cfg) => {
-            let wanted = kmeans::sample_indices(index.len() * patches, cfg);
-            let mut sample = Vec::with_capacity(wanted.len() * dim);
-            let mut next = wanted.iter().peekable();
-            for range in chunks() {
-                let end_row = (range.end * patches) as u32;
-                if next.peek().is_none_or(|&&r| r >= end_row) {
-                    continue; // no sampled patch in these images: nothing to decode
-                }
-                let start_row = range.start * patches;
-                let feats = pixel_features_of(index, range, image, patch)?;
-                while let Some(&&r) = next.peek().filter(|&&&r| r < end_row) {
-                    let local = r as usize - start_row;
-                    sample.extend_from_slice(&feats[local * dim..(local + 1) * dim]);
-                    next.next();
-                }
-            }
-            let fitted = device.fit(&sample, dim, cfg)?;
-            (fitted.centroids, cfg.k, fitted.inertia_per_iteration)
-        }
-    };
-    let mut ids = Vec::with_capacity(index.len() * patches);
-    let mut d2 = Vec::with_capacity(index.len() * patches);
-    for range in chunks() {
-        let feats = pixel_features_of(index, range, image, patch)?;
-        let (i, d) = device.assign(&feats, dim, &centroids)?;
-        ids.extend(i);
-        d2.extend(d);
+    tokenize_features(&mut PixelFeatures::new(index, image, patch), codebook, device, chunk_images)
+}
+
+/// [`kmeans::report`] accumulated a block of ids at a time: the id histogram and the sum of the
+/// squared distances, added in the same order, so the result is exactly the whole-set one.
+struct ReportSums {
+    hist: Vec<u64>,
+    sum_sq: f64,
+}
+
+impl ReportSums {
+    fn new(k: usize) -> Self {
+        ReportSums { hist: vec![0; k], sum_sq: 0.0 }
     }
-    let report = kmeans::report(&ids, k, &d2).map_err(|e| e.to_string())?;
-    Ok(Tokenized { centroids, ids: ids.into_iter().map(|i| i as i32).collect(), report, inertia })
+
+    fn add(&mut self, ids: &[u32], sq_dists: &[f32]) -> Result<(), String> {
+        let k = self.hist.len();
+        if ids.len() != sq_dists.len() {
+            return Err(format!("{} ids but {} squared distances", ids.len(), sq_dists.len()));
+        }
+        for (&id, &d) in ids.iter().zip(sq_dists) {
+            *self.hist.get_mut(id as usize).ok_or_else(|| format!("id {id} is outside the {k} centroids"))? += 1;
+            self.sum_sq += d as f64;
+        }
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<KMeansReport, String> {
+        let n: u64 = self.hist.iter().sum();
+        if n == 0 || self.hist.is_empty() {
+            return Err("no patch to label".into());
+        }
+        let n = n as f64;
+        let used = self.hist.iter().filter(|&&c| c > 0).count();
+        let entropy: f64 = self
+            .hist
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| {
+                let p = c as f64 / n;
+                -p * p.ln()
+            })
+            .sum();
+        Ok(KMeansReport {
+            usage: used as f64 / self.hist.len() as f64,
+            perplexity: entropy.exp(),
+            mean_sq_dist: self.sum_sq / n,
+        })
+    }
 }
 
 /// A fitted codebook and the labels of every patch.
@@ -164,22 +422,22 @@ pub enum KMeansDevice {
 }
 
 impl KMeansDevice {
-    /// The device `name` selects: "cpu", "cuda", or "auto" (the GPU when one is usable).
-    pub fn select(name: &str) -> Result<Self, String> {
-        let cuda = || -> mapet::Result<Self> {
-            let gpu = Arc::new(Gpu::first()?);
-            let gemm = Gemm::new(&gpu)?;
-            Ok(KMeansDevice::Cuda(gpu, gemm))
-        };
-        match name {
-            "cpu" => Ok(KMeansDevice::Cpu),
-            "cuda" => cuda().map_err(|e| format!("--device cuda: {e}")),
-            "auto" => match mapet::cuda::unavailable_reason() {
-                Some(_) => Ok(KMeansDevice::Cpu),
-                None => cuda().map_err(|e| format!("--device auto: a GPU is present but unusable: {e}")),
+    /// The device `name` (the value of `--device`) selects: "cpu", "cuda", or "auto" (the GPU
+    /// when one is usable), by [`crate::device`]'s policy; with the note saying why "auto" fell
+    /// back to the CPU, for the caller to print.
+    pub fn select(name: &str) -> Result<(Self, Option<String>), String> {
+        let setting = Setting::Flag("--device");
+        device::select(
+            Device::parse(name, setting)?,
+            setting,
+            (),
+            |_| {
+                let gpu = Arc::new(Gpu::first()?);
+                let gemm = Gemm::new(&gpu)?;
+                Ok(KMeansDevice::Cuda(gpu, gemm))
             },
-            other => Err(format!("--device {other}: expected auto, cpu or cuda")),
-        }
+            |_| Ok(KMeansDevice::Cpu),
+        )
     }
 
     /// "cpu" or "cuda (NAME)", for reports.

@@ -1,7 +1,8 @@
 //! `mapet tokenize` on a handful of small generated images: the token file's shape, dtype and
 //! range; ids that are the nearest centroid of each patch's pixels in index order; the same ids
-//! again when labelling with the saved centroids; external features; errors naming the flag or
-//! file; on a GPU, the same tokenization as the CPU's but for near-ties.
+//! again when labelling with the saved centroids; external features; streaming (pixels and
+//! external features, any chunk size) giving exactly the whole-set result; errors naming the flag
+//! or file; on a GPU, the same tokenization as the CPU's but for near-ties.
 
 mod data_common;
 
@@ -11,7 +12,8 @@ use std::path::{Path, PathBuf};
 use mapet_trainer::cmd::tokenize;
 use mapet_trainer::data::{read_npy, ImageIndex, NpyData, NpyDtype};
 use mapet_trainer::tokenize::{
-    fit_and_assign, load_centroids, pixel_features, tokenize_pixels, Codebook, KMeansDevice,
+    fit_and_assign, load_centroids, pixel_features, tokenize_features, tokenize_pixels, Codebook, KMeansDevice,
+    NpyFeatures,
 };
 use rand::Rng;
 
@@ -171,7 +173,16 @@ fn external_features_are_clustered_and_checked() {
     let mut a = base.to_vec();
     a.extend(["--features", s(&cut)]);
     let e = run(&a).unwrap_err();
-    assert!(e.contains(s(&cut)) && e.contains("bytes"), "{e}");
+    assert!(e.starts_with(&format!("--features {}: truncated data", s(&cut))) && e.contains("bytes"), "{e}");
+    // A non-finite value names the image, patch and feature.
+    let nan = dir.path().join("nan.npy");
+    let mut bad = values.clone();
+    bad[(3 * 4 + 1) * 3 + 2] = f32::NAN;
+    write_f32_npy(&nan, &[5, 4, 3], &bad);
+    let mut a = base.to_vec();
+    a.extend(["--features", s(&nan)]);
+    let e = run(&a).unwrap_err();
+    assert!(e.contains(s(&nan)) && e.contains("non-finite value at image 3, patch 1, feature 2"), "{e}");
 
     // Features of another image count, another patch grid, another rank, another dtype.
     let wrong = dir.path().join("feats-4-images.npy");
@@ -300,4 +311,54 @@ fn streamed_pixel_tokenization_equals_the_whole_set_at_once() {
     let labelled = tokenize_pixels(&index, 32, 8, given, &KMeansDevice::Cpu, 3).unwrap();
     assert_eq!(labelled.ids, whole.ids);
     assert!(labelled.inertia.is_empty());
+}
+
+#[test]
+fn streamed_external_features_equal_the_whole_file() {
+    // External features read a chunk of images at a time (the sample by its rows, then every
+    // chunk labelled) give exactly the codebook, ids and report of clustering the whole file.
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("streamed_external_features");
+    let (n, p, f) = (11, 4, 5);
+    let data = dir.path().join("imgs");
+    images(&data, n, &mut rng);
+    let values = mapet::testing::uniform(&mut rng, n * p * f, 1.0);
+    let (f32_path, f64_path) = (dir.path().join("feats32.npy"), dir.path().join("feats64.npy"));
+    write_f32_npy(&f32_path, &[n, p, f], &values);
+    write_f64_npy(&f64_path, &[n, p, f], &values);
+    let mut km = mapet::ops::kmeans::KMeansConfig::new(4);
+    // 44 points, a sample of 4 x 6 = 24 of them: the sampled path.
+    (km.iterations, km.restarts, km.seed, km.max_points_per_centroid) = (5, 2, 9, 6);
+    let whole = fit_and_assign(&values, f, &km).unwrap();
+    for path in [&f32_path, &f64_path] {
+        for chunk in [1, 2, 3, 7, 11, 100] {
+            let mut src = NpyFeatures::open(path, n, 16, 8).unwrap();
+            let t = tokenize_features(&mut src, Codebook::Fit(&km), &KMeansDevice::Cpu, chunk).unwrap();
+            assert_eq!(t.centroids, whole.centroids, "{path:?}, chunk {chunk}: centroids differ");
+            assert_eq!(t.ids, whole.ids, "{path:?}, chunk {chunk}: ids differ");
+            assert_eq!(t.inertia, whole.inertia, "{path:?}, chunk {chunk}: inertia differs");
+            let (a, b) = (t.report, whole.report);
+            assert_eq!((a.usage, a.perplexity, a.mean_sq_dist), (b.usage, b.perplexity, b.mean_sq_dist));
+        }
+        let mut src = NpyFeatures::open(path, n, 16, 8).unwrap();
+        let given = Codebook::Given { centroids: whole.centroids.clone(), k: 4 };
+        let labelled = tokenize_features(&mut src, given, &KMeansDevice::Cpu, 3).unwrap();
+        assert_eq!(labelled.ids, whole.ids);
+        assert!(labelled.inertia.is_empty());
+    }
+
+    // The command, streamed in chunks of 2 and 3 images: the token file and the centroids file
+    // hold the whole-file result.
+    for chunk in ["2", "3"] {
+        let out = dir.path().join(format!("t{chunk}.npy"));
+        let mut args = vec!["--data", s(&data), "--out", s(&out), "--image", "16", "--patch", "8", "--k", "4"];
+        args.extend(["--iterations", "5", "--restarts", "2", "--seed", "9", "--max-points-per-centroid", "6"]);
+        args.extend(["--features", s(&f32_path), "--chunk-images", chunk]);
+        run(&args).unwrap();
+        let (shape, dtype, got) = ids(&out);
+        assert_eq!((shape, dtype), (vec![n, p], NpyDtype::I16));
+        assert_eq!(got, whole.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), "chunk {chunk}");
+        let (c, k, dim) = load_centroids(&dir.path().join(format!("t{chunk}.centroids.safetensors"))).unwrap();
+        assert_eq!((c, k, dim), (whole.centroids.clone(), 4, f));
+    }
 }

@@ -1,9 +1,9 @@
-//! `.npy` reading and writing, and the token file checks.
+//! `.npy` reading and writing (whole, by rows, a block at a time), and the token file checks.
 
 use std::path::Path;
 
-use mapet_trainer::data::npy::{read_header, NpyData, NpyDtype};
-use mapet_trainer::data::tokens::write_tokens;
+use mapet_trainer::data::npy::{read_header, read_npy_f32, NpyData, NpyDtype, NpyF32Reader, NpyWriter};
+use mapet_trainer::data::tokens::{write_tokens, TokenWriter};
 use mapet_trainer::data::{read_npy, write_npy, Tokens};
 use rand::Rng;
 
@@ -211,4 +211,144 @@ fn token_file_errors_say_what_is_wrong() {
     assert!(load_err(&p, rows, cols, vocab).contains("bad header"));
     let e = load_err(&dir.path().join("missing.npy"), rows, cols, vocab);
     assert!(e.contains("cannot open"), "{e}");
+}
+
+/// A float `.npy` of `shape` holding `values`: `<f4`, or `<f8` when `f64` (the f32 values widened).
+fn float_npy(path: &Path, shape: &[usize], values: &[f32], f64: bool) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let descr = if f64 { "<f8" } else { "<f4" };
+    let data: Vec<u8> = if f64 {
+        values.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect()
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    };
+    raw_npy(path, &format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}"), &data);
+}
+
+#[test]
+fn float_rows_read_by_range_equal_the_whole_array() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("float_rows_read_by_range");
+    let (n, p, f) = (9, 5, 3);
+    let values = mapet::testing::uniform(&mut rng, n * p * f, 2.0);
+    for f64 in [false, true] {
+        let path = dir.path().join(format!("x{f64}.npy"));
+        float_npy(&path, &[n, p, f], &values, f64);
+        let (shape, whole) = read_npy_f32(&path).unwrap();
+        assert_eq!((shape, &whole), (vec![n, p, f], &values));
+        let mut r = NpyF32Reader::open(&path).unwrap();
+        assert_eq!((r.rows(), r.row_len(), r.elements()), (n, p * f, n * p * f));
+        assert_eq!(r.dtype_name(), if f64 { "float64" } else { "float32" });
+        // Ranges in any order, empty ones included.
+        for _ in 0..20 {
+            let a = rng.random_range(0..=n);
+            let b = rng.random_range(a..=n);
+            assert_eq!(r.read_rows(a..b).unwrap(), &values[a * p * f..b * p * f], "rows {a}..{b}");
+        }
+        let mut out = vec![7.0];
+        r.read_elements_into(4..11, &mut out).unwrap();
+        assert_eq!(out[0], 7.0);
+        assert_eq!(&out[1..], &values[4..11]);
+        // Outside the array: an error naming the file, `out` untouched.
+        let e = r.read_rows(3..n + 1).unwrap_err().to_string();
+        assert!(e.contains(path.to_str().unwrap()) && e.contains("outside"), "{e}");
+        let e = r.read_elements_into(0..n * p * f + 1, &mut out).unwrap_err().to_string();
+        assert!(e.contains("outside"), "{e}");
+        assert_eq!(out.len(), 8);
+    }
+}
+
+#[test]
+fn float_reader_checks_the_file_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("float_reader_checks");
+    let values = mapet::testing::uniform(&mut rng, 24, 1.0);
+    let name = |s: &str| dir.path().join(s);
+    let err = |path: &Path| {
+        let e = NpyF32Reader::open(path).unwrap_err().to_string();
+        assert!(e.contains(path.to_str().unwrap()), "{e}");
+        e
+    };
+    let good = name("good.npy");
+    float_npy(&good, &[4, 6], &values, false);
+    let bytes = std::fs::read(&good).unwrap();
+    // Truncated: one value short, or cut inside the header.
+    let cut = name("cut.npy");
+    std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
+    let e = err(&cut);
+    assert!(e.contains("truncated") && e.contains("96 bytes") && e.contains("92"), "{e}");
+    std::fs::write(&cut, &bytes[..20]).unwrap();
+    assert!(err(&cut).contains("truncated header"));
+    // Longer than the shape announces.
+    let long = name("long.npy");
+    let mut more = bytes.clone();
+    more.extend_from_slice(&[0; 8]);
+    std::fs::write(&long, more).unwrap();
+    assert!(err(&long).contains("8 bytes beyond"));
+    // Other dtypes: integers, big-endian floats, half floats.
+    for descr in ["<i4", ">f4", "<f2"] {
+        let path = name("dtype.npy");
+        raw_npy(&path, &format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (4, 6), }}"), &bytes[64..]);
+        let e = err(&path);
+        assert!(e.contains(descr) && e.contains("float32 or float64"), "{e}");
+    }
+    // Fortran order.
+    let fortran = name("fortran.npy");
+    raw_npy(&fortran, "{'descr': '<f4', 'fortran_order': True, 'shape': (4, 6), }", &bytes[64..]);
+    assert!(err(&fortran).contains("Fortran order"));
+}
+
+#[test]
+fn npy_writer_writes_blocks_and_only_complete_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("npy_writer_blocks");
+    let data = random_data(&mut rng, NpyDtype::I32, 6 * 7);
+    let NpyData::I32(v) = &data else { unreachable!() };
+    let path = dir.path().join("blocks.npy");
+    let mut w = NpyWriter::create(&path, NpyDtype::I32, &[6, 7]).unwrap();
+    for piece in v.chunks(5) {
+        w.write(&NpyData::I32(piece.to_vec())).unwrap();
+    }
+    assert!(!path.exists(), "the file appears only once finished");
+    w.finish().unwrap();
+    let whole = dir.path().join("whole.npy");
+    write_npy(&whole, &[6, 7], &data).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&whole).unwrap());
+
+    // Too few elements, too many, the wrong dtype, or dropped on the way: no file, no PATH.tmp.
+    let short = dir.path().join("short.npy");
+    let mut w = NpyWriter::create(&short, NpyDtype::I32, &[6, 7]).unwrap();
+    w.write(&NpyData::I32(v[..41].to_vec())).unwrap();
+    let e = w.finish().unwrap_err().to_string();
+    assert!(e.contains("short.npy") && e.contains("41 of the 42"), "{e}");
+    let mut w = NpyWriter::create(&short, NpyDtype::I32, &[6, 7]).unwrap();
+    w.write(&NpyData::I32(v[..40].to_vec())).unwrap();
+    let e = w.write(&NpyData::I32(v[..3].to_vec())).unwrap_err().to_string();
+    assert!(e.contains("1 more than the shape holds"), "{e}");
+    let e = w.write(&NpyData::I16(vec![1])).unwrap_err().to_string();
+    assert!(e.contains("int16") && e.contains("int32"), "{e}");
+    drop(w);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}
+
+#[test]
+fn token_writer_equals_write_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("token_writer");
+    let ids: Vec<u32> = (0..5 * 9).map(|_| rng.random_range(0..32767)).collect();
+    let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.npy"));
+    let mut w = TokenWriter::create(&a, NpyDtype::I16, 5, 9).unwrap();
+    for piece in ids.chunks(7) {
+        w.push(piece).unwrap();
+    }
+    w.finish().unwrap();
+    write_tokens(&b, NpyDtype::I16, 9, &ids.iter().map(|&i| i as i32).collect::<Vec<_>>()).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // An id that does not fit the dtype names the file and the dtype.
+    let c = dir.path().join("c.npy");
+    let mut w = TokenWriter::create(&c, NpyDtype::I16, 1, 2).unwrap();
+    let e = w.push(&[3, 40000]).unwrap_err().to_string();
+    assert!(e.contains("c.npy") && e.contains("int16") && e.contains("40000"), "{e}");
 }

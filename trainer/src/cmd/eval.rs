@@ -6,8 +6,9 @@
 //! permutations. Forward only, in eval mode (no drop path). The loss is the mean cross-entropy over
 //! all predicted tokens of the set (every batch weighted by its token count), the accuracy the
 //! fraction of them whose argmax is the target. An unreadable image is an error: an evaluation
-//! covers the whole set or nothing. `--device` picks the model: the GPU model (bf16 activations)
-//! when one is usable, else the CPU model (f32); the device used is reported.
+//! covers the whole set or nothing. `--device` picks the model ([`crate::device`]): the GPU model
+//! (bf16 activations) when one is usable, else the CPU model (f32; `auto` says why on stderr); the
+//! device used is reported.
 
 use std::path::PathBuf;
 
@@ -22,6 +23,10 @@ use mapet::ops::patch_embed::Normalize;
 
 use super::{json_f64, json_str, open_index, parse, Parsed};
 use crate::data::{Loader, LoaderConfig, Tokens};
+use crate::device::{self, Device, Setting};
+
+/// Where `--device` is given, for messages.
+const DEVICE_FLAG: Setting = Setting::Flag("--device");
 
 /// The command's usage.
 pub const USAGE: &str = "usage: mapet eval --checkpoint DIR --data DIR|MANIFEST --tokens FILE.npy
@@ -86,10 +91,7 @@ pub fn parse_args(args: &[String]) -> Result<Option<EvalArgs>, String> {
         batch: a.positive("batch", 32)?,
         seed: a.number("seed", 0u64)?,
         threads: a.positive("threads", cores)?,
-        device: match a.get("device").unwrap_or("auto") {
-            d @ ("auto" | "cpu" | "cuda") => d.to_string(),
-            other => return Err(format!("--device {other}: expected auto, cpu or cuda")),
-        },
+        device: Device::parse(a.get("device").unwrap_or("auto"), DEVICE_FLAG)?.to_string(),
         json: a.switch("json"),
     }))
 }
@@ -184,34 +186,26 @@ enum EvalModel<'p> {
 }
 
 impl<'p> EvalModel<'p> {
-    /// The model `device` ("auto", "cpu", "cuda") selects for batches of at most `batch` images.
-    /// "auto" takes the GPU when one is usable and supports the model, and says so when it falls
-    /// back to the CPU for another reason than having no GPU.
+    /// The model `device` ("auto", "cpu", "cuda") selects for batches of at most `batch` images,
+    /// by [`crate::device`]'s policy: "auto" takes the GPU when one is usable and supports the
+    /// model, else the CPU, saying why on stderr (stdout is the result).
     fn new(device: &str, config: &ModelConfig, params: &'p [f32], batch: usize) -> Result<Self, String> {
-        let cpu = || -> Result<Self, String> {
-            Ok(EvalModel::Cpu { model: CpuModel::new(*config).map_err(|e| e.to_string())?, params })
-        };
-        let cuda = || -> mapet::Result<Self> {
-            let gpu = Arc::new(Gpu::first()?);
-            let mut model = CudaModel::new(gpu, *config, batch)?;
-            model.upload_params(params)?;
-            Ok(EvalModel::Cuda(Box::new(model)))
-        };
-        match device {
-            "cpu" => cpu(),
-            "cuda" => cuda().map_err(|e| format!("--device cuda: {e}")),
-            _ => match mapet::cuda::unavailable_reason() {
-                Some(_) => cpu(),
-                None => match cuda() {
-                    Ok(m) => Ok(m),
-                    Err(e @ mapet::Error::Unsupported { .. }) => {
-                        eprintln!("a GPU is present, but the GPU model cannot run this config ({e}): using the CPU");
-                        cpu()
-                    }
-                    Err(e) => Err(e.to_string()),
-                },
+        let (model, note) = device::select(
+            Device::parse(device, DEVICE_FLAG)?,
+            DEVICE_FLAG,
+            params,
+            |params| {
+                let gpu = Arc::new(Gpu::first()?);
+                let mut model = CudaModel::new(gpu, *config, batch)?;
+                model.upload_params(params)?;
+                Ok(EvalModel::Cuda(Box::new(model)))
             },
+            |params| Ok(EvalModel::Cpu { model: CpuModel::new(*config).map_err(|e| e.to_string())?, params }),
+        )?;
+        if let Some(note) = note {
+            eprintln!("{note}");
         }
+        Ok(model)
     }
 
     fn forward(&mut self, batch: &Batch) -> Result<ForwardOutput, String> {

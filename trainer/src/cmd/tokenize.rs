@@ -1,30 +1,35 @@
 //! `mapet tokenize`: k-means visual tokens for an image set (SPEC.md, "Tokenizers").
 //!
 //! Features per patch: `pixels` (each patch's normalized pixels after the training crop and
-//! resize, 3·p·p values; [`crate::tokenize::pixel_features`], computed `--chunk-images` images at
-//! a time by [`crate::tokenize::tokenize_pixels`], so that an ImageNet-sized set never holds all
-//! its features) or an external f32/f64 `.npy`
-//! `[num_images, N-1, F]` (an encoder's patch features, e.g. CLIP's for k-CLIP), one row per image
-//! of the index, in index order. A codebook of `--k` centroids is fitted on them
-//! ([`mapet::ops::kmeans::fit`]: sub-sampled to `k · max-points-per-centroid` points, best of
-//! `--restarts` runs of at most `--iterations` Lloyd iterations), unless `--centroids` gives one
-//! (the evaluation split is labelled with the training split's codebook). Every patch gets the id
-//! of its nearest centroid.
+//! resize, 3·p·p values; [`crate::tokenize::PixelFeatures`]) or an external f32/f64 `.npy`
+//! `[num_images, N-1, F]` (an encoder's patch features, e.g. CLIP's for k-CLIP, one row per image
+//! of the index, in index order; [`crate::tokenize::NpyFeatures`], whose header and length are
+//! checked up front). Either is read `--chunk-images` images at a time by one streaming loop
+//! ([`crate::tokenize::tokenize_stream`]), so that an ImageNet-sized set never holds all its
+//! features: the fit's sample is gathered first (pixels chunk by chunk, a `.npy` by reading only
+//! the sampled rows), then every chunk is labelled and its ids written to the token file. A
+//! codebook of `--k` centroids is fitted on the sample ([`mapet::ops::kmeans::fit`]: sub-sampled
+//! to `k · max-points-per-centroid` points, best of `--restarts` runs of at most `--iterations`
+//! Lloyd iterations), unless `--centroids` gives one (the evaluation split is labelled with the
+//! training split's codebook). Every patch gets the id of its nearest centroid.
 //!
 //! Outputs, for `--out DIR/NAME.npy`: the token ids `[num_images, N-1]` (int16 when k <= 32767,
 //! else int32), row i = image i of the index; `DIR/NAME.centroids.safetensors` (`centroids`
 //! `[k, F]`, f32) and `DIR/NAME.report.json` (centroid usage, perplexity of the id histogram, mean
-//! squared distance, inertia of the fit per iteration), also printed.
+//! squared distance, inertia of the fit per iteration), also printed. `--device auto` falling back
+//! to the CPU says why on stdout, with the progress ([`crate::device`]).
 
 use std::path::{Path, PathBuf};
 
-use mapet::ops::kmeans::{self, KMeansConfig, KMeansInit, KMeansReport};
+use mapet::ops::kmeans::{KMeansConfig, KMeansInit, KMeansReport};
 
 use super::{beside, json_f64, json_str, open_index, parse, Parsed};
-use crate::data::npy::read_npy_f32;
-use crate::data::tokens::write_tokens;
+use crate::data::tokens::TokenWriter;
 use crate::data::NpyDtype;
-use crate::tokenize::{load_centroids, save_centroids, tokenize_pixels, Codebook, KMeansDevice, Tokenized};
+use crate::tokenize::{
+    load_centroids, save_centroids, tokenize_stream, Codebook, FeatureSource, KMeansDevice, Labelling, NpyFeatures,
+    PixelFeatures,
+};
 
 /// The command's usage.
 pub const USAGE: &str = "usage: mapet tokenize --data DIR|MANIFEST --out tokens.npy [--k 8192]
@@ -45,9 +50,10 @@ pub const USAGE: &str = "usage: mapet tokenize --data DIR|MANIFEST --out tokens.
                        instead of fitting one: for the evaluation split
   --device D           auto (default: the GPU when one is usable), cpu (f32, exact) or cuda (bf16
                        points, f32 distances: ids differ from the CPU's only at near-ties)
-  --chunk-images N     pixel features are computed N images at a time (default 2048): the fit's
-                       sample is gathered chunk by chunk, then every chunk labelled, so memory holds
-                       the sample and one chunk. External features are read whole.";
+  --chunk-images N     features are computed (pixels) or read (FILE.npy) N images at a time
+                       (default 2048): the fit's sample is gathered first, then every chunk labelled
+                       and its ids written, so memory holds the sample and one chunk
+                       (N x patches x F x 4 bytes; lower N for wide external features).";
 
 /// The token dtype for a codebook of `k` ids: int16 when every id fits, int32 otherwise.
 pub fn token_dtype(k: usize) -> NpyDtype {
@@ -124,7 +130,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         seed: a.number("seed", 0u64)?,
     };
     let centroids = a.get("centroids").map(PathBuf::from);
-    let device = KMeansDevice::select(a.get("device").unwrap_or("auto"))?;
+    let (device, note) = KMeansDevice::select(a.get("device").unwrap_or("auto"))?;
+    if let Some(note) = note {
+        println!("{note}");
+    }
     let chunk_images = a.positive("chunk-images", 2048)?;
 
     let given = match &centroids {
@@ -134,72 +143,67 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let index = open_index(&data)?;
     let patches = (image / patch).pow(2);
     let rows = index.len() * patches;
-    let pixels = features == "pixels";
-    let dim = if pixels { 3 * patch * patch } else { 0 };
-    // The codebook: the given one (checked against the features), or a fit of `km`.
-    let fit_banner = |dim: usize| {
-        println!(
-            "k-means on {}: {} centroids over {rows} patches of dimension {dim} (fit on at most {}; {} restarts, {} \
-             iterations)",
-            device.describe(),
-            km.k,
-            km.sample_size(rows),
-            km.restarts,
-            km.iterations
-        )
-    };
-    let check_given = |k: usize, cdim: usize, dim: usize, path: &Path| -> Result<(), String> {
-        if cdim != dim {
-            return Err(format!(
-                "--centroids {}: centroids of dimension {cdim}, the features have {dim} per patch",
-                path.display()
-            ));
-        }
-        if let Some(kf) = k_flag.filter(|&kf| kf != k) {
-            return Err(format!("--k {kf} differs from the {k} centroids of --centroids {}", path.display()));
-        }
-        Ok(())
-    };
     if given.is_none() && km.k > rows {
         return Err(format!("--k {} is more than the {rows} patches of the {} images to cluster", km.k, index.len()));
     }
-    let (t, dim) = if pixels {
+    let mut source: Box<dyn FeatureSource + '_> = if features == "pixels" {
         println!(
             "pixel features of {} images ({image}px, {patch}x{patch} patches), {chunk_images} images at a time",
             index.len()
         );
-        let codebook = match (given, &centroids) {
-            (Some((c, k, cdim)), Some(path)) => {
-                check_given(k, cdim, dim, path)?;
-                Codebook::Given { centroids: c, k }
-            }
-            _ => {
-                fit_banner(dim);
-                Codebook::Fit(&km)
-            }
-        };
-        (tokenize_pixels(&index, image, patch, codebook, &device, chunk_images)?, dim)
+        Box::new(PixelFeatures::new(&index, image, patch))
     } else {
-        let (feats, dim) = read_features(Path::new(&features), index.len(), patches, image, patch)?;
-        let t = match (given, &centroids) {
-            (Some((c, k, cdim)), Some(path)) => {
-                check_given(k, cdim, dim, path)?;
-                let (ids, d2) = device.assign(&feats, dim, &c)?;
-                let report = kmeans::report(&ids, k, &d2).map_err(|e| e.to_string())?;
-                let ids = ids.into_iter().map(|i| i as i32).collect();
-                Tokenized { centroids: c, ids, report, inertia: Vec::new() }
-            }
-            _ => {
-                fit_banner(dim);
-                device.fit_and_assign(&feats, dim, &km)?
-            }
-        };
-        (t, dim)
+        let f = NpyFeatures::open(Path::new(&features), index.len(), image, patch)
+            .map_err(|e| format!("--features {e}"))?;
+        println!(
+            "features {features} ({}, {} images x {patches} patches x {}), {chunk_images} images at a time",
+            f.dtype_name(),
+            index.len(),
+            f.dim()
+        );
+        Box::new(f)
     };
-    let k = t.centroids.len() / dim.max(1);
-    let Tokenized { centroids: codebook, ids, report, inertia } = t;
+    let dim = source.dim();
+    // The codebook: the given one (checked against the features), or a fit of `km`.
+    let codebook = match (given, &centroids) {
+        (Some((c, k, cdim)), Some(path)) => {
+            if cdim != dim {
+                return Err(format!(
+                    "--centroids {}: centroids of dimension {cdim}, the features have {dim} per patch",
+                    path.display()
+                ));
+            }
+            if let Some(kf) = k_flag.filter(|&kf| kf != k) {
+                return Err(format!("--k {kf} differs from the {k} centroids of --centroids {}", path.display()));
+            }
+            Codebook::Given { centroids: c, k }
+        }
+        _ => {
+            println!(
+                "k-means on {}: {} centroids over {rows} patches of dimension {dim} (fit on at most {}; {} restarts, \
+                 {} iterations)",
+                device.describe(),
+                km.k,
+                km.sample_size(rows),
+                km.restarts,
+                km.iterations
+            );
+            Codebook::Fit(&km)
+        }
+    };
+    let k = match &codebook {
+        Codebook::Given { k, .. } => *k,
+        Codebook::Fit(cfg) => cfg.k,
+    };
+    // The ids go to the token file chunk by chunk; it appears at `out` once complete.
+    let mut writer =
+        TokenWriter::create(&out, token_dtype(k), index.len(), patches).map_err(|e| format!("--out: {e}"))?;
+    let Labelling { centroids: codebook, report, inertia } =
+        tokenize_stream(&mut *source, codebook, &device, chunk_images, |ids| {
+            writer.push(ids).map_err(|e| format!("--out: {e}"))
+        })?;
+    writer.finish().map_err(|e| format!("--out: {e}"))?;
 
-    write_tokens(&out, token_dtype(k), patches, &ids).map_err(|e| format!("--out: {e}"))?;
     let centroids_path = beside(&out, ".centroids.safetensors");
     save_centroids(&centroids_path, &codebook, k, dim)?;
     let summary = TokenizeSummary {
@@ -234,49 +238,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     println!("centroids: {}; report: {}", summary.centroids.display(), summary.report_path.display());
     Ok(())
-}
-
-/// Reads external features `[images, patches, F]` and checks them against the index and sizes.
-fn read_features(
-    path: &Path,
-    images: usize,
-    patches: usize,
-    image: usize,
-    patch: usize,
-) -> Result<(Vec<f32>, usize), String> {
-    let (shape, values) = read_npy_f32(path).map_err(|e| format!("--features: {e}"))?;
-    let [n, p, f] = shape[..] else {
-        return Err(format!(
-            "--features {}: array of shape {shape:?}; expected 3-D [images, patches, features]",
-            path.display()
-        ));
-    };
-    if n != images {
-        return Err(format!(
-            "--features {}: {n} rows of features, but the index has {images} images (shape {shape:?})",
-            path.display()
-        ));
-    }
-    if p != patches {
-        return Err(format!(
-            "--features {}: {p} patches per image, but --image {image} --patch {patch} gives {patches} (shape \
-             {shape:?})",
-            path.display()
-        ));
-    }
-    if f == 0 {
-        return Err(format!("--features {}: zero features per patch", path.display()));
-    }
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(format!(
-            "--features {}: non-finite value at image {}, patch {}, feature {}",
-            path.display(),
-            i / (p * f),
-            i / f % p,
-            i % f
-        ));
-    }
-    Ok((values, f))
 }
 
 fn report_json(s: &TokenizeSummary, features: &str, centroids_from: Option<&Path>) -> String {

@@ -43,7 +43,7 @@ use rand_chacha::ChaCha8Rng;
 pub use bench::{bench_data, DataBench};
 pub use index::{split_holdout, ImageIndex};
 pub use loader::{Batch, Epoch, Loader, LoaderConfig, Skipped};
-pub use npy::{read_npy, write_npy, NpyArray, NpyData, NpyDtype};
+pub use npy::{read_npy, write_npy, NpyArray, NpyData, NpyDtype, NpyF32Reader, NpyWriter};
 pub use pixels::{color_jitter, decode, preprocess, resize_center_crop, Jitter};
 pub use tokens::Tokens;
 

@@ -1,4 +1,5 @@
-//! A minimal `.npy` reader and writer for the integer arrays of token files.
+//! A minimal `.npy` reader and writer for the integer arrays of token files, and a reader of float
+//! arrays (external features) by blocks of rows.
 //!
 //! The format (NumPy's `NEP 1`): the magic `\x93NUMPY`, a major and minor version byte, the
 //! header length (u16 little-endian in version 1, u32 in versions 2 and 3), then the header: a
@@ -6,11 +7,14 @@
 //! spaces and ending in a newline, then the raw data. Supported: little-endian int16, uint16,
 //! int32 and int64 (`<i2 <u2 <i4 <i8`), C order, any shape. Written files use version 1 (2 when
 //! the header is too long for a u16) with the header padded so the data starts at a multiple of
-//! 64 bytes, as NumPy writes them, and are written to `PATH.tmp` and renamed into place.
+//! 64 bytes, as NumPy writes them, and are written to `PATH.tmp` and renamed into place, whole
+//! ([`write_npy`]) or a block at a time ([`NpyWriter`]). Float arrays (`<f4 <f8`) are read as f32,
+//! whole ([`read_npy_f32`]) or by ranges of rows without reading the rest ([`NpyF32Reader`]).
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
-use std::path::Path;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use super::{file_err, Result};
 
@@ -171,6 +175,20 @@ impl NpyHeader {
 /// Reads and checks the header of an open `.npy` file, leaving `r` at the start of the data.
 /// The error is the reason, without the path.
 pub fn read_header(r: &mut impl Read) -> std::result::Result<NpyHeader, String> {
+    let raw = read_raw_header(r)?;
+    let dtype = NpyDtype::from_descr(&raw.descr)?;
+    Ok(NpyHeader { dtype, shape: raw.shape, data_offset: raw.data_offset })
+}
+
+/// A header whose `descr` is not yet checked against a reader's dtypes.
+struct RawHeader {
+    descr: String,
+    shape: Vec<usize>,
+    data_offset: usize,
+}
+
+/// Reads the magic, version and header dict, refusing Fortran order; leaves `r` at the data.
+fn read_raw_header(r: &mut impl Read) -> Result2<RawHeader> {
     let mut pre = [0u8; 8];
     read_prefix(r, &mut pre, "the magic string and version")?;
     if &pre[..6] != MAGIC {
@@ -196,8 +214,7 @@ pub fn read_header(r: &mut impl Read) -> std::result::Result<NpyHeader, String> 
     if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
         return Err("array is in Fortran order; only C order is supported (save with np.ascontiguousarray)".into());
     }
-    let dtype = NpyDtype::from_descr(&descr)?;
-    Ok(NpyHeader { dtype, shape, data_offset: 6 + 2 + len_bytes + header_len })
+    Ok(RawHeader { descr, shape, data_offset: 6 + 2 + len_bytes + header_len })
 }
 
 fn read_prefix(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result2<()> {
@@ -276,26 +293,107 @@ pub fn write_npy(path: &Path, shape: &[usize], data: &NpyData) -> Result<()> {
     if count != Some(data.len()) {
         return Err(file_err(path, format!("shape {shape:?} does not match the {} elements given", data.len())));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let result = (|| -> std::io::Result<()> {
-        let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        w.write_all(&header_bytes(data.dtype(), shape))?;
-        match data {
-            NpyData::I16(v) => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))?,
-            NpyData::U16(v) => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))?,
-            NpyData::I32(v) => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))?,
-            NpyData::I64(v) => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))?,
+    let mut w = NpyWriter::create(path, data.dtype(), shape)?;
+    w.write(data)?;
+    w.finish()
+}
+
+/// A `.npy` file written a piece at a time, for arrays produced in blocks: the header (the whole
+/// shape, known up front) goes first, then the elements in C order as they come, into `PATH.tmp`;
+/// [`NpyWriter::finish`] checks that every element was written and renames it into place. A writer
+/// dropped before `finish` (an error on the way) removes `PATH.tmp`, so `path` is only ever
+/// replaced by a complete file.
+#[derive(Debug)]
+pub struct NpyWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    w: Option<BufWriter<File>>,
+    dtype: NpyDtype,
+    expected: usize,
+    written: usize,
+}
+
+impl NpyWriter {
+    /// Starts `path` (as `PATH.tmp`) with the header of an array of `dtype` and `shape`.
+    pub fn create(path: &Path, dtype: NpyDtype, shape: &[usize]) -> Result<Self> {
+        let expected = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| file_err(path, format!("shape {shape:?} is too large")))?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let file = File::create(&tmp).map_err(|e| cannot_write(path, e))?;
+        let w = Some(BufWriter::with_capacity(1 << 20, file));
+        let mut writer = NpyWriter { path: path.to_path_buf(), tmp, w, dtype, expected, written: 0 };
+        let header = header_bytes(dtype, shape);
+        let w = writer.w.as_mut().expect("just created");
+        w.write_all(&header).map_err(|e| cannot_write(path, e))?; // dropping `writer` removes PATH.tmp
+        Ok(writer)
+    }
+
+    /// Appends `data` (of the writer's dtype; at most the elements still missing).
+    pub fn write(&mut self, data: &NpyData) -> Result<()> {
+        if data.dtype() != self.dtype {
+            return Err(file_err(
+                &self.path,
+                format!("{} elements given to an array of {}", data.dtype().name(), self.dtype.name()),
+            ));
         }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        file_err(path, format!("cannot write: {e}"))
-    })
+        if data.len() > self.expected - self.written {
+            return Err(file_err(
+                &self.path,
+                format!(
+                    "{} elements given, {} more than the shape holds",
+                    data.len(),
+                    data.len() + self.written - self.expected
+                ),
+            ));
+        }
+        let w = self.w.as_mut().expect("an unfinished writer holds its file");
+        let result = match data {
+            NpyData::I16(v) => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes())),
+            NpyData::U16(v) => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes())),
+            NpyData::I32(v) => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes())),
+            NpyData::I64(v) => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes())),
+        };
+        result.map_err(|e| cannot_write(&self.path, e))?;
+        self.written += data.len();
+        Ok(())
+    }
+
+    /// Checks that every element was written, flushes, syncs and renames the file into place.
+    pub fn finish(mut self) -> Result<()> {
+        if self.written != self.expected {
+            return Err(file_err(
+                &self.path,
+                format!("{} of the {} elements were written", self.written, self.expected),
+            ));
+        }
+        let w = self.w.take().expect("an unfinished writer holds its file");
+        let result = (|| -> std::io::Result<()> {
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            std::fs::rename(&self.tmp, &self.path)
+        })();
+        result.map_err(|e| {
+            let _ = std::fs::remove_file(&self.tmp);
+            cannot_write(&self.path, e)
+        })
+    }
+}
+
+impl Drop for NpyWriter {
+    fn drop(&mut self) {
+        if let Some(w) = self.w.take() {
+            drop(w);
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn cannot_write(path: &Path, e: std::io::Error) -> super::DataError {
+    file_err(path, format!("cannot write: {e}"))
 }
 
 /// The magic, version, length and padded header of an array (NumPy's layout).
@@ -461,55 +559,156 @@ impl Parser<'_> {
 /// features, e.g. an encoder's patch embeddings). Returns (shape, values in C order). Errors name
 /// the file: another dtype, Fortran order, a truncated or oversized file.
 pub fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bad = |detail: String| file_err(path, detail);
-    let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-    let file_len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
-    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
-    let mut pre = [0u8; 8];
-    read_prefix(&mut r, &mut pre, "the magic string and version").map_err(bad)?;
-    if &pre[..6] != MAGIC {
-        return Err(bad("not a .npy file (no \\x93NUMPY magic string)".into()));
-    }
-    let len_bytes = match pre[6] {
-        1 => 2,
-        2 | 3 => 4,
-        major => return Err(bad(format!(".npy format version {major}.{} is not supported", pre[7]))),
-    };
-    let mut len = [0u8; 4];
-    read_prefix(&mut r, &mut len[..len_bytes], "the header length").map_err(bad)?;
-    let header_len = u32::from_le_bytes(len) as usize;
-    let mut header = vec![0u8; header_len];
-    read_prefix(&mut r, &mut header, &format!("the {header_len}-byte header")).map_err(bad)?;
-    let text: String = header.iter().map(|&b| b as char).collect();
-    let (descr, fortran, shape) = parse_header_dict(&text).map_err(|e| bad(format!("bad header {text:?}: {e}")))?;
-    if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
-        return Err(
-            bad("array is in Fortran order; only C order is supported (save with np.ascontiguousarray)".into()),
-        );
-    }
-    let size = match descr.as_str() {
-        "<f4" => 4,
-        "<f8" => 8,
-        other => {
+    let mut f = NpyF32Reader::open(path)?;
+    let mut values = Vec::new();
+    f.read_elements_into(0..f.elements(), &mut values)?;
+    Ok((f.shape, values))
+}
+
+/// A float `.npy` file (`<f4`, or `<f8` rounded to f32) opened to read parts of it: the header is
+/// read and checked once (dtype, C order, and that the file holds exactly the bytes its shape
+/// announces), then each read seeks to the elements it wants and reads nothing else, so that an
+/// array larger than memory can be read a block of rows at a time. Errors name the file.
+#[derive(Debug)]
+pub struct NpyF32Reader {
+    path: PathBuf,
+    file: File,
+    shape: Vec<usize>,
+    /// Bytes per element: 4 (`<f4`) or 8 (`<f8`).
+    size: usize,
+    data_offset: u64,
+    elements: usize,
+    row_len: usize,
+}
+
+impl NpyF32Reader {
+    /// Opens `path` and checks its header and length.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bad = |detail: String| file_err(path, detail);
+        let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+        let file_len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+        let raw = read_raw_header(&mut std::io::BufReader::new(&file)).map_err(bad)?;
+        let size = match raw.descr.as_str() {
+            "<f4" => 4,
+            "<f8" => 8,
+            other => {
+                return Err(bad(format!(
+                    "dtype `{other}` is not supported for features; expected float32 or float64 (little-endian: <f4, \
+                     <f8)"
+                )))
+            }
+        };
+        let shape = raw.shape;
+        let too_large = || bad(format!("shape {shape:?} is too large"));
+        let elements = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_large)?;
+        let row_len = shape.iter().skip(1).try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_large)?;
+        let bytes = elements.checked_mul(size).ok_or_else(too_large)? as u64;
+        let have = file_len.saturating_sub(raw.data_offset as u64);
+        let descr = &raw.descr;
+        if have < bytes {
             return Err(bad(format!(
-                "dtype `{other}` is not supported for features; expected float32 or float64 (little-endian: <f4, <f8)"
-            )))
+                "truncated data: shape {shape:?} of {descr} needs {bytes} bytes after the header, the file has {have}"
+            )));
         }
-    };
-    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    let bytes = count.and_then(|n| n.checked_mul(size)).ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
-    let have = file_len.saturating_sub((8 + len_bytes + header_len) as u64);
-    if have != bytes as u64 {
-        return Err(bad(format!(
-            "shape {shape:?} of {descr} needs {bytes} bytes after the header, the file has {have}"
-        )));
+        if have > bytes {
+            return Err(bad(format!(
+                "{} bytes beyond the data of shape {shape:?} of {descr} (not a single array?)",
+                have - bytes
+            )));
+        }
+        Ok(NpyF32Reader {
+            path: path.to_path_buf(),
+            file,
+            shape,
+            size,
+            data_offset: raw.data_offset as u64,
+            elements,
+            row_len,
+        })
     }
-    let mut raw = vec![0u8; bytes];
-    r.read_exact(&mut raw).map_err(|e| bad(format!("cannot read data: {e}")))?;
-    let values = if size == 4 {
-        raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    } else {
-        raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
-    };
-    Ok((shape, values))
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The array's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// NumPy's name of the file's dtype: `float32` or `float64`.
+    pub fn dtype_name(&self) -> &'static str {
+        if self.size == 4 {
+            "float32"
+        } else {
+            "float64"
+        }
+    }
+
+    /// Number of elements.
+    pub fn elements(&self) -> usize {
+        self.elements
+    }
+
+    /// Rows of the leading axis (1 for a 0-d array).
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+
+    /// Elements per row of the leading axis (the product of the other dimensions).
+    pub fn row_len(&self) -> usize {
+        self.row_len
+    }
+
+    /// Rows `rows` of the leading axis, in C order (`rows.len() · row_len()` values).
+    pub fn read_rows(&mut self, rows: Range<usize>) -> Result<Vec<f32>> {
+        if rows.start > rows.end || rows.end > self.rows() {
+            return Err(file_err(&self.path, format!("rows {rows:?} are outside the {} rows", self.rows())));
+        }
+        let mut out = Vec::with_capacity(rows.len() * self.row_len);
+        self.read_elements_into(rows.start * self.row_len..rows.end * self.row_len, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the elements at flat (C-order) positions `elements` to `out`: only those bytes are
+    /// read. On an error `out` is left as it was.
+    pub fn read_elements_into(&mut self, elements: Range<usize>, out: &mut Vec<f32>) -> Result<()> {
+        if elements.start > elements.end || elements.end > self.elements {
+            return Err(file_err(
+                &self.path,
+                format!("elements {elements:?} are outside the {} elements", self.elements),
+            ));
+        }
+        let offset = self.data_offset + (elements.start * self.size) as u64;
+        let start = out.len();
+        let result = (|| -> std::io::Result<()> {
+            self.file.seek(SeekFrom::Start(offset))?;
+            if self.size == 4 {
+                out.resize(start + elements.len(), 0.0);
+                let dst = &mut out[start..];
+                self.file.read_exact(bytemuck::cast_slice_mut(dst))?;
+                if cfg!(target_endian = "big") {
+                    dst.iter_mut().for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));
+                }
+            } else {
+                out.reserve(elements.len());
+                let mut buf = vec![0u8; 8 * elements.len().min(1 << 16)];
+                let mut left = elements.len();
+                while left > 0 {
+                    let piece = &mut buf[..8 * left.min(1 << 16)];
+                    self.file.read_exact(piece)?;
+                    out.extend(
+                        piece.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32),
+                    );
+                    left -= piece.len() / 8;
+                }
+            }
+            Ok(())
+        })();
+        result.map_err(|e| {
+            out.truncate(start);
+            file_err(&self.path, format!("cannot read elements {elements:?} at byte {offset}: {e}"))
+        })
+    }
 }

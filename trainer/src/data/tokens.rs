@@ -158,3 +158,48 @@ pub fn write_tokens(path: &Path, dtype: NpyDtype, cols: usize, ids: &[i32]) -> R
         .map_err(|e| file_err(path, format!("cannot store token ids as {}: {e}", dtype.name())))?;
     npy::write_npy(path, &[ids.len() / cols, cols], &data)
 }
+
+/// Token ids `[rows, cols]` written as they are produced, a block at a time (a tokenizer labelling
+/// a set chunk by chunk): the same file as [`write_tokens`], without holding every id. The file
+/// appears at `path` only once [`TokenWriter::finish`] has checked that every id was written.
+#[derive(Debug)]
+pub struct TokenWriter {
+    npy: npy::NpyWriter,
+    path: PathBuf,
+    dtype: NpyDtype,
+    written: usize,
+}
+
+impl TokenWriter {
+    /// Starts a token file of `rows` x `cols` ids of `dtype` at `path`.
+    pub fn create(path: &Path, dtype: NpyDtype, rows: usize, cols: usize) -> Result<Self> {
+        if cols == 0 {
+            return Err(file_err(path, "token rows of 0 ids"));
+        }
+        Ok(TokenWriter {
+            npy: npy::NpyWriter::create(path, dtype, &[rows, cols])?,
+            path: path.into(),
+            dtype,
+            written: 0,
+        })
+    }
+
+    /// Appends the next ids (in row-major order; any count, not only whole rows). Errors when an
+    /// id does not fit the dtype or when there are more ids than the shape holds.
+    pub fn push(&mut self, ids: &[u32]) -> Result<()> {
+        let data = NpyData::from_i64(self.dtype, ids.iter().map(|&x| x as i64)).map_err(|e| {
+            file_err(
+                &self.path,
+                format!("cannot store token ids as {} (from id {}): {e}", self.dtype.name(), self.written),
+            )
+        })?;
+        self.npy.write(&data)?;
+        self.written += ids.len();
+        Ok(())
+    }
+
+    /// Checks that every id was written and puts the file in place.
+    pub fn finish(self) -> Result<()> {
+        self.npy.finish()
+    }
+}
