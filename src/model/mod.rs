@@ -17,4 +17,4 @@ pub mod optim;
 pub mod params;
 pub mod train;
 
-pub use params::{ModelConfig, ParamLayout, ParamSpec};
+pub use params::{BlockParams, ModelConfig, ParamLayout, ParamRanges, ParamSpec};
