@@ -40,6 +40,8 @@
 //! the backward reuses from block to block, and the inputs. A step with a smaller batch uses the
 //! leading part of each buffer.
 
+use std::ops::Range;
+
 use rand::Rng;
 
 use crate::backend::{Backend, CeGrads, CeRows, PixelView, Scalar};
@@ -407,17 +409,14 @@ impl<B: Backend> Activations<B> {
     }
 }
 
-/// `K` exclusive views of named parameters' gradients inside the flat gradient buffer.
+/// `K` exclusive views of parameters' gradients (their ranges from [`ParamLayout::ranges`])
+/// inside the flat gradient buffer.
 fn grad_views<'b, B: Backend, const K: usize>(
     layout: &ParamLayout,
     grads: &'b mut B::Mut<'_, f32>,
-    names: [&str; K],
+    ranges: [&Range<usize>; K],
 ) -> Result<[B::Mut<'b, f32>; K]> {
-    let mut ranges: [std::ops::Range<usize>; K] = std::array::from_fn(|_| 0..0);
-    for (r, name) in ranges.iter_mut().zip(names) {
-        *r = layout.get(name)?.range();
-    }
-    B::split_mut(B::sub_mut(grads, 0..layout.total)?, ranges)
+    B::split_mut(B::sub_mut(grads, 0..layout.total)?, ranges.map(Range::clone))
 }
 
 /// Forward and, when `grads` is given, backward of one batch (see the module docs).
@@ -465,8 +464,17 @@ pub fn step<B: Backend>(
     let att = AttentionShape { batch: b, heads: cfg.heads, head_dim: cfg.head_dim(), n_tokens: n, n_context: c };
     let pe = PatchEmbedShape { batch: b, image: cfg.image, patch: cfg.patch, dim: d, n_context: c };
     let ls = LayerScaleShape { samples: b, rows_per_sample: r, cols: d };
-    let master = |name: &str| -> Result<B::Ref<'_, f32>> { B::sub(weights.master, layout.get(name)?.range()) };
-    let act = |name: &str| -> Result<B::Ref<'_, B::Act>> { B::sub(weights.act, layout.get(name)?.range()) };
+    // Parameters by their ranges in the layout's table (built with the layout: no lookups here).
+    let p = layout.ranges();
+    if p.blocks.len() != depth || acts.blocks.len() != depth {
+        return Err(Error::Shape {
+            tensor: "activations",
+            expected: format!("{depth} blocks (the layout's config)"),
+            got: format!("{} in the activations, {} in the layout's table", acts.blocks.len(), p.blocks.len()),
+        });
+    }
+    let master = |r: &Range<usize>| -> Result<B::Ref<'_, f32>> { B::sub(weights.master, r.clone()) };
+    let act = |r: &Range<usize>| -> Result<B::Ref<'_, B::Act>> { B::sub(weights.act, r.clone()) };
     // Inputs: pixels (in the form they came in), ranks and the drop-path scales [depth][2][B].
     let n_pixels = b * 3 * cfg.image * cfg.image;
     let max_pixels = acts.max_batch * 3 * cfg.image * cfg.image;
@@ -519,24 +527,22 @@ pub fn step<B: Backend>(
         &pe,
         img,
         rk,
-        act("patch_embed.proj.weight")?,
-        master("patch_embed.proj.bias")?,
-        master("pos_embed")?,
-        master("cls_token")?,
-        master("mask_positional_token")?,
+        act(&p.patch_embed_proj_weight)?,
+        master(&p.patch_embed_proj_bias)?,
+        master(&p.pos_embed)?,
+        master(&p.cls_token)?,
+        master(&p.mask_positional_token)?,
         &mut B::view_mut(&mut xs[0], 0..nd)?,
     )?;
 
-    for (i, blk) in blocks.iter_mut().enumerate() {
-        let w16 = |name: &str| act(&format!("blocks.{i}.{name}"));
-        let w32 = |name: &str| master(&format!("blocks.{i}.{name}"));
+    for (i, (blk, bp)) in blocks.iter_mut().zip(&p.blocks).enumerate() {
         let (lo, hi) = xs.split_at_mut(i + 1);
         let x_in = B::view(&lo[i], 0..nd)?;
 
         be.layernorm_forward(
             x_in,
-            w32("norm1.weight")?,
-            w32("norm1.bias")?,
+            master(&bp.norm1_weight)?,
+            master(&bp.norm1_bias)?,
             LN_EPS,
             rows,
             d,
@@ -545,11 +551,11 @@ pub fn step<B: Backend>(
             &mut B::view_mut(&mut blk.rstd1, 0..rows)?,
         )?;
         let a = B::view(&blk.a, 0..nd)?;
-        be.linear(a, w16("attn.q.weight")?, w16("attn.q.bias")?, rows, d, d, &mut B::view_mut(&mut blk.q, 0..nd)?)?;
+        be.linear(a, act(&bp.attn_q_weight)?, act(&bp.attn_q_bias)?, rows, d, d, &mut B::view_mut(&mut blk.q, 0..nd)?)?;
         // Keys and values from the content stream: the first N + P rows of each sample.
         be.copy_rows(&RowCopy::gather(b, d, r, 0, lk), a, &mut B::view_mut(&mut s.a_h, 0..kvd)?, false)?;
         let a_h = B::view(&s.a_h, 0..kvd)?;
-        let (wkv, bkv) = (w16("attn.kv.weight")?, w16("attn.kv.bias")?);
+        let (wkv, bkv) = (act(&bp.attn_kv_weight)?, act(&bp.attn_kv_bias)?);
         let (wk, wv) = (B::sub(wkv, 0..d * d)?, B::sub(wkv, d * d..2 * d * d)?);
         let (bk, bv) = (B::sub(bkv, 0..d)?, B::sub(bkv, d..2 * d)?);
         be.linear(a_h, wk, bk, kv, d, d, &mut B::view_mut(&mut blk.k, 0..kvd)?)?;
@@ -563,21 +569,21 @@ pub fn step<B: Backend>(
             &mut B::view_mut(&mut blk.lse, 0..att.lse_len())?,
         )?;
         let o = B::view(&blk.o, 0..nd)?;
-        let (w_proj, b_proj) = (w16("attn.proj.weight")?, w16("attn.proj.bias")?);
+        let (w_proj, b_proj) = (act(&bp.attn_proj_weight)?, act(&bp.attn_proj_bias)?);
         be.linear(o, w_proj, b_proj, rows, d, d, &mut B::view_mut(&mut blk.y1, 0..nd)?)?;
         be.layer_scale_forward(
             &ls,
             x_in,
             B::view(&blk.y1, 0..nd)?,
-            w32("ls1.gamma")?,
+            master(&bp.ls1_gamma)?,
             dp(i, 0)?,
             &mut B::view_mut(&mut blk.x_mid, 0..nd)?,
         )?;
         let x_mid = B::view(&blk.x_mid, 0..nd)?;
         be.layernorm_forward(
             x_mid,
-            w32("norm2.weight")?,
-            w32("norm2.bias")?,
+            master(&bp.norm2_weight)?,
+            master(&bp.norm2_bias)?,
             LN_EPS,
             rows,
             d,
@@ -586,17 +592,17 @@ pub fn step<B: Backend>(
             &mut B::view_mut(&mut blk.rstd2, 0..rows)?,
         )?;
         let cn = B::view(&blk.c, 0..nd)?;
-        let (w_fc1, b_fc1) = (w16("mlp.fc1.weight")?, w16("mlp.fc1.bias")?);
+        let (w_fc1, b_fc1) = (act(&bp.mlp_fc1_weight)?, act(&bp.mlp_fc1_bias)?);
         be.linear(cn, w_fc1, b_fc1, rows, d, hd, &mut B::view_mut(&mut blk.u, 0..nh)?)?;
         be.gelu_forward(B::view(&blk.u, 0..nh)?, &mut B::view_mut(&mut s.f, 0..nh)?)?;
         let f = B::view(&s.f, 0..nh)?;
-        let (w_fc2, b_fc2) = (w16("mlp.fc2.weight")?, w16("mlp.fc2.bias")?);
+        let (w_fc2, b_fc2) = (act(&bp.mlp_fc2_weight)?, act(&bp.mlp_fc2_bias)?);
         be.linear(f, w_fc2, b_fc2, rows, hd, d, &mut B::view_mut(&mut blk.y2, 0..nd)?)?;
         be.layer_scale_forward(
             &ls,
             x_mid,
             B::view(&blk.y2, 0..nd)?,
-            w32("ls2.gamma")?,
+            master(&bp.ls2_gamma)?,
             dp(i, 1)?,
             &mut B::view_mut(&mut hi[0], 0..nd)?,
         )?;
@@ -612,8 +618,8 @@ pub fn step<B: Backend>(
     let xg = B::view(&s.xg, 0..gd)?;
     be.layernorm_forward(
         xg,
-        master("norm.weight")?,
-        master("norm.bias")?,
+        master(&p.norm_weight)?,
+        master(&p.norm_bias)?,
         LN_EPS,
         gr,
         d,
@@ -624,7 +630,7 @@ pub fn step<B: Backend>(
     let z = B::view(&s.z, 0..gd)?;
     let targets = batch.targets(&cfg);
     let ce = CrossEntropyShape::new(gr, d, cfg.vocab);
-    let (wdec, bdec) = (act("decoder.weight")?, master("decoder.bias")?);
+    let (wdec, bdec) = (act(&p.decoder_weight)?, master(&p.decoder_bias)?);
     if rows_out.as_ref().is_none_or(|(len, _)| *len != gr) {
         *rows_out = None; // free the old one first
         *rows_out = Some((gr, be.ce_rows(gr)?));
@@ -632,7 +638,7 @@ pub fn step<B: Backend>(
     let (_, row_outputs) = rows_out.as_mut().expect("allocated just above");
     let stats = match grads.as_mut() {
         Some(g) => {
-            let [mut dw, mut db] = grad_views::<B, 2>(layout, g, ["decoder.weight", "decoder.bias"])?;
+            let [mut dw, mut db] = grad_views::<B, 2>(layout, g, [&p.decoder_weight, &p.decoder_bias])?;
             let mut dz = B::view_mut(&mut s.dz, 0..gd)?;
             let ce_grads = CeGrads { dloss: 1.0, dx: &mut dz, dw: &mut dw, db: &mut db };
             be.cross_entropy(&ce, z, wdec, bdec, &targets, row_outputs, Some(ce_grads))?
@@ -645,11 +651,11 @@ pub fn step<B: Backend>(
 
     // Final norm, then the query rows' gradient into the residual stream's (zero elsewhere).
     {
-        let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, ["norm.weight", "norm.bias"])?;
+        let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&p.norm_weight, &p.norm_bias])?;
         be.layernorm_backward(
             xg,
             B::view(&s.dz, 0..gd)?,
-            master("norm.weight")?,
+            master(&p.norm_weight)?,
             B::view(&s.meanf, 0..gr)?,
             B::view(&s.rstdf, 0..gr)?,
             gr,
@@ -664,10 +670,7 @@ pub fn step<B: Backend>(
     be.fill_zero(&mut dx)?;
     be.copy_rows(&RowCopy::scatter(b, d, r, lk, pr), B::view(&s.dxg, 0..gd)?, &mut dx, false)?;
 
-    for (i, blk) in blocks.iter().enumerate().rev() {
-        let name = |s: &str| format!("blocks.{i}.{s}");
-        let w16 = |s: &str| act(&name(s));
-        let w32 = |s: &str| master(&name(s));
+    for (i, (blk, bp)) in blocks.iter().zip(&p.blocks).enumerate().rev() {
         let x_in = B::view(&xs[i], 0..nd)?;
         let a = B::view(&blk.a, 0..nd)?;
         let o = B::view(&blk.o, 0..nd)?;
@@ -677,38 +680,35 @@ pub fn step<B: Backend>(
 
         // x_out = x_mid + s2 * ls2 * y2.
         {
-            let [mut dls2] = grad_views::<B, 1>(layout, &mut grads, [&name("ls2.gamma")])?;
+            let [mut dls2] = grad_views::<B, 1>(layout, &mut grads, [&bp.ls2_gamma])?;
             let y2 = B::view(&blk.y2, 0..nd)?;
-            be.layer_scale_backward(&ls, B::freeze(&dx), y2, w32("ls2.gamma")?, dp(i, 1)?, &mut dy, &mut dls2)?;
+            be.layer_scale_backward(&ls, B::freeze(&dx), y2, master(&bp.ls2_gamma)?, dp(i, 1)?, &mut dy, &mut dls2)?;
         }
         // fc2, with its input f = GELU(u) recomputed.
         be.gelu_forward(u, &mut B::view_mut(&mut s.f, 0..nh)?)?;
         {
-            let [mut dw, mut db] =
-                grad_views::<B, 2>(layout, &mut grads, [&name("mlp.fc2.weight"), &name("mlp.fc2.bias")])?;
+            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.mlp_fc2_weight, &bp.mlp_fc2_bias])?;
             let f = B::view(&s.f, 0..nh)?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
             be.linear_weight_grads(f, B::freeze(&dy), rows, hd, d, &mut dw, &mut db, &mut sc)?;
         }
         let mut df = B::view_mut(&mut s.df, 0..nh)?;
-        be.linear_input_grad(B::freeze(&dy), w16("mlp.fc2.weight")?, rows, hd, d, &mut df, false)?;
+        be.linear_input_grad(B::freeze(&dy), act(&bp.mlp_fc2_weight)?, rows, hd, d, &mut df, false)?;
         be.gelu_backward(u, B::freeze(&df), &mut B::view_mut(&mut s.du, 0..nh)?)?;
         let du = B::view(&s.du, 0..nh)?;
         {
-            let [mut dw, mut db] =
-                grad_views::<B, 2>(layout, &mut grads, [&name("mlp.fc1.weight"), &name("mlp.fc1.bias")])?;
+            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.mlp_fc1_weight, &bp.mlp_fc1_bias])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
             be.linear_weight_grads(cn, du, rows, d, hd, &mut dw, &mut db, &mut sc)?;
         }
         let mut dc = B::view_mut(&mut s.dc, 0..nd)?;
-        be.linear_input_grad(du, w16("mlp.fc1.weight")?, rows, d, hd, &mut dc, false)?;
+        be.linear_input_grad(du, act(&bp.mlp_fc1_weight)?, rows, d, hd, &mut dc, false)?;
         {
-            let [mut dw, mut db] =
-                grad_views::<B, 2>(layout, &mut grads, [&name("norm2.weight"), &name("norm2.bias")])?;
+            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.norm2_weight, &bp.norm2_bias])?;
             be.layernorm_backward(
                 B::view(&blk.x_mid, 0..nd)?,
                 B::freeze(&dc),
-                w32("norm2.weight")?,
+                master(&bp.norm2_weight)?,
                 B::view(&blk.mean2, 0..rows)?,
                 B::view(&blk.rstd2, 0..rows)?,
                 rows,
@@ -722,18 +722,17 @@ pub fn step<B: Backend>(
 
         // x_mid = x_in + s1 * ls1 * y1.
         {
-            let [mut dls1] = grad_views::<B, 1>(layout, &mut grads, [&name("ls1.gamma")])?;
+            let [mut dls1] = grad_views::<B, 1>(layout, &mut grads, [&bp.ls1_gamma])?;
             let y1 = B::view(&blk.y1, 0..nd)?;
-            be.layer_scale_backward(&ls, B::freeze(&dx), y1, w32("ls1.gamma")?, dp(i, 0)?, &mut dy, &mut dls1)?;
+            be.layer_scale_backward(&ls, B::freeze(&dx), y1, master(&bp.ls1_gamma)?, dp(i, 0)?, &mut dy, &mut dls1)?;
         }
         {
-            let [mut dw, mut db] =
-                grad_views::<B, 2>(layout, &mut grads, [&name("attn.proj.weight"), &name("attn.proj.bias")])?;
+            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.attn_proj_weight, &bp.attn_proj_bias])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
             be.linear_weight_grads(o, B::freeze(&dy), rows, d, d, &mut dw, &mut db, &mut sc)?;
         }
         let mut d_o = B::view_mut(&mut s.d_o, 0..nd)?;
-        be.linear_input_grad(B::freeze(&dy), w16("attn.proj.weight")?, rows, d, d, &mut d_o, false)?;
+        be.linear_input_grad(B::freeze(&dy), act(&bp.attn_proj_weight)?, rows, d, d, &mut d_o, false)?;
         let (mut dq, mut dk, mut dv) =
             (B::view_mut(&mut s.dq, 0..nd)?, B::view_mut(&mut s.dk, 0..kvd)?, B::view_mut(&mut s.dv, 0..kvd)?);
         be.attention_backward(
@@ -750,38 +749,36 @@ pub fn step<B: Backend>(
         )?;
         let (dq, dk, dv) = (B::freeze(&dq), B::freeze(&dk), B::freeze(&dv));
         {
-            let [mut dw, mut db] =
-                grad_views::<B, 2>(layout, &mut grads, [&name("attn.q.weight"), &name("attn.q.bias")])?;
+            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.attn_q_weight, &bp.attn_q_bias])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
             be.linear_weight_grads(a, dq, rows, d, d, &mut dw, &mut db, &mut sc)?;
         }
         let mut da = B::view_mut(&mut s.da, 0..nd)?;
-        be.linear_input_grad(dq, w16("attn.q.weight")?, rows, d, d, &mut da, false)?;
+        be.linear_input_grad(dq, act(&bp.attn_q_weight)?, rows, d, d, &mut da, false)?;
         // Keys and values: their input rows gathered again, their input gradient scattered back
         // into the first N + P rows of each sample.
         be.copy_rows(&RowCopy::gather(b, d, r, 0, lk), a, &mut B::view_mut(&mut s.a_h, 0..kvd)?, false)?;
         let a_h = B::view(&s.a_h, 0..kvd)?;
         {
-            let [dw, db] = grad_views::<B, 2>(layout, &mut grads, [&name("attn.kv.weight"), &name("attn.kv.bias")])?;
+            let [dw, db] = grad_views::<B, 2>(layout, &mut grads, [&bp.attn_kv_weight, &bp.attn_kv_bias])?;
             let [mut dwk, mut dwv] = B::split_mut(dw, [0..d * d, d * d..2 * d * d])?;
             let [mut dbk, mut dbv] = B::split_mut(db, [0..d, d..2 * d])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
             be.linear_weight_grads(a_h, dk, kv, d, d, &mut dwk, &mut dbk, &mut sc)?;
             be.linear_weight_grads(a_h, dv, kv, d, d, &mut dwv, &mut dbv, &mut sc)?;
         }
-        let wkv = w16("attn.kv.weight")?;
+        let wkv = act(&bp.attn_kv_weight)?;
         let (wk, wv) = (B::sub(wkv, 0..d * d)?, B::sub(wkv, d * d..2 * d * d)?);
         let mut da_h = B::view_mut(&mut s.da_h, 0..kvd)?;
         be.linear_input_grad(dk, wk, kv, d, d, &mut da_h, false)?;
         be.linear_input_grad(dv, wv, kv, d, d, &mut da_h, true)?;
         be.copy_rows(&RowCopy::scatter(b, d, r, 0, lk), B::freeze(&da_h), &mut da, true)?;
         {
-            let [mut dw, mut db] =
-                grad_views::<B, 2>(layout, &mut grads, [&name("norm1.weight"), &name("norm1.bias")])?;
+            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.norm1_weight, &bp.norm1_bias])?;
             be.layernorm_backward(
                 x_in,
                 B::freeze(&da),
-                w32("norm1.weight")?,
+                master(&bp.norm1_weight)?,
                 B::view(&blk.mean1, 0..rows)?,
                 B::view(&blk.rstd1, 0..rows)?,
                 rows,
@@ -795,8 +792,9 @@ pub fn step<B: Backend>(
     }
 
     // Patch embedding.
-    let names = ["patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token", "mask_positional_token"];
-    let [mut dw, mut db, mut dpos, mut dcls, mut dmask] = grad_views::<B, 5>(layout, &mut grads, names)?;
+    let ranges =
+        [&p.patch_embed_proj_weight, &p.patch_embed_proj_bias, &p.pos_embed, &p.cls_token, &p.mask_positional_token];
+    let [mut dw, mut db, mut dpos, mut dcls, mut dmask] = grad_views::<B, 5>(layout, &mut grads, ranges)?;
     be.patch_embed_backward(&pe, img, rk, B::freeze(&dx), &mut dw, &mut db, &mut dpos, &mut dcls, &mut dmask)?;
     Ok(out)
 }

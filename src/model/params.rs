@@ -1,8 +1,12 @@
 //! The model's configuration and its parameters: one flat f32 buffer with named views that carry
 //! the authors' state-dict names and shapes (SPEC.md, "Parameter names"), the weight-decay mask,
 //! the authors' initialisation, and safetensors I/O under those names.
+//!
+//! Names are for files and messages; the model's step reads its parameters through
+//! [`ParamRanges`], a table of element ranges built once with the layout.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use rand::Rng;
@@ -139,6 +143,121 @@ impl ParamSpec {
     }
 }
 
+/// Element ranges of one block's parameters in the flat buffer (`blocks.{i}.<name>`; the field
+/// is the name with `.` written `_`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockParams {
+    /// `norm1.weight` `[D]`.
+    pub norm1_weight: Range<usize>,
+    /// `norm1.bias` `[D]`.
+    pub norm1_bias: Range<usize>,
+    /// `norm2.weight` `[D]`.
+    pub norm2_weight: Range<usize>,
+    /// `norm2.bias` `[D]`.
+    pub norm2_bias: Range<usize>,
+    /// `attn.kv.weight` `[2D, D]`: the key rows, then the value rows.
+    pub attn_kv_weight: Range<usize>,
+    /// `attn.kv.bias` `[2D]`.
+    pub attn_kv_bias: Range<usize>,
+    /// `attn.q.weight` `[D, D]`.
+    pub attn_q_weight: Range<usize>,
+    /// `attn.q.bias` `[D]`.
+    pub attn_q_bias: Range<usize>,
+    /// `attn.proj.weight` `[D, D]`.
+    pub attn_proj_weight: Range<usize>,
+    /// `attn.proj.bias` `[D]`.
+    pub attn_proj_bias: Range<usize>,
+    /// `ls1.gamma` `[D]`.
+    pub ls1_gamma: Range<usize>,
+    /// `mlp.fc1.weight` `[4D, D]`.
+    pub mlp_fc1_weight: Range<usize>,
+    /// `mlp.fc1.bias` `[4D]`.
+    pub mlp_fc1_bias: Range<usize>,
+    /// `mlp.fc2.weight` `[D, 4D]`.
+    pub mlp_fc2_weight: Range<usize>,
+    /// `mlp.fc2.bias` `[D]`.
+    pub mlp_fc2_bias: Range<usize>,
+    /// `ls2.gamma` `[D]`.
+    pub ls2_gamma: Range<usize>,
+}
+
+/// Element ranges of every parameter in the flat buffer, by role rather than by name: what the
+/// model's step indexes (built once with the [`ParamLayout`], so that a step formats no names).
+/// The field is the official name with `.` written `_`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamRanges {
+    /// `cls_token` `[1, 1, D]`.
+    pub cls_token: Range<usize>,
+    /// `pos_embed` `[1, N, D]`.
+    pub pos_embed: Range<usize>,
+    /// `mask_positional_token` `[1, 1, D]`.
+    pub mask_positional_token: Range<usize>,
+    /// `patch_embed.proj.weight` `[D, 3, p, p]`.
+    pub patch_embed_proj_weight: Range<usize>,
+    /// `patch_embed.proj.bias` `[D]`.
+    pub patch_embed_proj_bias: Range<usize>,
+    /// `blocks.{i}.*`, one entry per block.
+    pub blocks: Vec<BlockParams>,
+    /// `norm.weight` `[D]`.
+    pub norm_weight: Range<usize>,
+    /// `norm.bias` `[D]`.
+    pub norm_bias: Range<usize>,
+    /// `decoder.weight` `[V, D]`.
+    pub decoder_weight: Range<usize>,
+    /// `decoder.bias` `[V]`.
+    pub decoder_bias: Range<usize>,
+}
+
+impl ParamRanges {
+    /// The table of a model of `depth` blocks, each range from `range(official name)` (called once
+    /// per parameter; its error, naming the parameter, is returned).
+    fn new(depth: usize, range: impl Fn(&str) -> Result<Range<usize>>) -> Result<Self> {
+        let blocks = (0..depth)
+            .map(|i| {
+                let b = |name: &str| range(&format!("blocks.{i}.{name}"));
+                Ok(BlockParams {
+                    norm1_weight: b("norm1.weight")?,
+                    norm1_bias: b("norm1.bias")?,
+                    norm2_weight: b("norm2.weight")?,
+                    norm2_bias: b("norm2.bias")?,
+                    attn_kv_weight: b("attn.kv.weight")?,
+                    attn_kv_bias: b("attn.kv.bias")?,
+                    attn_q_weight: b("attn.q.weight")?,
+                    attn_q_bias: b("attn.q.bias")?,
+                    attn_proj_weight: b("attn.proj.weight")?,
+                    attn_proj_bias: b("attn.proj.bias")?,
+                    ls1_gamma: b("ls1.gamma")?,
+                    mlp_fc1_weight: b("mlp.fc1.weight")?,
+                    mlp_fc1_bias: b("mlp.fc1.bias")?,
+                    mlp_fc2_weight: b("mlp.fc2.weight")?,
+                    mlp_fc2_bias: b("mlp.fc2.bias")?,
+                    ls2_gamma: b("ls2.gamma")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ParamRanges {
+            cls_token: range("cls_token")?,
+            pos_embed: range("pos_embed")?,
+            mask_positional_token: range("mask_positional_token")?,
+            patch_embed_proj_weight: range("patch_embed.proj.weight")?,
+            patch_embed_proj_bias: range("patch_embed.proj.bias")?,
+            blocks,
+            norm_weight: range("norm.weight")?,
+            norm_bias: range("norm.bias")?,
+            decoder_weight: range("decoder.weight")?,
+            decoder_bias: range("decoder.bias")?,
+        })
+    }
+}
+
+/// A parameter's spec by its official name, from a layout's index.
+fn lookup<'a>(index: &HashMap<String, usize>, specs: &'a [ParamSpec], name: &str) -> Result<&'a ParamSpec> {
+    index.get(name).map(|&i| &specs[i]).ok_or_else(|| Error::Unsupported {
+        what: "parameter name",
+        detail: format!("`{name}` is not a parameter of this config"),
+    })
+}
+
 /// The layout of every parameter of a config in one flat buffer, in the authors' order.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
@@ -150,6 +269,8 @@ pub struct ParamLayout {
     pub total: usize,
     index: HashMap<String, usize>,
     decay: Vec<u8>,
+    /// Boxed: every model owns a layout, and the table is about 170 bytes.
+    ranges: Box<ParamRanges>,
 }
 
 impl ParamLayout {
@@ -194,20 +315,24 @@ impl ParamLayout {
             offset = (offset + spec.len()).div_ceil(8) * 8;
             specs.push(spec);
         }
-        let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        let index: HashMap<String, usize> = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         let mut decay = vec![0u8; offset];
         for s in specs.iter().filter(|s| s.decay) {
             decay[s.range()].fill(1);
         }
-        Ok(ParamLayout { config, specs, total: offset, index, decay })
+        let ranges = Box::new(ParamRanges::new(config.depth, |name| Ok(lookup(&index, &specs, name)?.range()))?);
+        Ok(ParamLayout { config, specs, total: offset, index, decay, ranges })
+    }
+
+    /// Every parameter's element range, by role (built with the layout): what the model's step
+    /// reads instead of looking names up.
+    pub fn ranges(&self) -> &ParamRanges {
+        &self.ranges
     }
 
     /// The spec of a parameter by its official name.
     pub fn get(&self, name: &str) -> Result<&ParamSpec> {
-        self.index.get(name).map(|&i| &self.specs[i]).ok_or_else(|| Error::Unsupported {
-            what: "parameter name",
-            detail: format!("`{name}` is not a parameter of this config"),
-        })
+        lookup(&self.index, &self.specs, name)
     }
 
     /// Number of real (unpadded) parameters.
@@ -303,6 +428,50 @@ mod tests {
         let ours: Vec<(String, Vec<usize>)> = layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
         assert_eq!(ours, official);
         assert_eq!(layout.specs.iter().filter(|s| s.offset % 8 != 0).count(), 0);
+    }
+
+    #[test]
+    fn range_table_matches_the_names() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::random());
+        let mut config = ModelConfig::VIT_T;
+        config.depth = rng.random_range(1..5);
+        let layout = ParamLayout::new(config).unwrap();
+        let t = layout.ranges();
+        assert_eq!(t.blocks.len(), config.depth);
+        // The table in state-dict order is the specs' ranges in order, so each field holds the
+        // range of the name it is named after.
+        let mut ours = vec![
+            &t.cls_token,
+            &t.pos_embed,
+            &t.mask_positional_token,
+            &t.patch_embed_proj_weight,
+            &t.patch_embed_proj_bias,
+        ];
+        for b in &t.blocks {
+            ours.extend([
+                &b.norm1_weight,
+                &b.norm1_bias,
+                &b.norm2_weight,
+                &b.norm2_bias,
+                &b.attn_kv_weight,
+                &b.attn_kv_bias,
+                &b.attn_q_weight,
+                &b.attn_q_bias,
+                &b.attn_proj_weight,
+                &b.attn_proj_bias,
+                &b.ls1_gamma,
+                &b.mlp_fc1_weight,
+                &b.mlp_fc1_bias,
+                &b.mlp_fc2_weight,
+                &b.mlp_fc2_bias,
+                &b.ls2_gamma,
+            ]);
+        }
+        ours.extend([&t.norm_weight, &t.norm_bias, &t.decoder_weight, &t.decoder_bias]);
+        let want: Vec<_> = layout.specs.iter().map(ParamSpec::range).collect();
+        assert_eq!(ours.into_iter().cloned().collect::<Vec<_>>(), want);
+        let i = rng.random_range(0..config.depth);
+        assert_eq!(t.blocks[i].mlp_fc2_bias, layout.get(&format!("blocks.{i}.mlp.fc2.bias")).unwrap().range());
     }
 
     #[test]

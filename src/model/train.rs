@@ -1,8 +1,45 @@
-//! The training state over the CPU model and one optimizer step of the pre-training recipe
-//! (SPEC.md, "Pre-training recipe"): gradient accumulation over micro-batches, global-norm
-//! clipping folded into AdamW's gradient scale, the learning-rate schedule, and one seeded
-//! generator for everything random in a step (permutations, drop path), whose exact position is
-//! part of the state so that a resumed run repeats an uninterrupted one bit for bit.
+//! The training state and one optimizer step of the pre-training recipe (SPEC.md, "Pre-training
+//! recipe"): gradient accumulation over micro-batches, global-norm clipping folded into AdamW's
+//! gradient scale, the learning-rate schedule, and one seeded generator for everything random in a
+//! step (permutations, drop path), whose exact position is part of the state so that a resumed run
+//! repeats an uninterrupted one bit for bit.
+//!
+//! # The step
+//!
+//! The sequence is written once (`run_step`, over a backend's `StepParts`) and run by both entry
+//! points: [`train_step`] on the CPU model (host state, the gradient in a host buffer of the step)
+//! and [`crate::model::cuda_train::train_step_cuda`] on the GPU model (parameters, gradient and
+//! moments on the device). Only zeroing the gradient, the forward and backward of a micro-batch,
+//! the gradient norm and the AdamW update differ between them. With `k` micro-batches:
+//!
+//! ```text
+//! check the recipe, the state, and that there are k micro-batches      (error: nothing changed)
+//! rng = a copy of the state's generator
+//! zero the gradients
+//! for each micro-batch, in order:
+//!     ranks <- fresh permutations from rng                  (when recipe.resample_ranks)
+//!     dp    <- drop-path scales from rng                    (net::draw_drop_path)
+//!     forward + backward, gradients summed (+=) into one buffer
+//! loss      = mean over the micro-batches of their mean loss              (NaN/Inf: error)
+//! grad_norm = ||sum of the micro-batch gradients|| / k                      (NaN/Inf: error)
+//! clip      = min(1, clip_norm / (grad_norm + 1e-6))           (optim::clip_scale; 1 when off)
+//! AdamW with grad_scale = clip / k, lr = schedule.lr(state.step), step = state.step + 1 and the
+//!       layout's decay mask (on the GPU it also rewrites the bf16 copy)
+//! state.step += 1; state.rng = rng
+//! ```
+//!
+//! Both backends draw from the generator in the same order, so from the same state they see the
+//! same permutations and drop-path scales. The mean over micro-batches is the gradient's sum
+//! scaled by 1/k, folded into the norm and into AdamW's gradient scale rather than a pass over
+//! the gradient (it differs from scaling the buffer first by f32 rounding only, and not at all
+//! when k is a power of two). The mean of the micro-batches' mean losses equals the mean over the
+//! whole batch when every micro-batch predicts the same number of tokens, as MaPeT's micro-batches
+//! of equal size do (P tokens per image).
+//!
+//! On any error (a NaN or infinite loss or gradient norm is [`Error::NonFinite`] naming the step,
+//! `state.step + 1`) the state's counters and generator are unchanged and the batches get back
+//! the ranks they came with; errors before the update leave the parameters and moments unchanged
+//! too.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -10,6 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check_len, Error, Result};
 use crate::model::cpu::{Batch, CpuModel};
+use crate::model::net::{self, ForwardOutput};
 use crate::model::optim::{clip_scale, scaled_peak_lr, LrSchedule, BASE_PEAK_LR};
 use crate::model::params::ParamLayout;
 use crate::ops::adamw::{self, AdamWStep};
@@ -182,40 +220,170 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
-/// Loss sum, correct, counted over the micro-batches; gradients summed into `grads`.
-fn accumulate(
-    model: &CpuModel,
-    params: &[f32],
+/// Points of an optimizer step at which an observer is called, in this order (e.g. by
+/// [`crate::model::cuda_train::train_step_cuda_observed`], to record CUDA timing events). Only a
+/// step that succeeds reaches every point. On the GPU "queued" means launched on the stream; on
+/// the CPU the work is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPoint {
+    /// Nothing of the step is queued yet (the next work is zeroing the gradients).
+    Start,
+    /// Every micro-batch's forward and backward is queued; the last backward may still be running.
+    /// Next come the gradient norm and the update.
+    GradientsQueued,
+    /// The AdamW update (and on the GPU the bf16 copy) is queued: the step's last work.
+    UpdateQueued,
+}
+
+/// What one optimizer step does where the model lives; the sequence around these parts is
+/// [`run_step`], the same on every backend (see the module docs).
+pub(crate) trait StepParts {
+    /// The model's parameter layout.
+    fn layout(&self) -> &ParamLayout;
+    /// Checks the state against the model (buffer sizes, device) before anything runs.
+    fn check(&self) -> Result<()>;
+    /// The state's count of updates done and its generator.
+    fn counters(&mut self) -> (&mut u64, &mut ChaCha8Rng);
+    /// Sets the gradient accumulator to zero.
+    fn zero_grads(&mut self) -> Result<()>;
+    /// Forward and backward of one micro-batch with its drop-path scales, the gradient added
+    /// (+=) to the accumulator.
+    fn forward_backward(&mut self, batch: &Batch, drop_path: &[[Vec<f32>; 2]]) -> Result<ForwardOutput>;
+    /// Global L2 norm of the accumulator (the sum of the micro-batches' gradients).
+    fn grad_norm(&mut self) -> Result<f32>;
+    /// AdamW on the parameters and moments from the accumulator with `hp` (its `grad_scale`
+    /// includes the 1/k of the mean over micro-batches).
+    fn update(&mut self, hp: &AdamWStep) -> Result<()>;
+    /// Called at each [`StepPoint`] the step reaches.
+    fn observe(&mut self, _point: StepPoint) {}
+}
+
+/// One update of the recipe (the sequence of the module docs) over `parts`: checks, then
+/// [`accumulate_and_update`]; on success the state's step advances and its generator moves on,
+/// on any error both stay and the batches get their ranks back.
+pub(crate) fn run_step(parts: &mut impl StepParts, recipe: &Recipe, micro_batches: &mut [Batch]) -> Result<StepStats> {
+    recipe.validate()?;
+    parts.check()?;
+    if micro_batches.len() != recipe.micro_batches {
+        return Err(Error::Shape {
+            tensor: "micro_batches",
+            expected: format!("{} micro-batches (recipe.micro_batches)", recipe.micro_batches),
+            got: format!("{}", micro_batches.len()),
+        });
+    }
+    let (done, rng) = parts.counters();
+    let (done, mut rng) = (*done, rng.clone());
+    let saved_ranks: Vec<Vec<i32>> =
+        if recipe.resample_ranks { micro_batches.iter().map(|b| b.ranks.clone()).collect() } else { Vec::new() };
+    match accumulate_and_update(parts, recipe, micro_batches, done, &mut rng) {
+        Ok(stats) => {
+            let (step, state_rng) = parts.counters();
+            *step = done + 1;
+            *state_rng = rng;
+            Ok(stats)
+        }
+        Err(e) => {
+            for (b, ranks) in micro_batches.iter_mut().zip(saved_ranks) {
+                b.ranks = ranks;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The work of one update after `done` updates, drawing from `rng` (a copy of the state's).
+fn accumulate_and_update(
+    parts: &mut impl StepParts,
     recipe: &Recipe,
     micro_batches: &mut [Batch],
+    done: u64,
     rng: &mut ChaCha8Rng,
-    grads: &mut [f32],
-) -> Result<(f64, usize, usize)> {
-    let cfg = model.layout.config;
-    let (mut loss, mut correct, mut counted) = (0.0f64, 0usize, 0usize);
+) -> Result<StepStats> {
+    let cfg = parts.layout().config;
+    let next = done + 1;
+    let k = recipe.micro_batches;
+    parts.observe(StepPoint::Start);
+    parts.zero_grads()?;
+    let (mut loss_sum, mut correct, mut counted) = (0.0f64, 0usize, 0usize);
     for mb in micro_batches.iter_mut() {
         if recipe.resample_ranks {
             mb.resample_ranks(&cfg, rng);
         }
-        let dp = model.draw_drop_path(mb.batch, recipe.drop_path, rng);
-        let out = model.step(params, mb, Some(&dp), Some(grads), false)?;
-        loss += out.loss as f64;
+        let dp = net::draw_drop_path(cfg.depth, mb.batch, recipe.drop_path, rng);
+        let out = parts.forward_backward(mb, &dp)?;
+        loss_sum += out.loss as f64;
         correct += out.stats.correct;
         counted += out.stats.counted;
     }
-    Ok((loss, correct, counted))
+    parts.observe(StepPoint::GradientsQueued);
+    let loss = (loss_sum / k as f64) as f32;
+    if !loss.is_finite() {
+        return Err(Error::NonFinite { step: next, what: "loss" });
+    }
+    let grad_norm = parts.grad_norm()? / k as f32;
+    if !grad_norm.is_finite() {
+        return Err(Error::NonFinite { step: next, what: "gradient norm" });
+    }
+    let clip = clip_scale(grad_norm, recipe.clip_norm);
+    let lr = recipe.schedule.lr(done);
+    let hp = AdamWStep {
+        lr,
+        beta1: recipe.beta1,
+        beta2: recipe.beta2,
+        eps: recipe.eps,
+        weight_decay: recipe.weight_decay,
+        step: next,
+        grad_scale: clip / k as f32,
+    };
+    parts.update(&hp)?;
+    parts.observe(StepPoint::UpdateQueued);
+    let accuracy = if counted == 0 { 0.0 } else { correct as f64 / counted as f64 };
+    Ok(StepStats { loss, accuracy, grad_norm, clip_scale: clip, lr, tokens: counted })
 }
 
-/// One update of the recipe on the CPU model.
-///
-/// For each micro-batch in order: fresh permutations (when `recipe.resample_ranks`; they are
-/// written into the batch) and drop-path scales drawn from `state.rng`, then forward and backward
-/// with the gradients summed into one buffer. The gradient is then divided by the number of
-/// micro-batches (the loss is the mean of the micro-batches' mean losses, which equals the mean
-/// over the whole batch when every micro-batch predicts the same number of tokens, as MaPeT's
-/// do), its global L2 norm taken, and AdamW applied with the clipping factor
-/// `min(1, clip / (norm + 1e-6))` as its gradient scale, the schedule's rate at `state.step`, and
-/// the layout's decay mask; then `state.step` advances.
+/// The CPU model's parts of a step: the parameters and moments are the host state's, the
+/// gradient a host buffer of the step.
+struct CpuStep<'a> {
+    model: &'a CpuModel,
+    state: &'a mut TrainState,
+    grads: Vec<f32>,
+}
+
+impl StepParts for CpuStep<'_> {
+    fn layout(&self) -> &ParamLayout {
+        &self.model.layout
+    }
+
+    fn check(&self) -> Result<()> {
+        self.state.check(&self.model.layout)
+    }
+
+    fn counters(&mut self) -> (&mut u64, &mut ChaCha8Rng) {
+        (&mut self.state.step, &mut self.state.rng)
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        self.grads.clear();
+        self.grads.resize(self.model.layout.total, 0.0);
+        Ok(())
+    }
+
+    fn forward_backward(&mut self, batch: &Batch, drop_path: &[[Vec<f32>; 2]]) -> Result<ForwardOutput> {
+        self.model.step(&self.state.params, batch, Some(drop_path), Some(&mut self.grads), false)
+    }
+
+    fn grad_norm(&mut self) -> Result<f32> {
+        Ok(gradnorm::cpu_l2_norm(&self.grads))
+    }
+
+    fn update(&mut self, hp: &AdamWStep) -> Result<()> {
+        let TrainState { params, m, v, .. } = &mut *self.state;
+        adamw::cpu_step(params, &self.grads, m, v, self.model.layout.decay_mask(), hp, None)
+    }
+}
+
+/// One update of the recipe on the CPU model (the sequence of the module docs), the gradient in a
+/// host buffer of the step.
 ///
 /// A NaN or infinite loss or gradient norm is [`Error::NonFinite`] naming the step that failed
 /// (`state.step + 1`); then, as on any error, the state is unchanged (the generator included) and
@@ -226,64 +394,5 @@ pub fn train_step(
     recipe: &Recipe,
     micro_batches: &mut [Batch],
 ) -> Result<StepStats> {
-    let layout = &model.layout;
-    recipe.validate()?;
-    state.check(layout)?;
-    if micro_batches.len() != recipe.micro_batches {
-        return Err(Error::Shape {
-            tensor: "micro_batches",
-            expected: format!("{} micro-batches (recipe.micro_batches)", recipe.micro_batches),
-            got: format!("{}", micro_batches.len()),
-        });
-    }
-    let next = state.step + 1;
-    let mut rng = state.rng.clone();
-    let mut grads = vec![0.0f32; layout.total];
-    let saved_ranks: Vec<Vec<i32>> =
-        if recipe.resample_ranks { micro_batches.iter().map(|b| b.ranks.clone()).collect() } else { Vec::new() };
-
-    let checked = accumulate(model, &state.params, recipe, micro_batches, &mut rng, &mut grads).and_then(
-        |(loss_sum, correct, counted)| {
-            let k = recipe.micro_batches;
-            let loss = (loss_sum / k as f64) as f32;
-            if !loss.is_finite() {
-                return Err(Error::NonFinite { step: next, what: "loss" });
-            }
-            if k > 1 {
-                let inv = 1.0 / k as f32;
-                grads.iter_mut().for_each(|g| *g *= inv);
-            }
-            let grad_norm = gradnorm::cpu_l2_norm(&grads);
-            if !grad_norm.is_finite() {
-                return Err(Error::NonFinite { step: next, what: "gradient norm" });
-            }
-            Ok((loss, correct, counted, grad_norm))
-        },
-    );
-    let (loss, correct, counted, grad_norm) = match checked {
-        Ok(v) => v,
-        Err(e) => {
-            for (b, ranks) in micro_batches.iter_mut().zip(saved_ranks) {
-                b.ranks = ranks;
-            }
-            return Err(e);
-        }
-    };
-
-    let clip = clip_scale(grad_norm, recipe.clip_norm);
-    let lr = recipe.schedule.lr(state.step);
-    let hp = AdamWStep {
-        lr,
-        beta1: recipe.beta1,
-        beta2: recipe.beta2,
-        eps: recipe.eps,
-        weight_decay: recipe.weight_decay,
-        step: next,
-        grad_scale: clip,
-    };
-    adamw::cpu_step(&mut state.params, &grads, &mut state.m, &mut state.v, layout.decay_mask(), &hp, None)?;
-    state.step = next;
-    state.rng = rng;
-    let accuracy = if counted == 0 { 0.0 } else { correct as f64 / counted as f64 };
-    Ok(StepStats { loss, accuracy, grad_norm, clip_scale: clip, lr, tokens: counted })
+    run_step(&mut CpuStep { model, state, grads: Vec::new() }, recipe, micro_batches)
 }

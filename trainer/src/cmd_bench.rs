@@ -355,8 +355,7 @@ fn run_cpu(
     let mut state = TrainState::new(layout, opts.config.train.seed);
     // Scratch for timing the optimizer the way train_step runs it.
     let k = recipe.micro_batches;
-    let grads_src: Vec<f32> = (0..layout.total).map(|_| rng.random_range(-1e-3f32..1e-3)).collect();
-    let mut grads = grads_src.clone();
+    let grads: Vec<f32> = (0..layout.total).map(|_| rng.random_range(-1e-3f32..1e-3)).collect();
     let (mut p, mut m, mut v) = (state.params.clone(), vec![0.0f32; layout.total], vec![0.0f32; layout.total]);
     let mut times = Vec::with_capacity(opts.steps);
     for i in 0..opts.warmup + opts.steps {
@@ -373,16 +372,9 @@ fn run_cpu(
         let stats = train_step(&model, &mut state, recipe, batches).map_err(err)?;
         let step = ms(t);
 
-        if k > 1 {
-            grads.copy_from_slice(&grads_src);
-        }
         let t = Instant::now();
         let mask = layout.decay_mask();
-        if k > 1 {
-            let inv = 1.0 / k as f32;
-            grads.iter_mut().for_each(|g| *g *= inv);
-        }
-        let norm = gradnorm::cpu_l2_norm(&grads);
+        let norm = gradnorm::cpu_l2_norm(&grads) / k as f32;
         let hp = AdamWStep {
             lr: stats.lr,
             beta1: recipe.beta1,
@@ -390,7 +382,7 @@ fn run_cpu(
             eps: recipe.eps,
             weight_decay: recipe.weight_decay,
             step: i as u64 + 1,
-            grad_scale: clip_scale(norm, recipe.clip_norm),
+            grad_scale: clip_scale(norm, recipe.clip_norm) / k as f32,
         };
         adamw::cpu_step(&mut p, &grads, &mut m, &mut v, mask, &hp, None).map_err(err)?;
         let optimizer = ms(t);
