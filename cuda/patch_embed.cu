@@ -47,8 +47,9 @@
 // A-tile build costs about a third of the instructions. That matters if, as their SASS suggests
 // (the CHW kernels' main loops hold several non-MMA instructions per mma), those kernels are
 // bound by instruction issue rather than by the tensor cores. The smaller raw staging (2
-// registers a row) also lets the forward load pixels two steps ahead. The forward multiplies by a copy of the weight permuted to [D, p, p, 3]
-// (mapet_patch_embed_weight_hwc, D*K bf16 scratch); the weight-gradient kernel writes each
+// registers a row) also lets the forward load pixels two steps ahead. The forward multiplies by
+// a copy of the weight permuted to [D, p, p, 3] (mapet_patch_embed_weight_hwc, D*K bf16
+// scratch); the weight-gradient kernel writes each
 // partial back at the weight's own index, so the reduction and every caller are unchanged. The
 // backward also walks its patch rows with a cursor instead of dividing by G and G*G per row.
 #include <cuda_bf16.h>

@@ -44,6 +44,14 @@ fn pinned_upload_round_trips_recycles_and_waits_before_reuse() {
     assert!(matches!(e, Error::Shape { tensor: "pinned host buffer", .. }), "{e}");
     assert_eq!(a.len(), n, "a refused write changed the length");
 
+    // Queue some 20 ms of copies first, so that `a`'s copy starts well after this thread goes
+    // on: a reuse that did not wait for it would overwrite `a` before the copy engine reads it.
+    let mut z = pool.take().unwrap();
+    z.extend_from_slice(&y).unwrap();
+    let mut scratch = gpu.alloc::<u8>(n).unwrap();
+    for _ in 0..10 {
+        scratch.view_mut(0..n).unwrap().copy_from_pinned(&z).unwrap();
+    }
     let mut d1 = gpu.alloc::<u8>(n).unwrap();
     d1.poison().unwrap();
     d1.view_mut(0..n).unwrap().copy_from_pinned(&a).unwrap();

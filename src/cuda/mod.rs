@@ -575,7 +575,16 @@ impl DeviceViewMut<'_, u8> {
     /// it before the host writes or frees the bytes.
     pub fn copy_from_pinned(&mut self, host: &pinned::PinnedBytes) -> Result<()> {
         crate::error::check_len("host source", host.len(), self.len)?;
+        if host.context() != self.stream.context() {
+            return Err(Error::Unsupported {
+                what: "pinned host buffer",
+                detail: "it belongs to another CUDA context than the device buffer".into(),
+            });
+        }
         if !host.is_empty() {
+            // Surface an error an earlier call left pending in the context now, before the copy
+            // is queued, rather than from the event record that must follow it.
+            self.stream.context().bind_to_thread()?;
             // SAFETY: the view addresses `len` live bytes, exclusively borrowed; the copy is
             // enqueued on the stream that orders all work on them. The source stays allocated
             // and unwritten until the copy ends: record_upload below makes every host write and

@@ -13,6 +13,7 @@
 //! first waits for that event, as does freeing the memory. Host reads need no wait: the device
 //! only reads these bytes too.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
@@ -29,13 +30,16 @@ pub struct PinnedPool {
 struct PoolInner {
     ctx: Arc<CudaContext>,
     capacity: usize,
-    free: Mutex<Vec<Pinned>>,
+    /// Returned buffers, oldest first: `take` hands out the one whose last upload is the most
+    /// likely to have ended.
+    free: Mutex<VecDeque<Pinned>>,
 }
 
 /// One page-locked allocation and the event that marks the end of its last upload.
 struct Pinned {
-    /// Owns the allocation (freed when dropped, after the wait in `Pinned::drop`).
-    _memory: PinnedHostSlice<u8>,
+    /// Owns the allocation (freed when dropped, after the wait in `Pinned::drop`; leaked instead
+    /// when that wait fails, since a copy may still read it).
+    memory: Option<PinnedHostSlice<u8>>,
     /// `memory`'s first byte, taken once at allocation.
     ptr: *mut u8,
     uploaded: CudaEvent,
@@ -48,15 +52,19 @@ unsafe impl Sync for Pinned {}
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        // The memory is freed next (by `_memory`'s own drop): no copy may still read it. A failed
-        // wait leaves nothing better to do than free it anyway, as cudarc's drop would.
-        let _ = self.uploaded.synchronize();
+        // The memory is freed next: no copy may still read it. cudarc's synchronize first reports
+        // any error an earlier call left pending in the context (clearing it), so one failure may
+        // not be this event's: wait again. If the wait still fails, leak the memory rather than
+        // free bytes a copy may be reading.
+        if self.uploaded.synchronize().is_err() && self.uploaded.synchronize().is_err() {
+            std::mem::forget(self.memory.take());
+        }
     }
 }
 
 impl PinnedPool {
     pub(crate) fn new(ctx: Arc<CudaContext>, capacity: usize) -> Self {
-        PinnedPool { inner: Arc::new(PoolInner { ctx, capacity, free: Mutex::new(Vec::new()) }) }
+        PinnedPool { inner: Arc::new(PoolInner { ctx, capacity, free: Mutex::new(VecDeque::new()) }) }
     }
 
     /// Bytes each buffer holds.
@@ -73,7 +81,7 @@ impl PinnedPool {
     /// has one, else a new allocation (page-locking takes milliseconds, so a steady loop
     /// allocates only as many as it keeps in flight).
     pub fn take(&self) -> Result<PinnedBytes> {
-        let recycled = self.inner.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let recycled = self.inner.free.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
         let pinned = match recycled {
             Some(p) => p,
             None => {
@@ -86,7 +94,7 @@ impl PinnedPool {
                     // cudarc's own event for this memory is never recorded: this returns at once.
                     let ptr = memory.as_mut_ptr()?;
                     let uploaded = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))?;
-                    Ok(Pinned { _memory: memory, ptr, uploaded })
+                    Ok(Pinned { memory: Some(memory), ptr, uploaded })
                 };
                 alloc(&self.inner.ctx).map_err(|e| Error::Unsupported {
                     what: "pinned host memory",
@@ -146,10 +154,19 @@ impl PinnedBytes {
         Ok(())
     }
 
+    /// The context the buffer was allocated in: uploads must run on one of its streams.
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.pool.ctx
+    }
+
     /// Marks the end of an upload of these bytes enqueued on `stream`: host writes and freeing
-    /// wait for it.
+    /// wait for it. If the event cannot be recorded, waits for the stream instead (so the upload
+    /// has ended either way) and returns the error.
     pub(crate) fn record_upload(&self, stream: &CudaStream) -> Result<()> {
-        self.pinned().uploaded.record(stream)?;
+        if let Err(e) = self.pinned().uploaded.record(stream) {
+            let _ = stream.synchronize();
+            return Err(e.into());
+        }
         Ok(())
     }
 }
@@ -168,7 +185,7 @@ impl std::ops::Deref for PinnedBytes {
 impl Drop for PinnedBytes {
     fn drop(&mut self) {
         if let Some(p) = self.pinned.take() {
-            self.pool.free.lock().unwrap_or_else(|e| e.into_inner()).push(p);
+            self.pool.free.lock().unwrap_or_else(|e| e.into_inner()).push_back(p);
         }
     }
 }

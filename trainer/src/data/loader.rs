@@ -425,15 +425,22 @@ fn assemble(
     let (s, b) = (cfg.image_size, cfg.batch);
     let n_tokens = shared.tokens.cols() + 1;
     let image_bytes = s * s * 3;
-    let pool = shared.pinned.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let new_batch = || -> Result<Batch> {
-        let pixels = match &pool {
-            Some(pool) => HostBytes::Pinned(
-                pool.take().map_err(|e| DataError::Worker(format!("cannot allocate a batch's pixels: {e}")))?,
-            ),
+    // Page-locked buffers when the loader has a pool; if page-locking fails (the system's limit
+    // on locked memory, say), ordinary vectors for the rest of the epoch, saying so once: the
+    // run goes on, its uploads just take a staging copy.
+    let mut pool = shared.pinned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut new_batch = || -> Batch {
+        let pinned = pool.as_ref().map(|p| p.take());
+        let pixels = match pinned {
+            Some(Ok(p)) => HostBytes::Pinned(p),
+            Some(Err(e)) => {
+                eprintln!("note: pixels go to pageable memory for the rest of epoch {epoch}: {e}");
+                pool = None;
+                HostBytes::Vec(Vec::with_capacity(b * image_bytes))
+            }
             None => HostBytes::Vec(Vec::with_capacity(b * image_bytes)),
         };
-        Ok(Batch {
+        Batch {
             epoch,
             indices: Vec::with_capacity(b),
             pixels,
@@ -442,18 +449,15 @@ fn assemble(
             image_size: s,
             n_tokens,
             next_position: start,
-        })
+        }
     };
-    // A failure to allocate ends the epoch with that error.
+    // A driver failure while filling a batch ends the epoch with that error.
     let fail = |e: DataError| {
         let _ = out.send(Err(e));
         flow.finished.store(true, Ordering::SeqCst);
         flow.halt();
     };
-    let mut batch = match new_batch() {
-        Ok(b) => b,
-        Err(e) => return fail(e),
-    };
+    let mut batch = new_batch();
     let mut pending: BTreeMap<usize, Decoded> = BTreeMap::new();
     let mut skipped = 0usize;
     let mut first_skip = String::new();
@@ -481,7 +485,12 @@ fn assemble(
                 // The decoder gives exactly S*S*3 bytes and a batch holds at most B images, so
                 // this fits the pinned buffer; a driver failure while waiting ends the epoch.
                 if let Err(e) = batch.pixels.extend_from_slice(&pixels) {
-                    return fail(DataError::Worker(format!("cannot write a batch's pixels: {e}")));
+                    // The wait reports the first error pending on the device, which may come from
+                    // the training thread's work rather than from this buffer's upload.
+                    return fail(DataError::Worker(format!(
+                        "waiting for the GPU before writing a batch's pixels (the error may come from other work on \
+                         the device): {e}"
+                    )));
                 }
                 batch.indices.push(id);
                 let t0 = batch.tokens.len();
@@ -490,11 +499,7 @@ fn assemble(
                 batch.ranks.extend(image_ranks(cfg.seed, epoch, id, n_tokens));
                 if batch.len() == b {
                     batch.next_position = p + 1;
-                    let next = match new_batch() {
-                        Ok(next) => next,
-                        Err(e) => return fail(e),
-                    };
-                    if out.send(Ok(std::mem::replace(&mut batch, next))).is_err() {
+                    if out.send(Ok(std::mem::replace(&mut batch, new_batch()))).is_err() {
                         return;
                     }
                 }
