@@ -49,9 +49,9 @@
 // bound by instruction issue rather than by the tensor cores. The smaller raw staging (2
 // registers a row) also lets the forward load pixels two steps ahead. The forward multiplies by
 // a copy of the weight permuted to [D, p, p, 3] (mapet_patch_embed_weight_hwc, D*K bf16
-// scratch); the weight-gradient kernel writes each
-// partial back at the weight's own index, so the reduction and every caller are unchanged. The
-// backward also walks its patch rows with a cursor instead of dividing by G and G*G per row.
+// scratch); the weight-gradient partials come out in k' order and the reduction over splits
+// writes each sum at the weight's own index, so every caller is unchanged. The backward also
+// walks its patch rows with a cursor instead of dividing by G and G*G per row.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -755,10 +755,9 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int n = n0 + wn * 64 + mi * 16 + gq + 8 * (r >> 1);
-                const int kc = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
-                // In HWC order column kc is k' = 3*(ky*p + kx) + c: weight index c*p*p + ky*p + kx.
-                const int k = HWC ? (kc % 3) * (g.p * g.p) + kc / 3 : kc;
-                if (n < g.D && kc < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
+                // Column k of the contraction order (k' for the HWC kernel: the reduction maps it).
+                const int k = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
+                if (n < g.D && k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
             }
 }
 
@@ -841,22 +840,48 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_
     backward_weight<false, false>(p);
 }
 
-// As mapet_patch_embed_bwd_weight_u8 in HWC contraction order (p % 8 == 0); the partials are
-// written in the weight's own [D, 3, p, p] order, so the reduction is the same.
+// As mapet_patch_embed_bwd_weight_u8 in HWC contraction order (p % 8 == 0); the partials are in
+// k' order, summed and put back in the weight's [D, 3, p, p] order by
+// mapet_patch_embed_bwd_weight_reduce_hwc.
 extern "C" __global__ void __launch_bounds__(kThreads, 2)
     mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
     backward_weight<true, true>(p);
 }
 
-// dweight[i] += sum over splits of partial[split][i], splits in order. Grid-stride over D*K.
-extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce(const MapetPatchEmbedBwd p) {
-    const int64_t total = static_cast<int64_t>(p.dim) * 3 * p.patch * p.patch;
+namespace {
+
+// dweight[d][k] += sum over splits of partial[split][d][kc], splits in order, where kc is k in
+// the kernel's contraction order: kc = k (CHW), or kc = k' = 3*(ky*p + kx) + c for the weight
+// index k = c*p*p + ky*p + kx (HWC; the reads stay coalesced, the writes take the permutation).
+template <bool HWC>
+__device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd& p) {
+    const int pp = p.patch * p.patch;
+    const int K = 3 * pp;
+    const int64_t total = static_cast<int64_t>(p.dim) * K;
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         float s = 0.f;
         for (int j = 0; j < p.splits; ++j) s += p.partial[j * total + i];
-        p.dweight[i] += s;
+        int64_t dst = i;
+        if (HWC) {
+            const int64_t d = i / K;
+            const int kc = static_cast<int>(i - d * K);
+            dst = d * K + (kc % 3) * pp + kc / 3;
+        }
+        p.dweight[dst] += s;
     }
+}
+
+}  // namespace
+
+// Grid-stride over D*K.
+extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce(const MapetPatchEmbedBwd p) {
+    reduce_weight_partials<false>(p);
+}
+
+// The reduction of mapet_patch_embed_bwd_weight_u8_hwc's partials (in k' order).
+extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPatchEmbedBwd p) {
+    reduce_weight_partials<true>(p);
 }
 
 // Per token t and channel pair: sums over the batch (in order) of its content row and of its two

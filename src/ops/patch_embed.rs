@@ -485,7 +485,8 @@ pub enum PixelOrder {
     /// The pixels' own HWC order k' = (ky·p + kx)·3 + c (when p % 8 == 0; other patch sizes use
     /// [`PixelOrder::Chw`]): eight consecutive k' are eight consecutive bytes, one 8-byte load,
     /// and the loads run two steps ahead. The forward multiplies by a copy of the weight permuted
-    /// the same way (D·K bf16 of scratch); the weight gradient is written back in CHW order.
+    /// the same way (D·K bf16 of scratch); the reduction of the weight gradient's partials puts
+    /// it back in CHW order.
     Hwc,
 }
 
@@ -756,7 +757,10 @@ pub fn cuda_backward_with(
     shape.validate_cuda()?;
     let kernels =
         ["mapet_patch_embed_bwd_weight_u8", "mapet_patch_embed_bwd_weight_u8_hwc", "mapet_patch_embed_bwd_weight_f32"];
-    let (pixel_ptr, (scale, shift), kernel, _) = device_pixels(shape, pixels, order, kernels)?;
+    let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
+    // The HWC kernel's partials are in its contraction order; its reduction permutes them back.
+    let reduce =
+        if hwc_order { "mapet_patch_embed_bwd_weight_reduce_hwc" } else { "mapet_patch_embed_bwd_weight_reduce" };
     check_len("ranks", ranks.len(), shape.ranks_len())?;
     check_backward_lens(
         shape,
@@ -809,10 +813,9 @@ pub fn cuda_backward_with(
     // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
     // has `splits` layers; rows whose rank is outside [1, N) are read as zeros.
     unsafe { gpu.launch(MODULE, kernel, launch_cfg(weight_grid, GEMM_THREADS), &params)? };
-    // SAFETY: reads splits·D·K floats of `partial` and adds to dweight (D·K, checked above).
-    unsafe {
-        gpu.launch(MODULE, "mapet_patch_embed_bwd_weight_reduce", launch_cfg((reduce_blocks, 1, 1), 256), &params)?
-    };
+    // SAFETY: reads splits·D·K floats of `partial` and adds to dweight (D·K, checked above; the
+    // HWC variant writes each of the D·K elements once, at a permuted index).
+    unsafe { gpu.launch(MODULE, reduce, launch_cfg((reduce_blocks, 1, 1), 256), &params)? };
     // SAFETY: grid (D/2/128, N): reads ranks and d_out (checked above), skipping ranks outside
     // [0, N); writes dpos_embed (N·D, checked) and token_sums (2·N·D, allocated above).
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, 128), &params)? };
