@@ -1,7 +1,8 @@
 //! `mapet pretrain` on the GPU backend (skips without a GPU): the demo photographs with a
 //! head-dim-64 model; the first step's loss agrees with the CPU backend's from the same state and
 //! batches, the loss falls, checkpoints are written in the CPU's format and a run resumes from
-//! one; `mapet eval` of that checkpoint on the GPU agrees with the CPU.
+//! one, repeating the uninterrupted run's losses bit for bit (every GPU kernel of the step is
+//! deterministic); `mapet eval` of that checkpoint on the GPU agrees with the CPU.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -98,4 +99,42 @@ fn gpu_eval_agrees_with_the_cpu_on_a_checkpoint() {
     assert!(((gpu.loss - cpu.loss) / cpu.loss).abs() <= 2e-2, "loss: cpu {} gpu {}", cpu.loss, gpu.loss);
     // bf16 logits may flip a near-tie; most predictions must agree.
     assert!((gpu.accuracy - cpu.accuracy).abs() <= 0.05, "accuracy: cpu {} gpu {}", cpu.accuracy, gpu.accuracy);
+}
+
+#[test]
+fn gpu_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
+    if mapet::testing::gpu_or_skip("gpu_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit").is_none() {
+        return;
+    }
+    let straight = tempfile::tempdir().unwrap();
+    let cfg = gpu_config(straight.path(), 8.0, "cuda");
+    assert_eq!(run(&cfg, None).steps, 8);
+    let want = losses(straight.path());
+
+    // The same run, stopped (as by Ctrl-C) once its step-3 checkpoint exists, then resumed.
+    let split = tempfile::tempdir().unwrap();
+    let mut first = gpu_config(split.path(), 8.0, "cuda");
+    first.output.checkpoint_every = 3;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = std::thread::spawn({
+        let (dir, stop) = (split.path().to_path_buf(), stop.clone());
+        move || {
+            while !dir.join("checkpoint/meta.json").is_file() {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let partial = pretrain::run(&first, demo::prepare(&first).unwrap(), None, stop).unwrap();
+    watcher.join().unwrap();
+    assert!(partial.interrupted && partial.steps < 8, "the run should stop early, it made {} steps", partial.steps);
+    assert_eq!(run(&first, Some(&split.path().join("checkpoint"))).steps, 8);
+    let got = losses(split.path());
+    assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), want.iter().map(|r| r.0).collect::<Vec<_>>());
+    // Measure before judging: how far apart the two sequences are, if they are.
+    let worst = got.iter().zip(&want).map(|(a, b)| ((a.1 - b.1) / b.1).abs()).fold(0.0f32, f32::max);
+    eprintln!("resumed vs uninterrupted GPU losses: largest relative difference {worst:e}");
+    for ((step, l1), (_, l2)) in got.iter().zip(&want) {
+        assert_eq!(l1.to_bits(), l2.to_bits(), "loss at step {step} differs after resuming on the GPU: {l1} vs {l2}");
+    }
 }
