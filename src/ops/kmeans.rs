@@ -639,7 +639,19 @@ pub fn report(ids: &[u32], k: usize, sq_dists: &[f32]) -> Result<KMeansReport> {
     for &id in ids {
         hist[id as usize] += 1;
     }
-    let n = ids.len() as f64;
+    let sum_sq = sq_dists.iter().map(|&d| d as f64).sum::<f64>();
+    report_from_counts(&hist, sum_sq)
+}
+
+/// [`report`] from the labelling's id histogram (`hist[c]` = points labelled c; `k` = its length)
+/// and the sum of its squared distances (in f64, added in point order): what a labelling done a
+/// block at a time accumulates.
+pub fn report_from_counts(hist: &[u64], sum_sq: f64) -> Result<KMeansReport> {
+    let n: u64 = hist.iter().sum();
+    if n == 0 {
+        return Err(Error::Shape { tensor: "ids", expected: "at least one id".into(), got: "none".into() });
+    }
+    let n = n as f64;
     let used = hist.iter().filter(|&&c| c > 0).count();
     let entropy: f64 = hist
         .iter()
@@ -649,8 +661,7 @@ pub fn report(ids: &[u32], k: usize, sq_dists: &[f32]) -> Result<KMeansReport> {
             -p * p.ln()
         })
         .sum();
-    let mean_sq_dist = sq_dists.iter().map(|&d| d as f64).sum::<f64>() / n;
-    Ok(KMeansReport { usage: used as f64 / k as f64, perplexity: entropy.exp(), mean_sq_dist })
+    Ok(KMeansReport { usage: used as f64 / hist.len() as f64, perplexity: entropy.exp(), mean_sq_dist: sum_sq / n })
 }
 
 // -------------------------------------------------------------------------------------- CUDA

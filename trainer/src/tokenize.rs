@@ -380,26 +380,7 @@ impl ReportSums {
     }
 
     fn finish(&self) -> Result<KMeansReport, String> {
-        let n: u64 = self.hist.iter().sum();
-        if n == 0 || self.hist.is_empty() {
-            return Err("no patch to label".into());
-        }
-        let n = n as f64;
-        let used = self.hist.iter().filter(|&&c| c > 0).count();
-        let entropy: f64 = self
-            .hist
-            .iter()
-            .filter(|&&c| c > 0)
-            .map(|&c| {
-                let p = c as f64 / n;
-                -p * p.ln()
-            })
-            .sum();
-        Ok(KMeansReport {
-            usage: used as f64 / self.hist.len() as f64,
-            perplexity: entropy.exp(),
-            mean_sq_dist: self.sum_sq / n,
-        })
+        kmeans::report_from_counts(&self.hist, self.sum_sq).map_err(|_| "no patch to label".to_string())
     }
 }
 
