@@ -86,11 +86,13 @@
 // A C fragment pair of n-tiles (2c, 2c+1) is exactly the A fragment of k-chunk c once packed to bf16:
 // {C[2c].c01, C[2c].c23, C[2c+1].c01, C[2c+1].c23} (used for P V, dS K, P^T dO, dS^T Q).
 //
-// Online softmax (forward): scores stay in raw units; the running row max mx is raw, and
-// p = 2^(S * s*log2(e) - mx * s*log2(e)) with the scale folded into one FFMA. A row may see no key of a
-// given tile (and, before its first visible tile, have mx = -inf): the subtracted max is then taken
-// as 0, so exp2(-inf - 0) = 0 instead of NaN, and the correction factor exp2(-inf) = 0 clears nothing
-// that was not already 0. Every row sees N >= 1 keys overall, so its final l > 0.
+// Online softmax (forward, `online_softmax`): scores stay in raw units; the running row max mx is
+// raw, and p = 2^(S * s*log2(e) - mx * s*log2(e)) with the scale folded into one FFMA. The max is
+// updated lazily (only when a tile's max exceeds it by more than 2^8 in p), which saves rescaling the
+// accumulator on most tiles. A row may see no key of a given tile (and, before its first visible
+// tile, have mx = -inf): the subtracted max is then taken as 0, so exp2(-inf - 0) = 0 instead of
+// NaN, and the correction factor exp2(-inf) = 0 clears nothing that was not already 0. Every row
+// sees N >= 1 keys overall, so its final l > 0.
 //   O = acc / l,  lse = mx * s + ln(l).
 //
 // Backward is deterministic: no float atomics. dQ (row-owned) and dK/dV (key-owned) come from two
@@ -394,6 +396,68 @@ __device__ __forceinline__ float quad_max(float v) {
     return v;
 }
 
+// How far (in log2 units of scaled scores) a row's tile max may exceed its running max before the
+// forward rescales: see online_softmax.
+constexpr float kLazyRescale = 8.f;
+
+// One online-softmax step of the forward for the rows g, g+8 of one m-tile over one 64-key tile:
+// s = its raw scores (-inf where hidden), [half][n-tile][element], overwritten by p; mx = the rows'
+// running raw max, l = this lane's running exp sum, acc = the O accumulator (C fragments).
+//
+// Lazy rescaling: the running max moves only when some row of the warp finds a tile max more than
+// kLazyRescale above it. Otherwise p is taken against the stale max (so p <= 2^8: harmless in f32
+// and in bf16, which keeps 8 exponent bits) and acc and l need no rescaling; 32 multiplies a lane
+// saved on most tiles. The function is unchanged, since O = acc / l and lse = mx * s + ln l share
+// one base whatever it is. The decision is warp-uniform (__any_sync), so the branch never diverges.
+// Infinities: a row whose max is still -inf either stays so (no visible key yet: (-inf) - (-inf) is
+// NaN, which compares false) or grows (any finite score against -inf); the subtracted base of a row
+// at -inf is 0, so exp2(-inf - 0) = 0 instead of NaN, and its correction factor exp2(-inf) = 0
+// clears nothing that was not already 0.
+__device__ __forceinline__ void online_softmax(float (&s)[2][4][4], float (&mx)[2], float (&l)[2],
+                                               float (&acc)[8][4], float sl2) {
+    float tmax[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        tmax[i] = -INFINITY;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) tmax[i] = fmaxf(tmax[i], fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]));
+        tmax[i] = quad_max(tmax[i]);
+    }
+    const bool grow = __any_sync(0xffffffffu, (tmax[0] - mx[0]) * sl2 > kLazyRescale ||
+                                                  (tmax[1] - mx[1]) * sl2 > kLazyRescale);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float corr = 1.f;
+        if (grow) {
+            const float mnew = fmaxf(mx[i], tmax[i]);
+            corr = fast_exp2(mx[i] * sl2 - (mnew == -INFINITY ? 0.f : mnew * sl2));
+            mx[i] = mnew;
+        }
+        const float base = mx[i] == -INFINITY ? 0.f : mx[i] * sl2;
+        float rs = 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                s[h][j][2 * i] = fast_exp2(fmaf(s[h][j][2 * i], sl2, -base));
+                s[h][j][2 * i + 1] = fast_exp2(fmaf(s[h][j][2 * i + 1], sl2, -base));
+                rs += s[h][j][2 * i] + s[h][j][2 * i + 1];
+            }
+        }
+        if (grow) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                acc[j][2 * i] *= corr;
+                acc[j][2 * i + 1] *= corr;
+            }
+            l[i] *= corr;
+        }
+        l[i] += rs;
+    }
+}
+
 // Next key tile at or after kt that is not EMPTY for query rows with extrema amin, amax (CTA level).
 __device__ __forceinline__ int next_key_tile(int kt, int nkt, int amin, int amax, const Geometry& G) {
     while (kt < nkt && classify(amin, amax, kt * kBN, kt * kBN + kBN, true, G) == kEmpty) ++kt;
@@ -523,36 +587,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 
             // Online softmax, rows g (i = 0: elements 0, 1) and g+8 (i = 1: elements 2, 3). The four
             // lanes of a quad hold one row between them, so max and sum are quad reductions.
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                float tmax = -INFINITY;
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) tmax = fmaxf(tmax, fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]));
-                tmax = quad_max(tmax);
-                const float mnew = fmaxf(mx[i], tmax);
-                // Row still without a visible key: subtract 0 so that exp2(-inf - base) = 0, not NaN.
-                const float base = mnew == -INFINITY ? 0.f : mnew * sl2;
-                const float corr = fast_exp2(mx[i] * sl2 - base);  // mx = -inf -> 0 (acc, l are 0 anyway)
-                mx[i] = mnew;
-                float rs = 0.f;
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        s[h][j][2 * i] = fast_exp2(fmaf(s[h][j][2 * i], sl2, -base));
-                        s[h][j][2 * i + 1] = fast_exp2(fmaf(s[h][j][2 * i + 1], sl2, -base));
-                        rs += s[h][j][2 * i] + s[h][j][2 * i + 1];
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    acc[j][2 * i] *= corr;
-                    acc[j][2 * i + 1] *= corr;
-                }
-                l[i] = l[i] * corr + rs;
-            }
+            online_softmax(s, mx, l, acc, sl2);
             // O += P V. The P C-fragments of n-tiles 2c, 2c+1 of a half repack into the A fragment of the
             // half's key chunk c (keys k0 + 32h + [16c, 16c+16)):
             // {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}.
@@ -740,42 +775,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 2) mapet_attent
                 for (int h = 0; h < 2; ++h)
                     mask_scores(s[m][h], kind[m][h], tail, h * kHalf, a_lo[m] - kb0, a_hi[m] - kb0, G.lk - kb0, G.p);
 
-            // Online softmax per m-tile and row (as in mapet_attention_fwd). An m-tile whose rows see no
-            // key of this tile has s = -inf throughout: its max is unchanged, corr = 1 (or 0 while mx is
-            // still -inf), and its p are 0.
+            // Online softmax per m-tile (as in mapet_attention_fwd). An m-tile whose rows see no key of
+            // this tile has s = -inf throughout: its max is unchanged and its p are 0.
 #pragma unroll
-            for (int m = 0; m < kMt; ++m) {
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    float tmax = -INFINITY;
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int j = 0; j < 4; ++j)
-                            tmax = fmaxf(tmax, fmaxf(s[m][h][j][2 * i], s[m][h][j][2 * i + 1]));
-                    tmax = quad_max(tmax);
-                    const float mnew = fmaxf(mx[m][i], tmax);
-                    const float base = mnew == -INFINITY ? 0.f : mnew * sl2;
-                    const float corr = fast_exp2(mx[m][i] * sl2 - base);
-                    mx[m][i] = mnew;
-                    float rs = 0.f;
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            s[m][h][j][2 * i] = fast_exp2(fmaf(s[m][h][j][2 * i], sl2, -base));
-                            s[m][h][j][2 * i + 1] = fast_exp2(fmaf(s[m][h][j][2 * i + 1], sl2, -base));
-                            rs += s[m][h][j][2 * i] + s[m][h][j][2 * i + 1];
-                        }
-                    }
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        acc[m][j][2 * i] *= corr;
-                        acc[m][j][2 * i + 1] *= corr;
-                    }
-                    l[m][i] = l[m][i] * corr + rs;
-                }
-            }
+            for (int m = 0; m < kMt; ++m) online_softmax(s[m], mx[m], l[m], acc[m], sl2);
             // O += P V, each V fragment shared by the two m-tiles.
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
