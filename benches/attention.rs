@@ -5,7 +5,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::{DeviceBuffer, Gpu};
-use mapet::ops::attention::{self, AttentionShape, QueryBlock};
+use mapet::ops::attention::{self, AttentionShape, DkdvKernel, QueryBlock};
+use mapet::ops::KernelChoice;
 use mapet::testing;
 
 fn visible_flops(s: &AttentionShape) -> u64 {
@@ -52,15 +53,25 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
         });
         g.finish();
         // A plain line with the median and TFLOP/s (criterion reports elements/s).
-        // Both query block sizes (attention::QueryBlock): forward alone, and forward + backward.
-        for block in QueryBlock::ALL {
+        // Each kernel choice: both query block sizes (attention::QueryBlock) with the default dK/dV
+        // kernel, forward alone and forward + backward; the other dK/dV kernel (attention::DkdvKernel)
+        // with the default block, forward + backward.
+        let choices = [
+            (QueryBlock::Rows64, DkdvKernel::Registers),
+            (QueryBlock::Rows128, DkdvKernel::Registers),
+            (QueryBlock::Rows64, DkdvKernel::Shared),
+        ];
+        for (block, dkdv) in choices {
             for (what, fl, bwd) in [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)] {
+                if !bwd && dkdv != DkdvKernel::default() {
+                    continue; // the forward does not depend on the dK/dV kernel
+                }
                 let t = gpu
                     .time_ms(5, 50, || {
                         attention::cuda_forward_with(gpu, block, &s, &q, &k, &v, &mut o, &mut lse)?;
                         if bwd {
                             attention::cuda_backward_with(
-                                gpu, block, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
+                                gpu, block, dkdv, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
                             )?;
                         }
                         Ok(())
@@ -68,8 +79,9 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
                     .unwrap();
                 let med = t[t.len() / 2] as f64;
                 println!(
-                    "RESULT attention {name} {what} ({}): median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
+                    "RESULT attention {name} {what} ({}, dkdv {}): median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
                     block.name(),
+                    dkdv.name(),
                     fl as f64 / med / 1e9,
                     gpu.name()
                 );

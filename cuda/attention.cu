@@ -38,14 +38,18 @@
 //                             rows per CTA (32 per warp, two m-tiles that share every K/V fragment
 //                             loaded from shared memory); the launcher picks one pair or the other
 //                             (attention::QueryBlock). See their own comments.
-// Shared memory is static (but for bwd_dq_m128's 55,296 dynamic bytes): two stages x two [64 x 72]
-// bf16 tiles = 36,864 B (fwd, fwd_m128, bwd_dq), + 2 KiB of per-row lse, delta and hidden window in
-// bwd_dkdv (38,912 B). The operand loaded once per CTA (Q, Q + dO, or K + V) is first staged in the
-// second stage's slots and moved into registers before they are first refilled, so it costs no shared
-// memory of its own. Registers bound the occupancy: fwd and bwd_dq fit 128 (4 CTAs = 16 warps per
-// SM), bwd_dkdv needs 168 (3 CTAs; at 128 it spills), the m128 pair 218-224 (2 CTAs). Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row addresses of one
-// ldmatrix phase then fall 36 words apart and cover all 32 banks once, and the cp.async stores (8
-// threads per 128-byte row) are conflict-free too.
+//   mapet_attention_bwd_dkdv_kvs: bwd_dkdv with K and V kept in shared memory instead of registers
+//                             (attention::DkdvKernel), to fit 4 CTAs per SM.
+// Shared memory is static (but for bwd_dq_m128's 55,296 and bwd_dkdv_kvs's 18,432 dynamic bytes): two
+// stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, fwd_m128, bwd_dq), + 2 KiB of per-row lse, delta
+// and hidden window in bwd_dkdv (38,912 B). The operand loaded once per CTA (Q, Q + dO, or K + V) is
+// first staged in the second stage's slots and moved into registers before they are first refilled,
+// so it costs no shared memory of its own (bwd_dkdv_kvs keeps K and V in their own tiles instead).
+// Registers bound the occupancy: fwd and bwd_dq fit 128 (4 CTAs = 16 warps per SM), bwd_dkdv needs
+// 168 (3 CTAs; at 128 it spills), bwd_dkdv_kvs 128 (4 CTAs, with 4 x 56 KiB of shared memory), the
+// m128 pair 218-224 (2 CTAs). Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row
+// addresses of one ldmatrix phase then fall 36 words apart and cover all 32 banks once, and the
+// cp.async stores (8 threads per 128-byte row) are conflict-free too.
 // Inside a tile, each warp works in halves of 32 keys (fwd, bwd_dq) or 32 query rows (bwd_dkdv): the
 // backward kernels hold S and dP of one half only (32 registers, not 64: what gets bwd_dq to 128
 // registers), and a half that the warp's rows cannot see is skipped (about 1.24x the visible pairs are
@@ -124,8 +128,9 @@
 #define MAPET_ATTN_THREADS 128      // block size of every attention kernel (4 warps)
 #define MAPET_ATTN_BLOCK_M 64       // query rows per CTA (fwd, bwd_dq) = per inner tile (bwd_dkdv)
 #define MAPET_ATTN_BLOCK_N 64       // keys per inner tile (fwd, bwd_dq) = per CTA (bwd_dkdv)
-#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of every kernel but bwd_dq_m128 (static shared memory)
+#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of the kernels not named below (static shared memory)
 #define MAPET_ATTN_DQ128_DYNAMIC_SMEM (6 * 64 * 72 * 2)  // dynamic shared bytes of bwd_dq_m128: six padded tiles
+#define MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM (2 * 64 * 72 * 2)  // of bwd_dkdv_kvs: the K and V tiles
 
 namespace {
 
@@ -1224,15 +1229,25 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 2) mapet_attent
 
 // ================================================================================================ backward dK dV
 // dk, dv from q, k, v, lse, delta (written by bwd_dq), d_o. CTA = 64 keys; stage st holds the Q tile at
-// sQ(st), the dO tile at sdO(st), and lse, delta and the hidden window of those rows; K and V are first
-// staged in stage 1, dK and dV in stage 0 at the end.
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attention_bwd_dkdv(const MapetAttention prm) {
+// sQ(st), the dO tile at sdO(st), and lse, delta and the hidden window of those rows; dK and dV go out
+// through stage 0 at the end. Where K and V live:
+//   KV_SMEM = false (mapet_attention_bwd_dkdv): staged in stage 1, then held as A fragments in registers
+//     for the whole kernel (32 registers; 168 in all, 3 CTAs per SM).
+//   KV_SMEM = true (mapet_attention_bwd_dkdv_kvs): kept in 18,432 B of dynamic shared memory and re-read
+//     with ldmatrix for every query half (8 more ldmatrix per 32 rows, against 32 already there); 128
+//     registers, so 4 CTAs per SM where 4 x 56 KiB of shared memory fit (sm_90: 228 KiB per SM).
+constexpr uint32_t kDkdvKvSmem = 2 * kTileBytes;
+static_assert(MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM == static_cast<int>(kDkdvKvSmem), "bwd_dkdv_kvs holds K and V");
+
+template <bool KV_SMEM>
+__device__ __forceinline__ void bwd_dkdv(const MapetAttention& prm) {
     __shared__ __align__(128) bf16 smem[4 * kTileElems];
     __shared__ __align__(16) float s_lse[2][kBM];    // lse of the stage's query rows (0 past Lq)
     __shared__ __align__(16) float s_delta[2][kBM];  // delta of the stage's query rows (0 past Lq)
     // Hidden key window {a, w} of the stage's query rows: key hidden iff in_window(key, a, w). Rows
     // past Lq get a window that holds every key (a = -2^29, w = 2^31 - 1), so they add nothing.
     __shared__ __align__(16) int2 s_win[2][kBM];
+    extern __shared__ __align__(128) bf16 kv_smem[];  // KV_SMEM: the K tile, then the V tile
 
     const Geometry G = geometry_of(prm);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -1271,22 +1286,28 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
     const int key_lo = kw0 + g, key_hi = kw0 + g + 8;  // the lane's two keys (rows of every C fragment)
 
     const int nqt = (G.lq + kBM - 1) / kBM;
-    load_tile(sQ(1), kg, static_cast<int>(prm.k_row_stride), k0, G.lk, tid);   // K, staged in stage 1's Q slot
-    load_tile(sdO(1), vg, static_cast<int>(prm.v_row_stride), k0, G.lk, tid);  // V, staged in stage 1's dO slot
+    // K and V: in their own shared tiles (KV_SMEM), or staged in stage 1's Q and dO slots.
+    const uint32_t sK = KV_SMEM ? smem_addr(kv_smem) : sQ(1);
+    const uint32_t sV = KV_SMEM ? sK + kTileBytes : sdO(1);
+    load_tile(sK, kg, static_cast<int>(prm.k_row_stride), k0, G.lk, tid);
+    load_tile(sV, vg, static_cast<int>(prm.v_row_stride), k0, G.lk, tid);
     cp_async_commit();
     int qt = next_query_tile(0, nqt, k0, G);
     if (qt < nqt) load_query_tile(qt, 0);
     cp_async_commit();
-    cp_async_wait<1>();  // K, V have landed
-    __syncthreads();
 
-    uint32_t kf[4][4], vf[4][4];  // A fragments of the warp's K and V rows (keys), columns [16c, 16c+16)
+    uint32_t kf[4][4], vf[4][4];  // registers: A fragments of the warp's K and V rows, columns [16c, 16c+16)
+    if constexpr (!KV_SMEM) {
+        cp_async_wait<1>();  // K, V have landed
+        __syncthreads();
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        ldmatrix_x4(kf[c], sQ(1) + lane_a + tile_off(warp * 16, c * 16));
-        ldmatrix_x4(vf[c], sdO(1) + lane_a + tile_off(warp * 16, c * 16));
+        for (int c = 0; c < 4; ++c) {
+            ldmatrix_x4(kf[c], sK + lane_a + tile_off(warp * 16, c * 16));
+            ldmatrix_x4(vf[c], sV + lane_a + tile_off(warp * 16, c * 16));
+        }
+        __syncthreads();  // stage 1 is refilled by the first prefetch below
     }
-    __syncthreads();  // stage 1 is refilled by the first prefetch below
+    // (KV_SMEM: the loop's first wait and barrier cover K and V, committed before its first tile.)
 
     float dk[8][4], dv[8][4];  // accumulators: [j] = C fragment of head columns [8j, 8j+8)
 #pragma unroll
@@ -1327,15 +1348,26 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
             }
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
+                uint32_t ka[4], va[4];  // the warp's K and V fragments of head columns [16c, 16c+16)
+                if constexpr (KV_SMEM) {
+                    ldmatrix_x4(ka, sK + lane_a + tile_off(warp * 16, c * 16));
+                    ldmatrix_x4(va, sV + lane_a + tile_off(warp * 16, c * 16));
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        ka[e] = kf[c][e];
+                        va[e] = vf[c][e];
+                    }
+                }
 #pragma unroll
                 for (int jp = 0; jp < 2; ++jp) {
                     uint32_t qb[4], db[4];  // query n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
                     ldmatrix_x4(qb, qs + tile_off(h * kHalf + jp * 16, c * 16));
                     ldmatrix_x4(db, ds + tile_off(h * kHalf + jp * 16, c * 16));
-                    mma_bf16(st[2 * jp], kf[c], qb[0], qb[1]);
-                    mma_bf16(st[2 * jp + 1], kf[c], qb[2], qb[3]);
-                    mma_bf16(dpt[2 * jp], vf[c], db[0], db[1]);
-                    mma_bf16(dpt[2 * jp + 1], vf[c], db[2], db[3]);
+                    mma_bf16(st[2 * jp], ka, qb[0], qb[1]);
+                    mma_bf16(st[2 * jp + 1], ka, qb[2], qb[3]);
+                    mma_bf16(dpt[2 * jp], va, db[0], db[1]);
+                    mma_bf16(dpt[2 * jp + 1], va, db[2], db[3]);
                 }
             }
             // P^T = exp(S^T * scale - lse_col) (hidden -> -inf -> 0), dS^T = P^T (dP^T - delta_col). The
@@ -1400,4 +1432,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
     bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
     store_warp_rows(dk, prm.scale, prm.scale, smem + warp * 16 * kLds, dkg, prm.dk_row_stride, kw0, G.lk, lane);
     store_warp_rows(dv, 1.f, 1.f, smem + kTileElems + warp * 16 * kLds, dvg, prm.dv_row_stride, kw0, G.lk, lane);
+}
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attention_bwd_dkdv(const MapetAttention prm) {
+    bwd_dkdv<false>(prm);
+}
+
+// Launched with MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attention_bwd_dkdv_kvs(const MapetAttention prm) {
+    bwd_dkdv<true>(prm);
 }

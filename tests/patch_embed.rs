@@ -10,6 +10,7 @@ use mapet::ops::patch_embed::{
     cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward_with, cuda_forward_f32, cuda_forward_u8_with,
     normalize_u8, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels,
 };
+use mapet::ops::KernelChoice;
 use mapet::testing::{assert_within_baseline, gpu_or_skip, rel_err, rng, to_f64, uniform, uniform_bf16};
 use mapet::Error;
 use proptest::prelude::*;
@@ -520,11 +521,11 @@ fn bad_inputs_are_refused() {
 #[test]
 fn pixel_order_names_parse_and_bad_names_are_refused() {
     for order in PixelOrder::ALL {
-        assert_eq!(order.name().parse::<PixelOrder>().unwrap(), order);
+        assert_eq!(PixelOrder::parse_name(order.name()).unwrap(), order);
     }
     assert_eq!(PixelOrder::default(), PixelOrder::Chw);
-    let e = "HWC".parse::<PixelOrder>().unwrap_err();
-    assert!(e.contains("chw or hwc"), "{e}");
+    let e = PixelOrder::parse_name("HWC").unwrap_err();
+    assert!(e.contains("chw or hwc") && e.contains("MAPET_PATCH_EMBED_ORDER"), "{e}");
 }
 
 // ------------------------------------------------------------------------------------------ GPU

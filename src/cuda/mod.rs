@@ -55,7 +55,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
-    /// The dynamic shared memory each kernel has been allowed so far (raised on first need).
+    /// The dynamic shared memory each kernel has been allowed so far (raised on first need); a
+    /// kernel is in the map once its shared-memory carveout has been set.
     smem_limits: Mutex<HashMap<(&'static str, &'static str), u32>>,
     name: String,
     sm_count: u32,
@@ -193,19 +194,27 @@ impl Gpu {
         params: &P,
     ) -> Result<()> {
         let f = self.function(module, function)?;
-        if cfg.shared_mem_bytes > 48 * 1024 {
-            // Raised once per kernel (and again only for a larger size), not on every launch.
+        if cfg.shared_mem_bytes > 0 {
+            // Configured once per kernel (and again only for a larger size), not on every launch.
             let mut limits = self.smem_limits.lock().unwrap_or_else(|p| p.into_inner());
-            let allowed = limits.entry((module, function)).or_insert(48 * 1024);
-            if cfg.shared_mem_bytes > *allowed {
-                // A raw driver call on this thread: make the context current first (a cached
-                // function may be launched from a thread that has made no other CUDA call yet).
+            let allowed = limits.entry((module, function)).or_insert(0);
+            // Raw driver calls on this thread: make the context current first (a cached function
+            // may be launched from a thread that has made no other CUDA call yet).
+            let set = |attr, value: u32, what: &str| {
                 self.ctx.bind_to_thread()?;
-                f.set_attribute(
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    cfg.shared_mem_bytes as i32,
-                )
-                .map_err(|e| ctx_err(e, format!(" raising shared memory of `{module}::{function}`")))?;
+                f.set_attribute(attr, value as i32)
+                    .map_err(|e| ctx_err(e, format!(" setting the {what} of `{module}::{function}`")))
+            };
+            if *allowed == 0 {
+                // A kernel that takes dynamic shared memory is one whose occupancy it bounds: ask
+                // for the largest shared-memory share of L1 (a hint the driver honours when the
+                // launch needs it).
+                set(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100, "carveout")?;
+                *allowed = 48 * 1024;
+            }
+            if cfg.shared_mem_bytes > *allowed {
+                let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                set(attr, cfg.shared_mem_bytes, "shared memory limit")?;
                 *allowed = cfg.shared_mem_bytes;
             }
         }

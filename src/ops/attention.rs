@@ -48,6 +48,7 @@ use rayon::prelude::*;
 use crate::cuda::params::MapetAttention;
 use crate::cuda::{check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
+use crate::ops::KernelChoice;
 use crate::perm::visible_bounds;
 
 /// Sizes of one attention call. Valid when every field is positive and `0 < n_context < n_tokens`.
@@ -518,28 +519,6 @@ impl QueryBlock {
     /// Both choices, for tests and benches.
     pub const ALL: [QueryBlock; 2] = [QueryBlock::Rows64, QueryBlock::Rows128];
 
-    /// The choice [`cuda_forward`] and [`cuda_backward`] use: `MAPET_ATTENTION_ROWS=rows64|rows128`
-    /// when set (read once per process), else [`QueryBlock::default`]. An unknown value is an
-    /// error naming the variable.
-    pub fn selected() -> Result<Self> {
-        static SELECTED: std::sync::OnceLock<std::result::Result<QueryBlock, String>> = std::sync::OnceLock::new();
-        SELECTED
-            .get_or_init(|| match std::env::var("MAPET_ATTENTION_ROWS") {
-                Err(_) => Ok(QueryBlock::default()),
-                Ok(v) => v.parse(),
-            })
-            .clone()
-            .map_err(|detail| Error::Unsupported { what: "MAPET_ATTENTION_ROWS", detail })
-    }
-
-    /// Short name: "rows64" or "rows128".
-    pub fn name(self) -> &'static str {
-        match self {
-            QueryBlock::Rows64 => "rows64",
-            QueryBlock::Rows128 => "rows128",
-        }
-    }
-
     /// Query rows per CTA.
     pub fn rows(self) -> usize {
         match self {
@@ -558,20 +537,62 @@ impl QueryBlock {
     }
 }
 
-impl std::str::FromStr for QueryBlock {
-    type Err = String;
+/// `MAPET_ATTENTION_ROWS=rows64|rows128` picks the block [`cuda_forward`] and [`cuda_backward`] use.
+impl KernelChoice for QueryBlock {
+    const VAR: &'static str = "MAPET_ATTENTION_ROWS";
+    const CHOICES: &'static [Self] = &QueryBlock::ALL;
 
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        QueryBlock::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| format!("{s:?} is not a query block size; use rows64 or rows128"))
+    fn name(self) -> &'static str {
+        match self {
+            QueryBlock::Rows64 => "rows64",
+            QueryBlock::Rows128 => "rows128",
+        }
+    }
+}
+
+/// Where the dK/dV kernel keeps the K and V rows of its 64 keys (cuda/attention.cu). Both compute
+/// the same function in the same order, and tests/attention_gpu.rs checks both against the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DkdvKernel {
+    /// `mapet_attention_bwd_dkdv`: as mma fragments in registers, loaded once (168 registers, 3
+    /// CTAs per SM). The default.
+    #[default]
+    Registers,
+    /// `mapet_attention_bwd_dkdv_kvs`: in 18,432 B of dynamic shared memory, re-read for every 32
+    /// query rows (128 registers, 4 CTAs per SM where 4 x 56 KiB of shared memory fit).
+    Shared,
+}
+
+impl DkdvKernel {
+    /// Both choices, for tests and benches.
+    pub const ALL: [DkdvKernel; 2] = [DkdvKernel::Registers, DkdvKernel::Shared];
+
+    /// (kernel, dynamic shared bytes).
+    fn kernel(self) -> (&'static str, u32) {
+        match self {
+            DkdvKernel::Registers => ("mapet_attention_bwd_dkdv", 0),
+            // Two padded [64 x 72] bf16 tiles (MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM).
+            DkdvKernel::Shared => ("mapet_attention_bwd_dkdv_kvs", 2 * 64 * 72 * 2),
+        }
+    }
+}
+
+/// `MAPET_ATTENTION_DKDV=regs|smem` picks the kernel [`cuda_backward`] uses.
+impl KernelChoice for DkdvKernel {
+    const VAR: &'static str = "MAPET_ATTENTION_DKDV";
+    const CHOICES: &'static [Self] = &DkdvKernel::ALL;
+
+    fn name(self) -> &'static str {
+        match self {
+            DkdvKernel::Registers => "regs",
+            DkdvKernel::Shared => "smem",
+        }
     }
 }
 
 /// Forward on the GPU: `o` (bf16) and `lse` (f32) from bf16 `q`, `k`, `v`, all contiguous as
 /// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]). Runs the kernel of
-/// [`QueryBlock::selected`].
+/// [`QueryBlock`] [`KernelChoice::selected`].
 pub fn cuda_forward(
     gpu: &Gpu,
     shape: &AttentionShape,
@@ -614,7 +635,7 @@ pub fn cuda_forward_with(
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
 /// inputs, its `o` and `lse`, and `d_o`. Deterministic: no float atomics (two kernels, dQ then
 /// dK/dV, each owning its outputs). Allocates a [B, H, N+2P] f32 scratch for rowsum(dO * O).
-/// Runs the dQ kernel of [`QueryBlock::selected`].
+/// Runs the selected ([`KernelChoice::selected`]) [`QueryBlock`] and [`DkdvKernel`].
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
@@ -629,14 +650,16 @@ pub fn cuda_backward(
     dk: &mut dyn DeviceWrite<bf16>,
     dv: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
-    cuda_backward_with(gpu, QueryBlock::selected()?, shape, q, k, v, o, lse, d_o, dq, dk, dv)
+    let (block, dkdv) = (QueryBlock::selected()?, DkdvKernel::selected()?);
+    cuda_backward_with(gpu, block, dkdv, shape, q, k, v, o, lse, d_o, dq, dk, dv)
 }
 
-/// [`cuda_backward`] with an explicit choice of dQ kernel.
+/// [`cuda_backward`] with an explicit choice of dQ and dK/dV kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward_with(
     gpu: &Gpu,
     block: QueryBlock,
+    dkdv: DkdvKernel,
     shape: &AttentionShape,
     q: &dyn DeviceRead<bf16>,
     k: &dyn DeviceRead<bf16>,
@@ -668,7 +691,9 @@ pub fn cuda_backward_with(
     let (_, dq_kernel, dq_smem) = block.kernels();
     let dq_grid = LaunchConfig { shared_mem_bytes: dq_smem, ..grid(shape.q_rows(), block.rows(), shape) };
     unsafe { gpu.launch("attention", dq_kernel, dq_grid, &p)? };
+    let (dkdv_kernel, dkdv_smem) = dkdv.kernel();
+    let dkdv_grid = LaunchConfig { shared_mem_bytes: dkdv_smem, ..grid(shape.k_rows(), CUDA_BLOCK_N, shape) };
     // SAFETY: as above, with dk and dv of the keys' size; bwd_dq wrote delta before this reads it,
     // since both run in order on this Gpu's one stream.
-    unsafe { gpu.launch("attention", "mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape), &p) }
+    unsafe { gpu.launch("attention", dkdv_kernel, dkdv_grid, &p) }
 }

@@ -10,3 +10,35 @@ pub mod kmeans;
 pub mod layernorm;
 pub mod patch_embed;
 pub mod residual;
+
+use crate::error::{Error, Result};
+
+/// A run-time choice between kernels that compute the same function: a measurement knob, kept
+/// until a GPU run settles which one wins. Each has named values, a default (the variant verified
+/// on a GPU) and an environment variable that overrides it.
+pub trait KernelChoice: Copy + Default + 'static {
+    /// The environment variable that picks a value by name.
+    const VAR: &'static str;
+    /// Every value, for tests and benches.
+    const CHOICES: &'static [Self];
+
+    /// The value's name, as `VAR` gives it.
+    fn name(self) -> &'static str;
+
+    /// The value called `name`; an error listing the names otherwise.
+    fn parse_name(name: &str) -> std::result::Result<Self, String> {
+        Self::CHOICES.iter().copied().find(|c| c.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = Self::CHOICES.iter().map(|c| c.name()).collect();
+            format!("{name:?} is not a value of {}; use {}", Self::VAR, names.join(" or "))
+        })
+    }
+
+    /// The value `VAR` names when it is set, else the default; an unknown name is an error naming
+    /// the variable.
+    fn selected() -> Result<Self> {
+        match std::env::var(Self::VAR) {
+            Err(_) => Ok(Self::default()),
+            Ok(v) => Self::parse_name(&v).map_err(|detail| Error::Unsupported { what: Self::VAR, detail }),
+        }
+    }
+}

@@ -31,6 +31,7 @@ use crate::cpu::sgemm;
 use crate::cuda::params::{MapetPatchEmbedBwd, MapetPatchEmbedFwd};
 use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
+use crate::ops::KernelChoice;
 
 const MODULE: &str = "patch_embed";
 /// Block size of the GEMM kernels and their tile sizes (cuda/patch_embed.cu).
@@ -494,42 +495,22 @@ impl PixelOrder {
     /// Both orders, for tests and benches.
     pub const ALL: [PixelOrder; 2] = [PixelOrder::Chw, PixelOrder::Hwc];
 
-    /// The order [`cuda_forward_u8`] and [`cuda_backward`] use: `MAPET_PATCH_EMBED_ORDER=chw|hwc`
-    /// when set (read once per process), else [`PixelOrder::default`]. An unknown value is an
-    /// error naming the variable.
-    pub fn selected() -> Result<Self> {
-        static SELECTED: std::sync::OnceLock<std::result::Result<PixelOrder, String>> = std::sync::OnceLock::new();
-        SELECTED
-            .get_or_init(|| match std::env::var("MAPET_PATCH_EMBED_ORDER") {
-                Err(_) => Ok(PixelOrder::default()),
-                Ok(v) => v.parse(),
-            })
-            .clone()
-            .map_err(|detail| Error::Unsupported { what: "MAPET_PATCH_EMBED_ORDER", detail })
-    }
-
-    /// Short name: "chw" or "hwc".
-    pub fn name(self) -> &'static str {
-        match self {
-            PixelOrder::Chw => "chw",
-            PixelOrder::Hwc => "hwc",
-        }
-    }
-
     /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
     fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
         self == PixelOrder::Hwc && shape.patch.is_multiple_of(8)
     }
 }
 
-impl std::str::FromStr for PixelOrder {
-    type Err = String;
+/// `MAPET_PATCH_EMBED_ORDER=chw|hwc` picks the order [`cuda_forward_u8`] and [`cuda_backward`] use.
+impl KernelChoice for PixelOrder {
+    const VAR: &'static str = "MAPET_PATCH_EMBED_ORDER";
+    const CHOICES: &'static [Self] = &PixelOrder::ALL;
 
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        PixelOrder::ALL
-            .into_iter()
-            .find(|o| o.name() == s)
-            .ok_or_else(|| format!("{s:?} is not a pixel order; use chw or hwc"))
+    fn name(self) -> &'static str {
+        match self {
+            PixelOrder::Chw => "chw",
+            PixelOrder::Hwc => "hwc",
+        }
     }
 }
 
@@ -649,7 +630,7 @@ fn cuda_forward(
 /// CUDA forward from uint8 HWC images (normalised in registers); `out` bf16 `[B, N + 2P, D]`.
 /// Every element is written when `ranks` holds valid permutations; the kernel cannot check that
 /// (ranks outside [0, N) are skipped, leaving rows unwritten). Contracts in
-/// [`PixelOrder::selected`] order.
+/// the selected ([`KernelChoice::selected`]) [`PixelOrder`].
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_forward_u8(
     gpu: &Gpu,
@@ -721,7 +702,7 @@ pub fn weight_grad_splits(shape: &PatchEmbedShape, sm_count: u32) -> (usize, usi
 /// CUDA backward: adds (+=) the f32 gradients of weight `[D, 3, p, p]`, bias, pos_embed,
 /// cls_token and mask_token given bf16 `d_out` `[B, N + 2P, D]`. Deterministic. Allocates its
 /// f32 scratch (splits·D·K + 2·N·D) on the stream. uint8 pixels are contracted in
-/// [`PixelOrder::selected`] order.
+/// the selected ([`KernelChoice::selected`]) [`PixelOrder`].
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
