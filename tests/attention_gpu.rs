@@ -178,6 +178,14 @@ fn same_inputs_give_bit_identical_outputs() {
         assert_eq!(bits(&a.dk), bits(&b.dk), "dK differs between two runs ({k})");
         assert_eq!(bits(&a.dv), bits(&b.dv), "dV differs between two runs ({k})");
     }
+    // The two dK/dV kernels do the same arithmetic in the same order; only where K and V sit differs.
+    let (r, m) = (
+        run_gpu(&gpu, &c, (QueryBlock::Rows64, DkdvKernel::Registers)),
+        run_gpu(&gpu, &c, (QueryBlock::Rows64, DkdvKernel::Shared)),
+    );
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&r.dk), bits(&m.dk), "dK differs between the dK/dV kernels");
+    assert_eq!(bits(&r.dv), bits(&m.dv), "dV differs between the dK/dV kernels");
 }
 
 #[test]
