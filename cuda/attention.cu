@@ -1426,6 +1426,8 @@ __device__ __forceinline__ void bwd_dkdv(const MapetAttention& prm) {
         qt = qn;
     }
 
+    // KV_SMEM with no query tile to visit: K and V were never waited for; let no copy outlive the CTA.
+    if constexpr (KV_SMEM) cp_async_wait<0>();
     // Stage 0 is free (loop ended on a barrier, no copies in flight): dK through its Q slot, dV through
     // its dO slot, each warp its own 16 rows.
     bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
