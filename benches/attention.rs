@@ -87,6 +87,15 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
                 );
             }
         }
+        // How many CTAs of each dK/dV kernel an SM holds (after their launches set their limits).
+        for dkdv in DkdvKernel::ALL {
+            let (kernel, smem) = dkdv.kernel();
+            let threads = attention::CUDA_THREADS;
+            let per_sm = gpu
+                .function("attention", kernel)
+                .and_then(|f| Ok(f.occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)?));
+            println!("RESULT attention {kernel}: {per_sm:?} CTAs per SM, {}", gpu.name());
+        }
     }
 }
 

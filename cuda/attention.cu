@@ -413,7 +413,10 @@ constexpr float kLazyRescale = 8.f;
 // kLazyRescale above it. Otherwise p is taken against the stale max (so p <= 2^8: harmless in f32
 // and in bf16, which keeps 8 exponent bits) and acc and l need no rescaling; 32 multiplies a lane
 // saved on most tiles. The function is unchanged, since O = acc / l and lse = mx * s + ln l share
-// one base whatever it is. The decision is warp-uniform (__any_sync), so the branch never diverges.
+// one base whatever it is. The rounding is not quite: P goes to bf16 for P V while l sums it in
+// f32, and against the true max the largest p is exactly 1 (no rounding), against a stale one it is
+// not; on a sharply peaked row that adds up to about one bf16 ulp of O. kLazyRescale = 0 gives the
+// strict update back, bit for bit (a tile that raises no row's max then rescales by exactly 1). The decision is warp-uniform (__any_sync), so the branch never diverges.
 // Infinities: a row whose max is still -inf either stays so (no visible key yet: (-inf) - (-inf) is
 // NaN, which compares false) or grows (any finite score against -inf); the subtracted base of a row
 // at -inf is 0, so exp2(-inf - 0) = 0 instead of NaN, and its correction factor exp2(-inf) = 0
@@ -1235,7 +1238,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 2) mapet_attent
 //     for the whole kernel (32 registers; 168 in all, 3 CTAs per SM).
 //   KV_SMEM = true (mapet_attention_bwd_dkdv_kvs): kept in 18,432 B of dynamic shared memory and re-read
 //     with ldmatrix for every query half (8 more ldmatrix per 32 rows, against 32 already there); 128
-//     registers, so 4 CTAs per SM where 4 x 56 KiB of shared memory fit (sm_90: 228 KiB per SM).
+//     registers, so 4 CTAs per SM on sm_90, where 4 x (56 KiB + 1 KiB reserved) is exactly the 228 KiB
+//     of an SM (any more static shared memory drops it to 3); 2 on sm_80. The static + dynamic total
+//     passes 48 KiB, so the launcher opts in to the larger limit.
 constexpr uint32_t kDkdvKvSmem = 2 * kTileBytes;
 static_assert(MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM == static_cast<int>(kDkdvKvSmem), "bwd_dkdv_kvs holds K and V");
 

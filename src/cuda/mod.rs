@@ -55,8 +55,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
-    /// The dynamic shared memory each kernel has been allowed so far (raised on first need); a
-    /// kernel is in the map once its shared-memory carveout has been set.
+    /// The dynamic shared memory each kernel may take: read from the driver at its first launch
+    /// that asks for some, raised when a launch needs more.
     smem_limits: Mutex<HashMap<(&'static str, &'static str), u32>>,
     name: String,
     sm_count: u32,
@@ -195,26 +195,27 @@ impl Gpu {
     ) -> Result<()> {
         let f = self.function(module, function)?;
         if cfg.shared_mem_bytes > 0 {
-            // Configured once per kernel (and again only for a larger size), not on every launch.
+            // Raised once per kernel (and again only for a larger size), not on every launch.
             let mut limits = self.smem_limits.lock().unwrap_or_else(|p| p.into_inner());
-            let allowed = limits.entry((module, function)).or_insert(0);
-            // Raw driver calls on this thread: make the context current first (a cached function
-            // may be launched from a thread that has made no other CUDA call yet).
-            let set = |attr, value: u32, what: &str| {
-                self.ctx.bind_to_thread()?;
-                f.set_attribute(attr, value as i32)
-                    .map_err(|e| ctx_err(e, format!(" setting the {what} of `{module}::{function}`")))
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            let allowed = match limits.entry((module, function)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    // What the kernel may take without opting in: 48 KiB less its static shared
+                    // memory, so a kernel with both kinds may need the opt-in below 48 KiB of
+                    // dynamic memory. (get_attribute makes the context current on this thread.)
+                    let now = f.get_attribute(attr).map_err(|e| {
+                        ctx_err(e, format!(" reading the shared memory limit of `{module}::{function}`"))
+                    })?;
+                    e.insert(now.max(0) as u32)
+                }
             };
-            if *allowed == 0 {
-                // A kernel that takes dynamic shared memory is one whose occupancy it bounds: ask
-                // for the largest shared-memory share of L1 (a hint the driver honours when the
-                // launch needs it).
-                set(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100, "carveout")?;
-                *allowed = 48 * 1024;
-            }
             if cfg.shared_mem_bytes > *allowed {
-                let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                set(attr, cfg.shared_mem_bytes, "shared memory limit")?;
+                // A raw driver call on this thread: make the context current first (a cached
+                // function may be launched from a thread that has made no other CUDA call yet).
+                self.ctx.bind_to_thread()?;
+                f.set_attribute(attr, cfg.shared_mem_bytes as i32)
+                    .map_err(|e| ctx_err(e, format!(" raising shared memory of `{module}::{function}`")))?;
                 *allowed = cfg.shared_mem_bytes;
             }
         }

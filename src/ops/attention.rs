@@ -409,7 +409,7 @@ fn backward<T: Real>(
 /// The only head size the CUDA kernels support (ViT-T/S/B all use 64).
 pub const CUDA_HEAD_DIM: usize = 64;
 /// Threads per block of every attention kernel (`MAPET_ATTN_THREADS`).
-const CUDA_THREADS: u32 = 128;
+pub const CUDA_THREADS: u32 = 128;
 /// Query rows per block of the forward and dQ kernels (`MAPET_ATTN_BLOCK_M`).
 const CUDA_BLOCK_M: usize = 64;
 /// Keys per block of the dK/dV kernel (`MAPET_ATTN_BLOCK_N`).
@@ -559,7 +559,8 @@ pub enum DkdvKernel {
     #[default]
     Registers,
     /// `mapet_attention_bwd_dkdv_kvs`: in 18,432 B of dynamic shared memory, re-read for every 32
-    /// query rows (128 registers, 4 CTAs per SM where 4 x 56 KiB of shared memory fit).
+    /// query rows (128 registers; 56 KiB of shared memory a CTA, so 4 CTAs per SM on sm_90 with
+    /// none to spare, but only 2 on sm_80).
     Shared,
 }
 
@@ -568,7 +569,7 @@ impl DkdvKernel {
     pub const ALL: [DkdvKernel; 2] = [DkdvKernel::Registers, DkdvKernel::Shared];
 
     /// (kernel, dynamic shared bytes).
-    fn kernel(self) -> (&'static str, u32) {
+    pub fn kernel(self) -> (&'static str, u32) {
         match self {
             DkdvKernel::Registers => ("mapet_attention_bwd_dkdv", 0),
             // Two padded [64 x 72] bf16 tiles (MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM).

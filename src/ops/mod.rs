@@ -38,7 +38,7 @@ pub trait KernelChoice: Copy + Default + 'static {
     fn selected() -> Result<Self> {
         match std::env::var(Self::VAR) {
             Err(_) => Ok(Self::default()),
-            Ok(v) => Self::parse_name(&v).map_err(|detail| Error::Unsupported { what: Self::VAR, detail }),
+            Ok(v) => Self::parse_name(&v).map_err(|detail| Error::Unsupported { what: "kernel choice", detail }),
         }
     }
 }
