@@ -2,8 +2,8 @@
 //! runs the CPU reference of every op in f32 and rounds each output the CUDA backend stores as
 //! bf16 to bf16, where the CUDA backend rounds it. The model ([`crate::model::net::step`]) over it
 //! shows, on any machine, how far bf16 activations take the model from the float64 truth: the
-//! error the GPU model should show on the golden cases, give or take what the kernels round
-//! inside (attention's bf16 P, GEMM accumulation order), which this does not model.
+//! error the GPU model should show on the golden cases, give or take the kernels' summation orders
+//! (GEMM accumulation, dot products), which this does not model.
 //!
 //! What is rounded, as on the GPU (see [`crate::model::cuda`], "Numerics"):
 //! - every activation and activation gradient (LayerNorm, Linear, GELU, attention, layer scale,
@@ -12,7 +12,10 @@
 //! - the GEMMs' weights (the caller passes the bf16-rounded parameters as [`Weights::act`]) and
 //!   the patch embedding's pixels (the kernels build their A tiles in bf16);
 //! - the cross-entropy's logits before the bias, and its input gradient
-//!   ([`CpuPrecision::GpuRounding`]).
+//!   ([`CpuPrecision::GpuRounding`]);
+//! - inside the attention kernels: P for P V (against the forward's lazy running max), and P and
+//!   dS = P (dP - delta) for the backward's products
+//!   ([`attention::cpu_forward_kernel_rounding`], [`attention::cpu_backward_kernel_rounding`]).
 //!
 //! Statistics (LayerNorm mean and 1/std, logsumexp), parameters, and parameter gradients stay f32.
 //!
@@ -23,6 +26,7 @@ use std::ops::Range;
 use crate::backend::{AdamWStep, AttentionShape, Backend, CeGrads, CeRows, CpuBackend, PixelView, Scalar};
 use crate::cpu::round_bf16;
 use crate::error::Result;
+use crate::ops::attention;
 use crate::ops::cross_entropy::{self, CpuPrecision, CrossEntropyShape, CrossEntropyStats};
 use crate::ops::patch_embed::{self, PatchEmbedShape, Pixels};
 use crate::ops::residual::{LayerScaleShape, RowCopy};
@@ -227,7 +231,7 @@ impl Backend for Bf16Emulation {
         o: &mut &mut [f32],
         lse: &mut &mut [f32],
     ) -> Result<()> {
-        CPU.attention_forward(shape, q, k, v, o, lse)?;
+        attention::cpu_forward_kernel_rounding(shape, q, k, v, o, lse)?;
         round_bf16(o);
         Ok(())
     }
@@ -245,7 +249,7 @@ impl Backend for Bf16Emulation {
         dk: &mut &mut [f32],
         dv: &mut &mut [f32],
     ) -> Result<()> {
-        CPU.attention_backward(shape, q, k, v, o, lse, d_o, dq, dk, dv)?;
+        attention::cpu_backward_kernel_rounding(shape, q, k, v, o, lse, d_o, dq, dk, dv)?;
         round_bf16(dq);
         round_bf16(dk);
         round_bf16(dv);

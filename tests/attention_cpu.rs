@@ -265,6 +265,42 @@ fn backward_f32_matches_f64() {
     }
 }
 
+#[test]
+fn kernel_rounding_emulation_rounds_p_and_ds_and_stays_near_the_truth() {
+    // The CUDA kernels' internal roundings, emulated (what `mapet::emulate` runs): bf16 P in the
+    // forward (with its lazy running max), bf16 P and dS in the backward. Against the f64 truth
+    // the error is that of bf16 (2^-9 relative), clearly more than f32's, and the forward's lse,
+    // which no bf16 value enters, stays at f32 accuracy whatever base the running max lags to.
+    let mut r = rng("kernel_rounding_emulation");
+    // Scores spread wide (scale 4): running maxima rise by more than the lazy threshold.
+    for (s, amp) in [(shape(2, 2, 64, 197, 50), 1.5), (shape(1, 3, 64, 65, 1), 4.0), (shape(2, 1, 16, 11, 10), 1.5)] {
+        let (q, k, v) = inputs(&mut r, &s, amp);
+        let d_o = uniform(&mut r, s.q_len(), 1.0);
+        let (o64, lse64) = forward64(&s, &to_f64(&q), &to_f64(&k), &to_f64(&v));
+        let [dq64, dk64, dv64] = backward64(&s, &to_f64(&q), &to_f64(&k), &to_f64(&v), &to_f64(&d_o));
+        let (o32, lse32) = forward32(&s, &q, &k, &v);
+
+        let mut o = vec![f32::NAN; s.q_len()];
+        let mut lse = vec![f32::NAN; s.lse_len()];
+        mapet::ops::attention::cpu_forward_kernel_rounding(&s, &q, &k, &v, &mut o, &mut lse).unwrap();
+        let (eo, eo32) = (rel_err(&o, &o64), rel_err(&o32, &o64));
+        eprintln!("{s:?}: O rel err, kernel rounding {eo:.2e}, f32 {eo32:.2e}; lse {:.2e}", rel_err(&lse, &lse64));
+        assert!(eo < 4e-3 && eo > 10.0 * eo32, "{s:?}: O rel err {eo:.2e} (f32: {eo32:.2e})");
+        assert!(rel_err(&lse, &lse64) < 1e-6 && rel_err(&lse32, &lse64) < 1e-6, "{s:?}: lse");
+
+        let mut dq = vec![f32::NAN; s.q_len()];
+        let mut dk = vec![f32::NAN; s.k_len()];
+        let mut dv = vec![f32::NAN; s.k_len()];
+        let bwd = mapet::ops::attention::cpu_backward_kernel_rounding;
+        bwd(&s, &q, &k, &v, &o32, &lse32, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
+        for (name, got, want) in [("dq", &dq, &dq64), ("dk", &dk, &dk64), ("dv", &dv, &dv64)] {
+            let err = rel_err(got, want);
+            eprintln!("{s:?} {name}: kernel rounding vs f64 rel err {err:.2e}");
+            assert!(err < 1e-2 && err > 1e-4, "{s:?} {name}: rel err {err:.2e}: bf16-sized rounding expected");
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Mask semantics
 

@@ -404,6 +404,163 @@ fn backward<T: Real>(
 }
 
 // ------------------------------------------------------------------------------------------------
+// The CUDA kernels' internal roundings, emulated in f32 (for crate::emulate)
+
+/// How far the CUDA forward lets a row's tile max pass its running max before it rescales, in
+/// log2 units of scaled scores (`kLazyRescale` in cuda/attention.cu).
+pub const CUDA_LAZY_RESCALE: f32 = 8.0;
+/// Query rows that take the forward's lazy-rescaling decision together (one warp's m-tile).
+const CUDA_DECISION_ROWS: usize = 16;
+
+fn round_to_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// [`cpu_forward`] with the CUDA forward's own roundings: keys in tiles of 64 in order, the online
+/// softmax with its lazy running max (decided per 16 query rows together, as a warp decides), and
+/// P rounded to bf16 for P V while the row sum adds it unrounded. `o` is left in f32 (the caller
+/// rounds what the kernel stores). Summation orders inside a dot product are not modelled.
+pub fn cpu_forward_kernel_rounding(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    let (n, c, hd) = (shape.n_tokens, shape.n_context, shape.head_dim);
+    let (q_rows, k_rows) = (shape.q_rows(), shape.k_rows());
+    let (scale, tile) = (shape.scale(), CUDA_BLOCK_N);
+    let sl2 = scale * std::f32::consts::LOG2_E;
+    let o_heads: Vec<Vec<f32>> = lse
+        .par_chunks_mut(q_rows)
+        .enumerate()
+        .map(|(bh, lse_bh)| {
+            let (b, head) = (bh / shape.heads, bh % shape.heads);
+            let qh = head_rows(q, b, head, q_rows, shape);
+            let kh = head_rows(k, b, head, k_rows, shape);
+            let vh = head_rows(v, b, head, k_rows, shape);
+            let mut oh = vec![0.0f32; q_rows * hd];
+            for r0 in (0..q_rows).step_by(CUDA_DECISION_ROWS) {
+                let rows = r0..(r0 + CUDA_DECISION_ROWS).min(q_rows);
+                let (mut mx, mut l) = (vec![f32::NEG_INFINITY; rows.len()], vec![0.0f32; rows.len()]);
+                let mut acc = vec![0.0f32; rows.len() * hd];
+                for k0 in (0..k_rows).step_by(tile) {
+                    let keys = k0..(k0 + tile).min(k_rows);
+                    // Raw scores of the tile, -inf where hidden.
+                    let s: Vec<Vec<f32>> = rows
+                        .clone()
+                        .map(|i| {
+                            let (a, m) = visible_bounds(n, c, i);
+                            let qi = &qh[i * hd..(i + 1) * hd];
+                            keys.clone()
+                                .map(|j| {
+                                    if j < a || j >= m {
+                                        dot(qi, &kh[j * hd..(j + 1) * hd])
+                                    } else {
+                                        f32::NEG_INFINITY
+                                    }
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let tmax: Vec<f32> = s.iter().map(|r| r.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y))).collect();
+                    let grow = tmax.iter().zip(&mx).any(|(&t, &m)| (t - m) * sl2 > CUDA_LAZY_RESCALE);
+                    for (r, row_s) in s.iter().enumerate() {
+                        let acc_r = &mut acc[r * hd..(r + 1) * hd];
+                        if grow {
+                            let mnew = mx[r].max(tmax[r]);
+                            let base = if mnew == f32::NEG_INFINITY { 0.0 } else { mnew * sl2 };
+                            let corr = (mx[r] * sl2 - base).exp2();
+                            mx[r] = mnew;
+                            acc_r.iter_mut().for_each(|x| *x *= corr);
+                            l[r] *= corr;
+                        }
+                        let base = if mx[r] == f32::NEG_INFINITY { 0.0 } else { mx[r] * sl2 };
+                        for (&sj, j) in row_s.iter().zip(keys.clone()) {
+                            let p = (sj * sl2 - base).exp2();
+                            l[r] += p;
+                            axpy(acc_r, round_to_bf16(p), &vh[j * hd..(j + 1) * hd]);
+                        }
+                    }
+                }
+                for (r, i) in rows.enumerate() {
+                    let inv = 1.0 / l[r];
+                    for (x, &a) in oh[i * hd..(i + 1) * hd].iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
+                        *x = a * inv;
+                    }
+                    lse_bh[i] = mx[r] * scale + l[r].ln();
+                }
+            }
+            oh
+        })
+        .collect();
+    write_heads(o, &o_heads, q_rows, shape);
+    Ok(())
+}
+
+/// [`cpu_backward`] with the CUDA backward's own roundings: P and dS = P (dP - delta) rounded to
+/// bf16 where the kernels feed them to the tensor cores (dV += P^T dO, dQ += dS K, dK += dS^T Q),
+/// the softmax scale applied to dQ and dK at the end. Outputs are left in f32 (the caller rounds).
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_backward_kernel_rounding(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> Result<()> {
+    shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    shape.check_grad_buffers(d_o.len(), dq.len(), dk.len(), dv.len())?;
+    let (n, c, hd) = (shape.n_tokens, shape.n_context, shape.head_dim);
+    let (q_rows, k_rows) = (shape.q_rows(), shape.k_rows());
+    let scale = shape.scale();
+    let grads: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = lse
+        .par_chunks(q_rows)
+        .enumerate()
+        .map(|(bh, lse_bh)| {
+            let (b, head) = (bh / shape.heads, bh % shape.heads);
+            let qh = head_rows(q, b, head, q_rows, shape);
+            let kh = head_rows(k, b, head, k_rows, shape);
+            let vh = head_rows(v, b, head, k_rows, shape);
+            let oh = head_rows(o, b, head, q_rows, shape);
+            let doh = head_rows(d_o, b, head, q_rows, shape);
+            let (mut dqh, mut dkh, mut dvh) =
+                (vec![0.0f32; q_rows * hd], vec![0.0f32; k_rows * hd], vec![0.0f32; k_rows * hd]);
+            for (i, &lse_i) in lse_bh.iter().enumerate() {
+                let row = i * hd..(i + 1) * hd;
+                let (qi, doi) = (&qh[row.clone()], &doh[row.clone()]);
+                let delta = dot(doi, &oh[row.clone()]);
+                let dqi = &mut dqh[row];
+                let (a, m) = visible_bounds(n, c, i);
+                for j in (0..a).chain(m..k_rows) {
+                    let col = j * hd..(j + 1) * hd;
+                    let p = (scale * dot(qi, &kh[col.clone()]) - lse_i).exp();
+                    axpy(&mut dvh[col.clone()], round_to_bf16(p), doi);
+                    let ds = round_to_bf16(p * (dot(doi, &vh[col.clone()]) - delta));
+                    axpy(dqi, ds, &kh[col.clone()]);
+                    axpy(&mut dkh[col], ds, qi);
+                }
+            }
+            dqh.iter_mut().chain(dkh.iter_mut()).for_each(|x| *x *= scale);
+            (dqh, dkh, dvh)
+        })
+        .collect();
+    let (dq_heads, (dk_heads, dv_heads)): (Vec<_>, (Vec<_>, Vec<_>)) =
+        grads.into_iter().map(|(a, b, c)| (a, (b, c))).unzip();
+    write_heads(dq, &dq_heads, q_rows, shape);
+    write_heads(dk, &dk_heads, k_rows, shape);
+    write_heads(dv, &dv_heads, k_rows, shape);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
 // CUDA launcher (cuda/attention.cu)
 
 /// The only head size the CUDA kernels support (ViT-T/S/B all use 64).
