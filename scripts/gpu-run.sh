@@ -3,7 +3,8 @@
 # by scripts/gpu-bundle.sh. Environment:
 #   MAPET_RESULTS   folder for full logs (default gpu-bundle/results)
 #   MAPET_TESTS     space-separated test binary names to run (default: those with GPU tests, as
-#                   listed by scripts/gpu-bundle.sh in gpu-tests.txt; "all" runs every binary)
+#                   listed by scripts/gpu-bundle.sh in gpu-tests.txt; "all" runs every binary,
+#                   "none" skips them)
 #   MAPET_BENCHES   space-separated bench names to run (default: all; "none" skips)
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
@@ -51,6 +52,7 @@ row() { summary+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")"); }
 
 tests="${MAPET_TESTS:-$(cat "$here/gpu-tests.txt" 2>/dev/null || ls "$here/tests")}"
 [ "$tests" = "all" ] && tests="$(ls "$here/tests")"
+[ "$tests" = "none" ] && tests=""
 for t in $tests; do
   log="$res/test-$t.log"
   start=$(date +%s.%N)
