@@ -38,7 +38,9 @@
 //!   on the CPU; on the GPU the step's wall time also holds the host work before its first
 //!   launch and after its last).
 //!
-//! Every figure is the median over the timed steps (min and max of the step too).
+//! Every figure is the median over the timed steps (min and max of the step too); the phases are
+//! those of the median step (for an even count, the mean of the two middle steps'), so that they
+//! add up to it as each step's do.
 //!
 //! # FLOPs
 //!
@@ -265,7 +267,7 @@ pub struct BenchReport {
     pub step_ms: f64,
     pub step_ms_min: f64,
     pub step_ms_max: f64,
-    /// Medians of the phases (ms).
+    /// The phases of the median step (ms): see the module docs.
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
@@ -531,6 +533,34 @@ fn run_cuda(
     })
 }
 
+/// The phases of the median step (for an even count, the mean of the two middle steps' phases), so
+/// that they add up to the median step time as each step's own phases add up to it: medians taken
+/// phase by phase need not, since noise moves each phase in different steps.
+fn median_step_phases(times: &[StepTimes]) -> StepTimes {
+    let mut order: Vec<&StepTimes> = times.iter().collect();
+    order.sort_by(|a, b| a.step.total_cmp(&b.step));
+    let n = order.len();
+    let middle: &[&StepTimes] = match n {
+        0 => &[],
+        _ if n % 2 == 1 => &order[n / 2..n / 2 + 1],
+        _ => &order[n / 2 - 1..n / 2 + 1],
+    };
+    let mean = |f: fn(&StepTimes) -> f64| {
+        if middle.is_empty() {
+            f64::NAN
+        } else {
+            middle.iter().map(|s| f(s)).sum::<f64>() / middle.len() as f64
+        }
+    };
+    StepTimes {
+        step: mean(|s| s.step),
+        forward: mean(|s| s.forward),
+        backward: mean(|s| s.backward),
+        optimizer: mean(|s| s.optimizer),
+        loss: f32::NAN,
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -592,6 +622,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, String> {
     let t = &measured.times;
     let col = |f: fn(&StepTimes) -> f64| t.iter().map(f).collect::<Vec<f64>>();
     let step_ms = median(col(|s| s.step));
+    let phases = median_step_phases(t);
     let flops = flops_per_image(&model_cfg);
     let tflops = flops.total * batch as f64 / (step_ms * 1e-3) / 1e12;
     let peak = match measured.device {
@@ -611,9 +642,9 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, String> {
         step_ms,
         step_ms_min: col(|s| s.step).into_iter().fold(f64::INFINITY, f64::min),
         step_ms_max: col(|s| s.step).into_iter().fold(0.0, f64::max),
-        forward_ms: median(col(|s| s.forward)),
-        backward_ms: median(col(|s| s.backward)),
-        optimizer_ms: median(col(|s| s.optimizer)),
+        forward_ms: phases.forward,
+        backward_ms: phases.backward,
+        optimizer_ms: phases.optimizer,
         gflop_per_image: flops.total / 1e9,
         tflops,
         peak_tflops: peak,

