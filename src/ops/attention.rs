@@ -198,7 +198,7 @@ pub fn cpu_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> Result<()> {
-    backward(shape, shape.scale(), q, k, v, o, lse, d_o, dq, dk, dv)
+    backward(shape, shape.scale(), |x| x, q, k, v, o, lse, d_o, dq, dk, dv)
 }
 
 /// f64 backward, the truth for gradients (see [`cpu_backward`]).
@@ -215,7 +215,7 @@ pub fn f64_backward(
     dk: &mut [f64],
     dv: &mut [f64],
 ) -> Result<()> {
-    backward(shape, 1.0 / (shape.head_dim as f64).sqrt(), q, k, v, o, lse, d_o, dq, dk, dv)
+    backward(shape, 1.0 / (shape.head_dim as f64).sqrt(), |x| x, q, k, v, o, lse, d_o, dq, dk, dv)
 }
 
 /// The arithmetic the reference needs, for f32 (the baseline) and f64 (the truth).
@@ -344,10 +344,14 @@ fn forward<T: Real>(
     Ok(())
 }
 
+/// The backward of every precision. `round` is applied where the CUDA kernels round to bf16 before
+/// a product (P for dV, dS = P (dP - delta) for dQ and dK; the identity for the references); the
+/// softmax scale goes onto dQ and dK at the end, as in the kernels (exact for power-of-two scales).
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Real>(
     shape: &AttentionShape,
     scale: T,
+    round: fn(T) -> T,
     q: &[T],
     k: &[T],
     v: &[T],
@@ -386,12 +390,13 @@ fn backward<T: Real>(
                 for j in (0..a).chain(m..k_rows) {
                     let col = j * hd..(j + 1) * hd;
                     let p = (scale * dot(qi, &kh[col.clone()]) - lse_i).exp();
-                    axpy(&mut dvh[col.clone()], p, doi);
-                    let ds = scale * p * (dot(doi, &vh[col.clone()]) - delta);
+                    axpy(&mut dvh[col.clone()], round(p), doi);
+                    let ds = round(p * (dot(doi, &vh[col.clone()]) - delta));
                     axpy(dqi, ds, &kh[col.clone()]);
                     axpy(&mut dkh[col], ds, qi);
                 }
             }
+            dqh.iter_mut().chain(dkh.iter_mut()).for_each(|x| *x = *x * scale);
             (dqh, dkh, dvh)
         })
         .collect();
@@ -501,8 +506,8 @@ pub fn cpu_forward_kernel_rounding(
 }
 
 /// [`cpu_backward`] with the CUDA backward's own roundings: P and dS = P (dP - delta) rounded to
-/// bf16 where the kernels feed them to the tensor cores (dV += P^T dO, dQ += dS K, dK += dS^T Q),
-/// the softmax scale applied to dQ and dK at the end. Outputs are left in f32 (the caller rounds).
+/// bf16 where the kernels feed them to the tensor cores (dV += P^T dO, dQ += dS K, dK += dS^T Q).
+/// Outputs are left in f32 (the caller rounds).
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_backward_kernel_rounding(
     shape: &AttentionShape,
@@ -516,48 +521,7 @@ pub fn cpu_backward_kernel_rounding(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> Result<()> {
-    shape.check_buffers(q.len(), k.len(), v.len(), o.len(), lse.len())?;
-    shape.check_grad_buffers(d_o.len(), dq.len(), dk.len(), dv.len())?;
-    let (n, c, hd) = (shape.n_tokens, shape.n_context, shape.head_dim);
-    let (q_rows, k_rows) = (shape.q_rows(), shape.k_rows());
-    let scale = shape.scale();
-    let grads: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = lse
-        .par_chunks(q_rows)
-        .enumerate()
-        .map(|(bh, lse_bh)| {
-            let (b, head) = (bh / shape.heads, bh % shape.heads);
-            let qh = head_rows(q, b, head, q_rows, shape);
-            let kh = head_rows(k, b, head, k_rows, shape);
-            let vh = head_rows(v, b, head, k_rows, shape);
-            let oh = head_rows(o, b, head, q_rows, shape);
-            let doh = head_rows(d_o, b, head, q_rows, shape);
-            let (mut dqh, mut dkh, mut dvh) =
-                (vec![0.0f32; q_rows * hd], vec![0.0f32; k_rows * hd], vec![0.0f32; k_rows * hd]);
-            for (i, &lse_i) in lse_bh.iter().enumerate() {
-                let row = i * hd..(i + 1) * hd;
-                let (qi, doi) = (&qh[row.clone()], &doh[row.clone()]);
-                let delta = dot(doi, &oh[row.clone()]);
-                let dqi = &mut dqh[row];
-                let (a, m) = visible_bounds(n, c, i);
-                for j in (0..a).chain(m..k_rows) {
-                    let col = j * hd..(j + 1) * hd;
-                    let p = (scale * dot(qi, &kh[col.clone()]) - lse_i).exp();
-                    axpy(&mut dvh[col.clone()], round_to_bf16(p), doi);
-                    let ds = round_to_bf16(p * (dot(doi, &vh[col.clone()]) - delta));
-                    axpy(dqi, ds, &kh[col.clone()]);
-                    axpy(&mut dkh[col], ds, qi);
-                }
-            }
-            dqh.iter_mut().chain(dkh.iter_mut()).for_each(|x| *x *= scale);
-            (dqh, dkh, dvh)
-        })
-        .collect();
-    let (dq_heads, (dk_heads, dv_heads)): (Vec<_>, (Vec<_>, Vec<_>)) =
-        grads.into_iter().map(|(a, b, c)| (a, (b, c))).unzip();
-    write_heads(dq, &dq_heads, q_rows, shape);
-    write_heads(dk, &dk_heads, k_rows, shape);
-    write_heads(dv, &dv_heads, k_rows, shape);
-    Ok(())
+    backward(shape, shape.scale(), round_to_bf16, q, k, v, o, lse, d_o, dq, dk, dv)
 }
 
 // ------------------------------------------------------------------------------------------------
