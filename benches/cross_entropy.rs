@@ -75,6 +75,19 @@ fn gpu(c: &mut Criterion) {
         mib(shape.gpu_extra_device_bytes(true)),
     );
 
+    // How the time depends on the chunk size (the memory rule caps it at the default): smaller
+    // chunks mean more, smaller GEMMs and more passes over the dW accumulator.
+    for rc in [512, 1024, shape.gpu_chunk_rows()] {
+        let s = shape.with_chunk_rows(rc);
+        let t = gpu
+            .time_ms(3, 20, || {
+                cuda_forward_backward(&gpu, &gemm, &s, &x, &w, &b, &t, 1.0, &mut out, &mut dx, &mut dw, &mut db)
+                    .map(|_| ())
+            })
+            .unwrap();
+        println!("  forward+backward {:.3} ms median with {rc} rows per chunk", t[t.len() / 2]);
+    }
+
     let mut group = c.benchmark_group(format!("cross_entropy_gpu_r{rows}_d{dim}_v{vocab}"));
     group.sample_size(10);
     group.bench_function("forward", |bench| {

@@ -1,6 +1,6 @@
 //! k-means. On a GPU at k-CLIP's codebook size (k = 8192, timed with CUDA events): the
-//! assignment of 65536 points of dimension 1024 (throughput counts the GEMM's flops) and the
-//! centroid update (bytes of points read). On the CPU: the exact assignment and one Lloyd run of a
+//! assignment of one million points of dimension 768, the size of the tokenizer's target
+//! (throughput counts the GEMM's flops), and the centroid update (bytes of points read). On the CPU: the exact assignment and one Lloyd run of a
 //! small codebook.
 
 use std::time::Duration;
@@ -20,7 +20,7 @@ fn gpu_benches(c: &mut Criterion) {
         }
     };
     let gemm = Gemm::new(&gpu).unwrap();
-    let (n, k, dim) = (65536usize, 8192usize, 1024usize);
+    let (n, k, dim) = (1_000_000usize, 8192usize, 768usize);
     let points = gpu.upload_bf16(&filler(n * dim, 1)).unwrap();
     let centroids = gpu.upload_bf16(&filler(k * dim, 2)).unwrap();
     let mut ids = gpu.alloc::<u32>(n).unwrap();
@@ -31,7 +31,7 @@ fn gpu_benches(c: &mut Criterion) {
 
     let mut g = c.benchmark_group(format!("kmeans_gpu/{}", gpu.name()));
     g.throughput(Throughput::Elements(flops(n, k, dim)));
-    g.bench_function("assign_65536x8192x1024", |b| {
+    g.bench_function("assign_1000000x8192x768", |b| {
         b.iter_custom(|iters| {
             gpu_time(&gpu, iters, || {
                 kmeans::cuda_assign(&gpu, &gemm, &points, dim, &centroids, &mut ids, &mut sq).unwrap();
@@ -39,7 +39,7 @@ fn gpu_benches(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Bytes((n * dim * 2) as u64));
-    g.bench_function("update_65536x8192x1024", |b| {
+    g.bench_function("update_1000000x8192x768", |b| {
         b.iter_custom(|iters| {
             gpu_time(&gpu, iters, || {
                 std::hint::black_box(kmeans::cuda_update(&gpu, &points, dim, &ids, &mut c32, &mut c16).unwrap());

@@ -6,18 +6,22 @@
 #                   listed by scripts/gpu-bundle.sh in gpu-tests.txt; "all" runs every binary,
 #                   "none" skips them)
 #   MAPET_BENCHES   space-separated bench names to run (default: all; "none" skips)
+#   MAPET_TEST_TIMEOUT  seconds each test binary may run (default 300)
+#   MAPET_BENCH_WARMUP, MAPET_BENCH_TIME  criterion warm-up and measurement seconds (default 1, 2)
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
 #   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer
 #                   (memcheck), when it is installed and can see the device
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per kernel choice in
-#                   MAPET_MODEL_BENCH_CONFIGS (default "rows64:chw:regs rows64:hwc:smem
-#                   rows128:hwc:smem": the attention query block, MAPET_ATTENTION_ROWS; the patch
+#                   MAPET_MODEL_BENCH_CONFIGS (default "rows64:hwc:regs rows64:chw:regs
+#                   rows64:hwc:smem": the attention query block, MAPET_ATTENTION_ROWS; the patch
 #                   embedding's pixel order, MAPET_PATCH_EMBED_ORDER; the attention dK/dV kernel,
 #                   MAPET_ATTENTION_DKDV), logs into $MAPET_RESULTS
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
 #                   3072 JPEGs), `mapet bench-data` on them, then one epoch of `mapet pretrain` of
 #                   ViT-B at batch 128 on the GPU; the median images/s of its steps after the third
+#   MAPET_NCU_CE=1  every launch's duration over about one call of the codebook cross-entropy
+#                   (ncu, clocks left alone), into $MAPET_RESULTS
 #   MAPET_NCU=1     profile the attention (ViT-B) and patch-embedding (B = 128) kernels with Nsight
 #                   Compute (ncu, clocks left alone): speed of light, occupancy, warp stalls, into
 #                   $MAPET_RESULTS
@@ -33,6 +37,7 @@ if [ ! -d "$here/tests" ] || [ "$bundle/payload.tar.xz" -nt "$here/tests" ]; the
   }
 fi
 mkdir -p "$res"
+echo "== run.sh $(date -u +%H:%M:%S) tests=${MAPET_TESTS:-default} benches=${MAPET_BENCHES:-all}" >>"$res/summary.txt"
 export MAPET_REQUIRE_GPU=1 MAPET_ROOT="${MAPET_ROOT:-$PWD}" CRITERION_HOME="$res/criterion"
 # Tests that run the `mapet` binary find it here rather than in the build's target folder.
 export MAPET_BIN="$here/bin/mapet"
@@ -43,7 +48,11 @@ if ! ldconfig -p 2>/dev/null | grep -q libcublasLt.so; then
   done
 fi
 summary=()
-row() { summary+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")"); }
+# Each row also lands in $res/summary.txt as it is made, so a run cut short still says how far it got.
+row() {
+  summary+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")")
+  printf '%s\n' "${summary[-1]}" >>"$res/summary.txt"
+}
 
 {
   date -u
@@ -56,7 +65,7 @@ tests="${MAPET_TESTS:-$(cat "$here/gpu-tests.txt" 2>/dev/null || ls "$here/tests
 for t in $tests; do
   log="$res/test-$t.log"
   start=$(date +%s.%N)
-  timeout 300 "$here/tests/$t" --test-threads=1 >"$log" 2>&1
+  timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1 >"$log" 2>&1
   rc=$?
   secs=$(python3 -c "print(f'{$(date +%s.%N)-$start:.1f}s')" 2>/dev/null || echo "?")
   counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
@@ -73,7 +82,7 @@ for t in ${MAPET_SANITIZE:-}; do
 done
 
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
-  for config in ${MAPET_MODEL_BENCH_CONFIGS:-rows64:chw:regs rows64:hwc:smem rows128:hwc:smem}; do
+  for config in ${MAPET_MODEL_BENCH_CONFIGS:-rows64:hwc:regs rows64:chw:regs rows64:hwc:smem}; do
     IFS=: read -r rows order dkdv <<<"$config"
     log="$res/mapet-bench-vit-b-$rows-$order-$dkdv.log"
     MAPET_ATTENTION_ROWS=$rows MAPET_PATCH_EMBED_ORDER=$order MAPET_ATTENTION_DKDV=$dkdv timeout 300 \
@@ -121,11 +130,26 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
   done
 fi
 
+if [ "${MAPET_NCU_CE:-0}" = "1" ]; then
+  # The duration of every launch (cuBLASLt's GEMMs and the project's kernels) over about one
+  # forward + backward call of the codebook cross-entropy at R = 18816, D = 768, V = 8192, inside
+  # the bench's timing loops: where the time between the three GEMMs goes.
+  log="$res/ncu-cross_entropy.log"
+  if command -v ncu >/dev/null; then
+    timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 700 --launch-count 120 \
+      "$here/benches/cross_entropy" --bench --warm-up-time 0.2 --measurement-time 0.5 cross_entropy_gpu >"$log" 2>&1
+    row "ncu cross_entropy" "rc=$?" "$log"
+  else
+    row "ncu cross_entropy" skip "no ncu"
+  fi
+fi
+
 benches="${MAPET_BENCHES:-$(ls "$here/benches")}"
 if [ "$benches" != "none" ]; then
   for b in $benches; do
     log="$res/bench-$b.log"
-    timeout 300 "$here/benches/$b" --bench --warm-up-time 1 --measurement-time 2 ${MAPET_BENCH_FILTER:-} >"$log" 2>&1
+    timeout 300 "$here/benches/$b" --bench --warm-up-time "${MAPET_BENCH_WARMUP:-1}" \
+      --measurement-time "${MAPET_BENCH_TIME:-2}" ${MAPET_BENCH_FILTER:-} >"$log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then row "bench $b" ok "$(grep -cE '^[^ ].*time:' "$log") results"; else row "bench $b" FAIL "rc=$rc (see $log)"; fi
   done

@@ -480,14 +480,15 @@ pub fn cpu_backward(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum PixelOrder {
     /// The weight's order k = (c·p + ky)·p + kx: eight consecutive k are eight pixels of one
-    /// channel, three 8-byte loads of interleaved HWC bytes for 8 values. The default.
-    #[default]
+    /// channel, three 8-byte loads of interleaved HWC bytes for 8 values.
     Chw,
     /// The pixels' own HWC order k' = (ky·p + kx)·3 + c (when p % 8 == 0; other patch sizes use
     /// [`PixelOrder::Chw`]): eight consecutive k' are eight consecutive bytes, one 8-byte load,
     /// and the loads run two steps ahead. The forward multiplies by a copy of the weight permuted
     /// the same way (D·K bf16 of scratch); the reduction of the weight gradient's partials puts
-    /// it back in CHW order.
+    /// it back in CHW order. The default: on an H200 at ViT-B, batch 128, forward + backward
+    /// take 0.51 ms against 0.68 ms in CHW order (BENCHMARKS.md).
+    #[default]
     Hwc,
 }
 
