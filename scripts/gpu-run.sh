@@ -6,6 +6,8 @@
 #                   listed by scripts/gpu-bundle.sh in gpu-tests.txt; "all" runs every binary,
 #                   "none" skips them)
 #   MAPET_BENCHES   space-separated bench names to run (default: all; "none" skips)
+#   MAPET_TEST_ARGS extra arguments for every test binary (say --nocapture, to keep the errors
+#                   the tests print)
 #   MAPET_TEST_TIMEOUT  seconds each test binary may run (default 300)
 #   MAPET_BENCH_WARMUP, MAPET_BENCH_TIME  criterion warm-up and measurement seconds (default 1, 2)
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
@@ -65,7 +67,7 @@ tests="${MAPET_TESTS:-$(cat "$here/gpu-tests.txt" 2>/dev/null || ls "$here/tests
 for t in $tests; do
   log="$res/test-$t.log"
   start=$(date +%s.%N)
-  timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1 >"$log" 2>&1
+  timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1 ${MAPET_TEST_ARGS:-} >"$log" 2>&1
   rc=$?
   secs=$(python3 -c "print(f'{$(date +%s.%N)-$start:.1f}s')" 2>/dev/null || echo "?")
   counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
@@ -75,7 +77,7 @@ done
 for t in ${MAPET_SANITIZE:-}; do
   log="$res/sanitize-$t.log"
   if ! command -v compute-sanitizer >/dev/null; then row "sanitize $t" skip "no compute-sanitizer"; continue; fi
-  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/$t" --test-threads=1 >"$log" 2>&1
+  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/$t" --test-threads=1 ${MAPET_TEST_ARGS:-} >"$log" 2>&1
   rc=$?
   errs=$(grep -m1 -E 'ERROR SUMMARY' "$log" || echo "no summary")
   if [ $rc -eq 0 ]; then row "sanitize $t" ok "$errs"; else row "sanitize $t" FAIL "rc=$rc $errs (see $log)"; fi
