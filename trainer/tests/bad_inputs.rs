@@ -24,7 +24,6 @@ use mapet_trainer::data::{epoch_order, NpyDtype, Tokens};
 use mapet_trainer::pretrain::{self, DataSource, RunOptions};
 use rand::Rng;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mapet");
 const MODEL: ModelConfig = ModelConfig { image: 16, patch: 8, dim: 32, depth: 1, heads: 2, vocab: 8, context: 2 };
 const BATCH: usize = 2;
 const SEED: u64 = 0;
@@ -48,7 +47,7 @@ fn finish(mut cmd: Command) -> Output {
 }
 
 fn mapet(args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(data_common::mapet_bin());
     cmd.args(args);
     finish(cmd)
 }
@@ -372,7 +371,7 @@ fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
     assert!(size > 32 * 1024, "the model file ({size} bytes) must exceed the limit");
 
     let mut cmd = Command::new("sh");
-    cmd.args(["-c", "trap '' XFSZ; ulimit -f 16 && exec \"$0\" \"$@\"", BIN]);
+    cmd.args(["-c", "trap '' XFSZ; ulimit -f 16 && exec \"$0\" \"$@\""]).arg(data_common::mapet_bin());
     cmd.args(["pretrain", "--config", s(&cfg), "--epochs", "2", "--resume", s(&ckpt)]);
     let e = fails(&finish(cmd));
     assert!(e.contains("writing the checkpoint of step 8") && e.contains(checkpoint::MODEL_FILE), "{e}");

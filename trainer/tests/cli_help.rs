@@ -2,10 +2,12 @@
 //! print their own, longer text); an unknown command with `--help` is an error that lists the
 //! commands.
 
+mod data_common;
+
 use std::process::Command;
 
 fn mapet(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mapet")).args(args).output().expect("mapet runs");
+    let out = Command::new(data_common::mapet_bin()).args(args).output().expect("mapet runs");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

@@ -2,6 +2,8 @@
 //! sane values), the FLOP formula against ViT-B's figure and a hand count, and bad flags named in
 //! their errors.
 
+mod data_common;
+
 use std::collections::HashMap;
 use std::process::Command;
 
@@ -17,12 +19,6 @@ enum Value {
 }
 
 /// Parses one flat JSON object (no nesting, no arrays: what `--json` prints); panics otherwise.
-/// The `mapet` binary: `MAPET_BIN` when set (a GPU host runs these tests from a bundle, away from
-/// the build's target folder), else the one cargo built for this test.
-fn mapet_bin() -> std::path::PathBuf {
-    std::env::var_os("MAPET_BIN").map(Into::into).unwrap_or_else(|| env!("CARGO_BIN_EXE_mapet").into())
-}
-
 fn parse_flat_json(text: &str) -> HashMap<String, Value> {
     let s: Vec<char> = text.trim().chars().collect();
     let mut i = 0;
@@ -132,7 +128,7 @@ fn tiny_args() -> Vec<String> {
 
 #[test]
 fn cpu_bench_prints_json_with_every_field() {
-    let out = Command::new(mapet_bin()).args(tiny_args()).output().unwrap();
+    let out = Command::new(data_common::mapet_bin()).args(tiny_args()).output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "mapet bench failed: {}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{stdout}");
@@ -235,7 +231,7 @@ fn cpu_bench_prints_json_with_every_field() {
 fn text_report_runs() {
     let mut args = tiny_args();
     args.retain(|a| a != "--json");
-    let out = Command::new(mapet_bin()).args(&args).output().unwrap();
+    let out = Command::new(data_common::mapet_bin()).args(&args).output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for want in ["images/s", "forward", "backward", "optimizer", "GFLOP/image", "no MFU on the CPU", "peak memory"] {
@@ -329,7 +325,7 @@ fn gpu_bench_prints_json_with_device_fields() {
         let i = args.iter().position(|a| a == from).unwrap();
         args[i] = to.into();
     }
-    let out = Command::new(mapet_bin()).args(&args).output().unwrap();
+    let out = Command::new(data_common::mapet_bin()).args(&args).output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "mapet bench failed: {}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{stdout}");

@@ -8,7 +8,7 @@ use std::process::Command;
 use rand::Rng;
 
 fn mapet(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mapet")).arg("bench-data").args(args).output().unwrap();
+    let out = Command::new(data_common::mapet_bin()).arg("bench-data").args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

@@ -2,6 +2,8 @@
 //! equals a recomputation through the CPU model on batches built here without the loader, the
 //! command line prints the same numbers, and bad inputs are errors naming the flag or file.
 
+mod data_common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -75,7 +77,7 @@ fn recompute(images: &Path, tokens: &Path, ckpt: &Path, batch: usize, seed: u64)
 }
 
 fn mapet(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mapet")).args(args).output().unwrap()
+    Command::new(data_common::mapet_bin()).args(args).output().unwrap()
 }
 
 fn s(p: &Path) -> &str {

@@ -2,6 +2,8 @@
 //! of the stated sizes, the token file fits the model's grid and vocabulary, and the same seed
 //! writes the same bytes (a different seed, different ones).
 
+mod data_common;
+
 use std::process::Command;
 
 use mapet_trainer::cmd::synth::{self, SIZES};
@@ -58,7 +60,7 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
 fn the_command_writes_the_set_and_refuses_bad_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("set");
-    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_mapet")).arg("synth").args(args).output().unwrap();
+    let run = |args: &[&str]| Command::new(data_common::mapet_bin()).arg("synth").args(args).output().unwrap();
     let o = run(&["--out", out.to_str().unwrap(), "--images", "5", "--vocab", "40000", "--grid", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(ImageIndex::from_folder(&out.join("images")).unwrap().len(), 5);

@@ -1,10 +1,17 @@
-//! Helpers of the data tests: small random images written as JPEG and PNG.
+//! Helpers of the trainer's tests: small random images written as JPEG and PNG, and where the
+//! `mapet` binary is.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
 use image::{ImageFormat, RgbImage, RgbaImage};
 use rand::Rng;
+
+/// The `mapet` binary: `MAPET_BIN` when set (a GPU host runs the tests from a bundle, away from
+/// the build's target folder), else the one cargo built for this test.
+pub fn mapet_bin() -> PathBuf {
+    std::env::var_os("MAPET_BIN").map(Into::into).unwrap_or_else(|| env!("CARGO_BIN_EXE_mapet").into())
+}
 
 /// A smooth random image (random gradients plus a little noise), like a photo at small scale.
 pub fn smooth_rgb(rng: &mut impl Rng, w: u32, h: u32) -> RgbImage {
