@@ -20,7 +20,7 @@
 // 16-byte aligned and is read and written 8 values (one uint4) at a time, the bias 8 floats (two
 // float4) at a time; otherwise a scalar path runs (any V, e.g. 37 or 8191). bias f32 [vocab];
 // targets i32 [rows]; row_loss, row_lse f32 [rows]; row_argmax i32 [rows]; partial f32
-// [groups, vocab]; dbias f32 [vocab]; result i32 [2].
+// [groups, vocab] (16-byte aligned); dbias f32 [vocab]; result i32 [2].
 //
 // Kernels:
 //   cross_entropy_rows           one block of 256 threads per row. One pass over the row keeps,
@@ -31,12 +31,16 @@
 //                                block read it moments ago) and overwrites it with dlogits.
 //                                A row of V = 8192 bf16 is 16 KiB: a block per row gives 2048
 //                                independent blocks per 32 MiB chunk, enough to fill the chip.
-//   cross_entropy_colsum_partial db += column sums of dlogits, without float atomics, where the
-//                                weight-gradient GEMM's bias-gradient epilogue does not give
-//                                them (vocab not a multiple of 8): block (x, g) sums rows
-//                                [g*per, (g+1)*per) of its columns into partial[g, :].
-//   cross_entropy_colsum_finish  dbias[c] += sum_g partial[g, c], g in increasing order (with
-//                                one group when partial holds the epilogue's column sums).
+//   cross_entropy_rows_grad      the training variant where vocab % 8 == 0 and vocab <= 8192
+//                                (the model's 8192): a block per group of rows, each thread's
+//                                slice of a row kept in registers (read once, never re-read),
+//                                and the column sums of the dlogits it writes accumulated per
+//                                thread over the block's rows into partial[block, :] (the
+//                                bias gradient, with no second pass over the dlogits).
+//   cross_entropy_colsum_partial db += column sums of dlogits, without float atomics, for the
+//                                other vocab sizes: block (x, g) sums rows [g*per, (g+1)*per)
+//                                of its columns into partial[g, :].
+//   cross_entropy_colsum_finish  dbias[c] += sum_g partial[g, c] in a fixed order.
 //   cross_entropy_reduce         one block: mean loss over the rows with t >= 0 (f64
 //                                accumulation, fixed tree order) and the count of rows whose
 //                                argmax equals the target; written to result[0] (f32 bits) and
@@ -52,6 +56,13 @@ namespace {
 constexpr int kRowThreads = 256;
 constexpr int kRowWarps = kRowThreads / 32;
 constexpr int kReduceThreads = 1024;
+// cross_entropy_rows_grad: 8-column groups per thread, so vocab <= 8 * kRowThreads * kGradPer.
+constexpr int kGradPer = 4;
+constexpr int kGradMaxVocab = 8 * kRowThreads * kGradPer;
+static_assert(kGradMaxVocab == 8192, "GRAD_MAX_VOCAB in src/ops/cross_entropy.rs");
+// cross_entropy_colsum_finish: columns per block and slices of the groups per column.
+constexpr int kFinishCols = 32;
+constexpr int kFinishSlices = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kNoIndex = 0x7fffffff;
 
@@ -214,34 +225,33 @@ __device__ __forceinline__ void write_zeros(__nv_bfloat16* rowp, int vocab) {
     }
 }
 
-template <bool kVec>
-__device__ __forceinline__ void rows_body(const MapetCrossEntropy& p) {
-    __shared__ float s_m[kRowWarps];
-    __shared__ float s_s[kRowWarps];
-    __shared__ int s_idx[kRowWarps];
-    __shared__ float s_lse;
+// Shared memory of the block merge of one row.
+struct RowShared {
+    float m[kRowWarps];
+    float s[kRowWarps];
+    int idx[kRowWarps];
+    float lse;
+};
 
-    const int64_t row = blockIdx.x;
-    const int vocab = p.vocab;
-    __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + row * p.ld;
-    const int target = p.targets[row];
-
-    Stat st = thread_stats<kVec>(rowp, p.bias, vocab);
-
-    // Block merge in a fixed order: lanes by xor butterfly, then warp 0 over the warp results.
+// Merges the block's per-thread statistics of one row in a fixed order (lanes by xor butterfly,
+// then warp 0 over the warp results), writes the row's loss, lse and argmax, and returns lse to
+// every thread. The caller must not overwrite the row before this returns: the loss reads the
+// target's logit from it.
+__device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, const MapetCrossEntropy& p,
+                                            int64_t row, int target, RowShared& sh) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     st = warp_merge(st);
     if (lane == 0) {
-        s_m[warp] = st.m;
-        s_s[warp] = st.s;
-        s_idx[warp] = st.idx;
+        sh.m[warp] = st.m;
+        sh.s[warp] = st.s;
+        sh.idx[warp] = st.idx;
     }
     __syncthreads();
     if (warp == 0) {
         Stat w{-INFINITY, 0.0f, kNoIndex};
         if (lane < kRowWarps) {
-            w = Stat{s_m[lane], s_s[lane], s_idx[lane]};
+            w = Stat{sh.m[lane], sh.s[lane], sh.idx[lane]};
         }
         w = warp_merge(w);
         if (lane == 0) {
@@ -257,17 +267,29 @@ __device__ __forceinline__ void rows_body(const MapetCrossEntropy& p) {
             // No element was ever kept (every logit -inf or NaN, only from non-finite inputs):
             // index 0, as on the CPU, rather than the out-of-range kNoIndex.
             p.row_argmax[row] = w.idx == kNoIndex ? 0 : w.idx;
-            s_lse = lse;
+            sh.lse = lse;
         }
     }
-    if (!p.write_grad) {
-        return;  // uniform over the block
-    }
+    // Also orders warp 0's reads of sh.m/s/idx before the next row's writes of them, and every
+    // thread's read of sh.lse (below) before the next row's write of it (after its first barrier).
     __syncthreads();
+    return sh.lse;
+}
+
+template <bool kVec>
+__device__ __forceinline__ void rows_body(const MapetCrossEntropy& p) {
+    __shared__ RowShared sh;
+    const int64_t row = blockIdx.x;
+    __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + row * p.ld;
+    const int target = p.targets[row];
+    const float lse = row_result(thread_stats<kVec>(rowp, p.bias, p.vocab), rowp, p, row, target, sh);
+    if (!p.write_grad) {
+        return;
+    }
     if (target < 0) {
-        write_zeros<kVec>(rowp, vocab);
+        write_zeros<kVec>(rowp, p.vocab);
     } else {
-        write_dlogits<kVec>(rowp, p.bias, vocab, target, s_lse, p.grad_scale);
+        write_dlogits<kVec>(rowp, p.bias, p.vocab, target, lse, p.grad_scale);
     }
 }
 
@@ -284,6 +306,101 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
         rows_body<true>(p);
     } else {
         rows_body<false>(p);
+    }
+}
+
+// Grid: (groups), groups <= rows of the chunk; block: kRowThreads. The training variant when
+// vocab % 8 == 0, ld % 8 == 0 and vocab <= kGradMaxVocab (the host checks). Block g handles rows
+// g, g + groups, g + 2 groups, ... and thread t owns the same columns of every row: the 8-column
+// groups c = t + i * kRowThreads, i < kGradPer. So the whole row slice of a thread stays in
+// registers (read once, four 16-byte loads in flight), and the thread sums its columns of the
+// bf16 dlogits it writes, over its block's rows in increasing order, into partial[g, :]; the
+// finish kernel adds the groups in order. No float atomics: deterministic.
+extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_grad(MapetCrossEntropy p) {
+    __shared__ RowShared sh;
+    const int n8 = p.vocab / 8;
+    float colsum[kGradPer][8];
+#pragma unroll
+    for (int i = 0; i < kGradPer; ++i) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            colsum[i][e] = 0.0f;
+        }
+    }
+    for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + row * p.ld;
+        uint4* row8 = reinterpret_cast<uint4*>(rowp);
+        const int target = p.targets[row];
+        uint4 raw[kGradPer];
+#pragma unroll
+        for (int i = 0; i < kGradPer; ++i) {
+            const int c = threadIdx.x + i * kRowThreads;
+            raw[i] = c < n8 ? row8[c] : make_uint4(0u, 0u, 0u, 0u);
+        }
+        // All of the thread's logits are at hand: its max (lowest index on ties: increasing
+        // index order and a strict '>'), then one sum of exponentials, no running rescale.
+        float v[kGradPer][8];
+        Stat st{-INFINITY, 0.0f, kNoIndex};
+#pragma unroll
+        for (int i = 0; i < kGradPer; ++i) {
+            const int c = threadIdx.x + i * kRowThreads;
+            unpack8(raw[i], v[i]);
+            if (c < n8) {
+                const float4 b0 = __ldg(reinterpret_cast<const float4*>(p.bias) + 2 * c);
+                const float4 b1 = __ldg(reinterpret_cast<const float4*>(p.bias) + 2 * c + 1);
+                const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    v[i][e] += b[e];
+                    if (v[i][e] > st.m) {
+                        st.m = v[i][e];
+                        st.idx = 8 * c + e;
+                    }
+                }
+            }
+        }
+        // -inf logits add nothing; NaN ones make s (so lse and the loss) NaN, as in the forward.
+#pragma unroll
+        for (int i = 0; i < kGradPer; ++i) {
+            if (threadIdx.x + i * kRowThreads < n8) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    st.s += v[i][e] == -INFINITY ? 0.0f : expf(v[i][e] - st.m);
+                }
+            }
+        }
+        const float lse = row_result(st, rowp, p, row, target, sh);
+#pragma unroll
+        for (int i = 0; i < kGradPer; ++i) {
+            const int c = threadIdx.x + i * kRowThreads;
+            if (c >= n8) {
+                continue;
+            }
+            float d[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                // An ignored row's dlogits are 0 (adding 0 to the sums changes nothing).
+                d[e] = target < 0 ? 0.0f : p.grad_scale * (expf(v[i][e] - lse) - (8 * c + e == target ? 1.0f : 0.0f));
+            }
+            const uint4 packed = pack8(d);
+            row8[c] = packed;
+            float rounded[8];
+            unpack8(packed, rounded);  // the sums take the bf16 values the GEMMs read
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                colsum[i][e] += rounded[e];
+            }
+        }
+    }
+    float* out = p.partial + static_cast<int64_t>(blockIdx.x) * p.vocab;
+#pragma unroll
+    for (int i = 0; i < kGradPer; ++i) {
+        const int c = threadIdx.x + i * kRowThreads;
+        if (c < n8) {
+            reinterpret_cast<float4*>(out)[2 * c] = make_float4(colsum[i][0], colsum[i][1], colsum[i][2], colsum[i][3]);
+            reinterpret_cast<float4*>(out)[2 * c + 1] =
+                make_float4(colsum[i][4], colsum[i][5], colsum[i][6], colsum[i][7]);
+        }
     }
 }
 
@@ -308,17 +425,31 @@ extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
     p.partial[static_cast<int64_t>(blockIdx.y) * p.vocab + c] = acc;
 }
 
-// Grid: ceil(vocab / blockDim.x). dbias[c] += sum over groups of partial[g, c], in group order.
-extern "C" __global__ void cross_entropy_colsum_finish(MapetCrossEntropy p) {
-    const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (c >= p.vocab) {
-        return;
+// Grid: ceil(vocab / kFinishCols); block: kFinishCols x kFinishSlices threads. dbias[c] += the
+// sum over groups g of partial[g, c]: slice k of a column sums groups k, k + kFinishSlices, ... in
+// increasing order (a warp reads 32 consecutive columns of one group), then the first slice adds
+// the slices' sums in slice order. Fixed order: deterministic.
+extern "C" __global__ void __launch_bounds__(kFinishCols * kFinishSlices) cross_entropy_colsum_finish(MapetCrossEntropy p) {
+    __shared__ float s_part[kFinishSlices][kFinishCols];
+    const int col = threadIdx.x % kFinishCols;
+    const int slice = threadIdx.x / kFinishCols;
+    const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinishCols + col;
+    float acc = 0.0f;
+    if (c < p.vocab) {
+        for (int g = slice; g < p.groups; g += kFinishSlices) {
+            acc += p.partial[static_cast<int64_t>(g) * p.vocab + c];
+        }
     }
-    float s = 0.0f;
-    for (int g = 0; g < p.groups; ++g) {
-        s += p.partial[static_cast<int64_t>(g) * p.vocab + c];
+    s_part[slice][col] = acc;
+    __syncthreads();
+    if (slice == 0 && c < p.vocab) {
+        float sum = s_part[0][col];
+#pragma unroll
+        for (int k = 1; k < kFinishSlices; ++k) {
+            sum += s_part[k][col];
+        }
+        p.dbias[c] += sum;
     }
-    p.dbias[c] += s;
 }
 
 // Grid: 1 block of kReduceThreads. Reads the per-row values of all rows of the call.

@@ -492,7 +492,8 @@ fn gpu_small_odd_shapes() {
     let test = "gpu_small_odd_shapes";
     let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
     let mut rng = rng(test);
-    // R = 1 on both row-kernel paths, and on the bias-gradient epilogue with k = 1 (V % 8 == 0).
+    // R = 1 on both row-kernel paths, and on the fused training kernel with one row per block
+    // (V % 8 == 0, V <= 8192) and on the column-sum kernel (other V).
     for (rows, dim, vocab, chunk) in [
         (7, 16, 37, None),
         (7, 16, 37, Some(1)),

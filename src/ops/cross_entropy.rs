@@ -25,18 +25,21 @@
 //! 1. the chunk's rows of `x` are copied into a staging buffer (the GEMM wrapper takes whole,
 //!    packed buffers) and `acc = x_c W^T` runs in cuBLASLt, bf16 out, f32 accumulation;
 //! 2. `cuda/cross_entropy.cu::cross_entropy_rows` adds the f32 bias, and in one pass per row
-//!    computes max, sum-exp, logsumexp, loss and argmax; the training variant then overwrites the
-//!    chunk in place with bf16 dlogits. The bias is added there, in f32, rather than by cuBLASLt's
-//!    bias epilogue, which takes the bias in the output type (bf16): this way the f32 master bias
-//!    is used as is and the logits are rounded once, not twice;
+//!    computes max, sum-exp, logsumexp, loss and argmax. The bias is added there, in f32, rather
+//!    than by cuBLASLt's bias epilogue, which takes the bias in the output type (bf16): this way
+//!    the f32 master bias is used as is and the logits are rounded once, not twice. In training
+//!    the chunk is then overwritten in place with bf16 dlogits, and the column sums of those
+//!    (the bias gradient) are formed per group of rows into a `[groups, V]` scratch. When `V` is
+//!    a multiple of 8 and at most [`GRAD_MAX_VOCAB`] (the model's 8192), one kernel,
+//!    `cross_entropy_rows_grad`, does all of it, each thread holding its slice of a row in
+//!    registers and summing its own columns over its block's rows. Other `V` run the forward
+//!    kernel's training variant, then a column-sum kernel over the dlogits;
 //! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), copied into `dx`;
-//! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1), and `db +=` the column sums of
-//!    dlogits. When `V` is a multiple of 8 (the model's 8192) the column sums come from the same
-//!    GEMM's bias-gradient epilogue ([`Epilogue::BiasGradFromA`], cuBLASLt `BGRADB`, f32), which
-//!    writes them into a `[V]` scratch, and `cross_entropy_colsum_finish` adds the scratch to
-//!    `db`. Other `V` (odd leading dimensions, where that epilogue has not been seen to work) use
-//!    two small kernels instead: per-group partial sums, then a fixed-order sum over the groups.
-//!    Both are deterministic, with no float atomics.
+//! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1), and `db +=` the fixed-order sum of
+//!    the groups' column sums (`cross_entropy_colsum_finish`). No float atomics: deterministic.
+//!    cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it ran as
+//!    a kernel of its own, a second pass over the dlogits costing 16 µs of every 170 µs chunk
+//!    (BENCHMARKS.md).
 //!
 //! After the last chunk one single-block kernel reduces the per-row losses (f64 accumulation, a
 //! fixed tree) and the correct count, and the host reads those 8 bytes back: one synchronisation
@@ -53,11 +56,12 @@
 //! | chunk logits / dlogits (bf16) | `Rc * V * 2` (<= 32 MiB) | 32 MiB |
 //! | `x_c` staging (bf16) | `Rc * D * 2` | 3 MiB |
 //! | `dx_c` staging (bf16, backward) | `Rc * D * 2` | 3 MiB |
-//! | column sums (f32, backward) | `groups * V * 4`: `groups = 1` when `V % 8 == 0`, else `clamp(ceil(Rc / 16), 1, 64)` | 32 KiB |
+//! | column sums (f32, backward) | `groups * V * 4`: `groups = min(Rc, 256)` when `V % 8 == 0` and `V <= 8192`, else `clamp(ceil(Rc / 16), 1, 64)` | 8 MiB |
 //! | targets (i32) | `R * 4` | 74 KiB |
 //! | result | 8 | 8 B |
 //!
-//! With `V, D <= 2^20` (checked) that is at most 56 MiB plus 4 bytes per row. A last chunk of
+//! With `V, D <= 2^20` (checked) that is at most 56 MiB plus 4 bytes per row (the 8 MiB of column
+//! sums come only with `V <= 8192`, where the logits take at most 32 MiB). A last chunk of
 //! fewer rows gets buffers of its own size after the full-size ones are freed (stream-ordered),
 //! so the peak stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
 //!
@@ -74,7 +78,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::{round_bf16, sgemm};
-use crate::cuda::gemm::{Epilogue, Gemm, VectorMut};
+use crate::cuda::gemm::{Epilogue, Gemm};
 use crate::cuda::params::MapetCrossEntropy;
 use crate::cuda::{blocks_for, check_aligned, DeviceBuffer, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
@@ -93,7 +97,14 @@ pub const MAX_DIM: usize = 1 << 20;
 const MODULE: &str = "cross_entropy";
 const ROW_THREADS: u32 = 256;
 const COLSUM_THREADS: u32 = 128;
+/// `cross_entropy_colsum_finish`: columns per block, and threads per block (columns × slices).
+const FINISH_COLS: u32 = 32;
 const FINISH_THREADS: u32 = 256;
+/// The largest vocab `cross_entropy_rows_grad` takes (`kGradMaxVocab` in the kernel).
+pub const GRAD_MAX_VOCAB: usize = 8192;
+/// Row groups (blocks) of `cross_entropy_rows_grad` per chunk: about two per SM of an H100/H200,
+/// one wave, 8 rows each at the model's 2048-row chunks.
+const GRAD_GROUPS: usize = 256;
 const REDUCE_THREADS: u32 = 1024;
 
 /// Sizes of one call: `rows` feature rows of width `dim`, a vocabulary of `vocab` codes.
@@ -144,19 +155,19 @@ impl CrossEntropyShape {
     }
 }
 
-/// Groups of rows of one chunk whose column sums are formed separately (then summed in order).
-/// One group when the weight-gradient GEMM's epilogue gives the sums (`vocab % 8 == 0`).
+/// Groups of rows of a chunk of `chunk_rows` rows whose column sums are formed separately (then
+/// summed in order): the blocks of `cross_entropy_rows_grad`, or of the column-sum kernel.
 fn colsum_groups(chunk_rows: usize, vocab: usize) -> usize {
-    if bias_grad_epilogue(vocab) {
-        1
+    if fused_grad(vocab) {
+        chunk_rows.clamp(1, GRAD_GROUPS)
     } else {
         chunk_rows.div_ceil(16).clamp(1, 64)
     }
 }
 
-/// Whether db comes from cuBLASLt's bias-gradient epilogue (module docs, step 4).
-fn bias_grad_epilogue(vocab: usize) -> bool {
-    vocab.is_multiple_of(8)
+/// Whether the training variant runs as `cross_entropy_rows_grad` (module docs, step 2).
+fn fused_grad(vocab: usize) -> bool {
+    vocab.is_multiple_of(8) && vocab <= GRAD_MAX_VOCAB
 }
 
 /// What a call reads back: the mean loss and the argmax hits.
@@ -655,16 +666,26 @@ impl Call<'_, '_> {
         p.row_argmax = (self.rows_out.argmax.ptr_mut() as *mut i32).wrapping_add(start);
         p.rows = n as i64;
         p.write_grad = i32::from(self.grads.is_some());
+        // This chunk's column-sum groups (a tail chunk may have fewer than the call's).
+        p.groups = colsum_groups(n, vocab) as i32;
+        let fused = self.grads.is_some() && fused_grad(vocab);
+        if fused {
+            p.partial = self.partial_ptr()?;
+        }
+        let (kernel, blocks) =
+            if fused { ("cross_entropy_rows_grad", p.groups as u64) } else { ("cross_entropy_rows", n as u64) };
         let cfg = LaunchConfig {
-            grid_dim: (blocks_for("cross-entropy rows", n as u64, 1)?, 1, 1),
+            grid_dim: (blocks_for("cross-entropy rows", blocks, 1)?, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: logits holds n * vocab bf16 (ld = vocab), the bias vocab f32; targets and the
         // three row outputs hold `rows` elements each, of which [start, start + n) are addressed
         // (start + n <= rows); every target is below vocab (checked on the host), so the target
-        // logit read stays inside its row.
-        unsafe { gpu.launch(MODULE, "cross_entropy_rows", cfg, &p) }?;
+        // logit read stays inside its row. The fused kernel (vocab % 8 == 0, vocab <=
+        // GRAD_MAX_VOCAB, as it requires) writes groups * vocab floats of partial, which holds
+        // colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte aligned.
+        unsafe { gpu.launch(MODULE, kernel, cfg, &p) }?;
 
         let Some(g) = self.grads.as_mut() else {
             return Ok(());
@@ -676,43 +697,43 @@ impl Call<'_, '_> {
         // dx_c[n, D] = dlogits_c W.
         self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, cdx, 1.0, 0.0, Epilogue::None)?;
         copy_elements(gpu, g.dx, start * dim, cdx, 0, n * dim)?;
-        // dW[V, D] += dlogits_c^T x_c, and the column sums of dlogits_c into `partial`: by the
-        // GEMM's bias-gradient epilogue ([V], written) or by the partial-sum kernel ([groups, V]).
-        let partial = self.partial.as_mut().ok_or_else(|| Error::Unsupported {
-            what: "column-sum scratch",
-            detail: "the backward needs the partial-sum buffer".into(),
-        })?;
-        if bias_grad_epilogue(vocab) {
-            let epilogue = Epilogue::BiasGradFromA { bias_grad: VectorMut::F32(partial) };
-            self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, epilogue)?;
-        } else {
-            self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, Epilogue::None)?;
-        }
-        p.partial = partial.f32_ptr();
+        // dW[V, D] += dlogits_c^T x_c.
+        self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, Epilogue::None)?;
         p.dbias = g.db.f32_ptr();
-        if !bias_grad_epilogue(vocab) {
+        if !fused {
+            p.partial = self.partial_ptr()?;
             let cfg = LaunchConfig {
                 grid_dim: (
                     blocks_for("cross-entropy column sums", vocab as u64, COLSUM_THREADS as u64)?,
-                    self.groups as u32,
+                    p.groups as u32,
                     1,
                 ),
                 block_dim: (COLSUM_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: reads the n * vocab dlogits of the chunk; writes groups * vocab floats of
-            // partial, which holds exactly that many.
+            // partial, which holds at least that many.
             unsafe { gpu.launch(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
         }
         // db += the sum over groups of partial.
         let cfg = LaunchConfig {
-            grid_dim: (blocks_for("cross-entropy bias gradient", vocab as u64, FINISH_THREADS as u64)?, 1, 1),
+            grid_dim: (blocks_for("cross-entropy bias gradient", vocab as u64, FINISH_COLS as u64)?, 1, 1),
             block_dim: (FINISH_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: reads groups * vocab floats of partial, adds to the vocab floats of db.
+        // SAFETY: reads groups * vocab floats of partial (written above), adds to the vocab
+        // floats of db.
         unsafe { gpu.launch(MODULE, "cross_entropy_colsum_finish", cfg, &p) }?;
         Ok(())
+    }
+
+    /// The column-sum scratch (allocated for a backward call).
+    fn partial_ptr(&mut self) -> Result<*mut f32> {
+        let partial = self.partial.as_mut().ok_or_else(|| Error::Unsupported {
+            what: "column-sum scratch",
+            detail: "the backward needs the partial-sum buffer".into(),
+        })?;
+        Ok(partial.f32_ptr())
     }
 }
 
