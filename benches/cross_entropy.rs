@@ -75,9 +75,10 @@ fn gpu(c: &mut Criterion) {
         mib(shape.gpu_extra_device_bytes(true)),
     );
 
-    // How the time depends on the chunk size (the memory rule caps it at the default): smaller
-    // chunks mean more, smaller GEMMs and more passes over the dW accumulator.
-    for rc in [512, 1024, shape.gpu_chunk_rows()] {
+    // How the time depends on the chunk size (the memory rule caps it near the default): smaller
+    // chunks mean more, smaller GEMMs, more kernel boundaries and more passes over the dW
+    // accumulator.
+    for rc in [1024, 2048, shape.gpu_chunk_rows()] {
         let s = shape.with_chunk_rows(rc);
         let t = gpu
             .time_ms(3, 20, || {
