@@ -22,8 +22,8 @@
 //! Rows are processed in chunks (the CPU reference too, so it never holds `R x V` floats either).
 //! On the GPU, per chunk of `Rc` rows:
 //!
-//! 1. the chunk's rows of `x` are copied into a staging buffer (the GEMM wrapper takes whole,
-//!    packed buffers) and `acc = x_c W^T` runs in cuBLASLt, bf16 out, f32 accumulation;
+//! 1. `acc = x_c W^T` runs in cuBLASLt on the chunk's rows `x_c` of `x` (read in place), bf16
+//!    out, f32 accumulation;
 //! 2. `cuda/cross_entropy.cu::cross_entropy_rows` adds the f32 bias, and in one pass per row
 //!    computes max, sum-exp, logsumexp, loss and argmax. The bias is added there, in f32, rather
 //!    than by cuBLASLt's bias epilogue, which takes the bias in the output type (bf16): this way
@@ -34,7 +34,7 @@
 //!    `cross_entropy_rows_grad`, does all of it, each thread holding its slice of a row in
 //!    registers and summing its own columns over its block's rows. Other `V` run the forward
 //!    kernel's training variant, then a column-sum kernel over the dlogits;
-//! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), copied into `dx`;
+//! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), written in place into the chunk's rows of `dx`;
 //! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1), and `db +=` the fixed-order sum of
 //!    the groups' column sums (`cross_entropy_colsum_finish`). No float atomics: deterministic.
 //!    cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it ran as
@@ -48,24 +48,21 @@
 //! # Extra device memory
 //!
 //! [`CrossEntropyShape::gpu_extra_device_bytes`] gives the exact figure. The rows are split into
-//! the fewest equal chunks of `Rc` rows whose bf16 logits fit in 38 MiB and whose two bf16
-//! feature staging buffers (`x_c`, `dx_c`) fit in 16 MiB: at the model's `R = 18816`, `V = 8192`,
-//! `D = 768`, eight chunks of `Rc = 2352` (on an H200, 1024-row chunks took 2.12 ms forward +
-//! backward and 2048-row ones 1.81: fewer, larger chunks mean fewer kernel boundaries and larger
-//! GEMMs):
+//! the fewest equal chunks of `Rc` rows whose bf16 logits fit in 48 MiB: at the model's
+//! `R = 18816`, `V = 8192`, seven chunks of `Rc = 2688` (on an H200, 1024-row chunks took 2.12 ms
+//! forward + backward and 2048-row ones 1.81: fewer, larger chunks mean fewer kernel boundaries
+//! and larger GEMMs):
 //!
 //! | buffer | bytes | V = 8192, D = 768, R = 18816 |
 //! |---|---|---|
-//! | chunk logits / dlogits (bf16) | `Rc * V * 2` (<= 38 MiB) | 36.75 MiB |
-//! | `x_c` staging (bf16) | `Rc * D * 2` | 3.4 MiB |
-//! | `dx_c` staging (bf16, backward) | `Rc * D * 2` | 3.4 MiB |
+//! | chunk logits / dlogits (bf16) | `Rc * V * 2` (<= 48 MiB) | 42 MiB |
 //! | column sums (f32, backward) | `groups * V * 4`: `groups = min(Rc, 256)` when `V % 8 == 0` and `V <= 8192`, else `clamp(ceil(Rc / 16), 1, 64)` | 8 MiB |
 //! | targets (i32) | `R * 4` | 74 KiB |
 //! | result | 8 | 8 B |
 //!
-//! 52 MiB in all at the model's shape. With `V, D <= 2^20` (checked) it is at most 64 MiB plus 4
-//! bytes per row: 38 MiB of logits, 16 of staging, and at most 8.75 MiB of column sums (`groups
-//! * V * 4`, with `Rc * V <= 19 Mi`). When `chunk_rows` is given, a last chunk of fewer rows gets
+//! 50 MiB in all at the model's shape. With `V <= 2^20` (checked) it is at most 58 MiB plus 4
+//! bytes per row: 48 MiB of logits and at most 10 MiB of column sums (`groups * V * 4`, with
+//! `Rc * V <= 24 Mi`). When `chunk_rows` is given, a last chunk of fewer rows gets
 //! buffers of its own size after the full-size ones are freed (stream-ordered), so the peak
 //! stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
 //!
@@ -77,7 +74,10 @@
 //! [`CpuPrecision::GpuRounding`] reproduces those roundings on the CPU: it is the same-precision
 //! baseline of the tests (DESIGN.md, "Conventions").
 
-use cudarc::driver::{DeviceRepr, LaunchConfig};
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -88,9 +88,7 @@ use crate::cuda::{blocks_for, check_aligned, DeviceBuffer, DeviceRead, DeviceWri
 use crate::error::{check_len, Error, Result};
 
 /// Most bytes of bf16 logits one chunk may hold on the GPU.
-pub const CHUNK_LOGITS_BYTES: usize = 38 << 20;
-/// Most bytes the two bf16 feature staging buffers of a chunk (`x_c`, `dx_c`) may hold together.
-pub const CHUNK_FEATURE_BYTES: usize = 16 << 20;
+pub const CHUNK_LOGITS_BYTES: usize = 48 << 20;
 /// Rows per chunk of the CPU reference when the shape does not say.
 pub const CPU_CHUNK_ROWS: usize = 64;
 /// Largest vocabulary and feature dimension accepted (bounds the extra device memory).
@@ -107,7 +105,7 @@ const FINISH_THREADS: u32 = 256;
 /// The largest vocab `cross_entropy_rows_grad` takes (`kGradMaxVocab` in the kernel).
 pub const GRAD_MAX_VOCAB: usize = 8192;
 /// Row groups (blocks) of `cross_entropy_rows_grad` per chunk: about two per SM of an H100/H200,
-/// one wave, 9 or 10 rows each at the model's 2352-row chunks.
+/// one wave, 10 or 11 rows each at the model's 2688-row chunks.
 const GRAD_GROUPS: usize = 256;
 const REDUCE_THREADS: u32 = 1024;
 
@@ -137,9 +135,7 @@ impl CrossEntropyShape {
     /// Rows per chunk on the GPU (at least 1, at most `rows`): `chunk_rows` when given (capped by
     /// the memory rule), else the rows split into the fewest equal chunks the rule allows.
     pub fn gpu_chunk_rows(&self) -> usize {
-        let by_logits = CHUNK_LOGITS_BYTES / (2 * self.vocab.max(1));
-        let by_features = CHUNK_FEATURE_BYTES / (4 * self.dim.max(1));
-        let limit = by_logits.min(by_features).max(1);
+        let limit = (CHUNK_LOGITS_BYTES / (2 * self.vocab.max(1))).max(1);
         let rows = self.rows.max(1);
         match self.chunk_rows {
             Some(n) => n.min(limit).clamp(1, rows),
@@ -156,9 +152,9 @@ impl CrossEntropyShape {
     /// forward alone or the forward and backward.
     pub fn gpu_extra_device_bytes(&self, backward: bool) -> usize {
         let rc = self.gpu_chunk_rows();
-        let mut bytes = rc * self.vocab * 2 + rc * self.dim * 2 + self.rows.max(1) * 4 + 2 * 4;
+        let mut bytes = rc * self.vocab * 2 + self.rows.max(1) * 4 + 2 * 4;
         if backward {
-            bytes += rc * self.dim * 2 + colsum_groups(rc, self.vocab) * self.vocab * 4;
+            bytes += colsum_groups(rc, self.vocab) * self.vocab * 4;
         }
         bytes
     }
@@ -566,57 +562,86 @@ fn check_gpu(shape: &CrossEntropyShape) -> Result<()> {
     Ok(())
 }
 
-/// The buffers of one chunk size; all exactly sized, as the GEMM wrapper wants them.
+/// The chunk's logits (bf16, overwritten by dlogits in training).
 struct ChunkBuffers {
     rows: usize,
-    x: DeviceBuffer<bf16>,
     logits: DeviceBuffer<bf16>,
-    dx: Option<DeviceBuffer<bf16>>,
 }
 
 impl ChunkBuffers {
-    fn new(gpu: &Gpu, rows: usize, dim: usize, vocab: usize, backward: bool) -> Result<Self> {
-        Ok(ChunkBuffers {
-            rows,
-            x: gpu.alloc(rows * dim)?,
-            logits: gpu.alloc(rows * vocab)?,
-            dx: if backward { Some(gpu.alloc(rows * dim)?) } else { None },
-        })
+    fn new(gpu: &Gpu, rows: usize, vocab: usize) -> Result<Self> {
+        Ok(ChunkBuffers { rows, logits: gpu.alloc(rows * vocab)? })
     }
 }
 
-/// Copies elements `[src_at, src_at + count)` of `src` to `[dst_at, dst_at + count)` of `dst`, in
-/// stream order.
-fn copy_elements<T: DeviceRepr>(
-    gpu: &Gpu,
-    dst: &mut dyn DeviceWrite<T>,
-    dst_at: usize,
-    src: &dyn DeviceRead<T>,
-    src_at: usize,
-    count: usize,
-) -> Result<()> {
-    if src_at + count > src.len() || dst_at + count > dst.len() {
-        return Err(Error::Shape {
-            tensor: "chunk copy",
-            expected: format!("ranges inside {} and {} elements", src.len(), dst.len()),
-            got: format!("{count} elements from {src_at} to {dst_at}"),
-        });
+/// Elements `[at, at + len)` of a device tensor borrowed for `'a`, as a GEMM operand: the chunk's
+/// rows of `x` read in place, without a staging copy.
+struct Part<'a, T> {
+    ptr: *const c_void,
+    len: usize,
+    _borrow: PhantomData<&'a T>,
+}
+
+impl<'a, T> Part<'a, T> {
+    fn of(whole: &'a dyn DeviceRead<T>, at: usize, len: usize) -> Result<Self> {
+        check_part(whole.len(), at, len)?;
+        let ptr = (whole.ptr() as usize + at * std::mem::size_of::<T>()) as *const c_void;
+        Ok(Part { ptr, len, _borrow: PhantomData })
     }
-    let size = std::mem::size_of::<T>();
-    let dst_ptr = dst.ptr_mut() as usize + dst_at * size;
-    let src_ptr = src.ptr() as usize + src_at * size;
-    // SAFETY: both ranges lie inside live allocations of this context (checked above), the two
-    // buffers are distinct (one is borrowed mutably), and the copy is ordered on the stream that
-    // all work on them uses.
-    unsafe {
-        cudarc::driver::result::memcpy_dtod_async(
-            dst_ptr as u64,
-            src_ptr as u64,
-            count * size,
-            gpu.stream().cu_stream(),
-        )
-    }?;
-    Ok(())
+}
+
+impl<T> DeviceRead<T> for Part<'_, T> {
+    fn ptr(&self) -> *const c_void {
+        self.ptr
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// As [`Part`], written: the chunk's rows of `dx`, written by the GEMM in place.
+struct PartMut<'a, T> {
+    ptr: *mut c_void,
+    len: usize,
+    _borrow: PhantomData<&'a mut T>,
+}
+
+impl<'a, T> PartMut<'a, T> {
+    fn of(whole: &'a mut dyn DeviceWrite<T>, at: usize, len: usize) -> Result<Self> {
+        check_part(whole.len(), at, len)?;
+        let ptr = (whole.ptr_mut() as usize + at * std::mem::size_of::<T>()) as *mut c_void;
+        Ok(PartMut { ptr, len, _borrow: PhantomData })
+    }
+}
+
+impl<T> DeviceRead<T> for PartMut<'_, T> {
+    fn ptr(&self) -> *const c_void {
+        self.ptr
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T> DeviceWrite<T> for PartMut<'_, T> {
+    fn ptr_mut(&mut self) -> *mut c_void {
+        self.ptr
+    }
+}
+
+/// Checks that `[at, at + len)` lies inside `whole` elements.
+fn check_part(whole: usize, at: usize, len: usize) -> Result<()> {
+    if at.checked_add(len).is_some_and(|end| end <= whole) {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            tensor: "chunk rows",
+            expected: format!("a range inside {whole} elements"),
+            got: format!("{len} elements from {at}"),
+        })
+    }
 }
 
 /// Everything one GPU call works on (`'g`: the gradient outputs, kept apart because mutable
@@ -663,9 +688,9 @@ impl Call<'_, '_> {
     /// Rows `[start, start + cb.rows)`: logits, row statistics, and (backward) dx, dW, db.
     fn chunk(&mut self, cb: &mut ChunkBuffers, start: usize) -> Result<()> {
         let (gpu, dim, vocab, n) = (self.gpu, self.dim, self.vocab, cb.rows);
-        copy_elements(gpu, &mut cb.x, 0, self.x, start * dim, n * dim)?;
+        let x_c = Part::of(self.x, start * dim, n * dim)?;
         // acc[n, V] = x_c W^T (the bias is added by the row kernel, in f32).
-        self.gemm.matmul(n, vocab, dim, &cb.x, false, self.w, true, &mut cb.logits, 1.0, 0.0, Epilogue::None)?;
+        self.gemm.matmul(n, vocab, dim, &x_c, false, self.w, true, &mut cb.logits, 1.0, 0.0, Epilogue::None)?;
 
         let mut p = self.params();
         p.logits = cb.logits.ptr_mut();
@@ -699,15 +724,11 @@ impl Call<'_, '_> {
         let Some(g) = self.grads.as_mut() else {
             return Ok(());
         };
-        let cdx = cb.dx.as_mut().ok_or_else(|| Error::Unsupported {
-            what: "chunk buffers",
-            detail: "the backward needs a dx staging buffer".into(),
-        })?;
-        // dx_c[n, D] = dlogits_c W.
-        self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, cdx, 1.0, 0.0, Epilogue::None)?;
-        copy_elements(gpu, g.dx, start * dim, cdx, 0, n * dim)?;
+        // dx_c[n, D] = dlogits_c W, written in place into the chunk's rows of dx.
+        let mut dx_c = PartMut::of(&mut *g.dx, start * dim, n * dim)?;
+        self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, &mut dx_c, 1.0, 0.0, Epilogue::None)?;
         // dW[V, D] += dlogits_c^T x_c.
-        self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &cb.x, false, g.dw, 1.0, 1.0, Epilogue::None)?;
+        self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &x_c, false, g.dw, 1.0, 1.0, Epilogue::None)?;
         p.dbias = g.db.f32_ptr();
         if !fused {
             p.partial = self.partial_ptr()?;
@@ -779,13 +800,13 @@ fn cuda_run(
 
     let (full, tail) = (rows / rc, rows % rc);
     if full > 0 {
-        let mut cb = ChunkBuffers::new(gpu, rc, dim, vocab, backward)?;
+        let mut cb = ChunkBuffers::new(gpu, rc, vocab)?;
         for i in 0..full {
             call.chunk(&mut cb, i * rc)?;
         }
     } // the full-size buffers are freed (in stream order) before the tail's are allocated
     if tail > 0 {
-        let mut cb = ChunkBuffers::new(gpu, tail, dim, vocab, backward)?;
+        let mut cb = ChunkBuffers::new(gpu, tail, vocab)?;
         call.chunk(&mut cb, full * rc)?;
     }
 
@@ -812,18 +833,18 @@ mod tests {
     #[test]
     fn chunk_rows_follow_the_memory_rule() {
         let s = CrossEntropyShape::new(18816, 768, 8192);
-        assert_eq!(s.gpu_chunk_rows(), 2352, "8 equal chunks");
+        assert_eq!(s.gpu_chunk_rows(), 2688, "7 equal chunks");
         assert!(s.gpu_extra_device_bytes(true) <= 64 << 20);
-        // Equal chunks: 2433 rows fit in one chunk's 38 MiB at V = 8192 only up to 2432.
-        assert_eq!(CrossEntropyShape::new(2432, 768, 8192).gpu_chunk_rows(), 2432);
-        assert_eq!(CrossEntropyShape::new(2433, 768, 8192).gpu_chunk_rows(), 1217);
+        // Equal chunks: one chunk's 48 MiB hold 3072 rows at V = 8192.
+        assert_eq!(CrossEntropyShape::new(3072, 768, 8192).gpu_chunk_rows(), 3072);
+        assert_eq!(CrossEntropyShape::new(3073, 768, 8192).gpu_chunk_rows(), 1537);
         assert_eq!(CrossEntropyShape::new(5, 8, 37).gpu_chunk_rows(), 5);
         assert_eq!(CrossEntropyShape::new(100, 8, 37).with_chunk_rows(7).gpu_chunk_rows(), 7);
         // An explicit chunk never exceeds the memory rule.
-        assert_eq!(CrossEntropyShape::new(18816, 768, 8192).with_chunk_rows(1 << 20).gpu_chunk_rows(), 2432);
+        assert_eq!(CrossEntropyShape::new(18816, 768, 8192).with_chunk_rows(1 << 20).gpu_chunk_rows(), 3072);
         for (rows, dim, vocab) in [(1 << 20, MAX_DIM, MAX_VOCAB), (1 << 20, 8, MAX_VOCAB), (1 << 20, MAX_DIM, 8)] {
             let s = CrossEntropyShape::new(rows, dim, vocab);
-            assert!(s.gpu_extra_device_bytes(true) <= (64 << 20) + rows * 4 + 8, "{s:?}");
+            assert!(s.gpu_extra_device_bytes(true) <= (58 << 20) + rows * 4 + 8, "{s:?}");
         }
     }
 
