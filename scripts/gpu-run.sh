@@ -24,6 +24,8 @@
 #                   ViT-B at batch 128 on the GPU; the median images/s of its steps after the third
 #   MAPET_NCU_CE=1  every launch's duration over about one call of the codebook cross-entropy
 #                   (ncu, clocks left alone), into $MAPET_RESULTS
+#   MAPET_NCU_STEP=1  every kernel's duration over two ViT-B training steps (ncu, clocks left
+#                   alone), summed per kernel, into $MAPET_RESULTS/ncu-step-summary.txt
 #   MAPET_NCU=1     profile the attention (ViT-B) and patch-embedding (B = 128) kernels with Nsight
 #                   Compute (ncu, clocks left alone): speed of light, occupancy, warp stalls, into
 #                   $MAPET_RESULTS
@@ -143,6 +145,37 @@ if [ "${MAPET_NCU_CE:-0}" = "1" ]; then
     row "ncu cross_entropy" "rc=$?" "$log"
   else
     row "ncu cross_entropy" skip "no ncu"
+  fi
+fi
+
+if [ "${MAPET_NCU_STEP:-0}" = "1" ]; then
+  # The duration of every kernel of two ViT-B training steps at batch 128 (`mapet bench`, one
+  # warm-up and one timed step), summed per kernel name: where a step's time goes.
+  log="$res/ncu-step.csv"
+  if command -v ncu >/dev/null; then
+    timeout 300 ncu --clock-control none --csv --metrics gpu__time_duration.sum \
+      "$here/bin/mapet" bench --model vit-b --batch 128 --steps 1 --warmup 1 --device cuda >"$log" 2>"$res/ncu-step.err"
+    rc=$?
+    python3 - "$log" >"$res/ncu-step-summary.txt" 2>&1 <<'PY'
+import csv, collections, sys
+# The CSV lines are those starting with a quote (the bench's own output is mixed in).
+lines = [l for l in open(sys.argv[1]) if l.startswith('"')]
+rows = [r for r in csv.DictReader(lines) if r.get("Metric Name") == "gpu__time_duration.sum"]
+total, per = 0.0, collections.defaultdict(lambda: [0, 0.0])
+for r in rows:
+    scale = {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}
+    ns = float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1)
+    name = r["Kernel Name"][:90]
+    per[name][0] += 1
+    per[name][1] += ns
+    total += ns
+print(f"{len(rows)} launches over 2 steps, {total / 2e6:.2f} ms of kernel time per step")
+for name, (n, ns) in sorted(per.items(), key=lambda kv: -kv[1][1])[:40]:
+    print(f"{ns / 2e6:9.3f} ms/step {n / 2:7.1f} launches/step  {name}")
+PY
+    row "ncu training step" "rc=$rc" "$(head -n 1 "$res/ncu-step-summary.txt")"
+  else
+    row "ncu training step" skip "no ncu"
   fi
 fi
 
