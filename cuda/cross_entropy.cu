@@ -327,6 +327,20 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_gra
             colsum[i][e] = 0.0f;
         }
     }
+    // The thread's 16-byte groups of row r (zeros past the vocab). Rows belong to one block
+    // each, so loading the block's next row early races with nothing.
+    auto load_row = [&](int64_t r, uint4 (&dst)[kGradPer]) {
+        const uint4* src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.logits) + r * p.ld);
+#pragma unroll
+        for (int i = 0; i < kGradPer; ++i) {
+            const int c = threadIdx.x + i * kRowThreads;
+            dst[i] = c < n8 ? src[c] : make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+    uint4 next[kGradPer];
+    if (blockIdx.x < p.rows) {
+        load_row(blockIdx.x, next);
+    }
     for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
         __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + row * p.ld;
         uint4* row8 = reinterpret_cast<uint4*>(rowp);
@@ -334,8 +348,12 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_gra
         uint4 raw[kGradPer];
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
-            const int c = threadIdx.x + i * kRowThreads;
-            raw[i] = c < n8 ? row8[c] : make_uint4(0u, 0u, 0u, 0u);
+            raw[i] = next[i];
+        }
+        // The block's next row is loaded while this one is reduced and written: a row's loads no
+        // longer wait on the previous row's two barriers.
+        if (row + gridDim.x < p.rows) {
+            load_row(row + gridDim.x, next);
         }
         // All of the thread's logits are at hand: its max (lowest index on ties: increasing
         // index order and a strict '>'), then one sum of exponentials, no running rescale.
@@ -405,9 +423,9 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_gra
 }
 
 // Grid: (ceil(vocab / blockDim.x), groups). Each thread sums one column over its group's rows,
-// in increasing order, into partial[group, column]. Used where the weight-gradient GEMM's
-// bias-gradient epilogue is not (vocab not a multiple of 8), so loads are scalar; a warp still
-// reads 64 contiguous bytes per row.
+// in increasing order, into partial[group, column]. Used where cross_entropy_rows_grad is not
+// (vocab % 8 != 0 or vocab > 8192), so loads are scalar; a warp still reads 64 contiguous bytes
+// per row.
 extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
     const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (c >= p.vocab) {
