@@ -147,27 +147,26 @@ __device__ __forceinline__ Stat thread_stats(const __nv_bfloat16* rowp, const fl
         for (int c = threadIdx.x; c < n8; c += kRowThreads) {
             float v[8];
             load_logits8(rowp, bias, c, v);
-            float lm = v[0];
+            float lm = -INFINITY;  // the group's max and its lowest index; NaN is never kept
             int li = 0;
 #pragma unroll
-            for (int e = 1; e < 8; ++e) {
+            for (int e = 0; e < 8; ++e) {
                 if (v[e] > lm) {
                     lm = v[e];
                     li = e;
                 }
-            }
-            if (lm == -INFINITY) {
-                continue;  // only -inf here (not produced by finite inputs): adds nothing
             }
             if (lm > st.m) {
                 st.s *= expf(st.m - lm);
                 st.m = lm;
                 st.idx = 8 * c + li;
             }
+            // -inf logits add nothing; a NaN one makes s (so lse and the loss) NaN, as in
+            // cross_entropy_rows_grad and on the CPU.
             float add = 0.0f;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                add += expf(v[e] - st.m);
+                add += v[e] == -INFINITY ? 0.0f : expf(v[e] - st.m);
             }
             st.s += add;
         }

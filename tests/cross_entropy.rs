@@ -767,6 +767,56 @@ fn gpu_nan_row_keeps_argmax_in_range() {
     }
 }
 
+/// A NaN code column (one decoder row of NaN weights) makes every loss and lse NaN, but the argmax
+/// skips it: it is a maximum of the other logits (up to a bf16 rounding) and the same in the
+/// forward kernel and in the training kernels (V = 64: the fused one; 37: the other path).
+#[test]
+fn gpu_nan_column_is_skipped_by_the_argmax() {
+    let test = "gpu_nan_column_is_skipped_by_the_argmax";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for vocab in [37, 64] {
+        let (rows, dim) = (6, 8);
+        let shape = CrossEntropyShape::new(rows, dim, vocab);
+        let x = uniform_bf16(&mut rng, rows * dim, 1.0);
+        let mut w = uniform_bf16(&mut rng, vocab * dim, 1.0);
+        let nan_code = rng.random_range(0..vocab);
+        w[nan_code * dim..(nan_code + 1) * dim].fill(f32::NAN);
+        let b = uniform(&mut rng, vocab, 1.0);
+        let targets: Vec<i32> = (0..rows).map(|_| rng.random_range(0..vocab as i32)).collect();
+        let (d_x, d_w, d_b) = (gpu.upload_bf16(&x).unwrap(), gpu.upload_bf16(&w).unwrap(), gpu.upload(&b).unwrap());
+        let mut out = CudaRowOutputs::new(&gpu, rows).unwrap();
+        out.poison().unwrap();
+        cuda_forward(&gpu, &gemm, &shape, &d_x, &d_w, &d_b, &targets, &mut out).unwrap();
+        let fwd = out.to_host().unwrap();
+        out.poison().unwrap();
+        let mut dx = gpu.alloc::<bf16>(rows * dim).unwrap();
+        let (mut dw, mut db) = (gpu.zeros::<f32>(vocab * dim).unwrap(), gpu.zeros::<f32>(vocab).unwrap());
+        cuda_forward_backward(
+            &gpu, &gemm, &shape, &d_x, &d_w, &d_b, &targets, 1.0, &mut out, &mut dx, &mut dw, &mut db,
+        )
+        .unwrap();
+        let train = out.to_host().unwrap();
+        assert_eq!(fwd.argmax, train.argmax, "vocab {vocab}: forward and training argmax (same logits)");
+        for (what, g) in [("forward", &fwd), ("training", &train)] {
+            assert!(g.loss.iter().chain(&g.lse).all(|v| v.is_nan()), "vocab {vocab}, {what}: NaN loss and lse");
+        }
+        for r in 0..rows {
+            let logit = |j: usize| -> f64 {
+                (0..dim).map(|d| x[r * dim + d] as f64 * w[j * dim + d] as f64).sum::<f64>() + b[j] as f64
+            };
+            let max = (0..vocab).filter(|&j| j != nan_code).map(logit).fold(f64::NEG_INFINITY, f64::max);
+            let a = fwd.argmax[r];
+            assert!((0..vocab as i32).contains(&a) && a as usize != nan_code, "vocab {vocab}: row {r} argmax {a}");
+            let l = logit(a as usize);
+            assert!(
+                max - l <= max.abs() / 128.0 + 1e-5,
+                "vocab {vocab}: row {r} argmax {a} ({l}) is not a max ({max})"
+            );
+        }
+    }
+}
+
 /// Two identical calls give bit-identical results (no atomics, fixed reduction orders).
 #[test]
 fn gpu_is_deterministic() {
