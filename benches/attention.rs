@@ -5,8 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::{DeviceBuffer, Gpu};
-use mapet::ops::attention::{self, AttentionShape, DkdvKernel, QueryBlock};
-use mapet::ops::KernelChoice;
+use mapet::ops::attention::{self, AttentionShape};
 use mapet::testing;
 
 fn visible_flops(s: &AttentionShape) -> u64 {
@@ -52,50 +51,31 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
             })
         });
         g.finish();
-        // A plain line with the median and TFLOP/s (criterion reports elements/s).
-        // Each kernel choice: both query block sizes (attention::QueryBlock) with the default dK/dV
-        // kernel, forward alone and forward + backward; the other dK/dV kernel (attention::DkdvKernel)
-        // with the default block, forward + backward.
-        let choices = [
-            (QueryBlock::Rows64, DkdvKernel::Registers),
-            (QueryBlock::Rows128, DkdvKernel::Registers),
-            (QueryBlock::Rows64, DkdvKernel::Shared),
-        ];
-        for (block, dkdv) in choices {
-            for (what, fl, bwd) in [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)] {
-                if !bwd && dkdv != DkdvKernel::default() {
-                    continue; // the forward does not depend on the dK/dV kernel
-                }
-                let t = gpu
-                    .time_ms(5, 50, || {
-                        attention::cuda_forward_with(gpu, block, &s, &q, &k, &v, &mut o, &mut lse)?;
-                        if bwd {
-                            attention::cuda_backward_with(
-                                gpu, block, dkdv, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
-                            )?;
-                        }
-                        Ok(())
-                    })
-                    .unwrap();
-                let med = t[t.len() / 2] as f64;
-                println!(
-                    "RESULT attention {name} {what} ({}, dkdv {}): median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
-                    block.name(),
-                    dkdv.name(),
-                    fl as f64 / med / 1e9,
-                    gpu.name()
-                );
-            }
+        // A plain line with the median and TFLOP/s (criterion reports elements/s), forward alone and
+        // followed by the backward.
+        for (what, fl, bwd) in [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)] {
+            let t = gpu
+                .time_ms(5, 50, || {
+                    attention::cuda_forward(gpu, &s, &q, &k, &v, &mut o, &mut lse)?;
+                    if bwd {
+                        attention::cuda_backward(gpu, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            let med = t[t.len() / 2] as f64;
+            println!(
+                "RESULT attention {name} {what}: median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
+                fl as f64 / med / 1e9,
+                gpu.name()
+            );
         }
-        // How many CTAs of each dK/dV kernel an SM holds (after their launches set their limits).
-        for dkdv in DkdvKernel::ALL {
-            let (kernel, smem) = dkdv.kernel();
-            let threads = attention::CUDA_THREADS;
-            let per_sm = gpu
-                .function("attention", kernel)
-                .and_then(|f| Ok(f.occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)?));
-            println!("RESULT attention {kernel}: {per_sm:?} CTAs per SM, {}", gpu.name());
-        }
+        // How many CTAs of the dK/dV kernel an SM holds (registers bound it).
+        let kernel = "mapet_attention_bwd_dkdv";
+        let per_sm = gpu
+            .function("attention", kernel)
+            .and_then(|f| Ok(f.occupancy_max_active_blocks_per_multiprocessor(attention::CUDA_THREADS, 0, None)?));
+        println!("RESULT attention {kernel}: {per_sm:?} CTAs per SM, {}", gpu.name());
     }
 }
 

@@ -34,20 +34,14 @@
 //   mapet_attention_bwd_dkdv  grid (ceil(Lk/64), H, B), 128 threads. CTA = 64 keys (16 per warp), keys
 //                             as the M dimension of every product; loops over query tiles of 64.
 //                             Must run after bwd_dq (it reads delta).
-//   mapet_attention_fwd_m128, mapet_attention_bwd_dq_m128: the forward and dQ kernels with 128 query
-//                             rows per CTA (32 per warp, two m-tiles that share every K/V fragment
-//                             loaded from shared memory); the launcher picks one pair or the other
-//                             (attention::QueryBlock). See their own comments.
-//   mapet_attention_bwd_dkdv_kvs: bwd_dkdv with K and V kept in shared memory instead of registers
-//                             (attention::DkdvKernel), to fit 4 CTAs per SM.
-// Shared memory is static (but for bwd_dq_m128's 55,296 and bwd_dkdv_kvs's 18,432 dynamic bytes): two
-// stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, fwd_m128, bwd_dq), + 2 KiB of per-row lse, delta
-// and hidden window in bwd_dkdv (38,912 B). The operand loaded once per CTA (Q, Q + dO, or K + V) is
-// first staged in the second stage's slots and moved into registers before they are first refilled,
-// so it costs no shared memory of its own (bwd_dkdv_kvs keeps K and V in their own tiles instead).
+// 128 query rows per CTA (forward and dQ) and a dK/dV kernel that re-reads K and V from shared memory
+// (4 CTAs per SM) were tried and measured slower / no faster on an H200 (BENCHMARKS.md).
+// Shared memory is static: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, bwd_dq), + 2 KiB of
+// per-row lse, delta and hidden window in bwd_dkdv (38,912 B). The operand loaded once per CTA (Q,
+// Q + dO, or K + V) is first staged in the second stage's slots and moved into registers before they
+// are first refilled, so it costs no shared memory of its own.
 // Registers bound the occupancy: fwd and bwd_dq fit 128 (4 CTAs = 16 warps per SM), bwd_dkdv needs
-// 168 (3 CTAs; at 128 it spills), bwd_dkdv_kvs 128 (4 CTAs, with 4 x 56 KiB of shared memory), the
-// m128 pair 218-224 (2 CTAs). Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row
+// 168 (3 CTAs; at 128 it spills). Shared rows are padded to 72 bf16 (144 B): the eight 16-byte row
 // addresses of one ldmatrix phase then fall 36 words apart and cover all 32 banks once, and the
 // cp.async stores (8 threads per 128-byte row) are conflict-free too.
 // Inside a tile, each warp works in halves of 32 keys (fwd, bwd_dq) or 32 query rows (bwd_dkdv): the
@@ -108,9 +102,7 @@
 // Where the time goes (H200, ViT-B attention at batch 64, 12 heads: 491 x 344 per head): fwd 154 us,
 // bwd_dq 176 us, bwd_dkdv 250 us. For head_dim 64, one exp2 (MUFU, 16 per clock per SM) goes with only
 // 256 tensor FLOPs per pair, so the exponentials and the instruction issue, not the tensor cores,
-// bound the forward. Next steps if attention matters: 4 CTAs per SM for bwd_dkdv (re-read the K, V
-// fragments from shared memory instead of holding them: 55 KB of dynamic shared memory), a deeper
-// cp.async pipeline, or wgmma on sm_90a.
+// bound the forward. Next steps if attention matters: a deeper cp.async pipeline, or wgmma on sm_90a.
 //
 // The launcher must enforce: head_dim == 64; 0 < C < N (and N < 2^28); base pointers 16-byte aligned;
 // all strides multiples of 8 elements (16-byte cp.async and vector accesses); row strides < 2^31 (the
@@ -128,9 +120,7 @@
 #define MAPET_ATTN_THREADS 128      // block size of every attention kernel (4 warps)
 #define MAPET_ATTN_BLOCK_M 64       // query rows per CTA (fwd, bwd_dq) = per inner tile (bwd_dkdv)
 #define MAPET_ATTN_BLOCK_N 64       // keys per inner tile (fwd, bwd_dq) = per CTA (bwd_dkdv)
-#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of the kernels not named below (static shared memory)
-#define MAPET_ATTN_DQ128_DYNAMIC_SMEM (6 * 64 * 72 * 2)  // dynamic shared bytes of bwd_dq_m128: six padded tiles
-#define MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM (2 * 64 * 72 * 2)  // of bwd_dkdv_kvs: the K and V tiles
+#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of every attention kernel (static shared memory)
 
 namespace {
 
@@ -145,7 +135,6 @@ constexpr int kLds = kD + 8;                  // padded shared row, bf16 element
 constexpr int kTileElems = 64 * kLds;         // one [64 x 72] bf16 tile
 constexpr uint32_t kTileBytes = kTileElems * 2;
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(MAPET_ATTN_DQ128_DYNAMIC_SMEM == 6 * static_cast<int>(kTileBytes), "bwd_dq_m128 stages six tiles");
 static_assert(kBM == 64 && kBN == 64 && kThreads == 128,
               "the index maths below assumes 4 warps x 16 rows, 64-wide tiles");
 
@@ -294,11 +283,11 @@ __device__ __forceinline__ bool in_window(int key, int a, int w) {
     return static_cast<unsigned>(key - a) < static_cast<unsigned>(w);
 }
 
-// Sets the hidden scores of a run of NJ 8-key n-tiles (NJ = 4: a 32-key half; 2: a 16-key quarter) of a
-// warp's S fragment to -inf. s[j][e] is the score of row g (e < 2) or g+8 and key kb + x0 + 8j + (e & 1),
-// kb = k0 + 2t the lane's first key in the tile; rel_lo/rel_hi = a(row) - kb for the two rows,
-// lk_rel = Lk - kb. The offsets x are compile-time, so an element costs one add, one compare and one
-// select. kTail: the run may reach Lk (the last tile), whose missing keys are hidden too.
+// Sets the hidden scores of a run of NJ 8-key n-tiles (NJ = 4: a 32-key half) of a warp's S fragment to
+// -inf. s[j][e] is the score of row g (e < 2) or g+8 and key kb + x0 + 8j + (e & 1), kb = k0 + 2t the
+// lane's first key in the tile; rel_lo/rel_hi = a(row) - kb for the two rows, lk_rel = Lk - kb. The
+// offsets x are compile-time, so an element costs one add, one compare and one select. kTail: the run
+// may reach Lk (the last tile), whose missing keys are hidden too.
 template <int NJ, bool kTail>
 __device__ __forceinline__ void mask_half(float (&s)[NJ][4], int x0, int rel_lo, int rel_hi, int lk_rel, int p) {
 #pragma unroll
@@ -642,201 +631,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     }
 }
 
-// ================================================================================================ forward, 128 rows
-// The same function as mapet_attention_fwd with 32 query rows per warp (two m-tiles of 16) and 128 per
-// CTA: grid (ceil(Lq/128), H, B), 128 threads. Every K and V fragment read from shared memory with
-// ldmatrix then feeds two mma instead of one. In mapet_attention_fwd one ldmatrix.x4 (512 B of shared
-// reads, 4 cycles of the 128 B/clock shared pipe) goes with two m16n8k16 mma, so the loads of a tile
-// cost about as much time as its tensor work; here they cost half. Price: twice the accumulators
-// (O 64, S 64, Q fragments 32 registers per thread), so 2 CTAs (8 warps) per SM instead of 4.
-// Shared memory is the same 36,864 B: Q's 128 rows are staged in stage 1 (K slot = rows 0..63, V slot
-// = rows 64..127) and O's 128 rows in stage 0 (K slot, then V slot: contiguous) at the end.
-// Visibility is classified per (m-tile, 32-key half), as in mapet_attention_fwd per warp; a key
-// fragment is loaded when either m-tile needs it.
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 2) mapet_attention_fwd_m128(const MapetAttention prm) {
-    __shared__ __align__(128) bf16 smem[4 * kTileElems];
-    constexpr int kRowsCta = 2 * kBM;  // 128 query rows per CTA
-    constexpr int kMt = 2;             // m-tiles of 16 rows per warp
-
-    const Geometry G = geometry_of(prm);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int q0 = blockIdx.x * kRowsCta;
-    const int head = blockIdx.y, b = blockIdx.z;
-    const float sl2 = prm.scale * kLog2e;
-
-    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
-    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
-    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
-
-    const uint32_t s0 = smem_addr(smem);
-    auto sK = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
-    auto sV = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
-    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
-
-    int cta_amin, cta_amax;
-    hidden_extrema(q0, min(q0 + kRowsCta, G.lq), G, cta_amin, cta_amax);
-    const int wr0 = q0 + warp * 32;  // the warp's first row; m-tile m holds rows wr0 + 16m + [0, 16)
-    bool live[kMt];                  // an m-tile entirely past Lq computes nothing
-    int m_amin[kMt], m_amax[kMt], a_lo[kMt], a_hi[kMt];
-#pragma unroll
-    for (int m = 0; m < kMt; ++m) {
-        const int r0 = wr0 + 16 * m;
-        live[m] = r0 < G.lq;
-        m_amin[m] = m_amax[m] = 0;
-        if (live[m]) hidden_extrema(r0, min(r0 + 16, G.lq), G, m_amin[m], m_amax[m]);
-        // First hidden key of the lane's rows g and g+8 (rows past Lq borrow row Lq-1's: never written).
-        a_lo[m] = first_hidden(min(r0 + g, G.lq - 1), G);
-        a_hi[m] = first_hidden(min(r0 + g + 8, G.lq - 1), G);
-    }
-
-    const int nkt = (G.lk + kBN - 1) / kBN;
-    load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
-    load_tile(sV(1), qg, static_cast<int>(prm.q_row_stride), q0 + kBM, G.lq, tid);
-    cp_async_commit();
-    int kt = next_key_tile(0, nkt, cta_amin, cta_amax, G);
-    if (kt < nkt) {
-        load_tile(sK(0), kg, static_cast<int>(prm.k_row_stride), kt * kBN, G.lk, tid);
-        load_tile(sV(0), vg, static_cast<int>(prm.v_row_stride), kt * kBN, G.lk, tid);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
-    __syncthreads();
-
-    // Q fragments: qf[m][c] = A fragment of the m-tile's 16 rows, head columns [16c, 16c+16). Warps 0, 1
-    // find their rows in stage 1's K slot, warps 2, 3 in its V slot.
-    uint32_t qf[kMt][4][4];
-    const uint32_t q_tile = (warp < 2 ? sK(1) : sV(1)) + lane_a;
-#pragma unroll
-    for (int m = 0; m < kMt; ++m)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) ldmatrix_x4(qf[m][c], q_tile + tile_off((warp & 1) * 32 + m * 16, c * 16));
-    __syncthreads();  // stage 1 (holding Q) is refilled by the first prefetch below
-
-    float acc[kMt][8][4];  // O accumulators: acc[m][j] = C fragment of output columns [8j, 8j+8)
-#pragma unroll
-    for (int m = 0; m < kMt; ++m)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-    float mx[kMt][2], l[kMt][2];  // running raw max and exp sum of rows g, g+8 of each m-tile
-#pragma unroll
-    for (int m = 0; m < kMt; ++m) mx[m][0] = mx[m][1] = -INFINITY, l[m][0] = l[m][1] = 0.f;
-
-    int stage = 0;
-    while (kt < nkt) {
-        const int kn = next_key_tile(kt + 1, nkt, cta_amin, cta_amax, G);
-        if (kn < nkt) {
-            load_tile(sK(stage ^ 1), kg, static_cast<int>(prm.k_row_stride), kn * kBN, G.lk, tid);
-            load_tile(sV(stage ^ 1), vg, static_cast<int>(prm.v_row_stride), kn * kBN, G.lk, tid);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-
-        const int k0 = kt * kBN;
-        int kind[kMt][2];
-        bool any = false;
-#pragma unroll
-        for (int m = 0; m < kMt; ++m)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                kind[m][h] = live[m] ? classify(m_amin[m], m_amax[m], k0 + h * kHalf, k0 + h * kHalf + kHalf, true, G)
-                                     : kEmpty;
-                any |= kind[m][h] != kEmpty;
-            }
-        if (any) {
-            const uint32_t ks = sK(stage) + lane_bt;
-            const uint32_t vs = sV(stage) + lane_a;
-            // S = Q K^T: s[m][h][j] = C fragment of m-tile m, keys k0 + 32h + [8j, 8j+8).
-            float s[kMt][2][4][4];
-#pragma unroll
-            for (int m = 0; m < kMt; ++m)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const float init = kind[m][h] == kEmpty ? -INFINITY : 0.f;
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) s[m][h][j][0] = s[m][h][j][1] = s[m][h][j][2] = s[m][h][j][3] = init;
-                }
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if (kind[0][h] == kEmpty && kind[1][h] == kEmpty) continue;
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-#pragma unroll
-                    for (int jp = 0; jp < 2; ++jp) {
-                        uint32_t kb[4];
-                        ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
-#pragma unroll
-                        for (int m = 0; m < kMt; ++m) {
-                            if (kind[m][h] == kEmpty) continue;
-                            mma_bf16(s[m][h][2 * jp], qf[m][c], kb[0], kb[1]);
-                            mma_bf16(s[m][h][2 * jp + 1], qf[m][c], kb[2], kb[3]);
-                        }
-                    }
-                }
-            }
-            const int kb0 = k0 + 2 * t;
-            const bool tail = k0 + kBN > G.lk;
-#pragma unroll
-            for (int m = 0; m < kMt; ++m)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    mask_scores(s[m][h], kind[m][h], tail, h * kHalf, a_lo[m] - kb0, a_hi[m] - kb0, G.lk - kb0, G.p);
-
-            // Online softmax per m-tile (as in mapet_attention_fwd). An m-tile whose rows see no key of
-            // this tile has s = -inf throughout: its max is unchanged and its p are 0.
-#pragma unroll
-            for (int m = 0; m < kMt; ++m) online_softmax(s[m], mx[m], l[m], acc[m], sl2);
-            // O += P V, each V fragment shared by the two m-tiles.
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if (kind[0][h] == kEmpty && kind[1][h] == kEmpty) continue;
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    uint32_t pa[kMt][4];
-#pragma unroll
-                    for (int m = 0; m < kMt; ++m) {
-                        pa[m][0] = pack_bf16(s[m][h][2 * c][0], s[m][h][2 * c][1]);
-                        pa[m][1] = pack_bf16(s[m][h][2 * c][2], s[m][h][2 * c][3]);
-                        pa[m][2] = pack_bf16(s[m][h][2 * c + 1][0], s[m][h][2 * c + 1][1]);
-                        pa[m][3] = pack_bf16(s[m][h][2 * c + 1][2], s[m][h][2 * c + 1][3]);
-                    }
-#pragma unroll
-                    for (int dp = 0; dp < 4; ++dp) {
-                        uint32_t vb[4];
-                        ldmatrix_x4_trans(vb, vs + tile_off(h * kHalf + c * 16, dp * 16));
-#pragma unroll
-                        for (int m = 0; m < kMt; ++m) {
-                            if (kind[m][h] == kEmpty) continue;  // P = 0 there
-                            mma_bf16(acc[m][2 * dp], pa[m], vb[0], vb[1]);
-                            mma_bf16(acc[m][2 * dp + 1], pa[m], vb[2], vb[3]);
-                        }
-                    }
-                }
-            }
-        }
-        __syncthreads();
-        stage ^= 1;
-        kt = kn;
-    }
-
-    // Finish as in mapet_attention_fwd. The warp's 32 staging rows start at row 32 * warp of stage 0
-    // (its K and V slots are adjacent, so rows 64..127 are the V slot's rows 0..63).
-    bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
-    float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-#pragma unroll
-    for (int m = 0; m < kMt; ++m) {
-        const int r0 = wr0 + 16 * m;
-        const float l_lo = quad_sum(l[m][0]), l_hi = quad_sum(l[m][1]);
-        store_warp_rows(acc[m], 1.f / l_lo, 1.f / l_hi, smem + (warp * 32 + m * 16) * kLds, og, prm.o_row_stride, r0,
-                        G.lq, lane);
-        if (t == 0) {
-            if (r0 + g < G.lq) lse[r0 + g] = mx[m][0] * prm.scale + logf(l_lo);
-            if (r0 + g + 8 < G.lq) lse[r0 + g + 8] = mx[m][1] * prm.scale + logf(l_hi);
-        }
-    }
-}
-
 // ================================================================================================ backward dQ
 // delta and dq from q, k, v, o, lse, d_o. Same grid and stages as forward; Q and dO are first staged
 // in stage 1 (K slot, V slot), dQ in stage 0's K slot at the end.
@@ -1017,242 +811,18 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     store_warp_rows(dq, prm.scale, prm.scale, smem + warp * 16 * kLds, dqg, prm.dq_row_stride, wr0, G.lq, lane);
 }
 
-// ================================================================================================ backward dQ, 128 rows
-// The same function as mapet_attention_bwd_dq with 32 query rows per warp (two m-tiles) and 128 per CTA:
-// grid (ceil(Lq/128), H, B), 128 threads, 55,296 B of dynamic shared memory (six [64 x 72] tiles, so
-// the launcher raises the kernel's limit): stage 0 (K, V) in tiles 0-1, Q's 128 rows staged in tiles
-// 2-3 (which become stage 1 once Q is in registers), dO's 128 rows in tiles 4-5, dQ's 128 rows staged
-// in tiles 0-1 at the end. Every K and V fragment read from shared memory feeds both m-tiles (see
-// mapet_attention_fwd_m128). To stay within 255 registers without spills, keys go in quarters of 16
-// (S and dP of a quarter are 16 registers each for both m-tiles), classified per (m-tile, quarter).
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 2) mapet_attention_bwd_dq_m128(const MapetAttention prm) {
-    extern __shared__ __align__(128) bf16 dyn_smem[];
-    constexpr int kRowsCta = 2 * kBM;
-    constexpr int kMt = 2;
-    constexpr int kQ = 16;  // keys per quarter
-
-    const Geometry G = geometry_of(prm);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int q0 = blockIdx.x * kRowsCta;
-    const int head = blockIdx.y, b = blockIdx.z;
-    const float sl2 = prm.scale * kLog2e;
-
-    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
-    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
-    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
-    const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
-    const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
-    const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-
-    const uint32_t s0 = smem_addr(dyn_smem);
-    auto sK = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes; };
-    auto sV = [s0](int st) { return s0 + static_cast<uint32_t>(st) * 2 * kTileBytes + kTileBytes; };
-    const uint32_t sDO = s0 + 4 * kTileBytes;  // tiles 4-5: dO's 128 rows
-    const uint32_t lane_a = lane_off_a(lane), lane_bt = lane_off_bt(lane);
-
-    int cta_amin, cta_amax;
-    hidden_extrema(q0, min(q0 + kRowsCta, G.lq), G, cta_amin, cta_amax);
-    const int wr0 = q0 + warp * 32;
-    bool live[kMt], ok_lo[kMt], ok_hi[kMt];
-    int m_amin[kMt], m_amax[kMt], a_lo[kMt], a_hi[kMt];
-#pragma unroll
-    for (int m = 0; m < kMt; ++m) {
-        const int r0 = wr0 + 16 * m;
-        live[m] = r0 < G.lq;
-        m_amin[m] = m_amax[m] = 0;
-        if (live[m]) hidden_extrema(r0, min(r0 + 16, G.lq), G, m_amin[m], m_amax[m]);
-        ok_lo[m] = r0 + g < G.lq;
-        ok_hi[m] = r0 + g + 8 < G.lq;
-        a_lo[m] = first_hidden(min(r0 + g, G.lq - 1), G);
-        a_hi[m] = first_hidden(min(r0 + g + 8, G.lq - 1), G);
-    }
-
-    const int nkt = (G.lk + kBN - 1) / kBN;
-    load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
-    load_tile(sV(1), qg, static_cast<int>(prm.q_row_stride), q0 + kBM, G.lq, tid);
-    load_tile(sDO, dog, static_cast<int>(prm.do_row_stride), q0, G.lq, tid);
-    load_tile(sDO + kTileBytes, dog, static_cast<int>(prm.do_row_stride), q0 + kBM, G.lq, tid);
-    cp_async_commit();
-    int kt = next_key_tile(0, nkt, cta_amin, cta_amax, G);
-    if (kt < nkt) {
-        load_tile(sK(0), kg, static_cast<int>(prm.k_row_stride), kt * kBN, G.lk, tid);
-        load_tile(sV(0), vg, static_cast<int>(prm.v_row_stride), kt * kBN, G.lk, tid);
-    }
-    cp_async_commit();
-
-    // lse of the lane's rows in log2 units (rows past Lq: 0, never used for a stored value).
-    float lse2_lo[kMt], lse2_hi[kMt];
-#pragma unroll
-    for (int m = 0; m < kMt; ++m) {
-        const int r0 = wr0 + 16 * m;
-        lse2_lo[m] = ok_lo[m] ? prm.lse[stat0 + r0 + g] * kLog2e : 0.f;
-        lse2_hi[m] = ok_hi[m] ? prm.lse[stat0 + r0 + g + 8] * kLog2e : 0.f;
-    }
-
-    cp_async_wait<1>();  // Q and dO have landed
-    __syncthreads();
-
-    uint32_t qf[kMt][4][4], df[kMt][4][4];  // A fragments of the m-tiles' Q and dO rows
-#pragma unroll
-    for (int m = 0; m < kMt; ++m)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            ldmatrix_x4(qf[m][c], sK(1) + lane_a + tile_off(warp * 32 + m * 16, c * 16));
-            ldmatrix_x4(df[m][c], sDO + lane_a + tile_off(warp * 32 + m * 16, c * 16));
-        }
-    // delta = rowsum(dO * O) per m-tile as in mapet_attention_bwd_dq: O from global (columns
-    // [16t, 16t+16) of rows g, g+8; a quad covers a row), dO from the staged tiles.
-    float delta_lo[kMt], delta_hi[kMt];
-#pragma unroll
-    for (int m = 0; m < kMt; ++m) {
-        const int r0 = wr0 + 16 * m;
-        uint4 o_lo[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)}, o_hi[2] = {o_lo[0], o_lo[0]};
-        if (ok_lo[m]) {
-            const uint4* src = reinterpret_cast<const uint4*>(og + (r0 + g) * prm.o_row_stride + 16 * t);
-            o_lo[0] = __ldg(src);
-            o_lo[1] = __ldg(src + 1);
-        }
-        if (ok_hi[m]) {
-            const uint4* src = reinterpret_cast<const uint4*>(og + (r0 + g + 8) * prm.o_row_stride + 16 * t);
-            o_hi[0] = __ldg(src);
-            o_hi[1] = __ldg(src + 1);
-        }
-        const bf16* dst = dyn_smem + 4 * kTileElems + (warp * 32 + m * 16) * kLds;
-        uint4 d_lo[2], d_hi[2];
-        d_lo[0] = *reinterpret_cast<const uint4*>(dst + g * kLds + 16 * t);
-        d_lo[1] = *reinterpret_cast<const uint4*>(dst + g * kLds + 16 * t + 8);
-        d_hi[0] = *reinterpret_cast<const uint4*>(dst + (g + 8) * kLds + 16 * t);
-        d_hi[1] = *reinterpret_cast<const uint4*>(dst + (g + 8) * kLds + 16 * t + 8);
-        delta_lo[m] = quad_sum(dot16_bf16(d_lo, o_lo));
-        delta_hi[m] = quad_sum(dot16_bf16(d_hi, o_hi));
-        if (t == 0) {
-            if (ok_lo[m]) prm.delta[stat0 + r0 + g] = delta_lo[m];
-            if (ok_hi[m]) prm.delta[stat0 + r0 + g + 8] = delta_hi[m];
-        }
-    }
-    __syncthreads();  // stage 1 (tiles 2-3, holding Q) is refilled by the first prefetch below
-
-    float dq[kMt][8][4];
-#pragma unroll
-    for (int m = 0; m < kMt; ++m)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) dq[m][j][0] = dq[m][j][1] = dq[m][j][2] = dq[m][j][3] = 0.f;
-
-    int stage = 0;
-    while (kt < nkt) {
-        const int kn = next_key_tile(kt + 1, nkt, cta_amin, cta_amax, G);
-        if (kn < nkt) {
-            load_tile(sK(stage ^ 1), kg, static_cast<int>(prm.k_row_stride), kn * kBN, G.lk, tid);
-            load_tile(sV(stage ^ 1), vg, static_cast<int>(prm.v_row_stride), kn * kBN, G.lk, tid);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-
-        const int k0 = kt * kBN;
-        const int kb0 = k0 + 2 * t;
-        const bool tail = k0 + kBN > G.lk;
-        const uint32_t ks = sK(stage) + lane_bt;
-        const uint32_t vs = sV(stage) + lane_bt;
-        const uint32_t kts = sK(stage) + lane_a;
-#pragma unroll
-        for (int qr = 0; qr < kBN / kQ; ++qr) {
-            const int kq0 = k0 + qr * kQ;
-            int kind[kMt];
-#pragma unroll
-            for (int m = 0; m < kMt; ++m)
-                kind[m] = live[m] ? classify(m_amin[m], m_amax[m], kq0, kq0 + kQ, true, G) : kEmpty;
-            if (kind[0] == kEmpty && kind[1] == kEmpty) continue;
-            // S = Q K^T and dP = dO V^T for 16 rows x 16 keys per m-tile; [n] = C fragment of keys
-            // kq0 + [8n, 8n+8).
-            float s[kMt][2][4], dp[kMt][2][4];
-#pragma unroll
-            for (int m = 0; m < kMt; ++m)
-#pragma unroll
-                for (int n = 0; n < 2; ++n)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[m][n][e] = dp[m][n][e] = 0.f;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                uint32_t kb[4], vb[4];  // key n-tiles 0, 1 of the quarter over head columns [16c, 16c+16)
-                ldmatrix_x4(kb, ks + tile_off(qr * kQ, c * 16));
-                ldmatrix_x4(vb, vs + tile_off(qr * kQ, c * 16));
-#pragma unroll
-                for (int m = 0; m < kMt; ++m) {
-                    if (kind[m] == kEmpty) continue;
-                    mma_bf16(s[m][0], qf[m][c], kb[0], kb[1]);
-                    mma_bf16(s[m][1], qf[m][c], kb[2], kb[3]);
-                    mma_bf16(dp[m][0], df[m][c], vb[0], vb[1]);
-                    mma_bf16(dp[m][1], df[m][c], vb[2], vb[3]);
-                }
-            }
-            // P = exp(S * scale - lse) with hidden scores at -inf (P = 0), dS = P (dP - delta); packed
-            // as the A fragment of the quarter's 16 keys: {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}.
-            uint32_t da[kMt][4];
-#pragma unroll
-            for (int m = 0; m < kMt; ++m) {
-                mask_scores(s[m], kind[m], tail, qr * kQ, a_lo[m] - kb0, a_hi[m] - kb0, G.lk - kb0, G.p);
-#pragma unroll
-                for (int n = 0; n < 2; ++n)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float pv = fast_exp2(fmaf(s[m][n][e], sl2, -(e < 2 ? lse2_lo[m] : lse2_hi[m])));
-                        s[m][n][e] = pv * (dp[m][n][e] - (e < 2 ? delta_lo[m] : delta_hi[m]));
-                    }
-                da[m][0] = pack_bf16(s[m][0][0], s[m][0][1]);
-                da[m][1] = pack_bf16(s[m][0][2], s[m][0][3]);
-                da[m][2] = pack_bf16(s[m][1][0], s[m][1][1]);
-                da[m][3] = pack_bf16(s[m][1][2], s[m][1][3]);
-            }
-            // dQ += dS K, B from K[key][d] with .trans; each K fragment serves both m-tiles.
-#pragma unroll
-            for (int dn = 0; dn < 4; ++dn) {
-                uint32_t kb[4];
-                ldmatrix_x4_trans(kb, kts + tile_off(qr * kQ, dn * 16));
-#pragma unroll
-                for (int m = 0; m < kMt; ++m) {
-                    if (kind[m] == kEmpty) continue;
-                    mma_bf16(dq[m][2 * dn], da[m], kb[0], kb[1]);
-                    mma_bf16(dq[m][2 * dn + 1], da[m], kb[2], kb[3]);
-                }
-            }
-        }
-        __syncthreads();
-        stage ^= 1;
-        kt = kn;
-    }
-
-    bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
-#pragma unroll
-    for (int m = 0; m < kMt; ++m)
-        store_warp_rows(dq[m], prm.scale, prm.scale, dyn_smem + (warp * 32 + m * 16) * kLds, dqg, prm.dq_row_stride,
-                        wr0 + 16 * m, G.lq, lane);
-}
-
 // ================================================================================================ backward dK dV
 // dk, dv from q, k, v, lse, delta (written by bwd_dq), d_o. CTA = 64 keys; stage st holds the Q tile at
 // sQ(st), the dO tile at sdO(st), and lse, delta and the hidden window of those rows; dK and dV go out
-// through stage 0 at the end. Where K and V live:
-//   KV_SMEM = false (mapet_attention_bwd_dkdv): staged in stage 1, then held as A fragments in registers
-//     for the whole kernel (32 registers; 168 in all, 3 CTAs per SM).
-//   KV_SMEM = true (mapet_attention_bwd_dkdv_kvs): kept in 18,432 B of dynamic shared memory and re-read
-//     with ldmatrix for every query half (8 more ldmatrix per 32 rows, against 32 already there); 128
-//     registers, so 4 CTAs per SM on sm_90, where 4 x (56 KiB + 1 KiB reserved) is exactly the 228 KiB
-//     of an SM (any more static shared memory drops it to 3); 2 on sm_80. The static + dynamic total
-//     passes 48 KiB, so the launcher opts in to the larger limit.
-constexpr uint32_t kDkdvKvSmem = 2 * kTileBytes;
-static_assert(MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM == static_cast<int>(kDkdvKvSmem), "bwd_dkdv_kvs holds K and V");
-
-template <bool KV_SMEM>
-__device__ __forceinline__ void bwd_dkdv(const MapetAttention& prm) {
+// through stage 0 at the end. K and V are staged in stage 1, then held as A fragments in registers for
+// the whole kernel (32 registers; 168 in all, 3 CTAs per SM).
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attention_bwd_dkdv(const MapetAttention prm) {
     __shared__ __align__(128) bf16 smem[4 * kTileElems];
     __shared__ __align__(16) float s_lse[2][kBM];    // lse of the stage's query rows (0 past Lq)
     __shared__ __align__(16) float s_delta[2][kBM];  // delta of the stage's query rows (0 past Lq)
     // Hidden key window {a, w} of the stage's query rows: key hidden iff in_window(key, a, w). Rows
     // past Lq get a window that holds every key (a = -2^29, w = 2^31 - 1), so they add nothing.
     __shared__ __align__(16) int2 s_win[2][kBM];
-    extern __shared__ __align__(128) bf16 kv_smem[];  // KV_SMEM: the K tile, then the V tile
 
     const Geometry G = geometry_of(prm);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -1291,9 +861,9 @@ __device__ __forceinline__ void bwd_dkdv(const MapetAttention& prm) {
     const int key_lo = kw0 + g, key_hi = kw0 + g + 8;  // the lane's two keys (rows of every C fragment)
 
     const int nqt = (G.lq + kBM - 1) / kBM;
-    // K and V: in their own shared tiles (KV_SMEM), or staged in stage 1's Q and dO slots.
-    const uint32_t sK = KV_SMEM ? smem_addr(kv_smem) : sQ(1);
-    const uint32_t sV = KV_SMEM ? sK + kTileBytes : sdO(1);
+    // K and V: staged in stage 1's Q and dO slots.
+    const uint32_t sK = sQ(1);
+    const uint32_t sV = sdO(1);
     load_tile(sK, kg, static_cast<int>(prm.k_row_stride), k0, G.lk, tid);
     load_tile(sV, vg, static_cast<int>(prm.v_row_stride), k0, G.lk, tid);
     cp_async_commit();
@@ -1302,17 +872,14 @@ __device__ __forceinline__ void bwd_dkdv(const MapetAttention& prm) {
     cp_async_commit();
 
     uint32_t kf[4][4], vf[4][4];  // registers: A fragments of the warp's K and V rows, columns [16c, 16c+16)
-    if constexpr (!KV_SMEM) {
-        cp_async_wait<1>();  // K, V have landed
-        __syncthreads();
+    cp_async_wait<1>();  // K, V have landed
+    __syncthreads();
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            ldmatrix_x4(kf[c], sK + lane_a + tile_off(warp * 16, c * 16));
-            ldmatrix_x4(vf[c], sV + lane_a + tile_off(warp * 16, c * 16));
-        }
-        __syncthreads();  // stage 1 is refilled by the first prefetch below
+    for (int c = 0; c < 4; ++c) {
+        ldmatrix_x4(kf[c], sK + lane_a + tile_off(warp * 16, c * 16));
+        ldmatrix_x4(vf[c], sV + lane_a + tile_off(warp * 16, c * 16));
     }
-    // (KV_SMEM: the loop's first wait and barrier cover K and V, committed before its first tile.)
+    __syncthreads();  // stage 1 is refilled by the first prefetch below
 
     float dk[8][4], dv[8][4];  // accumulators: [j] = C fragment of head columns [8j, 8j+8)
 #pragma unroll
@@ -1354,15 +921,10 @@ __device__ __forceinline__ void bwd_dkdv(const MapetAttention& prm) {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 uint32_t ka[4], va[4];  // the warp's K and V fragments of head columns [16c, 16c+16)
-                if constexpr (KV_SMEM) {
-                    ldmatrix_x4(ka, sK + lane_a + tile_off(warp * 16, c * 16));
-                    ldmatrix_x4(va, sV + lane_a + tile_off(warp * 16, c * 16));
-                } else {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        ka[e] = kf[c][e];
-                        va[e] = vf[c][e];
-                    }
+                for (int e = 0; e < 4; ++e) {
+                    ka[e] = kf[c][e];
+                    va[e] = vf[c][e];
                 }
 #pragma unroll
                 for (int jp = 0; jp < 2; ++jp) {
@@ -1431,21 +993,10 @@ __device__ __forceinline__ void bwd_dkdv(const MapetAttention& prm) {
         qt = qn;
     }
 
-    // KV_SMEM with no query tile to visit: K and V were never waited for; let no copy outlive the CTA.
-    if constexpr (KV_SMEM) cp_async_wait<0>();
     // Stage 0 is free (loop ended on a barrier, no copies in flight): dK through its Q slot, dV through
     // its dO slot, each warp its own 16 rows.
     bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
     bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
     store_warp_rows(dk, prm.scale, prm.scale, smem + warp * 16 * kLds, dkg, prm.dk_row_stride, kw0, G.lk, lane);
     store_warp_rows(dv, 1.f, 1.f, smem + kTileElems + warp * 16 * kLds, dvg, prm.dv_row_stride, kw0, G.lk, lane);
-}
-
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attention_bwd_dkdv(const MapetAttention prm) {
-    bwd_dkdv<false>(prm);
-}
-
-// Launched with MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attention_bwd_dkdv_kvs(const MapetAttention prm) {
-    bwd_dkdv<true>(prm);
 }

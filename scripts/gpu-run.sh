@@ -14,11 +14,9 @@
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
 #   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer
 #                   (memcheck), when it is installed and can see the device
-#   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per kernel choice in
-#                   MAPET_MODEL_BENCH_CONFIGS (default "rows64:hwc:regs rows64:chw:regs
-#                   rows64:hwc:smem": the attention query block, MAPET_ATTENTION_ROWS; the patch
-#                   embedding's pixel order, MAPET_PATCH_EMBED_ORDER; the attention dK/dV kernel,
-#                   MAPET_ATTENTION_DKDV), logs into $MAPET_RESULTS
+#   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per patch-embedding
+#                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
+#                   "hwc chw"), logs into $MAPET_RESULTS
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
 #                   3072 JPEGs), `mapet bench-data` on them, then one epoch of `mapet pretrain` of
 #                   ViT-B at batch 128 on the GPU; the median images/s of its steps after the third
@@ -86,13 +84,12 @@ for t in ${MAPET_SANITIZE:-}; do
 done
 
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
-  for config in ${MAPET_MODEL_BENCH_CONFIGS:-rows64:hwc:regs rows64:chw:regs rows64:hwc:smem}; do
-    IFS=: read -r rows order dkdv <<<"$config"
-    log="$res/mapet-bench-vit-b-$rows-$order-$dkdv.log"
-    MAPET_ATTENTION_ROWS=$rows MAPET_PATCH_EMBED_ORDER=$order MAPET_ATTENTION_DKDV=$dkdv timeout 300 \
+  for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc chw}; do
+    log="$res/mapet-bench-vit-b-$order.log"
+    MAPET_PATCH_EMBED_ORDER=$order timeout 300 \
       "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
     rc=$?
-    name="mapet bench vit-b $rows $order $dkdv"
+    name="mapet bench vit-b $order"
     if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
   done
 fi

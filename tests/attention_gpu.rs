@@ -1,13 +1,10 @@
 //! Two-stream attention on the GPU against the CPU reference (DESIGN.md's tolerance rule): bf16
 //! inputs drawn fresh every run, outputs poisoned before each launch, an f64 truth, and an f32
-//! CPU baseline that sees the same bf16 inputs and rounds its outputs to bf16 as the kernels do. Every
-//! kernel choice runs every check: both query block sizes (`attention::QueryBlock`) and both dK/dV
-//! kernels (`attention::DkdvKernel`).
+//! CPU baseline that sees the same bf16 inputs and rounds its outputs to bf16 as the kernels do.
 //! Skips with the reason where no GPU is present; fails instead under `MAPET_REQUIRE_GPU=1`.
 
 use mapet::cuda::{DeviceBuffer, Gpu};
-use mapet::ops::attention::{self, AttentionShape, DkdvKernel, QueryBlock};
-use mapet::ops::KernelChoice;
+use mapet::ops::attention::{self, AttentionShape};
 use mapet::testing::{self, assert_within_baseline};
 use proptest::prelude::*;
 use rand::Rng;
@@ -41,19 +38,7 @@ struct GpuOut {
     dv: Vec<f32>,
 }
 
-/// The kernel choices the checks run: each query block with the default dK/dV kernel, and the
-/// other dK/dV kernel with the default block (the dK/dV kernel does not depend on the block).
-const CHOICES: [(QueryBlock, DkdvKernel); 3] = [
-    (QueryBlock::Rows64, DkdvKernel::Registers),
-    (QueryBlock::Rows128, DkdvKernel::Registers),
-    (QueryBlock::Rows64, DkdvKernel::Shared),
-];
-
-fn choice_name((block, dkdv): (QueryBlock, DkdvKernel)) -> String {
-    format!("{}, dkdv {}", block.name(), dkdv.name())
-}
-
-fn run_gpu(gpu: &Gpu, c: &Case, (block, dkdv): (QueryBlock, DkdvKernel)) -> GpuOut {
+fn run_gpu(gpu: &Gpu, c: &Case) -> GpuOut {
     let s = &c.shape;
     let (q, k, v, d_o) = (
         gpu.upload_bf16(&c.q).unwrap(),
@@ -70,8 +55,8 @@ fn run_gpu(gpu: &Gpu, c: &Case, (block, dkdv): (QueryBlock, DkdvKernel)) -> GpuO
         b.poison().unwrap();
     }
     lse.poison().unwrap();
-    attention::cuda_forward_with(gpu, block, s, &q, &k, &v, &mut o, &mut lse).unwrap();
-    attention::cuda_backward_with(gpu, block, dkdv, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
+    attention::cuda_forward(gpu, s, &q, &k, &v, &mut o, &mut lse).unwrap();
+    attention::cuda_backward(gpu, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
     GpuOut {
         o: o.to_host_f32().unwrap(),
         lse: lse.to_host().unwrap(),
@@ -81,16 +66,10 @@ fn run_gpu(gpu: &Gpu, c: &Case, (block, dkdv): (QueryBlock, DkdvKernel)) -> GpuO
     }
 }
 
-/// Every kernel choice (forward and backward) against the truth and the baseline.
+/// Forward and backward against the truth and the baseline.
 fn check(gpu: &Gpu, c: &Case) {
-    for choice in CHOICES {
-        check_with(gpu, c, choice);
-    }
-}
-
-fn check_with(gpu: &Gpu, c: &Case, choice: (QueryBlock, DkdvKernel)) {
     let s = &c.shape;
-    let g = run_gpu(gpu, c, choice);
+    let g = run_gpu(gpu, c);
     let f64v = |x: &[f32]| testing::to_f64(x);
     // Truth: f64 on the bf16 inputs. The backward truth uses the truth's own O and lse.
     let (mut o64, mut lse64) = (vec![0.0f64; c.q.len()], vec![0.0f64; g.lse.len()]);
@@ -119,7 +98,7 @@ fn check_with(gpu: &Gpu, c: &Case, choice: (QueryBlock, DkdvKernel)) {
     for x in [&mut dq32, &mut dk32, &mut dv32] {
         mapet::cpu::round_bf16(x);
     }
-    let tag = format!("B={} H={} N={} C={} {}", s.batch, s.heads, s.n_tokens, s.n_context, choice_name(choice));
+    let tag = format!("B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
     assert_within_baseline(&format!("O [{tag}]"), &g.o, &o32, &o64, 2.0, 1e-4);
     assert_within_baseline(&format!("lse [{tag}]"), &g.lse, &lse32, &lse64, 2.0, 1e-5);
     assert_within_baseline(&format!("dQ [{tag}]"), &g.dq, &dq32, &dq64, 3.0, 1e-4);
@@ -142,9 +121,9 @@ fn vit_sized_sequence_matches_cpu() {
 fn edge_sizes_match_cpu() {
     let Some(gpu) = testing::gpu_or_skip("edge_sizes_match_cpu") else { return };
     let mut rng = testing::rng("edge_sizes_match_cpu");
-    // One CTA holding all three segments; C = 1 and C = N - 1; sizes around the 64-row tile and
-    // the 128-row CTA (Lq = N + 2P: 128 for N = 64, C = 32; 129 for N = 65, C = 33), and Lk a
-    // multiple of 64 with Lq a multiple of 128 over two CTAs (N = 128, C = 64: Lq = 256, Lk = 192).
+    // One CTA holding all three segments; C = 1 and C = N - 1; sizes around the 64-row tile
+    // (Lq = N + 2P: 128 for N = 64, C = 32; 129 for N = 65, C = 33), and Lk a multiple of 64 with
+    // Lq one too (N = 128, C = 64: Lq = 256, Lk = 192).
     for (n, c) in
         [(2, 1), (5, 1), (5, 4), (17, 16), (33, 1), (64, 10), (64, 32), (65, 32), (65, 33), (100, 99), (128, 64)]
     {
@@ -168,42 +147,13 @@ fn same_inputs_give_bit_identical_outputs() {
     let Some(gpu) = testing::gpu_or_skip("same_inputs_give_bit_identical_outputs") else { return };
     let mut rng = testing::rng("same_inputs_give_bit_identical_outputs");
     let c = draw(&mut rng, shape(4, 4, 197, 50));
-    for choice in CHOICES {
-        let (a, b) = (run_gpu(&gpu, &c, choice), run_gpu(&gpu, &c, choice));
-        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let k = choice_name(choice);
-        assert_eq!(bits(&a.o), bits(&b.o), "O differs between two runs ({k})");
-        assert_eq!(bits(&a.lse), bits(&b.lse), "lse differs between two runs ({k})");
-        assert_eq!(bits(&a.dq), bits(&b.dq), "dQ differs between two runs ({k})");
-        assert_eq!(bits(&a.dk), bits(&b.dk), "dK differs between two runs ({k})");
-        assert_eq!(bits(&a.dv), bits(&b.dv), "dV differs between two runs ({k})");
-    }
-    // The two dK/dV kernels do the same arithmetic in the same order; only where K and V sit differs.
-    let (r, m) = (
-        run_gpu(&gpu, &c, (QueryBlock::Rows64, DkdvKernel::Registers)),
-        run_gpu(&gpu, &c, (QueryBlock::Rows64, DkdvKernel::Shared)),
-    );
+    let (a, b) = (run_gpu(&gpu, &c), run_gpu(&gpu, &c));
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&r.dk), bits(&m.dk), "dK differs between the dK/dV kernels");
-    assert_eq!(bits(&r.dv), bits(&m.dv), "dV differs between the dK/dV kernels");
-}
-
-#[test]
-fn kernel_choice_names_parse_and_unknown_ones_are_refused() {
-    for k in QueryBlock::ALL {
-        assert_eq!(QueryBlock::parse_name(k.name()).unwrap(), k);
-    }
-    for k in DkdvKernel::ALL {
-        assert_eq!(DkdvKernel::parse_name(k.name()).unwrap(), k);
-    }
-    let err = QueryBlock::parse_name("rows96").unwrap_err();
-    assert!(
-        err.contains("rows96") && err.contains("rows64 or rows128") && err.contains("MAPET_ATTENTION_ROWS"),
-        "{err}"
-    );
-    let err = DkdvKernel::parse_name("tmem").unwrap_err();
-    assert!(err.contains("regs or smem") && err.contains("MAPET_ATTENTION_DKDV"), "{err}");
-    assert_eq!((QueryBlock::default(), DkdvKernel::default()), (QueryBlock::Rows64, DkdvKernel::Registers));
+    assert_eq!(bits(&a.o), bits(&b.o), "O differs between two runs");
+    assert_eq!(bits(&a.lse), bits(&b.lse), "lse differs between two runs");
+    assert_eq!(bits(&a.dq), bits(&b.dq), "dQ differs between two runs");
+    assert_eq!(bits(&a.dk), bits(&b.dk), "dK differs between two runs");
+    assert_eq!(bits(&a.dv), bits(&b.dv), "dV differs between two runs");
 }
 
 #[test]

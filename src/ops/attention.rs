@@ -48,7 +48,6 @@ use rayon::prelude::*;
 use crate::cuda::params::MapetAttention;
 use crate::cuda::{check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
-use crate::ops::KernelChoice;
 use crate::perm::visible_bounds;
 
 /// Sizes of one attention call. Valid when every field is positive and `0 < n_context < n_tokens`.
@@ -622,116 +621,10 @@ fn grid(rows: usize, per_block: usize, shape: &AttentionShape) -> LaunchConfig {
     }
 }
 
-/// How many query rows one CTA of the forward and dQ kernels owns (cuda/attention.cu). The two
-/// choices compute the same function (up to rounding order) and are both checked against the CPU
-/// reference by tests/attention_gpu.rs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum QueryBlock {
-    /// `mapet_attention_fwd`, `mapet_attention_bwd_dq`: 64 rows per CTA, 16 per warp, 4 CTAs per
-    /// SM. The default.
-    #[default]
-    Rows64,
-    /// `mapet_attention_fwd_m128`, `mapet_attention_bwd_dq_m128`: 128 rows per CTA, 32 per warp
-    /// (every K/V fragment read from shared memory feeds two m-tiles), 2 CTAs per SM.
-    Rows128,
-}
-
-impl QueryBlock {
-    /// Both choices, for tests and benches.
-    pub const ALL: [QueryBlock; 2] = [QueryBlock::Rows64, QueryBlock::Rows128];
-
-    /// Query rows per CTA.
-    pub fn rows(self) -> usize {
-        match self {
-            QueryBlock::Rows64 => CUDA_BLOCK_M,
-            QueryBlock::Rows128 => 2 * CUDA_BLOCK_M,
-        }
-    }
-
-    /// (forward kernel, dQ kernel, dynamic shared bytes of the dQ kernel).
-    fn kernels(self) -> (&'static str, &'static str, u32) {
-        match self {
-            QueryBlock::Rows64 => ("mapet_attention_fwd", "mapet_attention_bwd_dq", 0),
-            // Six padded [64 x 72] bf16 tiles (MAPET_ATTN_DQ128_DYNAMIC_SMEM).
-            QueryBlock::Rows128 => ("mapet_attention_fwd_m128", "mapet_attention_bwd_dq_m128", 6 * 64 * 72 * 2),
-        }
-    }
-}
-
-/// `MAPET_ATTENTION_ROWS=rows64|rows128` picks the block [`cuda_forward`] and [`cuda_backward`] use.
-impl KernelChoice for QueryBlock {
-    const VAR: &'static str = "MAPET_ATTENTION_ROWS";
-    const CHOICES: &'static [Self] = &QueryBlock::ALL;
-
-    fn name(self) -> &'static str {
-        match self {
-            QueryBlock::Rows64 => "rows64",
-            QueryBlock::Rows128 => "rows128",
-        }
-    }
-}
-
-/// Where the dK/dV kernel keeps the K and V rows of its 64 keys (cuda/attention.cu). Both compute
-/// the same function in the same order, and tests/attention_gpu.rs checks both against the CPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum DkdvKernel {
-    /// `mapet_attention_bwd_dkdv`: as mma fragments in registers, loaded once (168 registers, 3
-    /// CTAs per SM). The default.
-    #[default]
-    Registers,
-    /// `mapet_attention_bwd_dkdv_kvs`: in 18,432 B of dynamic shared memory, re-read for every 32
-    /// query rows (128 registers; 56 KiB of shared memory a CTA, so 4 CTAs per SM on sm_90 with
-    /// none to spare, but only 2 on sm_80).
-    Shared,
-}
-
-impl DkdvKernel {
-    /// Both choices, for tests and benches.
-    pub const ALL: [DkdvKernel; 2] = [DkdvKernel::Registers, DkdvKernel::Shared];
-
-    /// (kernel, dynamic shared bytes).
-    pub fn kernel(self) -> (&'static str, u32) {
-        match self {
-            DkdvKernel::Registers => ("mapet_attention_bwd_dkdv", 0),
-            // Two padded [64 x 72] bf16 tiles (MAPET_ATTN_DKDV_KV_DYNAMIC_SMEM).
-            DkdvKernel::Shared => ("mapet_attention_bwd_dkdv_kvs", 2 * 64 * 72 * 2),
-        }
-    }
-}
-
-/// `MAPET_ATTENTION_DKDV=regs|smem` picks the kernel [`cuda_backward`] uses.
-impl KernelChoice for DkdvKernel {
-    const VAR: &'static str = "MAPET_ATTENTION_DKDV";
-    const CHOICES: &'static [Self] = &DkdvKernel::ALL;
-
-    fn name(self) -> &'static str {
-        match self {
-            DkdvKernel::Registers => "regs",
-            DkdvKernel::Shared => "smem",
-        }
-    }
-}
-
 /// Forward on the GPU: `o` (bf16) and `lse` (f32) from bf16 `q`, `k`, `v`, all contiguous as
-/// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]). Runs the kernel of
-/// [`QueryBlock`] [`KernelChoice::selected`].
+/// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]).
 pub fn cuda_forward(
     gpu: &Gpu,
-    shape: &AttentionShape,
-    q: &dyn DeviceRead<bf16>,
-    k: &dyn DeviceRead<bf16>,
-    v: &dyn DeviceRead<bf16>,
-    o: &mut dyn DeviceWrite<bf16>,
-    lse: &mut dyn DeviceWrite<f32>,
-) -> Result<()> {
-    cuda_forward_with(gpu, QueryBlock::selected()?, shape, q, k, v, o, lse)
-}
-
-/// [`cuda_forward`] with an explicit choice of kernel.
-#[allow(clippy::too_many_arguments)]
-pub fn cuda_forward_with(
-    gpu: &Gpu,
-    block: QueryBlock,
     shape: &AttentionShape,
     q: &dyn DeviceRead<bf16>,
     k: &dyn DeviceRead<bf16>,
@@ -749,39 +642,16 @@ pub fn cuda_forward_with(
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
     // touches by the buffer lengths; every bf16 pointer is 16-byte aligned (checked above) and
     // every stride is a multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies need.
-    // Both kernels handle rows [blockIdx.x * rows, +rows) clipped to Lq.
-    let (name, _, _) = block.kernels();
-    unsafe { gpu.launch("attention", name, grid(shape.q_rows(), block.rows(), shape), &p) }
+    // The kernel handles rows [blockIdx.x * 64, +64) clipped to Lq.
+    unsafe { gpu.launch("attention", "mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p) }
 }
 
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
 /// inputs, its `o` and `lse`, and `d_o`. Deterministic: no float atomics (two kernels, dQ then
 /// dK/dV, each owning its outputs). Allocates a [B, H, N+2P] f32 scratch for rowsum(dO * O).
-/// Runs the selected ([`KernelChoice::selected`]) [`QueryBlock`] and [`DkdvKernel`].
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
-    shape: &AttentionShape,
-    q: &dyn DeviceRead<bf16>,
-    k: &dyn DeviceRead<bf16>,
-    v: &dyn DeviceRead<bf16>,
-    o: &dyn DeviceRead<bf16>,
-    lse: &dyn DeviceRead<f32>,
-    d_o: &dyn DeviceRead<bf16>,
-    dq: &mut dyn DeviceWrite<bf16>,
-    dk: &mut dyn DeviceWrite<bf16>,
-    dv: &mut dyn DeviceWrite<bf16>,
-) -> Result<()> {
-    let (block, dkdv) = (QueryBlock::selected()?, DkdvKernel::selected()?);
-    cuda_backward_with(gpu, block, dkdv, shape, q, k, v, o, lse, d_o, dq, dk, dv)
-}
-
-/// [`cuda_backward`] with an explicit choice of dQ and dK/dV kernels.
-#[allow(clippy::too_many_arguments)]
-pub fn cuda_backward_with(
-    gpu: &Gpu,
-    block: QueryBlock,
-    dkdv: DkdvKernel,
     shape: &AttentionShape,
     q: &dyn DeviceRead<bf16>,
     k: &dyn DeviceRead<bf16>,
@@ -810,12 +680,8 @@ pub fn cuda_backward_with(
     (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
     // has [B, H, N+2P] elements, all of which this kernel writes.
-    let (_, dq_kernel, dq_smem) = block.kernels();
-    let dq_grid = LaunchConfig { shared_mem_bytes: dq_smem, ..grid(shape.q_rows(), block.rows(), shape) };
-    unsafe { gpu.launch("attention", dq_kernel, dq_grid, &p)? };
-    let (dkdv_kernel, dkdv_smem) = dkdv.kernel();
-    let dkdv_grid = LaunchConfig { shared_mem_bytes: dkdv_smem, ..grid(shape.k_rows(), CUDA_BLOCK_N, shape) };
+    unsafe { gpu.launch("attention", "mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p)? };
     // SAFETY: as above, with dk and dv of the keys' size; bwd_dq wrote delta before this reads it,
     // since both run in order on this Gpu's one stream.
-    unsafe { gpu.launch("attention", dkdv_kernel, dkdv_grid, &p) }
+    unsafe { gpu.launch("attention", "mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape), &p) }
 }
