@@ -23,7 +23,7 @@
 // [groups, vocab] (16-byte aligned); dbias f32 [vocab]; result i32 [2].
 //
 // Kernels:
-//   cross_entropy_rows           one block of 256 threads per row. One pass over the row keeps,
+//   cross_entropy_rows           (vocab % 8 != 0 or vocab > 8192) one block of 256 threads per row. One pass over the row keeps,
 //                                per thread, an online (max, sum-exp, argmax) triple; the block
 //                                merges them (warp shuffles, then one warp over the warp
 //                                results) in a fixed order, so the result is deterministic. The
@@ -31,12 +31,14 @@
 //                                block read it moments ago) and overwrites it with dlogits.
 //                                A row of V = 8192 bf16 is 16 KiB: a block per row gives 2048
 //                                independent blocks per 32 MiB chunk, enough to fill the chip.
-//   cross_entropy_rows_grad      the training variant where vocab % 8 == 0 and vocab <= 8192
-//                                (the model's 8192): a block per group of rows, each thread's
-//                                slice of a row kept in registers (read once, never re-read),
-//                                and the column sums of the dlogits it writes accumulated per
-//                                thread over the block's rows into partial[block, :] (the
-//                                bias gradient, with no second pass over the dlogits).
+//   cross_entropy_rows_held      what cross_entropy_rows does (both variants) where vocab % 8
+//                                == 0 and vocab <= 8192 (the model's 8192): a block per group
+//                                of rows, each thread's slice of a row held in registers (read
+//                                once, never re-read), and in training the column sums of the
+//                                dlogits it writes accumulated per thread over the block's rows
+//                                into partial[block, :] (the bias gradient, with no second pass
+//                                over the dlogits). One kernel for both variants, so the forward
+//                                alone and training give the same statistics bit for bit.
 //   cross_entropy_colsum_partial db += column sums of dlogits, without float atomics, for the
 //                                other vocab sizes: block (x, g) sums rows [g*per, (g+1)*per)
 //                                of its columns into partial[g, :].
@@ -56,7 +58,7 @@ namespace {
 constexpr int kRowThreads = 256;
 constexpr int kRowWarps = kRowThreads / 32;
 constexpr int kReduceThreads = 1024;
-// cross_entropy_rows_grad: 8-column groups per thread, so vocab <= 8 * kRowThreads * kGradPer.
+// cross_entropy_rows_held: 8-column groups per thread, so vocab <= 8 * kRowThreads * kGradPer.
 constexpr int kGradPer = 4;
 constexpr int kGradMaxVocab = 8 * kRowThreads * kGradPer;
 static_assert(kGradMaxVocab == 8192, "GRAD_MAX_VOCAB in src/ops/cross_entropy.rs");
@@ -162,7 +164,7 @@ __device__ __forceinline__ Stat thread_stats(const __nv_bfloat16* rowp, const fl
                 st.idx = 8 * c + li;
             }
             // -inf logits add nothing; a NaN one makes s (so lse and the loss) NaN, as in
-            // cross_entropy_rows_grad and on the CPU.
+            // cross_entropy_rows_held and on the CPU.
             float add = 0.0f;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
@@ -308,14 +310,14 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
     }
 }
 
-// Grid: (groups), groups <= rows of the chunk; block: kRowThreads. The training variant when
-// vocab % 8 == 0, ld % 8 == 0 and vocab <= kGradMaxVocab (the host checks). Block g handles rows
+// Grid: (groups), groups <= rows of the chunk; block: kRowThreads. Both variants when vocab % 8 ==
+// 0, ld % 8 == 0 and vocab <= kGradMaxVocab (the host checks). Block g handles rows
 // g, g + groups, g + 2 groups, ... and thread t owns the same columns of every row: the 8-column
 // groups c = t + i * kRowThreads, i < kGradPer. So the whole row slice of a thread stays in
 // registers (read once, four 16-byte loads in flight), and the thread sums its columns of the
 // bf16 dlogits it writes, over its block's rows in increasing order, into partial[g, :]; the
 // finish kernel adds the groups in order. No float atomics: deterministic.
-extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_grad(MapetCrossEntropy p) {
+extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_held(MapetCrossEntropy p) {
     __shared__ RowShared sh;
     const int n8 = p.vocab / 8;
     float colsum[kGradPer][8];
@@ -387,6 +389,9 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_gra
             }
         }
         const float lse = row_result(st, rowp, p, row, target, sh);
+        if (!p.write_grad) {
+            continue;  // uniform over the block
+        }
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
             const int c = threadIdx.x + i * kRowThreads;
@@ -409,6 +414,9 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_gra
             }
         }
     }
+    if (!p.write_grad) {
+        return;
+    }
     float* out = p.partial + static_cast<int64_t>(blockIdx.x) * p.vocab;
 #pragma unroll
     for (int i = 0; i < kGradPer; ++i) {
@@ -422,7 +430,7 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_gra
 }
 
 // Grid: (ceil(vocab / blockDim.x), groups). Each thread sums one column over its group's rows,
-// in increasing order, into partial[group, column]. Used where cross_entropy_rows_grad is not
+// in increasing order, into partial[group, column]. Used where cross_entropy_rows_held is not
 // (vocab % 8 != 0 or vocab > 8192), so loads are scalar; a warp still reads 64 contiguous bytes
 // per row.
 extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {

@@ -24,16 +24,17 @@
 //!
 //! 1. `acc = x_c W^T` runs in cuBLASLt on the chunk's rows `x_c` of `x` (read in place), bf16
 //!    out, f32 accumulation;
-//! 2. `cuda/cross_entropy.cu::cross_entropy_rows` adds the f32 bias, and in one pass per row
-//!    computes max, sum-exp, logsumexp, loss and argmax. The bias is added there, in f32, rather
-//!    than by cuBLASLt's bias epilogue, which takes the bias in the output type (bf16): this way
-//!    the f32 master bias is used as is and the logits are rounded once, not twice. In training
-//!    the chunk is then overwritten in place with bf16 dlogits, and the column sums of those
-//!    (the bias gradient) are formed per group of rows into a `[groups, V]` scratch. When `V` is
-//!    a multiple of 8 and at most [`GRAD_MAX_VOCAB`] (the model's 8192), one kernel,
-//!    `cross_entropy_rows_grad`, does all of it, each thread holding its slice of a row in
-//!    registers and summing its own columns over its block's rows. Other `V` run the forward
-//!    kernel's training variant, then a column-sum kernel over the dlogits;
+//! 2. a row kernel adds the f32 bias, and in one pass per row computes max, sum-exp, logsumexp,
+//!    loss and argmax. The bias is added there, in f32, rather than by cuBLASLt's bias epilogue,
+//!    which takes the bias in the output type (bf16): this way the f32 master bias is used as is
+//!    and the logits are rounded once, not twice. In training the chunk is then overwritten in
+//!    place with bf16 dlogits, and the column sums of those (the bias gradient) are formed per
+//!    group of rows into a `[groups, V]` scratch. When `V` is a multiple of 8 and at most
+//!    [`GRAD_MAX_VOCAB`] (the model's 8192), `cuda/cross_entropy.cu::cross_entropy_rows_held`
+//!    does all of it, each thread holding its slice of a row in registers and summing its own
+//!    columns over its block's rows (the same kernel without the writes for the forward alone,
+//!    so both give the same statistics bit for bit). Other `V` run `cross_entropy_rows`, one block
+//!    per row, then in training a column-sum kernel over the dlogits;
 //! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), written in place into the chunk's rows of `dx`;
 //! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1), and `db +=` the fixed-order sum of
 //!    the groups' column sums (`cross_entropy_colsum_finish`). No float atomics: deterministic.
@@ -102,9 +103,9 @@ const COLSUM_THREADS: u32 = 128;
 /// `cross_entropy_colsum_finish`: columns per block, and threads per block (columns × slices).
 const FINISH_COLS: u32 = 32;
 const FINISH_THREADS: u32 = 256;
-/// The largest vocab `cross_entropy_rows_grad` takes (`kGradMaxVocab` in the kernel).
+/// The largest vocab `cross_entropy_rows_held` takes (`kGradMaxVocab` in the kernel).
 pub const GRAD_MAX_VOCAB: usize = 8192;
-/// Row groups (blocks) of `cross_entropy_rows_grad` per chunk: about two per SM of an H100/H200,
+/// Row groups (blocks) of `cross_entropy_rows_held` per chunk: about two per SM of an H100/H200,
 /// one wave, 10 or 11 rows each at the model's 2688-row chunks.
 const GRAD_GROUPS: usize = 256;
 const REDUCE_THREADS: u32 = 1024;
@@ -161,17 +162,17 @@ impl CrossEntropyShape {
 }
 
 /// Groups of rows of a chunk of `chunk_rows` rows whose column sums are formed separately (then
-/// summed in order): the blocks of `cross_entropy_rows_grad`, or of the column-sum kernel.
+/// summed in order): the blocks of `cross_entropy_rows_held`, or of the column-sum kernel.
 fn colsum_groups(chunk_rows: usize, vocab: usize) -> usize {
-    if fused_grad(vocab) {
+    if held_rows(vocab) {
         chunk_rows.clamp(1, GRAD_GROUPS)
     } else {
         chunk_rows.div_ceil(16).clamp(1, 64)
     }
 }
 
-/// Whether the training variant runs as `cross_entropy_rows_grad` (module docs, step 2).
-fn fused_grad(vocab: usize) -> bool {
+/// Whether the rows run through `cross_entropy_rows_held` (module docs, step 2).
+fn held_rows(vocab: usize) -> bool {
     vocab.is_multiple_of(8) && vocab <= GRAD_MAX_VOCAB
 }
 
@@ -702,12 +703,12 @@ impl Call<'_, '_> {
         p.write_grad = i32::from(self.grads.is_some());
         // This chunk's column-sum groups (a tail chunk may have fewer than the call's).
         p.groups = colsum_groups(n, vocab) as i32;
-        let fused = self.grads.is_some() && fused_grad(vocab);
-        if fused {
+        let held = held_rows(vocab);
+        if held && self.grads.is_some() {
             p.partial = self.partial_ptr()?;
         }
         let (kernel, blocks) =
-            if fused { ("cross_entropy_rows_grad", p.groups as u64) } else { ("cross_entropy_rows", n as u64) };
+            if held { ("cross_entropy_rows_held", p.groups as u64) } else { ("cross_entropy_rows", n as u64) };
         let cfg = LaunchConfig {
             grid_dim: (blocks_for("cross-entropy rows", blocks, 1)?, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
@@ -716,9 +717,10 @@ impl Call<'_, '_> {
         // SAFETY: logits holds n * vocab bf16 (ld = vocab), the bias vocab f32; targets and the
         // three row outputs hold `rows` elements each, of which [start, start + n) are addressed
         // (start + n <= rows); every target is below vocab (checked on the host), so the target
-        // logit read stays inside its row. The fused kernel (vocab % 8 == 0, vocab <=
-        // GRAD_MAX_VOCAB, as it requires) writes groups * vocab floats of partial, which holds
-        // colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte aligned.
+        // logit read stays inside its row. cross_entropy_rows_held (vocab % 8 == 0, vocab <=
+        // GRAD_MAX_VOCAB, as it requires) writes, in training only, groups * vocab floats of
+        // partial, which holds colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte
+        // aligned.
         unsafe { gpu.launch(MODULE, kernel, cfg, &p) }?;
 
         let Some(g) = self.grads.as_mut() else {
@@ -730,7 +732,7 @@ impl Call<'_, '_> {
         // dW[V, D] += dlogits_c^T x_c.
         self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &x_c, false, g.dw, 1.0, 1.0, Epilogue::None)?;
         p.dbias = g.db.f32_ptr();
-        if !fused {
+        if !held {
             p.partial = self.partial_ptr()?;
             let cfg = LaunchConfig {
                 grid_dim: (
