@@ -38,9 +38,10 @@
 //! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), written in place into the chunk's rows of `dx`;
 //! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1), and `db +=` the fixed-order sum of
 //!    the groups' column sums (`cross_entropy_colsum_finish`). No float atomics: deterministic.
-//!    cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it ran as
-//!    a kernel of its own, a second pass over the dlogits costing 16 µs of every 170 µs chunk
-//!    (BENCHMARKS.md).
+//!    cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it runs as
+//!    a kernel of its own, a second pass over the dlogits; the held-rows kernel forms them from
+//!    the values it already holds, one launch fewer per chunk for the same time per row as the
+//!    two (BENCHMARKS.md, third run).
 //!
 //! After the last chunk one single-block kernel reduces the per-row losses (f64 accumulation, a
 //! fixed tree) and the correct count, and the host reads those 8 bytes back: one synchronisation
