@@ -351,7 +351,7 @@ fn pinned_batches_equal_pageable_ones() {
     for a in &pageable {
         let sizes: Vec<usize> = a.iter().map(Batch::len).collect();
         let mut want = vec![4; readable / 4];
-        want.extend((readable % 4 != 0).then_some(readable % 4));
+        want.extend((!readable.is_multiple_of(4)).then_some(readable % 4));
         assert_eq!(sizes, want, "{readable} readable images in batches of 4, the last one short");
         assert!(a.iter().all(|x| !x.pixels.is_pinned()));
     }
