@@ -76,6 +76,18 @@ struct Stat {
     int idx;
 };
 
+// e^x through the SFU's base-2 exponential: one multiply and one MUFU.EX2, against about eight
+// instructions for the accurate expf, in kernels that issue two exponentials per logit and are
+// bound by instruction issue (BENCHMARKS.md, third run). ex2.approx is within 2 ulp, and the
+// rounding of x * log2(e) adds a relative error of |x| * 2^-24: about 1e-6 for the |x| <= 20
+// whose terms matter against a sum of at least 1, far below the bf16 roundings around it.
+// e^-inf = +0; NaN stays NaN.
+__device__ __forceinline__ float fast_exp(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+}
+
 // a <- a merged with b. The max and its lowest index are exact and order-free; s depends on the
 // order through rounding only, and the callers fix the order.
 __device__ __forceinline__ void merge(Stat& a, const Stat& b) {
@@ -86,7 +98,7 @@ __device__ __forceinline__ void merge(Stat& a, const Stat& b) {
     if (m == -INFINITY) {
         return;  // both empty: s stays 0
     }
-    a.s = a.s * expf(a.m - m) + b.s * expf(b.m - m);
+    a.s = a.s * fast_exp(a.m - m) + b.s * fast_exp(b.m - m);
     a.m = m;
 }
 
@@ -159,7 +171,7 @@ __device__ __forceinline__ Stat thread_stats(const __nv_bfloat16* rowp, const fl
                 }
             }
             if (lm > st.m) {
-                st.s *= expf(st.m - lm);
+                st.s *= fast_exp(st.m - lm);
                 st.m = lm;
                 st.idx = 8 * c + li;
             }
@@ -168,7 +180,7 @@ __device__ __forceinline__ Stat thread_stats(const __nv_bfloat16* rowp, const fl
             float add = 0.0f;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                add += v[e] == -INFINITY ? 0.0f : expf(v[e] - st.m);
+                add += v[e] == -INFINITY ? 0.0f : fast_exp(v[e] - st.m);
             }
             st.s += add;
         }
@@ -176,11 +188,11 @@ __device__ __forceinline__ Stat thread_stats(const __nv_bfloat16* rowp, const fl
         for (int j = threadIdx.x; j < vocab; j += kRowThreads) {
             const float v = __bfloat162float(rowp[j]) + bias[j];
             if (v > st.m) {
-                st.s = st.s * expf(st.m - v) + 1.0f;
+                st.s = st.s * fast_exp(st.m - v) + 1.0f;
                 st.m = v;
                 st.idx = j;
             } else if (v != -INFINITY) {
-                st.s += expf(v - st.m);
+                st.s += fast_exp(v - st.m);
             }
         }
     }
@@ -199,14 +211,14 @@ __device__ __forceinline__ void write_dlogits(__nv_bfloat16* rowp, const float* 
             load_logits8(rowp, bias, c, v);
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                v[e] = scale * (expf(v[e] - lse) - (8 * c + e == target ? 1.0f : 0.0f));
+                v[e] = scale * (fast_exp(v[e] - lse) - (8 * c + e == target ? 1.0f : 0.0f));
             }
             row8[c] = pack8(v);
         }
     } else {
         for (int j = threadIdx.x; j < vocab; j += kRowThreads) {
             const float v = __bfloat162float(rowp[j]) + bias[j];
-            rowp[j] = __float2bfloat16_rn(scale * (expf(v - lse) - (j == target ? 1.0f : 0.0f)));
+            rowp[j] = __float2bfloat16_rn(scale * (fast_exp(v - lse) - (j == target ? 1.0f : 0.0f)));
         }
     }
 }
@@ -317,9 +329,13 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
 // registers (read once, four 16-byte loads in flight), and the thread sums its columns of the
 // bf16 dlogits it writes, over its block's rows in increasing order, into partial[g, :]; the
 // finish kernel adds the groups in order. No float atomics: deterministic.
-extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_held(MapetCrossEntropy p) {
+// kFull: vocab == kGradMaxVocab, every thread owns kGradPer groups and no column test is needed
+// (the model's vocab); otherwise each group is tested against vocab / 8.
+template <bool kFull>
+__device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
     __shared__ RowShared sh;
     const int n8 = p.vocab / 8;
+    auto owned = [&](int c) { return kFull || c < n8; };
     float colsum[kGradPer][8];
 #pragma unroll
     for (int i = 0; i < kGradPer; ++i) {
@@ -335,7 +351,7 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_hel
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
             const int c = threadIdx.x + i * kRowThreads;
-            dst[i] = c < n8 ? src[c] : make_uint4(0u, 0u, 0u, 0u);
+            dst[i] = owned(c) ? src[c] : make_uint4(0u, 0u, 0u, 0u);
         }
     };
     uint4 next[kGradPer];
@@ -364,7 +380,7 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_hel
         for (int i = 0; i < kGradPer; ++i) {
             const int c = threadIdx.x + i * kRowThreads;
             unpack8(raw[i], v[i]);
-            if (c < n8) {
+            if (owned(c)) {
                 const float4 b0 = __ldg(reinterpret_cast<const float4*>(p.bias) + 2 * c);
                 const float4 b1 = __ldg(reinterpret_cast<const float4*>(p.bias) + 2 * c + 1);
                 const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
@@ -381,10 +397,10 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_hel
         // -inf logits add nothing; NaN ones make s (so lse and the loss) NaN, as in the forward.
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
-            if (threadIdx.x + i * kRowThreads < n8) {
+            if (owned(threadIdx.x + i * kRowThreads)) {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
-                    st.s += v[i][e] == -INFINITY ? 0.0f : expf(v[i][e] - st.m);
+                    st.s += v[i][e] == -INFINITY ? 0.0f : fast_exp(v[i][e] - st.m);
                 }
             }
         }
@@ -395,14 +411,14 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_hel
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
             const int c = threadIdx.x + i * kRowThreads;
-            if (c >= n8) {
+            if (!owned(c)) {
                 continue;
             }
             float d[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
                 // An ignored row's dlogits are 0 (adding 0 to the sums changes nothing).
-                d[e] = target < 0 ? 0.0f : p.grad_scale * (expf(v[i][e] - lse) - (8 * c + e == target ? 1.0f : 0.0f));
+                d[e] = target < 0 ? 0.0f : p.grad_scale * (fast_exp(v[i][e] - lse) - (8 * c + e == target ? 1.0f : 0.0f));
             }
             const uint4 packed = pack8(d);
             row8[c] = packed;
@@ -421,11 +437,19 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_hel
 #pragma unroll
     for (int i = 0; i < kGradPer; ++i) {
         const int c = threadIdx.x + i * kRowThreads;
-        if (c < n8) {
+        if (owned(c)) {
             reinterpret_cast<float4*>(out)[2 * c] = make_float4(colsum[i][0], colsum[i][1], colsum[i][2], colsum[i][3]);
             reinterpret_cast<float4*>(out)[2 * c + 1] =
                 make_float4(colsum[i][4], colsum[i][5], colsum[i][6], colsum[i][7]);
         }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_held(MapetCrossEntropy p) {
+    if (p.vocab == kGradMaxVocab) {
+        rows_held_body<true>(p);
+    } else {
+        rows_held_body<false>(p);
     }
 }
 
