@@ -156,6 +156,38 @@ impl Gpu {
         &self.stream
     }
 
+    /// A shared view of elements `range` of any device tensor of this `Gpu` (a buffer, a view, or
+    /// a tensor known only as [`DeviceRead`]): an op given `&dyn DeviceRead` runs a GEMM or a
+    /// kernel on part of it in place. An error when the range is not inside it.
+    pub fn view_of<'a, T: DeviceRepr>(
+        &'a self,
+        whole: &'a dyn DeviceRead<T>,
+        range: Range<usize>,
+    ) -> Result<DeviceView<'a, T>> {
+        check_range(&range, whole.len())?;
+        Ok(DeviceView {
+            ptr: offset_ptr::<T>(whole.ptr() as sys::CUdeviceptr, range.start),
+            len: range.len(),
+            stream: &self.stream,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// As [`Gpu::view_of`], exclusive, of a tensor known as [`DeviceWrite`].
+    pub fn view_mut_of<'a, T: DeviceRepr>(
+        &'a self,
+        whole: &'a mut dyn DeviceWrite<T>,
+        range: Range<usize>,
+    ) -> Result<DeviceViewMut<'a, T>> {
+        check_range(&range, whole.len())?;
+        Ok(DeviceViewMut {
+            ptr: offset_ptr::<T>(whole.ptr_mut() as sys::CUdeviceptr, range.start),
+            len: range.len(),
+            stream: &self.stream,
+            _borrow: PhantomData,
+        })
+    }
+
     /// The context.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx

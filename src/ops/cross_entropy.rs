@@ -76,9 +76,6 @@
 //! [`CpuPrecision::GpuRounding`] reproduces those roundings on the CPU: it is the same-precision
 //! baseline of the tests (DESIGN.md, "Conventions").
 
-use std::ffi::c_void;
-use std::marker::PhantomData;
-
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 use rayon::prelude::*;
@@ -576,76 +573,6 @@ impl ChunkBuffers {
     }
 }
 
-/// Elements `[at, at + len)` of a device tensor borrowed for `'a`, as a GEMM operand: the chunk's
-/// rows of `x` read in place, without a staging copy.
-struct Part<'a, T> {
-    ptr: *const c_void,
-    len: usize,
-    _borrow: PhantomData<&'a T>,
-}
-
-impl<'a, T> Part<'a, T> {
-    fn of(whole: &'a dyn DeviceRead<T>, at: usize, len: usize) -> Result<Self> {
-        check_part(whole.len(), at, len)?;
-        let ptr = (whole.ptr() as usize + at * std::mem::size_of::<T>()) as *const c_void;
-        Ok(Part { ptr, len, _borrow: PhantomData })
-    }
-}
-
-impl<T> DeviceRead<T> for Part<'_, T> {
-    fn ptr(&self) -> *const c_void {
-        self.ptr
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-/// As [`Part`], written: the chunk's rows of `dx`, written by the GEMM in place.
-struct PartMut<'a, T> {
-    ptr: *mut c_void,
-    len: usize,
-    _borrow: PhantomData<&'a mut T>,
-}
-
-impl<'a, T> PartMut<'a, T> {
-    fn of(whole: &'a mut dyn DeviceWrite<T>, at: usize, len: usize) -> Result<Self> {
-        check_part(whole.len(), at, len)?;
-        let ptr = (whole.ptr_mut() as usize + at * std::mem::size_of::<T>()) as *mut c_void;
-        Ok(PartMut { ptr, len, _borrow: PhantomData })
-    }
-}
-
-impl<T> DeviceRead<T> for PartMut<'_, T> {
-    fn ptr(&self) -> *const c_void {
-        self.ptr
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl<T> DeviceWrite<T> for PartMut<'_, T> {
-    fn ptr_mut(&mut self) -> *mut c_void {
-        self.ptr
-    }
-}
-
-/// Checks that `[at, at + len)` lies inside `whole` elements.
-fn check_part(whole: usize, at: usize, len: usize) -> Result<()> {
-    if at.checked_add(len).is_some_and(|end| end <= whole) {
-        Ok(())
-    } else {
-        Err(Error::Shape {
-            tensor: "chunk rows",
-            expected: format!("a range inside {whole} elements"),
-            got: format!("{len} elements from {at}"),
-        })
-    }
-}
-
 /// Everything one GPU call works on (`'g`: the gradient outputs, kept apart because mutable
 /// trait-object borrows are invariant).
 struct Call<'a, 'g> {
@@ -690,7 +617,8 @@ impl Call<'_, '_> {
     /// Rows `[start, start + cb.rows)`: logits, row statistics, and (backward) dx, dW, db.
     fn chunk(&mut self, cb: &mut ChunkBuffers, start: usize) -> Result<()> {
         let (gpu, dim, vocab, n) = (self.gpu, self.dim, self.vocab, cb.rows);
-        let x_c = Part::of(self.x, start * dim, n * dim)?;
+        // The chunk's rows of x, read in place by the GEMMs (no staging copy).
+        let x_c = gpu.view_of(self.x, start * dim..(start + n) * dim)?;
         // acc[n, V] = x_c W^T (the bias is added by the row kernel, in f32).
         self.gemm.matmul(n, vocab, dim, &x_c, false, self.w, true, &mut cb.logits, 1.0, 0.0, Epilogue::None)?;
 
@@ -734,7 +662,7 @@ impl Call<'_, '_> {
             return Ok(());
         };
         // dx_c[n, D] = dlogits_c W, written in place into the chunk's rows of dx.
-        let mut dx_c = PartMut::of(&mut *g.dx, start * dim, n * dim)?;
+        let mut dx_c = gpu.view_mut_of(&mut *g.dx, start * dim..(start + n) * dim)?;
         self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, &mut dx_c, 1.0, 0.0, Epilogue::None)?;
         // dW[V, D] += dlogits_c^T x_c.
         self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &x_c, false, g.dw, 1.0, 1.0, Epilogue::None)?;
