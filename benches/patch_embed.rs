@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::ops::patch_embed::{
-    cpu_backward, cpu_forward_f32, cuda_backward_with, cuda_forward_f32, cuda_forward_u8_with, DevicePixels, Normalize,
+    cpu_backward, cpu_forward_f32, cuda_backward, cuda_forward_f32, cuda_forward_u8, DevicePixels, Normalize,
     PatchEmbedShape, PixelOrder, Pixels,
 };
 use mapet::testing::{rng, uniform};
@@ -72,7 +72,7 @@ type Entry = Option<PixelOrder>;
 
 fn forward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, entry: Entry) -> mapet::Result<()> {
     match entry {
-        Some(order) => cuda_forward_u8_with(
+        Some(order) => cuda_forward_u8(
             gpu,
             order,
             s,
@@ -96,7 +96,7 @@ fn backward(gpu: &Gpu, s: &PatchEmbedShape, x: &mut Inputs, entry: Entry) -> map
         None => (DevicePixels::F32 { chw: &x.chw }, PixelOrder::Chw),
     };
     let [w, b, pos, cls, mask] = &mut x.grads;
-    cuda_backward_with(gpu, order, s, pixels, &x.ranks, &x.d_out, w, b, pos, cls, mask)
+    cuda_backward(gpu, order, s, pixels, &x.ranks, &x.d_out, w, b, pos, cls, mask)
 }
 
 /// Calls per timed sample of the printed medians.

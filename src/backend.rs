@@ -40,8 +40,9 @@ use crate::cuda::pinned::HostBytes;
 use crate::cuda::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu};
 use crate::error::{check_len, Error, Result};
 use crate::ops::cross_entropy::{self, CrossEntropyShape, CrossEntropyStats, RowOutputs};
-use crate::ops::patch_embed::{self, DevicePixels, Normalize, PatchEmbedShape, Pixels};
+use crate::ops::patch_embed::{self, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels};
 use crate::ops::residual::{self, LayerScaleShape, RowCopy};
+use crate::ops::KernelChoice;
 use crate::ops::{adamw, attention, gelu, gradnorm, layernorm};
 
 pub use crate::ops::adamw::AdamWStep;
@@ -748,6 +749,9 @@ pub struct CudaBackend {
     pub gpu: Arc<Gpu>,
     /// The GEMMs of every Linear and of the cross-entropy.
     pub gemm: Gemm,
+    /// The patch embedding's contraction order for uint8 pixels, read once from
+    /// `MAPET_PATCH_EMBED_ORDER` when the backend is made (the default: the faster order).
+    pub pixel_order: PixelOrder,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -760,7 +764,7 @@ impl CudaBackend {
     /// A backend on `gpu` (creates a cuBLASLt handle and its workspace).
     pub fn new(gpu: Arc<Gpu>) -> Result<Self> {
         let gemm = Gemm::new(&gpu)?;
-        Ok(CudaBackend { gpu, gemm })
+        Ok(CudaBackend { gpu, gemm, pixel_order: PixelOrder::selected()? })
     }
 
     /// Opens device 0.
@@ -1025,7 +1029,8 @@ impl Backend for CudaBackend {
         match images {
             PixelView::F32(chw) => patch_embed::cuda_forward_f32(gpu, shape, &chw, &ranks, w, b, pos, cls, mask, out),
             PixelView::U8 { hwc, norm } => {
-                patch_embed::cuda_forward_u8(gpu, shape, &hwc, &norm, &ranks, w, b, pos, cls, mask, out)
+                let order = self.pixel_order;
+                patch_embed::cuda_forward_u8(gpu, order, shape, &hwc, &norm, &ranks, w, b, pos, cls, mask, out)
             }
         }
     }
@@ -1047,7 +1052,8 @@ impl Backend for CudaBackend {
             PixelView::U8 { hwc, norm } => DevicePixels::U8 { hwc, norm: *norm },
         };
         let (dw, db, dpos, dcls, dmask) = (dweight, dbias, dpos_embed, dcls_token, dmask_token);
-        patch_embed::cuda_backward(&self.gpu, shape, pixels, &ranks, &d_out, dw, db, dpos, dcls, dmask)
+        let order = self.pixel_order;
+        patch_embed::cuda_backward(&self.gpu, order, shape, pixels, &ranks, &d_out, dw, db, dpos, dcls, dmask)
     }
 
     fn cross_entropy(

@@ -7,8 +7,8 @@ use half::bf16;
 use mapet::cpu::round_bf16;
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::ops::patch_embed::{
-    cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward_with, cuda_forward_f32, cuda_forward_u8_with,
-    normalize_u8, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels,
+    cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward, cuda_forward_f32, cuda_forward_u8, normalize_u8,
+    DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels,
 };
 use mapet::ops::KernelChoice;
 use mapet::testing::{assert_within_baseline, gpu_or_skip, rel_err, rng, to_f64, uniform, uniform_bf16};
@@ -577,7 +577,7 @@ fn gpu_forward(gpu: &Gpu, c: &Case, dc: &DeviceCase, entry: Entry) -> mapet::Res
     let mut out = gpu.alloc::<bf16>(c.s.out_len())?;
     out.poison()?;
     match entry {
-        Entry::U8(order) => cuda_forward_u8_with(
+        Entry::U8(order) => cuda_forward_u8(
             gpu, order, &c.s, &dc.hwc, &c.norm, &dc.ranks, &dc.weight, &dc.bias, &dc.pos, &dc.cls, &dc.mask, &mut out,
         )?,
         Entry::F32 => {
@@ -604,7 +604,7 @@ fn gpu_backward(
         Entry::U8(order) => (DevicePixels::U8 { hwc: &dc.hwc, norm: c.norm }, order),
         Entry::F32 => (DevicePixels::F32 { chw: &dc.chw }, PixelOrder::Chw),
     };
-    cuda_backward_with(gpu, order, &c.s, pixels, &dc.ranks, d_out, &mut w, &mut b, &mut pos, &mut cls, &mut mask)?;
+    cuda_backward(gpu, order, &c.s, pixels, &dc.ranks, d_out, &mut w, &mut b, &mut pos, &mut cls, &mut mask)?;
     Ok(Grads32 { w: w.to_host()?, b: b.to_host()?, pos: pos.to_host()?, cls: cls.to_host()?, mask: mask.to_host()? })
 }
 

@@ -502,7 +502,8 @@ impl PixelOrder {
     }
 }
 
-/// `MAPET_PATCH_EMBED_ORDER=chw|hwc` picks the order [`cuda_forward_u8`] and [`cuda_backward`] use.
+/// `MAPET_PATCH_EMBED_ORDER=chw|hwc` picks the order the CUDA backend passes to [`cuda_forward_u8`]
+/// and [`cuda_backward`] (read once, when the backend is made).
 impl KernelChoice for PixelOrder {
     const VAR: &'static str = "MAPET_PATCH_EMBED_ORDER";
     const CHOICES: &'static [Self] = &PixelOrder::ALL;
@@ -628,31 +629,11 @@ fn cuda_forward(
     Ok(())
 }
 
-/// CUDA forward from uint8 HWC images (normalised in registers); `out` bf16 `[B, N + 2P, D]`.
-/// Every element is written when `ranks` holds valid permutations; the kernel cannot check that
-/// (ranks outside [0, N) are skipped, leaving rows unwritten). Contracts in
-/// the selected ([`KernelChoice::selected`]) [`PixelOrder`].
+/// CUDA forward from uint8 HWC images (normalised in registers), contracting in `order`; `out`
+/// bf16 `[B, N + 2P, D]`. Every element is written when `ranks` holds valid permutations; the
+/// kernel cannot check that (ranks outside [0, N) are skipped, leaving rows unwritten).
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_forward_u8(
-    gpu: &Gpu,
-    shape: &PatchEmbedShape,
-    hwc: &dyn DeviceRead<u8>,
-    norm: &Normalize,
-    ranks: &dyn DeviceRead<i32>,
-    weight: &dyn DeviceRead<bf16>,
-    bias: &dyn DeviceRead<f32>,
-    pos_embed: &dyn DeviceRead<f32>,
-    cls_token: &dyn DeviceRead<f32>,
-    mask_token: &dyn DeviceRead<f32>,
-    out: &mut dyn DeviceWrite<bf16>,
-) -> Result<()> {
-    let order = PixelOrder::selected()?;
-    cuda_forward_u8_with(gpu, order, shape, hwc, norm, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
-}
-
-/// [`cuda_forward_u8`] with an explicit contraction order.
-#[allow(clippy::too_many_arguments)]
-pub fn cuda_forward_u8_with(
     gpu: &Gpu,
     order: PixelOrder,
     shape: &PatchEmbedShape,
@@ -702,28 +683,10 @@ pub fn weight_grad_splits(shape: &PatchEmbedShape, sm_count: u32) -> (usize, usi
 
 /// CUDA backward: adds (+=) the f32 gradients of weight `[D, 3, p, p]`, bias, pos_embed,
 /// cls_token and mask_token given bf16 `d_out` `[B, N + 2P, D]`. Deterministic. Allocates its
-/// f32 scratch (splits·D·K + 2·N·D) on the stream. uint8 pixels are contracted in
-/// the selected ([`KernelChoice::selected`]) [`PixelOrder`].
+/// f32 scratch (splits·D·K + 2·N·D) on the stream. uint8 pixels are contracted in `order` (f32
+/// pixels always in CHW order).
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
-    gpu: &Gpu,
-    shape: &PatchEmbedShape,
-    pixels: DevicePixels<'_>,
-    ranks: &dyn DeviceRead<i32>,
-    d_out: &dyn DeviceRead<bf16>,
-    dweight: &mut dyn DeviceWrite<f32>,
-    dbias: &mut dyn DeviceWrite<f32>,
-    dpos_embed: &mut dyn DeviceWrite<f32>,
-    dcls_token: &mut dyn DeviceWrite<f32>,
-    dmask_token: &mut dyn DeviceWrite<f32>,
-) -> Result<()> {
-    let order = PixelOrder::selected()?;
-    cuda_backward_with(gpu, order, shape, pixels, ranks, d_out, dweight, dbias, dpos_embed, dcls_token, dmask_token)
-}
-
-/// [`cuda_backward`] with an explicit contraction order for uint8 pixels.
-#[allow(clippy::too_many_arguments)]
-pub fn cuda_backward_with(
     gpu: &Gpu,
     order: PixelOrder,
     shape: &PatchEmbedShape,
