@@ -70,6 +70,12 @@ constexpr int kBwdN = 128;
 constexpr int kBwdK = 128;
 constexpr int kBwdC = 32;
 constexpr int kBwdLd = 128 + 8;  // padded row, 272 bytes
+// Batch sums per token (mapet_patch_embed_bwd_tokens): 8-channel groups x batch slices a block.
+constexpr int kTokGroups = 32;
+constexpr int kTokSlices = 8;
+// Sums over tokens (mapet_patch_embed_bwd_vectors): channels x token slices a block.
+constexpr int kVecCols = 32;
+constexpr int kVecSlices = 32;
 
 // ------------------------------------------------------------------ PTX helpers
 
@@ -114,6 +120,21 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 
 __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Eight bf16 (16 bytes, 16-byte aligned) through the read-only path.
+__device__ __forceinline__ uint4 ldg16(const __nv_bfloat16* p) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// acc[e] += the e-th of the eight bf16 packed in v.
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const uint4& v) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        acc[2 * i] += __uint_as_float(w[i] << 16);
+        acc[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
+    }
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -884,66 +905,104 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
     reduce_weight_partials<true>(p);
 }
 
-// Per token t and channel pair: sums over the batch (in order) of its content row and of its two
-// mask rows; dpos += both, and both are kept in token_sums [2, N, D] for the next kernel.
-// Grid (ceil(D/2 / blockDim), N).
-extern "C" __global__ void mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
+// Per token t and 8 channels: sums over the batch (in a fixed order) of its content row and of its
+// two mask rows; dpos += both, and both are kept in token_sums [2, N, D] for the next kernel.
+// Grid (ceil(D/8 / kTokGroups), N), block kTokGroups x kTokSlices. Thread (g, k) owns channels
+// 8g'..8g'+7 (g' = blockIdx.x * kTokGroups + g) and sums samples k, k + kTokSlices, ... in
+// increasing order, loading four samples' rows before adding them; slice 0 then adds the slices'
+// sums in slice order. A warp reads 512 contiguous bytes of one row (16 bytes a lane) and
+// d_out is read exactly once: this pass is bound by memory bandwidth, with 8 slices keeping enough
+// loads in flight that a single thread does not have to walk the whole batch.
+extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
+    __shared__ float s_part[kTokSlices][2][kTokGroups][8];
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
     const int n_pred = n_tokens - p.n_context;
     const int rows = n_tokens + 2 * n_pred;
-    const int d = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+    const int g = threadIdx.x % kTokGroups;
+    const int k = threadIdx.x / kTokGroups;
+    const int d = 8 * (blockIdx.x * kTokGroups + g);
     const int t = blockIdx.y;
-    if (d >= p.dim) return;
+    const bool live = d < p.dim;  // no early return: every thread reaches the barrier
     const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(p.d_out);
-    float c0 = 0.f, c1 = 0.f, m0 = 0.f, m1 = 0.f;
-    // Four samples at a time: all loads first (absent rows read as zeros), then the sums in
-    // sample order, so the result does not depend on the unrolling.
-    for (int b0 = 0; b0 < p.batch; b0 += 4) {
-        int r[4];
+    float c[8], m[8];
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            r[j] = b0 + j < p.batch ? __ldg(p.ranks + static_cast<int64_t>(b0 + j) * n_tokens + t) : -1;
-        float2 v[4], a[4], e[4];
+    for (int e = 0; e < 8; ++e) c[e] = m[e] = 0.f;
+    constexpr int kUnroll = 4;
+    for (int b0 = k; live && b0 < p.batch; b0 += kUnroll * kTokSlices) {
+        uint4 v[kUnroll], a[kUnroll], h[kUnroll];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int64_t row = static_cast<int64_t>(b0 + j) * rows;
-            v[j] = a[j] = e[j] = make_float2(0.f, 0.f);
-            if (r[j] >= 0 && r[j] < n_tokens)
-                v[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + (row + r[j]) * p.dim + d));
-            if (t > 0 && r[j] >= p.n_context && r[j] < n_tokens) {
-                const int64_t h = row + n_tokens + (r[j] - p.n_context);
-                a[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + h * p.dim + d));
-                e[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d_out + (h + n_pred) * p.dim + d));
+        for (int j = 0; j < kUnroll; ++j) {
+            const int b = b0 + j * kTokSlices;
+            v[j] = a[j] = h[j] = make_uint4(0u, 0u, 0u, 0u);  // absent rows add zeros
+            const int r = b < p.batch ? __ldg(p.ranks + static_cast<int64_t>(b) * n_tokens + t) : -1;
+            const int64_t row = static_cast<int64_t>(b) * rows;
+            if (r >= 0 && r < n_tokens) v[j] = ldg16(d_out + (row + r) * p.dim + d);
+            if (t > 0 && r >= p.n_context && r < n_tokens) {
+                const int64_t q = row + n_tokens + (r - p.n_context);
+                a[j] = ldg16(d_out + q * p.dim + d);
+                h[j] = ldg16(d_out + (q + n_pred) * p.dim + d);
             }
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            c0 += v[j].x;
-            c1 += v[j].y;
-            m0 += a[j].x + e[j].x;
-            m1 += a[j].y + e[j].y;
+        for (int j = 0; j < kUnroll; ++j) {
+            add_bf16x8(c, v[j]);
+            add_bf16x8(m, a[j]);
+            add_bf16x8(m, h[j]);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        s_part[k][0][g][e] = c[e];
+        s_part[k][1][g][e] = m[e];
+    }
+    __syncthreads();
+    if (k != 0 || !live) return;
+#pragma unroll
+    for (int s = 1; s < kTokSlices; ++s) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            c[e] += s_part[s][0][g][e];
+            m[e] += s_part[s][1][g][e];
         }
     }
     const int64_t i = static_cast<int64_t>(t) * p.dim + d;
-    p.dpos_embed[i] += c0 + m0;
-    p.dpos_embed[i + 1] += c1 + m1;
     const int64_t plane = static_cast<int64_t>(n_tokens) * p.dim;
-    p.token_sums[i] = c0;
-    p.token_sums[i + 1] = c1;
-    p.token_sums[plane + i] = m0;
-    p.token_sums[plane + i + 1] = m1;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        p.dpos_embed[i + e] += c[e] + m[e];
+        p.token_sums[i + e] = c[e];
+        p.token_sums[plane + i + e] = m[e];
+    }
 }
 
 // dcls += content sum of token 0; dbias += content sums of tokens 1..N-1; dmask += all mask sums.
-// One thread per channel, tokens in order.
-extern "C" __global__ void mapet_patch_embed_bwd_vectors(const MapetPatchEmbedBwd p) {
+// Grid ceil(D / kVecCols), block kVecCols x kVecSlices: slice k of a column sums tokens k,
+// k + kVecSlices, ... in increasing order (a warp reads 32 consecutive channels of one token), then
+// slice 0 adds the slices' sums in slice order. Fixed order: deterministic.
+extern "C" __global__ void __launch_bounds__(kVecCols * kVecSlices) mapet_patch_embed_bwd_vectors(const MapetPatchEmbedBwd p) {
+    __shared__ float s_bias[kVecSlices][kVecCols];
+    __shared__ float s_mask[kVecSlices][kVecCols];
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
-    const int d = blockIdx.x * blockDim.x + threadIdx.x;
-    if (d >= p.dim) return;
+    const int col = threadIdx.x % kVecCols;
+    const int k = threadIdx.x / kVecCols;
+    const int d = blockIdx.x * kVecCols + col;
     const int64_t plane = static_cast<int64_t>(n_tokens) * p.dim;
     float bias = 0.f, mask = 0.f;
-    for (int t = 1; t < n_tokens; ++t) bias += p.token_sums[static_cast<int64_t>(t) * p.dim + d];
-    for (int t = 0; t < n_tokens; ++t) mask += p.token_sums[plane + static_cast<int64_t>(t) * p.dim + d];
+    if (d < p.dim) {
+        for (int t = k; t < n_tokens; t += kVecSlices) {
+            const int64_t i = static_cast<int64_t>(t) * p.dim + d;
+            if (t > 0) bias += p.token_sums[i];
+            mask += p.token_sums[plane + i];
+        }
+    }
+    s_bias[k][col] = bias;
+    s_mask[k][col] = mask;
+    __syncthreads();
+    if (k != 0 || d >= p.dim) return;
+    for (int s = 1; s < kVecSlices; ++s) {
+        bias += s_bias[s][col];
+        mask += s_mask[s][col];
+    }
     p.dcls_token[d] += p.token_sums[d];
     p.dbias[d] += bias;
     p.dmask_token[d] += mask;

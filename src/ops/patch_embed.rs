@@ -40,6 +40,12 @@ const FWD_TILE_M: usize = 128;
 const FWD_TILE_N: usize = 128;
 const BWD_TILE: usize = 128;
 const BWD_STEP: usize = 32;
+/// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
+const TOKEN_GROUPS: u64 = 32;
+const TOKEN_SLICES: u64 = 8;
+/// `mapet_patch_embed_bwd_vectors`' block: channels x token slices (kVecCols, kVecSlices).
+const VECTOR_COLS: u64 = 32;
+const VECTOR_SLICES: u64 = 32;
 
 /// Sizes of one patch-embedding call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -752,8 +758,9 @@ pub fn cuda_backward(
         splits as u32,
     );
     let reduce_blocks = blocks_for("patch embedding weight", shape.weight_len() as u64, 256)?.min(4096);
-    let token_grid = (blocks_for("patch embedding channels", (shape.dim / 2) as u64, 128)?, shape.n_tokens() as u32, 1);
-    let vector_blocks = blocks_for("patch embedding channels", shape.dim as u64, 128)?;
+    let token_grid =
+        (blocks_for("patch embedding channels", (shape.dim / 8) as u64, TOKEN_GROUPS)?, shape.n_tokens() as u32, 1);
+    let vector_blocks = blocks_for("patch embedding channels", shape.dim as u64, VECTOR_COLS)?;
     // SAFETY: validate_cuda bounds every index the kernel forms; pixels, ranks and d_out were
     // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
     // has `splits` layers; rows whose rank is outside [1, N) are read as zeros.
@@ -761,10 +768,17 @@ pub fn cuda_backward(
     // SAFETY: reads splits·D·K floats of `partial` and adds to dweight (D·K, checked above; the
     // HWC variant writes each of the D·K elements once, at a permuted index).
     unsafe { gpu.launch(MODULE, reduce, launch_cfg((reduce_blocks, 1, 1), 256), &params)? };
-    // SAFETY: grid (D/2/128, N): reads ranks and d_out (checked above), skipping ranks outside
-    // [0, N); writes dpos_embed (N·D, checked) and token_sums (2·N·D, allocated above).
-    unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, 128), &params)? };
-    // SAFETY: one thread per channel d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
-    unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_vectors", launch_cfg((vector_blocks, 1, 1), 128), &params)? };
+    // SAFETY: grid (D/8/TOKEN_GROUPS, N), block TOKEN_GROUPS x TOKEN_SLICES as the kernel's
+    // constants: reads ranks and d_out (checked above; D % 8 == 0 and d_out 16-byte aligned for its
+    // 16-byte loads), skipping ranks outside [0, N); writes dpos_embed (N·D, checked) and
+    // token_sums (2·N·D, allocated above).
+    let token_block = (TOKEN_GROUPS * TOKEN_SLICES) as u32;
+    unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, token_block), &params)? };
+    // SAFETY: block VECTOR_COLS x VECTOR_SLICES as the kernel's constants, one column per channel
+    // d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
+    let vector_block = (VECTOR_COLS * VECTOR_SLICES) as u32;
+    unsafe {
+        gpu.launch(MODULE, "mapet_patch_embed_bwd_vectors", launch_cfg((vector_blocks, 1, 1), vector_block), &params)?
+    };
     Ok(())
 }
