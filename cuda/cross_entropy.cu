@@ -34,15 +34,17 @@
 //   cross_entropy_rows_held      what cross_entropy_rows does (both variants) where vocab % 8
 //                                == 0 and vocab <= 8192 (the model's 8192): a block per group
 //                                of rows, each thread's slice of a row held in registers (read
-//                                once, never re-read), and in training the column sums of the
-//                                dlogits it writes accumulated per thread over the block's rows
-//                                into partial[block, :] (the bias gradient, with no second pass
-//                                over the dlogits). One kernel for both variants, so the forward
-//                                alone and training give the same statistics bit for bit.
-//   cross_entropy_colsum_partial db += column sums of dlogits, without float atomics, for the
-//                                other vocab sizes: block (x, g) sums rows [g*per, (g+1)*per)
-//                                of its columns into partial[g, :].
-//   cross_entropy_colsum_finish  dbias[c] += sum_g partial[g, c] in a fixed order.
+//                                once, never re-read; one exponential per logit), and in
+//                                training the column sums of the dlogits it writes accumulated
+//                                per thread over the block's rows and added to partial[block, :]
+//                                (the bias gradient, with no second pass over the dlogits). One
+//                                kernel for both variants, so the forward alone and training
+//                                give the same statistics bit for bit.
+//   cross_entropy_colsum_partial db's column sums of dlogits, without float atomics, for the
+//                                other vocab sizes: block (x, g) adds the sum of rows
+//                                [g*per, (g+1)*per) of its columns to partial[g, :].
+//   cross_entropy_colsum_finish  dbias[c] += sum_g partial[g, c] in a fixed order, once per call
+//                                (partial is zeroed by the host and added to by every chunk).
 //   cross_entropy_reduce         one block: mean loss over the rows with t >= 0 (f64
 //                                accumulation, fixed tree order) and the count of rows whose
 //                                argmax equals the target; written to result[0] (f32 bits) and
@@ -76,16 +78,22 @@ struct Stat {
     int idx;
 };
 
-// e^x through the SFU's base-2 exponential: one multiply and one MUFU.EX2, against about eight
-// instructions for the accurate expf, in kernels that issue two exponentials per logit and are
-// bound by instruction issue (BENCHMARKS.md, third run). ex2.approx is within 2 ulp, and the
-// rounding of x * log2(e) adds a relative error of |x| * 2^-24: about 1e-6 for the |x| <= 20
-// whose terms matter against a sum of at least 1, far below the bf16 roundings around it.
-// e^-inf = +0; NaN stays NaN.
-__device__ __forceinline__ float fast_exp(float x) {
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x on the SFU (MUFU.EX2, within 2 ulp): +0 for -inf, NaN for NaN.
+__device__ __forceinline__ float ex2(float x) {
     float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// e^x as 2^(x log2(e)): one multiply and one MUFU.EX2, against about eight instructions for the
+// accurate expf, in kernels bound by instruction issue (BENCHMARKS.md, third run). The rounding
+// of x * log2(e) (or of the FFMA that cross_entropy_rows_held folds it into) adds a relative
+// error of about |x| * 2^-24: about 1e-6 for the |x| <= 20 whose terms matter against a sum of
+// at least 1, far below the bf16 roundings around it.
+__device__ __forceinline__ float fast_exp(float x) {
+    return ex2(x * kLog2e);
 }
 
 // a <- a merged with b. The max and its lowest index are exact and order-free; s depends on the
@@ -238,6 +246,13 @@ __device__ __forceinline__ void write_zeros(__nv_bfloat16* rowp, int vocab) {
     }
 }
 
+// Shared memory of cross_entropy_rows_held's block statistics of one row.
+struct HeldShared {
+    float m[kRowWarps];
+    int idx[kRowWarps];
+    float s[kRowWarps];
+};
+
 // Shared memory of the block merge of one row.
 struct RowShared {
     float m[kRowWarps];
@@ -327,13 +342,25 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
 // g, g + groups, g + 2 groups, ... and thread t owns the same columns of every row: the 8-column
 // groups c = t + i * kRowThreads, i < kGradPer. So the whole row slice of a thread stays in
 // registers (read once, four 16-byte loads in flight), and the thread sums its columns of the
-// bf16 dlogits it writes, over its block's rows in increasing order, into partial[g, :]; the
-// finish kernel adds the groups in order. No float atomics: deterministic.
+// dlogits it writes, over its block's rows in increasing order, into partial[g, :] (added to:
+// the host zeroes partial once per call and every chunk adds, so the finish kernel runs once per
+// call); the finish kernel adds the groups in order. No float atomics: deterministic.
 // kFull: vocab == kGradMaxVocab, every thread owns kGradPer groups and no column test is needed
 // (the model's vocab); otherwise each group is tested against vocab / 8.
+//
+// Per row, each logit costs one exponential: the thread's exponentials e_j = exp(l_j - m_t),
+// taken against the thread's own max m_t, replace the logits in its registers; the block's sum
+// is sum_t s_t exp(m_t - m) over the threads' sums s_t, and dlogit_j = e_j * grad_scale *
+// exp(m_t - lse), one multiply, minus grad_scale at the target alone (only the thread that owns
+// the target's column tests it). e_j <= 1 and exp(m_t - lse) <= 1: nothing overflows. The block
+// statistics take two barriers a row: the first publishes the warps' maxima (every thread then
+// merges the eight in the same order), the second the warps' rescaled sums; every thread then
+// holds lse, so no warp waits on another to finish a serial merge.
 template <bool kFull>
 __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
-    __shared__ RowShared sh;
+    __shared__ HeldShared sh;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
     const int n8 = p.vocab / 8;
     auto owned = [&](int c) { return kFull || c < n8; };
     float colsum[kGradPer][8];
@@ -344,24 +371,26 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
             colsum[i][e] = 0.0f;
         }
     }
-    // The thread's 16-byte groups of row r (zeros past the vocab). Rows belong to one block
-    // each, so loading the block's next row early races with nothing.
-    auto load_row = [&](int64_t r, uint4 (&dst)[kGradPer]) {
+    // The thread's 16-byte groups of row r (zeros past the vocab) and the row's target. Rows
+    // belong to one block each, so loading the block's next row early races with nothing.
+    uint4 next[kGradPer];
+    int next_target = -1;
+    auto prefetch = [&](int64_t r) {
         const uint4* src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.logits) + r * p.ld);
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
             const int c = threadIdx.x + i * kRowThreads;
-            dst[i] = owned(c) ? src[c] : make_uint4(0u, 0u, 0u, 0u);
+            next[i] = owned(c) ? src[c] : make_uint4(0u, 0u, 0u, 0u);
         }
+        next_target = p.targets[r];
     };
-    uint4 next[kGradPer];
     if (blockIdx.x < p.rows) {
-        load_row(blockIdx.x, next);
+        prefetch(blockIdx.x);
     }
     for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
         __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + row * p.ld;
         uint4* row8 = reinterpret_cast<uint4*>(rowp);
-        const int target = p.targets[row];
+        const int target = next_target;
         uint4 raw[kGradPer];
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
@@ -370,12 +399,19 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         // The block's next row is loaded while this one is reduced and written: a row's loads no
         // longer wait on the previous row's two barriers.
         if (row + gridDim.x < p.rows) {
-            load_row(row + gridDim.x, next);
+            prefetch(row + gridDim.x);
         }
-        // All of the thread's logits are at hand: its max (lowest index on ties: increasing
-        // index order and a strict '>'), then one sum of exponentials, no running rescale.
+        // The target's logit, for the loss: thread 0 reads it now, and uses it before the second
+        // barrier, after which the other threads overwrite the row with dlogits.
+        float target_logit = 0.0f;
+        if (threadIdx.x == 0 && target >= 0) {
+            target_logit = __bfloat162float(rowp[target]) + __ldg(p.bias + target);
+        }
+        // The thread's logits and their max (lowest index on ties: increasing index order and a
+        // strict '>'; a NaN is never kept).
         float v[kGradPer][8];
-        Stat st{-INFINITY, 0.0f, kNoIndex};
+        float m = -INFINITY;
+        int idx = kNoIndex;
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
             const int c = threadIdx.x + i * kRowThreads;
@@ -387,27 +423,97 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     v[i][e] += b[e];
-                    if (v[i][e] > st.m) {
-                        st.m = v[i][e];
-                        st.idx = 8 * c + e;
+                    if (v[i][e] > m) {
+                        m = v[i][e];
+                        idx = 8 * c + e;
                     }
                 }
             }
         }
-        // -inf logits add nothing; NaN ones make s (so lse and the loss) NaN, as in the forward.
+        // e_j = 2^(l_j log2(e) - m_t log2(e)), one FFMA and one MUFU.EX2, in place of l_j. -inf
+        // logits give +0; NaN ones NaN, so s (and lse, the loss) is NaN, as on the CPU. A thread
+        // whose logits are all -inf or NaN (m_t = -inf) subtracts 0 instead of -inf (no inf - inf).
+        const float m_log2 = m == -INFINITY ? 0.0f : m * kLog2e;
+        float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
             if (owned(threadIdx.x + i * kRowThreads)) {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
-                    st.s += v[i][e] == -INFINITY ? 0.0f : fast_exp(v[i][e] - st.m);
+                    v[i][e] = ex2(fmaf(v[i][e], kLog2e, -m_log2));
+                    s += v[i][e];
                 }
             }
         }
-        const float lse = row_result(st, rowp, p, row, target, sh);
+        // The block's max and its lowest index, merged in the same order by every thread.
+        float bm = m;
+        int bi = idx;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            const float om = __shfl_xor_sync(kFullMask, bm, off);
+            const int oi = __shfl_xor_sync(kFullMask, bi, off);
+            if (om > bm || (om == bm && oi < bi)) {
+                bm = om;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            sh.m[warp] = bm;
+            sh.idx[warp] = bi;
+        }
+        __syncthreads();
+        bm = sh.m[0];
+        bi = sh.idx[0];
+#pragma unroll
+        for (int w = 1; w < kRowWarps; ++w) {
+            const float om = sh.m[w];
+            const int oi = sh.idx[w];
+            if (om > bm || (om == bm && oi < bi)) {
+                bm = om;
+                bi = oi;
+            }
+        }
+        // The thread's sum against the block max, then the block's sum: an xor butterfly leaves
+        // the same bits in every lane, and every thread adds the warps' sums in warp order.
+        float bs = s * (bm == -INFINITY ? 0.0f : ex2((m - bm) * kLog2e));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            bs += __shfl_xor_sync(kFullMask, bs, off);
+        }
+        if (lane == 0) {
+            sh.s[warp] = bs;
+        }
+        // Also orders every thread's reads of sh.m/idx before the next row's writes of them; the
+        // reads of sh.s below come before the next row's first barrier, so before its writes.
+        __syncthreads();
+        bs = sh.s[0];
+#pragma unroll
+        for (int w = 1; w < kRowWarps; ++w) {
+            bs += sh.s[w];
+        }
+        const float lse = bm + logf(bs);
+        if (threadIdx.x == 0) {
+            p.row_loss[row] = target >= 0 ? lse - target_logit : 0.0f;
+            p.row_lse[row] = lse;
+            // No element was ever kept (every logit -inf or NaN, only from non-finite inputs):
+            // index 0, as on the CPU, rather than the out-of-range kNoIndex.
+            p.row_argmax[row] = bi == kNoIndex ? 0 : bi;
+        }
         if (!p.write_grad) {
             continue;  // uniform over the block
         }
+        if (target < 0) {  // an ignored row: dlogits 0, nothing added to the sums
+#pragma unroll
+            for (int i = 0; i < kGradPer; ++i) {
+                const int c = threadIdx.x + i * kRowThreads;
+                if (owned(c)) {
+                    row8[c] = make_uint4(0u, 0u, 0u, 0u);
+                }
+            }
+            continue;
+        }
+        // grad_scale * softmax_j = e_j * grad_scale * exp(m_t - lse).
+        const float f = m == -INFINITY ? 0.0f : p.grad_scale * ex2((m - lse) * kLog2e);
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
             const int c = threadIdx.x + i * kRowThreads;
@@ -417,30 +523,35 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
             float d[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                // An ignored row's dlogits are 0 (adding 0 to the sums changes nothing).
-                d[e] = target < 0 ? 0.0f : p.grad_scale * (fast_exp(v[i][e] - lse) - (8 * c + e == target ? 1.0f : 0.0f));
+                d[e] = v[i][e] * f;
             }
-            const uint4 packed = pack8(d);
-            row8[c] = packed;
-            float rounded[8];
-            unpack8(packed, rounded);  // the sums take the bf16 values the GEMMs read
+            const int local = target - 8 * c;
+            if (static_cast<unsigned>(local) < 8u) {  // this thread owns the target's column
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    d[e] -= e == local ? p.grad_scale : 0.0f;
+                }
+            }
+            row8[c] = pack8(d);
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                colsum[i][e] += rounded[e];
+                colsum[i][e] += d[e];
             }
         }
     }
     if (!p.write_grad) {
         return;
     }
-    float* out = p.partial + static_cast<int64_t>(blockIdx.x) * p.vocab;
+    float4* out = reinterpret_cast<float4*>(p.partial + static_cast<int64_t>(blockIdx.x) * p.vocab);
 #pragma unroll
     for (int i = 0; i < kGradPer; ++i) {
         const int c = threadIdx.x + i * kRowThreads;
         if (owned(c)) {
-            reinterpret_cast<float4*>(out)[2 * c] = make_float4(colsum[i][0], colsum[i][1], colsum[i][2], colsum[i][3]);
-            reinterpret_cast<float4*>(out)[2 * c + 1] =
-                make_float4(colsum[i][4], colsum[i][5], colsum[i][6], colsum[i][7]);
+            const float4 a = out[2 * c];
+            const float4 b = out[2 * c + 1];
+            out[2 * c] = make_float4(a.x + colsum[i][0], a.y + colsum[i][1], a.z + colsum[i][2], a.w + colsum[i][3]);
+            out[2 * c + 1] =
+                make_float4(b.x + colsum[i][4], b.y + colsum[i][5], b.z + colsum[i][6], b.w + colsum[i][7]);
         }
     }
 }
@@ -454,7 +565,7 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_hel
 }
 
 // Grid: (ceil(vocab / blockDim.x), groups). Each thread sums one column over its group's rows,
-// in increasing order, into partial[group, column]. Used where cross_entropy_rows_held is not
+// in increasing order, and adds the sum to partial[group, column]. Used where cross_entropy_rows_held is not
 // (vocab % 8 != 0 or vocab > 8192), so loads are scalar; a warp still reads 64 contiguous bytes
 // per row.
 extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
@@ -471,7 +582,7 @@ extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
     for (int64_t r = r0; r < r1; ++r) {
         acc += __bfloat162float(base[r * p.ld + c]);
     }
-    p.partial[static_cast<int64_t>(blockIdx.y) * p.vocab + c] = acc;
+    p.partial[static_cast<int64_t>(blockIdx.y) * p.vocab + c] += acc;  // zeroed once per call
 }
 
 // Grid: ceil(vocab / kFinishCols); block: kFinishCols x kFinishSlices threads. dbias[c] += the

@@ -28,24 +28,24 @@
 //!    loss and argmax. The bias is added there, in f32, rather than by cuBLASLt's bias epilogue,
 //!    which takes the bias in the output type (bf16): this way the f32 master bias is used as is
 //!    and the logits are rounded once, not twice. In training the chunk is then overwritten in
-//!    place with bf16 dlogits, and the column sums of those (the bias gradient) are formed per
-//!    group of rows into a `[groups, V]` scratch. When `V` is a multiple of 8 and at most
-//!    [`GRAD_MAX_VOCAB`] (the model's 8192), `cuda/cross_entropy.cu::cross_entropy_rows_held`
-//!    does all of it, each thread holding its slice of a row in registers and summing its own
-//!    columns over its block's rows (the same kernel without the writes for the forward alone,
-//!    so both give the same statistics bit for bit). Other `V` run `cross_entropy_rows`, one block
-//!    per row, then in training a column-sum kernel over the dlogits;
+//!    place with bf16 dlogits, and the column sums of those (the bias gradient) are added per
+//!    group of rows into a `[groups, V]` scratch, zeroed once per call. When `V` is a multiple of
+//!    8 and at most [`GRAD_MAX_VOCAB`] (the model's 8192),
+//!    `cuda/cross_entropy.cu::cross_entropy_rows_held` does all of it, each thread holding its
+//!    slice of a row in registers (one exponential per logit) and summing its own columns over its
+//!    block's rows (the same kernel without the writes for the forward alone, so both give the
+//!    same statistics bit for bit). Other `V` run `cross_entropy_rows`, one block per row, then in
+//!    training a column-sum kernel over the dlogits;
 //! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), written in place into the chunk's rows of `dx`;
-//! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1), and `db +=` the fixed-order sum of
-//!    the groups' column sums (`cross_entropy_colsum_finish`). No float atomics: deterministic.
-//!    cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it runs as
-//!    a kernel of its own, a second pass over the dlogits; the held-rows kernel forms them from
-//!    the values it already holds, one launch fewer per chunk for the same time per row as the
-//!    two (BENCHMARKS.md, third run).
+//! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1).
 //!
-//! After the last chunk one single-block kernel reduces the per-row losses (f64 accumulation, a
-//! fixed tree) and the correct count, and the host reads those 8 bytes back: one synchronisation
-//! per call. Everything is deterministic run to run.
+//! cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it runs as a
+//! kernel of its own, a second pass over the dlogits; the held-rows kernel forms them from the
+//! values it already holds (BENCHMARKS.md, third run). After the last chunk, `db +=` the
+//! fixed-order sum of the groups' column sums (`cross_entropy_colsum_finish`, once per call, not
+//! once per chunk), and one single-block kernel reduces the per-row losses (f64 accumulation, a
+//! fixed tree) and the correct count; the host reads those 8 bytes back: one synchronisation per
+//! call. No float atomics anywhere: everything is deterministic run to run.
 //!
 //! # Extra device memory
 //!
@@ -72,9 +72,11 @@
 //!
 //! CPU ([`CpuPrecision::F32`]): f32 throughout. GPU: `x`, `W` bf16; the logits are
 //! `bf16(x W^T)` (f32 accumulation) plus the f32 bias in f32; softmax, loss and lse in f32;
-//! dlogits rounded to bf16 (the GEMM inputs of the backward); `dx` bf16; `dW`, `db` f32.
-//! [`CpuPrecision::GpuRounding`] reproduces those roundings on the CPU: it is the same-precision
-//! baseline of the tests (DESIGN.md, "Conventions").
+//! dlogits rounded to bf16 (the GEMM inputs of the backward); `dx` bf16; `dW`, `db` f32. `db`
+//! sums the dlogits before their rounding where `cross_entropy_rows_held` runs (it has them in
+//! f32), the stored bf16 values elsewhere. [`CpuPrecision::GpuRounding`] reproduces the roundings
+//! on the CPU, summing the rounded dlogits into `db` (the less accurate of the two): it is the
+//! same-precision baseline of the tests (DESIGN.md, "Conventions").
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -653,7 +655,7 @@ impl Call<'_, '_> {
         // three row outputs hold `rows` elements each, of which [start, start + n) are addressed
         // (start + n <= rows); every target is below vocab (checked on the host), so the target
         // logit read stays inside its row. cross_entropy_rows_held (vocab % 8 == 0, vocab <=
-        // GRAD_MAX_VOCAB, as it requires) writes, in training only, groups * vocab floats of
+        // GRAD_MAX_VOCAB, as it requires) adds, in training only, to groups * vocab floats of
         // partial, which holds colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte
         // aligned.
         unsafe { gpu.launch(MODULE, kernel, cfg, &p) }?;
@@ -666,7 +668,6 @@ impl Call<'_, '_> {
         self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, &mut dx_c, 1.0, 0.0, Epilogue::None)?;
         // dW[V, D] += dlogits_c^T x_c.
         self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &x_c, false, g.dw, 1.0, 1.0, Epilogue::None)?;
-        p.dbias = g.db.f32_ptr();
         if !held {
             p.partial = self.partial_ptr()?;
             let cfg = LaunchConfig {
@@ -678,19 +679,30 @@ impl Call<'_, '_> {
                 block_dim: (COLSUM_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: reads the n * vocab dlogits of the chunk; writes groups * vocab floats of
+            // SAFETY: reads the n * vocab dlogits of the chunk; adds to groups * vocab floats of
             // partial, which holds at least that many.
             unsafe { gpu.launch(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
         }
-        // db += the sum over groups of partial.
+        Ok(())
+    }
+
+    /// db += the sum over groups of partial, once per call: every chunk added its column sums to
+    /// partial (zeroed when it was allocated), group by group.
+    fn finish_bias_gradient(&mut self) -> Result<()> {
+        let Some(dbias) = self.grads.as_ref().map(|g| g.db.f32_ptr()) else {
+            return Ok(());
+        };
+        let mut p = self.params();
+        p.dbias = dbias;
+        p.partial = self.partial_ptr()?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks_for("cross-entropy bias gradient", vocab as u64, FINISH_COLS as u64)?, 1, 1),
+            grid_dim: (blocks_for("cross-entropy bias gradient", self.vocab as u64, FINISH_COLS as u64)?, 1, 1),
             block_dim: (FINISH_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: reads groups * vocab floats of partial (written above), adds to the vocab
-        // floats of db.
-        unsafe { gpu.launch(MODULE, "cross_entropy_colsum_finish", cfg, &p) }?;
+        // SAFETY: reads groups * vocab floats of partial (allocated with that many, zeroed, then
+        // added to by the chunks), adds to the vocab floats of db.
+        unsafe { self.gpu.launch(MODULE, "cross_entropy_colsum_finish", cfg, &p) }?;
         Ok(())
     }
 
@@ -730,7 +742,8 @@ fn cuda_run(
     let backward = grads.is_some();
     let d_targets = gpu.upload(targets)?;
     let mut result = gpu.alloc::<i32>(2)?;
-    let partial = if backward { Some(gpu.alloc::<f32>(groups * vocab)?) } else { None };
+    // Zeroed here, added to by every chunk's column sums, summed into db once at the end.
+    let partial = if backward { Some(gpu.zeros::<f32>(groups * vocab)?) } else { None };
     let grad_scale = grads.as_ref().map_or(0.0, |g| grad_scale(g.dloss, counted));
     let mut call =
         Call { gpu, gemm, dim, vocab, x, w, b, targets: &d_targets, rows_out, grads, partial, groups, grad_scale };
@@ -746,6 +759,7 @@ fn cuda_run(
         let mut cb = ChunkBuffers::new(gpu, tail, vocab)?;
         call.chunk(&mut cb, full * rc)?;
     }
+    call.finish_bias_gradient()?;
 
     let mut p = call.params();
     p.targets = d_targets.ptr() as *const i32;
