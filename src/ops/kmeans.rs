@@ -77,8 +77,8 @@
 //! [`KMeansInit::Random`], which is also faiss's default). Per iteration it reads back the ids and
 //! squared distances (8 bytes per sample point) for the inertia, the stopping rule and re-seeding.
 //!
-//! GPU extra memory: scores `<= GPU_SCORE_BYTES` (plus a staging copy of a chunk of points when
-//! there is more than one chunk), the count table and the piece slots (each at most 64 MiB, or
+//! GPU extra memory: scores `<= GPU_SCORE_BYTES` (the GEMM reads each chunk's points in place),
+//! the count table and the piece slots (each at most 64 MiB, or
 //! `4 (k + 1)` and `8 dim` bytes when larger), and 4 bytes per point for the sorted order; the fit
 //! adds the sample (`m * dim` bf16 when `m < n`), the centroids (f32 and bf16) and ids and
 //! distances (8 bytes per sample point). Not counted: the cuBLASLt workspace, owned by the
@@ -86,7 +86,7 @@
 
 use std::borrow::Cow;
 
-use cudarc::driver::{DeviceRepr, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 use rand::seq::index;
 use rand::{Rng, SeedableRng};
@@ -708,44 +708,9 @@ fn column_blocks(dim: usize) -> u32 {
     grid(dim.div_ceil(COLUMN_THREADS as usize))
 }
 
-/// Copies `count` elements from `src[src_at..]` to `dst[dst_at..]`, in stream order.
-fn copy_elements<T: DeviceRepr>(
-    gpu: &Gpu,
-    dst: &mut DeviceBuffer<T>,
-    dst_at: usize,
-    src: &DeviceBuffer<T>,
-    src_at: usize,
-    count: usize,
-) -> Result<()> {
-    if src_at + count > src.len() || dst_at + count > dst.len() {
-        return Err(Error::Shape {
-            tensor: "chunk copy",
-            expected: format!("ranges inside {} and {} elements", src.len(), dst.len()),
-            got: format!("{count} elements from {src_at} to {dst_at}"),
-        });
-    }
-    let size = std::mem::size_of::<T>();
-    let dst_ptr = dst.ptr_mut() as usize + dst_at * size;
-    let src_ptr = src.ptr() as usize + src_at * size;
-    // SAFETY: both ranges lie inside live allocations of this context (checked above), the
-    // buffers are distinct (one is borrowed mutably), and the copy is ordered on the stream all
-    // work on them uses.
-    unsafe {
-        cudarc::driver::result::memcpy_dtod_async(
-            dst_ptr as u64,
-            src_ptr as u64,
-            count * size,
-            gpu.stream().cu_stream(),
-        )
-    }?;
-    Ok(())
-}
-
 /// Buffers of one assignment chunk size.
 struct AssignChunk {
     rows: usize,
-    /// Staging copy of the chunk's points; `None` when one chunk covers all points.
-    x: Option<DeviceBuffer<bf16>>,
     scores: DeviceBuffer<f32>,
 }
 
@@ -762,14 +727,7 @@ struct Assigner {
 impl Assigner {
     fn new(gpu: &Gpu, n: usize, k: usize, dim: usize) -> Result<Self> {
         let rows = (GPU_SCORE_BYTES / (4 * k)).clamp(1, n);
-        let staged = rows < n;
-        let chunk = |rows: usize| -> Result<AssignChunk> {
-            Ok(AssignChunk {
-                rows,
-                x: if staged { Some(gpu.alloc(rows * dim)?) } else { None },
-                scores: gpu.alloc(rows * k)?,
-            })
-        };
+        let chunk = |rows: usize| -> Result<AssignChunk> { Ok(AssignChunk { rows, scores: gpu.alloc(rows * k)? }) };
         let full = chunk(rows)?;
         let tail = if !n.is_multiple_of(rows) { Some(chunk(n % rows)?) } else { None };
         Ok(Assigner { n, k, dim, c_norms: gpu.alloc(k)?, full, tail })
@@ -804,14 +762,9 @@ impl Assigner {
                 self.tail.as_mut().expect("a tail chunk exists when n is not a multiple of the chunk")
             };
             let m = chunk.rows;
-            let x: &DeviceBuffer<bf16> = match chunk.x.as_mut() {
-                Some(stage) => {
-                    copy_elements(gpu, stage, 0, points, start * dim, m * dim)?;
-                    stage
-                }
-                None => points,
-            };
-            gemm.matmul_f32_out(m, k, dim, x, false, centroids, true, &mut chunk.scores, 1.0, 0.0, Epilogue::None)?;
+            // The chunk's points, read in place by the GEMM and the argmin kernel.
+            let x = points.view(start * dim..(start + m) * dim)?;
+            gemm.matmul_f32_out(m, k, dim, &x, false, centroids, true, &mut chunk.scores, 1.0, 0.0, Epilogue::None)?;
             let params = MapetKMeansAssign {
                 scores: chunk.scores.f32_ptr(),
                 c_norms: self.c_norms.f32_ptr(),
@@ -828,7 +781,7 @@ impl Assigner {
                 shared_mem_bytes: 0,
             };
             // SAFETY: scores holds m * k f32 (written by the GEMM above, same stream), c_norms k
-            // f32, x m * dim bf16 (the staged chunk, or all n = m points), and ids / sq_dists
+            // f32, x m * dim bf16 (a view of the chunk's rows of points), and ids / sq_dists
             // hold n elements of which rows [start, start + m) are written; warps past m exit.
             unsafe { gpu.launch(MODULE, "kmeans_assign_argmin", cfg, &params) }?;
             start += m;
