@@ -131,6 +131,7 @@ constexpr int kThreads = MAPET_ATTN_THREADS;
 constexpr int kBM = MAPET_ATTN_BLOCK_M;
 constexpr int kBN = MAPET_ATTN_BLOCK_N;
 constexpr int kHalf = 32;                     // warp sub-tile: 32 keys (fwd, bwd_dq) / 32 query rows (bwd_dkdv)
+constexpr int kHalfTiles = kHalf / 8;         // 8-wide n-tiles of an MMA in one half
 constexpr int kLds = kD + 8;                  // padded shared row, bf16 elements (144 B)
 constexpr int kTileElems = 64 * kLds;         // one [64 x 72] bf16 tile
 constexpr uint32_t kTileBytes = kTileElems * 2;
@@ -283,15 +284,16 @@ __device__ __forceinline__ bool in_window(int key, int a, int w) {
     return static_cast<unsigned>(key - a) < static_cast<unsigned>(w);
 }
 
-// Sets the hidden scores of a run of NJ 8-key n-tiles (NJ = 4: a 32-key half) of a warp's S fragment to
-// -inf. s[j][e] is the score of row g (e < 2) or g+8 and key kb + x0 + 8j + (e & 1), kb = k0 + 2t the
+// Sets the hidden scores of a 32-key half (kHalfTiles 8-key n-tiles) of a warp's S fragment to -inf.
+// s[j][e] is the score of row g (e < 2) or g+8 and key kb + x0 + 8j + (e & 1), kb = k0 + 2t the
 // lane's first key in the tile; rel_lo/rel_hi = a(row) - kb for the two rows, lk_rel = Lk - kb. The
 // offsets x are compile-time, so an element costs one add, one compare and one select. kTail: the run
 // may reach Lk (the last tile), whose missing keys are hidden too.
-template <int NJ, bool kTail>
-__device__ __forceinline__ void mask_half(float (&s)[NJ][4], int x0, int rel_lo, int rel_hi, int lk_rel, int p) {
+template <bool kTail>
+__device__ __forceinline__ void mask_half(float (&s)[kHalfTiles][4], int x0, int rel_lo, int rel_hi, int lk_rel,
+                                          int p) {
 #pragma unroll
-    for (int j = 0; j < NJ; ++j) {
+    for (int j = 0; j < kHalfTiles; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int x = x0 + 8 * j + (e & 1);
@@ -304,14 +306,13 @@ __device__ __forceinline__ void mask_half(float (&s)[NJ][4], int x0, int rel_lo,
 
 // Applies a run's class to its scores (warp-uniform branches): PARTIAL -> per-element mask, FULL ->
 // nothing. EMPTY runs are never computed.
-template <int NJ>
-__device__ __forceinline__ void mask_scores(float (&s)[NJ][4], int kind, bool tail, int x0, int rel_lo, int rel_hi,
-                                            int lk_rel, int p) {
+__device__ __forceinline__ void mask_scores(float (&s)[kHalfTiles][4], int kind, bool tail, int x0, int rel_lo,
+                                            int rel_hi, int lk_rel, int p) {
     if (kind != kPartial) return;
     if (tail)
-        mask_half<NJ, true>(s, x0, rel_lo, rel_hi, lk_rel, p);
+        mask_half<true>(s, x0, rel_lo, rel_hi, lk_rel, p);
     else
-        mask_half<NJ, false>(s, x0, rel_lo, rel_hi, lk_rel, p);
+        mask_half<false>(s, x0, rel_lo, rel_hi, lk_rel, p);
 }
 
 // ---------------------------------------------------------------------------------- tile movement
