@@ -401,8 +401,8 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         if (row + gridDim.x < p.rows) {
             prefetch(row + gridDim.x);
         }
-        // The target's logit, for the loss: thread 0 reads it now, and uses it before the second
-        // barrier, after which the other threads overwrite the row with dlogits.
+        // The target's logit, for the loss: thread 0 reads it now, before the row's first barrier;
+        // the other threads overwrite the row with dlogits only after the second.
         float target_logit = 0.0f;
         if (threadIdx.x == 0 && target >= 0) {
             target_logit = __bfloat162float(rowp[target]) + __ldg(p.bias + target);
