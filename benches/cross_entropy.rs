@@ -78,7 +78,8 @@ fn gpu(c: &mut Criterion) {
     // How the time depends on the chunk size (the memory rule caps it near the default): smaller
     // chunks mean more, smaller GEMMs, more kernel boundaries and more passes over the dW
     // accumulator.
-    for rc in [1024, 2048, shape.gpu_chunk_rows()] {
+    // 2688 rows: seven chunks, the default before the chunk budget went from 48 to 52 MiB.
+    for rc in [1024, 2048, 2688, shape.gpu_chunk_rows()] {
         let s = shape.with_chunk_rows(rc);
         let t = gpu
             .time_ms(3, 20, || {

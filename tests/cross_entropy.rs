@@ -508,8 +508,9 @@ fn gpu_small_odd_shapes() {
     }
 }
 
-/// The model's shape, R = 18816, D = 768, V = 8192, with the default chunking (7 equal chunks of
-/// 2688 rows; shorter last chunks are covered by the chunked tests above). Only a sample of rows has a target (the others are ignored), so
+/// The model's shape, R = 18816, D = 768, V = 8192, with the default chunking (6 equal chunks of
+/// 3136 rows; shorter last chunks are covered by the chunked tests above). Only a sample of rows
+/// has a target (the others are ignored), so
 /// that dW and db, sums over all rows, equal those of the sampled rows alone and the CPU checks
 /// them on that sub-batch; the sample includes the first and last rows and both sides of every
 /// chunk boundary. Per-row outputs are checked on the sampled rows and on some ignored rows.
@@ -521,7 +522,7 @@ fn gpu_model_shape_sparse_targets() {
     let (rows, dim, vocab) = (18816, 768, 8192);
     let shape = CrossEntropyShape::new(rows, dim, vocab);
     let rc = shape.gpu_chunk_rows();
-    assert_eq!((rc, rows % rc), (2688, 0), "the chunking this test is meant to cover");
+    assert_eq!((rc, rows % rc), (3136, 0), "the chunking this test is meant to cover");
     let x = uniform_bf16(&mut rng, rows * dim, 0.5);
     let w = uniform_bf16(&mut rng, vocab * dim, 0.5);
     let b = uniform(&mut rng, vocab, 1.0);
