@@ -35,8 +35,10 @@
 //   row, so ldmatrix.trans gives the fragments. The contraction (25088 rows for ViT-B at B = 128)
 //   is split over blocks for parallelism; each split writes its own f32 partial and a second
 //   kernel sums the splits in a fixed order: deterministic, no atomics.
-// - dpos (and from it dbias, dcls, dmask) is a reduction over the batch: one thread per (token,
-//   channel pair) loops over b in order, then one thread per channel sums over tokens.
+// - dpos (and from it dbias, dcls, dmask) is a reduction over the batch, bound by reading d_out
+//   once: per token, warps read 512 contiguous bytes of a row (8 channels a lane) and eight batch
+//   slices a block keep enough loads in flight; then 32 token slices a channel sum over tokens.
+//   Fixed orders throughout: deterministic.
 //
 // Contraction order (the `_hwc` kernels; host: `PixelOrder`). A GEMM may sum over its K index in
 // any order, as long as A and W agree. In the weight's order k = (c*p + ky)*p + kx, eight
