@@ -16,7 +16,8 @@
 #                   (memcheck), when it is installed and can see the device
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per patch-embedding
 #                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
-#                   "hwc chw"), logs into $MAPET_RESULTS
+#                   "hwc chw"), logs into $MAPET_RESULTS, with the SM clock and power sampled by
+#                   nvidia-smi during each run (clocks-*.csv and a summary row)
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
 #                   3072 JPEGs), `mapet bench-data` on them, then one epoch of `mapet pretrain` of
 #                   ViT-B at batch 128 on the GPU; the median images/s of its steps after the third
@@ -83,14 +84,43 @@ for t in ${MAPET_SANITIZE:-}; do
   if [ $rc -eq 0 ]; then row "sanitize $t" ok "$errs"; else row "sanitize $t" FAIL "rc=$rc $errs (see $log)"; fi
 done
 
+# SM clock and board power every 100 ms while a command runs, into $1 (csv), and their medians
+# afterwards: a step that runs slower than the sum of its kernels' isolated (ncu) times may be
+# running at a lower clock under sustained load rather than leaving the GPU idle.
+clocks_during() {
+  local csv="$1"
+  shift
+  local sampler=""
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 >"$csv" 2>/dev/null &
+    sampler=$!
+  fi
+  "$@"
+  local rc=$?
+  [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null
+  return $rc
+}
+clock_medians() {
+  python3 -c '
+import statistics, sys
+rows = [l.split(",") for l in open(sys.argv[1]) if l.count(",") == 1]
+busy = [(float(c), float(p)) for c, p in rows if float(p) > 150]  # samples under load
+if busy:
+    print(f"SM clock median {statistics.median(c for c, _ in busy):.0f} MHz (min {min(c for c, _ in busy):.0f}),"
+          f" power median {statistics.median(p for _, p in busy):.0f} W over {len(busy)} loaded samples")
+else:
+    print("no loaded samples")' "$1" 2>/dev/null || echo "no clock samples"
+}
+
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
   for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc chw}; do
     log="$res/mapet-bench-vit-b-$order.log"
-    MAPET_PATCH_EMBED_ORDER=$order timeout 300 \
+    MAPET_PATCH_EMBED_ORDER=$order clocks_during "$res/clocks-vit-b-$order.csv" timeout 300 \
       "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
     rc=$?
     name="mapet bench vit-b $order"
     if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
+    row "clocks vit-b $order" "" "$(clock_medians "$res/clocks-vit-b-$order.csv")"
   done
 fi
 
