@@ -5,7 +5,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::{DeviceBuffer, Gpu};
-use mapet::ops::attention::{self, AttentionShape};
+use mapet::ops::attention::{self, AttentionKernels, AttentionShape};
+use mapet::ops::KernelChoice;
 use mapet::testing;
 
 fn visible_flops(s: &AttentionShape) -> u64 {
@@ -27,48 +28,62 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
         let (mut dq, mut dk, mut dv) = (gpu.alloc(lq).unwrap(), gpu.alloc(lk).unwrap(), gpu.alloc(lk).unwrap());
         let flops = visible_flops(&s);
 
-        let mut g = c.benchmark_group(format!("attention/{name}"));
-        g.sample_size(20);
-        g.throughput(Throughput::Elements(flops));
-        g.bench_function("forward", |b| {
-            b.iter_custom(|iters| {
+        for kernels in AttentionKernels::ALL {
+            let kn = kernels.name();
+            let mut g = c.benchmark_group(format!("attention/{name}/{kn}"));
+            g.sample_size(20);
+            g.throughput(Throughput::Elements(flops));
+            g.bench_function("forward", |b| {
+                b.iter_custom(|iters| {
+                    let t = gpu
+                        .time_ms(2, iters as usize, || {
+                            attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)
+                        })
+                        .unwrap();
+                    std::time::Duration::from_secs_f64(t.iter().map(|&x| x as f64).sum::<f64>() / 1e3)
+                })
+            });
+            g.throughput(Throughput::Elements(flops * 7 / 2));
+            g.bench_function("forward+backward", |b| {
+                b.iter_custom(|iters| {
+                    let t = gpu
+                        .time_ms(2, iters as usize, || {
+                            attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)?;
+                            attention::cuda_backward(
+                                gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
+                            )
+                        })
+                        .unwrap();
+                    std::time::Duration::from_secs_f64(t.iter().map(|&x| x as f64).sum::<f64>() / 1e3)
+                })
+            });
+            g.finish();
+            // A plain line with the median and TFLOP/s (criterion reports elements/s), forward
+            // alone, followed by the backward, and the backward alone (the difference).
+            let mut medians = [0.0f64; 2];
+            for (i, (what, fl, bwd)) in
+                [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)].into_iter().enumerate()
+            {
                 let t = gpu
-                    .time_ms(2, iters as usize, || attention::cuda_forward(gpu, &s, &q, &k, &v, &mut o, &mut lse))
-                    .unwrap();
-                std::time::Duration::from_secs_f64(t.iter().map(|&x| x as f64).sum::<f64>() / 1e3)
-            })
-        });
-        g.throughput(Throughput::Elements(flops * 7 / 2));
-        g.bench_function("forward+backward", |b| {
-            b.iter_custom(|iters| {
-                let t = gpu
-                    .time_ms(2, iters as usize, || {
-                        attention::cuda_forward(gpu, &s, &q, &k, &v, &mut o, &mut lse)?;
-                        attention::cuda_backward(gpu, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)
+                    .time_ms(5, 50, || {
+                        attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)?;
+                        if bwd {
+                            attention::cuda_backward(
+                                gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
+                            )?;
+                        }
+                        Ok(())
                     })
                     .unwrap();
-                std::time::Duration::from_secs_f64(t.iter().map(|&x| x as f64).sum::<f64>() / 1e3)
-            })
-        });
-        g.finish();
-        // A plain line with the median and TFLOP/s (criterion reports elements/s), forward alone and
-        // followed by the backward.
-        for (what, fl, bwd) in [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)] {
-            let t = gpu
-                .time_ms(5, 50, || {
-                    attention::cuda_forward(gpu, &s, &q, &k, &v, &mut o, &mut lse)?;
-                    if bwd {
-                        attention::cuda_backward(gpu, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)?;
-                    }
-                    Ok(())
-                })
-                .unwrap();
-            let med = t[t.len() / 2] as f64;
-            println!(
-                "RESULT attention {name} {what}: median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
-                fl as f64 / med / 1e9,
-                gpu.name()
-            );
+                let med = t[t.len() / 2] as f64;
+                medians[i] = med;
+                println!(
+                    "RESULT attention {name} {kn} {what}: median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
+                    fl as f64 / med / 1e9,
+                    gpu.name()
+                );
+            }
+            println!("RESULT attention {name} {kn} backward (difference): {:.4} ms", medians[1] - medians[0]);
         }
         // How many CTAs of the dK/dV kernel an SM holds (registers bound it).
         let kernel = "mapet_attention_bwd_dkdv";

@@ -34,6 +34,11 @@
 //   mapet_attention_bwd_dkdv  grid (ceil(Lk/64), H, B), 128 threads. CTA = 64 keys (16 per warp), keys
 //                             as the M dimension of every product; loops over query tiles of 64.
 //                             Must run after bwd_dq (it reads delta).
+//   mapet_attention_fwd_resident, mapet_attention_bwd_dq_resident
+//                             grid (splits, H, B), 256 threads, dynamic shared memory: the forward and
+//                             dQ with all of a (sample, head) pair's K and V held in shared memory,
+//                             loaded once per CTA instead of once per 64 query rows; the same results
+//                             bit for bit ("K/V-resident variants" below). bwd_dkdv follows either.
 // 128 query rows per CTA (forward and dQ) and a dK/dV kernel that re-reads K and V from shared memory
 // (4 CTAs per SM) were tried and measured slower / no faster on an H200 (BENCHMARKS.md).
 // Shared memory is static: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, bwd_dq), + 2 KiB of
@@ -120,7 +125,8 @@
 #define MAPET_ATTN_THREADS 128      // block size of every attention kernel (4 warps)
 #define MAPET_ATTN_BLOCK_M 64       // query rows per CTA (fwd, bwd_dq) = per inner tile (bwd_dkdv)
 #define MAPET_ATTN_BLOCK_N 64       // keys per inner tile (fwd, bwd_dq) = per CTA (bwd_dkdv)
-#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of every attention kernel (static shared memory)
+#define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of the tiled kernels (static shared memory)
+#define MAPET_ATTN_RES_THREADS 256  // block size of the K/V-resident kernels (8 warps)
 
 namespace {
 
@@ -136,6 +142,9 @@ constexpr int kLds = kD + 8;                  // padded shared row, bf16 element
 constexpr int kTileElems = 64 * kLds;         // one [64 x 72] bf16 tile
 constexpr uint32_t kTileBytes = kTileElems * 2;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kResThreads = MAPET_ATTN_RES_THREADS;
+constexpr int kResWarps = kResThreads / 32;
+static_assert(kResThreads == 2 * kThreads, "the resident kernels load K with one half of the block, V with the other");
 static_assert(kBM == 64 && kBN == 64 && kThreads == 128,
               "the index maths below assumes 4 warps x 16 rows, 64-wide tiles");
 
@@ -472,6 +481,241 @@ __device__ __forceinline__ int next_query_tile(int qt, int nqt, int k0, const Ge
     return qt;
 }
 
+// The rows one warp owns in the row-owning kernels (forward, dQ): rows [wr0, wr0 + 16), of which
+// the lane holds g and g + 8.
+struct WarpRows {
+    bool live;        // some row is < Lq (a warp entirely past Lq computes nothing)
+    int amin, amax;   // first-hidden extrema of the warp's rows below Lq
+    int a_lo, a_hi;   // first hidden key of rows g and g + 8 (rows past Lq borrow row Lq-1's)
+};
+
+__device__ __forceinline__ WarpRows warp_rows(int wr0, int g, const Geometry& G) {
+    WarpRows w;
+    w.live = wr0 < G.lq;
+    w.amin = 0;
+    w.amax = 0;
+    if (w.live) hidden_extrema(wr0, min(wr0 + 16, G.lq), G, w.amin, w.amax);
+    w.a_lo = first_hidden(min(wr0 + g, G.lq - 1), G);
+    w.a_hi = first_hidden(min(wr0 + g + 8, G.lq - 1), G);
+    return w;
+}
+
+// The forward's work on one 64-key tile (keys [k0, k0 + 64)) for one warp's 16 rows: S = Q K^T over
+// the tile's halves the rows can see, hidden scores masked, one online-softmax step, O += P V.
+// ks = the K tile's shared address + lane_bt (K as the B operand of Q K^T, keys = n); vs = the V
+// tile's + lane_a (V as the B operand of P V, keys = k, .trans); both padded [64 x 72] tiles.
+// Shared by both forward kernels.
+__device__ __forceinline__ void fwd_tile(const uint32_t (&qf)[4][4], uint32_t ks, uint32_t vs, int k0,
+                                         const WarpRows& w, int t, const Geometry& G, float sl2, float (&mx)[2],
+                                         float (&l)[2], float (&acc)[8][4]) {
+    // Classified per 32-key half for the warp's rows: a half the rows cannot see costs no mma
+    // (its scores stay -inf, so it adds nothing to the softmax either).
+    int kind[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+        kind[h] = w.live ? classify(w.amin, w.amax, k0 + h * kHalf, k0 + h * kHalf + kHalf, true, G) : kEmpty;
+    if (kind[0] == kEmpty && kind[1] == kEmpty) return;
+    // S = Q K^T for the warp's 16 rows x 64 keys: s[h][j] = C fragment of keys
+    // k0 + 32h + [8j, 8j+8). Lane holds s[h][j][0..1] = (row g, keys k0 + 32h + 8j + 2t + {0,1}),
+    // s[h][j][2..3] = the same keys for row g+8.
+    float s[2][4][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (kind[h] == kEmpty) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = -INFINITY;
+            continue;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = 0.f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+#pragma unroll
+            for (int jp = 0; jp < 2; ++jp) {
+                uint32_t kb[4];  // b0, b1 of key n-tiles 2jp, 2jp+1 of the half, head columns [16c, 16c+16)
+                ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
+                mma_bf16(s[h][2 * jp], qf[c], kb[0], kb[1]);
+                mma_bf16(s[h][2 * jp + 1], qf[c], kb[2], kb[3]);
+            }
+        }
+    }
+    const int kb0 = k0 + 2 * t;          // the lane's first key in the tile
+    const bool tail = k0 + kBN > G.lk;  // the tile reaches past the last key
+#pragma unroll
+    for (int h = 0; h < 2; ++h) mask_scores(s[h], kind[h], tail, h * kHalf, w.a_lo - kb0, w.a_hi - kb0, G.lk - kb0, G.p);
+
+    // Online softmax, rows g (i = 0: elements 0, 1) and g+8 (i = 1: elements 2, 3). The four
+    // lanes of a quad hold one row between them, so max and sum are quad reductions.
+    online_softmax(s, mx, l, acc, sl2);
+    // O += P V. The P C-fragments of n-tiles 2c, 2c+1 of a half repack into the A fragment of the
+    // half's key chunk c (keys k0 + 32h + [16c, 16c+16)):
+    // {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (kind[h] == kEmpty) continue;  // P = 0 there
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            uint32_t pa[4];
+            pa[0] = pack_bf16(s[h][2 * c][0], s[h][2 * c][1]);
+            pa[1] = pack_bf16(s[h][2 * c][2], s[h][2 * c][3]);
+            pa[2] = pack_bf16(s[h][2 * c + 1][0], s[h][2 * c + 1][1]);
+            pa[3] = pack_bf16(s[h][2 * c + 1][2], s[h][2 * c + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < 4; ++dp) {
+                uint32_t vb[4];  // b0, b1 of output n-tiles 2dp, 2dp+1 over the chunk's 16 keys
+                ldmatrix_x4_trans(vb, vs + tile_off(h * kHalf + c * 16, dp * 16));
+                mma_bf16(acc[2 * dp], pa, vb[0], vb[1]);
+                mma_bf16(acc[2 * dp + 1], pa, vb[2], vb[3]);
+            }
+        }
+    }
+}
+
+// What the dQ kernels keep per lane for its rows g, g + 8: lse in log2 units and delta.
+struct RowStats {
+    float lse2_lo, lse2_hi;
+    float delta_lo, delta_hi;
+};
+
+// The dQ kernels' work on one 64-key tile (keys [k0, k0 + 64)) for one warp's 16 rows: per 32-key
+// half the rows can see, S = Q K^T and dP = dO V^T, P = exp(S * scale - lse), dS = P (dP - delta),
+// dQ += dS K. k_tile, v_tile = the shared addresses of the padded K and V tiles. Shared by both dQ
+// kernels.
+__device__ __forceinline__ void dq_tile(const uint32_t (&qf)[4][4], const uint32_t (&df)[4][4], uint32_t k_tile,
+                                        uint32_t v_tile, uint32_t lane_a, uint32_t lane_bt, int k0, const WarpRows& w,
+                                        const RowStats& rs, int t, const Geometry& G, float sl2, float (&dq)[8][4]) {
+    const int kb0 = k0 + 2 * t;
+    const bool tail = k0 + kBN > G.lk;
+    const uint32_t ks = k_tile + lane_bt;  // K as the B operand of Q K^T (keys = n)
+    const uint32_t vs = v_tile + lane_bt;  // V as the B operand of dO V^T (keys = n)
+    const uint32_t kts = k_tile + lane_a;  // K as the B operand of dS K (keys = k), .trans
+    // The 64 keys go in two halves of 32 (kHalf): S and dP of one half are 32 registers instead of
+    // 64, which keeps the kernel at <= 128 registers (4 CTAs per SM instead of 3), and a half that
+    // the warp's rows cannot see is skipped.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int kh0 = k0 + h * kHalf;  // first key of the half
+        const int kind = w.live ? classify(w.amin, w.amax, kh0, kh0 + kHalf, true, G) : kEmpty;
+        if (kind == kEmpty) continue;
+        // S = Q K^T and dP = dO V^T, 16 rows x 32 keys; [j] = C fragment of keys k0 + 32h + [8j, 8j+8).
+        // Element e: row g (e < 2) or g+8, key k0 + 32h + 8j + 2t + (e & 1).
+        float s[4][4], dp[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+            dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+#pragma unroll
+            for (int jp = 0; jp < 2; ++jp) {
+                uint32_t kb[4], vb[4];  // key n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
+                ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
+                ldmatrix_x4(vb, vs + tile_off(h * kHalf + jp * 16, c * 16));
+                mma_bf16(s[2 * jp], qf[c], kb[0], kb[1]);
+                mma_bf16(s[2 * jp + 1], qf[c], kb[2], kb[3]);
+                mma_bf16(dp[2 * jp], df[c], vb[0], vb[1]);
+                mma_bf16(dp[2 * jp + 1], df[c], vb[2], vb[3]);
+            }
+        }
+        // Hidden scores -> -inf, so that P = exp2(-inf) = 0 exactly.
+        mask_scores(s, kind, tail, h * kHalf, w.a_lo - kb0, w.a_hi - kb0, G.lk - kb0, G.p);
+        // P = exp(S * scale - lse), dS = P (dP - delta), kept in s.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float pv = fast_exp2(fmaf(s[j][e], sl2, -(e < 2 ? rs.lse2_lo : rs.lse2_hi)));
+                s[j][e] = pv * (dp[j][e] - (e < 2 ? rs.delta_lo : rs.delta_hi));
+            }
+        }
+        // dQ += dS K: dS C-fragments of n-tiles 2c, 2c+1 -> A fragment of the half's key chunk c
+        // (keys k0 + 32h + [16c, 16c+16)); B from K[key][d] with .trans (reduction over the stored rows).
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            uint32_t da[4];
+            da[0] = pack_bf16(s[2 * c][0], s[2 * c][1]);
+            da[1] = pack_bf16(s[2 * c][2], s[2 * c][3]);
+            da[2] = pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]);
+            da[3] = pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3]);
+#pragma unroll
+            for (int dn = 0; dn < 4; ++dn) {
+                uint32_t kb[4];  // b0, b1 of head n-tiles 2dn, 2dn+1 over the chunk's 16 keys
+                ldmatrix_x4_trans(kb, kts + tile_off(h * kHalf + c * 16, dn * 16));
+                mma_bf16(dq[2 * dn], da, kb[0], kb[1]);
+                mma_bf16(dq[2 * dn + 1], da, kb[2], kb[3]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------- K/V-resident kernels
+
+// Loads all of one (sample, head) pair's K and V into shared memory at s0: nkt padded [64 x 72] tiles
+// of K, then nkt of V (keys >= Lk zero-filled), and waits for them. Threads [0, 128) move K, threads
+// [128, 256) V, each as load_tile does. Every thread of the block must call it (it ends on a barrier).
+__device__ __forceinline__ void load_kv_resident(uint32_t s0, const bf16* kg, const bf16* vg, const MapetAttention& prm,
+                                                 int nkt, const Geometry& G, int tid) {
+    const bool is_v = tid >= kThreads;  // warps 4..7: uniform per warp
+    const bf16* src = is_v ? vg : kg;
+    const int stride = static_cast<int>(is_v ? prm.v_row_stride : prm.k_row_stride);
+    const uint32_t dst = s0 + static_cast<uint32_t>(is_v ? nkt : 0) * kTileBytes;
+    for (int kt = 0; kt < nkt; ++kt) load_tile(dst + kt * kTileBytes, src, stride, kt * kBN, G.lk, tid & (kThreads - 1));
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
+// blockIdx.z, blockIdx.y and the lane, read again from their special registers. asm volatile keeps the
+// compiler from reusing the reads at the kernel's start: where they are needed only after a long loop,
+// reading them again is cheaper than holding them (and what they derive) through it at 128 registers.
+struct BlockIds {
+    int b, head, lane;
+};
+
+__device__ __forceinline__ BlockIds block_ids_again() {
+    unsigned b, head, lane;
+    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(b));
+    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(head));
+    asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+    return BlockIds{static_cast<int>(b), static_cast<int>(head), static_cast<int>(lane)};
+}
+
+// A fragments of rows r_lo = row0 + g and r_hi = row0 + g + 8 over all 64 columns, straight from global
+// memory (4-byte loads; rows >= row_end read as zeros): frag[c] = {(r_lo, 16c+2t..), (r_hi, 16c+2t..),
+// (r_lo, 16c+8+2t..), (r_hi, 16c+8+2t..)}, the registers ldmatrix_x4 gives from a row-major tile.
+__device__ __forceinline__ void load_a_frags(uint32_t (&frag)[4][4], const bf16* src, int64_t stride, int r_lo,
+                                             int r_hi, int row_end, int t) {
+    const uint32_t* lo = reinterpret_cast<const uint32_t*>(src + static_cast<int64_t>(min(r_lo, row_end - 1)) * stride);
+    const uint32_t* hi = reinterpret_cast<const uint32_t*>(src + static_cast<int64_t>(min(r_hi, row_end - 1)) * stride);
+    const bool ok_lo = r_lo < row_end, ok_hi = r_hi < row_end;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        // Element 16c + 2t is 32-bit word 8c + t of the row.
+        frag[c][0] = ok_lo ? __ldg(lo + 8 * c + t) : 0u;
+        frag[c][1] = ok_hi ? __ldg(hi + 8 * c + t) : 0u;
+        frag[c][2] = ok_lo ? __ldg(lo + 8 * c + 4 + t) : 0u;
+        frag[c][3] = ok_hi ? __ldg(hi + 8 * c + 4 + t) : 0u;
+    }
+}
+
+// Writes one warp's 16 x 64 f32 accumulator (C fragments acc[n-tile][4]) as bf16 straight from the
+// fragments: row r_lo gets elements 0, 1 times mul_lo, row r_hi elements 2, 3 times mul_hi (4-byte
+// stores; rows >= row_end skipped). The same values store_warp_rows writes.
+__device__ __forceinline__ void store_frag_rows(const float (&acc)[8][4], float mul_lo, float mul_hi, bf16* dst,
+                                                int64_t stride, int r_lo, int r_hi, int row_end, int t) {
+    if (r_lo < row_end) {
+        uint32_t* row = reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(r_lo) * stride);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) row[4 * j + t] = pack_bf16(acc[j][0] * mul_lo, acc[j][1] * mul_lo);
+    }
+    if (r_hi < row_end) {
+        uint32_t* row = reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(r_hi) * stride);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) row[4 * j + t] = pack_bf16(acc[j][2] * mul_hi, acc[j][3] * mul_hi);
+    }
+}
+
 }  // namespace
 // ================================================================================================ forward
 // o, lse from q, k, v. Shared: stage st holds the K tile at sK(st) and the V tile at sV(st); Q is first
@@ -501,12 +745,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     int cta_amin, cta_amax;
     hidden_extrema(q0, min(q0 + kBM, G.lq), G, cta_amin, cta_amax);
     const int wr0 = q0 + warp * 16;
-    const bool warp_live = wr0 < G.lq;  // a warp entirely past Lq computes nothing
-    int w_amin = 0, w_amax = 0;
-    if (warp_live) hidden_extrema(wr0, min(wr0 + 16, G.lq), G, w_amin, w_amax);
-    // First hidden key of the lane's two rows g and g+8 (rows past Lq borrow row Lq-1's: never written).
-    const int a_lo = first_hidden(min(wr0 + g, G.lq - 1), G);
-    const int a_hi = first_hidden(min(wr0 + g + 8, G.lq - 1), G);
+    const WarpRows wrows = warp_rows(wr0, g, G);
 
     const int nkt = (G.lk + kBN - 1) / kBN;
     load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
@@ -543,72 +782,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
         cp_async_wait<1>();
         __syncthreads();    // tile kt is visible to every warp
 
-        const int k0 = kt * kBN;
-        // Classified per 32-key half for the warp's rows: a half the rows cannot see costs no mma
-        // (its scores stay -inf, so it adds nothing to the softmax either).
-        int kind[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            kind[h] = warp_live ? classify(w_amin, w_amax, k0 + h * kHalf, k0 + h * kHalf + kHalf, true, G) : kEmpty;
-        if (kind[0] != kEmpty || kind[1] != kEmpty) {
-            const uint32_t ks = sK(stage) + lane_bt;  // K as the B operand of Q K^T (keys = n)
-            const uint32_t vs = sV(stage) + lane_a;   // V as the B operand of P V (keys = k), .trans
-            // S = Q K^T for the warp's 16 rows x 64 keys: s[h][j] = C fragment of keys
-            // k0 + 32h + [8j, 8j+8). Lane holds s[h][j][0..1] = (row g, keys k0 + 32h + 8j + 2t + {0,1}),
-            // s[h][j][2..3] = the same keys for row g+8.
-            float s[2][4][4];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if (kind[h] == kEmpty) {
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = -INFINITY;
-                    continue;
-                }
-#pragma unroll
-                for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = 0.f;
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-#pragma unroll
-                    for (int jp = 0; jp < 2; ++jp) {
-                        uint32_t kb[4];  // b0, b1 of key n-tiles 2jp, 2jp+1 of the half, head columns [16c, 16c+16)
-                        ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
-                        mma_bf16(s[h][2 * jp], qf[c], kb[0], kb[1]);
-                        mma_bf16(s[h][2 * jp + 1], qf[c], kb[2], kb[3]);
-                    }
-                }
-            }
-            const int kb0 = k0 + 2 * t;          // the lane's first key in the tile
-            const bool tail = k0 + kBN > G.lk;  // the tile reaches past the last key
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                mask_scores(s[h], kind[h], tail, h * kHalf, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
-
-            // Online softmax, rows g (i = 0: elements 0, 1) and g+8 (i = 1: elements 2, 3). The four
-            // lanes of a quad hold one row between them, so max and sum are quad reductions.
-            online_softmax(s, mx, l, acc, sl2);
-            // O += P V. The P C-fragments of n-tiles 2c, 2c+1 of a half repack into the A fragment of the
-            // half's key chunk c (keys k0 + 32h + [16c, 16c+16)):
-            // {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}.
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if (kind[h] == kEmpty) continue;  // P = 0 there
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    uint32_t pa[4];
-                    pa[0] = pack_bf16(s[h][2 * c][0], s[h][2 * c][1]);
-                    pa[1] = pack_bf16(s[h][2 * c][2], s[h][2 * c][3]);
-                    pa[2] = pack_bf16(s[h][2 * c + 1][0], s[h][2 * c + 1][1]);
-                    pa[3] = pack_bf16(s[h][2 * c + 1][2], s[h][2 * c + 1][3]);
-#pragma unroll
-                    for (int dp = 0; dp < 4; ++dp) {
-                        uint32_t vb[4];  // b0, b1 of output n-tiles 2dp, 2dp+1 over the chunk's 16 keys
-                        ldmatrix_x4_trans(vb, vs + tile_off(h * kHalf + c * 16, dp * 16));
-                        mma_bf16(acc[2 * dp], pa, vb[0], vb[1]);
-                        mma_bf16(acc[2 * dp + 1], pa, vb[2], vb[3]);
-                    }
-                }
-            }
-        }
+        fwd_tile(qf, sK(stage) + lane_bt, sV(stage) + lane_a, kt * kBN, wrows, t, G, sl2, mx, l, acc);
         __syncthreads();  // every warp is done with this stage before the next prefetch refills it
         stage ^= 1;
         kt = kn;
@@ -661,13 +835,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     int cta_amin, cta_amax;
     hidden_extrema(q0, min(q0 + kBM, G.lq), G, cta_amin, cta_amax);
     const int wr0 = q0 + warp * 16;
-    const bool warp_live = wr0 < G.lq;
-    int w_amin = 0, w_amax = 0;
-    if (warp_live) hidden_extrema(wr0, min(wr0 + 16, G.lq), G, w_amin, w_amax);
+    const WarpRows wrows = warp_rows(wr0, g, G);
     const int row_lo = wr0 + g, row_hi = wr0 + g + 8;  // the lane's two rows
     const bool ok_lo = row_lo < G.lq, ok_hi = row_hi < G.lq;
-    const int a_lo = first_hidden(min(row_lo, G.lq - 1), G);
-    const int a_hi = first_hidden(min(row_hi, G.lq - 1), G);
 
     const int nkt = (G.lk + kBN - 1) / kBN;
     load_tile(sK(1), qg, static_cast<int>(prm.q_row_stride), q0, G.lq, tid);
@@ -723,6 +893,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
         if (ok_hi) prm.delta[stat0 + row_hi] = delta_hi;
     }
     __syncthreads();  // stage 1 (holding Q, dO) is refilled by the first prefetch below
+    const RowStats rstats{lse2_lo, lse2_hi, delta_lo, delta_hi};
 
     float dq[8][4];  // dQ accumulator: dq[j] = C fragment of head columns [8j, 8j+8)
 #pragma unroll
@@ -739,70 +910,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
         cp_async_wait<1>();
         __syncthreads();
 
-        const int k0 = kt * kBN;
-        const int kb0 = k0 + 2 * t;
-        const bool tail = k0 + kBN > G.lk;
-        const uint32_t ks = sK(stage) + lane_bt;   // K as the B operand of Q K^T (keys = n)
-        const uint32_t vs = sV(stage) + lane_bt;   // V as the B operand of dO V^T (keys = n)
-        const uint32_t kts = sK(stage) + lane_a;   // K as the B operand of dS K (keys = k), .trans
-        // The 64 keys go in two halves of 32 (kHalf): S and dP of one half are 32 registers instead of
-        // 64, which keeps the kernel at <= 128 registers (4 CTAs per SM instead of 3), and a half that
-        // the warp's rows cannot see is skipped.
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int kh0 = k0 + h * kHalf;  // first key of the half
-            const int kind = warp_live ? classify(w_amin, w_amax, kh0, kh0 + kHalf, true, G) : kEmpty;
-            if (kind == kEmpty) continue;
-            // S = Q K^T and dP = dO V^T, 16 rows x 32 keys; [j] = C fragment of keys k0 + 32h + [8j, 8j+8).
-            // Element e: row g (e < 2) or g+8, key k0 + 32h + 8j + 2t + (e & 1).
-            float s[4][4], dp[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-                dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
-            }
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-#pragma unroll
-                for (int jp = 0; jp < 2; ++jp) {
-                    uint32_t kb[4], vb[4];  // key n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
-                    ldmatrix_x4(kb, ks + tile_off(h * kHalf + jp * 16, c * 16));
-                    ldmatrix_x4(vb, vs + tile_off(h * kHalf + jp * 16, c * 16));
-                    mma_bf16(s[2 * jp], qf[c], kb[0], kb[1]);
-                    mma_bf16(s[2 * jp + 1], qf[c], kb[2], kb[3]);
-                    mma_bf16(dp[2 * jp], df[c], vb[0], vb[1]);
-                    mma_bf16(dp[2 * jp + 1], df[c], vb[2], vb[3]);
-                }
-            }
-            // Hidden scores -> -inf, so that P = exp2(-inf) = 0 exactly.
-            mask_scores(s, kind, tail, h * kHalf, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
-            // P = exp(S * scale - lse), dS = P (dP - delta), kept in s.
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float pv = fast_exp2(fmaf(s[j][e], sl2, -(e < 2 ? lse2_lo : lse2_hi)));
-                    s[j][e] = pv * (dp[j][e] - (e < 2 ? delta_lo : delta_hi));
-                }
-            }
-            // dQ += dS K: dS C-fragments of n-tiles 2c, 2c+1 -> A fragment of the half's key chunk c
-            // (keys k0 + 32h + [16c, 16c+16)); B from K[key][d] with .trans (reduction over the stored rows).
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                uint32_t da[4];
-                da[0] = pack_bf16(s[2 * c][0], s[2 * c][1]);
-                da[1] = pack_bf16(s[2 * c][2], s[2 * c][3]);
-                da[2] = pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]);
-                da[3] = pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3]);
-#pragma unroll
-                for (int dn = 0; dn < 4; ++dn) {
-                    uint32_t kb[4];  // b0, b1 of head n-tiles 2dn, 2dn+1 over the chunk's 16 keys
-                    ldmatrix_x4_trans(kb, kts + tile_off(h * kHalf + c * 16, dn * 16));
-                    mma_bf16(dq[2 * dn], da, kb[0], kb[1]);
-                    mma_bf16(dq[2 * dn + 1], da, kb[2], kb[3]);
-                }
-            }
-        }
+        dq_tile(qf, df, sK(stage), sV(stage), lane_a, lane_bt, kt * kBN, wrows, rstats, t, G, sl2, dq);
         __syncthreads();
         stage ^= 1;
         kt = kn;
@@ -810,6 +918,144 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 
     bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
     store_warp_rows(dq, prm.scale, prm.scale, smem + warp * 16 * kLds, dqg, prm.dq_row_stride, wr0, G.lq, lane);
+}
+
+// ================================================================================================ K/V-resident variants
+// The same functions as mapet_attention_fwd and mapet_attention_bwd_dq, organised around a (sample,
+// head) pair instead of a 64-row tile: a CTA of 8 warps loads all of its pair's K and V into shared
+// memory once (2 * ceil(Lk / 64) padded tiles: 110,592 B for ViT's 344 keys, two CTAs per SM), then
+// each warp works through 16-row tiles of the pair's query rows, mt = blockIdx.x * 8 + warp,
+// + gridDim.x * 8, ..., with no further barrier. The tiled kernels bring every K/V tile from L2 once
+// per 64 query rows: for ViT-B at batch 128, about 1.1 GB of L2 -> SM traffic per call, which at
+// L2 bandwidth (some 5-7 TB/s) is most of the forward's 0.30 ms; here the pair's K and V cross once
+// per CTA (0.14 GB with gridDim.x = 1), and no warp waits at a barrier for another. Q and dO come
+// from global memory straight into A fragments (4-byte loads), O and dQ go out of the C fragments as
+// 4-byte stores: shared memory holds K and V only. Per warp, the tiles, halves and arithmetic are
+// those of the tiled kernels in the same order (fwd_tile, dq_tile), so the results are bit for bit
+// the same. The launcher uses them only where the shared memory fits (Lk <= 384 on H100/H200).
+// Grid (splits, H, B); block 256; dynamic shared memory 2 * ceil(Lk / 64) * 9,216 B.
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_attention_fwd_resident(const MapetAttention prm) {
+    extern __shared__ __align__(128) bf16 rsmem[];
+
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    const uint32_t s0 = smem_addr(rsmem);
+    load_kv_resident(s0, static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD,
+                     static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD, prm, nkt, G, tid);
+
+    // Pointers and lane offsets are formed afresh per row tile from the parameters (constant bank):
+    // cheaper than holding them across the tile's work at 128 registers.
+#pragma unroll 1
+    for (int wr0 = (blockIdx.x * kResWarps + warp) * 16; wr0 < G.lq; wr0 += gridDim.x * kResWarps * 16) {
+        const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+        const uint32_t k_lane = s0 + lane_off_bt(lane);  // + kt * kTileBytes
+        const uint32_t v_lane = s0 + static_cast<uint32_t>(nkt) * kTileBytes + lane_off_a(lane);
+        const WarpRows wrows = warp_rows(wr0, g, G);
+        uint32_t qf[4][4];
+        load_a_frags(qf, qg, prm.q_row_stride, wr0 + g, wr0 + g + 8, G.lq, t);
+        float acc[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        float mx[2] = {-INFINITY, -INFINITY};
+        float l[2] = {0.f, 0.f};
+        for (int kt = 0; kt < nkt; ++kt)
+            fwd_tile(qf, k_lane + kt * kTileBytes, v_lane + kt * kTileBytes, kt * kBN, wrows, t, G, sl2, mx, l, acc);
+        float inv[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            l[i] = quad_sum(l[i]);
+            inv[i] = 1.f / l[i];
+        }
+        bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+        store_frag_rows(acc, inv[0], inv[1], og, prm.o_row_stride, wr0 + g, wr0 + g + 8, G.lq, t);
+        if (t == 0) {
+            float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+            if (wr0 + g < G.lq) lse[wr0 + g] = mx[0] * prm.scale + logf(l[0]);
+            if (wr0 + g + 8 < G.lq) lse[wr0 + g + 8] = mx[1] * prm.scale + logf(l[1]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_attention_bwd_dq_resident(const MapetAttention prm) {
+    extern __shared__ __align__(128) bf16 rsmem[];
+
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    const uint32_t s0 = smem_addr(rsmem);
+    load_kv_resident(s0, static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD,
+                     static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD, prm, nkt, G, tid);
+
+    // Pointers and lane offsets formed afresh per row tile, as in the forward.
+#pragma unroll 1
+    for (int wr0 = (blockIdx.x * kResWarps + warp) * 16; wr0 < G.lq; wr0 += gridDim.x * kResWarps * 16) {
+        const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+        const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+        const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;  // lse/delta row 0
+        const WarpRows wrows = warp_rows(wr0, g, G);
+        const int row_lo = wr0 + g, row_hi = wr0 + g + 8;  // the lane's two rows
+        const bool ok_lo = row_lo < G.lq, ok_hi = row_hi < G.lq;
+        // delta = rowsum(dO * O): columns [16t, 16t+16) of rows g, g+8 of both (a quad covers a whole
+        // row; the quad sum finishes the dot product), rows past Lq zeros. The same products in the
+        // same order as the tiled kernel, so the same delta. Formed before the A fragments are
+        // loaded, so that the 16 registers of raw rows are free again by then.
+        RowStats rstats;
+        {
+            uint4 o_lo[2], o_hi[2], d_lo[2], d_hi[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) o_lo[i] = o_hi[i] = d_lo[i] = d_hi[i] = make_uint4(0, 0, 0, 0);
+            if (ok_lo) {
+                const uint4* os = reinterpret_cast<const uint4*>(og + row_lo * prm.o_row_stride + 16 * t);
+                const uint4* ds = reinterpret_cast<const uint4*>(dog + row_lo * prm.do_row_stride + 16 * t);
+                o_lo[0] = __ldg(os);
+                o_lo[1] = __ldg(os + 1);
+                d_lo[0] = __ldg(ds);
+                d_lo[1] = __ldg(ds + 1);
+            }
+            if (ok_hi) {
+                const uint4* os = reinterpret_cast<const uint4*>(og + row_hi * prm.o_row_stride + 16 * t);
+                const uint4* ds = reinterpret_cast<const uint4*>(dog + row_hi * prm.do_row_stride + 16 * t);
+                o_hi[0] = __ldg(os);
+                o_hi[1] = __ldg(os + 1);
+                d_hi[0] = __ldg(ds);
+                d_hi[1] = __ldg(ds + 1);
+            }
+            rstats.delta_lo = quad_sum(dot16_bf16(d_lo, o_lo));
+            rstats.delta_hi = quad_sum(dot16_bf16(d_hi, o_hi));
+        }
+        rstats.lse2_lo = ok_lo ? prm.lse[stat0 + row_lo] * kLog2e : 0.f;  // lse in log2 units
+        rstats.lse2_hi = ok_hi ? prm.lse[stat0 + row_hi] * kLog2e : 0.f;
+        if (t == 0) {
+            if (ok_lo) prm.delta[stat0 + row_lo] = rstats.delta_lo;
+            if (ok_hi) prm.delta[stat0 + row_hi] = rstats.delta_hi;
+        }
+        uint32_t qf[4][4], df[4][4];  // A fragments of the warp's Q and dO rows, columns [16c, 16c+16)
+        load_a_frags(qf, static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD, prm.q_row_stride,
+                     row_lo, row_hi, G.lq, t);
+        load_a_frags(df, dog, prm.do_row_stride, row_lo, row_hi, G.lq, t);
+        float dq[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+        for (int kt = 0; kt < nkt; ++kt) {
+            const uint32_t k_tile = s0 + static_cast<uint32_t>(kt) * kTileBytes;
+            const uint32_t v_tile = s0 + static_cast<uint32_t>(nkt + kt) * kTileBytes;
+            dq_tile(qf, df, k_tile, v_tile, lane_off_a(lane), lane_off_bt(lane), kt * kBN, wrows, rstats, t, G, sl2, dq);
+        }
+        const BlockIds id = block_ids_again();  // (sm_80 spilled holding them through the loop)
+        bf16* dqg = static_cast<bf16*>(prm.dq) + id.b * prm.dq_batch_stride + id.head * kD;
+        const int gq = id.lane >> 2;
+        store_frag_rows(dq, prm.scale, prm.scale, dqg, prm.dq_row_stride, wr0 + gq, wr0 + gq + 8, G.lq, id.lane & 3);
+    }
 }
 
 // ================================================================================================ backward dK dV

@@ -46,6 +46,7 @@ use crate::ops::KernelChoice;
 use crate::ops::{adamw, attention, gelu, gradnorm, layernorm};
 
 pub use crate::ops::adamw::AdamWStep;
+use crate::ops::attention::AttentionKernels;
 pub use crate::ops::attention::AttentionShape;
 
 /// An element type both backends store: `f32`, `bf16`, `i32`, `u8`.
@@ -752,6 +753,9 @@ pub struct CudaBackend {
     /// The patch embedding's contraction order for uint8 pixels, read once from
     /// `MAPET_PATCH_EMBED_ORDER` when the backend is made (the default: the faster order).
     pub pixel_order: PixelOrder,
+    /// The attention kernels, read once from `MAPET_ATTENTION_KERNELS` when the backend is made
+    /// (the default: the kernels verified on a GPU).
+    pub attention_kernels: AttentionKernels,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -764,7 +768,12 @@ impl CudaBackend {
     /// A backend on `gpu` (creates a cuBLASLt handle and its workspace).
     pub fn new(gpu: Arc<Gpu>) -> Result<Self> {
         let gemm = Gemm::new(&gpu)?;
-        Ok(CudaBackend { gpu, gemm, pixel_order: PixelOrder::selected()? })
+        Ok(CudaBackend {
+            gpu,
+            gemm,
+            pixel_order: PixelOrder::selected()?,
+            attention_kernels: AttentionKernels::selected()?,
+        })
     }
 
     /// Opens device 0.
@@ -958,7 +967,7 @@ impl Backend for CudaBackend {
         o: &mut DeviceViewMut<'_, bf16>,
         lse: &mut DeviceViewMut<'_, f32>,
     ) -> Result<()> {
-        attention::cuda_forward(&self.gpu, shape, &q, &k, &v, o, lse)
+        attention::cuda_forward(&self.gpu, self.attention_kernels, shape, &q, &k, &v, o, lse)
     }
 
     fn attention_backward(
@@ -974,7 +983,7 @@ impl Backend for CudaBackend {
         dk: &mut DeviceViewMut<'_, bf16>,
         dv: &mut DeviceViewMut<'_, bf16>,
     ) -> Result<()> {
-        attention::cuda_backward(&self.gpu, shape, &q, &k, &v, &o, &lse, &d_o, dq, dk, dv)
+        attention::cuda_backward(&self.gpu, self.attention_kernels, shape, &q, &k, &v, &o, &lse, &d_o, dq, dk, dv)
     }
 
     fn layer_scale_forward(

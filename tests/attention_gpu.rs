@@ -4,7 +4,7 @@
 //! Skips with the reason where no GPU is present; fails instead under `MAPET_REQUIRE_GPU=1`.
 
 use mapet::cuda::{DeviceBuffer, Gpu};
-use mapet::ops::attention::{self, AttentionShape};
+use mapet::ops::attention::{self, AttentionKernels, AttentionShape};
 use mapet::testing::{self, assert_within_baseline};
 use proptest::prelude::*;
 use rand::Rng;
@@ -38,7 +38,7 @@ struct GpuOut {
     dv: Vec<f32>,
 }
 
-fn run_gpu(gpu: &Gpu, c: &Case) -> GpuOut {
+fn run_gpu(gpu: &Gpu, kernels: AttentionKernels, c: &Case) -> GpuOut {
     let s = &c.shape;
     let (q, k, v, d_o) = (
         gpu.upload_bf16(&c.q).unwrap(),
@@ -55,8 +55,8 @@ fn run_gpu(gpu: &Gpu, c: &Case) -> GpuOut {
         b.poison().unwrap();
     }
     lse.poison().unwrap();
-    attention::cuda_forward(gpu, s, &q, &k, &v, &mut o, &mut lse).unwrap();
-    attention::cuda_backward(gpu, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
+    attention::cuda_forward(gpu, kernels, s, &q, &k, &v, &mut o, &mut lse).unwrap();
+    attention::cuda_backward(gpu, kernels, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
     GpuOut {
         o: o.to_host_f32().unwrap(),
         lse: lse.to_host().unwrap(),
@@ -66,10 +66,16 @@ fn run_gpu(gpu: &Gpu, c: &Case) -> GpuOut {
     }
 }
 
-/// Forward and backward against the truth and the baseline.
+/// Forward and backward of both kernel sets against the truth and the baseline.
 fn check(gpu: &Gpu, c: &Case) {
+    for kernels in AttentionKernels::ALL {
+        check_kernels(gpu, kernels, c);
+    }
+}
+
+fn check_kernels(gpu: &Gpu, kernels: AttentionKernels, c: &Case) {
     let s = &c.shape;
-    let g = run_gpu(gpu, c);
+    let g = run_gpu(gpu, kernels, c);
     let f64v = |x: &[f32]| testing::to_f64(x);
     // Truth: f64 on the bf16 inputs. The backward truth uses the truth's own O and lse.
     let (mut o64, mut lse64) = (vec![0.0f64; c.q.len()], vec![0.0f64; g.lse.len()]);
@@ -98,7 +104,7 @@ fn check(gpu: &Gpu, c: &Case) {
     for x in [&mut dq32, &mut dk32, &mut dv32] {
         mapet::cpu::round_bf16(x);
     }
-    let tag = format!("B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
+    let tag = format!("{kernels:?} B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
     assert_within_baseline(&format!("O [{tag}]"), &g.o, &o32, &o64, 2.0, 1e-4);
     assert_within_baseline(&format!("lse [{tag}]"), &g.lse, &lse32, &lse64, 2.0, 1e-5);
     assert_within_baseline(&format!("dQ [{tag}]"), &g.dq, &dq32, &dq64, 3.0, 1e-4);
@@ -147,13 +153,46 @@ fn same_inputs_give_bit_identical_outputs() {
     let Some(gpu) = testing::gpu_or_skip("same_inputs_give_bit_identical_outputs") else { return };
     let mut rng = testing::rng("same_inputs_give_bit_identical_outputs");
     let c = draw(&mut rng, shape(4, 4, 197, 50));
-    let (a, b) = (run_gpu(&gpu, &c), run_gpu(&gpu, &c));
+    for kernels in AttentionKernels::ALL {
+        let (a, b) = (run_gpu(&gpu, kernels, &c), run_gpu(&gpu, kernels, &c));
+        assert_bit_identical(&format!("{kernels:?}, two runs"), &a, &b);
+    }
+}
+
+fn assert_bit_identical(what: &str, a: &GpuOut, b: &GpuOut) {
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&a.o), bits(&b.o), "O differs between two runs");
-    assert_eq!(bits(&a.lse), bits(&b.lse), "lse differs between two runs");
-    assert_eq!(bits(&a.dq), bits(&b.dq), "dQ differs between two runs");
-    assert_eq!(bits(&a.dk), bits(&b.dk), "dK differs between two runs");
-    assert_eq!(bits(&a.dv), bits(&b.dv), "dV differs between two runs");
+    for (name, x, y) in
+        [("O", &a.o, &b.o), ("lse", &a.lse, &b.lse), ("dQ", &a.dq, &b.dq), ("dK", &a.dk, &b.dk), ("dV", &a.dv, &b.dv)]
+    {
+        let (x, y) = (bits(x), bits(y));
+        if let Some(i) = (0..x.len()).find(|&i| x[i] != y[i]) {
+            panic!(
+                "{what}: {name} differs first at element {i} of {} ({:e} against {:e})",
+                x.len(),
+                f32::from_bits(x[i]),
+                f32::from_bits(y[i])
+            );
+        }
+    }
+}
+
+/// The K/V-resident kernels do per warp what the tiled ones do, in the same order: the same bits,
+/// at the ViT-B sequence (one CTA per pair), at small batches (several CTAs per pair, warps
+/// with no row tile), at odd sizes, and where K and V are too large to stay resident (the tiled
+/// kernels run for both).
+#[test]
+fn resident_kernels_match_the_tiled_ones_bit_for_bit() {
+    let test = "resident_kernels_match_the_tiled_ones_bit_for_bit";
+    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    let mut rng = testing::rng(test);
+    for s in
+        [shape(64, 12, 197, 50), shape(2, 3, 197, 50), shape(1, 1, 5, 1), shape(3, 2, 65, 33), shape(1, 2, 300, 50)]
+    {
+        let c = draw(&mut rng, s);
+        let tiled = run_gpu(&gpu, AttentionKernels::Tiled, &c);
+        let resident = run_gpu(&gpu, AttentionKernels::Resident, &c);
+        assert_bit_identical(&format!("resident against tiled, {s:?}"), &resident, &tiled);
+    }
 }
 
 #[test]

@@ -48,6 +48,7 @@ use rayon::prelude::*;
 use crate::cuda::params::MapetAttention;
 use crate::cuda::{check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
+use crate::ops::KernelChoice;
 use crate::perm::visible_bounds;
 
 /// Sizes of one attention call. Valid when every field is positive and `0 < n_context < n_tokens`.
@@ -535,6 +536,73 @@ const CUDA_BLOCK_M: usize = 64;
 /// Keys per block of the dK/dV kernel (`MAPET_ATTN_BLOCK_N`).
 const CUDA_BLOCK_N: usize = 64;
 
+/// Threads per block of the K/V-resident kernels (`MAPET_ATTN_RES_THREADS`).
+const CUDA_RES_THREADS: u32 = 256;
+/// Bytes of one padded `[64 x 72]` bf16 tile (`kTileBytes`).
+const CUDA_TILE_BYTES: usize = 64 * 72 * 2;
+/// Most dynamic shared memory a K/V-resident CTA may take: two CTAs must fit one SM of an
+/// H100/H200 (228 KiB, 1 KiB of it reserved per CTA). ViT's 344 keys take 110,592 B.
+const CUDA_RES_MAX_SMEM: usize = 113 << 10;
+/// Resident CTAs per SM (`__launch_bounds__(MAPET_ATTN_RES_THREADS, 2)`).
+const CUDA_RES_CTAS_PER_SM: usize = 2;
+
+/// Which kernels compute the attention forward and the dQ half of the backward (the dK/dV half is
+/// the same kernel for both). They give the same results bit for bit: per warp, the same tiles,
+/// halves and arithmetic in the same order (`fwd_tile`, `dq_tile` in cuda/attention.cu). They
+/// differ in how K and V reach the SMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttentionKernels {
+    /// One CTA of 4 warps per 64 query rows, K and V streamed through shared memory a 64-key tile
+    /// at a time (double-buffered cp.async, a barrier per tile): every K/V tile crosses from L2 once
+    /// per 64 rows. The kernels measured on an H200 (BENCHMARKS.md).
+    #[default]
+    Tiled,
+    /// One CTA of 8 warps per (sample, head) pair (or a few, for small batches) that loads the
+    /// pair's K and V into shared memory once; its warps then take 16-row tiles of the pair's rows
+    /// with no further barrier. About 8x less L2 traffic for ViT-B. Where the pair's K and V do not
+    /// fit (more than 384 keys), the tiled kernels run instead. Compiles, unverified on GPU.
+    Resident,
+}
+
+impl AttentionKernels {
+    /// Both, for tests and benches.
+    pub const ALL: [AttentionKernels; 2] = [AttentionKernels::Tiled, AttentionKernels::Resident];
+
+    /// The resident kernels' launch for `shape`: grid x (CTAs per pair) and dynamic shared bytes;
+    /// `None` when they do not apply (tiled chosen, or K and V too large).
+    fn resident_launch(self, shape: &AttentionShape, sm_count: u32) -> Option<(u32, u32)> {
+        if self != AttentionKernels::Resident {
+            return None;
+        }
+        let smem = 2 * shape.k_rows().div_ceil(CUDA_BLOCK_N) * CUDA_TILE_BYTES;
+        if smem > CUDA_RES_MAX_SMEM {
+            return None;
+        }
+        // Enough CTAs for about two waves; more CTAs per pair load its K and V more times, so only
+        // when there are few pairs, and never more than one 16-row tile per warp.
+        let pairs = shape.batch * shape.heads;
+        let slots = sm_count as usize * CUDA_RES_CTAS_PER_SM;
+        let row_tiles = shape.q_rows().div_ceil(16);
+        let max_split = row_tiles.div_ceil(CUDA_RES_THREADS as usize / 32).max(1);
+        let split = (2 * slots).div_ceil(pairs).clamp(1, max_split);
+        Some((split as u32, smem as u32))
+    }
+}
+
+/// `MAPET_ATTENTION_KERNELS=tiled|resident` picks the kernels the CUDA backend passes to
+/// [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
+impl KernelChoice for AttentionKernels {
+    const VAR: &'static str = "MAPET_ATTENTION_KERNELS";
+    const CHOICES: &'static [Self] = &AttentionKernels::ALL;
+
+    fn name(self) -> &'static str {
+        match self {
+            AttentionKernels::Tiled => "tiled",
+            AttentionKernels::Resident => "resident",
+        }
+    }
+}
+
 /// Checks that the CUDA kernels support `shape` (on top of [`AttentionShape::validate`]): head_dim
 /// 64, grid dimensions and 32-bit row counts within range.
 pub fn check_cuda_shape(shape: &AttentionShape) -> Result<()> {
@@ -621,10 +689,21 @@ fn grid(rows: usize, per_block: usize, shape: &AttentionShape) -> LaunchConfig {
     }
 }
 
+fn resident_grid((split, smem): (u32, u32), shape: &AttentionShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (split, shape.heads as u32, shape.batch as u32),
+        block_dim: (CUDA_RES_THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
 /// Forward on the GPU: `o` (bf16) and `lse` (f32) from bf16 `q`, `k`, `v`, all contiguous as
-/// [`cpu_forward`] documents. Head dim 64 only ([`check_cuda_shape`]).
+/// [`cpu_forward`] documents, with the `kernels` asked for. Head dim 64 only
+/// ([`check_cuda_shape`]).
+#[allow(clippy::too_many_arguments)]
 pub fn cuda_forward(
     gpu: &Gpu,
+    kernels: AttentionKernels,
     shape: &AttentionShape,
     q: &dyn DeviceRead<bf16>,
     k: &dyn DeviceRead<bf16>,
@@ -639,11 +718,17 @@ pub fn cuda_forward(
     }
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
+    let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count()) {
+        Some(launch) => ("mapet_attention_fwd_resident", resident_grid(launch, shape)),
+        None => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
+    };
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
     // touches by the buffer lengths; every bf16 pointer is 16-byte aligned (checked above) and
-    // every stride is a multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies need.
-    // The kernel handles rows [blockIdx.x * 64, +64) clipped to Lq.
-    unsafe { gpu.launch("attention", "mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p) }
+    // every stride is a multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies and
+    // 4-byte fragment loads and stores need. The tiled kernel handles rows [blockIdx.x * 64, +64)
+    // clipped to Lq; the resident one rows < Lq of its pair, with the dynamic shared memory that
+    // all of its pair's K and V tiles take (resident_launch).
+    unsafe { gpu.launch("attention", kernel, cfg, &p) }
 }
 
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
@@ -652,6 +737,7 @@ pub fn cuda_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
+    kernels: AttentionKernels,
     shape: &AttentionShape,
     q: &dyn DeviceRead<bf16>,
     k: &dyn DeviceRead<bf16>,
@@ -678,10 +764,53 @@ pub fn cuda_backward(
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
     (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
+    let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count()) {
+        Some(launch) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, shape)),
+        None => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
+    };
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
-    // has [B, H, N+2P] elements, all of which this kernel writes.
-    unsafe { gpu.launch("attention", "mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape), &p)? };
+    // has [B, H, N+2P] elements, all of which either dQ kernel writes.
+    unsafe { gpu.launch("attention", kernel, cfg, &p)? };
     // SAFETY: as above, with dk and dv of the keys' size; bwd_dq wrote delta before this reads it,
     // since both run in order on this Gpu's one stream.
     unsafe { gpu.launch("attention", "mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape), &p) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(batch: usize, heads: usize, n_tokens: usize, n_context: usize) -> AttentionShape {
+        AttentionShape { batch, heads, head_dim: 64, n_tokens, n_context }
+    }
+
+    #[test]
+    fn resident_launch_fits_two_ctas_per_sm_or_falls_back() {
+        let r = AttentionKernels::Resident;
+        // ViT-B at batch 128 on 132 SMs: one CTA per pair, 6 K and 6 V tiles of 9216 B.
+        assert_eq!(r.resident_launch(&shape(128, 12, 197, 50), 132), Some((1, 110_592)));
+        // Few pairs: more CTAs per pair, at most one 16-row tile per warp (491 rows: 31 tiles, 4 CTAs).
+        assert_eq!(r.resident_launch(&shape(1, 1, 197, 50), 132), Some((4, 110_592)));
+        assert_eq!(r.resident_launch(&shape(2, 3, 5, 1), 132), Some((1, 2 * CUDA_TILE_BYTES as u32)));
+        // Lk = 384 is the largest that fits; 385 keys do not.
+        assert!(r.resident_launch(&shape(128, 12, 256, 128), 132).is_some());
+        assert_eq!(r.resident_launch(&shape(128, 12, 257, 129), 132), None);
+        assert_eq!(r.resident_launch(&shape(128, 12, 300, 50), 132), None);
+        // The tiled choice never takes the resident kernels.
+        assert_eq!(AttentionKernels::Tiled.resident_launch(&shape(128, 12, 197, 50), 132), None);
+        for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3)] {
+            if let Some((_, smem)) = r.resident_launch(&s, 132) {
+                assert!(smem as usize <= CUDA_RES_MAX_SMEM && 2 * (smem as usize + 1024) <= 228 << 10, "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_choice_names_parse() {
+        for k in AttentionKernels::ALL {
+            assert_eq!(AttentionKernels::parse_name(k.name()), Ok(k));
+        }
+        let err = AttentionKernels::parse_name("fast").unwrap_err();
+        assert!(err.contains("MAPET_ATTENTION_KERNELS") && err.contains("tiled") && err.contains("resident"), "{err}");
+    }
 }
