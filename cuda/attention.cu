@@ -38,7 +38,12 @@
 //                             grid (splits, H, B), 256 threads, dynamic shared memory: the forward and
 //                             dQ with all of a (sample, head) pair's K and V held in shared memory,
 //                             loaded once per CTA instead of once per 64 query rows; the same results
-//                             bit for bit ("K/V-resident variants" below). bwd_dkdv follows either.
+//                             bit for bit ("K/V-resident variants" below).
+//   mapet_attention_bwd_dkdv_resident
+//                             grid (splits, H, B), 384 threads, dynamic shared memory: dK/dV with all
+//                             of a pair's Q, dO, lse, delta and hidden windows held in shared memory,
+//                             its warps taking 16-key tiles; the same results bit for bit. Runs after
+//                             either dQ kernel.
 // 128 query rows per CTA (forward and dQ) and a dK/dV kernel that re-reads K and V from shared memory
 // (4 CTAs per SM) were tried and measured slower / no faster on an H200 (BENCHMARKS.md).
 // Shared memory is static: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, bwd_dq), + 2 KiB of
@@ -127,6 +132,7 @@
 #define MAPET_ATTN_BLOCK_N 64       // keys per inner tile (fwd, bwd_dq) = per CTA (bwd_dkdv)
 #define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of the tiled kernels (static shared memory)
 #define MAPET_ATTN_RES_THREADS 256  // block size of the K/V-resident kernels (8 warps)
+#define MAPET_ATTN_RES_DKDV_THREADS 384  // block size of the Q/dO-resident dK/dV kernel (12 warps)
 
 namespace {
 
@@ -142,6 +148,9 @@ constexpr int kLds = kD + 8;                  // padded shared row, bf16 element
 constexpr int kTileElems = 64 * kLds;         // one [64 x 72] bf16 tile
 constexpr uint32_t kTileBytes = kTileElems * 2;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kResDkdvThreads = MAPET_ATTN_RES_DKDV_THREADS;
+constexpr int kResDkdvWarps = kResDkdvThreads / 32;
+static_assert(kResDkdvThreads == 3 * kThreads, "the resident dK/dV kernel loads Q, dO and the row data with a third each");
 constexpr int kResThreads = MAPET_ATTN_RES_THREADS;
 constexpr int kResWarps = kResThreads / 32;
 static_assert(kResThreads == 2 * kThreads, "the resident kernels load K with one half of the block, V with the other");
@@ -649,6 +658,111 @@ __device__ __forceinline__ void dq_tile(const uint32_t (&qf)[4][4], const uint32
     }
 }
 
+// The dK/dV kernels' work on one 64-row query tile (rows [q0, q0 + 64)) for one warp's 16 keys
+// [kw0, kw0 + 16): per 32-row half that can see the keys, S^T = K Q^T and dP^T = V dO^T, P^T, dS^T,
+// then dV += P^T dO and dK += dS^T Q. q_tile, do_tile = the shared addresses of the padded Q and dO
+// tiles; lse_t, delta_t, win_t = the tile's 64 rows' lse, delta and hidden window in shared memory.
+// Shared by both dK/dV kernels.
+__device__ __forceinline__ void dkdv_tile(const uint32_t (&kf)[4][4], const uint32_t (&vf)[4][4], uint32_t q_tile,
+                                          uint32_t do_tile, uint32_t lane_a, uint32_t lane_bt, const float* lse_t,
+                                          const float* delta_t, const int2* win_t, int q0, int kw0, int t,
+                                          const Geometry& G, float sl2, float (&dk)[8][4], float (&dv)[8][4]) {
+    const int g = (threadIdx.x & 31) >> 2;
+    const int key_lo = kw0 + g, key_hi = kw0 + g + 8;  // the lane's two keys (rows of every C fragment)
+    const uint32_t qs = q_tile + lane_bt;    // Q as the B operand of K Q^T (rows = n)
+    const uint32_t ds = do_tile + lane_bt;   // dO as the B operand of V dO^T (rows = n)
+    const uint32_t qts = q_tile + lane_a;    // Q as the B operand of dS^T Q (rows = k), .trans
+    const uint32_t dts = do_tile + lane_a;   // dO as the B operand of P^T dO (rows = k), .trans
+    // The 64 query rows go in two halves of 32 (as in bwd_dq): half the S^T / dP^T registers, and
+    // a half whose rows cannot see the warp's keys (or lie past Lq) is skipped.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int qh0 = q0 + h * kHalf;  // first query row of the half
+        if (qh0 >= G.lq) continue;
+        int amin, amax;
+        hidden_extrema(qh0, min(qh0 + kHalf, G.lq), G, amin, amax);
+        const int kind = classify(amin, amax, kw0, kw0 + 16, qh0 + kHalf <= G.lq, G);
+        if (kind == kEmpty) continue;
+        // S^T = K Q^T and dP^T = V dO^T, 16 keys x 32 query rows; [j] = C fragment of query rows
+        // qh0 + [8j, 8j+8). Element e: key g (e < 2) or g+8, query row qh0 + 8j + 2t + (e & 1).
+        float st[4][4], dpt[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
+            dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            uint32_t ka[4], va[4];  // the warp's K and V fragments of head columns [16c, 16c+16)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                ka[e] = kf[c][e];
+                va[e] = vf[c][e];
+            }
+#pragma unroll
+            for (int jp = 0; jp < 2; ++jp) {
+                uint32_t qb[4], db[4];  // query n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
+                ldmatrix_x4(qb, qs + tile_off(h * kHalf + jp * 16, c * 16));
+                ldmatrix_x4(db, ds + tile_off(h * kHalf + jp * 16, c * 16));
+                mma_bf16(st[2 * jp], ka, qb[0], qb[1]);
+                mma_bf16(st[2 * jp + 1], ka, qb[2], qb[3]);
+                mma_bf16(dpt[2 * jp], va, db[0], db[1]);
+                mma_bf16(dpt[2 * jp + 1], va, db[2], db[3]);
+            }
+        }
+        // P^T = exp(S^T * scale - lse_col) (hidden -> -inf -> 0), dS^T = P^T (dP^T - delta_col). The
+        // lane's columns 8j + 2t, +1 are adjacent: one 8-byte shared read each for lse and delta, one
+        // 16-byte read for the two windows (the 8 lanes with the same t read the same words: broadcast).
+        // Keys past Lk are not masked: their K, V rows are zero and their dK, dV rows are never
+        // stored, and a row of A only reaches the same row of the product.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = h * kHalf + 8 * j + 2 * t;  // row within the stage's tile
+            const float2 ls = *reinterpret_cast<const float2*>(&lse_t[col]);
+            const float2 dl = *reinterpret_cast<const float2*>(&delta_t[col]);
+            if (kind == kPartial) {
+                const int4 w = *reinterpret_cast<const int4*>(&win_t[col]);  // {a0, w0, a1, w1}
+                if (in_window(key_lo, w.x, w.y)) st[j][0] = -INFINITY;
+                if (in_window(key_lo, w.z, w.w)) st[j][1] = -INFINITY;
+                if (in_window(key_hi, w.x, w.y)) st[j][2] = -INFINITY;
+                if (in_window(key_hi, w.z, w.w)) st[j][3] = -INFINITY;
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int cc = e & 1;
+                const float pv = fast_exp2(fmaf(st[j][e], sl2, -(cc ? ls.y : ls.x) * kLog2e));
+                st[j][e] = pv;
+                dpt[j][e] = pv * (dpt[j][e] - (cc ? dl.y : dl.x));
+            }
+        }
+        // dV += P^T dO and dK += dS^T Q: the C fragments of n-tiles 2c, 2c+1 repack into the A
+        // fragment of the half's query chunk c (rows qh0 + [16c, 16c+16)); B from dO[row][d] and
+        // Q[row][d] with .trans (reduction over the stored rows).
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            uint32_t pa[4], da[4];
+            pa[0] = pack_bf16(st[2 * c][0], st[2 * c][1]);
+            pa[1] = pack_bf16(st[2 * c][2], st[2 * c][3]);
+            pa[2] = pack_bf16(st[2 * c + 1][0], st[2 * c + 1][1]);
+            pa[3] = pack_bf16(st[2 * c + 1][2], st[2 * c + 1][3]);
+            da[0] = pack_bf16(dpt[2 * c][0], dpt[2 * c][1]);
+            da[1] = pack_bf16(dpt[2 * c][2], dpt[2 * c][3]);
+            da[2] = pack_bf16(dpt[2 * c + 1][0], dpt[2 * c + 1][1]);
+            da[3] = pack_bf16(dpt[2 * c + 1][2], dpt[2 * c + 1][3]);
+#pragma unroll
+            for (int dn = 0; dn < 4; ++dn) {
+                uint32_t db[4], qb[4];  // b0, b1 of head n-tiles 2dn, 2dn+1 over the chunk's 16 rows
+                ldmatrix_x4_trans(db, dts + tile_off(h * kHalf + c * 16, dn * 16));
+                ldmatrix_x4_trans(qb, qts + tile_off(h * kHalf + c * 16, dn * 16));
+                mma_bf16(dv[2 * dn], pa, db[0], db[1]);
+                mma_bf16(dv[2 * dn + 1], pa, db[2], db[3]);
+                mma_bf16(dk[2 * dn], da, qb[0], qb[1]);
+                mma_bf16(dk[2 * dn + 1], da, qb[2], qb[3]);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------- K/V-resident kernels
 
 // Loads all of one (sample, head) pair's K and V into shared memory at s0: nkt padded [64 x 72] tiles
@@ -1058,6 +1172,83 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_at
     }
 }
 
+// The dK/dV kernel's counterpart, with the roles turned: a CTA of 12 warps loads all of its pair's Q
+// and dO (2 * ceil(Lq / 64) padded tiles) and the lse, delta and hidden window of every row into
+// shared memory once (155,648 B for ViT's 491 rows: one CTA per SM, 12 warps at 168 registers, as
+// many warps as three tiled CTAs), then each warp works through 16-key tiles of the pair's keys
+// (kw0 = (blockIdx.x * 12 + warp) * 16, + gridDim.x * 192, ...) with no further barrier, K and V
+// fragments straight from global memory. The tiled kernel brings every Q/dO tile once per 64 keys
+// (1.16 GB of L2 traffic per ViT-B call); this one once per CTA. Per warp the query tiles, halves
+// and arithmetic are those of mapet_attention_bwd_dkdv in the same order (dkdv_tile): the same
+// bits. Grid (splits, H, B); block 384; dynamic shared memory ceil(Lq / 64) * (2 * 9,216 + 64 * 16) B.
+// Must run after a dQ kernel (it reads delta).
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_resident(const MapetAttention prm) {
+    extern __shared__ __align__(128) bf16 rsmem[];
+
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+
+    // Q tiles at s0 + qt * kTileBytes, dO tiles after them, then lse [nqt * 64], delta [nqt * 64]
+    // and the hidden windows [nqt * 64] (int2; 16-byte aligned: the tiles take a multiple of 16 B).
+    const int nqt = (G.lq + kBM - 1) / kBM;
+    const uint32_t s0 = smem_addr(rsmem);
+    float* s_lse = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(rsmem) + 2 * nqt * kTileBytes);
+    float* s_delta = s_lse + nqt * kBM;
+    int2* s_win = reinterpret_cast<int2*>(s_delta + nqt * kBM);
+    {
+        const int part = tid / kThreads, ptid = tid % kThreads;  // warp-uniform
+        const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+        if (part < 2) {  // Q, then dO: load_tile as in the tiled kernels, rows >= Lq zero-filled
+            const bf16* src = part == 0 ? static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD
+                                        : static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+            const int stride = static_cast<int>(part == 0 ? prm.q_row_stride : prm.do_row_stride);
+            const uint32_t dst = s0 + static_cast<uint32_t>(part * nqt) * kTileBytes;
+            for (int qt = 0; qt < nqt; ++qt) load_tile(dst + qt * kTileBytes, src, stride, qt * kBM, G.lq, ptid);
+        } else {  // per row: lse, delta (0 past Lq) and the window (all keys hidden past Lq)
+            for (int r = ptid; r < nqt * kBM; r += kThreads) {
+                const bool ok = r < G.lq;
+                cp_async4(smem_addr(&s_lse[r]), prm.lse + stat0 + (ok ? r : 0), ok);
+                cp_async4(smem_addr(&s_delta[r]), prm.delta + stat0 + (ok ? r : 0), ok);
+                s_win[r] = ok ? make_int2(first_hidden(r, G), G.p) : make_int2(-(1 << 29), 0x7fffffff);
+            }
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+
+#pragma unroll 1
+    for (int kw0 = (blockIdx.x * kResDkdvWarps + warp) * 16; kw0 < G.lk; kw0 += gridDim.x * kResDkdvWarps * 16) {
+        uint32_t kf[4][4], vf[4][4];  // A fragments of the warp's K and V rows (keys >= Lk: zeros)
+        load_a_frags(kf, static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD, prm.k_row_stride,
+                     kw0 + g, kw0 + g + 8, G.lk, t);
+        load_a_frags(vf, static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD, prm.v_row_stride,
+                     kw0 + g, kw0 + g + 8, G.lk, t);
+        float dk[8][4], dv[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.f;
+            dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.f;
+        }
+        for (int qt = 0; qt < nqt; ++qt) {
+            const uint32_t q_tile = s0 + static_cast<uint32_t>(qt) * kTileBytes;
+            const uint32_t do_tile = s0 + static_cast<uint32_t>(nqt + qt) * kTileBytes;
+            dkdv_tile(kf, vf, q_tile, do_tile, lane_off_a(lane), lane_off_bt(lane), s_lse + qt * kBM,
+                      s_delta + qt * kBM, s_win + qt * kBM, qt * kBM, kw0, t, G, sl2, dk, dv);
+        }
+        const BlockIds id = block_ids_again();
+        const int gq = id.lane >> 2, tq = id.lane & 3;
+        bf16* dkg = static_cast<bf16*>(prm.dk) + id.b * prm.dk_batch_stride + id.head * kD;
+        bf16* dvg = static_cast<bf16*>(prm.dv) + id.b * prm.dv_batch_stride + id.head * kD;
+        store_frag_rows(dk, prm.scale, prm.scale, dkg, prm.dk_row_stride, kw0 + gq, kw0 + gq + 8, G.lk, tq);
+        store_frag_rows(dv, 1.f, 1.f, dvg, prm.dv_row_stride, kw0 + gq, kw0 + gq + 8, G.lk, tq);
+    }
+}
+
 // ================================================================================================ backward dK dV
 // dk, dv from q, k, v, lse, delta (written by bwd_dq), d_o. CTA = 64 keys; stage st holds the Q tile at
 // sQ(st), the dO tile at sdO(st), and lse, delta and the hidden window of those rows; dK and dV go out
@@ -1104,8 +1295,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
         if (tid < kBM) s_win[st][r] = ok ? make_int2(first_hidden(r0 + r, G), G.p) : make_int2(-(1 << 29), 0x7fffffff);
     };
 
-    const int kw0 = k0 + warp * 16;                    // the warp's 16 keys
-    const int key_lo = kw0 + g, key_hi = kw0 + g + 8;  // the lane's two keys (rows of every C fragment)
+    const int kw0 = k0 + warp * 16;  // the warp's 16 keys
 
     const int nqt = (G.lq + kBM - 1) / kBM;
     // K and V: staged in stage 1's Q and dO slots.
@@ -1143,98 +1333,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
         cp_async_wait<1>();
         __syncthreads();  // also publishes s_win of this stage, written by plain stores
 
-        const uint32_t qs = sQ(stage) + lane_bt;    // Q as the B operand of K Q^T (rows = n)
-        const uint32_t ds = sdO(stage) + lane_bt;   // dO as the B operand of V dO^T (rows = n)
-        const uint32_t qts = sQ(stage) + lane_a;    // Q as the B operand of dS^T Q (rows = k), .trans
-        const uint32_t dts = sdO(stage) + lane_a;   // dO as the B operand of P^T dO (rows = k), .trans
-        // The 64 query rows go in two halves of 32 (as in bwd_dq): half the S^T / dP^T registers, and
-        // a half whose rows cannot see the warp's keys (or lie past Lq) is skipped.
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int qh0 = qt * kBM + h * kHalf;  // first query row of the half
-            if (qh0 >= G.lq) continue;
-            int amin, amax;
-            hidden_extrema(qh0, min(qh0 + kHalf, G.lq), G, amin, amax);
-            const int kind = classify(amin, amax, kw0, kw0 + 16, qh0 + kHalf <= G.lq, G);
-            if (kind == kEmpty) continue;
-            // S^T = K Q^T and dP^T = V dO^T, 16 keys x 32 query rows; [j] = C fragment of query rows
-            // qh0 + [8j, 8j+8). Element e: key g (e < 2) or g+8, query row qh0 + 8j + 2t + (e & 1).
-            float st[4][4], dpt[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
-                dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
-            }
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                uint32_t ka[4], va[4];  // the warp's K and V fragments of head columns [16c, 16c+16)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    ka[e] = kf[c][e];
-                    va[e] = vf[c][e];
-                }
-#pragma unroll
-                for (int jp = 0; jp < 2; ++jp) {
-                    uint32_t qb[4], db[4];  // query n-tiles 2jp, 2jp+1 of the half over head columns [16c, 16c+16)
-                    ldmatrix_x4(qb, qs + tile_off(h * kHalf + jp * 16, c * 16));
-                    ldmatrix_x4(db, ds + tile_off(h * kHalf + jp * 16, c * 16));
-                    mma_bf16(st[2 * jp], ka, qb[0], qb[1]);
-                    mma_bf16(st[2 * jp + 1], ka, qb[2], qb[3]);
-                    mma_bf16(dpt[2 * jp], va, db[0], db[1]);
-                    mma_bf16(dpt[2 * jp + 1], va, db[2], db[3]);
-                }
-            }
-            // P^T = exp(S^T * scale - lse_col) (hidden -> -inf -> 0), dS^T = P^T (dP^T - delta_col). The
-            // lane's columns 8j + 2t, +1 are adjacent: one 8-byte shared read each for lse and delta, one
-            // 16-byte read for the two windows (the 8 lanes with the same t read the same words: broadcast).
-            // Keys past Lk are not masked: their K, V rows are zero and their dK, dV rows are never
-            // stored, and a row of A only reaches the same row of the product.
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int col = h * kHalf + 8 * j + 2 * t;  // row within the stage's tile
-                const float2 ls = *reinterpret_cast<const float2*>(&s_lse[stage][col]);
-                const float2 dl = *reinterpret_cast<const float2*>(&s_delta[stage][col]);
-                if (kind == kPartial) {
-                    const int4 w = *reinterpret_cast<const int4*>(&s_win[stage][col]);  // {a0, w0, a1, w1}
-                    if (in_window(key_lo, w.x, w.y)) st[j][0] = -INFINITY;
-                    if (in_window(key_lo, w.z, w.w)) st[j][1] = -INFINITY;
-                    if (in_window(key_hi, w.x, w.y)) st[j][2] = -INFINITY;
-                    if (in_window(key_hi, w.z, w.w)) st[j][3] = -INFINITY;
-                }
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int cc = e & 1;
-                    const float pv = fast_exp2(fmaf(st[j][e], sl2, -(cc ? ls.y : ls.x) * kLog2e));
-                    st[j][e] = pv;
-                    dpt[j][e] = pv * (dpt[j][e] - (cc ? dl.y : dl.x));
-                }
-            }
-            // dV += P^T dO and dK += dS^T Q: the C fragments of n-tiles 2c, 2c+1 repack into the A
-            // fragment of the half's query chunk c (rows qh0 + [16c, 16c+16)); B from dO[row][d] and
-            // Q[row][d] with .trans (reduction over the stored rows).
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                uint32_t pa[4], da[4];
-                pa[0] = pack_bf16(st[2 * c][0], st[2 * c][1]);
-                pa[1] = pack_bf16(st[2 * c][2], st[2 * c][3]);
-                pa[2] = pack_bf16(st[2 * c + 1][0], st[2 * c + 1][1]);
-                pa[3] = pack_bf16(st[2 * c + 1][2], st[2 * c + 1][3]);
-                da[0] = pack_bf16(dpt[2 * c][0], dpt[2 * c][1]);
-                da[1] = pack_bf16(dpt[2 * c][2], dpt[2 * c][3]);
-                da[2] = pack_bf16(dpt[2 * c + 1][0], dpt[2 * c + 1][1]);
-                da[3] = pack_bf16(dpt[2 * c + 1][2], dpt[2 * c + 1][3]);
-#pragma unroll
-                for (int dn = 0; dn < 4; ++dn) {
-                    uint32_t db[4], qb[4];  // b0, b1 of head n-tiles 2dn, 2dn+1 over the chunk's 16 rows
-                    ldmatrix_x4_trans(db, dts + tile_off(h * kHalf + c * 16, dn * 16));
-                    ldmatrix_x4_trans(qb, qts + tile_off(h * kHalf + c * 16, dn * 16));
-                    mma_bf16(dv[2 * dn], pa, db[0], db[1]);
-                    mma_bf16(dv[2 * dn + 1], pa, db[2], db[3]);
-                    mma_bf16(dk[2 * dn], da, qb[0], qb[1]);
-                    mma_bf16(dk[2 * dn + 1], da, qb[2], qb[3]);
-                }
-            }
-        }
+        dkdv_tile(kf, vf, sQ(stage), sdO(stage), lane_a, lane_bt, s_lse[stage], s_delta[stage], s_win[stage], qt * kBM,
+                  kw0, t, G, sl2, dk, dv);
         __syncthreads();
         stage ^= 1;
         qt = qn;

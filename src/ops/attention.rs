@@ -545,6 +545,12 @@ const CUDA_TILE_BYTES: usize = 64 * 72 * 2;
 const CUDA_RES_MAX_SMEM: usize = 113 << 10;
 /// Resident CTAs per SM (`__launch_bounds__(MAPET_ATTN_RES_THREADS, 2)`).
 const CUDA_RES_CTAS_PER_SM: usize = 2;
+/// Threads per block of the Q/dO-resident dK/dV kernel (`MAPET_ATTN_RES_DKDV_THREADS`), one CTA
+/// per SM.
+const CUDA_RES_DKDV_THREADS: u32 = 384;
+/// Shared bytes per query row of the resident dK/dV kernel besides its Q and dO tiles: lse, delta
+/// and the hidden window (4 + 4 + 8).
+const CUDA_RES_DKDV_ROW_BYTES: usize = 16;
 
 /// Which kernels compute the attention forward and the dQ half of the backward (the dK/dV half is
 /// the same kernel for both). They give the same results bit for bit: per warp, the same tiles,
@@ -557,10 +563,13 @@ pub enum AttentionKernels {
     /// per 64 rows. The kernels measured on an H200 (BENCHMARKS.md).
     #[default]
     Tiled,
-    /// One CTA of 8 warps per (sample, head) pair (or a few, for small batches) that loads the
-    /// pair's K and V into shared memory once; its warps then take 16-row tiles of the pair's rows
-    /// with no further barrier. About 8x less L2 traffic for ViT-B. Where the pair's K and V do not
-    /// fit (more than 384 keys), the tiled kernels run instead. Compiles, unverified on GPU.
+    /// Forward and dQ: one CTA of 8 warps per (sample, head) pair (or a few, for small batches)
+    /// that loads the pair's K and V into shared memory once; its warps then take 16-row tiles of
+    /// the pair's rows with no further barrier. dK/dV: one CTA of 12 warps per pair that holds the
+    /// pair's Q, dO and per-row data, its warps taking 16-key tiles. About 8x (forward, dQ) and 6x
+    /// (dK/dV) less L2 traffic at ViT-B. Where the shared memory does not suffice (more than 384
+    /// keys for the forward and dQ; more than about 760 query rows for dK/dV), the tiled kernel
+    /// runs instead. Compiles, unverified on GPU.
     Resident,
 }
 
@@ -585,6 +594,26 @@ impl AttentionKernels {
         let row_tiles = shape.q_rows().div_ceil(16);
         let max_split = row_tiles.div_ceil(CUDA_RES_THREADS as usize / 32).max(1);
         let split = (2 * slots).div_ceil(pairs).clamp(1, max_split);
+        Some((split as u32, smem as u32))
+    }
+
+    /// The resident dK/dV kernel's launch for `shape` on a device with `sm_count` SMs whose blocks
+    /// may take `max_smem` bytes of shared memory: grid x and dynamic shared bytes; `None` when the
+    /// tiled kernel runs (tiled chosen, or Q and dO too large).
+    fn resident_dkdv_launch(self, shape: &AttentionShape, sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
+        if self != AttentionKernels::Resident {
+            return None;
+        }
+        let tiles = shape.q_rows().div_ceil(CUDA_BLOCK_M);
+        let smem = tiles * (2 * CUDA_TILE_BYTES + CUDA_BLOCK_M * CUDA_RES_DKDV_ROW_BYTES);
+        if smem > max_smem as usize {
+            return None;
+        }
+        // One CTA per SM: about two waves, and never more than one 16-key tile per warp.
+        let pairs = shape.batch * shape.heads;
+        let key_tiles = shape.k_rows().div_ceil(16);
+        let max_split = key_tiles.div_ceil(CUDA_RES_DKDV_THREADS as usize / 32).max(1);
+        let split = (2 * sm_count as usize).div_ceil(pairs).clamp(1, max_split);
         Some((split as u32, smem as u32))
     }
 }
@@ -689,10 +718,10 @@ fn grid(rows: usize, per_block: usize, shape: &AttentionShape) -> LaunchConfig {
     }
 }
 
-fn resident_grid((split, smem): (u32, u32), shape: &AttentionShape) -> LaunchConfig {
+fn resident_grid((split, smem): (u32, u32), threads: u32, shape: &AttentionShape) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (split, shape.heads as u32, shape.batch as u32),
-        block_dim: (CUDA_RES_THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     }
 }
@@ -719,7 +748,7 @@ pub fn cuda_forward(
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
     let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count()) {
-        Some(launch) => ("mapet_attention_fwd_resident", resident_grid(launch, shape)),
+        Some(launch) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         None => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     };
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
@@ -765,15 +794,20 @@ pub fn cuda_backward(
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
     (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
     let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count()) {
-        Some(launch) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, shape)),
+        Some(launch) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         None => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     };
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
     // has [B, H, N+2P] elements, all of which either dQ kernel writes.
     unsafe { gpu.launch("attention", kernel, cfg, &p)? };
-    // SAFETY: as above, with dk and dv of the keys' size; bwd_dq wrote delta before this reads it,
-    // since both run in order on this Gpu's one stream.
-    unsafe { gpu.launch("attention", "mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape), &p) }
+    let (kernel, cfg) = match kernels.resident_dkdv_launch(shape, gpu.sm_count(), gpu.max_shared_memory_per_block()) {
+        Some(launch) => ("mapet_attention_bwd_dkdv_resident", resident_grid(launch, CUDA_RES_DKDV_THREADS, shape)),
+        None => ("mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape)),
+    };
+    // SAFETY: as above, with dk and dv of the keys' size; the dQ kernel wrote delta before this
+    // reads it, since both run in order on this Gpu's one stream. The resident kernel's dynamic
+    // shared memory holds all of its pair's Q and dO tiles and per-row data (resident_dkdv_launch).
+    unsafe { gpu.launch("attention", kernel, cfg, &p) }
 }
 
 #[cfg(test)]
@@ -796,6 +830,13 @@ mod tests {
         assert!(r.resident_launch(&shape(128, 12, 256, 128), 132).is_some());
         assert_eq!(r.resident_launch(&shape(128, 12, 257, 129), 132), None);
         assert_eq!(r.resident_launch(&shape(128, 12, 300, 50), 132), None);
+        // dK/dV: ViT's 491 rows take 8 tiles of 19,456 B; one CTA per SM; 12 warps of 16 keys.
+        let max = 227 << 10;
+        assert_eq!(r.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max), Some((1, 155_648)));
+        assert_eq!(r.resident_dkdv_launch(&shape(1, 1, 197, 50), 132, max), Some((2, 155_648)));
+        assert_eq!(r.resident_dkdv_launch(&shape(1, 1, 197, 50), 132, 100 << 10), None);
+        assert_eq!(r.resident_dkdv_launch(&shape(8, 12, 577, 100), 132, max), None);
+        assert_eq!(AttentionKernels::Tiled.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max), None);
         // The tiled choice never takes the resident kernels.
         assert_eq!(AttentionKernels::Tiled.resident_launch(&shape(128, 12, 197, 50), 132), None);
         for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3)] {
