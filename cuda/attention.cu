@@ -46,7 +46,7 @@
 //                             either dQ kernel.
 // 128 query rows per CTA (forward and dQ) and a dK/dV kernel that re-reads K and V from shared memory
 // (4 CTAs per SM) were tried and measured slower / no faster on an H200 (BENCHMARKS.md).
-// Shared memory is static: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, bwd_dq), + 2 KiB of
+// The tiled kernels' shared memory is static: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, bwd_dq), + 2 KiB of
 // per-row lse, delta and hidden window in bwd_dkdv (38,912 B). The operand loaded once per CTA (Q,
 // Q + dO, or K + V) is first staged in the second stage's slots and moved into registers before they
 // are first refilled, so it costs no shared memory of its own.

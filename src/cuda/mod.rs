@@ -248,6 +248,12 @@ impl Gpu {
                 self.ctx.bind_to_thread()?;
                 f.set_attribute(attr, cfg.shared_mem_bytes as i32)
                     .map_err(|e| ctx_err(e, format!(" raising shared memory of `{module}::{function}`")))?;
+                // A kernel that opts in to more shared memory than the default wants the SM's
+                // largest shared-memory carveout (L1 takes the rest), so that as many of its CTAs
+                // fit an SM as its launch bounds say, rather than whatever carveout the driver picks.
+                let carveout = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+                f.set_attribute(carveout, 100)
+                    .map_err(|e| ctx_err(e, format!(" preferring shared memory for `{module}::{function}`")))?;
                 *allowed = cfg.shared_mem_bytes;
             }
         }

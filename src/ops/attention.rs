@@ -577,14 +577,16 @@ impl AttentionKernels {
     /// Both, for tests and benches.
     pub const ALL: [AttentionKernels; 2] = [AttentionKernels::Tiled, AttentionKernels::Resident];
 
-    /// The resident kernels' launch for `shape`: grid x (CTAs per pair) and dynamic shared bytes;
-    /// `None` when they do not apply (tiled chosen, or K and V too large).
-    fn resident_launch(self, shape: &AttentionShape, sm_count: u32) -> Option<(u32, u32)> {
+    /// The resident forward and dQ kernels' launch for `shape` on a device with `sm_count` SMs
+    /// whose blocks may take `max_smem` bytes of shared memory: grid x (CTAs per pair) and dynamic
+    /// shared bytes; `None` when the tiled kernels run (tiled chosen, or K and V too large for two
+    /// CTAs per SM of an H100/H200, or for the device).
+    fn resident_launch(self, shape: &AttentionShape, sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
         if self != AttentionKernels::Resident {
             return None;
         }
         let smem = 2 * shape.k_rows().div_ceil(CUDA_BLOCK_N) * CUDA_TILE_BYTES;
-        if smem > CUDA_RES_MAX_SMEM {
+        if smem > CUDA_RES_MAX_SMEM.min(max_smem as usize) {
             return None;
         }
         // Enough CTAs for about two waves; more CTAs per pair load its K and V more times, so only
@@ -747,7 +749,7 @@ pub fn cuda_forward(
     }
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
-    let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count()) {
+    let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count(), gpu.max_shared_memory_per_block()) {
         Some(launch) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         None => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     };
@@ -793,7 +795,7 @@ pub fn cuda_backward(
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
     (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
-    let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count()) {
+    let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count(), gpu.max_shared_memory_per_block()) {
         Some(launch) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         None => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     };
@@ -821,26 +823,28 @@ mod tests {
     #[test]
     fn resident_launch_fits_two_ctas_per_sm_or_falls_back() {
         let r = AttentionKernels::Resident;
-        // ViT-B at batch 128 on 132 SMs: one CTA per pair, 6 K and 6 V tiles of 9216 B.
-        assert_eq!(r.resident_launch(&shape(128, 12, 197, 50), 132), Some((1, 110_592)));
+        let max = 227 << 10; // an H100/H200 block's opt-in limit
+                             // ViT-B at batch 128 on 132 SMs: one CTA per pair, 6 K and 6 V tiles of 9216 B.
+        assert_eq!(r.resident_launch(&shape(128, 12, 197, 50), 132, max), Some((1, 110_592)));
         // Few pairs: more CTAs per pair, at most one 16-row tile per warp (491 rows: 31 tiles, 4 CTAs).
-        assert_eq!(r.resident_launch(&shape(1, 1, 197, 50), 132), Some((4, 110_592)));
-        assert_eq!(r.resident_launch(&shape(2, 3, 5, 1), 132), Some((1, 2 * CUDA_TILE_BYTES as u32)));
+        assert_eq!(r.resident_launch(&shape(1, 1, 197, 50), 132, max), Some((4, 110_592)));
+        assert_eq!(r.resident_launch(&shape(2, 3, 5, 1), 132, max), Some((1, 2 * CUDA_TILE_BYTES as u32)));
         // Lk = 384 is the largest that fits; 385 keys do not.
-        assert!(r.resident_launch(&shape(128, 12, 256, 128), 132).is_some());
-        assert_eq!(r.resident_launch(&shape(128, 12, 257, 129), 132), None);
-        assert_eq!(r.resident_launch(&shape(128, 12, 300, 50), 132), None);
+        assert!(r.resident_launch(&shape(128, 12, 256, 128), 132, max).is_some());
+        assert_eq!(r.resident_launch(&shape(128, 12, 257, 129), 132, max), None);
+        assert_eq!(r.resident_launch(&shape(128, 12, 300, 50), 132, max), None);
+        // A device with less shared memory per block (an sm_86/89 card) runs the tiled kernels.
+        assert_eq!(r.resident_launch(&shape(128, 12, 197, 50), 84, 99 << 10), None);
         // dK/dV: ViT's 491 rows take 8 tiles of 19,456 B; one CTA per SM; 12 warps of 16 keys.
-        let max = 227 << 10;
         assert_eq!(r.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max), Some((1, 155_648)));
         assert_eq!(r.resident_dkdv_launch(&shape(1, 1, 197, 50), 132, max), Some((2, 155_648)));
         assert_eq!(r.resident_dkdv_launch(&shape(1, 1, 197, 50), 132, 100 << 10), None);
         assert_eq!(r.resident_dkdv_launch(&shape(8, 12, 577, 100), 132, max), None);
         assert_eq!(AttentionKernels::Tiled.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max), None);
         // The tiled choice never takes the resident kernels.
-        assert_eq!(AttentionKernels::Tiled.resident_launch(&shape(128, 12, 197, 50), 132), None);
+        assert_eq!(AttentionKernels::Tiled.resident_launch(&shape(128, 12, 197, 50), 132, max), None);
         for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3)] {
-            if let Some((_, smem)) = r.resident_launch(&s, 132) {
+            if let Some((_, smem)) = r.resident_launch(&s, 132, max) {
                 assert!(smem as usize <= CUDA_RES_MAX_SMEM && 2 * (smem as usize + 1024) <= 228 << 10, "{s:?}");
             }
         }
