@@ -16,7 +16,9 @@
 #                   (memcheck), when it is installed and can see the device
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per patch-embedding
 #                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
-#                   "hwc chw"), logs into $MAPET_RESULTS, with the SM clock and power sampled by
+#                   "hwc chw") and attention kernel set (MAPET_ATTENTION_KERNELS) in
+#                   MAPET_MODEL_BENCH_ATTENTION (default "tiled"; "tiled resident" runs both),
+#                   logs into $MAPET_RESULTS, with the SM clock and power sampled by
 #                   nvidia-smi during each run (clocks-*.csv and a summary row)
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
 #                   3072 JPEGs), `mapet bench-data` on them, then one epoch of `mapet pretrain` of
@@ -114,13 +116,16 @@ else:
 
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
   for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc chw}; do
-    log="$res/mapet-bench-vit-b-$order.log"
-    MAPET_PATCH_EMBED_ORDER=$order clocks_during "$res/clocks-vit-b-$order.csv" timeout 300 \
-      "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
-    rc=$?
-    name="mapet bench vit-b $order"
-    if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
-    row "clocks vit-b $order" "" "$(clock_medians "$res/clocks-vit-b-$order.csv")"
+    for attn in ${MAPET_MODEL_BENCH_ATTENTION:-tiled}; do
+      tag="$order-$attn"
+      log="$res/mapet-bench-vit-b-$tag.log"
+      MAPET_PATCH_EMBED_ORDER=$order MAPET_ATTENTION_KERNELS=$attn clocks_during "$res/clocks-vit-b-$tag.csv" \
+        timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
+      rc=$?
+      name="mapet bench vit-b $tag"
+      if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
+      row "clocks vit-b $tag" "" "$(clock_medians "$res/clocks-vit-b-$tag.csv")"
+    done
   done
 fi
 
@@ -146,14 +151,17 @@ fi
 if [ "${MAPET_NCU:-0}" = "1" ]; then
   # A few launches of each kernel of the attention (ViT-B shape) and patch-embedding (B = 128)
   # benches, after their first warm-up launches; the clocks are left as they are.
-  for spec in "attention mapet_attention attention/vit-b" "patch_embed mapet_patch_embed patch_embed_gpu_b128"; do
+  # Each spec: log name, bench binary, kernel-name regex, criterion filter.
+  for spec in "attention-tiled attention mapet_attention attention/vit-b/tiled" \
+    "attention-resident attention mapet_attention attention/vit-b/resident" \
+    "patch_embed patch_embed mapet_patch_embed patch_embed_gpu_b128"; do
     set -- $spec
     log="$res/ncu-$1.log"
     if command -v ncu >/dev/null; then
-      timeout 300 ncu --clock-control none --kernel-name "regex:$2" --launch-skip 6 --launch-count 12 \
+      timeout 300 ncu --clock-control none --kernel-name "regex:$3" --launch-skip 6 --launch-count 12 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
-        "$here/benches/$1" --bench --warm-up-time 0.2 --measurement-time 0.5 "$3" >"$log" 2>&1
+        "$here/benches/$2" --bench --warm-up-time 0.2 --measurement-time 0.5 "$4" >"$log" 2>&1
       row "ncu $1" "rc=$?" "$log"
     else
       row "ncu $1" skip "no ncu"
