@@ -568,7 +568,7 @@ pub enum AttentionKernels {
     /// the pair's rows with no further barrier. dK/dV: one CTA of 12 warps per pair that holds the
     /// pair's Q, dO and per-row data, its warps taking 16-key tiles. About 8x (forward, dQ) and 6x
     /// (dK/dV) less L2 traffic at ViT-B. Where the shared memory does not suffice (more than 384
-    /// keys for the forward and dQ; more than about 760 query rows for dK/dV), the tiled kernel
+    /// keys for the forward and dQ; more than 704 query rows for dK/dV on an H100/H200), the tiled kernel
     /// runs instead. Compiles, unverified on GPU.
     Resident,
 }
