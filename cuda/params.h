@@ -66,6 +66,7 @@ typedef struct MapetGelu {
     const void* x;
     const void* dy;  // backward only
     void* out;       // y (forward) or dx (backward)
+    void* out_y;     // gelu_bwd_recompute only: y = GELU(x), recomputed beside dx
     int64_t n;
 } MapetGelu;
 

@@ -191,6 +191,20 @@ pub trait Backend {
         dx: &mut Self::Mut<'_, Self::Act>,
     ) -> Result<()>;
 
+    /// dx = dy * GELU'(x) and y = GELU(x) again, for a backward that did not keep y: exactly
+    /// what [`Self::gelu_backward`] and [`Self::gelu_forward`] give. The CUDA backend does both
+    /// in one pass over x.
+    fn gelu_backward_recompute(
+        &self,
+        x: Self::Ref<'_, Self::Act>,
+        dy: Self::Ref<'_, Self::Act>,
+        dx: &mut Self::Mut<'_, Self::Act>,
+        y: &mut Self::Mut<'_, Self::Act>,
+    ) -> Result<()> {
+        self.gelu_forward(x, y)?;
+        self.gelu_backward(x, dy, dx)
+    }
+
     /// `y[rows, out] = x[rows, inp] W^T + b`, W stored `[out, inp]` (PyTorch's Linear).
     #[allow(clippy::too_many_arguments)]
     fn linear(
@@ -908,6 +922,16 @@ impl Backend for CudaBackend {
         dx: &mut DeviceViewMut<'_, bf16>,
     ) -> Result<()> {
         gelu::cuda_backward(&self.gpu, &x, &dy, dx)
+    }
+
+    fn gelu_backward_recompute(
+        &self,
+        x: DeviceView<'_, bf16>,
+        dy: DeviceView<'_, bf16>,
+        dx: &mut DeviceViewMut<'_, bf16>,
+        y: &mut DeviceViewMut<'_, bf16>,
+    ) -> Result<()> {
+        gelu::cuda_backward_recompute(&self.gpu, &x, &dy, dx, y)
     }
 
     fn linear(

@@ -135,8 +135,18 @@ fn gpu_matches_cpu() {
         gdx.poison().unwrap();
         gelu::cuda_forward(&gpu, &gx, &mut gy).unwrap();
         gelu::cuda_backward(&gpu, &gx, &gdy, &mut gdx).unwrap();
-        assert_within_baseline("y", &gy.to_host_f32().unwrap(), &bf16_rounded(&by), &truth_y, 2.0, 1e-6);
-        assert_within_baseline("dx", &gdx.to_host_f32().unwrap(), &bf16_rounded(&bdx), &truth_dx, 3.0, 1e-6);
+        let (gy, gdx) = (gy.to_host_f32().unwrap(), gdx.to_host_f32().unwrap());
+        assert_within_baseline("y", &gy, &bf16_rounded(&by), &truth_y, 2.0, 1e-6);
+        assert_within_baseline("dx", &gdx, &bf16_rounded(&bdx), &truth_dx, 3.0, 1e-6);
+
+        // The one-pass backward that recomputes y writes what the two kernels wrote, bit for bit.
+        let (mut ry, mut rdx) = (gpu.alloc(n).unwrap(), gpu.alloc(n).unwrap());
+        ry.poison().unwrap();
+        rdx.poison().unwrap();
+        gelu::cuda_backward_recompute(&gpu, &gx, &gdy, &mut rdx, &mut ry).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ry.to_host_f32().unwrap()), bits(&gy), "n = {n}: recomputed y differs from gelu_fwd's");
+        assert_eq!(bits(&rdx.to_host_f32().unwrap()), bits(&gdx), "n = {n}: dx differs from gelu_bwd's");
     }
 }
 
@@ -150,4 +160,13 @@ fn gpu_rejects_wrong_lengths() {
     assert!(matches!(gelu::cuda_forward(&gpu, &x, &mut out_short), Err(Error::Shape { tensor: "y", .. })));
     assert!(matches!(gelu::cuda_backward(&gpu, &x, &short, &mut out), Err(Error::Shape { tensor: "dy", .. })));
     assert!(matches!(gelu::cuda_backward(&gpu, &x, &x, &mut out_short), Err(Error::Shape { tensor: "dx", .. })));
+    let mut out2 = gpu.alloc(10).unwrap();
+    assert!(matches!(
+        gelu::cuda_backward_recompute(&gpu, &x, &x, &mut out, &mut out_short),
+        Err(Error::Shape { tensor: "y", .. })
+    ));
+    assert!(matches!(
+        gelu::cuda_backward_recompute(&gpu, &x, &short, &mut out, &mut out2),
+        Err(Error::Shape { tensor: "dy", .. })
+    ));
 }

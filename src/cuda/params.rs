@@ -110,16 +110,18 @@ pub struct MapetGelu {
     pub x: *const ::core::ffi::c_void,
     pub dy: *const ::core::ffi::c_void,
     pub out: *mut ::core::ffi::c_void,
+    pub out_y: *mut ::core::ffi::c_void,
     pub n: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetGelu"][::core::mem::size_of::<MapetGelu>() - 32usize];
+    ["Size of MapetGelu"][::core::mem::size_of::<MapetGelu>() - 40usize];
     ["Alignment of MapetGelu"][::core::mem::align_of::<MapetGelu>() - 8usize];
     ["Offset of field: MapetGelu::x"][::core::mem::offset_of!(MapetGelu, x) - 0usize];
     ["Offset of field: MapetGelu::dy"][::core::mem::offset_of!(MapetGelu, dy) - 8usize];
     ["Offset of field: MapetGelu::out"][::core::mem::offset_of!(MapetGelu, out) - 16usize];
-    ["Offset of field: MapetGelu::n"][::core::mem::offset_of!(MapetGelu, n) - 24usize];
+    ["Offset of field: MapetGelu::out_y"][::core::mem::offset_of!(MapetGelu, out_y) - 24usize];
+    ["Offset of field: MapetGelu::n"][::core::mem::offset_of!(MapetGelu, n) - 32usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

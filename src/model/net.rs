@@ -31,7 +31,8 @@
 //! the GEMMs read (the Linear weights and biases, the patch and decoder weights). On the CPU both
 //! are the same f32 buffer; on the GPU the second is the bf16 copy. Gradients are f32 and
 //! accumulated (+=). GELU's output is not saved: the backward recomputes it from its input u
-//! (bit-identical, and 4·D fewer saved values per row).
+//! (bit-identical, and 4·D fewer saved values per row), in the same pass over u that forms
+//! GELU's input gradient.
 //!
 //! # Memory
 //!
@@ -684,17 +685,22 @@ pub fn step<B: Backend>(
             let y2 = B::view(&blk.y2, 0..nd)?;
             be.layer_scale_backward(&ls, B::freeze(&dx), y2, master(&bp.ls2_gamma)?, dp(i, 1)?, &mut dy, &mut dls2)?;
         }
-        // fc2, with its input f = GELU(u) recomputed.
-        be.gelu_forward(u, &mut B::view_mut(&mut s.f, 0..nh)?)?;
+        // fc2's input gradient df, then du = df * GELU'(u) and fc2's input f = GELU(u), which the
+        // forward did not keep, in one pass over u; then fc2's weight gradient from f.
+        let mut df = B::view_mut(&mut s.df, 0..nh)?;
+        be.linear_input_grad(B::freeze(&dy), act(&bp.mlp_fc2_weight)?, rows, hd, d, &mut df, false)?;
+        be.gelu_backward_recompute(
+            u,
+            B::freeze(&df),
+            &mut B::view_mut(&mut s.du, 0..nh)?,
+            &mut B::view_mut(&mut s.f, 0..nh)?,
+        )?;
         {
             let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.mlp_fc2_weight, &bp.mlp_fc2_bias])?;
             let f = B::view(&s.f, 0..nh)?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
             be.linear_weight_grads(f, B::freeze(&dy), rows, hd, d, &mut dw, &mut db, &mut sc)?;
         }
-        let mut df = B::view_mut(&mut s.df, 0..nh)?;
-        be.linear_input_grad(B::freeze(&dy), act(&bp.mlp_fc2_weight)?, rows, hd, d, &mut df, false)?;
-        be.gelu_backward(u, B::freeze(&df), &mut B::view_mut(&mut s.du, 0..nh)?)?;
         let du = B::view(&s.du, 0..nh)?;
         {
             let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.mlp_fc1_weight, &bp.mlp_fc1_bias])?;

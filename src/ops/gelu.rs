@@ -105,7 +105,8 @@ pub fn cuda_forward(gpu: &Gpu, x: &dyn DeviceRead<bf16>, y: &mut dyn DeviceWrite
     if n == 0 {
         return Ok(());
     }
-    let params = MapetGelu { x: x.ptr(), dy: std::ptr::null(), out: y.ptr_mut(), n: n as i64 };
+    let params =
+        MapetGelu { x: x.ptr(), dy: std::ptr::null(), out: y.ptr_mut(), out_y: std::ptr::null_mut(), n: n as i64 };
     let cfg = launch_config(n)?;
     // SAFETY: x and y hold n bf16 each, 16-byte aligned (checked above); the kernel reads x[..n]
     // and writes y[..n] only, and does not touch dy.
@@ -128,9 +129,37 @@ pub fn cuda_backward(
     if n == 0 {
         return Ok(());
     }
-    let params = MapetGelu { x: x.ptr(), dy: dy.ptr(), out: dx.ptr_mut(), n: n as i64 };
+    let params = MapetGelu { x: x.ptr(), dy: dy.ptr(), out: dx.ptr_mut(), out_y: std::ptr::null_mut(), n: n as i64 };
     let cfg = launch_config(n)?;
     // SAFETY: x, dy and dx hold n bf16 each, 16-byte aligned (checked above); the kernel reads
     // x[..n] and dy[..n] and writes dx[..n] only.
     unsafe { gpu.launch(MODULE, "gelu_bwd", cfg, &params) }
+}
+
+/// dx = dy * GELU'(x) and y = GELU(x) on the GPU in one pass over x (bf16 in and out): what
+/// [`cuda_backward`] and [`cuda_forward`] write, bit for bit, reading x once. For a backward that
+/// recomputes the activation it did not save.
+pub fn cuda_backward_recompute(
+    gpu: &Gpu,
+    x: &dyn DeviceRead<bf16>,
+    dy: &dyn DeviceRead<bf16>,
+    dx: &mut dyn DeviceWrite<bf16>,
+    y: &mut dyn DeviceWrite<bf16>,
+) -> Result<()> {
+    check_len("dy", dy.len(), x.len())?;
+    check_len("dx", dx.len(), x.len())?;
+    check_len("y", y.len(), x.len())?;
+    check_aligned("x", x)?;
+    check_aligned("dy", dy)?;
+    check_aligned("dx", dx)?;
+    check_aligned("y", y)?;
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let params = MapetGelu { x: x.ptr(), dy: dy.ptr(), out: dx.ptr_mut(), out_y: y.ptr_mut(), n: n as i64 };
+    let cfg = launch_config(n)?;
+    // SAFETY: x, dy, dx and y hold n bf16 each, 16-byte aligned (checked above); the kernel reads
+    // x[..n] and dy[..n] and writes dx[..n] and y[..n] only.
+    unsafe { gpu.launch(MODULE, "gelu_bwd_recompute", cfg, &params) }
 }
