@@ -53,6 +53,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "colsum.cuh"
 #include "params.h"
 
 namespace {
@@ -590,26 +591,7 @@ extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
 // increasing order (a warp reads 32 consecutive columns of one group), then the first slice adds
 // the slices' sums in slice order. Fixed order: deterministic.
 extern "C" __global__ void __launch_bounds__(kFinishCols * kFinishSlices) cross_entropy_colsum_finish(MapetCrossEntropy p) {
-    __shared__ float s_part[kFinishSlices][kFinishCols];
-    const int col = threadIdx.x % kFinishCols;
-    const int slice = threadIdx.x / kFinishCols;
-    const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinishCols + col;
-    float acc = 0.0f;
-    if (c < p.vocab) {
-        for (int g = slice; g < p.groups; g += kFinishSlices) {
-            acc += p.partial[static_cast<int64_t>(g) * p.vocab + c];
-        }
-    }
-    s_part[slice][col] = acc;
-    __syncthreads();
-    if (slice == 0 && c < p.vocab) {
-        float sum = s_part[0][col];
-#pragma unroll
-        for (int k = 1; k < kFinishSlices; ++k) {
-            sum += s_part[k][col];
-        }
-        p.dbias[c] += sum;
-    }
+    add_group_sums<kFinishCols, kFinishSlices>(p.partial, p.groups, p.vocab, p.dbias);
 }
 
 // Grid: 1 block of kReduceThreads. Reads the per-row values of all rows of the call.

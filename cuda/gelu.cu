@@ -2,11 +2,13 @@
 //
 //   forward:   y  = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2)))
 //   backward:  dx = dy * (Phi(x) + x * phi(x)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-//   backward with recomputation (gelu_bwd_recompute): dx as above and y = GELU(x) again, in one
-//   pass. The model saves only the MLP's pre-activation x; its backward needs y for the second
-//   Linear's weight gradient and dx for the first's, and this kernel reads x once for both
-//   (the separate gelu_fwd + gelu_bwd read it twice: 2 bytes more per value). Bit for bit the
-//   values the two separate kernels write: the same f32 expressions (erf(x/sqrt2) shared).
+//   backward with recomputation (gelu_bwd_recompute_colsum): dx as above and y = GELU(x) again,
+//   in one pass, with the column sums of dx. The model saves only the MLP's pre-activation x; its
+//   backward needs y for the second Linear's weight gradient, dx for the first's, and the column
+//   sums of dx for the first Linear's bias gradient. This kernel reads x once for all three (the
+//   separate gelu_fwd + gelu_bwd read it twice, and cuBLASLt's bias-gradient epilogue reads dx
+//   again in a kernel of its own). y and dx are bit for bit what the two separate kernels write:
+//   the same f32 expressions (erf(x/sqrt2) shared).
 //
 // Layout: x, dy, y, dx bf16 [n], contiguous, any shape flattened (the MLP hidden activations,
 // [tokens, 4 * D] in the model). Math in f32, one rounding to bf16 on the way out.
@@ -18,9 +20,16 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "colsum.cuh"
 #include "params.h"
 
 namespace {
+
+// gelu_bwd_recompute_colsum: threads per block, each owning 8 columns.
+constexpr int kColThreads = 128;
+// gelu_colsum_finish: columns per block and slices of the groups per column.
+constexpr int kFinishCols = 32;
+constexpr int kFinishSlices = 8;
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
@@ -105,35 +114,56 @@ extern "C" __global__ void __launch_bounds__(256) gelu_bwd(MapetGelu p) {
     }
 }
 
-// dx = dy * GELU'(x) into p.out and y = GELU(x) into p.out_y, x read once.
-extern "C" __global__ void __launch_bounds__(256) gelu_bwd_recompute(MapetGelu p) {
-    const int64_t nvec = p.n / 8;
-    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+// dx = dy * GELU'(x) into p.out and y = GELU(x) into p.out_y, x read once, and the column sums of
+// dx (the bf16 values written, which the Linear's weight-gradient GEMM reads) into p.partial: the
+// bias gradient of the Linear whose output gradient dx is, without a second pass over dx.
+// Grid (ceil(cols / 8 / kColThreads), groups), block kColThreads: thread (x, g) owns the 8
+// columns 8c..8c+7, c = blockIdx.x * kColThreads + threadIdx.x, and walks rows [g*per,
+// (g+1)*per) in increasing order (a warp reads 512 contiguous bytes of a row), summing its
+// columns in f32, then writes partial[g, 8c..8c+8). gelu_colsum_finish adds the groups to
+// col_sums in a fixed order: deterministic, no atomics. The host requires cols % 8 == 0 and
+// n % cols == 0.
+extern "C" __global__ void __launch_bounds__(kColThreads) gelu_bwd_recompute_colsum(MapetGelu p) {
+    const int64_t cols8 = p.cols / 8;
+    const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
+    if (c >= cols8) return;  // no barrier in this kernel
+    const int64_t rows = p.n / p.cols;
+    const int64_t per = (rows + p.groups - 1) / p.groups;
+    const int64_t r0 = static_cast<int64_t>(blockIdx.y) * per;
+    const int64_t r1 = min(rows, r0 + per);
     const uint4* x = reinterpret_cast<const uint4*>(p.x);
     const uint4* dy = reinterpret_cast<const uint4*>(p.dy);
     uint4* dx = reinterpret_cast<uint4*>(p.out);
     uint4* y = reinterpret_cast<uint4*>(p.out_y);
-    for (int64_t i = tid; i < nvec; i += stride) {
+    float sum[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] = 0.f;
+#pragma unroll 4
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = r * cols8 + c;
         float v[8], d[8], f[8];
-        unpack8(x[i], v);
-        unpack8(dy[i], d);
+        unpack8(__ldg(x + i), v);
+        unpack8(__ldg(dy + i), d);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             float g;
             gelu_and_grad(v[e], f[e], g);
             d[e] *= g;
         }
-        dx[i] = pack8(d);
+        const uint4 packed = pack8(d);
+        dx[i] = packed;
         y[i] = pack8(f);
+        unpack8(packed, d);  // the bf16 values just written
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum[e] += d[e];
     }
-    const int64_t t = nvec * 8 + tid;
-    if (t < p.n) {
-        const float v = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.x)[t]);
-        const float d = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.dy)[t]);
-        float f, g;
-        gelu_and_grad(v, f, g);
-        reinterpret_cast<__nv_bfloat16*>(p.out)[t] = __float2bfloat16_rn(d * g);
-        reinterpret_cast<__nv_bfloat16*>(p.out_y)[t] = __float2bfloat16_rn(f);
-    }
+    float4* out = reinterpret_cast<float4*>(p.partial + static_cast<int64_t>(blockIdx.y) * p.cols + 8 * c);
+    out[0] = make_float4(sum[0], sum[1], sum[2], sum[3]);
+    out[1] = make_float4(sum[4], sum[5], sum[6], sum[7]);
+}
+
+// col_sums[c] += sum over g of partial[g, c]. Grid ceil(cols / kFinishCols), block kFinishCols x
+// kFinishSlices (colsum.cuh).
+extern "C" __global__ void __launch_bounds__(kFinishCols * kFinishSlices) gelu_colsum_finish(MapetGelu p) {
+    add_group_sums<kFinishCols, kFinishSlices>(p.partial, p.groups, p.cols, p.col_sums);
 }

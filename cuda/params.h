@@ -64,10 +64,14 @@ typedef struct MapetResidualLayerNormFwd {
 // y = x * 0.5 * (1 + erf(x / sqrt(2))); backward dx = dy * gelu'(x). bf16 in and out.
 typedef struct MapetGelu {
     const void* x;
-    const void* dy;  // backward only
-    void* out;       // y (forward) or dx (backward)
-    void* out_y;     // gelu_bwd_recompute only: y = GELU(x), recomputed beside dx
+    const void* dy;   // backward only
+    void* out;        // y (forward) or dx (backward)
+    void* out_y;      // gelu_bwd_recompute_colsum only: y = GELU(x), recomputed beside dx
+    float* partial;   // gelu_bwd_recompute_colsum: [groups, cols] column sums of dx per row group
+    float* col_sums;  // gelu_colsum_finish: [cols], += the sum over the groups of partial
     int64_t n;
+    int64_t cols;     // row width of x, dy, dx, y for the column sums (n = rows * cols)
+    int32_t groups;   // row groups of the column sums
 } MapetGelu;
 
 // ---------------------------------------------------------------- AdamW (cuda/adamw.cu)

@@ -191,19 +191,19 @@ pub trait Backend {
         dx: &mut Self::Mut<'_, Self::Act>,
     ) -> Result<()>;
 
-    /// dx = dy * GELU'(x) and y = GELU(x) again, for a backward that did not keep y: exactly
-    /// what [`Self::gelu_backward`] and [`Self::gelu_forward`] give. The CUDA backend does both
-    /// in one pass over x.
+    /// dx = dy * GELU'(x) and y = GELU(x) again, x and dy `[rows, cols]`, for a backward that did
+    /// not keep y: exactly what [`Self::gelu_backward`] and [`Self::gelu_forward`] give; and the
+    /// column sums of dx (as stored) added to `dx_col_sums` `[cols]`, the bias gradient of the
+    /// Linear whose output gradient dx is. The CUDA backend does all of it in one pass over x.
     fn gelu_backward_recompute(
         &self,
         x: Self::Ref<'_, Self::Act>,
         dy: Self::Ref<'_, Self::Act>,
+        cols: usize,
         dx: &mut Self::Mut<'_, Self::Act>,
         y: &mut Self::Mut<'_, Self::Act>,
-    ) -> Result<()> {
-        self.gelu_forward(x, y)?;
-        self.gelu_backward(x, dy, dx)
-    }
+        dx_col_sums: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
 
     /// `y[rows, out] = x[rows, inp] W^T + b`, W stored `[out, inp]` (PyTorch's Linear).
     #[allow(clippy::too_many_arguments)]
@@ -230,7 +230,7 @@ pub trait Backend {
         inp: usize,
         out: usize,
         dw: &mut Self::Mut<'_, f32>,
-        db: &mut Self::Mut<'_, f32>,
+        db: Option<&mut Self::Mut<'_, f32>>,
         scratch: &mut Self::Mut<'_, f32>,
     ) -> Result<()>;
 
@@ -539,6 +539,20 @@ impl Backend for CpuBackend {
         gelu::cpu_backward(x, dy, dx)
     }
 
+    fn gelu_backward_recompute(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        cols: usize,
+        dx: &mut &mut [f32],
+        y: &mut &mut [f32],
+        dx_col_sums: &mut &mut [f32],
+    ) -> Result<()> {
+        gelu::cpu_forward(x, y)?;
+        gelu::cpu_backward(x, dy, dx)?;
+        add_column_sums(dx, cols, dx_col_sums)
+    }
+
     fn linear(
         &self,
         x: &[f32],
@@ -567,20 +581,17 @@ impl Backend for CpuBackend {
         inp: usize,
         out: usize,
         dw: &mut &mut [f32],
-        db: &mut &mut [f32],
+        db: Option<&mut &mut [f32]>,
         _scratch: &mut &mut [f32],
     ) -> Result<()> {
         check_len("linear input", x.len(), rows * inp)?;
         check_len("linear output gradient", dy.len(), rows * out)?;
         check_len("linear weight gradient", dw.len(), out * inp)?;
-        check_len("linear bias gradient", db.len(), out)?;
         sgemm_tn(out, inp, rows, 1.0, dy, x, 1.0, dw);
-        for row in dy.chunks_exact(out) {
-            for (g, &d) in db.iter_mut().zip(row) {
-                *g += d;
-            }
+        match db {
+            Some(db) => add_column_sums(dy, out, db),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn linear_input_grad(
@@ -758,6 +769,24 @@ fn check_linear(x: usize, w: usize, rows: usize, inp: usize, out: usize) -> Resu
 
 // ===================================================================================== CUDA
 
+/// `sums[c] += sum over the rows of m[r, c]`, m `[rows, cols]` row-major (a bias gradient).
+pub(crate) fn add_column_sums(m: &[f32], cols: usize, sums: &mut [f32]) -> Result<()> {
+    check_len("column sums", sums.len(), cols)?;
+    if cols == 0 || !m.len().is_multiple_of(cols) {
+        return Err(Error::Shape {
+            tensor: "column sums input",
+            expected: format!("rows of {cols} values"),
+            got: format!("{} values", m.len()),
+        });
+    }
+    for row in m.chunks_exact(cols) {
+        for (s, &v) in sums.iter_mut().zip(row) {
+            *s += v;
+        }
+    }
+    Ok(())
+}
+
 /// The CUDA backend over one [`Gpu`] and its cuBLASLt handle.
 pub struct CudaBackend {
     /// The device everything runs on.
@@ -928,10 +957,12 @@ impl Backend for CudaBackend {
         &self,
         x: DeviceView<'_, bf16>,
         dy: DeviceView<'_, bf16>,
+        cols: usize,
         dx: &mut DeviceViewMut<'_, bf16>,
         y: &mut DeviceViewMut<'_, bf16>,
+        dx_col_sums: &mut DeviceViewMut<'_, f32>,
     ) -> Result<()> {
-        gelu::cuda_backward_recompute(&self.gpu, &x, &dy, dx, y)
+        gelu::cuda_backward_recompute(&self.gpu, &x, &dy, cols, dx, y, dx_col_sums)
     }
 
     fn linear(
@@ -957,9 +988,12 @@ impl Backend for CudaBackend {
         inp: usize,
         out: usize,
         dw: &mut DeviceViewMut<'_, f32>,
-        db: &mut DeviceViewMut<'_, f32>,
+        db: Option<&mut DeviceViewMut<'_, f32>>,
         scratch: &mut DeviceViewMut<'_, f32>,
     ) -> Result<()> {
+        let Some(db) = db else {
+            return self.gemm.matmul_f32_out(out, inp, rows, &dy, true, &x, false, dw, 1.0, 1.0, Epilogue::None);
+        };
         // The bias-gradient epilogue writes the column sums of dy (the GEMM's A operand) into
         // `sums`; they are then added to db, which accumulates over micro-batches.
         let mut sums = scratch.view_mut(0..out)?;

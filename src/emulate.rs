@@ -23,7 +23,9 @@
 
 use std::ops::Range;
 
-use crate::backend::{AdamWStep, AttentionShape, Backend, CeGrads, CeRows, CpuBackend, PixelView, Scalar};
+use crate::backend::{
+    add_column_sums, AdamWStep, AttentionShape, Backend, CeGrads, CeRows, CpuBackend, PixelView, Scalar,
+};
 use crate::cpu::round_bf16;
 use crate::error::Result;
 use crate::ops::attention;
@@ -178,6 +180,21 @@ impl Backend for Bf16Emulation {
         Ok(())
     }
 
+    fn gelu_backward_recompute(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        cols: usize,
+        dx: &mut &mut [f32],
+        y: &mut &mut [f32],
+        dx_col_sums: &mut &mut [f32],
+    ) -> Result<()> {
+        // The GPU sums dx as it stores it, in bf16.
+        self.gelu_forward(x, y)?;
+        self.gelu_backward(x, dy, dx)?;
+        add_column_sums(dx, cols, dx_col_sums)
+    }
+
     fn linear(
         &self,
         x: &[f32],
@@ -201,7 +218,7 @@ impl Backend for Bf16Emulation {
         inp: usize,
         out: usize,
         dw: &mut &mut [f32],
-        db: &mut &mut [f32],
+        db: Option<&mut &mut [f32]>,
         scratch: &mut &mut [f32],
     ) -> Result<()> {
         CPU.linear_weight_grads(x, dy, rows, inp, out, dw, db, scratch)

@@ -138,15 +138,48 @@ fn gpu_matches_cpu() {
         let (gy, gdx) = (gy.to_host_f32().unwrap(), gdx.to_host_f32().unwrap());
         assert_within_baseline("y", &gy, &bf16_rounded(&by), &truth_y, 2.0, 1e-6);
         assert_within_baseline("dx", &gdx, &bf16_rounded(&bdx), &truth_dx, 3.0, 1e-6);
+    }
+}
 
-        // The one-pass backward that recomputes y writes what the two kernels wrote, bit for bit.
+/// The one-pass backward that recomputes y writes what gelu_fwd and gelu_bwd write, bit for bit,
+/// and adds the column sums of the dx it stores to the given sums; over shapes with one row, a
+/// row wider than a block's 1024 columns, more rows than groups, and the model's width.
+#[test]
+fn gpu_backward_recompute_matches_the_two_kernels() {
+    let test = "gelu gpu_backward_recompute_matches_the_two_kernels";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    let mut rng = rng(test);
+    for (rows, cols) in [(1, 8), (5, 8), (7, 24), (3, 1032), (4099, 16), (2000, 3072)] {
+        let n = rows * cols;
+        let x = bf16_rounded(&uniform(&mut rng, n, 5.0));
+        let dy = bf16_rounded(&uniform(&mut rng, n, 2.0));
+        let sums0 = uniform(&mut rng, cols, 1.0);
+        let (gx, gdy) = (gpu.upload_bf16(&x).unwrap(), gpu.upload_bf16(&dy).unwrap());
+        let (mut gy, mut gdx) = (gpu.alloc(n).unwrap(), gpu.alloc(n).unwrap());
+        gy.poison().unwrap();
+        gdx.poison().unwrap();
+        gelu::cuda_forward(&gpu, &gx, &mut gy).unwrap();
+        gelu::cuda_backward(&gpu, &gx, &gdy, &mut gdx).unwrap();
+        let (gy, gdx) = (gy.to_host_f32().unwrap(), gdx.to_host_f32().unwrap());
+
         let (mut ry, mut rdx) = (gpu.alloc(n).unwrap(), gpu.alloc(n).unwrap());
         ry.poison().unwrap();
         rdx.poison().unwrap();
-        gelu::cuda_backward_recompute(&gpu, &gx, &gdy, &mut rdx, &mut ry).unwrap();
+        let mut sums = gpu.upload(&sums0).unwrap();
+        gelu::cuda_backward_recompute(&gpu, &gx, &gdy, cols, &mut rdx, &mut ry, &mut sums).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&ry.to_host_f32().unwrap()), bits(&gy), "n = {n}: recomputed y differs from gelu_fwd's");
-        assert_eq!(bits(&rdx.to_host_f32().unwrap()), bits(&gdx), "n = {n}: dx differs from gelu_bwd's");
+        let tag = format!("{rows} x {cols}");
+        assert_eq!(bits(&ry.to_host_f32().unwrap()), bits(&gy), "{tag}: recomputed y differs from gelu_fwd's");
+        assert_eq!(bits(&rdx.to_host_f32().unwrap()), bits(&gdx), "{tag}: dx differs from gelu_bwd's");
+        // The sums are of the stored bf16 dx, in f32: against f64 sums of the same values.
+        let sums = sums.to_host().unwrap();
+        for c in 0..cols {
+            let col = (0..rows).map(|r| gdx[r * cols + c] as f64);
+            let abs: f64 = col.clone().map(f64::abs).sum();
+            let want = sums0[c] as f64 + col.sum::<f64>();
+            let tol = 1e-6 * (abs + sums0[c].abs() as f64) + 1e-6;
+            assert!((sums[c] as f64 - want).abs() <= tol, "{tag}: column {c} sum {} against {want}", sums[c]);
+        }
     }
 }
 
@@ -161,12 +194,23 @@ fn gpu_rejects_wrong_lengths() {
     assert!(matches!(gelu::cuda_backward(&gpu, &x, &short, &mut out), Err(Error::Shape { tensor: "dy", .. })));
     assert!(matches!(gelu::cuda_backward(&gpu, &x, &x, &mut out_short), Err(Error::Shape { tensor: "dx", .. })));
     let mut out2 = gpu.alloc(10).unwrap();
+    let mut sums = gpu.alloc::<f32>(5).unwrap();
+    let mut sums_short = gpu.alloc::<f32>(4).unwrap();
     assert!(matches!(
-        gelu::cuda_backward_recompute(&gpu, &x, &x, &mut out, &mut out_short),
+        gelu::cuda_backward_recompute(&gpu, &x, &x, 5, &mut out, &mut out_short, &mut sums),
         Err(Error::Shape { tensor: "y", .. })
     ));
     assert!(matches!(
-        gelu::cuda_backward_recompute(&gpu, &x, &short, &mut out, &mut out2),
+        gelu::cuda_backward_recompute(&gpu, &x, &short, 5, &mut out, &mut out2, &mut sums),
         Err(Error::Shape { tensor: "dy", .. })
+    ));
+    assert!(matches!(
+        gelu::cuda_backward_recompute(&gpu, &x, &x, 5, &mut out, &mut out2, &mut sums_short),
+        Err(Error::Shape { tensor: "dx_col_sums", .. })
+    ));
+    // Rows of 5: not a multiple of 8.
+    assert!(matches!(
+        gelu::cuda_backward_recompute(&gpu, &x, &x, 5, &mut out, &mut out2, &mut sums),
+        Err(Error::Shape { tensor: "x", .. })
     ));
 }

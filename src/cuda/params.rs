@@ -111,17 +111,25 @@ pub struct MapetGelu {
     pub dy: *const ::core::ffi::c_void,
     pub out: *mut ::core::ffi::c_void,
     pub out_y: *mut ::core::ffi::c_void,
+    pub partial: *mut f32,
+    pub col_sums: *mut f32,
     pub n: i64,
+    pub cols: i64,
+    pub groups: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetGelu"][::core::mem::size_of::<MapetGelu>() - 40usize];
+    ["Size of MapetGelu"][::core::mem::size_of::<MapetGelu>() - 72usize];
     ["Alignment of MapetGelu"][::core::mem::align_of::<MapetGelu>() - 8usize];
     ["Offset of field: MapetGelu::x"][::core::mem::offset_of!(MapetGelu, x) - 0usize];
     ["Offset of field: MapetGelu::dy"][::core::mem::offset_of!(MapetGelu, dy) - 8usize];
     ["Offset of field: MapetGelu::out"][::core::mem::offset_of!(MapetGelu, out) - 16usize];
     ["Offset of field: MapetGelu::out_y"][::core::mem::offset_of!(MapetGelu, out_y) - 24usize];
-    ["Offset of field: MapetGelu::n"][::core::mem::offset_of!(MapetGelu, n) - 32usize];
+    ["Offset of field: MapetGelu::partial"][::core::mem::offset_of!(MapetGelu, partial) - 32usize];
+    ["Offset of field: MapetGelu::col_sums"][::core::mem::offset_of!(MapetGelu, col_sums) - 40usize];
+    ["Offset of field: MapetGelu::n"][::core::mem::offset_of!(MapetGelu, n) - 48usize];
+    ["Offset of field: MapetGelu::cols"][::core::mem::offset_of!(MapetGelu, cols) - 56usize];
+    ["Offset of field: MapetGelu::groups"][::core::mem::offset_of!(MapetGelu, groups) - 64usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

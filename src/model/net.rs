@@ -685,27 +685,33 @@ pub fn step<B: Backend>(
             let y2 = B::view(&blk.y2, 0..nd)?;
             be.layer_scale_backward(&ls, B::freeze(&dx), y2, master(&bp.ls2_gamma)?, dp(i, 1)?, &mut dy, &mut dls2)?;
         }
-        // fc2's input gradient df, then du = df * GELU'(u) and fc2's input f = GELU(u), which the
-        // forward did not keep, in one pass over u; then fc2's weight gradient from f.
+        // fc2's input gradient df; then, in one pass over u, du = df * GELU'(u), fc2's input
+        // f = GELU(u) (which the forward did not keep) and fc1's bias gradient (the column sums
+        // of du); then fc2's weight gradient from f and fc1's weight gradient alone.
         let mut df = B::view_mut(&mut s.df, 0..nh)?;
         be.linear_input_grad(B::freeze(&dy), act(&bp.mlp_fc2_weight)?, rows, hd, d, &mut df, false)?;
-        be.gelu_backward_recompute(
-            u,
-            B::freeze(&df),
-            &mut B::view_mut(&mut s.du, 0..nh)?,
-            &mut B::view_mut(&mut s.f, 0..nh)?,
-        )?;
+        {
+            let [mut db1] = grad_views::<B, 1>(layout, &mut grads, [&bp.mlp_fc1_bias])?;
+            be.gelu_backward_recompute(
+                u,
+                B::freeze(&df),
+                hd,
+                &mut B::view_mut(&mut s.du, 0..nh)?,
+                &mut B::view_mut(&mut s.f, 0..nh)?,
+                &mut db1,
+            )?;
+        }
         {
             let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.mlp_fc2_weight, &bp.mlp_fc2_bias])?;
             let f = B::view(&s.f, 0..nh)?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
-            be.linear_weight_grads(f, B::freeze(&dy), rows, hd, d, &mut dw, &mut db, &mut sc)?;
+            be.linear_weight_grads(f, B::freeze(&dy), rows, hd, d, &mut dw, Some(&mut db), &mut sc)?;
         }
         let du = B::view(&s.du, 0..nh)?;
         {
-            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.mlp_fc1_weight, &bp.mlp_fc1_bias])?;
+            let [mut dw] = grad_views::<B, 1>(layout, &mut grads, [&bp.mlp_fc1_weight])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
-            be.linear_weight_grads(cn, du, rows, d, hd, &mut dw, &mut db, &mut sc)?;
+            be.linear_weight_grads(cn, du, rows, d, hd, &mut dw, None, &mut sc)?;
         }
         let mut dc = B::view_mut(&mut s.dc, 0..nd)?;
         be.linear_input_grad(du, act(&bp.mlp_fc1_weight)?, rows, d, hd, &mut dc, false)?;
@@ -735,7 +741,7 @@ pub fn step<B: Backend>(
         {
             let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.attn_proj_weight, &bp.attn_proj_bias])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
-            be.linear_weight_grads(o, B::freeze(&dy), rows, d, d, &mut dw, &mut db, &mut sc)?;
+            be.linear_weight_grads(o, B::freeze(&dy), rows, d, d, &mut dw, Some(&mut db), &mut sc)?;
         }
         let mut d_o = B::view_mut(&mut s.d_o, 0..nd)?;
         be.linear_input_grad(B::freeze(&dy), act(&bp.attn_proj_weight)?, rows, d, d, &mut d_o, false)?;
@@ -757,7 +763,7 @@ pub fn step<B: Backend>(
         {
             let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.attn_q_weight, &bp.attn_q_bias])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
-            be.linear_weight_grads(a, dq, rows, d, d, &mut dw, &mut db, &mut sc)?;
+            be.linear_weight_grads(a, dq, rows, d, d, &mut dw, Some(&mut db), &mut sc)?;
         }
         let mut da = B::view_mut(&mut s.da, 0..nd)?;
         be.linear_input_grad(dq, act(&bp.attn_q_weight)?, rows, d, d, &mut da, false)?;
@@ -770,8 +776,8 @@ pub fn step<B: Backend>(
             let [mut dwk, mut dwv] = B::split_mut(dw, [0..d * d, d * d..2 * d * d])?;
             let [mut dbk, mut dbv] = B::split_mut(db, [0..d, d..2 * d])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
-            be.linear_weight_grads(a_h, dk, kv, d, d, &mut dwk, &mut dbk, &mut sc)?;
-            be.linear_weight_grads(a_h, dv, kv, d, d, &mut dwv, &mut dbv, &mut sc)?;
+            be.linear_weight_grads(a_h, dk, kv, d, d, &mut dwk, Some(&mut dbk), &mut sc)?;
+            be.linear_weight_grads(a_h, dv, kv, d, d, &mut dwv, Some(&mut dbv), &mut sc)?;
         }
         let wkv = act(&bp.attn_kv_weight)?;
         let (wk, wv) = (B::sub(wkv, 0..d * d)?, B::sub(wkv, d * d..2 * d * d)?);

@@ -15,6 +15,11 @@ use crate::error::{check_len, Error, Result};
 
 const MODULE: &str = "gelu";
 const THREADS: u32 = 256;
+/// `gelu_bwd_recompute_colsum`'s block (kColThreads), each thread owning 8 columns.
+const COL_THREADS: u32 = 128;
+/// `gelu_colsum_finish`: columns per block (kFinishCols) and threads (columns x kFinishSlices).
+const FINISH_COLS: u32 = 32;
+const FINISH_THREADS: u32 = 256;
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 /// The error function in f64.
@@ -78,6 +83,21 @@ pub fn cpu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// The kernel parameters with every pointer null and every size 0.
+fn unused_params() -> MapetGelu {
+    MapetGelu {
+        x: std::ptr::null(),
+        dy: std::ptr::null(),
+        out: std::ptr::null_mut(),
+        out_y: std::ptr::null_mut(),
+        partial: std::ptr::null_mut(),
+        col_sums: std::ptr::null_mut(),
+        n: 0,
+        cols: 0,
+        groups: 0,
+    }
+}
+
 fn check_aligned(tensor: &'static str, buf: &dyn DeviceRead<bf16>) -> Result<()> {
     if (buf.ptr() as usize) & 15 == 0 {
         Ok(())
@@ -105,8 +125,7 @@ pub fn cuda_forward(gpu: &Gpu, x: &dyn DeviceRead<bf16>, y: &mut dyn DeviceWrite
     if n == 0 {
         return Ok(());
     }
-    let params =
-        MapetGelu { x: x.ptr(), dy: std::ptr::null(), out: y.ptr_mut(), out_y: std::ptr::null_mut(), n: n as i64 };
+    let params = MapetGelu { x: x.ptr(), out: y.ptr_mut(), n: n as i64, ..unused_params() };
     let cfg = launch_config(n)?;
     // SAFETY: x and y hold n bf16 each, 16-byte aligned (checked above); the kernel reads x[..n]
     // and writes y[..n] only, and does not touch dy.
@@ -129,26 +148,38 @@ pub fn cuda_backward(
     if n == 0 {
         return Ok(());
     }
-    let params = MapetGelu { x: x.ptr(), dy: dy.ptr(), out: dx.ptr_mut(), out_y: std::ptr::null_mut(), n: n as i64 };
+    let params = MapetGelu { x: x.ptr(), dy: dy.ptr(), out: dx.ptr_mut(), n: n as i64, ..unused_params() };
     let cfg = launch_config(n)?;
     // SAFETY: x, dy and dx hold n bf16 each, 16-byte aligned (checked above); the kernel reads
     // x[..n] and dy[..n] and writes dx[..n] only.
     unsafe { gpu.launch(MODULE, "gelu_bwd", cfg, &params) }
 }
 
-/// dx = dy * GELU'(x) and y = GELU(x) on the GPU in one pass over x (bf16 in and out): what
-/// [`cuda_backward`] and [`cuda_forward`] write, bit for bit, reading x once. For a backward that
-/// recomputes the activation it did not save.
+/// dx = dy * GELU'(x) and y = GELU(x) on the GPU in one pass over x, bf16 `[rows, cols]`, with the
+/// column sums of dx (the bf16 values written) added to `dx_col_sums` (f32 `[cols]`): y and dx are
+/// what [`cuda_forward`] and [`cuda_backward`] write, bit for bit, and the sums are the bias
+/// gradient of the Linear whose output gradient dx is. For a backward that recomputes the
+/// activation it did not keep; `cols % 8 == 0`. Deterministic (fixed-order sums, no atomics).
 pub fn cuda_backward_recompute(
     gpu: &Gpu,
     x: &dyn DeviceRead<bf16>,
     dy: &dyn DeviceRead<bf16>,
+    cols: usize,
     dx: &mut dyn DeviceWrite<bf16>,
     y: &mut dyn DeviceWrite<bf16>,
+    dx_col_sums: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     check_len("dy", dy.len(), x.len())?;
     check_len("dx", dx.len(), x.len())?;
     check_len("y", y.len(), x.len())?;
+    check_len("dx_col_sums", dx_col_sums.len(), cols)?;
+    if cols == 0 || !cols.is_multiple_of(8) || !x.len().is_multiple_of(cols) {
+        return Err(Error::Shape {
+            tensor: "x",
+            expected: "rows of a width that is a positive multiple of 8".into(),
+            got: format!("{} values in rows of {cols}", x.len()),
+        });
+    }
     check_aligned("x", x)?;
     check_aligned("dy", dy)?;
     check_aligned("dx", dx)?;
@@ -157,9 +188,38 @@ pub fn cuda_backward_recompute(
     if n == 0 {
         return Ok(());
     }
-    let params = MapetGelu { x: x.ptr(), dy: dy.ptr(), out: dx.ptr_mut(), out_y: y.ptr_mut(), n: n as i64 };
-    let cfg = launch_config(n)?;
-    // SAFETY: x, dy, dx and y hold n bf16 each, 16-byte aligned (checked above); the kernel reads
-    // x[..n] and dy[..n] and writes dx[..n] and y[..n] only.
-    unsafe { gpu.launch(MODULE, "gelu_bwd_recompute", cfg, &params) }
+    let rows = n / cols;
+    let blocks_x = blocks_for("GELU column groups", (cols / 8) as u64, COL_THREADS as u64)?;
+    // About four blocks per SM in all; every group has a block per column slab.
+    let groups = (4 * gpu.sm_count() as usize).div_ceil(blocks_x as usize).clamp(1, rows);
+    if groups > i32::MAX as usize || n > i64::MAX as usize {
+        return Err(Error::Unsupported { what: "GELU size", detail: format!("{n} values") });
+    }
+    let partial = gpu.alloc::<f32>(groups * cols)?;
+    let params = MapetGelu {
+        x: x.ptr(),
+        dy: dy.ptr(),
+        out: dx.ptr_mut(),
+        out_y: y.ptr_mut(),
+        partial: partial.f32_ptr(),
+        col_sums: dx_col_sums.f32_ptr(),
+        n: n as i64,
+        cols: cols as i64,
+        groups: groups as i32,
+    };
+    let cfg =
+        LaunchConfig { grid_dim: (blocks_x, groups as u32, 1), block_dim: (COL_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: x, dy, dx and y hold n = rows * cols bf16 each, 16-byte aligned (checked above) with
+    // cols % 8 == 0, so every 16-byte access of a thread's 8 columns lies inside a row; partial
+    // holds groups * cols floats (allocated above, 256-byte aligned), of which block (x, g) writes
+    // row g's columns of its threads.
+    unsafe { gpu.launch(MODULE, "gelu_bwd_recompute_colsum", cfg, &params) }?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for("GELU column sums", cols as u64, FINISH_COLS as u64)?, 1, 1),
+        block_dim: (FINISH_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: reads the groups * cols floats of partial written above, adds to the cols floats of
+    // dx_col_sums (checked above).
+    unsafe { gpu.launch(MODULE, "gelu_colsum_finish", cfg, &params) }
 }
