@@ -27,6 +27,8 @@ namespace {
 
 // gelu_bwd_recompute_colsum: threads per block, each owning 8 columns.
 constexpr int kColThreads = 128;
+// gelu_bwd_recompute_colsum: rows whose loads are issued together.
+constexpr int kRowsInFlight = 4;
 // gelu_colsum_finish: columns per block and slices of the groups per column.
 constexpr int kFinishCols = 32;
 constexpr int kFinishSlices = 8;
@@ -138,24 +140,37 @@ extern "C" __global__ void __launch_bounds__(kColThreads) gelu_bwd_recompute_col
     float sum[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) sum[e] = 0.f;
-#pragma unroll 4
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t i = r * cols8 + c;
-        float v[8], d[8], f[8];
-        unpack8(__ldg(x + i), v);
-        unpack8(__ldg(dy + i), d);
+    // kRowsInFlight rows at a time: all their loads first (absent rows read as zeros and are not
+    // stored), then the math, stores and sums in row order, so the result does not depend on it.
+    for (int64_t rb = r0; rb < r1; rb += kRowsInFlight) {
+        uint4 xr[kRowsInFlight], dr[kRowsInFlight];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            float g;
-            gelu_and_grad(v[e], f[e], g);
-            d[e] *= g;
+        for (int j = 0; j < kRowsInFlight; ++j) {
+            const bool ok = rb + j < r1;
+            const int64_t i = (rb + j) * cols8 + c;
+            xr[j] = ok ? __ldg(x + i) : make_uint4(0u, 0u, 0u, 0u);
+            dr[j] = ok ? __ldg(dy + i) : make_uint4(0u, 0u, 0u, 0u);
         }
-        const uint4 packed = pack8(d);
-        dx[i] = packed;
-        y[i] = pack8(f);
-        unpack8(packed, d);  // the bf16 values just written
 #pragma unroll
-        for (int e = 0; e < 8; ++e) sum[e] += d[e];
+        for (int j = 0; j < kRowsInFlight; ++j) {
+            if (rb + j >= r1) break;
+            const int64_t i = (rb + j) * cols8 + c;
+            float v[8], d[8], f[8];
+            unpack8(xr[j], v);
+            unpack8(dr[j], d);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                float g;
+                gelu_and_grad(v[e], f[e], g);
+                d[e] *= g;
+            }
+            const uint4 packed = pack8(d);
+            dx[i] = packed;
+            y[i] = pack8(f);
+            unpack8(packed, d);  // the bf16 values just written
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sum[e] += d[e];
+        }
     }
     float4* out = reinterpret_cast<float4*>(p.partial + static_cast<int64_t>(blockIdx.y) * p.cols + 8 * c);
     out[0] = make_float4(sum[0], sum[1], sum[2], sum[3]);

@@ -218,9 +218,10 @@ pub trait Backend {
         y: &mut Self::Mut<'_, Self::Act>,
     ) -> Result<()>;
 
-    /// A Linear's parameter gradients: `dW += dy^T x` and `db += column sums of dy`. `scratch`
-    /// (at least `out` f32) is room for the GPU's bias-gradient epilogue, which writes rather than
-    /// adds; the CPU does not use it.
+    /// A Linear's parameter gradients: `dW += dy^T x` and, when `db` is given, `db += column sums
+    /// of dy` (`None`: the caller formed the bias gradient elsewhere, as the MLP's fc1 does in the
+    /// GELU backward). `scratch` (at least `out` f32) is room for the GPU's bias-gradient
+    /// epilogue, which writes rather than adds; the CPU does not use it.
     #[allow(clippy::too_many_arguments)]
     fn linear_weight_grads(
         &self,

@@ -35,7 +35,7 @@
 //! | fc1 forward                  | same                                              | [`Epilogue::BiasGelu`] (saves the pre-activation) |
 //! | dX of any Linear             | `m=M, n=in, k=out`, A = dY, B = W                  | [`Epilogue::None`] |
 //! | dX of fc2 = d(pre-GELU of fc1) | `m=M, n=4D, k=D`, A = dY, B = W2                | [`Epilogue::DGelu`] ([`Epilogue::DGeluBiasGrad`] also gives fc1's bias gradient, but slowly) |
-//! | dW (+ db) of any Linear      | `m=out, n=in, k=M`, A = dY (`a_transposed`), B = x | [`Epilogue::BiasGradFromA`] (db = column sums of dY), f32 output via [`Gemm::matmul_f32_out`] |
+//! | dW (+ db) of any Linear      | `m=out, n=in, k=M`, A = dY (`a_transposed`), B = x | [`Epilogue::BiasGradFromA`] (db = column sums of dY), f32 output via [`Gemm::matmul_f32_out`]; fc1's dW with [`Epilogue::None`], its db summed by the GELU backward kernel |
 //!
 //! # Numerics
 //!

@@ -12,7 +12,8 @@
 //!   the bf16 copy, added in the epilogue. Weight gradients are f32 GEMM outputs accumulated with
 //!   `beta = 1` straight into the f32 gradient buffer; bias gradients come from the same GEMM's
 //!   bias-gradient epilogue (written into an f32 scratch, then added: the epilogue writes, it
-//!   does not accumulate).
+//!   does not accumulate), except fc1's, which the GELU backward sums as it writes fc1's output
+//!   gradient (`ops::gelu::cuda_backward_recompute`).
 //! - GELU is the erf form (`ops::gelu`), not cuBLASLt's tanh epilogue.
 //! - LayerNorm, the layer-scale residual and the patch embedding read f32 weights (the master
 //!   copy) and keep f32 statistics; the residual stream x and every activation gradient are bf16.

@@ -190,8 +190,8 @@ pub fn cuda_backward_recompute(
     }
     let rows = n / cols;
     let blocks_x = blocks_for("GELU column groups", (cols / 8) as u64, COL_THREADS as u64)?;
-    // About four blocks per SM in all; every group has a block per column slab.
-    let groups = (4 * gpu.sm_count() as usize).div_ceil(blocks_x as usize).clamp(1, rows);
+    // About eight blocks (32 warps) per SM in all; every group has a block per column slab.
+    let groups = (8 * gpu.sm_count() as usize).div_ceil(blocks_x as usize).clamp(1, rows);
     if groups > i32::MAX as usize || n > i64::MAX as usize {
         return Err(Error::Unsupported { what: "GELU size", detail: format!("{n} values") });
     }
