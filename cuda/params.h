@@ -246,7 +246,8 @@ typedef struct MapetLayerScale {
     const float* gamma;
     const float* scale;
     float* dgamma;     // backward only
-    float* partial;    // backward only
+    float* dy_col_sums;  // backward only: += the column sums of dy (a Linear's bias gradient), or null
+    float* partial;    // backward only: [chunks, cols] (and [chunks, cols] more with dy_col_sums)
     int64_t rows;
     int32_t cols;
     int32_t rows_per_sample;

@@ -6,7 +6,9 @@
 //   mapet_layer_scale_fwd         out[r, c] = x[r, c] + (s[sample(r)] * gamma[c]) * y[r, c]
 //   mapet_layer_scale_bwd         dy[r, c]  = (dout[r, c] * s[sample(r)]) * gamma[c]
 //                                 partial[g, c] = sum_{r in chunk g} (dout[r, c] * s) * y[r, c]
+//                                 (optionally partial[chunks + g, c] = sum_{r in chunk g} dy[r, c])
 //   mapet_layer_scale_bwd_reduce  dgamma[c] += sum_g partial[g, c]        (g in increasing order)
+//                                 (optionally dy_col_sums[c] += sum_g partial[chunks + g, c])
 //   mapet_rows_copy               dst[b, dst_row0 + i, :] = src[b, src_row0 + i, :]  (or +=)
 //   mapet_add_f32                 y[i] += x[i]             (f32; a bias-gradient scratch into grads)
 //   mapet_f32_to_bf16             y[i] = bf16(x[i])        (the bf16 copy of the f32 weights)
@@ -17,21 +19,23 @@
 // cols % 8 == 0 and 16-byte aligned bf16 pointers (gamma too, for the forward's float4 loads).
 //
 // Shape: all memory-bound. The elementwise kernels move one 16-byte vector (8 bf16) per thread
-// and iteration, with grid-stride loops. The backward is one thread per pair of columns (bf162
-// loads: a warp reads 128 contiguous bytes of a row) walking the `chunk_rows` rows of its chunk
-// (blockIdx.y): it writes dy as it goes and keeps the two column sums in registers, then stores
-// them as its chunk's row of `partial`. The reduce kernel (block 32 x 16, as LayerNorm's) sums
-// the chunks in a fixed order. No float atomics anywhere: results depend only on the inputs and
+// and iteration, with grid-stride loops. The backward is one thread per 8 columns (16-byte loads:
+// a warp reads 512 contiguous bytes of a row) walking the `chunk_rows` rows of its chunk
+// (blockIdx.y): it writes dy as it goes and keeps the column sums in registers, then stores them
+// as its chunk's row of `partial`. The reduce kernel (32 columns x 16 slices a block, as
+// LayerNorm's) sums the chunks in a fixed order. No float atomics anywhere: results depend only on the inputs and
 // on chunk_rows, which the host derives from the shape alone, so runs are bit-identical.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "colsum.cuh"
 #include "params.h"
 
 namespace {
 
 constexpr int kRedX = 32;
 constexpr int kRedY = 16;
+constexpr int kBwdThreads = 32;  // mapet_layer_scale_bwd: one warp a block, 8 columns a thread
 
 __device__ __forceinline__ void unpack8(const uint4& q, float (&f)[8]) {
     const uint32_t w[4] = {q.x, q.y, q.z, q.w};
@@ -79,49 +83,73 @@ extern "C" __global__ void __launch_bounds__(256) mapet_layer_scale_fwd(MapetLay
     }
 }
 
-// Grid (ceil(cols / 256), chunks), 128 threads; thread t of block (bx, g) owns columns
-// c = 2 * (bx * 128 + t) and c + 1 over the rows of chunk g.
-extern "C" __global__ void __launch_bounds__(128) mapet_layer_scale_bwd(MapetLayerScale p) {
-    const int c = 2 * (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    if (c >= p.cols) return;
+// Grid (ceil(cols / 8 / kBwdThreads), chunks), kBwdThreads threads; thread t of block (bx, g) owns
+// columns 8c..8c+7, c = bx * kBwdThreads + t, over the rows of chunk g: 16-byte loads (a warp reads
+// 512 contiguous bytes of a row), and the sample's drop-path scale read again only when a row
+// enters the next sample (one division per thread instead of one per row). With dy_col_sums it
+// also sums, per column, the bf16 dy it stores into the second half of partial: the bias gradient
+// of the Linear whose output y is, with no second pass over dy.
+extern "C" __global__ void __launch_bounds__(kBwdThreads) mapet_layer_scale_bwd(MapetLayerScale p) {
+    const int cols8 = p.cols / 8;
+    const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (c >= cols8) return;  // no barrier in this kernel
     const int64_t r0 = (int64_t)blockIdx.y * p.chunk_rows;
     const int64_t r1 = min(p.rows, r0 + p.chunk_rows);
-    const __nv_bfloat16* dout = static_cast<const __nv_bfloat16*>(p.dout);
-    const __nv_bfloat16* y = static_cast<const __nv_bfloat16*>(p.y);
-    __nv_bfloat16* dy = static_cast<__nv_bfloat16*>(p.out);
-    const float g0 = p.gamma[c];
-    const float g1 = p.gamma[c + 1];
-    float a0 = 0.f, a1 = 0.f;
+    const uint4* dout = static_cast<const uint4*>(p.dout);
+    const uint4* y = static_cast<const uint4*>(p.y);
+    uint4* dy = static_cast<uint4*>(p.out);
+    const float4 ga = __ldg(reinterpret_cast<const float4*>(p.gamma) + 2 * c);
+    const float4 gb = __ldg(reinterpret_cast<const float4*>(p.gamma) + 2 * c + 1);
+    const float g[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
+    const bool sums = p.dy_col_sums != nullptr;
+    int64_t sample = r0 / p.rows_per_sample;
+    int64_t next = (sample + 1) * p.rows_per_sample;  // first row of the next sample
+    float s = p.scale[sample];
+    float ag[8], ab[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ag[e] = ab[e] = 0.f;
     for (int64_t r = r0; r < r1; ++r) {
-        const float s = p.scale[r / p.rows_per_sample];
-        const int64_t at = r * p.cols + c;
-        const float2 d = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dout + at));
-        const float2 yv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(y + at));
-        const float ds0 = d.x * s;
-        const float ds1 = d.y * s;
-        *reinterpret_cast<__nv_bfloat162*>(dy + at) = __floats2bfloat162_rn(ds0 * g0, ds1 * g1);
-        a0 += ds0 * yv.x;
-        a1 += ds1 * yv.y;
+        if (r == next) {
+            ++sample;
+            next += p.rows_per_sample;
+            s = p.scale[sample];
+        }
+        const int64_t i = r * cols8 + c;
+        float d[8], yv[8], o[8];
+        unpack8(__ldg(dout + i), d);
+        unpack8(__ldg(y + i), yv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float ds = d[e] * s;
+            o[e] = ds * g[e];
+            ag[e] += ds * yv[e];
+        }
+        const uint4 packed = pack8(o);
+        dy[i] = packed;
+        if (sums) {
+            unpack8(packed, o);  // the bf16 values just stored, which the weight-gradient GEMM reads
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ab[e] += o[e];
+        }
     }
-    *reinterpret_cast<float2*>(p.partial + (int64_t)blockIdx.y * p.cols + c) = make_float2(a0, a1);
+    float4* out = reinterpret_cast<float4*>(p.partial + (int64_t)blockIdx.y * p.cols + 8 * c);
+    out[0] = make_float4(ag[0], ag[1], ag[2], ag[3]);
+    out[1] = make_float4(ag[4], ag[5], ag[6], ag[7]);
+    if (sums) {
+        float4* out2 = reinterpret_cast<float4*>(p.partial + ((int64_t)p.chunks + blockIdx.y) * p.cols + 8 * c);
+        out2[0] = make_float4(ab[0], ab[1], ab[2], ab[3]);
+        out2[1] = make_float4(ab[4], ab[5], ab[6], ab[7]);
+    }
 }
 
-// dgamma[c] += sum_g partial[g, c], g in [0, chunks). Block (32, 16): 32 columns; y-lane j sums
-// chunks j, j + 16, ... in order, then y-lane 0 adds the 16 lane sums in order.
+// dgamma[c] += sum_g partial[g, c], g in [0, chunks), and, with dy_col_sums, dy_col_sums[c] += the
+// same over the second half of partial. kRedX columns a block, kRedY slices: slice j sums chunks
+// j, j + kRedY, ... in order, then slice 0 adds the slices' sums in order (colsum.cuh).
 extern "C" __global__ void __launch_bounds__(kRedX * kRedY) mapet_layer_scale_bwd_reduce(MapetLayerScale p) {
-    __shared__ float s[kRedY][kRedX + 1];
-    const int col = blockIdx.x * kRedX + threadIdx.x;
-    float acc = 0.f;
-    if (col < p.cols) {
-        for (int g = threadIdx.y; g < p.chunks; g += kRedY) acc += p.partial[(int64_t)g * p.cols + col];
-    }
-    s[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < p.cols) {
-        float t = 0.f;
-#pragma unroll
-        for (int i = 0; i < kRedY; ++i) t += s[i][threadIdx.x];
-        p.dgamma[col] += t;
+    add_group_sums<kRedX, kRedY>(p.partial, p.chunks, p.cols, p.dgamma);
+    if (p.dy_col_sums != nullptr) {
+        __syncthreads();  // every slice-0 read of the shared sums above precedes their rewrite
+        add_group_sums<kRedX, kRedY>(p.partial + (int64_t)p.chunks * p.cols, p.chunks, p.cols, p.dy_col_sums);
     }
 }
 

@@ -301,6 +301,7 @@ pub trait Backend {
         scale: Self::Ref<'_, f32>,
         dy: &mut Self::Mut<'_, Self::Act>,
         dgamma: &mut Self::Mut<'_, f32>,
+        dy_col_sums: Option<&mut Self::Mut<'_, f32>>,
     ) -> Result<()>;
 
     /// Copies (or adds, `accumulate`) a block of rows of every sample ([`RowCopy`]).
@@ -661,8 +662,13 @@ impl Backend for CpuBackend {
         scale: &[f32],
         dy: &mut &mut [f32],
         dgamma: &mut &mut [f32],
+        dy_col_sums: Option<&mut &mut [f32]>,
     ) -> Result<()> {
-        residual::cpu_layer_scale_backward(shape, dout, y, gamma, scale, dy, dgamma)
+        residual::cpu_layer_scale_backward(shape, dout, y, gamma, scale, dy, dgamma)?;
+        match dy_col_sums {
+            Some(sums) => add_column_sums(dy, shape.cols, sums),
+            None => Ok(()),
+        }
     }
 
     fn copy_rows(&self, copy: &RowCopy, src: &[f32], dst: &mut &mut [f32], accumulate: bool) -> Result<()> {
@@ -1066,8 +1072,10 @@ impl Backend for CudaBackend {
         scale: DeviceView<'_, f32>,
         dy: &mut DeviceViewMut<'_, bf16>,
         dgamma: &mut DeviceViewMut<'_, f32>,
+        dy_col_sums: Option<&mut DeviceViewMut<'_, f32>>,
     ) -> Result<()> {
-        residual::cuda_layer_scale_backward(&self.gpu, shape, &dout, &y, &gamma, &scale, dy, dgamma)
+        let sums = dy_col_sums.map(|s| s as &mut dyn crate::cuda::DeviceWrite<f32>);
+        residual::cuda_layer_scale_backward(&self.gpu, shape, &dout, &y, &gamma, &scale, dy, dgamma, sums)
     }
 
     fn copy_rows(

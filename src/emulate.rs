@@ -296,10 +296,15 @@ impl Backend for Bf16Emulation {
         scale: &[f32],
         dy: &mut &mut [f32],
         dgamma: &mut &mut [f32],
+        dy_col_sums: Option<&mut &mut [f32]>,
     ) -> Result<()> {
-        CPU.layer_scale_backward(shape, dout, y, gamma, scale, dy, dgamma)?;
+        CPU.layer_scale_backward(shape, dout, y, gamma, scale, dy, dgamma, None)?;
         round_bf16(dy);
-        Ok(())
+        // The GPU sums dy as it stores it, in bf16.
+        match dy_col_sums {
+            Some(sums) => add_column_sums(dy, shape.cols, sums),
+            None => Ok(()),
+        }
     }
 
     fn copy_rows(&self, copy: &RowCopy, src: &[f32], dst: &mut &mut [f32], accumulate: bool) -> Result<()> {

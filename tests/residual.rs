@@ -168,10 +168,13 @@ fn layer_scale_case(gpu: &Gpu, rng: &mut impl Rng, shape: LayerScaleShape) {
     let truth = forward64(&shape, &x, &y, &gamma, &scale);
     assert_within_baseline(&format!("{label}: out"), got, &bf16_rounded(&base), &truth, 2.0, 1e-6);
 
-    let run_backward = || -> (Vec<f32>, Vec<f32>) {
+    // The backward, alone or also summing dy's columns into sums0 (a Linear's bias gradient).
+    let sums0 = uniform(rng, shape.cols, 1.0);
+    let run_backward = |with_sums: bool| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut d_dy = gpu.alloc::<bf16>(n).unwrap();
         d_dy.poison().unwrap();
         let mut d_dg = gpu.upload(&start).unwrap();
+        let mut d_sums = gpu.upload(&sums0).unwrap();
         residual::cuda_layer_scale_backward(
             gpu,
             &shape,
@@ -181,11 +184,13 @@ fn layer_scale_case(gpu: &Gpu, rng: &mut impl Rng, shape: LayerScaleShape) {
             &d_scale,
             &mut d_dy,
             &mut d_dg,
+            if with_sums { Some(&mut d_sums as &mut dyn mapet::cuda::DeviceWrite<f32>) } else { None },
         )
         .unwrap();
-        (d_dy.to_host_f32().unwrap(), d_dg.to_host().unwrap())
+        (d_dy.to_host_f32().unwrap(), d_dg.to_host().unwrap(), d_sums.to_host().unwrap())
     };
-    let (got_dy, got_dg) = run_backward();
+    let (got_dy, got_dg, untouched) = run_backward(false);
+    assert!(untouched.iter().zip(&sums0).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: sums written unasked");
     let mut base_dy = vec![0.0; n];
     let mut base_dg = start.clone();
     residual::cpu_layer_scale_backward(&shape, &dout, &y, &gamma, &scale, &mut base_dy, &mut base_dg).unwrap();
@@ -193,13 +198,27 @@ fn layer_scale_case(gpu: &Gpu, rng: &mut impl Rng, shape: LayerScaleShape) {
     let dg64: Vec<f64> = dg64.iter().zip(&start).map(|(g, &s)| g + s as f64).collect();
     assert_within_baseline(&format!("{label}: dy"), &got_dy, &bf16_rounded(&base_dy), &dy64, 3.0, 1e-6);
     assert_within_baseline(&format!("{label}: dgamma"), &got_dg, &base_dg, &dg64, 3.0, 1e-5);
-    let (again_dy, again_dg) = run_backward();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (again_dy, again_dg, _) = run_backward(false);
     assert_all_written(&format!("{label}: dy"), &again_dy);
     assert!(
-        again_dy.iter().zip(&got_dy).all(|(a, b)| a.to_bits() == b.to_bits())
-            && again_dg.iter().zip(&got_dg).all(|(a, b)| a.to_bits() == b.to_bits()),
+        bits(&again_dy) == bits(&got_dy) && bits(&again_dg) == bits(&got_dg),
         "{label}: backward not bit-identical run to run"
     );
+    // Summing dy's columns changes neither dy nor dgamma, and the sums are those of the stored dy.
+    let (sum_dy, sum_dg, sums) = run_backward(true);
+    assert!(bits(&sum_dy) == bits(&got_dy) && bits(&sum_dg) == bits(&got_dg), "{label}: sums changed dy or dgamma");
+    let cols = shape.cols;
+    for c in 0..cols {
+        let col = (0..shape.rows()).map(|r| got_dy[r * cols + c] as f64);
+        let abs: f64 = col.clone().map(f64::abs).sum::<f64>() + sums0[c].abs() as f64;
+        let want = sums0[c] as f64 + col.sum::<f64>();
+        assert!(
+            (sums[c] as f64 - want).abs() <= 1e-6 * abs + 1e-6,
+            "{label}: column {c} sum {} against {want}",
+            sums[c]
+        );
+    }
 }
 
 #[test]

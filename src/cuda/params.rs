@@ -427,6 +427,7 @@ pub struct MapetLayerScale {
     pub gamma: *const f32,
     pub scale: *const f32,
     pub dgamma: *mut f32,
+    pub dy_col_sums: *mut f32,
     pub partial: *mut f32,
     pub rows: i64,
     pub cols: i32,
@@ -436,7 +437,7 @@ pub struct MapetLayerScale {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetLayerScale"][::core::mem::size_of::<MapetLayerScale>() - 88usize];
+    ["Size of MapetLayerScale"][::core::mem::size_of::<MapetLayerScale>() - 96usize];
     ["Alignment of MapetLayerScale"][::core::mem::align_of::<MapetLayerScale>() - 8usize];
     ["Offset of field: MapetLayerScale::x"][::core::mem::offset_of!(MapetLayerScale, x) - 0usize];
     ["Offset of field: MapetLayerScale::y"][::core::mem::offset_of!(MapetLayerScale, y) - 8usize];
@@ -445,13 +446,14 @@ const _: () = {
     ["Offset of field: MapetLayerScale::gamma"][::core::mem::offset_of!(MapetLayerScale, gamma) - 32usize];
     ["Offset of field: MapetLayerScale::scale"][::core::mem::offset_of!(MapetLayerScale, scale) - 40usize];
     ["Offset of field: MapetLayerScale::dgamma"][::core::mem::offset_of!(MapetLayerScale, dgamma) - 48usize];
-    ["Offset of field: MapetLayerScale::partial"][::core::mem::offset_of!(MapetLayerScale, partial) - 56usize];
-    ["Offset of field: MapetLayerScale::rows"][::core::mem::offset_of!(MapetLayerScale, rows) - 64usize];
-    ["Offset of field: MapetLayerScale::cols"][::core::mem::offset_of!(MapetLayerScale, cols) - 72usize];
+    ["Offset of field: MapetLayerScale::dy_col_sums"][::core::mem::offset_of!(MapetLayerScale, dy_col_sums) - 56usize];
+    ["Offset of field: MapetLayerScale::partial"][::core::mem::offset_of!(MapetLayerScale, partial) - 64usize];
+    ["Offset of field: MapetLayerScale::rows"][::core::mem::offset_of!(MapetLayerScale, rows) - 72usize];
+    ["Offset of field: MapetLayerScale::cols"][::core::mem::offset_of!(MapetLayerScale, cols) - 80usize];
     ["Offset of field: MapetLayerScale::rows_per_sample"]
-        [::core::mem::offset_of!(MapetLayerScale, rows_per_sample) - 76usize];
-    ["Offset of field: MapetLayerScale::chunk_rows"][::core::mem::offset_of!(MapetLayerScale, chunk_rows) - 80usize];
-    ["Offset of field: MapetLayerScale::chunks"][::core::mem::offset_of!(MapetLayerScale, chunks) - 84usize];
+        [::core::mem::offset_of!(MapetLayerScale, rows_per_sample) - 84usize];
+    ["Offset of field: MapetLayerScale::chunk_rows"][::core::mem::offset_of!(MapetLayerScale, chunk_rows) - 88usize];
+    ["Offset of field: MapetLayerScale::chunks"][::core::mem::offset_of!(MapetLayerScale, chunks) - 92usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

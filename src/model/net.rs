@@ -680,11 +680,13 @@ pub fn step<B: Backend>(
         let u = B::view(&blk.u, 0..nh)?;
         let mut dy = B::view_mut(&mut s.dy, 0..nd)?;
 
-        // x_out = x_mid + s2 * ls2 * y2.
+        // x_out = x_mid + s2 * ls2 * y2, y2 = fc2's output: fc2's bias gradient (the column sums
+        // of dy2) comes out of the same pass.
         {
-            let [mut dls2] = grad_views::<B, 1>(layout, &mut grads, [&bp.ls2_gamma])?;
+            let [mut dls2, mut db2] = grad_views::<B, 2>(layout, &mut grads, [&bp.ls2_gamma, &bp.mlp_fc2_bias])?;
             let y2 = B::view(&blk.y2, 0..nd)?;
-            be.layer_scale_backward(&ls, B::freeze(&dx), y2, master(&bp.ls2_gamma)?, dp(i, 1)?, &mut dy, &mut dls2)?;
+            let (g2, s2) = (master(&bp.ls2_gamma)?, dp(i, 1)?);
+            be.layer_scale_backward(&ls, B::freeze(&dx), y2, g2, s2, &mut dy, &mut dls2, Some(&mut db2))?;
         }
         // fc2's input gradient df; then, in one pass over u, du = df * GELU'(u), fc2's input
         // f = GELU(u) (which the forward did not keep) and fc1's bias gradient (the column sums
@@ -703,10 +705,10 @@ pub fn step<B: Backend>(
             )?;
         }
         {
-            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.mlp_fc2_weight, &bp.mlp_fc2_bias])?;
+            let [mut dw] = grad_views::<B, 1>(layout, &mut grads, [&bp.mlp_fc2_weight])?;
             let f = B::view(&s.f, 0..nh)?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
-            be.linear_weight_grads(f, B::freeze(&dy), rows, hd, d, &mut dw, Some(&mut db), &mut sc)?;
+            be.linear_weight_grads(f, B::freeze(&dy), rows, hd, d, &mut dw, None, &mut sc)?;
         }
         let du = B::view(&s.du, 0..nh)?;
         {
@@ -733,16 +735,17 @@ pub fn step<B: Backend>(
             )?;
         }
 
-        // x_mid = x_in + s1 * ls1 * y1.
+        // x_mid = x_in + s1 * ls1 * y1, y1 = proj's output: proj's bias gradient from the same pass.
         {
-            let [mut dls1] = grad_views::<B, 1>(layout, &mut grads, [&bp.ls1_gamma])?;
+            let [mut dls1, mut db1] = grad_views::<B, 2>(layout, &mut grads, [&bp.ls1_gamma, &bp.attn_proj_bias])?;
             let y1 = B::view(&blk.y1, 0..nd)?;
-            be.layer_scale_backward(&ls, B::freeze(&dx), y1, master(&bp.ls1_gamma)?, dp(i, 0)?, &mut dy, &mut dls1)?;
+            let (g1, s1) = (master(&bp.ls1_gamma)?, dp(i, 0)?);
+            be.layer_scale_backward(&ls, B::freeze(&dx), y1, g1, s1, &mut dy, &mut dls1, Some(&mut db1))?;
         }
         {
-            let [mut dw, mut db] = grad_views::<B, 2>(layout, &mut grads, [&bp.attn_proj_weight, &bp.attn_proj_bias])?;
+            let [mut dw] = grad_views::<B, 1>(layout, &mut grads, [&bp.attn_proj_weight])?;
             let mut sc = B::view_mut(&mut s.bias_grad, 0..hd)?;
-            be.linear_weight_grads(o, B::freeze(&dy), rows, d, d, &mut dw, Some(&mut db), &mut sc)?;
+            be.linear_weight_grads(o, B::freeze(&dy), rows, d, d, &mut dw, None, &mut sc)?;
         }
         let mut d_o = B::view_mut(&mut s.d_o, 0..nd)?;
         be.linear_input_grad(B::freeze(&dy), act(&bp.attn_proj_weight)?, rows, d, d, &mut d_o, false)?;

@@ -24,8 +24,10 @@ use crate::error::{check_len, Error, Result};
 const MODULE: &str = "residual";
 /// Threads per block of the elementwise kernels.
 const THREADS: u32 = 256;
-/// Threads per block of the layer-scale backward (two columns each).
-const BWD_THREADS: u32 = 128;
+/// Threads per block of the layer-scale backward (eight columns each: `kBwdThreads`).
+const BWD_THREADS: u32 = 32;
+/// Threads per block of its reduction: 32 columns x 16 slices (`kRedX * kRedY`).
+const REDUCE_THREADS: u32 = 512;
 /// Most blocks of a grid-stride launch.
 const MAX_BLOCKS: u32 = 1 << 16;
 /// Rows per chunk of the layer-scale backward's column sums (more when the rows would need more
@@ -196,6 +198,7 @@ pub fn cuda_layer_scale_forward(
         gamma: gamma.f32_ptr(),
         scale: scale.f32_ptr(),
         dgamma: std::ptr::null_mut(),
+        dy_col_sums: std::ptr::null_mut(),
         partial: std::ptr::null_mut(),
         rows: shape.rows() as i64,
         cols: shape.cols as i32,
@@ -211,8 +214,10 @@ pub fn cuda_layer_scale_forward(
 }
 
 /// Backward on the GPU: `dy = (dout * s) * gamma` (bf16, written) and
-/// `dgamma += sum_rows (dout * s) * y` (f32, deterministic two-pass sum). Allocates an f32
-/// scratch of `chunks * cols` ([`LayerScaleShape::chunks`]) on the stream.
+/// `dgamma += sum_rows (dout * s) * y` (f32, deterministic two-pass sum); with `dy_col_sums`,
+/// also `dy_col_sums += sum_rows dy` of the bf16 dy stored (the bias gradient of the Linear whose
+/// output y is, in the same pass). Allocates an f32 scratch of `chunks * cols`
+/// ([`LayerScaleShape::chunks`]), twice that with `dy_col_sums`, on the stream.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_layer_scale_backward(
     gpu: &Gpu,
@@ -223,11 +228,15 @@ pub fn cuda_layer_scale_backward(
     scale: &dyn DeviceRead<f32>,
     dy: &mut dyn DeviceWrite<bf16>,
     dgamma: &mut dyn DeviceWrite<f32>,
+    dy_col_sums: Option<&mut dyn DeviceWrite<f32>>,
 ) -> Result<()> {
     shape.validate_cuda()?;
     shape.check(&[("dout", dout.len()), ("y", y.len()), ("dy", dy.len())], gamma.len(), scale.len())?;
     check_len("dgamma", dgamma.len(), shape.cols)?;
-    for (tensor, ptr) in [("dout", dout.ptr()), ("y", y.ptr()), ("dy", dy.ptr())] {
+    if let Some(sums) = &dy_col_sums {
+        check_len("dy_col_sums", sums.len(), shape.cols)?;
+    }
+    for (tensor, ptr) in [("dout", dout.ptr()), ("y", y.ptr()), ("dy", dy.ptr()), ("gamma", gamma.ptr())] {
         check_aligned(tensor, ptr, 16)?;
     }
     if shape.is_empty() {
@@ -237,7 +246,8 @@ pub fn cuda_layer_scale_backward(
     if chunk_rows > i32::MAX as usize {
         return Err(Error::Unsupported { what: "layer-scale shape", detail: format!("{shape:?}: too many rows") });
     }
-    let partial = gpu.alloc::<f32>(chunks * shape.cols)?;
+    let halves = if dy_col_sums.is_some() { 2 } else { 1 };
+    let partial = gpu.alloc::<f32>(halves * chunks * shape.cols)?;
     let p = MapetLayerScale {
         x: std::ptr::null(),
         y: y.ptr(),
@@ -246,6 +256,7 @@ pub fn cuda_layer_scale_backward(
         gamma: gamma.f32_ptr(),
         scale: scale.f32_ptr(),
         dgamma: dgamma.f32_ptr(),
+        dy_col_sums: dy_col_sums.map_or(std::ptr::null_mut(), |s| s.f32_ptr()),
         partial: partial.f32_ptr(),
         rows: shape.rows() as i64,
         cols: shape.cols as i32,
@@ -255,27 +266,27 @@ pub fn cuda_layer_scale_backward(
     };
     let cfg = LaunchConfig {
         grid_dim: (
-            blocks_for("layer-scale columns", (shape.cols / 2) as u64, u64::from(BWD_THREADS))?,
+            blocks_for("layer-scale columns", (shape.cols / 8) as u64, u64::from(BWD_THREADS))?,
             chunks as u32,
             1,
         ),
         block_dim: (BWD_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: dout, y, dy hold rows * cols bf16 (checked), 4-byte aligned at least (16 checked)
-    // with even cols, so each thread's bf16 pair at (r, c), c even, c < cols, is inside them;
-    // gamma holds cols f32 and scale `samples` f32 (checked); block (bx, g) writes only row g of
-    // partial, which holds chunks (<= MAX_CHUNKS < 65536 grid rows) * cols f32.
+    // SAFETY: dout, y, dy hold rows * cols bf16 and gamma cols f32 (checked), all 16-byte aligned
+    // with cols % 8 == 0, so each thread's 16-byte vectors at (r, 8c), 8c < cols, lie inside
+    // them; scale holds `samples` f32 (checked) and r < rows reads scale[r / rows_per_sample];
+    // block (bx, g) writes only row g (and, with dy_col_sums, row chunks + g) of partial, which
+    // holds halves * chunks (<= MAX_CHUNKS < 65536 grid rows) * cols f32.
     unsafe { gpu.launch(MODULE, "mapet_layer_scale_bwd", cfg, &p) }?;
     let cfg = LaunchConfig {
         grid_dim: (blocks_for("layer-scale columns", shape.cols as u64, 32)?, 1, 1),
-        block_dim: (32, 16, 1),
+        block_dim: (REDUCE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: reads the chunks * cols floats of partial written by the launch above (same
-    // stream) and adds to dgamma[..cols] (checked).
+    // SAFETY: reads the halves * chunks * cols floats of partial written by the launch above (same
+    // stream) and adds to dgamma[..cols] and dy_col_sums[..cols] (checked).
     unsafe { gpu.launch(MODULE, "mapet_layer_scale_bwd_reduce", cfg, &p) }?;
-    drop(partial);
     Ok(())
 }
 
