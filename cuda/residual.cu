@@ -36,6 +36,7 @@ namespace {
 constexpr int kRedX = 32;
 constexpr int kRedY = 16;
 constexpr int kBwdThreads = 32;  // mapet_layer_scale_bwd: one warp a block, 8 columns a thread
+constexpr int kRowsInFlight = 4;  // mapet_layer_scale_bwd: rows whose loads are issued together
 
 __device__ __forceinline__ void unpack8(const uint4& q, float (&f)[8]) {
     const uint32_t w[4] = {q.x, q.y, q.z, q.w};
@@ -108,28 +109,42 @@ extern "C" __global__ void __launch_bounds__(kBwdThreads) mapet_layer_scale_bwd(
     float ag[8], ab[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) ag[e] = ab[e] = 0.f;
-    for (int64_t r = r0; r < r1; ++r) {
-        if (r == next) {
-            ++sample;
-            next += p.rows_per_sample;
-            s = p.scale[sample];
-        }
-        const int64_t i = r * cols8 + c;
-        float d[8], yv[8], o[8];
-        unpack8(__ldg(dout + i), d);
-        unpack8(__ldg(y + i), yv);
+    // kRowsInFlight rows at a time: their loads first (absent rows read as zeros, never stored),
+    // then the math, stores and sums in row order, so the result does not depend on it.
+    for (int64_t rb = r0; rb < r1; rb += kRowsInFlight) {
+        uint4 dr[kRowsInFlight], yr[kRowsInFlight];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const float ds = d[e] * s;
-            o[e] = ds * g[e];
-            ag[e] += ds * yv[e];
+        for (int j = 0; j < kRowsInFlight; ++j) {
+            const bool ok = rb + j < r1;
+            const int64_t i = (rb + j) * cols8 + c;
+            dr[j] = ok ? __ldg(dout + i) : make_uint4(0u, 0u, 0u, 0u);
+            yr[j] = ok ? __ldg(y + i) : make_uint4(0u, 0u, 0u, 0u);
         }
-        const uint4 packed = pack8(o);
-        dy[i] = packed;
-        if (sums) {
-            unpack8(packed, o);  // the bf16 values just stored, which the weight-gradient GEMM reads
 #pragma unroll
-            for (int e = 0; e < 8; ++e) ab[e] += o[e];
+        for (int j = 0; j < kRowsInFlight; ++j) {
+            const int64_t r = rb + j;
+            if (r >= r1) break;
+            if (r == next) {
+                ++sample;
+                next += p.rows_per_sample;
+                s = p.scale[sample];
+            }
+            float d[8], yv[8], o[8];
+            unpack8(dr[j], d);
+            unpack8(yr[j], yv);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float ds = d[e] * s;
+                o[e] = ds * g[e];
+                ag[e] += ds * yv[e];
+            }
+            const uint4 packed = pack8(o);
+            dy[r * cols8 + c] = packed;
+            if (sums) {
+                unpack8(packed, o);  // the bf16 values just stored, which the weight-gradient GEMM reads
+#pragma unroll
+                for (int e = 0; e < 8; ++e) ab[e] += o[e];
+            }
         }
     }
     float4* out = reinterpret_cast<float4*>(p.partial + (int64_t)blockIdx.y * p.cols + 8 * c);

@@ -290,7 +290,9 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Backward of [`Self::layer_scale_forward`] with respect to y and gamma: `dy` written,
-    /// `dgamma` added to (the gradient with respect to x is `dout` itself).
+    /// `dgamma` added to (the gradient with respect to x is `dout` itself); with `dy_col_sums`,
+    /// the column sums of dy (as stored) added to it: the bias gradient of the Linear whose
+    /// output y is, formed in the same pass.
     #[allow(clippy::too_many_arguments)]
     fn layer_scale_backward(
         &self,

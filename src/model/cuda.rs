@@ -12,8 +12,9 @@
 //!   the bf16 copy, added in the epilogue. Weight gradients are f32 GEMM outputs accumulated with
 //!   `beta = 1` straight into the f32 gradient buffer; bias gradients come from the same GEMM's
 //!   bias-gradient epilogue (written into an f32 scratch, then added: the epilogue writes, it
-//!   does not accumulate), except fc1's, which the GELU backward sums as it writes fc1's output
-//!   gradient (`ops::gelu::cuda_backward_recompute`).
+//!   does not accumulate) for q, k and v; fc1's is summed by the GELU backward as it writes fc1's
+//!   output gradient (`ops::gelu::cuda_backward_recompute`), proj's and fc2's by the layer-scale
+//!   backward as it writes theirs (`ops::residual::cuda_layer_scale_backward`).
 //! - GELU is the erf form (`ops::gelu`), not cuBLASLt's tanh epilogue.
 //! - LayerNorm, the layer-scale residual and the patch embedding read f32 weights (the master
 //!   copy) and keep f32 statistics; the residual stream x and every activation gradient are bf16.

@@ -286,8 +286,9 @@ struct Scratch<B: Backend> {
     dk: B::Buf<B::Act>,
     dv: B::Buf<B::Act>,
     da_h: B::Buf<B::Act>,
-    /// Room for the GPU's bias-gradient epilogue, f32 [4D] (as wide as fc1's output; the Linears
-    /// that use it now are at most D wide, fc1's bias gradient comes from the GELU backward).
+    /// Room for the GPU's bias-gradient epilogue, f32 [4D] (as wide as fc1's output; only q, k
+    /// and v use it now, D wide: the other bias gradients come from the GELU and layer-scale
+    /// backward passes).
     bias_grad: B::Buf<f32>,
 }
 
