@@ -64,9 +64,9 @@ fn gpu(c: &mut Criterion) {
         .unwrap();
     let (f, fb) = (fwd[fwd.len() / 2], both[both.len() / 2]);
     println!(
-        "cross_entropy on {} (R {rows}, D {dim}, V {vocab}, {} rows per chunk):\n  \
-         forward          {f:.3} ms median ({:.0} TFLOP/s in its GEMM), extra device memory {:.1} MiB\n  \
-         forward+backward {fb:.3} ms median ({:.0} TFLOP/s in its 3 GEMMs), extra device memory {:.1} MiB",
+        "RESULT cross_entropy on {} (R {rows}, D {dim}, V {vocab}, {} rows per chunk):\n\
+         RESULT cross_entropy forward          {f:.3} ms median ({:.0} TFLOP/s in its GEMM), extra device memory {:.1} MiB\n\
+         RESULT cross_entropy forward+backward {fb:.3} ms median ({:.0} TFLOP/s in its 3 GEMMs), extra device memory {:.1} MiB",
         gpu.name(),
         shape.gpu_chunk_rows(),
         flops / (f as f64 * 1e-3) / 1e12,
@@ -87,7 +87,7 @@ fn gpu(c: &mut Criterion) {
                     .map(|_| ())
             })
             .unwrap();
-        println!("  forward+backward {:.3} ms median with {rc} rows per chunk", t[t.len() / 2]);
+        println!("RESULT cross_entropy forward+backward {:.3} ms median with {rc} rows per chunk", t[t.len() / 2]);
     }
 
     let mut group = c.benchmark_group(format!("cross_entropy_gpu_r{rows}_d{dim}_v{vocab}"));

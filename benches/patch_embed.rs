@@ -136,7 +136,7 @@ fn bench_gpu(c: &mut Criterion) {
         let times = gpu.time_ms(3, 30, || (0..INNER).try_for_each(|_| step(&gpu, &s, &mut x, entry))).expect("timing");
         let median = times[times.len() / 2] / INNER as f32;
         println!(
-            "patch_embed {name} (B=128, 224/16, D=768) on {}: {median:.4} ms median, {:.1} TFLOP/s of GEMM",
+            "RESULT patch_embed {name} (B=128, 224/16, D=768) on {}: {median:.4} ms median, {:.1} TFLOP/s of GEMM",
             gpu.name(),
             work / (median as f64 * 1e-3) / 1e12
         );

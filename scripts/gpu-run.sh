@@ -222,6 +222,8 @@ if [ "$benches" != "none" ]; then
       --measurement-time "${MAPET_BENCH_TIME:-2}" ${MAPET_BENCH_FILTER:-} >"$log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then row "bench $b" ok "$(grep -cE '^[^ ].*time:' "$log") results"; else row "bench $b" FAIL "rc=$rc (see $log)"; fi
+    # The benches' own one-line results (median, TFLOP/s, memory), so the summary carries the numbers.
+    while IFS= read -r line; do row "  $b" "" "${line#RESULT }"; done < <(grep '^RESULT' "$log" 2>/dev/null)
   done
 fi
 
