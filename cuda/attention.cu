@@ -37,13 +37,13 @@
 //   mapet_attention_fwd_resident, mapet_attention_bwd_dq_resident
 //                             grid (splits, H, B), 256 threads, dynamic shared memory: the forward and
 //                             dQ with all of a (sample, head) pair's K and V held in shared memory,
-//                             loaded once per CTA instead of once per 64 query rows; the same results
-//                             bit for bit ("K/V-resident variants" below).
+//                             loaded once per CTA instead of once per 64 query rows; written to give
+//                             the tiled kernels' results bit for bit ("K/V-resident variants" below).
 //   mapet_attention_bwd_dkdv_resident
 //                             grid (splits, H, B), 384 threads, dynamic shared memory: dK/dV with all
 //                             of a pair's Q, dO, lse, delta and hidden windows held in shared memory,
-//                             its warps taking 16-key tiles; the same results bit for bit. Runs after
-//                             either dQ kernel.
+//                             its warps taking 16-key tiles; written to give the tiled kernel's bits.
+//                             Runs after either dQ kernel.
 // 128 query rows per CTA (forward and dQ) and a dK/dV kernel that re-reads K and V from shared memory
 // (4 CTAs per SM) were tried and measured slower / no faster on an H200 (BENCHMARKS.md).
 // The tiled kernels' shared memory is static: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, bwd_dq), + 2 KiB of
@@ -1045,8 +1045,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 // per CTA (0.14 GB with gridDim.x = 1), and no warp waits at a barrier for another. Q and dO come
 // from global memory straight into A fragments (4-byte loads), O and dQ go out of the C fragments as
 // 4-byte stores: shared memory holds K and V only. Per warp, the tiles, halves and arithmetic are
-// those of the tiled kernels in the same order (fwd_tile, dq_tile), so the results are bit for bit
-// the same. The launcher uses them only where the shared memory fits (Lk <= 384 on H100/H200).
+// those of the tiled kernels in the same order (fwd_tile, dq_tile), so the results should be bit for
+// bit the same: by construction and by SASS reading, not yet by a run (tests/attention_gpu.rs,
+// resident_kernels_match_the_tiled_ones_bit_for_bit, asserts it on the first GPU run). The launcher uses them only where the shared memory fits (Lk <= 384 on H100/H200).
 // Grid (splits, H, B); block 256; dynamic shared memory 2 * ceil(Lk / 64) * 9,216 B.
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_attention_fwd_resident(const MapetAttention prm) {

@@ -552,10 +552,10 @@ const CUDA_RES_DKDV_THREADS: u32 = 384;
 /// and the hidden window (4 + 4 + 8).
 const CUDA_RES_DKDV_ROW_BYTES: usize = 16;
 
-/// Which kernels compute the attention forward and the dQ half of the backward (the dK/dV half is
-/// the same kernel for both). They give the same results bit for bit: per warp, the same tiles,
-/// halves and arithmetic in the same order (`fwd_tile`, `dq_tile` in cuda/attention.cu). They
-/// differ in how K and V reach the SMs.
+/// Which kernels compute the attention forward and backward. The two sets are written to give the
+/// same results bit for bit: per warp, the same tiles, halves and arithmetic in the same order
+/// (`fwd_tile`, `dq_tile`, `dkdv_tile` in cuda/attention.cu; tests/attention_gpu.rs asserts it on
+/// a GPU, not yet run). They differ in how K and V (Q and dO) reach the SMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionKernels {
     /// One CTA of 4 warps per 64 query rows, K and V streamed through shared memory a 64-key tile

@@ -157,7 +157,8 @@ pub fn cuda_backward(
 
 /// dx = dy * GELU'(x) and y = GELU(x) on the GPU in one pass over x, bf16 `[rows, cols]`, with the
 /// column sums of dx (the bf16 values written) added to `dx_col_sums` (f32 `[cols]`): y and dx are
-/// what [`cuda_forward`] and [`cuda_backward`] write, bit for bit, and the sums are the bias
+/// written to be what [`cuda_forward`] and [`cuda_backward`] write, bit for bit (tests/gelu.rs
+/// asserts it on a GPU), and the sums are the bias
 /// gradient of the Linear whose output gradient dx is. For a backward that recomputes the
 /// activation it did not keep; `cols % 8 == 0`. Deterministic (fixed-order sums, no atomics).
 pub fn cuda_backward_recompute(
