@@ -179,6 +179,9 @@ typedef struct MapetPatchEmbedFwd {
 // dweight: each (D tile, K tile, split) block contracts rows [split * split_rows, ...) of the
 // B*(N-1) patch rows into partial [splits, D, K]; a second kernel sums the splits in order.
 // token_sums f32 [2, N, D] is scratch for the other gradients (content and mask-row sums per token).
+// row_info int32 [B*(N-1), 2] (the HWC weight-gradient kernel only, written by
+// mapet_patch_embed_bwd_rows): per patch row, the d_out row b*R + rank (-1: none) and the byte
+// offset of its top-left pixel; null otherwise.
 typedef struct MapetPatchEmbedBwd {
     const void* pixels;
     const int32_t* ranks;
@@ -190,6 +193,7 @@ typedef struct MapetPatchEmbedBwd {
     float* dmask_token;
     float* partial;
     float* token_sums;
+    int32_t* row_info;
     float scale[3];
     float shift[3];
     int32_t batch;

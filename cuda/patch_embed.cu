@@ -31,7 +31,8 @@
 // - The epilogue adds bias + pos_embed and scatters each patch row straight to its rank row, so the
 //   permutation costs nothing; a small kernel writes the CLS row and the 2P mask-token rows.
 // - dweight is the GEMM d_out^T [D, B*(N-1)] x A [B*(N-1), K], again with A built from pixels and
-//   d_out rows gathered by rank; both operands sit in shared memory with the contraction index as
+//   d_out rows gathered by rank (the HWC kernel reads each row's d_out row and pixel base from a
+//   small table, mapet_patch_embed_bwd_rows, instead of dividing and looking the rank up per row); both operands sit in shared memory with the contraction index as
 //   row, so ldmatrix.trans gives the fragments. The contraction (25088 rows for ViT-B at B = 128)
 //   is split over blocks for parallelism; each split writes its own f32 partial and a second
 //   kernel sums the splits in a fixed order: deterministic, no atomics.
@@ -52,8 +53,7 @@
 // registers a row) also lets the forward load pixels two steps ahead. The forward multiplies by
 // a copy of the weight permuted to [D, p, p, 3] (mapet_patch_embed_weight_hwc, D*K bf16
 // scratch); the weight-gradient partials come out in k' order and the reduction over splits
-// writes each sum at the weight's own index, so every caller is unchanged. The backward also
-// walks its patch rows with a cursor instead of dividing by G and G*G per row.
+// writes each sum at the weight's own index, so every caller is unchanged.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -165,6 +165,13 @@ __device__ __forceinline__ Geometry geometry(int batch, int image, int patch, in
     g.M = batch * g.np;
     return g;
 }
+
+// Scale and shift of the three channels of an HWC byte group, in the order its bytes cycle
+// through them: a = the channel of byte 0 (bytes 0, 3, 6), b = the next (1, 4, 7), c = the one after
+// (2, 5).
+struct Norm3 {
+    float sa, sb, sc, ha, hb, hc;
+};
 
 // Reads pixels of one image type; U8 = HWC uint8 normalised here, else CHW f32.
 template <bool U8>
@@ -286,20 +293,28 @@ struct Pixels {
         return fmaf(__uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u + j)) - 8388608.f, s, h);
     }
 
-    // The 8 bf16 values of a group from load_hwc; `c` = k' % 3, the channel of its first byte.
-    __device__ __forceinline__ uint4 finish_hwc(uint2 w, int c, bool valid) const {
-        if (!valid) return make_uint4(0u, 0u, 0u, 0u);
+    // The 8 bf16 values of a group from load_hwc, normalised with n (set for the channel of the
+    // group's first byte). No branch: the lanes of a warp hold groups of different first
+    // channels, and a branch on the channel made each warp run all three variants.
+    __device__ __forceinline__ static uint4 finish_hwc(uint2 w, const Norm3& n, bool valid) {
         // Bytes 0, 3, 6 have channel c; bytes 1, 4, 7 channel c + 1; bytes 2, 5 channel c + 2 (mod 3).
-        const float sa = c == 0 ? s0 : (c == 1 ? s1 : s2);
-        const float sb = c == 0 ? s1 : (c == 1 ? s2 : s0);
-        const float sc = c == 0 ? s2 : (c == 1 ? s0 : s1);
-        const float ha = c == 0 ? h0 : (c == 1 ? h1 : h2);
-        const float hb = c == 0 ? h1 : (c == 1 ? h2 : h0);
-        const float hc = c == 0 ? h2 : (c == 1 ? h0 : h1);
-        return make_uint4(pack_bf16(byte_norm(w.x, 0, sa, ha), byte_norm(w.x, 1, sb, hb)),
-                          pack_bf16(byte_norm(w.x, 2, sc, hc), byte_norm(w.x, 3, sa, ha)),
-                          pack_bf16(byte_norm(w.y, 0, sb, hb), byte_norm(w.y, 1, sc, hc)),
-                          pack_bf16(byte_norm(w.y, 2, sa, ha), byte_norm(w.y, 3, sb, hb)));
+        const uint4 v = make_uint4(pack_bf16(byte_norm(w.x, 0, n.sa, n.ha), byte_norm(w.x, 1, n.sb, n.hb)),
+                                   pack_bf16(byte_norm(w.x, 2, n.sc, n.hc), byte_norm(w.x, 3, n.sa, n.ha)),
+                                   pack_bf16(byte_norm(w.y, 0, n.sb, n.hb), byte_norm(w.y, 1, n.sc, n.hc)),
+                                   pack_bf16(byte_norm(w.y, 2, n.sa, n.ha), byte_norm(w.y, 3, n.sb, n.hb)));
+        return valid ? v : make_uint4(0u, 0u, 0u, 0u);
+    }
+
+    // Scale and shift for a group whose first byte has channel c (once per thread; selects).
+    __device__ __forceinline__ Norm3 norm3(int c) const {
+        Norm3 n;
+        n.sa = c == 0 ? s0 : (c == 1 ? s1 : s2);
+        n.sb = c == 0 ? s1 : (c == 1 ? s2 : s0);
+        n.sc = c == 0 ? s2 : (c == 1 ? s0 : s1);
+        n.ha = c == 0 ? h0 : (c == 1 ? h1 : h2);
+        n.hb = c == 0 ? h1 : (c == 1 ? h2 : h0);
+        n.hc = c == 0 ? h2 : (c == 1 ? h0 : h1);
+        return n;
     }
 
     // The 8 bf16 values of a group started by load().
@@ -404,36 +419,6 @@ struct HwcCursor {
     }
 };
 
-// Patch row m = b*G*G + py*G + px of the batch as (b, py, px), stepped forward without integer
-// divisions (the backward walks its rows kBwdC at a time).
-struct PatchCursor {
-    int m, b, py, px;
-
-    PatchCursor() = default;
-    __device__ __forceinline__ PatchCursor(int m0, int G, int np) {
-        m = m0;
-        b = m0 / np;
-        const int i = m0 - b * np;
-        py = i / G;
-        px = i - py * G;
-    }
-
-    // Steps dm = dpy*G + dpx rows (0 <= dpx < G; the caller divides once).
-    __device__ __forceinline__ void advance(int dm, int dpy, int dpx, int G) {
-        m += dm;
-        px += dpx;
-        py += dpy;
-        if (px >= G) {
-            px -= G;
-            ++py;
-        }
-        while (py >= G) {  // once per image crossed: at most dm / (G*G) + 1 times
-            py -= G;
-            ++b;
-        }
-    }
-};
-
 template <bool U8, bool HWC>
 __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
     static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
@@ -511,22 +496,28 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
         // bytes cost 4 registers); the weight tile, an L2 hit, one step ahead by cp.async.
         struct Slot {
             uint2 w[2];  // raw bytes of this thread's two rows
-            int c;       // channel of the group's first byte
             bool ok;     // k' < K
         };
         HwcCursor cur(kgrp, g.p, g.S);
         auto fetch = [&](Slot& slot) {
             slot.ok = cur.k < g.K;
-            slot.c = cur.c;
 #pragma unroll
             for (int i = 0; i < 2; ++i) slot.w[i] = px.load_hwc(base[i], cur.off, slot.ok);
             cur.advance(kFwdK);
         };
+        // The group of step s starts at k' = kgrp + s * kFwdK, so its first channel is
+        // (kgrp + s * kFwdK) % 3: set for step 0 here, moved on by kFwdK % 3 after each store
+        // (the stores run in step order). The lanes of a warp differ in it, so the scales are
+        // picked by selects, not branches.
+        int c_store = kgrp % 3;
         auto store = [&](const Slot& slot, int buf) {
+            const Norm3 nrm = px.norm3(c_store);
 #pragma unroll
             for (int i = 0; i < 2; ++i)
                 *reinterpret_cast<uint4*>(&a_tile[buf][(tid >> 2) + 64 * i][kgrp]) =
-                    px.finish_hwc(slot.w[i], slot.c, slot.ok && base[i] >= 0);
+                    px.finish_hwc(slot.w[i], nrm, slot.ok && base[i] >= 0);
+            c_store += kFwdK % 3;
+            if (c_store >= 3) c_store -= 3;
         };
         Slot even, odd;  // steps 0, 2, 4, ... and 1, 3, 5, ...
         fetch(even);
@@ -659,37 +650,25 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     // HWC order: this thread's 8 contraction indices k_col.. are fixed; only the patch changes.
     const HwcCursor col(k_col, g.p, g.S);
     const bool col_ok = k_col < g.K;
+    const Norm3 col_norm = px.norm3(col.c);
     uint2 hraw[2];
     bool hrow[2];
-    // Ranks of this thread's two rows for the next stage, loaded one step ahead so that their
-    // latency hides behind a step of MMAs (-1: no row).
+    // Where this thread's two rows of the next stage come from, loaded one step ahead so that the
+    // load's latency hides behind a step of MMAs. CHW kernels: the rank of the row's token (-1: no
+    // row). HWC kernels: the row's entry of the table written by mapet_patch_embed_bwd_rows (its
+    // d_out row, -1 when none, and its pixel base), one 8-byte load in place of the divisions and
+    // rank lookup per row ({-1, -1}: a row past the split).
     int rank_next[2];
-    // HWC kernels also keep, for the same rows, the sample and the patch base (-1: no row), found
-    // by a cursor that steps kBwdC rows at a time without integer divisions.
-    int sample_next[2], base_next[2];
-    PatchCursor rows[2];
-    const int step_py = kBwdC / g.G, step_px = kBwdC % g.G;
-    if constexpr (HWC) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) rows[i] = PatchCursor(m_begin + (tid >> 4) + 16 * i, g.G, g.np);
-    }
+    int2 info_next[2];
     auto fetch_ranks = [&](int s) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            rank_next[i] = -1;
+            const int m = m_begin + s * kBwdC + (tid >> 4) + 16 * i;
             if constexpr (HWC) {
-                PatchCursor& c = rows[i];
-                base_next[i] = -1;
-                sample_next[i] = c.b;
-                if (c.m < m_end) {
-                    base_next[i] = ((c.b * g.S + c.py * g.p) * g.S + c.px * g.p) * 3;
-                    if (n_col < g.D)
-                        rank_next[i] =
-                            __ldg(P.ranks + static_cast<int64_t>(c.b) * g.n_tokens + (c.py * g.G + c.px + 1));
-                }
-                c.advance(kBwdC, step_py, step_px, g.G);
+                info_next[i] = make_int2(-1, -1);
+                if (m < m_end) info_next[i] = __ldg(reinterpret_cast<const int2*>(P.row_info) + m);
             } else {
-                const int m = m_begin + s * kBwdC + (tid >> 4) + 16 * i;
+                rank_next[i] = -1;
                 if (m < m_end && n_col < g.D) {
                     const int b = m / g.np;
                     rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
@@ -707,14 +686,21 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
             const int m = m_begin + s * kBwdC + row;
             const bool in = m < m_end;
             // d_out row of patch m, gathered by rank.
-            const int r = rank_next[i];
-            const bool ok = r >= 1 && r < g.n_tokens;
             const __nv_bfloat16* src = d_out;
-            if (ok) src = d_out + (static_cast<int64_t>(HWC ? sample_next[i] : m / g.np) * g.rows + r) * g.D + n_col;
+            bool ok;
+            if constexpr (HWC) {
+                const int2 info = info_next[i];
+                ok = info.x >= 0 && n_col < g.D;
+                if (ok) src = d_out + static_cast<int64_t>(info.x) * g.D + n_col;
+            } else {
+                const int r = rank_next[i];
+                ok = r >= 1 && r < g.n_tokens;
+                if (ok) src = d_out + (static_cast<int64_t>(m / g.np) * g.rows + r) * g.D + n_col;
+            }
             cp_async16(&g_tile[buf][row][col8], src, ok);
             if constexpr (HWC) {
-                hraw[i] = px.load_hwc(base_next[i], col.off, col_ok);
-                hrow[i] = base_next[i] >= 0;
+                hraw[i] = px.load_hwc(info_next[i].y, col.off, col_ok);
+                hrow[i] = info_next[i].y >= 0;
             } else {
                 const int pbase = in ? px.patch_base(m, g.G, g.np) : -1;
                 px.load(pbase, k_col, raw[i], tag[i]);
@@ -727,7 +713,7 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
         for (int i = 0; i < 2; ++i) {
             uint4 v;
             if constexpr (HWC) {
-                v = px.finish_hwc(hraw[i], col.c, col_ok && hrow[i]);
+                v = px.finish_hwc(hraw[i], col_norm, col_ok && hrow[i]);
             } else {
                 v = px.finish(raw[i], tag[i]);
             }
@@ -869,6 +855,24 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_
 extern "C" __global__ void __launch_bounds__(kThreads, 2)
     mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
     backward_weight<true, true>(p);
+}
+
+// The table mapet_patch_embed_bwd_weight_u8_hwc reads for each patch row m = b*G*G + py*G + px
+// of the batch: row_info[2m] = b*R + rank of its token, the d_out row it takes its gradient from
+// (-1 when the rank is outside [1, N)), and row_info[2m + 1] = the byte offset of its top-left
+// pixel in the HWC image. Grid-stride over the B*G*G rows.
+extern "C" __global__ void mapet_patch_embed_bwd_rows(const MapetPatchEmbedBwd p) {
+    const Geometry g = geometry(p.batch, p.image, p.patch, p.dim, p.n_context);
+    for (int m = blockIdx.x * blockDim.x + threadIdx.x; m < g.M; m += gridDim.x * blockDim.x) {
+        const int b = m / g.np;
+        const int i = m - b * g.np;
+        const int py = i / g.G;
+        const int px = i - py * g.G;
+        const int r = __ldg(p.ranks + static_cast<int64_t>(b) * g.n_tokens + i + 1);
+        const int row = r >= 1 && r < g.n_tokens ? b * g.rows + r : -1;
+        const int base = ((b * g.S + py * g.p) * g.S + px * g.p) * 3;
+        reinterpret_cast<int2*>(p.row_info)[m] = make_int2(row, base);
+    }
 }
 
 namespace {

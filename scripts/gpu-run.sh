@@ -2,6 +2,7 @@
 # Runs on the GPU host from the repository root: `bash gpu-bundle/run.sh`. Copied into the bundle
 # by scripts/gpu-bundle.sh. Environment:
 #   MAPET_RESULTS   folder for full logs (default gpu-bundle/results)
+#   MAPET_RESULTS_TAR  also pack that folder into this .tar.gz at the end (one file to copy back)
 #   MAPET_TESTS     space-separated test binary names to run (default: those with GPU tests, as
 #                   listed by scripts/gpu-bundle.sh in gpu-tests.txt; "all" runs every binary,
 #                   "none" skips them)
@@ -17,7 +18,7 @@
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per patch-embedding
 #                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
 #                   "hwc chw") and attention kernel set (MAPET_ATTENTION_KERNELS) in
-#                   MAPET_MODEL_BENCH_ATTENTION (default "tiled"; "tiled resident" runs both),
+#                   MAPET_MODEL_BENCH_ATTENTION (default "resident"; "tiled resident" runs both),
 #                   logs into $MAPET_RESULTS, with the SM clock and power sampled by
 #                   nvidia-smi during each run (clocks-*.csv and a summary row)
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
@@ -116,7 +117,7 @@ else:
 
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
   for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc chw}; do
-    for attn in ${MAPET_MODEL_BENCH_ATTENTION:-tiled}; do
+    for attn in ${MAPET_MODEL_BENCH_ATTENTION:-resident}; do
       tag="$order-$attn"
       log="$res/mapet-bench-vit-b-$tag.log"
       MAPET_PATCH_EMBED_ORDER=$order MAPET_ATTENTION_KERNELS=$attn clocks_during "$res/clocks-vit-b-$tag.csv" \
@@ -149,22 +150,30 @@ print(f"{statistics.median(r):.1f}" if r else "none")' "$res/pretrain-run/metric
 fi
 
 if [ "${MAPET_NCU:-0}" = "1" ]; then
-  # A few launches of each kernel of the attention (ViT-B shape) and patch-embedding (B = 128)
-  # benches, after their first warm-up launches; the clocks are left as they are.
-  # Each spec: log name, bench binary, kernel-name regex, criterion filter.
-  for spec in "attention-tiled attention mapet_attention attention/vit-b/tiled" \
-    "attention-resident attention mapet_attention attention/vit-b/resident" \
-    "patch_embed patch_embed mapet_patch_embed patch_embed_gpu_b128"; do
-    set -- $spec
-    log="$res/ncu-$1.log"
+  # Three launches of each named kernel (ViT-B shape for attention, B = 128 for the patch
+  # embedding: the first shapes the benches time), after two warm-up launches of it; the clocks
+  # are left as they are. One ncu run per kernel, matched by its exact name, so that the kernels
+  # a bench launches first do not use up the count. The stall-reason metrics (percent of a
+  # warp's active cycles) say what the warps wait on. MAPET_NCU_KERNELS overrides the list
+  # ("log:bench:kernel:criterion filter" entries).
+  specs="${MAPET_NCU_KERNELS:-attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
+    attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
+    attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
+    attn-fwd-tiled:attention:mapet_attention_fwd:attention/vit-b/tiled \
+    patch-fwd-hwc:patch_embed:mapet_patch_embed_fwd_u8_hwc:patch_embed_gpu \
+    patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu}"
+  for spec in $specs; do
+    IFS=: read -r name bench kernel filter <<<"$spec"
+    log="$res/ncu-$name.log"
     if command -v ncu >/dev/null; then
-      timeout 300 ncu --clock-control none --kernel-name "regex:$3" --launch-skip 6 --launch-count 12 \
+      timeout 120 ncu --clock-control none --kernel-name "$kernel" --launch-skip 2 --launch-count 3 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
-        "$here/benches/$2" --bench --warm-up-time 0.2 --measurement-time 0.5 "$4" >"$log" 2>&1
-      row "ncu $1" "rc=$?" "$log"
+        --metrics "regex:smsp__warp_issue_stalled_.*_per_warp_active.pct" \
+        "$here/benches/$bench" --bench --warm-up-time 0.2 --measurement-time 0.3 "$filter" >"$log" 2>&1
+      row "ncu $name" "rc=$?" "$(grep -m1 -E '^ +Duration' "$log" | awk '{print $NF, $(NF-1)}')"
     else
-      row "ncu $1" skip "no ncu"
+      row "ncu $name" skip "no ncu"
     fi
   done
 fi
@@ -241,3 +250,6 @@ grep -hE 'time:|thrpt:|TFLOP|GB/s' "$res"/bench-*.log 2>/dev/null | head -n 80
 echo
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null))"
 printf '%s\n' "${summary[@]}"
+if [ -n "${MAPET_RESULTS_TAR:-}" ]; then
+  tar czf "$MAPET_RESULTS_TAR" -C "$(dirname "$res")" "$(basename "$res")" && echo "results packed into $MAPET_RESULTS_TAR"
+fi

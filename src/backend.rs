@@ -806,7 +806,7 @@ pub struct CudaBackend {
     /// `MAPET_PATCH_EMBED_ORDER` when the backend is made (the default: the faster order).
     pub pixel_order: PixelOrder,
     /// The attention kernels, read once from `MAPET_ATTENTION_KERNELS` when the backend is made
-    /// (the default: the kernels verified on a GPU).
+    /// (the default: the faster set, `resident`).
     pub attention_kernels: AttentionKernels,
 }
 

@@ -333,6 +333,7 @@ pub struct MapetPatchEmbedBwd {
     pub dmask_token: *mut f32,
     pub partial: *mut f32,
     pub token_sums: *mut f32,
+    pub row_info: *mut i32,
     pub scale: [f32; 3usize],
     pub shift: [f32; 3usize],
     pub batch: i32,
@@ -345,7 +346,7 @@ pub struct MapetPatchEmbedBwd {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetPatchEmbedBwd"][::core::mem::size_of::<MapetPatchEmbedBwd>() - 136usize];
+    ["Size of MapetPatchEmbedBwd"][::core::mem::size_of::<MapetPatchEmbedBwd>() - 144usize];
     ["Alignment of MapetPatchEmbedBwd"][::core::mem::align_of::<MapetPatchEmbedBwd>() - 8usize];
     ["Offset of field: MapetPatchEmbedBwd::pixels"][::core::mem::offset_of!(MapetPatchEmbedBwd, pixels) - 0usize];
     ["Offset of field: MapetPatchEmbedBwd::ranks"][::core::mem::offset_of!(MapetPatchEmbedBwd, ranks) - 8usize];
@@ -361,17 +362,18 @@ const _: () = {
     ["Offset of field: MapetPatchEmbedBwd::partial"][::core::mem::offset_of!(MapetPatchEmbedBwd, partial) - 64usize];
     ["Offset of field: MapetPatchEmbedBwd::token_sums"]
         [::core::mem::offset_of!(MapetPatchEmbedBwd, token_sums) - 72usize];
-    ["Offset of field: MapetPatchEmbedBwd::scale"][::core::mem::offset_of!(MapetPatchEmbedBwd, scale) - 80usize];
-    ["Offset of field: MapetPatchEmbedBwd::shift"][::core::mem::offset_of!(MapetPatchEmbedBwd, shift) - 92usize];
-    ["Offset of field: MapetPatchEmbedBwd::batch"][::core::mem::offset_of!(MapetPatchEmbedBwd, batch) - 104usize];
-    ["Offset of field: MapetPatchEmbedBwd::image"][::core::mem::offset_of!(MapetPatchEmbedBwd, image) - 108usize];
-    ["Offset of field: MapetPatchEmbedBwd::patch"][::core::mem::offset_of!(MapetPatchEmbedBwd, patch) - 112usize];
-    ["Offset of field: MapetPatchEmbedBwd::dim"][::core::mem::offset_of!(MapetPatchEmbedBwd, dim) - 116usize];
+    ["Offset of field: MapetPatchEmbedBwd::row_info"][::core::mem::offset_of!(MapetPatchEmbedBwd, row_info) - 80usize];
+    ["Offset of field: MapetPatchEmbedBwd::scale"][::core::mem::offset_of!(MapetPatchEmbedBwd, scale) - 88usize];
+    ["Offset of field: MapetPatchEmbedBwd::shift"][::core::mem::offset_of!(MapetPatchEmbedBwd, shift) - 100usize];
+    ["Offset of field: MapetPatchEmbedBwd::batch"][::core::mem::offset_of!(MapetPatchEmbedBwd, batch) - 112usize];
+    ["Offset of field: MapetPatchEmbedBwd::image"][::core::mem::offset_of!(MapetPatchEmbedBwd, image) - 116usize];
+    ["Offset of field: MapetPatchEmbedBwd::patch"][::core::mem::offset_of!(MapetPatchEmbedBwd, patch) - 120usize];
+    ["Offset of field: MapetPatchEmbedBwd::dim"][::core::mem::offset_of!(MapetPatchEmbedBwd, dim) - 124usize];
     ["Offset of field: MapetPatchEmbedBwd::n_context"]
-        [::core::mem::offset_of!(MapetPatchEmbedBwd, n_context) - 120usize];
-    ["Offset of field: MapetPatchEmbedBwd::splits"][::core::mem::offset_of!(MapetPatchEmbedBwd, splits) - 124usize];
+        [::core::mem::offset_of!(MapetPatchEmbedBwd, n_context) - 128usize];
+    ["Offset of field: MapetPatchEmbedBwd::splits"][::core::mem::offset_of!(MapetPatchEmbedBwd, splits) - 132usize];
     ["Offset of field: MapetPatchEmbedBwd::split_rows"]
-        [::core::mem::offset_of!(MapetPatchEmbedBwd, split_rows) - 128usize];
+        [::core::mem::offset_of!(MapetPatchEmbedBwd, split_rows) - 136usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

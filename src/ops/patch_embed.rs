@@ -689,8 +689,8 @@ pub fn weight_grad_splits(shape: &PatchEmbedShape, sm_count: u32) -> (usize, usi
 
 /// CUDA backward: adds (+=) the f32 gradients of weight `[D, 3, p, p]`, bias, pos_embed,
 /// cls_token and mask_token given bf16 `d_out` `[B, N + 2P, D]`. Deterministic. Allocates its
-/// f32 scratch (splits·D·K + 2·N·D) on the stream. uint8 pixels are contracted in `order` (f32
-/// pixels always in CHW order).
+/// f32 scratch (splits·D·K + 2·N·D) on the stream, and in HWC order a table of 2 ints per patch
+/// row. uint8 pixels are contracted in `order` (f32 pixels always in CHW order).
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
@@ -731,6 +731,9 @@ pub fn cuda_backward(
     }
     let partial = gpu.alloc::<f32>(partial_len)?;
     let token_sums = gpu.alloc::<f32>(2 * shape.pos_len())?;
+    // The HWC kernel's per-row table: d_out row and pixel base of every patch row.
+    let patch_rows = shape.batch * shape.n_patches();
+    let mut row_info = if hwc_order { Some(gpu.alloc::<i32>(2 * patch_rows)?) } else { None };
     let params = MapetPatchEmbedBwd {
         pixels: pixel_ptr,
         ranks: ranks.ptr() as *const i32,
@@ -742,6 +745,7 @@ pub fn cuda_backward(
         dmask_token: dmask_token.f32_ptr(),
         partial: partial.f32_ptr(),
         token_sums: token_sums.f32_ptr(),
+        row_info: row_info.as_mut().map_or(std::ptr::null_mut(), |r| r.ptr_mut() as *mut i32),
         scale,
         shift,
         batch: shape.batch as i32,
@@ -761,9 +765,16 @@ pub fn cuda_backward(
     let token_grid =
         (blocks_for("patch embedding channels", (shape.dim / 8) as u64, TOKEN_GROUPS)?, shape.n_tokens() as u32, 1);
     let vector_blocks = blocks_for("patch embedding channels", shape.dim as u64, VECTOR_COLS)?;
+    if hwc_order {
+        let blocks = blocks_for("patch embedding rows", patch_rows as u64, 256)?.min(4096);
+        // SAFETY: reads B·N ranks (checked above) and writes 2·B·(N-1) ints of row_info
+        // (allocated above, 256-byte aligned for the kernel's 8-byte stores).
+        unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_rows", launch_cfg((blocks, 1, 1), 256), &params)? };
+    }
     // SAFETY: validate_cuda bounds every index the kernel forms; pixels, ranks and d_out were
     // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
-    // has `splits` layers; rows whose rank is outside [1, N) are read as zeros.
+    // has `splits` layers; rows whose rank is outside [1, N) are read as zeros. The HWC kernel
+    // reads row_info, written just before on the same stream.
     unsafe { gpu.launch(MODULE, kernel, launch_cfg(weight_grid, GEMM_THREADS), &params)? };
     // SAFETY: reads splits·D·K floats of `partial` and adds to dweight (D·K, checked above; the
     // HWC variant writes each of the D·K elements once, at a permuted index).
