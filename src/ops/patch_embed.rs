@@ -38,6 +38,10 @@ const MODULE: &str = "patch_embed";
 const GEMM_THREADS: u32 = 256;
 const FWD_TILE_M: usize = 128;
 const FWD_TILE_N: usize = 128;
+/// Channels per block of the HWC forward kernel (`kHwcN`), and its dynamic shared memory
+/// (`kHwcSmem`: two stages of a 128 x 40 and a 256 x 40 bf16 tile).
+const FWD_HWC_TILE_N: usize = 256;
+const FWD_HWC_SMEM: u32 = 61_440;
 const BWD_TILE: usize = 128;
 const BWD_STEP: usize = 32;
 /// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
@@ -617,18 +621,22 @@ fn cuda_forward(
         unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg((blocks, 1, 1), 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
+    let (tile_n, smem) = if hwc_order { (FWD_HWC_TILE_N, FWD_HWC_SMEM) } else { (FWD_TILE_N, 0) };
     let gemm_grid = (
-        blocks_for("patch embedding channels", shape.dim as u64, FWD_TILE_N as u64)?,
+        blocks_for("patch embedding channels", shape.dim as u64, tile_n as u64)?,
         blocks_for("patch embedding rows", m, FWD_TILE_M as u64)?,
         1,
     );
+    let mut gemm_cfg = launch_cfg(gemm_grid, GEMM_THREADS);
+    gemm_cfg.shared_mem_bytes = smem;
     let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
     // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
     // weight, bias, pos_embed and out were checked above against the shape in `params`, and the
-    // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows whose
+    // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length and takes its
+    // FWD_HWC_SMEM bytes of dynamic shared memory (opted into by launch); patch rows whose
     // rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds. D % 8 == 0 and
     // 16-byte aligned pointers (checked above) keep the vector accesses aligned.
-    unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
+    unsafe { gpu.launch(MODULE, kernel, gemm_cfg, &params)? };
     // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
     // block per token, and ranks outside [C, N) write no mask row.
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
