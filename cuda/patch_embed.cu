@@ -78,6 +78,11 @@ constexpr int kBwdN = 128;
 constexpr int kBwdK = 128;
 constexpr int kBwdC = 32;
 constexpr int kBwdLd = 128 + 8;  // padded row, 272 bytes
+// Dynamic shared memory of a weight-gradient block with bn channels: two stages of the d_out tile
+// [32][bn + 8] and the pixel tile [32][kBwdLd], bf16. The launcher passes BWD_SMEM / BWD_HWC_SMEM
+// (src/ops/patch_embed.rs).
+constexpr int bwd_weight_smem(int bn) { return 2 * kBwdC * (bn + 8) * 2 + 2 * kBwdC * kBwdLd * 2; }
+static_assert(bwd_weight_smem(128) == 34816 && bwd_weight_smem(256) == 51200, "the launcher's sizes");
 // Batch sums per token (mapet_patch_embed_bwd_tokens): 8-channel groups x batch slices a block.
 constexpr int kTokGroups = 32;
 constexpr int kTokSlices = 8;
@@ -705,11 +710,21 @@ __device__ __forceinline__ void forward_hwc(const MapetPatchEmbedFwd& P) {
 
 // ------------------------------------------------------------------ backward: dweight partials
 
-template <bool U8, bool HWC>
+// BN: channels per block, 128 (CHW kernels: 8 warps of 64 channels x 32 of K, two blocks an SM) or
+// 256 (the HWC kernel: 8 warps of 64 x 64, one block an SM, half the pixel work per MMA). Shared
+// memory (dynamic, bwd_weight_smem(BN) bytes): two stages of g_tile [32][BN + 8] (d_out rows,
+// [patch row][channel]) and p_tile [32][kBwdLd] (pixels, [patch row][k]).
+template <bool U8, bool HWC, int BN>
 __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
-    __shared__ __align__(16) __nv_bfloat16 g_tile[2][kBwdC][kBwdLd];  // [patch row][channel]
-    __shared__ __align__(16) __nv_bfloat16 p_tile[2][kBwdC][kBwdLd];  // [patch row][k]
+    static_assert(BN == 128 || BN == 256, "128 or 256 channels a block");
+    constexpr int kWarpsN = BN / 64;            // warps along the channels, 64 each
+    constexpr int kWarpsK = 8 / kWarpsN;        // warps along K
+    constexpr int kWarpK = kBwdK / kWarpsK;     // K columns per warp: 32 or 64
+    constexpr int kNI = kWarpK / 8;             // 8-column n-tiles per warp
+    extern __shared__ __align__(16) unsigned char bwd_smem[];
+    auto g_tile = reinterpret_cast<__nv_bfloat16 (*)[kBwdC][BN + 8]>(bwd_smem);
+    auto p_tile = reinterpret_cast<__nv_bfloat16 (*)[kBwdC][kBwdLd]>(bwd_smem + 2 * kBwdC * (BN + 8) * 2);
 
     const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
     const Pixels<U8> px = make_pixels<U8>(P);
@@ -717,26 +732,26 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int wn = warp >> 2;  // 64 channels each
-    const int wk = warp & 3;   // 32 of K each
+    const int wn = warp / kWarpsK;  // 64 channels each
+    const int wk = warp % kWarpsK;  // kWarpK of K each
     const int k0 = blockIdx.x * kBwdK;
-    const int n0 = blockIdx.y * kBwdN;
+    const int n0 = blockIdx.y * BN;
     const int split = blockIdx.z;
     const int m_begin = split * P.split_rows;
     const int m_end = min(g.M, m_begin + P.split_rows);
     const int steps = m_end > m_begin ? (m_end - m_begin + kBwdC - 1) / kBwdC : 0;
 
     // This thread stages rows (tid/16) and (tid/16 + 16) of each step: 8 channels of d_out at
-    // n0 + 8*(tid%16), and 8 pixels at k0 + 8*(tid%16).
+    // n0 + 8*(tid%16) (and + 128 when BN = 256), and 8 pixels at k0 + 8*(tid%16).
     const int col8 = (tid & 15) * 8;
     const int n_col = n0 + col8;
     const int k_col = k0 + col8;
 
-    float acc[4][4][4];
+    float acc[4][kNI][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < kNI; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
 
@@ -764,7 +779,7 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
                 if (m < m_end) info_next[i] = __ldg(reinterpret_cast<const int2*>(P.row_info) + m);
             } else {
                 rank_next[i] = -1;
-                if (m < m_end && n_col < g.D) {
+                if (m < m_end) {
                     const int b = m / g.np;
                     rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
                 }
@@ -780,19 +795,23 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
             const int row = (tid >> 4) + 16 * i;
             const int m = m_begin + s * kBwdC + row;
             const bool in = m < m_end;
-            // d_out row of patch m, gathered by rank.
+            // d_out row of patch m, gathered by rank: BN / 128 chunks of 8 channels, 128 apart.
             const __nv_bfloat16* src = d_out;
             bool ok;
             if constexpr (HWC) {
                 const int2 info = info_next[i];
-                ok = info.x >= 0 && n_col < g.D;
+                ok = info.x >= 0;
                 if (ok) src = d_out + static_cast<int64_t>(info.x) * g.D + n_col;
             } else {
                 const int r = rank_next[i];
                 ok = r >= 1 && r < g.n_tokens;
                 if (ok) src = d_out + (static_cast<int64_t>(m / g.np) * g.rows + r) * g.D + n_col;
             }
-            cp_async16(&g_tile[buf][row][col8], src, ok);
+#pragma unroll
+            for (int c = 0; c < BN / 128; ++c) {
+                const bool chunk_ok = ok && n_col + 128 * c < g.D;
+                cp_async16(&g_tile[buf][row][col8 + 128 * c], chunk_ok ? src + 128 * c : d_out, chunk_ok);
+            }
             if constexpr (HWC) {
                 hraw[i] = px.load_hwc(info_next[i].y, col.off, col_ok);
                 hrow[i] = info_next[i].y >= 0;
@@ -830,18 +849,18 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
         if (more) stage(s + 1, buf ^ 1);
 #pragma unroll
         for (int kk = 0; kk < kBwdC; kk += 16) {
-            uint32_t bfrag[2][4];
+            uint32_t bfrag[kNI / 2][4];
 #pragma unroll
-            for (int nj = 0; nj < 2; ++nj)
+            for (int nj = 0; nj < kNI / 2; ++nj)
                 ldmatrix_x4_trans(bfrag[nj], &p_tile[buf][kk + (lane & 7) + ((lane >> 3) & 1) * 8]
-                                                    [wk * 32 + nj * 16 + (lane >> 4) * 8]);
+                                                    [wk * kWarpK + nj * 16 + (lane >> 4) * 8]);
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi) {
                 uint32_t afrag[4];
                 ldmatrix_x4_trans(afrag, &g_tile[buf][kk + (lane & 7) + (lane >> 4) * 8]
                                                [wn * 64 + mi * 16 + ((lane >> 3) & 1) * 8]);
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
+                for (int ni = 0; ni < kNI; ++ni)
                     mma_bf16(acc[mi][ni], afrag, bfrag[ni >> 1][(ni & 1) * 2], bfrag[ni >> 1][(ni & 1) * 2 + 1]);
             }
         }
@@ -855,12 +874,12 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < kNI; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int n = n0 + wn * 64 + mi * 16 + gq + 8 * (r >> 1);
                 // Column k of the contraction order (k' for the HWC kernel: the reduction maps it).
-                const int k = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
+                const int k = k0 + wk * kWarpK + ni * 8 + 2 * q + (r & 1);
                 if (n < g.D && k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
             }
 }
@@ -936,21 +955,23 @@ extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p
     }
 }
 
-// dweight partials. Grid (ceil(K/128), ceil(D/128), splits), 256 threads.
+// dweight partials. Grid (ceil(K/128), ceil(D/128), splits), 256 threads, bwd_weight_smem(128) =
+// 34,816 bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_u8(const MapetPatchEmbedBwd p) {
-    backward_weight<true, false>(p);
+    backward_weight<true, false, kBwdN>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_f32(const MapetPatchEmbedBwd p) {
-    backward_weight<false, false>(p);
+    backward_weight<false, false, kBwdN>(p);
 }
 
 // As mapet_patch_embed_bwd_weight_u8 in HWC contraction order (p % 8 == 0); the partials are in
 // k' order, summed and put back in the weight's [D, 3, p, p] order by
-// mapet_patch_embed_bwd_weight_reduce_hwc.
-extern "C" __global__ void __launch_bounds__(kThreads, 2)
+// mapet_patch_embed_bwd_weight_reduce_hwc. 256 channels a block: grid (ceil(K/128),
+// ceil(D/256), splits), bwd_weight_smem(256) = 51,200 bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
     mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
-    backward_weight<true, true>(p);
+    backward_weight<true, true, kHwcN>(p);
 }
 
 // The table mapet_patch_embed_bwd_weight_u8_hwc reads for each patch row m = b*G*G + py*G + px
