@@ -37,12 +37,13 @@
 //   mapet_attention_fwd_resident, mapet_attention_bwd_dq_resident
 //                             grid (splits, H, B), 256 threads, dynamic shared memory: the forward and
 //                             dQ with all of a (sample, head) pair's K and V held in shared memory,
-//                             loaded once per CTA instead of once per 64 query rows; written to give
-//                             the tiled kernels' results bit for bit ("K/V-resident variants" below).
+//                             loaded once per CTA instead of once per 64 query rows; the tiled
+//                             kernels' results bit for bit ("K/V-resident variants" below). The
+//                             default.
 //   mapet_attention_bwd_dkdv_resident
 //                             grid (splits, H, B), 384 threads, dynamic shared memory: dK/dV with all
 //                             of a pair's Q, dO, lse, delta and hidden windows held in shared memory,
-//                             its warps taking 16-key tiles; written to give the tiled kernel's bits.
+//                             its warps taking 16-key tiles; the tiled kernel's bits. The default.
 //                             Runs after either dQ kernel.
 // 128 query rows per CTA (forward and dQ) and a dK/dV kernel that re-reads K and V from shared memory
 // (4 CTAs per SM) were tried and measured slower / no faster on an H200 (BENCHMARKS.md).
@@ -1040,14 +1041,17 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 // memory once (2 * ceil(Lk / 64) padded tiles: 110,592 B for ViT's 344 keys, two CTAs per SM), then
 // each warp works through 16-row tiles of the pair's query rows, mt = blockIdx.x * 8 + warp,
 // + gridDim.x * 8, ..., with no further barrier. The tiled kernels bring every K/V tile from L2 once
-// per 64 query rows: for ViT-B at batch 128, about 1.1 GB of L2 -> SM traffic per call, which at
-// L2 bandwidth (some 5-7 TB/s) is most of the forward's 0.30 ms; here the pair's K and V cross once
-// per CTA (0.14 GB with gridDim.x = 1), and no warp waits at a barrier for another. Q and dO come
+// per 64 query rows: for ViT-B at batch 128, about 1.1 GB of L2 -> SM traffic per call; here the
+// pair's K and V cross once per CTA (0.14 GB with gridDim.x = 1), and no warp waits at a barrier
+// for another. On an H200 that made the forward 7% faster, not more: the kernels are bound by
+// latency (dependent MMAs and softmax arithmetic at 4 warps per scheduler), not by L2 traffic
+// (BENCHMARKS.md, fourth run). Q and dO come
 // from global memory straight into A fragments (4-byte loads), O and dQ go out of the C fragments as
 // 4-byte stores: shared memory holds K and V only. Per warp, the tiles, halves and arithmetic are
-// those of the tiled kernels in the same order (fwd_tile, dq_tile), so the results should be bit for
-// bit the same: by construction and by SASS reading, not yet by a run (tests/attention_gpu.rs,
-// resident_kernels_match_the_tiled_ones_bit_for_bit, asserts it on the first GPU run). The launcher uses them only where the shared memory fits (Lk <= 384 on H100/H200).
+// those of the tiled kernels in the same order (fwd_tile, dq_tile), so the results are bit for bit
+// the same (tests/attention_gpu.rs, resident_kernels_match_the_tiled_ones_bit_for_bit, which held
+// on an H200). The launcher uses them only where the shared memory fits (Lk <= 384 on
+// H100/H200).
 // Grid (splits, H, B); block 256; dynamic shared memory 2 * ceil(Lk / 64) * 9,216 B.
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_attention_fwd_resident(const MapetAttention prm) {
