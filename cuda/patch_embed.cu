@@ -25,8 +25,7 @@
 //   neighbouring pixels of one channel: two float4 loads (f32) or three 8-byte loads holding
 //   8 pixels x 3 channels (uint8, HWC). Other p go through a scalar path with zero-filled tails.
 // - Tensor cores through mma.sync m16n8k16 (bf16 in, f32 accumulate) and ldmatrix, which exist on
-//   sm_80 and sm_90a alike; the block tile is 128 x 128 x 32 with 8 warps of 64 x 32, two blocks
-//   an SM (the HWC forward: 128 x 256 x 32, 8 warps of 64 x 64, one block an SM). The weight
+//   sm_80 and sm_90a alike; the block tile is 128 x 128 x 32 with 8 warps of 64 x 32. The weight
 //   tile comes in by cp.async. Shared rows are padded by 16 bytes so that the 8 row addresses of
 //   each ldmatrix phase fall in distinct banks.
 // - The epilogue adds bias + pos_embed and scatters each patch row straight to its rank row, so the
@@ -68,21 +67,11 @@ constexpr int kFwdM = 128;
 constexpr int kFwdN = 128;
 constexpr int kFwdK = 32;
 constexpr int kFwdLd = kFwdK + 8;  // padded row, 80 bytes
-// The HWC forward's tile is twice as wide: 128 patch rows x 256 channels x 32 of K, 8 warps of
-// 64 x 64, one CTA per SM, its two stages of tiles in 61,440 B of dynamic shared memory.
-constexpr int kHwcN = 256;
-constexpr int kHwcSmem = 2 * (kFwdM + kHwcN) * kFwdLd * 2;
-static_assert(kHwcSmem == 61440, "the launcher passes FWD_HWC_SMEM (src/ops/patch_embed.rs) bytes");
 // dweight GEMM tile: 128 channels x 128 of K, contracting 32 patch rows a step.
 constexpr int kBwdN = 128;
 constexpr int kBwdK = 128;
 constexpr int kBwdC = 32;
 constexpr int kBwdLd = 128 + 8;  // padded row, 272 bytes
-// Dynamic shared memory of a weight-gradient block with bn channels: two stages of the d_out tile
-// [32][bn + 8] and the pixel tile [32][kBwdLd], bf16. The launcher passes BWD_SMEM / BWD_HWC_SMEM
-// (src/ops/patch_embed.rs).
-constexpr int bwd_weight_smem(int bn) { return 2 * kBwdC * (bn + 8) * 2 + 2 * kBwdC * kBwdLd * 2; }
-static_assert(bwd_weight_smem(128) == 34816 && bwd_weight_smem(256) == 51200, "the launcher's sizes");
 // Batch sums per token (mapet_patch_embed_bwd_tokens): 8-channel groups x batch slices a block.
 constexpr int kTokGroups = 32;
 constexpr int kTokSlices = 8;
@@ -363,18 +352,16 @@ __device__ __forceinline__ Pixels<U8> make_pixels(const Params& P) {
 
 // ------------------------------------------------------------------ forward: patch rows
 
-// Weight tile rows n0..n0+Rows-1, k0..k0+31 into shared memory. K % 8 == 0: cp.async with zero
-// fill; otherwise (CHW kernels, 128 rows) a synchronous scalar copy with zero-filled tails.
+// Weight tile rows n0..n0+127, k0..k0+31 into shared memory. K % 8 == 0: cp.async with zero fill;
+// otherwise a synchronous scalar copy with zero-filled tails.
 // KAligned: the caller knows K % 8 == 0 (the HWC kernels), so only the cp.async path is compiled.
-// Rows: the tile's rows (128, or kHwcN for the HWC kernel), 64 per pass of the 256 threads.
-template <bool KAligned = false, int Rows = kFwdN>
+template <bool KAligned = false>
 __device__ __forceinline__ void load_weight_tile(__nv_bfloat16 (*dst)[kFwdLd], const __nv_bfloat16* weight, int n0,
                                                  int k0, int D, int K) {
-    static_assert(Rows % 64 == 0, "64 rows a pass");
     const int tid = threadIdx.x;
     if (KAligned || (K & 7) == 0) {
 #pragma unroll
-        for (int i = 0; i < Rows / 64; ++i) {
+        for (int i = 0; i < 2; ++i) {
             const int r = (tid >> 2) + 64 * i;
             const int kc = (tid & 3) * 8;
             const int n = n0 + r;
@@ -432,11 +419,26 @@ struct HwcCursor {
     }
 };
 
-// Where each of the tile's 128 patch rows m0.. goes: row_dst = b*R + rank of its token (-1 when
-// none: a row past the end, or a rank outside [1, N)), row_tok = its token. Threads 0..127.
-__device__ __forceinline__ void find_rows(const MapetPatchEmbedFwd& P, const Geometry& g, int m0, int* row_dst,
-                                          int* row_tok) {
+template <bool U8, bool HWC>
+__device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
+    static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
+    __shared__ __align__(16) __nv_bfloat16 a_tile[2][kFwdM][kFwdLd];
+    __shared__ __align__(16) __nv_bfloat16 w_tile[2][kFwdN][kFwdLd];
+    __shared__ int row_dst[kFwdM];  // b*R + rank of each patch row, -1 when none
+    __shared__ int row_tok[kFwdM];
+
+    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
+    const Pixels<U8> px = make_pixels<U8>(P);
+    // The HWC order multiplies by the weight permuted the same way (mapet_patch_embed_weight_hwc).
+    const __nv_bfloat16* weight = static_cast<const __nv_bfloat16*>(HWC ? P.weight_hwc : P.weight);
     const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wm = warp >> 2;  // 64 rows each
+    const int wn = warp & 3;   // 32 channels each
+    const int n0 = blockIdx.x * kFwdN;
+    const int m0 = blockIdx.y * kFwdM;
+
     if (tid < kFwdM) {
         const int m = m0 + tid;
         int dst = -1, tok = 0;
@@ -449,61 +451,6 @@ __device__ __forceinline__ void find_rows(const MapetPatchEmbedFwd& P, const Geo
         row_dst[tid] = dst;
         row_tok[tid] = tok;
     }
-}
-
-// A warp's 64 x (8 NI) block of the tile (tile rows r0.., channels c0..; C fragments acc[mi][ni]
-// of rows r0 + 16 mi, channels c0 + 8 ni) + bias + pos_embed[token], rounded to bf16, written to
-// each row's rank row.
-template <int NI>
-__device__ __forceinline__ void store_rows(const float (&acc)[4][NI][4], const MapetPatchEmbedFwd& P,
-                                           const Geometry& g, const int* row_dst, const int* row_tok, int r0, int c0,
-                                           int lane) {
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(P.out);
-    const int gq = lane >> 2;
-    const int q = lane & 3;
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = r0 + mi * 16 + gq + 8 * h;
-            const int dst = row_dst[row];
-            if (dst < 0) continue;
-            const float* pos = P.pos_embed + static_cast<int64_t>(row_tok[row]) * g.D;
-            __nv_bfloat16* o = out + static_cast<int64_t>(dst) * g.D;
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni) {
-                const int col = c0 + ni * 8 + 2 * q;
-                if (col < g.D) {
-                    const float2 bb = __ldg(reinterpret_cast<const float2*>(P.bias + col));
-                    const float2 pe = __ldg(reinterpret_cast<const float2*>(pos + col));
-                    const float v0 = acc[mi][ni][2 * h] + bb.x + pe.x;
-                    const float v1 = acc[mi][ni][2 * h + 1] + bb.y + pe.y;
-                    *reinterpret_cast<__nv_bfloat162*>(o + col) = __floats2bfloat162_rn(v0, v1);
-                }
-            }
-        }
-    }
-}
-
-template <bool U8>
-__device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
-    __shared__ __align__(16) __nv_bfloat16 a_tile[2][kFwdM][kFwdLd];
-    __shared__ __align__(16) __nv_bfloat16 w_tile[2][kFwdN][kFwdLd];
-    __shared__ int row_dst[kFwdM];  // b*R + rank of each patch row, -1 when none
-    __shared__ int row_tok[kFwdM];
-
-    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
-    const Pixels<U8> px = make_pixels<U8>(P);
-    const __nv_bfloat16* weight = static_cast<const __nv_bfloat16*>(P.weight);
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int wm = warp >> 2;  // 64 rows each
-    const int wn = warp & 3;   // 32 channels each
-    const int n0 = blockIdx.x * kFwdN;
-    const int m0 = blockIdx.y * kFwdM;
-
-    find_rows(P, g, m0, row_dst, row_tok);
 
     // This thread builds 8 consecutive k of rows (tid/4) and (tid/4 + 64) of every A tile.
     int base[2];
@@ -544,7 +491,60 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
         }
     };
 
-    {
+    if constexpr (HWC) {
+        // Pixel loads run two steps ahead (one 8-byte load per row a step, so two steps of raw
+        // bytes cost 4 registers); the weight tile, an L2 hit, one step ahead by cp.async.
+        struct Slot {
+            uint2 w[2];  // raw bytes of this thread's two rows
+            bool ok;     // k' < K
+        };
+        HwcCursor cur(kgrp, g.p, g.S);
+        auto fetch = [&](Slot& slot) {
+            slot.ok = cur.k < g.K;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) slot.w[i] = px.load_hwc(base[i], cur.off, slot.ok);
+            cur.advance(kFwdK);
+        };
+        // The group of step s starts at k' = kgrp + s * kFwdK, so its first channel is
+        // (kgrp + s * kFwdK) % 3: set for step 0 here, moved on by kFwdK % 3 after each store
+        // (the stores run in step order). The lanes of a warp differ in it, so the scales are
+        // picked by selects, not branches.
+        int c_store = kgrp % 3;
+        auto store = [&](const Slot& slot, int buf) {
+            const Norm3 nrm = px.norm3(c_store);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                *reinterpret_cast<uint4*>(&a_tile[buf][(tid >> 2) + 64 * i][kgrp]) =
+                    px.finish_hwc(slot.w[i], nrm, slot.ok && base[i] >= 0);
+            c_store += kFwdK % 3;
+            if (c_store >= 3) c_store -= 3;
+        };
+        Slot even, odd;  // steps 0, 2, 4, ... and 1, 3, 5, ...
+        fetch(even);
+        load_weight_tile<true>(w_tile[0], weight, n0, 0, g.D, g.K);
+        fetch(odd);
+        store(even, 0);
+        cp_async_wait_all();
+        __syncthreads();
+        // Step s: fetch step s + 2 into the slot step s came from, multiply tile s, then store
+        // step s + 1 (fetched a step earlier) into the other buffer.
+        auto step = [&](int s, Slot& refill, const Slot& next) {
+            const int buf = s & 1;
+            const bool more = s + 1 < steps;
+            if (more) load_weight_tile<true>(w_tile[buf ^ 1], weight, n0, (s + 1) * kFwdK, g.D, g.K);
+            fetch(refill);
+            mma_step(buf);
+            if (more) {
+                store(next, buf ^ 1);
+                cp_async_wait_all();
+            }
+            __syncthreads();
+        };
+        for (int s = 0; s < steps; s += 2) {
+            step(s, even, odd);
+            if (s + 1 < steps) step(s + 1, odd, even);
+        }
+    } else {
         uint32_t raw[2][8];
         int tag[2];
 
@@ -581,150 +581,40 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
     }
 
     // Epilogue: + bias + pos_embed[token], rounded to bf16, written to the token's rank row.
-    store_rows(acc, P, g, row_dst, row_tok, wm * 64, n0 + wn * 32, lane);
-}
-
-// The HWC-order forward (uint8 HWC pixels, p % 8 == 0): the same GEMM in k' order against the
-// permuted weight (mapet_patch_embed_weight_hwc), on a tile twice as wide as the CHW kernels':
-// 128 rows x 256 channels, 8 warps of 64 x 64. Per step a warp issues 64 MMAs for 16 ldmatrix
-// and its share of the A-tile build (two 8-byte groups), about half the other instructions per
-// MMA of a 64 x 32 warp; each pixel group is normalised for 256 channels rather than 128. The
-// price is one CTA of 8 warps per SM (about 200 registers), so each warp's MMAs must cover
-// the latencies that the second CTA's warps covered.
-__device__ __forceinline__ void forward_hwc(const MapetPatchEmbedFwd& P) {
-    extern __shared__ __align__(16) unsigned char fwd_smem[];
-    // Two stages each of the A tile [128][kFwdLd] and the weight tile [256][kFwdLd].
-    auto a_tile = reinterpret_cast<__nv_bfloat16 (*)[kFwdM][kFwdLd]>(fwd_smem);
-    auto w_tile = reinterpret_cast<__nv_bfloat16 (*)[kHwcN][kFwdLd]>(fwd_smem + 2 * kFwdM * kFwdLd * 2);
-    __shared__ int row_dst[kFwdM];
-    __shared__ int row_tok[kFwdM];
-
-    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
-    const Pixels<true> px = make_pixels<true>(P);
-    const __nv_bfloat16* weight = static_cast<const __nv_bfloat16*>(P.weight_hwc);
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int wm = warp >> 2;  // 64 rows each
-    const int wn = warp & 3;   // 64 channels each
-    const int n0 = blockIdx.x * kHwcN;
-    const int m0 = blockIdx.y * kFwdM;
-
-    find_rows(P, g, m0, row_dst, row_tok);
-
-    // This thread builds 8 consecutive k' of rows (tid/4) and (tid/4 + 64) of every A tile.
-    int base[2];
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(P.out);
+    const int gq = lane >> 2;
+    const int q = lane & 3;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int m = m0 + (tid >> 2) + 64 * i;
-        base[i] = m < g.M ? px.patch_base(m, g.G, g.np) : -1;
-    }
-    const int kgrp = (tid & 3) * 8;
-
-    float acc[4][8][4];
+    for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+        for (int h = 0; h < 2; ++h) {
+            const int row = wm * 64 + mi * 16 + gq + 8 * h;
+            const int dst = row_dst[row];
+            if (dst < 0) continue;
+            const float* pos = P.pos_embed + static_cast<int64_t>(row_tok[row]) * g.D;
+            __nv_bfloat16* o = out + static_cast<int64_t>(dst) * g.D;
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
-
-    const int steps = (g.K + kFwdK - 1) / kFwdK;
-
-    // One step of MMAs: this warp's 64 x 64 block += A tile x W tile (32 of K). The B fragments
-    // of the warp's 8 channel n-tiles are loaded once per 16 of K and used by 4 row tiles.
-    auto mma_step = [&](int buf) {
-#pragma unroll
-        for (int kk = 0; kk < kFwdK; kk += 16) {
-            uint32_t bfrag[4][4];
-#pragma unroll
-            for (int nj = 0; nj < 4; ++nj)
-                ldmatrix_x4(bfrag[nj], &w_tile[buf][wn * 64 + nj * 16 + (lane & 7) + (lane >> 4) * 8]
-                                              [kk + ((lane >> 3) & 1) * 8]);
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                uint32_t afrag[4];
-                ldmatrix_x4(afrag, &a_tile[buf][wm * 64 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
-#pragma unroll
-                for (int ni = 0; ni < 8; ++ni)
-                    mma_bf16(acc[mi][ni], afrag, bfrag[ni >> 1][(ni & 1) * 2], bfrag[ni >> 1][(ni & 1) * 2 + 1]);
+            for (int ni = 0; ni < 4; ++ni) {
+                const int col = n0 + wn * 32 + ni * 8 + 2 * q;
+                if (col < g.D) {
+                    const float2 bb = __ldg(reinterpret_cast<const float2*>(P.bias + col));
+                    const float2 pe = __ldg(reinterpret_cast<const float2*>(pos + col));
+                    const float v0 = acc[mi][ni][2 * h] + bb.x + pe.x;
+                    const float v1 = acc[mi][ni][2 * h + 1] + bb.y + pe.y;
+                    *reinterpret_cast<__nv_bfloat162*>(o + col) = __floats2bfloat162_rn(v0, v1);
+                }
             }
         }
-    };
-
-    // Pixel loads run two steps ahead (one 8-byte load per row a step, so two steps of raw bytes
-    // cost 4 registers); the weight tile, an L2 hit, one step ahead by cp.async.
-    struct Slot {
-        uint2 w[2];  // raw bytes of this thread's two rows
-        bool ok;     // k' < K
-    };
-    HwcCursor cur(kgrp, g.p, g.S);
-    auto fetch = [&](Slot& slot) {
-        slot.ok = cur.k < g.K;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) slot.w[i] = px.load_hwc(base[i], cur.off, slot.ok);
-        cur.advance(kFwdK);
-    };
-    // The group of step s starts at k' = kgrp + s * kFwdK, so its first channel is
-    // (kgrp + s * kFwdK) % 3: set for step 0 here, moved on by kFwdK % 3 after each store
-    // (the stores run in step order). The lanes of a warp differ in it, so the scales are
-    // picked by selects, not branches.
-    int c_store = kgrp % 3;
-    auto store = [&](const Slot& slot, int buf) {
-        const Norm3 nrm = px.norm3(c_store);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-            *reinterpret_cast<uint4*>(&a_tile[buf][(tid >> 2) + 64 * i][kgrp]) =
-                px.finish_hwc(slot.w[i], nrm, slot.ok && base[i] >= 0);
-        c_store += kFwdK % 3;
-        if (c_store >= 3) c_store -= 3;
-    };
-    Slot even, odd;  // steps 0, 2, 4, ... and 1, 3, 5, ...
-    fetch(even);
-    load_weight_tile<true, kHwcN>(w_tile[0], weight, n0, 0, g.D, g.K);
-    fetch(odd);
-    store(even, 0);
-    cp_async_wait_all();
-    __syncthreads();
-    // Step s: fetch step s + 2 into the slot step s came from, multiply tile s, then store
-    // step s + 1 (fetched a step earlier) into the other buffer.
-    auto step = [&](int s, Slot& refill, const Slot& next) {
-        const int buf = s & 1;
-        const bool more = s + 1 < steps;
-        if (more) load_weight_tile<true, kHwcN>(w_tile[buf ^ 1], weight, n0, (s + 1) * kFwdK, g.D, g.K);
-        fetch(refill);
-        mma_step(buf);
-        if (more) {
-            store(next, buf ^ 1);
-            cp_async_wait_all();
-        }
-        __syncthreads();
-    };
-    for (int s = 0; s < steps; s += 2) {
-        step(s, even, odd);
-        if (s + 1 < steps) step(s + 1, odd, even);
     }
-
-    store_rows(acc, P, g, row_dst, row_tok, wm * 64, n0 + wn * 64, lane);
 }
 
 // ------------------------------------------------------------------ backward: dweight partials
 
-// BN: channels per block, 128 (CHW kernels: 8 warps of 64 channels x 32 of K, two blocks an SM) or
-// 256 (the HWC kernel: 8 warps of 64 x 64, one block an SM, half the pixel work per MMA). Shared
-// memory (dynamic, bwd_weight_smem(BN) bytes): two stages of g_tile [32][BN + 8] (d_out rows,
-// [patch row][channel]) and p_tile [32][kBwdLd] (pixels, [patch row][k]).
-template <bool U8, bool HWC, int BN>
+template <bool U8, bool HWC>
 __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
-    static_assert(BN == 128 || BN == 256, "128 or 256 channels a block");
-    constexpr int kWarpsN = BN / 64;            // warps along the channels, 64 each
-    constexpr int kWarpsK = 8 / kWarpsN;        // warps along K
-    constexpr int kWarpK = kBwdK / kWarpsK;     // K columns per warp: 32 or 64
-    constexpr int kNI = kWarpK / 8;             // 8-column n-tiles per warp
-    extern __shared__ __align__(16) unsigned char bwd_smem[];
-    auto g_tile = reinterpret_cast<__nv_bfloat16 (*)[kBwdC][BN + 8]>(bwd_smem);
-    auto p_tile = reinterpret_cast<__nv_bfloat16 (*)[kBwdC][kBwdLd]>(bwd_smem + 2 * kBwdC * (BN + 8) * 2);
+    __shared__ __align__(16) __nv_bfloat16 g_tile[2][kBwdC][kBwdLd];  // [patch row][channel]
+    __shared__ __align__(16) __nv_bfloat16 p_tile[2][kBwdC][kBwdLd];  // [patch row][k]
 
     const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
     const Pixels<U8> px = make_pixels<U8>(P);
@@ -732,26 +622,26 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int wn = warp / kWarpsK;  // 64 channels each
-    const int wk = warp % kWarpsK;  // kWarpK of K each
+    const int wn = warp >> 2;  // 64 channels each
+    const int wk = warp & 3;   // 32 of K each
     const int k0 = blockIdx.x * kBwdK;
-    const int n0 = blockIdx.y * BN;
+    const int n0 = blockIdx.y * kBwdN;
     const int split = blockIdx.z;
     const int m_begin = split * P.split_rows;
     const int m_end = min(g.M, m_begin + P.split_rows);
     const int steps = m_end > m_begin ? (m_end - m_begin + kBwdC - 1) / kBwdC : 0;
 
     // This thread stages rows (tid/16) and (tid/16 + 16) of each step: 8 channels of d_out at
-    // n0 + 8*(tid%16) (and + 128 when BN = 256), and 8 pixels at k0 + 8*(tid%16).
+    // n0 + 8*(tid%16), and 8 pixels at k0 + 8*(tid%16).
     const int col8 = (tid & 15) * 8;
     const int n_col = n0 + col8;
     const int k_col = k0 + col8;
 
-    float acc[4][kNI][4];
+    float acc[4][4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < kNI; ++j)
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
 
@@ -779,7 +669,7 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
                 if (m < m_end) info_next[i] = __ldg(reinterpret_cast<const int2*>(P.row_info) + m);
             } else {
                 rank_next[i] = -1;
-                if (m < m_end) {
+                if (m < m_end && n_col < g.D) {
                     const int b = m / g.np;
                     rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
                 }
@@ -795,23 +685,19 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
             const int row = (tid >> 4) + 16 * i;
             const int m = m_begin + s * kBwdC + row;
             const bool in = m < m_end;
-            // d_out row of patch m, gathered by rank: BN / 128 chunks of 8 channels, 128 apart.
+            // d_out row of patch m, gathered by rank.
             const __nv_bfloat16* src = d_out;
             bool ok;
             if constexpr (HWC) {
                 const int2 info = info_next[i];
-                ok = info.x >= 0;
+                ok = info.x >= 0 && n_col < g.D;
                 if (ok) src = d_out + static_cast<int64_t>(info.x) * g.D + n_col;
             } else {
                 const int r = rank_next[i];
                 ok = r >= 1 && r < g.n_tokens;
                 if (ok) src = d_out + (static_cast<int64_t>(m / g.np) * g.rows + r) * g.D + n_col;
             }
-#pragma unroll
-            for (int c = 0; c < BN / 128; ++c) {
-                const bool chunk_ok = ok && n_col + 128 * c < g.D;
-                cp_async16(&g_tile[buf][row][col8 + 128 * c], chunk_ok ? src + 128 * c : d_out, chunk_ok);
-            }
+            cp_async16(&g_tile[buf][row][col8], src, ok);
             if constexpr (HWC) {
                 hraw[i] = px.load_hwc(info_next[i].y, col.off, col_ok);
                 hrow[i] = info_next[i].y >= 0;
@@ -849,18 +735,18 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
         if (more) stage(s + 1, buf ^ 1);
 #pragma unroll
         for (int kk = 0; kk < kBwdC; kk += 16) {
-            uint32_t bfrag[kNI / 2][4];
+            uint32_t bfrag[2][4];
 #pragma unroll
-            for (int nj = 0; nj < kNI / 2; ++nj)
+            for (int nj = 0; nj < 2; ++nj)
                 ldmatrix_x4_trans(bfrag[nj], &p_tile[buf][kk + (lane & 7) + ((lane >> 3) & 1) * 8]
-                                                    [wk * kWarpK + nj * 16 + (lane >> 4) * 8]);
+                                                    [wk * 32 + nj * 16 + (lane >> 4) * 8]);
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi) {
                 uint32_t afrag[4];
                 ldmatrix_x4_trans(afrag, &g_tile[buf][kk + (lane & 7) + (lane >> 4) * 8]
                                                [wn * 64 + mi * 16 + ((lane >> 3) & 1) * 8]);
 #pragma unroll
-                for (int ni = 0; ni < kNI; ++ni)
+                for (int ni = 0; ni < 4; ++ni)
                     mma_bf16(acc[mi][ni], afrag, bfrag[ni >> 1][(ni & 1) * 2], bfrag[ni >> 1][(ni & 1) * 2 + 1]);
             }
         }
@@ -874,12 +760,12 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < kNI; ++ni)
+        for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int n = n0 + wn * 64 + mi * 16 + gq + 8 * (r >> 1);
                 // Column k of the contraction order (k' for the HWC kernel: the reduction maps it).
-                const int k = k0 + wk * kWarpK + ni * 8 + 2 * q + (r & 1);
+                const int k = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
                 if (n < g.D && k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
             }
 }
@@ -890,18 +776,17 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 
 // Content rows of the patch tokens. Grid (ceil(D/128), ceil(B*(N-1)/128)), 256 threads.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8(const MapetPatchEmbedFwd p) {
-    forward_patches<true>(p);
+    forward_patches<true, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_f32(const MapetPatchEmbedFwd p) {
-    forward_patches<false>(p);
+    forward_patches<false, false>(p);
 }
 
 // As mapet_patch_embed_fwd_u8 in HWC contraction order (p % 8 == 0); reads weight_hwc, written
-// first by mapet_patch_embed_weight_hwc. Grid (ceil(D/256), ceil(B*(N-1)/128)), 256 threads,
-// kHwcSmem (61,440) bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(kThreads, 1) mapet_patch_embed_fwd_u8_hwc(const MapetPatchEmbedFwd p) {
-    forward_hwc(p);
+// first by mapet_patch_embed_weight_hwc.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8_hwc(const MapetPatchEmbedFwd p) {
+    forward_patches<true, true>(p);
 }
 
 // weight_hwc[d][k'] = weight[d][k] for k' = 3*(ky*p + kx) + c and k = c*p*p + ky*p + kx: the bf16
@@ -955,23 +840,21 @@ extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p
     }
 }
 
-// dweight partials. Grid (ceil(K/128), ceil(D/128), splits), 256 threads, bwd_weight_smem(128) =
-// 34,816 bytes of dynamic shared memory.
+// dweight partials. Grid (ceil(K/128), ceil(D/128), splits), 256 threads.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_u8(const MapetPatchEmbedBwd p) {
-    backward_weight<true, false, kBwdN>(p);
+    backward_weight<true, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_f32(const MapetPatchEmbedBwd p) {
-    backward_weight<false, false, kBwdN>(p);
+    backward_weight<false, false>(p);
 }
 
 // As mapet_patch_embed_bwd_weight_u8 in HWC contraction order (p % 8 == 0); the partials are in
 // k' order, summed and put back in the weight's [D, 3, p, p] order by
-// mapet_patch_embed_bwd_weight_reduce_hwc. 256 channels a block: grid (ceil(K/128),
-// ceil(D/256), splits), bwd_weight_smem(256) = 51,200 bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(kThreads, 1)
+// mapet_patch_embed_bwd_weight_reduce_hwc.
+extern "C" __global__ void __launch_bounds__(kThreads, 2)
     mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
-    backward_weight<true, true, kHwcN>(p);
+    backward_weight<true, true>(p);
 }
 
 // The table mapet_patch_embed_bwd_weight_u8_hwc reads for each patch row m = b*G*G + py*G + px

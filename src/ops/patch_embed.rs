@@ -38,16 +38,7 @@ const MODULE: &str = "patch_embed";
 const GEMM_THREADS: u32 = 256;
 const FWD_TILE_M: usize = 128;
 const FWD_TILE_N: usize = 128;
-/// Channels per block of the HWC forward kernel (`kHwcN`), and its dynamic shared memory
-/// (`kHwcSmem`: two stages of a 128 x 40 and a 256 x 40 bf16 tile).
-const FWD_HWC_TILE_N: usize = 256;
-const FWD_HWC_SMEM: u32 = 61_440;
 const BWD_TILE: usize = 128;
-/// Channels per block of the HWC weight-gradient kernel (one block an SM), and the dynamic shared
-/// memory of the weight-gradient kernels (`bwd_weight_smem` in cuda/patch_embed.cu).
-const BWD_HWC_TILE_N: usize = 256;
-const BWD_SMEM: u32 = 34_816;
-const BWD_HWC_SMEM: u32 = 51_200;
 const BWD_STEP: usize = 32;
 /// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
 const TOKEN_GROUPS: u64 = 32;
@@ -626,22 +617,18 @@ fn cuda_forward(
         unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg((blocks, 1, 1), 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
-    let (tile_n, smem) = if hwc_order { (FWD_HWC_TILE_N, FWD_HWC_SMEM) } else { (FWD_TILE_N, 0) };
     let gemm_grid = (
-        blocks_for("patch embedding channels", shape.dim as u64, tile_n as u64)?,
+        blocks_for("patch embedding channels", shape.dim as u64, FWD_TILE_N as u64)?,
         blocks_for("patch embedding rows", m, FWD_TILE_M as u64)?,
         1,
     );
-    let mut gemm_cfg = launch_cfg(gemm_grid, GEMM_THREADS);
-    gemm_cfg.shared_mem_bytes = smem;
     let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
     // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
     // weight, bias, pos_embed and out were checked above against the shape in `params`, and the
-    // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length and takes its
-    // FWD_HWC_SMEM bytes of dynamic shared memory (opted into by launch); patch rows whose
+    // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows whose
     // rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds. D % 8 == 0 and
     // 16-byte aligned pointers (checked above) keep the vector accesses aligned.
-    unsafe { gpu.launch(MODULE, kernel, gemm_cfg, &params)? };
+    unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
     // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
     // block per token, and ranks outside [C, N) write no mask row.
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
@@ -689,15 +676,13 @@ pub fn cuda_forward_f32(
 }
 
 /// How the weight gradient's contraction over the B·(N-1) patch rows is split: (splits, rows per
-/// split). About as many blocks as fit the SMs at once (two an SM for the CHW kernels' 128-channel
-/// tiles, one for the HWC kernel's 256), each split a multiple of the 32-row step and at least 8
-/// steps long.
-pub fn weight_grad_splits(shape: &PatchEmbedShape, sm_count: u32, hwc: bool) -> (usize, usize) {
+/// split). About two blocks per SM in all, each split a multiple of the 32-row step and at least
+/// 8 steps long.
+pub fn weight_grad_splits(shape: &PatchEmbedShape, sm_count: u32) -> (usize, usize) {
     let m = shape.batch * shape.n_patches();
-    let (tile_n, per_sm) = if hwc { (BWD_HWC_TILE_N, 1) } else { (BWD_TILE, 2) };
-    let tiles = shape.dim.div_ceil(tile_n) * shape.patch_len().div_ceil(BWD_TILE);
+    let tiles = shape.dim.div_ceil(BWD_TILE) * shape.patch_len().div_ceil(BWD_TILE);
     let max_splits = m.div_ceil(8 * BWD_STEP).max(1);
-    let want = (per_sm * sm_count as usize / tiles).clamp(1, max_splits);
+    let want = (2 * sm_count as usize / tiles).clamp(1, max_splits);
     let split_rows = m.div_ceil(want).div_ceil(BWD_STEP) * BWD_STEP;
     (m.div_ceil(split_rows), split_rows)
 }
@@ -739,7 +724,7 @@ pub fn cuda_backward(
     )?;
     check_aligned("pixels", pixel_ptr, 16)?;
     check_aligned("d_out", d_out.ptr(), 16)?;
-    let (splits, split_rows) = weight_grad_splits(shape, gpu.sm_count(), hwc_order);
+    let (splits, split_rows) = weight_grad_splits(shape, gpu.sm_count());
     let partial_len = splits * shape.weight_len();
     if partial_len > i64::MAX as usize / 4 || split_rows > i32::MAX as usize {
         return Err(Error::Unsupported { what: "patch embedding size", detail: format!("{splits} splits") });
@@ -773,15 +758,9 @@ pub fn cuda_backward(
     };
     let weight_grid = (
         blocks_for("patch embedding K", shape.patch_len() as u64, BWD_TILE as u64)?,
-        blocks_for(
-            "patch embedding channels",
-            shape.dim as u64,
-            if hwc_order { BWD_HWC_TILE_N } else { BWD_TILE } as u64,
-        )?,
+        blocks_for("patch embedding channels", shape.dim as u64, BWD_TILE as u64)?,
         splits as u32,
     );
-    let mut weight_cfg = launch_cfg(weight_grid, GEMM_THREADS);
-    weight_cfg.shared_mem_bytes = if hwc_order { BWD_HWC_SMEM } else { BWD_SMEM };
     let reduce_blocks = blocks_for("patch embedding weight", shape.weight_len() as u64, 256)?.min(4096);
     let token_grid =
         (blocks_for("patch embedding channels", (shape.dim / 8) as u64, TOKEN_GROUPS)?, shape.n_tokens() as u32, 1);
@@ -795,9 +774,8 @@ pub fn cuda_backward(
     // SAFETY: validate_cuda bounds every index the kernel forms; pixels, ranks and d_out were
     // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
     // has `splits` layers; rows whose rank is outside [1, N) are read as zeros. The HWC kernel
-    // reads row_info, written just before on the same stream. The shared memory is what the
-    // kernel's tile takes (opted into by launch above 48 KiB).
-    unsafe { gpu.launch(MODULE, kernel, weight_cfg, &params)? };
+    // reads row_info, written just before on the same stream.
+    unsafe { gpu.launch(MODULE, kernel, launch_cfg(weight_grid, GEMM_THREADS), &params)? };
     // SAFETY: reads splits·D·K floats of `partial` and adds to dweight (D·K, checked above; the
     // HWC variant writes each of the D·K elements once, at a permuted index).
     unsafe { gpu.launch(MODULE, reduce, launch_cfg((reduce_blocks, 1, 1), 256), &params)? };
