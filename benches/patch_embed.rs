@@ -118,19 +118,25 @@ fn bench_gpu(c: &mut Criterion) {
         forward(g, s, x, e)?;
         backward(g, s, x, e)
     };
-    let (chw, hwc) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc));
-    let cases: [(&str, Step, Entry, f64); 8] = [
+    let (chw, hwc, wgmma) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc), Some(PixelOrder::HwcWgmma));
+    let cases: [(&str, Step, Entry, f64); 10] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),
+        ("forward u8 hwc-wgmma", forward, wgmma, flops),
         ("forward f32", forward, None, flops),
         ("backward u8 chw", backward, chw, flops),
         ("backward u8 hwc", backward, hwc, flops),
         ("forward+backward u8 chw", fwd_bwd, chw, 2.0 * flops),
         ("forward+backward u8 hwc", fwd_bwd, hwc, 2.0 * flops),
+        ("forward+backward u8 hwc-wgmma", fwd_bwd, wgmma, 2.0 * flops),
         ("forward+backward f32", fwd_bwd, None, 2.0 * flops),
     ];
     let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");
     for (name, step, entry, work) in cases {
+        if entry.is_some_and(|order| !order.supported_on(&gpu)) {
+            println!("RESULT patch_embed {name}: skipped, {} is not a compute capability 9.0 device", gpu.name());
+            continue;
+        }
         // Ten calls between each pair of events, as a training step queues them: timing single
         // calls would add the host's launch latency to every sample.
         let times = gpu.time_ms(3, 30, || (0..INNER).try_for_each(|_| step(&gpu, &s, &mut x, entry))).expect("timing");

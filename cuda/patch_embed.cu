@@ -608,6 +608,221 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
     }
 }
 
+// ------------------------------------------------------------------ forward on Hopper's wgmma (sm_90a)
+//
+// The HWC forward again, with the MMAs issued as wgmma by two warpgroups of 4 warps (rows 0-63 and
+// 64-127 of the tile, all 128 channels each: m64n128k16, both operands from shared memory). A
+// wgmma runs asynchronously: the warps build the next step's A tile from the pixels while the
+// tensor cores multiply the current one, where the mma.sync kernel's warps wait on every MMA's
+// result. The tile, the pixel path and the epilogue's arithmetic are those of
+// mapet_patch_embed_fwd_u8_hwc, so both give the same f32 sums up to the order in which the
+// tensor cores add the products of a 16-deep step. EXPERIMENTAL: selected by
+// MAPET_PATCH_EMBED_ORDER=hwc-wgmma on a compute capability 9.0 device only.
+//
+// Shared memory in the no-swizzle canonical layout of wgmma: "core matrices" of 8 rows x 16 bytes
+// (8 bf16 of K), each 128 contiguous bytes. A tile [128 rows][32 k'] and weight tile
+// [128 channels][32 k'] alike: element (r, k) at (k / 8) * 2048 + (r / 8) * 128 + (r % 8) * 16 +
+// (k % 8) * 2 bytes. So the descriptor's leading-dimension byte offset (between core matrices
+// adjacent in K) is 2048 and its stride-dimension byte offset (between core matrices adjacent in
+// M or N) is 128; a 16-deep step advances the start address by 2 * 2048, warpgroup 1's rows by
+// 8 * 128. Both operands are K-major (the weight as [n][k], k contiguous): no transposes.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kWgCoreK = 2048;   // bytes between core matrices adjacent in K (LBO)
+constexpr int kWgCoreMN = 128;   // bytes between core matrices adjacent in M / N (SBO)
+constexpr int kWgTile = 8192;    // one 128 x 32 bf16 tile
+
+// Where (row r, 8-group kg of K) starts in a tile: the 16 bytes of one core-matrix row.
+__device__ __forceinline__ int wg_off(int r, int kg) { return kg * kWgCoreK + (r >> 3) * kWgCoreMN + (r & 7) * 16; }
+
+// A shared-memory matrix descriptor, no swizzle: start address, LBO and SBO in 16-byte units.
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
+    return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(kWgCoreK >> 4) << 16) |
+           (static_cast<uint64_t>(kWgCoreMN >> 4) << 32);
+}
+
+// d (64 f32 a thread) += A (64 x 16, descriptor a) x B (16 x 128, descriptor b), asynchronously.
+// Lane (g, t) of warp w of the warpgroup holds, for n-chunk j: d[4j], d[4j+1] = rows 16w + g,
+// columns 8j + 2t, +1; d[4j+2], d[4j+3] = row 16w + g + 8, the same columns.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to the tensor
+// cores' reads (the async proxy); a barrier after it publishes them to the other threads' wgmma.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
+    __shared__ __align__(128) unsigned char tiles[2][2][kWgTile];  // [stage][A, W]
+    __shared__ int row_dst[kFwdM];
+    __shared__ int row_tok[kFwdM];
+
+    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
+    const Pixels<true> px = make_pixels<true>(P);
+    const __nv_bfloat16* weight = static_cast<const __nv_bfloat16*>(P.weight_hwc);
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wg = warp >> 2;  // warpgroup: rows 64 wg .. 64 wg + 63
+    const int n0 = blockIdx.x * kFwdN;
+    const int m0 = blockIdx.y * kFwdM;
+
+    if (tid < kFwdM) {
+        const int m = m0 + tid;
+        int dst = -1, tok = 0;
+        if (m < g.M) {
+            const int b = m / g.np;
+            tok = m - b * g.np + 1;
+            const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok);
+            if (r >= 1 && r < g.n_tokens) dst = b * g.rows + r;
+        }
+        row_dst[tid] = dst;
+        row_tok[tid] = tok;
+    }
+
+    // This thread fills, in both tiles, rows (tid % 8) + 8 (tid / 32) and that + 64, 8-group
+    // kg = (tid / 8) % 4 of K: the 8 threads of a quarter warp write one whole core matrix (128
+    // contiguous bytes, no bank conflict).
+    const int kg = (tid >> 3) & 3;
+    const int r_lo = (tid & 7) + 8 * warp;
+    int base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int m = m0 + r_lo + 64 * i;
+        base[i] = m < g.M ? px.patch_base(m, g.G, g.np) : -1;
+    }
+    const uint32_t tiles_s = smem_addr(tiles);
+    auto a_tile = [&](int st) { return tiles_s + static_cast<uint32_t>(st * 2 * kWgTile); };
+    auto w_tile = [&](int st) { return tiles_s + static_cast<uint32_t>((st * 2 + 1) * kWgTile); };
+    auto load_w = [&](int st, int k0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int n = n0 + r_lo + 64 * i;
+            const int k = k0 + kg * 8;
+            const bool ok = n < g.D && k < g.K;
+            const uint32_t dst = w_tile(st) + wg_off(r_lo + 64 * i, kg);
+            const __nv_bfloat16* src = ok ? weight + static_cast<int64_t>(n) * g.K + k : weight;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
+                         : "memory");
+        }
+    };
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    const int steps = (g.K + kFwdK - 1) / kFwdK;
+
+    struct Slot {
+        uint2 w[2];
+        bool ok;
+    };
+    HwcCursor cur(kg * 8, g.p, g.S);
+    auto fetch = [&](Slot& slot) {
+        slot.ok = cur.k < g.K;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) slot.w[i] = px.load_hwc(base[i], cur.off, slot.ok);
+        cur.advance(kFwdK);
+    };
+    // As in the mma.sync kernel: the first channel of step s's group is (8 kg + 32 s) % 3.
+    int c_store = (kg * 8) % 3;
+    auto store = [&](const Slot& slot, int st) {
+        const Norm3 nrm = px.norm3(c_store);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const uint4 v = px.finish_hwc(slot.w[i], nrm, slot.ok && base[i] >= 0);
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a_tile(st) + wg_off(r_lo + 64 * i, kg)),
+                         "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                         : "memory");
+        }
+        c_store += kFwdK % 3;
+        if (c_store >= 3) c_store -= 3;
+    };
+    // This warpgroup's A rows and the whole weight tile, step kk (16 of K) of stage st.
+    auto mma = [&](int st) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+            const uint64_t a = wg_desc(a_tile(st) + wg * 8 * kWgCoreMN + kk * 2 * kWgCoreK);
+            const uint64_t b = wg_desc(w_tile(st) + kk * 2 * kWgCoreK);
+            wgmma_m64n128k16(acc, a, b);
+        }
+        wgmma_commit();
+    };
+
+    Slot even, odd;
+    fetch(even);
+    load_w(0, 0);
+    fetch(odd);
+    store(even, 0);
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+    // Step s: start the MMAs of stage s, then (while they run) fetch step s + 2's pixels and fill
+    // stage s + 1 (last read by step s - 1's MMAs, which have completed), then wait for this
+    // step's MMAs before the barrier after which stage s may be overwritten.
+    auto step = [&](int s, Slot& refill, const Slot& next) {
+        const int st = s & 1;
+        const bool more = s + 1 < steps;
+        mma(st);
+        if (more) load_w(st ^ 1, (s + 1) * kFwdK);
+        fetch(refill);
+        if (more) {
+            store(next, st ^ 1);
+            cp_async_wait_all();
+            fence_proxy_async();
+        }
+        wgmma_wait_all();
+        __syncthreads();
+    };
+    for (int s = 0; s < steps; s += 2) {
+        step(s, even, odd);
+        if (s + 1 < steps) step(s + 1, odd, even);
+    }
+
+    // Epilogue: lane (g, t) of warp w holds rows 64 wg + 16 (w % 4) + g (+ 8), columns 8j + 2t.
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(P.out);
+    const int gq = lane >> 2;
+    const int q = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = wg * 64 + (warp & 3) * 16 + gq + 8 * h;
+        const int dst = row_dst[row];
+        if (dst < 0) continue;
+        const float* pos = P.pos_embed + static_cast<int64_t>(row_tok[row]) * g.D;
+        __nv_bfloat16* o = out + static_cast<int64_t>(dst) * g.D;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int col = n0 + j * 8 + 2 * q;
+            if (col < g.D) {
+                const float2 bb = __ldg(reinterpret_cast<const float2*>(P.bias + col));
+                const float2 pe = __ldg(reinterpret_cast<const float2*>(pos + col));
+                const float v0 = acc[4 * j + 2 * h] + bb.x + pe.x;
+                const float v1 = acc[4 * j + 2 * h + 1] + bb.y + pe.y;
+                *reinterpret_cast<__nv_bfloat162*>(o + col) = __floats2bfloat162_rn(v0, v1);
+            }
+        }
+    }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 // ------------------------------------------------------------------ backward: dweight partials
 
 template <bool U8, bool HWC>
@@ -787,6 +1002,17 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
 // first by mapet_patch_embed_weight_hwc.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8_hwc(const MapetPatchEmbedFwd p) {
     forward_patches<true, true>(p);
+}
+
+// As mapet_patch_embed_fwd_u8_hwc with the MMAs on wgmma (see "forward on Hopper's wgmma");
+// sm_90a only: elsewhere the kernel traps, and the launcher never picks it off a compute
+// capability 9.0 device. Grid (ceil(D/128), ceil(B*(N-1)/128)), 256 threads.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8_hwc_wgmma(const MapetPatchEmbedFwd p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    forward_hwc_wgmma(p);
+#else
+    __trap();
+#endif
 }
 
 // weight_hwc[d][k'] = weight[d][k] for k' = 3*(ky*p + kx) + c and k = c*p*p + ky*p + kx: the bf16

@@ -555,7 +555,7 @@ fn upload(gpu: &Gpu, c: &Case) -> DeviceCase {
     }
 }
 
-/// A GPU entry point: f32 CHW pixels, or uint8 HWC pixels contracted in one of the two orders.
+/// A GPU entry point: f32 CHW pixels, or uint8 HWC pixels contracted in one of the orders.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Entry {
     F32,
@@ -563,7 +563,21 @@ enum Entry {
 }
 
 impl Entry {
-    const ALL: [Entry; 3] = [Entry::F32, Entry::U8(PixelOrder::Chw), Entry::U8(PixelOrder::Hwc)];
+    const ALL: [Entry; 4] =
+        [Entry::F32, Entry::U8(PixelOrder::Chw), Entry::U8(PixelOrder::Hwc), Entry::U8(PixelOrder::HwcWgmma)];
+
+    /// Whether `gpu` runs this entry (the wgmma forward needs compute capability 9.0); says so
+    /// when it does not.
+    fn runs_on(self, gpu: &Gpu) -> bool {
+        let ok = match self {
+            Entry::F32 => true,
+            Entry::U8(order) => order.supported_on(gpu),
+        };
+        if !ok {
+            eprintln!("skipping the {} entry: {} is not a compute capability 9.0 device", self.name(), gpu.name());
+        }
+        ok
+    }
 
     fn name(self) -> String {
         match self {
@@ -618,7 +632,7 @@ fn check_against_cpu(gpu: &Gpu, rng: &mut impl Rng, s: PatchEmbedShape) {
     let init = Grads32::random(rng, &s, 0.5);
     let mut weight_bf16 = case.weight.clone();
     round_bf16(&mut weight_bf16);
-    for entry in Entry::ALL {
+    for entry in Entry::ALL.into_iter().filter(|e| e.runs_on(gpu)) {
         let u8_pixels = entry != Entry::F32;
         let what = entry.name();
         eprintln!("{s:?}, {what} pixels");
@@ -737,6 +751,30 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
     assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
 }
 
+/// The wgmma forward is refused, with an error that names the order and the device, where it
+/// cannot run; where it can, it must agree with the mma.sync HWC forward to the last bf16 bit but
+/// for the order of a 16-deep step's additions (checked against the CPU by the tests above).
+#[test]
+fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
+    let Some(gpu) = gpu_or_skip("hwc_wgmma_runs_only_on_compute_capability_9_0") else { return };
+    let mut rng = rng("hwc_wgmma_runs_only_on_compute_capability_9_0");
+    let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
+    let case = make_case(&mut rng, s);
+    let dc = upload(&gpu, &case);
+    let wgmma = Entry::U8(PixelOrder::HwcWgmma);
+    if gpu.compute_capability() == (9, 0) {
+        assert!(PixelOrder::HwcWgmma.supported_on(&gpu));
+        let out = gpu_forward(&gpu, &case, &dc, wgmma).unwrap();
+        mapet::testing::assert_all_written("wgmma forward", &out);
+    } else {
+        assert!(!PixelOrder::HwcWgmma.supported_on(&gpu));
+        let e = gpu_forward(&gpu, &case, &dc, wgmma).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
+        assert!(msg.contains("hwc-wgmma") && msg.contains("9.0"), "{msg}");
+    }
+}
+
 #[test]
 fn gpu_is_deterministic() {
     let Some(gpu) = gpu_or_skip("gpu_is_deterministic") else { return };
@@ -746,7 +784,7 @@ fn gpu_is_deterministic() {
         let dc = upload(&gpu, &case);
         let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
         let init = Grads32::random(&mut rng, &s, 0.1);
-        for entry in Entry::ALL {
+        for entry in Entry::ALL.into_iter().filter(|e| e.runs_on(&gpu)) {
             let f1 = gpu_forward(&gpu, &case, &dc, entry).unwrap();
             let f2 = gpu_forward(&gpu, &case, &dc, entry).unwrap();
             mapet::testing::assert_all_written("forward", &f1);

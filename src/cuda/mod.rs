@@ -61,6 +61,7 @@ pub struct Gpu {
     name: String,
     sm_count: u32,
     max_smem_optin: u32,
+    compute_capability: (u32, u32),
 }
 
 impl std::fmt::Debug for Gpu {
@@ -119,6 +120,10 @@ impl Gpu {
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let max_smem_optin =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
+        let compute_capability = (
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32,
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32,
+        );
         Ok(Gpu {
             ctx,
             stream,
@@ -128,6 +133,7 @@ impl Gpu {
             name,
             sm_count,
             max_smem_optin,
+            compute_capability,
         })
     }
 
@@ -144,6 +150,12 @@ impl Gpu {
     /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// The device's compute capability (major, minor): (9, 0) for an H100/H200, whose kernels are
+    /// the sm_90a cubins (wgmma allowed).
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.compute_capability
     }
 
     /// Largest dynamic shared memory one block may opt in to, in bytes.

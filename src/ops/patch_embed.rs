@@ -496,15 +496,26 @@ pub enum PixelOrder {
     /// take 0.51 ms against 0.68 ms in CHW order (BENCHMARKS.md).
     #[default]
     Hwc,
+    /// [`PixelOrder::Hwc`] with the forward's MMAs issued as Hopper's asynchronous wgmma
+    /// (`mapet_patch_embed_fwd_u8_hwc_wgmma`: the warps build the next A tile while the tensor
+    /// cores multiply the current one). Compute capability 9.0 only (H100/H200; elsewhere an
+    /// error says so); the backward is the HWC one. Experimental: compiles, not yet run on a GPU.
+    HwcWgmma,
 }
 
 impl PixelOrder {
-    /// Both orders, for tests and benches.
-    pub const ALL: [PixelOrder; 2] = [PixelOrder::Chw, PixelOrder::Hwc];
+    /// Every order, for tests and benches.
+    pub const ALL: [PixelOrder; 3] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma];
 
     /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
     fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
-        self == PixelOrder::Hwc && shape.patch.is_multiple_of(8)
+        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma) && shape.patch.is_multiple_of(8)
+    }
+
+    /// Whether this order can run on `gpu`: the wgmma forward needs compute capability 9.0 (its
+    /// sm_90a cubin; other devices would run the compute_80 PTX, whose copy of it traps).
+    pub fn supported_on(self, gpu: &Gpu) -> bool {
+        self != PixelOrder::HwcWgmma || gpu.compute_capability() == (9, 0)
     }
 }
 
@@ -518,6 +529,7 @@ impl KernelChoice for PixelOrder {
         match self {
             PixelOrder::Chw => "chw",
             PixelOrder::Hwc => "hwc",
+            PixelOrder::HwcWgmma => "hwc-wgmma",
         }
     }
 }
@@ -571,7 +583,23 @@ fn cuda_forward(
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let kernels = ["mapet_patch_embed_fwd_u8", "mapet_patch_embed_fwd_u8_hwc", "mapet_patch_embed_fwd_f32"];
+    let hwc_kernel = match order {
+        PixelOrder::HwcWgmma => {
+            if !order.supported_on(gpu) {
+                let (major, minor) = gpu.compute_capability();
+                return Err(Error::Unsupported {
+                    what: "pixel order",
+                    detail: format!(
+                        "`hwc-wgmma` needs a compute capability 9.0 device (H100/H200); {} is {major}.{minor}: use `hwc`",
+                        gpu.name()
+                    ),
+                });
+            }
+            "mapet_patch_embed_fwd_u8_hwc_wgmma"
+        }
+        _ => "mapet_patch_embed_fwd_u8_hwc",
+    };
+    let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
     check_forward_lens(shape, weight.len(), bias.len(), pos_embed.len(), cls_token.len(), mask_token.len(), out.len())?;
