@@ -663,6 +663,14 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
         : "l"(a), "l"(b));
 }
 
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's committed cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -671,7 +679,10 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
-    __shared__ __align__(128) unsigned char tiles[2][2][kWgTile];  // [stage][A, W]
+    // A tiles double-buffered (written by the warps a step ahead), weight tiles triple-buffered
+    // (cp.async two steps ahead, so that an L2 round trip has a whole step to land).
+    __shared__ __align__(128) unsigned char a_tiles[2][kWgTile];
+    __shared__ __align__(128) unsigned char w_tiles[3][kWgTile];
     __shared__ int row_dst[kFwdM];
     __shared__ int row_tok[kFwdM];
 
@@ -709,9 +720,9 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
         const int m = m0 + r_lo + 64 * i;
         base[i] = m < g.M ? px.patch_base(m, g.G, g.np) : -1;
     }
-    const uint32_t tiles_s = smem_addr(tiles);
-    auto a_tile = [&](int st) { return tiles_s + static_cast<uint32_t>(st * 2 * kWgTile); };
-    auto w_tile = [&](int st) { return tiles_s + static_cast<uint32_t>((st * 2 + 1) * kWgTile); };
+    const uint32_t a_s = smem_addr(a_tiles), w_s = smem_addr(w_tiles);
+    auto a_tile = [&](int st) { return a_s + static_cast<uint32_t>(st * kWgTile); };
+    auto w_tile = [&](int ws) { return w_s + static_cast<uint32_t>(ws * kWgTile); };
     auto load_w = [&](int st, int k0) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -755,40 +766,47 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
         c_store += kFwdK % 3;
         if (c_store >= 3) c_store -= 3;
     };
-    // This warpgroup's A rows and the whole weight tile, step kk (16 of K) of stage st.
-    auto mma = [&](int st) {
+    // This warpgroup's A rows of A stage st and the whole weight tile of W stage ws, both 16-deep
+    // halves (kk) of the step.
+    auto mma = [&](int st, int ws) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
             const uint64_t a = wg_desc(a_tile(st) + wg * 8 * kWgCoreMN + kk * 2 * kWgCoreK);
-            const uint64_t b = wg_desc(w_tile(st) + kk * 2 * kWgCoreK);
+            const uint64_t b = wg_desc(w_tile(ws) + kk * 2 * kWgCoreK);
             wgmma_m64n128k16(acc, a, b);
         }
         wgmma_commit();
     };
 
+    // One cp.async group per weight tile, committed even when empty, so that "all but the newest
+    // group have landed" always means "the next step's tile has landed".
     Slot even, odd;
     fetch(even);
     load_w(0, 0);
+    cp_async_commit();
+    if (steps > 1) load_w(1, kFwdK);
+    cp_async_commit();
     fetch(odd);
     store(even, 0);
-    cp_async_wait_all();
+    cp_async_wait_group<1>();
     fence_proxy_async();
     __syncthreads();
-    // Step s: start the MMAs of stage s, then (while they run) fetch step s + 2's pixels and fill
-    // stage s + 1 (last read by step s - 1's MMAs, which have completed), then wait for this
-    // step's MMAs before the barrier after which stage s may be overwritten.
+    // Step s: start the MMAs of step s (A stage s % 2, W stage s % 3); while they run, start
+    // step s + 2's weight tile (into W stage (s - 1) % 3, whose MMAs have completed), fetch step
+    // s + 2's pixels and fill A stage (s + 1) % 2 with step s + 1's; wait for step s + 1's weight
+    // tile and this step's MMAs, then the barrier after which their stages may be overwritten.
     auto step = [&](int s, Slot& refill, const Slot& next) {
         const int st = s & 1;
+        const int ws = s % 3;
         const bool more = s + 1 < steps;
-        mma(st);
-        if (more) load_w(st ^ 1, (s + 1) * kFwdK);
+        mma(st, ws);
+        if (s + 2 < steps) load_w(ws == 0 ? 2 : ws - 1, (s + 2) * kFwdK);
+        cp_async_commit();
         fetch(refill);
-        if (more) {
-            store(next, st ^ 1);
-            cp_async_wait_all();
-            fence_proxy_async();
-        }
+        if (more) store(next, st ^ 1);
+        cp_async_wait_group<1>();
+        fence_proxy_async();
         wgmma_wait_all();
         __syncthreads();
     };
