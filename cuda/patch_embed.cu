@@ -419,6 +419,32 @@ struct HwcCursor {
     }
 };
 
+// Where each of a forward tile's 128 patch rows m0.. goes: row_dst = b*R + rank of its token (-1
+// when none: a row past the end, or a rank outside [1, N)), row_tok = its token. Threads 0..127.
+__device__ __forceinline__ void find_rows(const MapetPatchEmbedFwd& P, const Geometry& g, int m0, int* row_dst,
+                                          int* row_tok) {
+    const int tid = threadIdx.x;
+    if (tid < kFwdM) {
+        const int m = m0 + tid;
+        int dst = -1, tok = 0;
+        if (m < g.M) {
+            const int b = m / g.np;
+            tok = m - b * g.np + 1;
+            const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok);
+            if (r >= 1 && r < g.n_tokens) dst = b * g.rows + r;
+        }
+        row_dst[tid] = dst;
+        row_tok[tid] = tok;
+    }
+}
+
+// The pixel bases of patch rows m and m + 64 (-1 past the end): the two rows a thread builds.
+template <bool U8>
+__device__ __forceinline__ void patch_bases(const Pixels<U8>& px, const Geometry& g, int m, int (&base)[2]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) base[i] = m + 64 * i < g.M ? px.patch_base(m + 64 * i, g.G, g.np) : -1;
+}
+
 template <bool U8, bool HWC>
 __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
     static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
@@ -439,26 +465,11 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
     const int n0 = blockIdx.x * kFwdN;
     const int m0 = blockIdx.y * kFwdM;
 
-    if (tid < kFwdM) {
-        const int m = m0 + tid;
-        int dst = -1, tok = 0;
-        if (m < g.M) {
-            const int b = m / g.np;
-            tok = m - b * g.np + 1;
-            const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok);
-            if (r >= 1 && r < g.n_tokens) dst = b * g.rows + r;
-        }
-        row_dst[tid] = dst;
-        row_tok[tid] = tok;
-    }
+    find_rows(P, g, m0, row_dst, row_tok);
 
     // This thread builds 8 consecutive k of rows (tid/4) and (tid/4 + 64) of every A tile.
     int base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int m = m0 + (tid >> 2) + 64 * i;
-        base[i] = m < g.M ? px.patch_base(m, g.G, g.np) : -1;
-    }
+    patch_bases(px, g, m0 + (tid >> 2), base);
     const int kgrp = (tid & 3) * 8;
 
     float acc[4][4][4];
@@ -696,18 +707,7 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
     const int n0 = blockIdx.x * kFwdN;
     const int m0 = blockIdx.y * kFwdM;
 
-    if (tid < kFwdM) {
-        const int m = m0 + tid;
-        int dst = -1, tok = 0;
-        if (m < g.M) {
-            const int b = m / g.np;
-            tok = m - b * g.np + 1;
-            const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok);
-            if (r >= 1 && r < g.n_tokens) dst = b * g.rows + r;
-        }
-        row_dst[tid] = dst;
-        row_tok[tid] = tok;
-    }
+    find_rows(P, g, m0, row_dst, row_tok);
 
     // This thread fills, in both tiles, rows (tid % 8) + 8 (tid / 32) and that + 64, 8-group
     // kg = (tid / 8) % 4 of K: the 8 threads of a quarter warp write one whole core matrix (128
@@ -715,11 +715,7 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
     const int kg = (tid >> 3) & 3;
     const int r_lo = (tid & 7) + 8 * warp;
     int base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int m = m0 + r_lo + 64 * i;
-        base[i] = m < g.M ? px.patch_base(m, g.G, g.np) : -1;
-    }
+    patch_bases(px, g, m0 + r_lo, base);
     const uint32_t a_s = smem_addr(a_tiles), w_s = smem_addr(w_tiles);
     auto a_tile = [&](int st) { return a_s + static_cast<uint32_t>(st * kWgTile); };
     auto w_tile = [&](int ws) { return w_s + static_cast<uint32_t>(ws * kWgTile); };
