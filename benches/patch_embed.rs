@@ -119,13 +119,14 @@ fn bench_gpu(c: &mut Criterion) {
         backward(g, s, x, e)
     };
     let (chw, hwc, wgmma) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc), Some(PixelOrder::HwcWgmma));
-    let cases: [(&str, Step, Entry, f64); 10] = [
+    let cases: [(&str, Step, Entry, f64); 11] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),
         ("forward u8 hwc-wgmma", forward, wgmma, flops),
         ("forward f32", forward, None, flops),
         ("backward u8 chw", backward, chw, flops),
         ("backward u8 hwc", backward, hwc, flops),
+        ("backward u8 hwc-wgmma", backward, wgmma, flops),
         ("forward+backward u8 chw", fwd_bwd, chw, 2.0 * flops),
         ("forward+backward u8 hwc", fwd_bwd, hwc, 2.0 * flops),
         ("forward+backward u8 hwc-wgmma", fwd_bwd, wgmma, 2.0 * flops),

@@ -654,6 +654,9 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
 // d (64 f32 a thread) += A (64 x 16, descriptor a) x B (16 x 128, descriptor b), asynchronously.
 // Lane (g, t) of warp w of the warpgroup holds, for n-chunk j: d[4j], d[4j+1] = rows 16w + g,
 // columns 8j + 2t, +1; d[4j+2], d[4j+3] = row 16w + g + 8, the same columns.
+// TransA / TransB: 0 for a K-major operand (K contiguous within a 16-byte core-matrix row), 1 for
+// an M/N-major one (M or N contiguous).
+template <int TransA = 0, int TransB = 0>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
@@ -662,7 +665,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        "%64, %65, p, 1, 1, %66, %67;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -671,7 +674,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(a), "l"(b));
+        : "l"(a), "l"(b), "n"(TransA), "n"(TransB));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -999,6 +1002,172 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
             }
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The HWC weight gradient on wgmma (sm_90a): the same partials as backward_weight<true, true>
+// (tile 128 channels x 128 of k', the contraction over the split's patch rows 32 a step), with
+// the MMAs issued by two warpgroups (channels 0-63 and 64-127 of the tile, all 128 k' each:
+// m64n128k16) from shared memory. Both operands are M/N-major: a step's tiles hold 32 contraction
+// rows, each a 16-byte chunk of 8 channels (d_out, gathered by cp.async) or of 8 k' (pixels,
+// normalised in registers), which is one row of a core matrix ("forward on Hopper's wgmma"): element
+// (row, x) at (row / 8) * 2048 + (x / 8) * 128 + (row % 8) * 16 + (x % 8) * 2 bytes, so LBO (K,
+// here the rows) = 2048 and SBO (M/N) = 128, as in the forward, with both transpose flags set.
+// d_out tiles are triple-buffered (cp.async two steps ahead: they come from DRAM), pixel tiles
+// double-buffered (loaded into registers two steps ahead, stored one step ahead); the row table
+// is read three steps ahead. EXPERIMENTAL: MAPET_PATCH_EMBED_ORDER=hwc-wgmma, compute capability
+// 9.0 only.
+__device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedBwd& P) {
+    __shared__ __align__(128) unsigned char g_tiles[3][kWgTile];  // d_out: [32 rows][128 channels]
+    __shared__ __align__(128) unsigned char p_tiles[2][kWgTile];  // pixels: [32 rows][128 k']
+
+    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
+    const Pixels<true> px = make_pixels<true>(P);
+    const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(P.d_out);
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wg = warp >> 2;  // warpgroup: channels 64 wg .. 64 wg + 63 of the tile
+    const int k0 = blockIdx.x * kBwdK;
+    const int n0 = blockIdx.y * kBwdN;
+    const int split = blockIdx.z;
+    const int m_begin = split * P.split_rows;
+    const int m_end = min(g.M, m_begin + P.split_rows);
+    const int steps = m_end > m_begin ? (m_end - m_begin + kBwdC - 1) / kBwdC : 0;
+
+    // This thread stages contraction row `row` of every step (the 32 lanes of a warp cover the
+    // 32 rows, so a quarter warp writes one whole core matrix) and 16-byte chunks `warp` and
+    // `warp + 8` of it: channels n0 + 8 warp (+ 64) of d_out, and k' = k0 + 8 warp (+ 64) of
+    // the pixels.
+    const int row = lane;
+    const uint32_t row_off = static_cast<uint32_t>((row >> 3) * kWgCoreK + (row & 7) * 16);
+    int n_col[2], k_col[2];
+    bool k_ok[2];
+    HwcCursor col[2] = {HwcCursor(k0 + 8 * warp, g.p, g.S), HwcCursor(k0 + 8 * warp + 64, g.p, g.S)};
+    Norm3 norm[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        n_col[c] = n0 + 8 * warp + 64 * c;
+        k_col[c] = k0 + 8 * warp + 64 * c;
+        k_ok[c] = k_col[c] < g.K;
+        norm[c] = px.norm3(col[c].c);
+    }
+    const uint32_t g_s = smem_addr(g_tiles), p_s = smem_addr(p_tiles);
+    // Shared address of this thread's chunk c (x = 8 warp + 64 c) in a tile.
+    auto chunk_off = [&](int c) { return row_off + static_cast<uint32_t>((warp + 8 * c) * kWgCoreMN); };
+
+    // Row table entry of this thread's row in step s ({-1, -1}: past the split).
+    auto info_of = [&](int s) {
+        const int m = m_begin + s * kBwdC + row;
+        return m < m_end && s < steps ? __ldg(reinterpret_cast<const int2*>(P.row_info) + m) : make_int2(-1, -1);
+    };
+    // d_out chunks of step s's row into d_out stage gs (zeros where there is no row or channel).
+    auto load_g = [&](int2 info, int gs) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const bool ok = info.x >= 0 && n_col[c] < g.D;
+            const __nv_bfloat16* src = ok ? d_out + static_cast<int64_t>(info.x) * g.D + n_col[c] : d_out;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(g_s + gs * kWgTile + chunk_off(c)),
+                         "l"(src), "r"(ok ? 16 : 0)
+                         : "memory");
+        }
+    };
+    struct Slot {
+        uint2 w[2];  // raw bytes of the two pixel chunks
+        bool row_ok;
+    };
+    auto fetch = [&](int2 info, Slot& slot) {
+        slot.row_ok = info.y >= 0;
+#pragma unroll
+        for (int c = 0; c < 2; ++c) slot.w[c] = px.load_hwc(info.y, col[c].off, k_ok[c]);
+    };
+    auto store = [&](const Slot& slot, int ps) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const uint4 v = px.finish_hwc(slot.w[c], norm[c], k_ok[c] && slot.row_ok);
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(p_s + ps * kWgTile + chunk_off(c)),
+                         "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                         : "memory");
+        }
+    };
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    // This warpgroup's 64 channels of d_out stage gs against all 128 k' of pixel stage ps, both
+    // 16-deep halves of the step's 32 rows.
+    auto mma = [&](int gs, int ps) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+            const uint64_t a = wg_desc(g_s + gs * kWgTile + wg * 8 * kWgCoreMN + kk * 2 * kWgCoreK);
+            const uint64_t b = wg_desc(p_s + ps * kWgTile + kk * 2 * kWgCoreK);
+            wgmma_m64n128k16<1, 1>(acc, a, b);
+        }
+        wgmma_commit();
+    };
+
+    if (steps > 0) {
+        Slot even, odd;  // pixels of steps 0, 2, 4, ... and 1, 3, 5, ...
+        const int2 info0 = info_of(0);
+        const int2 info1 = info_of(1);
+        int2 info_cur = info_of(2);   // the row of step s + 2, during step s
+        int2 info_next = info_of(3);  // and of step s + 3
+        load_g(info0, 0);
+        cp_async_commit();
+        load_g(info1, 1);
+        cp_async_commit();
+        fetch(info0, even);
+        fetch(info1, odd);
+        store(even, 0);
+        cp_async_wait_group<1>();
+        fence_proxy_async();
+        __syncthreads();
+        // Step s: start the MMAs of step s; while they run, start step s + 2's d_out chunks (into
+        // the d_out stage step s - 1 read) and pixel loads, read the table three steps ahead, and
+        // store step s + 1's pixels (into the pixel stage step s - 1 read); then wait for step s +
+        // 1's d_out and this step's MMAs, and the barrier after which their stages may be reused.
+        auto step = [&](int s, Slot& refill, const Slot& next) {
+            const int gs = s % 3;
+            mma(gs, s & 1);
+            if (s + 2 < steps) {
+                load_g(info_cur, gs == 0 ? 2 : gs - 1);
+                fetch(info_cur, refill);
+            }
+            cp_async_commit();
+            info_cur = info_next;
+            info_next = info_of(s + 4);
+            if (s + 1 < steps) store(next, (s + 1) & 1);
+            cp_async_wait_group<1>();
+            fence_proxy_async();
+            wgmma_wait_all();
+            __syncthreads();
+        };
+        for (int s = 0; s < steps; s += 2) {
+            step(s, even, odd);
+            if (s + 1 < steps) step(s + 1, odd, even);
+        }
+    }
+
+    // Lane (g, t) of warp w holds channels 64 wg + 16 (w % 4) + g (+ 8) of the tile and k' columns
+    // 8j + 2t, + 1 (the partials are in k' order; the reduction maps them back).
+    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
+    const int gq = lane >> 2;
+    const int q = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int n = n0 + wg * 64 + (warp & 3) * 16 + gq + 8 * h;
+        if (n >= g.D) continue;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int k = k0 + 8 * j + 2 * q + e;
+                if (k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[4 * j + 2 * h + e];
+            }
+        }
+    }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 }  // namespace
 
 // ------------------------------------------------------------------ kernels
@@ -1095,6 +1264,18 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_
 extern "C" __global__ void __launch_bounds__(kThreads, 2)
     mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
     backward_weight<true, true>(p);
+}
+
+// As mapet_patch_embed_bwd_weight_u8_hwc with the MMAs on wgmma (backward_weight_hwc_wgmma);
+// sm_90a only: elsewhere the kernel traps, and the launcher never picks it off a compute
+// capability 9.0 device. Same grid, block, table and reduction.
+extern "C" __global__ void __launch_bounds__(kThreads, 2)
+    mapet_patch_embed_bwd_weight_u8_hwc_wgmma(const MapetPatchEmbedBwd p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    backward_weight_hwc_wgmma(p);
+#else
+    __trap();
+#endif
 }
 
 // The table mapet_patch_embed_bwd_weight_u8_hwc reads for each patch row m = b*G*G + py*G + px

@@ -162,7 +162,8 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     attn-fwd-tiled:attention:mapet_attention_fwd:attention/vit-b/tiled \
     patch-fwd-hwc:patch_embed:mapet_patch_embed_fwd_u8_hwc:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
-    patch-fwd-hwc-wgmma:patch_embed:mapet_patch_embed_fwd_u8_hwc_wgmma:patch_embed_gpu}"
+    patch-fwd-hwc-wgmma:patch_embed:mapet_patch_embed_fwd_u8_hwc_wgmma:patch_embed_gpu \
+    patch-bwd-weight-hwc-wgmma:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_wgmma:patch_embed_gpu}"
   for spec in $specs; do
     IFS=: read -r name bench kernel filter <<<"$spec"
     log="$res/ncu-$name.log"

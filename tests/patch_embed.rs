@@ -751,9 +751,9 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
     assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
 }
 
-/// The wgmma forward is refused, with an error that names the order and the device, where it
-/// cannot run; where it can, it must agree with the mma.sync HWC forward to the last bf16 bit but
-/// for the order of a 16-deep step's additions (checked against the CPU by the tests above).
+/// The wgmma kernels are refused, with an error that names the order and the compute capability,
+/// where they cannot run; where they can, they write every output (their values are checked
+/// against the CPU by the tests above, which run the `hwc-wgmma` entry on such a device).
 #[test]
 fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
     let Some(gpu) = gpu_or_skip("hwc_wgmma_runs_only_on_compute_capability_9_0") else { return };
@@ -762,16 +762,35 @@ fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
     let case = make_case(&mut rng, s);
     let dc = upload(&gpu, &case);
     let wgmma = Entry::U8(PixelOrder::HwcWgmma);
+    let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
+    let init = Grads32::random(&mut rng, &s, 0.1);
     if gpu.compute_capability() == (9, 0) {
+        // Against the mma.sync HWC kernels: the same products, summed in another order within a
+        // 16-deep step, so at most about one bf16 rounding apart (forward) or a few f32 ulps of
+        // the sums (weight gradient); a wrong layout would be far off.
         assert!(PixelOrder::HwcWgmma.supported_on(&gpu));
+        let hwc = Entry::U8(PixelOrder::Hwc);
         let out = gpu_forward(&gpu, &case, &dc, wgmma).unwrap();
         mapet::testing::assert_all_written("wgmma forward", &out);
+        let reference = gpu_forward(&gpu, &case, &dc, hwc).unwrap();
+        for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-2 * b.abs().max(1.0), "forward element {i}: wgmma {a}, mma.sync {b}");
+        }
+        let grads = gpu_backward(&gpu, &case, &dc, wgmma, &d_out, &init).unwrap();
+        let reference = gpu_backward(&gpu, &case, &dc, hwc, &d_out, &init).unwrap();
+        let scale = reference.w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in grads.w.iter().zip(&reference.w).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * scale, "weight gradient element {i}: wgmma {a}, mma.sync {b}");
+        }
     } else {
         assert!(!PixelOrder::HwcWgmma.supported_on(&gpu));
-        let e = gpu_forward(&gpu, &case, &dc, wgmma).unwrap_err();
-        let msg = e.to_string();
-        assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
-        assert!(msg.contains("hwc-wgmma") && msg.contains("9.0"), "{msg}");
+        let forward = gpu_forward(&gpu, &case, &dc, wgmma).unwrap_err();
+        let backward = gpu_backward(&gpu, &case, &dc, wgmma, &d_out, &init).err().unwrap();
+        for e in [forward, backward] {
+            let msg = e.to_string();
+            assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
+            assert!(msg.contains("hwc-wgmma") && msg.contains("9.0"), "{msg}");
+        }
     }
 }
 

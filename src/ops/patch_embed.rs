@@ -496,10 +496,11 @@ pub enum PixelOrder {
     /// take 0.51 ms against 0.68 ms in CHW order (BENCHMARKS.md).
     #[default]
     Hwc,
-    /// [`PixelOrder::Hwc`] with the forward's MMAs issued as Hopper's asynchronous wgmma
-    /// (`mapet_patch_embed_fwd_u8_hwc_wgmma`: the warps build the next A tile while the tensor
-    /// cores multiply the current one). Compute capability 9.0 only (H100/H200; elsewhere an
-    /// error says so); the backward is the HWC one. Experimental: compiles, not yet run on a GPU.
+    /// [`PixelOrder::Hwc`] with the MMAs of the forward and of the weight gradient issued as
+    /// Hopper's asynchronous wgmma (`mapet_patch_embed_fwd_u8_hwc_wgmma`,
+    /// `mapet_patch_embed_bwd_weight_u8_hwc_wgmma`: the warps build the next tiles while the
+    /// tensor cores multiply the current ones). Compute capability 9.0 only (H100/H200; elsewhere
+    /// an error says so). Experimental: compiles, not yet run on a GPU.
     HwcWgmma,
 }
 
@@ -568,6 +569,25 @@ fn device_pixels(
     })
 }
 
+/// The HWC kernel `order` runs: `wgmma` for [`PixelOrder::HwcWgmma`], refused off a compute
+/// capability 9.0 device, else `mma_sync`.
+fn hwc_kernel(gpu: &Gpu, order: PixelOrder, mma_sync: &'static str, wgmma: &'static str) -> Result<&'static str> {
+    if order != PixelOrder::HwcWgmma {
+        return Ok(mma_sync);
+    }
+    if !order.supported_on(gpu) {
+        let (major, minor) = gpu.compute_capability();
+        return Err(Error::Unsupported {
+            what: "pixel order",
+            detail: format!(
+                "`hwc-wgmma` needs a compute capability 9.0 device (H100/H200); {} is {major}.{minor}: use `hwc`",
+                gpu.name()
+            ),
+        });
+    }
+    Ok(wgmma)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn cuda_forward(
     gpu: &Gpu,
@@ -583,22 +603,7 @@ fn cuda_forward(
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let hwc_kernel = match order {
-        PixelOrder::HwcWgmma => {
-            if !order.supported_on(gpu) {
-                let (major, minor) = gpu.compute_capability();
-                return Err(Error::Unsupported {
-                    what: "pixel order",
-                    detail: format!(
-                        "`hwc-wgmma` needs a compute capability 9.0 device (H100/H200); {} is {major}.{minor}: use `hwc`",
-                        gpu.name()
-                    ),
-                });
-            }
-            "mapet_patch_embed_fwd_u8_hwc_wgmma"
-        }
-        _ => "mapet_patch_embed_fwd_u8_hwc",
-    };
+    let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_fwd_u8_hwc", "mapet_patch_embed_fwd_u8_hwc_wgmma")?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
@@ -734,8 +739,9 @@ pub fn cuda_backward(
     dmask_token: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let kernels =
-        ["mapet_patch_embed_bwd_weight_u8", "mapet_patch_embed_bwd_weight_u8_hwc", "mapet_patch_embed_bwd_weight_f32"];
+    let hwc_kernel =
+        hwc_kernel(gpu, order, "mapet_patch_embed_bwd_weight_u8_hwc", "mapet_patch_embed_bwd_weight_u8_hwc_wgmma")?;
+    let kernels = ["mapet_patch_embed_bwd_weight_u8", hwc_kernel, "mapet_patch_embed_bwd_weight_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     // The HWC kernel's partials are in its contraction order; its reduction permutes them back.
     let reduce =
