@@ -1012,9 +1012,9 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 // (row, x) at (row / 8) * 2048 + (x / 8) * 128 + (row % 8) * 16 + (x % 8) * 2 bytes, so LBO (K,
 // here the rows) = 2048 and SBO (M/N) = 128, as in the forward, with both transpose flags set.
 // d_out tiles are triple-buffered (cp.async two steps ahead: they come from DRAM), pixel tiles
-// double-buffered (loaded into registers two steps ahead, stored one step ahead); the row table
-// is read three steps ahead. EXPERIMENTAL: MAPET_PATCH_EMBED_ORDER=hwc-wgmma, compute capability
-// 9.0 only.
+// double-buffered (loaded into registers two steps ahead, stored one step ahead); a step's row
+// table entries are read four steps before its MMAs, two before its loads are issued.
+// EXPERIMENTAL: MAPET_PATCH_EMBED_ORDER=hwc-wgmma, compute capability 9.0 only.
 __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedBwd& P) {
     __shared__ __align__(128) unsigned char g_tiles[3][kWgTile];  // d_out: [32 rows][128 channels]
     __shared__ __align__(128) unsigned char p_tiles[2][kWgTile];  // pixels: [32 rows][128 k']
@@ -1057,7 +1057,7 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
     // Row table entry of this thread's row in step s ({-1, -1}: past the split).
     auto info_of = [&](int s) {
         const int m = m_begin + s * kBwdC + row;
-        return m < m_end && s < steps ? __ldg(reinterpret_cast<const int2*>(P.row_info) + m) : make_int2(-1, -1);
+        return m < m_end ? __ldg(reinterpret_cast<const int2*>(P.row_info) + m) : make_int2(-1, -1);
     };
     // d_out chunks of step s's row into d_out stage gs (zeros where there is no row or channel).
     auto load_g = [&](int2 info, int gs) {
