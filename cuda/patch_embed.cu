@@ -692,6 +692,18 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 // cores' reads (the async proxy); a barrier after it publishes them to the other threads' wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// The end of a step of the wgmma kernels, whose cp.async tiles run two steps ahead (one commit per
+// step): wait until the next step's tile has landed (all but the newest group), make this thread's
+// shared-memory writes visible to the tensor cores, wait for this step's MMAs to finish reading
+// their stages, then the barrier after which the next step's MMAs may start and this step's
+// stages may be refilled.
+__device__ __forceinline__ void end_wgmma_step() {
+    cp_async_wait_group<1>();
+    fence_proxy_async();
+    wgmma_wait_all();
+    __syncthreads();
+}
+
 __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
     // A tiles double-buffered (written by the warps a step ahead), weight tiles triple-buffered
     // (cp.async two steps ahead, so that an L2 round trip has a whole step to land).
@@ -804,10 +816,7 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
         cp_async_commit();
         fetch(refill);
         if (more) store(next, st ^ 1);
-        cp_async_wait_group<1>();
-        fence_proxy_async();
-        wgmma_wait_all();
-        __syncthreads();
+        end_wgmma_step();
     };
     for (int s = 0; s < steps; s += 2) {
         step(s, even, odd);
@@ -1136,10 +1145,7 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
             info_cur = info_next;
             info_next = info_of(s + 4);
             if (s + 1 < steps) store(next, (s + 1) & 1);
-            cp_async_wait_group<1>();
-            fence_proxy_async();
-            wgmma_wait_all();
-            __syncthreads();
+            end_wgmma_step();
         };
         for (int s = 0; s < steps; s += 2) {
             step(s, even, odd);
