@@ -566,7 +566,7 @@ impl Entry {
     const ALL: [Entry; 4] =
         [Entry::F32, Entry::U8(PixelOrder::Chw), Entry::U8(PixelOrder::Hwc), Entry::U8(PixelOrder::HwcWgmma)];
 
-    /// Whether `gpu` runs this entry (the wgmma forward needs compute capability 9.0); says so
+    /// Whether `gpu` runs this entry (the wgmma kernels need compute capability 9.0); says so
     /// when it does not.
     fn runs_on(self, gpu: &Gpu) -> bool {
         let ok = match self {
@@ -752,8 +752,8 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
 }
 
 /// The wgmma kernels are refused, with an error that names the order and the compute capability,
-/// where they cannot run; where they can, they write every output (their values are checked
-/// against the CPU by the tests above, which run the `hwc-wgmma` entry on such a device).
+/// where they cannot run; where they can, they agree with the mma.sync HWC kernels (and the tests
+/// above check the `hwc-wgmma` entry against the CPU on such a device).
 #[test]
 fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
     let Some(gpu) = gpu_or_skip("hwc_wgmma_runs_only_on_compute_capability_9_0") else { return };
@@ -765,9 +765,13 @@ fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
     let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
     let init = Grads32::random(&mut rng, &s, 0.1);
     if gpu.compute_capability() == (9, 0) {
-        // Against the mma.sync HWC kernels: the same products, summed in another order within a
-        // 16-deep step, so at most about one bf16 rounding apart (forward) or a few f32 ulps of
-        // the sums (weight gradient); a wrong layout would be far off.
+        // Against the mma.sync HWC kernels: the same bf16 products, summed in another order within
+        // a 16-deep step. Forward: each output is rounded to bf16 once, so the two may land one
+        // bf16 ulp apart, at most 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32
+        // sums of 32 rows of products of magnitude up to about 1 here differ by a few f32 ulps,
+        // around 1e-6 of the largest element; 1e-4 of it leaves room for the tensor cores'
+        // internal order while a wrong layout, which moves elements by the order of the largest
+        // one, cannot pass.
         assert!(PixelOrder::HwcWgmma.supported_on(&gpu));
         let hwc = Entry::U8(PixelOrder::Hwc);
         let out = gpu_forward(&gpu, &case, &dc, wgmma).unwrap();

@@ -513,8 +513,8 @@ impl PixelOrder {
         matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma) && shape.patch.is_multiple_of(8)
     }
 
-    /// Whether this order can run on `gpu`: the wgmma forward needs compute capability 9.0 (its
-    /// sm_90a cubin; other devices would run the compute_80 PTX, whose copy of it traps).
+    /// Whether this order can run on `gpu`: the wgmma kernels need compute capability 9.0 (their
+    /// sm_90a cubins; other devices would run the compute_80 PTX, whose copies of them trap).
     pub fn supported_on(self, gpu: &Gpu) -> bool {
         self != PixelOrder::HwcWgmma || gpu.compute_capability() == (9, 0)
     }
