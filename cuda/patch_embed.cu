@@ -630,6 +630,15 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
 // tensor cores add the products of a 16-deep step. EXPERIMENTAL: selected by
 // MAPET_PATCH_EMBED_ORDER=hwc-wgmma on a compute capability 9.0 device only.
 //
+// Measured on an H200 (BENCHMARKS.md, sixth run): correct, but 0.191 ms against the mma.sync
+// kernel's 0.176 ms at ViT-B, with 41% of the warps' time stalled on global loads. A variant that
+// kept each 128-row panel of normalised pixels (all K, 192 KB) resident for every channel tile,
+// persistent with one block an SM, was slower still (0.226 ms): the 34 KB left beside the panel
+// holds only two 8 KB weight tiles in flight, too few for the L2's latency, with 2 warps a
+// scheduler to hide it. Both point at the weight stream: 128-row tiles read the whole weight
+// from L2 once per tile (231 MB at ViT-B), and covering that needs deeper asynchronous copies
+// (TMA into a swizzled ring) or blocks of a cluster sharing each weight tile.
+//
 // Shared memory in the no-swizzle canonical layout of wgmma: "core matrices" of 8 rows x 16 bytes
 // (8 bf16 of K), each 128 contiguous bytes. A tile [128 rows][32 k'] and weight tile
 // [128 channels][32 k'] alike: element (r, k) at (k / 8) * 2048 + (r / 8) * 128 + (r % 8) * 16 +
@@ -1023,7 +1032,9 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 // d_out tiles are triple-buffered (cp.async two steps ahead: they come from DRAM), pixel tiles
 // double-buffered (loaded into registers two steps ahead, stored one step ahead); a step's row
 // table entries are read four steps before its MMAs, two before its loads are issued.
-// EXPERIMENTAL: MAPET_PATCH_EMBED_ORDER=hwc-wgmma, compute capability 9.0 only.
+// EXPERIMENTAL: MAPET_PATCH_EMBED_ORDER=hwc-wgmma, compute capability 9.0 only. Correct on an
+// H200 but slower than the mma.sync kernel (backward 0.216 ms against 0.205 ms at ViT-B), 45% of
+// the warps' time stalled on global loads (BENCHMARKS.md, sixth run).
 __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedBwd& P) {
     __shared__ __align__(128) unsigned char g_tiles[3][kWgTile];  // d_out: [32 rows][128 channels]
     __shared__ __align__(128) unsigned char p_tiles[2][kWgTile];  // pixels: [32 rows][128 k']

@@ -758,13 +758,36 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
 fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
     let Some(gpu) = gpu_or_skip("hwc_wgmma_runs_only_on_compute_capability_9_0") else { return };
     let mut rng = rng("hwc_wgmma_runs_only_on_compute_capability_9_0");
-    let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
-    let case = make_case(&mut rng, s);
-    let dc = upload(&gpu, &case);
     let wgmma = Entry::U8(PixelOrder::HwcWgmma);
-    let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
-    let init = Grads32::random(&mut rng, &s, 0.1);
-    if gpu.compute_capability() == (9, 0) {
+    if gpu.compute_capability() != (9, 0) {
+        assert!(!PixelOrder::HwcWgmma.supported_on(&gpu));
+        let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
+        let case = make_case(&mut rng, s);
+        let dc = upload(&gpu, &case);
+        let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
+        let init = Grads32::random(&mut rng, &s, 0.1);
+        let forward = gpu_forward(&gpu, &case, &dc, wgmma).unwrap_err();
+        let backward = gpu_backward(&gpu, &case, &dc, wgmma, &d_out, &init).err().unwrap();
+        for e in [forward, backward] {
+            let msg = e.to_string();
+            assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
+            assert!(msg.contains("hwc-wgmma") && msg.contains("9.0"), "{msg}");
+        }
+        return;
+    }
+    assert!(PixelOrder::HwcWgmma.supported_on(&gpu));
+    let hwc = Entry::U8(PixelOrder::Hwc);
+    // Tile edges of both kernels: 200 and 392 channels end in a partial 128-channel tile, 5 * 16
+    // and 48 * 196 patch rows in a partial 128-row tile; p = 8, 16 and 32 give K = 192, 768
+    // and 3072 (the weight gradient's k' tiles, partial for 192).
+    for (batch, image, patch, dim) in
+        [(2, 32, 8, 24), (5, 64, 16, 200), (32, 224, 16, 768), (48, 224, 16, 392), (2, 64, 32, 64)]
+    {
+        let s = shape_with_random_c(&mut rng, batch, image, patch, dim);
+        let case = make_case(&mut rng, s);
+        let dc = upload(&gpu, &case);
+        let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
+        let init = Grads32::random(&mut rng, &s, 0.1);
         // Against the mma.sync HWC kernels: the same bf16 products, summed in another order within
         // a 16-deep step. Forward: each output is rounded to bf16 once, so the two may land one
         // bf16 ulp apart, at most 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32
@@ -772,28 +795,17 @@ fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
         // around 1e-6 of the largest element; 1e-4 of it leaves room for the tensor cores'
         // internal order while a wrong layout, which moves elements by the order of the largest
         // one, cannot pass.
-        assert!(PixelOrder::HwcWgmma.supported_on(&gpu));
-        let hwc = Entry::U8(PixelOrder::Hwc);
         let out = gpu_forward(&gpu, &case, &dc, wgmma).unwrap();
         mapet::testing::assert_all_written("wgmma forward", &out);
         let reference = gpu_forward(&gpu, &case, &dc, hwc).unwrap();
         for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
-            assert!((a - b).abs() <= 1e-2 * b.abs().max(1.0), "forward element {i}: wgmma {a}, mma.sync {b}");
+            assert!((a - b).abs() <= 1e-2 * b.abs().max(1.0), "{s:?}: forward element {i}: wgmma {a}, mma.sync {b}");
         }
         let grads = gpu_backward(&gpu, &case, &dc, wgmma, &d_out, &init).unwrap();
         let reference = gpu_backward(&gpu, &case, &dc, hwc, &d_out, &init).unwrap();
         let scale = reference.w.iter().fold(0f32, |m, v| m.max(v.abs()));
         for (i, (a, b)) in grads.w.iter().zip(&reference.w).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * scale, "weight gradient element {i}: wgmma {a}, mma.sync {b}");
-        }
-    } else {
-        assert!(!PixelOrder::HwcWgmma.supported_on(&gpu));
-        let forward = gpu_forward(&gpu, &case, &dc, wgmma).unwrap_err();
-        let backward = gpu_backward(&gpu, &case, &dc, wgmma, &d_out, &init).err().unwrap();
-        for e in [forward, backward] {
-            let msg = e.to_string();
-            assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
-            assert!(msg.contains("hwc-wgmma") && msg.contains("9.0"), "{msg}");
+            assert!((a - b).abs() <= 1e-4 * scale, "{s:?}: weight gradient element {i}: wgmma {a}, mma.sync {b}");
         }
     }
 }

@@ -493,14 +493,15 @@ pub enum PixelOrder {
     /// and the loads run two steps ahead. The forward multiplies by a copy of the weight permuted
     /// the same way (D·K bf16 of scratch); the reduction of the weight gradient's partials puts
     /// it back in CHW order. The default: on an H200 at ViT-B, batch 128, forward + backward
-    /// take 0.51 ms against 0.68 ms in CHW order (BENCHMARKS.md).
+    /// take 0.378 ms against 0.605 ms in CHW order (BENCHMARKS.md).
     #[default]
     Hwc,
     /// [`PixelOrder::Hwc`] with the MMAs of the forward and of the weight gradient issued as
     /// Hopper's asynchronous wgmma (`mapet_patch_embed_fwd_u8_hwc_wgmma`,
     /// `mapet_patch_embed_bwd_weight_u8_hwc_wgmma`: the warps build the next tiles while the
     /// tensor cores multiply the current ones). Compute capability 9.0 only (H100/H200; elsewhere
-    /// an error says so). Experimental: compiles, not yet run on a GPU.
+    /// an error says so). Experimental: it matches the mma.sync kernels on an H200 but is slower
+    /// there (forward + backward 0.41 ms against 0.378 ms at ViT-B, BENCHMARKS.md).
     HwcWgmma,
 }
 
