@@ -837,7 +837,8 @@ fn gpu_is_deterministic() {
     assert_eq!(bits(&a.db), bits(&b.db));
 }
 
-/// Host checks refuse bad input before anything runs.
+/// Host checks refuse bad input before anything the caller can see is written (a bad target
+/// value is found while the first chunk's logits GEMM runs into the call's own scratch).
 #[test]
 fn gpu_rejects_bad_input() {
     let test = "gpu_rejects_bad_input";
@@ -856,6 +857,43 @@ fn gpu_rejects_bad_input() {
         } else {
             let err = cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &[0, 1, 37, 3], &mut out).unwrap_err();
             assert!(err.to_string().contains("row 2"), "{err}");
+            // The same bad target in training: every output keeps the bits it had.
+            let (mut dx, mut dw, mut db) = (
+                gpu.alloc::<bf16>(rows * dim).unwrap(),
+                gpu.alloc::<f32>(vocab * dim).unwrap(),
+                gpu.alloc(vocab).unwrap(),
+            );
+            out.poison().unwrap();
+            dx.poison().unwrap();
+            dw.poison().unwrap();
+            db.poison().unwrap();
+            let err = cuda_forward_backward(
+                &gpu,
+                &gemm,
+                &shape,
+                &x,
+                &w,
+                &b,
+                &[0, -1, 2, 37],
+                1.0,
+                &mut out,
+                &mut dx,
+                &mut dw,
+                &mut db,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("row 3"), "{err}");
+            let rows_after = out.to_host().unwrap();
+            assert!(
+                rows_after.loss.iter().chain(&rows_after.lse).all(|v| v.to_bits() == u32::MAX),
+                "row outputs written"
+            );
+            assert!(rows_after.argmax.iter().all(|&a| a == -1), "argmax written");
+            assert!(dx.to_host().unwrap().iter().all(|v| v.to_bits() == u16::MAX), "dx written");
+            assert!(
+                dw.to_host().unwrap().iter().chain(&db.to_host().unwrap()).all(|v| v.to_bits() == u32::MAX),
+                "dw/db written"
+            );
             let err = cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &[0, 1, 2], &mut out).unwrap_err();
             assert!(matches!(err, Error::Shape { tensor: "targets", .. }), "{err}");
             let (mut dx, mut dw, mut db) =

@@ -279,6 +279,12 @@ fn elements(a: usize, b: usize, what: &'static str) -> Result<usize> {
 
 /// The checks both backends share: sizes, lengths, targets. Returns the counted rows.
 fn check_common(shape: &CrossEntropyShape, x_len: usize, w_len: usize, b_len: usize, targets: &[i32]) -> Result<usize> {
+    check_lens(shape, x_len, w_len, b_len, targets.len())?;
+    check_targets(targets, shape.vocab)
+}
+
+/// The checks of [`check_common`] that do not read the targets' values.
+fn check_lens(shape: &CrossEntropyShape, x_len: usize, w_len: usize, b_len: usize, targets_len: usize) -> Result<()> {
     let CrossEntropyShape { rows, dim, vocab, .. } = *shape;
     if dim == 0 || vocab == 0 {
         return Err(Error::Unsupported {
@@ -295,8 +301,7 @@ fn check_common(shape: &CrossEntropyShape, x_len: usize, w_len: usize, b_len: us
     check_len("x", x_len, elements(rows, dim, "x")?)?;
     check_len("w", w_len, elements(vocab, dim, "w")?)?;
     check_len("b", b_len, vocab)?;
-    check_len("targets", targets.len(), rows)?;
-    check_targets(targets, vocab)
+    check_len("targets", targets_len, rows)
 }
 
 fn check_rows_out(rows: usize, loss: usize, lse: usize, argmax: usize) -> Result<()> {
@@ -618,13 +623,15 @@ impl Call<'_, '_> {
         }
     }
 
-    /// Rows `[start, start + cb.rows)`: logits, row statistics, and (backward) dx, dW, db.
-    fn chunk(&mut self, cb: &mut ChunkBuffers, start: usize) -> Result<()> {
+    /// Rows `[start, start + cb.rows)`: logits (unless `logits_ready`: launched already by
+    /// [`logits_gemm`]), row statistics, and (backward) dx, dW, db.
+    fn chunk(&mut self, cb: &mut ChunkBuffers, start: usize, logits_ready: bool) -> Result<()> {
         let (gpu, dim, vocab, n) = (self.gpu, self.dim, self.vocab, cb.rows);
         // The chunk's rows of x, read in place by the GEMMs (no staging copy).
         let x_c = gpu.view_of(self.x, start * dim..(start + n) * dim)?;
-        // acc[n, V] = x_c W^T (the bias is added by the row kernel, in f32).
-        self.gemm.matmul(n, vocab, dim, &x_c, false, self.w, true, &mut cb.logits, 1.0, 0.0, Epilogue::None)?;
+        if !logits_ready {
+            logits_gemm(gpu, self.gemm, self.x, self.w, cb, start, dim, vocab)?;
+        }
 
         let mut p = self.params();
         p.logits = cb.logits.ptr_mut();
@@ -718,6 +725,24 @@ impl Call<'_, '_> {
     }
 }
 
+/// acc[n, V] = x_c W^T for the chunk's rows `[start, start + cb.rows)` of `x` into `cb.logits`
+/// (the bias is added by the row kernel, in f32). Reads no targets.
+#[allow(clippy::too_many_arguments)]
+fn logits_gemm(
+    gpu: &Gpu,
+    gemm: &Gemm,
+    x: &dyn DeviceRead<bf16>,
+    w: &dyn DeviceRead<bf16>,
+    cb: &mut ChunkBuffers,
+    start: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<()> {
+    let n = cb.rows;
+    let x_c = gpu.view_of(x, start * dim..(start + n) * dim)?;
+    gemm.matmul(n, vocab, dim, &x_c, false, w, true, &mut cb.logits, 1.0, 0.0, Epilogue::None)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn cuda_run(
     gpu: &Gpu,
@@ -730,7 +755,11 @@ fn cuda_run(
     rows_out: &mut CudaRowOutputs,
     grads: Option<CudaGrads<'_>>,
 ) -> Result<CrossEntropyStats> {
-    let counted = check_common(shape, x.len(), w.len(), b.len(), targets)?;
+    // Every check but the targets' values first: the first chunk's logits GEMM reads none of
+    // them, so it is queued before the host goes through them and uploads them, and the GPU
+    // starts that much sooner (an invalid target still fails the call before anything the caller
+    // can see is written: the GEMM writes only this call's scratch).
+    check_lens(shape, x.len(), w.len(), b.len(), targets.len())?;
     check_gpu(shape)?;
     // The row kernel reads the bias as float4 vectors when vocab % 8 == 0.
     check_aligned("b", b.ptr(), 16)?;
@@ -740,6 +769,11 @@ fn cuda_run(
         return Ok(CrossEntropyStats { loss: 0.0, correct: 0, counted: 0 });
     }
     let rc = shape.gpu_chunk_rows();
+    let (full, tail) = (rows / rc, rows % rc);
+    let mut first = ChunkBuffers::new(gpu, if full > 0 { rc } else { tail }, vocab)?;
+    logits_gemm(gpu, gemm, x, w, &mut first, 0, dim, vocab)?;
+
+    let counted = check_targets(targets, vocab)?;
     let groups = colsum_groups(rc, vocab);
     let backward = grads.is_some();
     let d_targets = gpu.upload(targets)?;
@@ -750,16 +784,21 @@ fn cuda_run(
     let mut call =
         Call { gpu, gemm, dim, vocab, x, w, b, targets: &d_targets, rows_out, grads, partial, groups, grad_scale };
 
-    let (full, tail) = (rows / rc, rows % rc);
+    let mut first = Some(first);
     if full > 0 {
-        let mut cb = ChunkBuffers::new(gpu, rc, vocab)?;
+        let mut cb = first.take().expect("the first chunk's buffers");
         for i in 0..full {
-            call.chunk(&mut cb, i * rc)?;
+            call.chunk(&mut cb, i * rc, i == 0)?;
         }
     } // the full-size buffers are freed (in stream order) before the tail's are allocated
     if tail > 0 {
-        let mut cb = ChunkBuffers::new(gpu, tail, vocab)?;
-        call.chunk(&mut cb, full * rc)?;
+        // The tail is the first chunk when there is no full one.
+        let ready = first.is_some();
+        let mut cb = match first.take() {
+            Some(cb) => cb,
+            None => ChunkBuffers::new(gpu, tail, vocab)?,
+        };
+        call.chunk(&mut cb, full * rc, ready)?;
     }
     call.finish_bias_gradient()?;
 
