@@ -857,31 +857,23 @@ fn gpu_rejects_bad_input() {
         } else {
             let err = cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &[0, 1, 37, 3], &mut out).unwrap_err();
             assert!(err.to_string().contains("row 2"), "{err}");
+            // Training on bad input, every output poisoned first; returns the error and the outputs.
+            let train = |targets: &[i32], db_len: usize, out: &mut CudaRowOutputs| {
+                let mut dx = gpu.alloc::<bf16>(rows * dim).unwrap();
+                let mut dw = gpu.alloc::<f32>(vocab * dim).unwrap();
+                let mut db = gpu.alloc::<f32>(db_len).unwrap();
+                out.poison().unwrap();
+                dx.poison().unwrap();
+                dw.poison().unwrap();
+                db.poison().unwrap();
+                let err = cuda_forward_backward(
+                    &gpu, &gemm, &shape, &x, &w, &b, targets, 1.0, out, &mut dx, &mut dw, &mut db,
+                )
+                .unwrap_err();
+                (err, dx, dw, db)
+            };
             // The same bad target in training: every output keeps the bits it had.
-            let (mut dx, mut dw, mut db) = (
-                gpu.alloc::<bf16>(rows * dim).unwrap(),
-                gpu.alloc::<f32>(vocab * dim).unwrap(),
-                gpu.alloc(vocab).unwrap(),
-            );
-            out.poison().unwrap();
-            dx.poison().unwrap();
-            dw.poison().unwrap();
-            db.poison().unwrap();
-            let err = cuda_forward_backward(
-                &gpu,
-                &gemm,
-                &shape,
-                &x,
-                &w,
-                &b,
-                &[0, -1, 2, 37],
-                1.0,
-                &mut out,
-                &mut dx,
-                &mut dw,
-                &mut db,
-            )
-            .unwrap_err();
+            let (err, dx, dw, db) = train(&[0, -1, 2, 37], vocab, &mut out);
             assert!(err.to_string().contains("row 3"), "{err}");
             let rows_after = out.to_host().unwrap();
             assert!(
@@ -896,23 +888,7 @@ fn gpu_rejects_bad_input() {
             );
             let err = cuda_forward(&gpu, &gemm, &shape, &x, &w, &b, &[0, 1, 2], &mut out).unwrap_err();
             assert!(matches!(err, Error::Shape { tensor: "targets", .. }), "{err}");
-            let (mut dx, mut dw, mut db) =
-                (gpu.alloc::<bf16>(rows * dim).unwrap(), gpu.alloc::<f32>(vocab * dim).unwrap(), gpu.alloc(1).unwrap());
-            let err = cuda_forward_backward(
-                &gpu,
-                &gemm,
-                &shape,
-                &x,
-                &w,
-                &b,
-                &[0, 1, 2, 3],
-                1.0,
-                &mut out,
-                &mut dx,
-                &mut dw,
-                &mut db,
-            )
-            .unwrap_err();
+            let (err, ..) = train(&[0, 1, 2, 3], 1, &mut out);
             assert!(matches!(err, Error::Shape { tensor: "db", .. }), "{err}");
         }
     }
