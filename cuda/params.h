@@ -346,6 +346,28 @@ typedef struct MapetKMeansGather {
     int32_t dim;
 } MapetKMeansGather;
 
+// ---------------------------------------------------------------- Hopper primitives (cuda/hopper.cu)
+// An opaque CUtensorMap (the driver's 128-byte, 64-byte aligned TMA descriptor), encoded on the
+// host by cuTensorMapEncodeTiled and passed by value inside a parameter struct.
+typedef struct MapetTensorMap {
+    uint64_t opaque[16];
+} __attribute__((aligned(64))) MapetTensorMap;
+
+// Checks of the TMA / mbarrier / swizzled-wgmma building blocks, one block of 128 threads.
+// `a` and `b` map bf16 matrices [rows, cols] (cols contiguous) in boxes of 64 rows x 64 columns
+// (128 bytes) with 128-byte swizzle.
+//   mapet_hopper_tma_roundtrip: the box of `a` at (row r0, column c0) -> out bf16 [64, 64].
+//   mapet_hopper_wgmma_sw128:   out f32 [64, 64] = A[0:64, 0:k] B[0:64, 0:k]^T, k = 64 * k_atoms
+//                               (k_atoms 1 or 2).
+typedef struct MapetHopperCheck {
+    MapetTensorMap a;
+    MapetTensorMap b;
+    void* out;
+    int32_t r0;
+    int32_t c0;
+    int32_t k_atoms;
+} MapetHopperCheck;
+
 #ifdef __cplusplus
 }
 #endif

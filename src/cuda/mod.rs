@@ -7,6 +7,7 @@
 //! stream, so cudarc's cross-stream event tracking is switched off.
 
 pub mod gemm;
+pub mod hopper;
 #[rustfmt::skip]
 pub mod params;
 pub mod pinned;
@@ -379,6 +380,7 @@ kernel_params!(
     MapetKMeansAssign,
     MapetKMeansUpdate,
     MapetKMeansGather,
+    MapetHopperCheck,
 );
 
 /// Device memory a kernel reads: a whole [`DeviceBuffer`], or a [`DeviceView`] /

@@ -609,3 +609,37 @@ const _: () = {
     ["Offset of field: MapetKMeansGather::rows"][::core::mem::offset_of!(MapetKMeansGather, rows) - 40usize];
     ["Offset of field: MapetKMeansGather::dim"][::core::mem::offset_of!(MapetKMeansGather, dim) - 48usize];
 };
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetTensorMap"][::core::mem::size_of::<MapetTensorMap>() - 128usize];
+    ["Alignment of MapetTensorMap"][::core::mem::align_of::<MapetTensorMap>() - 64usize];
+    ["Offset of field: MapetTensorMap::opaque"][::core::mem::offset_of!(MapetTensorMap, opaque) - 0usize];
+};
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetHopperCheck {
+    pub a: MapetTensorMap,
+    pub b: MapetTensorMap,
+    pub out: *mut ::core::ffi::c_void,
+    pub r0: i32,
+    pub c0: i32,
+    pub k_atoms: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetHopperCheck"][::core::mem::size_of::<MapetHopperCheck>() - 320usize];
+    ["Alignment of MapetHopperCheck"][::core::mem::align_of::<MapetHopperCheck>() - 64usize];
+    ["Offset of field: MapetHopperCheck::a"][::core::mem::offset_of!(MapetHopperCheck, a) - 0usize];
+    ["Offset of field: MapetHopperCheck::b"][::core::mem::offset_of!(MapetHopperCheck, b) - 128usize];
+    ["Offset of field: MapetHopperCheck::out"][::core::mem::offset_of!(MapetHopperCheck, out) - 256usize];
+    ["Offset of field: MapetHopperCheck::r0"][::core::mem::offset_of!(MapetHopperCheck, r0) - 264usize];
+    ["Offset of field: MapetHopperCheck::c0"][::core::mem::offset_of!(MapetHopperCheck, c0) - 268usize];
+    ["Offset of field: MapetHopperCheck::k_atoms"][::core::mem::offset_of!(MapetHopperCheck, k_atoms) - 272usize];
+};

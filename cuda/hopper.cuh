@@ -1,0 +1,99 @@
+// Hopper (sm_90a) building blocks: mbarriers, TMA tile loads, and wgmma on 128-byte-swizzled
+// shared memory. Everything here exists only where __CUDA_ARCH_FEAT_SM90_ALL is defined (the
+// sm_90a cubins); kernels that use it trap elsewhere.
+//
+// The 128-byte swizzle, as TMA writes it and wgmma reads it: a tile whose rows are 128 bytes (64
+// bf16) is stored as 1024-byte atoms of 8 rows; within an atom, the 16-byte chunk j of row r sits
+// at chunk j ^ r. Byte o = 128 r + b of the unswizzled atom is at o ^ ((r & 7) << 4). Atoms must
+// start 1024-byte aligned for the pattern to be the address bits' (the descriptors' base offset
+// is then 0).
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ uint32_t hopper_smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarrier: a 64-bit shared-memory object that completes a phase when `count` arrivals and
+// the expected transaction bytes have come in; waiters poll the phase's parity.
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(hopper_smem_addr(bar)), "r"(count) : "memory");
+}
+
+// Makes initialised mbarriers visible to the async proxy (TMA); a block barrier must follow
+// before other threads use them.
+__device__ __forceinline__ void mbar_fence_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// One arrival that also announces `bytes` of transactions (the TMA copies of this phase).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(hopper_smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+
+// Waits until the phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "MBAR_WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra MBAR_WAIT_%=;\n"
+        "}\n" ::"r"(hopper_smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+// ---- TMA: the box at (inner coordinate c0, outer coordinate c1) of the tensor map at `map` (a
+// __grid_constant__ parameter's address) into shared memory at `dst` (1024-byte aligned for the
+// 128-byte swizzle), completing `bytes` of the mbarrier's transactions.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, int c1, uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            hopper_smem_addr(dst)),
+        "l"(map), "r"(c0), "r"(c1), "r"(hopper_smem_addr(bar))
+        : "memory");
+}
+
+// ---- wgmma on K-major tiles in 128-byte swizzle: rows of 64 bf16 of K, 8-row atoms of 1024 B
+// stacked along M/N. Matrix descriptor fields (PTX ISA, "Matrix Descriptor Format"): start
+// address >> 4 (bits 0-13), leading byte offset >> 4 (16-29; not used by a swizzled K-major
+// operand whose 16-deep step lies within one 128-byte row, and set to 1), stride byte offset >> 4
+// (32-45; 1024 between 8-row atoms), base offset (49-51; 0 for 1024-aligned atoms), swizzle mode
+// (62-63; 1 = 128 bytes). The k-th 16-deep step of a 64-wide atom starts 32 k bytes in: the
+// hardware applies the swizzle to the addresses it forms from there.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
+    return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+           (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence_acc() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit_groups() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait_groups() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// d (32 f32 a thread) += A (64 x 16, descriptor a) B^T (B 64 x 16, descriptor b), both K-major.
+// Lane (g, t) of warp w of the warpgroup holds, for n-chunk j < 8: d[4j], d[4j+1] = row 16w + g,
+// columns 8j + 2t, +1; d[4j+2], d[4j+3] = row 16w + g + 8, the same columns.
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b));
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -1,0 +1,132 @@
+//! Host side of the Hopper building blocks (`cuda/hopper.cuh`): TMA tensor maps, and the two
+//! check kernels of `cuda/hopper.cu` that `tests/hopper.rs` runs against host computations.
+//!
+//! A kernel built on TMA, mbarriers and wgmma over 128-byte-swizzled shared memory fails without
+//! a visible cause when one piece is wrong: a tensor-map field, the swizzle pattern, a
+//! descriptor bit. Each check isolates one of them:
+//! - [`tma_roundtrip`]: one TMA box load completing on an mbarrier, read back through the
+//!   swizzle pattern by hand (tensor map, TMA, mbarrier, swizzle);
+//! - [`wgmma_sw128`]: a 64 x 64 product over one or two 64-wide slices of K, the operands
+//!   loaded by TMA and read by wgmma through swizzled descriptors (descriptor fields, the
+//!   32-byte step within a slice, the accumulator layout).
+//!
+//! Compute capability 9.0 only: elsewhere both return [`Error::Unsupported`].
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+use cudarc::driver::LaunchConfig;
+use half::bf16;
+
+use crate::cuda::params::{MapetHopperCheck, MapetTensorMap};
+use crate::cuda::{check_aligned, DeviceRead, Gpu};
+use crate::error::{check_len, Error, Result};
+
+const MODULE: &str = "hopper";
+/// Rows and columns of a TMA box (64 bf16 = the 128 bytes of the swizzle).
+pub const BOX: usize = 64;
+
+/// A tensor map over the row-major bf16 matrix `[rows, cols]` at `ptr` (a device address), in
+/// boxes of [`BOX`] x [`BOX`] with 128-byte swizzle; elements outside the matrix load as zeros.
+/// The row pitch (2·cols bytes) must be a multiple of 16 and `ptr` 16-byte aligned.
+pub fn tensor_map_bf16(ptr: *const c_void, rows: usize, cols: usize) -> Result<MapetTensorMap> {
+    if rows == 0 || cols == 0 || !(2 * cols).is_multiple_of(16) {
+        return Err(Error::Unsupported {
+            what: "tensor map",
+            detail: format!("[{rows}, {cols}] bf16: needs rows, cols >= 1 and rows of a multiple of 16 bytes"),
+        });
+    }
+    let dims = [cols as u64, rows as u64];
+    let strides = [2 * cols as u64];
+    let boxes = [BOX as u32, BOX as u32];
+    let elem_strides = [1u32, 1u32];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: every pointer is to a live local array of the length the call reads for rank 2
+    // (dims and box sizes 2, strides 1); `map` is written by the call before it is read.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    status.result().map_err(|e| Error::Driver {
+        context: format!(" encoding a tensor map of [{rows}, {cols}] bf16"),
+        source: e,
+    })?;
+    // SAFETY: initialised by the successful call above.
+    let map = unsafe { map.assume_init() };
+    Ok(MapetTensorMap { opaque: map.opaque })
+}
+
+fn require_9_0(gpu: &Gpu) -> Result<()> {
+    let (major, minor) = gpu.compute_capability();
+    if (major, minor) != (9, 0) {
+        return Err(Error::Unsupported {
+            what: "Hopper check",
+            detail: format!("TMA and wgmma need a compute capability 9.0 device; {} is {major}.{minor}", gpu.name()),
+        });
+    }
+    Ok(())
+}
+
+fn check_matrix(name: &'static str, m: &dyn DeviceRead<bf16>, rows: usize, cols: usize) -> Result<()> {
+    check_len(name, m.len(), rows * cols)?;
+    check_aligned(name, m.ptr(), 16)
+}
+
+/// The [`BOX`] x [`BOX`] box of the row-major bf16 matrix `a` `[rows, cols]` whose top-left
+/// element is (`r0`, `c0`), loaded by TMA and read back through the 128-byte swizzle: row-major
+/// `[BOX, BOX]`, zeros where the box leaves the matrix.
+pub fn tma_roundtrip(
+    gpu: &Gpu,
+    a: &dyn DeviceRead<bf16>,
+    rows: usize,
+    cols: usize,
+    r0: usize,
+    c0: usize,
+) -> Result<Vec<bf16>> {
+    require_9_0(gpu)?;
+    check_matrix("a", a, rows, cols)?;
+    if r0 >= rows || c0 >= cols {
+        return Err(Error::Unsupported { what: "box", detail: format!("({r0}, {c0}) is outside [{rows}, {cols}]") });
+    }
+    let map = tensor_map_bf16(a.ptr(), rows, cols)?;
+    let mut out = gpu.alloc::<bf16>(BOX * BOX)?;
+    out.poison()?;
+    let p = MapetHopperCheck { a: map, b: map, out: out.ptr_mut(), r0: r0 as i32, c0: c0 as i32, k_atoms: 1 };
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the tensor map covers `a` exactly (its length checked above) and TMA reads only
+    // inside it; the kernel writes the BOX·BOX elements of `out`.
+    unsafe { gpu.launch(MODULE, "mapet_hopper_tma_roundtrip", cfg, &p)? };
+    out.to_host()
+}
+
+/// `A Bᵀ` for bf16 `a` and `b`, both row-major `[BOX, k]` with `k` = 64 or 128, by TMA loads and
+/// wgmma over 128-byte-swizzled tiles: row-major f32 `[BOX, BOX]`.
+pub fn wgmma_sw128(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<bf16>, k: usize) -> Result<Vec<f32>> {
+    require_9_0(gpu)?;
+    if k != BOX && k != 2 * BOX {
+        return Err(Error::Unsupported { what: "wgmma check", detail: format!("k = {k}: 64 or 128") });
+    }
+    check_matrix("a", a, BOX, k)?;
+    check_matrix("b", b, BOX, k)?;
+    let (map_a, map_b) = (tensor_map_bf16(a.ptr(), BOX, k)?, tensor_map_bf16(b.ptr(), BOX, k)?);
+    let mut out = gpu.alloc::<f32>(BOX * BOX)?;
+    out.poison()?;
+    let p = MapetHopperCheck { a: map_a, b: map_b, out: out.ptr_mut(), r0: 0, c0: 0, k_atoms: (k / BOX) as i32 };
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: each tensor map covers its [BOX, k] matrix exactly (lengths checked above); the
+    // kernel loads k / BOX boxes of each and writes the BOX·BOX floats of `out`.
+    unsafe { gpu.launch(MODULE, "mapet_hopper_wgmma_sw128", cfg, &p)? };
+    out.to_host()
+}

@@ -1,0 +1,78 @@
+//! The Hopper building blocks (`cuda/hopper.cuh`) against host computations: a TMA box load
+//! read back through the 128-byte swizzle, and wgmma over TMA-loaded swizzled tiles. On a
+//! compute capability 9.0 device they must match exactly (the load) or to f32 rounding (the
+//! product); elsewhere both are refused; with no GPU the GPU tests skip and say why.
+
+use half::bf16;
+use mapet::cuda::hopper::{tensor_map_bf16, tma_roundtrip, wgmma_sw128, BOX};
+use mapet::testing::{gpu_or_skip, rng, uniform};
+use mapet::Error;
+
+/// A row-major bf16 matrix of random values in [-1, 1), as bf16 and as the f32 they round to.
+fn random_matrix(seed: &str, rows: usize, cols: usize) -> (Vec<bf16>, Vec<f32>) {
+    let mut r = rng(seed);
+    let h: Vec<bf16> = uniform(&mut r, rows * cols, 1.0).into_iter().map(bf16::from_f32).collect();
+    let f = h.iter().map(|v| v.to_f32()).collect();
+    (h, f)
+}
+
+#[test]
+fn tensor_maps_refuse_unaligned_rows() {
+    // Checked before the driver is called, so this runs without a GPU.
+    for (rows, cols) in [(0, 64), (8, 0), (8, 3), (8, 12)] {
+        let err = tensor_map_bf16(std::ptr::null(), rows, cols).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { what: "tensor map", .. }), "[{rows}, {cols}]: {err}");
+    }
+}
+
+#[test]
+fn tma_box_loads_read_back_through_the_swizzle() {
+    let test = "tma_box_loads_read_back_through_the_swizzle";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    let (rows, cols) = (200, 136);
+    let (h, _) = random_matrix(test, rows, cols);
+    let a = gpu.upload(&h).unwrap();
+    if gpu.compute_capability() != (9, 0) {
+        let err = tma_roundtrip(&gpu, &a, rows, cols, 0, 0).unwrap_err();
+        assert!(err.to_string().contains("9.0"), "{err}");
+        return;
+    }
+    // Inside, at a 64-multiple, and across both edges (zeros beyond them).
+    for (r0, c0) in [(0, 0), (64, 64), (150, 100), (7, 3)] {
+        let out = tma_roundtrip(&gpu, &a, rows, cols, r0, c0).unwrap();
+        for r in 0..BOX {
+            for c in 0..BOX {
+                let (gr, gc) = (r0 + r, c0 + c);
+                let want = if gr < rows && gc < cols { h[gr * cols + gc] } else { bf16::ZERO };
+                let got = out[r * BOX + c];
+                assert_eq!(got.to_bits(), want.to_bits(), "box ({r0}, {c0}), element ({r}, {c}): {got} against {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn wgmma_on_swizzled_tiles_matches_the_host_product() {
+    let test = "wgmma_on_swizzled_tiles_matches_the_host_product";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    for k in [BOX, 2 * BOX] {
+        let (ha, fa) = random_matrix(&format!("{test} a {k}"), BOX, k);
+        let (hb, fb) = random_matrix(&format!("{test} b {k}"), BOX, k);
+        let (a, b) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
+        if gpu.compute_capability() != (9, 0) {
+            let err = wgmma_sw128(&gpu, &a, &b, k).unwrap_err();
+            assert!(err.to_string().contains("9.0"), "{err}");
+            return;
+        }
+        let out = wgmma_sw128(&gpu, &a, &b, k).unwrap();
+        for i in 0..BOX {
+            for j in 0..BOX {
+                let want: f64 = (0..k).map(|t| fa[i * k + t] as f64 * fb[j * k + t] as f64).sum();
+                let got = out[i * BOX + j] as f64;
+                // Exact bf16 products summed in f32: a few ulps of sums of magnitude up to ~k/3.
+                // A wrong swizzle, descriptor or fragment layout moves whole products (~0.3 each).
+                assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "k {k}, C[{i}][{j}]: {got} against {want}");
+            }
+        }
+    }
+}
