@@ -109,3 +109,124 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128(const
     __trap();
 #endif
 }
+
+// ------------------------------------------------------------------ a warp-specialised GEMM
+//
+// C[m, n] = A[m, k] B[n, k]^T (bf16 in, f32 accumulation, bf16 out), the shape of x W^T. The
+// first kernel of the project built the way the fast Hopper GEMMs are, to measure how close the
+// pieces above come to cuBLASLt before a fused kernel (a loss epilogue, a pixel prologue) is built
+// on them. EXPERIMENTAL: compiles, unverified on GPU; nothing in the model calls it.
+//
+// A block computes a 128 x 256 tile of C with 3 warpgroups:
+// - warpgroup 0, the producer: one thread issues the TMA loads of each 64-deep slice of K (A: 128
+//   rows x 64, 16 KB; B: 256 rows x 64, 32 KB) into a ring of kGemmStages stages, each completing
+//   on the stage's `full` mbarrier; before reusing a stage it waits on the stage's `empty`
+//   mbarrier for both consumers to have finished reading it. It keeps 40 registers.
+// - warpgroups 1 and 2, the consumers: rows 0-63 and 64-127 of the tile, all 256 columns (128
+//   f32 accumulators a thread, so 232 registers each): wait on `full`, issue the slice's four
+//   m64n256k16 wgmma, and once the previous slice's wgmma are done (wait_group 1) release its
+//   stage on `empty` (one thread a warpgroup). The tensor cores always have the current slice
+//   queued while the previous stage is handed back.
+// Edges: TMA fills rows and columns past the matrices with zeros (the expected byte count stays
+// the full box), and the epilogue writes only inside C.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+namespace {
+
+constexpr int kGemmM = 128;
+constexpr int kGemmN = 256;
+constexpr int kGemmK = 64;
+constexpr int kGemmStages = 4;
+constexpr int kGemmABytes = kGemmM * kGemmK * 2;  // 16 KB
+constexpr int kGemmBBytes = kGemmN * kGemmK * 2;  // 32 KB
+constexpr int kGemmStageBytes = kGemmABytes + kGemmBBytes;
+
+}  // namespace
+#endif
+
+// Grid (ceil(n/256), ceil(m/128)), 384 threads, dynamic shared memory 4 * 48 KB + 1 KB (the ring,
+// aligned up to 1024 bytes inside it). k % 8 == 0 (16-byte rows for TMA).
+extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_gemm_tn(const __grid_constant__ MapetHopperGemm p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ unsigned char gemm_smem_raw[];
+    __shared__ __align__(8) uint64_t full[kGemmStages];
+    __shared__ __align__(8) uint64_t empty[kGemmStages];
+    // The ring, 1024-byte aligned (the swizzle's atoms): stage s holds A at s * 48 KB, B 16 KB on.
+    unsigned char* ring = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(gemm_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+    const int wg = threadIdx.x / 128;
+    const int m0 = blockIdx.y * kGemmM;
+    const int n0 = blockIdx.x * kGemmN;
+    const int slices = (p.k + kGemmK - 1) / kGemmK;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kGemmStages; ++s) {
+            mbar_init(&full[s], 1);   // the producer's arrive.expect_tx
+            mbar_init(&empty[s], 2);  // one arrival a consumer warpgroup
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        regs_release<40>();
+        if (threadIdx.x == 0) {
+            for (int t = 0; t < slices; ++t) {
+                const int s = t % kGemmStages;
+                const int use = t / kGemmStages;
+                if (use > 0) mbar_wait(&empty[s], (use - 1) & 1);
+                unsigned char* stage = ring + s * kGemmStageBytes;
+                mbar_arrive_expect_tx(&full[s], kGemmStageBytes);
+                tma_load_2d(stage, &p.a, t * kGemmK, m0, &full[s]);
+                tma_load_2d(stage + kGemmABytes, &p.b, t * kGemmK, n0, &full[s]);
+            }
+        }
+        return;
+    }
+
+    regs_claim<232>();
+    const int row_half = wg - 1;  // rows 64 row_half .. 64 row_half + 63 of the tile
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    for (int t = 0; t < slices; ++t) {
+        const int s = t % kGemmStages;
+        mbar_wait(&full[s], (t / kGemmStages) & 1);
+        const uint32_t a_s = hopper_smem_addr(ring + s * kGemmStageBytes) + row_half * 64 * 128;
+        const uint32_t b_s = hopper_smem_addr(ring + s * kGemmStageBytes + kGemmABytes);
+        wgmma_fence_acc();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
+        wgmma_commit_groups();
+        // The previous slice's wgmma have finished reading their stage: hand it back.
+        wgmma_wait_groups<1>();
+        if (t > 0 && threadIdx.x % 128 == 0) mbar_arrive(&empty[(t - 1) % kGemmStages]);
+    }
+    wgmma_wait_groups<0>();
+
+    // Lane (g, q) of warp w of the warpgroup: rows 16 w + g (+ 8), columns 8 j + 2 q (+ 1).
+    __nv_bfloat16* c = static_cast<__nv_bfloat16*>(p.c);
+    const int lane = threadIdx.x & 31;
+    const int warp = (threadIdx.x / 32) & 3;
+    const int g = lane >> 2;
+    const int q = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = m0 + 64 * row_half + 16 * warp + g + 8 * h;
+        if (row >= p.m) continue;
+        __nv_bfloat16* c_row = c + static_cast<int64_t>(row) * p.n;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            const int col = n0 + 8 * j + 2 * q;
+            if (col + 1 < p.n && (p.n & 1) == 0) {
+                *reinterpret_cast<__nv_bfloat162*>(c_row + col) =
+                    __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            } else {
+                if (col < p.n) c_row[col] = __float2bfloat16_rn(acc[4 * j + 2 * h]);
+                if (col + 1 < p.n) c_row[col + 1] = __float2bfloat16_rn(acc[4 * j + 2 * h + 1]);
+            }
+        }
+    }
+#else
+    __trap();
+#endif
+}

@@ -368,6 +368,18 @@ typedef struct MapetHopperCheck {
     int32_t k_atoms;
 } MapetHopperCheck;
 
+// C = A B^T on Hopper's TMA + wgmma (cuda/hopper.cu, mapet_hopper_gemm_tn): A bf16 [m, k] mapped
+// in boxes of 128 rows x 64 columns, B bf16 [n, k] in boxes of 256 rows x 64 columns (both
+// 128-byte swizzle), C bf16 [m, n] row-major (written).
+typedef struct MapetHopperGemm {
+    MapetTensorMap a;
+    MapetTensorMap b;
+    void* c;
+    int32_t m;
+    int32_t n;
+    int32_t k;
+} MapetHopperGemm;
+
 #ifdef __cplusplus
 }
 #endif

@@ -4,7 +4,7 @@
 //! product); elsewhere both are refused; with no GPU the GPU tests skip and say why.
 
 use half::bf16;
-use mapet::cuda::hopper::{tensor_map_bf16, tma_roundtrip, wgmma_sw128, BOX};
+use mapet::cuda::hopper::{gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_sw128, BOX};
 use mapet::testing::{gpu_or_skip, rng, uniform};
 use mapet::Error;
 
@@ -20,8 +20,12 @@ fn random_matrix(seed: &str, rows: usize, cols: usize) -> (Vec<bf16>, Vec<f32>) 
 fn tensor_maps_refuse_unaligned_rows() {
     // Checked before the driver is called, so this runs without a GPU.
     for (rows, cols) in [(0, 64), (8, 0), (8, 3), (8, 12)] {
-        let err = tensor_map_bf16(std::ptr::null(), rows, cols).unwrap_err();
+        let err = tensor_map_bf16(std::ptr::null(), rows, cols, BOX).unwrap_err();
         assert!(matches!(err, Error::Unsupported { what: "tensor map", .. }), "[{rows}, {cols}]: {err}");
+    }
+    for box_rows in [0, 257] {
+        let err = tensor_map_bf16(std::ptr::null(), 8, 64, box_rows).unwrap_err();
+        assert!(err.to_string().contains("boxes of 1 to 256 rows"), "{box_rows}: {err}");
     }
 }
 
@@ -72,6 +76,40 @@ fn wgmma_on_swizzled_tiles_matches_the_host_product() {
                 // Exact bf16 products summed in f32: a few ulps of sums of magnitude up to ~k/3.
                 // A wrong swizzle, descriptor or fragment layout moves whole products (~0.3 each).
                 assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "k {k}, C[{i}][{j}]: {got} against {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn warp_specialised_gemm_matches_the_host_product() {
+    let test = "warp_specialised_gemm_matches_the_host_product";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    // One tile; edges in m, n and k (k = 8 and 136 end inside a 64-deep slice; n = 37 is odd);
+    // several tiles with a K of ViT-B's width.
+    for (m, n, k) in [(128, 256, 64), (200, 300, 136), (70, 37, 24), (1, 8, 8), (384, 512, 768)] {
+        let (ha, fa) = random_matrix(&format!("{test} a {m} {n} {k}"), m, k);
+        let (hb, fb) = random_matrix(&format!("{test} b {m} {n} {k}"), n, k);
+        let (a, b) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
+        let mut c = gpu.alloc::<bf16>(m * n).unwrap();
+        c.poison().unwrap();
+        if gpu.compute_capability() != (9, 0) {
+            let err = gemm_tn(&gpu, &a, &b, &mut c, m, n, k).unwrap_err();
+            assert!(err.to_string().contains("9.0"), "{err}");
+            return;
+        }
+        gemm_tn(&gpu, &a, &b, &mut c, m, n, k).unwrap();
+        let out = c.to_host().unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|t| fa[i * k + t] as f64 * fb[j * k + t] as f64).sum();
+                let got = out[i * n + j].to_f32() as f64;
+                // One bf16 rounding of an f32 sum (2^-9 relative, 2^-8 kept) and f32 accumulation;
+                // a wrong operand layout, stage or edge is off by whole products (~0.3 each).
+                assert!(
+                    (got - want).abs() <= 4e-3 * want.abs() + 1e-3,
+                    "[{m}, {n}, {k}], C[{i}][{j}]: {got} against {want}"
+                );
             }
         }
     }

@@ -18,8 +18,8 @@ use cudarc::driver::sys;
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use crate::cuda::params::{MapetHopperCheck, MapetTensorMap};
-use crate::cuda::{check_aligned, DeviceRead, Gpu};
+use crate::cuda::params::{MapetHopperCheck, MapetHopperGemm, MapetTensorMap};
+use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 
 const MODULE: &str = "hopper";
@@ -27,18 +27,22 @@ const MODULE: &str = "hopper";
 pub const BOX: usize = 64;
 
 /// A tensor map over the row-major bf16 matrix `[rows, cols]` at `ptr` (a device address), in
-/// boxes of [`BOX`] x [`BOX`] with 128-byte swizzle; elements outside the matrix load as zeros.
-/// The row pitch (2·cols bytes) must be a multiple of 16 and `ptr` 16-byte aligned.
-pub fn tensor_map_bf16(ptr: *const c_void, rows: usize, cols: usize) -> Result<MapetTensorMap> {
-    if rows == 0 || cols == 0 || !(2 * cols).is_multiple_of(16) {
+/// boxes of `box_rows` x [`BOX`] columns (128 bytes) with 128-byte swizzle; elements outside the
+/// matrix load as zeros. The row pitch (2·cols bytes) must be a multiple of 16, `ptr` 16-byte
+/// aligned, and 1 <= box_rows <= 256.
+pub fn tensor_map_bf16(ptr: *const c_void, rows: usize, cols: usize, box_rows: usize) -> Result<MapetTensorMap> {
+    if rows == 0 || cols == 0 || !(2 * cols).is_multiple_of(16) || !(1..=256).contains(&box_rows) {
         return Err(Error::Unsupported {
             what: "tensor map",
-            detail: format!("[{rows}, {cols}] bf16: needs rows, cols >= 1 and rows of a multiple of 16 bytes"),
+            detail: format!(
+                "[{rows}, {cols}] bf16 in boxes of {box_rows} rows: needs rows, cols >= 1, rows of a multiple of 16 \
+                 bytes and boxes of 1 to 256 rows"
+            ),
         });
     }
     let dims = [cols as u64, rows as u64];
     let strides = [2 * cols as u64];
-    let boxes = [BOX as u32, BOX as u32];
+    let boxes = [BOX as u32, box_rows as u32];
     let elem_strides = [1u32, 1u32];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
     // SAFETY: every pointer is to a live local array of the length the call reads for rank 2
@@ -100,7 +104,7 @@ pub fn tma_roundtrip(
     if r0 >= rows || c0 >= cols {
         return Err(Error::Unsupported { what: "box", detail: format!("({r0}, {c0}) is outside [{rows}, {cols}]") });
     }
-    let map = tensor_map_bf16(a.ptr(), rows, cols)?;
+    let map = tensor_map_bf16(a.ptr(), rows, cols, BOX)?;
     let mut out = gpu.alloc::<bf16>(BOX * BOX)?;
     out.poison()?;
     let p = MapetHopperCheck { a: map, b: map, out: out.ptr_mut(), r0: r0 as i32, c0: c0 as i32, k_atoms: 1 };
@@ -120,7 +124,7 @@ pub fn wgmma_sw128(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<bf16>
     }
     check_matrix("a", a, BOX, k)?;
     check_matrix("b", b, BOX, k)?;
-    let (map_a, map_b) = (tensor_map_bf16(a.ptr(), BOX, k)?, tensor_map_bf16(b.ptr(), BOX, k)?);
+    let (map_a, map_b) = (tensor_map_bf16(a.ptr(), BOX, k, BOX)?, tensor_map_bf16(b.ptr(), BOX, k, BOX)?);
     let mut out = gpu.alloc::<f32>(BOX * BOX)?;
     out.poison()?;
     let p = MapetHopperCheck { a: map_a, b: map_b, out: out.ptr_mut(), r0: 0, c0: 0, k_atoms: (k / BOX) as i32 };
@@ -129,4 +133,53 @@ pub fn wgmma_sw128(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<bf16>
     // kernel loads k / BOX boxes of each and writes the BOX·BOX floats of `out`.
     unsafe { gpu.launch(MODULE, "mapet_hopper_wgmma_sw128", cfg, &p)? };
     out.to_host()
+}
+
+/// Rows and columns of C that one block of [`gemm_tn`] computes.
+pub const GEMM_TILE: (usize, usize) = (128, 256);
+/// Dynamic shared memory of `mapet_hopper_gemm_tn`: 4 stages of 48 KB, and 1 KB to align them.
+const GEMM_SMEM: u32 = 4 * 48 * 1024 + 1024;
+
+/// `C = A Bᵀ` for bf16 `a` `[m, k]`, `b` `[n, k]` and `c` `[m, n]` (row-major, `c` written), on
+/// `mapet_hopper_gemm_tn` (TMA loads into a 4-stage ring, a producer warpgroup, two consumer
+/// warpgroups of m64n256k16 wgmma; f32 accumulation). EXPERIMENTAL: a measure of the Hopper
+/// pieces against cuBLASLt (`benches/hopper.rs`); nothing in the model calls it. `k % 8 == 0`
+/// and 16-byte aligned operands; compute capability 9.0 only.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_tn(
+    gpu: &Gpu,
+    a: &dyn DeviceRead<bf16>,
+    b: &dyn DeviceRead<bf16>,
+    c: &mut dyn DeviceWrite<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    require_9_0(gpu)?;
+    if m == 0 || n == 0 || k == 0 || !k.is_multiple_of(8) || m > i32::MAX as usize || n > i32::MAX as usize {
+        return Err(Error::Unsupported {
+            what: "Hopper GEMM",
+            detail: format!("m = {m}, n = {n}, k = {k}: each at least 1, k a multiple of 8"),
+        });
+    }
+    check_matrix("a", a, m, k)?;
+    check_matrix("b", b, n, k)?;
+    check_len("c", c.len(), m * n)?;
+    check_aligned("c", c.ptr(), 16)?;
+    let (tile_m, tile_n) = GEMM_TILE;
+    let p = MapetHopperGemm {
+        a: tensor_map_bf16(a.ptr(), m, k, tile_m)?,
+        b: tensor_map_bf16(b.ptr(), n, k, tile_n)?,
+        c: c.ptr_mut(),
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+    };
+    let grid =
+        (blocks_for("GEMM columns", n as u64, tile_n as u64)?, blocks_for("GEMM rows", m as u64, tile_m as u64)?, 1);
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (384, 1, 1), shared_mem_bytes: GEMM_SMEM };
+    // SAFETY: the tensor maps cover `a` and `b` exactly (lengths checked above), so TMA reads
+    // nothing outside them; the kernel writes only elements (row < m, col < n) of `c`, which
+    // holds m·n.
+    unsafe { gpu.launch(MODULE, "mapet_hopper_gemm_tn", cfg, &p) }
 }

@@ -381,6 +381,7 @@ kernel_params!(
     MapetKMeansUpdate,
     MapetKMeansGather,
     MapetHopperCheck,
+    MapetHopperGemm,
 );
 
 /// Device memory a kernel reads: a whole [`DeviceBuffer`], or a [`DeviceView`] /

@@ -643,3 +643,25 @@ const _: () = {
     ["Offset of field: MapetHopperCheck::c0"][::core::mem::offset_of!(MapetHopperCheck, c0) - 268usize];
     ["Offset of field: MapetHopperCheck::k_atoms"][::core::mem::offset_of!(MapetHopperCheck, k_atoms) - 272usize];
 };
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetHopperGemm {
+    pub a: MapetTensorMap,
+    pub b: MapetTensorMap,
+    pub c: *mut ::core::ffi::c_void,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetHopperGemm"][::core::mem::size_of::<MapetHopperGemm>() - 320usize];
+    ["Alignment of MapetHopperGemm"][::core::mem::align_of::<MapetHopperGemm>() - 64usize];
+    ["Offset of field: MapetHopperGemm::a"][::core::mem::offset_of!(MapetHopperGemm, a) - 0usize];
+    ["Offset of field: MapetHopperGemm::b"][::core::mem::offset_of!(MapetHopperGemm, b) - 128usize];
+    ["Offset of field: MapetHopperGemm::c"][::core::mem::offset_of!(MapetHopperGemm, c) - 256usize];
+    ["Offset of field: MapetHopperGemm::m"][::core::mem::offset_of!(MapetHopperGemm, m) - 264usize];
+    ["Offset of field: MapetHopperGemm::n"][::core::mem::offset_of!(MapetHopperGemm, n) - 268usize];
+    ["Offset of field: MapetHopperGemm::k"][::core::mem::offset_of!(MapetHopperGemm, k) - 272usize];
+};

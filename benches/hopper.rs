@@ -1,0 +1,47 @@
+//! The warp-specialised TMA + wgmma GEMM (`cuda::hopper::gemm_tn`) against cuBLASLt on the same
+//! C = A Bᵀ (bf16 in and out, f32 accumulation), at the shapes its fused successors would take:
+//! the cross-entropy's logits GEMM per chunk (3136 x 8192 x 768), the patch embedding's
+//! (25088 x 768 x 768) and a square 4096³. Prints the median time of each from CUDA events and
+//! the ratio. Needs a compute capability 9.0 device; elsewhere it says why and does nothing.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use half::bf16;
+use mapet::cuda::gemm::{flops, Epilogue, Gemm};
+use mapet::cuda::hopper::gemm_tn;
+use mapet::testing::{gpu_or_skip, rng, uniform};
+
+fn gpu(_c: &mut Criterion) {
+    let Some(gpu) = gpu_or_skip("bench hopper") else { return };
+    if gpu.compute_capability() != (9, 0) {
+        println!("bench hopper: {} is not compute capability 9.0; nothing to time", gpu.name());
+        return;
+    }
+    let gemm = Gemm::new(&gpu).expect("cuBLASLt");
+    let mut r = rng("bench hopper");
+    for (name, m, n, k) in [
+        ("cross-entropy logits chunk", 3136, 8192, 768),
+        ("patch embedding", 25088, 768, 768),
+        ("square", 4096, 4096, 4096),
+    ] {
+        let to_bf16 = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+        let a = gpu.upload(&to_bf16(uniform(&mut r, m * k, 1.0))).unwrap();
+        let b = gpu.upload(&to_bf16(uniform(&mut r, n * k, 1.0))).unwrap();
+        let mut c = gpu.alloc::<bf16>(m * n).unwrap();
+        let ours = gpu.time_ms(3, 20, || gemm_tn(&gpu, &a, &b, &mut c, m, n, k)).unwrap();
+        let theirs =
+            gpu.time_ms(3, 20, || gemm.matmul(m, n, k, &a, false, &b, true, &mut c, 1.0, 0.0, Epilogue::None)).unwrap();
+        let (t_ours, t_theirs) = (ours[ours.len() / 2], theirs[theirs.len() / 2]);
+        let tflops = |ms: f32| flops(m, n, k) as f64 / (ms as f64 * 1e-3) / 1e12;
+        println!(
+            "RESULT hopper gemm_tn {name} ({m} x {n} x {k}) on {}: {t_ours:.4} ms ({:.0} TFLOP/s); cuBLASLt {t_theirs:.4} ms \\
+             ({:.0} TFLOP/s); {:.2}x cuBLASLt's time",
+            gpu.name(),
+            tflops(t_ours),
+            tflops(t_theirs),
+            t_ours / t_theirs
+        );
+    }
+}
+
+criterion_group!(benches, gpu);
+criterion_main!(benches);
