@@ -57,6 +57,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "hopper.cuh"
 #include "params.h"
 
 namespace {
@@ -660,32 +661,6 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
            (static_cast<uint64_t>(kWgCoreMN >> 4) << 32);
 }
 
-// d (64 f32 a thread) += A (64 x 16, descriptor a) x B (16 x 128, descriptor b), asynchronously.
-// Lane (g, t) of warp w of the warpgroup holds, for n-chunk j: d[4j], d[4j+1] = rows 16w + g,
-// columns 8j + 2t, +1; d[4j+2], d[4j+3] = row 16w + g + 8, the same columns.
-// TransA / TransB: 0 for a K-major operand (K contiguous within a 16-byte core-matrix row), 1 for
-// an M/N-major one (M or N contiguous).
-template <int TransA = 0, int TransB = 0>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, %66, %67;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(a), "l"(b), "n"(TransA), "n"(TransB));
-}
-
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Waits until at most N of this thread's committed cp.async groups are still in flight.
@@ -694,9 +669,6 @@ __device__ __forceinline__ void cp_async_wait_group() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 // Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to the tensor
 // cores' reads (the async proxy); a barrier after it publishes them to the other threads' wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -709,7 +681,7 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 __device__ __forceinline__ void end_wgmma_step() {
     cp_async_wait_group<1>();
     fence_proxy_async();
-    wgmma_wait_all();
+    wgmma_wait_groups<0>();
     __syncthreads();
 }
 
@@ -789,14 +761,14 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
     // This warpgroup's A rows of A stage st and the whole weight tile of W stage ws, both 16-deep
     // halves (kk) of the step.
     auto mma = [&](int st, int ws) {
-        wgmma_fence();
+        wgmma_fence_acc();
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
             const uint64_t a = wg_desc(a_tile(st) + wg * 8 * kWgCoreMN + kk * 2 * kWgCoreK);
             const uint64_t b = wg_desc(w_tile(ws) + kk * 2 * kWgCoreK);
             wgmma_m64n128k16(acc, a, b);
         }
-        wgmma_commit();
+        wgmma_commit_groups();
     };
 
     // One cp.async group per weight tile, committed even when empty, so that "all but the newest
@@ -1115,14 +1087,14 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
     // This warpgroup's 64 channels of d_out stage gs against all 128 k' of pixel stage ps, both
     // 16-deep halves of the step's 32 rows.
     auto mma = [&](int gs, int ps) {
-        wgmma_fence();
+        wgmma_fence_acc();
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
             const uint64_t a = wg_desc(g_s + gs * kWgTile + wg * 8 * kWgCoreMN + kk * 2 * kWgCoreK);
             const uint64_t b = wg_desc(p_s + ps * kWgTile + kk * 2 * kWgCoreK);
             wgmma_m64n128k16<1, 1>(acc, a, b);
         }
-        wgmma_commit();
+        wgmma_commit_groups();
     };
 
     if (steps > 0) {
