@@ -766,11 +766,14 @@ __device__ __forceinline__ void dkdv_tile(const uint32_t (&kf)[4][4], const uint
 
 // ---------------------------------------------------------------------------------- K/V-resident kernels
 
-// Loads all of one (sample, head) pair's K and V into shared memory at s0: nkt padded [64 x 72] tiles
-// of K, then nkt of V (keys >= Lk zero-filled), and waits for them. Threads [0, 128) move K, threads
-// [128, 256) V, each as load_tile does. Every thread of the block must call it (it ends on a barrier).
-__device__ __forceinline__ void load_kv_resident(uint32_t s0, const bf16* kg, const bf16* vg, const MapetAttention& prm,
-                                                 int nkt, const Geometry& G, int tid) {
+// Loads all of the K and V of sample b, head `head` into shared memory at s0: nkt padded [64 x 72]
+// tiles of K, then nkt of V (keys >= Lk zero-filled), and waits for them. Threads [0, 128) move K,
+// threads [128, 256) V, each as load_tile does. Every thread of the block must call it (it ends on
+// a barrier).
+__device__ __forceinline__ void load_kv_resident(uint32_t s0, const MapetAttention& prm, int b, int head, int nkt,
+                                                 const Geometry& G, int tid) {
+    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
     const bool is_v = tid >= kThreads;  // warps 4..7: uniform per warp
     const bf16* src = is_v ? vg : kg;
     const int stride = static_cast<int>(is_v ? prm.v_row_stride : prm.k_row_stride);
@@ -1065,8 +1068,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_at
 
     const int nkt = (G.lk + kBN - 1) / kBN;
     const uint32_t s0 = smem_addr(rsmem);
-    load_kv_resident(s0, static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD,
-                     static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD, prm, nkt, G, tid);
+    load_kv_resident(s0, prm, b, head, nkt, G, tid);
 
     // Pointers and lane offsets are formed afresh per row tile from the parameters (constant bank):
     // cheaper than holding them across the tile's work at 128 registers.
@@ -1112,8 +1114,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_at
 
     const int nkt = (G.lk + kBN - 1) / kBN;
     const uint32_t s0 = smem_addr(rsmem);
-    load_kv_resident(s0, static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD,
-                     static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD, prm, nkt, G, tid);
+    load_kv_resident(s0, prm, b, head, nkt, G, tid);
 
     // Pointers and lane offsets formed afresh per row tile, as in the forward.
 #pragma unroll 1
@@ -1269,7 +1270,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 
     const Geometry G = geometry_of(prm);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
+    const int t = lane & 3;
     const int k0 = blockIdx.x * kBN;
     const int head = blockIdx.y, b = blockIdx.z;
     const float sl2 = prm.scale * kLog2e;
