@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "bf16x8.cuh"
 #include "params.h"
 
 namespace {
@@ -40,12 +41,6 @@ __device__ __forceinline__ float update(float& p, float g, float& m, float& v, b
     return p;
 }
 
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    uint32_t u;
-    memcpy(&u, &h, sizeof(u));
-    return u;
-}
 
 }  // namespace
 
