@@ -784,21 +784,21 @@ fn cuda_run(
     let mut call =
         Call { gpu, gemm, dim, vocab, x, w, b, targets: &d_targets, rows_out, grads, partial, groups, grad_scale };
 
-    let mut first = Some(first);
     if full > 0 {
-        let mut cb = first.take().expect("the first chunk's buffers");
+        // `first` holds full-size chunks; the tail, if any, gets its own buffers after they are
+        // freed (in stream order).
+        let mut cb = first;
         for i in 0..full {
             call.chunk(&mut cb, i * rc, i == 0)?;
         }
-    } // the full-size buffers are freed (in stream order) before the tail's are allocated
-    if tail > 0 {
-        // The tail is the first chunk when there is no full one.
-        let ready = first.is_some();
-        let mut cb = match first.take() {
-            Some(cb) => cb,
-            None => ChunkBuffers::new(gpu, tail, vocab)?,
-        };
-        call.chunk(&mut cb, full * rc, ready)?;
+        drop(cb);
+        if tail > 0 {
+            let mut cb = ChunkBuffers::new(gpu, tail, vocab)?;
+            call.chunk(&mut cb, full * rc, false)?;
+        }
+    } else {
+        // The tail is the only chunk, and `first` holds it with its logits queued.
+        call.chunk(&mut first, 0, true)?;
     }
     call.finish_bias_gradient()?;
 
