@@ -110,6 +110,64 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128(const
 #endif
 }
 
+// The two register-A wgmma forms the attention kernels use, on a B that sw128_load_rows wrote
+// (cp.async into the 128-byte swizzle, zero fill, the proxy fence): A's fragments come straight
+// from global memory in the mma.sync layout; B is read once as K-major (B^T, n = 32, the first
+// step not accumulating) and once as N-major (B itself, n = 64, 16 rows of B a step).
+extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __grid_constant__ MapetHopperRs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __shared__ __align__(1024) unsigned char b_tile[kBoxBytes];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    sw128_load_rows(hopper_smem_addr(b_tile), p.b, 2 * kBox, kBox, p.b_rows, threadIdx.x, 128);
+    sw128_load_wait();
+    __syncthreads();
+
+    // A fragments of the warp's rows r = 16 warp + g (+ 8), the four 16-deep steps.
+    const uint32_t* a = static_cast<const uint32_t*>(p.a);
+    const int r = 16 * warp + g;
+    uint32_t af[4][4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        af[c][0] = a[r * 32 + 8 * c + t];
+        af[c][1] = a[(r + 8) * 32 + 8 * c + t];
+        af[c][2] = a[r * 32 + 8 * c + 4 + t];
+        af[c][3] = a[(r + 8) * 32 + 8 * c + 4 + t];
+    }
+    float kmajor[16];
+    float nmajor[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) nmajor[i] = 0.f;
+    const uint32_t b0 = hopper_smem_addr(b_tile);
+    wgmma_fence_acc();
+#pragma unroll
+    for (int c = 0; c < 4; ++c) wgmma_m64n32k16_rs(kmajor, af[c], sw128_desc(b0 + 32 * c), c);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) wgmma_m64n64k16_rs_nmajor(nmajor, af[c], sw128_desc(b0 + 2048 * c));
+    wgmma_commit_groups();
+    wgmma_wait_groups<0>();
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = r + 8 * h;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            p.out[row * 32 + 8 * j + 2 * t] = kmajor[4 * j + 2 * h];
+            p.out[row * 32 + 8 * j + 2 * t + 1] = kmajor[4 * j + 2 * h + 1];
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            p.out[64 * 32 + row * 64 + 8 * j + 2 * t] = nmajor[4 * j + 2 * h];
+            p.out[64 * 32 + row * 64 + 8 * j + 2 * t + 1] = nmajor[4 * j + 2 * h + 1];
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
 // ------------------------------------------------------------------ a warp-specialised GEMM
 //
 // C[m, n] = A[m, k] B[n, k]^T (bf16 in, f32 accumulation, bf16 out), the shape of x W^T. The

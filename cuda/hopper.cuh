@@ -165,4 +165,72 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(hopper_smem_addr(bar)) : "memory");
 }
 
+// Makes this thread's generic-proxy writes to shared memory (plain stores, cp.async copies once
+// waited for) visible to the async proxy, which wgmma's descriptor operands are read through. A
+// block barrier must follow before another thread's wgmma reads them.
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Starts cp.async copies of rows [0, rows) of a matrix of 64 bf16 columns (row r at byte
+// src + r * stride_bytes) into 128-byte-swizzled shared memory at dst (1024-byte aligned): row r
+// at dst + 128 r, its 16-byte chunk j at chunk j ^ (r & 7), the layout TMA writes with
+// CU_TENSOR_MAP_SWIZZLE_128B. Rows >= row_end (>= 1) are zero-filled (src-size 0; the address
+// is clamped to a real row). Thread i of n (n a multiple of 8) moves chunk i % 8 of rows i / 8,
+// i / 8 + n / 8, ...: 8 consecutive threads read one 128-byte row. Wait with sw128_load_wait.
+__device__ __forceinline__ void sw128_load_rows(uint32_t dst, const void* src, int64_t stride_bytes, int rows,
+                                                int row_end, int i, int n) {
+    const int j = i & 7;
+    for (int r = i >> 3; r < rows; r += n >> 3) {
+        const char* gp = static_cast<const char*>(src) + static_cast<int64_t>(min(r, row_end - 1)) * stride_bytes + 16 * j;
+        const uint32_t d = dst + 128 * r + ((j ^ (r & 7)) << 4);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gp), "r"(r < row_end ? 16 : 0)
+                     : "memory");
+    }
+}
+
+// Waits for all of this thread's cp.async copies, then fences them for wgmma (see above).
+__device__ __forceinline__ void sw128_load_wait() {
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    fence_proxy_async_smem();
+}
+
+// ---- wgmma with A from registers. Warp w of the warpgroup holds rows 16w..16w+15 of A in the
+// mma.sync m16n8k16 A layout: lane (g, t) has a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..),
+// a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..), two bf16 a register, the lower column in the low half.
+// A C fragment pair of an accumulator (n-chunks 2c, 2c+1, packed to bf16) is exactly the A of the
+// 16-deep step c: what lets P = softmax(S) feed P V without leaving the registers.
+
+// d (16 f32 a thread) = A (64 x 16, registers) B^T (B 32 x 16, K-major descriptor b), plus d when
+// accumulate != 0. d is laid out as wgmma_m64n64k16's, with 4 n-chunks of 8.
+__device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+// d (32 f32 a thread) += A (64 x 16, registers) B (B 16 x 64, N-major: a [16 x 64] row-major tile
+// in 128-byte swizzle, descriptor b), the layout of wgmma_m64n64k16's d. N-major with 128-byte
+// swizzle (PTX ISA, "Shared Memory Matrix Layout"): atoms of 8 K-rows x 64 N-elements (128 bytes
+// a row), stacked along K every stride byte offset (1024: sw128_desc's) bytes; the leading byte
+// offset would step between 64-wide N blocks, of which N = 64 has one. So the same swizzled
+// [rows x 64] tile serves as a K-major B (rows = N) and as this N-major one (rows = K); the
+// 16-deep step k starts 16 k rows (2048 k bytes) in.
+__device__ __forceinline__ void wgmma_m64n64k16_rs_nmajor(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -368,6 +368,17 @@ typedef struct MapetHopperCheck {
     int32_t k_atoms;
 } MapetHopperCheck;
 
+// Check of wgmma with A from registers (cuda/hopper.cu, mapet_hopper_wgmma_rs), one block of 128
+// threads: `a` and `b` bf16 [64, 64] row-major; b's rows >= b_rows (1..=64) are read as zeros
+// (the zero fill of sw128_load_rows). out f32: [64, 32] = A B[0:32]^T (B K-major), then [64, 64]
+// = A B (B N-major), both row-major.
+typedef struct MapetHopperRs {
+    const void* a;
+    const void* b;
+    float* out;
+    int32_t b_rows;
+} MapetHopperRs;
+
 // C = A B^T on Hopper's TMA + wgmma (cuda/hopper.cu, mapet_hopper_gemm_tn): A bf16 [m, k] mapped
 // in boxes of 128 rows x 64 columns, B bf16 [n, k] in boxes of 256 rows x 64 columns (both
 // 128-byte swizzle), C bf16 [m, n] row-major (written).

@@ -4,7 +4,7 @@
 //! product); elsewhere both are refused; with no GPU the GPU tests skip and say why.
 
 use half::bf16;
-use mapet::cuda::hopper::{gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_sw128, BOX};
+use mapet::cuda::hopper::{gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128, BOX};
 use mapet::testing::{gpu_or_skip, rng, uniform};
 use mapet::Error;
 
@@ -110,6 +110,38 @@ fn warp_specialised_gemm_matches_the_host_product() {
                     (got - want).abs() <= 4e-3 * want.abs() + 1e-3,
                     "[{m}, {n}, {k}], C[{i}][{j}]: {got} against {want}"
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn register_a_wgmma_reads_b_both_ways() {
+    let test = "register_a_wgmma_reads_b_both_ways";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    let (ha, fa) = random_matrix(&format!("{test} a"), BOX, BOX);
+    let (hb, fb) = random_matrix(&format!("{test} b"), BOX, BOX);
+    let (a, b) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
+    if gpu.compute_capability() != (9, 0) {
+        let err = wgmma_rs(&gpu, &a, &b, BOX).unwrap_err();
+        assert!(err.to_string().contains("9.0"), "{err}");
+        return;
+    }
+    // All rows of B, and B cut at a row that is not a multiple of the 8-row swizzle atom.
+    for b_rows in [BOX, 45] {
+        let bv = |r: usize, c: usize| if r < b_rows { fb[r * BOX + c] as f64 } else { 0.0 };
+        let (kmajor, nmajor) = wgmma_rs(&gpu, &a, &b, b_rows).unwrap();
+        let close = |got: f32, want: f64| (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs());
+        for i in 0..BOX {
+            for j in 0..32 {
+                let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * bv(j, t)).sum();
+                let got = kmajor[i * 32 + j];
+                assert!(close(got, want), "b_rows {b_rows}, A B^T [{i}][{j}]: {got} against {want}");
+            }
+            for j in 0..BOX {
+                let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * bv(t, j)).sum();
+                let got = nmajor[i * BOX + j];
+                assert!(close(got, want), "b_rows {b_rows}, A B [{i}][{j}]: {got} against {want}");
             }
         }
     }

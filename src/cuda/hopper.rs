@@ -8,7 +8,10 @@
 //!   swizzle pattern by hand (tensor map, TMA, mbarrier, swizzle);
 //! - [`wgmma_sw128`]: a 64 x 64 product over one or two 64-wide slices of K, the operands
 //!   loaded by TMA and read by wgmma through swizzled descriptors (descriptor fields, the
-//!   32-byte step within a slice, the accumulator layout).
+//!   32-byte step within a slice, the accumulator layout);
+//! - [`wgmma_rs`]: the two products with A in registers that the wgmma attention kernels use,
+//!   on a B that cp.async wrote into the swizzle by hand (register fragment layout, the zero
+//!   fill and proxy fence, B read K-major and N-major from one tile).
 //!
 //! Compute capability 9.0 only: elsewhere both return [`Error::Unsupported`].
 
@@ -18,7 +21,7 @@ use cudarc::driver::sys;
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use crate::cuda::params::{MapetHopperCheck, MapetHopperGemm, MapetTensorMap};
+use crate::cuda::params::{MapetHopperCheck, MapetHopperGemm, MapetHopperRs, MapetTensorMap};
 use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 
@@ -133,6 +136,34 @@ pub fn wgmma_sw128(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<bf16>
     // kernel loads k / BOX boxes of each and writes the BOX·BOX floats of `out`.
     unsafe { gpu.launch(MODULE, "mapet_hopper_wgmma_sw128", cfg, &p)? };
     out.to_host()
+}
+
+/// The register-A wgmma products on bf16 `a` and `b`, both row-major `[BOX, BOX]`, with the rows
+/// of `b` from `b_rows` on read as zeros (1 <= `b_rows` <= [`BOX`]): `A B[0:32]ᵀ` (row-major f32
+/// `[BOX, 32]`, B K-major) and `A B` (row-major f32 `[BOX, BOX]`, B N-major).
+pub fn wgmma_rs(
+    gpu: &Gpu,
+    a: &dyn DeviceRead<bf16>,
+    b: &dyn DeviceRead<bf16>,
+    b_rows: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    require_9_0(gpu)?;
+    check_matrix("a", a, BOX, BOX)?;
+    check_matrix("b", b, BOX, BOX)?;
+    if !(1..=BOX).contains(&b_rows) {
+        return Err(Error::Unsupported { what: "wgmma check", detail: format!("b_rows = {b_rows}: 1 to {BOX}") });
+    }
+    let mut out = gpu.alloc::<f32>(BOX * 32 + BOX * BOX)?;
+    out.poison()?;
+    let p = MapetHopperRs { a: a.ptr(), b: b.ptr(), out: out.f32_ptr(), b_rows: b_rows as i32 };
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: a and b hold BOX·BOX elements each (checked above) and are 16-byte aligned, as the
+    // kernel's 4-byte and 16-byte loads need; it reads rows < b_rows of b and writes the
+    // BOX·32 + BOX·BOX floats of `out`.
+    unsafe { gpu.launch(MODULE, "mapet_hopper_wgmma_rs", cfg, &p)? };
+    let all = out.to_host()?;
+    let (kmajor, nmajor) = all.split_at(BOX * 32);
+    Ok((kmajor.to_vec(), nmajor.to_vec()))
 }
 
 /// Rows and columns of C that one block of [`gemm_tn`] computes.

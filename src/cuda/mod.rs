@@ -382,6 +382,7 @@ kernel_params!(
     MapetKMeansGather,
     MapetHopperCheck,
     MapetHopperGemm,
+    MapetHopperRs,
 );
 
 /// Device memory a kernel reads: a whole [`DeviceBuffer`], or a [`DeviceView`] /

@@ -644,6 +644,23 @@ const _: () = {
     ["Offset of field: MapetHopperCheck::k_atoms"][::core::mem::offset_of!(MapetHopperCheck, k_atoms) - 272usize];
 };
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetHopperRs {
+    pub a: *const ::core::ffi::c_void,
+    pub b: *const ::core::ffi::c_void,
+    pub out: *mut f32,
+    pub b_rows: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetHopperRs"][::core::mem::size_of::<MapetHopperRs>() - 32usize];
+    ["Alignment of MapetHopperRs"][::core::mem::align_of::<MapetHopperRs>() - 8usize];
+    ["Offset of field: MapetHopperRs::a"][::core::mem::offset_of!(MapetHopperRs, a) - 0usize];
+    ["Offset of field: MapetHopperRs::b"][::core::mem::offset_of!(MapetHopperRs, b) - 8usize];
+    ["Offset of field: MapetHopperRs::out"][::core::mem::offset_of!(MapetHopperRs, out) - 16usize];
+    ["Offset of field: MapetHopperRs::b_rows"][::core::mem::offset_of!(MapetHopperRs, b_rows) - 24usize];
+};
+#[repr(C)]
 #[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
 pub struct MapetHopperGemm {
