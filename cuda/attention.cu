@@ -124,6 +124,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "hopper.cuh"
 #include "params.h"
 
 // Launch constants, restated by the launcher.
@@ -134,6 +135,7 @@
 #define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of the tiled kernels (static shared memory)
 #define MAPET_ATTN_RES_THREADS 256  // block size of the K/V-resident kernels (8 warps)
 #define MAPET_ATTN_RES_DKDV_THREADS 384  // block size of the Q/dO-resident dK/dV kernel (12 warps)
+#define MAPET_ATTN_WG_THREADS 256  // block size of the wgmma forward (2 warpgroups)
 
 namespace {
 
@@ -430,8 +432,12 @@ constexpr float kLazyRescale = 8.f;
 // NaN, which compares false) or grows (any finite score against -inf); the subtracted base of a row
 // at -inf is 0, so exp2(-inf - 0) = 0 instead of NaN, and its correction factor exp2(-inf) = 0
 // clears nothing that was not already 0.
-__device__ __forceinline__ void online_softmax(float (&s)[2][4][4], float (&mx)[2], float (&l)[2],
-                                               float (&acc)[8][4], float sl2) {
+// One online-softmax step without the accumulator: the tile's row max, the lazy decision, p in
+// place of s, l updated; where the max moves, on_grow(i, corr) is called for row i (0: g, 1: g+8)
+// just before l is rescaled, for the caller to rescale (or note) the accumulator's row.
+template <typename OnGrow>
+__device__ __forceinline__ void softmax_tile(float (&s)[2][4][4], float (&mx)[2], float (&l)[2], float sl2,
+                                             OnGrow on_grow) {
     float tmax[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -464,15 +470,23 @@ __device__ __forceinline__ void online_softmax(float (&s)[2][4][4], float (&mx)[
             }
         }
         if (grow) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                acc[j][2 * i] *= corr;
-                acc[j][2 * i + 1] *= corr;
-            }
+            on_grow(i, corr);
             l[i] *= corr;
         }
         l[i] += rs;
     }
+}
+
+// The mma.sync kernels' step: the accumulator's rows rescaled where the max moves.
+__device__ __forceinline__ void online_softmax(float (&s)[2][4][4], float (&mx)[2], float (&l)[2],
+                                               float (&acc)[8][4], float sl2) {
+    softmax_tile(s, mx, l, sl2, [&acc](int i, float corr) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            acc[j][2 * i] *= corr;
+            acc[j][2 * i + 1] *= corr;
+        }
+    });
 }
 
 // Next key tile at or after kt that is not EMPTY for query rows with extrema amin, amax (CTA level).
@@ -1352,4 +1366,274 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
     bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
     store_warp_rows(dk, prm.scale, prm.scale, smem + warp * 16 * kLds, dkg, prm.dk_row_stride, kw0, G.lk, lane);
     store_warp_rows(dv, 1.f, 1.f, smem + kTileElems + warp * 16 * kLds, dvg, prm.dv_row_stride, kw0, G.lk, lane);
+}
+
+// ================================================================================================ wgmma forward (sm_90a)
+// EXPERIMENTAL: compiles, unverified on GPU. The forward on Hopper's warpgroup MMA, written because
+// the mma.sync kernels are latency bound (BENCHMARKS.md: issue slots half busy, the top stall the
+// fixed latency of dependent MMAs and softmax arithmetic), and wgmma is asynchronous: a warpgroup
+// can run one key tile's softmax while the tensor cores work on its neighbours.
+//
+// Organisation: as mapet_attention_fwd_resident, a CTA per (sample, head) pair (or a few) holds the
+// pair's K and V in shared memory, here in the 128-byte swizzle wgmma reads (hopper.cuh: row r at
+// 128 r, 16-byte chunk j at j ^ (r & 7); ceil(Lk / 64) * 8 KB each, 96 KB for ViT's 344 keys; two
+// CTAs an SM). Each of its 2 warpgroups takes 64-row tiles of the pair's query rows, copying the
+// tile's Q rows into a swizzled 8 KB tile of its own (wg_load_q); per 64-key tile:
+//   S  = Q K^T  two m64n32k16 products a 32-key half (4 steps of 16 head columns each), Q and K
+//               both read K-major from shared memory (Q in registers instead left the kernel 11
+//               registers short of 128 and spilling);
+//   P  = the online softmax of S (softmax_tile, per warp, in registers: the accumulator layout of
+//               wgmma is the mma.sync C layout per warp, so the masks and the softmax are the
+//               mma.sync kernels' own);
+//   O += P V    P repacked to bf16 A fragments, V read N-major from the same swizzled rows
+//               (hopper.cuh, wgmma_m64n64k16_rs_nmajor), two 16-key steps a half.
+// The pipeline: S of tile n+1 is issued before P V of tile n, so the softmax of tile n+1 runs
+// while P V of tile n is on the tensor cores; the rescale of O and the repack of P wait for it.
+//
+// Row order. A warpgroup's 64 rows share one skip decision per 32-key half, and 64 consecutive rows
+// in rank order span 64 different hidden windows (a content row's window moves with its rank), so
+// few halves would be empty for all of them: 1.46x the visible pairs computed at ViT-B, against
+// 1.24x for the 16-row warps of the mma.sync kernels. So the rows are taken in "position" order
+// (row_at), where first_hidden is non-decreasing: content rows 0..C-1 and the mask rows (all
+// a = C), then query row q and content row C + q in turn (a = C + q and C + q + 1). A 64-row tile
+// then spans about 32 windows, and 1.29x the visible pairs are computed at ViT-B.
+//
+// ptxas must report no "wgmma serialized" message (C7510-C7520) for this kernel: each one means the
+// overlap above is gone. What it takes: every wgmma of a group in one basic block with its fence
+// and commit (so both halves always, and no issue under a condition inside the loop), registers
+// pinned around fences and waits (pin_regs), and the warpgroup index made warp-uniform by a
+// shuffle.
+//
+// Grid (splits, H, B); block 256; dynamic shared memory (2 * ceil(Lk / 64) + 2) * 8 KB + 1 KB (to
+// align the tiles to 1024 bytes): 113 KB for Lk <= 384, two CTAs an SM. Compute capability 9.0 (sm_90a cubin) only; elsewhere it traps, and the
+// launcher never picks it.
+
+namespace {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+constexpr int kWgTileBytes = 64 * 128;  // one swizzled 64 x 64 bf16 tile
+
+// The query row at position pos of the position order (above); Lq for positions past the end.
+__device__ __forceinline__ int row_at(int pos, const Geometry& G) {
+    if (pos < G.c) return pos;                  // content rows of the context (a = C)
+    if (pos < G.c + G.p) return G.n + pos - G.c;  // mask rows (a = C)
+    const int j = pos - G.c - G.p;
+    if (j >= 2 * G.p) return G.lq;
+    return (j & 1) ? G.c + (j >> 1) : G.n + G.p + (j >> 1);  // content C + q (a = C+q+1), query q (a = C+q)
+}
+
+// A softmax step's rescale of the O accumulator, kept until the P V product that reads it is done:
+// rows g and g+8 times corr[0], corr[1] where grow.
+struct Rescale {
+    bool grow;
+    float corr[2];
+};
+
+__device__ __forceinline__ void rescale_acc(float (&acc)[8][4], const Rescale& r) {
+    if (!r.grow) return;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        acc[j][0] *= r.corr[0];
+        acc[j][1] *= r.corr[0];
+        acc[j][2] *= r.corr[1];
+        acc[j][3] *= r.corr[1];
+    }
+}
+
+__device__ __forceinline__ float (&flat16(float (&x)[4][4]))[16] { return reinterpret_cast<float (&)[16]>(x); }
+__device__ __forceinline__ float (&flat32(float (&x)[8][4]))[32] { return reinterpret_cast<float (&)[32]>(x); }
+__device__ __forceinline__ float (&flat32(float (&x)[2][4][4]))[32] { return reinterpret_cast<float (&)[32]>(x); }
+__device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[4][4]))[16] { return reinterpret_cast<uint32_t (&)[16]>(x); }
+__device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
+    return reinterpret_cast<uint32_t (&)[16]>(x);
+}
+
+// Issues S = Q K^T for the 64-key tile at k0: s[h] = the C fragments of keys k0 + 32h + [0, 32),
+// as fwd_tile's, two m64n32k16 products of 4 steps, Q from the warpgroup's swizzled tile. One wgmma group. Both halves always: a half
+// that is EMPTY for all 64 rows is computed and then masked whole. Skipping it would put the wgmma
+// under a branch inside the group, and ptxas then serialises every wgmma of the kernel (C7515); the
+// exponentials, which bound the softmax, are taken for both halves either way.
+__device__ __forceinline__ void wg_issue_scores(float (&s)[2][4][4], uint32_t q_smem, uint32_t k_smem, int k0) {
+    pin_regs(flat32(s));
+    wgmma_fence_acc();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const uint32_t rows = k_smem + static_cast<uint32_t>(k0 + h * kHalf) * 128;
+        wgmma_m64n32k16_ss<0>(flat16(s[h]), sw128_desc(q_smem), sw128_desc(rows));
+#pragma unroll
+        for (int c = 1; c < 4; ++c)
+            wgmma_m64n32k16_ss<1>(flat16(s[h]), sw128_desc(q_smem + 32 * c), sw128_desc(rows + 32 * c));
+    }
+    wgmma_commit_groups();
+}
+
+// Loads the Q rows of positions [p0, p0 + 64) (row_at; positions past Lq zero-filled) into the
+// warpgroup's swizzled Q tile, for the 128 threads of warpgroup wg (i = its thread index), and
+// makes them visible to the warpgroup's wgmma. Starts with a barrier of the warpgroup, so that no
+// thread overwrites the tile while another's wgmma of the previous row tile could still read it.
+__device__ __forceinline__ void wg_load_q(uint32_t q_smem, const bf16* qg, int64_t stride, int p0, int wg, int i,
+                                          const Geometry& G) {
+    named_barrier(1 + wg, 128);
+    const int j = i & 7;
+#pragma unroll
+    for (int r = i >> 3; r < 64; r += 16) {
+        const int row = row_at(p0 + r, G);
+        const bf16* gp = qg + static_cast<int64_t>(min(row, G.lq - 1)) * stride + 8 * j;
+        cp_async16(q_smem + 128 * r + ((j ^ (r & 7)) << 4), gp, row < G.lq);
+    }
+    sw128_load_wait();
+    named_barrier(1 + wg, 128);
+}
+
+// Issues O += P V for the 64-key tile at k0, pa[h][c] = the A fragment of keys k0 + 32h + 16c +
+// [0, 16) (zeros where the keys are hidden). One wgmma group.
+__device__ __forceinline__ void wg_issue_pv(float (&acc)[8][4], const uint32_t (&pa)[2][2][4], uint32_t v_smem, int k0) {
+    pin_regs(flat32(acc));
+    wgmma_fence_acc();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const uint32_t rows = v_smem + static_cast<uint32_t>(k0 + h * kHalf + 16 * c) * 128;
+            wgmma_m64n64k16_rs_nmajor(flat32(acc), pa[h][c], sw128_desc(rows));
+        }
+    }
+    wgmma_commit_groups();
+}
+
+// The softmax of a finished S tile: EMPTY halves to -inf, masks, one softmax_tile step (the
+// accumulator's rescale returned, not applied); p left in s.
+__device__ __forceinline__ Rescale wg_softmax(float (&s)[2][4][4], int amin, int amax,
+                                              int k0, int a_lo, int a_hi, int t, const Geometry& G, float sl2,
+                                              float (&mx)[2], float (&l)[2]) {
+    const int kb0 = k0 + 2 * t;
+    const bool tail = k0 + kBN > G.lk;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        // The half's class for the warpgroup's rows (extrema amin, amax).
+        const int kind = classify(amin, amax, k0 + h * kHalf, k0 + h * kHalf + kHalf, true, G);
+        if (kind == kEmpty) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = -INFINITY;
+        } else {
+            mask_scores(s[h], kind, tail, h * kHalf, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
+        }
+    }
+    Rescale r{false, {1.f, 1.f}};
+    softmax_tile(s, mx, l, sl2, [&r](int i, float corr) {
+        r.grow = true;
+        r.corr[i] = corr;
+    });
+    return r;
+}
+
+__device__ __forceinline__ void wg_pack_p(uint32_t (&pa)[2][2][4], const float (&s)[2][4][4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            pa[h][c][0] = pack_bf16(s[h][2 * c][0], s[h][2 * c][1]);
+            pa[h][c][1] = pack_bf16(s[h][2 * c][2], s[h][2 * c][3]);
+            pa[h][c][2] = pack_bf16(s[h][2 * c + 1][0], s[h][2 * c + 1][1]);
+            pa[h][c][3] = pack_bf16(s[h][2 * c + 1][2], s[h][2 * c + 1][3]);
+        }
+    }
+}
+
+
+#endif
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ unsigned char wg_smem_raw[];
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
+    // The warpgroup index through a shuffle: ptxas then knows it (and the row tiles, extrema and
+    // tile classes derived from it) to be uniform across the warp. Derived from threadIdx.x alone,
+    // the branches around the wgmma look divergent to it, and it serialises every wgmma.
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+    const int g = lane >> 2, t = lane & 3;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    const uint32_t k_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
+    const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
+    const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's Q tile
+
+    // K by warpgroup 0, V by warpgroup 1; keys past Lk zero-filled up to the last tile's end.
+    {
+        const bool is_v = wg == 1;
+        const bf16* src = static_cast<const bf16*>(is_v ? prm.v : prm.k) +
+                          b * (is_v ? prm.v_batch_stride : prm.k_batch_stride) + head * kD;
+        const int64_t stride = is_v ? prm.v_row_stride : prm.k_row_stride;
+        sw128_load_rows(is_v ? v_smem : k_smem, src, 2 * stride, nkt * kBN, G.lk, tid & 127, 128);
+        sw128_load_wait();
+        __syncthreads();
+    }
+
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+#pragma unroll 1
+    for (int p0 = (blockIdx.x * 2 + wg) * 64; p0 < G.lq; p0 += gridDim.x * 2 * 64) {
+        // The warpgroup's hidden-window extrema (first_hidden is monotone in the position), and
+        // the lane's two rows.
+        const int amin = first_hidden(row_at(p0, G), G);
+        const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
+        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
+        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
+        wg_load_q(q_smem, qg, prm.q_row_stride, p0, wg, tid & 127, G);
+
+        float acc[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        float mx[2] = {-INFINITY, -INFINITY};
+        float l[2] = {0.f, 0.f};
+        float s[2][4][4];
+        uint32_t pa[2][2][4];
+
+        // Every row sees N >= 1 keys, so some tile is not EMPTY.
+        int kt = next_key_tile(0, nkt, amin, amax, G);
+        wg_issue_scores(s, q_smem, k_smem, kt * kBN);
+        wgmma_wait_groups<0>();
+        pin_regs(flat32(s));
+        wg_softmax(s, amin, amax, kt * kBN, a_lo, a_hi, t, G, sl2, mx, l);  // O is still 0: no rescale
+        wg_pack_p(pa, s);
+        pin_regs(flat16(pa));
+        while (true) {
+            const int kn = next_key_tile(kt + 1, nkt, amin, amax, G);
+            if (kn >= nkt) break;
+            wg_issue_scores(s, q_smem, k_smem, kn * kBN);
+            wg_issue_pv(acc, pa, v_smem, kt * kBN);
+            wgmma_wait_groups<1>();  // S of tile kn (P V of tile kt may still run)
+            pin_regs(flat32(s));
+            const Rescale r = wg_softmax(s, amin, amax, kn * kBN, a_lo, a_hi, t, G, sl2, mx, l);
+            wgmma_wait_groups<0>();  // P V of tile kt: acc and pa are free
+            pin_regs(flat32(acc));
+            pin_regs(flat16(pa));
+            rescale_acc(acc, r);
+            wg_pack_p(pa, s);
+            pin_regs(flat16(pa));
+            kt = kn;
+        }
+        wg_issue_pv(acc, pa, v_smem, kt * kBN);
+        wgmma_wait_groups<0>();
+        pin_regs(flat32(acc));
+
+        float inv[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            l[i] = quad_sum(l[i]);
+            inv[i] = 1.f / l[i];
+        }
+        bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+        store_frag_rows(acc, inv[0], inv[1], og, prm.o_row_stride, r_lo, r_hi, G.lq, t);
+        if (t == 0) {
+            float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+            if (r_lo < G.lq) lse[r_lo] = mx[0] * prm.scale + logf(l[0]);
+            if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
+        }
+    }
+#else
+    __trap();
+#endif
 }

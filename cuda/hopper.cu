@@ -143,7 +143,12 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
     const uint32_t b0 = hopper_smem_addr(b_tile);
     wgmma_fence_acc();
 #pragma unroll
-    for (int c = 0; c < 4; ++c) wgmma_m64n32k16_rs(kmajor, af[c], sw128_desc(b0 + 32 * c), c);
+    for (int c = 0; c < 4; ++c) {
+        if (c == 0)
+            wgmma_m64n32k16_rs<0>(kmajor, af[c], sw128_desc(b0));
+        else
+            wgmma_m64n32k16_rs<1>(kmajor, af[c], sw128_desc(b0 + 32 * c));
+    }
 #pragma unroll
     for (int c = 0; c < 4; ++c) wgmma_m64n64k16_rs_nmajor(nmajor, af[c], sw128_desc(b0 + 2048 * c));
     wgmma_commit_groups();

@@ -193,6 +193,23 @@ __device__ __forceinline__ void sw128_load_wait() {
     fence_proxy_async_smem();
 }
 
+// Pins registers at this point of the program: an empty asm that "writes" them, so the compiler
+// moves no definition of them past it and no use of them ahead of it. Around wgmma: before the
+// fence that precedes an issue (accumulators and A fragments fully formed), and after the wait
+// for its group (accumulators read, A fragments rewritten, only from there on). Without them the
+// compiler may sink a register's definition past the fence, and ptxas then inserts its own
+// warpgroup.arrive and serialises the wgmma.
+template <int N>
+__device__ __forceinline__ void pin_regs(float (&x)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(x[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void pin_regs(uint32_t (&x)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(x[i])::"memory");
+}
+
 // ---- wgmma with A from registers. Warp w of the warpgroup holds rows 16w..16w+15 of A in the
 // mma.sync m16n8k16 A layout: lane (g, t) has a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..),
 // a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..), two bf16 a register, the lower column in the low half.
@@ -200,8 +217,10 @@ __device__ __forceinline__ void sw128_load_wait() {
 // 16-deep step c: what lets P = softmax(S) feed P V without leaving the registers.
 
 // d (16 f32 a thread) = A (64 x 16, registers) B^T (B 32 x 16, K-major descriptor b), plus d when
-// accumulate != 0. d is laid out as wgmma_m64n64k16's, with 4 n-chunks of 8.
-__device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+// Accumulate (a constant, so that ptxas sees that a first step does not read d). d is laid out
+// as wgmma_m64n64k16's, with 4 n-chunks of 8.
+template <int Accumulate>
+__device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
@@ -209,7 +228,27 @@ __device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_
         "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(Accumulate));
+}
+
+// d (16 f32 a thread) = A (64 x 16, K-major descriptor a) B^T (B 32 x 16, K-major descriptor b),
+// plus d when Accumulate. d as wgmma_m64n32k16_rs's.
+template <int Accumulate>
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "n"(Accumulate));
+}
+
+// Named barrier `id` (1..15; 0 is __syncthreads') over `threads` threads (a multiple of 32), e.g.
+// the 128 of one warpgroup.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // d (32 f32 a thread) += A (64 x 16, registers) B (B 16 x 64, N-major: a [16 x 64] row-major tile

@@ -30,3 +30,20 @@ fn no_kernel_spills() {
         }
     }
 }
+
+/// No kernel may have its wgmma serialised by ptxas ("Potential Performance Loss: wgmma.mma_async
+/// instructions are serialized ..."): the kernel still computes the right values, but every
+/// wgmma then waits for the previous one, and the overlap the wgmma kernels are written for is
+/// gone without any other sign (cuda/attention.cu, the wgmma forward, says what causes it).
+#[test]
+fn no_wgmma_serialisation() {
+    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
+        eprintln!("SKIP no_wgmma_serialisation: {reason}");
+        return;
+    }
+    for (module, text) in mapet::cuda::kernels::PTXAS_REPORTS {
+        let bad: Vec<&str> =
+            text.lines().filter(|l| l.contains("wgmma.mma_async instructions are serialized")).collect();
+        assert!(bad.is_empty(), "module {module}: ptxas serialises wgmma:\n{}", bad.join("\n"));
+    }
+}

@@ -545,6 +545,10 @@ const CUDA_TILE_BYTES: usize = 64 * 72 * 2;
 const CUDA_RES_MAX_SMEM: usize = 113 << 10;
 /// Resident CTAs per SM (`__launch_bounds__(MAPET_ATTN_RES_THREADS, 2)`).
 const CUDA_RES_CTAS_PER_SM: usize = 2;
+/// Threads per block of the wgmma forward (`MAPET_ATTN_WG_THREADS`): two warpgroups.
+const CUDA_WG_THREADS: u32 = 256;
+/// Bytes of one 128-byte-swizzled 64 x 64 bf16 tile (`kWgTileBytes`).
+const CUDA_WG_TILE_BYTES: usize = 64 * 128;
 /// Threads per block of the Q/dO-resident dK/dV kernel (`MAPET_ATTN_RES_DKDV_THREADS`), one CTA
 /// per SM.
 const CUDA_RES_DKDV_THREADS: u32 = 384;
@@ -572,18 +576,47 @@ pub enum AttentionKernels {
     /// (forward + backward) faster at ViT-B (BENCHMARKS.md).
     #[default]
     Resident,
+    /// EXPERIMENTAL (compiles, unverified on GPU): the forward on Hopper's warpgroup MMA
+    /// (`mapet_attention_fwd_wgmma`): K and V resident in 128-byte-swizzled shared memory, 64-row
+    /// tiles a warpgroup with the rows in an order that keeps their hidden windows together, and
+    /// the next key tile's Q Kᵀ in flight while the softmax of the current one runs. Compute
+    /// capability 9.0 only; elsewhere, and for the backward, the `Resident` kernels run.
+    Wgmma,
 }
 
 impl AttentionKernels {
-    /// Both, for tests and benches.
-    pub const ALL: [AttentionKernels; 2] = [AttentionKernels::Tiled, AttentionKernels::Resident];
+    /// Every set, for tests and benches.
+    pub const ALL: [AttentionKernels; 3] =
+        [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma];
+
+    /// The wgmma forward's launch for `shape` on a device of compute capability `cc` with
+    /// `sm_count` SMs whose blocks may take `max_smem` bytes of shared memory: grid x and dynamic
+    /// shared bytes; `None` when another forward runs (not chosen, not compute capability 9.0,
+    /// or K and V too large for two CTAs per SM).
+    fn wgmma_launch(self, shape: &AttentionShape, cc: (u32, u32), sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
+        if self != AttentionKernels::Wgmma || cc != (9, 0) {
+            return None;
+        }
+        // K and V tiles, a Q tile per warpgroup, and 1 KiB to align them to the swizzle's
+        // 1024-byte atoms.
+        let smem = (2 * shape.k_rows().div_ceil(CUDA_BLOCK_N) + 2) * CUDA_WG_TILE_BYTES + 1024;
+        if smem > CUDA_RES_MAX_SMEM.min(max_smem as usize) {
+            return None;
+        }
+        // As resident_launch, with 64-row tiles and two warpgroups a CTA.
+        let pairs = shape.batch * shape.heads;
+        let slots = sm_count as usize * CUDA_RES_CTAS_PER_SM;
+        let max_split = shape.q_rows().div_ceil(64).div_ceil(2).max(1);
+        let split = (2 * slots).div_ceil(pairs).clamp(1, max_split);
+        Some((split as u32, smem as u32))
+    }
 
     /// The resident forward and dQ kernels' launch for `shape` on a device with `sm_count` SMs
     /// whose blocks may take `max_smem` bytes of shared memory: grid x (CTAs per pair) and dynamic
     /// shared bytes; `None` when the tiled kernels run (tiled chosen, or K and V too large for two
     /// CTAs per SM of an H100/H200, or for the device).
     fn resident_launch(self, shape: &AttentionShape, sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
-        if self != AttentionKernels::Resident {
+        if self == AttentionKernels::Tiled {
             return None;
         }
         let smem = 2 * shape.k_rows().div_ceil(CUDA_BLOCK_N) * CUDA_TILE_BYTES;
@@ -604,7 +637,7 @@ impl AttentionKernels {
     /// may take `max_smem` bytes of shared memory: grid x and dynamic shared bytes; `None` when the
     /// tiled kernel runs (tiled chosen, or Q and dO too large).
     fn resident_dkdv_launch(self, shape: &AttentionShape, sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
-        if self != AttentionKernels::Resident {
+        if self == AttentionKernels::Tiled {
             return None;
         }
         let tiles = shape.q_rows().div_ceil(CUDA_BLOCK_M);
@@ -621,7 +654,7 @@ impl AttentionKernels {
     }
 }
 
-/// `MAPET_ATTENTION_KERNELS=tiled|resident` picks the kernels the CUDA backend passes to
+/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma` picks the kernels the CUDA backend passes to
 /// [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
 impl KernelChoice for AttentionKernels {
     const VAR: &'static str = "MAPET_ATTENTION_KERNELS";
@@ -631,6 +664,7 @@ impl KernelChoice for AttentionKernels {
         match self {
             AttentionKernels::Tiled => "tiled",
             AttentionKernels::Resident => "resident",
+            AttentionKernels::Wgmma => "wgmma",
         }
     }
 }
@@ -750,16 +784,20 @@ pub fn cuda_forward(
     }
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
-    let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count(), gpu.max_shared_memory_per_block()) {
-        Some(launch) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
-        None => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
+    let (sm_count, max_smem) = (gpu.sm_count(), gpu.max_shared_memory_per_block());
+    let wgmma = kernels.wgmma_launch(shape, gpu.compute_capability(), sm_count, max_smem);
+    let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
+        (Some(launch), _) => ("mapet_attention_fwd_wgmma", resident_grid(launch, CUDA_WG_THREADS, shape)),
+        (None, Some(launch)) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
+        (None, None) => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     };
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
     // touches by the buffer lengths; every bf16 pointer is 16-byte aligned (checked above) and
     // every stride is a multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies and
     // 4-byte fragment loads and stores need. The tiled kernel handles rows [blockIdx.x * 64, +64)
-    // clipped to Lq; the resident one rows < Lq of its pair, with the dynamic shared memory that
-    // all of its pair's K and V tiles take (resident_launch).
+    // clipped to Lq; the resident and wgmma ones rows < Lq of their pair, with the dynamic shared
+    // memory that all of its pair's K and V tiles take (resident_launch, wgmma_launch); the wgmma
+    // one only on compute capability 9.0, where its sm_90a code exists.
     unsafe { gpu.launch("attention", kernel, cfg, &p) }
 }
 
@@ -847,6 +885,31 @@ mod tests {
         for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3)] {
             if let Some((_, smem)) = r.resident_launch(&s, 132, max) {
                 assert!(smem as usize <= CUDA_RES_MAX_SMEM && 2 * (smem as usize + 1024) <= 228 << 10, "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn wgmma_launch_needs_hopper_and_two_ctas_per_sm() {
+        let w = AttentionKernels::Wgmma;
+        let (max, hopper) = (227 << 10, (9, 0));
+        // ViT-B at batch 128: one CTA per pair, 6 + 6 + 2 swizzled tiles of 8 KiB and the alignment.
+        assert_eq!(w.wgmma_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 115_712)));
+        // Few pairs: at most one 64-row tile per warpgroup (491 rows: 8 tiles, 4 CTAs).
+        assert_eq!(w.wgmma_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((4, 115_712)));
+        // Another compute capability, another choice, or keys past 384: not this kernel; the
+        // resident forward runs instead where it fits.
+        assert_eq!(w.wgmma_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
+        assert_eq!(w.wgmma_launch(&shape(128, 12, 197, 50), (10, 0), 148, max), None);
+        assert_eq!(AttentionKernels::Resident.wgmma_launch(&shape(128, 12, 197, 50), hopper, 132, max), None);
+        // Up to 384 keys (6 tiles) fit, as for the resident kernels.
+        assert!(w.wgmma_launch(&shape(128, 12, 256, 128), hopper, 132, max).is_some());
+        assert_eq!(w.wgmma_launch(&shape(128, 12, 257, 129), hopper, 132, max), None);
+        assert!(w.resident_launch(&shape(128, 12, 197, 50), 132, max).is_some());
+        assert!(w.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max).is_some());
+        for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3), shape(2, 2, 256, 128)] {
+            if let Some((_, smem)) = w.wgmma_launch(&s, hopper, 132, max) {
+                assert!(2 * (smem as usize + 1024) <= 228 << 10, "{s:?}");
             }
         }
     }
