@@ -136,6 +136,8 @@
 #define MAPET_ATTN_RES_THREADS 256  // block size of the K/V-resident kernels (8 warps)
 #define MAPET_ATTN_RES_DKDV_THREADS 384  // block size of the Q/dO-resident dK/dV kernel (12 warps)
 #define MAPET_ATTN_WG_THREADS 256  // block size of the wgmma forward (2 warpgroups)
+#define MAPET_ATTN_WG_DQ_THREADS 512    // block size of the wgmma dQ kernel (4 warpgroups)
+#define MAPET_ATTN_WG_DKDV_THREADS 384  // block size of the wgmma dK/dV kernel (3 warpgroups)
 
 namespace {
 
@@ -848,6 +850,33 @@ __device__ __forceinline__ void store_frag_rows(const float (&acc)[8][4], float 
     }
 }
 
+// delta = rowsum(dO * O) of rows row_lo, row_hi (0 for a row that is not ok): lane t of the quad
+// takes columns [16t, 16t+16) of both rows, and the quad sum finishes the dot products.
+__device__ __forceinline__ void row_deltas(const MapetAttention& prm, const bf16* og, const bf16* dog, int row_lo,
+                                           int row_hi, bool ok_lo, bool ok_hi, int t, float& delta_lo, float& delta_hi) {
+    uint4 o_lo[2], o_hi[2], d_lo[2], d_hi[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) o_lo[i] = o_hi[i] = d_lo[i] = d_hi[i] = make_uint4(0, 0, 0, 0);
+    if (ok_lo) {
+        const uint4* os = reinterpret_cast<const uint4*>(og + row_lo * prm.o_row_stride + 16 * t);
+        const uint4* ds = reinterpret_cast<const uint4*>(dog + row_lo * prm.do_row_stride + 16 * t);
+        o_lo[0] = __ldg(os);
+        o_lo[1] = __ldg(os + 1);
+        d_lo[0] = __ldg(ds);
+        d_lo[1] = __ldg(ds + 1);
+    }
+    if (ok_hi) {
+        const uint4* os = reinterpret_cast<const uint4*>(og + row_hi * prm.o_row_stride + 16 * t);
+        const uint4* ds = reinterpret_cast<const uint4*>(dog + row_hi * prm.do_row_stride + 16 * t);
+        o_hi[0] = __ldg(os);
+        o_hi[1] = __ldg(os + 1);
+        d_hi[0] = __ldg(ds);
+        d_hi[1] = __ldg(ds + 1);
+    }
+    delta_lo = quad_sum(dot16_bf16(d_lo, o_lo));
+    delta_hi = quad_sum(dot16_bf16(d_hi, o_hi));
+}
+
 }  // namespace
 // ================================================================================================ forward
 // o, lse from q, k, v. Shared: stage st holds the K tile at sK(st) and the V tile at sV(st); Q is first
@@ -1144,29 +1173,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_at
         // same order as the tiled kernel, so the same delta. Formed before the A fragments are
         // loaded, so that the 16 registers of raw rows are free again by then.
         RowStats rstats;
-        {
-            uint4 o_lo[2], o_hi[2], d_lo[2], d_hi[2];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) o_lo[i] = o_hi[i] = d_lo[i] = d_hi[i] = make_uint4(0, 0, 0, 0);
-            if (ok_lo) {
-                const uint4* os = reinterpret_cast<const uint4*>(og + row_lo * prm.o_row_stride + 16 * t);
-                const uint4* ds = reinterpret_cast<const uint4*>(dog + row_lo * prm.do_row_stride + 16 * t);
-                o_lo[0] = __ldg(os);
-                o_lo[1] = __ldg(os + 1);
-                d_lo[0] = __ldg(ds);
-                d_lo[1] = __ldg(ds + 1);
-            }
-            if (ok_hi) {
-                const uint4* os = reinterpret_cast<const uint4*>(og + row_hi * prm.o_row_stride + 16 * t);
-                const uint4* ds = reinterpret_cast<const uint4*>(dog + row_hi * prm.do_row_stride + 16 * t);
-                o_hi[0] = __ldg(os);
-                o_hi[1] = __ldg(os + 1);
-                d_hi[0] = __ldg(ds);
-                d_hi[1] = __ldg(ds + 1);
-            }
-            rstats.delta_lo = quad_sum(dot16_bf16(d_lo, o_lo));
-            rstats.delta_hi = quad_sum(dot16_bf16(d_hi, o_hi));
-        }
+        row_deltas(prm, og, dog, row_lo, row_hi, ok_lo, ok_hi, t, rstats.delta_lo, rstats.delta_hi);
         rstats.lse2_lo = ok_lo ? prm.lse[stat0 + row_lo] * kLog2e : 0.f;  // lse in log2 units
         rstats.lse2_hi = ok_hi ? prm.lse[stat0 + row_hi] * kLog2e : 0.f;
         if (t == 0) {
@@ -1390,13 +1397,14 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 // The pipeline: S of tile n+1 is issued before P V of tile n, so the softmax of tile n+1 runs
 // while P V of tile n is on the tensor cores; the rescale of O and the repack of P wait for it.
 //
-// Row order. A warpgroup's 64 rows share one skip decision per 32-key half, and 64 consecutive rows
+// Row order. A warpgroup's 64 rows share one skip decision per key tile, and 64 consecutive rows
 // in rank order span 64 different hidden windows (a content row's window moves with its rank), so
-// few halves would be empty for all of them: 1.46x the visible pairs computed at ViT-B, against
-// 1.24x for the 16-row warps of the mma.sync kernels. So the rows are taken in "position" order
-// (row_at), where first_hidden is non-decreasing: content rows 0..C-1 and the mask rows (all
-// a = C), then query row q and content row C + q in turn (a = C + q and C + q + 1). A 64-row tile
-// then spans about 32 windows, and 1.29x the visible pairs are computed at ViT-B.
+// few tiles would be empty for all of them. So the rows are taken in "position" order (row_at),
+// where first_hidden is non-decreasing: content rows 0..C-1 and the mask rows (all a = C), then
+// query row q and content row C + q in turn (a = C + q and C + q + 1); a 64-row tile then spans
+// about 32 windows. Pairs computed at ViT-B over the visible ones: 64 rows x 64 keys, 1.74x in rank
+// order, 1.57x in position order (this kernel); 64 x 32, 1.46x and 1.29x (the wgmma backward);
+// 16 x 64, 1.49x, and 16 x 32, 1.24x (the mma.sync kernels' tiles and halves).
 //
 // ptxas must report no "wgmma serialized" message (C7510-C7520) for this kernel: each one means the
 // overlap above is gone. What it takes: every wgmma of a group in one basic block with its fence
@@ -1443,7 +1451,6 @@ __device__ __forceinline__ void rescale_acc(float (&acc)[8][4], const Rescale& r
 __device__ __forceinline__ float (&flat16(float (&x)[4][4]))[16] { return reinterpret_cast<float (&)[16]>(x); }
 __device__ __forceinline__ float (&flat32(float (&x)[8][4]))[32] { return reinterpret_cast<float (&)[32]>(x); }
 __device__ __forceinline__ float (&flat32(float (&x)[2][4][4]))[32] { return reinterpret_cast<float (&)[32]>(x); }
-__device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[4][4]))[16] { return reinterpret_cast<uint32_t (&)[16]>(x); }
 __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
     return reinterpret_cast<uint32_t (&)[16]>(x);
 }
@@ -1467,20 +1474,27 @@ __device__ __forceinline__ void wg_issue_scores(float (&s)[2][4][4], uint32_t q_
     wgmma_commit_groups();
 }
 
-// Loads the Q rows of positions [p0, p0 + 64) (row_at; positions past Lq zero-filled) into the
-// warpgroup's swizzled Q tile, for the 128 threads of warpgroup wg (i = its thread index), and
-// makes them visible to the warpgroup's wgmma. Starts with a barrier of the warpgroup, so that no
-// thread overwrites the tile while another's wgmma of the previous row tile could still read it.
+// Starts cp.async copies of the rows of positions [p0, p0 + rows) of a bf16 [Lq x 64] matrix (row
+// r at src + r * stride; row_at; positions past Lq zero-filled) into the swizzled tile at dst, by
+// thread i of n (n a multiple of 8; 8 consecutive threads copy one row).
+__device__ __forceinline__ void copy_positions(uint32_t dst, const bf16* src, int64_t stride, int p0, int rows, int i,
+                                               int n, const Geometry& G) {
+    const int j = i & 7;
+    for (int r = i >> 3; r < rows; r += n >> 3) {
+        const int row = row_at(p0 + r, G);
+        const bf16* gp = src + static_cast<int64_t>(min(row, G.lq - 1)) * stride + 8 * j;
+        cp_async16(dst + 128 * r + ((j ^ (r & 7)) << 4), gp, row < G.lq);
+    }
+}
+
+// Loads the Q rows of positions [p0, p0 + 64) into the warpgroup's swizzled Q tile, by the 128
+// threads of warpgroup wg (i = its thread index), and makes them visible to the warpgroup's wgmma.
+// Starts with a barrier of the warpgroup, so that no thread overwrites the tile while another's
+// wgmma of the previous row tile could still read it.
 __device__ __forceinline__ void wg_load_q(uint32_t q_smem, const bf16* qg, int64_t stride, int p0, int wg, int i,
                                           const Geometry& G) {
     named_barrier(1 + wg, 128);
-    const int j = i & 7;
-#pragma unroll
-    for (int r = i >> 3; r < 64; r += 16) {
-        const int row = row_at(p0 + r, G);
-        const bf16* gp = qg + static_cast<int64_t>(min(row, G.lq - 1)) * stride + 8 * j;
-        cp_async16(q_smem + 128 * r + ((j ^ (r & 7)) << 4), gp, row < G.lq);
-    }
+    copy_positions(q_smem, qg, stride, p0, 64, i, 128, G);
     sw128_load_wait();
     named_barrier(1 + wg, 128);
 }
@@ -1632,6 +1646,370 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
             if (r_lo < G.lq) lse[r_lo] = mx[0] * prm.scale + logf(l[0]);
             if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
         }
+    }
+#else
+    __trap();
+#endif
+}
+
+// ================================================================================================ wgmma backward (sm_90a)
+// EXPERIMENTAL: compiles, unverified on GPU. The dQ and dK/dV kernels on wgmma, the forward's
+// pieces in the backward's roles, deterministic as the mma.sync ones (each output owned by one
+// warpgroup, accumulated in a fixed order; no atomics). Both work in 32-wide chunks of the
+// dimension they loop over (keys for dQ, positions for dK/dV), so that a chunk no row of the tile
+// can see is skipped at the loop level, with no wgmma under a branch (1.29x the visible pairs at
+// ViT-B). Per chunk two wgmma groups:
+//   G1  S and dP (4 m64n32k16 steps each) from shared memory, both operands K-major;
+//   G2  the products that take dS (and P) from registers, B read N-major from the same tiles.
+// G1 of chunk n+1 is issued before G2 of chunk n, so the elementwise work of chunk n+1 (P, dS)
+// runs while G2 of chunk n is on the tensor cores.
+//
+// mapet_attention_bwd_dq_wgmma: grid (splits, H, B), 512 threads (4 warpgroups), one CTA an SM.
+//   K and V of the pair resident (as the forward), a Q and a dO tile per warpgroup (64 positions);
+//   per 32-key chunk: S = Q K^T, dP = dO V^T (G1); P = exp2(S scale log2e - lse log2e), dS =
+//   P (dP - delta); dQ += dS K (G2, 2 steps of 16 keys). Writes delta = rowsum(dO * O) for the
+//   dK/dV kernel. Dynamic shared memory (2 ceil(Lk / 64) + 8) * 8 KB + 1 KB: 161 KB at ViT.
+// mapet_attention_bwd_dkdv_wgmma: grid (splits, H, B), 384 threads (3 warpgroups), one CTA an SM.
+//   Q and dO of every position of the pair resident (positions in row_at order, ceil(Lq / 64) * 64
+//   rows each), with lse (log2 units; +inf past Lq, which makes P = 0 there), delta and the first
+//   hidden key of each position; each warpgroup takes 64-key tiles (K and V copied into tiles of
+//   its own); per 32-position chunk: S^T = K Q^T, dP^T = V dO^T (G1); P^T, dS^T elementwise with
+//   the position's lse, delta and window; dV += P^T dO, dK += dS^T Q (G2). Must run after the
+//   dQ kernel (delta). Dynamic shared memory ceil(Lq / 64) * 64 * (256 + 12) B + 48 KB + 1 KB:
+//   183 KB at ViT (491 rows, padded to 512).
+
+namespace {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+constexpr int kChunk = 32;  // keys (dQ) or positions (dK/dV) a chunk
+
+// Next 32-key chunk at or after kc that is not EMPTY for rows with first-hidden extrema amin, amax.
+__device__ __forceinline__ int next_key_chunk(int kc, int nkc, int amin, int amax, const Geometry& G) {
+    while (kc < nkc && classify(amin, amax, kc * kChunk, kc * kChunk + kChunk, true, G) == kEmpty) ++kc;
+    return kc;
+}
+
+// First-hidden extrema of positions [p0, min(p0 + n, Lq)) (first_hidden is monotone in the position).
+__device__ __forceinline__ void position_extrema(int p0, int n, const Geometry& G, int& amin, int& amax) {
+    amin = first_hidden(row_at(p0, G), G);
+    amax = first_hidden(row_at(min(p0 + n, G.lq) - 1, G), G);
+}
+
+// G1 of both kernels: x = A0 B0^T and y = A1 B1^T over 64 head columns (4 steps of 16), the A
+// tiles (64 rows) and the B rows (32) K-major in swizzled shared memory. One wgmma group.
+__device__ __forceinline__ void wg_issue_pair(float (&x)[4][4], float (&y)[4][4], uint32_t a0, uint32_t b0, uint32_t a1,
+                                              uint32_t b1) {
+    pin_regs(flat16(x));
+    pin_regs(flat16(y));
+    wgmma_fence_acc();
+    wgmma_m64n32k16_ss<0>(flat16(x), sw128_desc(a0), sw128_desc(b0));
+#pragma unroll
+    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss<1>(flat16(x), sw128_desc(a0 + 32 * c), sw128_desc(b0 + 32 * c));
+    wgmma_m64n32k16_ss<0>(flat16(y), sw128_desc(a1), sw128_desc(b1));
+#pragma unroll
+    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss<1>(flat16(y), sw128_desc(a1 + 32 * c), sw128_desc(b1 + 32 * c));
+    wgmma_commit_groups();
+}
+
+// acc += A B over a 32-deep chunk: A = a[c] (register fragments of the chunk's 16-deep step c), B
+// the chunk's 32 rows (at rows, 128 bytes each) read N-major. No fence or commit: the caller's.
+__device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint32_t (&a)[2][4], uint32_t rows) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wgmma_m64n64k16_rs_nmajor(flat32(acc), a[c], sw128_desc(rows + 16 * 128 * c));
+}
+
+__device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return reinterpret_cast<uint32_t (&)[8]>(x); }
+
+// The A fragments of a chunk's two 16-deep steps from its C fragments x[n-chunk][4] (f32, packed
+// to bf16), as wg_pack_p does for a half.
+__device__ __forceinline__ void pack_chunk(uint32_t (&a)[2][4], const float (&x)[4][4]) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        a[c][0] = pack_bf16(x[2 * c][0], x[2 * c][1]);
+        a[c][1] = pack_bf16(x[2 * c][2], x[2 * c][3]);
+        a[c][2] = pack_bf16(x[2 * c + 1][0], x[2 * c + 1][1]);
+        a[c][3] = pack_bf16(x[2 * c + 1][2], x[2 * c + 1][3]);
+    }
+}
+
+// dQ's elementwise step on a finished chunk (keys [k0, k0 + 32)): hidden scores masked, then
+// s <- dS = P (dP - delta), P = exp2(S sl2 - lse2), for the lane's rows g (elements 0, 1) and g+8.
+__device__ __forceinline__ void dq_chunk_ds(float (&s)[4][4], const float (&dp)[4][4], int k0, int amin, int amax,
+                                            int a_lo, int a_hi, const RowStats& rs, int t, const Geometry& G,
+                                            float sl2) {
+    const int kb0 = k0 + 2 * t;
+    const int kind = classify(amin, amax, k0, k0 + kChunk, true, G);
+    mask_scores(s, kind, k0 + kChunk > G.lk, 0, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float pv = fast_exp2(fmaf(s[j][e], sl2, -(e < 2 ? rs.lse2_lo : rs.lse2_hi)));
+            s[j][e] = pv * (dp[j][e] - (e < 2 ? rs.delta_lo : rs.delta_hi));
+        }
+    }
+}
+
+// Next 32-position chunk at or after pc with a visible pair with keys [k0, k0 + 64).
+__device__ __forceinline__ int next_position_chunk(int pc, int npc, int k0, const Geometry& G) {
+    for (; pc < npc; ++pc) {
+        int amin, amax;
+        position_extrema(pc * kChunk, kChunk, G, amin, amax);
+        if (classify(amin, amax, k0, k0 + kBN, true, G) != kEmpty) break;
+    }
+    return pc;
+}
+
+// dK/dV's elementwise step on a finished chunk (positions [p0, p0 + 32)): st <- P^T, dpt <- dS^T.
+// Element e of n-chunk j is key key_lo (e < 2) or key_hi against position p0 + 8j + 2t + (e & 1);
+// the position's lse (log2 units), delta and first hidden key come from shared memory. Positions
+// past Lq have lse = +inf, so P = 0 there with no mask.
+__device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)[4][4], int p0, int k0, int key_lo,
+                                                 int key_hi, const float* s_lse2, const float* s_delta, const int* s_a,
+                                                 int t, const Geometry& G, float sl2) {
+    int amin, amax;
+    position_extrema(p0, kChunk, G, amin, amax);
+    const bool partial = classify(amin, amax, k0, k0 + kBN, true, G) == kPartial;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int pos = p0 + 8 * j + 2 * t;
+        const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + pos);
+        const float2 delta = *reinterpret_cast<const float2*>(s_delta + pos);
+        const int2 a = *reinterpret_cast<const int2*>(s_a + pos);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const bool hid = partial && in_window(e < 2 ? key_lo : key_hi, (e & 1) ? a.y : a.x, G.p);
+            const float pv = hid ? 0.f : fast_exp2(fmaf(st[j][e], sl2, -((e & 1) ? lse2.y : lse2.x)));
+            dpt[j][e] = pv * (dpt[j][e] - ((e & 1) ? delta.y : delta.x));
+            st[j][e] = pv;
+        }
+    }
+}
+
+#endif
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 1)
+    mapet_attention_bwd_dq_wgmma(const MapetAttention prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ unsigned char wg_smem_raw[];
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform for ptxas (see the forward)
+    const int g = lane >> 2, t = lane & 3;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    const int nkc = (G.lk + kChunk - 1) / kChunk;
+    const uint32_t k_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
+    const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
+    const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + 2 * wg) * kWgTileBytes;  // this warpgroup's Q
+    const uint32_t do_smem = q_smem + kWgTileBytes;                                        // and dO tiles
+
+    // K by threads [0, 256), V by [256, 512); keys past Lk zero-filled up to the last tile's end.
+    {
+        const bool is_v = tid >= 256;
+        const bf16* src = static_cast<const bf16*>(is_v ? prm.v : prm.k) +
+                          b * (is_v ? prm.v_batch_stride : prm.k_batch_stride) + head * kD;
+        const int64_t stride = is_v ? prm.v_row_stride : prm.k_row_stride;
+        sw128_load_rows(is_v ? v_smem : k_smem, src, 2 * stride, nkt * kBN, G.lk, tid & 255, 256);
+        sw128_load_wait();
+        __syncthreads();
+    }
+
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+    const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+    const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;  // lse/delta row 0
+#pragma unroll 1
+    for (int p0 = (blockIdx.x * 4 + wg) * 64; p0 < G.lq; p0 += gridDim.x * 4 * 64) {
+        int amin, amax;
+        position_extrema(p0, 64, G, amin, amax);
+        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
+        const bool ok_lo = r_lo < G.lq, ok_hi = r_hi < G.lq;
+        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
+
+        // The tile's Q and dO rows into the warpgroup's tiles; the rows' delta and lse meanwhile.
+        named_barrier(1 + wg, 128);
+        copy_positions(q_smem, qg, prm.q_row_stride, p0, 64, tid & 127, 128, G);
+        copy_positions(do_smem, dog, prm.do_row_stride, p0, 64, tid & 127, 128, G);
+        RowStats rs;
+        row_deltas(prm, og, dog, r_lo, r_hi, ok_lo, ok_hi, t, rs.delta_lo, rs.delta_hi);
+        rs.lse2_lo = ok_lo ? prm.lse[stat0 + r_lo] * kLog2e : 0.f;  // rows past Lq: P = 1, dS = 0
+        rs.lse2_hi = ok_hi ? prm.lse[stat0 + r_hi] * kLog2e : 0.f;
+        if (t == 0) {
+            if (ok_lo) prm.delta[stat0 + r_lo] = rs.delta_lo;
+            if (ok_hi) prm.delta[stat0 + r_hi] = rs.delta_hi;
+        }
+        sw128_load_wait();
+        named_barrier(1 + wg, 128);
+
+        float dq[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+        float s[4][4], dp[4][4];
+        uint32_t ds[2][4];
+
+        int kc = next_key_chunk(0, nkc, amin, amax, G);  // every row sees N >= 1 keys
+        wg_issue_pair(s, dp, q_smem, k_smem + kc * kChunk * 128, do_smem, v_smem + kc * kChunk * 128);
+        wgmma_wait_groups<0>();
+        pin_regs(flat16(s));
+        pin_regs(flat16(dp));
+        dq_chunk_ds(s, dp, kc * kChunk, amin, amax, a_lo, a_hi, rs, t, G, sl2);
+        pack_chunk(ds, s);
+        pin_regs(flat8(ds));
+        while (true) {
+            const int kn = next_key_chunk(kc + 1, nkc, amin, amax, G);
+            if (kn >= nkc) break;
+            wg_issue_pair(s, dp, q_smem, k_smem + kn * kChunk * 128, do_smem, v_smem + kn * kChunk * 128);
+            pin_regs(flat32(dq));
+            wgmma_fence_acc();
+            wg_chunk_product(dq, ds, k_smem + kc * kChunk * 128);
+            wgmma_commit_groups();
+            wgmma_wait_groups<1>();  // G1 of chunk kn
+            pin_regs(flat16(s));
+            pin_regs(flat16(dp));
+            dq_chunk_ds(s, dp, kn * kChunk, amin, amax, a_lo, a_hi, rs, t, G, sl2);
+            wgmma_wait_groups<0>();  // G2 of chunk kc: dq and ds are free
+            pin_regs(flat32(dq));
+            pin_regs(flat8(ds));
+            pack_chunk(ds, s);
+            pin_regs(flat8(ds));
+            kc = kn;
+        }
+        pin_regs(flat32(dq));
+        wgmma_fence_acc();
+        wg_chunk_product(dq, ds, k_smem + kc * kChunk * 128);
+        wgmma_commit_groups();
+        wgmma_wait_groups<0>();
+        pin_regs(flat32(dq));
+
+        bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
+        store_frag_rows(dq, prm.scale, prm.scale, dqg, prm.dq_row_stride, r_lo, r_hi, G.lq, t);
+    }
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_wgmma(const MapetAttention prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ unsigned char wg_smem_raw[];
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform for ptxas (see the forward)
+    const int g = lane >> 2, t = lane & 3;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const float sl2 = prm.scale * kLog2e;
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    const int lqp = (G.lq + 63) / 64 * 64;  // positions held (whole 64-row tiles)
+    const int npc = (G.lq + kChunk - 1) / kChunk;
+    // [Q | dO | K tiles | V tiles | lse2 | delta | first hidden], the swizzled parts 1024-aligned.
+    const uint32_t q_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
+    const uint32_t do_smem = q_smem + static_cast<uint32_t>(lqp) * 128;
+    const uint32_t k_smem = do_smem + static_cast<uint32_t>(lqp) * 128 + wg * kWgTileBytes;  // this warpgroup's
+    const uint32_t v_smem = k_smem + 3 * kWgTileBytes;                                       // K and V tiles
+    float* s_lse2 = reinterpret_cast<float*>(wg_smem_raw + (q_smem - smem_addr(wg_smem_raw)) + 2 * lqp * 128 +
+                                             6 * kWgTileBytes);
+    float* s_delta = s_lse2 + lqp;
+    int* s_a = reinterpret_cast<int*>(s_delta + lqp);
+
+    // Every position's Q and dO row, lse (log2 units), delta and first hidden key.
+    {
+        const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+        const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+        copy_positions(q_smem, qg, prm.q_row_stride, 0, lqp, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
+        copy_positions(do_smem, dog, prm.do_row_stride, 0, lqp, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
+        const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+        for (int pos = tid; pos < lqp; pos += MAPET_ATTN_WG_DKDV_THREADS) {
+            const int row = row_at(pos, G);
+            const bool ok = row < G.lq;
+            // Past Lq: lse = +inf, so P = exp2(S sl2 - inf) = 0 and dS = 0 (S and dP are 0 there).
+            s_lse2[pos] = ok ? prm.lse[stat0 + row] * kLog2e : INFINITY;
+            s_delta[pos] = ok ? prm.delta[stat0 + row] : 0.f;
+            s_a[pos] = ok ? first_hidden(row, G) : 0;
+        }
+        sw128_load_wait();
+        __syncthreads();
+    }
+
+#pragma unroll 1
+    for (int kt = blockIdx.x * 3 + wg; kt < nkt; kt += gridDim.x * 3) {
+        const int k0 = kt * kBN;
+        named_barrier(1 + wg, 128);
+        {
+            const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+            const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
+            sw128_load_rows(k_smem, kg + static_cast<int64_t>(k0) * prm.k_row_stride, 2 * prm.k_row_stride, kBN,
+                            G.lk - k0, tid & 127, 128);
+            sw128_load_rows(v_smem, vg + static_cast<int64_t>(k0) * prm.v_row_stride, 2 * prm.v_row_stride, kBN,
+                            G.lk - k0, tid & 127, 128);
+            sw128_load_wait();
+        }
+        named_barrier(1 + wg, 128);
+        const int key_lo = k0 + 16 * warp + g, key_hi = key_lo + 8;  // the lane's two keys
+
+        float dk[8][4], dv[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.f;
+            dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.f;
+        }
+        float st[4][4], dpt[4][4];
+        uint32_t pa[2][4], da[2][4];
+
+        // A tile no position can see (none at ViT) stores zeros.
+        int pc = next_position_chunk(0, npc, k0, G);
+        if (pc < npc) {
+            wg_issue_pair(st, dpt, k_smem, q_smem + pc * kChunk * 128, v_smem, do_smem + pc * kChunk * 128);
+            wgmma_wait_groups<0>();
+            pin_regs(flat16(st));
+            pin_regs(flat16(dpt));
+            dkdv_chunk_grads(st, dpt, pc * kChunk, k0, key_lo, key_hi, s_lse2, s_delta, s_a, t, G, sl2);
+            pack_chunk(pa, st);
+            pack_chunk(da, dpt);
+            pin_regs(flat8(pa));
+            pin_regs(flat8(da));
+            while (true) {
+                const int pn = next_position_chunk(pc + 1, npc, k0, G);
+                if (pn >= npc) break;
+                wg_issue_pair(st, dpt, k_smem, q_smem + pn * kChunk * 128, v_smem, do_smem + pn * kChunk * 128);
+                pin_regs(flat32(dv));
+                pin_regs(flat32(dk));
+                wgmma_fence_acc();
+                wg_chunk_product(dv, pa, do_smem + pc * kChunk * 128);
+                wg_chunk_product(dk, da, q_smem + pc * kChunk * 128);
+                wgmma_commit_groups();
+                wgmma_wait_groups<1>();  // G1 of chunk pn
+                pin_regs(flat16(st));
+                pin_regs(flat16(dpt));
+                dkdv_chunk_grads(st, dpt, pn * kChunk, k0, key_lo, key_hi, s_lse2, s_delta, s_a, t, G, sl2);
+                wgmma_wait_groups<0>();  // G2 of chunk pc: dk, dv, pa and da are free
+                pin_regs(flat32(dv));
+                pin_regs(flat32(dk));
+                pin_regs(flat8(pa));
+                pin_regs(flat8(da));
+                pack_chunk(pa, st);
+                pack_chunk(da, dpt);
+                pin_regs(flat8(pa));
+                pin_regs(flat8(da));
+                pc = pn;
+            }
+            pin_regs(flat32(dv));
+            pin_regs(flat32(dk));
+            wgmma_fence_acc();
+            wg_chunk_product(dv, pa, do_smem + pc * kChunk * 128);
+            wg_chunk_product(dk, da, q_smem + pc * kChunk * 128);
+            wgmma_commit_groups();
+            wgmma_wait_groups<0>();
+            pin_regs(flat32(dv));
+            pin_regs(flat32(dk));
+        }
+        bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
+        bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
+        store_frag_rows(dk, prm.scale, prm.scale, dkg, prm.dk_row_stride, key_lo, key_hi, G.lk, t);
+        store_frag_rows(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, G.lk, t);
     }
 #else
     __trap();

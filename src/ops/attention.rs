@@ -549,6 +549,10 @@ const CUDA_RES_CTAS_PER_SM: usize = 2;
 const CUDA_WG_THREADS: u32 = 256;
 /// Bytes of one 128-byte-swizzled 64 x 64 bf16 tile (`kWgTileBytes`).
 const CUDA_WG_TILE_BYTES: usize = 64 * 128;
+/// Threads per block of the wgmma dQ kernel (`MAPET_ATTN_WG_DQ_THREADS`): four warpgroups.
+const CUDA_WG_DQ_THREADS: u32 = 512;
+/// Threads per block of the wgmma dK/dV kernel (`MAPET_ATTN_WG_DKDV_THREADS`): three warpgroups.
+const CUDA_WG_DKDV_THREADS: u32 = 384;
 /// Threads per block of the Q/dO-resident dK/dV kernel (`MAPET_ATTN_RES_DKDV_THREADS`), one CTA
 /// per SM.
 const CUDA_RES_DKDV_THREADS: u32 = 384;
@@ -576,11 +580,13 @@ pub enum AttentionKernels {
     /// (forward + backward) faster at ViT-B (BENCHMARKS.md).
     #[default]
     Resident,
-    /// EXPERIMENTAL (compiles, unverified on GPU): the forward on Hopper's warpgroup MMA
-    /// (`mapet_attention_fwd_wgmma`): K and V resident in 128-byte-swizzled shared memory, 64-row
-    /// tiles a warpgroup with the rows in an order that keeps their hidden windows together, and
-    /// the next key tile's Q Kᵀ in flight while the softmax of the current one runs. Compute
-    /// capability 9.0 only; elsewhere, and for the backward, the `Resident` kernels run.
+    /// EXPERIMENTAL (compiles, unverified on GPU): forward, dQ and dK/dV on Hopper's warpgroup
+    /// MMA (`mapet_attention_{fwd,bwd_dq,bwd_dkdv}_wgmma`): the resident operands in
+    /// 128-byte-swizzled shared memory, 64-row (64-key) tiles a warpgroup with the rows in an
+    /// order that keeps their hidden windows together, and the next chunk's products in flight
+    /// while the elementwise work of the current one runs. Deterministic, as the others. Compute
+    /// capability 9.0 only; elsewhere, or where the shared memory does not suffice, the
+    /// `Resident` (or tiled) kernels run.
     Wgmma,
 }
 
@@ -608,6 +614,50 @@ impl AttentionKernels {
         let slots = sm_count as usize * CUDA_RES_CTAS_PER_SM;
         let max_split = shape.q_rows().div_ceil(64).div_ceil(2).max(1);
         let split = (2 * slots).div_ceil(pairs).clamp(1, max_split);
+        Some((split as u32, smem as u32))
+    }
+
+    /// The wgmma dQ kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
+    /// K and V, a Q and a dO tile for each of 4 warpgroups, one CTA per SM.
+    fn wgmma_dq_launch(
+        self,
+        shape: &AttentionShape,
+        cc: (u32, u32),
+        sm_count: u32,
+        max_smem: u32,
+    ) -> Option<(u32, u32)> {
+        if self != AttentionKernels::Wgmma || cc != (9, 0) {
+            return None;
+        }
+        let smem = (2 * shape.k_rows().div_ceil(CUDA_BLOCK_N) + 8) * CUDA_WG_TILE_BYTES + 1024;
+        if smem > max_smem as usize {
+            return None;
+        }
+        let max_split = shape.q_rows().div_ceil(64).div_ceil(4).max(1);
+        let split = (2 * sm_count as usize).div_ceil(shape.batch * shape.heads).clamp(1, max_split);
+        Some((split as u32, smem as u32))
+    }
+
+    /// The wgmma dK/dV kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
+    /// Q, dO and per-position lse, delta and hidden window of every position (whole 64-row tiles),
+    /// and a K and a V tile for each of 3 warpgroups, one CTA per SM.
+    fn wgmma_dkdv_launch(
+        self,
+        shape: &AttentionShape,
+        cc: (u32, u32),
+        sm_count: u32,
+        max_smem: u32,
+    ) -> Option<(u32, u32)> {
+        if self != AttentionKernels::Wgmma || cc != (9, 0) {
+            return None;
+        }
+        let positions = shape.q_rows().div_ceil(64) * 64;
+        let smem = positions * (2 * 128 + 12) + 6 * CUDA_WG_TILE_BYTES + 1024;
+        if smem > max_smem as usize {
+            return None;
+        }
+        let max_split = shape.k_rows().div_ceil(CUDA_BLOCK_N).div_ceil(3).max(1);
+        let split = (2 * sm_count as usize).div_ceil(shape.batch * shape.heads).clamp(1, max_split);
         Some((split as u32, smem as u32))
     }
 
@@ -834,20 +884,28 @@ pub fn cuda_backward(
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
     (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
-    let (kernel, cfg) = match kernels.resident_launch(shape, gpu.sm_count(), gpu.max_shared_memory_per_block()) {
-        Some(launch) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
-        None => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
+    let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
+    let wgmma = kernels.wgmma_dq_launch(shape, cc, sm_count, max_smem);
+    let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
+        (Some(launch), _) => ("mapet_attention_bwd_dq_wgmma", resident_grid(launch, CUDA_WG_DQ_THREADS, shape)),
+        (None, Some(launch)) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
+        (None, None) => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     };
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
-    // has [B, H, N+2P] elements, all of which either dQ kernel writes.
+    // has [B, H, N+2P] elements, all of which every dQ kernel writes (the same values).
     unsafe { gpu.launch("attention", kernel, cfg, &p)? };
-    let (kernel, cfg) = match kernels.resident_dkdv_launch(shape, gpu.sm_count(), gpu.max_shared_memory_per_block()) {
-        Some(launch) => ("mapet_attention_bwd_dkdv_resident", resident_grid(launch, CUDA_RES_DKDV_THREADS, shape)),
-        None => ("mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape)),
+    let wgmma = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem);
+    let (kernel, cfg) = match (wgmma, kernels.resident_dkdv_launch(shape, sm_count, max_smem)) {
+        (Some(launch), _) => ("mapet_attention_bwd_dkdv_wgmma", resident_grid(launch, CUDA_WG_DKDV_THREADS, shape)),
+        (None, Some(launch)) => {
+            ("mapet_attention_bwd_dkdv_resident", resident_grid(launch, CUDA_RES_DKDV_THREADS, shape))
+        }
+        (None, None) => ("mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape)),
     };
     // SAFETY: as above, with dk and dv of the keys' size; the dQ kernel wrote delta before this
-    // reads it, since both run in order on this Gpu's one stream. The resident kernel's dynamic
-    // shared memory holds all of its pair's Q and dO tiles and per-row data (resident_dkdv_launch).
+    // reads it, since both run in order on this Gpu's one stream. The resident and wgmma kernels'
+    // dynamic shared memory holds all of their pair's Q and dO rows and per-row data
+    // (resident_dkdv_launch, wgmma_dkdv_launch).
     unsafe { gpu.launch("attention", kernel, cfg, &p) }
 }
 
@@ -890,7 +948,7 @@ mod tests {
     }
 
     #[test]
-    fn wgmma_launch_needs_hopper_and_two_ctas_per_sm() {
+    fn wgmma_launches_need_hopper_and_fitting_shared_memory() {
         let w = AttentionKernels::Wgmma;
         let (max, hopper) = (227 << 10, (9, 0));
         // ViT-B at batch 128: one CTA per pair, 6 + 6 + 2 swizzled tiles of 8 KiB and the alignment.
@@ -907,6 +965,19 @@ mod tests {
         assert_eq!(w.wgmma_launch(&shape(128, 12, 257, 129), hopper, 132, max), None);
         assert!(w.resident_launch(&shape(128, 12, 197, 50), 132, max).is_some());
         assert!(w.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max).is_some());
+        // Backward at ViT-B: dQ with K, V and 8 warpgroup tiles (161 KiB); dK/dV with 512
+        // positions of Q, dO and 12 bytes of row data, and 6 key tiles (183 KiB). One CTA per SM.
+        assert_eq!(w.wgmma_dq_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 164_864)));
+        assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 187_392)));
+        // Few pairs: one 64-row tile per warpgroup (8 tiles, 2 CTAs), one key tile (6, 2 CTAs).
+        assert_eq!(w.wgmma_dq_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((2, 164_864)));
+        assert_eq!(w.wgmma_dkdv_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((2, 187_392)));
+        assert_eq!(w.wgmma_dq_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
+        assert_eq!(AttentionKernels::Resident.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), None);
+        // Too many keys (dQ: more than 640) or positions (dK/dV: more than 640) for one CTA.
+        assert_eq!(w.wgmma_dq_launch(&shape(2, 2, 400, 100), hopper, 132, max), None);
+        assert_eq!(w.wgmma_dkdv_launch(&shape(2, 2, 300, 100), hopper, 132, max), None);
+        assert!(w.wgmma_dkdv_launch(&shape(2, 2, 300, 150), hopper, 132, max).is_some());
         for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3), shape(2, 2, 256, 128)] {
             if let Some((_, smem)) = w.wgmma_launch(&s, hopper, 132, max) {
                 assert!(2 * (smem as usize + 1024) <= 228 << 10, "{s:?}");
