@@ -985,6 +985,85 @@ mod tests {
         }
     }
 
+    /// The wgmma kernels' tile logic, transcribed from cuda/attention.cu (`row_at`,
+    /// `first_hidden`, `classify`, `position_extrema`) and checked exhaustively against the
+    /// visibility of SPEC.md (`perm::visible_bounds`): the position order is a permutation of the
+    /// query rows along which the first hidden key never decreases, no block the kernels skip
+    /// holds a visible pair, and no block they leave unmasked holds a hidden one, for the
+    /// forward's 64 x 64 tiles, dQ's 64 x 32 and dK/dV's 32 positions x 64 keys.
+    #[test]
+    fn wgmma_position_order_and_tile_classes_agree_with_the_spec() {
+        let mut cases: Vec<(usize, usize)> = (2..48).flat_map(|n| (1..n).map(move |c| (n, c))).collect();
+        cases.extend([65, 100, 130, 197].iter().flat_map(|&n| [1, 2, 50, 64, n - 1].map(|c| (n, c))));
+        for (n, c) in cases {
+            let p = n - c;
+            let (lq, lk) = (n + 2 * p, n + p);
+            let first_hidden = |r: usize| crate::perm::visible_bounds(n, c, r).0;
+            let visible = |r: usize, k: usize| {
+                let (a, m) = crate::perm::visible_bounds(n, c, r);
+                k < lk && (k < a || k >= m)
+            };
+            let row_at = |pos: usize| {
+                if pos < c {
+                    pos
+                } else if pos < c + p {
+                    n + pos - c
+                } else if pos - c - p >= 2 * p {
+                    lq
+                } else {
+                    let j = pos - c - p;
+                    if j % 2 == 1 {
+                        c + j / 2
+                    } else {
+                        n + p + j / 2
+                    }
+                }
+            };
+            let rows: Vec<usize> = (0..lq).map(row_at).collect();
+            let mut sorted = rows.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..lq).collect::<Vec<_>>(), "N {n} C {c}: not a permutation");
+            assert!(rows.windows(2).all(|w| first_hidden(w[0]) <= first_hidden(w[1])), "N {n} C {c}: not monotone");
+            // classify() of the CUDA code: 0 EMPTY, 1 FULL, 2 PARTIAL.
+            let classify = |amin: usize, amax: usize, k0: usize, k1: usize| {
+                if k0 >= lk || (k0 >= amax && k1.min(lk) <= amin + p) {
+                    0
+                } else if (k1 <= amin || k0 >= amax + p) && k1 <= lk {
+                    1
+                } else {
+                    2
+                }
+            };
+            let extrema =
+                |p0: usize, len: usize| (first_hidden(row_at(p0)), first_hidden(row_at((p0 + len).min(lq) - 1)));
+            let check = |p0: usize, plen: usize, k0: usize, klen: usize| {
+                let (amin, amax) = extrema(p0, plen);
+                let kind = classify(amin, amax, k0, k0 + klen);
+                let pairs = (p0..(p0 + plen).min(lq)).flat_map(|pos| (k0..k0 + klen).map(move |k| (pos, k)));
+                let vis: Vec<bool> = pairs.map(|(pos, k)| visible(row_at(pos), k)).collect();
+                let at = format!("N {n} C {c}: positions {p0}+{plen}, keys {k0}+{klen}");
+                match kind {
+                    0 => assert!(!vis.iter().any(|&v| v), "{at}: EMPTY holds a visible pair"),
+                    1 => assert!(vis.iter().all(|&v| v), "{at}: FULL holds a hidden pair"),
+                    _ => {}
+                }
+            };
+            for p0 in (0..lq).step_by(64) {
+                for k0 in (0..lk).step_by(64) {
+                    check(p0, 64, k0, 64);
+                }
+                for k0 in (0..lk).step_by(32) {
+                    check(p0, 64, k0, 32);
+                }
+            }
+            for p0 in (0..lq).step_by(32) {
+                for k0 in (0..lk).step_by(64) {
+                    check(p0, 32, k0, 64);
+                }
+            }
+        }
+    }
+
     #[test]
     fn kernel_choice_names_parse() {
         for k in AttentionKernels::ALL {
