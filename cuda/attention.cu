@@ -1413,8 +1413,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 // shuffle.
 //
 // Grid (splits, H, B); block 256; dynamic shared memory (2 * ceil(Lk / 64) + 2) * 8 KB + 1 KB (to
-// align the tiles to 1024 bytes): 113 KB for Lk <= 384, two CTAs an SM. Compute capability 9.0 (sm_90a cubin) only; elsewhere it traps, and the
-// launcher never picks it.
+// align the tiles to 1024 bytes): 113 KB for Lk <= 384, two CTAs an SM. Compute capability 9.0
+// (sm_90a cubin) only; elsewhere it traps, and the launcher never picks it.
 
 namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
