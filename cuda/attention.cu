@@ -1386,9 +1386,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 // 128 r, 16-byte chunk j at j ^ (r & 7); ceil(Lk / 64) * 8 KB each, 96 KB for ViT's 344 keys; two
 // CTAs an SM). Each of its 2 warpgroups takes 64-row tiles of the pair's query rows, copying the
 // tile's Q rows into a swizzled 8 KB tile of its own (wg_load_q); per 64-key tile:
-//   S  = Q K^T  two m64n32k16 products a 32-key half (4 steps of 16 head columns each), Q and K
-//               both read K-major from shared memory (Q in registers instead left the kernel 11
-//               registers short of 128 and spilling);
+//   S  = Q K^T  m64n64k16, 4 steps of 16 head columns, Q and K both read K-major from shared
+//               memory (Q in registers instead left the kernel 11 registers short of 128 and
+//               spilling);
 //   P  = the online softmax of S (softmax_tile, per warp, in registers: the accumulator layout of
 //               wgmma is the mma.sync C layout per warp, so the masks and the softmax are the
 //               mma.sync kernels' own);
@@ -1456,21 +1456,18 @@ __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
 }
 
 // Issues S = Q K^T for the 64-key tile at k0: s[h] = the C fragments of keys k0 + 32h + [0, 32),
-// as fwd_tile's, two m64n32k16 products of 4 steps, Q from the warpgroup's swizzled tile. One wgmma group. Both halves always: a half
-// that is EMPTY for all 64 rows is computed and then masked whole. Skipping it would put the wgmma
-// under a branch inside the group, and ptxas then serialises every wgmma of the kernel (C7515); the
-// exponentials, which bound the softmax, are taken for both halves either way.
+// as fwd_tile's (the m64n64 accumulator's n-chunks 4h..4h+3), 4 m64n64k16 steps, Q from the
+// warpgroup's swizzled tile. One wgmma group. The whole tile always: a half that is EMPTY for all
+// 64 rows is computed and then masked whole. Skipping it would put a wgmma under a branch inside
+// the group, and ptxas then serialises every wgmma of the kernel (C7515); the exponentials, which
+// bound the softmax, are taken for both halves either way.
 __device__ __forceinline__ void wg_issue_scores(float (&s)[2][4][4], uint32_t q_smem, uint32_t k_smem, int k0) {
     pin_regs(flat32(s));
     wgmma_fence_acc();
+    const uint32_t rows = k_smem + static_cast<uint32_t>(k0) * 128;
+    wgmma_m64n64k16<0>(flat32(s), sw128_desc(q_smem), sw128_desc(rows));
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const uint32_t rows = k_smem + static_cast<uint32_t>(k0 + h * kHalf) * 128;
-        wgmma_m64n32k16_ss<0>(flat16(s[h]), sw128_desc(q_smem), sw128_desc(rows));
-#pragma unroll
-        for (int c = 1; c < 4; ++c)
-            wgmma_m64n32k16_ss<1>(flat16(s[h]), sw128_desc(q_smem + 32 * c), sw128_desc(rows + 32 * c));
-    }
+    for (int c = 1; c < 4; ++c) wgmma_m64n64k16<1>(flat32(s), sw128_desc(q_smem + 32 * c), sw128_desc(rows + 32 * c));
     wgmma_commit_groups();
 }
 

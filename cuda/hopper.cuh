@@ -82,9 +82,11 @@ __device__ __forceinline__ void wgmma_wait_groups() {
 // d (32 f32 a thread) += A (64 x 16, descriptor a) B^T (B 64 x 16, descriptor b), both K-major.
 // Lane (g, t) of warp w of the warpgroup holds, for n-chunk j < 8: d[4j], d[4j+1] = row 16w + g,
 // columns 8j + 2t, +1; d[4j+2], d[4j+3] = row 16w + g + 8, the same columns.
+// Accumulate = 0: d = A B^T (d is not read; a first step).
+template <int Accumulate = 1>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
@@ -93,7 +95,7 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b));
+        : "l"(a), "l"(b), "n"(Accumulate));
 }
 
 // d (128 f32 a thread) += A (64 x 16, descriptor a) B^T (B 256 x 16, descriptor b), both K-major;
