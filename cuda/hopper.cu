@@ -110,18 +110,21 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128(const
 #endif
 }
 
-// The two register-A wgmma forms the attention kernels use, on a B that sw128_load_rows wrote
-// (cp.async into the 128-byte swizzle, zero fill, the proxy fence): A's fragments come straight
-// from global memory in the mma.sync layout; B is read once as K-major (B^T, n = 32, the first
-// step not accumulating) and once as N-major (B itself, n = 64, 16 rows of B a step).
+// The wgmma forms the attention kernels use, on tiles that sw128_load_rows wrote (cp.async into
+// the 128-byte swizzle, zero fill, the proxy fence): with A's fragments straight from global
+// memory in the mma.sync layout, B is read once as K-major (B^T, n = 32, the first step not
+// accumulating) and once as N-major (B itself, n = 64, 16 rows of B a step); with A from its own
+// swizzled tile, B's rows 32..63 are read K-major (n = 32 from an offset atom).
 extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __grid_constant__ MapetHopperRs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     __shared__ __align__(1024) unsigned char b_tile[kBoxBytes];
+    __shared__ __align__(1024) unsigned char a_tile[kBoxBytes];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
     const int t = lane & 3;
     sw128_load_rows(hopper_smem_addr(b_tile), p.b, 2 * kBox, kBox, p.b_rows, threadIdx.x, 128);
+    sw128_load_rows(hopper_smem_addr(a_tile), p.a, 2 * kBox, kBox, kBox, threadIdx.x, 128);
     sw128_load_wait();
     __syncthreads();
 
@@ -138,9 +141,11 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
     }
     float kmajor[16];
     float nmajor[32];
+    float shared_a[16];
 #pragma unroll
     for (int i = 0; i < 32; ++i) nmajor[i] = 0.f;
     const uint32_t b0 = hopper_smem_addr(b_tile);
+    const uint32_t a0 = hopper_smem_addr(a_tile);
     wgmma_fence_acc();
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -151,6 +156,9 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
     }
 #pragma unroll
     for (int c = 0; c < 4; ++c) wgmma_m64n64k16_rs_nmajor(nmajor, af[c], sw128_desc(b0 + 2048 * c));
+    wgmma_m64n32k16_ss<0>(shared_a, sw128_desc(a0), sw128_desc(b0 + 32 * 128));
+#pragma unroll
+    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss<1>(shared_a, sw128_desc(a0 + 32 * c), sw128_desc(b0 + 32 * 128 + 32 * c));
     wgmma_commit_groups();
     wgmma_wait_groups<0>();
 
@@ -166,6 +174,11 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
         for (int j = 0; j < 8; ++j) {
             p.out[64 * 32 + row * 64 + 8 * j + 2 * t] = nmajor[4 * j + 2 * h];
             p.out[64 * 32 + row * 64 + 8 * j + 2 * t + 1] = nmajor[4 * j + 2 * h + 1];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            p.out[64 * 96 + row * 32 + 8 * j + 2 * t] = shared_a[4 * j + 2 * h];
+            p.out[64 * 96 + row * 32 + 8 * j + 2 * t + 1] = shared_a[4 * j + 2 * h + 1];
         }
     }
 #else

@@ -368,10 +368,11 @@ typedef struct MapetHopperCheck {
     int32_t k_atoms;
 } MapetHopperCheck;
 
-// Check of wgmma with A from registers (cuda/hopper.cu, mapet_hopper_wgmma_rs), one block of 128
-// threads: `a` and `b` bf16 [64, 64] row-major; b's rows >= b_rows (1..=64) are read as zeros
-// (the zero fill of sw128_load_rows). out f32: [64, 32] = A B[0:32]^T (B K-major), then [64, 64]
-// = A B (B N-major), both row-major.
+// Check of the attention kernels' wgmma forms (cuda/hopper.cu, mapet_hopper_wgmma_rs), one block
+// of 128 threads: `a` and `b` bf16 [64, 64] row-major; b's rows >= b_rows (1..=64) are read as
+// zeros (the zero fill of sw128_load_rows). out f32, all row-major: [64, 32] = A B[0:32]^T (A in
+// registers, B K-major), then [64, 64] = A B (A in registers, B N-major), then [64, 32] =
+// A B[32:64]^T (both from shared memory, K-major).
 typedef struct MapetHopperRs {
     const void* a;
     const void* b;

@@ -130,17 +130,20 @@ fn register_a_wgmma_reads_b_both_ways() {
     // All rows of B, and B cut at a row that is not a multiple of the 8-row swizzle atom.
     for b_rows in [BOX, 45] {
         let bv = |r: usize, c: usize| if r < b_rows { fb[r * BOX + c] as f64 } else { 0.0 };
-        let (kmajor, nmajor) = wgmma_rs(&gpu, &a, &b, b_rows).unwrap();
+        let out = wgmma_rs(&gpu, &a, &b, b_rows).unwrap();
         let close = |got: f32, want: f64| (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs());
         for i in 0..BOX {
             for j in 0..32 {
                 let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * bv(j, t)).sum();
-                let got = kmajor[i * 32 + j];
+                let got = out.kmajor[i * 32 + j];
                 assert!(close(got, want), "b_rows {b_rows}, A B^T [{i}][{j}]: {got} against {want}");
+                let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * bv(32 + j, t)).sum();
+                let got = out.shared_a[i * 32 + j];
+                assert!(close(got, want), "b_rows {b_rows}, A B[32:64]^T from shared [{i}][{j}]: {got} against {want}");
             }
             for j in 0..BOX {
                 let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * bv(t, j)).sum();
-                let got = nmajor[i * BOX + j];
+                let got = out.nmajor[i * BOX + j];
                 assert!(close(got, want), "b_rows {b_rows}, A B [{i}][{j}]: {got} against {want}");
             }
         }
