@@ -160,6 +160,9 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
     attn-fwd-tiled:attention:mapet_attention_fwd:attention/vit-b/tiled \
+    attn-fwd-wgmma:attention:mapet_attention_fwd_wgmma:attention/vit-b/wgmma \
+    attn-dq-wgmma:attention:mapet_attention_bwd_dq_wgmma:attention/vit-b/wgmma \
+    attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
     patch-fwd-hwc:patch_embed:mapet_patch_embed_fwd_u8_hwc:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
     patch-fwd-hwc-wgmma:patch_embed:mapet_patch_embed_fwd_u8_hwc_wgmma:patch_embed_gpu \
