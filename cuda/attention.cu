@@ -136,7 +136,7 @@
 #define MAPET_ATTN_RES_THREADS 256  // block size of the K/V-resident kernels (8 warps)
 #define MAPET_ATTN_RES_DKDV_THREADS 384  // block size of the Q/dO-resident dK/dV kernel (12 warps)
 #define MAPET_ATTN_WG_THREADS 256  // block size of the wgmma forward (2 warpgroups)
-#define MAPET_ATTN_WG_DQ_THREADS 512    // block size of the wgmma dQ kernel (4 warpgroups)
+#define MAPET_ATTN_WG_DQ_THREADS 256    // block size of the wgmma dQ kernel (2 warpgroups)
 #define MAPET_ATTN_WG_DKDV_THREADS 384  // block size of the wgmma dK/dV kernel (3 warpgroups)
 
 namespace {
@@ -1661,11 +1661,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 // G1 of chunk n+1 is issued before G2 of chunk n, so the elementwise work of chunk n+1 (P, dS)
 // runs while G2 of chunk n is on the tensor cores.
 //
-// mapet_attention_bwd_dq_wgmma: grid (splits, H, B), 512 threads (4 warpgroups), one CTA an SM.
-//   K and V of the pair resident (as the forward), a Q and a dO tile per warpgroup (64 positions);
-//   per 32-key chunk: S = Q K^T, dP = dO V^T (G1); P = exp2(S scale log2e - lse log2e), dS =
-//   P (dP - delta); dQ += dS K (G2, 2 steps of 16 keys). Writes delta = rowsum(dO * O) for the
-//   dK/dV kernel. Dynamic shared memory (2 ceil(Lk / 64) + 8) * 8 KB + 1 KB: 161 KB at ViT.
+// mapet_attention_bwd_dq_wgmma: grid (splits, H, B), 256 threads (2 warpgroups), two CTAs an SM
+//   (so that one CTA's K/V load overlaps the other's work). K and V of the pair resident (as the
+//   forward), a dO tile per warpgroup (64 positions), Q's A fragments in registers (a Q tile too
+//   would not leave room for two CTAs); per 32-key chunk: S = Q K^T, dP = dO V^T (G1); P =
+//   exp2(S scale log2e - lse log2e), dS = P (dP - delta); dQ += dS K (G2, 2 steps of 16 keys).
+//   Writes delta = rowsum(dO * O) for the dK/dV kernel. Dynamic shared memory
+//   (2 ceil(Lk / 64) + 2) * 8 KB + 1 KB: 113 KB at ViT.
 // mapet_attention_bwd_dkdv_wgmma: grid (splits, H, B), 384 threads (3 warpgroups), one CTA an SM.
 //   Q and dO of every position of the pair resident (positions in row_at order, ceil(Lq / 64) * 64
 //   rows each), with lse (log2 units; +inf past Lq, which makes P = 0 there), delta and the first
@@ -1708,6 +1710,23 @@ __device__ __forceinline__ void wg_issue_pair(float (&x)[4][4], float (&y)[4][4]
     wgmma_commit_groups();
 }
 
+// dQ's G1: s = Q K^T with Q's A fragments in registers (qf[c]: head columns [16c, 16c + 16)) and
+// dp = dO V^T with dO's tile in shared memory, each against the chunk's 32 rows of K or V
+// (K-major). One wgmma group.
+__device__ __forceinline__ void wg_issue_s_dp(float (&s)[4][4], float (&dp)[4][4], const uint32_t (&qf)[4][4],
+                                              uint32_t k_rows, uint32_t do_tile, uint32_t v_rows) {
+    pin_regs(flat16(s));
+    pin_regs(flat16(dp));
+    wgmma_fence_acc();
+    wgmma_m64n32k16_rs<0>(flat16(s), qf[0], sw128_desc(k_rows));
+#pragma unroll
+    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_rs<1>(flat16(s), qf[c], sw128_desc(k_rows + 32 * c));
+    wgmma_m64n32k16_ss<0>(flat16(dp), sw128_desc(do_tile), sw128_desc(v_rows));
+#pragma unroll
+    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss<1>(flat16(dp), sw128_desc(do_tile + 32 * c), sw128_desc(v_rows + 32 * c));
+    wgmma_commit_groups();
+}
+
 // acc += A B over a 32-deep chunk: A = a[c] (register fragments of the chunk's 16-deep step c), B
 // the chunk's 32 rows (at rows, 128 bytes each) read N-major. No fence or commit: the caller's.
 __device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint32_t (&a)[2][4], uint32_t rows) {
@@ -1716,6 +1735,7 @@ __device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint3
 }
 
 __device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return reinterpret_cast<uint32_t (&)[8]>(x); }
+__device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[4][4]))[16] { return reinterpret_cast<uint32_t (&)[16]>(x); }
 
 // The A fragments of a chunk's two 16-deep steps from its C fragments x[n-chunk][4] (f32, packed
 // to bf16), as wg_pack_p does for a half.
@@ -1786,7 +1806,7 @@ __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)
 #endif
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     mapet_attention_bwd_dq_wgmma(const MapetAttention prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
@@ -1800,16 +1820,15 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 1)
     const int nkc = (G.lk + kChunk - 1) / kChunk;
     const uint32_t k_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
-    const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + 2 * wg) * kWgTileBytes;  // this warpgroup's Q
-    const uint32_t do_smem = q_smem + kWgTileBytes;                                        // and dO tiles
+    const uint32_t do_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's dO tile
 
-    // K by threads [0, 256), V by [256, 512); keys past Lk zero-filled up to the last tile's end.
+    // K by warpgroup 0, V by warpgroup 1; keys past Lk zero-filled up to the last tile's end.
     {
-        const bool is_v = tid >= 256;
+        const bool is_v = wg == 1;
         const bf16* src = static_cast<const bf16*>(is_v ? prm.v : prm.k) +
                           b * (is_v ? prm.v_batch_stride : prm.k_batch_stride) + head * kD;
         const int64_t stride = is_v ? prm.v_row_stride : prm.k_row_stride;
-        sw128_load_rows(is_v ? v_smem : k_smem, src, 2 * stride, nkt * kBN, G.lk, tid & 255, 256);
+        sw128_load_rows(is_v ? v_smem : k_smem, src, 2 * stride, nkt * kBN, G.lk, tid & 127, 128);
         sw128_load_wait();
         __syncthreads();
     }
@@ -1819,17 +1838,20 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 1)
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
     const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;  // lse/delta row 0
 #pragma unroll 1
-    for (int p0 = (blockIdx.x * 4 + wg) * 64; p0 < G.lq; p0 += gridDim.x * 4 * 64) {
+    for (int p0 = (blockIdx.x * 2 + wg) * 64; p0 < G.lq; p0 += gridDim.x * 2 * 64) {
         int amin, amax;
         position_extrema(p0, 64, G, amin, amax);
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const bool ok_lo = r_lo < G.lq, ok_hi = r_hi < G.lq;
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
 
-        // The tile's Q and dO rows into the warpgroup's tiles; the rows' delta and lse meanwhile.
+        // The tile's dO rows into the warpgroup's tile, its Q rows into A fragments; the rows'
+        // delta and lse meanwhile.
         named_barrier(1 + wg, 128);
-        copy_positions(q_smem, qg, prm.q_row_stride, p0, 64, tid & 127, 128, G);
         copy_positions(do_smem, dog, prm.do_row_stride, p0, 64, tid & 127, 128, G);
+        uint32_t qf[4][4];
+        load_a_frags(qf, qg, prm.q_row_stride, r_lo, r_hi, G.lq, t);
+        pin_regs(flat16(qf));
         RowStats rs;
         row_deltas(prm, og, dog, r_lo, r_hi, ok_lo, ok_hi, t, rs.delta_lo, rs.delta_hi);
         rs.lse2_lo = ok_lo ? prm.lse[stat0 + r_lo] * kLog2e : 0.f;  // rows past Lq: P = 1, dS = 0
@@ -1848,7 +1870,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 1)
         uint32_t ds[2][4];
 
         int kc = next_key_chunk(0, nkc, amin, amax, G);  // every row sees N >= 1 keys
-        wg_issue_pair(s, dp, q_smem, k_smem + kc * kChunk * 128, do_smem, v_smem + kc * kChunk * 128);
+        wg_issue_s_dp(s, dp, qf, k_smem + kc * kChunk * 128, do_smem, v_smem + kc * kChunk * 128);
         wgmma_wait_groups<0>();
         pin_regs(flat16(s));
         pin_regs(flat16(dp));
@@ -1858,7 +1880,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 1)
         while (true) {
             const int kn = next_key_chunk(kc + 1, nkc, amin, amax, G);
             if (kn >= nkc) break;
-            wg_issue_pair(s, dp, q_smem, k_smem + kn * kChunk * 128, do_smem, v_smem + kn * kChunk * 128);
+            wg_issue_s_dp(s, dp, qf, k_smem + kn * kChunk * 128, do_smem, v_smem + kn * kChunk * 128);
             pin_regs(flat32(dq));
             wgmma_fence_acc();
             wg_chunk_product(dq, ds, k_smem + kc * kChunk * 128);

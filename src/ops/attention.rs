@@ -549,8 +549,8 @@ const CUDA_RES_CTAS_PER_SM: usize = 2;
 const CUDA_WG_THREADS: u32 = 256;
 /// Bytes of one 128-byte-swizzled 64 x 64 bf16 tile (`kWgTileBytes`).
 const CUDA_WG_TILE_BYTES: usize = 64 * 128;
-/// Threads per block of the wgmma dQ kernel (`MAPET_ATTN_WG_DQ_THREADS`): four warpgroups.
-const CUDA_WG_DQ_THREADS: u32 = 512;
+/// Threads per block of the wgmma dQ kernel (`MAPET_ATTN_WG_DQ_THREADS`): two warpgroups.
+const CUDA_WG_DQ_THREADS: u32 = 256;
 /// Threads per block of the wgmma dK/dV kernel (`MAPET_ATTN_WG_DKDV_THREADS`): three warpgroups.
 const CUDA_WG_DKDV_THREADS: u32 = 384;
 /// Threads per block of the Q/dO-resident dK/dV kernel (`MAPET_ATTN_RES_DKDV_THREADS`), one CTA
@@ -618,7 +618,7 @@ impl AttentionKernels {
     }
 
     /// The wgmma dQ kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
-    /// K and V, a Q and a dO tile for each of 4 warpgroups, one CTA per SM.
+    /// K and V and a dO tile for each of 2 warpgroups, two CTAs per SM (the forward's layout).
     fn wgmma_dq_launch(
         self,
         shape: &AttentionShape,
@@ -626,16 +626,7 @@ impl AttentionKernels {
         sm_count: u32,
         max_smem: u32,
     ) -> Option<(u32, u32)> {
-        if self != AttentionKernels::Wgmma || cc != (9, 0) {
-            return None;
-        }
-        let smem = (2 * shape.k_rows().div_ceil(CUDA_BLOCK_N) + 8) * CUDA_WG_TILE_BYTES + 1024;
-        if smem > max_smem as usize {
-            return None;
-        }
-        let max_split = shape.q_rows().div_ceil(64).div_ceil(4).max(1);
-        let split = (2 * sm_count as usize).div_ceil(shape.batch * shape.heads).clamp(1, max_split);
-        Some((split as u32, smem as u32))
+        self.wgmma_launch(shape, cc, sm_count, max_smem)
     }
 
     /// The wgmma dK/dV kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
@@ -965,17 +956,18 @@ mod tests {
         assert_eq!(w.wgmma_launch(&shape(128, 12, 257, 129), hopper, 132, max), None);
         assert!(w.resident_launch(&shape(128, 12, 197, 50), 132, max).is_some());
         assert!(w.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max).is_some());
-        // Backward at ViT-B: dQ with K, V and 8 warpgroup tiles (161 KiB); dK/dV with 512
-        // positions of Q, dO and 12 bytes of row data, and 6 key tiles (183 KiB). One CTA per SM.
-        assert_eq!(w.wgmma_dq_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 164_864)));
+        // Backward at ViT-B: dQ as the forward (K, V and a tile a warpgroup, 113 KiB, two CTAs
+        // per SM); dK/dV with 512 positions of Q, dO and 12 bytes of row data, and 6 key tiles
+        // (183 KiB, one CTA per SM).
+        assert_eq!(w.wgmma_dq_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 115_712)));
         assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 187_392)));
-        // Few pairs: one 64-row tile per warpgroup (8 tiles, 2 CTAs), one key tile (6, 2 CTAs).
-        assert_eq!(w.wgmma_dq_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((2, 164_864)));
+        // Few pairs: one 64-row tile per warpgroup (8 tiles, 4 CTAs), one key tile (6, 2 CTAs).
+        assert_eq!(w.wgmma_dq_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((4, 115_712)));
         assert_eq!(w.wgmma_dkdv_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((2, 187_392)));
         assert_eq!(w.wgmma_dq_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
         assert_eq!(AttentionKernels::Resident.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), None);
-        // Too many keys (dQ: more than 640) or positions (dK/dV: more than 640) for one CTA.
-        assert_eq!(w.wgmma_dq_launch(&shape(2, 2, 400, 100), hopper, 132, max), None);
+        // Too many keys (dQ: more than 384) or positions (dK/dV: more than 640) for the CTAs.
+        assert_eq!(w.wgmma_dq_launch(&shape(2, 2, 257, 129), hopper, 132, max), None);
         assert_eq!(w.wgmma_dkdv_launch(&shape(2, 2, 300, 100), hopper, 132, max), None);
         assert!(w.wgmma_dkdv_launch(&shape(2, 2, 300, 150), hopper, 132, max).is_some());
         for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3), shape(2, 2, 256, 128)] {
