@@ -1448,6 +1448,40 @@ __device__ __forceinline__ void rescale_acc(float (&acc)[8][4], const Rescale& r
     }
 }
 
+// Who a thread of a wgmma kernel is: its index, its warpgroup, its warp in the warpgroup, its
+// lane's g = lane / 4 and t = lane % 4, and the block's head and sample. The warpgroup index goes
+// through a shuffle: ptxas then knows it (and the row tiles, extrema and tile classes derived from
+// it) to be uniform across the warp. Derived from threadIdx.x alone, the branches around the
+// wgmma look divergent to it, and it serialises every wgmma.
+struct WgThread {
+    int tid, wg, warp, g, t, head, b;
+};
+
+__device__ __forceinline__ WgThread wg_thread() {
+    const int tid = threadIdx.x;
+    return WgThread{tid,
+                    __shfl_sync(0xffffffffu, tid >> 7, 0),
+                    (tid >> 5) & 3,
+                    (tid & 31) >> 2,
+                    tid & 3,
+                    static_cast<int>(blockIdx.y),
+                    static_cast<int>(blockIdx.z)};
+}
+
+// Loads the pair's K (warpgroup 0) and V (warpgroup 1; i = the thread's index in it) into
+// swizzled tiles at k_smem and v_smem, keys past Lk zero-filled up to the last tile's end, and
+// makes them visible to every warpgroup's wgmma (ends on a block barrier).
+__device__ __forceinline__ void wg_load_kv(const MapetAttention& prm, const Geometry& G, int b, int head,
+                                           uint32_t k_smem, uint32_t v_smem, int nkt, int wg, int i) {
+    const bool is_v = wg == 1;
+    const bf16* src = static_cast<const bf16*>(is_v ? prm.v : prm.k) +
+                      b * (is_v ? prm.v_batch_stride : prm.k_batch_stride) + head * kD;
+    const int64_t stride = is_v ? prm.v_row_stride : prm.k_row_stride;
+    sw128_load_rows(is_v ? v_smem : k_smem, src, 2 * stride, nkt * kBN, G.lk, i, 128);
+    sw128_load_wait();
+    __syncthreads();
+}
+
 __device__ __forceinline__ float (&flat16(float (&x)[4][4]))[16] { return reinterpret_cast<float (&)[16]>(x); }
 __device__ __forceinline__ float (&flat32(float (&x)[8][4]))[32] { return reinterpret_cast<float (&)[32]>(x); }
 __device__ __forceinline__ float (&flat32(float (&x)[2][4][4]))[32] { return reinterpret_cast<float (&)[32]>(x); }
@@ -1559,29 +1593,14 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
-    const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
-    // The warpgroup index through a shuffle: ptxas then knows it (and the row tiles, extrema and
-    // tile classes derived from it) to be uniform across the warp. Derived from threadIdx.x alone,
-    // the branches around the wgmma look divergent to it, and it serialises every wgmma.
-    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-    const int g = lane >> 2, t = lane & 3;
-    const int head = blockIdx.y, b = blockIdx.z;
+    const auto [tid, wg, warp, g, t, head, b] = wg_thread();
     const float sl2 = prm.scale * kLog2e;
     const int nkt = (G.lk + kBN - 1) / kBN;
     const uint32_t k_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
     const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's Q tile
 
-    // K by warpgroup 0, V by warpgroup 1; keys past Lk zero-filled up to the last tile's end.
-    {
-        const bool is_v = wg == 1;
-        const bf16* src = static_cast<const bf16*>(is_v ? prm.v : prm.k) +
-                          b * (is_v ? prm.v_batch_stride : prm.k_batch_stride) + head * kD;
-        const int64_t stride = is_v ? prm.v_row_stride : prm.k_row_stride;
-        sw128_load_rows(is_v ? v_smem : k_smem, src, 2 * stride, nkt * kBN, G.lk, tid & 127, 128);
-        sw128_load_wait();
-        __syncthreads();
-    }
+    wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
 
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
 #pragma unroll 1
@@ -1811,10 +1830,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
-    const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform for ptxas (see the forward)
-    const int g = lane >> 2, t = lane & 3;
-    const int head = blockIdx.y, b = blockIdx.z;
+    const auto [tid, wg, warp, g, t, head, b] = wg_thread();
     const float sl2 = prm.scale * kLog2e;
     const int nkt = (G.lk + kBN - 1) / kBN;
     const int nkc = (G.lk + kChunk - 1) / kChunk;
@@ -1822,16 +1838,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
     const uint32_t do_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's dO tile
 
-    // K by warpgroup 0, V by warpgroup 1; keys past Lk zero-filled up to the last tile's end.
-    {
-        const bool is_v = wg == 1;
-        const bf16* src = static_cast<const bf16*>(is_v ? prm.v : prm.k) +
-                          b * (is_v ? prm.v_batch_stride : prm.k_batch_stride) + head * kD;
-        const int64_t stride = is_v ? prm.v_row_stride : prm.k_row_stride;
-        sw128_load_rows(is_v ? v_smem : k_smem, src, 2 * stride, nkt * kBN, G.lk, tid & 127, 128);
-        sw128_load_wait();
-        __syncthreads();
-    }
+    wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
 
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
@@ -1916,10 +1923,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
-    const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform for ptxas (see the forward)
-    const int g = lane >> 2, t = lane & 3;
-    const int head = blockIdx.y, b = blockIdx.z;
+    const auto [tid, wg, warp, g, t, head, b] = wg_thread();
     const float sl2 = prm.scale * kLog2e;
     const int nkt = (G.lk + kBN - 1) / kBN;
     const int lqp = (G.lq + 63) / 64 * 64;  // positions held (whole 64-row tiles)

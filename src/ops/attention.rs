@@ -617,18 +617,6 @@ impl AttentionKernels {
         Some((split as u32, smem as u32))
     }
 
-    /// The wgmma dQ kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
-    /// K and V and a dO tile for each of 2 warpgroups, two CTAs per SM (the forward's layout).
-    fn wgmma_dq_launch(
-        self,
-        shape: &AttentionShape,
-        cc: (u32, u32),
-        sm_count: u32,
-        max_smem: u32,
-    ) -> Option<(u32, u32)> {
-        self.wgmma_launch(shape, cc, sm_count, max_smem)
-    }
-
     /// The wgmma dK/dV kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
     /// Q, dO and per-position lse, delta and hidden window of every position (whole 64-row tiles),
     /// and a K and a V tile for each of 3 warpgroups, one CTA per SM.
@@ -876,7 +864,8 @@ pub fn cuda_backward(
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
     (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
     let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
-    let wgmma = kernels.wgmma_dq_launch(shape, cc, sm_count, max_smem);
+    // The wgmma dQ kernel has the forward's launch (grid, shared memory, two CTAs per SM).
+    let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
     let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
         (Some(launch), _) => ("mapet_attention_bwd_dq_wgmma", resident_grid(launch, CUDA_WG_DQ_THREADS, shape)),
         (None, Some(launch)) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
@@ -942,32 +931,27 @@ mod tests {
     fn wgmma_launches_need_hopper_and_fitting_shared_memory() {
         let w = AttentionKernels::Wgmma;
         let (max, hopper) = (227 << 10, (9, 0));
-        // ViT-B at batch 128: one CTA per pair, 6 + 6 + 2 swizzled tiles of 8 KiB and the alignment.
+        // Forward and dQ at ViT-B, batch 128: one CTA per pair, 6 + 6 + 2 swizzled tiles of 8 KiB
+        // and the alignment (two CTAs per SM).
         assert_eq!(w.wgmma_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 115_712)));
         // Few pairs: at most one 64-row tile per warpgroup (491 rows: 8 tiles, 4 CTAs).
         assert_eq!(w.wgmma_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((4, 115_712)));
-        // Another compute capability, another choice, or keys past 384: not this kernel; the
-        // resident forward runs instead where it fits.
+        // Another compute capability, another choice, or keys past 384: not these kernels; the
+        // resident ones run instead where they fit.
         assert_eq!(w.wgmma_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
         assert_eq!(w.wgmma_launch(&shape(128, 12, 197, 50), (10, 0), 148, max), None);
         assert_eq!(AttentionKernels::Resident.wgmma_launch(&shape(128, 12, 197, 50), hopper, 132, max), None);
-        // Up to 384 keys (6 tiles) fit, as for the resident kernels.
         assert!(w.wgmma_launch(&shape(128, 12, 256, 128), hopper, 132, max).is_some());
         assert_eq!(w.wgmma_launch(&shape(128, 12, 257, 129), hopper, 132, max), None);
         assert!(w.resident_launch(&shape(128, 12, 197, 50), 132, max).is_some());
         assert!(w.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max).is_some());
-        // Backward at ViT-B: dQ as the forward (K, V and a tile a warpgroup, 113 KiB, two CTAs
-        // per SM); dK/dV with 512 positions of Q, dO and 12 bytes of row data, and 6 key tiles
-        // (183 KiB, one CTA per SM).
-        assert_eq!(w.wgmma_dq_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 115_712)));
+        // dK/dV at ViT-B: 512 positions of Q, dO and 12 bytes of row data, and 6 key tiles (183
+        // KiB, one CTA per SM); few pairs: one key tile per warpgroup (6 tiles, 2 CTAs).
         assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 187_392)));
-        // Few pairs: one 64-row tile per warpgroup (8 tiles, 4 CTAs), one key tile (6, 2 CTAs).
-        assert_eq!(w.wgmma_dq_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((4, 115_712)));
         assert_eq!(w.wgmma_dkdv_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((2, 187_392)));
-        assert_eq!(w.wgmma_dq_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
+        assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
         assert_eq!(AttentionKernels::Resident.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), None);
-        // Too many keys (dQ: more than 384) or positions (dK/dV: more than 640) for the CTAs.
-        assert_eq!(w.wgmma_dq_launch(&shape(2, 2, 257, 129), hopper, 132, max), None);
+        // More than 640 positions do not fit.
         assert_eq!(w.wgmma_dkdv_launch(&shape(2, 2, 300, 100), hopper, 132, max), None);
         assert!(w.wgmma_dkdv_launch(&shape(2, 2, 300, 150), hopper, 132, max).is_some());
         for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3), shape(2, 2, 256, 128)] {
