@@ -1692,9 +1692,11 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 //   rows each), with lse (log2 units; +inf past Lq, which makes P = 0 there), delta and the first
 //   hidden key of each position; each warpgroup takes 64-key tiles (K and V copied into tiles of
 //   its own); per 32-position chunk: S^T = K Q^T, dP^T = V dO^T (G1); P^T, dS^T elementwise with
-//   the position's lse, delta and window; dV += P^T dO, dK += dS^T Q (G2). Must run after the
-//   dQ kernel (delta). Dynamic shared memory ceil(Lq / 64) * 64 * (256 + 12) B + 48 KB + 1 KB:
-//   183 KB at ViT (491 rows, padded to 512).
+//   the position's lse, delta and window; dV += P^T dO, dK += dS^T Q (G2). One CTA an SM, so its
+//   load is not hidden behind another CTA's work: the warpgroups start once the first half of
+//   the positions and their first K/V tile are in, while the second half still lands. Must run
+//   after the dQ kernel (delta). Dynamic shared memory ceil(Lq / 64) * 64 * (256 + 12) B + 48 KB
+//   + 1 KB: 183 KB at ViT (491 rows, padded to 512).
 
 namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1784,6 +1786,18 @@ __device__ __forceinline__ void dq_chunk_ds(float (&s)[4][4], const float (&dp)[
             s[j][e] = pv * (dp[j][e] - (e < 2 ? rs.delta_lo : rs.delta_hi));
         }
     }
+}
+
+// Starts copying the pair's K and V rows [k0, k0 + 64) into a warpgroup's swizzled tiles at k_smem
+// and v_smem (keys past Lk zero-filled), by the warpgroup's thread i.
+__device__ __forceinline__ void copy_kv_tile(const MapetAttention& prm, const Geometry& G, int b, int head,
+                                             uint32_t k_smem, uint32_t v_smem, int k0, int i) {
+    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
+    sw128_load_rows(k_smem, kg + static_cast<int64_t>(k0) * prm.k_row_stride, 2 * prm.k_row_stride, kBN, G.lk - k0,
+                    i, 128);
+    sw128_load_rows(v_smem, vg + static_cast<int64_t>(k0) * prm.v_row_stride, 2 * prm.v_row_stride, kBN, G.lk - k0,
+                    i, 128);
 }
 
 // Next 32-position chunk at or after pc with a visible pair with keys [k0, k0 + 64).
@@ -1938,12 +1952,26 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     float* s_delta = s_lse2 + lqp;
     int* s_a = reinterpret_cast<int*>(s_delta + lqp);
 
-    // Every position's Q and dO row, lse (log2 units), delta and first hidden key.
+    // The copies, in three cp.async groups so that work starts before they have all landed:
+    // (A) the Q and dO rows of the first half of the positions, (K) the K and V tile of this
+    // warpgroup's first key tile, (B) the second half's rows. The warpgroups start once A and K
+    // are in (a block barrier); B is waited for, with a second block barrier that every thread
+    // reaches exactly once (b_ready), before the first chunk that needs it, or at the end.
+    const int half = lqp / 2 / kChunk * kChunk;
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+    copy_positions(q_smem, qg, prm.q_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
+    copy_positions(do_smem, dog, prm.do_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
+    cp_async_commit();
+    const int kt0 = blockIdx.x * 3 + wg;
+    if (kt0 < nkt) copy_kv_tile(prm, G, b, head, k_smem, v_smem, kt0 * kBN, tid & 127);
+    cp_async_commit();
+    copy_positions(q_smem + half * 128, qg, prm.q_row_stride, half, lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
+    copy_positions(do_smem + half * 128, dog, prm.do_row_stride, half, lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS,
+                   G);
+    cp_async_commit();
+    // Every position's lse (log2 units), delta and first hidden key, while the copies fly.
     {
-        const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
-        const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
-        copy_positions(q_smem, qg, prm.q_row_stride, 0, lqp, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
-        copy_positions(do_smem, dog, prm.do_row_stride, 0, lqp, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
         const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
         for (int pos = tid; pos < lqp; pos += MAPET_ATTN_WG_DKDV_THREADS) {
             const int row = row_at(pos, G);
@@ -1953,24 +1981,27 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
             s_delta[pos] = ok ? prm.delta[stat0 + row] : 0.f;
             s_a[pos] = ok ? first_hidden(row, G) : 0;
         }
-        sw128_load_wait();
-        __syncthreads();
     }
+    sw128_load_wait_groups<1>();  // A and K
+    __syncthreads();
+    bool b_ready = false;
+    auto need_chunk = [&](int pc) {
+        if (!b_ready && (pc + 1) * kChunk > half) {
+            sw128_load_wait();
+            __syncthreads();
+            b_ready = true;
+        }
+    };
 
 #pragma unroll 1
-    for (int kt = blockIdx.x * 3 + wg; kt < nkt; kt += gridDim.x * 3) {
+    for (int kt = kt0; kt < nkt; kt += gridDim.x * 3) {
         const int k0 = kt * kBN;
-        named_barrier(1 + wg, 128);
-        {
-            const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
-            const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
-            sw128_load_rows(k_smem, kg + static_cast<int64_t>(k0) * prm.k_row_stride, 2 * prm.k_row_stride, kBN,
-                            G.lk - k0, tid & 127, 128);
-            sw128_load_rows(v_smem, vg + static_cast<int64_t>(k0) * prm.v_row_stride, 2 * prm.v_row_stride, kBN,
-                            G.lk - k0, tid & 127, 128);
+        if (kt != kt0) {
+            named_barrier(1 + wg, 128);  // the previous tile's wgmma are done with K and V
+            copy_kv_tile(prm, G, b, head, k_smem, v_smem, k0, tid & 127);
             sw128_load_wait();
+            named_barrier(1 + wg, 128);
         }
-        named_barrier(1 + wg, 128);
         const int key_lo = k0 + 16 * warp + g, key_hi = key_lo + 8;  // the lane's two keys
 
         float dk[8][4], dv[8][4];
@@ -1985,6 +2016,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         // A tile no position can see (none at ViT) stores zeros.
         int pc = next_position_chunk(0, npc, k0, G);
         if (pc < npc) {
+            need_chunk(pc);
             wg_issue_pair(st, dpt, k_smem, q_smem + pc * kChunk * 128, v_smem, do_smem + pc * kChunk * 128);
             wgmma_wait_groups<0>();
             pin_regs(flat16(st));
@@ -1997,6 +2029,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
             while (true) {
                 const int pn = next_position_chunk(pc + 1, npc, k0, G);
                 if (pn >= npc) break;
+                need_chunk(pn);
                 wg_issue_pair(st, dpt, k_smem, q_smem + pn * kChunk * 128, v_smem, do_smem + pn * kChunk * 128);
                 pin_regs(flat32(dv));
                 pin_regs(flat32(dk));
@@ -2034,6 +2067,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         store_frag_rows(dk, prm.scale, prm.scale, dkg, prm.dk_row_stride, key_lo, key_hi, G.lk, t);
         store_frag_rows(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, G.lk, t);
     }
+    need_chunk(npc);  // the second block barrier, for a thread that has not needed B
 #else
     __trap();
 #endif

@@ -195,6 +195,13 @@ __device__ __forceinline__ void sw128_load_wait() {
     fence_proxy_async_smem();
 }
 
+// Waits for this thread's committed cp.async groups but the newest N, then fences them for wgmma.
+template <int N>
+__device__ __forceinline__ void sw128_load_wait_groups() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+    fence_proxy_async_smem();
+}
+
 // Pins registers at this point of the program: an empty asm that "writes" them, so the compiler
 // moves no definition of them past it and no use of them ahead of it. Around wgmma: before the
 // fence that precedes an issue (accumulators and A fragments fully formed), and after the wait
