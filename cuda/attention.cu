@@ -1385,32 +1385,33 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 // pair's K and V in shared memory, here in the 128-byte swizzle wgmma reads (hopper.cuh: row r at
 // 128 r, 16-byte chunk j at j ^ (r & 7); ceil(Lk / 64) * 8 KB each, 96 KB for ViT's 344 keys; two
 // CTAs an SM). Each of its 2 warpgroups takes 64-row tiles of the pair's query rows, copying the
-// tile's Q rows into a swizzled 8 KB tile of its own (wg_load_q); per 64-key tile:
-//   S  = Q K^T  m64n64k16, 4 steps of 16 head columns, Q and K both read K-major from shared
-//               memory (Q in registers instead left the kernel 11 registers short of 128 and
-//               spilling);
+// tile's Q rows into a swizzled 8 KB tile of its own (wg_load_q). It works through the tile's
+// non-EMPTY 32-key chunks two at a time (a pair need not be adjacent); per pair:
+//   S  = Q K^T  two m64n32k16 products of 4 steps of 16 head columns, Q and K both read K-major
+//               from shared memory (Q in registers instead left the kernel 11 registers short of
+//               128 and spilling);
 //   P  = the online softmax of S (softmax_tile, per warp, in registers: the accumulator layout of
 //               wgmma is the mma.sync C layout per warp, so the masks and the softmax are the
 //               mma.sync kernels' own);
 //   O += P V    P repacked to bf16 A fragments, V read N-major from the same swizzled rows
-//               (hopper.cuh, wgmma_m64n64k16_rs_nmajor), two 16-key steps a half.
-// The pipeline: S of tile n+1 is issued before P V of tile n, so the softmax of tile n+1 runs
-// while P V of tile n is on the tensor cores; the rescale of O and the repack of P wait for it.
+//               (hopper.cuh, wgmma_m64n64k16_rs_nmajor), two 16-key steps a chunk.
+// The pipeline: S of pair n+1 is issued before P V of pair n, so the softmax of pair n+1 runs
+// while P V of pair n is on the tensor cores; the rescale of O and the repack of P wait for it.
 //
-// Row order. A warpgroup's 64 rows share one skip decision per key tile, and 64 consecutive rows
+// Row order. A warpgroup's 64 rows share one skip decision per key chunk, and 64 consecutive rows
 // in rank order span 64 different hidden windows (a content row's window moves with its rank), so
 // few tiles would be empty for all of them. So the rows are taken in "position" order (row_at),
 // where first_hidden is non-decreasing: content rows 0..C-1 and the mask rows (all a = C), then
 // query row q and content row C + q in turn (a = C + q and C + q + 1); a 64-row tile then spans
-// about 32 windows. Pairs computed at ViT-B over the visible ones: 64 rows x 64 keys, 1.74x in rank
-// order, 1.57x in position order (this kernel); 64 x 32, 1.46x and 1.29x (the wgmma backward);
-// 16 x 64, 1.49x, and 16 x 32, 1.24x (the mma.sync kernels' tiles and halves).
+// about 32 windows. Pairs computed at ViT-B over the visible ones: 64 rows x 32 keys, 1.46x in rank
+// order, 1.29x in position order (the wgmma kernels); 64 x 64, 1.74x and 1.57x; 16 x 64, 1.49x,
+// and 16 x 32, 1.24x (the mma.sync kernels' tiles and halves).
 //
 // ptxas must report no "wgmma serialized" message (C7510-C7520) for this kernel: each one means the
 // overlap above is gone. What it takes: every wgmma of a group in one basic block with its fence
-// and commit (so both halves always, and no issue under a condition inside the loop), registers
-// pinned around fences and waits (pin_regs), and the warpgroup index made warp-uniform by a
-// shuffle.
+// and commit (so a pair's two chunks always, and no issue under a condition inside the loop),
+// registers pinned around fences and waits (pin_regs), and the warpgroup index made warp-uniform
+// by a shuffle (wg_thread).
 //
 // Grid (splits, H, B); block 256; dynamic shared memory (2 * ceil(Lk / 64) + 2) * 8 KB + 1 KB (to
 // align the tiles to 1024 bytes): 113 KB for Lk <= 384, two CTAs an SM. Compute capability 9.0
@@ -1428,6 +1429,20 @@ __device__ __forceinline__ int row_at(int pos, const Geometry& G) {
     const int j = pos - G.c - G.p;
     if (j >= 2 * G.p) return G.lq;
     return (j & 1) ? G.c + (j >> 1) : G.n + G.p + (j >> 1);  // content C + q (a = C+q+1), query q (a = C+q)
+}
+
+constexpr int kChunk = 32;  // keys (forward, dQ) or positions (dK/dV) a chunk
+
+// Next 32-key chunk at or after kc that is not EMPTY for rows with first-hidden extrema amin, amax.
+__device__ __forceinline__ int next_key_chunk(int kc, int nkc, int amin, int amax, const Geometry& G) {
+    while (kc < nkc && classify(amin, amax, kc * kChunk, kc * kChunk + kChunk, true, G) == kEmpty) ++kc;
+    return kc;
+}
+
+// First-hidden extrema of positions [p0, min(p0 + n, Lq)) (first_hidden is monotone in the position).
+__device__ __forceinline__ void position_extrema(int p0, int n, const Geometry& G, int& amin, int& amax) {
+    amin = first_hidden(row_at(p0, G), G);
+    amax = first_hidden(row_at(min(p0 + n, G.lq) - 1, G), G);
 }
 
 // A softmax step's rescale of the O accumulator, kept until the P V product that reads it is done:
@@ -1489,19 +1504,25 @@ __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
     return reinterpret_cast<uint32_t (&)[16]>(x);
 }
 
-// Issues S = Q K^T for the 64-key tile at k0: s[h] = the C fragments of keys k0 + 32h + [0, 32),
-// as fwd_tile's (the m64n64 accumulator's n-chunks 4h..4h+3), 4 m64n64k16 steps, Q from the
-// warpgroup's swizzled tile. One wgmma group. The whole tile always: a half that is EMPTY for all
-// 64 rows is computed and then masked whole. Skipping it would put a wgmma under a branch inside
-// the group, and ptxas then serialises every wgmma of the kernel (C7515); the exponentials, which
-// bound the softmax, are taken for both halves either way.
-__device__ __forceinline__ void wg_issue_scores(float (&s)[2][4][4], uint32_t q_smem, uint32_t k_smem, int k0) {
+// Issues S = Q K^T for two 32-key chunks, c[0] and c[1]: s[h] = the C fragments of keys
+// 32 c[h] + [0, 32), as fwd_tile's of a half, two m64n32k16 products of 4 steps, Q from the
+// warpgroup's swizzled tile. One wgmma group. The chunks need not be adjacent: the loop pairs the
+// row tile's non-EMPTY chunks, so that no wgmma is skipped under a branch inside the group (which
+// makes ptxas serialise every wgmma of the kernel, C7515) and yet no EMPTY chunk is computed
+// but where their count is odd: 1.36x the visible pairs at ViT-B (1.29x without that one chunk a
+// row tile), against 1.57x for adjacent 64-key tiles.
+__device__ __forceinline__ void wg_issue_scores(float (&s)[2][4][4], uint32_t q_smem, uint32_t k_smem,
+                                                const int (&c)[2]) {
     pin_regs(flat32(s));
     wgmma_fence_acc();
-    const uint32_t rows = k_smem + static_cast<uint32_t>(k0) * 128;
-    wgmma_m64n64k16<0>(flat32(s), sw128_desc(q_smem), sw128_desc(rows));
 #pragma unroll
-    for (int c = 1; c < 4; ++c) wgmma_m64n64k16<1>(flat32(s), sw128_desc(q_smem + 32 * c), sw128_desc(rows + 32 * c));
+    for (int h = 0; h < 2; ++h) {
+        const uint32_t rows = k_smem + static_cast<uint32_t>(c[h] * kChunk) * 128;
+        wgmma_m64n32k16_ss<0>(flat16(s[h]), sw128_desc(q_smem), sw128_desc(rows));
+#pragma unroll
+        for (int k = 1; k < 4; ++k)
+            wgmma_m64n32k16_ss<1>(flat16(s[h]), sw128_desc(q_smem + 32 * k), sw128_desc(rows + 32 * k));
+    }
     wgmma_commit_groups();
 }
 
@@ -1530,38 +1551,38 @@ __device__ __forceinline__ void wg_load_q(uint32_t q_smem, const bf16* qg, int64
     named_barrier(1 + wg, 128);
 }
 
-// Issues O += P V for the 64-key tile at k0, pa[h][c] = the A fragment of keys k0 + 32h + 16c +
+// Issues O += P V for the chunks c[0], c[1]: pa[h][k] = the A fragment of keys 32 c[h] + 16 k +
 // [0, 16) (zeros where the keys are hidden). One wgmma group.
-__device__ __forceinline__ void wg_issue_pv(float (&acc)[8][4], const uint32_t (&pa)[2][2][4], uint32_t v_smem, int k0) {
+__device__ __forceinline__ void wg_issue_pv(float (&acc)[8][4], const uint32_t (&pa)[2][2][4], uint32_t v_smem,
+                                            const int (&c)[2]) {
     pin_regs(flat32(acc));
     wgmma_fence_acc();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const uint32_t rows = v_smem + static_cast<uint32_t>(k0 + h * kHalf + 16 * c) * 128;
-            wgmma_m64n64k16_rs_nmajor(flat32(acc), pa[h][c], sw128_desc(rows));
+        for (int k = 0; k < 2; ++k) {
+            const uint32_t rows = v_smem + static_cast<uint32_t>(c[h] * kChunk + 16 * k) * 128;
+            wgmma_m64n64k16_rs_nmajor(flat32(acc), pa[h][k], sw128_desc(rows));
         }
     }
     wgmma_commit_groups();
 }
 
-// The softmax of a finished S tile: EMPTY halves to -inf, masks, one softmax_tile step (the
-// accumulator's rescale returned, not applied); p left in s.
-__device__ __forceinline__ Rescale wg_softmax(float (&s)[2][4][4], int amin, int amax,
-                                              int k0, int a_lo, int a_hi, int t, const Geometry& G, float sl2,
-                                              float (&mx)[2], float (&l)[2]) {
-    const int kb0 = k0 + 2 * t;
-    const bool tail = k0 + kBN > G.lk;
+// The softmax of a finished pair of chunks c[0], c[1]: masks (a chunk that is EMPTY for the
+// warpgroup's rows, extrema amin and amax, or a second chunk marked absent by c[1] < 0, to -inf),
+// one softmax_tile step (the accumulator's rescale returned, not applied); p left in s.
+__device__ __forceinline__ Rescale wg_softmax(float (&s)[2][4][4], int amin, int amax, const int (&c)[2], int a_lo,
+                                              int a_hi, int t, const Geometry& G, float sl2, float (&mx)[2],
+                                              float (&l)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        // The half's class for the warpgroup's rows (extrema amin, amax).
-        const int kind = classify(amin, amax, k0 + h * kHalf, k0 + h * kHalf + kHalf, true, G);
+        const int k0 = c[h] * kChunk, kb0 = k0 + 2 * t;
+        const int kind = c[h] < 0 ? kEmpty : classify(amin, amax, k0, k0 + kChunk, true, G);
         if (kind == kEmpty) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = -INFINITY;
         } else {
-            mask_scores(s[h], kind, tail, h * kHalf, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
+            mask_scores(s[h], kind, k0 + kChunk > G.lk, 0, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
         }
     }
     Rescale r{false, {1.f, 1.f}};
@@ -1599,6 +1620,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     const uint32_t k_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
     const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's Q tile
+    const int nkc = (G.lk + kChunk - 1) / kChunk;
 
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
 
@@ -1621,31 +1643,50 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         float s[2][4][4];
         uint32_t pa[2][2][4];
 
-        // Every row sees N >= 1 keys, so some tile is not EMPTY.
-        int kt = next_key_tile(0, nkt, amin, amax, G);
-        wg_issue_scores(s, q_smem, k_smem, kt * kBN);
+        // The row tile's non-EMPTY 32-key chunks, two at a time: cur = the pair whose P V is
+        // next, nxt = the pair whose S is in flight. A pair's second chunk may be absent (-1: an odd
+        // count); its products then read the first chunk's rows again, and its scores are -inf.
+        // Every row sees N >= 1 keys, so the first chunk exists.
+        auto pair_from = [&](int from, int (&c)[2]) {
+            c[0] = next_key_chunk(from, nkc, amin, amax, G);
+            const int second = next_key_chunk(c[0] + 1, nkc, amin, amax, G);
+            c[1] = second < nkc ? second : -1;
+        };
+        auto rows_of = [](const int (&c)[2], int (&r)[2]) {
+            r[0] = c[0];
+            r[1] = c[1] < 0 ? c[0] : c[1];
+        };
+        int cur[2], nxt[2], rows[2];
+        pair_from(0, cur);
+        rows_of(cur, rows);
+        wg_issue_scores(s, q_smem, k_smem, rows);
         wgmma_wait_groups<0>();
         pin_regs(flat32(s));
-        wg_softmax(s, amin, amax, kt * kBN, a_lo, a_hi, t, G, sl2, mx, l);  // O is still 0: no rescale
+        wg_softmax(s, amin, amax, cur, a_lo, a_hi, t, G, sl2, mx, l);  // O is still 0: no rescale
         wg_pack_p(pa, s);
         pin_regs(flat16(pa));
-        while (true) {
-            const int kn = next_key_tile(kt + 1, nkt, amin, amax, G);
-            if (kn >= nkt) break;
-            wg_issue_scores(s, q_smem, k_smem, kn * kBN);
-            wg_issue_pv(acc, pa, v_smem, kt * kBN);
-            wgmma_wait_groups<1>();  // S of tile kn (P V of tile kt may still run)
+        while (cur[1] >= 0) {
+            pair_from(cur[1] + 1, nxt);
+            if (nxt[0] >= nkc) break;
+            int nrows[2];
+            rows_of(nxt, nrows);
+            wg_issue_scores(s, q_smem, k_smem, nrows);
+            rows_of(cur, rows);
+            wg_issue_pv(acc, pa, v_smem, rows);
+            wgmma_wait_groups<1>();  // S of the next pair (P V of this one may still run)
             pin_regs(flat32(s));
-            const Rescale r = wg_softmax(s, amin, amax, kn * kBN, a_lo, a_hi, t, G, sl2, mx, l);
-            wgmma_wait_groups<0>();  // P V of tile kt: acc and pa are free
+            const Rescale r = wg_softmax(s, amin, amax, nxt, a_lo, a_hi, t, G, sl2, mx, l);
+            wgmma_wait_groups<0>();  // P V of this pair: acc and pa are free
             pin_regs(flat32(acc));
             pin_regs(flat16(pa));
             rescale_acc(acc, r);
             wg_pack_p(pa, s);
             pin_regs(flat16(pa));
-            kt = kn;
+            cur[0] = nxt[0];
+            cur[1] = nxt[1];
         }
-        wg_issue_pv(acc, pa, v_smem, kt * kBN);
+        rows_of(cur, rows);
+        wg_issue_pv(acc, pa, v_smem, rows);
         wgmma_wait_groups<0>();
         pin_regs(flat32(acc));
 
@@ -1700,20 +1741,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 
 namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-constexpr int kChunk = 32;  // keys (dQ) or positions (dK/dV) a chunk
-
-// Next 32-key chunk at or after kc that is not EMPTY for rows with first-hidden extrema amin, amax.
-__device__ __forceinline__ int next_key_chunk(int kc, int nkc, int amin, int amax, const Geometry& G) {
-    while (kc < nkc && classify(amin, amax, kc * kChunk, kc * kChunk + kChunk, true, G) == kEmpty) ++kc;
-    return kc;
-}
-
-// First-hidden extrema of positions [p0, min(p0 + n, Lq)) (first_hidden is monotone in the position).
-__device__ __forceinline__ void position_extrema(int p0, int n, const Geometry& G, int& amin, int& amax) {
-    amin = first_hidden(row_at(p0, G), G);
-    amax = first_hidden(row_at(min(p0 + n, G.lq) - 1, G), G);
-}
 
 // G1 of both kernels: x = A0 B0^T and y = A1 B1^T over 64 head columns (4 steps of 16), the A
 // tiles (64 rows) and the B rows (32) K-major in swizzled shared memory. One wgmma group.
