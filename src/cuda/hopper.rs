@@ -9,9 +9,9 @@
 //! - [`wgmma_sw128`]: a 64 x 64 product over one or two 64-wide slices of K, the operands
 //!   loaded by TMA and read by wgmma through swizzled descriptors (descriptor fields, the
 //!   32-byte step within a slice, the accumulator layout);
-//! - [`wgmma_rs`]: the two products with A in registers that the wgmma attention kernels use,
-//!   on a B that cp.async wrote into the swizzle by hand (register fragment layout, the zero
-//!   fill and proxy fence, B read K-major and N-major from one tile).
+//! - [`wgmma_rs`]: the wgmma forms the attention kernels use (A in registers with B K-major and
+//!   N-major, both from shared memory with n = 32), on tiles that cp.async wrote into the swizzle
+//!   by hand (register fragment layout, the zero fill and proxy fence, one tile read both ways).
 //!
 //! Compute capability 9.0 only: elsewhere both return [`Error::Unsupported`].
 

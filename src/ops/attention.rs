@@ -560,10 +560,12 @@ const CUDA_RES_DKDV_THREADS: u32 = 384;
 /// and the hidden window (4 + 4 + 8).
 const CUDA_RES_DKDV_ROW_BYTES: usize = 16;
 
-/// Which kernels compute the attention forward and backward. The two sets are written to give the
-/// same results bit for bit: per warp, the same tiles, halves and arithmetic in the same order
-/// (`fwd_tile`, `dq_tile`, `dkdv_tile` in cuda/attention.cu; tests/attention_gpu.rs asserts it, and
-/// it held on an H200). They differ in how K and V (Q and dO) reach the SMs.
+/// Which kernels compute the attention forward and backward. `Tiled` and `Resident` are written to
+/// give the same results bit for bit: per warp, the same tiles, halves and arithmetic in the same
+/// order (`fwd_tile`, `dq_tile`, `dkdv_tile` in cuda/attention.cu; tests/attention_gpu.rs asserts
+/// it, and it held on an H200). They differ in how K and V (Q and dO) reach the SMs. `Wgmma`
+/// computes the same function with other tiles and summation orders, so to the tolerance of
+/// DESIGN.md, not to the bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionKernels {
     /// One CTA of 4 warps per 64 query rows, K and V streamed through shared memory a 64-key tile
