@@ -13,7 +13,7 @@
 //!   N-major, both from shared memory with n = 32), on tiles that cp.async wrote into the swizzle
 //!   by hand (register fragment layout, the zero fill and proxy fence, one tile read both ways).
 //!
-//! Compute capability 9.0 only: elsewhere both return [`Error::Unsupported`].
+//! Compute capability 9.0 only: elsewhere each returns [`Error::Unsupported`].
 
 use std::ffi::c_void;
 
