@@ -1395,8 +1395,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 //               mma.sync kernels' own);
 //   O += P V    P repacked to bf16 A fragments, V read N-major from the same swizzled rows
 //               (hopper.cuh, wgmma_m64n64k16_rs_nmajor), two 16-key steps a chunk.
-// The pipeline: S of pair n+1 is issued before P V of pair n, so the softmax of pair n+1 runs
-// while P V of pair n is on the tensor cores; the rescale of O and the repack of P wait for it.
+// The pipeline (wg_pipeline): S of pair n+1 is issued before P V of pair n, so the softmax of pair
+// n+1 runs while P V of pair n is on the tensor cores; the rescale of O and the repack of P wait
+// for it.
 //
 // Row order. A warpgroup's 64 rows share one skip decision per key chunk, and 64 consecutive rows
 // in rank order span 64 different hidden windows (a content row's window moves with its rank), so
@@ -1452,6 +1453,13 @@ struct Rescale {
     float corr[2];
 };
 
+// Two 32-key chunks the forward computes together; c[1] = -1 when there is no second one.
+struct ChunkPair {
+    int c[2];
+    // The chunks whose K and V rows the products read: the first again in place of an absent second.
+    __device__ __forceinline__ ChunkPair rows() const { return ChunkPair{{c[0], c[1] < 0 ? c[0] : c[1]}}; }
+};
+
 __device__ __forceinline__ void rescale_acc(float (&acc)[8][4], const Rescale& r) {
     if (!r.grow) return;
 #pragma unroll
@@ -1502,6 +1510,46 @@ __device__ __forceinline__ float (&flat32(float (&x)[8][4]))[32] { return reinte
 __device__ __forceinline__ float (&flat32(float (&x)[2][4][4]))[32] { return reinterpret_cast<float (&)[32]>(x); }
 __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
     return reinterpret_cast<uint32_t (&)[16]>(x);
+}
+
+// The chunk pipeline of the wgmma kernels, the one place that orders their issues, waits and
+// register pins. A kernel walks the items of its tile (a pair of key chunks in the forward, a key
+// chunk in dQ, a position chunk in dK/dV) through four stages:
+//   issue_g1(it)     one wgmma group: the products into the item's G1 accumulators (S, dP);
+//   elementwise(it)  the work on those accumulators once they have landed (softmax, P, dS), in
+//                    place; returns what finish needs;
+//   finish(e)        what must wait for the previous item's G2 to be done: rescaling its
+//                    accumulators, packing this item's A fragments for G2;
+//   issue_g2(it)     one wgmma group: the products that read those A fragments (P V, dS K, ...).
+// G1 of item n+1 is issued before G2 of item n, so elementwise(n+1) runs while G2(n) is on the
+// tensor cores. pin_g1 / pin_g2 pin the G1 accumulators / the G2 accumulators and A fragments
+// (pin_regs), so that no access to them moves across a wait. next(it, nxt) sets the item after it
+// and says whether there is one. The first item always exists.
+template <typename Item, typename Next, typename IssueG1, typename PinG1, typename Elementwise, typename PinG2,
+          typename Finish, typename IssueG2>
+__device__ __forceinline__ void wg_pipeline(Item cur, Next next, IssueG1 issue_g1, PinG1 pin_g1,
+                                            Elementwise elementwise, PinG2 pin_g2, Finish finish, IssueG2 issue_g2) {
+    issue_g1(cur);
+    wgmma_wait_groups<0>();
+    pin_g1();
+    finish(elementwise(cur));  // no G2 in flight yet
+    pin_g2();
+    Item nxt;
+    while (next(cur, nxt)) {
+        issue_g1(nxt);
+        issue_g2(cur);
+        wgmma_wait_groups<1>();  // G1 of nxt (G2 of cur may still run)
+        pin_g1();
+        const auto e = elementwise(nxt);
+        wgmma_wait_groups<0>();  // G2 of cur: its accumulators and A fragments are free
+        pin_g2();
+        finish(e);
+        pin_g2();
+        cur = nxt;
+    }
+    issue_g2(cur);
+    wgmma_wait_groups<0>();
+    pin_g2();
 }
 
 // Issues S = Q K^T for two 32-key chunks, c[0] and c[1]: s[h] = the C fragments of keys
@@ -1643,52 +1691,36 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         float s[2][4][4];
         uint32_t pa[2][2][4];
 
-        // The row tile's non-EMPTY 32-key chunks, two at a time: cur = the pair whose P V is
-        // next, nxt = the pair whose S is in flight. A pair's second chunk may be absent (-1: an odd
-        // count); its products then read the first chunk's rows again, and its scores are -inf.
-        // Every row sees N >= 1 keys, so the first chunk exists.
-        auto pair_from = [&](int from, int (&c)[2]) {
-            c[0] = next_key_chunk(from, nkc, amin, amax, G);
-            const int second = next_key_chunk(c[0] + 1, nkc, amin, amax, G);
-            c[1] = second < nkc ? second : -1;
+        // The row tile's non-EMPTY 32-key chunks, two at a time. A pair's second chunk may be
+        // absent (-1: an odd count); its products then read the first chunk's rows again, and its
+        // scores are -inf. Every row sees N >= 1 keys, so the first chunk exists.
+        auto pair_from = [&](int from, ChunkPair& p) {
+            p.c[0] = next_key_chunk(from, nkc, amin, amax, G);
+            const int second = next_key_chunk(p.c[0] + 1, nkc, amin, amax, G);
+            p.c[1] = second < nkc ? second : -1;
         };
-        auto rows_of = [](const int (&c)[2], int (&r)[2]) {
-            r[0] = c[0];
-            r[1] = c[1] < 0 ? c[0] : c[1];
-        };
-        int cur[2], nxt[2], rows[2];
-        pair_from(0, cur);
-        rows_of(cur, rows);
-        wg_issue_scores(s, q_smem, k_smem, rows);
-        wgmma_wait_groups<0>();
-        pin_regs(flat32(s));
-        wg_softmax(s, amin, amax, cur, a_lo, a_hi, t, G, sl2, mx, l);  // O is still 0: no rescale
-        wg_pack_p(pa, s);
-        pin_regs(flat16(pa));
-        while (cur[1] >= 0) {
-            pair_from(cur[1] + 1, nxt);
-            if (nxt[0] >= nkc) break;
-            int nrows[2];
-            rows_of(nxt, nrows);
-            wg_issue_scores(s, q_smem, k_smem, nrows);
-            rows_of(cur, rows);
-            wg_issue_pv(acc, pa, v_smem, rows);
-            wgmma_wait_groups<1>();  // S of the next pair (P V of this one may still run)
-            pin_regs(flat32(s));
-            const Rescale r = wg_softmax(s, amin, amax, nxt, a_lo, a_hi, t, G, sl2, mx, l);
-            wgmma_wait_groups<0>();  // P V of this pair: acc and pa are free
-            pin_regs(flat32(acc));
-            pin_regs(flat16(pa));
-            rescale_acc(acc, r);
-            wg_pack_p(pa, s);
-            pin_regs(flat16(pa));
-            cur[0] = nxt[0];
-            cur[1] = nxt[1];
-        }
-        rows_of(cur, rows);
-        wg_issue_pv(acc, pa, v_smem, rows);
-        wgmma_wait_groups<0>();
-        pin_regs(flat32(acc));
+        ChunkPair first;
+        pair_from(0, first);
+        const int lt = t;  // (C++17 lambdas may not capture a structured binding)
+        wg_pipeline(
+            first,
+            [&](const ChunkPair& cur, ChunkPair& nxt) {
+                if (cur.c[1] < 0) return false;
+                pair_from(cur.c[1] + 1, nxt);
+                return nxt.c[0] < nkc;
+            },
+            [&](const ChunkPair& p) { wg_issue_scores(s, q_smem, k_smem, p.rows().c); },
+            [&] { pin_regs(flat32(s)); },
+            [&](const ChunkPair& p) { return wg_softmax(s, amin, amax, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
+            [&] {
+                pin_regs(flat32(acc));
+                pin_regs(flat16(pa));
+            },
+            [&](const Rescale& r) {
+                rescale_acc(acc, r);  // (O is still 0 at the first pair)
+                wg_pack_p(pa, s);
+            },
+            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, v_smem, p.rows().c); });
 
         float inv[2];
 #pragma unroll
@@ -1917,39 +1949,33 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         float s[4][4], dp[4][4];
         uint32_t ds[2][4];
 
-        int kc = next_key_chunk(0, nkc, amin, amax, G);  // every row sees N >= 1 keys
-        wg_issue_s_dp(s, dp, qf, k_smem + kc * kChunk * 128, do_smem, v_smem + kc * kChunk * 128);
-        wgmma_wait_groups<0>();
-        pin_regs(flat16(s));
-        pin_regs(flat16(dp));
-        dq_chunk_ds(s, dp, kc * kChunk, amin, amax, a_lo, a_hi, rs, t, G, sl2);
-        pack_chunk(ds, s);
-        pin_regs(flat8(ds));
-        while (true) {
-            const int kn = next_key_chunk(kc + 1, nkc, amin, amax, G);
-            if (kn >= nkc) break;
-            wg_issue_s_dp(s, dp, qf, k_smem + kn * kChunk * 128, do_smem, v_smem + kn * kChunk * 128);
-            pin_regs(flat32(dq));
-            wgmma_fence_acc();
-            wg_chunk_product(dq, ds, k_smem + kc * kChunk * 128);
-            wgmma_commit_groups();
-            wgmma_wait_groups<1>();  // G1 of chunk kn
-            pin_regs(flat16(s));
-            pin_regs(flat16(dp));
-            dq_chunk_ds(s, dp, kn * kChunk, amin, amax, a_lo, a_hi, rs, t, G, sl2);
-            wgmma_wait_groups<0>();  // G2 of chunk kc: dq and ds are free
-            pin_regs(flat32(dq));
-            pin_regs(flat8(ds));
-            pack_chunk(ds, s);
-            pin_regs(flat8(ds));
-            kc = kn;
-        }
-        pin_regs(flat32(dq));
-        wgmma_fence_acc();
-        wg_chunk_product(dq, ds, k_smem + kc * kChunk * 128);
-        wgmma_commit_groups();
-        wgmma_wait_groups<0>();
-        pin_regs(flat32(dq));
+        const int lt = t;  // (C++17 lambdas may not capture a structured binding)
+        wg_pipeline(
+            next_key_chunk(0, nkc, amin, amax, G),  // every row sees N >= 1 keys
+            [&](int kc, int& kn) {
+                kn = next_key_chunk(kc + 1, nkc, amin, amax, G);
+                return kn < nkc;
+            },
+            [&](int kc) { wg_issue_s_dp(s, dp, qf, k_smem + kc * kChunk * 128, do_smem, v_smem + kc * kChunk * 128); },
+            [&] {
+                pin_regs(flat16(s));
+                pin_regs(flat16(dp));
+            },
+            [&](int kc) {
+                dq_chunk_ds(s, dp, kc * kChunk, amin, amax, a_lo, a_hi, rs, lt, G, sl2);
+                return 0;
+            },
+            [&] {
+                pin_regs(flat32(dq));
+                pin_regs(flat8(ds));
+            },
+            [&](int) { pack_chunk(ds, s); },
+            [&](int kc) {
+                pin_regs(flat32(dq));
+                wgmma_fence_acc();
+                wg_chunk_product(dq, ds, k_smem + kc * kChunk * 128);
+                wgmma_commit_groups();
+            });
 
         bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
         store_frag_rows(dq, prm.scale, prm.scale, dqg, prm.dq_row_stride, r_lo, r_hi, G.lq, t);
@@ -2041,53 +2067,45 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         uint32_t pa[2][4], da[2][4];
 
         // A tile no position can see (none at ViT) stores zeros.
-        int pc = next_position_chunk(0, npc, k0, G);
-        if (pc < npc) {
-            need_chunk(pc);
-            wg_issue_pair(st, dpt, k_smem, q_smem + pc * kChunk * 128, v_smem, do_smem + pc * kChunk * 128);
-            wgmma_wait_groups<0>();
-            pin_regs(flat16(st));
-            pin_regs(flat16(dpt));
-            dkdv_chunk_grads(st, dpt, pc * kChunk, k0, key_lo, key_hi, s_lse2, s_delta, s_a, t, G, sl2);
-            pack_chunk(pa, st);
-            pack_chunk(da, dpt);
-            pin_regs(flat8(pa));
-            pin_regs(flat8(da));
-            while (true) {
-                const int pn = next_position_chunk(pc + 1, npc, k0, G);
-                if (pn >= npc) break;
-                need_chunk(pn);
-                wg_issue_pair(st, dpt, k_smem, q_smem + pn * kChunk * 128, v_smem, do_smem + pn * kChunk * 128);
-                pin_regs(flat32(dv));
-                pin_regs(flat32(dk));
-                wgmma_fence_acc();
-                wg_chunk_product(dv, pa, do_smem + pc * kChunk * 128);
-                wg_chunk_product(dk, da, q_smem + pc * kChunk * 128);
-                wgmma_commit_groups();
-                wgmma_wait_groups<1>();  // G1 of chunk pn
-                pin_regs(flat16(st));
-                pin_regs(flat16(dpt));
-                dkdv_chunk_grads(st, dpt, pn * kChunk, k0, key_lo, key_hi, s_lse2, s_delta, s_a, t, G, sl2);
-                wgmma_wait_groups<0>();  // G2 of chunk pc: dk, dv, pa and da are free
-                pin_regs(flat32(dv));
-                pin_regs(flat32(dk));
-                pin_regs(flat8(pa));
-                pin_regs(flat8(da));
-                pack_chunk(pa, st);
-                pack_chunk(da, dpt);
-                pin_regs(flat8(pa));
-                pin_regs(flat8(da));
-                pc = pn;
-            }
-            pin_regs(flat32(dv));
-            pin_regs(flat32(dk));
-            wgmma_fence_acc();
-            wg_chunk_product(dv, pa, do_smem + pc * kChunk * 128);
-            wg_chunk_product(dk, da, q_smem + pc * kChunk * 128);
-            wgmma_commit_groups();
-            wgmma_wait_groups<0>();
-            pin_regs(flat32(dv));
-            pin_regs(flat32(dk));
+        const int first = next_position_chunk(0, npc, k0, G);
+        const int lt = t;  // (C++17 lambdas may not capture a structured binding)
+        if (first < npc) {
+            wg_pipeline(
+                first,
+                [&](int pc, int& pn) {
+                    pn = next_position_chunk(pc + 1, npc, k0, G);
+                    return pn < npc;
+                },
+                [&](int pc) {
+                    need_chunk(pc);
+                    wg_issue_pair(st, dpt, k_smem, q_smem + pc * kChunk * 128, v_smem, do_smem + pc * kChunk * 128);
+                },
+                [&] {
+                    pin_regs(flat16(st));
+                    pin_regs(flat16(dpt));
+                },
+                [&](int pc) {
+                    dkdv_chunk_grads(st, dpt, pc * kChunk, k0, key_lo, key_hi, s_lse2, s_delta, s_a, lt, G, sl2);
+                    return 0;
+                },
+                [&] {
+                    pin_regs(flat32(dv));
+                    pin_regs(flat32(dk));
+                    pin_regs(flat8(pa));
+                    pin_regs(flat8(da));
+                },
+                [&](int) {
+                    pack_chunk(pa, st);
+                    pack_chunk(da, dpt);
+                },
+                [&](int pc) {
+                    pin_regs(flat32(dv));
+                    pin_regs(flat32(dk));
+                    wgmma_fence_acc();
+                    wg_chunk_product(dv, pa, do_smem + pc * kChunk * 128);
+                    wg_chunk_product(dk, da, q_smem + pc * kChunk * 128);
+                    wgmma_commit_groups();
+                });
         }
         bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
         bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
