@@ -611,12 +611,9 @@ impl AttentionKernels {
         if smem > CUDA_RES_MAX_SMEM.min(max_smem as usize) {
             return None;
         }
-        // As resident_launch, with 64-row tiles and two warpgroups a CTA.
-        let pairs = shape.batch * shape.heads;
-        let slots = sm_count as usize * CUDA_RES_CTAS_PER_SM;
-        let max_split = shape.q_rows().div_ceil(64).div_ceil(2).max(1);
-        let split = (2 * slots).div_ceil(pairs).clamp(1, max_split);
-        Some((split as u32, smem as u32))
+        // 64-row tiles, two warpgroups a CTA.
+        let split = ctas_per_pair(shape, sm_count as usize * CUDA_RES_CTAS_PER_SM, shape.q_rows().div_ceil(64), 2);
+        Some((split, smem as u32))
     }
 
     /// The wgmma dK/dV kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
@@ -637,9 +634,9 @@ impl AttentionKernels {
         if smem > max_smem as usize {
             return None;
         }
-        let max_split = shape.k_rows().div_ceil(CUDA_BLOCK_N).div_ceil(3).max(1);
-        let split = (2 * sm_count as usize).div_ceil(shape.batch * shape.heads).clamp(1, max_split);
-        Some((split as u32, smem as u32))
+        // 64-key tiles, three warpgroups a CTA, one CTA per SM.
+        let split = ctas_per_pair(shape, sm_count as usize, shape.k_rows().div_ceil(CUDA_BLOCK_N), 3);
+        Some((split, smem as u32))
     }
 
     /// The resident forward and dQ kernels' launch for `shape` on a device with `sm_count` SMs
@@ -654,14 +651,10 @@ impl AttentionKernels {
         if smem > CUDA_RES_MAX_SMEM.min(max_smem as usize) {
             return None;
         }
-        // Enough CTAs for about two waves; more CTAs per pair load its K and V more times, so only
-        // when there are few pairs, and never more than one 16-row tile per warp.
-        let pairs = shape.batch * shape.heads;
+        // 16-row tiles, one a warp.
         let slots = sm_count as usize * CUDA_RES_CTAS_PER_SM;
-        let row_tiles = shape.q_rows().div_ceil(16);
-        let max_split = row_tiles.div_ceil(CUDA_RES_THREADS as usize / 32).max(1);
-        let split = (2 * slots).div_ceil(pairs).clamp(1, max_split);
-        Some((split as u32, smem as u32))
+        let split = ctas_per_pair(shape, slots, shape.q_rows().div_ceil(16), CUDA_RES_THREADS as usize / 32);
+        Some((split, smem as u32))
     }
 
     /// The resident dK/dV kernel's launch for `shape` on a device with `sm_count` SMs whose blocks
@@ -676,13 +669,21 @@ impl AttentionKernels {
         if smem > max_smem as usize {
             return None;
         }
-        // One CTA per SM: about two waves, and never more than one 16-key tile per warp.
-        let pairs = shape.batch * shape.heads;
-        let key_tiles = shape.k_rows().div_ceil(16);
-        let max_split = key_tiles.div_ceil(CUDA_RES_DKDV_THREADS as usize / 32).max(1);
-        let split = (2 * sm_count as usize).div_ceil(pairs).clamp(1, max_split);
-        Some((split as u32, smem as u32))
+        // One CTA per SM; 16-key tiles, one a warp.
+        let split =
+            ctas_per_pair(shape, sm_count as usize, shape.k_rows().div_ceil(16), CUDA_RES_DKDV_THREADS as usize / 32);
+        Some((split, smem as u32))
     }
+}
+
+/// CTAs per (sample, head) pair for the kernels that hold a pair's operands in shared memory
+/// (grid x), when `slots` CTAs fit the device at once and a pair has `tiles` tiles of work, taken
+/// `per_cta` at a time by a CTA's warps (warpgroups): enough CTAs for about two waves, since more
+/// CTAs per pair load its operands more times only when there are few pairs, and never more
+/// than one tile per warp (warpgroup).
+fn ctas_per_pair(shape: &AttentionShape, slots: usize, tiles: usize, per_cta: usize) -> u32 {
+    let max_split = tiles.div_ceil(per_cta).max(1);
+    (2 * slots).div_ceil(shape.batch * shape.heads).clamp(1, max_split) as u32
 }
 
 /// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma` picks the kernels the CUDA backend passes to
