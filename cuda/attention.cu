@@ -1579,12 +1579,7 @@ __device__ __forceinline__ void wg_issue_scores(float (&s)[2][4][4], uint32_t q_
 // thread i of n (n a multiple of 8; 8 consecutive threads copy one row).
 __device__ __forceinline__ void copy_positions(uint32_t dst, const bf16* src, int64_t stride, int p0, int rows, int i,
                                                int n, const Geometry& G) {
-    const int j = i & 7;
-    for (int r = i >> 3; r < rows; r += n >> 3) {
-        const int row = row_at(p0 + r, G);
-        const bf16* gp = src + static_cast<int64_t>(min(row, G.lq - 1)) * stride + 8 * j;
-        cp_async16(dst + 128 * r + ((j ^ (r & 7)) << 4), gp, row < G.lq);
-    }
+    sw128_gather_rows(dst, src, 2 * stride, rows, G.lq, i, n, [p0, &G](int r) { return row_at(p0 + r, G); });
 }
 
 // Loads the Q rows of positions [p0, p0 + 64) into the warpgroup's swizzled Q tile, by the 128
@@ -1641,17 +1636,22 @@ __device__ __forceinline__ Rescale wg_softmax(float (&s)[2][4][4], int amin, int
     return r;
 }
 
-__device__ __forceinline__ void wg_pack_p(uint32_t (&pa)[2][2][4], const float (&s)[2][4][4]) {
+// The A fragments of a chunk's two 16-deep steps from its C fragments x[n-chunk][4] (f32, packed
+// to bf16).
+__device__ __forceinline__ void pack_chunk(uint32_t (&a)[2][4], const float (&x)[4][4]) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            pa[h][c][0] = pack_bf16(s[h][2 * c][0], s[h][2 * c][1]);
-            pa[h][c][1] = pack_bf16(s[h][2 * c][2], s[h][2 * c][3]);
-            pa[h][c][2] = pack_bf16(s[h][2 * c + 1][0], s[h][2 * c + 1][1]);
-            pa[h][c][3] = pack_bf16(s[h][2 * c + 1][2], s[h][2 * c + 1][3]);
-        }
+    for (int c = 0; c < 2; ++c) {
+        a[c][0] = pack_bf16(x[2 * c][0], x[2 * c][1]);
+        a[c][1] = pack_bf16(x[2 * c][2], x[2 * c][3]);
+        a[c][2] = pack_bf16(x[2 * c + 1][0], x[2 * c + 1][1]);
+        a[c][3] = pack_bf16(x[2 * c + 1][2], x[2 * c + 1][3]);
     }
+}
+
+// P of a pair of chunks into the A fragments of P V: each chunk as pack_chunk does.
+__device__ __forceinline__ void wg_pack_p(uint32_t (&pa)[2][2][4], const float (&s)[2][4][4]) {
+    pack_chunk(pa[0], s[0]);
+    pack_chunk(pa[1], s[1]);
 }
 
 
@@ -1817,17 +1817,6 @@ __device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint3
 __device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return reinterpret_cast<uint32_t (&)[8]>(x); }
 __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[4][4]))[16] { return reinterpret_cast<uint32_t (&)[16]>(x); }
 
-// The A fragments of a chunk's two 16-deep steps from its C fragments x[n-chunk][4] (f32, packed
-// to bf16), as wg_pack_p does for a half.
-__device__ __forceinline__ void pack_chunk(uint32_t (&a)[2][4], const float (&x)[4][4]) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-        a[c][0] = pack_bf16(x[2 * c][0], x[2 * c][1]);
-        a[c][1] = pack_bf16(x[2 * c][2], x[2 * c][3]);
-        a[c][2] = pack_bf16(x[2 * c + 1][0], x[2 * c + 1][1]);
-        a[c][3] = pack_bf16(x[2 * c + 1][2], x[2 * c + 1][3]);
-    }
-}
 
 // dQ's elementwise step on a finished chunk (keys [k0, k0 + 32)): hidden scores masked, then
 // s <- dS = P (dP - delta), P = exp2(S sl2 - lse2), for the lane's rows g (elements 0, 1) and g+8.

@@ -172,21 +172,30 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 // block barrier must follow before another thread's wgmma reads them.
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// Starts cp.async copies of rows [0, rows) of a matrix of 64 bf16 columns (row r at byte
-// src + r * stride_bytes) into 128-byte-swizzled shared memory at dst (1024-byte aligned): row r
-// at dst + 128 r, its 16-byte chunk j at chunk j ^ (r & 7), the layout TMA writes with
-// CU_TENSOR_MAP_SWIZZLE_128B. Rows >= row_end (>= 1) are zero-filled (src-size 0; the address
-// is clamped to a real row). Thread i of n (n a multiple of 8) moves chunk i % 8 of rows i / 8,
-// i / 8 + n / 8, ...: 8 consecutive threads read one 128-byte row. Wait with sw128_load_wait.
-__device__ __forceinline__ void sw128_load_rows(uint32_t dst, const void* src, int64_t stride_bytes, int rows,
-                                                int row_end, int i, int n) {
+// Starts cp.async copies of rows row_of(0), ..., row_of(rows - 1) of a matrix of 64 bf16 columns
+// (row r at byte src + r * stride_bytes) into 128-byte-swizzled shared memory at dst (1024-byte
+// aligned): the r-th at dst + 128 r, its 16-byte chunk j at chunk j ^ (r & 7), the layout TMA
+// writes with CU_TENSOR_MAP_SWIZZLE_128B. Rows >= row_end (>= 1) are zero-filled (src-size 0; the
+// address is clamped to a real row). Thread i of n (n a multiple of 8) moves chunk i % 8 of the
+// i / 8-th, the (i / 8 + n / 8)-th, ...: 8 consecutive threads read one 128-byte row. Wait with
+// sw128_load_wait.
+template <typename RowOf>
+__device__ __forceinline__ void sw128_gather_rows(uint32_t dst, const void* src, int64_t stride_bytes, int rows,
+                                                  int row_end, int i, int n, RowOf row_of) {
     const int j = i & 7;
     for (int r = i >> 3; r < rows; r += n >> 3) {
-        const char* gp = static_cast<const char*>(src) + static_cast<int64_t>(min(r, row_end - 1)) * stride_bytes + 16 * j;
+        const int row = row_of(r);
+        const char* gp = static_cast<const char*>(src) + static_cast<int64_t>(min(row, row_end - 1)) * stride_bytes + 16 * j;
         const uint32_t d = dst + 128 * r + ((j ^ (r & 7)) << 4);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gp), "r"(r < row_end ? 16 : 0)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gp), "r"(row < row_end ? 16 : 0)
                      : "memory");
     }
+}
+
+// sw128_gather_rows of rows [0, rows) in order.
+__device__ __forceinline__ void sw128_load_rows(uint32_t dst, const void* src, int64_t stride_bytes, int rows,
+                                                int row_end, int i, int n) {
+    sw128_gather_rows(dst, src, stride_bytes, rows, row_end, i, n, [](int r) { return r; });
 }
 
 // Waits for all of this thread's cp.async copies, then fences them for wgmma (see above).
