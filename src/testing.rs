@@ -91,6 +91,26 @@ pub fn assert_all_written(what: &str, got: &[f32]) {
 /// Prints the numbers either way.
 pub fn assert_within_baseline(what: &str, kernel: &[f32], baseline: &[f32], truth: &[f64], factor: f64, floor: f64) {
     assert_all_written(what, kernel);
+    if let Err(msg) = within_baseline(what, kernel, baseline, truth, factor, floor) {
+        panic!("{msg}");
+    }
+}
+
+/// [`assert_within_baseline`]'s rule without the panic, for a test that reports every failing
+/// tensor before it fails: prints the numbers, and returns the failure's message. Unwritten or
+/// non-finite elements fail it too.
+pub fn within_baseline(
+    what: &str,
+    kernel: &[f32],
+    baseline: &[f32],
+    truth: &[f64],
+    factor: f64,
+    floor: f64,
+) -> Result<(), String> {
+    let unwritten = kernel.iter().filter(|v| !v.is_finite()).count();
+    if unwritten > 0 {
+        return Err(format!("{what}: {unwritten} of {} elements not written or not finite", kernel.len()));
+    }
     let ek = rel_err(kernel, truth);
     let eb = rel_err(baseline, truth);
     let (max_k, mean_k) = abs_diffs(kernel, truth);
@@ -98,10 +118,11 @@ pub fn assert_within_baseline(what: &str, kernel: &[f32], baseline: &[f32], trut
     eprintln!(
         "{what}: kernel rel {ek:.3e} (max {max_k:.3e}, mean {mean_k:.3e}); baseline rel {eb:.3e} (max {max_b:.3e}, mean {mean_b:.3e})"
     );
-    assert!(
-        ek <= factor * eb + floor,
-        "{what}: kernel error {ek:.3e} exceeds {factor} x baseline {eb:.3e} + {floor:.1e}"
-    );
+    if ek <= factor * eb + floor {
+        Ok(())
+    } else {
+        Err(format!("{what}: kernel error {ek:.3e} exceeds {factor} x baseline {eb:.3e} + {floor:.1e}"))
+    }
 }
 
 /// Widens to f64.

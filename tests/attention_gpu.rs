@@ -5,7 +5,7 @@
 
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::ops::attention::{self, AttentionKernels, AttentionShape};
-use mapet::testing::{self, assert_within_baseline};
+use mapet::testing;
 use proptest::prelude::*;
 use rand::Rng;
 
@@ -39,6 +39,11 @@ struct GpuOut {
 }
 
 fn run_gpu(gpu: &Gpu, kernels: AttentionKernels, c: &Case) -> GpuOut {
+    run_gpu_with(gpu, kernels, kernels, c)
+}
+
+/// The forward with `fwd`, then the backward with `bwd` on that forward's O and lse.
+fn run_gpu_with(gpu: &Gpu, fwd: AttentionKernels, bwd: AttentionKernels, c: &Case) -> GpuOut {
     let s = &c.shape;
     let (q, k, v, d_o) = (
         gpu.upload_bf16(&c.q).unwrap(),
@@ -55,8 +60,8 @@ fn run_gpu(gpu: &Gpu, kernels: AttentionKernels, c: &Case) -> GpuOut {
         b.poison().unwrap();
     }
     lse.poison().unwrap();
-    attention::cuda_forward(gpu, kernels, s, &q, &k, &v, &mut o, &mut lse).unwrap();
-    attention::cuda_backward(gpu, kernels, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
+    attention::cuda_forward(gpu, fwd, s, &q, &k, &v, &mut o, &mut lse).unwrap();
+    attention::cuda_backward(gpu, bwd, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
     GpuOut {
         o: o.to_host_f32().unwrap(),
         lse: lse.to_host().unwrap(),
@@ -105,11 +110,183 @@ fn check_kernels(gpu: &Gpu, kernels: AttentionKernels, c: &Case) {
         mapet::cpu::round_bf16(x);
     }
     let tag = format!("{kernels:?} B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
-    assert_within_baseline(&format!("O [{tag}]"), &g.o, &o32, &o64, 2.0, 1e-4);
-    assert_within_baseline(&format!("lse [{tag}]"), &g.lse, &lse32, &lse64, 2.0, 1e-5);
-    assert_within_baseline(&format!("dQ [{tag}]"), &g.dq, &dq32, &dq64, 3.0, 1e-4);
-    assert_within_baseline(&format!("dK [{tag}]"), &g.dk, &dk32, &dk64, 3.0, 1e-4);
-    assert_within_baseline(&format!("dV [{tag}]"), &g.dv, &dv32, &dv64, 3.0, 1e-4);
+    let mut failures = Vec::new();
+    let mut expect = |name: &str, rows: Rows, got: &[f32], base: &[f32], truth: &[f64], factor: f64, floor: f64| {
+        if let Err(msg) = testing::within_baseline(&format!("{name} [{tag}]"), got, base, truth, factor, floor) {
+            eprintln!("{}", locate(name, s, rows, got, base, truth));
+            failures.push(msg);
+            return false;
+        }
+        true
+    };
+    let o_ok = expect("O", Rows::Query, &g.o, &o32, &o64, 2.0, 1e-4);
+    let forward_failed = !(expect("lse", Rows::Lse, &g.lse, &lse32, &lse64, 2.0, 1e-5) && o_ok);
+    expect("dQ", Rows::Query, &g.dq, &dq32, &dq64, 3.0, 1e-4);
+    expect("dK", Rows::Key, &g.dk, &dk32, &dk64, 3.0, 1e-4);
+    expect("dV", Rows::Key, &g.dv, &dv32, &dv64, 3.0, 1e-4);
+    if forward_failed && kernels != AttentionKernels::Tiled {
+        // A wrong forward makes the backward's inputs wrong: check this set's backward again on
+        // the tiled forward's O and lse, so that one run tells which of the kernels is at fault.
+        let g = run_gpu_with(gpu, AttentionKernels::Tiled, kernels, c);
+        eprintln!("{kernels:?} backward on the tiled forward's O and lse:");
+        expect("dQ (tiled forward)", Rows::Query, &g.dq, &dq32, &dq64, 3.0, 1e-4);
+        expect("dK (tiled forward)", Rows::Key, &g.dk, &dk32, &dk64, 3.0, 1e-4);
+        expect("dV (tiled forward)", Rows::Key, &g.dv, &dv32, &dv64, 3.0, 1e-4);
+    }
+    assert!(failures.is_empty(), "{} tensor(s) off the CPU reference:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// How a tensor's flat index splits, for [`locate`].
+#[derive(Clone, Copy)]
+enum Rows {
+    /// `[B, N + 2P, H * 64]`: O, dQ.
+    Query,
+    /// `[B, N + P, H * 64]`: dK, dV.
+    Key,
+    /// `[B, H, N + 2P]`.
+    Lse,
+}
+
+/// Where a failing tensor is wrong, so that one GPU run narrows a kernel bug down: the elements
+/// off the truth by more than 4x the baseline's worst error, counted along the indices a bug tends
+/// to follow (the row's class; its 64-row tile, 16-row slice and row mod 8 in the wgmma kernels'
+/// position order, which for keys is their own order; the 8-column group and column pair within
+/// it, which name the accumulator fragment; head; sample), and the first few.
+fn locate(name: &str, s: &AttentionShape, rows: Rows, got: &[f32], base: &[f32], truth: &[f64]) -> String {
+    let worst = base.iter().zip(truth).map(|(&b, &t)| (b as f64 - t).abs()).fold(0.0f64, f64::max);
+    let bar = (4.0 * worst).max(1e-6);
+    let (bad, counts, first) = off_counts(s, rows, got, truth, bar);
+
+    let mut out = format!(
+        "where {name} is wrong: {bad} of {} elements off the truth by more than {bar:.2e} (4x the baseline's worst)\n",
+        got.len()
+    );
+    let mut dim = "";
+    for ((d, bucket), (off, all)) in &counts {
+        if *d != dim {
+            out.push_str(&format!("\n  {}:", &d[2..]));
+            dim = d;
+        }
+        out.push_str(&format!(" {}={off}/{all}", bucket.trim()));
+    }
+    out.push_str("\n  first:\n");
+    out.push_str(&first.join("\n"));
+    out
+}
+
+/// Per (dimension, bucket): (elements off by more than `bar`, elements); the count off, and the
+/// first few described.
+type OffCounts = std::collections::BTreeMap<(&'static str, String), (usize, usize)>;
+
+fn off_counts(s: &AttentionShape, rows: Rows, got: &[f32], truth: &[f64], bar: f64) -> (usize, OffCounts, Vec<String>) {
+    let heads = s.heads;
+    let nrows = if matches!(rows, Rows::Key) { s.k_rows() } else { s.q_rows() };
+    // (batch, head, row, column) of flat index i.
+    let split = |i: usize| match rows {
+        Rows::Query | Rows::Key => {
+            let d = heads * 64;
+            (i / (nrows * d), (i % d) / 64, (i / d) % nrows, Some(i % 64))
+        }
+        Rows::Lse => (i / (heads * nrows), (i / nrows) % heads, i % nrows, None),
+    };
+    let (class, position) = (|r| row_class(s, rows, r), |r| position(s, rows, r));
+    let mut counts = OffCounts::new();
+    let mut bad = 0usize;
+    let mut first = Vec::new();
+    for (i, (&g, &t)) in got.iter().zip(truth).enumerate() {
+        let (b, h, r, col) = split(i);
+        let pos = position(r);
+        let off = g.is_nan() || (g as f64 - t).abs() > bar;
+        let mut keys: Vec<(&'static str, String)> = vec![
+            ("1 class", class(r).to_string()),
+            ("2 position tile (64)", format!("{:2}", pos / 64)),
+            ("3 slice in tile (16)", (pos % 64 / 16).to_string()),
+            ("4 position mod 8", (pos % 8).to_string()),
+            ("7 head", format!("{h:2}")),
+            ("8 sample", format!("{b:2}")),
+        ];
+        if let Some(col) = col {
+            keys.push(("5 column group (8)", (col / 8).to_string()));
+            keys.push(("6 column pair in group", (col % 8 / 2).to_string()));
+        }
+        for key in keys {
+            let e = counts.entry(key).or_default();
+            e.0 += usize::from(off);
+            e.1 += 1;
+        }
+        if off {
+            bad += 1;
+            if first.len() < 6 {
+                let at = col.map_or(String::new(), |col| format!(" col {col}"));
+                first.push(format!(
+                    "    sample {b} head {h} row {r} ({}, position {pos}){at}: {g:e} against {t:e}",
+                    class(r)
+                ));
+            }
+        }
+    }
+    (bad, counts, first)
+}
+
+/// The row's class: context and predicted content rows, mask rows, query-stream rows.
+fn row_class(s: &AttentionShape, rows: Rows, r: usize) -> &'static str {
+    let (n, c) = (s.n_tokens, s.n_context);
+    match r {
+        r if r < c => "context",
+        r if r < n => "predicted",
+        _ if r < s.k_rows() || matches!(rows, Rows::Key) => "mask",
+        _ => "query",
+    }
+}
+
+/// The row's place in the wgmma kernels' position order (the inverse of their `row_at`): content
+/// rows 0..C, the mask rows, then query-stream row N + P + j and content row C + j alternating.
+/// Keys keep their own order.
+fn position(s: &AttentionShape, rows: Rows, r: usize) -> usize {
+    let (n, c, p) = (s.n_tokens, s.n_context, s.n_tokens - s.n_context);
+    match rows {
+        Rows::Key => r,
+        _ if r < c => r,
+        _ if r < n => c + p + 2 * (r - c) + 1,
+        _ if r < n + p => c + r - n,
+        _ => c + p + 2 * (r - n - p),
+    }
+}
+
+/// The failure report of the GPU checks, on a tensor corrupted by hand (no GPU needed): it must
+/// count exactly the corrupted elements, in the buckets they belong to.
+#[test]
+fn failure_report_counts_the_wrong_elements_where_they_are() {
+    let mut rng = testing::rng("failure_report_counts_the_wrong_elements_where_they_are");
+    let s = shape(2, 2, 65, 33); // P = 32: Lq = 129, Lk = 97
+    let positions: std::collections::BTreeSet<usize> = (0..s.q_rows()).map(|r| position(&s, Rows::Query, r)).collect();
+    assert_eq!(positions, (0..s.q_rows()).collect(), "the position order is a permutation of the query rows");
+    let truth: Vec<f64> = testing::uniform(&mut rng, s.q_len(), 1.0).iter().map(|&v| v as f64).collect();
+    let mut got: Vec<f32> = truth.iter().map(|&v| v as f32).collect();
+    let d = s.model_dim();
+    // Sample 1, head 0, columns 8..16 of the first query-stream row (N + P = 97, position
+    // C + P = 65) and of predicted content row C + 1 = 34 (position C + P + 3 = 68).
+    for r in [97, 34] {
+        for col in 8..16 {
+            got[(s.q_rows() + r) * d + col] += 0.5;
+        }
+    }
+    let (bad, counts, first) = off_counts(&s, Rows::Query, &got, &truth, 0.1);
+    let at = |dim: &'static str, bucket: &str| counts.get(&(dim, bucket.to_string())).map_or(0, |e| e.0);
+    assert_eq!(bad, 16);
+    assert_eq!((at("1 class", "query"), at("1 class", "predicted"), at("1 class", "context")), (8, 8, 0));
+    assert_eq!((at("2 position tile (64)", " 1"), at("3 slice in tile (16)", "0")), (16, 16));
+    assert_eq!((at("4 position mod 8", "1"), at("4 position mod 8", "4")), (8, 8));
+    assert_eq!((at("5 column group (8)", "1"), at("6 column pair in group", "3")), (16, 4));
+    assert_eq!((at("7 head", " 0"), at("8 sample", " 1")), (16, 16));
+    assert!(first[0].contains("row 34 (predicted, position 68) col 8"), "{first:?}");
+    // lse is [B, H, Lq]: sample 1, head 1, row 0.
+    let truth: Vec<f64> = testing::uniform(&mut rng, s.lse_len(), 1.0).iter().map(|&v| v as f64).collect();
+    let mut got: Vec<f32> = truth.iter().map(|&v| v as f32).collect();
+    got[(2 + 1) * s.q_rows()] = f32::NAN;
+    let (bad, counts, _) = off_counts(&s, Rows::Lse, &got, &truth, 0.1);
+    assert_eq!(bad, 1, "a NaN counts as wrong");
+    assert_eq!(counts[&("7 head", " 1".to_string())].0 + counts[&("8 sample", " 1".to_string())].0, 2);
 }
 
 fn shape(batch: usize, heads: usize, n_tokens: usize, n_context: usize) -> AttentionShape {
