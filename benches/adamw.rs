@@ -2,7 +2,7 @@
 //! bf16 copy, timed with CUDA events; on the CPU over 1M parameters. Throughput counts the bytes
 //! each step must move: read param, grad, m, v, mask; write param, m, v and the bf16 copy.
 
-use std::time::Duration;
+mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::Gpu;
@@ -66,12 +66,5 @@ fn cpu_benches(c: &mut Criterion) {
     grp.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-}
-
-criterion_group! { name = benches; config = config(); targets = gpu_benches, cpu_benches }
+criterion_group! { name = benches; config = common::config(); targets = gpu_benches, cpu_benches }
 criterion_main!(benches);

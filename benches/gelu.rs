@@ -1,7 +1,7 @@
 //! GELU forward and backward. On a GPU at the model's MLP size (62848 x 3072), timed with CUDA
 //! events; on the CPU at a small size. Throughput counts the bytes each op must move.
 
-use std::time::Duration;
+mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::Gpu;
@@ -45,12 +45,5 @@ fn cpu_benches(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-}
-
-criterion_group! { name = benches; config = config(); targets = gpu_benches, cpu_benches }
+criterion_group! { name = benches; config = common::config(); targets = gpu_benches, cpu_benches }
 criterion_main!(benches);

@@ -2,7 +2,7 @@
 //! ends with the 4-byte read-back, as in training); on the CPU over 1M values. Throughput counts
 //! the bytes read.
 
-use std::time::Duration;
+mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::Gpu;
@@ -40,12 +40,5 @@ fn cpu_benches(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-}
-
-criterion_group! { name = benches; config = config(); targets = gpu_benches, cpu_benches }
+criterion_group! { name = benches; config = common::config(); targets = gpu_benches, cpu_benches }
 criterion_main!(benches);

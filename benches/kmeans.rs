@@ -3,7 +3,7 @@
 //! (throughput counts the GEMM's flops), and the centroid update (bytes of points read). On the CPU: the exact assignment and one Lloyd run of a
 //! small codebook.
 
-use std::time::Duration;
+mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::gemm::{flops, Gemm};
@@ -64,12 +64,5 @@ fn cpu_benches(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-}
-
-criterion_group! { name = benches; config = config(); targets = gpu_benches, cpu_benches }
+criterion_group! { name = benches; config = common::config(); targets = gpu_benches, cpu_benches }
 criterion_main!(benches);

@@ -2,7 +2,7 @@
 //! of 768: ViT-B, batch 128, both streams), timed with CUDA events; on the CPU at a small size.
 //! Throughput is the minimal number of bytes each op must move, so criterion reports GB/s.
 
-use std::time::Duration;
+mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mapet::cuda::Gpu;
@@ -90,12 +90,5 @@ fn cpu_benches(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-}
-
-criterion_group! { name = benches; config = config(); targets = gpu_benches, cpu_benches }
+criterion_group! { name = benches; config = common::config(); targets = gpu_benches, cpu_benches }
 criterion_main!(benches);

@@ -13,8 +13,11 @@
 #   MAPET_BENCH_WARMUP, MAPET_BENCH_TIME  criterion warm-up and measurement seconds (default 1, 2)
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
-#   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer
-#                   (memcheck), when it is installed and can see the device
+#   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer,
+#                   when it is installed and can see the device, once per tool in
+#                   MAPET_SANITIZE_TOOLS (default "memcheck"; also racecheck, synccheck,
+#                   initcheck), with MAPET_SANITIZE_ARGS as the test binary's arguments (say a test
+#                   name, to keep a slow tool to one test)
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per patch-embedding
 #                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
 #                   "hwc chw") and attention kernel set (MAPET_ATTENTION_KERNELS) in
@@ -79,12 +82,15 @@ for t in $tests; do
 done
 
 for t in ${MAPET_SANITIZE:-}; do
-  log="$res/sanitize-$t.log"
-  if ! command -v compute-sanitizer >/dev/null; then row "sanitize $t" skip "no compute-sanitizer"; continue; fi
-  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/$t" --test-threads=1 ${MAPET_TEST_ARGS:-} >"$log" 2>&1
-  rc=$?
-  errs=$(grep -m1 -E 'ERROR SUMMARY' "$log" || echo "no summary")
-  if [ $rc -eq 0 ]; then row "sanitize $t" ok "$errs"; else row "sanitize $t" FAIL "rc=$rc $errs (see $log)"; fi
+  for tool in ${MAPET_SANITIZE_TOOLS:-memcheck}; do
+    log="$res/sanitize-$tool-$t.log"
+    if ! command -v compute-sanitizer >/dev/null; then row "$tool $t" skip "no compute-sanitizer"; continue; fi
+    timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 9 "$here/tests/$t" --test-threads=1 \
+      ${MAPET_SANITIZE_ARGS:-} ${MAPET_TEST_ARGS:-} >"$log" 2>&1
+    rc=$?
+    errs=$(grep -m1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" || echo "no summary")
+    if [ $rc -eq 0 ]; then row "$tool $t" ok "$errs"; else row "$tool $t" FAIL "rc=$rc $errs (see $log)"; fi
+  done
 done
 
 # SM clock and board power every 100 ms while a command runs, into $1 (csv), and their medians
