@@ -278,6 +278,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_gemm_tn(const 
         if (t > 0 && threadIdx.x % 128 == 0) mbar_arrive(&empty[(t - 1) % kGemmStages]);
     }
     wgmma_wait_groups<0>();
+    pin_regs(acc);  // no read of the accumulators above the wait
 
     // Lane (g, q) of warp w of the warpgroup: rows 16 w + g (+ 8), columns 8 j + 2 q (+ 1).
     __nv_bfloat16* c = static_cast<__nv_bfloat16*>(p.c);

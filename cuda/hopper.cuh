@@ -36,17 +36,34 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
                  : "memory");
 }
 
-// Waits until the phase of the given parity has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+// Whether the phase of the given parity has completed (the hardware may suspend the thread a
+// while before it answers no).
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+    uint32_t done;
     asm volatile(
         "{\n"
-        ".reg .pred done;\n"
-        "MBAR_WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra MBAR_WAIT_%=;\n"
-        "}\n" ::"r"(hopper_smem_addr(bar)),
-        "r"(parity)
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(hopper_smem_addr(bar)), "r"(parity)
         : "memory");
+    return done != 0;
+}
+
+// Waits until the phase of the given parity has completed. A phase that never completes (a
+// transaction count that does not match the copies, a parity out of step) would hang the kernel
+// and whatever waits on it; after 4 seconds this traps instead, so the launch fails with an error.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    if (mbar_try_wait(bar, parity)) return;
+    uint64_t t0;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    while (!mbar_try_wait(bar, parity)) {
+        uint64_t t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        if (t - t0 > 4000000000ull) __trap();
+    }
 }
 
 // ---- TMA: the box at (inner coordinate c0, outer coordinate c1) of the tensor map at `map` (a
