@@ -1376,6 +1376,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 }
 
 // ================================================================================================ wgmma forward (sm_90a)
+// (The swizzled tiles below hold one head's 64 bf16 = 128 bytes a row: one swizzle atom wide, which
+// is what lets every descriptor, the N-major ones included, use sw128_desc's fixed fields.)
+static_assert(kD == 64, "the wgmma kernels' tiles are one 128-byte swizzle atom wide");
 // EXPERIMENTAL: compiles, unverified on GPU. The forward on Hopper's warpgroup MMA, written because
 // the mma.sync kernels are latency bound (BENCHMARKS.md: issue slots half busy, the top stall the
 // fixed latency of dependent MMAs and softmax arithmetic), and wgmma is asynchronous: a warpgroup
@@ -2026,11 +2029,14 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     }
     sw128_load_wait_groups<1>();  // A and K
     __syncthreads();
+    // The second half has landed once every thread has waited for its own copies of it and met
+    // the others at barrier 4: a warpgroup arrives there from inside its tile loop, when its first
+    // chunk past the half comes up, or after the loop, so the barrier is the unaligned form.
     bool b_ready = false;
     auto need_chunk = [&](int pc) {
         if (!b_ready && (pc + 1) * kChunk > half) {
             sw128_load_wait();
-            __syncthreads();
+            named_barrier_anywhere(4, MAPET_ATTN_WG_DKDV_THREADS);
             b_ready = true;
         }
     };
@@ -2101,7 +2107,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         store_frag_rows(dk, prm.scale, prm.scale, dkg, prm.dk_row_stride, key_lo, key_hi, G.lk, t);
         store_frag_rows(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, G.lk, t);
     }
-    need_chunk(npc);  // the second block barrier, for a thread that has not needed B
+    need_chunk(npc);  // barrier 4, for a warpgroup that has not needed the second half
 #else
     __trap();
 #endif

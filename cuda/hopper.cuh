@@ -83,7 +83,9 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, 
 // operand whose 16-deep step lies within one 128-byte row, and set to 1), stride byte offset >> 4
 // (32-45; 1024 between 8-row atoms), base offset (49-51; 0 for 1024-aligned atoms), swizzle mode
 // (62-63; 1 = 128 bytes). The k-th 16-deep step of a 64-wide atom starts 32 k bytes in: the
-// hardware applies the swizzle to the addresses it forms from there.
+// hardware applies the swizzle to the addresses it forms from there. For an M/N-major operand the
+// leading byte offset is the distance between 64-element blocks along M/N instead: the value 1 fits
+// only operands one block (64 elements) wide, as all of this project's are.
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
     return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
            (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
@@ -284,6 +286,13 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t a, u
 // the 128 of one warpgroup.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// named_barrier for threads that reach it from different places in the program. bar.sync (and
+// __syncthreads) is the .aligned form, which promises that every thread runs the same barrier
+// instruction; barrier.sync without it does not.
+__device__ __forceinline__ void named_barrier_anywhere(int id, int threads) {
+    asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // d (32 f32 a thread) += A (64 x 16, registers) B (B 16 x 64, N-major: a [16 x 64] row-major tile

@@ -314,6 +314,22 @@ fn edge_sizes_match_cpu() {
     }
 }
 
+/// Enough (sample, head) pairs that every CTA owns one whole pair (pairs >= 4 x SMs: one CTA
+/// per pair for the forward and dQ kernels at two CTAs an SM, and for dK/dV at one): then each
+/// warpgroup of the wgmma kernels takes several row or key tiles in turn (Lq = 270: 5 tiles of 64
+/// rows over 2 warpgroups; Lk = 200: 4 key tiles over 3), which exercises the barriers before a
+/// warpgroup refills its Q or dO tile and the dK/dV kernel's K/V reloads. The other tests' shapes
+/// give each warpgroup one tile at most.
+#[test]
+fn several_tiles_per_warpgroup_match_cpu() {
+    let test = "several_tiles_per_warpgroup_match_cpu";
+    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    let mut rng = testing::rng(test);
+    let heads = 12;
+    let batch = (4 * gpu.sm_count() as usize).div_ceil(heads);
+    check(&gpu, &draw(&mut rng, shape(batch, heads, 130, 60)));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
