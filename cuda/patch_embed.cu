@@ -828,6 +828,218 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
         }
     }
 }
+
+// ------------------------------------------------------------------ forward, warp-specialised on TMA (sm_90a)
+//
+// The HWC forward built the way the fast Hopper GEMMs are (hopper.cu, mapet_hopper_gemm_tn), with
+// the pixel path as the producer of A. Why: both kernels above keep the tensor cores waiting on
+// loads (BENCHMARKS.md, fifth run: 42% of the warps' time stalled on global loads; the weight
+// re-read from L2 for every 128-row tile with two tiles in flight, by the same warps that issue
+// the MMAs). Here the loads run in warps of their own, several slices ahead:
+// - a block computes tiles of 128 patch rows x 192 channels, persistent: tile i of the grid-stride
+//   walk is channel tile i % nt and row tile i / nt (nt = ceil(D / 192)), so the nt blocks that
+//   read one row tile's pixels run side by side and share them in L2. At ViT-B, 4 x 196 = 784
+//   tiles over 132 blocks, one an SM: 5.9 tiles a block. K' is contracted in slices of 64 through
+//   a ring of kWsStages stages (A: 128 rows x 64 k', 16 KB; weight: 192 channels x 64 k', 24 KB),
+//   both K-major in the 128-byte swizzle (hopper.cuh), so the descriptors are gemm_tn's;
+// - warpgroup 0 produces. One thread loads each slice's weight box by TMA (from weight_hwc) and
+//   announces its bytes on the stage's `full` barrier. All 128 threads build the slice's A from
+//   the pixels: thread i the 8-group i % 8 of k' of rows i / 8 + 16 r (r < 8), one 8-byte load
+//   a group, kWsAhead slices of loads in flight ahead of the slice it normalises and stores. Each
+//   fences its stores for the tensor cores (the async proxy) and arrives on `full`, whose count
+//   is 129: the TMA thread's byte-announcing arrival and the 128 stores;
+// - warpgroups 1 and 2 consume rows 0-63 and 64-127 of the tile, all 192 channels (m64n192k16,
+//   96 f32 accumulators a thread). They start each tile's accumulators at bias + pos_embed, so
+//   that the epilogue only rounds and scatters each row to its rank's row (no loads behind the
+//   last MMA), and release a stage on `empty` (one arrival a warpgroup) once the wgmma that read
+//   it are done.
+// The sums start from bias + pos_embed rather than ending with them, so they differ from the
+// other HWC kernels' in the last bits (the same function, another f32 order). EXPERIMENTAL:
+// compiles, unverified on GPU; MAPET_PATCH_EMBED_ORDER=hwc-tma, compute capability 9.0 only.
+constexpr int kWsN = 192;
+constexpr int kWsK = 64;
+constexpr int kWsStages = 4;
+constexpr int kWsAhead = 3;                     // slices of pixel loads a producer thread holds
+constexpr int kWsABytes = kFwdM * kWsK * 2;     // 16 KB
+constexpr int kWsBBytes = kWsN * kWsK * 2;      // 24 KB
+constexpr int kWsStageBytes = kWsABytes + kWsBBytes;
+constexpr int kWsGroups = kFwdM * kWsK / 8 / 128;  // 8-groups a producer thread builds a slice
+// Registers (setmaxnreg) of the producer and of each consumer thread, from the 168 a thread of
+// the 384 gets at launch: 128 x 104 + 256 x 192 <= 384 x 168.
+constexpr int kWsProducerRegs = 128;
+constexpr int kWsConsumerRegs = 176;
+static_assert(128 * kWsProducerRegs + 256 * kWsConsumerRegs <= 384 * 168, "setmaxnreg pool");
+
+// One slice's raw pixels in a producer thread: its 8 groups, whether the slice is inside K', and
+// the channel of each group's first byte.
+struct WsSlice {
+    uint2 w[kWsGroups];
+    bool ok;
+    int c;
+};
+
+__device__ __forceinline__ void forward_hwc_tma(const MapetPatchEmbedFwdTma& T) {
+    const MapetPatchEmbedFwd& P = T.p;
+    extern __shared__ unsigned char ws_smem_raw[];
+    __shared__ __align__(8) uint64_t full[kWsStages];
+    __shared__ __align__(8) uint64_t empty[kWsStages];
+    // The ring, 1024-byte aligned (the swizzle's atoms): stage s holds A, then the weight box.
+    unsigned char* ring = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
+    const int tid = threadIdx.x;
+    const int wg = tid >> 7;
+    const int n_tiles = (g.D + kWsN - 1) / kWsN;
+    const int tiles = n_tiles * ((g.M + kFwdM - 1) / kFwdM);
+    const int slices = (g.K + kWsK - 1) / kWsK;
+
+    if (tid == 0) {
+        for (int s = 0; s < kWsStages; ++s) {
+            mbar_init(&full[s], 129);
+            mbar_init(&empty[s], 2);
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---- producer. `it` counts slices over all of this block's tiles: stage it % kWsStages,
+        // its (it / kWsStages)-th use.
+        regs_release<kWsProducerRegs>();
+        const Pixels<true> px = make_pixels<true>(P);
+        const int kg = tid & 7;
+        const int r0 = tid >> 3;
+        const uint32_t chunk = static_cast<uint32_t>(kg ^ (r0 & 7)) << 4;  // rows r0 + 16 r: r0 & 7
+        int it = 0;
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            const int n0 = (tile % n_tiles) * kWsN;
+            const int m0 = (tile / n_tiles) * kFwdM;
+            int base[kWsGroups];
+#pragma unroll
+            for (int r = 0; r < kWsGroups; ++r) {
+                const int m = m0 + r0 + 16 * r;
+                base[r] = m < g.M ? px.patch_base(m, g.G, g.np) : -1;
+            }
+            HwcCursor cur(kg * 8, g.p, g.S);
+            auto fetch = [&](WsSlice& sl) {
+                sl.ok = cur.k < g.K;
+                sl.c = cur.c;
+#pragma unroll
+                for (int r = 0; r < kWsGroups; ++r) sl.w[r] = px.load_hwc(base[r], cur.off, sl.ok);
+                cur.advance(kWsK);
+            };
+            // Slice t of the tile: the weight box, then A from sl, whose loads were issued
+            // kWsAhead slices ago; then the loads of slice t + kWsAhead into sl.
+            auto produce = [&](int t, WsSlice& sl) {
+                const int s = it % kWsStages;
+                if (it >= kWsStages) mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
+                unsigned char* stage = ring + s * kWsStageBytes;
+                if (tid == 0) {
+                    mbar_arrive_expect_tx(&full[s], kWsBBytes);
+                    tma_load_2d(stage + kWsABytes, &T.weight_hwc, t * kWsK, n0, &full[s]);
+                }
+                const Norm3 nrm = px.norm3(sl.c);
+                const uint32_t a = hopper_smem_addr(stage) + static_cast<uint32_t>(r0 * 128) + chunk;
+#pragma unroll
+                for (int r = 0; r < kWsGroups; ++r) {
+                    const uint4 v = px.finish_hwc(sl.w[r], nrm, sl.ok && base[r] >= 0);
+                    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a + r * 16 * 128), "r"(v.x),
+                                 "r"(v.y), "r"(v.z), "r"(v.w)
+                                 : "memory");
+                }
+                fence_proxy_async_smem();
+                mbar_arrive(&full[s]);
+                ++it;
+                fetch(sl);  // slice t + kWsAhead (zeros past K': sl.ok false)
+            };
+            // Three slices in rotation. Their count is a multiple of 3: K' = 3p^2 with p % 8 == 0,
+            // so K' / 64 = 3 (p / 8)^2.
+            static_assert(kWsAhead == 3, "the producer's rotation below holds three slices");
+            WsSlice x, y, z;
+            fetch(x);
+            fetch(y);
+            fetch(z);
+            for (int t = 0; t < slices; t += 3) {
+                produce(t, x);
+                produce(t + 1, y);
+                produce(t + 2, z);
+            }
+        }
+        return;
+    }
+
+    // ---- consumers: warpgroup 1 rows 0-63 of each tile, warpgroup 2 rows 64-127.
+    regs_claim<kWsConsumerRegs>();
+    const int lane = tid & 31;
+    const int warp = (tid >> 5) & 3;
+    const int gq = lane >> 2;
+    const int q = lane & 3;
+    const int half = wg - 1;
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(P.out);
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int n0 = (tile % n_tiles) * kWsN;
+        const int m0 = (tile / n_tiles) * kFwdM;
+        // This thread's two rows: where each goes (b*R + rank, -1 for none) and its token.
+        int dst[2], tok[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + 64 * half + 16 * warp + gq + 8 * h;
+            dst[h] = -1;
+            tok[h] = 0;
+            if (m < g.M) {
+                const int b = m / g.np;
+                tok[h] = m - b * g.np + 1;
+                const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok[h]);
+                if (r >= 1 && r < g.n_tokens) dst[h] = b * g.rows + r;
+            }
+        }
+        // Accumulators start at bias + pos_embed: d[4j + 2h + e] is row h, column n0 + 8j + 2q + e.
+        float acc[96];
+#pragma unroll
+        for (int j = 0; j < 24; ++j) {
+            const int col = n0 + 8 * j + 2 * q;
+            float2 bb = make_float2(0.f, 0.f);
+            if (col < g.D) bb = __ldg(reinterpret_cast<const float2*>(P.bias + col));
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float2 pe = make_float2(0.f, 0.f);
+                if (col < g.D) pe = __ldg(reinterpret_cast<const float2*>(P.pos_embed + static_cast<int64_t>(tok[h]) * g.D + col));
+                acc[4 * j + 2 * h] = bb.x + pe.x;
+                acc[4 * j + 2 * h + 1] = bb.y + pe.y;
+            }
+        }
+        for (int t = 0; t < slices; ++t, ++it) {
+            const int s = it % kWsStages;
+            mbar_wait(&full[s], (it / kWsStages) & 1);
+            const uint32_t a_s = hopper_smem_addr(ring + s * kWsStageBytes) + static_cast<uint32_t>(half * 64 * 128);
+            const uint32_t b_s = hopper_smem_addr(ring + s * kWsStageBytes + kWsABytes);
+            pin_regs(acc);
+            wgmma_fence_acc();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
+            wgmma_commit_groups();
+            // The previous slice's wgmma are done with their stage: hand it back.
+            wgmma_wait_groups<1>();
+            if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);
+        }
+        wgmma_wait_groups<0>();
+        pin_regs(acc);
+        if ((tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);  // the tile's last slice
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (dst[h] < 0) continue;
+            __nv_bfloat16* o = out + static_cast<int64_t>(dst[h]) * g.D;
+#pragma unroll
+            for (int j = 0; j < 24; ++j) {
+                const int col = n0 + 8 * j + 2 * q;
+                if (col < g.D)
+                    *reinterpret_cast<__nv_bfloat162*>(o + col) =
+                        __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            }
+        }
+    }
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // ------------------------------------------------------------------ backward: dweight partials
@@ -1182,6 +1394,18 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8_hwc_wgmma(const MapetPatchEmbedFwd p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     forward_hwc_wgmma(p);
+#else
+    __trap();
+#endif
+}
+
+// As mapet_patch_embed_fwd_u8_hwc, warp-specialised with TMA weight loads (see "forward,
+// warp-specialised on TMA"); sm_90a only, as above. Grid min(tiles, SMs) (tiles =
+// ceil(D/192) * ceil(B*(N-1)/128)), 384 threads, dynamic shared memory kWsStages * 40 KB + 1 KB.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mapet_patch_embed_fwd_u8_hwc_tma(const __grid_constant__ MapetPatchEmbedFwdTma p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    forward_hwc_tma(p);
 #else
     __trap();
 #endif

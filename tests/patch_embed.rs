@@ -563,8 +563,13 @@ enum Entry {
 }
 
 impl Entry {
-    const ALL: [Entry; 4] =
-        [Entry::F32, Entry::U8(PixelOrder::Chw), Entry::U8(PixelOrder::Hwc), Entry::U8(PixelOrder::HwcWgmma)];
+    const ALL: [Entry; 5] = [
+        Entry::F32,
+        Entry::U8(PixelOrder::Chw),
+        Entry::U8(PixelOrder::Hwc),
+        Entry::U8(PixelOrder::HwcWgmma),
+        Entry::U8(PixelOrder::HwcTma),
+    ];
 
     /// Whether `gpu` runs this entry (the wgmma kernels need compute capability 9.0); says so
     /// when it does not.
@@ -751,35 +756,38 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
     assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
 }
 
-/// The wgmma kernels are refused, with an error that names the order and the compute capability,
-/// where they cannot run; where they can, they agree with the mma.sync HWC kernels (and the tests
-/// above check the `hwc-wgmma` entry against the CPU on such a device).
+/// The sm_90a-only orders (`hwc-wgmma`, `hwc-tma`) are refused, with an error that names the order
+/// and the compute capability, where they cannot run; where they can, they agree with the mma.sync
+/// HWC kernels (and the tests above check them against the CPU on such a device).
 #[test]
-fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
-    let Some(gpu) = gpu_or_skip("hwc_wgmma_runs_only_on_compute_capability_9_0") else { return };
-    let mut rng = rng("hwc_wgmma_runs_only_on_compute_capability_9_0");
-    let wgmma = Entry::U8(PixelOrder::HwcWgmma);
+fn hopper_orders_run_only_on_compute_capability_9_0() {
+    let test = "hopper_orders_run_only_on_compute_capability_9_0";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    let mut rng = rng(test);
+    let orders = [PixelOrder::HwcWgmma, PixelOrder::HwcTma];
     if gpu.compute_capability() != (9, 0) {
-        assert!(!PixelOrder::HwcWgmma.supported_on(&gpu));
         let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
         let case = make_case(&mut rng, s);
         let dc = upload(&gpu, &case);
         let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
         let init = Grads32::random(&mut rng, &s, 0.1);
-        let forward = gpu_forward(&gpu, &case, &dc, wgmma).unwrap_err();
-        let backward = gpu_backward(&gpu, &case, &dc, wgmma, &d_out, &init).err().unwrap();
-        for e in [forward, backward] {
-            let msg = e.to_string();
-            assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
-            assert!(msg.contains("hwc-wgmma") && msg.contains("9.0"), "{msg}");
+        for order in orders {
+            assert!(!order.supported_on(&gpu));
+            let forward = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap_err();
+            let backward = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).err().unwrap();
+            for e in [forward, backward] {
+                let msg = e.to_string();
+                assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
+                assert!(msg.contains(order.name()) && msg.contains("9.0"), "{msg}");
+            }
         }
         return;
     }
-    assert!(PixelOrder::HwcWgmma.supported_on(&gpu));
     let hwc = Entry::U8(PixelOrder::Hwc);
-    // Tile edges of both kernels: 200 and 392 channels end in a partial 128-channel tile, 5 * 16
-    // and 48 * 196 patch rows in a partial 128-row tile; p = 8, 16 and 32 give K = 192, 768
-    // and 3072 (the weight gradient's k' tiles, partial for 192).
+    // Tile edges: 200 and 392 channels end in a partial 128-channel tile (and 192-channel tile of
+    // hwc-tma), 5 * 16 and 48 * 196 patch rows in a partial 128-row tile; p = 8, 16 and 32 give
+    // K = 192, 768 and 3072 (the weight gradient's k' tiles, partial for 192). At 32 and 48
+    // images of 224 x 224, hwc-tma's blocks take more than one tile each (196 and 222 tiles).
     for (batch, image, patch, dim) in
         [(2, 32, 8, 24), (5, 64, 16, 200), (32, 224, 16, 768), (48, 224, 16, 392), (2, 64, 32, 64)]
     {
@@ -788,24 +796,31 @@ fn hwc_wgmma_runs_only_on_compute_capability_9_0() {
         let dc = upload(&gpu, &case);
         let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
         let init = Grads32::random(&mut rng, &s, 0.1);
-        // Against the mma.sync HWC kernels: the same bf16 products, summed in another order within
-        // a 16-deep step. Forward: each output is rounded to bf16 once, so the two may land one
-        // bf16 ulp apart, at most 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32
-        // sums of 32 rows of products of magnitude up to about 1 here differ by a few f32 ulps,
-        // around 1e-6 of the largest element; 1e-4 of it leaves room for the tensor cores'
-        // internal order while a wrong layout, which moves elements by the order of the largest
-        // one, cannot pass.
-        let out = gpu_forward(&gpu, &case, &dc, wgmma).unwrap();
-        mapet::testing::assert_all_written("wgmma forward", &out);
         let reference = gpu_forward(&gpu, &case, &dc, hwc).unwrap();
-        for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
-            assert!((a - b).abs() <= 1e-2 * b.abs().max(1.0), "{s:?}: forward element {i}: wgmma {a}, mma.sync {b}");
-        }
-        let grads = gpu_backward(&gpu, &case, &dc, wgmma, &d_out, &init).unwrap();
-        let reference = gpu_backward(&gpu, &case, &dc, hwc, &d_out, &init).unwrap();
-        let scale = reference.w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (i, (a, b)) in grads.w.iter().zip(&reference.w).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * scale, "{s:?}: weight gradient element {i}: wgmma {a}, mma.sync {b}");
+        let reference_grads = gpu_backward(&gpu, &case, &dc, hwc, &d_out, &init).unwrap();
+        let scale = reference_grads.w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for order in orders {
+            let name = order.name();
+            // Against the mma.sync HWC kernels: the same bf16 products, summed in another order
+            // (within a 16-deep step; hwc-tma also starts from bias + pos_embed). Forward: each
+            // output is rounded to bf16 once, so the two may land one bf16 ulp apart, at most
+            // 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32 sums of 32 rows of
+            // products of magnitude up to about 1 here differ by a few f32 ulps, around 1e-6 of
+            // the largest element; 1e-4 of it leaves room for the tensor cores' internal order
+            // while a wrong layout, which moves elements by the order of the largest one, cannot
+            // pass.
+            let out = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap();
+            mapet::testing::assert_all_written(&format!("{name} forward"), &out);
+            for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-2 * b.abs().max(1.0),
+                    "{s:?}: forward element {i}: {name} {a}, mma.sync {b}"
+                );
+            }
+            let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
+            for (i, (a, b)) in grads.w.iter().zip(&reference_grads.w).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * scale, "{s:?}: weight gradient element {i}: {name} {a}, mma.sync {b}");
+            }
         }
     }
 }

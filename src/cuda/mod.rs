@@ -371,6 +371,7 @@ kernel_params!(
     MapetSquareSum,
     MapetAttention,
     MapetPatchEmbedFwd,
+    MapetPatchEmbedFwdTma,
     MapetPatchEmbedBwd,
     MapetCrossEntropy,
     MapetLayerScale,

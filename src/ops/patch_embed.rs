@@ -28,7 +28,8 @@ use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use crate::cpu::sgemm;
-use crate::cuda::params::{MapetPatchEmbedBwd, MapetPatchEmbedFwd};
+use crate::cuda::hopper::tensor_map_bf16;
+use crate::cuda::params::{MapetPatchEmbedBwd, MapetPatchEmbedFwd, MapetPatchEmbedFwdTma};
 use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 use crate::ops::KernelChoice;
@@ -38,6 +39,13 @@ const MODULE: &str = "patch_embed";
 const GEMM_THREADS: u32 = 256;
 const FWD_TILE_M: usize = 128;
 const FWD_TILE_N: usize = 128;
+/// The warp-specialised forward (`hwc-tma`): its name, channels a tile (rows as FWD_TILE_M),
+/// block size, and dynamic shared memory (4 stages of 16 + 24 KB, and 1 KB to align them; cuda/
+/// patch_embed.cu, kWsStages and kWsStageBytes).
+const FWD_TMA_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_tma";
+const FWD_TMA_TILE_N: usize = 192;
+const FWD_TMA_THREADS: u32 = 384;
+const FWD_TMA_SMEM: u32 = 4 * 40 * 1024 + 1024;
 const BWD_TILE: usize = 128;
 const BWD_STEP: usize = 32;
 /// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
@@ -503,21 +511,32 @@ pub enum PixelOrder {
     /// an error says so). Experimental: it matches the mma.sync kernels on an H200 but is slower
     /// there (forward + backward 0.41 ms against 0.378 ms at ViT-B, BENCHMARKS.md).
     HwcWgmma,
+    /// [`PixelOrder::Hwc`] with the forward warp-specialised (`mapet_patch_embed_fwd_u8_hwc_tma`):
+    /// one warpgroup builds A from the pixels and loads the weight by TMA, slices ahead, into a
+    /// ring of 128-byte-swizzled stages; two warpgroups run wgmma m64n192k16 on them. The weight
+    /// gradient is [`PixelOrder::Hwc`]'s. Compute capability 9.0 only (as `hwc-wgmma`).
+    /// Experimental: compiles, unverified on GPU.
+    HwcTma,
 }
 
 impl PixelOrder {
     /// Every order, for tests and benches.
-    pub const ALL: [PixelOrder; 3] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma];
+    pub const ALL: [PixelOrder; 4] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma, PixelOrder::HwcTma];
 
     /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
     fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
-        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma) && shape.patch.is_multiple_of(8)
+        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma | PixelOrder::HwcTma) && shape.patch.is_multiple_of(8)
     }
 
     /// Whether this order can run on `gpu`: the wgmma kernels need compute capability 9.0 (their
     /// sm_90a cubins; other devices would run the compute_80 PTX, whose copies of them trap).
     pub fn supported_on(self, gpu: &Gpu) -> bool {
-        self != PixelOrder::HwcWgmma || gpu.compute_capability() == (9, 0)
+        !self.hopper_only() || gpu.compute_capability() == (9, 0)
+    }
+
+    /// Whether this order runs sm_90a-only kernels.
+    fn hopper_only(self) -> bool {
+        matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcTma)
     }
 }
 
@@ -532,6 +551,7 @@ impl KernelChoice for PixelOrder {
             PixelOrder::Chw => "chw",
             PixelOrder::Hwc => "hwc",
             PixelOrder::HwcWgmma => "hwc-wgmma",
+            PixelOrder::HwcTma => "hwc-tma",
         }
     }
 }
@@ -570,23 +590,28 @@ fn device_pixels(
     })
 }
 
-/// The HWC kernel `order` runs: `wgmma` for [`PixelOrder::HwcWgmma`], refused off a compute
-/// capability 9.0 device, else `mma_sync`.
-fn hwc_kernel(gpu: &Gpu, order: PixelOrder, mma_sync: &'static str, wgmma: &'static str) -> Result<&'static str> {
-    if order != PixelOrder::HwcWgmma {
-        return Ok(mma_sync);
-    }
-    if !order.supported_on(gpu) {
+/// The HWC kernel `order` runs: `special` for the sm_90a-only orders whose kernel this is (the
+/// wgmma one for [`PixelOrder::HwcWgmma`]; the warp-specialised forward for
+/// [`PixelOrder::HwcTma`], whose weight gradient is the mma.sync one), refused off a compute
+/// capability 9.0 device; else `mma_sync`.
+fn hwc_kernel(
+    gpu: &Gpu,
+    order: PixelOrder,
+    mma_sync: &'static str,
+    special: &[(PixelOrder, &'static str)],
+) -> Result<&'static str> {
+    if order.hopper_only() && !order.supported_on(gpu) {
         let (major, minor) = gpu.compute_capability();
         return Err(Error::Unsupported {
             what: "pixel order",
             detail: format!(
-                "`hwc-wgmma` needs a compute capability 9.0 device (H100/H200); {} is {major}.{minor}: use `hwc`",
+                "`{}` needs a compute capability 9.0 device (H100/H200); {} is {major}.{minor}: use `hwc`",
+                order.name(),
                 gpu.name()
             ),
         });
     }
-    Ok(wgmma)
+    Ok(special.iter().find(|(o, _)| *o == order).map_or(mma_sync, |(_, k)| *k))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -604,7 +629,12 @@ fn cuda_forward(
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_fwd_u8_hwc", "mapet_patch_embed_fwd_u8_hwc_wgmma")?;
+    let hwc_kernel = hwc_kernel(
+        gpu,
+        order,
+        "mapet_patch_embed_fwd_u8_hwc",
+        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_fwd_u8_hwc_wgmma"), (PixelOrder::HwcTma, FWD_TMA_KERNEL)],
+    )?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
@@ -657,12 +687,31 @@ fn cuda_forward(
         1,
     );
     let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
-    // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
-    // weight, bias, pos_embed and out were checked above against the shape in `params`, and the
-    // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows whose
-    // rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds. D % 8 == 0 and
-    // 16-byte aligned pointers (checked above) keep the vector accesses aligned.
-    unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
+    if kernel == FWD_TMA_KERNEL {
+        let weight_hwc = weight_hwc.as_ref().map_or(std::ptr::null(), |w| w.ptr());
+        let tma = MapetPatchEmbedFwdTma {
+            p: params,
+            weight_hwc: tensor_map_bf16(weight_hwc, shape.dim, shape.patch_len(), FWD_TMA_TILE_N)?,
+        };
+        let tiles = shape.dim.div_ceil(FWD_TMA_TILE_N) as u64 * m.div_ceil(FWD_TILE_M as u64);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for("patch embedding tiles", tiles, 1)?.min(gpu.sm_count()), 1, 1),
+            block_dim: (FWD_TMA_THREADS, 1, 1),
+            shared_mem_bytes: FWD_TMA_SMEM,
+        };
+        // SAFETY: as for the kernels below (the same parameters, bounds and skipped rows); the
+        // tensor map covers weight_hwc, [D, K'] bf16 with rows of 2K' bytes (K' = 3p², p % 8 ==
+        // 0, so a multiple of 16), and the kernel takes FWD_TMA_SMEM bytes of dynamic shared
+        // memory for its ring.
+        unsafe { gpu.launch(MODULE, kernel, cfg, &tma)? };
+    } else {
+        // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
+        // weight, bias, pos_embed and out were checked above against the shape in `params`, and
+        // the HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows
+        // whose rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds.
+        // D % 8 == 0 and 16-byte aligned pointers (checked above) keep the vector accesses aligned.
+        unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
+    }
     // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
     // block per token, and ranks outside [C, N) write no mask row.
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
@@ -740,8 +789,12 @@ pub fn cuda_backward(
     dmask_token: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let hwc_kernel =
-        hwc_kernel(gpu, order, "mapet_patch_embed_bwd_weight_u8_hwc", "mapet_patch_embed_bwd_weight_u8_hwc_wgmma")?;
+    let hwc_kernel = hwc_kernel(
+        gpu,
+        order,
+        "mapet_patch_embed_bwd_weight_u8_hwc",
+        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_bwd_weight_u8_hwc_wgmma")],
+    )?;
     let kernels = ["mapet_patch_embed_bwd_weight_u8", hwc_kernel, "mapet_patch_embed_bwd_weight_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     // The HWC kernel's partials are in its contraction order; its reduction permutes them back.
