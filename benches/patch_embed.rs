@@ -119,20 +119,21 @@ fn bench_gpu(c: &mut Criterion) {
         backward(g, s, x, e)
     };
     let (chw, hwc, wgmma) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc), Some(PixelOrder::HwcWgmma));
-    let tma = Some(PixelOrder::HwcTma);
-    let cases: [(&str, Step, Entry, f64); 13] = [
+    let ws = Some(PixelOrder::HwcWs);
+    let cases: [(&str, Step, Entry, f64); 14] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),
         ("forward u8 hwc-wgmma", forward, wgmma, flops),
-        ("forward u8 hwc-tma", forward, tma, flops),
+        ("forward u8 hwc-ws", forward, ws, flops),
         ("forward f32", forward, None, flops),
         ("backward u8 chw", backward, chw, flops),
         ("backward u8 hwc", backward, hwc, flops),
         ("backward u8 hwc-wgmma", backward, wgmma, flops),
+        ("backward u8 hwc-ws", backward, ws, flops),
         ("forward+backward u8 chw", fwd_bwd, chw, 2.0 * flops),
         ("forward+backward u8 hwc", fwd_bwd, hwc, 2.0 * flops),
         ("forward+backward u8 hwc-wgmma", fwd_bwd, wgmma, 2.0 * flops),
-        ("forward+backward u8 hwc-tma", fwd_bwd, tma, 2.0 * flops),
+        ("forward+backward u8 hwc-ws", fwd_bwd, ws, 2.0 * flops),
         ("forward+backward f32", fwd_bwd, None, 2.0 * flops),
     ];
     let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");

@@ -354,13 +354,13 @@ typedef struct MapetTensorMap {
 } __attribute__((aligned(64))) MapetTensorMap;
 
 // The warp-specialised patch-embedding forward (cuda/patch_embed.cu,
-// mapet_patch_embed_fwd_u8_hwc_tma): a tensor map of weight_hwc (bf16 [D, K'] in boxes of 192
+// mapet_patch_embed_fwd_u8_hwc_ws): a tensor map of weight_hwc (bf16 [D, K'] in boxes of 192
 // channels x 64 k', 128-byte swizzle) for its TMA loads, and the forward's parameters (the map
 // first, at its 64-byte alignment, so that no padding sits between them).
-typedef struct MapetPatchEmbedFwdTma {
+typedef struct MapetPatchEmbedFwdWs {
     MapetTensorMap weight_hwc;
     MapetPatchEmbedFwd p;
-} MapetPatchEmbedFwdTma;
+} MapetPatchEmbedFwdWs;
 
 // Checks of the TMA / mbarrier / swizzled-wgmma building blocks, one block of 128 threads.
 // `a` and `b` map bf16 matrices [rows, cols] (cols contiguous) in boxes of 64 rows x 64 columns

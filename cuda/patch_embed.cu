@@ -855,7 +855,7 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 //   it are done.
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
 // other HWC kernels' in the last bits (the same function, another f32 order). EXPERIMENTAL:
-// compiles, unverified on GPU; MAPET_PATCH_EMBED_ORDER=hwc-tma, compute capability 9.0 only.
+// compiles, unverified on GPU; MAPET_PATCH_EMBED_ORDER=hwc-ws, compute capability 9.0 only.
 constexpr int kWsN = 192;
 constexpr int kWsK = 64;
 constexpr int kWsStages = 4;
@@ -878,7 +878,7 @@ struct WsSlice {
     int c;
 };
 
-__device__ __forceinline__ void forward_hwc_tma(const MapetPatchEmbedFwdTma& T) {
+__device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const MapetPatchEmbedFwd& P = T.p;
     extern __shared__ unsigned char ws_smem_raw[];
     __shared__ __align__(8) uint64_t full[kWsStages];
@@ -1367,6 +1367,178 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
         }
     }
 }
+// The HWC weight gradient, warp-specialised (sm_90a): the partials of backward_weight<true, true>
+// (a block: 128 channels x 128 k' of one split's patch rows), with the loads in warps of their own
+// as in forward_hwc_ws. The operands and their layout are backward_weight_hwc_wgmma's (no
+// swizzle, both M/N-major, m64n128k16 with both transpose flags), with 64 contraction rows a
+// slice instead of 32 (element (row, x) of a 16 KB tile at (row / 8) * 2048 + (x / 8) * 128 +
+// (row % 8) * 16 + (x % 8) * 2 bytes), in a ring of kWbStages stages (d_out 16 KB, pixels 16 KB):
+// - the split's row table (d_out row and pixel base of each patch row, from
+//   mapet_patch_embed_bwd_rows) is copied into shared memory first, so that finding a row costs
+//   a shared load, not a dependent global one;
+// - warpgroup 0 produces. Thread i fills chunk c = i / 8 (channels n0 + 8c of d_out, k' = k0 + 8c
+//   of the pixels: a fixed place in the patch, so one cursor and one set of channel scales) of
+//   rows i % 8 + 8r (r < 8) of each slice: a quarter warp writes one whole 128-byte core matrix.
+//   d_out by cp.async, the pixels through registers, loaded kWsAhead slices ahead. A thread
+//   arrives on a slice's `full` barrier (count 128) kWbLag slices after it issued the slice's
+//   copies, once cp.async.wait_group says they have landed and a proxy fence has made them and
+//   its pixel stores visible to the tensor cores;
+// - warpgroups 1 and 2 consume channels 0-63 and 64-127 of the tile (64 f32 accumulators a
+//   thread) and release a stage on `empty` (count 2) once the wgmma that read it are done.
+// Not persistent: about three blocks an SM in all (weight_grad_splits_ws), one at a time.
+// EXPERIMENTAL: compiles, unverified on GPU; MAPET_PATCH_EMBED_ORDER=hwc-ws, compute capability
+// 9.0 only.
+constexpr int kWbRows = 64;     // contraction rows a slice
+constexpr int kWbStages = 6;
+constexpr int kWbLag = 3;       // slices between a producer's copies and its arrival for them
+constexpr int kWbTileBytes = kWbRows * 128 * 2;  // 16 KB: 64 rows x 128 channels or k'
+constexpr int kWbStageBytes = 2 * kWbTileBytes;
+static_assert(kWbStages > kWbLag, "a stage must be handed over before the producer needs it again");
+
+// One slice's raw pixels in a producer thread: its 8 groups, and which of its rows exist.
+struct WbSlice {
+    uint2 w[8];
+    uint32_t rows_ok;  // bit r: row i % 8 + 8r of the slice has pixels
+};
+
+__device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd& P) {
+    extern __shared__ __align__(16) unsigned char wb_smem[];
+    __shared__ __align__(8) uint64_t full[kWbStages];
+    __shared__ __align__(8) uint64_t empty[kWbStages];
+    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
+    const int tid = threadIdx.x;
+    const int wg = tid >> 7;
+    const int k0 = blockIdx.x * kBwdK;
+    const int n0 = blockIdx.y * kBwdN;
+    const int split = blockIdx.z;
+    const int m_begin = split * P.split_rows;
+    const int m_end = min(g.M, m_begin + P.split_rows);
+    const int slices = m_end > m_begin ? (m_end - m_begin + kWbRows - 1) / kWbRows : 0;
+    const uint32_t ring = smem_addr(wb_smem);
+    // The split's table, rows [m_begin, m_begin + 64 slices), {-1, -1} past m_end.
+    int2* table = reinterpret_cast<int2*>(wb_smem + kWbStages * kWbStageBytes);
+    for (int r = tid; r < slices * kWbRows; r += blockDim.x) {
+        const int m = m_begin + r;
+        table[r] = m < m_end ? __ldg(reinterpret_cast<const int2*>(P.row_info) + m) : make_int2(-1, -1);
+    }
+    if (tid == 0) {
+        for (int s = 0; s < kWbStages; ++s) {
+            mbar_init(&full[s], 128);
+            mbar_init(&empty[s], 2);
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---- producer
+        const Pixels<true> px = make_pixels<true>(P);
+        const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(P.d_out);
+        const int c = tid >> 3;
+        const int row_lo = tid & 7;
+        const uint32_t chunk = static_cast<uint32_t>(c * kWgCoreMN + row_lo * 16);  // + r * kWgCoreK
+        const HwcCursor cur(k0 + 8 * c, g.p, g.S);
+        const bool k_ok = k0 + 8 * c < g.K;
+        const bool n_ok = n0 + 8 * c < g.D;
+        const Norm3 nrm = px.norm3(cur.c);
+        auto fetch = [&](WbSlice& sl, int t) {
+            sl.rows_ok = 0;
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                const int base = t < slices ? table[t * kWbRows + row_lo + 8 * r].y : -1;
+                sl.rows_ok |= (base >= 0 ? 1u : 0u) << r;
+                sl.w[r] = px.load_hwc(base, cur.off, k_ok);
+            }
+        };
+        auto produce = [&](int t, WbSlice& sl) {
+            const int s = t % kWbStages;
+            if (t >= kWbStages) mbar_wait(&empty[s], (t / kWbStages - 1) & 1);
+            const uint32_t a = ring + static_cast<uint32_t>(s * kWbStageBytes) + chunk;
+            const uint32_t b = a + kWbTileBytes;
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                const int row = table[t * kWbRows + row_lo + 8 * r].x;
+                const bool ok = row >= 0 && n_ok;
+                const __nv_bfloat16* src = ok ? d_out + static_cast<int64_t>(row) * g.D + n0 + 8 * c : d_out;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a + r * kWgCoreK), "l"(src),
+                             "r"(ok ? 16 : 0)
+                             : "memory");
+            }
+            cp_async_commit();
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                const uint4 v = px.finish_hwc(sl.w[r], nrm, k_ok && ((sl.rows_ok >> r) & 1u));
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(b + r * kWgCoreK), "r"(v.x), "r"(v.y),
+                             "r"(v.z), "r"(v.w)
+                             : "memory");
+            }
+            fetch(sl, t + kWsAhead);
+            if (t >= kWbLag) {
+                cp_async_wait_group<kWbLag>();  // slice t - kWbLag's copies have landed
+                fence_proxy_async_smem();
+                mbar_arrive(&full[(t - kWbLag) % kWbStages]);
+            }
+        };
+        static_assert(kWsAhead == 3, "the producer's rotation below holds three slices");
+        WbSlice x, y, z;
+        fetch(x, 0);
+        fetch(y, 1);
+        fetch(z, 2);
+        for (int t = 0; t < slices; t += 3) {
+            produce(t, x);
+            if (t + 1 < slices) produce(t + 1, y);
+            if (t + 2 < slices) produce(t + 2, z);
+        }
+        // The last kWbLag slices (or all, if fewer).
+        cp_async_wait_group<0>();
+        fence_proxy_async_smem();
+        for (int t = max(0, slices - kWbLag); t < slices; ++t) mbar_arrive(&full[t % kWbStages]);
+        return;
+    }
+
+    // ---- consumers: warpgroup 1 channels 0-63 of the tile, warpgroup 2 channels 64-127.
+    const int half = wg - 1;
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int t = 0; t < slices; ++t) {
+        const int s = t % kWbStages;
+        mbar_wait(&full[s], (t / kWbStages) & 1);
+        const uint32_t a = ring + static_cast<uint32_t>(s * kWbStageBytes + half * 8 * kWgCoreMN);
+        const uint32_t b = ring + static_cast<uint32_t>(s * kWbStageBytes + kWbTileBytes);
+        pin_regs(acc);
+        wgmma_fence_acc();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            wgmma_m64n128k16<1, 1>(acc, wg_desc(a + kk * 2 * kWgCoreK), wg_desc(b + kk * 2 * kWgCoreK));
+        wgmma_commit_groups();
+        wgmma_wait_groups<1>();
+        if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(t - 1) % kWbStages]);
+    }
+    wgmma_wait_groups<0>();
+    pin_regs(acc);
+
+    // Lane (g, t) of warp w holds channels 64 half + 16 w + g (+ 8) of the tile and k' columns
+    // 8j + 2t, + 1 (in k' order; the reduction maps them back), as backward_weight_hwc_wgmma.
+    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
+    const int lane = tid & 31;
+    const int warp = (tid >> 5) & 3;
+    const int gq = lane >> 2;
+    const int q = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int n = n0 + half * 64 + warp * 16 + gq + 8 * h;
+        if (n >= g.D) continue;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int k = k0 + 8 * j + 2 * q + e;
+                if (k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[4 * j + 2 * h + e];
+            }
+        }
+    }
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 }  // namespace
@@ -1403,9 +1575,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
 // warp-specialised on TMA"); sm_90a only, as above. Grid min(tiles, SMs) (tiles =
 // ceil(D/192) * ceil(B*(N-1)/128)), 384 threads, dynamic shared memory kWsStages * 40 KB + 1 KB.
 extern "C" __global__ void __launch_bounds__(384, 1)
-    mapet_patch_embed_fwd_u8_hwc_tma(const __grid_constant__ MapetPatchEmbedFwdTma p) {
+    mapet_patch_embed_fwd_u8_hwc_ws(const __grid_constant__ MapetPatchEmbedFwdWs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    forward_hwc_tma(p);
+    forward_hwc_ws(p);
 #else
     __trap();
 #endif
@@ -1486,6 +1658,19 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
     mapet_patch_embed_bwd_weight_u8_hwc_wgmma(const MapetPatchEmbedBwd p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     backward_weight_hwc_wgmma(p);
+#else
+    __trap();
+#endif
+}
+
+// As mapet_patch_embed_bwd_weight_u8_hwc, warp-specialised (backward_weight_hwc_ws); sm_90a only,
+// as above. Grid (ceil(K'/128), ceil(D/128), splits), 384 threads, dynamic shared memory
+// kWbStages * 32 KB + 8 * 64 * ceil(split_rows / 64) (the split's row table). Same table (read
+// from row_info) and reduction.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mapet_patch_embed_bwd_weight_u8_hwc_ws(const MapetPatchEmbedBwd p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    backward_weight_hwc_ws(p);
 #else
     __trap();
 #endif

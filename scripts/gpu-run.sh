@@ -171,7 +171,8 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
     patch-fwd-hwc:patch_embed:mapet_patch_embed_fwd_u8_hwc:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
-    patch-fwd-hwc-tma:patch_embed:mapet_patch_embed_fwd_u8_hwc_tma:patch_embed_gpu \
+    patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
+    patch-bwd-weight-hwc-ws:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_ws:patch_embed_gpu \
     patch-fwd-hwc-wgmma:patch_embed:mapet_patch_embed_fwd_u8_hwc_wgmma:patch_embed_gpu \
     patch-bwd-weight-hwc-wgmma:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_wgmma:patch_embed_gpu}"
   for spec in $specs; do

@@ -8,7 +8,7 @@ use mapet::cpu::round_bf16;
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::ops::patch_embed::{
     cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward, cuda_forward_f32, cuda_forward_u8, normalize_u8,
-    DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels,
+    weight_grad_splits_ws, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels, BWD_WS_MAX_ROWS,
 };
 use mapet::ops::KernelChoice;
 use mapet::testing::{assert_within_baseline, gpu_or_skip, rel_err, rng, to_f64, uniform, uniform_bf16};
@@ -568,7 +568,7 @@ impl Entry {
         Entry::U8(PixelOrder::Chw),
         Entry::U8(PixelOrder::Hwc),
         Entry::U8(PixelOrder::HwcWgmma),
-        Entry::U8(PixelOrder::HwcTma),
+        Entry::U8(PixelOrder::HwcWs),
     ];
 
     /// Whether `gpu` runs this entry (the wgmma kernels need compute capability 9.0); says so
@@ -756,7 +756,26 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
     assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
 }
 
-/// The sm_90a-only orders (`hwc-wgmma`, `hwc-tma`) are refused, with an error that names the order
+/// The warp-specialised weight gradient's splits (no GPU needed): whole 64-row slices, at most
+/// BWD_WS_MAX_ROWS rows each (its row table must fit beside the ring), together covering every
+/// patch row with no empty split, and about three blocks an SM at ViT-B.
+#[test]
+fn warp_specialised_weight_splits_cover_the_rows_in_whole_slices() {
+    for (batch, image, patch, dim) in [(128, 224, 16, 768), (1, 32, 8, 24), (512, 224, 16, 768), (3, 64, 32, 200)] {
+        let s = shape(batch, image, patch, dim, 1);
+        for sm_count in [1, 78, 132, 144] {
+            let (splits, rows) = weight_grad_splits_ws(&s, sm_count);
+            let m = batch * s.n_patches();
+            let at = format!("{s:?} on {sm_count} SMs: {splits} splits of {rows} rows");
+            assert!(rows % 64 == 0 && rows <= BWD_WS_MAX_ROWS, "{at}");
+            assert!(splits * rows >= m && (splits - 1) * rows < m, "{at}");
+        }
+    }
+    let vit_b = shape(128, 224, 16, 768, 50);
+    assert_eq!(weight_grad_splits_ws(&vit_b, 132), (11, 2304), "36 tiles x 11 splits = 3 blocks an SM");
+}
+
+/// The sm_90a-only orders (`hwc-wgmma`, `hwc-ws`) are refused, with an error that names the order
 /// and the compute capability, where they cannot run; where they can, they agree with the mma.sync
 /// HWC kernels (and the tests above check them against the CPU on such a device).
 #[test]
@@ -764,7 +783,7 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
     let test = "hopper_orders_run_only_on_compute_capability_9_0";
     let Some(gpu) = gpu_or_skip(test) else { return };
     let mut rng = rng(test);
-    let orders = [PixelOrder::HwcWgmma, PixelOrder::HwcTma];
+    let orders = [PixelOrder::HwcWgmma, PixelOrder::HwcWs];
     if gpu.compute_capability() != (9, 0) {
         let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
         let case = make_case(&mut rng, s);
@@ -785,9 +804,9 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
     }
     let hwc = Entry::U8(PixelOrder::Hwc);
     // Tile edges: 200 and 392 channels end in a partial 128-channel tile (and 192-channel tile of
-    // hwc-tma), 5 * 16 and 48 * 196 patch rows in a partial 128-row tile; p = 8, 16 and 32 give
+    // hwc-ws), 5 * 16 and 48 * 196 patch rows in a partial 128-row tile; p = 8, 16 and 32 give
     // K = 192, 768 and 3072 (the weight gradient's k' tiles, partial for 192). At 32 and 48
-    // images of 224 x 224, hwc-tma's blocks take more than one tile each (196 and 222 tiles).
+    // images of 224 x 224, hwc-ws's blocks take more than one tile each (196 and 222 tiles).
     for (batch, image, patch, dim) in
         [(2, 32, 8, 24), (5, 64, 16, 200), (32, 224, 16, 768), (48, 224, 16, 392), (2, 64, 32, 64)]
     {
@@ -802,7 +821,7 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
         for order in orders {
             let name = order.name();
             // Against the mma.sync HWC kernels: the same bf16 products, summed in another order
-            // (within a 16-deep step; hwc-tma also starts from bias + pos_embed). Forward: each
+            // (within a 16-deep step; hwc-ws also starts from bias + pos_embed). Forward: each
             // output is rounded to bf16 once, so the two may land one bf16 ulp apart, at most
             // 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32 sums of 32 rows of
             // products of magnitude up to about 1 here differ by a few f32 ulps, around 1e-6 of

@@ -371,7 +371,7 @@ kernel_params!(
     MapetSquareSum,
     MapetAttention,
     MapetPatchEmbedFwd,
-    MapetPatchEmbedFwdTma,
+    MapetPatchEmbedFwdWs,
     MapetPatchEmbedBwd,
     MapetCrossEntropy,
     MapetLayerScale,

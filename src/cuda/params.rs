@@ -624,17 +624,17 @@ const _: () = {
 #[repr(C)]
 #[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
-pub struct MapetPatchEmbedFwdTma {
+pub struct MapetPatchEmbedFwdWs {
     pub weight_hwc: MapetTensorMap,
     pub p: MapetPatchEmbedFwd,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetPatchEmbedFwdTma"][::core::mem::size_of::<MapetPatchEmbedFwdTma>() - 256usize];
-    ["Alignment of MapetPatchEmbedFwdTma"][::core::mem::align_of::<MapetPatchEmbedFwdTma>() - 64usize];
-    ["Offset of field: MapetPatchEmbedFwdTma::weight_hwc"]
-        [::core::mem::offset_of!(MapetPatchEmbedFwdTma, weight_hwc) - 0usize];
-    ["Offset of field: MapetPatchEmbedFwdTma::p"][::core::mem::offset_of!(MapetPatchEmbedFwdTma, p) - 128usize];
+    ["Size of MapetPatchEmbedFwdWs"][::core::mem::size_of::<MapetPatchEmbedFwdWs>() - 256usize];
+    ["Alignment of MapetPatchEmbedFwdWs"][::core::mem::align_of::<MapetPatchEmbedFwdWs>() - 64usize];
+    ["Offset of field: MapetPatchEmbedFwdWs::weight_hwc"]
+        [::core::mem::offset_of!(MapetPatchEmbedFwdWs, weight_hwc) - 0usize];
+    ["Offset of field: MapetPatchEmbedFwdWs::p"][::core::mem::offset_of!(MapetPatchEmbedFwdWs, p) - 128usize];
 };
 #[repr(C)]
 #[repr(align(64))]

@@ -29,7 +29,7 @@ use half::bf16;
 
 use crate::cpu::sgemm;
 use crate::cuda::hopper::tensor_map_bf16;
-use crate::cuda::params::{MapetPatchEmbedBwd, MapetPatchEmbedFwd, MapetPatchEmbedFwdTma};
+use crate::cuda::params::{MapetPatchEmbedBwd, MapetPatchEmbedFwd, MapetPatchEmbedFwdWs};
 use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 use crate::ops::KernelChoice;
@@ -39,13 +39,21 @@ const MODULE: &str = "patch_embed";
 const GEMM_THREADS: u32 = 256;
 const FWD_TILE_M: usize = 128;
 const FWD_TILE_N: usize = 128;
-/// The warp-specialised forward (`hwc-tma`): its name, channels a tile (rows as FWD_TILE_M),
+/// The warp-specialised forward (`hwc-ws`): its name, channels a tile (rows as FWD_TILE_M),
 /// block size, and dynamic shared memory (4 stages of 16 + 24 KB, and 1 KB to align them; cuda/
 /// patch_embed.cu, kWsStages and kWsStageBytes).
-const FWD_TMA_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_tma";
-const FWD_TMA_TILE_N: usize = 192;
-const FWD_TMA_THREADS: u32 = 384;
-const FWD_TMA_SMEM: u32 = 4 * 40 * 1024 + 1024;
+const FWD_WS_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_ws";
+const FWD_WS_TILE_N: usize = 192;
+const FWD_WS_THREADS: u32 = 384;
+const FWD_WS_SMEM: u32 = 4 * 40 * 1024 + 1024;
+/// The warp-specialised weight gradient (`hwc-ws`): its name, block size, contraction rows a
+/// slice, the most rows a split may have, and its ring of 6 stages of 32 KB (cuda/patch_embed.cu,
+/// kWbStages and kWbStageBytes; its dynamic shared memory is that and 8 bytes a split row).
+const BWD_WS_KERNEL: &str = "mapet_patch_embed_bwd_weight_u8_hwc_ws";
+const BWD_WS_THREADS: u32 = 384;
+const BWD_WS_SLICE: usize = 64;
+pub const BWD_WS_MAX_ROWS: usize = 4096;
+const BWD_WS_RING_BYTES: u32 = 6 * 32 * 1024;
 const BWD_TILE: usize = 128;
 const BWD_STEP: usize = 32;
 /// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
@@ -511,21 +519,22 @@ pub enum PixelOrder {
     /// an error says so). Experimental: it matches the mma.sync kernels on an H200 but is slower
     /// there (forward + backward 0.41 ms against 0.378 ms at ViT-B, BENCHMARKS.md).
     HwcWgmma,
-    /// [`PixelOrder::Hwc`] with the forward warp-specialised (`mapet_patch_embed_fwd_u8_hwc_tma`):
-    /// one warpgroup builds A from the pixels and loads the weight by TMA, slices ahead, into a
-    /// ring of 128-byte-swizzled stages; two warpgroups run wgmma m64n192k16 on them. The weight
-    /// gradient is [`PixelOrder::Hwc`]'s. Compute capability 9.0 only (as `hwc-wgmma`).
-    /// Experimental: compiles, unverified on GPU.
-    HwcTma,
+    /// [`PixelOrder::Hwc`] with the forward and the weight gradient warp-specialised
+    /// (`mapet_patch_embed_fwd_u8_hwc_ws`, `mapet_patch_embed_bwd_weight_u8_hwc_ws`): one
+    /// warpgroup loads, slices ahead, into a ring of shared-memory stages (the forward's weight by
+    /// TMA, d_out by cp.async, the pixels normalised through registers), and two warpgroups run
+    /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). Experimental: compiles,
+    /// unverified on GPU.
+    HwcWs,
 }
 
 impl PixelOrder {
     /// Every order, for tests and benches.
-    pub const ALL: [PixelOrder; 4] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma, PixelOrder::HwcTma];
+    pub const ALL: [PixelOrder; 4] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma, PixelOrder::HwcWs];
 
     /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
     fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
-        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma | PixelOrder::HwcTma) && shape.patch.is_multiple_of(8)
+        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma | PixelOrder::HwcWs) && shape.patch.is_multiple_of(8)
     }
 
     /// Whether this order can run on `gpu`: the wgmma kernels need compute capability 9.0 (their
@@ -536,7 +545,7 @@ impl PixelOrder {
 
     /// Whether this order runs sm_90a-only kernels.
     fn hopper_only(self) -> bool {
-        matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcTma)
+        matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcWs)
     }
 }
 
@@ -551,7 +560,7 @@ impl KernelChoice for PixelOrder {
             PixelOrder::Chw => "chw",
             PixelOrder::Hwc => "hwc",
             PixelOrder::HwcWgmma => "hwc-wgmma",
-            PixelOrder::HwcTma => "hwc-tma",
+            PixelOrder::HwcWs => "hwc-ws",
         }
     }
 }
@@ -592,7 +601,7 @@ fn device_pixels(
 
 /// The HWC kernel `order` runs: `special` for the sm_90a-only orders whose kernel this is (the
 /// wgmma one for [`PixelOrder::HwcWgmma`]; the warp-specialised forward for
-/// [`PixelOrder::HwcTma`], whose weight gradient is the mma.sync one), refused off a compute
+/// [`PixelOrder::HwcWs`], whose weight gradient is the mma.sync one), refused off a compute
 /// capability 9.0 device; else `mma_sync`.
 fn hwc_kernel(
     gpu: &Gpu,
@@ -633,7 +642,7 @@ fn cuda_forward(
         gpu,
         order,
         "mapet_patch_embed_fwd_u8_hwc",
-        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_fwd_u8_hwc_wgmma"), (PixelOrder::HwcTma, FWD_TMA_KERNEL)],
+        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_fwd_u8_hwc_wgmma"), (PixelOrder::HwcWs, FWD_WS_KERNEL)],
     )?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
@@ -687,23 +696,23 @@ fn cuda_forward(
         1,
     );
     let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
-    if kernel == FWD_TMA_KERNEL {
+    if kernel == FWD_WS_KERNEL {
         let weight_hwc = weight_hwc.as_ref().map_or(std::ptr::null(), |w| w.ptr());
-        let tma = MapetPatchEmbedFwdTma {
+        let ws = MapetPatchEmbedFwdWs {
             p: params,
-            weight_hwc: tensor_map_bf16(weight_hwc, shape.dim, shape.patch_len(), FWD_TMA_TILE_N)?,
+            weight_hwc: tensor_map_bf16(weight_hwc, shape.dim, shape.patch_len(), FWD_WS_TILE_N)?,
         };
-        let tiles = shape.dim.div_ceil(FWD_TMA_TILE_N) as u64 * m.div_ceil(FWD_TILE_M as u64);
+        let tiles = shape.dim.div_ceil(FWD_WS_TILE_N) as u64 * m.div_ceil(FWD_TILE_M as u64);
         let cfg = LaunchConfig {
             grid_dim: (blocks_for("patch embedding tiles", tiles, 1)?.min(gpu.sm_count()), 1, 1),
-            block_dim: (FWD_TMA_THREADS, 1, 1),
-            shared_mem_bytes: FWD_TMA_SMEM,
+            block_dim: (FWD_WS_THREADS, 1, 1),
+            shared_mem_bytes: FWD_WS_SMEM,
         };
         // SAFETY: as for the kernels below (the same parameters, bounds and skipped rows); the
         // tensor map covers weight_hwc, [D, K'] bf16 with rows of 2K' bytes (K' = 3p², p % 8 ==
-        // 0, so a multiple of 16), and the kernel takes FWD_TMA_SMEM bytes of dynamic shared
+        // 0, so a multiple of 16), and the kernel takes FWD_WS_SMEM bytes of dynamic shared
         // memory for its ring.
-        unsafe { gpu.launch(MODULE, kernel, cfg, &tma)? };
+        unsafe { gpu.launch(MODULE, kernel, cfg, &ws)? };
     } else {
         // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
         // weight, bias, pos_embed and out were checked above against the shape in `params`, and
@@ -758,6 +767,18 @@ pub fn cuda_forward_f32(
     cuda_forward(gpu, PixelOrder::Chw, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
 }
 
+/// The split of the warp-specialised weight gradient (`hwc-ws`): about three blocks an SM in all,
+/// of one block an SM at a time, each split a whole number of 64-row slices and at most
+/// [`BWD_WS_MAX_ROWS`] rows (its row table sits in shared memory beside the ring).
+pub fn weight_grad_splits_ws(shape: &PatchEmbedShape, sm_count: u32) -> (usize, usize) {
+    let m = shape.batch * shape.n_patches();
+    let tiles = shape.dim.div_ceil(BWD_TILE) * shape.patch_len().div_ceil(BWD_TILE);
+    let want =
+        (3 * sm_count as usize / tiles).max(m.div_ceil(BWD_WS_MAX_ROWS)).clamp(1, m.div_ceil(BWD_WS_SLICE).max(1));
+    let split_rows = m.div_ceil(want).div_ceil(BWD_WS_SLICE) * BWD_WS_SLICE;
+    (m.div_ceil(split_rows), split_rows)
+}
+
 /// How the weight gradient's contraction over the B·(N-1) patch rows is split: (splits, rows per
 /// split). About two blocks per SM in all, each split a multiple of the 32-row step and at least
 /// 8 steps long.
@@ -793,7 +814,7 @@ pub fn cuda_backward(
         gpu,
         order,
         "mapet_patch_embed_bwd_weight_u8_hwc",
-        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_bwd_weight_u8_hwc_wgmma")],
+        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_bwd_weight_u8_hwc_wgmma"), (PixelOrder::HwcWs, BWD_WS_KERNEL)],
     )?;
     let kernels = ["mapet_patch_embed_bwd_weight_u8", hwc_kernel, "mapet_patch_embed_bwd_weight_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
@@ -812,7 +833,9 @@ pub fn cuda_backward(
     )?;
     check_aligned("pixels", pixel_ptr, 16)?;
     check_aligned("d_out", d_out.ptr(), 16)?;
-    let (splits, split_rows) = weight_grad_splits(shape, gpu.sm_count());
+    let ws = kernel == BWD_WS_KERNEL;
+    let (splits, split_rows) =
+        if ws { weight_grad_splits_ws(shape, gpu.sm_count()) } else { weight_grad_splits(shape, gpu.sm_count()) };
     let partial_len = splits * shape.weight_len();
     if partial_len > i64::MAX as usize / 4 || split_rows > i32::MAX as usize {
         return Err(Error::Unsupported { what: "patch embedding size", detail: format!("{splits} splits") });
@@ -849,6 +872,23 @@ pub fn cuda_backward(
         blocks_for("patch embedding channels", shape.dim as u64, BWD_TILE as u64)?,
         splits as u32,
     );
+    // The warp-specialised kernel's shared memory is checked before anything is launched.
+    let weight_cfg = if ws {
+        let shared_mem_bytes = BWD_WS_RING_BYTES + 8 * split_rows as u32;
+        if shared_mem_bytes > gpu.max_shared_memory_per_block() {
+            return Err(Error::Unsupported {
+                what: "pixel order",
+                detail: format!(
+                    "`hwc-ws` needs {shared_mem_bytes} bytes of shared memory a block; {} allows {}",
+                    gpu.name(),
+                    gpu.max_shared_memory_per_block()
+                ),
+            });
+        }
+        LaunchConfig { grid_dim: weight_grid, block_dim: (BWD_WS_THREADS, 1, 1), shared_mem_bytes }
+    } else {
+        launch_cfg(weight_grid, GEMM_THREADS)
+    };
     let reduce_blocks = blocks_for("patch embedding weight", shape.weight_len() as u64, 256)?.min(4096);
     let token_grid =
         (blocks_for("patch embedding channels", (shape.dim / 8) as u64, TOKEN_GROUPS)?, shape.n_tokens() as u32, 1);
@@ -861,9 +901,11 @@ pub fn cuda_backward(
     }
     // SAFETY: validate_cuda bounds every index the kernel forms; pixels, ranks and d_out were
     // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
-    // has `splits` layers; rows whose rank is outside [1, N) are read as zeros. The HWC kernel
-    // reads row_info, written just before on the same stream.
-    unsafe { gpu.launch(MODULE, kernel, launch_cfg(weight_grid, GEMM_THREADS), &params)? };
+    // has `splits` layers; rows whose rank is outside [1, N) are read as zeros. The HWC kernels
+    // read row_info, written just before on the same stream; the warp-specialised one copies its
+    // split's (at most split_rows) entries into the 8·split_rows bytes its launch adds past its
+    // ring.
+    unsafe { gpu.launch(MODULE, kernel, weight_cfg, &params)? };
     // SAFETY: reads splits·D·K floats of `partial` and adds to dweight (D·K, checked above; the
     // HWC variant writes each of the D·K elements once, at a permuted index).
     unsafe { gpu.launch(MODULE, reduce, launch_cfg((reduce_blocks, 1, 1), 256), &params)? };
