@@ -412,7 +412,7 @@ struct HwcCursor {
         k += dk;
         rem += dk;
         off += dk;
-        while (rem >= row_len) {  // at most twice: dk <= 32 and 3p >= 24
+        while (rem >= row_len) {  // at most twice for dk <= 32 (3p >= 24), three times for dk = 64
             rem -= row_len;
             off += row_stride - row_len;
         }
@@ -853,6 +853,10 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 //   that the epilogue only rounds and scatters each row to its rank's row (no loads behind the
 //   last MMA), and release a stage on `empty` (one arrival a warpgroup) once the wgmma that read
 //   it are done.
+// A producer thread's proxy fence compiles to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S with its later
+// slices' pixel loads in flight; forward_hwc_wgmma fences the same way with its register-staged
+// loads in flight, and ncu counted no membar stalls there (fifth run), so the fence does not wait
+// for them.
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
 // other HWC kernels' in the last bits (the same function, another f32 order). EXPERIMENTAL:
 // compiles, unverified on GPU; MAPET_PATCH_EMBED_ORDER=hwc-ws, compute capability 9.0 only.
@@ -865,10 +869,18 @@ constexpr int kWsBBytes = kWsN * kWsK * 2;      // 24 KB
 constexpr int kWsStageBytes = kWsABytes + kWsBBytes;
 constexpr int kWsGroups = kFwdM * kWsK / 8 / 128;  // 8-groups a producer thread builds a slice
 // Registers (setmaxnreg) of the producer and of each consumer thread, from the 168 a thread of
-// the 384 gets at launch: 128 x 104 + 256 x 192 <= 384 x 168.
+// the 384 gets at launch: 128 x 128 + 256 x 176 <= 384 x 168.
 constexpr int kWsProducerRegs = 128;
 constexpr int kWsConsumerRegs = 176;
 static_assert(128 * kWsProducerRegs + 256 * kWsConsumerRegs <= 384 * 168, "setmaxnreg pool");
+
+// Bytes of dynamic shared memory this launch gave the block: the warp-specialised kernels trap
+// when the host gave less than their ring needs, rather than overrun it.
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+    uint32_t n;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(n));
+    return n;
+}
 
 // One slice's raw pixels in a producer thread: its 8 groups, whether the slice is inside K', and
 // the channel of each group's first byte.
@@ -893,6 +905,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const int tiles = n_tiles * ((g.M + kFwdM - 1) / kFwdM);
     const int slices = (g.K + kWsK - 1) / kWsK;
 
+    // The producer's rotation needs a multiple of 3 slices (K' = 3p^2, p % 8 == 0: see below).
+    if (slices % 3 != 0 || dynamic_smem_bytes() < kWsStages * kWsStageBytes + 1023) __trap();
     if (tid == 0) {
         for (int s = 0; s < kWsStages; ++s) {
             mbar_init(&full[s], 129);
@@ -1417,6 +1431,7 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
     const uint32_t ring = smem_addr(wb_smem);
     // The split's table, rows [m_begin, m_begin + 64 slices), {-1, -1} past m_end.
     int2* table = reinterpret_cast<int2*>(wb_smem + kWbStages * kWbStageBytes);
+    if (dynamic_smem_bytes() < kWbStages * kWbStageBytes + 8u * kWbRows * slices) __trap();
     for (int r = tid; r < slices * kWbRows; r += blockDim.x) {
         const int m = m_begin + r;
         table[r] = m < m_end ? __ldg(reinterpret_cast<const int2*>(P.row_info) + m) : make_int2(-1, -1);
