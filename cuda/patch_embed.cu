@@ -882,12 +882,12 @@ __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
     return n;
 }
 
-// One slice's raw pixels in a producer thread: its 8 groups, whether the slice is inside K', and
-// the channel of each group's first byte.
+// One slice's raw pixels in a producer thread, and what storing them needs to know.
 struct WsSlice {
     uint2 w[kWsGroups];
-    bool ok;
-    int c;
+    bool ok;           // the slice is inside K'
+    int c;             // the channel of each group's first byte
+    uint32_t rows_ok;  // bit r: row r0 + 16r of the tile is a patch row
 };
 
 __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
@@ -917,67 +917,86 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     __syncthreads();
 
     if (wg == 0) {
-        // ---- producer. `it` counts slices over all of this block's tiles: stage it % kWsStages,
-        // its (it / kWsStages)-th use.
+        // ---- producer. It walks this block's (tile, slice) items in order, `it` counting them:
+        // item it goes to stage it % kWsStages, its (it / kWsStages)-th use. Its pixel loads run
+        // kWsAhead items ahead, across tile boundaries, so a new tile's first slices are in
+        // flight while the last ones of the previous tile are stored.
         regs_release<kWsProducerRegs>();
         const Pixels<true> px = make_pixels<true>(P);
         const int kg = tid & 7;
         const int r0 = tid >> 3;
         const uint32_t chunk = static_cast<uint32_t>(kg ^ (r0 & 7)) << 4;  // rows r0 + 16 r: r0 & 7
-        int it = 0;
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            const int n0 = (tile % n_tiles) * kWsN;
-            const int m0 = (tile / n_tiles) * kFwdM;
-            int base[kWsGroups];
+        // The fetch cursor: the tile and slice of the next item to load, its rows' pixel bases.
+        int f_tile = blockIdx.x, f_t = 0;
+        int base[kWsGroups];
+        HwcCursor cur(kg * 8, g.p, g.S);
+        auto start_tile = [&] {
+            const int m0 = (f_tile / n_tiles) * kFwdM;
 #pragma unroll
             for (int r = 0; r < kWsGroups; ++r) {
                 const int m = m0 + r0 + 16 * r;
-                base[r] = m < g.M ? px.patch_base(m, g.G, g.np) : -1;
+                base[r] = f_tile < tiles && m < g.M ? px.patch_base(m, g.G, g.np) : -1;
             }
-            HwcCursor cur(kg * 8, g.p, g.S);
-            auto fetch = [&](WsSlice& sl) {
-                sl.ok = cur.k < g.K;
-                sl.c = cur.c;
+            cur = HwcCursor(kg * 8, g.p, g.S);
+        };
+        auto fetch = [&](WsSlice& sl) {
+            sl.ok = cur.k < g.K;
+            sl.c = cur.c;
+            sl.rows_ok = 0;
 #pragma unroll
-                for (int r = 0; r < kWsGroups; ++r) sl.w[r] = px.load_hwc(base[r], cur.off, sl.ok);
-                cur.advance(kWsK);
-            };
-            // Slice t of the tile: the weight box, then A from sl, whose loads were issued
-            // kWsAhead slices ago; then the loads of slice t + kWsAhead into sl.
-            auto produce = [&](int t, WsSlice& sl) {
-                const int s = it % kWsStages;
-                if (it >= kWsStages) mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
-                unsigned char* stage = ring + s * kWsStageBytes;
-                if (tid == 0) {
-                    mbar_arrive_expect_tx(&full[s], kWsBBytes);
-                    tma_load_2d(stage + kWsABytes, &T.weight_hwc, t * kWsK, n0, &full[s]);
-                }
-                const Norm3 nrm = px.norm3(sl.c);
-                const uint32_t a = hopper_smem_addr(stage) + static_cast<uint32_t>(r0 * 128) + chunk;
-#pragma unroll
-                for (int r = 0; r < kWsGroups; ++r) {
-                    const uint4 v = px.finish_hwc(sl.w[r], nrm, sl.ok && base[r] >= 0);
-                    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a + r * 16 * 128), "r"(v.x),
-                                 "r"(v.y), "r"(v.z), "r"(v.w)
-                                 : "memory");
-                }
-                fence_proxy_async_smem();
-                mbar_arrive(&full[s]);
-                ++it;
-                fetch(sl);  // slice t + kWsAhead (zeros past K': sl.ok false)
-            };
-            // Three slices in rotation. Their count is a multiple of 3: K' = 3p^2 with p % 8 == 0,
-            // so K' / 64 = 3 (p / 8)^2.
-            static_assert(kWsAhead == 3, "the producer's rotation below holds three slices");
-            WsSlice x, y, z;
-            fetch(x);
-            fetch(y);
-            fetch(z);
-            for (int t = 0; t < slices; t += 3) {
-                produce(t, x);
-                produce(t + 1, y);
-                produce(t + 2, z);
+            for (int r = 0; r < kWsGroups; ++r) {
+                sl.w[r] = px.load_hwc(base[r], cur.off, sl.ok);
+                sl.rows_ok |= (base[r] >= 0 ? 1u : 0u) << r;
             }
+            cur.advance(kWsK);
+            if (++f_t == slices) {
+                f_t = 0;
+                f_tile += gridDim.x;
+                start_tile();
+            }
+        };
+        // Item it (slice t of a tile whose channels start at n0): the weight box, then A from
+        // sl, whose loads were issued kWsAhead items ago; then the loads of item it + kWsAhead.
+        int it = 0, p_tile = blockIdx.x, p_t = 0;
+        auto produce = [&](WsSlice& sl) {
+            const int s = it % kWsStages;
+            if (it >= kWsStages) mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
+            unsigned char* stage = ring + s * kWsStageBytes;
+            if (tid == 0) {
+                mbar_arrive_expect_tx(&full[s], kWsBBytes);
+                tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_tile % n_tiles) * kWsN, &full[s]);
+            }
+            const Norm3 nrm = px.norm3(sl.c);
+            const uint32_t a = hopper_smem_addr(stage) + static_cast<uint32_t>(r0 * 128) + chunk;
+#pragma unroll
+            for (int r = 0; r < kWsGroups; ++r) {
+                const uint4 v = px.finish_hwc(sl.w[r], nrm, sl.ok && ((sl.rows_ok >> r) & 1u));
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a + r * 16 * 128), "r"(v.x), "r"(v.y),
+                             "r"(v.z), "r"(v.w)
+                             : "memory");
+            }
+            fence_proxy_async_smem();
+            mbar_arrive(&full[s]);
+            ++it;
+            if (++p_t == slices) {
+                p_t = 0;
+                p_tile += gridDim.x;
+            }
+            fetch(sl);
+        };
+        // Three items in rotation. A tile's slice count is a multiple of 3 (K' = 3p^2 with
+        // p % 8 == 0, so K' / 64 = 3 (p / 8)^2), hence so is the block's item count.
+        static_assert(kWsAhead == 3, "the producer's rotation below holds three slices");
+        start_tile();
+        WsSlice x, y, z;
+        fetch(x);
+        fetch(y);
+        fetch(z);
+        const int items = ((tiles - blockIdx.x + gridDim.x - 1) / gridDim.x) * slices;
+        for (int i = 0; i < items; i += 3) {
+            produce(x);
+            produce(y);
+            produce(z);
         }
         return;
     }
