@@ -234,13 +234,8 @@ extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_gemm_tn(const 
     const int n0 = blockIdx.x * kGemmN;
     const int slices = (p.k + kGemmK - 1) / kGemmK;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < kGemmStages; ++s) {
-            mbar_init(&full[s], 1);   // the producer's arrive.expect_tx
-            mbar_init(&empty[s], 2);  // one arrival a consumer warpgroup
-        }
-        mbar_fence_init();
-    }
+    // full: the producer's arrive.expect_tx; empty: one arrival a consumer warpgroup.
+    mbar_init_ring(full, empty, 1, 2);
     __syncthreads();
 
     if (wg == 0) {

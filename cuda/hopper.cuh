@@ -30,6 +30,21 @@ __device__ __forceinline__ void mbar_fence_init() {
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 
+// The barriers of a ring of S stages: full[s] completes when a stage has been filled (after
+// `full_count` arrivals), empty[s] when its consumers are done with it (`empty_count`). Thread 0
+// initialises them; a block barrier must follow before any thread uses them.
+template <int S>
+__device__ __forceinline__ void mbar_init_ring(uint64_t (&full)[S], uint64_t (&empty)[S], uint32_t full_count,
+                                               uint32_t empty_count) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < S; ++s) {
+            mbar_init(&full[s], full_count);
+            mbar_init(&empty[s], empty_count);
+        }
+        mbar_fence_init();
+    }
+}
+
 // One arrival that also announces `bytes` of transactions (the TMA copies of this phase).
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(hopper_smem_addr(bar)), "r"(bytes)

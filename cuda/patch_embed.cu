@@ -907,13 +907,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 
     // The producer's rotation needs a multiple of 3 slices (K' = 3p^2, p % 8 == 0: see below).
     if (slices % 3 != 0 || dynamic_smem_bytes() < kWsStages * kWsStageBytes + 1023) __trap();
-    if (tid == 0) {
-        for (int s = 0; s < kWsStages; ++s) {
-            mbar_init(&full[s], 129);
-            mbar_init(&empty[s], 2);
-        }
-        mbar_fence_init();
-    }
+    mbar_init_ring(full, empty, 129, 2);
     __syncthreads();
 
     if (wg == 0) {
@@ -1455,13 +1449,7 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
         const int m = m_begin + r;
         table[r] = m < m_end ? __ldg(reinterpret_cast<const int2*>(P.row_info) + m) : make_int2(-1, -1);
     }
-    if (tid == 0) {
-        for (int s = 0; s < kWbStages; ++s) {
-            mbar_init(&full[s], 128);
-            mbar_init(&empty[s], 2);
-        }
-        mbar_fence_init();
-    }
+    mbar_init_ring(full, empty, 128, 2);
     __syncthreads();
 
     if (wg == 0) {
