@@ -1420,7 +1420,10 @@ constexpr int kWbStages = 6;
 constexpr int kWbLag = 3;       // slices between a producer's copies and its arrival for them
 constexpr int kWbTileBytes = kWbRows * 128 * 2;  // 16 KB: 64 rows x 128 channels or k'
 constexpr int kWbStageBytes = 2 * kWbTileBytes;
-static_assert(kWbStages > kWbLag, "a stage must be handed over before the producer needs it again");
+// A consumer releases a slice's stage only after it has issued the next slice, which the producer
+// hands over kWbLag slices after filling it: the producer must be able to fill kWbLag + 2 slices
+// before it waits for a stage to come back.
+static_assert(kWbStages >= kWbLag + 2, "a stage must be handed over before the producer needs it again");
 
 // One slice's raw pixels in a producer thread: its 8 groups, and which of its rows exist.
 struct WbSlice {

@@ -54,6 +54,7 @@ const BWD_WS_THREADS: u32 = 384;
 const BWD_WS_SLICE: usize = 64;
 pub const BWD_WS_MAX_ROWS: usize = 4096;
 const BWD_WS_RING_BYTES: u32 = 6 * 32 * 1024;
+const BWD_WS_STATIC_SMEM: u32 = 96;
 const BWD_TILE: usize = 128;
 const BWD_STEP: usize = 32;
 /// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
@@ -599,10 +600,9 @@ fn device_pixels(
     })
 }
 
-/// The HWC kernel `order` runs: `special` for the sm_90a-only orders whose kernel this is (the
-/// wgmma one for [`PixelOrder::HwcWgmma`]; the warp-specialised forward for
-/// [`PixelOrder::HwcWs`], whose weight gradient is the mma.sync one), refused off a compute
-/// capability 9.0 device; else `mma_sync`.
+/// The HWC kernel `order` runs: `special`'s entry for the sm_90a-only orders that have one (the
+/// wgmma kernels for [`PixelOrder::HwcWgmma`], the warp-specialised ones for
+/// [`PixelOrder::HwcWs`]), refused off a compute capability 9.0 device; else `mma_sync`.
 fn hwc_kernel(
     gpu: &Gpu,
     order: PixelOrder,
@@ -875,7 +875,8 @@ pub fn cuda_backward(
     // The warp-specialised kernel's shared memory is checked before anything is launched.
     let weight_cfg = if ws {
         let shared_mem_bytes = BWD_WS_RING_BYTES + 8 * split_rows as u32;
-        if shared_mem_bytes > gpu.max_shared_memory_per_block() {
+        // Its static shared memory (the ring's barriers) counts against the same limit.
+        if shared_mem_bytes + BWD_WS_STATIC_SMEM > gpu.max_shared_memory_per_block() {
             return Err(Error::Unsupported {
                 what: "pixel order",
                 detail: format!(
