@@ -756,6 +756,96 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
     assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
 }
 
+/// Counts of `bad` (flat indices) along the indices a kernel bug tends to follow, one line per
+/// dimension: `dims` gives each index's bucket (none: not counted there).
+type Bucket<'a> = &'a dyn Fn(usize) -> Option<usize>;
+fn misses_by(what: &str, bad: &[usize], dims: &[(&str, Bucket)]) -> String {
+    let mut out = format!("where the {what} is off ({} elements):", bad.len());
+    for (name, bucket) in dims {
+        let mut counts = std::collections::BTreeMap::<usize, usize>::new();
+        for &i in bad {
+            if let Some(b) = bucket(i) {
+                *counts.entry(b).or_default() += 1;
+            }
+        }
+        let line: Vec<String> = counts.iter().map(|(b, n)| format!("{b}={n}")).collect();
+        out.push_str(&format!("\n  {name}: {}", line.join(" ")));
+    }
+    out
+}
+
+/// The forward's misses by the patch row's place in a 128-row tile (16-row slice, row mod 8) and
+/// by the column's place in a 192- and a 128-channel tile (8-column chunk, column pair): the
+/// fragment and tile coordinates of the wgmma kernels. CLS and mask rows are "not a patch row".
+fn forward_misses(c: &Case, bad: &[usize]) -> String {
+    let (n, d, rows) = (c.s.n_tokens(), c.s.dim, c.s.n_tokens() + 2 * c.s.n_predicted());
+    // Patch row m of each content row b*R + rank(t).
+    let mut patch_row = vec![None; c.s.batch * rows];
+    for b in 0..c.s.batch {
+        for t in 1..n {
+            let r = c.ranks[b * n + t] as usize;
+            patch_row[b * rows + r] = Some(b * (n - 1) + t - 1);
+        }
+    }
+    let m = |i: usize| patch_row[i / d];
+    misses_by(
+        "forward",
+        bad,
+        &[
+            ("not a patch row", &|i| m(i).is_none().then_some(0)),
+            ("16-row slice of a 128-row tile", &|i| m(i).map(|m| m % 128 / 16)),
+            ("patch row mod 8", &|i| m(i).map(|m| m % 8)),
+            ("8-column chunk of a 192-channel tile", &|i| Some(i % d % 192 / 8)),
+            ("8-column chunk of a 128-channel tile", &|i| Some(i % d % 128 / 8)),
+            ("column pair in a chunk", &|i| Some(i % 8 / 2)),
+        ],
+    )
+}
+
+/// The weight gradient's misses by the places of the channel and of the k' index in their
+/// 128-wide tiles (the weight is in CHW order, k = (c p + ky) p + kx; the kernels contract in
+/// k' = (ky p + kx) 3 + c).
+fn weight_grad_misses(s: &PatchEmbedShape, bad: &[usize]) -> String {
+    let (k, p) = (s.patch_len(), s.patch);
+    let k_hwc = |i: usize| {
+        let (c, rem) = (i % k / (p * p), i % k % (p * p));
+        rem * 3 + c
+    };
+    misses_by(
+        "weight gradient",
+        bad,
+        &[
+            ("16-channel slice of a 128-channel tile", &|i| Some(i / k % 128 / 16)),
+            ("channel mod 8", &|i| Some(i / k % 8)),
+            ("8-wide k' chunk of a 128-wide tile", &|i| Some(k_hwc(i) % 128 / 8)),
+            ("k' pair in a chunk", &|i| Some(k_hwc(i) % 8 / 2)),
+        ],
+    )
+}
+
+/// The miss reports of the GPU comparisons (no GPU needed): they count each wrong element in the
+/// buckets it belongs to.
+#[test]
+fn miss_reports_place_the_wrong_elements() {
+    let mut r = rng("miss_reports_place_the_wrong_elements");
+    let c = make_case(&mut r, shape(2, 32, 8, 24, 5));
+    // Every column of the content row of sample 1, token 4: patch row 16 + 3 = 19.
+    let (n, d) = (c.s.n_tokens(), c.s.dim);
+    let row = (n + 2 * c.s.n_predicted()) + c.ranks[n + 4] as usize;
+    let bad: Vec<usize> = (0..d).map(|col| row * d + col).collect();
+    let rep = forward_misses(&c, &bad);
+    for want in
+        ["patch row mod 8: 3=24", "16-row slice of a 128-row tile: 1=24", "column pair in a chunk: 0=6 1=6 2=6 3=6"]
+    {
+        assert!(rep.contains(want), "{want} not in {rep}");
+    }
+    // Channel 9, c = 1, ky = 0, kx = 2 (p = 8: k = 64 + 2, k' = 2 * 3 + 1 = 7).
+    let rep = weight_grad_misses(&c.s, &[9 * c.s.patch_len() + 66]);
+    for want in ["channel mod 8: 1=1", "8-wide k' chunk of a 128-wide tile: 0=1", "k' pair in a chunk: 3=1"] {
+        assert!(rep.contains(want), "{want} not in {rep}");
+    }
+}
+
 /// The warp-specialised weight gradient's splits (no GPU needed): whole 64-row slices, at most
 /// BWD_WS_MAX_ROWS rows each (its row table must fit beside the ring), together covering every
 /// patch row with no empty split, and about three blocks an SM at ViT-B.
@@ -830,15 +920,29 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
             // pass.
             let out = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap();
             mapet::testing::assert_all_written(&format!("{name} forward"), &out);
-            for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-2 * b.abs().max(1.0),
-                    "{s:?}: forward element {i}: {name} {a}, mma.sync {b}"
+            let near = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol;
+            let bad: Vec<usize> =
+                (0..out.len()).filter(|&i| !near(out[i], reference[i], 1e-2 * reference[i].abs().max(1.0))).collect();
+            if let Some(&i) = bad.first() {
+                eprintln!("{}", forward_misses(&case, &bad));
+                panic!(
+                    "{s:?}: {} forward elements off, first {i}: {name} {}, mma.sync {}",
+                    bad.len(),
+                    out[i],
+                    reference[i]
                 );
             }
             let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
-            for (i, (a, b)) in grads.w.iter().zip(&reference_grads.w).enumerate() {
-                assert!((a - b).abs() <= 1e-4 * scale, "{s:?}: weight gradient element {i}: {name} {a}, mma.sync {b}");
+            let (w, w_ref) = (&grads.w, &reference_grads.w);
+            let bad: Vec<usize> = (0..w.len()).filter(|&i| !near(w[i], w_ref[i], 1e-4 * scale)).collect();
+            if let Some(&i) = bad.first() {
+                eprintln!("{}", weight_grad_misses(&s, &bad));
+                panic!(
+                    "{s:?}: {} weight gradient elements off, first {i}: {name} {}, mma.sync {}",
+                    bad.len(),
+                    w[i],
+                    w_ref[i]
+                );
             }
         }
     }
