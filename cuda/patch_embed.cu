@@ -1003,23 +1003,32 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const int q = lane & 3;
     const int half = wg - 1;
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(P.out);
-    int it = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int n0 = (tile % n_tiles) * kWsN;
+    // This thread's two rows of a tile: where each goes (b*R + rank, -1 for none) and its token.
+    // Found one tile ahead, so that the rank loads land during the previous tile's MMAs.
+    auto rows_of = [&](int tile, int (&dst)[2], int (&tok)[2]) {
         const int m0 = (tile / n_tiles) * kFwdM;
-        // This thread's two rows: where each goes (b*R + rank, -1 for none) and its token.
-        int dst[2], tok[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = m0 + 64 * half + 16 * warp + gq + 8 * h;
             dst[h] = -1;
             tok[h] = 0;
-            if (m < g.M) {
+            if (tile < tiles && m < g.M) {
                 const int b = m / g.np;
                 tok[h] = m - b * g.np + 1;
                 const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok[h]);
                 if (r >= 1 && r < g.n_tokens) dst[h] = b * g.rows + r;
             }
+        }
+    };
+    int dst[2], tok[2], next_dst[2], next_tok[2];
+    rows_of(blockIdx.x, next_dst, next_tok);
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int n0 = (tile % n_tiles) * kWsN;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            dst[h] = next_dst[h];
+            tok[h] = next_tok[h];
         }
         // Accumulators start at bias + pos_embed: d[4j + 2h + e] is row h, column n0 + 8j + 2q + e.
         float acc[96];
@@ -1046,6 +1055,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
             wgmma_commit_groups();
+            if (t == 0) rows_of(tile + gridDim.x, next_dst, next_tok);
             // The previous slice's wgmma are done with their stage: hand it back.
             wgmma_wait_groups<1>();
             if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);
