@@ -1242,6 +1242,31 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A warpgroup's 64 x 128 block of weight-gradient partials (an m64n128 accumulator: channels
+// n_base + 16 warp + g (+ 8), k' columns k0 + 8j + 2t (+ 1) for lane (g, t)) into split `split`
+// of P.partial, in k' order (the reduction maps them back); channels and k' past the matrix are
+// skipped.
+__device__ __forceinline__ void store_wg_partials(const MapetPatchEmbedBwd& P, const Geometry& g,
+                                                  const float (&acc)[64], int split, int n_base, int k0, int lane,
+                                                  int warp) {
+    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
+    const int gq = lane >> 2;
+    const int q = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int n = n_base + warp * 16 + gq + 8 * h;
+        if (n >= g.D) continue;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int k = k0 + 8 * j + 2 * q + e;
+                if (k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[4 * j + 2 * h + e];
+            }
+        }
+    }
+}
+
 // The HWC weight gradient on wgmma (sm_90a): the same partials as backward_weight<true, true>
 // (tile 128 channels x 128 of k', the contraction over the split's patch rows 32 a step), with
 // the MMAs issued by two warpgroups (channels 0-63 and 64-127 of the tile, all 128 k' each:
@@ -1385,24 +1410,8 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
         }
     }
 
-    // Lane (g, t) of warp w holds channels 64 wg + 16 (w % 4) + g (+ 8) of the tile and k' columns
-    // 8j + 2t, + 1 (the partials are in k' order; the reduction maps them back).
-    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
-    const int gq = lane >> 2;
-    const int q = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int n = n0 + wg * 64 + (warp & 3) * 16 + gq + 8 * h;
-        if (n >= g.D) continue;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int k = k0 + 8 * j + 2 * q + e;
-                if (k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[4 * j + 2 * h + e];
-            }
-        }
-    }
+    // This warpgroup's channels 64 wg .. 64 wg + 63 of the tile, all 128 k'.
+    store_wg_partials(P, g, acc, split, n0 + wg * 64, k0, lane, warp & 3);
 }
 // The HWC weight gradient, warp-specialised (sm_90a): the partials of backward_weight<true, true>
 // (a block: 128 channels x 128 k' of one split's patch rows), with the loads in warps of their own
@@ -1553,26 +1562,8 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
     wgmma_wait_groups<0>();
     pin_regs(acc);
 
-    // Lane (g, t) of warp w holds channels 64 half + 16 w + g (+ 8) of the tile and k' columns
-    // 8j + 2t, + 1 (in k' order; the reduction maps them back), as backward_weight_hwc_wgmma.
-    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
-    const int lane = tid & 31;
-    const int warp = (tid >> 5) & 3;
-    const int gq = lane >> 2;
-    const int q = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int n = n0 + half * 64 + warp * 16 + gq + 8 * h;
-        if (n >= g.D) continue;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int k = k0 + 8 * j + 2 * q + e;
-                if (k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[4 * j + 2 * h + e];
-            }
-        }
-    }
+    // This warpgroup's channels 64 half .. 64 half + 63 of the tile, all 128 k'.
+    store_wg_partials(P, g, acc, split, n0 + half * 64, k0, tid & 31, (tid >> 5) & 3);
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
