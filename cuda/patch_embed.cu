@@ -114,11 +114,15 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16-byte global -> shared copy; src_bytes = 0 fills the 16 bytes with zeros (nothing is read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+// 16-byte global -> shared copy to the shared-space address dst; src_bytes = 0 fills the 16 bytes
+// with zeros (nothing is read).
+__device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, bool valid) {
     const uint32_t n = valid ? 16u : 0u;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n)
-                 : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    cp_async16_to(smem_addr(dst), src, valid);
 }
 
 __device__ __forceinline__ void cp_async_wait_all() {
@@ -420,21 +424,28 @@ struct HwcCursor {
     }
 };
 
+// Where patch row m goes: b*R + rank of its token, or -1 when none (m past the end, or a rank
+// outside [1, N)); `tok` gets its token (0 past the end).
+__device__ __forceinline__ int patch_row_dest(const MapetPatchEmbedFwd& P, const Geometry& g, int m, int& tok) {
+    int dst = -1;
+    tok = 0;
+    if (m < g.M) {
+        const int b = m / g.np;
+        tok = m - b * g.np + 1;
+        const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok);
+        if (r >= 1 && r < g.n_tokens) dst = b * g.rows + r;
+    }
+    return dst;
+}
+
 // Where each of a forward tile's 128 patch rows m0.. goes: row_dst = b*R + rank of its token (-1
 // when none: a row past the end, or a rank outside [1, N)), row_tok = its token. Threads 0..127.
 __device__ __forceinline__ void find_rows(const MapetPatchEmbedFwd& P, const Geometry& g, int m0, int* row_dst,
                                           int* row_tok) {
     const int tid = threadIdx.x;
     if (tid < kFwdM) {
-        const int m = m0 + tid;
-        int dst = -1, tok = 0;
-        if (m < g.M) {
-            const int b = m / g.np;
-            tok = m - b * g.np + 1;
-            const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok);
-            if (r >= 1 && r < g.n_tokens) dst = b * g.rows + r;
-        }
-        row_dst[tid] = dst;
+        int tok;
+        row_dst[tid] = patch_row_dest(P, g, m0 + tid, tok);
         row_tok[tid] = tok;
     }
 }
@@ -663,6 +674,12 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
+// 16 bytes to the shared-space address dst.
+__device__ __forceinline__ void st_shared16(uint32_t dst, const uint4& v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
 // Waits until at most N of this thread's committed cp.async groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait_group() {
@@ -723,8 +740,7 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
             const bool ok = n < g.D && k < g.K;
             const uint32_t dst = w_tile(st) + wg_off(r_lo + 64 * i, kg);
             const __nv_bfloat16* src = ok ? weight + static_cast<int64_t>(n) * g.K + k : weight;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
-                         : "memory");
+            cp_async16_to(dst, src, ok);
         }
     };
 
@@ -751,9 +767,7 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const uint4 v = px.finish_hwc(slot.w[i], nrm, slot.ok && base[i] >= 0);
-            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a_tile(st) + wg_off(r_lo + 64 * i, kg)),
-                         "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                         : "memory");
+            st_shared16(a_tile(st) + wg_off(r_lo + 64 * i, kg), v);
         }
         c_store += kFwdK % 3;
         if (c_store >= 3) c_store -= 3;
@@ -965,9 +979,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 #pragma unroll
             for (int r = 0; r < kWsGroups; ++r) {
                 const uint4 v = px.finish_hwc(sl.w[r], nrm, sl.ok && ((sl.rows_ok >> r) & 1u));
-                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a + r * 16 * 128), "r"(v.x), "r"(v.y),
-                             "r"(v.z), "r"(v.w)
-                             : "memory");
+                st_shared16(a + r * 16 * 128, v);
             }
             fence_proxy_async_smem();
             mbar_arrive(&full[s]);
@@ -1009,15 +1021,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         const int m0 = (tile / n_tiles) * kFwdM;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int m = m0 + 64 * half + 16 * warp + gq + 8 * h;
-            dst[h] = -1;
-            tok[h] = 0;
-            if (tile < tiles && m < g.M) {
-                const int b = m / g.np;
-                tok[h] = m - b * g.np + 1;
-                const int r = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + tok[h]);
-                if (r >= 1 && r < g.n_tokens) dst[h] = b * g.rows + r;
-            }
+            const int m = tile < tiles ? m0 + 64 * half + 16 * warp + gq + 8 * h : g.M;
+            dst[h] = patch_row_dest(P, g, m, tok[h]);
         }
     };
     int dst[2], tok[2], next_dst[2], next_tok[2];
@@ -1331,9 +1336,7 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
         for (int c = 0; c < 2; ++c) {
             const bool ok = info.x >= 0 && n_col[c] < g.D;
             const __nv_bfloat16* src = ok ? d_out + static_cast<int64_t>(info.x) * g.D + n_col[c] : d_out;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(g_s + gs * kWgTile + chunk_off(c)),
-                         "l"(src), "r"(ok ? 16 : 0)
-                         : "memory");
+            cp_async16_to(g_s + gs * kWgTile + chunk_off(c), src, ok);
         }
     };
     struct Slot {
@@ -1349,9 +1352,7 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
             const uint4 v = px.finish_hwc(slot.w[c], norm[c], k_ok[c] && slot.row_ok);
-            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(p_s + ps * kWgTile + chunk_off(c)),
-                         "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                         : "memory");
+            st_shared16(p_s + ps * kWgTile + chunk_off(c), v);
         }
     };
 
@@ -1504,17 +1505,13 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
                 const int row = table[t * kWbRows + row_lo + 8 * r].x;
                 const bool ok = row >= 0 && n_ok;
                 const __nv_bfloat16* src = ok ? d_out + static_cast<int64_t>(row) * g.D + n0 + 8 * c : d_out;
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a + r * kWgCoreK), "l"(src),
-                             "r"(ok ? 16 : 0)
-                             : "memory");
+                cp_async16_to(a + r * kWgCoreK, src, ok);
             }
             cp_async_commit();
 #pragma unroll
             for (int r = 0; r < 8; ++r) {
                 const uint4 v = px.finish_hwc(sl.w[r], nrm, k_ok && ((sl.rows_ok >> r) & 1u));
-                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(b + r * kWgCoreK), "r"(v.x), "r"(v.y),
-                             "r"(v.z), "r"(v.w)
-                             : "memory");
+                st_shared16(b + r * kWgCoreK, v);
             }
             fetch(sl, t + kWsAhead);
             if (t >= kWbLag) {
