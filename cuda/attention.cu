@@ -1668,7 +1668,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     const auto [tid, wg, warp, g, t, head, b] = wg_thread();
     const float sl2 = prm.scale * kLog2e;
     const int nkt = (G.lk + kBN - 1) / kBN;
-    const uint32_t k_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
+    const uint32_t k_smem = sw128_align(smem_addr(wg_smem_raw));
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
     const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's Q tile
     const int nkc = (G.lk + kChunk - 1) / kChunk;
@@ -1899,7 +1899,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     const float sl2 = prm.scale * kLog2e;
     const int nkt = (G.lk + kBN - 1) / kBN;
     const int nkc = (G.lk + kChunk - 1) / kChunk;
-    const uint32_t k_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
+    const uint32_t k_smem = sw128_align(smem_addr(wg_smem_raw));
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
     const uint32_t do_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's dO tile
 
@@ -1988,7 +1988,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     const int lqp = (G.lq + 63) / 64 * 64;  // positions held (whole 64-row tiles)
     const int npc = (G.lq + kChunk - 1) / kChunk;
     // [Q | dO | K tiles | V tiles | lse2 | delta | first hidden], the swizzled parts 1024-aligned.
-    const uint32_t q_smem = (smem_addr(wg_smem_raw) + 1023) & ~1023u;
+    const uint32_t q_smem = sw128_align(smem_addr(wg_smem_raw));
     const uint32_t do_smem = q_smem + static_cast<uint32_t>(lqp) * 128;
     const uint32_t k_smem = do_smem + static_cast<uint32_t>(lqp) * 128 + wg * kWgTileBytes;  // this warpgroup's
     const uint32_t v_smem = k_smem + 3 * kWgTileBytes;                                       // K and V tiles

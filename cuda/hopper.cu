@@ -227,8 +227,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_gemm_tn(const 
     __shared__ __align__(8) uint64_t full[kGemmStages];
     __shared__ __align__(8) uint64_t empty[kGemmStages];
     // The ring, 1024-byte aligned (the swizzle's atoms): stage s holds A at s * 48 KB, B 16 KB on.
-    unsigned char* ring = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(gemm_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+    unsigned char* ring = sw128_align(gemm_smem_raw);
     const int wg = threadIdx.x / 128;
     const int m0 = blockIdx.y * kGemmM;
     const int n0 = blockIdx.x * kGemmN;

@@ -17,6 +17,14 @@ __device__ __forceinline__ uint32_t hopper_smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// The first address at or after the given one on a 1024-byte boundary, where the atoms of a
+// 128-byte-swizzled tile must start: kernels that place such tiles in dynamic shared memory ask
+// for 1 KB more than they use and start there.
+__device__ __forceinline__ uint32_t sw128_align(uint32_t saddr) { return (saddr + 1023) & ~1023u; }
+__device__ __forceinline__ unsigned char* sw128_align(unsigned char* p) {
+    return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~static_cast<uintptr_t>(1023));
+}
+
 // ---- mbarrier: a 64-bit shared-memory object that completes a phase when `count` arrivals and
 // the expected transaction bytes have come in; waiters poll the phase's parity.
 

@@ -910,8 +910,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     __shared__ __align__(8) uint64_t full[kWsStages];
     __shared__ __align__(8) uint64_t empty[kWsStages];
     // The ring, 1024-byte aligned (the swizzle's atoms): stage s holds A, then the weight box.
-    unsigned char* ring = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+    unsigned char* ring = sw128_align(ws_smem_raw);
     const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
