@@ -81,16 +81,25 @@ pub fn abs_diffs(got: &[f32], want: &[f64]) -> (f64, f64) {
 /// Panics unless every value is finite: a NaN left from [`crate::cuda::DeviceBuffer::poison`]
 /// means the kernel did not write that element.
 pub fn assert_all_written(what: &str, got: &[f32]) {
-    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
-        let count = got.iter().filter(|v| !v.is_finite()).count();
-        panic!("{what}: {count} of {} elements not written or not finite (first at index {i})", got.len());
+    if let Err(msg) = all_written(what, got) {
+        panic!("{msg}");
+    }
+}
+
+/// [`assert_all_written`] without the panic.
+fn all_written(what: &str, got: &[f32]) -> Result<(), String> {
+    match got.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let count = got.iter().filter(|v| !v.is_finite()).count();
+            Err(format!("{what}: {count} of {} elements not written or not finite (first at index {i})", got.len()))
+        }
     }
 }
 
 /// The DESIGN.md rule: `err(kernel) <= factor * err(baseline) + floor`, both against `truth`.
 /// Prints the numbers either way.
 pub fn assert_within_baseline(what: &str, kernel: &[f32], baseline: &[f32], truth: &[f64], factor: f64, floor: f64) {
-    assert_all_written(what, kernel);
     if let Err(msg) = within_baseline(what, kernel, baseline, truth, factor, floor) {
         panic!("{msg}");
     }
@@ -107,10 +116,7 @@ pub fn within_baseline(
     factor: f64,
     floor: f64,
 ) -> Result<(), String> {
-    let unwritten = kernel.iter().filter(|v| !v.is_finite()).count();
-    if unwritten > 0 {
-        return Err(format!("{what}: {unwritten} of {} elements not written or not finite", kernel.len()));
-    }
+    all_written(what, kernel)?;
     let ek = rel_err(kernel, truth);
     let eb = rel_err(baseline, truth);
     let (max_k, mean_k) = abs_diffs(kernel, truth);
@@ -122,6 +128,61 @@ pub fn within_baseline(
         Ok(())
     } else {
         Err(format!("{what}: kernel error {ek:.3e} exceeds {factor} x baseline {eb:.3e} + {floor:.1e}"))
+    }
+}
+
+/// A dimension of [`misses`]: its name, and the bucket of each flat index (`None`: the index is
+/// not counted along it).
+pub type MissDim<'a> = (&'a str, &'a dyn Fn(usize) -> Option<usize>);
+
+/// Where a kernel's output is wrong, for a GPU test's failure message: along each dimension a
+/// kernel bug tends to follow (a tile's row or column, a fragment's lane), every bucket's count of
+/// wrong elements out of its elements.
+pub struct Misses {
+    /// The wrong elements' flat indices, in order.
+    pub wrong: Vec<usize>,
+    names: Vec<String>,
+    counts: Vec<std::collections::BTreeMap<usize, (usize, usize)>>,
+}
+
+/// Counts the elements `0..len` for which `is_wrong` holds along `dims`.
+pub fn misses(len: usize, is_wrong: impl Fn(usize) -> bool, dims: &[MissDim]) -> Misses {
+    let mut m = Misses {
+        wrong: Vec::new(),
+        names: dims.iter().map(|(n, _)| n.to_string()).collect(),
+        counts: vec![Default::default(); dims.len()],
+    };
+    for i in 0..len {
+        let wrong = is_wrong(i);
+        if wrong {
+            m.wrong.push(i);
+        }
+        for ((_, bucket), counts) in dims.iter().zip(&mut m.counts) {
+            if let Some(b) = bucket(i) {
+                let e = counts.entry(b).or_default();
+                e.0 += usize::from(wrong);
+                e.1 += 1;
+            }
+        }
+    }
+    m
+}
+
+impl Misses {
+    /// Wrong elements in bucket `bucket` of dimension `dim` (0 for an unknown one).
+    pub fn count(&self, dim: &str, bucket: usize) -> usize {
+        let d = self.names.iter().position(|n| n == dim);
+        d.and_then(|d| self.counts[d].get(&bucket)).map_or(0, |e| e.0)
+    }
+
+    /// One line per dimension, `bucket=wrong/elements` for each bucket.
+    pub fn report(&self, what: &str) -> String {
+        let mut out = format!("where {what} is wrong ({} elements):", self.wrong.len());
+        for (name, counts) in self.names.iter().zip(&self.counts) {
+            let line: Vec<String> = counts.iter().map(|(b, (w, n))| format!("{b}={w}/{n}")).collect();
+            out.push_str(&format!("\n  {name}: {}", line.join(" ")));
+        }
+        out
     }
 }
 

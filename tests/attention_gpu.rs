@@ -155,87 +155,71 @@ enum Rows {
 fn locate(name: &str, s: &AttentionShape, rows: Rows, got: &[f32], base: &[f32], truth: &[f64]) -> String {
     let worst = base.iter().zip(truth).map(|(&b, &t)| (b as f64 - t).abs()).fold(0.0f64, f64::max);
     let bar = (4.0 * worst).max(1e-6);
-    let (bad, counts, first) = off_counts(s, rows, got, truth, bar);
-
-    let mut out = format!(
-        "where {name} is wrong: {bad} of {} elements off the truth by more than {bar:.2e} (4x the baseline's worst)\n",
-        got.len()
-    );
-    let mut dim = "";
-    for ((d, bucket), (off, all)) in &counts {
-        if *d != dim {
-            out.push_str(&format!("\n  {}:", &d[2..]));
-            dim = d;
-        }
-        out.push_str(&format!(" {}={off}/{all}", bucket.trim()));
-    }
-    out.push_str("\n  first:\n");
-    out.push_str(&first.join("\n"));
-    out
+    let m = off_counts(s, rows, got, truth, bar);
+    let first: Vec<String> = m
+        .wrong
+        .iter()
+        .take(6)
+        .map(|&i| {
+            let (b, h, r, col) = split(s, rows, i);
+            let at = col.map_or(String::new(), |col| format!(" col {col}"));
+            let class = CLASSES[row_class(s, rows, r)];
+            format!(
+                "    sample {b} head {h} row {r} ({class}, position {}){at}: {:e} against {:e}",
+                position(s, rows, r),
+                got[i],
+                truth[i]
+            )
+        })
+        .collect();
+    format!(
+        "{} (off the truth by more than {bar:.2e}, 4x the baseline's worst; classes {CLASSES:?})\n  first:\n{}",
+        m.report(name),
+        first.join("\n")
+    )
 }
 
-/// Per (dimension, bucket): (elements off by more than `bar`, elements); the count off, and the
-/// first few described.
-type OffCounts = std::collections::BTreeMap<(&'static str, String), (usize, usize)>;
-
-fn off_counts(s: &AttentionShape, rows: Rows, got: &[f32], truth: &[f64], bar: f64) -> (usize, OffCounts, Vec<String>) {
-    let heads = s.heads;
+/// The (sample, head, row, column) of flat index i (no column for lse).
+fn split(s: &AttentionShape, rows: Rows, i: usize) -> (usize, usize, usize, Option<usize>) {
+    let (heads, d) = (s.heads, s.model_dim());
     let nrows = if matches!(rows, Rows::Key) { s.k_rows() } else { s.q_rows() };
-    // (batch, head, row, column) of flat index i.
-    let split = |i: usize| match rows {
-        Rows::Query | Rows::Key => {
-            let d = heads * 64;
-            (i / (nrows * d), (i % d) / 64, (i / d) % nrows, Some(i % 64))
-        }
+    match rows {
+        Rows::Query | Rows::Key => (i / (nrows * d), (i % d) / 64, (i / d) % nrows, Some(i % 64)),
         Rows::Lse => (i / (heads * nrows), (i / nrows) % heads, i % nrows, None),
-    };
-    let (class, position) = (|r| row_class(s, rows, r), |r| position(s, rows, r));
-    let mut counts = OffCounts::new();
-    let mut bad = 0usize;
-    let mut first = Vec::new();
-    for (i, (&g, &t)) in got.iter().zip(truth).enumerate() {
-        let (b, h, r, col) = split(i);
-        let pos = position(r);
-        let off = g.is_nan() || (g as f64 - t).abs() > bar;
-        let mut keys: Vec<(&'static str, String)> = vec![
-            ("1 class", class(r).to_string()),
-            ("2 position tile (64)", format!("{:2}", pos / 64)),
-            ("3 slice in tile (16)", (pos % 64 / 16).to_string()),
-            ("4 position mod 8", (pos % 8).to_string()),
-            ("7 head", format!("{h:2}")),
-            ("8 sample", format!("{b:2}")),
-        ];
-        if let Some(col) = col {
-            keys.push(("5 column group (8)", (col / 8).to_string()));
-            keys.push(("6 column pair in group", (col % 8 / 2).to_string()));
-        }
-        for key in keys {
-            let e = counts.entry(key).or_default();
-            e.0 += usize::from(off);
-            e.1 += 1;
-        }
-        if off {
-            bad += 1;
-            if first.len() < 6 {
-                let at = col.map_or(String::new(), |col| format!(" col {col}"));
-                first.push(format!(
-                    "    sample {b} head {h} row {r} ({}, position {pos}){at}: {g:e} against {t:e}",
-                    class(r)
-                ));
-            }
-        }
     }
-    (bad, counts, first)
 }
 
-/// The row's class: context and predicted content rows, mask rows, query-stream rows.
-fn row_class(s: &AttentionShape, rows: Rows, r: usize) -> &'static str {
+/// The elements off `truth` by more than `bar` (or NaN), along the dimensions of [`locate`].
+fn off_counts(s: &AttentionShape, rows: Rows, got: &[f32], truth: &[f64], bar: f64) -> testing::Misses {
+    let pos = |i: usize| position(s, rows, split(s, rows, i).2);
+    testing::misses(
+        got.len(),
+        |i| got[i].is_nan() || (got[i] as f64 - truth[i]).abs() > bar,
+        &[
+            ("row class", &|i| Some(row_class(s, rows, split(s, rows, i).2))),
+            ("position tile (64)", &|i| Some(pos(i) / 64)),
+            ("slice in tile (16)", &|i| Some(pos(i) % 64 / 16)),
+            ("position mod 8", &|i| Some(pos(i) % 8)),
+            ("column group (8)", &|i| split(s, rows, i).3.map(|c| c / 8)),
+            ("column pair in group", &|i| split(s, rows, i).3.map(|c| c % 8 / 2)),
+            ("head", &|i| Some(split(s, rows, i).1)),
+            ("sample", &|i| Some(split(s, rows, i).0)),
+        ],
+    )
+}
+
+/// The row classes, in the order of [`row_class`]'s numbers.
+const CLASSES: [&str; 4] = ["context", "predicted", "mask", "query"];
+
+/// The row's class, an index into [`CLASSES`]: context and predicted content rows, mask rows,
+/// query-stream rows.
+fn row_class(s: &AttentionShape, rows: Rows, r: usize) -> usize {
     let (n, c) = (s.n_tokens, s.n_context);
     match r {
-        r if r < c => "context",
-        r if r < n => "predicted",
-        _ if r < s.k_rows() || matches!(rows, Rows::Key) => "mask",
-        _ => "query",
+        r if r < c => 0,
+        r if r < n => 1,
+        _ if r < s.k_rows() || matches!(rows, Rows::Key) => 2,
+        _ => 3,
     }
 }
 
@@ -271,22 +255,23 @@ fn failure_report_counts_the_wrong_elements_where_they_are() {
             got[(s.q_rows() + r) * d + col] += 0.5;
         }
     }
-    let (bad, counts, first) = off_counts(&s, Rows::Query, &got, &truth, 0.1);
-    let at = |dim: &'static str, bucket: &str| counts.get(&(dim, bucket.to_string())).map_or(0, |e| e.0);
-    assert_eq!(bad, 16);
-    assert_eq!((at("1 class", "query"), at("1 class", "predicted"), at("1 class", "context")), (8, 8, 0));
-    assert_eq!((at("2 position tile (64)", " 1"), at("3 slice in tile (16)", "0")), (16, 16));
-    assert_eq!((at("4 position mod 8", "1"), at("4 position mod 8", "4")), (8, 8));
-    assert_eq!((at("5 column group (8)", "1"), at("6 column pair in group", "3")), (16, 4));
-    assert_eq!((at("7 head", " 0"), at("8 sample", " 1")), (16, 16));
-    assert!(first[0].contains("row 34 (predicted, position 68) col 8"), "{first:?}");
+    let m = off_counts(&s, Rows::Query, &got, &truth, 0.1);
+    assert_eq!(m.wrong.len(), 16);
+    assert_eq!((m.count("row class", 3), m.count("row class", 1), m.count("row class", 0)), (8, 8, 0));
+    assert_eq!((m.count("position tile (64)", 1), m.count("slice in tile (16)", 0)), (16, 16));
+    assert_eq!((m.count("position mod 8", 1), m.count("position mod 8", 4)), (8, 8));
+    assert_eq!((m.count("column group (8)", 1), m.count("column pair in group", 3)), (16, 4));
+    assert_eq!((m.count("head", 0), m.count("sample", 1)), (16, 16));
+    let exact: Vec<f32> = truth.iter().map(|&v| v as f32).collect(); // a baseline off by f32 rounding
+    let report = locate("O", &s, Rows::Query, &got, &exact, &truth);
+    assert!(report.contains("row 34 (predicted, position 68) col 8"), "{report}");
     // lse is [B, H, Lq]: sample 1, head 1, row 0.
     let truth: Vec<f64> = testing::uniform(&mut rng, s.lse_len(), 1.0).iter().map(|&v| v as f64).collect();
     let mut got: Vec<f32> = truth.iter().map(|&v| v as f32).collect();
     got[(2 + 1) * s.q_rows()] = f32::NAN;
-    let (bad, counts, _) = off_counts(&s, Rows::Lse, &got, &truth, 0.1);
-    assert_eq!(bad, 1, "a NaN counts as wrong");
-    assert_eq!(counts[&("7 head", " 1".to_string())].0 + counts[&("8 sample", " 1".to_string())].0, 2);
+    let m = off_counts(&s, Rows::Lse, &got, &truth, 0.1);
+    assert_eq!(m.wrong.len(), 1, "a NaN counts as wrong");
+    assert_eq!((m.count("head", 1), m.count("sample", 1), m.count("column group (8)", 0)), (1, 1, 0));
 }
 
 fn shape(batch: usize, heads: usize, n_tokens: usize, n_context: usize) -> AttentionShape {

@@ -11,7 +11,9 @@ use mapet::ops::patch_embed::{
     weight_grad_splits_ws, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels, BWD_WS_MAX_ROWS,
 };
 use mapet::ops::KernelChoice;
-use mapet::testing::{assert_within_baseline, gpu_or_skip, rel_err, rng, to_f64, uniform, uniform_bf16};
+use mapet::testing::{
+    assert_within_baseline, gpu_or_skip, misses, rel_err, rng, to_f64, uniform, uniform_bf16, Misses,
+};
 use mapet::Error;
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
@@ -756,28 +758,11 @@ fn gpu_refuses_unsupported_and_bad_lengths() {
     assert!(matches!(e, Error::Unsupported { what: "pixel normalisation", .. }), "{e}");
 }
 
-/// Counts of `bad` (flat indices) along the indices a kernel bug tends to follow, one line per
-/// dimension: `dims` gives each index's bucket (none: not counted there).
-type Bucket<'a> = &'a dyn Fn(usize) -> Option<usize>;
-fn misses_by(what: &str, bad: &[usize], dims: &[(&str, Bucket)]) -> String {
-    let mut out = format!("where the {what} is off ({} elements):", bad.len());
-    for (name, bucket) in dims {
-        let mut counts = std::collections::BTreeMap::<usize, usize>::new();
-        for &i in bad {
-            if let Some(b) = bucket(i) {
-                *counts.entry(b).or_default() += 1;
-            }
-        }
-        let line: Vec<String> = counts.iter().map(|(b, n)| format!("{b}={n}")).collect();
-        out.push_str(&format!("\n  {name}: {}", line.join(" ")));
-    }
-    out
-}
-
-/// The forward's misses by the patch row's place in a 128-row tile (16-row slice, row mod 8) and
-/// by the column's place in a 192- and a 128-channel tile (8-column chunk, column pair): the
-/// fragment and tile coordinates of the wgmma kernels. CLS and mask rows are "not a patch row".
-fn forward_misses(c: &Case, bad: &[usize]) -> String {
+/// The forward's elements for which `wrong` holds, by the patch row's place in a 128-row tile
+/// (16-row slice, row mod 8) and by the column's place in a 192- and a 128-channel tile (8-column
+/// chunk, column pair): the fragment and tile coordinates of the wgmma kernels. CLS and mask rows
+/// count along "not a patch row" only.
+fn forward_misses(c: &Case, wrong: impl Fn(usize) -> bool) -> Misses {
     let (n, d, rows) = (c.s.n_tokens(), c.s.dim, c.s.n_tokens() + 2 * c.s.n_predicted());
     // Patch row m of each content row b*R + rank(t).
     let mut patch_row = vec![None; c.s.batch * rows];
@@ -788,9 +773,9 @@ fn forward_misses(c: &Case, bad: &[usize]) -> String {
         }
     }
     let m = |i: usize| patch_row[i / d];
-    misses_by(
-        "forward",
-        bad,
+    misses(
+        c.s.out_len(),
+        wrong,
         &[
             ("not a patch row", &|i| m(i).is_none().then_some(0)),
             ("16-row slice of a 128-row tile", &|i| m(i).map(|m| m % 128 / 16)),
@@ -802,18 +787,18 @@ fn forward_misses(c: &Case, bad: &[usize]) -> String {
     )
 }
 
-/// The weight gradient's misses by the places of the channel and of the k' index in their
-/// 128-wide tiles (the weight is in CHW order, k = (c p + ky) p + kx; the kernels contract in
-/// k' = (ky p + kx) 3 + c).
-fn weight_grad_misses(s: &PatchEmbedShape, bad: &[usize]) -> String {
+/// The weight gradient's elements for which `wrong` holds, by the places of the channel and of
+/// the k' index in their 128-wide tiles (the weight is in CHW order, k = (c p + ky) p + kx; the
+/// kernels contract in k' = (ky p + kx) 3 + c).
+fn weight_grad_misses(s: &PatchEmbedShape, wrong: impl Fn(usize) -> bool) -> Misses {
     let (k, p) = (s.patch_len(), s.patch);
     let k_hwc = |i: usize| {
         let (c, rem) = (i % k / (p * p), i % k % (p * p));
         rem * 3 + c
     };
-    misses_by(
-        "weight gradient",
-        bad,
+    misses(
+        s.weight_len(),
+        wrong,
         &[
             ("16-channel slice of a 128-channel tile", &|i| Some(i / k % 128 / 16)),
             ("channel mod 8", &|i| Some(i / k % 8)),
@@ -832,18 +817,14 @@ fn miss_reports_place_the_wrong_elements() {
     // Every column of the content row of sample 1, token 4: patch row 16 + 3 = 19.
     let (n, d) = (c.s.n_tokens(), c.s.dim);
     let row = (n + 2 * c.s.n_predicted()) + c.ranks[n + 4] as usize;
-    let bad: Vec<usize> = (0..d).map(|col| row * d + col).collect();
-    let rep = forward_misses(&c, &bad);
-    for want in
-        ["patch row mod 8: 3=24", "16-row slice of a 128-row tile: 1=24", "column pair in a chunk: 0=6 1=6 2=6 3=6"]
-    {
-        assert!(rep.contains(want), "{want} not in {rep}");
-    }
+    let m = forward_misses(&c, |i| i / d == row);
+    assert_eq!(m.wrong.len(), d);
+    assert_eq!((m.count("patch row mod 8", 3), m.count("16-row slice of a 128-row tile", 1)), (24, 24));
+    assert_eq!((m.count("column pair in a chunk", 0), m.count("not a patch row", 0)), (6, 0));
     // Channel 9, c = 1, ky = 0, kx = 2 (p = 8: k = 64 + 2, k' = 2 * 3 + 1 = 7).
-    let rep = weight_grad_misses(&c.s, &[9 * c.s.patch_len() + 66]);
-    for want in ["channel mod 8: 1=1", "8-wide k' chunk of a 128-wide tile: 0=1", "k' pair in a chunk: 3=1"] {
-        assert!(rep.contains(want), "{want} not in {rep}");
-    }
+    let m = weight_grad_misses(&c.s, |i| i == 9 * c.s.patch_len() + 66);
+    assert_eq!(m.count("channel mod 8", 1), 1);
+    assert_eq!((m.count("8-wide k' chunk of a 128-wide tile", 0), m.count("k' pair in a chunk", 3)), (1, 1));
 }
 
 /// The warp-specialised weight gradient's splits (no GPU needed): whole 64-row slices, at most
@@ -921,28 +902,17 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
             let out = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap();
             mapet::testing::assert_all_written(&format!("{name} forward"), &out);
             let near = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol;
-            let bad: Vec<usize> =
-                (0..out.len()).filter(|&i| !near(out[i], reference[i], 1e-2 * reference[i].abs().max(1.0))).collect();
-            if let Some(&i) = bad.first() {
-                eprintln!("{}", forward_misses(&case, &bad));
-                panic!(
-                    "{s:?}: {} forward elements off, first {i}: {name} {}, mma.sync {}",
-                    bad.len(),
-                    out[i],
-                    reference[i]
-                );
+            let m = forward_misses(&case, |i| !near(out[i], reference[i], 1e-2 * reference[i].abs().max(1.0)));
+            if let Some(&i) = m.wrong.first() {
+                eprintln!("{}", m.report(&format!("the {name} forward")));
+                panic!("{s:?}: forward element {i}: {name} {}, mma.sync {}", out[i], reference[i]);
             }
             let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
             let (w, w_ref) = (&grads.w, &reference_grads.w);
-            let bad: Vec<usize> = (0..w.len()).filter(|&i| !near(w[i], w_ref[i], 1e-4 * scale)).collect();
-            if let Some(&i) = bad.first() {
-                eprintln!("{}", weight_grad_misses(&s, &bad));
-                panic!(
-                    "{s:?}: {} weight gradient elements off, first {i}: {name} {}, mma.sync {}",
-                    bad.len(),
-                    w[i],
-                    w_ref[i]
-                );
+            let m = weight_grad_misses(&s, |i| !near(w[i], w_ref[i], 1e-4 * scale));
+            if let Some(&i) = m.wrong.first() {
+                eprintln!("{}", m.report(&format!("the {name} weight gradient")));
+                panic!("{s:?}: weight gradient element {i}: {name} {}, mma.sync {}", w[i], w_ref[i]);
             }
         }
     }
