@@ -1085,6 +1085,23 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 
 // ------------------------------------------------------------------ backward: dweight partials
 
+// A weight-gradient block's work: its k' (or k) tile from k0, its channel tile from n0, its split
+// of the patch rows [m_begin, m_end), and the steps of `step` rows that cover them.
+struct WeightBlock {
+    int k0, n0, split, m_begin, m_end, steps;
+};
+
+__device__ __forceinline__ WeightBlock weight_block(const MapetPatchEmbedBwd& P, const Geometry& g, int step) {
+    WeightBlock w;
+    w.k0 = blockIdx.x * kBwdK;
+    w.n0 = blockIdx.y * kBwdN;
+    w.split = blockIdx.z;
+    w.m_begin = w.split * P.split_rows;
+    w.m_end = min(g.M, w.m_begin + P.split_rows);
+    w.steps = w.m_end > w.m_begin ? (w.m_end - w.m_begin + step - 1) / step : 0;
+    return w;
+}
+
 template <bool U8, bool HWC>
 __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
@@ -1099,12 +1116,9 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     const int warp = tid >> 5;
     const int wn = warp >> 2;  // 64 channels each
     const int wk = warp & 3;   // 32 of K each
-    const int k0 = blockIdx.x * kBwdK;
-    const int n0 = blockIdx.y * kBwdN;
-    const int split = blockIdx.z;
-    const int m_begin = split * P.split_rows;
-    const int m_end = min(g.M, m_begin + P.split_rows);
-    const int steps = m_end > m_begin ? (m_end - m_begin + kBwdC - 1) / kBwdC : 0;
+    const WeightBlock wb = weight_block(P, g, kBwdC);
+    const int k0 = wb.k0, n0 = wb.n0, split = wb.split, m_begin = wb.m_begin, m_end = wb.m_end;
+    const int steps = wb.steps;
 
     // This thread stages rows (tid/16) and (tid/16 + 16) of each step: 8 channels of d_out at
     // n0 + 8*(tid%16), and 8 pixels at k0 + 8*(tid%16).
@@ -1296,12 +1310,9 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
     const int lane = tid & 31;
     const int warp = tid >> 5;
     const int wg = warp >> 2;  // warpgroup: channels 64 wg .. 64 wg + 63 of the tile
-    const int k0 = blockIdx.x * kBwdK;
-    const int n0 = blockIdx.y * kBwdN;
-    const int split = blockIdx.z;
-    const int m_begin = split * P.split_rows;
-    const int m_end = min(g.M, m_begin + P.split_rows);
-    const int steps = m_end > m_begin ? (m_end - m_begin + kBwdC - 1) / kBwdC : 0;
+    const WeightBlock wb = weight_block(P, g, kBwdC);
+    const int k0 = wb.k0, n0 = wb.n0, split = wb.split, m_begin = wb.m_begin, m_end = wb.m_end;
+    const int steps = wb.steps;
 
     // This thread stages contraction row `row` of every step (the 32 lanes of a warp cover the
     // 32 rows, so a quarter warp writes one whole core matrix) and 16-byte chunks `warp` and
@@ -1457,12 +1468,9 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
     const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
-    const int k0 = blockIdx.x * kBwdK;
-    const int n0 = blockIdx.y * kBwdN;
-    const int split = blockIdx.z;
-    const int m_begin = split * P.split_rows;
-    const int m_end = min(g.M, m_begin + P.split_rows);
-    const int slices = m_end > m_begin ? (m_end - m_begin + kWbRows - 1) / kWbRows : 0;
+    const WeightBlock wb = weight_block(P, g, kWbRows);
+    const int k0 = wb.k0, n0 = wb.n0, split = wb.split, m_begin = wb.m_begin, m_end = wb.m_end;
+    const int slices = wb.steps;
     const uint32_t ring = smem_addr(wb_smem);
     // The split's table, rows [m_begin, m_begin + 64 slices), {-1, -1} past m_end.
     int2* table = reinterpret_cast<int2*>(wb_smem + kWbStages * kWbStageBytes);
