@@ -3,7 +3,8 @@
 //! - CPU reference at a small size (runs anywhere): forward, forward + backward.
 //! - GPU at the ViT-B pre-training size, R = 18816 rows (128 images x 147 predicted tokens),
 //!   D = 768, V = 8192: forward and forward + backward. Prints the median time from timing
-//!   events, the GEMM throughput it implies, and the extra device memory of each variant.
+//!   events, the GEMM throughput it implies, and the extra device memory of each variant; then
+//!   the same with other chunk sizes, and with the forward split into passes (sub-chunks).
 //!   Skipped (with the reason printed) where no GPU is usable.
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -88,6 +89,26 @@ fn gpu(c: &mut Criterion) {
             })
             .unwrap();
         println!("RESULT cross_entropy forward+backward {:.3} ms median with {rc} rows per chunk", t[t.len() / 2]);
+    }
+
+    // Forward passes of a half, a third and a quarter of the chunk (the module docs' sub-chunks):
+    // whether the row kernel, reading the logits a pass's GEMM has just left in L2, gains more
+    // than the extra launches cost.
+    for sub in [1568, 1046, 784] {
+        let s = shape.with_sub_chunk_rows(sub);
+        let f = gpu.time_ms(3, 20, || cuda_forward(&gpu, &gemm, &s, &x, &w, &b, &t, &mut out).map(|_| ())).unwrap();
+        let fb = gpu
+            .time_ms(3, 20, || {
+                cuda_forward_backward(&gpu, &gemm, &s, &x, &w, &b, &t, 1.0, &mut out, &mut dx, &mut dw, &mut db)
+                    .map(|_| ())
+            })
+            .unwrap();
+        println!(
+            "RESULT cross_entropy forward {:.3} ms, forward+backward {:.3} ms median with {} passes of <= {sub} rows a chunk",
+            f[f.len() / 2],
+            fb[fb.len() / 2],
+            s.gpu_sub_chunks(s.gpu_chunk_rows()).len(),
+        );
     }
 
     let mut group = c.benchmark_group(format!("cross_entropy_gpu_r{rows}_d{dim}_v{vocab}"));

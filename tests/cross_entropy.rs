@@ -486,6 +486,25 @@ fn gpu_vocab_8192_chunked() {
     check_case(test, &gpu, &gemm, &c);
 }
 
+/// Forward passes of a few rows inside each chunk (`with_sub_chunk_rows`): the logits GEMM and
+/// the row kernel on part of the chunk's buffer at a time, dx and dW over the whole chunk. Both
+/// row-kernel paths (V = 8192 with the fused column sums, V = 8191 with the column-sum kernel),
+/// chunks with a shorter last one whose passes differ in length, and passes of one row.
+#[test]
+fn gpu_sub_chunks_match_cpu() {
+    let test = "gpu_sub_chunks_match_cpu";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for (rows, dim, vocab, chunk, sub) in
+        [(517, 128, 8192, Some(200), 67), (300, 64, 8191, Some(128), 50), (7, 16, 37, None, 1), (33, 24, 8, Some(5), 2)]
+    {
+        let mut c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
+        c.shape = c.shape.with_sub_chunk_rows(sub);
+        eprintln!("{test}: passes of at most {sub} rows");
+        check_case(test, &gpu, &gemm, &c);
+    }
+}
+
 /// Small odd sizes in one chunk and in chunks of one row.
 #[test]
 fn gpu_small_odd_shapes() {

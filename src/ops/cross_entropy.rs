@@ -39,6 +39,17 @@
 //! 3. `dx_c = dlogits_c W` (cuBLASLt, bf16 out), written in place into the chunk's rows of `dx`;
 //! 4. `dW += dlogits_c^T x_c` (cuBLASLt, f32 out, beta = 1).
 //!
+//! ## Sub-chunks (an experiment, off by default)
+//!
+//! [`CrossEntropyShape::with_sub_chunk_rows`] runs steps 1 and 2 in several passes over the
+//! chunk's rows (a logits GEMM, then the row kernel, on each pass), and steps 3 and 4 once over
+//! the whole chunk as before. The idea: a pass's logits (17 MB for a third of the model's
+//! 3136-row chunk) are still in the L2 cache (50 MB on an H100/H200) when the row kernel reads
+//! them and overwrites them with dlogits, so the logits never travel to DRAM and back: about 100 of
+//! the 255 MB a chunk moves today, at the price of one more GEMM and row-kernel launch a pass.
+//! Same results as one pass but for the order in which `db`'s column sums are added (rows go to
+//! the row kernel's groups pass by pass).
+//!
 //! cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it runs as a
 //! kernel of its own, a second pass over the dlogits; the held-rows kernel forms them from the
 //! values it already holds (BENCHMARKS.md, third run). After the last chunk, `db +=` the
@@ -79,6 +90,8 @@
 //! f32), the stored bf16 values elsewhere. [`CpuPrecision::GpuRounding`] reproduces the roundings
 //! on the CPU, summing the rounded dlogits into `db` (the less accurate of the two): it is the
 //! same-precision baseline of the tests (DESIGN.md, "Conventions").
+
+use std::ops::Range;
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -122,17 +135,43 @@ pub struct CrossEntropyShape {
     /// on the CPU [`CPU_CHUNK_ROWS`]. On the GPU a larger value is capped by the memory rule; the
     /// tests use small values to run many chunks.
     pub chunk_rows: Option<usize>,
+    /// GPU only: rows per forward pass inside a chunk (module docs, "Sub-chunks"). `None`: one
+    /// pass over the whole chunk. Capped by the chunk's rows; the CPU ignores it.
+    pub sub_chunk_rows: Option<usize>,
 }
 
 impl CrossEntropyShape {
     /// A shape with the default chunking.
     pub fn new(rows: usize, dim: usize, vocab: usize) -> Self {
-        CrossEntropyShape { rows, dim, vocab, chunk_rows: None }
+        CrossEntropyShape { rows, dim, vocab, chunk_rows: None, sub_chunk_rows: None }
     }
 
     /// The same shape with `chunk_rows` rows per chunk.
     pub fn with_chunk_rows(self, chunk_rows: usize) -> Self {
         CrossEntropyShape { chunk_rows: Some(chunk_rows), ..self }
+    }
+
+    /// The same shape with forward passes of `sub_chunk_rows` rows inside each GPU chunk.
+    pub fn with_sub_chunk_rows(self, sub_chunk_rows: usize) -> Self {
+        CrossEntropyShape { sub_chunk_rows: Some(sub_chunk_rows), ..self }
+    }
+
+    /// The row ranges, relative to a chunk of `chunk` rows, of its forward passes on the GPU:
+    /// consecutive, in order, covering `[0, chunk)`, each at most `sub_chunk_rows` long (one
+    /// range when that is `None`). With `sub_chunk_rows` given, the chunk is split into the fewest
+    /// passes that respect it, as equal as possible (the first ones one row longer).
+    pub fn gpu_sub_chunks(&self, chunk: usize) -> Vec<std::ops::Range<usize>> {
+        let per = self.sub_chunk_rows.unwrap_or(chunk).clamp(1, chunk.max(1));
+        let passes = chunk.div_ceil(per).max(1);
+        let (base, extra) = (chunk / passes, chunk % passes);
+        let mut start = 0;
+        (0..passes)
+            .map(|i| {
+                let len = base + usize::from(i < extra);
+                start += len;
+                start - len..start
+            })
+            .collect()
     }
 
     /// Rows per chunk on the GPU (at least 1, at most `rows`): `chunk_rows` when given (capped by
@@ -623,25 +662,64 @@ impl Call<'_, '_> {
         }
     }
 
-    /// Rows `[start, start + cb.rows)`: logits (unless `logits_ready`: launched already by
-    /// [`logits_gemm`]), row statistics, and (backward) dx, dW, db.
-    fn chunk(&mut self, cb: &mut ChunkBuffers, start: usize, logits_ready: bool) -> Result<()> {
+    /// Rows `[start, start + cb.rows)`: logits and row statistics, pass by pass (the first
+    /// pass's logits GEMM is not launched when `first_ready`: [`logits_gemm`] queued it already),
+    /// then (backward) dx, dW, db over the whole chunk.
+    fn chunk(&mut self, cb: &mut ChunkBuffers, start: usize, passes: &[Range<usize>], first_ready: bool) -> Result<()> {
         let (gpu, dim, vocab, n) = (self.gpu, self.dim, self.vocab, cb.rows);
-        // The chunk's rows of x, read in place by the GEMMs (no staging copy).
-        let x_c = gpu.view_of(self.x, start * dim..(start + n) * dim)?;
-        if !logits_ready {
-            logits_gemm(gpu, self.gemm, self.x, self.w, cb, start, dim, vocab)?;
+        for (i, pass) in passes.iter().enumerate() {
+            if i > 0 || !first_ready {
+                logits_gemm(gpu, self.gemm, self.x, self.w, &mut cb.logits, start, pass.clone(), dim, vocab)?;
+            }
+            self.row_pass(cb, start, pass.clone())?;
         }
 
+        let Some(g) = self.grads.as_mut() else {
+            return Ok(());
+        };
+        // The chunk's rows of x, read in place by the GEMMs (no staging copy).
+        let x_c = gpu.view_of(self.x, start * dim..(start + n) * dim)?;
+        // dx_c[n, D] = dlogits_c W, written in place into the chunk's rows of dx.
+        let mut dx_c = gpu.view_mut_of(&mut *g.dx, start * dim..(start + n) * dim)?;
+        self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, &mut dx_c, 1.0, 0.0, Epilogue::None)?;
+        // dW[V, D] += dlogits_c^T x_c.
+        self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &x_c, false, g.dw, 1.0, 1.0, Epilogue::None)?;
+        if !held_rows(vocab) {
+            let mut p = self.params();
+            p.logits = cb.logits.ptr_mut();
+            p.rows = n as i64;
+            p.groups = colsum_groups(n, vocab) as i32;
+            p.partial = self.partial_ptr()?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    blocks_for("cross-entropy column sums", vocab as u64, COLSUM_THREADS as u64)?,
+                    p.groups as u32,
+                    1,
+                ),
+                block_dim: (COLSUM_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reads the n * vocab dlogits of the chunk; adds to groups * vocab floats of
+            // partial, which holds at least that many.
+            unsafe { gpu.launch(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
+        }
+        Ok(())
+    }
+
+    /// The row kernel over rows `start + pass` of `x`, rows `pass` of the chunk's logits: loss,
+    /// lse, argmax, and (backward) the dlogits in place and their column sums added to partial.
+    fn row_pass(&mut self, cb: &mut ChunkBuffers, start: usize, pass: Range<usize>) -> Result<()> {
+        let (gpu, vocab) = (self.gpu, self.vocab);
+        let (first, n) = (start + pass.start, pass.len());
         let mut p = self.params();
-        p.logits = cb.logits.ptr_mut();
-        p.targets = (self.targets.ptr() as *const i32).wrapping_add(start);
-        p.row_loss = self.rows_out.loss.f32_ptr().wrapping_add(start);
-        p.row_lse = self.rows_out.lse.f32_ptr().wrapping_add(start);
-        p.row_argmax = (self.rows_out.argmax.ptr_mut() as *mut i32).wrapping_add(start);
+        p.logits = cb.logits.ptr_mut().wrapping_add(pass.start * vocab);
+        p.targets = (self.targets.ptr() as *const i32).wrapping_add(first);
+        p.row_loss = self.rows_out.loss.f32_ptr().wrapping_add(first);
+        p.row_lse = self.rows_out.lse.f32_ptr().wrapping_add(first);
+        p.row_argmax = (self.rows_out.argmax.ptr_mut() as *mut i32).wrapping_add(first);
         p.rows = n as i64;
         p.write_grad = i32::from(self.grads.is_some());
-        // This chunk's column-sum groups (a tail chunk may have fewer than the call's).
+        // This pass's column-sum groups (a shorter pass or chunk may have fewer than the call's).
         p.groups = colsum_groups(n, vocab) as i32;
         let held = held_rows(vocab);
         if held && self.grads.is_some() {
@@ -660,39 +738,15 @@ impl Call<'_, '_> {
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: logits holds n * vocab bf16 (ld = vocab), the bias vocab f32; targets and the
-        // three row outputs hold `rows` elements each, of which [start, start + n) are addressed
-        // (start + n <= rows); every target is below vocab (checked on the host), so the target
-        // logit read stays inside its row. cross_entropy_rows_held (vocab % 8 == 0, vocab <=
+        // SAFETY: pass lies inside the chunk, so logits holds the pass's n * vocab bf16 (ld =
+        // vocab) from its first row on; the bias holds vocab f32; targets and the three row
+        // outputs hold `rows` elements each, of which [first, first + n) are addressed (first +
+        // n <= rows); every target is below vocab (checked on the host), so the target logit
+        // read stays inside its row. cross_entropy_rows_held (vocab % 8 == 0, vocab <=
         // GRAD_MAX_VOCAB, as it requires) adds, in training only, to groups * vocab floats of
         // partial, which holds colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte
         // aligned.
-        unsafe { gpu.launch(MODULE, kernel, cfg, &p) }?;
-
-        let Some(g) = self.grads.as_mut() else {
-            return Ok(());
-        };
-        // dx_c[n, D] = dlogits_c W, written in place into the chunk's rows of dx.
-        let mut dx_c = gpu.view_mut_of(&mut *g.dx, start * dim..(start + n) * dim)?;
-        self.gemm.matmul(n, dim, vocab, &cb.logits, false, self.w, false, &mut dx_c, 1.0, 0.0, Epilogue::None)?;
-        // dW[V, D] += dlogits_c^T x_c.
-        self.gemm.matmul_f32_out(vocab, dim, n, &cb.logits, true, &x_c, false, g.dw, 1.0, 1.0, Epilogue::None)?;
-        if !held {
-            p.partial = self.partial_ptr()?;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    blocks_for("cross-entropy column sums", vocab as u64, COLSUM_THREADS as u64)?,
-                    p.groups as u32,
-                    1,
-                ),
-                block_dim: (COLSUM_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: reads the n * vocab dlogits of the chunk; adds to groups * vocab floats of
-            // partial, which holds at least that many.
-            unsafe { gpu.launch(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
-        }
-        Ok(())
+        unsafe { gpu.launch(MODULE, kernel, cfg, &p) }
     }
 
     /// db += the sum over groups of partial, once per call: every chunk added its column sums to
@@ -725,22 +779,24 @@ impl Call<'_, '_> {
     }
 }
 
-/// acc[n, V] = x_c W^T for the chunk's rows `[start, start + cb.rows)` of `x` into `cb.logits`
-/// (the bias is added by the row kernel, in f32). Reads no targets.
+/// acc = x_p W^T for the rows `start + pass` of `x`, into rows `pass` of a chunk's `logits` (the
+/// bias is added by the row kernel, in f32). Reads no targets.
 #[allow(clippy::too_many_arguments)]
 fn logits_gemm(
     gpu: &Gpu,
     gemm: &Gemm,
     x: &dyn DeviceRead<bf16>,
     w: &dyn DeviceRead<bf16>,
-    cb: &mut ChunkBuffers,
+    logits: &mut DeviceBuffer<bf16>,
     start: usize,
+    pass: Range<usize>,
     dim: usize,
     vocab: usize,
 ) -> Result<()> {
-    let n = cb.rows;
-    let x_c = gpu.view_of(x, start * dim..(start + n) * dim)?;
-    gemm.matmul(n, vocab, dim, &x_c, false, w, true, &mut cb.logits, 1.0, 0.0, Epilogue::None)
+    let n = pass.len();
+    let x_p = gpu.view_of(x, (start + pass.start) * dim..(start + pass.end) * dim)?;
+    let mut out = gpu.view_mut_of(logits, pass.start * vocab..pass.end * vocab)?;
+    gemm.matmul(n, vocab, dim, &x_p, false, w, true, &mut out, 1.0, 0.0, Epilogue::None)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -771,7 +827,8 @@ fn cuda_run(
     let rc = shape.gpu_chunk_rows();
     let (full, tail) = (rows / rc, rows % rc);
     let mut first = ChunkBuffers::new(gpu, if full > 0 { rc } else { tail }, vocab)?;
-    logits_gemm(gpu, gemm, x, w, &mut first, 0, dim, vocab)?;
+    let (passes, tail_passes) = (shape.gpu_sub_chunks(first.rows), shape.gpu_sub_chunks(tail));
+    logits_gemm(gpu, gemm, x, w, &mut first.logits, 0, passes[0].clone(), dim, vocab)?;
 
     let counted = check_targets(targets, vocab)?;
     let groups = colsum_groups(rc, vocab);
@@ -789,16 +846,16 @@ fn cuda_run(
         // freed (in stream order).
         let mut cb = first;
         for i in 0..full {
-            call.chunk(&mut cb, i * rc, i == 0)?;
+            call.chunk(&mut cb, i * rc, &passes, i == 0)?;
         }
         drop(cb);
         if tail > 0 {
             let mut cb = ChunkBuffers::new(gpu, tail, vocab)?;
-            call.chunk(&mut cb, full * rc, false)?;
+            call.chunk(&mut cb, full * rc, &tail_passes, false)?;
         }
     } else {
-        // The tail is the only chunk, and `first` holds it with its logits queued.
-        call.chunk(&mut first, 0, true)?;
+        // The tail is the only chunk, and `first` holds it with its first pass's logits queued.
+        call.chunk(&mut first, 0, &passes, true)?;
     }
     call.finish_bias_gradient()?;
 
@@ -837,6 +894,29 @@ mod tests {
         for (rows, dim, vocab) in [(1 << 20, MAX_DIM, MAX_VOCAB), (1 << 20, 8, MAX_VOCAB), (1 << 20, MAX_DIM, 8)] {
             let s = CrossEntropyShape::new(rows, dim, vocab);
             assert!(s.gpu_extra_device_bytes(true) <= (63 << 20) + rows * 4 + 8, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn sub_chunks_cover_the_chunk_in_order() {
+        let s = CrossEntropyShape::new(18816, 768, 8192);
+        assert_eq!(s.gpu_sub_chunks(3136), vec![0..3136], "one pass by default");
+        let three = s.with_sub_chunk_rows(1046).gpu_sub_chunks(3136);
+        assert_eq!(three, vec![0..1046, 1046..2091, 2091..3136]);
+        // Larger than the chunk: one pass; zero is taken as one row.
+        assert_eq!(s.with_sub_chunk_rows(5000).gpu_sub_chunks(3136), vec![0..3136]);
+        assert_eq!(s.with_sub_chunk_rows(0).gpu_sub_chunks(3), vec![0..1, 1..2, 2..3]);
+        for (chunk, per) in [(1, 1), (7, 2), (517, 200), (3136, 784), (3136, 1000), (10, 3)] {
+            let passes = s.with_sub_chunk_rows(per).gpu_sub_chunks(chunk);
+            assert_eq!(passes.len(), chunk.div_ceil(per), "{chunk} / {per}: the fewest passes");
+            let mut next = 0;
+            for p in &passes {
+                assert_eq!(p.start, next, "{chunk} / {per}: {passes:?} in order, no gap");
+                assert!(!p.is_empty() && p.len() <= per, "{chunk} / {per}: {passes:?}");
+                assert!(passes[0].len() - p.len() <= 1, "{chunk} / {per}: {passes:?} as equal as possible");
+                next = p.end;
+            }
+            assert_eq!(next, chunk, "{chunk} / {per}: {passes:?} cover the chunk");
         }
     }
 
