@@ -11,7 +11,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use mapet::cuda::gemm::Gemm;
 use mapet::ops::cross_entropy::{
-    cpu_backward, cpu_forward, cuda_forward, cuda_forward_backward, CpuRowOutputs, CrossEntropyShape, CudaRowOutputs,
+    cpu_backward, cpu_forward, cuda_forward, cuda_forward_backward, cuda_forward_backward_queued, cuda_forward_queued,
+    CpuRowOutputs, CrossEntropyShape, CudaRowOutputs,
 };
 use mapet::testing::{gpu_or_skip, rng, uniform, uniform_bf16};
 use rand::Rng;
@@ -74,6 +75,25 @@ fn gpu(c: &mut Criterion) {
         mib(shape.gpu_extra_device_bytes(false)),
         3.0 * flops / (fb as f64 * 1e-3) / 1e12,
         mib(shape.gpu_extra_device_bytes(true)),
+    );
+
+    // The same calls queued without their final wait, timed as the PyTorch peers are (an event
+    // before the call, one after it is queued, then the wait): the lines above also count the
+    // host's round trip for the 8-byte statistics inside each call, which the peers' calls
+    // (their loss stays on the device) do not make.
+    let fwd_q =
+        gpu.time_ms(3, 20, || cuda_forward_queued(&gpu, &gemm, &shape, &x, &w, &b, &t, &mut out).map(|_| ())).unwrap();
+    let both_q = gpu
+        .time_ms(3, 20, || {
+            cuda_forward_backward_queued(&gpu, &gemm, &shape, &x, &w, &b, &t, 1.0, &mut out, &mut dx, &mut dw, &mut db)
+                .map(|_| ())
+        })
+        .unwrap();
+    println!(
+        "RESULT cross_entropy forward          {:.3} ms median, queued (statistics read after the stop event)\n\
+         RESULT cross_entropy forward+backward {:.3} ms median, queued (statistics read after the stop event)",
+        fwd_q[fwd_q.len() / 2],
+        both_q[both_q.len() / 2],
     );
 
     // How the time depends on the chunk size (the memory rule caps it near the default): smaller

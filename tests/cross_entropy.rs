@@ -9,8 +9,8 @@ use half::bf16;
 use mapet::cuda::gemm::Gemm;
 use mapet::cuda::Gpu;
 use mapet::ops::cross_entropy::{
-    cpu_backward, cpu_backward_with, cpu_forward, cpu_forward_with, cuda_forward, cuda_forward_backward, CpuPrecision,
-    CpuRowOutputs, CrossEntropyShape, CudaRowOutputs,
+    cpu_backward, cpu_backward_with, cpu_forward, cpu_forward_with, cuda_forward, cuda_forward_backward,
+    cuda_forward_backward_queued, cuda_forward_queued, CpuPrecision, CpuRowOutputs, CrossEntropyShape, CudaRowOutputs,
 };
 use mapet::testing::{assert_all_written, assert_within_baseline, gpu_or_skip, rng, uniform, uniform_bf16};
 use mapet::Error;
@@ -854,6 +854,52 @@ fn gpu_is_deterministic() {
     assert_eq!(bits(&a.dx), bits(&b.dx));
     assert_eq!(bits(&a.dw), bits(&b.dw));
     assert_eq!(bits(&a.db), bits(&b.db));
+}
+
+/// The queued calls give the waiting calls' results bit for bit, their statistics read only
+/// after more work was queued behind them (a second call into other outputs), and a call with no
+/// rows queues nothing and reads as zero.
+#[test]
+fn gpu_queued_calls_match_the_waiting_ones() {
+    let test = "gpu_queued_calls_match_the_waiting_ones";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    let c = Case::random(&mut rng, 300, 64, 1024, Some(128), 0.5, 0.2);
+    let want = run_gpu(&gpu, &gemm, &c);
+    let CrossEntropyShape { rows, dim, .. } = c.shape;
+    let x = gpu.upload_bf16(&c.x).unwrap();
+    let w = gpu.upload_bf16(&c.w).unwrap();
+    let b = gpu.upload(&c.b).unwrap();
+    let mut out = CudaRowOutputs::new(&gpu, rows).unwrap();
+    out.poison().unwrap();
+    let mut dx = gpu.alloc::<bf16>(rows * dim).unwrap();
+    dx.poison().unwrap();
+    let mut dw = gpu.upload(&c.dw0).unwrap();
+    let mut db = gpu.upload(&c.db0).unwrap();
+    let queued = cuda_forward_backward_queued(
+        &gpu, &gemm, &c.shape, &x, &w, &b, &c.targets, c.dloss, &mut out, &mut dx, &mut dw, &mut db,
+    )
+    .unwrap();
+    let mut other = CudaRowOutputs::new(&gpu, rows).unwrap();
+    let fwd_queued = cuda_forward_queued(&gpu, &gemm, &c.shape, &x, &w, &b, &c.targets, &mut other).unwrap();
+    assert_eq!(queued.wait().unwrap(), want.stats, "forward+backward statistics");
+    assert_eq!(fwd_queued.wait().unwrap(), want.fwd_stats, "forward statistics");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let got = out.to_host().unwrap();
+    assert_eq!(bits(&got.loss), bits(&want.rows.loss));
+    assert_eq!(bits(&got.lse), bits(&want.rows.lse));
+    assert_eq!(got.argmax, want.rows.argmax);
+    assert_eq!(bits(&dx.to_host_f32().unwrap()), bits(&want.dx));
+    assert_eq!(bits(&dw.to_host().unwrap()), bits(&want.dw));
+    assert_eq!(bits(&db.to_host().unwrap()), bits(&want.db));
+
+    let empty = CrossEntropyShape::new(0, dim, 1024);
+    let mut none = CudaRowOutputs::new(&gpu, 0).unwrap();
+    let stats = cuda_forward_queued(&gpu, &gemm, &empty, &x.view(0..0).unwrap(), &w, &b, &[], &mut none)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!((stats.loss, stats.correct, stats.counted), (0.0, 0, 0));
 }
 
 /// Host checks refuse bad input before anything the caller can see is written (a bad target

@@ -566,6 +566,23 @@ pub fn cuda_forward(
     targets: &[i32],
     rows_out: &mut CudaRowOutputs,
 ) -> Result<CrossEntropyStats> {
+    cuda_forward_queued(gpu, gemm, shape, x, w, b, targets, rows_out)?.wait()
+}
+
+/// [`cuda_forward`] without the wait: everything is queued on the stream, and the mean loss and
+/// correct count stay on the device until [`QueuedStats::wait`]. The per-row outputs are ready
+/// once the stream reaches them.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_forward_queued(
+    gpu: &Gpu,
+    gemm: &Gemm,
+    shape: &CrossEntropyShape,
+    x: &dyn DeviceRead<bf16>,
+    w: &dyn DeviceRead<bf16>,
+    b: &dyn DeviceRead<f32>,
+    targets: &[i32],
+    rows_out: &mut CudaRowOutputs,
+) -> Result<QueuedStats> {
     cuda_run(gpu, gemm, shape, x, w, b, targets, rows_out, None)
 }
 
@@ -587,8 +604,53 @@ pub fn cuda_forward_backward(
     dw: &mut dyn DeviceWrite<f32>,
     db: &mut dyn DeviceWrite<f32>,
 ) -> Result<CrossEntropyStats> {
+    cuda_forward_backward_queued(gpu, gemm, shape, x, w, b, targets, dloss, rows_out, dx, dw, db)?.wait()
+}
+
+/// [`cuda_forward_backward`] without the wait (see [`cuda_forward_queued`]): the gradients and the
+/// per-row outputs are ready once the stream reaches them.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_forward_backward_queued(
+    gpu: &Gpu,
+    gemm: &Gemm,
+    shape: &CrossEntropyShape,
+    x: &dyn DeviceRead<bf16>,
+    w: &dyn DeviceRead<bf16>,
+    b: &dyn DeviceRead<f32>,
+    targets: &[i32],
+    dloss: f32,
+    rows_out: &mut CudaRowOutputs,
+    dx: &mut dyn DeviceWrite<bf16>,
+    dw: &mut dyn DeviceWrite<f32>,
+    db: &mut dyn DeviceWrite<f32>,
+) -> Result<QueuedStats> {
     check_grads(shape, dx.len(), dw.len(), db.len())?;
     cuda_run(gpu, gemm, shape, x, w, b, targets, rows_out, Some(CudaGrads { dloss, dx, dw, db }))
+}
+
+/// The statistics of a queued GPU call, still on the device: the reduce kernel's 8 bytes (mean
+/// loss bits, correct count) and the counted rows, known on the host from the targets.
+#[must_use = "the statistics are only read by `wait`"]
+pub struct QueuedStats {
+    /// `None` when the call had no rows (nothing was queued).
+    result: Option<DeviceBuffer<i32>>,
+    counted: usize,
+}
+
+impl QueuedStats {
+    /// Waits for the stream to reach the statistics and reads them back (8 bytes).
+    pub fn wait(self) -> Result<CrossEntropyStats> {
+        let Some(result) = self.result else {
+            return Ok(CrossEntropyStats { loss: 0.0, correct: 0, counted: self.counted });
+        };
+        let host = result.to_host()?;
+        let (loss_bits, correct) = (host[0], host[1]);
+        Ok(CrossEntropyStats {
+            loss: f32::from_bits(loss_bits as u32),
+            correct: correct.max(0) as usize,
+            counted: self.counted,
+        })
+    }
 }
 
 struct CudaGrads<'a> {
@@ -810,7 +872,7 @@ fn cuda_run(
     targets: &[i32],
     rows_out: &mut CudaRowOutputs,
     grads: Option<CudaGrads<'_>>,
-) -> Result<CrossEntropyStats> {
+) -> Result<QueuedStats> {
     // Every check but the targets' values first: the first chunk's logits GEMM reads none of
     // them, so it is queued before the host goes through them and uploads them, and the GPU
     // starts that much sooner (an invalid target still fails the call before anything the caller
@@ -822,7 +884,7 @@ fn cuda_run(
     check_rows_out(shape.rows, rows_out.loss.len(), rows_out.lse.len(), rows_out.argmax.len())?;
     let CrossEntropyShape { rows, dim, vocab, .. } = *shape;
     if rows == 0 {
-        return Ok(CrossEntropyStats { loss: 0.0, correct: 0, counted: 0 });
+        return Ok(QueuedStats { result: None, counted: 0 });
     }
     let rc = shape.gpu_chunk_rows();
     let (full, tail) = (rows / rc, rows % rc);
@@ -870,9 +932,7 @@ fn cuda_run(
     // SAFETY: reads `rows` elements of targets, row loss and row argmax (each holds `rows`),
     // writes the 2 elements of result.
     unsafe { gpu.launch(MODULE, "cross_entropy_reduce", cfg, &p) }?;
-    let host = result.to_host()?;
-    let (loss_bits, correct) = (host[0], host[1]);
-    Ok(CrossEntropyStats { loss: f32::from_bits(loss_bits as u32), correct: correct.max(0) as usize, counted })
+    Ok(QueuedStats { result: Some(result), counted })
 }
 
 #[cfg(test)]
