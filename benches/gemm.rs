@@ -5,8 +5,11 @@
 //! (fc2's with the GELU derivative and fc1's bias gradient fused) and weight gradients
 //! `dW = dY^T x` in f32 with the bias gradient fused. Reports TFLOP/s (criterion's
 //! "elements/s" is FLOP/s here) and prints the median TFLOP/s of each GEMM, timed with CUDA
-//! events, and the time of all Linear GEMMs of one transformer block. Without a GPU the CUDA
-//! group prints why and is skipped; a small CPU sgemm bench runs everywhere.
+//! events, and the time of all Linear GEMMs of one transformer block. Also the codebook
+//! cross-entropy's three GEMMs on one chunk (3136 rows, V = 8192). Under each shape, the times of
+//! the first 8 algorithms cuBLASLt's heuristic proposes for it (`Gemm::time_candidates`; #0 is the
+//! one every call runs), and how far under #0 the fastest is. Without a GPU the CUDA group prints
+//! why and is skipped; a small CPU sgemm bench runs everywhere.
 
 use std::time::Duration;
 
@@ -17,15 +20,27 @@ use mapet::cuda::{DeviceBuffer, Gpu};
 
 const ROWS: usize = 128 * 491;
 const D: usize = 768;
+/// The cross-entropy's chunk rows and vocabulary at ViT-B, batch 128 (`ops::cross_entropy`).
+const CE_CHUNK: usize = 3136;
+const CE_VOCAB: usize = 8192;
 
 #[derive(Clone, Copy)]
 enum Kind {
     /// Forward with bias (`fwd_gelu`: bias + GELU, saving the pre-activation).
-    Forward { gelu: bool },
+    Forward {
+        gelu: bool,
+    },
     /// dX = dY W (`dgelu`: times gelu'(pre); `bgrad`: with the bias gradient).
-    DataGrad { dgelu: bool, bgrad: bool },
+    DataGrad {
+        dgelu: bool,
+        bgrad: bool,
+    },
     /// dW = dY^T x in f32, with the bias gradient.
     WeightGrad,
+    /// The cross-entropy's GEMMs, no epilogue: logits = x W^T (bf16 out), and dW += dlogits^T x
+    /// (f32 out, beta = 1). Its dx = dlogits W is `DataGrad` without epilogue.
+    Logits,
+    WeightGradAccumulate,
 }
 
 struct Shape {
@@ -57,6 +72,11 @@ fn shapes() -> Vec<Shape> {
         f("dW kv f32 +bgrad", 1, 2 * D, D, ROWS, Kind::WeightGrad),
         f("dW fc1 f32 +bgrad", 1, 4 * D, D, ROWS, Kind::WeightGrad),
         f("dW fc2 f32 +bgrad", 1, D, 4 * D, ROWS, Kind::WeightGrad),
+        // The codebook cross-entropy's three GEMMs on one 3136-row chunk (V = 8192), not part
+        // of a transformer block.
+        f("ce logits x W^T", 0, CE_CHUNK, CE_VOCAB, D, Kind::Logits),
+        f("ce dx dlogits W", 0, CE_CHUNK, D, CE_VOCAB, dx(false, false)),
+        f("ce dW += dlogits^T x f32", 0, CE_VOCAB, D, CE_CHUNK, Kind::WeightGradAccumulate),
     ]
 }
 
@@ -86,7 +106,7 @@ struct Buffers {
 
 fn buffers(gpu: &Gpu, s: &Shape) -> mapet::Result<Buffers> {
     let (m, n, k) = (s.m, s.n, s.k);
-    let is_w = matches!(s.kind, Kind::WeightGrad);
+    let is_w = matches!(s.kind, Kind::WeightGrad | Kind::WeightGradAccumulate);
     let gelu = matches!(s.kind, Kind::Forward { gelu: true } | Kind::DataGrad { dgelu: true, .. });
     Ok(Buffers {
         a: gpu.upload(&noise(m * k, 1))?,
@@ -148,6 +168,10 @@ fn launch(gemm: &Gemm, s: &Shape, bf: &mut Buffers) -> mapet::Result<()> {
             0.0,
             Epilogue::DGeluBiasGrad { aux: &bf.aux, bias_grad: (&mut bf.bias_grad16).into() },
         ),
+        Kind::Logits => gemm.matmul(m, n, k, &bf.a, false, &bf.b, true, &mut bf.c, 1.0, 0.0, Epilogue::None),
+        Kind::WeightGradAccumulate => {
+            gemm.matmul_f32_out(m, n, k, &bf.a, true, &bf.b, false, &mut bf.c32, 1.0, 1.0, Epilogue::None)
+        }
         Kind::WeightGrad => gemm.matmul_f32_out(
             m,
             n,
@@ -212,6 +236,22 @@ fn cuda_gemms(c: &mut Criterion) {
         let median = times[times.len() / 2] as f64;
         let tflops = fl as f64 / (median * 1e-3) / 1e12;
         println!("{:<32} m={:>6} n={:>5} k={:>6}: {:>8.3} ms  {:>7.1} TFLOP/s", s.name, s.m, s.n, s.k, median, tflops);
+        // The heuristic's other proposals for the shape (rank 0 is the one above): whether its
+        // first choice leaves time unused.
+        match gemm.time_candidates(&gpu, 8, 11, || launch(&gemm, &s, &mut bf)) {
+            Ok(ranks) => {
+                let line: Vec<String> = ranks.iter().map(|(r, ms)| format!("#{r} {ms:.3}")).collect();
+                if let Some((r, ms)) = ranks.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+                    let base = ranks.first().map_or(*ms, |x| x.1);
+                    println!(
+                        "  candidates (ms): {}; fastest #{r}, {:.1}% under #0",
+                        line.join(", "),
+                        100.0 * (1.0 - ms / base)
+                    );
+                }
+            }
+            Err(e) => println!("  candidates: {e}"),
+        }
         summary.push((s.name, s.per_block, median, tflops));
     }
     group.finish();

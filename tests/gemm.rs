@@ -583,6 +583,46 @@ fn model_shapes() {
     assert!(gemm.cached_algorithms() >= cases.len(), "algorithms were not cached");
 }
 
+/// Every algorithm `Gemm::time_candidates` runs computes the product (each run checked against
+/// the host, into a poisoned output), rank 0 first; the candidates' calls leave the algorithm
+/// cache alone, and the calls after it are back on the cached default.
+#[test]
+fn every_heuristic_candidate_computes_the_product() {
+    let test = "every_heuristic_candidate_computes_the_product";
+    let Some((gpu, gemm)) = setup(test) else { return };
+    let mut rng = testing::rng(test);
+    let (m, n, k) = (384, 256, 520);
+    let a = testing::uniform_bf16(&mut rng, m * k, 0.5);
+    let b = testing::uniform_bf16(&mut rng, n * k, 0.5); // [n, k]: B^T
+    let (a_d, b_d) = (gpu.upload_bf16(&a).unwrap(), gpu.upload_bf16(&b).unwrap());
+    let truth = product64(m, n, k, &a, &materialise(&b, k, n, true));
+    let mut base = vec![0.0; m * n];
+    sgemm(m, n, k, 1.0, &a, &b, true, 0.0, &mut base);
+    let base = rounded(base, DType::Bf16);
+    let mut c = gpu.alloc::<bf16>(m * n).unwrap();
+    let cached = gemm.cached_algorithms();
+    let mut runs = 0;
+    let ranks = gemm
+        .time_candidates(&gpu, 4, 1, || {
+            c.poison()?;
+            gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None)?;
+            let got = c.to_host_f32()?;
+            assert_within_baseline(&format!("{test} run {runs}"), &got, &base, &truth, 2.0, 1e-4);
+            runs += 1;
+            Ok(())
+        })
+        .unwrap();
+    eprintln!("{test}: {} candidates, median ms {ranks:?}", ranks.len());
+    assert!(!ranks.is_empty(), "the heuristic proposed no algorithm");
+    assert_eq!(ranks.iter().map(|r| r.0).collect::<Vec<_>>(), (0..ranks.len()).collect::<Vec<_>>());
+    assert_eq!(runs, 3 * ranks.len(), "2 warm-ups and 1 timed run a rank");
+    assert_eq!(gemm.cached_algorithms(), cached, "a candidate's call cached an algorithm");
+    c.poison().unwrap();
+    gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None).unwrap();
+    assert_eq!(gemm.cached_algorithms(), cached + 1, "the call after the candidates is not the cached default");
+    assert_within_baseline(test, &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4);
+}
+
 #[test]
 fn strided_batched() {
     let Some((gpu, gemm)) = setup("strided_batched") else { return };

@@ -99,7 +99,8 @@
 //!
 //! Descriptors are created per call (host-only, microseconds). The heuristic query, the slow
 //! part, runs once per (shape, transposes, types, epilogue, alignments) and its best algorithm is
-//! cached in the [`Gemm`].
+//! cached in the [`Gemm`]. [`Gemm::time_candidates`] times the heuristic's other proposals for a
+//! shape (`benches/gemm.rs` prints them), to see whether its first choice leaves time unused.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -508,7 +509,17 @@ pub struct Gemm {
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     algos: Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>,
+    /// Which of the heuristic's candidates a GEMM runs: `None` (outside
+    /// [`Gemm::time_candidates`]) its first, cached per shape; `Some(r)` the r-th, looked up at
+    /// every call.
+    candidate: Mutex<Option<usize>>,
 }
+
+/// The `what` of the error a GEMM returns inside [`Gemm::time_candidates`] once the ranks run out.
+const NO_CANDIDATE: &str = "cuBLASLt candidate";
+
+/// Candidates asked of cuBLASLt's heuristic by [`Gemm::time_candidates`].
+pub const MAX_CANDIDATES: usize = 16;
 
 // SAFETY: the cuBLASLt handle may be used from several host threads (cuBLAS's thread-safety
 // rules); the algorithm cache is behind a mutex; all work, workspace use included, is ordered on
@@ -636,7 +647,38 @@ impl Gemm {
             stream: gpu.stream().clone(),
             ctx: gpu.context().clone(),
             algos: Mutex::new(HashMap::new()),
+            candidate: Mutex::new(None),
         })
+    }
+
+    /// Times `run` (which must enqueue GEMMs of one shape on this `Gemm`) with each of the first
+    /// `max` (at most [`MAX_CANDIDATES`]) algorithms cuBLASLt's heuristic proposes for it, in the
+    /// heuristic's order, so that rank 0 is what every other call runs. Returns (rank, median ms
+    /// of `reps` event-timed runs after 2 warm-ups) for each rank the heuristic has, with at most
+    /// [`WORKSPACE_BYTES`] of workspace. A benchmarking aid: it shows whether a shape's default
+    /// leaves time on the table; results in between are whatever the candidates computed.
+    pub fn time_candidates(
+        &self,
+        gpu: &Gpu,
+        max: usize,
+        reps: usize,
+        mut run: impl FnMut() -> Result<()>,
+    ) -> Result<Vec<(usize, f32)>> {
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        for rank in 0..max.min(MAX_CANDIDATES) {
+            *self.candidate.lock().unwrap_or_else(|e| e.into_inner()) = Some(rank);
+            match gpu.time_ms(2, reps.max(1), &mut run) {
+                Ok(t) => out.push((rank, t[t.len() / 2])),
+                Err(Error::Unsupported { what: NO_CANDIDATE, .. }) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        *self.candidate.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        result.map(|()| out)
     }
 
     /// Number of (shape, epilogue, ...) combinations whose algorithm is cached.
@@ -838,10 +880,12 @@ impl Gemm {
             vector: p.vector.map(|v| v.1),
             align,
         };
+        let candidate = *self.candidate.lock().unwrap_or_else(|e| e.into_inner());
         let cached = self.algos.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
-        let algo = match cached {
-            Some(algo) => algo,
-            None => {
+        let algo = match (candidate, cached) {
+            (Some(rank), _) => self.candidate(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, rank)?,
+            (None, Some(algo)) => algo,
+            (None, None) => {
                 let algo = self.heuristic(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw)?;
                 self.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, algo);
                 algo
@@ -878,15 +922,9 @@ impl Gemm {
         .map_err(|e| cublas_err(e, &format!("running {}", describe(&key))))
     }
 
-    /// Asks cuBLASLt for the fastest algorithm for these descriptors.
-    fn heuristic(
-        &self,
-        key: &AlgoKey,
-        desc: sys::cublasLtMatmulDesc_t,
-        lay_a: sys::cublasLtMatrixLayout_t,
-        lay_b: sys::cublasLtMatrixLayout_t,
-        lay_c: sys::cublasLtMatrixLayout_t,
-    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+    /// The search preference of a call: at most [`WORKSPACE_BYTES`] of workspace, the operands'
+    /// alignments.
+    fn preference(key: &AlgoKey) -> Result<Guard<sys::cublasLtMatmulPreference_t>> {
         let pref = Guard {
             raw: lt::create_matmul_pref().map_err(|e| cublas_err(e, "creating the matmul preference"))?,
             destroy: lt::destroy_matmul_pref,
@@ -901,6 +939,69 @@ impl Gemm {
             set_pref(pref.raw, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align[2])?;
             set_pref(pref.raw, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align[2])?;
         }
+        Ok(pref)
+    }
+
+    /// The heuristic's `rank`-th algorithm for these descriptors, among those it proposes that
+    /// fit the workspace ([`Gemm::time_candidates`]).
+    fn candidate(
+        &self,
+        key: &AlgoKey,
+        desc: sys::cublasLtMatmulDesc_t,
+        lay_a: sys::cublasLtMatrixLayout_t,
+        lay_b: sys::cublasLtMatrixLayout_t,
+        lay_c: sys::cublasLtMatrixLayout_t,
+        rank: usize,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let pref = Self::preference(key)?;
+        let mut found = [std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::uninit(); MAX_CANDIDATES];
+        let mut count: i32 = 0;
+        // SAFETY: every descriptor is live and describes the call being planned; `found` has
+        // room for the MAX_CANDIDATES results asked for, of which cuBLASLt writes the first
+        // `count`.
+        unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                desc,
+                lay_a,
+                lay_b,
+                lay_c,
+                lay_c,
+                pref.raw,
+                MAX_CANDIDATES as i32,
+                found.as_mut_ptr() as *mut sys::cublasLtMatmulHeuristicResult_t,
+                &mut count,
+            )
+        }
+        .result()
+        .map_err(|e| cublas_err(e, &format!("listing algorithms for {}", describe(key))))?;
+        let usable: Vec<sys::cublasLtMatmulAlgo_t> = found[..count.clamp(0, MAX_CANDIDATES as i32) as usize]
+            .iter()
+            // SAFETY: the first `count` results were written by the call above.
+            .map(|r| unsafe { r.assume_init() })
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= WORKSPACE_BYTES)
+            .map(|r| r.algo)
+            .collect();
+        usable.get(rank).copied().ok_or_else(|| Error::Unsupported {
+            what: NO_CANDIDATE,
+            detail: format!(
+                "cuBLASLt proposes {} usable algorithms for {}, no rank {rank}",
+                usable.len(),
+                describe(key)
+            ),
+        })
+    }
+
+    /// Asks cuBLASLt for the fastest algorithm for these descriptors.
+    fn heuristic(
+        &self,
+        key: &AlgoKey,
+        desc: sys::cublasLtMatmulDesc_t,
+        lay_a: sys::cublasLtMatrixLayout_t,
+        lay_b: sys::cublasLtMatrixLayout_t,
+        lay_c: sys::cublasLtMatrixLayout_t,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let pref = Self::preference(key)?;
         // SAFETY: every descriptor is live and describes the call being planned.
         let found = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, lay_a, lay_b, lay_c, lay_c, pref.raw) };
         match found {
