@@ -244,13 +244,14 @@ fn cuda_gemms(c: &mut Criterion) {
                 if let Some((r, ms)) = ranks.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
                     let base = ranks.first().map_or(*ms, |x| x.1);
                     println!(
-                        "  candidates (ms): {}; fastest #{r}, {:.1}% under #0",
+                        "RESULT gemm {}: candidates (ms) {}; fastest #{r}, {:.1}% under #0",
+                        s.name,
                         line.join(", "),
                         100.0 * (1.0 - ms / base)
                     );
                 }
             }
-            Err(e) => println!("  candidates: {e}"),
+            Err(e) => println!("RESULT gemm {}: candidates: {e}", s.name),
         }
         summary.push((s.name, s.per_block, median, tflops));
     }
