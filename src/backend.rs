@@ -808,6 +808,9 @@ pub struct CudaBackend {
     /// The attention kernels, read once from `MAPET_ATTENTION_KERNELS` when the backend is made
     /// (the default: the faster set, `resident`).
     pub attention_kernels: AttentionKernels,
+    /// The attention backward's kernels: `attention_kernels` unless
+    /// `MAPET_ATTENTION_BACKWARD_KERNELS` names another set (read when the backend is made).
+    pub attention_backward_kernels: AttentionKernels,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -820,11 +823,13 @@ impl CudaBackend {
     /// A backend on `gpu` (creates a cuBLASLt handle and its workspace).
     pub fn new(gpu: Arc<Gpu>) -> Result<Self> {
         let gemm = Gemm::new(&gpu)?;
+        let attention_kernels = AttentionKernels::selected()?;
         Ok(CudaBackend {
             gpu,
             gemm,
             pixel_order: PixelOrder::selected()?,
-            attention_kernels: AttentionKernels::selected()?,
+            attention_kernels,
+            attention_backward_kernels: AttentionKernels::selected_backward(attention_kernels)?,
         })
     }
 
@@ -1050,7 +1055,8 @@ impl Backend for CudaBackend {
         dk: &mut DeviceViewMut<'_, bf16>,
         dv: &mut DeviceViewMut<'_, bf16>,
     ) -> Result<()> {
-        attention::cuda_backward(&self.gpu, self.attention_kernels, shape, &q, &k, &v, &o, &lse, &d_o, dq, dk, dv)
+        let kernels = self.attention_backward_kernels;
+        attention::cuda_backward(&self.gpu, kernels, shape, &q, &k, &v, &o, &lse, &d_o, dq, dk, dv)
     }
 
     fn layer_scale_forward(

@@ -701,6 +701,34 @@ impl KernelChoice for AttentionKernels {
     }
 }
 
+impl AttentionKernels {
+    /// The environment variable that picks the backward's kernels apart from the forward's.
+    pub const BACKWARD_VAR: &'static str = "MAPET_ATTENTION_BACKWARD_KERNELS";
+
+    /// The backward's kernels: those [`Self::BACKWARD_VAR`] names when it is set, else `forward`
+    /// (the set `MAPET_ATTENTION_KERNELS` picked). A forward and a backward of different sets
+    /// work together: every set reads and writes O and lse in the same layout (the GPU tests run
+    /// each set's backward on the tiled forward's outputs too). So one experimental set can be
+    /// used for one direction alone, e.g. the `wgmma` forward with the `resident` backward.
+    pub fn selected_backward(forward: AttentionKernels) -> Result<AttentionKernels> {
+        Self::backward_named(forward, std::env::var(Self::BACKWARD_VAR).ok().as_deref())
+    }
+
+    /// [`Self::selected_backward`] for the variable's value `name` (`None`: unset).
+    fn backward_named(forward: AttentionKernels, name: Option<&str>) -> Result<AttentionKernels> {
+        match name {
+            None => Ok(forward),
+            Some(v) => Self::parse_name(v).map_err(|_| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                Error::Unsupported {
+                    what: "kernel choice",
+                    detail: format!("{v:?} is not a value of {}; use {}", Self::BACKWARD_VAR, names.join(" or ")),
+                }
+            }),
+        }
+    }
+}
+
 /// Checks that the CUDA kernels support `shape` (on top of [`AttentionShape::validate`]): head_dim
 /// 64, grid dimensions and 32-bit row counts within range.
 pub fn check_cuda_shape(shape: &AttentionShape) -> Result<()> {
@@ -1048,6 +1076,13 @@ mod tests {
         for k in AttentionKernels::ALL {
             assert_eq!(AttentionKernels::parse_name(k.name()), Ok(k));
         }
+        // The backward's own variable: the forward's set when unset, any set by name, and an
+        // unknown name refused naming that variable.
+        let w = AttentionKernels::Wgmma;
+        assert_eq!(AttentionKernels::backward_named(w, None).unwrap(), w);
+        assert_eq!(AttentionKernels::backward_named(w, Some("resident")).unwrap(), AttentionKernels::Resident);
+        let bad = AttentionKernels::backward_named(w, Some("wgmma2")).unwrap_err().to_string();
+        assert!(bad.contains(AttentionKernels::BACKWARD_VAR) && bad.contains("wgmma2"), "{bad}");
         let err = AttentionKernels::parse_name("fast").unwrap_err();
         assert!(err.contains("MAPET_ATTENTION_KERNELS") && err.contains("tiled") && err.contains("resident"), "{err}");
     }
