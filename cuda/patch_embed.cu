@@ -73,9 +73,13 @@ constexpr int kBwdN = 128;
 constexpr int kBwdK = 128;
 constexpr int kBwdC = 32;
 constexpr int kBwdLd = 128 + 8;  // padded row, 272 bytes
-// Batch sums per token (mapet_patch_embed_bwd_tokens): 8-channel groups x batch slices a block.
+// Batch sums per token (mapet_patch_embed_bwd_tokens): 8-channel groups x batch slices a block,
+// and blocks an SM. 4 slices (128 threads) rather than 8: at ViT-B the grid is 3 x 197 = 591
+// blocks, which at 8 slices (two 256-thread blocks an SM at 86 registers) ran as 2.2 waves on 132
+// SMs, at 4 in one (five blocks an SM).
 constexpr int kTokGroups = 32;
-constexpr int kTokSlices = 8;
+constexpr int kTokSlices = 4;
+constexpr int kTokBlocksPerSm = 5;
 // Sums over tokens (mapet_patch_embed_bwd_vectors): channels x token slices a block.
 constexpr int kVecCols = 32;
 constexpr int kVecSlices = 32;
@@ -1768,7 +1772,7 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // sums in slice order. A warp reads 512 contiguous bytes of one row (16 bytes a lane) and
 // d_out is read exactly once: this pass is bound by memory bandwidth, with 8 slices keeping enough
 // loads in flight that a single thread does not have to walk the whole batch.
-extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
+extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocksPerSm) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
     __shared__ float s_part[kTokSlices][2][kTokGroups][8];
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
     const int n_pred = n_tokens - p.n_context;

@@ -59,7 +59,7 @@ const BWD_TILE: usize = 128;
 const BWD_STEP: usize = 32;
 /// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
 const TOKEN_GROUPS: u64 = 32;
-const TOKEN_SLICES: u64 = 8;
+const TOKEN_SLICES: u64 = 4;
 /// `mapet_patch_embed_bwd_vectors`' block: channels x token slices (kVecCols, kVecSlices).
 const VECTOR_COLS: u64 = 32;
 const VECTOR_SLICES: u64 = 32;
