@@ -160,7 +160,7 @@ impl CrossEntropyShape {
     /// consecutive, in order, covering `[0, chunk)`, each at most `sub_chunk_rows` long (one
     /// range when that is `None`). With `sub_chunk_rows` given, the chunk is split into the fewest
     /// passes that respect it, as equal as possible (the first ones one row longer).
-    pub fn gpu_sub_chunks(&self, chunk: usize) -> Vec<std::ops::Range<usize>> {
+    pub fn gpu_sub_chunks(&self, chunk: usize) -> Vec<Range<usize>> {
         let per = self.sub_chunk_rows.unwrap_or(chunk).clamp(1, chunk.max(1));
         let passes = chunk.div_ceil(per).max(1);
         let (base, extra) = (chunk / passes, chunk % passes);
@@ -768,10 +768,17 @@ impl Call<'_, '_> {
         Ok(())
     }
 
-    /// The row kernel over rows `start + pass` of `x`, rows `pass` of the chunk's logits: loss,
-    /// lse, argmax, and (backward) the dlogits in place and their column sums added to partial.
+    /// The row kernel over the call's rows `start + pass`, rows `pass` of the chunk's logits:
+    /// loss, lse, argmax, and (backward) the dlogits in place and their column sums added to
+    /// partial.
     fn row_pass(&mut self, cb: &mut ChunkBuffers, start: usize, pass: Range<usize>) -> Result<()> {
         let (gpu, vocab) = (self.gpu, self.vocab);
+        if pass.end > cb.rows {
+            return Err(Error::Unsupported {
+                what: "cross-entropy pass",
+                detail: format!("rows {pass:?} of a chunk of {} rows", cb.rows),
+            });
+        }
         let (first, n) = (start + pass.start, pass.len());
         let mut p = self.params();
         p.logits = cb.logits.ptr_mut().wrapping_add(pass.start * vocab);
