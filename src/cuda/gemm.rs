@@ -655,8 +655,9 @@ impl Gemm {
     /// `max` (at most [`MAX_CANDIDATES`]) algorithms cuBLASLt's heuristic proposes for it, in the
     /// heuristic's order, so that rank 0 is what every other call runs. Returns (rank, median ms
     /// of `reps` event-timed runs after 2 warm-ups) for each rank the heuristic has, with at most
-    /// [`WORKSPACE_BYTES`] of workspace. A benchmarking aid: it shows whether a shape's default
-    /// leaves time on the table; results in between are whatever the candidates computed.
+    /// [`WORKSPACE_BYTES`] of workspace. A benchmarking aid, showing whether a shape's default
+    /// leaves time on the table; what `run` writes is the product of whichever candidate ran
+    /// last (every candidate computes the same GEMM, to rounding).
     pub fn time_candidates(
         &self,
         gpu: &Gpu,
