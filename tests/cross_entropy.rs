@@ -844,16 +844,22 @@ fn gpu_is_deterministic() {
     let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
     let mut rng = rng(test);
     let c = Case::random(&mut rng, 450, 64, 1024, Some(100), 0.5, 0.1);
-    let a = run_gpu(&gpu, &gemm, &c);
-    let b = run_gpu(&gpu, &gemm, &c);
-    assert_eq!(a.stats, b.stats);
+    assert_same_bits(&run_gpu(&gpu, &gemm, &c), &run_gpu(&gpu, &gemm, &c));
+}
+
+/// Every output of two GPU runs, bit for bit.
+fn assert_same_bits(a: &GpuOut, b: &GpuOut) {
+    assert_eq!(a.stats, b.stats, "forward+backward statistics");
+    assert_eq!(a.fwd_stats, b.fwd_stats, "forward statistics");
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&a.rows.loss), bits(&b.rows.loss));
-    assert_eq!(bits(&a.rows.lse), bits(&b.rows.lse));
-    assert_eq!(a.rows.argmax, b.rows.argmax);
-    assert_eq!(bits(&a.dx), bits(&b.dx));
-    assert_eq!(bits(&a.dw), bits(&b.dw));
-    assert_eq!(bits(&a.db), bits(&b.db));
+    for (what, x, y) in [("forward+backward", &a.rows, &b.rows), ("forward", &a.fwd_rows, &b.fwd_rows)] {
+        assert_eq!(bits(&x.loss), bits(&y.loss), "{what} row loss");
+        assert_eq!(bits(&x.lse), bits(&y.lse), "{what} row lse");
+        assert_eq!(x.argmax, y.argmax, "{what} row argmax");
+    }
+    assert_eq!(bits(&a.dx), bits(&b.dx), "dx");
+    assert_eq!(bits(&a.dw), bits(&b.dw), "dw");
+    assert_eq!(bits(&a.db), bits(&b.db), "db");
 }
 
 /// The queued calls give the waiting calls' results bit for bit, their statistics read only
@@ -880,18 +886,19 @@ fn gpu_queued_calls_match_the_waiting_ones() {
         &gpu, &gemm, &c.shape, &x, &w, &b, &c.targets, c.dloss, &mut out, &mut dx, &mut dw, &mut db,
     )
     .unwrap();
-    let mut other = CudaRowOutputs::new(&gpu, rows).unwrap();
-    let fwd_queued = cuda_forward_queued(&gpu, &gemm, &c.shape, &x, &w, &b, &c.targets, &mut other).unwrap();
-    assert_eq!(queued.wait().unwrap(), want.stats, "forward+backward statistics");
-    assert_eq!(fwd_queued.wait().unwrap(), want.fwd_stats, "forward statistics");
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let got = out.to_host().unwrap();
-    assert_eq!(bits(&got.loss), bits(&want.rows.loss));
-    assert_eq!(bits(&got.lse), bits(&want.rows.lse));
-    assert_eq!(got.argmax, want.rows.argmax);
-    assert_eq!(bits(&dx.to_host_f32().unwrap()), bits(&want.dx));
-    assert_eq!(bits(&dw.to_host().unwrap()), bits(&want.dw));
-    assert_eq!(bits(&db.to_host().unwrap()), bits(&want.db));
+    let mut fwd = CudaRowOutputs::new(&gpu, rows).unwrap();
+    fwd.poison().unwrap();
+    let fwd_queued = cuda_forward_queued(&gpu, &gemm, &c.shape, &x, &w, &b, &c.targets, &mut fwd).unwrap();
+    let got = GpuOut {
+        stats: queued.wait().unwrap(),
+        rows: out.to_host().unwrap(),
+        fwd_stats: fwd_queued.wait().unwrap(),
+        fwd_rows: fwd.to_host().unwrap(),
+        dx: dx.to_host_f32().unwrap(),
+        dw: dw.to_host().unwrap(),
+        db: db.to_host().unwrap(),
+    };
+    assert_same_bits(&got, &want);
 
     let empty = CrossEntropyShape::new(0, dim, 1024);
     let mut none = CudaRowOutputs::new(&gpu, 0).unwrap();

@@ -884,10 +884,10 @@ impl Gemm {
         let candidate = *self.candidate.lock().unwrap_or_else(|e| e.into_inner());
         let cached = self.algos.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
         let algo = match (candidate, cached) {
-            (Some(rank), _) => self.candidate(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, rank)?,
+            (Some(rank), _) => self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, Some(rank))?,
             (None, Some(algo)) => algo,
             (None, None) => {
-                let algo = self.heuristic(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw)?;
+                let algo = self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, None)?;
                 self.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, algo);
                 algo
             }
@@ -943,23 +943,25 @@ impl Gemm {
         Ok(pref)
     }
 
-    /// The heuristic's `rank`-th algorithm for these descriptors, among those it proposes that
-    /// fit the workspace ([`Gemm::time_candidates`]).
-    fn candidate(
+    /// The algorithm a call runs: the heuristic's first proposal (`rank` `None`; the error says
+    /// why when there is none that fits the workspace), or its `rank`-th among those that fit
+    /// ([`Gemm::time_candidates`]).
+    fn proposal(
         &self,
         key: &AlgoKey,
         desc: sys::cublasLtMatmulDesc_t,
         lay_a: sys::cublasLtMatrixLayout_t,
         lay_b: sys::cublasLtMatrixLayout_t,
         lay_c: sys::cublasLtMatrixLayout_t,
-        rank: usize,
+        rank: Option<usize>,
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
         let pref = Self::preference(key)?;
+        let asked = if rank.is_some() { MAX_CANDIDATES } else { 1 };
         let mut found = [std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::uninit(); MAX_CANDIDATES];
         let mut count: i32 = 0;
         // SAFETY: every descriptor is live and describes the call being planned; `found` has
-        // room for the MAX_CANDIDATES results asked for, of which cuBLASLt writes the first
-        // `count`.
+        // room for the `asked` (<= MAX_CANDIDATES) results asked for, of which cuBLASLt writes
+        // the first `count`.
         unsafe {
             sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
@@ -969,20 +971,40 @@ impl Gemm {
                 lay_c,
                 lay_c,
                 pref.raw,
-                MAX_CANDIDATES as i32,
+                asked as i32,
                 found.as_mut_ptr() as *mut sys::cublasLtMatmulHeuristicResult_t,
                 &mut count,
             )
         }
         .result()
-        .map_err(|e| cublas_err(e, &format!("listing algorithms for {}", describe(key))))?;
-        let usable: Vec<sys::cublasLtMatmulAlgo_t> = found[..count.clamp(0, MAX_CANDIDATES as i32) as usize]
+        .map_err(|e| match e {
+            CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED) => Error::Unsupported {
+                what: "cuBLASLt GEMM",
+                detail: format!("cuBLASLt has no algorithm for {}", describe(key)),
+            },
+            e => cublas_err(e, &format!("choosing an algorithm for {}", describe(key))),
+        })?;
+        let proposed: Vec<sys::cublasLtMatmulHeuristicResult_t> = found[..count.clamp(0, asked as i32) as usize]
             .iter()
             // SAFETY: the first `count` results were written by the call above.
             .map(|r| unsafe { r.assume_init() })
-            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= WORKSPACE_BYTES)
-            .map(|r| r.algo)
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
             .collect();
+        let Some(rank) = rank else {
+            return match proposed.first() {
+                Some(h) if h.workspaceSize <= WORKSPACE_BYTES => Ok(h.algo),
+                Some(h) => Err(Error::Unsupported {
+                    what: "cuBLASLt GEMM",
+                    detail: format!("{} needs {} bytes of workspace", describe(key), h.workspaceSize),
+                }),
+                None => Err(Error::Unsupported {
+                    what: "cuBLASLt GEMM",
+                    detail: format!("cuBLASLt has no algorithm for {}", describe(key)),
+                }),
+            };
+        };
+        let usable: Vec<sys::cublasLtMatmulAlgo_t> =
+            proposed.iter().filter(|r| r.workspaceSize <= WORKSPACE_BYTES).map(|r| r.algo).collect();
         usable.get(rank).copied().ok_or_else(|| Error::Unsupported {
             what: NO_CANDIDATE,
             detail: format!(
@@ -991,32 +1013,6 @@ impl Gemm {
                 describe(key)
             ),
         })
-    }
-
-    /// Asks cuBLASLt for the fastest algorithm for these descriptors.
-    fn heuristic(
-        &self,
-        key: &AlgoKey,
-        desc: sys::cublasLtMatmulDesc_t,
-        lay_a: sys::cublasLtMatrixLayout_t,
-        lay_b: sys::cublasLtMatrixLayout_t,
-        lay_c: sys::cublasLtMatrixLayout_t,
-    ) -> Result<sys::cublasLtMatmulAlgo_t> {
-        let pref = Self::preference(key)?;
-        // SAFETY: every descriptor is live and describes the call being planned.
-        let found = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, lay_a, lay_b, lay_c, lay_c, pref.raw) };
-        match found {
-            Ok(h) if h.workspaceSize <= WORKSPACE_BYTES => Ok(h.algo),
-            Ok(h) => Err(Error::Unsupported {
-                what: "cuBLASLt GEMM",
-                detail: format!("{} needs {} bytes of workspace", describe(key), h.workspaceSize),
-            }),
-            Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => Err(Error::Unsupported {
-                what: "cuBLASLt GEMM",
-                detail: format!("cuBLASLt has no algorithm for {}", describe(key)),
-            }),
-            Err(e) => Err(cublas_err(e, &format!("choosing an algorithm for {}", describe(key)))),
-        }
     }
 }
 
