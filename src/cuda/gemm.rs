@@ -104,6 +104,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::result as lt;
@@ -509,11 +510,14 @@ pub struct Gemm {
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     algos: Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>,
-    /// Which of the heuristic's candidates a GEMM runs: `None` (outside
-    /// [`Gemm::time_candidates`]) its first, cached per shape; `Some(r)` the r-th, looked up at
-    /// every call.
-    candidate: Mutex<Option<usize>>,
+    /// Which of the heuristic's candidates a GEMM runs: [`DEFAULT_ALGO`] (outside
+    /// [`Gemm::time_candidates`]) its first, cached per shape; `r` the r-th, looked up at every
+    /// call. An atomic, not a lock, since every GEMM reads it.
+    candidate: AtomicUsize,
 }
+
+/// [`Gemm`]'s `candidate` outside [`Gemm::time_candidates`]: the heuristic's first, cached.
+const DEFAULT_ALGO: usize = usize::MAX;
 
 /// The `what` of the error a GEMM returns inside [`Gemm::time_candidates`] once the ranks run out.
 const NO_CANDIDATE: &str = "cuBLASLt candidate";
@@ -647,7 +651,7 @@ impl Gemm {
             stream: gpu.stream().clone(),
             ctx: gpu.context().clone(),
             algos: Mutex::new(HashMap::new()),
-            candidate: Mutex::new(None),
+            candidate: AtomicUsize::new(DEFAULT_ALGO),
         })
     }
 
@@ -668,7 +672,7 @@ impl Gemm {
         let mut out = Vec::new();
         let mut result = Ok(());
         for rank in 0..max.min(MAX_CANDIDATES) {
-            *self.candidate.lock().unwrap_or_else(|e| e.into_inner()) = Some(rank);
+            self.candidate.store(rank, Ordering::Relaxed);
             match gpu.time_ms(2, reps.max(1), &mut run) {
                 Ok(t) => out.push((rank, t[t.len() / 2])),
                 Err(Error::Unsupported { what: NO_CANDIDATE, .. }) => break,
@@ -678,7 +682,7 @@ impl Gemm {
                 }
             }
         }
-        *self.candidate.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.candidate.store(DEFAULT_ALGO, Ordering::Relaxed);
         result.map(|()| out)
     }
 
@@ -881,7 +885,7 @@ impl Gemm {
             vector: p.vector.map(|v| v.1),
             align,
         };
-        let candidate = *self.candidate.lock().unwrap_or_else(|e| e.into_inner());
+        let candidate = Some(self.candidate.load(Ordering::Relaxed)).filter(|&r| r != DEFAULT_ALGO);
         let cached = self.algos.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
         let algo = match (candidate, cached) {
             (Some(rank), _) => self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, Some(rank))?,
