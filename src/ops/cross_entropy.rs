@@ -55,8 +55,10 @@
 //! values it already holds (BENCHMARKS.md, third run). After the last chunk, `db +=` the
 //! fixed-order sum of the groups' column sums (`cross_entropy_colsum_finish`, once per call, not
 //! once per chunk), and one single-block kernel reduces the per-row losses (f64 accumulation, a
-//! fixed tree) and the correct count; the host reads those 8 bytes back: one synchronisation per
-//! call. No float atomics anywhere: everything is deterministic run to run.
+//! fixed order) and the correct count; the host reads those 8 bytes back: one synchronisation per
+//! call, at its end ([`cuda_forward`], [`cuda_forward_backward`]) or when the caller asks
+//! ([`QueuedStats::wait`] after [`cuda_forward_queued`], [`cuda_forward_backward_queued`]). No
+//! float atomics anywhere: everything is deterministic run to run.
 //!
 //! # Extra device memory
 //!
