@@ -51,7 +51,7 @@ pub enum Error {
     },
 }
 
-/// Result with the crate's [`Error`].
+/// Result with the crate's [`enum@Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl From<cudarc::driver::DriverError> for Error {

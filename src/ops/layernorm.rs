@@ -213,8 +213,8 @@ fn row_launch(rows: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// y = LayerNorm(x) on the GPU: x, y bf16 [rows, cols]; weight, bias f32 [cols]; mean, rstd
-/// f32 [rows].
+/// y = LayerNorm(x) on the GPU: x, y bf16 `[rows, cols]`; weight, bias f32 `[cols]`; mean, rstd
+/// f32 `[rows]`.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_forward(
     gpu: &Gpu,

@@ -10,7 +10,7 @@
 //!   tokens of the content stream h, then the query stream g).
 //!
 //! Images come as uint8 `[B, S, S, 3]` (HWC as decoded) with a per-channel [`Normalize`]
-//! (x = (u/255 - mean[c]) / std[c]), or as already normalised f32 `[B, 3, S, S]`. Ranks are i32
+//! (`x = (u/255 - mean[c]) / std[c]`), or as already normalised f32 `[B, 3, S, S]`. Ranks are i32
 //! `[B, N]`: a permutation with `rank[0] = 0`. The weight is `[dim, 3, p, p]` (f32 on the CPU, a
 //! bf16 copy on the GPU); bias, cls and mask tokens `[dim]` and pos_embed `[N, dim]` are f32.
 //!
@@ -188,7 +188,7 @@ impl PatchEmbedShape {
     }
 }
 
-/// Per-channel normalisation of uint8 pixels: x = (u / 255 - mean[c]) / std[c].
+/// Per-channel normalisation of uint8 pixels: `x = (u / 255 - mean[c]) / std[c]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Normalize {
     /// Mean per channel (R, G, B), in [0, 1] units.
