@@ -13,7 +13,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use half::bf16;
 use mapet::cpu::{round_bf16, sgemm};
 use mapet::cuda::gemm::{
-    check_matmul, flops, DType, Epilogue, EpilogueKind, Gemm, GemmDesc, OperandLens, Vector, VectorMut,
+    check_matmul, flops, DType, Epilogue, EpilogueKind, Gemm, GemmDesc, OperandLens, Vector, VectorMut, MAX_CANDIDATES,
+    PIN_VAR,
 };
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::testing::{self, assert_within_baseline};
@@ -621,6 +622,41 @@ fn every_heuristic_candidate_computes_the_product() {
     gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None).unwrap();
     assert_eq!(gemm.cached_algorithms(), cached + 1, "the call after the candidates is not the cached default");
     assert_within_baseline(test, &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4);
+}
+
+/// A GEMM size pinned to another candidate (`Gemm::with_pins`, as `MAPET_GEMM_PIN` sets) runs it
+/// and computes the product; other sizes keep the default; a pin to a rank the heuristic does
+/// not have fails the call, naming the variable.
+#[test]
+fn pinned_sizes_run_their_candidate() {
+    let test = "pinned_sizes_run_their_candidate";
+    let Some((gpu, gemm)) = setup(test) else { return };
+    let mut rng = testing::rng(test);
+    let (m, n, k) = (320, 192, 264);
+    let a = testing::uniform_bf16(&mut rng, m * k, 0.5);
+    let b = testing::uniform_bf16(&mut rng, n * k, 0.5); // [n, k]: B^T
+    let (a_d, b_d) = (gpu.upload_bf16(&a).unwrap(), gpu.upload_bf16(&b).unwrap());
+    let truth = product64(m, n, k, &a, &materialise(&b, k, n, true));
+    let mut base = vec![0.0; m * n];
+    sgemm(m, n, k, 1.0, &a, &b, true, 0.0, &mut base);
+    let base = rounded(base, DType::Bf16);
+    let mut c = gpu.alloc::<bf16>(m * n).unwrap();
+    let ranks = gemm
+        .time_candidates(&gpu, 2, 1, || gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None))
+        .unwrap();
+    let rank = ranks.len() - 1; // the second candidate where there is one
+    let pinned = Gemm::with_pins(&gpu, vec![((m, n, k), rank), ((m + 1, n, k), 0)]).unwrap();
+    c.poison().unwrap();
+    pinned.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None).unwrap();
+    assert_within_baseline(&format!("{test} rank {rank}"), &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4);
+    assert_eq!(pinned.cached_algorithms(), 1, "a pinned size is cached like any other");
+
+    let absent = Gemm::with_pins(&gpu, vec![((m, n, k), MAX_CANDIDATES - 1)]).unwrap();
+    match absent.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None) {
+        Err(e) => assert!(e.to_string().contains(PIN_VAR), "{e}"),
+        // The heuristic may propose that many; then the call ran it.
+        Ok(()) => assert_within_baseline(test, &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4),
+    }
 }
 
 #[test]

@@ -100,7 +100,8 @@
 //! Descriptors are created per call (host-only, microseconds). The heuristic query, the slow
 //! part, runs once per (shape, transposes, types, epilogue, alignments) and its best algorithm is
 //! cached in the [`Gemm`]. [`Gemm::time_candidates`] times the heuristic's other proposals for a
-//! shape (`benches/gemm.rs` prints them), to see whether its first choice leaves time unused.
+//! shape (`benches/gemm.rs` prints them), to see whether its first choice leaves time unused;
+//! [`PIN_VAR`] (`MAPET_GEMM_PIN`) makes every GEMM of a given size run another of them.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -514,6 +515,39 @@ pub struct Gemm {
     /// [`Gemm::time_candidates`]) its first, cached per shape; `r` the r-th, looked up at every
     /// call. An atomic, not a lock, since every GEMM reads it.
     candidate: AtomicUsize,
+    /// GEMM sizes pinned to another of the heuristic's candidates ([`PIN_VAR`]).
+    pins: Vec<Pin>,
+}
+
+/// The environment variable that pins GEMM sizes to one of the heuristic's candidates, read when
+/// a [`Gemm`] is made: `MxNxK=R`, comma-separated, with m, n, k as [`Gemm::matmul`] takes them.
+/// Every GEMM of that size (whatever its transposes, types or epilogue) then runs the R-th
+/// algorithm the heuristic proposes for it, as [`Gemm::time_candidates`] numbers them (0 is the
+/// default). For trying a rank that `benches/gemm.rs` found faster on a whole op, without a
+/// rebuild; the order is fixed for a given library and card, so a pinned run is reproducible.
+pub const PIN_VAR: &str = "MAPET_GEMM_PIN";
+
+/// A GEMM size (m, n, k) and the heuristic's candidate it runs ([`PIN_VAR`]).
+pub type Pin = ((usize, usize, usize), usize);
+
+/// The pins of [`PIN_VAR`]'s value; an error naming the variable and the bad entry otherwise.
+pub fn parse_pins(text: &str) -> Result<Vec<Pin>> {
+    let bad = |entry: &str| Error::Unsupported {
+        what: "GEMM pin",
+        detail: format!("{PIN_VAR}: {entry:?} is not MxNxK=R (e.g. 3136x768x8192=2)"),
+    };
+    let mut pins = Vec::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (size, rank) = entry.split_once('=').ok_or_else(|| bad(entry))?;
+        let dims: Vec<usize> =
+            size.split('x').map(|d| d.trim().parse()).collect::<std::result::Result<_, _>>().map_err(|_| bad(entry))?;
+        let rank: usize = rank.trim().parse().map_err(|_| bad(entry))?;
+        match dims[..] {
+            [m, n, k] if rank < MAX_CANDIDATES => pins.push(((m, n, k), rank)),
+            _ => return Err(bad(entry)),
+        }
+    }
+    Ok(pins)
 }
 
 /// [`Gemm`]'s `candidate` outside [`Gemm::time_candidates`]: the heuristic's first, cached.
@@ -624,9 +658,15 @@ unsafe fn set_pref<T>(
 }
 
 impl Gemm {
-    /// Creates a cuBLASLt handle and a [`WORKSPACE_BYTES`] workspace on `gpu`'s stream. Fails
-    /// with [`Error::Unsupported`] when libcublasLt cannot be loaded.
+    /// Creates a cuBLASLt handle and a [`WORKSPACE_BYTES`] workspace on `gpu`'s stream, with the
+    /// pins [`PIN_VAR`] names. Fails with [`Error::Unsupported`] when libcublasLt cannot be
+    /// loaded or the variable does not parse.
     pub fn new(gpu: &Gpu) -> Result<Self> {
+        Self::with_pins(gpu, parse_pins(&std::env::var(PIN_VAR).unwrap_or_default())?)
+    }
+
+    /// [`Gemm::new`] with the given pins in place of [`PIN_VAR`]'s.
+    pub fn with_pins(gpu: &Gpu, pins: Vec<Pin>) -> Result<Self> {
         // SAFETY: only tries to dlopen libcublasLt; no cuBLASLt call is made.
         if !unsafe { sys::is_culib_present() } {
             return Err(Error::Unsupported {
@@ -652,6 +692,7 @@ impl Gemm {
             ctx: gpu.context().clone(),
             algos: Mutex::new(HashMap::new()),
             candidate: AtomicUsize::new(DEFAULT_ALGO),
+            pins,
         })
     }
 
@@ -891,7 +932,14 @@ impl Gemm {
             (Some(rank), _) => self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, Some(rank))?,
             (None, Some(algo)) => algo,
             (None, None) => {
-                let algo = self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, None)?;
+                let pin = self.pins.iter().find(|(size, _)| *size == (m, n, k)).map(|&(_, rank)| rank);
+                let algo =
+                    self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, pin).map_err(|e| match e {
+                        Error::Unsupported { what: NO_CANDIDATE, detail } => {
+                            Error::Unsupported { what: "GEMM pin", detail: format!("{PIN_VAR}: {detail}") }
+                        }
+                        e => e,
+                    })?;
                 self.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, algo);
                 algo
             }
@@ -1048,6 +1096,19 @@ pub fn flops(m: usize, n: usize, k: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_parse_or_name_the_bad_entry() {
+        assert_eq!(parse_pins("").unwrap(), vec![]);
+        assert_eq!(
+            parse_pins("3136x768x8192=2, 8192x768x3136=0").unwrap(),
+            vec![((3136, 768, 8192), 2), ((8192, 768, 3136), 0)]
+        );
+        for bad in ["3136x768=2", "3136x768x8192", "axbxc=1", "1x2x3=x", "1x2x3=16", "1x2x3x4=0"] {
+            let err = parse_pins(bad).unwrap_err().to_string();
+            assert!(err.contains(PIN_VAR) && err.contains(bad), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn alignment_is_capped_power_of_two() {
