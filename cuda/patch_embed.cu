@@ -1770,8 +1770,8 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // 8g'..8g'+7 (g' = blockIdx.x * kTokGroups + g) and sums samples k, k + kTokSlices, ... in
 // increasing order, loading four samples' rows before adding them; slice 0 then adds the slices'
 // sums in slice order. A warp reads 512 contiguous bytes of one row (16 bytes a lane) and
-// d_out is read exactly once: this pass is bound by memory bandwidth, with 8 slices keeping enough
-// loads in flight that a single thread does not have to walk the whole batch.
+// d_out is read exactly once. The slices split the batch so that no thread walks all of it, and
+// kTokBlocksPerSm blocks an SM keep loads in flight (and the grid in one wave at ViT-B).
 extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocksPerSm) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
     __shared__ float s_part[kTokSlices][2][kTokGroups][8];
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);

@@ -79,8 +79,14 @@ fn check(gpu: &Gpu, c: &Case) {
 }
 
 fn check_kernels(gpu: &Gpu, kernels: AttentionKernels, c: &Case) {
+    check_pair(gpu, kernels, kernels, c);
+}
+
+/// The forward of `fwd` and the backward of `kernels` on its O and lse, against the truth and the
+/// baseline.
+fn check_pair(gpu: &Gpu, fwd: AttentionKernels, kernels: AttentionKernels, c: &Case) {
     let s = &c.shape;
-    let g = run_gpu(gpu, kernels, c);
+    let g = run_gpu_with(gpu, fwd, kernels, c);
     let f64v = |x: &[f32]| testing::to_f64(x);
     // Truth: f64 on the bf16 inputs. The backward truth uses the truth's own O and lse.
     let (mut o64, mut lse64) = (vec![0.0f64; c.q.len()], vec![0.0f64; g.lse.len()]);
@@ -109,7 +115,7 @@ fn check_kernels(gpu: &Gpu, kernels: AttentionKernels, c: &Case) {
     for x in [&mut dq32, &mut dk32, &mut dv32] {
         mapet::cpu::round_bf16(x);
     }
-    let tag = format!("{kernels:?} B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
+    let tag = format!("{fwd:?}/{kernels:?} B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
     let mut failures = Vec::new();
     let mut expect = |name: &str, rows: Rows, got: &[f32], base: &[f32], truth: &[f64], factor: f64, floor: f64| {
         if let Err(msg) = testing::within_baseline(&format!("{name} [{tag}]"), got, base, truth, factor, floor) {
@@ -124,7 +130,7 @@ fn check_kernels(gpu: &Gpu, kernels: AttentionKernels, c: &Case) {
     expect("dQ", Rows::Query, &g.dq, &dq32, &dq64, 3.0, 1e-4);
     expect("dK", Rows::Key, &g.dk, &dk32, &dk64, 3.0, 1e-4);
     expect("dV", Rows::Key, &g.dv, &dv32, &dv64, 3.0, 1e-4);
-    if forward_failed && kernels != AttentionKernels::Tiled {
+    if forward_failed && fwd != AttentionKernels::Tiled {
         // A wrong forward makes the backward's inputs wrong: check this set's backward again on
         // the tiled forward's O and lse, so that one run tells which of the kernels is at fault.
         let g = run_gpu_with(gpu, AttentionKernels::Tiled, kernels, c);
@@ -296,6 +302,21 @@ fn edge_sizes_match_cpu() {
         [(2, 1), (5, 1), (5, 4), (17, 16), (33, 1), (64, 10), (64, 32), (65, 32), (65, 33), (100, 99), (128, 64)]
     {
         check(&gpu, &draw(&mut rng, shape(2, 2, n, c)));
+    }
+}
+
+/// A forward of one set and a backward of another (`MAPET_ATTENTION_BACKWARD_KERNELS`): every
+/// ordered pair of different sets, the backward on the other forward's O and lse, at a shape with
+/// several row and key tiles and partial ones.
+#[test]
+fn mixed_forward_and_backward_sets_match_cpu() {
+    let Some(gpu) = testing::gpu_or_skip("mixed_forward_and_backward_sets_match_cpu") else { return };
+    let mut rng = testing::rng("mixed_forward_and_backward_sets_match_cpu");
+    let c = draw(&mut rng, shape(2, 3, 197, 50));
+    for fwd in AttentionKernels::ALL {
+        for bwd in AttentionKernels::ALL.into_iter().filter(|&b| b != fwd) {
+            check_pair(&gpu, fwd, bwd, &c);
+        }
     }
 }
 

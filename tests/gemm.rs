@@ -584,6 +584,30 @@ fn model_shapes() {
     assert!(gemm.cached_algorithms() >= cases.len(), "algorithms were not cached");
 }
 
+/// `C = A B^T` (A `[m, k]`, B `[n, k]`, fresh random bf16) on the device, with its f64 truth and
+/// bf16-rounded f32 baseline.
+struct TnCase {
+    a_d: DeviceBuffer<bf16>,
+    b_d: DeviceBuffer<bf16>,
+    truth: Vec<f64>,
+    base: Vec<f32>,
+}
+
+fn tn_case(gpu: &Gpu, test: &str, m: usize, n: usize, k: usize) -> TnCase {
+    let mut rng = testing::rng(test);
+    let a = testing::uniform_bf16(&mut rng, m * k, 0.5);
+    let b = testing::uniform_bf16(&mut rng, n * k, 0.5);
+    let truth = product64(m, n, k, &a, &materialise(&b, k, n, true));
+    let mut base = vec![0.0; m * n];
+    sgemm(m, n, k, 1.0, &a, &b, true, 0.0, &mut base);
+    TnCase {
+        a_d: gpu.upload_bf16(&a).unwrap(),
+        b_d: gpu.upload_bf16(&b).unwrap(),
+        truth,
+        base: rounded(base, DType::Bf16),
+    }
+}
+
 /// Every algorithm `Gemm::time_candidates` runs computes the product (each run checked against
 /// the host, into a poisoned output), rank 0 first; the candidates' calls leave the algorithm
 /// cache alone, and the calls after it are back on the cached default.
@@ -591,15 +615,8 @@ fn model_shapes() {
 fn every_heuristic_candidate_computes_the_product() {
     let test = "every_heuristic_candidate_computes_the_product";
     let Some((gpu, gemm)) = setup(test) else { return };
-    let mut rng = testing::rng(test);
     let (m, n, k) = (384, 256, 520);
-    let a = testing::uniform_bf16(&mut rng, m * k, 0.5);
-    let b = testing::uniform_bf16(&mut rng, n * k, 0.5); // [n, k]: B^T
-    let (a_d, b_d) = (gpu.upload_bf16(&a).unwrap(), gpu.upload_bf16(&b).unwrap());
-    let truth = product64(m, n, k, &a, &materialise(&b, k, n, true));
-    let mut base = vec![0.0; m * n];
-    sgemm(m, n, k, 1.0, &a, &b, true, 0.0, &mut base);
-    let base = rounded(base, DType::Bf16);
+    let TnCase { a_d, b_d, truth, base } = tn_case(&gpu, test, m, n, k);
     let mut c = gpu.alloc::<bf16>(m * n).unwrap();
     let cached = gemm.cached_algorithms();
     let mut runs = 0;
@@ -631,15 +648,8 @@ fn every_heuristic_candidate_computes_the_product() {
 fn pinned_sizes_run_their_candidate() {
     let test = "pinned_sizes_run_their_candidate";
     let Some((gpu, gemm)) = setup(test) else { return };
-    let mut rng = testing::rng(test);
     let (m, n, k) = (320, 192, 264);
-    let a = testing::uniform_bf16(&mut rng, m * k, 0.5);
-    let b = testing::uniform_bf16(&mut rng, n * k, 0.5); // [n, k]: B^T
-    let (a_d, b_d) = (gpu.upload_bf16(&a).unwrap(), gpu.upload_bf16(&b).unwrap());
-    let truth = product64(m, n, k, &a, &materialise(&b, k, n, true));
-    let mut base = vec![0.0; m * n];
-    sgemm(m, n, k, 1.0, &a, &b, true, 0.0, &mut base);
-    let base = rounded(base, DType::Bf16);
+    let TnCase { a_d, b_d, truth, base } = tn_case(&gpu, test, m, n, k);
     let mut c = gpu.alloc::<bf16>(m * n).unwrap();
     let ranks = gemm
         .time_candidates(&gpu, 2, 1, || gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None))

@@ -707,9 +707,10 @@ impl AttentionKernels {
 
     /// The backward's kernels: those [`Self::BACKWARD_VAR`] names when it is set, else `forward`
     /// (the set `MAPET_ATTENTION_KERNELS` picked). A forward and a backward of different sets
-    /// work together: every set reads and writes O and lse in the same layout (the GPU tests run
-    /// each set's backward on the tiled forward's outputs too). So one experimental set can be
-    /// used for one direction alone, e.g. the `wgmma` forward with the `resident` backward.
+    /// work together: every set reads and writes O and lse in the same layout
+    /// (`mixed_forward_and_backward_sets_match_cpu` in `tests/attention_gpu.rs`). So one
+    /// experimental set can be used for one direction alone, e.g. the `wgmma` forward with the
+    /// `resident` backward.
     pub fn selected_backward(forward: AttentionKernels) -> Result<AttentionKernels> {
         Self::backward_named(forward, std::env::var(Self::BACKWARD_VAR).ok().as_deref())
     }
@@ -718,13 +719,8 @@ impl AttentionKernels {
     fn backward_named(forward: AttentionKernels, name: Option<&str>) -> Result<AttentionKernels> {
         match name {
             None => Ok(forward),
-            Some(v) => Self::parse_name(v).map_err(|_| {
-                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-                Error::Unsupported {
-                    what: "kernel choice",
-                    detail: format!("{v:?} is not a value of {}; use {}", Self::BACKWARD_VAR, names.join(" or ")),
-                }
-            }),
+            Some(v) => Self::parse_name_of(Self::BACKWARD_VAR, v)
+                .map_err(|detail| Error::Unsupported { what: "kernel choice", detail }),
         }
     }
 }

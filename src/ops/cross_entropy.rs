@@ -47,8 +47,9 @@
 //! 3136-row chunk) are still in the L2 cache (50 MB on an H100/H200) when the row kernel reads
 //! them and overwrites them with dlogits, so the logits never travel to DRAM and back: about 100 of
 //! the 255 MB a chunk moves today, at the price of one more GEMM and row-kernel launch a pass.
-//! Same results as one pass but for the order in which `db`'s column sums are added (rows go to
-//! the row kernel's groups pass by pass).
+//! Same results as one pass up to rounding: `db`'s column sums are added in another order (rows
+//! go to the row kernel's groups pass by pass), and cuBLASLt may pick another algorithm for the
+//! shorter logits GEMMs.
 //!
 //! cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it runs as a
 //! kernel of its own, a second pass over the dlogits; the held-rows kernel forms them from the

@@ -27,9 +27,15 @@ pub trait KernelChoice: Copy + Default + 'static {
 
     /// The value called `name`; an error listing the names otherwise.
     fn parse_name(name: &str) -> std::result::Result<Self, String> {
+        Self::parse_name_of(Self::VAR, name)
+    }
+
+    /// [`KernelChoice::parse_name`] for a value read from the variable `var` (a type may be
+    /// picked by more than one).
+    fn parse_name_of(var: &str, name: &str) -> std::result::Result<Self, String> {
         Self::CHOICES.iter().copied().find(|c| c.name() == name).ok_or_else(|| {
             let names: Vec<&str> = Self::CHOICES.iter().map(|c| c.name()).collect();
-            format!("{name:?} is not a value of {}; use {}", Self::VAR, names.join(" or "))
+            format!("{name:?} is not a value of {var}; use {}", names.join(" or "))
         })
     }
 
