@@ -262,6 +262,41 @@ if [ "${MAPET_PEERS:-0}" = "1" ] && [ -d "$here/peers" ]; then
   done
 fi
 
+# The issues' targets against the best variant each bench printed (a verdict, not a new number:
+# every figure comes from a RESULT line above, in $res/bench-*.log).
+if ls "$res"/bench-*.log >/dev/null 2>&1; then
+  while IFS= read -r line; do row "${line%%|*}" "$(cut -d'|' -f2 <<<"$line")" "${line##*|}"; done < <(python3 - "$res" <<'PY'
+import glob, re, sys
+lines = [l.strip() for f in sorted(glob.glob(sys.argv[1] + "/bench-*.log")) for l in open(f, errors="replace")
+         if l.startswith("RESULT ")]
+# (name, target in ms, pattern whose groups are the variant and the time)
+targets = [
+    ("target attention vit-b fwd", 0.20, r"RESULT attention vit-b (\S+) forward: median ([0-9.]+) ms"),
+    ("target attention vit-b fwd+bwd", 0.60, r"RESULT attention vit-b (\S+) forward\+backward: median ([0-9.]+) ms"),
+    ("target cross_entropy fwd+bwd", 1.25, r"RESULT cross_entropy forward\+backward\s+([0-9.]+) ms(.*)"),
+    ("target patch_embed fwd+bwd", 0.30, r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median"),
+]
+for name, goal, pat in targets:
+    got = []
+    for l in lines:
+        m = re.match(pat, l)
+        if m:
+            a, b = m.groups()
+            if name.startswith("target cross"):  # the variant is the line's tail, less its asides
+                tail = re.sub(r"\([^)]*\)|median|, extra device memory.*", "", b).strip(" ,")
+                ms, variant = float(a), tail or "default"
+            else:
+                ms, variant = float(b), a
+            got.append((ms, variant))
+    if not got:
+        print(f"{name}|none|no RESULT line")
+        continue
+    ms, variant = min(got)
+    print(f"{name}|{'met' if ms <= goal else 'missed'}|best {ms:.4f} ms (target {goal}) by {variant}, of {len(got)} lines")
+PY
+  )
+fi
+
 echo
 echo "== bench lines"
 grep -hE 'time:|thrpt:|TFLOP|GB/s' "$res"/bench-*.log 2>/dev/null | head -n 80
