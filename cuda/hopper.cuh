@@ -91,7 +91,9 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 
 // ---- TMA: the box at (inner coordinate c0, outer coordinate c1) of the tensor map at `map` (a
 // __grid_constant__ parameter's address) into shared memory at `dst` (1024-byte aligned for the
-// 128-byte swizzle), completing `bytes` of the mbarrier's transactions.
+// 128-byte swizzle), completing `bytes` of the mbarrier's transactions. c0 times the element size
+// must be a multiple of 16 bytes: an unaligned innermost coordinate is an illegal instruction on
+// sm_90 (the kernels here load at multiples of 64 elements).
 __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, int c1, uint64_t* bar) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(

@@ -535,9 +535,9 @@ fn f32_output_weight_gradients() {
     run_all("f32_output_weight_gradients", &gpu, &gemm, &cases);
 }
 
-#[test]
-fn accumulation_with_beta() {
-    let Some((gpu, gemm)) = setup("accumulation_with_beta") else { return };
+/// Accumulating calls (`beta != 0`) with each output type and the epilogues the model
+/// accumulates with.
+fn accumulation_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for (alpha, beta) in [(1.0, 1.0), (0.5, -2.0)] {
         for (a_t, b_t) in [(false, true), (true, false)] {
@@ -556,16 +556,20 @@ fn accumulation_with_beta() {
             }
         }
     }
-    run_all("accumulation_with_beta", &gpu, &gemm, &cases);
+    cases
+}
+
+#[test]
+fn accumulation_with_beta() {
+    let Some((gpu, gemm)) = setup("accumulation_with_beta") else { return };
+    run_all("accumulation_with_beta", &gpu, &gemm, &accumulation_cases());
 }
 
 /// The ViT-B shapes of the model at a small batch (one image: 491 rows), each with the epilogue
 /// the model uses for it.
-#[test]
-fn model_shapes() {
-    let Some((gpu, gemm)) = setup("model_shapes") else { return };
+fn model_cases() -> Vec<Case> {
     let rows = 491;
-    let cases = [
+    vec![
         // fc1 forward: x [rows, 768] W1^T, W1 [3072, 768].
         case(rows, 3072, 768, false, true, EpilogueKind::BiasGelu, DType::Bf16, DType::Bf16),
         // fc2 forward.
@@ -579,9 +583,33 @@ fn model_shapes() {
         case(3072, 768, rows, true, false, EpilogueKind::BiasGradFromA, DType::F32, DType::F32),
         // kv's dW [1536, 768].
         case(1536, 768, rows, true, false, EpilogueKind::BiasGradFromA, DType::F32, DType::F32),
-    ];
+    ]
+}
+
+#[test]
+fn model_shapes() {
+    let Some((gpu, gemm)) = setup("model_shapes") else { return };
+    let cases = model_cases();
     run_all("model_shapes", &gpu, &gemm, &cases);
     assert!(gemm.cached_algorithms() >= cases.len(), "algorithms were not cached");
+}
+
+/// MAPET_GEMM_TUNE: a tuned call (candidates timed on its first call, the fastest kept) computes
+/// the same product, adds to C once when it accumulates (the timing runs write a scratch
+/// buffer), and writes its epilogue's outputs; the second call of each configuration reuses the
+/// choice (run_case calls once per case; model_cases repeats configurations across tests).
+#[test]
+fn tuned_calls_compute_the_product_and_accumulate_once() {
+    let test = "tuned_calls_compute_the_product_and_accumulate_once";
+    let Some((gpu, _)) = setup(test) else { return };
+    let tuned = Gemm::with_pins(&gpu, Vec::new()).unwrap().with_tuning(true);
+    let cases: Vec<Case> = accumulation_cases().into_iter().chain(model_cases()).collect();
+    run_all(test, &gpu, &tuned, &cases);
+    run_all(&format!("{test} (second calls)"), &gpu, &tuned, &cases);
+    let report = tuned.tuning_report();
+    eprintln!("{test}: tuned {} configurations:\n{}", report.len(), report.join("\n"));
+    assert!(!report.is_empty(), "no configuration had two candidates to time");
+    assert!(report.len() <= tuned.cached_algorithms(), "a configuration was tuned twice: {report:#?}");
 }
 
 /// `C = A B^T` (A `[m, k]`, B `[n, k]`, fresh random bf16) on the device, with its f64 truth and

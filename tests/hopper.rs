@@ -51,8 +51,11 @@ fn tma_box_loads_read_back_through_the_swizzle() {
     if refused_off_hopper(&gpu, || tma_roundtrip(&gpu, &a, rows, cols, 0, 0)) {
         return;
     }
-    // Inside, at a 64-multiple, and across both edges (zeros beyond them).
-    for (r0, c0) in [(0, 0), (64, 64), (150, 100), (7, 3)] {
+    let err = tma_roundtrip(&gpu, &a, rows, cols, 7, 3).unwrap_err();
+    assert!(err.to_string().contains("multiple of 8"), "an unaligned column is refused on the host: {err}");
+    // Inside, at a 64-multiple, and across both edges (zeros beyond them). Column offsets are
+    // multiples of 8 elements: TMA needs the box's first byte of a row 16-byte aligned.
+    for (r0, c0) in [(0, 0), (64, 64), (150, 96), (7, 8)] {
         let out = tma_roundtrip(&gpu, &a, rows, cols, r0, c0).unwrap();
         for r in 0..BOX {
             for c in 0..BOX {

@@ -101,7 +101,12 @@
 //! part, runs once per (shape, transposes, types, epilogue, alignments) and its best algorithm is
 //! cached in the [`Gemm`]. [`Gemm::time_candidates`] times the heuristic's other proposals for a
 //! shape (`benches/gemm.rs` prints them), to see whether its first choice leaves time unused;
-//! [`PIN_VAR`] (`MAPET_GEMM_PIN`) makes every GEMM of a given size run another of them.
+//! [`PIN_VAR`] (`MAPET_GEMM_PIN`) makes every GEMM of a given size run another of them, and
+//! [`TUNE_VAR`] (`MAPET_GEMM_TUNE=1`) makes every new configuration time the first
+//! [`TUNE_CANDIDATES`] proposals on its first call and keep the fastest (as cuDNN's benchmark mode
+//! does): faster where the heuristic's first choice is not the best, at the price of a
+//! synchronisation and a few extra GEMMs per configuration, and of bits that may differ from one
+//! process to the next (the choice depends on timings). [`Gemm::tuning_report`] says what it chose.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -111,7 +116,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::result::CublasError;
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{sys as sys_driver, CudaContext, CudaStream, DevicePtr};
 use half::bf16;
 
 use crate::cuda::{DeviceBuffer, DeviceRead, DeviceWrite, Gpu};
@@ -504,6 +509,14 @@ struct Pointers {
     aux: Option<*const c_void>,
 }
 
+/// The descriptors of one call (owned by the caller's guards).
+struct Descs {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    c: sys::cublasLtMatrixLayout_t,
+}
+
 /// A cuBLASLt handle, its workspace and a cache of algorithms, bound to one [`Gpu`]'s stream.
 pub struct Gemm {
     handle: sys::cublasLtHandle_t,
@@ -517,6 +530,10 @@ pub struct Gemm {
     candidate: AtomicUsize,
     /// GEMM sizes pinned to another of the heuristic's candidates ([`PIN_VAR`]).
     pins: Vec<Pin>,
+    /// Whether a configuration's first call times the heuristic's candidates ([`TUNE_VAR`]).
+    tune: bool,
+    /// What tuning chose, a line per configuration ([`Gemm::tuning_report`]).
+    tuned: Mutex<Vec<String>>,
 }
 
 /// The environment variable that pins GEMM sizes to one of the heuristic's candidates, read when
@@ -526,6 +543,29 @@ pub struct Gemm {
 /// default). For trying a rank that `benches/gemm.rs` found faster on a whole op, without a
 /// rebuild; the order is fixed for a given library and card, so a pinned run is reproducible.
 pub const PIN_VAR: &str = "MAPET_GEMM_PIN";
+
+/// The environment variable that turns tuning on (`1`) or off (`0`, the default), read when a
+/// [`Gemm`] is made: with it on, the first call of each configuration (shape, transposes, types,
+/// epilogue, alignments) not pinned by [`PIN_VAR`] times the heuristic's first
+/// [`TUNE_CANDIDATES`] proposals and keeps the fastest for the `Gemm`'s life.
+pub const TUNE_VAR: &str = "MAPET_GEMM_TUNE";
+
+/// Proposals timed per configuration under [`TUNE_VAR`].
+pub const TUNE_CANDIDATES: usize = 8;
+
+/// Timed runs per candidate under [`TUNE_VAR`], after one warm-up run.
+const TUNE_REPS: usize = 3;
+
+/// Whether [`TUNE_VAR`]'s value asks for tuning; an error naming the variable otherwise.
+pub fn parse_tune(text: &str) -> Result<bool> {
+    match text.trim() {
+        "" | "0" => Ok(false),
+        "1" => Ok(true),
+        other => {
+            Err(Error::Unsupported { what: "GEMM tuning", detail: format!("{TUNE_VAR}: {other:?} is not 0 or 1") })
+        }
+    }
+}
 
 /// A GEMM size (m, n, k) and the heuristic's candidate it runs ([`PIN_VAR`]).
 pub type Pin = ((usize, usize, usize), usize);
@@ -662,10 +702,23 @@ impl Gemm {
     /// pins [`PIN_VAR`] names. Fails with [`Error::Unsupported`] when libcublasLt cannot be
     /// loaded or the variable does not parse.
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        Self::with_pins(gpu, parse_pins(&std::env::var(PIN_VAR).unwrap_or_default())?)
+        let tune = parse_tune(&std::env::var(TUNE_VAR).unwrap_or_default())?;
+        Ok(Self::with_pins(gpu, parse_pins(&std::env::var(PIN_VAR).unwrap_or_default())?)?.with_tuning(tune))
     }
 
-    /// [`Gemm::new`] with the given pins in place of [`PIN_VAR`]'s.
+    /// This `Gemm` with tuning ([`TUNE_VAR`]) on or off, in place of the variable's choice.
+    pub fn with_tuning(mut self, on: bool) -> Self {
+        self.tune = on;
+        self
+    }
+
+    /// What tuning chose so far: for each configuration tuned, the candidates' times and the rank
+    /// kept (empty when tuning is off).
+    pub fn tuning_report(&self) -> Vec<String> {
+        self.tuned.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// [`Gemm::new`] with the given pins in place of [`PIN_VAR`]'s, and tuning off.
     pub fn with_pins(gpu: &Gpu, pins: Vec<Pin>) -> Result<Self> {
         // SAFETY: only tries to dlopen libcublasLt; no cuBLASLt call is made.
         if !unsafe { sys::is_culib_present() } {
@@ -693,6 +746,8 @@ impl Gemm {
             algos: Mutex::new(HashMap::new()),
             candidate: AtomicUsize::new(DEFAULT_ALGO),
             pins,
+            tune: false,
+            tuned: Mutex::new(Vec::new()),
         })
     }
 
@@ -933,46 +988,129 @@ impl Gemm {
             (None, Some(algo)) => algo,
             (None, None) => {
                 let pin = self.pins.iter().find(|(size, _)| *size == (m, n, k)).map(|&(_, rank)| rank);
-                let algo =
+                let descs = Descs { desc: desc.raw, a: lay_a.raw, b: lay_b.raw, c: lay_c.raw };
+                let algo = if pin.is_none() && self.tune {
+                    self.tuned_algo(&key, &descs, &p, alpha, beta)?
+                } else {
                     self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, pin).map_err(|e| match e {
                         Error::Unsupported { what: NO_CANDIDATE, detail } => {
                             Error::Unsupported { what: "GEMM pin", detail: format!("{PIN_VAR}: {detail}") }
                         }
                         e => e,
-                    })?;
+                    })?
+                };
                 self.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, algo);
                 algo
             }
         };
+        let descs = Descs { desc: desc.raw, a: lay_a.raw, b: lay_b.raw, c: lay_c.raw };
+        self.enqueue(&key, &descs, &p, p.c, alpha, beta, &algo)
+    }
 
+    /// Enqueues the GEMM `descs` describe with `algo`, writing `d` (the caller's C, or a buffer
+    /// of the same size and layout).
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        key: &AlgoKey,
+        descs: &Descs,
+        p: &Pointers,
+        d: *mut c_void,
+        alpha: f32,
+        beta: f32,
+        algo: &sys::cublasLtMatmulAlgo_t,
+    ) -> Result<()> {
         let workspace = self.workspace.ptr() as *mut c_void;
         // SAFETY: check_matmul verified that a, b, c (and the epilogue's vector and aux) hold
-        // exactly the elements the layouts above address; every pointer is a live allocation of
-        // this context, borrowed for the duration of this call and used in stream order; the
-        // algorithm was chosen for these descriptors with at most WORKSPACE_BYTES of workspace,
-        // which `workspace` provides; C and D are the same buffer with the same layout, which
-        // cuBLASLt allows.
+        // exactly the elements the layouts address; `d` is either c or a live buffer of c's size
+        // (tuned_algo); every pointer is a live allocation of this context, borrowed for the
+        // duration of this call and used in stream order; the algorithm was chosen for these
+        // descriptors with at most WORKSPACE_BYTES of workspace, which `workspace` provides; C and
+        // D are the same buffer with the same layout, which cuBLASLt allows.
         unsafe {
             lt::matmul(
                 self.handle,
-                desc.raw,
+                descs.desc,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
                 p.b,
-                lay_a.raw,
+                descs.a,
                 p.a,
-                lay_b.raw,
-                p.c as *const c_void,
-                lay_c.raw,
-                p.c,
-                lay_c.raw,
-                &algo,
+                descs.b,
+                d as *const c_void,
+                descs.c,
+                d,
+                descs.c,
+                algo,
                 workspace,
                 WORKSPACE_BYTES,
                 self.stream.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(|e| cublas_err(e, &format!("running {}", describe(&key))))
+        .map_err(|e| cublas_err(e, &format!("running {}", describe(key))))
+    }
+
+    /// [`TUNE_VAR`]: times the heuristic's first [`TUNE_CANDIDATES`] usable proposals for this
+    /// configuration (one warm-up and [`TUNE_REPS`] runs each, between two events; waits for
+    /// the stream) and returns the fastest. A call that accumulates (`beta != 0`) has its runs
+    /// write a zeroed scratch buffer of C's size in place of C, so that it adds to C once, as
+    /// untuned; the epilogue's outputs (aux, bias gradient) are overwritten with the same values
+    /// each run.
+    fn tuned_algo(
+        &self,
+        key: &AlgoKey,
+        descs: &Descs,
+        p: &Pointers,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let mut algos = Vec::new();
+        for rank in 0..TUNE_CANDIDATES {
+            match self.proposal(key, descs.desc, descs.a, descs.b, descs.c, Some(rank)) {
+                Ok(algo) => algos.push(algo),
+                Err(Error::Unsupported { what: NO_CANDIDATE, .. }) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if algos.len() < 2 {
+            return self.proposal(key, descs.desc, descs.a, descs.b, descs.c, None);
+        }
+        let elem = match key.output {
+            DType::Bf16 => 2,
+            DType::F32 => 4,
+        };
+        // Only an accumulating call needs the scratch buffer: with beta = 0 every run overwrites
+        // C, and the call's own run comes last. Without room for it, no tuning.
+        let scratch = if beta == 0.0 {
+            None
+        } else {
+            match self.stream.alloc_zeros::<u8>(key.m * key.n * key.batch * elem) {
+                Ok(buffer) => Some(buffer),
+                Err(_) => return self.proposal(key, descs.desc, descs.a, descs.b, descs.c, None),
+            }
+        };
+        let scratch_ptr = scratch.as_ref().map(|b| b.device_ptr(&self.stream));
+        let d = scratch_ptr.as_ref().map_or(p.c, |(ptr, _)| *ptr as usize as *mut c_void);
+        let timing = Some(sys_driver::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, stop) = (self.ctx.new_event(timing)?, self.ctx.new_event(timing)?);
+        let mut times = Vec::with_capacity(algos.len());
+        for algo in &algos {
+            self.enqueue(key, descs, p, d, alpha, beta, algo)?;
+            start.record(&self.stream)?;
+            for _ in 0..TUNE_REPS {
+                self.enqueue(key, descs, p, d, alpha, beta, algo)?;
+            }
+            stop.record(&self.stream)?;
+            times.push(start.elapsed_ms(&stop)? / TUNE_REPS as f32);
+        }
+        let (rank, _) = times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).expect("two or more candidates");
+        let line: Vec<String> = times.iter().enumerate().map(|(r, ms)| format!("#{r} {ms:.4}")).collect();
+        self.tuned.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
+            "{}: candidates (ms) {}; chose #{rank}",
+            describe(key),
+            line.join(", ")
+        ));
+        Ok(algos[rank])
     }
 
     /// The search preference of a call: at most [`WORKSPACE_BYTES`] of workspace, the operands'
@@ -1107,6 +1245,15 @@ mod tests {
         for bad in ["3136x768=2", "3136x768x8192", "axbxc=1", "1x2x3=x", "1x2x3=16", "1x2x3x4=0"] {
             let err = parse_pins(bad).unwrap_err().to_string();
             assert!(err.contains(PIN_VAR) && err.contains(bad), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tuning_switch_parses_or_names_the_variable() {
+        assert!(!parse_tune("").unwrap() && !parse_tune("0").unwrap() && parse_tune(" 1 ").unwrap());
+        for bad in ["yes", "2", "true"] {
+            let err = parse_tune(bad).unwrap_err().to_string();
+            assert!(err.contains(TUNE_VAR) && err.contains(bad), "{bad}: {err}");
         }
     }
 

@@ -93,7 +93,9 @@ fn check_matrix(name: &'static str, m: &dyn DeviceRead<bf16>, rows: usize, cols:
 
 /// The [`BOX`] x [`BOX`] box of the row-major bf16 matrix `a` `[rows, cols]` whose top-left
 /// element is (`r0`, `c0`), loaded by TMA and read back through the 128-byte swizzle: row-major
-/// `[BOX, BOX]`, zeros where the box leaves the matrix.
+/// `[BOX, BOX]`, zeros where the box leaves the matrix. `c0` must be a multiple of 8: a TMA
+/// load whose innermost coordinate is not 16 bytes into a row stops the kernel with an illegal
+/// instruction (not in the driver's documentation of the tensor map, but reported on H100s).
 pub fn tma_roundtrip(
     gpu: &Gpu,
     a: &dyn DeviceRead<bf16>,
@@ -106,6 +108,12 @@ pub fn tma_roundtrip(
     check_matrix("a", a, rows, cols)?;
     if r0 >= rows || c0 >= cols {
         return Err(Error::Unsupported { what: "box", detail: format!("({r0}, {c0}) is outside [{rows}, {cols}]") });
+    }
+    if c0 % 8 != 0 {
+        return Err(Error::Unsupported {
+            what: "box",
+            detail: format!("column {c0} is not a multiple of 8 (TMA needs 16-byte aligned rows)"),
+        });
     }
     let map = tensor_map_bf16(a.ptr(), rows, cols, BOX)?;
     let mut out = gpu.alloc::<bf16>(BOX * BOX)?;
