@@ -109,7 +109,7 @@ pub fn tma_roundtrip(
     if r0 >= rows || c0 >= cols {
         return Err(Error::Unsupported { what: "box", detail: format!("({r0}, {c0}) is outside [{rows}, {cols}]") });
     }
-    if c0 % 8 != 0 {
+    if !c0.is_multiple_of(8) {
         return Err(Error::Unsupported {
             what: "box",
             detail: format!("column {c0} is not a multiple of 8 (TMA needs 16-byte aligned rows)"),
