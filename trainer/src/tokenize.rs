@@ -399,7 +399,7 @@ pub enum KMeansDevice {
     /// The CPU reference.
     Cpu,
     /// A GPU and its cuBLASLt handle.
-    Cuda(Arc<Gpu>, Gemm),
+    Cuda(Arc<Gpu>, Box<Gemm>),
 }
 
 impl KMeansDevice {
@@ -415,7 +415,7 @@ impl KMeansDevice {
             |_| {
                 let gpu = Arc::new(Gpu::first()?);
                 let gemm = Gemm::new(&gpu)?;
-                Ok(KMeansDevice::Cuda(gpu, gemm))
+                Ok(KMeansDevice::Cuda(gpu, Box::new(gemm)))
             },
             |_| Ok(KMeansDevice::Cpu),
         )
