@@ -47,3 +47,33 @@ fn no_wgmma_serialisation() {
         assert!(bad.is_empty(), "module {module}: ptxas serialises wgmma:\n{}", bad.join("\n"));
     }
 }
+
+/// The warp-specialised kernels hand registers from their producer warpgroup to their two
+/// consumer warpgroups with `setmaxnreg`: the consumers' `inc` waits until the pool the block was
+/// launched with (ptxas's register count x 384 threads) holds what all three warpgroups then ask
+/// for. A launch count under that makes the consumers wait forever, with no error and no trap;
+/// ptxas may lower the count after any change of kernel or toolchain, so it is checked here.
+#[test]
+fn setmaxnreg_pools_fit_the_launch_registers() {
+    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
+        eprintln!("SKIP setmaxnreg_pools_fit_the_launch_registers: {reason}");
+        return;
+    }
+    // (kernel, producer registers, consumer registers), as regs_release / regs_claim take them
+    // in cuda/patch_embed.cu (kWsProducerRegs, kWsConsumerRegs) and cuda/hopper.cu (gemm_tn).
+    let handoffs = [("mapet_patch_embed_fwd_u8_hwc_ws", 128, 176), ("mapet_hopper_gemm_tn", 40, 232)];
+    let all = report::all();
+    for (kernel, producer, consumer) in handoffs {
+        let k = all
+            .iter()
+            .find(|k| k.kernel == kernel && k.arch == "sm_90a")
+            .unwrap_or_else(|| panic!("{kernel} has no sm_90a report"));
+        let (pool, asked) = (k.registers as usize * 384, 128 * producer + 256 * consumer);
+        assert!(
+            pool >= asked,
+            "{kernel}: launched with {} registers a thread ({pool} for the block), but its warpgroups \
+             ask for {asked} after setmaxnreg: the consumers would wait forever",
+            k.registers
+        );
+    }
+}

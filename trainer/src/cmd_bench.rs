@@ -288,6 +288,8 @@ pub struct BenchReport {
     /// Loss of the first and last timed step (a sanity check: finite, near ln(vocab) at start).
     pub loss_first: f32,
     pub loss_last: f32,
+    /// What `MAPET_GEMM_TUNE=1` chose, a line per GEMM configuration (empty when it is off).
+    pub gemm_tuning: Vec<String>,
 }
 
 /// One step's times (ms).
@@ -309,6 +311,7 @@ struct Measured {
     model_device_bytes: Option<u64>,
     optimizer_device_bytes: Option<u64>,
     peak_tflops: Option<f64>,
+    gemm_tuning: Vec<String>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -403,6 +406,7 @@ fn run_cpu(
         model_device_bytes: None,
         optimizer_device_bytes: None,
         peak_tflops: None,
+        gemm_tuning: Vec::new(),
     })
 }
 
@@ -530,6 +534,7 @@ fn run_cuda(
         model_device_bytes: Some(model.device_bytes() as u64),
         optimizer_device_bytes: Some(state.device_bytes() as u64),
         peak_tflops: peak_tflops_for(gpu.name()),
+        gemm_tuning: model.backend().gemm.tuning_report(),
     })
 }
 
@@ -655,6 +660,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, String> {
         optimizer_device_bytes: measured.optimizer_device_bytes,
         loss_first: t.first().map_or(f32::NAN, |s| s.loss),
         loss_last: t.last().map_or(f32::NAN, |s| s.loss),
+        gemm_tuning: measured.gemm_tuning,
     })
 }
 
@@ -734,6 +740,7 @@ impl BenchReport {
             ("optimizer_device_bytes", json_opt(self.optimizer_device_bytes, |b| b.to_string())),
             ("loss_first", json_num(self.loss_first as f64)),
             ("loss_last", json_num(self.loss_last as f64)),
+            ("gemm_tuned_configurations", self.gemm_tuning.len().to_string()),
         ];
         let body: Vec<String> = fields.into_iter().map(|(k, v)| format!("{}: {v}", json_str(k))).collect();
         format!("{{{}}}", body.join(", "))
@@ -784,6 +791,12 @@ impl BenchReport {
             s += &format!("  model buffers {:.2} GiB, optimizer state {:.2} GiB\n", gib(mb), gib(ob));
         }
         s += &format!("loss            {:.4} (first timed step) -> {:.4} (last)", self.loss_first, self.loss_last);
+        if !self.gemm_tuning.is_empty() {
+            s += &format!("\ngemm tuning     {} configurations (MAPET_GEMM_TUNE=1):", self.gemm_tuning.len());
+            for line in &self.gemm_tuning {
+                s += &format!("\n  {line}");
+            }
+        }
         s
     }
 }
