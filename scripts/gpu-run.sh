@@ -22,7 +22,9 @@
 #                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
 #                   "hwc chw") and attention kernel set (MAPET_ATTENTION_KERNELS) in
 #                   MAPET_MODEL_BENCH_ATTENTION (default "resident"; "tiled resident" runs both;
-#                   "wgmma/resident" runs the wgmma forward with the resident backward),
+#                   "wgmma/resident" runs the wgmma forward with the resident backward) and GEMM
+#                   tuning (MAPET_GEMM_TUNE) in MAPET_MODEL_BENCH_TUNE (default: the variable's
+#                   value, else 0; "0 1" runs both),
 #                   logs into $MAPET_RESULTS, with the SM clock and power sampled by
 #                   nvidia-smi during each run (clocks-*.csv and a summary row)
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
@@ -125,18 +127,21 @@ else:
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
   for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc chw}; do
     for attn in ${MAPET_MODEL_BENCH_ATTENTION:-resident}; do
-      # "fwd/bwd" (e.g. wgmma/resident) runs the forward and the backward on different sets.
-      fwd_set=${attn%%/*}
-      bwd_set=${attn#*/}
-      tag="$order-${attn//\//-}"
-      log="$res/mapet-bench-vit-b-$tag.log"
-      MAPET_PATCH_EMBED_ORDER=$order MAPET_ATTENTION_KERNELS=$fwd_set MAPET_ATTENTION_BACKWARD_KERNELS=$bwd_set \
-        clocks_during "$res/clocks-vit-b-$tag.csv" \
-        timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
-      rc=$?
-      name="mapet bench vit-b $tag"
-      if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
-      row "clocks vit-b $tag" "" "$(clock_medians "$res/clocks-vit-b-$tag.csv")"
+      for tune in ${MAPET_MODEL_BENCH_TUNE:-${MAPET_GEMM_TUNE:-0}}; do
+        # "fwd/bwd" (e.g. wgmma/resident) runs the forward and the backward on different sets.
+        fwd_set=${attn%%/*}
+        bwd_set=${attn#*/}
+        tag="$order-${attn//\//-}"
+        [ "$tune" = "1" ] && tag="$tag-tuned"
+        log="$res/mapet-bench-vit-b-$tag.log"
+        MAPET_PATCH_EMBED_ORDER=$order MAPET_ATTENTION_KERNELS=$fwd_set MAPET_ATTENTION_BACKWARD_KERNELS=$bwd_set \
+          MAPET_GEMM_TUNE=$tune clocks_during "$res/clocks-vit-b-$tag.csv" \
+          timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
+        rc=$?
+        name="mapet bench vit-b $tag"
+        if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
+        row "clocks vit-b $tag" "" "$(clock_medians "$res/clocks-vit-b-$tag.csv")"
+      done
     done
   done
 fi
