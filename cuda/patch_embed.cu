@@ -1466,7 +1466,7 @@ struct WbSlice {
 };
 
 __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd& P) {
-    extern __shared__ __align__(16) unsigned char wb_smem[];
+    extern __shared__ __align__(128) unsigned char wb_smem[];
     __shared__ __align__(8) uint64_t full[kWbStages];
     __shared__ __align__(8) uint64_t empty[kWbStages];
     const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
