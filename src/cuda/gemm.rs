@@ -981,18 +981,18 @@ impl Gemm {
             vector: p.vector.map(|v| v.1),
             align,
         };
+        let descs = Descs { desc: desc.raw, a: lay_a.raw, b: lay_b.raw, c: lay_c.raw };
         let candidate = Some(self.candidate.load(Ordering::Relaxed)).filter(|&r| r != DEFAULT_ALGO);
         let cached = self.algos.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
         let algo = match (candidate, cached) {
-            (Some(rank), _) => self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, Some(rank))?,
+            (Some(rank), _) => self.proposal(&key, &descs, Some(rank))?,
             (None, Some(algo)) => algo,
             (None, None) => {
                 let pin = self.pins.iter().find(|(size, _)| *size == (m, n, k)).map(|&(_, rank)| rank);
-                let descs = Descs { desc: desc.raw, a: lay_a.raw, b: lay_b.raw, c: lay_c.raw };
                 let algo = if pin.is_none() && self.tune {
                     self.tuned_algo(&key, &descs, &p, alpha, beta)?
                 } else {
-                    self.proposal(&key, desc.raw, lay_a.raw, lay_b.raw, lay_c.raw, pin).map_err(|e| match e {
+                    self.proposal(&key, &descs, pin).map_err(|e| match e {
                         Error::Unsupported { what: NO_CANDIDATE, detail } => {
                             Error::Unsupported { what: "GEMM pin", detail: format!("{PIN_VAR}: {detail}") }
                         }
@@ -1003,7 +1003,6 @@ impl Gemm {
                 algo
             }
         };
-        let descs = Descs { desc: desc.raw, a: lay_a.raw, b: lay_b.raw, c: lay_c.raw };
         self.enqueue(&key, &descs, &p, p.c, alpha, beta, &algo)
     }
 
@@ -1066,14 +1065,14 @@ impl Gemm {
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
         let mut algos = Vec::new();
         for rank in 0..TUNE_CANDIDATES {
-            match self.proposal(key, descs.desc, descs.a, descs.b, descs.c, Some(rank)) {
+            match self.proposal(key, descs, Some(rank)) {
                 Ok(algo) => algos.push(algo),
                 Err(Error::Unsupported { what: NO_CANDIDATE, .. }) => break,
                 Err(e) => return Err(e),
             }
         }
         if algos.len() < 2 {
-            return self.proposal(key, descs.desc, descs.a, descs.b, descs.c, None);
+            return self.proposal(key, descs, None);
         }
         let elem = match key.output {
             DType::Bf16 => 2,
@@ -1086,7 +1085,7 @@ impl Gemm {
         } else {
             match self.stream.alloc_zeros::<u8>(key.m * key.n * key.batch * elem) {
                 Ok(buffer) => Some(buffer),
-                Err(_) => return self.proposal(key, descs.desc, descs.a, descs.b, descs.c, None),
+                Err(_) => return self.proposal(key, descs, None),
             }
         };
         let scratch_ptr = scratch.as_ref().map(|b| b.device_ptr(&self.stream));
@@ -1136,15 +1135,7 @@ impl Gemm {
     /// The algorithm a call runs: the heuristic's first proposal (`rank` `None`; the error says
     /// why when there is none that fits the workspace), or its `rank`-th among those that fit
     /// ([`Gemm::time_candidates`]).
-    fn proposal(
-        &self,
-        key: &AlgoKey,
-        desc: sys::cublasLtMatmulDesc_t,
-        lay_a: sys::cublasLtMatrixLayout_t,
-        lay_b: sys::cublasLtMatrixLayout_t,
-        lay_c: sys::cublasLtMatrixLayout_t,
-        rank: Option<usize>,
-    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+    fn proposal(&self, key: &AlgoKey, descs: &Descs, rank: Option<usize>) -> Result<sys::cublasLtMatmulAlgo_t> {
         let pref = Self::preference(key)?;
         let asked = if rank.is_some() { MAX_CANDIDATES } else { 1 };
         let mut found = [std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::uninit(); MAX_CANDIDATES];
@@ -1155,11 +1146,11 @@ impl Gemm {
         unsafe {
             sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
-                desc,
-                lay_a,
-                lay_b,
-                lay_c,
-                lay_c,
+                descs.desc,
+                descs.a,
+                descs.b,
+                descs.c,
+                descs.c,
                 pref.raw,
                 asked as i32,
                 found.as_mut_ptr() as *mut sys::cublasLtMatmulHeuristicResult_t,
