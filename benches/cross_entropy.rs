@@ -174,7 +174,9 @@ fn gpu(c: &mut Criterion) {
     };
     let mut variants: Vec<(String, CrossEntropyShape, &Gemm, bool)> =
         vec![("one pass (default), waiting".to_string(), shape, &gemm, false)];
-    for (g, gname) in [(&gemm, "default GEMMs"), (&tuned, "chosen GEMMs")] {
+    // And MAPET_GEMM_TUNE's choice: each GEMM's candidates timed alone, on its first call.
+    let self_tuned = Gemm::with_pins(&gpu, Vec::new()).expect("cuBLASLt").with_tuning(true);
+    for (g, gname) in [(&gemm, "default GEMMs"), (&tuned, "chosen GEMMs"), (&self_tuned, "MAPET_GEMM_TUNE GEMMs")] {
         variants.push((format!("one pass, {gname}, queued"), shape, g, true));
         for (name, s) in [1568, 1046, 784].map(passes) {
             variants.push((format!("{name}, {gname}, queued"), s, g, true));
@@ -206,6 +208,9 @@ fn gpu(c: &mut Criterion) {
         );
     }
     println!("RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN={pin_text:?}");
+    for line in self_tuned.tuning_report() {
+        println!("RESULT cross_entropy MAPET_GEMM_TUNE: {line}");
+    }
 
     let mut group = c.benchmark_group(format!("cross_entropy_gpu_r{rows}_d{dim}_v{vocab}"));
     group.sample_size(10);
