@@ -1052,9 +1052,9 @@ impl Gemm {
     /// [`TUNE_VAR`]: times the heuristic's first [`TUNE_CANDIDATES`] usable proposals for this
     /// configuration (one warm-up and [`TUNE_REPS`] runs each, between two events; waits for
     /// the stream) and returns the fastest. A call that accumulates (`beta != 0`) has its runs
-    /// write a zeroed scratch buffer of C's size in place of C, so that it adds to C once, as
-    /// untuned; the epilogue's outputs (aux, bias gradient) are overwritten with the same values
-    /// each run.
+    /// write a scratch buffer of C's size in place of C (zeroed once; what the runs add up in it
+    /// is discarded), so that it adds to C once, as untuned; the epilogue's outputs (aux, bias
+    /// gradient) are overwritten with the same values each run.
     fn tuned_algo(
         &self,
         key: &AlgoKey,
@@ -1092,18 +1092,30 @@ impl Gemm {
         let d = scratch_ptr.as_ref().map_or(p.c, |(ptr, _)| *ptr as usize as *mut c_void);
         let timing = Some(sys_driver::CUevent_flags::CU_EVENT_DEFAULT);
         let (start, stop) = (self.ctx.new_event(timing)?, self.ctx.new_event(timing)?);
-        let mut times = Vec::with_capacity(algos.len());
-        for algo in &algos {
-            self.enqueue(key, descs, p, d, alpha, beta, algo)?;
-            start.record(&self.stream)?;
-            for _ in 0..TUNE_REPS {
-                self.enqueue(key, descs, p, d, alpha, beta, algo)?;
+        // A candidate that cuBLASLt refuses to run is skipped (its time stays infinite).
+        let mut times = vec![f32::INFINITY; algos.len()];
+        for (time, algo) in times.iter_mut().zip(&algos) {
+            if self.enqueue(key, descs, p, d, alpha, beta, algo).is_err() {
+                continue;
             }
+            start.record(&self.stream)?;
+            let runs: Result<()> = (0..TUNE_REPS).try_for_each(|_| self.enqueue(key, descs, p, d, alpha, beta, algo));
             stop.record(&self.stream)?;
-            times.push(start.elapsed_ms(&stop)? / TUNE_REPS as f32);
+            let elapsed = start.elapsed_ms(&stop)?;
+            if runs.is_ok() {
+                *time = elapsed / TUNE_REPS as f32;
+            }
         }
-        let (rank, _) = times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).expect("two or more candidates");
-        let line: Vec<String> = times.iter().enumerate().map(|(r, ms)| format!("#{r} {ms:.4}")).collect();
+        let (rank, best) = times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).expect("two or more candidates");
+        if !best.is_finite() {
+            // None ran: the heuristic's first, whose call then reports why.
+            return self.proposal(key, descs, None);
+        }
+        let line: Vec<String> = times
+            .iter()
+            .enumerate()
+            .map(|(r, ms)| if ms.is_finite() { format!("#{r} {ms:.4}") } else { format!("#{r} failed") })
+            .collect();
         self.tuned.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
             "{}: candidates (ms) {}; chose #{rank}",
             describe(key),
