@@ -16,10 +16,8 @@ __device__ __forceinline__ void add_group_sums(const float* partial, int groups,
     const int64_t c = static_cast<int64_t>(blockIdx.x) * kCols + col;
     float acc = 0.0f;
     if (c < cols) {
-        // Unrolled so that several groups' loads are in flight at once (the adds keep their
-        // order): one at a time, the cross-entropy's finish (256 groups of 8192 columns, 8 MB)
-        // read at about 1.4 TB/s on an H200.
-#pragma unroll 8
+        // nvcc unrolls this loop by itself, with 16 groups' loads issued before their adds
+        // (sm_90a SASS); an explicit `#pragma unroll 8` halved that.
         for (int g = slice; g < groups; g += kSlices) {
             acc += partial[static_cast<int64_t>(g) * cols + c];
         }

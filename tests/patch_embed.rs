@@ -691,8 +691,9 @@ fn gpu_matches_cpu_on_fixed_shapes() {
     // The ViT-B/16 geometry with its context size, and a small one.
     check_against_cpu(&gpu, &mut rng, shape(2, 224, 16, 768, 50));
     check_against_cpu(&gpu, &mut rng, shape(3, 32, 8, 24, 1));
-    // More samples than the batch-sum kernel's 8 slices x 4 unrolled loads (a second pass over
-    // the batch), and 33 groups of 8 channels (two blocks of 32 groups, the second partial).
+    // More samples than the batch-sum kernel's 4 slices x 4 unrolled loads (three passes over
+    // the batch, the last partial), and 33 groups of 8 channels (two blocks of 32 groups, the
+    // second partial).
     check_against_cpu(&gpu, &mut rng, shape(40, 32, 8, 264, 5));
 }
 
