@@ -10,6 +10,7 @@
 #   MAPET_TEST_ARGS extra arguments for every test binary (say --nocapture, to keep the errors
 #                   the tests print)
 #   MAPET_TEST_TIMEOUT  seconds each test binary may run (default 300)
+#   MAPET_RETRY_FAILED  failed tests of a binary to run again one by one (default 12; 0: none)
 #   MAPET_BENCH_WARMUP, MAPET_BENCH_TIME  criterion warm-up and measurement seconds (default 1, 2)
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
@@ -82,6 +83,17 @@ for t in $tests; do
   secs=$(python3 -c "print(f'{$(date +%s.%N)-$start:.1f}s')" 2>/dev/null || echo "?")
   counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
   if [ $rc -eq 0 ]; then row "test $t" ok "$counts $secs"; else row "test $t" FAIL "rc=$rc $counts (see $log)"; fi
+  # A kernel fault is sticky: every later test of the same process fails with it. So each failed
+  # test runs again alone (up to MAPET_RETRY_FAILED of them, default 12; 0 turns this off), to
+  # say which tests fail by themselves and which only after another's fault.
+  if [ $rc -ne 0 ]; then
+    while IFS= read -r name; do
+      one="$res/test-$t-alone-${name//[^A-Za-z0-9_]/_}.log"
+      timeout 120 "$here/tests/$t" --exact "$name" --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
+      if [ $? -eq 0 ]; then row "  alone $t::$name" ok "passes by itself"; else row "  alone $t::$name" FAIL "$one"; fi
+    done < <(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' |
+      head -n "${MAPET_RETRY_FAILED:-12}")
+  fi
 done
 
 for t in ${MAPET_SANITIZE:-}; do
