@@ -93,6 +93,14 @@ for t in $tests; do
       if [ $? -eq 0 ]; then row "  alone $t::$name" ok "passes by itself"; else row "  alone $t::$name" FAIL "$one"; fi
     done < <(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' |
       head -n "${MAPET_RETRY_FAILED:-12}")
+    # The attention tests check every kernel set in turn; whether the others pass without the
+    # experimental one.
+    if [ "$t" = attention_gpu ]; then
+      one="$res/test-$t-without-wgmma.log"
+      MAPET_TEST_ATTENTION_SETS=tiled,resident timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" \
+        --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
+      if [ $? -eq 0 ]; then row "  $t tiled,resident only" ok "pass"; else row "  $t tiled,resident only" FAIL "$one"; fi
+    fi
   fi
 done
 
