@@ -13,6 +13,26 @@ fn visible_flops(s: &AttentionShape) -> u64 {
     4 * (s.batch * s.heads * s.q_rows() * s.n_tokens * s.head_dim) as u64
 }
 
+/// Plain lines with the median and TFLOP/s (criterion reports elements/s) of `run(false)`, the
+/// forward alone, and `run(true)`, followed by the backward; then the backward alone (the
+/// difference).
+fn print_results(gpu: &Gpu, shape: &str, label: &str, flops: u64, mut run: impl FnMut(bool) -> mapet::Result<()>) {
+    let mut medians = [0.0f64; 2];
+    for (i, (what, fl, bwd)) in
+        [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)].into_iter().enumerate()
+    {
+        let t = gpu.time_ms(5, 50, || run(bwd)).unwrap();
+        let med = t[t.len() / 2] as f64;
+        medians[i] = med;
+        println!(
+            "RESULT attention {shape} {label} {what}: median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
+            fl as f64 / med / 1e9,
+            gpu.name()
+        );
+    }
+    println!("RESULT attention {shape} {label} backward (difference): {:.4} ms", medians[1] - medians[0]);
+}
+
 fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
     let mut rng = testing::rng("bench attention");
     for (name, heads) in [("vit-b", 12), ("vit-s", 6), ("vit-t", 3)] {
@@ -58,32 +78,29 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
                 })
             });
             g.finish();
-            // A plain line with the median and TFLOP/s (criterion reports elements/s), forward
-            // alone, followed by the backward, and the backward alone (the difference).
-            let mut medians = [0.0f64; 2];
-            for (i, (what, fl, bwd)) in
-                [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)].into_iter().enumerate()
-            {
-                let t = gpu
-                    .time_ms(5, 50, || {
-                        attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)?;
-                        if bwd {
-                            attention::cuda_backward(
-                                gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
-                            )?;
-                        }
-                        Ok(())
-                    })
-                    .unwrap();
-                let med = t[t.len() / 2] as f64;
-                medians[i] = med;
-                println!(
-                    "RESULT attention {name} {kn} {what}: median {med:.4} ms, {:.1} TFLOP/s (visible pairs), {}",
-                    fl as f64 / med / 1e9,
-                    gpu.name()
-                );
+            print_results(gpu, name, kn, flops, |bwd_too| {
+                attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)?;
+                if bwd_too {
+                    attention::cuda_backward(gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)?;
+                }
+                Ok(())
+            });
+        }
+        // The forward of one set with the backward of another (MAPET_ATTENTION_BACKWARD_KERNELS),
+        // at ViT-B: where one direction of the experimental set wins and the other does not.
+        if name == "vit-b" {
+            for (fwd, bwd) in [
+                (AttentionKernels::Wgmma, AttentionKernels::Resident),
+                (AttentionKernels::Resident, AttentionKernels::Wgmma),
+            ] {
+                print_results(gpu, name, &format!("{}/{}", fwd.name(), bwd.name()), flops, |bwd_too| {
+                    attention::cuda_forward(gpu, fwd, &s, &q, &k, &v, &mut o, &mut lse)?;
+                    if bwd_too {
+                        attention::cuda_backward(gpu, bwd, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)?;
+                    }
+                    Ok(())
+                });
             }
-            println!("RESULT attention {name} {kn} backward (difference): {:.4} ms", medians[1] - medians[0]);
         }
         // How many CTAs of the dK/dV kernel an SM holds (registers bound it).
         let kernel = "mapet_attention_bwd_dkdv";
