@@ -120,7 +120,16 @@ fn bench_gpu(c: &mut Criterion) {
     };
     let (chw, hwc, wgmma) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc), Some(PixelOrder::HwcWgmma));
     let ws = Some(PixelOrder::HwcWs);
-    let cases: [(&str, Step, Entry, f64); 14] = [
+    // A forward of one order with the backward of another (MAPET_PATCH_EMBED_BACKWARD_ORDER).
+    let ws_then_hwc: Step = |g, s, x, _| {
+        forward(g, s, x, Some(PixelOrder::HwcWs))?;
+        backward(g, s, x, Some(PixelOrder::Hwc))
+    };
+    let hwc_then_ws: Step = |g, s, x, _| {
+        forward(g, s, x, Some(PixelOrder::Hwc))?;
+        backward(g, s, x, Some(PixelOrder::HwcWs))
+    };
+    let cases: [(&str, Step, Entry, f64); 16] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),
         ("forward u8 hwc-wgmma", forward, wgmma, flops),
@@ -134,6 +143,8 @@ fn bench_gpu(c: &mut Criterion) {
         ("forward+backward u8 hwc", fwd_bwd, hwc, 2.0 * flops),
         ("forward+backward u8 hwc-wgmma", fwd_bwd, wgmma, 2.0 * flops),
         ("forward+backward u8 hwc-ws", fwd_bwd, ws, 2.0 * flops),
+        ("forward+backward u8 hwc-ws/hwc", ws_then_hwc, ws, 2.0 * flops),
+        ("forward+backward u8 hwc/hwc-ws", hwc_then_ws, ws, 2.0 * flops),
         ("forward+backward f32", fwd_bwd, None, 2.0 * flops),
     ];
     let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");

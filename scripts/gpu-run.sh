@@ -21,7 +21,8 @@
 #                   name, to keep a slow tool to one test)
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per patch-embedding
 #                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
-#                   "hwc chw") and attention kernel set (MAPET_ATTENTION_KERNELS) in
+#                   "hwc chw"; "hwc-ws/hwc" runs the hwc-ws forward with the hwc backward) and
+#                   attention kernel set (MAPET_ATTENTION_KERNELS) in
 #                   MAPET_MODEL_BENCH_ATTENTION (default "resident"; "tiled resident" runs both;
 #                   "wgmma/resident" runs the wgmma forward with the resident backward) and GEMM
 #                   tuning (MAPET_GEMM_TUNE) in MAPET_MODEL_BENCH_TUNE (default: the variable's
@@ -149,12 +150,16 @@ if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
     for attn in ${MAPET_MODEL_BENCH_ATTENTION:-resident}; do
       for tune in ${MAPET_MODEL_BENCH_TUNE:-${MAPET_GEMM_TUNE:-0}}; do
         # "fwd/bwd" (e.g. wgmma/resident) runs the forward and the backward on different sets.
+        # The same for the patch embedding's orders (e.g. hwc-ws/hwc).
         fwd_set=${attn%%/*}
         bwd_set=${attn#*/}
-        tag="$order-${attn//\//-}"
+        fwd_order=${order%%/*}
+        bwd_order=${order#*/}
+        tag="${order//\//-}-${attn//\//-}"
         [ "$tune" = "1" ] && tag="$tag-tuned"
         log="$res/mapet-bench-vit-b-$tag.log"
-        MAPET_PATCH_EMBED_ORDER=$order MAPET_ATTENTION_KERNELS=$fwd_set MAPET_ATTENTION_BACKWARD_KERNELS=$bwd_set \
+        MAPET_PATCH_EMBED_ORDER=$fwd_order MAPET_PATCH_EMBED_BACKWARD_ORDER=$bwd_order \
+          MAPET_ATTENTION_KERNELS=$fwd_set MAPET_ATTENTION_BACKWARD_KERNELS=$bwd_set \
           MAPET_GEMM_TUNE=$tune clocks_during "$res/clocks-vit-b-$tag.csv" \
           timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
         rc=$?

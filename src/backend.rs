@@ -805,6 +805,9 @@ pub struct CudaBackend {
     /// The patch embedding's contraction order for uint8 pixels, read once from
     /// `MAPET_PATCH_EMBED_ORDER` when the backend is made (the default: the faster order).
     pub pixel_order: PixelOrder,
+    /// The patch embedding backward's order: `pixel_order` unless
+    /// `MAPET_PATCH_EMBED_BACKWARD_ORDER` names another (read when the backend is made).
+    pub pixel_order_backward: PixelOrder,
     /// The attention kernels, read once from `MAPET_ATTENTION_KERNELS` when the backend is made
     /// (the default: the faster set, `resident`).
     pub attention_kernels: AttentionKernels,
@@ -824,10 +827,12 @@ impl CudaBackend {
     pub fn new(gpu: Arc<Gpu>) -> Result<Self> {
         let gemm = Gemm::new(&gpu)?;
         let attention_kernels = AttentionKernels::selected()?;
+        let pixel_order = PixelOrder::selected()?;
         Ok(CudaBackend {
             gpu,
             gemm,
-            pixel_order: PixelOrder::selected()?,
+            pixel_order,
+            pixel_order_backward: PixelOrder::selected_backward(pixel_order)?,
             attention_kernels,
             attention_backward_kernels: AttentionKernels::selected_backward(attention_kernels)?,
         })
@@ -1136,7 +1141,7 @@ impl Backend for CudaBackend {
             PixelView::U8 { hwc, norm } => DevicePixels::U8 { hwc, norm: *norm },
         };
         let (dw, db, dpos, dcls, dmask) = (dweight, dbias, dpos_embed, dcls_token, dmask_token);
-        let order = self.pixel_order;
+        let order = self.pixel_order_backward;
         patch_embed::cuda_backward(&self.gpu, order, shape, pixels, &ranks, &d_out, dw, db, dpos, dcls, dmask)
     }
 

@@ -528,6 +528,13 @@ fn pixel_order_names_parse_and_bad_names_are_refused() {
     assert_eq!(PixelOrder::default(), PixelOrder::Hwc);
     let e = PixelOrder::parse_name("HWC").unwrap_err();
     assert!(e.contains("chw or hwc") && e.contains("MAPET_PATCH_EMBED_ORDER"), "{e}");
+    // The backward's own variable: the forward's order when unset, any order by name, and an
+    // unknown name refused naming that variable.
+    let (var, ws) = (PixelOrder::BACKWARD_VAR, PixelOrder::HwcWs);
+    assert_eq!(PixelOrder::named_or(var, None, ws).unwrap(), ws);
+    assert_eq!(PixelOrder::named_or(var, Some("hwc"), ws).unwrap(), PixelOrder::Hwc);
+    let bad = PixelOrder::named_or(var, Some("ws"), ws).unwrap_err().to_string();
+    assert!(bad.contains(var) && bad.contains("\"ws\""), "{bad}");
 }
 
 // ------------------------------------------------------------------------------------------ GPU

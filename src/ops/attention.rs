@@ -712,16 +712,7 @@ impl AttentionKernels {
     /// experimental set can be used for one direction alone, e.g. the `wgmma` forward with the
     /// `resident` backward.
     pub fn selected_backward(forward: AttentionKernels) -> Result<AttentionKernels> {
-        Self::backward_named(forward, std::env::var(Self::BACKWARD_VAR).ok().as_deref())
-    }
-
-    /// [`Self::selected_backward`] for the variable's value `name` (`None`: unset).
-    fn backward_named(forward: AttentionKernels, name: Option<&str>) -> Result<AttentionKernels> {
-        match name {
-            None => Ok(forward),
-            Some(v) => Self::parse_name_of(Self::BACKWARD_VAR, v)
-                .map_err(|detail| Error::Unsupported { what: "kernel choice", detail }),
-        }
+        Self::selected_or(Self::BACKWARD_VAR, forward)
     }
 }
 
@@ -1075,9 +1066,10 @@ mod tests {
         // The backward's own variable: the forward's set when unset, any set by name, and an
         // unknown name refused naming that variable.
         let w = AttentionKernels::Wgmma;
-        assert_eq!(AttentionKernels::backward_named(w, None).unwrap(), w);
-        assert_eq!(AttentionKernels::backward_named(w, Some("resident")).unwrap(), AttentionKernels::Resident);
-        let bad = AttentionKernels::backward_named(w, Some("wgmma2")).unwrap_err().to_string();
+        let var = AttentionKernels::BACKWARD_VAR;
+        assert_eq!(AttentionKernels::named_or(var, None, w).unwrap(), w);
+        assert_eq!(AttentionKernels::named_or(var, Some("resident"), w).unwrap(), AttentionKernels::Resident);
+        let bad = AttentionKernels::named_or(var, Some("wgmma2"), w).unwrap_err().to_string();
         assert!(bad.contains(AttentionKernels::BACKWARD_VAR) && bad.contains("wgmma2"), "{bad}");
         let err = AttentionKernels::parse_name("fast").unwrap_err();
         assert!(err.contains("MAPET_ATTENTION_KERNELS") && err.contains("tiled") && err.contains("resident"), "{err}");

@@ -42,9 +42,22 @@ pub trait KernelChoice: Copy + Default + 'static {
     /// The value `VAR` names when it is set, else the default; an unknown name is an error naming
     /// the variable.
     fn selected() -> Result<Self> {
-        match std::env::var(Self::VAR) {
-            Err(_) => Ok(Self::default()),
-            Ok(v) => Self::parse_name(&v).map_err(|detail| Error::Unsupported { what: "kernel choice", detail }),
+        Self::named_or(Self::VAR, std::env::var(Self::VAR).ok().as_deref(), Self::default())
+    }
+
+    /// The value another variable `var` names when it is set, else `fallback`: a backward's
+    /// choice, say, that follows the forward's unless it is given.
+    fn selected_or(var: &str, fallback: Self) -> Result<Self> {
+        Self::named_or(var, std::env::var(var).ok().as_deref(), fallback)
+    }
+
+    /// [`KernelChoice::selected_or`] for the variable's value `name` (`None`: unset).
+    fn named_or(var: &str, name: Option<&str>, fallback: Self) -> Result<Self> {
+        match name {
+            None => Ok(fallback),
+            Some(v) => {
+                Self::parse_name_of(var, v).map_err(|detail| Error::Unsupported { what: "kernel choice", detail })
+            }
         }
     }
 }

@@ -548,10 +548,21 @@ impl PixelOrder {
     fn hopper_only(self) -> bool {
         matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcWs)
     }
+
+    /// The environment variable that picks the backward's order apart from the forward's.
+    pub const BACKWARD_VAR: &'static str = "MAPET_PATCH_EMBED_BACKWARD_ORDER";
+
+    /// The backward's order: the one [`Self::BACKWARD_VAR`] names when it is set, else `forward`
+    /// (the order `MAPET_PATCH_EMBED_ORDER` picked). The backward reads the pixels, not the
+    /// forward's output, so any two orders work together; e.g. `hwc-ws` for the forward alone.
+    pub fn selected_backward(forward: PixelOrder) -> Result<PixelOrder> {
+        Self::selected_or(Self::BACKWARD_VAR, forward)
+    }
 }
 
-/// `MAPET_PATCH_EMBED_ORDER=chw|hwc` picks the order the CUDA backend passes to [`cuda_forward_u8`]
-/// and [`cuda_backward`] (read once, when the backend is made).
+/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-wgmma|hwc-ws` picks the order the CUDA backend passes to
+/// [`cuda_forward_u8`] and [`cuda_backward`] (read once, when the backend is made;
+/// [`PixelOrder::BACKWARD_VAR`] can give the backward another).
 impl KernelChoice for PixelOrder {
     const VAR: &'static str = "MAPET_PATCH_EMBED_ORDER";
     const CHOICES: &'static [Self] = &PixelOrder::ALL;
