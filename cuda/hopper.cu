@@ -51,14 +51,19 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_tma_roundtrip(con
 #endif
 }
 
-// out[64][64] (f32) = A[0:64, 0:k] B[0:64, 0:k]^T with k = 64 * k_atoms: each 64-wide slice of
-// K of A and B is one TMA box (128-byte swizzle), and four m64n64k16 wgmma steps a slice read
-// them through sw128_desc, the k-th step 32 k bytes into the slice.
-extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128(const __grid_constant__ MapetHopperCheck p) {
+// out[64][n] (f32) = A[0:64, 0:k] B[0:n, 0:k]^T with k = 64 * k_atoms and n = 64 * kNBoxes: each
+// 64-wide slice of K of A, and each 64-row part of it of B, is one TMA box (128-byte swizzle); B's
+// boxes of a slice lie one after another, so that its 8-row atoms are 1024 bytes apart throughout
+// (the stride sw128_desc gives). Four wgmma steps a slice read them through sw128_desc, the k-th
+// step 32 k bytes into the slice: m64n64k16 for n = 64, m64n192k16 (the hwc-ws forward's product)
+// for n = 192.
+template <int kNBoxes, int kMaxAtoms>
+__device__ __forceinline__ void wgmma_sw128_check(const MapetHopperCheck& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int kMaxAtoms = 2;
+    constexpr int kN = kBox * kNBoxes;
+    static_assert(kNBoxes == 1 || kNBoxes == 3, "n = 64 or 192");
     __shared__ __align__(1024) unsigned char a_tiles[kMaxAtoms][kBoxBytes];
-    __shared__ __align__(1024) unsigned char b_tiles[kMaxAtoms][kBoxBytes];
+    __shared__ __align__(1024) unsigned char b_tiles[kMaxAtoms][kNBoxes * kBoxBytes];
     __shared__ __align__(8) uint64_t bar;
     const int atoms = min(max(p.k_atoms, 1), kMaxAtoms);
     if (threadIdx.x == 0) {
@@ -67,24 +72,28 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128(const
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        mbar_arrive_expect_tx(&bar, 2 * atoms * kBoxBytes);
+        mbar_arrive_expect_tx(&bar, (1 + kNBoxes) * atoms * kBoxBytes);
         for (int j = 0; j < atoms; ++j) {
             tma_load_2d(a_tiles[j], &p.a, kBox * j, 0, &bar);
-            tma_load_2d(b_tiles[j], &p.b, kBox * j, 0, &bar);
+            for (int nb = 0; nb < kNBoxes; ++nb) tma_load_2d(b_tiles[j] + nb * kBoxBytes, &p.b, kBox * j, kBox * nb, &bar);
         }
     }
     mbar_wait(&bar, 0);
 
-    float acc[32];
+    float acc[kN / 2];
 #pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+    for (int i = 0; i < kN / 2; ++i) acc[i] = 0.f;
     wgmma_fence_acc();
     for (int j = 0; j < atoms; ++j) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             const uint64_t a = sw128_desc(hopper_smem_addr(a_tiles[j]) + 32 * kk);
             const uint64_t b = sw128_desc(hopper_smem_addr(b_tiles[j]) + 32 * kk);
-            wgmma_m64n64k16(acc, a, b);
+            if constexpr (kNBoxes == 1) {
+                wgmma_m64n64k16(acc, a, b);
+            } else {
+                wgmma_m64n192k16(acc, a, b);
+            }
         }
     }
     wgmma_commit_groups();
@@ -96,18 +105,26 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128(const
     const int g = lane >> 2;
     const int t = lane & 3;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = 16 * warp + g + 8 * h;
             const int col = 8 * j + 2 * t;
-            out[row * kBox + col] = acc[4 * j + 2 * h];
-            out[row * kBox + col + 1] = acc[4 * j + 2 * h + 1];
+            out[row * kN + col] = acc[4 * j + 2 * h];
+            out[row * kN + col + 1] = acc[4 * j + 2 * h + 1];
         }
     }
 #else
     __trap();
 #endif
+}
+
+extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128(const __grid_constant__ MapetHopperCheck p) {
+    wgmma_sw128_check<1, 2>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128_n192(const __grid_constant__ MapetHopperCheck p) {
+    wgmma_sw128_check<3, 1>(p);
 }
 
 // The wgmma forms the attention kernels use, on tiles that sw128_load_rows wrote (cp.async into

@@ -4,7 +4,7 @@
 //! product); elsewhere both are refused; with no GPU the GPU tests skip and say why.
 
 use half::bf16;
-use mapet::cuda::hopper::{gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128, BOX};
+use mapet::cuda::hopper::{gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128, wgmma_sw128_n192, BOX};
 use mapet::cuda::Gpu;
 use mapet::testing::{gpu_or_skip, rng, uniform};
 use mapet::Error;
@@ -88,6 +88,31 @@ fn wgmma_on_swizzled_tiles_matches_the_host_product() {
                 // A wrong swizzle, descriptor or fragment layout moves whole products (~0.3 each).
                 assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "k {k}, C[{i}][{j}]: {got} against {want}");
             }
+        }
+    }
+}
+
+/// The m64n192k16 form (the `hwc-ws` forward's, 96 accumulators a thread) on the same swizzled
+/// tiles, B's 192 rows in three boxes: a fault of its wrapper shows here apart from the kernel's
+/// own pipeline.
+#[test]
+fn wgmma_n192_on_swizzled_tiles_matches_the_host_product() {
+    let test = "wgmma_n192_on_swizzled_tiles_matches_the_host_product";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    let n = 3 * BOX;
+    let (ha, fa) = random_matrix(&format!("{test} a"), BOX, BOX);
+    let (hb, fb) = random_matrix(&format!("{test} b"), n, BOX);
+    let (a, b) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
+    if refused_off_hopper(&gpu, || wgmma_sw128_n192(&gpu, &a, &b)) {
+        return;
+    }
+    let out = wgmma_sw128_n192(&gpu, &a, &b).unwrap();
+    for i in 0..BOX {
+        for j in 0..n {
+            let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * fb[j * BOX + t] as f64).sum();
+            let got = out[i * n + j] as f64;
+            // As in wgmma_on_swizzled_tiles_matches_the_host_product.
+            assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "C[{i}][{j}]: {got} against {want}");
         }
     }
 }

@@ -146,6 +146,25 @@ pub fn wgmma_sw128(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<bf16>
     out.to_host()
 }
 
+/// `A Bᵀ` for bf16 `a` row-major `[BOX, BOX]` and `b` row-major `[3 BOX, BOX]` (n = 192), by TMA
+/// loads (B's three 64-row boxes stacked along N) and one m64n192k16 wgmma a 16-deep step, the
+/// product the `hwc-ws` patch-embedding forward runs: row-major f32 `[BOX, 3 BOX]`.
+pub fn wgmma_sw128_n192(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<bf16>) -> Result<Vec<f32>> {
+    require_9_0(gpu)?;
+    let n = 3 * BOX;
+    check_matrix("a", a, BOX, BOX)?;
+    check_matrix("b", b, n, BOX)?;
+    let (map_a, map_b) = (tensor_map_bf16(a.ptr(), BOX, BOX, BOX)?, tensor_map_bf16(b.ptr(), n, BOX, BOX)?);
+    let mut out = gpu.alloc::<f32>(BOX * n)?;
+    out.poison()?;
+    let p = MapetHopperCheck { a: map_a, b: map_b, out: out.ptr_mut(), r0: 0, c0: 0, k_atoms: 1 };
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: each tensor map covers its matrix exactly (lengths checked above); the kernel loads
+    // one box of a and three of b and writes the BOX·3·BOX floats of `out`.
+    unsafe { gpu.launch(MODULE, "mapet_hopper_wgmma_sw128_n192", cfg, &p)? };
+    out.to_host()
+}
+
 /// The attention kernels' wgmma products on bf16 `a` and `b`, both row-major `[BOX, BOX]`, with
 /// the rows of `b` from `b_rows` on read as zeros (1 <= `b_rows` <= [`BOX`]), all row-major f32:
 /// `A B[0:32]ᵀ` (`[BOX, 32]`, A in registers, B K-major), `A B` (`[BOX, BOX]`, A in registers,
