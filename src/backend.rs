@@ -838,6 +838,21 @@ impl CudaBackend {
         })
     }
 
+    /// The kernel choices this backend runs with, in one line (for benchmark reports): the
+    /// patch embedding's and the attention's sets, each direction, and the GEMMs' pins and tuning.
+    pub fn describe_kernels(&self) -> String {
+        let pins: Vec<String> = self.gemm.pins().iter().map(|((m, n, k), r)| format!("{m}x{n}x{k}={r}")).collect();
+        format!(
+            "patch embedding {} (backward {}), attention {} (backward {}), GEMM tuning {}, GEMM pins {}",
+            self.pixel_order.name(),
+            self.pixel_order_backward.name(),
+            self.attention_kernels.name(),
+            self.attention_backward_kernels.name(),
+            if self.gemm.tuning() { "on" } else { "off" },
+            if pins.is_empty() { "none".to_string() } else { pins.join(",") }
+        )
+    }
+
     /// Opens device 0.
     pub fn first() -> Result<Self> {
         Self::new(Arc::new(Gpu::first()?))

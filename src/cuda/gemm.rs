@@ -712,6 +712,16 @@ impl Gemm {
         self
     }
 
+    /// Whether tuning ([`TUNE_VAR`]) is on.
+    pub fn tuning(&self) -> bool {
+        self.tune
+    }
+
+    /// The GEMM sizes pinned to another candidate ([`PIN_VAR`]).
+    pub fn pins(&self) -> &[Pin] {
+        &self.pins
+    }
+
     /// What tuning chose so far: for each configuration tuned, the candidates' times and the rank
     /// kept (empty when tuning is off).
     pub fn tuning_report(&self) -> Vec<String> {

@@ -288,6 +288,8 @@ pub struct BenchReport {
     /// Loss of the first and last timed step (a sanity check: finite, near ln(vocab) at start).
     pub loss_first: f32,
     pub loss_last: f32,
+    /// The GPU's kernel choices (the run-time switches in effect); `None` on the CPU.
+    pub kernels: Option<String>,
     /// What `MAPET_GEMM_TUNE=1` chose, a line per GEMM configuration (empty when it is off).
     pub gemm_tuning: Vec<String>,
 }
@@ -311,6 +313,7 @@ struct Measured {
     model_device_bytes: Option<u64>,
     optimizer_device_bytes: Option<u64>,
     peak_tflops: Option<f64>,
+    kernels: Option<String>,
     gemm_tuning: Vec<String>,
 }
 
@@ -406,6 +409,7 @@ fn run_cpu(
         model_device_bytes: None,
         optimizer_device_bytes: None,
         peak_tflops: None,
+        kernels: None,
         gemm_tuning: Vec::new(),
     })
 }
@@ -534,6 +538,7 @@ fn run_cuda(
         model_device_bytes: Some(model.device_bytes() as u64),
         optimizer_device_bytes: Some(state.device_bytes() as u64),
         peak_tflops: peak_tflops_for(gpu.name()),
+        kernels: Some(model.backend().describe_kernels()),
         gemm_tuning: model.backend().gemm.tuning_report(),
     })
 }
@@ -660,6 +665,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, String> {
         optimizer_device_bytes: measured.optimizer_device_bytes,
         loss_first: t.first().map_or(f32::NAN, |s| s.loss),
         loss_last: t.last().map_or(f32::NAN, |s| s.loss),
+        kernels: measured.kernels,
         gemm_tuning: measured.gemm_tuning,
     })
 }
@@ -740,6 +746,7 @@ impl BenchReport {
             ("optimizer_device_bytes", json_opt(self.optimizer_device_bytes, |b| b.to_string())),
             ("loss_first", json_num(self.loss_first as f64)),
             ("loss_last", json_num(self.loss_last as f64)),
+            ("kernels", json_opt(self.kernels.as_deref(), json_str)),
             ("gemm_tuned_configurations", self.gemm_tuning.len().to_string()),
         ];
         let body: Vec<String> = fields.into_iter().map(|(k, v)| format!("{}: {v}", json_str(k))).collect();
@@ -762,6 +769,9 @@ impl BenchReport {
             self.params as f64 / 1e6
         );
         s += &format!("device          {} ({})\n", self.device, self.device_name);
+        if let Some(k) = &self.kernels {
+            s += &format!("kernels         {k}\n");
+        }
         s += &format!(
             "batch           {} ({} micro-batch{}), {} timed steps after {} warm-up, synthetic data\n",
             self.batch,

@@ -169,12 +169,17 @@ fn cpu_bench_prints_json_with_every_field() {
         "optimizer_device_bytes",
         "loss_first",
         "loss_last",
+        "kernels",
+        "gemm_tuned_configurations",
     ];
     for k in keys {
         assert!(j.contains_key(k), "field {k} missing");
     }
     assert_eq!(j.len(), keys.len(), "unexpected fields: {:?}", j.keys().filter(|k| !keys.contains(&k.as_str())));
     assert_eq!(j["device"], Value::Str("cpu".into()));
+    // The kernel choices and GEMM tuning are the GPU's.
+    assert_eq!(j["kernels"], Value::Null);
+    assert_eq!(j["gemm_tuned_configurations"], Value::Num(0.0));
     let cfg = ModelConfig { image: 32, patch: 8, dim: 64, depth: 2, heads: 1, vocab: 32, context: 5 };
     for (k, want) in [
         ("image", 32.0),
