@@ -21,7 +21,13 @@ fn print_results(gpu: &Gpu, shape: &str, label: &str, flops: u64, mut run: impl 
     for (i, (what, fl, bwd)) in
         [("forward", flops, false), ("forward+backward", flops * 7 / 2, true)].into_iter().enumerate()
     {
-        let t = gpu.time_ms(5, 50, || run(bwd)).unwrap();
+        let t = match gpu.time_ms(5, 50, || run(bwd)) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("RESULT attention {shape} {label} {what}: failed: {e}");
+                return;
+            }
+        };
         let med = t[t.len() / 2] as f64;
         medians[i] = med;
         println!(
@@ -50,6 +56,14 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
 
         for kernels in AttentionKernels::ALL {
             let kn = kernels.name();
+            // A set that fails is reported, and the bench goes on with the others.
+            let trial = attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse).and_then(|()| {
+                attention::cuda_backward(gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)
+            });
+            if let Err(e) = trial.and_then(|()| gpu.synchronize()) {
+                println!("RESULT attention {name} {kn}: failed: {e}");
+                continue;
+            }
             let mut g = c.benchmark_group(format!("attention/{name}/{kn}"));
             g.sample_size(20);
             g.throughput(Throughput::Elements(flops));
