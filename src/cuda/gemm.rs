@@ -1073,16 +1073,12 @@ impl Gemm {
         alpha: f32,
         beta: f32,
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
-        let mut algos = Vec::new();
-        for rank in 0..TUNE_CANDIDATES {
-            match self.proposal(key, descs, Some(rank)) {
-                Ok(algo) => algos.push(algo),
-                Err(Error::Unsupported { what: NO_CANDIDATE, .. }) => break,
-                Err(e) => return Err(e),
-            }
-        }
-        if algos.len() < 2 {
-            return self.proposal(key, descs, None);
+        let mut algos = self.usable(key, descs)?;
+        algos.truncate(TUNE_CANDIDATES);
+        match algos[..] {
+            [] => return self.proposal(key, descs, None), // its error says why
+            [only] => return Ok(only),
+            _ => {}
         }
         let elem = match key.output {
             DType::Bf16 => 2,
@@ -1095,7 +1091,7 @@ impl Gemm {
         } else {
             match self.stream.alloc_zeros::<u8>(key.m * key.n * key.batch * elem) {
                 Ok(buffer) => Some(buffer),
-                Err(_) => return self.proposal(key, descs, None),
+                Err(_) => return Ok(algos[0]),
             }
         };
         let scratch_ptr = scratch.as_ref().map(|b| b.device_ptr(&self.stream));
@@ -1119,7 +1115,7 @@ impl Gemm {
         let (rank, best) = times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).expect("two or more candidates");
         if !best.is_finite() {
             // None ran: the heuristic's first, whose call then reports why.
-            return self.proposal(key, descs, None);
+            return Ok(algos[0]);
         }
         let line: Vec<String> = times
             .iter()
@@ -1158,8 +1154,46 @@ impl Gemm {
     /// why when there is none that fits the workspace), or its `rank`-th among those that fit
     /// ([`Gemm::time_candidates`]).
     fn proposal(&self, key: &AlgoKey, descs: &Descs, rank: Option<usize>) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let Some(rank) = rank else {
+            return match self.heuristic(key, descs, 1)?.first() {
+                Some(h) if h.workspaceSize <= WORKSPACE_BYTES => Ok(h.algo),
+                Some(h) => Err(Error::Unsupported {
+                    what: "cuBLASLt GEMM",
+                    detail: format!("{} needs {} bytes of workspace", describe(key), h.workspaceSize),
+                }),
+                None => Err(Error::Unsupported {
+                    what: "cuBLASLt GEMM",
+                    detail: format!("cuBLASLt has no algorithm for {}", describe(key)),
+                }),
+            };
+        };
+        let usable = self.usable(key, descs)?;
+        usable.get(rank).copied().ok_or_else(|| Error::Unsupported {
+            what: NO_CANDIDATE,
+            detail: format!(
+                "cuBLASLt proposes {} usable algorithms for {}, no rank {rank}",
+                usable.len(),
+                describe(key)
+            ),
+        })
+    }
+
+    /// The heuristic's first [`MAX_CANDIDATES`] proposals that fit [`WORKSPACE_BYTES`], in its
+    /// order (the ranks of [`Gemm::time_candidates`] and [`PIN_VAR`]).
+    fn usable(&self, key: &AlgoKey, descs: &Descs) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
+        let proposed = self.heuristic(key, descs, MAX_CANDIDATES)?;
+        Ok(proposed.iter().filter(|r| r.workspaceSize <= WORKSPACE_BYTES).map(|r| r.algo).collect())
+    }
+
+    /// The heuristic's first `asked` (at most [`MAX_CANDIDATES`]) successful proposals.
+    fn heuristic(
+        &self,
+        key: &AlgoKey,
+        descs: &Descs,
+        asked: usize,
+    ) -> Result<Vec<sys::cublasLtMatmulHeuristicResult_t>> {
+        let asked = asked.min(MAX_CANDIDATES);
         let pref = Self::preference(key)?;
-        let asked = if rank.is_some() { MAX_CANDIDATES } else { 1 };
         let mut found = [std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::uninit(); MAX_CANDIDATES];
         let mut count: i32 = 0;
         // SAFETY: every descriptor is live and describes the call being planned; `found` has
@@ -1187,35 +1221,12 @@ impl Gemm {
             },
             e => cublas_err(e, &format!("choosing an algorithm for {}", describe(key))),
         })?;
-        let proposed: Vec<sys::cublasLtMatmulHeuristicResult_t> = found[..count.clamp(0, asked as i32) as usize]
+        Ok(found[..count.clamp(0, asked as i32) as usize]
             .iter()
             // SAFETY: the first `count` results were written by the call above.
             .map(|r| unsafe { r.assume_init() })
             .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
-            .collect();
-        let Some(rank) = rank else {
-            return match proposed.first() {
-                Some(h) if h.workspaceSize <= WORKSPACE_BYTES => Ok(h.algo),
-                Some(h) => Err(Error::Unsupported {
-                    what: "cuBLASLt GEMM",
-                    detail: format!("{} needs {} bytes of workspace", describe(key), h.workspaceSize),
-                }),
-                None => Err(Error::Unsupported {
-                    what: "cuBLASLt GEMM",
-                    detail: format!("cuBLASLt has no algorithm for {}", describe(key)),
-                }),
-            };
-        };
-        let usable: Vec<sys::cublasLtMatmulAlgo_t> =
-            proposed.iter().filter(|r| r.workspaceSize <= WORKSPACE_BYTES).map(|r| r.algo).collect();
-        usable.get(rank).copied().ok_or_else(|| Error::Unsupported {
-            what: NO_CANDIDATE,
-            detail: format!(
-                "cuBLASLt proposes {} usable algorithms for {}, no rank {rank}",
-                usable.len(),
-                describe(key)
-            ),
-        })
+            .collect())
     }
 }
 
