@@ -669,9 +669,10 @@ fn every_heuristic_candidate_computes_the_product() {
     assert_within_baseline(test, &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4);
 }
 
-/// A GEMM size pinned to another candidate (`Gemm::with_pins`, as `MAPET_GEMM_PIN` sets) runs it
-/// and computes the product; other sizes keep the default; a pin to a rank the heuristic does
-/// not have fails the call, naming the variable.
+/// A GEMM size pinned to another candidate (`Gemm::with_pins`, as `MAPET_GEMM_PIN` sets) computes
+/// the product and is cached like any other; a pin to a rank the heuristic does not have fails the
+/// call, naming the variable. (Which algorithm ran is not observable from here: that the pin
+/// selects its rank rests on `proposal`, the code `time_candidates` runs too.)
 #[test]
 fn pinned_sizes_run_their_candidate() {
     let test = "pinned_sizes_run_their_candidate";
