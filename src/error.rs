@@ -34,6 +34,12 @@ pub enum Error {
     #[error("no CUDA device: {0}")]
     NoDevice(String),
 
+    /// Work queued on the GPU that did not finish in the time allowed ([`crate::cuda::Gpu::synchronize_within`]):
+    /// most likely a kernel that waits forever on a barrier. The device stays busy with it until
+    /// the process exits, so a caller can only report and exit.
+    #[error("GPU work did not finish within {seconds} s ({what}): a kernel is most likely hung; it holds the device until this process exits")]
+    Hung { what: String, seconds: u64 },
+
     /// An error reported by the CUDA driver.
     #[error("CUDA driver error{context}: {source}")]
     Driver {

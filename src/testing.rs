@@ -27,6 +27,28 @@ pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
     }
 }
 
+/// How long [`finish_or_exit`] waits: far beyond any launch of the tests and benches (milliseconds).
+pub const HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Waits for the GPU work queued so far ([`Gpu::synchronize_within`], [`HANG_LIMIT`]). A hang
+/// ends the process with exit status 3 after a `HUNG` line on stderr and one on stdout naming
+/// `what`: the device stays busy with the hung kernel, so every later test
+/// or bench line of this process could only fail or wait too. Other errors are returned.
+pub fn finish_or_exit(gpu: &Gpu, what: &str) -> crate::Result<()> {
+    match gpu.synchronize_within(HANG_LIMIT, what) {
+        Err(e @ crate::Error::Hung { .. }) => {
+            // Written to the streams themselves: the test harness captures `println!` and
+            // `eprintln!` and prints them when a test ends, which this one never does.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "HUNG {e}");
+            let _ = writeln!(std::io::stdout(), "HUNG {e}");
+            let _ = std::io::stdout().flush();
+            std::process::exit(3)
+        }
+        other => other,
+    }
+}
+
 /// A fresh random seed (printed by [`rng`] so that a failure can be replayed with `MAPET_SEED`).
 pub fn fresh_seed() -> u64 {
     std::env::var("MAPET_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)

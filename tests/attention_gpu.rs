@@ -61,8 +61,12 @@ fn run_gpu_with(gpu: &Gpu, fwd: AttentionKernels, bwd: AttentionKernels, c: &Cas
         b.poison().unwrap();
     }
     lse.poison().unwrap();
+    // A kernel waiting forever on a barrier ends the process within seconds, naming the launch
+    // (`testing::finish_or_exit`), rather than when the binary's timeout runs out.
     attention::cuda_forward(gpu, fwd, s, &q, &k, &v, &mut o, &mut lse).unwrap();
+    testing::finish_or_exit(gpu, &format!("attention forward, {} kernels, {s:?}", fwd.name())).unwrap();
     attention::cuda_backward(gpu, bwd, s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
+    testing::finish_or_exit(gpu, &format!("attention backward, {} kernels, {s:?}", bwd.name())).unwrap();
     GpuOut {
         o: o.to_host_f32().unwrap(),
         lse: lse.to_host().unwrap(),
@@ -76,14 +80,7 @@ fn run_gpu_with(gpu: &Gpu, fwd: AttentionKernels, bwd: AttentionKernels, c: &Cas
 /// (comma-separated, e.g. `tiled,resident`), so that a fault of one set (sticky for the rest of
 /// the process) can be kept out of a rerun of the others.
 fn sets() -> Vec<AttentionKernels> {
-    const VAR: &str = "MAPET_TEST_ATTENTION_SETS";
-    match std::env::var(VAR) {
-        Err(_) => AttentionKernels::ALL.to_vec(),
-        Ok(list) => list
-            .split(',')
-            .map(|name| AttentionKernels::parse_name_of(VAR, name.trim()).unwrap_or_else(|e| panic!("{e}")))
-            .collect(),
-    }
+    AttentionKernels::listed_in("MAPET_TEST_ATTENTION_SETS").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Forward and backward of every kernel set (`sets`) against the truth and the baseline.

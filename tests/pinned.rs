@@ -81,3 +81,22 @@ fn pinned_upload_round_trips_recycles_and_waits_before_reuse() {
     assert!(host.is_pinned() && host[..] == x[..1000]);
     assert_eq!(host.clone(), host, "a clone (a vector) differs from its pinned source");
 }
+
+/// `Gpu::synchronize_within`, the tests' guard against hung kernels: queued work that outlasts
+/// the limit is reported as `Error::Hung` naming it, and the same work, given time, finishes.
+#[test]
+fn synchronize_within_reports_work_that_outlasts_its_limit() {
+    let Some(gpu) = gpu_or_skip("synchronize_within_reports_work_that_outlasts_its_limit") else { return };
+    // 600 fills of 1 GiB: about 0.2 s at a few TB/s, queued faster than the device runs them.
+    let mut buf = gpu.zeros::<u8>(1 << 30).unwrap();
+    for _ in 0..600 {
+        buf.poison().unwrap();
+    }
+    let limit = std::time::Duration::from_millis(2);
+    let e = gpu.synchronize_within(limit, "600 fills of 1 GiB").unwrap_err();
+    assert!(matches!(e, Error::Hung { .. }) && e.to_string().contains("600 fills of 1 GiB"), "{e}");
+    gpu.synchronize_within(std::time::Duration::from_secs(60), "the same fills").unwrap();
+    // The fills did run: the buffer holds their bytes.
+    let tail = buf.view(buf.len() - 4096..buf.len()).unwrap().to_host().unwrap();
+    assert!(tail.iter().all(|&b| b == 0xFF));
+}

@@ -211,6 +211,24 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
+    /// Waits for all work queued on the stream, but at most `limit`: an [`Error::Hung`] naming
+    /// `what` past it. For checks of kernels that synchronise on barriers, where a wrong count or
+    /// phase waits forever: the caller learns of it in seconds and can say which launch it was,
+    /// instead of blocking until something outside kills the process. The stream is polled (an
+    /// event recorded after the work, queried every millisecond), so no CPU core spins.
+    pub fn synchronize_within(&self, limit: std::time::Duration, what: &str) -> Result<()> {
+        let done = self.ctx.new_event(None)?;
+        done.record(&self.stream)?;
+        let start = std::time::Instant::now();
+        while !done.try_is_complete()? {
+            if start.elapsed() > limit {
+                return Err(Error::Hung { what: what.to_string(), seconds: limit.as_secs() });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// Kernel `function` of module `module` (the stem of its `cuda/*.cu` file), cached.
     pub fn function(&self, module: &'static str, function: &'static str) -> Result<CudaFunction> {
         let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());

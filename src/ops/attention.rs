@@ -1074,4 +1074,14 @@ mod tests {
         let err = AttentionKernels::parse_name("fast").unwrap_err();
         assert!(err.contains("MAPET_ATTENTION_KERNELS") && err.contains("tiled") && err.contains("resident"), "{err}");
     }
+
+    #[test]
+    fn kernel_lists_parse_or_name_the_variable() {
+        let var = "MAPET_BENCH_ATTENTION_SETS";
+        assert_eq!(AttentionKernels::listed(var, None).unwrap(), AttentionKernels::ALL.to_vec());
+        let two = AttentionKernels::listed(var, Some("tiled, resident")).unwrap();
+        assert_eq!(two, vec![AttentionKernels::Tiled, AttentionKernels::Resident]);
+        let bad = AttentionKernels::listed(var, Some("resident,wgmma3")).unwrap_err().to_string();
+        assert!(bad.contains(var) && bad.contains("wgmma3"), "{bad}");
+    }
 }

@@ -60,4 +60,19 @@ pub trait KernelChoice: Copy + Default + 'static {
             }
         }
     }
+
+    /// The values the variable `var` lists, comma-separated (`tiled,resident`), or every value when
+    /// it is unset: the variants a test or bench covers, so that one whose fault or hang would end
+    /// the process can be left out of a rerun of the others. An unknown name is an error naming `var`.
+    fn listed_in(var: &str) -> Result<Vec<Self>> {
+        Self::listed(var, std::env::var(var).ok().as_deref())
+    }
+
+    /// [`KernelChoice::listed_in`] for the variable's value `list` (`None`: unset).
+    fn listed(var: &str, list: Option<&str>) -> Result<Vec<Self>> {
+        match list {
+            None => Ok(Self::CHOICES.to_vec()),
+            Some(list) => list.split(',').map(|name| Self::named_or(var, Some(name.trim()), Self::default())).collect(),
+        }
+    }
 }
