@@ -13,7 +13,7 @@ use mapet::ops::patch_embed::{
     cpu_backward, cpu_forward_f32, cuda_backward, cuda_forward_f32, cuda_forward_u8, DevicePixels, Normalize,
     PatchEmbedShape, PixelOrder, Pixels,
 };
-use mapet::testing::{rng, uniform};
+use mapet::testing::{finish_or_exit, rng, uniform};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -155,8 +155,10 @@ fn bench_gpu(c: &mut Criterion) {
             println!("RESULT patch_embed {name}: skipped, {} is not a compute capability 9.0 device", gpu.name());
             continue;
         }
-        // A variant that fails is reported, and the bench goes on with the others.
-        if let Err(e) = step(&gpu, &s, &mut x, entry).and_then(|()| gpu.synchronize()) {
+        // A variant that fails is reported, and the bench goes on with the others; one that
+        // hangs ends the bench with a HUNG line.
+        let trial = step(&gpu, &s, &mut x, entry).and_then(|()| finish_or_exit(&gpu, &format!("patch_embed {name}")));
+        if let Err(e) = trial {
             println!("RESULT patch_embed {name}: failed: {e}");
             continue;
         }

@@ -6,7 +6,7 @@
 use half::bf16;
 use mapet::cuda::hopper::{gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128, wgmma_sw128_n192, BOX};
 use mapet::cuda::Gpu;
-use mapet::testing::{gpu_or_skip, rng, uniform};
+use mapet::testing::{finish_or_exit, gpu_or_skip, rng, uniform};
 use mapet::Error;
 
 /// A row-major bf16 matrix of random values in [-1, 1), as bf16 and as the f32 they round to.
@@ -133,6 +133,7 @@ fn warp_specialised_gemm_matches_the_host_product() {
             return;
         }
         gemm_tn(&gpu, &a, &b, &mut c, m, n, k).unwrap();
+        finish_or_exit(&gpu, &format!("gemm_tn {m} x {n} x {k}")).unwrap();
         let out = c.to_host().unwrap();
         for i in 0..m {
             for j in 0..n {

@@ -612,6 +612,8 @@ fn gpu_forward(gpu: &Gpu, c: &Case, dc: &DeviceCase, entry: Entry) -> mapet::Res
             cuda_forward_f32(gpu, &c.s, &dc.chw, &dc.ranks, &dc.weight, &dc.bias, &dc.pos, &dc.cls, &dc.mask, &mut out)?
         }
     }
+    // A kernel that never finishes ends the binary within seconds, naming the launch.
+    mapet::testing::finish_or_exit(gpu, &format!("patch embedding forward, {}, {:?}", entry.name(), c.s))?;
     out.to_host_f32()
 }
 
@@ -633,6 +635,7 @@ fn gpu_backward(
         Entry::F32 => (DevicePixels::F32 { chw: &dc.chw }, PixelOrder::Chw),
     };
     cuda_backward(gpu, order, &c.s, pixels, &dc.ranks, d_out, &mut w, &mut b, &mut pos, &mut cls, &mut mask)?;
+    mapet::testing::finish_or_exit(gpu, &format!("patch embedding backward, {}, {:?}", entry.name(), c.s))?;
     Ok(Grads32 { w: w.to_host()?, b: b.to_host()?, pos: pos.to_host()?, cls: cls.to_host()?, mask: mask.to_host()? })
 }
 
