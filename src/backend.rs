@@ -814,6 +814,9 @@ pub struct CudaBackend {
     /// The attention backward's kernels: `attention_kernels` unless
     /// `MAPET_ATTENTION_BACKWARD_KERNELS` names another set (read when the backend is made).
     pub attention_backward_kernels: AttentionKernels,
+    /// Rows per forward pass inside each cross-entropy chunk, read once from
+    /// `MAPET_CE_SUB_CHUNK_ROWS` when the backend is made (`None`: one pass, the default).
+    pub ce_sub_chunk_rows: Option<usize>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -835,6 +838,9 @@ impl CudaBackend {
             pixel_order_backward: PixelOrder::selected_backward(pixel_order)?,
             attention_kernels,
             attention_backward_kernels: AttentionKernels::selected_backward(attention_kernels)?,
+            ce_sub_chunk_rows: cross_entropy::sub_chunk_rows_named(
+                std::env::var(cross_entropy::SUB_CHUNK_VAR).ok().as_deref(),
+            )?,
         })
     }
 
@@ -843,11 +849,12 @@ impl CudaBackend {
     pub fn describe_kernels(&self) -> String {
         let pins: Vec<String> = self.gemm.pins().iter().map(|((m, n, k), r)| format!("{m}x{n}x{k}={r}")).collect();
         format!(
-            "patch embedding {} (backward {}), attention {} (backward {}), GEMM tuning {}, GEMM pins {}",
+            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {}, GEMM tuning {}, GEMM pins {}",
             self.pixel_order.name(),
             self.pixel_order_backward.name(),
             self.attention_kernels.name(),
             self.attention_backward_kernels.name(),
+            self.ce_sub_chunk_rows.map_or("whole chunks".to_string(), |r| format!("<= {r} rows")),
             if self.gemm.tuning() { "on" } else { "off" },
             if pins.is_empty() { "none".to_string() } else { pins.join(",") }
         )
@@ -1171,6 +1178,7 @@ impl Backend for CudaBackend {
         grads: Option<CeGrads<'_, '_, Self>>,
     ) -> Result<CrossEntropyStats> {
         let (gpu, gemm) = (&self.gpu, &self.gemm);
+        let shape = &shape.or_sub_chunk_rows(self.ce_sub_chunk_rows);
         match grads {
             None => cross_entropy::cuda_forward(gpu, gemm, shape, &x, &w, &b, targets, rows_out),
             Some(g) => cross_entropy::cuda_forward_backward(

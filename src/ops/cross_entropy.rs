@@ -143,6 +143,27 @@ pub struct CrossEntropyShape {
     pub sub_chunk_rows: Option<usize>,
 }
 
+/// The variable that gives the CUDA backend's cross-entropy calls forward passes of at most this
+/// many rows inside each chunk ([`CrossEntropyShape::with_sub_chunk_rows`]); unset, one pass.
+pub const SUB_CHUNK_VAR: &str = "MAPET_CE_SUB_CHUNK_ROWS";
+
+/// The sub-chunk rows `value` (the variable's value; `None`: unset) asks for: a positive
+/// integer, else an error naming [`SUB_CHUNK_VAR`].
+pub fn sub_chunk_rows_named(value: Option<&str>) -> Result<Option<usize>> {
+    match value.map(str::trim) {
+        None => Ok(None),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(Error::Unsupported {
+                what: "cross-entropy sub-chunk rows",
+                detail: format!(
+                    "{SUB_CHUNK_VAR}={v:?}: give a positive number of rows (say 1046), or unset it for one pass"
+                ),
+            }),
+        },
+    }
+}
+
 impl CrossEntropyShape {
     /// A shape with the default chunking.
     pub fn new(rows: usize, dim: usize, vocab: usize) -> Self {
@@ -157,6 +178,12 @@ impl CrossEntropyShape {
     /// The same shape with forward passes of `sub_chunk_rows` rows inside each GPU chunk.
     pub fn with_sub_chunk_rows(self, sub_chunk_rows: usize) -> Self {
         CrossEntropyShape { sub_chunk_rows: Some(sub_chunk_rows), ..self }
+    }
+
+    /// The same shape with the sub-chunk rows `SUB_CHUNK_VAR` gave the backend
+    /// ([`sub_chunk_rows_named`]), unless the shape sets its own.
+    pub fn or_sub_chunk_rows(self, sub_chunk_rows: Option<usize>) -> Self {
+        CrossEntropyShape { sub_chunk_rows: self.sub_chunk_rows.or(sub_chunk_rows), ..self }
     }
 
     /// The row ranges, relative to a chunk of `chunk` rows, of its forward passes on the GPU:
@@ -965,6 +992,20 @@ mod tests {
             let s = CrossEntropyShape::new(rows, dim, vocab);
             assert!(s.gpu_extra_device_bytes(true) <= (63 << 20) + rows * 4 + 8, "{s:?}");
         }
+    }
+
+    #[test]
+    fn sub_chunk_variable_parses_or_names_itself() {
+        assert_eq!(sub_chunk_rows_named(None).unwrap(), None);
+        assert_eq!(sub_chunk_rows_named(Some(" 1046")).unwrap(), Some(1046));
+        for bad in ["0", "-3", "a third", ""] {
+            let e = sub_chunk_rows_named(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(SUB_CHUNK_VAR) && e.contains(&format!("{bad:?}")), "{e}");
+        }
+        let s = CrossEntropyShape::new(18816, 768, 8192);
+        assert_eq!(s.or_sub_chunk_rows(Some(784)).sub_chunk_rows, Some(784));
+        assert_eq!(s.with_sub_chunk_rows(1568).or_sub_chunk_rows(Some(784)).sub_chunk_rows, Some(1568));
+        assert_eq!(s.or_sub_chunk_rows(None).sub_chunk_rows, None);
     }
 
     #[test]
