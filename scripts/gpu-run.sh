@@ -30,6 +30,12 @@
 #                   value, else 0; "0 1" runs both),
 #                   logs into $MAPET_RESULTS, with the SM clock and power sampled by
 #                   nvidia-smi during each run (clocks-*.csv and a summary row)
+#   MAPET_WINNERS=1  after the benches: for attention, the patch embedding and the cross-entropy,
+#                   the fastest variant in the RESULT lines (forward/backward pairs included) among
+#                   those whose tests passed in this run, kept only if more than 1% faster than the
+#                   default; written as run-time switches to $MAPET_RESULTS/winners.env; then the
+#                   test binaries in MAPET_WINNERS_TESTS (default "model_gpu model_cuda_train") run
+#                   with those switches, and `mapet bench` of ViT-B with the defaults and with them
 #   MAPET_PRETRAIN_BENCH=1  end to end on local disk: `mapet synth` (MAPET_SYNTH_IMAGES, default
 #                   3072 JPEGs), `mapet bench-data` on them, then one epoch of `mapet pretrain` of
 #                   ViT-B at batch 128 on the GPU; the median images/s of its steps after the third
@@ -74,6 +80,10 @@ row() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
 } | tee "$res/device.txt"
 
+# Each test binary's exit status, and whether attention passed without its wgmma set: which
+# variants MAPET_WINNERS may choose from.
+declare -A test_rc=()
+attention_without_wgmma_rc=""
 tests="${MAPET_TESTS:-$(cat "$here/gpu-tests.txt" 2>/dev/null || ls "$here/tests")}"
 [ "$tests" = "all" ] && tests="$(ls "$here/tests")"
 [ "$tests" = "none" ] && tests=""
@@ -82,6 +92,7 @@ for t in $tests; do
   start=$(date +%s.%N)
   timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1 ${MAPET_TEST_ARGS:-} >"$log" 2>&1
   rc=$?
+  test_rc[$t]=$rc
   secs=$(python3 -c "print(f'{$(date +%s.%N)-$start:.1f}s')" 2>/dev/null || echo "?")
   counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
   if [ $rc -eq 0 ]; then row "test $t" ok "$counts $secs"; else row "test $t" FAIL "rc=$rc $counts (see $log)"; fi
@@ -101,7 +112,8 @@ for t in $tests; do
       one="$res/test-$t-without-wgmma.log"
       MAPET_TEST_ATTENTION_SETS=tiled,resident timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" \
         --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
-      if [ $? -eq 0 ]; then row "  $t tiled,resident only" ok "pass"; else row "  $t tiled,resident only" FAIL "$one"; fi
+      attention_without_wgmma_rc=$?
+      if [ $attention_without_wgmma_rc -eq 0 ]; then row "  $t tiled,resident only" ok "pass"; else row "  $t tiled,resident only" FAIL "$one"; fi
       # A wgmma kernel that hung (the test's HUNG line) would end the attention bench at its
       # first launch, so the bench leaves that set out.
       if grep -q '^HUNG .*wgmma' "$log"; then
@@ -111,6 +123,18 @@ for t in $tests; do
     fi
   fi
 done
+
+# The variants each op's tests cleared in this run (for the target rows and MAPET_WINNERS): all
+# of an op's when its test binary passed; for attention, the sets without wgmma when only those
+# passed on their own; else (tests failed or not run in this call) the default alone, verified by
+# earlier runs. The cross-entropy's sub-chunk passes need its tests; its chosen or self-tuned
+# GEMMs the GEMM tests too.
+export OK_ATTENTION="resident" OK_PATCH="hwc" OK_CE="default"
+if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgmma"
+elif [ "$attention_without_wgmma_rc" = 0 ]; then OK_ATTENTION="tiled resident"; fi
+[ "${test_rc[patch_embed]:-x}" = 0 ] && OK_PATCH="chw hwc hwc-wgmma hwc-ws"
+[ "${test_rc[cross_entropy]:-x}" = 0 ] && OK_CE="default passes"
+[ "${test_rc[cross_entropy]:-x}" = 0 ] && [ "${test_rc[gemm]:-x}" = 0 ] && OK_CE="default passes gemms"
 
 for t in ${MAPET_SANITIZE:-}; do
   for tool in ${MAPET_SANITIZE_TOOLS:-memcheck}; do
@@ -301,12 +325,26 @@ if [ "${MAPET_PEERS:-0}" = "1" ] && [ -d "$here/peers" ]; then
 fi
 
 # The issues' targets against the best variant each bench printed (a verdict, not a new number:
-# every figure comes from a RESULT line above, in $res/bench-*.log).
+# every figure comes from a RESULT line above, in $res/bench-*.log). Only a variant whose tests
+# passed (OK_*) can meet a target; a faster one that did not is named beside it.
 if ls "$res"/bench-*.log >/dev/null 2>&1; then
   while IFS= read -r line; do row "${line%%|*}" "$(cut -d'|' -f2 <<<"$line")" "${line##*|}"; done < <(python3 - "$res" <<'PY'
-import glob, re, sys
+import glob, os, re, sys
 lines = [l.strip() for f in sorted(glob.glob(sys.argv[1] + "/bench-*.log")) for l in open(f, errors="replace")
          if l.startswith("RESULT ")]
+ok = {k: os.environ.get(f"OK_{k.upper()}", "").split() for k in ("attention", "patch", "ce")}
+
+def tested(name, variant):
+    """Whether the variant's kernels passed their tests in this run."""
+    if name.startswith("target attention"):
+        parts = variant.split("/")
+        return all(p in ok["attention"] for p in (parts[:1] if name.endswith("fwd") else parts))
+    if name.startswith("target patch"):
+        return all(p in ok["patch"] for p in variant.split("/"))
+    if "passes of" in variant and "passes" not in ok["ce"]:
+        return False
+    return not (("chosen GEMMs" in variant or "MAPET_GEMM_TUNE" in variant) and "gemms" not in ok["ce"])
+
 # (name, target in ms, pattern whose groups are the variant and the time)
 targets = [
     ("target attention vit-b fwd", 0.20, r"RESULT attention vit-b (\S+) forward: median ([0-9.]+) ms"),
@@ -326,13 +364,118 @@ for name, goal, pat in targets:
             else:
                 ms, variant = float(b), a
             got.append((ms, variant))
+    passed = [g for g in got if tested(name, g[1])]
     if not got:
         print(f"{name}|none|no RESULT line")
         continue
-    ms, variant = min(got)
-    print(f"{name}|{'met' if ms <= goal else 'missed'}|best {ms:.4f} ms (target {goal}) by {variant}, of {len(got)} lines")
+    aside = ""
+    if not passed or min(got) < min(passed):
+        aside = "; faster, but its tests did not pass in this run: %s %.4f ms" % (min(got)[1], min(got)[0])
+    if not passed:
+        print(f"{name}|none|no line of a variant whose tests passed, of {len(got)} lines{aside}")
+        continue
+    ms, variant = min(passed)
+    print(f"{name}|{'met' if ms <= goal else 'missed'}|best {ms:.4f} ms (target {goal}) by {variant}, of {len(got)} lines{aside}")
 PY
   )
+fi
+
+# MAPET_WINNERS=1: the fastest variants whose tests passed in this run, as run-time switches
+# (winners.env), then the model's GPU tests with them and `mapet bench` with and without them.
+if [ "${MAPET_WINNERS:-0}" = "1" ] && ls "$res"/bench-*.log >/dev/null 2>&1; then
+  python3 - "$res" >"$res/winners.txt" 2>&1 <<'PY'
+import glob, os, re, sys
+lines = [l.strip() for f in sorted(glob.glob(sys.argv[1] + "/bench-*.log")) for l in open(f, errors="replace")
+         if l.startswith("RESULT ")]
+env, notes = [], []
+
+def pick(what, default, got):
+    """The fastest of got {label: ms}; the default unless another is more than 1% faster."""
+    if not got:
+        notes.append(f"{what}: no usable RESULT line, default kept")
+        return default
+    best = min(got, key=got.get)
+    base = got.get(default)
+    if best != default and (base is None or got[best] < 0.99 * base):
+        notes.append(f"{what}: {best} {got[best]:.4f} ms against the default {default} "
+                     f"{'%.4f ms' % base if base is not None else '(no line)'}")
+        return best
+    notes.append(f"{what}: default {default} kept ({got.get(default, float('nan')):.4f} ms, best {best})")
+    return default
+
+ok = os.environ["OK_ATTENTION"].split()
+got = {}
+for l in lines:
+    m = re.match(r"RESULT attention vit-b (\S+) forward\+backward: median ([0-9.]+) ms", l)
+    if m and all(p in ok for p in m.group(1).split("/")):
+        got[m.group(1)] = float(m.group(2))
+a = pick("attention", "resident", got)
+fwd, bwd = (a.split("/") + [a])[:2]
+env += [f"MAPET_ATTENTION_KERNELS={fwd}", f"MAPET_ATTENTION_BACKWARD_KERNELS={bwd}"]
+
+ok = os.environ["OK_PATCH"].split()
+got = {}
+for l in lines:
+    m = re.match(r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median", l)
+    if m and all(p in ok for p in m.group(1).split("/")):
+        got[m.group(1)] = float(m.group(2))
+p = pick("patch embedding", "hwc", got)
+fwd, bwd = (p.split("/") + [p])[:2]
+env += [f"MAPET_PATCH_EMBED_ORDER={fwd}", f"MAPET_PATCH_EMBED_BACKWARD_ORDER={bwd}"]
+
+# The cross-entropy's queued race: "<passes>, <GEMMs>, queued", timed alike.
+ok = os.environ["OK_CE"].split()
+got, pin = {}, ""
+for l in lines:
+    m = re.match(r"RESULT cross_entropy forward\+backward ([0-9.]+) ms \(rounds [^)]*\) with (.*), (default|chosen|MAPET_GEMM_TUNE) GEMMs, queued a chunk", l)
+    if m:
+        passes = re.match(r"\d+ passes of <= (\d+) rows", m.group(2))
+        rows, gemms = (passes.group(1) if passes else ""), m.group(3)
+        if (rows and "passes" not in ok) or (gemms != "default" and "gemms" not in ok):
+            continue
+        got[f"{rows or 'one pass'}|{gemms}"] = float(m.group(1))
+    m = re.match(r'RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN="(.*)"', l)
+    if m:
+        pin = m.group(1)
+c = pick("cross-entropy", "one pass|default", got)
+rows, gemms = c.split("|")
+if rows != "one pass":
+    env.append(f"MAPET_CE_SUB_CHUNK_ROWS={rows}")
+if gemms == "chosen" and pin:
+    env.append(f"MAPET_GEMM_PIN={pin}")
+if gemms == "MAPET_GEMM_TUNE":
+    env.append("MAPET_GEMM_TUNE=1")
+for n in notes:
+    print("#", n)
+for e in env:
+    print(e)
+PY
+  while IFS= read -r line; do row "winners" "" "${line#\# }"; done < <(grep '^#' "$res/winners.txt")
+  grep -v '^#' "$res/winners.txt" | grep '=' >"$res/winners.env"
+  row "winners switches" "" "$(tr '\n' ' ' <"$res/winners.env")"
+  # The model's GPU tests with the winners (a default that changes must pass them first), then
+  # one ViT-B training-step bench without and one with them.
+  for t in ${MAPET_WINNERS_TESTS:-model_gpu model_cuda_train}; do
+    [ -x "$here/tests/$t" ] || { row "winners test $t" skip "no such test binary"; continue; }
+    log="$res/winners-test-$t.log"
+    (set -a && . "$res/winners.env" && timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1) >"$log" 2>&1
+    rc=$?
+    counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
+    if [ $rc -eq 0 ]; then row "winners test $t" ok "$counts"; else row "winners test $t" FAIL "rc=$rc $counts (see $log)"; fi
+  done
+  if [ -x "$here/bin/mapet" ]; then
+    for which in defaults winners; do
+      log="$res/winners-mapet-bench-$which.log"
+      (
+        unset MAPET_ATTENTION_KERNELS MAPET_ATTENTION_BACKWARD_KERNELS MAPET_PATCH_EMBED_ORDER \
+          MAPET_PATCH_EMBED_BACKWARD_ORDER MAPET_CE_SUB_CHUNK_ROWS MAPET_GEMM_PIN MAPET_GEMM_TUNE
+        [ "$which" = winners ] && set -a && . "$res/winners.env" && set +a
+        timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda
+      ) >"$log" 2>&1
+      rc=$?
+      if [ $rc -eq 0 ]; then row "winners mapet bench $which" ok "$(grep -m1 -i 'images/s' "$log")"; else row "winners mapet bench $which" FAIL "rc=$rc (see $log)"; fi
+    done
+  fi
 fi
 
 echo
