@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use mapet::cuda::gemm::{flops, Epilogue, Gemm};
 use mapet::cuda::hopper::gemm_tn;
-use mapet::testing::{gpu_or_skip, rng, uniform};
+use mapet::testing::{finish_or_exit, gpu_or_skip, rng, uniform};
 
 fn gpu(_c: &mut Criterion) {
     let Some(gpu) = gpu_or_skip("bench hopper") else { return };
@@ -27,6 +27,14 @@ fn gpu(_c: &mut Criterion) {
         let a = gpu.upload(&to_bf16(uniform(&mut r, m * k, 1.0))).unwrap();
         let b = gpu.upload(&to_bf16(uniform(&mut r, n * k, 1.0))).unwrap();
         let mut c = gpu.alloc::<bf16>(m * n).unwrap();
+        // One call first: an error (a kernel fault is sticky) ends the bench with a line; a hang
+        // within 20 s, with a HUNG line.
+        let trial = gemm_tn(&gpu, &a, &b, &mut c, m, n, k)
+            .and_then(|()| finish_or_exit(&gpu, &format!("gemm_tn {m} x {n} x {k}")));
+        if let Err(e) = trial {
+            println!("RESULT hopper gemm_tn {name} ({m} x {n} x {k}): failed: {e}");
+            return;
+        }
         let ours = gpu.time_ms(3, 20, || gemm_tn(&gpu, &a, &b, &mut c, m, n, k)).unwrap();
         let theirs =
             gpu.time_ms(3, 20, || gemm.matmul(m, n, k, &a, false, &b, true, &mut c, 1.0, 0.0, Epilogue::None)).unwrap();

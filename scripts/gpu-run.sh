@@ -306,6 +306,11 @@ benches="${MAPET_BENCHES:-$(ls "$here/benches")}"
 if [ "$benches" != "none" ]; then
   for b in $benches; do
     log="$res/bench-$b.log"
+    # gemm_tn hung in its test: its bench would only hang again (20 s) before any line.
+    if [ "$b" = hopper ] && grep -q '^HUNG' "$res/test-hopper.log" 2>/dev/null; then
+      row "bench $b" skip "gemm_tn hung in its test"
+      continue
+    fi
     timeout 300 "$here/benches/$b" --bench --warm-up-time "${MAPET_BENCH_WARMUP:-1}" \
       --measurement-time "${MAPET_BENCH_TIME:-2}" ${MAPET_BENCH_FILTER:-} >"$log" 2>&1
     rc=$?
