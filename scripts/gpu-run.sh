@@ -408,25 +408,22 @@ def pick(what, default, got):
     notes.append(f"{what}: default {default} kept ({got.get(default, float('nan')):.4f} ms, best {best})")
     return default
 
-ok = os.environ["OK_ATTENTION"].split()
-got = {}
-for l in lines:
-    m = re.match(r"RESULT attention vit-b (\S+) forward\+backward: median ([0-9.]+) ms", l)
-    if m and all(p in ok for p in m.group(1).split("/")):
-        got[m.group(1)] = float(m.group(2))
-a = pick("attention", "resident", got)
-fwd, bwd = (a.split("/") + [a])[:2]
-env += [f"MAPET_ATTENTION_KERNELS={fwd}", f"MAPET_ATTENTION_BACKWARD_KERNELS={bwd}"]
+def sets(what, default, var, pattern, kernels, backward):
+    """The fastest set (or fwd/bwd pair) of `pattern`'s lines whose parts all passed their tests
+    (var), as the forward's and the backward's switches."""
+    ok, got = os.environ[var].split(), {}
+    for l in lines:
+        m = re.match(pattern, l)
+        if m and all(p in ok for p in m.group(1).split("/")):
+            got[m.group(1)] = float(m.group(2))
+    w = pick(what, default, got)
+    fwd, bwd = (w.split("/") + [w])[:2]
+    env.extend([f"{kernels}={fwd}", f"{backward}={bwd}"])
 
-ok = os.environ["OK_PATCH"].split()
-got = {}
-for l in lines:
-    m = re.match(r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median", l)
-    if m and all(p in ok for p in m.group(1).split("/")):
-        got[m.group(1)] = float(m.group(2))
-p = pick("patch embedding", "hwc", got)
-fwd, bwd = (p.split("/") + [p])[:2]
-env += [f"MAPET_PATCH_EMBED_ORDER={fwd}", f"MAPET_PATCH_EMBED_BACKWARD_ORDER={bwd}"]
+sets("attention", "resident", "OK_ATTENTION", r"RESULT attention vit-b (\S+) forward\+backward: median ([0-9.]+) ms",
+     "MAPET_ATTENTION_KERNELS", "MAPET_ATTENTION_BACKWARD_KERNELS")
+sets("patch embedding", "hwc", "OK_PATCH", r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median",
+     "MAPET_PATCH_EMBED_ORDER", "MAPET_PATCH_EMBED_BACKWARD_ORDER")
 
 # The cross-entropy's queued race: "<passes>, <GEMMs>, queued", timed alike.
 ok = os.environ["OK_CE"].split()
