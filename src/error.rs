@@ -37,8 +37,8 @@ pub enum Error {
     /// Work queued on the GPU that did not finish in the time allowed ([`crate::cuda::Gpu::synchronize_within`]):
     /// most likely a kernel that waits forever on a barrier. The device stays busy with it until
     /// the process exits, so a caller can only report and exit.
-    #[error("GPU work did not finish within {seconds} s ({what}): a kernel is most likely hung; it holds the device until this process exits")]
-    Hung { what: String, seconds: u64 },
+    #[error("GPU work did not finish within {limit:?} ({what}): a kernel is most likely hung; it holds the device until this process exits")]
+    Hung { what: String, limit: std::time::Duration },
 
     /// An error reported by the CUDA driver.
     #[error("CUDA driver error{context}: {source}")]

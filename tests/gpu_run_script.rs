@@ -100,7 +100,7 @@ echo "test faults_first ... FAILED"
 echo "test fails_after_it ... FAILED"
 echo "test passes ... ok"
 echo "test gemm_tn_matches ... "
-echo "HUNG GPU work did not finish within 20 s (gemm_tn 300 x 200 x 72)"
+echo "HUNG GPU work did not finish within 20s (gemm_tn 300 x 200 x 72)"
 exit 3"#,
     );
     script(
@@ -108,7 +108,7 @@ exit 3"#,
         "attention_gpu",
         r#"if [ -z "${MAPET_TEST_ATTENTION_SETS:-}" ]; then
   echo "test edge_sizes_match_cpu ... "
-  echo "HUNG GPU work did not finish within 20 s (attention forward, wgmma kernels, AttentionShape): a kernel is most likely hung"
+  echo "HUNG GPU work did not finish within 20s (attention forward, wgmma kernels, AttentionShape): a kernel is most likely hung"
   exit 3
 fi
 echo "test edge_sizes_match_cpu ... ok"

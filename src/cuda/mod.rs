@@ -222,7 +222,7 @@ impl Gpu {
         let start = std::time::Instant::now();
         while !done.try_is_complete()? {
             if start.elapsed() > limit {
-                return Err(Error::Hung { what: what.to_string(), seconds: limit.as_secs() });
+                return Err(Error::Hung { what: what.to_string(), limit });
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
