@@ -69,6 +69,14 @@ if ! ldconfig -p 2>/dev/null | grep -q libcublasLt.so; then
   done
 fi
 summary=()
+# A test log's last "test result" line, less its verdict and time: "12 passed; 0 failed; ...".
+test_counts() {
+  grep -E '^test result:' "$1" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//'
+}
+# The timed ViT-B training step the model benches run.
+vit_b_bench() {
+  timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda
+}
 # Each row also lands in $res/summary.txt as it is made, so a run cut short still says how far it got.
 row() {
   summary+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")")
@@ -94,7 +102,7 @@ for t in $tests; do
   rc=$?
   test_rc[$t]=$rc
   secs=$(python3 -c "print(f'{$(date +%s.%N)-$start:.1f}s')" 2>/dev/null || echo "?")
-  counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
+  counts=$(test_counts "$log")
   if [ $rc -eq 0 ]; then row "test $t" ok "$counts $secs"; else row "test $t" FAIL "rc=$rc $counts (see $log)"; fi
   # A kernel fault is sticky: every later test of the same process fails with it. So each failed
   # test runs again alone (up to MAPET_RETRY_FAILED of them, default 12; 0 turns this off), to
@@ -192,7 +200,7 @@ if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
         MAPET_PATCH_EMBED_ORDER=$fwd_order MAPET_PATCH_EMBED_BACKWARD_ORDER=$bwd_order \
           MAPET_ATTENTION_KERNELS=$fwd_set MAPET_ATTENTION_BACKWARD_KERNELS=$bwd_set \
           MAPET_GEMM_TUNE=$tune clocks_during "$res/clocks-vit-b-$tag.csv" \
-          timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda >"$log" 2>&1
+          vit_b_bench >"$log" 2>&1
         rc=$?
         name="mapet bench vit-b $tag"
         if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
@@ -462,7 +470,7 @@ PY
     log="$res/winners-test-$t.log"
     (set -a && . "$res/winners.env" && timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1) >"$log" 2>&1
     rc=$?
-    counts=$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; finished.*//')
+    counts=$(test_counts "$log")
     if [ $rc -eq 0 ]; then row "winners test $t" ok "$counts"; else row "winners test $t" FAIL "rc=$rc $counts (see $log)"; fi
   done
   if [ -x "$here/bin/mapet" ]; then
@@ -472,7 +480,7 @@ PY
         unset MAPET_ATTENTION_KERNELS MAPET_ATTENTION_BACKWARD_KERNELS MAPET_PATCH_EMBED_ORDER \
           MAPET_PATCH_EMBED_BACKWARD_ORDER MAPET_CE_SUB_CHUNK_ROWS MAPET_GEMM_PIN MAPET_GEMM_TUNE
         [ "$which" = winners ] && set -a && . "$res/winners.env" && set +a
-        timeout 300 "$here/bin/mapet" bench --model vit-b --batch 128 --steps 20 --warmup 3 --device cuda
+        vit_b_bench
       ) >"$log" 2>&1
       rc=$?
       if [ $rc -eq 0 ]; then row "winners mapet bench $which" ok "$(grep -m1 -i 'images/s' "$log")"; else row "winners mapet bench $which" FAIL "rc=$rc (see $log)"; fi

@@ -179,6 +179,10 @@ exit 0"#,
         .env("MAPET_BENCHES", "hopper attention cross_entropy patch_embed")
         .env("MAPET_WINNERS", "1")
         .env("MAPET_WINNERS_TESTS", "model_gpu")
+        .env("MAPET_MODEL_BENCH", "1")
+        .env("MAPET_MODEL_BENCH_CONFIGS", "hwc-ws/hwc")
+        .env("MAPET_MODEL_BENCH_ATTENTION", "wgmma/resident")
+        .env_remove("MAPET_MODEL_BENCH_TUNE")
         .env_remove("MAPET_TESTS")
         .env_remove("MAPET_RESULTS")
         .env_remove("MAPET_BENCH_ATTENTION_SETS")
@@ -272,4 +276,15 @@ exit 0"#,
     assert_eq!(switches("winners-mapet-bench-winners.log"), want);
     assert_eq!(switches("winners-mapet-bench-defaults.log"), Vec::<String>::new());
     assert!(has("winners test model_gpu", "ok") && has("winners mapet bench winners", "images/s"), "{summary}");
+    // MAPET_MODEL_BENCH: each direction's switch from its "fwd/bwd" pair, GEMM tuning off.
+    assert!(has("mapet bench vit-b hwc-ws-hwc-wgmma-resident", "images/s"), "{summary}");
+    let mut model_bench = vec![
+        "MAPET_ATTENTION_BACKWARD_KERNELS=resident",
+        "MAPET_ATTENTION_KERNELS=wgmma",
+        "MAPET_GEMM_TUNE=0",
+        "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc",
+        "MAPET_PATCH_EMBED_ORDER=hwc-ws",
+    ];
+    model_bench.sort();
+    assert_eq!(switches("mapet-bench-vit-b-hwc-ws-hwc-wgmma-resident.log"), model_bench);
 }
