@@ -86,19 +86,15 @@ fn sets() -> Vec<AttentionKernels> {
 /// Forward and backward of every kernel set (`sets`) against the truth and the baseline.
 fn check(gpu: &Gpu, c: &Case) {
     for kernels in sets() {
-        check_kernels(gpu, kernels, c);
+        check_pair(gpu, kernels, kernels, c);
     }
 }
 
-fn check_kernels(gpu: &Gpu, kernels: AttentionKernels, c: &Case) {
-    check_pair(gpu, kernels, kernels, c);
-}
-
-/// The forward of `fwd` and the backward of `kernels` on its O and lse, against the truth and the
-/// baseline.
-fn check_pair(gpu: &Gpu, fwd: AttentionKernels, kernels: AttentionKernels, c: &Case) {
+/// The forward of `fwd` and the backward of `bwd` on its O and lse, against the truth and the
+/// baseline; a failing forward's backward is checked again on the tiled forward's outputs.
+fn check_pair(gpu: &Gpu, fwd: AttentionKernels, bwd: AttentionKernels, c: &Case) {
     let s = &c.shape;
-    let g = run_gpu_with(gpu, fwd, kernels, c);
+    let g = run_gpu_with(gpu, fwd, bwd, c);
     let f64v = |x: &[f32]| testing::to_f64(x);
     // Truth: f64 on the bf16 inputs. The backward truth uses the truth's own O and lse.
     let (mut o64, mut lse64) = (vec![0.0f64; c.q.len()], vec![0.0f64; g.lse.len()]);
@@ -117,8 +113,8 @@ fn check_pair(gpu: &Gpu, fwd: AttentionKernels, kernels: AttentionKernels, c: &C
         &mut dv64,
     )
     .unwrap();
-    // Baseline: f32 CPU on the same inputs, outputs rounded to bf16 where the kernels write bf16;
-    // its backward consumes its own bf16-rounded O, as the kernels consume their own.
+    // Baseline: f32 CPU on the same inputs, outputs rounded to bf16 where the bwd write bf16;
+    // its backward consumes its own bf16-rounded O, as the bwd consume their own.
     let (mut o32, mut lse32) = (vec![0.0f32; c.q.len()], vec![0.0f32; g.lse.len()]);
     attention::cpu_forward(s, &c.q, &c.k, &c.v, &mut o32, &mut lse32).unwrap();
     mapet::cpu::round_bf16(&mut o32);
@@ -127,7 +123,7 @@ fn check_pair(gpu: &Gpu, fwd: AttentionKernels, kernels: AttentionKernels, c: &C
     for x in [&mut dq32, &mut dk32, &mut dv32] {
         mapet::cpu::round_bf16(x);
     }
-    let tag = format!("{fwd:?}/{kernels:?} B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
+    let tag = format!("{fwd:?}/{bwd:?} B={} H={} N={} C={}", s.batch, s.heads, s.n_tokens, s.n_context);
     let mut failures = Vec::new();
     let mut expect = |name: &str, rows: Rows, got: &[f32], base: &[f32], truth: &[f64], factor: f64, floor: f64| {
         if let Err(msg) = testing::within_baseline(&format!("{name} [{tag}]"), got, base, truth, factor, floor) {
@@ -144,9 +140,9 @@ fn check_pair(gpu: &Gpu, fwd: AttentionKernels, kernels: AttentionKernels, c: &C
     expect("dV", Rows::Key, &g.dv, &dv32, &dv64, 3.0, 1e-4);
     if forward_failed && fwd != AttentionKernels::Tiled {
         // A wrong forward makes the backward's inputs wrong: check this set's backward again on
-        // the tiled forward's O and lse, so that one run tells which of the kernels is at fault.
-        let g = run_gpu_with(gpu, AttentionKernels::Tiled, kernels, c);
-        eprintln!("{kernels:?} backward on the tiled forward's O and lse:");
+        // the tiled forward's O and lse, so that one run tells which of the bwd is at fault.
+        let g = run_gpu_with(gpu, AttentionKernels::Tiled, bwd, c);
+        eprintln!("{bwd:?} backward on the tiled forward's O and lse:");
         expect("dQ (tiled forward)", Rows::Query, &g.dq, &dq32, &dq64, 3.0, 1e-4);
         expect("dK (tiled forward)", Rows::Key, &g.dk, &dk32, &dk64, 3.0, 1e-4);
         expect("dV (tiled forward)", Rows::Key, &g.dv, &dv32, &dv64, 3.0, 1e-4);

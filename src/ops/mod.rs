@@ -53,12 +53,12 @@ pub trait KernelChoice: Copy + Default + 'static {
 
     /// [`KernelChoice::selected_or`] for the variable's value `name` (`None`: unset).
     fn named_or(var: &str, name: Option<&str>, fallback: Self) -> Result<Self> {
-        match name {
-            None => Ok(fallback),
-            Some(v) => {
-                Self::parse_name_of(var, v).map_err(|detail| Error::Unsupported { what: "kernel choice", detail })
-            }
-        }
+        name.map_or(Ok(fallback), |v| Self::named(var, v))
+    }
+
+    /// The value called `name`, read from the variable `var`; an error naming `var` otherwise.
+    fn named(var: &str, name: &str) -> Result<Self> {
+        Self::parse_name_of(var, name).map_err(|detail| Error::Unsupported { what: "kernel choice", detail })
     }
 
     /// The values the variable `var` lists, comma-separated (`tiled,resident`), or every value when
@@ -72,7 +72,7 @@ pub trait KernelChoice: Copy + Default + 'static {
     fn listed(var: &str, list: Option<&str>) -> Result<Vec<Self>> {
         match list {
             None => Ok(Self::CHOICES.to_vec()),
-            Some(list) => list.split(',').map(|name| Self::named_or(var, Some(name.trim()), Self::default())).collect(),
+            Some(list) => list.split(',').map(|name| Self::named(var, name.trim())).collect(),
         }
     }
 }
