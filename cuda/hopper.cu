@@ -232,6 +232,10 @@ constexpr int kGemmStages = 4;
 constexpr int kGemmABytes = kGemmM * kGemmK * 2;  // 16 KB
 constexpr int kGemmBBytes = kGemmN * kGemmK * 2;  // 32 KB
 constexpr int kGemmStageBytes = kGemmABytes + kGemmBBytes;
+// Registers (setmaxnreg) of a producer and of a consumer thread, from the 168 each of the 384
+// gets at launch: 128 x 40 + 256 x 232 <= 384 x 168.
+constexpr int kGemmProducerRegs = 40;
+constexpr int kGemmConsumerRegs = 232;
 
 }  // namespace
 #endif
@@ -255,7 +259,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_gemm_tn(const 
     __syncthreads();
 
     if (wg == 0) {
-        regs_release<40>();
+        regs_release<kGemmProducerRegs>();
         if (threadIdx.x == 0) {
             for (int t = 0; t < slices; ++t) {
                 const int s = t % kGemmStages;
@@ -270,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_gemm_tn(const 
         return;
     }
 
-    regs_claim<232>();
+    regs_claim<kGemmConsumerRegs>();
     const int row_half = wg - 1;  // rows 64 row_half .. 64 row_half + 63 of the tile
     float acc[128];
 #pragma unroll

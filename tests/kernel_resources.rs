@@ -59,11 +59,16 @@ fn setmaxnreg_pools_fit_the_launch_registers() {
         eprintln!("SKIP setmaxnreg_pools_fit_the_launch_registers: {reason}");
         return;
     }
-    // (kernel, producer registers, consumer registers), as regs_release / regs_claim take them
-    // in cuda/patch_embed.cu (kWsProducerRegs, kWsConsumerRegs) and cuda/hopper.cu (gemm_tn).
-    let handoffs = [("mapet_patch_embed_fwd_u8_hwc_ws", 128, 176), ("mapet_hopper_gemm_tn", 40, 232)];
+    // (kernel, its source, the constants regs_release / regs_claim take there), the values read
+    // from the source, so that the check follows any change of them.
+    let handoffs = [
+        ("mapet_patch_embed_fwd_u8_hwc_ws", "patch_embed.cu", "kWsProducerRegs", "kWsConsumerRegs"),
+        ("mapet_hopper_gemm_tn", "hopper.cu", "kGemmProducerRegs", "kGemmConsumerRegs"),
+    ];
     let all = report::all();
-    for (kernel, producer, consumer) in handoffs {
+    for (kernel, file, producer, consumer) in handoffs {
+        let source = std::fs::read_to_string(mapet::testing::project_root().join("cuda").join(file)).unwrap();
+        let (producer, consumer) = (constant(&source, file, producer), constant(&source, file, consumer));
         let k = all
             .iter()
             .find(|k| k.kernel == kernel && k.arch == "sm_90a")
@@ -76,4 +81,12 @@ fn setmaxnreg_pools_fit_the_launch_registers() {
             k.registers
         );
     }
+}
+
+/// The value of `constexpr int name = value;` in `source` (the file `file`).
+fn constant(source: &str, file: &str, name: &str) -> usize {
+    let prefix = format!("constexpr int {name} = ");
+    let line =
+        source.lines().find_map(|l| l.trim().strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name} in {file}"));
+    line.trim_end_matches(';').trim().parse().unwrap_or_else(|e| panic!("{name} in {file}: {line:?}: {e}"))
 }
