@@ -68,6 +68,49 @@ fn tma_box_loads_read_back_through_the_swizzle() {
     }
 }
 
+/// Checks `got(i, j)` against the f64 product `A Bᵀ` (`fa` `[m, k]`, `fb` `[n, k]`, row-major)
+/// for every element, within `tol(want)`.
+fn check_product(
+    what: &str,
+    got: impl Fn(usize, usize) -> f64,
+    fa: &[f32],
+    fb: &[f32],
+    (m, n, k): (usize, usize, usize),
+    tol: impl Fn(f64) -> f64,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k).map(|t| fa[i * k + t] as f64 * fb[j * k + t] as f64).sum();
+            let got = got(i, j);
+            assert!((got - want).abs() <= tol(want), "{what}, C[{i}][{j}]: {got} against {want}");
+        }
+    }
+}
+
+/// Exact bf16 products summed in f32 on the tensor cores: a few ulps of sums of magnitude up to
+/// ~k/3. A wrong swizzle, descriptor or fragment layout moves whole products (~0.3 each).
+fn f32_sum_tolerance(want: f64) -> f64 {
+    1e-4 * (1.0 + want.abs())
+}
+
+/// The GPU tests' comparison on the host: it passes the exact product and fails one element
+/// moved by a whole product.
+#[test]
+fn check_product_passes_the_product_and_fails_a_moved_element() {
+    let (m, n, k) = (5, 7, 9);
+    let (_, fa) = random_matrix("check_product a", m, k);
+    let (_, fb) = random_matrix("check_product b", n, k);
+    let exact = |i: usize, j: usize| (0..k).map(|t| fa[i * k + t] as f64 * fb[j * k + t] as f64).sum::<f64>();
+    check_product("exact", exact, &fa, &fb, (m, n, k), f32_sum_tolerance);
+    let moved = std::panic::catch_unwind(|| {
+        let off = |i: usize, j: usize| exact(i, j) + if (i, j) == (3, 4) { 0.3 } else { 0.0 };
+        check_product("moved", off, &fa, &fb, (m, n, k), f32_sum_tolerance)
+    });
+    let msg = moved.expect_err("a moved element passed");
+    let msg = msg.downcast_ref::<String>().expect("a panic message");
+    assert!(msg.contains("moved, C[3][4]"), "{msg}");
+}
+
 #[test]
 fn wgmma_on_swizzled_tiles_matches_the_host_product() {
     let test = "wgmma_on_swizzled_tiles_matches_the_host_product";
@@ -80,15 +123,7 @@ fn wgmma_on_swizzled_tiles_matches_the_host_product() {
             return;
         }
         let out = wgmma_sw128(&gpu, &a, &b, k).unwrap();
-        for i in 0..BOX {
-            for j in 0..BOX {
-                let want: f64 = (0..k).map(|t| fa[i * k + t] as f64 * fb[j * k + t] as f64).sum();
-                let got = out[i * BOX + j] as f64;
-                // Exact bf16 products summed in f32: a few ulps of sums of magnitude up to ~k/3.
-                // A wrong swizzle, descriptor or fragment layout moves whole products (~0.3 each).
-                assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "k {k}, C[{i}][{j}]: {got} against {want}");
-            }
-        }
+        check_product(&format!("k {k}"), |i, j| out[i * BOX + j] as f64, &fa, &fb, (BOX, BOX, k), f32_sum_tolerance);
     }
 }
 
@@ -107,14 +142,7 @@ fn wgmma_n192_on_swizzled_tiles_matches_the_host_product() {
         return;
     }
     let out = wgmma_sw128_n192(&gpu, &a, &b).unwrap();
-    for i in 0..BOX {
-        for j in 0..n {
-            let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * fb[j * BOX + t] as f64).sum();
-            let got = out[i * n + j] as f64;
-            // As in wgmma_on_swizzled_tiles_matches_the_host_product.
-            assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "C[{i}][{j}]: {got} against {want}");
-        }
-    }
+    check_product("n 192", |i, j| out[i * n + j] as f64, &fa, &fb, (BOX, n, BOX), f32_sum_tolerance);
 }
 
 #[test]
@@ -135,18 +163,10 @@ fn warp_specialised_gemm_matches_the_host_product() {
         gemm_tn(&gpu, &a, &b, &mut c, m, n, k).unwrap();
         finish_or_exit(&gpu, &format!("gemm_tn {m} x {n} x {k}")).unwrap();
         let out = c.to_host().unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                let want: f64 = (0..k).map(|t| fa[i * k + t] as f64 * fb[j * k + t] as f64).sum();
-                let got = out[i * n + j].to_f32() as f64;
-                // One bf16 rounding of an f32 sum (2^-9 relative, 2^-8 kept) and f32 accumulation;
-                // a wrong operand layout, stage or edge is off by whole products (~0.3 each).
-                assert!(
-                    (got - want).abs() <= 4e-3 * want.abs() + 1e-3,
-                    "[{m}, {n}, {k}], C[{i}][{j}]: {got} against {want}"
-                );
-            }
-        }
+        // One bf16 rounding of an f32 sum (2^-9 relative, 2^-8 kept) and f32 accumulation; a
+        // wrong operand layout, stage or edge is off by whole products (~0.3 each).
+        let what = format!("[{m}, {n}, {k}]");
+        check_product(&what, |i, j| out[i * n + j].to_f32() as f64, &fa, &fb, (m, n, k), |w| 4e-3 * w.abs() + 1e-3);
     }
 }
 
