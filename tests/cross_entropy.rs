@@ -12,7 +12,9 @@ use mapet::ops::cross_entropy::{
     cpu_backward, cpu_backward_with, cpu_forward, cpu_forward_with, cuda_forward, cuda_forward_backward,
     cuda_forward_backward_queued, cuda_forward_queued, CpuPrecision, CpuRowOutputs, CrossEntropyShape, CudaRowOutputs,
 };
-use mapet::testing::{assert_all_written, assert_within_baseline, gpu_or_skip, rng, uniform, uniform_bf16};
+use mapet::testing::{
+    assert_all_written, assert_within_baseline, gpu_or_skip, misses, rng, uniform, uniform_bf16, Misses,
+};
 use mapet::Error;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -369,6 +371,54 @@ fn assert_rows_written(what: &str, rows: &CpuRowOutputs, vocab: usize) {
     }
 }
 
+/// Rows whose lse is further from the baseline's than bf16 roundings take it (0.05: the logits'
+/// roundings move it by about 1e-3), counted by GPU chunk, by pass inside the chunk
+/// (`with_sub_chunk_rows`) and by row of the pass.
+fn lse_misses(shape: &CrossEntropyShape, lse: &[f32], base: &[f32]) -> Misses {
+    let rc = shape.gpu_chunk_rows();
+    let pass_of = |r: usize| {
+        let (chunk, within) = (r / rc, r % rc);
+        let len = rc.min(shape.rows - chunk * rc);
+        let passes = shape.gpu_sub_chunks(len);
+        let i = passes.iter().position(|p| p.contains(&within)).unwrap_or(usize::MAX);
+        (i, within - passes.get(i).map_or(0, |p| p.start))
+    };
+    misses(
+        lse.len(),
+        |r| (lse[r] - base[r]).abs().is_nan() || (lse[r] - base[r]).abs() > 0.05,
+        &[
+            ("chunk", &|r| Some(r / rc)),
+            ("pass", &|r| Some(pass_of(r).0)),
+            ("row of the pass", &|r| Some(pass_of(r).1)),
+        ],
+    )
+}
+
+/// lse_misses, on the CPU: a planted error in one pass of one chunk is counted there, and
+/// nowhere else.
+#[test]
+fn lse_misses_locate_a_pass() {
+    let mut rng = rng("lse_misses_locate_a_pass");
+    let shape = CrossEntropyShape::new(517, 128, 8192).with_chunk_rows(200).with_sub_chunk_rows(67);
+    let base = uniform(&mut rng, 517, 9.0);
+    let mut lse = base.iter().map(|v| v + 1e-3).collect::<Vec<_>>();
+    assert!(lse_misses(&shape, &lse, &base).wrong.is_empty(), "roundings are no misses");
+    // Chunk 1 (rows 200..400), its second pass (rows 67..134 of the chunk): rows 267..334.
+    for v in &mut lse[267..334] {
+        *v += 0.5;
+    }
+    let m = lse_misses(&shape, &lse, &base);
+    assert_eq!(m.wrong, (267..334).collect::<Vec<_>>());
+    assert_eq!((m.count("chunk", 1), m.count("chunk", 0), m.count("chunk", 2)), (67, 0, 0));
+    assert_eq!((m.count("pass", 1), m.count("pass", 0), m.count("pass", 2)), (67, 0, 0));
+    assert_eq!((m.count("row of the pass", 0), m.count("row of the pass", 66)), (1, 1));
+    // The tail chunk of 117 rows runs passes of 59 and 58: row 400 + 59 opens its second pass.
+    let mut lse = base.clone();
+    lse[459] = f32::NAN;
+    let m = lse_misses(&shape, &lse, &base);
+    assert_eq!((m.count("chunk", 2), m.count("pass", 1), m.count("row of the pass", 0)), (1, 1, 1));
+}
+
 /// The full comparison of one case: GPU against the same-precision CPU baseline and the f64 truth.
 fn check_case(test: &str, gpu: &Gpu, gemm: &Gemm, c: &Case) {
     let CrossEntropyShape { rows, dim, vocab, .. } = c.shape;
@@ -397,6 +447,16 @@ fn check_case(test: &str, gpu: &Gpu, gemm: &Gemm, c: &Case) {
     assert_rows_written("forward", &g.fwd_rows, vocab);
     assert_rows_written("forward+backward", &g.rows, vocab);
 
+    // Rows far off the baseline (a wrong pass or chunk, not rounding), located by chunk and pass
+    // for the failure message, before the two runs are compared with each other.
+    let mut reports = Vec::new();
+    for (run, rows_out) in [("forward", &g.fwd_rows), ("forward+backward", &g.rows)] {
+        let m = lse_misses(&c.shape, &rows_out.lse, &base.lse);
+        if !m.wrong.is_empty() {
+            reports.push(m.report(&format!("{run} row lse")));
+        }
+    }
+    assert!(reports.is_empty(), "{}", reports.join("\n"));
     // The forward alone and the training variant compute the same statistics, bit for bit.
     assert_eq!(g.fwd_stats, g.stats, "forward-only and forward+backward statistics differ");
     for r in 0..rows {

@@ -811,7 +811,8 @@ impl Call<'_, '_> {
         }
         let (first, n) = (start + pass.start, pass.len());
         let mut p = self.params();
-        p.logits = cb.logits.ptr_mut().wrapping_add(pass.start * vocab);
+        // A typed view, not arithmetic on the untyped pointer (which would count bytes).
+        p.logits = gpu.view_mut_of(&mut cb.logits, pass.start * vocab..pass.end * vocab)?.ptr_mut();
         p.targets = (self.targets.ptr() as *const i32).wrapping_add(first);
         p.row_loss = self.rows_out.loss.f32_ptr().wrapping_add(first);
         p.row_lse = self.rows_out.lse.f32_ptr().wrapping_add(first);
