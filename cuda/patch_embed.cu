@@ -876,8 +876,9 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 // loads in flight, and ncu counted no membar stalls there (fifth run), so the fence does not wait
 // for them.
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
-// other HWC kernels' in the last bits (the same function, another f32 order). EXPERIMENTAL:
-// compiles, unverified on GPU; MAPET_PATCH_EMBED_ORDER=hwc-ws, compute capability 9.0 only.
+// other HWC kernels' in the last bits (the same function, another f32 order). The default forward
+// on compute capability 9.0 (its tests pass on an H200, 0.148 ms at ViT-B against the mma.sync
+// HWC kernel's 0.176; BENCHMARKS.md); compute capability 9.0 only.
 constexpr int kWsN = 192;
 constexpr int kWsK = 64;
 constexpr int kWsStages = 4;
@@ -1447,8 +1448,9 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
 // - warpgroups 1 and 2 consume channels 0-63 and 64-127 of the tile (64 f32 accumulators a
 //   thread) and release a stage on `empty` (count 2) once the wgmma that read it are done.
 // Not persistent: about three blocks an SM in all (weight_grad_splits_ws), one at a time.
-// EXPERIMENTAL: compiles, unverified on GPU; MAPET_PATCH_EMBED_ORDER=hwc-ws, compute capability
-// 9.0 only.
+// Experimental: its tests pass on an H200, but it took 0.227 ms at ViT-B there against the mma.sync
+// HWC weight gradient's 0.193 (BENCHMARKS.md), so the default backward stays that one;
+// MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc-ws picks it, compute capability 9.0 only.
 constexpr int kWbRows = 64;     // contraction rows a slice
 constexpr int kWbStages = 6;
 constexpr int kWbLag = 3;       // slices between a producer's copies and its arrival for them

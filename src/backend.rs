@@ -803,13 +803,15 @@ pub struct CudaBackend {
     /// The GEMMs of every Linear and of the cross-entropy.
     pub gemm: Gemm,
     /// The patch embedding's contraction order for uint8 pixels, read once from
-    /// `MAPET_PATCH_EMBED_ORDER` when the backend is made (the default: the faster order).
+    /// `MAPET_PATCH_EMBED_ORDER` when the backend is made (the default: the faster order on the
+    /// device, [`PixelOrder::selected_pair`]).
     pub pixel_order: PixelOrder,
-    /// The patch embedding backward's order: `pixel_order` unless
-    /// `MAPET_PATCH_EMBED_BACKWARD_ORDER` names another (read when the backend is made).
+    /// The patch embedding backward's order: the one `MAPET_PATCH_EMBED_BACKWARD_ORDER` names,
+    /// else `pixel_order` when `MAPET_PATCH_EMBED_ORDER` is set, else the faster backward on the
+    /// device (read when the backend is made).
     pub pixel_order_backward: PixelOrder,
     /// The attention kernels, read once from `MAPET_ATTENTION_KERNELS` when the backend is made
-    /// (the default: the faster set, `resident`).
+    /// (the default: the faster set, `wgmma`, which runs `resident` off compute capability 9.0).
     pub attention_kernels: AttentionKernels,
     /// The attention backward's kernels: `attention_kernels` unless
     /// `MAPET_ATTENTION_BACKWARD_KERNELS` names another set (read when the backend is made).
@@ -830,12 +832,12 @@ impl CudaBackend {
     pub fn new(gpu: Arc<Gpu>) -> Result<Self> {
         let gemm = Gemm::new(&gpu)?;
         let attention_kernels = AttentionKernels::selected()?;
-        let pixel_order = PixelOrder::selected()?;
+        let (pixel_order, pixel_order_backward) = PixelOrder::selected_pair(gpu.compute_capability())?;
         Ok(CudaBackend {
             gpu,
             gemm,
             pixel_order,
-            pixel_order_backward: PixelOrder::selected_backward(pixel_order)?,
+            pixel_order_backward,
             attention_kernels,
             attention_backward_kernels: AttentionKernels::selected_backward(attention_kernels)?,
             ce_sub_chunk_rows: cross_entropy::sub_chunk_rows_named(

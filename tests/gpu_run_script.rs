@@ -63,10 +63,11 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
     // Times around each target: attention forward (0.20 ms), forward + backward (0.60 ms), the
     // cross-entropy (1.25 ms), the patch embedding (0.30 ms). Each op's other variants are set
     // against its default so that each of the winner rules is put to work, at drawn magnitudes:
-    // - attention: `tiled` is under `resident` by less than 1% (the default stays); the pair with
-    //   wgmma is fastest but not eligible (its tests hung);
-    // - patch embedding: the `hwc-ws/hwc` pair is well under `hwc` (it wins, split into the two
-    //   directions' switches);
+    // - attention: the default, `wgmma`, hung in its tests, so it has no line and the fastest
+    //   tested set wins (`resident`, under `tiled`); the pair with wgmma is fastest but not
+    //   eligible;
+    // - patch embedding: `hwc` is under the default `hwc-ws/hwc` pair by less than 1% (the default
+    //   stays, split into the two directions' switches);
     // - cross-entropy: 3 sub-chunk passes are well under one pass (they win); the chosen GEMMs are
     //   faster still but not eligible (the GEMM tests did not run).
     let mut draw = |lo: f64, hi: f64| rng.random_range(lo..hi);
@@ -75,11 +76,11 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
     let (resident_fb, tiled_f, resident_f) = (0.6 * draw(0.8, 1.25), 0.2 * draw(1.01, 1.1), 0.2 * draw(1.01, 1.1));
     let attn = [
         ("resident", resident_f, resident_fb),
-        ("tiled", tiled_f, resident_fb * draw(0.992, 0.998)),
+        ("tiled", tiled_f, resident_fb * draw(1.01, 1.1)),
         ("resident/wgmma", resident_f, resident_fb * 0.5),
     ];
     let pair = 0.3 * draw(0.9, 0.99);
-    let hwc = pair / draw(0.8, 0.95);
+    let hwc = pair * draw(0.992, 0.998);
     let pe = [("hwc", hwc), ("chw", hwc * draw(1.0, 1.2)), ("hwc-ws/hwc", pair)];
     let (headline, one_pass) = (1.25 * draw(0.8, 1.25), 1.25 * draw(0.8, 1.25));
     let passes = one_pass * draw(0.8, 0.97);

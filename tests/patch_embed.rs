@@ -528,13 +528,24 @@ fn pixel_order_names_parse_and_bad_names_are_refused() {
     assert_eq!(PixelOrder::default(), PixelOrder::Hwc);
     let e = PixelOrder::parse_name("HWC").unwrap_err();
     assert!(e.contains("chw or hwc") && e.contains("MAPET_PATCH_EMBED_ORDER"), "{e}");
-    // The backward's own variable: the forward's order when unset, any order by name, and an
-    // unknown name refused naming that variable.
-    let (var, ws) = (PixelOrder::BACKWARD_VAR, PixelOrder::HwcWs);
-    assert_eq!(PixelOrder::named_or(var, None, ws).unwrap(), ws);
-    assert_eq!(PixelOrder::named_or(var, Some("hwc"), ws).unwrap(), PixelOrder::Hwc);
-    let bad = PixelOrder::named_or(var, Some("ws"), ws).unwrap_err().to_string();
-    assert!(bad.contains(var) && bad.contains("\"ws\""), "{bad}");
+    // The pair the backend runs: the measured defaults when neither variable is set (hwc-ws's
+    // forward with hwc's backward on compute capability 9.0 only), the forward's order for the
+    // backward when only the forward's is set, each by name when given, and an unknown name
+    // refused naming its variable.
+    use PixelOrder::{Chw, Hwc, HwcWgmma, HwcWs};
+    let (hopper, ampere) = ((9, 0), (8, 0));
+    let pair = |f, b, cc| PixelOrder::pair_named(f, b, cc).unwrap();
+    assert_eq!(pair(None, None, hopper), (HwcWs, Hwc));
+    assert_eq!(pair(None, None, ampere), (Hwc, Hwc));
+    assert_eq!(pair(Some("chw"), None, hopper), (Chw, Chw));
+    assert_eq!(pair(Some("hwc-ws"), None, hopper), (HwcWs, HwcWs));
+    assert_eq!(pair(None, Some("hwc-wgmma"), hopper), (HwcWs, HwcWgmma));
+    assert_eq!(pair(None, Some("chw"), ampere), (Hwc, Chw));
+    assert_eq!(pair(Some("hwc"), Some("hwc-ws"), ampere), (Hwc, HwcWs));
+    for (f, b, var) in [(Some("ws"), None, PixelOrder::VAR), (None, Some("ws"), PixelOrder::BACKWARD_VAR)] {
+        let bad = PixelOrder::pair_named(f, b, hopper).unwrap_err().to_string();
+        assert!(bad.contains(var) && bad.contains("\"ws\""), "{bad}");
+    }
 }
 
 // ------------------------------------------------------------------------------------------ GPU

@@ -509,8 +509,9 @@ pub enum PixelOrder {
     /// [`PixelOrder::Chw`]): eight consecutive k' are eight consecutive bytes, one 8-byte load,
     /// and the loads run two steps ahead. The forward multiplies by a copy of the weight permuted
     /// the same way (D·K bf16 of scratch); the reduction of the weight gradient's partials puts
-    /// it back in CHW order. The default: on an H200 at ViT-B, batch 128, forward + backward
-    /// take 0.378 ms against 0.605 ms in CHW order (BENCHMARKS.md).
+    /// it back in CHW order. On an H200 at ViT-B, batch 128, forward + backward take 0.368 ms
+    /// against 0.603 ms in CHW order (BENCHMARKS.md). The default off compute capability 9.0, and
+    /// the default backward everywhere ([`PixelOrder::defaults_for`]).
     #[default]
     Hwc,
     /// [`PixelOrder::Hwc`] with the MMAs of the forward and of the weight gradient issued as
@@ -524,8 +525,10 @@ pub enum PixelOrder {
     /// (`mapet_patch_embed_fwd_u8_hwc_ws`, `mapet_patch_embed_bwd_weight_u8_hwc_ws`): one
     /// warpgroup loads, slices ahead, into a ring of shared-memory stages (the forward's weight by
     /// TMA, d_out by cp.async, the pixels normalised through registers), and two warpgroups run
-    /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). Experimental: compiles,
-    /// unverified on GPU.
+    /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). Its tests pass on an H200;
+    /// there at ViT-B its forward took 0.148 ms against `Hwc`'s 0.176, its weight gradient 0.227
+    /// against 0.193 (BENCHMARKS.md, sixth run), so the default on compute capability 9.0 is its
+    /// forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]).
     HwcWs,
 }
 
@@ -552,11 +555,36 @@ impl PixelOrder {
     /// The environment variable that picks the backward's order apart from the forward's.
     pub const BACKWARD_VAR: &'static str = "MAPET_PATCH_EMBED_BACKWARD_ORDER";
 
-    /// The backward's order: the one [`Self::BACKWARD_VAR`] names when it is set, else `forward`
-    /// (the order `MAPET_PATCH_EMBED_ORDER` picked). The backward reads the pixels, not the
-    /// forward's output, so any two orders work together; e.g. `hwc-ws` for the forward alone.
-    pub fn selected_backward(forward: PixelOrder) -> Result<PixelOrder> {
-        Self::selected_or(Self::BACKWARD_VAR, forward)
+    /// The fastest (forward, backward) pair measured on a device of compute capability `cc`:
+    /// `hwc-ws`'s forward with `hwc`'s backward on 9.0 (H100/H200), `hwc` both ways elsewhere.
+    pub fn defaults_for(cc: (u32, u32)) -> (PixelOrder, PixelOrder) {
+        if cc == (9, 0) {
+            (PixelOrder::HwcWs, PixelOrder::Hwc)
+        } else {
+            (PixelOrder::Hwc, PixelOrder::Hwc)
+        }
+    }
+
+    /// The (forward, backward) orders the CUDA backend runs on a device of compute capability
+    /// `cc`: the forward's is the one [`KernelChoice::VAR`] names, the backward's the one
+    /// [`Self::BACKWARD_VAR`] names, else the forward's when only that is set, else
+    /// [`Self::defaults_for`]. The backward reads the pixels, not the forward's output, so any two
+    /// orders work together.
+    pub fn selected_pair(cc: (u32, u32)) -> Result<(PixelOrder, PixelOrder)> {
+        let var = |name: &str| std::env::var(name).ok();
+        Self::pair_named(var(Self::VAR).as_deref(), var(Self::BACKWARD_VAR).as_deref(), cc)
+    }
+
+    /// [`Self::selected_pair`] for the variables' values (`None`: unset).
+    pub fn pair_named(
+        forward: Option<&str>,
+        backward: Option<&str>,
+        cc: (u32, u32),
+    ) -> Result<(PixelOrder, PixelOrder)> {
+        let (fwd, bwd) = Self::defaults_for(cc);
+        let fwd = Self::named_or(Self::VAR, forward, fwd)?;
+        let bwd = Self::named_or(Self::BACKWARD_VAR, backward, if forward.is_some() { fwd } else { bwd })?;
+        Ok((fwd, bwd))
     }
 }
 
