@@ -23,10 +23,11 @@
 #                   MAPET_SANITIZE_TIMEOUT seconds (default 400)
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per patch-embedding
 #                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
-#                   "hwc chw"; "hwc-ws/hwc" runs the hwc-ws forward with the hwc backward) and
+#                   "hwc-ws/hwc hwc", the default pair on an H100/H200 and the mma.sync one;
+#                   "hwc-ws/hwc" runs the hwc-ws forward with the hwc backward) and
 #                   attention kernel set (MAPET_ATTENTION_KERNELS) in
-#                   MAPET_MODEL_BENCH_ATTENTION (default "resident"; "tiled resident" runs both;
-#                   "wgmma/resident" runs the wgmma forward with the resident backward) and GEMM
+#                   MAPET_MODEL_BENCH_ATTENTION (default "wgmma resident"; "wgmma/resident" runs
+#                   the wgmma forward with the resident backward) and GEMM
 #                   tuning (MAPET_GEMM_TUNE) in MAPET_MODEL_BENCH_TUNE (default: the variable's
 #                   value, else 0; "0 1" runs both),
 #                   logs into $MAPET_RESULTS, with the SM clock and power sampled by
@@ -189,8 +190,8 @@ else:
 }
 
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
-  for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc chw}; do
-    for attn in ${MAPET_MODEL_BENCH_ATTENTION:-resident}; do
+  for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc-ws/hwc hwc}; do
+    for attn in ${MAPET_MODEL_BENCH_ATTENTION:-wgmma resident}; do
       for tune in ${MAPET_MODEL_BENCH_TUNE:-${MAPET_GEMM_TUNE:-0}}; do
         # "fwd/bwd" (e.g. wgmma/resident) runs the forward and the backward on different sets.
         # The same for the patch embedding's orders (e.g. hwc-ws/hwc).
@@ -240,16 +241,18 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
   # a bench launches first do not use up the count. The stall-reason metrics (percent of a
   # warp's active cycles) say what the warps wait on. MAPET_NCU_KERNELS overrides the list
   # ("log:bench:kernel:criterion filter" entries).
-  specs="${MAPET_NCU_KERNELS:-attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
+  # The default list: the kernels the defaults run on an H100/H200 (wgmma attention, the hwc-ws
+  # patch-embedding forward with the hwc weight gradient), then the others.
+  specs="${MAPET_NCU_KERNELS:-attn-fwd-wgmma:attention:mapet_attention_fwd_wgmma:attention/vit-b/wgmma \
+    attn-dq-wgmma:attention:mapet_attention_bwd_dq_wgmma:attention/vit-b/wgmma \
+    attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
+    patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
+    patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
+    attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
     attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
     attn-fwd-tiled:attention:mapet_attention_fwd:attention/vit-b/tiled \
-    attn-fwd-wgmma:attention:mapet_attention_fwd_wgmma:attention/vit-b/wgmma \
-    attn-dq-wgmma:attention:mapet_attention_bwd_dq_wgmma:attention/vit-b/wgmma \
-    attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
     patch-fwd-hwc:patch_embed:mapet_patch_embed_fwd_u8_hwc:patch_embed_gpu \
-    patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
-    patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
     patch-bwd-weight-hwc-ws:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_ws:patch_embed_gpu \
     patch-fwd-hwc-wgmma:patch_embed:mapet_patch_embed_fwd_u8_hwc_wgmma:patch_embed_gpu \
     patch-bwd-weight-hwc-wgmma:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_wgmma:patch_embed_gpu}"
