@@ -810,13 +810,15 @@ impl Call<'_, '_> {
             });
         }
         let (first, n) = (start + pass.start, pass.len());
+        let rows = first..first + n;
         let mut p = self.params();
-        // A typed view, not arithmetic on the untyped pointer (which would count bytes).
+        // Every pointer from a typed, bounds-checked view: offsets on the untyped pointers would
+        // count bytes (the sixth run's sub-chunk bug).
         p.logits = gpu.view_mut_of(&mut cb.logits, pass.start * vocab..pass.end * vocab)?.ptr_mut();
-        p.targets = (self.targets.ptr() as *const i32).wrapping_add(first);
-        p.row_loss = self.rows_out.loss.f32_ptr().wrapping_add(first);
-        p.row_lse = self.rows_out.lse.f32_ptr().wrapping_add(first);
-        p.row_argmax = (self.rows_out.argmax.ptr_mut() as *mut i32).wrapping_add(first);
+        p.targets = gpu.view_of(self.targets, rows.clone())?.ptr() as *const i32;
+        p.row_loss = gpu.view_mut_of(&mut self.rows_out.loss, rows.clone())?.ptr_mut() as *mut f32;
+        p.row_lse = gpu.view_mut_of(&mut self.rows_out.lse, rows.clone())?.ptr_mut() as *mut f32;
+        p.row_argmax = gpu.view_mut_of(&mut self.rows_out.argmax, rows)?.ptr_mut() as *mut i32;
         p.rows = n as i64;
         p.write_grad = i32::from(self.grads.is_some());
         // This pass's column-sum groups (a shorter pass or chunk may have fewer than the call's).
@@ -838,10 +840,10 @@ impl Call<'_, '_> {
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: pass lies inside the chunk, so logits holds the pass's n * vocab bf16 (ld =
-        // vocab) from its first row on; the bias holds vocab f32; targets and the three row
-        // outputs hold `rows` elements each, of which [first, first + n) are addressed (first +
-        // n <= rows); every target is below vocab (checked on the host), so the target logit
+        // SAFETY: the views above checked that logits holds the pass's n * vocab bf16 (ld =
+        // vocab) and targets and the three row outputs the pass's n elements each, from the
+        // pointers given; the bias holds vocab f32; every target is below vocab (checked on the
+        // host), so the target logit
         // read stays inside its row. cross_entropy_rows_held (vocab % 8 == 0, vocab <=
         // GRAD_MAX_VOCAB, as it requires) adds, in training only, to groups * vocab floats of
         // partial, which holds colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte
