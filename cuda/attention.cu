@@ -1529,6 +1529,11 @@ __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
 // tensor cores. pin_g1 / pin_g2 pin the G1 accumulators / the G2 accumulators and A fragments
 // (pin_regs), so that no access to them moves across a wait. next(it, nxt) sets the item after it
 // and says whether there is one. The first item always exists.
+// The wait for G2(n) opens the loop's body, and end_basic_block closes it after elementwise(n+1):
+// written as "wait<1>, elementwise, wait<0>" in one block, ptxas issued the second wait first and
+// ran all of the forward's softmax (and 12 of dQ's 16, 7 of dK/dV's 16 exponentials) after it,
+// with the tensor cores idle (hopper.cuh, end_basic_block). tests/kernel_schedule.rs checks the
+// overlap in the SASS.
 template <typename Item, typename Next, typename IssueG1, typename PinG1, typename Elementwise, typename PinG2,
           typename Finish, typename IssueG2>
 __device__ __forceinline__ void wg_pipeline(Item cur, Next next, IssueG1 issue_g1, PinG1 pin_g1,
@@ -1536,19 +1541,20 @@ __device__ __forceinline__ void wg_pipeline(Item cur, Next next, IssueG1 issue_g
     issue_g1(cur);
     wgmma_wait_groups<0>();
     pin_g1();
-    finish(elementwise(cur));  // no G2 in flight yet
-    pin_g2();
+    auto e = elementwise(cur);
     Item nxt;
-    while (next(cur, nxt)) {
+    for (;;) {
+        wgmma_wait_groups<0>();  // G2 of the previous item (none at the first): its registers are free
+        pin_g2();
+        finish(e);
+        pin_g2();
+        if (!next(cur, nxt)) break;
         issue_g1(nxt);
         issue_g2(cur);
         wgmma_wait_groups<1>();  // G1 of nxt (G2 of cur may still run)
         pin_g1();
-        const auto e = elementwise(nxt);
-        wgmma_wait_groups<0>();  // G2 of cur: its accumulators and A fragments are free
-        pin_g2();
-        finish(e);
-        pin_g2();
+        e = elementwise(nxt);
+        end_basic_block();  // so that the wait opening the next iteration stays below elementwise
         cur = nxt;
     }
     issue_g2(cur);

@@ -263,6 +263,28 @@ __device__ __forceinline__ void sw128_load_wait_groups() {
     fence_proxy_async_smem();
 }
 
+// Ends the current basic block, at the cost of a compare and a never-taken branch (%nsmid, the
+// number of SMs, is never 0). Why: ptxas's scheduler starts a wgmma.wait_group as early as it
+// can and moves independent work below it, as it would move work below a load to hide the load's
+// latency. A wait blocks the warp instead, so the work meant to overlap with the tensor cores
+// then runs after them. What did not hold the work above the wait (checked in the SASS of
+// cuda/attention.cu's wgmma kernels): the empty asm of pin_regs (gone by the time ptxas
+// schedules), a shared-memory store, a proxy fence or __syncwarp in between, and even the loop's
+// back edge (ptxas moved 13 of dQ's 16 exponentials below the next iteration's wait). A block
+// that ends in a branch ptxas cannot resolve did, in all three kernels; tests/kernel_schedule.rs
+// checks that it still does.
+// The trap path waits for the warpgroup's wgmma first: ptxas would otherwise add that wait itself
+// and report it (C7517) at every build.
+__device__ __forceinline__ void end_basic_block() {
+    uint32_t sms;
+    asm volatile("mov.u32 %0, %%nsmid;\n" : "=r"(sms));
+    if (sms == 0) {
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        __trap();
+        __builtin_unreachable();
+    }
+}
+
 // Pins registers at this point of the program: an empty asm that "writes" them, so the compiler
 // moves no definition of them past it and no use of them ahead of it. Around wgmma: before the
 // fence that precedes an issue (accumulators and A fragments fully formed), and after the wait

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs the CUDA 13.0 compiler (nvcc, ptxas, nvvm, headers) from PyPI wheels into
-# .cuda-toolchain/ at the project root (ignored by git). Idempotent: a second run with the same
-# pins does nothing. Prints the path of nvcc last.
+# Installs the CUDA 13.0 compiler (nvcc, ptxas, nvvm, headers) and a disassembler (cuobjdump,
+# nvdisasm) from PyPI wheels into .cuda-toolchain/ at the project root (ignored by git).
+# Idempotent: a second run with the same pins does nothing. Prints the path of nvcc last.
 #
-# The pins matter: every wheel is 13.0.x so that the PTX and cubins it makes load on a CUDA 13.0
-# driver. An unpinned nvidia-nvvm pulls 13.5, whose PTX the 13.0 ptxas rejects.
+# The pins matter: every compiler wheel is 13.0.x so that the PTX and cubins it makes load on a
+# CUDA 13.0 driver. An unpinned nvidia-nvvm pulls 13.5, whose PTX the 13.0 ptxas rejects.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +15,10 @@ pins=(
   nvidia-cuda-crt==13.0.88
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-cccl==13.0.85
+  # The disassembler (cuobjdump -sass and the nvdisasm it runs), for tests/kernel_schedule.rs. It
+  # only reads the cubins; PyPI has no 13.0 build of either, and 13.2 reads 13.0's sm_90a.
+  nvidia-cuda-cuobjdump==13.2.86
+  nvidia-cuda-nvdisasm==13.2.86
 )
 stamp="$dest/.installed"
 want="$(printf '%s\n' "${pins[@]}")"

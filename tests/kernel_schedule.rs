@@ -1,0 +1,181 @@
+//! The wgmma attention kernels are pipelined so that a chunk's elementwise work (the softmax, P,
+//! dS) runs while the tensor cores compute the previous chunk's products: issue G1(n+1) and
+//! G2(n), wait for G1(n+1) (`wgmma.wait_group 1`), do the elementwise work of n+1, then wait for
+//! G2(n). Whether that overlap exists is decided by ptxas's scheduler, not by the source, and
+//! shows nowhere but in the SASS: ptxas once issued the second wait right after the first and ran
+//! all of the forward's softmax after it (cuda/hopper.cuh, `end_basic_block`). No GPU test and no
+//! ptxas report would notice; the kernels compute the same values either way, only slower.
+//!
+//! So this test disassembles the embedded sm_90a cubins (`cuobjdump -sass`, which runs
+//! `nvdisasm`; scripts/install-cuda-toolchain.sh installs both) and counts, after each
+//! `WARPGROUP.DEPBAR.LE gsb0, 0x1` of a kernel, the exponentials (`MUFU.EX2`) issued before the
+//! warp next waits for or issues wgmma. Each kernel's elementwise step has a known number of them
+//! a thread: 32 in the forward (two 32-key chunks of 64 rows over 128 threads), 16 in dQ and in
+//! dK/dV (one 32-wide chunk).
+//!
+//! Without the tools the test says so and passes, unless `MAPET_REQUIRE_KERNELS=1` (CI), where it
+//! fails: the check must run somewhere on every change.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// (kernel, exponentials a thread its elementwise step issues between the two waits).
+const PIPELINES: [(&str, usize); 3] =
+    [("mapet_attention_fwd_wgmma", 32), ("mapet_attention_bwd_dq_wgmma", 16), ("mapet_attention_bwd_dkdv_wgmma", 16)];
+
+#[test]
+fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
+    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
+        eprintln!("SKIP wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores: {reason}");
+        return;
+    }
+    let Some(cuobjdump) = find_cuobjdump() else {
+        let msg = "no cuobjdump found (MAPET_CUOBJDUMP, next to $NVCC, .cuda-toolchain/cuda/bin or PATH); \
+                   scripts/install-cuda-toolchain.sh installs it";
+        assert!(std::env::var("MAPET_REQUIRE_KERNELS").as_deref() != Ok("1"), "MAPET_REQUIRE_KERNELS=1: {msg}");
+        eprintln!("SKIP wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores: {msg}");
+        return;
+    };
+    let sass = disassemble("attention", &cuobjdump);
+    let sm90 = arch_section(&sass, "sm_90a");
+    for (kernel, want) in PIPELINES {
+        let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
+        let counts = exponentials_after_g1_waits(body);
+        eprintln!("{kernel}: exponentials between wait_group 1 and the next wgmma wait or issue: {counts:?}");
+        assert!(!counts.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's first wait)");
+        for n in counts {
+            assert!(
+                n >= want,
+                "{kernel}: only {n} of the elementwise step's {want} exponentials a thread run between the wait \
+                 for G1 and the wait for G2; ptxas has moved the rest below the second wait, where the tensor \
+                 cores are idle (cuda/hopper.cuh, end_basic_block)"
+            );
+        }
+    }
+}
+
+/// The counter on hand-written SASS in both orders, so that it is checked wherever the
+/// disassembler is missing too.
+#[test]
+fn exponential_count_sees_where_the_second_wait_went() {
+    let overlapped = "\
+        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n\
+        /*0110*/                   FMNMX R56, R22, R19, !PT ;\n\
+        /*0120*/                   MUFU.EX2 R72, R22 ;\n\
+        /*0130*/                   MUFU.EX2 R73, R19 ;\n\
+        /*0140*/              @!P0 BRA 0x200 ;\n\
+        /*0150*/                   MUFU.EX2 R74, R20 ;\n\
+        /*0160*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n\
+        /*0170*/                   MUFU.EX2 R75, R21 ;\n";
+    assert_eq!(exponentials_after_g1_waits(overlapped), vec![3]);
+    let hoisted = "\
+        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n\
+        /*0110*/                   FSEL R22, R72, -INF , !P2 ;\n\
+        /*0120*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n\
+        /*0130*/                   MUFU.EX2 R72, R22 ;\n\
+        /*0140*/                   WARPGROUP.ARRIVE ;\n\
+        /*0150*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n\
+        /*0160*/                   MUFU.EX2 R73, R19 ;\n\
+        /*0170*/                   HGMMA.64x64x16.F32.BF16 R24, R88, gdesc[UR16].tnspB, R24 ;\n";
+    assert_eq!(exponentials_after_g1_waits(hoisted), vec![0, 1]);
+}
+
+/// For each `WARPGROUP.DEPBAR.LE gsb0, 0x1` of `sass` (one function, in address order), the
+/// number of `MUFU.EX2` that follow it before the next wgmma wait, fence or issue.
+fn exponentials_after_g1_waits(sass: &str) -> Vec<usize> {
+    let ops: Vec<&str> = sass.lines().filter_map(instruction).collect();
+    let mut counts = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        if !op.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1") {
+            continue;
+        }
+        let n = ops[i + 1..]
+            .iter()
+            .take_while(|op| !(op.starts_with("WARPGROUP.") || op.starts_with("HGMMA")))
+            .filter(|op| op.starts_with("MUFU.EX2"))
+            .count();
+        counts.push(n);
+    }
+    counts
+}
+
+/// The instruction of a SASS line `/*addr*/ [@pred] OPCODE operands ;`, without address and
+/// predicate; None for other lines (encodings, labels, headers).
+fn instruction(line: &str) -> Option<&str> {
+    let rest = line.trim_start().strip_prefix("/*")?;
+    let (addr, rest) = rest.split_once("*/")?;
+    if !addr.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let rest = rest.trim_start();
+    let rest = match rest.strip_prefix('@') {
+        Some(r) => r.split_once(char::is_whitespace)?.1.trim_start(),
+        None => rest,
+    };
+    Some(rest.split(';').next()?.trim_end()).filter(|s| !s.is_empty())
+}
+
+/// The part of `cuobjdump -sass` output for `arch` ("code for sm_90a" up to the next "code for").
+fn arch_section<'a>(sass: &'a str, arch: &str) -> &'a str {
+    let marker = format!("code for {arch}");
+    let start = sass.find(&marker).unwrap_or_else(|| panic!("no `{marker}` in the disassembly"));
+    let rest = &sass[start + marker.len()..];
+    &rest[..rest.find("code for ").unwrap_or(rest.len())]
+}
+
+/// The SASS of `kernel` in one architecture's section: from its "Function : kernel" header to the
+/// next function's.
+fn function<'a>(section: &'a str, kernel: &str) -> Option<&'a str> {
+    let marker = format!("Function : {kernel}\n");
+    let start = section.find(&marker)? + marker.len();
+    let rest = &section[start..];
+    Some(&rest[..rest.find("Function : ").unwrap_or(rest.len())])
+}
+
+/// `cuobjdump -sass` of the embedded fatbin of `module`.
+fn disassemble(module: &str, cuobjdump: &Path) -> String {
+    let (_, fatbin) = mapet::cuda::kernels::FATBINS
+        .iter()
+        .find(|(name, _)| *name == module)
+        .unwrap_or_else(|| panic!("no fatbin for module {module}"));
+    let path = std::env::temp_dir().join(format!("mapet-{module}-{}.fatbin", std::process::id()));
+    std::fs::write(&path, fatbin).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    // cuobjdump runs nvdisasm, found on PATH: put its own folder first.
+    let dir = cuobjdump.parent().map(Path::to_path_buf).unwrap_or_default();
+    let path_var = std::env::join_paths(
+        std::iter::once(dir).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .expect("PATH");
+    let out = Command::new(cuobjdump)
+        .arg("-sass")
+        .arg(&path)
+        .env("PATH", path_var)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", cuobjdump.display()));
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{} -sass failed ({}): {}",
+        cuobjdump.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("cuobjdump output is UTF-8")
+}
+
+/// cuobjdump: `MAPET_CUOBJDUMP`, else beside `$NVCC`, else in the project's toolchain, else on
+/// PATH; each only if it runs.
+fn find_cuobjdump() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("MAPET_CUOBJDUMP") {
+        candidates.push(p.into());
+    }
+    if let Some(nvcc) = std::env::var_os("NVCC") {
+        if let Some(dir) = Path::new(&nvcc).parent() {
+            candidates.push(dir.join("cuobjdump"));
+        }
+    }
+    candidates.push(mapet::testing::project_root().join(".cuda-toolchain/cuda/bin/cuobjdump"));
+    candidates.push("cuobjdump".into());
+    candidates.into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+}
