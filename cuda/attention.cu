@@ -1438,10 +1438,39 @@ __device__ __forceinline__ int row_at(int pos, const Geometry& G) {
 
 constexpr int kChunk = 32;  // keys (forward, dQ) or positions (dK/dV) a chunk
 
-// Next 32-key chunk at or after kc that is not EMPTY for rows with first-hidden extrema amin, amax.
-__device__ __forceinline__ int next_key_chunk(int kc, int nkc, int amin, int amax, const Geometry& G) {
-    while (kc < nkc && classify(amin, amax, kc * kChunk, kc * kChunk + kChunk, true, G) == kEmpty) ++kc;
-    return kc;
+static_assert(kChunk == 32, "chunk masks: chunk c is bit c, found with shifts by 5");
+
+// A row or key tile's 32-wide chunks as bit masks, chunk c in bit c: live = not EMPTY, partial =
+// PARTIAL (classify's classes). Found once a tile, so that the chunk loops step with __ffs and
+// test a bit, where they called classify for every chunk twice (finding the next one, then
+// masking it). 32 chunks at most: the launcher picks the wgmma kernels only for Lk <= 1024
+// (forward, dQ) and Lq <= 1024 (dK/dV).
+struct ChunkMasks {
+    uint32_t live, partial;
+};
+
+// Bits [0, n) for n in [0, 32] (none for n <= 0).
+__device__ __forceinline__ uint32_t low_bits(int n) { return n >= 32 ? ~0u : (1u << max(n, 0)) - 1u; }
+
+// The 32-key chunks of [0, Lk) for rows with first-hidden extrema amin, amax, in closed form: both
+// classes are ranges of chunks. EMPTY (k0 >= amax, min(k1, Lk) <= amin + P): chunks from
+// ceil(amax / 32) to below (amin + P) / 32, or to the last if Lk <= amin + P. FULL (k1 <= amin or
+// k0 >= amax + P, and k1 <= Lk): chunks below amin / 32, and from ceil((amax + P) / 32) on, below
+// Lk / 32. Transcribed into src/ops/attention.rs and checked there against classify for every
+// chunk of every extrema pair.
+__device__ __forceinline__ ChunkMasks key_chunks(int amin, int amax, int nkc, const Geometry& G) {
+    const int empty_end = G.lk <= amin + G.p ? nkc : (amin + G.p) >> 5;
+    const uint32_t empty = low_bits(empty_end) & ~low_bits((amax + 31) >> 5);
+    const uint32_t full = (low_bits(amin >> 5) | ~low_bits((amax + G.p + 31) >> 5)) & low_bits(G.lk >> 5);
+    const uint32_t live = low_bits(nkc) & ~empty;
+    return ChunkMasks{live, live & ~full};
+}
+
+// The lowest chunk of `rest`, taken out of it; -1 when it is empty.
+__device__ __forceinline__ int take_chunk(uint32_t& rest) {
+    const int c = __ffs(rest) - 1;
+    rest &= rest - 1u;
+    return c;
 }
 
 // First-hidden extrema of positions [p0, min(p0 + n, Lq)) (first_hidden is monotone in the position).
@@ -1569,17 +1598,17 @@ __device__ __forceinline__ void wg_pipeline(Item cur, Next next, IssueG1 issue_g
 // makes ptxas serialise every wgmma of the kernel, C7515) and yet no EMPTY chunk is computed
 // but where their count is odd: 1.36x the visible pairs at ViT-B (1.29x without that one chunk a
 // row tile), against 1.57x for adjacent 64-key tiles.
-__device__ __forceinline__ void wg_issue_scores(float (&s)[2][4][4], uint32_t q_smem, uint32_t k_smem,
-                                                const int (&c)[2]) {
+// qd, kd: the descriptors (sw128_desc) of the Q tile and of K's first row.
+__device__ __forceinline__ void wg_issue_scores(float (&s)[2][4][4], uint64_t qd, uint64_t kd, const int (&c)[2]) {
     pin_regs(flat32(s));
     wgmma_fence_acc();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const uint32_t rows = k_smem + static_cast<uint32_t>(c[h] * kChunk) * 128;
-        wgmma_m64n32k16_ss<0>(flat16(s[h]), sw128_desc(q_smem), sw128_desc(rows));
+        const uint64_t rows = sw128_desc_plus(kd, static_cast<uint32_t>(c[h] * kChunk) * 128);
+        wgmma_m64n32k16_ss<0>(flat16(s[h]), qd, rows);
 #pragma unroll
         for (int k = 1; k < 4; ++k)
-            wgmma_m64n32k16_ss<1>(flat16(s[h]), sw128_desc(q_smem + 32 * k), sw128_desc(rows + 32 * k));
+            wgmma_m64n32k16_ss<1>(flat16(s[h]), sw128_desc_plus(qd, 32 * k), sw128_desc_plus(rows, 32 * k));
     }
     wgmma_commit_groups();
 }
@@ -1605,8 +1634,8 @@ __device__ __forceinline__ void wg_load_q(uint32_t q_smem, const bf16* qg, int64
 }
 
 // Issues O += P V for the chunks c[0], c[1]: pa[h][k] = the A fragment of keys 32 c[h] + 16 k +
-// [0, 16) (zeros where the keys are hidden). One wgmma group.
-__device__ __forceinline__ void wg_issue_pv(float (&acc)[8][4], const uint32_t (&pa)[2][2][4], uint32_t v_smem,
+// [0, 16) (zeros where the keys are hidden); vd = the descriptor of V's first row. One wgmma group.
+__device__ __forceinline__ void wg_issue_pv(float (&acc)[8][4], const uint32_t (&pa)[2][2][4], uint64_t vd,
                                             const int (&c)[2]) {
     pin_regs(flat32(acc));
     wgmma_fence_acc();
@@ -1614,29 +1643,29 @@ __device__ __forceinline__ void wg_issue_pv(float (&acc)[8][4], const uint32_t (
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
-            const uint32_t rows = v_smem + static_cast<uint32_t>(c[h] * kChunk + 16 * k) * 128;
-            wgmma_m64n64k16_rs_nmajor(flat32(acc), pa[h][k], sw128_desc(rows));
+            const uint32_t rows = static_cast<uint32_t>(c[h] * kChunk + 16 * k) * 128;
+            wgmma_m64n64k16_rs_nmajor(flat32(acc), pa[h][k], sw128_desc_plus(vd, rows));
         }
     }
     wgmma_commit_groups();
 }
 
-// The softmax of a finished pair of chunks c[0], c[1]: masks (a chunk that is EMPTY for the
-// warpgroup's rows, extrema amin and amax, or a second chunk marked absent by c[1] < 0, to -inf),
-// one softmax_tile step (the accumulator's rescale returned, not applied); p left in s.
-__device__ __forceinline__ Rescale wg_softmax(float (&s)[2][4][4], int amin, int amax, const int (&c)[2], int a_lo,
+// The softmax of a finished pair of chunks c[0], c[1]: masks (the chunks in `partial` per element,
+// a second chunk marked absent by c[1] < 0 all to -inf), one softmax_tile step (the accumulator's
+// rescale returned, not applied); p left in s.
+__device__ __forceinline__ Rescale wg_softmax(float (&s)[2][4][4], uint32_t partial, const int (&c)[2], int a_lo,
                                               int a_hi, int t, const Geometry& G, float sl2, float (&mx)[2],
                                               float (&l)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+        // An absent chunk goes through the element mask with a window of all its keys, rather than
+        // a branch of its own that fills -inf: ptxas ran such a fill on every pair, ahead of the
+        // branch, and the absent chunk comes once a row tile at most.
+        const bool absent = c[h] < 0;
         const int k0 = c[h] * kChunk, kb0 = k0 + 2 * t;
-        const int kind = c[h] < 0 ? kEmpty : classify(amin, amax, k0, k0 + kChunk, true, G);
-        if (kind == kEmpty) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) s[h][j][0] = s[h][j][1] = s[h][j][2] = s[h][j][3] = -INFINITY;
-        } else {
-            mask_scores(s[h], kind, k0 + kChunk > G.lk, 0, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
-        }
+        const int kind = absent || ((partial >> c[h]) & 1u) ? kPartial : kFull;
+        mask_scores(s[h], kind, !absent && k0 + kChunk > G.lk, 0, absent ? 0 : a_lo - kb0, absent ? 0 : a_hi - kb0,
+                    G.lk - kb0, absent ? kChunk : G.p);
     }
     Rescale r{false, {1.f, 1.f}};
     softmax_tile(s, mx, l, sl2, [&r](int i, float corr) {
@@ -1679,6 +1708,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
     const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's Q tile
     const int nkc = (G.lk + kChunk - 1) / kChunk;
+    const uint64_t qd = sw128_desc(q_smem), kd = sw128_desc(k_smem), vd = sw128_desc(v_smem);
 
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
 
@@ -1704,24 +1734,25 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         // The row tile's non-EMPTY 32-key chunks, two at a time. A pair's second chunk may be
         // absent (-1: an odd count); its products then read the first chunk's rows again, and its
         // scores are -inf. Every row sees N >= 1 keys, so the first chunk exists.
-        auto pair_from = [&](int from, ChunkPair& p) {
-            p.c[0] = next_key_chunk(from, nkc, amin, amax, G);
-            const int second = next_key_chunk(p.c[0] + 1, nkc, amin, amax, G);
-            p.c[1] = second < nkc ? second : -1;
+        const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
+        uint32_t rest = chunks.live;
+        auto take_pair = [&rest](ChunkPair& p) {
+            p.c[0] = take_chunk(rest);
+            p.c[1] = take_chunk(rest);
         };
         ChunkPair first;
-        pair_from(0, first);
+        take_pair(first);
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         wg_pipeline(
             first,
-            [&](const ChunkPair& cur, ChunkPair& nxt) {
-                if (cur.c[1] < 0) return false;
-                pair_from(cur.c[1] + 1, nxt);
-                return nxt.c[0] < nkc;
+            [&](const ChunkPair&, ChunkPair& nxt) {
+                if (rest == 0) return false;
+                take_pair(nxt);
+                return true;
             },
-            [&](const ChunkPair& p) { wg_issue_scores(s, q_smem, k_smem, p.rows().c); },
+            [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
             [&] { pin_regs(flat32(s)); },
-            [&](const ChunkPair& p) { return wg_softmax(s, amin, amax, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
+            [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
             [&] {
                 pin_regs(flat32(acc));
                 pin_regs(flat16(pa));
@@ -1730,7 +1761,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
                 rescale_acc(acc, r);  // (O is still 0 at the first pair)
                 wg_pack_p(pa, s);
             },
-            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, v_smem, p.rows().c); });
+            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); });
 
         float inv[2];
 #pragma unroll
@@ -1786,57 +1817,61 @@ namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 // G1 of both kernels: x = A0 B0^T and y = A1 B1^T over 64 head columns (4 steps of 16), the A
-// tiles (64 rows) and the B rows (32) K-major in swizzled shared memory. One wgmma group.
-__device__ __forceinline__ void wg_issue_pair(float (&x)[4][4], float (&y)[4][4], uint32_t a0, uint32_t b0, uint32_t a1,
-                                              uint32_t b1) {
+// tiles (64 rows) and the B rows (32) K-major in swizzled shared memory, given by their
+// descriptors (sw128_desc). One wgmma group.
+__device__ __forceinline__ void wg_issue_pair(float (&x)[4][4], float (&y)[4][4], uint64_t a0, uint64_t b0, uint64_t a1,
+                                              uint64_t b1) {
     pin_regs(flat16(x));
     pin_regs(flat16(y));
     wgmma_fence_acc();
-    wgmma_m64n32k16_ss<0>(flat16(x), sw128_desc(a0), sw128_desc(b0));
+    wgmma_m64n32k16_ss<0>(flat16(x), a0, b0);
 #pragma unroll
-    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss<1>(flat16(x), sw128_desc(a0 + 32 * c), sw128_desc(b0 + 32 * c));
-    wgmma_m64n32k16_ss<0>(flat16(y), sw128_desc(a1), sw128_desc(b1));
+    for (int c = 1; c < 4; ++c)
+        wgmma_m64n32k16_ss<1>(flat16(x), sw128_desc_plus(a0, 32 * c), sw128_desc_plus(b0, 32 * c));
+    wgmma_m64n32k16_ss<0>(flat16(y), a1, b1);
 #pragma unroll
-    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss<1>(flat16(y), sw128_desc(a1 + 32 * c), sw128_desc(b1 + 32 * c));
+    for (int c = 1; c < 4; ++c)
+        wgmma_m64n32k16_ss<1>(flat16(y), sw128_desc_plus(a1, 32 * c), sw128_desc_plus(b1, 32 * c));
     wgmma_commit_groups();
 }
 
 // dQ's G1: s = Q K^T with Q's A fragments in registers (qf[c]: head columns [16c, 16c + 16)) and
 // dp = dO V^T with dO's tile in shared memory, each against the chunk's 32 rows of K or V
-// (K-major). One wgmma group.
+// (K-major), all three given by their descriptors (sw128_desc). One wgmma group.
 __device__ __forceinline__ void wg_issue_s_dp(float (&s)[4][4], float (&dp)[4][4], const uint32_t (&qf)[4][4],
-                                              uint32_t k_rows, uint32_t do_tile, uint32_t v_rows) {
+                                              uint64_t k_rows, uint64_t do_tile, uint64_t v_rows) {
     pin_regs(flat16(s));
     pin_regs(flat16(dp));
     wgmma_fence_acc();
-    wgmma_m64n32k16_rs<0>(flat16(s), qf[0], sw128_desc(k_rows));
+    wgmma_m64n32k16_rs<0>(flat16(s), qf[0], k_rows);
 #pragma unroll
-    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_rs<1>(flat16(s), qf[c], sw128_desc(k_rows + 32 * c));
-    wgmma_m64n32k16_ss<0>(flat16(dp), sw128_desc(do_tile), sw128_desc(v_rows));
+    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_rs<1>(flat16(s), qf[c], sw128_desc_plus(k_rows, 32 * c));
+    wgmma_m64n32k16_ss<0>(flat16(dp), do_tile, v_rows);
 #pragma unroll
-    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss<1>(flat16(dp), sw128_desc(do_tile + 32 * c), sw128_desc(v_rows + 32 * c));
+    for (int c = 1; c < 4; ++c)
+        wgmma_m64n32k16_ss<1>(flat16(dp), sw128_desc_plus(do_tile, 32 * c), sw128_desc_plus(v_rows, 32 * c));
     wgmma_commit_groups();
 }
 
 // acc += A B over a 32-deep chunk: A = a[c] (register fragments of the chunk's 16-deep step c), B
-// the chunk's 32 rows (at rows, 128 bytes each) read N-major. No fence or commit: the caller's.
-__device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint32_t (&a)[2][4], uint32_t rows) {
+// the chunk's 32 rows (descriptor rows, 128 bytes a row) read N-major. No fence or commit: the
+// caller's.
+__device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint32_t (&a)[2][4], uint64_t rows) {
 #pragma unroll
-    for (int c = 0; c < 2; ++c) wgmma_m64n64k16_rs_nmajor(flat32(acc), a[c], sw128_desc(rows + 16 * 128 * c));
+    for (int c = 0; c < 2; ++c) wgmma_m64n64k16_rs_nmajor(flat32(acc), a[c], sw128_desc_plus(rows, 16 * 128 * c));
 }
 
 __device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return reinterpret_cast<uint32_t (&)[8]>(x); }
 __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[4][4]))[16] { return reinterpret_cast<uint32_t (&)[16]>(x); }
 
 
-// dQ's elementwise step on a finished chunk (keys [k0, k0 + 32)): hidden scores masked, then
-// s <- dS = P (dP - delta), P = exp2(S sl2 - lse2), for the lane's rows g (elements 0, 1) and g+8.
-__device__ __forceinline__ void dq_chunk_ds(float (&s)[4][4], const float (&dp)[4][4], int k0, int amin, int amax,
-                                            int a_lo, int a_hi, const RowStats& rs, int t, const Geometry& G,
-                                            float sl2) {
+// dQ's elementwise step on a finished chunk (keys [k0, k0 + 32), PARTIAL or FULL): hidden scores
+// masked, then s <- dS = P (dP - delta), P = exp2(S sl2 - lse2), for the lane's rows g (elements
+// 0, 1) and g+8.
+__device__ __forceinline__ void dq_chunk_ds(float (&s)[4][4], const float (&dp)[4][4], int k0, bool partial, int a_lo,
+                                            int a_hi, const RowStats& rs, int t, const Geometry& G, float sl2) {
     const int kb0 = k0 + 2 * t;
-    const int kind = classify(amin, amax, k0, k0 + kChunk, true, G);
-    mask_scores(s, kind, k0 + kChunk > G.lk, 0, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
+    mask_scores(s, partial ? kPartial : kFull, k0 + kChunk > G.lk, 0, a_lo - kb0, a_hi - kb0, G.lk - kb0, G.p);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -1859,26 +1894,28 @@ __device__ __forceinline__ void copy_kv_tile(const MapetAttention& prm, const Ge
                     i, 128);
 }
 
-// Next 32-position chunk at or after pc with a visible pair with keys [k0, k0 + 64).
-__device__ __forceinline__ int next_position_chunk(int pc, int npc, int k0, const Geometry& G) {
-    for (; pc < npc; ++pc) {
+// The 32-position chunks [0, npc) against keys [k0, k0 + 64) (ChunkMasks), classified one by one:
+// once a key tile, not once a chunk.
+__device__ __forceinline__ ChunkMasks position_chunks(int npc, int k0, const Geometry& G) {
+    ChunkMasks m{0u, 0u};
+    for (int pc = 0; pc < npc; ++pc) {
         int amin, amax;
         position_extrema(pc * kChunk, kChunk, G, amin, amax);
-        if (classify(amin, amax, k0, k0 + kBN, true, G) != kEmpty) break;
+        const int kind = classify(amin, amax, k0, k0 + kBN, true, G);
+        m.live |= static_cast<uint32_t>(kind != kEmpty) << pc;
+        m.partial |= static_cast<uint32_t>(kind == kPartial) << pc;
     }
-    return pc;
+    return m;
 }
 
-// dK/dV's elementwise step on a finished chunk (positions [p0, p0 + 32)): st <- P^T, dpt <- dS^T.
+// dK/dV's elementwise step on a finished chunk (positions [p0, p0 + 32), PARTIAL or FULL against
+// the warpgroup's keys): st <- P^T, dpt <- dS^T.
 // Element e of n-chunk j is key key_lo (e < 2) or key_hi against position p0 + 8j + 2t + (e & 1);
 // the position's lse (log2 units), delta and first hidden key come from shared memory. Positions
 // past Lq have lse = +inf, so P = 0 there with no mask.
-__device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)[4][4], int p0, int k0, int key_lo,
-                                                 int key_hi, const float* s_lse2, const float* s_delta, const int* s_a,
-                                                 int t, const Geometry& G, float sl2) {
-    int amin, amax;
-    position_extrema(p0, kChunk, G, amin, amax);
-    const bool partial = classify(amin, amax, k0, k0 + kBN, true, G) == kPartial;
+__device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)[4][4], int p0, bool partial,
+                                                 int key_lo, int key_hi, const float* s_lse2, const float* s_delta,
+                                                 const int* s_a, int t, const Geometry& G, float sl2) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int pos = p0 + 8 * j + 2 * t;
@@ -1910,6 +1947,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     const uint32_t k_smem = sw128_align(smem_addr(wg_smem_raw));
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
     const uint32_t do_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's dO tile
+    const uint64_t kd = sw128_desc(k_smem), vd = sw128_desc(v_smem), dod = sw128_desc(do_smem);
 
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
 
@@ -1950,19 +1988,25 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         uint32_t ds[2][4];
 
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
+        const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
+        uint32_t rest = chunks.live;
         wg_pipeline(
-            next_key_chunk(0, nkc, amin, amax, G),  // every row sees N >= 1 keys
-            [&](int kc, int& kn) {
-                kn = next_key_chunk(kc + 1, nkc, amin, amax, G);
-                return kn < nkc;
+            take_chunk(rest),  // every row sees N >= 1 keys
+            [&](int, int& kn) {
+                if (rest == 0) return false;
+                kn = take_chunk(rest);
+                return true;
             },
-            [&](int kc) { wg_issue_s_dp(s, dp, qf, k_smem + kc * kChunk * 128, do_smem, v_smem + kc * kChunk * 128); },
+            [&](int kc) {
+                const uint32_t rows = static_cast<uint32_t>(kc * kChunk) * 128;
+                wg_issue_s_dp(s, dp, qf, sw128_desc_plus(kd, rows), dod, sw128_desc_plus(vd, rows));
+            },
             [&] {
                 pin_regs(flat16(s));
                 pin_regs(flat16(dp));
             },
             [&](int kc) {
-                dq_chunk_ds(s, dp, kc * kChunk, amin, amax, a_lo, a_hi, rs, lt, G, sl2);
+                dq_chunk_ds(s, dp, kc * kChunk, (chunks.partial >> kc) & 1u, a_lo, a_hi, rs, lt, G, sl2);
                 return 0;
             },
             [&] {
@@ -1973,7 +2017,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
             [&](int kc) {
                 pin_regs(flat32(dq));
                 wgmma_fence_acc();
-                wg_chunk_product(dq, ds, k_smem + kc * kChunk * 128);
+                wg_chunk_product(dq, ds, sw128_desc_plus(kd, static_cast<uint32_t>(kc * kChunk) * 128));
                 wgmma_commit_groups();
             });
 
@@ -2000,6 +2044,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     const uint32_t do_smem = q_smem + static_cast<uint32_t>(lqp) * 128;
     const uint32_t k_smem = do_smem + static_cast<uint32_t>(lqp) * 128 + wg * kWgTileBytes;  // this warpgroup's
     const uint32_t v_smem = k_smem + 3 * kWgTileBytes;                                       // K and V tiles
+    const uint64_t qd = sw128_desc(q_smem), dod = sw128_desc(do_smem), kd = sw128_desc(k_smem), vd = sw128_desc(v_smem);
     float* s_lse2 = reinterpret_cast<float*>(wg_smem_raw + (q_smem - smem_addr(wg_smem_raw)) + 2 * lqp * 128 +
                                              6 * kWgTileBytes);
     float* s_delta = s_lse2 + lqp;
@@ -2070,25 +2115,29 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         uint32_t pa[2][4], da[2][4];
 
         // A tile no position can see (none at ViT) stores zeros.
-        const int first = next_position_chunk(0, npc, k0, G);
+        const ChunkMasks chunks = position_chunks(npc, k0, G);
+        uint32_t rest = chunks.live;
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
-        if (first < npc) {
+        if (rest != 0) {
             wg_pipeline(
-                first,
-                [&](int pc, int& pn) {
-                    pn = next_position_chunk(pc + 1, npc, k0, G);
-                    return pn < npc;
+                take_chunk(rest),
+                [&](int, int& pn) {
+                    if (rest == 0) return false;
+                    pn = take_chunk(rest);
+                    return true;
                 },
                 [&](int pc) {
                     need_chunk(pc);
-                    wg_issue_pair(st, dpt, k_smem, q_smem + pc * kChunk * 128, v_smem, do_smem + pc * kChunk * 128);
+                    const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+                    wg_issue_pair(st, dpt, kd, sw128_desc_plus(qd, rows), vd, sw128_desc_plus(dod, rows));
                 },
                 [&] {
                     pin_regs(flat16(st));
                     pin_regs(flat16(dpt));
                 },
                 [&](int pc) {
-                    dkdv_chunk_grads(st, dpt, pc * kChunk, k0, key_lo, key_hi, s_lse2, s_delta, s_a, lt, G, sl2);
+                    dkdv_chunk_grads(st, dpt, pc * kChunk, (chunks.partial >> pc) & 1u, key_lo, key_hi, s_lse2,
+                                     s_delta, s_a, lt, G, sl2);
                     return 0;
                 },
                 [&] {
@@ -2105,8 +2154,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                     pin_regs(flat32(dv));
                     pin_regs(flat32(dk));
                     wgmma_fence_acc();
-                    wg_chunk_product(dv, pa, do_smem + pc * kChunk * 128);
-                    wg_chunk_product(dk, da, q_smem + pc * kChunk * 128);
+                    const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+                    wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
+                    wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
                     wgmma_commit_groups();
                 });
         }

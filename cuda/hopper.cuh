@@ -116,6 +116,14 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
            (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
+// sw128_desc(saddr + bytes) from desc = sw128_desc(saddr), for bytes a multiple of 16 and
+// saddr + bytes < 2^18 (every shared address): the start address field takes the offset with no
+// carry out of its 14 bits, so one 32-bit add on the low word replaces sw128_desc's mask, shift
+// and or. The wgmma loops hoist a tile's descriptor and step through its rows with this.
+__device__ __forceinline__ uint64_t sw128_desc_plus(uint64_t desc, uint32_t bytes) {
+    return (desc & 0xFFFFFFFF00000000ull) | static_cast<uint32_t>(static_cast<uint32_t>(desc) + (bytes >> 4));
+}
+
 // The accumulator operands of the wgmma wrappers below: the first n registers %0 .. %(n - 1) in
 // the instruction's text (MAPET_WG_REGS_n) and the matching read-write constraints on d[0 .. n - 1]
 // (MAPET_WG_ACC_n), for n a multiple of 16. The operands after them are numbered from n.

@@ -551,6 +551,10 @@ const CUDA_WG_THREADS: u32 = 256;
 const CUDA_WG_TILE_BYTES: usize = 64 * 128;
 /// Threads per block of the wgmma dQ kernel (`MAPET_ATTN_WG_DQ_THREADS`): two warpgroups.
 const CUDA_WG_DQ_THREADS: u32 = 256;
+/// Most rows (keys in the forward and dQ, query rows in dK/dV) the wgmma kernels take: they hold
+/// a tile's 32-row chunks as the bits of one 32-bit mask (`ChunkMasks` in cuda/attention.cu).
+/// On an H100/H200 shared memory refuses larger shapes first; this keeps the bound on any card.
+const CUDA_WG_MAX_ROWS: usize = 32 * 32;
 /// Threads per block of the wgmma dK/dV kernel (`MAPET_ATTN_WG_DKDV_THREADS`): three warpgroups.
 const CUDA_WG_DKDV_THREADS: u32 = 384;
 /// Threads per block of the Q/dO-resident dK/dV kernel (`MAPET_ATTN_RES_DKDV_THREADS`), one CTA
@@ -604,7 +608,7 @@ impl AttentionKernels {
     /// shared bytes; `None` when another forward runs (not chosen, not compute capability 9.0,
     /// or K and V too large for two CTAs per SM).
     fn wgmma_launch(self, shape: &AttentionShape, cc: (u32, u32), sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
-        if self != AttentionKernels::Wgmma || cc != (9, 0) {
+        if self != AttentionKernels::Wgmma || cc != (9, 0) || shape.k_rows() > CUDA_WG_MAX_ROWS {
             return None;
         }
         // K and V tiles, a Q tile per warpgroup, and 1 KiB to align them to the swizzle's
@@ -628,7 +632,7 @@ impl AttentionKernels {
         sm_count: u32,
         max_smem: u32,
     ) -> Option<(u32, u32)> {
-        if self != AttentionKernels::Wgmma || cc != (9, 0) {
+        if self != AttentionKernels::Wgmma || cc != (9, 0) || shape.q_rows() > CUDA_WG_MAX_ROWS {
             return None;
         }
         let positions = shape.q_rows().div_ceil(64) * 64;
@@ -977,6 +981,77 @@ mod tests {
         for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3), shape(2, 2, 256, 128)] {
             if let Some((_, smem)) = w.wgmma_launch(&s, hopper, 132, max) {
                 assert!(2 * (smem as usize + 1024) <= 228 << 10, "{s:?}");
+            }
+        }
+    }
+
+    /// The wgmma kernels hold a tile's 32-row chunks in one 32-bit mask: whatever shared memory a
+    /// card offers, no launch they are picked for has more than 32 chunks of keys (forward, dQ)
+    /// or of query rows (dK/dV).
+    #[test]
+    fn wgmma_launches_fit_the_chunk_masks() {
+        let w = AttentionKernels::Wgmma;
+        let hopper = (9, 0);
+        for n in (2..1200).step_by(7) {
+            for c in [1, n / 4, n / 2, n - 1].into_iter().filter(|&c| c >= 1 && c < n) {
+                let s = shape(1, 1, n, c);
+                for max in [227 << 10, u32::MAX] {
+                    if w.wgmma_launch(&s, hopper, 132, max).is_some() {
+                        assert!(s.k_rows().div_ceil(32) <= 32, "{s:?}: {} key chunks", s.k_rows().div_ceil(32));
+                    }
+                    if w.wgmma_dkdv_launch(&s, hopper, 132, max).is_some() {
+                        assert!(s.q_rows().div_ceil(32) <= 32, "{s:?}: {} row chunks", s.q_rows().div_ceil(32));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `key_chunks` of cuda/attention.cu, transcribed: the forward's and dQ's 32-key chunks as
+    /// live (not EMPTY) and partial masks in closed form, equal to classifying every chunk (the
+    /// `classify` below is the CUDA one's transcription too) for every pair of first-hidden
+    /// extrema a row tile can have (C <= amin <= amax <= N), every N < 70 and 0 < C < N, and ViT's.
+    #[test]
+    fn wgmma_key_chunk_masks_equal_classify() {
+        let mut cases: Vec<(usize, usize)> = (2..70).flat_map(|n| (1..n).map(move |c| (n, c))).collect();
+        cases.extend([(197, 50), (197, 1), (197, 196), (257, 64), (400, 399)]);
+        for (n, c) in cases {
+            let p = n - c;
+            let lk = n + p;
+            let nkc = lk.div_ceil(32);
+            if nkc > 32 {
+                continue;
+            }
+            let classify = |amin: usize, amax: usize, k0: usize, k1: usize| {
+                if k0 >= lk || (k0 >= amax && k1.min(lk) <= amin + p) {
+                    0
+                } else if (k1 <= amin || k0 >= amax + p) && k1 <= lk {
+                    1
+                } else {
+                    2
+                }
+            };
+            let low_bits = |n: i64| if n >= 32 { u32::MAX } else { (1u32 << n.max(0)) - 1 };
+            for amin in c..=n {
+                for amax in amin..=n {
+                    let (amin_i, amax_i, p_i, lk_i) = (amin as i64, amax as i64, p as i64, lk as i64);
+                    let empty_end = if lk_i <= amin_i + p_i { nkc as i64 } else { (amin_i + p_i) >> 5 };
+                    let empty = low_bits(empty_end) & !low_bits((amax_i + 31) >> 5);
+                    let full = (low_bits(amin_i >> 5) | !low_bits((amax_i + p_i + 31) >> 5)) & low_bits(lk_i >> 5);
+                    let live = low_bits(nkc as i64) & !empty;
+                    let partial = live & !full;
+                    for chunk in 0..32 {
+                        let want = if chunk < nkc { classify(amin, amax, 32 * chunk, 32 * chunk + 32) } else { 0 };
+                        let got = if live >> chunk & 1 == 0 {
+                            0
+                        } else if partial >> chunk & 1 == 1 {
+                            2
+                        } else {
+                            1
+                        };
+                        assert_eq!(got, want, "N {n} C {c} amin {amin} amax {amax} chunk {chunk}");
+                    }
+                }
             }
         }
     }
