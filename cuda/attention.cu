@@ -1389,7 +1389,8 @@ static_assert(kD == 64, "the wgmma kernels' tiles are one 128-byte swizzle atom 
 // pair's K and V in shared memory, here in the 128-byte swizzle wgmma reads (hopper.cuh: row r at
 // 128 r, 16-byte chunk j at j ^ (r & 7); ceil(Lk / 64) * 8 KB each, 96 KB for ViT's 344 keys; two
 // CTAs an SM). Each of its 2 warpgroups takes 64-row tiles of the pair's query rows, copying the
-// tile's Q rows into a swizzled 8 KB tile of its own (wg_load_q). It works through the tile's
+// tile's Q rows into a swizzled 8 KB tile of its own (wg_start_q, wg_finish_q; the next tile's
+// rows start loading as soon as the current tile's last S is done). It works through the tile's
 // non-EMPTY 32-key chunks two at a time (a pair need not be adjacent); per pair:
 //   S  = Q K^T  two m64n32k16 products of 4 steps of 16 head columns, Q and K both read K-major
 //               from shared memory (Q in registers instead left the kernel 11 registers short of
@@ -1557,16 +1558,19 @@ __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
 // G1 of item n+1 is issued before G2 of item n, so elementwise(n+1) runs while G2(n) is on the
 // tensor cores. pin_g1 / pin_g2 pin the G1 accumulators / the G2 accumulators and A fragments
 // (pin_regs), so that no access to them moves across a wait. next(it, nxt) sets the item after it
-// and says whether there is one. The first item always exists.
+// and says whether there is one. The first item always exists. on_last() runs once every G1 is
+// done and before the last G2 is issued: what reads only G1's operands is finished there (the
+// forward starts loading its next row tile's Q then).
 // The wait for G2(n) opens the loop's body, and end_basic_block closes it after elementwise(n+1):
 // written as "wait<1>, elementwise, wait<0>" in one block, ptxas issued the second wait first and
 // ran all of the forward's softmax (and 12 of dQ's 16, 7 of dK/dV's 16 exponentials) after it,
 // with the tensor cores idle (hopper.cuh, end_basic_block). tests/kernel_schedule.rs checks the
 // overlap in the SASS.
 template <typename Item, typename Next, typename IssueG1, typename PinG1, typename Elementwise, typename PinG2,
-          typename Finish, typename IssueG2>
+          typename Finish, typename IssueG2, typename OnLast>
 __device__ __forceinline__ void wg_pipeline(Item cur, Next next, IssueG1 issue_g1, PinG1 pin_g1,
-                                            Elementwise elementwise, PinG2 pin_g2, Finish finish, IssueG2 issue_g2) {
+                                            Elementwise elementwise, PinG2 pin_g2, Finish finish, IssueG2 issue_g2,
+                                            OnLast on_last) {
     issue_g1(cur);
     wgmma_wait_groups<0>();
     pin_g1();
@@ -1586,6 +1590,7 @@ __device__ __forceinline__ void wg_pipeline(Item cur, Next next, IssueG1 issue_g
         end_basic_block();  // so that the wait opening the next iteration stays below elementwise
         cur = nxt;
     }
+    on_last();
     issue_g2(cur);
     wgmma_wait_groups<0>();
     pin_g2();
@@ -1621,14 +1626,17 @@ __device__ __forceinline__ void copy_positions(uint32_t dst, const bf16* src, in
     sw128_gather_rows(dst, src, 2 * stride, rows, G.lq, i, n, [p0, &G](int r) { return row_at(p0 + r, G); });
 }
 
-// Loads the Q rows of positions [p0, p0 + 64) into the warpgroup's swizzled Q tile, by the 128
-// threads of warpgroup wg (i = its thread index), and makes them visible to the warpgroup's wgmma.
-// Starts with a barrier of the warpgroup, so that no thread overwrites the tile while another's
-// wgmma of the previous row tile could still read it.
-__device__ __forceinline__ void wg_load_q(uint32_t q_smem, const bf16* qg, int64_t stride, int p0, int wg, int i,
-                                          const Geometry& G) {
-    named_barrier(1 + wg, 128);
+// The forward's Q tile, in two halves so that a row tile's load runs under the previous one's
+// last products. wg_start_q starts copying the Q rows of positions [p0, p0 + 64) into the
+// warpgroup's swizzled tile, by its 128 threads (i = the thread's index in it); wg_finish_q waits
+// for them and makes them visible to the warpgroup's wgmma. A warpgroup starts a load only once
+// all its threads are past their wait for the last wgmma that reads the tile (named barrier).
+__device__ __forceinline__ void wg_start_q(uint32_t q_smem, const bf16* qg, int64_t stride, int p0, int i,
+                                           const Geometry& G) {
     copy_positions(q_smem, qg, stride, p0, 64, i, 128, G);
+}
+
+__device__ __forceinline__ void wg_finish_q(int wg) {
     sw128_load_wait();
     named_barrier(1 + wg, 128);
 }
@@ -1710,18 +1718,21 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     const int nkc = (G.lk + kChunk - 1) / kChunk;
     const uint64_t qd = sw128_desc(q_smem), kd = sw128_desc(k_smem), vd = sw128_desc(v_smem);
 
+    // The first row tile's Q flies with K and V (wg_load_kv waits for every copy of the thread).
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const int tile_step = gridDim.x * 2 * 64;
+    if ((blockIdx.x * 2 + wg) * 64 < G.lq) wg_start_q(q_smem, qg, prm.q_row_stride, (blockIdx.x * 2 + wg) * 64, tid & 127, G);
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
 
-    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
 #pragma unroll 1
-    for (int p0 = (blockIdx.x * 2 + wg) * 64; p0 < G.lq; p0 += gridDim.x * 2 * 64) {
+    for (int p0 = (blockIdx.x * 2 + wg) * 64; p0 < G.lq; p0 += tile_step) {
         // The warpgroup's hidden-window extrema (first_hidden is monotone in the position), and
         // the lane's two rows.
         const int amin = first_hidden(row_at(p0, G), G);
         const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
-        wg_load_q(q_smem, qg, prm.q_row_stride, p0, wg, tid & 127, G);
+        wg_finish_q(wg);  // this tile's Q, started before the loop or under the previous tile
 
         float acc[8][4];
 #pragma unroll
@@ -1742,7 +1753,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         };
         ChunkPair first;
         take_pair(first);
-        const int lt = t;  // (C++17 lambdas may not capture a structured binding)
+        const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
         wg_pipeline(
             first,
             [&](const ChunkPair&, ChunkPair& nxt) {
@@ -1761,7 +1772,15 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
                 rescale_acc(acc, r);  // (O is still 0 at the first pair)
                 wg_pack_p(pa, s);
             },
-            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); });
+            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
+            [&] {
+                // Every S of the tile is done: the Q tile is free for the next tile's rows, which
+                // then land under the last P V and the stores below.
+                if (p0 + tile_step < G.lq) {
+                    named_barrier(1 + lwg, 128);
+                    wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
+                }
+            });
 
         float inv[2];
 #pragma unroll
@@ -2019,7 +2038,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
                 wgmma_fence_acc();
                 wg_chunk_product(dq, ds, sw128_desc_plus(kd, static_cast<uint32_t>(kc * kChunk) * 128));
                 wgmma_commit_groups();
-            });
+            },
+            [] {});
 
         bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
         store_frag_rows(dq, prm.scale, prm.scale, dqg, prm.dq_row_stride, r_lo, r_hi, G.lq, t);
@@ -2158,7 +2178,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                     wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
                     wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
                     wgmma_commit_groups();
-                });
+                },
+                [] {});
         }
         bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
         bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
