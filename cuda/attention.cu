@@ -1968,26 +1968,33 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     const uint32_t do_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's dO tile
     const uint64_t kd = sw128_desc(k_smem), vd = sw128_desc(v_smem), dod = sw128_desc(do_smem);
 
-    wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
-
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
     const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;  // lse/delta row 0
+    // A row tile's operands that only G1 reads: its dO rows into the warpgroup's tile, its Q rows
+    // into A fragments. Started for the first tile beside K and V (wg_load_kv waits for every copy
+    // of the thread), and for each next one under the current tile's last dQ product (on_last).
+    uint32_t qf[4][4];
+    const int lwarp = warp, lg = g, lt = t, lwg = wg, ltid = tid;  // (lambdas may not capture a structured binding)
+    auto start_tile = [&](int p) {
+        copy_positions(do_smem, dog, prm.do_row_stride, p, 64, ltid & 127, 128, G);
+        load_a_frags(qf, qg, prm.q_row_stride, row_at(p + 16 * lwarp + lg, G), row_at(p + 16 * lwarp + lg + 8, G), G.lq,
+                     lt);
+    };
+    const int tile_step = gridDim.x * 2 * 64;
+    if ((blockIdx.x * 2 + wg) * 64 < G.lq) start_tile((blockIdx.x * 2 + wg) * 64);
+    wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
+
 #pragma unroll 1
-    for (int p0 = (blockIdx.x * 2 + wg) * 64; p0 < G.lq; p0 += gridDim.x * 2 * 64) {
+    for (int p0 = (blockIdx.x * 2 + wg) * 64; p0 < G.lq; p0 += tile_step) {
         int amin, amax;
         position_extrema(p0, 64, G, amin, amax);
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const bool ok_lo = r_lo < G.lq, ok_hi = r_hi < G.lq;
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
 
-        // The tile's dO rows into the warpgroup's tile, its Q rows into A fragments; the rows'
-        // delta and lse meanwhile.
-        named_barrier(1 + wg, 128);
-        copy_positions(do_smem, dog, prm.do_row_stride, p0, 64, tid & 127, 128, G);
-        uint32_t qf[4][4];
-        load_a_frags(qf, qg, prm.q_row_stride, r_lo, r_hi, G.lq, t);
+        // The rows' delta and lse while the tile's dO and Q land.
         pin_regs(flat16(qf));
         RowStats rs;
         row_deltas(prm, og, dog, r_lo, r_hi, ok_lo, ok_hi, t, rs.delta_lo, rs.delta_hi);
@@ -2006,7 +2013,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         float s[4][4], dp[4][4];
         uint32_t ds[2][4];
 
-        const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
         uint32_t rest = chunks.live;
         wg_pipeline(
@@ -2039,7 +2045,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
                 wg_chunk_product(dq, ds, sw128_desc_plus(kd, static_cast<uint32_t>(kc * kChunk) * 128));
                 wgmma_commit_groups();
             },
-            [] {});
+            [&] {
+                // Every G1 of the tile is done: its dO tile and Q fragments are free.
+                if (p0 + tile_step < G.lq) {
+                    named_barrier(1 + lwg, 128);
+                    start_tile(p0 + tile_step);
+                }
+            });
 
         bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
         store_frag_rows(dq, prm.scale, prm.scale, dqg, prm.dq_row_stride, r_lo, r_hi, G.lq, t);
@@ -2114,15 +2126,26 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         }
     };
 
+    const int kt_step = gridDim.x * 3;
+    const int lwg = wg, ltid = tid, lb = b, lhead = head;  // (lambdas may not capture a structured binding)
 #pragma unroll 1
-    for (int kt = kt0; kt < nkt; kt += gridDim.x * 3) {
+    for (int kt = kt0; kt < nkt; kt += kt_step) {
         const int k0 = kt * kBN;
         if (kt != kt0) {
-            named_barrier(1 + wg, 128);  // the previous tile's wgmma are done with K and V
-            copy_kv_tile(prm, G, b, head, k_smem, v_smem, k0, tid & 127);
-            sw128_load_wait();
+            sw128_load_wait();  // this tile's K and V, started under the previous tile's last products
             named_barrier(1 + wg, 128);
         }
+        // The next tile's K and V into the warpgroup's tiles, once every product that reads this
+        // tile's is done: from the pipeline's on_last (all G1 done; G2 reads Q and dO only), or
+        // here below when this tile has no chunk to compute.
+        bool next_started = false;
+        auto start_next = [&] {
+            if (kt + kt_step < nkt) {
+                named_barrier(1 + lwg, 128);
+                copy_kv_tile(prm, G, lb, lhead, k_smem, v_smem, (kt + kt_step) * kBN, ltid & 127);
+            }
+            next_started = true;
+        };
         const int key_lo = k0 + 16 * warp + g, key_hi = key_lo + 8;  // the lane's two keys
 
         float dk[8][4], dv[8][4];
@@ -2179,8 +2202,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                     wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
                     wgmma_commit_groups();
                 },
-                [] {});
+                start_next);
         }
+        if (!next_started) start_next();
         bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
         bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
         store_frag_rows(dk, prm.scale, prm.scale, dkg, prm.dk_row_stride, key_lo, key_hi, G.lk, t);
