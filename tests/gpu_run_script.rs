@@ -4,7 +4,9 @@
 //! - a failed test binary has its failed tests run again one by one;
 //! - a hung attention check (its `HUNG` line) takes the hung set out of the attention bench;
 //! - every bench's `RESULT` lines reach the summary, and each issue target is called met or
-//!   missed from the best of them, with the variant that gave it.
+//!   missed from the best of them, with the variant that gave it;
+//! - an op whose test binary failed outright has none of its variants counted, for its target
+//!   or the winners (a second run of the script).
 //!
 //! The bench times are drawn fresh each run around the targets, and the expected verdicts are
 //! computed here from the same numbers. Needs bash, tar, xz and python3 (as the script does);
@@ -164,39 +166,45 @@ exit 0"#,
     script(&payload.join("bin"), "mapet", &format!("{echo_switches}\necho 'images/s 1500.0'"));
     fs::write(payload.join("gpu-tests.txt"), "hopper attention_gpu patch_embed cross_entropy").unwrap();
 
-    let packed = Command::new("tar")
-        .arg("-C")
-        .arg(&payload)
-        .arg("-cJf")
-        .arg(bundle.join("payload.tar.xz"))
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(packed.success(), "packing the stand-in bundle");
+    let pack = || {
+        let packed = Command::new("tar")
+            .arg("-C")
+            .arg(&payload)
+            .arg("-cJf")
+            .arg(bundle.join("payload.tar.xz"))
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(packed.success(), "packing the stand-in bundle");
+    };
+    pack();
     fs::copy(root.join("scripts/gpu-run.sh"), bundle.join("run.sh")).unwrap();
-    let out = Command::new("bash")
-        .arg(bundle.join("run.sh"))
-        .env("TMPDIR", scratch.0.join("tmp"))
-        .env("MAPET_BENCHES", "hopper attention cross_entropy patch_embed")
-        .env("MAPET_WINNERS", "1")
-        .env("MAPET_WINNERS_TESTS", "model_gpu")
-        .env("MAPET_MODEL_BENCH", "1")
-        .env("MAPET_MODEL_BENCH_CONFIGS", "hwc-ws/hwc")
-        .env("MAPET_MODEL_BENCH_ATTENTION", "wgmma/resident")
-        .env_remove("MAPET_MODEL_BENCH_TUNE")
-        .env_remove("MAPET_TESTS")
-        .env_remove("MAPET_RESULTS")
-        .env_remove("MAPET_BENCH_ATTENTION_SETS")
-        .env_remove("MAPET_TEST_ATTENTION_SETS")
-        .env_remove("MAPET_PATCH_EMBED_BACKWARD_ORDER")
-        .env_remove("MAPET_PATCH_EMBED_ORDER")
-        .env_remove("MAPET_GEMM_TUNE")
-        .env_remove("MAPET_GEMM_PIN")
-        .env_remove("MAPET_CE_SUB_CHUNK_ROWS")
-        .env_remove("MAPET_ATTENTION_BACKWARD_KERNELS")
-        .env_remove("MAPET_ATTENTION_KERNELS")
-        .output()
-        .unwrap();
+    let run = || {
+        Command::new("bash")
+            .arg(bundle.join("run.sh"))
+            .env("TMPDIR", scratch.0.join("tmp"))
+            .env("MAPET_BENCHES", "hopper attention cross_entropy patch_embed")
+            .env("MAPET_WINNERS", "1")
+            .env("MAPET_WINNERS_TESTS", "model_gpu")
+            .env("MAPET_MODEL_BENCH", "1")
+            .env("MAPET_MODEL_BENCH_CONFIGS", "hwc-ws/hwc")
+            .env("MAPET_MODEL_BENCH_ATTENTION", "wgmma/resident")
+            .env_remove("MAPET_MODEL_BENCH_TUNE")
+            .env_remove("MAPET_TESTS")
+            .env_remove("MAPET_RESULTS")
+            .env_remove("MAPET_BENCH_ATTENTION_SETS")
+            .env_remove("MAPET_TEST_ATTENTION_SETS")
+            .env_remove("MAPET_PATCH_EMBED_BACKWARD_ORDER")
+            .env_remove("MAPET_PATCH_EMBED_ORDER")
+            .env_remove("MAPET_GEMM_TUNE")
+            .env_remove("MAPET_GEMM_PIN")
+            .env_remove("MAPET_CE_SUB_CHUNK_ROWS")
+            .env_remove("MAPET_ATTENTION_BACKWARD_KERNELS")
+            .env_remove("MAPET_ATTENTION_KERNELS")
+            .output()
+            .unwrap()
+    };
+    let out = run();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "run.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let summary = fs::read_to_string(bundle.join("results/summary.txt")).unwrap();
@@ -288,4 +296,31 @@ exit 0"#,
     ];
     model_bench.sort();
     assert_eq!(switches("mapet-bench-vit-b-hwc-ws-hwc-wgmma-resident.log"), model_bench);
+
+    // Again with the patch-embedding tests failing outright (also when run alone): none of its
+    // variants counts, for the target row or the winners, however fast its lines.
+    script(
+        &payload.join("tests"),
+        "patch_embed",
+        r#"if [ "$1" = "--exact" ]; then echo "test $2 ... FAILED"; exit 101; fi
+echo "test hwc_ws_matches_cpu ... FAILED"
+echo "test result: FAILED. 2 passed; 1 failed"
+exit 101"#,
+    );
+    pack();
+    fs::remove_dir_all(bundle.join("results")).unwrap();
+    let out = run();
+    assert!(out.status.success(), "run.sh failed:\n{}", String::from_utf8_lossy(&out.stdout));
+    let summary = fs::read_to_string(bundle.join("results/summary.txt")).unwrap();
+    let row = summary.lines().find(|l| l.starts_with("target patch_embed fwd+bwd")).expect("a patch target row");
+    let untested = fastest(pe.iter().map(|p| (r4(p.1), p.0, false)));
+    assert!(
+        row.contains("none") && row.contains("no line of a variant whose tests passed, of 3 lines"),
+        "patch embedding with failed tests:\n{row}"
+    );
+    assert!(
+        row.contains(&format!("{} {:.4} ms", untested.1, untested.0)),
+        "the fastest untested line {untested:?}:\n{row}"
+    );
+    assert!(summary.contains("patch embedding: no usable RESULT line, default kept"), "{summary}");
 }
