@@ -232,6 +232,30 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 // block barrier must follow before another thread's wgmma reads them.
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// ---- Bulk stores (the copy engine, async proxy): `bytes` (a multiple of 16) from shared memory at
+// ssrc to global memory at gdst, both 16-byte aligned, in this thread's open bulk group. The
+// shared source must have been written before a fence_proxy_async_smem of each writer and a
+// barrier; it may be overwritten only after bulk_wait_read of the issuing thread.
+__device__ __forceinline__ void bulk_store(void* gdst, uint32_t ssrc, uint32_t bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gdst), "r"(ssrc), "r"(bytes)
+                 : "memory");
+}
+
+// Closes this thread's open bulk group.
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// Waits until all but the newest N of this thread's bulk groups have read their shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+
+// Waits until all but the newest N of this thread's bulk groups are complete (their writes done).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Starts cp.async copies of rows row_of(0), ..., row_of(rows - 1) of a matrix of 64 bf16 columns
 // (row r at byte src + r * stride_bytes) into 128-byte-swizzled shared memory at dst (1024-byte
 // aligned): the r-th at dst + 128 r, its 16-byte chunk j at chunk j ^ (r & 7), the layout TMA

@@ -684,6 +684,11 @@ __device__ __forceinline__ void st_shared16(uint32_t dst, const uint4& v) {
                  : "memory");
 }
 
+// 4 bytes to the shared-space address dst.
+__device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(v) : "memory");
+}
+
 // Waits until at most N of this thread's committed cp.async groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait_group() {
@@ -870,7 +875,9 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 //   96 f32 accumulators a thread). They start each tile's accumulators at bias + pos_embed, so
 //   that the epilogue only rounds and scatters each row to its rank's row (no loads behind the
 //   last MMA), and release a stage on `empty` (one arrival a warpgroup) once the wgmma that read
-//   it are done.
+//   it are done. A warpgroup's epilogue writes its 64 rows into a staging tile of its own and
+//   hands them to the copy engine, a bulk copy a row to its rank's row, then starts its next tile
+//   while they drain.
 // A producer thread's proxy fence compiles to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S with its later
 // slices' pixel loads in flight; forward_hwc_wgmma fences the same way with its register-staged
 // loads in flight, and ncu counted no membar stalls there (fifth run), so the fence does not wait
@@ -892,6 +899,13 @@ constexpr int kWsGroups = kFwdM * kWsK / 8 / 128;  // 8-groups a producer thread
 constexpr int kWsProducerRegs = 128;
 constexpr int kWsConsumerRegs = 176;
 static_assert(128 * kWsProducerRegs + 256 * kWsConsumerRegs <= 384 * 168, "setmaxnreg pool");
+// A consumer warpgroup's staging tile for its 64 output rows (bf16): rows of 400 bytes, the 384 of
+// a 192-channel row padded so that the accumulator writes (lane (g, q): row g, word 4j + q) fall
+// in 32 distinct banks (row g starts at bank 4g), and every row starts 16-byte aligned for its
+// bulk copy. After the ring, 1024-aligned.
+constexpr int kWsOutLd = kWsN * 2 + 16;
+constexpr int kWsOutBytes = 64 * kWsOutLd;  // 25,600 B
+constexpr int kWsSmemBytes = kWsStages * kWsStageBytes + 2 * kWsOutBytes + 1023;
 
 // Bytes of dynamic shared memory this launch gave the block: the warp-specialised kernels trap
 // when the host gave less than their ring needs, rather than overrun it.
@@ -924,7 +938,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const int slices = (g.K + kWsK - 1) / kWsK;
 
     // The producer's rotation needs a multiple of 3 slices (K' = 3p^2, p % 8 == 0: see below).
-    if (slices % 3 != 0 || dynamic_smem_bytes() < kWsStages * kWsStageBytes + 1023) __trap();
+    if (slices % 3 != 0 || dynamic_smem_bytes() < kWsSmemBytes) __trap();
     mbar_init_ring(full, empty, 129, 2);
     __syncthreads();
 
@@ -1019,26 +1033,30 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const int q = lane & 3;
     const int half = wg - 1;
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(P.out);
-    // This thread's two rows of a tile: where each goes (b*R + rank, -1 for none) and its token.
-    // Found one tile ahead, so that the rank loads land during the previous tile's MMAs.
-    auto rows_of = [&](int tile, int (&dst)[2], int (&tok)[2]) {
+    // The epilogue: a thread i < 64 of the warpgroup copies row i of its staging tile out.
+    const int i = tid & 127;
+    const uint32_t stage = hopper_smem_addr(ring) + static_cast<uint32_t>(kWsStages * kWsStageBytes + half * kWsOutBytes);
+    // The tokens of this thread's two accumulator rows of a tile (their pos_embed rows), and where
+    // the row it copies out goes (bulk_dst: b*R + rank, -1 for none). Found one tile ahead, so
+    // that the rank loads land during the previous tile's MMAs.
+    auto rows_of = [&](int tile, int (&tok)[2], int& bulk_dst) {
         const int m0 = (tile / n_tiles) * kFwdM;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = tile < tiles ? m0 + 64 * half + 16 * warp + gq + 8 * h : g.M;
-            dst[h] = patch_row_dest(P, g, m, tok[h]);
+            tok[h] = m < g.M ? m % g.np + 1 : 0;
         }
+        int unused;
+        bulk_dst = i < 64 && tile < tiles ? patch_row_dest(P, g, m0 + 64 * half + i, unused) : -1;
     };
-    int dst[2], tok[2], next_dst[2], next_tok[2];
-    rows_of(blockIdx.x, next_dst, next_tok);
+    int tok[2], next_tok[2], bulk_dst, next_bulk_dst;
+    rows_of(blockIdx.x, next_tok, next_bulk_dst);
     int it = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int n0 = (tile % n_tiles) * kWsN;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            dst[h] = next_dst[h];
-            tok[h] = next_tok[h];
-        }
+        for (int h = 0; h < 2; ++h) tok[h] = next_tok[h];
+        bulk_dst = next_bulk_dst;
         // Accumulators start at bias + pos_embed: d[4j + 2h + e] is row h, column n0 + 8j + 2q + e.
         float acc[96];
 #pragma unroll
@@ -1064,7 +1082,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
             wgmma_commit_groups();
-            if (t == 0) rows_of(tile + gridDim.x, next_dst, next_tok);
+            if (t == 0) rows_of(tile + gridDim.x, next_tok, next_bulk_dst);
             // The previous slice's wgmma are done with their stage: hand it back.
             wgmma_wait_groups<1>();
             if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);
@@ -1072,19 +1090,32 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         wgmma_wait_groups<0>();
         pin_regs(acc);
         if ((tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);  // the tile's last slice
+        // Epilogue: the rows go through the staging tile, then out by the copy engine, one bulk
+        // copy of min(192, D - n0) channels a row (D % 8 == 0, so 16-byte multiples at 16-byte
+        // aligned addresses), while the warpgroup goes on to its next tile. Rows 4-byte store
+        // by 4-byte store from the registers took the tensor cores' time: 48 stores a thread
+        // writing half of each 32-byte sector they touch, with both warpgroups in them at once.
+        if (i < 64) bulk_wait_read<0>();  // the previous tile's copies are done with the staging tile
+        named_barrier(1 + half, 128);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            if (dst[h] < 0) continue;
-            __nv_bfloat16* o = out + static_cast<int64_t>(dst[h]) * g.D;
+            const uint32_t row = stage + static_cast<uint32_t>((16 * warp + gq + 8 * h) * kWsOutLd + 4 * q);
 #pragma unroll
             for (int j = 0; j < 24; ++j) {
-                const int col = n0 + 8 * j + 2 * q;
-                if (col < g.D)
-                    *reinterpret_cast<__nv_bfloat162*>(o + col) =
-                        __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                st_shared_b32(row + 16 * j, *reinterpret_cast<const uint32_t*>(&v));
             }
         }
+        fence_proxy_async_smem();
+        named_barrier(1 + half, 128);
+        if (i < 64) {
+            if (bulk_dst >= 0)
+                bulk_store(out + static_cast<int64_t>(bulk_dst) * g.D + n0, stage + static_cast<uint32_t>(i * kWsOutLd),
+                           static_cast<uint32_t>(min(kWsN, g.D - n0) * 2));
+            bulk_commit();
+        }
     }
+    if (i < 64) bulk_wait<0>();  // the last copies read the staging tile: it must outlive them
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 

@@ -40,12 +40,14 @@ const GEMM_THREADS: u32 = 256;
 const FWD_TILE_M: usize = 128;
 const FWD_TILE_N: usize = 128;
 /// The warp-specialised forward (`hwc-ws`): its name, channels a tile (rows as FWD_TILE_M),
-/// block size, and dynamic shared memory (4 stages of 16 + 24 KB, and 1 KB to align them; cuda/
-/// patch_embed.cu, kWsStages and kWsStageBytes).
+/// block size, and dynamic shared memory: 4 stages of 16 + 24 KB, a staging tile of 64 rows of
+/// 400 bytes for each consumer warpgroup, and 1 KB to align them (cuda/patch_embed.cu,
+/// kWsSmemBytes; `tests::ws_forward_shared_memory_is_the_kernels` checks the sum).
 const FWD_WS_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_ws";
 const FWD_WS_TILE_N: usize = 192;
 const FWD_WS_THREADS: u32 = 384;
-const FWD_WS_SMEM: u32 = 4 * 40 * 1024 + 1024;
+const FWD_WS_SMEM: u32 = 4 * 40 * 1024 + 2 * 64 * 400 + 1024;
+const _: () = assert!(FWD_WS_SMEM <= 227 << 10, "more than an H100/H200 block may take");
 /// The warp-specialised weight gradient (`hwc-ws`): its name, block size, contraction rows a
 /// slice, the most rows a split may have, and its ring of 6 stages of 32 KB (cuda/patch_embed.cu,
 /// kWbStages and kWbStageBytes; its dynamic shared memory is that and 8 bytes a split row).
@@ -962,4 +964,32 @@ pub fn cuda_backward(
         gpu.launch(MODULE, "mapet_patch_embed_bwd_vectors", launch_cfg((vector_blocks, 1, 1), vector_block), &params)?
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of `constexpr int name = value;` in cuda/patch_embed.cu.
+    fn constant(source: &str, name: &str) -> u32 {
+        let prefix = format!("constexpr int {name} = ");
+        let line = source.lines().find_map(|l| l.trim().strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name}"));
+        let value = line.split(';').next().unwrap().trim();
+        value.parse().unwrap_or_else(|e| panic!("{name}: {value:?}: {e}"))
+    }
+
+    /// The launch gives the `hwc-ws` forward the dynamic shared memory its layout takes (less
+    /// makes it trap at its first launch, on a card only): the ring of stages (a 128-row A slice
+    /// and a 192-row weight slice of 64 bf16 each), the two staging tiles, and the alignment
+    /// slack, from the kernel's own constants.
+    #[test]
+    fn ws_forward_shared_memory_is_the_kernels() {
+        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        let (m, n, k) = (constant(&source, "kFwdM"), constant(&source, "kWsN"), constant(&source, "kWsK"));
+        let stages = constant(&source, "kWsStages");
+        assert_eq!((m as usize, n as usize), (FWD_TILE_M, FWD_WS_TILE_N));
+        assert!(source.contains("constexpr int kWsOutLd = kWsN * 2 + 16;"), "the staging row changed");
+        let need = stages * (m * k * 2 + n * k * 2) + 2 * 64 * (n * 2 + 16) + 1023;
+        assert!(FWD_WS_SMEM >= need, "FWD_WS_SMEM {FWD_WS_SMEM} < the kernel's {need}");
+    }
 }
