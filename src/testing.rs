@@ -219,6 +219,16 @@ pub fn project_root() -> std::path::PathBuf {
     std::env::var_os("MAPET_ROOT").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
+/// The value of `constexpr int name = value;` (an integer literal) in `source`, the text of
+/// `cuda/<file>`: for tests that tie a launcher's constants to the kernel's own. Panics naming
+/// the file and the constant when there is no such line.
+pub fn cuda_constant(source: &str, file: &str, name: &str) -> usize {
+    let prefix = format!("constexpr int {name} = ");
+    let line =
+        source.lines().find_map(|l| l.trim().strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name} in {file}"));
+    line.split(';').next().unwrap().trim().parse().unwrap_or_else(|e| panic!("{name} in {file}: {line:?}: {e}"))
+}
+
 /// `n` deterministic, cheap values in [-1, 1) from `seed` (a linear congruential generator):
 /// for benches, which need realistic non-zero data but not fresh randomness.
 pub fn filler(n: usize, seed: u32) -> Vec<f32> {

@@ -68,7 +68,10 @@ fn setmaxnreg_pools_fit_the_launch_registers() {
     let all = report::all();
     for (kernel, file, producer, consumer) in handoffs {
         let source = std::fs::read_to_string(mapet::testing::project_root().join("cuda").join(file)).unwrap();
-        let (producer, consumer) = (constant(&source, file, producer), constant(&source, file, consumer));
+        let (producer, consumer) = (
+            mapet::testing::cuda_constant(&source, file, producer),
+            mapet::testing::cuda_constant(&source, file, consumer),
+        );
         let k = all
             .iter()
             .find(|k| k.kernel == kernel && k.arch == "sm_90a")
@@ -81,12 +84,4 @@ fn setmaxnreg_pools_fit_the_launch_registers() {
             k.registers
         );
     }
-}
-
-/// The value of `constexpr int name = value;` in `source` (the file `file`).
-fn constant(source: &str, file: &str, name: &str) -> usize {
-    let prefix = format!("constexpr int {name} = ");
-    let line =
-        source.lines().find_map(|l| l.trim().strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name} in {file}"));
-    line.trim_end_matches(';').trim().parse().unwrap_or_else(|e| panic!("{name} in {file}: {line:?}: {e}"))
 }

@@ -970,14 +970,6 @@ pub fn cuda_backward(
 mod tests {
     use super::*;
 
-    /// The value of `constexpr int name = value;` in cuda/patch_embed.cu.
-    fn constant(source: &str, name: &str) -> u32 {
-        let prefix = format!("constexpr int {name} = ");
-        let line = source.lines().find_map(|l| l.trim().strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name}"));
-        let value = line.split(';').next().unwrap().trim();
-        value.parse().unwrap_or_else(|e| panic!("{name}: {value:?}: {e}"))
-    }
-
     /// The launch gives the `hwc-ws` forward the dynamic shared memory its layout takes (less
     /// makes it trap at its first launch, on a card only): the ring of stages (a 128-row A slice
     /// and a 192-row weight slice of 64 bf16 each), the two staging tiles, and the alignment
@@ -985,11 +977,11 @@ mod tests {
     #[test]
     fn ws_forward_shared_memory_is_the_kernels() {
         let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
-        let (m, n, k) = (constant(&source, "kFwdM"), constant(&source, "kWsN"), constant(&source, "kWsK"));
-        let stages = constant(&source, "kWsStages");
-        assert_eq!((m as usize, n as usize), (FWD_TILE_M, FWD_WS_TILE_N));
+        let constant = |name| crate::testing::cuda_constant(&source, "patch_embed.cu", name);
+        let (m, n, k, stages) = (constant("kFwdM"), constant("kWsN"), constant("kWsK"), constant("kWsStages"));
+        assert_eq!((m, n), (FWD_TILE_M, FWD_WS_TILE_N));
         assert!(source.contains("constexpr int kWsOutLd = kWsN * 2 + 16;"), "the staging row changed");
         let need = stages * (m * k * 2 + n * k * 2) + 2 * 64 * (n * 2 + 16) + 1023;
-        assert!(FWD_WS_SMEM >= need, "FWD_WS_SMEM {FWD_WS_SMEM} < the kernel's {need}");
+        assert!(FWD_WS_SMEM as usize >= need, "FWD_WS_SMEM {FWD_WS_SMEM} < the kernel's {need}");
     }
 }
