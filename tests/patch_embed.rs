@@ -525,7 +525,6 @@ fn pixel_order_names_parse_and_bad_names_are_refused() {
     for order in PixelOrder::ALL {
         assert_eq!(PixelOrder::parse_name(order.name()).unwrap(), order);
     }
-    assert_eq!(PixelOrder::default(), PixelOrder::Hwc);
     let e = PixelOrder::parse_name("HWC").unwrap_err();
     assert!(e.contains("chw or hwc") && e.contains("MAPET_PATCH_EMBED_ORDER"), "{e}");
     // The pair the backend runs: the measured defaults when neither variable is set (hwc-ws's

@@ -15,8 +15,9 @@ use crate::error::{Error, Result};
 
 /// A run-time choice between kernels that compute the same function: a measurement knob, kept
 /// until a GPU run settles which one wins. Each has named values, a default (the variant verified
-/// on a GPU) and an environment variable that overrides it.
-pub trait KernelChoice: Copy + Default + 'static {
+/// on a GPU: the type's `Default`, or a device's choice where it depends on the device) and an
+/// environment variable that overrides it.
+pub trait KernelChoice: Copy + 'static {
     /// The environment variable that picks a value by name.
     const VAR: &'static str;
     /// Every value, for tests and benches.
@@ -39,9 +40,13 @@ pub trait KernelChoice: Copy + Default + 'static {
         })
     }
 
-    /// The value `VAR` names when it is set, else the default; an unknown name is an error naming
-    /// the variable.
-    fn selected() -> Result<Self> {
+    /// The value `VAR` names when it is set, else the type's default (for a type whose default
+    /// does not depend on the device; `PixelOrder`'s does, see `PixelOrder::selected_pair`); an
+    /// unknown name is an error naming the variable.
+    fn selected() -> Result<Self>
+    where
+        Self: Default,
+    {
         Self::named_or(Self::VAR, std::env::var(Self::VAR).ok().as_deref(), Self::default())
     }
 

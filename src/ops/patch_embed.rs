@@ -502,7 +502,7 @@ pub fn cpu_backward(
 /// The order in which the uint8 kernels contract the K = 3p² pixel values of a patch. Both give
 /// the same function (up to the f32 summation order); tests/patch_embed.rs checks both against
 /// the CPU reference. The f32 entry always contracts in the weight's own CHW order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PixelOrder {
     /// The weight's order k = (c·p + ky)·p + kx: eight consecutive k are eight pixels of one
     /// channel, three 8-byte loads of interleaved HWC bytes for 8 values.
@@ -513,8 +513,8 @@ pub enum PixelOrder {
     /// the same way (D·K bf16 of scratch); the reduction of the weight gradient's partials puts
     /// it back in CHW order. On an H200 at ViT-B, batch 128, forward + backward take 0.368 ms
     /// against 0.603 ms in CHW order (BENCHMARKS.md). The default off compute capability 9.0, and
-    /// the default backward everywhere ([`PixelOrder::defaults_for`]).
-    #[default]
+    /// the default backward everywhere ([`PixelOrder::defaults_for`]: the order has no default
+    /// apart from the device).
     Hwc,
     /// [`PixelOrder::Hwc`] with the MMAs of the forward and of the weight gradient issued as
     /// Hopper's asynchronous wgmma (`mapet_patch_embed_fwd_u8_hwc_wgmma`,
