@@ -113,8 +113,8 @@ fn check_pair(gpu: &Gpu, fwd: AttentionKernels, bwd: AttentionKernels, c: &Case)
         &mut dv64,
     )
     .unwrap();
-    // Baseline: f32 CPU on the same inputs, outputs rounded to bf16 where the bwd write bf16;
-    // its backward consumes its own bf16-rounded O, as the bwd consume their own.
+    // Baseline: f32 CPU on the same inputs, outputs rounded to bf16 where the kernels write bf16;
+    // its backward consumes its own bf16-rounded O, as the kernels consume their own.
     let (mut o32, mut lse32) = (vec![0.0f32; c.q.len()], vec![0.0f32; g.lse.len()]);
     attention::cpu_forward(s, &c.q, &c.k, &c.v, &mut o32, &mut lse32).unwrap();
     mapet::cpu::round_bf16(&mut o32);
@@ -140,7 +140,7 @@ fn check_pair(gpu: &Gpu, fwd: AttentionKernels, bwd: AttentionKernels, c: &Case)
     expect("dV", Rows::Key, &g.dv, &dv32, &dv64, 3.0, 1e-4);
     if forward_failed && fwd != AttentionKernels::Tiled {
         // A wrong forward makes the backward's inputs wrong: check this set's backward again on
-        // the tiled forward's O and lse, so that one run tells which of the bwd is at fault.
+        // the tiled forward's O and lse, so that one run tells which of the kernels is at fault.
         let g = run_gpu_with(gpu, AttentionKernels::Tiled, bwd, c);
         eprintln!("{bwd:?} backward on the tiled forward's O and lse:");
         expect("dQ (tiled forward)", Rows::Query, &g.dq, &dq32, &dq64, 3.0, 1e-4);
