@@ -1444,8 +1444,8 @@ static_assert(kChunk == 32, "chunk masks: chunk c is bit c, found with shifts by
 // A row or key tile's 32-wide chunks as bit masks, chunk c in bit c: live = not EMPTY, partial =
 // PARTIAL (classify's classes). Found once a tile, so that the chunk loops step with __ffs and
 // test a bit, where they called classify for every chunk twice (finding the next one, then
-// masking it). 32 chunks at most: the launcher picks the wgmma kernels only for Lk <= 1024
-// (forward, dQ) and Lq <= 1024 (dK/dV).
+// masking it). 32 chunks at most: the launcher picks the wgmma kernels only for Lk <= 384
+// (forward, dQ: two CTAs an SM) and Lq <= 1024 (dK/dV).
 struct ChunkMasks {
     uint32_t live, partial;
 };

@@ -551,9 +551,10 @@ const CUDA_WG_THREADS: u32 = 256;
 const CUDA_WG_TILE_BYTES: usize = 64 * 128;
 /// Threads per block of the wgmma dQ kernel (`MAPET_ATTN_WG_DQ_THREADS`): two warpgroups.
 const CUDA_WG_DQ_THREADS: u32 = 256;
-/// Most rows (keys in the forward and dQ, query rows in dK/dV) the wgmma kernels take: they hold
-/// a tile's 32-row chunks as the bits of one 32-bit mask (`ChunkMasks` in cuda/attention.cu).
-/// On an H100/H200 shared memory refuses larger shapes first; this keeps the bound on any card.
+/// Most query rows the wgmma dK/dV kernel takes: it holds a key tile's 32-row position chunks as
+/// the bits of one 32-bit mask (`ChunkMasks` in cuda/attention.cu). On an H100/H200 shared memory
+/// refuses larger shapes first; this keeps the bound on any card. (The forward and dQ, whose masks
+/// hold key chunks, stay far below it: two CTAs an SM keep Lk <= 384.)
 const CUDA_WG_MAX_ROWS: usize = 32 * 32;
 /// Threads per block of the wgmma dK/dV kernel (`MAPET_ATTN_WG_DKDV_THREADS`): three warpgroups.
 const CUDA_WG_DKDV_THREADS: u32 = 384;
@@ -608,7 +609,7 @@ impl AttentionKernels {
     /// shared bytes; `None` when another forward runs (not chosen, not compute capability 9.0,
     /// or K and V too large for two CTAs per SM).
     fn wgmma_launch(self, shape: &AttentionShape, cc: (u32, u32), sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
-        if self != AttentionKernels::Wgmma || cc != (9, 0) || shape.k_rows() > CUDA_WG_MAX_ROWS {
+        if self != AttentionKernels::Wgmma || cc != (9, 0) {
             return None;
         }
         // K and V tiles, a Q tile per warpgroup, and 1 KiB to align them to the swizzle's
@@ -986,8 +987,9 @@ mod tests {
     }
 
     /// The wgmma kernels hold a tile's 32-row chunks in one 32-bit mask: whatever shared memory a
-    /// card offers, no launch they are picked for has more than 32 chunks of keys (forward, dQ)
-    /// or of query rows (dK/dV).
+    /// card offers, no launch they are picked for has more than 32 chunks of keys (forward, dQ:
+    /// bounded by the two-CTAs-an-SM cap on shared memory) or of query rows (dK/dV: by
+    /// CUDA_WG_MAX_ROWS).
     #[test]
     fn wgmma_launches_fit_the_chunk_masks() {
         let w = AttentionKernels::Wgmma;
