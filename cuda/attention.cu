@@ -1829,8 +1829,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 //   the position's lse, delta and window; dV += P^T dO, dK += dS^T Q (G2). One CTA an SM, so its
 //   load is not hidden behind another CTA's work: the warpgroups start once the first half of
 //   the positions and their first K/V tile are in, while the second half still lands. Must run
-//   after the dQ kernel (delta). Dynamic shared memory ceil(Lq / 64) * 64 * (256 + 12) B + 48 KB
-//   + 1 KB: 183 KB at ViT (491 rows, padded to 512).
+//   after the dQ kernel (delta). The CTA's key tiles are dealt to its warpgroups by their live
+//   chunk counts (deal_key_tiles). Dynamic shared memory ceil(Lq / 64) * 64 * (256 + 12) B +
+//   48 KB + 128 B (the key tiles' chunk masks) + 1 KB: 183 KB at ViT (491 rows, padded to 512).
 
 namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1913,18 +1914,73 @@ __device__ __forceinline__ void copy_kv_tile(const MapetAttention& prm, const Ge
                     i, 128);
 }
 
-// The 32-position chunks [0, npc) against keys [k0, k0 + 64) (ChunkMasks), classified one by one:
-// once a key tile, not once a chunk.
-__device__ __forceinline__ ChunkMasks position_chunks(int npc, int k0, const Geometry& G) {
-    ChunkMasks m{0u, 0u};
-    for (int pc = 0; pc < npc; ++pc) {
-        int amin, amax;
-        position_extrema(pc * kChunk, kChunk, G, amin, amax);
-        const int kind = classify(amin, amax, k0, k0 + kBN, true, G);
-        m.live |= static_cast<uint32_t>(kind != kEmpty) << pc;
-        m.partial |= static_cast<uint32_t>(kind == kPartial) << pc;
+// Most 64-key tiles the wgmma dK/dV kernel takes: Lk < Lq <= 1024 (the launcher's CUDA_WG_MAX_ROWS).
+constexpr int kDkdvMaxKeyTiles = 16;
+
+// The ChunkMasks of every 64-key tile against the 32-position chunks [0, npc), into
+// tiles[kt] (live) and tiles[kDkdvMaxKeyTiles + kt] (partial), by the whole block: a warp a key
+// tile, a lane a chunk, the classes gathered by ballots. Once a CTA, before the copies of its
+// first K/V tiles. (Classified one key tile at a time by its warpgroup, in a loop over the
+// chunks, this was over a thousand instructions a thread at the start of every key tile, with the
+// warpgroup's tensor work waiting on it.)
+__device__ __forceinline__ void position_chunk_table(uint32_t* tiles, int nkt, int npc, int tid, const Geometry& G) {
+    const int lane = tid & 31;
+    int amin = 0, amax = 0;
+    if (lane < npc) position_extrema(lane * kChunk, kChunk, G, amin, amax);
+    for (int kt = tid >> 5; kt < nkt; kt += MAPET_ATTN_WG_DKDV_THREADS / 32) {
+        const int kind = lane < npc ? classify(amin, amax, kt * kBN, kt * kBN + kBN, true, G) : kEmpty;
+        const uint32_t live = __ballot_sync(0xffffffffu, kind != kEmpty);
+        const uint32_t partial = __ballot_sync(0xffffffffu, kind == kPartial);
+        if (lane == 0) {
+            tiles[kt] = live;
+            tiles[kDkdvMaxKeyTiles + kt] = partial;
+        }
     }
-    return m;
+}
+
+// The key tiles a warpgroup of the dK/dV kernel computes, in order: 4 bits a tile, the first in
+// the lowest bits, and their count.
+struct TileList {
+    uint64_t tiles;
+    int n;
+    __device__ __forceinline__ int at(int i) const { return static_cast<int>((tiles >> (4 * i)) & 15u); }
+};
+
+// The CTA's key tiles (those kt with (kt / 3) % gridDim.x == blockIdx.x) dealt to its three
+// warpgroups so that their chunk counts come out even: the tile with the most live chunks first
+// (the lowest index among equals) to the warpgroup with the fewest so far (the lowest index
+// among equals). A CTA ends with its slowest warpgroup, and the tiles differ: at ViT's N = 197,
+// C = 50 the six tiles have 16, 9, 5, 11, 14 and 16 live chunks, which the fixed deal (tile w and
+// w + 3 to warpgroup w) split 27 / 23 / 21, and this one 25 / 21 / 25. Each tile is computed the
+// same whichever warpgroup takes it, so the results do not depend on the deal. Every thread
+// works it out for itself from the table (position_chunk_table), the same in all.
+__device__ __forceinline__ TileList deal_key_tiles(const uint32_t* tiles, int nkt, int wg) {
+    uint32_t todo = 0;
+    for (int kt = 0; kt < nkt; ++kt)
+        if ((kt / 3) % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) todo |= 1u << kt;
+    int load0 = 0, load1 = 0, load2 = 0;  // (scalars: an indexed array would live in local memory)
+    TileList mine{0, 0};
+    while (todo != 0) {
+        int best = -1, most = -1;
+        for (uint32_t rest = todo; rest != 0; rest &= rest - 1u) {
+            const int kt = __ffs(rest) - 1;
+            const int live = __popc(tiles[kt]);
+            if (live > most) {
+                best = kt;
+                most = live;
+            }
+        }
+        todo &= ~(1u << best);
+        const int w = load1 < load0 ? (load2 < load1 ? 2 : 1) : (load2 < load0 ? 2 : 0);
+        load0 += w == 0 ? most : 0;
+        load1 += w == 1 ? most : 0;
+        load2 += w == 2 ? most : 0;
+        if (w == wg) {
+            mine.tiles |= static_cast<uint64_t>(best) << (4 * mine.n);
+            ++mine.n;
+        }
+    }
+    return mine;
 }
 
 // dK/dV's elementwise step on a finished chunk (positions [p0, p0 + 32), PARTIAL or FULL against
@@ -2071,7 +2127,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     const int nkt = (G.lk + kBN - 1) / kBN;
     const int lqp = (G.lq + 63) / 64 * 64;  // positions held (whole 64-row tiles)
     const int npc = (G.lq + kChunk - 1) / kChunk;
-    // [Q | dO | K tiles | V tiles | lse2 | delta | first hidden], the swizzled parts 1024-aligned.
+    // [Q | dO | K tiles | V tiles | lse2 | delta | first hidden | key tiles' chunk masks], the
+    // swizzled parts 1024-aligned.
     const uint32_t q_smem = sw128_align(smem_addr(wg_smem_raw));
     const uint32_t do_smem = q_smem + static_cast<uint32_t>(lqp) * 128;
     const uint32_t k_smem = do_smem + static_cast<uint32_t>(lqp) * 128 + wg * kWgTileBytes;  // this warpgroup's
@@ -2081,20 +2138,26 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                                              6 * kWgTileBytes);
     float* s_delta = s_lse2 + lqp;
     int* s_a = reinterpret_cast<int*>(s_delta + lqp);
+    uint32_t* s_tiles = reinterpret_cast<uint32_t*>(s_a + lqp);  // position_chunk_table
 
     // The copies, in three cp.async groups so that work starts before they have all landed:
     // (A) the Q and dO rows of the first half of the positions, (K) the K and V tile of this
     // warpgroup's first key tile, (B) the second half's rows. The warpgroups start once A and K
     // are in (a block barrier); B is waited for, with a second block barrier that every thread
-    // reaches exactly once (b_ready), before the first chunk that needs it, or at the end.
+    // reaches exactly once (b_ready), before the first chunk that needs it, or at the end. Which
+    // key tile comes first to a warpgroup is known once the chunk table is built (a block barrier
+    // after A is under way).
     const int half = lqp / 2 / kChunk * kChunk;
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
     copy_positions(q_smem, qg, prm.q_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     copy_positions(do_smem, dog, prm.do_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     cp_async_commit();
-    const int kt0 = blockIdx.x * 3 + wg;
-    if (kt0 < nkt) copy_kv_tile(prm, G, b, head, k_smem, v_smem, kt0 * kBN, tid & 127);
+    if (nkt > kDkdvMaxKeyTiles) __trap();  // the launcher's bound (CUDA_WG_MAX_ROWS); never taken
+    position_chunk_table(s_tiles, nkt, npc, tid, G);
+    __syncthreads();
+    const TileList mine = deal_key_tiles(s_tiles, nkt, wg);
+    if (mine.n > 0) copy_kv_tile(prm, G, b, head, k_smem, v_smem, mine.at(0) * kBN, tid & 127);
     cp_async_commit();
     copy_positions(q_smem + half * 128, qg, prm.q_row_stride, half, lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     copy_positions(do_smem + half * 128, dog, prm.do_row_stride, half, lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS,
@@ -2126,12 +2189,12 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         }
     };
 
-    const int kt_step = gridDim.x * 3;
     const int lwg = wg, ltid = tid, lb = b, lhead = head;  // (lambdas may not capture a structured binding)
 #pragma unroll 1
-    for (int kt = kt0; kt < nkt; kt += kt_step) {
+    for (int i = 0; i < mine.n; ++i) {
+        const int kt = mine.at(i);
         const int k0 = kt * kBN;
-        if (kt != kt0) {
+        if (i != 0) {
             sw128_load_wait();  // this tile's K and V, started under the previous tile's last products
             named_barrier(1 + wg, 128);
         }
@@ -2140,9 +2203,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         // here below when this tile has no chunk to compute.
         bool next_started = false;
         auto start_next = [&] {
-            if (kt + kt_step < nkt) {
+            if (i + 1 < mine.n) {
                 named_barrier(1 + lwg, 128);
-                copy_kv_tile(prm, G, lb, lhead, k_smem, v_smem, (kt + kt_step) * kBN, ltid & 127);
+                copy_kv_tile(prm, G, lb, lhead, k_smem, v_smem, mine.at(i + 1) * kBN, ltid & 127);
             }
             next_started = true;
         };
@@ -2158,7 +2221,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         uint32_t pa[2][4], da[2][4];
 
         // A tile no position can see (none at ViT) stores zeros.
-        const ChunkMasks chunks = position_chunks(npc, k0, G);
+        const ChunkMasks chunks{s_tiles[kt], s_tiles[kDkdvMaxKeyTiles + kt]};
         uint32_t rest = chunks.live;
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         if (rest != 0) {

@@ -558,6 +558,9 @@ const CUDA_WG_DQ_THREADS: u32 = 256;
 const CUDA_WG_MAX_ROWS: usize = 32 * 32;
 /// Threads per block of the wgmma dK/dV kernel (`MAPET_ATTN_WG_DKDV_THREADS`): three warpgroups.
 const CUDA_WG_DKDV_THREADS: u32 = 384;
+/// Most 64-key tiles the wgmma dK/dV kernel's chunk table holds (`kDkdvMaxKeyTiles`): keys are
+/// fewer than query rows, so CUDA_WG_MAX_ROWS keeps them within it.
+const CUDA_WG_DKDV_MAX_KEY_TILES: usize = 16;
 /// Threads per block of the Q/dO-resident dK/dV kernel (`MAPET_ATTN_RES_DKDV_THREADS`), one CTA
 /// per SM.
 const CUDA_RES_DKDV_THREADS: u32 = 384;
@@ -625,7 +628,7 @@ impl AttentionKernels {
 
     /// The wgmma dK/dV kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
     /// Q, dO and per-position lse, delta and hidden window of every position (whole 64-row tiles),
-    /// and a K and a V tile for each of 3 warpgroups, one CTA per SM.
+    /// a K and a V tile for each of 3 warpgroups, and two chunk masks a key tile, one CTA per SM.
     fn wgmma_dkdv_launch(
         self,
         shape: &AttentionShape,
@@ -637,7 +640,7 @@ impl AttentionKernels {
             return None;
         }
         let positions = shape.q_rows().div_ceil(64) * 64;
-        let smem = positions * (2 * 128 + 12) + 6 * CUDA_WG_TILE_BYTES + 1024;
+        let smem = positions * (2 * 128 + 12) + 6 * CUDA_WG_TILE_BYTES + 2 * 4 * CUDA_WG_DKDV_MAX_KEY_TILES + 1024;
         if smem > max_smem as usize {
             return None;
         }
@@ -970,10 +973,11 @@ mod tests {
         assert_eq!(w.wgmma_launch(&shape(128, 12, 257, 129), hopper, 132, max), None);
         assert!(w.resident_launch(&shape(128, 12, 197, 50), 132, max).is_some());
         assert!(w.resident_dkdv_launch(&shape(128, 12, 197, 50), 132, max).is_some());
-        // dK/dV at ViT-B: 512 positions of Q, dO and 12 bytes of row data, and 6 key tiles (183
-        // KiB, one CTA per SM); few pairs: one key tile per warpgroup (6 tiles, 2 CTAs).
-        assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 187_392)));
-        assert_eq!(w.wgmma_dkdv_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((2, 187_392)));
+        // dK/dV at ViT-B: 512 positions of Q, dO and 12 bytes of row data, 6 key tiles and the
+        // chunk table (183 KiB, one CTA per SM); few pairs: one key tile per warpgroup (6 tiles,
+        // 2 CTAs).
+        assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 187_520)));
+        assert_eq!(w.wgmma_dkdv_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((2, 187_520)));
         assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
         assert_eq!(AttentionKernels::Resident.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), None);
         // More than 640 positions do not fit.
@@ -982,6 +986,39 @@ mod tests {
         for s in [shape(128, 12, 197, 50), shape(1, 1, 197, 50), shape(7, 5, 100, 3), shape(2, 2, 256, 128)] {
             if let Some((_, smem)) = w.wgmma_launch(&s, hopper, 132, max) {
                 assert!(2 * (smem as usize + 1024) <= 228 << 10, "{s:?}");
+            }
+        }
+    }
+
+    /// `classify` of cuda/attention.cu, transcribed: the class of the block of rows with
+    /// first-hidden extrema `amin`, `amax` against keys [k0, k1), for P = `p` and Lk = `lk` keys
+    /// (0 EMPTY, 1 FULL, 2 PARTIAL; rows complete).
+    fn classify(p: usize, lk: usize, amin: usize, amax: usize, k0: usize, k1: usize) -> u8 {
+        if k0 >= lk || (k0 >= amax && k1.min(lk) <= amin + p) {
+            0
+        } else if (k1 <= amin || k0 >= amax + p) && k1 <= lk {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// `row_at` of cuda/attention.cu, transcribed: the query row at position `pos` of the position
+    /// order for N = `n`, C = `c` (Lq past the end).
+    fn row_at(n: usize, c: usize, pos: usize) -> usize {
+        let p = n - c;
+        if pos < c {
+            pos
+        } else if pos < c + p {
+            n + pos - c
+        } else if pos - c - p >= 2 * p {
+            n + 2 * p
+        } else {
+            let j = pos - c - p;
+            if j % 2 == 1 {
+                c + j / 2
+            } else {
+                n + p + j / 2
             }
         }
     }
@@ -1003,6 +1040,8 @@ mod tests {
                     }
                     if w.wgmma_dkdv_launch(&s, hopper, 132, max).is_some() {
                         assert!(s.q_rows().div_ceil(32) <= 32, "{s:?}: {} row chunks", s.q_rows().div_ceil(32));
+                        let key_tiles = s.k_rows().div_ceil(64);
+                        assert!(key_tiles <= CUDA_WG_DKDV_MAX_KEY_TILES, "{s:?}: {key_tiles} key tiles");
                     }
                 }
             }
@@ -1024,15 +1063,6 @@ mod tests {
             if nkc > 32 {
                 continue;
             }
-            let classify = |amin: usize, amax: usize, k0: usize, k1: usize| {
-                if k0 >= lk || (k0 >= amax && k1.min(lk) <= amin + p) {
-                    0
-                } else if (k1 <= amin || k0 >= amax + p) && k1 <= lk {
-                    1
-                } else {
-                    2
-                }
-            };
             let low_bits = |n: i64| if n >= 32 { u32::MAX } else { (1u32 << n.max(0)) - 1 };
             for amin in c..=n {
                 for amax in amin..=n {
@@ -1043,7 +1073,8 @@ mod tests {
                     let live = low_bits(nkc as i64) & !empty;
                     let partial = live & !full;
                     for chunk in 0..32 {
-                        let want = if chunk < nkc { classify(amin, amax, 32 * chunk, 32 * chunk + 32) } else { 0 };
+                        let want =
+                            if chunk < nkc { classify(p, lk, amin, amax, 32 * chunk, 32 * chunk + 32) } else { 0 };
                         let got = if live >> chunk & 1 == 0 {
                             0
                         } else if partial >> chunk & 1 == 1 {
@@ -1076,42 +1107,17 @@ mod tests {
                 let (a, m) = crate::perm::visible_bounds(n, c, r);
                 k < lk && (k < a || k >= m)
             };
-            let row_at = |pos: usize| {
-                if pos < c {
-                    pos
-                } else if pos < c + p {
-                    n + pos - c
-                } else if pos - c - p >= 2 * p {
-                    lq
-                } else {
-                    let j = pos - c - p;
-                    if j % 2 == 1 {
-                        c + j / 2
-                    } else {
-                        n + p + j / 2
-                    }
-                }
-            };
+            let row_at = |pos: usize| row_at(n, c, pos);
             let rows: Vec<usize> = (0..lq).map(row_at).collect();
             let mut sorted = rows.clone();
             sorted.sort();
             assert_eq!(sorted, (0..lq).collect::<Vec<_>>(), "N {n} C {c}: not a permutation");
             assert!(rows.windows(2).all(|w| first_hidden(w[0]) <= first_hidden(w[1])), "N {n} C {c}: not monotone");
-            // classify() of the CUDA code: 0 EMPTY, 1 FULL, 2 PARTIAL.
-            let classify = |amin: usize, amax: usize, k0: usize, k1: usize| {
-                if k0 >= lk || (k0 >= amax && k1.min(lk) <= amin + p) {
-                    0
-                } else if (k1 <= amin || k0 >= amax + p) && k1 <= lk {
-                    1
-                } else {
-                    2
-                }
-            };
             let extrema =
                 |p0: usize, len: usize| (first_hidden(row_at(p0)), first_hidden(row_at((p0 + len).min(lq) - 1)));
             let check = |p0: usize, plen: usize, k0: usize, klen: usize| {
                 let (amin, amax) = extrema(p0, plen);
-                let kind = classify(amin, amax, k0, k0 + klen);
+                let kind = classify(p, lk, amin, amax, k0, k0 + klen);
                 let pairs = (p0..(p0 + plen).min(lq)).flat_map(|pos| (k0..k0 + klen).map(move |k| (pos, k)));
                 let vis: Vec<bool> = pairs.map(|(pos, k)| visible(row_at(pos), k)).collect();
                 let at = format!("N {n} C {c}: positions {p0}+{plen}, keys {k0}+{klen}");
@@ -1133,6 +1139,81 @@ mod tests {
                 for k0 in (0..lk).step_by(64) {
                     check(p0, 32, k0, 64);
                 }
+            }
+        }
+    }
+
+    /// The wgmma dK/dV kernel's deal of key tiles to warpgroups (`position_chunk_table`,
+    /// `deal_key_tiles` in cuda/attention.cu, transcribed): every key tile goes to exactly one
+    /// warpgroup of one CTA, for any number of CTAs a pair; the deal is never worse than the fixed
+    /// one it replaced (tile w + 3 j to warpgroup w) for the slowest warpgroup of a CTA; and at
+    /// ViT's N = 197, C = 50 it gives the loads the kernel's comment states. The kernel's table
+    /// bound is the launcher's.
+    #[test]
+    fn wgmma_dkdv_deal_covers_every_key_tile_once() {
+        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/attention.cu")).unwrap();
+        let max_tiles = crate::testing::cuda_constant(&source, "attention.cu", "kDkdvMaxKeyTiles");
+        assert_eq!(max_tiles, CUDA_WG_DKDV_MAX_KEY_TILES);
+        let live_counts = |n: usize, c: usize| -> Vec<u32> {
+            let p = n - c;
+            let (lq, lk) = (n + 2 * p, n + p);
+            let first_hidden = |r: usize| crate::perm::visible_bounds(n, c, r).0;
+            (0..lk.div_ceil(64))
+                .map(|kt| {
+                    (0..lq.div_ceil(32))
+                        .filter(|&pc| {
+                            let amin = first_hidden(row_at(n, c, 32 * pc));
+                            let amax = first_hidden(row_at(n, c, (32 * pc + 32).min(lq) - 1));
+                            classify(p, lk, amin, amax, 64 * kt, 64 * kt + 64) != 0
+                        })
+                        .count() as u32
+                })
+                .collect()
+        };
+        // deal_key_tiles for CTA `x` of `grid`: warpgroup -> its tiles in order.
+        let deal =
+            |live: &[u32], grid: usize, x: usize| -> [Vec<usize>; 3] {
+                let mut todo: Vec<usize> = (0..live.len()).filter(|kt| (kt / 3) % grid == x).collect();
+                let mut load = [0u32; 3];
+                let mut out: [Vec<usize>; 3] = Default::default();
+                while !todo.is_empty() {
+                    let (i, &best) = todo.iter().enumerate().fold((0, &todo[0]), |acc, (i, kt)| {
+                        if live[*kt] > live[*acc.1] {
+                            (i, kt)
+                        } else {
+                            acc
+                        }
+                    });
+                    todo.remove(i);
+                    let w = (0..3).fold(0, |w, v| if load[v] < load[w] { v } else { w });
+                    load[w] += live[best];
+                    out[w].push(best);
+                }
+                out
+            };
+        let vit = live_counts(197, 50);
+        assert_eq!(vit, [16, 9, 5, 11, 14, 16]);
+        let loads = |d: &[Vec<usize>; 3], live: &[u32]| d.clone().map(|t| t.iter().map(|&kt| live[kt]).sum::<u32>());
+        assert_eq!(loads(&deal(&vit, 1, 0), &vit), [25, 21, 25]);
+        let mut cases: Vec<(usize, usize)> = (2..90).flat_map(|n| (1..n).step_by(3).map(move |c| (n, c))).collect();
+        cases.extend([(197, 1), (197, 196), (300, 150), (257, 64)]);
+        for (n, c) in cases {
+            let live = live_counts(n, c);
+            for grid in 1..=4 {
+                let mut seen = vec![0; live.len()];
+                for x in 0..grid {
+                    let d = deal(&live, grid, x);
+                    d.iter().flatten().for_each(|&kt| seen[kt] += 1);
+                    let fixed: [u32; 3] = std::array::from_fn(|w| {
+                        (0..live.len()).filter(|kt| (kt / 3) % grid == x && kt % 3 == w).map(|kt| live[kt]).sum()
+                    });
+                    let worst = |l: [u32; 3]| l.into_iter().max().unwrap();
+                    assert!(
+                        worst(loads(&d, &live)) <= worst(fixed),
+                        "N {n} C {c} grid {grid} CTA {x}: {d:?} over {live:?} against the fixed deal's {fixed:?}"
+                    );
+                }
+                assert!(seen.iter().all(|&s| s == 1), "N {n} C {c} grid {grid}: tiles dealt {seen:?} times");
             }
         }
     }
