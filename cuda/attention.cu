@@ -850,6 +850,18 @@ __device__ __forceinline__ void store_frag_rows(const float (&acc)[8][4], float 
     }
 }
 
+// The 16 bf16 columns [16t, 16t+16) of row `row` of a row-major bf16 matrix (row stride `stride`
+// elements), zeros when !ok.
+__device__ __forceinline__ void load_row_cols16(uint4 (&x)[2], const bf16* src, int64_t stride, int row, bool ok,
+                                                int t) {
+    x[0] = x[1] = make_uint4(0, 0, 0, 0);
+    if (ok) {
+        const uint4* p = reinterpret_cast<const uint4*>(src + row * stride + 16 * t);
+        x[0] = __ldg(p);
+        x[1] = __ldg(p + 1);
+    }
+}
+
 // delta = rowsum(dO * O) of rows row_lo, row_hi (0 for a row that is not ok): lane t of the quad
 // takes columns [16t, 16t+16) of both rows, and the quad sum finishes the dot products.
 __device__ __forceinline__ void row_deltas(const MapetAttention& prm, const bf16* og, const bf16* dog, int row_lo,
@@ -1914,6 +1926,14 @@ __device__ __forceinline__ void copy_kv_tile(const MapetAttention& prm, const Ge
                     i, 128);
 }
 
+// The 16 bf16 columns [16t, 16t+16) of row r of a 128-byte-swizzled 64-column tile (hopper.cuh:
+// row r at 128 r, its 16-byte chunk j at j ^ (r & 7)): chunks 2t and 2t + 1.
+__device__ __forceinline__ void tile_row_cols16(uint4 (&x)[2], const unsigned char* tile, int r, int t) {
+    const unsigned char* row = tile + 128 * r;
+    x[0] = *reinterpret_cast<const uint4*>(row + 16 * ((2 * t) ^ (r & 7)));
+    x[1] = *reinterpret_cast<const uint4*>(row + 16 * ((2 * t + 1) ^ (r & 7)));
+}
+
 // Most 64-key tiles the wgmma dK/dV kernel takes: Lk < Lq <= 1024 (the launcher's CUDA_WG_MAX_ROWS).
 constexpr int kDkdvMaxKeyTiles = 16;
 
@@ -2023,20 +2043,30 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
     const uint32_t do_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's dO tile
     const uint64_t kd = sw128_desc(k_smem), vd = sw128_desc(v_smem), dod = sw128_desc(do_smem);
+    const unsigned char* do_tile = wg_smem_raw + (do_smem - smem_addr(wg_smem_raw));
 
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
     const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;  // lse/delta row 0
-    // A row tile's operands that only G1 reads: its dO rows into the warpgroup's tile, its Q rows
-    // into A fragments. Started for the first tile beside K and V (wg_load_kv waits for every copy
-    // of the thread), and for each next one under the current tile's last dQ product (on_last).
+    // A row tile's operands that only G1 reads, and what its rows' delta and lse are made of: its
+    // dO rows into the warpgroup's tile, its Q rows into A fragments, the lane's O columns and the
+    // lse of its two rows into registers (the dO columns of delta are read from the tile). Started
+    // for the first tile beside K and V (wg_load_kv waits for every copy of the thread), and for
+    // each next one under the current tile's last dQ product (on_last), so that a tile starts
+    // with its loads landed.
     uint32_t qf[4][4];
+    uint4 o_lo[2], o_hi[2];
+    float lse_lo = 0.f, lse_hi = 0.f;
     const int lwarp = warp, lg = g, lt = t, lwg = wg, ltid = tid;  // (lambdas may not capture a structured binding)
     auto start_tile = [&](int p) {
+        const int lo = row_at(p + 16 * lwarp + lg, G), hi = row_at(p + 16 * lwarp + lg + 8, G);
         copy_positions(do_smem, dog, prm.do_row_stride, p, 64, ltid & 127, 128, G);
-        load_a_frags(qf, qg, prm.q_row_stride, row_at(p + 16 * lwarp + lg, G), row_at(p + 16 * lwarp + lg + 8, G), G.lq,
-                     lt);
+        load_a_frags(qf, qg, prm.q_row_stride, lo, hi, G.lq, lt);
+        load_row_cols16(o_lo, og, prm.o_row_stride, lo, lo < G.lq, lt);
+        load_row_cols16(o_hi, og, prm.o_row_stride, hi, hi < G.lq, lt);
+        lse_lo = lo < G.lq ? prm.lse[stat0 + lo] : 0.f;
+        lse_hi = hi < G.lq ? prm.lse[stat0 + hi] : 0.f;
     };
     const int tile_step = gridDim.x * 2 * 64;
     if ((blockIdx.x * 2 + wg) * 64 < G.lq) start_tile((blockIdx.x * 2 + wg) * 64);
@@ -2050,18 +2080,25 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         const bool ok_lo = r_lo < G.lq, ok_hi = r_hi < G.lq;
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
 
-        // The rows' delta and lse while the tile's dO and Q land.
+        // The tile's dO rows (positions past Lq zero-filled), then the rows' delta and lse from
+        // them and the loads start_tile made.
         pin_regs(flat16(qf));
+        sw128_load_wait();
+        named_barrier(1 + wg, 128);
         RowStats rs;
-        row_deltas(prm, og, dog, r_lo, r_hi, ok_lo, ok_hi, t, rs.delta_lo, rs.delta_hi);
-        rs.lse2_lo = ok_lo ? prm.lse[stat0 + r_lo] * kLog2e : 0.f;  // rows past Lq: P = 1, dS = 0
-        rs.lse2_hi = ok_hi ? prm.lse[stat0 + r_hi] * kLog2e : 0.f;
+        {
+            uint4 d_lo[2], d_hi[2];
+            tile_row_cols16(d_lo, do_tile, 16 * warp + g, t);
+            tile_row_cols16(d_hi, do_tile, 16 * warp + g + 8, t);
+            rs.delta_lo = quad_sum(dot16_bf16(d_lo, o_lo));
+            rs.delta_hi = quad_sum(dot16_bf16(d_hi, o_hi));
+        }
+        rs.lse2_lo = ok_lo ? lse_lo * kLog2e : 0.f;  // rows past Lq: P = 1, dS = 0
+        rs.lse2_hi = ok_hi ? lse_hi * kLog2e : 0.f;
         if (t == 0) {
             if (ok_lo) prm.delta[stat0 + r_lo] = rs.delta_lo;
             if (ok_hi) prm.delta[stat0 + r_hi] = rs.delta_hi;
         }
-        sw128_load_wait();
-        named_barrier(1 + wg, 128);
 
         float dq[8][4];
 #pragma unroll
