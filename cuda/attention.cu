@@ -1638,6 +1638,15 @@ __device__ __forceinline__ void copy_positions(uint32_t dst, const bf16* src, in
     sw128_gather_rows(dst, src, 2 * stride, rows, G.lq, i, n, [p0, &G](int r) { return row_at(p0 + r, G); });
 }
 
+// L2 prefetches (prefetch_l2) of the rows of positions [p0, p0 + 64) of a bf16 [Lq x 64] matrix
+// (row r at src + r * stride; row_at), by threads i < 64 of a warpgroup, one row each.
+__device__ __forceinline__ void prefetch_positions(const bf16* src, int64_t stride, int p0, int i, const Geometry& G) {
+    if (i < 64) {
+        const int row = row_at(p0 + i, G);
+        if (row < G.lq) prefetch_l2(src + static_cast<int64_t>(row) * stride);
+    }
+}
+
 // The forward's Q tile, in two halves so that a row tile's load runs under the previous one's
 // last products. wg_start_q starts copying the Q rows of positions [p0, p0 + 64) into the
 // warpgroup's swizzled tile, by its 128 threads (i = the thread's index in it); wg_finish_q waits
@@ -1771,6 +1780,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
             [&](const ChunkPair&, ChunkPair& nxt) {
                 if (rest == 0) return false;
                 take_pair(nxt);
+                // The tile's last pair: its next tile's Q rows, on their way to L2 a pair before
+                // on_last copies them.
+                if (rest == 0 && p0 + tile_step < G.lq)
+                    prefetch_positions(qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
                 return true;
             },
             [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
@@ -2113,6 +2126,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
             [&](int, int& kn) {
                 if (rest == 0) return false;
                 kn = take_chunk(rest);
+                // The tile's last chunk: its next tile's Q, dO and O rows, on their way to L2 a
+                // chunk before on_last loads them.
+                if (rest == 0 && p0 + tile_step < G.lq) {
+                    prefetch_positions(qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
+                    prefetch_positions(dog, prm.do_row_stride, p0 + tile_step, ltid & 127, G);
+                    prefetch_positions(og, prm.o_row_stride, p0 + tile_step, ltid & 127, G);
+                }
                 return true;
             },
             [&](int kc) {
@@ -2267,6 +2287,17 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                 [&](int, int& pn) {
                     if (rest == 0) return false;
                     pn = take_chunk(rest);
+                    // The tile's last chunk: the warpgroup's next K and V rows, on their way to
+                    // L2 a chunk before on_last copies them.
+                    if (rest == 0 && i + 1 < mine.n && (ltid & 127) < kBN) {
+                        const int key = mine.at(i + 1) * kBN + (ltid & 127);
+                        if (key < G.lk) {
+                            prefetch_l2(static_cast<const bf16*>(prm.k) + lb * prm.k_batch_stride + lhead * kD +
+                                        static_cast<int64_t>(key) * prm.k_row_stride);
+                            prefetch_l2(static_cast<const bf16*>(prm.v) + lb * prm.v_batch_stride + lhead * kD +
+                                        static_cast<int64_t>(key) * prm.v_row_stride);
+                        }
+                    }
                     return true;
                 },
                 [&](int pc) {
