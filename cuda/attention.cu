@@ -863,7 +863,9 @@ __device__ __forceinline__ void load_row_cols16(uint4 (&x)[2], const bf16* src, 
 }
 
 // delta = rowsum(dO * O) of rows row_lo, row_hi (0 for a row that is not ok): lane t of the quad
-// takes columns [16t, 16t+16) of both rows, and the quad sum finishes the dot products.
+// takes columns [16t, 16t+16) of both rows, and the quad sum finishes the dot products. (Its loads
+// are load_row_cols16's, written out: built on it, the resident dQ kernel's SASS changed, and that
+// kernel is kept as measured on a card, the control the wgmma kernels are timed against.)
 __device__ __forceinline__ void row_deltas(const MapetAttention& prm, const bf16* og, const bf16* dog, int row_lo,
                                            int row_hi, bool ok_lo, bool ok_hi, int t, float& delta_lo, float& delta_hi) {
     uint4 o_lo[2], o_hi[2], d_lo[2], d_hi[2];
