@@ -877,7 +877,12 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 //   last MMA), and release a stage on `empty` (one arrival a warpgroup) once the wgmma that read
 //   it are done. A warpgroup's epilogue writes its 64 rows into a staging tile of its own and
 //   hands them to the copy engine, a bulk copy a row to its rank's row, then starts its next tile
-//   while they drain.
+//   while they drain;
+// - the consumers also write the output's other rows, mapet_patch_embed_fwd_rows' work, which the
+//   launcher then skips: for each of their rows, its token's two mask-token rows (when its rank is
+//   C or more) and, for an image's first patch, the CLS row, in the tile's channels, a share each
+//   slice right after issuing the slice's wgmma (write_other_rows). They are 58 MB of the 96 MB
+//   output at ViT-B, batch 128: as a kernel of their own, they ran with the tensor cores idle.
 // A producer thread's proxy fence compiles to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S with its later
 // slices' pixel loads in flight; forward_hwc_wgmma fences the same way with its register-staged
 // loads in flight, and ncu counted no membar stalls there (fifth run), so the fence does not wait
@@ -1036,27 +1041,106 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     // The epilogue: a thread i < 64 of the warpgroup copies row i of its staging tile out.
     const int i = tid & 127;
     const uint32_t stage = hopper_smem_addr(ring) + static_cast<uint32_t>(kWsStages * kWsStageBytes + half * kWsOutBytes);
-    // The tokens of this thread's two accumulator rows of a tile (their pos_embed rows), and where
-    // the row it copies out goes (bulk_dst: b*R + rank, -1 for none). Found one tile ahead, so
-    // that the rank loads land during the previous tile's MMAs.
-    auto rows_of = [&](int tile, int (&tok)[2], int& bulk_dst) {
+    // What a tile needs to know of this thread's two accumulator rows, and of the row it copies
+    // out, found one tile ahead so that the rank loads land during the previous tile's MMAs:
+    // - tok: their tokens (their pos_embed rows);
+    // - mask: where the token's mask-token row of the content stream goes (b*R + N + rank - C; the
+    //   query stream's is P rows on), -1 for none (rank < C, or a row past the end);
+    // - cls: b*R, the CLS row, when the row is its image's first patch; -1 otherwise;
+    // - bulk_dst: where the row it copies out goes (b*R + rank, -1 for none).
+    struct RowsOf {
+        int tok[2], mask[2], cls[2], bulk_dst;
+    };
+    auto rows_of = [&](int tile, RowsOf& r) {
         const int m0 = (tile / n_tiles) * kFwdM;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = tile < tiles ? m0 + 64 * half + 16 * warp + gq + 8 * h : g.M;
-            tok[h] = m < g.M ? m % g.np + 1 : 0;
+            r.tok[h] = m < g.M ? m % g.np + 1 : 0;
+            r.mask[h] = r.cls[h] = -1;
+            if (m < g.M) {
+                const int b = m / g.np;
+                const int rank = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + r.tok[h]);
+                if (rank >= g.n_context && rank < g.n_tokens) r.mask[h] = b * g.rows + g.n_tokens + (rank - g.n_context);
+                if (r.tok[h] == 1) r.cls[h] = b * g.rows;
+            }
         }
         int unused;
-        bulk_dst = i < 64 && tile < tiles ? patch_row_dest(P, g, m0 + 64 * half + i, unused) : -1;
+        r.bulk_dst = i < 64 && tile < tiles ? patch_row_dest(P, g, m0 + 64 * half + i, unused) : -1;
     };
-    int tok[2], next_tok[2], bulk_dst, next_bulk_dst;
-    rows_of(blockIdx.x, next_tok, next_bulk_dst);
+    // This thread's share of slice t's part of a tile's other rows: the mask-token rows of its two
+    // rows' tokens (mapet_patch_embed_fwd_rows' values) in its columns n0 + 8j + 2q for j = t,
+    // t + slices, ... (every column of the tile over its slices), written with 4-byte stores
+    // while the tensor cores run the slice. Loads two columns before the first use, so that a
+    // slice waits on L2 once. Row pointers (from the thread's first column) are set once a tile.
+    struct OtherRows {
+        const float* pe[2];      // pos_embed row of each row's token
+        __nv_bfloat16* mask[2];  // its content-stream mask-token row; nullptr for none
+        __nv_bfloat16* cls[2];   // the CLS row; nullptr for none
+    };
+    auto other_rows_of = [&](const RowsOf& r, int n0) {
+        OtherRows o;
+        const int c0 = n0 + 2 * q;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            o.pe[h] = P.pos_embed + static_cast<int64_t>(r.tok[h]) * g.D + c0;
+            o.mask[h] = r.mask[h] >= 0 ? out + static_cast<int64_t>(r.mask[h]) * g.D + c0 : nullptr;
+            o.cls[h] = r.cls[h] >= 0 ? out + static_cast<int64_t>(r.cls[h]) * g.D + c0 : nullptr;
+        }
+        return o;
+    };
+    const int64_t query_rows = static_cast<int64_t>(g.n_pred) * g.D;  // content -> query-stream mask row
+    auto write_other_rows = [&](const OtherRows& o, int n0, int t) {
+        for (int j0 = t; j0 < kWsN / 8; j0 += 2 * slices) {
+            int x[2];  // offset of the column pair from the thread's first column
+            bool ok[2];
+            float2 mt[2], pe[2][2];
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int j = j0 + u * slices;
+                x[u] = 8 * j;
+                ok[u] = j < kWsN / 8 && n0 + 2 * q + x[u] < g.D;
+                mt[u] = ok[u] ? __ldg(reinterpret_cast<const float2*>(P.mask_token + n0 + 2 * q + x[u]))
+                              : make_float2(0.f, 0.f);
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    pe[u][h] = ok[u] && o.mask[h] ? __ldg(reinterpret_cast<const float2*>(o.pe[h] + x[u]))
+                                                  : make_float2(0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    if (ok[u] && o.mask[h]) {
+                        const uint32_t v = pack_bf16(mt[u].x + pe[u][h].x, mt[u].y + pe[u][h].y);
+                        *reinterpret_cast<uint32_t*>(o.mask[h] + x[u]) = v;
+                        *reinterpret_cast<uint32_t*>(o.mask[h] + query_rows + x[u]) = v;
+                    }
+                }
+            }
+        }
+    };
+    // The CLS rows, one row in np: all the tile's columns at once, on a branch few warps take.
+    auto write_cls_rows = [&](const OtherRows& o, int n0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (!o.cls[h]) continue;
+#pragma unroll 1
+            for (int x = 0; x < kWsN && n0 + 2 * q + x < g.D; x += 8) {
+                const float2 ct = __ldg(reinterpret_cast<const float2*>(P.cls_token + n0 + 2 * q + x));
+                const float2 p0 = __ldg(reinterpret_cast<const float2*>(P.pos_embed + n0 + 2 * q + x));
+                *reinterpret_cast<uint32_t*>(o.cls[h] + x) = pack_bf16(ct.x + p0.x, ct.y + p0.y);
+            }
+        }
+    };
+    RowsOf cur, next;
+    rows_of(blockIdx.x, next);
     int it = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int n0 = (tile % n_tiles) * kWsN;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) tok[h] = next_tok[h];
-        bulk_dst = next_bulk_dst;
+        cur = next;
+        const int (&tok)[2] = cur.tok;
+        const OtherRows other = other_rows_of(cur, n0);
         // Accumulators start at bias + pos_embed: d[4j + 2h + e] is row h, column n0 + 8j + 2q + e.
         float acc[96];
 #pragma unroll
@@ -1082,10 +1166,15 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
             wgmma_commit_groups();
-            if (t == 0) rows_of(tile + gridDim.x, next_tok, next_bulk_dst);
+            if (t == 0) {
+                rows_of(tile + gridDim.x, next);
+                if (other.cls[0] || other.cls[1]) write_cls_rows(other, n0);
+            }
             // The previous slice's wgmma are done with their stage: hand it back.
             wgmma_wait_groups<1>();
             if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);
+            // After the hand-back, so that waiting on its loads delays no stage.
+            write_other_rows(other, n0, t);
         }
         wgmma_wait_groups<0>();
         pin_regs(acc);
@@ -1109,8 +1198,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         fence_proxy_async_smem();
         named_barrier(1 + half, 128);
         if (i < 64) {
-            if (bulk_dst >= 0)
-                bulk_store(out + static_cast<int64_t>(bulk_dst) * g.D + n0, stage + static_cast<uint32_t>(i * kWsOutLd),
+            if (cur.bulk_dst >= 0)
+                bulk_store(out + static_cast<int64_t>(cur.bulk_dst) * g.D + n0, stage + static_cast<uint32_t>(i * kWsOutLd),
                            static_cast<uint32_t>(min(kWsN, g.D - n0) * 2));
             bulk_commit();
         }
@@ -1667,7 +1756,7 @@ extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd
 }
 
 // Row 0 (CLS) and the 2P mask-token rows. Grid (N, B), any block size; each thread writes 8
-// channels at a time.
+// channels at a time. (The hwc-ws forward writes these rows itself, the same values.)
 extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p) {
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
     const int n_pred = n_tokens - p.n_context;

@@ -749,19 +749,23 @@ fn cuda_forward(
             block_dim: (FWD_WS_THREADS, 1, 1),
             shared_mem_bytes: FWD_WS_SMEM,
         };
-        // SAFETY: as for the kernels below (the same parameters, bounds and skipped rows); the
-        // tensor map covers weight_hwc, [D, K'] bf16 with rows of 2K' bytes (K' = 3p², p % 8 ==
-        // 0, so a multiple of 16), and the kernel takes FWD_WS_SMEM bytes of dynamic shared
-        // memory for its ring.
+        // SAFETY: as for the kernels below (the same parameters, bounds and skipped rows), and as
+        // for mapet_patch_embed_fwd_rows, whose rows this kernel writes too (the CLS row of each
+        // image and the two mask-token rows of each token of rank in [C, N): b·R + N + rank - C
+        // and P rows on, both below (b + 1)·R); the tensor map covers weight_hwc, [D, K'] bf16
+        // with rows of 2K' bytes (K' = 3p², p % 8 == 0, so a multiple of 16), and the kernel
+        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring.
         unsafe { gpu.launch(MODULE, kernel, cfg, &ws)? };
-    } else {
-        // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
-        // weight, bias, pos_embed and out were checked above against the shape in `params`, and
-        // the HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows
-        // whose rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds.
-        // D % 8 == 0 and 16-byte aligned pointers (checked above) keep the vector accesses aligned.
-        unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
+        // Its consumer warpgroups write the CLS and mask-token rows under the MMAs: no second
+        // kernel writes them.
+        return Ok(());
     }
+    // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
+    // weight, bias, pos_embed and out were checked above against the shape in `params`, and the
+    // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows whose
+    // rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds. D % 8 == 0 and
+    // 16-byte aligned pointers (checked above) keep the vector accesses aligned.
+    unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
     // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
     // block per token, and ranks outside [C, N) write no mask row.
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
