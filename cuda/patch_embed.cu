@@ -1044,12 +1044,12 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     // What a tile needs to know of this thread's two accumulator rows, and of the row it copies
     // out, found one tile ahead so that the rank loads land during the previous tile's MMAs:
     // - tok: their tokens (their pos_embed rows);
-    // - mask: where the token's mask-token row of the content stream goes (b*R + N + rank - C; the
-    //   query stream's is P rows on), -1 for none (rank < C, or a row past the end);
-    // - cls: b*R, the CLS row, when the row is its image's first patch; -1 otherwise;
+    // - first: b*R, the first output row of their image (-1 for a row past the end), and rank: the
+    //   token's rank, kept raw so that nothing waits on its load before the next tile
+    //   (other_rows_of reads them);
     // - bulk_dst: where the row it copies out goes (b*R + rank, -1 for none).
     struct RowsOf {
-        int tok[2], mask[2], cls[2], bulk_dst;
+        int tok[2], first[2], rank[2], bulk_dst;
     };
     auto rows_of = [&](int tile, RowsOf& r) {
         const int m0 = (tile / n_tiles) * kFwdM;
@@ -1057,12 +1057,12 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         for (int h = 0; h < 2; ++h) {
             const int m = tile < tiles ? m0 + 64 * half + 16 * warp + gq + 8 * h : g.M;
             r.tok[h] = m < g.M ? m % g.np + 1 : 0;
-            r.mask[h] = r.cls[h] = -1;
+            r.first[h] = -1;
+            r.rank[h] = 0;
             if (m < g.M) {
                 const int b = m / g.np;
-                const int rank = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + r.tok[h]);
-                if (rank >= g.n_context && rank < g.n_tokens) r.mask[h] = b * g.rows + g.n_tokens + (rank - g.n_context);
-                if (r.tok[h] == 1) r.cls[h] = b * g.rows;
+                r.first[h] = b * g.rows;
+                r.rank[h] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + r.tok[h]);
             }
         }
         int unused;
@@ -1078,14 +1078,19 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         __nv_bfloat16* mask[2];  // its content-stream mask-token row; nullptr for none
         __nv_bfloat16* cls[2];   // the CLS row; nullptr for none
     };
+    // The mask-token row of the content stream goes to b*R + N + rank - C (the query stream's is
+    // P rows on) when the token's rank is C or more; the CLS row is b*R, written by the row that
+    // is its image's first patch.
     auto other_rows_of = [&](const RowsOf& r, int n0) {
         OtherRows o;
         const int c0 = n0 + 2 * q;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+            const bool masked = r.first[h] >= 0 && r.rank[h] >= g.n_context && r.rank[h] < g.n_tokens;
+            const int64_t mask_row = static_cast<int64_t>(r.first[h]) + g.n_tokens + (r.rank[h] - g.n_context);
             o.pe[h] = P.pos_embed + static_cast<int64_t>(r.tok[h]) * g.D + c0;
-            o.mask[h] = r.mask[h] >= 0 ? out + static_cast<int64_t>(r.mask[h]) * g.D + c0 : nullptr;
-            o.cls[h] = r.cls[h] >= 0 ? out + static_cast<int64_t>(r.cls[h]) * g.D + c0 : nullptr;
+            o.mask[h] = masked ? out + mask_row * g.D + c0 : nullptr;
+            o.cls[h] = r.first[h] >= 0 && r.tok[h] == 1 ? out + static_cast<int64_t>(r.first[h]) * g.D + c0 : nullptr;
         }
         return o;
     };
