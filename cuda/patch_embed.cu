@@ -880,8 +880,9 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 //   while they drain;
 // - the consumers also write the output's other rows, mapet_patch_embed_fwd_rows' work, which the
 //   launcher then skips: for each of their rows, its token's two mask-token rows (when its rank is
-//   C or more) and, for an image's first patch, the CLS row, in the tile's channels, a share each
-//   slice right after issuing the slice's wgmma (write_other_rows). They are 58 MB of the 96 MB
+//   C or more) and, for an image's first patch, the CLS row, in the tile's channels: a share each
+//   slice, after the slice's wgmma are issued and the previous slice's stage is handed back
+//   (write_other_rows; the CLS rows at a tile's first slice, write_cls_rows). They are 58 MB of the 96 MB
 //   output at ViT-B, batch 128: as a kernel of their own, they ran with the tensor cores idle.
 // A producer thread's proxy fence compiles to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S with its later
 // slices' pixel loads in flight; forward_hwc_wgmma fences the same way with its register-staged
@@ -889,8 +890,9 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 // for them.
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
 // other HWC kernels' in the last bits (the same function, another f32 order). The default forward
-// on compute capability 9.0 (its tests pass on an H200, 0.148 ms at ViT-B against the mma.sync
-// HWC kernel's 0.176; BENCHMARKS.md); compute capability 9.0 only.
+// on compute capability 9.0 (only). As it stood at the sixth run, its tests passed on an H200 and
+// it took 0.148 ms at ViT-B against the mma.sync HWC kernel's 0.176 (BENCHMARKS.md); the bulk-copy
+// epilogue and the token rows written since are unverified on GPU.
 constexpr int kWsN = 192;
 constexpr int kWsK = 64;
 constexpr int kWsStages = 4;

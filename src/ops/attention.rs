@@ -595,9 +595,9 @@ pub enum AttentionKernels {
     /// order that keeps their hidden windows together, and the next chunk's products in flight
     /// while the elementwise work of the current one runs. Deterministic, as the others. Compute
     /// capability 9.0 only; elsewhere, or where the shared memory does not suffice, the
-    /// `Resident` (or tiled) kernels run. On an H200 its tests pass and at ViT-B it took 0.251 ms
-    /// forward and 1.022 ms forward + backward, against `Resident`'s 0.275 and 1.076
-    /// (BENCHMARKS.md, sixth run).
+    /// `Resident` (or tiled) kernels run. As they stood at the sixth run, their tests passed on an
+    /// H200 and at ViT-B they took 0.251 ms forward and 1.022 ms forward + backward, against
+    /// `Resident`'s 0.275 and 1.076 (BENCHMARKS.md); the changes since are unverified on GPU.
     #[default]
     Wgmma,
 }

@@ -527,8 +527,9 @@ pub enum PixelOrder {
     /// (`mapet_patch_embed_fwd_u8_hwc_ws`, `mapet_patch_embed_bwd_weight_u8_hwc_ws`): one
     /// warpgroup loads, slices ahead, into a ring of shared-memory stages (the forward's weight by
     /// TMA, d_out by cp.async, the pixels normalised through registers), and two warpgroups run
-    /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). Its tests pass on an H200;
-    /// there at ViT-B its forward took 0.148 ms against `Hwc`'s 0.176, its weight gradient 0.227
+    /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). As it stood at the sixth run,
+    /// its tests passed on an H200 (the forward's epilogue and token rows changed since, unverified
+    /// on GPU); there at ViT-B its forward took 0.148 ms against `Hwc`'s 0.176, its weight gradient 0.227
     /// against 0.193 (BENCHMARKS.md, sixth run), so the default on compute capability 9.0 is its
     /// forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]).
     HwcWs,
