@@ -1943,12 +1943,11 @@ __device__ __forceinline__ void copy_kv_tile(const MapetAttention& prm, const Ge
                     i, 128);
 }
 
-// The 16 bf16 columns [16t, 16t+16) of row r of a 128-byte-swizzled 64-column tile (hopper.cuh:
-// row r at 128 r, its 16-byte chunk j at j ^ (r & 7)): chunks 2t and 2t + 1.
+// The 16 bf16 columns [16t, 16t+16) of row r of a 128-byte-swizzled 64-column tile: its chunks
+// 2t and 2t + 1 (sw128_offset).
 __device__ __forceinline__ void tile_row_cols16(uint4 (&x)[2], const unsigned char* tile, int r, int t) {
-    const unsigned char* row = tile + 128 * r;
-    x[0] = *reinterpret_cast<const uint4*>(row + 16 * ((2 * t) ^ (r & 7)));
-    x[1] = *reinterpret_cast<const uint4*>(row + 16 * ((2 * t + 1) ^ (r & 7)));
+    x[0] = *reinterpret_cast<const uint4*>(tile + sw128_offset(r, 2 * t));
+    x[1] = *reinterpret_cast<const uint4*>(tile + sw128_offset(r, 2 * t + 1));
 }
 
 // Most 64-key tiles the wgmma dK/dV kernel takes: Lk < Lq <= 1024 (the launcher's CUDA_WG_MAX_ROWS).

@@ -17,6 +17,12 @@ __device__ __forceinline__ uint32_t hopper_smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Byte offset of the 16-byte chunk j (0..7) of row r in a 128-byte-swizzled tile that starts on
+// an atom: the one statement of the pattern above for the code that addresses such tiles by hand.
+__device__ __forceinline__ uint32_t sw128_offset(int r, int j) {
+    return static_cast<uint32_t>(128 * r + ((j ^ (r & 7)) << 4));
+}
+
 // The first address at or after the given one on a 1024-byte boundary, where the atoms of a
 // 128-byte-swizzled tile must start: kernels that place such tiles in dynamic shared memory ask
 // for 1 KB more than they use and start there.
@@ -270,7 +276,7 @@ __device__ __forceinline__ void sw128_gather_rows(uint32_t dst, const void* src,
     for (int r = i >> 3; r < rows; r += n >> 3) {
         const int row = row_of(r);
         const char* gp = static_cast<const char*>(src) + static_cast<int64_t>(min(row, row_end - 1)) * stride_bytes + 16 * j;
-        const uint32_t d = dst + 128 * r + ((j ^ (r & 7)) << 4);
+        const uint32_t d = dst + sw128_offset(r, j);
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gp), "r"(row < row_end ? 16 : 0)
                      : "memory");
     }

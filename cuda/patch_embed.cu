@@ -958,7 +958,6 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         const Pixels<true> px = make_pixels<true>(P);
         const int kg = tid & 7;
         const int r0 = tid >> 3;
-        const uint32_t chunk = static_cast<uint32_t>(kg ^ (r0 & 7)) << 4;  // rows r0 + 16 r: r0 & 7
         // The fetch cursor: the tile and slice of the next item to load, its rows' pixel bases.
         int f_tile = blockIdx.x, f_t = 0;
         int base[kWsGroups];
@@ -1000,7 +999,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
                 tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_tile % n_tiles) * kWsN, &full[s]);
             }
             const Norm3 nrm = px.norm3(sl.c);
-            const uint32_t a = hopper_smem_addr(stage) + static_cast<uint32_t>(r0 * 128) + chunk;
+            // Rows r0 + 16 r share r0's place in the swizzle: 16 rows on is 2048 bytes on.
+            const uint32_t a = hopper_smem_addr(stage) + sw128_offset(r0, kg);
 #pragma unroll
             for (int r = 0; r < kWsGroups; ++r) {
                 const uint4 v = px.finish_hwc(sl.w[r], nrm, sl.ok && ((sl.rows_ok >> r) & 1u));
