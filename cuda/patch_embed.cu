@@ -153,6 +153,13 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// Two channels of a token row that is a learned vector plus its position embedding (the CLS row,
+// the mask-token rows): vec + pos in f32, rounded to bf16 once. The one rule for those rows, for
+// mapet_patch_embed_fwd_rows and the hwc-ws forward that writes them itself.
+__device__ __forceinline__ uint32_t token_pair(float2 vec, float2 pos) {
+    return pack_bf16(vec.x + pos.x, vec.y + pos.y);
+}
+
 // ------------------------------------------------------------------ geometry and pixel reads
 
 struct Geometry {
@@ -1119,7 +1126,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     if (ok[u] && o.mask[h]) {
-                        const uint32_t v = pack_bf16(mt[u].x + pe[u][h].x, mt[u].y + pe[u][h].y);
+                        const uint32_t v = token_pair(mt[u], pe[u][h]);
                         *reinterpret_cast<uint32_t*>(o.mask[h] + x[u]) = v;
                         *reinterpret_cast<uint32_t*>(o.mask[h] + query_rows + x[u]) = v;
                     }
@@ -1136,7 +1143,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             for (int x = 0; x < kWsN && n0 + 2 * q + x < g.D; x += 8) {
                 const float2 ct = __ldg(reinterpret_cast<const float2*>(P.cls_token + n0 + 2 * q + x));
                 const float2 p0 = __ldg(reinterpret_cast<const float2*>(P.pos_embed + n0 + 2 * q + x));
-                *reinterpret_cast<uint32_t*>(o.cls[h] + x) = pack_bf16(ct.x + p0.x, ct.y + p0.y);
+                *reinterpret_cast<uint32_t*>(o.cls[h] + x) = token_pair(ct, p0);
             }
         }
     };
@@ -1790,8 +1797,10 @@ extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p
         const float4 v1 = __ldg(reinterpret_cast<const float4*>(vec + d + 4));
         const float4 e0 = __ldg(reinterpret_cast<const float4*>(pos + d));
         const float4 e1 = __ldg(reinterpret_cast<const float4*>(pos + d + 4));
-        const uint4 o = make_uint4(pack_bf16(v0.x + e0.x, v0.y + e0.y), pack_bf16(v0.z + e0.z, v0.w + e0.w),
-                                   pack_bf16(v1.x + e1.x, v1.y + e1.y), pack_bf16(v1.z + e1.z, v1.w + e1.w));
+        const uint4 o = make_uint4(token_pair(make_float2(v0.x, v0.y), make_float2(e0.x, e0.y)),
+                                   token_pair(make_float2(v0.z, v0.w), make_float2(e0.z, e0.w)),
+                                   token_pair(make_float2(v1.x, v1.y), make_float2(e1.x, e1.y)),
+                                   token_pair(make_float2(v1.z, v1.w), make_float2(e1.z, e1.w)));
         *reinterpret_cast<uint4*>(out + row0 * p.dim + d) = o;
         if (row1 != row0) *reinterpret_cast<uint4*>(out + row1 * p.dim + d) = o;
     }
