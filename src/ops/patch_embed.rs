@@ -732,12 +732,6 @@ fn cuda_forward(
         unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg((blocks, 1, 1), 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
-    let gemm_grid = (
-        blocks_for("patch embedding channels", shape.dim as u64, FWD_TILE_N as u64)?,
-        blocks_for("patch embedding rows", m, FWD_TILE_M as u64)?,
-        1,
-    );
-    let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
     if kernel == FWD_WS_KERNEL {
         let weight_hwc = weight_hwc.as_ref().map_or(std::ptr::null(), |w| w.ptr());
         let ws = MapetPatchEmbedFwdWs {
@@ -761,12 +755,18 @@ fn cuda_forward(
         // kernel writes them.
         return Ok(());
     }
+    let gemm_grid = (
+        blocks_for("patch embedding channels", shape.dim as u64, FWD_TILE_N as u64)?,
+        blocks_for("patch embedding rows", m, FWD_TILE_M as u64)?,
+        1,
+    );
     // SAFETY: validate_cuda bounds every index the kernel forms; the lengths of pixels, ranks,
     // weight, bias, pos_embed and out were checked above against the shape in `params`, and the
     // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows whose
     // rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds. D % 8 == 0 and
     // 16-byte aligned pointers (checked above) keep the vector accesses aligned.
     unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
+    let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
     // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
     // block per token, and ranks outside [C, N) write no mask row.
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
