@@ -57,6 +57,7 @@ cargo bench --workspace --no-run --message-format=json 2>/dev/null | list_execut
 echo "building the mapet binary" >&2
 cargo build --release -p mapet-trainer
 cp target/release/mapet "$out/bin/mapet"
+cp scripts/ncu-hot.py "$out/bin/ncu-hot.py"
 if [ -d "$root/../shared/peers" ]; then
   cp -r "$root/../shared/peers" "$out/peers"
 fi

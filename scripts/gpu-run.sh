@@ -47,7 +47,9 @@
 #                   alone), summed per kernel, into $MAPET_RESULTS/ncu-step-summary.txt
 #   MAPET_NCU=1     profile the attention (ViT-B) and patch-embedding (B = 128) kernels with Nsight
 #                   Compute (ncu, clocks left alone): speed of light, occupancy, warp stalls, into
-#                   $MAPET_RESULTS
+#                   $MAPET_RESULTS; per kernel also its SASS with the warp-stall samples of each
+#                   instruction (ncu-NAME-sass.csv.gz) and their digest (ncu-NAME-hot.txt: the
+#                   opcodes and instructions the warps wait at most)
 set -uo pipefail
 bundle="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 res="${MAPET_RESULTS:-$bundle/results}"
@@ -260,12 +262,28 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     IFS=: read -r name bench kernel filter <<<"$spec"
     log="$res/ncu-$name.log"
     if command -v ncu >/dev/null; then
-      timeout 120 ncu --clock-control none --kernel-name "$kernel" --launch-skip 2 --launch-count 3 \
+      # The report goes outside $res (it can run to tens of MB); what comes back is its details
+      # page (the log, as before), its SASS with per-instruction samples (gzipped CSV) and
+      # ncu-hot.py's digest of that: the instructions the warps wait at most, and on what.
+      rep="$here/ncu-$name"
+      timeout 180 ncu --clock-control none --kernel-name "$kernel" --launch-skip 2 --launch-count 3 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
-        --metrics "regex:smsp__warp_issue_stalled_.*_per_warp_active.pct" \
+        --section SourceCounters \
+        --metrics "regex:smsp__warp_issue_stalled_.*_per_warp_active.pct" --export "$rep" --force-overwrite \
         "$here/benches/$bench" --bench --warm-up-time 0.2 --measurement-time 0.3 "$filter" >"$log" 2>&1
-      row "ncu $name" "rc=$?" "$(grep -m1 -E '^ +Duration' "$log" | awk '{print $NF, $(NF-1)}')"
+      rc=$?
+      if [ -f "$rep.ncu-rep" ]; then
+        timeout 60 ncu --import "$rep.ncu-rep" >>"$log" 2>&1
+        timeout 60 ncu --import "$rep.ncu-rep" --page source --print-source sass --csv >"$rep-sass.csv" \
+          2>"$res/ncu-$name-source.err"
+        python3 "$here/bin/ncu-hot.py" "$rep-sass.csv" 40 >"$res/ncu-$name-hot.txt" 2>&1
+        gzip -c "$rep-sass.csv" >"$res/ncu-$name-sass.csv.gz"
+        rm -f "$rep.ncu-rep" "$rep-sass.csv"
+      fi
+      # The duration, then the opcode with the most samples ("HGMMA 31.2%").
+      hot="$(sed -n '/^samples by opcode:/{n;p;q}' "$res/ncu-$name-hot.txt" 2>/dev/null | awk '{print $1, $3}')"
+      row "ncu $name" "rc=$rc" "$(grep -m1 -E '^ +Duration' "$log" | awk '{print $NF, $(NF-1)}')${hot:+; top stall $hot}"
     else
       row "ncu $name" skip "no ncu"
     fi

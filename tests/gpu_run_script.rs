@@ -324,3 +324,94 @@ exit 101"#,
     );
     assert!(summary.contains("patch embedding: no usable RESULT line, default kept"), "{summary}");
 }
+
+/// `scripts/ncu-hot.py`, the digest of Nsight Compute's per-instruction warp-stall samples that
+/// `MAPET_NCU=1` writes for each profiled kernel, on a source-page CSV made up here: two launches'
+/// tables of the same SASS (their samples must be summed per instruction), `==PROF==` lines
+/// between them, counts with thousands separators, per-reason columns. The expected totals, the
+/// opcode ranking and the top instruction are computed here from the drawn counts.
+#[test]
+fn ncu_hot_sums_launches_and_ranks_instructions() {
+    if !have("python3") {
+        eprintln!("SKIP ncu_hot_sums_launches_and_ranks_instructions: no python3 on PATH");
+        return;
+    }
+    let mut rng = testing::rng("ncu_hot_sums_launches_and_ranks_instructions");
+    let ops = [
+        "HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], RZ",
+        "MUFU.EX2 R3, R2",
+        "BAR.SYNC.DEFER_BLOCKING 0x1",
+        "LDS.128 R4, [R9]",
+        "FFMA R1, R2, R3, R4",
+    ];
+    let n = rng.random_range(20..40usize);
+    // Instruction i: its SASS (some predicated), its samples and stall_wait share in each launch.
+    let insts: Vec<(String, [u64; 2], [u64; 2])> = (0..n)
+        .map(|i| {
+            let op = ops[rng.random_range(0..ops.len())];
+            let sass = if rng.random_bool(0.3) { format!("@!P0 {op}") } else { op.to_string() };
+            let s = [rng.random_range(0..5000u64) * 64 + i as u64, rng.random_range(0..5000u64) * 64 + i as u64];
+            let w = [rng.random_range(0..=s[0]), rng.random_range(0..=s[1])];
+            (sass, s, w)
+        })
+        .collect();
+    let mut csv = String::from("==PROF== Connected to process 1\n");
+    for launch in 0..2 {
+        csv += "\"Address\",\"Source\",\"Warp Stall Sampling (All Samples)\",\"Warp Stall Sampling (Not-issued Samples)\",\"stall_wait\",\"stall_long_sb\",\"Instructions Executed\"\n";
+        for (i, (sass, s, w)) in insts.iter().enumerate() {
+            let all = s[launch];
+            // Thousands separators as ncu prints them.
+            let grouped = if all >= 1000 { format!("{},{:03}", all / 1000, all % 1000) } else { all.to_string() };
+            csv += &format!(
+                "\"{:x}\",\"{sass}\",\"{grouped}\",\"{}\",\"{}\",\"{}\",\"100\"\n",
+                0x100 + 16 * i,
+                all / 2,
+                w[launch],
+                all - w[launch]
+            );
+        }
+        csv += "==PROF== Disconnected\n";
+    }
+    let dir = std::env::temp_dir().join(format!("mapet-ncu-hot-{}-{}", std::process::id(), rng.random::<u32>()));
+    fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch(dir);
+    let path = scratch.0.join("sass.csv");
+    fs::write(&path, csv).unwrap();
+    let out = Command::new("python3")
+        .arg(testing::project_root().join("scripts/ncu-hot.py"))
+        .arg(&path)
+        .arg("5")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ncu-hot.py failed: {}{text}", String::from_utf8_lossy(&out.stderr));
+
+    let total: u64 = insts.iter().map(|(_, s, _)| s[0] + s[1]).sum();
+    assert!(text.contains(&format!("instructions: {n}; warp-stall samples: {total} ")), "totals wrong:\n{text}");
+    let opcode = |sass: &str| sass.trim_start_matches("@!P0 ").split(['.', ' ']).next().unwrap().to_string();
+    let mut by_op = std::collections::BTreeMap::<String, u64>::new();
+    for (sass, s, _) in &insts {
+        *by_op.entry(opcode(sass)).or_default() += s[0] + s[1];
+    }
+    let (top_op, top_op_samples) = by_op.iter().max_by_key(|(_, v)| **v).unwrap();
+    let first_op = text.lines().skip_while(|l| !l.starts_with("samples by opcode:")).nth(1).unwrap_or("");
+    let words: Vec<&str> = first_op.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&top_op.as_str()), "top opcode:\n{text}");
+    assert_eq!(words.get(1), Some(&top_op_samples.to_string().as_str()), "top opcode's samples:\n{text}");
+    // The first listed instruction is the one with the most samples (distinct by construction:
+    // counts are i mod 64 apart), with its summed samples and its larger reason first.
+    let (i, (sass, s, w)) = insts.iter().enumerate().max_by_key(|(_, (_, s, _))| s[0] + s[1]).unwrap();
+    let listed = text.lines().skip_while(|l| !l.contains("instructions with the most samples")).nth(1).unwrap_or("");
+    assert!(listed.contains(&format!("{:x} ", 0x100 + 16 * i)), "top instruction's address:\n{text}");
+    assert!(listed.contains(&format!(" {}  {sass}", s[0] + s[1])), "top instruction:\n{text}");
+    let (wait, long) = (w[0] + w[1], s[0] + s[1] - w[0] - w[1]);
+    let first_reason = if wait >= long { "stall_wait" } else { "stall_long_sb" };
+    if wait.max(long) > 0 {
+        assert!(listed.contains(&format!("[{first_reason} ")), "top instruction's first reason:\n{text}");
+    }
+    assert_eq!(
+        text.lines().skip_while(|l| !l.contains("instructions with the most samples")).skip(1).count(),
+        5,
+        "TOP = 5 instructions listed:\n{text}"
+    );
+}
