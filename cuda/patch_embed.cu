@@ -80,6 +80,8 @@ constexpr int kBwdLd = 128 + 8;  // padded row, 272 bytes
 constexpr int kTokGroups = 32;
 constexpr int kTokSlices = 4;
 constexpr int kTokBlocksPerSm = 5;
+// Samples whose ranks (of the block's token) a block holds in shared memory at a time.
+constexpr int kTokRankChunk = 512;
 // Sums over tokens (mapet_patch_embed_bwd_vectors): channels x token slices a block.
 constexpr int kVecCols = 32;
 constexpr int kVecSlices = 32;
@@ -1871,28 +1873,28 @@ namespace {
 // dweight[d][k] += sum over splits of partial[split][d][kc], splits in order, where kc is k in
 // the kernel's contraction order: kc = k (CHW), or kc = k' = 3*(ky*p + kx) + c for the weight
 // index k = c*p*p + ky*p + kx (HWC; the reads stay coalesced, the writes take the permutation).
+// Grid (ceil(K / blockDim.x), D): one element a thread, its channel d = blockIdx.y and column kc
+// from blockIdx.x, so that no index is divided (a 64-bit division by K per element was most of
+// this kernel's instructions). The splits' loads are unrolled to be in flight together; the sum
+// still runs over the splits in order.
 template <bool HWC>
 __device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd& p) {
     const int pp = p.patch * p.patch;
     const int K = 3 * pp;
+    const int kc = blockIdx.x * blockDim.x + threadIdx.x;
+    if (kc >= K) return;
+    const int64_t row = static_cast<int64_t>(blockIdx.y) * K;
     const int64_t total = static_cast<int64_t>(p.dim) * K;
-    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        float s = 0.f;
-        for (int j = 0; j < p.splits; ++j) s += p.partial[j * total + i];
-        int64_t dst = i;
-        if (HWC) {
-            const int64_t d = i / K;
-            const int kc = static_cast<int>(i - d * K);
-            dst = d * K + (kc % 3) * pp + kc / 3;
-        }
-        p.dweight[dst] += s;
-    }
+    const float* src = p.partial + row + kc;
+    float s = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < p.splits; ++j) s += src[j * total];
+    p.dweight[row + (HWC ? (kc % 3) * pp + kc / 3 : kc)] += s;
 }
 
 }  // namespace
 
-// Grid-stride over D*K.
+// Grid (ceil(K / blockDim.x), D).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce(const MapetPatchEmbedBwd p) {
     reduce_weight_partials<false>(p);
 }
@@ -1910,8 +1912,14 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // sums in slice order. A warp reads 512 contiguous bytes of one row (16 bytes a lane) and
 // d_out is read exactly once. The slices split the batch so that no thread walks all of it, and
 // kTokBlocksPerSm blocks an SM keep loads in flight (and the grid in one wave at ViT-B).
+// The block first copies the ranks of token t for up to kTokRankChunk samples into shared memory
+// (one load a thread, all in flight at once), so that each group of four samples waits on one
+// round trip to memory, its rows, and not on two (the rank, then the rows it names), as when
+// every thread loaded its own ranks: at ViT-B, 8 groups a thread, and the kernel ran at about
+// half the card's bandwidth (BENCHMARKS.md).
 extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocksPerSm) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
     __shared__ float s_part[kTokSlices][2][kTokGroups][8];
+    __shared__ int s_rank[kTokRankChunk];
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
     const int n_pred = n_tokens - p.n_context;
     const int rows = n_tokens + 2 * n_pred;
@@ -1925,26 +1933,36 @@ extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocks
 #pragma unroll
     for (int e = 0; e < 8; ++e) c[e] = m[e] = 0.f;
     constexpr int kUnroll = 4;
-    for (int b0 = k; live && b0 < p.batch; b0 += kUnroll * kTokSlices) {
-        uint4 v[kUnroll], a[kUnroll], h[kUnroll];
+    static_assert(kTokRankChunk % (kUnroll * kTokSlices) == 0, "a chunk holds whole groups of every slice");
+    // Samples in chunks of kTokRankChunk; inside a chunk, thread slice k visits samples k, k + 4, ...
+    // in groups of four, as if there were no chunks (the same order, so the same sums).
+    for (int c0 = 0; c0 < p.batch; c0 += kTokRankChunk) {
+        const int n = min(kTokRankChunk, p.batch - c0);
+        __syncthreads();  // the previous chunk's ranks are read by every thread
+        for (int i = threadIdx.x; i < n; i += kTokGroups * kTokSlices)
+            s_rank[i] = __ldg(p.ranks + static_cast<int64_t>(c0 + i) * n_tokens + t);
+        __syncthreads();
+        for (int i0 = k; live && i0 < n; i0 += kUnroll * kTokSlices) {
+            uint4 v[kUnroll], a[kUnroll], h[kUnroll];
 #pragma unroll
-        for (int j = 0; j < kUnroll; ++j) {
-            const int b = b0 + j * kTokSlices;
-            v[j] = a[j] = h[j] = make_uint4(0u, 0u, 0u, 0u);  // absent rows add zeros
-            const int r = b < p.batch ? __ldg(p.ranks + static_cast<int64_t>(b) * n_tokens + t) : -1;
-            const int64_t row = static_cast<int64_t>(b) * rows;
-            if (r >= 0 && r < n_tokens) v[j] = ldg16(d_out + (row + r) * p.dim + d);
-            if (t > 0 && r >= p.n_context && r < n_tokens) {
-                const int64_t q = row + n_tokens + (r - p.n_context);
-                a[j] = ldg16(d_out + q * p.dim + d);
-                h[j] = ldg16(d_out + (q + n_pred) * p.dim + d);
+            for (int j = 0; j < kUnroll; ++j) {
+                const int i = i0 + j * kTokSlices;
+                v[j] = a[j] = h[j] = make_uint4(0u, 0u, 0u, 0u);  // absent rows add zeros
+                const int r = i < n ? s_rank[i] : -1;
+                const int64_t row = static_cast<int64_t>(c0 + i) * rows;
+                if (r >= 0 && r < n_tokens) v[j] = ldg16(d_out + (row + r) * p.dim + d);
+                if (t > 0 && r >= p.n_context && r < n_tokens) {
+                    const int64_t q = row + n_tokens + (r - p.n_context);
+                    a[j] = ldg16(d_out + q * p.dim + d);
+                    h[j] = ldg16(d_out + (q + n_pred) * p.dim + d);
+                }
             }
-        }
 #pragma unroll
-        for (int j = 0; j < kUnroll; ++j) {
-            add_bf16x8(c, v[j]);
-            add_bf16x8(m, a[j]);
-            add_bf16x8(m, h[j]);
+            for (int j = 0; j < kUnroll; ++j) {
+                add_bf16x8(c, v[j]);
+                add_bf16x8(m, a[j]);
+                add_bf16x8(m, h[j]);
+            }
         }
     }
 #pragma unroll

@@ -448,6 +448,11 @@ fn bad_inputs_are_refused() {
     let e = odd.validate_cuda().unwrap_err();
     assert!(matches!(e, Error::Unsupported { what: "patch embedding dim", .. }), "{e}");
     assert!(s.validate_cuda().is_ok());
+    // More channels than a grid has rows of blocks (the weight-gradient reduction's): refused,
+    // and the largest that fits is taken.
+    let e = shape(1, 16, 4, 65_536, 5).validate_cuda().unwrap_err();
+    assert!(e.to_string().contains("dim 65536"), "{e}");
+    assert!(shape(1, 16, 4, 65_528, 5).validate_cuda().is_ok());
 
     // Ranks.
     let n = s.n_tokens();

@@ -186,6 +186,13 @@ impl PatchEmbedShape {
                 detail: format!("batch {} x {} tokens is too large for one grid", self.batch, self.n_tokens()),
             });
         }
+        // The weight-gradient reduction's grid has a row of blocks per channel.
+        if self.dim > 65_535 {
+            return Err(Error::Unsupported {
+                what: "patch embedding size",
+                detail: format!("dim {} is too large for one grid (at most 65535 channels)", self.dim),
+            });
+        }
         Ok(())
     }
 }
@@ -936,7 +943,7 @@ pub fn cuda_backward(
     } else {
         launch_cfg(weight_grid, GEMM_THREADS)
     };
-    let reduce_blocks = blocks_for("patch embedding weight", shape.weight_len() as u64, 256)?.min(4096);
+    let reduce_grid = (blocks_for("patch embedding weight", shape.patch_len() as u64, 256)?, shape.dim as u32, 1);
     let token_grid =
         (blocks_for("patch embedding channels", (shape.dim / 8) as u64, TOKEN_GROUPS)?, shape.n_tokens() as u32, 1);
     let vector_blocks = blocks_for("patch embedding channels", shape.dim as u64, VECTOR_COLS)?;
@@ -953,9 +960,10 @@ pub fn cuda_backward(
     // split's (at most split_rows) entries into the 8·split_rows bytes its launch adds past its
     // ring.
     unsafe { gpu.launch(MODULE, kernel, weight_cfg, &params)? };
-    // SAFETY: reads splits·D·K floats of `partial` and adds to dweight (D·K, checked above; the
-    // HWC variant writes each of the D·K elements once, at a permuted index).
-    unsafe { gpu.launch(MODULE, reduce, launch_cfg((reduce_blocks, 1, 1), 256), &params)? };
+    // SAFETY: grid (ceil(K/256), D), a thread per element (d, kc) with kc < K: reads splits·D·K
+    // floats of `partial` and adds to dweight (D·K, checked above; the HWC variant writes each of
+    // the D·K elements once, at a permuted index).
+    unsafe { gpu.launch(MODULE, reduce, launch_cfg(reduce_grid, 256), &params)? };
     // SAFETY: grid (D/8/TOKEN_GROUPS, N), block TOKEN_GROUPS x TOKEN_SLICES as the kernel's
     // constants: reads ranks and d_out (checked above; D % 8 == 0 and d_out 16-byte aligned for its
     // 16-byte loads), skipping ranks outside [0, N); writes dpos_embed (N·D, checked) and
