@@ -415,3 +415,111 @@ fn ncu_hot_sums_launches_and_ranks_instructions() {
         "TOP = 5 instructions listed:\n{text}"
     );
 }
+
+/// `MAPET_NCU=1` in `scripts/gpu-run.sh`, on a stand-in `ncu` (first on PATH) that writes the
+/// report it is asked to export and answers the two imports (details, source page as CSV) with
+/// drawn sample counts: each named kernel is profiled once by its exact name, its details land in
+/// its log, its source CSV comes back gzipped with `ncu-hot.py`'s digest beside it, the report
+/// itself does not come back, and the summary row names the duration and the top opcode.
+#[test]
+fn gpu_run_script_profiles_each_kernel_to_its_instructions() {
+    for tool in ["bash", "tar", "xz", "python3", "timeout", "gzip"] {
+        if !have(tool) {
+            eprintln!("SKIP gpu_run_script_profiles_each_kernel_to_its_instructions: no {tool} on PATH");
+            return;
+        }
+    }
+    let mut rng = testing::rng("gpu_run_script_profiles_each_kernel_to_its_instructions");
+    let root = testing::project_root();
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("mapet-gpu-ncu-{}-{}", std::process::id(), rng.random::<u32>())));
+    let (payload, bundle, path_dir) = (scratch.0.join("payload"), scratch.0.join("bundle"), scratch.0.join("path"));
+    for d in [payload.join("tests"), payload.join("benches"), payload.join("bin"), bundle.clone(), path_dir.clone()] {
+        fs::create_dir_all(d).unwrap();
+    }
+    script(&payload.join("benches"), "attention", "echo 'bench ran under ncu'");
+    fs::copy(root.join("scripts/ncu-hot.py"), payload.join("bin/ncu-hot.py")).unwrap();
+    fs::write(payload.join("gpu-tests.txt"), "").unwrap();
+    let packed = Command::new("tar")
+        .arg("-C")
+        .arg(&payload)
+        .arg("-cJf")
+        .arg(bundle.join("payload.tar.xz"))
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(packed.success(), "packing the stand-in bundle");
+    fs::copy(root.join("scripts/gpu-run.sh"), bundle.join("run.sh")).unwrap();
+
+    let (hgmma, mufu) = (rng.random_range(1..100_000u64), rng.random_range(1..100_000u64));
+    let duration = rng.random_range(10.0..500.0f64);
+    let kernels_log = scratch.0.join("kernels.log");
+    script(
+        &path_dir,
+        "ncu",
+        &format!(
+            r#"args=" $* "
+if [[ "$args" == *" --import "* ]]; then
+  if [[ "$args" == *" --page source "* ]]; then
+    echo '"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"'
+    echo '"00a0","HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], RZ","{hgmma}","1"'
+    echo '"00b0","@!P0 MUFU.EX2 R3, R2","{mufu}","1"'
+  else
+    echo "    Duration                         usecond       {duration:.2}"
+  fi
+  exit 0
+fi
+prev=""
+for a in "$@"; do
+  [ "$prev" = "--export" ] && echo report >"$a.ncu-rep"
+  [ "$prev" = "--kernel-name" ] && echo "$a" >>"{log}"
+  prev="$a"
+done
+echo "==PROF== Disconnected""#,
+            log = kernels_log.display()
+        ),
+    );
+    let path = format!("{}:{}", path_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("bash")
+        .arg(bundle.join("run.sh"))
+        .env("PATH", path)
+        .env("TMPDIR", scratch.0.join("tmp"))
+        .env("MAPET_TESTS", "none")
+        .env("MAPET_BENCHES", "none")
+        .env("MAPET_NCU", "1")
+        .env("MAPET_NCU_KERNELS", "fwd:attention:kern_fwd:vit-b dq:attention:kern_dq:vit-b")
+        .env_remove("MAPET_RESULTS")
+        .env_remove("MAPET_PEERS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "run.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let results = bundle.join("results");
+    let summary = fs::read_to_string(results.join("summary.txt")).unwrap();
+    assert_eq!(fs::read_to_string(&kernels_log).unwrap(), "kern_fwd\nkern_dq\n", "one ncu run per kernel, by name");
+    let total = hgmma + mufu;
+    let (top, top_samples) = if hgmma >= mufu { ("HGMMA", hgmma) } else { ("MUFU", mufu) };
+    for name in ["fwd", "dq"] {
+        let row = summary
+            .lines()
+            .find(|l| l.starts_with(&format!("ncu {name} ")))
+            .unwrap_or_else(|| panic!("no ncu {name} row:\n{summary}"));
+        assert!(row.contains("rc=0"), "{row}");
+        assert!(row.contains(&format!("{duration:.2} usecond")), "the duration: {row}");
+        let share = format!("{:.1}%", 100.0 * top_samples as f64 / total as f64);
+        assert!(row.contains(&format!("top stall {top} {share}")), "the top opcode ({top} {share}): {row}");
+        let hot = fs::read_to_string(results.join(format!("ncu-{name}-hot.txt"))).unwrap();
+        assert!(hot.contains(&format!("instructions: 2; warp-stall samples: {total}")), "{hot}");
+        let log = fs::read_to_string(results.join(format!("ncu-{name}.log"))).unwrap();
+        assert!(log.contains("==PROF== Disconnected") && log.contains("Duration"), "profile and details: {log}");
+        let csv =
+            Command::new("gzip").arg("-dc").arg(results.join(format!("ncu-{name}-sass.csv.gz"))).output().unwrap();
+        assert!(csv.status.success() && String::from_utf8_lossy(&csv.stdout).contains("MUFU.EX2"), "the source CSV");
+    }
+    // The reports stay behind: neither in the results nor left where they were written.
+    let reports = |dir: &Path| {
+        fs::read_dir(dir).map(|d| d.flatten().filter(|e| e.path().to_string_lossy().ends_with(".ncu-rep")).count())
+    };
+    assert_eq!(reports(&results).unwrap(), 0, "a report in the results");
+    assert_eq!(reports(&scratch.0.join("tmp/mapet-bundle")).unwrap_or(0), 0, "a report left behind");
+}
