@@ -250,6 +250,7 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
     patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
+    patch-tokens:patch_embed:mapet_patch_embed_bwd_tokens:patch_embed_gpu \
     attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
     attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
