@@ -18,6 +18,7 @@ use std::process::Command;
 
 use mapet::testing;
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
 fn have(tool: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
@@ -44,23 +45,56 @@ impl Drop for Scratch {
     }
 }
 
+/// A stand-in bundle in a scratch folder of its own: the binaries a test writes under `payload`
+/// (tests/, benches/, bin/) are packed into `bundle/payload.tar.xz`, beside the script under test
+/// as `bundle/run.sh`, the layout scripts/gpu-bundle.sh makes.
+struct StandIn {
+    root: PathBuf,
+    scratch: Scratch,
+    payload: PathBuf,
+    bundle: PathBuf,
+}
+
+impl StandIn {
+    /// The test's rng and its empty stand-in; None, after a SKIP line, when one of `tools` is
+    /// not on PATH.
+    fn new(test: &str, tools: &[&str]) -> Option<(StandIn, ChaCha8Rng)> {
+        if let Some(tool) = tools.iter().find(|t| !have(t)) {
+            eprintln!("SKIP {test}: no {tool} on PATH");
+            return None;
+        }
+        let mut rng = testing::rng(test);
+        let scratch =
+            Scratch(std::env::temp_dir().join(format!("mapet-{test}-{}-{}", std::process::id(), rng.random::<u32>())));
+        let (payload, bundle) = (scratch.0.join("payload"), scratch.0.join("bundle"));
+        for d in [payload.join("tests"), payload.join("benches"), payload.join("bin"), bundle.clone()] {
+            fs::create_dir_all(d).unwrap();
+        }
+        Some((StandIn { root: testing::project_root(), scratch, payload, bundle }, rng))
+    }
+
+    /// Packs the payload and puts the current scripts/gpu-run.sh beside it.
+    fn pack(&self) {
+        let packed = Command::new("tar")
+            .arg("-C")
+            .arg(&self.payload)
+            .arg("-cJf")
+            .arg(self.bundle.join("payload.tar.xz"))
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(packed.success(), "packing the stand-in bundle");
+        fs::copy(self.root.join("scripts/gpu-run.sh"), self.bundle.join("run.sh")).unwrap();
+    }
+}
+
 #[test]
 fn gpu_run_script_reruns_gates_and_judges_the_targets() {
-    for tool in ["bash", "tar", "xz", "python3", "timeout"] {
-        if !have(tool) {
-            eprintln!("SKIP gpu_run_script_reruns_gates_and_judges_the_targets: no {tool} on PATH");
-            return;
-        }
-    }
-    let mut rng = testing::rng("gpu_run_script_reruns_gates_and_judges_the_targets");
-    let root = testing::project_root();
-    let scratch =
-        Scratch(std::env::temp_dir().join(format!("mapet-gpu-run-{}-{}", std::process::id(), rng.random::<u32>())));
-    let payload = scratch.0.join("payload");
-    let bundle = scratch.0.join("bundle");
-    for d in [payload.join("tests"), payload.join("benches"), payload.join("bin"), bundle.clone()] {
-        fs::create_dir_all(d).unwrap();
-    }
+    let test = "gpu_run_script_reruns_gates_and_judges_the_targets";
+    let Some((stand_in, mut rng)) = StandIn::new(test, &["bash", "tar", "xz", "python3", "timeout"]) else {
+        return;
+    };
+    let (payload, bundle, scratch) = (&stand_in.payload, &stand_in.bundle, &stand_in.scratch);
 
     // Times around each target: attention forward (0.20 ms), forward + backward (0.60 ms), the
     // cross-entropy (1.25 ms), the patch embedding (0.30 ms). Each op's other variants are set
@@ -166,19 +200,7 @@ exit 0"#,
     script(&payload.join("bin"), "mapet", &format!("{echo_switches}\necho 'images/s 1500.0'"));
     fs::write(payload.join("gpu-tests.txt"), "hopper attention_gpu patch_embed cross_entropy").unwrap();
 
-    let pack = || {
-        let packed = Command::new("tar")
-            .arg("-C")
-            .arg(&payload)
-            .arg("-cJf")
-            .arg(bundle.join("payload.tar.xz"))
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(packed.success(), "packing the stand-in bundle");
-    };
-    pack();
-    fs::copy(root.join("scripts/gpu-run.sh"), bundle.join("run.sh")).unwrap();
+    stand_in.pack();
     let run = || {
         Command::new("bash")
             .arg(bundle.join("run.sh"))
@@ -307,7 +329,7 @@ echo "test hwc_ws_matches_cpu ... FAILED"
 echo "test result: FAILED. 2 passed; 1 failed"
 exit 101"#,
     );
-    pack();
+    stand_in.pack();
     fs::remove_dir_all(bundle.join("results")).unwrap();
     let out = run();
     assert!(out.status.success(), "run.sh failed:\n{}", String::from_utf8_lossy(&out.stdout));
@@ -423,33 +445,17 @@ fn ncu_hot_sums_launches_and_ranks_instructions() {
 /// itself does not come back, and the summary row names the duration and the top opcode.
 #[test]
 fn gpu_run_script_profiles_each_kernel_to_its_instructions() {
-    for tool in ["bash", "tar", "xz", "python3", "timeout", "gzip"] {
-        if !have(tool) {
-            eprintln!("SKIP gpu_run_script_profiles_each_kernel_to_its_instructions: no {tool} on PATH");
-            return;
-        }
-    }
-    let mut rng = testing::rng("gpu_run_script_profiles_each_kernel_to_its_instructions");
-    let root = testing::project_root();
-    let scratch =
-        Scratch(std::env::temp_dir().join(format!("mapet-gpu-ncu-{}-{}", std::process::id(), rng.random::<u32>())));
-    let (payload, bundle, path_dir) = (scratch.0.join("payload"), scratch.0.join("bundle"), scratch.0.join("path"));
-    for d in [payload.join("tests"), payload.join("benches"), payload.join("bin"), bundle.clone(), path_dir.clone()] {
-        fs::create_dir_all(d).unwrap();
-    }
+    let test = "gpu_run_script_profiles_each_kernel_to_its_instructions";
+    let Some((stand_in, mut rng)) = StandIn::new(test, &["bash", "tar", "xz", "python3", "timeout", "gzip"]) else {
+        return;
+    };
+    let (payload, bundle, scratch) = (&stand_in.payload, &stand_in.bundle, &stand_in.scratch);
+    let path_dir = scratch.0.join("path");
+    fs::create_dir_all(&path_dir).unwrap();
     script(&payload.join("benches"), "attention", "echo 'bench ran under ncu'");
-    fs::copy(root.join("scripts/ncu-hot.py"), payload.join("bin/ncu-hot.py")).unwrap();
+    fs::copy(stand_in.root.join("scripts/ncu-hot.py"), payload.join("bin/ncu-hot.py")).unwrap();
     fs::write(payload.join("gpu-tests.txt"), "").unwrap();
-    let packed = Command::new("tar")
-        .arg("-C")
-        .arg(&payload)
-        .arg("-cJf")
-        .arg(bundle.join("payload.tar.xz"))
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(packed.success(), "packing the stand-in bundle");
-    fs::copy(root.join("scripts/gpu-run.sh"), bundle.join("run.sh")).unwrap();
+    stand_in.pack();
 
     let (hgmma, mufu) = (rng.random_range(1..100_000u64), rng.random_range(1..100_000u64));
     let duration = rng.random_range(10.0..500.0f64);
