@@ -1641,13 +1641,15 @@ __device__ __forceinline__ void copy_positions(uint32_t dst, const bf16* src, in
     sw128_gather_rows(dst, src, 2 * stride, rows, G.lq, i, n, [p0, &G](int r) { return row_at(p0 + r, G); });
 }
 
-// L2 prefetches (prefetch_l2) of the rows of positions [p0, p0 + 64) of a bf16 [Lq x 64] matrix
-// (row r at src + r * stride; row_at), by threads i < 64 of a warpgroup, one row each.
-__device__ __forceinline__ void prefetch_positions(const bf16* src, int64_t stride, int p0, int i, const Geometry& G) {
-    if (i < 64) {
-        const int row = row_at(p0 + i, G);
-        if (row < G.lq) prefetch_l2(src + static_cast<int64_t>(row) * stride);
-    }
+// The row whose Q (dO, O) thread i of a warpgroup sends to L2 (prefetch_l2) for the warpgroup's
+// next row tile, at positions [p_next, p_next + 64): threads i < 64 take position p_next + i; -1
+// when the thread has none (i >= 64, no next tile, or a position past Lq). Found once a tile, at
+// its start: the chunk loop then only tests it, where finding it there cost about 30
+// instructions on every chunk (row_at's selects, run ahead of the branch).
+__device__ __forceinline__ int prefetch_row(int p_next, int i, const Geometry& G) {
+    if (i >= 64 || p_next >= G.lq) return -1;
+    const int row = row_at(p_next + i, G);
+    return row < G.lq ? row : -1;
 }
 
 // The forward's Q tile, in two halves so that a row tile's load runs under the previous one's
@@ -1756,6 +1758,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
+        const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
         wg_finish_q(wg);  // this tile's Q, started before the loop or under the previous tile
 
         float acc[8][4];
@@ -1785,8 +1788,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
                 take_pair(nxt);
                 // The tile's last pair: its next tile's Q rows, on their way to L2 a pair before
                 // on_last copies them.
-                if (rest == 0 && p0 + tile_step < G.lq)
-                    prefetch_positions(qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
+                if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
                 return true;
             },
             [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
@@ -2095,6 +2097,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const bool ok_lo = r_lo < G.lq, ok_hi = r_hi < G.lq;
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
+        const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
 
         // The tile's dO rows (positions past Lq zero-filled), then the rows' delta and lse from
         // them and the loads start_tile made.
@@ -2131,10 +2134,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
                 kn = take_chunk(rest);
                 // The tile's last chunk: its next tile's Q, dO and O rows, on their way to L2 a
                 // chunk before on_last loads them.
-                if (rest == 0 && p0 + tile_step < G.lq) {
-                    prefetch_positions(qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
-                    prefetch_positions(dog, prm.do_row_stride, p0 + tile_step, ltid & 127, G);
-                    prefetch_positions(og, prm.o_row_stride, p0 + tile_step, ltid & 127, G);
+                if (rest == 0 && pf_row >= 0) {
+                    prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
+                    prefetch_l2(dog + static_cast<int64_t>(pf_row) * prm.do_row_stride);
+                    prefetch_l2(og + static_cast<int64_t>(pf_row) * prm.o_row_stride);
                 }
                 return true;
             },
@@ -2270,6 +2273,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
             next_started = true;
         };
         const int key_lo = k0 + 16 * warp + g, key_hi = key_lo + 8;  // the lane's two keys
+        // The key whose K and V rows this thread sends to L2 for the warpgroup's next tile (threads
+        // < 64, one key each; -1: none), found here once rather than on every chunk.
+        int pf_key = -1;
+        if (i + 1 < mine.n && (tid & 127) < kBN) {
+            pf_key = mine.at(i + 1) * kBN + (tid & 127);
+            if (pf_key >= G.lk) pf_key = -1;
+        }
 
         float dk[8][4], dv[8][4];
 #pragma unroll
@@ -2292,14 +2302,11 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                     pn = take_chunk(rest);
                     // The tile's last chunk: the warpgroup's next K and V rows, on their way to
                     // L2 a chunk before on_last copies them.
-                    if (rest == 0 && i + 1 < mine.n && (ltid & 127) < kBN) {
-                        const int key = mine.at(i + 1) * kBN + (ltid & 127);
-                        if (key < G.lk) {
-                            prefetch_l2(static_cast<const bf16*>(prm.k) + lb * prm.k_batch_stride + lhead * kD +
-                                        static_cast<int64_t>(key) * prm.k_row_stride);
-                            prefetch_l2(static_cast<const bf16*>(prm.v) + lb * prm.v_batch_stride + lhead * kD +
-                                        static_cast<int64_t>(key) * prm.v_row_stride);
-                        }
+                    if (rest == 0 && pf_key >= 0) {
+                        prefetch_l2(static_cast<const bf16*>(prm.k) + lb * prm.k_batch_stride + lhead * kD +
+                                    static_cast<int64_t>(pf_key) * prm.k_row_stride);
+                        prefetch_l2(static_cast<const bf16*>(prm.v) + lb * prm.v_batch_stride + lhead * kD +
+                                    static_cast<int64_t>(pf_key) * prm.v_row_stride);
                     }
                     return true;
                 },
