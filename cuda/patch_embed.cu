@@ -32,8 +32,9 @@
 //   permutation costs nothing; a small kernel writes the CLS row and the 2P mask-token rows.
 // - dweight is the GEMM d_out^T [D, B*(N-1)] x A [B*(N-1), K], again with A built from pixels and
 //   d_out rows gathered by rank (the HWC kernel reads each row's d_out row and pixel base from a
-//   small table, mapet_patch_embed_bwd_rows, instead of dividing and looking the rank up per row); both operands sit in shared memory with the contraction index as
-//   row, so ldmatrix.trans gives the fragments. The contraction (25088 rows for ViT-B at B = 128)
+//   small table, mapet_patch_embed_bwd_rows, instead of dividing and looking the rank up per row,
+//   and copies both operands by cp.async three steps ahead: backward_weight_hwc); both operands
+//   sit in shared memory with the contraction index as row, so ldmatrix.trans gives the fragments. The contraction (25088 rows for ViT-B at B = 128)
 //   is split over blocks for parallelism; each split writes its own f32 partial and a second
 //   kernel sums the splits in a fixed order: deterministic, no atomics.
 // - dpos (and from it dbias, dcls, dmask) is a reduction over the batch, bound by reading d_out
@@ -133,6 +134,31 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 
 __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// 8-byte global -> shared copy (8-byte aligned both sides); valid = false fills the 8 bytes with
+// zeros (nothing is read).
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
+    const uint32_t n = valid ? 8u : 0u;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n) : "memory");
+}
+
+// Closes the thread's group of cp.async copies issued since the last commit (an empty group when
+// none was).
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's committed cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Bytes of dynamic shared memory this launch gave the block: the kernels that carve their
+// buffers from it trap when the host gave less than they need, rather than overrun it.
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+    uint32_t n;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(n));
+    return n;
 }
 
 // Eight bf16 (16 bytes, 16-byte aligned) through the read-only path.
@@ -685,8 +711,6 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
            (static_cast<uint64_t>(kWgCoreMN >> 4) << 32);
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
 // 16 bytes to the shared-space address dst.
 __device__ __forceinline__ void st_shared16(uint32_t dst, const uint4& v) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -698,11 +722,6 @@ __device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(v) : "memory");
 }
 
-// Waits until at most N of this thread's committed cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to the tensor
 // cores' reads (the async proxy); a barrier after it publishes them to the other threads' wgmma.
@@ -922,14 +941,6 @@ static_assert(128 * kWsProducerRegs + 256 * kWsConsumerRegs <= 384 * 168, "setma
 constexpr int kWsOutLd = kWsN * 2 + 16;
 constexpr int kWsOutBytes = 64 * kWsOutLd;  // 25,600 B
 constexpr int kWsSmemBytes = kWsStages * kWsStageBytes + 2 * kWsOutBytes + 1023;
-
-// Bytes of dynamic shared memory this launch gave the block: the warp-specialised kernels trap
-// when the host gave less than their ring needs, rather than overrun it.
-__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
-    uint32_t n;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(n));
-    return n;
-}
 
 // One slice's raw pixels in a producer thread, and what storing them needs to know.
 struct WsSlice {
@@ -1243,9 +1254,54 @@ __device__ __forceinline__ WeightBlock weight_block(const MapetPatchEmbedBwd& P,
     return w;
 }
 
-template <bool U8, bool HWC>
+// One 32-row step of a weight-gradient tile on mma.sync: acc (warp (wn, wk): channels n0 + 64 wn +
+// 16 mi + ..., columns k0 + 32 wk + 8 ni + ...) += g_tile^T p_tile, both [32 patch rows][128 + 8]
+// bf16 with the contraction index as row, so ldmatrix.trans gives the fragments.
+__device__ __forceinline__ void weight_step(float (&acc)[4][4][4], const __nv_bfloat16 (*g_tile)[kBwdLd],
+                                            const __nv_bfloat16 (*p_tile)[kBwdLd], int lane, int wn, int wk) {
+#pragma unroll
+    for (int kk = 0; kk < kBwdC; kk += 16) {
+        uint32_t bfrag[2][4];
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj)
+            ldmatrix_x4_trans(bfrag[nj],
+                              &p_tile[kk + (lane & 7) + ((lane >> 3) & 1) * 8][wk * 32 + nj * 16 + (lane >> 4) * 8]);
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+            uint32_t afrag[4];
+            ldmatrix_x4_trans(afrag, &g_tile[kk + (lane & 7) + (lane >> 4) * 8][wn * 64 + mi * 16 + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+                mma_bf16(acc[mi][ni], afrag, bfrag[ni >> 1][(ni & 1) * 2], bfrag[ni >> 1][(ni & 1) * 2 + 1]);
+        }
+    }
+}
+
+// A block's tile of weight-gradient partials (weight_step's layout) into split `split` of
+// P.partial, in the kernel's contraction order (k, or k' for the HWC kernel: the reduction maps
+// it back); channels and columns past the matrix are skipped.
+__device__ __forceinline__ void store_weight_tile(const MapetPatchEmbedBwd& P, const Geometry& g,
+                                                  const float (&acc)[4][4][4], int split, int n0, int k0, int lane,
+                                                  int wn, int wk) {
+    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
+    const int gq = lane >> 2;
+    const int q = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int n = n0 + wn * 64 + mi * 16 + gq + 8 * (r >> 1);
+                const int k = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
+                if (n < g.D && k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
+            }
+}
+
+// The CHW weight gradient (uint8 or f32 pixels): two stages, d_out rows by cp.async and pixels
+// through registers one step ahead.
+template <bool U8>
 __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
-    static_assert(U8 || !HWC, "the HWC contraction order is for uint8 HWC pixels");
     __shared__ __align__(16) __nv_bfloat16 g_tile[2][kBwdC][kBwdLd];  // [patch row][channel]
     __shared__ __align__(16) __nv_bfloat16 p_tile[2][kBwdC][kBwdLd];  // [patch row][k]
 
@@ -1275,34 +1331,19 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
 
-    uint32_t raw[2][8];  // CHW order: the pixel groups of the two rows
+    uint32_t raw[2][8];  // the pixel groups of the two rows
     int tag[2];
-    // HWC order: this thread's 8 contraction indices k_col.. are fixed; only the patch changes.
-    const HwcCursor col(k_col, g.p, g.S);
-    const bool col_ok = k_col < g.K;
-    const Norm3 col_norm = px.norm3(col.c);
-    uint2 hraw[2];
-    bool hrow[2];
-    // Where this thread's two rows of the next stage come from, loaded one step ahead so that the
-    // load's latency hides behind a step of MMAs. CHW kernels: the rank of the row's token (-1: no
-    // row). HWC kernels: the row's entry of the table written by mapet_patch_embed_bwd_rows (its
-    // d_out row, -1 when none, and its pixel base), one 8-byte load in place of the divisions and
-    // rank lookup per row ({-1, -1}: a row past the split).
+    // The ranks of this thread's two rows of the next stage (-1: no row), loaded one step ahead so
+    // that the load's latency hides behind a step of MMAs.
     int rank_next[2];
-    int2 info_next[2];
     auto fetch_ranks = [&](int s) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int m = m_begin + s * kBwdC + (tid >> 4) + 16 * i;
-            if constexpr (HWC) {
-                info_next[i] = make_int2(-1, -1);
-                if (m < m_end) info_next[i] = __ldg(reinterpret_cast<const int2*>(P.row_info) + m);
-            } else {
-                rank_next[i] = -1;
-                if (m < m_end && n_col < g.D) {
-                    const int b = m / g.np;
-                    rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
-                }
+            rank_next[i] = -1;
+            if (m < m_end && n_col < g.D) {
+                const int b = m / g.np;
+                rank_next[i] = __ldg(P.ranks + static_cast<int64_t>(b) * g.n_tokens + (m - b * g.np + 1));
             }
         }
     };
@@ -1316,39 +1357,19 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
             const int m = m_begin + s * kBwdC + row;
             const bool in = m < m_end;
             // d_out row of patch m, gathered by rank.
-            const __nv_bfloat16* src = d_out;
-            bool ok;
-            if constexpr (HWC) {
-                const int2 info = info_next[i];
-                ok = info.x >= 0 && n_col < g.D;
-                if (ok) src = d_out + static_cast<int64_t>(info.x) * g.D + n_col;
-            } else {
-                const int r = rank_next[i];
-                ok = r >= 1 && r < g.n_tokens;
-                if (ok) src = d_out + (static_cast<int64_t>(m / g.np) * g.rows + r) * g.D + n_col;
-            }
+            const int r = rank_next[i];
+            const bool ok = r >= 1 && r < g.n_tokens;
+            const __nv_bfloat16* src = ok ? d_out + (static_cast<int64_t>(m / g.np) * g.rows + r) * g.D + n_col : d_out;
             cp_async16(&g_tile[buf][row][col8], src, ok);
-            if constexpr (HWC) {
-                hraw[i] = px.load_hwc(info_next[i].y, col.off, col_ok);
-                hrow[i] = info_next[i].y >= 0;
-            } else {
-                const int pbase = in ? px.patch_base(m, g.G, g.np) : -1;
-                px.load(pbase, k_col, raw[i], tag[i]);
-            }
+            const int pbase = in ? px.patch_base(m, g.G, g.np) : -1;
+            px.load(pbase, k_col, raw[i], tag[i]);
         }
         fetch_ranks(s + 1);
     };
     auto commit = [&](int buf) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            uint4 v;
-            if constexpr (HWC) {
-                v = px.finish_hwc(hraw[i], col_norm, col_ok && hrow[i]);
-            } else {
-                v = px.finish(raw[i], tag[i]);
-            }
-            *reinterpret_cast<uint4*>(&p_tile[buf][(tid >> 4) + 16 * i][col8]) = v;
-        }
+        for (int i = 0; i < 2; ++i)
+            *reinterpret_cast<uint4*>(&p_tile[buf][(tid >> 4) + 16 * i][col8]) = px.finish(raw[i], tag[i]);
         cp_async_wait_all();
     };
 
@@ -1363,41 +1384,136 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
         const int buf = s & 1;
         const bool more = s + 1 < steps;
         if (more) stage(s + 1, buf ^ 1);
-#pragma unroll
-        for (int kk = 0; kk < kBwdC; kk += 16) {
-            uint32_t bfrag[2][4];
-#pragma unroll
-            for (int nj = 0; nj < 2; ++nj)
-                ldmatrix_x4_trans(bfrag[nj], &p_tile[buf][kk + (lane & 7) + ((lane >> 3) & 1) * 8]
-                                                    [wk * 32 + nj * 16 + (lane >> 4) * 8]);
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                uint32_t afrag[4];
-                ldmatrix_x4_trans(afrag, &g_tile[buf][kk + (lane & 7) + (lane >> 4) * 8]
-                                               [wn * 64 + mi * 16 + ((lane >> 3) & 1) * 8]);
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
-                    mma_bf16(acc[mi][ni], afrag, bfrag[ni >> 1][(ni & 1) * 2], bfrag[ni >> 1][(ni & 1) * 2 + 1]);
-            }
-        }
+        weight_step(acc, g_tile[buf], p_tile[buf], lane, wn, wk);
         if (more) commit(buf ^ 1);
         __syncthreads();
     }
+    store_weight_tile(P, g, acc, split, n0, k0, lane, wn, wk);
+}
 
-    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
-    const int gq = lane >> 2;
-    const int q = lane & 3;
+// The HWC weight gradient (uint8 pixels, p % 8 == 0), contracting in k' order, on mma.sync with a
+// four-stage copy ring. Every copy is a cp.async: a step's d_out rows (16 bytes a thread and row,
+// gathered through the row table of mapet_patch_embed_bwd_rows) and its raw pixel bytes (8 a
+// thread and row, one HWC group of 8 consecutive k'). Step s + 3's copies are issued as step s's
+// MMAs start, so a copy has three steps of MMAs to land (the two-stage kernel this replaced had
+// one, and its warps stalled on global loads: BENCHMARKS.md). The pixels are normalised into the
+// bf16 tile one step ahead, each thread converting the very bytes it copied (its own
+// cp.async.wait_group makes them visible to it), so only the block barrier ending each step
+// orders anything between threads. The table entries are read one step before their copies.
+// Same tile, warps, MMAs and epilogue as the CHW kernel (weight_step, store_weight_tile).
+constexpr int kBwdStages = 4;
+struct BwdHwcSmem {
+    __nv_bfloat16 g[kBwdStages][kBwdC][kBwdLd];  // d_out rows: [patch row][channel]
+    uint8_t raw[kBwdStages][kBwdC][kBwdK];        // raw pixel bytes: [patch row][k' - k0]
+    __nv_bfloat16 p[2][kBwdC][kBwdLd];            // normalised pixels: [patch row][k' - k0]
+};
+static_assert(sizeof(BwdHwcSmem) == 68608, "BWD_HWC_SMEM in src/ops/patch_embed.rs");
+
+__device__ __forceinline__ void backward_weight_hwc(const MapetPatchEmbedBwd& P) {
+    extern __shared__ __align__(16) unsigned char bwd_hwc_raw[];
+    if (dynamic_smem_bytes() < sizeof(BwdHwcSmem)) __trap();
+    BwdHwcSmem& sm = *reinterpret_cast<BwdHwcSmem*>(bwd_hwc_raw);
+
+    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
+    const Pixels<true> px = make_pixels<true>(P);
+    const uint8_t* pixels = static_cast<const uint8_t*>(px.data);
+    const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(P.d_out);
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wn = warp >> 2;  // 64 channels each
+    const int wk = warp & 3;   // 32 of K each
+    const WeightBlock wb = weight_block(P, g, kBwdC);
+    const int steps = wb.steps;
+
+    // This thread copies rows (tid/16) and (tid/16 + 16) of each step: 8 channels of d_out at
+    // n0 + col8 and the 8 bytes of k' = k0 + col8.. of the row's patch. Its 8 contraction
+    // indices are fixed; only the patch changes from row to row.
+    const int col8 = (tid & 15) * 8;
+    const int n_col = wb.n0 + col8;
+    const HwcCursor col(wb.k0 + col8, g.p, g.S);
+    const bool col_ok = col.k < g.K;
+    const Norm3 col_norm = px.norm3(col.c);
+
+    float acc[4][4][4];
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
+    for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int n = n0 + wn * 64 + mi * 16 + gq + 8 * (r >> 1);
-                // Column k of the contraction order (k' for the HWC kernel: the reduction maps it).
-                const int k = k0 + wk * 32 + ni * 8 + 2 * q + (r & 1);
-                if (n < g.D && k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[mi][ni][r];
-            }
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+    // The table entries (d_out row, pixel base; {-1, -1} past the split) of the two rows of the
+    // next step to be copied.
+    int2 info[2];
+    auto fetch_info = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int m = wb.m_begin + s * kBwdC + (tid >> 4) + 16 * i;
+            info[i] = make_int2(-1, -1);
+            if (m < wb.m_end) info[i] = __ldg(reinterpret_cast<const int2*>(P.row_info) + m);
+        }
+    };
+    // Bit 2 (s % kBwdStages) + i: row i of step s has pixels (else its bf16 row is zeros: a
+    // zero-filled copy would normalise to the channel shifts).
+    uint32_t has_pixels = 0;
+    // Issues step s's copies into its stage, then fetches the table entries of step s + 1.
+    auto copy_step = [&](int s) {
+        const int st = s % kBwdStages;
+        uint32_t bits = 0;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int row = (tid >> 4) + 16 * i;
+            const bool g_ok = info[i].x >= 0 && n_col < g.D;
+            cp_async16(&sm.g[st][row][col8], g_ok ? d_out + static_cast<int64_t>(info[i].x) * g.D + n_col : d_out, g_ok);
+            const bool p_ok = col_ok && info[i].y >= 0;
+            cp_async8(&sm.raw[st][row][col8], p_ok ? pixels + info[i].y + col.off : pixels, p_ok);
+            bits |= (p_ok ? 1u : 0u) << i;
+        }
+        has_pixels = (has_pixels & ~(3u << (2 * st))) | (bits << (2 * st));
+        fetch_info(s + 1);
+    };
+    // Step s's normalised pixels into p[s & 1], from this thread's own landed bytes.
+    auto convert_step = [&](int s) {
+        const int st = s % kBwdStages;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int row = (tid >> 4) + 16 * i;
+            const uint2 w = *reinterpret_cast<const uint2*>(&sm.raw[st][row][col8]);
+            *reinterpret_cast<uint4*>(&sm.p[s & 1][row][col8]) =
+                Pixels<true>::finish_hwc(w, col_norm, (has_pixels >> (2 * st + i)) & 1u);
+        }
+    };
+
+    // Steps 0 .. kBwdStages - 2 in flight, one commit group each (empty past the split's end, so
+    // that the group count, and with it every wait below, is the same in every block).
+    fetch_info(0);
+#pragma unroll 1
+    for (int s = 0; s < kBwdStages - 1; ++s) {
+        if (s < steps) copy_step(s);
+        cp_async_commit();
+    }
+    if (steps > 0) {
+        cp_async_wait_group<kBwdStages - 2>();  // step 0's group
+        convert_step(0);
+    }
+    __syncthreads();
+
+#pragma unroll 1
+    for (int s = 0; s < steps; ++s) {
+        // Step s + 3 into the stage step s - 1 used: its MMAs and its conversion are behind the
+        // barrier that ended step s - 1.
+        if (s + kBwdStages - 1 < steps) copy_step(s + kBwdStages - 1);
+        cp_async_commit();
+        weight_step(acc, sm.g[s % kBwdStages], sm.p[s & 1], lane, wn, wk);
+        if (s + 1 < steps) {
+            cp_async_wait_group<kBwdStages - 2>();  // step s + 1's group (the newer two may still fly)
+            convert_step(s + 1);
+        }
+        __syncthreads();  // p[(s + 1) & 1] and step s + 1's d_out rows for all; p[s & 1] free
+    }
+    cp_async_wait_group<0>();  // only empty groups can be left; none outlives the block
+    store_weight_tile(P, g, acc, wb.split, wb.n0, wb.k0, lane, wn, wk);
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1426,7 +1542,7 @@ __device__ __forceinline__ void store_wg_partials(const MapetPatchEmbedBwd& P, c
     }
 }
 
-// The HWC weight gradient on wgmma (sm_90a): the same partials as backward_weight<true, true>
+// The HWC weight gradient on wgmma (sm_90a): the same partials as backward_weight_hwc
 // (tile 128 channels x 128 of k', the contraction over the split's patch rows 32 a step), with
 // the MMAs issued by two warpgroups (channels 0-63 and 64-127 of the tile, all 128 k' each:
 // m64n128k16) from shared memory. Both operands are M/N-major: a step's tiles hold 32 contraction
@@ -1565,7 +1681,7 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
     // This warpgroup's channels 64 wg .. 64 wg + 63 of the tile, all 128 k'.
     store_wg_partials(P, g, acc, split, n0 + wg * 64, k0, lane, warp & 3);
 }
-// The HWC weight gradient, warp-specialised (sm_90a): the partials of backward_weight<true, true>
+// The HWC weight gradient, warp-specialised (sm_90a): the partials of backward_weight_hwc
 // (a block: 128 channels x 128 k' of one split's patch rows), with the loads in warps of their own
 // as in forward_hwc_ws. The operands and their layout are backward_weight_hwc_wgmma's (no
 // swizzle, both M/N-major, m64n128k16 with both transpose flags), with 64 contraction rows a
@@ -1810,11 +1926,11 @@ extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p
 
 // dweight partials. Grid (ceil(K/128), ceil(D/128), splits), 256 threads.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_u8(const MapetPatchEmbedBwd p) {
-    backward_weight<true, false>(p);
+    backward_weight<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_f32(const MapetPatchEmbedBwd p) {
-    backward_weight<false, false>(p);
+    backward_weight<false>(p);
 }
 
 // As mapet_patch_embed_bwd_weight_u8 in HWC contraction order (p % 8 == 0); the partials are in
@@ -1822,7 +1938,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_
 // mapet_patch_embed_bwd_weight_reduce_hwc.
 extern "C" __global__ void __launch_bounds__(kThreads, 2)
     mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
-    backward_weight<true, true>(p);
+    backward_weight_hwc(p);
 }
 
 // As mapet_patch_embed_bwd_weight_u8_hwc with the MMAs on wgmma (backward_weight_hwc_wgmma);

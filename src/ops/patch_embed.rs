@@ -59,6 +59,10 @@ const BWD_WS_RING_BYTES: u32 = 6 * 32 * 1024;
 const BWD_WS_STATIC_SMEM: u32 = 96;
 const BWD_TILE: usize = 128;
 const BWD_STEP: usize = 32;
+/// The HWC mma.sync weight gradient's dynamic shared memory (cuda/patch_embed.cu, BwdHwcSmem): a
+/// ring of 4 stages of d_out rows (32 x 136 bf16) and raw pixel bytes (32 x 128), and two tiles
+/// of normalised pixels (32 x 136 bf16).
+const BWD_HWC_SMEM: u32 = 4 * (32 * 136 * 2 + 32 * 128) + 2 * 32 * 136 * 2;
 /// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
 const TOKEN_GROUPS: u64 = 32;
 const TOKEN_SLICES: u64 = 4;
@@ -940,6 +944,18 @@ pub fn cuda_backward(
             });
         }
         LaunchConfig { grid_dim: weight_grid, block_dim: (BWD_WS_THREADS, 1, 1), shared_mem_bytes }
+    } else if kernel == "mapet_patch_embed_bwd_weight_u8_hwc" {
+        if BWD_HWC_SMEM > gpu.max_shared_memory_per_block() {
+            return Err(Error::Unsupported {
+                what: "pixel order",
+                detail: format!(
+                    "`hwc` needs {BWD_HWC_SMEM} bytes of shared memory a block for its weight gradient; {} allows {}",
+                    gpu.name(),
+                    gpu.max_shared_memory_per_block()
+                ),
+            });
+        }
+        LaunchConfig { grid_dim: weight_grid, block_dim: (GEMM_THREADS, 1, 1), shared_mem_bytes: BWD_HWC_SMEM }
     } else {
         launch_cfg(weight_grid, GEMM_THREADS)
     };
@@ -956,7 +972,9 @@ pub fn cuda_backward(
     // SAFETY: validate_cuda bounds every index the kernel forms; pixels, ranks and d_out were
     // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
     // has `splits` layers; rows whose rank is outside [1, N) are read as zeros. The HWC kernels
-    // read row_info, written just before on the same stream; the warp-specialised one copies its
+    // read row_info, written just before on the same stream (the mma.sync one carves its copy ring
+    // from the BWD_HWC_SMEM bytes of dynamic shared memory its launch gives, and traps on fewer);
+    // the warp-specialised one copies its
     // split's (at most split_rows) entries into the 8·split_rows bytes its launch adds past its
     // ring.
     unsafe { gpu.launch(MODULE, kernel, weight_cfg, &params)? };
@@ -987,6 +1005,132 @@ mod tests {
     /// makes it trap at its first launch, on a card only): the ring of stages (a 128-row A slice
     /// and a 192-row weight slice of 64 bf16 each), the two staging tiles, and the alignment
     /// slack, from the kernel's own constants.
+    /// The copy ring of `backward_weight_hwc` (cuda/patch_embed.cu), transcribed: its issues,
+    /// commits, waits, conversions, MMA steps and barriers in the kernel's order, for every step
+    /// count up to 40, with the waits taken at their weakest (exactly the groups
+    /// `cp.async.wait_group` promises, no more). Checks that every read finds its own step's
+    /// data landed (a d_out stage or a normalised tile read by the MMAs; a raw stage read by its
+    /// conversion), that no copy or conversion overwrites data a later read still needs, and that
+    /// between two barriers no buffer the whole block reads is also written.
+    #[test]
+    fn hwc_weight_copy_ring_orders_every_read_after_its_write() {
+        const STAGES: usize = 4; // kBwdStages
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        enum Slot {
+            Empty,
+            InFlight(usize), // a copy of this step, not yet waited for
+            Landed(usize),
+        }
+        for steps in 0..40usize {
+            let mut g = [Slot::Empty; STAGES];
+            let mut raw = [Slot::Empty; STAGES];
+            let mut p: [Option<usize>; 2] = [None; 2];
+            let mut groups: Vec<Vec<usize>> = Vec::new(); // committed groups still in flight
+            let mut pending: Vec<usize> = Vec::new(); // copies since the last commit
+                                                      // Buffers read and written by the block since the last barrier ("g3", "p1", ...).
+            let (mut read, mut written) = (Vec::<String>::new(), Vec::<String>::new());
+            let mut mma_done = Vec::new();
+            let ctx = |what: &str, s: usize| format!("steps {steps}: {what} of step {s}");
+            let copy = |s: usize,
+                        g: &mut [Slot; STAGES],
+                        raw: &mut [Slot; STAGES],
+                        pending: &mut Vec<usize>,
+                        written: &mut Vec<String>,
+                        mma_done: &Vec<usize>| {
+                let st = s % STAGES;
+                // The stage's previous step must have been read: by its MMAs (d_out) and its
+                // conversion (raw; converted steps are those whose p tile was written).
+                if let Slot::Landed(u) | Slot::InFlight(u) = g[st] {
+                    assert!(mma_done.contains(&u), "{}: d_out stage {st} still holds step {u}", ctx("copy", s));
+                }
+                if let Slot::InFlight(u) = raw[st] {
+                    panic!("{}: raw stage {st} still in flight with step {u}", ctx("copy", s));
+                }
+                g[st] = Slot::InFlight(s);
+                raw[st] = Slot::InFlight(s);
+                pending.push(s);
+                written.push(format!("g{st}"));
+            };
+            let commit = |groups: &mut Vec<Vec<usize>>, pending: &mut Vec<usize>| groups.push(std::mem::take(pending));
+            // wait_group<n>: every group but the newest n has landed.
+            let wait = |n: usize, groups: &mut Vec<Vec<usize>>, g: &mut [Slot; STAGES], raw: &mut [Slot; STAGES]| {
+                while groups.len() > n {
+                    for s in groups.remove(0) {
+                        g[s % STAGES] = Slot::Landed(s);
+                        raw[s % STAGES] = Slot::Landed(s);
+                    }
+                }
+            };
+            let convert = |s: usize,
+                           raw: &[Slot; STAGES],
+                           p: &mut [Option<usize>; 2],
+                           written: &mut Vec<String>,
+                           mma_done: &Vec<usize>| {
+                assert_eq!(raw[s % STAGES], Slot::Landed(s), "{}", ctx("conversion", s));
+                if let Some(u) = p[s & 1] {
+                    assert!(mma_done.contains(&u), "{}: tile {} still holds step {u}", ctx("conversion", s), s & 1);
+                }
+                p[s & 1] = Some(s);
+                written.push(format!("p{}", s & 1));
+            };
+            let barrier = |read: &mut Vec<String>, written: &mut Vec<String>| {
+                for r in read.iter() {
+                    assert!(!written.contains(r), "steps {steps}: {r} read and written between two barriers");
+                }
+                read.clear();
+                written.clear();
+            };
+
+            // The kernel's prologue.
+            for s in 0..STAGES - 1 {
+                if s < steps {
+                    copy(s, &mut g, &mut raw, &mut pending, &mut written, &mma_done);
+                }
+                commit(&mut groups, &mut pending);
+            }
+            if steps > 0 {
+                wait(STAGES - 2, &mut groups, &mut g, &mut raw);
+                convert(0, &raw, &mut p, &mut written, &mma_done);
+            }
+            // The converted tile and the landed d_out rows are written as far as the block goes
+            // only at the barrier; what this phase wrote is not read in it.
+            barrier(&mut read, &mut written);
+            // The main loop.
+            for s in 0..steps {
+                if s + STAGES - 1 < steps {
+                    copy(s + STAGES - 1, &mut g, &mut raw, &mut pending, &mut written, &mma_done);
+                }
+                commit(&mut groups, &mut pending);
+                assert_eq!(g[s % STAGES], Slot::Landed(s), "{}", ctx("MMAs (d_out rows)", s));
+                assert_eq!(p[s & 1], Some(s), "{}", ctx("MMAs (pixels)", s));
+                read.push(format!("g{}", s % STAGES));
+                read.push(format!("p{}", s & 1));
+                mma_done.push(s);
+                if s + 1 < steps {
+                    wait(STAGES - 2, &mut groups, &mut g, &mut raw);
+                    convert(s + 1, &raw, &mut p, &mut written, &mma_done);
+                }
+                barrier(&mut read, &mut written);
+            }
+            wait(0, &mut groups, &mut g, &mut raw);
+            assert!(groups.iter().all(|x| x.is_empty()), "steps {steps}: copies outlive the block");
+            assert_eq!(mma_done, (0..steps).collect::<Vec<_>>(), "steps {steps}: every step once, in order");
+        }
+    }
+
+    #[test]
+    fn hwc_weight_shared_memory_is_the_kernels() {
+        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        let constant = |name| crate::testing::cuda_constant(&source, "patch_embed.cu", name);
+        let (stages, rows, k) = (constant("kBwdStages"), constant("kBwdC"), constant("kBwdK"));
+        assert!(source.contains("constexpr int kBwdLd = 128 + 8;"), "the padded row changed");
+        assert_eq!(k, 128);
+        let need = stages * (rows * 136 * 2 + rows * k) + 2 * rows * 136 * 2;
+        assert_eq!(BWD_HWC_SMEM as usize, need, "BWD_HWC_SMEM against the kernel's BwdHwcSmem");
+        let check = format!("static_assert(sizeof(BwdHwcSmem) == {BWD_HWC_SMEM},");
+        assert!(source.contains(&check), "the kernel's own check of its size: {check}");
+    }
+
     #[test]
     fn ws_forward_shared_memory_is_the_kernels() {
         let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
