@@ -183,6 +183,9 @@ fn gpu(c: &mut Criterion) {
         for (name, s) in [1568, 1046, 784].map(passes) {
             variants.push((format!("{name}, {gname}, queued"), s, g, true));
         }
+        // The row kernel visiting the rows from the last back (MAPET_CE_ROW_ORDER=reverse): does it
+        // find more of the logits the GEMM has just written still in L2?
+        variants.push((format!("one pass, rows reversed, {gname}, queued"), shape.with_reversed_rows(true), g, true));
     }
     // The chosen and self-tuned GEMMs also timed as the headline is (waiting for each call), so
     // that their lines compare with the first variant's and with the headline above: in the sixth

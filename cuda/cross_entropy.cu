@@ -305,10 +305,18 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
     return sh.lse;
 }
 
+// The row a kernel's v-th visit goes to: v itself, or with p.reverse_rows the rows from the last
+// back, so that the rows the logits GEMM wrote last, the likeliest to be still in L2, are read
+// first (what each row gets is the same either way; the column sums add the rows of a block in
+// the order it visits them).
+__device__ __forceinline__ int64_t visited_row(const MapetCrossEntropy& p, int64_t v) {
+    return p.reverse_rows ? p.rows - 1 - v : v;
+}
+
 template <bool kVec>
 __device__ __forceinline__ void rows_body(const MapetCrossEntropy& p) {
     __shared__ RowShared sh;
-    const int64_t row = blockIdx.x;
+    const int64_t row = visited_row(p, blockIdx.x);
     __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + row * p.ld;
     const int target = p.targets[row];
     const float lse = row_result(thread_stats<kVec>(rowp, p.bias, p.vocab), rowp, p, row, target, sh);
@@ -340,7 +348,8 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
 
 // Grid: (groups), groups <= rows of the chunk; block: kRowThreads. Both variants when vocab % 8 ==
 // 0, ld % 8 == 0 and vocab <= kGradMaxVocab (the host checks). Block g handles rows
-// g, g + groups, g + 2 groups, ... and thread t owns the same columns of every row: the 8-column
+// g, g + groups, g + 2 groups, ... (counted from the last row back when p.reverse_rows:
+// visited_row) and thread t owns the same columns of every row: the 8-column
 // groups c = t + i * kRowThreads, i < kGradPer. So the whole row slice of a thread stays in
 // registers (read once, four 16-byte loads in flight), and the thread sums its columns of the
 // dlogits it writes, over its block's rows in increasing order, into partial[g, :] (added to:
@@ -386,9 +395,10 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         next_target = p.targets[r];
     };
     if (blockIdx.x < p.rows) {
-        prefetch(blockIdx.x);
+        prefetch(visited_row(p, blockIdx.x));
     }
-    for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    for (int64_t visit = blockIdx.x; visit < p.rows; visit += gridDim.x) {
+        const int64_t row = visited_row(p, visit);
         __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + row * p.ld;
         uint4* row8 = reinterpret_cast<uint4*>(rowp);
         const int target = next_target;
@@ -399,8 +409,8 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         }
         // The block's next row is loaded while this one is reduced and written: a row's loads no
         // longer wait on the previous row's two barriers.
-        if (row + gridDim.x < p.rows) {
-            prefetch(row + gridDim.x);
+        if (visit + gridDim.x < p.rows) {
+            prefetch(visited_row(p, visit + gridDim.x));
         }
         // The target's logit, for the loss: thread 0 reads it now, before the row's first barrier;
         // the other threads overwrite the row with dlogits only after the second.

@@ -231,6 +231,7 @@ typedef struct MapetCrossEntropy {
     int32_t write_grad;
     int32_t groups;
     float grad_scale;
+    int32_t reverse_rows;  // nonzero: the row kernels visit the rows from the last back
 } MapetCrossEntropy;
 
 // ---------------------------------------------------------------- residual helpers (cuda/residual.cu)

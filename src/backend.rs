@@ -819,6 +819,9 @@ pub struct CudaBackend {
     /// Rows per forward pass inside each cross-entropy chunk, read once from
     /// `MAPET_CE_SUB_CHUNK_ROWS` when the backend is made (`None`: one pass, the default).
     pub ce_sub_chunk_rows: Option<usize>,
+    /// Whether the cross-entropy row kernels visit the rows from the last back, read once from
+    /// `MAPET_CE_ROW_ORDER` when the backend is made (`false`, forward: the default).
+    pub ce_reverse_rows: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -843,6 +846,9 @@ impl CudaBackend {
             ce_sub_chunk_rows: cross_entropy::sub_chunk_rows_named(
                 std::env::var(cross_entropy::SUB_CHUNK_VAR).ok().as_deref(),
             )?,
+            ce_reverse_rows: cross_entropy::reverse_rows_named(
+                std::env::var(cross_entropy::ROW_ORDER_VAR).ok().as_deref(),
+            )?,
         })
     }
 
@@ -851,12 +857,13 @@ impl CudaBackend {
     pub fn describe_kernels(&self) -> String {
         let pins: Vec<String> = self.gemm.pins().iter().map(|((m, n, k), r)| format!("{m}x{n}x{k}={r}")).collect();
         format!(
-            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {}, GEMM tuning {}, GEMM pins {}",
+            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {} (rows {}), GEMM tuning {}, GEMM pins {}",
             self.pixel_order.name(),
             self.pixel_order_backward.name(),
             self.attention_kernels.name(),
             self.attention_backward_kernels.name(),
             self.ce_sub_chunk_rows.map_or("whole chunks".to_string(), |r| format!("<= {r} rows")),
+            if self.ce_reverse_rows { "reversed" } else { "forward" },
             if self.gemm.tuning() { "on" } else { "off" },
             if pins.is_empty() { "none".to_string() } else { pins.join(",") }
         )
@@ -1181,6 +1188,7 @@ impl Backend for CudaBackend {
     ) -> Result<CrossEntropyStats> {
         let (gpu, gemm) = (&self.gpu, &self.gemm);
         let shape = &shape.or_sub_chunk_rows(self.ce_sub_chunk_rows);
+        let shape = &shape.with_reversed_rows(shape.reverse_rows || self.ce_reverse_rows);
         match grads {
             None => cross_entropy::cuda_forward(gpu, gemm, shape, &x, &w, &b, targets, rows_out),
             Some(g) => cross_entropy::cuda_forward_backward(

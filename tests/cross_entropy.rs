@@ -565,6 +565,31 @@ fn gpu_sub_chunks_match_cpu() {
     }
 }
 
+/// The row kernels visiting the rows from the last back (`MAPET_CE_ROW_ORDER=reverse`): the
+/// held-row kernel (V % 8 == 0, V <= 8192) with several rows a block and with passes, the
+/// one-row-a-block kernel and its column sums (other V), and one row.
+#[test]
+fn gpu_reversed_rows_match_cpu() {
+    let test = "gpu_reversed_rows_match_cpu";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for (rows, dim, vocab, chunk, sub) in [
+        (1100, 64, 8192, None, None),
+        (517, 128, 8192, Some(200), Some(67)),
+        (300, 64, 8191, Some(128), None),
+        (33, 24, 8, Some(5), Some(2)),
+        (1, 16, 37, None, None),
+    ] {
+        let mut c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
+        c.shape = c.shape.with_reversed_rows(true);
+        if let Some(sub) = sub {
+            c.shape = c.shape.with_sub_chunk_rows(sub);
+        }
+        eprintln!("{test}: {rows} x {dim} x {vocab}, chunks {chunk:?}, passes of {sub:?} rows, rows reversed");
+        check_case(test, &gpu, &gemm, &c);
+    }
+}
+
 /// Small odd sizes in one chunk and in chunks of one row.
 #[test]
 fn gpu_small_odd_shapes() {

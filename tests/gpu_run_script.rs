@@ -124,6 +124,7 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
         ("default", headline),
         ("one pass, default GEMMs, queued", one_pass),
         ("3 passes of <= 1046 rows, default GEMMs, queued", passes),
+        ("one pass, rows reversed, default GEMMs, queued", passes * draw(1.02, 1.1)),
         ("one pass, chosen GEMMs, queued", passes * 0.9),
     ];
 
@@ -166,18 +167,21 @@ exit 0"#,
     }
     script(&payload.join("benches"), "attention", &attention);
     script(&payload.join("benches"), "hopper", "echo 'HUNG gemm_tn'; exit 3");
-    let mut cross_entropy = format!(
-        "echo 'RESULT cross_entropy forward+backward {:.3} ms median (700 TFLOP/s in its 3 GEMMs), extra device memory 52.0 MiB'\n",
-        ce[0].1
-    );
-    for (name, ms) in &ce[1..] {
-        cross_entropy += &format!(
-            "echo 'RESULT cross_entropy forward+backward {ms:.3} ms (rounds 1.1 / 1.2 / 1.3) with {name} a chunk'\n"
+    let cross_entropy = |ce: &[(&str, f64)]| {
+        let mut text = format!(
+            "echo 'RESULT cross_entropy forward+backward {:.3} ms median (700 TFLOP/s in its 3 GEMMs), extra device memory 52.0 MiB'\n",
+            ce[0].1
         );
-    }
-    cross_entropy += "echo 'RESULT cross_entropy forward+backward with 4 passes a chunk: failed: out of memory'\n";
-    cross_entropy += "echo 'RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN=\"3136x768x8192=2\"'\n";
-    script(&payload.join("benches"), "cross_entropy", &cross_entropy);
+        for (name, ms) in &ce[1..] {
+            text += &format!(
+                "echo 'RESULT cross_entropy forward+backward {ms:.3} ms (rounds 1.1 / 1.2 / 1.3) with {name} a chunk'\n"
+            );
+        }
+        text += "echo 'RESULT cross_entropy forward+backward with 4 passes a chunk: failed: out of memory'\n";
+        text += "echo 'RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN=\"3136x768x8192=2\"'\n";
+        text
+    };
+    script(&payload.join("benches"), "cross_entropy", &cross_entropy(&ce));
     let mut patch_embed = String::new();
     for (order, ms) in pe {
         patch_embed += &format!(
@@ -221,6 +225,7 @@ exit 0"#,
             .env_remove("MAPET_GEMM_TUNE")
             .env_remove("MAPET_GEMM_PIN")
             .env_remove("MAPET_CE_SUB_CHUNK_ROWS")
+            .env_remove("MAPET_CE_ROW_ORDER")
             .env_remove("MAPET_ATTENTION_BACKWARD_KERNELS")
             .env_remove("MAPET_ATTENTION_KERNELS")
             .output()
@@ -329,6 +334,12 @@ echo "test hwc_ws_matches_cpu ... FAILED"
 echo "test result: FAILED. 2 passed; 1 failed"
 exit 101"#,
     );
+    // And the cross-entropy's reversed rows now well under the sub-chunk passes: they win, as
+    // their own switch (the row order's, not the passes').
+    let mut ce_reversed = ce;
+    ce_reversed[3].1 = ce[2].1 * 0.95;
+    assert!(ce_reversed[3].0.contains("rows reversed"));
+    script(&payload.join("benches"), "cross_entropy", &cross_entropy(&ce_reversed));
     stand_in.pack();
     fs::remove_dir_all(bundle.join("results")).unwrap();
     let out = run();
@@ -345,6 +356,11 @@ exit 101"#,
         "the fastest untested line {untested:?}:\n{row}"
     );
     assert!(summary.contains("patch embedding: no usable RESULT line, default kept"), "{summary}");
+    let env = fs::read_to_string(bundle.join("results/winners.env")).unwrap();
+    assert!(
+        env.lines().any(|l| l == "MAPET_CE_ROW_ORDER=reverse") && !env.contains("MAPET_CE_SUB_CHUNK_ROWS"),
+        "reversed rows should win alone (cross-entropy {ce_reversed:?}):\n{env}"
+    );
 }
 
 /// `scripts/ncu-hot.py`, the digest of Nsight Compute's per-instruction warp-stall samples that

@@ -394,10 +394,11 @@ pub struct MapetCrossEntropy {
     pub write_grad: i32,
     pub groups: i32,
     pub grad_scale: f32,
+    pub reverse_rows: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetCrossEntropy"][::core::mem::size_of::<MapetCrossEntropy>() - 112usize];
+    ["Size of MapetCrossEntropy"][::core::mem::size_of::<MapetCrossEntropy>() - 120usize];
     ["Alignment of MapetCrossEntropy"][::core::mem::align_of::<MapetCrossEntropy>() - 8usize];
     ["Offset of field: MapetCrossEntropy::logits"][::core::mem::offset_of!(MapetCrossEntropy, logits) - 0usize];
     ["Offset of field: MapetCrossEntropy::bias"][::core::mem::offset_of!(MapetCrossEntropy, bias) - 8usize];
@@ -418,6 +419,8 @@ const _: () = {
     ["Offset of field: MapetCrossEntropy::groups"][::core::mem::offset_of!(MapetCrossEntropy, groups) - 104usize];
     ["Offset of field: MapetCrossEntropy::grad_scale"]
         [::core::mem::offset_of!(MapetCrossEntropy, grad_scale) - 108usize];
+    ["Offset of field: MapetCrossEntropy::reverse_rows"]
+        [::core::mem::offset_of!(MapetCrossEntropy, reverse_rows) - 112usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -49,7 +49,18 @@
 //! the 255 MB a chunk moves today, at the price of one more GEMM and row-kernel launch a pass.
 //! Same results as one pass up to rounding: `db`'s column sums are added in another order (rows
 //! go to the row kernel's groups pass by pass), and cuBLASLt may pick another algorithm for the
-//! shorter logits GEMMs.
+//! shorter logits GEMMs. Measured on an H200 in the sixth run, passes were slower at every count
+//! (BENCHMARKS.md), so it stays off.
+//!
+//! ## Reversed rows (an experiment, off by default)
+//!
+//! [`CrossEntropyShape::with_reversed_rows`] (`MAPET_CE_ROW_ORDER=reverse` for the CUDA backend)
+//! makes the row kernels visit a pass's rows from the last back. The same idea by other means:
+//! of a whole chunk's 51 MB of logits, the part the GEMM wrote last may still be in L2, and a
+//! forward sweep reads first the rows already written back to DRAM, evicting on its way the ones
+//! it needs next. Whether a backward sweep finds them depends on the order in which cuBLASLt's
+//! kernel writes its output tiles, which only a card can say; `cross_entropy --bench` times both.
+//! Same values for every row; `db`'s per-group sums add their rows in the other order.
 //!
 //! cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it runs as a
 //! kernel of its own, a second pass over the dlogits; the held-rows kernel forms them from the
@@ -141,11 +152,32 @@ pub struct CrossEntropyShape {
     /// GPU only: rows per forward pass inside a chunk (module docs, "Sub-chunks"). `None`: one
     /// pass over the whole chunk. Capped by the chunk's rows; the CPU ignores it.
     pub sub_chunk_rows: Option<usize>,
+    /// GPU only: the row kernels visit a pass's rows from the last back
+    /// ([`CrossEntropyShape::with_reversed_rows`]). Every row gets the same values; the bias
+    /// gradient's per-block sums add the rows in the other order. The CPU ignores it.
+    pub reverse_rows: bool,
 }
 
 /// The variable that gives the CUDA backend's cross-entropy calls forward passes of at most this
 /// many rows inside each chunk ([`CrossEntropyShape::with_sub_chunk_rows`]); unset, one pass.
 pub const SUB_CHUNK_VAR: &str = "MAPET_CE_SUB_CHUNK_ROWS";
+
+/// The variable that makes the CUDA backend's cross-entropy row kernels visit the rows from the
+/// last back (`reverse`; `forward`, or unset, is the default order).
+pub const ROW_ORDER_VAR: &str = "MAPET_CE_ROW_ORDER";
+
+/// Whether `value` (the variable's value; `None`: unset) asks for reversed rows: `reverse` or
+/// `forward`, else an error naming [`ROW_ORDER_VAR`].
+pub fn reverse_rows_named(value: Option<&str>) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("forward") => Ok(false),
+        Some("reverse") => Ok(true),
+        Some(v) => Err(Error::Unsupported {
+            what: "cross-entropy row order",
+            detail: format!("{ROW_ORDER_VAR}={v:?}: give `forward` (the default) or `reverse`"),
+        }),
+    }
+}
 
 /// The sub-chunk rows `value` (the variable's value; `None`: unset) asks for: a positive
 /// integer, else an error naming [`SUB_CHUNK_VAR`].
@@ -167,7 +199,7 @@ pub fn sub_chunk_rows_named(value: Option<&str>) -> Result<Option<usize>> {
 impl CrossEntropyShape {
     /// A shape with the default chunking.
     pub fn new(rows: usize, dim: usize, vocab: usize) -> Self {
-        CrossEntropyShape { rows, dim, vocab, chunk_rows: None, sub_chunk_rows: None }
+        CrossEntropyShape { rows, dim, vocab, chunk_rows: None, sub_chunk_rows: None, reverse_rows: false }
     }
 
     /// The same shape with `chunk_rows` rows per chunk.
@@ -178,6 +210,15 @@ impl CrossEntropyShape {
     /// The same shape with forward passes of `sub_chunk_rows` rows inside each GPU chunk.
     pub fn with_sub_chunk_rows(self, sub_chunk_rows: usize) -> Self {
         CrossEntropyShape { sub_chunk_rows: Some(sub_chunk_rows), ..self }
+    }
+
+    /// The same shape with the row kernels visiting the rows from the last back (`true`) or not.
+    /// Why it might pay: the logits GEMM's last output tiles are the likeliest to be still in L2
+    /// when the row kernel starts, and a forward sweep reads first the rows L2 has already
+    /// written back, evicting on its way the ones it is about to need. Whether it does depends on
+    /// the order in which cuBLASLt's kernel writes its tiles; `cross_entropy --bench` times both.
+    pub fn with_reversed_rows(self, reverse_rows: bool) -> Self {
+        CrossEntropyShape { reverse_rows, ..self }
     }
 
     /// The same shape with the sub-chunk rows `SUB_CHUNK_VAR` gave the backend
@@ -729,6 +770,7 @@ struct Call<'a, 'g> {
     partial: Option<DeviceBuffer<f32>>,
     groups: usize,
     grad_scale: f32,
+    reverse_rows: bool,
 }
 
 impl Call<'_, '_> {
@@ -751,6 +793,7 @@ impl Call<'_, '_> {
             write_grad: 0,
             groups: self.groups as i32,
             grad_scale: self.grad_scale,
+            reverse_rows: i32::from(self.reverse_rows),
         }
     }
 
@@ -940,8 +983,22 @@ fn cuda_run(
     // Zeroed here, added to by every chunk's column sums, summed into db once at the end.
     let partial = if backward { Some(gpu.zeros::<f32>(groups * vocab)?) } else { None };
     let grad_scale = grads.as_ref().map_or(0.0, |g| grad_scale(g.dloss, counted));
-    let mut call =
-        Call { gpu, gemm, dim, vocab, x, w, b, targets: &d_targets, rows_out, grads, partial, groups, grad_scale };
+    let mut call = Call {
+        gpu,
+        gemm,
+        dim,
+        vocab,
+        x,
+        w,
+        b,
+        targets: &d_targets,
+        rows_out,
+        grads,
+        partial,
+        groups,
+        grad_scale,
+        reverse_rows: shape.reverse_rows,
+    };
 
     if full > 0 {
         // `first` holds full-size chunks; the tail, if any, gets its own buffers after they are
@@ -995,6 +1052,20 @@ mod tests {
             let s = CrossEntropyShape::new(rows, dim, vocab);
             assert!(s.gpu_extra_device_bytes(true) <= (63 << 20) + rows * 4 + 8, "{s:?}");
         }
+    }
+
+    #[test]
+    fn row_order_variable_parses_or_names_itself() {
+        assert!(!reverse_rows_named(None).unwrap());
+        assert!(!reverse_rows_named(Some("forward")).unwrap());
+        assert!(reverse_rows_named(Some(" reverse ")).unwrap());
+        for bad in ["", "backward", "1", "Reverse"] {
+            let e = reverse_rows_named(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(ROW_ORDER_VAR) && e.contains("reverse"), "{bad:?}: {e}");
+        }
+        let s = CrossEntropyShape::new(10, 8, 16);
+        assert!(!s.reverse_rows && s.with_reversed_rows(true).reverse_rows);
+        assert_eq!(s.with_reversed_rows(true).with_reversed_rows(false), s);
     }
 
     #[test]
