@@ -520,10 +520,12 @@ pub enum PixelOrder {
     Chw,
     /// The pixels' own HWC order k' = (ky·p + kx)·3 + c (when p % 8 == 0; other patch sizes use
     /// [`PixelOrder::Chw`]): eight consecutive k' are eight consecutive bytes, one 8-byte load,
-    /// and the loads run two steps ahead. The forward multiplies by a copy of the weight permuted
-    /// the same way (D·K bf16 of scratch); the reduction of the weight gradient's partials puts
-    /// it back in CHW order. On an H200 at ViT-B, batch 128, forward + backward take 0.368 ms
-    /// against 0.603 ms in CHW order (BENCHMARKS.md). The default off compute capability 9.0, and
+    /// and the forward's loads run two steps ahead, the weight gradient's copies three (a
+    /// four-stage cp.async ring since the sixth run, unverified on GPU). The forward multiplies by
+    /// a copy of the weight permuted the same way (D·K bf16 of scratch); the reduction of the
+    /// weight gradient's partials puts it back in CHW order. On an H200 at ViT-B, batch 128,
+    /// forward + backward took 0.368 ms against 0.603 ms in CHW order (BENCHMARKS.md, sixth run,
+    /// before that ring). The default off compute capability 9.0, and
     /// the default backward everywhere ([`PixelOrder::defaults_for`]: the order has no default
     /// apart from the device).
     Hwc,
