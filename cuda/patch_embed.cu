@@ -153,6 +153,16 @@ __device__ __forceinline__ void cp_async_wait_group() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// A warp's mma.sync accumulators (4 x 4 tiles of m16n8), all 0.
+__device__ __forceinline__ void zero_acc(float (&acc)[4][4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+}
+
 // Bytes of dynamic shared memory this launch gave the block: the kernels that carve their
 // buffers from it trap when the host gave less than they need, rather than overrun it.
 __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
@@ -524,12 +534,7 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
     const int kgrp = (tid & 3) * 8;
 
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+    zero_acc(acc);
 
     const int steps = (g.K + kFwdK - 1) / kFwdK;
 
@@ -1254,6 +1259,17 @@ __device__ __forceinline__ WeightBlock weight_block(const MapetPatchEmbedBwd& P,
     return w;
 }
 
+// Who a thread of the mma.sync weight-gradient kernels is (256 threads, 8 warps): its lane, and
+// its warp's share of the 128 x 128 tile, 64 channels (wn) by 32 columns (wk).
+struct WeightWarp {
+    int tid, lane, wn, wk;
+};
+
+__device__ __forceinline__ WeightWarp weight_warp() {
+    const int tid = threadIdx.x;
+    return WeightWarp{tid, tid & 31, tid >> 7, (tid >> 5) & 3};
+}
+
 // One 32-row step of a weight-gradient tile on mma.sync: acc (warp (wn, wk): channels n0 + 64 wn +
 // 16 mi + ..., columns k0 + 32 wk + 8 ni + ...) += g_tile^T p_tile, both [32 patch rows][128 + 8]
 // bf16 with the contraction index as row, so ldmatrix.trans gives the fragments.
@@ -1308,11 +1324,8 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
     const Pixels<U8> px = make_pixels<U8>(P);
     const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(P.d_out);
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int wn = warp >> 2;  // 64 channels each
-    const int wk = warp & 3;   // 32 of K each
+    const WeightWarp ww = weight_warp();
+    const int tid = ww.tid, lane = ww.lane, wn = ww.wn, wk = ww.wk;  // (lambdas capture these)
     const WeightBlock wb = weight_block(P, g, kBwdC);
     const int k0 = wb.k0, n0 = wb.n0, split = wb.split, m_begin = wb.m_begin, m_end = wb.m_end;
     const int steps = wb.steps;
@@ -1324,12 +1337,7 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
     const int k_col = k0 + col8;
 
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+    zero_acc(acc);
 
     uint32_t raw[2][8];  // the pixel groups of the two rows
     int tag[2];
@@ -1418,11 +1426,8 @@ __device__ __forceinline__ void backward_weight_hwc(const MapetPatchEmbedBwd& P)
     const Pixels<true> px = make_pixels<true>(P);
     const uint8_t* pixels = static_cast<const uint8_t*>(px.data);
     const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(P.d_out);
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int wn = warp >> 2;  // 64 channels each
-    const int wk = warp & 3;   // 32 of K each
+    const WeightWarp ww = weight_warp();
+    const int tid = ww.tid, lane = ww.lane, wn = ww.wn, wk = ww.wk;  // (lambdas capture these)
     const WeightBlock wb = weight_block(P, g, kBwdC);
     const int steps = wb.steps;
 
@@ -1436,12 +1441,7 @@ __device__ __forceinline__ void backward_weight_hwc(const MapetPatchEmbedBwd& P)
     const Norm3 col_norm = px.norm3(col.c);
 
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+    zero_acc(acc);
 
     // The table entries (d_out row, pixel base; {-1, -1} past the split) of the two rows of the
     // next step to be copied.
