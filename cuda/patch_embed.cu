@@ -1872,19 +1872,18 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 }
 
 // weight_hwc[d][k'] = weight[d][k] for k' = 3*(ky*p + kx) + c and k = c*p*p + ky*p + kx: the bf16
-// weight [D, 3, p, p] as [D, p, p, 3]. Grid-stride over D*K, writes coalesced.
+// weight [D, 3, p, p] as [D, p, p, 3]. Grid (ceil(K / blockDim.x), D): element (d, k') a thread,
+// d from the grid, so that no index is divided (a 64-bit division by K per element was most of
+// the kernel, as in the weight gradient's reduction); writes coalesced.
 extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd p) {
     const int pp = p.patch * p.patch;
     const int K = 3 * pp;
-    const int64_t total = static_cast<int64_t>(p.dim) * K;
+    const int kc = blockIdx.x * blockDim.x + threadIdx.x;
+    if (kc >= K) return;
+    const int64_t row = static_cast<int64_t>(blockIdx.y) * K;
     const unsigned short* src = static_cast<const unsigned short*>(p.weight);
     unsigned short* dst = static_cast<unsigned short*>(p.weight_hwc);
-    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        const int64_t d = i / K;
-        const int kc = static_cast<int>(i - d * K);
-        dst[i] = src[d * K + (kc % 3) * pp + kc / 3];
-    }
+    dst[row + kc] = src[row + (kc % 3) * pp + kc / 3];
 }
 
 // Row 0 (CLS) and the 2P mask-token rows. Grid (N, B), any block size; each thread writes 8

@@ -739,10 +739,10 @@ fn cuda_forward(
         n_context: shape.n_context as i32,
     };
     if hwc_order {
-        let blocks = blocks_for("patch embedding weight", shape.weight_len() as u64, 256)?.min(1024);
+        let grid = (blocks_for("patch embedding weight", shape.patch_len() as u64, 256)?, shape.dim as u32, 1);
         // SAFETY: reads weight (D·K bf16, checked above) and writes weight_hwc (D·K, allocated
-        // above), grid-stride over D·K.
-        unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg((blocks, 1, 1), 256), &params)? };
+        // above), a thread per element (d, k') with k' < K; D <= 65535 (validate_cuda).
+        unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
     if kernel == FWD_WS_KERNEL {
