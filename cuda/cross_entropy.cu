@@ -308,7 +308,7 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
 // The row a kernel's v-th visit goes to: v itself, or with p.reverse_rows the rows from the last
 // back, so that the rows the logits GEMM wrote last, the likeliest to be still in L2, are read
 // first (what each row gets is the same either way; the column sums add the rows of a block in
-// the order it visits them).
+// the order it visits them). An experiment, off by default; unverified on GPU.
 __device__ __forceinline__ int64_t visited_row(const MapetCrossEntropy& p, int64_t v) {
     return p.reverse_rows ? p.rows - 1 - v : v;
 }

@@ -727,7 +727,6 @@ __device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(v) : "memory");
 }
 
-
 // Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to the tensor
 // cores' reads (the async proxy); a barrier after it publishes them to the other threads' wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -1408,7 +1407,10 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 // bf16 tile one step ahead, each thread converting the very bytes it copied (its own
 // cp.async.wait_group makes them visible to it), so only the block barrier ending each step
 // orders anything between threads. The table entries are read one step before their copies.
-// Same tile, warps, MMAs and epilogue as the CHW kernel (weight_step, store_weight_tile).
+// Same tile, warps, MMAs and epilogue as the CHW kernel (weight_step, store_weight_tile). The
+// two-stage kernel ran on an H200 (sixth run); this ring compiles and its order is checked on the
+// CPU (src/ops/patch_embed.rs, hwc_weight_copy_ring_orders_every_read_after_its_write), but it is
+// unverified on GPU.
 constexpr int kBwdStages = 4;
 struct BwdHwcSmem {
     __nv_bfloat16 g[kBwdStages][kBwdC][kBwdLd];  // d_out rows: [patch row][channel]
@@ -1932,9 +1934,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_
     backward_weight<false>(p);
 }
 
-// As mapet_patch_embed_bwd_weight_u8 in HWC contraction order (p % 8 == 0); the partials are in
-// k' order, summed and put back in the weight's [D, 3, p, p] order by
-// mapet_patch_embed_bwd_weight_reduce_hwc.
+// The dweight partials in HWC contraction order (p % 8 == 0; backward_weight_hwc): the same grid
+// and block as mapet_patch_embed_bwd_weight_u8, with sizeof(BwdHwcSmem) bytes of dynamic shared
+// memory for its copy ring. The partials are in k' order, summed and put back in the weight's
+// [D, 3, p, p] order by mapet_patch_embed_bwd_weight_reduce_hwc.
 extern "C" __global__ void __launch_bounds__(kThreads, 2)
     mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
     backward_weight_hwc(p);
@@ -2031,7 +2034,7 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // (one load a thread, all in flight at once), so that each group of four samples waits on one
 // round trip to memory, its rows, and not on two (the rank, then the rows it names), as when
 // every thread loaded its own ranks: at ViT-B, 8 groups a thread, and the kernel ran at about
-// half the card's bandwidth (BENCHMARKS.md).
+// half the card's bandwidth (BENCHMARKS.md). The staged ranks are unverified on GPU.
 extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocksPerSm) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
     __shared__ float s_part[kTokSlices][2][kTokGroups][8];
     __shared__ int s_rank[kTokRankChunk];

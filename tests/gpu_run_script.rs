@@ -543,5 +543,5 @@ echo "==PROF== Disconnected""#,
         fs::read_dir(dir).map(|d| d.flatten().filter(|e| e.path().to_string_lossy().ends_with(".ncu-rep")).count())
     };
     assert_eq!(reports(&results).unwrap(), 0, "a report in the results");
-    assert_eq!(reports(&scratch.0.join("tmp/mapet-bundle")).unwrap_or(0), 0, "a report left behind");
+    assert_eq!(reports(&scratch.0.join("tmp/mapet-bundle")).unwrap(), 0, "a report left behind");
 }
