@@ -437,15 +437,16 @@ constexpr float kLazyRescale = 8.f;
 // One online-softmax step without the accumulator: the tile's row max, the lazy decision, p in
 // place of s, l updated; where the max moves, on_grow(i, corr) is called for row i (0: g, 1: g+8)
 // just before l is rescaled, for the caller to rescale (or note) the accumulator's row.
-template <typename OnGrow>
-__device__ __forceinline__ void softmax_tile(float (&s)[2][4][4], float (&mx)[2], float (&l)[2], float sl2,
+// H: the 32-key halves of s (2 for a 64-key tile; 1 for the forward's single 32-key chunks).
+template <int H, typename OnGrow>
+__device__ __forceinline__ void softmax_tile(float (&s)[H][4][4], float (&mx)[2], float (&l)[2], float sl2,
                                              OnGrow on_grow) {
     float tmax[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         tmax[i] = -INFINITY;
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < H; ++h)
 #pragma unroll
             for (int j = 0; j < 4; ++j) tmax[i] = fmaxf(tmax[i], fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]));
         tmax[i] = quad_max(tmax[i]);
@@ -463,7 +464,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[2][4][4], float (&mx)[2]
         const float base = mx[i] == -INFINITY ? 0.f : mx[i] * sl2;
         float rs = 0.f;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < H; ++h) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 s[h][j][2 * i] = fast_exp2(fmaf(s[h][j][2 * i], sl2, -base));
@@ -1727,6 +1728,16 @@ __device__ __forceinline__ void wg_pack_p(uint32_t (&pa)[2][2][4], const float (
     pack_chunk(pa[1], s[1]);
 }
 
+// acc += A B over a 32-deep chunk: A = a[c] (register fragments of the chunk's 16-deep step c), B
+// the chunk's 32 rows (descriptor rows, 128 bytes a row) read N-major. No fence or commit: the
+// caller's.
+__device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint32_t (&a)[2][4], uint64_t rows) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wgmma_m64n64k16_rs_nmajor(flat32(acc), a[c], sw128_desc_plus(rows, 16 * 128 * c));
+}
+
+__device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return reinterpret_cast<uint32_t (&)[8]>(x); }
+
 
 #endif
 }  // namespace
@@ -1831,6 +1842,233 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 #endif
 }
 
+// ========================================================================================= wgmma forward, S ahead (sm_90a)
+// mapet_attention_fwd_wgmma_ahead: mapet_attention_fwd_wgmma with the tensor cores' queue kept
+// full, an experiment beside it (the `wgmma-ahead` set, src/ops/attention.rs). Compiles; unverified
+// on GPU.
+//
+// Why. In wg_pipeline a warpgroup issues S of item n+1 and waits for it at once, so only P V of
+// item n runs under the softmax of n+1, and every item begins with the whole latency of S (eight
+// m64n32k16 products read from shared memory) on the warpgroup's critical path. In the sixth run
+// the forward took about 1,200 SM clocks per pair of chunks, four to five times each of its
+// tensor, exponential and issue bounds (BENCHMARKS.md): what a kernel that waits on latency shows,
+// with the other three warpgroups of the SM not covering the waits.
+// Here S runs one item further ahead (the order FlashAttention-3 uses inside a warpgroup): while
+// the warps compute the softmax of item i, the tensor cores hold P V of item i-1 and S of item
+// i+1, and each of the two waits of an item is for a group issued a whole softmax earlier.
+//
+// What it costs. Two S accumulators live at once. With mapet_attention_fwd_wgmma's items (pairs
+// of chunks, 32 floats of S) that is over the 128 registers two CTAs of 256 threads leave a
+// thread, so an item here is one 32-key chunk: S 16 floats, P's A fragments 8 registers. The row
+// max, its quad shuffles and the lazy-rescale vote then run per 32 keys rather than per 64; in
+// exchange, a tile's odd chunk is no longer paired with an absent one (1.29x the visible pairs at
+// ViT-B instead of 1.36x).
+//
+// Per item i (chunk c_i; S_i in sa or sb by parity, so the loop body is written twice):
+//   wait for S_i (wait_group 1: P V of item i-1 may still run);
+//   issue S_{i+1} into the other accumulator (its last S was packed into P's fragments), unless
+//     this is the last item;
+//   the softmax of S_i (masks, online softmax, p in place), then end_basic_block;
+//   wait for P V of item i-1 (wait_group 1: S_{i+1} may still run; 0 at the last item, which
+//     then starts the next row tile's Q, as wg_pipeline's on_last does);
+//   rescale O, pack P_i, issue O += P_i V_i.
+// A tile has at least two items: one with a single live chunk gets an absent second (its
+// products read chunk 0's rows, its scores are all masked, so p = 0), as the pairs do.
+// Same launch, shared memory, row order, masks and outputs as mapet_attention_fwd_wgmma; the sums
+// run in the same chunk order, but the lazy-rescale decisions are taken per chunk, so the results
+// may differ from its in the last bits.
+
+namespace {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+constexpr int kNoItem = -2;  // past a tile's last item (-1: the absent second item of a one-chunk tile)
+
+// S = Q K^T for one 32-key chunk (keys 32 c + [0, 32); chunk 0's rows for an absent one): four
+// m64n32k16 products over the head columns, Q from the warpgroup's swizzled tile. One wgmma group.
+__device__ __forceinline__ void wg_issue_chunk_scores(float (&s)[4][4], uint64_t qd, uint64_t kd, int c) {
+    pin_regs(flat16(s));
+    wgmma_fence_acc();
+    const uint64_t rows = sw128_desc_plus(kd, static_cast<uint32_t>(max(c, 0) * kChunk) * 128);
+    wgmma_m64n32k16_ss<0>(flat16(s), qd, rows);
+#pragma unroll
+    for (int k = 1; k < 4; ++k)
+        wgmma_m64n32k16_ss<1>(flat16(s), sw128_desc_plus(qd, 32 * k), sw128_desc_plus(rows, 32 * k));
+    wgmma_commit_groups();
+}
+
+// O += P V for one chunk: pa = P's A fragments of its two 16-key steps. One wgmma group.
+__device__ __forceinline__ void wg_issue_chunk_pv(float (&acc)[8][4], const uint32_t (&pa)[2][4], uint64_t vd, int c) {
+    pin_regs(flat32(acc));
+    wgmma_fence_acc();
+    wg_chunk_product(acc, pa, sw128_desc_plus(vd, static_cast<uint32_t>(max(c, 0) * kChunk) * 128));
+    wgmma_commit_groups();
+}
+
+// The softmax of one finished chunk c (-1: absent, every score masked): the chunk's mask where it
+// is PARTIAL, one softmax_tile step; p left in s, the accumulator's rescale returned.
+__device__ __forceinline__ Rescale wg_softmax_chunk(float (&s)[4][4], uint32_t partial, int c, int a_lo, int a_hi,
+                                                    int t, const Geometry& G, float sl2, float (&mx)[2],
+                                                    float (&l)[2]) {
+    const bool absent = c < 0;
+    const int k0 = c * kChunk, kb0 = k0 + 2 * t;
+    const int kind = absent || ((partial >> c) & 1u) ? kPartial : kFull;
+    mask_scores(s, kind, !absent && k0 + kChunk > G.lk, 0, absent ? 0 : a_lo - kb0, absent ? 0 : a_hi - kb0,
+                G.lk - kb0, absent ? kChunk : G.p);
+    Rescale r{false, {1.f, 1.f}};
+    softmax_tile(reinterpret_cast<float(&)[1][4][4]>(s), mx, l, sl2, [&r](int i, float corr) {
+        r.grow = true;
+        r.corr[i] = corr;
+    });
+    return r;
+}
+
+#endif
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2)
+    mapet_attention_fwd_wgmma_ahead(const MapetAttention prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ unsigned char wg_smem_raw[];
+    const Geometry G = geometry_of(prm);
+    const auto [tid, wg, warp, g, t, head, b] = wg_thread();
+    const float sl2 = prm.scale * kLog2e;
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    const uint32_t k_smem = sw128_align(smem_addr(wg_smem_raw));
+    const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
+    const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's Q tile
+    const int nkc = (G.lk + kChunk - 1) / kChunk;
+    const uint64_t qd = sw128_desc(q_smem), kd = sw128_desc(k_smem), vd = sw128_desc(v_smem);
+
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    const int tile_step = gridDim.x * 2 * 64;
+    const int p_first = (blockIdx.x * 2 + wg) * 64;
+    if (p_first < G.lq) wg_start_q(q_smem, qg, prm.q_row_stride, p_first, tid & 127, G);
+    wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
+
+#pragma unroll 1
+    for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
+        const int amin = first_hidden(row_at(p0, G), G);
+        const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
+        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
+        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
+        const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
+        wg_finish_q(wg);
+
+        float acc[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        float mx[2] = {-INFINITY, -INFINITY};
+        float l[2] = {0.f, 0.f};
+        float sa[4][4], sb[4][4];
+        uint32_t pa[2][4];
+
+        const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
+        uint32_t rest = chunks.live;
+        // The item after the current one: the next live chunk, or kNoItem. Taking the tile's last
+        // chunk sends the next tile's Q rows to L2, an item before on_last copies them.
+        auto take_item = [&]() {
+            if (rest == 0) return kNoItem;
+            const int c = take_chunk(rest);
+            if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
+            return c;
+        };
+        const int c_first = take_chunk(rest);  // every row sees N >= 1 keys
+        int c_cur = rest != 0 ? take_item() : -1;  // item 1 (-1: absent)
+        int c_nxt = take_item();                   // item 2
+
+        // Item 0: S_0 and S_1 issued, S_0's softmax, O += P_0 V (O is 0: nothing to rescale).
+        wg_issue_chunk_scores(sa, qd, kd, c_first);
+        wg_issue_chunk_scores(sb, qd, kd, c_cur);
+        wgmma_wait_groups<1>();
+        pin_regs(flat16(sa));
+        wg_softmax_chunk(sa, chunks.partial, c_first, a_lo, a_hi, t, G, sl2, mx, l);
+        pin_regs(flat8(pa));
+        pack_chunk(pa, sa);
+        pin_regs(flat8(pa));
+        wg_issue_chunk_pv(acc, pa, vd, c_first);
+
+        // Item i >= 1, its S in cur, the other accumulator oth. `more`: S_{i+1} is issued into oth;
+        // else this is the last item. The two cases are separate calls with a constant flag, so that
+        // no wgmma is issued under a branch inside an item (ptxas would serialise every wgmma of the
+        // kernel, C7520).
+        const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
+        // `never`: end_basic_block's; the second item of an iteration passes another value than
+        // the first, whose check ptxas would otherwise take as already passed and drop.
+        auto item = [&](float (&cur)[4][4], float (&oth)[4][4], auto more, uint32_t never) {
+            wgmma_wait_groups<1>();  // S_i (P V of item i-1 may still run)
+            pin_regs(flat16(cur));
+            if constexpr (decltype(more)::value) wg_issue_chunk_scores(oth, qd, kd, c_nxt);
+            const Rescale r = wg_softmax_chunk(cur, chunks.partial, c_cur, a_lo, a_hi, lt, G, sl2, mx, l);
+            // p and the row sums formed here, and the block ended, so that the wait below stays
+            // below the softmax (without the pins the compiler sank the exponentials to their use
+            // in pack_chunk, past the wait, in one of the two copies of this body).
+            pin_regs(flat16(cur));
+            pin_regs(l);
+            end_basic_block(never);
+            // P V of item i-1 (S_{i+1} may still run; at the last item nothing else is in flight).
+            if constexpr (decltype(more)::value) {
+                wgmma_wait_groups<1>();
+            } else {
+                wgmma_wait_groups<0>();
+                if (p0 + tile_step < G.lq) {
+                    // Every S of the tile is done: the Q tile is free for the next tile's rows,
+                    // which then land under the last P V and the stores below.
+                    named_barrier(1 + lwg, 128);
+                    wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
+                }
+            }
+            pin_regs(flat32(acc));
+            pin_regs(flat8(pa));
+            rescale_acc(acc, r);
+            pack_chunk(pa, cur);
+            pin_regs(flat8(pa));
+            wg_issue_chunk_pv(acc, pa, vd, c_cur);
+            c_cur = c_nxt;
+            if constexpr (decltype(more)::value) c_nxt = take_item();
+        };
+        using More = std::true_type;
+        using Last = std::false_type;
+        // The last item runs from sb only (one copy of its code: two left the kernel spilling); when
+        // its S landed in sa, it is moved there first, once a tile. That copy waits for every
+        // group, P V of the item before included: with wait_group 1 there, ptxas took the copy for
+        // a write into a running wgmma's registers and serialised every wgmma of the kernel (C7515).
+        for (;;) {
+            if (c_nxt == kNoItem) break;
+            item(sb, sa, More{}, 0u);
+            if (c_nxt == kNoItem) {
+                wgmma_wait_groups<0>();
+                pin_regs(flat16(sa));
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) sb[j][e] = sa[j][e];
+                break;
+            }
+            item(sa, sb, More{}, 1u << 30);
+        }
+        item(sb, sa, Last{}, 2u << 30);
+        wgmma_wait_groups<0>();
+        pin_regs(flat32(acc));
+
+        float inv[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            l[i] = quad_sum(l[i]);
+            inv[i] = 1.f / l[i];
+        }
+        bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+        store_frag_rows(acc, inv[0], inv[1], og, prm.o_row_stride, r_lo, r_hi, G.lq, t);
+        if (t == 0) {
+            float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+            if (r_lo < G.lq) lse[r_lo] = mx[0] * prm.scale + logf(l[0]);
+            if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
 // ================================================================================================ wgmma backward (sm_90a)
 // The default backward on compute capability 9.0. As it stood at the sixth run, its tests passed
 // on an H200; the changes since (BENCHMARKS.md: the pipeline, chunk masks and tables, the dQ tile
@@ -1904,15 +2142,6 @@ __device__ __forceinline__ void wg_issue_s_dp(float (&s)[4][4], float (&dp)[4][4
     wgmma_commit_groups();
 }
 
-// acc += A B over a 32-deep chunk: A = a[c] (register fragments of the chunk's 16-deep step c), B
-// the chunk's 32 rows (descriptor rows, 128 bytes a row) read N-major. No fence or commit: the
-// caller's.
-__device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint32_t (&a)[2][4], uint64_t rows) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) wgmma_m64n64k16_rs_nmajor(flat32(acc), a[c], sw128_desc_plus(rows, 16 * 128 * c));
-}
-
-__device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return reinterpret_cast<uint32_t (&)[8]>(x); }
 __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[4][4]))[16] { return reinterpret_cast<uint32_t (&)[16]>(x); }
 
 

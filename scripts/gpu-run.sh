@@ -96,6 +96,7 @@ row() {
 # variants MAPET_WINNERS may choose from.
 declare -A test_rc=()
 attention_without_wgmma_rc=""
+attention_without_ahead_rc=""
 tests="${MAPET_TESTS:-$(cat "$here/gpu-tests.txt" 2>/dev/null || ls "$here/tests")}"
 [ "$tests" = "all" ] && tests="$(ls "$here/tests")"
 [ "$tests" = "none" ] && tests=""
@@ -119,19 +120,32 @@ for t in $tests; do
     done < <(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' |
       head -n "${MAPET_RETRY_FAILED:-12}")
     # The attention tests check every kernel set in turn; whether the others pass without the
-    # experimental one.
+    # experimental ones: first without wgmma-ahead alone, then without both wgmma sets.
     if [ "$t" = attention_gpu ]; then
-      one="$res/test-$t-without-wgmma.log"
-      MAPET_TEST_ATTENTION_SETS=tiled,resident timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" \
+      one="$res/test-$t-without-wgmma-ahead.log"
+      MAPET_TEST_ATTENTION_SETS=tiled,resident,wgmma timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" \
         --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
-      attention_without_wgmma_rc=$?
-      if [ $attention_without_wgmma_rc -eq 0 ]; then row "  $t tiled,resident only" ok "pass"; else row "  $t tiled,resident only" FAIL "$one"; fi
-      # A wgmma kernel that hung (the test's HUNG line) would end the attention bench at its
-      # first launch, so the bench leaves that set out.
-      if grep -q '^HUNG .*wgmma' "$log"; then
-        export MAPET_BENCH_ATTENTION_SETS=tiled,resident
-        row "  $t wgmma hung" skip "attention bench without wgmma: $(grep -m1 '^HUNG' "$log" | cut -c1-120)"
+      attention_without_ahead_rc=$?
+      if [ $attention_without_ahead_rc -eq 0 ]; then row "  $t tiled,resident,wgmma only" ok "pass"; else row "  $t tiled,resident,wgmma only" FAIL "$one"; fi
+      if [ $attention_without_ahead_rc -ne 0 ]; then
+        one="$res/test-$t-without-wgmma.log"
+        MAPET_TEST_ATTENTION_SETS=tiled,resident timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" \
+          --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
+        attention_without_wgmma_rc=$?
+        if [ $attention_without_wgmma_rc -eq 0 ]; then row "  $t tiled,resident only" ok "pass"; else row "  $t tiled,resident only" FAIL "$one"; fi
       fi
+      # A wgmma kernel that hung (the test's HUNG line, which names the launch's set and ends the
+      # process) would end the attention bench at its first launch, so the bench leaves that set
+      # out: wgmma-ahead alone when the line names it, else both wgmma sets.
+      hung="$(grep -m1 '^HUNG' "$log" | cut -c1-120)"
+      case "$hung" in
+        *wgmma-ahead*)
+          export MAPET_BENCH_ATTENTION_SETS=tiled,resident,wgmma
+          row "  $t wgmma-ahead hung" skip "attention bench without wgmma-ahead: $hung" ;;
+        *wgmma*)
+          export MAPET_BENCH_ATTENTION_SETS=tiled,resident
+          row "  $t wgmma hung" skip "attention bench without wgmma: $hung" ;;
+      esac
     fi
   fi
 done
@@ -143,7 +157,8 @@ done
 # cover the variants too); its sub-chunk passes need its tests, its chosen or self-tuned GEMMs
 # the GEMM tests too.
 export OK_ATTENTION="resident wgmma" OK_PATCH="hwc hwc-ws" OK_CE="default"
-if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgmma"
+if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgmma wgmma-ahead"
+elif [ "$attention_without_ahead_rc" = 0 ]; then OK_ATTENTION="tiled resident wgmma"
 elif [ "$attention_without_wgmma_rc" = 0 ]; then OK_ATTENTION="tiled resident"
 elif [ -n "${test_rc[attention_gpu]:-}" ]; then OK_ATTENTION=""; fi
 if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-wgmma hwc-ws"
@@ -248,6 +263,7 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
   specs="${MAPET_NCU_KERNELS:-attn-fwd-wgmma:attention:mapet_attention_fwd_wgmma:attention/vit-b/wgmma \
     attn-dq-wgmma:attention:mapet_attention_bwd_dq_wgmma:attention/vit-b/wgmma \
     attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
+    attn-fwd-wgmma-ahead:attention:mapet_attention_fwd_wgmma_ahead:attention/vit-b/wgmma-ahead \
     patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
     patch-tokens:patch_embed:mapet_patch_embed_bwd_tokens:patch_embed_gpu \

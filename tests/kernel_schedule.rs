@@ -54,6 +54,85 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
     }
 }
 
+/// `mapet_attention_fwd_wgmma_ahead` orders its waits differently (cuda/attention.cu): an item
+/// waits for its S, issues the next item's S, runs its softmax, and only then waits for the
+/// previous item's P V. So its exponentials follow an S issue, not a wait: this counts them per
+/// stretch from a run of S issues (`HGMMA.64x32x16`) to the next wgmma wait. The two copies of
+/// the loop's item (one per S accumulator) must each have the softmax's 16 exponentials a thread
+/// there; the prologue's item and the tile's last one wait for S right after its issue.
+#[test]
+fn wgmma_ahead_forward_runs_its_softmax_under_the_next_s() {
+    const KERNEL: &str = "mapet_attention_fwd_wgmma_ahead";
+    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
+        eprintln!("SKIP wgmma_ahead_forward_runs_its_softmax_under_the_next_s: {reason}");
+        return;
+    }
+    let Some(cuobjdump) = find_cuobjdump() else {
+        let msg = "no cuobjdump found (MAPET_CUOBJDUMP, next to $NVCC, .cuda-toolchain/cuda/bin or PATH); \
+                   scripts/install-cuda-toolchain.sh installs it";
+        assert!(std::env::var("MAPET_REQUIRE_KERNELS").as_deref() != Ok("1"), "MAPET_REQUIRE_KERNELS=1: {msg}");
+        eprintln!("SKIP wgmma_ahead_forward_runs_its_softmax_under_the_next_s: {msg}");
+        return;
+    };
+    let sass = disassemble("attention", &cuobjdump);
+    let body = function(arch_section(&sass, "sm_90a"), KERNEL)
+        .unwrap_or_else(|| panic!("{KERNEL} is not in the sm_90a SASS of attention"));
+    let counts = exponentials_after_s_issues(body);
+    eprintln!("{KERNEL}: exponentials between an S issue and the next wgmma wait: {counts:?}");
+    let overlapped = counts.iter().filter(|&&n| n >= 16).count();
+    assert!(
+        overlapped >= 2,
+        "{KERNEL}: {overlapped} of the loop's two item copies run the softmax's 16 exponentials between the \
+         next S's issue and the wait for P V ({counts:?}); ptxas has moved the wait above the softmax \
+         (cuda/hopper.cuh, end_basic_block)"
+    );
+}
+
+/// For each run of `HGMMA.64x32x16` (an S issue) of `sass` that is followed by a wgmma wait before
+/// any other wgmma issue or fence, the number of `MUFU.EX2` between the run and that wait.
+fn exponentials_after_s_issues(sass: &str) -> Vec<usize> {
+    let ops: Vec<&str> = sass.lines().filter_map(instruction).collect();
+    let mut counts = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let ends_s_run = op.starts_with("HGMMA.64x32x16") && !ops.get(i + 1).is_some_and(|n| n.starts_with("HGMMA"));
+        if !ends_s_run {
+            continue;
+        }
+        let rest = &ops[i + 1..];
+        let Some(stop) = rest.iter().position(|op| op.starts_with("WARPGROUP.") || op.starts_with("HGMMA")) else {
+            continue;
+        };
+        if rest[stop].starts_with("WARPGROUP.DEPBAR") {
+            counts.push(rest[..stop].iter().filter(|op| op.starts_with("MUFU.EX2")).count());
+        }
+    }
+    counts
+}
+
+#[test]
+fn s_issue_count_sees_where_the_second_wait_went() {
+    let overlapped = "\
+        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n\
+        /*0110*/                   WARPGROUP.ARRIVE ;\n\
+        /*0120*/                   HGMMA.64x32x16.F32.BF16 R56, gdesc[UR4], RZ, !UPT ;\n\
+        /*0130*/                   HGMMA.64x32x16.F32.BF16 R56, gdesc[UR8], R56, gsb0 ;\n\
+        /*0140*/                   MUFU.EX2 R72, R72 ;\n\
+        /*0150*/              @!P0 BRA 0x200 ;\n\
+        /*0160*/                   MUFU.EX2 R73, R73 ;\n\
+        /*0170*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n\
+        /*0180*/                   HGMMA.64x64x16.F32.BF16 R24, R88, gdesc[UR12].tnspB, R24 ;\n";
+    assert_eq!(exponentials_after_s_issues(overlapped), vec![2]);
+    let hoisted = "\
+        /*0100*/                   HGMMA.64x32x16.F32.BF16 R56, gdesc[UR8], R56, gsb0 ;\n\
+        /*0110*/                   FMNMX R9, R72, R73, !PT ;\n\
+        /*0120*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n\
+        /*0130*/                   MUFU.EX2 R72, R72 ;\n\
+        /*0140*/                   HGMMA.64x32x16.F32.BF16 R72, gdesc[UR8], R72, gsb0 ;\n\
+        /*0150*/                   WARPGROUP.ARRIVE ;\n\
+        /*0160*/                   MUFU.EX2 R73, R73 ;\n";
+    assert_eq!(exponentials_after_s_issues(hoisted), vec![0]);
+}
+
 /// The counter on hand-written SASS in both orders, so that it is checked wherever the
 /// disassembler is missing too.
 #[test]
