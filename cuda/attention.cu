@@ -2274,6 +2274,35 @@ __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)
     }
 }
 
+// dkdv_chunk_grads in two steps, for mapet_attention_bwd_dkdv_wgmma_ahead, which runs the first
+// while dP^T is still on the tensor cores: st <- P^T (dkdv_chunk_p), then dpt <- dS^T =
+// P^T (dP^T - delta) (dkdv_chunk_ds). The same operations on the same values: the same bits.
+__device__ __forceinline__ void dkdv_chunk_p(float (&st)[4][4], int p0, bool partial, int key_lo, int key_hi,
+                                             const float* s_lse2, const int* s_a, int t, const Geometry& G,
+                                             float sl2) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int pos = p0 + 8 * j + 2 * t;
+        const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + pos);
+        const int2 a = *reinterpret_cast<const int2*>(s_a + pos);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const bool hid = partial && in_window(e < 2 ? key_lo : key_hi, (e & 1) ? a.y : a.x, G.p);
+            st[j][e] = hid ? 0.f : fast_exp2(fmaf(st[j][e], sl2, -((e & 1) ? lse2.y : lse2.x)));
+        }
+    }
+}
+
+__device__ __forceinline__ void dkdv_chunk_ds(float (&dpt)[4][4], const float (&pt)[4][4], int p0, const float* s_delta,
+                                              int t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 delta = *reinterpret_cast<const float2*>(s_delta + p0 + 8 * j + 2 * t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - ((e & 1) ? delta.y : delta.x));
+    }
+}
+
 #endif
 }  // namespace
 
@@ -2409,9 +2438,12 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
-    mapet_attention_bwd_dkdv_wgmma(const MapetAttention prm) {
+namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The wgmma dK/dV kernels: kAhead = false, mapet_attention_bwd_dkdv_wgmma (wg_pipeline);
+// kAhead = true, mapet_attention_bwd_dkdv_wgmma_ahead (dkdv_ahead_items, below).
+template <bool kAhead>
+__device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
     const auto [tid, wg, warp, g, t, head, b] = wg_thread();
@@ -2524,46 +2556,125 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         uint32_t rest = chunks.live;
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         if (rest != 0) {
-            wg_pipeline(
-                take_chunk(rest),
-                [&](int, int& pn) {
-                    if (rest == 0) return false;
-                    pn = take_chunk(rest);
-                    // The tile's last chunk: the warpgroup's next K and V rows, on their way to
-                    // L2 a chunk before on_last copies them.
+            if constexpr (!kAhead) {
+                wg_pipeline(
+                    take_chunk(rest),
+                    [&](int, int& pn) {
+                        if (rest == 0) return false;
+                        pn = take_chunk(rest);
+                        // The tile's last chunk: the warpgroup's next K and V rows, on their way to
+                        // L2 a chunk before on_last copies them.
+                        if (rest == 0 && pf_key >= 0) {
+                            prefetch_l2(static_cast<const bf16*>(prm.k) + lb * prm.k_batch_stride + lhead * kD +
+                                        static_cast<int64_t>(pf_key) * prm.k_row_stride);
+                            prefetch_l2(static_cast<const bf16*>(prm.v) + lb * prm.v_batch_stride + lhead * kD +
+                                        static_cast<int64_t>(pf_key) * prm.v_row_stride);
+                        }
+                        return true;
+                    },
+                    [&](int pc) {
+                        need_chunk(pc);
+                        const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+                        wg_issue_pair(st, dpt, kd, sw128_desc_plus(qd, rows), vd, sw128_desc_plus(dod, rows));
+                    },
+                    [&] {
+                        pin_regs(flat16(st));
+                        pin_regs(flat16(dpt));
+                    },
+                    [&](int pc) {
+                        dkdv_chunk_grads(st, dpt, pc * kChunk, (chunks.partial >> pc) & 1u, key_lo, key_hi, s_lse2,
+                                         s_delta, s_a, lt, G, sl2);
+                        return 0;
+                    },
+                    [&] {
+                        pin_regs(flat32(dv));
+                        pin_regs(flat32(dk));
+                        pin_regs(flat8(pa));
+                        pin_regs(flat8(da));
+                    },
+                    [&](int) {
+                        pack_chunk(pa, st);
+                        pack_chunk(da, dpt);
+                    },
+                    [&](int pc) {
+                        pin_regs(flat32(dv));
+                        pin_regs(flat32(dk));
+                        wgmma_fence_acc();
+                        const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+                        wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
+                        wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
+                        wgmma_commit_groups();
+                    },
+                    start_next);
+            } else {
+                // wg_pipeline's order with G1 split in two groups, S^T then dP^T, each waited for
+                // on its own (mapet_attention_bwd_dkdv_wgmma_ahead's comment).
+                auto issue_st = [&](int pc) {
+                    need_chunk(pc);
+                    pin_regs(flat16(st));
+                    wgmma_fence_acc();
+                    const uint64_t q_rows = sw128_desc_plus(qd, static_cast<uint32_t>(pc * kChunk) * 128);
+                    wgmma_m64n32k16_ss<0>(flat16(st), kd, q_rows);
+#pragma unroll
+                    for (int c = 1; c < 4; ++c) {
+                        const uint64_t a = sw128_desc_plus(kd, 32 * c), b = sw128_desc_plus(q_rows, 32 * c);
+                        wgmma_m64n32k16_ss<1>(flat16(st), a, b);
+                    }
+                    wgmma_commit_groups();
+                };
+                auto issue_dpt = [&](int pc) {
+                    pin_regs(flat16(dpt));
+                    wgmma_fence_acc();
+                    const uint64_t do_rows = sw128_desc_plus(dod, static_cast<uint32_t>(pc * kChunk) * 128);
+                    wgmma_m64n32k16_ss<0>(flat16(dpt), vd, do_rows);
+#pragma unroll
+                    for (int c = 1; c < 4; ++c) {
+                        const uint64_t a = sw128_desc_plus(vd, 32 * c), b = sw128_desc_plus(do_rows, 32 * c);
+                        wgmma_m64n32k16_ss<1>(flat16(dpt), a, b);
+                    }
+                    wgmma_commit_groups();
+                };
+                // The elementwise work of chunk pc in two steps, each after its own wait.
+                auto p_step = [&](int pc) {
+                    pin_regs(flat16(st));
+                    dkdv_chunk_p(st, pc * kChunk, (chunks.partial >> pc) & 1u, key_lo, key_hi, s_lse2, s_a, lt, G,
+                                 sl2);
+                    pin_regs(flat16(st));
+                };
+                auto ds_step = [&](int pc) {
+                    pin_regs(flat16(dpt));
+                    dkdv_chunk_ds(dpt, st, pc * kChunk, s_delta, lt);
+                    pin_regs(flat16(dpt));
+                };
+                int pc = take_chunk(rest);
+                issue_st(pc);
+                issue_dpt(pc);
+                wgmma_wait_groups<1>();  // S^T
+                p_step(pc);
+                end_basic_block(3u << 30);
+                wgmma_wait_groups<0>();  // dP^T
+                ds_step(pc);
+                for (;;) {
+                    wgmma_wait_groups<0>();  // the previous chunk's products: pa, da, dk, dv free
+                    pin_regs(flat32(dv));
+                    pin_regs(flat32(dk));
+                    pin_regs(flat8(pa));
+                    pin_regs(flat8(da));
+                    pack_chunk(pa, st);
+                    pack_chunk(da, dpt);
+                    pin_regs(flat8(pa));
+                    pin_regs(flat8(da));
+                    if (rest == 0) break;
+                    const int pn = take_chunk(rest);
+                    // The tile's last chunk: the warpgroup's next K and V rows, on their way to L2.
                     if (rest == 0 && pf_key >= 0) {
                         prefetch_l2(static_cast<const bf16*>(prm.k) + lb * prm.k_batch_stride + lhead * kD +
                                     static_cast<int64_t>(pf_key) * prm.k_row_stride);
                         prefetch_l2(static_cast<const bf16*>(prm.v) + lb * prm.v_batch_stride + lhead * kD +
                                     static_cast<int64_t>(pf_key) * prm.v_row_stride);
                     }
-                    return true;
-                },
-                [&](int pc) {
-                    need_chunk(pc);
-                    const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
-                    wg_issue_pair(st, dpt, kd, sw128_desc_plus(qd, rows), vd, sw128_desc_plus(dod, rows));
-                },
-                [&] {
-                    pin_regs(flat16(st));
-                    pin_regs(flat16(dpt));
-                },
-                [&](int pc) {
-                    dkdv_chunk_grads(st, dpt, pc * kChunk, (chunks.partial >> pc) & 1u, key_lo, key_hi, s_lse2,
-                                     s_delta, s_a, lt, G, sl2);
-                    return 0;
-                },
-                [&] {
-                    pin_regs(flat32(dv));
-                    pin_regs(flat32(dk));
-                    pin_regs(flat8(pa));
-                    pin_regs(flat8(da));
-                },
-                [&](int) {
-                    pack_chunk(pa, st);
-                    pack_chunk(da, dpt);
-                },
-                [&](int pc) {
+                    issue_st(pn);
+                    issue_dpt(pn);
                     pin_regs(flat32(dv));
                     pin_regs(flat32(dk));
                     wgmma_fence_acc();
@@ -2571,8 +2682,26 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                     wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
                     wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
                     wgmma_commit_groups();
-                },
-                start_next);
+                    wgmma_wait_groups<2>();  // S^T of pn (its dP^T and pc's products may run)
+                    p_step(pn);
+                    end_basic_block();  // so that the wait below stays below the exponentials
+                    wgmma_wait_groups<1>();  // dP^T of pn (pc's products may run)
+                    ds_step(pn);
+                    end_basic_block(1u << 30);  // so that the loop's first wait stays below dS
+                    pc = pn;
+                }
+                start_next();  // every S^T and dP^T of the tile is done: its K and V are free
+                pin_regs(flat32(dv));
+                pin_regs(flat32(dk));
+                wgmma_fence_acc();
+                const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+                wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
+                wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
+                wgmma_commit_groups();
+                wgmma_wait_groups<0>();
+                pin_regs(flat32(dv));
+                pin_regs(flat32(dk));
+            }
         }
         if (!next_started) start_next();
         bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
@@ -2581,6 +2710,32 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         store_frag_rows(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, G.lk, t);
     }
     need_chunk(npc);  // barrier 4, for a warpgroup that has not needed the second half
+}
+#endif
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_wgmma(const MapetAttention prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    dkdv_wgmma<false>(prm);
+#else
+    __trap();
+#endif
+}
+
+// mapet_attention_bwd_dkdv_wgmma_ahead: mapet_attention_bwd_dkdv_wgmma with G1 committed as two
+// groups, S^T then dP^T, an experiment (the `wgmma-ahead` set; compiles, unverified on GPU). The
+// default commits them as one group and waits for both before the elementwise step, so the
+// exponentials of P^T wait for dP^T's four products too. Here a chunk's step waits for S^T alone
+// (wait_group 2: its dP^T and the previous chunk's products may still run), computes P^T
+// (dkdv_chunk_p), then waits for dP^T (wait_group 1) and forms dS^T (dkdv_chunk_ds). The same
+// operations on the same values in the same order: dK and dV are the default's bits. The same
+// launch, shared memory and registers (140). dQ's kernel has no such variant: the same split left
+// it spilling (it is at 126 of its 128 registers).
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_wgmma_ahead(const MapetAttention prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    dkdv_wgmma<true>(prm);
 #else
     __trap();
 #endif

@@ -264,6 +264,7 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     attn-dq-wgmma:attention:mapet_attention_bwd_dq_wgmma:attention/vit-b/wgmma \
     attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
     attn-fwd-wgmma-ahead:attention:mapet_attention_fwd_wgmma_ahead:attention/vit-b/wgmma-ahead \
+    attn-dkdv-wgmma-ahead:attention:mapet_attention_bwd_dkdv_wgmma_ahead:attention/vit-b/wgmma-ahead \
     patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
     patch-tokens:patch_embed:mapet_patch_embed_bwd_tokens:patch_embed_gpu \

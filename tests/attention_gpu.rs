@@ -366,6 +366,27 @@ fn same_inputs_give_bit_identical_outputs() {
     }
 }
 
+/// The `wgmma-ahead` backward kernels split the `wgmma` ones' work into more wgmma groups and
+/// waits without changing an operation or its order: on the same O and lse (the `wgmma` forward's)
+/// they must give the same bits.
+#[test]
+fn wgmma_ahead_backward_gives_the_wgmma_bits() {
+    let test = "wgmma_ahead_backward_gives_the_wgmma_bits";
+    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    let want = [AttentionKernels::Wgmma, AttentionKernels::WgmmaAhead];
+    if !want.iter().all(|k| sets().contains(k)) {
+        eprintln!("SKIP {test}: MAPET_TEST_ATTENTION_SETS leaves out wgmma or wgmma-ahead");
+        return;
+    }
+    let mut rng = testing::rng(test);
+    for s in [shape(2, 3, 197, 50), shape(1, 2, 37, 1), shape(3, 1, 90, 89)] {
+        let c = draw(&mut rng, s);
+        let a = run_gpu_with(&gpu, AttentionKernels::Wgmma, AttentionKernels::Wgmma, &c);
+        let b = run_gpu_with(&gpu, AttentionKernels::Wgmma, AttentionKernels::WgmmaAhead, &c);
+        assert_bit_identical(&format!("wgmma and wgmma-ahead backward, {s:?}"), &a, &b);
+    }
+}
+
 fn assert_bit_identical(what: &str, a: &GpuOut, b: &GpuOut) {
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     for (name, x, y) in

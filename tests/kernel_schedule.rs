@@ -88,6 +88,41 @@ fn wgmma_ahead_forward_runs_its_softmax_under_the_next_s() {
     );
 }
 
+/// The dK/dV kernel of the `wgmma-ahead` set (`mapet_attention_bwd_dkdv_wgmma_ahead`) commits S^T
+/// and dP^T as two groups and issues them with the previous chunk's products: it waits for S^T
+/// with two groups left (`wait_group 2`), and the exponentials of P^T must follow that wait,
+/// before the one for dP^T (`wait_group 1`), so that they run under dP^T and the products.
+#[test]
+fn wgmma_ahead_backward_runs_its_exponentials_under_dp() {
+    const TEST: &str = "wgmma_ahead_backward_runs_its_exponentials_under_dp";
+    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
+        eprintln!("SKIP {TEST}: {reason}");
+        return;
+    }
+    let Some(cuobjdump) = find_cuobjdump() else {
+        let msg = "no cuobjdump found (MAPET_CUOBJDUMP, next to $NVCC, .cuda-toolchain/cuda/bin or PATH); \
+                   scripts/install-cuda-toolchain.sh installs it";
+        assert!(std::env::var("MAPET_REQUIRE_KERNELS").as_deref() != Ok("1"), "MAPET_REQUIRE_KERNELS=1: {msg}");
+        eprintln!("SKIP {TEST}: {msg}");
+        return;
+    };
+    let sass = disassemble("attention", &cuobjdump);
+    let sm90 = arch_section(&sass, "sm_90a");
+    for kernel in ["mapet_attention_bwd_dkdv_wgmma_ahead"] {
+        let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
+        let counts = exponentials_after_waits(body, 2);
+        eprintln!("{kernel}: exponentials between wait_group 2 and the next wgmma wait or issue: {counts:?}");
+        assert!(!counts.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x2` (the wait for S)");
+        for n in counts {
+            assert!(
+                n >= 16,
+                "{kernel}: only {n} of P's 16 exponentials a thread run between the waits for S and dP; ptxas has \
+                 moved the rest below the second wait (cuda/hopper.cuh, end_basic_block)"
+            );
+        }
+    }
+}
+
 /// For each run of `HGMMA.64x32x16` (an S issue) of `sass` that is followed by a wgmma wait before
 /// any other wgmma issue or fence, the number of `MUFU.EX2` between the run and that wait.
 fn exponentials_after_s_issues(sass: &str) -> Vec<usize> {
@@ -162,10 +197,17 @@ fn exponential_count_sees_where_the_second_wait_went() {
 /// For each `WARPGROUP.DEPBAR.LE gsb0, 0x1` of `sass` (one function, in address order), the
 /// number of `MUFU.EX2` that follow it before the next wgmma wait, fence or issue.
 fn exponentials_after_g1_waits(sass: &str) -> Vec<usize> {
+    exponentials_after_waits(sass, 1)
+}
+
+/// For each `WARPGROUP.DEPBAR.LE gsb0, <depth>` of `sass`, the number of `MUFU.EX2` that follow it
+/// before the next wgmma wait, fence or issue.
+fn exponentials_after_waits(sass: &str, depth: usize) -> Vec<usize> {
+    let wait = format!("WARPGROUP.DEPBAR.LE gsb0, {depth:#x}");
     let ops: Vec<&str> = sass.lines().filter_map(instruction).collect();
     let mut counts = Vec::new();
     for (i, op) in ops.iter().enumerate() {
-        if !op.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1") {
+        if !op.starts_with(&wait) {
             continue;
         }
         let n = ops[i + 1..]

@@ -600,12 +600,18 @@ pub enum AttentionKernels {
     /// `Resident`'s 0.275 and 1.076 (BENCHMARKS.md); the changes since are unverified on GPU.
     #[default]
     Wgmma,
-    /// An experiment, not a default: `Wgmma` with the forward `mapet_attention_fwd_wgmma_ahead`,
-    /// which issues each 32-key chunk's scores one chunk further ahead, so that a warpgroup's
-    /// softmax runs while the tensor cores hold both its previous chunk's P V and its next chunk's
-    /// S (cuda/attention.cu). Same launch, shared memory and outputs as `Wgmma`'s forward, to the
-    /// tolerance of DESIGN.md (its lazy rescaling decides per 32 keys rather than per 64); the
-    /// backward is `Wgmma`'s. Compiles with no spills and no serialised wgmma; unverified on GPU.
+    /// An experiment, not a default: `Wgmma`'s kernels with more of the tensor cores' latency
+    /// under the warps' elementwise work (cuda/attention.cu), same launches and shared memory:
+    /// - the forward `mapet_attention_fwd_wgmma_ahead` issues each 32-key chunk's scores one chunk
+    ///   further ahead, so that the softmax runs while the tensor cores hold both the previous
+    ///   chunk's P V and the next chunk's S. The same function to the tolerance of DESIGN.md (its
+    ///   lazy rescaling decides per 32 keys rather than per 64);
+    /// - the dK/dV kernel `mapet_attention_bwd_dkdv_wgmma_ahead` commits S^T and dP^T as two groups
+    ///   and computes P^T's exponentials while dP^T is still running. The same operations in the
+    ///   same order as `Wgmma`'s: the same bits on the same O and lse. dQ is `Wgmma`'s kernel (the
+    ///   same split left it spilling: it has no registers to spare).
+    ///
+    /// Compiles with no spills and no serialised wgmma; unverified on GPU.
     WgmmaAhead,
 }
 
@@ -923,7 +929,13 @@ pub fn cuda_backward(
     unsafe { gpu.launch("attention", kernel, cfg, &p)? };
     let wgmma = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem);
     let (kernel, cfg) = match (wgmma, kernels.resident_dkdv_launch(shape, sm_count, max_smem)) {
-        (Some(launch), _) => ("mapet_attention_bwd_dkdv_wgmma", resident_grid(launch, CUDA_WG_DKDV_THREADS, shape)),
+        (Some(launch), _) => {
+            let kernel = match kernels {
+                AttentionKernels::WgmmaAhead => "mapet_attention_bwd_dkdv_wgmma_ahead",
+                _ => "mapet_attention_bwd_dkdv_wgmma",
+            };
+            (kernel, resident_grid(launch, CUDA_WG_DKDV_THREADS, shape))
+        }
         (None, Some(launch)) => {
             ("mapet_attention_bwd_dkdv_resident", resident_grid(launch, CUDA_RES_DKDV_THREADS, shape))
         }
