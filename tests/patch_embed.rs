@@ -720,6 +720,9 @@ fn gpu_matches_cpu_on_fixed_shapes() {
     // the batch, the last partial), and 33 groups of 8 channels (two blocks of 32 groups, the
     // second partial).
     check_against_cpu(&gpu, &mut rng, shape(40, 32, 8, 264, 5));
+    // More samples than the token sums stage ranks for at once (512): a second, partial chunk,
+    // restaged after a barrier.
+    check_against_cpu(&gpu, &mut rng, shape(1030, 32, 8, 24, 5));
 }
 
 proptest! {
