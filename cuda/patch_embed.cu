@@ -1863,7 +1863,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
 
 // As mapet_patch_embed_fwd_u8_hwc, warp-specialised with TMA weight loads (see "forward,
 // warp-specialised on TMA"); sm_90a only, as above. Grid min(tiles, SMs) (tiles =
-// ceil(D/192) * ceil(B*(N-1)/128)), 384 threads, dynamic shared memory kWsStages * 40 KB + 1 KB.
+// ceil(D/192) * ceil(B*(N-1)/128)), 384 threads, dynamic shared memory kWsSmemBytes: kWsStages *
+// 40 KB of ring, two 25,600 B staging tiles and 1 KB of alignment slack.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mapet_patch_embed_fwd_u8_hwc_ws(const __grid_constant__ MapetPatchEmbedFwdWs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

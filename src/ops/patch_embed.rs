@@ -1003,10 +1003,6 @@ pub fn cuda_backward(
 mod tests {
     use super::*;
 
-    /// The launch gives the `hwc-ws` forward the dynamic shared memory its layout takes (less
-    /// makes it trap at its first launch, on a card only): the ring of stages (a 128-row A slice
-    /// and a 192-row weight slice of 64 bf16 each), the two staging tiles, and the alignment
-    /// slack, from the kernel's own constants.
     /// The copy ring of `backward_weight_hwc` (cuda/patch_embed.cu), transcribed: its issues,
     /// commits, waits, conversions, MMA steps and barriers in the kernel's order, for every step
     /// count up to 40, with the waits taken at their weakest (exactly the groups
@@ -1133,6 +1129,10 @@ mod tests {
         assert!(source.contains(&check), "the kernel's own check of its size: {check}");
     }
 
+    /// The launch gives the `hwc-ws` forward the dynamic shared memory its layout takes (less
+    /// makes it trap at its first launch, on a card only): the ring of stages (a 128-row A slice
+    /// and a 192-row weight slice of 64 bf16 each), the two staging tiles, and the alignment
+    /// slack, from the kernel's own constants.
     #[test]
     fn ws_forward_shared_memory_is_the_kernels() {
         let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
