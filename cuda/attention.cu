@@ -1742,105 +1742,7 @@ __device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return re
 #endif
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    extern __shared__ unsigned char wg_smem_raw[];
-    const Geometry G = geometry_of(prm);
-    const auto [tid, wg, warp, g, t, head, b] = wg_thread();
-    const float sl2 = prm.scale * kLog2e;
-    const int nkt = (G.lk + kBN - 1) / kBN;
-    const uint32_t k_smem = sw128_align(smem_addr(wg_smem_raw));
-    const uint32_t v_smem = k_smem + static_cast<uint32_t>(nkt) * kWgTileBytes;
-    const uint32_t q_smem = v_smem + static_cast<uint32_t>(nkt + wg) * kWgTileBytes;  // this warpgroup's Q tile
-    const int nkc = (G.lk + kChunk - 1) / kChunk;
-    const uint64_t qd = sw128_desc(q_smem), kd = sw128_desc(k_smem), vd = sw128_desc(v_smem);
 
-    // The first row tile's Q flies with K and V (wg_load_kv waits for every copy of the thread).
-    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
-    const int tile_step = gridDim.x * 2 * 64;
-    if ((blockIdx.x * 2 + wg) * 64 < G.lq) wg_start_q(q_smem, qg, prm.q_row_stride, (blockIdx.x * 2 + wg) * 64, tid & 127, G);
-    wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
-
-#pragma unroll 1
-    for (int p0 = (blockIdx.x * 2 + wg) * 64; p0 < G.lq; p0 += tile_step) {
-        // The warpgroup's hidden-window extrema (first_hidden is monotone in the position), and
-        // the lane's two rows.
-        const int amin = first_hidden(row_at(p0, G), G);
-        const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
-        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
-        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
-        const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
-        wg_finish_q(wg);  // this tile's Q, started before the loop or under the previous tile
-
-        float acc[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-        float mx[2] = {-INFINITY, -INFINITY};
-        float l[2] = {0.f, 0.f};
-        float s[2][4][4];
-        uint32_t pa[2][2][4];
-
-        // The row tile's non-EMPTY 32-key chunks, two at a time. A pair's second chunk may be
-        // absent (-1: an odd count); its products then read the first chunk's rows again, and its
-        // scores are -inf. Every row sees N >= 1 keys, so the first chunk exists.
-        const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
-        uint32_t rest = chunks.live;
-        auto take_pair = [&rest](ChunkPair& p) {
-            p.c[0] = take_chunk(rest);
-            p.c[1] = take_chunk(rest);
-        };
-        ChunkPair first;
-        take_pair(first);
-        const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
-        wg_pipeline(
-            first,
-            [&](const ChunkPair&, ChunkPair& nxt) {
-                if (rest == 0) return false;
-                take_pair(nxt);
-                // The tile's last pair: its next tile's Q rows, on their way to L2 a pair before
-                // on_last copies them.
-                if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
-                return true;
-            },
-            [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
-            [&] { pin_regs(flat32(s)); },
-            [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
-            [&] {
-                pin_regs(flat32(acc));
-                pin_regs(flat16(pa));
-            },
-            [&](const Rescale& r) {
-                rescale_acc(acc, r);  // (O is still 0 at the first pair)
-                wg_pack_p(pa, s);
-            },
-            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
-            [&] {
-                // Every S of the tile is done: the Q tile is free for the next tile's rows, which
-                // then land under the last P V and the stores below.
-                if (p0 + tile_step < G.lq) {
-                    named_barrier(1 + lwg, 128);
-                    wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
-                }
-            });
-
-        float inv[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            l[i] = quad_sum(l[i]);
-            inv[i] = 1.f / l[i];
-        }
-        bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
-        store_frag_rows(acc, inv[0], inv[1], og, prm.o_row_stride, r_lo, r_hi, G.lq, t);
-        if (t == 0) {
-            float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-            if (r_lo < G.lq) lse[r_lo] = mx[0] * prm.scale + logf(l[0]);
-            if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
-        }
-    }
-#else
-    __trap();
-#endif
-}
 
 // ========================================================================================= wgmma forward, S ahead (sm_90a)
 // mapet_attention_fwd_wgmma_ahead: mapet_attention_fwd_wgmma with the tensor cores' queue kept
@@ -1925,9 +1827,12 @@ __device__ __forceinline__ Rescale wg_softmax_chunk(float (&s)[4][4], uint32_t p
 #endif
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2)
-    mapet_attention_fwd_wgmma_ahead(const MapetAttention prm) {
+namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The wgmma forwards: kAhead = false, mapet_attention_fwd_wgmma (pairs of chunks through
+// wg_pipeline); kAhead = true, mapet_attention_fwd_wgmma_ahead (single chunks, S one ahead).
+template <bool kAhead>
+__device__ __forceinline__ void fwd_wgmma(const MapetAttention& prm) {
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
     const auto [tid, wg, warp, g, t, head, b] = wg_thread();
@@ -1939,6 +1844,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2)
     const int nkc = (G.lk + kChunk - 1) / kChunk;
     const uint64_t qd = sw128_desc(q_smem), kd = sw128_desc(k_smem), vd = sw128_desc(v_smem);
 
+    // The first row tile's Q flies with K and V (wg_load_kv waits for every copy of the thread).
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const int tile_step = gridDim.x * 2 * 64;
     const int p_first = (blockIdx.x * 2 + wg) * 64;
@@ -1947,109 +1853,160 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2)
 
 #pragma unroll 1
     for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
+        // The warpgroup's hidden-window extrema (first_hidden is monotone in the position), and
+        // the lane's two rows.
         const int amin = first_hidden(row_at(p0, G), G);
         const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
         const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
-        wg_finish_q(wg);
+        wg_finish_q(wg);  // this tile's Q, started before the loop or under the previous tile
 
         float acc[8][4];
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
         float mx[2] = {-INFINITY, -INFINITY};
         float l[2] = {0.f, 0.f};
-        float sa[4][4], sb[4][4];
-        uint32_t pa[2][4];
+        if constexpr (!kAhead) {
+            float s[2][4][4];
+            uint32_t pa[2][2][4];
 
-        const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
-        uint32_t rest = chunks.live;
-        // The item after the current one: the next live chunk, or kNoItem. Taking the tile's last
-        // chunk sends the next tile's Q rows to L2, an item before on_last copies them.
-        auto take_item = [&]() {
-            if (rest == 0) return kNoItem;
-            const int c = take_chunk(rest);
-            if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
-            return c;
-        };
-        const int c_first = take_chunk(rest);  // every row sees N >= 1 keys
-        int c_cur = rest != 0 ? take_item() : -1;  // item 1 (-1: absent)
-        int c_nxt = take_item();                   // item 2
+            // The row tile's non-EMPTY 32-key chunks, two at a time. A pair's second chunk may be
+            // absent (-1: an odd count); its products then read the first chunk's rows again, and its
+            // scores are -inf. Every row sees N >= 1 keys, so the first chunk exists.
+            const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
+            uint32_t rest = chunks.live;
+            auto take_pair = [&rest](ChunkPair& p) {
+                p.c[0] = take_chunk(rest);
+                p.c[1] = take_chunk(rest);
+            };
+            ChunkPair first;
+            take_pair(first);
+            const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
+            wg_pipeline(
+                first,
+                [&](const ChunkPair&, ChunkPair& nxt) {
+                    if (rest == 0) return false;
+                    take_pair(nxt);
+                    // The tile's last pair: its next tile's Q rows, on their way to L2 a pair before
+                    // on_last copies them.
+                    if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
+                    return true;
+                },
+                [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
+                [&] { pin_regs(flat32(s)); },
+                [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
+                [&] {
+                    pin_regs(flat32(acc));
+                    pin_regs(flat16(pa));
+                },
+                [&](const Rescale& r) {
+                    rescale_acc(acc, r);  // (O is still 0 at the first pair)
+                    wg_pack_p(pa, s);
+                },
+                [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
+                [&] {
+                    // Every S of the tile is done: the Q tile is free for the next tile's rows, which
+                    // then land under the last P V and the stores below.
+                    if (p0 + tile_step < G.lq) {
+                        named_barrier(1 + lwg, 128);
+                        wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
+                    }
+                });
 
-        // Item 0: S_0 and S_1 issued, S_0's softmax, O += P_0 V (O is 0: nothing to rescale).
-        wg_issue_chunk_scores(sa, qd, kd, c_first);
-        wg_issue_chunk_scores(sb, qd, kd, c_cur);
-        wgmma_wait_groups<1>();
-        pin_regs(flat16(sa));
-        wg_softmax_chunk(sa, chunks.partial, c_first, a_lo, a_hi, t, G, sl2, mx, l);
-        pin_regs(flat8(pa));
-        pack_chunk(pa, sa);
-        pin_regs(flat8(pa));
-        wg_issue_chunk_pv(acc, pa, vd, c_first);
+        } else {
+            float sa[4][4], sb[4][4];
+            uint32_t pa[2][4];
 
-        // Item i >= 1, its S in cur, the other accumulator oth. `more`: S_{i+1} is issued into oth;
-        // else this is the last item. The two cases are separate calls with a constant flag, so that
-        // no wgmma is issued under a branch inside an item (ptxas would serialise every wgmma of the
-        // kernel, C7520).
-        const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
-        // `never`: end_basic_block's; the second item of an iteration passes another value than
-        // the first, whose check ptxas would otherwise take as already passed and drop.
-        auto item = [&](float (&cur)[4][4], float (&oth)[4][4], auto more, uint32_t never) {
-            wgmma_wait_groups<1>();  // S_i (P V of item i-1 may still run)
-            pin_regs(flat16(cur));
-            if constexpr (decltype(more)::value) wg_issue_chunk_scores(oth, qd, kd, c_nxt);
-            const Rescale r = wg_softmax_chunk(cur, chunks.partial, c_cur, a_lo, a_hi, lt, G, sl2, mx, l);
-            // p and the row sums formed here, and the block ended, so that the wait below stays
-            // below the softmax (without the pins the compiler sank the exponentials to their use
-            // in pack_chunk, past the wait, in one of the two copies of this body).
-            pin_regs(flat16(cur));
-            pin_regs(l);
-            end_basic_block(never);
-            // P V of item i-1 (S_{i+1} may still run; at the last item nothing else is in flight).
-            if constexpr (decltype(more)::value) {
-                wgmma_wait_groups<1>();
-            } else {
-                wgmma_wait_groups<0>();
-                if (p0 + tile_step < G.lq) {
-                    // Every S of the tile is done: the Q tile is free for the next tile's rows,
-                    // which then land under the last P V and the stores below.
-                    named_barrier(1 + lwg, 128);
-                    wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
+            const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
+            uint32_t rest = chunks.live;
+            // The item after the current one: the next live chunk, or kNoItem. Taking the tile's last
+            // chunk sends the next tile's Q rows to L2, an item before on_last copies them.
+            auto take_item = [&]() {
+                if (rest == 0) return kNoItem;
+                const int c = take_chunk(rest);
+                if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
+                return c;
+            };
+            const int c_first = take_chunk(rest);  // every row sees N >= 1 keys
+            int c_cur = rest != 0 ? take_item() : -1;  // item 1 (-1: absent)
+            int c_nxt = take_item();                   // item 2
+
+            // Item 0: S_0 and S_1 issued, S_0's softmax, O += P_0 V (O is 0: nothing to rescale).
+            wg_issue_chunk_scores(sa, qd, kd, c_first);
+            wg_issue_chunk_scores(sb, qd, kd, c_cur);
+            wgmma_wait_groups<1>();
+            pin_regs(flat16(sa));
+            wg_softmax_chunk(sa, chunks.partial, c_first, a_lo, a_hi, t, G, sl2, mx, l);
+            pin_regs(flat8(pa));
+            pack_chunk(pa, sa);
+            pin_regs(flat8(pa));
+            wg_issue_chunk_pv(acc, pa, vd, c_first);
+
+            // Item i >= 1, its S in cur, the other accumulator oth. `more`: S_{i+1} is issued into oth;
+            // else this is the last item. The two cases are separate calls with a constant flag, so that
+            // no wgmma is issued under a branch inside an item (ptxas would serialise every wgmma of the
+            // kernel, C7520).
+            const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
+            // `never`: end_basic_block's; the second item of an iteration passes another value than
+            // the first, whose check ptxas would otherwise take as already passed and drop.
+            auto item = [&](float (&cur)[4][4], float (&oth)[4][4], auto more, uint32_t never) {
+                wgmma_wait_groups<1>();  // S_i (P V of item i-1 may still run)
+                pin_regs(flat16(cur));
+                if constexpr (decltype(more)::value) wg_issue_chunk_scores(oth, qd, kd, c_nxt);
+                const Rescale r = wg_softmax_chunk(cur, chunks.partial, c_cur, a_lo, a_hi, lt, G, sl2, mx, l);
+                // p and the row sums formed here, and the block ended, so that the wait below stays
+                // below the softmax (without the pins the compiler sank the exponentials to their use
+                // in pack_chunk, past the wait, in one of the two copies of this body).
+                pin_regs(flat16(cur));
+                pin_regs(l);
+                end_basic_block(never);
+                // P V of item i-1 (S_{i+1} may still run; at the last item nothing else is in flight).
+                if constexpr (decltype(more)::value) {
+                    wgmma_wait_groups<1>();
+                } else {
+                    wgmma_wait_groups<0>();
+                    if (p0 + tile_step < G.lq) {
+                        // Every S of the tile is done: the Q tile is free for the next tile's rows,
+                        // which then land under the last P V and the stores below.
+                        named_barrier(1 + lwg, 128);
+                        wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
+                    }
                 }
+                pin_regs(flat32(acc));
+                pin_regs(flat8(pa));
+                rescale_acc(acc, r);
+                pack_chunk(pa, cur);
+                pin_regs(flat8(pa));
+                wg_issue_chunk_pv(acc, pa, vd, c_cur);
+                c_cur = c_nxt;
+                if constexpr (decltype(more)::value) c_nxt = take_item();
+            };
+            using More = std::true_type;
+            using Last = std::false_type;
+            // The last item runs from sb only (one copy of its code: two left the kernel spilling); when
+            // its S landed in sa, it is moved there first, once a tile. That copy waits for every
+            // group, P V of the item before included: with wait_group 1 there, ptxas took the copy for
+            // a write into a running wgmma's registers and serialised every wgmma of the kernel (C7515).
+            for (;;) {
+                if (c_nxt == kNoItem) break;
+                item(sb, sa, More{}, 0u);
+                if (c_nxt == kNoItem) {
+                    wgmma_wait_groups<0>();
+                    pin_regs(flat16(sa));
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) sb[j][e] = sa[j][e];
+                    break;
+                }
+                item(sa, sb, More{}, 1u << 30);
             }
+            item(sb, sa, Last{}, 2u << 30);
+            wgmma_wait_groups<0>();
             pin_regs(flat32(acc));
-            pin_regs(flat8(pa));
-            rescale_acc(acc, r);
-            pack_chunk(pa, cur);
-            pin_regs(flat8(pa));
-            wg_issue_chunk_pv(acc, pa, vd, c_cur);
-            c_cur = c_nxt;
-            if constexpr (decltype(more)::value) c_nxt = take_item();
-        };
-        using More = std::true_type;
-        using Last = std::false_type;
-        // The last item runs from sb only (one copy of its code: two left the kernel spilling); when
-        // its S landed in sa, it is moved there first, once a tile. That copy waits for every
-        // group, P V of the item before included: with wait_group 1 there, ptxas took the copy for
-        // a write into a running wgmma's registers and serialised every wgmma of the kernel (C7515).
-        for (;;) {
-            if (c_nxt == kNoItem) break;
-            item(sb, sa, More{}, 0u);
-            if (c_nxt == kNoItem) {
-                wgmma_wait_groups<0>();
-                pin_regs(flat16(sa));
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) sb[j][e] = sa[j][e];
-                break;
-            }
-            item(sa, sb, More{}, 1u << 30);
-        }
-        item(sb, sa, Last{}, 2u << 30);
-        wgmma_wait_groups<0>();
-        pin_regs(flat32(acc));
 
+        }
         float inv[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -2064,6 +2021,22 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2)
             if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
         }
     }
+}
+#endif
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    fwd_wgmma<false>(prm);
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2)
+    mapet_attention_fwd_wgmma_ahead(const MapetAttention prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    fwd_wgmma<true>(prm);
 #else
     __trap();
 #endif

@@ -25,18 +25,9 @@ const PIPELINES: [(&str, usize); 3] =
 
 #[test]
 fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
-    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
-        eprintln!("SKIP wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores: {reason}");
-        return;
-    }
-    let Some(cuobjdump) = find_cuobjdump() else {
-        let msg = "no cuobjdump found (MAPET_CUOBJDUMP, next to $NVCC, .cuda-toolchain/cuda/bin or PATH); \
-                   scripts/install-cuda-toolchain.sh installs it";
-        assert!(std::env::var("MAPET_REQUIRE_KERNELS").as_deref() != Ok("1"), "MAPET_REQUIRE_KERNELS=1: {msg}");
-        eprintln!("SKIP wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores: {msg}");
+    let Some(sass) = attention_sass_or_skip("wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores") else {
         return;
     };
-    let sass = disassemble("attention", &cuobjdump);
     let sm90 = arch_section(&sass, "sm_90a");
     for (kernel, want) in PIPELINES {
         let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
@@ -63,18 +54,7 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
 #[test]
 fn wgmma_ahead_forward_runs_its_softmax_under_the_next_s() {
     const KERNEL: &str = "mapet_attention_fwd_wgmma_ahead";
-    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
-        eprintln!("SKIP wgmma_ahead_forward_runs_its_softmax_under_the_next_s: {reason}");
-        return;
-    }
-    let Some(cuobjdump) = find_cuobjdump() else {
-        let msg = "no cuobjdump found (MAPET_CUOBJDUMP, next to $NVCC, .cuda-toolchain/cuda/bin or PATH); \
-                   scripts/install-cuda-toolchain.sh installs it";
-        assert!(std::env::var("MAPET_REQUIRE_KERNELS").as_deref() != Ok("1"), "MAPET_REQUIRE_KERNELS=1: {msg}");
-        eprintln!("SKIP wgmma_ahead_forward_runs_its_softmax_under_the_next_s: {msg}");
-        return;
-    };
-    let sass = disassemble("attention", &cuobjdump);
+    let Some(sass) = attention_sass_or_skip("wgmma_ahead_forward_runs_its_softmax_under_the_next_s") else { return };
     let body = function(arch_section(&sass, "sm_90a"), KERNEL)
         .unwrap_or_else(|| panic!("{KERNEL} is not in the sm_90a SASS of attention"));
     let counts = exponentials_after_s_issues(body);
@@ -95,18 +75,7 @@ fn wgmma_ahead_forward_runs_its_softmax_under_the_next_s() {
 #[test]
 fn wgmma_ahead_backward_runs_its_exponentials_under_dp() {
     const TEST: &str = "wgmma_ahead_backward_runs_its_exponentials_under_dp";
-    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
-        eprintln!("SKIP {TEST}: {reason}");
-        return;
-    }
-    let Some(cuobjdump) = find_cuobjdump() else {
-        let msg = "no cuobjdump found (MAPET_CUOBJDUMP, next to $NVCC, .cuda-toolchain/cuda/bin or PATH); \
-                   scripts/install-cuda-toolchain.sh installs it";
-        assert!(std::env::var("MAPET_REQUIRE_KERNELS").as_deref() != Ok("1"), "MAPET_REQUIRE_KERNELS=1: {msg}");
-        eprintln!("SKIP {TEST}: {msg}");
-        return;
-    };
-    let sass = disassemble("attention", &cuobjdump);
+    let Some(sass) = attention_sass_or_skip(TEST) else { return };
     let sm90 = arch_section(&sass, "sm_90a");
     for kernel in ["mapet_attention_bwd_dkdv_wgmma_ahead"] {
         let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
@@ -251,6 +220,24 @@ fn function<'a>(section: &'a str, kernel: &str) -> Option<&'a str> {
     let start = section.find(&marker)? + marker.len();
     let rest = &section[start..];
     Some(&rest[..rest.find("Function : ").unwrap_or(rest.len())])
+}
+
+/// The disassembly of the embedded attention fatbin, or None after saying why the test `test`
+/// skips: no kernels were built, or no cuobjdump is found (a failure under
+/// `MAPET_REQUIRE_KERNELS=1`, as in CI, where the check must run).
+fn attention_sass_or_skip(test: &str) -> Option<String> {
+    if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
+        eprintln!("SKIP {test}: {reason}");
+        return None;
+    }
+    let Some(cuobjdump) = find_cuobjdump() else {
+        let msg = "no cuobjdump found (MAPET_CUOBJDUMP, next to $NVCC, .cuda-toolchain/cuda/bin or PATH); \
+                   scripts/install-cuda-toolchain.sh installs it";
+        assert!(std::env::var("MAPET_REQUIRE_KERNELS").as_deref() != Ok("1"), "MAPET_REQUIRE_KERNELS=1: {msg}");
+        eprintln!("SKIP {test}: {msg}");
+        return None;
+    };
+    Some(disassemble("attention", &cuobjdump))
 }
 
 /// `cuobjdump -sass` of the embedded fatbin of `module`.
