@@ -1785,17 +1785,21 @@ namespace {
 
 constexpr int kNoItem = -2;  // past a tile's last item (-1: the absent second item of a one-chunk tile)
 
-// S = Q K^T for one 32-key chunk (keys 32 c + [0, 32); chunk 0's rows for an absent one): four
-// m64n32k16 products over the head columns, Q from the warpgroup's swizzled tile. One wgmma group.
-__device__ __forceinline__ void wg_issue_chunk_scores(float (&s)[4][4], uint64_t qd, uint64_t kd, int c) {
-    pin_regs(flat16(s));
+// x = A B^T over the 64 head columns (4 m64n32k16 steps of 16): A's 64 rows and B's 32, both
+// K-major in swizzled shared memory, given by their descriptors. One wgmma group.
+__device__ __forceinline__ void wg_issue_nt(float (&x)[4][4], uint64_t a, uint64_t b) {
+    pin_regs(flat16(x));
     wgmma_fence_acc();
-    const uint64_t rows = sw128_desc_plus(kd, static_cast<uint32_t>(max(c, 0) * kChunk) * 128);
-    wgmma_m64n32k16_ss<0>(flat16(s), qd, rows);
+    wgmma_m64n32k16_ss<0>(flat16(x), a, b);
 #pragma unroll
-    for (int k = 1; k < 4; ++k)
-        wgmma_m64n32k16_ss<1>(flat16(s), sw128_desc_plus(qd, 32 * k), sw128_desc_plus(rows, 32 * k));
+    for (int k = 1; k < 4; ++k) wgmma_m64n32k16_ss<1>(flat16(x), sw128_desc_plus(a, 32 * k), sw128_desc_plus(b, 32 * k));
     wgmma_commit_groups();
+}
+
+// S = Q K^T for one 32-key chunk (keys 32 c + [0, 32); chunk 0's rows for an absent one), Q from
+// the warpgroup's swizzled tile. One wgmma group.
+__device__ __forceinline__ void wg_issue_chunk_scores(float (&s)[4][4], uint64_t qd, uint64_t kd, int c) {
+    wg_issue_nt(s, qd, sw128_desc_plus(kd, static_cast<uint32_t>(max(c, 0) * kChunk) * 128));
 }
 
 // O += P V for one chunk: pa = P's A fragments of its two 16-key steps. One wgmma group.
@@ -2584,28 +2588,10 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
                 // on its own (mapet_attention_bwd_dkdv_wgmma_ahead's comment).
                 auto issue_st = [&](int pc) {
                     need_chunk(pc);
-                    pin_regs(flat16(st));
-                    wgmma_fence_acc();
-                    const uint64_t q_rows = sw128_desc_plus(qd, static_cast<uint32_t>(pc * kChunk) * 128);
-                    wgmma_m64n32k16_ss<0>(flat16(st), kd, q_rows);
-#pragma unroll
-                    for (int c = 1; c < 4; ++c) {
-                        const uint64_t a = sw128_desc_plus(kd, 32 * c), b = sw128_desc_plus(q_rows, 32 * c);
-                        wgmma_m64n32k16_ss<1>(flat16(st), a, b);
-                    }
-                    wgmma_commit_groups();
+                    wg_issue_nt(st, kd, sw128_desc_plus(qd, static_cast<uint32_t>(pc * kChunk) * 128));
                 };
                 auto issue_dpt = [&](int pc) {
-                    pin_regs(flat16(dpt));
-                    wgmma_fence_acc();
-                    const uint64_t do_rows = sw128_desc_plus(dod, static_cast<uint32_t>(pc * kChunk) * 128);
-                    wgmma_m64n32k16_ss<0>(flat16(dpt), vd, do_rows);
-#pragma unroll
-                    for (int c = 1; c < 4; ++c) {
-                        const uint64_t a = sw128_desc_plus(vd, 32 * c), b = sw128_desc_plus(do_rows, 32 * c);
-                        wgmma_m64n32k16_ss<1>(flat16(dpt), a, b);
-                    }
-                    wgmma_commit_groups();
+                    wg_issue_nt(dpt, vd, sw128_desc_plus(dod, static_cast<uint32_t>(pc * kChunk) * 128));
                 };
                 // The elementwise work of chunk pc in two steps, each after its own wait.
                 auto p_step = [&](int pc) {
