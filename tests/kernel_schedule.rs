@@ -28,7 +28,7 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
     let Some(sass) = attention_sass_or_skip("wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores") else {
         return;
     };
-    let sm90 = arch_section(&sass, "sm_90a");
+    let sm90 = arch_section(sass, "sm_90a");
     for (kernel, want) in PIPELINES {
         let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
         let counts = exponentials_after_g1_waits(body);
@@ -55,7 +55,7 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
 fn wgmma_ahead_forward_runs_its_softmax_under_the_next_s() {
     const KERNEL: &str = "mapet_attention_fwd_wgmma_ahead";
     let Some(sass) = attention_sass_or_skip("wgmma_ahead_forward_runs_its_softmax_under_the_next_s") else { return };
-    let body = function(arch_section(&sass, "sm_90a"), KERNEL)
+    let body = function(arch_section(sass, "sm_90a"), KERNEL)
         .unwrap_or_else(|| panic!("{KERNEL} is not in the sm_90a SASS of attention"));
     let counts = exponentials_after_s_issues(body);
     eprintln!("{KERNEL}: exponentials between an S issue and the next wgmma wait: {counts:?}");
@@ -76,7 +76,7 @@ fn wgmma_ahead_forward_runs_its_softmax_under_the_next_s() {
 fn wgmma_ahead_backward_runs_its_exponentials_under_dp() {
     const TEST: &str = "wgmma_ahead_backward_runs_its_exponentials_under_dp";
     let Some(sass) = attention_sass_or_skip(TEST) else { return };
-    let sm90 = arch_section(&sass, "sm_90a");
+    let sm90 = arch_section(sass, "sm_90a");
     for kernel in ["mapet_attention_bwd_dkdv_wgmma_ahead"] {
         let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
         let counts = exponentials_after_waits(body, 2);
@@ -224,8 +224,10 @@ fn function<'a>(section: &'a str, kernel: &str) -> Option<&'a str> {
 
 /// The disassembly of the embedded attention fatbin, or None after saying why the test `test`
 /// skips: no kernels were built, or no cuobjdump is found (a failure under
-/// `MAPET_REQUIRE_KERNELS=1`, as in CI, where the check must run).
-fn attention_sass_or_skip(test: &str) -> Option<String> {
+/// `MAPET_REQUIRE_KERNELS=1`, as in CI, where the check must run). Disassembled once per process
+/// and shared by the tests.
+fn attention_sass_or_skip(test: &str) -> Option<&'static str> {
+    static SASS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
         eprintln!("SKIP {test}: {reason}");
         return None;
@@ -237,7 +239,7 @@ fn attention_sass_or_skip(test: &str) -> Option<String> {
         eprintln!("SKIP {test}: {msg}");
         return None;
     };
-    Some(disassemble("attention", &cuobjdump))
+    Some(SASS.get_or_init(|| disassemble("attention", &cuobjdump)))
 }
 
 /// `cuobjdump -sass` of the embedded fatbin of `module`.
@@ -246,7 +248,11 @@ fn disassemble(module: &str, cuobjdump: &Path) -> String {
         .iter()
         .find(|(name, _)| *name == module)
         .unwrap_or_else(|| panic!("no fatbin for module {module}"));
-    let path = std::env::temp_dir().join(format!("mapet-{module}-{}.fatbin", std::process::id()));
+    // A file of its own per call: the tests run in parallel threads of one process, and a shared
+    // name let one test delete or rewrite the file while another's cuobjdump read it.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("mapet-{module}-{}-{call}.fatbin", std::process::id()));
     std::fs::write(&path, fatbin).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     // cuobjdump runs nvdisasm, found on PATH: put its own folder first.
     let dir = cuobjdump.parent().map(Path::to_path_buf).unwrap_or_default();
