@@ -2527,6 +2527,16 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
         }
         float st[4][4], dpt[4][4];
         uint32_t pa[2][4], da[2][4];
+        // G2 of position chunk pc: dV += P^T dO, dK += dS^T Q, from pa and da. One wgmma group.
+        auto issue_grads = [&](int pc) {
+            pin_regs(flat32(dv));
+            pin_regs(flat32(dk));
+            wgmma_fence_acc();
+            const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+            wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
+            wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
+            wgmma_commit_groups();
+        };
 
         // A tile no position can see (none at ViT) stores zeros.
         const ChunkMasks chunks{s_tiles[kt], s_tiles[kDkdvMaxKeyTiles + kt]};
@@ -2573,15 +2583,7 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
                         pack_chunk(pa, st);
                         pack_chunk(da, dpt);
                     },
-                    [&](int pc) {
-                        pin_regs(flat32(dv));
-                        pin_regs(flat32(dk));
-                        wgmma_fence_acc();
-                        const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
-                        wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
-                        wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
-                        wgmma_commit_groups();
-                    },
+                    issue_grads,
                     start_next);
             } else {
                 // wg_pipeline's order with G1 split in two groups, S^T then dP^T, each waited for
@@ -2634,13 +2636,7 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
                     }
                     issue_st(pn);
                     issue_dpt(pn);
-                    pin_regs(flat32(dv));
-                    pin_regs(flat32(dk));
-                    wgmma_fence_acc();
-                    const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
-                    wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
-                    wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
-                    wgmma_commit_groups();
+                    issue_grads(pc);
                     wgmma_wait_groups<2>();  // S^T of pn (its dP^T and pc's products may run)
                     p_step(pn);
                     end_basic_block();  // so that the wait below stays below the exponentials
@@ -2650,13 +2646,7 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
                     pc = pn;
                 }
                 start_next();  // every S^T and dP^T of the tile is done: its K and V are free
-                pin_regs(flat32(dv));
-                pin_regs(flat32(dk));
-                wgmma_fence_acc();
-                const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
-                wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
-                wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
-                wgmma_commit_groups();
+                issue_grads(pc);
                 wgmma_wait_groups<0>();
                 pin_regs(flat32(dv));
                 pin_regs(flat32(dk));
