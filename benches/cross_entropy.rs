@@ -186,6 +186,14 @@ fn gpu(c: &mut Criterion) {
         // The row kernel visiting the rows from the last back (MAPET_CE_ROW_ORDER=reverse): does it
         // find more of the logits the GEMM has just written still in L2?
         variants.push((format!("one pass, rows reversed, {gname}, queued"), shape.with_reversed_rows(true), g, true));
+        // The held-rows kernel with its column sums in shared memory (MAPET_CE_ROW_KERNEL=held-smem):
+        // three blocks an SM instead of two; does the row kernel move more bytes a second?
+        variants.push((
+            format!("one pass, column sums in shared memory, {gname}, queued"),
+            shape.with_smem_sums(true),
+            g,
+            true,
+        ));
     }
     // The chosen and self-tuned GEMMs also timed as the headline is (waiting for each call), so
     // that their lines compare with the first variant's and with the headline above: in the sixth

@@ -408,8 +408,9 @@ def tested(name, variant):
         return all(p in ok["attention"] for p in (parts[:1] if name.endswith("fwd") else parts))
     if name.startswith("target patch"):
         return all(p in ok["patch"] for p in variant.split("/"))
-    # Sub-chunk passes and reversed rows are checked by the cross_entropy tests alone.
-    if ("passes of" in variant or "rows reversed" in variant) and "passes" not in ok["ce"]:
+    # Sub-chunk passes, reversed rows and the shared-memory column sums are checked by the
+    # cross_entropy tests alone.
+    if any(v in variant for v in ("passes of", "rows reversed", "column sums in shared memory")) and "passes" not in ok["ce"]:
         return False
     return not (("chosen GEMMs" in variant or "MAPET_GEMM_TUNE" in variant) and "gemms" not in ok["ce"])
 
@@ -488,7 +489,8 @@ sets("attention", "wgmma", "OK_ATTENTION", r"RESULT attention vit-b (\S+) forwar
 sets("patch embedding", "hwc-ws/hwc", "OK_PATCH", r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median",
      "MAPET_PATCH_EMBED_ORDER", "MAPET_PATCH_EMBED_BACKWARD_ORDER")
 
-# The cross-entropy's queued race: "<passes>[, rows reversed], <GEMMs>, queued", timed alike.
+# The cross-entropy's queued race: "<passes>[, rows reversed][, column sums in shared memory],
+# <GEMMs>, queued", timed alike.
 ok = os.environ["OK_CE"].split()
 got, pin = {}, ""
 for l in lines:
@@ -497,18 +499,21 @@ for l in lines:
         passes = re.match(r"\d+ passes of <= (\d+) rows", m.group(2))
         rows, gemms = (passes.group(1) if passes else ""), m.group(3)
         order = "reverse" if "rows reversed" in m.group(2) else "forward"
-        if ((rows or order == "reverse") and "passes" not in ok) or (gemms != "default" and "gemms" not in ok):
+        kernel = "held-smem" if "column sums in shared memory" in m.group(2) else "held"
+        if ((rows or order == "reverse" or kernel != "held") and "passes" not in ok) or (gemms != "default" and "gemms" not in ok):
             continue
-        got[f"{rows or 'one pass'}|{order}|{gemms}"] = float(m.group(1))
+        got[f"{rows or 'one pass'}|{order}|{kernel}|{gemms}"] = float(m.group(1))
     m = re.match(r'RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN="(.*)"', l)
     if m:
         pin = m.group(1)
-c = pick("cross-entropy", "one pass|forward|default", got)
-rows, order, gemms = c.split("|")
+c = pick("cross-entropy", "one pass|forward|held|default", got)
+rows, order, kernel, gemms = c.split("|")
 if rows != "one pass":
     env.append(f"MAPET_CE_SUB_CHUNK_ROWS={rows}")
 if order == "reverse":
     env.append("MAPET_CE_ROW_ORDER=reverse")
+if kernel != "held":
+    env.append(f"MAPET_CE_ROW_KERNEL={kernel}")
 if gemms == "chosen" and pin:
     env.append(f"MAPET_GEMM_PIN={pin}")
 if gemms == "MAPET_GEMM_TUNE":
@@ -536,7 +541,7 @@ PY
       log="$res/winners-mapet-bench-$which.log"
       (
         unset MAPET_ATTENTION_KERNELS MAPET_ATTENTION_BACKWARD_KERNELS MAPET_PATCH_EMBED_ORDER \
-          MAPET_PATCH_EMBED_BACKWARD_ORDER MAPET_CE_SUB_CHUNK_ROWS MAPET_CE_ROW_ORDER MAPET_GEMM_PIN MAPET_GEMM_TUNE
+          MAPET_PATCH_EMBED_BACKWARD_ORDER MAPET_CE_SUB_CHUNK_ROWS MAPET_CE_ROW_ORDER MAPET_CE_ROW_KERNEL MAPET_GEMM_PIN MAPET_GEMM_TUNE
         [ "$which" = winners ] && set -a && . "$res/winners.env" && set +a
         vit_b_bench
       ) >"$log" 2>&1

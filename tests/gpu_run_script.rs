@@ -125,6 +125,7 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
         ("one pass, default GEMMs, queued", one_pass),
         ("3 passes of <= 1046 rows, default GEMMs, queued", passes),
         ("one pass, rows reversed, default GEMMs, queued", passes * draw(1.02, 1.1)),
+        ("one pass, column sums in shared memory, default GEMMs, queued", passes * draw(1.02, 1.1)),
         ("one pass, chosen GEMMs, queued", passes * 0.9),
     ];
 
@@ -226,6 +227,7 @@ exit 0"#,
             .env_remove("MAPET_GEMM_PIN")
             .env_remove("MAPET_CE_SUB_CHUNK_ROWS")
             .env_remove("MAPET_CE_ROW_ORDER")
+            .env_remove("MAPET_CE_ROW_KERNEL")
             .env_remove("MAPET_ATTENTION_BACKWARD_KERNELS")
             .env_remove("MAPET_ATTENTION_KERNELS")
             .output()
@@ -361,9 +363,31 @@ exit 101"#,
     assert!(summary.contains("patch embedding: no usable RESULT line, default kept"), "{summary}");
     let env = fs::read_to_string(bundle.join("results/winners.env")).unwrap();
     assert!(
-        env.lines().any(|l| l == "MAPET_CE_ROW_ORDER=reverse") && !env.contains("MAPET_CE_SUB_CHUNK_ROWS"),
+        env.lines().any(|l| l == "MAPET_CE_ROW_ORDER=reverse")
+            && !env.contains("MAPET_CE_SUB_CHUNK_ROWS")
+            && !env.contains("MAPET_CE_ROW_KERNEL"),
         "reversed rows should win alone (cross-entropy {ce_reversed:?}):\n{env}"
     );
+
+    // And the shared-memory column sums well under everything else: they win, as the row
+    // kernel's switch alone.
+    let mut ce_smem = ce;
+    ce_smem[4].1 = ce[2].1 * 0.95;
+    assert!(ce_smem[4].0.contains("column sums in shared memory"));
+    script(&payload.join("benches"), "cross_entropy", &cross_entropy(&ce_smem));
+    stand_in.pack();
+    fs::remove_dir_all(bundle.join("results")).unwrap();
+    let out = run();
+    assert!(out.status.success(), "run.sh failed:\n{}", String::from_utf8_lossy(&out.stdout));
+    let env = fs::read_to_string(bundle.join("results/winners.env")).unwrap();
+    assert!(
+        env.lines().any(|l| l == "MAPET_CE_ROW_KERNEL=held-smem")
+            && !env.contains("MAPET_CE_SUB_CHUNK_ROWS")
+            && !env.contains("MAPET_CE_ROW_ORDER"),
+        "the shared-memory column sums should win alone (cross-entropy {ce_smem:?}):\n{env}"
+    );
+    let switches = fs::read_to_string(bundle.join("results/winners-test-model_gpu.log")).unwrap();
+    assert!(switches.lines().any(|l| l == "MAPET_CE_ROW_KERNEL=held-smem"), "{switches}");
 }
 
 /// `scripts/ncu-hot.py`, the digest of Nsight Compute's per-instruction warp-stall samples that
