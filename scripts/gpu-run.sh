@@ -264,11 +264,13 @@ fi
 
 if [ "${MAPET_NCU:-0}" = "1" ]; then
   # Three launches of each named kernel (ViT-B shape for attention, B = 128 for the patch
-  # embedding: the first shapes the benches time), after two warm-up launches of it; the clocks
+  # embedding: the first shapes the benches time), after two warm-up launches of it (or as many as
+  # the entry's fifth field says: the cross-entropy's register row kernel first runs the forward
+  # alone, 23 calls of six chunks, before its training launches); the clocks
   # are left as they are. One ncu run per kernel, matched by its exact name, so that the kernels
   # a bench launches first do not use up the count. The stall-reason metrics (percent of a
   # warp's active cycles) say what the warps wait on. MAPET_NCU_KERNELS overrides the list
-  # ("log:bench:kernel:criterion filter" entries).
+  # ("log:bench:kernel:criterion filter[:launches skipped]" entries).
   # The default list: the kernels the defaults run on an H100/H200 (wgmma attention, the hwc-ws
   # patch-embedding forward with the hwc weight gradient), then the others.
   specs="${MAPET_NCU_KERNELS:-attn-fwd-wgmma:attention:mapet_attention_fwd_wgmma:attention/vit-b/wgmma \
@@ -279,6 +281,8 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
     patch-tokens:patch_embed:mapet_patch_embed_bwd_tokens:patch_embed_gpu \
+    ce-rows-held:cross_entropy:cross_entropy_rows_held:cross_entropy_gpu:150 \
+    ce-rows-held-smem:cross_entropy:cross_entropy_rows_held_smem:cross_entropy_gpu \
     attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
     attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
@@ -288,14 +292,14 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     patch-fwd-hwc-wgmma:patch_embed:mapet_patch_embed_fwd_u8_hwc_wgmma:patch_embed_gpu \
     patch-bwd-weight-hwc-wgmma:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_wgmma:patch_embed_gpu}"
   for spec in $specs; do
-    IFS=: read -r name bench kernel filter <<<"$spec"
+    IFS=: read -r name bench kernel filter skip <<<"$spec"
     log="$res/ncu-$name.log"
     if command -v ncu >/dev/null; then
       # The report goes outside $res (it can run to tens of MB); what comes back is its details
       # page (the log, as before), its SASS with per-instruction samples (gzipped CSV) and
       # ncu-hot.py's digest of that: the instructions the warps wait at most, and on what.
       rep="$here/ncu-$name"
-      timeout 180 ncu --clock-control none --kernel-name "$kernel" --launch-skip 2 --launch-count 3 \
+      timeout 180 ncu --clock-control none --kernel-name "$kernel" --launch-skip "${skip:-2}" --launch-count 3 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
         --section SourceCounters \

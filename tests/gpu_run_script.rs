@@ -521,7 +521,8 @@ fi
 prev=""
 for a in "$@"; do
   [ "$prev" = "--export" ] && echo report >"$a.ncu-rep"
-  [ "$prev" = "--kernel-name" ] && echo "$a" >>"{log}"
+  [ "$prev" = "--kernel-name" ] && printf '%s' "$a" >>"{log}"
+  [ "$prev" = "--launch-skip" ] && echo " skip $a" >>"{log}"
   prev="$a"
 done
 echo "==PROF== Disconnected""#,
@@ -536,7 +537,7 @@ echo "==PROF== Disconnected""#,
         .env("MAPET_TESTS", "none")
         .env("MAPET_BENCHES", "none")
         .env("MAPET_NCU", "1")
-        .env("MAPET_NCU_KERNELS", "fwd:attention:kern_fwd:vit-b dq:attention:kern_dq:vit-b")
+        .env("MAPET_NCU_KERNELS", "fwd:attention:kern_fwd:vit-b dq:attention:kern_dq:vit-b:150")
         .env_remove("MAPET_RESULTS")
         .env_remove("MAPET_PEERS")
         .output()
@@ -545,7 +546,11 @@ echo "==PROF== Disconnected""#,
     assert!(out.status.success(), "run.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let results = bundle.join("results");
     let summary = fs::read_to_string(results.join("summary.txt")).unwrap();
-    assert_eq!(fs::read_to_string(&kernels_log).unwrap(), "kern_fwd\nkern_dq\n", "one ncu run per kernel, by name");
+    assert_eq!(
+        fs::read_to_string(&kernels_log).unwrap(),
+        "kern_fwd skip 2\nkern_dq skip 150\n",
+        "one ncu run per kernel, by name, after the launches its entry skips (2 unless it says)"
+    );
     let total = hgmma + mufu;
     let (top, top_samples) = if hgmma >= mufu { ("HGMMA", hgmma) } else { ("MUFU", mufu) };
     for name in ["fwd", "dq"] {
