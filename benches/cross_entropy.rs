@@ -81,6 +81,15 @@ fn gpu(c: &mut Criterion) {
         mib(shape.gpu_extra_device_bytes(true)),
     );
 
+    // How many blocks of each held-rows kernel an SM holds: two for the register kernel, three for
+    // the shared-memory column sums (what that variant is for).
+    for kernel in ["cross_entropy_rows_held", "cross_entropy_rows_held_smem"] {
+        let per_sm = gpu
+            .function("cross_entropy", kernel)
+            .and_then(|f| Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?));
+        println!("RESULT {kernel}: {per_sm:?} blocks per SM, {}", gpu.name());
+    }
+
     // The same calls queued without their final wait, timed as the PyTorch peers are (an event
     // before the call, one after it is queued, then the wait): the lines above also count the
     // host's round trip for the 8-byte statistics inside each call, which the peers' calls
