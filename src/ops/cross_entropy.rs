@@ -193,26 +193,25 @@ pub const ROW_KERNEL_VAR: &str = "MAPET_CE_ROW_KERNEL";
 /// Whether `value` (the variable's value; `None`: unset) asks for the shared-memory column sums:
 /// `held-smem` or `held`, else an error naming [`ROW_KERNEL_VAR`].
 pub fn smem_sums_named(value: Option<&str>) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("held") => Ok(false),
-        Some("held-smem") => Ok(true),
-        Some(v) => Err(Error::Unsupported {
-            what: "cross-entropy row kernel",
-            detail: format!("{ROW_KERNEL_VAR}={v:?}: give `held` (the default) or `held-smem`"),
-        }),
-    }
+    switch_named(value, ROW_KERNEL_VAR, "cross-entropy row kernel", "held", "held-smem")
 }
 
 /// Whether `value` (the variable's value; `None`: unset) asks for reversed rows: `reverse` or
 /// `forward`, else an error naming [`ROW_ORDER_VAR`].
 pub fn reverse_rows_named(value: Option<&str>) -> Result<bool> {
+    switch_named(value, ROW_ORDER_VAR, "cross-entropy row order", "forward", "reverse")
+}
+
+/// A two-way switch read from variable `var`: unset or `off` is false, `on` true (spaces around
+/// either ignored); anything else is an error naming the variable, the value and both choices.
+fn switch_named(value: Option<&str>, var: &str, what: &'static str, off: &str, on: &str) -> Result<bool> {
     match value.map(str::trim) {
-        None | Some("forward") => Ok(false),
-        Some("reverse") => Ok(true),
-        Some(v) => Err(Error::Unsupported {
-            what: "cross-entropy row order",
-            detail: format!("{ROW_ORDER_VAR}={v:?}: give `forward` (the default) or `reverse`"),
-        }),
+        None => Ok(false),
+        Some(v) if v == off => Ok(false),
+        Some(v) if v == on => Ok(true),
+        Some(v) => {
+            Err(Error::Unsupported { what, detail: format!("{var}={v:?}: give `{off}` (the default) or `{on}`") })
+        }
     }
 }
 
