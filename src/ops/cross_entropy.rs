@@ -103,9 +103,9 @@
 //! 57 MiB in all at the model's shape (60 MiB with the column sums in shared memory). With
 //! `V <= 2^20` (checked) it is at most 63 MiB plus 4 bytes per row: 52 MiB of logits and at most
 //! 11 MiB of column sums (`352 * 8192 * 4` bytes with `V <= 8192`; otherwise `groups * V * 4`
-//! with `Rc * V <= 26 Mi`, at most 10.5 MiB). When `chunk_rows` is given, a last chunk of fewer rows gets
-//! buffers of its own size after the full-size ones are freed (stream-ordered), so the peak
-//! stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
+//! with `Rc * V <= 26 Mi`, at most 10.5 MiB). When `chunk_rows` is given, a last chunk of fewer
+//! rows gets buffers of its own size after the full-size ones are freed (stream-ordered), so the
+//! peak stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
 //!
 //! # Precision
 //!
@@ -173,8 +173,9 @@ pub struct CrossEntropyShape {
     /// gradient's per-block sums add the rows in the other order. The CPU ignores it.
     pub reverse_rows: bool,
     /// GPU only: the held-rows kernel keeps its column sums in shared memory
-    /// ([`CrossEntropyShape::with_smem_sums`]), so that three of its blocks fit an SM. The same
-    /// values, bit for bit. The CPU ignores it.
+    /// ([`CrossEntropyShape::with_smem_sums`]), so that three of its blocks fit an SM. Every
+    /// row's outputs, dx and dW are the same bits; db can differ in rounding (its per-block sums
+    /// group the rows into more blocks). The CPU ignores it.
     pub smem_sums: bool,
 }
 
@@ -266,10 +267,11 @@ impl CrossEntropyShape {
     }
 
     /// The same shape with the held-rows kernel's column sums in shared memory (`true`) or in
-    /// registers. Why it might pay: the sums take 32 of the register kernel's 115 registers; in
+    /// registers. Why it might pay: the sums take 32 of the register kernel's 113 registers; in
     /// shared memory it needs 80, so three blocks fit an SM instead of two, with half as many
-    /// bytes again in flight, and the sixth run's row kernel moved 3 TB/s where a read-and-write
-    /// stream can move about 4. `cross_entropy --bench` times both.
+    /// warps again to run while a block waits at its barriers. The row kernel moved 3 TB/s on an
+    /// H200 (fifth run, under ncu), where a read-and-write stream can move about 4.
+    /// `cross_entropy --bench` times both.
     pub fn with_smem_sums(self, smem_sums: bool) -> Self {
         CrossEntropyShape { smem_sums, ..self }
     }
