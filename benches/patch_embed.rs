@@ -3,6 +3,11 @@
 //! backward; the median of event-timed runs (ten
 //! back-to-back calls each) is printed in ms per call beside criterion's numbers. Without a GPU
 //! the GPU benches print one SKIP line. CPU: the f32 reference at a small size.
+//!
+//! `MAPET_BENCH_PATCH_ORDERS` (comma-separated order names; unset, all) leaves out every line
+//! that runs an order it does not name, the f32 lines counting as `chw`: the run script's way to
+//! bench the orders that passed their tests when another failed (a fault is sticky and would fail
+//! every later line; a hang ends the bench).
 
 use std::time::Duration;
 
@@ -13,6 +18,7 @@ use mapet::ops::patch_embed::{
     cpu_backward, cpu_forward_f32, cuda_backward, cuda_forward_f32, cuda_forward_u8, DevicePixels, Normalize,
     PatchEmbedShape, PixelOrder, Pixels,
 };
+use mapet::ops::KernelChoice;
 use mapet::testing::{finish_or_exit, rng, uniform};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -149,8 +155,20 @@ fn bench_gpu(c: &mut Criterion) {
         ("forward+backward u8 hwc-ws/hwc", ws_then_hwc, ws, 2.0 * flops),
         ("forward+backward u8 hwc/hwc-ws", hwc_then_ws, ws, 2.0 * flops),
     ];
+    let benched = PixelOrder::listed_in("MAPET_BENCH_PATCH_ORDERS").unwrap_or_else(|e| panic!("{e}"));
     let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");
     for (name, step, entry, work) in cases {
+        // The orders a line runs: those its name gives after "u8" ("hwc-ws/hwc": both), chw for f32.
+        let orders: Vec<PixelOrder> = match name.split_once(" u8 ") {
+            Some((_, o)) => {
+                o.split('/').map(|n| PixelOrder::named("order", n).expect("a bench line's order")).collect()
+            }
+            None => vec![PixelOrder::Chw],
+        };
+        if let Some(left_out) = orders.iter().find(|o| !benched.contains(o)) {
+            println!("RESULT patch_embed {name}: skipped, MAPET_BENCH_PATCH_ORDERS leaves out {}", left_out.name());
+            continue;
+        }
         if entry.is_some_and(|order| !order.supported_on(&gpu)) {
             println!("RESULT patch_embed {name}: skipped, {} is not a compute capability 9.0 device", gpu.name());
             continue;

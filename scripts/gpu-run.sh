@@ -97,6 +97,7 @@ row() {
 declare -A test_rc=()
 attention_without_wgmma_rc=""
 attention_without_ahead_rc=""
+patch_orders_ok=""
 tests="${MAPET_TESTS:-$(cat "$here/gpu-tests.txt" 2>/dev/null || ls "$here/tests")}"
 [ "$tests" = "all" ] && tests="$(ls "$here/tests")"
 [ "$tests" = "none" ] && tests=""
@@ -149,6 +150,7 @@ for t in $tests; do
       fi
       # A wgmma kernel that hung would end the attention bench at its first launch, so the bench
       # leaves that set out: wgmma-ahead alone when the line names it, else both wgmma sets.
+      # (The patch-embedding orders are handled below.)
       case "$hung" in
         *wgmma-ahead*)
           export MAPET_BENCH_ATTENTION_SETS=tiled,resident,wgmma
@@ -158,12 +160,34 @@ for t in $tests; do
           row "  $t wgmma hung" skip "attention bench without wgmma: $hung" ;;
       esac
     fi
+    # The patch-embedding tests check every pixel order in turn: which pass on their own
+    # (MAPET_TEST_PATCH_ORDERS; the f32 entry runs with chw). Those still count for the targets
+    # and the winners, and the bench runs only them, so that a fault or hang of another cannot
+    # fail or end it.
+    if [ "$t" = patch_embed ]; then
+      for o in hwc hwc-ws chw hwc-wgmma; do
+        one="$res/test-$t-only-$o.log"
+        MAPET_TEST_PATCH_ORDERS=$o timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1 \
+          ${MAPET_TEST_ARGS:-} >"$one" 2>&1
+        if [ $? -eq 0 ]; then
+          patch_orders_ok="$patch_orders_ok $o"
+          row "  $t $o only" ok "pass"
+        else
+          row "  $t $o only" FAIL "$one"
+        fi
+      done
+      if [ -n "$patch_orders_ok" ]; then
+        MAPET_BENCH_PATCH_ORDERS="$(echo $patch_orders_ok | tr ' ' ',')"
+        export MAPET_BENCH_PATCH_ORDERS
+        row "  $t orders passing alone" skip "patch bench with $MAPET_BENCH_PATCH_ORDERS only"
+      fi
+    fi
   fi
 done
 
 # The variants each op's tests cleared in this run (for the target rows and MAPET_WINNERS): all
 # of an op's when its test binary passed; for attention, the sets without wgmma when only those
-# passed on their own; none when its tests failed; the defaults, verified by earlier runs, when
+# passed on their own; for the patch embedding, the orders that passed on their own; none when its tests failed; the defaults, verified by earlier runs, when
 # its tests did not run in this call. The cross-entropy's default is always counted (its tests
 # cover the variants too); its sub-chunk passes need its tests, its chosen or self-tuned GEMMs
 # the GEMM tests too.
@@ -173,6 +197,7 @@ elif [ "$attention_without_ahead_rc" = 0 ]; then OK_ATTENTION="tiled resident wg
 elif [ "$attention_without_wgmma_rc" = 0 ]; then OK_ATTENTION="tiled resident"
 elif [ -n "${test_rc[attention_gpu]:-}" ]; then OK_ATTENTION=""; fi
 if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-wgmma hwc-ws"
+elif [ -n "$patch_orders_ok" ]; then OK_PATCH="${patch_orders_ok# }"
 elif [ -n "${test_rc[patch_embed]:-}" ]; then OK_PATCH=""; fi
 [ "${test_rc[cross_entropy]:-x}" = 0 ] && OK_CE="default passes"
 [ "${test_rc[cross_entropy]:-x}" = 0 ] && [ "${test_rc[gemm]:-x}" = 0 ] && OK_CE="default passes gemms"

@@ -221,6 +221,8 @@ exit 0"#,
             .env_remove("MAPET_RESULTS")
             .env_remove("MAPET_BENCH_ATTENTION_SETS")
             .env_remove("MAPET_TEST_ATTENTION_SETS")
+            .env_remove("MAPET_TEST_PATCH_ORDERS")
+            .env_remove("MAPET_BENCH_PATCH_ORDERS")
             .env_remove("MAPET_PATCH_EMBED_BACKWARD_ORDER")
             .env_remove("MAPET_PATCH_EMBED_ORDER")
             .env_remove("MAPET_GEMM_TUNE")
@@ -388,6 +390,43 @@ exit 101"#,
     );
     let switches = fs::read_to_string(bundle.join("results/winners-test-model_gpu.log")).unwrap();
     assert!(switches.lines().any(|l| l == "MAPET_CE_ROW_KERNEL=held-smem"), "{switches}");
+
+    // And the patch-embedding tests failing as a whole, but hwc and hwc-ws passing on their own
+    // (MAPET_TEST_PATCH_ORDERS): those two orders count, and the bench runs only them.
+    script(
+        &payload.join("tests"),
+        "patch_embed",
+        r#"case "${MAPET_TEST_PATCH_ORDERS:-all}" in
+  hwc|hwc-ws) echo "test result: ok. 9 passed; 0 failed"; exit 0 ;;
+esac
+echo "test gpu_matches_cpu_on_fixed_shapes ... FAILED"
+echo "test result: FAILED. 8 passed; 1 failed"
+exit 101"#,
+    );
+    script(
+        &payload.join("benches"),
+        "patch_embed",
+        &format!("echo \"orders ${{MAPET_BENCH_PATCH_ORDERS:-all}}\"\n{patch_embed}"),
+    );
+    stand_in.pack();
+    fs::remove_dir_all(bundle.join("results")).unwrap();
+    let out = run();
+    assert!(out.status.success(), "run.sh failed:\n{}", String::from_utf8_lossy(&out.stdout));
+    let summary = fs::read_to_string(bundle.join("results/summary.txt")).unwrap();
+    let has = |prefix: &str, rest: &str| summary.lines().any(|l| l.starts_with(prefix) && l.contains(rest));
+    for (order, verdict) in [("hwc", "ok"), ("hwc-ws", "ok"), ("chw", "FAIL"), ("hwc-wgmma", "FAIL")] {
+        assert!(has(&format!("  patch_embed {order} only "), verdict), "{order} alone: {verdict}\n{summary}");
+    }
+    let bench = fs::read_to_string(bundle.join("results/bench-patch_embed.log")).unwrap();
+    assert!(bench.starts_with("orders hwc,hwc-ws\n"), "the patch bench's orders:\n{bench}");
+    let row = summary.lines().find(|l| l.starts_with("target patch_embed fwd+bwd")).expect("a patch target row");
+    assert!(!row.contains("none") && row.contains("of 3 lines"), "hwc and hwc-ws/hwc count:\n{row}");
+    let env = fs::read_to_string(bundle.join("results/winners.env")).unwrap();
+    assert!(
+        env.lines().any(|l| l == "MAPET_PATCH_EMBED_ORDER=hwc-ws")
+            && env.lines().any(|l| l == "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc"),
+        "the default pair, tested order by order, stays:\n{env}"
+    );
 }
 
 /// `scripts/ncu-hot.py`, the digest of Nsight Compute's per-instruction warp-stall samples that

@@ -579,6 +579,17 @@ fn upload(gpu: &Gpu, c: &Case) -> DeviceCase {
     }
 }
 
+/// The variable that names, comma-separated, the pixel orders the GPU tests run (`hwc,hwc-ws`);
+/// unset, all of them. The f32 entry counts as `chw`. So that the run script can find which orders
+/// pass on their own when one fails (a kernel fault is sticky and fails every later launch of the
+/// process; a hang ends it).
+const ORDERS_VAR: &str = "MAPET_TEST_PATCH_ORDERS";
+
+/// Whether [`ORDERS_VAR`] keeps `order`; an unknown name fails the test, naming the variable.
+fn listed(order: PixelOrder) -> bool {
+    PixelOrder::listed_in(ORDERS_VAR).unwrap_or_else(|e| panic!("{e}")).contains(&order)
+}
+
 /// A GPU entry point: f32 CHW pixels, or uint8 HWC pixels contracted in one of the orders.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Entry {
@@ -595,9 +606,17 @@ impl Entry {
         Entry::U8(PixelOrder::HwcWs),
     ];
 
-    /// Whether `gpu` runs this entry (the wgmma kernels need compute capability 9.0); says so
-    /// when it does not.
+    /// Whether `gpu` runs this entry (the wgmma kernels need compute capability 9.0) and
+    /// `MAPET_TEST_PATCH_ORDERS` keeps it ([`listed`]); says so when it does not.
     fn runs_on(self, gpu: &Gpu) -> bool {
+        let order = match self {
+            Entry::F32 => PixelOrder::Chw,
+            Entry::U8(order) => order,
+        };
+        if !listed(order) {
+            eprintln!("skipping the {} entry: {ORDERS_VAR} leaves out {}", self.name(), order.name());
+            return false;
+        }
         let ok = match self {
             Entry::F32 => true,
             Entry::U8(order) => order.supported_on(gpu),
@@ -902,6 +921,12 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
         }
         return;
     }
+    // On 9.0 the Hopper orders are compared with the hwc kernels: each needs both listed.
+    let orders: Vec<PixelOrder> = orders.into_iter().filter(|&o| listed(o) && listed(PixelOrder::Hwc)).collect();
+    if orders.is_empty() {
+        eprintln!("SKIP {test}: {ORDERS_VAR} leaves out hwc, or both Hopper orders");
+        return;
+    }
     let hwc = Entry::U8(PixelOrder::Hwc);
     // Tile edges: 200 and 392 channels end in a partial 128-channel tile (and 192-channel tile of
     // hwc-ws), 5 * 16 and 48 * 196 patch rows in a partial 128-row tile; p = 8, 16 and 32 give
@@ -918,7 +943,7 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
         let reference = gpu_forward(&gpu, &case, &dc, hwc).unwrap();
         let reference_grads = gpu_backward(&gpu, &case, &dc, hwc, &d_out, &init).unwrap();
         let scale = reference_grads.w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for order in orders {
+        for &order in &orders {
             let name = order.name();
             // Against the mma.sync HWC kernels: the same bf16 products, summed in another order
             // (within a 16-deep step; hwc-ws also starts from bias + pos_embed). Forward: each
