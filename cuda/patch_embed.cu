@@ -925,6 +925,25 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 // on compute capability 9.0 (only). As it stood at the sixth run, its tests passed on an H200 and
 // it took 0.148 ms at ViT-B against the mma.sync HWC kernel's 0.176 (BENCHMARKS.md); the bulk-copy
 // epilogue and the token rows written since are unverified on GPU.
+//
+// The cluster variant (mapet_patch_embed_fwd_u8_hwc_mc, the `hwc-mc` order; an experiment,
+// unverified on GPU). Why: a 128-row tile reads its 192 channels' whole weight slab (295 KB) from
+// L2 for 37.7 MFLOP, 231 MB at ViT-B, three quarters of what the kernel reads; at the sixth run's
+// 0.149 ms it moved about 2 TB/s from L2 while its tensor cores were busy a fifth of the time.
+// Two blocks of a cluster take the same channel tile of two adjacent row tiles, so they need the
+// same weight boxes: each loads half of every box (96 channels) by TMA multicast into both
+// blocks' stages, and the weight crosses from L2 once per two tiles. What it takes:
+// - the walk: positions of (channel tile, pair of row tiles), the same for both blocks of a
+//   cluster, so that they need the same boxes in the same order (tile_at);
+// - `full` as before (129 arrivals, the whole box's bytes: each block's own half and the peer's
+//   land on the barrier at the same offset in both);
+// - `empty` takes four arrivals, the consumer warpgroups of both blocks (mbar_arrive_cluster):
+//   a producer may refill a stage only when neither block's wgmma still reads it, since its TMA
+//   writes into both; the producers wait on it at cluster scope;
+// - a cluster barrier after the barriers' initialisation (a peer's multicast or arrival may come
+//   at once) and before exit (a block's shared memory must outlive its peer's arrivals).
+// Everything else (the A tiles from the pixels, the consumers, the epilogue) is the one-block
+// kernel's, per block.
 constexpr int kWsN = 192;
 constexpr int kWsK = 64;
 constexpr int kWsStages = 4;
@@ -954,7 +973,12 @@ struct WsSlice {
     uint32_t rows_ok;  // bit r: row r0 + 16r of the tile is a patch row
 };
 
+// kCluster: 1, mapet_patch_embed_fwd_u8_hwc_ws, as above; 2, mapet_patch_embed_fwd_u8_hwc_mc, two
+// blocks a cluster sharing each weight box (below, "the cluster variant").
+template <int kCluster>
 __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
+    static_assert(kCluster == 1 || kCluster == 2, "one block, or a pair");
+    constexpr bool kPair = kCluster == 2;
     const MapetPatchEmbedFwd& P = T.p;
     extern __shared__ unsigned char ws_smem_raw[];
     __shared__ __align__(8) uint64_t full[kWsStages];
@@ -965,13 +989,41 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
     const int n_tiles = (g.D + kWsN - 1) / kWsN;
-    const int tiles = n_tiles * ((g.M + kFwdM - 1) / kFwdM);
+    const int row_tiles = (g.M + kFwdM - 1) / kFwdM;
+    const int tiles = n_tiles * row_tiles;
     const int slices = (g.K + kWsK - 1) / kWsK;
+    // The walk: the positions w_first(), + w_step(), ... below `walk` that this block takes, and
+    // the tile at each (tile_at). One block: the tiles themselves, a grid-stride walk. A pair: the
+    // cluster's positions (from the cluster's index), each a channel tile n = w % n_tiles and a pair
+    // of row tiles, 2 (w / n_tiles) and the one after, one a block by rank. Both blocks of a pair
+    // then take the same channel tiles in the same order, as their shared weight boxes need; a
+    // tile of a row tile past the last (an odd count) has no rows, but its block still loads and
+    // multiplies its half of the boxes for its peer.
+    // (Read from the grid where they are used, not held: the one-block walk's code is then the
+    // same as before the pair existed, registers included.)
+    const int walk = kPair ? n_tiles * ((row_tiles + 1) / 2) : tiles;
+    auto w_first = [] { return static_cast<int>(blockIdx.x) / kCluster; };
+    auto w_step = [] { return static_cast<int>(gridDim.x) / kCluster; };
+    // Tile indices as in the one-block walk (channel tile tile % n_tiles, row tile tile / n_tiles);
+    // one of no rows (>= tiles) past the walk's end or the last row tile.
+    auto tile_at = [&](int w) {
+        if constexpr (kPair) {
+            return (2 * (w / n_tiles) + static_cast<int>(cluster_rank())) * n_tiles + w % n_tiles;
+        } else {
+            return w;
+        }
+    };
 
     // The producer's rotation needs a multiple of 3 slices (K' = 3p^2, p % 8 == 0: see below).
     if (slices % 3 != 0 || dynamic_smem_bytes() < kWsSmemBytes) __trap();
-    mbar_init_ring(full, empty, 129, 2);
-    __syncthreads();
+    // A pair's stage is free once both blocks' consumers are done with it: each of the four
+    // warpgroups arrives on both blocks' `empty`.
+    mbar_init_ring(full, empty, 129, 2 * kCluster);
+    if constexpr (kPair) {
+        cluster_sync();  // the peer's barriers are initialised before any copy or arrival reaches them
+    } else {
+        __syncthreads();
+    }
 
     if (wg == 0) {
         // ---- producer. It walks this block's (tile, slice) items in order, `it` counting them:
@@ -983,7 +1035,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         const int kg = tid & 7;
         const int r0 = tid >> 3;
         // The fetch cursor: the tile and slice of the next item to load, its rows' pixel bases.
-        int f_tile = blockIdx.x, f_t = 0;
+        int f_tile = tile_at(w_first()), f_w = w_first(), f_t = 0;
         int base[kWsGroups];
         HwcCursor cur(kg * 8, g.p, g.S);
         auto start_tile = [&] {
@@ -1007,20 +1059,36 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             cur.advance(kWsK);
             if (++f_t == slices) {
                 f_t = 0;
-                f_tile += gridDim.x;
+                f_w += w_step();
+                f_tile = tile_at(f_w);
                 start_tile();
             }
         };
         // Item it (slice t of a tile whose channels start at n0): the weight box, then A from
         // sl, whose loads were issued kWsAhead items ago; then the loads of item it + kWsAhead.
-        int it = 0, p_tile = blockIdx.x, p_t = 0;
+        // The walk position of the item being produced: its channel tile is p_w % n_tiles.
+        int it = 0, p_w = w_first(), p_t = 0;
         auto produce = [&](WsSlice& sl) {
             const int s = it % kWsStages;
-            if (it >= kWsStages) mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
+            if (it >= kWsStages) {
+                if constexpr (kPair) {
+                    mbar_wait_cluster(&empty[s], (it / kWsStages - 1) & 1);
+                } else {
+                    mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
+                }
+            }
             unsigned char* stage = ring + s * kWsStageBytes;
             if (tid == 0) {
                 mbar_arrive_expect_tx(&full[s], kWsBBytes);
-                tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_tile % n_tiles) * kWsN, &full[s]);
+                // The whole box lands in both blocks of a pair: each loads half of its channels,
+                // multicast to both (the map's boxes are kWsN / 2 channels there).
+                if constexpr (kPair) {
+                    const int rank = static_cast<int>(cluster_rank());
+                    tma_load_2d_multicast(stage + kWsABytes + rank * (kWsBBytes / 2), &T.weight_hwc, p_t * kWsK,
+                                          (p_w % n_tiles) * kWsN + rank * (kWsN / 2), &full[s], 0x3);
+                } else {
+                    tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_w % n_tiles) * kWsN, &full[s]);
+                }
             }
             const Norm3 nrm = px.norm3(sl.c);
             // Rows r0 + 16 r share r0's place in the swizzle: 16 rows on is 2048 bytes on.
@@ -1035,7 +1103,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             ++it;
             if (++p_t == slices) {
                 p_t = 0;
-                p_tile += gridDim.x;
+                p_w += w_step();
             }
             fetch(sl);
         };
@@ -1047,12 +1115,13 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         fetch(x);
         fetch(y);
         fetch(z);
-        const int items = ((tiles - blockIdx.x + gridDim.x - 1) / gridDim.x) * slices;
+        const int items = ((walk - w_first() + w_step() - 1) / w_step()) * slices;
         for (int i = 0; i < items; i += 3) {
             produce(x);
             produce(y);
             produce(z);
         }
+        if constexpr (kPair) cluster_sync();  // the consumers' closing sync (below)
         return;
     }
 
@@ -1165,9 +1234,19 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         }
     };
     RowsOf cur, next;
-    rows_of(blockIdx.x, next);
+    // A stage's release: one arrival of this warpgroup on `empty`, on both blocks' for a pair.
+    auto release = [&](int s) {
+        if constexpr (kPair) {
+            mbar_arrive_cluster(&empty[s], 0);
+            mbar_arrive_cluster(&empty[s], 1);
+        } else {
+            mbar_arrive(&empty[s]);
+        }
+    };
+    rows_of(tile_at(w_first()), next);
     int it = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int w = w_first(); w < walk; w += w_step()) {
+        const int tile = tile_at(w);
         const int n0 = (tile % n_tiles) * kWsN;
         cur = next;
         const int (&tok)[2] = cur.tok;
@@ -1198,18 +1277,18 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
             wgmma_commit_groups();
             if (t == 0) {
-                rows_of(tile + gridDim.x, next);
+                rows_of(tile_at(w + w_step()), next);
                 if (other.cls[0] || other.cls[1]) write_cls_rows(other, n0);
             }
             // The previous slice's wgmma are done with their stage: hand it back.
             wgmma_wait_groups<1>();
-            if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);
+            if (t > 0 && (tid & 127) == 0) release((it - 1) % kWsStages);
             // After the hand-back, so that waiting on its loads delays no stage.
             write_other_rows(other, n0, t);
         }
         wgmma_wait_groups<0>();
         pin_regs(acc);
-        if ((tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);  // the tile's last slice
+        if ((tid & 127) == 0) release((it - 1) % kWsStages);  // the tile's last slice
         // Epilogue: the rows go through the staging tile, then out by the copy engine, one bulk
         // copy of min(192, D - n0) channels a row (D % 8 == 0, so 16-byte multiples at 16-byte
         // aligned addresses), while the warpgroup goes on to its next tile. Rows 4-byte store
@@ -1236,6 +1315,9 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         }
     }
     if (i < 64) bulk_wait<0>();  // the last copies read the staging tile: it must outlive them
+    // A pair: neither block exits while its peer may still arrive on its barriers or its
+    // multicasts may still be landing (every block has waited for all of its own stages by now).
+    if constexpr (kPair) cluster_sync();
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -1868,7 +1950,24 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
 extern "C" __global__ void __launch_bounds__(384, 1)
     mapet_patch_embed_fwd_u8_hwc_ws(const __grid_constant__ MapetPatchEmbedFwdWs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    forward_hwc_ws(p);
+    forward_hwc_ws<1>(p);
+#else
+    __trap();
+#endif
+}
+
+// mapet_patch_embed_fwd_u8_hwc_ws in clusters of two blocks that share each weight box (see "the
+// cluster variant"); sm_90a only. Grid: an even number of blocks, at most the SMs and two per
+// walk position; the same threads and shared memory; the tensor map's boxes are 96 channels.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define MAPET_PAIR_CLUSTER  // (no clusters before sm_90; the kernel traps there)
+#else
+#define MAPET_PAIR_CLUSTER __cluster_dims__(2, 1, 1)
+#endif
+extern "C" __global__ void MAPET_PAIR_CLUSTER __launch_bounds__(384, 1)
+    mapet_patch_embed_fwd_u8_hwc_mc(const __grid_constant__ MapetPatchEmbedFwdWs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    forward_hwc_ws<2>(p);
 #else
     __trap();
 #endif

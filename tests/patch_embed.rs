@@ -8,7 +8,8 @@ use mapet::cpu::round_bf16;
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::ops::patch_embed::{
     cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward, cuda_forward_f32, cuda_forward_u8, normalize_u8,
-    weight_grad_splits_ws, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels, BWD_WS_MAX_ROWS,
+    weight_grad_splits_ws, ws_forward_grid, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels,
+    BWD_WS_MAX_ROWS,
 };
 use mapet::ops::KernelChoice;
 use mapet::testing::{
@@ -598,12 +599,13 @@ enum Entry {
 }
 
 impl Entry {
-    const ALL: [Entry; 5] = [
+    const ALL: [Entry; 6] = [
         Entry::F32,
         Entry::U8(PixelOrder::Chw),
         Entry::U8(PixelOrder::Hwc),
         Entry::U8(PixelOrder::HwcWgmma),
         Entry::U8(PixelOrder::HwcWs),
+        Entry::U8(PixelOrder::HwcMc),
     ];
 
     /// Whether `gpu` runs this entry (the wgmma kernels need compute capability 9.0) and
@@ -894,7 +896,30 @@ fn warp_specialised_weight_splits_cover_the_rows_in_whole_slices() {
     assert_eq!(weight_grad_splits_ws(&vit_b, 132), (11, 2304), "36 tiles x 11 splits = 3 blocks an SM");
 }
 
-/// The sm_90a-only orders (`hwc-wgmma`, `hwc-ws`) are refused, with an error that names the order
+/// The warp-specialised forward's grid (no GPU needed): one block an SM at most and no more
+/// than the walk's positions; for the pair (`hwc-mc`) an even count, no more clusters than fit
+/// at once, and none that fit is an error naming the order.
+#[test]
+fn warp_specialised_forward_grid_fits_the_walk_and_the_clusters() {
+    // ViT-B, batch 128: 196 row tiles of 128 x 4 channel tiles of 192: 784 tiles, 392 pair positions.
+    let vit_b = shape(128, 224, 16, 768, 50);
+    assert_eq!(ws_forward_grid(&vit_b, 132, None).unwrap(), 132);
+    assert_eq!(ws_forward_grid(&vit_b, 132, Some(66)).unwrap(), 132);
+    assert_eq!(ws_forward_grid(&vit_b, 132, Some(63)).unwrap(), 126, "only the clusters that fit at once");
+    assert_eq!(ws_forward_grid(&vit_b, 132, Some(80)).unwrap(), 132, "never more blocks than SMs");
+    // 2 images of 32 x 32, p = 8: 32 rows, one row tile; 24 channels, one channel tile.
+    let small = shape(2, 32, 8, 24, 5);
+    assert_eq!(ws_forward_grid(&small, 132, None).unwrap(), 1);
+    assert_eq!(ws_forward_grid(&small, 132, Some(66)).unwrap(), 2, "one position, a pair of blocks");
+    // 48 images, 392 channels: 74 row tiles x 3 channel tiles = 111 positions.
+    let odd = shape(48, 224, 16, 392, 50);
+    assert_eq!(ws_forward_grid(&odd, 132, Some(66)).unwrap(), 132);
+    assert_eq!(ws_forward_grid(&odd, 78, Some(39)).unwrap(), 78);
+    let e = ws_forward_grid(&vit_b, 132, Some(0)).unwrap_err().to_string();
+    assert!(e.contains("hwc-mc") && e.contains("hwc-ws"), "{e}");
+}
+
+/// The sm_90a-only orders (`hwc-wgmma`, `hwc-ws`, `hwc-mc`) are refused, with an error that names the order
 /// and the compute capability, where they cannot run; where they can, they agree with the mma.sync
 /// HWC kernels (and the tests above check them against the CPU on such a device).
 #[test]
@@ -902,7 +927,7 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
     let test = "hopper_orders_run_only_on_compute_capability_9_0";
     let Some(gpu) = gpu_or_skip(test) else { return };
     let mut rng = rng(test);
-    let orders = [PixelOrder::HwcWgmma, PixelOrder::HwcWs];
+    let orders = [PixelOrder::HwcWgmma, PixelOrder::HwcWs, PixelOrder::HwcMc];
     if gpu.compute_capability() != (9, 0) {
         let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
         let case = make_case(&mut rng, s);
@@ -932,6 +957,9 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
     // hwc-ws), 5 * 16 and 48 * 196 patch rows in a partial 128-row tile; p = 8, 16 and 32 give
     // K = 192, 768 and 3072 (the weight gradient's k' tiles, partial for 192). At 32 and 48
     // images of 224 x 224, hwc-ws's blocks take more than one tile each (196 and 222 tiles).
+    // hwc-mc's pairs of row tiles: one row tile (the second block of the pair has no rows) at 2
+    // and 5 images, 49 (odd) and 74 at 32 and 48; the second block's half of a weight box lies
+    // wholly past D in the last channel tile at 200 and 392 channels.
     for (batch, image, patch, dim) in
         [(2, 32, 8, 24), (5, 64, 16, 200), (32, 224, 16, 768), (48, 224, 16, 392), (2, 64, 32, 64)]
     {

@@ -44,6 +44,9 @@ const FWD_TILE_N: usize = 128;
 /// 400 bytes for each consumer warpgroup, and 1 KB to align them (cuda/patch_embed.cu,
 /// kWsSmemBytes; `tests::ws_forward_shared_memory_is_the_kernels` checks the sum).
 const FWD_WS_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_ws";
+/// The same forward in clusters of two blocks sharing each weight box (`hwc-mc`): the tensor
+/// map's boxes are half a tile's channels.
+const FWD_MC_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_mc";
 const FWD_WS_TILE_N: usize = 192;
 const FWD_WS_THREADS: u32 = 384;
 const FWD_WS_SMEM: u32 = 4 * 40 * 1024 + 2 * 64 * 400 + 1024;
@@ -546,15 +549,25 @@ pub enum PixelOrder {
     /// against 0.193 (BENCHMARKS.md, sixth run), so the default on compute capability 9.0 is its
     /// forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]).
     HwcWs,
+    /// `HwcWs`'s forward in clusters of two blocks that take adjacent row tiles of the same
+    /// channels and share each weight box: each block loads half of it by TMA multicast into
+    /// both (`mapet_patch_embed_fwd_u8_hwc_mc`), so the weight crosses from L2 once per two
+    /// 128-row tiles, 115 MB instead of 231 at ViT-B, batch 128. The backward is `Hwc`'s.
+    /// Compute capability 9.0 only. Experimental, unverified on GPU: the hwc-ws forward moves about
+    /// 2 TB/s from L2 for 20% of the tensor cores' time, and whether halving the weight's part of
+    /// that pays only a card can say (BENCHMARKS.md).
+    HwcMc,
 }
 
 impl PixelOrder {
     /// Every order, for tests and benches.
-    pub const ALL: [PixelOrder; 4] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma, PixelOrder::HwcWs];
+    pub const ALL: [PixelOrder; 5] =
+        [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma, PixelOrder::HwcWs, PixelOrder::HwcMc];
 
     /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
     fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
-        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma | PixelOrder::HwcWs) && shape.patch.is_multiple_of(8)
+        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma | PixelOrder::HwcWs | PixelOrder::HwcMc)
+            && shape.patch.is_multiple_of(8)
     }
 
     /// Whether this order can run on `gpu`: the wgmma kernels need compute capability 9.0 (their
@@ -565,7 +578,7 @@ impl PixelOrder {
 
     /// Whether this order runs sm_90a-only kernels.
     fn hopper_only(self) -> bool {
-        matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcWs)
+        matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcWs | PixelOrder::HwcMc)
     }
 
     /// The environment variable that picks the backward's order apart from the forward's.
@@ -604,7 +617,7 @@ impl PixelOrder {
     }
 }
 
-/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-wgmma|hwc-ws` picks the order the CUDA backend passes to
+/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-wgmma|hwc-ws|hwc-mc` picks the order the CUDA backend passes to
 /// [`cuda_forward_u8`] and [`cuda_backward`] (read once, when the backend is made;
 /// [`PixelOrder::BACKWARD_VAR`] can give the backward another).
 impl KernelChoice for PixelOrder {
@@ -617,6 +630,7 @@ impl KernelChoice for PixelOrder {
             PixelOrder::Hwc => "hwc",
             PixelOrder::HwcWgmma => "hwc-wgmma",
             PixelOrder::HwcWs => "hwc-ws",
+            PixelOrder::HwcMc => "hwc-mc",
         }
     }
 }
@@ -697,7 +711,11 @@ fn cuda_forward(
         gpu,
         order,
         "mapet_patch_embed_fwd_u8_hwc",
-        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_fwd_u8_hwc_wgmma"), (PixelOrder::HwcWs, FWD_WS_KERNEL)],
+        &[
+            (PixelOrder::HwcWgmma, "mapet_patch_embed_fwd_u8_hwc_wgmma"),
+            (PixelOrder::HwcWs, FWD_WS_KERNEL),
+            (PixelOrder::HwcMc, FWD_MC_KERNEL),
+        ],
     )?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
@@ -745,24 +763,26 @@ fn cuda_forward(
         unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
-    if kernel == FWD_WS_KERNEL {
+    if kernel == FWD_WS_KERNEL || kernel == FWD_MC_KERNEL {
+        let pair = kernel == FWD_MC_KERNEL;
         let weight_hwc = weight_hwc.as_ref().map_or(std::ptr::null(), |w| w.ptr());
+        let box_rows = if pair { FWD_WS_TILE_N / 2 } else { FWD_WS_TILE_N };
         let ws = MapetPatchEmbedFwdWs {
             p: params,
-            weight_hwc: tensor_map_bf16(weight_hwc, shape.dim, shape.patch_len(), FWD_WS_TILE_N)?,
+            weight_hwc: tensor_map_bf16(weight_hwc, shape.dim, shape.patch_len(), box_rows)?,
         };
-        let tiles = shape.dim.div_ceil(FWD_WS_TILE_N) as u64 * m.div_ceil(FWD_TILE_M as u64);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks_for("patch embedding tiles", tiles, 1)?.min(gpu.sm_count()), 1, 1),
-            block_dim: (FWD_WS_THREADS, 1, 1),
-            shared_mem_bytes: FWD_WS_SMEM,
-        };
+        let mut cfg =
+            LaunchConfig { grid_dim: (2, 1, 1), block_dim: (FWD_WS_THREADS, 1, 1), shared_mem_bytes: FWD_WS_SMEM };
+        let clusters = if pair { Some(gpu.max_active_clusters(MODULE, kernel, cfg)?) } else { None };
+        cfg.grid_dim.0 = ws_forward_grid(shape, gpu.sm_count(), clusters)?;
         // SAFETY: as for the kernels below (the same parameters, bounds and skipped rows), and as
         // for mapet_patch_embed_fwd_rows, whose rows this kernel writes too (the CLS row of each
         // image and the two mask-token rows of each token of rank in [C, N): b·R + N + rank - C
         // and P rows on, both below (b + 1)·R); the tensor map covers weight_hwc, [D, K'] bf16
         // with rows of 2K' bytes (K' = 3p², p % 8 == 0, so a multiple of 16), and the kernel
-        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring.
+        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring. The pair's grid is even
+        // (ws_forward_grid), as its two-block clusters need; a box of its map past D (the last
+        // channel tile's second half) is filled with zeros by the copy engine, in bounds.
         unsafe { gpu.launch(MODULE, kernel, cfg, &ws)? };
         // Its consumer warpgroups write the CLS and mask-token rows under the MMAs: no second
         // kernel writes them.
@@ -784,6 +804,28 @@ fn cuda_forward(
     // block per token, and ranks outside [C, N) write no mask row.
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
     Ok(())
+}
+
+/// Blocks of the warp-specialised forward, persistent: one an SM at most, and no more than its
+/// walk has positions (tiles of 128 rows x 192 channels). For the pair (`hwc-mc`, `clusters`:
+/// how many of its two-block clusters the device holds at once, `Gpu::max_active_clusters`) two
+/// blocks a position (a channel tile of two adjacent row tiles), and no more clusters than fit at
+/// once: a GPC with an odd number of free SMs leaves one out, and a cluster that waited for a
+/// place would start its share of the walk when the others end theirs.
+pub fn ws_forward_grid(shape: &PatchEmbedShape, sm_count: u32, clusters: Option<u32>) -> Result<u32> {
+    let channel_tiles = shape.dim.div_ceil(FWD_WS_TILE_N) as u64;
+    let row_tiles = ((shape.batch * shape.n_patches()) as u64).div_ceil(FWD_TILE_M as u64);
+    match clusters {
+        Some(0) => Err(Error::Unsupported {
+            what: "patch embedding order hwc-mc",
+            detail: format!("the device holds none of {FWD_MC_KERNEL}'s two-block clusters: use hwc-ws"),
+        }),
+        Some(fit) => {
+            let positions = channel_tiles * row_tiles.div_ceil(2);
+            Ok(2 * blocks_for("patch embedding tile pairs", positions, 1)?.min(fit).min(sm_count / 2))
+        }
+        None => Ok(blocks_for("patch embedding tiles", channel_tiles * row_tiles, 1)?.min(sm_count)),
+    }
 }
 
 /// CUDA forward from uint8 HWC images (normalised in registers), contracting in `order`; `out`
