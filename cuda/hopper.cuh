@@ -127,43 +127,21 @@ __device__ __forceinline__ void cluster_sync() {
 }
 
 // One arrival on the mbarrier at the same offset as `bar` in the shared memory of the cluster's
-// CTA `rank` (this CTA's own when rank is its own), released at cluster scope: the waiter then sees
-// what this thread did before it (its wgmma reads of a stage, say) as done.
+// CTA `rank` (this CTA's own when rank is its own). The default semantics (release at CTA scope),
+// as CUTLASS's multicast pipelines release a stage: what the arrival orders is the arriving
+// warpgroup's wgmma reads of the stage, complete once wgmma_wait_groups says so, against the
+// TMA that the waiting producer issues next. At cluster scope ptxas adds a MEMBAR.ALL.GPU to
+// every arrival (and a waiter's acquire at cluster scope an L1 invalidation to every wait), which
+// would stall a consumer warp on its own global stores once a slice.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
     asm volatile(
         "{\n"
         ".reg .b32 ra;\n"
         "mapa.shared::cluster.u32 ra, %0, %1;\n"
-        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n"
+        "mbarrier.arrive.shared::cluster.b64 _, [ra];\n"
         "}\n" ::"r"(hopper_smem_addr(bar)),
         "r"(rank)
         : "memory");
-}
-
-// mbar_wait for a barrier that other CTAs of the cluster arrive on (mbar_arrive_cluster): acquire
-// at cluster scope. Traps after 4 seconds, as mbar_wait.
-__device__ __forceinline__ bool mbar_try_wait_cluster(uint64_t* bar, uint32_t parity) {
-    uint32_t done;
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(hopper_smem_addr(bar)), "r"(parity)
-        : "memory");
-    return done != 0;
-}
-__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
-    if (mbar_try_wait_cluster(bar, parity)) return;
-    uint64_t t0;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    while (!mbar_try_wait_cluster(bar, parity)) {
-        uint64_t t;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        if (t - t0 > 4000000000ull) __trap();
-    }
 }
 
 // tma_load_2d multicast: the box lands at the offset of `dst` in the shared memory of every CTA of

@@ -939,7 +939,7 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 //   land on the barrier at the same offset in both);
 // - `empty` takes four arrivals, the consumer warpgroups of both blocks (mbar_arrive_cluster):
 //   a producer may refill a stage only when neither block's wgmma still reads it, since its TMA
-//   writes into both; the producers wait on it at cluster scope;
+//   writes into both;
 // - a cluster barrier after the barriers' initialisation (a peer's multicast or arrival may come
 //   at once) and before exit (a block's shared memory must outlive its peer's arrivals).
 // Everything else (the A tiles from the pixels, the consumers, the epilogue) is the one-block
@@ -1071,11 +1071,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         auto produce = [&](WsSlice& sl) {
             const int s = it % kWsStages;
             if (it >= kWsStages) {
-                if constexpr (kPair) {
-                    mbar_wait_cluster(&empty[s], (it / kWsStages - 1) & 1);
-                } else {
-                    mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
-                }
+                mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
             }
             unsigned char* stage = ring + s * kWsStageBytes;
             if (tid == 0) {
