@@ -1045,6 +1045,204 @@ pub fn cuda_backward(
 mod tests {
     use super::*;
 
+    /// The `hwc-mc` forward's walk (forward_hwc_ws<2>'s tile_at and item count, transcribed):
+    /// the two blocks of a cluster take the same channel tiles in the same order and as many
+    /// items, as their shared weight boxes need, and every tile with rows is taken exactly once.
+    #[test]
+    fn hwc_mc_walk_pairs_the_blocks_and_covers_every_tile_once() {
+        for (row_tiles, n_tiles) in [(196usize, 4usize), (1, 1), (1, 2), (49, 4), (74, 3), (7, 1), (2, 5)] {
+            let walk = n_tiles * row_tiles.div_ceil(2);
+            let tile_at = |w: usize, rank: usize| (2 * (w / n_tiles) + rank) * n_tiles + w % n_tiles;
+            for clusters in [1, 2, 3, 63, 66] {
+                let mut taken = vec![0u32; n_tiles * row_tiles];
+                for c in 0..clusters {
+                    let positions: Vec<usize> = (c..walk).step_by(clusters).collect();
+                    // items = ((walk - w_first + w_step - 1) / w_step) * slices, per block.
+                    assert_eq!(positions.len(), (walk - c.min(walk)).div_ceil(clusters));
+                    for &w in &positions {
+                        let (t0, t1) = (tile_at(w, 0), tile_at(w, 1));
+                        assert_eq!(t0 % n_tiles, t1 % n_tiles, "the pair's channel tile at position {w}");
+                        assert_eq!(t1 / n_tiles, t0 / n_tiles + 1, "adjacent row tiles at position {w}");
+                        for t in [t0, t1] {
+                            if t < taken.len() {
+                                taken[t] += 1;
+                            } else {
+                                assert!(t / n_tiles >= row_tiles, "tile {t} past the end has a row tile in range");
+                            }
+                        }
+                    }
+                }
+                assert!(taken.iter().all(|&n| n == 1), "{row_tiles} x {n_tiles} tiles, {clusters} clusters: {taken:?}");
+            }
+        }
+    }
+
+    /// The `hwc-mc` forward's ring (forward_hwc_ws<2>, cuda/patch_embed.cu), transcribed as six
+    /// actors (each block's producer and two consumer warpgroups) and the copy engine's deliveries,
+    /// run in random interleavings. mbarriers as the hardware keeps them: a phase completes when its
+    /// arrivals are in and its transaction count is back to zero (which may go below zero first).
+    /// Checks that every arrival and every delivery lands in the phase of its own use of the stage,
+    /// that no wait could be fooled by parity, that every consumer reads its own item's A tile and
+    /// both halves of its weight box, that nothing writes a stage a consumer still reads, and that
+    /// every run ends. Two mutations must fail: `empty` counting only the block's own consumers
+    /// (a peer's multicast then overwrites a stage still being read), and blocks of one cluster
+    /// with different item counts (it deadlocks).
+    #[test]
+    #[allow(clippy::needless_range_loop)] // actors numbered by block and warpgroup, as in the kernel
+    fn hwc_mc_ring_orders_every_write_after_both_blocks_release() {
+        use rand::{Rng, SeedableRng};
+        type Check<T> = std::result::Result<T, String>;
+        const STAGES: usize = 4; // kWsStages
+        const BOX: i64 = 24 * 1024; // kWsBBytes, two halves of 12 KB
+        #[derive(Clone)]
+        struct Bar {
+            count: i32,
+            pending: i32,
+            tx: i64,
+            done: usize, // completed phases
+        }
+        impl Bar {
+            fn new(count: i32) -> Self {
+                Bar { count, pending: count, tx: 0, done: 0 }
+            }
+            fn check(&mut self) {
+                if self.pending == 0 && self.tx == 0 {
+                    self.done += 1;
+                    self.pending = self.count;
+                }
+            }
+            /// An arrival (with `bytes` expected) meant for the barrier's use `u`.
+            fn arrive(&mut self, u: usize, bytes: i64, what: &str) -> Check<()> {
+                if u != self.done {
+                    return Err(format!("{what}: an arrival for use {u} while phase {} is open", self.done));
+                }
+                self.pending -= 1;
+                self.tx += bytes;
+                self.check();
+                Ok(())
+            }
+            fn complete_tx(&mut self, u: usize, bytes: i64, what: &str) -> Check<()> {
+                if u != self.done {
+                    return Err(format!("{what}: bytes for use {u} while phase {} is open", self.done));
+                }
+                self.tx -= bytes;
+                self.check();
+                Ok(())
+            }
+            /// Whether a wait for use `u` returns (parity waits cannot tell u from u + 2).
+            fn passed(&self, u: usize, what: &str) -> Check<bool> {
+                if self.done > u + 1 {
+                    return Err(format!("{what}: waits for use {u} with {} phases done", self.done));
+                }
+                Ok(self.done == u + 1)
+            }
+        }
+        // One run; `empty_count` 4 and `remote_release` true are the kernel's.
+        let run = |items: [usize; 2], slices: usize, empty_count: i32, remote_release: bool, seed: u64| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut full = vec![vec![Bar::new(2); STAGES]; 2]; // expect_tx + the 128 stores, as one
+            let mut empty = vec![vec![Bar::new(empty_count); STAGES]; 2];
+            // What a stage holds: the item of its A tile and of each half of its weight box.
+            let mut stage = vec![vec![[usize::MAX; 3]; STAGES]; 2];
+            let mut held = vec![vec![0u32; STAGES]; 2]; // consumers reading a stage
+            let mut prod = [0usize; 2]; // next item to produce
+            let mut cons = [[0usize; 2]; 2]; // next item each consumer issues
+            let mut inflight: Vec<(usize, usize, usize, usize)> = Vec::new(); // (block, stage, half, item)
+            loop {
+                // The enabled actions: 0-1 producers, 2-5 consumers, 6.. deliveries.
+                let mut enabled = Vec::new();
+                for b in 0..2 {
+                    let it = prod[b];
+                    if it < items[b] && (it < STAGES || empty[b][it % STAGES].passed(it / STAGES - 1, "producer")?) {
+                        enabled.push(b);
+                    }
+                    for w in 0..2 {
+                        let it = cons[b][w];
+                        if it < items[b] && full[b][it % STAGES].passed(it / STAGES, "consumer")? {
+                            enabled.push(2 + 2 * b + w);
+                        }
+                    }
+                }
+                enabled.extend((0..inflight.len()).map(|i| 6 + i));
+                if enabled.is_empty() {
+                    let finished = (0..2).all(|b| prod[b] == items[b] && cons[b].iter().all(|&c| c == items[b]));
+                    return if finished {
+                        Ok(())
+                    } else {
+                        Err(format!("deadlock: producers at {prod:?}, consumers at {cons:?}"))
+                    };
+                }
+                let a = enabled[rng.random_range(0..enabled.len())];
+                if a < 2 {
+                    // Producer: expect the box, issue its half to both blocks, store A, arrive.
+                    let (b, it) = (a, prod[a]);
+                    let (s, u) = (it % STAGES, it / STAGES);
+                    full[b][s].arrive(u, BOX, "expect_tx")?;
+                    for peer in 0..2 {
+                        inflight.push((peer, s, b, it));
+                    }
+                    if held[b][s] > 0 {
+                        return Err(format!("block {b}: A of item {it} stored into stage {s} while it is read"));
+                    }
+                    stage[b][s][0] = it;
+                    full[b][s].arrive(u, 0, "the A stores")?;
+                    prod[b] += 1;
+                } else if a < 6 {
+                    // Consumer: read the stage; release the previous item after issuing this one, and
+                    // the tile's last item once its wgmma are done.
+                    let (b, w) = ((a - 2) / 2, (a - 2) % 2);
+                    let it = cons[b][w];
+                    let s = it % STAGES;
+                    if stage[b][s] != [it; 3] {
+                        return Err(format!(
+                            "block {b} consumer {w}: item {it} finds stage {s} holding {:?}",
+                            stage[b][s]
+                        ));
+                    }
+                    held[b][s] += 1;
+                    let mut release = |item: usize| -> Check<()> {
+                        held[b][item % STAGES] -= 1;
+                        let targets: Vec<usize> = if remote_release { vec![0, 1] } else { vec![b] };
+                        for peer in targets {
+                            empty[peer][item % STAGES].arrive(item / STAGES, 0, "release")?;
+                        }
+                        Ok(())
+                    };
+                    if it % slices > 0 {
+                        release(it - 1)?;
+                    }
+                    if it % slices == slices - 1 {
+                        release(it)?;
+                    }
+                    cons[b][w] += 1;
+                } else {
+                    // The copy engine lands a half box.
+                    let (b, s, half, it) = inflight.swap_remove(a - 6);
+                    if held[b][s] > 0 {
+                        return Err(format!("block {b}: half {half} of item {it} lands in stage {s} while it is read"));
+                    }
+                    stage[b][s][1 + half] = it;
+                    full[b][s].complete_tx(it / STAGES, BOX / 2, "multicast")?;
+                }
+            }
+        };
+        let runs = |items: [usize; 2], slices: usize, empty_count: i32, remote: bool| -> Check<()> {
+            (0..200u64).try_for_each(|seed| {
+                run(items, slices, empty_count, remote, seed).map_err(|e| format!("seed {seed}: {e}"))
+            })
+        };
+        for (n, slices) in [(0, 3), (3, 3), (12, 12), (36, 12), (72, 12), (13 * 6, 6)] {
+            if let Err(e) = runs([n, n], slices, 4, true) {
+                panic!("{n} items of {slices} slices: {e}");
+            }
+        }
+        // The mutations: each must fail on some interleaving.
+        let local = runs([36, 36], 12, 2, false).expect_err("empty counting only the block's own consumers passed");
+        assert!(local.contains("lands in stage") && local.contains("while it is read"), "{local}");
+        let uneven = runs([36, 24], 12, 4, true).expect_err("blocks with different item counts passed");
+        assert!(uneven.contains("deadlock"), "{uneven}");
+    }
+
     /// The copy ring of `backward_weight_hwc` (cuda/patch_embed.cu), transcribed: its issues,
     /// commits, waits, conversions, MMA steps and barriers in the kernel's order, for every step
     /// count up to 40, with the waits taken at their weakest (exactly the groups
