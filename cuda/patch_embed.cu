@@ -973,12 +973,12 @@ struct WsSlice {
     uint32_t rows_ok;  // bit r: row r0 + 16r of the tile is a patch row
 };
 
-// kCluster: 1, mapet_patch_embed_fwd_u8_hwc_ws, as above; 2, mapet_patch_embed_fwd_u8_hwc_mc, two
-// blocks a cluster sharing each weight box (below, "the cluster variant").
+// kCluster: 1, mapet_patch_embed_fwd_u8_hwc_ws, as above; 2 and 4, mapet_patch_embed_fwd_u8_hwc_mc
+// and _mc4, clusters of two or four blocks sharing each weight box (below, "the cluster variant").
 template <int kCluster>
 __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
-    static_assert(kCluster == 1 || kCluster == 2, "one block, or a pair");
-    constexpr bool kPair = kCluster == 2;
+    static_assert(kCluster == 1 || kCluster == 2 || kCluster == 4, "one block, a pair or four");
+    constexpr bool kPair = kCluster > 1;  // (a cluster of any size: "the pair" below)
     const MapetPatchEmbedFwd& P = T.p;
     extern __shared__ unsigned char ws_smem_raw[];
     __shared__ __align__(8) uint64_t full[kWsStages];
@@ -1001,14 +1001,14 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     // multiplies its half of the boxes for its peer.
     // (Read from the grid where they are used, not held: the one-block walk's code is then the
     // same as before the pair existed, registers included.)
-    const int walk = kPair ? n_tiles * ((row_tiles + 1) / 2) : tiles;
+    const int walk = kPair ? n_tiles * ((row_tiles + kCluster - 1) / kCluster) : tiles;
     auto w_first = [] { return static_cast<int>(blockIdx.x) / kCluster; };
     auto w_step = [] { return static_cast<int>(gridDim.x) / kCluster; };
     // Tile indices as in the one-block walk (channel tile tile % n_tiles, row tile tile / n_tiles);
     // one of no rows (>= tiles) past the walk's end or the last row tile.
     auto tile_at = [&](int w) {
         if constexpr (kPair) {
-            return (2 * (w / n_tiles) + static_cast<int>(cluster_rank())) * n_tiles + w % n_tiles;
+            return (kCluster * (w / n_tiles) + static_cast<int>(cluster_rank())) * n_tiles + w % n_tiles;
         } else {
             return w;
         }
@@ -1016,8 +1016,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 
     // The producer's rotation needs a multiple of 3 slices (K' = 3p^2, p % 8 == 0: see below).
     if (slices % 3 != 0 || dynamic_smem_bytes() < kWsSmemBytes) __trap();
-    // A pair's stage is free once both blocks' consumers are done with it: each of the four
-    // warpgroups arrives on both blocks' `empty`.
+    // A cluster's stage is free once every block's consumers are done with it: each consumer
+    // warpgroup arrives on every block's `empty`.
     mbar_init_ring(full, empty, 129, 2 * kCluster);
     if constexpr (kPair) {
         cluster_sync();  // the peer's barriers are initialised before any copy or arrival reaches them
@@ -1076,12 +1076,15 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             unsigned char* stage = ring + s * kWsStageBytes;
             if (tid == 0) {
                 mbar_arrive_expect_tx(&full[s], kWsBBytes);
-                // The whole box lands in both blocks of a pair: each loads half of its channels,
-                // multicast to both (the map's boxes are kWsN / 2 channels there).
+                // The whole box lands in every block of a cluster: each loads its share of the
+                // channels, multicast to all (the map's boxes are kWsN / kCluster channels there:
+                // 96 or 48 rows of 128 bytes, whole 1 KB swizzle atoms).
                 if constexpr (kPair) {
+                    static_assert(kWsN / kCluster % 8 == 0, "a share of whole swizzle atoms");
                     const int rank = static_cast<int>(cluster_rank());
-                    tma_load_2d_multicast(stage + kWsABytes + rank * (kWsBBytes / 2), &T.weight_hwc, p_t * kWsK,
-                                          (p_w % n_tiles) * kWsN + rank * (kWsN / 2), &full[s], 0x3);
+                    tma_load_2d_multicast(stage + kWsABytes + rank * (kWsBBytes / kCluster), &T.weight_hwc, p_t * kWsK,
+                                          (p_w % n_tiles) * kWsN + rank * (kWsN / kCluster), &full[s],
+                                          static_cast<uint16_t>((1u << kCluster) - 1u));
                 } else {
                     tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_w % n_tiles) * kWsN, &full[s]);
                 }
@@ -1230,11 +1233,11 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         }
     };
     RowsOf cur, next;
-    // A stage's release: one arrival of this warpgroup on `empty`, on both blocks' for a pair.
+    // A stage's release: one arrival of this warpgroup on `empty`, on every block's of a cluster.
     auto release = [&](int s) {
         if constexpr (kPair) {
-            mbar_arrive_cluster(&empty[s], 0);
-            mbar_arrive_cluster(&empty[s], 1);
+#pragma unroll
+            for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[s], r);
         } else {
             mbar_arrive(&empty[s]);
         }
@@ -1956,14 +1959,25 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 // cluster variant"); sm_90a only. Grid: an even number of blocks, at most the SMs and two per
 // walk position; the same threads and shared memory; the tensor map's boxes are 96 channels.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define MAPET_PAIR_CLUSTER  // (no clusters before sm_90; the kernel traps there)
+#define MAPET_CLUSTER_OF(n)  // (no clusters before sm_90; the kernels trap there)
 #else
-#define MAPET_PAIR_CLUSTER __cluster_dims__(2, 1, 1)
+#define MAPET_CLUSTER_OF(n) __cluster_dims__(n, 1, 1)
 #endif
-extern "C" __global__ void MAPET_PAIR_CLUSTER __launch_bounds__(384, 1)
+extern "C" __global__ void MAPET_CLUSTER_OF(2) __launch_bounds__(384, 1)
     mapet_patch_embed_fwd_u8_hwc_mc(const __grid_constant__ MapetPatchEmbedFwdWs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     forward_hwc_ws<2>(p);
+#else
+    __trap();
+#endif
+}
+
+// The same in clusters of four (the `hwc-mc4` order): a quarter of the weight's L2 traffic; the
+// tensor map's boxes are 48 channels; the grid a multiple of four.
+extern "C" __global__ void MAPET_CLUSTER_OF(4) __launch_bounds__(384, 1)
+    mapet_patch_embed_fwd_u8_hwc_mc4(const __grid_constant__ MapetPatchEmbedFwdWs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    forward_hwc_ws<4>(p);
 #else
     __trap();
 #endif

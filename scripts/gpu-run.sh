@@ -165,7 +165,7 @@ for t in $tests; do
     # and the winners, and the bench runs only them, so that a fault or hang of another cannot
     # fail or end it.
     if [ "$t" = patch_embed ]; then
-      for o in hwc hwc-ws chw hwc-wgmma hwc-mc; do
+      for o in hwc hwc-ws chw hwc-wgmma hwc-mc hwc-mc4; do
         one="$res/test-$t-only-$o.log"
         MAPET_TEST_PATCH_ORDERS=$o timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1 \
           ${MAPET_TEST_ARGS:-} >"$one" 2>&1
@@ -196,7 +196,7 @@ if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgm
 elif [ "$attention_without_ahead_rc" = 0 ]; then OK_ATTENTION="tiled resident wgmma"
 elif [ "$attention_without_wgmma_rc" = 0 ]; then OK_ATTENTION="tiled resident"
 elif [ -n "${test_rc[attention_gpu]:-}" ]; then OK_ATTENTION=""; fi
-if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-wgmma hwc-ws hwc-mc"
+if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-wgmma hwc-ws hwc-mc hwc-mc4"
 elif [ -n "$patch_orders_ok" ]; then OK_PATCH="${patch_orders_ok# }"
 elif [ -n "${test_rc[patch_embed]:-}" ]; then OK_PATCH=""; fi
 [ "${test_rc[cross_entropy]:-x}" = 0 ] && OK_CE="default passes"
@@ -305,6 +305,7 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     attn-dkdv-wgmma-ahead:attention:mapet_attention_bwd_dkdv_wgmma_ahead:attention/vit-b/wgmma-ahead \
     patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
     patch-fwd-hwc-mc:patch_embed:mapet_patch_embed_fwd_u8_hwc_mc:patch_embed_gpu \
+    patch-fwd-hwc-mc4:patch_embed:mapet_patch_embed_fwd_u8_hwc_mc4:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
     patch-tokens:patch_embed:mapet_patch_embed_bwd_tokens:patch_embed_gpu \
     ce-rows-held:cross_entropy:cross_entropy_rows_held:cross_entropy_gpu:150 \

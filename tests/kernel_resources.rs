@@ -64,6 +64,7 @@ fn setmaxnreg_pools_fit_the_launch_registers() {
     let handoffs = [
         ("mapet_patch_embed_fwd_u8_hwc_ws", "patch_embed.cu", "kWsProducerRegs", "kWsConsumerRegs"),
         ("mapet_patch_embed_fwd_u8_hwc_mc", "patch_embed.cu", "kWsProducerRegs", "kWsConsumerRegs"),
+        ("mapet_patch_embed_fwd_u8_hwc_mc4", "patch_embed.cu", "kWsProducerRegs", "kWsConsumerRegs"),
         ("mapet_hopper_gemm_tn", "hopper.cu", "kGemmProducerRegs", "kGemmConsumerRegs"),
     ];
     let all = report::all();
