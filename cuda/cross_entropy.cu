@@ -317,9 +317,10 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
 // The row a kernel's v-th visit goes to: v itself, or with p.reverse_rows the rows from the last
 // back, so that the rows the logits GEMM wrote last, the likeliest to be still in L2, are read
 // first (what each row gets is the same either way; the column sums add the rows of a block in
-// the order it visits them). An experiment, off by default; unverified on GPU.
-__device__ __forceinline__ int64_t visited_row(const MapetCrossEntropy& p, int64_t v) {
-    return p.reverse_rows ? p.rows - 1 - v : v;
+// the order it visits them). An experiment, off by default; unverified on GPU. Row numbers fit
+// 32 bits: a pass has fewer rows than a grid has blocks, and a chunk's logits are at most 52 MiB.
+__device__ __forceinline__ int visited_row(const MapetCrossEntropy& p, int v) {
+    return p.reverse_rows ? static_cast<int>(p.rows) - 1 - v : v;
 }
 
 template <bool kVec>
@@ -421,12 +422,11 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         }
         next_target = p.targets[r];
     };
-    auto visited = [&](int v) { return p.reverse_rows ? rows - 1 - v : v; };  // visited_row in 32 bits
     if (static_cast<int>(blockIdx.x) < rows) {
-        prefetch(visited(blockIdx.x));
+        prefetch(visited_row(p, blockIdx.x));
     }
     for (int visit = blockIdx.x; visit < rows; visit += gridDim.x) {
-        const int row = visited(visit);
+        const int row = visited_row(p, visit);
         __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + static_cast<int64_t>(row) * p.ld;
         uint4* row8 = reinterpret_cast<uint4*>(rowp);
         const int target = next_target;
@@ -438,7 +438,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         // The block's next row is loaded while this one is reduced and written: a row's loads no
         // longer wait on the previous row's two barriers.
         if (visit + static_cast<int>(gridDim.x) < rows) {
-            prefetch(visited(visit + gridDim.x));
+            prefetch(visited_row(p, visit + gridDim.x));
         }
         // The target's logit, for the loss: thread 0 reads it now, before the row's first barrier;
         // the other threads overwrite the row with dlogits only after the second.

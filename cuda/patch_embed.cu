@@ -926,22 +926,23 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 // it took 0.148 ms at ViT-B against the mma.sync HWC kernel's 0.176 (BENCHMARKS.md); the bulk-copy
 // epilogue and the token rows written since are unverified on GPU.
 //
-// The cluster variant (mapet_patch_embed_fwd_u8_hwc_mc, the `hwc-mc` order; an experiment,
-// unverified on GPU). Why: a 128-row tile reads its 192 channels' whole weight slab (295 KB) from
-// L2 for 37.7 MFLOP, 231 MB at ViT-B, three quarters of what the kernel reads; at the sixth run's
-// 0.149 ms it moved about 2 TB/s from L2 while its tensor cores were busy a fifth of the time.
-// Two blocks of a cluster take the same channel tile of two adjacent row tiles, so they need the
-// same weight boxes: each loads half of every box (96 channels) by TMA multicast into both
-// blocks' stages, and the weight crosses from L2 once per two tiles. What it takes:
-// - the walk: positions of (channel tile, pair of row tiles), the same for both blocks of a
-//   cluster, so that they need the same boxes in the same order (tile_at);
-// - `full` as before (129 arrivals, the whole box's bytes: each block's own half and the peer's
-//   land on the barrier at the same offset in both);
-// - `empty` takes four arrivals, the consumer warpgroups of both blocks (mbar_arrive_cluster):
-//   a producer may refill a stage only when neither block's wgmma still reads it, since its TMA
-//   writes into both;
+// The cluster variants (mapet_patch_embed_fwd_u8_hwc_mc and _mc4, the `hwc-mc` and `hwc-mc4`
+// orders; experiments, unverified on GPU). Why: a 128-row tile reads its 192 channels' whole
+// weight slab (295 KB) from L2 for 37.7 MFLOP, 231 MB at ViT-B, three quarters of what the kernel
+// reads (by count: about 2 TB/s over the sixth run's 0.149 ms, with the tensor cores busy a fifth
+// of the time). The n = 2 or 4 blocks of a cluster take the same channel tile of n adjacent row
+// tiles, so they need the same weight boxes: each loads its share of every box (192 / n channels)
+// by TMA multicast into every block's stage, and the weight crosses from L2 once per n tiles.
+// What it takes:
+// - the walk: positions of (channel tile, n row tiles), the same for every block of a cluster,
+//   so that they need the same boxes in the same order (tile_at);
+// - `full` as before (129 arrivals, the whole box's bytes: every block's share lands on the
+//   barrier at the same offset in each);
+// - `empty` takes 2n arrivals, the consumer warpgroups of every block (mbar_arrive_cluster): a
+//   producer may refill a stage only when no block's wgmma still reads it, since its TMA writes
+//   into all of them;
 // - a cluster barrier after the barriers' initialisation (a peer's multicast or arrival may come
-//   at once) and before exit (a block's shared memory must outlive its peer's arrivals).
+//   at once) and before exit (a block's shared memory must outlive its peers' arrivals).
 // Everything else (the A tiles from the pixels, the consumers, the epilogue) is the one-block
 // kernel's, per block.
 constexpr int kWsN = 192;
@@ -974,11 +975,11 @@ struct WsSlice {
 };
 
 // kCluster: 1, mapet_patch_embed_fwd_u8_hwc_ws, as above; 2 and 4, mapet_patch_embed_fwd_u8_hwc_mc
-// and _mc4, clusters of two or four blocks sharing each weight box (below, "the cluster variant").
+// and _mc4, clusters of two or four blocks sharing each weight box ("the cluster variants").
 template <int kCluster>
 __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     static_assert(kCluster == 1 || kCluster == 2 || kCluster == 4, "one block, a pair or four");
-    constexpr bool kPair = kCluster > 1;  // (a cluster of any size: "the pair" below)
+    constexpr bool kClustered = kCluster > 1;
     const MapetPatchEmbedFwd& P = T.p;
     extern __shared__ unsigned char ws_smem_raw[];
     __shared__ __align__(8) uint64_t full[kWsStages];
@@ -993,21 +994,21 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const int tiles = n_tiles * row_tiles;
     const int slices = (g.K + kWsK - 1) / kWsK;
     // The walk: the positions w_first(), + w_step(), ... below `walk` that this block takes, and
-    // the tile at each (tile_at). One block: the tiles themselves, a grid-stride walk. A pair: the
-    // cluster's positions (from the cluster's index), each a channel tile n = w % n_tiles and a pair
-    // of row tiles, 2 (w / n_tiles) and the one after, one a block by rank. Both blocks of a pair
-    // then take the same channel tiles in the same order, as their shared weight boxes need; a
-    // tile of a row tile past the last (an odd count) has no rows, but its block still loads and
-    // multiplies its half of the boxes for its peer.
+    // the tile at each (tile_at). One block: the tiles themselves, a grid-stride walk. A cluster:
+    // the cluster's positions (from the cluster's index), each a channel tile w % n_tiles and
+    // kCluster row tiles from kCluster (w / n_tiles) on, one a block by rank. Every block of a
+    // cluster then takes the same channel tiles in the same order, as their shared weight boxes
+    // need; a tile of a row tile past the last has no rows, but its block still loads and
+    // multiplies its share of the boxes for its peers.
     // (Read from the grid where they are used, not held: the one-block walk's code is then the
-    // same as before the pair existed, registers included.)
-    const int walk = kPair ? n_tiles * ((row_tiles + kCluster - 1) / kCluster) : tiles;
+    // same as before the clusters existed, registers included.)
+    const int walk = kClustered ? n_tiles * ((row_tiles + kCluster - 1) / kCluster) : tiles;
     auto w_first = [] { return static_cast<int>(blockIdx.x) / kCluster; };
     auto w_step = [] { return static_cast<int>(gridDim.x) / kCluster; };
     // Tile indices as in the one-block walk (channel tile tile % n_tiles, row tile tile / n_tiles);
     // one of no rows (>= tiles) past the walk's end or the last row tile.
     auto tile_at = [&](int w) {
-        if constexpr (kPair) {
+        if constexpr (kClustered) {
             return (kCluster * (w / n_tiles) + static_cast<int>(cluster_rank())) * n_tiles + w % n_tiles;
         } else {
             return w;
@@ -1019,8 +1020,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     // A cluster's stage is free once every block's consumers are done with it: each consumer
     // warpgroup arrives on every block's `empty`.
     mbar_init_ring(full, empty, 129, 2 * kCluster);
-    if constexpr (kPair) {
-        cluster_sync();  // the peer's barriers are initialised before any copy or arrival reaches them
+    if constexpr (kClustered) {
+        cluster_sync();  // the peers' barriers are initialised before any copy or arrival reaches them
     } else {
         __syncthreads();
     }
@@ -1079,7 +1080,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
                 // The whole box lands in every block of a cluster: each loads its share of the
                 // channels, multicast to all (the map's boxes are kWsN / kCluster channels there:
                 // 96 or 48 rows of 128 bytes, whole 1 KB swizzle atoms).
-                if constexpr (kPair) {
+                if constexpr (kClustered) {
                     static_assert(kWsN / kCluster % 8 == 0, "a share of whole swizzle atoms");
                     const int rank = static_cast<int>(cluster_rank());
                     tma_load_2d_multicast(stage + kWsABytes + rank * (kWsBBytes / kCluster), &T.weight_hwc, p_t * kWsK,
@@ -1120,7 +1121,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             produce(y);
             produce(z);
         }
-        if constexpr (kPair) cluster_sync();  // the consumers' closing sync (below)
+        if constexpr (kClustered) cluster_sync();  // the consumers' closing sync (below)
         return;
     }
 
@@ -1235,7 +1236,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     RowsOf cur, next;
     // A stage's release: one arrival of this warpgroup on `empty`, on every block's of a cluster.
     auto release = [&](int s) {
-        if constexpr (kPair) {
+        if constexpr (kClustered) {
 #pragma unroll
             for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[s], r);
         } else {
@@ -1314,9 +1315,9 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         }
     }
     if (i < 64) bulk_wait<0>();  // the last copies read the staging tile: it must outlive them
-    // A pair: neither block exits while its peer may still arrive on its barriers or its
-    // multicasts may still be landing (every block has waited for all of its own stages by now).
-    if constexpr (kPair) cluster_sync();
+    // A cluster: no block exits while a peer may still arrive on its barriers or its multicasts
+    // may still be landing (every block has waited for all of its own stages by now).
+    if constexpr (kClustered) cluster_sync();
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -1956,7 +1957,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 }
 
 // mapet_patch_embed_fwd_u8_hwc_ws in clusters of two blocks that share each weight box (see "the
-// cluster variant"); sm_90a only. Grid: an even number of blocks, at most the SMs and two per
+// cluster variants"); sm_90a only. Grid: an even number of blocks, at most the SMs and two per
 // walk position; the same threads and shared memory; the tensor map's boxes are 96 channels.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define MAPET_CLUSTER_OF(n)  // (no clusters before sm_90; the kernels trap there)

@@ -555,9 +555,10 @@ pub enum PixelOrder {
     /// channels and share each weight box: each block loads half of it by TMA multicast into
     /// both (`mapet_patch_embed_fwd_u8_hwc_mc`), so the weight crosses from L2 once per two
     /// 128-row tiles, 115 MB instead of 231 at ViT-B, batch 128. The backward is `Hwc`'s.
-    /// Compute capability 9.0 only. Experimental, unverified on GPU: the hwc-ws forward moves about
-    /// 2 TB/s from L2 for 20% of the tensor cores' time, and whether halving the weight's part of
-    /// that pays only a card can say (BENCHMARKS.md).
+    /// Compute capability 9.0 only. Experimental, unverified on GPU: counted from its tiles, the
+    /// hwc-ws forward reads about 2 TB/s from L2 while its tensor cores are busy a fifth of the
+    /// time, and whether halving the weight's part of that pays only a card can say
+    /// (BENCHMARKS.md).
     HwcMc,
     /// [`PixelOrder::HwcMc`] in clusters of four blocks (`mapet_patch_embed_fwd_u8_hwc_mc4`): a
     /// quarter of the weight's L2 traffic, 58 MB at ViT-B, for four blocks that wait on each
