@@ -1134,32 +1134,28 @@ mod tests {
         assert_eq!(colsum_groups(3136, 8191, true), colsum_groups(3136, 8191, false));
     }
 
+    /// The two-way switches (`switch_named`): unset or off is false, on true, spaces ignored, and
+    /// anything else an error naming the variable, the value and the choice; and the shape's
+    /// setters.
     #[test]
-    fn row_kernel_variable_parses_or_names_itself() {
-        assert!(!smem_sums_named(None).unwrap());
-        assert!(!smem_sums_named(Some("held")).unwrap());
-        assert!(smem_sums_named(Some(" held-smem ")).unwrap());
-        for bad in ["", "smem", "1", "Held-Smem", "rows"] {
-            let e = smem_sums_named(Some(bad)).unwrap_err().to_string();
-            assert!(e.contains(ROW_KERNEL_VAR) && e.contains("held-smem"), "{bad:?}: {e}");
-        }
-        let s = CrossEntropyShape::new(10, 8, 16);
-        assert!(!s.smem_sums && s.with_smem_sums(true).smem_sums);
-        assert_eq!(s.with_smem_sums(true).with_smem_sums(false), s);
-    }
-
-    #[test]
-    fn row_order_variable_parses_or_names_itself() {
-        assert!(!reverse_rows_named(None).unwrap());
-        assert!(!reverse_rows_named(Some("forward")).unwrap());
-        assert!(reverse_rows_named(Some(" reverse ")).unwrap());
-        for bad in ["", "backward", "1", "Reverse"] {
-            let e = reverse_rows_named(Some(bad)).unwrap_err().to_string();
-            assert!(e.contains(ROW_ORDER_VAR) && e.contains("reverse"), "{bad:?}: {e}");
+    fn two_way_switches_parse_or_name_themselves() {
+        type Parse = fn(Option<&str>) -> Result<bool>;
+        let switches: [(Parse, &str, &str, &str, &[&str]); 2] = [
+            (reverse_rows_named, ROW_ORDER_VAR, "forward", " reverse ", &["", "backward", "1", "Reverse"]),
+            (smem_sums_named, ROW_KERNEL_VAR, "held", " held-smem ", &["", "smem", "1", "Held-Smem", "rows"]),
+        ];
+        for (parse, var, off, on, bad) in switches {
+            assert!(!parse(None).unwrap() && !parse(Some(off)).unwrap() && parse(Some(on)).unwrap(), "{var}");
+            for b in bad {
+                let e = parse(Some(b)).unwrap_err().to_string();
+                assert!(e.contains(var) && e.contains(on.trim()) && e.contains(&format!("{b:?}")), "{b:?}: {e}");
+            }
         }
         let s = CrossEntropyShape::new(10, 8, 16);
         assert!(!s.reverse_rows && s.with_reversed_rows(true).reverse_rows);
         assert_eq!(s.with_reversed_rows(true).with_reversed_rows(false), s);
+        assert!(!s.smem_sums && s.with_smem_sums(true).smem_sums);
+        assert_eq!(s.with_smem_sums(true).with_smem_sums(false), s);
     }
 
     #[test]
