@@ -108,15 +108,11 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
             });
         }
         // The forward of one set with the backward of another (MAPET_ATTENTION_BACKWARD_KERNELS),
-        // at ViT-B: where one direction of the experimental set wins and the other does not.
+        // at ViT-B: where one direction of a set wins and the other does not.
         if name == "vit-b" {
-            // The `wgmma-ahead` experiment's forward and backward each beside the default's other
-            // half, so that each half's change shows on its own in the forward + backward time.
             for (fwd, bwd) in [
                 (AttentionKernels::Wgmma, AttentionKernels::Resident),
                 (AttentionKernels::Resident, AttentionKernels::Wgmma),
-                (AttentionKernels::WgmmaAhead, AttentionKernels::Wgmma),
-                (AttentionKernels::Wgmma, AttentionKernels::WgmmaAhead),
             ] {
                 if !(sets.contains(&fwd) && sets.contains(&bwd)) {
                     continue;

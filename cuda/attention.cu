@@ -1744,98 +1744,9 @@ __device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return re
 
 
 
-// ========================================================================================= wgmma forward, S ahead (sm_90a)
-// mapet_attention_fwd_wgmma_ahead: mapet_attention_fwd_wgmma with the tensor cores' queue kept
-// full, an experiment beside it (the `wgmma-ahead` set, src/ops/attention.rs). Compiles; unverified
-// on GPU.
-//
-// Why. In wg_pipeline a warpgroup issues S of item n+1 and waits for it at once, so only P V of
-// item n runs under the softmax of n+1, and every item begins with the whole latency of S (eight
-// m64n32k16 products read from shared memory) on the warpgroup's critical path. In the sixth run
-// the forward took about 1,200 SM clocks per pair of chunks, four to five times each of its
-// tensor, exponential and issue bounds (BENCHMARKS.md): what a kernel that waits on latency shows,
-// with the other three warpgroups of the SM not covering the waits.
-// Here S runs one item further ahead (the order FlashAttention-3 uses inside a warpgroup): while
-// the warps compute the softmax of item i, the tensor cores hold P V of item i-1 and S of item
-// i+1, and each of the two waits of an item is for a group issued a whole softmax earlier.
-//
-// What it costs. Two S accumulators live at once. With mapet_attention_fwd_wgmma's items (pairs
-// of chunks, 32 floats of S) that is over the 128 registers two CTAs of 256 threads leave a
-// thread, so an item here is one 32-key chunk: S 16 floats, P's A fragments 8 registers. The row
-// max, its quad shuffles and the lazy-rescale vote then run per 32 keys rather than per 64; in
-// exchange, a tile's odd chunk is no longer paired with an absent one (1.29x the visible pairs at
-// ViT-B instead of 1.36x).
-//
-// Per item i (chunk c_i; S_i in sa or sb by parity, so the loop body is written twice):
-//   wait for S_i (wait_group 1: P V of item i-1 may still run);
-//   issue S_{i+1} into the other accumulator (its last S was packed into P's fragments), unless
-//     this is the last item;
-//   the softmax of S_i (masks, online softmax, p in place), then end_basic_block;
-//   wait for P V of item i-1 (wait_group 1: S_{i+1} may still run; 0 at the last item, which
-//     then starts the next row tile's Q, as wg_pipeline's on_last does);
-//   rescale O, pack P_i, issue O += P_i V_i.
-// A tile has at least two items: one with a single live chunk gets an absent second (its
-// products read chunk 0's rows, its scores are all masked, so p = 0), as the pairs do.
-// Same launch, shared memory, row order, masks and outputs as mapet_attention_fwd_wgmma; the sums
-// run in the same chunk order, but the lazy-rescale decisions are taken per chunk, so the results
-// may differ from its in the last bits.
-
 namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-constexpr int kNoItem = -2;  // past a tile's last item (-1: the absent second item of a one-chunk tile)
-
-// x = A B^T over the 64 head columns (4 m64n32k16 steps of 16): A's 64 rows and B's 32, both
-// K-major in swizzled shared memory, given by their descriptors. One wgmma group.
-__device__ __forceinline__ void wg_issue_nt(float (&x)[4][4], uint64_t a, uint64_t b) {
-    pin_regs(flat16(x));
-    wgmma_fence_acc();
-    wgmma_m64n32k16_ss<0>(flat16(x), a, b);
-#pragma unroll
-    for (int k = 1; k < 4; ++k) wgmma_m64n32k16_ss<1>(flat16(x), sw128_desc_plus(a, 32 * k), sw128_desc_plus(b, 32 * k));
-    wgmma_commit_groups();
-}
-
-// S = Q K^T for one 32-key chunk (keys 32 c + [0, 32); chunk 0's rows for an absent one), Q from
-// the warpgroup's swizzled tile. One wgmma group.
-__device__ __forceinline__ void wg_issue_chunk_scores(float (&s)[4][4], uint64_t qd, uint64_t kd, int c) {
-    wg_issue_nt(s, qd, sw128_desc_plus(kd, static_cast<uint32_t>(max(c, 0) * kChunk) * 128));
-}
-
-// O += P V for one chunk: pa = P's A fragments of its two 16-key steps. One wgmma group.
-__device__ __forceinline__ void wg_issue_chunk_pv(float (&acc)[8][4], const uint32_t (&pa)[2][4], uint64_t vd, int c) {
-    pin_regs(flat32(acc));
-    wgmma_fence_acc();
-    wg_chunk_product(acc, pa, sw128_desc_plus(vd, static_cast<uint32_t>(max(c, 0) * kChunk) * 128));
-    wgmma_commit_groups();
-}
-
-// The softmax of one finished chunk c (-1: absent, every score masked): the chunk's mask where it
-// is PARTIAL, one softmax_tile step; p left in s, the accumulator's rescale returned.
-__device__ __forceinline__ Rescale wg_softmax_chunk(float (&s)[4][4], uint32_t partial, int c, int a_lo, int a_hi,
-                                                    int t, const Geometry& G, float sl2, float (&mx)[2],
-                                                    float (&l)[2]) {
-    const bool absent = c < 0;
-    const int k0 = c * kChunk, kb0 = k0 + 2 * t;
-    const int kind = absent || ((partial >> c) & 1u) ? kPartial : kFull;
-    mask_scores(s, kind, !absent && k0 + kChunk > G.lk, 0, absent ? 0 : a_lo - kb0, absent ? 0 : a_hi - kb0,
-                G.lk - kb0, absent ? kChunk : G.p);
-    Rescale r{false, {1.f, 1.f}};
-    softmax_tile(reinterpret_cast<float(&)[1][4][4]>(s), mx, l, sl2, [&r](int i, float corr) {
-        r.grow = true;
-        r.corr[i] = corr;
-    });
-    return r;
-}
-
-#endif
-}  // namespace
-
-namespace {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The wgmma forwards: kAhead = false, mapet_attention_fwd_wgmma (pairs of chunks through
-// wg_pipeline); kAhead = true, mapet_attention_fwd_wgmma_ahead (single chunks, S one ahead).
-template <bool kAhead>
+// The wgmma forward, mapet_attention_fwd_wgmma: pairs of chunks through wg_pipeline.
 __device__ __forceinline__ void fwd_wgmma(const MapetAttention& prm) {
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
@@ -1871,146 +1782,51 @@ __device__ __forceinline__ void fwd_wgmma(const MapetAttention& prm) {
         for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
         float mx[2] = {-INFINITY, -INFINITY};
         float l[2] = {0.f, 0.f};
-        if constexpr (!kAhead) {
-            float s[2][4][4];
-            uint32_t pa[2][2][4];
+        float s[2][4][4];
+        uint32_t pa[2][2][4];
 
-            // The row tile's non-EMPTY 32-key chunks, two at a time. A pair's second chunk may be
-            // absent (-1: an odd count); its products then read the first chunk's rows again, and its
-            // scores are -inf. Every row sees N >= 1 keys, so the first chunk exists.
-            const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
-            uint32_t rest = chunks.live;
-            auto take_pair = [&rest](ChunkPair& p) {
-                p.c[0] = take_chunk(rest);
-                p.c[1] = take_chunk(rest);
-            };
-            ChunkPair first;
-            take_pair(first);
-            const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
-            wg_pipeline(
-                first,
-                [&](const ChunkPair&, ChunkPair& nxt) {
-                    if (rest == 0) return false;
-                    take_pair(nxt);
-                    // The tile's last pair: its next tile's Q rows, on their way to L2 a pair before
-                    // on_last copies them.
-                    if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
-                    return true;
-                },
-                [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
-                [&] { pin_regs(flat32(s)); },
-                [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
-                [&] {
-                    pin_regs(flat32(acc));
-                    pin_regs(flat16(pa));
-                },
-                [&](const Rescale& r) {
-                    rescale_acc(acc, r);  // (O is still 0 at the first pair)
-                    wg_pack_p(pa, s);
-                },
-                [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
-                [&] {
-                    // Every S of the tile is done: the Q tile is free for the next tile's rows, which
-                    // then land under the last P V and the stores below.
-                    if (p0 + tile_step < G.lq) {
-                        named_barrier(1 + lwg, 128);
-                        wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
-                    }
-                });
-
-        } else {
-            float sa[4][4], sb[4][4];
-            uint32_t pa[2][4];
-
-            const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
-            uint32_t rest = chunks.live;
-            // The item after the current one: the next live chunk, or kNoItem. Taking the tile's last
-            // chunk sends the next tile's Q rows to L2, an item before on_last copies them.
-            auto take_item = [&]() {
-                if (rest == 0) return kNoItem;
-                const int c = take_chunk(rest);
+        // The row tile's non-EMPTY 32-key chunks, two at a time. A pair's second chunk may be
+        // absent (-1: an odd count); its products then read the first chunk's rows again, and its
+        // scores are -inf. Every row sees N >= 1 keys, so the first chunk exists.
+        const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
+        uint32_t rest = chunks.live;
+        auto take_pair = [&rest](ChunkPair& p) {
+            p.c[0] = take_chunk(rest);
+            p.c[1] = take_chunk(rest);
+        };
+        ChunkPair first;
+        take_pair(first);
+        const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
+        wg_pipeline(
+            first,
+            [&](const ChunkPair&, ChunkPair& nxt) {
+                if (rest == 0) return false;
+                take_pair(nxt);
+                // The tile's last pair: its next tile's Q rows, on their way to L2 a pair before
+                // on_last copies them.
                 if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
-                return c;
-            };
-            const int c_first = take_chunk(rest);  // every row sees N >= 1 keys
-            int c_cur = rest != 0 ? take_item() : -1;  // item 1 (-1: absent)
-            int c_nxt = take_item();                   // item 2
-
-            // Item 0: S_0 and S_1 issued, S_0's softmax, O += P_0 V (O is 0: nothing to rescale).
-            wg_issue_chunk_scores(sa, qd, kd, c_first);
-            wg_issue_chunk_scores(sb, qd, kd, c_cur);
-            wgmma_wait_groups<1>();
-            pin_regs(flat16(sa));
-            wg_softmax_chunk(sa, chunks.partial, c_first, a_lo, a_hi, t, G, sl2, mx, l);
-            pin_regs(flat8(pa));
-            pack_chunk(pa, sa);
-            pin_regs(flat8(pa));
-            wg_issue_chunk_pv(acc, pa, vd, c_first);
-
-            // Item i >= 1, its S in cur, the other accumulator oth. `more`: S_{i+1} is issued into oth;
-            // else this is the last item. The two cases are separate calls with a constant flag, so that
-            // no wgmma is issued under a branch inside an item (ptxas would serialise every wgmma of the
-            // kernel, C7520).
-            const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
-            // `never`: end_basic_block's; the second item of an iteration passes another value than
-            // the first, whose check ptxas would otherwise take as already passed and drop.
-            auto item = [&](float (&cur)[4][4], float (&oth)[4][4], auto more, uint32_t never) {
-                wgmma_wait_groups<1>();  // S_i (P V of item i-1 may still run)
-                pin_regs(flat16(cur));
-                if constexpr (decltype(more)::value) wg_issue_chunk_scores(oth, qd, kd, c_nxt);
-                const Rescale r = wg_softmax_chunk(cur, chunks.partial, c_cur, a_lo, a_hi, lt, G, sl2, mx, l);
-                // p and the row sums formed here, and the block ended, so that the wait below stays
-                // below the softmax (without the pins the compiler sank the exponentials to their use
-                // in pack_chunk, past the wait, in one of the two copies of this body).
-                pin_regs(flat16(cur));
-                pin_regs(l);
-                end_basic_block(never);
-                // P V of item i-1 (S_{i+1} may still run; at the last item nothing else is in flight).
-                if constexpr (decltype(more)::value) {
-                    wgmma_wait_groups<1>();
-                } else {
-                    wgmma_wait_groups<0>();
-                    if (p0 + tile_step < G.lq) {
-                        // Every S of the tile is done: the Q tile is free for the next tile's rows,
-                        // which then land under the last P V and the stores below.
-                        named_barrier(1 + lwg, 128);
-                        wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
-                    }
-                }
+                return true;
+            },
+            [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
+            [&] { pin_regs(flat32(s)); },
+            [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
+            [&] {
                 pin_regs(flat32(acc));
-                pin_regs(flat8(pa));
-                rescale_acc(acc, r);
-                pack_chunk(pa, cur);
-                pin_regs(flat8(pa));
-                wg_issue_chunk_pv(acc, pa, vd, c_cur);
-                c_cur = c_nxt;
-                if constexpr (decltype(more)::value) c_nxt = take_item();
-            };
-            using More = std::true_type;
-            using Last = std::false_type;
-            // The last item runs from sb only (one copy of its code: two left the kernel spilling); when
-            // its S landed in sa, it is moved there first, once a tile. That copy waits for every
-            // group, P V of the item before included: with wait_group 1 there, ptxas took the copy for
-            // a write into a running wgmma's registers and serialised every wgmma of the kernel (C7515).
-            for (;;) {
-                if (c_nxt == kNoItem) break;
-                item(sb, sa, More{}, 0u);
-                if (c_nxt == kNoItem) {
-                    wgmma_wait_groups<0>();
-                    pin_regs(flat16(sa));
-#pragma unroll
-                    for (int j = 0; j < 4; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) sb[j][e] = sa[j][e];
-                    break;
+                pin_regs(flat16(pa));
+            },
+            [&](const Rescale& r) {
+                rescale_acc(acc, r);  // (O is still 0 at the first pair)
+                wg_pack_p(pa, s);
+            },
+            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
+            [&] {
+                // Every S of the tile is done: the Q tile is free for the next tile's rows, which
+                // then land under the last P V and the stores below.
+                if (p0 + tile_step < G.lq) {
+                    named_barrier(1 + lwg, 128);
+                    wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
                 }
-                item(sa, sb, More{}, 1u << 30);
-            }
-            item(sb, sa, Last{}, 2u << 30);
-            wgmma_wait_groups<0>();
-            pin_regs(flat32(acc));
-
-        }
+            });
         float inv[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -2031,16 +1847,7 @@ __device__ __forceinline__ void fwd_wgmma(const MapetAttention& prm) {
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    fwd_wgmma<false>(prm);
-#else
-    __trap();
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2)
-    mapet_attention_fwd_wgmma_ahead(const MapetAttention prm) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    fwd_wgmma<true>(prm);
+    fwd_wgmma(prm);
 #else
     __trap();
 #endif
@@ -2251,35 +2058,6 @@ __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)
     }
 }
 
-// dkdv_chunk_grads in two steps, for mapet_attention_bwd_dkdv_wgmma_ahead, which runs the first
-// while dP^T is still on the tensor cores: st <- P^T (dkdv_chunk_p), then dpt <- dS^T =
-// P^T (dP^T - delta) (dkdv_chunk_ds). The same operations on the same values: the same bits.
-__device__ __forceinline__ void dkdv_chunk_p(float (&st)[4][4], int p0, bool partial, int key_lo, int key_hi,
-                                             const float* s_lse2, const int* s_a, int t, const Geometry& G,
-                                             float sl2) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int pos = p0 + 8 * j + 2 * t;
-        const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + pos);
-        const int2 a = *reinterpret_cast<const int2*>(s_a + pos);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const bool hid = partial && in_window(e < 2 ? key_lo : key_hi, (e & 1) ? a.y : a.x, G.p);
-            st[j][e] = hid ? 0.f : fast_exp2(fmaf(st[j][e], sl2, -((e & 1) ? lse2.y : lse2.x)));
-        }
-    }
-}
-
-__device__ __forceinline__ void dkdv_chunk_ds(float (&dpt)[4][4], const float (&pt)[4][4], int p0, const float* s_delta,
-                                              int t) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const float2 delta = *reinterpret_cast<const float2*>(s_delta + p0 + 8 * j + 2 * t);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - ((e & 1) ? delta.y : delta.x));
-    }
-}
-
 #endif
 }  // namespace
 
@@ -2417,9 +2195,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
 
 namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The wgmma dK/dV kernels: kAhead = false, mapet_attention_bwd_dkdv_wgmma (wg_pipeline);
-// kAhead = true, mapet_attention_bwd_dkdv_wgmma_ahead (dkdv_ahead_items, below).
-template <bool kAhead>
+// The wgmma dK/dV kernel, mapet_attention_bwd_dkdv_wgmma: its chunks through wg_pipeline.
 __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
@@ -2543,114 +2319,47 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
         uint32_t rest = chunks.live;
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         if (rest != 0) {
-            if constexpr (!kAhead) {
-                wg_pipeline(
-                    take_chunk(rest),
-                    [&](int, int& pn) {
-                        if (rest == 0) return false;
-                        pn = take_chunk(rest);
-                        // The tile's last chunk: the warpgroup's next K and V rows, on their way to
-                        // L2 a chunk before on_last copies them.
-                        if (rest == 0 && pf_key >= 0) {
-                            prefetch_l2(static_cast<const bf16*>(prm.k) + lb * prm.k_batch_stride + lhead * kD +
-                                        static_cast<int64_t>(pf_key) * prm.k_row_stride);
-                            prefetch_l2(static_cast<const bf16*>(prm.v) + lb * prm.v_batch_stride + lhead * kD +
-                                        static_cast<int64_t>(pf_key) * prm.v_row_stride);
-                        }
-                        return true;
-                    },
-                    [&](int pc) {
-                        need_chunk(pc);
-                        const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
-                        wg_issue_pair(st, dpt, kd, sw128_desc_plus(qd, rows), vd, sw128_desc_plus(dod, rows));
-                    },
-                    [&] {
-                        pin_regs(flat16(st));
-                        pin_regs(flat16(dpt));
-                    },
-                    [&](int pc) {
-                        dkdv_chunk_grads(st, dpt, pc * kChunk, (chunks.partial >> pc) & 1u, key_lo, key_hi, s_lse2,
-                                         s_delta, s_a, lt, G, sl2);
-                        return 0;
-                    },
-                    [&] {
-                        pin_regs(flat32(dv));
-                        pin_regs(flat32(dk));
-                        pin_regs(flat8(pa));
-                        pin_regs(flat8(da));
-                    },
-                    [&](int) {
-                        pack_chunk(pa, st);
-                        pack_chunk(da, dpt);
-                    },
-                    issue_grads,
-                    start_next);
-            } else {
-                // wg_pipeline's order with G1 split in two groups, S^T then dP^T, each waited for
-                // on its own (mapet_attention_bwd_dkdv_wgmma_ahead's comment).
-                auto issue_st = [&](int pc) {
-                    need_chunk(pc);
-                    wg_issue_nt(st, kd, sw128_desc_plus(qd, static_cast<uint32_t>(pc * kChunk) * 128));
-                };
-                auto issue_dpt = [&](int pc) {
-                    wg_issue_nt(dpt, vd, sw128_desc_plus(dod, static_cast<uint32_t>(pc * kChunk) * 128));
-                };
-                // The elementwise work of chunk pc in two steps, each after its own wait.
-                auto p_step = [&](int pc) {
-                    pin_regs(flat16(st));
-                    dkdv_chunk_p(st, pc * kChunk, (chunks.partial >> pc) & 1u, key_lo, key_hi, s_lse2, s_a, lt, G,
-                                 sl2);
-                    pin_regs(flat16(st));
-                };
-                auto ds_step = [&](int pc) {
-                    pin_regs(flat16(dpt));
-                    dkdv_chunk_ds(dpt, st, pc * kChunk, s_delta, lt);
-                    pin_regs(flat16(dpt));
-                };
-                int pc = take_chunk(rest);
-                issue_st(pc);
-                issue_dpt(pc);
-                wgmma_wait_groups<1>();  // S^T
-                p_step(pc);
-                end_basic_block(3u << 30);
-                wgmma_wait_groups<0>();  // dP^T
-                ds_step(pc);
-                for (;;) {
-                    wgmma_wait_groups<0>();  // the previous chunk's products: pa, da, dk, dv free
-                    pin_regs(flat32(dv));
-                    pin_regs(flat32(dk));
-                    pin_regs(flat8(pa));
-                    pin_regs(flat8(da));
-                    pack_chunk(pa, st);
-                    pack_chunk(da, dpt);
-                    pin_regs(flat8(pa));
-                    pin_regs(flat8(da));
-                    if (rest == 0) break;
-                    const int pn = take_chunk(rest);
-                    // The tile's last chunk: the warpgroup's next K and V rows, on their way to L2.
+            wg_pipeline(
+                take_chunk(rest),
+                [&](int, int& pn) {
+                    if (rest == 0) return false;
+                    pn = take_chunk(rest);
+                    // The tile's last chunk: the warpgroup's next K and V rows, on their way to
+                    // L2 a chunk before on_last copies them.
                     if (rest == 0 && pf_key >= 0) {
                         prefetch_l2(static_cast<const bf16*>(prm.k) + lb * prm.k_batch_stride + lhead * kD +
                                     static_cast<int64_t>(pf_key) * prm.k_row_stride);
                         prefetch_l2(static_cast<const bf16*>(prm.v) + lb * prm.v_batch_stride + lhead * kD +
                                     static_cast<int64_t>(pf_key) * prm.v_row_stride);
                     }
-                    issue_st(pn);
-                    issue_dpt(pn);
-                    issue_grads(pc);
-                    wgmma_wait_groups<2>();  // S^T of pn (its dP^T and pc's products may run)
-                    p_step(pn);
-                    end_basic_block();  // so that the wait below stays below the exponentials
-                    wgmma_wait_groups<1>();  // dP^T of pn (pc's products may run)
-                    ds_step(pn);
-                    end_basic_block(1u << 30);  // so that the loop's first wait stays below dS
-                    pc = pn;
-                }
-                start_next();  // every S^T and dP^T of the tile is done: its K and V are free
-                issue_grads(pc);
-                wgmma_wait_groups<0>();
-                pin_regs(flat32(dv));
-                pin_regs(flat32(dk));
-            }
+                    return true;
+                },
+                [&](int pc) {
+                    need_chunk(pc);
+                    const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+                    wg_issue_pair(st, dpt, kd, sw128_desc_plus(qd, rows), vd, sw128_desc_plus(dod, rows));
+                },
+                [&] {
+                    pin_regs(flat16(st));
+                    pin_regs(flat16(dpt));
+                },
+                [&](int pc) {
+                    dkdv_chunk_grads(st, dpt, pc * kChunk, (chunks.partial >> pc) & 1u, key_lo, key_hi, s_lse2,
+                                     s_delta, s_a, lt, G, sl2);
+                    return 0;
+                },
+                [&] {
+                    pin_regs(flat32(dv));
+                    pin_regs(flat32(dk));
+                    pin_regs(flat8(pa));
+                    pin_regs(flat8(da));
+                },
+                [&](int) {
+                    pack_chunk(pa, st);
+                    pack_chunk(da, dpt);
+                },
+                issue_grads,
+                start_next);
         }
         if (!next_started) start_next();
         bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
@@ -2666,25 +2375,7 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma(const MapetAttention prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    dkdv_wgmma<false>(prm);
-#else
-    __trap();
-#endif
-}
-
-// mapet_attention_bwd_dkdv_wgmma_ahead: mapet_attention_bwd_dkdv_wgmma with G1 committed as two
-// groups, S^T then dP^T, an experiment (the `wgmma-ahead` set; compiles, unverified on GPU). The
-// default commits them as one group and waits for both before the elementwise step, so the
-// exponentials of P^T wait for dP^T's four products too. Here a chunk's step waits for S^T alone
-// (wait_group 2: its dP^T and the previous chunk's products may still run), computes P^T
-// (dkdv_chunk_p), then waits for dP^T (wait_group 1) and forms dS^T (dkdv_chunk_ds). The same
-// operations on the same values in the same order: dK and dV are the default's bits. The same
-// launch, shared memory and registers (140). dQ's kernel has no such variant: the same split left
-// it spilling (it is at 126 of its 128 registers).
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
-    mapet_attention_bwd_dkdv_wgmma_ahead(const MapetAttention prm) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    dkdv_wgmma<true>(prm);
+    dkdv_wgmma(prm);
 #else
     __trap();
 #endif

@@ -595,34 +595,20 @@ pub enum AttentionKernels {
     /// order that keeps their hidden windows together, and the next chunk's products in flight
     /// while the elementwise work of the current one runs. Deterministic, as the others. Compute
     /// capability 9.0 only; elsewhere, or where the shared memory does not suffice, the
-    /// `Resident` (or tiled) kernels run. As they stood at the sixth run, their tests passed on an
-    /// H200 and at ViT-B they took 0.251 ms forward and 1.022 ms forward + backward, against
-    /// `Resident`'s 0.275 and 1.076 (BENCHMARKS.md); the changes since are unverified on GPU.
+    /// `Resident` (or tiled) kernels run. In the seventh run their tests passed on an H200, and at
+    /// ViT-B they took 0.219 ms forward and 0.852 ms forward + backward, against `Resident`'s
+    /// 0.272 and 1.065 (BENCHMARKS.md).
     #[default]
     Wgmma,
-    /// An experiment, not a default: `Wgmma`'s kernels with more of the tensor cores' latency
-    /// under the warps' elementwise work (cuda/attention.cu), same launches and shared memory:
-    /// - the forward `mapet_attention_fwd_wgmma_ahead` issues each 32-key chunk's scores one chunk
-    ///   further ahead, so that the softmax runs while the tensor cores hold both the previous
-    ///   chunk's P V and the next chunk's S. The same function to the tolerance of DESIGN.md (its
-    ///   lazy rescaling decides per 32 keys rather than per 64);
-    /// - the dK/dV kernel `mapet_attention_bwd_dkdv_wgmma_ahead` commits S^T and dP^T as two groups
-    ///   and computes P^T's exponentials while dP^T is still running. The same operations in the
-    ///   same order as `Wgmma`'s: the same bits on the same O and lse. dQ is `Wgmma`'s kernel (the
-    ///   same split left it spilling: it has no registers to spare).
-    ///
-    /// Compiles with no spills and no serialised wgmma; unverified on GPU.
-    WgmmaAhead,
 }
 
 impl AttentionKernels {
     /// Every set, for tests and benches.
-    pub const ALL: [AttentionKernels; 4] =
-        [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma, AttentionKernels::WgmmaAhead];
+    pub const ALL: [AttentionKernels; 3] = [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma];
 
     /// Whether this set runs the wgmma kernels (where the device and the shape allow them).
     fn uses_wgmma(self) -> bool {
-        matches!(self, AttentionKernels::Wgmma | AttentionKernels::WgmmaAhead)
+        self == AttentionKernels::Wgmma
     }
 
     /// The wgmma forward's launch for `shape` on a device of compute capability `cc` with
@@ -714,7 +700,7 @@ fn ctas_per_pair(shape: &AttentionShape, slots: usize, tiles: usize, per_cta: us
     (2 * slots).div_ceil(shape.batch * shape.heads).clamp(1, max_split) as u32
 }
 
-/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma|wgmma-ahead` picks the kernels the CUDA backend
+/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma` picks the kernels the CUDA backend
 /// passes to [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
 impl KernelChoice for AttentionKernels {
     const VAR: &'static str = "MAPET_ATTENTION_KERNELS";
@@ -725,7 +711,6 @@ impl KernelChoice for AttentionKernels {
             AttentionKernels::Tiled => "tiled",
             AttentionKernels::Resident => "resident",
             AttentionKernels::Wgmma => "wgmma",
-            AttentionKernels::WgmmaAhead => "wgmma-ahead",
         }
     }
 }
@@ -863,13 +848,7 @@ pub fn cuda_forward(
     let (sm_count, max_smem) = (gpu.sm_count(), gpu.max_shared_memory_per_block());
     let wgmma = kernels.wgmma_launch(shape, gpu.compute_capability(), sm_count, max_smem);
     let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
-        (Some(launch), _) => {
-            let kernel = match kernels {
-                AttentionKernels::WgmmaAhead => "mapet_attention_fwd_wgmma_ahead",
-                _ => "mapet_attention_fwd_wgmma",
-            };
-            (kernel, resident_grid(launch, CUDA_WG_THREADS, shape))
-        }
+        (Some(launch), _) => ("mapet_attention_fwd_wgmma", resident_grid(launch, CUDA_WG_THREADS, shape)),
         (None, Some(launch)) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         (None, None) => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     };
@@ -929,13 +908,7 @@ pub fn cuda_backward(
     unsafe { gpu.launch("attention", kernel, cfg, &p)? };
     let wgmma = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem);
     let (kernel, cfg) = match (wgmma, kernels.resident_dkdv_launch(shape, sm_count, max_smem)) {
-        (Some(launch), _) => {
-            let kernel = match kernels {
-                AttentionKernels::WgmmaAhead => "mapet_attention_bwd_dkdv_wgmma_ahead",
-                _ => "mapet_attention_bwd_dkdv_wgmma",
-            };
-            (kernel, resident_grid(launch, CUDA_WG_DKDV_THREADS, shape))
-        }
+        (Some(launch), _) => ("mapet_attention_bwd_dkdv_wgmma", resident_grid(launch, CUDA_WG_DKDV_THREADS, shape)),
         (None, Some(launch)) => {
             ("mapet_attention_bwd_dkdv_resident", resident_grid(launch, CUDA_RES_DKDV_THREADS, shape))
         }
@@ -1171,160 +1144,6 @@ mod tests {
                     check(p0, 32, k0, 64);
                 }
             }
-        }
-    }
-
-    /// `mapet_attention_fwd_wgmma_ahead`'s order of issues, waits and register uses over a row
-    /// tile's items, transcribed from cuda/attention.cu, run on a model of the warpgroup's wgmma
-    /// groups (committed in order, `wait_group n` retiring all but the newest n). For every item
-    /// count up to 40 it checks: no thread reads or writes a register array that a running group
-    /// writes (S into `sa`/`sb`, P V into `acc`), nor writes one a running group reads (`pa`);
-    /// each item's softmax reads that item's S; every item's P V is issued once, in order; the
-    /// next tile's Q load starts once every S has finished. A mutation of the schedule (a wait
-    /// one group shallower, the last item's S copy skipped, the prologue's second S into the
-    /// wrong array) must fail it.
-    #[test]
-    fn wgmma_ahead_schedule_orders_every_register_use_after_its_group() {
-        #[derive(Clone, Copy, PartialEq, Debug)]
-        enum Reg {
-            Sa,
-            Sb,
-            Pa,
-            Acc,
-        }
-        #[derive(Clone, Copy, PartialEq, Debug)]
-        enum Mutation {
-            None,
-            ShallowItemWait,
-            NoLastCopy,
-            PrologueIntoSa,
-        }
-        struct Group {
-            writes: Reg,
-            reads: Option<Reg>,
-            item: usize,
-            is_s: bool,
-        }
-        #[derive(Default)]
-        struct Warpgroup {
-            running: Vec<Group>,
-            // What each S array holds: the item whose scores a finished S wrote there.
-            holds: [Option<usize>; 2],
-            pv_items: Vec<usize>,
-            s_issued: usize,
-            s_done: usize,
-            q_load_ok: bool,
-        }
-        impl Warpgroup {
-            fn wait(&mut self, keep: usize) {
-                while self.running.len() > keep {
-                    let g = self.running.remove(0);
-                    if g.is_s {
-                        self.holds[if g.writes == Reg::Sa { 0 } else { 1 }] = Some(g.item);
-                        self.s_done += 1;
-                    }
-                }
-            }
-            fn touch(&self, r: Reg, write: bool) -> std::result::Result<(), String> {
-                for g in &self.running {
-                    if g.writes == r || (write && g.reads == Some(r)) {
-                        return Err(format!(
-                            "{r:?} {} while a group of item {} runs",
-                            if write { "written" } else { "read" },
-                            g.item
-                        ));
-                    }
-                }
-                Ok(())
-            }
-            fn issue_s(&mut self, into: Reg, item: usize) -> std::result::Result<(), String> {
-                self.touch(into, true)?;
-                self.holds[if into == Reg::Sa { 0 } else { 1 }] = None;
-                self.running.push(Group { writes: into, reads: None, item, is_s: true });
-                self.s_issued += 1;
-                Ok(())
-            }
-            // The softmax of `item` in `cur`, then (after the caller's wait) pack and P V.
-            fn softmax(&self, cur: Reg, item: usize) -> std::result::Result<(), String> {
-                self.touch(cur, true)?;
-                let held = self.holds[if cur == Reg::Sa { 0 } else { 1 }];
-                if held != Some(item) {
-                    return Err(format!("softmax of item {item} reads {cur:?}, which holds {held:?}"));
-                }
-                Ok(())
-            }
-            fn finish(&mut self, cur: Reg, item: usize) -> std::result::Result<(), String> {
-                self.touch(Reg::Acc, true)?; // rescale
-                self.touch(cur, false)?;
-                self.touch(Reg::Pa, true)?; // pack
-                self.running.push(Group { writes: Reg::Acc, reads: Some(Reg::Pa), item, is_s: false });
-                self.pv_items.push(item);
-                Ok(())
-            }
-        }
-        fn run(n: usize, m: Mutation) -> std::result::Result<(), String> {
-            let mut w = Warpgroup::default();
-            // Items 0..n (a one-chunk tile gets an absent second item: n = 2 then).
-            let n = n.max(2);
-            let (mut c_cur, mut c_nxt) = (1usize, if n > 2 { Some(2usize) } else { None });
-            w.issue_s(Reg::Sa, 0)?;
-            w.issue_s(if m == Mutation::PrologueIntoSa { Reg::Sa } else { Reg::Sb }, 1)?;
-            w.wait(1);
-            w.softmax(Reg::Sa, 0)?;
-            w.finish(Reg::Sa, 0)?;
-            let item =
-                |w: &mut Warpgroup, cur: Reg, oth: Reg, more: bool, c_cur: &mut usize, c_nxt: &mut Option<usize>| {
-                    w.wait(1);
-                    if more {
-                        w.issue_s(oth, c_nxt.unwrap())?;
-                    }
-                    w.softmax(cur, *c_cur)?;
-                    if more {
-                        w.wait(if m == Mutation::ShallowItemWait { 2 } else { 1 });
-                    } else {
-                        w.wait(0);
-                        w.q_load_ok = w.s_done == w.s_issued && w.s_issued == n;
-                    }
-                    w.finish(cur, *c_cur)?;
-                    if more {
-                        *c_cur = c_nxt.unwrap();
-                        *c_nxt = if *c_cur + 1 < n { Some(*c_cur + 1) } else { None };
-                    }
-                    std::result::Result::<(), String>::Ok(())
-                };
-            loop {
-                if c_nxt.is_none() {
-                    break;
-                }
-                item(&mut w, Reg::Sb, Reg::Sa, true, &mut c_cur, &mut c_nxt)?;
-                if c_nxt.is_none() {
-                    if m != Mutation::NoLastCopy {
-                        w.wait(0);
-                        w.touch(Reg::Sa, false)?;
-                        w.touch(Reg::Sb, true)?;
-                        w.holds[1] = w.holds[0];
-                    }
-                    break;
-                }
-                item(&mut w, Reg::Sa, Reg::Sb, true, &mut c_cur, &mut c_nxt)?;
-            }
-            item(&mut w, Reg::Sb, Reg::Sa, false, &mut c_cur, &mut c_nxt)?;
-            w.wait(0);
-            if w.pv_items != (0..n).collect::<Vec<_>>() {
-                return Err(format!("P V issued for items {:?}", w.pv_items));
-            }
-            if !w.q_load_ok {
-                return Err("the next tile's Q load started before every S finished".into());
-            }
-            Ok(())
-        }
-        for n in 1..=40 {
-            if let Err(e) = run(n, Mutation::None) {
-                panic!("{n} items: {e}");
-            }
-        }
-        for m in [Mutation::ShallowItemWait, Mutation::NoLastCopy, Mutation::PrologueIntoSa] {
-            assert!((1..=40).any(|n| run(n, m).is_err()), "{m:?} passed: the model cannot fail");
         }
     }
 
