@@ -126,8 +126,6 @@ fn bench_gpu(c: &mut Criterion) {
     };
     let (chw, hwc, wgmma) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc), Some(PixelOrder::HwcWgmma));
     let ws = Some(PixelOrder::HwcWs);
-    let mc = Some(PixelOrder::HwcMc);
-    let mc4 = Some(PixelOrder::HwcMc4);
     // A forward of one order with the backward of another (MAPET_PATCH_EMBED_BACKWARD_ORDER).
     let ws_then_hwc: Step = |g, s, x, _| {
         forward(g, s, x, Some(PixelOrder::HwcWs))?;
@@ -139,7 +137,7 @@ fn bench_gpu(c: &mut Criterion) {
     };
     // The unverified hwc-ws variants last: a kernel fault is sticky, and would fail every line
     // after it.
-    let cases: [(&str, Step, Entry, f64); 20] = [
+    let cases: [(&str, Step, Entry, f64); 16] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),
         ("forward u8 hwc-wgmma", forward, wgmma, flops),
@@ -156,13 +154,6 @@ fn bench_gpu(c: &mut Criterion) {
         ("forward+backward u8 hwc-ws", fwd_bwd, ws, 2.0 * flops),
         ("forward+backward u8 hwc-ws/hwc", ws_then_hwc, ws, 2.0 * flops),
         ("forward+backward u8 hwc/hwc-ws", hwc_then_ws, ws, 2.0 * flops),
-        // hwc-mc, hwc-mc4: hwc-ws's forward in clusters of two or four blocks sharing the weight
-        // boxes; their backward is hwc's, so their forward + backward lines compare with
-        // hwc-ws/hwc's.
-        ("forward u8 hwc-mc", forward, mc, flops),
-        ("forward+backward u8 hwc-mc", fwd_bwd, mc, 2.0 * flops),
-        ("forward u8 hwc-mc4", forward, mc4, flops),
-        ("forward+backward u8 hwc-mc4", fwd_bwd, mc4, 2.0 * flops),
     ];
     let benched = PixelOrder::listed_in("MAPET_BENCH_PATCH_ORDERS").unwrap_or_else(|e| panic!("{e}"));
     let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");

@@ -108,54 +108,6 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, 
         : "memory");
 }
 
-// ---- Thread-block clusters (a kernel declared with __cluster_dims__): a CTA may write into a
-// peer's shared memory by TMA multicast and arrive on a peer's mbarriers. Every CTA of a cluster
-// is resident at once, but each must stay alive (its shared memory valid) until its peers are done
-// with it: cluster_sync before the first remote access and before exit.
-
-// This CTA's rank in its cluster.
-__device__ __forceinline__ uint32_t cluster_rank() {
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-    return r;
-}
-
-// Every non-exited thread of the cluster arrives, then waits for all the others: orders what each
-// did before (the mbarrier initialisations, with mbar_fence_init) before what any does after.
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-
-// One arrival on the mbarrier at the same offset as `bar` in the shared memory of the cluster's
-// CTA `rank` (this CTA's own when rank is its own). The default semantics (release at CTA scope),
-// as CUTLASS's multicast pipelines release a stage: what the arrival orders is the arriving
-// warpgroup's wgmma reads of the stage, complete once wgmma_wait_groups says so, against the
-// TMA that the waiting producer issues next. At cluster scope ptxas adds a MEMBAR.ALL.GPU to
-// every arrival (and a waiter's acquire at cluster scope an L1 invalidation to every wait), which
-// would stall a consumer warp on its own global stores once a slice.
-__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
-    asm volatile(
-        "{\n"
-        ".reg .b32 ra;\n"
-        "mapa.shared::cluster.u32 ra, %0, %1;\n"
-        "mbarrier.arrive.shared::cluster.b64 _, [ra];\n"
-        "}\n" ::"r"(hopper_smem_addr(bar)),
-        "r"(rank)
-        : "memory");
-}
-
-// tma_load_2d multicast: the box lands at the offset of `dst` in the shared memory of every CTA of
-// the cluster whose bit is set in `cta_mask`, and completes its bytes on the mbarrier at the
-// offset of `bar` in each of them.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map, int c0, int c1, uint64_t* bar,
-                                                      uint16_t cta_mask) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
-        "%3}], [%4], %5;\n" ::"r"(hopper_smem_addr(dst)),
-        "l"(map), "r"(c0), "r"(c1), "r"(hopper_smem_addr(bar)), "h"(cta_mask)
-        : "memory");
-}
-
 // ---- wgmma on K-major tiles in 128-byte swizzle: rows of 64 bf16 of K, 8-row atoms of 1024 B
 // stacked along M/N. Matrix descriptor fields (PTX ISA, "Matrix Descriptor Format"): start
 // address >> 4 (bits 0-13), leading byte offset >> 4 (16-29; not used by a swizzled K-major

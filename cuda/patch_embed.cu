@@ -693,7 +693,7 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
 // holds only two 8 KB weight tiles in flight, too few for the L2's latency, with 2 warps a
 // scheduler to hide it. Both point at the weight stream: 128-row tiles read the whole weight
 // from L2 once per tile (231 MB at ViT-B), and covering that needs deeper asynchronous copies
-// (TMA into a swizzled ring) or blocks of a cluster sharing each weight tile.
+// (TMA into a swizzled ring: forward_hwc_ws below).
 //
 // Shared memory in the no-swizzle canonical layout of wgmma: "core matrices" of 8 rows x 16 bytes
 // (8 bf16 of K), each 128 contiguous bytes. A tile [128 rows][32 k'] and weight tile
@@ -922,29 +922,13 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 // for them.
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
 // other HWC kernels' in the last bits (the same function, another f32 order). The default forward
-// on compute capability 9.0 (only). As it stood at the sixth run, its tests passed on an H200 and
-// it took 0.148 ms at ViT-B against the mma.sync HWC kernel's 0.176 (BENCHMARKS.md); the bulk-copy
-// epilogue and the token rows written since are unverified on GPU.
+// on compute capability 9.0 (only). In the seventh run its tests passed on an H200, and it took
+// 0.150 ms at ViT-B against the mma.sync HWC kernel's 0.175 (BENCHMARKS.md).
 //
-// The cluster variants (mapet_patch_embed_fwd_u8_hwc_mc and _mc4, the `hwc-mc` and `hwc-mc4`
-// orders; experiments, unverified on GPU). Why: a 128-row tile reads its 192 channels' whole
-// weight slab (295 KB) from L2 for 37.7 MFLOP, 231 MB at ViT-B, three quarters of what the kernel
-// reads (by count: about 2 TB/s over the sixth run's 0.149 ms, with the tensor cores busy a fifth
-// of the time). The n = 2 or 4 blocks of a cluster take the same channel tile of n adjacent row
-// tiles, so they need the same weight boxes: each loads its share of every box (192 / n channels)
-// by TMA multicast into every block's stage, and the weight crosses from L2 once per n tiles.
-// What it takes:
-// - the walk: positions of (channel tile, n row tiles), the same for every block of a cluster,
-//   so that they need the same boxes in the same order (tile_at);
-// - `full` as before (129 arrivals, the whole box's bytes: every block's share lands on the
-//   barrier at the same offset in each);
-// - `empty` takes 2n arrivals, the consumer warpgroups of every block (mbar_arrive_cluster): a
-//   producer may refill a stage only when no block's wgmma still reads it, since its TMA writes
-//   into all of them;
-// - a cluster barrier after the barriers' initialisation (a peer's multicast or arrival may come
-//   at once) and before exit (a block's shared memory must outlive its peers' arrivals).
-// Everything else (the A tiles from the pixels, the consumers, the epilogue) is the one-block
-// kernel's, per block.
+// Tried and removed after that run: clusters of two and four blocks taking the same channel tile
+// of adjacent row tiles, each loading its share of every weight box by TMA multicast into all of
+// them. They cut the weight's L2 traffic to a half and a quarter, and took 0.163 and 0.181 ms:
+// L2 is not what limits this kernel. Its warps wait on the ring's barriers instead.
 constexpr int kWsN = 192;
 constexpr int kWsK = 64;
 constexpr int kWsStages = 4;
@@ -974,12 +958,7 @@ struct WsSlice {
     uint32_t rows_ok;  // bit r: row r0 + 16r of the tile is a patch row
 };
 
-// kCluster: 1, mapet_patch_embed_fwd_u8_hwc_ws, as above; 2 and 4, mapet_patch_embed_fwd_u8_hwc_mc
-// and _mc4, clusters of two or four blocks sharing each weight box ("the cluster variants").
-template <int kCluster>
 __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
-    static_assert(kCluster == 1 || kCluster == 2 || kCluster == 4, "one block, a pair or four");
-    constexpr bool kClustered = kCluster > 1;
     const MapetPatchEmbedFwd& P = T.p;
     extern __shared__ unsigned char ws_smem_raw[];
     __shared__ __align__(8) uint64_t full[kWsStages];
@@ -993,38 +972,16 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const int row_tiles = (g.M + kFwdM - 1) / kFwdM;
     const int tiles = n_tiles * row_tiles;
     const int slices = (g.K + kWsK - 1) / kWsK;
-    // The walk: the positions w_first(), + w_step(), ... below `walk` that this block takes, and
-    // the tile at each (tile_at). One block: the tiles themselves, a grid-stride walk. A cluster:
-    // the cluster's positions (from the cluster's index), each a channel tile w % n_tiles and
-    // kCluster row tiles from kCluster (w / n_tiles) on, one a block by rank. Every block of a
-    // cluster then takes the same channel tiles in the same order, as their shared weight boxes
-    // need; a tile of a row tile past the last has no rows, but its block still loads and
-    // multiplies its share of the boxes for its peers.
-    // (Read from the grid where they are used, not held: the one-block walk's code is then the
-    // same as before the clusters existed, registers included.)
-    const int walk = kClustered ? n_tiles * ((row_tiles + kCluster - 1) / kCluster) : tiles;
-    auto w_first = [] { return static_cast<int>(blockIdx.x) / kCluster; };
-    auto w_step = [] { return static_cast<int>(gridDim.x) / kCluster; };
-    // Tile indices as in the one-block walk (channel tile tile % n_tiles, row tile tile / n_tiles);
-    // one of no rows (>= tiles) past the walk's end or the last row tile.
-    auto tile_at = [&](int w) {
-        if constexpr (kClustered) {
-            return (kCluster * (w / n_tiles) + static_cast<int>(cluster_rank())) * n_tiles + w % n_tiles;
-        } else {
-            return w;
-        }
-    };
+    // The walk: this block's tiles, w_first(), + w_step(), ... below `tiles` (channel tile
+    // tile % n_tiles, row tile tile / n_tiles), read from the grid where they are used rather
+    // than held in registers.
+    auto w_first = [] { return static_cast<int>(blockIdx.x); };
+    auto w_step = [] { return static_cast<int>(gridDim.x); };
 
     // The producer's rotation needs a multiple of 3 slices (K' = 3p^2, p % 8 == 0: see below).
     if (slices % 3 != 0 || dynamic_smem_bytes() < kWsSmemBytes) __trap();
-    // A cluster's stage is free once every block's consumers are done with it: each consumer
-    // warpgroup arrives on every block's `empty`.
-    mbar_init_ring(full, empty, 129, 2 * kCluster);
-    if constexpr (kClustered) {
-        cluster_sync();  // the peers' barriers are initialised before any copy or arrival reaches them
-    } else {
-        __syncthreads();
-    }
+    mbar_init_ring(full, empty, 129, 2);
+    __syncthreads();
 
     if (wg == 0) {
         // ---- producer. It walks this block's (tile, slice) items in order, `it` counting them:
@@ -1036,7 +993,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         const int kg = tid & 7;
         const int r0 = tid >> 3;
         // The fetch cursor: the tile and slice of the next item to load, its rows' pixel bases.
-        int f_tile = tile_at(w_first()), f_w = w_first(), f_t = 0;
+        int f_tile = w_first(), f_w = w_first(), f_t = 0;
         int base[kWsGroups];
         HwcCursor cur(kg * 8, g.p, g.S);
         auto start_tile = [&] {
@@ -1061,13 +1018,13 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             if (++f_t == slices) {
                 f_t = 0;
                 f_w += w_step();
-                f_tile = tile_at(f_w);
+                f_tile = f_w;
                 start_tile();
             }
         };
         // Item it (slice t of a tile whose channels start at n0): the weight box, then A from
         // sl, whose loads were issued kWsAhead items ago; then the loads of item it + kWsAhead.
-        // The walk position of the item being produced: its channel tile is p_w % n_tiles.
+        // The tile of the item being produced: its channel tile is p_w % n_tiles.
         int it = 0, p_w = w_first(), p_t = 0;
         auto produce = [&](WsSlice& sl) {
             const int s = it % kWsStages;
@@ -1077,18 +1034,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             unsigned char* stage = ring + s * kWsStageBytes;
             if (tid == 0) {
                 mbar_arrive_expect_tx(&full[s], kWsBBytes);
-                // The whole box lands in every block of a cluster: each loads its share of the
-                // channels, multicast to all (the map's boxes are kWsN / kCluster channels there:
-                // 96 or 48 rows of 128 bytes, whole 1 KB swizzle atoms).
-                if constexpr (kClustered) {
-                    static_assert(kWsN / kCluster % 8 == 0, "a share of whole swizzle atoms");
-                    const int rank = static_cast<int>(cluster_rank());
-                    tma_load_2d_multicast(stage + kWsABytes + rank * (kWsBBytes / kCluster), &T.weight_hwc, p_t * kWsK,
-                                          (p_w % n_tiles) * kWsN + rank * (kWsN / kCluster), &full[s],
-                                          static_cast<uint16_t>((1u << kCluster) - 1u));
-                } else {
-                    tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_w % n_tiles) * kWsN, &full[s]);
-                }
+                tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_w % n_tiles) * kWsN, &full[s]);
             }
             const Norm3 nrm = px.norm3(sl.c);
             // Rows r0 + 16 r share r0's place in the swizzle: 16 rows on is 2048 bytes on.
@@ -1115,13 +1061,12 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         fetch(x);
         fetch(y);
         fetch(z);
-        const int items = ((walk - w_first() + w_step() - 1) / w_step()) * slices;
+        const int items = ((tiles - w_first() + w_step() - 1) / w_step()) * slices;
         for (int i = 0; i < items; i += 3) {
             produce(x);
             produce(y);
             produce(z);
         }
-        if constexpr (kClustered) cluster_sync();  // the consumers' closing sync (below)
         return;
     }
 
@@ -1234,19 +1179,11 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         }
     };
     RowsOf cur, next;
-    // A stage's release: one arrival of this warpgroup on `empty`, on every block's of a cluster.
-    auto release = [&](int s) {
-        if constexpr (kClustered) {
-#pragma unroll
-            for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[s], r);
-        } else {
-            mbar_arrive(&empty[s]);
-        }
-    };
-    rows_of(tile_at(w_first()), next);
+    // A stage's release: one arrival of this warpgroup on `empty`.
+    auto release = [&](int s) { mbar_arrive(&empty[s]); };
+    rows_of(w_first(), next);
     int it = 0;
-    for (int w = w_first(); w < walk; w += w_step()) {
-        const int tile = tile_at(w);
+    for (int tile = w_first(); tile < tiles; tile += w_step()) {
         const int n0 = (tile % n_tiles) * kWsN;
         cur = next;
         const int (&tok)[2] = cur.tok;
@@ -1277,7 +1214,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
             wgmma_commit_groups();
             if (t == 0) {
-                rows_of(tile_at(w + w_step()), next);
+                rows_of(tile + w_step(), next);
                 if (other.cls[0] || other.cls[1]) write_cls_rows(other, n0);
             }
             // The previous slice's wgmma are done with their stage: hand it back.
@@ -1315,9 +1252,6 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         }
     }
     if (i < 64) bulk_wait<0>();  // the last copies read the staging tile: it must outlive them
-    // A cluster: no block exits while a peer may still arrive on its barriers or its multicasts
-    // may still be landing (every block has waited for all of its own stages by now).
-    if constexpr (kClustered) cluster_sync();
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -1950,35 +1884,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
 extern "C" __global__ void __launch_bounds__(384, 1)
     mapet_patch_embed_fwd_u8_hwc_ws(const __grid_constant__ MapetPatchEmbedFwdWs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    forward_hwc_ws<1>(p);
-#else
-    __trap();
-#endif
-}
-
-// mapet_patch_embed_fwd_u8_hwc_ws in clusters of two blocks that share each weight box (see "the
-// cluster variants"); sm_90a only. Grid: an even number of blocks, at most the SMs and two per
-// walk position; the same threads and shared memory; the tensor map's boxes are 96 channels.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define MAPET_CLUSTER_OF(n)  // (no clusters before sm_90; the kernels trap there)
-#else
-#define MAPET_CLUSTER_OF(n) __cluster_dims__(n, 1, 1)
-#endif
-extern "C" __global__ void MAPET_CLUSTER_OF(2) __launch_bounds__(384, 1)
-    mapet_patch_embed_fwd_u8_hwc_mc(const __grid_constant__ MapetPatchEmbedFwdWs p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    forward_hwc_ws<2>(p);
-#else
-    __trap();
-#endif
-}
-
-// The same in clusters of four (the `hwc-mc4` order): a quarter of the weight's L2 traffic; the
-// tensor map's boxes are 48 channels; the grid a multiple of four.
-extern "C" __global__ void MAPET_CLUSTER_OF(4) __launch_bounds__(384, 1)
-    mapet_patch_embed_fwd_u8_hwc_mc4(const __grid_constant__ MapetPatchEmbedFwdWs p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    forward_hwc_ws<4>(p);
+    forward_hwc_ws(p);
 #else
     __trap();
 #endif

@@ -63,8 +63,6 @@ fn setmaxnreg_pools_fit_the_launch_registers() {
     // from the source, so that the check follows any change of them.
     let handoffs = [
         ("mapet_patch_embed_fwd_u8_hwc_ws", "patch_embed.cu", "kWsProducerRegs", "kWsConsumerRegs"),
-        ("mapet_patch_embed_fwd_u8_hwc_mc", "patch_embed.cu", "kWsProducerRegs", "kWsConsumerRegs"),
-        ("mapet_patch_embed_fwd_u8_hwc_mc4", "patch_embed.cu", "kWsProducerRegs", "kWsConsumerRegs"),
         ("mapet_hopper_gemm_tn", "hopper.cu", "kGemmProducerRegs", "kGemmConsumerRegs"),
     ];
     let all = report::all();

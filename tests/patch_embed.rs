@@ -8,8 +8,7 @@ use mapet::cpu::round_bf16;
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::ops::patch_embed::{
     cpu_backward, cpu_forward_f32, cpu_forward_u8, cuda_backward, cuda_forward_f32, cuda_forward_u8, normalize_u8,
-    weight_grad_splits_ws, ws_forward_grid, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels,
-    BWD_WS_MAX_ROWS,
+    weight_grad_splits_ws, DevicePixels, Normalize, PatchEmbedShape, PixelOrder, Pixels, BWD_WS_MAX_ROWS,
 };
 use mapet::ops::KernelChoice;
 use mapet::testing::{
@@ -599,14 +598,12 @@ enum Entry {
 }
 
 impl Entry {
-    const ALL: [Entry; 7] = [
+    const ALL: [Entry; 5] = [
         Entry::F32,
         Entry::U8(PixelOrder::Chw),
         Entry::U8(PixelOrder::Hwc),
         Entry::U8(PixelOrder::HwcWgmma),
         Entry::U8(PixelOrder::HwcWs),
-        Entry::U8(PixelOrder::HwcMc),
-        Entry::U8(PixelOrder::HwcMc4),
     ];
 
     /// Whether `gpu` runs this entry (the wgmma kernels need compute capability 9.0) and
@@ -897,38 +894,7 @@ fn warp_specialised_weight_splits_cover_the_rows_in_whole_slices() {
     assert_eq!(weight_grad_splits_ws(&vit_b, 132), (11, 2304), "36 tiles x 11 splits = 3 blocks an SM");
 }
 
-/// The warp-specialised forward's grid (no GPU needed): one block an SM at most and no more
-/// than the walk's positions; for the clustered kernels (`hwc-mc`, `hwc-mc4`) whole clusters, no
-/// more than fit at once, and none that fit is an error naming the orders.
-#[test]
-fn warp_specialised_forward_grid_fits_the_walk_and_the_clusters() {
-    // ViT-B, batch 128: 196 row tiles of 128 x 4 channel tiles of 192: 784 tiles, 392 pair
-    // positions, 196 positions of four.
-    let vit_b = shape(128, 224, 16, 768, 50);
-    assert_eq!(ws_forward_grid(&vit_b, 132, None).unwrap(), 132);
-    assert_eq!(ws_forward_grid(&vit_b, 132, Some((2, 66))).unwrap(), 132);
-    assert_eq!(ws_forward_grid(&vit_b, 132, Some((2, 63))).unwrap(), 126, "only the clusters that fit at once");
-    assert_eq!(ws_forward_grid(&vit_b, 132, Some((2, 80))).unwrap(), 132, "never more blocks than SMs");
-    assert_eq!(ws_forward_grid(&vit_b, 132, Some((4, 33))).unwrap(), 132);
-    assert_eq!(ws_forward_grid(&vit_b, 132, Some((4, 31))).unwrap(), 124);
-    // 2 images of 32 x 32, p = 8: 32 rows, one row tile; 24 channels, one channel tile.
-    let small = shape(2, 32, 8, 24, 5);
-    assert_eq!(ws_forward_grid(&small, 132, None).unwrap(), 1);
-    assert_eq!(ws_forward_grid(&small, 132, Some((2, 66))).unwrap(), 2, "one position, a pair of blocks");
-    assert_eq!(ws_forward_grid(&small, 132, Some((4, 33))).unwrap(), 4, "one position, four blocks");
-    // 48 images, 392 channels: 74 row tiles x 3 channel tiles = 111 pair positions, 57 of four.
-    let odd = shape(48, 224, 16, 392, 50);
-    assert_eq!(ws_forward_grid(&odd, 132, Some((2, 66))).unwrap(), 132);
-    assert_eq!(ws_forward_grid(&odd, 78, Some((2, 39))).unwrap(), 78);
-    assert_eq!(ws_forward_grid(&odd, 132, Some((4, 33))).unwrap(), 132);
-    assert_eq!(ws_forward_grid(&odd, 130, Some((4, 40))).unwrap(), 128, "whole clusters only");
-    for size in [2, 4] {
-        let e = ws_forward_grid(&vit_b, 132, Some((size, 0))).unwrap_err().to_string();
-        assert!(e.contains("hwc-mc") && e.contains("hwc-ws") && e.contains(&format!("{size}-block")), "{e}");
-    }
-}
-
-/// The sm_90a-only orders (`hwc-wgmma`, `hwc-ws`, `hwc-mc`, `hwc-mc4`) are refused, with an error that names the order
+/// The sm_90a-only orders (`hwc-wgmma`, `hwc-ws`) are refused, with an error that names the order
 /// and the compute capability, where they cannot run; where they can, they agree with the mma.sync
 /// HWC kernels (and the tests above check them against the CPU on such a device).
 #[test]
@@ -936,7 +902,7 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
     let test = "hopper_orders_run_only_on_compute_capability_9_0";
     let Some(gpu) = gpu_or_skip(test) else { return };
     let mut rng = rng(test);
-    let orders = [PixelOrder::HwcWgmma, PixelOrder::HwcWs, PixelOrder::HwcMc, PixelOrder::HwcMc4];
+    let orders = [PixelOrder::HwcWgmma, PixelOrder::HwcWs];
     if gpu.compute_capability() != (9, 0) {
         let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
         let case = make_case(&mut rng, s);
@@ -966,11 +932,6 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
     // hwc-ws), 5 * 16 and 48 * 196 patch rows in a partial 128-row tile; p = 8, 16 and 32 give
     // K = 192, 768 and 3072 (the weight gradient's k' tiles, partial for 192). At 32 and 48
     // images of 224 x 224, hwc-ws's blocks take more than one tile each (196 and 222 tiles).
-    // hwc-mc's pairs of row tiles: one row tile (the second block of the pair has no rows) at 2
-    // and 5 images, 49 (odd) and 74 at 32 and 48; the second block's half of a weight box lies
-    // wholly past D in the last channel tile at 200 and 392 channels. hwc-mc4's fours: 49 and 74
-    // row tiles leave the last four one and two rowless blocks; at 200 channels three of the last
-    // channel tile's four quarters lie wholly past D.
     for (batch, image, patch, dim) in
         [(2, 32, 8, 24), (5, 64, 16, 200), (32, 224, 16, 768), (48, 224, 16, 392), (2, 64, 32, 64)]
     {

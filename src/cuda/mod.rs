@@ -50,9 +50,6 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
-/// A kernel (module, function) and a block shape (threads, dynamic shared bytes).
-type ClusterKey = (&'static str, &'static str, u32, u32);
-
 /// One device: its context, the stream every operation runs on, and the loaded kernel modules.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -62,8 +59,6 @@ pub struct Gpu {
     /// The dynamic shared memory each kernel may take: read from the driver at its first launch
     /// that asks for some, raised when a launch needs more.
     smem_limits: Mutex<HashMap<(&'static str, &'static str), u32>>,
-    /// max_active_clusters's answers, by kernel and its (block threads, dynamic shared bytes).
-    cluster_fits: Mutex<HashMap<ClusterKey, u32>>,
     name: String,
     sm_count: u32,
     max_smem_optin: u32,
@@ -136,7 +131,6 @@ impl Gpu {
             modules,
             functions: Mutex::new(HashMap::new()),
             smem_limits: Mutex::new(HashMap::new()),
-            cluster_fits: Mutex::new(HashMap::new()),
             name,
             sm_count,
             max_smem_optin,
@@ -262,40 +256,8 @@ impl Gpu {
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
-        let f = self.function_for(module, function, cfg.shared_mem_bytes)?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(params);
-        // SAFETY: forwarded from the caller's contract above.
-        unsafe { b.launch(cfg) }.map_err(|e| ctx_err(e, format!(" launching `{module}::{function}`")))?;
-        Ok(())
-    }
-
-    /// How many clusters of `function` (a kernel declared with `__cluster_dims__`) the device holds
-    /// at once with `cfg`'s blocks and dynamic shared memory: a grid of more waits for whole
-    /// clusters to finish, which a persistent kernel's last ones would do at the end of its run.
-    /// Asked of the driver once per kernel and block shape.
-    pub fn max_active_clusters(&self, module: &'static str, function: &'static str, cfg: LaunchConfig) -> Result<u32> {
-        let key = (module, function, cfg.block_dim.0 * cfg.block_dim.1 * cfg.block_dim.2, cfg.shared_mem_bytes);
-        if let Some(&n) = self.cluster_fits.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(n);
-        }
-        let f = self.function_for(module, function, cfg.shared_mem_bytes)?;
-        let n = f
-            .occupancy_max_active_clusters(cfg, &self.stream)
-            .map_err(|e| ctx_err(e, format!(" asking how many clusters of `{module}::{function}` fit")))?;
-        self.cluster_fits.lock().unwrap_or_else(|p| p.into_inner()).insert(key, n);
-        Ok(n)
-    }
-
-    /// `function` of `module`, allowed `shared_mem_bytes` of dynamic shared memory.
-    fn function_for(
-        &self,
-        module: &'static str,
-        function: &'static str,
-        shared_mem_bytes: u32,
-    ) -> Result<cudarc::driver::CudaFunction> {
         let f = self.function(module, function)?;
-        if shared_mem_bytes > 0 {
+        if cfg.shared_mem_bytes > 0 {
             // Raised once per kernel (and again only for a larger size), not on every launch.
             let mut limits = self.smem_limits.lock().unwrap_or_else(|p| p.into_inner());
             let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
@@ -311,11 +273,11 @@ impl Gpu {
                     e.insert(now.max(0) as u32)
                 }
             };
-            if shared_mem_bytes > *allowed {
+            if cfg.shared_mem_bytes > *allowed {
                 // A raw driver call on this thread: make the context current first (a cached
                 // function may be launched from a thread that has made no other CUDA call yet).
                 self.ctx.bind_to_thread()?;
-                f.set_attribute(attr, shared_mem_bytes as i32)
+                f.set_attribute(attr, cfg.shared_mem_bytes as i32)
                     .map_err(|e| ctx_err(e, format!(" raising shared memory of `{module}::{function}`")))?;
                 // A kernel that opts in to more shared memory than the default wants the SM's
                 // largest shared-memory carveout (L1 takes the rest), so that as many of its CTAs
@@ -323,10 +285,14 @@ impl Gpu {
                 let carveout = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
                 f.set_attribute(carveout, 100)
                     .map_err(|e| ctx_err(e, format!(" preferring shared memory for `{module}::{function}`")))?;
-                *allowed = shared_mem_bytes;
+                *allowed = cfg.shared_mem_bytes;
             }
         }
-        Ok(f)
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(params);
+        // SAFETY: forwarded from the caller's contract above.
+        unsafe { b.launch(cfg) }.map_err(|e| ctx_err(e, format!(" launching `{module}::{function}`")))?;
+        Ok(())
     }
 
     /// A pool of page-locked host buffers of `capacity` bytes each, for uploads that the copy

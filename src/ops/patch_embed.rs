@@ -44,11 +44,6 @@ const FWD_TILE_N: usize = 128;
 /// 400 bytes for each consumer warpgroup, and 1 KB to align them (cuda/patch_embed.cu,
 /// kWsSmemBytes; `tests::ws_forward_shared_memory_is_the_kernels` checks the sum).
 const FWD_WS_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_ws";
-/// The same forward in clusters of two blocks sharing each weight box (`hwc-mc`): the tensor
-/// map's boxes are half a tile's channels.
-const FWD_MC_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_mc";
-/// The same in clusters of four (`hwc-mc4`), boxes of a quarter of a tile's channels.
-const FWD_MC4_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_mc4";
 const FWD_WS_TILE_N: usize = 192;
 const FWD_WS_THREADS: u32 = 384;
 const FWD_WS_SMEM: u32 = 4 * 40 * 1024 + 2 * 64 * 400 + 1024;
@@ -551,39 +546,15 @@ pub enum PixelOrder {
     /// against 0.193 (BENCHMARKS.md, sixth run), so the default on compute capability 9.0 is its
     /// forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]).
     HwcWs,
-    /// `HwcWs`'s forward in clusters of two blocks that take adjacent row tiles of the same
-    /// channels and share each weight box: each block loads half of it by TMA multicast into
-    /// both (`mapet_patch_embed_fwd_u8_hwc_mc`), so the weight crosses from L2 once per two
-    /// 128-row tiles, 115 MB instead of 231 at ViT-B, batch 128. The backward is `Hwc`'s.
-    /// Compute capability 9.0 only. Experimental, unverified on GPU: counted from its tiles, the
-    /// hwc-ws forward reads about 2 TB/s from L2 while its tensor cores are busy a fifth of the
-    /// time, and whether halving the weight's part of that pays only a card can say
-    /// (BENCHMARKS.md).
-    HwcMc,
-    /// [`PixelOrder::HwcMc`] in clusters of four blocks (`mapet_patch_embed_fwd_u8_hwc_mc4`): a
-    /// quarter of the weight's L2 traffic, 58 MB at ViT-B, for four blocks that wait on each
-    /// other's stages. The backward is `Hwc`'s. Compute capability 9.0 only; an experiment,
-    /// unverified on GPU.
-    HwcMc4,
 }
 
 impl PixelOrder {
     /// Every order, for tests and benches.
-    pub const ALL: [PixelOrder; 6] = [
-        PixelOrder::Chw,
-        PixelOrder::Hwc,
-        PixelOrder::HwcWgmma,
-        PixelOrder::HwcWs,
-        PixelOrder::HwcMc,
-        PixelOrder::HwcMc4,
-    ];
+    pub const ALL: [PixelOrder; 4] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma, PixelOrder::HwcWs];
 
     /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
     fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
-        matches!(
-            self,
-            PixelOrder::Hwc | PixelOrder::HwcWgmma | PixelOrder::HwcWs | PixelOrder::HwcMc | PixelOrder::HwcMc4
-        ) && shape.patch.is_multiple_of(8)
+        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma | PixelOrder::HwcWs) && shape.patch.is_multiple_of(8)
     }
 
     /// Whether this order can run on `gpu`: the wgmma kernels need compute capability 9.0 (their
@@ -594,7 +565,7 @@ impl PixelOrder {
 
     /// Whether this order runs sm_90a-only kernels.
     fn hopper_only(self) -> bool {
-        matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcWs | PixelOrder::HwcMc | PixelOrder::HwcMc4)
+        matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcWs)
     }
 
     /// The environment variable that picks the backward's order apart from the forward's.
@@ -633,7 +604,7 @@ impl PixelOrder {
     }
 }
 
-/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-wgmma|hwc-ws|hwc-mc|hwc-mc4` picks the order the CUDA backend passes to
+/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-wgmma|hwc-ws` picks the order the CUDA backend passes to
 /// [`cuda_forward_u8`] and [`cuda_backward`] (read once, when the backend is made;
 /// [`PixelOrder::BACKWARD_VAR`] can give the backward another).
 impl KernelChoice for PixelOrder {
@@ -646,8 +617,6 @@ impl KernelChoice for PixelOrder {
             PixelOrder::Hwc => "hwc",
             PixelOrder::HwcWgmma => "hwc-wgmma",
             PixelOrder::HwcWs => "hwc-ws",
-            PixelOrder::HwcMc => "hwc-mc",
-            PixelOrder::HwcMc4 => "hwc-mc4",
         }
     }
 }
@@ -728,12 +697,7 @@ fn cuda_forward(
         gpu,
         order,
         "mapet_patch_embed_fwd_u8_hwc",
-        &[
-            (PixelOrder::HwcWgmma, "mapet_patch_embed_fwd_u8_hwc_wgmma"),
-            (PixelOrder::HwcWs, FWD_WS_KERNEL),
-            (PixelOrder::HwcMc, FWD_MC_KERNEL),
-            (PixelOrder::HwcMc4, FWD_MC4_KERNEL),
-        ],
+        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_fwd_u8_hwc_wgmma"), (PixelOrder::HwcWs, FWD_WS_KERNEL)],
     )?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
@@ -781,35 +745,24 @@ fn cuda_forward(
         unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
-    if kernel == FWD_WS_KERNEL || kernel == FWD_MC_KERNEL || kernel == FWD_MC4_KERNEL {
-        // Blocks a cluster: each loads a share of every weight box, multicast to all.
-        let cluster = match kernel {
-            FWD_MC_KERNEL => 2,
-            FWD_MC4_KERNEL => 4,
-            _ => 1,
-        };
+    if kernel == FWD_WS_KERNEL {
         let weight_hwc = weight_hwc.as_ref().map_or(std::ptr::null(), |w| w.ptr());
-        let box_rows = FWD_WS_TILE_N / cluster as usize;
         let ws = MapetPatchEmbedFwdWs {
             p: params,
-            weight_hwc: tensor_map_bf16(weight_hwc, shape.dim, shape.patch_len(), box_rows)?,
+            weight_hwc: tensor_map_bf16(weight_hwc, shape.dim, shape.patch_len(), FWD_WS_TILE_N)?,
         };
-        // (One cluster's grid for the driver's question; the launch's grid below.)
-        let mut cfg = LaunchConfig {
-            grid_dim: (cluster, 1, 1),
+        let tiles = shape.dim.div_ceil(FWD_WS_TILE_N) as u64 * m.div_ceil(FWD_TILE_M as u64);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for("patch embedding tiles", tiles, 1)?.min(gpu.sm_count()), 1, 1),
             block_dim: (FWD_WS_THREADS, 1, 1),
             shared_mem_bytes: FWD_WS_SMEM,
         };
-        let clusters = if cluster > 1 { Some((cluster, gpu.max_active_clusters(MODULE, kernel, cfg)?)) } else { None };
-        cfg.grid_dim.0 = ws_forward_grid(shape, gpu.sm_count(), clusters)?;
         // SAFETY: as for the kernels below (the same parameters, bounds and skipped rows), and as
         // for mapet_patch_embed_fwd_rows, whose rows this kernel writes too (the CLS row of each
         // image and the two mask-token rows of each token of rank in [C, N): b·R + N + rank - C
         // and P rows on, both below (b + 1)·R); the tensor map covers weight_hwc, [D, K'] bf16
         // with rows of 2K' bytes (K' = 3p², p % 8 == 0, so a multiple of 16), and the kernel
-        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring. A clustered kernel's grid
-        // is a multiple of its cluster (ws_forward_grid); a box of its map past D (a share of the
-        // last channel tile) is filled with zeros by the copy engine, in bounds.
+        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring.
         unsafe { gpu.launch(MODULE, kernel, cfg, &ws)? };
         // Its consumer warpgroups write the CLS and mask-token rows under the MMAs: no second
         // kernel writes them.
@@ -831,29 +784,6 @@ fn cuda_forward(
     // block per token, and ranks outside [C, N) write no mask row.
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
     Ok(())
-}
-
-/// Blocks of the warp-specialised forward, persistent: one an SM at most, and no more than its
-/// walk has positions (tiles of 128 rows x 192 channels). For the clustered kernels (`hwc-mc`,
-/// `hwc-mc4`; `clusters`: blocks a cluster, and how many clusters the device holds at once,
-/// `Gpu::max_active_clusters`) a whole number of clusters, one a position (a channel tile of as
-/// many adjacent row tiles as the cluster has blocks), and no more than fit at once: a GPC whose
-/// free SMs do not divide by the cluster leaves some out, and a cluster that waited for a place
-/// would start its share of the walk when the others end theirs.
-pub fn ws_forward_grid(shape: &PatchEmbedShape, sm_count: u32, clusters: Option<(u32, u32)>) -> Result<u32> {
-    let channel_tiles = shape.dim.div_ceil(FWD_WS_TILE_N) as u64;
-    let row_tiles = ((shape.batch * shape.n_patches()) as u64).div_ceil(FWD_TILE_M as u64);
-    match clusters {
-        Some((size, 0)) => Err(Error::Unsupported {
-            what: "patch embedding clusters",
-            detail: format!("the device holds none of the {size}-block clusters of hwc-mc / hwc-mc4: use hwc-ws"),
-        }),
-        Some((size, fit)) => {
-            let positions = channel_tiles * row_tiles.div_ceil(u64::from(size));
-            Ok(size * blocks_for("patch embedding tile clusters", positions, 1)?.min(fit).min(sm_count / size))
-        }
-        None => Ok(blocks_for("patch embedding tiles", channel_tiles * row_tiles, 1)?.min(sm_count)),
-    }
 }
 
 /// CUDA forward from uint8 HWC images (normalised in registers), contracting in `order`; `out`
@@ -1072,219 +1002,6 @@ pub fn cuda_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The `hwc-mc` and `hwc-mc4` forwards' walk (forward_hwc_ws<2> and <4>'s tile_at and item
-    /// count, transcribed): the blocks of a cluster take the same channel tiles in the same order
-    /// and as many items, as their shared weight boxes need, on adjacent row tiles, and every tile
-    /// with rows is taken exactly once.
-    #[test]
-    fn hwc_mc_walk_groups_the_blocks_and_covers_every_tile_once() {
-        for size in [2usize, 4] {
-            for (row_tiles, n_tiles) in [(196usize, 4usize), (1, 1), (1, 2), (49, 4), (74, 3), (7, 1), (2, 5)] {
-                let walk = n_tiles * row_tiles.div_ceil(size);
-                let tile_at = |w: usize, rank: usize| (size * (w / n_tiles) + rank) * n_tiles + w % n_tiles;
-                for clusters in [1, 2, 3, 33, 63, 66] {
-                    let mut taken = vec![0u32; n_tiles * row_tiles];
-                    for c in 0..clusters {
-                        let positions: Vec<usize> = (c..walk).step_by(clusters).collect();
-                        // items = ((walk - w_first + w_step - 1) / w_step) * slices, per block.
-                        assert_eq!(positions.len(), (walk - c.min(walk)).div_ceil(clusters));
-                        for &w in &positions {
-                            let t0 = tile_at(w, 0);
-                            for rank in 0..size {
-                                let t = tile_at(w, rank);
-                                assert_eq!(t % n_tiles, t0 % n_tiles, "the cluster's channel tile at position {w}");
-                                assert_eq!(t / n_tiles, t0 / n_tiles + rank, "adjacent row tiles at position {w}");
-                                if t < taken.len() {
-                                    taken[t] += 1;
-                                } else {
-                                    assert!(t / n_tiles >= row_tiles, "tile {t} past the end has a row tile in range");
-                                }
-                            }
-                        }
-                    }
-                    let at = format!("{row_tiles} x {n_tiles} tiles, {clusters} clusters of {size}");
-                    assert!(taken.iter().all(|&n| n == 1), "{at}: {taken:?}");
-                }
-            }
-        }
-    }
-
-    /// The `hwc-mc` and `hwc-mc4` forwards' ring (forward_hwc_ws<2> and <4>, cuda/patch_embed.cu),
-    /// transcribed as actors (each block's producer and two consumer warpgroups) and the copy
-    /// engine's deliveries, run in random interleavings. mbarriers as the hardware keeps them: a
-    /// phase completes when its arrivals are in and its transaction count is back to zero (which may
-    /// go below zero first). Checks that every arrival and every delivery lands in the phase of its
-    /// own use of the stage, that no wait could be fooled by parity, that every consumer reads its
-    /// own item's A tile and every share of its weight box, that nothing writes a stage a consumer
-    /// still reads, and that every run ends. Two mutations must fail: `empty` counting only the
-    /// block's own consumers (a peer's multicast then overwrites a stage still being read), and
-    /// blocks of one cluster with different item counts (it deadlocks).
-    #[test]
-    #[allow(clippy::needless_range_loop)] // actors numbered by block and warpgroup, as in the kernel
-    fn hwc_mc_ring_orders_every_write_after_every_block_releases() {
-        use rand::{Rng, SeedableRng};
-        type Check<T> = std::result::Result<T, String>;
-        const STAGES: usize = 4; // kWsStages
-        const BOX: i64 = 24 * 1024; // kWsBBytes, in one share a block
-        #[derive(Clone)]
-        struct Bar {
-            count: i32,
-            pending: i32,
-            tx: i64,
-            done: usize, // completed phases
-        }
-        impl Bar {
-            fn new(count: i32) -> Self {
-                Bar { count, pending: count, tx: 0, done: 0 }
-            }
-            fn check(&mut self) {
-                if self.pending == 0 && self.tx == 0 {
-                    self.done += 1;
-                    self.pending = self.count;
-                }
-            }
-            /// An arrival (with `bytes` expected) meant for the barrier's use `u`.
-            fn arrive(&mut self, u: usize, bytes: i64, what: &str) -> Check<()> {
-                if u != self.done {
-                    return Err(format!("{what}: an arrival for use {u} while phase {} is open", self.done));
-                }
-                self.pending -= 1;
-                self.tx += bytes;
-                self.check();
-                Ok(())
-            }
-            fn complete_tx(&mut self, u: usize, bytes: i64, what: &str) -> Check<()> {
-                if u != self.done {
-                    return Err(format!("{what}: bytes for use {u} while phase {} is open", self.done));
-                }
-                self.tx -= bytes;
-                self.check();
-                Ok(())
-            }
-            /// Whether a wait for use `u` returns (parity waits cannot tell u from u + 2).
-            fn passed(&self, u: usize, what: &str) -> Check<bool> {
-                if self.done > u + 1 {
-                    return Err(format!("{what}: waits for use {u} with {} phases done", self.done));
-                }
-                Ok(self.done == u + 1)
-            }
-        }
-        // One run of a cluster of `items.len()` blocks; `empty_count` 2 x blocks and
-        // `remote_release` true are the kernel's.
-        let run = |items: &[usize], slices: usize, empty_count: i32, remote_release: bool, seed: u64| -> Check<()> {
-            let nb = items.len();
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            let mut full = vec![vec![Bar::new(2); STAGES]; nb]; // expect_tx + the 128 stores, as one
-            let mut empty = vec![vec![Bar::new(empty_count); STAGES]; nb];
-            // What a stage holds: the item of its A tile, then of each block's share of the box.
-            let mut stage = vec![vec![vec![usize::MAX; 1 + nb]; STAGES]; nb];
-            let mut held = vec![vec![0u32; STAGES]; nb]; // consumers reading a stage
-            let mut prod = vec![0usize; nb]; // next item to produce
-            let mut cons = vec![[0usize; 2]; nb]; // next item each consumer issues
-            let mut inflight: Vec<(usize, usize, usize, usize)> = Vec::new(); // (block, stage, share, item)
-            loop {
-                // The enabled actions: producers (b), consumers (nb + 2b + w), deliveries (3nb + i).
-                let mut enabled = Vec::new();
-                for b in 0..nb {
-                    let it = prod[b];
-                    if it < items[b] && (it < STAGES || empty[b][it % STAGES].passed(it / STAGES - 1, "producer")?) {
-                        enabled.push(b);
-                    }
-                    for w in 0..2 {
-                        let it = cons[b][w];
-                        if it < items[b] && full[b][it % STAGES].passed(it / STAGES, "consumer")? {
-                            enabled.push(nb + 2 * b + w);
-                        }
-                    }
-                }
-                enabled.extend((0..inflight.len()).map(|i| 3 * nb + i));
-                if enabled.is_empty() {
-                    let finished = (0..nb).all(|b| prod[b] == items[b] && cons[b].iter().all(|&c| c == items[b]));
-                    return if finished {
-                        Ok(())
-                    } else {
-                        Err(format!("deadlock: producers at {prod:?}, consumers at {cons:?}"))
-                    };
-                }
-                let a = enabled[rng.random_range(0..enabled.len())];
-                if a < nb {
-                    // Producer: expect the box, issue its share to every block, store A, arrive.
-                    let (b, it) = (a, prod[a]);
-                    let (s, u) = (it % STAGES, it / STAGES);
-                    full[b][s].arrive(u, BOX, "expect_tx")?;
-                    for peer in 0..nb {
-                        inflight.push((peer, s, b, it));
-                    }
-                    if held[b][s] > 0 {
-                        return Err(format!("block {b}: A of item {it} stored into stage {s} while it is read"));
-                    }
-                    stage[b][s][0] = it;
-                    full[b][s].arrive(u, 0, "the A stores")?;
-                    prod[b] += 1;
-                } else if a < 3 * nb {
-                    // Consumer: read the stage; release the previous item after issuing this one, and
-                    // the tile's last item once its wgmma are done.
-                    let (b, w) = ((a - nb) / 2, (a - nb) % 2);
-                    let it = cons[b][w];
-                    let s = it % STAGES;
-                    if stage[b][s].iter().any(|&x| x != it) {
-                        return Err(format!(
-                            "block {b} consumer {w}: item {it} finds stage {s} holding {:?}",
-                            stage[b][s]
-                        ));
-                    }
-                    held[b][s] += 1;
-                    let mut release = |item: usize| -> Check<()> {
-                        held[b][item % STAGES] -= 1;
-                        let targets: Vec<usize> = if remote_release { (0..nb).collect() } else { vec![b] };
-                        for peer in targets {
-                            empty[peer][item % STAGES].arrive(item / STAGES, 0, "release")?;
-                        }
-                        Ok(())
-                    };
-                    if it % slices > 0 {
-                        release(it - 1)?;
-                    }
-                    if it % slices == slices - 1 {
-                        release(it)?;
-                    }
-                    cons[b][w] += 1;
-                } else {
-                    // The copy engine lands a share of a box.
-                    let (b, s, share, it) = inflight.swap_remove(a - 3 * nb);
-                    if held[b][s] > 0 {
-                        return Err(format!(
-                            "block {b}: share {share} of item {it} lands in stage {s} while it is read"
-                        ));
-                    }
-                    stage[b][s][1 + share] = it;
-                    full[b][s].complete_tx(it / STAGES, BOX / nb as i64, "multicast")?;
-                }
-            }
-        };
-        let runs = |items: &[usize], slices: usize, empty_count: i32, remote: bool| -> Check<()> {
-            (0..200u64).try_for_each(|seed| {
-                run(items, slices, empty_count, remote, seed).map_err(|e| format!("seed {seed}: {e}"))
-            })
-        };
-        for size in [2usize, 4] {
-            for (n, slices) in [(0, 3), (3, 3), (12, 12), (36, 12), (72, 12), (13 * 6, 6)] {
-                if let Err(e) = runs(&vec![n; size], slices, 2 * size as i32, true) {
-                    panic!("clusters of {size}, {n} items of {slices} slices: {e}");
-                }
-            }
-            // The mutations: each must fail on some interleaving.
-            let local =
-                runs(&vec![36; size], 12, 2, false).expect_err("empty counting only the block's own consumers passed");
-            assert!(local.contains("lands in stage") && local.contains("while it is read"), "{local}");
-            let mut uneven = vec![36; size];
-            uneven[size - 1] = 24;
-            let uneven =
-                runs(&uneven, 12, 2 * size as i32, true).expect_err("blocks with different item counts passed");
-            assert!(uneven.contains("deadlock"), "{uneven}");
-        }
-    }
 
     /// The copy ring of `backward_weight_hwc` (cuda/patch_embed.cu), transcribed: its issues,
     /// commits, waits, conversions, MMA steps and barriers in the kernel's order, for every step
