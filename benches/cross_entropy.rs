@@ -81,14 +81,12 @@ fn gpu(c: &mut Criterion) {
         mib(shape.gpu_extra_device_bytes(true)),
     );
 
-    // How many blocks of each held-rows kernel an SM holds: two for the register kernel, three for
-    // the shared-memory column sums (what that variant is for).
-    for kernel in ["cross_entropy_rows_held", "cross_entropy_rows_held_smem"] {
-        let per_sm = gpu
-            .function("cross_entropy", kernel)
-            .and_then(|f| Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?));
-        println!("RESULT {kernel}: {per_sm:?} blocks per SM, {}", gpu.name());
-    }
+    // How many blocks of the held-rows kernel an SM holds (two on an H200 in the seventh run).
+    let kernel = "cross_entropy_rows_held";
+    let per_sm = gpu
+        .function("cross_entropy", kernel)
+        .and_then(|f| Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?));
+    println!("RESULT {kernel}: {per_sm:?} blocks per SM, {}", gpu.name());
 
     // The same calls queued without their final wait, timed as the PyTorch peers are (an event
     // before the call, one after it is queued, then the wait): the lines above also count the
@@ -195,14 +193,6 @@ fn gpu(c: &mut Criterion) {
         // The row kernel visiting the rows from the last back (MAPET_CE_ROW_ORDER=reverse): does it
         // find more of the logits the GEMM has just written still in L2?
         variants.push((format!("one pass, rows reversed, {gname}, queued"), shape.with_reversed_rows(true), g, true));
-        // The held-rows kernel with its column sums in shared memory (MAPET_CE_ROW_KERNEL=held-smem):
-        // three blocks an SM instead of two; does the row kernel move more bytes a second?
-        variants.push((
-            format!("one pass, column sums in shared memory, {gname}, queued"),
-            shape.with_smem_sums(true),
-            g,
-            true,
-        ));
     }
     // The chosen and self-tuned GEMMs also timed as the headline is (waiting for each call), so
     // that their lines compare with the first variant's and with the headline above: in the sixth

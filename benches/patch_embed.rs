@@ -135,8 +135,8 @@ fn bench_gpu(c: &mut Criterion) {
         forward(g, s, x, Some(PixelOrder::Hwc))?;
         backward(g, s, x, Some(PixelOrder::HwcWs))
     };
-    // The unverified hwc-ws variants last: a kernel fault is sticky, and would fail every line
-    // after it.
+    // The hwc-ws variants last, the newest kernels: a kernel fault is sticky, and would fail
+    // every line after it.
     let cases: [(&str, Step, Entry, f64); 16] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),

@@ -1394,12 +1394,12 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attent
 // (The swizzled tiles below hold one head's 64 bf16 = 128 bytes a row: one swizzle atom wide, which
 // is what lets every descriptor, the N-major ones included, use sw128_desc's fixed fields.)
 static_assert(kD == 64, "the wgmma kernels' tiles are one 128-byte swizzle atom wide");
-// The default forward on compute capability 9.0. As it stood at the sixth run, its tests passed on
-// an H200 and it was 9% faster there than the resident one at ViT-B (BENCHMARKS.md); the changes
-// since (the pipeline's wait order, chunk masks, prefetches) are unverified on GPU. The forward on Hopper's warpgroup MMA, written because
-// the mma.sync kernels are latency bound (BENCHMARKS.md: issue slots half busy, the top stall the
-// fixed latency of dependent MMAs and softmax arithmetic), and wgmma is asynchronous: a warpgroup
-// can run one key tile's softmax while the tensor cores work on its neighbours.
+// The default forward on compute capability 9.0. In the seventh run its tests passed on an H200,
+// and it was 20% faster there than the resident one at ViT-B (BENCHMARKS.md). The forward on
+// Hopper's warpgroup MMA, written because the mma.sync kernels are latency bound
+// (BENCHMARKS.md: issue slots half busy, the top stall the fixed latency of dependent MMAs and
+// softmax arithmetic), and wgmma is asynchronous: a warpgroup can run one key tile's softmax
+// while the tensor cores work on its neighbours.
 //
 // Organisation: as mapet_attention_fwd_resident, a CTA per (sample, head) pair (or a few) holds the
 // pair's K and V in shared memory, here in the 128-byte swizzle wgmma reads (hopper.cuh: row r at
@@ -1854,9 +1854,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 }
 
 // ================================================================================================ wgmma backward (sm_90a)
-// The default backward on compute capability 9.0. As it stood at the sixth run, its tests passed
-// on an H200; the changes since (BENCHMARKS.md: the pipeline, chunk masks and tables, the dQ tile
-// start, prefetches) are unverified on GPU. The dQ and dK/dV kernels on wgmma, the forward's
+// The default backward on compute capability 9.0. In the seventh run its tests passed on an H200,
+// and it was 20% faster there than the resident one at ViT-B (BENCHMARKS.md). The dQ and dK/dV
+// kernels on wgmma, the forward's
 // pieces in the backward's roles, deterministic as the mma.sync ones (each output owned by one
 // warpgroup, accumulated in a fixed order; no atomics). Both work in 32-wide chunks of the
 // dimension they loop over (keys for dQ, positions for dK/dV), so that a chunk no row of the tile

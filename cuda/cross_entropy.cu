@@ -40,9 +40,6 @@
 //                                (the bias gradient, with no second pass over the dlogits). One
 //                                kernel for both variants, so the forward alone and training
 //                                give the same statistics bit for bit.
-//   cross_entropy_rows_held_smem cross_entropy_rows_held with its column sums in shared memory
-//                                instead of registers (80 registers, three blocks an SM; an
-//                                experiment, MAPET_CE_ROW_KERNEL=held-smem).
 //   cross_entropy_colsum_partial db's column sums of dlogits, without float atomics, for the
 //                                other vocab sizes: block (x, g) adds the sum of rows
 //                                [g*per, (g+1)*per) of its columns to partial[g, :].
@@ -257,12 +254,6 @@ struct HeldShared {
     float s[kRowWarps];
 };
 
-// cross_entropy_rows_held_smem's column sums (32 KiB): group i's 8 sums of thread t are the
-// float4 slots [2i][t] and [2i + 1][t], so a warp's float4 accesses cover 512 contiguous bytes,
-// free of bank conflicts. Only the owning thread touches a slot. At namespace scope so that both
-// of the kernel's instantiations share one array (a kernel gets only the shared variables it uses).
-__shared__ float4 held_sums[2 * kGradPer][kRowThreads];
-
 // Shared memory of the block merge of one row.
 struct RowShared {
     float m[kRowWarps];
@@ -317,7 +308,8 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
 // The row a kernel's v-th visit goes to: v itself, or with p.reverse_rows the rows from the last
 // back, so that the rows the logits GEMM wrote last, the likeliest to be still in L2, are read
 // first (what each row gets is the same either way; the column sums add the rows of a block in
-// the order it visits them). An experiment, off by default; unverified on GPU. Row numbers fit
+// the order it visits them). Off by default: on an H200 it was within the bench's noise of the
+// forward order (BENCHMARKS.md, seventh run). Row numbers fit
 // 32 bits: a pass has fewer rows than a grid has blocks, and a chunk's logits are at most 52 MiB.
 __device__ __forceinline__ int visited_row(const MapetCrossEntropy& p, int v) {
     return p.reverse_rows ? static_cast<int>(p.rows) - 1 - v : v;
@@ -377,32 +369,22 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
 // merges the eight in the same order), the second the warps' rescaled sums; every thread then
 // holds lse, so no warp waits on another to finish a serial merge.
 //
-// kSmemSums: the thread's column sums live in shared memory (held_sums) rather than in 32
-// registers: the same additions in the same order, so a block's sums are the same bits, and
-// every row's outputs too. What changes is the register count (cross_entropy_rows_held_smem),
-// and with it the number of blocks the launcher runs, so db's grouping of the rows.
-template <bool kFull, bool kSmemSums>
+// The column sums stay in registers: with them in shared memory (80 registers, three blocks an
+// SM instead of two) the whole call was slower on an H200 (BENCHMARKS.md, seventh run).
+template <bool kFull>
 __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
     __shared__ HeldShared sh;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n8 = p.vocab / 8;
     auto owned = [&](int c) { return kFull || c < n8; };
-    // Column sums of the 8 columns of the thread's group i: registers colsum[i][0..7], or the
-    // float4 slots held_sums[2i][tid] and held_sums[2i + 1][tid].
-    float colsum[kSmemSums ? 1 : kGradPer][8];
-    if constexpr (kSmemSums) {
+    // Column sums of the 8 columns of the thread's group i.
+    float colsum[kGradPer][8];
 #pragma unroll
-        for (int j = 0; j < 2 * kGradPer; ++j) {
-            held_sums[j][threadIdx.x] = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    } else {
+    for (int i = 0; i < kGradPer; ++i) {
 #pragma unroll
-        for (int i = 0; i < kGradPer; ++i) {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                colsum[i][e] = 0.0f;
-            }
+        for (int e = 0; e < 8; ++e) {
+            colsum[i][e] = 0.0f;
         }
     }
     // The thread's 16-byte groups of row r (zeros past the vocab) and the row's target. Rows
@@ -572,16 +554,9 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
                 }
             }
             row8[c] = pack8(d);
-            if constexpr (kSmemSums) {
-                const float4 a = held_sums[2 * i][threadIdx.x];
-                const float4 b = held_sums[2 * i + 1][threadIdx.x];
-                held_sums[2 * i][threadIdx.x] = make_float4(a.x + d[0], a.y + d[1], a.z + d[2], a.w + d[3]);
-                held_sums[2 * i + 1][threadIdx.x] = make_float4(b.x + d[4], b.y + d[5], b.z + d[6], b.w + d[7]);
-            } else {
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    colsum[i][e] += d[e];
-                }
+            for (int e = 0; e < 8; ++e) {
+                colsum[i][e] += d[e];
             }
         }
     }
@@ -593,14 +568,8 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
     for (int i = 0; i < kGradPer; ++i) {
         const int c = threadIdx.x + i * kRowThreads;
         if (owned(c)) {
-            float4 s0, s1;
-            if constexpr (kSmemSums) {
-                s0 = held_sums[2 * i][threadIdx.x];
-                s1 = held_sums[2 * i + 1][threadIdx.x];
-            } else {
-                s0 = make_float4(colsum[i][0], colsum[i][1], colsum[i][2], colsum[i][3]);
-                s1 = make_float4(colsum[i][4], colsum[i][5], colsum[i][6], colsum[i][7]);
-            }
+            const float4 s0 = make_float4(colsum[i][0], colsum[i][1], colsum[i][2], colsum[i][3]);
+            const float4 s1 = make_float4(colsum[i][4], colsum[i][5], colsum[i][6], colsum[i][7]);
             const float4 a = out[2 * c];
             const float4 b = out[2 * c + 1];
             out[2 * c] = make_float4(a.x + s0.x, a.y + s0.y, a.z + s0.z, a.w + s0.w);
@@ -611,29 +580,9 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
 
 extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_held(MapetCrossEntropy p) {
     if (p.vocab == kGradMaxVocab) {
-        rows_held_body<true, false>(p);
+        rows_held_body<true>(p);
     } else {
-        rows_held_body<false, false>(p);
-    }
-}
-
-// cross_entropy_rows_held's work with the column sums in shared memory: 80 registers (113 with
-// them in registers), so three blocks fit an SM where two did. Why it might pay: the row pass
-// moves 3 TB/s, and doubling the bytes a block has in flight did not help (BENCHMARKS.md, fifth
-// run), which leaves its two block barriers a row; a third block gives the SM warps to run while
-// a block's warps wait there. The launcher runs 352 blocks rather than 256 (one wave either
-// way). An experiment (MAPET_CE_ROW_KERNEL=held-smem), unverified on GPU. Three blocks on Hopper
-// only: for sm_80 ptxas spills at 80 registers, so it gets two.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kHeldSmemBlocks = 2;
-#else
-constexpr int kHeldSmemBlocks = 3;
-#endif
-extern "C" __global__ void __launch_bounds__(kRowThreads, kHeldSmemBlocks) cross_entropy_rows_held_smem(MapetCrossEntropy p) {
-    if (p.vocab == kGradMaxVocab) {
-        rows_held_body<true, true>(p);
-    } else {
-        rows_held_body<false, true>(p);
+        rows_held_body<false>(p);
     }
 }
 

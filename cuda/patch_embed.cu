@@ -1423,10 +1423,10 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 // bf16 tile one step ahead, each thread converting the very bytes it copied (its own
 // cp.async.wait_group makes them visible to it), so only the block barrier ending each step
 // orders anything between threads. The table entries are read one step before their copies.
-// Same tile, warps, MMAs and epilogue as the CHW kernel (weight_step, store_weight_tile). The
-// two-stage kernel ran on an H200 (sixth run); this ring compiles and its order is checked on the
-// CPU (src/ops/patch_embed.rs, hwc_weight_copy_ring_orders_every_read_after_its_write), but it is
-// unverified on GPU.
+// Same tile, warps, MMAs and epilogue as the CHW kernel (weight_step, store_weight_tile). Its
+// order is checked on the CPU (src/ops/patch_embed.rs,
+// hwc_weight_copy_ring_orders_every_read_after_its_write), and its tests passed on an H200 in the
+// seventh run, where it was no faster than the two-stage kernel before it (BENCHMARKS.md).
 constexpr int kBwdStages = 4;
 struct BwdHwcSmem {
     __nv_bfloat16 g[kBwdStages][kBwdC][kBwdLd];  // d_out rows: [patch row][channel]
@@ -2051,7 +2051,8 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // (one load a thread, all in flight at once), so that each group of four samples waits on one
 // round trip to memory, its rows, and not on two (the rank, then the rows it names), as when
 // every thread loaded its own ranks: at ViT-B, 8 groups a thread, and the kernel ran at about
-// half the card's bandwidth (BENCHMARKS.md). The staged ranks are unverified on GPU.
+// half the card's bandwidth (BENCHMARKS.md). The staged ranks passed their tests on an H200
+// (seventh run).
 extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocksPerSm) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
     __shared__ float s_part[kTokSlices][2][kTokGroups][8];
     __shared__ int s_rank[kTokRankChunk];

@@ -96,7 +96,6 @@ row() {
 # variants MAPET_WINNERS may choose from.
 declare -A test_rc=()
 attention_without_wgmma_rc=""
-attention_without_ahead_rc=""
 patch_orders_ok=""
 tests="${MAPET_TESTS:-$(cat "$here/gpu-tests.txt" 2>/dev/null || ls "$here/tests")}"
 [ "$tests" = "all" ] && tests="$(ls "$here/tests")"
@@ -121,40 +120,17 @@ for t in $tests; do
     done < <(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' |
       head -n "${MAPET_RETRY_FAILED:-12}")
     # The attention tests check every kernel set in turn; whether the others pass without the
-    # experimental ones: first without wgmma-ahead alone, then without both wgmma sets.
-    # A hang names the launch's set (the test's HUNG line, which ends the process): when that is
-    # the default wgmma set, the first rerun would only hang on it again, so it is skipped.
+    # wgmma set. A hang names the launch's set (the test's HUNG line, which ends the process).
     if [ "$t" = attention_gpu ]; then
       hung="$(grep -m1 '^HUNG' "$log" | cut -c1-120)"
-      case "$hung" in
-        *wgmma-ahead*) default_hung=0 ;;
-        *wgmma*) default_hung=1 ;;
-        *) default_hung=0 ;;
-      esac
-      if [ $default_hung -eq 1 ]; then
-        attention_without_ahead_rc=skipped
-        row "  $t tiled,resident,wgmma only" skip "the wgmma set hung: $hung"
-      else
-        one="$res/test-$t-without-wgmma-ahead.log"
-        MAPET_TEST_ATTENTION_SETS=tiled,resident,wgmma timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" \
-          --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
-        attention_without_ahead_rc=$?
-        if [ $attention_without_ahead_rc -eq 0 ]; then row "  $t tiled,resident,wgmma only" ok "pass"; else row "  $t tiled,resident,wgmma only" FAIL "$one"; fi
-      fi
-      if [ "$attention_without_ahead_rc" != 0 ]; then
-        one="$res/test-$t-without-wgmma.log"
-        MAPET_TEST_ATTENTION_SETS=tiled,resident timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" \
-          --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
-        attention_without_wgmma_rc=$?
-        if [ $attention_without_wgmma_rc -eq 0 ]; then row "  $t tiled,resident only" ok "pass"; else row "  $t tiled,resident only" FAIL "$one"; fi
-      fi
+      one="$res/test-$t-without-wgmma.log"
+      MAPET_TEST_ATTENTION_SETS=tiled,resident timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" \
+        --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
+      attention_without_wgmma_rc=$?
+      if [ $attention_without_wgmma_rc -eq 0 ]; then row "  $t tiled,resident only" ok "pass"; else row "  $t tiled,resident only" FAIL "$one"; fi
       # A wgmma kernel that hung would end the attention bench at its first launch, so the bench
-      # leaves that set out: wgmma-ahead alone when the line names it, else both wgmma sets.
-      # (The patch-embedding orders are handled below.)
+      # leaves that set out. (The patch-embedding orders are handled below.)
       case "$hung" in
-        *wgmma-ahead*)
-          export MAPET_BENCH_ATTENTION_SETS=tiled,resident,wgmma
-          row "  $t wgmma-ahead hung" skip "attention bench without wgmma-ahead: $hung" ;;
         *wgmma*)
           export MAPET_BENCH_ATTENTION_SETS=tiled,resident
           row "  $t wgmma hung" skip "attention bench without wgmma: $hung" ;;
@@ -165,7 +141,7 @@ for t in $tests; do
     # and the winners, and the bench runs only them, so that a fault or hang of another cannot
     # fail or end it.
     if [ "$t" = patch_embed ]; then
-      for o in hwc hwc-ws chw hwc-wgmma hwc-mc hwc-mc4; do
+      for o in hwc hwc-ws chw hwc-wgmma; do
         one="$res/test-$t-only-$o.log"
         MAPET_TEST_PATCH_ORDERS=$o timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1 \
           ${MAPET_TEST_ARGS:-} >"$one" 2>&1
@@ -192,11 +168,10 @@ done
 # cover the variants too); its sub-chunk passes need its tests, its chosen or self-tuned GEMMs
 # the GEMM tests too.
 export OK_ATTENTION="resident wgmma" OK_PATCH="hwc hwc-ws" OK_CE="default"
-if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgmma wgmma-ahead"
-elif [ "$attention_without_ahead_rc" = 0 ]; then OK_ATTENTION="tiled resident wgmma"
+if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgmma"
 elif [ "$attention_without_wgmma_rc" = 0 ]; then OK_ATTENTION="tiled resident"
 elif [ -n "${test_rc[attention_gpu]:-}" ]; then OK_ATTENTION=""; fi
-if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-wgmma hwc-ws hwc-mc hwc-mc4"
+if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-wgmma hwc-ws"
 elif [ -n "$patch_orders_ok" ]; then OK_PATCH="${patch_orders_ok# }"
 elif [ -n "${test_rc[patch_embed]:-}" ]; then OK_PATCH=""; fi
 [ "${test_rc[cross_entropy]:-x}" = 0 ] && OK_CE="default passes"
@@ -301,15 +276,10 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
   specs="${MAPET_NCU_KERNELS:-attn-fwd-wgmma:attention:mapet_attention_fwd_wgmma:attention/vit-b/wgmma \
     attn-dq-wgmma:attention:mapet_attention_bwd_dq_wgmma:attention/vit-b/wgmma \
     attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
-    attn-fwd-wgmma-ahead:attention:mapet_attention_fwd_wgmma_ahead:attention/vit-b/wgmma-ahead \
-    attn-dkdv-wgmma-ahead:attention:mapet_attention_bwd_dkdv_wgmma_ahead:attention/vit-b/wgmma-ahead \
     patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
-    patch-fwd-hwc-mc:patch_embed:mapet_patch_embed_fwd_u8_hwc_mc:patch_embed_gpu \
-    patch-fwd-hwc-mc4:patch_embed:mapet_patch_embed_fwd_u8_hwc_mc4:patch_embed_gpu \
     patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
     patch-tokens:patch_embed:mapet_patch_embed_bwd_tokens:patch_embed_gpu \
     ce-rows-held:cross_entropy:cross_entropy_rows_held:cross_entropy_gpu:150 \
-    ce-rows-held-smem:cross_entropy:cross_entropy_rows_held_smem:cross_entropy_gpu \
     attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
     attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
@@ -439,9 +409,8 @@ def tested(name, variant):
         return all(p in ok["attention"] for p in (parts[:1] if name.endswith("fwd") else parts))
     if name.startswith("target patch"):
         return all(p in ok["patch"] for p in variant.split("/"))
-    # Sub-chunk passes, reversed rows and the shared-memory column sums are checked by the
-    # cross_entropy tests alone.
-    if any(v in variant for v in ("passes of", "rows reversed", "column sums in shared memory")) and "passes" not in ok["ce"]:
+    # Sub-chunk passes and reversed rows are checked by the cross_entropy tests alone.
+    if ("passes of" in variant or "rows reversed" in variant) and "passes" not in ok["ce"]:
         return False
     return not (("chosen GEMMs" in variant or "MAPET_GEMM_TUNE" in variant) and "gemms" not in ok["ce"])
 
@@ -520,8 +489,7 @@ sets("attention", "wgmma", "OK_ATTENTION", r"RESULT attention vit-b (\S+) forwar
 sets("patch embedding", "hwc-ws/hwc", "OK_PATCH", r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median",
      "MAPET_PATCH_EMBED_ORDER", "MAPET_PATCH_EMBED_BACKWARD_ORDER")
 
-# The cross-entropy's queued race: "<passes>[, rows reversed][, column sums in shared memory],
-# <GEMMs>, queued", timed alike.
+# The cross-entropy's queued race: "<passes>[, rows reversed], <GEMMs>, queued", timed alike.
 ok = os.environ["OK_CE"].split()
 got, pin = {}, ""
 for l in lines:
@@ -530,21 +498,18 @@ for l in lines:
         passes = re.match(r"\d+ passes of <= (\d+) rows", m.group(2))
         rows, gemms = (passes.group(1) if passes else ""), m.group(3)
         order = "reverse" if "rows reversed" in m.group(2) else "forward"
-        kernel = "held-smem" if "column sums in shared memory" in m.group(2) else "held"
-        if ((rows or order == "reverse" or kernel != "held") and "passes" not in ok) or (gemms != "default" and "gemms" not in ok):
+        if ((rows or order == "reverse") and "passes" not in ok) or (gemms != "default" and "gemms" not in ok):
             continue
-        got[f"{rows or 'one pass'}|{order}|{kernel}|{gemms}"] = float(m.group(1))
+        got[f"{rows or 'one pass'}|{order}|{gemms}"] = float(m.group(1))
     m = re.match(r'RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN="(.*)"', l)
     if m:
         pin = m.group(1)
-c = pick("cross-entropy", "one pass|forward|held|default", got)
-rows, order, kernel, gemms = c.split("|")
+c = pick("cross-entropy", "one pass|forward|default", got)
+rows, order, gemms = c.split("|")
 if rows != "one pass":
     env.append(f"MAPET_CE_SUB_CHUNK_ROWS={rows}")
 if order == "reverse":
     env.append("MAPET_CE_ROW_ORDER=reverse")
-if kernel != "held":
-    env.append(f"MAPET_CE_ROW_KERNEL={kernel}")
 if gemms == "chosen" and pin:
     env.append(f"MAPET_GEMM_PIN={pin}")
 if gemms == "MAPET_GEMM_TUNE":
@@ -572,7 +537,7 @@ PY
       log="$res/winners-mapet-bench-$which.log"
       (
         unset MAPET_ATTENTION_KERNELS MAPET_ATTENTION_BACKWARD_KERNELS MAPET_PATCH_EMBED_ORDER \
-          MAPET_PATCH_EMBED_BACKWARD_ORDER MAPET_CE_SUB_CHUNK_ROWS MAPET_CE_ROW_ORDER MAPET_CE_ROW_KERNEL MAPET_GEMM_PIN MAPET_GEMM_TUNE
+          MAPET_PATCH_EMBED_BACKWARD_ORDER MAPET_CE_SUB_CHUNK_ROWS MAPET_CE_ROW_ORDER MAPET_GEMM_PIN MAPET_GEMM_TUNE
         [ "$which" = winners ] && set -a && . "$res/winners.env" && set +a
         vit_b_bench
       ) >"$log" 2>&1

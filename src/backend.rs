@@ -822,9 +822,6 @@ pub struct CudaBackend {
     /// Whether the cross-entropy row kernels visit the rows from the last back, read once from
     /// `MAPET_CE_ROW_ORDER` when the backend is made (`false`, forward: the default).
     pub ce_reverse_rows: bool,
-    /// Whether the cross-entropy's held-rows kernel keeps its column sums in shared memory, read
-    /// once from `MAPET_CE_ROW_KERNEL` when the backend is made (`false`, `held`: the default).
-    pub ce_smem_sums: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -852,7 +849,6 @@ impl CudaBackend {
             ce_reverse_rows: cross_entropy::reverse_rows_named(
                 std::env::var(cross_entropy::ROW_ORDER_VAR).ok().as_deref(),
             )?,
-            ce_smem_sums: cross_entropy::smem_sums_named(std::env::var(cross_entropy::ROW_KERNEL_VAR).ok().as_deref())?,
         })
     }
 
@@ -861,14 +857,13 @@ impl CudaBackend {
     pub fn describe_kernels(&self) -> String {
         let pins: Vec<String> = self.gemm.pins().iter().map(|((m, n, k), r)| format!("{m}x{n}x{k}={r}")).collect();
         format!(
-            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {} (rows {}, row kernel {}), GEMM tuning {}, GEMM pins {}",
+            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {} (rows {}), GEMM tuning {}, GEMM pins {}",
             self.pixel_order.name(),
             self.pixel_order_backward.name(),
             self.attention_kernels.name(),
             self.attention_backward_kernels.name(),
             self.ce_sub_chunk_rows.map_or("whole chunks".to_string(), |r| format!("<= {r} rows")),
             if self.ce_reverse_rows { "reversed" } else { "forward" },
-            if self.ce_smem_sums { "held-smem" } else { "held" },
             if self.gemm.tuning() { "on" } else { "off" },
             if pins.is_empty() { "none".to_string() } else { pins.join(",") }
         )
@@ -1194,7 +1189,6 @@ impl Backend for CudaBackend {
         let (gpu, gemm) = (&self.gpu, &self.gemm);
         let shape = &shape.or_sub_chunk_rows(self.ce_sub_chunk_rows);
         let shape = &shape.with_reversed_rows(shape.reverse_rows || self.ce_reverse_rows);
-        let shape = &shape.with_smem_sums(shape.smem_sums || self.ce_smem_sums);
         match grads {
             None => cross_entropy::cuda_forward(gpu, gemm, shape, &x, &w, &b, targets, rows_out),
             Some(g) => cross_entropy::cuda_forward_backward(

@@ -125,7 +125,6 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
         ("one pass, default GEMMs, queued", one_pass),
         ("3 passes of <= 1046 rows, default GEMMs, queued", passes),
         ("one pass, rows reversed, default GEMMs, queued", passes * draw(1.02, 1.1)),
-        ("one pass, column sums in shared memory, default GEMMs, queued", passes * draw(1.02, 1.1)),
         ("one pass, chosen GEMMs, queued", passes * 0.9),
     ];
 
@@ -229,7 +228,6 @@ exit 0"#,
             .env_remove("MAPET_GEMM_PIN")
             .env_remove("MAPET_CE_SUB_CHUNK_ROWS")
             .env_remove("MAPET_CE_ROW_ORDER")
-            .env_remove("MAPET_CE_ROW_KERNEL")
             .env_remove("MAPET_ATTENTION_BACKWARD_KERNELS")
             .env_remove("MAPET_ATTENTION_KERNELS")
             .output()
@@ -248,9 +246,7 @@ exit 0"#,
     assert!(has("test hopper", "rc=3") && has("test attention_gpu", "rc=3"), "{summary}");
     // gemm_tn hung in its test, so its bench is not run.
     assert!(has("bench hopper", "skip") && !has("  hopper", "HUNG"), "{summary}");
-    // The hang named the default wgmma set, so the rerun that keeps it is skipped; the one without
-    // both wgmma sets passes.
-    assert!(has("  attention_gpu tiled,resident,wgmma only", "skip"), "{summary}");
+    // The hang named the wgmma set; the rerun without it passes.
     assert!(has("  attention_gpu tiled,resident only", "ok"), "{summary}");
     assert!(has("  attention_gpu wgmma hung", "attention bench without wgmma"), "{summary}");
     // The gate reached the bench: it ran (exit 0) on the other sets only.
@@ -365,31 +361,9 @@ exit 101"#,
     assert!(summary.contains("patch embedding: no usable RESULT line, default kept"), "{summary}");
     let env = fs::read_to_string(bundle.join("results/winners.env")).unwrap();
     assert!(
-        env.lines().any(|l| l == "MAPET_CE_ROW_ORDER=reverse")
-            && !env.contains("MAPET_CE_SUB_CHUNK_ROWS")
-            && !env.contains("MAPET_CE_ROW_KERNEL"),
+        env.lines().any(|l| l == "MAPET_CE_ROW_ORDER=reverse") && !env.contains("MAPET_CE_SUB_CHUNK_ROWS"),
         "reversed rows should win alone (cross-entropy {ce_reversed:?}):\n{env}"
     );
-
-    // And the shared-memory column sums well under everything else: they win, as the row
-    // kernel's switch alone.
-    let mut ce_smem = ce;
-    ce_smem[4].1 = ce[2].1 * 0.95;
-    assert!(ce_smem[4].0.contains("column sums in shared memory"));
-    script(&payload.join("benches"), "cross_entropy", &cross_entropy(&ce_smem));
-    stand_in.pack();
-    fs::remove_dir_all(bundle.join("results")).unwrap();
-    let out = run();
-    assert!(out.status.success(), "run.sh failed:\n{}", String::from_utf8_lossy(&out.stdout));
-    let env = fs::read_to_string(bundle.join("results/winners.env")).unwrap();
-    assert!(
-        env.lines().any(|l| l == "MAPET_CE_ROW_KERNEL=held-smem")
-            && !env.contains("MAPET_CE_SUB_CHUNK_ROWS")
-            && !env.contains("MAPET_CE_ROW_ORDER"),
-        "the shared-memory column sums should win alone (cross-entropy {ce_smem:?}):\n{env}"
-    );
-    let switches = fs::read_to_string(bundle.join("results/winners-test-model_gpu.log")).unwrap();
-    assert!(switches.lines().any(|l| l == "MAPET_CE_ROW_KERNEL=held-smem"), "{switches}");
 
     // And the patch-embedding tests failing as a whole, but hwc and hwc-ws passing on their own
     // (MAPET_TEST_PATCH_ORDERS): those two orders count, and the bench runs only them.

@@ -604,7 +604,8 @@ pub enum AttentionKernels {
 
 impl AttentionKernels {
     /// Every set, for tests and benches.
-    pub const ALL: [AttentionKernels; 3] = [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma];
+    pub const ALL: [AttentionKernels; 3] =
+        [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma];
 
     /// Whether this set runs the wgmma kernels (where the device and the shape allow them).
     fn uses_wgmma(self) -> bool {

@@ -62,17 +62,6 @@
 //! kernel writes its output tiles, which only a card can say; `cross_entropy --bench` times both.
 //! Same values for every row; `db`'s per-group sums add their rows in the other order.
 //!
-//! ## Column sums in shared memory (an experiment, off by default)
-//!
-//! [`CrossEntropyShape::with_smem_sums`] (`MAPET_CE_ROW_KERNEL=held-smem` for the CUDA backend)
-//! runs `cross_entropy_rows_held_smem`: the held-rows kernel with each thread's 32 column sums in
-//! shared memory instead of registers, 80 registers instead of 113, so three blocks fit an SM
-//! instead of two, and 352 blocks (groups) run instead of 256. The row pass moves 3 TB/s on an
-//! H200; a shared-memory ring that doubled each block's bytes in flight did not speed it up
-//! (fifth run), which points at the two block barriers a row: a third block gives the SM warps to
-//! run while a block waits at one. Every row's outputs, dx and dW are the same bits; `db` groups
-//! the rows into more blocks, so it differs in rounding. Unverified on GPU.
-//!
 //! cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it runs as a
 //! kernel of its own, a second pass over the dlogits; the held-rows kernel forms them from the
 //! values it already holds (BENCHMARKS.md, third run). After the last chunk, `db +=` the
@@ -96,14 +85,13 @@
 //! | buffer | bytes | V = 8192, D = 768, R = 18816 |
 //! |---|---|---|
 //! | chunk logits / dlogits (bf16) | `Rc * V * 2` (<= 52 MiB) | 49 MiB |
-//! | column sums (f32, backward) | `groups * V * 4`: `groups = min(Rc, 256)` when `V % 8 == 0` and `V <= 8192` (`min(Rc, 352)` with the column sums in shared memory, [`CrossEntropyShape::with_smem_sums`]), else `clamp(ceil(Rc / 16), 1, 64)` | 8 MiB (11 MiB) |
+//! | column sums (f32, backward) | `groups * V * 4`: `groups = min(Rc, 256)` when `V % 8 == 0` and `V <= 8192`, else `clamp(ceil(Rc / 16), 1, 64)` | 8 MiB |
 //! | targets (i32) | `R * 4` | 74 KiB |
 //! | result | 8 | 8 B |
 //!
-//! 57 MiB in all at the model's shape (60 MiB with the column sums in shared memory). With
-//! `V <= 2^20` (checked) it is at most 63 MiB plus 4 bytes per row: 52 MiB of logits and at most
-//! 11 MiB of column sums (`352 * 8192 * 4` bytes with `V <= 8192`; otherwise `groups * V * 4`
-//! with `Rc * V <= 26 Mi`, at most 10.5 MiB). When `chunk_rows` is given, a last chunk of fewer
+//! 57 MiB in all at the model's shape. With `V <= 2^20` (checked) it is at most 63 MiB plus 4
+//! bytes per row: 52 MiB of logits and at most 10.5 MiB of column sums (`groups * V * 4`, with
+//! `Rc * V <= 26 Mi`). When `chunk_rows` is given, a last chunk of fewer
 //! rows gets buffers of its own size after the full-size ones are freed (stream-ordered), so the
 //! peak stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
 //!
@@ -149,10 +137,6 @@ pub const GRAD_MAX_VOCAB: usize = 8192;
 /// Row groups (blocks) of `cross_entropy_rows_held` per chunk: about two per SM of an H100/H200,
 /// one wave, 12 or 13 rows each at the model's 3136-row chunks.
 const GRAD_GROUPS: usize = 256;
-/// The same for `cross_entropy_rows_held_smem`, three blocks an SM: 352 of the 396 places, nine
-/// rows or fewer each at the model's chunks (as 384 would give), and 352 rows of column sums
-/// (11 MiB) keep the call within 63 MiB beside 52 MiB of logits (module docs).
-const GRAD_GROUPS_SMEM: usize = 352;
 const REDUCE_THREADS: u32 = 1024;
 
 /// Sizes of one call: `rows` feature rows of width `dim`, a vocabulary of `vocab` codes.
@@ -172,11 +156,6 @@ pub struct CrossEntropyShape {
     /// ([`CrossEntropyShape::with_reversed_rows`]). Every row gets the same values; the bias
     /// gradient's per-block sums add the rows in the other order. The CPU ignores it.
     pub reverse_rows: bool,
-    /// GPU only: the held-rows kernel keeps its column sums in shared memory
-    /// ([`CrossEntropyShape::with_smem_sums`]), so that three of its blocks fit an SM. Every
-    /// row's outputs, dx and dW are the same bits; db can differ in rounding (its per-block sums
-    /// group the rows into more blocks). The CPU ignores it.
-    pub smem_sums: bool,
 }
 
 /// The variable that gives the CUDA backend's cross-entropy calls forward passes of at most this
@@ -186,16 +165,6 @@ pub const SUB_CHUNK_VAR: &str = "MAPET_CE_SUB_CHUNK_ROWS";
 /// The variable that makes the CUDA backend's cross-entropy row kernels visit the rows from the
 /// last back (`reverse`; `forward`, or unset, is the default order).
 pub const ROW_ORDER_VAR: &str = "MAPET_CE_ROW_ORDER";
-
-/// The variable that picks the CUDA backend's cross-entropy row kernel where the held-rows one
-/// runs: `held` (the default; column sums in registers) or `held-smem` (in shared memory).
-pub const ROW_KERNEL_VAR: &str = "MAPET_CE_ROW_KERNEL";
-
-/// Whether `value` (the variable's value; `None`: unset) asks for the shared-memory column sums:
-/// `held-smem` or `held`, else an error naming [`ROW_KERNEL_VAR`].
-pub fn smem_sums_named(value: Option<&str>) -> Result<bool> {
-    switch_named(value, ROW_KERNEL_VAR, "cross-entropy row kernel", "held", "held-smem")
-}
 
 /// Whether `value` (the variable's value; `None`: unset) asks for reversed rows: `reverse` or
 /// `forward`, else an error naming [`ROW_ORDER_VAR`].
@@ -236,15 +205,7 @@ pub fn sub_chunk_rows_named(value: Option<&str>) -> Result<Option<usize>> {
 impl CrossEntropyShape {
     /// A shape with the default chunking.
     pub fn new(rows: usize, dim: usize, vocab: usize) -> Self {
-        CrossEntropyShape {
-            rows,
-            dim,
-            vocab,
-            chunk_rows: None,
-            sub_chunk_rows: None,
-            reverse_rows: false,
-            smem_sums: false,
-        }
+        CrossEntropyShape { rows, dim, vocab, chunk_rows: None, sub_chunk_rows: None, reverse_rows: false }
     }
 
     /// The same shape with `chunk_rows` rows per chunk.
@@ -264,16 +225,6 @@ impl CrossEntropyShape {
     /// the order in which cuBLASLt's kernel writes its tiles; `cross_entropy --bench` times both.
     pub fn with_reversed_rows(self, reverse_rows: bool) -> Self {
         CrossEntropyShape { reverse_rows, ..self }
-    }
-
-    /// The same shape with the held-rows kernel's column sums in shared memory (`true`) or in
-    /// registers. Why it might pay: the sums take 32 of the register kernel's 113 registers; in
-    /// shared memory it needs 80, so three blocks fit an SM instead of two, with half as many
-    /// warps again to run while a block waits at its barriers. The row kernel moved 3 TB/s on an
-    /// H200 (fifth run, under ncu), where a read-and-write stream can move about 4.
-    /// `cross_entropy --bench` times both.
-    pub fn with_smem_sums(self, smem_sums: bool) -> Self {
-        CrossEntropyShape { smem_sums, ..self }
     }
 
     /// The same shape with the sub-chunk rows `SUB_CHUNK_VAR` gave the backend
@@ -322,18 +273,17 @@ impl CrossEntropyShape {
         let rc = self.gpu_chunk_rows();
         let mut bytes = rc * self.vocab * 2 + self.rows.max(1) * 4 + 2 * 4;
         if backward {
-            bytes += colsum_groups(rc, self.vocab, self.smem_sums) * self.vocab * 4;
+            bytes += colsum_groups(rc, self.vocab) * self.vocab * 4;
         }
         bytes
     }
 }
 
 /// Groups of rows of a chunk of `chunk_rows` rows whose column sums are formed separately (then
-/// summed in order): the blocks of `cross_entropy_rows_held` (or of its `_smem` form, with
-/// `smem_sums`), or of the column-sum kernel.
-fn colsum_groups(chunk_rows: usize, vocab: usize, smem_sums: bool) -> usize {
+/// summed in order): the blocks of `cross_entropy_rows_held`, or of the column-sum kernel.
+fn colsum_groups(chunk_rows: usize, vocab: usize) -> usize {
     if held_rows(vocab) {
-        chunk_rows.clamp(1, if smem_sums { GRAD_GROUPS_SMEM } else { GRAD_GROUPS })
+        chunk_rows.clamp(1, GRAD_GROUPS)
     } else {
         chunk_rows.div_ceil(16).clamp(1, 64)
     }
@@ -827,7 +777,6 @@ struct Call<'a, 'g> {
     groups: usize,
     grad_scale: f32,
     reverse_rows: bool,
-    smem_sums: bool,
 }
 
 impl Call<'_, '_> {
@@ -880,7 +829,7 @@ impl Call<'_, '_> {
             let mut p = self.params();
             p.logits = cb.logits.ptr_mut();
             p.rows = n as i64;
-            p.groups = colsum_groups(n, vocab, self.smem_sums) as i32;
+            p.groups = colsum_groups(n, vocab) as i32;
             p.partial = self.partial_ptr()?;
             let cfg = LaunchConfig {
                 grid_dim: (
@@ -922,7 +871,7 @@ impl Call<'_, '_> {
         p.rows = n as i64;
         p.write_grad = i32::from(self.grads.is_some());
         // This pass's column-sum groups (a shorter pass or chunk may have fewer than the call's).
-        p.groups = colsum_groups(n, vocab, self.smem_sums) as i32;
+        p.groups = colsum_groups(n, vocab) as i32;
         let held = held_rows(vocab);
         if held && self.grads.is_some() {
             p.partial = self.partial_ptr()?;
@@ -933,13 +882,8 @@ impl Call<'_, '_> {
         // one-row block has too little to overlap). With fast_exp it takes 0.62 ms, less than
         // the one-block-per-row cross_entropy_rows (0.67), whose exponentials are summed in
         // another order, so its statistics would differ from training's in the last bits.
-        // The shape's smem_sums picks cross_entropy_rows_held_smem: the same values, column sums
-        // in shared memory, three blocks an SM (CrossEntropyShape::with_smem_sums).
-        let (kernel, blocks) = match (held, self.smem_sums) {
-            (true, false) => ("cross_entropy_rows_held", p.groups as u64),
-            (true, true) => ("cross_entropy_rows_held_smem", p.groups as u64),
-            (false, _) => ("cross_entropy_rows", n as u64),
-        };
+        let (kernel, blocks) =
+            if held { ("cross_entropy_rows_held", p.groups as u64) } else { ("cross_entropy_rows", n as u64) };
         let cfg = LaunchConfig {
             grid_dim: (blocks_for("cross-entropy rows", blocks, 1)?, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
@@ -951,7 +895,7 @@ impl Call<'_, '_> {
         // host), so the target logit
         // read stays inside its row. cross_entropy_rows_held (vocab % 8 == 0, vocab <=
         // GRAD_MAX_VOCAB, as it requires) adds, in training only, to groups * vocab floats of
-        // partial, which holds colsum_groups(rc, ..) >= groups rows of vocab floats, 256-byte
+        // partial, which holds colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte
         // aligned.
         unsafe { gpu.launch(MODULE, kernel, cfg, &p) }
     }
@@ -1038,7 +982,7 @@ fn cuda_run(
     logits_gemm(gpu, gemm, x, w, &mut first.logits, 0, passes[0].clone(), dim, vocab)?;
 
     let counted = check_targets(targets, vocab)?;
-    let groups = colsum_groups(rc, vocab, shape.smem_sums);
+    let groups = colsum_groups(rc, vocab);
     let backward = grads.is_some();
     let d_targets = gpu.upload(targets)?;
     let mut result = gpu.alloc::<i32>(2)?;
@@ -1060,7 +1004,6 @@ fn cuda_run(
         groups,
         grad_scale,
         reverse_rows: shape.reverse_rows,
-        smem_sums: shape.smem_sums,
     };
 
     if full > 0 {
@@ -1118,32 +1061,22 @@ mod tests {
             (1 << 20, 768, 8192),
             (3328, 768, 8192),
         ] {
-            for smem in [false, true] {
-                let s = CrossEntropyShape::new(rows, dim, vocab).with_smem_sums(smem);
-                assert!(s.gpu_extra_device_bytes(true) <= (63 << 20) + rows * 4 + 8, "{s:?}");
-            }
+            let s = CrossEntropyShape::new(rows, dim, vocab);
+            assert!(s.gpu_extra_device_bytes(true) <= (63 << 20) + rows * 4 + 8, "{s:?}");
         }
-        // The column sums in shared memory: 352 groups, 11 MiB at the model's shape, within 64 MiB.
-        let smem = s.with_smem_sums(true);
-        assert_eq!(colsum_groups(3136, 8192, true), 352);
-        assert_eq!(colsum_groups(3136, 8192, false), 256);
-        assert_eq!(colsum_groups(100, 8192, true), 100);
-        assert_eq!(smem.gpu_extra_device_bytes(true) - s.gpu_extra_device_bytes(true), 96 * 8192 * 4);
-        assert!(smem.gpu_extra_device_bytes(true) <= 64 << 20);
-        // A vocab the held kernels do not take ignores the flag.
-        assert_eq!(colsum_groups(3136, 8191, true), colsum_groups(3136, 8191, false));
+        // The held kernel's blocks: 256 a chunk at the model's shape, one a row for fewer rows.
+        assert_eq!(colsum_groups(3136, 8192), 256);
+        assert_eq!(colsum_groups(100, 8192), 100);
     }
 
     /// The two-way switches (`switch_named`): unset or off is false, on true, spaces ignored, and
     /// anything else an error naming the variable, the value and the choice; and the shape's
-    /// setters.
+    /// setter.
     #[test]
     fn two_way_switches_parse_or_name_themselves() {
         type Parse = fn(Option<&str>) -> Result<bool>;
-        let switches: [(Parse, &str, &str, &str, &[&str]); 2] = [
-            (reverse_rows_named, ROW_ORDER_VAR, "forward", " reverse ", &["", "backward", "1", "Reverse"]),
-            (smem_sums_named, ROW_KERNEL_VAR, "held", " held-smem ", &["", "smem", "1", "Held-Smem", "rows"]),
-        ];
+        let switches: [(Parse, &str, &str, &str, &[&str]); 1] =
+            [(reverse_rows_named, ROW_ORDER_VAR, "forward", " reverse ", &["", "backward", "1", "Reverse"])];
         for (parse, var, off, on, bad) in switches {
             assert!(!parse(None).unwrap() && !parse(Some(off)).unwrap() && parse(Some(on)).unwrap(), "{var}");
             for b in bad {
@@ -1154,8 +1087,6 @@ mod tests {
         let s = CrossEntropyShape::new(10, 8, 16);
         assert!(!s.reverse_rows && s.with_reversed_rows(true).reverse_rows);
         assert_eq!(s.with_reversed_rows(true).with_reversed_rows(false), s);
-        assert!(!s.smem_sums && s.with_smem_sums(true).smem_sums);
-        assert_eq!(s.with_smem_sums(true).with_smem_sums(false), s);
     }
 
     #[test]

@@ -521,11 +521,10 @@ pub enum PixelOrder {
     /// The pixels' own HWC order k' = (ky·p + kx)·3 + c (when p % 8 == 0; other patch sizes use
     /// [`PixelOrder::Chw`]): eight consecutive k' are eight consecutive bytes, one 8-byte load,
     /// and the forward's loads run two steps ahead, the weight gradient's copies three (a
-    /// four-stage cp.async ring since the sixth run, unverified on GPU). The forward multiplies by
-    /// a copy of the weight permuted the same way (D·K bf16 of scratch); the reduction of the
-    /// weight gradient's partials puts it back in CHW order. On an H200 at ViT-B, batch 128,
-    /// forward + backward took 0.368 ms against 0.603 ms in CHW order (BENCHMARKS.md, sixth run,
-    /// before that ring). The default off compute capability 9.0, and
+    /// four-stage cp.async ring). The forward multiplies by a copy of the weight permuted the same
+    /// way (D·K bf16 of scratch); the reduction of the weight gradient's partials puts it back in
+    /// CHW order. On an H200 at ViT-B, batch 128, forward + backward took 0.372 ms against 0.598 ms
+    /// in CHW order (BENCHMARKS.md, seventh run). The default off compute capability 9.0, and
     /// the default backward everywhere ([`PixelOrder::defaults_for`]: the order has no default
     /// apart from the device).
     Hwc,
@@ -540,11 +539,10 @@ pub enum PixelOrder {
     /// (`mapet_patch_embed_fwd_u8_hwc_ws`, `mapet_patch_embed_bwd_weight_u8_hwc_ws`): one
     /// warpgroup loads, slices ahead, into a ring of shared-memory stages (the forward's weight by
     /// TMA, d_out by cp.async, the pixels normalised through registers), and two warpgroups run
-    /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). As it stood at the sixth run,
-    /// its tests passed on an H200 (the forward's epilogue and token rows changed since, unverified
-    /// on GPU); there at ViT-B its forward took 0.148 ms against `Hwc`'s 0.176, its weight gradient 0.227
-    /// against 0.193 (BENCHMARKS.md, sixth run), so the default on compute capability 9.0 is its
-    /// forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]).
+    /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). In the seventh run its tests
+    /// passed on an H200, and at ViT-B its forward took 0.150 ms against `Hwc`'s 0.175, its
+    /// weight gradient 0.226 against 0.198 (BENCHMARKS.md), so the default on compute capability
+    /// 9.0 is its forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]).
     HwcWs,
 }
 
