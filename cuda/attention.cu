@@ -2034,20 +2034,40 @@ __device__ __forceinline__ TileList deal_key_tiles(const uint32_t* tiles, int nk
     return mine;
 }
 
-// dK/dV's elementwise step on a finished chunk (positions [p0, p0 + 32), PARTIAL or FULL against
-// the warpgroup's keys): st <- P^T, dpt <- dS^T.
-// Element e of n-chunk j is key key_lo (e < 2) or key_hi against position p0 + 8j + 2t + (e & 1);
-// the position's lse (log2 units), delta and first hidden key come from shared memory. Positions
-// past Lq have lse = +inf, so P = 0 there with no mask.
-__device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)[4][4], int p0, bool partial,
-                                                 int key_lo, int key_hi, const float* s_lse2, const float* s_delta,
-                                                 const int* s_a, int t, const Geometry& G, float sl2) {
+// The per-position data a lane's elements of one 32-position chunk need (positions p0 + 8j + 2t
+// and the one after, for j < 4): lse (log2 units), delta and first hidden key, from shared memory.
+struct DkdvChunkStats {
+    float2 lse2[4];
+    float2 delta[4];
+    int2 a[4];
+};
+
+// Loads the stats of chunk p0 for lane t. The dK/dV kernel loads a chunk's stats when it issues
+// the chunk's G1, so that they land while the tensor cores run it: loaded after the wait, as
+// they were, their first uses stalled on shared-memory latency with the tensor cores idle (about
+// a tenth of the kernel's warp-stall samples in the seventh run's profile, BENCHMARKS.md).
+__device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0, const float* s_lse2,
+                                                      const float* s_delta, const int* s_a, int t) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int pos = p0 + 8 * j + 2 * t;
-        const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + pos);
-        const float2 delta = *reinterpret_cast<const float2*>(s_delta + pos);
-        const int2 a = *reinterpret_cast<const int2*>(s_a + pos);
+        cs.lse2[j] = *reinterpret_cast<const float2*>(s_lse2 + pos);
+        cs.delta[j] = *reinterpret_cast<const float2*>(s_delta + pos);
+        cs.a[j] = *reinterpret_cast<const int2*>(s_a + pos);
+    }
+}
+
+// dK/dV's elementwise step on a finished chunk (positions [p0, p0 + 32), PARTIAL or FULL against
+// the warpgroup's keys): st <- P^T, dpt <- dS^T.
+// Element e of n-chunk j is key key_lo (e < 2) or key_hi against position p0 + 8j + 2t + (e & 1),
+// whose stats are cs's. Positions past Lq have lse = +inf, so P = 0 there with no mask.
+__device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)[4][4], bool partial, int key_lo,
+                                                 int key_hi, const DkdvChunkStats& cs, const Geometry& G, float sl2) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 lse2 = cs.lse2[j];
+        const float2 delta = cs.delta[j];
+        const int2 a = cs.a[j];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const bool hid = partial && in_window(e < 2 ? key_lo : key_hi, (e & 1) ? a.y : a.x, G.p);
@@ -2303,6 +2323,7 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
         }
         float st[4][4], dpt[4][4];
         uint32_t pa[2][4], da[2][4];
+        DkdvChunkStats cs;  // the stats of the chunk whose G1 was issued last
         // G2 of position chunk pc: dV += P^T dO, dK += dS^T Q, from pa and da. One wgmma group.
         auto issue_grads = [&](int pc) {
             pin_regs(flat32(dv));
@@ -2338,14 +2359,14 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
                     need_chunk(pc);
                     const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
                     wg_issue_pair(st, dpt, kd, sw128_desc_plus(qd, rows), vd, sw128_desc_plus(dod, rows));
+                    load_dkdv_chunk_stats(cs, pc * kChunk, s_lse2, s_delta, s_a, lt);
                 },
                 [&] {
                     pin_regs(flat16(st));
                     pin_regs(flat16(dpt));
                 },
                 [&](int pc) {
-                    dkdv_chunk_grads(st, dpt, pc * kChunk, (chunks.partial >> pc) & 1u, key_lo, key_hi, s_lse2,
-                                     s_delta, s_a, lt, G, sl2);
+                    dkdv_chunk_grads(st, dpt, (chunks.partial >> pc) & 1u, key_lo, key_hi, cs, G, sl2);
                     return 0;
                 },
                 [&] {

@@ -45,6 +45,29 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
     }
 }
 
+/// The dK/dV kernel loads each chunk's per-position stats (lse, delta, first hidden key) from
+/// shared memory when it issues the chunk's G1 (`load_dkdv_chunk_stats`), so that the elementwise
+/// step after the G1 wait starts on its exponentials at once. Loaded after the wait, their first
+/// uses stalled on shared-memory latency while the tensor cores had nothing queued but G2 (about
+/// a tenth of the kernel's warp-stall samples in the seventh run's profile). ptxas may move a
+/// load below the wait, and then nothing but the SASS shows it: this counts the shared-memory
+/// loads between the G1 wait and the next wgmma wait or issue, which must be none.
+#[test]
+fn wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait() {
+    const KERNEL: &str = "mapet_attention_bwd_dkdv_wgmma";
+    let Some(sass) = attention_sass_or_skip("wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait") else { return };
+    let body = function(arch_section(sass, "sm_90a"), KERNEL)
+        .unwrap_or_else(|| panic!("{KERNEL} is not in the sm_90a SASS of attention"));
+    let counts = ops_after_g1_waits(body, "LDS");
+    eprintln!("{KERNEL}: shared-memory loads between wait_group 1 and the next wgmma wait or issue: {counts:?}");
+    assert!(!counts.is_empty(), "{KERNEL}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
+    assert!(
+        counts.iter().all(|&n| n == 0),
+        "{KERNEL}: shared-memory loads after the G1 wait ({counts:?}): the chunk stats' loads have moved below \
+         it, where the elementwise step waits on them (cuda/attention.cu, load_dkdv_chunk_stats)"
+    );
+}
+
 /// The counter on hand-written SASS in both orders, so that it is checked wherever the
 /// disassembler is missing too.
 #[test]
@@ -69,28 +92,34 @@ fn exponential_count_sees_where_the_second_wait_went() {
         /*0160*/                   MUFU.EX2 R73, R19 ;\n\
         /*0170*/                   HGMMA.64x64x16.F32.BF16 R24, R88, gdesc[UR16].tnspB, R24 ;\n";
     assert_eq!(exponentials_after_g1_waits(hoisted), vec![0, 1]);
+    let loads_after = "\
+        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n\
+        /*0110*/                   LDS.64 R14, [R21] ;\n\
+        /*0120*/                   MUFU.EX2 R72, R22 ;\n\
+        /*0130*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n\
+        /*0140*/                   LDS.64 R12, [R20] ;\n";
+    assert_eq!(ops_after_g1_waits(loads_after, "LDS"), vec![1]);
 }
 
 /// For each `WARPGROUP.DEPBAR.LE gsb0, 0x1` of `sass` (one function, in address order), the
 /// number of `MUFU.EX2` that follow it before the next wgmma wait, fence or issue.
 fn exponentials_after_g1_waits(sass: &str) -> Vec<usize> {
-    exponentials_after_waits(sass, 1)
+    ops_after_g1_waits(sass, "MUFU.EX2")
 }
 
-/// For each `WARPGROUP.DEPBAR.LE gsb0, <depth>` of `sass`, the number of `MUFU.EX2` that follow it
-/// before the next wgmma wait, fence or issue.
-fn exponentials_after_waits(sass: &str, depth: usize) -> Vec<usize> {
-    let wait = format!("WARPGROUP.DEPBAR.LE gsb0, {depth:#x}");
+/// For each `WARPGROUP.DEPBAR.LE gsb0, 0x1` of `sass`, the number of instructions whose opcode
+/// starts with `opcode` that follow it before the next wgmma wait, fence or issue.
+fn ops_after_g1_waits(sass: &str, opcode: &str) -> Vec<usize> {
     let ops: Vec<&str> = sass.lines().filter_map(instruction).collect();
     let mut counts = Vec::new();
     for (i, op) in ops.iter().enumerate() {
-        if !op.starts_with(&wait) {
+        if !op.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1") {
             continue;
         }
         let n = ops[i + 1..]
             .iter()
             .take_while(|op| !(op.starts_with("WARPGROUP.") || op.starts_with("HGMMA")))
-            .filter(|op| op.starts_with("MUFU.EX2"))
+            .filter(|op| op.starts_with(opcode))
             .count();
         counts.push(n);
     }
