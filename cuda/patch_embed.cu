@@ -1135,6 +1135,22 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         return o;
     };
     const int64_t query_rows = static_cast<int64_t>(g.n_pred) * g.D;  // content -> query-stream mask row
+    // Sends into L1 what write_other_rows(o, n0, t) loads first (its step j0 = t: at ViT-B, p = 16,
+    // its only one), a slice ahead of it. Loaded from L2 in the slice itself, those values stood
+    // an L2 round trip between every slice's products and the next slice's: their first use was
+    // the kernel's second stall in the seventh run's profile (8% of its samples). Held in
+    // registers a slice ahead instead, they spilled the consumers.
+    auto prefetch_other_rows = [&](const OtherRows& o, int n0, int t) {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int j = t + u * slices;
+            if (!(j < kWsN / 8 && n0 + 2 * q + 8 * j < g.D)) continue;
+            prefetch_l1(P.mask_token + n0 + 2 * q + 8 * j);
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                if (o.mask[h]) prefetch_l1(o.pe[h] + 8 * j);
+        }
+    };
     auto write_other_rows = [&](const OtherRows& o, int n0, int t) {
         for (int j0 = t; j0 < kWsN / 8; j0 += 2 * slices) {
             int x[2];  // offset of the column pair from the thread's first column
@@ -1188,6 +1204,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         cur = next;
         const int (&tok)[2] = cur.tok;
         const OtherRows other = other_rows_of(cur, n0);
+        prefetch_other_rows(other, n0, 0);
         // Accumulators start at bias + pos_embed: d[4j + 2h + e] is row h, column n0 + 8j + 2q + e.
         float acc[96];
 #pragma unroll
@@ -1222,6 +1239,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             if (t > 0 && (tid & 127) == 0) release((it - 1) % kWsStages);
             // After the hand-back, so that waiting on its loads delays no stage.
             write_other_rows(other, n0, t);
+            if (t + 1 < slices) prefetch_other_rows(other, n0, t + 1);
         }
         wgmma_wait_groups<0>();
         pin_regs(acc);
