@@ -1855,13 +1855,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 
 // ================================================================================================ wgmma backward (sm_90a)
 // The default backward on compute capability 9.0. In the seventh run its tests passed on an H200,
-// and it was 20% faster there than the resident one at ViT-B (BENCHMARKS.md). The dQ and dK/dV
-// kernels on wgmma, the forward's
-// pieces in the backward's roles, deterministic as the mma.sync ones (each output owned by one
-// warpgroup, accumulated in a fixed order; no atomics). Both work in 32-wide chunks of the
-// dimension they loop over (keys for dQ, positions for dK/dV), so that a chunk no row of the tile
-// can see is skipped at the loop level, with no wgmma under a branch (1.29x the visible pairs at
-// ViT-B). Per chunk two wgmma groups:
+// and it was 20% faster there than the resident one at ViT-B (BENCHMARKS.md); dK/dV's chunk
+// stats loaded with G1 (load_dkdv_chunk_stats) came after that run, unverified on GPU. The dQ
+// and dK/dV kernels on wgmma, the forward's pieces in the backward's roles, deterministic as the
+// mma.sync ones (each output owned by one warpgroup, accumulated in a fixed order; no atomics).
+// Both work in 32-wide chunks of the dimension they loop over (keys for dQ, positions for dK/dV),
+// so that a chunk no row of the tile can see is skipped at the loop level, with no wgmma under a
+// branch (1.29x the visible pairs at ViT-B). Per chunk two wgmma groups:
 //   G1  S and dP (4 m64n32k16 steps each) from shared memory, both operands K-major;
 //   G2  the products that take dS (and P) from registers, B read N-major from the same tiles.
 // G1 of chunk n+1 is issued before G2 of chunk n, so the elementwise work of chunk n+1 (P, dS)

@@ -923,7 +923,8 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
 // other HWC kernels' in the last bits (the same function, another f32 order). The default forward
 // on compute capability 9.0 (only). In the seventh run its tests passed on an H200, and it took
-// 0.150 ms at ViT-B against the mma.sync HWC kernel's 0.175 (BENCHMARKS.md).
+// 0.150 ms at ViT-B against the mma.sync HWC kernel's 0.175 (BENCHMARKS.md). The L1 prefetch of
+// the mask-token rows' values (prefetch_other_rows) came after that run: unverified on GPU.
 //
 // Tried and removed after that run: clusters of two and four blocks taking the same channel tile
 // of adjacent row tiles, each loading its share of every weight box by TMA multicast into all of

@@ -542,7 +542,8 @@ pub enum PixelOrder {
     /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). In the seventh run its tests
     /// passed on an H200, and at ViT-B its forward took 0.150 ms against `Hwc`'s 0.175, its
     /// weight gradient 0.226 against 0.198 (BENCHMARKS.md), so the default on compute capability
-    /// 9.0 is its forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]).
+    /// 9.0 is its forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]). Its forward's L1
+    /// prefetch of the mask-token rows came after that run, unverified on GPU.
     HwcWs,
 }
 
