@@ -437,16 +437,15 @@ constexpr float kLazyRescale = 8.f;
 // One online-softmax step without the accumulator: the tile's row max, the lazy decision, p in
 // place of s, l updated; where the max moves, on_grow(i, corr) is called for row i (0: g, 1: g+8)
 // just before l is rescaled, for the caller to rescale (or note) the accumulator's row.
-// H: the 32-key halves of s (2 for a 64-key tile; 1 for the forward's single 32-key chunks).
-template <int H, typename OnGrow>
-__device__ __forceinline__ void softmax_tile(float (&s)[H][4][4], float (&mx)[2], float (&l)[2], float sl2,
+template <typename OnGrow>
+__device__ __forceinline__ void softmax_tile(float (&s)[2][4][4], float (&mx)[2], float (&l)[2], float sl2,
                                              OnGrow on_grow) {
     float tmax[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         tmax[i] = -INFINITY;
 #pragma unroll
-        for (int h = 0; h < H; ++h)
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int j = 0; j < 4; ++j) tmax[i] = fmaxf(tmax[i], fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]));
         tmax[i] = quad_max(tmax[i]);
@@ -464,7 +463,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[H][4][4], float (&mx)[2]
         const float base = mx[i] == -INFINITY ? 0.f : mx[i] * sl2;
         float rs = 0.f;
 #pragma unroll
-        for (int h = 0; h < H; ++h) {
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 s[h][j][2 * i] = fast_exp2(fmaf(s[h][j][2 * i], sl2, -base));
@@ -1728,26 +1727,12 @@ __device__ __forceinline__ void wg_pack_p(uint32_t (&pa)[2][2][4], const float (
     pack_chunk(pa[1], s[1]);
 }
 
-// acc += A B over a 32-deep chunk: A = a[c] (register fragments of the chunk's 16-deep step c), B
-// the chunk's 32 rows (descriptor rows, 128 bytes a row) read N-major. No fence or commit: the
-// caller's.
-__device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint32_t (&a)[2][4], uint64_t rows) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) wgmma_m64n64k16_rs_nmajor(flat32(acc), a[c], sw128_desc_plus(rows, 16 * 128 * c));
-}
-
-__device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return reinterpret_cast<uint32_t (&)[8]>(x); }
-
 
 #endif
 }  // namespace
 
-
-
-namespace {
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The wgmma forward, mapet_attention_fwd_wgmma: pairs of chunks through wg_pipeline.
-__device__ __forceinline__ void fwd_wgmma(const MapetAttention& prm) {
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
     const auto [tid, wg, warp, g, t, head, b] = wg_thread();
@@ -1827,6 +1812,7 @@ __device__ __forceinline__ void fwd_wgmma(const MapetAttention& prm) {
                     wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
                 }
             });
+
         float inv[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -1841,13 +1827,6 @@ __device__ __forceinline__ void fwd_wgmma(const MapetAttention& prm) {
             if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
         }
     }
-}
-#endif
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    fwd_wgmma(prm);
 #else
     __trap();
 #endif
@@ -1926,6 +1905,15 @@ __device__ __forceinline__ void wg_issue_s_dp(float (&s)[4][4], float (&dp)[4][4
     wgmma_commit_groups();
 }
 
+// acc += A B over a 32-deep chunk: A = a[c] (register fragments of the chunk's 16-deep step c), B
+// the chunk's 32 rows (descriptor rows, 128 bytes a row) read N-major. No fence or commit: the
+// caller's.
+__device__ __forceinline__ void wg_chunk_product(float (&acc)[8][4], const uint32_t (&a)[2][4], uint64_t rows) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wgmma_m64n64k16_rs_nmajor(flat32(acc), a[c], sw128_desc_plus(rows, 16 * 128 * c));
+}
+
+__device__ __forceinline__ uint32_t (&flat8(uint32_t (&x)[2][4]))[8] { return reinterpret_cast<uint32_t (&)[8]>(x); }
 __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[4][4]))[16] { return reinterpret_cast<uint32_t (&)[16]>(x); }
 
 
@@ -2213,10 +2201,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
 #endif
 }
 
-namespace {
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_wgmma(const MapetAttention prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The wgmma dK/dV kernel, mapet_attention_bwd_dkdv_wgmma: its chunks through wg_pipeline.
-__device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
     const auto [tid, wg, warp, g, t, head, b] = wg_thread();
@@ -2324,16 +2311,6 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
         float st[4][4], dpt[4][4];
         uint32_t pa[2][4], da[2][4];
         DkdvChunkStats cs;  // the stats of the chunk whose G1 was issued last
-        // G2 of position chunk pc: dV += P^T dO, dK += dS^T Q, from pa and da. One wgmma group.
-        auto issue_grads = [&](int pc) {
-            pin_regs(flat32(dv));
-            pin_regs(flat32(dk));
-            wgmma_fence_acc();
-            const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
-            wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
-            wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
-            wgmma_commit_groups();
-        };
 
         // A tile no position can see (none at ViT) stores zeros.
         const ChunkMasks chunks{s_tiles[kt], s_tiles[kDkdvMaxKeyTiles + kt]};
@@ -2379,7 +2356,15 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
                     pack_chunk(pa, st);
                     pack_chunk(da, dpt);
                 },
-                issue_grads,
+                [&](int pc) {
+                    pin_regs(flat32(dv));
+                    pin_regs(flat32(dk));
+                    wgmma_fence_acc();
+                    const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+                    wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
+                    wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
+                    wgmma_commit_groups();
+                },
                 start_next);
         }
         if (!next_started) start_next();
@@ -2389,14 +2374,6 @@ __device__ __forceinline__ void dkdv_wgmma(const MapetAttention& prm) {
         store_frag_rows(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, G.lk, t);
     }
     need_chunk(npc);  // barrier 4, for a warpgroup that has not needed the second half
-}
-#endif
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
-    mapet_attention_bwd_dkdv_wgmma(const MapetAttention prm) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    dkdv_wgmma(prm);
 #else
     __trap();
 #endif

@@ -309,8 +309,8 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
 // back, so that the rows the logits GEMM wrote last, the likeliest to be still in L2, are read
 // first (what each row gets is the same either way; the column sums add the rows of a block in
 // the order it visits them). Off by default: on an H200 it was within the bench's noise of the
-// forward order (BENCHMARKS.md, seventh run). Row numbers fit
-// 32 bits: a pass has fewer rows than a grid has blocks, and a chunk's logits are at most 52 MiB.
+// forward order (BENCHMARKS.md, seventh run). Row numbers fit 32 bits: a pass has fewer rows
+// than a grid has blocks, and a chunk's logits are at most 52 MiB.
 __device__ __forceinline__ int visited_row(const MapetCrossEntropy& p, int v) {
     return p.reverse_rows ? static_cast<int>(p.rows) - 1 - v : v;
 }
@@ -370,7 +370,8 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
 // holds lse, so no warp waits on another to finish a serial merge.
 //
 // The column sums stay in registers: with them in shared memory (80 registers, three blocks an
-// SM instead of two) the whole call was slower on an H200 (BENCHMARKS.md, seventh run).
+// SM instead of two) the whole call gained nothing beyond the bench's noise on an H200
+// (BENCHMARKS.md, seventh run).
 template <bool kFull>
 __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
     __shared__ HeldShared sh;
@@ -568,12 +569,11 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
     for (int i = 0; i < kGradPer; ++i) {
         const int c = threadIdx.x + i * kRowThreads;
         if (owned(c)) {
-            const float4 s0 = make_float4(colsum[i][0], colsum[i][1], colsum[i][2], colsum[i][3]);
-            const float4 s1 = make_float4(colsum[i][4], colsum[i][5], colsum[i][6], colsum[i][7]);
             const float4 a = out[2 * c];
             const float4 b = out[2 * c + 1];
-            out[2 * c] = make_float4(a.x + s0.x, a.y + s0.y, a.z + s0.z, a.w + s0.w);
-            out[2 * c + 1] = make_float4(b.x + s1.x, b.y + s1.y, b.z + s1.z, b.w + s1.w);
+            out[2 * c] = make_float4(a.x + colsum[i][0], a.y + colsum[i][1], a.z + colsum[i][2], a.w + colsum[i][3]);
+            out[2 * c + 1] =
+                make_float4(b.x + colsum[i][4], b.y + colsum[i][5], b.z + colsum[i][6], b.w + colsum[i][7]);
         }
     }
 }

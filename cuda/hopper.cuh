@@ -321,14 +321,10 @@ __device__ __forceinline__ void sw128_load_wait_groups() {
 // checks that it still does.
 // The trap path waits for the warpgroup's wgmma first: ptxas would otherwise add that wait itself
 // and report it (C7517) at every build.
-// `never`: the value compared with %nsmid, one it never holds (0, or at least 2^30). ptxas reads
-// %nsmid once and drops a check it has already passed on the way (the second of two in one loop
-// iteration, in a forward that issued S one chunk ahead, since removed: its softmax then ran
-// below the wait), so several calls on one path need distinct values.
-__device__ __forceinline__ void end_basic_block(uint32_t never = 0) {
+__device__ __forceinline__ void end_basic_block() {
     uint32_t sms;
     asm volatile("mov.u32 %0, %%nsmid;\n" : "=r"(sms));
-    if (sms == never) {
+    if (sms == 0) {
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         __trap();
         __builtin_unreachable();

@@ -970,14 +970,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
     const int n_tiles = (g.D + kWsN - 1) / kWsN;
-    const int row_tiles = (g.M + kFwdM - 1) / kFwdM;
-    const int tiles = n_tiles * row_tiles;
+    const int tiles = n_tiles * ((g.M + kFwdM - 1) / kFwdM);
     const int slices = (g.K + kWsK - 1) / kWsK;
-    // The walk: this block's tiles, w_first(), + w_step(), ... below `tiles` (channel tile
-    // tile % n_tiles, row tile tile / n_tiles), read from the grid where they are used rather
-    // than held in registers.
-    auto w_first = [] { return static_cast<int>(blockIdx.x); };
-    auto w_step = [] { return static_cast<int>(gridDim.x); };
 
     // The producer's rotation needs a multiple of 3 slices (K' = 3p^2, p % 8 == 0: see below).
     if (slices % 3 != 0 || dynamic_smem_bytes() < kWsSmemBytes) __trap();
@@ -994,7 +988,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         const int kg = tid & 7;
         const int r0 = tid >> 3;
         // The fetch cursor: the tile and slice of the next item to load, its rows' pixel bases.
-        int f_tile = w_first(), f_w = w_first(), f_t = 0;
+        int f_tile = blockIdx.x, f_t = 0;
         int base[kWsGroups];
         HwcCursor cur(kg * 8, g.p, g.S);
         auto start_tile = [&] {
@@ -1018,24 +1012,20 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             cur.advance(kWsK);
             if (++f_t == slices) {
                 f_t = 0;
-                f_w += w_step();
-                f_tile = f_w;
+                f_tile += gridDim.x;
                 start_tile();
             }
         };
         // Item it (slice t of a tile whose channels start at n0): the weight box, then A from
         // sl, whose loads were issued kWsAhead items ago; then the loads of item it + kWsAhead.
-        // The tile of the item being produced: its channel tile is p_w % n_tiles.
-        int it = 0, p_w = w_first(), p_t = 0;
+        int it = 0, p_tile = blockIdx.x, p_t = 0;
         auto produce = [&](WsSlice& sl) {
             const int s = it % kWsStages;
-            if (it >= kWsStages) {
-                mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
-            }
+            if (it >= kWsStages) mbar_wait(&empty[s], (it / kWsStages - 1) & 1);
             unsigned char* stage = ring + s * kWsStageBytes;
             if (tid == 0) {
                 mbar_arrive_expect_tx(&full[s], kWsBBytes);
-                tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_w % n_tiles) * kWsN, &full[s]);
+                tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_tile % n_tiles) * kWsN, &full[s]);
             }
             const Norm3 nrm = px.norm3(sl.c);
             // Rows r0 + 16 r share r0's place in the swizzle: 16 rows on is 2048 bytes on.
@@ -1050,7 +1040,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             ++it;
             if (++p_t == slices) {
                 p_t = 0;
-                p_w += w_step();
+                p_tile += gridDim.x;
             }
             fetch(sl);
         };
@@ -1062,7 +1052,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         fetch(x);
         fetch(y);
         fetch(z);
-        const int items = ((tiles - w_first() + w_step() - 1) / w_step()) * slices;
+        const int items = ((tiles - blockIdx.x + gridDim.x - 1) / gridDim.x) * slices;
         for (int i = 0; i < items; i += 3) {
             produce(x);
             produce(y);
@@ -1196,11 +1186,9 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         }
     };
     RowsOf cur, next;
-    // A stage's release: one arrival of this warpgroup on `empty`.
-    auto release = [&](int s) { mbar_arrive(&empty[s]); };
-    rows_of(w_first(), next);
+    rows_of(blockIdx.x, next);
     int it = 0;
-    for (int tile = w_first(); tile < tiles; tile += w_step()) {
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int n0 = (tile % n_tiles) * kWsN;
         cur = next;
         const int (&tok)[2] = cur.tok;
@@ -1232,19 +1220,19 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
             wgmma_commit_groups();
             if (t == 0) {
-                rows_of(tile + w_step(), next);
+                rows_of(tile + gridDim.x, next);
                 if (other.cls[0] || other.cls[1]) write_cls_rows(other, n0);
             }
             // The previous slice's wgmma are done with their stage: hand it back.
             wgmma_wait_groups<1>();
-            if (t > 0 && (tid & 127) == 0) release((it - 1) % kWsStages);
+            if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);
             // After the hand-back, so that waiting on its loads delays no stage.
             write_other_rows(other, n0, t);
             if (t + 1 < slices) prefetch_other_rows(other, n0, t + 1);
         }
         wgmma_wait_groups<0>();
         pin_regs(acc);
-        if ((tid & 127) == 0) release((it - 1) % kWsStages);  // the tile's last slice
+        if ((tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);  // the tile's last slice
         // Epilogue: the rows go through the staging tile, then out by the copy engine, one bulk
         // copy of min(192, D - n0) channels a row (D % 8 == 0, so 16-byte multiples at 16-byte
         // aligned addresses), while the warpgroup goes on to its next tile. Rows 4-byte store

@@ -597,7 +597,8 @@ pub enum AttentionKernels {
     /// capability 9.0 only; elsewhere, or where the shared memory does not suffice, the
     /// `Resident` (or tiled) kernels run. In the seventh run their tests passed on an H200, and at
     /// ViT-B they took 0.219 ms forward and 0.852 ms forward + backward, against `Resident`'s
-    /// 0.272 and 1.065 (BENCHMARKS.md).
+    /// 0.272 and 1.065 (BENCHMARKS.md). The dK/dV kernel's chunk stats loaded with G1 came after
+    /// that run, unverified on GPU.
     #[default]
     Wgmma,
 }
@@ -607,17 +608,12 @@ impl AttentionKernels {
     pub const ALL: [AttentionKernels; 3] =
         [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma];
 
-    /// Whether this set runs the wgmma kernels (where the device and the shape allow them).
-    fn uses_wgmma(self) -> bool {
-        self == AttentionKernels::Wgmma
-    }
-
     /// The wgmma forward's launch for `shape` on a device of compute capability `cc` with
     /// `sm_count` SMs whose blocks may take `max_smem` bytes of shared memory: grid x and dynamic
     /// shared bytes; `None` when another forward runs (not chosen, not compute capability 9.0,
     /// or K and V too large for two CTAs per SM).
     fn wgmma_launch(self, shape: &AttentionShape, cc: (u32, u32), sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
-        if !self.uses_wgmma() || cc != (9, 0) {
+        if self != AttentionKernels::Wgmma || cc != (9, 0) {
             return None;
         }
         // K and V tiles, a Q tile per warpgroup, and 1 KiB to align them to the swizzle's
@@ -641,7 +637,7 @@ impl AttentionKernels {
         sm_count: u32,
         max_smem: u32,
     ) -> Option<(u32, u32)> {
-        if !self.uses_wgmma() || cc != (9, 0) || shape.q_rows() > CUDA_WG_MAX_ROWS {
+        if self != AttentionKernels::Wgmma || cc != (9, 0) || shape.q_rows() > CUDA_WG_MAX_ROWS {
             return None;
         }
         let positions = shape.q_rows().div_ceil(64) * 64;
@@ -701,8 +697,8 @@ fn ctas_per_pair(shape: &AttentionShape, slots: usize, tiles: usize, per_cta: us
     (2 * slots).div_ceil(shape.batch * shape.heads).clamp(1, max_split) as u32
 }
 
-/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma` picks the kernels the CUDA backend
-/// passes to [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
+/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma` picks the kernels the CUDA backend passes to
+/// [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
 impl KernelChoice for AttentionKernels {
     const VAR: &'static str = "MAPET_ATTENTION_KERNELS";
     const CHOICES: &'static [Self] = &AttentionKernels::ALL;

@@ -91,9 +91,9 @@
 //!
 //! 57 MiB in all at the model's shape. With `V <= 2^20` (checked) it is at most 63 MiB plus 4
 //! bytes per row: 52 MiB of logits and at most 10.5 MiB of column sums (`groups * V * 4`, with
-//! `Rc * V <= 26 Mi`). When `chunk_rows` is given, a last chunk of fewer
-//! rows gets buffers of its own size after the full-size ones are freed (stream-ordered), so the
-//! peak stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
+//! `Rc * V <= 26 Mi`). When `chunk_rows` is given, a last chunk of fewer rows gets
+//! buffers of its own size after the full-size ones are freed (stream-ordered), so the peak
+//! stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
 //!
 //! # Precision
 //!
@@ -169,19 +169,13 @@ pub const ROW_ORDER_VAR: &str = "MAPET_CE_ROW_ORDER";
 /// Whether `value` (the variable's value; `None`: unset) asks for reversed rows: `reverse` or
 /// `forward`, else an error naming [`ROW_ORDER_VAR`].
 pub fn reverse_rows_named(value: Option<&str>) -> Result<bool> {
-    switch_named(value, ROW_ORDER_VAR, "cross-entropy row order", "forward", "reverse")
-}
-
-/// A two-way switch read from variable `var`: unset or `off` is false, `on` true (spaces around
-/// either ignored); anything else is an error naming the variable, the value and both choices.
-fn switch_named(value: Option<&str>, var: &str, what: &'static str, off: &str, on: &str) -> Result<bool> {
     match value.map(str::trim) {
-        None => Ok(false),
-        Some(v) if v == off => Ok(false),
-        Some(v) if v == on => Ok(true),
-        Some(v) => {
-            Err(Error::Unsupported { what, detail: format!("{var}={v:?}: give `{off}` (the default) or `{on}`") })
-        }
+        None | Some("forward") => Ok(false),
+        Some("reverse") => Ok(true),
+        Some(v) => Err(Error::Unsupported {
+            what: "cross-entropy row order",
+            detail: format!("{ROW_ORDER_VAR}={v:?}: give `forward` (the default) or `reverse`"),
+        }),
     }
 }
 
@@ -1069,20 +1063,17 @@ mod tests {
         assert_eq!(colsum_groups(100, 8192), 100);
     }
 
-    /// The two-way switches (`switch_named`): unset or off is false, on true, spaces ignored, and
-    /// anything else an error naming the variable, the value and the choice; and the shape's
-    /// setter.
     #[test]
-    fn two_way_switches_parse_or_name_themselves() {
-        type Parse = fn(Option<&str>) -> Result<bool>;
-        let switches: [(Parse, &str, &str, &str, &[&str]); 1] =
-            [(reverse_rows_named, ROW_ORDER_VAR, "forward", " reverse ", &["", "backward", "1", "Reverse"])];
-        for (parse, var, off, on, bad) in switches {
-            assert!(!parse(None).unwrap() && !parse(Some(off)).unwrap() && parse(Some(on)).unwrap(), "{var}");
-            for b in bad {
-                let e = parse(Some(b)).unwrap_err().to_string();
-                assert!(e.contains(var) && e.contains(on.trim()) && e.contains(&format!("{b:?}")), "{b:?}: {e}");
-            }
+    fn row_order_variable_parses_or_names_itself() {
+        assert!(!reverse_rows_named(None).unwrap());
+        assert!(!reverse_rows_named(Some("forward")).unwrap());
+        assert!(reverse_rows_named(Some(" reverse ")).unwrap());
+        for bad in ["", "backward", "1", "Reverse"] {
+            let e = reverse_rows_named(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains(ROW_ORDER_VAR) && e.contains("reverse") && e.contains(&format!("{bad:?}")),
+                "{bad:?}: {e}"
+            );
         }
         let s = CrossEntropyShape::new(10, 8, 16);
         assert!(!s.reverse_rows && s.with_reversed_rows(true).reverse_rows);
