@@ -68,6 +68,34 @@ fn wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait() {
     );
 }
 
+/// The wgmma kernels write their output rows (O, dQ, dK and dV) in 8-byte stores, each warp
+/// store a whole 32-byte sector of each of its 8 rows (`store_frag_rows_paired`), not in the
+/// 4-byte stores of the C fragments as they come, which queued up in the load/store unit at the
+/// end of every tile. This counts the kernels' global stores by width: (kernel, 64-bit stores, at
+/// most so many 32-bit ones, the per-row statistics: the forward's lse, dQ's delta).
+#[test]
+fn wgmma_kernels_store_their_rows_in_eight_byte_stores() {
+    const STORES: [(&str, usize, usize); 3] = [
+        ("mapet_attention_fwd_wgmma", 8, 2),
+        ("mapet_attention_bwd_dq_wgmma", 8, 2),
+        ("mapet_attention_bwd_dkdv_wgmma", 16, 0),
+    ];
+    let Some(sass) = attention_sass_or_skip("wgmma_kernels_store_their_rows_in_eight_byte_stores") else { return };
+    let sm90 = arch_section(sass, "sm_90a");
+    for (kernel, wide, narrow_max) in STORES {
+        let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
+        let stores: Vec<&str> = body.lines().filter_map(instruction).filter(|op| op.starts_with("STG")).collect();
+        let n64 = stores.iter().filter(|op| op.starts_with("STG.E.64 ")).count();
+        let n32 = stores.iter().filter(|op| op.starts_with("STG.E ")).count();
+        eprintln!("{kernel}: {n64} 64-bit and {n32} 32-bit global stores of {}", stores.len());
+        assert!(
+            n64 >= wide && n32 <= narrow_max,
+            "{kernel}: {n64} 64-bit and {n32} 32-bit global stores, expected {wide} and at most {narrow_max}: \
+             its rows are stored in 4-byte pieces again (cuda/attention.cu, store_frag_rows_paired)"
+        );
+    }
+}
+
 /// The counter on hand-written SASS in both orders, so that it is checked wherever the
 /// disassembler is missing too.
 #[test]
