@@ -1580,19 +1580,56 @@ __device__ __forceinline__ WgThread wg_thread() {
                     static_cast<int>(blockIdx.z)};
 }
 
+// The keys whose K and V rows the forward's and dQ's first group of copies brings (wg_load_kv):
+// the first two 64-key tiles, chunks 0 to 3.
+constexpr int kKvFirstKeys = 2 * kBN;
+
 // Loads the pair's K (warpgroup 0) and V (warpgroup 1; i = the thread's index in it) into
-// swizzled tiles at k_smem and v_smem, keys past Lk zero-filled up to the last tile's end, and
-// makes them visible to every warpgroup's wgmma (ends on a block barrier).
+// swizzled tiles at k_smem and v_smem, keys past Lk zero-filled up to the last tile's end, in two
+// cp.async groups: keys [0, kKvFirstKeys), then the rest. Waits for the first (with every copy
+// the thread started before it: the first Q or dO tile) and makes it visible to every
+// warpgroup's wgmma (ends on a block barrier); the rest lands while the first chunks are
+// computed, and KvRest::need waits for it before the first chunk that reads it. In the seventh
+// run's profiles the wait for all of K and V was the largest single stall of both kernels (4.0%
+// of the forward's warp-stall samples, 3.3% of dQ's): a CTA's 88 KB at ViT, before any work,
+// where a row tile's first two pairs of chunks need the first 32 KB.
 __device__ __forceinline__ void wg_load_kv(const MapetAttention& prm, const Geometry& G, int b, int head,
                                            uint32_t k_smem, uint32_t v_smem, int nkt, int wg, int i) {
     const bool is_v = wg == 1;
     const bf16* src = static_cast<const bf16*>(is_v ? prm.v : prm.k) +
                       b * (is_v ? prm.v_batch_stride : prm.k_batch_stride) + head * kD;
     const int64_t stride = is_v ? prm.v_row_stride : prm.k_row_stride;
-    sw128_load_rows(is_v ? v_smem : k_smem, src, 2 * stride, nkt * kBN, G.lk, i, 128);
-    sw128_load_wait();
+    const uint32_t dst = is_v ? v_smem : k_smem;
+    const int rows = nkt * kBN, first = min(rows, kKvFirstKeys);
+    sw128_load_rows(dst, src, 2 * stride, first, G.lk, i, 128);
+    cp_async_commit();
+    // (rows > first means Lk > kKvFirstKeys, so the rest's row_end is >= 1.)
+    if (rows > first) sw128_load_rows(dst + first * 128, src + first * stride, 2 * stride, rows - first, G.lk - first, i, 128);
+    cp_async_commit();
+    sw128_load_wait_groups<1>();
     __syncthreads();
 }
+
+// The K and V rows past kKvFirstKeys (wg_load_kv's second group): need(c) before the first
+// products that read key chunk c, finish() once a warpgroup has issued its last, so that every
+// thread of the block meets the others at barrier 3 exactly once. Each warpgroup copied one of
+// K and V, so the rows are visible to a thread only after that barrier, not after its own wait.
+// A pair with no key past the first group (ready from the start, the same in every thread) never
+// meets there.
+static_assert(MAPET_ATTN_WG_THREADS == MAPET_ATTN_WG_DQ_THREADS, "KvRest's barrier counts the block");
+struct KvRest {
+    bool ready;
+    __device__ __forceinline__ explicit KvRest(int nkt) : ready(nkt * kBN <= kKvFirstKeys) {}
+    __device__ __forceinline__ void need(int chunk) {
+        if (!ready && chunk >= kKvFirstKeys / kChunk) finish();
+    }
+    __device__ __forceinline__ void finish() {
+        if (ready) return;
+        sw128_load_wait();
+        named_barrier_anywhere(3, MAPET_ATTN_WG_THREADS);
+        ready = true;
+    }
+};
 
 __device__ __forceinline__ float (&flat16(float (&x)[4][4]))[16] { return reinterpret_cast<float (&)[16]>(x); }
 __device__ __forceinline__ float (&flat32(float (&x)[8][4]))[32] { return reinterpret_cast<float (&)[32]>(x); }
@@ -1790,6 +1827,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     const int p_first = (blockIdx.x * 2 + wg) * 64;
     if (p_first < G.lq) wg_start_q(q_smem, qg, prm.q_row_stride, p_first, tid & 127, G);
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
+    KvRest kv_rest(nkt);
 
 #pragma unroll 1
     for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
@@ -1800,7 +1838,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
         const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
-        wg_finish_q(wg);  // this tile's Q, started before the loop or under the previous tile
+        // This tile's Q: the first came with K and V's first group (wg_load_kv), the next ones
+        // were started under the previous tile. (Waiting here for all of the thread's copies at
+        // the first tile would wait for the rest of K and V too.)
+        if (p0 != p_first) wg_finish_q(wg);
 
         float acc[8][4];
 #pragma unroll
@@ -1832,7 +1873,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
                 if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
                 return true;
             },
-            [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
+            [&](const ChunkPair& p) {
+                kv_rest.need(p.rows().c[1]);  // (the pair's higher chunk)
+                wg_issue_scores(s, qd, kd, p.rows().c);
+            },
             [&] { pin_regs(flat32(s)); },
             [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
             [&] {
@@ -1867,6 +1911,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
             if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
         }
     }
+    kv_rest.finish();  // barrier 3, for a warpgroup that has not needed the rest of K and V
 #else
     __trap();
 #endif
@@ -2148,11 +2193,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         lse_hi = hi < G.lq ? prm.lse[stat0 + hi] : 0.f;
     };
     const int tile_step = gridDim.x * 2 * 64;
-    if ((blockIdx.x * 2 + wg) * 64 < G.lq) start_tile((blockIdx.x * 2 + wg) * 64);
+    const int p_first = (blockIdx.x * 2 + wg) * 64;
+    if (p_first < G.lq) start_tile(p_first);
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
+    KvRest kv_rest(nkt);
 
 #pragma unroll 1
-    for (int p0 = (blockIdx.x * 2 + wg) * 64; p0 < G.lq; p0 += tile_step) {
+    for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
         int amin, amax;
         position_extrema(p0, 64, G, amin, amax);
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
@@ -2163,8 +2210,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         // The tile's dO rows (positions past Lq zero-filled), then the rows' delta and lse from
         // them and the loads start_tile made.
         pin_regs(flat16(qf));
-        sw128_load_wait();
-        named_barrier(1 + wg, 128);
+        if (p0 != p_first) {  // (the first tile's came with K and V's first group: wg_load_kv)
+            sw128_load_wait();
+            named_barrier(1 + wg, 128);
+        }
         RowStats rs;
         {
             uint4 d_lo[2], d_hi[2];
@@ -2203,6 +2252,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
                 return true;
             },
             [&](int kc) {
+                kv_rest.need(kc);
                 const uint32_t rows = static_cast<uint32_t>(kc * kChunk) * 128;
                 wg_issue_s_dp(s, dp, qf, sw128_desc_plus(kd, rows), dod, sw128_desc_plus(vd, rows));
             },
@@ -2236,6 +2286,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
         store_frag_rows_paired(dq, prm.scale, prm.scale, dqg, prm.dq_row_stride, r_lo, r_hi, G.lq, t);
     }
+    kv_rest.finish();  // barrier 3, for a warpgroup that has not needed the rest of K and V
 #else
     __trap();
 #endif
