@@ -2040,6 +2040,8 @@ __device__ __forceinline__ void tile_row_cols16(uint4 (&x)[2], const unsigned ch
 
 // Most 64-key tiles the wgmma dK/dV kernel takes: Lk < Lq <= 1024 (the launcher's CUDA_WG_MAX_ROWS).
 constexpr int kDkdvMaxKeyTiles = 16;
+// Most positions of that kernel's stats a thread loads (lqp <= 1024 over the block's threads).
+constexpr int kDkdvStatsPerThread = (kDkdvMaxKeyTiles * kBN + MAPET_ATTN_WG_DKDV_THREADS - 1) / MAPET_ATTN_WG_DKDV_THREADS;
 
 // The ChunkMasks of every 64-key tile against the 32-position chunks [0, npc), into
 // tiles[kt] (live) and tiles[kDkdvMaxKeyTiles + kt] (partial), by the whole block: a warp a key
@@ -2325,6 +2327,24 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     const int half = lqp / 2 / kChunk * kChunk;
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
+    // The thread's positions' lse and delta (pos = tid + k * threads), loaded before any copy is
+    // started: issued after them (as until the seventh run), they queued behind the block's
+    // 176 KB of copies and came after all three groups, where the start waits for two; and a
+    // loop of loads and shared stores served the positions one after the other. Their wait was
+    // the largest single stall of the kernel's prologue there (4.4% of its warp-stall samples).
+    // Stored to shared memory below, while the copies fly.
+    if (lqp > kDkdvStatsPerThread * MAPET_ATTN_WG_DKDV_THREADS) __trap();  // (within CUDA_WG_MAX_ROWS; never taken)
+    const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+    int stat_row[kDkdvStatsPerThread];
+    float stat_lse[kDkdvStatsPerThread], stat_delta[kDkdvStatsPerThread];
+#pragma unroll
+    for (int k = 0; k < kDkdvStatsPerThread; ++k) {
+        const int pos = tid + k * MAPET_ATTN_WG_DKDV_THREADS;
+        stat_row[k] = pos < lqp ? row_at(pos, G) : G.lq;
+        const bool ok = stat_row[k] < G.lq;
+        stat_lse[k] = ok ? __ldg(prm.lse + stat0 + stat_row[k]) : 0.f;
+        stat_delta[k] = ok ? __ldg(prm.delta + stat0 + stat_row[k]) : 0.f;
+    }
     copy_positions(q_smem, qg, prm.q_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     copy_positions(do_smem, dog, prm.do_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     cp_async_commit();
@@ -2339,16 +2359,15 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                    G);
     cp_async_commit();
     // Every position's lse (log2 units), delta and first hidden key, while the copies fly.
-    {
-        const int64_t stat0 = (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-        for (int pos = tid; pos < lqp; pos += MAPET_ATTN_WG_DKDV_THREADS) {
-            const int row = row_at(pos, G);
-            const bool ok = row < G.lq;
-            // Past Lq: lse = +inf, so P = exp2(S sl2 - inf) = 0 and dS = 0 (S and dP are 0 there).
-            s_lse2[pos] = ok ? prm.lse[stat0 + row] * kLog2e : INFINITY;
-            s_delta[pos] = ok ? prm.delta[stat0 + row] : 0.f;
-            s_a[pos] = ok ? first_hidden(row, G) : 0;
-        }
+#pragma unroll
+    for (int k = 0; k < kDkdvStatsPerThread; ++k) {
+        const int pos = tid + k * MAPET_ATTN_WG_DKDV_THREADS, row = stat_row[k];
+        if (pos >= lqp) continue;
+        const bool ok = row < G.lq;
+        // Past Lq: lse = +inf, so P = exp2(S sl2 - inf) = 0 and dS = 0 (S and dP are 0 there).
+        s_lse2[pos] = ok ? stat_lse[k] * kLog2e : INFINITY;
+        s_delta[pos] = ok ? stat_delta[k] : 0.f;
+        s_a[pos] = ok ? first_hidden(row, G) : 0;
     }
     sw128_load_wait_groups<1>();  // A and K
     __syncthreads();
