@@ -437,7 +437,13 @@ constexpr float kLazyRescale = 8.f;
 // One online-softmax step without the accumulator: the tile's row max, the lazy decision, p in
 // place of s, l updated; where the max moves, on_grow(i, corr) is called for row i (0: g, 1: g+8)
 // just before l is rescaled, for the caller to rescale (or note) the accumulator's row.
-template <typename OnGrow>
+// kQuadMaxOnGrow (the wgmma forward): the lazy decision is taken on each lane's own part of the
+// rows' tile max, and the quad's shuffles that complete it run only where the max moves. The same
+// decision: mx is the same in the 4 lanes of a row, so some lane's part exceeds it by more than
+// kLazyRescale exactly when the row's max does (x -> (x - mx) * sl2 is monotone). So the same
+// bits, without 4 shuffles, 4 max and the shuffles' latency ahead of the exponentials on the
+// tiles that keep the max, most of them.
+template <bool kQuadMaxOnGrow = false, typename OnGrow>
 __device__ __forceinline__ void softmax_tile(float (&s)[2][4][4], float (&mx)[2], float (&l)[2], float sl2,
                                              OnGrow on_grow) {
     float tmax[2];
@@ -448,10 +454,14 @@ __device__ __forceinline__ void softmax_tile(float (&s)[2][4][4], float (&mx)[2]
         for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int j = 0; j < 4; ++j) tmax[i] = fmaxf(tmax[i], fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]));
-        tmax[i] = quad_max(tmax[i]);
+        if (!kQuadMaxOnGrow) tmax[i] = quad_max(tmax[i]);
     }
     const bool grow = __any_sync(0xffffffffu, (tmax[0] - mx[0]) * sl2 > kLazyRescale ||
                                                   (tmax[1] - mx[1]) * sl2 > kLazyRescale);
+    if (kQuadMaxOnGrow && grow) {
+        tmax[0] = quad_max(tmax[0]);
+        tmax[1] = quad_max(tmax[1]);
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         float corr = 1.f;
@@ -1779,7 +1789,7 @@ __device__ __forceinline__ Rescale wg_softmax(float (&s)[2][4][4], uint32_t part
                     G.lk - kb0, absent ? kChunk : G.p);
     }
     Rescale r{false, {1.f, 1.f}};
-    softmax_tile(s, mx, l, sl2, [&r](int i, float corr) {
+    softmax_tile<true>(s, mx, l, sl2, [&r](int i, float corr) {
         r.grow = true;
         r.corr[i] = corr;
     });
