@@ -1661,8 +1661,10 @@ __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
 // tensor cores. pin_g1 / pin_g2 pin the G1 accumulators / the G2 accumulators and A fragments
 // (pin_regs), so that no access to them moves across a wait. next(it, nxt) sets the item after it
 // and says whether there is one. The first item always exists. on_last() runs once every G1 is
-// done and before the last G2 is issued: what reads only G1's operands is finished there (the
-// forward starts loading its next row tile's Q then).
+// done, after the last G2 is issued and before it is waited for: what reads only G1's operands is
+// finished there (the forward starts loading its next row tile's Q then), while G2 runs. (Run
+// before the last G2's issue until the seventh run, its named barrier and copies held that G2
+// back from the tensor cores.)
 // The wait for G2(n) opens the loop's body, and end_basic_block closes it after elementwise(n+1):
 // written as "wait<1>, elementwise, wait<0>" in one block, ptxas issued the second wait first and
 // ran all of the forward's softmax (and 12 of dQ's 16, 7 of dK/dV's 16 exponentials) after it,
@@ -1692,8 +1694,8 @@ __device__ __forceinline__ void wg_pipeline(Item cur, Next next, IssueG1 issue_g
         end_basic_block();  // so that the wait opening the next iteration stays below elementwise
         cur = nxt;
     }
-    on_last();
     issue_g2(cur);
+    on_last();
     wgmma_wait_groups<0>();
     pin_g2();
 }
