@@ -12,6 +12,12 @@
 # instead of skipping), then short criterion runs of every bench, then the PyTorch peers if
 # gpu-bundle/peers exists and MAPET_PEERS=1. Full logs go to $MAPET_RESULTS (default gpu-bundle/results); a summary table is
 # printed last.
+#
+# MAPET_BASE_REV=<commit> also builds, from that commit's tree (a temporary git worktree, its own
+# target folder target/base), the benches named in MAPET_BASE_BENCHES (default "attention"), packed
+# as benches-base/ beside this build's: run.sh's MAPET_AB then times both in one call, alternated,
+# so that a change made without a card is measured against the code the last card ran, on the same
+# card, with the drift between calls and cards out of the comparison.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -60,6 +66,26 @@ cp target/release/mapet "$out/bin/mapet"
 cp scripts/ncu-hot.py "$out/bin/ncu-hot.py"
 if [ -d "$root/../shared/peers" ]; then
   cp -r "$root/../shared/peers" "$out/peers"
+fi
+if [ -n "${MAPET_BASE_REV:-}" ]; then
+  rev="$(git -C "$root" rev-parse --verify "$MAPET_BASE_REV^{commit}")" || {
+    echo "error: MAPET_BASE_REV=$MAPET_BASE_REV is not a commit of this repository" >&2
+    exit 2
+  }
+  echo "building the base benches (${MAPET_BASE_BENCHES:-attention}) at $rev" >&2
+  base_tree="$(mktemp -d)"
+  git -C "$root" worktree add --detach "$base_tree" "$rev" >/dev/null
+  mkdir -p "$out/benches-base"
+  for b in ${MAPET_BASE_BENCHES:-attention}; do
+    (cd "$base_tree" && CARGO_TARGET_DIR="$root/target/base" cargo bench --no-run --bench "$b" --message-format=json \
+      2>/dev/null) | list_executables | while read -r name kinds exe; do
+      if [ "$kinds" = "bench" ]; then cp "$exe" "$out/benches-base/$name"; fi
+    done
+    [ -x "$out/benches-base/$b" ] || { echo "error: no bench $b at $rev" >&2; git -C "$root" worktree remove --force "$base_tree"; exit 2; }
+  done
+  git -C "$root" worktree remove --force "$base_tree"
+  echo "$rev" >"$out/base-rev.txt"
+  git -C "$root" rev-parse HEAD >"$out/head-rev.txt"
 fi
 # The test binaries that hold GPU tests (their source calls gpu_or_skip): run.sh's default list.
 grep -l "gpu_or_skip" tests/*.rs trainer/tests/*.rs | xargs -n1 basename | sed 's/\.rs$//' |

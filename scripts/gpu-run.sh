@@ -15,6 +15,15 @@
 #   MAPET_BENCH_WARMUP, MAPET_BENCH_TIME  criterion warm-up and measurement seconds (default 1, 2)
 #   MAPET_BENCH_FILTER  criterion filter passed to every bench (default: all benchmarks)
 #   MAPET_PEERS=1   also run the PyTorch peers (needs python3 with torch)
+#   MAPET_AB=N      after the benches: N rounds of each bench in MAPET_AB_BENCHES (default: all
+#                   those the bundle has at its base commit, MAPET_BASE_REV of gpu-bundle.sh)
+#                   against the same bench of this build, base and head alternated as ABBA
+#                   (base head, head base, ...) so that a drift over the call falls on both
+#                   alike; each run with the criterion filter MAPET_AB_FILTER (default: one that
+#                   matches nothing, which leaves the benches' own RESULT lines, the medians of 50
+#                   timed calls) and MAPET_BENCH_WARMUP/TIME; then, per RESULT line, the median
+#                   over the rounds of each side and head / base, into $MAPET_RESULTS/ab-BENCH.txt
+#                   and the summary
 #   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer,
 #                   when it is installed and can see the device, once per tool in
 #                   MAPET_SANITIZE_TOOLS (default "memcheck"; also racecheck, synccheck,
@@ -380,6 +389,59 @@ if [ "$benches" != "none" ]; then
     # numbers, and a HUNG line if a kernel hung and ended the bench.
     while IFS= read -r line; do row "  $b" "" "${line#RESULT }"; done < <(grep -E '^(RESULT|HUNG)' "$log" 2>/dev/null)
   done
+fi
+
+if [ "${MAPET_AB:-0}" -gt 0 ] 2>/dev/null; then
+  if [ ! -d "$here/benches-base" ]; then
+    row "ab" skip "the bundle has no base benches (gpu-bundle.sh with MAPET_BASE_REV)"
+  else
+    row "ab base / head" "" "$(cat "$here/base-rev.txt" 2>/dev/null) / $(cat "$here/head-rev.txt" 2>/dev/null)"
+    for b in ${MAPET_AB_BENCHES:-$(ls "$here/benches-base")}; do
+      if [ ! -x "$here/benches-base/$b" ] || [ ! -x "$here/benches/$b" ]; then
+        row "ab $b" skip "not in both builds"
+        continue
+      fi
+      for ((i = 0; i < MAPET_AB; i++)); do
+        if ((i % 2 == 0)); then sides="base head"; else sides="head base"; fi
+        for side in $sides; do
+          exe="$here/benches/$b"
+          [ "$side" = base ] && exe="$here/benches-base/$b"
+          timeout 300 "$exe" --bench --warm-up-time "${MAPET_BENCH_WARMUP:-1}" --measurement-time \
+            "${MAPET_BENCH_TIME:-2}" "${MAPET_AB_FILTER:-no-criterion-benchmark-has-this-name}" \
+            >"$res/ab-$b-$i-$side.log" 2>&1 || row "ab $b round $i $side" FAIL "rc=$? (see $res/ab-$b-$i-$side.log)"
+        done
+      done
+      python3 - "$res" "$b" >"$res/ab-$b.txt" 2>&1 <<'PY'
+import glob, re, statistics, sys
+res, bench = sys.argv[1], sys.argv[2]
+# A RESULT line's first time in ms, per side and round; the line, with that time cut out and the
+# other numbers made N, names it.
+times = {"base": {}, "head": {}}
+for side in times:
+    for f in sorted(glob.glob(f"{res}/ab-{bench}-*-{side}.log")):
+        for line in open(f, errors="replace"):
+            m = re.search(r"([0-9]+\.[0-9]+) ms", line)
+            if line.startswith("RESULT ") and m:
+                key = (line[7:m.start()].strip() + " ~ " + re.sub(r"[0-9]+(\.[0-9]+)?", "N", line[m.end():].strip()))
+                times[side].setdefault(key, []).append(float(m.group(1)))
+keys = [k for k in times["head"] if k in times["base"]]
+# Shown by the part before the time where that alone tells the lines apart.
+heads = [k.split(" ~ ")[0] for k in keys]
+shown = {k: h if heads.count(h) == 1 else k for k, h in zip(keys, heads)}
+print(f"{'RESULT line':64} {'base ms':>9} {'head ms':>9} {'head/base':>9}  rounds (median of each side)")
+for k in keys:
+    b, h = statistics.median(times["base"][k]), statistics.median(times["head"][k])
+    print(f"{shown[k][:64]:64} {b:9.4f} {h:9.4f} {h / b if b else float('nan'):9.3f}  {len(times['base'][k])}/{len(times['head'][k])}")
+for side in times:
+    for k in times[side]:
+        if k not in keys:
+            print(f"only in {side}: {k}")
+PY
+      row "ab $b" "" "$res/ab-$b.txt"
+      # The summary keeps the ViT-B lines (the targets' shapes).
+      while IFS= read -r line; do row "  ab $b" "" "$line"; done < <(grep -E 'vit-b|forward\+backward ' "$res/ab-$b.txt" | head -n 12)
+    done
+  fi
 fi
 
 if [ "${MAPET_PEERS:-0}" = "1" ] && [ -d "$here/peers" ]; then

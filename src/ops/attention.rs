@@ -597,8 +597,8 @@ pub enum AttentionKernels {
     /// capability 9.0 only; elsewhere, or where the shared memory does not suffice, the
     /// `Resident` (or tiled) kernels run. In the seventh run their tests passed on an H200, and at
     /// ViT-B they took 0.219 ms forward and 0.852 ms forward + backward, against `Resident`'s
-    /// 0.272 and 1.065 (BENCHMARKS.md). The dK/dV kernel's chunk stats loaded with G1 came after
-    /// that run, unverified on GPU.
+    /// 0.272 and 1.065 (BENCHMARKS.md). Changes to them since that run are unverified on GPU
+    /// (BENCHMARKS.md, "Written without a card after the seventh run").
     #[default]
     Wgmma,
 }
