@@ -1961,9 +1961,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 //   the position's lse, delta and window; dV += P^T dO, dK += dS^T Q (G2). One CTA an SM, so its
 //   load is not hidden behind another CTA's work: the warpgroups start once the first half of
 //   the positions and their first K/V tile are in, while the second half still lands. Must run
-//   after the dQ kernel (delta). The CTA's key tiles are dealt to its warpgroups by their live
-//   chunk counts (deal_key_tiles). Dynamic shared memory ceil(Lq / 64) * 64 * (256 + 12) B +
-//   48 KB + 128 B (the key tiles' chunk masks) + 1 KB: 183 KB at ViT (491 rows, padded to 512).
+//   after the dQ kernel (delta). Which position chunks each key tile computes, and which key tiles
+//   each warpgroup takes (dealt by their live chunk counts), come with the parameters
+//   (MapetAttentionDkdv, made by the host). Dynamic shared memory ceil(Lq / 64) * 64 * (256 + 12)
+//   B + 48 KB + 1 KB: 183 KB at ViT (491 rows, padded to 512).
 
 namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -2055,74 +2056,25 @@ __device__ __forceinline__ void tile_row_cols16(uint4 (&x)[2], const unsigned ch
 
 // Most 64-key tiles the wgmma dK/dV kernel takes: Lk < Lq <= 1024 (the launcher's CUDA_WG_MAX_ROWS).
 constexpr int kDkdvMaxKeyTiles = 16;
+static_assert(kDkdvMaxKeyTiles == MAPET_DKDV_MAX_KEY_TILES, "the plan's arrays (params.h)");
 // Most positions of that kernel's stats a thread loads (lqp <= 1024 over the block's threads).
 constexpr int kDkdvStatsPerThread = (kDkdvMaxKeyTiles * kBN + MAPET_ATTN_WG_DKDV_THREADS - 1) / MAPET_ATTN_WG_DKDV_THREADS;
 
-// The ChunkMasks of every 64-key tile against the 32-position chunks [0, npc), into
-// tiles[kt] (live) and tiles[kDkdvMaxKeyTiles + kt] (partial), by the whole block: a warp a key
-// tile, a lane a chunk, the classes gathered by ballots. Once a CTA, before the copies of its
-// first K/V tiles. (Classified one key tile at a time by its warpgroup, in a loop over the
-// chunks, this was over a thousand instructions a thread at the start of every key tile, with the
-// warpgroup's tensor work waiting on it.)
-__device__ __forceinline__ void position_chunk_table(uint32_t* tiles, int nkt, int npc, int tid, const Geometry& G) {
-    const int lane = tid & 31;
-    int amin = 0, amax = 0;
-    if (lane < npc) position_extrema(lane * kChunk, kChunk, G, amin, amax);
-    for (int kt = tid >> 5; kt < nkt; kt += MAPET_ATTN_WG_DKDV_THREADS / 32) {
-        const int kind = lane < npc ? classify(amin, amax, kt * kBN, kt * kBN + kBN, true, G) : kEmpty;
-        const uint32_t live = __ballot_sync(0xffffffffu, kind != kEmpty);
-        const uint32_t partial = __ballot_sync(0xffffffffu, kind == kPartial);
-        if (lane == 0) {
-            tiles[kt] = live;
-            tiles[kDkdvMaxKeyTiles + kt] = partial;
-        }
-    }
-}
-
 // The key tiles a warpgroup of the dK/dV kernel computes, in order: 4 bits a tile, the first in
-// the lowest bits, and their count.
+// the lowest bits, and their count; from the launch's plan (MapetAttentionDkdv::deal, made by
+// the host: src/ops/attention.rs, dkdv_plan). The CTA's key tiles (those kt with (kt / 3) %
+// gridDim.x == blockIdx.x) are dealt to its three warpgroups so that their live chunk counts come
+// out even: at ViT's N = 197, C = 50 the six tiles have 16, 9, 5, 11, 14 and 16 live chunks,
+// which a fixed deal (tile w and w + 3 to warpgroup w) split 27 / 23 / 21, and this one 25 / 21 /
+// 25. Each tile is computed the same whichever warpgroup takes it, so the results do not depend
+// on the deal. (Until the seventh run every CTA classified the chunks and dealt the tiles itself,
+// ahead of its first K/V copies: a block barrier and a chain of shared-memory loads, with about
+// 2,000 instructions a warp in the prologue, 23% of the kernel's warp-stall samples.)
 struct TileList {
     uint64_t tiles;
     int n;
     __device__ __forceinline__ int at(int i) const { return static_cast<int>((tiles >> (4 * i)) & 15u); }
 };
-
-// The CTA's key tiles (those kt with (kt / 3) % gridDim.x == blockIdx.x) dealt to its three
-// warpgroups so that their chunk counts come out even: the tile with the most live chunks first
-// (the lowest index among equals) to the warpgroup with the fewest so far (the lowest index
-// among equals). A CTA ends with its slowest warpgroup, and the tiles differ: at ViT's N = 197,
-// C = 50 the six tiles have 16, 9, 5, 11, 14 and 16 live chunks, which the fixed deal (tile w and
-// w + 3 to warpgroup w) split 27 / 23 / 21, and this one 25 / 21 / 25. Each tile is computed the
-// same whichever warpgroup takes it, so the results do not depend on the deal. Every thread
-// works it out for itself from the table (position_chunk_table), the same in all.
-__device__ __forceinline__ TileList deal_key_tiles(const uint32_t* tiles, int nkt, int wg) {
-    uint32_t todo = 0;
-    for (int kt = 0; kt < nkt; ++kt)
-        if ((kt / 3) % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) todo |= 1u << kt;
-    int load0 = 0, load1 = 0, load2 = 0;  // (scalars: an indexed array would live in local memory)
-    TileList mine{0, 0};
-    while (todo != 0) {
-        int best = -1, most = -1;
-        for (uint32_t rest = todo; rest != 0; rest &= rest - 1u) {
-            const int kt = __ffs(rest) - 1;
-            const int live = __popc(tiles[kt]);
-            if (live > most) {
-                best = kt;
-                most = live;
-            }
-        }
-        todo &= ~(1u << best);
-        const int w = load1 < load0 ? (load2 < load1 ? 2 : 1) : (load2 < load0 ? 2 : 0);
-        load0 += w == 0 ? most : 0;
-        load1 += w == 1 ? most : 0;
-        load2 += w == 2 ? most : 0;
-        if (w == wg) {
-            mine.tiles |= static_cast<uint64_t>(best) << (4 * mine.n);
-            ++mine.n;
-        }
-    }
-    return mine;
-}
 
 // The per-position data a lane's elements of one 32-position chunk need (positions p0 + 8j + 2t
 // and the one after, for j < 4): lse (log2 units), delta and first hidden key, from shared memory.
@@ -2310,17 +2262,17 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
 }
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
-    mapet_attention_bwd_dkdv_wgmma(const MapetAttention prm) {
+    mapet_attention_bwd_dkdv_wgmma(const __grid_constant__ MapetAttentionDkdv plan) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
+    const MapetAttention& prm = plan.a;
     const Geometry G = geometry_of(prm);
     const auto [tid, wg, warp, g, t, head, b] = wg_thread();
     const float sl2 = prm.scale * kLog2e;
     const int nkt = (G.lk + kBN - 1) / kBN;
     const int lqp = (G.lq + 63) / 64 * 64;  // positions held (whole 64-row tiles)
     const int npc = (G.lq + kChunk - 1) / kChunk;
-    // [Q | dO | K tiles | V tiles | lse2 | delta | first hidden | key tiles' chunk masks], the
-    // swizzled parts 1024-aligned.
+    // [Q | dO | K tiles | V tiles | lse2 | delta | first hidden], the swizzled parts 1024-aligned.
     const uint32_t q_smem = sw128_align(smem_addr(wg_smem_raw));
     const uint32_t do_smem = q_smem + static_cast<uint32_t>(lqp) * 128;
     const uint32_t k_smem = do_smem + static_cast<uint32_t>(lqp) * 128 + wg * kWgTileBytes;  // this warpgroup's
@@ -2330,15 +2282,14 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                                              6 * kWgTileBytes);
     float* s_delta = s_lse2 + lqp;
     int* s_a = reinterpret_cast<int*>(s_delta + lqp);
-    uint32_t* s_tiles = reinterpret_cast<uint32_t*>(s_a + lqp);  // position_chunk_table
+    if (nkt > kDkdvMaxKeyTiles || static_cast<int>(gridDim.x) > MAPET_DKDV_MAX_CTAS) __trap();  // (the plan's bounds)
+    const TileList mine{plan.deal[3 * blockIdx.x + wg], plan.deal_count[3 * blockIdx.x + wg]};
 
     // The copies, in three cp.async groups so that work starts before they have all landed:
     // (A) the Q and dO rows of the first half of the positions, (K) the K and V tile of this
     // warpgroup's first key tile, (B) the second half's rows. The warpgroups start once A and K
     // are in (a block barrier); B is waited for, with a second block barrier that every thread
-    // reaches exactly once (b_ready), before the first chunk that needs it, or at the end. Which
-    // key tile comes first to a warpgroup is known once the chunk table is built (a block barrier
-    // after A is under way).
+    // reaches exactly once (b_ready), before the first chunk that needs it, or at the end.
     const int half = lqp / 2 / kChunk * kChunk;
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
@@ -2363,10 +2314,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     copy_positions(q_smem, qg, prm.q_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     copy_positions(do_smem, dog, prm.do_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     cp_async_commit();
-    if (nkt > kDkdvMaxKeyTiles) __trap();  // the launcher's bound (CUDA_WG_MAX_ROWS); never taken
-    position_chunk_table(s_tiles, nkt, npc, tid, G);
-    __syncthreads();
-    const TileList mine = deal_key_tiles(s_tiles, nkt, wg);
     if (mine.n > 0) copy_kv_tile(prm, G, b, head, k_smem, v_smem, mine.at(0) * kBN, tid & 127);
     cp_async_commit();
     copy_positions(q_smem + half * 128, qg, prm.q_row_stride, half, lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
@@ -2438,7 +2385,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         DkdvChunkStats cs;  // the stats of the chunk whose G1 was issued last
 
         // A tile no position can see (none at ViT) stores zeros.
-        const ChunkMasks chunks{s_tiles[kt], s_tiles[kDkdvMaxKeyTiles + kt]};
+        const ChunkMasks chunks{plan.live[kt], plan.partial[kt]};
         uint32_t rest = chunks.live;
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         if (rest != 0) {

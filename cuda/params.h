@@ -147,6 +147,23 @@ typedef struct MapetAttention {
     float scale;        // softmax scale, 1/sqrt(head_dim)
 } MapetAttention;
 
+// The wgmma dK/dV kernel's parameters: MapetAttention and the launch's plan, which depends only on
+// N, C and the CTAs a (sample, head) pair has (grid x), so the host works it out once a launch
+// (src/ops/attention.rs, dkdv_plan) rather than every CTA ahead of its first copies:
+//   live[kt], partial[kt]  bit pc: the 32-position chunk pc has a visible pair with key tile kt
+//                          (keys [64 kt, 64 kt + 64)); and a hidden one too (masked per element);
+//   deal[3 x + w]          the key tiles warpgroup w of CTA x takes, in order, 4 bits each, the
+//                          first in the lowest bits; deal_count[3 x + w] how many.
+#define MAPET_DKDV_MAX_KEY_TILES 16
+#define MAPET_DKDV_MAX_CTAS 6
+typedef struct MapetAttentionDkdv {
+    MapetAttention a;
+    uint32_t live[MAPET_DKDV_MAX_KEY_TILES];
+    uint32_t partial[MAPET_DKDV_MAX_KEY_TILES];
+    uint64_t deal[3 * MAPET_DKDV_MAX_CTAS];
+    int32_t deal_count[3 * MAPET_DKDV_MAX_CTAS];
+} MapetAttentionDkdv;
+
 // ---------------------------------------------------------------- patch embedding (cuda/patch_embed.cu)
 // Pixels -> the rank-ordered first rows of both streams (layout as MapetAttention above).
 // B = batch, S = image (square), p = patch, G = S / p, N = 1 + G*G, C = n_context, P = N - C,

@@ -388,6 +388,7 @@ kernel_params!(
     MapetAdamW,
     MapetSquareSum,
     MapetAttention,
+    MapetAttentionDkdv,
     MapetPatchEmbedFwd,
     MapetPatchEmbedFwdWs,
     MapetPatchEmbedBwd,

@@ -276,6 +276,26 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct MapetAttentionDkdv {
+    pub a: MapetAttention,
+    pub live: [u32; 16usize],
+    pub partial: [u32; 16usize],
+    pub deal: [u64; 18usize],
+    pub deal_count: [i32; 18usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 576usize];
+    ["Alignment of MapetAttentionDkdv"][::core::mem::align_of::<MapetAttentionDkdv>() - 8usize];
+    ["Offset of field: MapetAttentionDkdv::a"][::core::mem::offset_of!(MapetAttentionDkdv, a) - 0usize];
+    ["Offset of field: MapetAttentionDkdv::live"][::core::mem::offset_of!(MapetAttentionDkdv, live) - 232usize];
+    ["Offset of field: MapetAttentionDkdv::partial"][::core::mem::offset_of!(MapetAttentionDkdv, partial) - 296usize];
+    ["Offset of field: MapetAttentionDkdv::deal"][::core::mem::offset_of!(MapetAttentionDkdv, deal) - 360usize];
+    ["Offset of field: MapetAttentionDkdv::deal_count"]
+        [::core::mem::offset_of!(MapetAttentionDkdv, deal_count) - 504usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct MapetPatchEmbedFwd {
     pub pixels: *const ::core::ffi::c_void,
     pub ranks: *const i32,
