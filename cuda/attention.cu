@@ -1935,7 +1935,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 // run, unverified on GPU: dK/dV's chunk stats loaded with G1 (load_dkdv_chunk_stats) and its
 // stats loaded before its copies, the rows stored in 8-byte stores (store_frag_rows_paired), the
 // forward's and dQ's K and V in two copy groups (KvRest), the forward's quad max only where the
-// max moves, and each tile's last G2 issued before on_last. The dQ
+// max moves, each tile's last G2 issued before on_last, and dK/dV's plan made by the host
+// (MapetAttentionDkdv). The dQ
 // and dK/dV kernels on wgmma, the forward's pieces in the backward's roles, deterministic as the
 // mma.sync ones (each output owned by one warpgroup, accumulated in a fixed order; no atomics).
 // Both work in 32-wide chunks of the dimension they loop over (keys for dQ, positions for dK/dV),
