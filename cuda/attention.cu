@@ -1730,6 +1730,16 @@ __device__ __forceinline__ void copy_positions(uint32_t dst, const bf16* src, in
     sw128_gather_rows(dst, src, 2 * stride, rows, G.lq, i, n, [p0, &G](int r) { return row_at(p0 + r, G); });
 }
 
+// copy_positions of the same positions of Q (into q_dst) and dO (into do_dst), each row found
+// once for both (the dK/dV kernel's prologue: row_at and the row's addresses were half its
+// copies' instructions when done once per matrix).
+__device__ __forceinline__ void copy_positions_q_do(uint32_t q_dst, const bf16* qg, int64_t q_stride, uint32_t do_dst,
+                                                    const bf16* dog, int64_t do_stride, int p0, int rows, int i, int n,
+                                                    const Geometry& G) {
+    sw128_gather_rows2(q_dst, qg, 2 * q_stride, do_dst, dog, 2 * do_stride, rows, G.lq, i, n,
+                       [p0, &G](int r) { return row_at(p0 + r, G); });
+}
+
 // The row whose Q (dO, O) thread i of a warpgroup sends to L2 (prefetch_l2) for the warpgroup's
 // next row tile, at positions [p_next, p_next + 64): threads i < 64 take position p_next + i; -1
 // when the thread has none (i >= 64, no next tile, or a position past Lq). Found once a tile, at
@@ -2312,14 +2322,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         stat_lse[k] = ok ? __ldg(prm.lse + stat0 + stat_row[k]) : 0.f;
         stat_delta[k] = ok ? __ldg(prm.delta + stat0 + stat_row[k]) : 0.f;
     }
-    copy_positions(q_smem, qg, prm.q_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
-    copy_positions(do_smem, dog, prm.do_row_stride, 0, half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
+    copy_positions_q_do(q_smem, qg, prm.q_row_stride, do_smem, dog, prm.do_row_stride, 0, half, tid,
+                        MAPET_ATTN_WG_DKDV_THREADS, G);
     cp_async_commit();
     if (mine.n > 0) copy_kv_tile(prm, G, b, head, k_smem, v_smem, mine.at(0) * kBN, tid & 127);
     cp_async_commit();
-    copy_positions(q_smem + half * 128, qg, prm.q_row_stride, half, lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
-    copy_positions(do_smem + half * 128, dog, prm.do_row_stride, half, lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS,
-                   G);
+    copy_positions_q_do(q_smem + half * 128, qg, prm.q_row_stride, do_smem + half * 128, dog, prm.do_row_stride, half,
+                        lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     cp_async_commit();
     // Every position's lse (log2 units), delta and first hidden key, while the copies fly.
 #pragma unroll

@@ -282,6 +282,24 @@ __device__ __forceinline__ void sw128_gather_rows(uint32_t dst, const void* src,
     }
 }
 
+// sw128_gather_rows of the same rows of two matrices (a at src_a, stride_a bytes a row, into
+// dst_a; b likewise), each row found once for both.
+template <typename RowOf>
+__device__ __forceinline__ void sw128_gather_rows2(uint32_t dst_a, const void* src_a, int64_t stride_a, uint32_t dst_b,
+                                                   const void* src_b, int64_t stride_b, int rows, int row_end, int i,
+                                                   int n, RowOf row_of) {
+    const int j = i & 7;
+    for (int r = i >> 3; r < rows; r += n >> 3) {
+        const int row = row_of(r);
+        const int64_t real = min(row, row_end - 1);
+        const uint32_t d = sw128_offset(r, j), bytes = row < row_end ? 16 : 0;
+        const char* ga = static_cast<const char*>(src_a) + real * stride_a + 16 * j;
+        const char* gb = static_cast<const char*>(src_b) + real * stride_b + 16 * j;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_a + d), "l"(ga), "r"(bytes) : "memory");
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_b + d), "l"(gb), "r"(bytes) : "memory");
+    }
+}
+
 // Asks L2 to fetch the 128-byte line at p ahead of a load that will read it: a hint, with no
 // result, no wait and nothing to order. The attention kernels issue it for a row tile's operands
 // one chunk before their copies start, so that the copies find the rows in L2 rather than DRAM.
