@@ -1113,6 +1113,21 @@ mod tests {
         }
     }
 
+    /// The (N, C) the tile-logic tests run through: every N < 48 with 0 < C < N, and larger N with
+    /// a few C.
+    fn spec_cases() -> Vec<(usize, usize)> {
+        let mut cases: Vec<(usize, usize)> = (2..48).flat_map(|n| (1..n).map(move |c| (n, c))).collect();
+        cases.extend([65, 100, 130, 197].iter().flat_map(|&n| [1, 2, 50, 64, n - 1].map(|c| (n, c))));
+        cases
+    }
+
+    /// Whether query row `r` sees key `k` by SPEC.md's table (`perm::visible_bounds`), keys past
+    /// Lk = N + P not existing.
+    fn spec_visible(n: usize, c: usize, r: usize, k: usize) -> bool {
+        let (a, m) = visible_bounds(n, c, r);
+        k < n + (n - c) && (k < a || k >= m)
+    }
+
     /// The wgmma kernels hold a tile's 32-row chunks in one 32-bit mask: whatever shared memory a
     /// card offers, no launch they are picked for has more than 32 chunks of keys (forward, dQ:
     /// bounded by the two-CTAs-an-SM cap on shared memory) or of query rows (dK/dV: by
@@ -1187,16 +1202,11 @@ mod tests {
     /// forward's 64 x 64 tiles, dQ's 64 x 32 and dK/dV's 32 positions x 64 keys.
     #[test]
     fn wgmma_position_order_and_tile_classes_agree_with_the_spec() {
-        let mut cases: Vec<(usize, usize)> = (2..48).flat_map(|n| (1..n).map(move |c| (n, c))).collect();
-        cases.extend([65, 100, 130, 197].iter().flat_map(|&n| [1, 2, 50, 64, n - 1].map(|c| (n, c))));
-        for (n, c) in cases {
+        for (n, c) in spec_cases() {
             let p = n - c;
             let (lq, lk) = (n + 2 * p, n + p);
             let first_hidden = |r: usize| crate::perm::visible_bounds(n, c, r).0;
-            let visible = |r: usize, k: usize| {
-                let (a, m) = crate::perm::visible_bounds(n, c, r);
-                k < lk && (k < a || k >= m)
-            };
+            let visible = |r: usize, k: usize| spec_visible(n, c, r, k);
             let row_at = |pos: usize| row_at(n, c, pos);
             let rows: Vec<usize> = (0..lq).map(row_at).collect();
             let mut sorted = rows.clone();
@@ -1240,24 +1250,17 @@ mod tests {
     /// larger N with a few C.
     #[test]
     fn wgmma_dkdv_chunk_masks_agree_with_the_spec() {
-        let mut cases: Vec<(usize, usize)> = (2..48).flat_map(|n| (1..n).map(move |c| (n, c))).collect();
-        cases.extend([65, 100, 130, 197].iter().flat_map(|&n| [1, 2, 50, 64, n - 1].map(|c| (n, c))));
-        for (n, c) in cases {
+        for (n, c) in spec_cases() {
             let p = n - c;
             let (lq, lk) = (n + 2 * p, n + p);
-            let masks = dkdv_chunk_masks(n, c);
+            let (masks, chunks) = (dkdv_chunk_masks(n, c), lq.div_ceil(32));
             assert_eq!(masks.len(), lk.div_ceil(64), "N {n} C {c}: one mask pair a key tile");
             for (kt, &(live, partial)) in masks.iter().enumerate() {
                 assert_eq!(partial & !live, 0, "N {n} C {c} tile {kt}: partial chunks must be live");
-                assert_eq!(live >> lq.div_ceil(32).min(31) >> 1, 0, "N {n} C {c} tile {kt}: chunks past Lq");
-                for pc in 0..lq.div_ceil(32) {
-                    let pairs = (32 * pc..(32 * pc + 32).min(lq))
-                        .flat_map(|pos| (64 * kt..64 * kt + 64).map(move |k| (row_at(n, c, pos), k)));
-                    let vis: Vec<bool> = pairs
-                        .map(|(r, k)| {
-                            let (a, m) = visible_bounds(n, c, r);
-                            k < lk && (k < a || k >= m)
-                        })
+                assert!(chunks >= 32 || live >> chunks == 0, "N {n} C {c} tile {kt}: chunks past Lq");
+                for pc in 0..chunks {
+                    let vis: Vec<bool> = (32 * pc..(32 * pc + 32).min(lq))
+                        .flat_map(|pos| (64 * kt..64 * kt + 64).map(move |k| spec_visible(n, c, row_at(n, c, pos), k)))
                         .collect();
                     let at = format!("N {n} C {c}: key tile {kt}, position chunk {pc}");
                     if live >> pc & 1 == 0 {
