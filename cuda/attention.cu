@@ -2073,7 +2073,7 @@ constexpr int kDkdvStatsPerThread = (kDkdvMaxKeyTiles * kBN + MAPET_ATTN_WG_DKDV
 
 // The key tiles a warpgroup of the dK/dV kernel computes, in order: 4 bits a tile, the first in
 // the lowest bits, and their count; from the launch's plan (MapetAttentionDkdv::deal, made by
-// the host: src/ops/attention.rs, dkdv_plan). The CTA's key tiles (those kt with (kt / 3) %
+// the host: src/ops/attention.rs, dkdv_params). The CTA's key tiles (those kt with (kt / 3) %
 // gridDim.x == blockIdx.x) are dealt to its three warpgroups so that their live chunk counts come
 // out even: at ViT's N = 197, C = 50 the six tiles have 16, 9, 5, 11, 14 and 16 live chunks,
 // which a fixed deal (tile w and w + 3 to warpgroup w) split 27 / 23 / 21, and this one 25 / 21 /

@@ -149,7 +149,7 @@ typedef struct MapetAttention {
 
 // The wgmma dK/dV kernel's parameters: MapetAttention and the launch's plan, which depends only on
 // N, C and the CTAs a (sample, head) pair has (grid x), so the host works it out once a launch
-// (src/ops/attention.rs, dkdv_plan) rather than every CTA ahead of its first copies:
+// (src/ops/attention.rs, dkdv_params) rather than every CTA ahead of its first copies:
 //   live[kt], partial[kt]  bit pc: the 32-position chunk pc has a visible pair with key tile kt
 //                          (keys [64 kt, 64 kt + 64)); and a hidden one too (masked per element);
 //   deal[3 x + w]          the key tiles warpgroup w of CTA x takes, in order, 4 bits each, the
