@@ -1454,8 +1454,9 @@ static_assert(kD == 64, "the wgmma kernels' tiles are one 128-byte swizzle atom 
 // pair's K and V in shared memory, here in the 128-byte swizzle wgmma reads (hopper.cuh: row r at
 // 128 r, 16-byte chunk j at j ^ (r & 7); ceil(Lk / 64) * 8 KB each, 96 KB for ViT's 344 keys; two
 // CTAs an SM). Each of its 2 warpgroups takes 64-row tiles of the pair's query rows, copying the
-// tile's Q rows into a swizzled 8 KB tile of its own (wg_start_q, wg_finish_q; the next tile's
-// rows start loading as soon as the current tile's last S is done). It works through the tile's
+// tile's Q rows into a swizzled 8 KB tile of its own (the first by wg_start_q; each next one loaded
+// into registers a tile ahead, load_q_next, and stored once the current tile's last S is done,
+// store_q_next). It works through the tile's
 // non-EMPTY 32-key chunks two at a time (a pair need not be adjacent); per pair:
 //   S  = Q K^T  two m64n32k16 products of 4 steps of 16 head columns, Q and K both read K-major
 //               from shared memory (Q in registers instead left the kernel 11 registers short of
@@ -1751,20 +1752,46 @@ __device__ __forceinline__ int prefetch_row(int p_next, int i, const Geometry& G
     return row < G.lq ? row : -1;
 }
 
-// The forward's Q tile, in two halves so that a row tile's load runs under the previous one's
-// last products. wg_start_q starts copying the Q rows of positions [p0, p0 + 64) into the
-// warpgroup's swizzled tile, by its 128 threads (i = the thread's index in it); wg_finish_q waits
-// for them and makes them visible to the warpgroup's wgmma. A warpgroup starts a load only once
-// all its threads are past their wait for the last wgmma that reads the tile (named barrier).
+// The forward's first Q tile: wg_start_q starts copying the Q rows of positions [p0, p0 + 64) into
+// the warpgroup's swizzled tile, by its 128 threads (i = the thread's index in it), with K and V's
+// first group (wg_load_kv waits for them).
 __device__ __forceinline__ void wg_start_q(uint32_t q_smem, const bf16* qg, int64_t stride, int p0, int i,
                                            const Geometry& G) {
     copy_positions(q_smem, qg, stride, p0, 64, i, 128, G);
 }
 
-__device__ __forceinline__ void wg_finish_q(int wg) {
-    sw128_load_wait();
-    named_barrier(1 + wg, 128);
+// The forward's next Q tile, staged in registers: thread i of the warpgroup loads the 16-byte
+// chunk i % 8 of the rows i / 8 + 16 k (k < 4) of positions [p0, p0 + 64) (zeros past Lq) at the
+// current tile's start (load_q_next, 16 registers: the forward then takes 124 of its 128), and
+// stores them into the swizzled Q tile once every S of the current tile is done (store_q_next,
+// after a warpgroup barrier; the next tile's start meets at another before its first S).
+struct QNext {
+    uint4 v[4];
+};
+
+__device__ __forceinline__ void load_q_next(QNext& qn, const bf16* qg, int64_t stride, int p0, int i,
+                                            const Geometry& G) {
+    const int j = i & 7;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const int row = row_at(p0 + (i >> 3) + 16 * k, G);
+        qn.v[k] = row < G.lq ? __ldg(reinterpret_cast<const uint4*>(qg + static_cast<int64_t>(row) * stride) + j)
+                             : make_uint4(0u, 0u, 0u, 0u);
+    }
 }
+
+__device__ __forceinline__ void store_q_next(uint32_t q_smem, const QNext& qn, int i) {
+    const int j = i & 7;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const uint32_t d = q_smem + sw128_offset((i >> 3) + 16 * k, j);
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(d), "r"(qn.v[k].x), "r"(qn.v[k].y),
+                     "r"(qn.v[k].z), "r"(qn.v[k].w)
+                     : "memory");
+    }
+    fence_proxy_async_smem();
+}
+
 
 // Issues O += P V for the chunks c[0], c[1]: pa[h][k] = the A fragment of keys 32 c[h] + 16 k +
 // [0, 16) (zeros where the keys are hidden); vd = the descriptor of V's first row. One wgmma group.
@@ -1859,11 +1886,16 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
-        const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
-        // This tile's Q: the first came with K and V's first group (wg_load_kv), the next ones
-        // were started under the previous tile. (Waiting here for all of the thread's copies at
-        // the first tile would wait for the rest of K and V too.)
-        if (p0 != p_first) wg_finish_q(wg);
+        // This tile's Q: the first came with K and V's first group (wg_load_kv), each next one
+        // the previous tile stored from registers (store_q_next) once its last S was done.
+        if (p0 != p_first) named_barrier(1 + wg, 128);
+        // The next tile's Q rows, into registers a tile ahead: they land while this tile's
+        // pairs run, and on_last stores them into the Q tile. (Copied by cp.async from on_last,
+        // as until the seventh run, they were waited for at the next tile's start: 2.2% of the
+        // forward's warp-stall samples there.)
+        const bool more = p0 + tile_step < G.lq;
+        QNext qn;
+        if (more) load_q_next(qn, qg, prm.q_row_stride, p0 + tile_step, tid & 127, G);
 
         float acc[8][4];
 #pragma unroll
@@ -1890,9 +1922,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
             [&](const ChunkPair&, ChunkPair& nxt) {
                 if (rest == 0) return false;
                 take_pair(nxt);
-                // The tile's last pair: its next tile's Q rows, on their way to L2 a pair before
-                // on_last copies them.
-                if (rest == 0 && pf_row >= 0) prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
                 return true;
             },
             [&](const ChunkPair& p) {
@@ -1913,9 +1942,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
             [&] {
                 // Every S of the tile is done: the Q tile is free for the next tile's rows, which
                 // then land under the last P V and the stores below.
-                if (p0 + tile_step < G.lq) {
+                if (more) {
                     named_barrier(1 + lwg, 128);
-                    wg_start_q(q_smem, qg, prm.q_row_stride, p0 + tile_step, ltid & 127, G);
+                    store_q_next(q_smem, qn, ltid & 127);
                 }
             });
 
