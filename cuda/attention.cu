@@ -1940,8 +1940,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
             },
             [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
             [&] {
-                // Every S of the tile is done: the Q tile is free for the next tile's rows, which
-                // then land under the last P V and the stores below.
+                // Every S of the tile is done (its last P V still runs): the Q tile is free for the
+                // next tile's rows, loaded into registers at this tile's start.
                 if (more) {
                     named_barrier(1 + lwg, 128);
                     store_q_next(q_smem, qn, ltid & 127);
