@@ -262,6 +262,24 @@ __device__ __forceinline__ void bulk_wait() {
     asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// One 16-byte cp.async into shared memory, reading `bytes` (16, or 0 to zero-fill) from src.
+__device__ __forceinline__ void sw128_copy16(uint32_t dst, const char* src, uint32_t bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+// The walk of sw128_gather_rows: for each row r of the tile that thread i of n copies a chunk of
+// (chunk j = i % 8 of rows i / 8, i / 8 + n / 8, ...), copy(the chunk's offset in the swizzled
+// tile, the source row row_of(r) clamped to a real one, the bytes to read: 16, or 0 from
+// row_end on, j).
+template <typename RowOf, typename Copy>
+__device__ __forceinline__ void sw128_gather_walk(int rows, int row_end, int i, int n, RowOf row_of, Copy copy) {
+    const int j = i & 7;
+    for (int r = i >> 3; r < rows; r += n >> 3) {
+        const int row = row_of(r);
+        copy(sw128_offset(r, j), static_cast<int64_t>(min(row, row_end - 1)), row < row_end ? 16u : 0u, j);
+    }
+}
+
 // Starts cp.async copies of rows row_of(0), ..., row_of(rows - 1) of a matrix of 64 bf16 columns
 // (row r at byte src + r * stride_bytes) into 128-byte-swizzled shared memory at dst (1024-byte
 // aligned): the r-th at dst + 128 r, its 16-byte chunk j at chunk j ^ (r & 7), the layout TMA
@@ -272,14 +290,9 @@ __device__ __forceinline__ void bulk_wait() {
 template <typename RowOf>
 __device__ __forceinline__ void sw128_gather_rows(uint32_t dst, const void* src, int64_t stride_bytes, int rows,
                                                   int row_end, int i, int n, RowOf row_of) {
-    const int j = i & 7;
-    for (int r = i >> 3; r < rows; r += n >> 3) {
-        const int row = row_of(r);
-        const char* gp = static_cast<const char*>(src) + static_cast<int64_t>(min(row, row_end - 1)) * stride_bytes + 16 * j;
-        const uint32_t d = dst + sw128_offset(r, j);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gp), "r"(row < row_end ? 16 : 0)
-                     : "memory");
-    }
+    sw128_gather_walk(rows, row_end, i, n, row_of, [&](uint32_t offset, int64_t row, uint32_t bytes, int j) {
+        sw128_copy16(dst + offset, static_cast<const char*>(src) + row * stride_bytes + 16 * j, bytes);
+    });
 }
 
 // sw128_gather_rows of the same rows of two matrices (a at src_a, stride_a bytes a row, into
@@ -288,16 +301,10 @@ template <typename RowOf>
 __device__ __forceinline__ void sw128_gather_rows2(uint32_t dst_a, const void* src_a, int64_t stride_a, uint32_t dst_b,
                                                    const void* src_b, int64_t stride_b, int rows, int row_end, int i,
                                                    int n, RowOf row_of) {
-    const int j = i & 7;
-    for (int r = i >> 3; r < rows; r += n >> 3) {
-        const int row = row_of(r);
-        const int64_t real = min(row, row_end - 1);
-        const uint32_t d = sw128_offset(r, j), bytes = row < row_end ? 16 : 0;
-        const char* ga = static_cast<const char*>(src_a) + real * stride_a + 16 * j;
-        const char* gb = static_cast<const char*>(src_b) + real * stride_b + 16 * j;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_a + d), "l"(ga), "r"(bytes) : "memory");
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_b + d), "l"(gb), "r"(bytes) : "memory");
-    }
+    sw128_gather_walk(rows, row_end, i, n, row_of, [&](uint32_t offset, int64_t row, uint32_t bytes, int j) {
+        sw128_copy16(dst_a + offset, static_cast<const char*>(src_a) + row * stride_a + 16 * j, bytes);
+        sw128_copy16(dst_b + offset, static_cast<const char*>(src_b) + row * stride_b + 16 * j, bytes);
+    });
 }
 
 // Asks L2 to fetch the 128-byte line at p ahead of a load that will read it: a hint, with no
