@@ -590,3 +590,88 @@ echo "==PROF== Disconnected""#,
     assert_eq!(reports(&results).unwrap(), 0, "a report in the results");
     assert_eq!(reports(&scratch.0.join("tmp/mapet-bundle")).unwrap(), 0, "a report left behind");
 }
+
+/// `MAPET_AB`: the base bench (the bundle's `benches-base/`, built at an earlier commit) and this
+/// build's run alternated as ABBA, with the default filter that leaves only their own RESULT
+/// lines; per RESULT line, the median of each side's rounds and head / base land in
+/// `ab-BENCH.txt`, and the ViT-B lines in the summary; a line one side alone prints is named.
+/// Stand-ins print times drawn fresh here, one per call, and log their order and arguments.
+#[test]
+fn gpu_run_script_alternates_base_and_head_and_compares_them() {
+    let test = "gpu_run_script_alternates_base_and_head_and_compares_them";
+    let Some((stand_in, mut rng)) = StandIn::new(test, &["bash", "tar", "xz", "python3", "timeout"]) else {
+        return;
+    };
+    let (payload, bundle, scratch) = (&stand_in.payload, &stand_in.bundle, &stand_in.scratch);
+    let rounds = 3;
+    let log = scratch.0.join("calls.log");
+    let mut times = Vec::new();
+    fs::create_dir_all(payload.join("benches-base")).unwrap();
+    for (side, dir, base_ms) in [("base", "benches-base", 0.25), ("head", "benches", 0.21)] {
+        let ms: Vec<f64> = (0..rounds).map(|_| base_ms + rng.random_range(0.0..0.02)).collect();
+        let list = ms.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(" ");
+        let only = if side == "base" {
+            "echo 'RESULT attention vit-b gone forward: median 0.3000 ms, 1.0 TFLOP/s'"
+        } else {
+            ""
+        };
+        script(
+            &payload.join(dir),
+            "attention",
+            &format!(
+                r#"times=({list})
+n=$(grep -c "^{side} " "{log}" 2>/dev/null)
+echo "{side} $*" >>"{log}"
+echo "RESULT attention vit-b wgmma forward: median ${{times[$n]}} ms, 170.0 TFLOP/s (visible pairs), card"
+echo "RESULT attention mapet_attention_bwd_dkdv: Ok(1) CTAs per SM, card"
+{only}"#,
+                log = log.display()
+            ),
+        );
+        times.push(ms);
+    }
+    fs::write(payload.join("base-rev.txt"), "aaaa\n").unwrap();
+    fs::write(payload.join("head-rev.txt"), "bbbb\n").unwrap();
+    fs::write(payload.join("gpu-tests.txt"), "").unwrap();
+    stand_in.pack();
+
+    let out = Command::new("bash")
+        .arg(bundle.join("run.sh"))
+        .env("TMPDIR", scratch.0.join("tmp"))
+        .env("MAPET_TESTS", "none")
+        .env("MAPET_BENCHES", "none")
+        .env("MAPET_AB", rounds.to_string())
+        .env_remove("MAPET_RESULTS")
+        .env_remove("MAPET_PEERS")
+        .env_remove("MAPET_AB_FILTER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "run.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let calls = fs::read_to_string(&log).unwrap();
+    let order: Vec<&str> = calls.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(order, ["base", "head", "head", "base", "base", "head"], "ABBA order:\n{calls}");
+    assert!(
+        calls.lines().all(|l| l.ends_with("no-criterion-benchmark-has-this-name")),
+        "the default filter leaves only the RESULT lines:\n{calls}"
+    );
+    let median = |xs: &[f64]| {
+        let mut v = xs.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, h) = (median(&times[0]), median(&times[1]));
+    let results = bundle.join("results");
+    let table = fs::read_to_string(results.join("ab-attention.txt")).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("attention vit-b wgmma forward: median"))
+        .unwrap_or_else(|| panic!("no row for the forward:\n{table}"));
+    let want = format!("{b:9.4} {h:9.4} {:9.3}  {rounds}/{rounds}", h / b);
+    assert!(row.ends_with(&want), "expected `{want}` at the end of:\n{row}");
+    assert!(table.contains("only in base: attention vit-b gone forward"), "{table}");
+    assert!(!table.contains("CTAs per SM"), "a line with no time is not compared:\n{table}");
+    let summary = fs::read_to_string(results.join("summary.txt")).unwrap();
+    assert!(summary.contains("aaaa / bbbb"), "the two commits:\n{summary}");
+    assert!(summary.lines().any(|l| l.contains("ab attention") && l.ends_with(&want)), "{summary}");
+}
