@@ -7,6 +7,8 @@
 //!   missed from the best of them, with the variant that gave it;
 //! - an op whose test binary failed outright has none of its variants counted, for its target
 //!   or the winners (a second run of the script).
+//! - `MAPET_AB` runs the base build's benches and this build's alternated, and compares each
+//!   RESULT line's medians.
 //!
 //! The bench times are drawn fresh each run around the targets, and the expected verdicts are
 //! computed here from the same numbers. Needs bash, tar, xz and python3 (as the script does);
