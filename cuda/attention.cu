@@ -2108,8 +2108,8 @@ constexpr int kDkdvStatsPerThread = (kDkdvMaxKeyTiles * kBN + MAPET_ATTN_WG_DKDV
 // which a fixed deal (tile w and w + 3 to warpgroup w) split 27 / 23 / 21, and this one 25 / 21 /
 // 25. Each tile is computed the same whichever warpgroup takes it, so the results do not depend
 // on the deal. (Until the seventh run every CTA classified the chunks and dealt the tiles itself,
-// ahead of its first K/V copies: a block barrier and a chain of shared-memory loads, with about
-// 2,000 instructions a warp in the prologue, 23% of the kernel's warp-stall samples.)
+// ahead of its first K/V copies: a block barrier and a chain of shared-memory loads, about 6% of
+// the kernel's warp-stall samples in that run's profile.)
 struct TileList {
     uint64_t tiles;
     int n;
