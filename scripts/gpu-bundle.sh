@@ -18,6 +18,10 @@
 # as benches-base/ beside this build's: run.sh's MAPET_AB then times both in one call, alternated,
 # so that a change made without a card is measured against the code the last card ran, on the same
 # card, with the drift between calls and cards out of the comparison.
+#
+# MAPET_BISECT_REVS="<commit> ..." (oldest first) also packs, per commit, the test binaries named
+# in MAPET_BISECT_TESTS (default "attention_gpu patch_embed") built at that commit, for run.sh to
+# find the first commit at which a test that fails here fails (run.sh, MAPET_BISECT).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -27,6 +31,10 @@ export MAPET_REQUIRE_KERNELS=1
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
 export CARGO_PROFILE_BENCH_DEBUG=0 CARGO_PROFILE_BENCH_STRIP=symbols
 
+# The worktrees of MAPET_BASE_REV and MAPET_BISECT_REVS have no toolchain folder of their own.
+if [ -z "${NVCC:-}" ] && [ -x "$root/.cuda-toolchain/cuda/bin/nvcc" ]; then
+  export NVCC="$root/.cuda-toolchain/cuda/bin/nvcc"
+fi
 rm -rf "$out"
 final="$out"
 out="$out/payload"
@@ -86,6 +94,40 @@ if [ -n "${MAPET_BASE_REV:-}" ]; then
   git -C "$root" worktree remove --force "$base_tree"
   echo "$rev" >"$out/base-rev.txt"
   git -C "$root" rev-parse HEAD >"$out/head-rev.txt"
+fi
+if [ -n "${MAPET_BISECT_REVS:-}" ]; then
+  # One build of the test binaries in MAPET_BISECT_TESTS (default "attention_gpu patch_embed") at
+  # each commit of MAPET_BISECT_REVS, oldest first, into tests-at/NN-REV/: when one of those
+  # binaries fails at this build, run.sh runs its failed tests at each of these commits in turn, so
+  # the call that finds a fault also names the commit that brought it. Builds are kept in
+  # target/bisect/REV (a commit's binaries never change), so a later bundle reuses them.
+  n=0
+  for r in $MAPET_BISECT_REVS; do
+    rev="$(git -C "$root" rev-parse --verify "$r^{commit}")" || {
+      echo "error: MAPET_BISECT_REVS names $r, not a commit of this repository" >&2
+      exit 2
+    }
+    short="$(git -C "$root" rev-parse --short=7 "$rev")"
+    keep="$root/target/bisect/$rev"
+    for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do
+      [ -x "$keep/$t" ] && continue
+      echo "building test $t at $short" >&2
+      tree="$(mktemp -d)"
+      git -C "$root" worktree add --detach "$tree" "$rev" >/dev/null
+      mkdir -p "$keep"
+      (cd "$tree" && CARGO_TARGET_DIR="$root/target/bisect/build" cargo test --release --no-run --test "$t" \
+        --message-format=json 2>/dev/null) | list_executables | while read -r name kinds exe; do
+        [ "$name" = "$t" ] && cp "$exe" "$keep/$t"
+      done
+      git -C "$root" worktree remove --force "$tree"
+      [ -x "$keep/$t" ] || { echo "error: no test binary $t at $short" >&2; exit 2; }
+    done
+    n=$((n + 1))
+    dir="$out/tests-at/$(printf '%02d' "$n")-$short"
+    mkdir -p "$dir"
+    for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do cp "$keep/$t" "$dir/$t"; done
+    git -C "$root" log -1 --format='%h %s' "$rev" | cut -c1-100 >"$dir/commit.txt"
+  done
 fi
 # The test binaries that hold GPU tests (their source calls gpu_or_skip): run.sh's default list.
 grep -l "gpu_or_skip" tests/*.rs trainer/tests/*.rs | xargs -n1 basename | sed 's/\.rs$//' |

@@ -24,6 +24,9 @@
 #                   timed calls) and MAPET_BENCH_WARMUP/TIME; then, per RESULT line, the median
 #                   over the rounds of each side and head / base, into $MAPET_RESULTS/ab-BENCH.txt
 #                   and the summary
+#   MAPET_BISECT=0  when a test binary fails and the bundle holds it built at earlier commits
+#                   (gpu-bundle.sh's MAPET_BISECT_REVS), its failed tests are run at each of
+#                   them, oldest first, and the first commit where they fail is named; 0 skips this
 #   MAPET_SANITIZE  space-separated test binary names to run again under compute-sanitizer,
 #                   when it is installed and can see the device, once per tool in
 #                   MAPET_SANITIZE_TOOLS (default "memcheck"; also racecheck, synccheck,
@@ -128,6 +131,30 @@ for t in $tests; do
       if [ $? -eq 0 ]; then row "  alone $t::$name" ok "passes by itself"; else row "  alone $t::$name" FAIL "$one"; fi
     done < <(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' |
       head -n "${MAPET_RETRY_FAILED:-12}")
+    # The bundle may hold this binary built at earlier commits (gpu-bundle.sh's
+    # MAPET_BISECT_REVS, oldest first): the failed tests run at each, to name the first commit
+    # at which they fail. MAPET_BISECT=0 leaves this out.
+    failed=$(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' | tr '\n' ' ')
+    if [ "${MAPET_BISECT:-1}" != 0 ] && [ -n "$failed" ] && compgen -G "$here/tests-at/*/$t" >/dev/null; then
+      first=""
+      for bin in "$here"/tests-at/*/"$t"; do
+        at="$(basename "$(dirname "$bin")")"
+        one="$res/test-$t-at-$at.log"
+        # shellcheck disable=SC2086  # the failed tests' names, one argument each
+        timeout "${MAPET_TEST_TIMEOUT:-300}" "$bin" --exact $failed --test-threads=1 ${MAPET_TEST_ARGS:-} >"$one" 2>&1
+        brc=$?
+        what="$(cat "$(dirname "$bin")/commit.txt" 2>/dev/null | cut -c1-60)"
+        if [ $brc -ne 0 ]; then
+          row "  bisect $t at $at" FAIL "rc=$brc $(test_counts "$one"): $what"
+          [ -z "$first" ] && first="$at"
+        elif grep -qE '^test result: ok\. 0 passed' "$one"; then
+          row "  bisect $t at $at" skip "none of the failed tests there: $what"
+        else
+          row "  bisect $t at $at" ok "$(test_counts "$one"): $what"
+        fi
+      done
+      row "  bisect $t" "" "first failing: ${first:-none of the bundled commits (so a later one)}"
+    fi
     # The attention tests check every kernel set in turn; whether the others pass without the
     # wgmma set.
     if [ "$t" = attention_gpu ]; then

@@ -9,6 +9,8 @@
 //!   or the winners (a second run of the script).
 //! - `MAPET_AB` runs the base build's benches and this build's alternated, and compares each
 //!   RESULT line's medians.
+//! - a failed test binary that the bundle also holds at earlier commits has its failed tests run
+//!   at each, and the first commit at which they fail is named.
 //!
 //! The bench times are drawn fresh each run around the targets, and the expected verdicts are
 //! computed here from the same numbers. Needs bash, tar, xz and python3 (as the script does);
@@ -676,4 +678,98 @@ echo "RESULT attention mapet_attention_bwd_dkdv: Ok(1) CTAs per SM, card"
     let summary = fs::read_to_string(results.join("summary.txt")).unwrap();
     assert!(summary.contains("aaaa / bbbb"), "the two commits:\n{summary}");
     assert!(summary.lines().any(|l| l.contains("ab attention") && l.ends_with(&want)), "{summary}");
+}
+
+#[test]
+fn gpu_run_script_runs_failed_tests_at_earlier_commits_and_names_the_first_that_fails() {
+    let test = "gpu_run_script_runs_failed_tests_at_earlier_commits_and_names_the_first_that_fails";
+    let Some((stand_in, mut rng)) = StandIn::new(test, &["bash", "tar", "xz", "python3", "timeout"]) else {
+        return;
+    };
+    let (payload, bundle, scratch) = (&stand_in.payload, &stand_in.bundle, &stand_in.scratch);
+    // This build fails two of its three tests (alone too). The bundle holds the binary at `revs`
+    // earlier commits, oldest first: the oldest has none of the failed tests, the next ones pass
+    // them, and from commit `first` on (1-based, at least two commits before the last) they fail.
+    let revs = rng.random_range(3..7usize);
+    let first = rng.random_range(2..revs);
+    let calls = scratch.0.join("calls.log");
+    script(
+        &payload.join("tests"),
+        "hopper",
+        r#"if [ "$1" = "--exact" ]; then echo "test $2 ... FAILED"; echo "test result: FAILED. 0 passed; 1 failed"; exit 101; fi
+echo "test faults_first ... FAILED"
+echo "test passes ... ok"
+echo "test fails_after_it ... FAILED"
+echo "test result: FAILED. 1 passed; 2 failed"
+exit 101"#,
+    );
+    let name = |i: usize| format!("{i:02}-{:07x}", rng.random::<u32>() >> 4);
+    let names: Vec<String> = (1..=revs).map(name).collect();
+    for (i, dir) in names.iter().enumerate() {
+        let i = i + 1;
+        let at = payload.join("tests-at").join(dir);
+        fs::create_dir_all(&at).unwrap();
+        fs::write(at.join("commit.txt"), format!("{} subject of commit {i}\n", &dir[3..])).unwrap();
+        let verdict = if i == 1 {
+            "echo 'test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 9 filtered out'; exit 0"
+        } else if i < first {
+            "echo 'test faults_first ... ok'; echo 'test fails_after_it ... ok'; echo 'test result: ok. 2 passed; 0 failed'; exit 0"
+        } else {
+            "echo 'test faults_first ... FAILED'; echo 'test fails_after_it ... ok'; echo 'test result: FAILED. 1 passed; 1 failed'; exit 101"
+        };
+        script(&at, "hopper", &format!("echo \"{dir} $*\" >>\"{}\"\n{verdict}", calls.display()));
+    }
+    fs::write(payload.join("gpu-tests.txt"), "hopper").unwrap();
+    stand_in.pack();
+
+    let run = |bisect: &str| {
+        let _ = fs::remove_dir_all(bundle.join("results"));
+        let _ = fs::remove_file(&calls);
+        let out = Command::new("bash")
+            .arg(bundle.join("run.sh"))
+            .env("TMPDIR", scratch.0.join("tmp"))
+            .env("MAPET_BENCHES", "none")
+            .env("MAPET_BISECT", bisect)
+            .env_remove("MAPET_TESTS")
+            .env_remove("MAPET_RESULTS")
+            .env_remove("MAPET_PEERS")
+            .env_remove("MAPET_AB")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "run.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        fs::read_to_string(bundle.join("results/summary.txt")).unwrap()
+    };
+
+    let summary = run("1");
+    let called = fs::read_to_string(&calls).unwrap();
+    let want_calls: Vec<String> =
+        names.iter().map(|d| format!("{d} --exact faults_first fails_after_it --test-threads=1")).collect();
+    assert_eq!(
+        called.lines().collect::<Vec<_>>(),
+        want_calls,
+        "each commit's binary once, oldest first, with the failed tests"
+    );
+    for (i, dir) in names.iter().enumerate() {
+        let i = i + 1;
+        let line = summary
+            .lines()
+            .find(|l| l.contains(&format!("bisect hopper at {dir}")))
+            .unwrap_or_else(|| panic!("no row for {dir}:\n{summary}"));
+        let want = if i == 1 {
+            "skip"
+        } else if i < first {
+            "ok"
+        } else {
+            "FAIL"
+        };
+        assert_eq!(line.split_whitespace().nth(4), Some(want), "commit {i} of {revs} (first failing {first}):\n{line}");
+        assert!(line.ends_with(&format!("subject of commit {i}")), "{line}");
+    }
+    let verdict = summary.lines().find(|l| l.contains("bisect hopper ") && l.contains("first failing:")).unwrap();
+    assert!(verdict.ends_with(&format!("first failing: {}", names[first - 1])), "{verdict}");
+
+    let summary = run("0");
+    assert!(!calls.exists(), "MAPET_BISECT=0 runs no earlier commit's binary");
+    assert!(!summary.contains("bisect"), "{summary}");
+    assert!(summary.lines().any(|l| l.starts_with("test hopper") && l.contains("FAIL")), "{summary}");
 }
