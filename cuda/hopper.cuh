@@ -122,6 +122,13 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
            (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
+// sw128_desc for an M/N-major operand wider than one 64-element block: its blocks, each a
+// [rows x 128 bytes] swizzled region, lie `block_bytes` apart (the leading byte offset; a multiple
+// of 16 below 2^18).
+__device__ __forceinline__ uint64_t sw128_desc_lbo(uint32_t saddr, uint32_t block_bytes) {
+    return (sw128_desc(saddr) & ~(static_cast<uint64_t>(0x3FFF) << 16)) | (static_cast<uint64_t>(block_bytes >> 4) << 16);
+}
+
 // sw128_desc(saddr + bytes) from desc = sw128_desc(saddr), for bytes a multiple of 16 and
 // saddr + bytes < 2^18 (every shared address): the start address field takes the offset with no
 // carry out of its 14 bits, so one 32-bit add on the low word replaces sw128_desc's mask, shift
@@ -177,16 +184,18 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint
         : "l"(a), "l"(b), "n"(Accumulate));
 }
 
-// d (128 f32 a thread) += A (64 x 16, descriptor a) B^T (B 256 x 16, descriptor b), both K-major;
-// the accumulator layout of wgmma_m64n64k16 with 32 n-chunks of 8.
+// d (128 f32 a thread) += A (64 x 16, descriptor a) B (16 x 256, descriptor b); the accumulator
+// layout of wgmma_m64n64k16 with 32 n-chunks of 8. TransA / TransB as in wgmma_m64n128k16 (0, the
+// default: both K-major, B given as B^T).
+template <int TransA = 0, int TransB = 0>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
         "{" MAPET_WG_REGS_128 "}, "
-        "%128, %129, p, 1, 1, 0, 0;\n}\n"
+        "%128, %129, p, 1, 1, %130, %131;\n}\n"
         : MAPET_WG_ACC_128
-        : "l"(a), "l"(b));
+        : "l"(a), "l"(b), "n"(TransA), "n"(TransB));
 }
 
 // d (96 f32 a thread) += A (64 x 16, descriptor a) B^T (B 192 x 16, descriptor b), both K-major;

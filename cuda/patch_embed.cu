@@ -1706,43 +1706,122 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
     // This warpgroup's channels 64 wg .. 64 wg + 63 of the tile, all 128 k'.
     store_wg_partials(P, g, acc, split, n0 + wg * 64, k0, lane, warp & 3);
 }
-// The HWC weight gradient, warp-specialised (sm_90a): the partials of backward_weight_hwc
-// (a block: 128 channels x 128 k' of one split's patch rows), with the loads in warps of their own
-// as in forward_hwc_ws. The operands and their layout are backward_weight_hwc_wgmma's (no
-// swizzle, both M/N-major, m64n128k16 with both transpose flags), with 64 contraction rows a
-// slice instead of 32 (element (row, x) of a 16 KB tile at (row / 8) * 2048 + (x / 8) * 128 +
-// (row % 8) * 16 + (x % 8) * 2 bytes), in a ring of kWbStages stages (d_out 16 KB, pixels 16 KB):
-// - the split's row table (d_out row and pixel base of each patch row, from
-//   mapet_patch_embed_bwd_rows) is copied into shared memory first, so that finding a row costs
-//   a shared load, not a dependent global one;
-// - warpgroup 0 produces. Thread i fills chunk c = i / 8 (channels n0 + 8c of d_out, k' = k0 + 8c
-//   of the pixels: a fixed place in the patch, so one cursor and one set of channel scales) of
-//   rows i % 8 + 8r (r < 8) of each slice: a quarter warp writes one whole 128-byte core matrix.
-//   d_out by cp.async, the pixels through registers, loaded kWsAhead slices ahead. A thread
-//   arrives on a slice's `full` barrier (count 128) kWbLag slices after it issued the slice's
-//   copies, once cp.async.wait_group says they have landed and a proxy fence has made them and
-//   its pixel stores visible to the tensor cores;
-// - warpgroups 1 and 2 consume channels 0-63 and 64-127 of the tile (64 f32 accumulators a
-//   thread) and release a stage on `empty` (count 2) once the wgmma that read it are done.
-// Not persistent: about three blocks an SM in all (weight_grad_splits_ws), one at a time.
-// Experimental: its tests pass on an H200, but it took 0.227 ms at ViT-B there against the mma.sync
-// HWC weight gradient's 0.193 (BENCHMARKS.md), so the default backward stays that one;
-// MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc-ws picks it, compute capability 9.0 only.
-constexpr int kWbRows = 64;     // contraction rows a slice
-constexpr int kWbStages = 6;
-constexpr int kWbLag = 3;       // slices between a producer's copies and its arrival for them
-constexpr int kWbTileBytes = kWbRows * 128 * 2;  // 16 KB: 64 rows x 128 channels or k'
-constexpr int kWbStageBytes = 2 * kWbTileBytes;
+// The HWC weight gradient, warp-specialised (sm_90a): a block takes 128 channels x 256 k' of one
+// split's patch rows, in 64-row slices through a ring of kWbStages stages, with the loads in a
+// warpgroup of their own (as in forward_hwc_ws) and both operands in the 128-byte swizzle, M/N-major
+// (m64n256k16 with both transpose flags). Raw pixels, not normalised ones: u + 1 (u = 0..255) is
+// exact in bf16, and the normalisation x = u * s[c] + h[c] = (u + 1) s[c] + (h[c] - s[c]) comes
+// out of the sum,
+//   sum_m d_out[m][n] x[m][k'] = s[c] sum_m d_out[m][n] (u[m][k'] + 1) + (h[c] - s[c]) sum_m d_out[m][n],
+// so the block's partials are the first sum alone, and the reduction
+// (mapet_patch_embed_bwd_weight_reduce_hwc_raw) applies s[c] and adds (h[c] - s[c]) times the
+// column sum of d_out, which the token sums hold already. Each pair of pixels then costs three
+// instructions (pixel_pair_plus1), with no scale, shift or select, and the sums are more exact than
+// those of bf16-rounded normalised pixels.
+// Why it looks like this: its earlier form (128 x 128 tiles, normalised pixels, no swizzle) took
+// 0.226 ms at ViT-B against the mma.sync kernel's 0.198 (BENCHMARKS.md, seventh run). Its SASS
+// showed the producer warpgroup issuing about 620 instructions a slice (one warp a scheduler, so
+// every dependent instruction waited in full) against the 512 cycles of tensor-core work a slice
+// held: the producer set the pace. Here a slice holds 1,024 cycles of tensor-core work for about
+// the same producer work, and the grid is one wave (ceil(D/128) x ceil(K/256) tiles x splits, 126
+// blocks at ViT-B), so no block pays a second ring fill.
+// - The split's row table (d_out row and pixel base of each patch row, mapet_patch_embed_bwd_rows)
+//   is copied into shared memory first, so that finding a row costs a shared load.
+// - Warpgroup 0 produces. d_out: thread i copies the 16 bytes of channels n0 + 8 (i % 16) of rows
+//   i / 16 + 8 r (r < 8) by cp.async. Pixels: thread i loads the 8 bytes of k' = k0 + 8 (i % 32) of
+//   rows i / 32 + 4 r (r < 16) kWbAhead slices ahead (one fixed place in the patch, so one cursor),
+//   and converts and stores them when their slice comes; the 8 lanes of a quarter warp store the 8
+//   chunks of one 128-byte row, so the stores meet no bank conflict. A thread arrives on a slice's
+//   `full` barrier (count 128) kWbLag slices after it issued the slice's copies, once
+//   cp.async.wait_group says they have landed and a proxy fence has made them and its pixel
+//   stores visible to the tensor cores.
+// - Warpgroups 1 and 2 consume channels 0-63 and 64-127 of the tile, all 256 k' (128 f32
+//   accumulators a thread), and release a stage on `empty` (count 2) once the wgmma that read it
+//   are done.
+// Stage layout, each 64-wide block [64 rows][128 bytes] in the 128-byte swizzle (16-byte chunk j of
+// row r at r * 128 + ((j ^ (r % 8)) * 16)): d_out's two 64-channel blocks (16 KB), then the pixels'
+// four 64-k' blocks (32 KB). A 16-deep step starts 16 rows (2048 bytes) further in; the stride
+// between 8-row groups (SBO) is 1024, and between the pixels' 64-wide blocks (LBO) 8192.
+// Experimental: MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc-ws, compute capability 9.0 only; this form is
+// unverified on GPU.
+constexpr int kWbRows = 64;    // contraction rows a slice
+constexpr int kWbC = 128;      // channels a block
+constexpr int kWbN = 256;      // k' a block
+constexpr int kWbStages = 4;
+constexpr int kWbLag = 2;      // slices between a producer's copies and its arrival for them
+constexpr int kWbAhead = 2;    // slices of pixel loads a producer thread holds
+constexpr int kWbBlockBytes = kWbRows * 128;                 // 8 KB: one 64-wide block
+constexpr int kWbGBytes = (kWbC / 64) * kWbBlockBytes;       // 16 KB of d_out
+constexpr int kWbPBytes = (kWbN / 64) * kWbBlockBytes;       // 32 KB of pixels
+constexpr int kWbStageBytes = kWbGBytes + kWbPBytes;         // 48 KB
+constexpr int kWbRingBytes = kWbStages * kWbStageBytes + 1024;  // + slack to align the ring to 1024
+constexpr int kWbProducerRegs = 104;
+constexpr int kWbConsumerRegs = 200;
+static_assert(128 * kWbProducerRegs + 256 * kWbConsumerRegs <= 384 * 168, "setmaxnreg pool");
 // A consumer releases a slice's stage only after it has issued the next slice, which the producer
 // hands over kWbLag slices after filling it: the producer must be able to fill kWbLag + 2 slices
 // before it waits for a stage to come back.
 static_assert(kWbStages >= kWbLag + 2, "a stage must be handed over before the producer needs it again");
+static_assert(kWbAhead == 2, "the producer's rotation below holds two slices");
 
-// One slice's raw pixels in a producer thread: its 8 groups, and which of its rows exist.
+// One slice's raw pixels in a producer thread: its 16 rows' 8 bytes (zeros where the row or k'
+// does not exist).
 struct WbSlice {
-    uint2 w[8];
-    uint32_t rows_ok;  // bit r: row i % 8 + 8r of the slice has pixels
+    uint2 w[16];
 };
+
+// The 8 bytes at p when `ok` (one predicated load, no branch), else zeros.
+__device__ __forceinline__ uint2 ld_pixels8_if(const uint8_t* p, bool ok) {
+    uint2 v = make_uint2(0u, 0u);
+    asm volatile(
+        "{\n.reg .pred q;\nsetp.ne.b32 q, %2, 0;\n@q ld.global.nc.v2.u32 {%0, %1}, [%3];\n}\n"
+        : "+r"(v.x), "+r"(v.y)
+        : "r"(static_cast<int>(ok)), "l"(p));
+    return v;
+}
+
+// Bytes j and j + 1 of x, each plus one, as a bf16 pair (byte j in the low half), exactly:
+// - one PRMT makes the f16 pair 0x64uu = 1024 + u (f16 holds 11 significant bits);
+// - one f16x2 subtraction of 1023 leaves u + 1 in [1, 256], a normal f16 whose 10-bit mantissa
+//   has its low 3 bits clear (u + 1 needs 8 significant bits);
+// - so the bf16 bits are the f16 bits shifted right by 3 (the high half's clear low bits shift
+//   into the low half's top as zeros) with the exponent rebased by 127 - 15 = 112 (0x3800 a half):
+//   one shift-and-add. Three instructions a pair, where the f32 route (a PRMT and an FADD a value,
+//   then F2FP) takes five. The +1 keeps 0 away from f16's subnormal, zero exponent (which the
+//   rebase would turn into 2^-15); the reduction takes it back out with the column sum.
+__device__ __forceinline__ uint32_t pixel_pair_plus1(uint32_t x, int j) {
+    const uint32_t h = __byte_perm(x, 0x64u, static_cast<uint32_t>(j | 0x40 | ((j + 1) << 8) | 0x4000));
+    uint32_t u;
+    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(u) : "r"(h), "r"(0x63FE63FEu));  // f16 1023 = 0x63FE
+    return (u >> 3) + 0x38003800u;
+}
+
+// 8 pixel bytes, each plus one, as 8 bf16 values (pixel_pair_plus1).
+__device__ __forceinline__ uint4 pixels_plus1_bf16x8(uint2 w) {
+    return make_uint4(pixel_pair_plus1(w.x, 0), pixel_pair_plus1(w.x, 2), pixel_pair_plus1(w.y, 0),
+                      pixel_pair_plus1(w.y, 2));
+}
+
+// The partials of a consumer warpgroup: channels n_base + 16 warp + g (+ 8), k' k0 + 8 j + 2 t (+ 1)
+// for j < 32 (the m64n256k16 accumulator layout), two at a time (K is even, k' too: 8-byte aligned).
+__device__ __forceinline__ void store_wg_partials_256(const MapetPatchEmbedBwd& P, const Geometry& g,
+                                                      const float (&acc)[128], int split, int n_base, int k0,
+                                                      int lane, int warp) {
+    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int n = n_base + warp * 16 + (lane >> 2) + 8 * h;
+        if (n >= g.D) continue;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            const int k = k0 + 8 * j + 2 * (lane & 3);
+            if (k < g.K) {
+                *reinterpret_cast<float2*>(partial + static_cast<int64_t>(n) * g.K + k) =
+                    make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            }
+        }
+    }
+}
 
 __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd& P) {
     extern __shared__ __align__(128) unsigned char wb_smem[];
@@ -1751,13 +1830,18 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
     const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
-    const WeightBlock wb = weight_block(P, g, kWbRows);
-    const int k0 = wb.k0, n0 = wb.n0, split = wb.split, m_begin = wb.m_begin, m_end = wb.m_end;
-    const int slices = wb.steps;
-    const uint32_t ring = smem_addr(wb_smem);
-    // The split's table, rows [m_begin, m_begin + 64 slices), {-1, -1} past m_end.
-    int2* table = reinterpret_cast<int2*>(wb_smem + kWbStages * kWbStageBytes);
-    if (dynamic_smem_bytes() < kWbStages * kWbStageBytes + 8u * kWbRows * slices) __trap();
+    const int k0 = blockIdx.x * kWbN;
+    const int n0 = blockIdx.y * kWbC;
+    const int split = blockIdx.z;
+    const int m_begin = split * P.split_rows;
+    const int m_end = min(g.M, m_begin + P.split_rows);
+    const int slices = m_end > m_begin ? (m_end - m_begin + kWbRows - 1) / kWbRows : 0;
+    // The ring, aligned to 1024 bytes for the swizzle; the split's table, rows [m_begin, m_begin +
+    // 64 slices), {-1, -1} past m_end, after it (kWbRingBytes from the 128-aligned start, so
+    // 8-byte aligned).
+    const uint32_t ring = (smem_addr(wb_smem) + 1023u) & ~1023u;
+    int2* table = reinterpret_cast<int2*>(wb_smem + kWbRingBytes);
+    if (dynamic_smem_bytes() < kWbRingBytes + 8u * kWbRows * slices) __trap();
     for (int r = tid; r < slices * kWbRows; r += blockDim.x) {
         const int m = m_begin + r;
         table[r] = m < m_end ? __ldg(reinterpret_cast<const int2*>(P.row_info) + m) : make_int2(-1, -1);
@@ -1767,58 +1851,57 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
 
     if (wg == 0) {
         // ---- producer
-        const Pixels<true> px = make_pixels<true>(P);
+        regs_release<kWbProducerRegs>();
         const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(P.d_out);
-        const int c = tid >> 3;
-        const int row_lo = tid & 7;
-        const uint32_t chunk = static_cast<uint32_t>(c * kWgCoreMN + row_lo * 16);  // + r * kWgCoreK
-        const HwcCursor cur(k0 + 8 * c, g.p, g.S);
-        const bool k_ok = k0 + 8 * c < g.K;
-        const bool n_ok = n0 + 8 * c < g.D;
-        const Norm3 nrm = px.norm3(cur.c);
+        // d_out: chunk cn (channels n0 + 8 cn) of rows gr + 8 r; its place in the stage.
+        const int cn = tid & 15, gr = tid >> 4;
+        const bool n_ok = n0 + 8 * cn < g.D;
+        const __nv_bfloat16* g_src = d_out + n0 + 8 * cn;  // + a row's offset
+        const uint32_t g_off = (cn >> 3) * kWbBlockBytes + gr * 128 + (((cn & 7) ^ gr) << 4);
+        // Pixels: chunk cp (k' = k0 + 8 cp) of rows pr + 4 r; its place in rows pr and pr + 4 (row
+        // pr + 4 r is 8 (r / 2) rows past one of them, and has its swizzle, the index mod 8).
+        const int cp = tid & 31, pr = tid >> 5;
+        const HwcCursor cur(k0 + 8 * cp, g.p, g.S);
+        const bool k_ok = k0 + 8 * cp < g.K;
+        const uint8_t* pix = static_cast<const uint8_t*>(P.pixels) + cur.off;  // + a row's pixel base
+        const uint32_t p_even = kWbGBytes + (cp >> 3) * kWbBlockBytes + pr * 128 + (((cp & 7) ^ pr) << 4);
+        const uint32_t p_odd = kWbGBytes + (cp >> 3) * kWbBlockBytes + (pr + 4) * 128 + (((cp & 7) ^ (pr + 4)) << 4);
         auto fetch = [&](WbSlice& sl, int t) {
-            sl.rows_ok = 0;
+            if (t >= slices) return;  // past the split: nothing of it is stored
 #pragma unroll
-            for (int r = 0; r < 8; ++r) {
-                const int base = t < slices ? table[t * kWbRows + row_lo + 8 * r].y : -1;
-                sl.rows_ok |= (base >= 0 ? 1u : 0u) << r;
-                sl.w[r] = px.load_hwc(base, cur.off, k_ok);
+            for (int r = 0; r < 16; ++r) {
+                const int base = table[t * kWbRows + pr + 4 * r].y;
+                sl.w[r] = ld_pixels8_if(pix + static_cast<uint32_t>(base), k_ok && base >= 0);
             }
         };
         auto produce = [&](int t, WbSlice& sl) {
             const int s = t % kWbStages;
             if (t >= kWbStages) mbar_wait(&empty[s], (t / kWbStages - 1) & 1);
-            const uint32_t a = ring + static_cast<uint32_t>(s * kWbStageBytes) + chunk;
-            const uint32_t b = a + kWbTileBytes;
+            const uint32_t stage = ring + static_cast<uint32_t>(s * kWbStageBytes);
 #pragma unroll
             for (int r = 0; r < 8; ++r) {
-                const int row = table[t * kWbRows + row_lo + 8 * r].x;
-                const bool ok = row >= 0 && n_ok;
-                const __nv_bfloat16* src = ok ? d_out + static_cast<int64_t>(row) * g.D + n0 + 8 * c : d_out;
-                cp_async16_to(a + r * kWgCoreK, src, ok);
+                // A row of -1 (none) reads nothing: row 0's address, zero bytes.
+                const int row = table[t * kWbRows + gr + 8 * r].x;
+                const uint64_t at = static_cast<uint64_t>(static_cast<uint32_t>(max(row, 0))) * static_cast<uint32_t>(g.D);
+                cp_async16_to(stage + g_off + r * 1024, g_src + at, row >= 0 && n_ok);
             }
             cp_async_commit();
 #pragma unroll
-            for (int r = 0; r < 8; ++r) {
-                const uint4 v = px.finish_hwc(sl.w[r], nrm, k_ok && ((sl.rows_ok >> r) & 1u));
-                st_shared16(b + r * kWgCoreK, v);
-            }
-            fetch(sl, t + kWsAhead);
+            for (int r = 0; r < 16; ++r)
+                st_shared16(stage + ((r & 1) ? p_odd : p_even) + (r >> 1) * 1024, pixels_plus1_bf16x8(sl.w[r]));
+            fetch(sl, t + kWbAhead);
             if (t >= kWbLag) {
                 cp_async_wait_group<kWbLag>();  // slice t - kWbLag's copies have landed
                 fence_proxy_async_smem();
                 mbar_arrive(&full[(t - kWbLag) % kWbStages]);
             }
         };
-        static_assert(kWsAhead == 3, "the producer's rotation below holds three slices");
-        WbSlice x, y, z;
+        WbSlice x, y;
         fetch(x, 0);
         fetch(y, 1);
-        fetch(z, 2);
-        for (int t = 0; t < slices; t += 3) {
+        for (int t = 0; t < slices; t += 2) {
             produce(t, x);
             if (t + 1 < slices) produce(t + 1, y);
-            if (t + 2 < slices) produce(t + 2, z);
         }
         // The last kWbLag slices (or all, if fewer).
         cp_async_wait_group<0>();
@@ -1828,20 +1911,21 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
     }
 
     // ---- consumers: warpgroup 1 channels 0-63 of the tile, warpgroup 2 channels 64-127.
+    regs_claim<kWbConsumerRegs>();
     const int half = wg - 1;
-    float acc[64];
+    float acc[128];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     for (int t = 0; t < slices; ++t) {
         const int s = t % kWbStages;
         mbar_wait(&full[s], (t / kWbStages) & 1);
-        const uint32_t a = ring + static_cast<uint32_t>(s * kWbStageBytes + half * 8 * kWgCoreMN);
-        const uint32_t b = ring + static_cast<uint32_t>(s * kWbStageBytes + kWbTileBytes);
+        const uint32_t a = ring + static_cast<uint32_t>(s * kWbStageBytes + half * kWbBlockBytes);
+        const uint32_t b = ring + static_cast<uint32_t>(s * kWbStageBytes + kWbGBytes);
         pin_regs(acc);
         wgmma_fence_acc();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-            wgmma_m64n128k16<1, 1>(acc, wg_desc(a + kk * 2 * kWgCoreK), wg_desc(b + kk * 2 * kWgCoreK));
+            wgmma_m64n256k16<1, 1>(acc, sw128_desc(a + kk * 2048), sw128_desc_lbo(b + kk * 2048, kWbBlockBytes));
         wgmma_commit_groups();
         wgmma_wait_groups<1>();
         if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(t - 1) % kWbStages]);
@@ -1849,8 +1933,8 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
     wgmma_wait_groups<0>();
     pin_regs(acc);
 
-    // This warpgroup's channels 64 half .. 64 half + 63 of the tile, all 128 k'.
-    store_wg_partials(P, g, acc, split, n0 + half * 64, k0, tid & 31, (tid >> 5) & 3);
+    // This warpgroup's channels 64 half .. 64 half + 63 of the tile, all 256 k'.
+    store_wg_partials_256(P, g, acc, split, n0 + half * 64, k0, tid & 31, (tid >> 5) & 3);
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -1979,10 +2063,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
-// As mapet_patch_embed_bwd_weight_u8_hwc, warp-specialised (backward_weight_hwc_ws); sm_90a only,
-// as above. Grid (ceil(K'/128), ceil(D/128), splits), 384 threads, dynamic shared memory
-// kWbStages * 32 KB + 8 * 64 * ceil(split_rows / 64) (the split's row table). Same table (read
-// from row_info) and reduction.
+// The raw-pixel partials of the weight gradient, warp-specialised (backward_weight_hwc_ws);
+// sm_90a only, as above. Grid (ceil(K'/256), ceil(D/128), splits), 384 threads, dynamic shared
+// memory kWbRingBytes + 8 * 64 * ceil(split_rows / 64) (the split's row table). Same table (read
+// from row_info); its reduction is mapet_patch_embed_bwd_weight_reduce_hwc_raw, after the token
+// sums.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mapet_patch_embed_bwd_weight_u8_hwc_ws(const MapetPatchEmbedBwd p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -2044,6 +2129,39 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce(const MapetPatchE
 // The reduction of mapet_patch_embed_bwd_weight_u8_hwc's partials (in k' order).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPatchEmbedBwd p) {
     reduce_weight_partials<true>(p);
+}
+
+// The reduction of mapet_patch_embed_bwd_weight_u8_hwc_ws's raw-pixel partials (in k' order, of
+// sum_m d_out[m][d] (u[m][k'] + 1)): dweight[d][k] += s[c] * (sum over splits, in order) +
+// (h[c] - s[c]) * colsum[d], for c = k' % 3, where colsum[d] = sum over tokens 1..N-1 of token_sums[t][d] is the
+// sum of d_out over the patch rows that the partials cover (those with a rank in [1, N)).
+// mapet_patch_embed_bwd_tokens must have run. Grid (ceil(K / blockDim.x), D); warp 0 of each
+// block sums its channel's column (lanes over tokens 1 + lane, 33 + lane, ..., then the lanes in a
+// fixed shuffle order: deterministic).
+extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc_raw(const MapetPatchEmbedBwd p) {
+    __shared__ float s_colsum;
+    const int d = blockIdx.y;
+    if (threadIdx.x < 32) {
+        const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
+        float c = 0.f;
+        for (int t = 1 + threadIdx.x; t < n_tokens; t += 32) c += p.token_sums[static_cast<int64_t>(t) * p.dim + d];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
+        if (threadIdx.x == 0) s_colsum = c;
+    }
+    __syncthreads();
+    const int pp = p.patch * p.patch;
+    const int K = 3 * pp;
+    const int kc = blockIdx.x * blockDim.x + threadIdx.x;
+    if (kc >= K) return;
+    const int64_t row = static_cast<int64_t>(d) * K;
+    const int64_t total = static_cast<int64_t>(p.dim) * K;
+    const float* src = p.partial + row + kc;
+    float s = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < p.splits; ++j) s += src[j * total];
+    const int c = kc % 3;
+    p.dweight[row + c * pp + kc / 3] += p.scale[c] * s + (p.shift[c] - p.scale[c]) * s_colsum;
 }
 
 // Per token t and 8 channels: sums over the batch (in a fixed order) of its content row and of its

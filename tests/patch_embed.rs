@@ -877,7 +877,7 @@ fn miss_reports_place_the_wrong_elements() {
 
 /// The warp-specialised weight gradient's splits (no GPU needed): whole 64-row slices, at most
 /// BWD_WS_MAX_ROWS rows each (its row table must fit beside the ring), together covering every
-/// patch row with no empty split, and about three blocks an SM at ViT-B.
+/// patch row with no empty split, and one wave of blocks at ViT-B.
 #[test]
 fn warp_specialised_weight_splits_cover_the_rows_in_whole_slices() {
     for (batch, image, patch, dim) in [(128, 224, 16, 768), (1, 32, 8, 24), (512, 224, 16, 768), (3, 64, 32, 200)] {
@@ -891,7 +891,7 @@ fn warp_specialised_weight_splits_cover_the_rows_in_whole_slices() {
         }
     }
     let vit_b = shape(128, 224, 16, 768, 50);
-    assert_eq!(weight_grad_splits_ws(&vit_b, 132), (11, 2304), "36 tiles x 11 splits = 3 blocks an SM");
+    assert_eq!(weight_grad_splits_ws(&vit_b, 132), (7, 3584), "18 tiles x 7 splits: one wave of 126 blocks");
 }
 
 /// The sm_90a-only orders (`hwc-wgmma`, `hwc-ws`) are refused, with an error that names the order
@@ -961,9 +961,14 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
                 eprintln!("{}", m.report(&format!("the {name} forward")));
                 panic!("{s:?}: forward element {i}: {name} {}, mma.sync {}", out[i], reference[i]);
             }
+            // hwc-ws's weight gradient multiplies the raw pixels (exact in bf16) and normalises
+            // the sums, where the mma.sync kernel multiplies bf16-rounded normalised pixels: the
+            // two differ by the sum of those roundings (2^-9 of each pixel, of random sign), about
+            // 1e-3 of the largest element at most here. 1e-2 of it still fails a wrong layout.
             let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
             let (w, w_ref) = (&grads.w, &reference_grads.w);
-            let m = weight_grad_misses(&s, |i| !near(w[i], w_ref[i], 1e-4 * scale));
+            let tol = if order == PixelOrder::HwcWs { 1e-2 } else { 1e-4 } * scale;
+            let m = weight_grad_misses(&s, |i| !near(w[i], w_ref[i], tol));
             if let Some(&i) = m.wrong.first() {
                 eprintln!("{}", m.report(&format!("the {name} weight gradient")));
                 panic!("{s:?}: weight gradient element {i}: {name} {}, mma.sync {}", w[i], w_ref[i]);

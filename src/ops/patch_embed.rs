@@ -48,15 +48,24 @@ const FWD_WS_TILE_N: usize = 192;
 const FWD_WS_THREADS: u32 = 384;
 const FWD_WS_SMEM: u32 = 4 * 40 * 1024 + 2 * 64 * 400 + 1024;
 const _: () = assert!(FWD_WS_SMEM <= 227 << 10, "more than an H100/H200 block may take");
-/// The warp-specialised weight gradient (`hwc-ws`): its name, block size, contraction rows a
-/// slice, the most rows a split may have, and its ring of 6 stages of 32 KB (cuda/patch_embed.cu,
-/// kWbStages and kWbStageBytes; its dynamic shared memory is that and 8 bytes a split row).
+/// The warp-specialised weight gradient (`hwc-ws`): its name, block size, tile (channels x k'),
+/// contraction rows a slice, the most rows a split may have, and its ring of 4 stages of 48 KB
+/// with 1024 bytes to align it (cuda/patch_embed.cu, kWbC, kWbN, kWbRows, kWbRingBytes; its
+/// dynamic shared memory is that and 8 bytes a split row), the reduction of its raw-pixel
+/// partials, and its static shared memory (the ring's barriers, as ptxas counts them).
 const BWD_WS_KERNEL: &str = "mapet_patch_embed_bwd_weight_u8_hwc_ws";
+const BWD_WS_REDUCE: &str = "mapet_patch_embed_bwd_weight_reduce_hwc_raw";
 const BWD_WS_THREADS: u32 = 384;
+const BWD_WS_TILE_C: usize = 128;
+const BWD_WS_TILE_K: usize = 256;
 const BWD_WS_SLICE: usize = 64;
 pub const BWD_WS_MAX_ROWS: usize = 4096;
-const BWD_WS_RING_BYTES: u32 = 6 * 32 * 1024;
-const BWD_WS_STATIC_SMEM: u32 = 96;
+const BWD_WS_RING_BYTES: u32 = 4 * 48 * 1024 + 1024;
+const BWD_WS_STATIC_SMEM: u32 = 128;
+const _: () = assert!(
+    BWD_WS_RING_BYTES + 8 * BWD_WS_MAX_ROWS as u32 + BWD_WS_STATIC_SMEM <= 227 << 10,
+    "the longest split's table must fit beside the ring on an H100/H200"
+);
 const BWD_TILE: usize = 128;
 const BWD_STEP: usize = 32;
 /// The HWC mma.sync weight gradient's dynamic shared memory (cuda/patch_embed.cu, BwdHwcSmem): a
@@ -538,12 +547,15 @@ pub enum PixelOrder {
     /// [`PixelOrder::Hwc`] with the forward and the weight gradient warp-specialised
     /// (`mapet_patch_embed_fwd_u8_hwc_ws`, `mapet_patch_embed_bwd_weight_u8_hwc_ws`): one
     /// warpgroup loads, slices ahead, into a ring of shared-memory stages (the forward's weight by
-    /// TMA, d_out by cp.async, the pixels normalised through registers), and two warpgroups run
-    /// wgmma on them. Compute capability 9.0 only (as `hwc-wgmma`). In the seventh run its tests
-    /// passed on an H200, and at ViT-B its forward took 0.150 ms against `Hwc`'s 0.175, its
-    /// weight gradient 0.226 against 0.198 (BENCHMARKS.md), so the default on compute capability
-    /// 9.0 is its forward with `Hwc`'s backward ([`PixelOrder::defaults_for`]). Its forward's L1
-    /// prefetch of the mask-token rows came after that run, unverified on GPU.
+    /// TMA and its pixels normalised through registers; the weight gradient's d_out by cp.async
+    /// and its raw pixels, plus one, exact in bf16, with the normalisation applied by its
+    /// reduction), and two warpgroups run wgmma on them. Compute capability 9.0 only (as
+    /// `hwc-wgmma`). In the seventh run its tests passed on an H200, and at ViT-B its forward
+    /// took 0.150 ms against `Hwc`'s 0.175, its backward 0.226 against 0.198 (BENCHMARKS.md), so
+    /// the default on compute capability 9.0 is its forward with `Hwc`'s backward
+    /// ([`PixelOrder::defaults_for`]). Since that run, unverified on GPU: the forward's L1
+    /// prefetch of the mask-token rows, and the weight gradient rewritten (128 x 256 tiles in
+    /// one wave, raw pixels in the 128-byte swizzle).
     HwcWs,
 }
 
@@ -825,14 +837,14 @@ pub fn cuda_forward_f32(
     cuda_forward(gpu, PixelOrder::Chw, shape, pixels, ranks, weight, bias, pos_embed, cls_token, mask_token, out)
 }
 
-/// The split of the warp-specialised weight gradient (`hwc-ws`): about three blocks an SM in all,
-/// of one block an SM at a time, each split a whole number of 64-row slices and at most
-/// [`BWD_WS_MAX_ROWS`] rows (its row table sits in shared memory beside the ring).
+/// The split of the warp-specialised weight gradient (`hwc-ws`): as many splits as one wave of
+/// one block an SM holds (so that no block fills the ring twice), each split a whole number of
+/// 64-row slices and at most [`BWD_WS_MAX_ROWS`] rows (its row table sits in shared memory beside
+/// the ring).
 pub fn weight_grad_splits_ws(shape: &PatchEmbedShape, sm_count: u32) -> (usize, usize) {
     let m = shape.batch * shape.n_patches();
-    let tiles = shape.dim.div_ceil(BWD_TILE) * shape.patch_len().div_ceil(BWD_TILE);
-    let want =
-        (3 * sm_count as usize / tiles).max(m.div_ceil(BWD_WS_MAX_ROWS)).clamp(1, m.div_ceil(BWD_WS_SLICE).max(1));
+    let tiles = shape.dim.div_ceil(BWD_WS_TILE_C) * shape.patch_len().div_ceil(BWD_WS_TILE_K);
+    let want = (sm_count as usize / tiles).max(m.div_ceil(BWD_WS_MAX_ROWS)).clamp(1, m.div_ceil(BWD_WS_SLICE).max(1));
     let split_rows = m.div_ceil(want).div_ceil(BWD_WS_SLICE) * BWD_WS_SLICE;
     (m.div_ceil(split_rows), split_rows)
 }
@@ -876,9 +888,16 @@ pub fn cuda_backward(
     )?;
     let kernels = ["mapet_patch_embed_bwd_weight_u8", hwc_kernel, "mapet_patch_embed_bwd_weight_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
-    // The HWC kernel's partials are in its contraction order; its reduction permutes them back.
-    let reduce =
-        if hwc_order { "mapet_patch_embed_bwd_weight_reduce_hwc" } else { "mapet_patch_embed_bwd_weight_reduce" };
+    // The HWC kernels' partials are in their contraction order; their reduction permutes them
+    // back (and for `hwc-ws`, whose partials are of raw pixels, normalises them).
+    let ws = kernel == BWD_WS_KERNEL;
+    let reduce = if ws {
+        BWD_WS_REDUCE
+    } else if hwc_order {
+        "mapet_patch_embed_bwd_weight_reduce_hwc"
+    } else {
+        "mapet_patch_embed_bwd_weight_reduce"
+    };
     check_len("ranks", ranks.len(), shape.ranks_len())?;
     check_backward_lens(
         shape,
@@ -891,7 +910,6 @@ pub fn cuda_backward(
     )?;
     check_aligned("pixels", pixel_ptr, 16)?;
     check_aligned("d_out", d_out.ptr(), 16)?;
-    let ws = kernel == BWD_WS_KERNEL;
     let (splits, split_rows) =
         if ws { weight_grad_splits_ws(shape, gpu.sm_count()) } else { weight_grad_splits(shape, gpu.sm_count()) };
     let partial_len = splits * shape.weight_len();
@@ -925,9 +943,10 @@ pub fn cuda_backward(
         splits: splits as i32,
         split_rows: split_rows as i32,
     };
+    let (tile_c, tile_k) = if ws { (BWD_WS_TILE_C, BWD_WS_TILE_K) } else { (BWD_TILE, BWD_TILE) };
     let weight_grid = (
-        blocks_for("patch embedding K", shape.patch_len() as u64, BWD_TILE as u64)?,
-        blocks_for("patch embedding channels", shape.dim as u64, BWD_TILE as u64)?,
+        blocks_for("patch embedding K", shape.patch_len() as u64, tile_k as u64)?,
+        blocks_for("patch embedding channels", shape.dim as u64, tile_c as u64)?,
         splits as u32,
     );
     // The warp-specialised kernel's shared memory is checked before anything is launched.
@@ -980,15 +999,22 @@ pub fn cuda_backward(
     // ring.
     unsafe { gpu.launch(MODULE, kernel, weight_cfg, &params)? };
     // SAFETY: grid (ceil(K/256), D), a thread per element (d, kc) with kc < K: reads splits·D·K
-    // floats of `partial` and adds to dweight (D·K, checked above; the HWC variant writes each of
-    // the D·K elements once, at a permuted index).
-    unsafe { gpu.launch(MODULE, reduce, launch_cfg(reduce_grid, 256), &params)? };
+    // floats of `partial` and adds to dweight (D·K, checked above; the HWC variants write each of
+    // the D·K elements once, at a permuted index); `hwc-ws`'s also reads the content half of
+    // token_sums (N·D of its 2·N·D), so it runs after the token sums below.
+    let launch_reduce = || unsafe { gpu.launch(MODULE, reduce, launch_cfg(reduce_grid, 256), &params) };
+    if !ws {
+        launch_reduce()?;
+    }
     // SAFETY: grid (D/8/TOKEN_GROUPS, N), block TOKEN_GROUPS x TOKEN_SLICES as the kernel's
     // constants: reads ranks and d_out (checked above; D % 8 == 0 and d_out 16-byte aligned for its
     // 16-byte loads), skipping ranks outside [0, N); writes dpos_embed (N·D, checked) and
     // token_sums (2·N·D, allocated above).
     let token_block = (TOKEN_GROUPS * TOKEN_SLICES) as u32;
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, token_block), &params)? };
+    if ws {
+        launch_reduce()?;
+    }
     // SAFETY: block VECTOR_COLS x VECTOR_SLICES as the kernel's constants, one column per channel
     // d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
     let vector_block = (VECTOR_COLS * VECTOR_SLICES) as u32;
@@ -1128,6 +1154,31 @@ mod tests {
         assert!(source.contains(&check), "the kernel's own check of its size: {check}");
     }
 
+    /// The `hwc-ws` weight gradient's conversion of pixel bytes to bf16 (`pixel_pair_plus1` in
+    /// cuda/patch_embed.cu), emulated bit for bit: for every pair of bytes (u, v), the PRMT's f16
+    /// pair 0x64uu, 0x64vv, minus 1023 (f16 bits 0x63FE) in f16, shifted right by 3 as one 32-bit word, plus
+    /// 0x38003800, must be the bf16 pair (u + 1, v + 1). Checks the trick (the f16 exponent
+    /// rebased to bf16's, the low mantissa bits that shift across the halves all zero, 0 kept off
+    /// the subnormal exponent) and that the kernel still uses these constants.
+    #[test]
+    fn ws_weight_pixel_pairs_are_exact_bf16() {
+        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        assert_eq!(half::f16::from_f32(1023.0).to_bits(), 0x63FE, "the f16 bits of 1023");
+        for needle in ["__byte_perm(x, 0x64u,", "\"r\"(0x63FE63FEu)", "(u >> 3) + 0x38003800u"] {
+            assert!(source.contains(needle), "pixel_pair_plus1 no longer has `{needle}`");
+        }
+        let f16_sub_1023 = |bits: u16| (half::f16::from_bits(bits) - half::f16::from_f32(1023.0)).to_bits() as u32;
+        for u in 0u32..256 {
+            for v in 0u32..256 {
+                let lo = f16_sub_1023(0x6400 | u as u16);
+                let hi = f16_sub_1023(0x6400 | v as u16);
+                let out = (((hi << 16) | lo) >> 3).wrapping_add(0x3800_3800);
+                let want = |x: u32| half::bf16::from_f32(x as f32 + 1.0).to_bits() as u32;
+                assert_eq!(out, (want(v) << 16) | want(u), "bytes {u}, {v}");
+            }
+        }
+    }
+
     /// The launch gives the `hwc-ws` forward the dynamic shared memory its layout takes (less
     /// makes it trap at its first launch, on a card only): the ring of stages (a 128-row A slice
     /// and a 192-row weight slice of 64 bf16 each), the two staging tiles, and the alignment
@@ -1141,5 +1192,19 @@ mod tests {
         assert!(source.contains("constexpr int kWsOutLd = kWsN * 2 + 16;"), "the staging row changed");
         let need = stages * (m * k * 2 + n * k * 2) + 2 * 64 * (n * 2 + 16) + 1023;
         assert!(FWD_WS_SMEM as usize >= need, "FWD_WS_SMEM {FWD_WS_SMEM} < the kernel's {need}");
+    }
+
+    /// The launch gives the `hwc-ws` weight gradient what its layout takes (less makes it trap at
+    /// its first launch, on a card only): the ring of stages (64 rows of 128 channels of d_out and
+    /// of 256 k' of pixels, bf16) with the slack to align it, from the kernel's own constants; and
+    /// its tile is the grid's.
+    #[test]
+    fn ws_weight_shared_memory_is_the_kernels() {
+        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        let constant = |name| crate::testing::cuda_constant(&source, "patch_embed.cu", name);
+        let (rows, c, n, stages) = (constant("kWbRows"), constant("kWbC"), constant("kWbN"), constant("kWbStages"));
+        assert_eq!((rows, c, n), (BWD_WS_SLICE, BWD_WS_TILE_C, BWD_WS_TILE_K));
+        assert!(source.contains("constexpr int kWbRingBytes = kWbStages * kWbStageBytes + 1024;"), "the ring changed");
+        assert_eq!(BWD_WS_RING_BYTES as usize, stages * rows * (c + n) * 2 + 1024, "BWD_WS_RING_BYTES");
     }
 }
