@@ -1194,6 +1194,93 @@ mod tests {
         assert!(FWD_WS_SMEM as usize >= need, "FWD_WS_SMEM {FWD_WS_SMEM} < the kernel's {need}");
     }
 
+    /// The `hwc-ws` weight gradient's stage layout (cuda/patch_embed.cu, backward_weight_hwc_ws),
+    /// transcribed: the places its producer writes each pixel and d_out element (the offset
+    /// expressions below, which the kernel must still contain), read back the way wgmma reads an
+    /// M/N-major operand in the 128-byte swizzle (PTX ISA's canonical layout: 8 elements a 16-byte
+    /// chunk, 8 chunks a 128-byte row, 64-wide blocks `LBO` apart along M/N; 8 rows along K, 8-row
+    /// groups `SBO` apart; byte address bits 4-6 XOR bits 7-9). Every (k, n) of every 16-deep
+    /// step must find its own element: pixels of row 16 kk + k, k' n (LBO 8192, SBO 1024); d_out
+    /// of the same row, channel 64 half + m. Also: the producer's writes cover the 48 KB stage
+    /// once, and the 8 lanes of each quarter warp store the 8 different 16-byte chunks of a row
+    /// (no bank conflict).
+    #[test]
+    fn ws_weight_stage_layout_is_what_wgmma_reads() {
+        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        for needle in [
+            "const uint32_t g_off = (cn >> 3) * kWbBlockBytes + gr * 128 + (((cn & 7) ^ gr) << 4);",
+            "const uint32_t p_even = kWbGBytes + (cp >> 3) * kWbBlockBytes + pr * 128 + (((cp & 7) ^ pr) << 4);",
+            "const uint32_t p_odd = kWbGBytes + (cp >> 3) * kWbBlockBytes + (pr + 4) * 128 + (((cp & 7) ^ (pr + 4)) << 4);",
+            "cp_async16_to(stage + g_off + r * 1024,",
+            "st_shared16(stage + ((r & 1) ? p_odd : p_even) + (r >> 1) * 1024,",
+            "sw128_desc(a + kk * 2048), sw128_desc_lbo(b + kk * 2048, kWbBlockBytes)",
+        ] {
+            assert!(source.contains(needle), "the kernel no longer has `{needle}`");
+        }
+        const BLOCK: usize = 8192;
+        const G_BYTES: usize = 2 * BLOCK;
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        enum Held {
+            Pixel { row: usize, k: usize },
+            DOut { row: usize, channel: usize },
+        }
+        let mut stage: Vec<Option<Held>> = vec![None; 6 * BLOCK / 2]; // a bf16 each
+        let mut put = |byte: usize, what: Held| {
+            assert!(stage[byte / 2].is_none(), "byte {byte} written twice");
+            stage[byte / 2] = Some(what);
+        };
+        let pixel_place = |tid: usize, r: usize| {
+            let (cp, pr) = (tid & 31, tid >> 5);
+            let (p_even, p_odd) = (
+                G_BYTES + (cp >> 3) * BLOCK + pr * 128 + (((cp & 7) ^ pr) << 4),
+                G_BYTES + (cp >> 3) * BLOCK + (pr + 4) * 128 + (((cp & 7) ^ (pr + 4)) << 4),
+            );
+            (if r & 1 == 1 { p_odd } else { p_even }) + (r >> 1) * 1024
+        };
+        for tid in 0..128 {
+            let (cn, gr, cp, pr) = (tid & 15, tid >> 4, tid & 31, tid >> 5);
+            let g_off = (cn >> 3) * BLOCK + gr * 128 + (((cn & 7) ^ gr) << 4);
+            for r in 0..8 {
+                for e in 0..8 {
+                    put(g_off + r * 1024 + 2 * e, Held::DOut { row: gr + 8 * r, channel: 8 * cn + e });
+                }
+            }
+            for r in 0..16 {
+                for e in 0..8 {
+                    put(pixel_place(tid, r) + 2 * e, Held::Pixel { row: pr + 4 * r, k: 8 * cp + e });
+                }
+            }
+        }
+        assert!(stage.iter().all(|x| x.is_some()), "the stage is not written whole");
+        let swizzle = |byte: usize| byte ^ (((byte >> 7) & 7) << 4);
+        let mn_major = |start: usize, k: usize, n: usize, lbo: usize| {
+            swizzle(start + (n % 8) * 2 + ((n / 8) % 8) * 16 + (n / 64) * lbo + (k % 8) * 128 + (k / 8) * 1024)
+        };
+        for kk in 0..4 {
+            for k in 0..16 {
+                let row = 16 * kk + k;
+                for n in 0..256 {
+                    let got = stage[mn_major(G_BYTES + kk * 2048, k, n, BLOCK) / 2];
+                    assert_eq!(got, Some(Held::Pixel { row, k: n }), "pixels, step {kk}, (k, n) = ({k}, {n})");
+                }
+                for half in 0..2 {
+                    for m in 0..64 {
+                        let got = stage[mn_major(half * BLOCK + kk * 2048, k, m, 16) / 2];
+                        let want = Held::DOut { row, channel: 64 * half + m };
+                        assert_eq!(got, Some(want), "d_out, step {kk}, half {half}, (k, m) = ({k}, {m})");
+                    }
+                }
+            }
+        }
+        for quarter in 0..16 {
+            for r in 0..16 {
+                let mut chunks: Vec<usize> = (0..8).map(|i| (pixel_place(8 * quarter + i, r) / 16) % 8).collect();
+                chunks.sort_unstable();
+                assert_eq!(chunks, (0..8).collect::<Vec<_>>(), "quarter warp {quarter}, row step {r}: a bank conflict");
+            }
+        }
+    }
+
     /// The launch gives the `hwc-ws` weight gradient what its layout takes (less makes it trap at
     /// its first launch, on a card only): the ring of stages (64 rows of 128 channels of d_out and
     /// of 256 k' of pixels, bf16) with the slack to align it, from the kernel's own constants; and
