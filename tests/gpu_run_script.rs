@@ -24,6 +24,9 @@ use mapet::testing;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+/// What run.sh needs on PATH (the profile test needs gzip too).
+const RUN_SH_TOOLS: &[&str] = &["bash", "tar", "xz", "python3", "timeout"];
+
 fn have(tool: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
 }
@@ -95,7 +98,7 @@ impl StandIn {
 #[test]
 fn gpu_run_script_reruns_gates_and_judges_the_targets() {
     let test = "gpu_run_script_reruns_gates_and_judges_the_targets";
-    let Some((stand_in, mut rng)) = StandIn::new(test, &["bash", "tar", "xz", "python3", "timeout"]) else {
+    let Some((stand_in, mut rng)) = StandIn::new(test, RUN_SH_TOOLS) else {
         return;
     };
     let (payload, bundle, scratch) = (&stand_in.payload, &stand_in.bundle, &stand_in.scratch);
@@ -603,7 +606,7 @@ echo "==PROF== Disconnected""#,
 #[test]
 fn gpu_run_script_alternates_base_and_head_and_compares_them() {
     let test = "gpu_run_script_alternates_base_and_head_and_compares_them";
-    let Some((stand_in, mut rng)) = StandIn::new(test, &["bash", "tar", "xz", "python3", "timeout"]) else {
+    let Some((stand_in, mut rng)) = StandIn::new(test, RUN_SH_TOOLS) else {
         return;
     };
     let (payload, bundle, scratch) = (&stand_in.payload, &stand_in.bundle, &stand_in.scratch);
@@ -683,7 +686,7 @@ echo "RESULT attention mapet_attention_bwd_dkdv: Ok(1) CTAs per SM, card"
 #[test]
 fn gpu_run_script_runs_failed_tests_at_earlier_commits_and_names_the_first_that_fails() {
     let test = "gpu_run_script_runs_failed_tests_at_earlier_commits_and_names_the_first_that_fails";
-    let Some((stand_in, mut rng)) = StandIn::new(test, &["bash", "tar", "xz", "python3", "timeout"]) else {
+    let Some((stand_in, mut rng)) = StandIn::new(test, RUN_SH_TOOLS) else {
         return;
     };
     let (payload, bundle, scratch) = (&stand_in.payload, &stand_in.bundle, &stand_in.scratch);
