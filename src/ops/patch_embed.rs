@@ -998,23 +998,17 @@ pub fn cuda_backward(
     // split's (at most split_rows) entries into the 8·split_rows bytes its launch adds past its
     // ring.
     unsafe { gpu.launch(MODULE, kernel, weight_cfg, &params)? };
-    // SAFETY: grid (ceil(K/256), D), a thread per element (d, kc) with kc < K: reads splits·D·K
-    // floats of `partial` and adds to dweight (D·K, checked above; the HWC variants write each of
-    // the D·K elements once, at a permuted index); `hwc-ws`'s also reads the content half of
-    // token_sums (N·D of its 2·N·D), so it runs after the token sums below.
-    let launch_reduce = || unsafe { gpu.launch(MODULE, reduce, launch_cfg(reduce_grid, 256), &params) };
-    if !ws {
-        launch_reduce()?;
-    }
     // SAFETY: grid (D/8/TOKEN_GROUPS, N), block TOKEN_GROUPS x TOKEN_SLICES as the kernel's
     // constants: reads ranks and d_out (checked above; D % 8 == 0 and d_out 16-byte aligned for its
     // 16-byte loads), skipping ranks outside [0, N); writes dpos_embed (N·D, checked) and
     // token_sums (2·N·D, allocated above).
     let token_block = (TOKEN_GROUPS * TOKEN_SLICES) as u32;
     unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, token_block), &params)? };
-    if ws {
-        launch_reduce()?;
-    }
+    // SAFETY: grid (ceil(K/256), D), a thread per element (d, kc) with kc < K: reads splits·D·K
+    // floats of `partial` and adds to dweight (D·K, checked above; the HWC variants write each of
+    // the D·K elements once, at a permuted index); `hwc-ws`'s also reads the content half of
+    // token_sums (N·D of its 2·N·D), written just before.
+    unsafe { gpu.launch(MODULE, reduce, launch_cfg(reduce_grid, 256), &params)? };
     // SAFETY: block VECTOR_COLS x VECTOR_SLICES as the kernel's constants, one column per channel
     // d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
     let vector_block = (VECTOR_COLS * VECTOR_SLICES) as u32;
