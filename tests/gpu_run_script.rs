@@ -615,7 +615,9 @@ fn gpu_run_script_alternates_base_and_head_and_compares_them() {
     let mut times = Vec::new();
     fs::create_dir_all(payload.join("benches-base")).unwrap();
     for (side, dir, base_ms) in [("base", "benches-base", 0.25), ("head", "benches", 0.21)] {
-        let ms: Vec<f64> = (0..rounds).map(|_| base_ms + rng.random_range(0.0..0.02)).collect();
+        // Rounded to the 4 decimals the stand-in prints, which are all the script sees.
+        let ms: Vec<f64> =
+            (0..rounds).map(|_| format!("{:.4}", base_ms + rng.random_range(0.0..0.02)).parse().unwrap()).collect();
         let list = ms.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(" ");
         let only = if side == "base" {
             "echo 'RESULT attention vit-b gone forward: median 0.3000 ms, 1.0 TFLOP/s'"
