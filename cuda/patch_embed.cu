@@ -1542,26 +1542,26 @@ __device__ __forceinline__ void backward_weight_hwc(const MapetPatchEmbedBwd& P)
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// A warpgroup's 64 x 128 block of weight-gradient partials (an m64n128 accumulator: channels
-// n_base + 16 warp + g (+ 8), k' columns k0 + 8j + 2t (+ 1) for lane (g, t)) into split `split`
-// of P.partial, in k' order (the reduction maps them back); channels and k' past the matrix are
+// A warpgroup's 64 x (8 J) block of weight-gradient partials (an m64n(8J) accumulator: channels
+// n_base + 16 warp + g (+ 8), k' columns k0 + 8j + 2t (+ 1) for lane (g, t), j < J) into split
+// `split` of P.partial, in k' order (the reduction maps them back), two columns at a time (K =
+// 3p^2 with p % 8 == 0 is even, and so is k': 8-byte aligned); channels and k' past the matrix are
 // skipped.
+template <int J>
 __device__ __forceinline__ void store_wg_partials(const MapetPatchEmbedBwd& P, const Geometry& g,
-                                                  const float (&acc)[64], int split, int n_base, int k0, int lane,
+                                                  const float (&acc)[4 * J], int split, int n_base, int k0, int lane,
                                                   int warp) {
     float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
-    const int gq = lane >> 2;
-    const int q = lane & 3;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const int n = n_base + warp * 16 + gq + 8 * h;
+        const int n = n_base + warp * 16 + (lane >> 2) + 8 * h;
         if (n >= g.D) continue;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int k = k0 + 8 * j + 2 * q + e;
-                if (k < g.K) partial[static_cast<int64_t>(n) * g.K + k] = acc[4 * j + 2 * h + e];
+        for (int j = 0; j < J; ++j) {
+            const int k = k0 + 8 * j + 2 * (lane & 3);
+            if (k < g.K) {
+                *reinterpret_cast<float2*>(partial + static_cast<int64_t>(n) * g.K + k) =
+                    make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
             }
         }
     }
@@ -1704,7 +1704,7 @@ __device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedB
     }
 
     // This warpgroup's channels 64 wg .. 64 wg + 63 of the tile, all 128 k'.
-    store_wg_partials(P, g, acc, split, n0 + wg * 64, k0, lane, warp & 3);
+    store_wg_partials<16>(P, g, acc, split, n0 + wg * 64, k0, lane, warp & 3);
 }
 // The HWC weight gradient, warp-specialised (sm_90a): a block takes 128 channels x 256 k' of one
 // split's patch rows, in 64-row slices through a ring of kWbStages stages, with the loads in a
@@ -1800,27 +1800,6 @@ __device__ __forceinline__ uint32_t pixel_pair_plus1(uint32_t x, int j) {
 __device__ __forceinline__ uint4 pixels_plus1_bf16x8(uint2 w) {
     return make_uint4(pixel_pair_plus1(w.x, 0), pixel_pair_plus1(w.x, 2), pixel_pair_plus1(w.y, 0),
                       pixel_pair_plus1(w.y, 2));
-}
-
-// The partials of a consumer warpgroup: channels n_base + 16 warp + g (+ 8), k' k0 + 8 j + 2 t (+ 1)
-// for j < 32 (the m64n256k16 accumulator layout), two at a time (K is even, k' too: 8-byte aligned).
-__device__ __forceinline__ void store_wg_partials_256(const MapetPatchEmbedBwd& P, const Geometry& g,
-                                                      const float (&acc)[128], int split, int n_base, int k0,
-                                                      int lane, int warp) {
-    float* partial = P.partial + static_cast<int64_t>(split) * g.D * g.K;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int n = n_base + warp * 16 + (lane >> 2) + 8 * h;
-        if (n >= g.D) continue;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            const int k = k0 + 8 * j + 2 * (lane & 3);
-            if (k < g.K) {
-                *reinterpret_cast<float2*>(partial + static_cast<int64_t>(n) * g.K + k) =
-                    make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-            }
-        }
-    }
 }
 
 __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd& P) {
@@ -1934,7 +1913,7 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
     pin_regs(acc);
 
     // This warpgroup's channels 64 half .. 64 half + 63 of the tile, all 256 k'.
-    store_wg_partials_256(P, g, acc, split, n0 + half * 64, k0, tid & 31, (tid >> 5) & 3);
+    store_wg_partials<32>(P, g, acc, split, n0 + half * 64, k0, tid & 31, (tid >> 5) & 3);
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -2104,8 +2083,25 @@ namespace {
 // from blockIdx.x, so that no index is divided (a 64-bit division by K per element was most of
 // this kernel's instructions). The splits' loads are unrolled to be in flight together; the sum
 // still runs over the splits in order.
-template <bool HWC>
+template <bool HWC, bool RAW = false>
 __device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd& p) {
+    // RAW (HWC only): the partials are of raw pixels plus one (backward_weight_hwc_ws), normalised
+    // here with the column sum of d_out over the patch rows: warp 0 sums its channel's content
+    // token sums, tokens 1..N-1 (lanes over 1 + lane, 33 + lane, ..., then the lanes in a fixed
+    // shuffle order: deterministic).
+    __shared__ float s_colsum;
+    if (RAW) {
+        if (threadIdx.x < 32) {
+            const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
+            float c = 0.f;
+            for (int t = 1 + threadIdx.x; t < n_tokens; t += 32)
+                c += p.token_sums[static_cast<int64_t>(t) * p.dim + blockIdx.y];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
+            if (threadIdx.x == 0) s_colsum = c;
+        }
+        __syncthreads();
+    }
     const int pp = p.patch * p.patch;
     const int K = 3 * pp;
     const int kc = blockIdx.x * blockDim.x + threadIdx.x;
@@ -2116,6 +2112,10 @@ __device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd&
     float s = 0.f;
 #pragma unroll 8
     for (int j = 0; j < p.splits; ++j) s += src[j * total];
+    if (RAW) {
+        const int c = kc % 3;
+        s = p.scale[c] * s + (p.shift[c] - p.scale[c]) * s_colsum;
+    }
     p.dweight[row + (HWC ? (kc % 3) * pp + kc / 3 : kc)] += s;
 }
 
@@ -2139,29 +2139,7 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // block sums its channel's column (lanes over tokens 1 + lane, 33 + lane, ..., then the lanes in a
 // fixed shuffle order: deterministic).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc_raw(const MapetPatchEmbedBwd p) {
-    __shared__ float s_colsum;
-    const int d = blockIdx.y;
-    if (threadIdx.x < 32) {
-        const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
-        float c = 0.f;
-        for (int t = 1 + threadIdx.x; t < n_tokens; t += 32) c += p.token_sums[static_cast<int64_t>(t) * p.dim + d];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
-        if (threadIdx.x == 0) s_colsum = c;
-    }
-    __syncthreads();
-    const int pp = p.patch * p.patch;
-    const int K = 3 * pp;
-    const int kc = blockIdx.x * blockDim.x + threadIdx.x;
-    if (kc >= K) return;
-    const int64_t row = static_cast<int64_t>(d) * K;
-    const int64_t total = static_cast<int64_t>(p.dim) * K;
-    const float* src = p.partial + row + kc;
-    float s = 0.f;
-#pragma unroll 8
-    for (int j = 0; j < p.splits; ++j) s += src[j * total];
-    const int c = kc % 3;
-    p.dweight[row + c * pp + kc / 3] += p.scale[c] * s + (p.shift[c] - p.scale[c]) * s_colsum;
+    reduce_weight_partials<true, true>(p);
 }
 
 // Per token t and 8 channels: sums over the batch (in a fixed order) of its content row and of its
