@@ -994,10 +994,10 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
             // hwc-ws's weight gradient multiplies the raw pixels (exact in bf16) and normalises
             // the sums, where the mma.sync kernel multiplies bf16-rounded normalised pixels: the
             // two differ by the sum of those roundings, measured here on 4096 random elements
-            // (pixel_rounding_gap); 3 times its largest covers the elements not sampled, and a
-            // wrong layout, which moves elements by the order of the largest one, still fails. (On the CPU,
-            // the largest move over all elements came to 1.1-1.7 times the sampled one, about 2e-3 of
-            // the largest element.)
+            // (pixel_rounding_gap); 3 times its largest covers the elements not sampled (on the
+            // CPU the largest move over all elements came to 1.1-1.7 times the sampled one, about
+            // 2e-3 of the largest element), and a wrong layout, which moves elements by the order
+            // of the largest one, still fails.
             let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
             let (w, w_ref) = (&grads.w, &reference_grads.w);
             let tol = 1e-4 * scale
