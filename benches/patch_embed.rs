@@ -124,7 +124,7 @@ fn bench_gpu(c: &mut Criterion) {
         forward(g, s, x, e)?;
         backward(g, s, x, e)
     };
-    let (chw, hwc, wgmma) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc), Some(PixelOrder::HwcWgmma));
+    let (chw, hwc) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc));
     let ws = Some(PixelOrder::HwcWs);
     // A forward of one order with the backward of another (MAPET_PATCH_EMBED_BACKWARD_ORDER).
     let ws_then_hwc: Step = |g, s, x, _| {
@@ -137,17 +137,14 @@ fn bench_gpu(c: &mut Criterion) {
     };
     // The hwc-ws variants last, the newest kernels: a kernel fault is sticky, and would fail
     // every line after it.
-    let cases: [(&str, Step, Entry, f64); 16] = [
+    let cases: [(&str, Step, Entry, f64); 13] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),
-        ("forward u8 hwc-wgmma", forward, wgmma, flops),
         ("forward f32", forward, None, flops),
         ("backward u8 chw", backward, chw, flops),
         ("backward u8 hwc", backward, hwc, flops),
-        ("backward u8 hwc-wgmma", backward, wgmma, flops),
         ("forward+backward u8 chw", fwd_bwd, chw, 2.0 * flops),
         ("forward+backward u8 hwc", fwd_bwd, hwc, 2.0 * flops),
-        ("forward+backward u8 hwc-wgmma", fwd_bwd, wgmma, 2.0 * flops),
         ("forward+backward f32", fwd_bwd, None, 2.0 * flops),
         ("forward u8 hwc-ws", forward, ws, flops),
         ("backward u8 hwc-ws", backward, ws, flops),

@@ -185,8 +185,9 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint
 }
 
 // d (128 f32 a thread) += A (64 x 16, descriptor a) B (16 x 256, descriptor b); the accumulator
-// layout of wgmma_m64n64k16 with 32 n-chunks of 8. TransA / TransB as in wgmma_m64n128k16 (0, the
-// default: both K-major, B given as B^T).
+// layout of wgmma_m64n64k16 with 32 n-chunks of 8. TransA / TransB: 0 (the default) for a K-major
+// operand (K contiguous within a 16-byte core-matrix row; B given as B^T), 1 for an M/N-major one
+// (M or N contiguous).
 template <int TransA = 0, int TransB = 0>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
     asm volatile(
@@ -219,22 +220,6 @@ __device__ __forceinline__ void regs_release() {
 template <int N>
 __device__ __forceinline__ void regs_claim() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-
-// d (64 f32 a thread) += A (64 x 16, descriptor a) x B (16 x 128, descriptor b), asynchronously.
-// Lane (g, t) of warp w of the warpgroup holds, for n-chunk j: d[4j], d[4j+1] = rows 16w + g,
-// columns 8j + 2t, +1; d[4j+2], d[4j+3] = row 16w + g + 8, the same columns.
-// TransA / TransB: 0 for a K-major operand (K contiguous within a 16-byte core-matrix row), 1 for
-// an M/N-major one (M or N contiguous).
-template <int TransA = 0, int TransB = 0>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{" MAPET_WG_REGS_64 "}, "
-        "%64, %65, p, 1, 1, %66, %67;\n}\n"
-        : MAPET_WG_ACC_64
-        : "l"(a), "l"(b), "n"(TransA), "n"(TransB));
 }
 
 // One arrival on an mbarrier (no transactions).

@@ -675,47 +675,8 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
     }
 }
 
-// ------------------------------------------------------------------ forward on Hopper's wgmma (sm_90a)
-//
-// The HWC forward again, with the MMAs issued as wgmma by two warpgroups of 4 warps (rows 0-63 and
-// 64-127 of the tile, all 128 channels each: m64n128k16, both operands from shared memory). A
-// wgmma runs asynchronously: the warps build the next step's A tile from the pixels while the
-// tensor cores multiply the current one, where the mma.sync kernel's warps wait on every MMA's
-// result. The tile, the pixel path and the epilogue's arithmetic are those of
-// mapet_patch_embed_fwd_u8_hwc, so both give the same f32 sums up to the order in which the
-// tensor cores add the products of a 16-deep step. EXPERIMENTAL: selected by
-// MAPET_PATCH_EMBED_ORDER=hwc-wgmma on a compute capability 9.0 device only.
-//
-// Measured on an H200 (BENCHMARKS.md, sixth run): correct, but 0.191 ms against the mma.sync
-// kernel's 0.176 ms at ViT-B, with 41% of the warps' time stalled on global loads. A variant that
-// kept each 128-row panel of normalised pixels (all K, 192 KB) resident for every channel tile,
-// persistent with one block an SM, was slower still (0.226 ms): the 34 KB left beside the panel
-// holds only two 8 KB weight tiles in flight, too few for the L2's latency, with 2 warps a
-// scheduler to hide it. Both point at the weight stream: 128-row tiles read the whole weight
-// from L2 once per tile (231 MB at ViT-B), and covering that needs deeper asynchronous copies
-// (TMA into a swizzled ring: forward_hwc_ws below).
-//
-// Shared memory in the no-swizzle canonical layout of wgmma: "core matrices" of 8 rows x 16 bytes
-// (8 bf16 of K), each 128 contiguous bytes. A tile [128 rows][32 k'] and weight tile
-// [128 channels][32 k'] alike: element (r, k) at (k / 8) * 2048 + (r / 8) * 128 + (r % 8) * 16 +
-// (k % 8) * 2 bytes. So the descriptor's leading-dimension byte offset (between core matrices
-// adjacent in K) is 2048 and its stride-dimension byte offset (between core matrices adjacent in
-// M or N) is 128; a 16-deep step advances the start address by 2 * 2048, warpgroup 1's rows by
-// 8 * 128. Both operands are K-major (the weight as [n][k], k contiguous): no transposes.
+// ------------------------------------------------------------------ shared-memory stores (sm_90a)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int kWgCoreK = 2048;   // bytes between core matrices adjacent in K (LBO)
-constexpr int kWgCoreMN = 128;   // bytes between core matrices adjacent in M / N (SBO)
-constexpr int kWgTile = 8192;    // one 128 x 32 bf16 tile
-
-// Where (row r, 8-group kg of K) starts in a tile: the 16 bytes of one core-matrix row.
-__device__ __forceinline__ int wg_off(int r, int kg) { return kg * kWgCoreK + (r >> 3) * kWgCoreMN + (r & 7) * 16; }
-
-// A shared-memory matrix descriptor, no swizzle: start address, LBO and SBO in 16-byte units.
-__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
-    return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(kWgCoreK >> 4) << 16) |
-           (static_cast<uint64_t>(kWgCoreMN >> 4) << 32);
-}
-
 // 16 bytes to the shared-space address dst.
 __device__ __forceinline__ void st_shared16(uint32_t dst, const uint4& v) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -727,170 +688,15 @@ __device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(v) : "memory");
 }
 
-// Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to the tensor
-// cores' reads (the async proxy); a barrier after it publishes them to the other threads' wgmma.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// The end of a step of the wgmma kernels, whose cp.async tiles run two steps ahead (one commit per
-// step): wait until the next step's tile has landed (all but the newest group), make this thread's
-// shared-memory writes visible to the tensor cores, wait for this step's MMAs to finish reading
-// their stages, then the barrier after which the next step's MMAs may start and this step's
-// stages may be refilled.
-__device__ __forceinline__ void end_wgmma_step() {
-    cp_async_wait_group<1>();
-    fence_proxy_async();
-    wgmma_wait_groups<0>();
-    __syncthreads();
-}
-
-__device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
-    // A tiles double-buffered (written by the warps a step ahead), weight tiles triple-buffered
-    // (cp.async two steps ahead, so that an L2 round trip has a whole step to land).
-    __shared__ __align__(128) unsigned char a_tiles[2][kWgTile];
-    __shared__ __align__(128) unsigned char w_tiles[3][kWgTile];
-    __shared__ int row_dst[kFwdM];
-    __shared__ int row_tok[kFwdM];
-
-    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
-    const Pixels<true> px = make_pixels<true>(P);
-    const __nv_bfloat16* weight = static_cast<const __nv_bfloat16*>(P.weight_hwc);
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int wg = warp >> 2;  // warpgroup: rows 64 wg .. 64 wg + 63
-    const int n0 = blockIdx.x * kFwdN;
-    const int m0 = blockIdx.y * kFwdM;
-
-    find_rows(P, g, m0, row_dst, row_tok);
-
-    // This thread fills, in both tiles, rows (tid % 8) + 8 (tid / 32) and that + 64, 8-group
-    // kg = (tid / 8) % 4 of K: the 8 threads of a quarter warp write one whole core matrix (128
-    // contiguous bytes, no bank conflict).
-    const int kg = (tid >> 3) & 3;
-    const int r_lo = (tid & 7) + 8 * warp;
-    int base[2];
-    patch_bases(px, g, m0 + r_lo, base);
-    const uint32_t a_s = smem_addr(a_tiles), w_s = smem_addr(w_tiles);
-    auto a_tile = [&](int st) { return a_s + static_cast<uint32_t>(st * kWgTile); };
-    auto w_tile = [&](int ws) { return w_s + static_cast<uint32_t>(ws * kWgTile); };
-    auto load_w = [&](int st, int k0) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int n = n0 + r_lo + 64 * i;
-            const int k = k0 + kg * 8;
-            const bool ok = n < g.D && k < g.K;
-            const uint32_t dst = w_tile(st) + wg_off(r_lo + 64 * i, kg);
-            const __nv_bfloat16* src = ok ? weight + static_cast<int64_t>(n) * g.K + k : weight;
-            cp_async16_to(dst, src, ok);
-        }
-    };
-
-    float acc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    const int steps = (g.K + kFwdK - 1) / kFwdK;
-
-    struct Slot {
-        uint2 w[2];
-        bool ok;
-    };
-    HwcCursor cur(kg * 8, g.p, g.S);
-    auto fetch = [&](Slot& slot) {
-        slot.ok = cur.k < g.K;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) slot.w[i] = px.load_hwc(base[i], cur.off, slot.ok);
-        cur.advance(kFwdK);
-    };
-    // As in the mma.sync kernel: the first channel of step s's group is (8 kg + 32 s) % 3.
-    int c_store = (kg * 8) % 3;
-    auto store = [&](const Slot& slot, int st) {
-        const Norm3 nrm = px.norm3(c_store);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const uint4 v = px.finish_hwc(slot.w[i], nrm, slot.ok && base[i] >= 0);
-            st_shared16(a_tile(st) + wg_off(r_lo + 64 * i, kg), v);
-        }
-        c_store += kFwdK % 3;
-        if (c_store >= 3) c_store -= 3;
-    };
-    // This warpgroup's A rows of A stage st and the whole weight tile of W stage ws, both 16-deep
-    // halves (kk) of the step.
-    auto mma = [&](int st, int ws) {
-        wgmma_fence_acc();
-#pragma unroll
-        for (int kk = 0; kk < 2; ++kk) {
-            const uint64_t a = wg_desc(a_tile(st) + wg * 8 * kWgCoreMN + kk * 2 * kWgCoreK);
-            const uint64_t b = wg_desc(w_tile(ws) + kk * 2 * kWgCoreK);
-            wgmma_m64n128k16(acc, a, b);
-        }
-        wgmma_commit_groups();
-    };
-
-    // One cp.async group per weight tile, committed even when empty, so that "all but the newest
-    // group have landed" always means "the next step's tile has landed".
-    Slot even, odd;
-    fetch(even);
-    load_w(0, 0);
-    cp_async_commit();
-    if (steps > 1) load_w(1, kFwdK);
-    cp_async_commit();
-    fetch(odd);
-    store(even, 0);
-    cp_async_wait_group<1>();
-    fence_proxy_async();
-    __syncthreads();
-    // Step s: start the MMAs of step s (A stage s % 2, W stage s % 3); while they run, start
-    // step s + 2's weight tile (into W stage (s - 1) % 3, whose MMAs have completed), fetch step
-    // s + 2's pixels and fill A stage (s + 1) % 2 with step s + 1's; wait for step s + 1's weight
-    // tile and this step's MMAs, then the barrier after which their stages may be overwritten.
-    auto step = [&](int s, Slot& refill, const Slot& next) {
-        const int st = s & 1;
-        const int ws = s % 3;
-        const bool more = s + 1 < steps;
-        mma(st, ws);
-        if (s + 2 < steps) load_w(ws == 0 ? 2 : ws - 1, (s + 2) * kFwdK);
-        cp_async_commit();
-        fetch(refill);
-        if (more) store(next, st ^ 1);
-        end_wgmma_step();
-    };
-    for (int s = 0; s < steps; s += 2) {
-        step(s, even, odd);
-        if (s + 1 < steps) step(s + 1, odd, even);
-    }
-
-    // Epilogue: lane (g, t) of warp w holds rows 64 wg + 16 (w % 4) + g (+ 8), columns 8j + 2t.
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(P.out);
-    const int gq = lane >> 2;
-    const int q = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = wg * 64 + (warp & 3) * 16 + gq + 8 * h;
-        const int dst = row_dst[row];
-        if (dst < 0) continue;
-        const float* pos = P.pos_embed + static_cast<int64_t>(row_tok[row]) * g.D;
-        __nv_bfloat16* o = out + static_cast<int64_t>(dst) * g.D;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            const int col = n0 + j * 8 + 2 * q;
-            if (col < g.D) {
-                const float2 bb = __ldg(reinterpret_cast<const float2*>(P.bias + col));
-                const float2 pe = __ldg(reinterpret_cast<const float2*>(pos + col));
-                const float v0 = acc[4 * j + 2 * h] + bb.x + pe.x;
-                const float v1 = acc[4 * j + 2 * h + 1] + bb.y + pe.y;
-                *reinterpret_cast<__nv_bfloat162*>(o + col) = __floats2bfloat162_rn(v0, v1);
-            }
-        }
-    }
-}
-
 // ------------------------------------------------------------------ forward, warp-specialised on TMA (sm_90a)
 //
 // The HWC forward built the way the fast Hopper GEMMs are (hopper.cu, mapet_hopper_gemm_tn), with
-// the pixel path as the producer of A. Why: both kernels above keep the tensor cores waiting on
-// loads (BENCHMARKS.md, fifth run: 42% of the warps' time stalled on global loads; the weight
-// re-read from L2 for every 128-row tile with two tiles in flight, by the same warps that issue
-// the MMAs). Here the loads run in warps of their own, several slices ahead:
+// the pixel path as the producer of A. Why: the mma.sync HWC kernel, and a wgmma form of it with
+// the loads and the MMAs in the same warps (removed after the seventh run, slower: 0.191 ms
+// against 0.176 at ViT-B in the sixth), kept the tensor cores waiting on loads (BENCHMARKS.md,
+// fifth and sixth runs: 42% of the warps' time stalled on global loads; the weight re-read from L2
+// for every 128-row tile with two tiles in flight). Here the loads run in warps of their own,
+// several slices ahead:
 // - a block computes tiles of 128 patch rows x 192 channels, persistent: tile i of the grid-stride
 //   walk is channel tile i % nt and row tile i / nt (nt = ceil(D / 192)), so the nt blocks that
 //   read one row tile's pixels run side by side and share them in L2. At ViT-B, 4 x 196 = 784
@@ -917,7 +723,7 @@ __device__ __forceinline__ void forward_hwc_wgmma(const MapetPatchEmbedFwd& P) {
 //   (write_other_rows; the CLS rows at a tile's first slice, write_cls_rows). They are 58 MB of the 96 MB
 //   output at ViT-B, batch 128: as a kernel of their own, they ran with the tensor cores idle.
 // A producer thread's proxy fence compiles to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S with its later
-// slices' pixel loads in flight; forward_hwc_wgmma fences the same way with its register-staged
+// slices' pixel loads in flight; the removed wgmma form fenced the same way with register-staged
 // loads in flight, and ncu counted no membar stalls there (fifth run), so the fence does not wait
 // for them.
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
@@ -1567,145 +1373,6 @@ __device__ __forceinline__ void store_wg_partials(const MapetPatchEmbedBwd& P, c
     }
 }
 
-// The HWC weight gradient on wgmma (sm_90a): the same partials as backward_weight_hwc
-// (tile 128 channels x 128 of k', the contraction over the split's patch rows 32 a step), with
-// the MMAs issued by two warpgroups (channels 0-63 and 64-127 of the tile, all 128 k' each:
-// m64n128k16) from shared memory. Both operands are M/N-major: a step's tiles hold 32 contraction
-// rows, each a 16-byte chunk of 8 channels (d_out, gathered by cp.async) or of 8 k' (pixels,
-// normalised in registers), which is one row of a core matrix ("forward on Hopper's wgmma"): element
-// (row, x) at (row / 8) * 2048 + (x / 8) * 128 + (row % 8) * 16 + (x % 8) * 2 bytes, so LBO (K,
-// here the rows) = 2048 and SBO (M/N) = 128, as in the forward, with both transpose flags set.
-// d_out tiles are triple-buffered (cp.async two steps ahead: they come from DRAM), pixel tiles
-// double-buffered (loaded into registers two steps ahead, stored one step ahead); a step's row
-// table entries are read four steps before its MMAs, two before its loads are issued.
-// EXPERIMENTAL: MAPET_PATCH_EMBED_ORDER=hwc-wgmma, compute capability 9.0 only. Correct on an
-// H200 but slower than the mma.sync kernel (backward 0.216 ms against 0.205 ms at ViT-B), 45% of
-// the warps' time stalled on global loads (BENCHMARKS.md, sixth run).
-__device__ __forceinline__ void backward_weight_hwc_wgmma(const MapetPatchEmbedBwd& P) {
-    __shared__ __align__(128) unsigned char g_tiles[3][kWgTile];  // d_out: [32 rows][128 channels]
-    __shared__ __align__(128) unsigned char p_tiles[2][kWgTile];  // pixels: [32 rows][128 k']
-
-    const Geometry g = geometry(P.batch, P.image, P.patch, P.dim, P.n_context);
-    const Pixels<true> px = make_pixels<true>(P);
-    const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(P.d_out);
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int wg = warp >> 2;  // warpgroup: channels 64 wg .. 64 wg + 63 of the tile
-    const WeightBlock wb = weight_block(P, g, kBwdC);
-    const int k0 = wb.k0, n0 = wb.n0, split = wb.split, m_begin = wb.m_begin, m_end = wb.m_end;
-    const int steps = wb.steps;
-
-    // This thread stages contraction row `row` of every step (the 32 lanes of a warp cover the
-    // 32 rows, so a quarter warp writes one whole core matrix) and 16-byte chunks `warp` and
-    // `warp + 8` of it: channels n0 + 8 warp (+ 64) of d_out, and k' = k0 + 8 warp (+ 64) of
-    // the pixels.
-    const int row = lane;
-    const uint32_t row_off = static_cast<uint32_t>((row >> 3) * kWgCoreK + (row & 7) * 16);
-    int n_col[2], k_col[2];
-    bool k_ok[2];
-    HwcCursor col[2] = {HwcCursor(k0 + 8 * warp, g.p, g.S), HwcCursor(k0 + 8 * warp + 64, g.p, g.S)};
-    Norm3 norm[2];
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-        n_col[c] = n0 + 8 * warp + 64 * c;
-        k_col[c] = k0 + 8 * warp + 64 * c;
-        k_ok[c] = k_col[c] < g.K;
-        norm[c] = px.norm3(col[c].c);
-    }
-    const uint32_t g_s = smem_addr(g_tiles), p_s = smem_addr(p_tiles);
-    // Shared address of this thread's chunk c (x = 8 warp + 64 c) in a tile.
-    auto chunk_off = [&](int c) { return row_off + static_cast<uint32_t>((warp + 8 * c) * kWgCoreMN); };
-
-    // Row table entry of this thread's row in step s ({-1, -1}: past the split).
-    auto info_of = [&](int s) {
-        const int m = m_begin + s * kBwdC + row;
-        return m < m_end ? __ldg(reinterpret_cast<const int2*>(P.row_info) + m) : make_int2(-1, -1);
-    };
-    // d_out chunks of step s's row into d_out stage gs (zeros where there is no row or channel).
-    auto load_g = [&](int2 info, int gs) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const bool ok = info.x >= 0 && n_col[c] < g.D;
-            const __nv_bfloat16* src = ok ? d_out + static_cast<int64_t>(info.x) * g.D + n_col[c] : d_out;
-            cp_async16_to(g_s + gs * kWgTile + chunk_off(c), src, ok);
-        }
-    };
-    struct Slot {
-        uint2 w[2];  // raw bytes of the two pixel chunks
-        bool row_ok;
-    };
-    auto fetch = [&](int2 info, Slot& slot) {
-        slot.row_ok = info.y >= 0;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) slot.w[c] = px.load_hwc(info.y, col[c].off, k_ok[c]);
-    };
-    auto store = [&](const Slot& slot, int ps) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const uint4 v = px.finish_hwc(slot.w[c], norm[c], k_ok[c] && slot.row_ok);
-            st_shared16(p_s + ps * kWgTile + chunk_off(c), v);
-        }
-    };
-
-    float acc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    // This warpgroup's 64 channels of d_out stage gs against all 128 k' of pixel stage ps, both
-    // 16-deep halves of the step's 32 rows.
-    auto mma = [&](int gs, int ps) {
-        wgmma_fence_acc();
-#pragma unroll
-        for (int kk = 0; kk < 2; ++kk) {
-            const uint64_t a = wg_desc(g_s + gs * kWgTile + wg * 8 * kWgCoreMN + kk * 2 * kWgCoreK);
-            const uint64_t b = wg_desc(p_s + ps * kWgTile + kk * 2 * kWgCoreK);
-            wgmma_m64n128k16<1, 1>(acc, a, b);
-        }
-        wgmma_commit_groups();
-    };
-
-    if (steps > 0) {
-        Slot even, odd;  // pixels of steps 0, 2, 4, ... and 1, 3, 5, ...
-        const int2 info0 = info_of(0);
-        const int2 info1 = info_of(1);
-        int2 info_cur = info_of(2);   // the row of step s + 2, during step s
-        int2 info_next = info_of(3);  // and of step s + 3
-        load_g(info0, 0);
-        cp_async_commit();
-        load_g(info1, 1);
-        cp_async_commit();
-        fetch(info0, even);
-        fetch(info1, odd);
-        store(even, 0);
-        cp_async_wait_group<1>();
-        fence_proxy_async();
-        __syncthreads();
-        // Step s: start the MMAs of step s; while they run, start step s + 2's d_out chunks (into
-        // the d_out stage step s - 1 read) and pixel loads, read the table three steps ahead, and
-        // store step s + 1's pixels (into the pixel stage step s - 1 read); then wait for step s +
-        // 1's d_out and this step's MMAs, and the barrier after which their stages may be reused.
-        auto step = [&](int s, Slot& refill, const Slot& next) {
-            const int gs = s % 3;
-            mma(gs, s & 1);
-            if (s + 2 < steps) {
-                load_g(info_cur, gs == 0 ? 2 : gs - 1);
-                fetch(info_cur, refill);
-            }
-            cp_async_commit();
-            info_cur = info_next;
-            info_next = info_of(s + 4);
-            if (s + 1 < steps) store(next, (s + 1) & 1);
-            end_wgmma_step();
-        };
-        for (int s = 0; s < steps; s += 2) {
-            step(s, even, odd);
-            if (s + 1 < steps) step(s + 1, odd, even);
-        }
-    }
-
-    // This warpgroup's channels 64 wg .. 64 wg + 63 of the tile, all 128 k'.
-    store_wg_partials<16>(P, g, acc, split, n0 + wg * 64, k0, lane, warp & 3);
-}
 // The HWC weight gradient, warp-specialised (sm_90a): a block takes 128 channels x 256 k' of one
 // split's patch rows, in 64-row slices through a ring of kWbStages stages, with the loads in a
 // warpgroup of their own (as in forward_hwc_ws) and both operands in the 128-byte swizzle, M/N-major
@@ -1936,16 +1603,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
     forward_patches<true, true>(p);
 }
 
-// As mapet_patch_embed_fwd_u8_hwc with the MMAs on wgmma (see "forward on Hopper's wgmma");
-// sm_90a only: elsewhere the kernel traps, and the launcher never picks it off a compute
-// capability 9.0 device. Grid (ceil(D/128), ceil(B*(N-1)/128)), 256 threads.
-extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8_hwc_wgmma(const MapetPatchEmbedFwd p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    forward_hwc_wgmma(p);
-#else
-    __trap();
-#endif
-}
 
 // As mapet_patch_embed_fwd_u8_hwc, warp-specialised with TMA weight loads (see "forward,
 // warp-specialised on TMA"); sm_90a only, as above. Grid min(tiles, SMs) (tiles =
@@ -2030,17 +1687,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
     backward_weight_hwc(p);
 }
 
-// As mapet_patch_embed_bwd_weight_u8_hwc with the MMAs on wgmma (backward_weight_hwc_wgmma);
-// sm_90a only: elsewhere the kernel traps, and the launcher never picks it off a compute
-// capability 9.0 device. Same grid, block, table and reduction.
-extern "C" __global__ void __launch_bounds__(kThreads, 2)
-    mapet_patch_embed_bwd_weight_u8_hwc_wgmma(const MapetPatchEmbedBwd p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    backward_weight_hwc_wgmma(p);
-#else
-    __trap();
-#endif
-}
 
 // The raw-pixel partials of the weight gradient, warp-specialised (backward_weight_hwc_ws);
 // sm_90a only, as above. Grid (ceil(K'/256), ceil(D/128), splits), 384 threads, dynamic shared

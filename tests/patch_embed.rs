@@ -536,14 +536,14 @@ fn pixel_order_names_parse_and_bad_names_are_refused() {
     // forward with hwc's backward on compute capability 9.0 only), the forward's order for the
     // backward when only the forward's is set, each by name when given, and an unknown name
     // refused naming its variable.
-    use PixelOrder::{Chw, Hwc, HwcWgmma, HwcWs};
+    use PixelOrder::{Chw, Hwc, HwcWs};
     let (hopper, ampere) = ((9, 0), (8, 0));
     let pair = |f, b, cc| PixelOrder::pair_named(f, b, cc).unwrap();
     assert_eq!(pair(None, None, hopper), (HwcWs, Hwc));
     assert_eq!(pair(None, None, ampere), (Hwc, Hwc));
     assert_eq!(pair(Some("chw"), None, hopper), (Chw, Chw));
     assert_eq!(pair(Some("hwc-ws"), None, hopper), (HwcWs, HwcWs));
-    assert_eq!(pair(None, Some("hwc-wgmma"), hopper), (HwcWs, HwcWgmma));
+    assert_eq!(pair(None, Some("hwc-ws"), hopper), (HwcWs, HwcWs));
     assert_eq!(pair(None, Some("chw"), ampere), (Hwc, Chw));
     assert_eq!(pair(Some("hwc"), Some("hwc-ws"), ampere), (Hwc, HwcWs));
     for (f, b, var) in [(Some("ws"), None, PixelOrder::VAR), (None, Some("ws"), PixelOrder::BACKWARD_VAR)] {
@@ -598,15 +598,10 @@ enum Entry {
 }
 
 impl Entry {
-    const ALL: [Entry; 5] = [
-        Entry::F32,
-        Entry::U8(PixelOrder::Chw),
-        Entry::U8(PixelOrder::Hwc),
-        Entry::U8(PixelOrder::HwcWgmma),
-        Entry::U8(PixelOrder::HwcWs),
-    ];
+    const ALL: [Entry; 4] =
+        [Entry::F32, Entry::U8(PixelOrder::Chw), Entry::U8(PixelOrder::Hwc), Entry::U8(PixelOrder::HwcWs)];
 
-    /// Whether `gpu` runs this entry (the wgmma kernels need compute capability 9.0) and
+    /// Whether `gpu` runs this entry (the warp-specialised kernels need compute capability 9.0) and
     /// `MAPET_TEST_PATCH_ORDERS` keeps it ([`listed`]); says so when it does not.
     fn runs_on(self, gpu: &Gpu) -> bool {
         let order = match self {
@@ -923,37 +918,35 @@ fn pixel_rounding_gap(rng: &mut impl Rng, c: &Case, d_out: &[f32], samples: usiz
     gap
 }
 
-/// The sm_90a-only orders (`hwc-wgmma`, `hwc-ws`) are refused, with an error that names the order
-/// and the compute capability, where they cannot run; where they can, they agree with the mma.sync
-/// HWC kernels (and the tests above check them against the CPU on such a device).
+/// The sm_90a-only order (`hwc-ws`) is refused, with an error that names the order and the compute
+/// capability, where it cannot run; where it can, it agrees with the mma.sync HWC kernels (and the
+/// tests above check it against the CPU on such a device).
 #[test]
 fn hopper_orders_run_only_on_compute_capability_9_0() {
     let test = "hopper_orders_run_only_on_compute_capability_9_0";
     let Some(gpu) = gpu_or_skip(test) else { return };
     let mut rng = rng(test);
-    let orders = [PixelOrder::HwcWgmma, PixelOrder::HwcWs];
+    let order = PixelOrder::HwcWs;
+    let name = order.name();
     if gpu.compute_capability() != (9, 0) {
         let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
         let case = make_case(&mut rng, s);
         let dc = upload(&gpu, &case);
         let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
         let init = Grads32::random(&mut rng, &s, 0.1);
-        for order in orders {
-            assert!(!order.supported_on(&gpu));
-            let forward = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap_err();
-            let backward = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).err().unwrap();
-            for e in [forward, backward] {
-                let msg = e.to_string();
-                assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
-                assert!(msg.contains(order.name()) && msg.contains("9.0"), "{msg}");
-            }
+        assert!(!order.supported_on(&gpu));
+        let forward = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap_err();
+        let backward = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).err().unwrap();
+        for e in [forward, backward] {
+            let msg = e.to_string();
+            assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
+            assert!(msg.contains(name) && msg.contains("9.0"), "{msg}");
         }
         return;
     }
-    // On 9.0 the Hopper orders are compared with the hwc kernels: each needs both listed.
-    let orders: Vec<PixelOrder> = orders.into_iter().filter(|&o| listed(o) && listed(PixelOrder::Hwc)).collect();
-    if orders.is_empty() {
-        eprintln!("SKIP {test}: {ORDERS_VAR} leaves out hwc, or both Hopper orders");
+    // On 9.0 hwc-ws is compared with the hwc kernels: it needs both listed.
+    if !listed(order) || !listed(PixelOrder::Hwc) {
+        eprintln!("SKIP {test}: {ORDERS_VAR} leaves out hwc or hwc-ws");
         return;
     }
     let hwc = Entry::U8(PixelOrder::Hwc);
@@ -973,46 +966,38 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
         let reference = gpu_forward(&gpu, &case, &dc, hwc).unwrap();
         let reference_grads = gpu_backward(&gpu, &case, &dc, hwc, &d_out, &init).unwrap();
         let scale = reference_grads.w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for &order in &orders {
-            let name = order.name();
-            // Against the mma.sync HWC kernels: the same bf16 products, summed in another order
-            // (within a 16-deep step; hwc-ws also starts from bias + pos_embed). Forward: each
-            // output is rounded to bf16 once, so the two may land one bf16 ulp apart, at most
-            // 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32 sums of 32 rows of
-            // products of magnitude up to about 1 here differ by a few f32 ulps, around 1e-6 of
-            // the largest element; 1e-4 of it leaves room for the tensor cores' internal order
-            // while a wrong layout, which moves elements by the order of the largest one, cannot
-            // pass.
-            let out = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap();
-            mapet::testing::assert_all_written(&format!("{name} forward"), &out);
-            let near = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol;
-            let m = forward_misses(&case, |i| !near(out[i], reference[i], 1e-2 * reference[i].abs().max(1.0)));
-            if let Some(&i) = m.wrong.first() {
-                eprintln!("{}", m.report(&format!("the {name} forward")));
-                panic!("{s:?}: forward element {i}: {name} {}, mma.sync {}", out[i], reference[i]);
-            }
-            // hwc-ws's weight gradient multiplies the raw pixels (exact in bf16) and normalises
-            // the sums, where the mma.sync kernel multiplies bf16-rounded normalised pixels: the
-            // two differ by the sum of those roundings, measured here on 4096 random elements
-            // (pixel_rounding_gap); 3 times its largest covers the elements not sampled (on the
-            // CPU the largest move over all elements came to 1.1-1.7 times the sampled one, about
-            // 2e-3 of the largest element), and a wrong layout, which moves elements by the order
-            // of the largest one, still fails.
-            let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
-            let (w, w_ref) = (&grads.w, &reference_grads.w);
-            let tol = 1e-4 * scale
-                + if order == PixelOrder::HwcWs {
-                    let gap = pixel_rounding_gap(&mut rng, &case, &d_out_host, 4096);
-                    eprintln!("{s:?}: pixel rounding moves the weight gradient by up to {gap:.3e} (largest element {scale:.3e})");
-                    3.0 * gap as f32
-                } else {
-                    0.0
-                };
-            let m = weight_grad_misses(&s, |i| !near(w[i], w_ref[i], tol));
-            if let Some(&i) = m.wrong.first() {
-                eprintln!("{}", m.report(&format!("the {name} weight gradient")));
-                panic!("{s:?}: weight gradient element {i}: {name} {}, mma.sync {}", w[i], w_ref[i]);
-            }
+        // Against the mma.sync HWC kernels: the same bf16 products, summed in another order
+        // (within a 16-deep step; hwc-ws also starts from bias + pos_embed). Forward: each
+        // output is rounded to bf16 once, so the two may land one bf16 ulp apart, at most
+        // 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32 sums of 32 rows of
+        // products of magnitude up to about 1 here differ by a few f32 ulps, around 1e-6 of
+        // the largest element; 1e-4 of it leaves room for the tensor cores' internal order
+        // while a wrong layout, which moves elements by the order of the largest one, cannot
+        // pass.
+        let out = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap();
+        mapet::testing::assert_all_written(&format!("{name} forward"), &out);
+        let near = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol;
+        let m = forward_misses(&case, |i| !near(out[i], reference[i], 1e-2 * reference[i].abs().max(1.0)));
+        if let Some(&i) = m.wrong.first() {
+            eprintln!("{}", m.report(&format!("the {name} forward")));
+            panic!("{s:?}: forward element {i}: {name} {}, mma.sync {}", out[i], reference[i]);
+        }
+        // hwc-ws's weight gradient multiplies the raw pixels (exact in bf16) and normalises
+        // the sums, where the mma.sync kernel multiplies bf16-rounded normalised pixels: the
+        // two differ by the sum of those roundings, measured here on 4096 random elements
+        // (pixel_rounding_gap); 3 times its largest covers the elements not sampled (on the
+        // CPU the largest move over all elements came to 1.1-1.7 times the sampled one, about
+        // 2e-3 of the largest element), and a wrong layout, which moves elements by the order
+        // of the largest one, still fails.
+        let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
+        let (w, w_ref) = (&grads.w, &reference_grads.w);
+        let gap = pixel_rounding_gap(&mut rng, &case, &d_out_host, 4096);
+        eprintln!("{s:?}: pixel rounding moves the weight gradient by up to {gap:.3e} (largest element {scale:.3e})");
+        let tol = 1e-4 * scale + 3.0 * gap as f32;
+        let m = weight_grad_misses(&s, |i| !near(w[i], w_ref[i], tol));
+        if let Some(&i) = m.wrong.first() {
+            eprintln!("{}", m.report(&format!("the {name} weight gradient")));
+            panic!("{s:?}: weight gradient element {i}: {name} {}, mma.sync {}", w[i], w_ref[i]);
         }
     }
 }

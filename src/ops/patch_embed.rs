@@ -537,20 +537,13 @@ pub enum PixelOrder {
     /// the default backward everywhere ([`PixelOrder::defaults_for`]: the order has no default
     /// apart from the device).
     Hwc,
-    /// [`PixelOrder::Hwc`] with the MMAs of the forward and of the weight gradient issued as
-    /// Hopper's asynchronous wgmma (`mapet_patch_embed_fwd_u8_hwc_wgmma`,
-    /// `mapet_patch_embed_bwd_weight_u8_hwc_wgmma`: the warps build the next tiles while the
-    /// tensor cores multiply the current ones). Compute capability 9.0 only (H100/H200; elsewhere
-    /// an error says so). Experimental: it matches the mma.sync kernels on an H200 but is slower
-    /// there (forward + backward 0.41 ms against 0.378 ms at ViT-B, BENCHMARKS.md).
-    HwcWgmma,
     /// [`PixelOrder::Hwc`] with the forward and the weight gradient warp-specialised
     /// (`mapet_patch_embed_fwd_u8_hwc_ws`, `mapet_patch_embed_bwd_weight_u8_hwc_ws`): one
     /// warpgroup loads, slices ahead, into a ring of shared-memory stages (the forward's weight by
     /// TMA and its pixels normalised through registers; the weight gradient's d_out by cp.async
     /// and its raw pixels, plus one, exact in bf16, with the normalisation applied by its
-    /// reduction), and two warpgroups run wgmma on them. Compute capability 9.0 only (as
-    /// `hwc-wgmma`). In the seventh run its tests passed on an H200, and at ViT-B its forward
+    /// reduction), and two warpgroups run wgmma on them. Compute capability 9.0 only (H100/H200;
+    /// elsewhere an error says so). In the seventh run its tests passed on an H200, and at ViT-B its forward
     /// took 0.150 ms against `Hwc`'s 0.175, its backward 0.226 against 0.198 (BENCHMARKS.md), so
     /// the default on compute capability 9.0 is its forward with `Hwc`'s backward
     /// ([`PixelOrder::defaults_for`]). Since that run, unverified on GPU: the forward's L1
@@ -561,22 +554,23 @@ pub enum PixelOrder {
 
 impl PixelOrder {
     /// Every order, for tests and benches.
-    pub const ALL: [PixelOrder; 4] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWgmma, PixelOrder::HwcWs];
+    pub const ALL: [PixelOrder; 3] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWs];
 
     /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
     fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
-        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWgmma | PixelOrder::HwcWs) && shape.patch.is_multiple_of(8)
+        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWs) && shape.patch.is_multiple_of(8)
     }
 
-    /// Whether this order can run on `gpu`: the wgmma kernels need compute capability 9.0 (their
-    /// sm_90a cubins; other devices would run the compute_80 PTX, whose copies of them trap).
+    /// Whether this order can run on `gpu`: the warp-specialised kernels need compute capability
+    /// 9.0 (their sm_90a cubins; other devices would run the compute_80 PTX, whose copies of them
+    /// trap).
     pub fn supported_on(self, gpu: &Gpu) -> bool {
         !self.hopper_only() || gpu.compute_capability() == (9, 0)
     }
 
     /// Whether this order runs sm_90a-only kernels.
     fn hopper_only(self) -> bool {
-        matches!(self, PixelOrder::HwcWgmma | PixelOrder::HwcWs)
+        self == PixelOrder::HwcWs
     }
 
     /// The environment variable that picks the backward's order apart from the forward's.
@@ -615,7 +609,7 @@ impl PixelOrder {
     }
 }
 
-/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-wgmma|hwc-ws` picks the order the CUDA backend passes to
+/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-ws` picks the order the CUDA backend passes to
 /// [`cuda_forward_u8`] and [`cuda_backward`] (read once, when the backend is made;
 /// [`PixelOrder::BACKWARD_VAR`] can give the backward another).
 impl KernelChoice for PixelOrder {
@@ -626,7 +620,6 @@ impl KernelChoice for PixelOrder {
         match self {
             PixelOrder::Chw => "chw",
             PixelOrder::Hwc => "hwc",
-            PixelOrder::HwcWgmma => "hwc-wgmma",
             PixelOrder::HwcWs => "hwc-ws",
         }
     }
@@ -666,15 +659,9 @@ fn device_pixels(
     })
 }
 
-/// The HWC kernel `order` runs: `special`'s entry for the sm_90a-only orders that have one (the
-/// wgmma kernels for [`PixelOrder::HwcWgmma`], the warp-specialised ones for
-/// [`PixelOrder::HwcWs`]), refused off a compute capability 9.0 device; else `mma_sync`.
-fn hwc_kernel(
-    gpu: &Gpu,
-    order: PixelOrder,
-    mma_sync: &'static str,
-    special: &[(PixelOrder, &'static str)],
-) -> Result<&'static str> {
+/// The HWC kernel `order` runs: `ws`, the warp-specialised kernel, for [`PixelOrder::HwcWs`]
+/// (refused off a compute capability 9.0 device); else `mma_sync`.
+fn hwc_kernel(gpu: &Gpu, order: PixelOrder, mma_sync: &'static str, ws: &'static str) -> Result<&'static str> {
     if order.hopper_only() && !order.supported_on(gpu) {
         let (major, minor) = gpu.compute_capability();
         return Err(Error::Unsupported {
@@ -686,7 +673,7 @@ fn hwc_kernel(
             ),
         });
     }
-    Ok(special.iter().find(|(o, _)| *o == order).map_or(mma_sync, |(_, k)| *k))
+    Ok(if order == PixelOrder::HwcWs { ws } else { mma_sync })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -704,12 +691,7 @@ fn cuda_forward(
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let hwc_kernel = hwc_kernel(
-        gpu,
-        order,
-        "mapet_patch_embed_fwd_u8_hwc",
-        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_fwd_u8_hwc_wgmma"), (PixelOrder::HwcWs, FWD_WS_KERNEL)],
-    )?;
+    let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_fwd_u8_hwc", FWD_WS_KERNEL)?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
@@ -880,12 +862,7 @@ pub fn cuda_backward(
     dmask_token: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let hwc_kernel = hwc_kernel(
-        gpu,
-        order,
-        "mapet_patch_embed_bwd_weight_u8_hwc",
-        &[(PixelOrder::HwcWgmma, "mapet_patch_embed_bwd_weight_u8_hwc_wgmma"), (PixelOrder::HwcWs, BWD_WS_KERNEL)],
-    )?;
+    let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_bwd_weight_u8_hwc", BWD_WS_KERNEL)?;
     let kernels = ["mapet_patch_embed_bwd_weight_u8", hwc_kernel, "mapet_patch_embed_bwd_weight_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     // The HWC kernels' partials are in their contraction order; their reduction permutes them
