@@ -125,7 +125,7 @@ fn bench_gpu(c: &mut Criterion) {
         backward(g, s, x, e)
     };
     let (chw, hwc) = (Some(PixelOrder::Chw), Some(PixelOrder::Hwc));
-    let ws = Some(PixelOrder::HwcWs);
+    let (ws, ws_raw) = (Some(PixelOrder::HwcWs), Some(PixelOrder::HwcWsRaw));
     // A forward of one order with the backward of another (MAPET_PATCH_EMBED_BACKWARD_ORDER).
     let ws_then_hwc: Step = |g, s, x, _| {
         forward(g, s, x, Some(PixelOrder::HwcWs))?;
@@ -135,9 +135,13 @@ fn bench_gpu(c: &mut Criterion) {
         forward(g, s, x, Some(PixelOrder::Hwc))?;
         backward(g, s, x, Some(PixelOrder::HwcWs))
     };
+    let ws_raw_then_hwc: Step = |g, s, x, _| {
+        forward(g, s, x, Some(PixelOrder::HwcWsRaw))?;
+        backward(g, s, x, Some(PixelOrder::Hwc))
+    };
     // The hwc-ws variants last, the newest kernels: a kernel fault is sticky, and would fail
     // every line after it.
-    let cases: [(&str, Step, Entry, f64); 13] = [
+    let cases: [(&str, Step, Entry, f64); 16] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),
         ("forward f32", forward, None, flops),
@@ -151,6 +155,9 @@ fn bench_gpu(c: &mut Criterion) {
         ("forward+backward u8 hwc-ws", fwd_bwd, ws, 2.0 * flops),
         ("forward+backward u8 hwc-ws/hwc", ws_then_hwc, ws, 2.0 * flops),
         ("forward+backward u8 hwc/hwc-ws", hwc_then_ws, ws, 2.0 * flops),
+        ("forward u8 hwc-ws-raw", forward, ws_raw, flops),
+        ("forward+backward u8 hwc-ws-raw", fwd_bwd, ws_raw, 2.0 * flops),
+        ("forward+backward u8 hwc-ws-raw/hwc", ws_raw_then_hwc, ws_raw, 2.0 * flops),
     ];
     let benched = PixelOrder::listed_in("MAPET_BENCH_PATCH_ORDERS").unwrap_or_else(|e| panic!("{e}"));
     let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");

@@ -200,15 +200,27 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, ui
 }
 
 // d (96 f32 a thread) += A (64 x 16, descriptor a) B^T (B 192 x 16, descriptor b), both K-major;
-// the accumulator layout of wgmma_m64n64k16 with 24 n-chunks of 8.
+// the accumulator layout of wgmma_m64n64k16 with 24 n-chunks of 8. F16: both operands f16
+// instead of bf16.
+template <bool F16 = false>
 __device__ __forceinline__ void wgmma_m64n192k16(float (&d)[96], uint64_t a, uint64_t b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 "
-        "{" MAPET_WG_REGS_96 "}, "
-        "%96, %97, p, 1, 1, 0, 0;\n}\n"
-        : MAPET_WG_ACC_96
-        : "l"(a), "l"(b));
+    if constexpr (F16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n192k16.f32.f16.f16 "
+            "{" MAPET_WG_REGS_96 "}, "
+            "%96, %97, p, 1, 1, 0, 0;\n}\n"
+            : MAPET_WG_ACC_96
+            : "l"(a), "l"(b));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 "
+            "{" MAPET_WG_REGS_96 "}, "
+            "%96, %97, p, 1, 1, 0, 0;\n}\n"
+            : MAPET_WG_ACC_96
+            : "l"(a), "l"(b));
+    }
 }
 
 // Hands registers between the warpgroups of a warp-specialised kernel: a producer gives up what

@@ -189,6 +189,9 @@ typedef struct MapetPatchEmbedFwd {
     int32_t patch;
     int32_t dim;
     int32_t n_context;
+    // f32 [D] scratch of the raw-pixel forward (hwc-ws-raw; null otherwise): bias plus the
+    // normalisation's shifts through the weight, written by mapet_patch_embed_weight_hwc_raw.
+    float* bias_raw;
 } MapetPatchEmbedFwd;
 
 // Backward, given d_out bf16 [B, R, D]; every gradient is f32 and accumulated (+=):

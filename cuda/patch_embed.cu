@@ -56,6 +56,7 @@
 // scratch); the weight-gradient partials come out in k' order and the reduction over splits
 // writes each sum at the weight's own index, so every caller is unchanged.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "hopper.cuh"
@@ -675,8 +676,52 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
     }
 }
 
-// ------------------------------------------------------------------ shared-memory stores (sm_90a)
+// ------------------------------------------------------------------ shared-memory stores, raw pixels (sm_90a)
+// The raw-pixel forward multiplies (u - kRawCenter) / kRawScale, exact in f16 (8 significant bits,
+// magnitude at least 2^-8), by its f16 weight scaled by kRawScale, so that weights down to about
+// 1e-5 stay normal in f16 (mapet_patch_embed_weight_hwc_raw).
+constexpr int kRawCenter = 127;
+constexpr float kRawScale = 256.f;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Bytes j and j + 1 of x, each plus one, as a bf16 pair (byte j in the low half), exactly:
+// - one PRMT makes the f16 pair 0x64uu = 1024 + u (f16 holds 11 significant bits);
+// - one f16x2 subtraction of 1023 leaves u + 1 in [1, 256], a normal f16 whose 10-bit mantissa
+//   has its low 3 bits clear (u + 1 needs 8 significant bits);
+// - so the bf16 bits are the f16 bits shifted right by 3 (the high half's clear low bits shift
+//   into the low half's top as zeros) with the exponent rebased by 127 - 15 = 112 (0x3800 a half):
+//   one shift-and-add. Three instructions a pair, where the f32 route (a PRMT and an FADD a value,
+//   then F2FP) takes five. The +1 keeps 0 away from f16's subnormal, zero exponent (which the
+//   rebase would turn into 2^-15); the reduction takes it back out with the column sum.
+__device__ __forceinline__ uint32_t pixel_pair_plus1(uint32_t x, int j) {
+    const uint32_t h = __byte_perm(x, 0x64u, static_cast<uint32_t>(j | 0x40 | ((j + 1) << 8) | 0x4000));
+    uint32_t u;
+    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(u) : "r"(h), "r"(0x63FE63FEu));  // f16 1023 = 0x63FE
+    return (u >> 3) + 0x38003800u;
+}
+
+// 8 pixel bytes, each plus one, as 8 bf16 values (pixel_pair_plus1).
+__device__ __forceinline__ uint4 pixels_plus1_bf16x8(uint2 w) {
+    return make_uint4(pixel_pair_plus1(w.x, 0), pixel_pair_plus1(w.x, 2), pixel_pair_plus1(w.y, 0),
+                      pixel_pair_plus1(w.y, 2));
+}
+
+// Bytes j and j + 1 of x as (u - 127) / 256, an f16 pair (byte j in the low half), exactly: one
+// PRMT makes the f16 pair 0x64uu = 1024 + u, one f16x2 FMA takes (1024 + u) 2^-8 - 1151 / 256
+// (2^-8 = 0x1C00, 1151 / 256 = 4.49609375 = 0x447F: both exact, and so is the result, rounded
+// once). Two instructions a pair.
+__device__ __forceinline__ uint32_t pixel_pair_centered_f16(uint32_t x, int j) {
+    const uint32_t h = __byte_perm(x, 0x64u, static_cast<uint32_t>(j | 0x40 | ((j + 1) << 8) | 0x4000));
+    uint32_t u;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(u) : "r"(h), "r"(0x1C001C00u), "r"(0xC47FC47Fu));
+    return u;
+}
+
+// 8 pixel bytes as (u - kRawCenter) / kRawScale, 8 f16 values (pixel_pair_centered_f16).
+__device__ __forceinline__ uint4 pixels_centered_f16x8(uint2 w) {
+    return make_uint4(pixel_pair_centered_f16(w.x, 0), pixel_pair_centered_f16(w.x, 2), pixel_pair_centered_f16(w.y, 0),
+                      pixel_pair_centered_f16(w.y, 2));
+}
+
 // 16 bytes to the shared-space address dst.
 __device__ __forceinline__ void st_shared16(uint32_t dst, const uint4& v) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -732,6 +777,16 @@ __device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
 // 0.150 ms at ViT-B against the mma.sync HWC kernel's 0.175 (BENCHMARKS.md). The L1 prefetch of
 // the mask-token rows' values (prefetch_other_rows) came after that run: unverified on GPU.
 //
+// kRaw (mapet_patch_embed_fwd_u8_hwc_ws_raw, MAPET_PATCH_EMBED_ORDER=hwc-ws-raw; written after the
+// seventh run, not a default, unverified on GPU): the producer stores the raw pixels as
+// (u - 127) / 256, exact in f16 (pixels_centered_f16x8: a PRMT and an HFMA2 a pair of pixels,
+// where normalising takes two PRMT, two FADD, two FFMA and an F2FP a pair, and selects), against
+// the f16 weight box and bias_raw of mapet_patch_embed_weight_hwc_raw; the MMAs are f16. Its
+// SASS: 96 HFMA2 and 99 PRMT where the normalising form has 192 FFMA, 300 FADD, 150 F2FP, 194
+// PRMT and 104 SEL (both warpgroups' code; the producer's loop loses about 190 instructions a
+// slice). Why: the profile of the seventh run had the consumers waiting on `full` (the
+// producer's pace) for 13% of their samples.
+//
 // Tried and removed after that run: clusters of two and four blocks taking the same channel tile
 // of adjacent row tiles, each loading its share of every weight box by TMA multicast into all of
 // them. They cut the weight's L2 traffic to a half and a quarter, and took 0.163 and 0.181 ms:
@@ -765,6 +820,7 @@ struct WsSlice {
     uint32_t rows_ok;  // bit r: row r0 + 16r of the tile is a patch row
 };
 
+template <bool kRaw>
 __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     const MapetPatchEmbedFwd& P = T.p;
     extern __shared__ unsigned char ws_smem_raw[];
@@ -833,13 +889,20 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
                 mbar_arrive_expect_tx(&full[s], kWsBBytes);
                 tma_load_2d(stage + kWsABytes, &T.weight_hwc, p_t * kWsK, (p_tile % n_tiles) * kWsN, &full[s]);
             }
-            const Norm3 nrm = px.norm3(sl.c);
             // Rows r0 + 16 r share r0's place in the swizzle: 16 rows on is 2048 bytes on.
             const uint32_t a = hopper_smem_addr(stage) + sw128_offset(r0, kg);
+            if constexpr (kRaw) {
+                // (u - 127) / 256 in f16, whatever the row: a row past the end (zero bytes) is never
+                // stored.
 #pragma unroll
-            for (int r = 0; r < kWsGroups; ++r) {
-                const uint4 v = px.finish_hwc(sl.w[r], nrm, sl.ok && ((sl.rows_ok >> r) & 1u));
-                st_shared16(a + r * 16 * 128, v);
+                for (int r = 0; r < kWsGroups; ++r) st_shared16(a + r * 16 * 128, pixels_centered_f16x8(sl.w[r]));
+            } else {
+                const Norm3 nrm = px.norm3(sl.c);
+#pragma unroll
+                for (int r = 0; r < kWsGroups; ++r) {
+                    const uint4 v = px.finish_hwc(sl.w[r], nrm, sl.ok && ((sl.rows_ok >> r) & 1u));
+                    st_shared16(a + r * 16 * 128, v);
+                }
             }
             fence_proxy_async_smem();
             mbar_arrive(&full[s]);
@@ -1023,7 +1086,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             pin_regs(acc);
             wgmma_fence_acc();
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
+            for (int kk = 0; kk < 4; ++kk)
+                wgmma_m64n192k16<kRaw>(acc, sw128_desc(a_s + 32 * kk), sw128_desc(b_s + 32 * kk));
             wgmma_commit_groups();
             if (t == 0) {
                 rows_of(tile + gridDim.x, next);
@@ -1447,28 +1511,6 @@ __device__ __forceinline__ uint2 ld_pixels8_if(const uint8_t* p, bool ok) {
     return v;
 }
 
-// Bytes j and j + 1 of x, each plus one, as a bf16 pair (byte j in the low half), exactly:
-// - one PRMT makes the f16 pair 0x64uu = 1024 + u (f16 holds 11 significant bits);
-// - one f16x2 subtraction of 1023 leaves u + 1 in [1, 256], a normal f16 whose 10-bit mantissa
-//   has its low 3 bits clear (u + 1 needs 8 significant bits);
-// - so the bf16 bits are the f16 bits shifted right by 3 (the high half's clear low bits shift
-//   into the low half's top as zeros) with the exponent rebased by 127 - 15 = 112 (0x3800 a half):
-//   one shift-and-add. Three instructions a pair, where the f32 route (a PRMT and an FADD a value,
-//   then F2FP) takes five. The +1 keeps 0 away from f16's subnormal, zero exponent (which the
-//   rebase would turn into 2^-15); the reduction takes it back out with the column sum.
-__device__ __forceinline__ uint32_t pixel_pair_plus1(uint32_t x, int j) {
-    const uint32_t h = __byte_perm(x, 0x64u, static_cast<uint32_t>(j | 0x40 | ((j + 1) << 8) | 0x4000));
-    uint32_t u;
-    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(u) : "r"(h), "r"(0x63FE63FEu));  // f16 1023 = 0x63FE
-    return (u >> 3) + 0x38003800u;
-}
-
-// 8 pixel bytes, each plus one, as 8 bf16 values (pixel_pair_plus1).
-__device__ __forceinline__ uint4 pixels_plus1_bf16x8(uint2 w) {
-    return make_uint4(pixel_pair_plus1(w.x, 0), pixel_pair_plus1(w.x, 2), pixel_pair_plus1(w.y, 0),
-                      pixel_pair_plus1(w.y, 2));
-}
-
 __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd& P) {
     extern __shared__ __align__(128) unsigned char wb_smem[];
     __shared__ __align__(8) uint64_t full[kWbStages];
@@ -1611,7 +1653,19 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
 extern "C" __global__ void __launch_bounds__(384, 1)
     mapet_patch_embed_fwd_u8_hwc_ws(const __grid_constant__ MapetPatchEmbedFwdWs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    forward_hwc_ws(p);
+    forward_hwc_ws<false>(p);
+#else
+    __trap();
+#endif
+}
+
+// As mapet_patch_embed_fwd_u8_hwc_ws on raw pixels (see "forward, warp-specialised on TMA"):
+// weight_hwc and bias_raw as mapet_patch_embed_weight_hwc_raw writes them, p.bias = bias_raw.
+// sm_90a only, as above; the same grid, block and shared memory.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mapet_patch_embed_fwd_u8_hwc_ws_raw(const __grid_constant__ MapetPatchEmbedFwdWs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    forward_hwc_ws<true>(p);
 #else
     __trap();
 #endif
@@ -1630,6 +1684,51 @@ extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd
     const unsigned short* src = static_cast<const unsigned short*>(p.weight);
     unsigned short* dst = static_cast<unsigned short*>(p.weight_hwc);
     dst[row + kc] = src[row + (kc % 3) * pp + kc / 3];
+}
+
+// The raw-pixel forward's weight and bias (hwc-ws-raw). With x = u s[c] + h[c] = (u - 127) s[c] +
+// (h[c] + 127 s[c]) for a byte u of channel c,
+//   sum_k W[d][k] x[k] + bias[d] = sum_k' (2^8 W[d][k] s[c]) (u[k'] - 127) 2^-8 + bias_raw[d],
+//   bias_raw[d] = bias[d] + sum_k W[d][k] (h[c] + 127 s[c]),
+// so the kernel multiplies (u - 127) 2^-8, exact in f16, by weight_hwc[d][k'] =
+// f16(2^8 W[d][k] s[c]) (in HWC order, as mapet_patch_embed_weight_hwc; kRawScale = 2^8 keeps
+// weights down to about 1e-5 normal in f16), from sums that start at bias_raw + pos_embed. Each
+// product is rounded once, as in the other kernels, but at the weight, to f16's
+// 11 bits, where they round the normalised pixel to bf16's 8: on the CPU the outputs come out
+// nearer the f64 truth than the bf16 baseline's (tests/patch_embed.rs). Centring u keeps the
+// rounded products about as large as those of the normalised pixels: with u + 1 and a bf16
+// weight (the weight gradient's form) the outputs' error on the CPU came to 1.2-1.35 times the
+// baseline's.
+// Grid (D), block kRawThreads: thread t takes k' = t, t + kRawThreads, ... and the block adds
+// the threads' sums in a fixed order (deterministic).
+constexpr int kRawThreads = 256;
+extern "C" __global__ void __launch_bounds__(kRawThreads) mapet_patch_embed_weight_hwc_raw(const MapetPatchEmbedFwd p) {
+    __shared__ float s_sum[kRawThreads / 32];
+    const int pp = p.patch * p.patch;
+    const int K = 3 * pp;
+    const int d = blockIdx.x;
+    const int64_t row = static_cast<int64_t>(d) * K;
+    const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(p.weight) + row;
+    __half* dst = static_cast<__half*>(p.weight_hwc) + row;  // f16 here, in the bf16 scratch
+    float fold = 0.f;
+    for (int kc = threadIdx.x; kc < K; kc += kRawThreads) {
+        const int c = kc % 3;
+        // (selects: a run-time index into the parameter arrays would copy them to local memory)
+        const float sc = c == 0 ? p.scale[0] : (c == 1 ? p.scale[1] : p.scale[2]);
+        const float sh = c == 0 ? p.shift[0] : (c == 1 ? p.shift[1] : p.shift[2]);
+        const float w = __bfloat162float(src[c * pp + kc / 3]);
+        dst[kc] = __float2half_rn(w * sc * kRawScale);
+        fold = fmaf(w, sh + static_cast<float>(kRawCenter) * sc, fold);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) fold += __shfl_xor_sync(0xffffffffu, fold, off);
+    if ((threadIdx.x & 31) == 0) s_sum[threadIdx.x >> 5] = fold;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float b = p.bias[d];
+        for (int w = 0; w < kRawThreads / 32; ++w) b += s_sum[w];
+        p.bias_raw[d] = b;
+    }
 }
 
 // Row 0 (CLS) and the 2P mask-token rows. Grid (N, B), any block size; each thread writes 8

@@ -175,7 +175,7 @@ for t in $tests; do
     # and the winners, and the bench runs only them, so that a fault or hang of another cannot
     # fail or end it.
     if [ "$t" = patch_embed ]; then
-      for o in hwc hwc-ws chw; do
+      for o in hwc hwc-ws chw hwc-ws-raw; do
         one="$res/test-$t-only-$o.log"
         MAPET_TEST_PATCH_ORDERS=$o timeout "${MAPET_TEST_TIMEOUT:-300}" "$here/tests/$t" --test-threads=1 \
           ${MAPET_TEST_ARGS:-} >"$one" 2>&1
@@ -205,7 +205,7 @@ export OK_ATTENTION="resident wgmma" OK_PATCH="hwc hwc-ws" OK_CE="default"
 if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgmma"
 elif [ "$attention_without_wgmma_rc" = 0 ]; then OK_ATTENTION="tiled resident"
 elif [ -n "${test_rc[attention_gpu]:-}" ]; then OK_ATTENTION=""; fi
-if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-ws"
+if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-ws hwc-ws-raw"
 elif [ -n "$patch_orders_ok" ]; then OK_PATCH="${patch_orders_ok# }"
 elif [ -n "${test_rc[patch_embed]:-}" ]; then OK_PATCH=""; fi
 [ "${test_rc[cross_entropy]:-x}" = 0 ] && OK_CE="default passes"
@@ -319,7 +319,8 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
     attn-fwd-tiled:attention:mapet_attention_fwd:attention/vit-b/tiled \
     patch-fwd-hwc:patch_embed:mapet_patch_embed_fwd_u8_hwc:patch_embed_gpu \
-    patch-bwd-weight-hwc-ws:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_ws:patch_embed_gpu}"
+    patch-bwd-weight-hwc-ws:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_ws:patch_embed_gpu \
+    patch-fwd-hwc-ws-raw:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws_raw:patch_embed_gpu}"
   for spec in $specs; do
     IFS=: read -r name bench kernel filter skip <<<"$spec"
     log="$res/ncu-$name.log"

@@ -598,8 +598,13 @@ enum Entry {
 }
 
 impl Entry {
-    const ALL: [Entry; 4] =
-        [Entry::F32, Entry::U8(PixelOrder::Chw), Entry::U8(PixelOrder::Hwc), Entry::U8(PixelOrder::HwcWs)];
+    const ALL: [Entry; 5] = [
+        Entry::F32,
+        Entry::U8(PixelOrder::Chw),
+        Entry::U8(PixelOrder::Hwc),
+        Entry::U8(PixelOrder::HwcWs),
+        Entry::U8(PixelOrder::HwcWsRaw),
+    ];
 
     /// Whether `gpu` runs this entry (the warp-specialised kernels need compute capability 9.0) and
     /// `MAPET_TEST_PATCH_ORDERS` keeps it ([`listed`]); says so when it does not.
@@ -918,35 +923,132 @@ fn pixel_rounding_gap(rng: &mut impl Rng, c: &Case, d_out: &[f32], samples: usiz
     gap
 }
 
-/// The sm_90a-only order (`hwc-ws`) is refused, with an error that names the order and the compute
-/// capability, where it cannot run; where it can, it agrees with the mma.sync HWC kernels (and the
-/// tests above check it against the CPU on such a device).
+/// What the raw-pixel forward (`hwc-ws-raw`) multiplies and adds, formed on the CPU the way its
+/// kernels form them: the pixels as u - 127 (exact; CHW f32), the weight as f16(256 W s[c]) / 256
+/// (W the bf16 weight the card gets; CHW order; the card multiplies f16(256 W s[c]) by the exact
+/// (u - 127) / 256, the same products) and the bias as bias + sum_k W (h[c] + 127 s[c]) (in f64
+/// here, where mapet_patch_embed_weight_hwc_raw sums in f32: the last bits differ), with s =
+/// 1 / (255 std) and h = -mean / std in f32 as the launcher forms them.
+fn raw_pixel_inputs(c: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (s, n) = (&c.s, c.s.image);
+    let scale: [f32; 3] = [0, 1, 2].map(|i| 1.0 / (255.0 * c.norm.std[i]));
+    let shift: [f32; 3] = [0, 1, 2].map(|i| -c.norm.mean[i] / c.norm.std[i]);
+    let mut x = vec![0f32; s.pixels_len()];
+    for b in 0..s.batch {
+        for y in 0..n {
+            for xx in 0..n {
+                for ch in 0..3 {
+                    x[((b * 3 + ch) * n + y) * n + xx] = c.hwc[((b * n + y) * n + xx) * 3 + ch] as f32 - 127.0;
+                }
+            }
+        }
+    }
+    let (pp, k) = (s.patch * s.patch, s.patch_len());
+    let mut w = c.weight.clone();
+    round_bf16(&mut w);
+    let mut w_raw = vec![0f32; w.len()];
+    let mut bias = vec![0f32; s.dim];
+    for d in 0..s.dim {
+        let mut fold = c.bias[d] as f64;
+        for j in 0..k {
+            let ch = j / pp;
+            let wj = w[d * k + j];
+            w_raw[d * k + j] = half::f16::from_f32(wj * scale[ch] * 256.0).to_f32() / 256.0;
+            fold += wj as f64 * (shift[ch] + 127.0 * scale[ch]) as f64;
+        }
+        bias[d] = fold as f32;
+    }
+    (x, w_raw, bias)
+}
+
+/// The raw-pixel forward's arithmetic, run on the CPU (raw_pixel_inputs through the CPU forward,
+/// the output rounded to bf16 once): within the bound check_against_cpu holds every kernel to
+/// (2 x the CPU baseline's error against the f64 truth) for that test's inputs, so the card's
+/// test passes if the kernels compute what they are written to. The baseline rounds each
+/// normalised pixel to bf16; this rounds each scaled weight to f16 instead (about 0.85 times the
+/// baseline's error here: most of what is left is the output's rounding to bf16).
+#[test]
+fn raw_pixel_forward_arithmetic_is_within_the_gpu_tests_bound() {
+    let mut rng = rng("raw_pixel_forward_arithmetic_is_within_the_gpu_tests_bound");
+    for s in [shape(1, 224, 16, 64, 50), shape(3, 32, 8, 24, 1), shape(4, 64, 16, 136, 7), shape(2, 64, 32, 40, 3)] {
+        let case = make_case(&mut rng, s);
+        let x_true = normalized_f64(&s, &case.hwc, &case.norm);
+        let truth = naive_forward(&s, &x_true, &case.ranks, &case.weight, &case.bias, &case.pos, &case.cls, &case.mask);
+        let mut x_kernel = normalize_u8(&s, &case.hwc, &case.norm).unwrap();
+        round_bf16(&mut x_kernel);
+        let mut weight_bf16 = case.weight.clone();
+        round_bf16(&mut weight_bf16);
+        let forward = |x: &[f32], w: &[f32], bias: &[f32]| {
+            let mut out = vec![f32::NAN; s.out_len()];
+            cpu_forward_f32(&s, x, &case.ranks, w, bias, &case.pos, &case.cls, &case.mask, &mut out).unwrap();
+            round_bf16(&mut out);
+            out
+        };
+        let baseline = forward(&x_kernel, &weight_bf16, &case.bias);
+        let (x_raw, w_raw, bias_raw) = raw_pixel_inputs(&case);
+        let raw = forward(&x_raw, &w_raw, &bias_raw);
+        assert_within_baseline(&format!("{s:?} raw-pixel forward, on the CPU"), &raw, &baseline, &truth, 2.0, 1e-5);
+    }
+}
+
+/// The largest difference, over `samples` random (patch row, channel) pairs, between the sums the
+/// raw-pixel forward forms (raw_pixel_inputs) and those of the mma.sync HWC kernel (bf16-rounded
+/// normalised pixels times the bf16 weight, plus the bias), before either rounds its output.
+fn raw_forward_gap(rng: &mut impl Rng, c: &Case, samples: usize) -> f64 {
+    let s = &c.s;
+    let (n, d, p, img, g, k) = (s.n_tokens(), s.dim, s.patch, s.image, s.grid(), s.patch_len());
+    let (x_raw, w_raw, bias_raw) = raw_pixel_inputs(c);
+    let mut x = normalize_u8(s, &c.hwc, &c.norm).unwrap();
+    round_bf16(&mut x);
+    let mut w = c.weight.clone();
+    round_bf16(&mut w);
+    let mut gap = 0f64;
+    for _ in 0..samples {
+        let (b, t, ch) = (rng.random_range(0..s.batch), rng.random_range(1..n), rng.random_range(0..d));
+        let (py, px) = ((t - 1) / g, (t - 1) % g);
+        let (mut raw, mut mma) = (bias_raw[ch] as f64, c.bias[ch] as f64);
+        for j in 0..k {
+            let (cc, ky, kx) = (j / (p * p), j / p % p, j % p);
+            let i = ((b * 3 + cc) * img + py * p + ky) * img + px * p + kx;
+            raw += w_raw[ch * k + j] as f64 * x_raw[i] as f64;
+            mma += w[ch * k + j] as f64 * x[i] as f64;
+        }
+        gap = gap.max((raw - mma).abs());
+    }
+    gap
+}
+
+/// The sm_90a-only orders (`hwc-ws`, `hwc-ws-raw`) are refused, with an error that names the order
+/// and the compute capability, where they cannot run; where they can, they agree with the mma.sync
+/// HWC kernels (and the tests above check them against the CPU on such a device).
 #[test]
 fn hopper_orders_run_only_on_compute_capability_9_0() {
     let test = "hopper_orders_run_only_on_compute_capability_9_0";
     let Some(gpu) = gpu_or_skip(test) else { return };
     let mut rng = rng(test);
-    let order = PixelOrder::HwcWs;
-    let name = order.name();
+    let orders = [PixelOrder::HwcWs, PixelOrder::HwcWsRaw];
     if gpu.compute_capability() != (9, 0) {
         let s = shape_with_random_c(&mut rng, 2, 32, 8, 24);
         let case = make_case(&mut rng, s);
         let dc = upload(&gpu, &case);
         let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
         let init = Grads32::random(&mut rng, &s, 0.1);
-        assert!(!order.supported_on(&gpu));
-        let forward = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap_err();
-        let backward = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).err().unwrap();
-        for e in [forward, backward] {
-            let msg = e.to_string();
-            assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
-            assert!(msg.contains(name) && msg.contains("9.0"), "{msg}");
+        for order in orders {
+            assert!(!order.supported_on(&gpu));
+            let forward = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap_err();
+            let backward = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).err().unwrap();
+            for e in [forward, backward] {
+                let msg = e.to_string();
+                assert!(matches!(e, Error::Unsupported { what: "pixel order", .. }), "{e}");
+                assert!(msg.contains(order.name()) && msg.contains("9.0"), "{msg}");
+            }
         }
         return;
     }
-    // On 9.0 hwc-ws is compared with the hwc kernels: it needs both listed.
-    if !listed(order) || !listed(PixelOrder::Hwc) {
-        eprintln!("SKIP {test}: {ORDERS_VAR} leaves out hwc or hwc-ws");
+    // On 9.0 the Hopper orders are compared with the hwc kernels: each needs both listed.
+    let orders: Vec<PixelOrder> = orders.into_iter().filter(|&o| listed(o) && listed(PixelOrder::Hwc)).collect();
+    if orders.is_empty() {
+        eprintln!("SKIP {test}: {ORDERS_VAR} leaves out hwc, or both Hopper orders");
         return;
     }
     let hwc = Entry::U8(PixelOrder::Hwc);
@@ -966,38 +1068,50 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
         let reference = gpu_forward(&gpu, &case, &dc, hwc).unwrap();
         let reference_grads = gpu_backward(&gpu, &case, &dc, hwc, &d_out, &init).unwrap();
         let scale = reference_grads.w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        // Against the mma.sync HWC kernels: the same bf16 products, summed in another order
-        // (within a 16-deep step; hwc-ws also starts from bias + pos_embed). Forward: each
-        // output is rounded to bf16 once, so the two may land one bf16 ulp apart, at most
-        // 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32 sums of 32 rows of
-        // products of magnitude up to about 1 here differ by a few f32 ulps, around 1e-6 of
-        // the largest element; 1e-4 of it leaves room for the tensor cores' internal order
-        // while a wrong layout, which moves elements by the order of the largest one, cannot
-        // pass.
-        let out = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap();
-        mapet::testing::assert_all_written(&format!("{name} forward"), &out);
-        let near = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol;
-        let m = forward_misses(&case, |i| !near(out[i], reference[i], 1e-2 * reference[i].abs().max(1.0)));
-        if let Some(&i) = m.wrong.first() {
-            eprintln!("{}", m.report(&format!("the {name} forward")));
-            panic!("{s:?}: forward element {i}: {name} {}, mma.sync {}", out[i], reference[i]);
-        }
-        // hwc-ws's weight gradient multiplies the raw pixels (exact in bf16) and normalises
-        // the sums, where the mma.sync kernel multiplies bf16-rounded normalised pixels: the
-        // two differ by the sum of those roundings, measured here on 4096 random elements
-        // (pixel_rounding_gap); 3 times its largest covers the elements not sampled (on the
-        // CPU the largest move over all elements came to 1.1-1.7 times the sampled one, about
-        // 2e-3 of the largest element), and a wrong layout, which moves elements by the order
-        // of the largest one, still fails.
-        let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
-        let (w, w_ref) = (&grads.w, &reference_grads.w);
+        // The weight gradient's bf16 rounding gap is the same for both orders (hwc-ws-raw's
+        // backward is hwc-ws's).
         let gap = pixel_rounding_gap(&mut rng, &case, &d_out_host, 4096);
         eprintln!("{s:?}: pixel rounding moves the weight gradient by up to {gap:.3e} (largest element {scale:.3e})");
-        let tol = 1e-4 * scale + 3.0 * gap as f32;
-        let m = weight_grad_misses(&s, |i| !near(w[i], w_ref[i], tol));
-        if let Some(&i) = m.wrong.first() {
-            eprintln!("{}", m.report(&format!("the {name} weight gradient")));
-            panic!("{s:?}: weight gradient element {i}: {name} {}, mma.sync {}", w[i], w_ref[i]);
+        for &order in &orders {
+            let name = order.name();
+            // Against the mma.sync HWC kernels: the same bf16 products, summed in another order
+            // (within a 16-deep step; hwc-ws also starts from bias + pos_embed). Forward: each
+            // output is rounded to bf16 once, so the two may land one bf16 ulp apart, at most
+            // 2^-7 = 7.8e-3 of the value (hence 1e-2). Weight gradient: f32 sums of 32 rows of
+            // products of magnitude up to about 1 here differ by a few f32 ulps, around 1e-6 of
+            // the largest element; 1e-4 of it leaves room for the tensor cores' internal order
+            // while a wrong layout, which moves elements by the order of the largest one, cannot
+            // pass.
+            // hwc-ws-raw rounds each scaled weight to f16 where the mma.sync kernel rounds each
+            // normalised pixel to bf16: their sums differ by up to the gap measured on 4096
+            // random outputs (raw_forward_gap), allowed 3 times over as for the weight gradient
+            // below.
+            let fwd_gap =
+                if order == PixelOrder::HwcWsRaw { 3.0 * raw_forward_gap(&mut rng, &case, 4096) as f32 } else { 0.0 };
+            let out = gpu_forward(&gpu, &case, &dc, Entry::U8(order)).unwrap();
+            mapet::testing::assert_all_written(&format!("{name} forward"), &out);
+            let near = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol;
+            let m =
+                forward_misses(&case, |i| !near(out[i], reference[i], 1e-2 * reference[i].abs().max(1.0) + fwd_gap));
+            if let Some(&i) = m.wrong.first() {
+                eprintln!("{}", m.report(&format!("the {name} forward")));
+                panic!("{s:?}: forward element {i}: {name} {}, mma.sync {}", out[i], reference[i]);
+            }
+            // hwc-ws's weight gradient multiplies the raw pixels (exact in bf16) and normalises
+            // the sums, where the mma.sync kernel multiplies bf16-rounded normalised pixels: the
+            // two differ by the sum of those roundings, measured here on 4096 random elements
+            // (pixel_rounding_gap); 3 times its largest covers the elements not sampled (on the
+            // CPU the largest move over all elements came to 1.1-1.7 times the sampled one, about
+            // 2e-3 of the largest element), and a wrong layout, which moves elements by the order
+            // of the largest one, still fails.
+            let grads = gpu_backward(&gpu, &case, &dc, Entry::U8(order), &d_out, &init).unwrap();
+            let (w, w_ref) = (&grads.w, &reference_grads.w);
+            let tol = 1e-4 * scale + 3.0 * gap as f32;
+            let m = weight_grad_misses(&s, |i| !near(w[i], w_ref[i], tol));
+            if let Some(&i) = m.wrong.first() {
+                eprintln!("{}", m.report(&format!("the {name} weight gradient")));
+                panic!("{s:?}: weight gradient element {i}: {name} {}, mma.sync {}", w[i], w_ref[i]);
+            }
         }
     }
 }

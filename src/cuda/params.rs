@@ -313,10 +313,11 @@ pub struct MapetPatchEmbedFwd {
     pub patch: i32,
     pub dim: i32,
     pub n_context: i32,
+    pub bias_raw: *mut f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetPatchEmbedFwd"][::core::mem::size_of::<MapetPatchEmbedFwd>() - 120usize];
+    ["Size of MapetPatchEmbedFwd"][::core::mem::size_of::<MapetPatchEmbedFwd>() - 128usize];
     ["Alignment of MapetPatchEmbedFwd"][::core::mem::align_of::<MapetPatchEmbedFwd>() - 8usize];
     ["Offset of field: MapetPatchEmbedFwd::pixels"][::core::mem::offset_of!(MapetPatchEmbedFwd, pixels) - 0usize];
     ["Offset of field: MapetPatchEmbedFwd::ranks"][::core::mem::offset_of!(MapetPatchEmbedFwd, ranks) - 8usize];
@@ -339,6 +340,7 @@ const _: () = {
     ["Offset of field: MapetPatchEmbedFwd::dim"][::core::mem::offset_of!(MapetPatchEmbedFwd, dim) - 108usize];
     ["Offset of field: MapetPatchEmbedFwd::n_context"]
         [::core::mem::offset_of!(MapetPatchEmbedFwd, n_context) - 112usize];
+    ["Offset of field: MapetPatchEmbedFwd::bias_raw"][::core::mem::offset_of!(MapetPatchEmbedFwd, bias_raw) - 120usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

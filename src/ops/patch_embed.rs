@@ -44,6 +44,11 @@ const FWD_TILE_N: usize = 128;
 /// 400 bytes for each consumer warpgroup, and 1 KB to align them (cuda/patch_embed.cu,
 /// kWsSmemBytes; `tests::ws_forward_shared_memory_is_the_kernels` checks the sum).
 const FWD_WS_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_ws";
+/// The raw-pixel forward ([`PixelOrder::HwcWsRaw`]) and the kernel that prepares its weight and
+/// bias (a block of `WEIGHT_RAW_THREADS` a channel).
+const FWD_WS_RAW_KERNEL: &str = "mapet_patch_embed_fwd_u8_hwc_ws_raw";
+const WEIGHT_RAW_KERNEL: &str = "mapet_patch_embed_weight_hwc_raw";
+const WEIGHT_RAW_THREADS: u32 = 256;
 const FWD_WS_TILE_N: usize = 192;
 const FWD_WS_THREADS: u32 = 384;
 const FWD_WS_SMEM: u32 = 4 * 40 * 1024 + 2 * 64 * 400 + 1024;
@@ -550,15 +555,24 @@ pub enum PixelOrder {
     /// prefetch of the mask-token rows, and the weight gradient rewritten (128 x 256 tiles in
     /// one wave, raw pixels in the 128-byte swizzle).
     HwcWs,
+    /// [`PixelOrder::HwcWs`] with its forward on raw pixels too
+    /// (`mapet_patch_embed_fwd_u8_hwc_ws_raw`): (u - 127) / 256, exact in f16 (two instructions a
+    /// pair of pixels, where normalising them takes seven and a select), times an f16 copy of the
+    /// weight scaled by 256 and each channel's s, from sums that start at the bias plus the
+    /// shifts' share (`mapet_patch_embed_weight_hwc_raw` makes both each call). Each product's one
+    /// rounding moves from the pixel (bf16) to the weight (f16, three more bits): on the CPU its
+    /// outputs are nearer the truth than the bf16 baseline's. Its backward is `hwc-ws`'s. Compute
+    /// capability 9.0 only. Experimental, written without a card: unverified on GPU.
+    HwcWsRaw,
 }
 
 impl PixelOrder {
     /// Every order, for tests and benches.
-    pub const ALL: [PixelOrder; 3] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWs];
+    pub const ALL: [PixelOrder; 4] = [PixelOrder::Chw, PixelOrder::Hwc, PixelOrder::HwcWs, PixelOrder::HwcWsRaw];
 
     /// Whether the HWC kernels run for this shape (uint8 pixels are implied by the caller).
     fn hwc_for(self, shape: &PatchEmbedShape) -> bool {
-        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWs) && shape.patch.is_multiple_of(8)
+        matches!(self, PixelOrder::Hwc | PixelOrder::HwcWs | PixelOrder::HwcWsRaw) && shape.patch.is_multiple_of(8)
     }
 
     /// Whether this order can run on `gpu`: the warp-specialised kernels need compute capability
@@ -570,7 +584,7 @@ impl PixelOrder {
 
     /// Whether this order runs sm_90a-only kernels.
     fn hopper_only(self) -> bool {
-        self == PixelOrder::HwcWs
+        matches!(self, PixelOrder::HwcWs | PixelOrder::HwcWsRaw)
     }
 
     /// The environment variable that picks the backward's order apart from the forward's.
@@ -609,7 +623,7 @@ impl PixelOrder {
     }
 }
 
-/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-ws` picks the order the CUDA backend passes to
+/// `MAPET_PATCH_EMBED_ORDER=chw|hwc|hwc-ws|hwc-ws-raw` picks the order the CUDA backend passes to
 /// [`cuda_forward_u8`] and [`cuda_backward`] (read once, when the backend is made;
 /// [`PixelOrder::BACKWARD_VAR`] can give the backward another).
 impl KernelChoice for PixelOrder {
@@ -621,6 +635,7 @@ impl KernelChoice for PixelOrder {
             PixelOrder::Chw => "chw",
             PixelOrder::Hwc => "hwc",
             PixelOrder::HwcWs => "hwc-ws",
+            PixelOrder::HwcWsRaw => "hwc-ws-raw",
         }
     }
 }
@@ -659,9 +674,14 @@ fn device_pixels(
     })
 }
 
-/// The HWC kernel `order` runs: `ws`, the warp-specialised kernel, for [`PixelOrder::HwcWs`]
-/// (refused off a compute capability 9.0 device); else `mma_sync`.
-fn hwc_kernel(gpu: &Gpu, order: PixelOrder, mma_sync: &'static str, ws: &'static str) -> Result<&'static str> {
+/// The HWC kernel `order` runs: its entry in `ws`, the warp-specialised kernels of the sm_90a-only
+/// orders (refused off a compute capability 9.0 device); else `mma_sync`.
+fn hwc_kernel(
+    gpu: &Gpu,
+    order: PixelOrder,
+    mma_sync: &'static str,
+    ws: &[(PixelOrder, &'static str)],
+) -> Result<&'static str> {
     if order.hopper_only() && !order.supported_on(gpu) {
         let (major, minor) = gpu.compute_capability();
         return Err(Error::Unsupported {
@@ -673,7 +693,7 @@ fn hwc_kernel(gpu: &Gpu, order: PixelOrder, mma_sync: &'static str, ws: &'static
             ),
         });
     }
-    Ok(if order == PixelOrder::HwcWs { ws } else { mma_sync })
+    Ok(ws.iter().find(|(o, _)| *o == order).map_or(mma_sync, |(_, k)| *k))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -691,7 +711,8 @@ fn cuda_forward(
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_fwd_u8_hwc", FWD_WS_KERNEL)?;
+    let ws = [(PixelOrder::HwcWs, FWD_WS_KERNEL), (PixelOrder::HwcWsRaw, FWD_WS_RAW_KERNEL)];
+    let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_fwd_u8_hwc", &ws)?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     check_len("ranks", ranks.len(), shape.ranks_len())?;
@@ -713,7 +734,10 @@ fn cuda_forward(
     if let Some(w) = &weight_hwc {
         check_aligned("weight_hwc (scratch)", w.ptr(), 16)?;
     }
-    let params = MapetPatchEmbedFwd {
+    // The raw-pixel forward starts its sums at the bias plus the shifts' share (D floats).
+    let raw = kernel == FWD_WS_RAW_KERNEL;
+    let mut bias_raw = if raw { Some(gpu.alloc::<f32>(shape.dim)?) } else { None };
+    let mut params = MapetPatchEmbedFwd {
         pixels: pixel_ptr,
         ranks: ranks.ptr() as *const i32,
         weight: weight.ptr(),
@@ -730,15 +754,24 @@ fn cuda_forward(
         patch: shape.patch as i32,
         dim: shape.dim as i32,
         n_context: shape.n_context as i32,
+        bias_raw: bias_raw.as_mut().map_or(std::ptr::null_mut(), |b| b.ptr_mut() as *mut f32),
     };
-    if hwc_order {
+    if raw {
+        // SAFETY: block d reads row d of weight (D·K bf16, checked above) and bias[d], and writes
+        // row d of weight_hwc (D·K, allocated above) and bias_raw[d] (D floats, allocated above);
+        // the grid is (D), D <= 65535 (validate_cuda).
+        let cfg = launch_cfg((shape.dim as u32, 1, 1), WEIGHT_RAW_THREADS);
+        unsafe { gpu.launch(MODULE, WEIGHT_RAW_KERNEL, cfg, &params)? };
+        // The kernel's sums start from bias_raw where the others' start from bias.
+        params.bias = params.bias_raw;
+    } else if hwc_order {
         let grid = (blocks_for("patch embedding weight", shape.patch_len() as u64, 256)?, shape.dim as u32, 1);
         // SAFETY: reads weight (D·K bf16, checked above) and writes weight_hwc (D·K, allocated
         // above), a thread per element (d, k') with k' < K; D <= 65535 (validate_cuda).
         unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
-    if kernel == FWD_WS_KERNEL {
+    if kernel == FWD_WS_KERNEL || raw {
         let weight_hwc = weight_hwc.as_ref().map_or(std::ptr::null(), |w| w.ptr());
         let ws = MapetPatchEmbedFwdWs {
             p: params,
@@ -755,7 +788,9 @@ fn cuda_forward(
         // image and the two mask-token rows of each token of rank in [C, N): b·R + N + rank - C
         // and P rows on, both below (b + 1)·R); the tensor map covers weight_hwc, [D, K'] bf16
         // with rows of 2K' bytes (K' = 3p², p % 8 == 0, so a multiple of 16), and the kernel
-        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring.
+        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring. For hwc-ws-raw,
+        // weight_hwc holds f16 values (the map only copies 2-byte elements, and its zero fill is
+        // +0 in both types) and params.bias is bias_raw (D floats, written above).
         unsafe { gpu.launch(MODULE, kernel, cfg, &ws)? };
         // Its consumer warpgroups write the CLS and mask-token rows under the MMAs: no second
         // kernel writes them.
@@ -862,7 +897,9 @@ pub fn cuda_backward(
     dmask_token: &mut dyn DeviceWrite<f32>,
 ) -> Result<()> {
     shape.validate_cuda()?;
-    let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_bwd_weight_u8_hwc", BWD_WS_KERNEL)?;
+    // hwc-ws-raw's backward is hwc-ws's (raw pixels already).
+    let ws = [(PixelOrder::HwcWs, BWD_WS_KERNEL), (PixelOrder::HwcWsRaw, BWD_WS_KERNEL)];
+    let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_bwd_weight_u8_hwc", &ws)?;
     let kernels = ["mapet_patch_embed_bwd_weight_u8", hwc_kernel, "mapet_patch_embed_bwd_weight_f32"];
     let (pixel_ptr, (scale, shift), kernel, hwc_order) = device_pixels(shape, pixels, order, kernels)?;
     // The HWC kernels' partials are in their contraction order; their reduction permutes them
