@@ -1980,7 +1980,15 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 // mma.sync ones (each output owned by one warpgroup, accumulated in a fixed order; no atomics).
 // Both work in 32-wide chunks of the dimension they loop over (keys for dQ, positions for dK/dV),
 // so that a chunk no row of the tile can see is skipped at the loop level, with no wgmma under a
-// branch (1.29x the visible pairs at ViT-B). Per chunk two wgmma groups:
+// branch. Pairs computed at ViT-B over the visible ones: dQ 1.29x (61 chunks of 64 rows x 32 keys
+// a pair, as the forward); dK/dV 1.50x (71 chunks of 64 keys x 32 positions): its 64-key tiles
+// each straddle a hidden window's edge for some positions, and the last holds 24 keys (344 =
+// 5 x 64 + 24) but costs a whole tile for every position chunk. Re-tiling the keys cannot help the
+// CTA's time: the best split of the 344 keys into six runs of at most 64 computes 67 chunks, but
+// the tiles holding content key 0 and the last mask key are seen by every position chunk (16
+// each), and no split and deal leaves every warpgroup under 25, the busiest one's load now
+// (25 / 21 / 25; an exhaustive search, scripts/dkdv-tiling.py).
+// Per chunk two wgmma groups:
 //   G1  S and dP (4 m64n32k16 steps each) from shared memory, both operands K-major;
 //   G2  the products that take dS (and P) from registers, B read N-major from the same tiles.
 // G1 of chunk n+1 is issued before G2 of chunk n, so the elementwise work of chunk n+1 (P, dS)
