@@ -1187,6 +1187,31 @@ mod tests {
         }
     }
 
+    /// The raw-pixel forward's conversion (`pixel_pair_centered_f16`, cuda/patch_embed.cu): for
+    /// every byte u, the PRMT's f16 1024 + u times 2^-8 (0x1C00) less 4.49609375 (0xC47F), rounded
+    /// once as the FMA does, is exactly (u - 127) / 256; and the kernels' constants are these.
+    #[test]
+    fn ws_raw_forward_pixels_are_exact_f16() {
+        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        for needle in [
+            "fma.rn.f16x2 %0, %1, %2, %3;",
+            "\"r\"(0x1C001C00u), \"r\"(0xC47FC47Fu)",
+            "constexpr int kRawCenter = 127;",
+            "constexpr float kRawScale = 256.f;",
+        ] {
+            assert!(source.contains(needle), "the raw-pixel forward no longer has `{needle}`");
+        }
+        let (scale, offset) = (half::f16::from_bits(0x1C00), half::f16::from_bits(0xC47F));
+        assert_eq!((scale.to_f64(), offset.to_f64()), (1.0 / 256.0, -(1024.0 + 127.0) / 256.0));
+        for u in 0u16..256 {
+            let prmt = half::f16::from_bits(0x6400 | u);
+            assert_eq!(prmt.to_f64(), 1024.0 + u as f64, "the PRMT's pair for byte {u}");
+            // An FMA rounds the exact a b + c once: the f64 value here is exact.
+            let fma = half::f16::from_f64(prmt.to_f64() * scale.to_f64() + offset.to_f64());
+            assert_eq!(fma.to_f64(), (u as f64 - 127.0) / 256.0, "byte {u}");
+        }
+    }
+
     /// The launch gives the `hwc-ws` forward the dynamic shared memory its layout takes (less
     /// makes it trap at its first launch, on a card only): the ring of stages (a 128-row A slice
     /// and a 192-row weight slice of 64 bf16 each), the two staging tiles, and the alignment
