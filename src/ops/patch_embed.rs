@@ -548,9 +548,9 @@ pub enum PixelOrder {
     /// TMA and its pixels normalised through registers; the weight gradient's d_out by cp.async
     /// and its raw pixels, plus one, exact in bf16, with the normalisation applied by its
     /// reduction), and two warpgroups run wgmma on them. Compute capability 9.0 only (H100/H200;
-    /// elsewhere an error says so). In the seventh run its tests passed on an H200, and at ViT-B its forward
-    /// took 0.150 ms against `Hwc`'s 0.175, its backward 0.226 against 0.198 (BENCHMARKS.md), so
-    /// the default on compute capability 9.0 is its forward with `Hwc`'s backward
+    /// elsewhere an error says so). In the seventh run its tests passed on an H200, and at ViT-B
+    /// its forward took 0.150 ms against `Hwc`'s 0.175, its backward 0.226 against 0.198
+    /// (BENCHMARKS.md), so the default on compute capability 9.0 is its forward with `Hwc`'s backward
     /// ([`PixelOrder::defaults_for`]). Since that run, unverified on GPU: the forward's L1
     /// prefetch of the mask-token rows, and the weight gradient rewritten (128 x 256 tiles in
     /// one wave, raw pixels in the 128-byte swizzle).
