@@ -707,8 +707,8 @@ __device__ __forceinline__ uint4 pixels_plus1_bf16x8(uint2 w) {
 
 // Bytes j and j + 1 of x as (u - 127) / 256, an f16 pair (byte j in the low half), exactly: one
 // PRMT makes the f16 pair 0x64uu = 1024 + u, one f16x2 FMA takes (1024 + u) 2^-8 - 1151 / 256
-// (2^-8 = 0x1C00, 1151 / 256 = 4.49609375 = 0x447F: both exact, and so is the result, rounded
-// once). Two instructions a pair.
+// (2^-8 is 0x1C00 and -1151 / 256 = -4.49609375 is 0xC47F, both exact in f16; so is the result,
+// which the FMA rounds once). Two instructions a pair.
 __device__ __forceinline__ uint32_t pixel_pair_centered_f16(uint32_t x, int j) {
     const uint32_t h = __byte_perm(x, 0x64u, static_cast<uint32_t>(j | 0x40 | ((j + 1) << 8) | 0x4000));
     uint32_t u;
@@ -718,8 +718,8 @@ __device__ __forceinline__ uint32_t pixel_pair_centered_f16(uint32_t x, int j) {
 
 // 8 pixel bytes as (u - kRawCenter) / kRawScale, 8 f16 values (pixel_pair_centered_f16).
 __device__ __forceinline__ uint4 pixels_centered_f16x8(uint2 w) {
-    return make_uint4(pixel_pair_centered_f16(w.x, 0), pixel_pair_centered_f16(w.x, 2), pixel_pair_centered_f16(w.y, 0),
-                      pixel_pair_centered_f16(w.y, 2));
+    return make_uint4(pixel_pair_centered_f16(w.x, 0), pixel_pair_centered_f16(w.x, 2),
+                      pixel_pair_centered_f16(w.y, 0), pixel_pair_centered_f16(w.y, 2));
 }
 
 // 16 bytes to the shared-space address dst.
@@ -1692,9 +1692,10 @@ extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd
 //   bias_raw[d] = bias[d] + sum_k W[d][k] (h[c] + 127 s[c]),
 // so the kernel multiplies (u - 127) 2^-8, exact in f16, by weight_hwc[d][k'] =
 // f16(2^8 W[d][k] s[c]) (in HWC order, as mapet_patch_embed_weight_hwc; kRawScale = 2^8 keeps
-// weights down to about 1e-5 normal in f16), from sums that start at bias_raw + pos_embed. Each
-// product is rounded once, as in the other kernels, but at the weight, to f16's
-// 11 bits, where they round the normalised pixel to bf16's 8: on the CPU the outputs come out
+// weights down to about 1e-5 normal in f16, and f16 holds them up to |W s| = 255: weights up to
+// about 15,000 with ImageNet's std), from sums that start at bias_raw + pos_embed. Each product is
+// rounded once, as in the other kernels, but at the weight, to f16's 11 bits, where they round
+// the normalised pixel to bf16's 8: on the CPU the outputs come out
 // nearer the f64 truth than the bf16 baseline's (tests/patch_embed.rs). Centring u keeps the
 // rounded products about as large as those of the normalised pixels: with u + 1 and a bf16
 // weight (the weight gradient's form) the outputs' error on the CPU came to 1.2-1.35 times the
