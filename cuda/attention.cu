@@ -1468,7 +1468,9 @@ static_assert(kD == 64, "the wgmma kernels' tiles are one 128-byte swizzle atom 
 //               (hopper.cuh, wgmma_m64n64k16_rs_nmajor), two 16-key steps a chunk.
 // The pipeline (wg_pipeline): S of pair n+1 is issued before P V of pair n, so the softmax of pair
 // n+1 runs while P V of pair n is on the tensor cores; the rescale of O and the repack of P wait
-// for it.
+// for it. Across row tiles: a tile's first S is issued before the previous tile's epilogue (the
+// normalisation and the stores of O and lse), which it runs under (written after the seventh
+// run, unverified on GPU).
 //
 // Row order. A warpgroup's 64 rows share one skip decision per key chunk, and 64 consecutive rows
 // in rank order span 64 different hidden windows (a content row's window moves with its rank), so
@@ -1671,12 +1673,14 @@ __device__ __forceinline__ uint32_t (&flat16(uint32_t (&x)[2][2][4]))[16] {
 // ran all of the forward's softmax (and 12 of dQ's 16, 7 of dK/dV's 16 exponentials) after it,
 // with the tensor cores idle (hopper.cuh, end_basic_block). tests/kernel_schedule.rs checks the
 // overlap in the SASS.
-template <typename Item, typename Next, typename IssueG1, typename PinG1, typename Elementwise, typename PinG2,
-          typename Finish, typename IssueG2, typename OnLast>
+// kFirstIssued: the caller has issued the first item's G1 already (the forward issues a row tile's
+// first G1 under the previous tile's epilogue).
+template <bool kFirstIssued = false, typename Item, typename Next, typename IssueG1, typename PinG1,
+          typename Elementwise, typename PinG2, typename Finish, typename IssueG2, typename OnLast>
 __device__ __forceinline__ void wg_pipeline(Item cur, Next next, IssueG1 issue_g1, PinG1 pin_g1,
                                             Elementwise elementwise, PinG2 pin_g2, Finish finish, IssueG2 issue_g2,
                                             OnLast on_last) {
-    issue_g1(cur);
+    if constexpr (!kFirstIssued) issue_g1(cur);
     wgmma_wait_groups<0>();
     pin_g1();
     auto e = elementwise(cur);
@@ -1878,17 +1882,43 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
     KvRest kv_rest(nkt);
 
-#pragma unroll 1
-    for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
-        // The warpgroup's hidden-window extrema (first_hidden is monotone in the position), and
-        // the lane's two rows.
+    // A row tile's non-EMPTY 32-key chunks (from its hidden-window extrema: first_hidden is
+    // monotone in the position), and the first pair of them with the chunks left after it. A
+    // pair's second chunk may be absent (-1: an odd count); its products then read the first
+    // chunk's rows again, and its scores are -inf. Every row sees N >= 1 keys, so the first chunk
+    // exists. Found twice for each tile (when its first S is issued, and at its start), rather
+    // than kept in registers across the previous tile's epilogue.
+    struct RowTile {
+        ChunkMasks chunks;
+        uint32_t rest;
+        ChunkPair first;
+    };
+    auto row_tile = [&](int p0) {
+        RowTile rt;
         const int amin = first_hidden(row_at(p0, G), G);
         const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
-        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
-        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
-        // This tile's Q: the first came with K and V's first group (wg_load_kv), each next one
-        // the previous tile stored from registers (store_q_next) once its last S was done.
-        if (p0 != p_first) named_barrier(1 + wg, 128);
+        rt.chunks = key_chunks(amin, amax, nkc, G);
+        rt.rest = rt.chunks.live;
+        rt.first.c[0] = take_chunk(rt.rest);
+        rt.first.c[1] = take_chunk(rt.rest);
+        return rt;
+    };
+    float s[2][4][4];
+    // A row tile's first S is issued before its pipeline starts: the first tile's here, each next
+    // one's under the epilogue of the tile before (the tensor cores were idle there: the end of a
+    // row tile held 23% of the forward's warp-stall samples in the seventh run's profile). A
+    // warpgroup with no row tile issues one on the first tile's rows (p = 0), and a last tile
+    // issues its own first S again: unconditional issues, whose S is dropped (a wgmma issued under
+    // a branch makes ptxas serialise every wgmma of the kernel). The first tile's Q and K rows are
+    // in (wg_load_kv waits for both).
+    {
+        const RowTile first = row_tile(p_first < G.lq ? p_first : 0);
+        kv_rest.need(first.first.rows().c[1]);  // (the pair's higher chunk)
+        wg_issue_scores(s, qd, kd, first.first.rows().c);
+    }
+
+#pragma unroll 1
+    for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
         // The next tile's Q rows, into registers a tile ahead: they land while this tile's
         // pairs run, and on_last stores them into the Q tile. (Copied by cp.async from on_last,
         // as until the seventh run, they were waited for at the next tile's start: 2.2% of the
@@ -1902,23 +1932,22 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
         float mx[2] = {-INFINITY, -INFINITY};
         float l[2] = {0.f, 0.f};
-        float s[2][4][4];
         uint32_t pa[2][2][4];
 
-        // The row tile's non-EMPTY 32-key chunks, two at a time. A pair's second chunk may be
-        // absent (-1: an odd count); its products then read the first chunk's rows again, and its
-        // scores are -inf. Every row sees N >= 1 keys, so the first chunk exists.
-        const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
-        uint32_t rest = chunks.live;
+        // The lane's two rows and their windows, and the row tile's non-EMPTY 32-key chunks, two at
+        // a time, its first pair's S in flight.
+        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
+        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
+        const RowTile cur = row_tile(p0);
+        uint32_t rest = cur.rest;
+        const ChunkMasks chunks = cur.chunks;
         auto take_pair = [&rest](ChunkPair& p) {
             p.c[0] = take_chunk(rest);
             p.c[1] = take_chunk(rest);
         };
-        ChunkPair first;
-        take_pair(first);
         const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
-        wg_pipeline(
-            first,
+        wg_pipeline<true>(
+            cur.first,
             [&](const ChunkPair&, ChunkPair& nxt) {
                 if (rest == 0) return false;
                 take_pair(nxt);
@@ -1948,6 +1977,16 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
                 }
             });
 
+        // The next tile's first S (or, after the last tile, this one's again, dropped), issued
+        // once every thread of the warpgroup has stored its share of the next Q tile; it runs
+        // while the epilogue below normalises and stores this tile's rows.
+        named_barrier(1 + wg, 128);
+        {
+            const RowTile next = row_tile(more ? p0 + tile_step : p0);
+            kv_rest.need(next.first.rows().c[1]);
+            wg_issue_scores(s, qd, kd, next.first.rows().c);
+        }
+
         float inv[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -1962,6 +2001,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
             if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
         }
     }
+    wgmma_wait_groups<0>();  // the last S issued, dropped
+    pin_regs(flat32(s));
     kv_rest.finish();  // barrier 3, for a warpgroup that has not needed the rest of K and V
 #else
     __trap();
