@@ -96,6 +96,45 @@ fn wgmma_kernels_store_their_rows_in_eight_byte_stores() {
     }
 }
 
+/// The wgmma forward issues each row tile's first S before the previous tile's epilogue (the
+/// normalisation and the stores of O), so that the tensor cores work under it: in its SASS, the
+/// last wgmma event before every 8-byte row store must be an issue (`HGMMA`), not a wait
+/// (`WARPGROUP.DEPBAR`). A wait hoisted above the stores (by ptxas, or by a change to the loop)
+/// would leave the kernel's results as they are and its tensor cores idle there again.
+#[test]
+fn wgmma_forward_issues_the_next_tiles_scores_under_its_epilogue() {
+    const KERNEL: &str = "mapet_attention_fwd_wgmma";
+    let Some(sass) = attention_sass_or_skip("wgmma_forward_issues_the_next_tiles_scores_under_its_epilogue") else {
+        return;
+    };
+    let body = function(arch_section(sass, "sm_90a"), KERNEL)
+        .unwrap_or_else(|| panic!("{KERNEL} is not in the sm_90a SASS of attention"));
+    let before = last_wgmma_before(body, "STG.E.64 ");
+    eprintln!("{KERNEL}: the last wgmma event before each 8-byte store: {before:?}");
+    assert!(!before.is_empty(), "{KERNEL}: no 8-byte stores");
+    assert!(
+        before.iter().all(|op| op.starts_with("HGMMA")),
+        "{KERNEL}: a wgmma wait precedes the epilogue's stores ({before:?}): the next row tile's first S no \
+         longer runs under it (cuda/attention.cu, the forward's tile loop)"
+    );
+}
+
+/// For each instruction of `sass` whose opcode starts with `opcode`, the last wgmma issue or wait
+/// (`HGMMA...` or `WARPGROUP.DEPBAR...`) before it, in address order.
+fn last_wgmma_before<'a>(sass: &'a str, opcode: &str) -> Vec<&'a str> {
+    let ops: Vec<&str> = sass.lines().filter_map(instruction).collect();
+    let mut last = None;
+    let mut out = Vec::new();
+    for op in ops {
+        if op.starts_with("HGMMA") || op.starts_with("WARPGROUP.DEPBAR") {
+            last = Some(op);
+        } else if op.starts_with(opcode) {
+            out.extend(last);
+        }
+    }
+    out
+}
+
 /// The counter on hand-written SASS in both orders, so that it is checked wherever the
 /// disassembler is missing too.
 #[test]
@@ -127,6 +166,16 @@ fn exponential_count_sees_where_the_second_wait_went() {
         /*0130*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n\
         /*0140*/                   LDS.64 R12, [R20] ;\n";
     assert_eq!(ops_after_g1_waits(loads_after, "LDS"), vec![1]);
+    let epilogue = "\
+        /*0100*/                   HGMMA.64x32x16.F32.BF16 R56, gdesc[UR24], R56, gsb0 ;\n\
+        /*0110*/                   MUFU.RCP R0, R109 ;\n\
+        /*0120*/                   STG.E.64 desc[UR40][R2.64], R24 ;\n\
+        /*0130*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n\
+        /*0140*/                   STG.E.64 desc[UR40][R2.64+0x20], R28 ;\n";
+    assert_eq!(
+        last_wgmma_before(epilogue, "STG.E.64 "),
+        vec!["HGMMA.64x32x16.F32.BF16 R56, gdesc[UR24], R56, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0"]
+    );
 }
 
 /// For each `WARPGROUP.DEPBAR.LE gsb0, 0x1` of `sass` (one function, in address order), the
