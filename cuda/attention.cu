@@ -2015,9 +2015,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 // run, unverified on GPU: dK/dV's chunk stats loaded with G1 (load_dkdv_chunk_stats) and its
 // stats loaded before its copies, the rows stored in 8-byte stores (store_frag_rows_paired), the
 // forward's and dQ's K and V in two copy groups (KvRest), the forward's quad max only where the
-// max moves, each tile's last G2 issued before on_last, and dK/dV's plan made by the host
-// (MapetAttentionDkdv). The dQ
-// and dK/dV kernels on wgmma, the forward's pieces in the backward's roles, deterministic as the
+// max moves, each tile's last G2 issued before on_last, dK/dV's plan made by the host
+// (MapetAttentionDkdv), and dQ's first G1 of a row tile issued under the previous tile's dQ
+// stores (as the forward's first S). The dQ and dK/dV kernels on wgmma, the forward's pieces in the backward's roles, deterministic as the
 // mma.sync ones (each output owned by one warpgroup, accumulated in a fixed order; no atomics).
 // Both work in 32-wide chunks of the dimension they loop over (keys for dQ, positions for dK/dV),
 // so that a chunk no row of the tile can see is skipped at the loop level, with no wgmma under a
@@ -2256,22 +2256,37 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
     KvRest kv_rest(nkt);
 
+    // A row tile's non-EMPTY 32-key chunks (every row sees N >= 1 keys, so there is a first).
+    auto tile_chunks = [&](int p) {
+        int amin, amax;
+        position_extrema(p, 64, G, amin, amax);
+        return key_chunks(amin, amax, nkc, G);
+    };
+    // G1 (S and dP) of a row tile's first chunk, from its Q fragments and dO tile. A tile's first
+    // G1 is issued before its pipeline starts, as the forward's first S: the first tile's here,
+    // each next one's under the epilogue of the tile before. Unconditional issues (see the
+    // forward): a warpgroup with no row tile issues one on tile 0's chunk (its Q and dO never
+    // loaded), and a last tile issues its own again; both are dropped.
+    float s[4][4], dp[4][4];
+    auto issue_first_g1 = [&](int p) {
+        uint32_t live = tile_chunks(p).live;
+        const int kc = take_chunk(live);
+        kv_rest.need(kc);
+        const uint32_t rows = static_cast<uint32_t>(kc * kChunk) * 128;
+        wg_issue_s_dp(s, dp, qf, sw128_desc_plus(kd, rows), dod, sw128_desc_plus(vd, rows));
+    };
+    issue_first_g1(p_first < G.lq ? p_first : 0);
+
 #pragma unroll 1
     for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
-        int amin, amax;
-        position_extrema(p0, 64, G, amin, amax);
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const bool ok_lo = r_lo < G.lq, ok_hi = r_hi < G.lq;
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
         const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
 
-        // The tile's dO rows (positions past Lq zero-filled), then the rows' delta and lse from
-        // them and the loads start_tile made.
+        // The rows' delta and lse, from the tile's dO rows (positions past Lq zero-filled; landed
+        // before the tile's first G1 was issued) and the loads start_tile made.
         pin_regs(flat16(qf));
-        if (p0 != p_first) {  // (the first tile's came with K and V's first group: wg_load_kv)
-            sw128_load_wait();
-            named_barrier(1 + wg, 128);
-        }
         RowStats rs;
         {
             uint4 d_lo[2], d_hi[2];
@@ -2290,13 +2305,13 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         float dq[8][4];
 #pragma unroll
         for (int j = 0; j < 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
-        float s[4][4], dp[4][4];
         uint32_t ds[2][4];
 
-        const ChunkMasks chunks = key_chunks(amin, amax, nkc, G);
+        const ChunkMasks chunks = tile_chunks(p0);
         uint32_t rest = chunks.live;
-        wg_pipeline(
-            take_chunk(rest),  // every row sees N >= 1 keys
+        const bool more = p0 + tile_step < G.lq;
+        wg_pipeline<true>(
+            take_chunk(rest),  // its G1 in flight
             [&](int, int& kn) {
                 if (rest == 0) return false;
                 kn = take_chunk(rest);
@@ -2335,15 +2350,25 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
             },
             [&] {
                 // Every G1 of the tile is done: its dO tile and Q fragments are free.
-                if (p0 + tile_step < G.lq) {
+                if (more) {
                     named_barrier(1 + lwg, 128);
                     start_tile(p0 + tile_step);
                 }
             });
 
+        // The next tile's first G1 (or, after the last tile, this one's again, dropped), once its
+        // dO rows have landed (each thread its own copies, then all of the warpgroup's), under the
+        // epilogue below. Its Q fragments came with start_tile; the issue waits for their loads.
+        sw128_load_wait();
+        named_barrier(1 + wg, 128);
+        issue_first_g1(more ? p0 + tile_step : p0);
+
         bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
         store_frag_rows_paired(dq, prm.scale, prm.scale, dqg, prm.dq_row_stride, r_lo, r_hi, G.lq, t);
     }
+    wgmma_wait_groups<0>();  // the last G1 issued, dropped
+    pin_regs(flat16(s));
+    pin_regs(flat16(dp));
     kv_rest.finish();  // barrier 3, for a warpgroup that has not needed the rest of K and V
 #else
     __trap();

@@ -96,27 +96,30 @@ fn wgmma_kernels_store_their_rows_in_eight_byte_stores() {
     }
 }
 
-/// The wgmma forward issues each row tile's first S before the previous tile's epilogue (the
-/// normalisation and the stores of O), so that the tensor cores work under it: in its SASS, the
-/// last wgmma event before every 8-byte row store must be an issue (`HGMMA`), not a wait
-/// (`WARPGROUP.DEPBAR`). A wait hoisted above the stores (by ptxas, or by a change to the loop)
-/// would leave the kernel's results as they are and its tensor cores idle there again.
+/// The wgmma forward and dQ kernels issue each row tile's first G1 (S; S and dP) before the
+/// previous tile's epilogue (the stores of O and lse; of dQ), so that the tensor cores work under
+/// it: in their SASS, the last wgmma event before every 8-byte row store must be an issue
+/// (`HGMMA`), not a wait (`WARPGROUP.DEPBAR`). A wait hoisted above the stores (by ptxas, or by a
+/// change to the loop) would leave the kernels' results as they are and their tensor cores idle
+/// there again.
 #[test]
-fn wgmma_forward_issues_the_next_tiles_scores_under_its_epilogue() {
-    const KERNEL: &str = "mapet_attention_fwd_wgmma";
-    let Some(sass) = attention_sass_or_skip("wgmma_forward_issues_the_next_tiles_scores_under_its_epilogue") else {
+fn wgmma_row_tile_kernels_issue_the_next_tiles_g1_under_their_epilogue() {
+    let Some(sass) = attention_sass_or_skip("wgmma_row_tile_kernels_issue_the_next_tiles_g1_under_their_epilogue")
+    else {
         return;
     };
-    let body = function(arch_section(sass, "sm_90a"), KERNEL)
-        .unwrap_or_else(|| panic!("{KERNEL} is not in the sm_90a SASS of attention"));
-    let before = last_wgmma_before(body, "STG.E.64 ");
-    eprintln!("{KERNEL}: the last wgmma event before each 8-byte store: {before:?}");
-    assert!(!before.is_empty(), "{KERNEL}: no 8-byte stores");
-    assert!(
-        before.iter().all(|op| op.starts_with("HGMMA")),
-        "{KERNEL}: a wgmma wait precedes the epilogue's stores ({before:?}): the next row tile's first S no \
-         longer runs under it (cuda/attention.cu, the forward's tile loop)"
-    );
+    for kernel in ["mapet_attention_fwd_wgmma", "mapet_attention_bwd_dq_wgmma"] {
+        let body = function(arch_section(sass, "sm_90a"), kernel)
+            .unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
+        let before = last_wgmma_before(body, "STG.E.64 ");
+        eprintln!("{kernel}: the last wgmma event before each 8-byte store: {before:?}");
+        assert!(!before.is_empty(), "{kernel}: no 8-byte stores");
+        assert!(
+            before.iter().all(|op| op.starts_with("HGMMA")),
+            "{kernel}: a wgmma wait precedes the epilogue's stores ({before:?}): the next row tile's first G1 no \
+             longer runs under it (cuda/attention.cu, the kernel's tile loop)"
+        );
+    }
 }
 
 /// For each instruction of `sass` whose opcode starts with `opcode`, the last wgmma issue or wait
