@@ -1548,6 +1548,14 @@ __device__ __forceinline__ void position_extrema(int p0, int n, const Geometry& 
     amax = first_hidden(row_at(min(p0 + n, G.lq) - 1, G), G);
 }
 
+// The non-EMPTY (and PARTIAL) 32-key chunks of the 64-position row tile from p0 (nkc chunks in all),
+// from its hidden-window extrema: the forward's and dQ's tiles.
+__device__ __forceinline__ ChunkMasks row_tile_chunks(int p0, int nkc, const Geometry& G) {
+    int amin, amax;
+    position_extrema(p0, 64, G, amin, amax);
+    return key_chunks(amin, amax, nkc, G);
+}
+
 // A softmax step's rescale of the O accumulator, kept until the P V product that reads it is done:
 // rows g and g+8 times corr[0], corr[1] where grow.
 struct Rescale {
@@ -1882,12 +1890,11 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
     KvRest kv_rest(nkt);
 
-    // A row tile's non-EMPTY 32-key chunks (from its hidden-window extrema: first_hidden is
-    // monotone in the position), and the first pair of them with the chunks left after it. A
-    // pair's second chunk may be absent (-1: an odd count); its products then read the first
-    // chunk's rows again, and its scores are -inf. Every row sees N >= 1 keys, so the first chunk
-    // exists. Found twice for each tile (when its first S is issued, and at its start), rather
-    // than kept in registers across the previous tile's epilogue.
+    // A row tile's non-EMPTY 32-key chunks (row_tile_chunks), and the first pair of them with the
+    // chunks left after it. A pair's second chunk may be absent (-1: an odd count); its products
+    // then read the first chunk's rows again, and its scores are -inf. Every row sees N >= 1 keys,
+    // so the first chunk exists. Found twice for each tile (when its first S is issued, and at its
+    // start), rather than kept in registers across the previous tile's epilogue.
     struct RowTile {
         ChunkMasks chunks;
         uint32_t rest;
@@ -1895,9 +1902,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     };
     auto row_tile = [&](int p0) {
         RowTile rt;
-        const int amin = first_hidden(row_at(p0, G), G);
-        const int amax = first_hidden(row_at(min(p0 + 64, G.lq) - 1, G), G);
-        rt.chunks = key_chunks(amin, amax, nkc, G);
+        rt.chunks = row_tile_chunks(p0, nkc, G);
         rt.rest = rt.chunks.live;
         rt.first.c[0] = take_chunk(rt.rest);
         rt.first.c[1] = take_chunk(rt.rest);
@@ -2256,12 +2261,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
     KvRest kv_rest(nkt);
 
-    // A row tile's non-EMPTY 32-key chunks (every row sees N >= 1 keys, so there is a first).
-    auto tile_chunks = [&](int p) {
-        int amin, amax;
-        position_extrema(p, 64, G, amin, amax);
-        return key_chunks(amin, amax, nkc, G);
-    };
     // G1 (S and dP) of a row tile's first chunk, from its Q fragments and dO tile. A tile's first
     // G1 is issued before its pipeline starts, as the forward's first S: the first tile's here,
     // each next one's under the epilogue of the tile before. Unconditional issues (see the
@@ -2269,7 +2268,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     // loaded), and a last tile issues its own again; both are dropped.
     float s[4][4], dp[4][4];
     auto issue_first_g1 = [&](int p) {
-        uint32_t live = tile_chunks(p).live;
+        uint32_t live = row_tile_chunks(p, nkc, G).live;  // (every row sees N >= 1 keys: a first)
         const int kc = take_chunk(live);
         kv_rest.need(kc);
         const uint32_t rows = static_cast<uint32_t>(kc * kChunk) * 128;
@@ -2307,7 +2306,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         for (int j = 0; j < 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
         uint32_t ds[2][4];
 
-        const ChunkMasks chunks = tile_chunks(p0);
+        const ChunkMasks chunks = row_tile_chunks(p0, nkc, G);
         uint32_t rest = chunks.live;
         const bool more = p0 + tile_step < G.lq;
         wg_pipeline<true>(
