@@ -683,8 +683,14 @@ __device__ __forceinline__ void forward_patches(const MapetPatchEmbedFwd& P) {
 constexpr int kRawCenter = 127;
 constexpr float kRawScale = 256.f;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Bytes j and j + 1 of x as the f16 pair 1024 + u (byte j in the low half), exactly: one PRMT
+// puts each byte under the exponent byte 0x64 (f16 holds 11 significant bits).
+__device__ __forceinline__ uint32_t pixel_pair_f16_1024(uint32_t x, int j) {
+    return __byte_perm(x, 0x64u, static_cast<uint32_t>(j | 0x40 | ((j + 1) << 8) | 0x4000));
+}
+
 // Bytes j and j + 1 of x, each plus one, as a bf16 pair (byte j in the low half), exactly:
-// - one PRMT makes the f16 pair 0x64uu = 1024 + u (f16 holds 11 significant bits);
+// - one PRMT makes the f16 pair 0x64uu = 1024 + u (pixel_pair_f16_1024);
 // - one f16x2 subtraction of 1023 leaves u + 1 in [1, 256], a normal f16 whose 10-bit mantissa
 //   has its low 3 bits clear (u + 1 needs 8 significant bits);
 // - so the bf16 bits are the f16 bits shifted right by 3 (the high half's clear low bits shift
@@ -693,7 +699,7 @@ constexpr float kRawScale = 256.f;
 //   then F2FP) takes five. The +1 keeps 0 away from f16's subnormal, zero exponent (which the
 //   rebase would turn into 2^-15); the reduction takes it back out with the column sum.
 __device__ __forceinline__ uint32_t pixel_pair_plus1(uint32_t x, int j) {
-    const uint32_t h = __byte_perm(x, 0x64u, static_cast<uint32_t>(j | 0x40 | ((j + 1) << 8) | 0x4000));
+    const uint32_t h = pixel_pair_f16_1024(x, j);
     uint32_t u;
     asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(u) : "r"(h), "r"(0x63FE63FEu));  // f16 1023 = 0x63FE
     return (u >> 3) + 0x38003800u;
@@ -710,7 +716,7 @@ __device__ __forceinline__ uint4 pixels_plus1_bf16x8(uint2 w) {
 // (2^-8 is 0x1C00 and -1151 / 256 = -4.49609375 is 0xC47F, both exact in f16; so is the result,
 // which the FMA rounds once). Two instructions a pair.
 __device__ __forceinline__ uint32_t pixel_pair_centered_f16(uint32_t x, int j) {
-    const uint32_t h = __byte_perm(x, 0x64u, static_cast<uint32_t>(j | 0x40 | ((j + 1) << 8) | 0x4000));
+    const uint32_t h = pixel_pair_f16_1024(x, j);
     uint32_t u;
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(u) : "r"(h), "r"(0x1C001C00u), "r"(0xC47FC47Fu));
     return u;
