@@ -928,11 +928,10 @@ fn pixel_rounding_gap(rng: &mut impl Rng, c: &Case, d_out: &[f32], samples: usiz
 /// (W the bf16 weight the card gets; CHW order; the card multiplies f16(256 W s[c]) by the exact
 /// (u - 127) / 256, the same products) and the bias as bias + sum_k W (h[c] + 127 s[c]) (in f64
 /// here, where mapet_patch_embed_weight_hwc_raw sums in f32: the last bits differ), with s =
-/// 1 / (255 std) and h = -mean / std in f32 as the launcher forms them.
+/// 1 / (255 std) and h = -mean / std taken from the launcher's own Normalize::affine.
 fn raw_pixel_inputs(c: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (s, n) = (&c.s, c.s.image);
-    let scale: [f32; 3] = [0, 1, 2].map(|i| 1.0 / (255.0 * c.norm.std[i]));
-    let shift: [f32; 3] = [0, 1, 2].map(|i| -c.norm.mean[i] / c.norm.std[i]);
+    let (scale, shift) = c.norm.affine();
     let mut x = vec![0f32; s.pixels_len()];
     for b in 0..s.batch {
         for y in 0..n {

@@ -246,8 +246,9 @@ impl Normalize {
         (u as f32 / 255.0 - self.mean[c]) / self.std[c]
     }
 
-    /// (scale, shift) with x = u·scale + shift, as the kernels evaluate it.
-    fn affine(&self) -> ([f32; 3], [f32; 3]) {
+    /// (scale, shift) with x = u·scale + shift, as the kernels evaluate it (the launchers pass
+    /// these; tests that emulate a kernel's arithmetic take them from here).
+    pub fn affine(&self) -> ([f32; 3], [f32; 3]) {
         let scale = [0, 1, 2].map(|c| 1.0 / (255.0 * self.std[c]));
         let shift = [0, 1, 2].map(|c| -self.mean[c] / self.std[c]);
         (scale, shift)
