@@ -35,7 +35,7 @@
 #                   MAPET_SANITIZE_TIMEOUT seconds (default 400)
 #   MAPET_MODEL_BENCH=1  `mapet bench` of ViT-B at batch 128 on the GPU, once per patch-embedding
 #                   pixel order (MAPET_PATCH_EMBED_ORDER) in MAPET_MODEL_BENCH_CONFIGS (default
-#                   "hwc-ws/hwc hwc", the default pair on an H100/H200 and the mma.sync one;
+#                   "hwc-ws-raw hwc", the default on an H100/H200 and the mma.sync one;
 #                   "hwc-ws/hwc" runs the hwc-ws forward with the hwc backward) and
 #                   attention kernel set (MAPET_ATTENTION_KERNELS) in
 #                   MAPET_MODEL_BENCH_ATTENTION (default "wgmma resident"; "wgmma/resident" runs
@@ -252,7 +252,7 @@ else:
 }
 
 if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
-  for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc-ws/hwc hwc}; do
+  for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc-ws-raw hwc}; do
     for attn in ${MAPET_MODEL_BENCH_ATTENTION:-wgmma resident}; do
       for tune in ${MAPET_MODEL_BENCH_TUNE:-${MAPET_GEMM_TUNE:-0}}; do
         # "fwd/bwd" (e.g. wgmma/resident) runs the forward and the backward on different sets.
@@ -572,7 +572,7 @@ def sets(what, default, var, pattern, kernels, backward):
 
 sets("attention", "wgmma", "OK_ATTENTION", r"RESULT attention vit-b (\S+) forward\+backward: median ([0-9.]+) ms",
      "MAPET_ATTENTION_KERNELS", "MAPET_ATTENTION_BACKWARD_KERNELS")
-sets("patch embedding", "hwc-ws/hwc", "OK_PATCH", r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median",
+sets("patch embedding", "hwc-ws-raw", "OK_PATCH", r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median",
      "MAPET_PATCH_EMBED_ORDER", "MAPET_PATCH_EMBED_BACKWARD_ORDER")
 
 # The cross-entropy's queued race: "<passes>[, rows reversed], <GEMMs>, queued", timed alike.

@@ -109,8 +109,8 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
     // - attention: the default, `wgmma`, hung in its tests, so it has no line and the fastest
     //   tested set wins (`resident`, under `tiled`); the pair with wgmma is fastest but not
     //   eligible;
-    // - patch embedding: `hwc` is under the default `hwc-ws/hwc` pair by less than 1% (the default
-    //   stays, split into the two directions' switches);
+    // - patch embedding: `hwc` is under the default `hwc-ws-raw` by less than 1% (the default
+    //   stays, as both directions' switches);
     // - cross-entropy: 3 sub-chunk passes are well under one pass (they win); the chosen GEMMs are
     //   faster still but not eligible (the GEMM tests did not run).
     let mut draw = |lo: f64, hi: f64| rng.random_range(lo..hi);
@@ -124,7 +124,7 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
     ];
     let pair = 0.3 * draw(0.9, 0.99);
     let hwc = pair * draw(0.992, 0.998);
-    let pe = [("hwc", hwc), ("chw", hwc * draw(1.0, 1.2)), ("hwc-ws/hwc", pair)];
+    let pe = [("hwc", hwc), ("chw", hwc * draw(1.0, 1.2)), ("hwc-ws-raw", pair)];
     let (headline, one_pass) = (1.25 * draw(0.8, 1.25), 1.25 * draw(0.8, 1.25));
     let passes = one_pass * draw(0.8, 0.97);
     let ce = [
@@ -301,8 +301,8 @@ exit 0"#,
         "MAPET_ATTENTION_BACKWARD_KERNELS=resident",
         "MAPET_ATTENTION_KERNELS=resident",
         "MAPET_CE_SUB_CHUNK_ROWS=1046",
-        "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc",
-        "MAPET_PATCH_EMBED_ORDER=hwc-ws",
+        "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc-ws-raw",
+        "MAPET_PATCH_EMBED_ORDER=hwc-ws-raw",
     ]
     .map(String::from)
     .to_vec();
@@ -372,13 +372,13 @@ exit 101"#,
         "reversed rows should win alone (cross-entropy {ce_reversed:?}):\n{env}"
     );
 
-    // And the patch-embedding tests failing as a whole, but hwc and hwc-ws passing on their own
-    // (MAPET_TEST_PATCH_ORDERS): those two orders count, and the bench runs only them.
+    // And the patch-embedding tests failing as a whole, but hwc and hwc-ws-raw passing on their
+    // own (MAPET_TEST_PATCH_ORDERS): those two orders count, and the bench runs only them.
     script(
         &payload.join("tests"),
         "patch_embed",
         r#"case "${MAPET_TEST_PATCH_ORDERS:-all}" in
-  hwc|hwc-ws) echo "test result: ok. 9 passed; 0 failed"; exit 0 ;;
+  hwc|hwc-ws-raw) echo "test result: ok. 9 passed; 0 failed"; exit 0 ;;
 esac
 echo "test gpu_matches_cpu_on_fixed_shapes ... FAILED"
 echo "test result: FAILED. 8 passed; 1 failed"
@@ -395,18 +395,18 @@ exit 101"#,
     assert!(out.status.success(), "run.sh failed:\n{}", String::from_utf8_lossy(&out.stdout));
     let summary = fs::read_to_string(bundle.join("results/summary.txt")).unwrap();
     let has = |prefix: &str, rest: &str| summary.lines().any(|l| l.starts_with(prefix) && l.contains(rest));
-    for (order, verdict) in [("hwc", "ok"), ("hwc-ws", "ok"), ("chw", "FAIL")] {
+    for (order, verdict) in [("hwc", "ok"), ("hwc-ws-raw", "ok"), ("hwc-ws", "FAIL"), ("chw", "FAIL")] {
         assert!(has(&format!("  patch_embed {order} only "), verdict), "{order} alone: {verdict}\n{summary}");
     }
     let bench = fs::read_to_string(bundle.join("results/bench-patch_embed.log")).unwrap();
-    assert!(bench.starts_with("orders hwc,hwc-ws\n"), "the patch bench's orders:\n{bench}");
+    assert!(bench.starts_with("orders hwc,hwc-ws-raw\n"), "the patch bench's orders:\n{bench}");
     let row = summary.lines().find(|l| l.starts_with("target patch_embed fwd+bwd")).expect("a patch target row");
-    assert!(!row.contains("none") && row.contains("of 3 lines"), "hwc and hwc-ws/hwc count:\n{row}");
+    assert!(!row.contains("none") && row.contains("of 3 lines"), "hwc and hwc-ws-raw count:\n{row}");
     let env = fs::read_to_string(bundle.join("results/winners.env")).unwrap();
     assert!(
-        env.lines().any(|l| l == "MAPET_PATCH_EMBED_ORDER=hwc-ws")
-            && env.lines().any(|l| l == "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc"),
-        "the default pair, tested order by order, stays:\n{env}"
+        env.lines().any(|l| l == "MAPET_PATCH_EMBED_ORDER=hwc-ws-raw")
+            && env.lines().any(|l| l == "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc-ws-raw"),
+        "the default, tested order by order, stays:\n{env}"
     );
 }
 

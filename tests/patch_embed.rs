@@ -532,18 +532,18 @@ fn pixel_order_names_parse_and_bad_names_are_refused() {
     }
     let e = PixelOrder::parse_name("HWC").unwrap_err();
     assert!(e.contains("chw or hwc") && e.contains("MAPET_PATCH_EMBED_ORDER"), "{e}");
-    // The pair the backend runs: the measured defaults when neither variable is set (hwc-ws's
-    // forward with hwc's backward on compute capability 9.0 only), the forward's order for the
+    // The pair the backend runs: the measured defaults when neither variable is set (hwc-ws-raw
+    // both ways on compute capability 9.0 only), the forward's order for the
     // backward when only the forward's is set, each by name when given, and an unknown name
     // refused naming its variable.
-    use PixelOrder::{Chw, Hwc, HwcWs};
+    use PixelOrder::{Chw, Hwc, HwcWs, HwcWsRaw};
     let (hopper, ampere) = ((9, 0), (8, 0));
     let pair = |f, b, cc| PixelOrder::pair_named(f, b, cc).unwrap();
-    assert_eq!(pair(None, None, hopper), (HwcWs, Hwc));
+    assert_eq!(pair(None, None, hopper), (HwcWsRaw, HwcWsRaw));
     assert_eq!(pair(None, None, ampere), (Hwc, Hwc));
     assert_eq!(pair(Some("chw"), None, hopper), (Chw, Chw));
     assert_eq!(pair(Some("hwc-ws"), None, hopper), (HwcWs, HwcWs));
-    assert_eq!(pair(None, Some("hwc-ws"), hopper), (HwcWs, HwcWs));
+    assert_eq!(pair(None, Some("hwc-ws"), hopper), (HwcWsRaw, HwcWs));
     assert_eq!(pair(None, Some("chw"), ampere), (Hwc, Chw));
     assert_eq!(pair(Some("hwc"), Some("hwc-ws"), ampere), (Hwc, HwcWs));
     for (f, b, var) in [(Some("ws"), None, PixelOrder::VAR), (None, Some("ws"), PixelOrder::BACKWARD_VAR)] {

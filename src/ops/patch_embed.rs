@@ -539,9 +539,8 @@ pub enum PixelOrder {
     /// four-stage cp.async ring). The forward multiplies by a copy of the weight permuted the same
     /// way (D·K bf16 of scratch); the reduction of the weight gradient's partials puts it back in
     /// CHW order. On an H200 at ViT-B, batch 128, forward + backward took 0.372 ms against 0.598 ms
-    /// in CHW order (BENCHMARKS.md, seventh run). The default off compute capability 9.0, and
-    /// the default backward everywhere ([`PixelOrder::defaults_for`]: the order has no default
-    /// apart from the device).
+    /// in CHW order (BENCHMARKS.md, seventh run). The default off compute capability 9.0
+    /// ([`PixelOrder::defaults_for`]: the order has no default apart from the device).
     Hwc,
     /// [`PixelOrder::Hwc`] with the forward and the weight gradient warp-specialised
     /// (`mapet_patch_embed_fwd_u8_hwc_ws`, `mapet_patch_embed_bwd_weight_u8_hwc_ws`): one
@@ -550,11 +549,10 @@ pub enum PixelOrder {
     /// and its raw pixels, plus one, exact in bf16, with the normalisation applied by its
     /// reduction), and two warpgroups run wgmma on them. Compute capability 9.0 only (H100/H200;
     /// elsewhere an error says so). In the seventh run its tests passed on an H200, and at ViT-B
-    /// its forward took 0.150 ms against `Hwc`'s 0.175, its backward 0.226 against 0.198
-    /// (BENCHMARKS.md), so the default on compute capability 9.0 is its forward with `Hwc`'s backward
-    /// ([`PixelOrder::defaults_for`]). Since that run, unverified on GPU: the forward's L1
-    /// prefetch of the mask-token rows, and the weight gradient rewritten (128 x 256 tiles in
-    /// one wave, raw pixels in the 128-byte swizzle).
+    /// its forward took 0.150 ms against `Hwc`'s 0.175. Its weight gradient, rewritten since
+    /// (128 x 256 tiles in one wave, raw pixels in the 128-byte swizzle), passed its tests on an
+    /// H200 in the eighth run, where its backward took 0.152 ms against `Hwc`'s 0.203, and forward
+    /// plus backward 0.313 (BENCHMARKS.md). [`PixelOrder::HwcWsRaw`] keeps this backward.
     HwcWs,
     /// [`PixelOrder::HwcWs`] with its forward on raw pixels too
     /// (`mapet_patch_embed_fwd_u8_hwc_ws_raw`): (u - 127) / 256, exact in f16 (two instructions a
@@ -563,7 +561,10 @@ pub enum PixelOrder {
     /// shifts' share (`mapet_patch_embed_weight_hwc_raw` makes both each call). Each product's one
     /// rounding moves from the pixel (bf16) to the weight (f16, three more bits): on the CPU its
     /// outputs are nearer the truth than the bf16 baseline's. Its backward is `hwc-ws`'s. Compute
-    /// capability 9.0 only. Experimental, written without a card: unverified on GPU.
+    /// capability 9.0 only. In the eighth run its tests passed on an H200, and at ViT-B its forward
+    /// took 0.153 ms against `HwcWs`'s 0.157, forward plus backward 0.308 ms against 0.363 for
+    /// the pair that was the default until then (`hwc-ws` forward, `hwc` backward): the default on
+    /// compute capability 9.0, both ways ([`PixelOrder::defaults_for`]).
     HwcWsRaw,
 }
 
@@ -592,10 +593,11 @@ impl PixelOrder {
     pub const BACKWARD_VAR: &'static str = "MAPET_PATCH_EMBED_BACKWARD_ORDER";
 
     /// The fastest (forward, backward) pair measured on a device of compute capability `cc`:
-    /// `hwc-ws`'s forward with `hwc`'s backward on 9.0 (H100/H200), `hwc` both ways elsewhere.
+    /// `hwc-ws-raw` both ways on 9.0 (H100/H200; its backward is `hwc-ws`'s), `hwc` both ways
+    /// elsewhere.
     pub fn defaults_for(cc: (u32, u32)) -> (PixelOrder, PixelOrder) {
         if cc == (9, 0) {
-            (PixelOrder::HwcWs, PixelOrder::Hwc)
+            (PixelOrder::HwcWsRaw, PixelOrder::HwcWsRaw)
         } else {
             (PixelOrder::Hwc, PixelOrder::Hwc)
         }
