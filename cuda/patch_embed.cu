@@ -1017,34 +1017,47 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
                 if (o.mask[h]) prefetch_l1(o.pe[h] + 8 * j);
         }
     };
-    auto write_other_rows = [&](const OtherRows& o, int n0, int t) {
-        for (int j0 = t; j0 < kWsN / 8; j0 += 2 * slices) {
-            int x[2];  // offset of the column pair from the thread's first column
-            bool ok[2];
-            float2 mt[2], pe[2][2];
+    // One step of write_other_rows: the values of column pairs j0 and j0 + slices (loads), then
+    // their rows (stores).
+    struct OtherStep {
+        int x[2];  // offset of the column pair from the thread's first column
+        bool ok[2];
+        float2 mt[2], pe[2][2];
+    };
+    auto load_other_step = [&](const OtherRows& o, int n0, int j0, OtherStep& v) {
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int j = j0 + u * slices;
-                x[u] = 8 * j;
-                ok[u] = j < kWsN / 8 && n0 + 2 * q + x[u] < g.D;
-                mt[u] = ok[u] ? __ldg(reinterpret_cast<const float2*>(P.mask_token + n0 + 2 * q + x[u]))
+        for (int u = 0; u < 2; ++u) {
+            const int j = j0 + u * slices;
+            v.x[u] = 8 * j;
+            v.ok[u] = j < kWsN / 8 && n0 + 2 * q + v.x[u] < g.D;
+            v.mt[u] = v.ok[u] ? __ldg(reinterpret_cast<const float2*>(P.mask_token + n0 + 2 * q + v.x[u]))
                               : make_float2(0.f, 0.f);
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    pe[u][h] = ok[u] && o.mask[h] ? __ldg(reinterpret_cast<const float2*>(o.pe[h] + x[u]))
+            for (int h = 0; h < 2; ++h)
+                v.pe[u][h] = v.ok[u] && o.mask[h] ? __ldg(reinterpret_cast<const float2*>(o.pe[h] + v.x[u]))
                                                   : make_float2(0.f, 0.f);
-            }
+        }
+    };
+    auto store_other_step = [&](const OtherRows& o, const OtherStep& v) {
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
+        for (int u = 0; u < 2; ++u) {
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    if (ok[u] && o.mask[h]) {
-                        const uint32_t v = token_pair(mt[u], pe[u][h]);
-                        *reinterpret_cast<uint32_t*>(o.mask[h] + x[u]) = v;
-                        *reinterpret_cast<uint32_t*>(o.mask[h] + query_rows + x[u]) = v;
-                    }
+            for (int h = 0; h < 2; ++h) {
+                if (v.ok[u] && o.mask[h]) {
+                    const uint32_t val = token_pair(v.mt[u], v.pe[u][h]);
+                    *reinterpret_cast<uint32_t*>(o.mask[h] + v.x[u]) = val;
+                    *reinterpret_cast<uint32_t*>(o.mask[h] + query_rows + v.x[u]) = val;
                 }
             }
+        }
+    };
+    // Slice t's share from its second step on (the first, loaded early, is `first`'s).
+    auto write_other_rows = [&](const OtherRows& o, int n0, int t, const OtherStep& first) {
+        store_other_step(o, first);
+        for (int j0 = t + 2 * slices; j0 < kWsN / 8; j0 += 2 * slices) {
+            OtherStep v;
+            load_other_step(o, n0, j0, v);
+            store_other_step(o, v);
         }
     };
     // The CLS rows, one row in np: all the tile's columns at once, on a branch few warps take.
@@ -1099,11 +1112,19 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
                 rows_of(tile + gridDim.x, next);
                 if (other.cls[0] || other.cls[1]) write_cls_rows(other, n0);
             }
+            // The first values of this slice's share of the other rows, loaded before the wait
+            // below so that they land during it: loaded after it, next to their use, their wait
+            // was the largest stall of the hwc-ws-raw forward in the eighth run's profile (10% of its
+            // samples, on the FADD of token_pair). The basic block ends after the loads, or ptxas
+            // moves them below the wait again.
+            OtherStep first;
+            load_other_step(other, n0, t, first);
+            end_basic_block();
             // The previous slice's wgmma are done with their stage: hand it back.
             wgmma_wait_groups<1>();
             if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);
             // After the hand-back, so that waiting on its loads delays no stage.
-            write_other_rows(other, n0, t);
+            write_other_rows(other, n0, t, first);
             if (t + 1 < slices) prefetch_other_rows(other, n0, t + 1);
         }
         wgmma_wait_groups<0>();
