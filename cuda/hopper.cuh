@@ -317,9 +317,6 @@ __device__ __forceinline__ void sw128_gather_rows2(uint32_t dst_a, const void* s
 // result, no wait and nothing to order. The attention kernels issue it for a row tile's operands
 // one chunk before their copies start, so that the copies find the rows in L2 rather than DRAM.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-// The same into this SM's L1 as well: for data a thread will load soon with __ldg, whose L2
-// round trip would otherwise stand in its way. Nothing to wait for, no registers held.
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
 
 // sw128_gather_rows of rows [0, rows) in order.
 __device__ __forceinline__ void sw128_load_rows(uint32_t dst, const void* src, int64_t stride_bytes, int rows,

@@ -780,8 +780,10 @@ __device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
 // other HWC kernels' in the last bits (the same function, another f32 order). The default forward
 // on compute capability 9.0 (only). In the seventh run its tests passed on an H200, and it took
-// 0.150 ms at ViT-B against the mma.sync HWC kernel's 0.175 (BENCHMARKS.md). The L1 prefetch of
-// the mask-token rows' values (prefetch_other_rows) came after that run: unverified on GPU.
+// 0.150 ms at ViT-B against the mma.sync HWC kernel's 0.175 (BENCHMARKS.md). An L1 prefetch of
+// the mask-token rows' values a slice ahead (prefetch.global.L1), added after that run, made it
+// slower (0.1508 -> 0.1558 ms in the eighth run's A/B) and is gone; each slice loads the first of
+// those values before its wait for the previous slice's wgmma instead (OtherStep).
 //
 // kRaw (mapet_patch_embed_fwd_u8_hwc_ws_raw, MAPET_PATCH_EMBED_ORDER=hwc-ws-raw; written after the
 // seventh run, not a default, unverified on GPU): the producer stores the raw pixels as
@@ -1001,22 +1003,6 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         return o;
     };
     const int64_t query_rows = static_cast<int64_t>(g.n_pred) * g.D;  // content -> query-stream mask row
-    // Sends into L1 what write_other_rows(o, n0, t) loads first (its step j0 = t: at ViT-B, p = 16,
-    // its only one), a slice ahead of it. Loaded from L2 in the slice itself, those values stood
-    // an L2 round trip between every slice's products and the next slice's: their first use was
-    // the kernel's second stall in the seventh run's profile (8% of its samples). Held in
-    // registers a slice ahead instead, they spilled the consumers.
-    auto prefetch_other_rows = [&](const OtherRows& o, int n0, int t) {
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-            const int j = t + u * slices;
-            if (!(j < kWsN / 8 && n0 + 2 * q + 8 * j < g.D)) continue;
-            prefetch_l1(P.mask_token + n0 + 2 * q + 8 * j);
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                if (o.mask[h]) prefetch_l1(o.pe[h] + 8 * j);
-        }
-    };
     // One step of write_other_rows: the values of column pairs j0 and j0 + slices (loads), then
     // their rows (stores).
     struct OtherStep {
@@ -1081,7 +1067,6 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         cur = next;
         const int (&tok)[2] = cur.tok;
         const OtherRows other = other_rows_of(cur, n0);
-        prefetch_other_rows(other, n0, 0);
         // Accumulators start at bias + pos_embed: d[4j + 2h + e] is row h, column n0 + 8j + 2q + e.
         float acc[96];
 #pragma unroll
@@ -1125,7 +1110,6 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             if (t > 0 && (tid & 127) == 0) mbar_arrive(&empty[(it - 1) % kWsStages]);
             // After the hand-back, so that waiting on its loads delays no stage.
             write_other_rows(other, n0, t, first);
-            if (t + 1 < slices) prefetch_other_rows(other, n0, t + 1);
         }
         wgmma_wait_groups<0>();
         pin_regs(acc);
