@@ -1755,9 +1755,8 @@ __device__ __forceinline__ void copy_positions_q_do(uint32_t q_dst, const bf16* 
 
 // The row whose Q (dO, O) thread i of a warpgroup sends to L2 (prefetch_l2) for the warpgroup's
 // next row tile, at positions [p_next, p_next + 64): threads i < 64 take position p_next + i; -1
-// when the thread has none (i >= 64, no next tile, or a position past Lq). Found once a tile, at
-// its start: the chunk loop then only tests it, where finding it there cost about 30
-// instructions on every chunk (row_at's selects, run ahead of the branch).
+// when the thread has none (i >= 64, no next tile, or a position past Lq). Found and sent once a
+// tile, at its start (dQ).
 __device__ __forceinline__ int prefetch_row(int p_next, int i, const Geometry& G) {
     if (i >= 64 || p_next >= G.lq) return -1;
     const int row = row_at(p_next + i, G);
@@ -2285,7 +2284,16 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
         const bool ok_lo = r_lo < G.lq, ok_hi = r_hi < G.lq;
         const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
+        // The next tile's Q, dO and O rows, on their way to L2 from the tile's start, a tile
+        // before on_last loads them (a chunk before, as until the eighth run, left most of
+        // their DRAM latency to the wait after the pipeline: 6% of the kernel's warp-stall
+        // samples in that run's profile).
         const int pf_row = prefetch_row(p0 + tile_step, tid & 127, G);
+        if (pf_row >= 0) {
+            prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
+            prefetch_l2(dog + static_cast<int64_t>(pf_row) * prm.do_row_stride);
+            prefetch_l2(og + static_cast<int64_t>(pf_row) * prm.o_row_stride);
+        }
 
         // The rows' delta and lse, from the tile's dO rows (positions past Lq zero-filled; landed
         // before the tile's first G1 was issued) and the loads start_tile made.
@@ -2318,13 +2326,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
             [&](int, int& kn) {
                 if (rest == 0) return false;
                 kn = take_chunk(rest);
-                // The tile's last chunk: its next tile's Q, dO and O rows, on their way to L2 a
-                // chunk before on_last loads them.
-                if (rest == 0 && pf_row >= 0) {
-                    prefetch_l2(qg + static_cast<int64_t>(pf_row) * prm.q_row_stride);
-                    prefetch_l2(dog + static_cast<int64_t>(pf_row) * prm.do_row_stride);
-                    prefetch_l2(og + static_cast<int64_t>(pf_row) * prm.o_row_stride);
-                }
                 return true;
             },
             [&](int kc) {
@@ -2482,12 +2483,17 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
             next_started = true;
         };
         const int key_lo = k0 + 16 * warp + g, key_hi = key_lo + 8;  // the lane's two keys
-        // The key whose K and V rows this thread sends to L2 for the warpgroup's next tile (threads
-        // < 64, one key each; -1: none), found here once rather than on every chunk.
-        int pf_key = -1;
+        // The warpgroup's next K and V rows, on their way to L2 from this tile's start (threads
+        // < 64, one key each), a tile before on_last copies them (a chunk before until the eighth
+        // run).
         if (i + 1 < mine.n && (tid & 127) < kBN) {
-            pf_key = mine.at(i + 1) * kBN + (tid & 127);
-            if (pf_key >= G.lk) pf_key = -1;
+            const int pf_key = mine.at(i + 1) * kBN + (tid & 127);
+            if (pf_key < G.lk) {
+                prefetch_l2(static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD +
+                            static_cast<int64_t>(pf_key) * prm.k_row_stride);
+                prefetch_l2(static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD +
+                            static_cast<int64_t>(pf_key) * prm.v_row_stride);
+            }
         }
 
         float dk[8][4], dv[8][4];
@@ -2514,14 +2520,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                 [&](int, int& pn) {
                     if (rest == 0) return false;
                     pn = take_chunk(rest);
-                    // The tile's last chunk: the warpgroup's next K and V rows, on their way to
-                    // L2 a chunk before on_last copies them.
-                    if (rest == 0 && pf_key >= 0) {
-                        prefetch_l2(static_cast<const bf16*>(prm.k) + lb * prm.k_batch_stride + lhead * kD +
-                                    static_cast<int64_t>(pf_key) * prm.k_row_stride);
-                        prefetch_l2(static_cast<const bf16*>(prm.v) + lb * prm.v_batch_stride + lhead * kD +
-                                    static_cast<int64_t>(pf_key) * prm.v_row_stride);
-                    }
                     return true;
                 },
                 [&](int pc) {
