@@ -2177,14 +2177,10 @@ struct DkdvChunkStats {
     int2 a[4];
 };
 
-// Loads the stats of chunk p0 for lane t. The dK/dV kernel loads a chunk's stats once its G1 and
-// the previous chunk's G2 are issued, so that they land while the tensor cores run them: loaded
-// after the wait, as they were, their first uses stalled on shared-memory latency with the tensor
-// cores idle (about a tenth of the kernel's warp-stall samples in the seventh run's profile,
-// BENCHMARKS.md). Loaded right after the G1 issue, as they were next, ptxas moved the loads and
-// their hidden-key tests in among the wgmma issues, where the tests' wait held up the rest of
-// G1 and all of G2 (about 9% of the samples in the eighth run's); a basic block's end after the
-// loads keeps the tests below every issue (tests/kernel_schedule.rs checks that).
+// Loads the stats of chunk p0 for lane t. The dK/dV kernel loads a chunk's stats when it issues
+// the chunk's G1, so that they land while the tensor cores run it: loaded after the wait, as
+// they were, their first uses stalled on shared-memory latency with the tensor cores idle (about
+// a tenth of the kernel's warp-stall samples in the seventh run's profile, BENCHMARKS.md).
 __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0, const float* s_lse2,
                                                       const float* s_delta, const int* s_a, int t) {
 #pragma unroll
@@ -2511,12 +2507,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         uint32_t rest = chunks.live;
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         if (rest != 0) {
-            // The first chunk's stats here; each next chunk's after the G2 issued beside its G1
-            // (issue_g2 below), so that the wait for that G1 finds them loaded.
-            int stats_pc = take_chunk(rest);
-            load_dkdv_chunk_stats(cs, stats_pc * kChunk, s_lse2, s_delta, s_a, lt);
             wg_pipeline(
-                stats_pc,
+                take_chunk(rest),
                 [&](int, int& pn) {
                     if (rest == 0) return false;
                     pn = take_chunk(rest);
@@ -2526,7 +2518,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                     need_chunk(pc);
                     const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
                     wg_issue_pair(st, dpt, kd, sw128_desc_plus(qd, rows), vd, sw128_desc_plus(dod, rows));
-                    stats_pc = pc;
+                    load_dkdv_chunk_stats(cs, pc * kChunk, s_lse2, s_delta, s_a, lt);
                 },
                 [&] {
                     pin_regs(flat16(st));
@@ -2554,11 +2546,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                     wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
                     wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
                     wgmma_commit_groups();
-                    // The stats of the chunk whose G1 went out just before (after the tile's last
-                    // G2, its own again, unused), then the end of the basic block, so that ptxas
-                    // moves nothing that uses them up among the wgmma issues above.
-                    load_dkdv_chunk_stats(cs, stats_pc * kChunk, s_lse2, s_delta, s_a, lt);
-                    end_basic_block();
                 },
                 start_next);
         }
