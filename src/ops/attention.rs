@@ -600,10 +600,11 @@ pub enum AttentionKernels {
     /// order that keeps their hidden windows together, and the next chunk's products in flight
     /// while the elementwise work of the current one runs. Deterministic, as the others. Compute
     /// capability 9.0 only; elsewhere, or where the shared memory does not suffice, the
-    /// `Resident` (or tiled) kernels run. In the seventh run their tests passed on an H200, and at
-    /// ViT-B they took 0.219 ms forward and 0.852 ms forward + backward, against `Resident`'s
-    /// 0.272 and 1.065 (BENCHMARKS.md). Changes to them since that run are unverified on GPU
-    /// (BENCHMARKS.md, "Written without a card after the seventh run").
+    /// `Resident` (or tiled) kernels run. In the eighth run their tests passed on an H200, and at
+    /// ViT-B they took 0.213 ms forward and 0.759 ms forward + backward, against `Resident`'s
+    /// 0.276 and 1.072 (BENCHMARKS.md). Since then dQ and dK/dV send their next tile's rows to L2
+    /// at the tile's start; dQ's passed its tests in the ninth run, the dK/dV kernel as it now
+    /// is has not run on a card.
     #[default]
     Wgmma,
 }
