@@ -2181,14 +2181,28 @@ struct DkdvChunkStats {
 // the chunk's G1, so that they land while the tensor cores run it: loaded after the wait, as
 // they were, their first uses stalled on shared-memory latency with the tensor cores idle (about
 // a tenth of the kernel's warp-stall samples in the seventh run's profile, BENCHMARKS.md).
+// kPinned (the wgmma-peek kernel): volatile loads, which the compiler keeps where they are among
+// the kernel's other volatile asm (end_basic_block's, the wgmma's) instead of sinking them into
+// the block that uses them.
+template <bool kPinned = false>
 __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0, const float* s_lse2,
                                                       const float* s_delta, const int* s_a, int t) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int pos = p0 + 8 * j + 2 * t;
-        cs.lse2[j] = *reinterpret_cast<const float2*>(s_lse2 + pos);
-        cs.delta[j] = *reinterpret_cast<const float2*>(s_delta + pos);
-        cs.a[j] = *reinterpret_cast<const int2*>(s_a + pos);
+        if constexpr (kPinned) {
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                         : "=f"(cs.lse2[j].x), "=f"(cs.lse2[j].y)
+                         : "r"(smem_addr(s_lse2 + pos)));
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                         : "=f"(cs.delta[j].x), "=f"(cs.delta[j].y)
+                         : "r"(smem_addr(s_delta + pos)));
+            asm volatile("ld.shared.v2.s32 {%0, %1}, [%2];\n" : "=r"(cs.a[j].x), "=r"(cs.a[j].y) : "r"(smem_addr(s_a + pos)));
+        } else {
+            cs.lse2[j] = *reinterpret_cast<const float2*>(s_lse2 + pos);
+            cs.delta[j] = *reinterpret_cast<const float2*>(s_delta + pos);
+            cs.a[j] = *reinterpret_cast<const int2*>(s_a + pos);
+        }
     }
 }
 
@@ -2375,8 +2389,18 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
-    mapet_attention_bwd_dkdv_wgmma(const __grid_constant__ MapetAttentionDkdv plan) {
+namespace {
+
+// The wgmma dK/dV kernels' body. kPeek (mapet_attention_bwd_dkdv_wgmma_peek, the wgmma-peek set;
+// written after the ninth run, unverified on GPU): each chunk's stats are loaded at the end of the
+// previous chunk's elementwise step (the next chunk is the lowest bit of the chunks left), a
+// basic block before their first use and away from every wgmma issue; the default loads them
+// at the chunk's G1 issue, where ptxas puts the loads and the hidden-key tests that use them in
+// among the issues (about 9% of the kernel's warp-stall samples in the eighth run's profile; loaded
+// after all the issues instead, the kernel took 8% longer in the ninth run, BENCHMARKS.md). The
+// same operations in the same order, so the same bits.
+template <bool kPeek>
+__device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const MapetAttention& prm = plan.a;
@@ -2507,8 +2531,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
         uint32_t rest = chunks.live;
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         if (rest != 0) {
+            const int first = take_chunk(rest);
+            if constexpr (kPeek) load_dkdv_chunk_stats<true>(cs, first * kChunk, s_lse2, s_delta, s_a, lt);
             wg_pipeline(
-                take_chunk(rest),
+                first,
                 [&](int, int& pn) {
                     if (rest == 0) return false;
                     pn = take_chunk(rest);
@@ -2518,7 +2544,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                     need_chunk(pc);
                     const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
                     wg_issue_pair(st, dpt, kd, sw128_desc_plus(qd, rows), vd, sw128_desc_plus(dod, rows));
-                    load_dkdv_chunk_stats(cs, pc * kChunk, s_lse2, s_delta, s_a, lt);
+                    if constexpr (!kPeek) load_dkdv_chunk_stats(cs, pc * kChunk, s_lse2, s_delta, s_a, lt);
                 },
                 [&] {
                     pin_regs(flat16(st));
@@ -2526,6 +2552,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
                 },
                 [&](int pc) {
                     dkdv_chunk_grads(st, dpt, (chunks.partial >> pc) & 1u, key_lo, key_hi, cs, G, sl2);
+                    // The next chunk's stats (the lowest of those left; pipeline's next takes it).
+                    if constexpr (kPeek) {
+                        if (rest != 0) load_dkdv_chunk_stats<true>(cs, (__ffs(rest) - 1) * kChunk, s_lse2, s_delta, s_a, lt);
+                    }
                     return 0;
                 },
                 [&] {
@@ -2559,4 +2589,16 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
 #else
     __trap();
 #endif
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_wgmma(const __grid_constant__ MapetAttentionDkdv plan) {
+    bwd_dkdv_wgmma<false>(plan);
+}
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_wgmma_peek(const __grid_constant__ MapetAttentionDkdv plan) {
+    bwd_dkdv_wgmma<true>(plan);
 }

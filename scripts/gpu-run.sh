@@ -305,22 +305,23 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
   # a bench launches first do not use up the count. The stall-reason metrics (percent of a
   # warp's active cycles) say what the warps wait on. MAPET_NCU_KERNELS overrides the list
   # ("log:bench:kernel:criterion filter[:launches skipped]" entries).
-  # The default list: the kernels the defaults run on an H100/H200 (wgmma attention, the hwc-ws
-  # patch-embedding forward with the hwc weight gradient), then the others.
+  # The default list: the kernels the defaults run on an H100/H200 (wgmma attention, the
+  # hwc-ws-raw patch-embedding forward with the hwc-ws weight gradient), then the others.
   specs="${MAPET_NCU_KERNELS:-attn-fwd-wgmma:attention:mapet_attention_fwd_wgmma:attention/vit-b/wgmma \
     attn-dq-wgmma:attention:mapet_attention_bwd_dq_wgmma:attention/vit-b/wgmma \
     attn-dkdv-wgmma:attention:mapet_attention_bwd_dkdv_wgmma:attention/vit-b/wgmma \
-    patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
-    patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu \
+    patch-fwd-hwc-ws-raw:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws_raw:patch_embed_gpu \
+    patch-bwd-weight-hwc-ws:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_ws:patch_embed_gpu \
     patch-tokens:patch_embed:mapet_patch_embed_bwd_tokens:patch_embed_gpu \
     ce-rows-held:cross_entropy:cross_entropy_rows_held:cross_entropy_gpu:150 \
+    attn-dkdv-wgmma-peek:attention:mapet_attention_bwd_dkdv_wgmma_peek:attention/vit-b/wgmma-peek \
     attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
     attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
     attn-fwd-tiled:attention:mapet_attention_fwd:attention/vit-b/tiled \
     patch-fwd-hwc:patch_embed:mapet_patch_embed_fwd_u8_hwc:patch_embed_gpu \
-    patch-bwd-weight-hwc-ws:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc_ws:patch_embed_gpu \
-    patch-fwd-hwc-ws-raw:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws_raw:patch_embed_gpu}"
+    patch-fwd-hwc-ws:patch_embed:mapet_patch_embed_fwd_u8_hwc_ws:patch_embed_gpu \
+    patch-bwd-weight-hwc:patch_embed:mapet_patch_embed_bwd_weight_u8_hwc:patch_embed_gpu}"
   for spec in $specs; do
     IFS=: read -r name bench kernel filter skip <<<"$spec"
     log="$res/ncu-$name.log"

@@ -366,6 +366,35 @@ fn same_inputs_give_bit_identical_outputs() {
     }
 }
 
+/// The `wgmma-peek` dK/dV kernel loads its per-position stats at another point of its chunk
+/// loop and changes no operation or its order (forward and dQ are the `wgmma` kernels): on the
+/// same inputs the two sets must give the same bits. Off compute capability 9.0 both sets run the
+/// resident kernels, where the comparison could not fail, so it skips there.
+#[test]
+fn wgmma_peek_backward_gives_the_wgmma_bits() {
+    let test = "wgmma_peek_backward_gives_the_wgmma_bits";
+    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    if gpu.compute_capability() != (9, 0) {
+        eprintln!(
+            "SKIP {test}: compute capability {:?}, not 9.0: no wgmma kernels to compare",
+            gpu.compute_capability()
+        );
+        return;
+    }
+    let want = [AttentionKernels::Wgmma, AttentionKernels::WgmmaPeek];
+    if !want.iter().all(|k| sets().contains(k)) {
+        eprintln!("SKIP {test}: MAPET_TEST_ATTENTION_SETS leaves out wgmma or wgmma-peek");
+        return;
+    }
+    let mut rng = testing::rng(test);
+    for s in [shape(2, 3, 197, 50), shape(1, 2, 37, 1), shape(3, 1, 90, 89)] {
+        let c = draw(&mut rng, s);
+        let a = run_gpu_with(&gpu, AttentionKernels::Wgmma, AttentionKernels::Wgmma, &c);
+        let b = run_gpu_with(&gpu, AttentionKernels::Wgmma, AttentionKernels::WgmmaPeek, &c);
+        assert_bit_identical(&format!("wgmma and wgmma-peek backward, {s:?}"), &a, &b);
+    }
+}
+
 fn assert_bit_identical(what: &str, a: &GpuOut, b: &GpuOut) {
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     for (name, x, y) in

@@ -607,19 +607,26 @@ pub enum AttentionKernels {
     /// is has not run on a card.
     #[default]
     Wgmma,
+    /// `Wgmma` with its dK/dV kernel loading each chunk's per-position stats at the end of the
+    /// previous chunk's elementwise step (`mapet_attention_bwd_dkdv_wgmma_peek`), away from the
+    /// wgmma issues, where the default's loads and their first uses sit among them (about 9% of
+    /// its warp-stall samples in the eighth run). The same operations in the same order, so the
+    /// default's bits (`tests/attention_gpu.rs` asserts it). Experimental, written after the
+    /// ninth run: unverified on GPU.
+    WgmmaPeek,
 }
 
 impl AttentionKernels {
     /// Every set, for tests and benches.
-    pub const ALL: [AttentionKernels; 3] =
-        [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma];
+    pub const ALL: [AttentionKernels; 4] =
+        [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma, AttentionKernels::WgmmaPeek];
 
     /// The wgmma forward's launch for `shape` on a device of compute capability `cc` with
     /// `sm_count` SMs whose blocks may take `max_smem` bytes of shared memory: grid x and dynamic
     /// shared bytes; `None` when another forward runs (not chosen, not compute capability 9.0,
     /// or K and V too large for two CTAs per SM).
     fn wgmma_launch(self, shape: &AttentionShape, cc: (u32, u32), sm_count: u32, max_smem: u32) -> Option<(u32, u32)> {
-        if self != AttentionKernels::Wgmma || cc != (9, 0) {
+        if !self.is_wgmma() || cc != (9, 0) {
             return None;
         }
         // K and V tiles, a Q tile per warpgroup, and 1 KiB to align them to the swizzle's
@@ -643,7 +650,7 @@ impl AttentionKernels {
         sm_count: u32,
         max_smem: u32,
     ) -> Option<(u32, u32)> {
-        if self != AttentionKernels::Wgmma || cc != (9, 0) || shape.q_rows() > CUDA_WG_MAX_ROWS {
+        if !self.is_wgmma() || cc != (9, 0) || shape.q_rows() > CUDA_WG_MAX_ROWS {
             return None;
         }
         let positions = shape.q_rows().div_ceil(64) * 64;
@@ -703,7 +710,7 @@ fn ctas_per_pair(shape: &AttentionShape, slots: usize, tiles: usize, per_cta: us
     (2 * slots).div_ceil(shape.batch * shape.heads).clamp(1, max_split) as u32
 }
 
-/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma` picks the kernels the CUDA backend passes to
+/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma|wgmma-peek` picks the kernels the CUDA backend passes to
 /// [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
 impl KernelChoice for AttentionKernels {
     const VAR: &'static str = "MAPET_ATTENTION_KERNELS";
@@ -714,11 +721,17 @@ impl KernelChoice for AttentionKernels {
             AttentionKernels::Tiled => "tiled",
             AttentionKernels::Resident => "resident",
             AttentionKernels::Wgmma => "wgmma",
+            AttentionKernels::WgmmaPeek => "wgmma-peek",
         }
     }
 }
 
 impl AttentionKernels {
+    /// Whether this set runs the wgmma kernels (on compute capability 9.0).
+    fn is_wgmma(self) -> bool {
+        matches!(self, AttentionKernels::Wgmma | AttentionKernels::WgmmaPeek)
+    }
+
     /// The environment variable that picks the backward's kernels apart from the forward's.
     pub const BACKWARD_VAR: &'static str = "MAPET_ATTENTION_BACKWARD_KERNELS";
 
@@ -1029,7 +1042,11 @@ pub fn cuda_backward(
         let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
         // SAFETY: as below; the plan's chunk masks and deal are those of this shape and grid
         // (dkdv_params), and every key tile is dealt to exactly one warpgroup.
-        return unsafe { gpu.launch("attention", "mapet_attention_bwd_dkdv_wgmma", cfg, &plan) };
+        let kernel = match kernels {
+            AttentionKernels::WgmmaPeek => "mapet_attention_bwd_dkdv_wgmma_peek",
+            _ => "mapet_attention_bwd_dkdv_wgmma",
+        };
+        return unsafe { gpu.launch("attention", kernel, cfg, &plan) };
     }
     let (kernel, cfg) = match kernels.resident_dkdv_launch(shape, sm_count, max_smem) {
         Some(launch) => ("mapet_attention_bwd_dkdv_resident", resident_grid(launch, CUDA_RES_DKDV_THREADS, shape)),
