@@ -779,14 +779,16 @@ __device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
 // for them.
 // The sums start from bias + pos_embed rather than ending with them, so they differ from the
 // other HWC kernels' in the last bits (the same function, another f32 order). The default forward
-// on compute capability 9.0 (only). In the seventh run its tests passed on an H200, and it took
+// on compute capability 9.0 until the eighth run. In the seventh run its tests passed on an H200, and it took
 // 0.150 ms at ViT-B against the mma.sync HWC kernel's 0.175 (BENCHMARKS.md). An L1 prefetch of
 // the mask-token rows' values a slice ahead (prefetch.global.L1), added after that run, made it
 // slower (0.1508 -> 0.1558 ms in the eighth run's A/B) and is gone; each slice loads the first of
-// those values before its wait for the previous slice's wgmma instead (OtherStep).
+// those values before its wait for the previous slice's wgmma instead (OtherStep; with the
+// prefetch gone, 0.974 of the raw forward + backward's time in the ninth run's A/B).
 //
-// kRaw (mapet_patch_embed_fwd_u8_hwc_ws_raw, MAPET_PATCH_EMBED_ORDER=hwc-ws-raw; written after the
-// seventh run, not a default, unverified on GPU): the producer stores the raw pixels as
+// kRaw (mapet_patch_embed_fwd_u8_hwc_ws_raw, MAPET_PATCH_EMBED_ORDER=hwc-ws-raw; the default
+// forward on compute capability 9.0 since the eighth run, where it took 0.153 ms at ViT-B
+// against this kernel's 0.157 on an H200): the producer stores the raw pixels as
 // (u - 127) / 256, exact in f16 (pixels_centered_f16x8: a PRMT and an HFMA2 a pair of pixels,
 // where normalising takes two PRMT, two FADD, two FFMA and an F2FP a pair, and selects), against
 // the f16 weight box and bias_raw of mapet_patch_embed_weight_hwc_raw; the MMAs are f16. Its
@@ -1037,7 +1039,8 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             }
         }
     };
-    // Slice t's share from its second step on (the first, loaded early, is `first`'s).
+    // Slice t's share: its first step's values are `first` (loaded before the wait), the others
+    // are loaded here.
     auto write_other_rows = [&](const OtherRows& o, int n0, int t, const OtherStep& first) {
         store_other_step(o, first);
         for (int j0 = t + 2 * slices; j0 < kWsN / 8; j0 += 2 * slices) {
