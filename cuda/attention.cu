@@ -1470,7 +1470,7 @@ static_assert(kD == 64, "the wgmma kernels' tiles are one 128-byte swizzle atom 
 // n+1 runs while P V of pair n is on the tensor cores; the rescale of O and the repack of P wait
 // for it. Across row tiles: a tile's first S is issued before the previous tile's epilogue (the
 // normalisation and the stores of O and lse), which it runs under (written after the seventh
-// run, unverified on GPU).
+// run; its tests passed on an H200 in the eighth).
 //
 // Row order. A warpgroup's 64 rows share one skip decision per key chunk, and 64 consecutive rows
 // in rank order span 64 different hidden windows (a content row's window moves with its rank), so
@@ -2014,14 +2014,11 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 }
 
 // ================================================================================================ wgmma backward (sm_90a)
-// The default backward on compute capability 9.0. In the seventh run its tests passed on an H200,
-// and it was 20% faster there than the resident one at ViT-B (BENCHMARKS.md). Came after that
-// run, unverified on GPU: dK/dV's chunk stats loaded with G1 (load_dkdv_chunk_stats) and its
-// stats loaded before its copies, the rows stored in 8-byte stores (store_frag_rows_paired), the
-// forward's and dQ's K and V in two copy groups (KvRest), the forward's quad max only where the
-// max moves, each tile's last G2 issued before on_last, dK/dV's plan made by the host
-// (MapetAttentionDkdv), and dQ's first G1 of a row tile issued under the previous tile's dQ
-// stores (as the forward's first S). The dQ and dK/dV kernels on wgmma, the forward's pieces in the backward's roles, deterministic as the
+// The default backward on compute capability 9.0. In the eighth run its tests passed on an H200,
+// and at ViT-B it took 0.550 ms there against the resident one's 0.797 (BENCHMARKS.md); the
+// changes listed as unverified in earlier comments all ran in that run. Since then dQ and dK/dV
+// send their next tile's rows to L2 at the tile's start (dQ's ran in the ninth run).
+// The dQ and dK/dV kernels on wgmma, the forward's pieces in the backward's roles, deterministic as the
 // mma.sync ones (each output owned by one warpgroup, accumulated in a fixed order; no atomics).
 // Both work in 32-wide chunks of the dimension they loop over (keys for dQ, positions for dK/dV),
 // so that a chunk no row of the tile can see is skipped at the loop level, with no wgmma under a
