@@ -728,6 +728,15 @@ impl Gemm {
         self.tuned.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The version of the libcublasLt this `Gemm` calls (`cublasLtGetVersion`: major * 10000 +
+    /// minor * 100 + patch). The heuristic's candidates, and so what a pin ([`PIN_VAR`]) selects,
+    /// depend on it: benches print it beside the pins they choose.
+    pub fn library_version(&self) -> usize {
+        // SAFETY: the library is loaded (this Gemm holds a handle made from it); the call takes
+        // no arguments and only returns a number.
+        unsafe { sys::cublasLtGetVersion() }
+    }
+
     /// [`Gemm::new`] with the given pins in place of [`PIN_VAR`]'s, and tuning off.
     pub fn with_pins(gpu: &Gpu, pins: Vec<Pin>) -> Result<Self> {
         // SAFETY: only tries to dlopen libcublasLt; no cuBLASLt call is made.
