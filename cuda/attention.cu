@@ -1542,6 +1542,10 @@ __device__ __forceinline__ int take_chunk(uint32_t& rest) {
     return c;
 }
 
+// The chunk take_chunk takes next from `rest`, left in it; -1 when it is empty. (take_chunk does
+// not call this: written through a call, its SASS in the forward and dQ came out different.)
+__device__ __forceinline__ int next_chunk(uint32_t rest) { return __ffs(rest) - 1; }
+
 // First-hidden extrema of positions [p0, min(p0 + n, Lq)) (first_hidden is monotone in the position).
 __device__ __forceinline__ void position_extrema(int p0, int n, const Geometry& G, int& amin, int& amax) {
     amin = first_hidden(row_at(p0, G), G);
@@ -2015,7 +2019,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 
 // ================================================================================================ wgmma backward (sm_90a)
 // The default backward on compute capability 9.0. In the eighth run its tests passed on an H200,
-// and at ViT-B it took 0.550 ms there against the resident one's 0.797 (BENCHMARKS.md); the
+// and at ViT-B it took 0.546 ms there against the resident one's 0.797 (BENCHMARKS.md); the
 // changes listed as unverified in earlier comments all ran in that run. Since then dQ and dK/dV
 // send their next tile's rows to L2 at the tile's start (dQ's ran in the ninth run).
 // The dQ and dK/dV kernels on wgmma, the forward's pieces in the backward's roles, deterministic as the
@@ -2549,9 +2553,9 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                 },
                 [&](int pc) {
                     dkdv_chunk_grads(st, dpt, (chunks.partial >> pc) & 1u, key_lo, key_hi, cs, G, sl2);
-                    // The next chunk's stats (the lowest of those left; pipeline's next takes it).
+                    // The next chunk's stats (the pipeline's next takes it from rest).
                     if constexpr (kPeek) {
-                        if (rest != 0) load_dkdv_chunk_stats<true>(cs, (__ffs(rest) - 1) * kChunk, s_lse2, s_delta, s_a, lt);
+                        if (rest != 0) load_dkdv_chunk_stats<true>(cs, next_chunk(rest) * kChunk, s_lse2, s_delta, s_a, lt);
                     }
                     return 0;
                 },

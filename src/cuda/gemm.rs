@@ -728,9 +728,9 @@ impl Gemm {
         self.tuned.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The version of the libcublasLt this `Gemm` calls (`cublasLtGetVersion`: major * 10000 +
-    /// minor * 100 + patch). The heuristic's candidates, and so what a pin ([`PIN_VAR`]) selects,
-    /// depend on it: benches print it beside the pins they choose.
+    /// The version of the libcublasLt this `Gemm` calls, as `cublasLtGetVersion` reports it. The
+    /// heuristic's candidates, and so what a pin ([`PIN_VAR`]) selects, depend on it: benches
+    /// print it beside the pins they choose.
     pub fn library_version(&self) -> usize {
         // SAFETY: the library is loaded (this Gemm holds a handle made from it); the call takes
         // no arguments and only returns a number.
