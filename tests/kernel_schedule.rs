@@ -32,9 +32,8 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
     let Some(sass) = attention_sass_or_skip("wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores") else {
         return;
     };
-    let sm90 = arch_section(sass, "sm_90a");
     for (kernel, want) in PIPELINES {
-        let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
+        let body = sm90_kernel(sass, kernel);
         let counts = exponentials_after_g1_waits(body);
         eprintln!("{kernel}: exponentials between wait_group 1 and the next wgmma wait or issue: {counts:?}");
         assert!(!counts.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's first wait)");
@@ -60,8 +59,7 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
 fn wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait() {
     const KERNEL: &str = "mapet_attention_bwd_dkdv_wgmma";
     let Some(sass) = attention_sass_or_skip("wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait") else { return };
-    let body = function(arch_section(sass, "sm_90a"), KERNEL)
-        .unwrap_or_else(|| panic!("{KERNEL} is not in the sm_90a SASS of attention"));
+    let body = sm90_kernel(sass, KERNEL);
     let counts = ops_after_g1_waits(body, "LDS");
     eprintln!("{KERNEL}: shared-memory loads between wait_group 1 and the next wgmma wait or issue: {counts:?}");
     assert!(!counts.is_empty(), "{KERNEL}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
@@ -83,8 +81,7 @@ fn wgmma_dkdv_peek_loads_the_next_stats_in_the_elementwise_step() {
     let Some(sass) = attention_sass_or_skip("wgmma_dkdv_peek_loads_the_next_stats_in_the_elementwise_step") else {
         return;
     };
-    let body = function(arch_section(sass, "sm_90a"), KERNEL)
-        .unwrap_or_else(|| panic!("{KERNEL} is not in the sm_90a SASS of attention"));
+    let body = sm90_kernel(sass, KERNEL);
     let after_wait = ops_after_g1_waits(body, "LDS");
     let among_issues = ops_between_wgmma_issues(body, "LDS");
     eprintln!("{KERNEL}: shared loads after each G1 wait {after_wait:?}, between wgmma issues {among_issues}");
@@ -129,9 +126,8 @@ fn wgmma_kernels_store_their_rows_in_eight_byte_stores() {
         ("mapet_attention_bwd_dkdv_wgmma_peek", 16, 0),
     ];
     let Some(sass) = attention_sass_or_skip("wgmma_kernels_store_their_rows_in_eight_byte_stores") else { return };
-    let sm90 = arch_section(sass, "sm_90a");
     for (kernel, wide, narrow_max) in STORES {
-        let body = function(sm90, kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
+        let body = sm90_kernel(sass, kernel);
         let stores: Vec<&str> = body.lines().filter_map(instruction).filter(|op| op.starts_with("STG")).collect();
         let n64 = stores.iter().filter(|op| op.starts_with("STG.E.64 ")).count();
         let n32 = stores.iter().filter(|op| op.starts_with("STG.E ")).count();
@@ -157,8 +153,7 @@ fn wgmma_row_tile_kernels_issue_the_next_tiles_g1_under_their_epilogue() {
         return;
     };
     for kernel in ["mapet_attention_fwd_wgmma", "mapet_attention_bwd_dq_wgmma"] {
-        let body = function(arch_section(sass, "sm_90a"), kernel)
-            .unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"));
+        let body = sm90_kernel(sass, kernel);
         let before = last_wgmma_before(body, "STG.E.64 ");
         eprintln!("{kernel}: the last wgmma event before each 8-byte store: {before:?}");
         assert!(!before.is_empty(), "{kernel}: no 8-byte stores");
@@ -279,6 +274,13 @@ fn instruction(line: &str) -> Option<&str> {
         None => rest,
     };
     Some(rest.split(';').next()?.trim_end()).filter(|s| !s.is_empty())
+}
+
+/// The sm_90a SASS of `kernel` in the attention module's disassembly; fails the test, naming the
+/// kernel, when it is not there.
+fn sm90_kernel<'a>(sass: &'a str, kernel: &str) -> &'a str {
+    function(arch_section(sass, "sm_90a"), kernel)
+        .unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"))
 }
 
 /// The part of `cuobjdump -sass` output for `arch` ("code for sm_90a" up to the next "code for").

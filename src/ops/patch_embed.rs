@@ -1039,6 +1039,19 @@ pub fn cuda_backward(
 mod tests {
     use super::*;
 
+    /// The text of cuda/patch_embed.cu, for the tests that hold a launcher constant or a bit trick
+    /// to what the kernels are written with.
+    fn kernel_source() -> String {
+        std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap()
+    }
+
+    /// Fails, naming `what`, unless `source` still contains each of `needles` verbatim.
+    fn assert_has(source: &str, what: &str, needles: &[&str]) {
+        for needle in needles {
+            assert!(source.contains(needle), "{what} no longer has `{needle}`");
+        }
+    }
+
     /// The copy ring of `backward_weight_hwc` (cuda/patch_embed.cu), transcribed: its issues,
     /// commits, waits, conversions, MMA steps and barriers in the kernel's order, for every step
     /// count up to 40, with the waits taken at their weakest (exactly the groups
@@ -1154,7 +1167,7 @@ mod tests {
 
     #[test]
     fn hwc_weight_shared_memory_is_the_kernels() {
-        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        let source = kernel_source();
         let constant = |name| crate::testing::cuda_constant(&source, "patch_embed.cu", name);
         let (stages, rows, k) = (constant("kBwdStages"), constant("kBwdC"), constant("kBwdK"));
         assert!(source.contains("constexpr int kBwdLd = 128 + 8;"), "the padded row changed");
@@ -1173,11 +1186,13 @@ mod tests {
     /// the subnormal exponent) and that the kernel still uses these constants.
     #[test]
     fn ws_weight_pixel_pairs_are_exact_bf16() {
-        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        let source = kernel_source();
         assert_eq!(half::f16::from_f32(1023.0).to_bits(), 0x63FE, "the f16 bits of 1023");
-        for needle in ["__byte_perm(x, 0x64u,", "\"r\"(0x63FE63FEu)", "(u >> 3) + 0x38003800u"] {
-            assert!(source.contains(needle), "pixel_pair_plus1 no longer has `{needle}`");
-        }
+        assert_has(
+            &source,
+            "pixel_pair_plus1",
+            &["__byte_perm(x, 0x64u,", "\"r\"(0x63FE63FEu)", "(u >> 3) + 0x38003800u"],
+        );
         let f16_sub_1023 = |bits: u16| (half::f16::from_bits(bits) - half::f16::from_f32(1023.0)).to_bits() as u32;
         for u in 0u32..256 {
             for v in 0u32..256 {
@@ -1195,15 +1210,17 @@ mod tests {
     /// once as the FMA does, is exactly (u - 127) / 256; and the kernels' constants are these.
     #[test]
     fn ws_raw_forward_pixels_are_exact_f16() {
-        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
-        for needle in [
-            "fma.rn.f16x2 %0, %1, %2, %3;",
-            "\"r\"(0x1C001C00u), \"r\"(0xC47FC47Fu)",
-            "constexpr int kRawCenter = 127;",
-            "constexpr float kRawScale = 256.f;",
-        ] {
-            assert!(source.contains(needle), "the raw-pixel forward no longer has `{needle}`");
-        }
+        let source = kernel_source();
+        assert_has(
+            &source,
+            "the raw-pixel forward",
+            &[
+                "fma.rn.f16x2 %0, %1, %2, %3;",
+                "\"r\"(0x1C001C00u), \"r\"(0xC47FC47Fu)",
+                "constexpr int kRawCenter = 127;",
+                "constexpr float kRawScale = 256.f;",
+            ],
+        );
         let (scale, offset) = (half::f16::from_bits(0x1C00), half::f16::from_bits(0xC47F));
         assert_eq!((scale.to_f64(), offset.to_f64()), (1.0 / 256.0, -(1024.0 + 127.0) / 256.0));
         for u in 0u16..256 {
@@ -1221,7 +1238,7 @@ mod tests {
     /// slack, from the kernel's own constants.
     #[test]
     fn ws_forward_shared_memory_is_the_kernels() {
-        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        let source = kernel_source();
         let constant = |name| crate::testing::cuda_constant(&source, "patch_embed.cu", name);
         let (m, n, k, stages) = (constant("kFwdM"), constant("kWsN"), constant("kWsK"), constant("kWsStages"));
         assert_eq!((m, n), (FWD_TILE_M, FWD_WS_TILE_N));
@@ -1242,17 +1259,15 @@ mod tests {
     /// (no bank conflict).
     #[test]
     fn ws_weight_stage_layout_is_what_wgmma_reads() {
-        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
-        for needle in [
+        let source = kernel_source();
+        assert_has(&source, "the kernel", &[
             "const uint32_t g_off = (cn >> 3) * kWbBlockBytes + gr * 128 + (((cn & 7) ^ gr) << 4);",
             "const uint32_t p_even = kWbGBytes + (cp >> 3) * kWbBlockBytes + pr * 128 + (((cp & 7) ^ pr) << 4);",
             "const uint32_t p_odd = kWbGBytes + (cp >> 3) * kWbBlockBytes + (pr + 4) * 128 + (((cp & 7) ^ (pr + 4)) << 4);",
             "cp_async16_to(stage + g_off + r * 1024,",
             "st_shared16(stage + ((r & 1) ? p_odd : p_even) + (r >> 1) * 1024,",
             "sw128_desc(a + kk * 2048), sw128_desc_lbo(b + kk * 2048, kWbBlockBytes)",
-        ] {
-            assert!(source.contains(needle), "the kernel no longer has `{needle}`");
-        }
+        ]);
         const BLOCK: usize = 8192;
         const G_BYTES: usize = 2 * BLOCK;
         #[derive(Clone, Copy, PartialEq, Debug)]
@@ -1323,7 +1338,7 @@ mod tests {
     /// its tile is the grid's.
     #[test]
     fn ws_weight_shared_memory_is_the_kernels() {
-        let source = std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap();
+        let source = kernel_source();
         let constant = |name| crate::testing::cuda_constant(&source, "patch_embed.cu", name);
         let (rows, c, n, stages) = (constant("kWbRows"), constant("kWbC"), constant("kWbN"), constant("kWbStages"));
         assert_eq!((rows, c, n), (BWD_WS_SLICE, BWD_WS_TILE_C, BWD_WS_TILE_K));
