@@ -31,16 +31,20 @@
 // - The epilogue adds bias + pos_embed and scatters each patch row straight to its rank row, so the
 //   permutation costs nothing; a small kernel writes the CLS row and the 2P mask-token rows.
 // - dweight is the GEMM d_out^T [D, B*(N-1)] x A [B*(N-1), K], again with A built from pixels and
-//   d_out rows gathered by rank (the HWC kernel reads each row's d_out row and pixel base from a
-//   small table, mapet_patch_embed_bwd_rows, instead of dividing and looking the rank up per row,
-//   and copies both operands by cp.async three steps ahead: backward_weight_hwc); both operands
-//   sit in shared memory with the contraction index as row, so ldmatrix.trans gives the fragments. The contraction (25088 rows for ViT-B at B = 128)
-//   is split over blocks for parallelism; each split writes its own f32 partial and a second
-//   kernel sums the splits in a fixed order: deterministic, no atomics.
+//   d_out rows gathered by rank (the HWC kernels read each row's d_out row and pixel base from a
+//   small table, which the token sums below write as they load the ranks, instead of dividing
+//   and looking the rank up per row, and copy both operands by cp.async three steps ahead:
+//   backward_weight_hwc); both operands sit in shared memory with the contraction index as row,
+//   so ldmatrix.trans gives the fragments. The contraction (25088 rows for ViT-B at B = 128) is
+//   split over blocks for parallelism; each split writes its own f32 partial and a second kernel
+//   sums the splits in a fixed order: deterministic, no atomics.
 // - dpos (and from it dbias, dcls, dmask) is a reduction over the batch, bound by reading d_out
-//   once: per token, warps read 512 contiguous bytes of a row (8 channels a lane) and eight batch
-//   slices a block keep enough loads in flight; then 32 token slices a channel sum over tokens.
+//   once: per token, warps read 512 contiguous bytes of a row (8 channels a lane) and four batch
+//   slices a block keep enough loads in flight; then the sums over tokens (a kernel of their own,
+//   or, for `hwc-ws`, the blocks of the weight reduction that need the same column sums).
 //   Fixed orders throughout: deterministic.
+// - The backward's kernels in launch order: token sums (and the row table), weight gradient,
+//   its reduction over splits, sums over tokens (all but `hwc-ws`).
 //
 // Contraction order (the `_hwc` kernels; host: `PixelOrder`). A GEMM may sum over its K index in
 // any order, as long as A and W agree. In the weight's order k = (c*p + ky)*p + kx, eight
@@ -1307,7 +1311,7 @@ __device__ __forceinline__ void backward_weight(const MapetPatchEmbedBwd& P) {
 
 // The HWC weight gradient (uint8 pixels, p % 8 == 0), contracting in k' order, on mma.sync with a
 // four-stage copy ring. Every copy is a cp.async: a step's d_out rows (16 bytes a thread and row,
-// gathered through the row table of mapet_patch_embed_bwd_rows) and its raw pixel bytes (8 a
+// gathered through the row table that mapet_patch_embed_bwd_tokens writes) and its raw pixel bytes (8 a
 // thread and row, one HWC group of 8 consecutive k'). Step s + 3's copies are issued as step s's
 // MMAs start, so a copy has three steps of MMAs to land (the two-stage kernel this replaced had
 // one, and its warps stalled on global loads: BENCHMARKS.md). The pixels are normalised into the
@@ -1470,7 +1474,7 @@ __device__ __forceinline__ void store_wg_partials(const MapetPatchEmbedBwd& P, c
 // held: the producer set the pace. Here a slice holds 1,024 cycles of tensor-core work for about
 // the same producer work, and the grid is one wave (ceil(D/128) x ceil(K/256) tiles x splits, 126
 // blocks at ViT-B), so no block pays a second ring fill.
-// - The split's row table (d_out row and pixel base of each patch row, mapet_patch_embed_bwd_rows)
+// - The split's row table (d_out row and pixel base of each patch row, from mapet_patch_embed_bwd_tokens)
 //   is copied into shared memory first, so that finding a row costs a shared load.
 // - Warpgroup 0 produces. d_out: thread i copies the 16 bytes of channels n0 + 8 (i % 16) of rows
 //   i / 16 + 8 r (r < 8) by cp.async. Pixels: thread i loads the 8 bytes of k' = k0 + 8 (i % 32) of
@@ -1831,24 +1835,6 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-// The table mapet_patch_embed_bwd_weight_u8_hwc reads for each patch row m = b*G*G + py*G + px
-// of the batch: row_info[2m] = b*R + rank of its token, the d_out row it takes its gradient from
-// (-1 when the rank is outside [1, N)), and row_info[2m + 1] = the byte offset of its top-left
-// pixel in the HWC image. Grid-stride over the B*G*G rows.
-extern "C" __global__ void mapet_patch_embed_bwd_rows(const MapetPatchEmbedBwd p) {
-    const Geometry g = geometry(p.batch, p.image, p.patch, p.dim, p.n_context);
-    for (int m = blockIdx.x * blockDim.x + threadIdx.x; m < g.M; m += gridDim.x * blockDim.x) {
-        const int b = m / g.np;
-        const int i = m - b * g.np;
-        const int py = i / g.G;
-        const int px = i - py * g.G;
-        const int r = __ldg(p.ranks + static_cast<int64_t>(b) * g.n_tokens + i + 1);
-        const int row = r >= 1 && r < g.n_tokens ? b * g.rows + r : -1;
-        const int base = ((b * g.S + py * g.p) * g.S + px * g.p) * 3;
-        reinterpret_cast<int2*>(p.row_info)[m] = make_int2(row, base);
-    }
-}
-
 namespace {
 
 // dweight[d][k] += sum over splits of partial[split][d][kc], splits in order, where kc is k in
@@ -1864,16 +1850,36 @@ __device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd&
     // here with the column sum of d_out over the patch rows: warp 0 sums its channel's content
     // token sums, tokens 1..N-1 (lanes over 1 + lane, 33 + lane, ..., then the lanes in a fixed
     // shuffle order: deterministic).
+    //
+    // The column sum is dbias[d]'s too, so the RAW reduction also does what
+    // mapet_patch_embed_bwd_vectors does for the other orders, in its blocks of column 0 (one
+    // launch fewer): warp 0 adds the column sum to dbias and token 0's content sum to dcls, and
+    // warp 1 sums the mask sums of all tokens in the same lane-then-shuffle order into dmask.
     __shared__ float s_colsum;
     if (RAW) {
+        const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
+        const int d = blockIdx.y;
+        const int lane = threadIdx.x % 32;
+        const bool vectors = blockIdx.x == 0;
         if (threadIdx.x < 32) {
-            const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
             float c = 0.f;
-            for (int t = 1 + threadIdx.x; t < n_tokens; t += 32)
-                c += p.token_sums[static_cast<int64_t>(t) * p.dim + blockIdx.y];
+            for (int t = 1 + lane; t < n_tokens; t += 32) c += p.token_sums[static_cast<int64_t>(t) * p.dim + d];
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
-            if (threadIdx.x == 0) s_colsum = c;
+            if (lane == 0) {
+                s_colsum = c;
+                if (vectors) {
+                    p.dbias[d] += c;
+                    p.dcls_token[d] += p.token_sums[d];
+                }
+            }
+        } else if (vectors && threadIdx.x < 64) {
+            const float* mask_sums = p.token_sums + static_cast<int64_t>(n_tokens) * p.dim;
+            float m = 0.f;
+            for (int t = lane; t < n_tokens; t += 32) m += mask_sums[static_cast<int64_t>(t) * p.dim + d];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) m += __shfl_xor_sync(0xffffffffu, m, off);
+            if (lane == 0) p.dmask_token[d] += m;
         }
         __syncthreads();
     }
@@ -1912,7 +1918,8 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // sum of d_out over the patch rows that the partials cover (those with a rank in [1, N)).
 // mapet_patch_embed_bwd_tokens must have run. Grid (ceil(K / blockDim.x), D); warp 0 of each
 // block sums its channel's column (lanes over tokens 1 + lane, 33 + lane, ..., then the lanes in a
-// fixed shuffle order: deterministic).
+// fixed shuffle order: deterministic). Its blocks of column 0 also add dbias, dcls and dmask
+// (mapet_patch_embed_bwd_vectors is not launched after it).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc_raw(const MapetPatchEmbedBwd p) {
     reduce_weight_partials<true, true>(p);
 }
@@ -1931,6 +1938,11 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc_raw(const Map
 // every thread loaded its own ranks: at ViT-B, 8 groups a thread, and the kernel ran at about
 // half the card's bandwidth (BENCHMARKS.md). The staged ranks passed their tests on an H200
 // (seventh run).
+// For the HWC weight gradients (p.row_info set) the same loads fill their row table: for each
+// patch row m = b*G*G + py*G + px, row_info[2m] = b*R + the rank of its token, the d_out row it
+// takes its gradient from (-1 when the rank is outside [1, N)), and row_info[2m + 1] = the offset
+// of its top-left pixel in the HWC image (in bytes). Column 0 of the grid writes it, so this
+// kernel runs before the weight gradient; the table once had a kernel of its own, one launch more.
 extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocksPerSm) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
     __shared__ float s_part[kTokSlices][2][kTokGroups][8];
     __shared__ int s_rank[kTokRankChunk];
@@ -1942,6 +1954,12 @@ extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocks
     const int d = 8 * (blockIdx.x * kTokGroups + g);
     const int t = blockIdx.y;
     const bool live = d < p.dim;  // no early return: every thread reaches the barrier
+    // The row table of the HWC weight gradients (when it has one): the blocks of column 0 write
+    // the entries of their token's patch, t - 1 = py*G + px, for every sample.
+    const bool table = p.row_info != nullptr && blockIdx.x == 0 && t > 0;
+    const int G = p.image / p.patch;
+    const int py = t > 0 ? (t - 1) / G : 0;
+    const int px = t > 0 ? (t - 1) - py * G : 0;
     const __nv_bfloat16* d_out = static_cast<const __nv_bfloat16*>(p.d_out);
     float c[8], m[8];
 #pragma unroll
@@ -1953,8 +1971,17 @@ extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocks
     for (int c0 = 0; c0 < p.batch; c0 += kTokRankChunk) {
         const int n = min(kTokRankChunk, p.batch - c0);
         __syncthreads();  // the previous chunk's ranks are read by every thread
-        for (int i = threadIdx.x; i < n; i += kTokGroups * kTokSlices)
-            s_rank[i] = __ldg(p.ranks + static_cast<int64_t>(c0 + i) * n_tokens + t);
+        for (int i = threadIdx.x; i < n; i += kTokGroups * kTokSlices) {
+            const int r = __ldg(p.ranks + static_cast<int64_t>(c0 + i) * n_tokens + t);
+            s_rank[i] = r;
+            if (table) {
+                const int b = c0 + i;
+                const int row = r >= 1 && r < n_tokens ? b * rows + r : -1;
+                const int base = ((b * p.image + py * p.patch) * p.image + px * p.patch) * 3;
+                reinterpret_cast<int2*>(p.row_info)[static_cast<int64_t>(b) * (n_tokens - 1) + t - 1] =
+                    make_int2(row, base);
+            }
+        }
         __syncthreads();
         for (int i0 = k; live && i0 < n; i0 += kUnroll * kTokSlices) {
             uint4 v[kUnroll], a[kUnroll], h[kUnroll];

@@ -1000,38 +1000,39 @@ pub fn cuda_backward(
     let token_grid =
         (blocks_for("patch embedding channels", (shape.dim / 8) as u64, TOKEN_GROUPS)?, shape.n_tokens() as u32, 1);
     let vector_blocks = blocks_for("patch embedding channels", shape.dim as u64, VECTOR_COLS)?;
-    if hwc_order {
-        let blocks = blocks_for("patch embedding rows", patch_rows as u64, 256)?.min(4096);
-        // SAFETY: reads B·N ranks (checked above) and writes 2·B·(N-1) ints of row_info
-        // (allocated above, 256-byte aligned for the kernel's 8-byte stores).
-        unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_rows", launch_cfg((blocks, 1, 1), 256), &params)? };
-    }
+    // SAFETY: grid (D/8/TOKEN_GROUPS, N), block TOKEN_GROUPS x TOKEN_SLICES as the kernel's
+    // constants: reads ranks and d_out (checked above; D % 8 == 0 and d_out 16-byte aligned for its
+    // 16-byte loads), skipping ranks outside [0, N); writes dpos_embed (N·D, checked) and
+    // token_sums (2·N·D, allocated above), and in HWC order row_info (2·B·(N-1) ints, allocated
+    // above, 256-byte aligned for its 8-byte stores: one entry for each sample and token t >= 1).
+    let token_block = (TOKEN_GROUPS * TOKEN_SLICES) as u32;
+    unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, token_block), &params)? };
     // SAFETY: validate_cuda bounds every index the kernel forms; pixels, ranks and d_out were
     // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
     // has `splits` layers; rows whose rank is outside [1, N) are read as zeros. The HWC kernels
     // read row_info, written just before on the same stream (the mma.sync one carves its copy ring
     // from the BWD_HWC_SMEM bytes of dynamic shared memory its launch gives, and traps on fewer);
-    // the warp-specialised one copies its
-    // split's (at most split_rows) entries into the 8·split_rows bytes its launch adds past its
-    // ring.
+    // the warp-specialised one copies its split's (at most split_rows) entries into the
+    // 8·split_rows bytes its launch adds past its ring.
     unsafe { gpu.launch(MODULE, kernel, weight_cfg, &params)? };
-    // SAFETY: grid (D/8/TOKEN_GROUPS, N), block TOKEN_GROUPS x TOKEN_SLICES as the kernel's
-    // constants: reads ranks and d_out (checked above; D % 8 == 0 and d_out 16-byte aligned for its
-    // 16-byte loads), skipping ranks outside [0, N); writes dpos_embed (N·D, checked) and
-    // token_sums (2·N·D, allocated above).
-    let token_block = (TOKEN_GROUPS * TOKEN_SLICES) as u32;
-    unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, token_block), &params)? };
     // SAFETY: grid (ceil(K/256), D), a thread per element (d, kc) with kc < K: reads splits·D·K
     // floats of `partial` and adds to dweight (D·K, checked above; the HWC variants write each of
-    // the D·K elements once, at a permuted index); `hwc-ws`'s also reads the content half of
-    // token_sums (N·D of its 2·N·D), written just before.
+    // the D·K elements once, at a permuted index); `hwc-ws`'s also reads token_sums (2·N·D,
+    // written before) and, in its blocks of column 0, adds to dbias, dcls and dmask (D each).
     unsafe { gpu.launch(MODULE, reduce, launch_cfg(reduce_grid, 256), &params)? };
-    // SAFETY: block VECTOR_COLS x VECTOR_SLICES as the kernel's constants, one column per channel
-    // d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
-    let vector_block = (VECTOR_COLS * VECTOR_SLICES) as u32;
-    unsafe {
-        gpu.launch(MODULE, "mapet_patch_embed_bwd_vectors", launch_cfg((vector_blocks, 1, 1), vector_block), &params)?
-    };
+    if !ws {
+        // SAFETY: block VECTOR_COLS x VECTOR_SLICES as the kernel's constants, one column per
+        // channel d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
+        let vector_block = (VECTOR_COLS * VECTOR_SLICES) as u32;
+        unsafe {
+            gpu.launch(
+                MODULE,
+                "mapet_patch_embed_bwd_vectors",
+                launch_cfg((vector_blocks, 1, 1), vector_block),
+                &params,
+            )?
+        };
+    }
     Ok(())
 }
 
