@@ -199,8 +199,8 @@ typedef struct MapetPatchEmbedFwd {
 // dweight: each (D tile, K tile, split) block contracts rows [split * split_rows, ...) of the
 // B*(N-1) patch rows into partial [splits, D, K]; a second kernel sums the splits in order.
 // token_sums f32 [2, N, D] is scratch for the other gradients (content and mask-row sums per token).
-// row_info int32 [B*(N-1), 2] (the HWC weight-gradient kernel only, written by
-// mapet_patch_embed_bwd_rows): per patch row, the d_out row b*R + rank (-1: none) and the byte
+// row_info int32 [B*(N-1), 2] (the HWC weight-gradient kernels only, written by
+// mapet_patch_embed_bwd_tokens): per patch row, the d_out row b*R + rank (-1: none) and the byte
 // offset of its top-left pixel; null otherwise.
 typedef struct MapetPatchEmbedBwd {
     const void* pixels;
