@@ -181,7 +181,13 @@ typedef struct MapetPatchEmbedFwd {
     const float* cls_token;
     const float* mask_token;
     void* out;
-    void* weight_hwc;  // bf16 [D, p, p, 3] scratch of the HWC-order kernels (unused otherwise)
+    // bf16 [D, p, p, 3] scratch of the HWC-order kernels (unused otherwise). For the
+    // warp-specialised forwards (hwc-ws, hwc-ws-raw) it goes on past the weight with the
+    // token-row table, bf16 [N, D] at element D*K: the values of the rows that hold no pixels,
+    // row 0 = cls_token + pos_embed[0] (the CLS row) and row t >= 1 = mask_token + pos_embed[t]
+    // (token t's mask-token rows), each rounded to bf16 once; the weight kernel launched before
+    // them writes both.
+    void* weight_hwc;
     float scale[3];
     float shift[3];
     int32_t batch;

@@ -196,6 +196,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The token-row table of the warp-specialised forwards, bf16 [N, D] in weight_hwc past the weight
+// (params.h).
+__device__ __forceinline__ __nv_bfloat16* token_rows_of(const MapetPatchEmbedFwd& p) {
+    return static_cast<__nv_bfloat16*>(p.weight_hwc) + static_cast<int64_t>(p.dim) * 3 * p.patch * p.patch;
+}
+
 // Two channels of a token row that is a learned vector plus its position embedding (the CLS row,
 // the mask-token rows): vec + pos in f32, rounded to bf16 once. The one rule for those rows, for
 // mapet_patch_embed_fwd_rows and the hwc-ws forward that writes them itself.
@@ -777,6 +783,8 @@ __device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
 //   slice, after the slice's wgmma are issued and the previous slice's stage is handed back
 //   (write_other_rows; the CLS rows at a tile's first slice, write_cls_rows). They are 58 MB of the 96 MB
 //   output at ViT-B, batch 128: as a kernel of their own, they ran with the tensor cores idle.
+//   Their values come from the token-row table (params.h: N rows of bf16, 302 KB at ViT-B, made
+//   by the weight kernel launched before this one), each slice's first ones loaded a slice ahead.
 // A producer thread's proxy fence compiles to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S with its later
 // slices' pixel loads in flight; the removed wgmma form fenced the same way with register-staged
 // loads in flight, and ncu counted no membar stalls there (fifth run), so the fence does not wait
@@ -788,7 +796,8 @@ __device__ __forceinline__ void st_shared_b32(uint32_t dst, uint32_t v) {
 // the mask-token rows' values a slice ahead (prefetch.global.L1), added after that run, made it
 // slower (0.1508 -> 0.1558 ms in the eighth run's A/B) and is gone; each slice loads the first of
 // those values before its wait for the previous slice's wgmma instead (OtherStep; with the
-// prefetch gone, 0.974 of the raw forward + backward's time in the ninth run's A/B).
+// prefetch gone, 0.974 of the raw forward + backward's time in the ninth run's A/B). After that
+// run they come from the bf16 token-row table, a slice ahead (compiles, unverified on GPU).
 //
 // kRaw (mapet_patch_embed_fwd_u8_hwc_ws_raw, MAPET_PATCH_EMBED_ORDER=hwc-ws-raw; the default
 // forward on compute capability 9.0 since the eighth run, where it took 0.153 ms at ViT-B
@@ -985,13 +994,16 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     // This thread's share of slice t's part of a tile's other rows: the mask-token rows of its two
     // rows' tokens (mapet_patch_embed_fwd_rows' values) in its columns n0 + 8j + 2q for j = t,
     // t + slices, ... (every column of the tile over its slices), written with 4-byte stores
-    // while the tensor cores run the slice. Loads two columns before the first use, so that a
-    // slice waits on L2 once. Row pointers (from the thread's first column) are set once a tile.
+    // while the tensor cores run the slice. The values are bf16 pairs of the token-row table
+    // (params.h; the weight kernel made it), one 4-byte load a column pair and row, and the first
+    // column pairs of a slice are loaded a slice ahead (OtherStep). Row pointers (from the
+    // thread's first column) are set once a tile.
     struct OtherRows {
-        const float* pe[2];      // pos_embed row of each row's token
-        __nv_bfloat16* mask[2];  // its content-stream mask-token row; nullptr for none
-        __nv_bfloat16* cls[2];   // the CLS row; nullptr for none
+        const __nv_bfloat16* tr[2];  // the token-row table's row of each row's token
+        __nv_bfloat16* mask[2];      // its content-stream mask-token row; nullptr for none
+        __nv_bfloat16* cls[2];       // the CLS row; nullptr for none
     };
+    const __nv_bfloat16* token_rows = token_rows_of(P);
     // The mask-token row of the content stream goes to b*R + N + rank - C (the query stream's is
     // P rows on) when the token's rank is C or more; the CLS row is b*R, written by the row that
     // is its image's first patch.
@@ -1002,7 +1014,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         for (int h = 0; h < 2; ++h) {
             const bool masked = r.first[h] >= 0 && r.rank[h] >= g.n_context && r.rank[h] < g.n_tokens;
             const int64_t mask_row = static_cast<int64_t>(r.first[h]) + g.n_tokens + (r.rank[h] - g.n_context);
-            o.pe[h] = P.pos_embed + static_cast<int64_t>(r.tok[h]) * g.D + c0;
+            o.tr[h] = token_rows + static_cast<int64_t>(r.tok[h]) * g.D + c0;
             o.mask[h] = masked ? out + mask_row * g.D + c0 : nullptr;
             o.cls[h] = r.first[h] >= 0 && r.tok[h] == 1 ? out + static_cast<int64_t>(r.first[h]) * g.D + c0 : nullptr;
         }
@@ -1014,7 +1026,7 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
     struct OtherStep {
         int x[2];  // offset of the column pair from the thread's first column
         bool ok[2];
-        float2 mt[2], pe[2][2];
+        uint32_t val[2][2];  // [column pair][row]: a bf16 pair of the table
     };
     auto load_other_step = [&](const OtherRows& o, int n0, int j0, OtherStep& v) {
 #pragma unroll
@@ -1022,12 +1034,9 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
             const int j = j0 + u * slices;
             v.x[u] = 8 * j;
             v.ok[u] = j < kWsN / 8 && n0 + 2 * q + v.x[u] < g.D;
-            v.mt[u] = v.ok[u] ? __ldg(reinterpret_cast<const float2*>(P.mask_token + n0 + 2 * q + v.x[u]))
-                              : make_float2(0.f, 0.f);
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                v.pe[u][h] = v.ok[u] && o.mask[h] ? __ldg(reinterpret_cast<const float2*>(o.pe[h] + v.x[u]))
-                                                  : make_float2(0.f, 0.f);
+                v.val[u][h] = v.ok[u] && o.mask[h] ? __ldg(reinterpret_cast<const unsigned int*>(o.tr[h] + v.x[u])) : 0u;
         }
     };
     auto store_other_step = [&](const OtherRows& o, const OtherStep& v) {
@@ -1036,14 +1045,13 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 if (v.ok[u] && o.mask[h]) {
-                    const uint32_t val = token_pair(v.mt[u], v.pe[u][h]);
-                    *reinterpret_cast<uint32_t*>(o.mask[h] + v.x[u]) = val;
-                    *reinterpret_cast<uint32_t*>(o.mask[h] + query_rows + v.x[u]) = val;
+                    *reinterpret_cast<uint32_t*>(o.mask[h] + v.x[u]) = v.val[u][h];
+                    *reinterpret_cast<uint32_t*>(o.mask[h] + query_rows + v.x[u]) = v.val[u][h];
                 }
             }
         }
     };
-    // Slice t's share: its first step's values are `first` (loaded before the wait), the others
+    // Slice t's share: its first step's values are `first` (loaded a slice ahead), the others
     // are loaded here.
     auto write_other_rows = [&](const OtherRows& o, int n0, int t, const OtherStep& first) {
         store_other_step(o, first);
@@ -1059,11 +1067,9 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         for (int h = 0; h < 2; ++h) {
             if (!o.cls[h]) continue;
 #pragma unroll 1
-            for (int x = 0; x < kWsN && n0 + 2 * q + x < g.D; x += 8) {
-                const float2 ct = __ldg(reinterpret_cast<const float2*>(P.cls_token + n0 + 2 * q + x));
-                const float2 p0 = __ldg(reinterpret_cast<const float2*>(P.pos_embed + n0 + 2 * q + x));
-                *reinterpret_cast<uint32_t*>(o.cls[h] + x) = token_pair(ct, p0);
-            }
+            for (int x = 0; x < kWsN && n0 + 2 * q + x < g.D; x += 8)
+                *reinterpret_cast<uint32_t*>(o.cls[h] + x) =
+                    __ldg(reinterpret_cast<const unsigned int*>(token_rows + n0 + 2 * q + x));
         }
     };
     RowsOf cur, next;
@@ -1074,6 +1080,9 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
         cur = next;
         const int (&tok)[2] = cur.tok;
         const OtherRows other = other_rows_of(cur, n0);
+        // Slice 0's first values of the other rows (the next slice's are loaded in the loop).
+        OtherStep ahead;
+        load_other_step(other, n0, 0, ahead);
         // Accumulators start at bias + pos_embed: d[4j + 2h + e] is row h, column n0 + 8j + 2q + e.
         float acc[96];
 #pragma unroll
@@ -1104,13 +1113,16 @@ __device__ __forceinline__ void forward_hwc_ws(const MapetPatchEmbedFwdWs& T) {
                 rows_of(tile + gridDim.x, next);
                 if (other.cls[0] || other.cls[1]) write_cls_rows(other, n0);
             }
-            // The first values of this slice's share of the other rows, loaded before the wait
-            // below so that they land during it: loaded after it, next to their use, their wait
-            // was the largest stall of the hwc-ws-raw forward in the eighth run's profile (10% of its
-            // samples, on the FADD of token_pair). The basic block ends after the loads, or ptxas
-            // moves them below the wait again.
-            OtherStep first;
-            load_other_step(other, n0, t, first);
+            // The first values of the next slice's share of the other rows, loaded a slice's MMAs
+            // before their use. Loaded next to their use, their wait was the largest stall of the
+            // hwc-ws-raw forward in the eighth run's profile (10% of its samples, on the FADD of
+            // the f32 values' sum); loaded just before this slice's wait below, it still was in the
+            // ninth run's (7.8%): that wait is often short, the previous slice's MMAs long done.
+            // A slice ahead, the f32 values (twelve registers) did not fit; the table's bf16 pairs
+            // take four. The basic block ends after the loads, or ptxas moves them down to their
+            // use. (No load after the last slice: column pair kWsN / 8 is past the tile.)
+            const OtherStep first = ahead;
+            load_other_step(other, n0, t + 1 < slices ? t + 1 : kWsN / 8, ahead);
             end_basic_block();
             // The previous slice's wgmma are done with their stage: hand it back.
             wgmma_wait_groups<1>();
@@ -1704,11 +1716,27 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
+// Row t of the token-row table: bf16(cls_token + pos_embed[0]) for t = 0, bf16(mask_token +
+// pos_embed[t]) otherwise, token_pair's rounding (the same bits as rows written from the f32
+// vectors). Channels x0, x0 + stride, ...: coalesced.
+__device__ __forceinline__ void write_token_row(const MapetPatchEmbedFwd& p, int t, int x0, int stride) {
+    const float* vec = t == 0 ? p.cls_token : p.mask_token;
+    const float* pos = p.pos_embed + static_cast<int64_t>(t) * p.dim;
+    __nv_bfloat16* row = token_rows_of(p) + static_cast<int64_t>(t) * p.dim;
+    for (int d = x0; d < p.dim; d += stride) row[d] = __float2bfloat16_rn(vec[d] + pos[d]);
+}
+
 // weight_hwc[d][k'] = weight[d][k] for k' = 3*(ky*p + kx) + c and k = c*p*p + ky*p + kx: the bf16
 // weight [D, 3, p, p] as [D, p, p, 3]. Grid (ceil(K / blockDim.x), D): element (d, k') a thread,
 // d from the grid, so that no index is divided (a 64-bit division by K per element was most of
-// the kernel, as in the weight gradient's reduction); writes coalesced.
+// the kernel, as in the weight gradient's reduction); writes coalesced. For the hwc-ws forward
+// the grid is (max(ceil(K, D) / blockDim.x), D + N), and its rows D + t write row t of the
+// token-row table.
 extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd p) {
+    if (blockIdx.y >= p.dim) {
+        write_token_row(p, blockIdx.y - p.dim, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+        return;
+    }
     const int pp = p.patch * p.patch;
     const int K = 3 * pp;
     const int kc = blockIdx.x * blockDim.x + threadIdx.x;
@@ -1733,11 +1761,16 @@ extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd
 // rounded products about as large as those of the normalised pixels: with u + 1 and a bf16
 // weight (the weight gradient's form) the outputs' error on the CPU came to 1.2-1.35 times the
 // baseline's.
-// Grid (D), block kRawThreads: thread t takes k' = t, t + kRawThreads, ... and the block adds
-// the threads' sums in a fixed order (deterministic).
+// Grid (D + N), block kRawThreads: block d < D writes channel d, thread t taking k' = t,
+// t + kRawThreads, ... and the block adding the threads' sums in a fixed order (deterministic);
+// block D + t writes row t of the token-row table (params.h, in weight_hwc past the weight).
 constexpr int kRawThreads = 256;
 extern "C" __global__ void __launch_bounds__(kRawThreads) mapet_patch_embed_weight_hwc_raw(const MapetPatchEmbedFwd p) {
     __shared__ float s_sum[kRawThreads / 32];
+    if (blockIdx.x >= p.dim) {
+        write_token_row(p, blockIdx.x - p.dim, threadIdx.x, kRawThreads);
+        return;
+    }
     const int pp = p.patch * p.patch;
     const int K = 3 * pp;
     const int d = blockIdx.x;

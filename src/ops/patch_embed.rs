@@ -732,14 +732,29 @@ fn cuda_forward(
     ] {
         check_aligned(tensor, ptr, 16)?;
     }
-    // The HWC kernel multiplies by the weight permuted to [D, p, p, 3] (1.2 MB at ViT-B).
-    let mut weight_hwc = if hwc_order { Some(gpu.alloc::<bf16>(shape.weight_len())?) } else { None };
+    let raw = kernel == FWD_WS_RAW_KERNEL;
+    let ws = kernel == FWD_WS_KERNEL || raw;
+    // The HWC kernel multiplies by the weight permuted to [D, p, p, 3] (1.2 MB at ViT-B). The
+    // warp-specialised ones copy the CLS and mask-token rows from a bf16 table of them ([N, D],
+    // 302 KB), which goes on past the weight in the same scratch (params.h), and which the weight
+    // kernel before them writes in blocks of its own.
+    let scratch_len = shape.weight_len() + if ws { shape.pos_len() } else { 0 };
+    let mut weight_hwc = if hwc_order { Some(gpu.alloc::<bf16>(scratch_len)?) } else { None };
     if let Some(w) = &weight_hwc {
         check_aligned("weight_hwc (scratch)", w.ptr(), 16)?;
     }
     // The raw-pixel forward starts its sums at the bias plus the shifts' share (D floats).
-    let raw = kernel == FWD_WS_RAW_KERNEL;
     let mut bias_raw = if raw { Some(gpu.alloc::<f32>(shape.dim)?) } else { None };
+    if ws && !raw && shape.dim + shape.n_tokens() > 65_535 {
+        return Err(Error::Unsupported {
+            what: "patch embedding size",
+            detail: format!(
+                "`hwc-ws` needs dim + tokens <= 65535 (one grid row each), got {} + {}: use `hwc-ws-raw` or `hwc`",
+                shape.dim,
+                shape.n_tokens()
+            ),
+        });
+    }
     let mut params = MapetPatchEmbedFwd {
         pixels: pixel_ptr,
         ranks: ranks.ptr() as *const i32,
@@ -760,21 +775,32 @@ fn cuda_forward(
         bias_raw: bias_raw.as_mut().map_or(std::ptr::null_mut(), |b| b.ptr_mut() as *mut f32),
     };
     if raw {
-        // SAFETY: block d reads row d of weight (D·K bf16, checked above) and bias[d], and writes
-        // row d of weight_hwc (D·K, allocated above) and bias_raw[d] (D floats, allocated above);
-        // the grid is (D), D <= 65535 (validate_cuda).
-        let cfg = launch_cfg((shape.dim as u32, 1, 1), WEIGHT_RAW_THREADS);
+        // SAFETY: block d < D reads row d of weight (D·K bf16, checked above) and bias[d], and
+        // writes row d of weight_hwc (D·K, allocated above) and bias_raw[d] (D floats, allocated
+        // above); block D + t (t < N) reads cls_token or mask_token and row t of pos_embed (D
+        // floats each, checked above) and writes row t of the token-row table (N·D past the
+        // weight in weight_hwc, allocated above). The grid is (D + N), D and N <= 65535
+        // (validate_cuda).
+        let cfg = launch_cfg(((shape.dim + shape.n_tokens()) as u32, 1, 1), WEIGHT_RAW_THREADS);
         unsafe { gpu.launch(MODULE, WEIGHT_RAW_KERNEL, cfg, &params)? };
         // The kernel's sums start from bias_raw where the others' start from bias.
         params.bias = params.bias_raw;
     } else if hwc_order {
-        let grid = (blocks_for("patch embedding weight", shape.patch_len() as u64, 256)?, shape.dim as u32, 1);
+        let mut grid = (blocks_for("patch embedding weight", shape.patch_len() as u64, 256)?, shape.dim as u32, 1);
+        if ws {
+            // Rows D.. of the grid write the token-row table, a row of it each.
+            grid.0 = grid.0.max(blocks_for("patch embedding channels", shape.dim as u64, 256)?);
+            grid.1 += shape.n_tokens() as u32;
+        }
         // SAFETY: reads weight (D·K bf16, checked above) and writes weight_hwc (D·K, allocated
-        // above), a thread per element (d, k') with k' < K; D <= 65535 (validate_cuda).
+        // above), a thread per element (d, k') with k' < K in grid rows d < D <= 65535
+        // (validate_cuda); for hwc-ws, grid rows D + t (D + N <= 65535, checked above) read
+        // cls_token or mask_token and row t of pos_embed (D floats each, checked above) and write
+        // row t of the token-row table (N·D past the weight in weight_hwc, allocated above).
         unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
-    if kernel == FWD_WS_KERNEL || raw {
+    if ws {
         let weight_hwc = weight_hwc.as_ref().map_or(std::ptr::null(), |w| w.ptr());
         let ws = MapetPatchEmbedFwdWs {
             p: params,
@@ -791,7 +817,9 @@ fn cuda_forward(
         // image and the two mask-token rows of each token of rank in [C, N): b·R + N + rank - C
         // and P rows on, both below (b + 1)·R); the tensor map covers weight_hwc, [D, K'] bf16
         // with rows of 2K' bytes (K' = 3p², p % 8 == 0, so a multiple of 16), and the kernel
-        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring. For hwc-ws-raw,
+        // takes FWD_WS_SMEM bytes of dynamic shared memory for its ring. It reads the token-row
+        // table (N·D past the weight in weight_hwc, written just before) at rows tok < N of its
+        // patch rows' tokens. For hwc-ws-raw,
         // weight_hwc holds f16 values (the map only copies 2-byte elements, and its zero fill is
         // +0 in both types) and params.bias is bias_raw (D floats, written above).
         unsafe { gpu.launch(MODULE, kernel, cfg, &ws)? };
