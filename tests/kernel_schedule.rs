@@ -29,7 +29,7 @@ const PIPELINES: [(&str, usize); 4] = [
 
 #[test]
 fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
-    let Some(sass) = attention_sass_or_skip("wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores") else {
+    let Some(sass) = sass_or_skip("attention", "wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores") else {
         return;
     };
     for (kernel, want) in PIPELINES {
@@ -58,7 +58,7 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
 #[test]
 fn wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait() {
     const KERNEL: &str = "mapet_attention_bwd_dkdv_wgmma";
-    let Some(sass) = attention_sass_or_skip("wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait") else { return };
+    let Some(sass) = sass_or_skip("attention", "wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait") else { return };
     let body = sm90_kernel(sass, KERNEL);
     let counts = ops_after_g1_waits(body, "LDS");
     eprintln!("{KERNEL}: shared-memory loads between wait_group 1 and the next wgmma wait or issue: {counts:?}");
@@ -78,7 +78,7 @@ fn wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait() {
 #[test]
 fn wgmma_dkdv_peek_loads_the_next_stats_in_the_elementwise_step() {
     const KERNEL: &str = "mapet_attention_bwd_dkdv_wgmma_peek";
-    let Some(sass) = attention_sass_or_skip("wgmma_dkdv_peek_loads_the_next_stats_in_the_elementwise_step") else {
+    let Some(sass) = sass_or_skip("attention", "wgmma_dkdv_peek_loads_the_next_stats_in_the_elementwise_step") else {
         return;
     };
     let body = sm90_kernel(sass, KERNEL);
@@ -92,6 +92,55 @@ fn wgmma_dkdv_peek_loads_the_next_stats_in_the_elementwise_step() {
          wgmma issues (none expected): the next chunk's stats are no longer loaded in the elementwise step \
          (cuda/attention.cu, bwd_dkdv_wgmma<true>)"
     );
+}
+
+/// The warp-specialised patch-embedding forwards write the CLS and mask-token rows under their
+/// MMAs, from the bf16 token-row table (cuda/patch_embed.cu, `OtherStep`). Each slice loads the
+/// next slice's first values before its wait for the previous slice's wgmma and stores the ones
+/// loaded a slice before, after it: loaded next to their use, and then just before the wait, the
+/// loads were the largest stall of the raw forward (eighth and ninth runs' profiles). In the SASS:
+/// between the slice's last wgmma issue and its `WARPGROUP.DEPBAR.LE gsb0, 0x1`, at least four
+/// 4-byte loads (two column pairs of two rows; none of 8 bytes, the f32 values' width), and none
+/// of their registers stored between that wait and the next issue.
+#[test]
+fn hwc_ws_forwards_load_the_token_rows_a_slice_ahead() {
+    let Some(sass) = sass_or_skip("patch_embed", "hwc_ws_forwards_load_the_token_rows_a_slice_ahead") else {
+        return;
+    };
+    for kernel in ["mapet_patch_embed_fwd_u8_hwc_ws", "mapet_patch_embed_fwd_u8_hwc_ws_raw"] {
+        let ops: Vec<&str> = sm90_kernel(sass, kernel).lines().filter_map(instruction).collect();
+        let waits: Vec<usize> =
+            (0..ops.len()).filter(|&i| ops[i].starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1")).collect();
+        assert_eq!(waits.len(), 1, "{kernel}: one `WARPGROUP.DEPBAR.LE gsb0, 0x1` expected (the slice loop's)");
+        let wait = waits[0];
+        let issue = (0..wait).rev().find(|&i| ops[i].starts_with("HGMMA")).expect("a wgmma issue before the wait");
+        let next = (wait..ops.len()).find(|&i| ops[i].starts_with("HGMMA")).unwrap_or(ops.len());
+        let before = &ops[issue..wait];
+        let loaded: Vec<&str> = before
+            .iter()
+            .filter(|op| op.starts_with("LDG.E.CONSTANT "))
+            .filter_map(|op| op.split_whitespace().nth(1).map(|r| r.trim_end_matches(',')))
+            .collect();
+        let wide = before.iter().filter(|op| op.starts_with("LDG.E.64")).count();
+        let stored: Vec<&str> = ops[wait..next]
+            .iter()
+            .filter(|op| op.starts_with("STG.E "))
+            .filter_map(|op| op.rsplit(',').next().map(str::trim))
+            .collect();
+        eprintln!("{kernel}: 4-byte loads before the wait into {loaded:?}, 8-byte {wide}; stored after it: {stored:?}");
+        assert!(
+            loaded.len() >= 4 && wide == 0,
+            "{kernel}: {} 4-byte and {wide} 8-byte loads between the slice's last wgmma issue and its wait: the \
+             next slice's token-row values are no longer loaded there",
+            loaded.len()
+        );
+        assert!(!stored.is_empty(), "{kernel}: no row stores between the wait and the next wgmma issue");
+        assert!(
+            stored.iter().all(|r| !loaded.contains(r)),
+            "{kernel}: the rows stored after the wait include values loaded just before it ({loaded:?} against \
+             {stored:?}): they are no longer loaded a slice ahead"
+        );
+    }
 }
 
 /// The number of instructions of `sass` whose opcode starts with `opcode` that lie between two
@@ -125,7 +174,7 @@ fn wgmma_kernels_store_their_rows_in_eight_byte_stores() {
         ("mapet_attention_bwd_dkdv_wgmma", 16, 0),
         ("mapet_attention_bwd_dkdv_wgmma_peek", 16, 0),
     ];
-    let Some(sass) = attention_sass_or_skip("wgmma_kernels_store_their_rows_in_eight_byte_stores") else { return };
+    let Some(sass) = sass_or_skip("attention", "wgmma_kernels_store_their_rows_in_eight_byte_stores") else { return };
     for (kernel, wide, narrow_max) in STORES {
         let body = sm90_kernel(sass, kernel);
         let stores: Vec<&str> = body.lines().filter_map(instruction).filter(|op| op.starts_with("STG")).collect();
@@ -148,7 +197,7 @@ fn wgmma_kernels_store_their_rows_in_eight_byte_stores() {
 /// there again.
 #[test]
 fn wgmma_row_tile_kernels_issue_the_next_tiles_g1_under_their_epilogue() {
-    let Some(sass) = attention_sass_or_skip("wgmma_row_tile_kernels_issue_the_next_tiles_g1_under_their_epilogue")
+    let Some(sass) = sass_or_skip("attention", "wgmma_row_tile_kernels_issue_the_next_tiles_g1_under_their_epilogue")
     else {
         return;
     };
@@ -276,11 +325,10 @@ fn instruction(line: &str) -> Option<&str> {
     Some(rest.split(';').next()?.trim_end()).filter(|s| !s.is_empty())
 }
 
-/// The sm_90a SASS of `kernel` in the attention module's disassembly; fails the test, naming the
-/// kernel, when it is not there.
+/// The sm_90a SASS of `kernel` in a module's disassembly; fails the test, naming the kernel, when
+/// it is not there.
 fn sm90_kernel<'a>(sass: &'a str, kernel: &str) -> &'a str {
-    function(arch_section(sass, "sm_90a"), kernel)
-        .unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS of attention"))
+    function(arch_section(sass, "sm_90a"), kernel).unwrap_or_else(|| panic!("{kernel} is not in the sm_90a SASS"))
 }
 
 /// The part of `cuobjdump -sass` output for `arch` ("code for sm_90a" up to the next "code for").
@@ -300,12 +348,12 @@ fn function<'a>(section: &'a str, kernel: &str) -> Option<&'a str> {
     Some(&rest[..rest.find("Function : ").unwrap_or(rest.len())])
 }
 
-/// The disassembly of the embedded attention fatbin, or None after saying why the test `test`
+/// The disassembly of the embedded fatbin of `module`, or None after saying why the test `test`
 /// skips: no kernels were built, or no cuobjdump is found (a failure under
-/// `MAPET_REQUIRE_KERNELS=1`, as in CI, where the check must run). Disassembled once per process
-/// and shared by the tests.
-fn attention_sass_or_skip(test: &str) -> Option<&'static str> {
-    static SASS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// `MAPET_REQUIRE_KERNELS=1`, as in CI, where the check must run). Each module is disassembled
+/// once per process and shared by the tests.
+fn sass_or_skip(module: &'static str, test: &str) -> Option<&'static str> {
+    static SASS: std::sync::Mutex<Vec<(&str, &'static str)>> = std::sync::Mutex::new(Vec::new());
     if let Some(reason) = mapet::cuda::kernels::MISSING_REASON {
         eprintln!("SKIP {test}: {reason}");
         return None;
@@ -317,7 +365,14 @@ fn attention_sass_or_skip(test: &str) -> Option<&'static str> {
         eprintln!("SKIP {test}: {msg}");
         return None;
     };
-    Some(SASS.get_or_init(|| disassemble("attention", &cuobjdump)))
+    // Held while disassembling, so that two tests of one module do not both run cuobjdump.
+    let mut done = SASS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, sass)) = done.iter().find(|(m, _)| *m == module) {
+        return Some(sass);
+    }
+    let sass: &'static str = Box::leak(disassemble(module, &cuobjdump).into_boxed_str());
+    done.push((module, sass));
+    Some(sass)
 }
 
 /// `cuobjdump -sass` of the embedded fatbin of `module`.
