@@ -17,7 +17,9 @@
 # target folder target/base), the benches named in MAPET_BASE_BENCHES (default "attention"), packed
 # as benches-base/ beside this build's: run.sh's MAPET_AB then times both in one call, alternated,
 # so that a change made without a card is measured against the code the last card ran, on the same
-# card, with the drift between calls and cards out of the comparison.
+# card, with the drift between calls and cards out of the comparison. An entry BENCH@COMMIT builds
+# that bench at COMMIT instead (e.g. MAPET_BASE_BENCHES="attention@<a> patch_embed@<b>": each op
+# against the last commit a card timed it at).
 #
 # MAPET_BISECT_REVS="<commit> ..." (oldest first) also packs, per commit, the test binaries named
 # in MAPET_BISECT_TESTS (default "attention_gpu patch_embed") built at that commit, for run.sh to
@@ -80,19 +82,30 @@ if [ -n "${MAPET_BASE_REV:-}" ]; then
     echo "error: MAPET_BASE_REV=$MAPET_BASE_REV is not a commit of this repository" >&2
     exit 2
   }
-  echo "building the base benches (${MAPET_BASE_BENCHES:-attention}) at $rev" >&2
-  base_tree="$(mktemp -d)"
-  git -C "$root" worktree add --detach "$base_tree" "$rev" >/dev/null
   mkdir -p "$out/benches-base"
-  for b in ${MAPET_BASE_BENCHES:-attention}; do
+  : >"$out/base-rev.txt"
+  for entry in ${MAPET_BASE_BENCHES:-attention}; do
+    b="${entry%%@*}"
+    at="$rev"
+    if [ "$entry" != "$b" ]; then
+      at="$(git -C "$root" rev-parse --verify "${entry#*@}^{commit}")" || {
+        echo "error: MAPET_BASE_BENCHES names $entry, whose commit is not in this repository" >&2
+        exit 2
+      }
+    fi
+    echo "building the base bench $b at $at" >&2
+    base_tree="$(mktemp -d)"
+    git -C "$root" worktree add --detach "$base_tree" "$at" >/dev/null
     (cd "$base_tree" && CARGO_TARGET_DIR="$root/target/base" cargo bench --no-run --bench "$b" --message-format=json \
       2>/dev/null) | list_executables | while read -r name kinds exe; do
       if [ "$kinds" = "bench" ]; then cp "$exe" "$out/benches-base/$name"; fi
     done
-    [ -x "$out/benches-base/$b" ] || { echo "error: no bench $b at $rev" >&2; git -C "$root" worktree remove --force "$base_tree"; exit 2; }
+    git -C "$root" worktree remove --force "$base_tree"
+    [ -x "$out/benches-base/$b" ] || { echo "error: no bench $b at $at" >&2; exit 2; }
+    echo "$b@$(git -C "$root" rev-parse --short=7 "$at")" >>"$out/base-rev.txt"
   done
-  git -C "$root" worktree remove --force "$base_tree"
-  echo "$rev" >"$out/base-rev.txt"
+  # One line: run.sh prints it as the A/B's base.
+  tr '\n' ' ' <"$out/base-rev.txt" | sed 's/ $//' >"$out/base-rev.tmp" && mv "$out/base-rev.tmp" "$out/base-rev.txt"
   git -C "$root" rev-parse HEAD >"$out/head-rev.txt"
 fi
 if [ -n "${MAPET_BISECT_REVS:-}" ]; then
