@@ -13,7 +13,11 @@
 //! a thread: 32 in the forward (two 32-key chunks of 64 rows over 128 threads), 16 in dQ and in
 //! dK/dV (one 32-wide chunk).
 //!
-//! Without the tools the test says so and passes, unless `MAPET_REQUIRE_KERNELS=1` (CI), where it
+//! The other checks here hold other placements that only the SASS shows: where the dK/dV kernels
+//! load their chunk stats, how wide the wgmma kernels' stores are, and that the patch embedding's
+//! warp-specialised forwards load their token rows a slice ahead.
+//!
+//! Without the tools a test says so and passes, unless `MAPET_REQUIRE_KERNELS=1` (CI), where it
 //! fails: the check must run somewhere on every change.
 
 use std::path::{Path, PathBuf};
