@@ -139,9 +139,17 @@ fn bench_gpu(c: &mut Criterion) {
         forward(g, s, x, Some(PixelOrder::HwcWsRaw))?;
         backward(g, s, x, Some(PixelOrder::Hwc))
     };
+    // The default pair's kernels as programmatic dependent launches (compute capability 9.0):
+    // each kernel's launch and start overlap the end of the one before (Gpu::launch_dependent).
+    let dependent: Step = |g, s, x, e| {
+        g.set_dependent_launches(true);
+        let r = forward(g, s, x, e).and_then(|()| backward(g, s, x, e));
+        g.set_dependent_launches(false);
+        r
+    };
     // The hwc-ws variants last, the newest kernels: a kernel fault is sticky, and would fail
     // every line after it.
-    let cases: [(&str, Step, Entry, f64); 16] = [
+    let cases: [(&str, Step, Entry, f64); 17] = [
         ("forward u8 chw", forward, chw, flops),
         ("forward u8 hwc", forward, hwc, flops),
         ("forward f32", forward, None, flops),
@@ -158,15 +166,21 @@ fn bench_gpu(c: &mut Criterion) {
         ("forward u8 hwc-ws-raw", forward, ws_raw, flops),
         ("forward+backward u8 hwc-ws-raw", fwd_bwd, ws_raw, 2.0 * flops),
         ("forward+backward u8 hwc-ws-raw/hwc", ws_raw_then_hwc, ws_raw, 2.0 * flops),
+        ("forward+backward u8 hwc-ws-raw (dependent launches)", dependent, ws_raw, 2.0 * flops),
     ];
     let benched = PixelOrder::listed_in("MAPET_BENCH_PATCH_ORDERS").unwrap_or_else(|e| panic!("{e}"));
     let mut group = c.benchmark_group("patch_embed_gpu_b128_224_p16_d768");
     for (name, step, entry, work) in cases {
-        // The orders a line runs: those its name gives after "u8" ("hwc-ws/hwc": both), chw for f32.
+        // The orders a line runs: those its name gives after "u8" ("hwc-ws/hwc": both; a
+        // remark in parentheses after them aside), chw for f32.
         let orders: Vec<PixelOrder> = match name.split_once(" u8 ") {
-            Some((_, o)) => {
-                o.split('/').map(|n| PixelOrder::named("order", n).expect("a bench line's order")).collect()
-            }
+            Some((_, o)) => o
+                .split(" (")
+                .next()
+                .unwrap_or(o)
+                .split('/')
+                .map(|n| PixelOrder::named("order", n).expect("a bench line's order"))
+                .collect(),
             None => vec![PixelOrder::Chw],
         };
         if let Some(left_out) = orders.iter().find(|o| !benched.contains(o)) {

@@ -63,6 +63,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "hopper.cuh"
 #include "params.h"
 
@@ -1677,16 +1678,19 @@ __device__ __forceinline__ void backward_weight_hwc_ws(const MapetPatchEmbedBwd&
 
 // Content rows of the patch tokens. Grid (ceil(D/128), ceil(B*(N-1)/128)), 256 threads.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8(const MapetPatchEmbedFwd p) {
+    dependent_launch_start();
     forward_patches<true, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_f32(const MapetPatchEmbedFwd p) {
+    dependent_launch_start();
     forward_patches<false, false>(p);
 }
 
 // As mapet_patch_embed_fwd_u8 in HWC contraction order (p % 8 == 0); reads weight_hwc, written
 // first by mapet_patch_embed_weight_hwc.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_u8_hwc(const MapetPatchEmbedFwd p) {
+    dependent_launch_start();
     forward_patches<true, true>(p);
 }
 
@@ -1697,6 +1701,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_fwd_
 // 40 KB of ring, two 25,600 B staging tiles and 1 KB of alignment slack.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mapet_patch_embed_fwd_u8_hwc_ws(const __grid_constant__ MapetPatchEmbedFwdWs p) {
+    dependent_launch_start();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     forward_hwc_ws<false>(p);
 #else
@@ -1709,6 +1714,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 // sm_90a only, as above; the same grid, block and shared memory.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mapet_patch_embed_fwd_u8_hwc_ws_raw(const __grid_constant__ MapetPatchEmbedFwdWs p) {
+    dependent_launch_start();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     forward_hwc_ws<true>(p);
 #else
@@ -1733,6 +1739,7 @@ __device__ __forceinline__ void write_token_row(const MapetPatchEmbedFwd& p, int
 // the grid is (max(ceil(K, D) / blockDim.x), D + N), and its rows D + t write row t of the
 // token-row table.
 extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd p) {
+    dependent_launch_start();
     if (blockIdx.y >= p.dim) {
         write_token_row(p, blockIdx.y - p.dim, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
         return;
@@ -1766,6 +1773,7 @@ extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd
 // block D + t writes row t of the token-row table (params.h, in weight_hwc past the weight).
 constexpr int kRawThreads = 256;
 extern "C" __global__ void __launch_bounds__(kRawThreads) mapet_patch_embed_weight_hwc_raw(const MapetPatchEmbedFwd p) {
+    dependent_launch_start();
     __shared__ float s_sum[kRawThreads / 32];
     if (blockIdx.x >= p.dim) {
         write_token_row(p, blockIdx.x - p.dim, threadIdx.x, kRawThreads);
@@ -1801,6 +1809,7 @@ extern "C" __global__ void __launch_bounds__(kRawThreads) mapet_patch_embed_weig
 // Row 0 (CLS) and the 2P mask-token rows. Grid (N, B), any block size; each thread writes 8
 // channels at a time. (The hwc-ws forward writes these rows itself, the same values.)
 extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p) {
+    dependent_launch_start();
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
     const int n_pred = n_tokens - p.n_context;
     const int rows = n_tokens + 2 * n_pred;
@@ -1837,10 +1846,12 @@ extern "C" __global__ void mapet_patch_embed_fwd_rows(const MapetPatchEmbedFwd p
 
 // dweight partials. Grid (ceil(K/128), ceil(D/128), splits), 256 threads.
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_u8(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
     backward_weight<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_weight_f32(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
     backward_weight<false>(p);
 }
 
@@ -1850,6 +1861,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) mapet_patch_embed_bwd_
 // [D, 3, p, p] order by mapet_patch_embed_bwd_weight_reduce_hwc.
 extern "C" __global__ void __launch_bounds__(kThreads, 2)
     mapet_patch_embed_bwd_weight_u8_hwc(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
     backward_weight_hwc(p);
 }
 
@@ -1861,6 +1873,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
 // sums.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mapet_patch_embed_bwd_weight_u8_hwc_ws(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     backward_weight_hwc_ws(p);
 #else
@@ -1937,11 +1950,13 @@ __device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd&
 
 // Grid (ceil(K / blockDim.x), D).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
     reduce_weight_partials<false>(p);
 }
 
 // The reduction of mapet_patch_embed_bwd_weight_u8_hwc's partials (in k' order).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
     reduce_weight_partials<true>(p);
 }
 
@@ -1954,6 +1969,7 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // fixed shuffle order: deterministic). Its blocks of column 0 also add dbias, dcls and dmask
 // (mapet_patch_embed_bwd_vectors is not launched after it).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc_raw(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
     reduce_weight_partials<true, true>(p);
 }
 
@@ -1977,6 +1993,7 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc_raw(const Map
 // of its top-left pixel in the HWC image (in bytes). Column 0 of the grid writes it, so this
 // kernel runs before the weight gradient; the table once had a kernel of its own, one launch more.
 extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocksPerSm) mapet_patch_embed_bwd_tokens(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
     __shared__ float s_part[kTokSlices][2][kTokGroups][8];
     __shared__ int s_rank[kTokRankChunk];
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
@@ -2069,6 +2086,7 @@ extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocks
 // k + kVecSlices, ... in increasing order (a warp reads 32 consecutive channels of one token), then
 // slice 0 adds the slices' sums in slice order. Fixed order: deterministic.
 extern "C" __global__ void __launch_bounds__(kVecCols * kVecSlices) mapet_patch_embed_bwd_vectors(const MapetPatchEmbedBwd p) {
+    dependent_launch_start();
     __shared__ float s_bias[kVecSlices][kVecCols];
     __shared__ float s_mask[kVecSlices][kVecCols];
     const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);

@@ -1142,3 +1142,48 @@ fn gpu_is_deterministic() {
         }
     }
 }
+
+/// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0 and
+/// up) change when a kernel may start, never what it computes: every kernel waits for the one
+/// before it first. Each entry's forward and backward give the same bits with and without them,
+/// run back to back so that each kernel follows another of the same call. Skips, saying so,
+/// where the device has no dependent launches.
+#[test]
+fn dependent_launches_give_the_same_bits() {
+    let Some(gpu) = gpu_or_skip("dependent_launches_give_the_same_bits") else { return };
+    gpu.set_dependent_launches(true);
+    if !gpu.dependent_launches() {
+        eprintln!("SKIP dependent_launches_give_the_same_bits: {} has no dependent launches", gpu.name());
+        return;
+    }
+    let mut rng = rng("dependent_launches_give_the_same_bits");
+    for s in [shape(8, 224, 16, 768, 50), shape(3, 64, 16, 40, 5)] {
+        let case = make_case(&mut rng, s);
+        let dc = upload(&gpu, &case);
+        let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
+        let init = Grads32::random(&mut rng, &s, 0.1);
+        for entry in Entry::ALL.into_iter().filter(|e| e.runs_on(&gpu)) {
+            let mut runs = Vec::new();
+            for on in [false, true] {
+                gpu.set_dependent_launches(on);
+                let f = gpu_forward(&gpu, &case, &dc, entry).unwrap();
+                let g = gpu_backward(&gpu, &case, &dc, entry, &d_out, &init).unwrap();
+                mapet::testing::assert_all_written("forward", &f);
+                runs.push((f, g));
+            }
+            gpu.set_dependent_launches(false);
+            let ((f0, g0), (f1, g1)) = (&runs[0], &runs[1]);
+            let name = entry.name();
+            assert!(
+                f0.iter().zip(f1).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{s:?} {name}: the forward differs with dependent launches"
+            );
+            for ((grad, a), (_, b)) in g0.named().into_iter().zip(g1.named()) {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{s:?} {name}: {grad} differs with dependent launches"
+                );
+            }
+        }
+    }
+}

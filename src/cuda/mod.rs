@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -63,6 +64,8 @@ pub struct Gpu {
     sm_count: u32,
     max_smem_optin: u32,
     compute_capability: (u32, u32),
+    /// Whether [`Gpu::launch_dependent`] launches as programmatic dependent launches.
+    dependent_launches: AtomicBool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -135,6 +138,7 @@ impl Gpu {
             sm_count,
             max_smem_optin,
             compute_capability,
+            dependent_launches: AtomicBool::new(std::env::var("MAPET_DEPENDENT_LAUNCH").as_deref() == Ok("1")),
         })
     }
 
@@ -256,6 +260,84 @@ impl Gpu {
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
+        let f = self.prepare(module, function, &cfg)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(params);
+        // SAFETY: forwarded from the caller's contract above.
+        unsafe { b.launch(cfg) }.map_err(|e| ctx_err(e, format!(" launching `{module}::{function}`")))?;
+        Ok(())
+    }
+
+    /// Whether [`Gpu::launch_dependent`] starts kernels as programmatic dependent launches: asked
+    /// for ([`Gpu::set_dependent_launches`], or `MAPET_DEPENDENT_LAUNCH=1` when the `Gpu` was
+    /// opened), and a compute capability 9.0 device, the first to have them.
+    pub fn dependent_launches(&self) -> bool {
+        self.dependent_launches.load(Ordering::Relaxed) && self.compute_capability.0 >= 9
+    }
+
+    /// Asks for (or stops) programmatic dependent launches in [`Gpu::launch_dependent`].
+    pub fn set_dependent_launches(&self, on: bool) {
+        self.dependent_launches.store(on, Ordering::Relaxed);
+    }
+
+    /// As [`Gpu::launch`], but, where [`Gpu::dependent_launches`] says so, as a programmatic
+    /// dependent launch: the kernel may be scheduled before the kernel launched before it on the
+    /// stream has finished, once every block of that one has let it (`griddepcontrol
+    /// .launch_dependents`), and waits in `griddepcontrol.wait` for it to complete. What that
+    /// saves is the gap between two kernels: the launch of the second and its blocks' start
+    /// overlap the first one's last blocks.
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch`], and the kernel must call `dependent_launch_start()`
+    /// (cuda/dependent_launch.cuh) before it touches global memory: run early, it would race
+    /// with the kernel before it (reading what that one has not written yet, or overwriting what
+    /// it still reads).
+    pub unsafe fn launch_dependent<P: KernelParams>(
+        &self,
+        module: &'static str,
+        function: &'static str,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        if !self.dependent_launches() {
+            // SAFETY: the caller's contract.
+            return unsafe { self.launch(module, function, cfg, params) };
+        }
+        let f = self.prepare(module, function, &cfg)?;
+        // A raw driver call on this thread: make the context current first.
+        self.ctx.bind_to_thread()?;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            // SAFETY: an all-zero union is a valid value of each of its plain-data members.
+            value: unsafe { std::mem::zeroed() },
+        };
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // The kernel's one parameter, passed by value: the driver copies it from here at the call.
+        let mut args = [params as *const P as *mut c_void];
+        // SAFETY: `config` and `args` live through the call; the function belongs to this context;
+        // the parameter struct is laid out as the kernel's (KernelParams); the rest is the caller's
+        // contract above.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| ctx_err(e, format!(" launching `{module}::{function}` (dependent launch)")))?;
+        Ok(())
+    }
+
+    /// The kernel, with its dynamic shared memory limit raised to what `cfg` asks for.
+    fn prepare(&self, module: &'static str, function: &'static str, cfg: &LaunchConfig) -> Result<CudaFunction> {
         let f = self.function(module, function)?;
         if cfg.shared_mem_bytes > 0 {
             // Raised once per kernel (and again only for a larger size), not on every launch.
@@ -288,11 +370,7 @@ impl Gpu {
                 *allowed = cfg.shared_mem_bytes;
             }
         }
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(params);
-        // SAFETY: forwarded from the caller's contract above.
-        unsafe { b.launch(cfg) }.map_err(|e| ctx_err(e, format!(" launching `{module}::{function}`")))?;
-        Ok(())
+        Ok(f)
     }
 
     /// A pool of page-locked host buffers of `capacity` bytes each, for uploads that the copy

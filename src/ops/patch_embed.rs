@@ -34,6 +34,10 @@ use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 use crate::ops::KernelChoice;
 
+/// The kernels' module. Every kernel in it starts with `dependent_launch_start()`
+/// (cuda/dependent_launch.cuh), so the launchers start them all through
+/// [`Gpu::launch_dependent`], which makes them programmatic dependent launches where asked for
+/// (`MAPET_DEPENDENT_LAUNCH=1`, [`Gpu::set_dependent_launches`]); a test holds the source to it.
 const MODULE: &str = "patch_embed";
 /// Block size of the GEMM kernels and their tile sizes (cuda/patch_embed.cu).
 const GEMM_THREADS: u32 = 256;
@@ -782,7 +786,7 @@ fn cuda_forward(
         // weight in weight_hwc, allocated above). The grid is (D + N), D and N <= 65535
         // (validate_cuda).
         let cfg = launch_cfg(((shape.dim + shape.n_tokens()) as u32, 1, 1), WEIGHT_RAW_THREADS);
-        unsafe { gpu.launch(MODULE, WEIGHT_RAW_KERNEL, cfg, &params)? };
+        unsafe { gpu.launch_dependent(MODULE, WEIGHT_RAW_KERNEL, cfg, &params)? };
         // The kernel's sums start from bias_raw where the others' start from bias.
         params.bias = params.bias_raw;
     } else if hwc_order {
@@ -797,7 +801,7 @@ fn cuda_forward(
         // (validate_cuda); for hwc-ws, grid rows D + t (D + N <= 65535, checked above) read
         // cls_token or mask_token and row t of pos_embed (D floats each, checked above) and write
         // row t of the token-row table (N·D past the weight in weight_hwc, allocated above).
-        unsafe { gpu.launch(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
+        unsafe { gpu.launch_dependent(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
     }
     let m = (shape.batch * shape.n_patches()) as u64;
     if ws {
@@ -822,7 +826,7 @@ fn cuda_forward(
         // patch rows' tokens. For hwc-ws-raw,
         // weight_hwc holds f16 values (the map only copies 2-byte elements, and its zero fill is
         // +0 in both types) and params.bias is bias_raw (D floats, written above).
-        unsafe { gpu.launch(MODULE, kernel, cfg, &ws)? };
+        unsafe { gpu.launch_dependent(MODULE, kernel, cfg, &ws)? };
         // Its consumer warpgroups write the CLS and mask-token rows under the MMAs: no second
         // kernel writes them.
         return Ok(());
@@ -837,11 +841,11 @@ fn cuda_forward(
     // HWC kernel (only with p % 8 == 0) reads weight_hwc of the weight's length; patch rows whose
     // rank is outside [1, N) are skipped, so bad ranks cannot write out of bounds. D % 8 == 0 and
     // 16-byte aligned pointers (checked above) keep the vector accesses aligned.
-    unsafe { gpu.launch(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
+    unsafe { gpu.launch_dependent(MODULE, kernel, launch_cfg(gemm_grid, GEMM_THREADS), &params)? };
     let rows_grid = (shape.n_tokens() as u32, shape.batch as u32, 1);
     // SAFETY: as above for ranks, pos_embed, cls/mask tokens and out; the grid is (N, B), one
     // block per token, and ranks outside [C, N) write no mask row.
-    unsafe { gpu.launch(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
+    unsafe { gpu.launch_dependent(MODULE, "mapet_patch_embed_fwd_rows", launch_cfg(rows_grid, 128), &params)? };
     Ok(())
 }
 
@@ -1034,7 +1038,9 @@ pub fn cuda_backward(
     // token_sums (2·N·D, allocated above), and in HWC order row_info (2·B·(N-1) ints, allocated
     // above, 256-byte aligned for its 8-byte stores: one entry for each sample and token t >= 1).
     let token_block = (TOKEN_GROUPS * TOKEN_SLICES) as u32;
-    unsafe { gpu.launch(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, token_block), &params)? };
+    unsafe {
+        gpu.launch_dependent(MODULE, "mapet_patch_embed_bwd_tokens", launch_cfg(token_grid, token_block), &params)?
+    };
     // SAFETY: validate_cuda bounds every index the kernel forms; pixels, ranks and d_out were
     // checked above against the shape in `params`; `partial` holds splits·D·K floats and the grid
     // has `splits` layers; rows whose rank is outside [1, N) are read as zeros. The HWC kernels
@@ -1042,18 +1048,18 @@ pub fn cuda_backward(
     // from the BWD_HWC_SMEM bytes of dynamic shared memory its launch gives, and traps on fewer);
     // the warp-specialised one copies its split's (at most split_rows) entries into the
     // 8·split_rows bytes its launch adds past its ring.
-    unsafe { gpu.launch(MODULE, kernel, weight_cfg, &params)? };
+    unsafe { gpu.launch_dependent(MODULE, kernel, weight_cfg, &params)? };
     // SAFETY: grid (ceil(K/256), D), a thread per element (d, kc) with kc < K: reads splits·D·K
     // floats of `partial` and adds to dweight (D·K, checked above; the HWC variants write each of
     // the D·K elements once, at a permuted index); `hwc-ws`'s also reads token_sums (2·N·D,
     // written before) and, in its blocks of column 0, adds to dbias, dcls and dmask (D each).
-    unsafe { gpu.launch(MODULE, reduce, launch_cfg(reduce_grid, 256), &params)? };
+    unsafe { gpu.launch_dependent(MODULE, reduce, launch_cfg(reduce_grid, 256), &params)? };
     if !ws {
         // SAFETY: block VECTOR_COLS x VECTOR_SLICES as the kernel's constants, one column per
         // channel d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
         let vector_block = (VECTOR_COLS * VECTOR_SLICES) as u32;
         unsafe {
-            gpu.launch(
+            gpu.launch_dependent(
                 MODULE,
                 "mapet_patch_embed_bwd_vectors",
                 launch_cfg((vector_blocks, 1, 1), vector_block),
@@ -1072,6 +1078,30 @@ mod tests {
     /// to what the kernels are written with.
     fn kernel_source() -> String {
         std::fs::read_to_string(crate::testing::project_root().join("cuda/patch_embed.cu")).unwrap()
+    }
+
+    /// Every kernel of the module starts with `dependent_launch_start()` (its first statement),
+    /// which makes it safe for [`Gpu::launch_dependent`]: a kernel without it, launched as a
+    /// dependent launch, would run while the kernel before it still writes what it reads.
+    #[test]
+    fn every_kernel_waits_for_the_one_before_it_first() {
+        let source = kernel_source();
+        let mut kernels = 0;
+        for (at, _) in source.match_indices("extern \"C\" __global__") {
+            let rest = &source[at..];
+            let name = rest.split_whitespace().find(|w| w.starts_with("mapet_")).and_then(|w| w.split('(').next());
+            let name = name.unwrap_or("?").to_string();
+            let body = &rest[rest.find("{\n").map(|i| i + 2).unwrap_or_else(|| panic!("{name}: no body"))..];
+            let first = body.lines().next().unwrap_or("").trim();
+            assert_eq!(first, "dependent_launch_start();", "{name}: its first statement is `{first}`");
+            kernels += 1;
+        }
+        assert!(kernels >= 15, "found only {kernels} kernels in cuda/patch_embed.cu");
+        let launcher = std::fs::read_to_string(crate::testing::project_root().join("src/ops/patch_embed.rs")).unwrap();
+        assert!(
+            !launcher.contains(&["gpu", ".launch("].concat()),
+            "a patch-embedding kernel launched other than by launch_dependent"
+        );
     }
 
     /// Fails, naming `what`, unless `source` still contains each of `needles` verbatim.
