@@ -126,6 +126,24 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
                 });
             }
         }
+        // The default set as programmatic dependent launches (compute capability 9.0), at ViT-B:
+        // each kernel's launch and start overlap the end of the one before (Gpu::launch_dependent).
+        if name == "vit-b" && sets.contains(&AttentionKernels::Wgmma) {
+            gpu.set_dependent_launches(true);
+            if gpu.dependent_launches() {
+                let kernels = AttentionKernels::Wgmma;
+                print_results(gpu, name, "wgmma (dependent launches)", flops, |bwd_too| {
+                    attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)?;
+                    if bwd_too {
+                        attention::cuda_backward(
+                            gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
+                        )?;
+                    }
+                    Ok(())
+                });
+            }
+            gpu.set_dependent_launches(false);
+        }
         // How many CTAs of the dK/dV kernel an SM holds (registers bound it).
         let kernel = "mapet_attention_bwd_dkdv";
         let per_sm = gpu

@@ -124,6 +124,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "hopper.cuh"
 #include "params.h"
 
@@ -946,6 +947,7 @@ __device__ __forceinline__ void row_deltas(const MapetAttention& prm, const bf16
 // o, lse from q, k, v. Shared: stage st holds the K tile at sK(st) and the V tile at sV(st); Q is first
 // staged in stage 1's K slot, O in stage 0's K slot at the end.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attention_fwd(const MapetAttention prm) {
+    dependent_launch_start();
     __shared__ __align__(128) bf16 smem[4 * kTileElems];
 
     const Geometry G = geometry_of(prm);
@@ -1035,6 +1037,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 // delta and dq from q, k, v, o, lse, d_o. Same grid and stages as forward; Q and dO are first staged
 // in stage 1 (K slot, V slot), dQ in stage 0's K slot at the end.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attention_bwd_dq(const MapetAttention prm) {
+    dependent_launch_start();
     __shared__ __align__(128) bf16 smem[4 * kTileElems];
 
     const Geometry G = geometry_of(prm);
@@ -1165,6 +1168,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
 // Grid (splits, H, B); block 256; dynamic shared memory 2 * ceil(Lk / 64) * 9,216 B.
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_attention_fwd_resident(const MapetAttention prm) {
+    dependent_launch_start();
     extern __shared__ __align__(128) bf16 rsmem[];
 
     const Geometry G = geometry_of(prm);
@@ -1211,6 +1215,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_at
 }
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_attention_bwd_dq_resident(const MapetAttention prm) {
+    dependent_launch_start();
     extern __shared__ __align__(128) bf16 rsmem[];
 
     const Geometry G = geometry_of(prm);
@@ -1275,6 +1280,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_at
 // Must run after a dQ kernel (it reads delta).
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_resident(const MapetAttention prm) {
+    dependent_launch_start();
     extern __shared__ __align__(128) bf16 rsmem[];
 
     const Geometry G = geometry_of(prm);
@@ -1346,6 +1352,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_DKDV_THREADS, 1)
 // through stage 0 at the end. K and V are staged in stage 1, then held as A fragments in registers for
 // the whole kernel (32 registers; 168 in all, 3 CTAs per SM).
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 3) mapet_attention_bwd_dkdv(const MapetAttention prm) {
+    dependent_launch_start();
     __shared__ __align__(128) bf16 smem[4 * kTileElems];
     __shared__ __align__(16) float s_lse[2][kBM];    // lse of the stage's query rows (0 past Lq)
     __shared__ __align__(16) float s_delta[2][kBM];  // delta of the stage's query rows (0 past Lq)
@@ -1873,6 +1880,7 @@ __device__ __forceinline__ void wg_pack_p(uint32_t (&pa)[2][2][4], const float (
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
+    dependent_launch_start();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
@@ -2233,6 +2241,7 @@ __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
     mapet_attention_bwd_dq_wgmma(const MapetAttention prm) {
+    dependent_launch_start();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
@@ -2596,10 +2605,12 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma(const __grid_constant__ MapetAttentionDkdv plan) {
+    dependent_launch_start();
     bwd_dkdv_wgmma<false>(plan);
 }
 
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma_peek(const __grid_constant__ MapetAttentionDkdv plan) {
+    dependent_launch_start();
     bwd_dkdv_wgmma<true>(plan);
 }

@@ -395,6 +395,38 @@ fn wgmma_peek_backward_gives_the_wgmma_bits() {
     }
 }
 
+/// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0 and
+/// up) change when a kernel may start, never what it computes: every attention kernel waits for
+/// the one before it first (the backward's dK/dV reads the delta its dQ kernel writes). Each set's
+/// forward and backward give the same bits with and without them.
+#[test]
+fn dependent_launches_give_the_same_bits() {
+    let test = "dependent_launches_give_the_same_bits";
+    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    gpu.set_dependent_launches(true);
+    let on = gpu.dependent_launches();
+    gpu.set_dependent_launches(false);
+    if !on {
+        eprintln!("SKIP {test}: {} has no dependent launches", gpu.name());
+        return;
+    }
+    let mut rng = testing::rng(test);
+    for s in [shape(4, 12, 197, 50), shape(1, 2, 37, 1)] {
+        let c = draw(&mut rng, s);
+        for kernels in sets() {
+            let plain = run_gpu(&gpu, kernels, &c);
+            gpu.set_dependent_launches(true);
+            let dependent = run_gpu(&gpu, kernels, &c);
+            gpu.set_dependent_launches(false);
+            assert_bit_identical(
+                &format!("{} with and without dependent launches, {s:?}", kernels.name()),
+                &plain,
+                &dependent,
+            );
+        }
+    }
+}
+
 fn assert_bit_identical(what: &str, a: &GpuOut, b: &GpuOut) {
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     for (name, x, y) in

@@ -989,8 +989,10 @@ pub fn cuda_forward(
     // 4-byte fragment loads and stores need. The tiled kernel handles rows [blockIdx.x * 64, +64)
     // clipped to Lq; the resident and wgmma ones rows < Lq of their pair, with the dynamic shared
     // memory that all of its pair's K and V tiles take (resident_launch, wgmma_launch); the wgmma
-    // one only on compute capability 9.0, where its sm_90a code exists.
-    unsafe { gpu.launch("attention", kernel, cfg, &p) }
+    // one only on compute capability 9.0, where its sm_90a code exists. Every attention kernel
+    // waits for the kernel before it first (dependent_launch_start), so it may be a dependent
+    // launch (a test holds the source to that).
+    unsafe { gpu.launch_dependent("attention", kernel, cfg, &p) }
 }
 
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
@@ -1036,7 +1038,7 @@ pub fn cuda_backward(
     };
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
     // has [B, H, N+2P] elements, all of which every dQ kernel writes (the same values).
-    unsafe { gpu.launch("attention", kernel, cfg, &p)? };
+    unsafe { gpu.launch_dependent("attention", kernel, cfg, &p)? };
     if let Some(launch) = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem) {
         let plan = dkdv_params(p, shape, launch.0 as usize)?;
         let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
@@ -1046,22 +1048,31 @@ pub fn cuda_backward(
             AttentionKernels::WgmmaPeek => "mapet_attention_bwd_dkdv_wgmma_peek",
             _ => "mapet_attention_bwd_dkdv_wgmma",
         };
-        return unsafe { gpu.launch("attention", kernel, cfg, &plan) };
+        return unsafe { gpu.launch_dependent("attention", kernel, cfg, &plan) };
     }
     let (kernel, cfg) = match kernels.resident_dkdv_launch(shape, sm_count, max_smem) {
         Some(launch) => ("mapet_attention_bwd_dkdv_resident", resident_grid(launch, CUDA_RES_DKDV_THREADS, shape)),
         None => ("mapet_attention_bwd_dkdv", grid(shape.k_rows(), CUDA_BLOCK_N, shape)),
     };
     // SAFETY: as above, with dk and dv of the keys' size; the dQ kernel wrote delta before this
-    // reads it, since both run in order on this Gpu's one stream. The resident and wgmma kernels'
+    // reads it, since both run in order on this Gpu's one stream (as a dependent launch, this one
+    // waits for dQ to complete before its first access). The resident and wgmma kernels'
     // dynamic shared memory holds all of their pair's Q and dO rows and per-row data
     // (resident_dkdv_launch, wgmma_dkdv_launch).
-    unsafe { gpu.launch("attention", kernel, cfg, &p) }
+    unsafe { gpu.launch_dependent("attention", kernel, cfg, &p) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every attention kernel starts with `dependent_launch_start()`, which makes it safe for
+    /// [`Gpu::launch_dependent`], the only way the launchers start them.
+    #[test]
+    fn every_kernel_waits_for_the_one_before_it_first() {
+        let kernels = crate::testing::assert_kernels_wait_first("attention.cu", "attention.rs");
+        assert!(kernels >= 10, "found only {kernels} kernels in cuda/attention.cu");
+    }
 
     fn shape(batch: usize, heads: usize, n_tokens: usize, n_context: usize) -> AttentionShape {
         AttentionShape { batch, heads, head_dim: 64, n_tokens, n_context }

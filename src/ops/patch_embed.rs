@@ -1081,27 +1081,11 @@ mod tests {
     }
 
     /// Every kernel of the module starts with `dependent_launch_start()` (its first statement),
-    /// which makes it safe for [`Gpu::launch_dependent`]: a kernel without it, launched as a
-    /// dependent launch, would run while the kernel before it still writes what it reads.
+    /// which makes it safe for [`Gpu::launch_dependent`], the only way the launchers start them.
     #[test]
     fn every_kernel_waits_for_the_one_before_it_first() {
-        let source = kernel_source();
-        let mut kernels = 0;
-        for (at, _) in source.match_indices("extern \"C\" __global__") {
-            let rest = &source[at..];
-            let name = rest.split_whitespace().find(|w| w.starts_with("mapet_")).and_then(|w| w.split('(').next());
-            let name = name.unwrap_or("?").to_string();
-            let body = &rest[rest.find("{\n").map(|i| i + 2).unwrap_or_else(|| panic!("{name}: no body"))..];
-            let first = body.lines().next().unwrap_or("").trim();
-            assert_eq!(first, "dependent_launch_start();", "{name}: its first statement is `{first}`");
-            kernels += 1;
-        }
+        let kernels = crate::testing::assert_kernels_wait_first("patch_embed.cu", "patch_embed.rs");
         assert!(kernels >= 15, "found only {kernels} kernels in cuda/patch_embed.cu");
-        let launcher = std::fs::read_to_string(crate::testing::project_root().join("src/ops/patch_embed.rs")).unwrap();
-        assert!(
-            !launcher.contains(&["gpu", ".launch("].concat()),
-            "a patch-embedding kernel launched other than by launch_dependent"
-        );
     }
 
     /// Fails, naming `what`, unless `source` still contains each of `needles` verbatim.
