@@ -1116,74 +1116,61 @@ fn hopper_orders_run_only_on_compute_capability_9_0() {
     }
 }
 
-#[test]
-fn gpu_is_deterministic() {
-    let Some(gpu) = gpu_or_skip("gpu_is_deterministic") else { return };
-    let mut rng = rng("gpu_is_deterministic");
-    for s in [shape(8, 224, 16, 768, 50), shape(3, 28, 7, 24, 9)] {
+/// Runs every entry's forward and backward twice on each of `shapes`, calling `before(gpu, run)`
+/// ahead of run 0 and run 1, and asserts that both runs give the same bits, that every forward
+/// element was written, and that the backward changed every gradient.
+fn two_runs_agree(gpu: &Gpu, test: &str, shapes: &[PatchEmbedShape], before: impl Fn(&Gpu, usize)) {
+    let mut rng = rng(test);
+    for &s in shapes {
         let case = make_case(&mut rng, s);
-        let dc = upload(&gpu, &case);
+        let dc = upload(gpu, &case);
         let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
         let init = Grads32::random(&mut rng, &s, 0.1);
-        for entry in Entry::ALL.into_iter().filter(|e| e.runs_on(&gpu)) {
-            let f1 = gpu_forward(&gpu, &case, &dc, entry).unwrap();
-            let f2 = gpu_forward(&gpu, &case, &dc, entry).unwrap();
-            mapet::testing::assert_all_written("forward", &f1);
-            assert!(f1.iter().zip(&f2).all(|(a, b)| a.to_bits() == b.to_bits()), "{s:?}: forward not bit-identical");
-            let g1 = gpu_backward(&gpu, &case, &dc, entry, &d_out, &init).unwrap();
-            let g2 = gpu_backward(&gpu, &case, &dc, entry, &d_out, &init).unwrap();
-            for (((name, a), (_, b)), (_, i)) in g1.named().into_iter().zip(g2.named()).zip(init.named()) {
-                assert!(a != i, "{s:?}: {name} unchanged by the backward");
+        for entry in Entry::ALL.into_iter().filter(|e| e.runs_on(gpu)) {
+            let name = entry.name();
+            let mut runs = Vec::new();
+            for run in 0..2 {
+                before(gpu, run);
+                let f = gpu_forward(gpu, &case, &dc, entry).unwrap();
+                mapet::testing::assert_all_written("forward", &f);
+                runs.push((f, gpu_backward(gpu, &case, &dc, entry, &d_out, &init).unwrap()));
+            }
+            let ((f1, g1), (f2, g2)) = (&runs[0], &runs[1]);
+            assert!(
+                f1.iter().zip(f2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{test}, {s:?} {name}: forwards differ"
+            );
+            for (((grad, a), (_, b)), (_, i)) in g1.named().into_iter().zip(g2.named()).zip(init.named()) {
+                assert!(a != i, "{test}, {s:?} {name}: {grad} unchanged by the backward");
                 assert!(
                     a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "{s:?}: {name} differs between two identical runs"
+                    "{test}, {s:?} {name}: {grad} differs between the two runs"
                 );
             }
         }
     }
 }
 
+#[test]
+fn gpu_is_deterministic() {
+    let Some(gpu) = gpu_or_skip("gpu_is_deterministic") else { return };
+    two_runs_agree(&gpu, "gpu_is_deterministic", &[shape(8, 224, 16, 768, 50), shape(3, 28, 7, 24, 9)], |_, _| {});
+}
+
 /// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0 and
 /// up) change when a kernel may start, never what it computes: every kernel waits for the one
-/// before it first. Each entry's forward and backward give the same bits with and without them,
-/// run back to back so that each kernel follows another of the same call. Skips, saying so,
-/// where the device has no dependent launches.
+/// before it first. Each entry's forward and backward give the same bits without (run 0) and
+/// with them (run 1). Skips, saying so, where the device has no dependent launches.
 #[test]
 fn dependent_launches_give_the_same_bits() {
-    let Some(gpu) = gpu_or_skip("dependent_launches_give_the_same_bits") else { return };
+    let test = "dependent_launches_give_the_same_bits";
+    let Some(gpu) = gpu_or_skip(test) else { return };
     gpu.set_dependent_launches(true);
     if !gpu.dependent_launches() {
-        eprintln!("SKIP dependent_launches_give_the_same_bits: {} has no dependent launches", gpu.name());
+        eprintln!("SKIP {test}: {} has no dependent launches", gpu.name());
         return;
     }
-    let mut rng = rng("dependent_launches_give_the_same_bits");
-    for s in [shape(8, 224, 16, 768, 50), shape(3, 64, 16, 40, 5)] {
-        let case = make_case(&mut rng, s);
-        let dc = upload(&gpu, &case);
-        let d_out = gpu.upload_bf16(&uniform(&mut rng, s.out_len(), 1.0)).unwrap();
-        let init = Grads32::random(&mut rng, &s, 0.1);
-        for entry in Entry::ALL.into_iter().filter(|e| e.runs_on(&gpu)) {
-            let mut runs = Vec::new();
-            for on in [false, true] {
-                gpu.set_dependent_launches(on);
-                let f = gpu_forward(&gpu, &case, &dc, entry).unwrap();
-                let g = gpu_backward(&gpu, &case, &dc, entry, &d_out, &init).unwrap();
-                mapet::testing::assert_all_written("forward", &f);
-                runs.push((f, g));
-            }
-            gpu.set_dependent_launches(false);
-            let ((f0, g0), (f1, g1)) = (&runs[0], &runs[1]);
-            let name = entry.name();
-            assert!(
-                f0.iter().zip(f1).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{s:?} {name}: the forward differs with dependent launches"
-            );
-            for ((grad, a), (_, b)) in g0.named().into_iter().zip(g1.named()) {
-                assert!(
-                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "{s:?} {name}: {grad} differs with dependent launches"
-                );
-            }
-        }
-    }
+    two_runs_agree(&gpu, test, &[shape(8, 224, 16, 768, 50), shape(3, 64, 16, 40, 5)], |g, run| {
+        g.set_dependent_launches(run == 1)
+    });
 }
