@@ -270,7 +270,7 @@ impl Gpu {
 
     /// Whether [`Gpu::launch_dependent`] starts kernels as programmatic dependent launches: asked
     /// for ([`Gpu::set_dependent_launches`], or `MAPET_DEPENDENT_LAUNCH=1` when the `Gpu` was
-    /// opened), and a compute capability 9.0 device, the first to have them.
+    /// opened), and a device of compute capability 9.0 or later, the first to have them.
     pub fn dependent_launches(&self) -> bool {
         self.dependent_launches.load(Ordering::Relaxed) && self.compute_capability.0 >= 9
     }
