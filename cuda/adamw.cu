@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "bf16x8.cuh"
 #include "params.h"
 
@@ -45,6 +46,7 @@ __device__ __forceinline__ float update(float& p, float g, float& m, float& v, b
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256) adamw_step(MapetAdamW a) {
+    dependent_launch_start();
     Coefs k;
     k.decay = 1.0f - a.lr * a.weight_decay;
     k.step_size = a.lr / a.bias_correction1;

@@ -53,6 +53,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "colsum.cuh"
 #include "params.h"
 
@@ -341,6 +342,7 @@ __device__ __forceinline__ bool vector_path(const MapetCrossEntropy& p) {
 // Grid: (rows of the chunk), block: kRowThreads. logits, targets, row_loss, row_lse and row_argmax
 // are offset to the chunk's first row by the host.
 extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(MapetCrossEntropy p) {
+    dependent_launch_start();
     if (vector_path(p)) {
         rows_body<true>(p);
     } else {
@@ -579,6 +581,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
 }
 
 extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_held(MapetCrossEntropy p) {
+    dependent_launch_start();
     if (p.vocab == kGradMaxVocab) {
         rows_held_body<true>(p);
     } else {
@@ -591,6 +594,7 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_hel
 // (vocab % 8 != 0 or vocab > 8192), so loads are scalar; a warp still reads 64 contiguous bytes
 // per row.
 extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
+    dependent_launch_start();
     const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (c >= p.vocab) {
         return;
@@ -612,11 +616,13 @@ extern "C" __global__ void cross_entropy_colsum_partial(MapetCrossEntropy p) {
 // increasing order (a warp reads 32 consecutive columns of one group), then the first slice adds
 // the slices' sums in slice order. Fixed order: deterministic.
 extern "C" __global__ void __launch_bounds__(kFinishCols * kFinishSlices) cross_entropy_colsum_finish(MapetCrossEntropy p) {
+    dependent_launch_start();
     add_group_sums<kFinishCols, kFinishSlices>(p.partial, p.groups, p.vocab, p.dbias);
 }
 
 // Grid: 1 block of kReduceThreads. Reads the per-row values of all rows of the call.
 extern "C" __global__ void __launch_bounds__(kReduceThreads) cross_entropy_reduce(MapetCrossEntropy p) {
+    dependent_launch_start();
     constexpr int kWarps = kReduceThreads / 32;
     // Rows go kBatch at a time per thread, their loads issued together: at the model's 18816
     // rows a thread has 19. The earlier loop (a target load, then the loss and argmax loads it

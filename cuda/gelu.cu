@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "colsum.cuh"
 #include "bf16x8.cuh"
 #include "params.h"
@@ -57,6 +58,7 @@ __device__ __forceinline__ void gelu_and_grad(float x, float& y, float& g) {
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256) gelu_fwd(MapetGelu p) {
+    dependent_launch_start();
     const int64_t nvec = p.n / 8;
     const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -77,6 +79,7 @@ extern "C" __global__ void __launch_bounds__(256) gelu_fwd(MapetGelu p) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) gelu_bwd(MapetGelu p) {
+    dependent_launch_start();
     const int64_t nvec = p.n / 8;
     const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -109,6 +112,7 @@ extern "C" __global__ void __launch_bounds__(256) gelu_bwd(MapetGelu p) {
 // col_sums in a fixed order: deterministic, no atomics. The host requires cols % 8 == 0 and
 // n % cols == 0.
 extern "C" __global__ void __launch_bounds__(kColThreads) gelu_bwd_recompute_colsum(MapetGelu p) {
+    dependent_launch_start();
     const int64_t cols8 = p.cols / 8;
     const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
     if (c >= cols8) return;  // no barrier in this kernel
@@ -163,5 +167,6 @@ extern "C" __global__ void __launch_bounds__(kColThreads) gelu_bwd_recompute_col
 // col_sums[c] += sum over g of partial[g, c]. Grid ceil(cols / kFinishCols), block kFinishCols x
 // kFinishSlices (colsum.cuh).
 extern "C" __global__ void __launch_bounds__(kFinishCols * kFinishSlices) gelu_colsum_finish(MapetGelu p) {
+    dependent_launch_start();
     add_group_sums<kFinishCols, kFinishSlices>(p.partial, p.groups, p.cols, p.col_sums);
 }

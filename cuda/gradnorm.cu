@@ -13,6 +13,7 @@
 // not depend on the card either. x must be 16-byte aligned (every DeviceBuffer is).
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "params.h"
 
 namespace {
@@ -51,6 +52,7 @@ __device__ __forceinline__ T block_sum(T v) {
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256) square_sum_partial(MapetSquareSum p) {
+    dependent_launch_start();
     const int64_t nvec = p.n / 4;
     const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -71,6 +73,7 @@ extern "C" __global__ void __launch_bounds__(256) square_sum_partial(MapetSquare
 }
 
 extern "C" __global__ void __launch_bounds__(1024) square_sum_final(MapetSquareSum p) {
+    dependent_launch_start();
     double acc = 0.0;
     for (int i = threadIdx.x; i < p.num_partials; i += blockDim.x) acc += (double)p.partial[i];
     const double s = block_sum(acc);

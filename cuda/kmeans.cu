@@ -51,6 +51,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "params.h"
 
 namespace {
@@ -123,6 +124,7 @@ __device__ __forceinline__ void flush_segment(const MapetKMeansUpdate& p, int32_
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256) kmeans_row_norms(MapetKMeansRowNorms p) {
+    dependent_launch_start();
     const int warp = threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     const int64_t row = (int64_t)blockIdx.x * kRowWarps + warp;
@@ -133,6 +135,7 @@ extern "C" __global__ void __launch_bounds__(256) kmeans_row_norms(MapetKMeansRo
 }
 
 extern "C" __global__ void __launch_bounds__(256) kmeans_assign_argmin(MapetKMeansAssign p) {
+    dependent_launch_start();
     const int warp = threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     const int64_t row = (int64_t)blockIdx.x * kRowWarps + warp;
@@ -171,6 +174,7 @@ extern "C" __global__ void __launch_bounds__(256) kmeans_assign_argmin(MapetKMea
 }
 
 extern "C" __global__ void __launch_bounds__(128) kmeans_tile_counts(MapetKMeansUpdate p) {
+    dependent_launch_start();
     const int warp = threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     const int64_t tile = (int64_t)blockIdx.x * kTileWarps + warp;
@@ -195,6 +199,7 @@ extern "C" __global__ void __launch_bounds__(128) kmeans_tile_counts(MapetKMeans
 }
 
 extern "C" __global__ void __launch_bounds__(256) kmeans_tile_scan(MapetKMeansUpdate p) {
+    dependent_launch_start();
     const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int64_t ld = (int64_t)p.k + 1;
     if (c >= ld) return;
@@ -209,6 +214,7 @@ extern "C" __global__ void __launch_bounds__(256) kmeans_tile_scan(MapetKMeansUp
 }
 
 extern "C" __global__ void __launch_bounds__(1024) kmeans_offsets(MapetKMeansUpdate p) {
+    dependent_launch_start();
     __shared__ int32_t warp_prefix[32];
     __shared__ int32_t carry_shared;
     const int lane = threadIdx.x % kWarp;
@@ -249,6 +255,7 @@ extern "C" __global__ void __launch_bounds__(1024) kmeans_offsets(MapetKMeansUpd
 }
 
 extern "C" __global__ void __launch_bounds__(128) kmeans_scatter(MapetKMeansUpdate p) {
+    dependent_launch_start();
     const int warp = threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     const int64_t tile = (int64_t)blockIdx.x * kTileWarps + warp;
@@ -277,6 +284,7 @@ extern "C" __global__ void __launch_bounds__(128) kmeans_scatter(MapetKMeansUpda
 }
 
 extern "C" __global__ void __launch_bounds__(256) kmeans_segment_sums(MapetKMeansUpdate p) {
+    dependent_launch_start();
     __shared__ int32_t s_point[kColumnThreads];
     __shared__ int32_t s_cluster[kColumnThreads];
     const int64_t total = p.offsets[p.k];
@@ -311,6 +319,7 @@ extern "C" __global__ void __launch_bounds__(256) kmeans_segment_sums(MapetKMean
 }
 
 extern "C" __global__ void __launch_bounds__(256) kmeans_segment_fixup(MapetKMeansUpdate p) {
+    dependent_launch_start();
     const int64_t c = blockIdx.x;
     const int64_t s = p.offsets[c];
     const int64_t e = p.offsets[c + 1];
@@ -327,6 +336,7 @@ extern "C" __global__ void __launch_bounds__(256) kmeans_segment_fixup(MapetKMea
 }
 
 extern "C" __global__ void __launch_bounds__(256) kmeans_gather(MapetKMeansGather p) {
+    dependent_launch_start();
     const int64_t r = blockIdx.x;
     const int64_t d = (int64_t)blockIdx.y * kColumnThreads + threadIdx.x;
     if (r >= p.rows || d >= p.dim) return;

@@ -35,6 +35,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "bf16x8.cuh"
 #include "params.h"
 
@@ -369,15 +370,18 @@ __device__ __forceinline__ void bwd_generic(const MapetLayerNormBwd& p) {
 
 #define MAPET_LN_FWD(VPL)                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 4) layernorm_fwd_v##VPL(MapetLayerNormFwd p) {    \
+        dependent_launch_start();                                                                         \
         fwd_vec<VPL, false>(nullptr, p.x, nullptr, p.y, p.weight, p.bias, p.mean, p.rstd, p.rows, p.cols, \
                             p.eps);                                                                   \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 4)                                              \
         layernorm_residual_fwd_v##VPL(MapetResidualLayerNormFwd p) {                                 \
+        dependent_launch_start();                                                                       \
         fwd_vec<VPL, true>(p.residual, p.x, p.h, p.y, p.weight, p.bias, p.mean, p.rstd, p.rows, p.cols, \
                            p.eps);                                                                    \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) layernorm_bwd_v##VPL(MapetLayerNormBwd p) {    \
+        dependent_launch_start();                                                                     \
         bwd_vec<VPL>(p);                                                                              \
     }
 
@@ -387,19 +391,25 @@ MAPET_LN_FWD(3)
 MAPET_LN_FWD(4)
 
 extern "C" __global__ void __launch_bounds__(256) layernorm_fwd_generic(MapetLayerNormFwd p) {
+    dependent_launch_start();
     fwd_generic<false>(nullptr, p.x, nullptr, p.y, p.weight, p.bias, p.mean, p.rstd, p.rows, p.cols, p.eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layernorm_residual_fwd_generic(MapetResidualLayerNormFwd p) {
+    dependent_launch_start();
     fwd_generic<true>(p.residual, p.x, p.h, p.y, p.weight, p.bias, p.mean, p.rstd, p.rows, p.cols, p.eps);
 }
 
-extern "C" __global__ void __launch_bounds__(256) layernorm_bwd_generic(MapetLayerNormBwd p) { bwd_generic(p); }
+extern "C" __global__ void __launch_bounds__(256) layernorm_bwd_generic(MapetLayerNormBwd p) {
+    dependent_launch_start();
+    bwd_generic(p);
+}
 
 // dweight[c] += sum_g partial[g, c]; dbias[c] += sum_g partial[g, cols + c], g in [0, p.rows).
 // Block (32, 16): 32 output columns; the 16 y-lanes each sum every 16th partial row in order,
 // then y-lane 0 adds the 16 sums in order. Fixed order throughout: deterministic.
 extern "C" __global__ void __launch_bounds__(kRedX * kRedY) layernorm_bwd_reduce(MapetLayerNormBwd p) {
+    dependent_launch_start();
     __shared__ float s[kRedY][kRedX + 1];
     const int total = 2 * p.cols;
     const int col = blockIdx.x * kRedX + threadIdx.x;

@@ -28,6 +28,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "colsum.cuh"
 #include "bf16x8.cuh"
 #include "params.h"
@@ -43,6 +44,7 @@ constexpr int kRowsInFlight = 4;  // mapet_layer_scale_bwd: rows whose loads are
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256) mapet_layer_scale_fwd(MapetLayerScale p) {
+    dependent_launch_start();
     const int nvr = p.cols / 8;
     const int64_t nvec = p.rows * nvr;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -73,6 +75,7 @@ extern "C" __global__ void __launch_bounds__(256) mapet_layer_scale_fwd(MapetLay
 // also sums, per column, the bf16 dy it stores into the second half of partial: the bias gradient
 // of the Linear whose output y is, with no second pass over dy.
 extern "C" __global__ void __launch_bounds__(kBwdThreads) mapet_layer_scale_bwd(MapetLayerScale p) {
+    dependent_launch_start();
     const int cols8 = p.cols / 8;
     const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (c >= cols8) return;  // no barrier in this kernel
@@ -143,6 +146,7 @@ extern "C" __global__ void __launch_bounds__(kBwdThreads) mapet_layer_scale_bwd(
 // same over the second half of partial. kRedX columns a block, kRedY slices: slice j sums chunks
 // j, j + kRedY, ... in order, then slice 0 adds the slices' sums in order (colsum.cuh).
 extern "C" __global__ void __launch_bounds__(kRedX * kRedY) mapet_layer_scale_bwd_reduce(MapetLayerScale p) {
+    dependent_launch_start();
     add_group_sums<kRedX, kRedY>(p.partial, p.chunks, p.cols, p.dgamma);
     if (p.dy_col_sums != nullptr) {
         __syncthreads();  // every slice-0 read of the shared sums above precedes their rewrite
@@ -151,6 +155,7 @@ extern "C" __global__ void __launch_bounds__(kRedX * kRedY) mapet_layer_scale_bw
 }
 
 extern "C" __global__ void __launch_bounds__(256) mapet_rows_copy(MapetRowCopy p) {
+    dependent_launch_start();
     const int nvr = p.cols / 8;
     const int64_t per_sample = (int64_t)p.count * nvr;
     const int64_t nvec = p.batch * per_sample;
@@ -178,12 +183,14 @@ extern "C" __global__ void __launch_bounds__(256) mapet_rows_copy(MapetRowCopy p
 }
 
 extern "C" __global__ void __launch_bounds__(256) mapet_add_f32(MapetF32Vector p) {
+    dependent_launch_start();
     float* y = static_cast<float*>(p.y);
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) y[i] += p.x[i];
 }
 
 extern "C" __global__ void __launch_bounds__(256) mapet_f32_to_bf16(MapetF32Vector p) {
+    dependent_launch_start();
     __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y);
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {

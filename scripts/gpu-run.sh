@@ -41,7 +41,8 @@
 #                   MAPET_MODEL_BENCH_ATTENTION (default "wgmma resident"; "wgmma/resident" runs
 #                   the wgmma forward with the resident backward) and GEMM
 #                   tuning (MAPET_GEMM_TUNE) in MAPET_MODEL_BENCH_TUNE (default: the variable's
-#                   value, else 0; "0 1" runs both),
+#                   value, else 0; "0 1" runs both) and programmatic dependent launches
+#                   (MAPET_DEPENDENT_LAUNCH) in MAPET_MODEL_BENCH_DEPENDENT (likewise; "0 1" both),
 #                   logs into $MAPET_RESULTS, with the SM clock and power sampled by
 #                   nvidia-smi during each run (clocks-*.csv and a summary row)
 #   MAPET_WINNERS=1  after the benches: for attention, the patch embedding and the cross-entropy,
@@ -255,6 +256,7 @@ if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
   for order in ${MAPET_MODEL_BENCH_CONFIGS:-hwc-ws-raw hwc}; do
     for attn in ${MAPET_MODEL_BENCH_ATTENTION:-wgmma resident}; do
       for tune in ${MAPET_MODEL_BENCH_TUNE:-${MAPET_GEMM_TUNE:-0}}; do
+      for dep in ${MAPET_MODEL_BENCH_DEPENDENT:-${MAPET_DEPENDENT_LAUNCH:-0}}; do
         # "fwd/bwd" (e.g. wgmma/resident) runs the forward and the backward on different sets.
         # The same for the patch embedding's orders (e.g. hwc-ws/hwc).
         fwd_set=${attn%%/*}
@@ -263,15 +265,17 @@ if [ "${MAPET_MODEL_BENCH:-0}" = "1" ]; then
         bwd_order=${order#*/}
         tag="${order//\//-}-${attn//\//-}"
         [ "$tune" = "1" ] && tag="$tag-tuned"
+        [ "$dep" = "1" ] && tag="$tag-dependent"
         log="$res/mapet-bench-vit-b-$tag.log"
         MAPET_PATCH_EMBED_ORDER=$fwd_order MAPET_PATCH_EMBED_BACKWARD_ORDER=$bwd_order \
           MAPET_ATTENTION_KERNELS=$fwd_set MAPET_ATTENTION_BACKWARD_KERNELS=$bwd_set \
-          MAPET_GEMM_TUNE=$tune clocks_during "$res/clocks-vit-b-$tag.csv" \
+          MAPET_GEMM_TUNE=$tune MAPET_DEPENDENT_LAUNCH=$dep clocks_during "$res/clocks-vit-b-$tag.csv" \
           vit_b_bench >"$log" 2>&1
         rc=$?
         name="mapet bench vit-b $tag"
         if [ $rc -eq 0 ]; then row "$name" ok "$(grep -m1 -i 'images/s' "$log")"; else row "$name" FAIL "rc=$rc (see $log)"; fi
         row "clocks vit-b $tag" "" "$(clock_medians "$res/clocks-vit-b-$tag.csv")"
+      done
       done
     done
   done

@@ -219,21 +219,27 @@ pub fn project_root() -> std::path::PathBuf {
     std::env::var_os("MAPET_ROOT").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
-/// Checks that every kernel (`extern "C" __global__`) of `cuda/<file>` has
-/// `dependent_launch_start();` as its first statement (cuda/dependent_launch.cuh), and that the
-/// launcher `src/ops/<launcher>` launches none of them other than by [`Gpu::launch_dependent`]:
-/// a kernel started as a dependent launch without that wait runs while the kernel before it
-/// still writes what it reads. Panics naming the first kernel without it; returns the number of
-/// kernels checked.
+/// Checks that every kernel (`extern "C" __global__`, macro-made ones included) of `cuda/<file>`
+/// has `dependent_launch_start();` as its first statement (cuda/dependent_launch.cuh), and that
+/// the launcher `src/ops/<launcher>` launches none of them other than by
+/// [`Gpu::launch_dependent`]: a kernel started as a dependent launch without that wait runs while
+/// the kernel before it still writes what it reads. Panics naming the first kernel without it;
+/// returns the number of kernels checked.
 pub fn assert_kernels_wait_first(file: &str, launcher: &str) -> usize {
     let source = std::fs::read_to_string(project_root().join("cuda").join(file)).expect("reading the kernel source");
     let mut kernels = 0;
     for (at, _) in source.match_indices("extern \"C\" __global__") {
         let rest = &source[at..];
-        let name = rest.split_whitespace().find(|w| w.starts_with("mapet_")).and_then(|w| w.split('(').next());
-        let name = name.unwrap_or("?");
-        let body = &rest[rest.find("{\n").map(|i| i + 2).unwrap_or_else(|| panic!("{file}: {name} has no body"))..];
-        let first = body.lines().next().unwrap_or("").trim();
+        // The signature has no brace (launch bounds are in parentheses): the body opens at the
+        // first one, and its first statement runs to the first semicolon after it.
+        let open = rest.find('{').unwrap_or_else(|| panic!("{file}: a kernel with no body"));
+        let name = rest[..open].split('(').rev().nth(1).and_then(|s| s.split_whitespace().last()).unwrap_or("?");
+        let body = &rest[open + 1..];
+        let first: String = body[..body.find(';').map_or(0, |i| i + 1)]
+            .split_whitespace()
+            .filter(|w| *w != "\\")
+            .collect::<Vec<_>>()
+            .join(" ");
         assert_eq!(first, "dependent_launch_start();", "{file}: the first statement of {name} is `{first}`");
         kernels += 1;
     }

@@ -209,7 +209,7 @@ exit 0"#,
     for t in ["patch_embed", "cross_entropy"] {
         script(&payload.join("tests"), t, "echo 'test result: ok. 3 passed; 0 failed'");
     }
-    let echo_switches = "env | grep -E '^MAPET_(ATTENTION|PATCH|CE|GEMM)' | sort";
+    let echo_switches = "env | grep -E '^MAPET_(ATTENTION|PATCH|CE|GEMM|DEPENDENT)' | sort";
     script(
         &payload.join("tests"),
         "model_gpu",
@@ -230,6 +230,8 @@ exit 0"#,
             .env("MAPET_MODEL_BENCH_CONFIGS", "hwc-ws/hwc")
             .env("MAPET_MODEL_BENCH_ATTENTION", "wgmma/resident")
             .env_remove("MAPET_MODEL_BENCH_TUNE")
+            .env("MAPET_MODEL_BENCH_DEPENDENT", "0 1")
+            .env_remove("MAPET_DEPENDENT_LAUNCH")
             .env_remove("MAPET_TESTS")
             .env_remove("MAPET_RESULTS")
             .env_remove("MAPET_BENCH_ATTENTION_SETS")
@@ -330,17 +332,22 @@ exit 0"#,
     assert_eq!(switches("winners-mapet-bench-defaults.log"), Vec::<String>::new());
     assert!(has("winners test model_gpu", "ok") && has("winners mapet bench winners", "images/s"), "{summary}");
     assert!(has("winners", "patch embedding: dependent launches"), "{summary}");
-    // MAPET_MODEL_BENCH: each direction's switch from its "fwd/bwd" pair, GEMM tuning off.
-    assert!(has("mapet bench vit-b hwc-ws-hwc-wgmma-resident", "images/s"), "{summary}");
-    let mut model_bench = vec![
-        "MAPET_ATTENTION_BACKWARD_KERNELS=resident",
-        "MAPET_ATTENTION_KERNELS=wgmma",
-        "MAPET_GEMM_TUNE=0",
-        "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc",
-        "MAPET_PATCH_EMBED_ORDER=hwc-ws",
-    ];
-    model_bench.sort();
-    assert_eq!(switches("mapet-bench-vit-b-hwc-ws-hwc-wgmma-resident.log"), model_bench);
+    // MAPET_MODEL_BENCH: each direction's switch from its "fwd/bwd" pair, GEMM tuning off, and
+    // once without and once with dependent launches (MAPET_MODEL_BENCH_DEPENDENT="0 1").
+    for (dep, tag) in [("0", ""), ("1", "-dependent")] {
+        assert!(has(&format!("mapet bench vit-b hwc-ws-hwc-wgmma-resident{tag} "), "images/s"), "{summary}");
+        let dep = format!("MAPET_DEPENDENT_LAUNCH={dep}");
+        let mut model_bench = vec![
+            "MAPET_ATTENTION_BACKWARD_KERNELS=resident",
+            "MAPET_ATTENTION_KERNELS=wgmma",
+            &dep,
+            "MAPET_GEMM_TUNE=0",
+            "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc",
+            "MAPET_PATCH_EMBED_ORDER=hwc-ws",
+        ];
+        model_bench.sort();
+        assert_eq!(switches(&format!("mapet-bench-vit-b-hwc-ws-hwc-wgmma-resident{tag}.log")), model_bench);
+    }
 
     // Again with the patch-embedding tests failing outright (also when run alone): none of its
     // variants counts, for the target row or the winners, however fast its lines.

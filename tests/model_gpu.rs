@@ -214,6 +214,20 @@ fn gpu_step_is_deterministic_and_accumulates() {
     testing::assert_all_written("gradients", &g1);
     assert!(g1.iter().any(|&g| g != 0.0));
 
+    // With programmatic dependent launches (compute capability 9.0 and up; MAPET_DEPENDENT_LAUNCH)
+    // every kernel of the step still waits for the one before it first: the same bits.
+    gpu.gpu().set_dependent_launches(true);
+    if gpu.gpu().dependent_launches() {
+        let (l3, z3, g3) = run(&mut gpu);
+        assert_eq!(l1.to_bits(), l3.to_bits(), "loss differs with dependent launches");
+        assert!(z1.iter().zip(&z3).all(|(a, b)| a.to_bits() == b.to_bits()), "logits differ with dependent launches");
+        let differing = g1.iter().zip(&g3).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "{differing} gradient values differ with dependent launches");
+    } else {
+        eprintln!("{test}: {} has no dependent launches; that comparison skipped", gpu.gpu().name());
+    }
+    gpu.gpu().set_dependent_launches(false);
+
     // A second step without zeroing adds the same gradients again.
     gpu.step(&batch, Some(&dp), true, false).unwrap();
     let g3 = gpu.download_grads().unwrap();

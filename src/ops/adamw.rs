@@ -195,5 +195,5 @@ pub fn cuda_step(
     };
     // SAFETY: param, grad, m, v (f32), decay_mask (u8) and, when not null, param_bf16 (bf16) each
     // hold n elements, 16-byte aligned (checked above); the kernel touches indices < n only.
-    unsafe { gpu.launch(MODULE, "adamw_step", cfg, &params) }
+    unsafe { gpu.launch_dependent(MODULE, "adamw_step", cfg, &params) }
 }

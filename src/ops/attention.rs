@@ -1066,14 +1066,6 @@ pub fn cuda_backward(
 mod tests {
     use super::*;
 
-    /// Every attention kernel starts with `dependent_launch_start()`, which makes it safe for
-    /// [`Gpu::launch_dependent`], the only way the launchers start them.
-    #[test]
-    fn every_kernel_waits_for_the_one_before_it_first() {
-        let kernels = crate::testing::assert_kernels_wait_first("attention.cu", "attention.rs");
-        assert!(kernels >= 10, "found only {kernels} kernels in cuda/attention.cu");
-    }
-
     fn shape(batch: usize, heads: usize, n_tokens: usize, n_context: usize) -> AttentionShape {
         AttentionShape { batch, heads, head_dim: 64, n_tokens, n_context }
     }

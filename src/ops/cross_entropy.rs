@@ -836,7 +836,7 @@ impl Call<'_, '_> {
             };
             // SAFETY: reads the n * vocab dlogits of the chunk; adds to groups * vocab floats of
             // partial, which holds at least that many.
-            unsafe { gpu.launch(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
+            unsafe { gpu.launch_dependent(MODULE, "cross_entropy_colsum_partial", cfg, &p) }?;
         }
         Ok(())
     }
@@ -891,7 +891,7 @@ impl Call<'_, '_> {
         // GRAD_MAX_VOCAB, as it requires) adds, in training only, to groups * vocab floats of
         // partial, which holds colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte
         // aligned.
-        unsafe { gpu.launch(MODULE, kernel, cfg, &p) }
+        unsafe { gpu.launch_dependent(MODULE, kernel, cfg, &p) }
     }
 
     /// db += the sum over groups of partial, once per call: every chunk added its column sums to
@@ -910,7 +910,7 @@ impl Call<'_, '_> {
         };
         // SAFETY: reads groups * vocab floats of partial (allocated with that many, zeroed, then
         // added to by the chunks), adds to the vocab floats of db.
-        unsafe { self.gpu.launch(MODULE, "cross_entropy_colsum_finish", cfg, &p) }?;
+        unsafe { self.gpu.launch_dependent(MODULE, "cross_entropy_colsum_finish", cfg, &p) }?;
         Ok(())
     }
 
@@ -1028,7 +1028,7 @@ fn cuda_run(
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (REDUCE_THREADS, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: reads `rows` elements of targets, row loss and row argmax (each holds `rows`),
     // writes the 2 elements of result.
-    unsafe { gpu.launch(MODULE, "cross_entropy_reduce", cfg, &p) }?;
+    unsafe { gpu.launch_dependent(MODULE, "cross_entropy_reduce", cfg, &p) }?;
     Ok(QueuedStats { result: Some(result), counted })
 }
 

@@ -129,7 +129,7 @@ pub fn cuda_forward(gpu: &Gpu, x: &dyn DeviceRead<bf16>, y: &mut dyn DeviceWrite
     let cfg = launch_config(n)?;
     // SAFETY: x and y hold n bf16 each, 16-byte aligned (checked above); the kernel reads x[..n]
     // and writes y[..n] only, and does not touch dy.
-    unsafe { gpu.launch(MODULE, "gelu_fwd", cfg, &params) }
+    unsafe { gpu.launch_dependent(MODULE, "gelu_fwd", cfg, &params) }
 }
 
 /// dx = dy * GELU'(x) on the GPU, bf16 in and out.
@@ -152,7 +152,7 @@ pub fn cuda_backward(
     let cfg = launch_config(n)?;
     // SAFETY: x, dy and dx hold n bf16 each, 16-byte aligned (checked above); the kernel reads
     // x[..n] and dy[..n] and writes dx[..n] only.
-    unsafe { gpu.launch(MODULE, "gelu_bwd", cfg, &params) }
+    unsafe { gpu.launch_dependent(MODULE, "gelu_bwd", cfg, &params) }
 }
 
 /// dx = dy * GELU'(x) and y = GELU(x) on the GPU in one pass over x, bf16 `[rows, cols]`, with the
@@ -214,7 +214,7 @@ pub fn cuda_backward_recompute(
     // cols % 8 == 0, so every 16-byte access of a thread's 8 columns lies inside a row; partial
     // holds groups * cols floats (allocated above, 256-byte aligned), of which block (x, g) writes
     // row g's columns of its threads.
-    unsafe { gpu.launch(MODULE, "gelu_bwd_recompute_colsum", cfg, &params) }?;
+    unsafe { gpu.launch_dependent(MODULE, "gelu_bwd_recompute_colsum", cfg, &params) }?;
     let cfg = LaunchConfig {
         grid_dim: (blocks_for("GELU column sums", cols as u64, FINISH_COLS as u64)?, 1, 1),
         block_dim: (FINISH_THREADS, 1, 1),
@@ -222,5 +222,5 @@ pub fn cuda_backward_recompute(
     };
     // SAFETY: reads the groups * cols floats of partial written above, adds to the cols floats of
     // dx_col_sums (checked above).
-    unsafe { gpu.launch(MODULE, "gelu_colsum_finish", cfg, &params) }
+    unsafe { gpu.launch_dependent(MODULE, "gelu_colsum_finish", cfg, &params) }
 }

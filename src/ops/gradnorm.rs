@@ -52,11 +52,11 @@ pub fn cuda_l2_norm(gpu: &Gpu, x: &DeviceBuffer<f32>) -> Result<f32> {
     let cfg = LaunchConfig { grid_dim: (parts as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: x holds n f32, 16-byte aligned (checked above); partial holds `parts` f32 = the grid
     // size, and block b writes only partial[b].
-    unsafe { gpu.launch(MODULE, "square_sum_partial", cfg, &params) }?;
+    unsafe { gpu.launch_dependent(MODULE, "square_sum_partial", cfg, &params) }?;
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: reads partial[..parts], written by the launch above on the same stream, and writes
     // out[0] of its one-element allocation.
-    unsafe { gpu.launch(MODULE, "square_sum_final", cfg, &params) }?;
+    unsafe { gpu.launch_dependent(MODULE, "square_sum_final", cfg, &params) }?;
     let host = out.to_host()?;
     drop(partial);
     Ok(host[0])

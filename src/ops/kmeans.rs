@@ -753,7 +753,7 @@ impl Assigner {
         };
         // SAFETY: centroids holds k * dim bf16 and c_norms k f32 (checked by the callers and
         // allocated in `new`); each of the ceil(k / 8) * 8 warps handles row < k only.
-        unsafe { gpu.launch(MODULE, "kmeans_row_norms", cfg, &norms) }?;
+        unsafe { gpu.launch_dependent(MODULE, "kmeans_row_norms", cfg, &norms) }?;
         let mut start = 0;
         while start < n {
             let chunk = if n - start >= self.full.rows {
@@ -783,7 +783,7 @@ impl Assigner {
             // SAFETY: scores holds m * k f32 (written by the GEMM above, same stream), c_norms k
             // f32, x m * dim bf16 (a view of the chunk's rows of points), and ids / sq_dists
             // hold n elements of which rows [start, start + m) are written; warps past m exit.
-            unsafe { gpu.launch(MODULE, "kmeans_assign_argmin", cfg, &params) }?;
+            unsafe { gpu.launch_dependent(MODULE, "kmeans_assign_argmin", cfg, &params) }?;
             start += m;
         }
         Ok(())
@@ -920,7 +920,7 @@ impl Updater {
             // sizes, the grids cover exactly the tiles, columns, pieces and clusters named there,
             // and the kernels run in this order on one stream, each reading what the previous
             // ones wrote.
-            unsafe { gpu.launch(MODULE, name, cfg, &p) }?;
+            unsafe { gpu.launch_dependent(MODULE, name, cfg, &p) }?;
         }
         let counts = self.counts.to_host()?;
         let invalid = counts[k];
@@ -1008,7 +1008,7 @@ fn gather_rows(
     // SAFETY: every source row index is below src.len() / dim and every destination row below
     // dst_bf16.len() / dim (checked above; dst_f32 has the same length); the index lists hold
     // `rows` entries; columns past dim are skipped by the kernel.
-    unsafe { gpu.launch(MODULE, "kmeans_gather", cfg, &params) }?;
+    unsafe { gpu.launch_dependent(MODULE, "kmeans_gather", cfg, &params) }?;
     drop((src_idx, dst_idx));
     Ok(())
 }

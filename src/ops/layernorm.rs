@@ -257,7 +257,7 @@ pub fn cuda_forward(
     // SAFETY: x and y hold rows * cols bf16, weight and bias cols f32, mean and rstd rows f32
     // (checked above); the kernel touches rows < `rows` and columns < `cols` only, and the
     // vector kernel runs only when cols % 8 == 0 and every pointer is 16-byte aligned.
-    unsafe { gpu.launch(MODULE, name, cfg, &params) }
+    unsafe { gpu.launch_dependent(MODULE, name, cfg, &params) }
 }
 
 /// h = bf16(residual + x), y = LayerNorm(h) on the GPU; mean and rstd of h saved.
@@ -310,7 +310,7 @@ pub fn cuda_residual_forward(
     // SAFETY: residual, x, h, y hold rows * cols bf16, weight and bias cols f32, mean and rstd
     // rows f32 (checked above); the kernel stays within rows and cols, and the vector kernel runs
     // only when cols % 8 == 0 and every pointer is 16-byte aligned.
-    unsafe { gpu.launch(MODULE, name, cfg, &params) }
+    unsafe { gpu.launch_dependent(MODULE, name, cfg, &params) }
 }
 
 /// Backward of LayerNorm on the GPU: dx bf16 written (or added to when `accumulate_dx`),
@@ -372,7 +372,7 @@ pub fn cuda_backward(
     // f32 (checked above); partial holds grid * 2 * cols f32 and block b writes only its row b;
     // the vector kernel runs only when cols % 8 == 0, cols <= 1024 and pointers are 16-byte
     // aligned, with the 2 * cols floats of shared memory it folds its warps through.
-    unsafe { gpu.launch(MODULE, name, cfg, &params) }?;
+    unsafe { gpu.launch_dependent(MODULE, name, cfg, &params) }?;
 
     // The reduction kernel reads the number of partial rows from `rows`.
     params.rows = grid as i64;
@@ -383,7 +383,7 @@ pub fn cuda_backward(
     };
     // SAFETY: partial holds `grid` rows of 2 * cols f32, all written by the launch above (same
     // stream); the kernel reads those and adds to dweight[..cols] and dbias[..cols] only.
-    unsafe { gpu.launch(MODULE, "layernorm_bwd_reduce", cfg, &params) }?;
+    unsafe { gpu.launch_dependent(MODULE, "layernorm_bwd_reduce", cfg, &params) }?;
     drop(partial);
     Ok(())
 }

@@ -81,3 +81,40 @@ pub trait KernelChoice: Copy + 'static {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel of every op module starts with `dependent_launch_start()`
+    /// (cuda/dependent_launch.cuh), which makes it safe for
+    /// [`crate::cuda::Gpu::launch_dependent`], the only way the launchers start them: a kernel
+    /// without it, started as a dependent launch, would run while the kernel before it still
+    /// writes what it reads. A new module's kernels must be added here.
+    #[test]
+    fn every_kernel_waits_for_the_one_before_it_first() {
+        let modules = [
+            ("adamw", 1),
+            ("attention", 10),
+            ("cross_entropy", 5),
+            ("gelu", 4),
+            ("gradnorm", 2),
+            ("kmeans", 9),
+            ("layernorm", 7),
+            ("patch_embed", 17),
+            ("residual", 6),
+        ];
+        for (module, at_least) in modules {
+            let kernels = crate::testing::assert_kernels_wait_first(&format!("{module}.cu"), &format!("{module}.rs"));
+            assert!(kernels >= at_least, "cuda/{module}.cu: {kernels} kernels found, {at_least} expected");
+        }
+        // Every op module is listed (the ops' sources one to one with cuda/*.cu, less the test-only
+        // hopper.cu).
+        let listed: Vec<String> = std::fs::read_dir(crate::testing::project_root().join("cuda"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".cu").map(str::to_string))
+            .filter(|m| m != "hopper")
+            .collect();
+        for m in &listed {
+            assert!(modules.iter().any(|(name, _)| name == m), "cuda/{m}.cu is not checked here");
+        }
+    }
+}

@@ -210,7 +210,7 @@ pub fn cuda_layer_scale_forward(
     // SAFETY: x, y, out hold rows * cols bf16 and gamma cols f32, all 16-byte aligned with
     // cols % 8 == 0 (checked above), so every 16-byte vector the kernel touches lies inside them;
     // scale holds `samples` f32 and the kernel reads scale[r / rows_per_sample] for r < rows.
-    unsafe { gpu.launch(MODULE, "mapet_layer_scale_fwd", cfg, &p) }
+    unsafe { gpu.launch_dependent(MODULE, "mapet_layer_scale_fwd", cfg, &p) }
 }
 
 /// Backward on the GPU: `dy = (dout * s) * gamma` (bf16, written) and
@@ -278,7 +278,7 @@ pub fn cuda_layer_scale_backward(
     // them; scale holds `samples` f32 (checked) and r < rows reads scale[r / rows_per_sample];
     // block (bx, g) writes only row g (and, with dy_col_sums, row chunks + g) of partial, which
     // holds halves * chunks (<= MAX_CHUNKS < 65536 grid rows) * cols f32.
-    unsafe { gpu.launch(MODULE, "mapet_layer_scale_bwd", cfg, &p) }?;
+    unsafe { gpu.launch_dependent(MODULE, "mapet_layer_scale_bwd", cfg, &p) }?;
     let cfg = LaunchConfig {
         grid_dim: (blocks_for("layer-scale columns", shape.cols as u64, 32)?, 1, 1),
         block_dim: (REDUCE_THREADS, 1, 1),
@@ -286,7 +286,7 @@ pub fn cuda_layer_scale_backward(
     };
     // SAFETY: reads the halves * chunks * cols floats of partial written by the launch above (same
     // stream) and adds to dgamma[..cols] and dy_col_sums[..cols] (checked).
-    unsafe { gpu.launch(MODULE, "mapet_layer_scale_bwd_reduce", cfg, &p) }?;
+    unsafe { gpu.launch_dependent(MODULE, "mapet_layer_scale_bwd_reduce", cfg, &p) }?;
     Ok(())
 }
 
@@ -409,7 +409,7 @@ pub fn cuda_copy_rows(
     // SAFETY: validate_cuda puts rows [row0, row0 + count) inside each sample of both tensors,
     // whose lengths were checked against batch * rows * cols; cols % 8 == 0 and 16-byte aligned
     // pointers make every 16-byte vector access aligned and in bounds.
-    unsafe { gpu.launch(MODULE, "mapet_rows_copy", cfg, &p) }
+    unsafe { gpu.launch_dependent(MODULE, "mapet_rows_copy", cfg, &p) }
 }
 
 /// `y += x` on the GPU, f32, elementwise.
@@ -421,7 +421,7 @@ pub fn cuda_add_f32(gpu: &Gpu, x: &dyn DeviceRead<f32>, y: &mut dyn DeviceWrite<
     let p = MapetF32Vector { x: x.f32_ptr(), y: y.ptr_mut(), n: x.len() as i64 };
     let cfg = grid_stride("vector elements", x.len() as u64)?;
     // SAFETY: x and y hold n f32 each (checked); the kernel touches indices < n only.
-    unsafe { gpu.launch(MODULE, "mapet_add_f32", cfg, &p) }
+    unsafe { gpu.launch_dependent(MODULE, "mapet_add_f32", cfg, &p) }
 }
 
 /// `y = bf16(x)` on the GPU, elementwise (round to nearest even).
@@ -433,7 +433,7 @@ pub fn cuda_f32_to_bf16(gpu: &Gpu, x: &dyn DeviceRead<f32>, y: &mut dyn DeviceWr
     let p = MapetF32Vector { x: x.f32_ptr(), y: y.ptr_mut(), n: x.len() as i64 };
     let cfg = grid_stride("vector elements", x.len() as u64)?;
     // SAFETY: x holds n f32 and y n bf16 (checked); the kernel touches indices < n only.
-    unsafe { gpu.launch(MODULE, "mapet_f32_to_bf16", cfg, &p) }
+    unsafe { gpu.launch_dependent(MODULE, "mapet_f32_to_bf16", cfg, &p) }
 }
 
 #[cfg(test)]
