@@ -181,32 +181,45 @@ fn gpu(c: &mut Criterion) {
         let s = shape.with_sub_chunk_rows(sub);
         (format!("{} passes of <= {sub} rows", s.gpu_sub_chunks(s.gpu_chunk_rows()).len()), s)
     };
-    let mut variants: Vec<(String, CrossEntropyShape, &Gemm, bool)> =
-        vec![("one pass (default), waiting".to_string(), shape, &gemm, false)];
+    // (name, shape, GEMMs, queued, programmatic dependent launches)
+    let mut variants: Vec<(String, CrossEntropyShape, &Gemm, bool, bool)> =
+        vec![("one pass (default), waiting".to_string(), shape, &gemm, false, false)];
     // And MAPET_GEMM_TUNE's choice: each GEMM's candidates timed alone, on its first call.
     let self_tuned = Gemm::with_pins(&gpu, Vec::new()).expect("cuBLASLt").with_tuning(true);
     for (g, gname) in [(&gemm, "default GEMMs"), (&tuned, "chosen GEMMs"), (&self_tuned, "MAPET_GEMM_TUNE GEMMs")] {
-        variants.push((format!("one pass, {gname}, queued"), shape, g, true));
+        variants.push((format!("one pass, {gname}, queued"), shape, g, true, false));
         for (name, s) in [1568, 1046, 784].map(passes) {
-            variants.push((format!("{name}, {gname}, queued"), s, g, true));
+            variants.push((format!("{name}, {gname}, queued"), s, g, true, false));
         }
         // The row kernel visiting the rows from the last back (MAPET_CE_ROW_ORDER=reverse): does it
         // find more of the logits the GEMM has just written still in L2?
-        variants.push((format!("one pass, rows reversed, {gname}, queued"), shape.with_reversed_rows(true), g, true));
+        variants.push((
+            format!("one pass, rows reversed, {gname}, queued"),
+            shape.with_reversed_rows(true),
+            g,
+            true,
+            false,
+        ));
+    }
+    // The row and reduction kernels as programmatic dependent launches (compute capability 9.0;
+    // MAPET_DEPENDENT_LAUNCH): each one's launch overlaps the end of the GEMM before it.
+    if gpu.compute_capability().0 >= 9 {
+        variants.push(("one pass, dependent launches, default GEMMs, queued".to_string(), shape, &gemm, true, true));
     }
     // The chosen and self-tuned GEMMs also timed as the headline is (waiting for each call), so
     // that their lines compare with the first variant's and with the headline above: in the sixth
     // run the queued lines read 3% above the waiting ones for the same default call.
-    variants.push(("one pass, chosen GEMMs, waiting".to_string(), shape, &tuned, false));
-    variants.push(("one pass, MAPET_GEMM_TUNE GEMMs, waiting".to_string(), shape, &self_tuned, false));
+    variants.push(("one pass, chosen GEMMs, waiting".to_string(), shape, &tuned, false, false));
+    variants.push(("one pass, MAPET_GEMM_TUNE GEMMs, waiting".to_string(), shape, &self_tuned, false, false));
     // A variant that fails is reported and left out of the later rounds; the others go on.
     let mut rounds = vec![Vec::new(); variants.len()];
     let mut failed: Vec<Option<String>> = vec![None; variants.len()];
     for _ in 0..3 {
-        for (i, (_, s, g, queued)) in variants.iter().enumerate() {
+        for (i, (_, s, g, queued, dependent)) in variants.iter().enumerate() {
             if failed[i].is_some() {
                 continue;
             }
+            gpu.set_dependent_launches(*dependent);
             let timed = gpu.time_ms(2, 10, || {
                 if *queued {
                     call(g, s, &mut out, &mut dx, &mut dw, &mut db)
@@ -215,6 +228,7 @@ fn gpu(c: &mut Criterion) {
                         .map(|_| ())
                 }
             });
+            gpu.set_dependent_launches(false);
             match timed {
                 Ok(ms) => rounds[i].push(ms[ms.len() / 2]),
                 Err(e) => failed[i] = Some(e.to_string()),

@@ -585,13 +585,16 @@ sets("patch embedding", "hwc-ws-raw", "OK_PATCH", r"RESULT patch_embed forward\+
      "MAPET_PATCH_EMBED_ORDER", "MAPET_PATCH_EMBED_BACKWARD_ORDER")
 # Programmatic dependent launches (MAPET_DEPENDENT_LAUNCH=1) against the same kernels launched
 # plainly: noted, not chosen (the switch covers both ops at once).
-for what, pat in [("attention", r"RESULT attention vit-b (wgmma)( \(dependent launches\))? forward\+backward: median ([0-9.]+) ms"),
-                  ("patch embedding", r"RESULT patch_embed forward\+backward u8 (hwc-ws-raw)( \(dependent launches\))? \(.*: ([0-9.]+) ms median")]:
+for what, pat in [
+    ("attention", r"RESULT attention vit-b wgmma(?P<dep> \(dependent launches\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
+    ("patch embedding", r"RESULT patch_embed forward\+backward u8 hwc-ws-raw(?P<dep> \(dependent launches\))? \(.*: (?P<ms>[0-9.]+) ms median"),
+    ("cross-entropy", r"RESULT cross_entropy forward\+backward (?P<ms>[0-9.]+) ms \(rounds [^)]*\) with one pass,(?P<dep> dependent launches,)? default GEMMs, queued a chunk"),
+]:
     t = {}
     for l in lines:
         m = re.match(pat, l)
         if m:
-            t[bool(m.group(2))] = float(m.group(3))
+            t[bool(m.group("dep"))] = float(m.group("ms"))
     if len(t) == 2:
         notes.append(f"{what}: dependent launches {t[True]:.4f} ms against {t[False]:.4f} ({t[True] / t[False]:.3f})")
 
@@ -600,7 +603,7 @@ ok = os.environ["OK_CE"].split()
 got, pin = {}, ""
 for l in lines:
     m = re.match(r"RESULT cross_entropy forward\+backward ([0-9.]+) ms \(rounds [^)]*\) with (.*), (default|chosen|MAPET_GEMM_TUNE) GEMMs, queued a chunk", l)
-    if m:
+    if m and "dependent launches" not in m.group(2):  # noted below, not chosen
         passes = re.match(r"\d+ passes of <= (\d+) rows", m.group(2))
         rows, gemms = (passes.group(1) if passes else ""), m.group(3)
         order = "reverse" if "rows reversed" in m.group(2) else "forward"
