@@ -395,8 +395,8 @@ fn wgmma_peek_backward_gives_the_wgmma_bits() {
     }
 }
 
-/// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0 and
-/// up) change when a kernel may start, never what it computes: every attention kernel waits for
+/// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0)
+/// change when a kernel may start, never what it computes: every attention kernel waits for
 /// the one before it first (the backward's dK/dV reads the delta its dQ kernel writes). Each set's
 /// forward and backward give the same bits with and without them.
 #[test]

@@ -214,7 +214,7 @@ fn gpu_step_is_deterministic_and_accumulates() {
     testing::assert_all_written("gradients", &g1);
     assert!(g1.iter().any(|&g| g != 0.0));
 
-    // With programmatic dependent launches (compute capability 9.0 and up; MAPET_DEPENDENT_LAUNCH)
+    // With programmatic dependent launches (compute capability 9.0; MAPET_DEPENDENT_LAUNCH)
     // every kernel of the step still waits for the one before it first: the same bits.
     gpu.gpu().set_dependent_launches(true);
     if gpu.gpu().dependent_launches() {

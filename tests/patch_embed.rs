@@ -1157,8 +1157,8 @@ fn gpu_is_deterministic() {
     two_runs_agree(&gpu, "gpu_is_deterministic", &[shape(8, 224, 16, 768, 50), shape(3, 28, 7, 24, 9)], |_, _| {});
 }
 
-/// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0 and
-/// up) change when a kernel may start, never what it computes: every kernel waits for the one
+/// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0)
+/// change when a kernel may start, never what it computes: every kernel waits for the one
 /// before it first. Each entry's forward and backward give the same bits without (run 0) and
 /// with them (run 1). Skips, saying so, where the device has no dependent launches.
 #[test]

@@ -270,9 +270,11 @@ impl Gpu {
 
     /// Whether [`Gpu::launch_dependent`] starts kernels as programmatic dependent launches: asked
     /// for ([`Gpu::set_dependent_launches`], or `MAPET_DEPENDENT_LAUNCH=1` when the `Gpu` was
-    /// opened), and a device of compute capability 9.0 or later, the first to have them.
+    /// opened), and a device of compute capability 9.0. Only there do the kernels run the code
+    /// that waits (the sm_90a cubins): later devices run the compute_80 PTX, compiled without
+    /// the wait, and must not start them early.
     pub fn dependent_launches(&self) -> bool {
-        self.dependent_launches.load(Ordering::Relaxed) && self.compute_capability.0 >= 9
+        self.dependent_launches.load(Ordering::Relaxed) && self.compute_capability == (9, 0)
     }
 
     /// Asks for (or stops) programmatic dependent launches in [`Gpu::launch_dependent`].
