@@ -40,11 +40,11 @@
 //   sums the splits in a fixed order: deterministic, no atomics.
 // - dpos (and from it dbias, dcls, dmask) is a reduction over the batch, bound by reading d_out
 //   once: per token, warps read 512 contiguous bytes of a row (8 channels a lane) and four batch
-//   slices a block keep enough loads in flight; then the sums over tokens (a kernel of their own,
-//   or, for `hwc-ws`, the blocks of the weight reduction that need the same column sums).
+//   slices a block keep enough loads in flight; then the sums over tokens, in blocks of the
+//   weight's reduction over splits (which for `hwc-ws` needs the same column sums).
 //   Fixed orders throughout: deterministic.
 // - The backward's kernels in launch order: token sums (and the row table), weight gradient,
-//   its reduction over splits, sums over tokens (all but `hwc-ws`).
+//   its reduction over splits (and the sums over tokens).
 //
 // Contraction order (the `_hwc` kernels; host: `PixelOrder`). A GEMM may sum over its K index in
 // any order, as long as A and W agree. In the weight's order k = (c*p + ky)*p + kx, eight
@@ -89,9 +89,6 @@ constexpr int kTokSlices = 4;
 constexpr int kTokBlocksPerSm = 5;
 // Samples whose ranks (of the block's token) a block holds in shared memory at a time.
 constexpr int kTokRankChunk = 512;
-// Sums over tokens (mapet_patch_embed_bwd_vectors): channels x token slices a block.
-constexpr int kVecCols = 32;
-constexpr int kVecSlices = 32;
 
 // ------------------------------------------------------------------ PTX helpers
 
@@ -1722,14 +1719,14 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-// Row t of the token-row table: bf16(cls_token + pos_embed[0]) for t = 0, bf16(mask_token +
-// pos_embed[t]) otherwise, token_pair's rounding (the same bits as rows written from the f32
-// vectors). Channels x0, x0 + stride, ...: coalesced.
+// Row t of the token-row table: cls_token + pos_embed[0] for t = 0, mask_token + pos_embed[t]
+// otherwise, by token_pair (the one rule for those rows). Channel pairs x0, x0 + stride, ...
+// (D is even): coalesced.
 __device__ __forceinline__ void write_token_row(const MapetPatchEmbedFwd& p, int t, int x0, int stride) {
-    const float* vec = t == 0 ? p.cls_token : p.mask_token;
-    const float* pos = p.pos_embed + static_cast<int64_t>(t) * p.dim;
-    __nv_bfloat16* row = token_rows_of(p) + static_cast<int64_t>(t) * p.dim;
-    for (int d = x0; d < p.dim; d += stride) row[d] = __float2bfloat16_rn(vec[d] + pos[d]);
+    const float2* vec = reinterpret_cast<const float2*>(t == 0 ? p.cls_token : p.mask_token);
+    const float2* pos = reinterpret_cast<const float2*>(p.pos_embed + static_cast<int64_t>(t) * p.dim);
+    uint32_t* row = reinterpret_cast<uint32_t*>(token_rows_of(p) + static_cast<int64_t>(t) * p.dim);
+    for (int i = x0; i < p.dim / 2; i += stride) row[i] = token_pair(vec[i], pos[i]);
 }
 
 // weight_hwc[d][k'] = weight[d][k] for k' = 3*(ky*p + kx) + c and k = c*p*p + ky*p + kx: the bf16
@@ -1892,28 +1889,27 @@ namespace {
 // still runs over the splits in order.
 template <bool HWC, bool RAW = false>
 __device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd& p) {
+    // Every reduction also finishes the token vectors' gradients from the token sums
+    // (mapet_patch_embed_bwd_tokens, run before), in its blocks of column 0: warp 0 sums its
+    // channel's content sums over tokens 1..N-1 (lanes over 1 + lane, 33 + lane, ..., then the
+    // lanes in a fixed shuffle order: deterministic) into dbias and adds token 0's to dcls; warp 1
+    // sums the mask sums of all tokens in the same order into dmask.
     // RAW (HWC only): the partials are of raw pixels plus one (backward_weight_hwc_ws), normalised
-    // here with the column sum of d_out over the patch rows: warp 0 sums its channel's content
-    // token sums, tokens 1..N-1 (lanes over 1 + lane, 33 + lane, ..., then the lanes in a fixed
-    // shuffle order: deterministic).
-    //
-    // The column sum is dbias[d]'s too, so the RAW reduction also does what
-    // mapet_patch_embed_bwd_vectors does for the other orders, in its blocks of column 0 (one
-    // launch fewer): warp 0 adds the column sum to dbias and token 0's content sum to dcls, and
-    // warp 1 sums the mask sums of all tokens in the same lane-then-shuffle order into dmask.
+    // here with that same column sum (the sum of d_out over the patch rows), which every block
+    // of the RAW reduction takes for its own channel.
     __shared__ float s_colsum;
-    if (RAW) {
+    const bool vectors = blockIdx.x == 0;
+    if (RAW || vectors) {
         const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
         const int d = blockIdx.y;
         const int lane = threadIdx.x % 32;
-        const bool vectors = blockIdx.x == 0;
         if (threadIdx.x < 32) {
             float c = 0.f;
             for (int t = 1 + lane; t < n_tokens; t += 32) c += p.token_sums[static_cast<int64_t>(t) * p.dim + d];
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
             if (lane == 0) {
-                s_colsum = c;
+                if (RAW) s_colsum = c;
                 if (vectors) {
                     p.dbias[d] += c;
                     p.dcls_token[d] += p.token_sums[d];
@@ -1927,8 +1923,8 @@ __device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd&
             for (int off = 16; off > 0; off >>= 1) m += __shfl_xor_sync(0xffffffffu, m, off);
             if (lane == 0) p.dmask_token[d] += m;
         }
-        __syncthreads();
     }
+    if (RAW) __syncthreads();  // s_colsum (every block of a RAW reduction takes the branch above)
     const int pp = p.patch * p.patch;
     const int K = 3 * pp;
     const int kc = blockIdx.x * blockDim.x + threadIdx.x;
@@ -1966,15 +1962,14 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // sum of d_out over the patch rows that the partials cover (those with a rank in [1, N)).
 // mapet_patch_embed_bwd_tokens must have run. Grid (ceil(K / blockDim.x), D); warp 0 of each
 // block sums its channel's column (lanes over tokens 1 + lane, 33 + lane, ..., then the lanes in a
-// fixed shuffle order: deterministic). Its blocks of column 0 also add dbias, dcls and dmask
-// (mapet_patch_embed_bwd_vectors is not launched after it).
+// fixed shuffle order: deterministic).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc_raw(const MapetPatchEmbedBwd p) {
     dependent_launch_start();
     reduce_weight_partials<true, true>(p);
 }
 
 // Per token t and 8 channels: sums over the batch (in a fixed order) of its content row and of its
-// two mask rows; dpos += both, and both are kept in token_sums [2, N, D] for the next kernel.
+// two mask rows; dpos += both, and both are kept in token_sums [2, N, D] for the weight reduction.
 // Grid (ceil(D/8 / kTokGroups), N), block kTokGroups x kTokSlices. Thread (g, k) owns channels
 // 8g'..8g'+7 (g' = blockIdx.x * kTokGroups + g) and sums samples k, k + kTokSlices, ... in
 // increasing order, loading four samples' rows before adding them; slice 0 then adds the slices'
@@ -2079,38 +2074,4 @@ extern "C" __global__ void __launch_bounds__(kTokGroups * kTokSlices, kTokBlocks
         p.token_sums[i + e] = c[e];
         p.token_sums[plane + i + e] = m[e];
     }
-}
-
-// dcls += content sum of token 0; dbias += content sums of tokens 1..N-1; dmask += all mask sums.
-// Grid ceil(D / kVecCols), block kVecCols x kVecSlices: slice k of a column sums tokens k,
-// k + kVecSlices, ... in increasing order (a warp reads 32 consecutive channels of one token), then
-// slice 0 adds the slices' sums in slice order. Fixed order: deterministic.
-extern "C" __global__ void __launch_bounds__(kVecCols * kVecSlices) mapet_patch_embed_bwd_vectors(const MapetPatchEmbedBwd p) {
-    dependent_launch_start();
-    __shared__ float s_bias[kVecSlices][kVecCols];
-    __shared__ float s_mask[kVecSlices][kVecCols];
-    const int n_tokens = 1 + (p.image / p.patch) * (p.image / p.patch);
-    const int col = threadIdx.x % kVecCols;
-    const int k = threadIdx.x / kVecCols;
-    const int d = blockIdx.x * kVecCols + col;
-    const int64_t plane = static_cast<int64_t>(n_tokens) * p.dim;
-    float bias = 0.f, mask = 0.f;
-    if (d < p.dim) {
-        for (int t = k; t < n_tokens; t += kVecSlices) {
-            const int64_t i = static_cast<int64_t>(t) * p.dim + d;
-            if (t > 0) bias += p.token_sums[i];
-            mask += p.token_sums[plane + i];
-        }
-    }
-    s_bias[k][col] = bias;
-    s_mask[k][col] = mask;
-    __syncthreads();
-    if (k != 0 || d >= p.dim) return;
-    for (int s = 1; s < kVecSlices; ++s) {
-        bias += s_bias[s][col];
-        mask += s_mask[s][col];
-    }
-    p.dcls_token[d] += p.token_sums[d];
-    p.dbias[d] += bias;
-    p.dmask_token[d] += mask;
 }

@@ -99,7 +99,7 @@ mod tests {
             ("gradnorm", 2),
             ("kmeans", 9),
             ("layernorm", 7),
-            ("patch_embed", 17),
+            ("patch_embed", 16),
             ("residual", 6),
         ];
         for (module, at_least) in modules {

@@ -84,9 +84,6 @@ const BWD_HWC_SMEM: u32 = 4 * (32 * 136 * 2 + 32 * 128) + 2 * 32 * 136 * 2;
 /// `mapet_patch_embed_bwd_tokens`' block: 8-channel groups x batch slices (kTokGroups, kTokSlices).
 const TOKEN_GROUPS: u64 = 32;
 const TOKEN_SLICES: u64 = 4;
-/// `mapet_patch_embed_bwd_vectors`' block: channels x token slices (kVecCols, kVecSlices).
-const VECTOR_COLS: u64 = 32;
-const VECTOR_SLICES: u64 = 32;
 
 /// Sizes of one patch-embedding call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -742,13 +739,8 @@ fn cuda_forward(
     // warp-specialised ones copy the CLS and mask-token rows from a bf16 table of them ([N, D],
     // 302 KB), which goes on past the weight in the same scratch (params.h), and which the weight
     // kernel before them writes in blocks of its own.
-    let scratch_len = shape.weight_len() + if ws { shape.pos_len() } else { 0 };
-    let mut weight_hwc = if hwc_order { Some(gpu.alloc::<bf16>(scratch_len)?) } else { None };
-    if let Some(w) = &weight_hwc {
-        check_aligned("weight_hwc (scratch)", w.ptr(), 16)?;
-    }
-    // The raw-pixel forward starts its sums at the bias plus the shifts' share (D floats).
-    let mut bias_raw = if raw { Some(gpu.alloc::<f32>(shape.dim)?) } else { None };
+    // Checked before anything is allocated: hwc-ws's weight kernel has a grid row for each
+    // channel and each token.
     if ws && !raw && shape.dim + shape.n_tokens() > 65_535 {
         return Err(Error::Unsupported {
             what: "patch embedding size",
@@ -759,6 +751,13 @@ fn cuda_forward(
             ),
         });
     }
+    let scratch_len = shape.weight_len() + if ws { shape.pos_len() } else { 0 };
+    let mut weight_hwc = if hwc_order { Some(gpu.alloc::<bf16>(scratch_len)?) } else { None };
+    if let Some(w) = &weight_hwc {
+        check_aligned("weight_hwc (scratch)", w.ptr(), 16)?;
+    }
+    // The raw-pixel forward starts its sums at the bias plus the shifts' share (D floats).
+    let mut bias_raw = if raw { Some(gpu.alloc::<f32>(shape.dim)?) } else { None };
     let mut params = MapetPatchEmbedFwd {
         pixels: pixel_ptr,
         ranks: ranks.ptr() as *const i32,
@@ -1031,7 +1030,6 @@ pub fn cuda_backward(
     let reduce_grid = (blocks_for("patch embedding weight", shape.patch_len() as u64, 256)?, shape.dim as u32, 1);
     let token_grid =
         (blocks_for("patch embedding channels", (shape.dim / 8) as u64, TOKEN_GROUPS)?, shape.n_tokens() as u32, 1);
-    let vector_blocks = blocks_for("patch embedding channels", shape.dim as u64, VECTOR_COLS)?;
     // SAFETY: grid (D/8/TOKEN_GROUPS, N), block TOKEN_GROUPS x TOKEN_SLICES as the kernel's
     // constants: reads ranks and d_out (checked above; D % 8 == 0 and d_out 16-byte aligned for its
     // 16-byte loads), skipping ranks outside [0, N); writes dpos_embed (N·D, checked) and
@@ -1051,23 +1049,10 @@ pub fn cuda_backward(
     unsafe { gpu.launch_dependent(MODULE, kernel, weight_cfg, &params)? };
     // SAFETY: grid (ceil(K/256), D), a thread per element (d, kc) with kc < K: reads splits·D·K
     // floats of `partial` and adds to dweight (D·K, checked above; the HWC variants write each of
-    // the D·K elements once, at a permuted index); `hwc-ws`'s also reads token_sums (2·N·D,
-    // written before) and, in its blocks of column 0, adds to dbias, dcls and dmask (D each).
-    unsafe { gpu.launch_dependent(MODULE, reduce, launch_cfg(reduce_grid, 256), &params)? };
-    if !ws {
-        // SAFETY: block VECTOR_COLS x VECTOR_SLICES as the kernel's constants, one column per
-        // channel d < D: reads token_sums, adds to dbias, dcls and dmask (D each).
-        let vector_block = (VECTOR_COLS * VECTOR_SLICES) as u32;
-        unsafe {
-            gpu.launch_dependent(
-                MODULE,
-                "mapet_patch_embed_bwd_vectors",
-                launch_cfg((vector_blocks, 1, 1), vector_block),
-                &params,
-            )?
-        };
-    }
-    Ok(())
+    // the D·K elements once, at a permuted index); its blocks of column 0 read token_sums
+    // (2·N·D, written before) and add to dbias, dcls and dmask (D each; 256 threads, the two
+    // warps those sums take), and `hwc-ws`'s other blocks read their channel's column of it too.
+    unsafe { gpu.launch_dependent(MODULE, reduce, launch_cfg(reduce_grid, 256), &params) }
 }
 
 #[cfg(test)]
