@@ -3,11 +3,17 @@
 //! the cross-entropy's logits GEMM per chunk (3136 x 8192 x 768), the patch embedding's
 //! (25088 x 768 x 768) and a square 4096³. Prints the median time of each from CUDA events and
 //! the ratio. Needs a compute capability 9.0 device; elsewhere it says why and does nothing.
+//!
+//! Then the dQ-reduction measurement (`cuda::hopper::dq_reduce`) at ViT-B's attention: 1536
+//! (sample, head) pairs of 491 rows, 24 tiles of 64 x 32 f32 a warpgroup (the wgmma dK/dV
+//! kernel's 71 position chunks a pair, over its three warpgroups), each way of adding them
+//! against the baseline that only zeroes, converts and discards. The difference is what a fused
+//! attention backward would spend on accumulating dQ, at most (nothing else runs beside it).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use mapet::cuda::gemm::{flops, Epilogue, Gemm};
-use mapet::cuda::hopper::gemm_tn;
+use mapet::cuda::hopper::{dq_reduce, dq_reduce_positions, gemm_tn, DqReduce};
 use mapet::testing::{finish_or_exit, gpu_or_skip, rng, uniform};
 
 fn gpu(_c: &mut Criterion) {
@@ -51,5 +57,46 @@ fn gpu(_c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, gpu);
+fn dq_reduction(_c: &mut Criterion) {
+    let Some(gpu) = gpu_or_skip("bench hopper dq_reduce") else { return };
+    if gpu.compute_capability() != (9, 0) {
+        println!("bench hopper dq_reduce: {} is not compute capability 9.0; nothing to time", gpu.name());
+        return;
+    }
+    let (pairs, lq, items) = (128 * 12, 491, 24);
+    let mut acc = gpu.alloc::<f32>(pairs * 64 * dq_reduce_positions(lq)).unwrap();
+    let mut dq = gpu.alloc::<bf16>(pairs * lq * 64).unwrap();
+    let reduced_mb = (pairs * 3 * items * 64 * 32 * 4) as f64 / 1e6;
+    let mut baseline = None;
+    for mode in DqReduce::ALL {
+        let what = format!(
+            "RESULT hopper dq_reduce ViT-B ({pairs} pairs of {lq} rows, {items} tiles a warpgroup), {}",
+            mode.name()
+        );
+        let trial = dq_reduce(&gpu, &mut acc, &mut dq, pairs, lq, items, mode)
+            .and_then(|()| finish_or_exit(&gpu, &format!("dq_reduce {mode:?}")));
+        if let Err(e) = trial {
+            println!("{what}: failed: {e}");
+            return;
+        }
+        let times = gpu.time_ms(3, 20, || dq_reduce(&gpu, &mut acc, &mut dq, pairs, lq, items, mode)).unwrap();
+        let t = times[times.len() / 2];
+        match baseline {
+            None => {
+                println!("{what} on {}: {t:.4} ms", gpu.name());
+                baseline = Some(t);
+            }
+            Some(base) => {
+                let extra = t - base;
+                println!(
+                    "{what} on {}: {t:.4} ms; {extra:.4} ms over the baseline for {reduced_mb:.0} MB ({:.2} TB/s)",
+                    gpu.name(),
+                    reduced_mb / 1e6 / (extra.max(1e-6) as f64 * 1e-3)
+                );
+            }
+        }
+    }
+}
+
+criterion_group!(benches, gpu, dq_reduction);
 criterion_main!(benches);

@@ -323,3 +323,137 @@ extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_gemm_tn(const 
     __trap();
 #endif
 }
+
+// ------------------------------------------------------------------ dQ reduced in L2: a measurement
+//
+// What a backward that accumulates dQ inside the dK/dV kernel would add to that kernel, alone:
+// its f32 reductions into a per-pair accumulator that stays in L2, the accumulator's zeroing
+// before and its conversion to bf16 after (params.h, MapetHopperDqReduce). The attention backward
+// runs two kernels today (dQ, then dK/dV), recomputing S and dP in both: seven products of the
+// (row, key) size where one fused kernel would run five. Whether fusing pays at ViT's 491 x 344
+// pairs turns on what these reductions cost (BENCHMARKS.md): benches/hopper.rs times each mode at
+// ViT-B's 1536 pairs against NONE, and tests/hopper.rs checks every sum. Nothing in the model
+// calls it.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+namespace {
+
+constexpr int kDqReduceThreads = 384;
+
+// The value added at (pair, warpgroup w, item i, dim d, position q): a small integer (params.h).
+__device__ __forceinline__ float dq_probe_value(int pair, int w, int i, int d, int q) {
+    return static_cast<float>((13 * pair + 7 * w + 5 * i + 3 * d + q) % 5 - 2);
+}
+
+__device__ __forceinline__ void red_add(float* a, float x) {
+    asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(a), "f"(x) : "memory");
+}
+
+__device__ __forceinline__ void red_add_v2(float* a, float x, float y) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(a), "f"(x), "f"(y) : "memory");
+}
+
+__device__ __forceinline__ void red_add_v4(float* a, float x, float y, float z, float w) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(a), "f"(x), "f"(y), "f"(z), "f"(w)
+                 : "memory");
+}
+
+// Adds one 64 x 32 tile (dims x positions q0 ..) into acc ([64, positions]) as `mode` says. v is
+// the thread's part in the wgmma accumulator layout: v[j][e] is dim d_lo (e < 2) or d_lo + 8 and
+// position q0 + 8 j + 2 t + (e & 1).
+__device__ __forceinline__ void add_tile(float* acc, int positions, int q0, int d_lo, int t, int mode,
+                                         const float (&v)[4][4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int q = q0 + 8 * j + 2 * t;
+        float* lo = acc + static_cast<int64_t>(d_lo) * positions + q;
+        float* hi = lo + 8 * static_cast<int64_t>(positions);
+        if (mode == MAPET_DQ_REDUCE_RED1) {
+            red_add(lo, v[j][0]);
+            red_add(lo + 1, v[j][1]);
+            red_add(hi, v[j][2]);
+            red_add(hi + 1, v[j][3]);
+        } else if (mode == MAPET_DQ_REDUCE_RED2) {
+            red_add_v2(lo, v[j][0], v[j][1]);
+            red_add_v2(hi, v[j][2], v[j][3]);
+        } else if (mode == MAPET_DQ_REDUCE_RED4) {
+            // Lanes t and t ^ 1 hold positions q, q + 1 and q ^ 2, (q ^ 2) + 1 of both dims: the
+            // even lane keeps dim d_lo and takes its partner's pair of it, the odd lane dim
+            // d_lo + 8, so that each holds four adjacent positions of one dim (16 bytes).
+            const bool odd = t & 1;
+            const float r0 = __shfl_xor_sync(0xffffffffu, odd ? v[j][0] : v[j][2], 1);
+            const float r1 = __shfl_xor_sync(0xffffffffu, odd ? v[j][1] : v[j][3], 1);
+            if (odd)
+                red_add_v4(hi - 2, r0, r1, v[j][2], v[j][3]);
+            else
+                red_add_v4(lo, v[j][0], v[j][1], r0, r1);
+        } else if (mode == MAPET_DQ_REDUCE_STORE) {
+            *reinterpret_cast<float2*>(lo) = make_float2(v[j][0], v[j][1]);
+            *reinterpret_cast<float2*>(hi) = make_float2(v[j][2], v[j][3]);
+        }
+    }
+}
+
+}  // namespace
+#endif
+
+// Grid (pairs), 384 threads; the launcher asks for dynamic shared memory the kernel never touches,
+// so that one block runs an SM at a time, as the wgmma dK/dV kernel does. acc and dq 16-byte
+// aligned.
+extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_dq_reduce(const MapetHopperDqReduce p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    const int pair = blockIdx.x;
+    const int positions = (p.lq + 31) / 32 * 32;
+    const int chunks = positions / 32;
+    float* acc = p.acc + static_cast<int64_t>(pair) * 64 * positions;
+    const int tid = threadIdx.x;
+
+    // 1. The accumulator zeroed (64 x positions floats, 16 bytes a store).
+    for (int i = tid; i < 16 * positions; i += kDqReduceThreads)
+        reinterpret_cast<float4*>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    __syncthreads();
+
+    // 2. The warpgroups' tiles.
+    const int w = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int d_lo = 16 * warp + g;
+    for (int i = 0; i < p.items; ++i) {
+        const int q0 = 32 * ((5 * i + 3 * w) % chunks);
+        float v[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                v[j][e] = dq_probe_value(pair, w, i, d_lo + (e < 2 ? 0 : 8), q0 + 8 * j + 2 * t + (e & 1));
+        }
+        add_tile(acc, positions, q0, d_lo, t, p.mode, v);
+    }
+    // Every thread's additions are done (and, as the barrier orders memory for the block, seen
+    // by the loads below, which read L2: ld.global.cg).
+    __syncthreads();
+
+    // 3. dq[pair] = bf16(acc^T), a warp 32 positions at a time (a lane a position: each load of
+    // a dim's row reads 128 contiguous bytes), 16 bytes of a position's row a store.
+    __nv_bfloat16* dq = static_cast<__nv_bfloat16*>(p.dq) + static_cast<int64_t>(pair) * p.lq * 64;
+    for (int q = 32 * (tid >> 5) + lane; q < p.lq; q += kDqReduceThreads) {
+#pragma unroll
+        for (int d8 = 0; d8 < 8; ++d8) {
+            uint32_t packed[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float a = __ldcg(acc + static_cast<int64_t>(8 * d8 + 2 * k) * positions + q);
+                const float b = __ldcg(acc + static_cast<int64_t>(8 * d8 + 2 * k + 1) * positions + q);
+                const __nv_bfloat162 ab = __floats2bfloat162_rn(a, b);
+                packed[k] = *reinterpret_cast<const uint32_t*>(&ab);
+            }
+            *reinterpret_cast<uint4*>(dq + static_cast<int64_t>(q) * 64 + 8 * d8) =
+                make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+    }
+    // Every read of the accumulator is done: its lines leave L2 unwritten.
+    __syncthreads();
+    const char* bytes = reinterpret_cast<const char*>(acc);
+    for (int l = tid; l < 2 * positions; l += kDqReduceThreads)  // 64 * positions * 4 / 128 lines
+        asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(bytes + 128 * static_cast<int64_t>(l)) : "memory");
+#else
+    __trap();
+#endif
+}

@@ -428,6 +428,38 @@ typedef struct MapetHopperGemm {
     int32_t k;
 } MapetHopperGemm;
 
+// A measurement, not part of the model (cuda/hopper.cu, mapet_hopper_dq_reduce): the f32
+// reductions that a backward accumulating dQ inside the dK/dV kernel would make, in its pattern
+// and at its scale, with nothing else around them. One block of 384 threads (three warpgroups,
+// the dK/dV kernel's block) per (sample, head) pair. Block `pair`:
+//   1. zeroes its accumulator acc[pair], f32 [64, positions] with positions = lq rounded up to
+//      a multiple of 32 (dims by positions: dQ transposed, so that a thread's two adjacent
+//      positions of a wgmma accumulator are adjacent in memory);
+//   2. each warpgroup w adds `items` tiles of 64 dims x 32 positions into it, item i at position
+//      chunk (5 i + 3 w) mod (positions / 32), each thread its 16 values of the tile in the wgmma
+//      accumulator layout, as `mode` says (MAPET_DQ_REDUCE_*): NONE adds nothing; RED1 issues 16
+//      red.global.add.f32 a thread a tile, RED2 8 red.global.add.v2.f32, RED4 4
+//      red.global.add.v4.f32 (lanes t and t ^ 1 trade a pair first); STORE 8 plain 8-byte stores
+//      (racy: what the same bytes cost as writes alone; the results are not checked);
+//   3. converts acc[pair] into dq[pair], bf16 [lq, 64], and drops acc[pair]'s lines from L2
+//      without writing them back (discard.global.L2).
+// The value added at (pair, w, i, dim d, position q) is ((13 pair + 7 w + 5 i + 3 d + q) mod 5)
+// - 2: small integers, so every sum is exact in f32 and in bf16 whatever the order, and the host
+// computes it.
+typedef struct MapetHopperDqReduce {
+    float* acc;
+    void* dq;
+    int32_t lq;
+    int32_t items;
+    int32_t mode;
+} MapetHopperDqReduce;
+
+#define MAPET_DQ_REDUCE_NONE 0
+#define MAPET_DQ_REDUCE_RED1 1
+#define MAPET_DQ_REDUCE_RED2 2
+#define MAPET_DQ_REDUCE_RED4 3
+#define MAPET_DQ_REDUCE_STORE 4
+
 #ifdef __cplusplus
 }
 #endif

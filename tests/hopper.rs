@@ -1,10 +1,14 @@
 //! The Hopper building blocks (`cuda/hopper.cuh`) against host computations: a TMA box load
 //! read back through the 128-byte swizzle, and wgmma over TMA-loaded swizzled tiles. On a
 //! compute capability 9.0 device they must match exactly (the load) or to f32 rounding (the
-//! product); elsewhere both are refused; with no GPU the GPU tests skip and say why.
+//! product); elsewhere both are refused; with no GPU the GPU tests skip and say why. Also the
+//! dQ-reduction measurement's sums (`dq_reduce`), exact.
 
 use half::bf16;
-use mapet::cuda::hopper::{gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128, wgmma_sw128_n192, BOX};
+use mapet::cuda::hopper::{
+    dq_reduce, dq_reduce_positions, gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128, wgmma_sw128_n192,
+    DqReduce, BOX,
+};
 use mapet::cuda::Gpu;
 use mapet::testing::{finish_or_exit, gpu_or_skip, rng, uniform};
 use mapet::Error;
@@ -201,4 +205,96 @@ fn register_a_wgmma_reads_b_both_ways() {
             }
         }
     }
+}
+
+#[test]
+fn dq_reduce_modes_are_the_headers_numbers() {
+    // The kernel branches on MAPET_DQ_REDUCE_* (cuda/params.h); the Rust enum restates them.
+    let header = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda/params.h")).unwrap();
+    for (mode, name) in DqReduce::ALL.into_iter().zip(["NONE", "RED1", "RED2", "RED4", "STORE"]) {
+        let define = format!("#define MAPET_DQ_REDUCE_{name} {}", mode as i32);
+        assert!(header.lines().any(|l| l.trim() == define), "{mode:?}: no `{define}` in cuda/params.h");
+    }
+}
+
+/// What `dq_reduce` must leave in `dq` (row-major `[pairs, lq, 64]`), from the rule of
+/// `MapetHopperDqReduce` in cuda/params.h: every warpgroup's tiles added at their position chunks.
+fn dq_reduce_expected(pairs: usize, lq: usize, items: usize, mode: DqReduce) -> Vec<f32> {
+    let mut out = vec![0.0f32; pairs * lq * 64];
+    if mode == DqReduce::None {
+        return out;
+    }
+    let chunks = dq_reduce_positions(lq) / 32;
+    for pair in 0..pairs {
+        for w in 0..3 {
+            for i in 0..items {
+                let q0 = 32 * ((5 * i + 3 * w) % chunks);
+                for q in q0..(q0 + 32).min(lq) {
+                    for d in 0..64 {
+                        let v = ((13 * pair + 7 * w + 5 * i + 3 * d + q) % 5) as f32 - 2.0;
+                        out[(pair * lq + q) * 64 + d] += v;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dq_reductions_add_every_tile_once() {
+    let test = "dq_reductions_add_every_tile_once";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    // ViT's 491 rows (the last chunk cut), a whole number of chunks, a single chunk; more tiles
+    // than chunks (several additions to one element, from all three warpgroups) and fewer.
+    for (pairs, lq, items) in [(5, 491, 24), (3, 128, 7), (2, 33, 2), (1, 20, 5)] {
+        let mut acc = gpu.alloc::<f32>(pairs * 64 * dq_reduce_positions(lq)).unwrap();
+        let mut dq = gpu.alloc::<bf16>(pairs * lq * 64).unwrap();
+        if refused_off_hopper(&gpu, || dq_reduce(&gpu, &mut acc, &mut dq, pairs, lq, items, DqReduce::Red1)) {
+            return;
+        }
+        for mode in [DqReduce::None, DqReduce::Red1, DqReduce::Red2, DqReduce::Red4] {
+            // NaN everywhere first: an element the kernel fails to zero, add to or convert stays NaN.
+            acc.poison().unwrap();
+            dq.poison().unwrap();
+            dq_reduce(&gpu, &mut acc, &mut dq, pairs, lq, items, mode).unwrap();
+            finish_or_exit(&gpu, &format!("dq_reduce {mode:?} {pairs} x {lq}")).unwrap();
+            let got = dq.to_host().unwrap();
+            let want = dq_reduce_expected(pairs, lq, items, mode);
+            // Sums of at most 3 items values in [-2, 2], so integers of at most 144: exact in f32
+            // and in bf16, whatever order the additions came in.
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                let (pair, q, d) = (k / (lq * 64), (k / 64) % lq, k % 64);
+                assert_eq!(
+                    g.to_f32(),
+                    *w,
+                    "{mode:?}, {pairs} pairs of {lq} rows, {items} tiles: pair {pair}, row {q}, dim {d}"
+                );
+            }
+        }
+        // The store mode runs (its racy values are not checked).
+        dq_reduce(&gpu, &mut acc, &mut dq, pairs, lq, items, DqReduce::Store).unwrap();
+        finish_or_exit(&gpu, "dq_reduce Store").unwrap();
+    }
+}
+
+#[test]
+fn dq_reduce_refuses_wrong_buffers() {
+    let test = "dq_reduce_refuses_wrong_buffers";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    let (pairs, lq) = (2, 40);
+    let mut acc = gpu.alloc::<f32>(pairs * 64 * dq_reduce_positions(lq)).unwrap();
+    let mut dq = gpu.alloc::<bf16>(pairs * lq * 64).unwrap();
+    if refused_off_hopper(&gpu, || dq_reduce(&gpu, &mut acc, &mut dq, pairs, lq, 1, DqReduce::None)) {
+        return;
+    }
+    // An accumulator sized for lq rows rather than whole chunks, and a dq one pair short.
+    let mut short_acc = gpu.alloc::<f32>(pairs * 64 * lq).unwrap();
+    let err = dq_reduce(&gpu, &mut short_acc, &mut dq, pairs, lq, 1, DqReduce::Red4).unwrap_err();
+    assert!(err.to_string().contains("acc"), "{err}");
+    let mut short_dq = gpu.alloc::<bf16>((pairs - 1) * lq * 64).unwrap();
+    let err = dq_reduce(&gpu, &mut acc, &mut short_dq, pairs, lq, 1, DqReduce::Red4).unwrap_err();
+    assert!(err.to_string().contains("dq"), "{err}");
+    let err = dq_reduce(&gpu, &mut acc, &mut dq, 0, lq, 1, DqReduce::Red4).unwrap_err();
+    assert!(err.to_string().contains("0 pairs"), "{err}");
 }

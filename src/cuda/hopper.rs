@@ -13,6 +13,9 @@
 //!   N-major, both from shared memory with n = 32), on tiles that cp.async wrote into the swizzle
 //!   by hand (register fragment layout, the zero fill and proxy fence, one tile read both ways).
 //!
+//! And one measurement: [`dq_reduce`], the f32 reductions a fused attention backward would make
+//! (see its docs).
+//!
 //! Compute capability 9.0 only: elsewhere each returns [`Error::Unsupported`].
 
 use std::ffi::c_void;
@@ -21,7 +24,7 @@ use cudarc::driver::sys;
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use crate::cuda::params::{MapetHopperCheck, MapetHopperGemm, MapetHopperRs, MapetTensorMap};
+use crate::cuda::params::{MapetHopperCheck, MapetHopperDqReduce, MapetHopperGemm, MapetHopperRs, MapetTensorMap};
 use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 
@@ -248,4 +251,101 @@ pub fn gemm_tn(
     // nothing outside them; the kernel writes only elements (row < m, col < n) of `c`, which
     // holds m·n.
     unsafe { gpu.launch(MODULE, "mapet_hopper_gemm_tn", cfg, &p) }
+}
+
+/// How [`dq_reduce`] adds its tiles into the accumulator (`MAPET_DQ_REDUCE_*` in
+/// `cuda/params.h`, whose numbers the discriminants are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DqReduce {
+    /// Nothing added: the zeroing, the conversion and the discard alone, the baseline.
+    None = 0,
+    /// 16 `red.global.add.f32` a thread a tile.
+    Red1 = 1,
+    /// 8 `red.global.add.v2.f32` a thread a tile (two adjacent positions of one dim).
+    Red2 = 2,
+    /// 4 `red.global.add.v4.f32` a thread a tile (four adjacent positions, after one exchange
+    /// of pairs between lanes t and t ^ 1).
+    Red4 = 3,
+    /// 8 plain 8-byte stores a thread a tile in place of the reductions: what the same bytes
+    /// cost as writes. Racy, so its sums are meaningless and no test checks them.
+    Store = 4,
+}
+
+impl DqReduce {
+    /// Every mode, the baseline first.
+    pub const ALL: [DqReduce; 5] = [DqReduce::None, DqReduce::Red1, DqReduce::Red2, DqReduce::Red4, DqReduce::Store];
+
+    /// Its name in bench lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            DqReduce::None => "none (zero, convert, discard)",
+            DqReduce::Red1 => "red.add.f32",
+            DqReduce::Red2 => "red.add.v2.f32",
+            DqReduce::Red4 => "red.add.v4.f32",
+            DqReduce::Store => "plain stores (racy)",
+        }
+    }
+}
+
+/// Threads of a [`dq_reduce`] block: the three warpgroups of the wgmma dK/dV kernel.
+pub const DQ_REDUCE_THREADS: u32 = 384;
+
+/// Dynamic shared memory a [`dq_reduce`] block asks for and leaves unused: enough that one block
+/// runs an SM at a time, as the wgmma dK/dV kernel's shared memory allows (so that, as there,
+/// only about one pair's accumulator an SM is live in L2 at once).
+const DQ_REDUCE_HELD_SMEM: u32 = 160 * 1024;
+
+/// Positions of a [`dq_reduce`] pair's accumulator: `lq` rounded up to a multiple of 32.
+pub fn dq_reduce_positions(lq: usize) -> usize {
+    lq.div_ceil(32) * 32
+}
+
+/// A measurement of what accumulating dQ inside the attention's dK/dV kernel would cost, with
+/// nothing else around it (`mapet_hopper_dq_reduce`; `MapetHopperDqReduce` in `cuda/params.h`
+/// says exactly what it does). One block of three warpgroups a pair, as the dK/dV kernel: it
+/// zeroes the pair's f32 accumulator (`acc`, `[pairs, 64, positions]` with positions =
+/// [`dq_reduce_positions`]`(lq)`), each warpgroup adds `items` tiles of 64 dims x 32 positions into
+/// it as `mode` says, then the block converts it into `dq` (bf16 `[pairs, lq, 64]`, written) and
+/// drops its lines from L2 without writing them back. At ViT-B (1536 pairs, `lq` = 491, about 24
+/// tiles a warpgroup) the reductions come to 872 MB. EXPERIMENTAL: `benches/hopper.rs` times each
+/// mode against [`DqReduce::None`]; nothing in the model calls it. Compute capability 9.0 only.
+pub fn dq_reduce(
+    gpu: &Gpu,
+    acc: &mut dyn DeviceWrite<f32>,
+    dq: &mut dyn DeviceWrite<bf16>,
+    pairs: usize,
+    lq: usize,
+    items: usize,
+    mode: DqReduce,
+) -> Result<()> {
+    require_9_0(gpu)?;
+    if pairs == 0 || lq == 0 || pairs > i32::MAX as usize || lq > 1 << 20 || items > 1 << 20 {
+        return Err(Error::Unsupported {
+            what: "dQ reduction measurement",
+            detail: format!(
+                "{pairs} pairs of {lq} rows, {items} tiles a warpgroup: at least one pair and one row, at most 2^20 rows \
+                 and tiles"
+            ),
+        });
+    }
+    check_len("acc", acc.len(), pairs * 64 * dq_reduce_positions(lq))?;
+    check_len("dq", dq.len(), pairs * lq * 64)?;
+    check_aligned("acc", acc.ptr(), 16)?;
+    check_aligned("dq", dq.ptr(), 16)?;
+    let p = MapetHopperDqReduce {
+        acc: acc.ptr_mut() as *mut f32,
+        dq: dq.ptr_mut(),
+        lq: lq as i32,
+        items: items as i32,
+        mode: mode as i32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (pairs as u32, 1, 1),
+        block_dim: (DQ_REDUCE_THREADS, 1, 1),
+        shared_mem_bytes: DQ_REDUCE_HELD_SMEM,
+    };
+    // SAFETY: block `pair` writes and reads only its own 64·positions floats of `acc` and writes
+    // its lq·64 elements of `dq`, both lengths checked above for `pairs` blocks; the 16-byte
+    // accesses are aligned (checked, and positions is a multiple of 32).
+    unsafe { gpu.launch(MODULE, "mapet_hopper_dq_reduce", cfg, &p) }
 }

@@ -483,6 +483,7 @@ kernel_params!(
     MapetHopperCheck,
     MapetHopperGemm,
     MapetHopperRs,
+    MapetHopperDqReduce,
 );
 
 /// Device memory a kernel reads: a whole [`DeviceBuffer`], or a [`DeviceView`] /

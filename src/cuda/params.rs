@@ -722,3 +722,22 @@ const _: () = {
     ["Offset of field: MapetHopperGemm::n"][::core::mem::offset_of!(MapetHopperGemm, n) - 268usize];
     ["Offset of field: MapetHopperGemm::k"][::core::mem::offset_of!(MapetHopperGemm, k) - 272usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetHopperDqReduce {
+    pub acc: *mut f32,
+    pub dq: *mut ::core::ffi::c_void,
+    pub lq: i32,
+    pub items: i32,
+    pub mode: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetHopperDqReduce"][::core::mem::size_of::<MapetHopperDqReduce>() - 32usize];
+    ["Alignment of MapetHopperDqReduce"][::core::mem::align_of::<MapetHopperDqReduce>() - 8usize];
+    ["Offset of field: MapetHopperDqReduce::acc"][::core::mem::offset_of!(MapetHopperDqReduce, acc) - 0usize];
+    ["Offset of field: MapetHopperDqReduce::dq"][::core::mem::offset_of!(MapetHopperDqReduce, dq) - 8usize];
+    ["Offset of field: MapetHopperDqReduce::lq"][::core::mem::offset_of!(MapetHopperDqReduce, lq) - 16usize];
+    ["Offset of field: MapetHopperDqReduce::items"][::core::mem::offset_of!(MapetHopperDqReduce, items) - 20usize];
+    ["Offset of field: MapetHopperDqReduce::mode"][::core::mem::offset_of!(MapetHopperDqReduce, mode) - 24usize];
+};
