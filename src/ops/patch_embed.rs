@@ -214,6 +214,24 @@ impl PatchEmbedShape {
         }
         Ok(())
     }
+
+    /// [`Self::validate_cuda`] plus what the forward in pixel order `order` needs: `hwc-ws`'s
+    /// weight kernel has a grid row for each channel and each token, so `dim + N <= 65535`.
+    /// Checked before the forward allocates anything.
+    pub fn validate_cuda_forward(&self, order: PixelOrder) -> Result<()> {
+        self.validate_cuda()?;
+        if order == PixelOrder::HwcWs && self.dim + self.n_tokens() > 65_535 {
+            return Err(Error::Unsupported {
+                what: "patch embedding size",
+                detail: format!(
+                    "`hwc-ws` needs dim + tokens <= 65535 (one grid row each), got {} + {}: use `hwc-ws-raw` or `hwc`",
+                    self.dim,
+                    self.n_tokens()
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Per-channel normalisation of uint8 pixels: `x = (u / 255 - mean[c]) / std[c]`.
@@ -714,7 +732,7 @@ fn cuda_forward(
     mask_token: &dyn DeviceRead<f32>,
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
-    shape.validate_cuda()?;
+    shape.validate_cuda_forward(order)?;
     let ws = [(PixelOrder::HwcWs, FWD_WS_KERNEL), (PixelOrder::HwcWsRaw, FWD_WS_RAW_KERNEL)];
     let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_fwd_u8_hwc", &ws)?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
@@ -739,18 +757,6 @@ fn cuda_forward(
     // warp-specialised ones copy the CLS and mask-token rows from a bf16 table of them ([N, D],
     // 302 KB), which goes on past the weight in the same scratch (params.h), and which the weight
     // kernel before them writes in blocks of its own.
-    // Checked before anything is allocated: hwc-ws's weight kernel has a grid row for each
-    // channel and each token.
-    if ws && !raw && shape.dim + shape.n_tokens() > 65_535 {
-        return Err(Error::Unsupported {
-            what: "patch embedding size",
-            detail: format!(
-                "`hwc-ws` needs dim + tokens <= 65535 (one grid row each), got {} + {}: use `hwc-ws-raw` or `hwc`",
-                shape.dim,
-                shape.n_tokens()
-            ),
-        });
-    }
     let scratch_len = shape.weight_len() + if ws { shape.pos_len() } else { 0 };
     let mut weight_hwc = if hwc_order { Some(gpu.alloc::<bf16>(scratch_len)?) } else { None };
     if let Some(w) = &weight_hwc {
@@ -797,7 +803,7 @@ fn cuda_forward(
         }
         // SAFETY: reads weight (D·K bf16, checked above) and writes weight_hwc (D·K, allocated
         // above), a thread per element (d, k') with k' < K in grid rows d < D <= 65535
-        // (validate_cuda); for hwc-ws, grid rows D + t (D + N <= 65535, checked above) read
+        // (validate_cuda); for hwc-ws, grid rows D + t (D + N <= 65535, validate_cuda_forward) read
         // cls_token or mask_token and row t of pos_embed (D floats each, checked above) and write
         // row t of the token-row table (N·D past the weight in weight_hwc, allocated above).
         unsafe { gpu.launch_dependent(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
@@ -1058,6 +1064,25 @@ pub fn cuda_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hwc_ws_forward_refuses_more_channels_and_tokens_than_one_grid_holds() {
+        // 16,385 tokens (256 / 2 patches a side) and 50,000 channels: each fits a grid alone,
+        // their sum, hwc-ws's weight-kernel rows, does not. Refused from the shape alone, before
+        // any buffer: a real call would need about 250 MB of output.
+        let shape = PatchEmbedShape { batch: 1, image: 256, patch: 2, dim: 50_000, n_context: 1 };
+        shape.validate_cuda().unwrap();
+        let err = shape.validate_cuda_forward(PixelOrder::HwcWs).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("hwc-ws") && text.contains("50000 + 16385"), "{text}");
+        for order in [PixelOrder::HwcWsRaw, PixelOrder::Hwc, PixelOrder::Chw] {
+            shape.validate_cuda_forward(order).unwrap();
+        }
+        // Under the limit (49,136 + 16,385 = 65,521, the largest dim % 8 == 0 below it), hwc-ws
+        // passes too.
+        let under = PatchEmbedShape { dim: 49_136, ..shape };
+        under.validate_cuda_forward(PixelOrder::HwcWs).unwrap();
+    }
 
     /// The text of cuda/patch_embed.cu, for the tests that hold a launcher constant or a bit trick
     /// to what the kernels are written with.
