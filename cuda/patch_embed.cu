@@ -1733,8 +1733,8 @@ __device__ __forceinline__ void write_token_row(const MapetPatchEmbedFwd& p, int
 // weight [D, 3, p, p] as [D, p, p, 3]. Grid (ceil(K / blockDim.x), D): element (d, k') a thread,
 // d from the grid, so that no index is divided (a 64-bit division by K per element was most of
 // the kernel, as in the weight gradient's reduction); writes coalesced. For the hwc-ws forward
-// the grid is (max(ceil(K, D) / blockDim.x), D + N), and its rows D + t write row t of the
-// token-row table.
+// the grid is (max(ceil(K / blockDim.x), ceil(D / blockDim.x)), D + N), and its rows D + t write
+// row t of the token-row table, a channel pair a thread.
 extern "C" __global__ void mapet_patch_embed_weight_hwc(const MapetPatchEmbedFwd p) {
     dependent_launch_start();
     if (blockIdx.y >= p.dim) {
@@ -1893,7 +1893,8 @@ __device__ __forceinline__ void reduce_weight_partials(const MapetPatchEmbedBwd&
     // (mapet_patch_embed_bwd_tokens, run before), in its blocks of column 0: warp 0 sums its
     // channel's content sums over tokens 1..N-1 (lanes over 1 + lane, 33 + lane, ..., then the
     // lanes in a fixed shuffle order: deterministic) into dbias and adds token 0's to dcls; warp 1
-    // sums the mask sums of all tokens in the same order into dmask.
+    // sums the mask sums of all tokens, token 0's (always 0: CLS is never masked) included
+    // (lanes over lane, 32 + lane, ..., then the same shuffle order), into dmask.
     // RAW (HWC only): the partials are of raw pixels plus one (backward_weight_hwc_ws), normalised
     // here with that same column sum (the sum of d_out over the patch rows), which every block
     // of the RAW reduction takes for its own channel.

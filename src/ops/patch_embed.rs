@@ -215,12 +215,12 @@ impl PatchEmbedShape {
         Ok(())
     }
 
-    /// [`Self::validate_cuda`] plus what the forward in pixel order `order` needs: `hwc-ws`'s
-    /// weight kernel has a grid row for each channel and each token, so `dim + N <= 65535`.
-    /// Checked before the forward allocates anything.
-    pub fn validate_cuda_forward(&self, order: PixelOrder) -> Result<()> {
-        self.validate_cuda()?;
-        if order == PixelOrder::HwcWs && self.dim + self.n_tokens() > 65_535 {
+    /// What the `hwc-ws` forward (`mapet_patch_embed_fwd_u8_hwc_ws`, not the `-raw` one) needs
+    /// beyond [`Self::validate_cuda`]: its weight kernel has a grid row for each channel and
+    /// each token, so `dim + N <= 65535`. The forward checks it, where that kernel is the one
+    /// chosen, before it allocates anything.
+    pub fn validate_hwc_ws(&self) -> Result<()> {
+        if self.dim + self.n_tokens() > 65_535 {
             return Err(Error::Unsupported {
                 what: "patch embedding size",
                 detail: format!(
@@ -732,7 +732,7 @@ fn cuda_forward(
     mask_token: &dyn DeviceRead<f32>,
     out: &mut dyn DeviceWrite<bf16>,
 ) -> Result<()> {
-    shape.validate_cuda_forward(order)?;
+    shape.validate_cuda()?;
     let ws = [(PixelOrder::HwcWs, FWD_WS_KERNEL), (PixelOrder::HwcWsRaw, FWD_WS_RAW_KERNEL)];
     let hwc_kernel = hwc_kernel(gpu, order, "mapet_patch_embed_fwd_u8_hwc", &ws)?;
     let kernels = ["mapet_patch_embed_fwd_u8", hwc_kernel, "mapet_patch_embed_fwd_f32"];
@@ -757,6 +757,9 @@ fn cuda_forward(
     // warp-specialised ones copy the CLS and mask-token rows from a bf16 table of them ([N, D],
     // 302 KB), which goes on past the weight in the same scratch (params.h), and which the weight
     // kernel before them writes in blocks of its own.
+    if ws && !raw {
+        shape.validate_hwc_ws()?; // before anything is allocated
+    }
     let scratch_len = shape.weight_len() + if ws { shape.pos_len() } else { 0 };
     let mut weight_hwc = if hwc_order { Some(gpu.alloc::<bf16>(scratch_len)?) } else { None };
     if let Some(w) = &weight_hwc {
@@ -803,7 +806,7 @@ fn cuda_forward(
         }
         // SAFETY: reads weight (D·K bf16, checked above) and writes weight_hwc (D·K, allocated
         // above), a thread per element (d, k') with k' < K in grid rows d < D <= 65535
-        // (validate_cuda); for hwc-ws, grid rows D + t (D + N <= 65535, validate_cuda_forward) read
+        // (validate_cuda); for hwc-ws, grid rows D + t (D + N <= 65535, validate_hwc_ws) read
         // cls_token or mask_token and row t of pos_embed (D floats each, checked above) and write
         // row t of the token-row table (N·D past the weight in weight_hwc, allocated above).
         unsafe { gpu.launch_dependent(MODULE, "mapet_patch_embed_weight_hwc", launch_cfg(grid, 256), &params)? };
@@ -1067,21 +1070,15 @@ mod tests {
 
     #[test]
     fn hwc_ws_forward_refuses_more_channels_and_tokens_than_one_grid_holds() {
-        // 16,385 tokens (256 / 2 patches a side) and 50,000 channels: each fits a grid alone,
-        // their sum, hwc-ws's weight-kernel rows, does not. Refused from the shape alone, before
-        // any buffer: a real call would need about 250 MB of output.
+        // 16,385 tokens (256 / 2 patches a side) and 50,000 channels: each fits a grid alone
+        // (validate_cuda passes), their sum, hwc-ws's weight-kernel rows, does not. Refused from
+        // the shape alone, before any buffer: a real call would need about 250 MB of output.
         let shape = PatchEmbedShape { batch: 1, image: 256, patch: 2, dim: 50_000, n_context: 1 };
         shape.validate_cuda().unwrap();
-        let err = shape.validate_cuda_forward(PixelOrder::HwcWs).unwrap_err();
-        let text = err.to_string();
+        let text = shape.validate_hwc_ws().unwrap_err().to_string();
         assert!(text.contains("hwc-ws") && text.contains("50000 + 16385"), "{text}");
-        for order in [PixelOrder::HwcWsRaw, PixelOrder::Hwc, PixelOrder::Chw] {
-            shape.validate_cuda_forward(order).unwrap();
-        }
-        // Under the limit (49,136 + 16,385 = 65,521, the largest dim % 8 == 0 below it), hwc-ws
-        // passes too.
-        let under = PatchEmbedShape { dim: 49_136, ..shape };
-        under.validate_cuda_forward(PixelOrder::HwcWs).unwrap();
+        // Under the limit (49,136 + 16,385 = 65,521, the largest dim % 8 == 0 below it) it passes.
+        PatchEmbedShape { dim: 49_136, ..shape }.validate_hwc_ws().unwrap();
     }
 
     /// The text of cuda/patch_embed.cu, for the tests that hold a launcher constant or a bit trick
