@@ -131,7 +131,8 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128_n192(
 // the 128-byte swizzle, zero fill, the proxy fence): with A's fragments straight from global
 // memory in the mma.sync layout, B is read once as K-major (B^T, n = 32, the first step not
 // accumulating) and once as N-major (B itself, n = 64, 16 rows of B a step); with A from its own
-// swizzled tile, B's rows 32..63 are read K-major (n = 32 from an offset atom).
+// swizzled tile, B's rows 32..63 are read K-major (n = 32 from an offset atom); and with A's tile
+// read M-major (A^T, its rows as K), B's rows 0..31 K-major.
 extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __grid_constant__ MapetHopperRs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     __shared__ __align__(1024) unsigned char b_tile[kBoxBytes];
@@ -159,6 +160,7 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
     float kmajor[16];
     float nmajor[32];
     float shared_a[16];
+    float mmajor_a[16];
 #pragma unroll
     for (int i = 0; i < 32; ++i) nmajor[i] = 0.f;
     const uint32_t b0 = hopper_smem_addr(b_tile);
@@ -176,6 +178,10 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
     wgmma_m64n32k16_ss<0>(shared_a, sw128_desc(a0), sw128_desc(b0 + 32 * 128));
 #pragma unroll
     for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss<1>(shared_a, sw128_desc(a0 + 32 * c), sw128_desc(b0 + 32 * 128 + 32 * c));
+    // A's tile read M-major: A^T (the tile's columns as rows), 16 tile rows a step.
+    wgmma_m64n32k16_ss_mmajor<0>(mmajor_a, sw128_desc(a0), sw128_desc(b0));
+#pragma unroll
+    for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss_mmajor<1>(mmajor_a, sw128_desc(a0 + 2048 * c), sw128_desc(b0 + 32 * c));
     wgmma_commit_groups();
     wgmma_wait_groups<0>();
 
@@ -196,6 +202,8 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
         for (int j = 0; j < 4; ++j) {
             p.out[64 * 96 + row * 32 + 8 * j + 2 * t] = shared_a[4 * j + 2 * h];
             p.out[64 * 96 + row * 32 + 8 * j + 2 * t + 1] = shared_a[4 * j + 2 * h + 1];
+            p.out[64 * 128 + row * 32 + 8 * j + 2 * t] = mmajor_a[4 * j + 2 * h];
+            p.out[64 * 128 + row * 32 + 8 * j + 2 * t + 1] = mmajor_a[4 * j + 2 * h + 1];
         }
     }
 #else

@@ -409,6 +409,24 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t a, u
         : "l"(a), "l"(b), "n"(Accumulate));
 }
 
+// d (16 f32 a thread) = A (64 x 16) B^T (B 32 x 16, K-major descriptor b), plus d when
+// Accumulate, with A read M-major from shared memory (imm-trans-a): a [16 x 64] row-major tile in
+// 128-byte swizzle whose rows are A's K and whose 64 columns are its M, descriptor a. The same
+// canonical layout as the N-major B of wgmma_m64n64k16_rs_nmajor (atoms of 8 K-rows x 64
+// elements, the next 8 rows a stride byte offset of 1024 on; the 16-deep step k starts 2048 k
+// bytes in): so a swizzled [keys x 64] K tile serves as A = K^T (dims by keys). What dQ^T =
+// K^T dS^T takes in the fused attention backward.
+template <int Accumulate>
+__device__ __forceinline__ void wgmma_m64n32k16_ss_mmajor(float (&d)[16], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{" MAPET_WG_REGS_16 "}, "
+        "%16, %17, p, 1, 1, 1, 0;\n}\n"
+        : MAPET_WG_ACC_16
+        : "l"(a), "l"(b), "n"(Accumulate));
+}
+
 // Named barrier `id` (1..15; 0 is __syncthreads') over `threads` threads (a multiple of 32), e.g.
 // the 128 of one warpgroup.
 __device__ __forceinline__ void named_barrier(int id, int threads) {

@@ -408,7 +408,8 @@ typedef struct MapetHopperCheck {
 // of 128 threads: `a` and `b` bf16 [64, 64] row-major; b's rows >= b_rows (1..=64) are read as
 // zeros (the zero fill of sw128_load_rows). out f32, all row-major: [64, 32] = A B[0:32]^T (A in
 // registers, B K-major), then [64, 64] = A B (A in registers, B N-major), then [64, 32] =
-// A B[32:64]^T (both from shared memory, K-major).
+// A B[32:64]^T (both from shared memory, K-major), then [64, 32] = A^T B[0:32]^T (A's tile read
+// M-major from shared memory, B K-major).
 typedef struct MapetHopperRs {
     const void* a;
     const void* b;

@@ -197,6 +197,9 @@ fn register_a_wgmma_reads_b_both_ways() {
                 let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * bv(32 + j, t)).sum();
                 let got = out.shared_a[i * 32 + j];
                 assert!(close(got, want), "b_rows {b_rows}, A B[32:64]^T from shared [{i}][{j}]: {got} against {want}");
+                let want: f64 = (0..BOX).map(|t| fa[t * BOX + i] as f64 * bv(j, t)).sum();
+                let got = out.mmajor_a[i * 32 + j];
+                assert!(close(got, want), "b_rows {b_rows}, A^T B[0:32]^T, A M-major [{i}][{j}]: {got} against {want}");
             }
             for j in 0..BOX {
                 let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * bv(t, j)).sum();
