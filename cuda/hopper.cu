@@ -360,43 +360,32 @@ __device__ __forceinline__ void red_add_v2(float* a, float x, float y) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(a), "f"(x), "f"(y) : "memory");
 }
 
-__device__ __forceinline__ void red_add_v4(float* a, float x, float y, float z, float w) {
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(a), "f"(x), "f"(y), "f"(z), "f"(w)
-                 : "memory");
-}
-
 // Adds one 64 x 32 tile (dims x positions q0 ..) into acc ([64, positions]) as `mode` says. v is
-// the thread's part in the wgmma accumulator layout: v[j][e] is dim d_lo (e < 2) or d_lo + 8 and
-// position q0 + 8 j + 2 t + (e & 1).
+// the thread's part in the wgmma accumulator layout: v[4 j + e] is dim d_lo (e < 2) or d_lo + 8
+// and position q0 + 8 j + 2 t + (e & 1). RED4 is hopper.cuh's red_add_acc_tile, as the fused
+// attention backward adds its dQ tiles.
 __device__ __forceinline__ void add_tile(float* acc, int positions, int q0, int d_lo, int t, int mode,
-                                         const float (&v)[4][4]) {
+                                         const float (&v)[16]) {
+    if (mode == MAPET_DQ_REDUCE_RED4) {
+        red_add_acc_tile(acc + q0, positions, v);
+        return;
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int q = q0 + 8 * j + 2 * t;
         float* lo = acc + static_cast<int64_t>(d_lo) * positions + q;
         float* hi = lo + 8 * static_cast<int64_t>(positions);
         if (mode == MAPET_DQ_REDUCE_RED1) {
-            red_add(lo, v[j][0]);
-            red_add(lo + 1, v[j][1]);
-            red_add(hi, v[j][2]);
-            red_add(hi + 1, v[j][3]);
+            red_add(lo, v[4 * j]);
+            red_add(lo + 1, v[4 * j + 1]);
+            red_add(hi, v[4 * j + 2]);
+            red_add(hi + 1, v[4 * j + 3]);
         } else if (mode == MAPET_DQ_REDUCE_RED2) {
-            red_add_v2(lo, v[j][0], v[j][1]);
-            red_add_v2(hi, v[j][2], v[j][3]);
-        } else if (mode == MAPET_DQ_REDUCE_RED4) {
-            // Lanes t and t ^ 1 hold positions q, q + 1 and q ^ 2, (q ^ 2) + 1 of both dims: the
-            // even lane keeps dim d_lo and takes its partner's pair of it, the odd lane dim
-            // d_lo + 8, so that each holds four adjacent positions of one dim (16 bytes).
-            const bool odd = t & 1;
-            const float r0 = __shfl_xor_sync(0xffffffffu, odd ? v[j][0] : v[j][2], 1);
-            const float r1 = __shfl_xor_sync(0xffffffffu, odd ? v[j][1] : v[j][3], 1);
-            if (odd)
-                red_add_v4(hi - 2, r0, r1, v[j][2], v[j][3]);
-            else
-                red_add_v4(lo, v[j][0], v[j][1], r0, r1);
+            red_add_v2(lo, v[4 * j], v[4 * j + 1]);
+            red_add_v2(hi, v[4 * j + 2], v[4 * j + 3]);
         } else if (mode == MAPET_DQ_REDUCE_STORE) {
-            *reinterpret_cast<float2*>(lo) = make_float2(v[j][0], v[j][1]);
-            *reinterpret_cast<float2*>(hi) = make_float2(v[j][2], v[j][3]);
+            *reinterpret_cast<float2*>(lo) = make_float2(v[4 * j], v[4 * j + 1]);
+            *reinterpret_cast<float2*>(hi) = make_float2(v[4 * j + 2], v[4 * j + 3]);
         }
     }
 }
@@ -425,17 +414,18 @@ extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_dq_reduce(cons
     const int d_lo = 16 * warp + g;
     for (int i = 0; i < p.items; ++i) {
         const int q0 = 32 * ((5 * i + 3 * w) % chunks);
-        float v[4][4];
+        float v[16];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                v[j][e] = dq_probe_value(pair, w, i, d_lo + (e < 2 ? 0 : 8), q0 + 8 * j + 2 * t + (e & 1));
+                v[4 * j + e] = dq_probe_value(pair, w, i, d_lo + (e < 2 ? 0 : 8), q0 + 8 * j + 2 * t + (e & 1));
         }
         add_tile(acc, positions, q0, d_lo, t, p.mode, v);
     }
-    // Every thread's additions are done (and, as the barrier orders memory for the block, seen
-    // by the loads below, which read L2: ld.global.cg).
+    // Every thread's additions performed at L2 (the fence waits for its own) before any thread
+    // reads the accumulator back (ld.global.cg, from L2).
+    __threadfence();
     __syncthreads();
 
     // 3. dq[pair] = bf16(acc^T), a warp 32 positions at a time (a lane a position: each load of

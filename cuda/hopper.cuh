@@ -457,4 +457,33 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs_nmajor(float (&d)[32], const 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
+// out[0..3] += {x, y, z, w} for a 16-byte aligned out, as one reduction performed at L2 (PTX ISA 8.1,
+// sm_90; relaxed, gpu scope).
+__device__ __forceinline__ void red_add_v4(float* out, float x, float y, float z, float w) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(out), "f"(x), "f"(y), "f"(z), "f"(w)
+                 : "memory");
+}
+
+// Adds a warpgroup's m64n32 f32 accumulator d (d[4 j + e]: row 16 w + g for e < 2, 16 w + g + 8
+// otherwise, column 8 j + 2 t + (e & 1); w the warp in the warpgroup, g = lane / 4, t = lane % 4)
+// into the row-major f32 matrix at `at` (its row 0, column 0; `ld` floats a row; `at` and `ld`
+// multiples of 4 floats) by four red_add_v4 a thread: lanes t and t ^ 1 first trade a pair, so
+// that the even lane holds four adjacent columns of row g and the odd lane four of row g + 8.
+__device__ __forceinline__ void red_add_acc_tile(float* at, int64_t ld, const float (&d)[16]) {
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const bool odd = t & 1;
+    // The even lane's row g from column 2t, the odd lane's row g + 8 from column 2(t - 1).
+    float* row = at + static_cast<int64_t>(16 * w + g + (odd ? 8 : 0)) * ld + 2 * (t & 2);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float* v = d + 4 * j;
+        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[2], 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? v[1] : v[3], 1);
+        if (odd)
+            red_add_v4(row + 8 * j, r0, r1, v[2], v[3]);
+        else
+            red_add_v4(row + 8 * j, v[0], v[1], r0, r1);
+    }
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
