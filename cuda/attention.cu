@@ -2401,6 +2401,106 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
 
 namespace {
 
+// ---- The fused backward (wgmma-fused; fused_dq_notes)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// fused_dq_notes: mapet_attention_bwd_dkdv_wgmma_fused is the wgmma dK/dV kernel that also
+// computes dQ, so that the backward runs five products of the (row, key) size where the dQ and
+// dK/dV kernels run seven (both recompute S and dP). Per position chunk, after G1 and the
+// elementwise step, each warpgroup has P^T and dS^T (its 64 keys x the chunk's 32 positions) in
+// registers. It stores both transposed into tiles of its own ([32 positions x 64 keys] bf16,
+// 128-byte swizzle; store_t_tile), and G2 reads them from there: dV += P^T dO and dK += dS^T Q
+// with A read M-major from the tiles (wg_fused_g2), and a third product, dQ^T (64 dims x 32
+// positions) = K^T dS^T (A = the warpgroup's K tile read M-major, B = the dS tile). With A from
+// shared memory, P^T's and dS^T's 16 registers are free once stored, which pays for dQ^T's 16
+// (with A in registers, as the other dK/dV kernels run G2, ptxas spilled 344 bytes). The next
+// chunk's finish (or the end of the key tile) adds that dQ^T tile into the pair's f32
+// accumulator in global memory by red.global.add.v4.f32 (red_add_acc_tile). One CTA a pair, so
+// the accumulator (64 x 512 f32 at ViT, 128 KB; 17 MB for 132 CTAs) only lives while its CTA
+// runs: the CTA zeroes it first, and at its end converts it into dq and drops its lines from L2
+// unwritten (discard_l2), so it never costs a DRAM pass. delta comes from a kernel of its own
+// before (mapet_attention_bwd_delta), where the dQ kernels computed it on the way.
+// Not deterministic: the three warpgroups' additions into an element of dQ come in no fixed
+// order, so dQ may differ in its last bits from run to run (dK and dV do not).
+// What it costs beside the saved products: a third product and a shared-memory round trip a
+// chunk for P^T and dS^T, 16 registers held from one G2 to the next finish, the reductions (about 0.9 GB at
+// ViT-B, what mapet_hopper_dq_reduce measures alone), and the next key tile's K and V copied
+// only after the tile's last G2 (which now reads K). Experimental, unverified on GPU.
+
+constexpr int kPosTileBytes = 32 * 128;  // a [32 positions x 64 keys] bf16 tile (P^T's, dS^T's)
+
+// Stores the A fragments a (pack_chunk of a chunk's P^T or dS^T: keys 16 warp + [0, 16) of the
+// warpgroup's 64, positions 16 c + [0, 16) in step c) transposed into the tile at `tile`: row =
+// position, 64 keys = 128 bytes a row, 128-byte swizzle. stmatrix .trans writes each 8 x 8
+// fragment matrix column by column: matrix i of step c (i = 0..3: keys + 8 (i & 1), positions
+// + 8 (i >> 1), the A layout's registers) lands as 8 rows of 8 keys (16 bytes, one swizzle
+// chunk), whose row addresses lanes 8 i .. 8 i + 7 give.
+__device__ __forceinline__ void store_t_tile(uint32_t tile, const uint32_t (&da)[2][4], int warp, int lane) {
+    const int i = lane >> 3, k = lane & 7;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        const int row = 16 * c + 8 * (i >> 1) + k;
+        const int chunk = 2 * warp + (i & 1);
+        const uint32_t addr = tile + row * 128 + ((chunk ^ (row & 7)) << 4);
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                     "r"(da[c][0]), "r"(da[c][1]), "r"(da[c][2]), "r"(da[c][3])
+                     : "memory");
+    }
+}
+
+// The fused kernel's G2 for a chunk, one wgmma group: dv += P^T dO and dk += dS^T Q, A from the
+// P and dS tiles (pd, dsd: positions as rows) read M-major and B the chunk's dO and Q rows (dor,
+// qr) read N-major, two 16-position steps; then dQ^T (64 dims x 32 positions) = K^T dS^T into
+// dqt, A = the warpgroup's K tile (kd, keys as rows) read M-major, B = the dS tile K-major, four
+// 16-key steps.
+__device__ __forceinline__ void wg_fused_g2(float (&dv)[32], float (&dk)[32], float (&dqt)[16], uint64_t pd,
+                                            uint64_t dsd, uint64_t dor, uint64_t qr, uint64_t kd) {
+    pin_regs(dv);
+    pin_regs(dk);
+    pin_regs(dqt);
+    wgmma_fence_acc();
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        wgmma_m64n64k16_ss_mn(dv, sw128_desc_plus(pd, 2048 * c), sw128_desc_plus(dor, 2048 * c));
+        wgmma_m64n64k16_ss_mn(dk, sw128_desc_plus(dsd, 2048 * c), sw128_desc_plus(qr, 2048 * c));
+    }
+    wgmma_m64n32k16_ss_mmajor<0>(dqt, kd, dsd);
+#pragma unroll
+    for (int c = 1; c < 4; ++c)
+        wgmma_m64n32k16_ss_mmajor<1>(dqt, sw128_desc_plus(kd, 2048 * c), sw128_desc_plus(dsd, 32 * c));
+    wgmma_commit_groups();
+}
+
+// dq rows = scale * the pair's accumulator (f32 [64, lqp], dims by positions), as bf16, through
+// `stage` ([lqp, 64] bf16, the Q tiles, free once every product is done): first the accumulator
+// in 16-byte loads (a lane a dim: one row of the accumulator each, four positions a load, several
+// loads in flight a thread), transposed into stage; then a position's 128 bytes of stage to its
+// row row_at(position) of dq, 8 threads a row (positions past Lq are not stored). Read straight
+// from the accumulator a lane a position, 64 loads a position held ptxas to 168 registers and
+// spilled. Every thread of the dK/dV block; ends with the stores in flight.
+__device__ __forceinline__ void convert_dq_acc(bf16* dqg, int64_t row_stride, const float* acc, int lqp, float scale,
+                                               unsigned char* stage, int tid, const Geometry& G) {
+    __nv_bfloat16* tile = reinterpret_cast<__nv_bfloat16*>(stage);
+    const int n = 64 * (lqp / 4);
+#pragma unroll 4
+    for (int i = tid; i < n; i += MAPET_ATTN_WG_DKDV_THREADS) {
+        const int d = i & 63, q = 4 * (i >> 6);
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(acc + static_cast<int64_t>(d) * lqp + q));
+        tile[(q + 0) * 64 + d] = __float2bfloat16_rn(v.x * scale);
+        tile[(q + 1) * 64 + d] = __float2bfloat16_rn(v.y * scale);
+        tile[(q + 2) * 64 + d] = __float2bfloat16_rn(v.z * scale);
+        tile[(q + 3) * 64 + d] = __float2bfloat16_rn(v.w * scale);
+    }
+    __syncthreads();
+    for (int i = tid; i < 8 * lqp; i += MAPET_ATTN_WG_DKDV_THREADS) {
+        const int q = i >> 3, part = i & 7;
+        const int row = row_at(q, G);
+        if (row < G.lq)
+            *reinterpret_cast<uint4*>(dqg + static_cast<int64_t>(row) * row_stride + 8 * part) =
+                *reinterpret_cast<const uint4*>(tile + q * 64 + 8 * part);
+    }
+}
+#endif
+
 // The wgmma dK/dV kernels' body. kPeek (mapet_attention_bwd_dkdv_wgmma_peek, the wgmma-peek set;
 // written after the ninth run, unverified on GPU): each chunk's stats are loaded at the end of the
 // previous chunk's elementwise step (the next chunk is the lowest bit of the chunks left), a
@@ -2409,7 +2509,9 @@ namespace {
 // among the issues (about 9% of the kernel's warp-stall samples in the eighth run's profile; loaded
 // after all the issues instead, the kernel took 8% longer in the ninth run, BENCHMARKS.md). The
 // same operations in the same order, so the same bits.
-template <bool kPeek>
+// kFused (mapet_attention_bwd_dkdv_wgmma_fused, the wgmma-fused set; written after the ninth run,
+// unverified on GPU): dQ too, so that no dQ kernel runs (fused_dq_notes below).
+template <bool kPeek, bool kFused = false>
 __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
@@ -2426,8 +2528,13 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
     const uint32_t k_smem = do_smem + static_cast<uint32_t>(lqp) * 128 + wg * kWgTileBytes;  // this warpgroup's
     const uint32_t v_smem = k_smem + 3 * kWgTileBytes;                                       // K and V tiles
     const uint64_t qd = sw128_desc(q_smem), dod = sw128_desc(do_smem), kd = sw128_desc(k_smem), vd = sw128_desc(v_smem);
+    // kFused: this warpgroup's P^T and dS^T tiles, [32 positions x 64 keys] bf16 each, after the
+    // K and V tiles.
+    const uint32_t p_smem = q_smem + static_cast<uint32_t>(lqp) * 256 + 6 * kWgTileBytes + wg * 2 * kPosTileBytes;
+    const uint32_t ds_smem = p_smem + kPosTileBytes;
+    const uint64_t pd = sw128_desc(p_smem), dsd = sw128_desc(ds_smem);
     float* s_lse2 = reinterpret_cast<float*>(wg_smem_raw + (q_smem - smem_addr(wg_smem_raw)) + 2 * lqp * 128 +
-                                             6 * kWgTileBytes);
+                                             6 * kWgTileBytes + (kFused ? 6 * kPosTileBytes : 0));
     float* s_delta = s_lse2 + lqp;
     int* s_a = reinterpret_cast<int*>(s_delta + lqp);
     if (nkt > kDkdvMaxKeyTiles || static_cast<int>(gridDim.x) > MAPET_DKDV_MAX_CTAS) __trap();  // (the plan's bounds)
@@ -2478,6 +2585,15 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         s_delta[pos] = ok ? stat_delta[k] : 0.f;
         s_a[pos] = ok ? first_hidden(row, G) : 0;
     }
+    // kFused: the pair's dQ accumulator zeroed before any warpgroup adds to it (the barrier
+    // below). One CTA a pair (the launcher's grid), so it holds every key tile's share.
+    float* dq_acc = nullptr;
+    if constexpr (kFused) {
+        if (gridDim.x != 1) __trap();
+        dq_acc = plan.dq_acc + (static_cast<int64_t>(b) * prm.heads + head) * 64 * lqp;
+        for (int i = tid; i < 16 * lqp; i += MAPET_ATTN_WG_DKDV_THREADS)
+            reinterpret_cast<float4*>(dq_acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
     sw128_load_wait_groups<1>();  // A and K
     __syncthreads();
     // The second half has landed once every thread has waited for its own copies of it and met
@@ -2493,6 +2609,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
     };
 
     const int lwg = wg, ltid = tid, lb = b, lhead = head;  // (lambdas may not capture a structured binding)
+    const int lwarp = warp, llane = tid & 31;
 #pragma unroll 1
     for (int i = 0; i < mine.n; ++i) {
         const int kt = mine.at(i);
@@ -2535,6 +2652,10 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         float st[4][4], dpt[4][4];
         uint32_t pa[2][4], da[2][4];
         DkdvChunkStats cs;  // the stats of the chunk whose G1 was issued last
+        // kFused: the dQ^T tile of the chunk dq_pc (64 dims x its 32 positions), in flight from
+        // its G2 until the next chunk's finish (or the pipeline's end) adds it to dq_acc.
+        float dqt[16];
+        int dq_pc = -1;
 
         // A tile no position can see (none at ViT) stores zeros.
         const ChunkMasks chunks{plan.live[kt], plan.partial[kt]};
@@ -2566,28 +2687,55 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                     if constexpr (kPeek) {
                         if (rest != 0) load_dkdv_chunk_stats<true>(cs, next_chunk(rest) * kChunk, s_lse2, s_delta, s_a, lt);
                     }
-                    return 0;
+                    return pc;
                 },
                 [&] {
                     pin_regs(flat32(dv));
                     pin_regs(flat32(dk));
-                    pin_regs(flat8(pa));
-                    pin_regs(flat8(da));
-                },
-                [&](int) {
-                    pack_chunk(pa, st);
-                    pack_chunk(da, dpt);
+                    if constexpr (kFused) {
+                        pin_regs(dqt);  // (P^T and dS^T go to G2 through shared memory)
+                    } else {
+                        pin_regs(flat8(pa));
+                        pin_regs(flat8(da));
+                    }
                 },
                 [&](int pc) {
+                    pack_chunk(pa, st);
+                    pack_chunk(da, dpt);
+                    if constexpr (kFused) {
+                        // The previous chunk's G2 is done: its dQ^T goes to L2, and the tiles it
+                        // read take this chunk's P^T and dS^T, for this chunk's G2.
+                        if (dq_pc >= 0) red_add_acc_tile(dq_acc + dq_pc * kChunk, lqp, dqt);
+                        store_t_tile(p_smem, pa, lwarp, llane);
+                        store_t_tile(ds_smem, da, lwarp, llane);
+                        fence_proxy_async_smem();
+                        named_barrier(5 + lwg, 128);
+                        dq_pc = pc;
+                    }
+                },
+                [&](int pc) {
+                    const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
+                    if constexpr (kFused) {
+                        wg_fused_g2(flat32(dv), flat32(dk), dqt, pd, dsd, sw128_desc_plus(dod, rows),
+                                    sw128_desc_plus(qd, rows), kd);
+                        return;
+                    }
                     pin_regs(flat32(dv));
                     pin_regs(flat32(dk));
                     wgmma_fence_acc();
-                    const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
                     wg_chunk_product(dv, pa, sw128_desc_plus(dod, rows));
                     wg_chunk_product(dk, da, sw128_desc_plus(qd, rows));
                     wgmma_commit_groups();
                 },
-                start_next);
+                // kFused: the last G2 reads K as well (dQ^T = K^T dS^T), so the next tile's K
+                // and V wait for it: start_next below, after the pipeline.
+                [&] {
+                    if constexpr (!kFused) start_next();
+                });
+            if constexpr (kFused) {
+                red_add_acc_tile(dq_acc + dq_pc * kChunk, lqp, dqt);  // the last chunk's
+                dq_pc = -1;
+            }
         }
         if (!next_started) start_next();
         bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
@@ -2596,6 +2744,17 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         store_frag_rows_paired(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, G.lk, t);
     }
     need_chunk(npc);  // barrier 4, for a warpgroup that has not needed the second half
+    if constexpr (kFused) {
+        // Every warpgroup's additions performed at L2 (each thread's fence waits for its own)
+        // before the block reads the accumulator back, converts it into dq and lets L2 drop it.
+        __threadfence();
+        __syncthreads();
+        bf16* dqg = static_cast<bf16*>(prm.dq) + b * prm.dq_batch_stride + head * kD;
+        unsigned char* stage = wg_smem_raw + (q_smem - smem_addr(wg_smem_raw));  // the Q tiles, done with
+        convert_dq_acc(dqg, prm.dq_row_stride, dq_acc, lqp, prm.scale, stage, tid, G);
+        __syncthreads();
+        discard_l2(dq_acc, 64 * lqp * 4, tid, MAPET_ATTN_WG_DKDV_THREADS);
+    }
 #else
     __trap();
 #endif
@@ -2613,4 +2772,42 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma_peek(const __grid_constant__ MapetAttentionDkdv plan) {
     dependent_launch_start();
     bwd_dkdv_wgmma<true>(plan);
+}
+
+// The fused backward's dK/dV/dQ kernel (fused_dq_notes): grid (1, H, B), after
+// mapet_attention_bwd_delta; plan.dq_acc holds B * H * 64 * (Lq rounded up to 64) floats.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_wgmma_fused(const __grid_constant__ MapetAttentionDkdv plan) {
+    dependent_launch_start();
+    bwd_dkdv_wgmma<false, true>(plan);
+}
+
+// delta[b, h, row] = sum_d dO[b, row, h, d] O[b, row, h, d] (f32 from the bf16 values), the first
+// kernel of the fused backward (the dQ kernels compute delta on the way; the fused one has no dQ
+// kernel before it). Grid (ceil(Lq / 32), H, B), 256 threads: 8 threads a row, 16 bytes of O and
+// of dO each, their sums added by three shuffles in a fixed order.
+extern "C" __global__ void __launch_bounds__(256) mapet_attention_bwd_delta(const MapetAttention prm) {
+    dependent_launch_start();
+    const Geometry G = geometry_of(prm);
+    const int row = blockIdx.x * 32 + (threadIdx.x >> 3), part = threadIdx.x & 7;
+    const int head = blockIdx.y, b = blockIdx.z;
+    float s = 0.f;
+    if (row < G.lq) {
+        const bf16* o = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + row * prm.o_row_stride + head * kD;
+        const bf16* d = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + row * prm.do_row_stride + head * kD;
+        const uint4 ov = *reinterpret_cast<const uint4*>(o + 8 * part);
+        const uint4 dv = *reinterpret_cast<const uint4*>(d + 8 * part);
+        const __nv_bfloat162* oh = reinterpret_cast<const __nv_bfloat162*>(&ov);
+        const __nv_bfloat162* dh = reinterpret_cast<const __nv_bfloat162*>(&dv);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float2 fo = __bfloat1622float2(oh[k]), fd = __bfloat1622float2(dh[k]);
+            s = fmaf(fd.x, fo.x, s);
+            s = fmaf(fd.y, fo.y, s);
+        }
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    if (row < G.lq && part == 0) prm.delta[(static_cast<int64_t>(b) * prm.heads + head) * G.lq + row] = s;
 }

@@ -131,8 +131,8 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_sw128_n192(
 // the 128-byte swizzle, zero fill, the proxy fence): with A's fragments straight from global
 // memory in the mma.sync layout, B is read once as K-major (B^T, n = 32, the first step not
 // accumulating) and once as N-major (B itself, n = 64, 16 rows of B a step); with A from its own
-// swizzled tile, B's rows 32..63 are read K-major (n = 32 from an offset atom); and with A's tile
-// read M-major (A^T, its rows as K), B's rows 0..31 K-major.
+// swizzled tile, B's rows 32..63 are read K-major (n = 32 from an offset atom); with A's tile
+// read M-major (A^T, its rows as K), B's rows 0..31 K-major; and both tiles read MN-major (A^T B).
 extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __grid_constant__ MapetHopperRs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     __shared__ __align__(1024) unsigned char b_tile[kBoxBytes];
@@ -161,8 +161,9 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
     float nmajor[32];
     float shared_a[16];
     float mmajor_a[16];
+    float mn[32];
 #pragma unroll
-    for (int i = 0; i < 32; ++i) nmajor[i] = 0.f;
+    for (int i = 0; i < 32; ++i) nmajor[i] = mn[i] = 0.f;
     const uint32_t b0 = hopper_smem_addr(b_tile);
     const uint32_t a0 = hopper_smem_addr(a_tile);
     wgmma_fence_acc();
@@ -182,6 +183,9 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
     wgmma_m64n32k16_ss_mmajor<0>(mmajor_a, sw128_desc(a0), sw128_desc(b0));
 #pragma unroll
     for (int c = 1; c < 4; ++c) wgmma_m64n32k16_ss_mmajor<1>(mmajor_a, sw128_desc(a0 + 2048 * c), sw128_desc(b0 + 32 * c));
+    // Both tiles read MN-major: A^T B, 16 rows of each a step.
+#pragma unroll
+    for (int c = 0; c < 4; ++c) wgmma_m64n64k16_ss_mn(mn, sw128_desc(a0 + 2048 * c), sw128_desc(b0 + 2048 * c));
     wgmma_commit_groups();
     wgmma_wait_groups<0>();
 
@@ -197,6 +201,8 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
         for (int j = 0; j < 8; ++j) {
             p.out[64 * 32 + row * 64 + 8 * j + 2 * t] = nmajor[4 * j + 2 * h];
             p.out[64 * 32 + row * 64 + 8 * j + 2 * t + 1] = nmajor[4 * j + 2 * h + 1];
+            p.out[64 * 160 + row * 64 + 8 * j + 2 * t] = mn[4 * j + 2 * h];
+            p.out[64 * 160 + row * 64 + 8 * j + 2 * t + 1] = mn[4 * j + 2 * h + 1];
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -448,9 +454,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) mapet_hopper_dq_reduce(cons
     }
     // Every read of the accumulator is done: its lines leave L2 unwritten.
     __syncthreads();
-    const char* bytes = reinterpret_cast<const char*>(acc);
-    for (int l = tid; l < 2 * positions; l += kDqReduceThreads)  // 64 * positions * 4 / 128 lines
-        asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(bytes + 128 * static_cast<int64_t>(l)) : "memory");
+    discard_l2(acc, 64 * positions * 4, tid, kDqReduceThreads);
 #else
     __trap();
 #endif

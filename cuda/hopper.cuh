@@ -427,6 +427,20 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss_mmajor(float (&d)[16], uint64
         : "l"(a), "l"(b), "n"(Accumulate));
 }
 
+// d (32 f32 a thread) += A (64 x 16) B (16 x 64), both from shared memory and both MN-major
+// (imm-trans-a and imm-trans-b): A a [16 x 64] tile whose rows are its K and columns its M, as
+// wgmma_m64n32k16_ss_mmajor's; B a [16 x 64] tile whose rows are its K and columns its N, as
+// wgmma_m64n64k16_rs_nmajor's. d laid out as wgmma_m64n64k16's.
+__device__ __forceinline__ void wgmma_m64n64k16_ss_mn(float (&d)[32], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{" MAPET_WG_REGS_32 "}, "
+        "%32, %33, p, 1, 1, 1, 1;\n}\n"
+        : MAPET_WG_ACC_32
+        : "l"(a), "l"(b));
+}
+
 // Named barrier `id` (1..15; 0 is __syncthreads') over `threads` threads (a multiple of 32), e.g.
 // the 128 of one warpgroup.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
@@ -484,6 +498,14 @@ __device__ __forceinline__ void red_add_acc_tile(float* at, int64_t ld, const fl
         else
             red_add_v4(row + 8 * j, v[0], v[1], r0, r1);
     }
+}
+
+// Drops `bytes` (a multiple of 128) of global memory from `p` (128-byte aligned) out of L2 without
+// writing them back: the lines of a scratch buffer whose contents are dead. Thread i of n.
+__device__ __forceinline__ void discard_l2(const void* p, int bytes, int i, int n) {
+    const char* c = static_cast<const char*>(p);
+    for (int l = i; l < bytes / 128; l += n)
+        asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(c + 128 * static_cast<int64_t>(l)) : "memory");
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

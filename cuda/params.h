@@ -153,7 +153,12 @@ typedef struct MapetAttention {
 //   live[kt], partial[kt]  bit pc: the 32-position chunk pc has a visible pair with key tile kt
 //                          (keys [64 kt, 64 kt + 64)); and a hidden one too (masked per element);
 //   deal[3 x + w]          the key tiles warpgroup w of CTA x takes, in order, 4 bits each, the
-//                          first in the lowest bits; deal_count[3 x + w] how many.
+//                          first in the lowest bits; deal_count[3 x + w] how many;
+//   dq_acc                 the fused backward's scratch (mapet_attention_bwd_dkdv_wgmma_fused,
+//                          one CTA a pair): f32 [batch, heads, 64, positions], dQ transposed
+//                          (dims by positions in position order; positions = Lq rounded up to 64),
+//                          zeroed, added to and converted into dq by the pair's CTA; null for the
+//                          other dK/dV kernels.
 #define MAPET_DKDV_MAX_KEY_TILES 16
 #define MAPET_DKDV_MAX_CTAS 6
 typedef struct MapetAttentionDkdv {
@@ -162,6 +167,7 @@ typedef struct MapetAttentionDkdv {
     uint32_t partial[MAPET_DKDV_MAX_KEY_TILES];
     uint64_t deal[3 * MAPET_DKDV_MAX_CTAS];
     int32_t deal_count[3 * MAPET_DKDV_MAX_CTAS];
+    float* dq_acc;
 } MapetAttentionDkdv;
 
 // ---------------------------------------------------------------- patch embedding (cuda/patch_embed.cu)
@@ -409,7 +415,7 @@ typedef struct MapetHopperCheck {
 // zeros (the zero fill of sw128_load_rows). out f32, all row-major: [64, 32] = A B[0:32]^T (A in
 // registers, B K-major), then [64, 64] = A B (A in registers, B N-major), then [64, 32] =
 // A B[32:64]^T (both from shared memory, K-major), then [64, 32] = A^T B[0:32]^T (A's tile read
-// M-major from shared memory, B K-major).
+// M-major from shared memory, B K-major), then [64, 64] = A^T B (both tiles read MN-major).
 typedef struct MapetHopperRs {
     const void* a;
     const void* b;

@@ -205,6 +205,9 @@ fn register_a_wgmma_reads_b_both_ways() {
                 let want: f64 = (0..BOX).map(|t| fa[i * BOX + t] as f64 * bv(t, j)).sum();
                 let got = out.nmajor[i * BOX + j];
                 assert!(close(got, want), "b_rows {b_rows}, A B [{i}][{j}]: {got} against {want}");
+                let want: f64 = (0..BOX).map(|t| fa[t * BOX + i] as f64 * bv(t, j)).sum();
+                let got = out.mn_major[i * BOX + j];
+                assert!(close(got, want), "b_rows {b_rows}, A^T B, both MN-major [{i}][{j}]: {got} against {want}");
             }
         }
     }

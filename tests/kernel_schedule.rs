@@ -24,11 +24,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (kernel, exponentials a thread its elementwise step issues between the two waits).
-const PIPELINES: [(&str, usize); 4] = [
+const PIPELINES: [(&str, usize); 5] = [
     ("mapet_attention_fwd_wgmma", 32),
     ("mapet_attention_bwd_dq_wgmma", 16),
     ("mapet_attention_bwd_dkdv_wgmma", 16),
     ("mapet_attention_bwd_dkdv_wgmma_peek", 16),
+    ("mapet_attention_bwd_dkdv_wgmma_fused", 16),
 ];
 
 #[test]
@@ -172,11 +173,12 @@ fn ops_between_wgmma_issues(sass: &str, opcode: &str) -> usize {
 /// most so many 32-bit ones, the per-row statistics: the forward's lse, dQ's delta).
 #[test]
 fn wgmma_kernels_store_their_rows_in_eight_byte_stores() {
-    const STORES: [(&str, usize, usize); 4] = [
+    const STORES: [(&str, usize, usize); 5] = [
         ("mapet_attention_fwd_wgmma", 8, 2),
         ("mapet_attention_bwd_dq_wgmma", 8, 2),
         ("mapet_attention_bwd_dkdv_wgmma", 16, 0),
         ("mapet_attention_bwd_dkdv_wgmma_peek", 16, 0),
+        ("mapet_attention_bwd_dkdv_wgmma_fused", 16, 0),
     ];
     let Some(sass) = sass_or_skip("attention", "wgmma_kernels_store_their_rows_in_eight_byte_stores") else { return };
     for (kernel, wide, narrow_max) in STORES {

@@ -171,8 +171,9 @@ pub fn wgmma_sw128_n192(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<
 /// The attention kernels' wgmma products on bf16 `a` and `b`, both row-major `[BOX, BOX]`, with
 /// the rows of `b` from `b_rows` on read as zeros (1 <= `b_rows` <= [`BOX`]), all row-major f32:
 /// `A B[0:32]ᵀ` (`[BOX, 32]`, A in registers, B K-major), `A B` (`[BOX, BOX]`, A in registers,
-/// B N-major), `A B[32:64]ᵀ` (`[BOX, 32]`, A and B from shared memory) and `Aᵀ B[0:32]ᵀ`
-/// (`[BOX, 32]`, A's tile read M-major from shared memory).
+/// B N-major), `A B[32:64]ᵀ` (`[BOX, 32]`, A and B from shared memory), `Aᵀ B[0:32]ᵀ`
+/// (`[BOX, 32]`, A's tile read M-major from shared memory) and `Aᵀ B` (`[BOX, BOX]`, both read
+/// MN-major).
 pub fn wgmma_rs(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<bf16>, b_rows: usize) -> Result<WgmmaRsOut> {
     require_9_0(gpu)?;
     check_matrix("a", a, BOX, BOX)?;
@@ -180,23 +181,25 @@ pub fn wgmma_rs(gpu: &Gpu, a: &dyn DeviceRead<bf16>, b: &dyn DeviceRead<bf16>, b
     if !(1..=BOX).contains(&b_rows) {
         return Err(Error::Unsupported { what: "wgmma check", detail: format!("b_rows = {b_rows}: 1 to {BOX}") });
     }
-    let mut out = gpu.alloc::<f32>(BOX * 32 + BOX * BOX + 2 * BOX * 32)?;
+    let mut out = gpu.alloc::<f32>(BOX * 32 + BOX * BOX + 2 * BOX * 32 + BOX * BOX)?;
     out.poison()?;
     let p = MapetHopperRs { a: a.ptr(), b: b.ptr(), out: out.f32_ptr(), b_rows: b_rows as i32 };
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: a and b hold BOX·BOX elements each (checked above) and are 16-byte aligned, as the
     // kernel's 4-byte and 16-byte loads need; it reads rows < b_rows of b and writes the
-    // BOX·32 + BOX·BOX + 2·BOX·32 floats of `out`.
+    // BOX·32 + BOX·BOX + 2·BOX·32 + BOX·BOX floats of `out`.
     unsafe { gpu.launch(MODULE, "mapet_hopper_wgmma_rs", cfg, &p)? };
     let all = out.to_host()?;
     let (kmajor, rest) = all.split_at(BOX * 32);
     let (nmajor, rest) = rest.split_at(BOX * BOX);
-    let (shared_a, mmajor_a) = rest.split_at(BOX * 32);
+    let (shared_a, rest) = rest.split_at(BOX * 32);
+    let (mmajor_a, mn_major) = rest.split_at(BOX * 32);
     Ok(WgmmaRsOut {
         kmajor: kmajor.to_vec(),
         nmajor: nmajor.to_vec(),
         shared_a: shared_a.to_vec(),
         mmajor_a: mmajor_a.to_vec(),
+        mn_major: mn_major.to_vec(),
     })
 }
 
@@ -212,6 +215,9 @@ pub struct WgmmaRsOut {
     /// `Aᵀ B[0:32]ᵀ`, `[BOX, 32]`: A's tile read M-major from shared memory (its rows as K), B
     /// K-major: the form of the fused attention backward's dQᵀ = Kᵀ dSᵀ.
     pub mmajor_a: Vec<f32>,
+    /// `Aᵀ B`, `[BOX, BOX]`: both tiles read MN-major from shared memory (their rows as K): the
+    /// form of the fused backward's dV += Pᵀ dO and dK += dSᵀ Q.
+    pub mn_major: Vec<f32>,
 }
 
 /// Rows and columns of C that one block of [`gemm_tn`] computes.

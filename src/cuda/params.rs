@@ -282,10 +282,11 @@ pub struct MapetAttentionDkdv {
     pub partial: [u32; 16usize],
     pub deal: [u64; 18usize],
     pub deal_count: [i32; 18usize],
+    pub dq_acc: *mut f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 576usize];
+    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 584usize];
     ["Alignment of MapetAttentionDkdv"][::core::mem::align_of::<MapetAttentionDkdv>() - 8usize];
     ["Offset of field: MapetAttentionDkdv::a"][::core::mem::offset_of!(MapetAttentionDkdv, a) - 0usize];
     ["Offset of field: MapetAttentionDkdv::live"][::core::mem::offset_of!(MapetAttentionDkdv, live) - 232usize];
@@ -293,6 +294,7 @@ const _: () = {
     ["Offset of field: MapetAttentionDkdv::deal"][::core::mem::offset_of!(MapetAttentionDkdv, deal) - 360usize];
     ["Offset of field: MapetAttentionDkdv::deal_count"]
         [::core::mem::offset_of!(MapetAttentionDkdv, deal_count) - 504usize];
+    ["Offset of field: MapetAttentionDkdv::dq_acc"][::core::mem::offset_of!(MapetAttentionDkdv, dq_acc) - 576usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

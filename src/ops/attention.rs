@@ -614,12 +614,33 @@ pub enum AttentionKernels {
     /// default's bits (`tests/attention_gpu.rs` asserts it). Experimental, written after the
     /// ninth run: unverified on GPU.
     WgmmaPeek,
+    /// `Wgmma`'s forward with a fused backward: a small kernel for delta
+    /// (`mapet_attention_bwd_delta`), then one kernel (`mapet_attention_bwd_dkdv_wgmma_fused`)
+    /// that computes dK, dV and dQ, five products of the (row, key) size where the dQ and dK/dV
+    /// kernels run seven. Each warpgroup adds its dQ tiles into an f32 accumulator of the pair
+    /// by `red.global.add`, which its CTA (one a pair) zeroes first and converts into dq last, so
+    /// that it stays in L2 (cuda/attention.cu, fused_dq_notes). So dQ is **not deterministic**:
+    /// its last bits may change from run to run (dK and dV do not). Needs one CTA a pair and
+    /// 4 bytes x 64 x (Lq rounded up to 64) of scratch a pair (201 MB at ViT-B, batch 128).
+    /// Experimental, written after the ninth run: unverified on GPU.
+    WgmmaFused,
 }
 
 impl AttentionKernels {
     /// Every set, for tests and benches.
-    pub const ALL: [AttentionKernels; 4] =
-        [AttentionKernels::Tiled, AttentionKernels::Resident, AttentionKernels::Wgmma, AttentionKernels::WgmmaPeek];
+    pub const ALL: [AttentionKernels; 5] = [
+        AttentionKernels::Tiled,
+        AttentionKernels::Resident,
+        AttentionKernels::Wgmma,
+        AttentionKernels::WgmmaPeek,
+        AttentionKernels::WgmmaFused,
+    ];
+
+    /// Whether its backward gives the same bits on every run (all but `WgmmaFused`, whose dQ
+    /// adds its tiles in no fixed order).
+    pub fn deterministic(self) -> bool {
+        self != AttentionKernels::WgmmaFused
+    }
 
     /// The wgmma forward's launch for `shape` on a device of compute capability `cc` with
     /// `sm_count` SMs whose blocks may take `max_smem` bytes of shared memory: grid x and dynamic
@@ -654,12 +675,16 @@ impl AttentionKernels {
             return None;
         }
         let positions = shape.q_rows().div_ceil(64) * 64;
-        let smem = positions * (2 * 128 + 12) + 6 * CUDA_WG_TILE_BYTES + 1024;
+        // The fused kernel's P^T and dS^T tiles, [32 positions x 64 keys] bf16 a warpgroup.
+        let fused = self == AttentionKernels::WgmmaFused;
+        let smem = positions * (2 * 128 + 12) + 6 * CUDA_WG_TILE_BYTES + 1024 + if fused { 6 * 32 * 128 } else { 0 };
         if smem > max_smem as usize {
             return None;
         }
-        // 64-key tiles, three warpgroups a CTA, one CTA per SM.
-        let split = ctas_per_pair(shape, sm_count as usize, shape.k_rows().div_ceil(CUDA_BLOCK_N), 3);
+        // 64-key tiles, three warpgroups a CTA, one CTA per SM; the fused kernel's CTA holds
+        // its pair's dQ, so one CTA a pair.
+        let split =
+            if fused { 1 } else { ctas_per_pair(shape, sm_count as usize, shape.k_rows().div_ceil(CUDA_BLOCK_N), 3) };
         Some((split, smem as u32))
     }
 
@@ -710,7 +735,7 @@ fn ctas_per_pair(shape: &AttentionShape, slots: usize, tiles: usize, per_cta: us
     (2 * slots).div_ceil(shape.batch * shape.heads).clamp(1, max_split) as u32
 }
 
-/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma|wgmma-peek` picks the kernels the CUDA backend passes to
+/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma|wgmma-peek|wgmma-fused` picks the kernels the CUDA backend passes to
 /// [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
 impl KernelChoice for AttentionKernels {
     const VAR: &'static str = "MAPET_ATTENTION_KERNELS";
@@ -722,6 +747,7 @@ impl KernelChoice for AttentionKernels {
             AttentionKernels::Resident => "resident",
             AttentionKernels::Wgmma => "wgmma",
             AttentionKernels::WgmmaPeek => "wgmma-peek",
+            AttentionKernels::WgmmaFused => "wgmma-fused",
         }
     }
 }
@@ -729,7 +755,7 @@ impl KernelChoice for AttentionKernels {
 impl AttentionKernels {
     /// Whether this set runs the wgmma kernels (on compute capability 9.0).
     fn is_wgmma(self) -> bool {
-        matches!(self, AttentionKernels::Wgmma | AttentionKernels::WgmmaPeek)
+        matches!(self, AttentionKernels::Wgmma | AttentionKernels::WgmmaPeek | AttentionKernels::WgmmaFused)
     }
 
     /// The environment variable that picks the backward's kernels apart from the forward's.
@@ -915,6 +941,7 @@ fn dkdv_params(p: MapetAttention, shape: &AttentionShape, grid: usize) -> Result
         partial: [0; CUDA_WG_DKDV_MAX_KEY_TILES],
         deal: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         deal_count: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
+        dq_acc: std::ptr::null_mut(),
     };
     if masks.len() > tiles || 3 * grid > deals {
         return Err(Error::Unsupported {
@@ -937,6 +964,29 @@ fn dkdv_params(p: MapetAttention, shape: &AttentionShape, grid: usize) -> Result
         }
     }
     Ok(plan)
+}
+
+/// The `WgmmaFused` backward ([`AttentionKernels::WgmmaFused`]) on the launch `wgmma_dkdv_launch`
+/// gave: delta, then dK, dV and dQ in one kernel, with `p` as [`cuda_backward`] filled it.
+fn fused_backward(gpu: &Gpu, shape: &AttentionShape, p: MapetAttention, launch: (u32, u32)) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (shape.q_rows().div_ceil(32) as u32, shape.heads as u32, shape.batch as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as in cuda_backward: o and d_o hold the query rows (checked there) and delta
+    // [B, H, N+2P] floats; the kernel reads rows < N+2P of o and d_o and writes delta once a row.
+    unsafe { gpu.launch_dependent("attention", "mapet_attention_bwd_delta", cfg, &p)? };
+    // The pair's dQ accumulator: 64 dims x its positions (whole 64-row tiles), f32.
+    let acc = gpu.alloc::<f32>(shape.batch * shape.heads * 64 * shape.q_rows().div_ceil(64) * 64)?;
+    let mut plan = dkdv_params(p, shape, launch.0 as usize)?;
+    plan.dq_acc = acc.f32_ptr();
+    let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
+    // SAFETY: as for the wgmma dK/dV kernel in cuda_backward, with one CTA a pair (launch.0 is 1
+    // for this set: wgmma_dkdv_launch), which zeroes, adds to, converts and discards only its
+    // pair's 64 x positions floats of `acc` (allocated for every pair above) and writes its
+    // pair's rows of dq; delta was written by the kernel before on this stream.
+    unsafe { gpu.launch_dependent("attention", "mapet_attention_bwd_dkdv_wgmma_fused", cfg, &plan) }
 }
 
 fn grid(rows: usize, per_block: usize, shape: &AttentionShape) -> LaunchConfig {
@@ -1029,6 +1079,11 @@ pub fn cuda_backward(
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
     (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
     let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
+    if kernels == AttentionKernels::WgmmaFused {
+        if let Some(launch) = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem) {
+            return fused_backward(gpu, shape, p, launch);
+        }
+    }
     // The wgmma dQ kernel has the forward's launch (grid, shared memory, two CTAs per SM).
     let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
     let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
