@@ -319,6 +319,7 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     patch-tokens:patch_embed:mapet_patch_embed_bwd_tokens:patch_embed_gpu \
     ce-rows-held:cross_entropy:cross_entropy_rows_held:cross_entropy_gpu:150 \
     attn-dkdv-wgmma-peek:attention:mapet_attention_bwd_dkdv_wgmma_peek:attention/vit-b/wgmma-peek \
+    attn-dkdv-wgmma-fused:attention:mapet_attention_bwd_dkdv_wgmma_fused:attention/vit-b/wgmma-fused \
     attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
     attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \
