@@ -2408,7 +2408,7 @@ namespace {
 // dK/dV kernels run seven (both recompute S and dP). Per position chunk, after G1 and the
 // elementwise step, each warpgroup has P^T and dS^T (its 64 keys x the chunk's 32 positions) in
 // registers. It stores both transposed into tiles of its own ([32 positions x 64 keys] bf16,
-// 128-byte swizzle; store_t_tile), and G2 reads them from there: dV += P^T dO and dK += dS^T Q
+// 128-byte swizzle; sw128_store_frags_transposed), and G2 reads them from there: dV += P^T dO and dK += dS^T Q
 // with A read M-major from the tiles (wg_fused_g2), and a third product, dQ^T (64 dims x 32
 // positions) = K^T dS^T (A = the warpgroup's K tile read M-major, B = the dS tile). With A from
 // shared memory, P^T's and dS^T's 16 registers are free once stored, which pays for dQ^T's 16
@@ -2427,25 +2427,6 @@ namespace {
 // only after the tile's last G2 (which now reads K). Experimental, unverified on GPU.
 
 constexpr int kPosTileBytes = 32 * 128;  // a [32 positions x 64 keys] bf16 tile (P^T's, dS^T's)
-
-// Stores the A fragments a (pack_chunk of a chunk's P^T or dS^T: keys 16 warp + [0, 16) of the
-// warpgroup's 64, positions 16 c + [0, 16) in step c) transposed into the tile at `tile`: row =
-// position, 64 keys = 128 bytes a row, 128-byte swizzle. stmatrix .trans writes each 8 x 8
-// fragment matrix column by column: matrix i of step c (i = 0..3: keys + 8 (i & 1), positions
-// + 8 (i >> 1), the A layout's registers) lands as 8 rows of 8 keys (16 bytes, one swizzle
-// chunk), whose row addresses lanes 8 i .. 8 i + 7 give.
-__device__ __forceinline__ void store_t_tile(uint32_t tile, const uint32_t (&da)[2][4], int warp, int lane) {
-    const int i = lane >> 3, k = lane & 7;
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-        const int row = 16 * c + 8 * (i >> 1) + k;
-        const int chunk = 2 * warp + (i & 1);
-        const uint32_t addr = tile + row * 128 + ((chunk ^ (row & 7)) << 4);
-        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-                     "r"(da[c][0]), "r"(da[c][1]), "r"(da[c][2]), "r"(da[c][3])
-                     : "memory");
-    }
-}
 
 // The fused kernel's G2 for a chunk, one wgmma group: dv += P^T dO and dk += dS^T Q, A from the
 // P and dS tiles (pd, dsd: positions as rows) read M-major and B the chunk's dO and Q rows (dor,
@@ -2706,8 +2687,8 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                         // The previous chunk's G2 is done: its dQ^T goes to L2, and the tiles it
                         // read take this chunk's P^T and dS^T, for this chunk's G2.
                         if (dq_pc >= 0) red_add_acc_tile(dq_acc + dq_pc * kChunk, lqp, dqt);
-                        store_t_tile(p_smem, pa, lwarp, llane);
-                        store_t_tile(ds_smem, da, lwarp, llane);
+                        sw128_store_frags_transposed(p_smem, pa, lwarp, llane);
+                        sw128_store_frags_transposed(ds_smem, da, lwarp, llane);
                         fence_proxy_async_smem();
                         named_barrier(5 + lwg, 128);
                         dq_pc = pc;

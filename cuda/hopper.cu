@@ -217,6 +217,40 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
 #endif
 }
 
+// A [64 x 32] matrix's A fragments (each warp its 16 rows, straight from global memory) stored
+// transposed into a swizzled tile by sw128_store_frags_transposed, as the fused attention
+// backward stores P^T and dS^T, then read back through the swizzle formula by hand: out = A^T.
+extern "C" __global__ void __launch_bounds__(128) mapet_hopper_store_transposed(const MapetHopperTranspose p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __shared__ __align__(1024) unsigned char tile[32 * 128];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    // A fragments of rows r = 16 warp + g (+ 8), the two 16-column steps (a row is 16 words).
+    const uint32_t* a = static_cast<const uint32_t*>(p.a);
+    const int r = 16 * warp + g;
+    uint32_t af[2][4];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        af[c][0] = a[r * 16 + 8 * c + t];
+        af[c][1] = a[(r + 8) * 16 + 8 * c + t];
+        af[c][2] = a[r * 16 + 8 * c + 4 + t];
+        af[c][3] = a[(r + 8) * 16 + 8 * c + 4 + t];
+    }
+    sw128_store_frags_transposed(hopper_smem_addr(tile), af, warp, lane);
+    __syncthreads();
+    for (int i = threadIdx.x; i < 32 * 64; i += 128) {
+        const int row = i / 64, col = i % 64;
+        const __nv_bfloat16 v =
+            *reinterpret_cast<const __nv_bfloat16*>(tile + sw128_offset(row, col / 8) + 2 * (col % 8));
+        p.out[i] = __bfloat162float(v);
+    }
+#else
+    __trap();
+#endif
+}
+
 // ------------------------------------------------------------------ a warp-specialised GEMM
 //
 // C[m, n] = A[m, k] B[n, k]^T (bf16 in, f32 accumulation, bf16 out), the shape of x W^T. The

@@ -508,4 +508,26 @@ __device__ __forceinline__ void discard_l2(const void* p, int bytes, int i, int 
         asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(c + 128 * static_cast<int64_t>(l)) : "memory");
 }
 
+// Stores a warpgroup's A fragments a of a [64 x 32] bf16 matrix X (warp w's rows 16 w + [0, 16);
+// a[c] the 16-column step c in the mma.sync A layout, as pack_chunk makes them from a wgmma
+// accumulator) transposed into the tile at `tile` (1024-byte aligned): X^T, [32 x 64] bf16, row
+// r = column r of X, 128 bytes a row in the 128-byte swizzle (sw128_offset). stmatrix .trans
+// writes each 8 x 8 fragment matrix column by column: matrix i of step c (i = 0..3: rows + 8 (i &
+// 1), columns + 8 (i >> 1), the A layout's registers) lands as 8 tile rows of 8 elements (16
+// bytes, one swizzle chunk), whose addresses lanes 8 i .. 8 i + 7 give. The fused attention
+// backward stores P^T and dS^T so (keys x positions in, positions x keys out), for G2 to read.
+__device__ __forceinline__ void sw128_store_frags_transposed(uint32_t tile, const uint32_t (&a)[2][4], int warp,
+                                                             int lane) {
+    const int i = lane >> 3, k = lane & 7;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        const int row = 16 * c + 8 * (i >> 1) + k;
+        const int chunk = 2 * warp + (i & 1);
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                         tile + sw128_offset(row, chunk)),
+                     "r"(a[c][0]), "r"(a[c][1]), "r"(a[c][2]), "r"(a[c][3])
+                     : "memory");
+    }
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -423,6 +423,15 @@ typedef struct MapetHopperRs {
     int32_t b_rows;
 } MapetHopperRs;
 
+// Check of sw128_store_frags_transposed (cuda/hopper.cu, mapet_hopper_store_transposed), one block
+// of 128 threads: `a` bf16 [64, 32] row-major, loaded into A fragments by each warp (its 16
+// rows), stored transposed into a 128-byte-swizzled tile, and read back through the swizzle:
+// out f32 [32, 64] = A^T.
+typedef struct MapetHopperTranspose {
+    const void* a;
+    float* out;
+} MapetHopperTranspose;
+
 // C = A B^T on Hopper's TMA + wgmma (cuda/hopper.cu, mapet_hopper_gemm_tn): A bf16 [m, k] mapped
 // in boxes of 128 rows x 64 columns, B bf16 [n, k] in boxes of 256 rows x 64 columns (both
 // 128-byte swizzle), C bf16 [m, n] row-major (written).

@@ -6,8 +6,8 @@
 
 use half::bf16;
 use mapet::cuda::hopper::{
-    dq_reduce, dq_reduce_positions, gemm_tn, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128, wgmma_sw128_n192,
-    DqReduce, BOX,
+    dq_reduce, dq_reduce_positions, gemm_tn, store_transposed, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128,
+    wgmma_sw128_n192, DqReduce, BOX,
 };
 use mapet::cuda::Gpu;
 use mapet::testing::{finish_or_exit, gpu_or_skip, rng, uniform};
@@ -303,4 +303,22 @@ fn dq_reduce_refuses_wrong_buffers() {
     assert!(err.to_string().contains("dq"), "{err}");
     let err = dq_reduce(&gpu, &mut acc, &mut dq, 0, lq, 1, DqReduce::Red4).unwrap_err();
     assert!(err.to_string().contains("0 pairs"), "{err}");
+}
+
+#[test]
+fn fragments_stored_transposed_read_back_as_the_transpose() {
+    let test = "fragments_stored_transposed_read_back_as_the_transpose";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    let (h, f) = random_matrix(test, BOX, 32);
+    let a = gpu.upload(&h).unwrap();
+    if refused_off_hopper(&gpu, || store_transposed(&gpu, &a)) {
+        return;
+    }
+    let out = store_transposed(&gpu, &a).unwrap();
+    // Exact: the values only move.
+    for r in 0..32 {
+        for c in 0..BOX {
+            assert_eq!(out[r * BOX + c], f[c * 32 + r], "A^T [{r}][{c}] (A [{c}][{r}])");
+        }
+    }
 }

@@ -9,6 +9,8 @@
 //! - [`wgmma_sw128`]: a 64 x 64 product over one or two 64-wide slices of K, the operands
 //!   loaded by TMA and read by wgmma through swizzled descriptors (descriptor fields, the
 //!   32-byte step within a slice, the accumulator layout);
+//! - [`store_transposed`]: A fragments stored transposed into a swizzled tile (stmatrix .trans,
+//!   the fused attention backward's P^T and dS^T tiles);
 //! - [`wgmma_rs`]: the wgmma forms the attention kernels use (A in registers with B K-major and
 //!   N-major, both from shared memory with n = 32), on tiles that cp.async wrote into the swizzle
 //!   by hand (register fragment layout, the zero fill and proxy fence, one tile read both ways).
@@ -24,7 +26,9 @@ use cudarc::driver::sys;
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use crate::cuda::params::{MapetHopperCheck, MapetHopperDqReduce, MapetHopperGemm, MapetHopperRs, MapetTensorMap};
+use crate::cuda::params::{
+    MapetHopperCheck, MapetHopperDqReduce, MapetHopperGemm, MapetHopperRs, MapetHopperTranspose, MapetTensorMap,
+};
 use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
 
@@ -218,6 +222,23 @@ pub struct WgmmaRsOut {
     /// `Aᵀ B`, `[BOX, BOX]`: both tiles read MN-major from shared memory (their rows as K): the
     /// form of the fused backward's dV += Pᵀ dO and dK += dSᵀ Q.
     pub mn_major: Vec<f32>,
+}
+
+/// `Aᵀ` (`[32, BOX]`, row-major f32) for a bf16 `a`, row-major `[BOX, 32]`, by the way the fused
+/// attention backward stores P^T and dS^T: each warp loads its 16 rows of `a` as mma.sync A
+/// fragments and `sw128_store_frags_transposed` (stmatrix .trans) writes them into a 128-byte
+/// swizzled tile, which the kernel reads back through the swizzle pattern.
+pub fn store_transposed(gpu: &Gpu, a: &dyn DeviceRead<bf16>) -> Result<Vec<f32>> {
+    require_9_0(gpu)?;
+    check_matrix("a", a, BOX, 32)?;
+    let mut out = gpu.alloc::<f32>(32 * BOX)?;
+    out.poison()?;
+    let p = MapetHopperTranspose { a: a.ptr(), out: out.f32_ptr() };
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: a holds BOX·32 elements (checked above), 16-byte aligned; the kernel reads them as
+    // 4-byte pairs and writes the 32·BOX floats of `out`.
+    unsafe { gpu.launch(MODULE, "mapet_hopper_store_transposed", cfg, &p)? };
+    out.to_host()
 }
 
 /// Rows and columns of C that one block of [`gemm_tn`] computes.

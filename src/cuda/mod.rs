@@ -484,6 +484,7 @@ kernel_params!(
     MapetHopperGemm,
     MapetHopperRs,
     MapetHopperDqReduce,
+    MapetHopperTranspose,
 );
 
 /// Device memory a kernel reads: a whole [`DeviceBuffer`], or a [`DeviceView`] /

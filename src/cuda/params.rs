@@ -703,6 +703,19 @@ const _: () = {
     ["Offset of field: MapetHopperRs::b_rows"][::core::mem::offset_of!(MapetHopperRs, b_rows) - 24usize];
 };
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetHopperTranspose {
+    pub a: *const ::core::ffi::c_void,
+    pub out: *mut f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetHopperTranspose"][::core::mem::size_of::<MapetHopperTranspose>() - 16usize];
+    ["Alignment of MapetHopperTranspose"][::core::mem::align_of::<MapetHopperTranspose>() - 8usize];
+    ["Offset of field: MapetHopperTranspose::a"][::core::mem::offset_of!(MapetHopperTranspose, a) - 0usize];
+    ["Offset of field: MapetHopperTranspose::out"][::core::mem::offset_of!(MapetHopperTranspose, out) - 8usize];
+};
+#[repr(C)]
 #[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
 pub struct MapetHopperGemm {
