@@ -2407,24 +2407,26 @@ namespace {
 // computes dQ, so that the backward runs five products of the (row, key) size where the dQ and
 // dK/dV kernels run seven (both recompute S and dP). Per position chunk, after G1 and the
 // elementwise step, each warpgroup has P^T and dS^T (its 64 keys x the chunk's 32 positions) in
-// registers. It stores both transposed into tiles of its own ([32 positions x 64 keys] bf16,
-// 128-byte swizzle; sw128_store_frags_transposed), and G2 reads them from there: dV += P^T dO and dK += dS^T Q
-// with A read M-major from the tiles (wg_fused_g2), and a third product, dQ^T (64 dims x 32
-// positions) = K^T dS^T (A = the warpgroup's K tile read M-major, B = the dS tile). With A from
-// shared memory, P^T's and dS^T's 16 registers are free once stored, which pays for dQ^T's 16
-// (with A in registers, as the other dK/dV kernels run G2, ptxas spilled 344 bytes). The next
-// chunk's finish (or the end of the key tile) adds that dQ^T tile into the pair's f32
-// accumulator in global memory by red.global.add.v4.f32 (red_add_acc_tile). One CTA a pair, so
-// the accumulator (64 x 512 f32 at ViT, 128 KB; 17 MB for 132 CTAs) only lives while its CTA
-// runs: the CTA zeroes it first, and at its end converts it into dq and drops its lines from L2
+// registers. Its finish stores both transposed into tiles of its own ([32 positions x 64 keys]
+// bf16, 128-byte swizzle; sw128_store_frags_transposed), and G2 reads them from there: dV +=
+// P^T dO and dK += dS^T Q with A read M-major from the tiles (wg_fused_g2), and a third product,
+// dQ^T (64 dims x 32 positions) = K^T dS^T (A = the warpgroup's K tile read M-major, B = the dS
+// tile). With A from shared memory, P^T's and dS^T's 16 registers are free once stored, which
+// pays for dQ^T's 16 (with A in registers, as the other dK/dV kernels run G2, ptxas spilled 344
+// bytes). The next chunk's G2 issue (or the end of the key tile) first adds that dQ^T tile into
+// the pair's f32 accumulator in global memory by red.global.add.v4.f32 (red_add_acc_tile): after
+// the chunk after it has had its G1 issued, so that the reductions and the warpgroup's barrier
+// for the tile stores run while the tensor cores have that G1. One CTA a pair, so the
+// accumulator (64 x 512 f32 at ViT, 128 KB; 17 MB for 132 CTAs) only lives while its CTA runs:
+// the CTA zeroes it first, and at its end converts it into dq and drops its lines from L2
 // unwritten (discard_l2), so it never costs a DRAM pass. delta comes from a kernel of its own
 // before (mapet_attention_bwd_delta), where the dQ kernels computed it on the way.
 // Not deterministic: the three warpgroups' additions into an element of dQ come in no fixed
 // order, so dQ may differ in its last bits from run to run (dK and dV do not).
 // What it costs beside the saved products: a third product and a shared-memory round trip a
-// chunk for P^T and dS^T, 16 registers held from one G2 to the next finish, the reductions (about 0.9 GB at
-// ViT-B, what mapet_hopper_dq_reduce measures alone), and the next key tile's K and V copied
-// only after the tile's last G2 (which now reads K). Experimental, unverified on GPU.
+// chunk for P^T and dS^T, 16 registers held from one G2 to the next, the reductions (about 0.9
+// GB at ViT-B, what mapet_hopper_dq_reduce measures alone), and the next key tile's K and V
+// copied only after the tile's last G2 (which now reads K). Experimental, unverified on GPU.
 
 constexpr int kPosTileBytes = 32 * 128;  // a [32 positions x 64 keys] bf16 tile (P^T's, dS^T's)
 
@@ -2668,7 +2670,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                     if constexpr (kPeek) {
                         if (rest != 0) load_dkdv_chunk_stats<true>(cs, next_chunk(rest) * kChunk, s_lse2, s_delta, s_a, lt);
                     }
-                    return pc;
+                    return 0;
                 },
                 [&] {
                     pin_regs(flat32(dv));
@@ -2680,23 +2682,27 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                         pin_regs(flat8(da));
                     }
                 },
-                [&](int pc) {
+                [&](int) {
                     pack_chunk(pa, st);
                     pack_chunk(da, dpt);
                     if constexpr (kFused) {
-                        // The previous chunk's G2 is done: its dQ^T goes to L2, and the tiles it
-                        // read take this chunk's P^T and dS^T, for this chunk's G2.
-                        if (dq_pc >= 0) red_add_acc_tile(dq_acc + dq_pc * kChunk, lqp, dqt);
+                        // The previous chunk's G2 is done: the tiles it read take this chunk's
+                        // P^T and dS^T, for this chunk's G2 (issue_g2 below, after the next
+                        // chunk's G1).
                         sw128_store_frags_transposed(p_smem, pa, lwarp, llane);
                         sw128_store_frags_transposed(ds_smem, da, lwarp, llane);
                         fence_proxy_async_smem();
-                        named_barrier(5 + lwg, 128);
-                        dq_pc = pc;
                     }
                 },
                 [&](int pc) {
                     const uint32_t rows = static_cast<uint32_t>(pc * kChunk) * 128;
                     if constexpr (kFused) {
+                        // The previous chunk's dQ^T (its G2 is done) goes to L2 while the next
+                        // chunk's G1, issued just before, runs on the tensor cores; then every
+                        // warp's tile stores (finish) are in before this chunk's G2 reads them.
+                        if (dq_pc >= 0) red_add_acc_tile(dq_acc + dq_pc * kChunk, lqp, dqt);
+                        dq_pc = pc;
+                        named_barrier(5 + lwg, 128);
                         wg_fused_g2(flat32(dv), flat32(dk), dqt, pd, dsd, sw128_desc_plus(dod, rows),
                                     sw128_desc_plus(qd, rows), kd);
                         return;
