@@ -2419,8 +2419,9 @@ namespace {
 // for the tile stores run while the tensor cores have that G1. One CTA a pair, so the
 // accumulator (64 x 512 f32 at ViT, 128 KB; 17 MB for 132 CTAs) only lives while its CTA runs:
 // the CTA zeroes it first, and at its end converts it into dq and drops its lines from L2
-// unwritten (discard_l2), so it never costs a DRAM pass. delta comes from a kernel of its own
-// before (mapet_attention_bwd_delta), where the dQ kernels computed it on the way.
+// unwritten (discard_l2), so it never costs a DRAM pass. delta, which the dQ kernels compute on
+// the way, the CTA computes in its prologue from its positions' O and dO rows (row_delta), while
+// its copies fly.
 // Not deterministic: the three warpgroups' additions into an element of dQ come in no fixed
 // order, so dQ may differ in its last bits from run to run (dK and dV do not).
 // What it costs beside the saved products: a third product and a shared-memory round trip a
@@ -2429,6 +2430,25 @@ namespace {
 // copied only after the tile's last G2 (which now reads K). Experimental, unverified on GPU.
 
 constexpr int kPosTileBytes = 32 * 128;  // a [32 positions x 64 keys] bf16 tile (P^T's, dS^T's)
+
+// delta of one row: sum_d dO[d] O[d] over its 64 bf16 values (f32 products and sums).
+__device__ __forceinline__ float row_delta(const bf16* o, const bf16* d_o) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const uint4 ov = __ldg(reinterpret_cast<const uint4*>(o) + i);
+        const uint4 dv = __ldg(reinterpret_cast<const uint4*>(d_o) + i);
+        const __nv_bfloat162* oh = reinterpret_cast<const __nv_bfloat162*>(&ov);
+        const __nv_bfloat162* dh = reinterpret_cast<const __nv_bfloat162*>(&dv);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float2 fo = __bfloat1622float2(oh[k]), fd = __bfloat1622float2(dh[k]);
+            s = fmaf(fd.x, fo.x, s);
+            s = fmaf(fd.y, fo.y, s);
+        }
+    }
+    return s;
+}
 
 // The fused kernel's G2 for a chunk, one wgmma group: dv += P^T dO and dk += dS^T Q, A from the
 // P and dS tiles (pd, dsd: positions as rows) read M-major and B the chunk's dO and Q rows (dor,
@@ -2547,7 +2567,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         stat_row[k] = pos < lqp ? row_at(pos, G) : G.lq;
         const bool ok = stat_row[k] < G.lq;
         stat_lse[k] = ok ? __ldg(prm.lse + stat0 + stat_row[k]) : 0.f;
-        stat_delta[k] = ok ? __ldg(prm.delta + stat0 + stat_row[k]) : 0.f;
+        if constexpr (!kFused) stat_delta[k] = ok ? __ldg(prm.delta + stat0 + stat_row[k]) : 0.f;
     }
     copy_positions_q_do(q_smem, qg, prm.q_row_stride, do_smem, dog, prm.do_row_stride, 0, half, tid,
                         MAPET_ATTN_WG_DKDV_THREADS, G);
@@ -2557,6 +2577,19 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
     copy_positions_q_do(q_smem + half * 128, qg, prm.q_row_stride, do_smem + half * 128, dog, prm.do_row_stride, half,
                         lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
     cp_async_commit();
+    // kFused: no dQ kernel ran before to compute delta = rowsum(dO * O): the thread computes its
+    // positions' from their O and dO rows, one position at a time, while the copies fly (the dO
+    // rows are the ones the copies bring, so one of the two reads is served by L2).
+    if constexpr (kFused) {
+        const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+#pragma unroll
+        for (int k = 0; k < kDkdvStatsPerThread; ++k) {
+            const int row = stat_row[k];
+            stat_delta[k] = row < G.lq ? row_delta(og + static_cast<int64_t>(row) * prm.o_row_stride,
+                                                   dog + static_cast<int64_t>(row) * prm.do_row_stride)
+                                       : 0.f;
+        }
+    }
     // Every position's lse (log2 units), delta and first hidden key, while the copies fly.
 #pragma unroll
     for (int k = 0; k < kDkdvStatsPerThread; ++k) {
@@ -2761,40 +2794,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     bwd_dkdv_wgmma<true>(plan);
 }
 
-// The fused backward's dK/dV/dQ kernel (fused_dq_notes): grid (1, H, B), after
-// mapet_attention_bwd_delta; plan.dq_acc holds B * H * 64 * (Lq rounded up to 64) floats.
+// The fused backward's one kernel (fused_dq_notes): grid (1, H, B); plan.dq_acc holds B * H * 64 *
+// (Lq rounded up to 64) floats; prm.delta is not read.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma_fused(const __grid_constant__ MapetAttentionDkdv plan) {
     dependent_launch_start();
     bwd_dkdv_wgmma<false, true>(plan);
-}
-
-// delta[b, h, row] = sum_d dO[b, row, h, d] O[b, row, h, d] (f32 from the bf16 values), the first
-// kernel of the fused backward (the dQ kernels compute delta on the way; the fused one has no dQ
-// kernel before it). Grid (ceil(Lq / 32), H, B), 256 threads: 8 threads a row, 16 bytes of O and
-// of dO each, their sums added by three shuffles in a fixed order.
-extern "C" __global__ void __launch_bounds__(256) mapet_attention_bwd_delta(const MapetAttention prm) {
-    dependent_launch_start();
-    const Geometry G = geometry_of(prm);
-    const int row = blockIdx.x * 32 + (threadIdx.x >> 3), part = threadIdx.x & 7;
-    const int head = blockIdx.y, b = blockIdx.z;
-    float s = 0.f;
-    if (row < G.lq) {
-        const bf16* o = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + row * prm.o_row_stride + head * kD;
-        const bf16* d = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + row * prm.do_row_stride + head * kD;
-        const uint4 ov = *reinterpret_cast<const uint4*>(o + 8 * part);
-        const uint4 dv = *reinterpret_cast<const uint4*>(d + 8 * part);
-        const __nv_bfloat162* oh = reinterpret_cast<const __nv_bfloat162*>(&ov);
-        const __nv_bfloat162* dh = reinterpret_cast<const __nv_bfloat162*>(&dv);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const float2 fo = __bfloat1622float2(oh[k]), fd = __bfloat1622float2(dh[k]);
-            s = fmaf(fd.x, fo.x, s);
-            s = fmaf(fd.y, fo.y, s);
-        }
-    }
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    s += __shfl_xor_sync(0xffffffffu, s, 2);
-    s += __shfl_xor_sync(0xffffffffu, s, 4);
-    if (row < G.lq && part == 0) prm.delta[(static_cast<int64_t>(b) * prm.heads + head) * G.lq + row] = s;
 }

@@ -614,9 +614,8 @@ pub enum AttentionKernels {
     /// default's bits (`tests/attention_gpu.rs` asserts it). Experimental, written after the
     /// ninth run: unverified on GPU.
     WgmmaPeek,
-    /// `Wgmma`'s forward with a fused backward: a small kernel for delta
-    /// (`mapet_attention_bwd_delta`), then one kernel (`mapet_attention_bwd_dkdv_wgmma_fused`)
-    /// that computes dK, dV and dQ, five products of the (row, key) size where the dQ and dK/dV
+    /// `Wgmma`'s forward with a fused backward: one kernel (`mapet_attention_bwd_dkdv_wgmma_fused`)
+    /// computes delta, dK, dV and dQ, five products of the (row, key) size where the dQ and dK/dV
     /// kernels run seven. Each warpgroup adds its dQ tiles into an f32 accumulator of the pair
     /// by `red.global.add`, which its CTA (one a pair) zeroes first and converts into dq last, so
     /// that it stays in L2 (cuda/attention.cu, fused_dq_notes). So dQ is **not deterministic**:
@@ -967,16 +966,8 @@ fn dkdv_params(p: MapetAttention, shape: &AttentionShape, grid: usize) -> Result
 }
 
 /// The `WgmmaFused` backward ([`AttentionKernels::WgmmaFused`]) on the launch `wgmma_dkdv_launch`
-/// gave: delta, then dK, dV and dQ in one kernel, with `p` as [`cuda_backward`] filled it.
+/// gave: delta, dK, dV and dQ in one kernel, with `p` as [`cuda_backward`] filled it.
 fn fused_backward(gpu: &Gpu, shape: &AttentionShape, p: MapetAttention, launch: (u32, u32)) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (shape.q_rows().div_ceil(32) as u32, shape.heads as u32, shape.batch as u32),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: as in cuda_backward: o and d_o hold the query rows (checked there) and delta
-    // [B, H, N+2P] floats; the kernel reads rows < N+2P of o and d_o and writes delta once a row.
-    unsafe { gpu.launch_dependent("attention", "mapet_attention_bwd_delta", cfg, &p)? };
     // The pair's dQ accumulator: 64 dims x its positions (whole 64-row tiles), f32.
     let acc = gpu.alloc::<f32>(shape.batch * shape.heads * 64 * shape.q_rows().div_ceil(64) * 64)?;
     let mut plan = dkdv_params(p, shape, launch.0 as usize)?;
@@ -984,8 +975,8 @@ fn fused_backward(gpu: &Gpu, shape: &AttentionShape, p: MapetAttention, launch: 
     let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
     // SAFETY: as for the wgmma dK/dV kernel in cuda_backward, with one CTA a pair (launch.0 is 1
     // for this set: wgmma_dkdv_launch), which zeroes, adds to, converts and discards only its
-    // pair's 64 x positions floats of `acc` (allocated for every pair above) and writes its
-    // pair's rows of dq; delta was written by the kernel before on this stream.
+    // pair's 64 x positions floats of `acc` (allocated for every pair above), reads its pair's
+    // rows of o and d_o (checked in cuda_backward) and writes its pair's rows of dq.
     unsafe { gpu.launch_dependent("attention", "mapet_attention_bwd_dkdv_wgmma_fused", cfg, &plan) }
 }
 
