@@ -18,6 +18,21 @@ namespace {
 constexpr int kBox = 64;                    // box rows and columns (64 bf16 = 128 bytes a row)
 constexpr int kBoxBytes = kBox * kBox * 2;  // 8 KB
 
+// The mma.sync A fragments of rows r and r + 8 of a row-major bf16 matrix of 16 C columns at `a`
+// (global memory), its C 16-column steps, for lane t = lane % 4: what the check kernels feed
+// their register-A products and fragment stores.
+template <int C>
+__device__ __forceinline__ void load_a_frags(uint32_t (&af)[C][4], const void* a, int r, int t) {
+    const uint32_t* w = static_cast<const uint32_t*>(a);  // 8 C words a row
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        af[c][0] = w[r * 8 * C + 8 * c + t];
+        af[c][1] = w[(r + 8) * 8 * C + 8 * c + t];
+        af[c][2] = w[r * 8 * C + 8 * c + 4 + t];
+        af[c][3] = w[(r + 8) * 8 * C + 8 * c + 4 + t];
+    }
+}
+
 }  // namespace
 #endif
 
@@ -147,16 +162,9 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_wgmma_rs(const __
     __syncthreads();
 
     // A fragments of the warp's rows r = 16 warp + g (+ 8), the four 16-deep steps.
-    const uint32_t* a = static_cast<const uint32_t*>(p.a);
     const int r = 16 * warp + g;
     uint32_t af[4][4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        af[c][0] = a[r * 32 + 8 * c + t];
-        af[c][1] = a[(r + 8) * 32 + 8 * c + t];
-        af[c][2] = a[r * 32 + 8 * c + 4 + t];
-        af[c][3] = a[(r + 8) * 32 + 8 * c + 4 + t];
-    }
+    load_a_frags(af, p.a, r, t);
     float kmajor[16];
     float nmajor[32];
     float shared_a[16];
@@ -227,17 +235,10 @@ extern "C" __global__ void __launch_bounds__(128) mapet_hopper_store_transposed(
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
     const int t = lane & 3;
-    // A fragments of rows r = 16 warp + g (+ 8), the two 16-column steps (a row is 16 words).
-    const uint32_t* a = static_cast<const uint32_t*>(p.a);
+    // A fragments of rows r = 16 warp + g (+ 8), the two 16-column steps.
     const int r = 16 * warp + g;
     uint32_t af[2][4];
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-        af[c][0] = a[r * 16 + 8 * c + t];
-        af[c][1] = a[(r + 8) * 16 + 8 * c + t];
-        af[c][2] = a[r * 16 + 8 * c + 4 + t];
-        af[c][3] = a[(r + 8) * 16 + 8 * c + 4 + t];
-    }
+    load_a_frags(af, p.a, r, t);
     sw128_store_frags_transposed(hopper_smem_addr(tile), af, warp, lane);
     __syncthreads();
     for (int i = threadIdx.x; i < 32 * 64; i += 128) {
