@@ -2219,6 +2219,11 @@ __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0
 // the warpgroup's keys): st <- P^T, dpt <- dS^T.
 // Element e of n-chunk j is key key_lo (e < 2) or key_hi against position p0 + 8j + 2t + (e & 1),
 // whose stats are cs's. Positions past Lq have lse = +inf, so P = 0 there with no mask.
+// kTail (the fused kernel): keys past Lk are hidden too. Their K and V rows are zeros, so their
+// dK and dV rows (never stored) are all the other kernels get from them; the fused kernel's
+// dQ^T = K^T dS^T sums over keys, and 0 * dS is NaN where P = 2^-lse2 overflows (lse below about
+// -88). A tile that reaches past Lk is always PARTIAL, so no FULL chunk pays for the test.
+template <bool kTail = false>
 __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)[4][4], bool partial, int key_lo,
                                                  int key_hi, const DkdvChunkStats& cs, const Geometry& G, float sl2) {
 #pragma unroll
@@ -2228,7 +2233,8 @@ __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)
         const int2 a = cs.a[j];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const bool hid = partial && in_window(e < 2 ? key_lo : key_hi, (e & 1) ? a.y : a.x, G.p);
+            const int key = e < 2 ? key_lo : key_hi;
+            const bool hid = partial && (in_window(key, (e & 1) ? a.y : a.x, G.p) || (kTail && key >= G.lk));
             const float pv = hid ? 0.f : fast_exp2(fmaf(st[j][e], sl2, -((e & 1) ? lse2.y : lse2.x)));
             dpt[j][e] = pv * (dpt[j][e] - ((e & 1) ? delta.y : delta.x));
             st[j][e] = pv;
@@ -2698,7 +2704,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                     pin_regs(flat16(dpt));
                 },
                 [&](int pc) {
-                    dkdv_chunk_grads(st, dpt, (chunks.partial >> pc) & 1u, key_lo, key_hi, cs, G, sl2);
+                    dkdv_chunk_grads<kFused>(st, dpt, (chunks.partial >> pc) & 1u, key_lo, key_hi, cs, G, sl2);
                     // The next chunk's stats (the pipeline's next takes it from rest).
                     if constexpr (kPeek) {
                         if (rest != 0) load_dkdv_chunk_stats<true>(cs, next_chunk(rest) * kChunk, s_lse2, s_delta, s_a, lt);
@@ -2719,9 +2725,11 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                     pack_chunk(pa, st);
                     pack_chunk(da, dpt);
                     if constexpr (kFused) {
-                        // The previous chunk's G2 is done: the tiles it read take this chunk's
-                        // P^T and dS^T, for this chunk's G2 (issue_g2 below, after the next
-                        // chunk's G1).
+                        // The previous chunk's G2 is done in every warp of the warpgroup (each
+                        // warp's wait covers only the products it issued, and every warp's part
+                        // of G2 reads all of the tiles): the tiles take this chunk's P^T and
+                        // dS^T, for this chunk's G2 (issue_g2 below, after the next chunk's G1).
+                        named_barrier(5 + lwg, 128);
                         sw128_store_frags_transposed(p_smem, pa, lwarp, llane);
                         sw128_store_frags_transposed(ds_smem, da, lwarp, llane);
                         fence_proxy_async_smem();

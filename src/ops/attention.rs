@@ -1065,16 +1065,18 @@ pub fn cuda_backward(
     for (tensor, ptr) in ptrs.into_iter().chain(outs) {
         check_aligned(tensor, ptr, 16)?;
     }
-    let delta = gpu.alloc::<f32>(shape.lse_len())?;
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
-    (p.d_o, p.dq, p.dk, p.dv, p.delta) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut(), delta.f32_ptr());
+    (p.d_o, p.dq, p.dk, p.dv) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut());
     let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
     if kernels == AttentionKernels::WgmmaFused {
         if let Some(launch) = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem) {
             return fused_backward(gpu, shape, p, launch);
         }
     }
+    // delta (rowsum(dO * O)): written by the dQ kernel, read by the dK/dV kernel after it.
+    let delta = gpu.alloc::<f32>(shape.lse_len())?;
+    p.delta = delta.f32_ptr();
     // The wgmma dQ kernel has the forward's launch (grid, shared memory, two CTAs per SM).
     let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
     let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
@@ -1168,6 +1170,14 @@ mod tests {
         // KiB, one CTA per SM); few pairs: one key tile per warpgroup (6 tiles, 2 CTAs).
         assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 187_392)));
         assert_eq!(w.wgmma_dkdv_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((2, 187_392)));
+        // The fused kernel: one CTA a pair, whatever the batch, and its P^T and dS^T tiles (4 KiB
+        // each a warpgroup) on top; it stops fitting at fewer positions (577 to 640 do not).
+        let f = AttentionKernels::WgmmaFused;
+        assert_eq!(f.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), Some((1, 211_968)));
+        assert_eq!(f.wgmma_dkdv_launch(&shape(1, 1, 197, 50), hopper, 132, max), Some((1, 211_968)));
+        assert_eq!(f.wgmma_dkdv_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
+        assert!(f.wgmma_dkdv_launch(&shape(2, 2, 200, 20), hopper, 132, max).is_some());
+        assert_eq!(f.wgmma_dkdv_launch(&shape(2, 2, 300, 150), hopper, 132, max), None);
         assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
         assert_eq!(AttentionKernels::Resident.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), None);
         // More than 640 positions do not fit.
