@@ -2414,7 +2414,9 @@ namespace {
 // dK/dV kernels run seven (both recompute S and dP). Per position chunk, after G1 and the
 // elementwise step, each warpgroup has P^T and dS^T (its 64 keys x the chunk's 32 positions) in
 // registers. Its finish stores both transposed into tiles of its own ([32 positions x 64 keys]
-// bf16, 128-byte swizzle; sw128_store_frags_transposed), and G2 reads them from there: dV +=
+// bf16, 128-byte swizzle; sw128_store_frags_transposed), once the warpgroup has met at a barrier
+// (a warp's wait covers only its own part of the previous G2, and every part reads all of the
+// tiles), and G2 reads them from there, after a second barrier: dV +=
 // P^T dO and dK += dS^T Q with A read M-major from the tiles (wg_fused_g2), and a third product,
 // dQ^T (64 dims x 32 positions) = K^T dS^T (A = the warpgroup's K tile read M-major, B = the dS
 // tile). With A from shared memory, P^T's and dS^T's 16 registers are free once stored, which
@@ -2430,10 +2432,12 @@ namespace {
 // its copies fly.
 // Not deterministic: the three warpgroups' additions into an element of dQ come in no fixed
 // order, so dQ may differ in its last bits from run to run (dK and dV do not).
+// Keys past Lk are masked in its elementwise step (dkdv_chunk_grads<true>): dQ^T sums over keys.
 // What it costs beside the saved products: a third product and a shared-memory round trip a
-// chunk for P^T and dS^T, 16 registers held from one G2 to the next, the reductions (about 0.9
-// GB at ViT-B, what mapet_hopper_dq_reduce measures alone), and the next key tile's K and V
-// copied only after the tile's last G2 (which now reads K). Experimental, unverified on GPU.
+// chunk for P^T and dS^T with two warpgroup barriers, 16 registers held from one G2 to the next,
+// the reductions (about 0.9 GB at ViT-B, what mapet_hopper_dq_reduce measures alone), and the
+// next key tile's K and V copied only after the tile's last G2 (which now reads K).
+// Experimental, unverified on GPU.
 
 constexpr int kPosTileBytes = 32 * 128;  // a [32 positions x 64 keys] bf16 tile (P^T's, dS^T's)
 
