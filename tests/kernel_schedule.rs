@@ -14,8 +14,9 @@
 //! dK/dV (one 32-wide chunk).
 //!
 //! The other checks here hold other placements that only the SASS shows: where the dK/dV kernels
-//! load their chunk stats, how wide the wgmma kernels' stores are, and that the patch embedding's
-//! warp-specialised forwards load their token rows a slice ahead.
+//! load their chunk stats, how wide the wgmma kernels' stores are, the fused backward's barriers
+//! around its tile stores, and that the patch embedding's warp-specialised forwards load their
+//! token rows a slice ahead.
 //!
 //! Without the tools a test says so and passes, unless `MAPET_REQUIRE_KERNELS=1` (CI), where it
 //! fails: the check must run somewhere on every change.
@@ -313,6 +314,50 @@ fn ops_after_g1_waits(sass: &str, opcode: &str) -> Vec<usize> {
         counts.push(n);
     }
     counts
+}
+
+/// The fused dK/dV kernel (`wgmma-fused`) passes P^T and dS^T to G2 through one pair of shared
+/// tiles a warpgroup, which every warp's part of G2 reads whole. So each rewrite of the tiles
+/// (`STSM`) must come after a barrier that follows the last wgmma wait before it (a warp's wait
+/// covers only its own products: without the barrier a warp overwrites what another warp's
+/// part of the previous G2 may still read), and each G2 that reads them (`HGMMA.64x64x16`) after a
+/// barrier that follows the last store (the stores of the other warps). The first version had
+/// no barrier before the stores, a race a review found and nothing but a card could show.
+#[test]
+fn wgmma_fused_meets_its_warpgroup_around_the_tile_stores() {
+    const KERNEL: &str = "mapet_attention_bwd_dkdv_wgmma_fused";
+    let Some(sass) = sass_or_skip("attention", "wgmma_fused_meets_its_warpgroup_around_the_tile_stores") else {
+        return;
+    };
+    let ops: Vec<&str> = sm90_kernel(sass, KERNEL).lines().filter_map(instruction).collect();
+    // Walking back from ops[i]: whether a BAR.SYNC comes before anything `stop` matches.
+    let barrier_since = |i: usize, stop: &dyn Fn(&str) -> bool| {
+        ops[..i]
+            .iter()
+            .rev()
+            .find(|op| op.starts_with("BAR.SYNC") || stop(op))
+            .is_some_and(|op| op.starts_with("BAR.SYNC"))
+    };
+    let stores: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].starts_with("STSM")).collect();
+    let g2: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].starts_with("HGMMA.64x64x16")).collect();
+    eprintln!("{KERNEL}: {} tile stores, {} G2 products", stores.len(), g2.len());
+    assert!(!stores.is_empty() && !g2.is_empty(), "{KERNEL}: no STSM or no HGMMA.64x64x16 in its SASS");
+    for &i in &stores {
+        assert!(
+            barrier_since(i, &|op| op.starts_with("WARPGROUP.DEPBAR")),
+            "{KERNEL}: `{}` rewrites a tile with no barrier since the last wgmma wait: another warp's part of the \
+             previous G2 may still read it",
+            ops[i]
+        );
+    }
+    for &i in &g2 {
+        assert!(
+            barrier_since(i, &|op| op.starts_with("STSM")),
+            "{KERNEL}: `{}` reads the tiles with no barrier since the last store: the other warps' stores may \
+             not be in",
+            ops[i]
+        );
+    }
 }
 
 /// The instruction of a SASS line `/*addr*/ [@pred] OPCODE operands ;`, without address and
