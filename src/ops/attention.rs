@@ -734,8 +734,8 @@ fn ctas_per_pair(shape: &AttentionShape, slots: usize, tiles: usize, per_cta: us
     (2 * slots).div_ceil(shape.batch * shape.heads).clamp(1, max_split) as u32
 }
 
-/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma|wgmma-peek|wgmma-fused` picks the kernels the CUDA backend passes to
-/// [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
+/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma|wgmma-peek|wgmma-fused` picks the kernels the CUDA
+/// backend passes to [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
 impl KernelChoice for AttentionKernels {
     const VAR: &'static str = "MAPET_ATTENTION_KERNELS";
     const CHOICES: &'static [Self] = &AttentionKernels::ALL;
