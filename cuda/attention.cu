@@ -2416,12 +2416,11 @@ namespace {
 // registers. Its finish stores both transposed into tiles of its own ([32 positions x 64 keys]
 // bf16, 128-byte swizzle; sw128_store_frags_transposed), once the warpgroup has met at a barrier
 // (a warp's wait covers only its own part of the previous G2, and every part reads all of the
-// tiles), and G2 reads them from there, after a second barrier: dV +=
-// P^T dO and dK += dS^T Q with A read M-major from the tiles (wg_fused_g2), and a third product,
-// dQ^T (64 dims x 32 positions) = K^T dS^T (A = the warpgroup's K tile read M-major, B = the dS
-// tile). With A from shared memory, P^T's and dS^T's 16 registers are free once stored, which
-// pays for dQ^T's 16 (with A in registers, as the other dK/dV kernels run G2, ptxas spilled 344
-// bytes). The next chunk's G2 issue (or the end of the key tile) first adds that dQ^T tile into
+// tiles), and G2 reads them from there, after a second barrier: dV += P^T dO and dK += dS^T Q
+// with A read M-major from the tiles (wg_fused_g2), and a third product, dQ^T (64 dims x 32
+// positions) = K^T dS^T (A = the warpgroup's K tile read M-major, B = the dS tile). With A from
+// shared memory, P^T's and dS^T's 16 registers are free once stored, which pays for dQ^T's 16
+// (with A in registers, as the other dK/dV kernels run G2, ptxas spilled 344 bytes). The next chunk's G2 issue (or the end of the key tile) first adds that dQ^T tile into
 // the pair's f32 accumulator in global memory by red.global.add.v4.f32 (red_add_acc_tile): after
 // the chunk after it has had its G1 issued, so that the reductions and the warpgroup's barrier
 // for the tile stores run while the tensor cores have that G1. One CTA a pair, so the
@@ -2441,21 +2440,16 @@ namespace {
 
 constexpr int kPosTileBytes = 32 * 128;  // a [32 positions x 64 keys] bf16 tile (P^T's, dS^T's)
 
-// delta of one row: sum_d dO[d] O[d] over its 64 bf16 values (f32 products and sums).
+// delta of one row: sum_d dO[d] O[d] over its 64 bf16 values, by dot16_bf16 16 at a time.
 __device__ __forceinline__ float row_delta(const bf16* o, const bf16* d_o) {
+    const uint4* ov = reinterpret_cast<const uint4*>(o);
+    const uint4* dv = reinterpret_cast<const uint4*>(d_o);
     float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const uint4 ov = __ldg(reinterpret_cast<const uint4*>(o) + i);
-        const uint4 dv = __ldg(reinterpret_cast<const uint4*>(d_o) + i);
-        const __nv_bfloat162* oh = reinterpret_cast<const __nv_bfloat162*>(&ov);
-        const __nv_bfloat162* dh = reinterpret_cast<const __nv_bfloat162*>(&dv);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const float2 fo = __bfloat1622float2(oh[k]), fd = __bfloat1622float2(dh[k]);
-            s = fmaf(fd.x, fo.x, s);
-            s = fmaf(fd.y, fo.y, s);
-        }
+    for (int i = 0; i < 4; ++i) {
+        const uint4 x[2] = {__ldg(dv + 2 * i), __ldg(dv + 2 * i + 1)};
+        const uint4 y[2] = {__ldg(ov + 2 * i), __ldg(ov + 2 * i + 1)};
+        s += dot16_bf16(x, y);
     }
     return s;
 }
@@ -2679,7 +2673,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         uint32_t pa[2][4], da[2][4];
         DkdvChunkStats cs;  // the stats of the chunk whose G1 was issued last
         // kFused: the dQ^T tile of the chunk dq_pc (64 dims x its 32 positions), in flight from
-        // its G2 until the next chunk's finish (or the pipeline's end) adds it to dq_acc.
+        // its G2 until the next chunk's G2 issue (or the pipeline's end) adds it to dq_acc.
         float dqt[16];
         int dq_pc = -1;
 

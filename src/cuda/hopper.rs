@@ -344,7 +344,7 @@ pub fn dq_reduce_positions(lq: usize) -> usize {
 /// [`dq_reduce_positions`]`(lq)`), each warpgroup adds `items` tiles of 64 dims x 32 positions into
 /// it as `mode` says, then the block converts it into `dq` (bf16 `[pairs, lq, 64]`, written) and
 /// drops its lines from L2 without writing them back. At ViT-B (1536 pairs, `lq` = 491, about 24
-/// tiles a warpgroup) the reductions come to 872 MB. EXPERIMENTAL: `benches/hopper.rs` times each
+/// tiles a warpgroup) the reductions come to 906 MB. EXPERIMENTAL: `benches/hopper.rs` times each
 /// mode against [`DqReduce::None`]; nothing in the model calls it. Compute capability 9.0 only.
 pub fn dq_reduce(
     gpu: &Gpu,
