@@ -752,6 +752,16 @@ impl KernelChoice for AttentionKernels {
 }
 
 impl AttentionKernels {
+    /// The set whose split backward (dQ, then dK/dV) runs where this one's does not: `Wgmma` for
+    /// `WgmmaFused`, whose one kernel does not fit every shape the split kernels do; else itself.
+    fn split_backward(self) -> AttentionKernels {
+        if self == AttentionKernels::WgmmaFused {
+            AttentionKernels::Wgmma
+        } else {
+            self
+        }
+    }
+
     /// Whether this set runs the wgmma kernels (on compute capability 9.0).
     fn is_wgmma(self) -> bool {
         matches!(self, AttentionKernels::Wgmma | AttentionKernels::WgmmaPeek | AttentionKernels::WgmmaFused)
@@ -1037,8 +1047,11 @@ pub fn cuda_forward(
 }
 
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
-/// inputs, its `o` and `lse`, and `d_o`. Deterministic: no float atomics (two kernels, dQ then
-/// dK/dV, each owning its outputs). Allocates a [B, H, N+2P] f32 scratch for rowsum(dO * O).
+/// inputs, its `o` and `lse`, and `d_o`. Deterministic for every set but `WgmmaFused`: no float
+/// atomics (two kernels, dQ then dK/dV, each owning its outputs), with a [B, H, N+2P] f32 scratch
+/// for rowsum(dO * O). `WgmmaFused` runs one kernel whose dQ is summed by float reductions in no
+/// fixed order ([`AttentionKernels::deterministic`]), with a [B, H, 64, Lq rounded up to 64] f32
+/// scratch; where its kernel does not fit (more than 576 query rows), the `Wgmma` set runs.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_backward(
     gpu: &Gpu,
@@ -1074,6 +1087,9 @@ pub fn cuda_backward(
             return fused_backward(gpu, shape, p, launch);
         }
     }
+    // Where the fused kernel does not fit, the split wgmma kernels may still (their dK/dV kernel
+    // holds no P^T and dS^T tiles).
+    let kernels = kernels.split_backward();
     // delta (rowsum(dO * O)): written by the dQ kernel, read by the dK/dV kernel after it.
     let delta = gpu.alloc::<f32>(shape.lse_len())?;
     p.delta = delta.f32_ptr();
@@ -1178,6 +1194,11 @@ mod tests {
         assert_eq!(f.wgmma_dkdv_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
         assert!(f.wgmma_dkdv_launch(&shape(2, 2, 200, 20), hopper, 132, max).is_some());
         assert_eq!(f.wgmma_dkdv_launch(&shape(2, 2, 300, 150), hopper, 132, max), None);
+        // There its backward runs the split kernels of `wgmma`, whose dK/dV kernel still fits.
+        let split = f.split_backward();
+        assert_eq!(split, w);
+        assert!(split.wgmma_dkdv_launch(&shape(2, 2, 300, 150), hopper, 132, max).is_some());
+        assert_eq!(AttentionKernels::WgmmaPeek.split_backward(), AttentionKernels::WgmmaPeek);
         assert_eq!(w.wgmma_dkdv_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
         assert_eq!(AttentionKernels::Resident.wgmma_dkdv_launch(&shape(128, 12, 197, 50), hopper, 132, max), None);
         // More than 640 positions do not fit.
