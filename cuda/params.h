@@ -476,6 +476,17 @@ typedef struct MapetHopperDqReduce {
 #define MAPET_DQ_REDUCE_RED4 3
 #define MAPET_DQ_REDUCE_STORE 4
 
+// Check that a programmatic dependent launch starts early and waits (cuda/hopper.cu,
+// mapet_hopper_pdl_primary and mapet_hopper_pdl_secondary, one block of 32 threads each, the
+// second launched right after the first): the primary spins for spin_ns after its
+// dependent_launch_start(), then writes times[0] = its end; the secondary writes times[1] = its
+// start, read before its dependent_launch_start(), and times[2] = the moment that returned. All
+// from %globaltimer (ns).
+typedef struct MapetHopperPdl {
+    uint64_t* times;
+    int64_t spin_ns;
+} MapetHopperPdl;
+
 #ifdef __cplusplus
 }
 #endif

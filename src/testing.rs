@@ -223,11 +223,13 @@ pub fn project_root() -> std::path::PathBuf {
 /// has `dependent_launch_start();` as its first statement (cuda/dependent_launch.cuh), and that
 /// the launcher `src/ops/<launcher>` launches none of them other than by
 /// [`Gpu::launch_dependent`]: a kernel started as a dependent launch without that wait runs while
-/// the kernel before it still writes what it reads. Panics naming the first kernel without it;
-/// returns the number of kernels checked.
+/// the kernel before it still writes what it reads. Every `__global__` of the file must be spelled
+/// `extern "C" __global__`, so that none escapes the check. Panics naming the first kernel
+/// without it; returns the number of kernels checked (a macro that makes kernels counts once).
 pub fn assert_kernels_wait_first(file: &str, launcher: &str) -> usize {
     let source = std::fs::read_to_string(project_root().join("cuda").join(file)).expect("reading the kernel source");
     let mut kernels = 0;
+    let spelled = source.matches("__global__").count();
     for (at, _) in source.match_indices("extern \"C\" __global__") {
         let rest = &source[at..];
         // The signature has no brace (launch bounds are in parentheses): the body opens at the
@@ -243,10 +245,13 @@ pub fn assert_kernels_wait_first(file: &str, launcher: &str) -> usize {
         assert_eq!(first, "dependent_launch_start();", "{file}: the first statement of {name} is `{first}`");
         kernels += 1;
     }
+    // A kernel spelled otherwise (the qualifiers split across lines, or in another order) would
+    // go unchecked above.
+    assert_eq!(spelled, kernels, "{file}: `__global__` appears {spelled} times, `extern \"C\" __global__` {kernels}");
     let launcher_source =
         std::fs::read_to_string(project_root().join("src/ops").join(launcher)).expect("reading the launcher");
     assert!(
-        !launcher_source.contains(&["gpu", ".launch("].concat()),
+        !launcher_source.contains(".launch("),
         "{launcher} launches a kernel of {file} other than by launch_dependent"
     );
     kernels

@@ -2,21 +2,23 @@
 //! read back through the 128-byte swizzle, and wgmma over TMA-loaded swizzled tiles. On a
 //! compute capability 9.0 device they must match exactly (the load) or to f32 rounding (the
 //! product); elsewhere both are refused; with no GPU the GPU tests skip and say why. Also the
-//! dQ-reduction measurement's sums (`dq_reduce`), exact.
+//! dQ-reduction measurement's sums (`dq_reduce`), exact, and whether a programmatic dependent
+//! launch starts early and waits (`dependent_launch_overlap`).
 
 use half::bf16;
 use mapet::cuda::hopper::{
-    dq_reduce, dq_reduce_positions, gemm_tn, store_transposed, tensor_map_bf16, tma_roundtrip, wgmma_rs, wgmma_sw128,
-    wgmma_sw128_n192, DqReduce, BOX,
+    dependent_launch_overlap, dq_reduce, dq_reduce_positions, gemm_tn, store_transposed, tensor_map_bf16,
+    tma_roundtrip, wgmma_rs, wgmma_sw128, wgmma_sw128_n192, DqReduce, PdlTimes, BOX,
 };
 use mapet::cuda::Gpu;
 use mapet::testing::{finish_or_exit, gpu_or_skip, rng, uniform};
 use mapet::Error;
 
-/// A row-major bf16 matrix of random values in [-1, 1), as bf16 and as the f32 they round to.
-fn random_matrix(seed: &str, rows: usize, cols: usize) -> (Vec<bf16>, Vec<f32>) {
-    let mut r = rng(seed);
-    let h: Vec<bf16> = uniform(&mut r, rows * cols, 1.0).into_iter().map(bf16::from_f32).collect();
+/// A row-major bf16 matrix of random values in [-1, 1), as bf16 and as the f32 they round to. A
+/// test draws all of its matrices from one generator (`rng`), so that the seed it prints replays
+/// them all, each different from the others.
+fn random_matrix(r: &mut impl rand::Rng, rows: usize, cols: usize) -> (Vec<bf16>, Vec<f32>) {
+    let h: Vec<bf16> = uniform(r, rows * cols, 1.0).into_iter().map(bf16::from_f32).collect();
     let f = h.iter().map(|v| v.to_f32()).collect();
     (h, f)
 }
@@ -50,7 +52,7 @@ fn tma_box_loads_read_back_through_the_swizzle() {
     let test = "tma_box_loads_read_back_through_the_swizzle";
     let Some(gpu) = gpu_or_skip(test) else { return };
     let (rows, cols) = (200, 136);
-    let (h, _) = random_matrix(test, rows, cols);
+    let (h, _) = random_matrix(&mut rng(test), rows, cols);
     let a = gpu.upload(&h).unwrap();
     if refused_off_hopper(&gpu, || tma_roundtrip(&gpu, &a, rows, cols, 0, 0)) {
         return;
@@ -102,8 +104,9 @@ fn f32_sum_tolerance(want: f64) -> f64 {
 #[test]
 fn check_product_passes_the_product_and_fails_a_moved_element() {
     let (m, n, k) = (5, 7, 9);
-    let (_, fa) = random_matrix("check_product a", m, k);
-    let (_, fb) = random_matrix("check_product b", n, k);
+    let mut r = rng("check_product");
+    let (_, fa) = random_matrix(&mut r, m, k);
+    let (_, fb) = random_matrix(&mut r, n, k);
     let exact = |i: usize, j: usize| (0..k).map(|t| fa[i * k + t] as f64 * fb[j * k + t] as f64).sum::<f64>();
     check_product("exact", exact, &fa, &fb, (m, n, k), f32_sum_tolerance);
     let moved = std::panic::catch_unwind(|| {
@@ -119,9 +122,10 @@ fn check_product_passes_the_product_and_fails_a_moved_element() {
 fn wgmma_on_swizzled_tiles_matches_the_host_product() {
     let test = "wgmma_on_swizzled_tiles_matches_the_host_product";
     let Some(gpu) = gpu_or_skip(test) else { return };
+    let mut r = rng(test);
     for k in [BOX, 2 * BOX] {
-        let (ha, fa) = random_matrix(&format!("{test} a {k}"), BOX, k);
-        let (hb, fb) = random_matrix(&format!("{test} b {k}"), BOX, k);
+        let (ha, fa) = random_matrix(&mut r, BOX, k);
+        let (hb, fb) = random_matrix(&mut r, BOX, k);
         let (a, b) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
         if refused_off_hopper(&gpu, || wgmma_sw128(&gpu, &a, &b, k)) {
             return;
@@ -139,8 +143,9 @@ fn wgmma_n192_on_swizzled_tiles_matches_the_host_product() {
     let test = "wgmma_n192_on_swizzled_tiles_matches_the_host_product";
     let Some(gpu) = gpu_or_skip(test) else { return };
     let n = 3 * BOX;
-    let (ha, fa) = random_matrix(&format!("{test} a"), BOX, BOX);
-    let (hb, fb) = random_matrix(&format!("{test} b"), n, BOX);
+    let mut r = rng(test);
+    let (ha, fa) = random_matrix(&mut r, BOX, BOX);
+    let (hb, fb) = random_matrix(&mut r, n, BOX);
     let (a, b) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
     if refused_off_hopper(&gpu, || wgmma_sw128_n192(&gpu, &a, &b)) {
         return;
@@ -155,9 +160,10 @@ fn warp_specialised_gemm_matches_the_host_product() {
     let Some(gpu) = gpu_or_skip(test) else { return };
     // One tile; edges in m, n and k (k = 8 and 136 end inside a 64-deep slice; n = 37 is odd);
     // several tiles with a K of ViT-B's width.
+    let mut r = rng(test);
     for (m, n, k) in [(128, 256, 64), (200, 300, 136), (70, 37, 24), (1, 8, 8), (384, 512, 768)] {
-        let (ha, fa) = random_matrix(&format!("{test} a {m} {n} {k}"), m, k);
-        let (hb, fb) = random_matrix(&format!("{test} b {m} {n} {k}"), n, k);
+        let (ha, fa) = random_matrix(&mut r, m, k);
+        let (hb, fb) = random_matrix(&mut r, n, k);
         let (a, b) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
         let mut c = gpu.alloc::<bf16>(m * n).unwrap();
         c.poison().unwrap();
@@ -178,8 +184,9 @@ fn warp_specialised_gemm_matches_the_host_product() {
 fn register_a_wgmma_reads_b_both_ways() {
     let test = "register_a_wgmma_reads_b_both_ways";
     let Some(gpu) = gpu_or_skip(test) else { return };
-    let (ha, fa) = random_matrix(&format!("{test} a"), BOX, BOX);
-    let (hb, fb) = random_matrix(&format!("{test} b"), BOX, BOX);
+    let mut r = rng(test);
+    let (ha, fa) = random_matrix(&mut r, BOX, BOX);
+    let (hb, fb) = random_matrix(&mut r, BOX, BOX);
     let (a, b) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
     if refused_off_hopper(&gpu, || wgmma_rs(&gpu, &a, &b, BOX)) {
         return;
@@ -303,13 +310,59 @@ fn dq_reduce_refuses_wrong_buffers() {
     assert!(err.to_string().contains("dq"), "{err}");
     let err = dq_reduce(&gpu, &mut acc, &mut dq, 0, lq, 1, DqReduce::Red4).unwrap_err();
     assert!(err.to_string().contains("0 pairs"), "{err}");
+    // An accumulator 16- but not 128-byte aligned: its L2 discard would drop a neighbour's lines.
+    let mut big = gpu.alloc::<f32>(pairs * 64 * dq_reduce_positions(lq) + 4).unwrap();
+    let mut shifted = big.view_mut(4..4 + pairs * 64 * dq_reduce_positions(lq)).unwrap();
+    let err = dq_reduce(&gpu, &mut shifted, &mut dq, pairs, lq, 1, DqReduce::Red4).unwrap_err();
+    assert!(err.to_string().contains("acc") && err.to_string().contains("128"), "{err}");
+}
+
+/// A programmatic dependent launch starts while the kernel before it still runs, and its wait
+/// holds it until that kernel has ended; a plain launch starts after the end. The op kernels'
+/// dependent launches (`MAPET_DEPENDENT_LAUNCH=1`) rest on both: without the first they save
+/// nothing, which their benches cannot tell from noise, and without the second they race.
+#[test]
+fn dependent_launches_start_early_and_wait() {
+    let test = "dependent_launches_start_early_and_wait";
+    let Some(gpu) = gpu_or_skip(test) else { return };
+    const SPIN: u64 = 200_000; // ns
+                               // %globaltimer's step (up to a microsecond on some devices), and more.
+    const SLACK: u64 = 2_000;
+    if refused_off_hopper(&gpu, || dependent_launch_overlap(&gpu, SPIN, false)) {
+        return;
+    }
+    let err = dependent_launch_overlap(&gpu, 2_000_000_000, true).unwrap_err();
+    assert!(err.to_string().contains("at most 1 s"), "{err}");
+    let show = |t: &PdlTimes| {
+        let rel = |x: u64| x as i64 - t.primary_end as i64;
+        format!(
+            "secondary started {} ns and got past its wait {} ns after the primary's end",
+            rel(t.secondary_start),
+            rel(t.secondary_waited)
+        )
+    };
+    let plain = dependent_launch_overlap(&gpu, SPIN, false).unwrap();
+    let dependent = dependent_launch_overlap(&gpu, SPIN, true).unwrap();
+    eprintln!("{test}: plain: {}; dependent: {}", show(&plain), show(&dependent));
+    assert!(plain.secondary_start + SLACK >= plain.primary_end, "a plain launch started early: {}", show(&plain));
+    assert!(
+        dependent.secondary_waited + SLACK >= dependent.primary_end,
+        "the wait returned before the primary ended: {}",
+        show(&dependent)
+    );
+    assert!(
+        dependent.secondary_start + SPIN / 2 < dependent.primary_end,
+        "a dependent launch did not start during the primary's {SPIN} ns spin, so dependent launches save nothing on \
+         this stream: {}",
+        show(&dependent)
+    );
 }
 
 #[test]
 fn fragments_stored_transposed_read_back_as_the_transpose() {
     let test = "fragments_stored_transposed_read_back_as_the_transpose";
     let Some(gpu) = gpu_or_skip(test) else { return };
-    let (h, f) = random_matrix(test, BOX, 32);
+    let (h, f) = random_matrix(&mut rng(test), BOX, 32);
     let a = gpu.upload(&h).unwrap();
     if refused_off_hopper(&gpu, || store_transposed(&gpu, &a)) {
         return;

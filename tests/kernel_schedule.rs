@@ -360,6 +360,64 @@ fn wgmma_fused_meets_its_warpgroup_around_the_tile_stores() {
     }
 }
 
+/// The op modules, all of whose kernels may be started as programmatic dependent launches
+/// (`Gpu::launch_dependent`): the source test `every_kernel_waits_for_the_one_before_it_first`
+/// (src/ops/mod.rs) lists the same.
+const OP_MODULES: [&str; 9] =
+    ["adamw", "attention", "cross_entropy", "gelu", "gradnorm", "kmeans", "layernorm", "patch_embed", "residual"];
+
+/// The SASS opcodes (before the first dot) that read or write global memory, or may (generic
+/// addresses), or start a copy that does.
+const GLOBAL_ACCESS: [&str; 20] = [
+    "LDG", "STG", "LD", "ST", "LDGSTS", "ATOM", "ATOMG", "RED", "REDG", "CCTL", "SULD", "SUST", "TLD", "TEX",
+    "UTMALDG", "UTMASTG", "UTMAPF", "UBLKCP", "UBLKRED", "UBLKPF",
+];
+
+/// A kernel started as a dependent launch may run while the kernel before it still writes what
+/// it reads; its `griddepcontrol.wait` (SASS `ACQBULK`) must come before its first global
+/// access, and its `griddepcontrol.launch_dependents` (`PREEXIT`) after the wait. The source
+/// test sees `dependent_launch_start();` first in each kernel's text; this holds the code ptxas
+/// made of it, which may move loads: through the read-only path (`__ldg`, `const __restrict__`)
+/// they are outside the memory model that orders them after the wait. Every sm_90a kernel of
+/// every op module, in the order of its instructions (the wait sits in the entry block, before
+/// any branch).
+#[test]
+fn every_kernel_waits_before_its_first_global_access_in_the_sass() {
+    let mut checked = 0;
+    for module in OP_MODULES {
+        let Some(sass) = sass_or_skip(module, "every_kernel_waits_before_its_first_global_access_in_the_sass") else {
+            return;
+        };
+        let section = arch_section(sass, "sm_90a");
+        for part in section.split("Function : ").skip(1) {
+            let name = part.lines().next().unwrap_or("?").trim();
+            let ops: Vec<&str> = part
+                .lines()
+                .filter_map(instruction)
+                .map(|i| i.split(|c: char| c == '.' || c.is_whitespace()).next().unwrap_or(""))
+                .collect();
+            let wait = ops.iter().position(|&o| o == "ACQBULK");
+            let wait = wait.unwrap_or_else(|| panic!("{module}::{name}: no griddepcontrol.wait (ACQBULK) in its SASS"));
+            if let Some(first) = ops.iter().position(|o| GLOBAL_ACCESS.contains(o)) {
+                assert!(
+                    wait < first,
+                    "{module}::{name}: {} at instruction {first}, before the wait (ACQBULK) at {wait}",
+                    ops[first]
+                );
+            }
+            let trigger = ops.iter().position(|&o| o == "PREEXIT");
+            assert!(
+                trigger.is_some_and(|t| t > wait),
+                "{module}::{name}: griddepcontrol.launch_dependents (PREEXIT) at {trigger:?}, not after the wait at {wait}"
+            );
+            checked += 1;
+        }
+    }
+    // Every function of the modules' sm_90a code (their macros make more than the source test
+    // counts): a kernel added or removed changes the count here.
+    assert_eq!(checked, 70, "sm_90a kernels checked across the op modules");
+}
+
 /// The instruction of a SASS line `/*addr*/ [@pred] OPCODE operands ;`, without address and
 /// predicate; None for other lines (encodings, labels, headers).
 fn instruction(line: &str) -> Option<&str> {

@@ -15,8 +15,9 @@
 //!   N-major, both from shared memory with n = 32), on tiles that cp.async wrote into the swizzle
 //!   by hand (register fragment layout, the zero fill and proxy fence, one tile read both ways).
 //!
-//! And one measurement: [`dq_reduce`], the f32 reductions a fused attention backward would make
-//! (see its docs).
+//! And two measurements: [`dq_reduce`], the f32 reductions a fused attention backward would make
+//! (see its docs), and [`dependent_launch_overlap`], whether a programmatic dependent launch
+//! starts before the kernel it follows has ended, and waits for it.
 //!
 //! Compute capability 9.0 only: elsewhere each returns [`Error::Unsupported`].
 
@@ -27,7 +28,8 @@ use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use crate::cuda::params::{
-    MapetHopperCheck, MapetHopperDqReduce, MapetHopperGemm, MapetHopperRs, MapetHopperTranspose, MapetTensorMap,
+    MapetHopperCheck, MapetHopperDqReduce, MapetHopperGemm, MapetHopperPdl, MapetHopperRs, MapetHopperTranspose,
+    MapetTensorMap,
 };
 use crate::cuda::{blocks_for, check_aligned, DeviceRead, DeviceWrite, Gpu};
 use crate::error::{check_len, Error, Result};
@@ -367,7 +369,9 @@ pub fn dq_reduce(
     }
     check_len("acc", acc.len(), pairs * 64 * dq_reduce_positions(lq))?;
     check_len("dq", dq.len(), pairs * lq * 64)?;
-    check_aligned("acc", acc.ptr(), 16)?;
+    // 128 bytes: the L2 discard drops whole 128-byte lines from the start of each pair's part
+    // (64 * positions floats, a multiple of 128 bytes), and must drop none of another's.
+    check_aligned("acc", acc.ptr(), 128)?;
     check_aligned("dq", dq.ptr(), 16)?;
     let p = MapetHopperDqReduce {
         acc: acc.ptr_mut() as *mut f32,
@@ -381,8 +385,52 @@ pub fn dq_reduce(
         block_dim: (DQ_REDUCE_THREADS, 1, 1),
         shared_mem_bytes: DQ_REDUCE_HELD_SMEM,
     };
-    // SAFETY: block `pair` writes and reads only its own 64·positions floats of `acc` and writes
+    // SAFETY: block `pair` writes, reads and discards only its own 64·positions floats of `acc`
+    // (whole 128-byte lines: `acc` is 128-byte aligned and positions a multiple of 32) and writes
     // its lq·64 elements of `dq`, both lengths checked above for `pairs` blocks; the 16-byte
-    // accesses are aligned (checked, and positions is a multiple of 32).
+    // accesses are aligned (checked).
     unsafe { gpu.launch(MODULE, "mapet_hopper_dq_reduce", cfg, &p) }
+}
+
+/// What [`dependent_launch_overlap`] saw, in `%globaltimer` nanoseconds (one clock for the whole
+/// device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PdlTimes {
+    /// When the primary kernel ended (after its spin).
+    pub primary_end: u64,
+    /// When the secondary started, before its `griddepcontrol.wait`.
+    pub secondary_start: u64,
+    /// When its wait returned.
+    pub secondary_waited: u64,
+}
+
+/// Launches `mapet_hopper_pdl_primary`, which spins `spin_ns` after letting its dependents start,
+/// and right after it `mapet_hopper_pdl_secondary`, as a programmatic dependent launch when
+/// `dependent` (else plainly), on this [`Gpu`]'s stream; returns when each did what
+/// (`MapetHopperPdl` in `cuda/params.h`). A plain launch starts after the primary's end; a
+/// dependent one should start during its spin, and its wait return after its end. Compute
+/// capability 9.0 only; `spin_ns` at most a second.
+pub fn dependent_launch_overlap(gpu: &Gpu, spin_ns: u64, dependent: bool) -> Result<PdlTimes> {
+    require_9_0(gpu)?;
+    if spin_ns > 1_000_000_000 {
+        return Err(Error::Unsupported {
+            what: "dependent-launch check",
+            detail: format!("a spin of {spin_ns} ns; at most 1 s"),
+        });
+    }
+    let mut times = gpu.upload(&[u64::MAX; 3])?;
+    let p = MapetHopperPdl { times: times.ptr_mut() as *mut u64, spin_ns: spin_ns as i64 };
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: each kernel writes only its own of the three u64 of `times`; the secondary touches
+    // no global memory before its dependent_launch_start() (it reads the clock there).
+    unsafe {
+        gpu.launch(MODULE, "mapet_hopper_pdl_primary", cfg, &p)?;
+        if dependent {
+            gpu.launch_dependent_always(MODULE, "mapet_hopper_pdl_secondary", cfg, &p)?;
+        } else {
+            gpu.launch(MODULE, "mapet_hopper_pdl_secondary", cfg, &p)?;
+        }
+    }
+    let t = times.to_host()?;
+    Ok(PdlTimes { primary_end: t[0], secondary_start: t[1], secondary_waited: t[2] })
 }

@@ -66,6 +66,9 @@ pub struct Gpu {
     compute_capability: (u32, u32),
     /// Whether [`Gpu::launch_dependent`] launches as programmatic dependent launches.
     dependent_launches: AtomicBool,
+    /// Whether each kernel's loaded code has the wait of a dependent launch: read from the driver
+    /// at its first dependent launch ([`Gpu::loaded_code_waits`]).
+    waits: Mutex<HashMap<(&'static str, &'static str), bool>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -139,6 +142,7 @@ impl Gpu {
             max_smem_optin,
             compute_capability,
             dependent_launches: AtomicBool::new(std::env::var("MAPET_DEPENDENT_LAUNCH").as_deref() == Ok("1")),
+            waits: Mutex::new(HashMap::new()),
         })
     }
 
@@ -272,7 +276,8 @@ impl Gpu {
     /// for ([`Gpu::set_dependent_launches`], or `MAPET_DEPENDENT_LAUNCH=1` when the `Gpu` was
     /// opened), and a device of compute capability 9.0. Only there do the kernels run the code
     /// that waits (the sm_90a cubins): later devices run the compute_80 PTX, compiled without
-    /// the wait, and must not start them early.
+    /// the wait, and must not start them early. (Even there, a kernel whose loaded code is not
+    /// the sm_90a cubin's, compiled from PTX older than 9.0, is launched plainly.)
     pub fn dependent_launches(&self) -> bool {
         self.dependent_launches.load(Ordering::Relaxed) && self.compute_capability == (9, 0)
     }
@@ -306,6 +311,55 @@ impl Gpu {
             return unsafe { self.launch(module, function, cfg, params) };
         }
         let f = self.prepare(module, function, &cfg)?;
+        if !self.loaded_code_waits(module, function, &f)? {
+            // SAFETY: the caller's contract.
+            return unsafe { self.launch(module, function, cfg, params) };
+        }
+        // SAFETY: the caller's contract; `f` is `function`, prepared for `cfg`.
+        unsafe { self.launch_programmatic(module, function, &f, cfg, params) }
+    }
+
+    /// [`Gpu::launch_dependent`] as a programmatic dependent launch whatever
+    /// [`Gpu::dependent_launches`] says, on compute capability 9.0 with the loaded code's wait
+    /// ([`Gpu::loaded_code_waits`]), else an error: for the check that such launches do start early
+    /// (`cuda::hopper::dependent_launch_overlap`).
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch_dependent`].
+    pub(crate) unsafe fn launch_dependent_always<P: KernelParams>(
+        &self,
+        module: &'static str,
+        function: &'static str,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.prepare(module, function, &cfg)?;
+        if self.compute_capability != (9, 0) || !self.loaded_code_waits(module, function, &f)? {
+            return Err(Error::Unsupported {
+                what: "programmatic dependent launch",
+                detail: format!(
+                    "`{module}::{function}` runs here without the wait of a dependent launch (it needs compute \
+                     capability 9.0 and the sm_90a code; this device is {}.{})",
+                    self.compute_capability.0, self.compute_capability.1
+                ),
+            });
+        }
+        // SAFETY: the caller's contract; `f` is `function`, prepared for `cfg`.
+        unsafe { self.launch_programmatic(module, function, &f, cfg, params) }
+    }
+
+    /// The raw programmatic dependent launch of `f` (`function`, prepared for `cfg`).
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch_dependent`], and the loaded code has the wait.
+    unsafe fn launch_programmatic<P: KernelParams>(
+        &self,
+        module: &'static str,
+        function: &'static str,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
         // A raw driver call on this thread: make the context current first.
         self.ctx.bind_to_thread()?;
         let mut attr = sys::CUlaunchAttribute {
@@ -336,6 +390,23 @@ impl Gpu {
             .result()
             .map_err(|e| ctx_err(e, format!(" launching `{module}::{function}` (dependent launch)")))?;
         Ok(())
+    }
+
+    /// Whether the code the driver loaded for `function` was compiled from PTX of version 9.0 or
+    /// later, and so has `dependent_launch_start()`'s wait (cuda/dependent_launch.cuh compiles
+    /// it out below 9.0). On a device of compute capability 9.0 the driver loads the sm_90a cubin,
+    /// unless told to compile the PTX instead (`CUDA_FORCE_PTX_JIT=1`): the fatbin's PTX is
+    /// compute_80's, without the wait, and such a kernel must not start early. Asked once a kernel.
+    fn loaded_code_waits(&self, module: &'static str, function: &'static str, f: &CudaFunction) -> Result<bool> {
+        let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&w) = waits.get(&(module, function)) {
+            return Ok(w);
+        }
+        // (get_attribute makes the context current on this thread.)
+        let ptx = f
+            .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
+            .map_err(|e| ctx_err(e, format!(" reading the PTX version of `{module}::{function}`")))?;
+        Ok(*waits.entry((module, function)).or_insert(ptx >= 90))
     }
 
     /// The kernel, with its dynamic shared memory limit raised to what `cfg` asks for.
@@ -484,6 +555,7 @@ kernel_params!(
     MapetHopperGemm,
     MapetHopperRs,
     MapetHopperDqReduce,
+    MapetHopperPdl,
     MapetHopperTranspose,
 );
 

@@ -756,3 +756,16 @@ const _: () = {
     ["Offset of field: MapetHopperDqReduce::items"][::core::mem::offset_of!(MapetHopperDqReduce, items) - 20usize];
     ["Offset of field: MapetHopperDqReduce::mode"][::core::mem::offset_of!(MapetHopperDqReduce, mode) - 24usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct MapetHopperPdl {
+    pub times: *mut u64,
+    pub spin_ns: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MapetHopperPdl"][::core::mem::size_of::<MapetHopperPdl>() - 16usize];
+    ["Alignment of MapetHopperPdl"][::core::mem::align_of::<MapetHopperPdl>() - 8usize];
+    ["Offset of field: MapetHopperPdl::times"][::core::mem::offset_of!(MapetHopperPdl, times) - 0usize];
+    ["Offset of field: MapetHopperPdl::spin_ns"][::core::mem::offset_of!(MapetHopperPdl, spin_ns) - 8usize];
+};
