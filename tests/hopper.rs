@@ -321,6 +321,9 @@ fn dq_reduce_refuses_wrong_buffers() {
 /// holds it until that kernel has ended; a plain launch starts after the end. The op kernels'
 /// dependent launches (`MAPET_DEPENDENT_LAUNCH=1`) rest on both: without the first they save
 /// nothing, which their benches cannot tell from noise, and without the second they race.
+/// Checked on the stream the `Gpu` runs on (`MAPET_STREAM`; the context's legacy default stream
+/// when unset) and on a non-blocking stream of its own: if only the second starts early,
+/// `MAPET_STREAM=own` is what the dependent launches need.
 #[test]
 fn dependent_launches_start_early_and_wait() {
     let test = "dependent_launches_start_early_and_wait";
@@ -333,29 +336,44 @@ fn dependent_launches_start_early_and_wait() {
     }
     let err = dependent_launch_overlap(&gpu, 2_000_000_000, true).unwrap_err();
     assert!(err.to_string().contains("at most 1 s"), "{err}");
+    let own = Gpu::new_on_own_stream(0).unwrap();
+    assert!(own.on_own_stream());
     let show = |t: &PdlTimes| {
         let rel = |x: u64| x as i64 - t.primary_end as i64;
         format!(
-            "secondary started {} ns and got past its wait {} ns after the primary's end",
+            "the secondary started {} ns and got past its wait {} ns after the primary's end",
             rel(t.secondary_start),
             rel(t.secondary_waited)
         )
     };
-    let plain = dependent_launch_overlap(&gpu, SPIN, false).unwrap();
-    let dependent = dependent_launch_overlap(&gpu, SPIN, true).unwrap();
-    eprintln!("{test}: plain: {}; dependent: {}", show(&plain), show(&dependent));
-    assert!(plain.secondary_start + SLACK >= plain.primary_end, "a plain launch started early: {}", show(&plain));
-    assert!(
-        dependent.secondary_waited + SLACK >= dependent.primary_end,
-        "the wait returned before the primary ended: {}",
-        show(&dependent)
-    );
-    assert!(
-        dependent.secondary_start + SPIN / 2 < dependent.primary_end,
-        "a dependent launch did not start during the primary's {SPIN} ns spin, so dependent launches save nothing on \
-         this stream: {}",
-        show(&dependent)
-    );
+    let mut seen = Vec::new();
+    for (stream, g) in [
+        (if gpu.on_own_stream() { "its own stream" } else { "the legacy default stream" }, &gpu),
+        ("a stream of its own", &own),
+    ] {
+        let plain = dependent_launch_overlap(g, SPIN, false).unwrap();
+        let dependent = dependent_launch_overlap(g, SPIN, true).unwrap();
+        eprintln!("{test}: on {stream}: plain: {}; dependent: {}", show(&plain), show(&dependent));
+        seen.push((stream, plain, dependent));
+    }
+    for (stream, plain, dependent) in seen {
+        assert!(
+            plain.secondary_start + SLACK >= plain.primary_end,
+            "on {stream}, a plain launch started early: {}",
+            show(&plain)
+        );
+        assert!(
+            dependent.secondary_waited + SLACK >= dependent.primary_end,
+            "on {stream}, the wait returned before the primary ended: {}",
+            show(&dependent)
+        );
+        assert!(
+            dependent.secondary_start + SPIN / 2 < dependent.primary_end,
+            "on {stream}, a dependent launch did not start during the primary's {SPIN} ns spin, so dependent launches \
+             save nothing there: {}",
+            show(&dependent)
+        );
+    }
 }
 
 #[test]

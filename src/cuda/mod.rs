@@ -99,9 +99,44 @@ fn keep_pool_memory(ctx: &CudaContext) -> std::result::Result<(), cudarc::driver
     .result()
 }
 
+/// The variable that puts a [`Gpu`]'s work on a stream of its own (`own`: a non-blocking stream)
+/// rather than the context's legacy default stream (`default`, or unset). Whether a
+/// programmatic dependent launch starts early on the legacy default stream as on any other is
+/// what `tests/hopper.rs`'s `dependent_launches_start_early_and_wait` checks on a card, for
+/// both.
+pub const STREAM_VAR: &str = "MAPET_STREAM";
+
+/// Whether `value` (the variable's value; `None`: unset) asks for a stream of the `Gpu`'s own:
+/// `own` or `default`, else an error naming [`STREAM_VAR`].
+pub fn own_stream_named(value: Option<&str>) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("default") => Ok(false),
+        Some("own") => Ok(true),
+        Some(v) => Err(Error::Unsupported {
+            what: "CUDA stream",
+            detail: format!(
+                "{STREAM_VAR}={v:?}: give `default` (the context's legacy default stream) or `own` (a non-blocking \
+                 stream of its own)"
+            ),
+        }),
+    }
+}
+
 impl Gpu {
-    /// Opens device `ordinal` and loads every embedded kernel module.
+    /// Opens device `ordinal` and loads every embedded kernel module; its work runs on the
+    /// stream [`STREAM_VAR`] names (the context's legacy default stream when unset).
     pub fn new(ordinal: usize) -> Result<Self> {
+        let own = own_stream_named(std::env::var(STREAM_VAR).ok().as_deref())?;
+        Self::open(ordinal, own)
+    }
+
+    /// As [`Gpu::new`], with its work on a non-blocking stream of its own, whatever
+    /// [`STREAM_VAR`] says.
+    pub fn new_on_own_stream(ordinal: usize) -> Result<Self> {
+        Self::open(ordinal, true)
+    }
+
+    fn open(ordinal: usize, own_stream: bool) -> Result<Self> {
         if let Some(reason) = kernels::MISSING_REASON {
             return Err(Error::KernelsNotBuilt(reason));
         }
@@ -112,7 +147,11 @@ impl Gpu {
         // SAFETY: a Gpu runs everything on its one stream, so no cross-stream tracking is needed,
         // and buffers are only freed after the stream's work on them was enqueued (stream order).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = if own_stream {
+            ctx.new_stream().map_err(|e| ctx_err(e, " creating a stream".into()))?
+        } else {
+            ctx.default_stream()
+        };
         if ctx.has_async_alloc() {
             keep_pool_memory(&ctx).map_err(|e| ctx_err(e, " configuring the memory pool".into()))?;
         }
@@ -170,6 +209,12 @@ impl Gpu {
     /// Largest dynamic shared memory one block may opt in to, in bytes.
     pub fn max_shared_memory_per_block(&self) -> u32 {
         self.max_smem_optin
+    }
+
+    /// Whether its stream is one of its own ([`STREAM_VAR`]), not the context's legacy default
+    /// stream.
+    pub fn on_own_stream(&self) -> bool {
+        !self.stream.cu_stream().is_null()
     }
 
     /// The stream all work of this `Gpu` runs on.
@@ -1016,4 +1061,18 @@ pub fn blocks_for(what: &'static str, n: u64, per_block: u64) -> Result<u32> {
         what,
         detail: format!("{n} items need {blocks} blocks, too many for one grid"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_variable_takes_default_or_own_and_names_itself_otherwise() {
+        assert!(!own_stream_named(None).unwrap());
+        assert!(!own_stream_named(Some("default")).unwrap());
+        assert!(own_stream_named(Some(" own ")).unwrap());
+        let err = own_stream_named(Some("per-thread")).unwrap_err().to_string();
+        assert!(err.contains(STREAM_VAR) && err.contains("per-thread") && err.contains("`own`"), "{err}");
+    }
 }
