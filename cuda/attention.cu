@@ -450,11 +450,20 @@ __device__ __forceinline__ void softmax_tile(float (&s)[2][4][4], float (&mx)[2]
     float tmax[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        tmax[i] = -INFINITY;
+        // The lane's 16 scores of row i by a tree of maxima, 4 deep rather than a chain 9 deep
+        // (the exponentials wait for it). The same value: the maximum is exact in any order, and
+        // fmaxf ignores a NaN in any order too; the last step against -inf keeps a row of 16
+        // NaNs at -inf, as the chain from -inf did.
+        float m[8];
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) tmax[i] = fmaxf(tmax[i], fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]));
+            for (int j = 0; j < 4; ++j) m[4 * h + j] = fmaxf(s[h][j][2 * i], s[h][j][2 * i + 1]);
+#pragma unroll
+        for (int w = 4; w >= 1; w /= 2)
+#pragma unroll
+            for (int k = 0; k < w; ++k) m[k] = fmaxf(m[k], m[k + w]);
+        tmax[i] = fmaxf(-INFINITY, m[0]);
         if (!kQuadMaxOnGrow) tmax[i] = quad_max(tmax[i]);
     }
     const bool grow = __any_sync(0xffffffffu, (tmax[0] - mx[0]) * sl2 > kLazyRescale ||
