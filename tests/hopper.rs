@@ -328,8 +328,9 @@ fn dq_reduce_refuses_wrong_buffers() {
 fn dependent_launches_start_early_and_wait() {
     let test = "dependent_launches_start_early_and_wait";
     let Some(gpu) = gpu_or_skip(test) else { return };
-    const SPIN: u64 = 200_000; // ns
-                               // %globaltimer's step (up to a microsecond on some devices), and more.
+    // The primary's spin, and what the clock may be off by (%globaltimer's step is up to a
+    // microsecond on some devices), in ns.
+    const SPIN: u64 = 200_000;
     const SLACK: u64 = 2_000;
     if refused_off_hopper(&gpu, || dependent_launch_overlap(&gpu, SPIN, false)) {
         return;
