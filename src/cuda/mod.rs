@@ -56,7 +56,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), Kernel>>,
     /// The dynamic shared memory each kernel may take: read from the driver at its first launch
     /// that asks for some, raised when a launch needs more.
     smem_limits: Mutex<HashMap<(&'static str, &'static str), u32>>,
@@ -66,9 +66,17 @@ pub struct Gpu {
     compute_capability: (u32, u32),
     /// Whether [`Gpu::launch_dependent`] launches as programmatic dependent launches.
     dependent_launches: AtomicBool,
-    /// Whether each kernel's loaded code has the wait of a dependent launch: read from the driver
-    /// at its first dependent launch ([`Gpu::loaded_code_waits`]).
-    waits: Mutex<HashMap<(&'static str, &'static str), bool>>,
+}
+
+/// A loaded kernel, and whether its loaded code has the wait of a dependent launch: compiled from
+/// PTX of version 9.0 or later (cuda/dependent_launch.cuh compiles the wait out below 9.0). On a
+/// device of compute capability 9.0 the driver loads the sm_90a cubin, unless told to compile the
+/// PTX instead (`CUDA_FORCE_PTX_JIT=1`): the fatbin's PTX is compute_80's, without the wait, and
+/// such a kernel must not start early. Read from the driver once, when the kernel is loaded.
+#[derive(Clone)]
+struct Kernel {
+    f: CudaFunction,
+    waits: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -181,7 +189,6 @@ impl Gpu {
             max_smem_optin,
             compute_capability,
             dependent_launches: AtomicBool::new(std::env::var("MAPET_DEPENDENT_LAUNCH").as_deref() == Ok("1")),
-            waits: Mutex::new(HashMap::new()),
         })
     }
 
@@ -284,17 +291,27 @@ impl Gpu {
 
     /// Kernel `function` of module `module` (the stem of its `cuda/*.cu` file), cached.
     pub fn function(&self, module: &'static str, function: &'static str) -> Result<CudaFunction> {
+        Ok(self.kernel(module, function)?.f)
+    }
+
+    /// [`Gpu::function`] with what its loaded code is ([`Kernel`]), cached.
+    fn kernel(&self, module: &'static str, function: &'static str) -> Result<Kernel> {
         let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = cache.get(&(module, function)) {
-            return Ok(f.clone());
+        if let Some(k) = cache.get(&(module, function)) {
+            return Ok(k.clone());
         }
         let m = self.modules.get(module).ok_or_else(|| Error::Unsupported {
             what: "kernel module",
             detail: format!("`{module}` is not among the compiled modules"),
         })?;
         let f = m.load_function(function).map_err(|e| ctx_err(e, format!(" loading kernel `{module}::{function}`")))?;
-        cache.insert((module, function), f.clone());
-        Ok(f)
+        // (get_attribute makes the context current on this thread.)
+        let ptx = f
+            .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
+            .map_err(|e| ctx_err(e, format!(" reading the PTX version of `{module}::{function}`")))?;
+        let k = Kernel { f, waits: ptx >= 90 };
+        cache.insert((module, function), k.clone());
+        Ok(k)
     }
 
     /// Launches `function` of `module` with one parameter struct passed by value.
@@ -309,8 +326,24 @@ impl Gpu {
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
-        let f = self.prepare(module, function, &cfg)?;
-        let mut b = self.stream.launch_builder(&f);
+        let k = self.prepare(module, function, &cfg)?;
+        // SAFETY: the caller's contract; `k` is `function`, prepared for `cfg`.
+        unsafe { self.launch_plain(module, function, &k.f, cfg, params) }
+    }
+
+    /// The plain launch of `f` (`function`, prepared for `cfg`).
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch`].
+    unsafe fn launch_plain<P: KernelParams>(
+        &self,
+        module: &'static str,
+        function: &'static str,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        let mut b = self.stream.launch_builder(f);
         b.arg(params);
         // SAFETY: forwarded from the caller's contract above.
         unsafe { b.launch(cfg) }.map_err(|e| ctx_err(e, format!(" launching `{module}::{function}`")))?;
@@ -355,18 +388,21 @@ impl Gpu {
             // SAFETY: the caller's contract.
             return unsafe { self.launch(module, function, cfg, params) };
         }
-        let f = self.prepare(module, function, &cfg)?;
-        if !self.loaded_code_waits(module, function, &f)? {
-            // SAFETY: the caller's contract.
-            return unsafe { self.launch(module, function, cfg, params) };
+        let k = self.prepare(module, function, &cfg)?;
+        // SAFETY: the caller's contract; `k` is `function`, prepared for `cfg`, and launched
+        // early only where its loaded code waits.
+        unsafe {
+            if k.waits {
+                self.launch_programmatic(module, function, &k.f, cfg, params)
+            } else {
+                self.launch_plain(module, function, &k.f, cfg, params)
+            }
         }
-        // SAFETY: the caller's contract; `f` is `function`, prepared for `cfg`.
-        unsafe { self.launch_programmatic(module, function, &f, cfg, params) }
     }
 
     /// [`Gpu::launch_dependent`] as a programmatic dependent launch whatever
     /// [`Gpu::dependent_launches`] says, on compute capability 9.0 with the loaded code's wait
-    /// ([`Gpu::loaded_code_waits`]), else an error: for the check that such launches do start early
+    /// (the sm_90a code), else an error: for the check that such launches do start early
     /// (`cuda::hopper::dependent_launch_overlap`).
     ///
     /// # Safety
@@ -378,8 +414,8 @@ impl Gpu {
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
-        let f = self.prepare(module, function, &cfg)?;
-        if self.compute_capability != (9, 0) || !self.loaded_code_waits(module, function, &f)? {
+        let k = self.prepare(module, function, &cfg)?;
+        if self.compute_capability != (9, 0) || !k.waits {
             return Err(Error::Unsupported {
                 what: "programmatic dependent launch",
                 detail: format!(
@@ -389,8 +425,8 @@ impl Gpu {
                 ),
             });
         }
-        // SAFETY: the caller's contract; `f` is `function`, prepared for `cfg`.
-        unsafe { self.launch_programmatic(module, function, &f, cfg, params) }
+        // SAFETY: the caller's contract; `k` is `function`, prepared for `cfg`, with the wait.
+        unsafe { self.launch_programmatic(module, function, &k.f, cfg, params) }
     }
 
     /// The raw programmatic dependent launch of `f` (`function`, prepared for `cfg`).
@@ -437,26 +473,10 @@ impl Gpu {
         Ok(())
     }
 
-    /// Whether the code the driver loaded for `function` was compiled from PTX of version 9.0 or
-    /// later, and so has `dependent_launch_start()`'s wait (cuda/dependent_launch.cuh compiles
-    /// it out below 9.0). On a device of compute capability 9.0 the driver loads the sm_90a cubin,
-    /// unless told to compile the PTX instead (`CUDA_FORCE_PTX_JIT=1`): the fatbin's PTX is
-    /// compute_80's, without the wait, and such a kernel must not start early. Asked once a kernel.
-    fn loaded_code_waits(&self, module: &'static str, function: &'static str, f: &CudaFunction) -> Result<bool> {
-        let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(&w) = waits.get(&(module, function)) {
-            return Ok(w);
-        }
-        // (get_attribute makes the context current on this thread.)
-        let ptx = f
-            .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
-            .map_err(|e| ctx_err(e, format!(" reading the PTX version of `{module}::{function}`")))?;
-        Ok(*waits.entry((module, function)).or_insert(ptx >= 90))
-    }
-
     /// The kernel, with its dynamic shared memory limit raised to what `cfg` asks for.
-    fn prepare(&self, module: &'static str, function: &'static str, cfg: &LaunchConfig) -> Result<CudaFunction> {
-        let f = self.function(module, function)?;
+    fn prepare(&self, module: &'static str, function: &'static str, cfg: &LaunchConfig) -> Result<Kernel> {
+        let k = self.kernel(module, function)?;
+        let f = &k.f;
         if cfg.shared_mem_bytes > 0 {
             // Raised once per kernel (and again only for a larger size), not on every launch.
             let mut limits = self.smem_limits.lock().unwrap_or_else(|p| p.into_inner());
@@ -488,7 +508,7 @@ impl Gpu {
                 *allowed = cfg.shared_mem_bytes;
             }
         }
-        Ok(f)
+        Ok(k)
     }
 
     /// A pool of page-locked host buffers of `capacity` bytes each, for uploads that the copy
