@@ -219,6 +219,22 @@ pub fn project_root() -> std::path::PathBuf {
     std::env::var_os("MAPET_ROOT").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
+/// The op modules (`cuda/<name>.cu`, launched from `src/ops/<name>.rs`; every `cuda/*.cu` but the
+/// test-only `hopper.cu`), each with the kernels its source defines (a macro that makes kernels
+/// counts once). All of their kernels may be started as programmatic dependent launches: the
+/// source test in src/ops/mod.rs and the SASS test in tests/kernel_schedule.rs hold them to it.
+pub const OP_MODULES: [(&str, usize); 9] = [
+    ("adamw", 1),
+    ("attention", 11),
+    ("cross_entropy", 5),
+    ("gelu", 4),
+    ("gradnorm", 2),
+    ("kmeans", 9),
+    ("layernorm", 7),
+    ("patch_embed", 16),
+    ("residual", 6),
+];
+
 /// Checks that every kernel (`extern "C" __global__`, macro-made ones included) of `cuda/<file>`
 /// has `dependent_launch_start();` as its first statement (cuda/dependent_launch.cuh), and that
 /// the launcher `src/ops/<launcher>` launches none of them other than by

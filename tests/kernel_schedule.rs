@@ -360,12 +360,6 @@ fn wgmma_fused_meets_its_warpgroup_around_the_tile_stores() {
     }
 }
 
-/// The op modules, all of whose kernels may be started as programmatic dependent launches
-/// (`Gpu::launch_dependent`): the source test `every_kernel_waits_for_the_one_before_it_first`
-/// (src/ops/mod.rs) lists the same.
-const OP_MODULES: [&str; 9] =
-    ["adamw", "attention", "cross_entropy", "gelu", "gradnorm", "kmeans", "layernorm", "patch_embed", "residual"];
-
 /// The SASS opcodes (before the first dot) that read or write global memory, or may (generic
 /// addresses), or start a copy that does.
 const GLOBAL_ACCESS: [&str; 20] = [
@@ -384,7 +378,7 @@ const GLOBAL_ACCESS: [&str; 20] = [
 #[test]
 fn every_kernel_waits_before_its_first_global_access_in_the_sass() {
     let mut checked = 0;
-    for module in OP_MODULES {
+    for (module, _) in mapet::testing::OP_MODULES {
         let Some(sass) = sass_or_skip(module, "every_kernel_waits_before_its_first_global_access_in_the_sass") else {
             return;
         };

@@ -91,17 +91,7 @@ mod tests {
     /// writes what it reads. A new module's kernels must be added here.
     #[test]
     fn every_kernel_waits_for_the_one_before_it_first() {
-        let modules = [
-            ("adamw", 1),
-            ("attention", 11),
-            ("cross_entropy", 5),
-            ("gelu", 4),
-            ("gradnorm", 2),
-            ("kmeans", 9),
-            ("layernorm", 7),
-            ("patch_embed", 16),
-            ("residual", 6),
-        ];
+        let modules = crate::testing::OP_MODULES;
         for (module, expected) in modules {
             let kernels = crate::testing::assert_kernels_wait_first(&format!("{module}.cu"), &format!("{module}.rs"));
             assert_eq!(kernels, expected, "cuda/{module}.cu: kernels (or kernel-making macros) found");
