@@ -25,6 +25,11 @@ fn targets(rng: &mut impl Rng, rows: usize, vocab: usize) -> Vec<i32> {
     (0..rows).map(|_| rng.random_range(0..vocab as i32)).collect()
 }
 
+/// Pins as `MAPET_GEMM_PIN` takes them.
+fn pin_variable(pins: &[Pin]) -> String {
+    pins.iter().map(|((m, n, k), r)| format!("{m}x{n}x{k}={r}")).collect::<Vec<_>>().join(",")
+}
+
 fn cpu(c: &mut Criterion) {
     let (rows, dim, vocab) = (256, 64, 512);
     let shape = CrossEntropyShape::new(rows, dim, vocab);
@@ -81,12 +86,14 @@ fn gpu(c: &mut Criterion) {
         mib(shape.gpu_extra_device_bytes(true)),
     );
 
-    // How many blocks of the held-rows kernel an SM holds (two on an H200 in the seventh run).
-    let kernel = "cross_entropy_rows_held";
-    let per_sm = gpu
-        .function("cross_entropy", kernel)
-        .and_then(|f| Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?));
-    println!("RESULT {kernel}: {per_sm:?} blocks per SM, {}", gpu.name());
+    // How many blocks of the held-rows kernels an SM holds (two of the one-row kernel on an H200
+    // in the seventh run; the paired kernel is meant to run one).
+    for (kernel, threads) in [("cross_entropy_rows_held", 256), ("cross_entropy_rows_paired", 512)] {
+        let per_sm = gpu
+            .function("cross_entropy", kernel)
+            .and_then(|f| Ok(f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)?));
+        println!("RESULT {kernel}: {per_sm:?} blocks per SM, {}", gpu.name());
+    }
 
     // The same calls queued without their final wait, timed as the PyTorch peers are (an event
     // before the call, one after it is queued, then the wait): the lines above also count the
@@ -125,9 +132,9 @@ fn gpu(c: &mut Criterion) {
     // cuBLASLt's other candidates for the call's three GEMM sizes (logits, dx, dW at the default
     // chunk), chosen greedily on the whole call: each size in turn tries ranks 1.. with the
     // earlier sizes' choices kept, and keeps a rank only if it takes more than 1% off. The
-    // choice is what `MAPET_GEMM_PIN` would be set to (printed), and is raced below.
-    let n = shape.gpu_chunk_rows();
-    let sizes = [(n, vocab, dim), (n, dim, vocab), (vocab, dim, n)];
+    // choice is what `MAPET_GEMM_PIN` would be set to (printed), and is raced below. The same for
+    // paired rows' chunks (MAPET_CE_ROW_BLOCKS=paired), whose GEMMs have other sizes.
+    let paired = shape.with_paired_rows(true);
     let call = |g: &Gemm,
                 s: &CrossEntropyShape,
                 out: &mut CudaRowOutputs,
@@ -136,39 +143,49 @@ fn gpu(c: &mut Criterion) {
                 db: &mut DeviceBuffer<f32>| {
         cuda_forward_backward_queued(&gpu, g, s, &x, &w, &b, &t, 1.0, out, dx, dw, db).map(|_| ())
     };
-    let mut pins: Vec<Pin> = Vec::new();
-    for size in sizes {
-        let mut best: Option<(usize, f32)> = None;
-        let mut line = Vec::new();
-        for rank in 0..6 {
-            let mut trial = pins.clone();
-            trial.push((size, rank));
-            let timed = Gemm::with_pins(&gpu, trial).and_then(|g| {
-                gpu.time_ms(2, 10, || call(&g, &shape, &mut out, &mut dx, &mut dw, &mut db)).map(|ms| ms[ms.len() / 2])
-            });
-            match timed {
-                Ok(ms) => {
-                    line.push(format!("#{rank} {ms:.3}"));
-                    if best.is_none_or(|(_, b)| ms < 0.99 * b) {
-                        best = Some((rank, ms));
+    let mut choose_pins = |s: &CrossEntropyShape| -> Vec<Pin> {
+        let n = s.gpu_chunk_rows();
+        let mut pins: Vec<Pin> = Vec::new();
+        for size in [(n, vocab, dim), (n, dim, vocab), (vocab, dim, n)] {
+            let mut best: Option<(usize, f32)> = None;
+            let mut line = Vec::new();
+            for rank in 0..6 {
+                let mut trial = pins.clone();
+                trial.push((size, rank));
+                let timed = Gemm::with_pins(&gpu, trial).and_then(|g| {
+                    gpu.time_ms(2, 10, || call(&g, s, &mut out, &mut dx, &mut dw, &mut db)).map(|ms| ms[ms.len() / 2])
+                });
+                match timed {
+                    Ok(ms) => {
+                        line.push(format!("#{rank} {ms:.3}"));
+                        if best.is_none_or(|(_, b)| ms < 0.99 * b) {
+                            best = Some((rank, ms));
+                        }
                     }
+                    // The heuristic has no more candidates for this size.
+                    Err(Error::Unsupported { what: "GEMM pin", .. }) if rank > 0 => break,
+                    // A candidate cuBLASLt will not run here: the next one.
+                    Err(e) if rank > 0 => line.push(format!("#{rank} failed ({e})")),
+                    Err(e) => panic!("cross_entropy with {size:?} at rank {rank}: {e}"),
                 }
-                // The heuristic has no more candidates for this size.
-                Err(Error::Unsupported { what: "GEMM pin", .. }) if rank > 0 => break,
-                // A candidate cuBLASLt will not run here: the next one.
-                Err(e) if rank > 0 => line.push(format!("#{rank} failed ({e})")),
-                Err(e) => panic!("cross_entropy with {size:?} at rank {rank}: {e}"),
+            }
+            let rank = best.map_or(0, |(r, _)| r);
+            let (m, nn, k) = size;
+            println!(
+                "RESULT cross_entropy GEMM {m}x{nn}x{k}: whole call, queued (ms) {}; chosen #{rank}",
+                line.join(", ")
+            );
+            if rank > 0 {
+                pins.push((size, rank));
             }
         }
-        let rank = best.map_or(0, |(r, _)| r);
-        let (m, nn, k) = size;
-        println!("RESULT cross_entropy GEMM {m}x{nn}x{k}: whole call, queued (ms) {}; chosen #{rank}", line.join(", "));
-        if rank > 0 {
-            pins.push((size, rank));
-        }
-    }
-    let pin_text = pins.iter().map(|((m, nn, k), r)| format!("{m}x{nn}x{k}={r}")).collect::<Vec<_>>().join(",");
+        pins
+    };
+    let pins = choose_pins(&shape);
+    let paired_pins = choose_pins(&paired);
+    let (pin_text, paired_pin_text) = (pin_variable(&pins), pin_variable(&paired_pins));
     let tuned = Gemm::with_pins(&gpu, pins).expect("cuBLASLt");
+    let paired_tuned = Gemm::with_pins(&gpu, paired_pins).expect("cuBLASLt");
 
     // Forward passes of a half, a third and a quarter of the chunk (the module docs' sub-chunks):
     // whether the row kernel, reading the logits a pass's GEMM has just left in L2, gains more
@@ -193,6 +210,10 @@ fn gpu(c: &mut Criterion) {
         }
         // The row kernel visiting the rows from the last back (MAPET_CE_ROW_ORDER=reverse): does it
         // find more of the logits the GEMM has just written still in L2?
+        // Two rows a block and five chunks instead of six (MAPET_CE_ROW_BLOCKS=paired), with the
+        // GEMM candidates chosen for its own sizes in place of the chosen ones.
+        let paired_gemm = if gname == "chosen GEMMs" { &paired_tuned } else { g };
+        variants.push((format!("one pass, paired rows, {gname}, queued"), paired, paired_gemm, true, false));
         variants.push((
             format!("one pass, rows reversed, {gname}, queued"),
             shape.with_reversed_rows(true),
@@ -249,6 +270,7 @@ fn gpu(c: &mut Criterion) {
         );
     }
     println!("RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN={pin_text:?}");
+    println!("RESULT cross_entropy chosen GEMMs with paired rows: MAPET_GEMM_PIN={paired_pin_text:?}");
     println!("RESULT cross_entropy GEMM pins chosen with cuBLASLt {} on {}", gemm.library_version(), gpu.name());
     for line in self_tuned.tuning_report() {
         println!("RESULT cross_entropy MAPET_GEMM_TUNE: {line}");

@@ -40,6 +40,11 @@
 //                                (the bias gradient, with no second pass over the dlogits). One
 //                                kernel for both variants, so the forward alone and training
 //                                give the same statistics bit for bit.
+//   cross_entropy_rows_paired    cross_entropy_rows_held with two rows at a time a block (two
+//                                halves of 256 threads, the halves' column sums added before
+//                                the block's): half the groups for as many rows in flight, so
+//                                half the column-sum scratch and larger chunks (an experiment,
+//                                off by default: MAPET_CE_ROW_BLOCKS=paired).
 //   cross_entropy_colsum_partial db's column sums of dlogits, without float atomics, for the
 //                                other vocab sizes: block (x, g) adds the sum of rows
 //                                [g*per, (g+1)*per) of its columns to partial[g, :].
@@ -306,12 +311,23 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
     return sh.lse;
 }
 
+// The barrier of the threads that work on one row: the block's for one-row blocks; for the
+// paired kernel's halves, named barrier 1 + half over its kRowThreads threads (0 is the block's).
+template <int kHalves>
+__device__ __forceinline__ void rows_sync(int half) {
+    if (kHalves == 1) {
+        __syncthreads();
+    } else {
+        asm volatile("bar.sync %0, %1;\n" ::"r"(1 + half), "n"(kRowThreads) : "memory");
+    }
+}
+
 // The row a kernel's v-th visit goes to: v itself, or with p.reverse_rows the rows from the last
 // back, so that the rows the logits GEMM wrote last, the likeliest to be still in L2, are read
 // first (what each row gets is the same either way; the column sums add the rows of a block in
 // the order it visits them). Off by default: on an H200 it was within the bench's noise of the
 // forward order (BENCHMARKS.md, seventh run). Row numbers fit 32 bits: a pass has fewer rows
-// than a grid has blocks, and a chunk's logits are at most 52 MiB.
+// than a grid has blocks, and a chunk's logits are at most 59 MiB (paired rows).
 __device__ __forceinline__ int visited_row(const MapetCrossEntropy& p, int v) {
     return p.reverse_rows ? static_cast<int>(p.rows) - 1 - v : v;
 }
@@ -374,11 +390,19 @@ extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows(Map
 // The column sums stay in registers: with them in shared memory (80 registers, three blocks an
 // SM instead of two) the whole call gained nothing beyond the bench's noise on an H200
 // (BENCHMARKS.md, seventh run).
-template <bool kFull>
-__device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
-    __shared__ HeldShared sh;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
+// sh_of: each half's row statistics; handed (paired kernel only): 2 kGradPer kRowThreads float4
+// for half 1's column sums. Both are the kernel's, declared there once for its two instances.
+template <bool kFull, int kHalves>
+__device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p, HeldShared (&sh_of)[kHalves],
+                                               float4* handed) {
+    static_assert(kHalves == 1 || kHalves == 2, "one row at a time a block, or two (paired)");
+    // The half of the block this thread works in (0 for one-row blocks), and the thread's index
+    // in it, which fixes the columns it owns.
+    const int half = kHalves == 1 ? 0 : static_cast<int>(threadIdx.x) / kRowThreads;
+    const int tid = kHalves == 1 ? static_cast<int>(threadIdx.x) : static_cast<int>(threadIdx.x) % kRowThreads;
+    HeldShared& sh = sh_of[half];
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
     const int n8 = p.vocab / 8;
     auto owned = [&](int c) { return kFull || c < n8; };
     // Column sums of the 8 columns of the thread's group i.
@@ -394,7 +418,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
     // belong to one block each, so loading the block's next row early races with nothing.
     uint4 next[kGradPer];
     int next_target = -1;
-    // Row numbers fit 32 bits (a chunk's logits are at most 52 MiB, so fewer than 2^22 rows of at
+    // Row numbers fit 32 bits (a chunk's logits are at most 59 MiB, so fewer than 2^22 rows of at
     // least 8 columns); products with ld are taken in 64 bits.
     const int rows = static_cast<int>(p.rows);
     auto prefetch = [&](int r) {
@@ -402,15 +426,18 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
             reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.logits) + static_cast<int64_t>(r) * p.ld);
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
-            const int c = threadIdx.x + i * kRowThreads;
+            const int c = tid + i * kRowThreads;
             next[i] = owned(c) ? src[c] : make_uint4(0u, 0u, 0u, 0u);
         }
         next_target = p.targets[r];
     };
-    if (static_cast<int>(blockIdx.x) < rows) {
-        prefetch(visited_row(p, blockIdx.x));
+    // The half's visits: half h of block b takes visits b kHalves + h, then every kHalves gridDim.x.
+    const int first_visit = static_cast<int>(blockIdx.x) * kHalves + half;
+    const int visit_step = static_cast<int>(gridDim.x) * kHalves;
+    if (first_visit < rows) {
+        prefetch(visited_row(p, first_visit));
     }
-    for (int visit = blockIdx.x; visit < rows; visit += gridDim.x) {
+    for (int visit = first_visit; visit < rows; visit += visit_step) {
         const int row = visited_row(p, visit);
         __nv_bfloat16* rowp = static_cast<__nv_bfloat16*>(p.logits) + static_cast<int64_t>(row) * p.ld;
         uint4* row8 = reinterpret_cast<uint4*>(rowp);
@@ -422,13 +449,13 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         }
         // The block's next row is loaded while this one is reduced and written: a row's loads no
         // longer wait on the previous row's two barriers.
-        if (visit + static_cast<int>(gridDim.x) < rows) {
-            prefetch(visited_row(p, visit + gridDim.x));
+        if (visit + visit_step < rows) {
+            prefetch(visited_row(p, visit + visit_step));
         }
         // The target's logit, for the loss: thread 0 reads it now, before the row's first barrier;
         // the other threads overwrite the row with dlogits only after the second.
         float target_logit = 0.0f;
-        if (threadIdx.x == 0 && target >= 0) {
+        if (tid == 0 && target >= 0) {
             target_logit = __bfloat162float(rowp[target]) + __ldg(p.bias + target);
         }
         // The thread's logits and their max (lowest index on ties: increasing index order and a
@@ -438,7 +465,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         int idx = kNoIndex;
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
-            const int c = threadIdx.x + i * kRowThreads;
+            const int c = tid + i * kRowThreads;
             unpack8(raw[i], v[i]);
             if (owned(c)) {
                 const float4 b0 = __ldg(reinterpret_cast<const float4*>(p.bias) + 2 * c);
@@ -461,7 +488,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
-            if (owned(threadIdx.x + i * kRowThreads)) {
+            if (owned(tid + i * kRowThreads)) {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     v[i][e] = ex2(fmaf(v[i][e], kLog2e, -m_log2));
@@ -485,7 +512,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
             sh.m[warp] = bm;
             sh.idx[warp] = bi;
         }
-        __syncthreads();
+        rows_sync<kHalves>(half);
         bm = sh.m[0];
         bi = sh.idx[0];
 #pragma unroll
@@ -509,14 +536,14 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         }
         // Also orders every thread's reads of sh.m/idx before the next row's writes of them; the
         // reads of sh.s below come before the next row's first barrier, so before its writes.
-        __syncthreads();
+        rows_sync<kHalves>(half);
         bs = sh.s[0];
 #pragma unroll
         for (int w = 1; w < kRowWarps; ++w) {
             bs += sh.s[w];
         }
         const float lse = bm + logf(bs);
-        if (threadIdx.x == 0) {
+        if (tid == 0) {
             p.row_loss[row] = target >= 0 ? lse - target_logit : 0.0f;
             p.row_lse[row] = lse;
             // No element was ever kept (every logit -inf or NaN, only from non-finite inputs):
@@ -529,7 +556,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         if (target < 0) {  // an ignored row: dlogits 0, nothing added to the sums
 #pragma unroll
             for (int i = 0; i < kGradPer; ++i) {
-                const int c = threadIdx.x + i * kRowThreads;
+                const int c = tid + i * kRowThreads;
                 if (owned(c)) {
                     row8[c] = make_uint4(0u, 0u, 0u, 0u);
                 }
@@ -540,7 +567,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
         const float f = m == -INFINITY ? 0.0f : p.grad_scale * ex2((m - lse) * kLog2e);
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
-            const int c = threadIdx.x + i * kRowThreads;
+            const int c = tid + i * kRowThreads;
             if (!owned(c)) {
                 continue;
             }
@@ -566,10 +593,44 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
     if (!p.write_grad) {
         return;
     }
+    if constexpr (kHalves == 2) {
+        // One column sum a block: half 1 hands its sums to half 0 through shared memory (32 KB at
+        // V = 8192), and half 0 adds them to its own, (half 0) + (half 1), a fixed order.
+        if (half == 1) {
+#pragma unroll
+            for (int i = 0; i < kGradPer; ++i) {
+                const int c = tid + i * kRowThreads;
+                if (owned(c)) {
+                    handed[2 * c] = make_float4(colsum[i][0], colsum[i][1], colsum[i][2], colsum[i][3]);
+                    handed[2 * c + 1] = make_float4(colsum[i][4], colsum[i][5], colsum[i][6], colsum[i][7]);
+                }
+            }
+        }
+        __syncthreads();
+        if (half == 1) {
+            return;
+        }
+#pragma unroll
+        for (int i = 0; i < kGradPer; ++i) {
+            const int c = tid + i * kRowThreads;
+            if (owned(c)) {
+                const float4 a = handed[2 * c];
+                const float4 b = handed[2 * c + 1];
+                colsum[i][0] += a.x;
+                colsum[i][1] += a.y;
+                colsum[i][2] += a.z;
+                colsum[i][3] += a.w;
+                colsum[i][4] += b.x;
+                colsum[i][5] += b.y;
+                colsum[i][6] += b.z;
+                colsum[i][7] += b.w;
+            }
+        }
+    }
     float4* out = reinterpret_cast<float4*>(p.partial + static_cast<int64_t>(blockIdx.x) * p.vocab);
 #pragma unroll
     for (int i = 0; i < kGradPer; ++i) {
-        const int c = threadIdx.x + i * kRowThreads;
+        const int c = tid + i * kRowThreads;
         if (owned(c)) {
             const float4 a = out[2 * c];
             const float4 b = out[2 * c + 1];
@@ -582,10 +643,29 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p) {
 
 extern "C" __global__ void __launch_bounds__(kRowThreads) cross_entropy_rows_held(MapetCrossEntropy p) {
     dependent_launch_start();
+    __shared__ HeldShared sh[1];
     if (p.vocab == kGradMaxVocab) {
-        rows_held_body<true>(p);
+        rows_held_body<true, 1>(p, sh, nullptr);
     } else {
-        rows_held_body<false>(p);
+        rows_held_body<false, 1>(p, sh, nullptr);
+    }
+}
+
+// cross_entropy_rows_held with two rows at a time a block: block (2 kRowThreads threads) = two
+// halves that each run the one-row block's loop over their own rows (barriers of their own), and
+// add their column sums together before the block adds them to partial[block, :]. So it takes
+// the rows with half the groups: one block an SM (at most 128 registers a thread) keeps as many
+// rows in flight as two one-row blocks do, and the column-sum scratch is half as large, which
+// lets a chunk hold more rows within the 64 MiB budget (src/ops/cross_entropy.rs, "Paired rows").
+// Grid: (groups), groups <= ceil(rows of the pass / 2).
+extern "C" __global__ void __launch_bounds__(2 * kRowThreads, 1) cross_entropy_rows_paired(MapetCrossEntropy p) {
+    dependent_launch_start();
+    __shared__ HeldShared sh[2];
+    __shared__ float4 handed[2 * kGradPer * kRowThreads];
+    if (p.vocab == kGradMaxVocab) {
+        rows_held_body<true, 2>(p, sh, handed);
+    } else {
+        rows_held_body<false, 2>(p, sh, handed);
     }
 }
 

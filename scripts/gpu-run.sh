@@ -603,29 +603,37 @@ for what, pat in [
     if len(t) == 2:
         notes.append(f"{what}: dependent launches {t[True]:.4f} ms against {t[False]:.4f} ({t[True] / t[False]:.3f})")
 
-# The cross-entropy's queued race: "<passes>[, rows reversed], <GEMMs>, queued", timed alike.
+# The cross-entropy's queued race: "<passes>[, rows reversed][, paired rows], <GEMMs>, queued",
+# timed alike. Paired rows are a variant of the row kernel that its tests cover ("passes").
 ok = os.environ["OK_CE"].split()
-got, pin = {}, ""
+got, pin, paired_pin = {}, "", ""
 for l in lines:
     m = re.match(r"RESULT cross_entropy forward\+backward ([0-9.]+) ms \(rounds [^)]*\) with (.*), (default|chosen|MAPET_GEMM_TUNE) GEMMs, queued a chunk", l)
     if m and "dependent launches" not in m.group(2):  # noted below, not chosen
         passes = re.match(r"\d+ passes of <= (\d+) rows", m.group(2))
         rows, gemms = (passes.group(1) if passes else ""), m.group(3)
         order = "reverse" if "rows reversed" in m.group(2) else "forward"
-        if ((rows or order == "reverse") and "passes" not in ok) or (gemms != "default" and "gemms" not in ok):
+        blocks = "paired" if "paired rows" in m.group(2) else "single"
+        if ((rows or order == "reverse" or blocks == "paired") and "passes" not in ok) or (gemms != "default" and "gemms" not in ok):
             continue
-        got[f"{rows or 'one pass'}|{order}|{gemms}"] = float(m.group(1))
+        got[f"{rows or 'one pass'}|{order}|{blocks}|{gemms}"] = float(m.group(1))
     m = re.match(r'RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN="(.*)"', l)
     if m:
         pin = m.group(1)
-c = pick("cross-entropy", "one pass|forward|default", got)
-rows, order, gemms = c.split("|")
+    m = re.match(r'RESULT cross_entropy chosen GEMMs with paired rows: MAPET_GEMM_PIN="(.*)"', l)
+    if m:
+        paired_pin = m.group(1)
+c = pick("cross-entropy", "one pass|forward|single|default", got)
+rows, order, blocks, gemms = c.split("|")
 if rows != "one pass":
     env.append(f"MAPET_CE_SUB_CHUNK_ROWS={rows}")
 if order == "reverse":
     env.append("MAPET_CE_ROW_ORDER=reverse")
-if gemms == "chosen" and pin:
-    env.append(f"MAPET_GEMM_PIN={pin}")
+if blocks == "paired":
+    env.append("MAPET_CE_ROW_BLOCKS=paired")
+# (paired rows' chunks have GEMMs of other sizes, chosen for them in the bench)
+if gemms == "chosen" and (paired_pin if blocks == "paired" else pin):
+    env.append(f"MAPET_GEMM_PIN={paired_pin if blocks == 'paired' else pin}")
 if gemms == "MAPET_GEMM_TUNE":
     env.append("MAPET_GEMM_TUNE=1")
 for n in notes:
@@ -651,7 +659,7 @@ PY
       log="$res/winners-mapet-bench-$which.log"
       (
         unset MAPET_ATTENTION_KERNELS MAPET_ATTENTION_BACKWARD_KERNELS MAPET_PATCH_EMBED_ORDER \
-          MAPET_PATCH_EMBED_BACKWARD_ORDER MAPET_CE_SUB_CHUNK_ROWS MAPET_CE_ROW_ORDER MAPET_GEMM_PIN MAPET_GEMM_TUNE
+          MAPET_PATCH_EMBED_BACKWARD_ORDER MAPET_CE_SUB_CHUNK_ROWS MAPET_CE_ROW_ORDER MAPET_CE_ROW_BLOCKS MAPET_GEMM_PIN MAPET_GEMM_TUNE
         [ "$which" = winners ] && set -a && . "$res/winners.env" && set +a
         vit_b_bench
       ) >"$log" 2>&1

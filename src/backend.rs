@@ -822,6 +822,10 @@ pub struct CudaBackend {
     /// Whether the cross-entropy row kernels visit the rows from the last back, read once from
     /// `MAPET_CE_ROW_ORDER` when the backend is made (`false`, forward: the default).
     pub ce_reverse_rows: bool,
+    /// Whether the cross-entropy runs paired rows (two a block, five chunks at the model's
+    /// shape), read once from `MAPET_CE_ROW_BLOCKS` when the backend is made (`false`, single:
+    /// the default).
+    pub ce_paired_rows: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -849,6 +853,9 @@ impl CudaBackend {
             ce_reverse_rows: cross_entropy::reverse_rows_named(
                 std::env::var(cross_entropy::ROW_ORDER_VAR).ok().as_deref(),
             )?,
+            ce_paired_rows: cross_entropy::paired_rows_named(
+                std::env::var(cross_entropy::ROW_BLOCKS_VAR).ok().as_deref(),
+            )?,
         })
     }
 
@@ -857,13 +864,14 @@ impl CudaBackend {
     pub fn describe_kernels(&self) -> String {
         let pins: Vec<String> = self.gemm.pins().iter().map(|((m, n, k), r)| format!("{m}x{n}x{k}={r}")).collect();
         format!(
-            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {} (rows {}), GEMM tuning {}, GEMM pins {}",
+            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {} (rows {}, {} row blocks), GEMM tuning {}, GEMM pins {}",
             self.pixel_order.name(),
             self.pixel_order_backward.name(),
             self.attention_kernels.name(),
             self.attention_backward_kernels.name(),
             self.ce_sub_chunk_rows.map_or("whole chunks".to_string(), |r| format!("<= {r} rows")),
             if self.ce_reverse_rows { "reversed" } else { "forward" },
+            if self.ce_paired_rows { "paired" } else { "single" },
             if self.gemm.tuning() { "on" } else { "off" },
             if pins.is_empty() { "none".to_string() } else { pins.join(",") }
         )
@@ -1189,6 +1197,7 @@ impl Backend for CudaBackend {
         let (gpu, gemm) = (&self.gpu, &self.gemm);
         let shape = &shape.or_sub_chunk_rows(self.ce_sub_chunk_rows);
         let shape = &shape.with_reversed_rows(shape.reverse_rows || self.ce_reverse_rows);
+        let shape = &shape.with_paired_rows(shape.paired_rows || self.ce_paired_rows);
         match grads {
             None => cross_entropy::cuda_forward(gpu, gemm, shape, &x, &w, &b, targets, rows_out),
             Some(g) => cross_entropy::cuda_forward_backward(

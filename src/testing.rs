@@ -226,7 +226,7 @@ pub fn project_root() -> std::path::PathBuf {
 pub const OP_MODULES: [(&str, usize); 9] = [
     ("adamw", 1),
     ("attention", 11),
-    ("cross_entropy", 5),
+    ("cross_entropy", 6),
     ("gelu", 4),
     ("gradnorm", 2),
     ("kmeans", 9),

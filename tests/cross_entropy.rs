@@ -590,6 +590,57 @@ fn gpu_reversed_rows_match_cpu() {
     }
 }
 
+/// Paired rows (`MAPET_CE_ROW_BLOCKS=paired`: two rows a block of the held-row kernel, one block an
+/// SM at most): against the CPU with more rows than the device has pairs of blocks (halves that
+/// visit several rows, an odd row count, so one half of a block has no row), with passes and
+/// reversed rows, with fewer rows than blocks, and one row (a block whose second half visits
+/// nothing); and a vocabulary the held kernel does not take, where paired rows change nothing.
+#[test]
+fn gpu_paired_rows_match_cpu() {
+    let test = "gpu_paired_rows_match_cpu";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for (rows, dim, vocab, chunk, sub, reversed) in [
+        (1101, 64, 8192, None, None, false),
+        (517, 128, 8192, Some(200), Some(67), true),
+        (33, 24, 8, Some(5), Some(2), false),
+        (1, 16, 8192, None, None, false),
+        (300, 64, 8191, Some(128), None, false),
+    ] {
+        let mut c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
+        c.shape = c.shape.with_paired_rows(true).with_reversed_rows(reversed);
+        if let Some(sub) = sub {
+            c.shape = c.shape.with_sub_chunk_rows(sub);
+        }
+        eprintln!("{test}: {rows} x {dim} x {vocab}, chunks {chunk:?}, passes of {sub:?} rows, reversed {reversed}");
+        check_case(test, &gpu, &gemm, &c);
+    }
+}
+
+/// Paired rows give the one-row kernel's bits wherever the chunks are the same: every row's loss,
+/// lse and argmax, the statistics, dx and dW (the dlogits are the same bits); db only sums the
+/// rows in other groups, so it is compared within a few f32 roundings of its size.
+#[test]
+fn gpu_paired_rows_give_the_single_rows_bits() {
+    let test = "gpu_paired_rows_give_the_single_rows_bits";
+    let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
+    let mut rng = rng(test);
+    for (rows, dim, vocab, chunk) in [(2000, 64, 8192, Some(700)), (97, 32, 4096, None)] {
+        let c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
+        let single = run_gpu(&gpu, &gemm, &c);
+        let paired_case = Case { shape: c.shape.with_paired_rows(true), ..c };
+        assert_eq!(paired_case.shape.gpu_chunk_rows(), c.shape.gpu_chunk_rows(), "the same chunks");
+        let paired = run_gpu(&gpu, &gemm, &paired_case);
+        let same_db = GpuOut { db: single.db.clone(), ..paired };
+        let GpuOut { db: paired_db, .. } = paired;
+        assert_same_bits(&same_db, &single);
+        let size = single.db.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = paired_db.iter().zip(&single.db).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        eprintln!("{test}: {rows} x {dim} x {vocab}: db differs by at most {worst:e} (largest |db| {size:e})");
+        assert!(worst <= 1e-5 * size.max(1e-3), "db: paired and single rows differ by {worst} (largest |db| {size})");
+    }
+}
+
 /// Small odd sizes in one chunk and in chunks of one row.
 #[test]
 fn gpu_small_odd_shapes() {
@@ -620,13 +671,23 @@ fn gpu_small_odd_shapes() {
 /// chunk boundary. Per-row outputs are checked on the sampled rows and on some ignored rows.
 #[test]
 fn gpu_model_shape_sparse_targets() {
-    let test = "gpu_model_shape_sparse_targets";
+    model_shape_sparse_targets("gpu_model_shape_sparse_targets", false);
+}
+
+/// The same with paired rows: four chunks of 3764 rows and a last one of 3760 (its own buffers).
+#[test]
+fn gpu_model_shape_sparse_targets_paired_rows() {
+    model_shape_sparse_targets("gpu_model_shape_sparse_targets_paired_rows", true);
+}
+
+fn model_shape_sparse_targets(test: &str, paired: bool) {
     let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
     let mut rng = rng(test);
     let (rows, dim, vocab) = (18816, 768, 8192);
-    let shape = CrossEntropyShape::new(rows, dim, vocab);
+    let shape = CrossEntropyShape::new(rows, dim, vocab).with_paired_rows(paired);
     let rc = shape.gpu_chunk_rows();
-    assert_eq!((rc, rows % rc), (3136, 0), "the chunking this test is meant to cover");
+    let want = if paired { (3764, 3760) } else { (3136, 0) };
+    assert_eq!((rc, rows % rc), want, "the chunking this test is meant to cover");
     let x = uniform_bf16(&mut rng, rows * dim, 0.5);
     let w = uniform_bf16(&mut rng, vocab * dim, 0.5);
     let b = uniform(&mut rng, vocab, 1.0);

@@ -112,7 +112,7 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
     // - patch embedding: `hwc` is under the default `hwc-ws-raw` by less than 1% (the default
     //   stays, as both directions' switches);
     // - cross-entropy: 3 sub-chunk passes are well under one pass (they win); the chosen GEMMs are
-    //   faster still but not eligible (the GEMM tests did not run).
+    //   faster still but not eligible (the GEMM tests did not run); paired rows slower.
     let mut draw = |lo: f64, hi: f64| rng.random_range(lo..hi);
     // The forward target is missed by a little (both sets just over 0.20 ms), the patch
     // embedding's met by a little (its winner just under 0.30 ms): the verdicts' edges.
@@ -145,6 +145,8 @@ fn gpu_run_script_reruns_gates_and_judges_the_targets() {
         // Faster than the passes, but left out of the winners (their switches choose how the
         // call is cut and which GEMMs run, not how kernels are launched).
         ("one pass, dependent launches, default GEMMs, queued", passes * draw(0.93, 0.97)),
+        // Slower than the passes here; the last scenario below makes it the winner.
+        ("one pass, paired rows, default GEMMs, queued", passes * draw(1.02, 1.1)),
     ];
 
     // Tests: `hopper` fails two tests that pass alone (a sticky fault of another), then hangs; the
@@ -249,6 +251,7 @@ exit 0"#,
             .env_remove("MAPET_GEMM_PIN")
             .env_remove("MAPET_CE_SUB_CHUNK_ROWS")
             .env_remove("MAPET_CE_ROW_ORDER")
+            .env_remove("MAPET_CE_ROW_BLOCKS")
             .env_remove("MAPET_ATTENTION_BACKWARD_KERNELS")
             .env_remove("MAPET_ATTENTION_KERNELS")
             .output()
@@ -416,6 +419,12 @@ exit 101"#,
         "patch_embed",
         &format!("echo \"orders ${{MAPET_BENCH_PATCH_ORDERS:-all}}\"\n{patch_embed}"),
     );
+    // And the cross-entropy's paired rows well under the sub-chunk passes: they win, as their own
+    // switch (the row blocks', with the default GEMMs: the chosen ones' tests did not run).
+    let mut ce_paired = ce;
+    ce_paired[6].1 = ce[2].1 * 0.95;
+    assert!(ce_paired[6].0.contains("paired rows"));
+    script(&payload.join("benches"), "cross_entropy", &cross_entropy(&ce_paired));
     stand_in.pack();
     fs::remove_dir_all(bundle.join("results")).unwrap();
     let out = run();
@@ -437,6 +446,13 @@ exit 101"#,
         env.lines().any(|l| l == "MAPET_PATCH_EMBED_ORDER=hwc-ws-raw")
             && env.lines().any(|l| l == "MAPET_PATCH_EMBED_BACKWARD_ORDER=hwc-ws-raw"),
         "the default, tested order by order, stays:\n{env}"
+    );
+    assert!(
+        env.lines().any(|l| l == "MAPET_CE_ROW_BLOCKS=paired")
+            && !env.contains("MAPET_CE_SUB_CHUNK_ROWS")
+            && !env.contains("MAPET_CE_ROW_ORDER")
+            && !env.contains("MAPET_GEMM_PIN"),
+        "paired rows should win alone (cross-entropy {ce_paired:?}):\n{env}"
     );
 }
 

@@ -62,6 +62,25 @@
 //! kernel writes its output tiles, which only a card can say; `cross_entropy --bench` times both.
 //! Same values for every row; `db`'s per-group sums add their rows in the other order.
 //!
+//! ## Paired rows (an experiment, off by default)
+//!
+//! [`CrossEntropyShape::with_paired_rows`] (`MAPET_CE_ROW_BLOCKS=paired` for the CUDA backend)
+//! runs `cross_entropy_rows_paired` where `cross_entropy_rows_held` would run: a block of 512
+//! threads is two of the held kernel's 256-thread blocks side by side, each half working through
+//! its own rows with barriers of its own, and the two halves add their column sums together
+//! before the block adds them to the scratch. The held kernel fits two blocks an SM (113
+//! registers); the paired one, at 120, one block of two halves: as many rows in flight, and half
+//! the column-sum groups (one an SM, at most [`PAIRED_GROUPS`], against 256). That halves the
+//! scratch (4.1 MiB at `V = 8192` on a 132-SM H200, against 8 MiB), and the chunk may then hold
+//! [`PAIRED_CHUNK_LOGITS_BYTES`] of logits: at the model's shape five chunks of 3764 rows (the
+//! last 3760) instead of six of 3136, 63 MiB in all. The gain sought is one chunk's fixed costs
+//! (its three GEMMs' ramps and tails, four kernel boundaries): on an H200, each extra chunk cost
+//! about 42 us (below). Every row's loss, lse, argmax and dlogits are the held kernel's bits
+//! (the same 256 threads compute each row in the same order), so dx and dW are too where the
+//! chunks are the same; `db` adds its rows in other groups. Unverified on GPU:
+//! `cross_entropy --bench` times it beside the default, with GEMM candidates chosen for its own
+//! sizes.
+//!
 //! cuBLASLt's bias-gradient epilogue would give the column sums too, but on an H200 it runs as a
 //! kernel of its own, a second pass over the dlogits; the held-rows kernel forms them from the
 //! values it already holds (BENCHMARKS.md, third run). After the last chunk, `db +=` the
@@ -91,7 +110,9 @@
 //!
 //! 57 MiB in all at the model's shape. With `V <= 2^20` (checked) it is at most 63 MiB plus 4
 //! bytes per row: 52 MiB of logits and at most 10.5 MiB of column sums (`groups * V * 4`, with
-//! `Rc * V <= 26 Mi`). When `chunk_rows` is given, a last chunk of fewer rows gets
+//! `Rc * V <= 26 Mi`). With paired rows ("Paired rows" above) the logits may take 59 MiB and the
+//! column sums `min(ceil(Rc / 2), SMs, 144) * V * 4` bytes, at most 4.5 MiB: at most 63.5 MiB
+//! plus 4 bytes per row. When `chunk_rows` is given, a last chunk of fewer rows gets
 //! buffers of its own size after the full-size ones are freed (stream-ordered), so the peak
 //! stays one set. Not counted: the cuBLASLt workspace, owned by the [`Gemm`].
 //!
@@ -137,6 +158,13 @@ pub const GRAD_MAX_VOCAB: usize = 8192;
 /// Row groups (blocks) of `cross_entropy_rows_held` per chunk: about two per SM of an H100/H200,
 /// one wave, 12 or 13 rows each at the model's 3136-row chunks.
 const GRAD_GROUPS: usize = 256;
+/// Most bytes of bf16 logits one chunk may hold with paired rows (module docs, "Paired rows"):
+/// with at most [`PAIRED_GROUPS`] column sums it leaves the budget's 64 MiB room for the
+/// targets of about 120,000 rows.
+pub const PAIRED_CHUNK_LOGITS_BYTES: usize = 59 << 20;
+/// Most blocks (row groups) of `cross_entropy_rows_paired` a pass: one an SM, as many SMs as an
+/// H100 or H200 has and a few more (a device of more SMs leaves the rest idle in that kernel).
+const PAIRED_GROUPS: usize = 144;
 const REDUCE_THREADS: u32 = 1024;
 
 /// Sizes of one call: `rows` feature rows of width `dim`, a vocabulary of `vocab` codes.
@@ -156,6 +184,10 @@ pub struct CrossEntropyShape {
     /// ([`CrossEntropyShape::with_reversed_rows`]). Every row gets the same values; the bias
     /// gradient's per-block sums add the rows in the other order. The CPU ignores it.
     pub reverse_rows: bool,
+    /// GPU only: two rows at a time a block in the held-row kernel, and chunks of up to
+    /// [`PAIRED_CHUNK_LOGITS_BYTES`] ([`CrossEntropyShape::with_paired_rows`]; module docs,
+    /// "Paired rows"). The CPU, and vocabularies the held-row kernel does not take, ignore it.
+    pub paired_rows: bool,
 }
 
 /// The variable that gives the CUDA backend's cross-entropy calls forward passes of at most this
@@ -175,6 +207,23 @@ pub fn reverse_rows_named(value: Option<&str>) -> Result<bool> {
         Some(v) => Err(Error::Unsupported {
             what: "cross-entropy row order",
             detail: format!("{ROW_ORDER_VAR}={v:?}: give `forward` (the default) or `reverse`"),
+        }),
+    }
+}
+
+/// The variable that gives the CUDA backend's cross-entropy calls paired rows (`paired`; `single`,
+/// or unset, is the default): [`CrossEntropyShape::with_paired_rows`].
+pub const ROW_BLOCKS_VAR: &str = "MAPET_CE_ROW_BLOCKS";
+
+/// Whether `value` (the variable's value; `None`: unset) asks for paired rows: `paired` or
+/// `single`, else an error naming [`ROW_BLOCKS_VAR`].
+pub fn paired_rows_named(value: Option<&str>) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("single") => Ok(false),
+        Some("paired") => Ok(true),
+        Some(v) => Err(Error::Unsupported {
+            what: "cross-entropy row blocks",
+            detail: format!("{ROW_BLOCKS_VAR}={v:?}: give `single` (the default) or `paired`"),
         }),
     }
 }
@@ -199,7 +248,15 @@ pub fn sub_chunk_rows_named(value: Option<&str>) -> Result<Option<usize>> {
 impl CrossEntropyShape {
     /// A shape with the default chunking.
     pub fn new(rows: usize, dim: usize, vocab: usize) -> Self {
-        CrossEntropyShape { rows, dim, vocab, chunk_rows: None, sub_chunk_rows: None, reverse_rows: false }
+        CrossEntropyShape {
+            rows,
+            dim,
+            vocab,
+            chunk_rows: None,
+            sub_chunk_rows: None,
+            reverse_rows: false,
+            paired_rows: false,
+        }
     }
 
     /// The same shape with `chunk_rows` rows per chunk.
@@ -219,6 +276,30 @@ impl CrossEntropyShape {
     /// the order in which cuBLASLt's kernel writes its tiles; `cross_entropy --bench` times both.
     pub fn with_reversed_rows(self, reverse_rows: bool) -> Self {
         CrossEntropyShape { reverse_rows, ..self }
+    }
+
+    /// The same shape with paired rows (`true`) or not: on the GPU, where the held-row kernel runs
+    /// (`vocab % 8 == 0`, `vocab <= 8192`), its blocks take two rows at a time, one block an SM,
+    /// and a chunk may hold [`PAIRED_CHUNK_LOGITS_BYTES`] of logits: at the model's shape five
+    /// chunks of 3764 rows instead of six of 3136 (module docs, "Paired rows"). The rows' loss,
+    /// lse, argmax, dx and dW are the same bits; db sums the rows in other groups.
+    pub fn with_paired_rows(self, paired_rows: bool) -> Self {
+        CrossEntropyShape { paired_rows, ..self }
+    }
+
+    /// Whether a GPU call of this shape runs the paired-row kernel: paired rows asked for, and a
+    /// vocabulary the held-row kernel takes.
+    fn paired(&self) -> bool {
+        self.paired_rows && held_rows(self.vocab)
+    }
+
+    /// Most bytes of bf16 logits one GPU chunk may hold.
+    fn chunk_logits_bytes(&self) -> usize {
+        if self.paired() {
+            PAIRED_CHUNK_LOGITS_BYTES
+        } else {
+            CHUNK_LOGITS_BYTES
+        }
     }
 
     /// The same shape with the sub-chunk rows `SUB_CHUNK_VAR` gave the backend
@@ -248,7 +329,7 @@ impl CrossEntropyShape {
     /// Rows per chunk on the GPU (at least 1, at most `rows`): `chunk_rows` when given (capped by
     /// the memory rule), else the rows split into the fewest equal chunks the rule allows.
     pub fn gpu_chunk_rows(&self) -> usize {
-        let limit = (CHUNK_LOGITS_BYTES / (2 * self.vocab.max(1))).max(1);
+        let limit = (self.chunk_logits_bytes() / (2 * self.vocab.max(1))).max(1);
         let rows = self.rows.max(1);
         match self.chunk_rows {
             Some(n) => n.min(limit).clamp(1, rows),
@@ -262,24 +343,30 @@ impl CrossEntropyShape {
     }
 
     /// Bytes of device memory a GPU call allocates besides its arguments (module docs), for the
-    /// forward alone or the forward and backward.
+    /// forward alone or the forward and backward: exact, but with paired rows on a device of
+    /// fewer SMs than [`PAIRED_GROUPS`], where it is a bound (one column-sum group an SM).
     pub fn gpu_extra_device_bytes(&self, backward: bool) -> usize {
         let rc = self.gpu_chunk_rows();
         let mut bytes = rc * self.vocab * 2 + self.rows.max(1) * 4 + 2 * 4;
         if backward {
-            bytes += colsum_groups(rc, self.vocab) * self.vocab * 4;
+            bytes += self.colsum_groups(rc, usize::MAX) * self.vocab * 4;
         }
         bytes
     }
-}
 
-/// Groups of rows of a chunk of `chunk_rows` rows whose column sums are formed separately (then
-/// summed in order): the blocks of `cross_entropy_rows_held`, or of the column-sum kernel.
-fn colsum_groups(chunk_rows: usize, vocab: usize) -> usize {
-    if held_rows(vocab) {
-        chunk_rows.clamp(1, GRAD_GROUPS)
-    } else {
-        chunk_rows.div_ceil(16).clamp(1, 64)
+    /// Groups of rows of a pass of `rows` rows whose column sums are formed separately (then
+    /// summed in order), on a device of `sm_count` SMs: the blocks of `cross_entropy_rows_held`
+    /// (one a row up to [`GRAD_GROUPS`]) or `cross_entropy_rows_paired` (one a pair of rows, and
+    /// one an SM at most), or of the column-sum kernel. Never fewer for more rows, so a call's
+    /// scratch sized for its chunk holds every pass's.
+    fn colsum_groups(&self, rows: usize, sm_count: usize) -> usize {
+        if self.paired() {
+            rows.div_ceil(2).clamp(1, PAIRED_GROUPS.min(sm_count.max(1)))
+        } else if held_rows(self.vocab) {
+            rows.clamp(1, GRAD_GROUPS)
+        } else {
+            rows.div_ceil(16).clamp(1, 64)
+        }
     }
 }
 
@@ -770,7 +857,9 @@ struct Call<'a, 'g> {
     partial: Option<DeviceBuffer<f32>>,
     groups: usize,
     grad_scale: f32,
-    reverse_rows: bool,
+    /// The call's shape: its row order and row blocks, and its passes' column-sum groups.
+    shape: CrossEntropyShape,
+    sm_count: usize,
 }
 
 impl Call<'_, '_> {
@@ -793,7 +882,7 @@ impl Call<'_, '_> {
             write_grad: 0,
             groups: self.groups as i32,
             grad_scale: self.grad_scale,
-            reverse_rows: i32::from(self.reverse_rows),
+            reverse_rows: i32::from(self.shape.reverse_rows),
         }
     }
 
@@ -823,7 +912,7 @@ impl Call<'_, '_> {
             let mut p = self.params();
             p.logits = cb.logits.ptr_mut();
             p.rows = n as i64;
-            p.groups = colsum_groups(n, vocab) as i32;
+            p.groups = self.shape.colsum_groups(n, self.sm_count) as i32;
             p.partial = self.partial_ptr()?;
             let cfg = LaunchConfig {
                 grid_dim: (
@@ -865,7 +954,7 @@ impl Call<'_, '_> {
         p.rows = n as i64;
         p.write_grad = i32::from(self.grads.is_some());
         // This pass's column-sum groups (a shorter pass or chunk may have fewer than the call's).
-        p.groups = colsum_groups(n, vocab) as i32;
+        p.groups = self.shape.colsum_groups(n, self.sm_count) as i32;
         let held = held_rows(vocab);
         if held && self.grads.is_some() {
             p.partial = self.partial_ptr()?;
@@ -876,21 +965,25 @@ impl Call<'_, '_> {
         // one-row block has too little to overlap). With fast_exp it takes 0.62 ms, less than
         // the one-block-per-row cross_entropy_rows (0.67), whose exponentials are summed in
         // another order, so its statistics would differ from training's in the last bits.
-        let (kernel, blocks) =
-            if held { ("cross_entropy_rows_held", p.groups as u64) } else { ("cross_entropy_rows", n as u64) };
+        // The paired kernel's blocks are two of the held kernel's side by side (a row each).
+        let (kernel, blocks, threads) = match (held, self.shape.paired()) {
+            (true, true) => ("cross_entropy_rows_paired", p.groups as u64, 2 * ROW_THREADS),
+            (true, false) => ("cross_entropy_rows_held", p.groups as u64, ROW_THREADS),
+            (false, _) => ("cross_entropy_rows", n as u64, ROW_THREADS),
+        };
         let cfg = LaunchConfig {
             grid_dim: (blocks_for("cross-entropy rows", blocks, 1)?, 1, 1),
-            block_dim: (ROW_THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the views above checked that logits holds the pass's n * vocab bf16 (ld =
         // vocab) and targets and the three row outputs the pass's n elements each, from the
         // pointers given; the bias holds vocab f32; every target is below vocab (checked on the
-        // host), so the target logit
-        // read stays inside its row. cross_entropy_rows_held (vocab % 8 == 0, vocab <=
-        // GRAD_MAX_VOCAB, as it requires) adds, in training only, to groups * vocab floats of
-        // partial, which holds colsum_groups(rc, vocab) >= groups rows of vocab floats, 256-byte
-        // aligned.
+        // host), so the target logit read stays inside its row. cross_entropy_rows_held and
+        // cross_entropy_rows_paired (vocab % 8 == 0, vocab <= GRAD_MAX_VOCAB, as they require)
+        // add, in training only, to groups * vocab floats of partial, which holds the call's
+        // colsum_groups(rc) >= groups rows of vocab floats, 256-byte aligned; the paired kernel's
+        // grid of groups <= ceil(n / 2) blocks gives each half at most one row a visit.
         unsafe { gpu.launch_dependent(MODULE, kernel, cfg, &p) }
     }
 
@@ -976,7 +1069,8 @@ fn cuda_run(
     logits_gemm(gpu, gemm, x, w, &mut first.logits, 0, passes[0].clone(), dim, vocab)?;
 
     let counted = check_targets(targets, vocab)?;
-    let groups = colsum_groups(rc, vocab);
+    let sm_count = gpu.sm_count() as usize;
+    let groups = shape.colsum_groups(rc, sm_count);
     let backward = grads.is_some();
     let d_targets = gpu.upload(targets)?;
     let mut result = gpu.alloc::<i32>(2)?;
@@ -997,7 +1091,8 @@ fn cuda_run(
         partial,
         groups,
         grad_scale,
-        reverse_rows: shape.reverse_rows,
+        shape: *shape,
+        sm_count,
     };
 
     if full > 0 {
@@ -1059,8 +1154,61 @@ mod tests {
             assert!(s.gpu_extra_device_bytes(true) <= (63 << 20) + rows * 4 + 8, "{s:?}");
         }
         // The held kernel's blocks: 256 a chunk at the model's shape, one a row for fewer rows.
-        assert_eq!(colsum_groups(3136, 8192), 256);
-        assert_eq!(colsum_groups(100, 8192), 100);
+        let (model, sms) = (CrossEntropyShape::new(18816, 768, 8192), 132);
+        assert_eq!(model.colsum_groups(3136, sms), 256);
+        assert_eq!(model.colsum_groups(100, sms), 100);
+        // The column-sum kernel's groups (other vocabularies): 16 rows each, 64 at most.
+        let other = CrossEntropyShape::new(18816, 768, 8191);
+        assert_eq!((other.colsum_groups(3136, sms), other.colsum_groups(33, sms)), (64, 3));
+        // Paired rows only where the held kernel runs.
+        assert_eq!(other.with_paired_rows(true).gpu_chunk_rows(), other.gpu_chunk_rows());
+        assert_eq!(other.with_paired_rows(true).colsum_groups(3136, sms), 64);
+    }
+
+    #[test]
+    fn paired_rows_take_five_chunks_within_the_budget() {
+        let s = CrossEntropyShape::new(18816, 768, 8192).with_paired_rows(true);
+        assert_eq!(s.gpu_chunk_rows(), 3764, "5 equal chunks");
+        // One group an SM on an H100/H200, a pair of rows each (a short pass has fewer), and
+        // never more than PAIRED_GROUPS, whatever the device.
+        assert_eq!(s.colsum_groups(3764, 132), 132);
+        assert_eq!((s.colsum_groups(9, 132), s.colsum_groups(1, 132)), (5, 1));
+        assert_eq!(s.colsum_groups(3764, 1000), PAIRED_GROUPS);
+        assert_eq!(s.colsum_groups(3764, 114), 114);
+        let (logits, colsums) = (3764 * 8192 * 2, PAIRED_GROUPS * 8192 * 4);
+        assert_eq!(s.gpu_extra_device_bytes(true), logits + colsums + 18816 * 4 + 8);
+        assert!(s.gpu_extra_device_bytes(true) <= 64 << 20, "{} bytes", s.gpu_extra_device_bytes(true));
+        // The single-row kernel's scratch would not fit beside a 3764-row chunk.
+        assert!(logits + GRAD_GROUPS * 8192 * 4 > 64 << 20);
+        // Never fewer groups for more rows (the call sizes its scratch by its chunk).
+        for sms in [1, 2, 108, 132, 200] {
+            for rows in 1..400 {
+                assert!(s.colsum_groups(rows, sms) <= s.colsum_groups(rows + 1, sms), "{rows} rows, {sms} SMs");
+            }
+        }
+        // Within the budget for every shape the held kernel takes, up to the rows whose targets
+        // fill the rest of the 64 MiB.
+        for (rows, vocab) in [(120_000, 8192), (18816, 8), (1 << 16, 4096), (3764, 8192), (1, 8192)] {
+            let p = CrossEntropyShape::new(rows, 768, vocab).with_paired_rows(true);
+            assert!(p.gpu_extra_device_bytes(true) <= 64 << 20, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn row_blocks_variable_parses_or_names_itself() {
+        assert!(!paired_rows_named(None).unwrap());
+        assert!(!paired_rows_named(Some("single")).unwrap());
+        assert!(paired_rows_named(Some(" paired ")).unwrap());
+        for bad in ["", "pairs", "2", "Paired"] {
+            let e = paired_rows_named(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains(ROW_BLOCKS_VAR) && e.contains("paired") && e.contains(&format!("{bad:?}")),
+                "{bad:?}: {e}"
+            );
+        }
+        let s = CrossEntropyShape::new(10, 8, 16);
+        assert!(!s.paired_rows && s.with_paired_rows(true).paired_rows);
+        assert_eq!(s.with_paired_rows(true).with_paired_rows(false), s);
     }
 
     #[test]
