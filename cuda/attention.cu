@@ -328,15 +328,63 @@ __device__ __forceinline__ void mask_half(float (&s)[kHalfTiles][4], int x0, int
     }
 }
 
+// The narrowest hidden window for which mask_half_one_edge holds: one less than the span of a
+// half's offsets x (x0 + 8j + (e & 1), j < kHalfTiles: x0 to x0 + 25), 25 keys. Every ViT
+// (P = N - C = 147) and the wgmma forward's absent chunk (a window of 32) are wider.
+constexpr int kOneEdgeMinWindow = 8 * (kHalfTiles - 1) + 1;
+
+// A row's hidden window within a half, as one compare: with a window [rel, rel + p) at least
+// kOneEdgeMinWindow wide, no half holds both of its edges (both would need x0 < rel and
+// rel + p <= x0 + 25, so p <= 24). So if it starts inside the half (rel > x0), the keys from rel on are
+// hidden; else those below its end rel + p (none when rel + p <= x0, all when rel + p > x0 + 25).
+// hidden(x) = (x >= thr) != below. Transcribed into src/ops/attention.rs and checked there against
+// in_window for every offset and window.
+struct OneEdge {
+    int thr;
+    bool below;
+};
+
+__device__ __forceinline__ OneEdge one_edge(int rel, int x0, int p) {
+    const bool below = rel <= x0;
+    return OneEdge{below ? rel + p : rel, below};
+}
+
+// mask_half for a window at least kOneEdgeMinWindow wide (p >= kOneEdgeMinWindow): the same
+// scores hidden, for one compare and one select an element (a second compare in the last tile),
+// against mask_half's add, compare and select; the edge is found once a row and half.
+template <bool kTail>
+__device__ __forceinline__ void mask_half_one_edge(float (&s)[kHalfTiles][4], int x0, int rel_lo, int rel_hi,
+                                                   int lk_rel, int p) {
+    const OneEdge lo = one_edge(rel_lo, x0, p), hi = one_edge(rel_hi, x0, p);
+#pragma unroll
+    for (int j = 0; j < kHalfTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int x = x0 + 8 * j + (e & 1);
+            const OneEdge& w = e < 2 ? lo : hi;
+            bool hid = (x >= w.thr) != w.below;
+            if (kTail) hid |= x >= lk_rel;
+            s[j][e] = hid ? -INFINITY : s[j][e];
+        }
+    }
+}
+
 // Applies a run's class to its scores (warp-uniform branches): PARTIAL -> per-element mask, FULL ->
-// nothing. EMPTY runs are never computed.
+// nothing. EMPTY runs are never computed. Windows of at least kOneEdgeMinWindow keys (every ViT)
+// take mask_half_one_edge; narrower ones (small shapes) mask_half, with keys past Lk tested
+// whether or not the run reaches them (lk_rel then lies past the run), to keep one copy of it.
+// kOneEdge = false keeps mask_half for every window (the mma.sync dQ kernels: the edges' two
+// registers a row made the resident one spill 8 bytes on sm_80).
+template <bool kOneEdge = true>
 __device__ __forceinline__ void mask_scores(float (&s)[kHalfTiles][4], int kind, bool tail, int x0, int rel_lo,
                                             int rel_hi, int lk_rel, int p) {
     if (kind != kPartial) return;
-    if (tail)
+    if (!kOneEdge || p < kOneEdgeMinWindow)
         mask_half<true>(s, x0, rel_lo, rel_hi, lk_rel, p);
+    else if (tail)
+        mask_half_one_edge<true>(s, x0, rel_lo, rel_hi, lk_rel, p);
     else
-        mask_half<false>(s, x0, rel_lo, rel_hi, lk_rel, p);
+        mask_half_one_edge<false>(s, x0, rel_lo, rel_hi, lk_rel, p);
 }
 
 // ---------------------------------------------------------------------------------- tile movement
@@ -665,7 +713,7 @@ __device__ __forceinline__ void dq_tile(const uint32_t (&qf)[4][4], const uint32
             }
         }
         // Hidden scores -> -inf, so that P = exp2(-inf) = 0 exactly.
-        mask_scores(s, kind, tail, h * kHalf, w.a_lo - kb0, w.a_hi - kb0, G.lk - kb0, G.p);
+        mask_scores<false>(s, kind, tail, h * kHalf, w.a_lo - kb0, w.a_hi - kb0, G.lk - kb0, G.p);
         // P = exp(S * scale - lse), dS = P (dP - delta), kept in s.
 #pragma unroll
         for (int j = 0; j < 4; ++j) {

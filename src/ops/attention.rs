@@ -1292,6 +1292,40 @@ mod tests {
         }
     }
 
+    /// `one_edge` and `mask_half_one_edge` of cuda/attention.cu, transcribed: for a hidden window
+    /// of at least `kOneEdgeMinWindow` (25) keys, `(x >= thr) != below` hides exactly the keys
+    /// `in_window` (`(x - rel) as unsigned < p`) hides, at every offset x of a half (x0 + 8j +
+    /// (e & 1), j < 4; x0 = 0 in the wgmma kernels, 32 for the mma.sync kernels' second half), for
+    /// every window start around the half and every width up to past ViT's 147; and 24 keys is
+    /// too narrow (a window inside the half has both edges there), which is why the kernels take
+    /// mask_half below 25.
+    #[test]
+    fn one_edge_masks_equal_the_window_test() {
+        const MIN_WINDOW: i64 = 8 * (4 - 1) + 1;
+        let in_window = |x: i64, rel: i64, p: i64| ((x - rel) as i32 as u32) < (p as u32);
+        let one_edge = |rel: i64, x0: i64, p: i64| {
+            let below = rel <= x0;
+            (if below { rel + p } else { rel }, below)
+        };
+        for x0 in [0i64, 32] {
+            let xs: Vec<i64> = (0..4).flat_map(|j| [x0 + 8 * j, x0 + 8 * j + 1]).collect();
+            assert_eq!(xs.iter().max().unwrap() - xs.iter().min().unwrap(), MIN_WINDOW, "a half's span, less one");
+            for p in MIN_WINDOW..=200 {
+                for rel in (x0 - 260)..=(x0 + 60) {
+                    let (thr, below) = one_edge(rel, x0, p);
+                    for &x in &xs {
+                        assert_eq!((x >= thr) != below, in_window(x, rel, p), "x0 {x0} p {p} rel {rel} x {x}");
+                    }
+                }
+            }
+            // One key narrower, a window from the half's second offset to before its last hides
+            // keys between two that it shows: one compare cannot say it.
+            let (rel, p) = (x0 + 1, MIN_WINDOW - 1);
+            let (thr, below) = one_edge(rel, x0, p);
+            assert!(xs.iter().any(|&x| ((x >= thr) != below) != in_window(x, rel, p)), "x0 {x0}: p {p} must fail");
+        }
+    }
+
     /// The wgmma kernels' tile logic, transcribed from cuda/attention.cu (`row_at`,
     /// `first_hidden`, `classify`, `position_extrema`) and checked exhaustively against the
     /// visibility of SPEC.md (`perm::visible_bounds`): the position order is a permutation of the
