@@ -529,14 +529,17 @@ __device__ __forceinline__ void softmax_tile(float (&s)[2][4][4], float (&mx)[2]
             mx[i] = mnew;
         }
         const float base = mx[i] == -INFINITY ? 0.f : mx[i] * sl2;
-        float rs = 0.f;
+        // The row's sum starts at its first pair of exponentials, not at 0 + it: the same bits
+        // (p >= 0, so no -0 is lost), an add fewer a row (ptxas keeps a 0 + x).
+        float rs;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 s[h][j][2 * i] = fast_exp2(fmaf(s[h][j][2 * i], sl2, -base));
                 s[h][j][2 * i + 1] = fast_exp2(fmaf(s[h][j][2 * i + 1], sl2, -base));
-                rs += s[h][j][2 * i] + s[h][j][2 * i + 1];
+                const float pair = s[h][j][2 * i] + s[h][j][2 * i + 1];
+                rs = h == 0 && j == 0 ? pair : rs + pair;
             }
         }
         if (grow) {
