@@ -137,6 +137,7 @@
 #define MAPET_ATTN_RES_THREADS 256  // block size of the K/V-resident kernels (8 warps)
 #define MAPET_ATTN_RES_DKDV_THREADS 384  // block size of the Q/dO-resident dK/dV kernel (12 warps)
 #define MAPET_ATTN_WG_THREADS 256  // block size of the wgmma forward (2 warpgroups)
+#define MAPET_ATTN_WGP_THREADS 512  // block size of the persistent wgmma forward (4 warpgroups)
 #define MAPET_ATTN_WG_DQ_THREADS 256    // block size of the wgmma dQ kernel (2 warpgroups)
 #define MAPET_ATTN_WG_DKDV_THREADS 384  // block size of the wgmma dK/dV kernel (3 warpgroups)
 
@@ -2080,6 +2081,205 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     wgmma_wait_groups<0>();  // the last S issued, dropped
     pin_regs(flat32(s));
     kv_rest.finish();  // barrier 3, for a warpgroup that has not needed the rest of K and V
+#else
+    __trap();
+#endif
+}
+
+// ================================================================================================ wgmma forward, persistent (sm_90a)
+// mapet_attention_fwd_wgmma_persistent (the `wgmma-persistent` set's forward; experimental): the
+// wgmma forward's per-tile work, in one CTA an SM that goes through its (sample, head) pairs in
+// turn (pairs blockIdx.x, blockIdx.x + gridDim.x, ...) with four warpgroups, and loads the next
+// pair's K and V into a second buffer while it computes this one's.
+// Why. The eighth run's profile of mapet_attention_fwd_wgmma put 18% of its warp-stall samples in
+// the CTA's prologue, where both CTAs of an SM, each with the same work, start together and wait
+// together for their pair's 88 KB of K and V (the seventh run's profile: 4.0% on that wait
+// alone, 2-3% left of it since keys [0, 128) go first). Here only a CTA's first pair waits for
+// its K and V; every later pair's were copied while the pair before it ran.
+// Layout: grid (min(SMs, pairs)), 512 threads, one CTA an SM (two K/V buffers of ceil(Lk / 64)
+// tiles each for K and for V, and a Q tile per warpgroup: 225 KB at ViT). Warpgroup w takes the
+// row tiles w, w + 4, ... of every pair, so the launcher runs it only where the row tiles are a
+// multiple of 4 (ViT: 8), which gives every warpgroup as many tiles a pair and makes the pair's
+// end the same step of every warpgroup's loop; elsewhere the wgmma forward runs.
+// Per tile: mapet_attention_fwd_wgmma's work, the same operations in the same order (the same bits:
+// tests/attention_gpu.rs asserts it), its next tile's Q in registers a tile ahead and its next
+// tile's first S under its epilogue. At a pair's end the next pair's first S reads the other
+// buffer: each thread waits for its own copies of it and the block meets at a barrier first,
+// which also tells every thread that no warpgroup reads the buffer just finished; then the block
+// starts copying the pair after next into it.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WGP_THREADS, 1)
+    mapet_attention_fwd_wgmma_persistent(const MapetAttention prm) {
+    dependent_launch_start();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ unsigned char wg_smem_raw[];
+    const Geometry G = geometry_of(prm);
+    const int tid = threadIdx.x;
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // (uniform to ptxas: see wg_thread)
+    const int warp = (tid >> 5) & 3, g = (tid & 31) >> 2, t = tid & 3;
+    const float sl2 = prm.scale * kLog2e;
+    const int nkt = (G.lk + kBN - 1) / kBN;
+    const int nkc = (G.lk + kChunk - 1) / kChunk;
+    const int pairs = prm.batch * prm.heads;
+    // K of buffer u at kv_smem(u), its V nkt tiles later; the warpgroups' Q tiles after both.
+    const uint32_t base = sw128_align(smem_addr(wg_smem_raw));
+    const uint32_t buf_bytes = 2u * static_cast<uint32_t>(nkt) * kWgTileBytes;
+    auto kv_smem = [&](int u) { return base + static_cast<uint32_t>(u) * buf_bytes; };
+    const uint32_t q_smem = base + 2u * buf_bytes + static_cast<uint32_t>(wg) * kWgTileBytes;
+    const uint64_t qd = sw128_desc(q_smem);
+    auto q_of = [&](int pair) {
+        return static_cast<const bf16*>(prm.q) + (pair / prm.heads) * prm.q_batch_stride + (pair % prm.heads) * kD;
+    };
+    // Copies of a pair's K (threads 0-255) and V (256-511) into buffer u, keys past Lk zero-filled
+    // up to the last tile's end; the caller commits them as one group.
+    auto copy_kv = [&](int pair, int u) {
+        const bool is_v = tid >= 2 * 128;
+        const int bb = pair / prm.heads, hh = pair % prm.heads;
+        const bf16* src = static_cast<const bf16*>(is_v ? prm.v : prm.k) +
+                          bb * (is_v ? prm.v_batch_stride : prm.k_batch_stride) + hh * kD;
+        const int64_t stride = is_v ? prm.v_row_stride : prm.k_row_stride;
+        const uint32_t dst = kv_smem(u) + (is_v ? static_cast<uint32_t>(nkt) * kWgTileBytes : 0u);
+        sw128_load_rows(dst, src, 2 * stride, nkt * kBN, G.lk, tid & 255, 256);
+    };
+
+    // The row tiles a warpgroup takes in a pair (every warpgroup as many), and its first one.
+    const int tile_step = 4 * 64;
+    const int tiles = (G.lq + 63) / 64 / 4;
+    const int p_first = wg * 64;
+    int pair = blockIdx.x;
+
+    // The first pair's K, V and Q tiles, waited for; the second pair's K and V then start.
+    wg_start_q(q_smem, q_of(pair), prm.q_row_stride, p_first, tid & 127, G);
+    copy_kv(pair, 0);
+    cp_async_commit();
+    sw128_load_wait();
+    __syncthreads();
+    if (pair + static_cast<int>(gridDim.x) < pairs) copy_kv(pair + gridDim.x, 1);
+    cp_async_commit();
+
+    struct RowTile {
+        ChunkMasks chunks;
+        uint32_t rest;
+        ChunkPair first;
+    };
+    auto row_tile = [&](int p0) {
+        RowTile rt;
+        rt.chunks = row_tile_chunks(p0, nkc, G);
+        rt.rest = rt.chunks.live;
+        rt.first.c[0] = take_chunk(rt.rest);
+        rt.first.c[1] = take_chunk(rt.rest);
+        return rt;
+    };
+    float s[2][4][4];
+    int buf = 0;
+    {
+        const RowTile first = row_tile(p_first);
+        wg_issue_scores(s, qd, sw128_desc(kv_smem(buf)), first.first.rows().c);
+    }
+
+    // One step a row tile of the CTA's pairs: tile j of pair `pair` (p0 = p_first + j tile_step).
+    int j = 0;
+#pragma unroll 1
+    for (;;) {
+        const int p0 = p_first + j * tile_step;
+        const bool pair_end = j + 1 == tiles;
+        const int next_pair = pair + static_cast<int>(gridDim.x);
+        const bool last = pair_end && next_pair >= pairs;
+        const uint64_t kd = sw128_desc(kv_smem(buf));
+        const uint64_t vd = sw128_desc(kv_smem(buf) + static_cast<uint32_t>(nkt) * kWgTileBytes);
+        const int b = pair / prm.heads, head = pair % prm.heads;
+
+        // The next tile's Q rows (this pair's next tile, or the next pair's first), into registers
+        // a tile ahead, stored into the Q tile once every S of this tile is done.
+        const int q_next_p0 = pair_end ? p_first : p0 + tile_step;
+        QNext qn;
+        if (!last) load_q_next(qn, q_of(pair_end ? next_pair : pair), prm.q_row_stride, q_next_p0, tid & 127, G);
+
+        float acc[8][4];
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.f;
+        float mx[2] = {-INFINITY, -INFINITY};
+        float l[2] = {0.f, 0.f};
+        uint32_t pa[2][2][4];
+
+        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
+        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
+        const RowTile cur = row_tile(p0);
+        uint32_t rest = cur.rest;
+        const ChunkMasks chunks = cur.chunks;
+        auto take_pair = [&rest](ChunkPair& p) {
+            p.c[0] = take_chunk(rest);
+            p.c[1] = take_chunk(rest);
+        };
+        const int lt = t, lwg = wg, ltid = tid;
+        wg_pipeline<true>(
+            cur.first,
+            [&](const ChunkPair&, ChunkPair& nxt) {
+                if (rest == 0) return false;
+                take_pair(nxt);
+                return true;
+            },
+            [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
+            [&] { pin_regs(flat32(s)); },
+            [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
+            [&] {
+                pin_regs(flat32(acc));
+                pin_regs(flat16(pa));
+            },
+            [&](const Rescale& r) {
+                rescale_acc(acc, r);
+                wg_pack_p(pa, s);
+            },
+            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
+            [&] {
+                if (!last) {
+                    named_barrier(1 + lwg, 128);
+                    store_q_next(q_smem, qn, ltid & 127);
+                }
+            });
+
+        // Every thread of the warpgroup has stored its share of the next Q tile. At a pair's end
+        // (not the last), the next pair's K and V: this thread's copies, then the block's barrier,
+        // after which no warpgroup reads this pair's buffer; the pair after next then starts
+        // copying into it.
+        named_barrier(1 + wg, 128);
+        if (pair_end && !last) {
+            sw128_load_wait();
+            __syncthreads();
+            if (next_pair + static_cast<int>(gridDim.x) < pairs) copy_kv(next_pair + gridDim.x, buf);
+            cp_async_commit();
+        }
+        // The next tile's first S (after the last tile, this one's again, dropped), unconditional
+        // (a wgmma under a branch serialises them all); it runs under the epilogue below.
+        {
+            const int nbuf = pair_end && !last ? buf ^ 1 : buf;
+            const RowTile next = row_tile(last ? p0 : q_next_p0);
+            wg_issue_scores(s, qd, sw128_desc(kv_smem(nbuf)), next.first.rows().c);
+        }
+
+        float inv[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            l[i] = quad_sum(l[i]);
+            inv[i] = 1.f / l[i];
+        }
+        bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+        store_frag_rows_paired(acc, inv[0], inv[1], og, prm.o_row_stride, r_lo, r_hi, G.lq, t);
+        if (t == 0) {
+            float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+            if (r_lo < G.lq) lse[r_lo] = mx[0] * prm.scale + logf(l[0]);
+            if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
+        }
+        if (last) break;
+        if (pair_end) {
+            pair = next_pair;
+            buf ^= 1;
+            j = 0;
+        } else {
+            ++j;
+        }
+    }
+    wgmma_wait_groups<0>();  // the last S issued, dropped
+    pin_regs(flat32(s));
 #else
     __trap();
 #endif

@@ -395,6 +395,42 @@ fn wgmma_peek_backward_gives_the_wgmma_bits() {
     }
 }
 
+/// The `wgmma-persistent` forward does each row tile's work as the `wgmma` forward does, in the
+/// same order, so the same O and lse bits (its backward is the `wgmma` one): at ViT-B's sequence
+/// with fewer pairs than SMs (a CTA's first pair only), and with several pairs a CTA (the next
+/// pair's K and V copied into the other buffer while this one's run, the buffers swapped at each
+/// pair's end), at ViT's Lq (8 row tiles, two a warpgroup) and at Lq 200 and 256 (4 row tiles,
+/// one a warpgroup, so every tile ends a pair). Skips off compute capability 9.0, where both sets
+/// run the resident kernels.
+#[test]
+fn wgmma_persistent_forward_gives_the_wgmma_bits() {
+    let test = "wgmma_persistent_forward_gives_the_wgmma_bits";
+    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    if gpu.compute_capability() != (9, 0) {
+        eprintln!(
+            "SKIP {test}: compute capability {:?}, not 9.0: no wgmma kernels to compare",
+            gpu.compute_capability()
+        );
+        return;
+    }
+    let want = [AttentionKernels::Wgmma, AttentionKernels::WgmmaPersistent];
+    if !want.iter().all(|k| sets().contains(k)) {
+        eprintln!("SKIP {test}: MAPET_TEST_ATTENTION_SETS leaves out wgmma or wgmma-persistent");
+        return;
+    }
+    let mut rng = testing::rng(test);
+    // Pairs for about 2.5 a CTA (one CTA an SM).
+    let heads = 12;
+    let many = (5 * gpu.sm_count() as usize / 2).div_ceil(heads);
+    for s in [shape(2, 3, 197, 50), shape(many, heads, 197, 50), shape(many, heads, 70, 5), shape(many, heads, 128, 64)]
+    {
+        let c = draw(&mut rng, s);
+        let a = run_gpu_with(&gpu, AttentionKernels::Wgmma, AttentionKernels::Wgmma, &c);
+        let b = run_gpu_with(&gpu, AttentionKernels::WgmmaPersistent, AttentionKernels::Wgmma, &c);
+        assert_bit_identical(&format!("wgmma-persistent and wgmma forward, {s:?}"), &b, &a);
+    }
+}
+
 /// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0)
 /// change when a kernel may start, never what it computes: every attention kernel waits for
 /// the one before it first (the backward's dK/dV reads the delta its dQ kernel writes). Each set's

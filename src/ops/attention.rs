@@ -549,6 +549,10 @@ const CUDA_RES_CTAS_PER_SM: usize = 2;
 const CUDA_WG_THREADS: u32 = 256;
 /// Bytes of one 128-byte-swizzled 64 x 64 bf16 tile (`kWgTileBytes`).
 const CUDA_WG_TILE_BYTES: usize = 64 * 128;
+/// Threads per block of the persistent wgmma forward (`MAPET_ATTN_WGP_THREADS`): four warpgroups.
+const CUDA_WGP_THREADS: u32 = 512;
+/// Its warpgroups: each takes every fourth row tile of a pair.
+const CUDA_WGP_WARPGROUPS: usize = 4;
 /// Threads per block of the wgmma dQ kernel (`MAPET_ATTN_WG_DQ_THREADS`): two warpgroups.
 const CUDA_WG_DQ_THREADS: u32 = 256;
 /// Most query rows the wgmma dK/dV kernel takes: it holds a key tile's 32-row position chunks as
@@ -623,16 +627,27 @@ pub enum AttentionKernels {
     /// 4 bytes x 64 x (Lq rounded up to 64) of scratch a pair (201 MB at ViT-B, batch 128).
     /// Experimental, written after the ninth run: unverified on GPU.
     WgmmaFused,
+    /// `Wgmma` with a persistent forward (`mapet_attention_fwd_wgmma_persistent`): one CTA an SM
+    /// of four warpgroups goes through its (sample, head) pairs in turn, copying the next pair's
+    /// K and V into a second buffer while it computes this one's, so that only its first pair
+    /// waits for them (the wgmma forward's two CTAs an SM start together and wait together, 18%
+    /// of its warp-stall samples in the eighth run's profile). Each row tile's work is the
+    /// `Wgmma` forward's, so the same bits (`tests/attention_gpu.rs` asserts it); its backward is
+    /// `Wgmma`'s. Runs where the row tiles are a multiple of 4 (ViT: 8) and both buffers fit
+    /// (Lk <= 384 on an H100/H200); elsewhere the `Wgmma` forward does. Experimental, written
+    /// after the ninth run: unverified on GPU.
+    WgmmaPersistent,
 }
 
 impl AttentionKernels {
     /// Every set, for tests and benches.
-    pub const ALL: [AttentionKernels; 5] = [
+    pub const ALL: [AttentionKernels; 6] = [
         AttentionKernels::Tiled,
         AttentionKernels::Resident,
         AttentionKernels::Wgmma,
         AttentionKernels::WgmmaPeek,
         AttentionKernels::WgmmaFused,
+        AttentionKernels::WgmmaPersistent,
     ];
 
     /// Whether its backward gives the same bits on every run (all but `WgmmaFused`, whose dQ
@@ -658,6 +673,33 @@ impl AttentionKernels {
         // 64-row tiles, two warpgroups a CTA.
         let split = ctas_per_pair(shape, sm_count as usize * CUDA_RES_CTAS_PER_SM, shape.q_rows().div_ceil(64), 2);
         Some((split, smem as u32))
+    }
+
+    /// The persistent wgmma forward's launch for `shape` on a device of compute capability `cc`
+    /// with `sm_count` SMs whose blocks may take `max_smem` bytes of shared memory: grid x (one
+    /// CTA an SM, at most one a pair) and dynamic shared bytes; `None` when another forward runs
+    /// (not the `WgmmaPersistent` set, not compute capability 9.0, row tiles not a multiple of its
+    /// 4 warpgroups, or its two K/V buffers too large).
+    fn persistent_launch(
+        self,
+        shape: &AttentionShape,
+        cc: (u32, u32),
+        sm_count: u32,
+        max_smem: u32,
+    ) -> Option<(u32, u32)> {
+        let tiles = shape.q_rows().div_ceil(64);
+        if self != AttentionKernels::WgmmaPersistent || cc != (9, 0) || !tiles.is_multiple_of(CUDA_WGP_WARPGROUPS) {
+            return None;
+        }
+        // Two buffers of K and V tiles, a Q tile per warpgroup, and 1 KiB to align them to the
+        // swizzle's 1024-byte atoms.
+        let smem = (4 * shape.k_rows().div_ceil(CUDA_BLOCK_N) + CUDA_WGP_WARPGROUPS) * CUDA_WG_TILE_BYTES + 1024;
+        // Its chunk masks hold 32 key chunks, as the wgmma forward's (Lk <= 1024).
+        if smem > max_smem as usize || shape.k_rows() > 32 * 32 {
+            return None;
+        }
+        let pairs = shape.batch * shape.heads;
+        Some((pairs.min(sm_count as usize).max(1) as u32, smem as u32))
     }
 
     /// The wgmma dK/dV kernel's launch (grid x, dynamic shared bytes), as [`Self::wgmma_launch`]:
@@ -747,6 +789,7 @@ impl KernelChoice for AttentionKernels {
             AttentionKernels::Wgmma => "wgmma",
             AttentionKernels::WgmmaPeek => "wgmma-peek",
             AttentionKernels::WgmmaFused => "wgmma-fused",
+            AttentionKernels::WgmmaPersistent => "wgmma-persistent",
         }
     }
 }
@@ -764,7 +807,13 @@ impl AttentionKernels {
 
     /// Whether this set runs the wgmma kernels (on compute capability 9.0).
     fn is_wgmma(self) -> bool {
-        matches!(self, AttentionKernels::Wgmma | AttentionKernels::WgmmaPeek | AttentionKernels::WgmmaFused)
+        matches!(
+            self,
+            AttentionKernels::Wgmma
+                | AttentionKernels::WgmmaPeek
+                | AttentionKernels::WgmmaFused
+                | AttentionKernels::WgmmaPersistent
+        )
     }
 
     /// The environment variable that picks the backward's kernels apart from the forward's.
@@ -1027,8 +1076,16 @@ pub fn cuda_forward(
     }
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
-    let (sm_count, max_smem) = (gpu.sm_count(), gpu.max_shared_memory_per_block());
-    let wgmma = kernels.wgmma_launch(shape, gpu.compute_capability(), sm_count, max_smem);
+    let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
+    if let Some((ctas, smem)) = kernels.persistent_launch(shape, cc, sm_count, max_smem) {
+        let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (CUDA_WGP_THREADS, 1, 1), shared_mem_bytes: smem };
+        // SAFETY: as below for the wgmma forward; its grid holds at most one CTA a pair, each
+        // CTA's pairs (blockIdx.x + i gridDim.x) are below batch * heads, and its dynamic shared
+        // memory holds two buffers of its pair's K and V tiles and a Q tile per warpgroup
+        // (persistent_launch); the row tiles are a multiple of its 4 warpgroups, as it requires.
+        return unsafe { gpu.launch_dependent("attention", "mapet_attention_fwd_wgmma_persistent", cfg, &p) };
+    }
+    let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
     let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
         (Some(launch), _) => ("mapet_attention_fwd_wgmma", resident_grid(launch, CUDA_WG_THREADS, shape)),
         (None, Some(launch)) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
@@ -1132,6 +1189,33 @@ mod tests {
 
     fn shape(batch: usize, heads: usize, n_tokens: usize, n_context: usize) -> AttentionShape {
         AttentionShape { batch, heads, head_dim: 64, n_tokens, n_context }
+    }
+
+    #[test]
+    fn persistent_launch_takes_vit_shapes_or_falls_back() {
+        let p = AttentionKernels::WgmmaPersistent;
+        let (h100, max) = ((9, 0), 227 << 10);
+        // ViT-B/S/T at batch 128: one CTA an SM; 2 x 12 K/V tiles and 4 Q tiles of 8 KiB, and
+        // 1 KiB of alignment: 230,400 B of the 232,448 an H100/H200 block may take.
+        for heads in [12, 6, 3] {
+            assert_eq!(p.persistent_launch(&shape(128, heads, 197, 50), h100, 132, max), Some((132, 230_400)));
+        }
+        // Fewer pairs than SMs: one CTA a pair.
+        assert_eq!(p.persistent_launch(&shape(2, 3, 197, 50), h100, 132, max), Some((6, 230_400)));
+        // Four row tiles (Lq 200, 256), one per warpgroup.
+        assert!(p.persistent_launch(&shape(60, 12, 70, 5), h100, 132, max).is_some());
+        assert!(p.persistent_launch(&shape(60, 12, 128, 64), h100, 132, max).is_some());
+        // Row tiles not a multiple of 4 (Lq 270: 5 tiles; Lq 129: 3), another set, another
+        // device, or too little shared memory: the other forwards run.
+        assert_eq!(p.persistent_launch(&shape(60, 12, 130, 60), h100, 132, max), None);
+        assert_eq!(p.persistent_launch(&shape(2, 2, 65, 32), h100, 132, max), None);
+        assert_eq!(AttentionKernels::Wgmma.persistent_launch(&shape(128, 12, 197, 50), h100, 132, max), None);
+        assert_eq!(p.persistent_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
+        assert_eq!(p.persistent_launch(&shape(128, 12, 197, 50), h100, 132, (225 << 10) - 1), None);
+        // Lk = 384 (N = 256, C = 128: Lq = 512, 8 tiles) still fits, with 6 K/V tiles a buffer.
+        assert!(p.persistent_launch(&shape(128, 12, 256, 128), h100, 132, max).is_some());
+        // Its backward is the wgmma set's.
+        assert!(p.is_wgmma() && p.deterministic() && p.split_backward() == p);
     }
 
     #[test]
