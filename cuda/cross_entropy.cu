@@ -313,12 +313,16 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
 
 // The barrier of the threads that work on one row: the block's for one-row blocks; for the
 // paired kernel's halves, named barrier 1 + half over its kRowThreads threads (0 is the block's).
+// (Constant ids: with the id in a register, ptxas reserved all 16 barriers and gave the warp
+// shuffles a divergent fallback path.)
 template <int kHalves>
 __device__ __forceinline__ void rows_sync(int half) {
     if (kHalves == 1) {
         __syncthreads();
+    } else if (half == 0) {
+        asm volatile("bar.sync 1, %0;\n" ::"n"(kRowThreads) : "memory");
     } else {
-        asm volatile("bar.sync %0, %1;\n" ::"r"(1 + half), "n"(kRowThreads) : "memory");
+        asm volatile("bar.sync 2, %0;\n" ::"n"(kRowThreads) : "memory");
     }
 }
 
@@ -398,7 +402,9 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p, HeldS
     static_assert(kHalves == 1 || kHalves == 2, "one row at a time a block, or two (paired)");
     // The half of the block this thread works in (0 for one-row blocks), and the thread's index
     // in it, which fixes the columns it owns.
-    const int half = kHalves == 1 ? 0 : static_cast<int>(threadIdx.x) / kRowThreads;
+    // (Through a shuffle, so that ptxas knows it uniform across the warp: it then gives the row's
+    // shuffles no divergent fallback path, as in the one-row kernel.)
+    const int half = kHalves == 1 ? 0 : __shfl_sync(kFullMask, static_cast<int>(threadIdx.x) / kRowThreads, 0);
     const int tid = kHalves == 1 ? static_cast<int>(threadIdx.x) : static_cast<int>(threadIdx.x) % kRowThreads;
     HeldShared& sh = sh_of[half];
     const int lane = tid & 31;

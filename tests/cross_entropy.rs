@@ -619,14 +619,24 @@ fn gpu_paired_rows_match_cpu() {
 
 /// Paired rows give the one-row kernel's bits wherever the chunks are the same: every row's loss,
 /// lse and argmax, the statistics, dx and dW (the dlogits are the same bits); db only sums the
-/// rows in other groups, so it is compared within a few f32 roundings of its size.
+/// rows in other groups, so it is compared within a few f32 roundings of its size. Also with
+/// sub-chunk passes and with reversed rows, each on both kernels.
 #[test]
 fn gpu_paired_rows_give_the_single_rows_bits() {
     let test = "gpu_paired_rows_give_the_single_rows_bits";
     let Some((gpu, gemm)) = gpu_and_gemm(test) else { return };
     let mut rng = rng(test);
-    for (rows, dim, vocab, chunk) in [(2000, 64, 8192, Some(700)), (97, 32, 4096, None)] {
-        let c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
+    for (rows, dim, vocab, chunk, sub, reversed) in [
+        (2000, 64, 8192, Some(700), None, false),
+        (97, 32, 4096, None, None, false),
+        (517, 128, 8192, Some(200), Some(67), false),
+        (517, 128, 8192, Some(200), None, true),
+    ] {
+        let mut c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
+        c.shape = c.shape.with_reversed_rows(reversed);
+        if let Some(sub) = sub {
+            c.shape = c.shape.with_sub_chunk_rows(sub);
+        }
         let single = run_gpu(&gpu, &gemm, &c);
         let paired_case = Case { shape: c.shape.with_paired_rows(true), ..c };
         assert_eq!(paired_case.shape.gpu_chunk_rows(), c.shape.gpu_chunk_rows(), "the same chunks");
@@ -636,7 +646,10 @@ fn gpu_paired_rows_give_the_single_rows_bits() {
         assert_same_bits(&same_db, &single);
         let size = single.db.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let worst = paired_db.iter().zip(&single.db).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        eprintln!("{test}: {rows} x {dim} x {vocab}: db differs by at most {worst:e} (largest |db| {size:e})");
+        eprintln!(
+            "{test}: {rows} x {dim} x {vocab}, passes of {sub:?} rows, reversed {reversed}: db differs by at most \
+             {worst:e} (largest |db| {size:e})"
+        );
         assert!(worst <= 1e-5 * size.max(1e-3), "db: paired and single rows differ by {worst} (largest |db| {size})");
     }
 }

@@ -69,7 +69,7 @@
 //! threads is two of the held kernel's 256-thread blocks side by side, each half working through
 //! its own rows with barriers of its own, and the two halves add their column sums together
 //! before the block adds them to the scratch. The held kernel fits two blocks an SM (113
-//! registers); the paired one, at 120, one block of two halves: as many rows in flight, and half
+//! registers); the paired one, at 118, one block of two halves: as many rows in flight, and half
 //! the column-sum groups (one an SM, at most [`PAIRED_GROUPS`], against 256). That halves the
 //! scratch (4.1 MiB at `V = 8192` on a 132-SM H200, against 8 MiB), and the chunk may then hold
 //! [`PAIRED_CHUNK_LOGITS_BYTES`] of logits: at the model's shape five chunks of 3764 rows (the
@@ -93,7 +93,8 @@
 //!
 //! # Extra device memory
 //!
-//! [`CrossEntropyShape::gpu_extra_device_bytes`] gives the exact figure. The rows are split into
+//! [`CrossEntropyShape::gpu_extra_device_bytes`] gives the exact figure (with paired rows, a bound:
+//! see the end of this section). The rows are split into
 //! the fewest equal chunks of `Rc` rows whose bf16 logits fit in 52 MiB: at the model's
 //! `R = 18816`, `V = 8192`, six chunks of `Rc = 3136` (on an H200, 1024-row chunks took 2.12 ms
 //! forward + backward and 2048-row ones 1.81, 2688-row ones 1.63; later, with the faster row
@@ -103,7 +104,7 @@
 //!
 //! | buffer | bytes | V = 8192, D = 768, R = 18816 |
 //! |---|---|---|
-//! | chunk logits / dlogits (bf16) | `Rc * V * 2` (<= 52 MiB) | 49 MiB |
+//! | chunk logits / dlogits (bf16) | `Rc * V * 2` (<= 52 MiB; 59 MiB with paired rows) | 49 MiB |
 //! | column sums (f32, backward) | `groups * V * 4`: `groups = min(Rc, 256)` when `V % 8 == 0` and `V <= 8192`, else `clamp(ceil(Rc / 16), 1, 64)` | 8 MiB |
 //! | targets (i32) | `R * 4` | 74 KiB |
 //! | result | 8 | 8 B |
@@ -983,7 +984,8 @@ impl Call<'_, '_> {
         // cross_entropy_rows_paired (vocab % 8 == 0, vocab <= GRAD_MAX_VOCAB, as they require)
         // add, in training only, to groups * vocab floats of partial, which holds the call's
         // colsum_groups(rc) >= groups rows of vocab floats, 256-byte aligned; the paired kernel's
-        // grid of groups <= ceil(n / 2) blocks gives each half at most one row a visit.
+        // grid of groups <= ceil(n / 2) blocks gives every block's first half at least one row
+        // (its second half may have none, and still meets the block at its last barrier).
         unsafe { gpu.launch_dependent(MODULE, kernel, cfg, &p) }
     }
 
@@ -1152,6 +1154,9 @@ mod tests {
         ] {
             let s = CrossEntropyShape::new(rows, dim, vocab);
             assert!(s.gpu_extra_device_bytes(true) <= (63 << 20) + rows * 4 + 8, "{s:?}");
+            // With paired rows (module docs): at most 63.5 MiB plus 4 bytes a row.
+            let p = s.with_paired_rows(true);
+            assert!(p.gpu_extra_device_bytes(true) <= (127 << 19) + rows * 4 + 8, "{p:?}");
         }
         // The held kernel's blocks: 256 a chunk at the model's shape, one a row for fewer rows.
         let (model, sms) = (CrossEntropyShape::new(18816, 768, 8192), 132);
