@@ -1936,6 +1936,109 @@ __device__ __forceinline__ void wg_pack_p(uint32_t (&pa)[2][2][4], const float (
     pack_chunk(pa[1], s[1]);
 }
 
+// A forward row tile's non-EMPTY 32-key chunks (row_tile_chunks), and the first pair of them with
+// the chunks left after it. A pair's second chunk may be absent (-1: an odd count); its products
+// then read the first chunk's rows again, and its scores are -inf. Every row sees N >= 1 keys, so
+// the first chunk exists. The wgmma forwards find it twice for each tile (when its first S is
+// issued, and at its start), rather than keep it in registers across the previous tile's
+// epilogue.
+struct FwdRowTile {
+    ChunkMasks chunks;
+    uint32_t rest;
+    ChunkPair first;
+};
+
+__device__ __forceinline__ FwdRowTile fwd_row_tile(int p0, int nkc, const Geometry& G) {
+    FwdRowTile rt;
+    rt.chunks = row_tile_chunks(p0, nkc, G);
+    rt.rest = rt.chunks.live;
+    rt.first.c[0] = take_chunk(rt.rest);
+    rt.first.c[1] = take_chunk(rt.rest);
+    return rt;
+}
+
+// The lane's two rows of the wgmma forwards' row tile at positions [p0, p0 + 64): r_lo (its
+// warp's row g) and r_hi (g + 8), Lq past the last, and their first hidden keys.
+struct FwdRows {
+    int r_lo, r_hi, a_lo, a_hi;
+};
+
+__device__ __forceinline__ FwdRows fwd_rows(int p0, int warp, int g, const Geometry& G) {
+    FwdRows r;
+    r.r_lo = row_at(p0 + 16 * warp + g, G);
+    r.r_hi = row_at(p0 + 16 * warp + g + 8, G);
+    r.a_lo = first_hidden(min(r.r_lo, G.lq - 1), G);
+    r.a_hi = first_hidden(min(r.r_hi, G.lq - 1), G);
+    return r;
+}
+
+// The products and softmax of the wgmma forwards' row tile at p0 (its rows `rows`), whose first
+// pair's S the caller has issued into s: every pair of its chunks through wg_pipeline (S = Q K^T
+// from the Q tile qd and the K tiles kd, the softmax, O += P V from the V tiles vd). need(c) runs
+// before each later S issue with the pair's higher chunk c (the caller's wait for K rows still in
+// flight, or nothing); on_last() once every S of the tile is done, while its last P V runs. Leaves
+// the unnormalised O in acc, the rows' running max in mx and the lane's sums in l.
+template <typename Need, typename OnLast>
+__device__ __forceinline__ void fwd_tile_products(float (&s)[2][4][4], float (&acc)[8][4], float (&mx)[2],
+                                                  float (&l)[2], int p0, const FwdRows& rows, int nkc, uint64_t qd,
+                                                  uint64_t kd, uint64_t vd, int t, const Geometry& G, float sl2,
+                                                  Need need, OnLast on_last) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    mx[0] = mx[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+    uint32_t pa[2][2][4];
+    const FwdRowTile cur = fwd_row_tile(p0, nkc, G);
+    uint32_t rest = cur.rest;
+    const ChunkMasks chunks = cur.chunks;
+    wg_pipeline<true>(
+        cur.first,
+        [&](const ChunkPair&, ChunkPair& nxt) {
+            if (rest == 0) return false;
+            nxt.c[0] = take_chunk(rest);
+            nxt.c[1] = take_chunk(rest);
+            return true;
+        },
+        [&](const ChunkPair& p) {
+            need(p.rows().c[1]);
+            wg_issue_scores(s, qd, kd, p.rows().c);
+        },
+        [&] { pin_regs(flat32(s)); },
+        [&](const ChunkPair& p) {
+            return wg_softmax(s, chunks.partial, p.c, rows.a_lo, rows.a_hi, t, G, sl2, mx, l);
+        },
+        [&] {
+            pin_regs(flat32(acc));
+            pin_regs(flat16(pa));
+        },
+        [&](const Rescale& r) {
+            rescale_acc(acc, r);  // (O is still 0 at the first pair)
+            wg_pack_p(pa, s);
+        },
+        [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
+        on_last);
+}
+
+// The wgmma forwards' epilogue of a row tile of pair (b, head): O = acc / l into the lane's rows
+// of O (bf16), and their lse.
+__device__ __forceinline__ void fwd_store_tile(const float (&acc)[8][4], float (&l)[2], const float (&mx)[2],
+                                               const FwdRows& rows, int b, int head, int t, const Geometry& G,
+                                               const MapetAttention& prm) {
+    float inv[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] = quad_sum(l[i]);
+        inv[i] = 1.f / l[i];
+    }
+    bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
+    store_frag_rows_paired(acc, inv[0], inv[1], og, prm.o_row_stride, rows.r_lo, rows.r_hi, G.lq, t);
+    if (t == 0) {
+        float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
+        if (rows.r_lo < G.lq) lse[rows.r_lo] = mx[0] * prm.scale + logf(l[0]);
+        if (rows.r_hi < G.lq) lse[rows.r_hi] = mx[1] * prm.scale + logf(l[1]);
+    }
+}
+
 
 #endif
 }  // namespace
@@ -1962,24 +2065,6 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     wg_load_kv(prm, G, b, head, k_smem, v_smem, nkt, wg, tid & 127);
     KvRest kv_rest(nkt);
 
-    // A row tile's non-EMPTY 32-key chunks (row_tile_chunks), and the first pair of them with the
-    // chunks left after it. A pair's second chunk may be absent (-1: an odd count); its products
-    // then read the first chunk's rows again, and its scores are -inf. Every row sees N >= 1 keys,
-    // so the first chunk exists. Found twice for each tile (when its first S is issued, and at its
-    // start), rather than kept in registers across the previous tile's epilogue.
-    struct RowTile {
-        ChunkMasks chunks;
-        uint32_t rest;
-        ChunkPair first;
-    };
-    auto row_tile = [&](int p0) {
-        RowTile rt;
-        rt.chunks = row_tile_chunks(p0, nkc, G);
-        rt.rest = rt.chunks.live;
-        rt.first.c[0] = take_chunk(rt.rest);
-        rt.first.c[1] = take_chunk(rt.rest);
-        return rt;
-    };
     float s[2][4][4];
     // A row tile's first S is issued before its pipeline starts: the first tile's here, each next
     // one's under the epilogue of the tile before (the tensor cores were idle there: the end of a
@@ -1989,7 +2074,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
     // a branch makes ptxas serialise every wgmma of the kernel). The first tile's Q and K rows are
     // in (wg_load_kv waits for both).
     {
-        const RowTile first = row_tile(p_first < G.lq ? p_first : 0);
+        const FwdRowTile first = fwd_row_tile(p_first < G.lq ? p_first : 0, nkc, G);
         kv_rest.need(first.first.rows().c[1]);  // (the pair's higher chunk)
         wg_issue_scores(s, qd, kd, first.first.rows().c);
     }
@@ -2004,47 +2089,14 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         QNext qn;
         if (more) load_q_next(qn, qg, prm.q_row_stride, p0 + tile_step, tid & 127, G);
 
-        float acc[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-        float mx[2] = {-INFINITY, -INFINITY};
-        float l[2] = {0.f, 0.f};
-        uint32_t pa[2][2][4];
-
-        // The lane's two rows and their windows, and the row tile's non-EMPTY 32-key chunks, two at
-        // a time, its first pair's S in flight.
-        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
-        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
-        const RowTile cur = row_tile(p0);
-        uint32_t rest = cur.rest;
-        const ChunkMasks chunks = cur.chunks;
-        auto take_pair = [&rest](ChunkPair& p) {
-            p.c[0] = take_chunk(rest);
-            p.c[1] = take_chunk(rest);
-        };
-        const int lt = t, lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
-        wg_pipeline<true>(
-            cur.first,
-            [&](const ChunkPair&, ChunkPair& nxt) {
-                if (rest == 0) return false;
-                take_pair(nxt);
-                return true;
-            },
-            [&](const ChunkPair& p) {
-                kv_rest.need(p.rows().c[1]);  // (the pair's higher chunk)
-                wg_issue_scores(s, qd, kd, p.rows().c);
-            },
-            [&] { pin_regs(flat32(s)); },
-            [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
-            [&] {
-                pin_regs(flat32(acc));
-                pin_regs(flat16(pa));
-            },
-            [&](const Rescale& r) {
-                rescale_acc(acc, r);  // (O is still 0 at the first pair)
-                wg_pack_p(pa, s);
-            },
-            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
+        // The lane's two rows and their windows, and the row tile's pairs of chunks, its first
+        // pair's S in flight.
+        float acc[8][4], mx[2], l[2];
+        const FwdRows rows = fwd_rows(p0, warp, g, G);
+        const int lwg = wg, ltid = tid;  // (C++17 lambdas may not capture a structured binding)
+        fwd_tile_products(
+            s, acc, mx, l, p0, rows, nkc, qd, kd, vd, t, G, sl2,
+            [&](int chunk) { kv_rest.need(chunk); },
             [&] {
                 // Every S of the tile is done (its last P V still runs): the Q tile is free for the
                 // next tile's rows, loaded into registers at this tile's start.
@@ -2059,24 +2111,12 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         // while the epilogue below normalises and stores this tile's rows.
         named_barrier(1 + wg, 128);
         {
-            const RowTile next = row_tile(more ? p0 + tile_step : p0);
+            const FwdRowTile next = fwd_row_tile(more ? p0 + tile_step : p0, nkc, G);
             kv_rest.need(next.first.rows().c[1]);
             wg_issue_scores(s, qd, kd, next.first.rows().c);
         }
 
-        float inv[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            l[i] = quad_sum(l[i]);
-            inv[i] = 1.f / l[i];
-        }
-        bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
-        store_frag_rows_paired(acc, inv[0], inv[1], og, prm.o_row_stride, r_lo, r_hi, G.lq, t);
-        if (t == 0) {
-            float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-            if (r_lo < G.lq) lse[r_lo] = mx[0] * prm.scale + logf(l[0]);
-            if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
-        }
+        fwd_store_tile(acc, l, mx, rows, b, head, t, G, prm);
     }
     wgmma_wait_groups<0>();  // the last S issued, dropped
     pin_regs(flat32(s));
@@ -2105,8 +2145,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 // tests/attention_gpu.rs asserts it), its next tile's Q in registers a tile ahead and its next
 // tile's first S under its epilogue. At a pair's end the next pair's first S reads the other
 // buffer: each thread waits for its own copies of it and the block meets at a barrier first,
-// which also tells every thread that no warpgroup reads the buffer just finished; then the block
-// starts copying the pair after next into it.
+// which also tells every thread that no warpgroup reads the buffer just finished; once that S is
+// issued and the tile's rows stored, the block starts copying the pair after next into it.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WGP_THREADS, 1)
     mapet_attention_fwd_wgmma_persistent(const MapetAttention prm) {
     dependent_launch_start();
@@ -2146,6 +2186,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WGP_THREADS, 1)
     const int tiles = (G.lq + 63) / 64 / 4;
     const int p_first = wg * 64;
     int pair = blockIdx.x;
+    // The launcher's promises (persistent_launch), which the loop's bounds rest on: a CTA has a
+    // pair, and the row tiles are a multiple of the warpgroups. Broken, rows would be skipped or
+    // written out of bounds; the kernel stops instead (the same in every thread).
+    if (pair >= pairs || (G.lq + 63) / 64 % 4 != 0) __trap();
 
     // The first pair's K, V and Q tiles, waited for; the second pair's K and V then start.
     wg_start_q(q_smem, q_of(pair), prm.q_row_stride, p_first, tid & 127, G);
@@ -2194,46 +2238,14 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WGP_THREADS, 1)
         QNext qn;
         if (!last) load_q_next(qn, q_of(pair_end ? next_pair : pair), prm.q_row_stride, q_next_p0, tid & 127, G);
 
-        float acc[8][4];
-#pragma unroll
-        for (int jj = 0; jj < 8; ++jj) acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.f;
-        float mx[2] = {-INFINITY, -INFINITY};
-        float l[2] = {0.f, 0.f};
-        uint32_t pa[2][2][4];
-
-        const int r_lo = row_at(p0 + 16 * warp + g, G), r_hi = row_at(p0 + 16 * warp + g + 8, G);
-        const int a_lo = first_hidden(min(r_lo, G.lq - 1), G), a_hi = first_hidden(min(r_hi, G.lq - 1), G);
-        const RowTile cur = row_tile(p0);
-        uint32_t rest = cur.rest;
-        const ChunkMasks chunks = cur.chunks;
-        auto take_pair = [&rest](ChunkPair& p) {
-            p.c[0] = take_chunk(rest);
-            p.c[1] = take_chunk(rest);
-        };
-        const int lt = t, lwg = wg, ltid = tid;
-        wg_pipeline<true>(
-            cur.first,
-            [&](const ChunkPair&, ChunkPair& nxt) {
-                if (rest == 0) return false;
-                take_pair(nxt);
-                return true;
-            },
-            [&](const ChunkPair& p) { wg_issue_scores(s, qd, kd, p.rows().c); },
-            [&] { pin_regs(flat32(s)); },
-            [&](const ChunkPair& p) { return wg_softmax(s, chunks.partial, p.c, a_lo, a_hi, lt, G, sl2, mx, l); },
-            [&] {
-                pin_regs(flat32(acc));
-                pin_regs(flat16(pa));
-            },
-            [&](const Rescale& r) {
-                rescale_acc(acc, r);
-                wg_pack_p(pa, s);
-            },
-            [&](const ChunkPair& p) { wg_issue_pv(acc, pa, vd, p.rows().c); },
+        float acc[8][4], mx[2], l[2];
+        const FwdRows rows = fwd_rows(p0, warp, g, G);
+        fwd_tile_products(
+            s, acc, mx, l, p0, rows, nkc, qd, kd, vd, t, G, sl2, [](int) {},
             [&] {
                 if (!last) {
-                    named_barrier(1 + lwg, 128);
-                    store_q_next(q_smem, qn, ltid & 127);
+                    named_barrier(1 + wg, 128);
+                    store_q_next(q_smem, qn, tid & 127);
                 }
             });
 
@@ -2245,29 +2257,21 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WGP_THREADS, 1)
         if (pair_end && !last) {
             sw128_load_wait();
             __syncthreads();
-            if (next_pair + static_cast<int>(gridDim.x) < pairs) copy_kv(next_pair + gridDim.x, buf);
-            cp_async_commit();
         }
         // The next tile's first S (after the last tile, this one's again, dropped), unconditional
         // (a wgmma under a branch serialises them all); it runs under the epilogue below.
         {
             const int nbuf = pair_end && !last ? buf ^ 1 : buf;
-            const RowTile next = row_tile(last ? p0 : q_next_p0);
+            const FwdRowTile next = fwd_row_tile(last ? p0 : q_next_p0, nkc, G);
             wg_issue_scores(s, qd, sw128_desc(kv_smem(nbuf)), next.first.rows().c);
         }
 
-        float inv[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            l[i] = quad_sum(l[i]);
-            inv[i] = 1.f / l[i];
-        }
-        bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
-        store_frag_rows_paired(acc, inv[0], inv[1], og, prm.o_row_stride, r_lo, r_hi, G.lq, t);
-        if (t == 0) {
-            float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-            if (r_lo < G.lq) lse[r_lo] = mx[0] * prm.scale + logf(l[0]);
-            if (r_hi < G.lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
+        fwd_store_tile(acc, l, mx, rows, b, head, t, G, prm);
+        // Then the pair after next into the buffer just freed, behind that S and the epilogue
+        // (copies issued before them held the S back, and kept registers live across it).
+        if (pair_end && !last) {
+            if (next_pair + static_cast<int>(gridDim.x) < pairs) copy_kv(next_pair + gridDim.x, buf);
+            cp_async_commit();
         }
         if (last) break;
         if (pair_end) {

@@ -373,19 +373,7 @@ fn same_inputs_give_bit_identical_outputs() {
 #[test]
 fn wgmma_peek_backward_gives_the_wgmma_bits() {
     let test = "wgmma_peek_backward_gives_the_wgmma_bits";
-    let Some(gpu) = testing::gpu_or_skip(test) else { return };
-    if gpu.compute_capability() != (9, 0) {
-        eprintln!(
-            "SKIP {test}: compute capability {:?}, not 9.0: no wgmma kernels to compare",
-            gpu.compute_capability()
-        );
-        return;
-    }
-    let want = [AttentionKernels::Wgmma, AttentionKernels::WgmmaPeek];
-    if !want.iter().all(|k| sets().contains(k)) {
-        eprintln!("SKIP {test}: MAPET_TEST_ATTENTION_SETS leaves out wgmma or wgmma-peek");
-        return;
-    }
+    let Some(gpu) = wgmma_sets_or_skip(test, AttentionKernels::WgmmaPeek) else { return };
     let mut rng = testing::rng(test);
     for s in [shape(2, 3, 197, 50), shape(1, 2, 37, 1), shape(3, 1, 90, 89)] {
         let c = draw(&mut rng, s);
@@ -400,35 +388,55 @@ fn wgmma_peek_backward_gives_the_wgmma_bits() {
 /// with fewer pairs than SMs (a CTA's first pair only), and with several pairs a CTA (the next
 /// pair's K and V copied into the other buffer while this one's run, the buffers swapped at each
 /// pair's end), at ViT's Lq (8 row tiles, two a warpgroup) and at Lq 200 and 256 (4 row tiles,
-/// one a warpgroup, so every tile ends a pair). Skips off compute capability 9.0, where both sets
-/// run the resident kernels.
+/// one a warpgroup, so every tile ends a pair); about 2.5 and 7 pairs a CTA, ViT's twice on fresh
+/// inputs. Each shape must run the persistent kernel. Skips off compute capability 9.0, where
+/// both sets run the resident kernels.
 #[test]
 fn wgmma_persistent_forward_gives_the_wgmma_bits() {
     let test = "wgmma_persistent_forward_gives_the_wgmma_bits";
-    let Some(gpu) = testing::gpu_or_skip(test) else { return };
-    if gpu.compute_capability() != (9, 0) {
-        eprintln!(
-            "SKIP {test}: compute capability {:?}, not 9.0: no wgmma kernels to compare",
-            gpu.compute_capability()
-        );
-        return;
-    }
-    let want = [AttentionKernels::Wgmma, AttentionKernels::WgmmaPersistent];
-    if !want.iter().all(|k| sets().contains(k)) {
-        eprintln!("SKIP {test}: MAPET_TEST_ATTENTION_SETS leaves out wgmma or wgmma-persistent");
-        return;
-    }
+    let Some(gpu) = wgmma_sets_or_skip(test, AttentionKernels::WgmmaPersistent) else { return };
     let mut rng = testing::rng(test);
-    // Pairs for about 2.5 a CTA (one CTA an SM).
+    // Pairs for about 2.5 and 7 a CTA (one CTA an SM).
     let heads = 12;
-    let many = (5 * gpu.sm_count() as usize / 2).div_ceil(heads);
-    for s in [shape(2, 3, 197, 50), shape(many, heads, 197, 50), shape(many, heads, 70, 5), shape(many, heads, 128, 64)]
-    {
+    let per_cta = |n: usize| (n * gpu.sm_count() as usize).div_ceil(2 * heads);
+    let (some, many) = (per_cta(5), per_cta(14));
+    let shapes = [
+        shape(2, 3, 197, 50),
+        shape(some, heads, 197, 50),
+        shape(some, heads, 197, 50),
+        shape(many, heads, 197, 50),
+        shape(some, heads, 70, 5),
+        shape(many, heads, 128, 64),
+    ];
+    for s in shapes {
+        // Else the comparison would be of the wgmma forward with itself.
+        let kernel = attention::cuda_forward_kernel(&gpu, AttentionKernels::WgmmaPersistent, &s);
+        assert_eq!(kernel, "mapet_attention_fwd_wgmma_persistent", "{s:?}: the set falls back to another forward");
         let c = draw(&mut rng, s);
         let a = run_gpu_with(&gpu, AttentionKernels::Wgmma, AttentionKernels::Wgmma, &c);
         let b = run_gpu_with(&gpu, AttentionKernels::WgmmaPersistent, AttentionKernels::Wgmma, &c);
         assert_bit_identical(&format!("wgmma-persistent and wgmma forward, {s:?}"), &b, &a);
     }
+}
+
+/// The GPU for a test that compares the `wgmma` set with `other` (a set of the same kernels
+/// but one), or `None` with the reason printed: no GPU, not compute capability 9.0 (both sets
+/// then run the resident kernels, and the comparison could not fail), or a set left out by
+/// `MAPET_TEST_ATTENTION_SETS`.
+fn wgmma_sets_or_skip(test: &str, other: AttentionKernels) -> Option<Gpu> {
+    let gpu = testing::gpu_or_skip(test)?;
+    if gpu.compute_capability() != (9, 0) {
+        eprintln!(
+            "SKIP {test}: compute capability {:?}, not 9.0: no wgmma kernels to compare",
+            gpu.compute_capability()
+        );
+        return None;
+    }
+    if !sets().contains(&AttentionKernels::Wgmma) || !sets().contains(&other) {
+        eprintln!("SKIP {test}: MAPET_TEST_ATTENTION_SETS leaves out wgmma or {}", other.name());
+        return None;
+    }
+    Some(gpu)
 }
 
 /// Programmatic dependent launches (`Gpu::set_dependent_launches`, compute capability 9.0)

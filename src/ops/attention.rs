@@ -694,11 +694,13 @@ impl AttentionKernels {
         // Two buffers of K and V tiles, a Q tile per warpgroup, and 1 KiB to align them to the
         // swizzle's 1024-byte atoms.
         let smem = (4 * shape.k_rows().div_ceil(CUDA_BLOCK_N) + CUDA_WGP_WARPGROUPS) * CUDA_WG_TILE_BYTES + 1024;
-        // Its chunk masks hold 32 key chunks, as the wgmma forward's (Lk <= 1024).
-        if smem > max_smem as usize || shape.k_rows() > 32 * 32 {
+        // (Its chunk masks hold 32 key chunks, as the wgmma forward's: Lk <= 1024. Shared memory
+        // stops it first on an H100/H200, at Lk = 384; the bound holds on any card. Its pair
+        // index is a 32-bit int.)
+        let pairs = shape.batch * shape.heads;
+        if smem > max_smem as usize || shape.k_rows() > 32 * 32 || pairs > i32::MAX as usize {
             return None;
         }
-        let pairs = shape.batch * shape.heads;
         Some((pairs.min(sm_count as usize).max(1) as u32, smem as u32))
     }
 
@@ -1076,31 +1078,43 @@ pub fn cuda_forward(
     }
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
-    let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
-    if let Some((ctas, smem)) = kernels.persistent_launch(shape, cc, sm_count, max_smem) {
-        let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (CUDA_WGP_THREADS, 1, 1), shared_mem_bytes: smem };
-        // SAFETY: as below for the wgmma forward; its grid holds at most one CTA a pair, each
-        // CTA's pairs (blockIdx.x + i gridDim.x) are below batch * heads, and its dynamic shared
-        // memory holds two buffers of its pair's K and V tiles and a Q tile per warpgroup
-        // (persistent_launch); the row tiles are a multiple of its 4 warpgroups, as it requires.
-        return unsafe { gpu.launch_dependent("attention", "mapet_attention_fwd_wgmma_persistent", cfg, &p) };
-    }
-    let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
-    let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
-        (Some(launch), _) => ("mapet_attention_fwd_wgmma", resident_grid(launch, CUDA_WG_THREADS, shape)),
-        (None, Some(launch)) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
-        (None, None) => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
-    };
+    let (kernel, cfg) = forward_launch(gpu, kernels, shape);
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
     // touches by the buffer lengths; every bf16 pointer is 16-byte aligned (checked above) and
     // every stride is a multiple of 64 elements (head_dim 64), as the kernel's 16-byte copies and
     // 4-byte fragment loads and stores need. The tiled kernel handles rows [blockIdx.x * 64, +64)
     // clipped to Lq; the resident and wgmma ones rows < Lq of their pair, with the dynamic shared
-    // memory that all of its pair's K and V tiles take (resident_launch, wgmma_launch); the wgmma
-    // one only on compute capability 9.0, where its sm_90a code exists. Every attention kernel
+    // memory that all of its pair's K and V tiles take (resident_launch, wgmma_launch); the
+    // persistent wgmma one rows < Lq of its CTA's pairs (blockIdx.x + i gridDim.x, below batch *
+    // heads: its grid holds at most one CTA a pair), with two buffers of a pair's K and V tiles
+    // and a Q tile per warpgroup, and row tiles a multiple of its 4 warpgroups, as it requires
+    // (persistent_launch); the wgmma ones only on compute capability 9.0, where their sm_90a
+    // code exists. Every attention kernel
     // waits for the kernel before it first (dependent_launch_start), so it may be a dependent
     // launch (a test holds the source to that).
     unsafe { gpu.launch_dependent("attention", kernel, cfg, &p) }
+}
+
+/// The forward kernel [`cuda_forward`] launches for `kernels` and `shape` on `gpu` (the set's
+/// kernel, or the one it falls back to where its own does not fit the shape or the device), e.g.
+/// for a test to tell which kernel it compared.
+pub fn cuda_forward_kernel(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) -> &'static str {
+    forward_launch(gpu, kernels, shape).0
+}
+
+/// The forward's kernel and launch (`cuda_forward`).
+fn forward_launch(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) -> (&'static str, LaunchConfig) {
+    let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
+    if let Some((ctas, smem)) = kernels.persistent_launch(shape, cc, sm_count, max_smem) {
+        let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (CUDA_WGP_THREADS, 1, 1), shared_mem_bytes: smem };
+        return ("mapet_attention_fwd_wgmma_persistent", cfg);
+    }
+    let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
+    match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
+        (Some(launch), _) => ("mapet_attention_fwd_wgmma", resident_grid(launch, CUDA_WG_THREADS, shape)),
+        (None, Some(launch)) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
+        (None, None) => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
+    }
 }
 
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
@@ -1205,15 +1219,17 @@ mod tests {
         // Four row tiles (Lq 200, 256), one per warpgroup.
         assert!(p.persistent_launch(&shape(60, 12, 70, 5), h100, 132, max).is_some());
         assert!(p.persistent_launch(&shape(60, 12, 128, 64), h100, 132, max).is_some());
-        // Row tiles not a multiple of 4 (Lq 270: 5 tiles; Lq 129: 3), another set, another
+        // Row tiles not a multiple of 4 (Lq 270: 5 tiles; Lq 131: 3), another set, another
         // device, or too little shared memory: the other forwards run.
         assert_eq!(p.persistent_launch(&shape(60, 12, 130, 60), h100, 132, max), None);
         assert_eq!(p.persistent_launch(&shape(2, 2, 65, 32), h100, 132, max), None);
         assert_eq!(AttentionKernels::Wgmma.persistent_launch(&shape(128, 12, 197, 50), h100, 132, max), None);
         assert_eq!(p.persistent_launch(&shape(128, 12, 197, 50), (8, 0), 108, 163 << 10), None);
         assert_eq!(p.persistent_launch(&shape(128, 12, 197, 50), h100, 132, (225 << 10) - 1), None);
-        // Lk = 384 (N = 256, C = 128: Lq = 512, 8 tiles) still fits, with 6 K/V tiles a buffer.
+        // Lk = 384 (N = 256, C = 128: Lq = 512, 8 tiles) still fits, with 6 K/V tiles a buffer;
+        // Lk = 385 (N = 258, C = 131: Lq = 512 too) does not.
         assert!(p.persistent_launch(&shape(128, 12, 256, 128), h100, 132, max).is_some());
+        assert_eq!(p.persistent_launch(&shape(128, 12, 258, 131), h100, 132, max), None);
         // Its backward is the wgmma set's.
         assert!(p.is_wgmma() && p.deterministic() && p.split_backward() == p);
     }
