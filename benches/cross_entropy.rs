@@ -214,6 +214,13 @@ fn gpu(c: &mut Criterion) {
         // GEMM candidates chosen for its own sizes in place of the chosen ones.
         let paired_gemm = if gname == "chosen GEMMs" { &paired_tuned } else { g };
         variants.push((format!("one pass, paired rows, {gname}, queued"), paired, paired_gemm, true, false));
+        if gname == "default GEMMs" {
+            // The paired kernel in the default's six chunks: its own speed against the held
+            // kernel's, apart from what five chunks change (not a switch: the winners skip it).
+            let rc = shape.gpu_chunk_rows();
+            let six = paired.with_chunk_rows(rc);
+            variants.push((format!("one pass, paired rows, {rc}-row chunks, {gname}, queued"), six, g, true, false));
+        }
         variants.push((
             format!("one pass, rows reversed, {gname}, queued"),
             shape.with_reversed_rows(true),

@@ -610,7 +610,9 @@ ok = os.environ["OK_CE"].split()
 got, pin, paired_pin = {}, "", ""
 for l in lines:
     m = re.match(r"RESULT cross_entropy forward\+backward ([0-9.]+) ms \(rounds [^)]*\) with (.*), (default|chosen|MAPET_GEMM_TUNE) GEMMs, queued a chunk", l)
-    if m and "dependent launches" not in m.group(2):  # noted below, not chosen
+    # Dependent launches are noted below, not chosen; a line with its own chunk size ("N-row
+    # chunks") measures a kernel apart from the chunking its switch brings, and is no switch.
+    if m and "dependent launches" not in m.group(2) and "-row chunks" not in m.group(2):
         passes = re.match(r"\d+ passes of <= (\d+) rows", m.group(2))
         rows, gemms = (passes.group(1) if passes else ""), m.group(3)
         order = "reverse" if "rows reversed" in m.group(2) else "forward"
