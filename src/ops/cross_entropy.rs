@@ -165,7 +165,7 @@ const GRAD_GROUPS: usize = 256;
 pub const PAIRED_CHUNK_LOGITS_BYTES: usize = 59 << 20;
 /// Most blocks (row groups) of `cross_entropy_rows_paired` a pass: one an SM, as many SMs as an
 /// H100 or H200 has and a few more (a device of more SMs leaves the rest idle in that kernel).
-const PAIRED_GROUPS: usize = 144;
+pub const PAIRED_GROUPS: usize = 144;
 const REDUCE_THREADS: u32 = 1024;
 
 /// Sizes of one call: `rows` feature rows of width `dim`, a vocabulary of `vocab` codes.
