@@ -1963,7 +1963,8 @@ extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc(const MapetPa
 // sum of d_out over the patch rows that the partials cover (those with a rank in [1, N)).
 // mapet_patch_embed_bwd_tokens must have run. Grid (ceil(K / blockDim.x), D); warp 0 of each
 // block sums its channel's column (lanes over tokens 1 + lane, 33 + lane, ..., then the lanes in a
-// fixed shuffle order: deterministic).
+// fixed shuffle order: deterministic), and the blocks of column 0 also add dbias, dcls and dmask
+// (reduce_weight_partials).
 extern "C" __global__ void mapet_patch_embed_bwd_weight_reduce_hwc_raw(const MapetPatchEmbedBwd p) {
     dependent_launch_start();
     reduce_weight_partials<true, true>(p);

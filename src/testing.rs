@@ -27,6 +27,15 @@ pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
     }
 }
 
+/// [`gpu_or_skip`], with the GPU's allocations poisoned ([`Gpu::set_poison_allocations`]): for
+/// the op tests, so that scratch an op reads before writing it shows up as NaN, not as what an
+/// earlier call left there.
+pub fn gpu_poisoning_or_skip(test: &str) -> Option<Gpu> {
+    let gpu = gpu_or_skip(test)?;
+    gpu.set_poison_allocations(true);
+    Some(gpu)
+}
+
 /// How long [`finish_or_exit`] waits: far beyond any launch of the tests and benches (milliseconds).
 pub const HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 

@@ -294,14 +294,14 @@ fn shape(batch: usize, heads: usize, n_tokens: usize, n_context: usize) -> Atten
 
 #[test]
 fn vit_sized_sequence_matches_cpu() {
-    let Some(gpu) = testing::gpu_or_skip("vit_sized_sequence_matches_cpu") else { return };
+    let Some(gpu) = testing::gpu_poisoning_or_skip("vit_sized_sequence_matches_cpu") else { return };
     let mut rng = testing::rng("vit_sized_sequence_matches_cpu");
     check(&gpu, &draw(&mut rng, shape(2, 3, 197, 50)));
 }
 
 #[test]
 fn edge_sizes_match_cpu() {
-    let Some(gpu) = testing::gpu_or_skip("edge_sizes_match_cpu") else { return };
+    let Some(gpu) = testing::gpu_poisoning_or_skip("edge_sizes_match_cpu") else { return };
     let mut rng = testing::rng("edge_sizes_match_cpu");
     // One CTA holding all three segments; C = 1 and C = N - 1; sizes around the 64-row tile
     // (Lq = N + 2P: 128 for N = 64, C = 32; 129 for N = 65, C = 33), and Lk a multiple of 64 with
@@ -318,7 +318,7 @@ fn edge_sizes_match_cpu() {
 /// several row and key tiles and partial ones.
 #[test]
 fn mixed_forward_and_backward_sets_match_cpu() {
-    let Some(gpu) = testing::gpu_or_skip("mixed_forward_and_backward_sets_match_cpu") else { return };
+    let Some(gpu) = testing::gpu_poisoning_or_skip("mixed_forward_and_backward_sets_match_cpu") else { return };
     let mut rng = testing::rng("mixed_forward_and_backward_sets_match_cpu");
     let c = draw(&mut rng, shape(2, 3, 197, 50));
     for fwd in sets() {
@@ -337,7 +337,7 @@ fn mixed_forward_and_backward_sets_match_cpu() {
 #[test]
 fn several_tiles_per_warpgroup_match_cpu() {
     let test = "several_tiles_per_warpgroup_match_cpu";
-    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    let Some(gpu) = testing::gpu_poisoning_or_skip(test) else { return };
     let mut rng = testing::rng(test);
     let heads = 12;
     let batch = (4 * gpu.sm_count() as usize).div_ceil(heads);
@@ -348,7 +348,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn random_shapes_match_cpu(batch in 1usize..4, heads in 1usize..4, n in 2usize..140, c_frac in 0.0f64..1.0, seed in any::<u64>()) {
-        let Some(gpu) = testing::gpu_or_skip("random_shapes_match_cpu") else { return Ok(()) };
+        let Some(gpu) = testing::gpu_poisoning_or_skip("random_shapes_match_cpu") else { return Ok(()) };
         let c = 1 + ((n - 2) as f64 * c_frac) as usize;
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
         check(&gpu, &draw(&mut rng, shape(batch, heads, n, c)));
@@ -357,7 +357,7 @@ proptest! {
 
 #[test]
 fn same_inputs_give_bit_identical_outputs() {
-    let Some(gpu) = testing::gpu_or_skip("same_inputs_give_bit_identical_outputs") else { return };
+    let Some(gpu) = testing::gpu_poisoning_or_skip("same_inputs_give_bit_identical_outputs") else { return };
     let mut rng = testing::rng("same_inputs_give_bit_identical_outputs");
     let c = draw(&mut rng, shape(4, 4, 197, 50));
     for kernels in sets() {
@@ -424,7 +424,7 @@ fn wgmma_persistent_forward_gives_the_wgmma_bits() {
 /// then run the resident kernels, and the comparison could not fail), or a set left out by
 /// `MAPET_TEST_ATTENTION_SETS`.
 fn wgmma_sets_or_skip(test: &str, other: AttentionKernels) -> Option<Gpu> {
-    let gpu = testing::gpu_or_skip(test)?;
+    let gpu = testing::gpu_poisoning_or_skip(test)?;
     if gpu.compute_capability() != (9, 0) {
         eprintln!(
             "SKIP {test}: compute capability {:?}, not 9.0: no wgmma kernels to compare",
@@ -446,7 +446,7 @@ fn wgmma_sets_or_skip(test: &str, other: AttentionKernels) -> Option<Gpu> {
 #[test]
 fn dependent_launches_give_the_same_bits() {
     let test = "dependent_launches_give_the_same_bits";
-    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    let Some(gpu) = testing::gpu_poisoning_or_skip(test) else { return };
     gpu.set_dependent_launches(true);
     let on = gpu.dependent_launches();
     gpu.set_dependent_launches(false);
@@ -529,7 +529,7 @@ fn assert_bits(what: &str, a: &GpuOut, b: &GpuOut, with_dq: bool) {
 #[test]
 fn resident_kernels_match_the_tiled_ones_bit_for_bit() {
     let test = "resident_kernels_match_the_tiled_ones_bit_for_bit";
-    let Some(gpu) = testing::gpu_or_skip(test) else { return };
+    let Some(gpu) = testing::gpu_poisoning_or_skip(test) else { return };
     let mut rng = testing::rng(test);
     for s in
         [shape(64, 12, 197, 50), shape(2, 3, 197, 50), shape(1, 1, 5, 1), shape(3, 2, 65, 33), shape(1, 2, 300, 50)]

@@ -13,7 +13,7 @@ use mapet::ops::cross_entropy::{
     cuda_forward_backward_queued, cuda_forward_queued, CpuPrecision, CpuRowOutputs, CrossEntropyShape, CudaRowOutputs,
 };
 use mapet::testing::{
-    assert_all_written, assert_within_baseline, gpu_or_skip, misses, rng, uniform, uniform_bf16, Misses,
+    assert_all_written, assert_within_baseline, gpu_poisoning_or_skip, misses, rng, uniform, uniform_bf16, Misses,
 };
 use mapet::Error;
 use proptest::prelude::*;
@@ -276,7 +276,7 @@ fn cpu_checks_shapes_and_targets() {
 // ------------------------------------------------------------------------------------------ GPU
 
 fn gpu_and_gemm(test: &str) -> Option<(Gpu, Gemm)> {
-    let gpu = gpu_or_skip(test)?;
+    let gpu = gpu_poisoning_or_skip(test)?;
     let gemm = Gemm::new(&gpu).expect("cuBLASLt handle");
     Some((gpu, gemm))
 }

@@ -66,6 +66,8 @@ pub struct Gpu {
     compute_capability: (u32, u32),
     /// Whether [`Gpu::launch_dependent`] launches as programmatic dependent launches.
     dependent_launches: AtomicBool,
+    /// Whether [`Gpu::alloc`] fills what it allocates with `0xFF` bytes ([`Gpu::set_poison_allocations`]).
+    poison_allocations: AtomicBool,
 }
 
 /// A loaded kernel, and whether its loaded code has the wait of a dependent launch: compiled from
@@ -189,6 +191,7 @@ impl Gpu {
             max_smem_optin,
             compute_capability,
             dependent_launches: AtomicBool::new(std::env::var("MAPET_DEPENDENT_LAUNCH").as_deref() == Ok("1")),
+            poison_allocations: AtomicBool::new(false),
         })
     }
 
@@ -365,6 +368,15 @@ impl Gpu {
         self.dependent_launches.store(on, Ordering::Relaxed);
     }
 
+    /// Makes [`Gpu::alloc`] fill what it allocates with `0xFF` bytes (NaN in f32 and bf16, -1 in
+    /// i32), in stream order, or stops it. For tests: the pool hands a freed block back as it was
+    /// left, so an op's scratch (a row table, per-group sums) that a kernel reads before anything
+    /// wrote it would otherwise find the values an earlier call of the same size left there, and
+    /// pass. Off by default: a memset an allocation.
+    pub fn set_poison_allocations(&self, on: bool) {
+        self.poison_allocations.store(on, Ordering::Relaxed);
+    }
+
     /// As [`Gpu::launch`], but, where [`Gpu::dependent_launches`] says so, as a programmatic
     /// dependent launch: the kernel may be scheduled before the kernel launched before it on the
     /// stream has finished, once every block of that one has let it (`griddepcontrol
@@ -522,7 +534,11 @@ impl Gpu {
         // SAFETY: the memory is uninitialised device memory; it is only ever read by kernels after
         // being written, or copied to the host as plain bits of `T` (bf16/f32/i32/u8: any bits valid).
         let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }?;
-        Ok(DeviceBuffer { slice, len, stream: self.stream.clone() })
+        let mut buf = DeviceBuffer { slice, len, stream: self.stream.clone() };
+        if self.poison_allocations.load(Ordering::Relaxed) {
+            buf.poison()?;
+        }
+        Ok(buf)
     }
 
     /// Allocates `len` zeroed elements.

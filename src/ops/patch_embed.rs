@@ -1077,8 +1077,10 @@ mod tests {
         shape.validate_cuda().unwrap();
         let text = shape.validate_hwc_ws().unwrap_err().to_string();
         assert!(text.contains("hwc-ws") && text.contains("50000 + 16385"), "{text}");
-        // Under the limit (49,136 + 16,385 = 65,521, the largest dim % 8 == 0 below it) it passes.
-        PatchEmbedShape { dim: 49_136, ..shape }.validate_hwc_ws().unwrap();
+        // Under the limit it passes: 49,144 + 16,385 = 65,529, the largest dim % 8 == 0 whose sum
+        // with the tokens stays within 65,535; 49,152 does not.
+        PatchEmbedShape { dim: 49_144, ..shape }.validate_hwc_ws().unwrap();
+        PatchEmbedShape { dim: 49_152, ..shape }.validate_hwc_ws().unwrap_err();
     }
 
     /// The text of cuda/patch_embed.cu, for the tests that hold a launcher constant or a bit trick
