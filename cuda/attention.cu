@@ -2200,23 +2200,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WGP_THREADS, 1)
     if (pair + static_cast<int>(gridDim.x) < pairs) copy_kv(pair + gridDim.x, 1);
     cp_async_commit();
 
-    struct RowTile {
-        ChunkMasks chunks;
-        uint32_t rest;
-        ChunkPair first;
-    };
-    auto row_tile = [&](int p0) {
-        RowTile rt;
-        rt.chunks = row_tile_chunks(p0, nkc, G);
-        rt.rest = rt.chunks.live;
-        rt.first.c[0] = take_chunk(rt.rest);
-        rt.first.c[1] = take_chunk(rt.rest);
-        return rt;
-    };
     float s[2][4][4];
     int buf = 0;
     {
-        const RowTile first = row_tile(p_first);
+        const FwdRowTile first = fwd_row_tile(p_first, nkc, G);
         wg_issue_scores(s, qd, sw128_desc(kv_smem(buf)), first.first.rows().c);
     }
 
