@@ -311,6 +311,25 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
     return sh.lse;
 }
 
+// x += the 8 floats q[0], q[1] (x[e] + q, each rounded once), and q[0], q[1] = x: a thread's 8
+// column sums to and from shared or global memory as two float4.
+__device__ __forceinline__ void add8(float (&x)[8], const float4* q) {
+    const float4 a = q[0], b = q[1];
+    x[0] += a.x;
+    x[1] += a.y;
+    x[2] += a.z;
+    x[3] += a.w;
+    x[4] += b.x;
+    x[5] += b.y;
+    x[6] += b.z;
+    x[7] += b.w;
+}
+
+__device__ __forceinline__ void store8(float4* q, const float (&x)[8]) {
+    q[0] = make_float4(x[0], x[1], x[2], x[3]);
+    q[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+
 // The barrier of the threads that work on one row: the block's for one-row blocks; for the
 // paired kernel's halves, named barrier 1 + half over its kRowThreads threads (0 is the block's).
 // (Constant ids: with the id in a register, ptxas reserved all 16 barriers and gave the warp
@@ -606,10 +625,7 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p, HeldS
 #pragma unroll
             for (int i = 0; i < kGradPer; ++i) {
                 const int c = tid + i * kRowThreads;
-                if (owned(c)) {
-                    handed[2 * c] = make_float4(colsum[i][0], colsum[i][1], colsum[i][2], colsum[i][3]);
-                    handed[2 * c + 1] = make_float4(colsum[i][4], colsum[i][5], colsum[i][6], colsum[i][7]);
-                }
+                if (owned(c)) store8(handed + 2 * c, colsum[i]);
             }
         }
         __syncthreads();
@@ -619,30 +635,17 @@ __device__ __forceinline__ void rows_held_body(const MapetCrossEntropy& p, HeldS
 #pragma unroll
         for (int i = 0; i < kGradPer; ++i) {
             const int c = tid + i * kRowThreads;
-            if (owned(c)) {
-                const float4 a = handed[2 * c];
-                const float4 b = handed[2 * c + 1];
-                colsum[i][0] += a.x;
-                colsum[i][1] += a.y;
-                colsum[i][2] += a.z;
-                colsum[i][3] += a.w;
-                colsum[i][4] += b.x;
-                colsum[i][5] += b.y;
-                colsum[i][6] += b.z;
-                colsum[i][7] += b.w;
-            }
+            if (owned(c)) add8(colsum[i], handed + 2 * c);
         }
     }
+    // partial[block, :] += the sums (x + y == y + x exactly: the order of the two is free).
     float4* out = reinterpret_cast<float4*>(p.partial + static_cast<int64_t>(blockIdx.x) * p.vocab);
 #pragma unroll
     for (int i = 0; i < kGradPer; ++i) {
         const int c = tid + i * kRowThreads;
         if (owned(c)) {
-            const float4 a = out[2 * c];
-            const float4 b = out[2 * c + 1];
-            out[2 * c] = make_float4(a.x + colsum[i][0], a.y + colsum[i][1], a.z + colsum[i][2], a.w + colsum[i][3]);
-            out[2 * c + 1] =
-                make_float4(b.x + colsum[i][4], b.y + colsum[i][5], b.z + colsum[i][6], b.w + colsum[i][7]);
+            add8(colsum[i], out + 2 * c);
+            store8(out + 2 * c, colsum[i]);
         }
     }
 }

@@ -72,6 +72,28 @@ impl From<cudarc::cublaslt::result::CublasError> for Error {
     }
 }
 
+/// A run-time switch of two values, read from environment variable `var` (`value`: its value,
+/// `None` when unset): `false` for `off` or unset, `true` for `on` (surrounding spaces ignored),
+/// else an [`Error::Unsupported`] about `what` that names the variable, the value and both
+/// choices, each with what it means (`off_means`, `on_means`).
+pub fn switch_named(
+    var: &str,
+    value: Option<&str>,
+    what: &'static str,
+    (off, off_means): (&str, &str),
+    (on, on_means): (&str, &str),
+) -> Result<bool> {
+    match value.map(str::trim) {
+        None => Ok(false),
+        Some(v) if v == off => Ok(false),
+        Some(v) if v == on => Ok(true),
+        Some(v) => Err(Error::Unsupported {
+            what,
+            detail: format!("{var}={v:?}: give `{off}` ({off_means}) or `{on}` ({on_means})"),
+        }),
+    }
+}
+
 /// Checks that `got == expected` elements, naming the tensor otherwise.
 pub fn check_len(tensor: &'static str, got: usize, expected: usize) -> Result<()> {
     if got == expected {

@@ -119,17 +119,13 @@ pub const STREAM_VAR: &str = "MAPET_STREAM";
 /// Whether `value` (the variable's value; `None`: unset) asks for a stream of the `Gpu`'s own:
 /// `own` or `default`, else an error naming [`STREAM_VAR`].
 pub fn own_stream_named(value: Option<&str>) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("default") => Ok(false),
-        Some("own") => Ok(true),
-        Some(v) => Err(Error::Unsupported {
-            what: "CUDA stream",
-            detail: format!(
-                "{STREAM_VAR}={v:?}: give `default` (the context's legacy default stream) or `own` (a non-blocking \
-                 stream of its own)"
-            ),
-        }),
-    }
+    crate::error::switch_named(
+        STREAM_VAR,
+        value,
+        "CUDA stream",
+        ("default", "the context's legacy default stream, the default"),
+        ("own", "a non-blocking stream of its own"),
+    )
 }
 
 impl Gpu {

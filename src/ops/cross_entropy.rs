@@ -137,7 +137,7 @@ use crate::cpu::{round_bf16, sgemm};
 use crate::cuda::gemm::{Epilogue, Gemm};
 use crate::cuda::params::MapetCrossEntropy;
 use crate::cuda::{blocks_for, check_aligned, DeviceBuffer, DeviceRead, DeviceWrite, Gpu};
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_len, switch_named, Error, Result};
 
 /// Most bytes of bf16 logits one chunk may hold on the GPU.
 pub const CHUNK_LOGITS_BYTES: usize = 52 << 20;
@@ -202,14 +202,13 @@ pub const ROW_ORDER_VAR: &str = "MAPET_CE_ROW_ORDER";
 /// Whether `value` (the variable's value; `None`: unset) asks for reversed rows: `reverse` or
 /// `forward`, else an error naming [`ROW_ORDER_VAR`].
 pub fn reverse_rows_named(value: Option<&str>) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("forward") => Ok(false),
-        Some("reverse") => Ok(true),
-        Some(v) => Err(Error::Unsupported {
-            what: "cross-entropy row order",
-            detail: format!("{ROW_ORDER_VAR}={v:?}: give `forward` (the default) or `reverse`"),
-        }),
-    }
+    switch_named(
+        ROW_ORDER_VAR,
+        value,
+        "cross-entropy row order",
+        ("forward", "the default"),
+        ("reverse", "the rows from the last back"),
+    )
 }
 
 /// The variable that gives the CUDA backend's cross-entropy calls paired rows (`paired`; `single`,
@@ -219,14 +218,13 @@ pub const ROW_BLOCKS_VAR: &str = "MAPET_CE_ROW_BLOCKS";
 /// Whether `value` (the variable's value; `None`: unset) asks for paired rows: `paired` or
 /// `single`, else an error naming [`ROW_BLOCKS_VAR`].
 pub fn paired_rows_named(value: Option<&str>) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("single") => Ok(false),
-        Some("paired") => Ok(true),
-        Some(v) => Err(Error::Unsupported {
-            what: "cross-entropy row blocks",
-            detail: format!("{ROW_BLOCKS_VAR}={v:?}: give `single` (the default) or `paired`"),
-        }),
-    }
+    switch_named(
+        ROW_BLOCKS_VAR,
+        value,
+        "cross-entropy row blocks",
+        ("single", "the default"),
+        ("paired", "two rows at a time a block, larger chunks"),
+    )
 }
 
 /// The sub-chunk rows `value` (the variable's value; `None`: unset) asks for: a positive
