@@ -126,6 +126,12 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
                 });
             }
         }
+        // Which dK/dV kernel the balanced set ran, and whether its plan shares a run (so that its
+        // lines above timed the hand-off).
+        if sets.contains(&AttentionKernels::WgmmaBalanced) {
+            let dkdv = attention::cuda_dkdv_kernel(gpu, AttentionKernels::WgmmaBalanced, &s);
+            println!("RESULT attention {name} wgmma-balanced dK/dV kernel (name, shares a run): {dkdv:?}");
+        }
         // The default set as programmatic dependent launches (compute capability 9.0), at ViT-B:
         // each kernel's launch and start overlap the end of the one before (Gpu::launch_dependent).
         if name == "vit-b" && sets.contains(&AttentionKernels::Wgmma) {

@@ -2769,7 +2769,9 @@ __device__ __forceinline__ void convert_dq_acc(bf16* dqg, int64_t row_stride, co
 // same operations in the same order, so the same bits.
 // kFused (mapet_attention_bwd_dkdv_wgmma_fused, the wgmma-fused set; written after the ninth run,
 // unverified on GPU): dQ too, so that no dQ kernel runs (fused_dq_notes below).
-template <bool kPeek, bool kFused = false>
+// kBalanced (mapet_attention_bwd_dkdv_wgmma_balanced, the wgmma-balanced set; written after the
+// ninth run, unverified on GPU): the plan's key tiles and shares of them (balanced_notes below).
+template <bool kPeek, bool kFused = false, bool kBalanced = false>
 __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
@@ -2795,8 +2797,15 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                                              6 * kWgTileBytes + (kFused ? 6 * kPosTileBytes : 0));
     float* s_delta = s_lse2 + lqp;
     int* s_a = reinterpret_cast<int*>(s_delta + lqp);
+    // kBalanced: the hand-off slot (a warpgroup's dK and dV in f32, MAPET_DKDV_HAND_SLOT_BYTES),
+    // after the stats: 16-byte aligned, as 12 lqp bytes are.
+    float4* s_hand = reinterpret_cast<float4*>(s_a + lqp);
     if (nkt > kDkdvMaxKeyTiles || static_cast<int>(gridDim.x) > MAPET_DKDV_MAX_CTAS) __trap();  // (the plan's bounds)
-    const TileList mine{plan.deal[3 * blockIdx.x + wg], plan.deal_count[3 * blockIdx.x + wg]};
+    const int me = 3 * blockIdx.x + wg;  // this warpgroup's entries of the plan
+    const TileList mine{plan.deal[me], plan.deal_count[me]};
+    // Key tile kt's first key, and the end of the keys it stores.
+    auto tile_key0 = [&](int kt) { return kBalanced ? plan.tile_start[kt] : kt * kBN; };
+    auto tile_key_end = [&](int kt) { return kBalanced ? plan.tile_end[kt] : G.lk; };
 
     // The copies, in three cp.async groups so that work starts before they have all landed:
     // (A) the Q and dO rows of the first half of the positions, (K) the K and V tile of this
@@ -2827,7 +2836,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
     copy_positions_q_do(q_smem, qg, prm.q_row_stride, do_smem, dog, prm.do_row_stride, 0, half, tid,
                         MAPET_ATTN_WG_DKDV_THREADS, G);
     cp_async_commit();
-    if (mine.n > 0) copy_kv_tile(prm, G, b, head, k_smem, v_smem, mine.at(0) * kBN, tid & 127);
+    if (mine.n > 0) copy_kv_tile(prm, G, b, head, k_smem, v_smem, tile_key0(mine.at(0)), tid & 127);
     cp_async_commit();
     copy_positions_q_do(q_smem + half * 128, qg, prm.q_row_stride, do_smem + half * 128, dog, prm.do_row_stride, half,
                         lqp - half, tid, MAPET_ATTN_WG_DKDV_THREADS, G);
@@ -2884,7 +2893,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
 #pragma unroll 1
     for (int i = 0; i < mine.n; ++i) {
         const int kt = mine.at(i);
-        const int k0 = kt * kBN;
+        const int k0 = tile_key0(kt);
         if (i != 0) {
             sw128_load_wait();  // this tile's K and V, started under the previous tile's last products
             named_barrier(1 + wg, 128);
@@ -2896,7 +2905,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         auto start_next = [&] {
             if (i + 1 < mine.n) {
                 named_barrier(1 + lwg, 128);
-                copy_kv_tile(prm, G, lb, lhead, k_smem, v_smem, mine.at(i + 1) * kBN, ltid & 127);
+                copy_kv_tile(prm, G, lb, lhead, k_smem, v_smem, tile_key0(mine.at(i + 1)), ltid & 127);
             }
             next_started = true;
         };
@@ -2905,7 +2914,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         // < 64, one key each), a tile before on_last copies them (a chunk before until the eighth
         // run).
         if (i + 1 < mine.n && (tid & 127) < kBN) {
-            const int pf_key = mine.at(i + 1) * kBN + (tid & 127);
+            const int pf_key = tile_key0(mine.at(i + 1)) + (tid & 127);
             if (pf_key < G.lk) {
                 prefetch_l2(static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD +
                             static_cast<int64_t>(pf_key) * prm.k_row_stride);
@@ -2928,8 +2937,14 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         float dqt[16];
         int dq_pc = -1;
 
-        // A tile no position can see (none at ViT) stores zeros.
-        const ChunkMasks chunks{plan.live[kt], plan.partial[kt]};
+        // A tile no position can see (none at ViT) stores zeros. kBalanced: of a tile shared with
+        // another warpgroup, the chunks the plan gives this one.
+        uint32_t keep = ~0u;
+        if constexpr (kBalanced) {
+            if (i == 0) keep &= plan.keep_first[me];
+            if (i == mine.n - 1) keep &= plan.keep_last[me];
+        }
+        const ChunkMasks chunks{plan.live[kt] & keep, plan.partial[kt]};
         uint32_t rest = chunks.live;
         const int lt = t;  // (C++17 lambdas may not capture a structured binding)
         if (rest != 0) {
@@ -3015,10 +3030,38 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
             }
         }
         if (!next_started) start_next();
+        if constexpr (kBalanced) {
+            // A shared tile (balanced_notes): the warpgroup that starts with it leaves its part
+            // in the slot, the one that ends with it adds that part to its own and stores. The
+            // same thread of both holds the same (key, dim) elements.
+            // Thread i of a warpgroup writes its 16 float4 at i + 128 j: a warp's stores and loads
+            // are 512 contiguous bytes.
+            if (i == 0 && plan.hand_out[me] != 0) {
+                float4* h = s_hand + (tid & 127);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    h[128 * j] = make_float4(dk[j][0], dk[j][1], dk[j][2], dk[j][3]);
+                    h[128 * (8 + j)] = make_float4(dv[j][0], dv[j][1], dv[j][2], dv[j][3]);
+                }
+                named_barrier_arrive(8, 256);
+                continue;
+            }
+            if (i == mine.n - 1 && plan.hand_in[me] != 0) {
+                named_barrier(8, 256);
+                const float4* h = s_hand + (tid & 127);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float4 x = h[128 * j], y = h[128 * (8 + j)];
+                    dk[j][0] += x.x, dk[j][1] += x.y, dk[j][2] += x.z, dk[j][3] += x.w;
+                    dv[j][0] += y.x, dv[j][1] += y.y, dv[j][2] += y.z, dv[j][3] += y.w;
+                }
+            }
+        }
         bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
         bf16* dvg = static_cast<bf16*>(prm.dv) + b * prm.dv_batch_stride + head * kD;
-        store_frag_rows_paired(dk, prm.scale, prm.scale, dkg, prm.dk_row_stride, key_lo, key_hi, G.lk, t);
-        store_frag_rows_paired(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, G.lk, t);
+        const int key_end = tile_key_end(kt);
+        store_frag_rows_paired(dk, prm.scale, prm.scale, dkg, prm.dk_row_stride, key_lo, key_hi, key_end, t);
+        store_frag_rows_paired(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, key_end, t);
     }
     need_chunk(npc);  // barrier 4, for a warpgroup that has not needed the second half
     if constexpr (kFused) {
@@ -3051,10 +3094,38 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     bwd_dkdv_wgmma<true>(plan);
 }
 
+// balanced_notes: mapet_attention_bwd_dkdv_wgmma_balanced is the wgmma dK/dV kernel on a plan
+// that evens out its warpgroups' work. The default's CTA waits for its busiest warpgroup: at
+// ViT's N = 197, C = 50 the six 64-key tiles have 16, 9, 5, 11, 14 and 16 live chunks (71), dealt
+// whole as 25 / 21 / 25. The balanced plan (src/ops/attention.rs, balanced_runs, balanced_deal):
+//  - splits the keys into as many runs of at most 64 as the default has tiles, with the fewest
+//    live chunks over all such splits (67 at ViT: [0, 63), [63, 127), [127, 191), [191, 216),
+//    [216, 280), [280, 344), with 16, 9, 5, 9, 12 and 16). The kernel computes the 64 keys from a
+//    run's start and stores the run's; the keys past it are computed and dropped (no key's dK or
+//    dV depends on another's);
+//  - deals the runs to the warpgroups so that the busiest computes the fewest chunks, letting one
+//    run a CTA be shared by two warpgroups (23 / 21 / 23 at ViT, the 16-chunk run [280, 344)
+//    shared as 14 + 2). Of a shared run, one warpgroup computes its first chunks (those of the copy group
+//    that lands first) as its first tile, leaves its partial dK and dV (f32) in the hand-off slot
+//    and arrives at named barrier 8; the other computes the rest as its last tile, waits there,
+//    adds the partial and stores the run. No wait can close a cycle with barrier 4 (the second
+//    copy group, which every thread meets once): the handing warpgroup meets barrier 4 before it
+//    arrives at 8 only if its chunks reach the second group, and then so do the waiting one's
+//    (later chunks), which meets 4 in its tile loop, before its wait at 8.
+// dK and dV of a shared run are summed in another order than the default's (deterministic still).
+
 // The fused backward's one kernel (fused_dq_notes): grid (1, H, B); plan.dq_acc holds B * H * 64 *
 // (Lq rounded up to 64) floats; prm.delta is not read.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma_fused(const __grid_constant__ MapetAttentionDkdv plan) {
     dependent_launch_start();
     bwd_dkdv_wgmma<false, true>(plan);
+}
+
+// The balanced dK/dV kernel (balanced_notes): the wgmma dK/dV kernel's launch, with
+// MAPET_DKDV_HAND_SLOTS x MAPET_DKDV_HAND_SLOT_BYTES more dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
+    mapet_attention_bwd_dkdv_wgmma_balanced(const __grid_constant__ MapetAttentionDkdv plan) {
+    dependent_launch_start();
+    bwd_dkdv_wgmma<false, false, true>(plan);
 }

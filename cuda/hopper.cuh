@@ -447,6 +447,13 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrives at named barrier `id` over `threads` threads without waiting: the producer's half of a
+// hand-off whose consumers wait there with named_barrier. Its shared-memory writes before it are
+// visible to them once their wait returns.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // named_barrier for threads that reach it from different places in the program. bar.sync (and
 // __syncthreads) is the .aligned form, which promises that every thread runs the same barrier
 // instruction; barrier.sync without it does not.

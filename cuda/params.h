@@ -159,6 +159,19 @@ typedef struct MapetAttention {
 //                          (dims by positions in position order; positions = Lq rounded up to 64),
 //                          zeroed, added to and converted into dq by the pair's CTA; null for the
 //                          other dK/dV kernels.
+// Read by the balanced kernel alone (mapet_attention_bwd_dkdv_wgmma_balanced; the others take key
+// tile kt as keys [64 kt, 64 kt + 64), whole, and ignore these):
+//   tile_start[kt], tile_end[kt]  key tile kt's keys [tile_start, tile_end), at most 64 (the
+//                          kernel computes the 64 keys from tile_start and stores these); live and
+//                          partial are of these keys;
+//   keep_first[3 x + w], keep_last[3 x + w]  the chunks of its first (last) tile warpgroup w of
+//                          CTA x computes, ANDed with the tile's live chunks (all bits: every one);
+//   hand_out[3 x + w]      1 when its first tile is shared with the warpgroup that ends with it:
+//                          it leaves its partial dK and dV in the CTA's hand-off slot (and arrives
+//                          at named barrier 8) instead of storing them; else 0;
+//   hand_in[3 x + w]       1 when its last tile is shared so: after its own chunks it waits at
+//                          barrier 8, adds the slot's partial and stores; else 0. At most one tile
+//                          a CTA is shared.
 #define MAPET_DKDV_MAX_KEY_TILES 16
 #define MAPET_DKDV_MAX_CTAS 6
 typedef struct MapetAttentionDkdv {
@@ -168,7 +181,17 @@ typedef struct MapetAttentionDkdv {
     uint64_t deal[3 * MAPET_DKDV_MAX_CTAS];
     int32_t deal_count[3 * MAPET_DKDV_MAX_CTAS];
     float* dq_acc;
+    int32_t tile_start[MAPET_DKDV_MAX_KEY_TILES];
+    int32_t tile_end[MAPET_DKDV_MAX_KEY_TILES];
+    uint32_t keep_first[3 * MAPET_DKDV_MAX_CTAS];
+    uint32_t keep_last[3 * MAPET_DKDV_MAX_CTAS];
+    int32_t hand_out[3 * MAPET_DKDV_MAX_CTAS];
+    int32_t hand_in[3 * MAPET_DKDV_MAX_CTAS];
 } MapetAttentionDkdv;
+
+// The balanced dK/dV kernel's hand-off slot (hand_out, hand_in), after its other dynamic shared
+// memory: a warpgroup's dK and dV accumulators in f32 (128 threads x 64 floats).
+#define MAPET_DKDV_HAND_SLOT_BYTES 32768
 
 // ---------------------------------------------------------------- patch embedding (cuda/patch_embed.cu)
 // Pixels -> the rank-ordered first rows of both streams (layout as MapetAttention above).

@@ -203,7 +203,7 @@ done
 # call. The cross-entropy's default is always counted (its tests cover the variants too); its
 # sub-chunk passes need its tests, its chosen or self-tuned GEMMs the GEMM tests too.
 export OK_ATTENTION="resident wgmma" OK_PATCH="hwc hwc-ws" OK_CE="default"
-if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgmma wgmma-peek wgmma-persistent"
+if [ "${test_rc[attention_gpu]:-x}" = 0 ]; then OK_ATTENTION="tiled resident wgmma wgmma-peek wgmma-persistent wgmma-balanced"
 elif [ "$attention_without_wgmma_rc" = 0 ]; then OK_ATTENTION="tiled resident"
 elif [ -n "${test_rc[attention_gpu]:-}" ]; then OK_ATTENTION=""; fi
 if [ "${test_rc[patch_embed]:-x}" = 0 ]; then OK_PATCH="chw hwc hwc-ws hwc-ws-raw"
@@ -321,6 +321,7 @@ if [ "${MAPET_NCU:-0}" = "1" ]; then
     attn-dkdv-wgmma-peek:attention:mapet_attention_bwd_dkdv_wgmma_peek:attention/vit-b/wgmma-peek \
     attn-dkdv-wgmma-fused:attention:mapet_attention_bwd_dkdv_wgmma_fused:attention/vit-b/wgmma-fused \
     attn-fwd-wgmma-persistent:attention:mapet_attention_fwd_wgmma_persistent:attention/vit-b/wgmma-persistent \
+    attn-dkdv-wgmma-balanced:attention:mapet_attention_bwd_dkdv_wgmma_balanced:attention/vit-b/wgmma-balanced \
     attn-fwd-resident:attention:mapet_attention_fwd_resident:attention/vit-b/resident \
     attn-dq-resident:attention:mapet_attention_bwd_dq_resident:attention/vit-b/resident \
     attn-dkdv-resident:attention:mapet_attention_bwd_dkdv_resident:attention/vit-b/resident \

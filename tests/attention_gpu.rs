@@ -419,6 +419,34 @@ fn wgmma_persistent_forward_gives_the_wgmma_bits() {
     }
 }
 
+/// The `wgmma-balanced` dK/dV kernel on its plan's shared runs (src/ops/attention.rs,
+/// balanced_deal): one warpgroup computes a run's first chunks and hands its partial dK and dV
+/// through shared memory to the one that computes the rest and stores the run. Against the CPU
+/// reference, at ViT's sequence with two CTAs a pair (three runs a CTA, one shared) and with one
+/// (six runs, as at ViT-B: 23 / 21 / 23 chunks), and at a shape of eight runs; each shape must run
+/// the balanced kernel with a shared run. Its forward and dQ are `wgmma`'s: the same O, lse and dQ
+/// bits. Skips off compute capability 9.0.
+#[test]
+fn wgmma_balanced_backward_shares_runs_and_matches_cpu() {
+    let test = "wgmma_balanced_backward_shares_runs_and_matches_cpu";
+    let Some(gpu) = wgmma_sets_or_skip(test, AttentionKernels::WgmmaBalanced) else { return };
+    let mut rng = testing::rng(test);
+    // Enough pairs for one dK/dV CTA a pair (two waves of one CTA an SM).
+    let one_cta = |heads: usize| (2 * gpu.sm_count() as usize).div_ceil(heads);
+    for s in [shape(2, 3, 197, 50), shape(one_cta(12), 12, 197, 50), shape(one_cta(4), 4, 400, 345)] {
+        let kernel = attention::cuda_dkdv_kernel(&gpu, AttentionKernels::WgmmaBalanced, &s);
+        assert_eq!(kernel, Some(("mapet_attention_bwd_dkdv_wgmma_balanced", true)), "{s:?}: no shared run");
+        let c = draw(&mut rng, s);
+        check_pair(&gpu, AttentionKernels::Wgmma, AttentionKernels::WgmmaBalanced, &c);
+        let a = run_gpu_with(&gpu, AttentionKernels::Wgmma, AttentionKernels::Wgmma, &c);
+        let b = run_gpu_with(&gpu, AttentionKernels::Wgmma, AttentionKernels::WgmmaBalanced, &c);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (name, x, y) in [("O", &a.o, &b.o), ("lse", &a.lse, &b.lse), ("dQ", &a.dq, &b.dq)] {
+            assert!(bits(x) == bits(y), "{s:?}: {name} differs between wgmma and wgmma-balanced");
+        }
+    }
+}
+
 /// The GPU for a test that compares the `wgmma` set with `other` (a set of the same kernels
 /// but one), or `None` with the reason printed: no GPU, not compute capability 9.0 (both sets
 /// then run the resident kernels, and the comparison could not fail), or a set left out by

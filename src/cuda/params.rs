@@ -283,10 +283,16 @@ pub struct MapetAttentionDkdv {
     pub deal: [u64; 18usize],
     pub deal_count: [i32; 18usize],
     pub dq_acc: *mut f32,
+    pub tile_start: [i32; 16usize],
+    pub tile_end: [i32; 16usize],
+    pub keep_first: [u32; 18usize],
+    pub keep_last: [u32; 18usize],
+    pub hand_out: [i32; 18usize],
+    pub hand_in: [i32; 18usize],
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 584usize];
+    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 1000usize];
     ["Alignment of MapetAttentionDkdv"][::core::mem::align_of::<MapetAttentionDkdv>() - 8usize];
     ["Offset of field: MapetAttentionDkdv::a"][::core::mem::offset_of!(MapetAttentionDkdv, a) - 0usize];
     ["Offset of field: MapetAttentionDkdv::live"][::core::mem::offset_of!(MapetAttentionDkdv, live) - 232usize];
@@ -295,6 +301,15 @@ const _: () = {
     ["Offset of field: MapetAttentionDkdv::deal_count"]
         [::core::mem::offset_of!(MapetAttentionDkdv, deal_count) - 504usize];
     ["Offset of field: MapetAttentionDkdv::dq_acc"][::core::mem::offset_of!(MapetAttentionDkdv, dq_acc) - 576usize];
+    ["Offset of field: MapetAttentionDkdv::tile_start"]
+        [::core::mem::offset_of!(MapetAttentionDkdv, tile_start) - 584usize];
+    ["Offset of field: MapetAttentionDkdv::tile_end"][::core::mem::offset_of!(MapetAttentionDkdv, tile_end) - 648usize];
+    ["Offset of field: MapetAttentionDkdv::keep_first"]
+        [::core::mem::offset_of!(MapetAttentionDkdv, keep_first) - 712usize];
+    ["Offset of field: MapetAttentionDkdv::keep_last"]
+        [::core::mem::offset_of!(MapetAttentionDkdv, keep_last) - 784usize];
+    ["Offset of field: MapetAttentionDkdv::hand_out"][::core::mem::offset_of!(MapetAttentionDkdv, hand_out) - 856usize];
+    ["Offset of field: MapetAttentionDkdv::hand_in"][::core::mem::offset_of!(MapetAttentionDkdv, hand_in) - 928usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

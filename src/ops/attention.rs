@@ -39,7 +39,9 @@
 //! The CPU reference works one (sample, head) pair per rayon task on a contiguous copy of that
 //! head's rows, then writes the results into the interleaved outputs.
 
+use std::collections::HashMap;
 use std::ops::{Add, AddAssign, Div, Mul, Sub};
+use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -570,6 +572,10 @@ const CUDA_WG_DKDV_MAX_KEY_TILES: usize = 16;
 /// (`MAPET_DKDV_MAX_CTAS`): the launch gives a pair at most one CTA per 3 of its at most 16 key
 /// tiles (ctas_per_pair), so 6.
 const CUDA_WG_DKDV_MAX_CTAS: usize = 6;
+/// Bytes of the balanced dK/dV kernel's hand-off slot (`MAPET_DKDV_HAND_SLOT_BYTES`), through
+/// which the one tile a CTA may share between two warpgroups passes: a warpgroup's dK and dV
+/// accumulators of a 64-key tile in f32.
+const CUDA_DKDV_HAND_SLOT_BYTES: usize = 32 << 10;
 /// Threads per block of the Q/dO-resident dK/dV kernel (`MAPET_ATTN_RES_DKDV_THREADS`), one CTA
 /// per SM.
 const CUDA_RES_DKDV_THREADS: u32 = 384;
@@ -637,17 +643,30 @@ pub enum AttentionKernels {
     /// (Lk <= 384 on an H100/H200); elsewhere the `Wgmma` forward does. Experimental, written
     /// after the ninth run: unverified on GPU.
     WgmmaPersistent,
+    /// `Wgmma` with its dK/dV kernel on a plan that evens out the three warpgroups of a CTA
+    /// (`mapet_attention_bwd_dkdv_wgmma_balanced`; cuda/attention.cu, balanced_notes): the keys
+    /// split into runs of at most 64 with the fewest live chunks over all splits, and the runs
+    /// dealt to the warpgroups so that the busiest computes the fewest chunks, one run a CTA
+    /// shared by two warpgroups where that helps (their partial dK and dV added through shared
+    /// memory). At
+    /// ViT's N = 197, C = 50 the busiest warpgroup computes 23 chunks where `Wgmma`'s computes
+    /// 25, and the CTA waits for it. Deterministic; dK and dV of a shared run are summed in
+    /// another order than `Wgmma`'s, so their last bits may differ from it. Where its hand-off
+    /// slots do not fit, `Wgmma`'s dK/dV kernel runs. Experimental, written after the ninth run:
+    /// unverified on GPU.
+    WgmmaBalanced,
 }
 
 impl AttentionKernels {
     /// Every set, for tests and benches.
-    pub const ALL: [AttentionKernels; 6] = [
+    pub const ALL: [AttentionKernels; 7] = [
         AttentionKernels::Tiled,
         AttentionKernels::Resident,
         AttentionKernels::Wgmma,
         AttentionKernels::WgmmaPeek,
         AttentionKernels::WgmmaFused,
         AttentionKernels::WgmmaPersistent,
+        AttentionKernels::WgmmaBalanced,
     ];
 
     /// Whether its backward gives the same bits on every run (all but `WgmmaFused`, whose dQ
@@ -778,8 +797,9 @@ fn ctas_per_pair(shape: &AttentionShape, slots: usize, tiles: usize, per_cta: us
     (2 * slots).div_ceil(shape.batch * shape.heads).clamp(1, max_split) as u32
 }
 
-/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma|wgmma-peek|wgmma-fused` picks the kernels the CUDA
-/// backend passes to [`cuda_forward`] and [`cuda_backward`] (read once, when the backend is made).
+/// `MAPET_ATTENTION_KERNELS=tiled|resident|wgmma|wgmma-peek|wgmma-fused|wgmma-persistent|wgmma-balanced`
+/// picks the kernels the CUDA backend passes to [`cuda_forward`] and [`cuda_backward`] (read once,
+/// when the backend is made).
 impl KernelChoice for AttentionKernels {
     const VAR: &'static str = "MAPET_ATTENTION_KERNELS";
     const CHOICES: &'static [Self] = &AttentionKernels::ALL;
@@ -792,6 +812,7 @@ impl KernelChoice for AttentionKernels {
             AttentionKernels::WgmmaPeek => "wgmma-peek",
             AttentionKernels::WgmmaFused => "wgmma-fused",
             AttentionKernels::WgmmaPersistent => "wgmma-persistent",
+            AttentionKernels::WgmmaBalanced => "wgmma-balanced",
         }
     }
 }
@@ -815,6 +836,7 @@ impl AttentionKernels {
                 | AttentionKernels::WgmmaPeek
                 | AttentionKernels::WgmmaFused
                 | AttentionKernels::WgmmaPersistent
+                | AttentionKernels::WgmmaBalanced
         )
     }
 
@@ -949,24 +971,30 @@ fn classify(p: usize, lk: usize, amin: usize, amax: usize, k0: usize, k1: usize)
 /// when the 32-position chunk pc (positions in `row_at` order) has a visible pair with the tile's
 /// keys (live), and a hidden one as well (partial, masked per element).
 fn dkdv_chunk_masks(n: usize, c: usize) -> Vec<(u32, u32)> {
-    let p = n - c;
-    let (lq, lk) = (n + 2 * p, n + p);
+    let extrema = chunk_extrema(n, c);
+    let (p, lk) = (n - c, 2 * n - c);
+    (0..lk.div_ceil(64)).map(|kt| run_chunk_masks(p, lk, &extrema, 64 * kt, 64 * kt + 64)).collect()
+}
+
+/// The first-hidden extrema (first, last) of each 32-position chunk in `row_at` order
+/// (first_hidden is monotone along the order).
+fn chunk_extrema(n: usize, c: usize) -> Vec<(usize, usize)> {
+    let lq = 3 * n - 2 * c;
     let first_hidden = |row: usize| visible_bounds(n, c, row).0;
-    // First-hidden extrema of each chunk (first_hidden is monotone along the order).
-    let extrema: Vec<(usize, usize)> = (0..lq.div_ceil(32))
+    (0..lq.div_ceil(32))
         .map(|pc| (first_hidden(row_at(n, c, 32 * pc)), first_hidden(row_at(n, c, (32 * pc + 32).min(lq) - 1))))
-        .collect();
-    (0..lk.div_ceil(64))
-        .map(|kt| {
-            extrema.iter().enumerate().fold((0u32, 0u32), |(live, partial), (pc, &(amin, amax))| {
-                match classify(p, lk, amin, amax, 64 * kt, 64 * kt + 64) {
-                    0 => (live, partial),
-                    1 => (live | 1 << pc, partial),
-                    _ => (live | 1 << pc, partial | 1 << pc),
-                }
-            })
-        })
         .collect()
+}
+
+/// (live, partial) chunk masks of the keys [k0, k1) (`classify`; keys past Lk count as hidden).
+fn run_chunk_masks(p: usize, lk: usize, extrema: &[(usize, usize)], k0: usize, k1: usize) -> (u32, u32) {
+    extrema.iter().enumerate().fold((0u32, 0u32), |(live, partial), (pc, &(amin, amax))| {
+        match classify(p, lk, amin, amax, k0, k1) {
+            0 => (live, partial),
+            1 => (live | 1 << pc, partial),
+            _ => (live | 1 << pc, partial | 1 << pc),
+        }
+    })
 }
 
 /// The key tiles the three warpgroups of CTA `x` of `grid` CTAs a pair compute, in order: the
@@ -987,12 +1015,164 @@ fn dkdv_deal(live: &[u32], grid: usize, x: usize) -> [Vec<usize>; 3] {
     out
 }
 
+/// The balanced dK/dV kernel's key runs for N = `n`, C = `c` (cuda/attention.cu, balanced_notes):
+/// as many runs of 1 to 64 keys as the other kernels have 64-key tiles, covering [0, Lk) in order,
+/// with the fewest live chunks (`run_chunk_masks`) over all such splits (the shortest first run
+/// among equals). Worked out once for each (N, C) a process meets, by dynamic programming over
+/// the runs' ends.
+fn balanced_runs(n: usize, c: usize) -> Vec<(usize, usize)> {
+    type Runs = Mutex<HashMap<(usize, usize), Vec<(usize, usize)>>>;
+    static RUNS: OnceLock<Runs> = OnceLock::new();
+    let cache = RUNS.get_or_init(Default::default);
+    if let Some(runs) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&(n, c)) {
+        return runs.clone();
+    }
+    let (p, lk) = (n - c, 2 * n - c);
+    let tiles = lk.div_ceil(64);
+    let extrema = chunk_extrema(n, c);
+    // live[s][len - 1]: live chunks of the keys [s, s + len).
+    let live: Vec<Vec<u32>> = (0..lk)
+        .map(|s| (1..=64.min(lk - s)).map(|len| run_chunk_masks(p, lk, &extrema, s, s + len).0.count_ones()).collect())
+        .collect();
+    // fewest[t][s]: the fewest live chunks of t runs covering [s, Lk); end[t][s]: the first run's end.
+    let mut fewest = vec![vec![u32::MAX; lk + 1]; tiles + 1];
+    let mut end = vec![vec![0usize; lk + 1]; tiles + 1];
+    fewest[0][lk] = 0;
+    for t in 1..=tiles {
+        for s in (0..lk).rev() {
+            for e in s + 1..=(s + 64).min(lk) {
+                if fewest[t - 1][e] != u32::MAX && fewest[t - 1][e] + live[s][e - s - 1] < fewest[t][s] {
+                    (fewest[t][s], end[t][s]) = (fewest[t - 1][e] + live[s][e - s - 1], e);
+                }
+            }
+        }
+    }
+    let mut runs = Vec::with_capacity(tiles);
+    let mut s = 0;
+    for t in (1..=tiles).rev() {
+        runs.push((s, end[t][s]));
+        s = end[t][s];
+    }
+    cache.lock().unwrap_or_else(|e| e.into_inner()).insert((n, c), runs.clone());
+    runs
+}
+
+/// One warpgroup's share of a balanced plan (`balanced_deal`): its key tiles in order, the chunks
+/// of its first and last tile it computes (ANDed with the tile's live chunks), and whether its
+/// first tile's partial goes to the CTA's hand-off slot (it shares that tile with the warpgroup
+/// that ends with it) and whether its last tile takes the slot's partial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WarpgroupShare {
+    tiles: Vec<usize>,
+    keep_first: u32,
+    keep_last: u32,
+    hand_out: bool,
+    hand_in: bool,
+}
+
+impl WarpgroupShare {
+    fn whole(tiles: Vec<usize>) -> Self {
+        WarpgroupShare { tiles, keep_first: !0, keep_last: !0, hand_out: false, hand_in: false }
+    }
+}
+
+/// Most key tiles of a CTA `balanced_deal` searches every deal of (3^8 = 6561); with more it
+/// takes `dkdv_deal`'s. The balanced kernel's shared memory holds at most 8 at Lk < Lq <= 512.
+const BALANCED_DEAL_MAX_TILES: usize = 8;
+
+/// The balanced plan's deal of the key tiles of CTA `x` of `grid` (those kt with (kt / 3) % grid ==
+/// x) to its three warpgroups, from each tile's live chunk mask (cuda/attention.cu,
+/// balanced_notes). Over every deal of whole tiles, and for each, every move of part of one tile
+/// of its busiest warpgroup to another (as even as that tile allows), the one whose busiest
+/// warpgroup computes the fewest chunks; among equals, no shared tile, then the first found. The
+/// shared tile is its first warpgroup's last (its last chunks, computed last; that warpgroup takes
+/// the slot's partial) and the other's first (its first chunks, computed first and handed out).
+/// Where none beats `dkdv_deal`, that deal, whole.
+fn balanced_deal(live: &[u32], grid: usize, x: usize) -> [WarpgroupShare; 3] {
+    let counts: Vec<u32> = live.iter().map(|m| m.count_ones()).collect();
+    let whole = dkdv_deal(&counts, grid, x);
+    let whole_max = whole.iter().map(|t| t.iter().map(|&kt| counts[kt]).sum::<u32>()).max().unwrap_or(0);
+    let mine: Vec<usize> = (0..live.len()).filter(|kt| (kt / 3) % grid == x).collect();
+    if mine.len() > BALANCED_DEAL_MAX_TILES {
+        return whole.map(WarpgroupShare::whole);
+    }
+    // (busiest load, shared, deal: mine[i] to warpgroup deal[i], move: (i, to, chunks))
+    type Candidate = (u32, bool, Vec<usize>, Option<(usize, usize, u32)>);
+    let mut best: Option<Candidate> = None;
+    for code in 0..3usize.pow(mine.len() as u32) {
+        let deal: Vec<usize> = (0..mine.len()).map(|i| code / 3usize.pow(i as u32) % 3).collect();
+        let mut loads = [0u32; 3];
+        deal.iter().zip(&mine).for_each(|(&w, &kt)| loads[w] += counts[kt]);
+        let busiest = (0..3).fold(0, |m, w| if loads[w] > loads[m] { w } else { m });
+        let mut consider = |max: u32, mv: Option<(usize, usize, u32)>| {
+            if best.as_ref().is_none_or(|b| (max, mv.is_some()) < (b.0, b.1)) {
+                best = Some((max, mv.is_some(), deal.clone(), mv));
+            }
+        };
+        consider(loads[busiest], None);
+        for (i, &kt) in mine.iter().enumerate().filter(|&(i, _)| deal[i] == busiest) {
+            for to in (0..3).filter(|&w| w != busiest) {
+                if counts[kt] < 2 || loads[to] >= loads[busiest] {
+                    continue;
+                }
+                let moved = ((loads[busiest] - loads[to]) / 2).clamp(1, counts[kt] - 1);
+                let mut after = loads;
+                (after[busiest], after[to]) = (after[busiest] - moved, after[to] + moved);
+                consider(after.into_iter().max().unwrap_or(0), Some((i, to, moved)));
+            }
+        }
+    }
+    let Some((max, _, deal, mv)) = best.filter(|b| b.0 < whole_max) else {
+        return whole.map(WarpgroupShare::whole);
+    };
+    debug_assert!(max < whole_max);
+    // Each warpgroup's whole tiles, the most live chunks first (the lowest index among equals).
+    let mut out: [WarpgroupShare; 3] = std::array::from_fn(|w| {
+        let mut tiles: Vec<usize> = mine.iter().zip(&deal).filter(|&(_, &d)| d == w).map(|(&kt, _)| kt).collect();
+        tiles.sort_by_key(|&kt| (std::cmp::Reverse(counts[kt]), kt));
+        WarpgroupShare::whole(tiles)
+    });
+    if let Some((i, to, moved)) = mv {
+        let (kt, from) = (mine[i], deal[i]);
+        // The first `moved` chunks go to `to`, first; `from` keeps the rest, last.
+        let mut first = 0u32;
+        let mut left = live[kt];
+        for _ in 0..moved {
+            let low = left & left.wrapping_neg();
+            (first, left) = (first | low, left & !low);
+        }
+        let tiles = &mut out[from].tiles;
+        tiles.retain(|&t| t != kt);
+        tiles.push(kt);
+        (out[from].keep_last, out[from].hand_in) = (left, true);
+        out[to].tiles.insert(0, kt);
+        (out[to].keep_first, out[to].hand_out) = (first, true);
+    }
+    out
+}
+
 /// The wgmma dK/dV kernel's parameters for `grid` CTAs a pair: `p` and the plan the kernel reads
 /// (MapetAttentionDkdv in cuda/params.h): the chunk masks of every key tile and every warpgroup's
 /// key tiles. They depend on N, C and `grid` alone, and are worked out here once a launch, where
-/// every CTA used to work them out ahead of its first copies.
-fn dkdv_params(p: MapetAttention, shape: &AttentionShape, grid: usize) -> Result<MapetAttentionDkdv> {
-    let masks = dkdv_chunk_masks(shape.n_tokens, shape.n_context);
+/// every CTA used to work them out ahead of its first copies. `balanced`: the balanced kernel's
+/// plan (`balanced_runs`, `balanced_deal`); the second value then says whether a CTA shares a
+/// tile between two warpgroups (so that the kernel needs its hand-off slot).
+fn dkdv_params(
+    p: MapetAttention,
+    shape: &AttentionShape,
+    grid: usize,
+    balanced: bool,
+) -> Result<(MapetAttentionDkdv, bool)> {
+    let (n, c) = (shape.n_tokens, shape.n_context);
+    let lk = shape.k_rows();
+    let runs: Vec<(usize, usize)> =
+        if balanced { balanced_runs(n, c) } else { (0..lk).step_by(64).map(|k| (k, (k + 64).min(lk))).collect() };
+    let masks = if balanced {
+        let extrema = chunk_extrema(n, c);
+        runs.iter().map(|&(k0, k1)| run_chunk_masks(n - c, lk, &extrema, k0, k1)).collect()
+    } else {
+        dkdv_chunk_masks(n, c)
+    };
     // (The arrays' lengths are the header's: a mismatch does not compile.)
     let (tiles, deals) = (CUDA_WG_DKDV_MAX_KEY_TILES, 3 * CUDA_WG_DKDV_MAX_CTAS);
     let mut plan = MapetAttentionDkdv {
@@ -1002,7 +1182,14 @@ fn dkdv_params(p: MapetAttention, shape: &AttentionShape, grid: usize) -> Result
         deal: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         deal_count: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         dq_acc: std::ptr::null_mut(),
+        tile_start: [0; CUDA_WG_DKDV_MAX_KEY_TILES],
+        tile_end: [0; CUDA_WG_DKDV_MAX_KEY_TILES],
+        keep_first: [!0; 3 * CUDA_WG_DKDV_MAX_CTAS],
+        keep_last: [!0; 3 * CUDA_WG_DKDV_MAX_CTAS],
+        hand_out: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
+        hand_in: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
     };
+    debug_assert!(runs.len() == masks.len());
     if masks.len() > tiles || 3 * grid > deals {
         return Err(Error::Unsupported {
             what: "attention shape",
@@ -1013,17 +1200,29 @@ fn dkdv_params(p: MapetAttention, shape: &AttentionShape, grid: usize) -> Result
             ),
         });
     }
-    for (kt, &(live, partial)) in masks.iter().enumerate() {
+    for (kt, (&(live, partial), &(k0, k1))) in masks.iter().zip(&runs).enumerate() {
         (plan.live[kt], plan.partial[kt]) = (live, partial);
+        (plan.tile_start[kt], plan.tile_end[kt]) = (k0 as i32, k1 as i32);
     }
-    let counts: Vec<u32> = masks.iter().map(|m| m.0.count_ones()).collect();
+    let live: Vec<u32> = masks.iter().map(|m| m.0).collect();
+    let counts: Vec<u32> = live.iter().map(|m| m.count_ones()).collect();
+    let mut shared = false;
     for x in 0..grid {
-        for (w, tiles) in dkdv_deal(&counts, grid, x).iter().enumerate() {
-            plan.deal[3 * x + w] = tiles.iter().enumerate().map(|(i, &kt)| (kt as u64) << (4 * i)).sum();
-            plan.deal_count[3 * x + w] = tiles.len() as i32;
+        let shares = if balanced {
+            balanced_deal(&live, grid, x)
+        } else {
+            dkdv_deal(&counts, grid, x).map(WarpgroupShare::whole)
+        };
+        for (w, share) in shares.iter().enumerate() {
+            let at = 3 * x + w;
+            plan.deal[at] = share.tiles.iter().enumerate().map(|(i, &kt)| (kt as u64) << (4 * i)).sum();
+            plan.deal_count[at] = share.tiles.len() as i32;
+            (plan.keep_first[at], plan.keep_last[at]) = (share.keep_first, share.keep_last);
+            (plan.hand_out[at], plan.hand_in[at]) = (share.hand_out as i32, share.hand_in as i32);
+            shared |= share.hand_in;
         }
     }
-    Ok(plan)
+    Ok((plan, shared))
 }
 
 /// The `WgmmaFused` backward ([`AttentionKernels::WgmmaFused`]) on the launch `wgmma_dkdv_launch`
@@ -1031,7 +1230,7 @@ fn dkdv_params(p: MapetAttention, shape: &AttentionShape, grid: usize) -> Result
 fn fused_backward(gpu: &Gpu, shape: &AttentionShape, p: MapetAttention, launch: (u32, u32)) -> Result<()> {
     // The pair's dQ accumulator: 64 dims x its positions (whole 64-row tiles), f32.
     let acc = gpu.alloc::<f32>(shape.batch * shape.heads * 64 * shape.q_rows().div_ceil(64) * 64)?;
-    let mut plan = dkdv_params(p, shape, launch.0 as usize)?;
+    let (mut plan, _) = dkdv_params(p, shape, launch.0 as usize, false)?;
     plan.dq_acc = acc.f32_ptr();
     let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
     // SAFETY: as for the wgmma dK/dV kernel in cuda_backward, with one CTA a pair (launch.0 is 1
@@ -1055,6 +1254,46 @@ fn resident_grid((split, smem): (u32, u32), threads: u32, shape: &AttentionShape
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     }
+}
+
+/// The wgmma dK/dV kernel `cuda_backward` runs for `kernels` (after `split_backward`) at `shape`
+/// on a device of compute capability `cc` with `sm_count` SMs whose blocks may take `max_smem`
+/// bytes of shared memory: its name, launch (grid x, dynamic shared bytes), plan with `p`, and
+/// whether a CTA shares a key run between two warpgroups (the balanced plan); `None` where no
+/// wgmma dK/dV kernel runs. The balanced kernel's hand-off slot is added to the shared memory
+/// where a run is shared; where that does not fit, the wgmma kernel runs on its own plan.
+#[allow(clippy::type_complexity)]
+fn wgmma_dkdv(
+    (cc, sm_count, max_smem): ((u32, u32), u32, u32),
+    kernels: AttentionKernels,
+    shape: &AttentionShape,
+    p: MapetAttention,
+) -> Result<Option<(&'static str, (u32, u32), MapetAttentionDkdv, bool)>> {
+    let Some((grid_x, smem)) = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem) else { return Ok(None) };
+    if kernels == AttentionKernels::WgmmaBalanced {
+        let (plan, shared) = dkdv_params(p, shape, grid_x as usize, true)?;
+        let with_slot = smem + if shared { CUDA_DKDV_HAND_SLOT_BYTES as u32 } else { 0 };
+        if with_slot <= max_smem {
+            return Ok(Some(("mapet_attention_bwd_dkdv_wgmma_balanced", (grid_x, with_slot), plan, shared)));
+        }
+    }
+    let (plan, _) = dkdv_params(p, shape, grid_x as usize, false)?;
+    let name = match kernels {
+        AttentionKernels::WgmmaPeek => "mapet_attention_bwd_dkdv_wgmma_peek",
+        _ => "mapet_attention_bwd_dkdv_wgmma",
+    };
+    Ok(Some((name, (grid_x, smem), plan, false)))
+}
+
+/// The wgmma dK/dV kernel [`cuda_backward`] runs for `kernels` at `shape` on `gpu`, and whether
+/// its plan has a CTA share a key run between two warpgroups (the `WgmmaBalanced` set's hand-off
+/// through shared memory); `None` where another dK/dV kernel runs (another set, another compute
+/// capability, or too little shared memory) or the shape is refused. For a test to tell what it
+/// compared.
+pub fn cuda_dkdv_kernel(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) -> Option<(&'static str, bool)> {
+    let p = contiguous_params(shape);
+    let device = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
+    wgmma_dkdv(device, kernels.split_backward(), shape, p).ok().flatten().map(|(name, _, _, shared)| (name, shared))
 }
 
 /// Forward on the GPU: `o` (bf16) and `lse` (f32) from bf16 `q`, `k`, `v`, all contiguous as
@@ -1174,15 +1413,12 @@ pub fn cuda_backward(
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
     // has [B, H, N+2P] elements, all of which every dQ kernel writes (the same values).
     unsafe { gpu.launch_dependent("attention", kernel, cfg, &p)? };
-    if let Some(launch) = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem) {
-        let plan = dkdv_params(p, shape, launch.0 as usize)?;
+    if let Some((kernel, launch, plan, _)) = wgmma_dkdv((cc, sm_count, max_smem), kernels, shape, p)? {
         let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
         // SAFETY: as below; the plan's chunk masks and deal are those of this shape and grid
-        // (dkdv_params), and every key tile is dealt to exactly one warpgroup.
-        let kernel = match kernels {
-            AttentionKernels::WgmmaPeek => "mapet_attention_bwd_dkdv_wgmma_peek",
-            _ => "mapet_attention_bwd_dkdv_wgmma",
-        };
+        // (dkdv_params): every key is stored by exactly one warpgroup, every chunk of a shared
+        // tile computed by exactly one of its two, and the balanced kernel's hand-off slot, which
+        // a CTA with a shared tile uses, is in its dynamic shared memory.
         return unsafe { gpu.launch_dependent("attention", kernel, cfg, &plan) };
     }
     let (kernel, cfg) = match kernels.resident_dkdv_launch(shape, sm_count, max_smem) {
@@ -1512,7 +1748,8 @@ mod tests {
     #[test]
     fn wgmma_dkdv_plan_holds_the_masks_and_the_deal() {
         let s = shape(128, 12, 197, 50);
-        let plan = dkdv_params(contiguous_params(&s), &s, 2).unwrap();
+        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 2, false).unwrap();
+        assert!(!shared);
         let masks = dkdv_chunk_masks(197, 50);
         assert_eq!(&plan.live[..6], &masks.iter().map(|m| m.0).collect::<Vec<_>>()[..]);
         assert_eq!(&plan.partial[..6], &masks.iter().map(|m| m.1).collect::<Vec<_>>()[..]);
@@ -1526,14 +1763,15 @@ mod tests {
             }
         }
         assert!(plan.deal[6..].iter().all(|&d| d == 0) && plan.deal_count[6..].iter().all(|&n| n == 0));
-        let refused = dkdv_params(contiguous_params(&s), &s, 7).unwrap_err().to_string();
+        let refused = dkdv_params(contiguous_params(&s), &s, 7, false).unwrap_err().to_string();
         assert!(refused.contains("6 CTAs a pair"), "{refused}");
         for n in (2..1100).step_by(9) {
             for c in [1, n / 3, n - 1].into_iter().filter(|&c| c >= 1 && c < n) {
                 for batch in [1, 4, 128] {
                     let s = shape(batch, 1, n, c);
                     if let Some((grid, _)) = AttentionKernels::Wgmma.wgmma_dkdv_launch(&s, (9, 0), 132, 227 << 10) {
-                        dkdv_params(contiguous_params(&s), &s, grid as usize).unwrap();
+                        dkdv_params(contiguous_params(&s), &s, grid as usize, false).unwrap();
+                        dkdv_params(contiguous_params(&s), &s, grid as usize, true).unwrap();
                     }
                 }
             }
@@ -1578,6 +1816,160 @@ mod tests {
                 assert!(seen.iter().all(|&s| s == 1), "N {n} C {c} grid {grid}: tiles dealt {seen:?} times");
             }
         }
+    }
+
+    /// The balanced dK/dV kernel's plan (`dkdv_params` with `balanced`; cuda/attention.cu,
+    /// balanced_notes), as the kernel reads it, against SPEC.md's visibility: the runs cover the
+    /// keys in order, 1 to 64 each; a position chunk left out of a run's live chunks holds no
+    /// visible pair of its keys, one computed unmasked no hidden one; every live chunk of a run is
+    /// computed by exactly one warpgroup and the run stored by exactly one; at most one run a CTA
+    /// is shared, handed out as one warpgroup's first tile and taken in as another's last; the
+    /// busiest warpgroup never computes more chunks than `dkdv_deal`'s. At ViT's N = 197, C = 50
+    /// the runs, chunks and loads are those balanced_notes states.
+    #[test]
+    fn balanced_dkdv_plan_computes_every_chunk_once() {
+        let mut cases = spec_cases();
+        cases.extend([(257, 64), (300, 150), (145, 36), (200, 100), (170, 1)]);
+        for (n, c) in cases {
+            let (lk, lq) = (2 * n - c, 3 * n - 2 * c);
+            let s = shape(1, 1, n, c);
+            let max_grid = lk.div_ceil(64).div_ceil(3).min(CUDA_WG_DKDV_MAX_CTAS);
+            let counts: Vec<u32> = dkdv_chunk_masks(n, c).iter().map(|m| m.0.count_ones()).collect();
+            for grid in 1..=max_grid {
+                let at = format!("N {n} C {c} grid {grid}");
+                let (plan, shared) = dkdv_params(contiguous_params(&s), &s, grid, true).unwrap();
+                let tiles = lk.div_ceil(64);
+                let runs: Vec<(usize, usize)> =
+                    (0..tiles).map(|kt| (plan.tile_start[kt] as usize, plan.tile_end[kt] as usize)).collect();
+                assert_eq!(runs.first().map(|r| r.0), Some(0), "{at}");
+                assert_eq!(runs.last().map(|r| r.1), Some(lk), "{at}");
+                assert!(runs.windows(2).all(|w| w[0].1 == w[1].0), "{at}: runs {runs:?}");
+                assert!(runs.iter().all(|&(k0, k1)| k0 < k1 && k1 - k0 <= 64), "{at}: runs {runs:?}");
+                for (kt, &(k0, k1)) in runs.iter().enumerate() {
+                    let (live, partial) = (plan.live[kt], plan.partial[kt]);
+                    assert_eq!(partial & !live, 0, "{at} run {kt}");
+                    for pc in 0..lq.div_ceil(32) {
+                        let vis: Vec<bool> = (32 * pc..(32 * pc + 32).min(lq))
+                            .flat_map(|pos| (k0..k1).map(move |k| spec_visible(n, c, row_at(n, c, pos), k)))
+                            .collect();
+                        if live >> pc & 1 == 0 {
+                            assert!(!vis.iter().any(|&v| v), "{at} run {kt} chunk {pc}: left out, yet seen");
+                        } else if partial >> pc & 1 == 0 {
+                            assert!(vis.iter().all(|&v| v), "{at} run {kt} chunk {pc}: unmasked, yet hidden");
+                        }
+                    }
+                }
+                let mut any_shared = false;
+                for x in 0..grid {
+                    let mut computed = vec![0u32; tiles]; // chunks computed of each run, as a mask
+                    let (mut stored, mut outs, mut ins) = (vec![0; tiles], vec![], vec![]);
+                    let mut loads = [0u32; 3];
+                    for (w, load) in loads.iter_mut().enumerate() {
+                        let at = format!("{at} CTA {x} warpgroup {w}");
+                        let e = 3 * x + w;
+                        let n_tiles = plan.deal_count[e] as usize;
+                        for i in 0..n_tiles {
+                            let kt = (plan.deal[e] >> (4 * i) & 15) as usize;
+                            assert_eq!((kt / 3) % grid, x, "{at}: run {kt} of another CTA");
+                            let mut keep = !0u32;
+                            if i == 0 {
+                                keep &= plan.keep_first[e];
+                            }
+                            if i + 1 == n_tiles {
+                                keep &= plan.keep_last[e];
+                            }
+                            let mine = plan.live[kt] & keep;
+                            assert_eq!(computed[kt] & mine, 0, "{at}: run {kt} has chunks computed twice");
+                            computed[kt] |= mine;
+                            *load += mine.count_ones();
+                            if i == 0 && plan.hand_out[e] != 0 {
+                                outs.push((kt, w));
+                            } else {
+                                stored[kt] += 1;
+                            }
+                            if i + 1 == n_tiles && plan.hand_in[e] != 0 {
+                                ins.push((kt, w));
+                            }
+                        }
+                        if plan.hand_out[e] != 0 && plan.hand_in[e] != 0 {
+                            assert!(n_tiles >= 2, "{at}: hands out and takes in the same tile");
+                        }
+                    }
+                    for kt in (0..tiles).filter(|kt| (kt / 3) % grid == x) {
+                        assert_eq!(computed[kt], plan.live[kt], "{at} CTA {x}: run {kt}'s chunks");
+                        assert_eq!(stored[kt], 1, "{at} CTA {x}: run {kt} stored {} times", stored[kt]);
+                    }
+                    assert!(outs.len() <= 1 && outs.len() == ins.len(), "{at} CTA {x}: out {outs:?}, in {ins:?}");
+                    if let (Some(&(ko, wo)), Some(&(ki, wi))) = (outs.first(), ins.first()) {
+                        assert!(ko == ki && wo != wi, "{at} CTA {x}: out {outs:?}, in {ins:?}");
+                        any_shared = true;
+                    }
+                    let whole = dkdv_deal(&counts, grid, x).map(|t| t.iter().map(|&kt| counts[kt]).sum::<u32>());
+                    assert!(loads.iter().max() <= whole.iter().max(), "{at} CTA {x}: {loads:?} against {whole:?}");
+                }
+                assert_eq!(shared, any_shared, "{at}");
+            }
+        }
+        // ViT: the runs and loads of balanced_notes.
+        let s = shape(128, 12, 197, 50);
+        assert_eq!(balanced_runs(197, 50), [(0, 63), (63, 127), (127, 191), (191, 216), (216, 280), (280, 344)]);
+        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 1, true).unwrap();
+        assert_eq!(plan.live[..6].iter().map(|m| m.count_ones()).collect::<Vec<_>>(), [16, 9, 5, 9, 12, 16]);
+        let share = balanced_deal(&plan.live[..6], 1, 0);
+        let load = |w: usize| -> u32 {
+            let t = &share[w].tiles;
+            t.iter()
+                .enumerate()
+                .map(|(i, &kt)| {
+                    let first = if i == 0 { share[w].keep_first } else { !0 };
+                    let last = if i + 1 == t.len() { share[w].keep_last } else { !0 };
+                    (plan.live[kt] & first & last).count_ones()
+                })
+                .sum()
+        };
+        assert!(shared);
+        assert_eq!([load(0), load(1), load(2)].iter().max(), Some(&23), "{share:?}");
+    }
+
+    /// The balanced kernel's hand-off slot: the header's size, and the launch adds it to the wgmma
+    /// dK/dV kernel's shared memory only where a CTA shares a run; at ViT-B it fits an H100/H200.
+    #[test]
+    fn balanced_dkdv_hand_off_slot_is_the_headers() {
+        let header = std::fs::read_to_string(crate::testing::project_root().join("cuda/params.h")).unwrap();
+        let define = format!("#define MAPET_DKDV_HAND_SLOT_BYTES {CUDA_DKDV_HAND_SLOT_BYTES}");
+        assert!(header.lines().any(|l| l.trim() == define), "no `{define}` in cuda/params.h");
+        let b = AttentionKernels::WgmmaBalanced;
+        let s = shape(128, 12, 197, 50);
+        let (grid, smem) = b.wgmma_dkdv_launch(&s, (9, 0), 132, 227 << 10).unwrap();
+        assert_eq!((grid, smem), (1, 187_392));
+        assert!(smem as usize + CUDA_DKDV_HAND_SLOT_BYTES <= 227 << 10);
+        // The kernels and launches cuda_backward picks: ViT-B with a shared run and the slot;
+        // 8 runs (N = 400, C = 345: Lk 455, Lq 510) likewise; Lq 598 (N = 200, C = 1: 640
+        // positions) shares a run but leaves no room for the slot: the wgmma kernel on its own
+        // plan; Lq 600 (N = 300, C = 150) shares none: the balanced kernel with no slot; off
+        // Hopper, none.
+        let h200 = ((9, 0), 132, 227 << 10);
+        let pick = |s: &AttentionShape, device| {
+            let got = wgmma_dkdv(device, b, s, contiguous_params(s)).unwrap();
+            got.map(|(name, launch, plan, shared)| (name, launch, shared, plan.deal_count[..3].to_vec()))
+        };
+        let bal = "mapet_attention_bwd_dkdv_wgmma_balanced";
+        assert_eq!(pick(&s, h200), Some((bal, (1, 187_392 + 32_768), true, vec![3, 2, 2])));
+        let eight = shape(128, 4, 400, 345);
+        let got = pick(&eight, h200).unwrap();
+        assert_eq!((got.0, got.1, got.2), (bal, (1, 187_392 + 32_768), true), "{got:?}");
+        let wide = shape(128, 12, 200, 1);
+        assert!(dkdv_params(contiguous_params(&wide), &wide, 1, true).unwrap().1);
+        let plain = "mapet_attention_bwd_dkdv_wgmma";
+        assert_eq!(pick(&wide, h200).map(|g| (g.0, g.1, g.2)), Some((plain, (1, 221_696), false)));
+        let unshared = shape(128, 12, 300, 150);
+        assert_eq!(pick(&unshared, h200).map(|g| (g.0, g.1, g.2)), Some((bal, (1, 221_696), false)));
+        assert_eq!(pick(&s, ((8, 0), 108, 163 << 10)), None);
+        // Two runs of 6 live chunks (N = 65, C = 16): nothing to share, and no slot.
+        let s = shape(128, 12, 65, 16);
+        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 1, true).unwrap();
+        assert_eq!(plan.live[..2].iter().map(|m| m.count_ones()).collect::<Vec<_>>(), [6, 6]);
+        assert!(!shared);
     }
 
     #[test]
