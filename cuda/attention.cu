@@ -2477,6 +2477,8 @@ __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0
 template <bool kTail = false>
 __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)[4][4], bool partial, int key_lo,
                                                  int key_hi, const DkdvChunkStats& cs, const Geometry& G, float sl2) {
+    // kTail: whether the lane's two keys are past Lk, once a chunk.
+    const bool dead_lo = kTail && key_lo >= G.lk, dead_hi = kTail && key_hi >= G.lk;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const float2 lse2 = cs.lse2[j];
@@ -2485,7 +2487,14 @@ __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int key = e < 2 ? key_lo : key_hi;
-            const bool hid = partial && (in_window(key, (e & 1) ? a.y : a.x, G.p) || (kTail && key >= G.lk));
+            bool hid;
+            if constexpr (kTail) {
+                // Bitwise, not short-circuit: with || and && ptxas made every element a branch
+                // of its own (BSSY, BRA, BSYNC around its exponential), 16 a chunk.
+                hid = partial & (in_window(key, (e & 1) ? a.y : a.x, G.p) | (e < 2 ? dead_lo : dead_hi));
+            } else {
+                hid = partial && in_window(key, (e & 1) ? a.y : a.x, G.p);
+            }
             const float pv = hid ? 0.f : fast_exp2(fmaf(st[j][e], sl2, -((e & 1) ? lse2.y : lse2.x)));
             dpt[j][e] = pv * (dpt[j][e] - ((e & 1) ? delta.y : delta.x));
             st[j][e] = pv;

@@ -56,6 +56,27 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
     }
 }
 
+/// The wgmma kernels' elementwise step decides each element's mask by predicates and selects, not
+/// branches: a branch an element (`BSSY`, `BRA`, `BSYNC` around its exponential) costs three more
+/// instructions an element on the issue-bound path between the G1 and G2 waits. The fused dK/dV
+/// kernel's test of keys past Lk, written with `||` and `&&`, compiled to 16 such branches a chunk
+/// until `dkdv_chunk_grads` made it bitwise. This counts the `BSSY` between each G1 wait and the
+/// next wgmma wait or issue, which must be none.
+#[test]
+fn wgmma_elementwise_steps_do_not_branch() {
+    let Some(sass) = sass_or_skip("attention", "wgmma_elementwise_steps_do_not_branch") else { return };
+    for (kernel, _) in PIPELINES {
+        let counts = ops_after_g1_waits(sm90_kernel(sass, kernel), "BSSY");
+        eprintln!("{kernel}: convergence barriers (BSSY) after each G1 wait: {counts:?}");
+        assert!(!counts.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
+        assert!(
+            counts.iter().all(|&n| n == 0),
+            "{kernel}: branches in the elementwise step after the G1 wait ({counts:?}): a mask or test there is \
+             compiled as control flow (cuda/attention.cu, dkdv_chunk_grads)"
+        );
+    }
+}
+
 /// The dK/dV kernel loads each chunk's per-position stats (lse, delta, first hidden key) from
 /// shared memory when it issues the chunk's G1 (`load_dkdv_chunk_stats`), so that the elementwise
 /// step after the G1 wait starts on its exponentials at once. Loaded after the wait, their first
