@@ -2470,6 +2470,11 @@ __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0
 // the warpgroup's keys): st <- P^T, dpt <- dS^T.
 // Element e of n-chunk j is key key_lo (e < 2) or key_hi against position p0 + 8j + 2t + (e & 1),
 // whose stats are cs's. Positions past Lq have lse = +inf, so P = 0 there with no mask.
+// A PARTIAL chunk's hidden scores are first set to -inf, so that their P = 2^-inf is 0, behind a
+// branch on `partial`, which is the same in every thread of the warpgroup (a chunk's class): a
+// FULL chunk (24 of ViT's 71 a pair) then runs no test at all. Until then each element's test
+// and a select ran in every chunk, a third of the step's instructions an element. The same
+// values either way (2^-inf = +0, as the select's 0 was).
 // kTail (the fused kernel): keys past Lk are hidden too. Their K and V rows are zeros, so their
 // dK and dV rows (never stored) are all the other kernels get from them; the fused kernel's
 // dQ^T = K^T dS^T sums over keys, and 0 * dS is NaN where P = 2^-lse2 overflows (lse below about
@@ -2477,25 +2482,27 @@ __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0
 template <bool kTail = false>
 __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)[4][4], bool partial, int key_lo,
                                                  int key_hi, const DkdvChunkStats& cs, const Geometry& G, float sl2) {
-    // kTail: whether the lane's two keys are past Lk, once a chunk.
-    const bool dead_lo = kTail && key_lo >= G.lk, dead_hi = kTail && key_hi >= G.lk;
+    if (partial) {
+        // kTail: whether the lane's two keys are past Lk, once a chunk. The tests are bitwise:
+        // with || ptxas made every element a branch of its own (BSSY, BRA, BSYNC).
+        const bool dead_lo = kTail && key_lo >= G.lk, dead_hi = kTail && key_hi >= G.lk;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool hid = in_window(e < 2 ? key_lo : key_hi, (e & 1) ? cs.a[j].y : cs.a[j].x, G.p) |
+                                 (e < 2 ? dead_lo : dead_hi);
+                st[j][e] = hid ? -INFINITY : st[j][e];
+            }
+        }
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const float2 lse2 = cs.lse2[j];
         const float2 delta = cs.delta[j];
-        const int2 a = cs.a[j];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int key = e < 2 ? key_lo : key_hi;
-            bool hid;
-            if constexpr (kTail) {
-                // Bitwise, not short-circuit: with || and && ptxas made every element a branch
-                // of its own (BSSY, BRA, BSYNC around its exponential), 16 a chunk.
-                hid = partial & (in_window(key, (e & 1) ? a.y : a.x, G.p) | (e < 2 ? dead_lo : dead_hi));
-            } else {
-                hid = partial && in_window(key, (e & 1) ? a.y : a.x, G.p);
-            }
-            const float pv = hid ? 0.f : fast_exp2(fmaf(st[j][e], sl2, -((e & 1) ? lse2.y : lse2.x)));
+            const float pv = fast_exp2(fmaf(st[j][e], sl2, -((e & 1) ? lse2.y : lse2.x)));
             dpt[j][e] = pv * (dpt[j][e] - ((e & 1) ? delta.y : delta.x));
             st[j][e] = pv;
         }

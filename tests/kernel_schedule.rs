@@ -77,6 +77,48 @@ fn wgmma_elementwise_steps_do_not_branch() {
     }
 }
 
+/// The dK/dV kernels' elementwise step masks a PARTIAL chunk's hidden scores (`FSEL ..., -INF`) in a
+/// block of its own that a FULL chunk branches over, ahead of every exponential: at ViT-B a third
+/// of a pair's chunks are FULL and run none of the 16 tests and selects (`dkdv_chunk_grads`). This
+/// finds, after each G1 wait and before the next wgmma wait or issue, a branch, then the 16
+/// selects, then the 16 exponentials.
+#[test]
+fn wgmma_dkdv_full_chunks_skip_the_masks() {
+    let Some(sass) = sass_or_skip("attention", "wgmma_dkdv_full_chunks_skip_the_masks") else { return };
+    for (kernel, _) in PIPELINES.iter().filter(|(k, _)| k.contains("dkdv")) {
+        let ops: Vec<&str> = sm90_kernel(sass, kernel).lines().filter_map(instruction).collect();
+        let waits: Vec<usize> =
+            (0..ops.len()).filter(|&i| ops[i].starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1")).collect();
+        assert!(!waits.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
+        for w in waits {
+            let step: Vec<&str> = ops[w + 1..]
+                .iter()
+                .take_while(|op| !(op.starts_with("WARPGROUP.") || op.starts_with("HGMMA")))
+                .copied()
+                .collect();
+            let at =
+                |pred: &dyn Fn(&str) -> bool| -> Vec<usize> { (0..step.len()).filter(|&i| pred(step[i])).collect() };
+            let masks = at(&|op| op.starts_with("FSEL") && op.contains("-INF"));
+            let exps = at(&|op| op.starts_with("MUFU.EX2"));
+            let branch = at(&|op| op.contains("BRA "));
+            eprintln!(
+                "{kernel}: branch at {:?}, {} masks from {:?}, {} exponentials from {:?}",
+                branch.first(),
+                masks.len(),
+                masks.first(),
+                exps.len(),
+                exps.first()
+            );
+            assert_eq!(masks.len(), 16, "{kernel}: {} selects of -inf after the G1 wait, 16 expected", masks.len());
+            assert!(
+                branch.first() < masks.first() && masks.last() < exps.first() && exps.len() >= 16,
+                "{kernel}: the masks are not a block a FULL chunk branches over, ahead of the exponentials \
+                 (branch {branch:?}, masks {masks:?}, exponentials {exps:?}; cuda/attention.cu, dkdv_chunk_grads)"
+            );
+        }
+    }
+}
+
 /// The dK/dV kernel loads each chunk's per-position stats (lse, delta, first hidden key) from
 /// shared memory when it issues the chunk's G1 (`load_dkdv_chunk_stats`), so that the elementwise
 /// step after the G1 wait starts on its exponentials at once. Loaded after the wait, their first
