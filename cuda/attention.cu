@@ -2789,6 +2789,9 @@ __device__ __forceinline__ void convert_dq_acc(bf16* dqg, int64_t row_stride, co
 // ninth run, unverified on GPU): the plan's key tiles and shares of them (balanced_notes below).
 template <bool kPeek, bool kFused = false, bool kBalanced = false>
 __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
+    // The balanced plan's FULL chunks leave keys past a run's end unmasked, which only the fused
+    // kernel's dQ (a sum over keys) would take in.
+    static_assert(!(kFused && kBalanced), "the fused kernel takes aligned key tiles only");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const MapetAttention& prm = plan.a;

@@ -423,9 +423,10 @@ fn wgmma_persistent_forward_gives_the_wgmma_bits() {
 /// balanced_deal): one warpgroup computes a run's first chunks and hands its partial dK and dV
 /// through shared memory to the one that computes the rest and stores the run. Against the CPU
 /// reference, at ViT's sequence with two CTAs a pair (three runs a CTA, one shared) and with one
-/// (six runs, as at ViT-B: 23 / 21 / 23 chunks), and at a shape of eight runs; each shape must run
-/// the balanced kernel with a shared run. Its forward and dQ are `wgmma`'s: the same O, lse and dQ
-/// bits. Skips off compute capability 9.0.
+/// (six runs, as at ViT-B: 23 / 21 / 23 chunks), at C = 90 with two CTAs a pair (where the taking
+/// warpgroup has the shared run alone), and at a shape of eight runs; each shape must run the
+/// balanced kernel with a shared run. Its forward and dQ are `wgmma`'s (the set's make-up): the
+/// same O, lse and dQ bits. Skips off compute capability 9.0.
 #[test]
 fn wgmma_balanced_backward_shares_runs_and_matches_cpu() {
     let test = "wgmma_balanced_backward_shares_runs_and_matches_cpu";
@@ -433,7 +434,9 @@ fn wgmma_balanced_backward_shares_runs_and_matches_cpu() {
     let mut rng = testing::rng(test);
     // Enough pairs for one dK/dV CTA a pair (two waves of one CTA an SM).
     let one_cta = |heads: usize| (2 * gpu.sm_count() as usize).div_ceil(heads);
-    for s in [shape(2, 3, 197, 50), shape(one_cta(12), 12, 197, 50), shape(one_cta(4), 4, 400, 345)] {
+    let shapes =
+        [shape(2, 3, 197, 50), shape(one_cta(12), 12, 197, 50), shape(2, 3, 197, 90), shape(one_cta(4), 4, 400, 345)];
+    for s in shapes {
         let kernel = attention::cuda_dkdv_kernel(&gpu, AttentionKernels::WgmmaBalanced, &s);
         assert_eq!(kernel, Some(("mapet_attention_bwd_dkdv_wgmma_balanced", true)), "{s:?}: no shared run");
         let c = draw(&mut rng, s);

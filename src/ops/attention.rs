@@ -41,7 +41,7 @@
 
 use std::collections::HashMap;
 use std::ops::{Add, AddAssign, Div, Mul, Sub};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -1018,15 +1018,8 @@ fn dkdv_deal(live: &[u32], grid: usize, x: usize) -> [Vec<usize>; 3] {
 /// The balanced dK/dV kernel's key runs for N = `n`, C = `c` (cuda/attention.cu, balanced_notes):
 /// as many runs of 1 to 64 keys as the other kernels have 64-key tiles, covering [0, Lk) in order,
 /// with the fewest live chunks (`run_chunk_masks`) over all such splits (the shortest first run
-/// among equals). Worked out once for each (N, C) a process meets, by dynamic programming over
-/// the runs' ends.
+/// among equals), by dynamic programming over the runs' ends.
 fn balanced_runs(n: usize, c: usize) -> Vec<(usize, usize)> {
-    type Runs = Mutex<HashMap<(usize, usize), Vec<(usize, usize)>>>;
-    static RUNS: OnceLock<Runs> = OnceLock::new();
-    let cache = RUNS.get_or_init(Default::default);
-    if let Some(runs) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&(n, c)) {
-        return runs.clone();
-    }
     let (p, lk) = (n - c, 2 * n - c);
     let tiles = lk.div_ceil(64);
     let extrema = chunk_extrema(n, c);
@@ -1053,7 +1046,6 @@ fn balanced_runs(n: usize, c: usize) -> Vec<(usize, usize)> {
         runs.push((s, end[t][s]));
         s = end[t][s];
     }
-    cache.lock().unwrap_or_else(|e| e.into_inner()).insert((n, c), runs.clone());
     runs
 }
 
@@ -1164,17 +1156,19 @@ fn dkdv_params(
     balanced: bool,
 ) -> Result<(MapetAttentionDkdv, bool)> {
     let (n, c) = (shape.n_tokens, shape.n_context);
-    let lk = shape.k_rows();
-    let runs: Vec<(usize, usize)> =
-        if balanced { balanced_runs(n, c) } else { (0..lk).step_by(64).map(|k| (k, (k + 64).min(lk))).collect() };
-    let masks = if balanced {
-        let extrema = chunk_extrema(n, c);
-        runs.iter().map(|&(k0, k1)| run_chunk_masks(n - c, lk, &extrema, k0, k1)).collect()
-    } else {
-        dkdv_chunk_masks(n, c)
-    };
     // (The arrays' lengths are the header's: a mismatch does not compile.)
     let (tiles, deals) = (CUDA_WG_DKDV_MAX_KEY_TILES, 3 * CUDA_WG_DKDV_MAX_CTAS);
+    if shape.k_rows().div_ceil(64) > tiles || 3 * grid > deals {
+        return Err(Error::Unsupported {
+            what: "attention shape",
+            detail: format!(
+                "the wgmma dK/dV kernel's plan holds {tiles} key tiles and {CUDA_WG_DKDV_MAX_CTAS} CTAs a pair, not {} \
+                 and {grid}",
+                shape.k_rows().div_ceil(64)
+            ),
+        });
+    }
+    let tiling = if balanced { balanced_tiling(n, c, grid) } else { Arc::new(DkdvTiling::aligned(n, c, grid)) };
     let mut plan = MapetAttentionDkdv {
         a: p,
         live: [0; CUDA_WG_DKDV_MAX_KEY_TILES],
@@ -1189,30 +1183,12 @@ fn dkdv_params(
         hand_out: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         hand_in: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
     };
-    debug_assert!(runs.len() == masks.len());
-    if masks.len() > tiles || 3 * grid > deals {
-        return Err(Error::Unsupported {
-            what: "attention shape",
-            detail: format!(
-                "the wgmma dK/dV kernel's plan holds {tiles} key tiles and {CUDA_WG_DKDV_MAX_CTAS} CTAs a pair, not {} \
-                 and {grid}",
-                masks.len()
-            ),
-        });
-    }
-    for (kt, (&(live, partial), &(k0, k1))) in masks.iter().zip(&runs).enumerate() {
+    for (kt, (&(live, partial), &(k0, k1))) in tiling.masks.iter().zip(&tiling.runs).enumerate() {
         (plan.live[kt], plan.partial[kt]) = (live, partial);
         (plan.tile_start[kt], plan.tile_end[kt]) = (k0 as i32, k1 as i32);
     }
-    let live: Vec<u32> = masks.iter().map(|m| m.0).collect();
-    let counts: Vec<u32> = live.iter().map(|m| m.count_ones()).collect();
     let mut shared = false;
-    for x in 0..grid {
-        let shares = if balanced {
-            balanced_deal(&live, grid, x)
-        } else {
-            dkdv_deal(&counts, grid, x).map(WarpgroupShare::whole)
-        };
+    for (x, shares) in tiling.shares.iter().enumerate() {
         for (w, share) in shares.iter().enumerate() {
             let at = 3 * x + w;
             plan.deal[at] = share.tiles.iter().enumerate().map(|(i, &kt)| (kt as u64) << (4 * i)).sum();
@@ -1223,6 +1199,51 @@ fn dkdv_params(
         }
     }
     Ok((plan, shared))
+}
+
+/// A dK/dV plan's tiling for (N, C, CTAs a pair): the key runs, their (live, partial) chunk masks,
+/// and each CTA's warpgroups' shares.
+#[derive(Debug)]
+struct DkdvTiling {
+    runs: Vec<(usize, usize)>,
+    masks: Vec<(u32, u32)>,
+    shares: Vec<[WarpgroupShare; 3]>,
+}
+
+impl DkdvTiling {
+    /// The wgmma dK/dV kernel's: 64-key tiles from 0 (`dkdv_chunk_masks`), dealt whole
+    /// (`dkdv_deal`).
+    fn aligned(n: usize, c: usize, grid: usize) -> Self {
+        let lk = 2 * n - c;
+        let masks = dkdv_chunk_masks(n, c);
+        let counts: Vec<u32> = masks.iter().map(|m| m.0.count_ones()).collect();
+        DkdvTiling {
+            runs: (0..lk).step_by(64).map(|k| (k, (k + 64).min(lk))).collect(),
+            shares: (0..grid).map(|x| dkdv_deal(&counts, grid, x).map(WarpgroupShare::whole)).collect(),
+            masks,
+        }
+    }
+}
+
+/// The balanced kernel's tiling (`balanced_runs`, `balanced_deal`), worked out once for each
+/// (N, C, CTAs a pair) a process meets: about 50 us at ViT's, up to a millisecond at eight runs,
+/// where the aligned one takes well under a microsecond.
+fn balanced_tiling(n: usize, c: usize, grid: usize) -> Arc<DkdvTiling> {
+    type Tilings = Mutex<HashMap<(usize, usize, usize), Arc<DkdvTiling>>>;
+    static TILINGS: OnceLock<Tilings> = OnceLock::new();
+    let cache = TILINGS.get_or_init(Default::default);
+    if let Some(t) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&(n, c, grid)) {
+        return Arc::clone(t);
+    }
+    let (p, lk) = (n - c, 2 * n - c);
+    let runs = balanced_runs(n, c);
+    let extrema = chunk_extrema(n, c);
+    let masks: Vec<(u32, u32)> = runs.iter().map(|&(k0, k1)| run_chunk_masks(p, lk, &extrema, k0, k1)).collect();
+    let live: Vec<u32> = masks.iter().map(|m| m.0).collect();
+    let shares = (0..grid).map(|x| balanced_deal(&live, grid, x)).collect();
+    let tiling = Arc::new(DkdvTiling { runs, masks, shares });
+    cache.lock().unwrap_or_else(|e| e.into_inner()).insert((n, c, grid), Arc::clone(&tiling));
+    tiling
 }
 
 /// The `WgmmaFused` backward ([`AttentionKernels::WgmmaFused`]) on the launch `wgmma_dkdv_launch`
@@ -1883,12 +1904,12 @@ mod tests {
                             computed[kt] |= mine;
                             *load += mine.count_ones();
                             if i == 0 && plan.hand_out[e] != 0 {
-                                outs.push((kt, w));
+                                outs.push((kt, w, mine));
                             } else {
                                 stored[kt] += 1;
                             }
                             if i + 1 == n_tiles && plan.hand_in[e] != 0 {
-                                ins.push((kt, w));
+                                ins.push((kt, w, mine));
                             }
                         }
                         if plan.hand_out[e] != 0 && plan.hand_in[e] != 0 {
@@ -1900,8 +1921,13 @@ mod tests {
                         assert_eq!(stored[kt], 1, "{at} CTA {x}: run {kt} stored {} times", stored[kt]);
                     }
                     assert!(outs.len() <= 1 && outs.len() == ins.len(), "{at} CTA {x}: out {outs:?}, in {ins:?}");
-                    if let (Some(&(ko, wo)), Some(&(ki, wi))) = (outs.first(), ins.first()) {
+                    if let (Some(&(ko, wo, mo)), Some(&(ki, wi, mi))) = (outs.first(), ins.first()) {
                         assert!(ko == ki && wo != wi, "{at} CTA {x}: out {outs:?}, in {ins:?}");
+                        // The handing warpgroup's chunks all come before the taking one's: it
+                        // meets barrier 4 (the second copy group) ahead of its hand-off only
+                        // if the taker meets it ahead of its wait (balanced_notes).
+                        assert!(mo != 0 && mi != 0, "{at} CTA {x}: an empty share of run {ko}");
+                        assert!(31 - mo.leading_zeros() < mi.trailing_zeros(), "{at} CTA {x}: {mo:b} vs {mi:b}");
                         any_shared = true;
                     }
                     let whole = dkdv_deal(&counts, grid, x).map(|t| t.iter().map(|&kt| counts[kt]).sum::<u32>());
