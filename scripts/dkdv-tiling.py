@@ -14,7 +14,9 @@ Prints the chunks each kernel computes (the forward and dQ: 64-row tiles x 32-ke
 64 computes (dynamic programming), and the smallest load of the busiest of the three dK/dV
 warpgroups over every deal of the tiles and every split whose run ends fall on multiples of STEP
 keys. At ViT's size: a second with STEP 4, about ten minutes with STEP 1; both give 25, the
-busiest warpgroup's load now (the deal's 25 / 21 / 25).
+busiest warpgroup's load now (the deal's 25 / 21 / 25). Last, the `wgmma-balanced` plan's
+busiest warpgroup (src/ops/attention.rs, balanced_deal): the fewest-chunk runs, with part of one
+run of the busiest warpgroup moved to another (23 at ViT).
 """
 import functools
 import itertools
@@ -107,6 +109,30 @@ def main():
     splits(0, tiles, [])
     print(f"busiest warpgroup, best split with run ends at multiples of {step}: {best[0]} "
           f"(runs {best[1]}, live chunks {best[2]})")
+
+    def one_move(costs):
+        """The busiest of 3 warpgroups over every deal, with part of one tile of the busiest moved
+        to another warpgroup (as evenly as that tile allows), as balanced_deal searches."""
+        best_ = math.inf
+        for deal in itertools.product(range(3), repeat=len(costs)):
+            loads = [0, 0, 0]
+            for cost_, w in zip(costs, deal):
+                loads[w] += cost_
+            m = max(range(3), key=lambda w: (loads[w], -w))
+            best_ = min(best_, loads[m])
+            for cost_, w in zip(costs, deal):
+                for to in range(3):
+                    if w != m or to == m or cost_ < 2 or loads[to] >= loads[m]:
+                        continue
+                    moved = min(max((loads[m] - loads[to]) // 2, 1), cost_ - 1)
+                    after = list(loads)
+                    after[m] -= moved
+                    after[to] += moved
+                    best_ = min(best_, max(after))
+        return best_
+
+    fewest_costs = [live(x, y) for x, y in runs]
+    print(f"busiest warpgroup, wgmma-balanced (those runs, part of one moved): {one_move(fewest_costs)}")
 
 
 if __name__ == "__main__":
