@@ -2474,7 +2474,8 @@ __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0
 // branch on `partial`, which is the same in every thread of the warpgroup (a chunk's class): a
 // FULL chunk (24 of ViT's 71 a pair) then runs no test at all. Until then each element's test
 // and a select ran in every chunk, a third of the step's instructions an element. The same
-// values either way (2^-inf = +0, as the select's 0 was).
+// bits either way wherever a position's lse is finite (every real row: it sees N >= 1 keys) or
+// +inf (past Lq): 2^(-inf * sl2 - lse2) = +0, as the select's 0 was.
 // kTail (the fused kernel): keys past Lk are hidden too. Their K and V rows are zeros, so their
 // dK and dV rows (never stored) are all the other kernels get from them; the fused kernel's
 // dQ^T = K^T dS^T sums over keys, and 0 * dS is NaN where P = 2^-lse2 overflows (lse below about

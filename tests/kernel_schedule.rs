@@ -57,16 +57,19 @@ fn wgmma_pipelines_overlap_elementwise_work_with_the_tensor_cores() {
 }
 
 /// The wgmma kernels' elementwise step decides each element's mask by predicates and selects, not
-/// branches: a branch an element (`BSSY`, `BRA`, `BSYNC` around its exponential) costs three more
-/// instructions an element on the issue-bound path between the G1 and G2 waits. The fused dK/dV
-/// kernel's test of keys past Lk, written with `||` and `&&`, compiled to 16 such branches a chunk
-/// until `dkdv_chunk_grads` made it bitwise. This counts the `BSSY` between each G1 wait and the
-/// next wgmma wait or issue, which must be none.
+/// by a branch an element (`BSSY`, `BRA`, `BSYNC` around its exponential: three more instructions
+/// an element on the issue-bound path between the G1 and G2 waits). The fused dK/dV kernel's
+/// test of keys past Lk, written with `||` and `&&`, compiled to 15 such branches a chunk until
+/// `dkdv_chunk_grads` made it bitwise. This counts the `BSSY` between each G1 wait and the next
+/// wgmma wait or issue, which must be none; and in the dK/dV kernels, whose step has only the
+/// warp-uniform branches over the masks and out of the loop, at most 3 `BRA` (33 in the fused
+/// kernel before).
 #[test]
 fn wgmma_elementwise_steps_do_not_branch() {
     let Some(sass) = sass_or_skip("attention", "wgmma_elementwise_steps_do_not_branch") else { return };
     for (kernel, _) in PIPELINES {
-        let counts = ops_after_g1_waits(sm90_kernel(sass, kernel), "BSSY");
+        let body = sm90_kernel(sass, kernel);
+        let counts = ops_after_g1_waits(body, "BSSY");
         eprintln!("{kernel}: convergence barriers (BSSY) after each G1 wait: {counts:?}");
         assert!(!counts.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
         assert!(
@@ -74,46 +77,67 @@ fn wgmma_elementwise_steps_do_not_branch() {
             "{kernel}: branches in the elementwise step after the G1 wait ({counts:?}): a mask or test there is \
              compiled as control flow (cuda/attention.cu, dkdv_chunk_grads)"
         );
+        if kernel.contains("dkdv") {
+            let branches = ops_after_g1_waits(body, "BRA");
+            eprintln!("{kernel}: branches after each G1 wait: {branches:?}");
+            assert!(
+                branches.iter().all(|&n| n <= 3),
+                "{kernel}: {branches:?} branches in the elementwise step after the G1 wait, at most 3 expected \
+                 (cuda/attention.cu, dkdv_chunk_grads)"
+            );
+        }
     }
 }
 
 /// The dK/dV kernels' elementwise step masks a PARTIAL chunk's hidden scores (`FSEL ..., -INF`) in a
 /// block of its own that a FULL chunk branches over, ahead of every exponential: at ViT-B a third
 /// of a pair's chunks are FULL and run none of the 16 tests and selects (`dkdv_chunk_grads`). This
-/// finds, after each G1 wait and before the next wgmma wait or issue, a branch, then the 16
-/// selects, then the 16 exponentials.
+/// finds, after each G1 wait and before the next wgmma wait or issue, the 16 selects, then the 16
+/// exponentials, and ahead of the selects a branch whose target lies past the last select and no
+/// further than the first exponential: the jump a FULL chunk takes over them. (If ptxas turned the
+/// block into predicated selects, there would be no such branch.)
 #[test]
 fn wgmma_dkdv_full_chunks_skip_the_masks() {
     let Some(sass) = sass_or_skip("attention", "wgmma_dkdv_full_chunks_skip_the_masks") else { return };
     for (kernel, _) in PIPELINES.iter().filter(|(k, _)| k.contains("dkdv")) {
-        let ops: Vec<&str> = sm90_kernel(sass, kernel).lines().filter_map(instruction).collect();
+        // (address, instruction) of every instruction of the kernel.
+        let ops: Vec<(u64, &str)> = sm90_kernel(sass, kernel)
+            .lines()
+            .filter_map(|l| {
+                let addr = l.trim_start().strip_prefix("/*")?.split_once("*/")?.0;
+                Some((u64::from_str_radix(addr, 16).ok()?, instruction(l)?))
+            })
+            .collect();
         let waits: Vec<usize> =
-            (0..ops.len()).filter(|&i| ops[i].starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1")).collect();
+            (0..ops.len()).filter(|&i| ops[i].1.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1")).collect();
         assert!(!waits.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
         for w in waits {
-            let step: Vec<&str> = ops[w + 1..]
+            let step: Vec<(u64, &str)> = ops[w + 1..]
                 .iter()
-                .take_while(|op| !(op.starts_with("WARPGROUP.") || op.starts_with("HGMMA")))
+                .take_while(|(_, op)| !(op.starts_with("WARPGROUP.") || op.starts_with("HGMMA")))
                 .copied()
                 .collect();
-            let at =
-                |pred: &dyn Fn(&str) -> bool| -> Vec<usize> { (0..step.len()).filter(|&i| pred(step[i])).collect() };
-            let masks = at(&|op| op.starts_with("FSEL") && op.contains("-INF"));
-            let exps = at(&|op| op.starts_with("MUFU.EX2"));
-            let branch = at(&|op| op.contains("BRA "));
-            eprintln!(
-                "{kernel}: branch at {:?}, {} masks from {:?}, {} exponentials from {:?}",
-                branch.first(),
-                masks.len(),
-                masks.first(),
-                exps.len(),
-                exps.first()
-            );
+            let addrs = |pred: &dyn Fn(&str) -> bool| -> Vec<u64> {
+                step.iter().filter(|(_, op)| pred(op)).map(|&(a, _)| a).collect()
+            };
+            let masks = addrs(&|op| op.starts_with("FSEL") && op.contains("-INF"));
+            let exps = addrs(&|op| op.starts_with("MUFU.EX2"));
             assert_eq!(masks.len(), 16, "{kernel}: {} selects of -inf after the G1 wait, 16 expected", masks.len());
+            assert!(exps.len() >= 16 && masks[15] < exps[0], "{kernel}: an exponential ahead of the last mask");
+            // The first branch of the step, and where it goes.
+            let branch = step.iter().find(|(_, op)| op.starts_with("BRA "));
+            let target = branch.and_then(|(_, op)| u64::from_str_radix(op.rsplit("0x").next()?.trim(), 16).ok());
+            eprintln!(
+                "{kernel}: branch {branch:?} to {target:x?}, masks {:x}..{:x}, first exponential {:x}",
+                masks[0], masks[15], exps[0]
+            );
             assert!(
-                branch.first() < masks.first() && masks.last() < exps.first() && exps.len() >= 16,
-                "{kernel}: the masks are not a block a FULL chunk branches over, ahead of the exponentials \
-                 (branch {branch:?}, masks {masks:?}, exponentials {exps:?}; cuda/attention.cu, dkdv_chunk_grads)"
+                branch.is_some_and(|&(a, _)| a < masks[0]) && target.is_some_and(|t| masks[15] < t && t <= exps[0]),
+                "{kernel}: no branch over the masks to the exponentials (branch {branch:?} to {target:x?}, masks \
+                 {:x}..{:x}, first exponential {:x}): FULL chunks run the masks (cuda/attention.cu, dkdv_chunk_grads)",
+                masks[0],
+                masks[15],
+                exps[0]
             );
         }
     }
