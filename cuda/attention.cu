@@ -2704,6 +2704,11 @@ namespace {
 // chunk for P^T and dS^T with two warpgroup barriers, 16 registers held from one G2 to the next,
 // the reductions (about 0.9 GB at ViT-B, what mapet_hopper_dq_reduce measures alone), and the
 // next key tile's K and V copied only after the tile's last G2 (which now reads K).
+// Its deal is the balanced kernel's on the 64-key tiles (balanced_notes: one tile a CTA may be
+// shared by two warpgroups; at ViT 24 / 23 / 24 chunks where whole tiles give 25 / 21 / 25). Its
+// key runs stay the 64-key tiles, since its dQ sums over keys and a FULL chunk masks none; the
+// hand-off slot is the pair's in global memory (plan.hand: its shared memory has no 32 KB left),
+// whose lines the taking warpgroup drops from L2 once read.
 // Experimental, unverified on GPU.
 
 constexpr int kPosTileBytes = 32 * 128;  // a [32 positions x 64 keys] bf16 tile (P^T's, dS^T's)
@@ -2790,9 +2795,6 @@ __device__ __forceinline__ void convert_dq_acc(bf16* dqg, int64_t row_stride, co
 // ninth run, unverified on GPU): the plan's key tiles and shares of them (balanced_notes below).
 template <bool kPeek, bool kFused = false, bool kBalanced = false>
 __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
-    // The balanced plan's FULL chunks leave keys past a run's end unmasked, which only the fused
-    // kernel's dQ (a sum over keys) would take in.
-    static_assert(!(kFused && kBalanced), "the fused kernel takes aligned key tiles only");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const MapetAttention& prm = plan.a;
@@ -2818,8 +2820,11 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
     float* s_delta = s_lse2 + lqp;
     int* s_a = reinterpret_cast<int*>(s_delta + lqp);
     // kBalanced: the hand-off slot (a warpgroup's dK and dV in f32, MAPET_DKDV_HAND_SLOT_BYTES),
-    // after the stats: 16-byte aligned, as 12 lqp bytes are.
-    float4* s_hand = reinterpret_cast<float4*>(s_a + lqp);
+    // after the stats (16-byte aligned, as 12 lqp bytes are); the fused kernel's, whose shared
+    // memory has no room for it, the pair's in global memory (plan.hand; one CTA a pair).
+    float4* const hand = kFused ? reinterpret_cast<float4*>(plan.hand) +
+                                      (static_cast<int64_t>(b) * prm.heads + head) * (MAPET_DKDV_HAND_SLOT_BYTES / 16)
+                                : reinterpret_cast<float4*>(s_a + lqp);
     if (nkt > kDkdvMaxKeyTiles || static_cast<int>(gridDim.x) > MAPET_DKDV_MAX_CTAS) __trap();  // (the plan's bounds)
     const int me = 3 * blockIdx.x + wg;  // this warpgroup's entries of the plan
     const TileList mine{plan.deal[me], plan.deal_count[me]};
@@ -3055,25 +3060,39 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
             // in the slot, the one that ends with it adds that part to its own and stores. The
             // same thread of both holds the same (key, dim) elements.
             // Thread i of a warpgroup writes its 16 float4 at i + 128 j: a warp's stores and loads
-            // are 512 contiguous bytes.
+            // are 512 contiguous bytes. The barrier orders the global slot's accesses as it does
+            // shared memory's (both warpgroups are of this CTA); they go through L2 (.cg).
+            float4* const h = hand + (tid & 127);
             if (i == 0 && plan.hand_out[me] != 0) {
-                float4* h = s_hand + (tid & 127);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    h[128 * j] = make_float4(dk[j][0], dk[j][1], dk[j][2], dk[j][3]);
-                    h[128 * (8 + j)] = make_float4(dv[j][0], dv[j][1], dv[j][2], dv[j][3]);
+                for (int j = 0; j < 16; ++j) {
+                    const float(&x)[4] = j < 8 ? dk[j] : dv[j - 8];
+                    const float4 v = make_float4(x[0], x[1], x[2], x[3]);
+                    if constexpr (kFused) {
+                        __stcg(h + 128 * j, v);
+                    } else {
+                        h[128 * j] = v;
+                    }
                 }
                 named_barrier_arrive(8, 256);
                 continue;
             }
             if (i == mine.n - 1 && plan.hand_in[me] != 0) {
                 named_barrier(8, 256);
-                const float4* h = s_hand + (tid & 127);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float4 x = h[128 * j], y = h[128 * (8 + j)];
-                    dk[j][0] += x.x, dk[j][1] += x.y, dk[j][2] += x.z, dk[j][3] += x.w;
-                    dv[j][0] += y.x, dv[j][1] += y.y, dv[j][2] += y.z, dv[j][3] += y.w;
+                for (int j = 0; j < 16; ++j) {
+                    float(&x)[4] = j < 8 ? dk[j] : dv[j - 8];
+                    const float4 v = kFused ? __ldcg(h + 128 * j) : h[128 * j];
+                    x[0] += v.x, x[1] += v.y, x[2] += v.z, x[3] += v.w;
+                }
+                if constexpr (kFused) {
+                    // Read by every lane of the warp: its 64 lines of the slot (4 a j) leave L2
+                    // unwritten, two a lane.
+                    __syncwarp();
+                    const int lane = tid & 31;
+#pragma unroll
+                    for (int l = 2 * lane; l < 2 * lane + 2; ++l)
+                        discard_l2(hand + 128 * (l >> 2) + 32 * warp + 8 * (l & 3), 128, 0, 1);
                 }
             }
         }
@@ -3139,7 +3158,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma_fused(const __grid_constant__ MapetAttentionDkdv plan) {
     dependent_launch_start();
-    bwd_dkdv_wgmma<false, true>(plan);
+    bwd_dkdv_wgmma<false, true, true>(plan);
 }
 
 // The balanced dK/dV kernel (balanced_notes): the wgmma dK/dV kernel's launch, with

@@ -159,11 +159,14 @@ typedef struct MapetAttention {
 //                          (dims by positions in position order; positions = Lq rounded up to 64),
 //                          zeroed, added to and converted into dq by the pair's CTA; null for the
 //                          other dK/dV kernels.
-// Read by the balanced kernel alone (mapet_attention_bwd_dkdv_wgmma_balanced; the others take key
-// tile kt as keys [64 kt, 64 kt + 64), whole, and ignore these):
+// Read by the balanced and fused kernels alone (mapet_attention_bwd_dkdv_wgmma_balanced,
+// mapet_attention_bwd_dkdv_wgmma_fused; the others take key tile kt as keys [64 kt, 64 kt + 64),
+// whole, and ignore these):
 //   tile_start[kt], tile_end[kt]  key tile kt's keys [tile_start, tile_end), at most 64 (the
 //                          kernel computes the 64 keys from tile_start and stores these); live and
-//                          partial are of these keys;
+//                          partial are of these keys; the fused kernel's are the 64-key tiles
+//                          (its dQ sums over keys, so a run must not leave keys of its 64
+//                          unmasked);
 //   keep_first[3 x + w], keep_last[3 x + w]  the chunks of its first (last) tile warpgroup w of
 //                          CTA x computes, ANDed with the tile's live chunks (all bits: every one);
 //   hand_out[3 x + w]      1 when its first tile is shared with the warpgroup that ends with it:
@@ -171,7 +174,10 @@ typedef struct MapetAttention {
 //                          at named barrier 8) instead of storing them; else 0;
 //   hand_in[3 x + w]       1 when its last tile is shared so: after its own chunks it waits at
 //                          barrier 8, adds the slot's partial and stores; else 0. At most one tile
-//                          a CTA is shared.
+//                          a CTA is shared;
+//   hand                   the fused kernel's hand-off slots, in global memory (its shared memory
+//                          has no room for one): MAPET_DKDV_HAND_SLOT_BYTES a pair; null for the
+//                          others, whose slot is in shared memory.
 #define MAPET_DKDV_MAX_KEY_TILES 16
 #define MAPET_DKDV_MAX_CTAS 6
 typedef struct MapetAttentionDkdv {
@@ -187,10 +193,12 @@ typedef struct MapetAttentionDkdv {
     uint32_t keep_last[3 * MAPET_DKDV_MAX_CTAS];
     int32_t hand_out[3 * MAPET_DKDV_MAX_CTAS];
     int32_t hand_in[3 * MAPET_DKDV_MAX_CTAS];
+    float* hand;
 } MapetAttentionDkdv;
 
-// The balanced dK/dV kernel's hand-off slot (hand_out, hand_in), after its other dynamic shared
-// memory: a warpgroup's dK and dV accumulators in f32 (128 threads x 64 floats).
+// The balanced dK/dV kernels' hand-off slot (hand_out, hand_in): a warpgroup's dK and dV
+// accumulators in f32 (128 threads x 64 floats); the balanced kernel's after its other dynamic
+// shared memory, the fused kernel's in `hand`.
 #define MAPET_DKDV_HAND_SLOT_BYTES 32768
 
 // ---------------------------------------------------------------- patch embedding (cuda/patch_embed.cu)

@@ -426,7 +426,9 @@ fn wgmma_persistent_forward_gives_the_wgmma_bits() {
 /// (six runs, as at ViT-B: 23 / 21 / 23 chunks), at C = 90 with two CTAs a pair (where the taking
 /// warpgroup has the shared run alone), and at a shape of eight runs; each shape must run the
 /// balanced kernel with a shared run. Its forward and dQ are `wgmma`'s (the set's make-up): the
-/// same O, lse and dQ bits. Skips off compute capability 9.0.
+/// same O, lse and dQ bits. The fused backward (`wgmma-fused`) shares a 64-key tile the same way,
+/// through a slot in global memory: at each of these shapes where its plan shares one (ViT's at
+/// least), it is checked against the CPU too. Skips off compute capability 9.0.
 #[test]
 fn wgmma_balanced_backward_shares_runs_and_matches_cpu() {
     let test = "wgmma_balanced_backward_shares_runs_and_matches_cpu";
@@ -436,6 +438,7 @@ fn wgmma_balanced_backward_shares_runs_and_matches_cpu() {
     let one_cta = |heads: usize| (2 * gpu.sm_count() as usize).div_ceil(heads);
     let shapes =
         [shape(2, 3, 197, 50), shape(one_cta(12), 12, 197, 50), shape(2, 3, 197, 90), shape(one_cta(4), 4, 400, 345)];
+    let mut fused_shared = 0;
     for s in shapes {
         let kernel = attention::cuda_dkdv_kernel(&gpu, AttentionKernels::WgmmaBalanced, &s);
         assert_eq!(kernel, Some(("mapet_attention_bwd_dkdv_wgmma_balanced", true)), "{s:?}: no shared run");
@@ -447,6 +450,14 @@ fn wgmma_balanced_backward_shares_runs_and_matches_cpu() {
         for (name, x, y) in [("O", &a.o, &b.o), ("lse", &a.lse, &b.lse), ("dQ", &a.dq, &b.dq)] {
             assert!(bits(x) == bits(y), "{s:?}: {name} differs between wgmma and wgmma-balanced");
         }
+        let fused = AttentionKernels::WgmmaFused;
+        if sets().contains(&fused) && attention::cuda_dkdv_kernel(&gpu, fused, &s).is_some_and(|k| k.1) {
+            fused_shared += 1;
+            check_pair(&gpu, AttentionKernels::Wgmma, fused, &c);
+        }
+    }
+    if sets().contains(&AttentionKernels::WgmmaFused) {
+        assert!(fused_shared >= 2, "the fused backward shared a tile at {fused_shared} shapes, ViT's two at least");
     }
 }
 

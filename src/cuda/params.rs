@@ -289,10 +289,11 @@ pub struct MapetAttentionDkdv {
     pub keep_last: [u32; 18usize],
     pub hand_out: [i32; 18usize],
     pub hand_in: [i32; 18usize],
+    pub hand: *mut f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 1000usize];
+    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 1008usize];
     ["Alignment of MapetAttentionDkdv"][::core::mem::align_of::<MapetAttentionDkdv>() - 8usize];
     ["Offset of field: MapetAttentionDkdv::a"][::core::mem::offset_of!(MapetAttentionDkdv, a) - 0usize];
     ["Offset of field: MapetAttentionDkdv::live"][::core::mem::offset_of!(MapetAttentionDkdv, live) - 232usize];
@@ -310,6 +311,7 @@ const _: () = {
         [::core::mem::offset_of!(MapetAttentionDkdv, keep_last) - 784usize];
     ["Offset of field: MapetAttentionDkdv::hand_out"][::core::mem::offset_of!(MapetAttentionDkdv, hand_out) - 856usize];
     ["Offset of field: MapetAttentionDkdv::hand_in"][::core::mem::offset_of!(MapetAttentionDkdv, hand_in) - 928usize];
+    ["Offset of field: MapetAttentionDkdv::hand"][::core::mem::offset_of!(MapetAttentionDkdv, hand) - 1000usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -629,9 +629,12 @@ pub enum AttentionKernels {
     /// kernels run seven. Each warpgroup adds its dQ tiles into an f32 accumulator of the pair
     /// by `red.global.add`, which its CTA (one a pair) zeroes first and converts into dq last, so
     /// that it stays in L2 (cuda/attention.cu, fused_dq_notes). So dQ is **not deterministic**:
-    /// its last bits may change from run to run (dK and dV do not). Needs one CTA a pair and
-    /// 4 bytes x 64 x (Lq rounded up to 64) of scratch a pair (201 MB at ViT-B, batch 128).
-    /// Experimental, written after the ninth run: unverified on GPU.
+    /// its last bits may change from run to run (dK and dV do not). Its warpgroups take the
+    /// 64-key tiles on `WgmmaBalanced`'s deal (one tile a CTA shared where that helps, handed
+    /// over through 32 KB of global memory a pair). Needs one CTA a pair and 4 bytes x 64 x (Lq
+    /// rounded up to 64) of scratch a pair (201 MB at ViT-B, batch 128; 50 MB more for the
+    /// hand-off where a tile is shared). Experimental, written after the ninth run: unverified on
+    /// GPU.
     WgmmaFused,
     /// `Wgmma` with a persistent forward (`mapet_attention_fwd_wgmma_persistent`): one CTA an SM
     /// of four warpgroups goes through its (sample, head) pairs in turn, copying the next pair's
@@ -1143,17 +1146,29 @@ fn balanced_deal(live: &[u32], grid: usize, x: usize) -> [WarpgroupShare; 3] {
     out
 }
 
+/// Which tiling a wgmma dK/dV kernel's plan takes (`dkdv_params`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DkdvPlan {
+    /// 64-key tiles from 0, dealt whole (`dkdv_deal`): the wgmma and wgmma-peek kernels.
+    Aligned,
+    /// The fewest-chunk key runs (`balanced_runs`), one of them a CTA shared where that helps
+    /// (`balanced_deal`): the balanced kernel.
+    Balanced,
+    /// 64-key tiles, one of them a CTA shared where that helps: the fused kernel, whose dQ sums
+    /// over keys, so that a run must not leave keys of its 64 unmasked.
+    AlignedShared,
+}
+
 /// The wgmma dK/dV kernel's parameters for `grid` CTAs a pair: `p` and the plan the kernel reads
 /// (MapetAttentionDkdv in cuda/params.h): the chunk masks of every key tile and every warpgroup's
 /// key tiles. They depend on N, C and `grid` alone, and are worked out here once a launch, where
-/// every CTA used to work them out ahead of its first copies. `balanced`: the balanced kernel's
-/// plan (`balanced_runs`, `balanced_deal`); the second value then says whether a CTA shares a
-/// tile between two warpgroups (so that the kernel needs its hand-off slot).
+/// every CTA used to work them out ahead of its first copies. The second value says whether a CTA
+/// shares a tile between two warpgroups (so that the kernel needs its hand-off slot).
 fn dkdv_params(
     p: MapetAttention,
     shape: &AttentionShape,
     grid: usize,
-    balanced: bool,
+    kind: DkdvPlan,
 ) -> Result<(MapetAttentionDkdv, bool)> {
     let (n, c) = (shape.n_tokens, shape.n_context);
     // (The arrays' lengths are the header's: a mismatch does not compile.)
@@ -1168,7 +1183,11 @@ fn dkdv_params(
             ),
         });
     }
-    let tiling = if balanced { balanced_tiling(n, c, grid) } else { Arc::new(DkdvTiling::aligned(n, c, grid)) };
+    let tiling = match kind {
+        DkdvPlan::Aligned => Arc::new(DkdvTiling::aligned(n, c, grid)),
+        DkdvPlan::Balanced => balanced_tiling(n, c, grid, true),
+        DkdvPlan::AlignedShared => balanced_tiling(n, c, grid, false),
+    };
     let mut plan = MapetAttentionDkdv {
         a: p,
         live: [0; CUDA_WG_DKDV_MAX_KEY_TILES],
@@ -1182,6 +1201,7 @@ fn dkdv_params(
         keep_last: [!0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         hand_out: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         hand_in: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
+        hand: std::ptr::null_mut(),
     };
     for (kt, (&(live, partial), &(k0, k1))) in tiling.masks.iter().zip(&tiling.runs).enumerate() {
         (plan.live[kt], plan.partial[kt]) = (live, partial);
@@ -1225,24 +1245,34 @@ impl DkdvTiling {
     }
 }
 
-/// The balanced kernel's tiling (`balanced_runs`, `balanced_deal`), worked out once for each
-/// (N, C, CTAs a pair) a process meets: about 50 us at ViT's, up to a millisecond at eight runs,
-/// where the aligned one takes well under a microsecond.
-fn balanced_tiling(n: usize, c: usize, grid: usize) -> Arc<DkdvTiling> {
-    type Tilings = Mutex<HashMap<(usize, usize, usize), Arc<DkdvTiling>>>;
+/// A tiling with shared tiles (`balanced_deal`): on the fewest-chunk runs (`balanced_runs`) or on
+/// 64-key tiles (`fewest_runs` false), worked out once for each (N, C, CTAs a pair, runs) a
+/// process meets: about 50 us at ViT's, up to a millisecond at eight runs, where the aligned one
+/// dealt whole takes well under a microsecond.
+fn balanced_tiling(n: usize, c: usize, grid: usize, fewest_runs: bool) -> Arc<DkdvTiling> {
+    type Tilings = Mutex<HashMap<(usize, usize, usize, bool), Arc<DkdvTiling>>>;
     static TILINGS: OnceLock<Tilings> = OnceLock::new();
     let cache = TILINGS.get_or_init(Default::default);
-    if let Some(t) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&(n, c, grid)) {
+    let key = (n, c, grid, fewest_runs);
+    if let Some(t) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Arc::clone(t);
     }
     let (p, lk) = (n - c, 2 * n - c);
-    let runs = balanced_runs(n, c);
-    let extrema = chunk_extrema(n, c);
-    let masks: Vec<(u32, u32)> = runs.iter().map(|&(k0, k1)| run_chunk_masks(p, lk, &extrema, k0, k1)).collect();
+    let (runs, masks) = if fewest_runs {
+        let runs = balanced_runs(n, c);
+        let extrema = chunk_extrema(n, c);
+        let masks = runs.iter().map(|&(k0, k1)| run_chunk_masks(p, lk, &extrema, k0, k1)).collect();
+        (runs, masks)
+    } else {
+        // The aligned tiles' own masks: a tile reaching past Lk is PARTIAL in every chunk, so that
+        // the fused kernel masks its keys past Lk (its dQ sums over them).
+        let tiling = DkdvTiling::aligned(n, c, grid);
+        (tiling.runs, tiling.masks)
+    };
     let live: Vec<u32> = masks.iter().map(|m| m.0).collect();
     let shares = (0..grid).map(|x| balanced_deal(&live, grid, x)).collect();
     let tiling = Arc::new(DkdvTiling { runs, masks, shares });
-    cache.lock().unwrap_or_else(|e| e.into_inner()).insert((n, c, grid), Arc::clone(&tiling));
+    cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, Arc::clone(&tiling));
     tiling
 }
 
@@ -1251,13 +1281,19 @@ fn balanced_tiling(n: usize, c: usize, grid: usize) -> Arc<DkdvTiling> {
 fn fused_backward(gpu: &Gpu, shape: &AttentionShape, p: MapetAttention, launch: (u32, u32)) -> Result<()> {
     // The pair's dQ accumulator: 64 dims x its positions (whole 64-row tiles), f32.
     let acc = gpu.alloc::<f32>(shape.batch * shape.heads * 64 * shape.q_rows().div_ceil(64) * 64)?;
-    let (mut plan, _) = dkdv_params(p, shape, launch.0 as usize, false)?;
+    let (mut plan, shared) = dkdv_params(p, shape, launch.0 as usize, DkdvPlan::AlignedShared)?;
     plan.dq_acc = acc.f32_ptr();
+    // A pair's hand-off slot where a CTA shares a tile (its CTA drops the lines once read).
+    let hand =
+        if shared { Some(gpu.alloc::<f32>(shape.batch * shape.heads * CUDA_DKDV_HAND_SLOT_BYTES / 4)?) } else { None };
+    plan.hand = hand.as_ref().map_or(std::ptr::null_mut(), |h| h.f32_ptr());
     let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
     // SAFETY: as for the wgmma dK/dV kernel in cuda_backward, with one CTA a pair (launch.0 is 1
     // for this set: wgmma_dkdv_launch), which zeroes, adds to, converts and discards only its
     // pair's 64 x positions floats of `acc` (allocated for every pair above), reads its pair's
-    // rows of o and d_o (checked in cuda_backward) and writes its pair's rows of dq.
+    // rows of o and d_o (checked in cuda_backward) and writes its pair's rows of dq; where the
+    // plan shares a tile, its warpgroups write and read only their pair's slot of `hand`
+    // (allocated for every pair above; never touched when no tile is shared).
     unsafe { gpu.launch_dependent("attention", "mapet_attention_bwd_dkdv_wgmma_fused", cfg, &plan) }
 }
 
@@ -1292,13 +1328,13 @@ fn wgmma_dkdv(
 ) -> Result<Option<(&'static str, (u32, u32), MapetAttentionDkdv, bool)>> {
     let Some((grid_x, smem)) = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem) else { return Ok(None) };
     if kernels == AttentionKernels::WgmmaBalanced {
-        let (plan, shared) = dkdv_params(p, shape, grid_x as usize, true)?;
+        let (plan, shared) = dkdv_params(p, shape, grid_x as usize, DkdvPlan::Balanced)?;
         let with_slot = smem + if shared { CUDA_DKDV_HAND_SLOT_BYTES as u32 } else { 0 };
         if with_slot <= max_smem {
             return Ok(Some(("mapet_attention_bwd_dkdv_wgmma_balanced", (grid_x, with_slot), plan, shared)));
         }
     }
-    let (plan, _) = dkdv_params(p, shape, grid_x as usize, false)?;
+    let (plan, _) = dkdv_params(p, shape, grid_x as usize, DkdvPlan::Aligned)?;
     let name = match kernels {
         AttentionKernels::WgmmaPeek => "mapet_attention_bwd_dkdv_wgmma_peek",
         _ => "mapet_attention_bwd_dkdv_wgmma",
@@ -1306,14 +1342,20 @@ fn wgmma_dkdv(
     Ok(Some((name, (grid_x, smem), plan, false)))
 }
 
-/// The wgmma dK/dV kernel [`cuda_backward`] runs for `kernels` at `shape` on `gpu`, and whether
-/// its plan has a CTA share a key run between two warpgroups (the `WgmmaBalanced` set's hand-off
-/// through shared memory); `None` where another dK/dV kernel runs (another set, another compute
-/// capability, or too little shared memory) or the shape is refused. For a test to tell what it
-/// compared.
+/// The wgmma dK/dV kernel [`cuda_backward`] runs for `kernels` at `shape` on `gpu` (the fused one
+/// for `WgmmaFused` where it fits), and whether its plan has a CTA share a key run between two
+/// warpgroups (the `WgmmaBalanced` and `WgmmaFused` sets' hand-off); `None` where another dK/dV
+/// kernel runs (another set, another compute capability, or too little shared memory) or the
+/// shape is refused. For a test to tell what it compared.
 pub fn cuda_dkdv_kernel(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) -> Option<(&'static str, bool)> {
     let p = contiguous_params(shape);
     let device = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
+    if kernels == AttentionKernels::WgmmaFused {
+        if let Some((grid, _)) = kernels.wgmma_dkdv_launch(shape, device.0, device.1, device.2) {
+            let (_, shared) = dkdv_params(p, shape, grid as usize, DkdvPlan::AlignedShared).ok()?;
+            return Some(("mapet_attention_bwd_dkdv_wgmma_fused", shared));
+        }
+    }
     wgmma_dkdv(device, kernels.split_backward(), shape, p).ok().flatten().map(|(name, _, _, shared)| (name, shared))
 }
 
@@ -1769,7 +1811,7 @@ mod tests {
     #[test]
     fn wgmma_dkdv_plan_holds_the_masks_and_the_deal() {
         let s = shape(128, 12, 197, 50);
-        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 2, false).unwrap();
+        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 2, DkdvPlan::Aligned).unwrap();
         assert!(!shared);
         let masks = dkdv_chunk_masks(197, 50);
         assert_eq!(&plan.live[..6], &masks.iter().map(|m| m.0).collect::<Vec<_>>()[..]);
@@ -1784,15 +1826,16 @@ mod tests {
             }
         }
         assert!(plan.deal[6..].iter().all(|&d| d == 0) && plan.deal_count[6..].iter().all(|&n| n == 0));
-        let refused = dkdv_params(contiguous_params(&s), &s, 7, false).unwrap_err().to_string();
+        let refused = dkdv_params(contiguous_params(&s), &s, 7, DkdvPlan::Aligned).unwrap_err().to_string();
         assert!(refused.contains("6 CTAs a pair"), "{refused}");
         for n in (2..1100).step_by(9) {
             for c in [1, n / 3, n - 1].into_iter().filter(|&c| c >= 1 && c < n) {
                 for batch in [1, 4, 128] {
                     let s = shape(batch, 1, n, c);
                     if let Some((grid, _)) = AttentionKernels::Wgmma.wgmma_dkdv_launch(&s, (9, 0), 132, 227 << 10) {
-                        dkdv_params(contiguous_params(&s), &s, grid as usize, false).unwrap();
-                        dkdv_params(contiguous_params(&s), &s, grid as usize, true).unwrap();
+                        for kind in [DkdvPlan::Aligned, DkdvPlan::Balanced, DkdvPlan::AlignedShared] {
+                            dkdv_params(contiguous_params(&s), &s, grid as usize, kind).unwrap();
+                        }
                     }
                 }
             }
@@ -1851,15 +1894,24 @@ mod tests {
     fn balanced_dkdv_plan_computes_every_chunk_once() {
         let mut cases = spec_cases();
         cases.extend([(257, 64), (300, 150), (145, 36), (200, 100), (170, 1)]);
-        for (n, c) in cases {
+        for ((n, c), kind) in cases.into_iter().flat_map(|nc| [(nc, DkdvPlan::Balanced), (nc, DkdvPlan::AlignedShared)])
+        {
             let (lk, lq) = (2 * n - c, 3 * n - 2 * c);
             let s = shape(1, 1, n, c);
             let max_grid = lk.div_ceil(64).div_ceil(3).min(CUDA_WG_DKDV_MAX_CTAS);
             let counts: Vec<u32> = dkdv_chunk_masks(n, c).iter().map(|m| m.0.count_ones()).collect();
             for grid in 1..=max_grid {
-                let at = format!("N {n} C {c} grid {grid}");
-                let (plan, shared) = dkdv_params(contiguous_params(&s), &s, grid, true).unwrap();
+                let at = format!("N {n} C {c} grid {grid} {kind:?}");
+                let (plan, shared) = dkdv_params(contiguous_params(&s), &s, grid, kind).unwrap();
                 let tiles = lk.div_ceil(64);
+                if kind == DkdvPlan::AlignedShared {
+                    // The fused kernel's: the aligned tiles and their masks (a tile reaching past
+                    // Lk PARTIAL in every chunk), only the deal differs.
+                    let aligned = dkdv_chunk_masks(n, c);
+                    assert_eq!(&plan.live[..tiles], &aligned.iter().map(|m| m.0).collect::<Vec<_>>()[..], "{at}");
+                    assert_eq!(&plan.partial[..tiles], &aligned.iter().map(|m| m.1).collect::<Vec<_>>()[..], "{at}");
+                    assert!((0..tiles).all(|kt| plan.tile_start[kt] as usize == 64 * kt), "{at}");
+                }
                 let runs: Vec<(usize, usize)> =
                     (0..tiles).map(|kt| (plan.tile_start[kt] as usize, plan.tile_end[kt] as usize)).collect();
                 assert_eq!(runs.first().map(|r| r.0), Some(0), "{at}");
@@ -1939,22 +1991,30 @@ mod tests {
         // ViT: the runs and loads of balanced_notes.
         let s = shape(128, 12, 197, 50);
         assert_eq!(balanced_runs(197, 50), [(0, 63), (63, 127), (127, 191), (191, 216), (216, 280), (280, 344)]);
-        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 1, true).unwrap();
+        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 1, DkdvPlan::Balanced).unwrap();
         assert_eq!(plan.live[..6].iter().map(|m| m.count_ones()).collect::<Vec<_>>(), [16, 9, 5, 9, 12, 16]);
-        let share = balanced_deal(&plan.live[..6], 1, 0);
-        let load = |w: usize| -> u32 {
-            let t = &share[w].tiles;
-            t.iter()
-                .enumerate()
-                .map(|(i, &kt)| {
-                    let first = if i == 0 { share[w].keep_first } else { !0 };
-                    let last = if i + 1 == t.len() { share[w].keep_last } else { !0 };
-                    (plan.live[kt] & first & last).count_ones()
-                })
-                .sum()
+        // The busiest warpgroup's chunks under a deal.
+        let busiest = |live: &[u32], share: &[WarpgroupShare; 3]| -> u32 {
+            let load = |w: &WarpgroupShare| -> u32 {
+                (w.tiles.iter().enumerate())
+                    .map(|(i, &kt)| {
+                        let first = if i == 0 { w.keep_first } else { !0 };
+                        let last = if i + 1 == w.tiles.len() { w.keep_last } else { !0 };
+                        (live[kt] & first & last).count_ones()
+                    })
+                    .sum()
+            };
+            share.iter().map(load).max().unwrap_or(0)
         };
         assert!(shared);
-        assert_eq!([load(0), load(1), load(2)].iter().max(), Some(&23), "{share:?}");
+        let share = balanced_deal(&plan.live[..6], 1, 0);
+        assert_eq!(busiest(&plan.live, &share), 23, "{share:?}");
+        // The fused kernel's: ViT's aligned tiles (16, 9, 5, 11, 14, 16), 24 with a shared tile
+        // where whole tiles give 25.
+        let (fused, shared) = dkdv_params(contiguous_params(&s), &s, 1, DkdvPlan::AlignedShared).unwrap();
+        let share = balanced_deal(&fused.live[..6], 1, 0);
+        assert!(shared);
+        assert_eq!(busiest(&fused.live, &share), 24, "{share:?}");
     }
 
     /// The balanced kernel's hand-off slot: the header's size, and the launch adds it to the wgmma
@@ -1985,7 +2045,7 @@ mod tests {
         let got = pick(&eight, h200).unwrap();
         assert_eq!((got.0, got.1, got.2), (bal, (1, 187_392 + 32_768), true), "{got:?}");
         let wide = shape(128, 12, 200, 1);
-        assert!(dkdv_params(contiguous_params(&wide), &wide, 1, true).unwrap().1);
+        assert!(dkdv_params(contiguous_params(&wide), &wide, 1, DkdvPlan::Balanced).unwrap().1);
         let plain = "mapet_attention_bwd_dkdv_wgmma";
         assert_eq!(pick(&wide, h200).map(|g| (g.0, g.1, g.2)), Some((plain, (1, 221_696), false)));
         let unshared = shape(128, 12, 300, 150);
@@ -1993,7 +2053,7 @@ mod tests {
         assert_eq!(pick(&s, ((8, 0), 108, 163 << 10)), None);
         // Two runs of 6 live chunks (N = 65, C = 16): nothing to share, and no slot.
         let s = shape(128, 12, 65, 16);
-        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 1, true).unwrap();
+        let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 1, DkdvPlan::Balanced).unwrap();
         assert_eq!(plan.live[..2].iter().map(|m| m.count_ones()).collect::<Vec<_>>(), [6, 6]);
         assert!(!shared);
     }
