@@ -3085,15 +3085,6 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
                     const float4 v = kFused ? __ldcg(h + 128 * j) : h[128 * j];
                     x[0] += v.x, x[1] += v.y, x[2] += v.z, x[3] += v.w;
                 }
-                if constexpr (kFused) {
-                    // Read by every lane of the warp: its 64 lines of the slot (4 a j) leave L2
-                    // unwritten, two a lane.
-                    __syncwarp();
-                    const int lane = tid & 31;
-#pragma unroll
-                    for (int l = 2 * lane; l < 2 * lane + 2; ++l)
-                        discard_l2(hand + 128 * (l >> 2) + 32 * warp + 8 * (l & 3), 128, 0, 1);
-                }
             }
         }
         bf16* dkg = static_cast<bf16*>(prm.dk) + b * prm.dk_batch_stride + head * kD;
@@ -3101,6 +3092,19 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         const int key_end = tile_key_end(kt);
         store_frag_rows_paired(dk, prm.scale, prm.scale, dkg, prm.dk_row_stride, key_lo, key_hi, key_end, t);
         store_frag_rows_paired(dv, 1.f, 1.f, dvg, prm.dv_row_stride, key_lo, key_hi, key_end, t);
+        if constexpr (kFused && kBalanced) {
+            if (i == mine.n - 1 && plan.hand_in[me] != 0) {
+                // The warp's 64 lines of the global slot (4 a j) leave L2 unwritten, two a lane:
+                // after the stores, which used every value the warp loaded from them, so that no
+                // load of the warp is still in flight (__syncwarp orders them too, but ptxas emits
+                // nothing for it).
+                __syncwarp();
+                const int lane = tid & 31;
+#pragma unroll
+                for (int l = 2 * lane; l < 2 * lane + 2; ++l)
+                    discard_l2(hand + 128 * (l >> 2) + 32 * warp + 8 * (l & 3), 128, 0, 1);
+            }
+        }
     }
     need_chunk(npc);  // barrier 4, for a warpgroup that has not needed the second half
     if constexpr (kFused) {
