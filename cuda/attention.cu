@@ -3148,17 +3148,18 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
 //    dV depends on another's);
 //  - deals the runs to the warpgroups so that the busiest computes the fewest chunks, letting one
 //    run a CTA be shared by two warpgroups (23 / 21 / 23 at ViT, the 16-chunk run [280, 344)
-//    shared as 14 + 2). Of a shared run, one warpgroup computes its first chunks (those of the copy group
-//    that lands first) as its first tile, leaves its partial dK and dV (f32) in the hand-off slot
-//    and arrives at named barrier 8; the other computes the rest as its last tile, waits there,
-//    adds the partial and stores the run. No wait can close a cycle with barrier 4 (the second
+//    shared as 14 + 2). Of a shared run, one warpgroup computes its first chunks (those of the
+//    copy group that lands first) as its first tile, leaves its partial dK and dV (f32) in the
+//    hand-off slot and arrives at named barrier 8; the other computes the rest as its last tile,
+//    waits there, adds the partial and stores the run. No wait can close a cycle with barrier 4 (the second
 //    copy group, which every thread meets once): the handing warpgroup meets barrier 4 before it
 //    arrives at 8 only if its chunks reach the second group, and then so do the waiting one's
 //    (later chunks), which meets 4 in its tile loop, before its wait at 8.
 // dK and dV of a shared run are summed in another order than the default's (deterministic still).
 
 // The fused backward's one kernel (fused_dq_notes): grid (1, H, B); plan.dq_acc holds B * H * 64 *
-// (Lq rounded up to 64) floats; prm.delta is not read.
+// (Lq rounded up to 64) floats; plan.hand, where the plan shares a tile, B * H hand-off slots of
+// MAPET_DKDV_HAND_SLOT_BYTES; prm.delta is not read.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma_fused(const __grid_constant__ MapetAttentionDkdv plan) {
     dependent_launch_start();
@@ -3166,7 +3167,7 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
 }
 
 // The balanced dK/dV kernel (balanced_notes): the wgmma dK/dV kernel's launch, with
-// MAPET_DKDV_HAND_SLOTS x MAPET_DKDV_HAND_SLOT_BYTES more dynamic shared memory.
+// MAPET_DKDV_HAND_SLOT_BYTES more dynamic shared memory where its plan shares a run.
 extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DKDV_THREADS, 1)
     mapet_attention_bwd_dkdv_wgmma_balanced(const __grid_constant__ MapetAttentionDkdv plan) {
     dependent_launch_start();
