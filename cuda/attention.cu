@@ -464,6 +464,26 @@ __device__ __forceinline__ float quad_max(float v) {
     return v;
 }
 
+// The forwards' finish of a lane's two rows: l summed over the row's quad, and 1 / l for O.
+__device__ __forceinline__ void finish_row_sums(float (&l)[2], float (&inv)[2]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] = quad_sum(l[i]);
+        inv[i] = 1.f / l[i];
+    }
+}
+
+// The forwards' lse of rows r_lo and r_hi (those below Lq) of pair (b, head), mx * scale + ln l,
+// stored by lane t == 0 of the quad.
+__device__ __forceinline__ void store_row_lse(const MapetAttention& prm, int lq, int b, int head, int r_lo, int r_hi,
+                                              const float (&mx)[2], const float (&l)[2], int t) {
+    if (t == 0) {
+        float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * lq;
+        if (r_lo < lq) lse[r_lo] = mx[0] * prm.scale + logf(l[0]);
+        if (r_hi < lq) lse[r_hi] = mx[1] * prm.scale + logf(l[1]);
+    }
+}
+
 // How far (in log2 units of scaled scores) a row's tile max may exceed its running max before the
 // forward rescales: see online_softmax.
 constexpr float kLazyRescale = 8.f;
@@ -1079,19 +1099,11 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_THREADS, 4) mapet_attent
     // Finish: l over the whole row, O = acc / l, lse = mx * scale + ln l. Rows past Lq (l may be 0 for
     // rows of a dead warp) are computed but never stored.
     float inv[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] = quad_sum(l[i]);
-        inv[i] = 1.f / l[i];
-    }
+    finish_row_sums(l, inv);
     bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
     // All cp.async groups are complete and the loop ended on a barrier: stage 0's K slot is free.
     store_warp_rows(acc, inv[0], inv[1], smem + warp * 16 * kLds, og, prm.o_row_stride, wr0, G.lq, lane);
-    if (t == 0) {
-        float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-        if (wr0 + g < G.lq) lse[wr0 + g] = mx[0] * prm.scale + logf(l[0]);
-        if (wr0 + g + 8 < G.lq) lse[wr0 + g + 8] = mx[1] * prm.scale + logf(l[1]);
-    }
+    store_row_lse(prm, G.lq, b, head, wr0 + g, wr0 + g + 8, mx, l, t);
 }
 
 // ================================================================================================ backward dQ
@@ -1260,18 +1272,10 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_RES_THREADS, 2) mapet_at
         for (int kt = 0; kt < nkt; ++kt)
             fwd_tile(qf, k_lane + kt * kTileBytes, v_lane + kt * kTileBytes, kt * kBN, wrows, t, G, sl2, mx, l, acc);
         float inv[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            l[i] = quad_sum(l[i]);
-            inv[i] = 1.f / l[i];
-        }
+        finish_row_sums(l, inv);
         bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
         store_frag_rows(acc, inv[0], inv[1], og, prm.o_row_stride, wr0 + g, wr0 + g + 8, G.lq, t);
-        if (t == 0) {
-            float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-            if (wr0 + g < G.lq) lse[wr0 + g] = mx[0] * prm.scale + logf(l[0]);
-            if (wr0 + g + 8 < G.lq) lse[wr0 + g + 8] = mx[1] * prm.scale + logf(l[1]);
-        }
+        store_row_lse(prm, G.lq, b, head, wr0 + g, wr0 + g + 8, mx, l, t);
     }
 }
 
@@ -2025,18 +2029,10 @@ __device__ __forceinline__ void fwd_store_tile(const float (&acc)[8][4], float (
                                                const FwdRows& rows, int b, int head, int t, const Geometry& G,
                                                const MapetAttention& prm) {
     float inv[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] = quad_sum(l[i]);
-        inv[i] = 1.f / l[i];
-    }
+    finish_row_sums(l, inv);
     bf16* og = static_cast<bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
     store_frag_rows_paired(acc, inv[0], inv[1], og, prm.o_row_stride, rows.r_lo, rows.r_hi, G.lq, t);
-    if (t == 0) {
-        float* lse = prm.lse + (static_cast<int64_t>(b) * prm.heads + head) * G.lq;
-        if (rows.r_lo < G.lq) lse[rows.r_lo] = mx[0] * prm.scale + logf(l[0]);
-        if (rows.r_hi < G.lq) lse[rows.r_hi] = mx[1] * prm.scale + logf(l[1]);
-    }
+    store_row_lse(prm, G.lq, b, head, rows.r_lo, rows.r_hi, mx, l, t);
 }
 
 

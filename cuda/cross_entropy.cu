@@ -151,19 +151,29 @@ __device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// x += the 8 floats q[0], q[1] (x[e] + q, each rounded once), and q[0], q[1] = x: a thread's 8
+// column sums to and from shared or global memory as two float4.
+__device__ __forceinline__ void add8(float (&x)[8], const float4* q) {
+    const float4 a = q[0], b = q[1];
+    x[0] += a.x;
+    x[1] += a.y;
+    x[2] += a.z;
+    x[3] += a.w;
+    x[4] += b.x;
+    x[5] += b.y;
+    x[6] += b.z;
+    x[7] += b.w;
+}
+
+__device__ __forceinline__ void store8(float4* q, const float (&x)[8]) {
+    q[0] = make_float4(x[0], x[1], x[2], x[3]);
+    q[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+
 // Logits j = 8c .. 8c+8 of a row (vector path): bf16 GEMM output plus the f32 bias.
 __device__ __forceinline__ void load_logits8(const __nv_bfloat16* rowp, const float* bias, int c, float (&v)[8]) {
     unpack8(reinterpret_cast<const uint4*>(rowp)[c], v);
-    const float4 b0 = reinterpret_cast<const float4*>(bias)[2 * c];
-    const float4 b1 = reinterpret_cast<const float4*>(bias)[2 * c + 1];
-    v[0] += b0.x;
-    v[1] += b0.y;
-    v[2] += b0.z;
-    v[3] += b0.w;
-    v[4] += b1.x;
-    v[5] += b1.y;
-    v[6] += b1.z;
-    v[7] += b1.w;
+    add8(v, reinterpret_cast<const float4*>(bias) + 2 * c);
 }
 
 // Per-thread statistics over the thread's elements of a row. A thread visits its elements in
@@ -311,24 +321,6 @@ __device__ __forceinline__ float row_result(Stat st, const __nv_bfloat16* rowp, 
     return sh.lse;
 }
 
-// x += the 8 floats q[0], q[1] (x[e] + q, each rounded once), and q[0], q[1] = x: a thread's 8
-// column sums to and from shared or global memory as two float4.
-__device__ __forceinline__ void add8(float (&x)[8], const float4* q) {
-    const float4 a = q[0], b = q[1];
-    x[0] += a.x;
-    x[1] += a.y;
-    x[2] += a.z;
-    x[3] += a.w;
-    x[4] += b.x;
-    x[5] += b.y;
-    x[6] += b.z;
-    x[7] += b.w;
-}
-
-__device__ __forceinline__ void store8(float4* q, const float (&x)[8]) {
-    q[0] = make_float4(x[0], x[1], x[2], x[3]);
-    q[1] = make_float4(x[4], x[5], x[6], x[7]);
-}
 
 // The barrier of the threads that work on one row: the block's for one-row blocks; for the
 // paired kernel's halves, named barrier 1 + half over its kRowThreads threads (0 is the block's).
