@@ -1231,18 +1231,23 @@ struct DkdvTiling {
 }
 
 impl DkdvTiling {
-    /// The wgmma dK/dV kernel's: 64-key tiles from 0 (`dkdv_chunk_masks`), dealt whole
-    /// (`dkdv_deal`).
+    /// The wgmma dK/dV kernel's: 64-key tiles from 0 (`aligned_runs`, `dkdv_chunk_masks`), dealt
+    /// whole (`dkdv_deal`).
     fn aligned(n: usize, c: usize, grid: usize) -> Self {
-        let lk = 2 * n - c;
         let masks = dkdv_chunk_masks(n, c);
         let counts: Vec<u32> = masks.iter().map(|m| m.0.count_ones()).collect();
         DkdvTiling {
-            runs: (0..lk).step_by(64).map(|k| (k, (k + 64).min(lk))).collect(),
+            runs: aligned_runs(n, c),
             shares: (0..grid).map(|x| dkdv_deal(&counts, grid, x).map(WarpgroupShare::whole)).collect(),
             masks,
         }
     }
+}
+
+/// The 64-key tiles from 0 as key runs, the last ending at Lk.
+fn aligned_runs(n: usize, c: usize) -> Vec<(usize, usize)> {
+    let lk = 2 * n - c;
+    (0..lk).step_by(64).map(|k| (k, (k + 64).min(lk))).collect()
 }
 
 /// A tiling with shared tiles (`balanced_deal`): on the fewest-chunk runs (`balanced_runs`) or on
@@ -1266,8 +1271,7 @@ fn balanced_tiling(n: usize, c: usize, grid: usize, fewest_runs: bool) -> Arc<Dk
     } else {
         // The aligned tiles' own masks: a tile reaching past Lk is PARTIAL in every chunk, so that
         // the fused kernel masks its keys past Lk (its dQ sums over them).
-        let tiling = DkdvTiling::aligned(n, c, grid);
-        (tiling.runs, tiling.masks)
+        (aligned_runs(n, c), dkdv_chunk_masks(n, c))
     };
     let live: Vec<u32> = masks.iter().map(|m| m.0).collect();
     let shares = (0..grid).map(|x| balanced_deal(&live, grid, x)).collect();
@@ -1276,12 +1280,17 @@ fn balanced_tiling(n: usize, c: usize, grid: usize, fewest_runs: bool) -> Arc<Dk
     tiling
 }
 
-/// The `WgmmaFused` backward ([`AttentionKernels::WgmmaFused`]) on the launch `wgmma_dkdv_launch`
-/// gave: delta, dK, dV and dQ in one kernel, with `p` as [`cuda_backward`] filled it.
-fn fused_backward(gpu: &Gpu, shape: &AttentionShape, p: MapetAttention, launch: (u32, u32)) -> Result<()> {
+/// The `WgmmaFused` backward ([`AttentionKernels::WgmmaFused`]) on the launch and plan
+/// `wgmma_dkdv` gave (`shared`: a CTA shares a tile): delta, dK, dV and dQ in one kernel.
+fn fused_backward(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    mut plan: MapetAttentionDkdv,
+    shared: bool,
+    launch: (u32, u32),
+) -> Result<()> {
     // The pair's dQ accumulator: 64 dims x its positions (whole 64-row tiles), f32.
     let acc = gpu.alloc::<f32>(shape.batch * shape.heads * 64 * shape.q_rows().div_ceil(64) * 64)?;
-    let (mut plan, shared) = dkdv_params(p, shape, launch.0 as usize, DkdvPlan::AlignedShared)?;
     plan.dq_acc = acc.f32_ptr();
     // A pair's hand-off slot where a CTA shares a tile (its CTA drops the lines once read).
     let hand =
@@ -1313,12 +1322,13 @@ fn resident_grid((split, smem): (u32, u32), threads: u32, shape: &AttentionShape
     }
 }
 
-/// The wgmma dK/dV kernel `cuda_backward` runs for `kernels` (after `split_backward`) at `shape`
-/// on a device of compute capability `cc` with `sm_count` SMs whose blocks may take `max_smem`
-/// bytes of shared memory: its name, launch (grid x, dynamic shared bytes), plan with `p`, and
-/// whether a CTA shares a key run between two warpgroups (the balanced plan); `None` where no
-/// wgmma dK/dV kernel runs. The balanced kernel's hand-off slot is added to the shared memory
-/// where a run is shared; where that does not fit, the wgmma kernel runs on its own plan.
+/// The wgmma dK/dV kernel `cuda_backward` runs for `kernels` at `shape` on a device of compute
+/// capability `cc` with `sm_count` SMs whose blocks may take `max_smem` bytes of shared memory:
+/// its name, launch (grid x, dynamic shared bytes), plan with `p`, and whether a CTA shares a key
+/// run between two warpgroups (the balanced and fused plans); `None` where no wgmma dK/dV kernel
+/// of this set runs (for `WgmmaFused`, where its kernel does not fit: `split_backward` then). The
+/// balanced kernel's hand-off slot is added to the shared memory where a run is shared; where
+/// that does not fit, the wgmma kernel runs on its own plan.
 #[allow(clippy::type_complexity)]
 fn wgmma_dkdv(
     (cc, sm_count, max_smem): ((u32, u32), u32, u32),
@@ -1327,6 +1337,10 @@ fn wgmma_dkdv(
     p: MapetAttention,
 ) -> Result<Option<(&'static str, (u32, u32), MapetAttentionDkdv, bool)>> {
     let Some((grid_x, smem)) = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem) else { return Ok(None) };
+    if kernels == AttentionKernels::WgmmaFused {
+        let (plan, shared) = dkdv_params(p, shape, grid_x as usize, DkdvPlan::AlignedShared)?;
+        return Ok(Some(("mapet_attention_bwd_dkdv_wgmma_fused", (grid_x, smem), plan, shared)));
+    }
     if kernels == AttentionKernels::WgmmaBalanced {
         let (plan, shared) = dkdv_params(p, shape, grid_x as usize, DkdvPlan::Balanced)?;
         let with_slot = smem + if shared { CUDA_DKDV_HAND_SLOT_BYTES as u32 } else { 0 };
@@ -1342,6 +1356,12 @@ fn wgmma_dkdv(
     Ok(Some((name, (grid_x, smem), plan, false)))
 }
 
+/// What the launchers' choices depend on: `gpu`'s compute capability, SM count and the shared
+/// memory a block may take.
+fn device_limits(gpu: &Gpu) -> ((u32, u32), u32, u32) {
+    (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block())
+}
+
 /// The wgmma dK/dV kernel [`cuda_backward`] runs for `kernels` at `shape` on `gpu` (the fused one
 /// for `WgmmaFused` where it fits), and whether its plan has a CTA share a key run between two
 /// warpgroups (the `WgmmaBalanced` and `WgmmaFused` sets' hand-off); `None` where another dK/dV
@@ -1349,14 +1369,10 @@ fn wgmma_dkdv(
 /// shape is refused. For a test to tell what it compared.
 pub fn cuda_dkdv_kernel(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) -> Option<(&'static str, bool)> {
     let p = contiguous_params(shape);
-    let device = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
-    if kernels == AttentionKernels::WgmmaFused {
-        if let Some((grid, _)) = kernels.wgmma_dkdv_launch(shape, device.0, device.1, device.2) {
-            let (_, shared) = dkdv_params(p, shape, grid as usize, DkdvPlan::AlignedShared).ok()?;
-            return Some(("mapet_attention_bwd_dkdv_wgmma_fused", shared));
-        }
-    }
-    wgmma_dkdv(device, kernels.split_backward(), shape, p).ok().flatten().map(|(name, _, _, shared)| (name, shared))
+    let device = device_limits(gpu);
+    let chosen = wgmma_dkdv(device, kernels, shape, p).ok().flatten();
+    let chosen = chosen.or_else(|| wgmma_dkdv(device, kernels.split_backward(), shape, p).ok().flatten());
+    chosen.map(|(name, _, _, shared)| (name, shared))
 }
 
 /// Forward on the GPU: `o` (bf16) and `lse` (f32) from bf16 `q`, `k`, `v`, all contiguous as
@@ -1406,7 +1422,7 @@ pub fn cuda_forward_kernel(gpu: &Gpu, kernels: AttentionKernels, shape: &Attenti
 
 /// The forward's kernel and launch (`cuda_forward`).
 fn forward_launch(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) -> (&'static str, LaunchConfig) {
-    let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
+    let (cc, sm_count, max_smem) = device_limits(gpu);
     if let Some((ctas, smem)) = kernels.persistent_launch(shape, cc, sm_count, max_smem) {
         let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (CUDA_WGP_THREADS, 1, 1), shared_mem_bytes: smem };
         return ("mapet_attention_fwd_wgmma_persistent", cfg);
@@ -1454,10 +1470,10 @@ pub fn cuda_backward(
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr() as *mut _, lse.f32_ptr());
     (p.d_o, p.dq, p.dk, p.dv) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut());
-    let (cc, sm_count, max_smem) = (gpu.compute_capability(), gpu.sm_count(), gpu.max_shared_memory_per_block());
+    let (cc, sm_count, max_smem) = device_limits(gpu);
     if kernels == AttentionKernels::WgmmaFused {
-        if let Some(launch) = kernels.wgmma_dkdv_launch(shape, cc, sm_count, max_smem) {
-            return fused_backward(gpu, shape, p, launch);
+        if let Some((_, launch, plan, shared)) = wgmma_dkdv((cc, sm_count, max_smem), kernels, shape, p)? {
+            return fused_backward(gpu, shape, plan, shared, launch);
         }
     }
     // Where the fused kernel does not fit, the split wgmma kernels may still (their dK/dV kernel
@@ -2051,6 +2067,15 @@ mod tests {
         let unshared = shape(128, 12, 300, 150);
         assert_eq!(pick(&unshared, h200).map(|g| (g.0, g.1, g.2)), Some((bal, (1, 221_696), false)));
         assert_eq!(pick(&s, ((8, 0), 108, 163 << 10)), None);
+        // The fused set: its own kernel and launch, the aligned tiles with one shared (its slot in
+        // global memory, so no more shared memory); where its kernel does not fit, none (the
+        // caller takes `split_backward`'s).
+        let fused = |s: &AttentionShape| {
+            let got = wgmma_dkdv(h200, AttentionKernels::WgmmaFused, s, contiguous_params(s)).unwrap();
+            got.map(|(name, launch, _, shared)| (name, launch, shared))
+        };
+        assert_eq!(fused(&s), Some(("mapet_attention_bwd_dkdv_wgmma_fused", (1, 211_968), true)));
+        assert_eq!(fused(&shape(2, 2, 300, 150)), None);
         // Two runs of 6 live chunks (N = 65, C = 16): nothing to share, and no slot.
         let s = shape(128, 12, 65, 16);
         let (plan, shared) = dkdv_params(contiguous_params(&s), &s, 1, DkdvPlan::Balanced).unwrap();
