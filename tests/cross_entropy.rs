@@ -316,6 +316,16 @@ impl Case {
         let dloss = rng.random_range(0.5f32..2.0);
         Case { shape, x, w, b, targets, dw0, db0, dloss }
     }
+
+    /// The same case with the CUDA backend's options on its shape: forward passes of at most
+    /// `sub` rows, rows visited from the last back, two rows a block.
+    fn with_options(self, sub: Option<usize>, reversed: bool, paired: bool) -> Case {
+        let mut shape = self.shape.with_reversed_rows(reversed).with_paired_rows(paired);
+        if let Some(sub) = sub {
+            shape = shape.with_sub_chunk_rows(sub);
+        }
+        Case { shape, ..self }
+    }
 }
 
 struct GpuOut {
@@ -558,8 +568,7 @@ fn gpu_sub_chunks_match_cpu() {
     for (rows, dim, vocab, chunk, sub) in
         [(517, 128, 8192, Some(200), 67), (300, 64, 8191, Some(128), 50), (7, 16, 37, None, 1), (33, 24, 8, Some(5), 2)]
     {
-        let mut c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
-        c.shape = c.shape.with_sub_chunk_rows(sub);
+        let c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2).with_options(Some(sub), false, false);
         eprintln!("{test}: passes of at most {sub} rows");
         check_case(test, &gpu, &gemm, &c);
     }
@@ -580,11 +589,7 @@ fn gpu_reversed_rows_match_cpu() {
         (33, 24, 8, Some(5), Some(2)),
         (1, 16, 37, None, None),
     ] {
-        let mut c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
-        c.shape = c.shape.with_reversed_rows(true);
-        if let Some(sub) = sub {
-            c.shape = c.shape.with_sub_chunk_rows(sub);
-        }
+        let c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2).with_options(sub, true, false);
         eprintln!("{test}: {rows} x {dim} x {vocab}, chunks {chunk:?}, passes of {sub:?} rows, rows reversed");
         check_case(test, &gpu, &gemm, &c);
     }
@@ -607,11 +612,7 @@ fn gpu_paired_rows_match_cpu() {
         (1, 16, 8192, None, None, false),
         (300, 64, 8191, Some(128), None, false),
     ] {
-        let mut c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
-        c.shape = c.shape.with_paired_rows(true).with_reversed_rows(reversed);
-        if let Some(sub) = sub {
-            c.shape = c.shape.with_sub_chunk_rows(sub);
-        }
+        let c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2).with_options(sub, reversed, true);
         eprintln!("{test}: {rows} x {dim} x {vocab}, chunks {chunk:?}, passes of {sub:?} rows, reversed {reversed}");
         check_case(test, &gpu, &gemm, &c);
     }
@@ -632,11 +633,7 @@ fn gpu_paired_rows_give_the_single_rows_bits() {
         (517, 128, 8192, Some(200), Some(67), false),
         (517, 128, 8192, Some(200), None, true),
     ] {
-        let mut c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2);
-        c.shape = c.shape.with_reversed_rows(reversed);
-        if let Some(sub) = sub {
-            c.shape = c.shape.with_sub_chunk_rows(sub);
-        }
+        let c = Case::random(&mut rng, rows, dim, vocab, chunk, 0.5, 0.2).with_options(sub, reversed, false);
         let single = run_gpu(&gpu, &gemm, &c);
         let paired_case = Case { shape: c.shape.with_paired_rows(true), ..c };
         assert_eq!(paired_case.shape.gpu_chunk_rows(), c.shape.gpu_chunk_rows(), "the same chunks");

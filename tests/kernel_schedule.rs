@@ -69,17 +69,14 @@ fn wgmma_elementwise_steps_do_not_branch() {
     let Some(sass) = sass_or_skip("attention", "wgmma_elementwise_steps_do_not_branch") else { return };
     for (kernel, _) in PIPELINES {
         let body = sm90_kernel(sass, kernel);
-        let counts = ops_after_g1_waits(body, "BSSY");
-        eprintln!("{kernel}: convergence barriers (BSSY) after each G1 wait: {counts:?}");
-        assert!(!counts.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
+        let counts = g1_step_counts(kernel, body, "BSSY");
         assert!(
             counts.iter().all(|&n| n == 0),
             "{kernel}: branches in the elementwise step after the G1 wait ({counts:?}): a mask or test there is \
              compiled as control flow (cuda/attention.cu, dkdv_chunk_grads)"
         );
         if kernel.contains("dkdv") {
-            let branches = ops_after_g1_waits(body, "BRA");
-            eprintln!("{kernel}: branches after each G1 wait: {branches:?}");
+            let branches = g1_step_counts(kernel, body, "BRA");
             assert!(
                 branches.iter().all(|&n| n <= 3),
                 "{kernel}: {branches:?} branches in the elementwise step after the G1 wait, at most 3 expected \
@@ -155,10 +152,7 @@ fn wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait() {
     let Some(sass) = sass_or_skip("attention", "wgmma_dkdv_loads_its_chunk_stats_before_the_g1_wait") else { return };
     // The default kernel and the balanced one (its plan differs, not its pipeline).
     for kernel in ["mapet_attention_bwd_dkdv_wgmma", "mapet_attention_bwd_dkdv_wgmma_balanced"] {
-        let body = sm90_kernel(sass, kernel);
-        let counts = ops_after_g1_waits(body, "LDS");
-        eprintln!("{kernel}: shared-memory loads between wait_group 1 and the next wgmma wait or issue: {counts:?}");
-        assert!(!counts.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
+        let counts = g1_step_counts(kernel, sm90_kernel(sass, kernel), "LDS");
         assert!(
             counts.iter().all(|&n| n == 0),
             "{kernel}: shared-memory loads after the G1 wait ({counts:?}): the chunk stats' loads have moved \
@@ -179,10 +173,9 @@ fn wgmma_dkdv_peek_loads_the_next_stats_in_the_elementwise_step() {
         return;
     };
     let body = sm90_kernel(sass, KERNEL);
-    let after_wait = ops_after_g1_waits(body, "LDS");
+    let after_wait = g1_step_counts(KERNEL, body, "LDS");
     let among_issues = ops_between_wgmma_issues(body, "LDS");
-    eprintln!("{KERNEL}: shared loads after each G1 wait {after_wait:?}, between wgmma issues {among_issues}");
-    assert!(!after_wait.is_empty(), "{KERNEL}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
+    eprintln!("{KERNEL}: shared loads between wgmma issues {among_issues}");
     assert!(
         after_wait.iter().all(|&n| n >= 12) && among_issues == 0,
         "{KERNEL}: shared loads after the G1 waits {after_wait:?} (12 a chunk expected) and {among_issues} between \
@@ -393,6 +386,15 @@ fn exponentials_after_g1_waits(sass: &str) -> Vec<usize> {
 
 /// For each `WARPGROUP.DEPBAR.LE gsb0, 0x1` of `sass`, the number of instructions whose opcode
 /// starts with `opcode` that follow it before the next wgmma wait, fence or issue.
+/// `ops_after_g1_waits` of `kernel`'s SASS `body`, printed, and failing the test where the kernel
+/// has no G1 wait at all (so that a check over the counts cannot pass on none).
+fn g1_step_counts(kernel: &str, body: &str, opcode: &str) -> Vec<usize> {
+    let counts = ops_after_g1_waits(body, opcode);
+    eprintln!("{kernel}: {opcode} between each G1 wait and the next wgmma wait or issue: {counts:?}");
+    assert!(!counts.is_empty(), "{kernel}: no `WARPGROUP.DEPBAR.LE gsb0, 0x1` (the pipeline's G1 wait)");
+    counts
+}
+
 fn ops_after_g1_waits(sass: &str, opcode: &str) -> Vec<usize> {
     let ops: Vec<&str> = sass.lines().filter_map(instruction).collect();
     let mut counts = Vec::new();

@@ -1197,36 +1197,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn row_blocks_variable_parses_or_names_itself() {
-        assert!(!paired_rows_named(None).unwrap());
-        assert!(!paired_rows_named(Some("single")).unwrap());
-        assert!(paired_rows_named(Some(" paired ")).unwrap());
-        for bad in ["", "pairs", "2", "Paired"] {
-            let e = paired_rows_named(Some(bad)).unwrap_err().to_string();
-            assert!(
-                e.contains(ROW_BLOCKS_VAR) && e.contains("paired") && e.contains(&format!("{bad:?}")),
-                "{bad:?}: {e}"
-            );
+    /// A two-way switch's parser: unset and `off` are false, `on` (spaces around it trimmed) true,
+    /// and any other value an error naming the variable, the `on` value and what it was given.
+    fn assert_switch_parses(parse: fn(Option<&str>) -> Result<bool>, var: &str, off: &str, on: &str, bad: &[&str]) {
+        assert!(!parse(None).unwrap() && !parse(Some(off)).unwrap());
+        assert!(parse(Some(&format!(" {on} "))).unwrap());
+        for bad in bad {
+            let e = parse(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains(on) && e.contains(&format!("{bad:?}")), "{var}={bad:?}: {e}");
         }
-        let s = CrossEntropyShape::new(10, 8, 16);
-        assert!(!s.paired_rows && s.with_paired_rows(true).paired_rows);
-        assert_eq!(s.with_paired_rows(true).with_paired_rows(false), s);
     }
 
     #[test]
-    fn row_order_variable_parses_or_names_itself() {
-        assert!(!reverse_rows_named(None).unwrap());
-        assert!(!reverse_rows_named(Some("forward")).unwrap());
-        assert!(reverse_rows_named(Some(" reverse ")).unwrap());
-        for bad in ["", "backward", "1", "Reverse"] {
-            let e = reverse_rows_named(Some(bad)).unwrap_err().to_string();
-            assert!(
-                e.contains(ROW_ORDER_VAR) && e.contains("reverse") && e.contains(&format!("{bad:?}")),
-                "{bad:?}: {e}"
-            );
-        }
+    fn row_blocks_and_order_variables_parse_or_name_themselves() {
+        assert_switch_parses(paired_rows_named, ROW_BLOCKS_VAR, "single", "paired", &["", "pairs", "2", "Paired"]);
+        assert_switch_parses(
+            reverse_rows_named,
+            ROW_ORDER_VAR,
+            "forward",
+            "reverse",
+            &["", "backward", "1", "Reverse"],
+        );
         let s = CrossEntropyShape::new(10, 8, 16);
+        assert!(!s.paired_rows && s.with_paired_rows(true).paired_rows);
+        assert_eq!(s.with_paired_rows(true).with_paired_rows(false), s);
         assert!(!s.reverse_rows && s.with_reversed_rows(true).reverse_rows);
         assert_eq!(s.with_reversed_rows(true).with_reversed_rows(false), s);
     }
