@@ -240,14 +240,15 @@ fn cuda_gemms(c: &mut Criterion) {
         // first choice leaves time unused.
         match gemm.time_candidates(&gpu, 8, 11, || launch(&gemm, &s, &mut bf)) {
             Ok(ranks) => {
-                let line: Vec<String> = ranks.iter().map(|(r, ms)| format!("#{r} {ms:.3}")).collect();
-                if let Some((r, ms)) = ranks.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
-                    let base = ranks.first().map_or(*ms, |x| x.1);
+                let line: Vec<String> = ranks.iter().map(|c| c.to_string()).collect();
+                if let Some(best) = ranks.iter().min_by(|a, b| a.ms.total_cmp(&b.ms)) {
+                    let base = ranks.first().map_or(best.ms, |x| x.ms);
                     println!(
-                        "RESULT gemm {}: candidates (ms) {}; fastest #{r}, {:.1}% under #0",
+                        "RESULT gemm {}: candidates (ms, configuration) {}; fastest #{}, {:.1}% under #0",
                         s.name,
                         line.join(", "),
-                        100.0 * (1.0 - ms / base)
+                        best.rank,
+                        100.0 * (1.0 - best.ms / base)
                     );
                 }
             }

@@ -35,7 +35,7 @@ use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
 use crate::cpu::{sgemm, sgemm_tn};
-use crate::cuda::gemm::{Epilogue, Gemm, Vector, VectorMut};
+use crate::cuda::gemm::{self, Epilogue, Gemm, Vector, VectorMut};
 use crate::cuda::pinned::HostBytes;
 use crate::cuda::{DeviceBuffer, DeviceView, DeviceViewMut, Gpu};
 use crate::error::{check_len, Error, Result};
@@ -862,7 +862,7 @@ impl CudaBackend {
     /// The kernel choices this backend runs with, in one line (for benchmark reports): the
     /// patch embedding's and the attention's sets, each direction, and the GEMMs' pins and tuning.
     pub fn describe_kernels(&self) -> String {
-        let pins: Vec<String> = self.gemm.pins().iter().map(|((m, n, k), r)| format!("{m}x{n}x{k}={r}")).collect();
+        let pins = gemm::pin_text(self.gemm.pins());
         format!(
             "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {} (rows {}, {} row blocks), GEMM tuning {}, GEMM pins {}",
             self.pixel_order.name(),
@@ -873,7 +873,7 @@ impl CudaBackend {
             if self.ce_reverse_rows { "reversed" } else { "forward" },
             if self.ce_paired_rows { "paired" } else { "single" },
             if self.gemm.tuning() { "on" } else { "off" },
-            if pins.is_empty() { "none".to_string() } else { pins.join(",") }
+            if pins.is_empty() { "none".to_string() } else { pins }
         )
     }
 

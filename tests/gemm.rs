@@ -13,8 +13,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use half::bf16;
 use mapet::cpu::{round_bf16, sgemm};
 use mapet::cuda::gemm::{
-    check_matmul, flops, DType, Epilogue, EpilogueKind, Gemm, GemmDesc, OperandLens, Vector, VectorMut, MAX_CANDIDATES,
-    PIN_VAR,
+    check_matmul, flops, AlgoConfig, DType, Epilogue, EpilogueKind, Gemm, GemmDesc, OperandLens, PinChoice, Vector,
+    VectorMut, MAX_CANDIDATES, PIN_VAR,
 };
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::testing::{self, assert_within_baseline};
@@ -660,7 +660,12 @@ fn every_heuristic_candidate_computes_the_product() {
         .unwrap();
     eprintln!("{test}: {} candidates, median ms {ranks:?}", ranks.len());
     assert!(!ranks.is_empty(), "the heuristic proposed no algorithm");
-    assert_eq!(ranks.iter().map(|r| r.0).collect::<Vec<_>>(), (0..ranks.len()).collect::<Vec<_>>());
+    assert_eq!(ranks.iter().map(|r| r.rank).collect::<Vec<_>>(), (0..ranks.len()).collect::<Vec<_>>());
+    // Every candidate's configuration was read, and reads back from its written form.
+    for r in &ranks {
+        let config = r.config.unwrap_or_else(|| panic!("candidate #{}: no configuration", r.rank));
+        assert_eq!(config.to_string().parse::<AlgoConfig>(), Ok(config));
+    }
     assert_eq!(runs, 3 * ranks.len(), "2 warm-ups and 1 timed run a rank");
     assert_eq!(gemm.cached_algorithms(), cached, "a candidate's call cached an algorithm");
     c.poison().unwrap();
@@ -684,18 +689,41 @@ fn pinned_sizes_run_their_candidate() {
         .time_candidates(&gpu, 2, 1, || gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None))
         .unwrap();
     let rank = ranks.len() - 1; // the second candidate where there is one
-    let pinned = Gemm::with_pins(&gpu, vec![((m, n, k), rank), ((m + 1, n, k), 0)]).unwrap();
+    let config = ranks[rank].config.expect("the candidate's configuration");
+    let pinned =
+        Gemm::with_pins(&gpu, vec![((m, n, k), PinChoice::Rank(rank)), ((m + 1, n, k), PinChoice::Rank(0))]).unwrap();
     c.poison().unwrap();
     pinned.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None).unwrap();
     assert_within_baseline(&format!("{test} rank {rank}"), &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4);
     assert_eq!(pinned.cached_algorithms(), 1, "a pinned size is cached like any other");
+    // What ran is the candidate of that rank: its configuration is the one cached.
+    assert_eq!(pinned.config_pins(), vec![((m, n, k), PinChoice::Config(config))], "{:?}", pinned.algorithm_report());
 
-    let absent = Gemm::with_pins(&gpu, vec![((m, n, k), MAX_CANDIDATES - 1)]).unwrap();
+    // The same candidate pinned by its configuration, and that pin read back from the cache.
+    let by_config = Gemm::with_pins(&gpu, vec![((m, n, k), PinChoice::Config(config))]).unwrap();
+    c.poison().unwrap();
+    by_config.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None).unwrap();
+    assert_within_baseline(&format!("{test} @{config}"), &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4);
+    assert_eq!(by_config.config_pins(), vec![((m, n, k), PinChoice::Config(config))]);
+    let report = by_config.algorithm_report();
+    assert!(report.len() == 1 && report[0].ends_with(&format!(": {config}")), "{report:?}");
+
+    let absent = Gemm::with_pins(&gpu, vec![((m, n, k), PinChoice::Rank(MAX_CANDIDATES - 1))]).unwrap();
     match absent.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None) {
         Err(e) => assert!(e.to_string().contains(PIN_VAR), "{e}"),
         // The heuristic may propose that many; then the call ran it.
         Ok(()) => assert_within_baseline(test, &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4),
     }
+    // A configuration no algorithm has (algorithm id -1): the call fails, naming the variable and
+    // the pinned configuration, and writes nothing.
+    let mut nowhere = config;
+    nowhere.0[0] = -1;
+    let unknown = Gemm::with_pins(&gpu, vec![((m, n, k), PinChoice::Config(nowhere))]).unwrap();
+    c.poison().unwrap();
+    let err =
+        unknown.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None).unwrap_err().to_string();
+    assert!(err.contains(PIN_VAR) && err.contains(&nowhere.to_string()), "{err}");
+    assert!(c.to_host_f32().unwrap().iter().all(|v| v.is_nan()), "a failed pinned call wrote its output");
 }
 
 #[test]

@@ -530,6 +530,8 @@ pub struct Gemm {
     candidate: AtomicUsize,
     /// GEMM sizes pinned to another of the heuristic's candidates ([`PIN_VAR`]).
     pins: Vec<Pin>,
+    /// The configuration of the candidate a call inside [`Gemm::time_candidates`] ran last.
+    last_candidate: Mutex<Option<AlgoConfig>>,
     /// Whether a configuration's first call times the heuristic's candidates ([`TUNE_VAR`]).
     tune: bool,
     /// What tuning chose, a line per configuration ([`Gemm::tuning_report`]).
@@ -537,11 +539,16 @@ pub struct Gemm {
 }
 
 /// The environment variable that pins GEMM sizes to one of the heuristic's candidates, read when
-/// a [`Gemm`] is made: `MxNxK=R`, comma-separated, with m, n, k as [`Gemm::matmul`] takes them.
-/// Every GEMM of that size (whatever its transposes, types or epilogue) then runs the R-th
-/// algorithm the heuristic proposes for it, as [`Gemm::time_candidates`] numbers them (0 is the
-/// default). For trying a rank that `benches/gemm.rs` found faster on a whole op, without a
-/// rebuild; the order is fixed for a given library and card, so a pinned run is reproducible.
+/// a [`Gemm`] is made: `MxNxK=R` or `MxNxK=@CONFIG`, comma-separated, with m, n, k as
+/// [`Gemm::matmul`] takes them. Every GEMM of that size (whatever its transposes, types or
+/// epilogue) then runs the R-th algorithm the heuristic proposes for it, as
+/// [`Gemm::time_candidates`] numbers them (0 is the default), or the one it proposes with the
+/// configuration [`AlgoConfig`] CONFIG (as `Gemm::time_candidates` and [`Gemm::algorithm_report`]
+/// print them), wherever it ranks it. For trying a candidate that `benches/gemm.rs` or
+/// `benches/cross_entropy.rs` found faster, without a rebuild. A rank names a different algorithm
+/// from one cuBLASLt version (or card) to the next; a configuration names the same kernel
+/// configuration in every version that still proposes it, and a call whose heuristic does not
+/// fails, naming the variable.
 pub const PIN_VAR: &str = "MAPET_GEMM_PIN";
 
 /// The environment variable that turns tuning on (`1`) or off (`0`, the default), read when a
@@ -567,27 +574,185 @@ pub fn parse_tune(text: &str) -> Result<bool> {
     }
 }
 
-/// A GEMM size (m, n, k) and the heuristic's candidate it runs ([`PIN_VAR`]).
-pub type Pin = ((usize, usize, usize), usize);
+/// One of the heuristic's candidates for a GEMM, as [`Gemm::time_candidates`] timed it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate {
+    /// Its rank in the heuristic's order (0 is what an unpinned call runs).
+    pub rank: usize,
+    /// The median of its timed runs, in ms.
+    pub ms: f32,
+    /// Its configuration, where cuBLASLt reported it.
+    pub config: Option<AlgoConfig>,
+}
+
+impl std::fmt::Display for Candidate {
+    /// `#R T` (ms, 3 decimals) and the configuration, as the benches print a candidate.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{} {:.3}", self.rank, self.ms)?;
+        match self.config {
+            Some(c) => write!(f, " (@{c})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What a GEMM size pinned by [`PIN_VAR`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinChoice {
+    /// The heuristic's r-th usable proposal (`MxNxK=R`; 0 is the default).
+    Rank(usize),
+    /// The usable proposal with this configuration, wherever the heuristic ranks it (`MxNxK=@CONFIG`).
+    Config(AlgoConfig),
+}
+
+impl std::fmt::Display for PinChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinChoice::Rank(r) => write!(f, "{r}"),
+            PinChoice::Config(c) => write!(f, "@{c}"),
+        }
+    }
+}
+
+/// A GEMM size (m, n, k) and the candidate it runs ([`PIN_VAR`]).
+pub type Pin = ((usize, usize, usize), PinChoice);
+
+/// Pins as [`PIN_VAR`] takes them (what [`parse_pins`] reads back).
+pub fn pin_text(pins: &[Pin]) -> String {
+    pins.iter().map(|((m, n, k), choice)| format!("{m}x{n}x{k}={choice}")).collect::<Vec<_>>().join(",")
+}
 
 /// The pins of [`PIN_VAR`]'s value; an error naming the variable and the bad entry otherwise.
 pub fn parse_pins(text: &str) -> Result<Vec<Pin>> {
     let bad = |entry: &str| Error::Unsupported {
         what: "GEMM pin",
-        detail: format!("{PIN_VAR}: {entry:?} is not MxNxK=R (e.g. 3136x768x8192=2)"),
+        detail: format!(
+            "{PIN_VAR}: {entry:?} is not MxNxK=R (a rank below {MAX_CANDIDATES}, e.g. 3136x768x8192=2) or \
+             MxNxK=@CONFIG (e.g. 3136x768x8192=@{})",
+            AlgoConfig::EXAMPLE
+        ),
     };
     let mut pins = Vec::new();
     for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (size, rank) = entry.split_once('=').ok_or_else(|| bad(entry))?;
+        let (size, choice) = entry.split_once('=').ok_or_else(|| bad(entry))?;
         let dims: Vec<usize> =
             size.split('x').map(|d| d.trim().parse()).collect::<std::result::Result<_, _>>().map_err(|_| bad(entry))?;
-        let rank: usize = rank.trim().parse().map_err(|_| bad(entry))?;
+        let choice = match choice.trim().strip_prefix('@') {
+            Some(config) => PinChoice::Config(config.parse().map_err(|_| bad(entry))?),
+            None => match choice.trim().parse() {
+                Ok(rank) if rank < MAX_CANDIDATES => PinChoice::Rank(rank),
+                _ => return Err(bad(entry)),
+            },
+        };
         match dims[..] {
-            [m, n, k] if rank < MAX_CANDIDATES => pins.push(((m, n, k), rank)),
+            [m, n, k] => pins.push(((m, n, k), choice)),
             _ => return Err(bad(entry)),
         }
     }
     Ok(pins)
+}
+
+/// The configuration of a cuBLASLt matmul algorithm: the values of its nine
+/// `cublasLtMatmulAlgoConfigAttributes_t` attributes, in the enum's order (algorithm id, tile,
+/// split-k, reduction scheme, CTA swizzling, custom option, stages, inner shape, cluster shape;
+/// tile, stages, inner and cluster shape as the numbers of cuBLASLt's `cublasLtMatmulTile_t`,
+/// `cublasLtMatmulStages_t`, `cublasLtMatmulInnerShape_t` and `cublasLtClusterShape_t`). Written
+/// and parsed as `a66.t21.k1.r0.w0.c0.s17.i0.l3`, a letter before each value, in that order.
+/// Two of the heuristic's proposals with the same configuration run the same kernel the same way,
+/// in any version that has it; a proposal's rank carries no such meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AlgoConfig(pub [i64; 9]);
+
+impl AlgoConfig {
+    /// The letters before each value in the written form, in the attributes' order.
+    const LETTERS: [char; 9] = ['a', 't', 'k', 'r', 'w', 'c', 's', 'i', 'l'];
+    /// A configuration as written, for error messages.
+    pub const EXAMPLE: &'static str = "a66.t21.k1.r0.w0.c0.s17.i0.l3";
+
+    /// The configuration of `algo`, read attribute by attribute (each at the size cuBLASLt
+    /// reports for it, up to 8 bytes, little-endian, sign-extended for the two signed ones).
+    fn of(algo: &sys::cublasLtMatmulAlgo_t) -> Result<Self> {
+        use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
+        let attrs = [
+            A::CUBLASLT_ALGO_CONFIG_ID,
+            A::CUBLASLT_ALGO_CONFIG_TILE_ID,
+            A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+            A::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
+            A::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING,
+            A::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION,
+            A::CUBLASLT_ALGO_CONFIG_STAGES_ID,
+            A::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID,
+            A::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID,
+        ];
+        let mut values = [0i64; 9];
+        for (value, attr) in values.iter_mut().zip(attrs) {
+            let mut size = 0usize;
+            // SAFETY: `algo` is a live algorithm structure; with a zero size and no buffer the
+            // call only writes the attribute's size into `size`.
+            unsafe { sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut size) }
+                .result()
+                .map_err(|e| cublas_err(e, &format!("sizing {attr:?}")))?;
+            if size == 0 || size > 8 {
+                return Err(unsupported("cuBLASLt algorithm", format!("{attr:?} is {size} bytes")));
+            }
+            let mut bytes = [0u8; 8];
+            let mut written = 0usize;
+            // SAFETY: `bytes` has room for the `size` (<= 8) bytes asked for.
+            unsafe {
+                sys::cublasLtMatmulAlgoConfigGetAttribute(
+                    algo,
+                    attr,
+                    bytes.as_mut_ptr() as *mut c_void,
+                    size,
+                    &mut written,
+                )
+            }
+            .result()
+            .map_err(|e| cublas_err(e, &format!("reading {attr:?}")))?;
+            let signed = matches!(attr, A::CUBLASLT_ALGO_CONFIG_ID | A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM);
+            *value = widen(&bytes[..size], signed);
+        }
+        Ok(AlgoConfig(values))
+    }
+}
+
+/// A little-endian integer of 1 to 8 bytes, sign-extended when `signed`.
+fn widen(bytes: &[u8], signed: bool) -> i64 {
+    let mut full = [0u8; 8];
+    full[..bytes.len()].copy_from_slice(bytes);
+    let raw = i64::from_le_bytes(full);
+    let unused = 64 - 8 * bytes.len() as u32;
+    if signed && unused > 0 {
+        (raw << unused) >> unused
+    } else {
+        raw
+    }
+}
+
+impl std::fmt::Display for AlgoConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (letter, value)) in Self::LETTERS.iter().zip(self.0).enumerate() {
+            write!(f, "{}{letter}{value}", if i > 0 { "." } else { "" })?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for AlgoConfig {
+    type Err = ();
+
+    /// The written form of [`AlgoConfig`]'s docs: nine values, each after its letter, in order.
+    fn from_str(text: &str) -> std::result::Result<Self, ()> {
+        let parts: Vec<&str> = text.trim().split('.').collect();
+        if parts.len() != Self::LETTERS.len() {
+            return Err(());
+        }
+        let mut values = [0i64; 9];
+        for ((value, part), letter) in values.iter_mut().zip(parts).zip(Self::LETTERS) {
+            *value = part.strip_prefix(letter).ok_or(())?.parse().map_err(|_| ())?;
+        }
+        Ok(AlgoConfig(values))
+    }
 }
 
 /// [`Gemm`]'s `candidate` outside [`Gemm::time_candidates`]: the heuristic's first, cached.
@@ -765,6 +930,7 @@ impl Gemm {
             algos: Mutex::new(HashMap::new()),
             candidate: AtomicUsize::new(DEFAULT_ALGO),
             pins,
+            last_candidate: Mutex::new(None),
             tune: false,
             tuned: Mutex::new(Vec::new()),
         })
@@ -772,24 +938,30 @@ impl Gemm {
 
     /// Times `run` (which must enqueue GEMMs of one shape on this `Gemm`) with each of the first
     /// `max` (at most [`MAX_CANDIDATES`]) algorithms cuBLASLt's heuristic proposes for it, in the
-    /// heuristic's order, so that rank 0 is what every other call runs. Returns (rank, median ms
-    /// of `reps` event-timed runs after 2 warm-ups) for each rank the heuristic has, with at most
-    /// [`WORKSPACE_BYTES`] of workspace. A benchmarking aid, showing whether a shape's default
-    /// leaves time on the table; what `run` writes is the product of whichever candidate ran
-    /// last (every candidate computes the same GEMM, to rounding).
+    /// heuristic's order, so that rank 0 is what every other call runs. Returns each rank the
+    /// heuristic has, with at most [`WORKSPACE_BYTES`] of workspace, as a [`Candidate`]: the median
+    /// ms of `reps` event-timed runs after 2 warm-ups, and the algorithm's configuration (what
+    /// [`PIN_VAR`] may pin it by). A benchmarking aid, showing whether a shape's default leaves
+    /// time on the table; what `run` writes is the product of whichever candidate ran last
+    /// (every candidate computes the same GEMM, to rounding).
     pub fn time_candidates(
         &self,
         gpu: &Gpu,
         max: usize,
         reps: usize,
         mut run: impl FnMut() -> Result<()>,
-    ) -> Result<Vec<(usize, f32)>> {
+    ) -> Result<Vec<Candidate>> {
         let mut out = Vec::new();
         let mut result = Ok(());
         for rank in 0..max.min(MAX_CANDIDATES) {
             self.candidate.store(rank, Ordering::Relaxed);
+            *self.last_candidate.lock().unwrap_or_else(|e| e.into_inner()) = None;
             match gpu.time_ms(2, reps.max(1), &mut run) {
-                Ok(t) => out.push((rank, t[t.len() / 2])),
+                Ok(t) => out.push(Candidate {
+                    rank,
+                    ms: t[t.len() / 2],
+                    config: *self.last_candidate.lock().unwrap_or_else(|e| e.into_inner()),
+                }),
                 Err(Error::Unsupported { what: NO_CANDIDATE, .. }) => break,
                 Err(e) => {
                     result = Err(e);
@@ -804,6 +976,44 @@ impl Gemm {
     /// Number of (shape, epilogue, ...) combinations whose algorithm is cached.
     pub fn cached_algorithms(&self) -> usize {
         self.algos.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Pins by configuration ([`PinChoice::Config`]) for every GEMM size cached so far whose
+    /// calls all run one configuration, sorted by size: what makes another process (of the same
+    /// or a later cuBLASLt) run the algorithms this `Gemm` ran, wherever its heuristic ranks them.
+    pub fn config_pins(&self) -> Vec<Pin> {
+        let algos = self.algos.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_size: HashMap<(usize, usize, usize), Option<AlgoConfig>> = HashMap::new();
+        for (key, algo) in algos.iter() {
+            let config = AlgoConfig::of(algo).ok();
+            by_size
+                .entry((key.m, key.n, key.k))
+                .and_modify(|seen| {
+                    if *seen != config {
+                        *seen = None
+                    }
+                })
+                .or_insert(config);
+        }
+        let mut pins: Vec<Pin> =
+            by_size.into_iter().filter_map(|(size, config)| Some((size, PinChoice::Config(config?)))).collect();
+        pins.sort_by_key(|(size, _)| *size);
+        pins
+    }
+
+    /// The algorithm each configuration cached so far runs, a line each, sorted: the call as
+    /// cuBLASLt sees it and the algorithm's [`AlgoConfig`] (what [`PIN_VAR`] may pin it by).
+    pub fn algorithm_report(&self) -> Vec<String> {
+        let algos = self.algos.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lines: Vec<String> = algos
+            .iter()
+            .map(|(key, algo)| match AlgoConfig::of(algo) {
+                Ok(config) => format!("{}: {config}", describe(key)),
+                Err(e) => format!("{}: configuration unreadable ({e})", describe(key)),
+            })
+            .collect();
+        lines.sort();
+        lines
     }
 
     /// Row-major `C[m, n] = alpha * op(A) op(B) + beta * C`, then `epilogue`; bf16 in and out,
@@ -1007,11 +1217,16 @@ impl Gemm {
             (Some(rank), _) => self.proposal(&key, &descs, Some(rank))?,
             (None, Some(algo)) => algo,
             (None, None) => {
-                let pin = self.pins.iter().find(|(size, _)| *size == (m, n, k)).map(|&(_, rank)| rank);
+                let pin = self.pins.iter().find(|(size, _)| *size == (m, n, k)).map(|&(_, choice)| choice);
                 let algo = if pin.is_none() && self.tune {
                     self.tuned_algo(&key, &descs, &p, alpha, beta)?
                 } else {
-                    self.proposal(&key, &descs, pin).map_err(|e| match e {
+                    match pin {
+                        None => self.proposal(&key, &descs, None),
+                        Some(PinChoice::Rank(rank)) => self.proposal(&key, &descs, Some(rank)),
+                        Some(PinChoice::Config(config)) => self.configured(&key, &descs, &config),
+                    }
+                    .map_err(|e| match e {
                         Error::Unsupported { what: NO_CANDIDATE, detail } => {
                             Error::Unsupported { what: "GEMM pin", detail: format!("{PIN_VAR}: {detail}") }
                         }
@@ -1128,8 +1343,16 @@ impl Gemm {
         }
         let line: Vec<String> = times
             .iter()
+            .zip(&algos)
             .enumerate()
-            .map(|(r, ms)| if ms.is_finite() { format!("#{r} {ms:.4}") } else { format!("#{r} failed") })
+            .map(|(r, (ms, algo))| {
+                let config = AlgoConfig::of(algo).map_or(String::new(), |c| format!(" (@{c})"));
+                if ms.is_finite() {
+                    format!("#{r} {ms:.4}{config}")
+                } else {
+                    format!("#{r} failed{config}")
+                }
+            })
             .collect();
         self.tuned.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
             "{}: candidates (ms) {}; chose #{rank}",
@@ -1177,14 +1400,35 @@ impl Gemm {
             };
         };
         let usable = self.usable(key, descs)?;
-        usable.get(rank).copied().ok_or_else(|| Error::Unsupported {
+        let algo = usable.get(rank).copied().ok_or_else(|| Error::Unsupported {
             what: NO_CANDIDATE,
             detail: format!(
                 "cuBLASLt proposes {} usable algorithms for {}, no rank {rank}",
                 usable.len(),
                 describe(key)
             ),
-        })
+        })?;
+        *self.last_candidate.lock().unwrap_or_else(|e| e.into_inner()) = AlgoConfig::of(&algo).ok();
+        Ok(algo)
+    }
+
+    /// The heuristic's usable proposal with the configuration `want` ([`PinChoice::Config`]),
+    /// wherever it ranks it; an error listing the configurations it does propose otherwise.
+    fn configured(&self, key: &AlgoKey, descs: &Descs, want: &AlgoConfig) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let usable = self.usable(key, descs)?;
+        let configs = usable.iter().map(AlgoConfig::of).collect::<Result<Vec<_>>>()?;
+        match configs.iter().position(|c| c == want) {
+            Some(i) => Ok(usable[i]),
+            None => Err(Error::Unsupported {
+                what: NO_CANDIDATE,
+                detail: format!(
+                    "cuBLASLt proposes no algorithm with configuration {want} for {}; its {} usable ones: {}",
+                    describe(key),
+                    configs.len(),
+                    configs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        }
     }
 
     /// The heuristic's first [`MAX_CANDIDATES`] proposals that fit [`WORKSPACE_BYTES`], in its
@@ -1271,14 +1515,48 @@ mod tests {
     #[test]
     fn pins_parse_or_name_the_bad_entry() {
         assert_eq!(parse_pins("").unwrap(), vec![]);
-        assert_eq!(
-            parse_pins("3136x768x8192=2, 8192x768x3136=0").unwrap(),
-            vec![((3136, 768, 8192), 2), ((8192, 768, 3136), 0)]
-        );
-        for bad in ["3136x768=2", "3136x768x8192", "axbxc=1", "1x2x3=x", "1x2x3=16", "1x2x3x4=0"] {
+        let config = AlgoConfig([66, 21, 1, 0, 0, 0, 17, 0, 3]);
+        let pins = vec![
+            ((3136, 768, 8192), PinChoice::Rank(2)),
+            ((8192, 768, 3136), PinChoice::Rank(0)),
+            ((3136, 8192, 768), PinChoice::Config(config)),
+        ];
+        let text = "3136x768x8192=2, 8192x768x3136=0,3136x8192x768=@a66.t21.k1.r0.w0.c0.s17.i0.l3";
+        assert_eq!(parse_pins(text).unwrap(), pins);
+        // Written as the variable takes them, and read back.
+        assert_eq!(pin_text(&pins), text.replace(", ", ","));
+        assert_eq!(parse_pins(&pin_text(&pins)).unwrap(), pins);
+        for bad in [
+            "3136x768=2",
+            "3136x768x8192",
+            "axbxc=1",
+            "1x2x3=x",
+            "1x2x3=16",
+            "1x2x3x4=0",
+            "1x2x3=@",
+            "1x2x3=@a66.t21.k1.r0.w0.c0.s17.i0",
+            "1x2x3=@a66.t21.k1.r0.w0.c0.s17.i0.l3.x1",
+            "1x2x3=@t21.a66.k1.r0.w0.c0.s17.i0.l3",
+            "1x2x3=@a66.t21.k1.r0.w0.c0.s17.i0.lx",
+            "1x2x3=a66.t21.k1.r0.w0.c0.s17.i0.l3",
+        ] {
             let err = parse_pins(bad).unwrap_err().to_string();
-            assert!(err.contains(PIN_VAR) && err.contains(bad), "{bad}: {err}");
+            assert!(err.contains(PIN_VAR) && err.contains(bad) && err.contains(AlgoConfig::EXAMPLE), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn configurations_read_back_and_widen_by_sign() {
+        let config = AlgoConfig([-1, 4_294_967_295, 2, 1, 1, 3, 65_535, 1, 2]);
+        assert_eq!(config.to_string(), "a-1.t4294967295.k2.r1.w1.c3.s65535.i1.l2");
+        assert_eq!(config.to_string().parse::<AlgoConfig>(), Ok(config));
+        assert_eq!(AlgoConfig::EXAMPLE.parse::<AlgoConfig>().map(|c| c.to_string()), Ok(AlgoConfig::EXAMPLE.into()));
+        // Attribute bytes as cuBLASLt writes them: little-endian, 2 or 4 bytes here.
+        assert_eq!(widen(&[0xff, 0xff, 0xff, 0xff], true), -1);
+        assert_eq!(widen(&[0xff, 0xff, 0xff, 0xff], false), 4_294_967_295);
+        assert_eq!(widen(&[0x03, 0x00], false), 3);
+        assert_eq!(widen(&[0xfe, 0xff], true), -2);
+        assert_eq!(widen(&[0x42, 0, 0, 0, 0, 0, 0, 0x80], true), i64::MIN + 0x42);
     }
 
     #[test]
