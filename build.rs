@@ -11,6 +11,12 @@
 //! Without nvcc the crate still builds: a cargo warning says so, and the CUDA backend returns
 //! `Error::KernelsNotBuilt` at run time. With `MAPET_REQUIRE_KERNELS=1` a missing nvcc or a kernel
 //! that fails to compile stops the build instead.
+//!
+//! Compiled fatbins are cached by content (`nvcc_cache`): a `.cu` file is compiled again only
+//! when it, a header it includes from `cuda/`, nvcc or the flags change, so that editing one
+//! kernel file rebuilds that file alone, and builds of other commits' trees (scripts/gpu-bundle.sh)
+//! reuse what is the same. The cache is `target/nvcc-cache` (beside the profile folders), or
+//! `$MAPET_NVCC_CACHE`; `MAPET_NVCC_CACHE=off` compiles everything every time.
 
 use std::env;
 use std::fmt::Write as _;
@@ -30,7 +36,9 @@ fn main() {
 
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-changed=build.rs");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "MAPET_REQUIRE_KERNELS", "MAPET_NVCC_FLAGS"] {
+    for var in
+        ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "MAPET_REQUIRE_KERNELS", "MAPET_NVCC_FLAGS", "MAPET_NVCC_CACHE"]
+    {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let require = env::var("MAPET_REQUIRE_KERNELS").map(|v| v == "1").unwrap_or(false);
@@ -42,7 +50,7 @@ fn main() {
 
     let kernels: Result<Vec<(String, PathBuf, PathBuf)>, String> = match find_nvcc(&root) {
         None => Err("nvcc not found (set NVCC or CUDA_HOME, or run scripts/install-cuda-toolchain.sh)".into()),
-        Some(nvcc) => compile_all(&nvcc, &cuda_dir, &sources, &out),
+        Some(nvcc) => compile_all(&nvcc, &cuda_dir, &sources, &out, nvcc_cache(&out).as_deref()),
     };
 
     let mut rs = String::new();
@@ -94,48 +102,127 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// Compiles all sources in parallel (one nvcc process each); returns (name, fatbin, report).
+/// The folder of cached fatbins: `$MAPET_NVCC_CACHE` (`off`: none), else `nvcc-cache` in the
+/// target folder, four levels above OUT_DIR (`<target>/<profile>/build/<package>/out`).
+fn nvcc_cache(out: &Path) -> Option<PathBuf> {
+    match env::var("MAPET_NVCC_CACHE") {
+        Ok(v) if v == "off" => None,
+        Ok(v) if !v.is_empty() => Some(PathBuf::from(v)),
+        _ => out.ancestors().nth(4).map(|target| target.join("nvcc-cache")),
+    }
+}
+
+/// FNV-1a, 128 bits: the cache key of a compilation's inputs (no dependency needed, and stable
+/// across Rust versions, which std's hasher is not).
+struct Fnv128(u128);
+
+impl Fnv128 {
+    fn new() -> Self {
+        Fnv128(0x6c62272e07bb014262b821756295c58d)
+    }
+
+    /// Adds `bytes` with its length first, so that two inputs cannot run into each other.
+    fn add(&mut self, bytes: &[u8]) {
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            self.0 = (self.0 ^ u128::from(*b)).wrapping_mul(0x0000000001000000000000000000013b);
+        }
+    }
+}
+
+/// The files of `cuda_dir` that `src` includes with `#include "..."`, directly or through another
+/// such file, sorted; names that are not files there (a toolkit header) are left to nvcc's version.
+fn local_includes(cuda_dir: &Path, src: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    let mut todo = vec![src.to_path_buf()];
+    while let Some(file) = todo.pop() {
+        let text = fs::read_to_string(&file).unwrap_or_default();
+        for line in text.lines() {
+            let Some(rest) = line.trim_start().strip_prefix("#include") else { continue };
+            let Some(name) = rest.trim().strip_prefix('"').and_then(|r| r.split('"').next()) else { continue };
+            let path = cuda_dir.join(name);
+            if path.is_file() && !found.contains(&path) {
+                found.push(path.clone());
+                todo.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Compiles all sources in parallel (one nvcc process each), taking from `cache` the fatbin and
+/// report of any whose inputs it has seen (and adding the others); returns (name, fatbin, report).
 fn compile_all(
     nvcc: &Path,
     cuda_dir: &Path,
     sources: &[PathBuf],
     out: &Path,
+    cache: Option<&Path>,
 ) -> Result<Vec<(String, PathBuf, PathBuf)>, String> {
     let extra: Vec<String> =
         env::var("MAPET_NVCC_FLAGS").map(|s| s.split_whitespace().map(String::from).collect()).unwrap_or_default();
-    let jobs: Vec<_> = sources
-        .iter()
-        .map(|src| {
-            let name = src.file_stem().unwrap().to_string_lossy().into_owned();
-            let fatbin = out.join(format!("{name}.fatbin"));
-            let report = out.join(format!("{name}.ptxas.txt"));
-            let mut cmd = Command::new(nvcc);
-            cmd.arg("-fatbin")
-                .args(GENCODES)
-                .args(["-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"])
-                .arg(format!("-I{}", cuda_dir.display()))
-                .args(&extra)
-                .arg(src)
-                .arg("-o")
-                .arg(&fatbin);
-            (name, fatbin, report, cmd)
-        })
-        .collect();
+    const FLAGS: &[&str] = &["-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"];
+    // What every key starts with: the compiler (its path and its own account of its version)
+    // and the flags.
+    let mut common = Fnv128::new();
+    if cache.is_some() {
+        let version = Command::new(nvcc).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
+        common.add(nvcc.as_os_str().as_encoded_bytes());
+        common.add(&version);
+        for flag in GENCODES.iter().chain(FLAGS).map(|f| f.to_string()).chain(extra.iter().cloned()) {
+            common.add(flag.as_bytes());
+        }
+    }
+    let mut done = Vec::new();
+    let mut jobs = Vec::new();
+    for src in sources {
+        let name = src.file_stem().unwrap().to_string_lossy().into_owned();
+        let fatbin = out.join(format!("{name}.fatbin"));
+        let report = out.join(format!("{name}.ptxas.txt"));
+        let cached = cache.map(|dir| {
+            let mut key = Fnv128(common.0);
+            for file in std::iter::once(src.to_path_buf()).chain(local_includes(cuda_dir, src)) {
+                key.add(file.file_name().unwrap().as_encoded_bytes());
+                key.add(&fs::read(&file).unwrap_or_default());
+            }
+            let stem = dir.join(format!("{name}-{:032x}", key.0));
+            (stem.with_extension("fatbin"), stem.with_extension("ptxas.txt"))
+        });
+        if let Some((hit_fatbin, hit_report)) = &cached {
+            if hit_fatbin.is_file()
+                && hit_report.is_file()
+                && fs::copy(hit_fatbin, &fatbin).is_ok()
+                && fs::copy(hit_report, &report).is_ok()
+            {
+                done.push((name, fatbin, report));
+                continue;
+            }
+        }
+        let mut cmd = Command::new(nvcc);
+        cmd.arg("-fatbin")
+            .args(GENCODES)
+            .args(FLAGS)
+            .arg(format!("-I{}", cuda_dir.display()))
+            .args(&extra)
+            .arg(src)
+            .arg("-o")
+            .arg(&fatbin);
+        jobs.push((name, fatbin, report, cached, cmd));
+    }
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .into_iter()
-            .map(|(name, fatbin, report, mut cmd)| {
+            .map(|(name, fatbin, report, cached, mut cmd)| {
                 s.spawn(move || {
                     let output = cmd.output();
-                    (name, fatbin, report, output)
+                    (name, fatbin, report, cached, output)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut done = Vec::new();
     let mut errors = String::new();
-    for (name, fatbin, report, output) in results {
+    for (name, fatbin, report, cached, output) in results {
         match output {
             Err(e) => writeln!(errors, "{name}.cu: could not run {}: {e}", nvcc.display()).unwrap(),
             Ok(o) if !o.status.success() => writeln!(
@@ -149,13 +236,31 @@ fn compile_all(
                 // ptxas -v writes its report to stderr.
                 let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
                 fs::write(&report, text).unwrap();
+                if let Some((to_fatbin, to_report)) = &cached {
+                    store_in_cache(&[(&fatbin, to_fatbin), (&report, to_report)]);
+                }
                 done.push((name, fatbin, report));
             }
         }
     }
+    done.sort();
     if errors.is_empty() {
         Ok(done)
     } else {
         Err(errors)
+    }
+}
+
+/// Copies each (from, to) into the cache: first to a temporary name beside `to`, then renamed, so
+/// that a build running beside this one never takes a half-written file. The report goes last,
+/// and a hit needs both. Failures only cost the next build a compilation.
+fn store_in_cache(files: &[(&Path, &Path)]) {
+    for (from, to) in files {
+        let Some(dir) = to.parent() else { return };
+        let tmp = to.with_extension(format!("tmp{}", std::process::id()));
+        if fs::create_dir_all(dir).is_err() || fs::copy(from, &tmp).is_err() || fs::rename(&tmp, to).is_err() {
+            let _ = fs::remove_file(&tmp);
+            return;
+        }
     }
 }

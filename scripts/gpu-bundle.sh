@@ -37,6 +37,9 @@ export CARGO_PROFILE_BENCH_DEBUG=0 CARGO_PROFILE_BENCH_STRIP=symbols
 if [ -z "${NVCC:-}" ] && [ -x "$root/.cuda-toolchain/cuda/bin/nvcc" ]; then
   export NVCC="$root/.cuda-toolchain/cuda/bin/nvcc"
 fi
+# Nor a target folder: one fatbin cache (build.rs) for every tree built here, so that a kernel
+# file that is the same at two commits is compiled once.
+export MAPET_NVCC_CACHE="${MAPET_NVCC_CACHE:-$root/target/nvcc-cache}"
 rm -rf "$out"
 final="$out"
 out="$out/payload"
@@ -122,17 +125,26 @@ if [ -n "${MAPET_BISECT_REVS:-}" ]; then
     }
     short="$(git -C "$root" rev-parse --short=7 "$rev")"
     keep="$root/target/bisect/$rev"
+    # The binaries this commit still lacks, built in one cargo call from one worktree (the
+    # crate and its kernels once a commit, not once a test).
+    missing=()
     for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do
-      [ -x "$keep/$t" ] && continue
-      echo "building test $t at $short" >&2
+      [ -x "$keep/$t" ] || missing+=(--test "$t")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+      echo "building tests ${missing[*]} at $short" >&2
       tree="$(mktemp -d)"
       git -C "$root" worktree add --detach "$tree" "$rev" >/dev/null
       mkdir -p "$keep"
-      (cd "$tree" && CARGO_TARGET_DIR="$root/target/bisect/build" cargo test --release --no-run --test "$t" \
+      (cd "$tree" && CARGO_TARGET_DIR="$root/target/bisect/build" cargo test --release --no-run "${missing[@]}" \
         --message-format=json 2>/dev/null) | list_executables | while read -r name kinds exe; do
-        [ "$name" = "$t" ] && cp "$exe" "$keep/$t"
+        for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do
+          if [ "$name" = "$t" ]; then cp "$exe" "$keep/$t"; fi
+        done
       done
       git -C "$root" worktree remove --force "$tree"
+    fi
+    for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do
       [ -x "$keep/$t" ] || { echo "error: no test binary $t at $short" >&2; exit 2; }
     done
     n=$((n + 1))
