@@ -292,6 +292,9 @@ pub struct BenchReport {
     pub kernels: Option<String>,
     /// What `MAPET_GEMM_TUNE=1` chose, a line per GEMM configuration (empty when it is off).
     pub gemm_tuning: Vec<String>,
+    /// The cuBLASLt algorithm every GEMM configuration of the step ran, a line each with its
+    /// configuration (`Gemm::algorithm_report`; empty on the CPU).
+    pub gemm_algorithms: Vec<String>,
 }
 
 /// One step's times (ms).
@@ -315,6 +318,7 @@ struct Measured {
     peak_tflops: Option<f64>,
     kernels: Option<String>,
     gemm_tuning: Vec<String>,
+    gemm_algorithms: Vec<String>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -411,6 +415,7 @@ fn run_cpu(
         peak_tflops: None,
         kernels: None,
         gemm_tuning: Vec::new(),
+        gemm_algorithms: Vec::new(),
     })
 }
 
@@ -540,6 +545,7 @@ fn run_cuda(
         peak_tflops: peak_tflops_for(gpu.name()),
         kernels: Some(model.backend().describe_kernels()),
         gemm_tuning: model.backend().gemm.tuning_report(),
+        gemm_algorithms: model.backend().gemm.algorithm_report(),
     })
 }
 
@@ -667,6 +673,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, String> {
         loss_last: t.last().map_or(f32::NAN, |s| s.loss),
         kernels: measured.kernels,
         gemm_tuning: measured.gemm_tuning,
+        gemm_algorithms: measured.gemm_algorithms,
     })
 }
 
@@ -748,6 +755,8 @@ impl BenchReport {
             ("loss_last", json_num(self.loss_last as f64)),
             ("kernels", json_opt(self.kernels.as_deref(), json_str)),
             ("gemm_tuned_configurations", self.gemm_tuning.len().to_string()),
+            // One string, a line per configuration (the object stays flat).
+            ("gemm_algorithms", json_str(&self.gemm_algorithms.join("\n"))),
         ];
         let body: Vec<String> = fields.into_iter().map(|(k, v)| format!("{}: {v}", json_str(k))).collect();
         format!("{{{}}}", body.join(", "))
@@ -804,6 +813,15 @@ impl BenchReport {
         if !self.gemm_tuning.is_empty() {
             s += &format!("\ngemm tuning     {} configurations (MAPET_GEMM_TUNE=1):", self.gemm_tuning.len());
             for line in &self.gemm_tuning {
+                s += &format!("\n  {line}");
+            }
+        }
+        if !self.gemm_algorithms.is_empty() {
+            s += &format!(
+                "\ngemm algorithms {} configurations (MAPET_GEMM_PIN=MxNxK=@CONFIG pins one):",
+                self.gemm_algorithms.len()
+            );
+            for line in &self.gemm_algorithms {
                 s += &format!("\n  {line}");
             }
         }

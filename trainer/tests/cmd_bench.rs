@@ -171,6 +171,7 @@ fn cpu_bench_prints_json_with_every_field() {
         "loss_last",
         "kernels",
         "gemm_tuned_configurations",
+        "gemm_algorithms",
     ];
     for k in keys {
         assert!(j.contains_key(k), "field {k} missing");
@@ -180,6 +181,8 @@ fn cpu_bench_prints_json_with_every_field() {
     // The kernel choices and GEMM tuning are the GPU's.
     assert_eq!(j["kernels"], Value::Null);
     assert_eq!(j["gemm_tuned_configurations"], Value::Num(0.0));
+    // No cuBLASLt on the CPU: no algorithm to report.
+    assert_eq!(j["gemm_algorithms"], Value::Str(String::new()));
     let cfg = ModelConfig { image: 32, patch: 8, dim: 64, depth: 2, heads: 1, vocab: 32, context: 5 };
     for (k, want) in [
         ("image", 32.0),
@@ -364,5 +367,14 @@ fn gpu_bench_prints_json_with_device_fields() {
     for k in ["loss_first", "loss_last"] {
         let l = num(k);
         assert!(l.is_finite() && (l - 32f64.ln()).abs() < 1.0, "{k} = {l}");
+    }
+    // Every GEMM configuration of the step, with the configuration of the algorithm it ran (as
+    // MAPET_GEMM_PIN=MxNxK=@CONFIG takes it: nine values, each after its letter).
+    let Value::Str(algorithms) = &j["gemm_algorithms"] else { panic!("gemm_algorithms: {:?}", j["gemm_algorithms"]) };
+    let lines: Vec<&str> = algorithms.lines().collect();
+    assert!(lines.len() >= 4, "a step runs more GEMM configurations than {lines:?}");
+    for line in lines {
+        let config = line.rsplit(": ").next().unwrap();
+        assert!(config.parse::<mapet::cuda::gemm::AlgoConfig>().is_ok(), "no configuration at the end of {line:?}");
     }
 }
