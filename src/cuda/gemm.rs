@@ -670,7 +670,7 @@ impl AlgoConfig {
     pub const EXAMPLE: &'static str = "a66.t21.k1.r0.w0.c0.s17.i0.l3";
 
     /// The configuration of `algo`, read attribute by attribute (each at the size cuBLASLt
-    /// reports for it, up to 8 bytes, little-endian, sign-extended for the two signed ones).
+    /// takes for it, up to 8 bytes, little-endian, sign-extended for the two signed ones).
     fn of(algo: &sys::cublasLtMatmulAlgo_t) -> Result<Self> {
         use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
         let attrs = [
@@ -686,29 +686,38 @@ impl AlgoConfig {
         ];
         let mut values = [0i64; 9];
         for (value, attr) in values.iter_mut().zip(attrs) {
+            // Reads the attribute at `size` bytes; cuBLASLt refuses any size but its own.
+            let read = |size: usize| {
+                let mut bytes = [0u8; 8];
+                let mut written = 0usize;
+                // SAFETY: `algo` is a live algorithm structure and `bytes` has room for the
+                // `size` (<= 8) bytes asked for.
+                let status = unsafe {
+                    sys::cublasLtMatmulAlgoConfigGetAttribute(
+                        algo,
+                        attr,
+                        bytes.as_mut_ptr() as *mut c_void,
+                        size,
+                        &mut written,
+                    )
+                };
+                (status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS).then_some(bytes)
+            };
+            // The size cuBLASLt reports for it (asked with no buffer), then the sizes its
+            // documented attribute types have, in case the query is refused.
             let mut size = 0usize;
-            // SAFETY: `algo` is a live algorithm structure; with a zero size and no buffer the
-            // call only writes the attribute's size into `size`.
-            unsafe { sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut size) }
-                .result()
-                .map_err(|e| cublas_err(e, &format!("sizing {attr:?}")))?;
-            if size == 0 || size > 8 {
-                return Err(unsupported("cuBLASLt algorithm", format!("{attr:?} is {size} bytes")));
-            }
-            let mut bytes = [0u8; 8];
-            let mut written = 0usize;
-            // SAFETY: `bytes` has room for the `size` (<= 8) bytes asked for.
-            unsafe {
-                sys::cublasLtMatmulAlgoConfigGetAttribute(
-                    algo,
-                    attr,
-                    bytes.as_mut_ptr() as *mut c_void,
-                    size,
-                    &mut written,
-                )
-            }
-            .result()
-            .map_err(|e| cublas_err(e, &format!("reading {attr:?}")))?;
+            // SAFETY: with a zero size and no buffer the call writes at most the attribute's size
+            // into `size`.
+            let queried =
+                unsafe { sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut size) }
+                    == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                    && (1..=8).contains(&size);
+            let (size, bytes) = queried
+                .then_some(size)
+                .into_iter()
+                .chain([4, 2, 8, 1])
+                .find_map(|size| read(size).map(|bytes| (size, bytes)))
+                .ok_or_else(|| unsupported("cuBLASLt algorithm", format!("{attr:?} could not be read")))?;
             let signed = matches!(attr, A::CUBLASLT_ALGO_CONFIG_ID | A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM);
             *value = widen(&bytes[..size], signed);
         }
