@@ -13,10 +13,13 @@
 //! that fails to compile stops the build instead.
 //!
 //! Compiled fatbins are cached by content (`nvcc_cache`): a `.cu` file is compiled again only
-//! when it, a header it includes from `cuda/`, nvcc or the flags change, so that editing one
-//! kernel file rebuilds that file alone, and builds of other commits' trees (scripts/gpu-bundle.sh)
-//! reuse what is the same. The cache is `target/nvcc-cache` (beside the profile folders), or
-//! `$MAPET_NVCC_CACHE`; `MAPET_NVCC_CACHE=off` compiles everything every time.
+//! when it, a header it includes from `cuda/`, nvcc, the host compiler or the flags change (the
+//! key: `compile_all`), so that editing one kernel file rebuilds that file alone, and builds of
+//! other commits' trees (scripts/gpu-bundle.sh) reuse what is the same. The cache is
+//! `target/nvcc-cache` (beside the profile folders), or `$MAPET_NVCC_CACHE` (an absolute path);
+//! `MAPET_NVCC_CACHE=off` compiles everything every time, and removing the folder empties it
+//! (nothing is ever evicted). A fatbin's line table names the source path it was compiled from,
+//! which for a cached one may be another tree's: only profilers' source views read it.
 
 use std::env;
 use std::fmt::Write as _;
@@ -38,6 +41,8 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     for var in
         ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "MAPET_REQUIRE_KERNELS", "MAPET_NVCC_FLAGS", "MAPET_NVCC_CACHE"]
+            .into_iter()
+            .chain(NVCC_ENV)
     {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -102,8 +107,12 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// The folder of cached fatbins: `$MAPET_NVCC_CACHE` (`off`: none), else `nvcc-cache` in the
-/// target folder, four levels above OUT_DIR (`<target>/<profile>/build/<package>/out`).
+/// Variables nvcc itself reads, which change what it compiles: part of the cache key.
+const NVCC_ENV: [&str; 3] = ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"];
+
+/// The folder of cached fatbins: `$MAPET_NVCC_CACHE` (`off`: none; a relative path is taken
+/// from the package folder, where build scripts run), else `nvcc-cache` in the target folder,
+/// four levels above OUT_DIR (`<target>/<profile>/build/<package>/out`).
 fn nvcc_cache(out: &Path) -> Option<PathBuf> {
     match env::var("MAPET_NVCC_CACHE") {
         Ok(v) if v == "off" => None,
@@ -129,16 +138,24 @@ impl Fnv128 {
     }
 }
 
-/// The files of `cuda_dir` that `src` includes with `#include "..."`, directly or through another
-/// such file, sorted; names that are not files there (a toolkit header) are left to nvcc's version.
+/// The files of `cuda_dir` (the one `-I` folder; it has no subfolders) that `src` includes, with
+/// `#include "..."` or `<...>`, directly or through another such file, sorted; names that are not
+/// files there (a toolkit header) are left to nvcc's and the host compiler's versions.
 fn local_includes(cuda_dir: &Path, src: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = Vec::new();
     let mut todo = vec![src.to_path_buf()];
     while let Some(file) = todo.pop() {
         let text = fs::read_to_string(&file).unwrap_or_default();
         for line in text.lines() {
-            let Some(rest) = line.trim_start().strip_prefix("#include") else { continue };
-            let Some(name) = rest.trim().strip_prefix('"').and_then(|r| r.split('"').next()) else { continue };
+            let Some(rest) = line.trim_start().strip_prefix('#') else { continue };
+            let Some(rest) = rest.trim_start().strip_prefix("include") else { continue };
+            let rest = rest.trim_start();
+            let close = match rest.chars().next() {
+                Some('"') => '"',
+                Some('<') => '>',
+                _ => continue,
+            };
+            let Some(name) = rest[1..].split(close).next() else { continue };
             let path = cuda_dir.join(name);
             if path.is_file() && !found.contains(&path) {
                 found.push(path.clone());
@@ -162,13 +179,19 @@ fn compile_all(
     let extra: Vec<String> =
         env::var("MAPET_NVCC_FLAGS").map(|s| s.split_whitespace().map(String::from).collect()).unwrap_or_default();
     const FLAGS: &[&str] = &["-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"];
-    // What every key starts with: the compiler (its path and its own account of its version)
-    // and the flags.
+    // What every key starts with: nvcc (its path and its own account of its version), the host
+    // compiler that preprocesses the sources (NVCC_CCBIN's, else g++, nvcc's default on Linux:
+    // its version), the variables nvcc reads, and the flags.
     let mut common = Fnv128::new();
     if cache.is_some() {
-        let version = Command::new(nvcc).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
+        let version = |tool: &Path| Command::new(tool).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
         common.add(nvcc.as_os_str().as_encoded_bytes());
-        common.add(&version);
+        common.add(&version(nvcc));
+        let host = env::var_os("NVCC_CCBIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("g++"));
+        common.add(&version(&host));
+        for var in NVCC_ENV {
+            common.add(env::var(var).unwrap_or_default().as_bytes());
+        }
         for flag in GENCODES.iter().chain(FLAGS).map(|f| f.to_string()).chain(extra.iter().cloned()) {
             common.add(flag.as_bytes());
         }
@@ -185,8 +208,8 @@ fn compile_all(
                 key.add(file.file_name().unwrap().as_encoded_bytes());
                 key.add(&fs::read(&file).unwrap_or_default());
             }
-            let stem = dir.join(format!("{name}-{:032x}", key.0));
-            (stem.with_extension("fatbin"), stem.with_extension("ptxas.txt"))
+            let stem = format!("{name}-{:032x}", key.0);
+            (dir.join(format!("{stem}.fatbin")), dir.join(format!("{stem}.ptxas.txt")))
         });
         if let Some((hit_fatbin, hit_report)) = &cached {
             if hit_fatbin.is_file()
@@ -257,7 +280,10 @@ fn compile_all(
 fn store_in_cache(files: &[(&Path, &Path)]) {
     for (from, to) in files {
         let Some(dir) = to.parent() else { return };
-        let tmp = to.with_extension(format!("tmp{}", std::process::id()));
+        // Unique to this process and moment, so that two builds (even in containers sharing the
+        // folder and a pid) never write one temporary file.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let tmp = PathBuf::from(format!("{}.tmp{}-{nanos}", to.display(), std::process::id()));
         if fs::create_dir_all(dir).is_err() || fs::copy(from, &tmp).is_err() || fs::rename(&tmp, to).is_err() {
             let _ = fs::remove_file(&tmp);
             return;

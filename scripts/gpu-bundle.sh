@@ -117,6 +117,7 @@ if [ -n "${MAPET_BISECT_REVS:-}" ]; then
   # binaries fails at this build, run.sh runs its failed tests at each of these commits in turn, so
   # the call that finds a fault also names the commit that brought it. Builds are kept in
   # target/bisect/REV (a commit's binaries never change), so a later bundle reuses them.
+  read -ra bisect_tests <<<"${MAPET_BISECT_TESTS:-attention_gpu patch_embed}"
   n=0
   for r in $MAPET_BISECT_REVS; do
     rev="$(git -C "$root" rev-parse --verify "$r^{commit}")" || {
@@ -126,9 +127,10 @@ if [ -n "${MAPET_BISECT_REVS:-}" ]; then
     short="$(git -C "$root" rev-parse --short=7 "$rev")"
     keep="$root/target/bisect/$rev"
     # The binaries this commit still lacks, built in one cargo call from one worktree (the
-    # crate and its kernels once a commit, not once a test).
+    # crate and its kernels once a commit, not once a test). cargo's messages go to a log there;
+    # a failed build leaves the worktree removed and names the missing binaries below.
     missing=()
-    for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do
+    for t in "${bisect_tests[@]}"; do
       [ -x "$keep/$t" ] || missing+=(--test "$t")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -137,20 +139,20 @@ if [ -n "${MAPET_BISECT_REVS:-}" ]; then
       git -C "$root" worktree add --detach "$tree" "$rev" >/dev/null
       mkdir -p "$keep"
       (cd "$tree" && CARGO_TARGET_DIR="$root/target/bisect/build" cargo test --release --no-run "${missing[@]}" \
-        --message-format=json 2>/dev/null) | list_executables | while read -r name kinds exe; do
-        for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do
+        --message-format=json 2>"$keep/build.log") | list_executables | while read -r name kinds exe; do
+        for t in "${bisect_tests[@]}"; do
           if [ "$name" = "$t" ]; then cp "$exe" "$keep/$t"; fi
         done
-      done
+      done || true
       git -C "$root" worktree remove --force "$tree"
     fi
-    for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do
-      [ -x "$keep/$t" ] || { echo "error: no test binary $t at $short" >&2; exit 2; }
+    for t in "${bisect_tests[@]}"; do
+      [ -x "$keep/$t" ] || { echo "error: no test binary $t at $short (cargo's messages: $keep/build.log)" >&2; exit 2; }
     done
     n=$((n + 1))
     dir="$out/tests-at/$(printf '%02d' "$n")-$short"
     mkdir -p "$dir"
-    for t in ${MAPET_BISECT_TESTS:-attention_gpu patch_embed}; do cp "$keep/$t" "$dir/$t"; done
+    for t in "${bisect_tests[@]}"; do cp "$keep/$t" "$dir/$t"; done
     git -C "$root" log -1 --format='%h %s' "$rev" | cut -c1-100 >"$dir/commit.txt"
   done
 fi
