@@ -661,10 +661,14 @@ fn every_heuristic_candidate_computes_the_product() {
     eprintln!("{test}: {} candidates, median ms {ranks:?}", ranks.len());
     assert!(!ranks.is_empty(), "the heuristic proposed no algorithm");
     assert_eq!(ranks.iter().map(|r| r.rank).collect::<Vec<_>>(), (0..ranks.len()).collect::<Vec<_>>());
-    // Every candidate's configuration was read, and reads back from its written form.
-    for r in &ranks {
-        let config = r.config.unwrap_or_else(|| panic!("candidate #{}: no configuration", r.rank));
-        assert_eq!(config.to_string().parse::<AlgoConfig>(), Ok(config));
+    // Every candidate's configuration was read, and no two candidates share one: what makes a
+    // pin by configuration (MAPET_GEMM_PIN=MxNxK=@CONFIG) name one of them.
+    let configs: Vec<AlgoConfig> =
+        ranks.iter().map(|r| r.config.unwrap_or_else(|| panic!("candidate #{}: no configuration", r.rank))).collect();
+    for (i, c) in configs.iter().enumerate() {
+        if let Some(j) = configs[..i].iter().position(|x| x == c) {
+            panic!("candidates #{j} and #{i} have the same configuration {c}");
+        }
     }
     assert_eq!(runs, 3 * ranks.len(), "2 warm-ups and 1 timed run a rank");
     assert_eq!(gemm.cached_algorithms(), cached, "a candidate's call cached an algorithm");
@@ -688,7 +692,12 @@ fn pinned_sizes_run_their_candidate() {
     let ranks = gemm
         .time_candidates(&gpu, 2, 1, || gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None))
         .unwrap();
-    let rank = ranks.len() - 1; // the second candidate where there is one
+    // The second candidate where there is one: then its configuration is not the default's
+    // (every_heuristic_candidate_computes_the_product), so the pins below are seen to select it.
+    let rank = ranks.len() - 1;
+    if rank == 0 {
+        eprintln!("{test}: cuBLASLt proposes one algorithm for {m} x {n} x {k}: its pins select the default");
+    }
     let config = ranks[rank].config.expect("the candidate's configuration");
     let pinned =
         Gemm::with_pins(&gpu, vec![((m, n, k), PinChoice::Rank(rank)), ((m + 1, n, k), PinChoice::Rank(0))]).unwrap();
@@ -706,7 +715,7 @@ fn pinned_sizes_run_their_candidate() {
     assert_within_baseline(&format!("{test} @{config}"), &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4);
     assert_eq!(by_config.config_pins(), vec![((m, n, k), PinChoice::Config(config))]);
     let report = by_config.algorithm_report();
-    assert!(report.len() == 1 && report[0].ends_with(&format!(": {config}")), "{report:?}");
+    assert!(report.len() == 1 && report[0].starts_with(&format!("{m}x{n}x{k}=@{config}: ")), "{report:?}");
 
     let absent = Gemm::with_pins(&gpu, vec![((m, n, k), PinChoice::Rank(MAX_CANDIDATES - 1))]).unwrap();
     match absent.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None) {

@@ -107,6 +107,9 @@
 //! does): faster where the heuristic's first choice is not the best, at the price of a
 //! synchronisation and a few extra GEMMs per configuration, and of bits that may differ from one
 //! process to the next (the choice depends on timings). [`Gemm::tuning_report`] says what it chose.
+//! An algorithm's [`AlgoConfig`] names it across cuBLASLt versions, where a rank does not: a pin
+//! may give one (`MxNxK=@CONFIG`), and [`Gemm::algorithm_report`] lists those of the cached
+//! algorithms ([`Gemm::config_pins`] as pins).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -544,11 +547,11 @@ pub struct Gemm {
 /// epilogue) then runs the R-th algorithm the heuristic proposes for it, as
 /// [`Gemm::time_candidates`] numbers them (0 is the default), or the one it proposes with the
 /// configuration [`AlgoConfig`] CONFIG (as `Gemm::time_candidates` and [`Gemm::algorithm_report`]
-/// print them), wherever it ranks it. For trying a candidate that `benches/gemm.rs` or
-/// `benches/cross_entropy.rs` found faster, without a rebuild. A rank names a different algorithm
-/// from one cuBLASLt version (or card) to the next; a configuration names the same kernel
-/// configuration in every version that still proposes it, and a call whose heuristic does not
-/// fails, naming the variable.
+/// print them), whatever its rank among the first [`MAX_CANDIDATES`]. For trying a candidate
+/// that `benches/gemm.rs` or `benches/cross_entropy.rs` found faster, without a rebuild. A rank
+/// names a different algorithm from one cuBLASLt version (or card) to the next; a configuration
+/// names the same kernel configuration in every version that still proposes it, and a call whose
+/// heuristic does not fails, naming the variable.
 pub const PIN_VAR: &str = "MAPET_GEMM_PIN";
 
 /// The environment variable that turns tuning on (`1`) or off (`0`, the default), read when a
@@ -601,7 +604,8 @@ impl std::fmt::Display for Candidate {
 pub enum PinChoice {
     /// The heuristic's r-th usable proposal (`MxNxK=R`; 0 is the default).
     Rank(usize),
-    /// The usable proposal with this configuration, wherever the heuristic ranks it (`MxNxK=@CONFIG`).
+    /// The usable proposal with this configuration, whatever its rank among the heuristic's first
+    /// [`MAX_CANDIDATES`] (`MxNxK=@CONFIG`).
     Config(AlgoConfig),
 }
 
@@ -658,8 +662,10 @@ pub fn parse_pins(text: &str) -> Result<Vec<Pin>> {
 /// tile, stages, inner and cluster shape as the numbers of cuBLASLt's `cublasLtMatmulTile_t`,
 /// `cublasLtMatmulStages_t`, `cublasLtMatmulInnerShape_t` and `cublasLtClusterShape_t`). Written
 /// and parsed as `a66.t21.k1.r0.w0.c0.s17.i0.l3`, a letter before each value, in that order.
-/// Two of the heuristic's proposals with the same configuration run the same kernel the same way,
-/// in any version that has it; a proposal's rank carries no such meaning.
+/// The configuration is what cuBLASLt lets a caller set to build an algorithm, so it names one
+/// kernel configuration in any version that has it, where a proposal's rank in the heuristic's
+/// list names whatever that version puts there. (That no two of one call's proposals share a
+/// configuration is checked on a card: `tests/gemm.rs`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AlgoConfig(pub [i64; 9]);
 
@@ -670,7 +676,7 @@ impl AlgoConfig {
     pub const EXAMPLE: &'static str = "a66.t21.k1.r0.w0.c0.s17.i0.l3";
 
     /// The configuration of `algo`, read attribute by attribute (each at the size cuBLASLt
-    /// takes for it, up to 8 bytes, little-endian, sign-extended for the two signed ones).
+    /// takes for it, up to 8 bytes, little-endian, the signed algorithm id sign-extended).
     fn of(algo: &sys::cublasLtMatmulAlgo_t) -> Result<Self> {
         use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
         let attrs = [
@@ -701,7 +707,7 @@ impl AlgoConfig {
                         &mut written,
                     )
                 };
-                (status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS).then_some(bytes)
+                (status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS).then_some((bytes, written.clamp(1, size)))
             };
             // The size cuBLASLt reports for it (asked with no buffer), then the sizes its
             // documented attribute types have, in case the query is refused.
@@ -712,14 +718,14 @@ impl AlgoConfig {
                 unsafe { sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut size) }
                     == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
                     && (1..=8).contains(&size);
-            let (size, bytes) = queried
+            let (bytes, width) = queried
                 .then_some(size)
                 .into_iter()
                 .chain([4, 2, 8, 1])
-                .find_map(|size| read(size).map(|bytes| (size, bytes)))
+                .find_map(read)
                 .ok_or_else(|| unsupported("cuBLASLt algorithm", format!("{attr:?} could not be read")))?;
-            let signed = matches!(attr, A::CUBLASLT_ALGO_CONFIG_ID | A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM);
-            *value = widen(&bytes[..size], signed);
+            // The algorithm id is cuBLASLt's one signed attribute (int32_t).
+            *value = widen(&bytes[..width], attr == A::CUBLASLT_ALGO_CONFIG_ID);
         }
         Ok(AlgoConfig(values))
     }
@@ -1010,15 +1016,18 @@ impl Gemm {
         pins
     }
 
-    /// The algorithm each configuration cached so far runs, a line each, sorted: the call as
-    /// cuBLASLt sees it and the algorithm's [`AlgoConfig`] (what [`PIN_VAR`] may pin it by).
+    /// The algorithm each configuration cached so far runs, a line each, sorted: the pin that
+    /// selects it (`MxNxK=@CONFIG`, as [`PIN_VAR`] takes it), then the call as cuBLASLt sees it.
     pub fn algorithm_report(&self) -> Vec<String> {
         let algos = self.algos.lock().unwrap_or_else(|p| p.into_inner());
         let mut lines: Vec<String> = algos
             .iter()
-            .map(|(key, algo)| match AlgoConfig::of(algo) {
-                Ok(config) => format!("{}: {config}", describe(key)),
-                Err(e) => format!("{}: configuration unreadable ({e})", describe(key)),
+            .map(|(key, algo)| {
+                let size = format!("{}x{}x{}", key.m, key.n, key.k);
+                match AlgoConfig::of(algo) {
+                    Ok(config) => format!("{size}=@{config}: {}", describe(key)),
+                    Err(e) => format!("{size} (configuration unreadable: {e}): {}", describe(key)),
+                }
             })
             .collect();
         lines.sort();
@@ -1417,16 +1426,22 @@ impl Gemm {
                 describe(key)
             ),
         })?;
-        *self.last_candidate.lock().unwrap_or_else(|e| e.into_inner()) = AlgoConfig::of(&algo).ok();
+        // Read once a rank (time_candidates clears it before each), not on every timed call.
+        let mut last = self.last_candidate.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none() {
+            *last = AlgoConfig::of(&algo).ok();
+        }
         Ok(algo)
     }
 
-    /// The heuristic's usable proposal with the configuration `want` ([`PinChoice::Config`]),
-    /// wherever it ranks it; an error listing the configurations it does propose otherwise.
+    /// The first of the heuristic's usable proposals (its first [`MAX_CANDIDATES`]) with the
+    /// configuration `want` ([`PinChoice::Config`]), whatever its rank among them; an error
+    /// listing the configurations it does propose otherwise. A proposal whose configuration
+    /// cannot be read is passed over.
     fn configured(&self, key: &AlgoKey, descs: &Descs, want: &AlgoConfig) -> Result<sys::cublasLtMatmulAlgo_t> {
         let usable = self.usable(key, descs)?;
-        let configs = usable.iter().map(AlgoConfig::of).collect::<Result<Vec<_>>>()?;
-        match configs.iter().position(|c| c == want) {
+        let configs: Vec<Option<AlgoConfig>> = usable.iter().map(|a| AlgoConfig::of(a).ok()).collect();
+        match configs.iter().position(|c| c.as_ref() == Some(want)) {
             Some(i) => Ok(usable[i]),
             None => Err(Error::Unsupported {
                 what: NO_CANDIDATE,
@@ -1434,7 +1449,11 @@ impl Gemm {
                     "cuBLASLt proposes no algorithm with configuration {want} for {}; its {} usable ones: {}",
                     describe(key),
                     configs.len(),
-                    configs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+                    configs
+                        .iter()
+                        .map(|c| c.map_or("(unreadable)".to_string(), |c| c.to_string()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             }),
         }

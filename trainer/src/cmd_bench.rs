@@ -818,7 +818,7 @@ impl BenchReport {
         }
         if !self.gemm_algorithms.is_empty() {
             s += &format!(
-                "\ngemm algorithms {} configurations (MAPET_GEMM_PIN=MxNxK=@CONFIG pins one):",
+                "\ngemm algorithms {} configurations (each line's MxNxK=@CONFIG, given to MAPET_GEMM_PIN, pins it):",
                 self.gemm_algorithms.len()
             );
             for line in &self.gemm_algorithms {

@@ -368,13 +368,15 @@ fn gpu_bench_prints_json_with_device_fields() {
         let l = num(k);
         assert!(l.is_finite() && (l - 32f64.ln()).abs() < 1.0, "{k} = {l}");
     }
-    // Every GEMM configuration of the step, with the configuration of the algorithm it ran (as
-    // MAPET_GEMM_PIN=MxNxK=@CONFIG takes it: nine values, each after its letter).
+    // Every GEMM configuration of the step, led by the pin of the algorithm it ran, as
+    // MAPET_GEMM_PIN takes it (MxNxK=@CONFIG).
     let Value::Str(algorithms) = &j["gemm_algorithms"] else { panic!("gemm_algorithms: {:?}", j["gemm_algorithms"]) };
     let lines: Vec<&str> = algorithms.lines().collect();
     assert!(lines.len() >= 4, "a step runs more GEMM configurations than {lines:?}");
     for line in lines {
-        let config = line.rsplit(": ").next().unwrap();
-        assert!(config.parse::<mapet::cuda::gemm::AlgoConfig>().is_ok(), "no configuration at the end of {line:?}");
+        let pin = line.split(": ").next().unwrap();
+        let pins =
+            mapet::cuda::gemm::parse_pins(pin).unwrap_or_else(|e| panic!("{line:?} does not start with a pin: {e}"));
+        assert!(matches!(pins[..], [(_, mapet::cuda::gemm::PinChoice::Config(_))]), "{line:?}");
     }
 }
