@@ -150,6 +150,26 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
             }
             gpu.set_dependent_launches(false);
         }
+        // The wgmma dK/dV kernels sending the next wave's rows to L2 (Gpu::set_next_wave_to_l2,
+        // MAPET_L2_AHEAD), at ViT-B: the default set's backward and the fused set's.
+        if name == "vit-b" {
+            gpu.set_next_wave_to_l2(true);
+            for kernels in [AttentionKernels::Wgmma, AttentionKernels::WgmmaFused] {
+                if !sets.contains(&kernels) {
+                    continue;
+                }
+                print_results(gpu, name, &format!("{} (next wave to L2)", kernels.name()), flops, |bwd_too| {
+                    attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)?;
+                    if bwd_too {
+                        attention::cuda_backward(
+                            gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
+                        )?;
+                    }
+                    Ok(())
+                });
+            }
+            gpu.set_next_wave_to_l2(false);
+        }
         // How many CTAs of the dK/dV kernel an SM holds (registers bound it).
         let kernel = "mapet_attention_bwd_dkdv";
         let per_sm = gpu

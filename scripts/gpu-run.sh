@@ -591,11 +591,14 @@ sets("attention", "wgmma", "OK_ATTENTION", r"RESULT attention vit-b (\S+) forwar
 sets("patch embedding", "hwc-ws-raw", "OK_PATCH", r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median",
      "MAPET_PATCH_EMBED_ORDER", "MAPET_PATCH_EMBED_BACKWARD_ORDER")
 # Programmatic dependent launches (MAPET_DEPENDENT_LAUNCH=1) against the same kernels launched
-# plainly: noted, not chosen (the switch covers both ops at once).
-for what, pat in [
-    ("attention", r"RESULT attention vit-b wgmma(?P<dep> \(dependent launches\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
-    ("patch embedding", r"RESULT patch_embed forward\+backward u8 hwc-ws-raw(?P<dep> \(dependent launches\))? \(.*: (?P<ms>[0-9.]+) ms median"),
-    ("cross-entropy", r"RESULT cross_entropy forward\+backward (?P<ms>[0-9.]+) ms \(rounds [^)]*\) with one pass,(?P<dep> dependent launches,)? default GEMMs, queued a chunk"),
+# plainly, and the wgmma dK/dV kernels sending the next wave's rows to L2 (MAPET_L2_AHEAD=1)
+# against the same kernels without: noted, not chosen (each switch covers more than one op or set).
+for what, how, pat in [
+    ("attention", "dependent launches", r"RESULT attention vit-b wgmma(?P<dep> \(dependent launches\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
+    ("patch embedding", "dependent launches", r"RESULT patch_embed forward\+backward u8 hwc-ws-raw(?P<dep> \(dependent launches\))? \(.*: (?P<ms>[0-9.]+) ms median"),
+    ("cross-entropy", "dependent launches", r"RESULT cross_entropy forward\+backward (?P<ms>[0-9.]+) ms \(rounds [^)]*\) with one pass,(?P<dep> dependent launches,)? default GEMMs, queued a chunk"),
+    ("attention wgmma", "next wave to L2", r"RESULT attention vit-b wgmma(?P<dep> \(next wave to L2\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
+    ("attention wgmma-fused", "next wave to L2", r"RESULT attention vit-b wgmma-fused(?P<dep> \(next wave to L2\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
 ]:
     t = {}
     for l in lines:
@@ -603,7 +606,7 @@ for what, pat in [
         if m:
             t[bool(m.group("dep"))] = float(m.group("ms"))
     if len(t) == 2:
-        notes.append(f"{what}: dependent launches {t[True]:.4f} ms against {t[False]:.4f} ({t[True] / t[False]:.3f})")
+        notes.append(f"{what}: {how} {t[True]:.4f} ms against {t[False]:.4f} ({t[True] / t[False]:.3f})")
 
 # The cross-entropy's queued race: "<passes>[, rows reversed][, paired rows], <GEMMs>, queued",
 # timed alike. Paired rows are a variant of the row kernel that its tests cover ("passes").

@@ -514,6 +514,33 @@ fn dependent_launches_give_the_same_bits() {
     }
 }
 
+/// Sending the next wave's operands to L2 (`Gpu::set_next_wave_to_l2`, `MAPET_L2_AHEAD`; the wgmma
+/// dK/dV kernels take it) changes what L2 holds, never what a kernel computes: each set's outputs
+/// are the same bits with and without it. With twice as many (sample, head) pairs as SMs, so that
+/// the first wave's CTAs send a later wave's rows, and with fewer pairs than SMs (none sent).
+#[test]
+fn next_wave_to_l2_gives_the_same_bits() {
+    let test = "next_wave_to_l2_gives_the_same_bits";
+    let Some(gpu) = testing::gpu_poisoning_or_skip(test) else { return };
+    let mut rng = testing::rng(test);
+    let batch = (2 * gpu.sm_count() as usize).div_ceil(12);
+    for s in [shape(batch, 12, 197, 50), shape(3, 2, 37, 1)] {
+        let c = draw(&mut rng, s);
+        for kernels in sets() {
+            let plain = run_gpu(&gpu, kernels, &c);
+            gpu.set_next_wave_to_l2(true);
+            let ahead = run_gpu(&gpu, kernels, &c);
+            gpu.set_next_wave_to_l2(false);
+            assert_same_run_to_run(
+                &format!("{} with and without the next wave sent to L2, {s:?}", kernels.name()),
+                kernels,
+                &plain,
+                &ahead,
+            );
+        }
+    }
+}
+
 /// Two runs of `kernels` on the same inputs: the same bits, but for a set whose backward is not
 /// deterministic (`wgmma-fused`: its dQ adds its tiles in no fixed order), whose dQ may differ
 /// by the rounding of an f32 sum taken in another order, carried into bf16: at most one bf16 unit

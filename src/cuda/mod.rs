@@ -51,6 +51,9 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// The environment variable that turns [`Gpu::next_wave_to_l2`] on (`1`) when a [`Gpu`] is opened.
+pub const NEXT_WAVE_TO_L2_VAR: &str = "MAPET_L2_AHEAD";
+
 /// One device: its context, the stream every operation runs on, and the loaded kernel modules.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -66,6 +69,8 @@ pub struct Gpu {
     compute_capability: (u32, u32),
     /// Whether [`Gpu::launch_dependent`] launches as programmatic dependent launches.
     dependent_launches: AtomicBool,
+    /// Whether kernels that take it send the next wave's operands to L2 ([`Gpu::next_wave_to_l2`]).
+    next_wave_to_l2: AtomicBool,
     /// Whether [`Gpu::alloc`] fills what it allocates with `0xFF` bytes ([`Gpu::set_poison_allocations`]).
     poison_allocations: AtomicBool,
 }
@@ -187,6 +192,7 @@ impl Gpu {
             max_smem_optin,
             compute_capability,
             dependent_launches: AtomicBool::new(std::env::var("MAPET_DEPENDENT_LAUNCH").as_deref() == Ok("1")),
+            next_wave_to_l2: AtomicBool::new(std::env::var(NEXT_WAVE_TO_L2_VAR).as_deref() == Ok("1")),
             poison_allocations: AtomicBool::new(false),
         })
     }
@@ -362,6 +368,20 @@ impl Gpu {
     /// Asks for (or stops) programmatic dependent launches in [`Gpu::launch_dependent`].
     pub fn set_dependent_launches(&self, on: bool) {
         self.dependent_launches.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the kernels that run one CTA an SM through a whole (sample, head) pair (the wgmma
+    /// attention dK/dV kernels, fused one included) send the operands of the pair one wave
+    /// ahead to L2 as they start (`plan.l2_ahead`, cuda/attention.cu): asked for
+    /// ([`Gpu::set_next_wave_to_l2`], or [`NEXT_WAVE_TO_L2_VAR`]`=1` when the `Gpu` was opened).
+    /// Prefetches are hints: nothing computed changes. Experimental, off by default.
+    pub fn next_wave_to_l2(&self) -> bool {
+        self.next_wave_to_l2.load(Ordering::Relaxed)
+    }
+
+    /// Asks for (or stops) [`Gpu::next_wave_to_l2`].
+    pub fn set_next_wave_to_l2(&self, on: bool) {
+        self.next_wave_to_l2.store(on, Ordering::Relaxed);
     }
 
     /// Makes [`Gpu::alloc`] fill what it allocates with `0xFF` bytes (NaN in f32 and bf16, -1 in

@@ -290,10 +290,11 @@ pub struct MapetAttentionDkdv {
     pub hand_out: [i32; 18usize],
     pub hand_in: [i32; 18usize],
     pub hand: *mut f32,
+    pub l2_ahead: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 1008usize];
+    ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 1016usize];
     ["Alignment of MapetAttentionDkdv"][::core::mem::align_of::<MapetAttentionDkdv>() - 8usize];
     ["Offset of field: MapetAttentionDkdv::a"][::core::mem::offset_of!(MapetAttentionDkdv, a) - 0usize];
     ["Offset of field: MapetAttentionDkdv::live"][::core::mem::offset_of!(MapetAttentionDkdv, live) - 232usize];
@@ -312,6 +313,8 @@ const _: () = {
     ["Offset of field: MapetAttentionDkdv::hand_out"][::core::mem::offset_of!(MapetAttentionDkdv, hand_out) - 856usize];
     ["Offset of field: MapetAttentionDkdv::hand_in"][::core::mem::offset_of!(MapetAttentionDkdv, hand_in) - 928usize];
     ["Offset of field: MapetAttentionDkdv::hand"][::core::mem::offset_of!(MapetAttentionDkdv, hand) - 1000usize];
+    ["Offset of field: MapetAttentionDkdv::l2_ahead"]
+        [::core::mem::offset_of!(MapetAttentionDkdv, l2_ahead) - 1008usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -1202,6 +1202,7 @@ fn dkdv_params(
         hand_out: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         hand_in: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         hand: std::ptr::null_mut(),
+        l2_ahead: 0,
     };
     for (kt, (&(live, partial), &(k0, k1))) in tiling.masks.iter().zip(&tiling.runs).enumerate() {
         (plan.live[kt], plan.partial[kt]) = (live, partial);
@@ -1356,6 +1357,17 @@ fn wgmma_dkdv(
     Ok(Some((name, (grid_x, smem), plan, false)))
 }
 
+/// The wgmma dK/dV kernels' `l2_ahead` on `gpu`: 0, or where [`Gpu::next_wave_to_l2`] asks for it,
+/// the SM count. Those kernels run one CTA an SM, so the CTA that follows one on its SM is about
+/// that many launches later.
+fn next_wave_ahead(gpu: &Gpu) -> i32 {
+    if gpu.next_wave_to_l2() {
+        gpu.sm_count() as i32
+    } else {
+        0
+    }
+}
+
 /// What the launchers' choices depend on: `gpu`'s compute capability, SM count and the shared
 /// memory a block may take.
 fn device_limits(gpu: &Gpu) -> ((u32, u32), u32, u32) {
@@ -1472,7 +1484,8 @@ pub fn cuda_backward(
     (p.d_o, p.dq, p.dk, p.dv) = (d_o.ptr(), dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut());
     let (cc, sm_count, max_smem) = device_limits(gpu);
     if kernels == AttentionKernels::WgmmaFused {
-        if let Some((_, launch, plan, shared)) = wgmma_dkdv((cc, sm_count, max_smem), kernels, shape, p)? {
+        if let Some((_, launch, mut plan, shared)) = wgmma_dkdv((cc, sm_count, max_smem), kernels, shape, p)? {
+            plan.l2_ahead = next_wave_ahead(gpu);
             return fused_backward(gpu, shape, plan, shared, launch);
         }
     }
@@ -1492,7 +1505,8 @@ pub fn cuda_backward(
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
     // has [B, H, N+2P] elements, all of which every dQ kernel writes (the same values).
     unsafe { gpu.launch_dependent("attention", kernel, cfg, &p)? };
-    if let Some((kernel, launch, plan, _)) = wgmma_dkdv((cc, sm_count, max_smem), kernels, shape, p)? {
+    if let Some((kernel, launch, mut plan, _)) = wgmma_dkdv((cc, sm_count, max_smem), kernels, shape, p)? {
+        plan.l2_ahead = next_wave_ahead(gpu);
         let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
         // SAFETY: as below; the plan's chunk masks and deal are those of this shape and grid
         // (dkdv_params): every key is stored by exactly one warpgroup, every chunk of a shared
