@@ -153,6 +153,7 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
         // The wgmma dK/dV kernels sending the next wave's rows to L2 (Gpu::set_next_wave_to_l2,
         // MAPET_L2_AHEAD), at ViT-B: the default set's backward and the fused set's.
         if name == "vit-b" {
+            let asked = gpu.next_wave_to_l2();
             gpu.set_next_wave_to_l2(true);
             for kernels in [AttentionKernels::Wgmma, AttentionKernels::WgmmaFused] {
                 if !sets.contains(&kernels) {
@@ -168,7 +169,7 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
                     Ok(())
                 });
             }
-            gpu.set_next_wave_to_l2(false);
+            gpu.set_next_wave_to_l2(asked);
         }
         // How many CTAs of the dK/dV kernel an SM holds (registers bound it).
         let kernel = "mapet_attention_bwd_dkdv";

@@ -2463,40 +2463,59 @@ __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0
 }
 
 // plan.l2_ahead > 0 (MAPET_L2_AHEAD, experimental): the wgmma dK/dV kernels run one CTA an SM,
-// and each starts by copying half its pair's Q and dO rows (the fused kernel: reading its O rows
-// too, for delta) with nothing else on the SM to cover the wait, from DRAM: those rows were last
-// touched by other kernels. The CTA that starts on an SM when this one ends is about the one
-// launched plan.l2_ahead (the SM count) after it, since CTAs are handed out in launch order.
-// So this one sends that CTA's pair's rows to L2 once its own copies are queued (behind them,
-// and while its threads wait for them): Q, dO (O), 128 bytes a row, and the pair's lse and
-// delta. About 126 KB a pair at ViT (189 KB fused), 17 MB (25 MB) for a wave of 132. Hints
-// only: nothing waits for them or reads them here, so no result can change.
-// Each 32-byte sector of a row gets a prefetch of its own (consecutive threads take a row's
-// four), since a prefetch is only sure to bring the sector it names. Not the bulk prefetch
+// and each starts by copying the Q and dO rows of the first half of its pair's positions (the
+// fused kernel: reading every O and dO row too, for delta) with nothing else on the SM to cover
+// the wait, from DRAM: those rows were last touched by other kernels. The CTA that starts on an
+// SM when this one ends is about the one launched plan.l2_ahead (the SM count) after it, since
+// CTAs are handed out in launch order. So this one sends that CTA's rows to L2 once its own
+// copies are queued (behind them, and while its threads wait for them):
+// - the Q and dO rows of the first half of the positions (`half`, as the copies' group A; the
+//   second half lands while the warpgroups compute); the fused kernel's dO rows all, and its O
+//   rows, which its prologue reads all of;
+// - the pair's lse, and delta (not the fused kernel's: it has none).
+// Where a pair has several CTAs (gridDim.x > 1), only its first one's predecessor sends them,
+// once. About 63 KB a pair at ViT (157 KB fused), 8 MB (21 MB) for a wave of 132. Hints only:
+// nothing waits for them or reads them here, so no result can change.
+// Each 32-byte sector gets a prefetch of its own (consecutive threads take a row's four), since
+// a prefetch is only sure to bring the sector it names. Not the bulk prefetch
 // (cp.async.bulk.prefetch.L2), which takes a whole span in one instruction: its address is a
 // uniform register, so per-thread rows compile to a loop over the warp's lanes, 32 in turn.
 template <bool kFused>
-__device__ __forceinline__ void dkdv_next_wave_to_l2(const MapetAttentionDkdv& plan, const Geometry& G, int tid) {
+__device__ __forceinline__ void dkdv_next_wave_to_l2(const MapetAttentionDkdv& plan, const Geometry& G, int half,
+                                                     int tid) {
     const MapetAttention& prm = plan.a;
     const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
-    const int64_t target = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z) + plan.l2_ahead;
-    if (target >= ctas) return;
+    const int64_t target = blockIdx.x +
+                           static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z) +
+                           plan.l2_ahead;
+    if (target >= ctas || target % gridDim.x != 0) return;
     // Its pair: grid (CTAs a pair, H, B).
     const int64_t pair = target / gridDim.x;
     const int head = static_cast<int>(pair % gridDim.y), b = static_cast<int>(pair / gridDim.y);
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
     const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;
-    for (int i = tid; i < 4 * G.lq; i += MAPET_ATTN_WG_DKDV_THREADS) {
-        const int64_t r = i >> 2, col = 16 * (i & 3);  // row r's sector i % 4 (16 bf16)
+    // Q (and dO) rows of the first half's positions, in position order (row_at).
+    for (int i = tid; i < 4 * half; i += MAPET_ATTN_WG_DKDV_THREADS) {
+        const int64_t r = row_at(i >> 2, G), col = 16 * (i & 3);  // sector i % 4 (16 bf16) of the row
+        if (r >= G.lq) continue;
         prefetch_l2(qg + r * prm.q_row_stride + col);
-        prefetch_l2(dog + r * prm.do_row_stride + col);
-        if constexpr (kFused) prefetch_l2(og + r * prm.o_row_stride + col);
+        if constexpr (!kFused) prefetch_l2(dog + r * prm.do_row_stride + col);
     }
-    // lse and delta: G.lq floats each from (b H + head) Lq, a 128-byte line a thread.
-    for (int i = 32 * tid; i < G.lq; i += 32 * MAPET_ATTN_WG_DKDV_THREADS) {
-        prefetch_l2(prm.lse + pair * G.lq + i);
-        if constexpr (!kFused) prefetch_l2(prm.delta + pair * G.lq + i);
+    // The fused kernel's O and dO rows, all of them, in row order.
+    if constexpr (kFused) {
+        for (int i = tid; i < 4 * G.lq; i += MAPET_ATTN_WG_DKDV_THREADS) {
+            const int64_t r = i >> 2, col = 16 * (i & 3);
+            prefetch_l2(dog + r * prm.do_row_stride + col);
+            prefetch_l2(og + r * prm.o_row_stride + col);
+        }
+    }
+    // lse and delta: G.lq floats each from (b H + head) Lq, a 32-byte sector (8 floats) a
+    // prefetch, the last one at the last float (the span need not start on a sector).
+    for (int i = 8 * tid; i < G.lq + 7; i += 8 * MAPET_ATTN_WG_DKDV_THREADS) {
+        const int64_t at = pair * G.lq + min(i, G.lq - 1);
+        prefetch_l2(prm.lse + at);
+        if constexpr (!kFused) prefetch_l2(prm.delta + at);
     }
 }
 
@@ -2924,7 +2943,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         s_delta[pos] = ok ? stat_delta[k] : 0.f;
         s_a[pos] = ok ? first_hidden(row, G) : 0;
     }
-    if (plan.l2_ahead > 0) dkdv_next_wave_to_l2<kFused>(plan, G, tid);
+    if (plan.l2_ahead > 0) dkdv_next_wave_to_l2<kFused>(plan, G, half, tid);
     // kFused: the pair's dQ accumulator zeroed before any warpgroup adds to it (the barrier
     // below). One CTA a pair (the launcher's grid), so it holds every key tile's share.
     float* dq_acc = nullptr;

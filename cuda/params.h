@@ -194,9 +194,10 @@ typedef struct MapetAttentionDkdv {
     int32_t hand_out[3 * MAPET_DKDV_MAX_CTAS];
     int32_t hand_in[3 * MAPET_DKDV_MAX_CTAS];
     float* hand;
-    // > 0 (MAPET_L2_AHEAD, experimental): each CTA sends to L2 the Q and dO rows (the fused
-    // kernel's O rows too) and the lse and delta of the pair of the CTA l2_ahead launches on,
-    // which starts about when this one ends: one CTA an SM, the launcher's SM count. 0: none.
+    // > 0 (MAPET_L2_AHEAD, experimental): each CTA sends to L2 what the CTA l2_ahead launches
+    // on, which starts about when this one ends, loads first: its pair's first-half Q and dO
+    // rows (the fused kernel: those Q rows, all dO and O rows), lse and delta (dkdv_next_wave_to_l2).
+    // One CTA an SM: the launcher's SM count. 0: none.
     int32_t l2_ahead;
 } MapetAttentionDkdv;
 

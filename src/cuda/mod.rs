@@ -370,9 +370,9 @@ impl Gpu {
         self.dependent_launches.store(on, Ordering::Relaxed);
     }
 
-    /// Whether the kernels that run one CTA an SM through a whole (sample, head) pair (the wgmma
-    /// attention dK/dV kernels, fused one included) send the operands of the pair one wave
-    /// ahead to L2 as they start (`plan.l2_ahead`, cuda/attention.cu): asked for
+    /// Whether the kernels that run one CTA an SM through a (sample, head) pair or a share of it
+    /// (the wgmma attention dK/dV kernels, fused one included) send the first operands of the
+    /// CTA one wave later to L2 as they start (`plan.l2_ahead`, cuda/attention.cu): asked for
     /// ([`Gpu::set_next_wave_to_l2`], or [`NEXT_WAVE_TO_L2_VAR`]`=1` when the `Gpu` was opened).
     /// Prefetches are hints: nothing computed changes. Experimental, off by default.
     pub fn next_wave_to_l2(&self) -> bool {
