@@ -107,6 +107,16 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
                 Ok(())
             });
         }
+        // The RESULT lines of `label`: the forward of the set `fwd`, and with it the backward of `bwd`.
+        let mut time_sets = |label: &str, fwd: AttentionKernels, bwd: AttentionKernels| {
+            print_results(gpu, name, label, flops, |bwd_too| {
+                attention::cuda_forward(gpu, fwd, &s, &q, &k, &v, &mut o, &mut lse)?;
+                if bwd_too {
+                    attention::cuda_backward(gpu, bwd, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)?;
+                }
+                Ok(())
+            })
+        };
         // The forward of one set with the backward of another (MAPET_ATTENTION_BACKWARD_KERNELS),
         // at ViT-B: where one direction of a set wins and the other does not.
         if name == "vit-b" {
@@ -114,16 +124,9 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
                 (AttentionKernels::Wgmma, AttentionKernels::Resident),
                 (AttentionKernels::Resident, AttentionKernels::Wgmma),
             ] {
-                if !(sets.contains(&fwd) && sets.contains(&bwd)) {
-                    continue;
+                if sets.contains(&fwd) && sets.contains(&bwd) {
+                    time_sets(&format!("{}/{}", fwd.name(), bwd.name()), fwd, bwd);
                 }
-                print_results(gpu, name, &format!("{}/{}", fwd.name(), bwd.name()), flops, |bwd_too| {
-                    attention::cuda_forward(gpu, fwd, &s, &q, &k, &v, &mut o, &mut lse)?;
-                    if bwd_too {
-                        attention::cuda_backward(gpu, bwd, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv)?;
-                    }
-                    Ok(())
-                });
             }
         }
         // Which dK/dV kernel the balanced set ran, and whether its plan shares a run (so that its
@@ -137,16 +140,7 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
         if name == "vit-b" && sets.contains(&AttentionKernels::Wgmma) {
             gpu.set_dependent_launches(true);
             if gpu.dependent_launches() {
-                let kernels = AttentionKernels::Wgmma;
-                print_results(gpu, name, "wgmma (dependent launches)", flops, |bwd_too| {
-                    attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)?;
-                    if bwd_too {
-                        attention::cuda_backward(
-                            gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
-                        )?;
-                    }
-                    Ok(())
-                });
+                time_sets("wgmma (dependent launches)", AttentionKernels::Wgmma, AttentionKernels::Wgmma);
             }
             gpu.set_dependent_launches(false);
         }
@@ -156,18 +150,9 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
             let asked = gpu.next_wave_to_l2();
             gpu.set_next_wave_to_l2(true);
             for kernels in [AttentionKernels::Wgmma, AttentionKernels::WgmmaFused] {
-                if !sets.contains(&kernels) {
-                    continue;
+                if sets.contains(&kernels) {
+                    time_sets(&format!("{} (next wave to L2)", kernels.name()), kernels, kernels);
                 }
-                print_results(gpu, name, &format!("{} (next wave to L2)", kernels.name()), flops, |bwd_too| {
-                    attention::cuda_forward(gpu, kernels, &s, &q, &k, &v, &mut o, &mut lse)?;
-                    if bwd_too {
-                        attention::cuda_backward(
-                            gpu, kernels, &s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
-                        )?;
-                    }
-                    Ok(())
-                });
             }
             gpu.set_next_wave_to_l2(asked);
         }

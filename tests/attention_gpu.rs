@@ -496,19 +496,27 @@ fn dependent_launches_give_the_same_bits() {
         eprintln!("SKIP {test}: {} has no dependent launches", gpu.name());
         return;
     }
+    let shapes = [shape(4, 12, 197, 50), shape(1, 2, 37, 1)];
+    same_bits_either_way(test, &gpu, &shapes, "dependent launches", |on| gpu.set_dependent_launches(on));
+}
+
+/// Every set on each of `shapes` (fresh inputs each) with a switch off and on (`switch`), the
+/// two runs held to `assert_same_run_to_run`; the switch is left off.
+fn same_bits_either_way(test: &str, gpu: &Gpu, shapes: &[AttentionShape], what: &str, switch: impl Fn(bool)) {
     let mut rng = testing::rng(test);
-    for s in [shape(4, 12, 197, 50), shape(1, 2, 37, 1)] {
+    for &s in shapes {
         let c = draw(&mut rng, s);
         for kernels in sets() {
-            let plain = run_gpu(&gpu, kernels, &c);
-            gpu.set_dependent_launches(true);
-            let dependent = run_gpu(&gpu, kernels, &c);
-            gpu.set_dependent_launches(false);
+            switch(false);
+            let plain = run_gpu(gpu, kernels, &c);
+            switch(true);
+            let with = run_gpu(gpu, kernels, &c);
+            switch(false);
             assert_same_run_to_run(
-                &format!("{} with and without dependent launches, {s:?}", kernels.name()),
+                &format!("{} with and without {what}, {s:?}", kernels.name()),
                 kernels,
                 &plain,
-                &dependent,
+                &with,
             );
         }
     }
@@ -529,24 +537,9 @@ fn next_wave_to_l2_gives_the_same_bits() {
         eprintln!("SKIP {test}: {} runs no wgmma dK/dV kernel", gpu.name());
         return;
     }
-    let mut rng = testing::rng(test);
     let sms = gpu.sm_count() as usize;
-    for s in [shape((2 * sms).div_ceil(12), 12, 197, 50), shape(sms / 12 + 1, 12, 197, 50), shape(3, 2, 37, 1)] {
-        let c = draw(&mut rng, s);
-        for kernels in sets() {
-            gpu.set_next_wave_to_l2(false);
-            let plain = run_gpu(&gpu, kernels, &c);
-            gpu.set_next_wave_to_l2(true);
-            let ahead = run_gpu(&gpu, kernels, &c);
-            gpu.set_next_wave_to_l2(false);
-            assert_same_run_to_run(
-                &format!("{} with and without the next wave sent to L2, {s:?}", kernels.name()),
-                kernels,
-                &plain,
-                &ahead,
-            );
-        }
-    }
+    let shapes = [shape((2 * sms).div_ceil(12), 12, 197, 50), shape(sms / 12 + 1, 12, 197, 50), shape(3, 2, 37, 1)];
+    same_bits_either_way(test, &gpu, &shapes, "the next wave sent to L2", |on| gpu.set_next_wave_to_l2(on));
 }
 
 /// Two runs of `kernels` on the same inputs: the same bits, but for a set whose backward is not
