@@ -995,7 +995,8 @@ impl Gemm {
 
     /// Pins by configuration ([`PinChoice::Config`]) for every GEMM size cached so far whose
     /// calls all run one configuration, sorted by size: what makes another process (of the same
-    /// or a later cuBLASLt) run the algorithms this `Gemm` ran, wherever its heuristic ranks them.
+    /// or a later cuBLASLt) run the algorithms this `Gemm` ran, where its heuristic still proposes
+    /// them among its first [`MAX_CANDIDATES`].
     pub fn config_pins(&self) -> Vec<Pin> {
         let algos = self.algos.lock().unwrap_or_else(|p| p.into_inner());
         let mut by_size: HashMap<(usize, usize, usize), Option<AlgoConfig>> = HashMap::new();
