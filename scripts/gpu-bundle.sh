@@ -13,11 +13,12 @@
 # gpu-bundle/peers exists and MAPET_PEERS=1. Full logs go to $MAPET_RESULTS (default gpu-bundle/results); a summary table is
 # printed last.
 #
-# MAPET_BASE_REV=<commit> also builds, from that commit's tree (a temporary git worktree, its own
-# target folder target/base), the benches named in MAPET_BASE_BENCHES (default "attention"), packed
-# as benches-base/ beside this build's: run.sh's MAPET_AB then times both in one call, alternated,
-# so that a change made without a card is measured against the code the last card ran, on the same
-# card, with the drift between calls and cards out of the comparison. An entry BENCH@COMMIT builds
+# MAPET_BASE_REV=<commit> also builds, from that commit's tree (a temporary git worktree, in this
+# tree's target folder, whose dependencies it shares), the benches named in MAPET_BASE_BENCHES
+# (default "attention"), packed as benches-base/ beside this build's: run.sh's MAPET_AB then
+# times both in one call, alternated, so that a change made without a card is measured against
+# the code the last card ran, on the same card, with the drift between calls and cards out of
+# the comparison. An entry BENCH@COMMIT builds
 # that bench at COMMIT instead (e.g. MAPET_BASE_BENCHES="attention@<a> patch_embed@<b>": each op
 # against the last commit a card timed it at).
 #
@@ -34,6 +35,8 @@ export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
 export CARGO_PROFILE_BENCH_DEBUG=0 CARGO_PROFILE_BENCH_STRIP=symbols
 
 # The worktrees of MAPET_BASE_REV and MAPET_BISECT_REVS have no toolchain folder of their own.
+# They build in this tree's target folder: the same dependencies at the same versions and flags
+# are compiled once for all of them (the crate itself, at another path, gets artifacts of its own).
 if [ -z "${NVCC:-}" ] && [ -x "$root/.cuda-toolchain/cuda/bin/nvcc" ]; then
   export NVCC="$root/.cuda-toolchain/cuda/bin/nvcc"
 fi
@@ -99,7 +102,7 @@ if [ -n "${MAPET_BASE_REV:-}" ]; then
     echo "building the base bench $b at $at" >&2
     base_tree="$(mktemp -d)"
     git -C "$root" worktree add --detach "$base_tree" "$at" >/dev/null
-    (cd "$base_tree" && CARGO_TARGET_DIR="$root/target/base" cargo bench --no-run --bench "$b" --message-format=json \
+    (cd "$base_tree" && CARGO_TARGET_DIR="$root/target" cargo bench --no-run --bench "$b" --message-format=json \
       2>/dev/null) | list_executables | while read -r name kinds exe; do
       if [ "$kinds" = "bench" ]; then cp "$exe" "$out/benches-base/$name"; fi
     done
@@ -138,7 +141,7 @@ if [ -n "${MAPET_BISECT_REVS:-}" ]; then
       tree="$(mktemp -d)"
       git -C "$root" worktree add --detach "$tree" "$rev" >/dev/null
       mkdir -p "$keep"
-      (cd "$tree" && CARGO_TARGET_DIR="$root/target/bisect/build" cargo test --release --no-run "${missing[@]}" \
+      (cd "$tree" && CARGO_TARGET_DIR="$root/target" cargo test --release --no-run "${missing[@]}" \
         --message-format=json 2>"$keep/build.log") | list_executables | while read -r name kinds exe; do
         for t in "${bisect_tests[@]}"; do
           if [ "$name" = "$t" ]; then cp "$exe" "$keep/$t"; fi
