@@ -16,7 +16,8 @@
 //! when it, a header it includes from `cuda/`, nvcc, the host compiler or the flags change (the
 //! key: `compile_all`), so that editing one kernel file rebuilds that file alone, and builds of
 //! other commits' trees (scripts/gpu-bundle.sh) reuse what is the same. The cache is
-//! `target/nvcc-cache` (beside the profile folders), or `$MAPET_NVCC_CACHE` (an absolute path);
+//! `target/nvcc-cache` (beside the profile folders), or `$MAPET_NVCC_CACHE` (a relative path is
+//! taken from the package folder, so trees built apart share it only through an absolute one);
 //! `MAPET_NVCC_CACHE=off` compiles everything every time, and removing the folder empties it
 //! (nothing is ever evicted). A fatbin's line table names the source path it was compiled from,
 //! which for a cached one may be another tree's: only profilers' source views read it.
