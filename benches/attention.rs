@@ -144,8 +144,9 @@ fn gpu_benches(c: &mut Criterion, gpu: &Gpu) {
             }
             gpu.set_dependent_launches(false);
         }
-        // The wgmma dK/dV kernels sending the next wave's rows to L2 (Gpu::set_next_wave_to_l2,
-        // MAPET_L2_AHEAD), at ViT-B: the default set's backward and the fused set's.
+        // The wgmma kernels sending the next wave's rows to L2 (Gpu::set_next_wave_to_l2,
+        // MAPET_L2_AHEAD), at ViT-B: the default set's forward (the `_l2` twin), and its backward
+        // (dQ's twin and the dK/dV kernel) and the fused set's.
         if name == "vit-b" {
             let asked = gpu.next_wave_to_l2();
             gpu.set_next_wave_to_l2(true);

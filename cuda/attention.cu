@@ -22,9 +22,19 @@
 // q[b*q_batch_stride + row*q_row_stride + h*64 + d] (likewise k, v, o, d_o, dq, dk, dv with their own
 // strides); lse and delta are f32 [B, H, Lq] contiguous. lse is in natural-log units of scaled scores.
 //
-// ---------------------------------------------------------------------------------------------- tiling
+// ---------------------------------------------------------------------------------------------- kernels
 // Both streams go through one launch: every K/V tile is loaded once per 64 query rows, whichever
-// segments those rows belong to (for ViT-B, 491 rows against 344 keys).
+// segments those rows belong to (for ViT-B, 491 rows against 344 keys). Three families, each a
+// forward, a dQ and a dK/dV kernel (src/ops/attention.rs, AttentionKernels, picks them):
+//   - wgmma (sm_90a, the default on compute capability 9.0): mapet_attention_{fwd,bwd_dq,bwd_dkdv}_wgmma,
+//     Hopper's warpgroup MMA over operands held in swizzled shared memory, rows in "position"
+//     order; described at "wgmma forward" below, with their experimental variants:
+//     _wgmma_persistent (forward), _wgmma_peek, _wgmma_balanced, _wgmma_fused (dK/dV; the fused
+//     one computes dQ too), and the _l2 twins of the forward and dQ (MAPET_L2_AHEAD);
+//   - resident (mma.sync; the default elsewhere): the pair's K and V (Q and dO) held in shared memory;
+//   - tiled (mma.sync): operands streamed a tile at a time; where the resident ones do not fit.
+// The two mma.sync families give the same bits; this section and the next ones, down to "wgmma
+// forward", describe them:
 //
 //   mapet_attention_fwd       grid (ceil(Lq/64), H, B), 128 threads. CTA = 64 contiguous query rows
 //                             (16 per warp; a CTA may straddle segment boundaries). Loops over key
@@ -39,12 +49,12 @@
 //                             dQ with all of a (sample, head) pair's K and V held in shared memory,
 //                             loaded once per CTA instead of once per 64 query rows; the tiled
 //                             kernels' results bit for bit ("K/V-resident variants" below). The
-//                             default.
+//                             default off compute capability 9.0.
 //   mapet_attention_bwd_dkdv_resident
 //                             grid (splits, H, B), 384 threads, dynamic shared memory: dK/dV with all
 //                             of a pair's Q, dO, lse, delta and hidden windows held in shared memory,
-//                             its warps taking 16-key tiles; the tiled kernel's bits. The default.
-//                             Runs after either dQ kernel.
+//                             its warps taking 16-key tiles; the tiled kernel's bits. The default
+//                             off compute capability 9.0. Runs after either dQ kernel.
 // 128 query rows per CTA (forward and dQ) and a dK/dV kernel that re-reads K and V from shared memory
 // (4 CTAs per SM) were tried and measured slower / no faster on an H200 (BENCHMARKS.md).
 // The tiled kernels' shared memory is static: two stages x two [64 x 72] bf16 tiles = 36,864 B (fwd, bwd_dq), + 2 KiB of
@@ -104,21 +114,22 @@
 // sees N >= 1 keys overall, so its final l > 0.
 //   O = acc / l,  lse = mx * s + ln(l).
 //
-// Backward is deterministic: no float atomics. dQ (row-owned) and dK/dV (key-owned) come from two
-// kernels, each owning its outputs and accumulating them in a fixed order in registers. The cost is
-// recomputing S = Q K^T and dP = dO V^T in both kernels: 7 GEMMs of the (row, key) size instead of 5,
-// about 40% more tensor-core work than an atomic dQ, in exchange for bitwise-reproducible gradients,
-// no f32 dQ scratch and no extra conversion pass.
+// Backward is deterministic (every family; the experimental fused dK/dV kernel excepted, whose dQ
+// is summed by float reductions: fused_dq_notes): no float atomics. dQ (row-owned) and dK/dV
+// (key-owned) come from two kernels, each owning its outputs and accumulating them in a fixed
+// order in registers. The cost is recomputing S = Q K^T and dP = dO V^T in both kernels: 7 GEMMs
+// of the (row, key) size instead of 5, about 40% more tensor-core work than an atomic dQ, in
+// exchange for bitwise-reproducible gradients, no f32 dQ scratch and no extra conversion pass.
 //
-// Where the time goes (H200, ViT-B attention at batch 64, 12 heads: 491 x 344 per head): fwd 154 us,
-// bwd_dq 176 us, bwd_dkdv 250 us. For head_dim 64, one exp2 (MUFU, 16 per clock per SM) goes with only
-// 256 tensor FLOPs per pair, so the exponentials and the instruction issue, not the tensor cores,
-// bound the forward. Next steps if attention matters: a deeper cp.async pipeline, or wgmma on sm_90a.
+// For head_dim 64, one exp2 (MUFU, 16 per clock per SM) goes with only 256 tensor FLOPs per pair,
+// so the exponentials and the instruction issue, not the tensor cores, bound the mma.sync
+// forward; the wgmma kernels overlap the one with the other. Where the time goes now, kernel by
+// kernel, is in BENCHMARKS.md (the latest runs' profiles).
 //
 // The launcher must enforce: head_dim == 64; 0 < C < N (and N < 2^28); base pointers 16-byte aligned;
 // all strides multiples of 8 elements (16-byte cp.async and vector accesses); row strides < 2^31 (the
 // loads take them as 32-bit); B <= 65535 (grid.z), H <= 65535 (grid.y); lse and delta hold B*H*Lq
-// floats; launch order fwd, then bwd_dq, then bwd_dkdv, on one stream. scale is used as given (1/8 for
+// floats; launch order fwd, then bwd_dq, then bwd_dkdv (or the fused dK/dV kernel alone), on one stream. scale is used as given (1/8 for
 // MaPeT); any positive value works.
 
 #include <cuda_bf16.h>
@@ -130,7 +141,7 @@
 
 // Launch constants, restated by the launcher.
 #define MAPET_ATTN_HEAD_DIM 64      // the only head size the kernels support
-#define MAPET_ATTN_THREADS 128      // block size of every attention kernel (4 warps)
+#define MAPET_ATTN_THREADS 128      // block size of the tiled kernels (4 warps)
 #define MAPET_ATTN_BLOCK_M 64       // query rows per CTA (fwd, bwd_dq) = per inner tile (bwd_dkdv)
 #define MAPET_ATTN_BLOCK_N 64       // keys per inner tile (fwd, bwd_dq) = per CTA (bwd_dkdv)
 #define MAPET_ATTN_DYNAMIC_SMEM 0   // dynamic shared bytes of the tiled kernels (static shared memory)
@@ -1839,6 +1850,57 @@ __device__ __forceinline__ int prefetch_row(int p_next, int i, const Geometry& G
     return row < G.lq ? row : -1;
 }
 
+// prm.l2_ahead > 0 (MAPET_L2_AHEAD, experimental): the wgmma forward and dQ kernels run two CTAs
+// an SM. Each starts by copying its pair's K and V (88 KB at ViT) and its first row tiles' rows,
+// and waits for them with little else on the SM to cover the wait: the eighth run's profile put
+// 18% of the forward's warp-stall samples in that prologue, where a wave's CTAs ask DRAM for
+// some 27 MB together. The CTA that starts in this one's place is about the one launched
+// prm.l2_ahead (the CTAs the device holds at once) after it, since CTAs are handed out in launch
+// order. So once its own first products are issued, this one sends to L2 what that CTA's
+// prologue copies, while DRAM has time to spare (the forward moves about 1.6 TB/s on average):
+// - the rows of its two warpgroups' first row tiles, positions [128 x, 128 x + 128) of its pair
+//   (x: its index among the pair's CTAs): Q, and for dQ (kBackward) dO and O too;
+// - where it is its pair's first CTA, all of the pair's K and V rows and, for dQ, its lse (a
+//   pair's other CTAs start beside its first and find them there too).
+// About 104 KB a CTA at ViT (dQ 139 KB), 28 MB (37 MB) for a wave of 264. Hints only: nothing
+// waits for them or reads them here, so no result can change. A prefetch a 32-byte sector, as
+// in dkdv_next_wave_to_l2 below.
+template <bool kBackward>
+__device__ __forceinline__ void next_wave_to_l2(const MapetAttention& prm, const Geometry& G, int tid) {
+    static_assert(MAPET_ATTN_WG_THREADS == MAPET_ATTN_WG_DQ_THREADS, "one stride for both kernels' loops");
+    const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
+    const int64_t target = blockIdx.x +
+                           static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z) +
+                           prm.l2_ahead;
+    if (target >= ctas) return;
+    // Its pair and place: grid (CTAs a pair, H, B).
+    const int x = static_cast<int>(target % gridDim.x);
+    const int64_t pair = target / gridDim.x;
+    const int head = static_cast<int>(pair % gridDim.y), b = static_cast<int>(pair / gridDim.y);
+    const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
+    for (int i = tid; i < 4 * 128; i += MAPET_ATTN_WG_THREADS) {
+        const int64_t r = row_at(128 * x + (i >> 2), G), col = 16 * (i & 3);  // sector i % 4 of the row
+        if (r >= G.lq) continue;
+        prefetch_l2(qg + r * prm.q_row_stride + col);
+        if constexpr (kBackward) {
+            prefetch_l2(static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD + r * prm.do_row_stride + col);
+            prefetch_l2(static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD + r * prm.o_row_stride + col);
+        }
+    }
+    if (x != 0) return;
+    const bf16* kg = static_cast<const bf16*>(prm.k) + b * prm.k_batch_stride + head * kD;
+    const bf16* vg = static_cast<const bf16*>(prm.v) + b * prm.v_batch_stride + head * kD;
+    for (int i = tid; i < 4 * G.lk; i += MAPET_ATTN_WG_THREADS) {
+        const int64_t r = i >> 2, col = 16 * (i & 3);
+        prefetch_l2(kg + r * prm.k_row_stride + col);
+        prefetch_l2(vg + r * prm.v_row_stride + col);
+    }
+    // lse: G.lq floats from pair * Lq, a sector (8 floats) a prefetch, the last at the last float.
+    if constexpr (kBackward) {
+        for (int i = 8 * tid; i < G.lq + 7; i += 8 * MAPET_ATTN_WG_THREADS) prefetch_l2(prm.lse + pair * G.lq + min(i, G.lq - 1));
+    }
+}
+
 // The forward's first Q tile: wg_start_q starts copying the Q rows of positions [p0, p0 + 64) into
 // the warpgroup's swizzled tile, by its 128 threads (i = the thread's index in it), with K and V's
 // first group (wg_load_kv waits for them).
@@ -2035,12 +2097,11 @@ __device__ __forceinline__ void fwd_store_tile(const float (&acc)[8][4], float (
     store_row_lse(prm, G.lq, b, head, rows.r_lo, rows.r_hi, mx, l, t);
 }
 
-
 #endif
-}  // namespace
 
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
-    dependent_launch_start();
+// The wgmma forward's body; kL2Ahead: the CTA sends the next wave's operands to L2 (next_wave_to_l2).
+template <bool kL2Ahead>
+__device__ __forceinline__ void fwd_wgmma(const MapetAttention& prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
@@ -2074,6 +2135,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
         kv_rest.need(first.first.rows().c[1]);  // (the pair's higher chunk)
         wg_issue_scores(s, qd, kd, first.first.rows().c);
     }
+    // The next wave's operands to L2 (MAPET_L2_AHEAD), while that S runs.
+    if constexpr (kL2Ahead) next_wave_to_l2<false>(prm, G, tid);
 
 #pragma unroll 1
     for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
@@ -2120,6 +2183,21 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_att
 #else
     __trap();
 #endif
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma(const MapetAttention prm) {
+    dependent_launch_start();
+    fwd_wgmma<false>(prm);
+}
+
+// mapet_attention_fwd_wgmma_l2 (MAPET_L2_AHEAD=1, experimental): the wgmma forward, each CTA also
+// sending what the CTA prm.l2_ahead launches on copies first to L2 (next_wave_to_l2). A kernel of
+// its own, so that the default's code stays as a card measured it.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_THREADS, 2) mapet_attention_fwd_wgmma_l2(const MapetAttention prm) {
+    dependent_launch_start();
+    fwd_wgmma<true>(prm);
 }
 
 // ================================================================================================ wgmma forward, persistent (sm_90a)
@@ -2462,11 +2540,11 @@ __device__ __forceinline__ void load_dkdv_chunk_stats(DkdvChunkStats& cs, int p0
     }
 }
 
-// plan.l2_ahead > 0 (MAPET_L2_AHEAD, experimental): the wgmma dK/dV kernels run one CTA an SM,
+// plan.a.l2_ahead > 0 (MAPET_L2_AHEAD, experimental): the wgmma dK/dV kernels run one CTA an SM,
 // and each starts by copying the Q and dO rows of the first half of its pair's positions (the
 // fused kernel: reading every O and dO row too, for delta) with nothing else on the SM to cover
 // the wait, from DRAM: those rows were last touched by other kernels. The CTA that starts on an
-// SM when this one ends is about the one launched plan.l2_ahead (the SM count) after it, since
+// SM when this one ends is about the one launched plan.a.l2_ahead (the SM count) after it, since
 // CTAs are handed out in launch order. So this one sends that CTA's rows to L2 once its own
 // copies are queued (behind them, and while its threads wait for them):
 // - the Q and dO rows of the first half of the positions (`half`, as the copies' group A; the
@@ -2487,7 +2565,7 @@ __device__ __forceinline__ void dkdv_next_wave_to_l2(const MapetAttentionDkdv& p
     const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
     const int64_t target = blockIdx.x +
                            static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z) +
-                           plan.l2_ahead;
+                           plan.a.l2_ahead;
     if (target >= ctas || target % gridDim.x != 0) return;
     // Its pair: grid (CTAs a pair, H, B).
     const int64_t pair = target / gridDim.x;
@@ -2564,11 +2642,10 @@ __device__ __forceinline__ void dkdv_chunk_grads(float (&st)[4][4], float (&dpt)
 }
 
 #endif
-}  // namespace
 
-extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
-    mapet_attention_bwd_dq_wgmma(const MapetAttention prm) {
-    dependent_launch_start();
+// The wgmma dQ kernel's body; kL2Ahead: the CTA sends the next wave's operands to L2 (next_wave_to_l2).
+template <bool kL2Ahead>
+__device__ __forceinline__ void bwd_dq_wgmma(const MapetAttention& prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char wg_smem_raw[];
     const Geometry G = geometry_of(prm);
@@ -2625,6 +2702,8 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
         wg_issue_s_dp(s, dp, qf, sw128_desc_plus(kd, rows), dod, sw128_desc_plus(vd, rows));
     };
     issue_first_g1(p_first < G.lq ? p_first : 0);
+    // The next wave's operands to L2 (MAPET_L2_AHEAD), while that G1 runs.
+    if constexpr (kL2Ahead) next_wave_to_l2<true>(prm, G, tid);
 
 #pragma unroll 1
     for (int p0 = p_first; p0 < G.lq; p0 += tile_step) {
@@ -2724,6 +2803,23 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
 #else
     __trap();
 #endif
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
+    mapet_attention_bwd_dq_wgmma(const MapetAttention prm) {
+    dependent_launch_start();
+    bwd_dq_wgmma<false>(prm);
+}
+
+// mapet_attention_bwd_dq_wgmma_l2 (MAPET_L2_AHEAD=1, experimental): the wgmma dQ kernel, each CTA
+// also sending what the CTA prm.l2_ahead launches on copies first to L2 (next_wave_to_l2), a
+// kernel of its own as the forward's.
+extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WG_DQ_THREADS, 2)
+    mapet_attention_bwd_dq_wgmma_l2(const MapetAttention prm) {
+    dependent_launch_start();
+    bwd_dq_wgmma<true>(prm);
 }
 
 namespace {
@@ -2943,7 +3039,7 @@ __device__ __forceinline__ void bwd_dkdv_wgmma(const MapetAttentionDkdv& plan) {
         s_delta[pos] = ok ? stat_delta[k] : 0.f;
         s_a[pos] = ok ? first_hidden(row, G) : 0;
     }
-    if (plan.l2_ahead > 0) dkdv_next_wave_to_l2<kFused>(plan, G, half, tid);
+    if (plan.a.l2_ahead > 0) dkdv_next_wave_to_l2<kFused>(plan, G, half, tid);
     // kFused: the pair's dQ accumulator zeroed before any warpgroup adds to it (the barrier
     // below). One CTA a pair (the launcher's grid), so it holds every key tile's share.
     float* dq_acc = nullptr;

@@ -145,6 +145,12 @@ typedef struct MapetAttention {
     int32_t n_tokens;   // N
     int32_t n_context;  // C
     float scale;        // softmax scale, 1/sqrt(head_dim)
+    // > 0 (MAPET_L2_AHEAD, experimental; the wgmma forward, dQ and dK/dV kernels): each CTA sends
+    // to L2 what the CTA l2_ahead launches on, which starts about when this one ends, loads first
+    // (its pair's K and V, its first row tiles' rows; next_wave_to_l2, dkdv_next_wave_to_l2 in
+    // cuda/attention.cu). The CTAs an SM holds: twice the SM count for the forward and dQ, the SM
+    // count for dK/dV. 0: none; the other kernels ignore it.
+    int32_t l2_ahead;
 } MapetAttention;
 
 // The wgmma dK/dV kernel's parameters: MapetAttention and the launch's plan, which depends only on
@@ -194,11 +200,6 @@ typedef struct MapetAttentionDkdv {
     int32_t hand_out[3 * MAPET_DKDV_MAX_CTAS];
     int32_t hand_in[3 * MAPET_DKDV_MAX_CTAS];
     float* hand;
-    // > 0 (MAPET_L2_AHEAD, experimental): each CTA sends to L2 what the CTA l2_ahead launches
-    // on, which starts about when this one ends, loads first: its pair's first-half Q and dO
-    // rows (the fused kernel: those Q rows, all dO and O rows), lse and delta (dkdv_next_wave_to_l2).
-    // One CTA an SM: the launcher's SM count. 0: none.
-    int32_t l2_ahead;
 } MapetAttentionDkdv;
 
 // The balanced dK/dV kernels' hand-off slot (hand_out, hand_in): a warpgroup's dK and dV

@@ -591,12 +591,15 @@ sets("attention", "wgmma", "OK_ATTENTION", r"RESULT attention vit-b (\S+) forwar
 sets("patch embedding", "hwc-ws-raw", "OK_PATCH", r"RESULT patch_embed forward\+backward u8 (\S+) .*: ([0-9.]+) ms median",
      "MAPET_PATCH_EMBED_ORDER", "MAPET_PATCH_EMBED_BACKWARD_ORDER")
 # Programmatic dependent launches (MAPET_DEPENDENT_LAUNCH=1) against the same kernels launched
-# plainly, and the wgmma dK/dV kernels sending the next wave's rows to L2 (MAPET_L2_AHEAD=1)
-# against the same kernels without: noted, not chosen (each switch covers more than one op or set).
+# plainly, and the wgmma attention kernels sending the next wave's rows to L2 (MAPET_L2_AHEAD=1)
+# against the same kernels without, forward alone and with the backward: noted, not chosen (each
+# switch covers more than one op or set).
 for what, how, pat in [
     ("attention", "dependent launches", r"RESULT attention vit-b wgmma(?P<dep> \(dependent launches\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
     ("patch embedding", "dependent launches", r"RESULT patch_embed forward\+backward u8 hwc-ws-raw(?P<dep> \(dependent launches\))? \(.*: (?P<ms>[0-9.]+) ms median"),
     ("cross-entropy", "dependent launches", r"RESULT cross_entropy forward\+backward (?P<ms>[0-9.]+) ms \(rounds [^)]*\) with one pass,(?P<dep> dependent launches,)? default GEMMs, queued a chunk"),
+    ("attention wgmma forward", "next wave to L2", r"RESULT attention vit-b wgmma(?P<dep> \(next wave to L2\))? forward: median (?P<ms>[0-9.]+) ms"),
+    ("attention wgmma-fused forward", "next wave to L2", r"RESULT attention vit-b wgmma-fused(?P<dep> \(next wave to L2\))? forward: median (?P<ms>[0-9.]+) ms"),
     ("attention wgmma", "next wave to L2", r"RESULT attention vit-b wgmma(?P<dep> \(next wave to L2\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
     ("attention wgmma-fused", "next wave to L2", r"RESULT attention vit-b wgmma-fused(?P<dep> \(next wave to L2\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
 ]:

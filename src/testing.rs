@@ -234,7 +234,7 @@ pub fn project_root() -> std::path::PathBuf {
 /// source test in src/ops/mod.rs and the SASS test in tests/kernel_schedule.rs hold them to it.
 pub const OP_MODULES: [(&str, usize); 9] = [
     ("adamw", 1),
-    ("attention", 13),
+    ("attention", 15),
     ("cross_entropy", 6),
     ("gelu", 4),
     ("gradnorm", 2),

@@ -522,13 +522,14 @@ fn same_bits_either_way(test: &str, gpu: &Gpu, shapes: &[AttentionShape], what: 
     }
 }
 
-/// Sending the next wave's operands to L2 (`Gpu::set_next_wave_to_l2`, `MAPET_L2_AHEAD`; the wgmma
-/// dK/dV kernels of compute capability 9.0 take it) changes what L2 holds, never what a kernel
-/// computes: each set's outputs are the same bits with and without it. What it can catch is a
-/// fault: an address formed outside the tensors. Shapes: twice as many (sample, head) pairs as
-/// SMs, so that the first wave's CTAs, one a pair, send the second wave's rows up to the last
-/// pair's last row; a few pairs more than SMs, where the non-fused sets take several CTAs a pair;
-/// and fewer pairs than SMs (none sent).
+/// Sending the next wave's operands to L2 (`Gpu::set_next_wave_to_l2`, `MAPET_L2_AHEAD`; on compute
+/// capability 9.0 the wgmma forward and dQ kernels' `_l2` twins and the wgmma dK/dV kernels take
+/// it) changes what L2 holds, never what a kernel computes: each set's outputs are the same bits
+/// with and without it. What it can catch is a fault: an address formed outside the tensors.
+/// Shapes: twice as many (sample, head) pairs as SMs, so that the first wave's CTAs (dK/dV: one a
+/// pair; forward and dQ: two a pair, two an SM) send the second wave's rows up to the last pair's
+/// last row; a few pairs more than SMs, where the non-fused sets take several CTAs a pair (the
+/// forward and dQ four); and fewer pairs than SMs (none sent).
 #[test]
 fn next_wave_to_l2_gives_the_same_bits() {
     let test = "next_wave_to_l2_gives_the_same_bits";
@@ -539,6 +540,12 @@ fn next_wave_to_l2_gives_the_same_bits() {
     }
     let sms = gpu.sm_count() as usize;
     let shapes = [shape((2 * sms).div_ceil(12), 12, 197, 50), shape(sms / 12 + 1, 12, 197, 50), shape(3, 2, 37, 1)];
+    // The switch picks the forward's twin (so the runs below compare two kernels).
+    gpu.set_next_wave_to_l2(true);
+    let twin = attention::cuda_forward_kernel(&gpu, AttentionKernels::Wgmma, &shapes[0]);
+    gpu.set_next_wave_to_l2(false);
+    assert_eq!(twin, "mapet_attention_fwd_wgmma_l2");
+    assert_eq!(attention::cuda_forward_kernel(&gpu, AttentionKernels::Wgmma, &shapes[0]), "mapet_attention_fwd_wgmma");
     same_bits_either_way(test, &gpu, &shapes, "the next wave sent to L2", |on| gpu.set_next_wave_to_l2(on));
 }
 

@@ -357,6 +357,7 @@ exit 0"#,
         assert!(has("winners", &format!("{op}: dependent launches")), "{summary}");
     }
     assert!(has("winners", "attention wgmma-fused: next wave to L2"), "{summary}");
+    assert!(has("winners", "attention wgmma-fused forward: next wave to L2"), "{summary}");
     assert!(
         has("winners", "resident/wgmma-fused") && has("winners", "not deterministic: noted, not chosen"),
         "{summary}"

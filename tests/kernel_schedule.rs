@@ -25,10 +25,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (kernel, exponentials a thread its elementwise step issues between the two waits).
-const PIPELINES: [(&str, usize); 7] = [
+const PIPELINES: [(&str, usize); 9] = [
     ("mapet_attention_fwd_wgmma", 32),
+    ("mapet_attention_fwd_wgmma_l2", 32),
     ("mapet_attention_fwd_wgmma_persistent", 32),
     ("mapet_attention_bwd_dq_wgmma", 16),
+    ("mapet_attention_bwd_dq_wgmma_l2", 16),
     ("mapet_attention_bwd_dkdv_wgmma", 16),
     ("mapet_attention_bwd_dkdv_wgmma_peek", 16),
     ("mapet_attention_bwd_dkdv_wgmma_fused", 16),
@@ -258,10 +260,12 @@ fn ops_between_wgmma_issues(sass: &str, opcode: &str) -> usize {
 /// most so many 32-bit ones, the per-row statistics: the forward's lse, dQ's delta).
 #[test]
 fn wgmma_kernels_store_their_rows_in_eight_byte_stores() {
-    const STORES: [(&str, usize, usize); 7] = [
+    const STORES: [(&str, usize, usize); 9] = [
         ("mapet_attention_fwd_wgmma", 8, 2),
+        ("mapet_attention_fwd_wgmma_l2", 8, 2),
         ("mapet_attention_fwd_wgmma_persistent", 8, 2),
         ("mapet_attention_bwd_dq_wgmma", 8, 2),
+        ("mapet_attention_bwd_dq_wgmma_l2", 8, 2),
         ("mapet_attention_bwd_dkdv_wgmma", 16, 0),
         ("mapet_attention_bwd_dkdv_wgmma_peek", 16, 0),
         ("mapet_attention_bwd_dkdv_wgmma_fused", 16, 0),
@@ -294,8 +298,13 @@ fn wgmma_row_tile_kernels_issue_the_next_tiles_g1_under_their_epilogue() {
     else {
         return;
     };
-    for kernel in ["mapet_attention_fwd_wgmma", "mapet_attention_fwd_wgmma_persistent", "mapet_attention_bwd_dq_wgmma"]
-    {
+    for kernel in [
+        "mapet_attention_fwd_wgmma",
+        "mapet_attention_fwd_wgmma_l2",
+        "mapet_attention_fwd_wgmma_persistent",
+        "mapet_attention_bwd_dq_wgmma",
+        "mapet_attention_bwd_dq_wgmma_l2",
+    ] {
         let body = sm90_kernel(sass, kernel);
         let before = last_wgmma_before(body, "STG.E.64 ");
         eprintln!("{kernel}: the last wgmma event before each 8-byte store: {before:?}");
@@ -505,7 +514,7 @@ fn every_kernel_waits_before_its_first_global_access_in_the_sass() {
     }
     // Every function of the modules' sm_90a code (their macros make more than the source test
     // counts): a kernel added or removed changes the count here.
-    assert_eq!(checked, 73, "sm_90a kernels checked across the op modules");
+    assert_eq!(checked, 75, "sm_90a kernels checked across the op modules");
 }
 
 /// The instruction of a SASS line `/*addr*/ [@pred] OPCODE operands ;`, without address and

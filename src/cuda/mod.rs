@@ -370,11 +370,13 @@ impl Gpu {
         self.dependent_launches.store(on, Ordering::Relaxed);
     }
 
-    /// Whether the kernels that run one CTA an SM through a (sample, head) pair or a share of it
-    /// (the wgmma attention dK/dV kernels, fused one included) send the first operands of the
-    /// CTA one wave later to L2 as they start (`plan.l2_ahead`, cuda/attention.cu): asked for
-    /// ([`Gpu::set_next_wave_to_l2`], or [`NEXT_WAVE_TO_L2_VAR`]`=1` when the `Gpu` was opened).
-    /// Prefetches are hints: nothing computed changes. Experimental, off by default.
+    /// Whether the wgmma attention kernels, whose CTAs each take a (sample, head) pair or a share
+    /// of it, send to L2 what the CTA one wave later copies first (`l2_ahead` in
+    /// `MapetAttention`, cuda/attention.cu): the forward and dQ kernels, which run two CTAs an SM,
+    /// as `_l2` twins of their own (the default kernels' code stays as measured), and the dK/dV
+    /// kernels, fused one included, which run one. Asked for ([`Gpu::set_next_wave_to_l2`], or
+    /// [`NEXT_WAVE_TO_L2_VAR`]`=1` when the `Gpu` was opened). Prefetches are hints: nothing
+    /// computed changes. Experimental, off by default.
     pub fn next_wave_to_l2(&self) -> bool {
         self.next_wave_to_l2.load(Ordering::Relaxed)
     }

@@ -224,10 +224,11 @@ pub struct MapetAttention {
     pub n_tokens: i32,
     pub n_context: i32,
     pub scale: f32,
+    pub l2_ahead: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MapetAttention"][::core::mem::size_of::<MapetAttention>() - 232usize];
+    ["Size of MapetAttention"][::core::mem::size_of::<MapetAttention>() - 240usize];
     ["Alignment of MapetAttention"][::core::mem::align_of::<MapetAttention>() - 8usize];
     ["Offset of field: MapetAttention::q"][::core::mem::offset_of!(MapetAttention, q) - 0usize];
     ["Offset of field: MapetAttention::k"][::core::mem::offset_of!(MapetAttention, k) - 8usize];
@@ -273,6 +274,7 @@ const _: () = {
     ["Offset of field: MapetAttention::n_tokens"][::core::mem::offset_of!(MapetAttention, n_tokens) - 220usize];
     ["Offset of field: MapetAttention::n_context"][::core::mem::offset_of!(MapetAttention, n_context) - 224usize];
     ["Offset of field: MapetAttention::scale"][::core::mem::offset_of!(MapetAttention, scale) - 228usize];
+    ["Offset of field: MapetAttention::l2_ahead"][::core::mem::offset_of!(MapetAttention, l2_ahead) - 232usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -290,31 +292,28 @@ pub struct MapetAttentionDkdv {
     pub hand_out: [i32; 18usize],
     pub hand_in: [i32; 18usize],
     pub hand: *mut f32,
-    pub l2_ahead: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of MapetAttentionDkdv"][::core::mem::size_of::<MapetAttentionDkdv>() - 1016usize];
     ["Alignment of MapetAttentionDkdv"][::core::mem::align_of::<MapetAttentionDkdv>() - 8usize];
     ["Offset of field: MapetAttentionDkdv::a"][::core::mem::offset_of!(MapetAttentionDkdv, a) - 0usize];
-    ["Offset of field: MapetAttentionDkdv::live"][::core::mem::offset_of!(MapetAttentionDkdv, live) - 232usize];
-    ["Offset of field: MapetAttentionDkdv::partial"][::core::mem::offset_of!(MapetAttentionDkdv, partial) - 296usize];
-    ["Offset of field: MapetAttentionDkdv::deal"][::core::mem::offset_of!(MapetAttentionDkdv, deal) - 360usize];
+    ["Offset of field: MapetAttentionDkdv::live"][::core::mem::offset_of!(MapetAttentionDkdv, live) - 240usize];
+    ["Offset of field: MapetAttentionDkdv::partial"][::core::mem::offset_of!(MapetAttentionDkdv, partial) - 304usize];
+    ["Offset of field: MapetAttentionDkdv::deal"][::core::mem::offset_of!(MapetAttentionDkdv, deal) - 368usize];
     ["Offset of field: MapetAttentionDkdv::deal_count"]
-        [::core::mem::offset_of!(MapetAttentionDkdv, deal_count) - 504usize];
-    ["Offset of field: MapetAttentionDkdv::dq_acc"][::core::mem::offset_of!(MapetAttentionDkdv, dq_acc) - 576usize];
+        [::core::mem::offset_of!(MapetAttentionDkdv, deal_count) - 512usize];
+    ["Offset of field: MapetAttentionDkdv::dq_acc"][::core::mem::offset_of!(MapetAttentionDkdv, dq_acc) - 584usize];
     ["Offset of field: MapetAttentionDkdv::tile_start"]
-        [::core::mem::offset_of!(MapetAttentionDkdv, tile_start) - 584usize];
-    ["Offset of field: MapetAttentionDkdv::tile_end"][::core::mem::offset_of!(MapetAttentionDkdv, tile_end) - 648usize];
+        [::core::mem::offset_of!(MapetAttentionDkdv, tile_start) - 592usize];
+    ["Offset of field: MapetAttentionDkdv::tile_end"][::core::mem::offset_of!(MapetAttentionDkdv, tile_end) - 656usize];
     ["Offset of field: MapetAttentionDkdv::keep_first"]
-        [::core::mem::offset_of!(MapetAttentionDkdv, keep_first) - 712usize];
+        [::core::mem::offset_of!(MapetAttentionDkdv, keep_first) - 720usize];
     ["Offset of field: MapetAttentionDkdv::keep_last"]
-        [::core::mem::offset_of!(MapetAttentionDkdv, keep_last) - 784usize];
-    ["Offset of field: MapetAttentionDkdv::hand_out"][::core::mem::offset_of!(MapetAttentionDkdv, hand_out) - 856usize];
-    ["Offset of field: MapetAttentionDkdv::hand_in"][::core::mem::offset_of!(MapetAttentionDkdv, hand_in) - 928usize];
-    ["Offset of field: MapetAttentionDkdv::hand"][::core::mem::offset_of!(MapetAttentionDkdv, hand) - 1000usize];
-    ["Offset of field: MapetAttentionDkdv::l2_ahead"]
-        [::core::mem::offset_of!(MapetAttentionDkdv, l2_ahead) - 1008usize];
+        [::core::mem::offset_of!(MapetAttentionDkdv, keep_last) - 792usize];
+    ["Offset of field: MapetAttentionDkdv::hand_out"][::core::mem::offset_of!(MapetAttentionDkdv, hand_out) - 864usize];
+    ["Offset of field: MapetAttentionDkdv::hand_in"][::core::mem::offset_of!(MapetAttentionDkdv, hand_in) - 936usize];
+    ["Offset of field: MapetAttentionDkdv::hand"][::core::mem::offset_of!(MapetAttentionDkdv, hand) - 1008usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -932,6 +932,7 @@ fn contiguous_params(shape: &AttentionShape) -> MapetAttention {
         n_tokens: shape.n_tokens as i32,
         n_context: shape.n_context as i32,
         scale: shape.scale(),
+        l2_ahead: 0,
     }
 }
 
@@ -1202,7 +1203,6 @@ fn dkdv_params(
         hand_out: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         hand_in: [0; 3 * CUDA_WG_DKDV_MAX_CTAS],
         hand: std::ptr::null_mut(),
-        l2_ahead: 0,
     };
     for (kt, (&(live, partial), &(k0, k1))) in tiling.masks.iter().zip(&tiling.runs).enumerate() {
         (plan.live[kt], plan.partial[kt]) = (live, partial);
@@ -1357,14 +1357,25 @@ fn wgmma_dkdv(
     Ok(Some((name, (grid_x, smem), plan, false)))
 }
 
-/// The wgmma dK/dV kernels' `l2_ahead` on `gpu`: 0, or where [`Gpu::next_wave_to_l2`] asks for it,
-/// the SM count. Those kernels run one CTA an SM, so the CTA that follows one on its SM is about
-/// that many launches later.
-fn next_wave_ahead(gpu: &Gpu) -> i32 {
+/// The wgmma kernels' `l2_ahead` (MapetAttention) on `gpu`, for a kernel that runs `ctas_per_sm`
+/// CTAs an SM: 0, or where [`Gpu::next_wave_to_l2`] asks for it, that many CTAs for every SM. The
+/// CTA that follows one on its SM is then about that many launches later.
+fn next_wave_ahead(gpu: &Gpu, ctas_per_sm: u32) -> i32 {
     if gpu.next_wave_to_l2() {
-        gpu.sm_count() as i32
+        (ctas_per_sm * gpu.sm_count()) as i32
     } else {
         0
+    }
+}
+
+/// The wgmma forward or dQ kernel `kernel`, or where [`Gpu::next_wave_to_l2`] asks for it its
+/// `_l2` twin, which also sends the next wave's operands to L2 (`next_wave_to_l2` in
+/// cuda/attention.cu; the same code otherwise, so the default's stays as measured).
+fn wgmma_or_l2(gpu: &Gpu, kernel: &'static str) -> &'static str {
+    match (gpu.next_wave_to_l2(), kernel) {
+        (true, "mapet_attention_fwd_wgmma") => "mapet_attention_fwd_wgmma_l2",
+        (true, "mapet_attention_bwd_dq_wgmma") => "mapet_attention_bwd_dq_wgmma_l2",
+        _ => kernel,
     }
 }
 
@@ -1408,6 +1419,8 @@ pub fn cuda_forward(
     }
     let mut p = contiguous_params(shape);
     (p.q, p.k, p.v, p.o, p.lse) = (q.ptr(), k.ptr(), v.ptr(), o.ptr_mut(), lse.f32_ptr());
+    // (Read by mapet_attention_fwd_wgmma_l2 alone, which runs two CTAs an SM.)
+    p.l2_ahead = next_wave_ahead(gpu, CUDA_RES_CTAS_PER_SM as u32);
     let (kernel, cfg) = forward_launch(gpu, kernels, shape);
     // SAFETY: check_cuda_shape and check_buffers bound every row, head and column the kernel
     // touches by the buffer lengths; every bf16 pointer is 16-byte aligned (checked above) and
@@ -1441,7 +1454,9 @@ fn forward_launch(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) 
     }
     let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
     match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
-        (Some(launch), _) => ("mapet_attention_fwd_wgmma", resident_grid(launch, CUDA_WG_THREADS, shape)),
+        (Some(launch), _) => {
+            (wgmma_or_l2(gpu, "mapet_attention_fwd_wgmma"), resident_grid(launch, CUDA_WG_THREADS, shape))
+        }
         (None, Some(launch)) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         (None, None) => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     }
@@ -1485,7 +1500,7 @@ pub fn cuda_backward(
     let (cc, sm_count, max_smem) = device_limits(gpu);
     if kernels == AttentionKernels::WgmmaFused {
         if let Some((_, launch, mut plan, shared)) = wgmma_dkdv((cc, sm_count, max_smem), kernels, shape, p)? {
-            plan.l2_ahead = next_wave_ahead(gpu);
+            plan.a.l2_ahead = next_wave_ahead(gpu, 1);
             return fused_backward(gpu, shape, plan, shared, launch);
         }
     }
@@ -1497,8 +1512,11 @@ pub fn cuda_backward(
     p.delta = delta.f32_ptr();
     // The wgmma dQ kernel has the forward's launch (grid, shared memory, two CTAs per SM).
     let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
+    p.l2_ahead = next_wave_ahead(gpu, CUDA_RES_CTAS_PER_SM as u32);
     let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
-        (Some(launch), _) => ("mapet_attention_bwd_dq_wgmma", resident_grid(launch, CUDA_WG_DQ_THREADS, shape)),
+        (Some(launch), _) => {
+            (wgmma_or_l2(gpu, "mapet_attention_bwd_dq_wgmma"), resident_grid(launch, CUDA_WG_DQ_THREADS, shape))
+        }
         (None, Some(launch)) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         (None, None) => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
     };
@@ -1506,7 +1524,7 @@ pub fn cuda_backward(
     // has [B, H, N+2P] elements, all of which every dQ kernel writes (the same values).
     unsafe { gpu.launch_dependent("attention", kernel, cfg, &p)? };
     if let Some((kernel, launch, mut plan, _)) = wgmma_dkdv((cc, sm_count, max_smem), kernels, shape, p)? {
-        plan.l2_ahead = next_wave_ahead(gpu);
+        plan.a.l2_ahead = next_wave_ahead(gpu, 1);
         let cfg = resident_grid(launch, CUDA_WG_DKDV_THREADS, shape);
         // SAFETY: as below; the plan's chunk masks and deal are those of this shape and grid
         // (dkdv_params): every key is stored by exactly one warpgroup, every chunk of a shared
