@@ -2354,7 +2354,9 @@ extern "C" __global__ void __launch_bounds__(MAPET_ATTN_WGP_THREADS, 1)
 // The default backward on compute capability 9.0. In the eighth run its tests passed on an H200,
 // and at ViT-B it took 0.546 ms there against the resident one's 0.797 (BENCHMARKS.md); the
 // changes listed as unverified in earlier comments all ran in that run. Since then dQ and dK/dV
-// send their next tile's rows to L2 at the tile's start (dQ's ran in the ninth run).
+// send their next tile's rows to L2 at the tile's start (dQ's ran in the ninth run), their masks
+// take one compare an element and dK/dV's FULL chunks skip them: neither kernel has run on a card
+// as it now is (BENCHMARKS.md lists what has not).
 // The dQ and dK/dV kernels on wgmma, the forward's pieces in the backward's roles, deterministic as the
 // mma.sync ones (each output owned by one warpgroup, accumulated in a fixed order; no atomics).
 // Both work in 32-wide chunks of the dimension they loop over (keys for dQ, positions for dK/dV),

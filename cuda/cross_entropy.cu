@@ -29,8 +29,7 @@
 //                                results) in a fixed order, so the result is deterministic. The
 //                                training variant then re-reads the row (it is in L1/L2: the
 //                                block read it moments ago) and overwrites it with dlogits.
-//                                A row of V = 8192 bf16 is 16 KiB: a block per row gives 2048
-//                                independent blocks per 32 MiB chunk, enough to fill the chip.
+//                                (The model's V = 8192 runs cross_entropy_rows_held instead.)
 //   cross_entropy_rows_held      what cross_entropy_rows does (both variants) where vocab % 8
 //                                == 0 and vocab <= 8192 (the model's 8192): a block per group
 //                                of rows, each thread's slice of a row held in registers (read

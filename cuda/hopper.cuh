@@ -116,7 +116,8 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, 
 // (62-63; 1 = 128 bytes). The k-th 16-deep step of a 64-wide atom starts 32 k bytes in: the
 // hardware applies the swizzle to the addresses it forms from there. For an M/N-major operand the
 // leading byte offset is the distance between 64-element blocks along M/N instead: the value 1 fits
-// only operands one block (64 elements) wide, as all of this project's are.
+// only operands one block (64 elements) wide; wider ones take sw128_desc_lbo (the `hwc-ws` weight
+// gradient's pixels, cuda/patch_embed.cu).
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
     return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
            (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
@@ -313,9 +314,10 @@ __device__ __forceinline__ void sw128_gather_rows2(uint32_t dst_a, const void* s
     });
 }
 
-// Asks L2 to fetch the 128-byte line at p ahead of a load that will read it: a hint, with no
-// result, no wait and nothing to order. The attention kernels issue it for a row tile's operands
-// one chunk before their copies start, so that the copies find the rows in L2 rather than DRAM.
+// Asks L2 to fetch the 32-byte sector at p (only that sector is sure to come) ahead of a load that
+// will read it: a hint, with no result, no wait and nothing to order. The wgmma attention kernels
+// issue it for their next row tile's rows at the current tile's start, so that its copies find
+// them in L2 rather than DRAM, and under MAPET_L2_AHEAD for the next wave's first operands.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
 // sw128_gather_rows of rows [0, rows) in order.
@@ -345,8 +347,8 @@ __device__ __forceinline__ void sw128_load_wait_groups() {
 // cuda/attention.cu's wgmma kernels): the empty asm of pin_regs (gone by the time ptxas
 // schedules), a shared-memory store, a proxy fence or __syncwarp in between, and even the loop's
 // back edge (ptxas moved 13 of dQ's 16 exponentials below the next iteration's wait). A block
-// that ends in a branch ptxas cannot resolve did, in all three kernels; tests/kernel_schedule.rs
-// checks that it still does.
+// that ends in a branch ptxas cannot resolve did, in the forward, dQ and dK/dV kernels;
+// tests/kernel_schedule.rs checks that it still does in every wgmma attention kernel.
 // The trap path waits for the warpgroup's wgmma first: ptxas would otherwise add that wait itself
 // and report it (C7517) at every build.
 __device__ __forceinline__ void end_basic_block() {

@@ -17,6 +17,14 @@
 // shift[c]) or f32 [B, 3, S, S] (already normalised); ranks int32 [B, N]; weight bf16 [D, K];
 // bias, cls, mask f32 [D]; pos f32 [N, D]; out and d_out bf16 [B, R, D]. D % 8 == 0 (16-byte rows).
 //
+// Which kernels run: on compute capability 9.0 the default pixel order, `hwc-ws-raw` (host:
+// `PixelOrder`), runs the warp-specialised wgmma kernels of the sections "forward,
+// warp-specialised on TMA" and "backward_weight_hwc_ws" below (its forward writes the CLS and
+// mask-token rows itself and multiplies (u - 127) / 256 by an f16 weight with the normalisation
+// folded in). The mma.sync GEMM kernels this header describes are the default elsewhere (`hwc`)
+// and run the other orders; the backward's token sums and its reduction over splits serve every
+// order.
+//
 // Why the kernels look like this:
 // - The forward is one GEMM [B*(N-1), K] x [K, D] whose A operand is never stored: each block builds
 //   its A tile from the pixels while the previous tile is multiplied (global -> registers ->

@@ -391,7 +391,8 @@ pub trait Backend {
         copy: Option<&mut Self::Buf<Self::Act>>,
     ) -> Result<()>;
 
-    /// Global L2 norm of a flat f32 buffer (f64 accumulation on the CPU, f32 on the GPU).
+    /// Global L2 norm of a flat f32 buffer (f64 accumulation on the CPU; on the GPU f32 within a
+    /// block, the blocks' partial sums in f64).
     fn l2_norm(&self, x: &Self::Buf<f32>) -> Result<f32>;
 }
 

@@ -10,7 +10,9 @@
 //!   row copies that add, patch embedding outputs; Linear and LayerNorm input gradients, also when
 //!   they add to an existing gradient: the sum is rounded once);
 //! - the GEMMs' weights (the caller passes the bf16-rounded parameters as [`Weights::act`]) and
-//!   the patch embedding's pixels (the kernels build their A tiles in bf16);
+//!   the patch embedding's pixels (the `hwc` and `chw` kernels build their A tiles in bf16; the
+//!   default `hwc-ws-raw` forward on compute capability 9.0 holds its pixels exactly and rounds
+//!   a scaled f16 copy of the weight instead, which this does not model);
 //! - the cross-entropy's logits before the bias, and its input gradient
 //!   ([`CpuPrecision::GpuRounding`]);
 //! - inside the attention kernels: P for P V (against the forward's lazy running max), and P and

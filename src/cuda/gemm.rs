@@ -31,11 +31,15 @@
 //!
 //! | GEMM                         | call                                              | epilogue |
 //! |------------------------------|---------------------------------------------------|----------|
-//! | q, kv, proj, fc2 forward     | `m=M, n=out, k=in`, A = x, B = W (`b_transposed`)  | [`Epilogue::Bias`] |
-//! | fc1 forward                  | same                                              | [`Epilogue::BiasGelu`] (saves the pre-activation) |
-//! | dX of any Linear             | `m=M, n=in, k=out`, A = dY, B = W                  | [`Epilogue::None`] |
-//! | dX of fc2 = d(pre-GELU of fc1) | `m=M, n=4D, k=D`, A = dY, B = W2                | [`Epilogue::DGelu`] ([`Epilogue::DGeluBiasGrad`] also gives fc1's bias gradient, but slowly) |
-//! | dW (+ db) of any Linear      | `m=out, n=in, k=M`, A = dY (`a_transposed`), B = x | [`Epilogue::BiasGradFromA`] (db = column sums of dY), f32 output via [`Gemm::matmul_f32_out`]; fc1's dW with [`Epilogue::None`], its db summed by the GELU backward kernel |
+//! | every Linear's forward (q, kv, proj, fc1, fc2) | `m=M, n=out, k=in`, A = x, B = W (`b_transposed`) | [`Epilogue::Bias`]; fc1's GELU is the model's own erf GELU kernel after it (SPEC.md) |
+//! | dX of every Linear           | `m=M, n=in, k=out`, A = dY, B = W                  | [`Epilogue::None`] |
+//! | dW (+ db) of q, k, v         | `m=out, n=in, k=M`, A = dY (`a_transposed`), B = x | [`Epilogue::BiasGradFromA`] (db = column sums of dY), f32 output via [`Gemm::matmul_f32_out`] |
+//! | dW of proj, fc1, fc2         | same                                              | [`Epilogue::None`]: their bias gradients come from the layer-scale and GELU backward kernels |
+//! | the decoder's logits, dx and dW (cross-entropy) | src/ops/cross_entropy.rs                 | [`Epilogue::None`] (the bias is added by the row kernel) |
+//!
+//! [`Epilogue::BiasGelu`], [`Epilogue::DGelu`] and [`Epilogue::DGeluBiasGrad`] compute cuBLASLt's
+//! tanh GELU, not the erf GELU of SPEC.md, so the model does not use them; they are tested and
+//! benchmarked (tests/gemm.rs, benches/gemm.rs) for a model that would.
 //!
 //! # Numerics
 //!
@@ -75,13 +79,13 @@
 //!
 //! # Performance notes (H200, M = 62848 rows, `benches/gemm.rs`)
 //!
-//! Plain and bias GEMMs run at 580-750 TFLOP/s, bias + GELU + aux (fc1 forward) at about 530,
-//! [`Epilogue::DGelu`] on fc2's dX at about 520 (plain: 570), f32-output weight gradients with
-//! the bias gradient at 445-670. All Linear GEMMs of one ViT-B block, forward and backward, take
-//! about 4.5 ms. [`Epilogue::DGeluBiasGrad`] is slow (about 190 TFLOP/s, 1.6 ms instead of
-//! 0.57 ms): use [`Epilogue::DGelu`] there and take fc1's bias gradient from fc1's
-//! weight-gradient GEMM with [`Epilogue::BiasGradFromA`] (its A operand is the same dH), which
-//! costs nothing extra.
+//! Plain and bias GEMMs run at 580-750 TFLOP/s, bias + GELU + aux (at fc1's forward shape) at
+//! about 530, [`Epilogue::DGelu`] (at fc2's dX shape) at about 520 (plain: 570), f32-output weight
+//! gradients with the bias gradient at 445-670. All Linear GEMMs of one ViT-B block, forward and
+//! backward, take about 4.5 ms. [`Epilogue::DGeluBiasGrad`] is slow (about 190 TFLOP/s, 1.6 ms
+//! instead of 0.57 ms): a tanh-GELU model would rather use [`Epilogue::DGelu`] and take fc1's bias
+//! gradient from fc1's weight-gradient GEMM with [`Epilogue::BiasGradFromA`] (its A operand is
+//! the same dH), which costs nothing extra.
 //!
 //! # Alignment and leading dimensions
 //!
@@ -227,18 +231,20 @@ impl DType {
 /// What runs after the product, in row-major terms. `acc = alpha * op(A) op(B) + beta * C` is
 /// the f32 value before rounding; `gelu` is the tanh approximation (module docs).
 pub enum Epilogue<'a> {
-    /// `C = acc`. cuBLASLt `DEFAULT`. Used by: dX of every Linear but fc2.
+    /// `C = acc`. cuBLASLt `DEFAULT`. Used by: dX of every Linear, dW of proj, fc1 and fc2, the
+    /// cross-entropy's GEMMs.
     None,
     /// `C[i, j] = acc[i, j] + bias[j]`, `bias` of length n. cuBLASLt `BIAS`. Used by: the forward
-    /// of q, kv, proj, fc2 (and the decoder head).
+    /// of every Linear.
     Bias { bias: Vector<'a> },
     /// `aux[i, j] = acc[i, j] + bias[j]` (the pre-activation, saved for backward, rounded to
     /// bf16) and `C = gelu(aux)` computed from the f32 value. `aux` is `[m, n]` like `C`; n must
-    /// be a multiple of 8. `beta` must be 0. cuBLASLt `GELU_AUX_BIAS`. Used by: fc1 forward.
+    /// be a multiple of 8. `beta` must be 0. cuBLASLt `GELU_AUX_BIAS`. (The tanh GELU: not the
+    /// model's, module docs.)
     BiasGelu { bias: Vector<'a>, aux: &'a mut DeviceBuffer<bf16> },
     /// `C = acc * gelu'(aux)`, with `aux` the pre-activation saved by [`Epilogue::BiasGelu`].
-    /// n must be a multiple of 8; `beta` must be 0. cuBLASLt `DGELU`. Used by: fc2's dX, which is
-    /// the gradient of fc1's pre-activation (`dH = dY W2`, then times gelu'(pre)).
+    /// n must be a multiple of 8; `beta` must be 0. cuBLASLt `DGELU`. For fc2's dX in a model with
+    /// the tanh GELU: the gradient of fc1's pre-activation (`dH = dY W2`, then times gelu'(pre)).
     DGelu { aux: &'a DeviceBuffer<bf16> },
     /// As [`Epilogue::DGelu`], and also `bias_grad[j] = sum_i C[i, j]` (from the f32 values,
     /// length n): fc1's bias gradient for free. Written, not accumulated. cuBLASLt `DGELU_BGRAD`.

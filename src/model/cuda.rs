@@ -16,16 +16,18 @@
 //!   output gradient (`ops::gelu::cuda_backward_recompute`), proj's and fc2's by the layer-scale
 //!   backward as it writes theirs (`ops::residual::cuda_layer_scale_backward`).
 //! - GELU is the erf form (`ops::gelu`), not cuBLASLt's tanh epilogue.
-//! - LayerNorm, the layer-scale residual and the patch embedding read f32 weights (the master
-//!   copy) and keep f32 statistics; the residual stream x and every activation gradient are bf16.
+//! - LayerNorm and the layer-scale residual read f32 weights (the master copy) and keep f32
+//!   statistics, as the patch embedding does for its bias, position embedding and tokens (its
+//!   convolution weight is the bf16 copy the GEMMs use); the residual stream x and every
+//!   activation gradient are bf16.
 //! - Every reduction is deterministic (no float atomics): two runs of a step on the same inputs
 //!   and the same card give bit-identical losses and gradients.
 //!
 //! # Memory
 //!
-//! A step allocates only what the op launchers allocate internally (the LayerNorm, layer-scale,
-//! attention and patch-embedding backward scratch, the cross-entropy chunk buffers), in stream
-//! order. [`CudaModel::device_bytes`] gives the total of the model's own buffers.
+//! A step allocates only what the op launchers allocate internally (the LayerNorm, layer-scale
+//! and attention backward scratch, the patch embedding's forward and backward scratch, the
+//! cross-entropy chunk buffers), in stream order. [`CudaModel::device_bytes`] gives the total of the model's own buffers.
 
 use std::sync::Arc;
 

@@ -612,9 +612,10 @@ pub enum AttentionKernels {
     /// capability 9.0 only; elsewhere, or where the shared memory does not suffice, the
     /// `Resident` (or tiled) kernels run. In the eighth run their tests passed on an H200, and at
     /// ViT-B they took 0.213 ms forward and 0.759 ms forward + backward, against `Resident`'s
-    /// 0.276 and 1.072 (BENCHMARKS.md). Since then dQ and dK/dV send their next tile's rows to L2
-    /// at the tile's start; dQ's passed its tests in the ninth run, the dK/dV kernel as it now
-    /// is has not run on a card.
+    /// 0.276 and 1.072 (BENCHMARKS.md). Since then all three kernels have changed (the next
+    /// tile's rows sent to L2 at the tile's start, which dQ's tests passed in the ninth run; the
+    /// forward's tree of maxima, the masks' one compare an element, dK/dV's FULL chunks
+    /// unmasked): none has run on a card as it now is.
     #[default]
     Wgmma,
     /// `Wgmma` with its dK/dV kernel loading each chunk's per-position stats at the end of the
