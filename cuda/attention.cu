@@ -1850,6 +1850,24 @@ __device__ __forceinline__ int prefetch_row(int p_next, int i, const Geometry& G
     return row < G.lq ? row : -1;
 }
 
+// The CTA launched `ahead` CTAs after this one (grids (CTAs a pair, H, B), taken in launch order:
+// x fastest): its index x among its pair's CTAs, its pair (b H + head), head and sample; x = -1
+// past the grid's end. For the MAPET_L2_AHEAD prefetches (next_wave_to_l2, dkdv_next_wave_to_l2).
+struct LaterCta {
+    int x, head, b;
+    int64_t pair;
+};
+
+__device__ __forceinline__ LaterCta later_cta(int64_t ahead) {
+    const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
+    const int64_t target =
+        blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z) + ahead;
+    if (target >= ctas) return LaterCta{-1, 0, 0, 0};
+    const int64_t pair = target / gridDim.x;
+    return LaterCta{static_cast<int>(target % gridDim.x), static_cast<int>(pair % gridDim.y),
+                    static_cast<int>(pair / gridDim.y), pair};
+}
+
 // prm.l2_ahead > 0 (MAPET_L2_AHEAD, experimental): the wgmma forward and dQ kernels run two CTAs
 // an SM. Each starts by copying its pair's K and V (88 KB at ViT) and its first row tiles' rows,
 // and waits for them with little else on the SM to cover the wait: the eighth run's profile put
@@ -1868,15 +1886,11 @@ __device__ __forceinline__ int prefetch_row(int p_next, int i, const Geometry& G
 template <bool kBackward>
 __device__ __forceinline__ void next_wave_to_l2(const MapetAttention& prm, const Geometry& G, int tid) {
     static_assert(MAPET_ATTN_WG_THREADS == MAPET_ATTN_WG_DQ_THREADS, "one stride for both kernels' loops");
-    const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
-    const int64_t target = blockIdx.x +
-                           static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z) +
-                           prm.l2_ahead;
-    if (target >= ctas) return;
-    // Its pair and place: grid (CTAs a pair, H, B).
-    const int x = static_cast<int>(target % gridDim.x);
-    const int64_t pair = target / gridDim.x;
-    const int head = static_cast<int>(pair % gridDim.y), b = static_cast<int>(pair / gridDim.y);
+    if (prm.l2_ahead <= 0) return;  // (0: none, as for every kernel that reads it)
+    const LaterCta later = later_cta(prm.l2_ahead);
+    if (later.x < 0) return;
+    const int x = later.x, head = later.head, b = later.b;
+    const int64_t pair = later.pair;
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     for (int i = tid; i < 4 * 128; i += MAPET_ATTN_WG_THREADS) {
         const int64_t r = row_at(128 * x + (i >> 2), G), col = 16 * (i & 3);  // sector i % 4 of the row
@@ -2564,14 +2578,10 @@ template <bool kFused>
 __device__ __forceinline__ void dkdv_next_wave_to_l2(const MapetAttentionDkdv& plan, const Geometry& G, int half,
                                                      int tid) {
     const MapetAttention& prm = plan.a;
-    const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
-    const int64_t target = blockIdx.x +
-                           static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z) +
-                           plan.a.l2_ahead;
-    if (target >= ctas || target % gridDim.x != 0) return;
-    // Its pair: grid (CTAs a pair, H, B).
-    const int64_t pair = target / gridDim.x;
-    const int head = static_cast<int>(pair % gridDim.y), b = static_cast<int>(pair / gridDim.y);
+    const LaterCta later = later_cta(plan.a.l2_ahead);
+    if (later.x != 0) return;  // past the grid, or not its pair's first CTA
+    const int head = later.head, b = later.b;
+    const int64_t pair = later.pair;
     const bf16* qg = static_cast<const bf16*>(prm.q) + b * prm.q_batch_stride + head * kD;
     const bf16* dog = static_cast<const bf16*>(prm.d_o) + b * prm.do_batch_stride + head * kD;
     const bf16* og = static_cast<const bf16*>(prm.o) + b * prm.o_batch_stride + head * kD;

@@ -145,7 +145,8 @@ typedef struct MapetAttention {
     int32_t n_tokens;   // N
     int32_t n_context;  // C
     float scale;        // softmax scale, 1/sqrt(head_dim)
-    // > 0 (MAPET_L2_AHEAD, experimental; the wgmma forward, dQ and dK/dV kernels): each CTA sends
+    // > 0 (MAPET_L2_AHEAD, experimental; read by the wgmma forward's and dQ's _l2 twins and the
+    // wgmma dK/dV kernels): each CTA sends
     // to L2 what the CTA l2_ahead launches on, which starts about when this one ends, loads first
     // (its pair's K and V, its first row tiles' rows; next_wave_to_l2, dkdv_next_wave_to_l2 in
     // cuda/attention.cu). The CTAs an SM holds: twice the SM count for the forward and dQ, the SM

@@ -593,7 +593,8 @@ sets("patch embedding", "hwc-ws-raw", "OK_PATCH", r"RESULT patch_embed forward\+
 # Programmatic dependent launches (MAPET_DEPENDENT_LAUNCH=1) against the same kernels launched
 # plainly, and the wgmma attention kernels sending the next wave's rows to L2 (MAPET_L2_AHEAD=1)
 # against the same kernels without, forward alone and with the backward: noted, not chosen (each
-# switch covers more than one op or set).
+# switch covers more than one op or set). The fused set's forward is the wgmma one: its forward
+# line is a second reading of the same twin.
 for what, how, pat in [
     ("attention", "dependent launches", r"RESULT attention vit-b wgmma(?P<dep> \(dependent launches\))? forward\+backward: median (?P<ms>[0-9.]+) ms"),
     ("patch embedding", "dependent launches", r"RESULT patch_embed forward\+backward u8 hwc-ws-raw(?P<dep> \(dependent launches\))? \(.*: (?P<ms>[0-9.]+) ms median"),

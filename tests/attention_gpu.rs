@@ -529,17 +529,24 @@ fn same_bits_either_way(test: &str, gpu: &Gpu, shapes: &[AttentionShape], what: 
 /// Shapes: twice as many (sample, head) pairs as SMs, so that the first wave's CTAs (dK/dV: one a
 /// pair; forward and dQ: two a pair, two an SM) send the second wave's rows up to the last pair's
 /// last row; a few pairs more than SMs, where the non-fused sets take several CTAs a pair (the
-/// forward and dQ four); and fewer pairs than SMs (none sent).
+/// forward and dQ four); an odd small shape with as many pairs as three times the SMs, one CTA a
+/// pair, whose last tiles reach past Lq and Lk (sent by all three kernels); and fewer pairs than
+/// SMs (none sent).
 #[test]
 fn next_wave_to_l2_gives_the_same_bits() {
     let test = "next_wave_to_l2_gives_the_same_bits";
     let Some(gpu) = testing::gpu_poisoning_or_skip(test) else { return };
     if gpu.compute_capability() != (9, 0) {
-        eprintln!("SKIP {test}: {} runs no wgmma dK/dV kernel", gpu.name());
+        eprintln!("SKIP {test}: {} runs no wgmma kernel", gpu.name());
         return;
     }
     let sms = gpu.sm_count() as usize;
-    let shapes = [shape((2 * sms).div_ceil(12), 12, 197, 50), shape(sms / 12 + 1, 12, 197, 50), shape(3, 2, 37, 1)];
+    let shapes = [
+        shape((2 * sms).div_ceil(12), 12, 197, 50),
+        shape(sms / 12 + 1, 12, 197, 50),
+        shape(sms, 3, 37, 1),
+        shape(3, 2, 37, 1),
+    ];
     // The switch picks the forward's twin (so the runs below compare two kernels).
     gpu.set_next_wave_to_l2(true);
     let twin = attention::cuda_forward_kernel(&gpu, AttentionKernels::Wgmma, &shapes[0]);
