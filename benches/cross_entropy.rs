@@ -288,6 +288,14 @@ fn gpu(c: &mut Criterion) {
         let by_config: Vec<Pin> = g.config_pins().into_iter().filter(|p| pinned.contains(&p.0)).collect();
         println!("RESULT cross_entropy {what} by configuration: MAPET_GEMM_PIN={:?}", pin_text(&by_config));
     }
+    // The default GEMMs are Gemm::new's: the default pin table's for this device, where it has
+    // any (gemm::DEFAULT_PINS), else the heuristic's first proposals.
+    println!(
+        "RESULT cross_entropy default pin table on {} ({} SMs): {:?}",
+        gpu.name(),
+        gpu.sm_count(),
+        pin_text(gemm.default_pins())
+    );
     for line in gemm.algorithm_report() {
         println!("RESULT cross_entropy default GEMM: {line}");
     }

@@ -735,6 +735,47 @@ fn pinned_sizes_run_their_candidate() {
     assert!(c.to_host_f32().unwrap().iter().all(|v| v.is_nan()), "a failed pinned call wrote its output");
 }
 
+/// A default pin (`Gemm::with_default_pins`, what `Gemm::new` takes from `DEFAULT_PINS` for the
+/// device) runs its configuration where the heuristic proposes it; where it does not (another
+/// cuBLASLt version), the size runs the heuristic's first proposal, with no error; and a pin of
+/// the size's own (`MAPET_GEMM_PIN`) comes before it.
+#[test]
+fn default_pins_run_their_configuration_or_the_heuristics_first() {
+    let test = "default_pins_run_their_configuration_or_the_heuristics_first";
+    let Some((gpu, gemm)) = setup(test) else { return };
+    let (m, n, k) = (320, 192, 264);
+    let TnCase { a_d, b_d, truth, base } = tn_case(&gpu, test, m, n, k);
+    let mut c = gpu.alloc::<bf16>(m * n).unwrap();
+    let ranks = gemm
+        .time_candidates(&gpu, 2, 1, || gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None))
+        .unwrap();
+    let first = ranks[0].config.expect("the first candidate's configuration");
+    let other = ranks[ranks.len() - 1].config.expect("the last candidate's configuration");
+    if ranks.len() == 1 {
+        eprintln!("{test}: cuBLASLt proposes one algorithm for {m} x {n} x {k}: every pin selects it");
+    }
+    let mut nowhere = first;
+    nowhere.0[0] = -1;
+    let size = (m, n, k);
+    let cases = [
+        ("a default pin", vec![], vec![(size, PinChoice::Config(other))], other),
+        ("a default pin no proposal has", vec![], vec![(size, PinChoice::Config(nowhere))], first),
+        (
+            "a pin over a default pin",
+            vec![(size, PinChoice::Config(first))],
+            vec![(size, PinChoice::Config(other))],
+            first,
+        ),
+    ];
+    for (what, pins, defaults, runs) in cases {
+        let g = Gemm::with_pins(&gpu, pins).unwrap().with_default_pins(defaults);
+        c.poison().unwrap();
+        g.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None).unwrap();
+        assert_within_baseline(&format!("{test}: {what}"), &c.to_host_f32().unwrap(), &base, &truth, 2.0, 1e-4);
+        assert_eq!(g.config_pins(), vec![(size, PinChoice::Config(runs))], "{what}: {:?}", g.algorithm_report());
+    }
+}
+
 #[test]
 fn strided_batched() {
     let Some((gpu, gemm)) = setup("strided_batched") else { return };

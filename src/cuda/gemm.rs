@@ -113,7 +113,10 @@
 //! process to the next (the choice depends on timings). [`Gemm::tuning_report`] says what it chose.
 //! An algorithm's [`AlgoConfig`] names it across cuBLASLt versions, where a rank does not: a pin
 //! may give one (`MxNxK=@CONFIG`), and [`Gemm::algorithm_report`] lists those of the cached
-//! algorithms ([`Gemm::config_pins`] as pins).
+//! algorithms ([`Gemm::config_pins`] as pins). [`DEFAULT_PINS`] holds pins by configuration
+//! measured faster on a kind of device, which [`Gemm::new`] applies where the variable does not
+//! pin a size, and which give way to the heuristic's first proposal where a cuBLASLt version no
+//! longer proposes them.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -539,6 +542,9 @@ pub struct Gemm {
     candidate: AtomicUsize,
     /// GEMM sizes pinned to another of the heuristic's candidates ([`PIN_VAR`]).
     pins: Vec<Pin>,
+    /// Pins by configuration from [`DEFAULT_PINS`] for sizes `pins` leaves alone: where the
+    /// heuristic proposes no algorithm of that configuration, the size runs its first instead.
+    default_pins: Vec<Pin>,
     /// The configuration of the candidate a call inside [`Gemm::time_candidates`] ran last.
     last_candidate: Mutex<Option<AlgoConfig>>,
     /// Whether a configuration's first call times the heuristic's candidates ([`TUNE_VAR`]).
@@ -557,13 +563,57 @@ pub struct Gemm {
 /// that `benches/gemm.rs` or `benches/cross_entropy.rs` found faster, without a rebuild. A rank
 /// names a different algorithm from one cuBLASLt version (or card) to the next; a configuration
 /// names the same kernel configuration in every version that still proposes it, and a call whose
-/// heuristic does not fails, naming the variable.
+/// heuristic does not fails, naming the variable. Sizes the variable does not pin take
+/// [`DEFAULT_PINS`]' pins for the device; `none` turns those off too.
 pub const PIN_VAR: &str = "MAPET_GEMM_PIN";
+
+/// Pins by configuration measured faster than the heuristic's first proposal on one kind of
+/// device, which [`Gemm::new`] applies to the sizes [`PIN_VAR`] leaves alone.
+#[derive(Clone, Copy, Debug)]
+pub struct DefaultPins {
+    /// The devices they are for: compute capability and SM count (the algorithms' waves depend on
+    /// both), e.g. (9, 0) and 132 for an H100 or H200 SXM.
+    pub compute_capability: (u32, u32),
+    pub sm_count: u32,
+    /// Where they were measured: card, cuBLASLt version, date and bench line.
+    pub source: &'static str,
+    /// The pins, as [`PIN_VAR`] takes them, by configuration only (`MxNxK=@CONFIG`): a rank names
+    /// another algorithm in another cuBLASLt version.
+    pub pins: &'static str,
+}
+
+/// The default pin table ([`DefaultPins`]). A pin here is a hint, not a demand: a size whose
+/// heuristic proposes no algorithm of the pinned configuration among its first
+/// [`MAX_CANDIDATES`] (another cuBLASLt version) runs the heuristic's first, as with no pin.
+/// Filled from a card's `RESULT cross_entropy chosen GEMMs by configuration` line
+/// (`benches/cross_entropy.rs`: the configurations of the pins the whole call ran fastest with),
+/// once the same run has shown that pin to win; none has been measured yet, so it is empty.
+pub const DEFAULT_PINS: &[DefaultPins] = &[];
+
+/// The pins of `table`'s entries for a device of compute capability `cc` with `sm_count` SMs, in
+/// the table's order; an error naming the entry if one does not parse or pins by rank.
+pub fn default_pins_for(table: &[DefaultPins], cc: (u32, u32), sm_count: u32) -> Result<Vec<Pin>> {
+    let mut pins = Vec::new();
+    for entry in table.iter().filter(|e| e.compute_capability == cc && e.sm_count == sm_count) {
+        let bad = |detail: String| Error::Unsupported {
+            what: "GEMM pin",
+            detail: format!("the default pins measured on {}: {detail}", entry.source),
+        };
+        for pin in parse_pins(entry.pins).map_err(|e| bad(e.to_string()))? {
+            match pin.1 {
+                PinChoice::Config(_) => pins.push(pin),
+                PinChoice::Rank(_) => return Err(bad(format!("{} pins by rank", pin_text(&[pin])))),
+            }
+        }
+    }
+    Ok(pins)
+}
 
 /// The environment variable that turns tuning on (`1`) or off (`0`, the default), read when a
 /// [`Gemm`] is made: with it on, the first call of each configuration (shape, transposes, types,
 /// epilogue, alignments) not pinned by [`PIN_VAR`] times the heuristic's first
-/// [`TUNE_CANDIDATES`] proposals and keeps the fastest for the `Gemm`'s life.
+/// [`TUNE_CANDIDATES`] proposals and keeps the fastest for the `Gemm`'s life (default pins,
+/// [`DEFAULT_PINS`], give way to it).
 pub const TUNE_VAR: &str = "MAPET_GEMM_TUNE";
 
 /// Proposals timed per configuration under [`TUNE_VAR`].
@@ -885,11 +935,31 @@ unsafe fn set_pref<T>(
 
 impl Gemm {
     /// Creates a cuBLASLt handle and a [`WORKSPACE_BYTES`] workspace on `gpu`'s stream, with the
-    /// pins [`PIN_VAR`] names. Fails with [`Error::Unsupported`] when libcublasLt cannot be
-    /// loaded or the variable does not parse.
+    /// pins [`PIN_VAR`] names and, for the sizes it does not pin, [`DEFAULT_PINS`]' for `gpu`
+    /// (none where the variable is `none`). Fails with [`Error::Unsupported`] when libcublasLt
+    /// cannot be loaded or the variable does not parse.
     pub fn new(gpu: &Gpu) -> Result<Self> {
         let tune = parse_tune(&std::env::var(TUNE_VAR).unwrap_or_default())?;
-        Ok(Self::with_pins(gpu, parse_pins(&std::env::var(PIN_VAR).unwrap_or_default())?)?.with_tuning(tune))
+        let var = std::env::var(PIN_VAR).unwrap_or_default();
+        let (pins, defaults) = if var.trim() == "none" {
+            (Vec::new(), Vec::new())
+        } else {
+            (parse_pins(&var)?, default_pins_for(DEFAULT_PINS, gpu.compute_capability(), gpu.sm_count())?)
+        };
+        Ok(Self::with_pins(gpu, pins)?.with_default_pins(defaults).with_tuning(tune))
+    }
+
+    /// This `Gemm` with `pins` as its default pins ([`DEFAULT_PINS`]) in place of the table's:
+    /// pins by configuration for the sizes its own pins leave alone, which fall back to the
+    /// heuristic's first proposal where it proposes no algorithm of that configuration.
+    pub fn with_default_pins(mut self, pins: Vec<Pin>) -> Self {
+        self.default_pins = pins;
+        self
+    }
+
+    /// The default pins ([`Gemm::with_default_pins`]) of this `Gemm`.
+    pub fn default_pins(&self) -> &[Pin] {
+        &self.default_pins
     }
 
     /// This `Gemm` with tuning ([`TUNE_VAR`]) on or off, in place of the variable's choice.
@@ -923,7 +993,8 @@ impl Gemm {
         unsafe { sys::cublasLtGetVersion() }
     }
 
-    /// [`Gemm::new`] with the given pins in place of [`PIN_VAR`]'s, and tuning off.
+    /// [`Gemm::new`] with the given pins in place of [`PIN_VAR`]'s, no default pins and tuning
+    /// off.
     pub fn with_pins(gpu: &Gpu, pins: Vec<Pin>) -> Result<Self> {
         // SAFETY: only tries to dlopen libcublasLt; no cuBLASLt call is made.
         if !unsafe { sys::is_culib_present() } {
@@ -951,6 +1022,7 @@ impl Gemm {
             algos: Mutex::new(HashMap::new()),
             candidate: AtomicUsize::new(DEFAULT_ALGO),
             pins,
+            default_pins: Vec::new(),
             last_candidate: Mutex::new(None),
             tune: false,
             tuned: Mutex::new(Vec::new()),
@@ -1243,8 +1315,17 @@ impl Gemm {
             (None, Some(algo)) => algo,
             (None, None) => {
                 let pin = self.pins.iter().find(|(size, _)| *size == (m, n, k)).map(|&(_, choice)| choice);
+                let default_pin =
+                    self.default_pins.iter().find(|(size, _)| *size == (m, n, k)).map(|&(_, choice)| choice);
                 let algo = if pin.is_none() && self.tune {
                     self.tuned_algo(&key, &descs, &p, alpha, beta)?
+                } else if let (None, Some(PinChoice::Config(config))) = (pin, default_pin) {
+                    // A default pin: its configuration where the heuristic proposes it, else the
+                    // heuristic's first.
+                    match self.configured(&key, &descs, &config) {
+                        Err(Error::Unsupported { what: NO_CANDIDATE, .. }) => self.proposal(&key, &descs, None)?,
+                        other => other?,
+                    }
                 } else {
                     match pin {
                         None => self.proposal(&key, &descs, None),
@@ -1546,6 +1627,36 @@ pub fn flops(m: usize, n: usize, k: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default pin table's entries are picked by compute capability and SM count, pin by
+    /// configuration only, and every entry of [`DEFAULT_PINS`] parses.
+    #[test]
+    fn default_pins_are_configurations_for_one_kind_of_device() {
+        let c = AlgoConfig::EXAMPLE;
+        let hopper = DefaultPins {
+            compute_capability: (9, 0),
+            sm_count: 132,
+            source: "a card",
+            pins: "3764x8192x768=@a66.t21.k1.r0.w0.c0.s17.i0.l3, 3764x768x8192=@a31.t20.k1.r0.w1.c0.s9.i0.l0",
+        };
+        let pcie = DefaultPins { sm_count: 114, pins: "8192x768x3764=@a66.t21.k1.r0.w0.c0.s17.i0.l3", ..hopper };
+        let table = [hopper, pcie];
+        let sxm = default_pins_for(&table, (9, 0), 132).unwrap();
+        assert_eq!(sxm.len(), 2);
+        assert_eq!(sxm[0], ((3764, 8192, 768), PinChoice::Config(c.parse().unwrap())));
+        assert_eq!(default_pins_for(&table, (9, 0), 114).unwrap()[0].0, (8192, 768, 3764));
+        assert!(default_pins_for(&table, (8, 0), 108).unwrap().is_empty());
+        // A rank, or an entry that does not parse, is refused, naming where it was measured.
+        for pins in ["3764x8192x768=2", "3764x8192=@a66"] {
+            let err = default_pins_for(&[DefaultPins { pins, source: "the tenth run", ..hopper }], (9, 0), 132)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("the tenth run"), "{pins}: {err}");
+        }
+        for entry in DEFAULT_PINS {
+            default_pins_for(&[*entry], entry.compute_capability, entry.sm_count).unwrap();
+        }
+    }
 
     #[test]
     fn pins_parse_or_name_the_bad_entry() {
