@@ -291,8 +291,10 @@ fn gpu(c: &mut Criterion) {
     // The default GEMMs are Gemm::new's: the default pin table's for this device, where it has
     // any (gemm::DEFAULT_PINS), else the heuristic's first proposals.
     println!(
-        "RESULT cross_entropy default pin table on {} ({} SMs): {:?}",
+        "RESULT cross_entropy default pin table on {} (compute capability {}.{}, {} SMs): {:?}",
         gpu.name(),
+        gpu.compute_capability().0,
+        gpu.compute_capability().1,
         gpu.sm_count(),
         pin_text(gemm.default_pins())
     );

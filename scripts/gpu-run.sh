@@ -647,6 +647,25 @@ if gemms == "chosen" and (paired_pin if blocks == "paired" else pin):
     env.append(f"MAPET_GEMM_PIN={paired_pin if blocks == 'paired' else pin}")
 if gemms == "MAPET_GEMM_TUNE":
     env.append("MAPET_GEMM_TUNE=1")
+# Where chosen GEMMs win, the same pins by configuration as an entry of the default pin table
+# (src/cuda/gemm.rs, DEFAULT_PINS), for the device and cuBLASLt the bench names.
+by_config, device, cublaslt = {}, None, "?"
+for l in lines:
+    m = re.match(r'RESULT cross_entropy chosen GEMMs( with paired rows)? by configuration: MAPET_GEMM_PIN="(.*)"', l)
+    if m:
+        by_config["paired" if m.group(1) else "single"] = m.group(2)
+    m = re.match(r"RESULT cross_entropy default pin table on (.*) \(compute capability (\d+)\.(\d+), (\d+) SMs\)", l)
+    if m:
+        device = m.groups()
+    m = re.match(r"RESULT cross_entropy GEMM pins chosen with cuBLASLt (\d+) on", l)
+    if m:
+        cublaslt = m.group(1)
+if gemms == "chosen" and by_config.get(blocks) and device:
+    card, major, minor, sms = device
+    notes.append(
+        f'cross-entropy: default pin table entry: DefaultPins {{ compute_capability: ({major}, {minor}), sm_count: {sms}, '
+        f'source: "{card}, cuBLASLt {cublaslt}, cross_entropy bench", pins: "{by_config[blocks]}" }}'
+    )
 for n in notes:
     print("#", n)
 for e in env:

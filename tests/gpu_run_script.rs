@@ -208,6 +208,9 @@ exit 0"#,
         }
         text += "echo 'RESULT cross_entropy forward+backward with 4 passes a chunk: failed: out of memory'\n";
         text += "echo 'RESULT cross_entropy chosen GEMMs: MAPET_GEMM_PIN=\"3136x768x8192=2\"'\n";
+        text += "echo 'RESULT cross_entropy chosen GEMMs by configuration: MAPET_GEMM_PIN=\"3136x768x8192=@a66.t21.k1.r0.w0.c0.s17.i0.l3\"'\n";
+        text += "echo 'RESULT cross_entropy default pin table on card (compute capability 9.0, 132 SMs): \"\"'\n";
+        text += "echo 'RESULT cross_entropy GEMM pins chosen with cuBLASLt 130100 on card'\n";
         text
     };
     script(&payload.join("benches"), "cross_entropy", &cross_entropy(&ce));
@@ -470,6 +473,25 @@ exit 101"#,
             && !env.contains("MAPET_GEMM_PIN"),
         "paired rows should win alone (cross-entropy {ce_paired:?}):\n{env}"
     );
+
+    // And the GEMM tests passing too: the chosen GEMMs, the fastest of the lines left, win, and
+    // the winners give their pins by configuration as an entry of the default pin table.
+    script(&payload.join("tests"), "gemm", "echo 'test result: ok. 13 passed; 0 failed'");
+    fs::write(payload.join("gpu-tests.txt"), "hopper attention_gpu patch_embed cross_entropy gemm").unwrap();
+    script(&payload.join("benches"), "cross_entropy", &cross_entropy(&ce));
+    stand_in.pack();
+    fs::remove_dir_all(bundle.join("results")).unwrap();
+    let out = run();
+    assert!(out.status.success(), "run.sh failed:\n{}", String::from_utf8_lossy(&out.stdout));
+    let summary = fs::read_to_string(bundle.join("results/summary.txt")).unwrap();
+    let env = fs::read_to_string(bundle.join("results/winners.env")).unwrap();
+    assert!(
+        env.lines().any(|l| l == "MAPET_GEMM_PIN=3136x768x8192=2") && !env.contains("MAPET_CE_"),
+        "the chosen GEMMs should win alone (cross-entropy {ce:?}):\n{env}"
+    );
+    let entry = "DefaultPins { compute_capability: (9, 0), sm_count: 132, source: \"card, cuBLASLt 130100, \
+                 cross_entropy bench\", pins: \"3136x768x8192=@a66.t21.k1.r0.w0.c0.s17.i0.l3\" }";
+    assert!(summary.lines().any(|l| l.starts_with("winners") && l.contains(entry)), "{entry}\n{summary}");
 }
 
 /// `scripts/ncu-hot.py`, the digest of Nsight Compute's per-instruction warp-stall samples that
