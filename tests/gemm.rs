@@ -13,8 +13,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use half::bf16;
 use mapet::cpu::{round_bf16, sgemm};
 use mapet::cuda::gemm::{
-    check_matmul, flops, AlgoConfig, DType, Epilogue, EpilogueKind, Gemm, GemmDesc, OperandLens, PinChoice, Vector,
-    VectorMut, MAX_CANDIDATES, PIN_VAR,
+    check_matmul, flops, AlgoConfig, Candidate, DType, Epilogue, EpilogueKind, Gemm, GemmDesc, OperandLens, PinChoice,
+    Vector, VectorMut, MAX_CANDIDATES, PIN_VAR,
 };
 use mapet::cuda::{DeviceBuffer, Gpu};
 use mapet::testing::{self, assert_within_baseline};
@@ -636,6 +636,23 @@ fn tn_case(gpu: &Gpu, test: &str, m: usize, n: usize, k: usize) -> TnCase {
     }
 }
 
+/// The pin tests' case: a 320 x 192 x 264 TN product on `gpu`, the heuristic's proposals for it
+/// as `gemm.time_candidates` timed them (two at most), and an output buffer.
+fn pin_case(gpu: &Gpu, gemm: &Gemm, test: &str) -> ((usize, usize, usize), TnCase, Vec<Candidate>, DeviceBuffer<bf16>) {
+    let (m, n, k) = (320, 192, 264);
+    let case = tn_case(gpu, test, m, n, k);
+    let mut c = gpu.alloc::<bf16>(m * n).unwrap();
+    let ranks = gemm
+        .time_candidates(gpu, 2, 1, || {
+            gemm.matmul(m, n, k, &case.a_d, false, &case.b_d, true, &mut c, 1.0, 0.0, Epilogue::None)
+        })
+        .unwrap();
+    if ranks.len() == 1 {
+        eprintln!("{test}: cuBLASLt proposes one algorithm for {m} x {n} x {k}: every pin selects the default");
+    }
+    ((m, n, k), case, ranks, c)
+}
+
 /// Every algorithm `Gemm::time_candidates` runs computes the product (each run checked against
 /// the host, into a poisoned output), rank 0 first; the candidates' calls leave the algorithm
 /// cache alone, and the calls after it are back on the cached default.
@@ -686,18 +703,10 @@ fn every_heuristic_candidate_computes_the_product() {
 fn pinned_sizes_run_their_candidate() {
     let test = "pinned_sizes_run_their_candidate";
     let Some((gpu, gemm)) = setup(test) else { return };
-    let (m, n, k) = (320, 192, 264);
-    let TnCase { a_d, b_d, truth, base } = tn_case(&gpu, test, m, n, k);
-    let mut c = gpu.alloc::<bf16>(m * n).unwrap();
-    let ranks = gemm
-        .time_candidates(&gpu, 2, 1, || gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None))
-        .unwrap();
+    let ((m, n, k), TnCase { a_d, b_d, truth, base }, ranks, mut c) = pin_case(&gpu, &gemm, test);
     // The second candidate where there is one: then its configuration is not the default's
     // (every_heuristic_candidate_computes_the_product), so the pins below are seen to select it.
     let rank = ranks.len() - 1;
-    if rank == 0 {
-        eprintln!("{test}: cuBLASLt proposes one algorithm for {m} x {n} x {k}: its pins select the default");
-    }
     let config = ranks[rank].config.expect("the candidate's configuration");
     let pinned =
         Gemm::with_pins(&gpu, vec![((m, n, k), PinChoice::Rank(rank)), ((m + 1, n, k), PinChoice::Rank(0))]).unwrap();
@@ -743,20 +752,12 @@ fn pinned_sizes_run_their_candidate() {
 fn default_pins_run_their_configuration_or_the_heuristics_first() {
     let test = "default_pins_run_their_configuration_or_the_heuristics_first";
     let Some((gpu, gemm)) = setup(test) else { return };
-    let (m, n, k) = (320, 192, 264);
-    let TnCase { a_d, b_d, truth, base } = tn_case(&gpu, test, m, n, k);
-    let mut c = gpu.alloc::<bf16>(m * n).unwrap();
-    let ranks = gemm
-        .time_candidates(&gpu, 2, 1, || gemm.matmul(m, n, k, &a_d, false, &b_d, true, &mut c, 1.0, 0.0, Epilogue::None))
-        .unwrap();
+    let (size, TnCase { a_d, b_d, truth, base }, ranks, mut c) = pin_case(&gpu, &gemm, test);
+    let (m, n, k) = size;
     let first = ranks[0].config.expect("the first candidate's configuration");
     let other = ranks[ranks.len() - 1].config.expect("the last candidate's configuration");
-    if ranks.len() == 1 {
-        eprintln!("{test}: cuBLASLt proposes one algorithm for {m} x {n} x {k}: every pin selects it");
-    }
     let mut nowhere = first;
     nowhere.0[0] = -1;
-    let size = (m, n, k);
     let cases = [
         ("a default pin", vec![], vec![(size, PinChoice::Config(other))], other),
         ("a default pin no proposal has", vec![], vec![(size, PinChoice::Config(nowhere))], first),
