@@ -550,7 +550,7 @@ fi
 # (winners.env), then the model's GPU tests with them and `mapet bench` with and without them.
 if [ "${MAPET_WINNERS:-0}" = "1" ] && ls "$res"/bench-*.log >/dev/null 2>&1; then
   python3 - "$res" >"$res/winners.txt" 2>&1 <<'PY'
-import glob, os, re, sys
+import glob, os, re, sys, time
 lines = [l.strip() for f in sorted(glob.glob(sys.argv[1] + "/bench-*.log")) for l in open(f, errors="replace")
          if l.startswith("RESULT ")]
 env, notes = [], []
@@ -664,7 +664,8 @@ if gemms == "chosen" and by_config.get(blocks) and device:
     card, major, minor, sms = device
     notes.append(
         f'cross-entropy: default pin table entry: DefaultPins {{ compute_capability: ({major}, {minor}), sm_count: {sms}, '
-        f'source: "{card}, cuBLASLt {cublaslt}, cross_entropy bench", pins: "{by_config[blocks]}" }}'
+        f'source: "{card}, cuBLASLt {cublaslt}, {time.strftime("%Y-%m-%d")}, cross_entropy bench'
+        f'{", paired rows (MAPET_CE_ROW_BLOCKS=paired)" if blocks == "paired" else ""}", pins: "{by_config[blocks]}" }}'
     )
 for n in notes:
     print("#", n)

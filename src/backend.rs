@@ -861,11 +861,13 @@ impl CudaBackend {
     }
 
     /// The kernel choices this backend runs with, in one line (for benchmark reports): the
-    /// patch embedding's and the attention's sets, each direction, and the GEMMs' pins and tuning.
+    /// patch embedding's and the attention's sets, each direction, and the GEMMs' pins (the
+    /// default pin table's too) and tuning.
     pub fn describe_kernels(&self) -> String {
         let pins = gemm::pin_text(self.gemm.pins());
+        let defaults = gemm::pin_text(self.gemm.default_pins());
         format!(
-            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {} (rows {}, {} row blocks), GEMM tuning {}, GEMM pins {}",
+            "patch embedding {} (backward {}), attention {} (backward {}), cross-entropy passes of {} (rows {}, {} row blocks), GEMM tuning {}, GEMM pins {}, default GEMM pins {}",
             self.pixel_order.name(),
             self.pixel_order_backward.name(),
             self.attention_kernels.name(),
@@ -874,7 +876,8 @@ impl CudaBackend {
             if self.ce_reverse_rows { "reversed" } else { "forward" },
             if self.ce_paired_rows { "paired" } else { "single" },
             if self.gemm.tuning() { "on" } else { "off" },
-            if pins.is_empty() { "none".to_string() } else { pins }
+            if pins.is_empty() { "none".to_string() } else { pins },
+            if defaults.is_empty() { "none".to_string() } else { defaults }
         )
     }
 

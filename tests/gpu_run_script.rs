@@ -489,9 +489,14 @@ exit 101"#,
         env.lines().any(|l| l == "MAPET_GEMM_PIN=3136x768x8192=2") && !env.contains("MAPET_CE_"),
         "the chosen GEMMs should win alone (cross-entropy {ce:?}):\n{env}"
     );
-    let entry = "DefaultPins { compute_capability: (9, 0), sm_count: 132, source: \"card, cuBLASLt 130100, \
-                 cross_entropy bench\", pins: \"3136x768x8192=@a66.t21.k1.r0.w0.c0.s17.i0.l3\" }";
-    assert!(summary.lines().any(|l| l.starts_with("winners") && l.contains(entry)), "{entry}\n{summary}");
+    let entry = [
+        "DefaultPins { compute_capability: (9, 0), sm_count: 132, source: \"card, cuBLASLt 130100, ",
+        ", cross_entropy bench\", pins: \"3136x768x8192=@a66.t21.k1.r0.w0.c0.s17.i0.l3\" }",
+    ];
+    assert!(
+        summary.lines().any(|l| l.starts_with("winners") && l.contains(entry[0]) && l.contains(entry[1])),
+        "{entry:?}\n{summary}"
+    );
 }
 
 /// `scripts/ncu-hot.py`, the digest of Nsight Compute's per-instruction warp-stall samples that

@@ -568,14 +568,17 @@ pub struct Gemm {
 pub const PIN_VAR: &str = "MAPET_GEMM_PIN";
 
 /// Pins by configuration measured faster than the heuristic's first proposal on one kind of
-/// device, which [`Gemm::new`] applies to the sizes [`PIN_VAR`] leaves alone.
+/// device, which [`Gemm::new`] applies to the sizes [`PIN_VAR`] leaves alone. As the variable's, a
+/// pin holds for every GEMM of its size (m, n, k), whatever its transposes, types or epilogue:
+/// the sizes measured are the cross-entropy's, which no other GEMM of the model has.
 #[derive(Clone, Copy, Debug)]
 pub struct DefaultPins {
     /// The devices they are for: compute capability and SM count (the algorithms' waves depend on
     /// both), e.g. (9, 0) and 132 for an H100 or H200 SXM.
     pub compute_capability: (u32, u32),
     pub sm_count: u32,
-    /// Where they were measured: card, cuBLASLt version, date and bench line.
+    /// Where they were measured: card, cuBLASLt version, date and bench (and, for pins of the
+    /// paired rows' chunk sizes, that they apply with `MAPET_CE_ROW_BLOCKS=paired`).
     pub source: &'static str,
     /// The pins, as [`PIN_VAR`] takes them, by configuration only (`MxNxK=@CONFIG`): a rank names
     /// another algorithm in another cuBLASLt version.
@@ -688,7 +691,7 @@ pub fn parse_pins(text: &str) -> Result<Vec<Pin>> {
         what: "GEMM pin",
         detail: format!(
             "{PIN_VAR}: {entry:?} is not MxNxK=R (a rank below {MAX_CANDIDATES}, e.g. 3136x768x8192=2) or \
-             MxNxK=@CONFIG (e.g. 3136x768x8192=@{})",
+             MxNxK=@CONFIG (e.g. 3136x768x8192=@{}), comma-separated; or `none` for no pins at all",
             AlgoConfig::EXAMPLE
         ),
     };
@@ -936,8 +939,9 @@ unsafe fn set_pref<T>(
 impl Gemm {
     /// Creates a cuBLASLt handle and a [`WORKSPACE_BYTES`] workspace on `gpu`'s stream, with the
     /// pins [`PIN_VAR`] names and, for the sizes it does not pin, [`DEFAULT_PINS`]' for `gpu`
-    /// (none where the variable is `none`). Fails with [`Error::Unsupported`] when libcublasLt
-    /// cannot be loaded or the variable does not parse.
+    /// (none where the variable is `none`, which sets no pins either). Fails with
+    /// [`Error::Unsupported`] when libcublasLt cannot be loaded, the variable does not parse, or
+    /// the table's entry for `gpu` does not ([`default_pins_for`]).
     pub fn new(gpu: &Gpu) -> Result<Self> {
         let tune = parse_tune(&std::env::var(TUNE_VAR).unwrap_or_default())?;
         let var = std::env::var(PIN_VAR).unwrap_or_default();
@@ -951,7 +955,8 @@ impl Gemm {
 
     /// This `Gemm` with `pins` as its default pins ([`DEFAULT_PINS`]) in place of the table's:
     /// pins by configuration for the sizes its own pins leave alone, which fall back to the
-    /// heuristic's first proposal where it proposes no algorithm of that configuration.
+    /// heuristic's first proposal where it proposes no algorithm of that configuration. A pin by
+    /// rank among them is ignored (the table refuses them: [`default_pins_for`]).
     pub fn with_default_pins(mut self, pins: Vec<Pin>) -> Self {
         self.default_pins = pins;
         self
@@ -1644,8 +1649,10 @@ mod tests {
         let sxm = default_pins_for(&table, (9, 0), 132).unwrap();
         assert_eq!(sxm.len(), 2);
         assert_eq!(sxm[0], ((3764, 8192, 768), PinChoice::Config(c.parse().unwrap())));
+        assert_eq!(sxm[1], ((3764, 768, 8192), PinChoice::Config("a31.t20.k1.r0.w1.c0.s9.i0.l0".parse().unwrap())));
         assert_eq!(default_pins_for(&table, (9, 0), 114).unwrap()[0].0, (8192, 768, 3764));
-        assert!(default_pins_for(&table, (8, 0), 108).unwrap().is_empty());
+        assert!(default_pins_for(&table, (8, 0), 132).unwrap().is_empty());
+        assert!(default_pins_for(&table, (9, 0), 108).unwrap().is_empty());
         // A rank, or an entry that does not parse, is refused, naming where it was measured.
         for pins in ["3764x8192x768=2", "3764x8192=@a66"] {
             let err = default_pins_for(&[DefaultPins { pins, source: "the tenth run", ..hopper }], (9, 0), 132)
