@@ -1369,14 +1369,14 @@ fn next_wave_ahead(gpu: &Gpu, ctas_per_sm: u32) -> i32 {
     }
 }
 
-/// The wgmma forward or dQ kernel `kernel`, or where [`Gpu::next_wave_to_l2`] asks for it its
-/// `_l2` twin, which also sends the next wave's operands to L2 (`next_wave_to_l2` in
+/// `plain`, or where [`Gpu::next_wave_to_l2`] asks for it its twin `l2`, which also sends the
+/// next wave's operands to L2 (the wgmma forward's and dQ's `_l2` kernels: `next_wave_to_l2` in
 /// cuda/attention.cu; the same code otherwise, so the default's stays as measured).
-fn wgmma_or_l2(gpu: &Gpu, kernel: &'static str) -> &'static str {
-    match (gpu.next_wave_to_l2(), kernel) {
-        (true, "mapet_attention_fwd_wgmma") => "mapet_attention_fwd_wgmma_l2",
-        (true, "mapet_attention_bwd_dq_wgmma") => "mapet_attention_bwd_dq_wgmma_l2",
-        _ => kernel,
+fn plain_or_l2(gpu: &Gpu, plain: &'static str, l2: &'static str) -> &'static str {
+    if gpu.next_wave_to_l2() {
+        l2
+    } else {
+        plain
     }
 }
 
@@ -1456,7 +1456,8 @@ fn forward_launch(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) 
     let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
     match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
         (Some(launch), _) => {
-            (wgmma_or_l2(gpu, "mapet_attention_fwd_wgmma"), resident_grid(launch, CUDA_WG_THREADS, shape))
+            let kernel = plain_or_l2(gpu, "mapet_attention_fwd_wgmma", "mapet_attention_fwd_wgmma_l2");
+            (kernel, resident_grid(launch, CUDA_WG_THREADS, shape))
         }
         (None, Some(launch)) => ("mapet_attention_fwd_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         (None, None) => ("mapet_attention_fwd", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
@@ -1516,7 +1517,8 @@ pub fn cuda_backward(
     p.l2_ahead = next_wave_ahead(gpu, CUDA_RES_CTAS_PER_SM as u32);
     let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
         (Some(launch), _) => {
-            (wgmma_or_l2(gpu, "mapet_attention_bwd_dq_wgmma"), resident_grid(launch, CUDA_WG_DQ_THREADS, shape))
+            let kernel = plain_or_l2(gpu, "mapet_attention_bwd_dq_wgmma", "mapet_attention_bwd_dq_wgmma_l2");
+            (kernel, resident_grid(launch, CUDA_WG_DQ_THREADS, shape))
         }
         (None, Some(launch)) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
         (None, None) => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
