@@ -547,12 +547,16 @@ fn next_wave_to_l2_gives_the_same_bits() {
         shape(sms, 3, 37, 1),
         shape(3, 2, 37, 1),
     ];
-    // The switch picks the forward's twin (so the runs below compare two kernels).
-    gpu.set_next_wave_to_l2(true);
-    let twin = attention::cuda_forward_kernel(&gpu, AttentionKernels::Wgmma, &shapes[0]);
-    gpu.set_next_wave_to_l2(false);
-    assert_eq!(twin, "mapet_attention_fwd_wgmma_l2");
-    assert_eq!(attention::cuda_forward_kernel(&gpu, AttentionKernels::Wgmma, &shapes[0]), "mapet_attention_fwd_wgmma");
+    // The switch picks the forward's and dQ's twins (so the runs below compare two kernels each).
+    let kernels = |on| {
+        gpu.set_next_wave_to_l2(on);
+        let w = AttentionKernels::Wgmma;
+        (attention::cuda_forward_kernel(&gpu, w, &shapes[0]), attention::cuda_dq_kernel(&gpu, w, &shapes[0]))
+    };
+    assert_eq!(kernels(true), ("mapet_attention_fwd_wgmma_l2", Some("mapet_attention_bwd_dq_wgmma_l2")));
+    assert_eq!(kernels(false), ("mapet_attention_fwd_wgmma", Some("mapet_attention_bwd_dq_wgmma")));
+    // The fused set runs no dQ kernel at ViT's shape.
+    assert_eq!(attention::cuda_dq_kernel(&gpu, AttentionKernels::WgmmaFused, &shapes[0]), None);
     same_bits_either_way(test, &gpu, &shapes, "the next wave sent to L2", |on| gpu.set_next_wave_to_l2(on));
 }
 

@@ -1464,6 +1464,29 @@ fn forward_launch(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) 
     }
 }
 
+/// The dQ kernel [`cuda_backward`] launches for `kernels` and `shape` on `gpu`; `None` where the
+/// set's backward runs no dQ kernel (`WgmmaFused`, where its kernel fits). For a test to tell
+/// which kernel it compared.
+pub fn cuda_dq_kernel(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) -> Option<&'static str> {
+    let fused = kernels == AttentionKernels::WgmmaFused
+        && wgmma_dkdv(device_limits(gpu), kernels, shape, contiguous_params(shape)).is_ok_and(|k| k.is_some());
+    (!fused).then(|| dq_launch(gpu, kernels.split_backward(), shape).0)
+}
+
+/// The dQ kernel's launch (`cuda_backward`, for a set whose backward is split): the wgmma one has
+/// the forward's (grid, shared memory, two CTAs per SM).
+fn dq_launch(gpu: &Gpu, kernels: AttentionKernels, shape: &AttentionShape) -> (&'static str, LaunchConfig) {
+    let (cc, sm_count, max_smem) = device_limits(gpu);
+    match (kernels.wgmma_launch(shape, cc, sm_count, max_smem), kernels.resident_launch(shape, sm_count, max_smem)) {
+        (Some(launch), _) => {
+            let kernel = plain_or_l2(gpu, "mapet_attention_bwd_dq_wgmma", "mapet_attention_bwd_dq_wgmma_l2");
+            (kernel, resident_grid(launch, CUDA_WG_DQ_THREADS, shape))
+        }
+        (None, Some(launch)) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
+        (None, None) => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
+    }
+}
+
 /// Backward on the GPU: `dq`, `dk`, `dv` (bf16, written, not accumulated) from the forward's
 /// inputs, its `o` and `lse`, and `d_o`. Deterministic for every set but `WgmmaFused`: no float
 /// atomics (two kernels, dQ then dK/dV, each owning its outputs), with a [B, H, N+2P] f32 scratch
@@ -1512,17 +1535,8 @@ pub fn cuda_backward(
     // delta (rowsum(dO * O)): written by the dQ kernel, read by the dK/dV kernel after it.
     let delta = gpu.alloc::<f32>(shape.lse_len())?;
     p.delta = delta.f32_ptr();
-    // The wgmma dQ kernel has the forward's launch (grid, shared memory, two CTAs per SM).
-    let wgmma = kernels.wgmma_launch(shape, cc, sm_count, max_smem);
     p.l2_ahead = next_wave_ahead(gpu, CUDA_RES_CTAS_PER_SM as u32);
-    let (kernel, cfg) = match (wgmma, kernels.resident_launch(shape, sm_count, max_smem)) {
-        (Some(launch), _) => {
-            let kernel = plain_or_l2(gpu, "mapet_attention_bwd_dq_wgmma", "mapet_attention_bwd_dq_wgmma_l2");
-            (kernel, resident_grid(launch, CUDA_WG_DQ_THREADS, shape))
-        }
-        (None, Some(launch)) => ("mapet_attention_bwd_dq_resident", resident_grid(launch, CUDA_RES_THREADS, shape)),
-        (None, None) => ("mapet_attention_bwd_dq", grid(shape.q_rows(), CUDA_BLOCK_M, shape)),
-    };
+    let (kernel, cfg) = dq_launch(gpu, kernels, shape);
     // SAFETY: as in cuda_forward; d_o and dq have the query rows' size (checked above) and delta
     // has [B, H, N+2P] elements, all of which every dQ kernel writes (the same values).
     unsafe { gpu.launch_dependent("attention", kernel, cfg, &p)? };
