@@ -234,13 +234,25 @@ impl PretrainConfig {
             return bad("batch", "must be at least 1".into());
         }
         if t.micro_batches == 0 || !t.batch.is_multiple_of(t.micro_batches) {
-            return bad("micro_batches", format!("{} must be >= 1 and divide batch {}", t.micro_batches, t.batch));
+            return bad(
+                "micro_batches",
+                format!("{} must be >= 1 and divide train.batch ({})", t.micro_batches, t.batch),
+            );
         }
         if t.epochs.is_nan() || t.epochs <= 0.0 {
             return bad("epochs", format!("{} must be positive", t.epochs));
         }
         if !(t.warmup_epochs >= 0.0 && t.warmup_epochs <= t.epochs) {
-            return bad("warmup_epochs", format!("{} must be in [0, epochs]", t.warmup_epochs));
+            return bad(
+                "warmup_epochs",
+                format!(
+                    "{} must be in [0, train.epochs] (train.epochs is {}; the recipe warms up for 10 of 300 epochs, \
+                     so a shorter run needs a shorter warmup, e.g. --set train.warmup_epochs={})",
+                    t.warmup_epochs,
+                    t.epochs,
+                    (t.epochs / 30.0 * 1e4).floor() / 1e4
+                ),
+            );
         }
         for (key, v) in [("base_lr", t.base_lr), ("final_lr", t.final_lr), ("warmup_start_lr", t.warmup_start_lr)] {
             if !(v >= 0.0 && v.is_finite()) {
@@ -279,15 +291,25 @@ impl PretrainConfig {
     }
 
     /// [`Self::validate`]'s error, prefixed with where the value at fault came from: the last of
-    /// `sources` (config key, the flag that set it) whose key the error names, else `file` (the
-    /// config file) when there is one.
+    /// `sources` (config key, the flag that set it) whose key the error is about (its first
+    /// word), else the last whose key the error mentions (a value out of range of another key's,
+    /// as `--epochs 1` under the default warmup of 10 epochs), else `file` (the config file) when
+    /// there is one.
     pub fn blame(error: &str, sources: &[(String, String)], file: Option<&Path>) -> String {
         let names = |key: &str| {
             error.starts_with(&format!("{key}:"))
                 || error.starts_with(&format!("{key} "))
                 || (key.starts_with("model.") && error.starts_with("[model]"))
         };
-        match (sources.iter().rev().find(|(key, _)| names(key)), file) {
+        // `key` as a whole word of the error (train.epochs is not in train.warmup_epochs).
+        let mentions = |key: &str| {
+            let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
+            error
+                .match_indices(key)
+                .any(|(i, _)| !word(error[..i].chars().next_back()) && !word(error[i + key.len()..].chars().next()))
+        };
+        let about = sources.iter().rev().find(|(key, _)| names(key));
+        match (about.or_else(|| sources.iter().rev().find(|(key, _)| mentions(key))), file) {
             (Some((_, flag)), _) => format!("{flag}: {error}"),
             (None, Some(file)) => format!("{}: {error}", file.display()),
             (None, None) => error.to_string(),
@@ -346,5 +368,41 @@ mod tests {
             let err = c.validate().unwrap_err();
             assert!(err.contains(key), "{set}: {err}");
         }
+    }
+
+    #[test]
+    fn blame_names_the_flag_behind_the_value_at_fault() {
+        let src =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(k, f)| (k.to_string(), f.to_string())).collect::<Vec<_>>();
+        let file = Path::new("recipe.toml");
+        // A run shorter than the default warmup: the error is about the warmup, which no flag
+        // set, and mentions train.epochs, which --epochs set.
+        let mut c = PretrainConfig::default();
+        c.train.epochs = 1.0;
+        let err = c.validate().unwrap_err();
+        assert!(err.starts_with("train.warmup_epochs: 10 must be in [0, train.epochs] (train.epochs is 1;"), "{err}");
+        let sources = src(&[("train.batch", "--batch 8"), ("train.epochs", "--epochs 1")]);
+        assert_eq!(PretrainConfig::blame(&err, &sources, Some(file)), format!("--epochs 1: {err}"));
+        // The hint's value passes.
+        assert!(err.ends_with("e.g. --set train.warmup_epochs=0.0333)"), "{err}");
+        c.train.warmup_epochs = 0.0333;
+        c.validate().unwrap();
+        // A flag that set the key the error is about comes first, wherever it stands.
+        let sources = src(&[("train.warmup_epochs", "--set train.warmup_epochs=10"), ("train.epochs", "--epochs 1")]);
+        assert!(PretrainConfig::blame(&err, &sources, None).starts_with("--set train.warmup_epochs=10: "));
+        // A key only as part of another word is not mentioned (train.epochs in
+        // train.epochs_x, train.warmup_epochs): the file is blamed, else nothing.
+        let sources = src(&[("train.epochs", "--epochs 1")]);
+        let other = "train.warmup_epochs: bad (train.epochs_x is 3)";
+        assert_eq!(PretrainConfig::blame(other, &sources, Some(file)), format!("recipe.toml: {other}"));
+        assert_eq!(PretrainConfig::blame(other, &sources, None), other);
+        // micro_batches that do not divide the batch: --batch is blamed when it set the batch.
+        let mut c = PretrainConfig::default();
+        (c.train.batch, c.train.micro_batches) = (6, 4);
+        let err = c.validate().unwrap_err();
+        assert_eq!(
+            PretrainConfig::blame(&err, &src(&[("train.batch", "--batch 6")]), None),
+            format!("--batch 6: {err}")
+        );
     }
 }

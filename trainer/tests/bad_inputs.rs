@@ -313,6 +313,14 @@ fn config_errors_name_the_key_and_the_file_or_flag() {
             assert!(e.contains(n), "{flags:?}: `{n}` not in {e}");
         }
     }
+    // A run shorter than the recipe's warmup (the demo, and every run with no config file, warm
+    // up for 10 epochs): --epochs is named, with the warmup key and a value that would pass, and
+    // nothing is written.
+    let demo_out = dir.path().join("demo");
+    let e = fails(&mapet(&["pretrain", "--out", s(&demo_out), "--epochs", "1"]));
+    assert!(e.starts_with("mapet: --epochs 1: train.warmup_epochs: 10 must be in [0, train.epochs]"), "{e}");
+    assert!(e.contains("--set train.warmup_epochs=0.0333"), "{e}");
+    assert!(!demo_out.exists());
     // A flag that fixes the file's bad value wins: the file is not blamed for a value replaced.
     let cfg = config(dir.path(), "fixed.toml", &images, &tokens, &out, "clip = -1.0");
     let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--set", "train.clip=1", "--batch", "0"]));
