@@ -184,6 +184,14 @@ impl PretrainConfig {
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// Whether the config file at `path` gives `section.key` itself (rather than leaving it to its
+    /// default); false for a file that cannot be read or parsed ([`Self::from_file`] says why).
+    pub fn file_sets(path: &Path, section: &str, key: &str) -> bool {
+        let Ok(text) = std::fs::read_to_string(path) else { return false };
+        let Ok(value) = toml::from_str::<toml::Table>(&text) else { return false };
+        value.get(section).and_then(|s| s.as_table()).is_some_and(|t| t.contains_key(key))
+    }
+
     /// Applies `section.key=value` (the value in TOML syntax; bare strings are accepted). Errors
     /// quote the assignment.
     pub fn set(&mut self, assignment: &str) -> Result<(), String> {

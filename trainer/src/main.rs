@@ -71,7 +71,10 @@ the output folder.
   --data DIR|MANIFEST  training images (data.train); with --tokens FILE.npy (data.tokens)
   --out DIR            the output folder (output.dir; default runs/mapet, runs/demo for the demo)
   --resume DIR         continue the run whose checkpoint folder is DIR (usually OUT/checkpoint),
-                       at the very step and image where it stopped
+                       at the very step and image where it stopped, in the folder that holds DIR
+                       unless --out or the config's output.dir names another; the recipe is this
+                       command's (a change from the checkpoint's is printed), and a run already at
+                       its last step trains nothing and changes nothing
   --overwrite          start a new run in an output folder that holds an earlier run's checkpoint
                        or metrics, writing over them (without it such a run is refused, and
                        nothing there changes)
@@ -81,9 +84,18 @@ the output folder.
   --set section.key=value
                        any config key (repeatable)
 
-Ctrl-C finishes the step, writes a checkpoint and exits.";
+Ctrl-C (or SIGTERM, SIGHUP) finishes the step, writes a checkpoint and exits with status 130.";
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`mapet ... | head`) ends the process as it
+    // ends other command-line tools, rather than in a panic on the next print: Rust ignores
+    // SIGPIPE by default, which turns it into a write error that println! panics on.
+    // SAFETY: restoring a signal's default disposition at the start of main, before any thread
+    // exists, has no precondition.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `mapet COMMAND --help` (or -h anywhere after the command) prints that command's usage: here
     // for `check-step`, `bench` and `info`; `pretrain` and the `cmd` modules print their own, longer one.
@@ -102,7 +114,10 @@ fn main() -> ExitCode {
         };
     }
     let result = match args.first().map(String::as_str) {
-        Some("pretrain") => pretrain(&args[1..]),
+        Some("pretrain") => match pretrain(&args[1..]) {
+            Ok(Finished::Interrupted) => return ExitCode::from(INTERRUPTED as u8),
+            other => other.map(|_| ()),
+        },
         Some("check-step") => check_step(&args[1..]),
         Some("bench") => mapet_trainer::cmd_bench::run(&args[1..]),
         Some("info") => info(),
@@ -120,6 +135,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            mapet_trainer::pretrain::end_progress_line();
             eprintln!("mapet: {e}");
             ExitCode::FAILURE
         }
@@ -149,11 +165,11 @@ fn check_step(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn pretrain(args: &[String]) -> Result<(), String> {
+fn pretrain(args: &[String]) -> Result<Finished, String> {
     use mapet_trainer::config::PretrainConfig;
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!("{PRETRAIN_USAGE}");
-        return Ok(());
+        return Ok(Finished::Done);
     }
     // `--overwrite` is a switch (no value); every other flag takes one.
     let mut overwrite = false;
@@ -173,9 +189,24 @@ fn pretrain(args: &[String]) -> Result<(), String> {
         return Err(format!("pretrain takes no positional argument (got `{p}`); use --data DIR\n{USAGE}"));
     }
     let get = |k: &str| flags.iter().rev().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+    if overwrite && get("resume").is_some() {
+        return Err("--resume continues a run and --overwrite starts one over: give one of them".into());
+    }
     let demo = get("config").is_none() && get("data").is_none();
-    let out = PathBuf::from(get("out").unwrap_or_else(|| if demo { "runs/demo".into() } else { "runs/mapet".into() }));
+    let resume = get("resume").map(PathBuf::from);
     let config_file = get("config").map(PathBuf::from);
+    // A resumed run goes on in the folder that holds its checkpoint, unless --out or the config
+    // file's output.dir says otherwise.
+    let file_sets_out = config_file.as_deref().is_some_and(|f| PretrainConfig::file_sets(f, "output", "dir"));
+    let resumed_out = resume
+        .as_deref()
+        .filter(|_| get("out").is_none() && !file_sets_out)
+        .map(mapet_trainer::pretrain::run_folder_of);
+    let out = match (get("out"), &resumed_out) {
+        (Some(out), _) => PathBuf::from(out),
+        (None, Some(folder)) => folder.clone(),
+        (None, None) => PathBuf::from(if demo { "runs/demo" } else { "runs/mapet" }),
+    };
     let mut cfg = match &config_file {
         Some(path) => PretrainConfig::from_file(path)?,
         None if demo => mapet_trainer::demo::config(&out),
@@ -184,9 +215,10 @@ fn pretrain(args: &[String]) -> Result<(), String> {
     // Which flag set which key, so that a value out of range is blamed on the flag (or else on
     // the config file) that gave it.
     let mut sources: Vec<(String, String)> = Vec::new();
-    if get("out").is_some() || demo {
+    if get("out").is_some() || demo || resumed_out.is_some() {
         cfg.output.dir = out;
-        sources.push(("output.dir".into(), "--out".into()));
+        let flag = if resumed_out.is_some() { "--resume" } else { "--out" };
+        sources.push(("output.dir".into(), flag.into()));
     }
     if let Some(d) = get("data") {
         cfg.data.train = Some(d.into());
@@ -216,9 +248,16 @@ fn pretrain(args: &[String]) -> Result<(), String> {
             return Err(format!("train.device = \"cuda\", but no GPU is usable here: {why}"));
         }
     }
+    // A config file that names no data does not fall back to the demo's photographs.
+    if let (Some(file), None) = (&config_file, &cfg.data.train) {
+        return Err(format!(
+            "{}: data.train and data.tokens are not set: give them there, or `--data DIR|MANIFEST --tokens FILE.npy` \
+             (the demo runs with no --config and no --data)",
+            file.display()
+        ));
+    }
     // A new run that would write over an earlier one is refused before any data is prepared (a
     // resumed one once its checkpoint has loaded, so that a bad checkpoint is named first).
-    let resume = get("resume").map(PathBuf::from);
     let opts = mapet_trainer::pretrain::RunOptions { resume: resume.as_deref(), overwrite, stop_after: None };
     if resume.is_none() {
         mapet_trainer::pretrain::check_output_folder(&cfg.output.dir, opts)?;
@@ -240,26 +279,50 @@ fn pretrain(args: &[String]) -> Result<(), String> {
         _ => mapet_trainer::demo::prepare(&cfg)?,
     };
     let data = mapet_trainer::pretrain::with_eval_split(&cfg, data)?;
+    // Ctrl-C, and the SIGTERM (or SIGHUP) a job scheduler or `timeout` sends, stop the run after
+    // its step with a checkpoint; a second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
-            std::process::exit(130);
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(INTERRUPTED);
         }
-        eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to exit now)");
+        eprintln!("\ninterrupted (Ctrl-C or a termination signal): finishing this step, then writing a checkpoint (once more to exit now)");
     })
-    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    .map_err(|e| format!("cannot install the interrupt handler: {e}"))?;
     let summary = mapet_trainer::pretrain::run_with(&cfg, data, opts, stop)?;
+    if summary.steps == summary.start_step && !summary.interrupted {
+        println!(
+            "nothing to train: the checkpoint is at step {}, {} this run's {} steps (raise --epochs to train on); \
+             nothing in {} was changed",
+            summary.steps,
+            if summary.steps == summary.total_steps { "the end of" } else { "past" },
+            summary.total_steps,
+            summary.out_dir.display()
+        );
+        return Ok(Finished::Done);
+    }
     println!(
-        "{} after {} steps: loss {:.4} (first step {:.4}); metrics.csv, curves.png and checkpoint/ in {}",
+        "{} after {} steps: loss {} (first step {}); metrics.csv, curves.png and checkpoint/ in {}",
         if summary.interrupted { "stopped" } else { "done" },
         summary.steps,
-        summary.last_loss,
-        summary.first_loss,
+        mapet_trainer::pretrain::fmt_loss(summary.last_loss),
+        mapet_trainer::pretrain::fmt_loss(summary.first_loss),
         summary.out_dir.display()
     );
-    Ok(())
+    Ok(if summary.interrupted { Finished::Interrupted } else { Finished::Done })
+}
+
+/// The exit status of a run stopped by an interrupt (with its checkpoint written, or without on
+/// a second one), as a shell reports a command that SIGINT ended: so a job script can tell it
+/// from a run that finished.
+const INTERRUPTED: i32 = 130;
+
+/// How `mapet pretrain` ended.
+enum Finished {
+    Done,
+    Interrupted,
 }
 
 fn case_path(pos: &[String]) -> &str {

@@ -58,7 +58,13 @@ pub struct StepRecord {
 /// How a run ended.
 #[derive(Debug)]
 pub struct RunSummary {
+    /// The step the run ended at (updates done, counting those of the checkpoint it resumed).
     pub steps: u64,
+    /// The step it started at: 0, or the resumed checkpoint's.
+    pub start_step: u64,
+    /// The run's length in steps (its recipe's): nothing is trained when a resumed checkpoint is
+    /// already there or past it.
+    pub total_steps: u64,
     pub first_loss: f32,
     pub last_loss: f32,
     pub interrupted: bool,
@@ -289,11 +295,8 @@ fn evaluate(
         return Err("evaluation split: no image was evaluated".into());
     }
     let rec = EvalRecord { step, loss: loss_sum / counted as f64, accuracy: correct as f64 / counted as f64 };
-    println!(
-        "
-eval at step {}: loss {:.4}, accuracy {:.4} over {images} images",
-        rec.step, rec.loss, rec.accuracy
-    );
+    end_progress_line();
+    println!("eval at step {}: loss {:.4}, accuracy {:.4} over {images} images", rec.step, rec.loss, rec.accuracy);
     let path = out.join("eval.csv");
     let new = !path.exists();
     let mut f = std::fs::OpenOptions::new()
@@ -319,6 +322,15 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<RunSummary, String> {
     run_with(cfg, data, RunOptions { resume, ..RunOptions::default() }, stop)
+}
+
+/// The run folder that holds the checkpoint folder `ckpt` (`OUT` of `OUT/checkpoint`): where a
+/// run resumed from it goes on writing when no output folder is given.
+pub fn run_folder_of(ckpt: &Path) -> PathBuf {
+    match ckpt.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// Whether `a` and `b` name the same folder (either may not exist yet).
@@ -381,13 +393,19 @@ pub fn check_output_folder(out: &Path, opts: RunOptions<'_>) -> Result<(), Strin
         None => "a new run".to_string(),
         Some(dir) => format!("a run resumed from {}", dir.display()),
     };
+    // Only a checkpoint can be resumed (a run stopped before its first one left metrics alone).
+    let resumable = [ckpt_dir.clone(), ckpt_dir.with_file_name("checkpoint.old")]
+        .into_iter()
+        .find(|dir| dir.join(checkpoint::META_FILE).is_file());
+    let go_on = match resumable {
+        Some(dir) => format!("to continue that run use `--resume {}`, ", dir.display()),
+        None => "it left no checkpoint to continue from; ".to_string(),
+    };
     Err(format!(
-        "the output folder {} holds an earlier run ({}), which {what} would write over; to continue that run use \
-         `--resume {}`, to keep it start this one in another folder (`--out DIR` or output.dir), or give \
-         `--overwrite` to start over there",
+        "the output folder {} holds an earlier run ({}), which {what} would write over; {go_on}to keep it start \
+         this one in another folder (`--out DIR` or output.dir), or give `--overwrite` to start over there",
         out.display(),
         found.join(", "),
-        ckpt_dir.display()
     ))
 }
 
@@ -461,6 +479,31 @@ pub fn run_with(
                     loader.len()
                 ));
             }
+            let changes = recipe_changes(&ck.recipe, &recipe);
+            if !changes.is_empty() {
+                let step = ck.state.step;
+                println!(
+                    "note: this run's recipe differs from the checkpoint's ({}): the learning rate of step {} is {:.3e}, \
+                     where the checkpoint's schedule had {:.3e}",
+                    changes.join(", "),
+                    step + 1,
+                    recipe.schedule.lr(step),
+                    ck.recipe.schedule.lr(step)
+                );
+            }
+            // Nothing left to train: say so, and leave the checkpoint and metrics as they are.
+            if ck.state.step >= recipe.schedule.total_steps {
+                return Ok(RunSummary {
+                    steps: ck.state.step,
+                    start_step: ck.state.step,
+                    total_steps: recipe.schedule.total_steps,
+                    first_loss: f32::NAN,
+                    last_loss: f32::NAN,
+                    interrupted: false,
+                    out_dir: cfg.output.dir.clone(),
+                    skipped_images: 0,
+                });
+            }
             (ck.state, position)
         }
         None => (fresh_state(&layout, cfg), DataPosition::default()),
@@ -500,6 +543,7 @@ pub fn run_with(
         layout.num_params()
     );
     let started = Instant::now();
+    let mut bar = Progress::new();
     let start_step = engine.step();
     let mut first_loss = f32::NAN;
     let mut last_loss = f32::NAN;
@@ -593,7 +637,7 @@ pub fn run_with(
             )
             .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
             history.push(rec);
-            progress(&rec, total, start_step, &started);
+            bar.show(&rec, total, start_step, &started);
             let step = engine.step();
             if cfg.output.checkpoint_every > 0 && step % cfg.output.checkpoint_every == 0 && step < total {
                 evaluate(&mut engine, eval_loader.as_ref(), &out, &mut evals)?;
@@ -609,8 +653,9 @@ pub fn run_with(
             position = DataPosition::default();
             let skipped: Vec<_> = loader.skipped().into_iter().filter(|s| s.epoch == epoch).collect();
             if !skipped.is_empty() {
+                end_progress_line();
                 println!(
-                    "\nepoch {epoch}: {} unreadable images skipped ({} steps instead of {steps_per_epoch}), limit \
+                    "epoch {epoch}: {} unreadable images skipped ({} steps instead of {steps_per_epoch}), limit \
                      data.max_skipped_fraction = {}:",
                     skipped.len(),
                     steps_this_epoch,
@@ -625,7 +670,7 @@ pub fn run_with(
             }
         }
     }
-    println!();
+    end_progress_line();
     evaluate(&mut engine, eval_loader.as_ref(), &out, &mut evals)?;
     engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
     if interrupted {
@@ -638,30 +683,106 @@ pub fn run_with(
             println!("  epoch {}: {}: {}", s.epoch, s.path.display(), s.reason);
         }
     }
-    Ok(RunSummary { steps: engine.step(), first_loss, last_loss, interrupted, out_dir: out, skipped_images: skipped })
+    Ok(RunSummary {
+        steps: engine.step(),
+        start_step,
+        total_steps: total,
+        first_loss,
+        last_loss,
+        interrupted,
+        out_dir: out,
+        skipped_images: skipped,
+    })
 }
 
-fn progress(rec: &StepRecord, total: u64, start_step: u64, started: &Instant) {
-    let done = rec.step - start_step;
-    let left = total.saturating_sub(rec.step);
-    let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
-    let eta = per_step * left as f64;
-    let width = 24usize;
-    let filled = (width as f64 * rec.step as f64 / total.max(1) as f64) as usize;
-    print!(
-        "\r[{}{}] step {}/{} epoch {} loss {:.4} acc {:.3} lr {:.2e} {:.1} img/s ETA {}   ",
-        "#".repeat(filled.min(width)),
-        ".".repeat(width - filled.min(width)),
-        rec.step,
-        total,
-        rec.epoch,
-        rec.loss,
-        rec.accuracy,
-        rec.lr,
-        rec.images_per_s,
-        fmt_duration(eta)
-    );
-    let _ = std::io::stdout().flush();
+/// What differs between the recipe a checkpoint was trained with and this run's, as
+/// "name old → new" (a resumed run trains on with the new one).
+fn recipe_changes(old: &Recipe, new: &Recipe) -> Vec<String> {
+    let (a, b) = (&old.schedule, &new.schedule);
+    let fields: [(&str, String, String); 10] = [
+        ("total steps", a.total_steps.to_string(), b.total_steps.to_string()),
+        ("warmup steps", a.warmup_steps.to_string(), b.warmup_steps.to_string()),
+        ("peak lr", a.peak_lr.to_string(), b.peak_lr.to_string()),
+        ("final lr", a.final_lr.to_string(), b.final_lr.to_string()),
+        ("warmup start lr", a.warmup_start_lr.to_string(), b.warmup_start_lr.to_string()),
+        ("weight decay", old.weight_decay.to_string(), new.weight_decay.to_string()),
+        ("clip", old.clip_norm.to_string(), new.clip_norm.to_string()),
+        ("drop path", old.drop_path.to_string(), new.drop_path.to_string()),
+        ("micro-batches", old.micro_batches.to_string(), new.micro_batches.to_string()),
+        ("seed", old.seed.to_string(), new.seed.to_string()),
+    ];
+    fields.into_iter().filter(|(_, o, n)| o != n).map(|(name, o, n)| format!("{name} {o} → {n}")).collect()
+}
+
+/// Whether a progress line is on the terminal without its newline yet ([`end_progress_line`]).
+static BAR_OPEN: AtomicBool = AtomicBool::new(false);
+
+/// Ends the progress line, if one is open, so that what is printed next (an evaluation, a
+/// warning, an error) starts a line of its own.
+pub fn end_progress_line() {
+    if BAR_OPEN.swap(false, Ordering::SeqCst) {
+        println!();
+    }
+}
+
+/// A loss for the log: four decimals, or four significant digits in scientific notation where
+/// that would be long (a run diverging).
+pub fn fmt_loss(x: f32) -> String {
+    if x.is_finite() && x.abs() >= 1e4 {
+        format!("{x:.4e}")
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// The progress of a run: on a terminal a line redrawn every step; otherwise (a log file, a
+/// pipe) a line of its own for the first step, the last, and one at most every
+/// [`Progress::LOG_EVERY`] seconds between, so that a log holds lines, not one line of carriage
+/// returns.
+struct Progress {
+    terminal: bool,
+    last_line: Option<Instant>,
+}
+
+impl Progress {
+    const LOG_EVERY: f64 = 10.0;
+
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Progress { terminal: std::io::stdout().is_terminal(), last_line: None }
+    }
+
+    fn show(&mut self, rec: &StepRecord, total: u64, start_step: u64, started: &Instant) {
+        let done = rec.step - start_step;
+        let left = total.saturating_sub(rec.step);
+        let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
+        let eta = per_step * left as f64;
+        let text = format!(
+            "step {}/{} epoch {} loss {} acc {:.3} lr {:.2e} {:.1} img/s ETA {}",
+            rec.step,
+            total,
+            rec.epoch,
+            fmt_loss(rec.loss),
+            rec.accuracy,
+            rec.lr,
+            rec.images_per_s,
+            fmt_duration(eta)
+        );
+        if self.terminal {
+            let width = 24usize;
+            let filled = ((width as f64 * rec.step as f64 / total.max(1) as f64) as usize).min(width);
+            print!("\r[{}{}] {text}   ", "#".repeat(filled), ".".repeat(width - filled));
+            BAR_OPEN.store(true, Ordering::SeqCst);
+        } else {
+            let due = self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= Self::LOG_EVERY);
+            if !(due || rec.step >= total) {
+                return;
+            }
+            println!("{text}");
+            self.last_line = Some(Instant::now());
+        }
+        let _ = std::io::stdout().flush();
+    }
 }
 
 fn fmt_duration(secs: f64) -> String {

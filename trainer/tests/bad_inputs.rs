@@ -713,3 +713,92 @@ fn a_checkpoint_without_the_loader_position_resumes_as_before() {
     };
     resume_matches(&cfg, &images, &tokens, &straight, 6, strip);
 }
+
+/// `--resume` goes on in the checkpoint's own folder when no `--out` is given (not the config's
+/// output.dir), says what changed in the recipe, and a finished run resumed with nothing left to
+/// train says so and changes nothing.
+#[test]
+fn resumed_runs_continue_in_their_folder_and_a_finished_one_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_resume_folder");
+    let (cfg, _, out) = trained_run(dir.path(), &mut rng);
+    // Nothing left: the checkpoint is at the end of the run's 4 steps.
+    let (meta_before, metrics_before) = (std::fs::read(out.join("checkpoint/meta.json")).unwrap(), metrics(&out));
+    let done = mapet(&["pretrain", "--config", s(&cfg), "--resume", s(&out.join("checkpoint"))]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    let said = text(&done.stdout);
+    assert!(said.contains("nothing to train: the checkpoint is at step 4, the end of this run's 4 steps"), "{said}");
+    assert!(!said.contains("NaN"), "{said}");
+    assert_eq!(std::fs::read(out.join("checkpoint/meta.json")).unwrap(), meta_before);
+    assert_eq!(metrics(&out), metrics_before);
+
+    // A copy of the run in another folder, resumed for a second epoch with a config that names
+    // no output folder: the steps land beside the copy's checkpoint.
+    let toml = std::fs::read_to_string(&cfg).unwrap();
+    let (head, _) = toml.split_once("[output]").unwrap();
+    let cfg = dir.path().join("no_out.toml");
+    std::fs::write(&cfg, format!("{head}[output]\ncheckpoint_every = 0\n")).unwrap();
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(copy.join("checkpoint")).unwrap();
+    for entry in std::fs::read_dir(out.join("checkpoint")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, copy.join("checkpoint").join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(out.join("metrics.csv"), copy.join("metrics.csv")).unwrap();
+    let more = mapet(&["pretrain", "--config", s(&cfg), "--resume", s(&copy.join("checkpoint")), "--epochs", "2"]);
+    assert!(more.status.success(), "{}", text(&more.stderr));
+    let said = text(&more.stdout);
+    assert!(said.contains("recipe differs from the checkpoint's (total steps 4 → 8)"), "{said}");
+    assert_eq!(metrics(&copy).iter().map(|r| r.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    assert_eq!(load(&copy.join("checkpoint")).state.step, 8);
+    assert_eq!(metrics(&out), metrics_before, "the config's output folder was written to");
+    assert_eq!(std::fs::read(out.join("checkpoint/meta.json")).unwrap(), meta_before);
+
+    // Resuming and starting over at once, and a config file that names no data, are refused.
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--resume", s(&copy.join("checkpoint")), "--overwrite"]));
+    assert!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
+    let bare = dir.path().join("bare.toml");
+    std::fs::write(&bare, "[train]\nepochs = 1\nwarmup_epochs = 0\n").unwrap();
+    let e = fails(&mapet(&["pretrain", "--config", s(&bare), "--out", s(&dir.path().join("bare"))]));
+    assert!(e.contains(s(&bare)) && e.contains("data.train"), "{e}");
+    assert!(!dir.path().join("bare").exists());
+}
+
+/// SIGTERM (a job scheduler's, or `timeout`'s) stops a run as Ctrl-C does: after its step, with a
+/// checkpoint, and an exit status that is not success (130); its progress, written to a pipe,
+/// comes in lines.
+#[cfg(unix)]
+#[test]
+fn a_terminated_run_writes_its_checkpoint_and_exits_130() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_sigterm");
+    let (images, tokens) = dataset(dir.path(), 8, &[], &mut rng);
+    let out = dir.path().join("out");
+    let cfg = config(dir.path(), "c.toml", &images, &tokens, &out, "");
+    let mut child = Command::new(data_common::mapet_bin())
+        .args(["pretrain", "--config", s(&cfg), "--epochs", "100000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first step's line (a line of its own: stdout is not a terminal), then the signal.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = Instant::now();
+    let first = loop {
+        let line = lines.next().expect("mapet ended before its first step").unwrap();
+        if line.starts_with("step 1/400000 ") {
+            break line;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no first step after 2 minutes");
+    };
+    assert!(first.contains(" loss ") && !first.contains('\r'), "{first}");
+    // SAFETY: kill with a valid pid of our own child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    let step = load(&out.join("checkpoint")).state.step;
+    assert!(step >= 1 && rest.iter().any(|l| l.contains(&format!("checkpoint written at step {step}"))), "{rest:?}");
+    assert_eq!(metrics(&out).len() as u64, step);
+}
