@@ -349,18 +349,35 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     Ok(config)
 }
 
-/// Loads the checkpoint folder `dir` (or `DIR.old` when `dir` is missing, see the module notes)
-/// for a model of `expected`. Errors name the file, and the tensor or field: a missing or
-/// truncated file, a tensor missing or of the wrong shape, a checkpoint of another config (the
-/// first differing field), an unknown format version.
-pub fn load(dir: &Path, expected: &ModelConfig) -> Result<Checkpoint> {
+/// A checkpoint's parameters without its optimizer state ([`load_params`]): what evaluating or
+/// exporting a model needs.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// The flat parameters, in the layout of the config they were loaded for.
+    pub params: Vec<f32>,
+    /// Updates done when the checkpoint was written.
+    pub step: u64,
+    /// The folder they were read from (`DIR`, or `DIR.old`; see [`Checkpoint::dir`]).
+    pub dir: PathBuf,
+}
+
+/// The parameters of the checkpoint folder `dir` for a model of `expected`, read from its
+/// `meta.json` and `model.safetensors` only: a checkpoint shared without `optimizer.safetensors`
+/// (twice the model's size) still evaluates and exports. The same checks and errors as [`load`].
+pub fn load_params(dir: &Path, expected: &ModelConfig) -> Result<Params> {
+    let (_, dir, meta, params) = load_meta_and_params(dir, expected)?;
+    Ok(Params { params, step: meta.step, dir })
+}
+
+/// What [`load`] and [`load_params`] share: the folder (`dir` or `DIR.old`), its meta checked
+/// against `expected`, and its parameters.
+fn load_meta_and_params(dir: &Path, expected: &ModelConfig) -> Result<(ParamLayout, PathBuf, Meta, Vec<f32>)> {
     let layout = ParamLayout::new(*expected)?;
     let (_, old) = siblings(dir)?;
     let dir = if !dir.exists() && old.join(META_FILE).is_file() { old } else { dir.to_path_buf() };
     if !dir.is_dir() {
         return Err(file_err(&dir, "no checkpoint folder here"));
     }
-
     let meta_path = dir.join(META_FILE);
     let meta = read_meta(&meta_path)?;
     let want = ConfigJson::of(expected);
@@ -372,10 +389,18 @@ pub fn load(dir: &Path, expected: &ModelConfig) -> Result<Checkpoint> {
             ));
         }
     }
-    let rng = parse_rng(&meta_path, &meta.rng)?;
-
     let model_path = dir.join(MODEL_FILE);
     let params = read_flat(&SafeTensorsFile::open(&model_path)?, &model_path, &layout, "")?;
+    Ok((layout, dir, meta, params))
+}
+
+/// Loads the checkpoint folder `dir` (or `DIR.old` when `dir` is missing, see the module notes)
+/// for a model of `expected`. Errors name the file, and the tensor or field: a missing or
+/// truncated file, a tensor missing or of the wrong shape, a checkpoint of another config (the
+/// first differing field), an unknown format version.
+pub fn load(dir: &Path, expected: &ModelConfig) -> Result<Checkpoint> {
+    let (layout, dir, meta, params) = load_meta_and_params(dir, expected)?;
+    let rng = parse_rng(&dir.join(META_FILE), &meta.rng)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let opt = SafeTensorsFile::open(&opt_path)?;
     let m = read_flat(&opt, &opt_path, &layout, EXP_AVG)?;

@@ -47,6 +47,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{Device, Setting};
 
+/// The longest run `train.epochs` may ask for (a bound that catches `inf` and typos).
+pub const MAX_EPOCHS: f64 = 1e6;
+
 /// Every setting of a pre-training run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -247,8 +250,8 @@ impl PretrainConfig {
                 format!("{} must be >= 1 and divide train.batch ({})", t.micro_batches, t.batch),
             );
         }
-        if t.epochs.is_nan() || t.epochs <= 0.0 {
-            return bad("epochs", format!("{} must be positive", t.epochs));
+        if !(t.epochs > 0.0 && t.epochs <= MAX_EPOCHS) {
+            return bad("epochs", format!("{} must be positive and at most {MAX_EPOCHS}", t.epochs));
         }
         if !(t.warmup_epochs >= 0.0 && t.warmup_epochs <= t.epochs) {
             return bad(
@@ -324,6 +327,28 @@ impl PretrainConfig {
         }
     }
 
+    /// What in a valid config is most likely a mistake, one line each: a peak learning rate
+    /// below the final or warm-up start rate (the schedule then rises where it should decay, as
+    /// base_lr's linear scaling gives at small batches).
+    pub fn warnings(&self) -> Vec<String> {
+        let t = &self.train;
+        let peak = self.peak_lr();
+        let source = match t.peak_lr {
+            Some(_) => "train.peak_lr".to_string(),
+            None => format!("train.base_lr {} x batch {} / 2048", t.base_lr, t.batch),
+        };
+        let mut out = Vec::new();
+        for (key, rate) in [("train.final_lr", t.final_lr), ("train.warmup_start_lr", t.warmup_start_lr)] {
+            if rate > peak {
+                out.push(format!(
+                    "the peak learning rate {peak:.3e} ({source}) is below {key} {rate:.3e}: the schedule rises \
+                     where it should decay; set train.peak_lr, or lower {key}"
+                ));
+            }
+        }
+        out
+    }
+
     /// Peak learning rate: given, or base_lr scaled linearly from batch 2048.
     pub fn peak_lr(&self) -> f32 {
         self.train.peak_lr.unwrap_or(self.train.base_lr * self.train.batch as f32 / 2048.0)
@@ -376,6 +401,26 @@ mod tests {
             let err = c.validate().unwrap_err();
             assert!(err.contains(key), "{set}: {err}");
         }
+    }
+
+    #[test]
+    fn unbounded_epochs_are_refused_and_a_rising_schedule_is_warned_of() {
+        for epochs in [f64::INFINITY, 1e30, f64::NAN, -1.0, 0.0] {
+            let mut c = PretrainConfig::default();
+            c.train.epochs = epochs;
+            let err = c.validate().unwrap_err();
+            assert!(err.starts_with("train.epochs: ") && err.contains("at most 1000000"), "{epochs}: {err}");
+        }
+        let mut c = PretrainConfig::default();
+        assert!(c.warnings().is_empty());
+        c.train.batch = 4; // 1.5e-3 x 4 / 2048 = 2.93e-6, below the final 1e-5
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("the peak learning rate 2.930e-6 (train.base_lr 0.0015 x batch 4 / 2048) is below train.final_lr 1.000e-5"), "{w:?}");
+        c.train.peak_lr = Some(1e-3);
+        assert!(c.warnings().is_empty());
+        c.train.warmup_start_lr = 2e-3;
+        assert!(c.warnings()[0].contains("train.peak_lr) is below train.warmup_start_lr"), "{:?}", c.warnings());
     }
 
     #[test]

@@ -148,6 +148,7 @@ fn check_step(args: &[String]) -> Result<(), String> {
         return Err(format!("check-step takes one case file\n{USAGE}"));
     };
     let out = PathBuf::from(flags.get("out").ok_or("check-step needs `--out OUT.safetensors`")?);
+    mapet_trainer::cmd::refuse_overwriting_inputs("--out", &out, &[("the case", case.as_ref())])?;
     let device = flags.get("device").map(String::as_str).unwrap_or("cpu");
     let case = mapet::model::golden::Case::load(case.as_ref()).map_err(|e| e.to_string())?;
     let result = match device {

@@ -335,19 +335,7 @@ pub fn run_folder_of(ckpt: &Path) -> PathBuf {
 
 /// Whether `a` and `b` name the same folder (either may not exist yet).
 fn same_folder(a: &Path, b: &Path) -> bool {
-    let resolve = |p: &Path| -> PathBuf {
-        if let Ok(c) = p.canonicalize() {
-            return c;
-        }
-        match (p.parent(), p.file_name()) {
-            (Some(parent), Some(name)) => {
-                let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-                parent.canonicalize().unwrap_or_else(|_| parent.to_path_buf()).join(name)
-            }
-            _ => p.to_path_buf(),
-        }
-    };
-    resolve(a) == resolve(b)
+    crate::cmd::resolved(a) == crate::cmd::resolved(b)
 }
 
 /// What an earlier run left in the output folder `out` that a new run would write over: its
@@ -527,15 +515,21 @@ pub fn run_with(
 
     let total = recipe.schedule.total_steps;
     let norm = Normalize::IMAGENET;
+    for w in cfg.warnings() {
+        println!("warning: {w}");
+    }
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     println!(
-        "pretrain on the {} backend: {} images, {} steps/epoch, {} steps, batch {} ({} micro-batch{}), model dim {} depth {} heads {} vocab {}, {} parameters",
+        "pretrain on the {} backend: {}, {} an epoch, {} in all (warm-up {}, peak lr {:.3e}, final {:.3e}), batch {} ({}), model dim {} depth {} heads {} vocab {}, {} parameters",
         backend,
-        loader.len(),
-        steps_per_epoch,
-        total,
+        plural(loader.len() as u64, "image", "images"),
+        plural(steps_per_epoch, "step", "steps"),
+        plural(total, "step", "steps"),
+        recipe.schedule.warmup_steps,
+        recipe.schedule.peak_lr,
+        recipe.schedule.final_lr,
         cfg.train.batch,
-        cfg.train.micro_batches,
-        if cfg.train.micro_batches == 1 { "" } else { "es" },
+        plural(cfg.train.micro_batches as u64, "micro-batch", "micro-batches"),
         model_cfg.dim,
         model_cfg.depth,
         model_cfg.heads,

@@ -493,6 +493,91 @@ fn eval_and_export_refuse_missing_mismatched_and_truncated_checkpoints() {
     let e = eval(&other);
     assert!(e.contains("--tokens") && e.contains(s(&tokens)), "{e}");
     assert_eq!(std::fs::read(&timm).unwrap(), exported);
+
+    // A checkpoint shared without its optimizer state evaluates and exports as the whole one.
+    let lean = dir.path().join("lean");
+    std::fs::create_dir(&lean).unwrap();
+    for f in [checkpoint::MODEL_FILE, checkpoint::META_FILE] {
+        std::fs::copy(good.join(f), lean.join(f)).unwrap();
+    }
+    let evals = [&good, &lean].map(|ck| {
+        let run = mapet(&["eval", "--checkpoint", s(ck), "--data", s(&images), "--tokens", s(&tokens), "--json"]);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        text(&run.stdout).replace(s(ck), "CKPT")
+    });
+    assert_eq!(evals[0], evals[1]);
+    let lean_timm = dir.path().join("lean.safetensors");
+    assert!(mapet(&["export", "--checkpoint", s(&lean), "--timm", s(&lean_timm)]).status.success());
+    let tensors =
+        |p: &Path| mapet::io::SafeTensorsFile::open(p).unwrap().f32_tensor("blocks.0.attn.qkv.weight").unwrap();
+    assert_eq!(tensors(&lean_timm), tensors(&timm));
+    // An export into the checkpoint folder (over its model file, or beside it) is refused.
+    for target in [lean.join(checkpoint::MODEL_FILE), lean.join("vit.safetensors")] {
+        let e = fails(&mapet(&["export", "--checkpoint", s(&lean), "--timm", s(&target)]));
+        assert!(e.contains("--timm") && e.contains("is inside --checkpoint"), "{e}");
+    }
+    assert_eq!(
+        std::fs::read(lean.join(checkpoint::MODEL_FILE)).unwrap(),
+        std::fs::read(good.join(checkpoint::MODEL_FILE)).unwrap()
+    );
+    assert!(!lean.join("vit.safetensors").exists());
+}
+
+/// Outputs that would destroy the command's own inputs are refused, and the inputs left as they
+/// were: check-step over its case, tokenize over its features or codebook, synth into a folder
+/// that holds an image set.
+#[test]
+fn outputs_never_overwrite_their_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_outputs");
+    let case = dir.path().join("case.safetensors");
+    std::fs::copy(mapet::testing::project_root().join("tests/data/golden/case_000.safetensors"), &case).unwrap();
+    let before = std::fs::read(&case).unwrap();
+    let e = fails(&mapet(&["check-step", s(&case), "--out", s(&case)]));
+    assert!(e.contains("--out") && e.contains("is the case"), "{e}");
+    assert_eq!(std::fs::read(&case).unwrap(), before);
+
+    let (images, _) = dataset(dir.path(), 4, &[], &mut rng);
+    // (The refusal comes before the features are read: any bytes stand for them.)
+    let features = dir.path().join("f.npy");
+    std::fs::write(&features, b"costly features").unwrap();
+    let feature_bytes = std::fs::read(&features).unwrap();
+    let tok = |out: &Path, extra: &[&str]| {
+        let mut args =
+            vec!["tokenize", "--data", s(&images), "--out", s(out), "--k", "2", "--image", "16", "--patch", "8"];
+        args.extend_from_slice(extra);
+        mapet(&args)
+    };
+    let e = fails(&tok(&features, &["--features", s(&features)]));
+    assert!(e.contains("--out") && e.contains("is --features"), "{e}");
+    // Its codebook beside the tokens would be the one read.
+    assert!(tok(&dir.path().join("t.npy"), &[]).status.success());
+    let codebook = dir.path().join("t.centroids.safetensors");
+    let codebook_bytes = std::fs::read(&codebook).unwrap();
+    let e = fails(&tok(&dir.path().join("t.npy"), &["--centroids", s(&codebook)]));
+    assert!(e.contains("is --centroids"), "{e}");
+    assert_eq!((std::fs::read(&features).unwrap(), std::fs::read(&codebook).unwrap()), (feature_bytes, codebook_bytes));
+
+    let set = dir.path().join("set");
+    assert!(mapet(&["synth", "--out", s(&set), "--images", "3", "--grid", "2", "--vocab", "8"]).status.success());
+    let e = fails(&mapet(&["synth", "--out", s(&set), "--images", "2", "--grid", "2", "--vocab", "8"]));
+    assert!(e.contains("already holds an image set"), "{e}");
+    let jpgs = walk(&set.join("images")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).count();
+    assert_eq!(jpgs, 3);
+}
+
+/// Every file below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// A full disk while `mapet export` writes: the write goes to `OUT.tmp`, here a link to

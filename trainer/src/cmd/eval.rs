@@ -134,7 +134,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 /// Loads the checkpoint and its config, checks the data against it and evaluates.
 pub fn evaluate(opts: &EvalArgs) -> Result<EvalSummary, String> {
     let config = checkpoint::read_config(&opts.checkpoint).map_err(|e| format!("--checkpoint: {e}"))?;
-    let ck = checkpoint::load(&opts.checkpoint, &config).map_err(|e| format!("--checkpoint: {e}"))?;
+    let ck = checkpoint::load_params(&opts.checkpoint, &config).map_err(|e| format!("--checkpoint: {e}"))?;
     let index = open_index(&opts.data)?;
     let tokens = Tokens::load_for(&opts.tokens, &index, &config).map_err(|e| {
         format!(
@@ -157,7 +157,7 @@ pub fn evaluate(opts: &EvalArgs) -> Result<EvalSummary, String> {
         ..LoaderConfig::new(config.image, opts.batch)
     };
     let loader = Loader::new(index, tokens, cfg).map_err(|e| e.to_string())?;
-    let mut model = EvalModel::new(&opts.device, &config, &ck.state.params, opts.batch)?;
+    let mut model = EvalModel::new(&opts.device, &config, &ck.params, opts.batch)?;
     if let EvalModel::Cuda(m) = &model {
         // Page-locked batches: the copy engine reads them without a staging copy.
         let bytes = opts.batch * config.image * config.image * 3;
@@ -169,7 +169,7 @@ pub fn evaluate(opts: &EvalArgs) -> Result<EvalSummary, String> {
     }
     Ok(EvalSummary {
         checkpoint: ck.dir,
-        step: ck.state.step,
+        step: ck.step,
         images,
         tokens: counted,
         loss: loss_sum / counted as f64,

@@ -73,6 +73,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let dir = PathBuf::from(a.required("export", "checkpoint", "DIR")?);
     let out = PathBuf::from(a.required("export", "timm", "OUT.safetensors")?);
+    super::refuse_overwriting_inputs("--timm", &out, &[("--checkpoint", &dir)])?;
     let n = export(&dir, &out)?;
     println!("wrote {n} tensors of the backbone under timm's names to {}", out.display());
     Ok(())
@@ -81,15 +82,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
 /// Writes the backbone of the checkpoint `dir` to `out`; returns the number of tensors.
 pub fn export(dir: &Path, out: &Path) -> Result<usize, String> {
     let config = checkpoint::read_config(dir).map_err(|e| format!("--checkpoint: {e}"))?;
-    let ck = checkpoint::load(dir, &config).map_err(|e| format!("--checkpoint: {e}"))?;
+    let ck = checkpoint::load_params(dir, &config).map_err(|e| format!("--checkpoint: {e}"))?;
     let layout = ParamLayout::new(config).map_err(|e| e.to_string())?;
-    let tensors = timm_tensors(&layout, &ck.state.params)?;
+    let tensors = timm_tensors(&layout, &ck.params)?;
     let views: Vec<(String, Vec<usize>, &[f32])> =
         tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
     let c = config;
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
-        ("source".to_string(), format!("mapet checkpoint {} at step {}", ck.dir.display(), ck.state.step)),
+        ("source".to_string(), format!("mapet checkpoint {} at step {}", ck.dir.display(), ck.step)),
         ("img_size".to_string(), c.image.to_string()),
         ("patch_size".to_string(), c.patch.to_string()),
         ("embed_dim".to_string(), c.dim.to_string()),

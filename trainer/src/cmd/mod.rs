@@ -21,7 +21,7 @@ use std::str::FromStr;
 
 use crate::data::ImageIndex;
 
-/// The parsed arguments of a subcommand: `--flag value` pairs (last one wins) and switches.
+/// The parsed arguments of a subcommand: `--flag value` pairs (each flag once) and switches.
 pub(crate) struct Args {
     flags: HashMap<String, String>,
     switches: Vec<String>,
@@ -114,6 +114,44 @@ pub fn open_index_as(data: &Path, origin: &str) -> Result<ImageIndex, String> {
         return Err(format!("{origin} {}: no such folder or manifest file", data.display()));
     };
     index.map_err(|e| format!("{origin}: {e}"))
+}
+
+/// `path` made comparable with another: canonical where it exists, else its folder's canonical
+/// form joined with its name (an output not written yet).
+pub fn resolved(path: &Path) -> PathBuf {
+    if let Ok(c) = path.canonicalize() {
+        return c;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+            parent.canonicalize().unwrap_or_else(|_| parent.to_path_buf()).join(name)
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Refuses to write the output `out` (given by `out_flag`) where it would destroy an input of
+/// the same command: the very file an `inputs` entry (flag, path) names, or a file inside the
+/// folder it names (a checkpoint's).
+pub fn refuse_overwriting_inputs(out_flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<(), String> {
+    let target = resolved(out);
+    for (flag, input) in inputs {
+        let input_at = resolved(input);
+        let what = if target == input_at {
+            "is"
+        } else if input.is_dir() && target.starts_with(&input_at) {
+            "is inside"
+        } else {
+            continue;
+        };
+        return Err(format!(
+            "{out_flag} {} {what} {flag} {}: writing it would destroy that input; write it elsewhere",
+            out.display(),
+            input.display()
+        ));
+    }
+    Ok(())
 }
 
 /// `path` with its extension replaced by `suffix` (`tokens.npy` + `.report.json` ->

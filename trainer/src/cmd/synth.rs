@@ -86,6 +86,14 @@ pub fn write_set(
         return Err(format!("--vocab {vocab}: at most {}", i32::MAX));
     }
     let dir = out.join("images");
+    // An earlier set's images would mix with this one's (and outnumber its token rows).
+    if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(format!(
+            "--out {}: {} already holds an image set; give a new or empty folder",
+            out.display(),
+            dir.display()
+        ));
+    }
     let per_class = images.div_ceil(classes);
     let path_of = |i: usize| dir.join(format!("c{:03}", i / per_class)).join(format!("{i:07}.jpg"));
     for c in 0..images.div_ceil(per_class) {

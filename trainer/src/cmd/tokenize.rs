@@ -135,6 +135,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!("{note}");
     }
     let chunk_images = a.positive("chunk-images", 2048)?;
+    // The token file and the two written beside it must not be the features or the codebook read.
+    let mut inputs: Vec<(&str, &Path)> = Vec::new();
+    if features != "pixels" {
+        inputs.push(("--features", Path::new(&features)));
+    }
+    if let Some(c) = &centroids {
+        inputs.push(("--centroids", c));
+    }
+    for written in [out.clone(), beside(&out, ".centroids.safetensors"), beside(&out, ".report.json")] {
+        let flag = if written == out { "--out" } else { "the file written beside --out," };
+        super::refuse_overwriting_inputs(flag, &written, &inputs)?;
+    }
 
     let given = match &centroids {
         Some(path) => Some(load_centroids(path).map_err(|e| format!("--centroids: {e}"))?),
