@@ -7,8 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mapet::io::SafeTensorsFile;
-use mapet::model::golden::{run_bf16_emulation, run_cpu, Case, StepOutput};
+use mapet::model::golden::{self, run_bf16_emulation, run_cpu, Case, StepOutput};
 use mapet::testing;
 
 fn cases() -> Vec<PathBuf> {
@@ -20,19 +19,17 @@ fn cases() -> Vec<PathBuf> {
     cases
 }
 
-/// Compares every output tensor of `out` with the truth in `path`: failures above `tolerance`
-/// are pushed; returns the worst (error, tensor).
+/// Compares every output tensor of `out` with the truth in `path` (`golden::compare`): failures
+/// above `tolerance` are pushed; returns the worst (error, tensor).
 fn compare(path: &Path, out: &StepOutput, tolerance: f64, failures: &mut Vec<String>) -> (f64, String) {
-    let truth = SafeTensorsFile::open(path).unwrap();
+    let rows = golden::compare(path, out).unwrap().expect("a golden case holds its reference outputs");
+    assert_eq!(rows.len(), out.tensors.len());
     let mut worst = (0.0f64, String::new());
-    for (name, _, got) in &out.tensors {
+    for golden::Comparison { name, rel_err: err } in rows {
         if name == "out.predicted_index" {
-            let (_, want) = truth.i64_tensor(name).unwrap();
-            assert!(got.iter().zip(&want).all(|(&g, &w)| g as i64 == w), "{}: predicted_index differs", path.display());
+            assert_eq!(err, 0.0, "{}: predicted_index differs", path.display());
             continue;
         }
-        let (_, want) = truth.f64_tensor(name).unwrap();
-        let err = testing::rel_err(got, &want);
         if err > worst.0 || !err.is_finite() {
             worst = (err, name.clone());
         }

@@ -146,3 +146,55 @@ fn step_output(case: &Case, layout: &ParamLayout, out: ForwardOutput, grads: &[f
     }
     Ok(StepOutput { tensors })
 }
+
+/// How one output tensor of a step compares with a case's reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// The tensor's golden name (`out.loss`, `grads.<official name>`, ...).
+    pub name: String,
+    /// Norm of the difference over the norm of the reference (the difference's norm where the
+    /// reference is all zeros); for `out.predicted_index`, 0 when every index is the reference's
+    /// and 1 otherwise. NaN or infinite when the output is.
+    pub rel_err: f64,
+}
+
+/// The relative error bars of the golden README: float32 arithmetic (the CPU model) 1e-4, bf16
+/// GEMM inputs and activations (the GPU model, and the CPU model with its roundings emulated)
+/// 2e-2.
+pub const F32_TOLERANCE: f64 = 1e-4;
+pub const BF16_TOLERANCE: f64 = 2e-2;
+
+/// Compares every tensor of `out` with the reference of the same name in the case file at
+/// `path` (f64): `None` when the file holds no reference (`out.loss` absent: a case to run, not
+/// a golden one); an error when it holds some but not all of them, or one of another size.
+pub fn compare(path: &Path, out: &StepOutput) -> Result<Option<Vec<Comparison>>> {
+    let truth = SafeTensorsFile::open(path)?;
+    if !truth.names().iter().any(|n| n == "out.loss") {
+        return Ok(None);
+    }
+    let file_err = |detail: String| Error::File { path: path.to_path_buf(), detail };
+    let mut rows = Vec::with_capacity(out.tensors.len());
+    for (name, _, got) in &out.tensors {
+        let rel_err = if name == "out.predicted_index" {
+            let (_, want) = truth.i64_tensor(name)?;
+            let same = got.len() == want.len() && got.iter().zip(&want).all(|(&g, &w)| g as i64 == w);
+            if same {
+                0.0
+            } else {
+                1.0
+            }
+        } else {
+            let (_, want) = truth.f64_tensor(name)?;
+            if want.len() != got.len() {
+                return Err(file_err(format!(
+                    "reference `{name}` has {} values, the step gave {}",
+                    want.len(),
+                    got.len()
+                )));
+            }
+            crate::testing::rel_err(got, &want)
+        };
+        rows.push(Comparison { name: name.clone(), rel_err });
+    }
+    Ok(Some(rows))
+}

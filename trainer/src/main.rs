@@ -13,7 +13,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,7 +28,8 @@ const USAGE: &str = "usage:
   mapet check-step CASE.safetensors --out OUT.safetensors [--device cpu|cpu-bf16|cuda]
       one forward and backward (drop path off) of a case in the golden format; writes out.loss,
       out.logits, out.predicted_index and grads.<name> for every parameter, as f32; cpu-bf16 is
-      the CPU model with the GPU's bf16 roundings emulated
+      the CPU model with the GPU's bf16 roundings emulated. A case with reference outputs is
+      compared with them (relative error a tensor), and fails past 1e-4 (cpu) or 2e-2
   mapet eval --checkpoint DIR --data DIR|MANIFEST --tokens FILE.npy [--batch N] [--seed S]
              [--threads T] [--json]
       loss and predicted-token accuracy of a checkpoint over a whole image set (fixed permutations)
@@ -163,7 +164,33 @@ fn check_step(args: &[String]) -> Result<(), String> {
         HashMap::from([("device".to_string(), device.to_string()), ("source".to_string(), case_name(case_path(&pos)))]);
     result.save(&out, meta).map_err(|e| e.to_string())?;
     println!("loss {loss:.6}; wrote {} tensors to {}", result.tensors.len(), out.display());
-    Ok(())
+    if !loss.is_finite() {
+        return Err(format!("the loss is {loss}: a weight or pixel of the case is not finite, or the step overflowed"));
+    }
+    // A golden case carries the reference outputs: compare with them, held to the golden README's bar.
+    use mapet::model::golden::{compare, BF16_TOLERANCE, F32_TOLERANCE};
+    let Some(rows) = compare(Path::new(case_path(&pos)), &result).map_err(|e| e.to_string())? else {
+        println!("the case holds no reference outputs (out.loss, out.logits, grads.*): nothing to compare");
+        return Ok(());
+    };
+    let bar = if device == "cpu" { F32_TOLERANCE } else { BF16_TOLERANCE };
+    let over: Vec<_> = rows.iter().filter(|r| r.rel_err > bar || r.rel_err.is_nan()).collect();
+    let worst = rows.iter().max_by(|a, b| a.rel_err.total_cmp(&b.rel_err)).expect("a step has outputs");
+    for r in rows.iter().filter(|r| ["out.loss", "out.logits", "out.predicted_index"].contains(&r.name.as_str())) {
+        println!("  {:<24} relative error {:.3e}", r.name, r.rel_err);
+    }
+    println!(
+        "against the case's reference: worst {} at {:.3e} over {} tensors; {} (the bar for --device {device} is {bar:.0e})",
+        worst.name,
+        worst.rel_err,
+        rows.len(),
+        if over.is_empty() { "pass".to_string() } else { format!("FAIL: {} over the bar", over.len()) }
+    );
+    if over.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = over.iter().map(|r| format!("{} {:.3e}", r.name, r.rel_err)).collect();
+    Err(format!("{} tensors beyond the relative error bar {bar:.0e}: {}", over.len(), list.join(", ")))
 }
 
 fn pretrain(args: &[String]) -> Result<Finished, String> {
