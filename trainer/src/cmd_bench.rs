@@ -354,6 +354,24 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// Progress on stderr (stdout holds the report, or the JSON alone): a line for a step that took
+/// at least [`SLOW_STEP_MS`], so that a long CPU bench shows it is running and a GPU one stays
+/// quiet.
+fn step_done(opts: &BenchOptions, i: usize, step_ms: f64, loss: f32) {
+    if step_ms >= SLOW_STEP_MS {
+        let phase = if i < opts.warmup { " (warm-up)" } else { "" };
+        eprintln!(
+            "bench: step {} of {}{phase}: {:.1} s, loss {loss:.4}",
+            i + 1,
+            opts.warmup + opts.steps,
+            step_ms / 1e3
+        );
+    }
+}
+
+/// See [`step_done`].
+const SLOW_STEP_MS: f64 = 500.0;
+
 /// The CPU loop: `CpuModel::step` (forward only) and `train_step`.
 fn run_cpu(
     opts: &BenchOptions,
@@ -398,6 +416,7 @@ fn run_cpu(
         };
         adamw::cpu_step(&mut p, &grads, &mut m, &mut v, mask, &hp, None).map_err(err)?;
         let optimizer = ms(t);
+        step_done(opts, i, forward + step + optimizer, stats.loss);
 
         if i >= opts.warmup {
             let backward = (step - forward - optimizer).max(0.0);
@@ -522,6 +541,7 @@ fn run_cuda(
         .map_err(err)?;
         gpu.synchronize().map_err(err)?;
         let step = ms(t);
+        step_done(opts, i, step, stats.loss);
         sample(&gpu, &mut peak_used);
         if let Some(e) = event_error {
             return Err(drv(e));
@@ -630,6 +650,15 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
     let mut batches = synthetic_batches(&model_cfg, micro, k, &mut rng);
     let run_opts = BenchOptions { config: config.clone(), ..opts.clone() };
+    eprintln!(
+        "bench: {} (dim {}, depth {}) on the {}, batch {batch}, {} warm-up and {} timed steps",
+        config.model.preset,
+        model_cfg.dim,
+        model_cfg.depth,
+        if setup.is_some() { "GPU" } else { "CPU" },
+        opts.warmup,
+        opts.steps
+    );
     let measured = match setup {
         Some((gpu, model, used)) => run_cuda(&run_opts, gpu, model, used, &recipe, &mut batches, &mut rng)?,
         None => run_cpu(&run_opts, model_cfg, &recipe, &mut batches, &mut rng)?,
@@ -694,7 +723,8 @@ fn json_str(s: &str) -> String {
     out
 }
 
-/// A JSON number (`null` when not finite).
+/// A JSON number (`null` when not finite), in the shortest form that reads back as the same f64:
+/// a consumer gets the value the text report rounds.
 fn json_num(x: f64) -> String {
     if x.is_finite() {
         format!("{x}")

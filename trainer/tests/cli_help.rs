@@ -39,3 +39,21 @@ fn help_for_an_unknown_command_is_an_error() {
     assert!(!ok);
     assert!(err.contains("unknown command `frobnicate`") && err.contains("mapet pretrain"), "{err}");
 }
+
+#[test]
+fn help_command_version_and_stray_arguments() {
+    // `mapet help COMMAND` is `mapet COMMAND --help`.
+    for command in ["pretrain", "eval", "bench"] {
+        let (ok, out, err) = mapet(&["help", command]);
+        assert!(ok, "{err}");
+        assert_eq!(out, mapet(&[command, "--help"]).1, "help {command}");
+    }
+    let (ok, out, _) = mapet(&["--version"]);
+    assert!(ok && out.trim() == format!("mapet {}", env!("CARGO_PKG_VERSION")), "{out}");
+    // A stray argument is refused, not ignored.
+    let (ok, _, err) = mapet(&["info", "--bogus"]);
+    assert!(!ok && err.contains("info takes no argument (got `--bogus`)"), "{err}");
+    // check-step without its case prints its own usage, not every command's.
+    let (ok, _, err) = mapet(&["check-step"]);
+    assert!(!ok && err.contains("mapet check-step CASE") && !err.contains("mapet pretrain"), "{err}");
+}
