@@ -6,7 +6,7 @@
 //! mapet eval --checkpoint DIR --data DIR --tokens FILE.npy [--batch N] [--seed S] [--json]
 //! mapet export --checkpoint DIR --timm OUT.safetensors
 //! mapet tokenize --data DIR --out tokens.npy [--k 8192] [--features pixels|FILE.npy] ...
-//! mapet bench-data --data DIR [--image 224] [--threads 1,2,4,8,16] [--images N] [--json]
+//! mapet bench-data --data DIR|MANIFEST [--image 224] [--threads 1,2,4,...] [--images N] [--json]
 //! mapet synth --out DIR [--images N] [--classes C] [--vocab V] [--grid G] [--seed S]
 //! mapet bench [--model vit-b] [--batch N] [--steps N] [--device auto|cpu|cuda] [--json]
 //! mapet info
@@ -31,16 +31,16 @@ const USAGE: &str = "usage:
       the CPU model with the GPU's bf16 roundings emulated. A case with reference outputs is
       compared with them (relative error a tensor), and fails past 1e-4 (cpu) or 2e-2
   mapet eval --checkpoint DIR --data DIR|MANIFEST --tokens FILE.npy [--batch N] [--seed S]
-             [--threads T] [--json]
+             [--threads T] [--device auto|cpu|cuda] [--json]
       loss and predicted-token accuracy of a checkpoint over a whole image set (fixed permutations)
   mapet export --checkpoint DIR --timm OUT.safetensors
       a checkpoint's backbone under timm's ViT names (fused qkv; no mask token, no decoder)
   mapet tokenize --data DIR|MANIFEST --out tokens.npy [--k 8192] [--features pixels|FILE.npy]
                  [--image 224] [--patch 16] [--centroids FILE] ...
       k-means visual tokens, rows in index order; centroids and a report beside them
-  mapet bench-data --data DIR [--image 224] [--threads 1,2,4,8,16] [--images N] [--json]
+  mapet bench-data --data DIR|MANIFEST [--image 224] [--threads 1,2,4,...] [--images N] [--json]
       data pipeline throughput (images/s) per thread count and per core
-  mapet synth --out DIR [--images N] [--classes C] [--vocab V] [--grid G] [--seed S]
+  mapet synth --out DIR [--images N] [--classes C] [--vocab V] [--grid G] [--seed S] [--threads T]
       a synthetic ImageNet-like JPEG folder and token file, for benchmarks and smoke tests
   mapet bench [--model vit-t|vit-s|vit-b] [--set model.key=value ...] [--batch N] [--steps N]
               [--warmup N] [--device auto|cpu|cuda] [--peak-tflops T] [--json]

@@ -8,10 +8,12 @@ use super::{json_f64, open_index, parse, Parsed};
 use crate::data::bench_data;
 
 /// The command's usage.
-pub const USAGE: &str = "usage: mapet bench-data --data DIR|MANIFEST [--image 224] [--threads 1,2,4,8,16]
+pub const USAGE: &str = "usage: mapet bench-data --data DIR|MANIFEST [--image 224] [--threads 1,2,4,...]
                         [--images 512] [--json]
   Images per second of the data pipeline (read, decode, center crop, resize, jitter, batching) for
-  each decoder thread count, and per core; files are read once first so the page cache is warm.
+  each decoder thread count, and per core (over the threads or the machine's cores, whichever are
+  fewer); files are read once first so the page cache is warm.
+  --threads LIST   thread counts to time (default: powers of two up to the cores, and the cores)
   --images N   how many images, spread evenly over the index (default 512; all when fewer)
   --json       print one JSON object per thread count (one per line) instead of the table";
 
@@ -36,17 +38,21 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let data = PathBuf::from(a.required("bench-data", "data", "DIR")?);
     let image = a.positive("image", 224)?;
-    let threads = parse_threads(a.get("threads").unwrap_or("1,2,4,8,16"))?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = match a.get("threads") {
+        Some(list) => parse_threads(list)?,
+        None => default_threads(cores),
+    };
     let images = a.positive("images", 512)?;
     let json = a.switch("json");
     let index = open_index(&data)?;
     let rows = bench_data(&index, image, &threads, images).map_err(|e| e.to_string())?;
     if !json {
         println!(
-            "bench-data: {} images of {} at {image}px; {} cores on this machine",
+            "bench-data: {} images of {} at {image}px; {cores} cores on this machine (per core: over the threads \
+             or the cores, whichever are fewer)",
             rows.first().map_or(0, |r| r.images + r.skipped),
             data.display(),
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
         );
         println!(
             "{:>8} {:>8} {:>8} {:>10} {:>12} {:>14}",
@@ -54,7 +60,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         );
     }
     for r in &rows {
-        let per_core = r.images_per_s / r.threads as f64;
+        let per_core = r.images_per_s / r.threads.min(cores) as f64;
         if json {
             println!(
                 "{{\"threads\": {}, \"images\": {}, \"skipped\": {}, \"seconds\": {}, \"images_per_s\": {}, \
@@ -73,5 +79,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
             );
         }
     }
+    // A figure over a fraction of a second is mostly start-up and noise.
+    if let Some(r) = rows.iter().find(|r| r.seconds < 1.0) {
+        eprintln!(
+            "note: {} threads decoded {} images in {:.3} s; for a steadier figure give more --images (or a larger set)",
+            r.threads, r.images, r.seconds
+        );
+    }
     Ok(())
+}
+
+/// The thread counts timed when `--threads` is not given: powers of two up to the machine's
+/// cores, and the core count itself (1, 2, 4, 8, 16 on a 16-core host).
+pub fn default_threads(cores: usize) -> Vec<usize> {
+    let mut t: Vec<usize> = std::iter::successors(Some(1usize), |&n| Some(n * 2)).take_while(|&n| n <= cores).collect();
+    if t.last() != Some(&cores.max(1)) {
+        t.push(cores.max(1));
+    }
+    t
 }
