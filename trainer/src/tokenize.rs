@@ -9,6 +9,7 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use mapet::cuda::gemm::Gemm;
 use mapet::cuda::Gpu;
@@ -279,6 +280,9 @@ pub struct Labelling {
     pub inertia: Vec<f64>,
 }
 
+/// Seconds between two progress lines of [`tokenize_stream`]'s labelling.
+const PROGRESS_EVERY: f64 = 10.0;
+
 /// Tokenization of every patch of `source` without holding its features: the fit's sample
 /// ([`kmeans::sample_indices`] over every patch of every image) is gathered
 /// ([`FeatureSource::gather`]), the codebook fitted on it (the same result as fitting on all
@@ -305,15 +309,22 @@ pub fn tokenize_stream<S: FeatureSource + ?Sized>(
         }
         Codebook::Fit(cfg) => {
             let wanted = kmeans::sample_indices(images * patches, cfg);
+            let t = Instant::now();
+            println!("gathering the fit's sample: {} of the {} patches", wanted.len(), images * patches);
             let sample = source.gather(&wanted, chunk_images)?;
             if sample.len() != wanted.len() * dim {
                 return Err(format!("{} sample values gathered, expected {}", sample.len(), wanted.len() * dim));
             }
+            println!("fitting (the sample gathered in {:.1} s)", t.elapsed().as_secs_f64());
+            let t = Instant::now();
             let fitted = device.fit(&sample, dim, cfg)?;
+            println!("fitted in {:.1} s; labelling every patch", t.elapsed().as_secs_f64());
             (fitted.centroids, cfg.k, fitted.inertia_per_iteration)
         }
     };
     let mut report = ReportSums::new(k);
+    // A line on the labelling's progress at most every PROGRESS_EVERY seconds (and at its end).
+    let (started, mut last_line) = (Instant::now(), Instant::now());
     for range in chunks(images, chunk_images) {
         let want = range.len() * patches * dim;
         let feats = source.read(range.clone())?;
@@ -323,6 +334,10 @@ pub fn tokenize_stream<S: FeatureSource + ?Sized>(
         let (ids, d2) = device.assign(&feats, dim, &centroids)?;
         report.add(&ids, &d2)?;
         ids_out(&ids)?;
+        if last_line.elapsed().as_secs_f64() >= PROGRESS_EVERY || (range.end == images && images > chunk_images) {
+            println!("labelled {} of {images} images ({:.1} s)", range.end, started.elapsed().as_secs_f64());
+            last_line = Instant::now();
+        }
     }
     Ok(Labelling { centroids, report: report.finish()?, inertia })
 }
