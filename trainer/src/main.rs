@@ -313,17 +313,21 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
         mapet_trainer::pretrain::check_output_folder(&cfg.output.dir, opts)?;
     }
     // Where the data paths came from, for the errors about them.
-    let origin = |key: &str| match (sources.iter().rev().find(|(k, _)| k == key), &config_file) {
+    let origin = |key: &str, path: &Path| match (sources.iter().rev().find(|(k, _)| k == key), &config_file) {
         (Some((_, flag)), _) => flag.clone(),
+        // A relative path in the file is taken from the current folder, not the file's.
+        (None, Some(file)) if path.is_relative() => {
+            format!("{key} in {} (relative to the current folder)", file.display())
+        }
         (None, Some(file)) => format!("{key} in {}", file.display()),
         (None, None) => key.to_string(),
     };
     let data = match (&cfg.data.train, &cfg.data.tokens) {
         (Some(train), Some(tokens)) => {
             let model = cfg.model_config()?;
-            let index = mapet_trainer::cmd::open_index_as(train, &origin("data.train"))?;
+            let index = mapet_trainer::cmd::open_index_as(train, &origin("data.train", train))?;
             let tokens = mapet_trainer::data::Tokens::load_for(tokens, &index, &model)
-                .map_err(|e| format!("{}: {e}", origin("data.tokens")))?;
+                .map_err(|e| format!("{}: {e}", origin("data.tokens", tokens)))?;
             mapet_trainer::pretrain::DataSource { index, tokens, eval: None }
         }
         _ => mapet_trainer::demo::prepare(&cfg)?,

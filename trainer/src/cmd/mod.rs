@@ -111,7 +111,7 @@ pub fn open_index_as(data: &Path, origin: &str) -> Result<ImageIndex, String> {
         };
         ImageIndex::from_manifest(data, &root)
     } else {
-        return Err(format!("{origin} {}: no such folder or manifest file", data.display()));
+        return Err(format!("{origin}: {}: no such folder or manifest file", data.display()));
     };
     index.map_err(|e| format!("{origin}: {e}"))
 }
