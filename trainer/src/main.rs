@@ -398,10 +398,17 @@ fn info() -> Result<(), String> {
     let kernels = mapet::cuda::report::all();
     if kernels.is_empty() {
         println!("no CUDA kernels compiled into this binary");
+        return Ok(());
     }
-    for k in kernels {
+    let module_w = kernels.iter().map(|k| k.module.len()).max().unwrap_or(0).max("module".len());
+    let kernel_w = kernels.iter().map(|k| k.kernel.len()).max().unwrap_or(0).max("kernel".len());
+    println!(
+        "{:<module_w$} {:<kernel_w$} {:<7} {:>9} {:>13} {:>11}",
+        "module", "kernel", "arch", "registers", "static smem", "spill bytes"
+    );
+    for k in &kernels {
         println!(
-            "{:<14} {:<34} {:<7} {:>3} regs {:>6} B smem {:>4} B spill",
+            "{:<module_w$} {:<kernel_w$} {:<7} {:>9} {:>11} B {:>9} B",
             k.module,
             k.kernel,
             k.arch,
@@ -410,5 +417,9 @@ fn info() -> Result<(), String> {
             k.spill_stores + k.spill_loads
         );
     }
+    println!(
+        "(ptxas's report: shared memory set at launch is not in it; the sm_80 code of a kernel that needs \
+         compute capability 9.0, wgmma or TMA, is a stub that traps, which no launcher picks)"
+    );
     Ok(())
 }
