@@ -141,12 +141,15 @@ fn panel(cv: &mut Canvas, (x0, y0, x1, y1): (i64, i64, i64, i64), title: &str, s
     if xmin > xmax {
         return;
     }
-    if xmax - xmin < 1e-12 {
-        xmax = xmin + 1.0;
-    }
-    if ymax - ymin < 1e-12 {
-        ymax = ymin + 1.0;
-    }
+    // A single value (one step, a flat curve) sits in the middle of a range around it.
+    let widen = |lo: &mut f64, hi: &mut f64| {
+        if *hi - *lo < 1e-12 {
+            let half = if *lo == 0.0 { 1.0 } else { lo.abs() * 0.05 };
+            (*lo, *hi) = (*lo - half, *hi + half);
+        }
+    };
+    widen(&mut xmin, &mut xmax);
+    widen(&mut ymin, &mut ymax);
     for k in 1..4 {
         let y = y1 - (y1 - y0) * k / 4;
         cv.line((x0, y), (x1, y), GRID);
@@ -164,11 +167,19 @@ fn panel(cv: &mut Canvas, (x0, y0, x1, y1): (i64, i64, i64, i64), title: &str, s
         (x0 + (fx * (x1 - x0) as f64) as i64, y1 - (fy * (y1 - y0) as f64) as i64)
     };
     for (i, s) in series.iter().enumerate() {
+        let finite: Vec<(f64, f64)> =
+            s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
         let mut prev: Option<(i64, i64)> = None;
-        for &p in s.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        for &p in &finite {
             let q = to_px(p);
             if let Some(pq) = prev {
                 cv.line(pq, q, s.color);
+            }
+            // A lone point has no line through it: a square marks it.
+            if finite.len() == 1 {
+                for d in -3..=3 {
+                    cv.line((q.0 - 3, q.1 + d), (q.0 + 3, q.1 + d), s.color);
+                }
             }
             prev = Some(q);
         }
@@ -219,5 +230,30 @@ mod tests {
         let red = buf.chunks_exact(3).filter(|p| p == &[200, 40, 40]).count();
         assert!(red > 200, "only {red} pixels of the loss curve");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_single_point_is_marked_in_the_middle_of_its_panel() {
+        let mut cv = Canvas::new();
+        let color = [10, 200, 10];
+        let (x0, y0, x1, y1) = (70, 40, 760, 270);
+        panel(&mut cv, (x0, y0, x1, y1), "loss", &[Series { label: "eval", color, points: &[(1.0, 4.2)] }]);
+        let mut hit = Vec::new();
+        for y in (y0 + 1)..y1 {
+            for x in (x0 + 1)..x1 {
+                let i = (y as usize * W + x as usize) * 3;
+                if cv.px[i..i + 3] == color {
+                    hit.push((x, y));
+                }
+            }
+        }
+        // A marker of several pixels, centred in the plot area (not on an edge, as at the
+        // range's end).
+        assert!(hit.len() >= 20, "{} pixels", hit.len());
+        let (cx, cy) = (
+            hit.iter().map(|p| p.0).sum::<i64>() / hit.len() as i64,
+            hit.iter().map(|p| p.1).sum::<i64>() / hit.len() as i64,
+        );
+        assert!((cx - (x0 + x1) / 2).abs() <= 4 && (cy - (y0 + y1) / 2).abs() <= 4, "marker at ({cx}, {cy})");
     }
 }
