@@ -10,6 +10,11 @@ pub enum Error {
     #[error("shape mismatch for `{tensor}`: expected {expected}, got {got}")]
     Shape { tensor: &'static str, expected: String, got: String },
 
+    /// A tensor of the right size holding a value out of its range (a token id past the
+    /// vocabulary, ranks that are not a permutation).
+    #[error("bad value in `{tensor}`: expected {expected}, got {got}")]
+    Value { tensor: &'static str, expected: String, got: String },
+
     /// A size, stride or option the kernel (or the operation itself) does not support.
     #[error("unsupported {what}: {detail}")]
     Unsupported { what: &'static str, detail: String },

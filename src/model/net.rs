@@ -130,14 +130,18 @@ impl Batch {
         check_len("batch.ranks", self.ranks.len(), self.batch * n)?;
         for (b, r) in self.ranks.chunks_exact(n).enumerate() {
             let r: Vec<u32> = r.iter().map(|&x| x.max(0) as u32).collect();
-            perm::validate_ranks(&r).map_err(|e| Error::Shape {
+            perm::validate_ranks(&r).map_err(|e| Error::Value {
                 tensor: "batch.ranks",
-                expected: "a permutation of 0..N with rank 0 for CLS".into(),
-                got: format!("sample {b}: {e}"),
+                expected: format!("a permutation of 0..{n} with rank 0 for CLS"),
+                got: match e {
+                    Error::Shape { got, .. } => format!("{got} in sample {b}"),
+                    Error::Unsupported { detail, .. } => format!("{detail} in sample {b}"),
+                    other => format!("{other} in sample {b}"),
+                },
             })?;
         }
         if let Some((i, &t)) = self.tokens.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= config.vocab) {
-            return Err(Error::Shape {
+            return Err(Error::Value {
                 tensor: "batch.tokens",
                 expected: format!("ids in 0..{}", config.vocab),
                 got: format!("{t} at sample {}, patch {}", i / (n - 1), i % (n - 1)),
@@ -814,4 +818,39 @@ pub fn step<B: Backend>(
     let [mut dw, mut db, mut dpos, mut dcls, mut dmask] = grad_views::<B, 5>(layout, &mut grads, ranges)?;
     be.patch_embed_backward(&pe, img, rk, B::freeze(&dx), &mut dw, &mut db, &mut dpos, &mut dcls, &mut dmask)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sizes are shape errors; a token id past the vocabulary or ranks that are not a
+    /// permutation are value errors, naming the tensor, the sample and the position.
+    #[test]
+    fn batch_errors_tell_sizes_from_values() {
+        let cfg = ModelConfig { image: 16, patch: 8, dim: 8, depth: 1, heads: 1, vocab: 4, context: 2 };
+        let n = cfg.n_tokens();
+        let good = || Batch {
+            batch: 2,
+            images: Images::F32(vec![0.5; 2 * 3 * 16 * 16]),
+            tokens: vec![1; 2 * (n - 1)],
+            ranks: (0..2).flat_map(|_| 0..n as i32).collect(),
+        };
+        good().validate(&cfg).unwrap();
+        let mut b = good();
+        b.tokens.pop();
+        assert!(matches!(b.validate(&cfg), Err(Error::Shape { tensor: "batch.tokens", .. })));
+        let mut b = good();
+        b.tokens[n - 1 + 2] = 4;
+        let e = b.validate(&cfg).unwrap_err();
+        assert!(matches!(e, Error::Value { tensor: "batch.tokens", .. }), "{e}");
+        assert_eq!(e.to_string(), "bad value in `batch.tokens`: expected ids in 0..4, got 4 at sample 1, patch 2");
+        let mut b = good();
+        b.ranks[n + 1] = 2; // rank 2 twice in sample 1
+        let e = b.validate(&cfg).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad value in `batch.ranks`: expected a permutation of 0..5 with rank 0 for CLS, got rank 2 repeated (at token 2) in sample 1"
+        );
+    }
 }
