@@ -232,7 +232,15 @@ impl PretrainConfig {
         c.heads = m.heads.unwrap_or(c.heads);
         c.vocab = m.vocab.unwrap_or(c.vocab);
         c.context = m.context.unwrap_or(c.context);
-        c.validate().map_err(|e| format!("[model]: {e}"))?;
+        c.validate().map_err(|e| {
+            // A preset's (or the demo's) context outlives a smaller patch grid: say which key to set.
+            let hint = if e.to_string().contains("context") {
+                " (set model.context below N: `--set model.context=C`, or in [model])"
+            } else {
+                ""
+            };
+            format!("[model]: {e}{hint}")
+        })?;
         Ok(c)
     }
 

@@ -433,6 +433,15 @@ pub fn run_with(
         }
         None => None,
     };
+    if data.index.len() < micro {
+        return Err(format!(
+            "{} training images do not fill one batch of {micro} images (train.batch {} over {} micro-batches): give a \
+             smaller --batch (train.batch), or more images",
+            data.index.len(),
+            cfg.train.batch,
+            cfg.train.micro_batches
+        ));
+    }
     let loader = Loader::new(data.index, data.tokens, lcfg).map_err(err)?;
     let batches_per_epoch = loader.batches_per_epoch();
     let steps_per_epoch = (batches_per_epoch / cfg.train.micro_batches) as u64;

@@ -294,7 +294,7 @@ fn config_errors_name_the_key_and_the_file_or_flag() {
 
     // On the command line: the flag is named, with the key.
     let good = config(dir.path(), "good.toml", &images, &tokens, &out, "");
-    let cases: [(&[&str], &[&str]); 9] = [
+    let cases: [(&[&str], &[&str]); 11] = [
         (&["--batch", "0"], &["--batch 0", "train.batch"]),
         (&["--batch", "two"], &["--batch two", "train.batch"]),
         (&["--epochs", "-1"], &["--epochs -1", "train.epochs"]),
@@ -304,6 +304,10 @@ fn config_errors_name_the_key_and_the_file_or_flag() {
         (&["--set", "model.dim=15"], &["--set model.dim=15", "[model]"]),
         (&["--set", "data.max_skipped_fraction=2"], &["--set data.max_skipped_fraction=2", "max_skipped_fraction"]),
         (&["--bogus", "1"], &["--bogus"]),
+        // A patch grid too small for the context: the key to set is named.
+        (&["--set", "model.patch=16"], &["--set model.patch=16", "--set model.context=C"]),
+        // More images a batch than the set holds.
+        (&["--batch", "64"], &["4 training images do not fill one batch of 64", "--batch"]),
     ];
     for (flags, needles) in cases {
         let mut args = vec!["pretrain", "--config", s(&good)];
