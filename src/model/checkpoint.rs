@@ -329,11 +329,7 @@ fn parse_rng(path: &Path, r: &RngJson) -> Result<RngState> {
 /// when `dir` is missing, as [`load`] falls back), checked with [`ModelConfig::validate`]. Errors
 /// name the folder (missing) or the meta file (unreadable, another format, an invalid config).
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
-    let (_, old) = siblings(dir)?;
-    let dir = if !dir.exists() && old.join(META_FILE).is_file() { old } else { dir.to_path_buf() };
-    if !dir.is_dir() {
-        return Err(file_err(&dir, "no checkpoint folder here"));
-    }
+    let dir = checkpoint_folder(dir)?;
     let path = dir.join(META_FILE);
     let c = read_meta(&path)?.config;
     let config = ModelConfig {
@@ -347,6 +343,22 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     };
     config.validate().map_err(|e| file_err(&path, format!("invalid model config: {e}")))?;
     Ok(config)
+}
+
+/// The checkpoint folder to read for `dir`: `dir`, or `DIR.old` when `dir` is missing (see the
+/// module notes). A missing folder is an error, and so is a run's output folder given for its
+/// checkpoint folder (one holding `checkpoint/meta.json`), which names the one meant.
+fn checkpoint_folder(dir: &Path) -> Result<PathBuf> {
+    let (_, old) = siblings(dir)?;
+    let dir = if !dir.exists() && old.join(META_FILE).is_file() { old } else { dir.to_path_buf() };
+    if !dir.is_dir() {
+        return Err(file_err(&dir, "no checkpoint folder here"));
+    }
+    let inner = dir.join("checkpoint");
+    if !dir.join(META_FILE).exists() && inner.join(META_FILE).is_file() {
+        return Err(file_err(&dir, format!("a run's folder, not its checkpoint folder: give {}", inner.display())));
+    }
+    Ok(dir)
 }
 
 /// A checkpoint's parameters without its optimizer state ([`load_params`]): what evaluating or
@@ -373,11 +385,7 @@ pub fn load_params(dir: &Path, expected: &ModelConfig) -> Result<Params> {
 /// against `expected`, and its parameters.
 fn load_meta_and_params(dir: &Path, expected: &ModelConfig) -> Result<(ParamLayout, PathBuf, Meta, Vec<f32>)> {
     let layout = ParamLayout::new(*expected)?;
-    let (_, old) = siblings(dir)?;
-    let dir = if !dir.exists() && old.join(META_FILE).is_file() { old } else { dir.to_path_buf() };
-    if !dir.is_dir() {
-        return Err(file_err(&dir, "no checkpoint folder here"));
-    }
+    let dir = checkpoint_folder(dir)?;
     let meta_path = dir.join(META_FILE);
     let meta = read_meta(&meta_path)?;
     let want = ConfigJson::of(expected);

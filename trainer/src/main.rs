@@ -306,6 +306,11 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
             file.display()
         ));
     }
+    // A checkpoint to resume is checked before anything is prepared or written (the demo writes
+    // its images into the output folder, which --resume may have chosen).
+    if let Some(dir) = &resume {
+        mapet::model::checkpoint::read_config(dir).map_err(|e| format!("--resume: {e}"))?;
+    }
     // A new run that would write over an earlier one is refused before any data is prepared (a
     // resumed one once its checkpoint has loaded, so that a bad checkpoint is named first).
     let opts = mapet_trainer::pretrain::RunOptions { resume: resume.as_deref(), overwrite, stop_after: None };

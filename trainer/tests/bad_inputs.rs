@@ -843,6 +843,18 @@ fn resumed_runs_continue_in_their_folder_and_a_finished_one_is_left_alone() {
     assert_eq!(metrics(&out), metrics_before, "the config's output folder was written to");
     assert_eq!(std::fs::read(out.join("checkpoint/meta.json")).unwrap(), meta_before);
 
+    // A run's folder given for its checkpoint folder is refused naming the one meant; with no
+    // data given (the demo, which writes its images where it runs) nothing is written anywhere.
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--resume", s(&copy)]));
+    assert!(e.contains(&format!("give {}", s(&copy.join("checkpoint")))), "{e}");
+    // (Run in the copy's folder with `--resume copy`: the output folder would be `.`.)
+    let mut demo = Command::new(data_common::mapet_bin());
+    demo.current_dir(dir.path()).args(["pretrain", "--resume", "copy"]);
+    let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let e = fails(&finish(demo));
+    assert!(e.contains("--resume") && e.contains("not its checkpoint folder"), "{e}");
+    let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(after.len(), before.len(), "the refused resume wrote into the folder it ran in: {after:?}");
     // Resuming and starting over at once, and a config file that names no data, are refused.
     let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--resume", s(&copy.join("checkpoint")), "--overwrite"]));
     assert!(e.contains("--resume") && e.contains("--overwrite"), "{e}");

@@ -232,6 +232,8 @@ pub fn forward_all(
 ) -> Result<(f64, usize, usize, usize), String> {
     let norm = Normalize::IMAGENET;
     let (mut loss_sum, mut correct, mut counted, mut images) = (0.0f64, 0usize, 0usize, 0usize);
+    // A line on stderr every 10 s of a long evaluation (stdout may hold the JSON alone).
+    let (started, mut last_line) = (std::time::Instant::now(), std::time::Instant::now());
     for batch in loader.epoch(0) {
         let batch = batch.map_err(|e| format!("--data: {e}"))?;
         images += batch.len();
@@ -239,6 +241,10 @@ pub fn forward_all(
         loss_sum += out.stats.loss as f64 * out.stats.counted as f64;
         correct += out.stats.correct;
         counted += out.stats.counted;
+        if last_line.elapsed().as_secs_f64() >= 10.0 {
+            eprintln!("evaluated {images} of {} images ({:.0} s)", loader.len(), started.elapsed().as_secs_f64());
+            last_line = std::time::Instant::now();
+        }
     }
     Ok((loss_sum, correct, counted, images))
 }
