@@ -70,7 +70,7 @@ pub fn prepare(cfg: &PretrainConfig) -> Result<DataSource, String> {
         out.join(format!("tokens-pixels-{}px-p{}-k{}.npy", model.image, model.patch, model.vocab));
     let cached = read_npy(&tokens_path).ok().is_some_and(|a| a.shape == [index.len(), model.n_tokens() - 1]);
     if !cached {
-        println!(
+        crate::say!(
             "tokenizing the {} demo images: pixel k-means with {} centroids over their {}x{} patches",
             index.len(),
             model.vocab,
@@ -82,7 +82,7 @@ pub fn prepare(cfg: &PretrainConfig) -> Result<DataSource, String> {
         let mut km = KMeansConfig::new(model.vocab);
         km.seed = cfg.train.seed;
         let t = fit_and_assign(&feats, dim, &km)?;
-        println!(
+        crate::say!(
             "codebook: {:.0}% of centroids used, perplexity {:.1}, mean squared distance {:.3}",
             100.0 * t.report.usage,
             t.report.perplexity,

@@ -23,4 +23,5 @@ pub mod plot;
 pub mod demo;
 pub mod device;
 pub mod pretrain;
+pub mod say;
 pub mod tokenize;

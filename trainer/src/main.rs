@@ -245,6 +245,14 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
     let demo = get("config").is_none() && get("data").is_none();
     let resume = get("resume").map(PathBuf::from);
     let config_file = get("config").map(PathBuf::from);
+    // A run outlives its stdout: a write to a pipe whose reader quit fails (rather than ending the
+    // process, as main set SIGPIPE up for the short commands), and the loop then stops with a
+    // checkpoint (mapet_trainer::say).
+    // SAFETY: ignoring a signal has no precondition.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     // A resumed run goes on in the folder that holds its checkpoint, unless --out or the config
     // file's output.dir says otherwise.
     let file_sets_out = config_file.as_deref().is_some_and(|f| PretrainConfig::file_sets(f, "output", "dir"));
@@ -342,6 +350,9 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
     // its step with a checkpoint; a second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    // A signal ignored when the run started stays ignored: SIGHUP under `nohup`, SIGINT in a
+    // background job of a script.
+    let ignored = ignored_signals();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond interrupt: exiting without a checkpoint");
@@ -350,9 +361,10 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
         eprintln!("\ninterrupted (Ctrl-C or a termination signal): finishing this step, then writing a checkpoint (once more to exit now)");
     })
     .map_err(|e| format!("cannot install the interrupt handler: {e}"))?;
+    restore_ignored(&ignored);
     let summary = mapet_trainer::pretrain::run_with(&cfg, data, opts, stop)?;
     if summary.steps == summary.start_step && !summary.interrupted {
-        println!(
+        mapet_trainer::say!(
             "nothing to train: the checkpoint is at step {}, {} this run's {} steps (raise --epochs to train on); \
              nothing in {} was changed",
             summary.steps,
@@ -362,7 +374,7 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
         );
         return Ok(Finished::Done);
     }
-    println!(
+    mapet_trainer::say!(
         "{} after {} steps: loss {} (first step {}); metrics.csv, curves.png and checkpoint/ in {}",
         if summary.interrupted { "stopped" } else { "done" },
         summary.steps,
@@ -372,6 +384,42 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
     );
     Ok(if summary.interrupted { Finished::Interrupted } else { Finished::Done })
 }
+
+/// The signals among SIGINT, SIGTERM and SIGHUP (those the interrupt handler takes) that this
+/// process ignores.
+#[cfg(unix)]
+fn ignored_signals() -> Vec<i32> {
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+        .into_iter()
+        .filter(|&sig| {
+            // SAFETY: sigaction with a null new action only reads the current one into `old`,
+            // a zeroed struct of the right type.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+            }
+        })
+        .collect()
+}
+
+/// Ignores `signals` again (after the interrupt handler was installed for all three).
+#[cfg(unix)]
+fn restore_ignored(signals: &[i32]) {
+    for &sig in signals {
+        // SAFETY: ignoring a signal has no precondition.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn ignored_signals() -> Vec<i32> {
+    Vec::new()
+}
+
+#[cfg(not(unix))]
+fn restore_ignored(_: &[i32]) {}
 
 /// The exit status of a run stopped by an interrupt (with its checkpoint written, or without on
 /// a second one), as a shell reports a command that SIGINT ended: so a job script can tell it

@@ -199,7 +199,7 @@ impl Engine {
             |state| Ok((Engine::Cpu { model: CpuModel::new(model_cfg).map_err(err)?, state }, "cpu".into())),
         )?;
         if let Some(note) = note {
-            println!("{note}");
+            crate::say!("{note}");
         }
         Ok(engine)
     }
@@ -296,7 +296,7 @@ fn evaluate(
     }
     let rec = EvalRecord { step, loss: loss_sum / counted as f64, accuracy: correct as f64 / counted as f64 };
     end_progress_line();
-    println!("eval at step {}: loss {:.4}, accuracy {:.4} over {images} images", rec.step, rec.loss, rec.accuracy);
+    crate::say!("eval at step {}: loss {:.4}, accuracy {:.4} over {images} images", rec.step, rec.loss, rec.accuracy);
     let path = out.join("eval.csv");
     let new = !path.exists();
     let mut f = std::fs::OpenOptions::new()
@@ -459,7 +459,7 @@ pub fn run_with(
     let (state, position) = match resume {
         Some(dir) => {
             let ck = checkpoint::load(dir, &model_cfg).map_err(|e| format!("--resume: {e}"))?;
-            println!("resuming from {} at step {} (epoch {})", ck.dir.display(), ck.state.step, ck.state.epoch);
+            crate::say!("resuming from {} at step {} (epoch {})", ck.dir.display(), ck.state.step, ck.state.epoch);
             // Checkpoints of before the loader's position was stored: the epoch's steps from the
             // step count, as if no image had been skipped.
             let position = ck.data.unwrap_or_else(|| {
@@ -479,7 +479,7 @@ pub fn run_with(
             let changes = recipe_changes(&ck.recipe, &recipe);
             if !changes.is_empty() {
                 let step = ck.state.step;
-                println!(
+                crate::say!(
                     "note: this run's recipe differs from the checkpoint's ({}): the learning rate of step {} is {:.3e}, \
                      where the checkpoint's schedule had {:.3e}",
                     changes.join(", "),
@@ -525,10 +525,10 @@ pub fn run_with(
     let total = recipe.schedule.total_steps;
     let norm = Normalize::IMAGENET;
     for w in cfg.warnings() {
-        println!("warning: {w}");
+        crate::say!("warning: {w}");
     }
     let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
-    println!(
+    crate::say!(
         "pretrain on the {} backend: {}, {} an epoch, {} in all (warm-up {}, peak lr {:.3e}, final {:.3e}), batch {} ({}), model dim {} depth {} heads {} vocab {}, {} parameters",
         backend,
         plural(loader.len() as u64, "image", "images"),
@@ -573,7 +573,9 @@ pub fn run_with(
         // Skipped images make an epoch end early (fewer full batches); it is then over all the same.
         let mut exhausted = false;
         while position.epoch_steps < steps_per_epoch && engine.step() < total {
-            if stop.load(Ordering::SeqCst) || opts.stop_after.is_some_and(|s| engine.step() >= s) {
+            // An interrupt, or stdout gone (its reader quit): stop here with a checkpoint.
+            let asked = stop.load(Ordering::SeqCst) || crate::say::stdout_gone();
+            if asked || opts.stop_after.is_some_and(|s| engine.step() >= s) {
                 interrupted = true;
                 break 'epochs;
             }
@@ -657,7 +659,7 @@ pub fn run_with(
             let skipped: Vec<_> = loader.skipped().into_iter().filter(|s| s.epoch == epoch).collect();
             if !skipped.is_empty() {
                 end_progress_line();
-                println!(
+                crate::say!(
                     "epoch {epoch}: {} unreadable images skipped ({} steps instead of {steps_per_epoch}), limit \
                      data.max_skipped_fraction = {}:",
                     skipped.len(),
@@ -665,10 +667,10 @@ pub fn run_with(
                     cfg.data.max_skipped_fraction
                 );
                 for s in skipped.iter().take(5) {
-                    println!("  {}: {}", s.path.display(), s.reason);
+                    crate::say!("  {}: {}", s.path.display(), s.reason);
                 }
                 if skipped.len() > 5 {
-                    println!("  ... and {} more", skipped.len() - 5);
+                    crate::say!("  ... and {} more", skipped.len() - 5);
                 }
             }
         }
@@ -677,13 +679,13 @@ pub fn run_with(
     evaluate(&mut engine, eval_loader.as_ref(), &out, &mut evals)?;
     engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
     if interrupted {
-        println!("interrupted: checkpoint written at step {} in {}", engine.step(), ckpt_dir.display());
+        crate::say!("interrupted: checkpoint written at step {} in {}", engine.step(), ckpt_dir.display());
     }
     let skipped = loader.skipped_count();
     if skipped > 0 {
-        println!("{skipped} unreadable images were skipped in total:");
+        crate::say!("{skipped} unreadable images were skipped in total:");
         for s in loader.skipped().iter().take(20) {
-            println!("  epoch {}: {}: {}", s.epoch, s.path.display(), s.reason);
+            crate::say!("  epoch {}: {}: {}", s.epoch, s.path.display(), s.reason);
         }
     }
     Ok(RunSummary {
@@ -724,7 +726,7 @@ static BAR_OPEN: AtomicBool = AtomicBool::new(false);
 /// warning, an error) starts a line of its own.
 pub fn end_progress_line() {
     if BAR_OPEN.swap(false, Ordering::SeqCst) {
-        println!();
+        crate::say!();
     }
 }
 
@@ -774,14 +776,14 @@ impl Progress {
         if self.terminal {
             let width = 24usize;
             let filled = ((width as f64 * rec.step as f64 / total.max(1) as f64) as usize).min(width);
-            print!("\r[{}{}] {text}   ", "#".repeat(filled), ".".repeat(width - filled));
+            crate::say_part!("\r[{}{}] {text}   ", "#".repeat(filled), ".".repeat(width - filled));
             BAR_OPEN.store(true, Ordering::SeqCst);
         } else {
             let due = self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= Self::LOG_EVERY);
             if !(due || rec.step >= total) {
                 return;
             }
-            println!("{text}");
+            crate::say!("{text}");
             self.last_line = Some(Instant::now());
         }
         let _ = std::io::stdout().flush();

@@ -310,15 +310,15 @@ pub fn tokenize_stream<S: FeatureSource + ?Sized>(
         Codebook::Fit(cfg) => {
             let wanted = kmeans::sample_indices(images * patches, cfg);
             let t = Instant::now();
-            println!("gathering the fit's sample: {} of the {} patches", wanted.len(), images * patches);
+            crate::say!("gathering the fit's sample: {} of the {} patches", wanted.len(), images * patches);
             let sample = source.gather(&wanted, chunk_images)?;
             if sample.len() != wanted.len() * dim {
                 return Err(format!("{} sample values gathered, expected {}", sample.len(), wanted.len() * dim));
             }
-            println!("fitting (the sample gathered in {:.1} s)", t.elapsed().as_secs_f64());
+            crate::say!("fitting (the sample gathered in {:.1} s)", t.elapsed().as_secs_f64());
             let t = Instant::now();
             let fitted = device.fit(&sample, dim, cfg)?;
-            println!("fitted in {:.1} s; labelling every patch", t.elapsed().as_secs_f64());
+            crate::say!("fitted in {:.1} s; labelling every patch", t.elapsed().as_secs_f64());
             (fitted.centroids, cfg.k, fitted.inertia_per_iteration)
         }
     };
@@ -335,7 +335,7 @@ pub fn tokenize_stream<S: FeatureSource + ?Sized>(
         report.add(&ids, &d2)?;
         ids_out(&ids)?;
         if last_line.elapsed().as_secs_f64() >= PROGRESS_EVERY || (range.end == images && images > chunk_images) {
-            println!("labelled {} of {images} images ({:.1} s)", range.end, started.elapsed().as_secs_f64());
+            crate::say!("labelled {} of {images} images ({:.1} s)", range.end, started.elapsed().as_secs_f64());
             last_line = Instant::now();
         }
     }

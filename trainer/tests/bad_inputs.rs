@@ -865,41 +865,98 @@ fn resumed_runs_continue_in_their_folder_and_a_finished_one_is_left_alone() {
     assert!(!dir.path().join("bare").exists());
 }
 
+/// A long run (100,000 epochs) of MODEL in `dir/out`, started with `ignore_hup` as `nohup` starts
+/// it (SIGHUP ignored), once it has printed its first step's line (a line of its own: stdout is a
+/// pipe, not a terminal): the child, the rest of its stdout, and the output folder.
+#[cfg(unix)]
+fn long_run(
+    dir: &Path,
+    seed: &str,
+    ignore_hup: bool,
+) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>, PathBuf) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut rng = mapet::testing::rng(seed);
+    let (images, tokens) = dataset(dir, 8, &[], &mut rng);
+    let out = dir.join("out");
+    let cfg = config(dir, "c.toml", &images, &tokens, &out, "");
+    let mut cmd = Command::new(data_common::mapet_bin());
+    cmd.args(["pretrain", "--config", s(&cfg), "--epochs", "100000"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if ignore_hup {
+        // SAFETY: signal() is async-signal-safe, as a pre_exec hook must be.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = Instant::now();
+    loop {
+        let line = lines.next().expect("mapet ended before its first step").unwrap();
+        if line.starts_with("step 1/400000 ") {
+            assert!(line.contains(" loss ") && !line.contains('\r'), "{line}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no first step after 2 minutes");
+    }
+    (child, lines, out)
+}
+
+/// Sends `signal` to `child`.
+#[cfg(unix)]
+fn signal(child: &std::process::Child, signal: i32) {
+    // SAFETY: kill with a valid pid of our own child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+}
+
 /// SIGTERM (a job scheduler's, or `timeout`'s) stops a run as Ctrl-C does: after its step, with a
 /// checkpoint, and an exit status that is not success (130); its progress, written to a pipe,
 /// comes in lines.
 #[cfg(unix)]
 #[test]
 fn a_terminated_run_writes_its_checkpoint_and_exits_130() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = mapet::testing::rng("bad_inputs_sigterm");
-    let (images, tokens) = dataset(dir.path(), 8, &[], &mut rng);
-    let out = dir.path().join("out");
-    let cfg = config(dir.path(), "c.toml", &images, &tokens, &out, "");
-    let mut child = Command::new(data_common::mapet_bin())
-        .args(["pretrain", "--config", s(&cfg), "--epochs", "100000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The first step's line (a line of its own: stdout is not a terminal), then the signal.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let started = Instant::now();
-    let first = loop {
-        let line = lines.next().expect("mapet ended before its first step").unwrap();
-        if line.starts_with("step 1/400000 ") {
-            break line;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "no first step after 2 minutes");
-    };
-    assert!(first.contains(" loss ") && !first.contains('\r'), "{first}");
-    // SAFETY: kill with a valid pid of our own child and a valid signal number.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let (mut child, lines, out) = long_run(dir.path(), "bad_inputs_sigterm", false);
+    signal(&child, libc::SIGTERM);
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{rest:?}");
     let step = load(&out.join("checkpoint")).state.step;
     assert!(step >= 1 && rest.iter().any(|l| l.contains(&format!("checkpoint written at step {step}"))), "{rest:?}");
+    assert_eq!(metrics(&out).len() as u64, step);
+}
+
+/// Under `nohup` (SIGHUP ignored when the run starts) a SIGHUP leaves the run training; and a
+/// run whose stdout reader quits (`| head`) stops with a checkpoint instead of dying without one.
+#[cfg(unix)]
+#[test]
+fn nohup_keeps_a_run_going_and_a_closed_stdout_stops_it_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, lines, out) = long_run(dir.path(), "bad_inputs_nohup", true);
+    let rows = metrics(&out).len();
+    signal(&child, libc::SIGHUP);
+    // It goes on: more steps land in metrics.csv (written a step at a time), and it lives.
+    let started = Instant::now();
+    while metrics(&out).len() < rows + 20 {
+        assert!(child.try_wait().unwrap().is_none(), "SIGHUP under nohup ended the run");
+        assert!(started.elapsed() < Duration::from_secs(60), "no step after SIGHUP in a minute");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its stdout's reader quits: at its next line (within 10 s) the run stops, with a checkpoint.
+    drop(lines);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "still running a minute after its stdout closed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    let step = load(&out.join("checkpoint")).state.step;
+    assert!(step as usize >= rows + 20);
     assert_eq!(metrics(&out).len() as u64, step);
 }
