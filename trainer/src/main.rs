@@ -317,7 +317,37 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
     // A checkpoint to resume is checked before anything is prepared or written (the demo writes
     // its images into the output folder, which --resume may have chosen).
     if let Some(dir) = &resume {
-        mapet::model::checkpoint::read_config(dir).map_err(|e| format!("--resume: {e}"))?;
+        let saved = mapet::model::checkpoint::read_config(dir).map_err(|e| format!("--resume: {e}"))?;
+        let model = cfg.model_config()?;
+        if saved != model {
+            let fields = |c: &mapet::model::ModelConfig| {
+                [
+                    ("image", c.image),
+                    ("patch", c.patch),
+                    ("dim", c.dim),
+                    ("depth", c.depth),
+                    ("heads", c.heads),
+                    ("vocab", c.vocab),
+                    ("context", c.context),
+                ]
+            };
+            let differ: Vec<String> = fields(&saved)
+                .into_iter()
+                .zip(fields(&model))
+                .filter(|(a, b)| a.1 != b.1)
+                .map(|((name, there), (_, here))| format!("{name} {there} there, {here} here"))
+                .collect();
+            let how = if demo {
+                "it is not the demo's model: give the run's --config, or its --data, --tokens and --set model.* keys"
+            } else {
+                "give the run's --config, or the --set model.* keys it was trained with"
+            };
+            return Err(format!(
+                "--resume {}: the checkpoint is of another model than this command's ({}); {how}",
+                dir.display(),
+                differ.join(", ")
+            ));
+        }
     }
     // A new run that would write over an earlier one is refused before any data is prepared (a
     // resumed one once its checkpoint has loaded, so that a bad checkpoint is named first).

@@ -343,7 +343,7 @@ fn resuming_another_config_or_a_truncated_checkpoint_is_refused_and_nothing_is_l
 
     // A model of another width.
     let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--set", "model.dim=48", "--resume", s(&ckpt)]));
-    assert!(e.contains("--resume") && e.contains("meta.json") && e.contains("`dim` is 32, expected 48"), "{e}");
+    assert!(e.contains(&format!("--resume {}", s(&ckpt))) && e.contains("(dim 32 there, 48 here)"), "{e}");
     assert_eq!(std::fs::read(out.join("metrics.csv")).unwrap(), metrics_before);
     assert_eq!(bits(&load(&ckpt).state.params), bits(&before.state.params));
 
@@ -855,6 +855,15 @@ fn resumed_runs_continue_in_their_folder_and_a_finished_one_is_left_alone() {
     assert!(e.contains("--resume") && e.contains("not its checkpoint folder"), "{e}");
     let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(after.len(), before.len(), "the refused resume wrote into the folder it ran in: {after:?}");
+    // The demo (no --config, no --data) resuming a checkpoint that is not the demo's model is
+    // refused before the demo writes its images into the run's folder.
+    let mut demo = Command::new(data_common::mapet_bin());
+    demo.current_dir(dir.path()).args(["pretrain", "--resume", "copy/checkpoint"]);
+    let before: Vec<_> = std::fs::read_dir(&copy).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let e = fails(&finish(demo));
+    assert!(e.contains("it is not the demo's model") && e.contains("image 16 there, 64 here"), "{e}");
+    let after: Vec<_> = std::fs::read_dir(&copy).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(after, before);
     // Resuming and starting over at once, and a config file that names no data, are refused.
     let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--resume", s(&copy.join("checkpoint")), "--overwrite"]));
     assert!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
