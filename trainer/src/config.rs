@@ -286,8 +286,8 @@ impl PretrainConfig {
         if !(0.0..1.0).contains(&t.weight_decay) {
             return bad("weight_decay", format!("{} must be in [0, 1)", t.weight_decay));
         }
-        if t.clip.is_nan() || t.clip < 0.0 {
-            return bad("clip", format!("{} must be >= 0 (0 turns clipping off)", t.clip));
+        if !(t.clip.is_finite() && t.clip >= 0.0) {
+            return bad("clip", format!("{} must be finite and >= 0 (0 turns clipping off)", t.clip));
         }
         if !(0.0..1.0).contains(&t.drop_path) {
             return bad("drop_path", format!("{} must be in [0, 1)", t.drop_path));
@@ -296,6 +296,9 @@ impl PretrainConfig {
             return bad("layer_scale", format!("{} must be positive", t.layer_scale));
         }
         Device::parse(&t.device, Setting::Key("train.device"))?;
+        if self.output.dir.as_os_str().is_empty() {
+            return Err("output.dir: empty: name the run's folder (--out DIR)".into());
+        }
         let d = &self.data;
         if !(0.0..1.0).contains(&d.eval_fraction) {
             return Err(format!("data.eval_fraction: {} must be in [0, 1)", d.eval_fraction));
@@ -304,7 +307,7 @@ impl PretrainConfig {
             return Err(format!("data.max_skipped_fraction: {} must be in [0, 1]", d.max_skipped_fraction));
         }
         if d.train.is_some() != d.tokens.is_some() {
-            return Err("data.train and data.tokens go together: give both, or neither for the demo".into());
+            return Err("data.train and data.tokens go together: give both".into());
         }
         Ok(())
     }

@@ -324,6 +324,35 @@ pub fn run(
     run_with(cfg, data, RunOptions { resume, ..RunOptions::default() }, stop)
 }
 
+/// Takes the output folder `out` for this process (an exclusive `flock` on `out/.lock`, held until
+/// the returned file is dropped): two runs started into one folder would write over each other's
+/// metrics and checkpoints.
+#[cfg(unix)]
+fn lock_output_folder(out: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::io::AsRawFd;
+    let path = out.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor this function owns (through `file`), with valid flags.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "another mapet pretrain is writing to {} (it holds {}): wait for it, or give this run another --out",
+            out.display(),
+            path.display()
+        ));
+    }
+    Ok(file)
+}
+
+#[cfg(not(unix))]
+fn lock_output_folder(_: &Path) -> Result<(), String> {
+    Ok(())
+}
+
 /// The run folder that holds the checkpoint folder `ckpt` (`OUT` of `OUT/checkpoint`): where a
 /// run resumed from it goes on writing when no output folder is given.
 pub fn run_folder_of(ckpt: &Path) -> PathBuf {
@@ -377,9 +406,9 @@ pub fn check_output_folder(out: &Path, opts: RunOptions<'_>) -> Result<(), Strin
     if found.is_empty() {
         return Ok(());
     }
-    let what = match opts.resume {
-        None => "a new run".to_string(),
-        Some(dir) => format!("a run resumed from {}", dir.display()),
+    let (what, start_over) = match opts.resume {
+        None => ("a new run".to_string(), ", or give `--overwrite` to start over there"),
+        Some(dir) => (format!("a run resumed from {}", dir.display()), ""),
     };
     // Only a checkpoint can be resumed (a run stopped before its first one left metrics alone).
     let resumable = [ckpt_dir.clone(), ckpt_dir.with_file_name("checkpoint.old")]
@@ -391,7 +420,7 @@ pub fn check_output_folder(out: &Path, opts: RunOptions<'_>) -> Result<(), Strin
     };
     Err(format!(
         "the output folder {} holds an earlier run ({}), which {what} would write over; {go_on}to keep it start \
-         this one in another folder (`--out DIR` or output.dir), or give `--overwrite` to start over there",
+         this one in another folder (`--out DIR` or output.dir){start_over}",
         out.display(),
         found.join(", "),
     ))
@@ -459,7 +488,13 @@ pub fn run_with(
     let (state, position) = match resume {
         Some(dir) => {
             let ck = checkpoint::load(dir, &model_cfg).map_err(|e| format!("--resume: {e}"))?;
-            crate::say!("resuming from {} at step {} (epoch {})", ck.dir.display(), ck.state.step, ck.state.epoch);
+            crate::say!(
+                "resuming from {} at step {} (epoch {}), writing to {}",
+                ck.dir.display(),
+                ck.state.step,
+                ck.state.epoch,
+                cfg.output.dir.display()
+            );
             // Checkpoints of before the loader's position was stored: the epoch's steps from the
             // step count, as if no image had been skipped.
             let position = ck.data.unwrap_or_else(|| {
@@ -506,8 +541,30 @@ pub fn run_with(
         None => (fresh_state(&layout, cfg), DataPosition::default()),
     };
     // Refuse to write over an earlier run, before anything in the output folder changes.
+    recipe.validate().map_err(err)?;
     check_output_folder(&out, opts)?;
+    // Not into the training images (the run's files would join the image set).
+    let mut data_dirs: Vec<(&str, &Path)> = Vec::new();
+    if let Some(train) = cfg.data.train.as_deref().filter(|p| p.is_dir()) {
+        data_dirs.push(("data.train", train));
+    }
+    if let Some(eval) = cfg.data.eval.as_deref().filter(|p| p.is_dir()) {
+        data_dirs.push(("data.eval", eval));
+    }
+    crate::cmd::refuse_overwriting_inputs("the output folder", &out, &data_dirs)?;
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
+    // One run at a time writes to a folder: a second one started into it is refused.
+    let _lock = lock_output_folder(&out)?;
+    if opts.overwrite && resume.is_none() {
+        // Starting over: the earlier run's checkpoint goes now, so that a run that fails before
+        // its first one leaves no mix of the two runs (its metrics are rewritten below).
+        for dir in [ckpt_dir.clone(), ckpt_dir.with_file_name("checkpoint.old")] {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| format!("--overwrite: removing {}: {e}", dir.display()))?;
+                crate::say!("--overwrite: removed the earlier run's {}", dir.display());
+            }
+        }
+    }
     let (mut engine, backend) = Engine::new(cfg, model_cfg, micro, state)?;
     // On a GPU the loaders assemble batches in page-locked memory, which the copy engine reads
     // without a staging copy on the training thread.

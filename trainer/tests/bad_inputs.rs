@@ -637,9 +637,13 @@ fn a_new_run_into_a_folder_holding_an_earlier_run_is_refused_unless_overwrite() 
     // The same config again, with no --resume: refused, naming the folder and the ways on.
     let refused = |args: &[&str]| {
         let e = fails(&mapet(args));
-        for needle in [s(&out), "--resume", s(&ckpt), "--out", "--overwrite"] {
+        for needle in [s(&out), "--resume", s(&ckpt), "--out"] {
             assert!(e.contains(needle), "`{needle}` not in: {e}");
         }
+        // --overwrite is the way on for a new run; a resumed one cannot take it (it is refused
+        // beside --resume).
+        let resumed = args.contains(&"--resume");
+        assert_eq!(e.contains("give `--overwrite`"), !resumed, "{e}");
         assert!(snapshot(&out) == before, "the refused run changed {}", out.display());
     };
     refused(&["pretrain", "--config", s(&cfg)]);
@@ -968,4 +972,58 @@ fn nohup_keeps_a_run_going_and_a_closed_stdout_stops_it_with_a_checkpoint() {
     let step = load(&out.join("checkpoint")).state.step;
     assert!(step as usize >= rows + 20);
     assert_eq!(metrics(&out).len() as u64, step);
+}
+
+/// A second run into a folder a run is writing to is refused (the folder's lock), even with
+/// `--overwrite`, and the running one is untouched.
+#[cfg(unix)]
+#[test]
+fn a_second_run_into_a_busy_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _lines, out) = long_run(dir.path(), "bad_inputs_lock", false);
+    let e = fails(&mapet(&["pretrain", "--config", s(&dir.path().join("c.toml")), "--overwrite"]));
+    assert!(e.contains(&format!("another mapet pretrain is writing to {}", s(&out))), "{e}");
+    assert!(child.try_wait().unwrap().is_none(), "the running run ended");
+    signal(&child, libc::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    // Its checkpoint is its own, and whole.
+    let step = load(&out.join("checkpoint")).state.step;
+    assert_eq!(metrics(&out).len() as u64, step);
+    // Free again: a run resumed from it goes on there.
+    let more = mapet(&["pretrain", "--config", s(&dir.path().join("c.toml")), "--resume", s(&out.join("checkpoint"))]);
+    assert!(more.status.success() || text(&more.stdout).contains("nothing to train"), "{}", text(&more.stderr));
+}
+
+/// `--overwrite` removes the earlier run's checkpoint when it starts, so a new run that fails
+/// before its first checkpoint leaves no mix of the two; values out of range (clip = inf), an
+/// empty output folder and an output folder inside the training images are refused before
+/// anything is written.
+#[test]
+fn overwrite_starts_clean_and_bad_outputs_are_refused_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = mapet::testing::rng("bad_inputs_overwrite_clean");
+    let (cfg, images, out) = trained_run(dir.path(), &mut rng);
+    let before = snapshot(&out);
+    for (flags, needle) in [
+        (&["--set", "train.clip=inf"][..], "--set train.clip=inf: train.clip: inf must be finite"),
+        (&["--out", ""][..], "output.dir: empty"),
+    ] {
+        let mut args = vec!["pretrain", "--config", s(&cfg), "--overwrite"];
+        args.extend_from_slice(flags);
+        let e = fails(&mapet(&args));
+        assert!(e.contains(needle), "{flags:?}: {e}");
+        assert!(snapshot(&out) == before);
+    }
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--out", s(&images.join("run"))]));
+    assert!(e.contains("is inside data.train"), "{e}");
+    assert!(!images.join("run").exists());
+    // A run started over that overflows at once: the earlier checkpoint is gone, not kept as
+    // the new run's.
+    let e = fails(&mapet(&["pretrain", "--config", s(&cfg), "--overwrite", "--set", "train.peak_lr=1e30"]));
+    assert!(e.contains("non-finite") && !e.contains("is kept as it was"), "{e}");
+    let rows = metrics(&out);
+    assert!(
+        !out.join("checkpoint").exists() || load(&out.join("checkpoint")).state.step == rows.len() as u64,
+        "{rows:?}"
+    );
 }

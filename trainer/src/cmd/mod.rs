@@ -146,7 +146,7 @@ pub fn refuse_overwriting_inputs(out_flag: &str, out: &Path, inputs: &[(&str, &P
             continue;
         };
         return Err(format!(
-            "{out_flag} {} {what} {flag} {}: writing it would destroy that input; write it elsewhere",
+            "{out_flag} {} {what} {flag} {}, which this command reads: write it elsewhere",
             out.display(),
             input.display()
         ));
