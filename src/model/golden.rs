@@ -38,6 +38,14 @@ impl Case {
     /// Reads a case; every missing key or tensor is an error naming the file and the key.
     pub fn load(path: &Path) -> Result<Case> {
         let file = SafeTensorsFile::open(path)?;
+        if !file.metadata().contains_key("img_size") {
+            return Err(Error::File {
+                path: path.to_path_buf(),
+                detail: "not a case in the golden format: its header metadata has no img_size (the format is \
+                         tests/data/golden/README.md's)"
+                    .into(),
+            });
+        }
         let g = |k: &str| file.metadata_usize(k);
         let config = ModelConfig {
             image: g("img_size")?,

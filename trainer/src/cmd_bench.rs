@@ -416,7 +416,7 @@ fn run_cpu(
         };
         adamw::cpu_step(&mut p, &grads, &mut m, &mut v, mask, &hp, None).map_err(err)?;
         let optimizer = ms(t);
-        step_done(opts, i, forward + step + optimizer, stats.loss);
+        step_done(opts, i, step, stats.loss);
 
         if i >= opts.warmup {
             let backward = (step - forward - optimizer).max(0.0);

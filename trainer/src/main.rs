@@ -210,7 +210,12 @@ fn check_step(args: &[String]) -> Result<(), String> {
         return Ok(());
     }
     let list: Vec<String> = over.iter().map(|r| format!("{} {:.3e}", r.name, r.rel_err)).collect();
-    Err(format!("{} tensors beyond the relative error bar {bar:.0e}: {}", over.len(), list.join(", ")))
+    let n = over.len();
+    Err(format!(
+        "{n} tensor{} beyond the relative error bar {bar:.0e}: {}",
+        if n == 1 { "" } else { "s" },
+        list.join(", ")
+    ))
 }
 
 fn pretrain(args: &[String]) -> Result<Finished, String> {
@@ -393,7 +398,11 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
     .map_err(|e| format!("cannot install the interrupt handler: {e}"))?;
     restore_ignored(&ignored);
     let summary = mapet_trainer::pretrain::run_with(&cfg, data, opts, stop)?;
-    if summary.steps == summary.start_step && !summary.interrupted {
+    if summary.steps == summary.start_step && summary.interrupted {
+        mapet_trainer::say!("stopped before its first step; nothing was trained");
+        return Ok(Finished::Interrupted);
+    }
+    if summary.steps == summary.start_step {
         mapet_trainer::say!(
             "nothing to train: the checkpoint is at step {}, {} this run's {} steps (raise --epochs to train on); \
              nothing in {} was changed",

@@ -464,8 +464,8 @@ pub fn run_with(
     };
     if data.index.len() < micro {
         return Err(format!(
-            "{} training images do not fill one batch of {micro} images (train.batch {} over {} micro-batches): give a \
-             smaller --batch (train.batch), or more images",
+            "{} training images do not fill one batch of {micro} images (train.batch {}, train.micro_batches {}): give \
+             a smaller --batch (train.batch), or more images",
             data.index.len(),
             cfg.train.batch,
             cfg.train.micro_batches

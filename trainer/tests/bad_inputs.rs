@@ -568,6 +568,18 @@ fn outputs_never_overwrite_their_inputs() {
     assert!(e.contains("already holds an image set"), "{e}");
     let jpgs = walk(&set.join("images")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).count();
     assert_eq!(jpgs, 3);
+    // A folder holding a token file (its images elsewhere), or a checkpoint's files.
+    std::fs::remove_dir_all(set.join("images")).unwrap();
+    let tokens_bytes = std::fs::read(set.join("tokens.npy")).unwrap();
+    let e = fails(&mapet(&["synth", "--out", s(&set), "--images", "2", "--grid", "2", "--vocab", "8"]));
+    assert!(e.contains("already holds tokens.npy"), "{e}");
+    assert_eq!(std::fs::read(set.join("tokens.npy")).unwrap(), tokens_bytes);
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    std::fs::write(ckpt.join("meta.json"), "{}").unwrap();
+    let e = fails(&mapet(&["synth", "--out", s(&ckpt), "--images", "2", "--grid", "2", "--vocab", "8"]));
+    assert!(e.contains("already holds meta.json"), "{e}");
+    assert!(!ckpt.join("images").exists());
 }
 
 /// Every file below `dir`.

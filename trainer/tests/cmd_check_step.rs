@@ -81,7 +81,7 @@ fn check_step_compares_with_the_references_of_a_case() {
     let run = mapet(&["check-step", s(&moved), "--out", s(&out)]);
     assert!(!run.status.success());
     let e = text(&run.stderr);
-    assert!(e.contains("1 tensors beyond the relative error bar 1e-4") && e.contains(target), "{e}");
+    assert!(e.contains("1 tensor beyond the relative error bar 1e-4") && e.contains(target), "{e}");
     assert!(text(&run.stdout).contains("FAIL: 1 over the bar"), "{}", text(&run.stdout));
     assert!(out.is_file(), "the outputs are written before the comparison");
 

@@ -82,8 +82,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
     // A figure over a fraction of a second is mostly start-up and noise.
     if let Some(r) = rows.iter().find(|r| r.seconds < 1.0) {
         eprintln!(
-            "note: {} threads decoded {} images in {:.3} s; for a steadier figure give more --images (or a larger set)",
-            r.threads, r.images, r.seconds
+            "note: {} image{} took {:.3} s with {} thread{}; for a steadier figure give more --images (or a larger set)",
+            r.images,
+            if r.images == 1 { "" } else { "s" },
+            r.seconds,
+            r.threads,
+            if r.threads == 1 { "" } else { "s" }
         );
     }
     Ok(())

@@ -86,13 +86,22 @@ pub fn write_set(
         return Err(format!("--vocab {vocab}: at most {}", i32::MAX));
     }
     let dir = out.join("images");
-    // An earlier set's images would mix with this one's (and outnumber its token rows).
+    // An earlier set's images would mix with this one's (and outnumber its token rows); its
+    // token file, or a checkpoint's files, would be replaced.
     if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
         return Err(format!(
             "--out {}: {} already holds an image set; give a new or empty folder",
             out.display(),
             dir.display()
         ));
+    }
+    for held in ["tokens.npy", "meta.json"] {
+        if out.join(held).exists() {
+            return Err(format!(
+                "--out {}: it already holds {held} (a data set's or a checkpoint's); give a new or empty folder",
+                out.display()
+            ));
+        }
     }
     let per_class = images.div_ceil(classes);
     let path_of = |i: usize| dir.join(format!("c{:03}", i / per_class)).join(format!("{i:07}.jpg"));

@@ -123,7 +123,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let k_flag = a.get("k").map(|_| a.positive("k", 0)).transpose()?;
     let km = KMeansConfig {
         k: k_flag.unwrap_or(8192),
-        iterations: a.number("iterations", 20usize)?,
+        iterations: a.positive("iterations", 20)?,
         restarts: a.positive("restarts", 5)?,
         max_points_per_centroid: a.positive("max-points-per-centroid", 512)?,
         init: KMeansInit::Random,
@@ -135,6 +135,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!("{note}");
     }
     let chunk_images = a.positive("chunk-images", 2048)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("--out {}: cannot create {}: {e}", out.display(), parent.display()))?;
+    }
     // The token file and the two written beside it must not be the features or the codebook read.
     let mut inputs: Vec<(&str, &Path)> = Vec::new();
     if features != "pixels" {
