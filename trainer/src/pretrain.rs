@@ -740,7 +740,16 @@ pub fn run_with(
     }
     let skipped = loader.skipped_count();
     if skipped > 0 {
-        crate::say!("{skipped} unreadable images were skipped in total:");
+        // (An unreadable file is skipped again in every epoch: the count is of skips. The files
+        // are counted among the skips the loader keeps.)
+        let kept = loader.skipped();
+        let files: std::collections::BTreeSet<_> = kept.iter().map(|s| &s.path).collect();
+        let of = if kept.len() == skipped { "" } else { "at least " };
+        crate::say!(
+            "{skipped} skips of unreadable images in total ({of}{} file{}; each is skipped again every epoch):",
+            files.len(),
+            if files.len() == 1 { "" } else { "s" }
+        );
         for s in loader.skipped().iter().take(20) {
             crate::say!("  epoch {}: {}: {}", s.epoch, s.path.display(), s.reason);
         }

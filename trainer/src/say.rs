@@ -1,6 +1,6 @@
 //! The training log's output: lines on stdout that never end the process. `println!` panics when
 //! stdout is gone (a pipe whose reader quit, `mapet pretrain | head`); a run must instead stop
-//! cleanly, with a checkpoint. [`say!`](crate::say) writes a line and, where the write fails,
+//! cleanly, with a checkpoint. [`say!`](crate::say!) writes a line and, where the write fails,
 //! raises [`stdout_gone`], which the training loop takes as an interrupt.
 
 use std::io::Write;

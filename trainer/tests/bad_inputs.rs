@@ -174,6 +174,9 @@ fn unreadable_images_are_skipped_counted_and_reported_each_epoch() {
     for name in ["003.png", "011.png", "016.png"] {
         assert!(stdout.contains(name), "{name} not named in\n{stdout}");
     }
+    // The total counts skips (each file once an epoch, in the three epochs the 20 steps took)
+    // and the files apart.
+    assert!(stdout.contains("9 skips of unreadable images in total (3 files; "), "{stdout}");
     // The schedule's 20 steps all ran (the third epoch supplies the last four), each once.
     let steps: Vec<u64> = metrics(&out).iter().map(|r| r.0).collect();
     assert_eq!(steps, (1..=20).collect::<Vec<_>>());
