@@ -71,16 +71,18 @@ impl ConfigJson {
         }
     }
 
-    fn fields(&self) -> [(&'static str, usize); 7] {
-        [
-            ("image", self.image),
-            ("patch", self.patch),
-            ("dim", self.dim),
-            ("depth", self.depth),
-            ("heads", self.heads),
-            ("vocab", self.vocab),
-            ("context", self.context),
-        ]
+    /// The model's sizes as stored (not validated).
+    fn model(&self) -> ModelConfig {
+        let c = self;
+        ModelConfig {
+            image: c.image,
+            patch: c.patch,
+            dim: c.dim,
+            depth: c.depth,
+            heads: c.heads,
+            vocab: c.vocab,
+            context: c.context,
+        }
     }
 }
 
@@ -331,16 +333,7 @@ fn parse_rng(path: &Path, r: &RngJson) -> Result<RngState> {
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let dir = checkpoint_folder(dir)?;
     let path = dir.join(META_FILE);
-    let c = read_meta(&path)?.config;
-    let config = ModelConfig {
-        image: c.image,
-        patch: c.patch,
-        dim: c.dim,
-        depth: c.depth,
-        heads: c.heads,
-        vocab: c.vocab,
-        context: c.context,
-    };
+    let config = read_meta(&path)?.config.model();
     config.validate().map_err(|e| file_err(&path, format!("invalid model config: {e}")))?;
     Ok(config)
 }
@@ -388,8 +381,7 @@ fn load_meta_and_params(dir: &Path, expected: &ModelConfig) -> Result<(ParamLayo
     let dir = checkpoint_folder(dir)?;
     let meta_path = dir.join(META_FILE);
     let meta = read_meta(&meta_path)?;
-    let want = ConfigJson::of(expected);
-    for ((field, got), (_, want)) in meta.config.fields().into_iter().zip(want.fields()) {
+    for ((field, got), (_, want)) in meta.config.model().fields().into_iter().zip(expected.fields()) {
         if got != want {
             return Err(file_err(
                 &meta_path,

@@ -44,6 +44,20 @@ impl ModelConfig {
     pub const VIT_B: ModelConfig =
         ModelConfig { image: 224, patch: 16, dim: 768, depth: 12, heads: 12, vocab: 8192, context: 50 };
 
+    /// Every size by name (`image`, `patch`, `dim`, `depth`, `heads`, `vocab`, `context`), in that
+    /// order: for messages that say which differ.
+    pub fn fields(&self) -> [(&'static str, usize); 7] {
+        [
+            ("image", self.image),
+            ("patch", self.patch),
+            ("dim", self.dim),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("vocab", self.vocab),
+            ("context", self.context),
+        ]
+    }
+
     /// A named preset: "vit-t", "vit-s" or "vit-b".
     pub fn preset(name: &str) -> Option<ModelConfig> {
         match name {

@@ -325,20 +325,10 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
         let saved = mapet::model::checkpoint::read_config(dir).map_err(|e| format!("--resume: {e}"))?;
         let model = cfg.model_config()?;
         if saved != model {
-            let fields = |c: &mapet::model::ModelConfig| {
-                [
-                    ("image", c.image),
-                    ("patch", c.patch),
-                    ("dim", c.dim),
-                    ("depth", c.depth),
-                    ("heads", c.heads),
-                    ("vocab", c.vocab),
-                    ("context", c.context),
-                ]
-            };
-            let differ: Vec<String> = fields(&saved)
+            let differ: Vec<String> = saved
+                .fields()
                 .into_iter()
-                .zip(fields(&model))
+                .zip(model.fields())
                 .filter(|(a, b)| a.1 != b.1)
                 .map(|((name, there), (_, here))| format!("{name} {there} there, {here} here"))
                 .collect();
