@@ -285,7 +285,8 @@ if [ "${MAPET_PRETRAIN_BENCH:-0}" = "1" ]; then
   synth="${TMPDIR:-/tmp}/mapet-synth"
   log="$res/pretrain-bench.log"
   {
-    [ -f "$synth/tokens.npy" ] || "$here/bin/mapet" synth --out "$synth" --images "${MAPET_SYNTH_IMAGES:-3072}"
+    # (A set without its token file was cut short: made again from scratch.)
+    [ -f "$synth/tokens.npy" ] || { rm -rf "$synth" && "$here/bin/mapet" synth --out "$synth" --images "${MAPET_SYNTH_IMAGES:-3072}"; }
     "$here/bin/mapet" bench-data --data "$synth/images" --threads 1,2,4,8,16 --images 1024
     rm -rf "$res/pretrain-run"
     timeout 400 "$here/bin/mapet" pretrain --data "$synth/images" --tokens "$synth/tokens.npy" \

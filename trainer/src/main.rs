@@ -29,7 +29,8 @@ const USAGE: &str = "usage:
       one forward and backward (drop path off) of a case in the golden format; writes out.loss,
       out.logits, out.predicted_index and grads.<name> for every parameter, as f32; cpu-bf16 is
       the CPU model with the GPU's bf16 roundings emulated. A case with reference outputs is
-      compared with them (relative error a tensor), and fails past 1e-4 (cpu) or 2e-2
+      compared with them, tensor by tensor (relative error), and fails past 1e-4 on cpu or 2e-2
+      on cpu-bf16 and cuda.
   mapet eval --checkpoint DIR --data DIR|MANIFEST --tokens FILE.npy [--batch N] [--seed S]
              [--threads T] [--device auto|cpu|cuda] [--json]
       loss and predicted-token accuracy of a checkpoint over a whole image set (fixed permutations)
@@ -347,7 +348,9 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
     // A new run that would write over an earlier one is refused before any data is prepared (a
     // resumed one once its checkpoint has loaded, so that a bad checkpoint is named first).
     let opts = mapet_trainer::pretrain::RunOptions { resume: resume.as_deref(), overwrite, stop_after: None };
-    if resume.is_none() {
+    // (The demo resumed is checked too, before it writes its images into the folder: into its own
+    // it passes, into another holding a run it is refused.)
+    if resume.is_none() || demo {
         mapet_trainer::pretrain::check_output_folder(&cfg.output.dir, opts)?;
     }
     // Where the data paths came from, for the errors about them.
@@ -395,7 +398,7 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
     if summary.steps == summary.start_step {
         mapet_trainer::say!(
             "nothing to train: the checkpoint is at step {}, {} this run's {} steps (raise --epochs to train on); \
-             nothing in {} was changed",
+             the checkpoint and metrics in {} are unchanged",
             summary.steps,
             if summary.steps == summary.total_steps { "the end of" } else { "past" },
             summary.total_steps,
@@ -404,9 +407,10 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
         return Ok(Finished::Done);
     }
     mapet_trainer::say!(
-        "{} after {} steps: loss {} (first step {}); metrics.csv, curves.png and checkpoint/ in {}",
+        "{} after {} step{}: loss {} (first step {}); metrics.csv, curves.png and checkpoint/ in {}",
         if summary.interrupted { "stopped" } else { "done" },
         summary.steps,
+        if summary.steps == 1 { "" } else { "s" },
         mapet_trainer::pretrain::fmt_loss(summary.last_loss),
         mapet_trainer::pretrain::fmt_loss(summary.first_loss),
         summary.out_dir.display()

@@ -339,13 +339,39 @@ fn lock_output_folder(out: &Path) -> Result<std::fs::File, String> {
         .map_err(|e| format!("{}: {e}", path.display()))?;
     // SAFETY: flock on a file descriptor this function owns (through `file`), with valid flags.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "another mapet pretrain is writing to {} (it holds {}): wait for it, or give this run another --out",
-            out.display(),
-            path.display()
-        ));
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(busy(out));
+        }
+        // A file system without locks (some network mounts): the run goes on unguarded.
+        crate::say!("warning: cannot lock {} ({e}): nothing stops a second run into this folder", path.display());
     }
     Ok(file)
+}
+
+/// The refusal of a run into `out` while another holds its lock.
+fn busy(out: &Path) -> String {
+    format!(
+        "another mapet pretrain is writing to {} (it holds {}): wait for it, or give this run another --out",
+        out.display(),
+        out.join(".lock").display()
+    )
+}
+
+/// Whether another process holds `out`'s lock (an existing `out/.lock`, tried and let go).
+#[cfg(unix)]
+fn folder_busy(out: &Path) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(file) = std::fs::File::open(out.join(".lock")) else { return false };
+    // SAFETY: flock on a file descriptor `file` owns, with valid flags; the lock, if taken, goes
+    // with the file at the end of this function.
+    let held = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+    held && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+}
+
+#[cfg(not(unix))]
+fn folder_busy(_: &Path) -> bool {
+    false
 }
 
 #[cfg(not(unix))]
@@ -356,6 +382,8 @@ fn lock_output_folder(_: &Path) -> Result<(), String> {
 /// The run folder that holds the checkpoint folder `ckpt` (`OUT` of `OUT/checkpoint`): where a
 /// run resumed from it goes on writing when no output folder is given.
 pub fn run_folder_of(ckpt: &Path) -> PathBuf {
+    // Through a link (`latest -> ../run/checkpoint`), the folder that holds the checkpoint itself.
+    let ckpt = ckpt.canonicalize().unwrap_or_else(|_| ckpt.to_path_buf());
     match ckpt.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -399,6 +427,10 @@ pub fn check_output_folder(out: &Path, opts: RunOptions<'_>) -> Result<(), Strin
     let own_checkpoint = opts
         .resume
         .is_some_and(|dir| same_folder(dir, &ckpt_dir) || same_folder(dir, &ckpt_dir.with_file_name("checkpoint.old")));
+    // A run writing there now comes first: its folder is no earlier run to resume or start over.
+    if folder_busy(out) {
+        return Err(busy(out));
+    }
     if opts.overwrite || own_checkpoint {
         return Ok(());
     }
@@ -733,10 +765,22 @@ pub fn run_with(
         }
     }
     end_progress_line();
-    evaluate(&mut engine, eval_loader.as_ref(), &out, &mut evals)?;
-    engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
-    if interrupted {
+    if crate::say::stdout_gone() {
+        eprintln!("stdout is gone (its reader quit): stopping at step {}", engine.step());
+    }
+    if engine.step() == start_step {
+        // Nothing trained (stopped before the first step): no checkpoint to write.
+    } else if interrupted {
+        // An interrupt's grace period (a scheduler's) may be short: the checkpoint comes first,
+        // then the held-out evaluation, whose failure no longer costs the steps trained.
+        engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
         crate::say!("interrupted: checkpoint written at step {} in {}", engine.step(), ckpt_dir.display());
+        if let Err(e) = evaluate(&mut engine, eval_loader.as_ref(), &out, &mut evals) {
+            eprintln!("the evaluation after the interrupt failed (the checkpoint is written): {e}");
+        }
+    } else {
+        evaluate(&mut engine, eval_loader.as_ref(), &out, &mut evals)?;
+        engine.save(&ckpt_dir, &recipe, position, &out, &history, &evals)?;
     }
     let skipped = loader.skipped_count();
     if skipped > 0 {
@@ -746,7 +790,8 @@ pub fn run_with(
         let files: std::collections::BTreeSet<_> = kept.iter().map(|s| &s.path).collect();
         let of = if kept.len() == skipped { "" } else { "at least " };
         crate::say!(
-            "{skipped} skips of unreadable images in total ({of}{} file{}; each is skipped again every epoch):",
+            "{skipped} skips of unreadable images in the epochs read ({of}{} file{}; each is skipped again every \
+             epoch, and the loader reads ahead of the last step):",
             files.len(),
             if files.len() == 1 { "" } else { "s" }
         );

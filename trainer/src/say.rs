@@ -1,7 +1,7 @@
 //! The training log's output: lines on stdout that never end the process. `println!` panics when
 //! stdout is gone (a pipe whose reader quit, `mapet pretrain | head`); a run must instead stop
-//! cleanly, with a checkpoint. [`say!`](crate::say!) writes a line and, where the write fails,
-//! raises [`stdout_gone`], which the training loop takes as an interrupt.
+//! cleanly, with a checkpoint. [`say!`](crate::say!) writes a line and, where the pipe is
+//! broken, raises [`stdout_gone`], which the training loop takes as an interrupt.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,16 +13,19 @@ pub fn stdout_gone() -> bool {
     STDOUT_GONE.load(Ordering::SeqCst)
 }
 
-/// Writes `text` (and a newline when `line`) to stdout and flushes it; on failure, records that
-/// stdout is gone and prints nothing more there.
+/// Writes `text` (and a newline when `line`) to stdout and flushes it. A broken pipe (the reader
+/// quit) records that stdout is gone, and nothing more is printed there; another failure (a full
+/// disk under a redirection) loses the line and nothing else.
 pub fn write(text: std::fmt::Arguments<'_>, line: bool) {
     if stdout_gone() {
         return;
     }
     let mut out = std::io::stdout().lock();
     let written = if line { writeln!(out, "{text}") } else { write!(out, "{text}") };
-    if written.and_then(|()| out.flush()).is_err() {
-        STDOUT_GONE.store(true, Ordering::SeqCst);
+    if let Err(e) = written.and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            STDOUT_GONE.store(true, Ordering::SeqCst);
+        }
     }
 }
 

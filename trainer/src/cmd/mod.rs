@@ -119,15 +119,25 @@ pub fn open_index_as(data: &Path, origin: &str) -> Result<ImageIndex, String> {
 /// `path` made comparable with another: canonical where it exists, else its folder's canonical
 /// form joined with its name (an output not written yet).
 pub fn resolved(path: &Path) -> PathBuf {
-    if let Ok(c) = path.canonicalize() {
-        return c;
-    }
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => {
-            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-            parent.canonicalize().unwrap_or_else(|_| parent.to_path_buf()).join(name)
+    // The deepest part of the path that exists, canonical, and the rest (not created yet) after it.
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut rest = Vec::new();
+    let mut head = absolute.as_path();
+    loop {
+        if let Ok(c) = head.canonicalize() {
+            return rest.iter().rev().fold(c, |p, part| p.join(part));
         }
-        _ => path.to_path_buf(),
+        match (head.parent(), head.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                head = parent;
+            }
+            _ => return absolute,
+        }
     }
 }
 
