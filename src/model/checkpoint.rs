@@ -46,46 +46,6 @@ fn file_err(path: &Path, detail: impl std::fmt::Display) -> Error {
     Error::File { path: path.to_path_buf(), detail: detail.to_string() }
 }
 
-/// The model config as `meta.json` stores it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct ConfigJson {
-    image: usize,
-    patch: usize,
-    dim: usize,
-    depth: usize,
-    heads: usize,
-    vocab: usize,
-    context: usize,
-}
-
-impl ConfigJson {
-    fn of(c: &ModelConfig) -> Self {
-        ConfigJson {
-            image: c.image,
-            patch: c.patch,
-            dim: c.dim,
-            depth: c.depth,
-            heads: c.heads,
-            vocab: c.vocab,
-            context: c.context,
-        }
-    }
-
-    /// The model's sizes as stored (not validated).
-    fn model(&self) -> ModelConfig {
-        let c = self;
-        ModelConfig {
-            image: c.image,
-            patch: c.patch,
-            dim: c.dim,
-            depth: c.depth,
-            heads: c.heads,
-            vocab: c.vocab,
-            context: c.context,
-        }
-    }
-}
-
 /// The generator's position; the seed in hex and the word position as a decimal string (a u128).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct RngJson {
@@ -112,7 +72,7 @@ pub struct DataPosition {
 struct Meta {
     format: String,
     format_version: u32,
-    config: ConfigJson,
+    config: ModelConfig,
     recipe: Recipe,
     step: u64,
     epoch: u64,
@@ -198,7 +158,7 @@ fn write_files(
     let meta = Meta {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
-        config: ConfigJson::of(&layout.config),
+        config: layout.config,
         recipe: recipe.clone(),
         step: state.step,
         epoch: state.epoch,
@@ -333,7 +293,7 @@ fn parse_rng(path: &Path, r: &RngJson) -> Result<RngState> {
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let dir = checkpoint_folder(dir)?;
     let path = dir.join(META_FILE);
-    let config = read_meta(&path)?.config.model();
+    let config = read_meta(&path)?.config;
     config.validate().map_err(|e| file_err(&path, format!("invalid model config: {e}")))?;
     Ok(config)
 }
@@ -381,7 +341,7 @@ fn load_meta_and_params(dir: &Path, expected: &ModelConfig) -> Result<(ParamLayo
     let dir = checkpoint_folder(dir)?;
     let meta_path = dir.join(META_FILE);
     let meta = read_meta(&meta_path)?;
-    for ((field, got), (_, want)) in meta.config.model().fields().into_iter().zip(expected.fields()) {
+    for ((field, got), (_, want)) in meta.config.fields().into_iter().zip(expected.fields()) {
         if got != want {
             return Err(file_err(
                 &meta_path,

@@ -14,8 +14,9 @@ use rand_distr::{Distribution, Normal};
 
 use crate::error::{Error, Result};
 
-/// Sizes of one MaPeT model (SPEC.md, "Sizes").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Sizes of one MaPeT model (SPEC.md, "Sizes"). Serialized as a checkpoint's `meta.json` stores
+/// it (`config`: one number a field, under the field's name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
     /// Square image side in pixels.
     pub image: usize,
