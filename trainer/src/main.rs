@@ -211,12 +211,8 @@ fn check_step(args: &[String]) -> Result<(), String> {
         return Ok(());
     }
     let list: Vec<String> = over.iter().map(|r| format!("{} {:.3e}", r.name, r.rel_err)).collect();
-    let n = over.len();
-    Err(format!(
-        "{n} tensor{} beyond the relative error bar {bar:.0e}: {}",
-        if n == 1 { "" } else { "s" },
-        list.join(", ")
-    ))
+    let n = mapet_trainer::say::count(over.len() as u64, "tensor", "tensors");
+    Err(format!("{n} beyond the relative error bar {bar:.0e}: {}", list.join(", ")))
 }
 
 fn pretrain(args: &[String]) -> Result<Finished, String> {
@@ -407,10 +403,9 @@ fn pretrain(args: &[String]) -> Result<Finished, String> {
         return Ok(Finished::Done);
     }
     mapet_trainer::say!(
-        "{} after {} step{}: loss {} (first step {}); metrics.csv, curves.png and checkpoint/ in {}",
+        "{} after {}: loss {} (first step {}); metrics.csv, curves.png and checkpoint/ in {}",
         if summary.interrupted { "stopped" } else { "done" },
-        summary.steps,
-        if summary.steps == 1 { "" } else { "s" },
+        mapet_trainer::say::count(summary.steps, "step", "steps"),
         mapet_trainer::pretrain::fmt_loss(summary.last_loss),
         mapet_trainer::pretrain::fmt_loss(summary.first_loss),
         summary.out_dir.display()

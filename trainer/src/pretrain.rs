@@ -616,7 +616,7 @@ pub fn run_with(
     for w in cfg.warnings() {
         crate::say!("warning: {w}");
     }
-    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let plural = crate::say::count;
     crate::say!(
         "pretrain on the {} backend: {}, {} an epoch, {} in all (warm-up {}, peak lr {:.3e}, final {:.3e}), batch {} ({}), model dim {} depth {} heads {} vocab {}, {} parameters",
         backend,
@@ -790,12 +790,11 @@ pub fn run_with(
         let files: std::collections::BTreeSet<_> = kept.iter().map(|s| &s.path).collect();
         let of = if kept.len() == skipped { "" } else { "at least " };
         crate::say!(
-            "{skipped} skips of unreadable images in the epochs read ({of}{} file{}; each is skipped again every \
-             epoch, and the loader reads ahead of the last step):",
-            files.len(),
-            if files.len() == 1 { "" } else { "s" }
+            "{skipped} skips of unreadable images in the epochs read ({of}{}; each is skipped again every epoch, \
+             and the loader reads ahead of the last step):",
+            crate::say::count(files.len() as u64, "file", "files")
         );
-        for s in loader.skipped().iter().take(20) {
+        for s in kept.iter().take(20) {
             crate::say!("  epoch {}: {}: {}", s.epoch, s.path.display(), s.reason);
         }
     }
@@ -869,6 +868,11 @@ impl Progress {
     }
 
     fn show(&mut self, rec: &StepRecord, total: u64, start_step: u64, started: &Instant) {
+        // Off a terminal, most steps print nothing: decided before any text is made.
+        let due = self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= Self::LOG_EVERY);
+        if !self.terminal && !due && rec.step < total {
+            return;
+        }
         let done = rec.step - start_step;
         let left = total.saturating_sub(rec.step);
         let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
@@ -890,14 +894,9 @@ impl Progress {
             crate::say_part!("\r[{}{}] {text}   ", "#".repeat(filled), ".".repeat(width - filled));
             BAR_OPEN.store(true, Ordering::SeqCst);
         } else {
-            let due = self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= Self::LOG_EVERY);
-            if !(due || rec.step >= total) {
-                return;
-            }
             crate::say!("{text}");
             self.last_line = Some(Instant::now());
         }
-        let _ = std::io::stdout().flush();
     }
 }
 

@@ -29,6 +29,11 @@ pub fn write(text: std::fmt::Arguments<'_>, line: bool) {
     }
 }
 
+/// `n` and the noun that goes with it: "1 step", "4 steps".
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// `println!` for the training log: see the module notes.
 #[macro_export]
 macro_rules! say {

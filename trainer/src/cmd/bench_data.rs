@@ -82,12 +82,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     // A figure over a fraction of a second is mostly start-up and noise.
     if let Some(r) = rows.iter().find(|r| r.seconds < 1.0) {
         eprintln!(
-            "note: {} image{} took {:.3} s with {} thread{}; for a steadier figure give more --images (or a larger set)",
-            r.images,
-            if r.images == 1 { "" } else { "s" },
+            "note: {} took {:.3} s with {}; for a steadier figure give more --images (or a larger set)",
+            crate::say::count(r.images as u64, "image", "images"),
             r.seconds,
-            r.threads,
-            if r.threads == 1 { "" } else { "s" }
+            crate::say::count(r.threads as u64, "thread", "threads")
         );
     }
     Ok(())
